@@ -1,0 +1,120 @@
+//! The admin endpoint (local, plain HTTP/1.1, GET only): `/metrics` (Prometheus),
+//! `/ready` (200 once every readiness guard is up, else 503 naming what is missing),
+//! `/config` (the resolved settings, JSON) and `/workloads` (the snapshot in force, JSON).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::{debug, Instrument};
+
+use crate::{bpf::Maps, metrics::Metrics, workload::Snapshot};
+
+/// Named readiness guards; ready when all are set.
+#[derive(Default)]
+pub struct Readiness {
+    pending: Mutex<Vec<&'static str>>,
+}
+
+impl Readiness {
+    pub fn new(guards: &[&'static str]) -> Arc<Self> {
+        Arc::new(Readiness { pending: Mutex::new(guards.to_vec()) })
+    }
+    pub fn set(&self, guard: &'static str) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|g| *g != guard);
+    }
+    pub fn missing(&self) -> Vec<&'static str> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub maps: Arc<Maps>,
+    pub readiness: Arc<Readiness>,
+    pub config_json: String,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// Largest request head accepted (bytes).
+const MAX_HEAD: usize = 8192;
+
+impl Admin {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((conn, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = me.handle(conn).await {
+                        debug!(error = %e, "admin request failed");
+                    }
+                }
+                .instrument(tracing::debug_span!("admin", %peer)),
+            );
+        }
+    }
+
+    async fn handle(&self, mut conn: TcpStream) -> std::io::Result<()> {
+        let mut head = Vec::with_capacity(512);
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await?;
+                if n == 0 || head.len() + n > MAX_HEAD {
+                    return Err(std::io::Error::other("incomplete or oversized request"));
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            Ok(())
+        })
+        .await;
+        let (status, ctype, body) = match read {
+            Ok(Ok(())) => self.route(&head),
+            _ => ("400 Bad Request", "text/plain", "bad request\n".to_owned()),
+        };
+        let resp = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(resp.as_bytes()).await?;
+        conn.shutdown().await
+    }
+
+    fn route(&self, head: &[u8]) -> (&'static str, &'static str, String) {
+        let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut parts = line.split(' ');
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if method != "GET" {
+            return ("405 Method Not Allowed", "text/plain", "only GET is served\n".into());
+        }
+        match path.split('?').next().unwrap_or("") {
+            "/metrics" => ("200 OK", "text/plain; version=0.0.4", self.metrics.render(&self.maps.stats())),
+            "/ready" => {
+                let missing = self.readiness.missing();
+                if missing.is_empty() {
+                    ("200 OK", "text/plain", "ready\n".into())
+                } else {
+                    ("503 Service Unavailable", "text/plain", format!("not ready: {}\n", missing.join(", ")))
+                }
+            }
+            "/config" => ("200 OK", "application/json", self.config_json.clone()),
+            "/workloads" => (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(&**self.snapshot.borrow()).unwrap_or_default(),
+            ),
+            _ => ("404 Not Found", "text/plain", "try /metrics, /ready, /config, /workloads\n".into()),
+        }
+    }
+}

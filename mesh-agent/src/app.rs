@@ -1,0 +1,135 @@
+//! Wiring of `mesh-agent run`: preflight, datapath, enrolment, proxy, admin, shutdown.
+//!
+//! Threads: the control plane (enrolment watch, map sync, admin) runs on a current-thread
+//! runtime on the main thread; the node proxy runs on its own multi-thread runtime so
+//! admin scrapes never add latency to proxied connections.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use mesh_common::cfg_flags;
+use tokio::sync::watch;
+use tracing::{error, info, warn, Instrument};
+
+use crate::{
+    admin::{Admin, Readiness},
+    bpf::{self, Datapath, LoadOptions},
+    config::{MeshFile, RunArgs},
+    metrics::Metrics,
+    proxy::Outbound,
+    workload::{self, MapSyncer, Registry, Snapshot},
+};
+
+const READY_BPF: &str = "bpf attached";
+const READY_MAPS: &str = "enrolment synced";
+const READY_PROXY: &str = "proxy listening";
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Everything that can be wrong with the input is reported before touching the kernel.
+    let redirect = args.redirect_target()?;
+    let file = MeshFile::load(&args.config)?;
+    let cgroup = bpf::preflight(&args.pin_path, args.cgroup.as_deref())?;
+    let config_json = serde_json::to_string_pretty(&args).unwrap_or_default();
+    info!(config = %config_json.replace('\n', ""), "starting");
+
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let admin_listener = control
+        .block_on(tokio::net::TcpListener::bind(args.admin_address))
+        .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
+
+    let datapath = Datapath::load(&LoadOptions {
+        pin_path: &args.pin_path,
+        cgroup: &cgroup,
+        redirect,
+        skmsg: args.skmsg,
+        queue_floor: args.skmsg_queue_floor,
+    })?;
+    let readiness = Readiness::new(&[READY_BPF, READY_MAPS, READY_PROXY]);
+    readiness.set(READY_BPF);
+    // Maps are shared with the proxy thread; the Datapath (links, pins) stays here and is
+    // dropped last.
+    let maps = datapath.maps.clone();
+    let metrics = Arc::new(Metrics::default());
+    let registry = Arc::new(std::sync::RwLock::new(Registry::default()));
+
+    let snapshot = Snapshot::from_file(&file);
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot));
+    let mut syncer = MapSyncer::new(maps.clone(), registry.clone());
+    syncer.apply(&snap_rx.borrow()).context("writing the enrolment maps")?;
+    metrics.enrolled_workloads.store(snap_rx.borrow().workloads.iter().filter(|w| w.enrolled).count() as u64, std::sync::atomic::Ordering::Relaxed);
+    metrics.unresolved_workloads.store(syncer.unresolved as u64, std::sync::atomic::Ordering::Relaxed);
+    readiness.set(READY_MAPS);
+
+    // The proxy runtime.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mesh-proxy")
+        .enable_all()
+        .build()?;
+    let outbound = Arc::new(
+        proxy_rt.block_on(Outbound::bind(args.proxy_address.into(), maps.clone(), metrics.clone(), registry.clone()))?,
+    );
+    let drain = outbound.drain.clone();
+    proxy_rt.spawn(outbound.serve(stop_rx).instrument(tracing::info_span!("outbound")));
+    maps.set_config(|c| c.flags |= cfg_flags::PROXY_READY).context("marking the proxy ready")?;
+    readiness.set(READY_PROXY);
+
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        maps: maps.clone(),
+        readiness: readiness.clone(),
+        config_json,
+        snapshot: snap_rx.clone(),
+    });
+
+    control.block_on(async {
+        tokio::spawn(admin.serve(admin_listener).instrument(tracing::info_span!("admin")));
+        tokio::spawn(
+            workload::watch_file(args.config.clone(), Duration::from_millis(args.reload_interval_ms), snap_tx)
+                .instrument(tracing::info_span!("enrolment")),
+        );
+        let mut rx = snap_rx.clone();
+        let sync = async {
+            while rx.changed().await.is_ok() {
+                let snap = rx.borrow_and_update().clone();
+                if let Err(e) = syncer.apply(&snap) {
+                    error!(error = %e, "writing the enrolment maps failed");
+                }
+                metrics.enrolled_workloads.store(snap.workloads.iter().filter(|w| w.enrolled).count() as u64, std::sync::atomic::Ordering::Relaxed);
+                metrics.unresolved_workloads.store(syncer.unresolved as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        .instrument(tracing::info_span!("map_sync"));
+        info!(pin_path = %datapath.pin_path().display(), "mesh-agent running");
+        tokio::select! {
+            _ = sync => {}
+            s = shutdown_signal() => info!(signal = s, "shutting down"),
+        }
+    });
+
+    // New connections go direct from here on; established ones may finish.
+    if let Err(e) = maps.set_config(|c| c.flags &= !cfg_flags::PROXY_READY) {
+        warn!(error = %e, "could not clear the proxy-ready flag");
+    }
+    let _ = stop_tx.send(true);
+    let left = proxy_rt.block_on(drain.wait(Duration::from_millis(args.drain_ms)));
+    if left > 0 {
+        warn!(connections = left, "drain deadline passed; closing the remaining proxied connections");
+    }
+    proxy_rt.shutdown_timeout(Duration::from_millis(200));
+    drop(maps);
+    drop(datapath);
+    info!("programs detached, pins removed");
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

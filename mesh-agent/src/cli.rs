@@ -1,0 +1,347 @@
+//! The command line: `run`, and the inspection commands that work on the pinned maps of a
+//! running agent (`maps`, `dump`, `programs`, `links`, `bypass`). Output is a table, or
+//! JSON with `-o json`; addresses print as IPs, ports in host order, flags by name.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_common::{
+    cfg_flags, flag_names, flow_flags, map_names,
+    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, SockKey, WorkloadInfo},
+    wl_flags, Stat,
+};
+use serde_json::{json, Value};
+
+use crate::config::{RunArgs, DEFAULT_PIN_PATH};
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-agent", version, about = "Per-node service-mesh agent: eBPF capture, node proxy, inspection")]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `mesh_agent=debug`.
+    #[arg(long, env = "MESH_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: load and attach the datapath, enrol workloads, serve the proxy.
+    Run(RunArgs),
+    /// List the pinned maps with their type, size and entry count.
+    Maps(Inspect),
+    /// Print the entries of one pinned map, decoded.
+    Dump {
+        #[command(flatten)]
+        inspect: Inspect,
+        /// Map name (see `mesh-agent maps`).
+        map: String,
+    },
+    /// List the programs the agent loaded (with run counts when kernel.bpf_stats_enabled=1).
+    Programs(Inspect),
+    /// List the kernel links attaching the agent's programs.
+    Links(Inspect),
+    /// Flip the global bypass: `on` sends every new connection direct, `off` restores capture.
+    Bypass {
+        #[command(flatten)]
+        inspect: Inspect,
+        state: OnOff,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Inspect {
+    /// Pin folder of the agent to inspect.
+    #[arg(long, env = "MESH_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("no agent state at {path}: {source} (is mesh-agent running with this --pin-path?)")]
+    NoPin { path: PathBuf, source: aya::maps::MapError },
+    #[error("map {0}: {1}")]
+    Map(String, aya::maps::MapError),
+    #[error("unknown map {0:?}; known maps: {1}")]
+    UnknownMap(String, String),
+    #[error("listing {0}: {1}")]
+    List(&'static str, String),
+}
+
+fn ip(v: u32) -> String {
+    Ipv4Addr::from(v.to_ne_bytes()).to_string()
+}
+
+fn flags(v: u32, names: &[(u32, &'static str)]) -> String {
+    let mut out = [""; 8];
+    let n = flag_names(v, names, &mut out);
+    if n == 0 {
+        "-".into()
+    } else {
+        out[..n].join("|")
+    }
+}
+
+fn open(pin: &Path, name: &str) -> Result<Map, CliError> {
+    let path = pin.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| CliError::NoPin { path, source })?;
+    Map::from_map_data(data).map_err(|e| CliError::Map(name.into(), e))
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str) -> Result<Vec<(K, V)>, CliError> {
+    let m: HashMap<MapData, K, V> = HashMap::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
+    // Entries can vanish while we iterate (LRU, closes); skip those.
+    Ok(m.iter().filter_map(Result::ok).collect())
+}
+
+fn array<V: aya::Pod>(pin: &Path, name: &str) -> Result<Vec<V>, CliError> {
+    let m: Array<MapData, V> = Array::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
+    Ok(m.iter().filter_map(Result::ok).collect())
+}
+
+pub fn stats(pin: &Path) -> Result<Vec<(Stat, u64)>, CliError> {
+    let name = map_names::STATS;
+    let m: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
+    Ok(Stat::ALL
+        .iter()
+        .map(|s| (*s, m.get(&(*s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)))
+        .collect())
+}
+
+/// Decoded rows of a map: column names, and one JSON object per entry.
+pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
+    let key4 = |k: &SockKey| {
+        json!({"local": format!("{}:{}", ip(k.local_ip4), k.local_port), "remote": format!("{}:{}", ip(k.remote_ip4), k.remote_port)})
+    };
+    Ok(match map {
+        map_names::WORKLOADS => (
+            vec!["netns_cookie", "ip", "id", "flags"],
+            hash::<u64, WorkloadInfo>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| json!({"netns_cookie": k, "ip": ip(v.ip4), "id": v.id, "flags": flags(v.flags, &wl_flags::NAMES)}))
+                .collect(),
+        ),
+        map_names::DESTS => (
+            vec!["ip", "id", "flags"],
+            hash::<u32, DestInfo>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| json!({"ip": ip(k), "id": v.id, "flags": flags(v.flags, &wl_flags::NAMES)}))
+                .collect(),
+        ),
+        map_names::CONFIG => (
+            vec!["proxy", "flags"],
+            array::<MeshConfig>(pin, map)?
+                .into_iter()
+                .map(|c| json!({"proxy": format!("{}:{}", ip(c.proxy_ip4), c.proxy_port), "flags": flags(c.flags, &cfg_flags::NAMES)}))
+                .collect(),
+        ),
+        map_names::EXCLUDES => (
+            vec!["cidr", "port"],
+            array::<ExcludeCidr>(pin, map)?
+                .into_iter()
+                .filter(|e| e.enabled != 0)
+                .map(|e| json!({"cidr": format!("{}/{}", ip(e.ip4), e.prefix_len), "port": e.port}))
+                .collect(),
+        ),
+        map_names::SOCK_ORIG => (
+            vec!["socket_cookie", "original_dst", "flags", "src_id", "dst_id"],
+            hash::<u64, OrigDst>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| json!({"socket_cookie": k, "original_dst": format!("{}:{}", ip(v.ip4), v.port), "flags": flags(v.flags, &flow_flags::NAMES), "src_id": v.src_id, "dst_id": v.dst_id}))
+                .collect(),
+        ),
+        map_names::FLOWS => (
+            vec!["local", "remote", "original_dst", "flags", "src_id", "dst_id"],
+            hash::<SockKey, FlowInfo>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut o = key4(&k);
+                    o["original_dst"] = json!(format!("{}:{}", ip(v.orig_ip4), v.orig_port));
+                    o["flags"] = json!(flags(v.flags, &flow_flags::NAMES));
+                    o["src_id"] = json!(v.src_id);
+                    o["dst_id"] = json!(v.dst_id);
+                    o
+                })
+                .collect(),
+        ),
+        map_names::SOCKHASH => {
+            let m: aya::maps::SockHash<MapData, SockKey> = aya::maps::SockHash::try_from(open(pin, map)?)
+                .map_err(|e| CliError::Map(map.into(), e))?;
+            (vec!["local", "remote"], m.keys().filter_map(Result::ok).map(|k| key4(&k)).collect())
+        }
+        "FALLBACK" => (
+            vec!["local", "remote"],
+            hash::<SockKey, u32>(pin, map)?.into_iter().map(|(k, _)| key4(&k)).collect(),
+        ),
+        map_names::STATS => (
+            vec!["event", "count"],
+            stats(pin)?.into_iter().map(|(s, v)| json!({"event": s.name(), "count": v})).collect(),
+        ),
+        other => {
+            let mut known: Vec<&str> = map_names::ALL.to_vec();
+            known.push("FALLBACK");
+            return Err(CliError::UnknownMap(other.into(), known.join(", ")));
+        }
+    })
+}
+
+/// Renders rows as an aligned table (or JSON).
+pub fn render(cols: &[&str], rows: &[Value], output: Output) -> String {
+    if output == Output::Json {
+        return serde_json::to_string_pretty(rows).unwrap_or_default() + "\n";
+    }
+    let cell = |r: &Value, c: &str| match &r[c] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let widths: Vec<usize> = cols
+        .iter()
+        .map(|c| rows.iter().map(|r| cell(r, c).len()).chain([c.len()]).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    let line = |vals: Vec<String>| {
+        vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n"
+    };
+    out += &line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for r in rows {
+        out += &line(cols.iter().map(|c| cell(r, c)).collect());
+    }
+    out
+}
+
+/// The ids of the programs that use the pinned STATS map (every program of this agent
+/// bumps it), so several agents on one machine (tests) are told apart.
+fn own_programs(pin: &Path) -> Result<Vec<aya::programs::ProgramInfo>, CliError> {
+    let path = pin.join(map_names::STATS);
+    let stats_id = MapInfo::from_pin(&path).map_err(|source| CliError::NoPin { path, source })?.id();
+    let mut out = Vec::new();
+    for p in aya::programs::loaded_programs() {
+        let p = p.map_err(|e| CliError::List("programs", e.to_string()))?;
+        if p.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&stats_id)) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+pub fn programs(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
+    let rows = own_programs(pin)?
+        .iter()
+        .map(|p| {
+            json!({
+                "id": p.id(),
+                "name": p.name_as_str().unwrap_or("?"),
+                "type": format!("{:?}", p.program_type()),
+                "run_count": p.run_count(),
+                "run_time_ns": p.run_time().as_nanos() as u64,
+                "verified_insns": p.verified_instruction_count().unwrap_or(0),
+            })
+        })
+        .collect();
+    Ok((vec!["id", "name", "type", "run_count", "run_time_ns", "verified_insns"], rows))
+}
+
+pub fn links(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
+    let progs = own_programs(pin)?;
+    let mut rows = Vec::new();
+    for l in aya::programs::loaded_links() {
+        let l = l.map_err(|e| CliError::List("links", e.to_string()))?;
+        if let Some(p) = progs.iter().find(|p| p.id() == l.program_id()) {
+            rows.push(json!({
+                "id": l.id(),
+                "program_id": l.program_id(),
+                "program": p.name_as_str().unwrap_or("?"),
+                "type": l.link_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "?".into()),
+            }));
+        }
+    }
+    // sk_msg attaches to SOCKHASH with BPF_PROG_ATTACH (no link object); show it too.
+    for p in progs.iter().filter(|p| p.name_as_str() == Some(mesh_common::prog_names::SK_MSG)) {
+        rows.push(json!({"id": null, "program_id": p.id(), "program": mesh_common::prog_names::SK_MSG, "type": "prog_attach(SOCKHASH)"}));
+    }
+    Ok((vec!["id", "program_id", "program", "type"], rows))
+}
+
+pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
+    let mut rows = Vec::new();
+    let rd = std::fs::read_dir(pin).map_err(|e| CliError::List("maps", format!("{}: {e}", pin.display())))?;
+    let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    for name in names {
+        let Ok(info) = MapInfo::from_pin(pin.join(&name)) else { continue };
+        let entries = dump(pin, &name).map(|(_, r)| r.len() as i64).unwrap_or(-1);
+        rows.push(json!({
+            "name": name,
+            "id": info.id(),
+            "type": info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "?".into()),
+            "key_size": info.key_size(),
+            "value_size": info.value_size(),
+            "max_entries": info.max_entries(),
+            "entries": entries,
+            "pinned": pin.join(&name).display().to_string(),
+        }));
+    }
+    Ok((vec!["name", "id", "type", "key_size", "value_size", "max_entries", "entries", "pinned"], rows))
+}
+
+pub fn bypass(pin: &Path, on: bool) -> Result<MeshConfig, CliError> {
+    let name = map_names::CONFIG;
+    let mut m: Array<MapData, MeshConfig> = Array::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
+    let mut c = m.get(&0, 0).map_err(|e| CliError::Map(name.into(), e))?;
+    if on {
+        c.flags |= cfg_flags::BYPASS;
+    } else {
+        c.flags &= !cfg_flags::BYPASS;
+    }
+    m.set(0, c, 0).map_err(|e| CliError::Map(name.into(), e))?;
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let rows = vec![json!({"a": "x", "b": 10}), json!({"a": "longer", "b": null})];
+        let t = render(&["a", "b"], &rows, Output::Table);
+        assert_eq!(t, "A       B\nx       10\nlonger  -\n");
+        let j: Value = serde_json::from_str(&render(&["a", "b"], &rows, Output::Json)).unwrap();
+        assert_eq!(j[0]["b"], 10);
+    }
+
+    #[test]
+    fn cli_parses_inspection_commands() {
+        let c = Cli::try_parse_from(["mesh-agent", "dump", "FLOWS", "-o", "json", "--pin-path", "/x"]).unwrap();
+        match c.command {
+            Command::Dump { inspect, map } => {
+                assert_eq!(map, "FLOWS");
+                assert_eq!(inspect.output, Output::Json);
+                assert_eq!(inspect.pin_path, PathBuf::from("/x"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["mesh-agent", "bypass", "maybe"]).is_err());
+    }
+}

@@ -1,0 +1,52 @@
+//! mesh-agent: the per-node service-mesh agent. It loads the eBPF datapath that captures
+//! enrolled workloads' connections without iptables, runs the node proxy those connections
+//! are handed to, keeps the datapath maps in line with the enrolment source, and lets
+//! operators inspect it all from the command line.
+
+mod admin;
+mod app;
+mod bpf;
+mod cli;
+mod config;
+mod metrics;
+mod proxy;
+#[allow(unsafe_code)]
+mod sys;
+mod workload;
+
+use clap::Parser as _;
+use cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = dispatch(cli.command) {
+        // One line, the whole cause chain, non-zero exit.
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("mesh-agent: error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<()> {
+    let print = |(cols, rows): (Vec<&str>, Vec<serde_json::Value>), o| print!("{}", cli::render(&cols, &rows, o));
+    match cmd {
+        Command::Run(args) => app::run(args),
+        Command::Maps(i) => Ok(print(cli::maps(&i.pin_path)?, i.output)),
+        Command::Dump { inspect, map } => Ok(print(cli::dump(&inspect.pin_path, &map)?, inspect.output)),
+        Command::Programs(i) => Ok(print(cli::programs(&i.pin_path)?, i.output)),
+        Command::Links(i) => Ok(print(cli::links(&i.pin_path)?, i.output)),
+        Command::Bypass { inspect, state } => {
+            let c = cli::bypass(&inspect.pin_path, state == cli::OnOff::On)?;
+            eprintln!(
+                "bypass {}: new connections {}",
+                if c.flags & mesh_common::cfg_flags::BYPASS != 0 { "on" } else { "off" },
+                if c.flags & mesh_common::cfg_flags::BYPASS != 0 { "go direct" } else { "are captured again" }
+            );
+            Ok(())
+        }
+    }
+}

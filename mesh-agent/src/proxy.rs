@@ -1,0 +1,233 @@
+//! The node proxy, L4: accepts connections the connect hooks redirected, recovers each
+//! one's original destination from `FLOWS` (keyed by the client's 4-tuple, which is the
+//! accepted socket's peer and local address), connects there, and relays bytes both ways.
+//!
+//! Relay semantics: a FIN from one side becomes a `shutdown(SHUT_WR)` towards the other
+//! (half-close), and a reset or error on either side resets the other one (`SO_LINGER 0`
+//! then close), so a peer that sends RST is seen as RST, never as a clean end.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+
+use mesh_common::{flow_flags, maps::SockKey};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{watch, Notify},
+};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{
+    bpf::Maps,
+    metrics::{FlowCounters, FlowLabels, Metrics},
+    sys,
+    workload::SharedRegistry,
+};
+
+/// Relay buffer per direction (bytes).
+const RELAY_BUFFER: usize = 32 * 1024;
+/// Connect timeout towards the original destination.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("binding the outbound listener on {addr}: {source} (is another proxy using the port?)")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Counts live connections so shutdown can wait for them.
+#[derive(Default)]
+pub struct Drain {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+impl Drain {
+    /// Waits until no connection is live, or `deadline` passes; returns how many remain.
+    pub async fn wait(&self, deadline: Duration) -> usize {
+        let _ = tokio::time::timeout(deadline, async {
+            loop {
+                let notified = self.idle.notified();
+                if self.live.load(Relaxed) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        self.live.load(Relaxed)
+    }
+}
+
+struct LiveGuard(Arc<Drain>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Relaxed) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+pub struct Outbound {
+    listener: TcpListener,
+    maps: Arc<Maps>,
+    metrics: Arc<Metrics>,
+    registry: SharedRegistry,
+    pub drain: Arc<Drain>,
+    next_id: AtomicU64,
+}
+
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    }
+}
+
+impl Outbound {
+    pub async fn bind(
+        addr: SocketAddr,
+        maps: Arc<Maps>,
+        metrics: Arc<Metrics>,
+        registry: SharedRegistry,
+    ) -> Result<Outbound, ProxyError> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
+        Ok(Outbound { listener, maps, metrics, registry, drain: Arc::default(), next_id: AtomicU64::new(0) })
+    }
+
+    /// Accepts until `stop` turns true.
+    pub async fn serve(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        info!(addr = ?self.listener.local_addr().ok(), "outbound listener ready");
+        loop {
+            tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok((conn, peer)) => {
+                        self.drain.live.fetch_add(1, Relaxed);
+                        let guard = LiveGuard(self.drain.clone());
+                        let me = self.clone();
+                        let id = self.next_id.fetch_add(1, Relaxed);
+                        tokio::spawn(async move {
+                            me.handle(conn, peer).await;
+                            drop(guard);
+                        }.instrument(tracing::debug_span!("conn", id, %peer)));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stop.changed() => {
+                    info!("outbound listener closed; draining");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let Ok(local) = client.local_addr() else { return };
+        let (Some(pip), Some(lip)) = (v4(peer.ip()), v4(local.ip())) else {
+            self.metrics.orig_dst_missing.fetch_add(1, Relaxed);
+            return;
+        };
+        let key = SockKey {
+            local_ip4: u32::from_ne_bytes(pip.octets()),
+            remote_ip4: u32::from_ne_bytes(lip.octets()),
+            local_port: peer.port(),
+            remote_port: local.port(),
+        };
+        let Some(flow) = self.maps.flow(key) else {
+            // Not a redirected connection (someone dialled the listener directly), or the
+            // record was lost: there is nowhere to send it.
+            self.metrics.orig_dst_missing.fetch_add(1, Relaxed);
+            debug!("no original destination recorded; closing");
+            let _ = sys::set_linger_zero(client.as_fd());
+            return;
+        };
+        let dst = SocketAddrV4::new(Ipv4Addr::from(flow.orig_ip4.to_ne_bytes()), flow.orig_port as u16);
+        let (src_name, dst_name) = {
+            let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
+            (r.name(flow.src_id), r.name(flow.dst_id))
+        };
+        let counters = self.metrics.flow(FlowLabels {
+            source_workload: src_name.unwrap_or_else(|| "unknown".into()),
+            destination_address: dst.to_string(),
+            destination_workload: dst_name.unwrap_or_else(|| "unknown".into()),
+            skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
+        });
+        counters.opened.fetch_add(1, Relaxed);
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(%dst, error = %e, "upstream connect failed; resetting the client");
+                counters.connect_failures.fetch_add(1, Relaxed);
+                counters.closed.fetch_add(1, Relaxed);
+                let _ = sys::set_linger_zero(client.as_fd());
+                return;
+            }
+            Err(_) => {
+                counters.connect_failures.fetch_add(1, Relaxed);
+                counters.closed.fetch_add(1, Relaxed);
+                let _ = sys::set_linger_zero(client.as_fd());
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        relay(client, upstream, &counters).await;
+        counters.closed.fetch_add(1, Relaxed);
+    }
+}
+
+/// Copies one direction; a clean EOF half-closes the writer.
+async fn pipe<R, W>(mut r: R, mut w: W, count: &AtomicU64) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Relays until both directions ended; on an error in either, resets both sockets.
+pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCounters) {
+    let failed = {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        let up = pipe(cr, uw, &c.received);
+        let down = pipe(ur, cw, &c.sent);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; if r.is_err() { break true; } }
+                r = &mut down, if !down_done => { down_done = true; if r.is_err() { break true; } }
+            }
+            if up_done && down_done {
+                break false;
+            }
+        }
+    };
+    if failed {
+        let _ = sys::set_linger_zero(client.as_fd());
+        let _ = sys::set_linger_zero(upstream.as_fd());
+    }
+}

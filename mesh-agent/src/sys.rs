@@ -1,0 +1,118 @@
+//! The few system calls std and tokio do not wrap. This is the one module of the agent
+//! allowed `unsafe`; every block says why it is sound.
+#![allow(unsafe_code)]
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    path::Path,
+};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The cookie of the network namespace at `netns` (a path such as `/run/netns/NAME` or
+/// `/proc/PID/ns/net`), as `bpf_get_netns_cookie` reports it for sockets created in it.
+pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
+    let ns = File::open(netns)?;
+    // setns(CLONE_NEWNET) changes the namespace of the calling thread only, so do it on a
+    // throw-away thread.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: valid fd; affects only this short-lived thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+                .or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
+            socket_netns_cookie(sock.as_fd())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("netns cookie thread panicked")))
+    })
+}
+
+fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the out pointers are valid for the stated length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Takes an exclusive, non-blocking `flock` on `dir`; the lock lives as long as the
+/// returned fd (and dies with the process, so a crashed agent never blocks the next).
+pub fn lock_dir(dir: &Path) -> io::Result<OwnedFd> {
+    let f = File::open(dir)?;
+    // SAFETY: valid fd owned by `f`.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f.into())
+}
+
+/// Whether `path` sits on a filesystem with magic `magic` (statfs).
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+pub const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+
+/// Mounts a bpffs at `target`.
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let t = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    // SAFETY: all strings are NUL-terminated and outlive the call.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), t.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Arms `SO_LINGER {on, 0}` so that closing the socket sends RST: how the proxy passes a
+/// reset on from one side to the other.
+pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the option value is a valid linger struct of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! The contract between the mesh eBPF programs (`mesh-ebpf`) and the agent (`mesh-agent`):
+//! every map key and value (`#[repr(C)]`, no implicit padding, sizes asserted at compile
+//! time), the map names, flags, and the registry of datapath counters. Pure decision logic
+//! (tuple normalisation, CIDR matching) lives here as plain functions so host unit tests
+//! cover what the kernel side runs.
+//!
+//! Byte order: IPv4 addresses are kept as the kernel hands them over (network order stored
+//! in a `u32`, so `u32::from_ne_bytes(ip.octets())`); ports are always host order.
+#![no_std]
+
+pub mod maps;
+
+/// Name of each pinned map (the file name under the pin folder, and the BPF map name).
+pub mod map_names {
+    pub const WORKLOADS: &str = "WORKLOADS";
+    pub const DESTS: &str = "DESTS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const EXCLUDES: &str = "EXCLUDES";
+    pub const SOCK_ORIG: &str = "SOCK_ORIG";
+    pub const FLOWS: &str = "FLOWS";
+    pub const SOCKHASH: &str = "SOCKHASH";
+    pub const STATS: &str = "STATS";
+    pub const ALL: [&str; 8] = [
+        WORKLOADS, DESTS, CONFIG, EXCLUDES, SOCK_ORIG, FLOWS, SOCKHASH, STATS,
+    ];
+}
+
+/// Program names as they appear in `bpftool prog show` (kernel truncates to 15 bytes).
+pub mod prog_names {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SOCKOPS: &str = "mesh_sockops";
+    pub const SK_MSG: &str = "mesh_sk_msg";
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCKOPS, SK_MSG];
+}
+
+/// Capacities of the maps (entries).
+pub mod capacity {
+    pub const WORKLOADS: u32 = 4096;
+    pub const DESTS: u32 = 16384;
+    pub const EXCLUDES: u32 = 16;
+    pub const SOCK_ORIG: u32 = 65536;
+    pub const FLOWS: u32 = 131072;
+    pub const SOCKHASH: u32 = 131072;
+}
+
+/// `WorkloadInfo::flags` and `DestInfo::flags`.
+pub mod wl_flags {
+    /// Outbound connections from this workload are captured.
+    pub const ENROLLED: u32 = 1 << 0;
+    /// As a destination: same-node flows from enrolled workloads skip the proxy and are
+    /// paired socket to socket in the kernel.
+    pub const DIRECT: u32 = 1 << 1;
+    pub const NAMES: [(u32, &str); 2] = [(ENROLLED, "enrolled"), (DIRECT, "direct")];
+}
+
+/// `MeshConfig::flags`.
+pub mod cfg_flags {
+    /// Global bypass: nothing is captured, every connection goes direct.
+    pub const BYPASS: u32 = 1 << 0;
+    /// The node proxy's outbound listener accepts connections; until then, fail open.
+    pub const PROXY_READY: u32 = 1 << 1;
+    /// Pair app and proxy sockets with sk_msg (off: captured flows cross the TCP stack).
+    pub const SKMSG: u32 = 1 << 2;
+    pub const NAMES: [(u32, &str); 3] = [
+        (BYPASS, "bypass"),
+        (PROXY_READY, "proxy_ready"),
+        (SKMSG, "skmsg"),
+    ];
+}
+
+/// `FlowInfo::flags`.
+pub mod flow_flags {
+    /// The client was redirected to the node proxy.
+    pub const PROXIED: u32 = 1 << 0;
+    /// Direct mode: client and server talk socket to socket.
+    pub const DIRECT: u32 = 1 << 1;
+    /// The client socket is in the sockhash.
+    pub const CLIENT_PAIRED: u32 = 1 << 2;
+    /// The server (or proxy) socket is in the sockhash: sk_msg short-circuits the flow.
+    pub const SERVER_PAIRED: u32 = 1 << 3;
+    /// The client side socket was created as AF_INET6 (v4-mapped addresses).
+    pub const CLIENT_V6: u32 = 1 << 4;
+    pub const NAMES: [(u32, &str); 5] = [
+        (PROXIED, "proxied"),
+        (DIRECT, "direct"),
+        (CLIENT_PAIRED, "client_paired"),
+        (SERVER_PAIRED, "server_paired"),
+        (CLIENT_V6, "client_v6"),
+    ];
+}
+
+/// Renders `flags` as `a|b|c` with the names of a flags module.
+pub fn flag_names(flags: u32, names: &[(u32, &'static str)], out: &mut [&'static str; 8]) -> usize {
+    let mut n = 0;
+    for (bit, name) in names {
+        if flags & bit != 0 && n < out.len() {
+            out[n] = name;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// One registry of datapath events and verdict reasons. The eBPF side bumps a per-CPU
+/// counter at each index; the agent exports them as `mesh_datapath_events_total{event=..}`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    ConnectSeen = 0,
+    ConnectRedirected,
+    ConnectDirect,
+    ConnectNotEnrolled,
+    ConnectExcluded,
+    ConnectBypass,
+    ConnectProxyNotReady,
+    ConnectToProxy,
+    ConnectNotIpv4,
+    ConnectOrigStoreFailed,
+    SockopsClientPaired,
+    SockopsServerPaired,
+    SockhashUpdateFailed,
+    FlowStoreFailed,
+    FlowClosed,
+    MsgRedirected,
+    MsgRedirectedBytes,
+    MsgPassNoPeer,
+    MsgPassUnpaired,
+    MsgPassBackpressure,
+    MsgPassFallback,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 21;
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::ConnectSeen,
+        Stat::ConnectRedirected,
+        Stat::ConnectDirect,
+        Stat::ConnectNotEnrolled,
+        Stat::ConnectExcluded,
+        Stat::ConnectBypass,
+        Stat::ConnectProxyNotReady,
+        Stat::ConnectToProxy,
+        Stat::ConnectNotIpv4,
+        Stat::ConnectOrigStoreFailed,
+        Stat::SockopsClientPaired,
+        Stat::SockopsServerPaired,
+        Stat::SockhashUpdateFailed,
+        Stat::FlowStoreFailed,
+        Stat::FlowClosed,
+        Stat::MsgRedirected,
+        Stat::MsgRedirectedBytes,
+        Stat::MsgPassNoPeer,
+        Stat::MsgPassUnpaired,
+        Stat::MsgPassBackpressure,
+        Stat::MsgPassFallback,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::ConnectSeen => "connect_seen",
+            Stat::ConnectRedirected => "connect_redirected",
+            Stat::ConnectDirect => "connect_direct",
+            Stat::ConnectNotEnrolled => "connect_not_enrolled",
+            Stat::ConnectExcluded => "connect_excluded",
+            Stat::ConnectBypass => "connect_bypass",
+            Stat::ConnectProxyNotReady => "connect_proxy_not_ready",
+            Stat::ConnectToProxy => "connect_to_proxy",
+            Stat::ConnectNotIpv4 => "connect_not_ipv4",
+            Stat::ConnectOrigStoreFailed => "connect_orig_store_failed",
+            Stat::SockopsClientPaired => "sockops_client_paired",
+            Stat::SockopsServerPaired => "sockops_server_paired",
+            Stat::SockhashUpdateFailed => "sockhash_update_failed",
+            Stat::FlowStoreFailed => "flow_store_failed",
+            Stat::FlowClosed => "flow_closed",
+            Stat::MsgRedirected => "msg_redirected",
+            Stat::MsgRedirectedBytes => "msg_redirected_bytes",
+            Stat::MsgPassNoPeer => "msg_pass_no_peer",
+            Stat::MsgPassUnpaired => "msg_pass_unpaired",
+            Stat::MsgPassBackpressure => "msg_pass_backpressure",
+            Stat::MsgPassFallback => "msg_pass_fallback",
+        }
+    }
+}
+
+const _: () = assert!(Stat::ALL.len() == Stat::MsgPassFallback as usize + 1);
+
+/// Extracts the IPv4 address from a v4-mapped IPv6 address (`::ffff:a.b.c.d`), with the
+/// words as the kernel stores them (network order per 32-bit word).
+#[inline(always)]
+pub fn v4_mapped(words: [u32; 4]) -> Option<u32> {
+    if words[0] == 0 && words[1] == 0 && words[2] == 0xffff_u32.to_be() {
+        Some(words[3])
+    } else {
+        None
+    }
+}
+
+/// Converts a port as the kernel stores it in `bpf_sock_ops.remote_port` and
+/// `sk_msg_md.remote_port` (network order in the upper half of a little-endian u32 load,
+/// i.e. `u32::from_be` gives the host-order port) to host order.
+#[inline(always)]
+pub fn remote_port_host(raw: u32) -> u16 {
+    u32::from_be(raw) as u16
+}
+
+/// Converts a host-order port to the form `bpf_sock_addr.user_port` expects (network
+/// order in the low 16 bits).
+#[inline(always)]
+pub fn user_port_raw(port: u16) -> u32 {
+    port.to_be() as u32
+}
+
+/// Converts `bpf_sock_addr.user_port` to host order.
+#[inline(always)]
+pub fn user_port_host(raw: u32) -> u16 {
+    u16::from_be(raw as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_extracts_only_mapped_addresses() {
+        let ip = u32::from_ne_bytes([10, 1, 2, 3]);
+        assert_eq!(v4_mapped([0, 0, 0xffff_u32.to_be(), ip]), Some(ip));
+        assert_eq!(v4_mapped([0, 0, 0, ip]), None);
+        assert_eq!(v4_mapped([0x20010db8_u32.to_be(), 0, 0xffff_u32.to_be(), ip]), None);
+    }
+
+    #[test]
+    fn ports_round_trip() {
+        assert_eq!(user_port_host(user_port_raw(15001)), 15001);
+        // sock_ops loads the 16-bit big-endian port and shifts it left by 16.
+        let raw = (u32::from(8080_u16.to_be())) << 16;
+        assert_eq!(remote_port_host(raw), 8080);
+    }
+
+    #[test]
+    fn flag_names_lists_set_bits() {
+        let mut out = [""; 8];
+        let n = flag_names(flow_flags::PROXIED | flow_flags::SERVER_PAIRED, &flow_flags::NAMES, &mut out);
+        assert_eq!(&out[..n], &["proxied", "server_paired"]);
+    }
+
+    #[test]
+    fn stat_names_are_unique() {
+        for (i, a) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*a as usize, i);
+            for b in &Stat::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
+    }
+}

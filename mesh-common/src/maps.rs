@@ -1,0 +1,190 @@
+//! Map keys and values. Every type is `#[repr(C)]`, `Copy`, has no implicit padding, and
+//! its layout is asserted at compile time: the kernel and the agent read the same bytes.
+
+/// `WORKLOADS` value, keyed by the workload's network namespace cookie (`u64`, as
+/// `SO_NETNS_COOKIE` and `bpf_get_netns_cookie` report it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    /// The workload's IPv4 address (network order).
+    pub ip4: u32,
+    /// Index of the workload in the agent's registry (metrics labels, CLI names).
+    pub id: u32,
+    /// `wl_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `DESTS` value, keyed by a local workload's IPv4 address (network order `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestInfo {
+    pub id: u32,
+    /// `wl_flags::*` (only `DIRECT` matters for destinations).
+    pub flags: u32,
+}
+
+/// `CONFIG[0]`: node-wide knobs the agent may change at run time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// The node proxy's outbound listener (IPv4, network order) and port (host order).
+    pub proxy_ip4: u32,
+    pub proxy_port: u32,
+    /// `cfg_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `EXCLUDES[i]`: destination CIDRs never captured. `prefix_len == 0 && ip4 == 0` with
+/// `enabled == 0` marks an unused slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExcludeCidr {
+    pub ip4: u32,
+    pub prefix_len: u32,
+    /// Port to exclude on that CIDR, 0 = every port.
+    pub port: u32,
+    pub enabled: u32,
+}
+
+impl ExcludeCidr {
+    /// Whether `ip4` (network order) and `port` (host order) fall in this entry.
+    #[inline(always)]
+    pub fn matches(&self, ip4: u32, port: u16) -> bool {
+        if self.enabled == 0 {
+            return false;
+        }
+        if self.port != 0 && self.port != port as u32 {
+            return false;
+        }
+        let mask = prefix_mask(self.prefix_len);
+        (u32::from_be(ip4) & mask) == (u32::from_be(self.ip4) & mask)
+    }
+}
+
+/// Host-order netmask for a prefix length (values above 32 act as 32).
+#[inline(always)]
+pub fn prefix_mask(prefix_len: u32) -> u32 {
+    if prefix_len == 0 {
+        0
+    } else if prefix_len >= 32 {
+        u32::MAX
+    } else {
+        u32::MAX << (32 - prefix_len)
+    }
+}
+
+/// `SOCK_ORIG` value, keyed by socket cookie (`u64`): what `connect4` decided for a socket,
+/// picked up by `sockops` when the connection is established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub ip4: u32,
+    pub port: u32,
+    /// `flow_flags::PROXIED` or `flow_flags::DIRECT`.
+    pub flags: u32,
+    pub src_id: u32,
+    pub dst_id: u32,
+    pub _pad: u32,
+}
+
+/// A TCP 4-tuple as seen from one socket: `(local, remote)`. Used as `SOCKHASH` key (each
+/// socket under its own view) and as `FLOWS` key (the client's view).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockKey {
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockKey {
+    /// The same connection as seen from the other end.
+    #[inline(always)]
+    pub fn reversed(&self) -> SockKey {
+        SockKey {
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// `FLOWS` value, keyed by the client's `SockKey`: the original destination of a captured
+/// connection (read by the proxy after `accept`) and how it is carried.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub orig_ip4: u32,
+    pub orig_port: u32,
+    /// `flow_flags::*`.
+    pub flags: u32,
+    pub src_id: u32,
+    pub dst_id: u32,
+    pub _pad: u32,
+}
+
+macro_rules! assert_layout {
+    ($t:ty, $size:expr, $align:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+        const _: () = assert!(core::mem::align_of::<$t>() == $align);
+    };
+}
+assert_layout!(WorkloadInfo, 16, 4);
+assert_layout!(DestInfo, 8, 4);
+assert_layout!(MeshConfig, 16, 4);
+assert_layout!(ExcludeCidr, 16, 4);
+assert_layout!(OrigDst, 24, 4);
+assert_layout!(SockKey, 12, 4);
+assert_layout!(FlowInfo, 24, 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type above is `repr(C)`, `Copy`, and has no padding (asserted), so
+    // any byte pattern of the right size is a valid value.
+    macro_rules! pod {
+        ($($t:ty),*) => { $( #[allow(unsafe_code)] unsafe impl aya::Pod for $t {} )* };
+    }
+    pod!(WorkloadInfo, DestInfo, MeshConfig, ExcludeCidr, OrigDst, SockKey, FlowInfo);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn exclude_matches_cidr_and_port() {
+        let e = ExcludeCidr { ip4: ip([10, 96, 0, 0]), prefix_len: 12, port: 0, enabled: 1 };
+        assert!(e.matches(ip([10, 96, 1, 2]), 80));
+        assert!(e.matches(ip([10, 111, 255, 255]), 80));
+        assert!(!e.matches(ip([10, 112, 0, 1]), 80));
+        let p = ExcludeCidr { port: 53, ..e };
+        assert!(p.matches(ip([10, 96, 0, 10]), 53));
+        assert!(!p.matches(ip([10, 96, 0, 10]), 80));
+        let off = ExcludeCidr { enabled: 0, ..e };
+        assert!(!off.matches(ip([10, 96, 1, 2]), 80));
+    }
+
+    #[test]
+    fn prefix_mask_edges() {
+        assert_eq!(prefix_mask(0), 0);
+        assert_eq!(prefix_mask(8), 0xff00_0000);
+        assert_eq!(prefix_mask(32), u32::MAX);
+        assert_eq!(prefix_mask(40), u32::MAX);
+    }
+
+    #[test]
+    fn reversed_swaps_ends() {
+        let k = SockKey { local_ip4: 1, remote_ip4: 2, local_port: 3, remote_port: 4 };
+        assert_eq!(k.reversed(), SockKey { local_ip4: 2, remote_ip4: 1, local_port: 4, remote_port: 3 });
+        assert_eq!(k.reversed().reversed(), k);
+    }
+}

@@ -1,0 +1,32 @@
+//! Kernel side of mesh-agent. One object holds every program so they share their maps:
+//!
+//! - `mesh_connect4` / `mesh_connect6` (`cgroup/connect4|6`): capture outbound connections
+//!   of enrolled workloads (redirect to the node proxy, or mark them direct);
+//! - `mesh_sockops` (`sockops`): on ESTABLISHED, record the flow and put both local ends
+//!   of a captured connection in `SOCKHASH`;
+//! - `mesh_sk_msg` (`sk_msg` on `SOCKHASH`): hand each send straight to the peer socket.
+//!
+//! The split into one binary (rather than one per family as aya-template suggests) is
+//! deliberate: sockops and sk_msg must share `SOCKHASH`, and connect and sockops must share
+//! `SOCK_ORIG`; one object gives one set of maps without pin-by-name plumbing.
+#![no_std]
+#![no_main]
+// The kernel side is the one crate where `unsafe` is the norm (raw contexts, helpers).
+#![allow(unsafe_code)]
+
+mod connect;
+mod maps;
+mod sk_msg;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects the loop below, so any
+    // reachable panic shows up as a load failure in the "load every program" test.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,153 @@
+//! `sockops`: pairs the sockets of captured connections.
+//!
+//! - ACTIVE_ESTABLISHED (client side, connect() completing): if connect4 marked the socket,
+//!   record `FLOWS[client view]` (the proxy reads the original destination from it) and put
+//!   the socket in `SOCKHASH`.
+//! - PASSIVE_ESTABLISHED (server side: the node proxy, or the destination pod in direct
+//!   mode): if `FLOWS` holds the reversed tuple, put this socket in `SOCKHASH` too, which
+//!   turns on the sk_msg short-circuit for the pair.
+//! - STATE_CB to TCP_CLOSE: drop the flow record and the fallback mark.
+//!
+//! # Minimum kernel version
+//!
+//! 5.3 (`BPF_SOCK_OPS_STATE_CB`, socket cookie in sock_ops since 5.0); sockhash 4.18.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use mesh_common::{
+    cfg_flags, flow_flags,
+    maps::{FlowInfo, SockKey},
+    remote_port_host, v4_mapped, Stat,
+};
+
+use crate::maps::{bump, config, FALLBACK, FLOWS, SOCKHASH, SOCK_ORIG};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
+        _ => {}
+    }
+    0
+}
+
+/// This socket's (local, remote) view, with v4-mapped IPv6 folded to IPv4.
+#[inline(always)]
+fn sock_key(ctx: &SockOpsContext) -> Option<(SockKey, bool)> {
+    let (local, remote, v6) = match ctx.family() {
+        AF_INET => (ctx.local_ip4(), ctx.remote_ip4(), false),
+        AF_INET6 => (v4_mapped(ctx.local_ip6())?, v4_mapped(ctx.remote_ip6())?, true),
+        _ => return None,
+    };
+    Some((
+        SockKey {
+            local_ip4: local,
+            remote_ip4: remote,
+            local_port: ctx.local_port() as u16,
+            remote_port: remote_port_host(ctx.remote_port()),
+        },
+        v6,
+    ))
+}
+
+#[inline(always)]
+fn active_established(ctx: &SockOpsContext) {
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the value is copied out at once.
+    let Some(orig) = unsafe { SOCK_ORIG.get(cookie) }.copied() else {
+        return;
+    };
+    let _ = SOCK_ORIG.remove(cookie);
+    let Some((key, v6)) = sock_key(ctx) else {
+        return;
+    };
+    let mut flags = orig.flags;
+    if v6 {
+        flags |= flow_flags::CLIENT_V6;
+    }
+    let cfg = config();
+    let pair = orig.flags & flow_flags::DIRECT != 0 || cfg.flags & cfg_flags::SKMSG != 0;
+    if pair {
+        flags |= flow_flags::CLIENT_PAIRED;
+    }
+    let info = FlowInfo {
+        orig_ip4: orig.ip4,
+        orig_port: orig.port,
+        flags,
+        src_id: orig.src_id,
+        dst_id: orig.dst_id,
+        _pad: 0,
+    };
+    if FLOWS.insert(key, info, 0).is_err() {
+        bump(Stat::FlowStoreFailed);
+        return;
+    }
+    // Accepted race: the flow record is written before this socket is in the sockhash;
+    // the peer only pairs when it finds the record, and sk_msg only redirects to a peer
+    // that is in the sockhash, so either order is safe.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if pair {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+            bump(Stat::SockopsClientPaired);
+        } else {
+            bump(Stat::SockhashUpdateFailed);
+        }
+    }
+}
+
+#[inline(always)]
+fn passive_established(ctx: &SockOpsContext) {
+    let Some((key, _)) = sock_key(ctx) else {
+        return;
+    };
+    let client_view = key.reversed();
+    let Some(flow) = FLOWS.get_ptr_mut(client_view) else {
+        return;
+    };
+    // SAFETY: map value pointer returned by the kernel, valid during this program run.
+    let flow = unsafe { &mut *flow };
+    if flow.flags & flow_flags::CLIENT_PAIRED == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+        // Accepted race: a concurrent reader (the proxy) may see the flag a moment late;
+        // it only labels metrics.
+        flow.flags |= flow_flags::SERVER_PAIRED;
+        bump(Stat::SockopsServerPaired);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else {
+        bump(Stat::SockhashUpdateFailed);
+    }
+}
+
+#[inline(always)]
+fn state_changed(ctx: &SockOpsContext) {
+    // arg 1 is the new state.
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    let Some((key, _)) = sock_key(ctx) else {
+        return;
+    };
+    // The kernel removes closed sockets from SOCKHASH itself; the flow record is keyed by
+    // the client's view, so the client's close removes it.
+    let _ = FALLBACK.remove(key);
+    if FLOWS.remove(key).is_ok() {
+        bump(Stat::FlowClosed);
+    }
+}
