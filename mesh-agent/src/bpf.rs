@@ -48,21 +48,12 @@ pub enum BpfError {
     Io { what: String, source: io::Error },
     #[error("loading the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
-    #[error("{what}: {source}{}", verifier_hint(source))]
+    #[error("{what}")]
     Program { what: String, source: aya::programs::ProgramError },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("pinning map {name} at {path}: {source}")]
     Pin { name: String, path: PathBuf, source: aya::pin::PinError },
-}
-
-fn verifier_hint(e: &aya::programs::ProgramError) -> String {
-    match e {
-        aya::programs::ProgramError::LoadError { verifier_log, .. } => {
-            format!(" (verifier log follows)\n{verifier_log}")
-        }
-        _ => String::new(),
-    }
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BpfError {
@@ -236,6 +227,10 @@ impl Datapath {
 
         // Pin first: a map is visible to operators as soon as programs can write it.
         for (name, map) in ebpf.maps() {
+            if name.starts_with('.') {
+                // .rodata (load-time globals) is frozen and internal; nothing to inspect.
+                continue;
+            }
             let path = o.pin_path.join(name);
             map.pin(&path).map_err(|source| BpfError::Pin { name: name.to_owned(), path, source })?;
         }
@@ -249,7 +244,7 @@ impl Datapath {
                 .try_into()
                 .map_err(prog_err(format!("program {name}")))?;
             p.load().map_err(prog_err(format!("loading {name}")))?;
-            p.attach(&cgroup_fd, CgroupAttachMode::AllowMultiple)
+            p.attach(&cgroup_fd, CgroupAttachMode::Single)
                 .map_err(prog_err(format!("attaching {name} to cgroup {}", o.cgroup.display())))?;
         }
         let sockops: &mut SockOps = ebpf
@@ -259,7 +254,7 @@ impl Datapath {
             .map_err(prog_err("program mesh_sockops".into()))?;
         sockops.load().map_err(prog_err("loading mesh_sockops".into()))?;
         sockops
-            .attach(&cgroup_fd, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
             .map_err(prog_err(format!("attaching mesh_sockops to cgroup {}", o.cgroup.display())))?;
 
         let sockhash: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;

@@ -41,6 +41,12 @@ pub static FLOWS: LruHashMap<SockKey, FlowInfo, { cap::FLOWS as usize }> = LruHa
 #[btf_map]
 pub static SOCKHASH: SockHash<SockKey, { cap::SOCKHASH as usize }> = SockHash::new();
 
+/// Kernel address of each socket in `SOCKHASH` (same key), read by sk_msg to look at the
+/// peer's redirect queue with `bpf_probe_read_kernel`. A stale address after a close only
+/// yields a wrong estimate, never a fault (probe reads are checked).
+#[btf_map]
+pub static SK_ADDR: LruHashMap<SockKey, u64, { cap::SOCKHASH as usize }> = LruHashMap::new();
+
 /// Sender sockets (by their own view) whose later sends must stay on the TCP path, so
 /// bytes are never reordered: set when a send could not be redirected.
 #[btf_map]

@@ -12,6 +12,8 @@
 //!
 //! 5.3 (`BPF_SOCK_OPS_STATE_CB`, socket cookie in sock_ops since 5.0); sockhash 4.18.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -27,7 +29,7 @@ use mesh_common::{
     remote_port_host, v4_mapped, Stat,
 };
 
-use crate::maps::{bump, config, FALLBACK, FLOWS, SOCKHASH, SOCK_ORIG};
+use crate::maps::{bump, config, FALLBACK, FLOWS, SK_ADDR, SOCKHASH, SOCK_ORIG};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -44,19 +46,45 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// This socket's (local, remote) view, with v4-mapped IPv6 folded to IPv4.
+///
+/// Every context field is read up front with a volatile load: the verifier rejects loads
+/// through a ctx pointer the compiler has offset and kept in a register for later.
 #[inline(always)]
 fn sock_key(ctx: &SockOpsContext) -> Option<(SockKey, bool)> {
-    let (local, remote, v6) = match ctx.family() {
-        AF_INET => (ctx.local_ip4(), ctx.remote_ip4(), false),
-        AF_INET6 => (v4_mapped(ctx.local_ip6())?, v4_mapped(ctx.remote_ip6())?, true),
+    let ops = ctx.ops;
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            read_volatile(&(*ops).local_port),
+            read_volatile(&(*ops).remote_port),
+        )
+    };
+    let (local, remote, v6) = match family {
+        AF_INET => (l4, r4, false),
+        AF_INET6 => (v4_mapped(l6)?, v4_mapped(r6)?, true),
         _ => return None,
     };
     Some((
         SockKey {
             local_ip4: local,
             remote_ip4: remote,
-            local_port: ctx.local_port() as u16,
-            remote_port: remote_port_host(ctx.remote_port()),
+            local_port: lport as u16,
+            remote_port: remote_port_host(rport),
         },
         v6,
     ))
@@ -102,6 +130,7 @@ fn active_established(ctx: &SockOpsContext) {
     if pair {
         // SAFETY: the context pointer is valid for the program's lifetime.
         if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+            remember_addr(ctx, key);
             bump(Stat::SockopsClientPaired);
         } else {
             bump(Stat::SockhashUpdateFailed);
@@ -125,6 +154,7 @@ fn passive_established(ctx: &SockOpsContext) {
     }
     // SAFETY: the context pointer is valid for the program's lifetime.
     if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+        remember_addr(ctx, key);
         // Accepted race: a concurrent reader (the proxy) may see the flag a moment late;
         // it only labels metrics.
         flow.flags |= flow_flags::SERVER_PAIRED;
@@ -147,7 +177,19 @@ fn state_changed(ctx: &SockOpsContext) {
     // The kernel removes closed sockets from SOCKHASH itself; the flow record is keyed by
     // the client's view, so the client's close removes it.
     let _ = FALLBACK.remove(key);
+    let _ = SK_ADDR.remove(key);
     if FLOWS.remove(key).is_ok() {
         bump(Stat::FlowClosed);
+    }
+}
+
+/// Records the socket's kernel address for the sk_msg back-pressure check. Storing a
+/// pointer in a map needs the loader to be privileged (CAP_PERFMON): the agent is.
+#[inline(always)]
+fn remember_addr(ctx: &SockOpsContext, key: SockKey) {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if !sk.is_null() {
+        let _ = SK_ADDR.insert(key, sk as u64, 0);
     }
 }
