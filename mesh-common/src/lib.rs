@@ -128,10 +128,12 @@ pub enum Stat {
     MsgPassUnpaired,
     MsgPassBackpressure,
     MsgPassFallback,
+    UnpairedOnFin,
+    UnpairSkippedQueued,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -154,6 +156,8 @@ impl Stat {
         Stat::MsgPassUnpaired,
         Stat::MsgPassBackpressure,
         Stat::MsgPassFallback,
+        Stat::UnpairedOnFin,
+        Stat::UnpairSkippedQueued,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -179,11 +183,13 @@ impl Stat {
             Stat::MsgPassUnpaired => "msg_pass_unpaired",
             Stat::MsgPassBackpressure => "msg_pass_backpressure",
             Stat::MsgPassFallback => "msg_pass_fallback",
+            Stat::UnpairedOnFin => "unpaired_on_fin",
+            Stat::UnpairSkippedQueued => "unpair_skipped_queued",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::MsgPassFallback as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::UnpairSkippedQueued as usize + 1);
 
 /// Extracts the IPv4 address from a v4-mapped IPv6 address (`::ffff:a.b.c.d`), with the
 /// words as the kernel stores them (network order per 32-bit word).

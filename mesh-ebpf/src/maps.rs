@@ -2,6 +2,7 @@
 //! load-time globals, and the per-CPU counter helper.
 
 use aya_ebpf::{
+    helpers::generated::bpf_probe_read_kernel,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
     Global,
@@ -88,4 +89,45 @@ pub fn config() -> MeshConfig {
         Some(c) => *c,
         None => MeshConfig::default(),
     }
+}
+
+/// Whether the agent resolved the kernel offsets the queue checks need.
+#[inline(always)]
+pub fn queue_check_enabled() -> bool {
+    OFF_SK_USER_DATA.load() != 0 && OFF_PSOCK_MSG_TOT_LEN.load() != 0 && OFF_SK_RCVBUF.load() != 0
+}
+
+/// `(sk_rcvbuf, bytes waiting in the sk_msg ingress queue)` of the socket at kernel
+/// address `addr` (recorded in `SK_ADDR`). Unreadable fields read as 0.
+#[inline(always)]
+pub fn socket_queue(addr: u64) -> (i32, u32) {
+    let base = addr as *const u8;
+    let mut rcvbuf: i32 = 0;
+    let mut psock: u64 = 0;
+    let mut queued: u32 = 0;
+    // SAFETY: bpf_probe_read_kernel validates the source address; the offsets come from
+    // the running kernel's BTF for `struct sock` and `struct sk_psock`.
+    unsafe {
+        let _ = bpf_probe_read_kernel(
+            (&mut rcvbuf as *mut i32).cast(),
+            4,
+            base.wrapping_add(OFF_SK_RCVBUF.load() as usize).cast(),
+        );
+        if bpf_probe_read_kernel(
+            (&mut psock as *mut u64).cast(),
+            8,
+            base.wrapping_add(OFF_SK_USER_DATA.load() as usize).cast(),
+        ) == 0
+            && psock != 0
+        {
+            // sk_user_data carries flag bits (SK_USER_DATA_NOCOPY|BPF|PSOCK) in its low 3 bits.
+            let psock = psock & !7;
+            let _ = bpf_probe_read_kernel(
+                (&mut queued as *mut u32).cast(),
+                4,
+                (psock as *const u8).wrapping_add(OFF_PSOCK_MSG_TOT_LEN.load() as usize).cast(),
+            );
+        }
+    }
+    (rcvbuf, queued)
 }

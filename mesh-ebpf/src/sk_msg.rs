@@ -20,15 +20,13 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
-    helpers::generated::bpf_probe_read_kernel,
     macros::sk_msg,
     programs::SkMsgContext,
 };
 use mesh_common::{maps::SockKey, remote_port_host, v4_mapped, Stat};
 
 use crate::maps::{
-    add, bump, FALLBACK, OFF_PSOCK_MSG_TOT_LEN, OFF_SK_RCVBUF, OFF_SK_USER_DATA,
-    QUEUE_LIMIT_FLOOR, SK_ADDR, SOCKHASH,
+    add, bump, queue_check_enabled, socket_queue, FALLBACK, QUEUE_LIMIT_FLOOR, SK_ADDR, SOCKHASH,
 };
 
 const AF_INET: u32 = 2;
@@ -107,43 +105,14 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 /// Whether more bytes than the limit already wait in the peer's redirect queue.
 #[inline(always)]
 fn peer_queue_full(peer: &SockKey) -> bool {
-    let off_user_data = OFF_SK_USER_DATA.load();
-    let off_len = OFF_PSOCK_MSG_TOT_LEN.load();
-    let off_rcvbuf = OFF_SK_RCVBUF.load();
-    if off_user_data == 0 || off_len == 0 || off_rcvbuf == 0 {
+    if !queue_check_enabled() {
         return false;
     }
     // SAFETY: the value is copied out at once.
     let Some(addr) = (unsafe { SK_ADDR.get(peer) }).copied() else {
         return false;
     };
-    // SAFETY: bpf_probe_read_kernel validates the source address; the offsets come from
-    // the running kernel's BTF for `struct sock` and `struct sk_psock`.
-    let (rcvbuf, queued) = unsafe {
-        let base = addr as *const u8;
-        let mut rcvbuf: i32 = 0;
-        let mut psock: u64 = 0;
-        let mut queued: u32 = 0;
-        let _ = bpf_probe_read_kernel(
-            (&mut rcvbuf as *mut i32).cast(),
-            4,
-            base.wrapping_add(off_rcvbuf as usize).cast(),
-        );
-        if bpf_probe_read_kernel(
-            (&mut psock as *mut u64).cast(),
-            8,
-            base.wrapping_add(off_user_data as usize).cast(),
-        ) == 0
-            && psock != 0
-        {
-            let _ = bpf_probe_read_kernel(
-                (&mut queued as *mut u32).cast(),
-                4,
-                (psock as *const u8).wrapping_add(off_len as usize).cast(),
-            );
-        }
-        (rcvbuf, queued)
-    };
+    let (rcvbuf, queued) = socket_queue(addr);
     let floor = QUEUE_LIMIT_FLOOR.load();
     let limit = if rcvbuf > 0 && rcvbuf as u32 > floor { rcvbuf as u32 } else { floor };
     queued > limit

@@ -17,9 +17,9 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, generated::bpf_map_delete_elem},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -29,7 +29,9 @@ use mesh_common::{
     remote_port_host, v4_mapped, Stat,
 };
 
-use crate::maps::{bump, config, FALLBACK, FLOWS, SK_ADDR, SOCKHASH, SOCK_ORIG};
+use crate::maps::{
+    bump, config, queue_check_enabled, socket_queue, FALLBACK, FLOWS, SK_ADDR, SOCKHASH, SOCK_ORIG,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -168,18 +170,59 @@ fn passive_established(ctx: &SockOpsContext) {
 #[inline(always)]
 fn state_changed(ctx: &SockOpsContext) {
     // arg 1 is the new state.
-    if ctx.arg(1) != BPF_TCP_CLOSE {
+    let state = ctx.arg(1);
+    if state != BPF_TCP_CLOSE && state != BPF_TCP_FIN_WAIT1 {
         return;
     }
     let Some((key, _)) = sock_key(ctx) else {
         return;
     };
+    if state == BPF_TCP_FIN_WAIT1 {
+        unpair_on_fin(key);
+        return;
+    }
     // The kernel removes closed sockets from SOCKHASH itself; the flow record is keyed by
     // the client's view, so the client's close removes it.
     let _ = FALLBACK.remove(key);
     let _ = SK_ADDR.remove(key);
     if FLOWS.remove(key).is_ok() {
         bump(Stat::FlowClosed);
+    }
+}
+
+/// This socket sent its FIN (shutdown(SHUT_WR) or close). A socket in a sockmap reads
+/// through `tcp_bpf_recvmsg`, which waits for data once and answers EAGAIN to a blocking
+/// reader when any other event (the ACK of this FIN moving the socket to FIN_WAIT2, send
+/// space freed by ACKs) wakes it. The common "send, half-close, read the answer" pattern
+/// hits exactly that. The socket sends nothing more, so take it out of the sockhash: the
+/// kernel restores the plain TCP receive path, and the peer's later sends fall back to TCP
+/// (its sk_msg finds no peer). Only when nothing waits in the redirect queue: dropping the
+/// psock would discard it. STATE_CB runs with the socket locked, and redirects into this
+/// socket take the same lock, so the queue cannot grow between the check and the delete.
+#[inline(always)]
+fn unpair_on_fin(key: SockKey) {
+    // SAFETY: the value is copied out at once.
+    let Some(addr) = (unsafe { SK_ADDR.get(key) }).copied() else {
+        return;
+    };
+    if !queue_check_enabled() {
+        return;
+    }
+    let (_, queued) = socket_queue(addr);
+    if queued != 0 {
+        bump(Stat::UnpairSkippedQueued);
+        return;
+    }
+    // SAFETY: deleting our own key; sockops may delete from a sockhash.
+    let rc = unsafe {
+        bpf_map_delete_elem(
+            core::ptr::addr_of!(SOCKHASH) as *mut core::ffi::c_void,
+            (&key as *const SockKey).cast(),
+        )
+    };
+    if rc == 0 {
+        let _ = SK_ADDR.remove(key);
+        bump(Stat::UnpairedOnFin);
     }
 }
 
