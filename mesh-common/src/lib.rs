@@ -130,10 +130,11 @@ pub enum Stat {
     MsgPassFallback,
     UnpairedOnFin,
     UnpairSkippedQueued,
+    UnpairedOnFallback,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -158,6 +159,7 @@ impl Stat {
         Stat::MsgPassFallback,
         Stat::UnpairedOnFin,
         Stat::UnpairSkippedQueued,
+        Stat::UnpairedOnFallback,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -185,11 +187,12 @@ impl Stat {
             Stat::MsgPassFallback => "msg_pass_fallback",
             Stat::UnpairedOnFin => "unpaired_on_fin",
             Stat::UnpairSkippedQueued => "unpair_skipped_queued",
+            Stat::UnpairedOnFallback => "unpaired_on_fallback",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::UnpairSkippedQueued as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::UnpairedOnFallback as usize + 1);
 
 /// Extracts the IPv4 address from a v4-mapped IPv6 address (`::ffff:a.b.c.d`), with the
 /// words as the kernel stores them (network order per 32-bit word).

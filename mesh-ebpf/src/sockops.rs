@@ -17,7 +17,9 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1,
     },
     helpers::{bpf_get_socket_cookie, generated::bpf_map_delete_elem},
     macros::sock_ops,
@@ -33,6 +35,11 @@ use crate::maps::{
     bump, config, queue_check_enabled, socket_queue, FALLBACK, FLOWS, SK_ADDR, SOCKHASH, SOCK_ORIG,
 };
 
+/// Callbacks a paired socket needs: state changes (flow cleanup, un-pair on FIN), and TCP
+/// traffic (transmit header-option sizing, RTT samples on ACKs) to notice the fallback.
+const PAIRED_CB_FLAGS: u32 =
+    BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
@@ -42,6 +49,8 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
+        // A paired socket only sends or gets ACKs over TCP once it fell back.
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB | BPF_SOCK_OPS_RTT_CB => on_tcp_traffic(&ctx),
         _ => {}
     }
     0
@@ -128,7 +137,7 @@ fn active_established(ctx: &SockOpsContext) {
     // Accepted race: the flow record is written before this socket is in the sockhash;
     // the peer only pairs when it finds the record, and sk_msg only redirects to a peer
     // that is in the sockhash, so either order is safe.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
     if pair {
         // SAFETY: the context pointer is valid for the program's lifetime.
         if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
@@ -161,7 +170,7 @@ fn passive_established(ctx: &SockOpsContext) {
         // it only labels metrics.
         flow.flags |= flow_flags::SERVER_PAIRED;
         bump(Stat::SockopsServerPaired);
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
     } else {
         bump(Stat::SockhashUpdateFailed);
     }
@@ -178,7 +187,9 @@ fn state_changed(ctx: &SockOpsContext) {
         return;
     };
     if state == BPF_TCP_FIN_WAIT1 {
-        unpair_on_fin(key);
+        if unpair_if_drained(key) {
+            bump(Stat::UnpairedOnFin);
+        }
         return;
     }
     // The kernel removes closed sockets from SOCKHASH itself; the flow record is keyed by
@@ -190,28 +201,47 @@ fn state_changed(ctx: &SockOpsContext) {
     }
 }
 
-/// This socket sent its FIN (shutdown(SHUT_WR) or close). A socket in a sockmap reads
-/// through `tcp_bpf_recvmsg`, which waits for data once and answers EAGAIN to a blocking
-/// reader when any other event (the ACK of this FIN moving the socket to FIN_WAIT2, send
-/// space freed by ACKs) wakes it. The common "send, half-close, read the answer" pattern
-/// hits exactly that. The socket sends nothing more, so take it out of the sockhash: the
-/// kernel restores the plain TCP receive path, and the peer's later sends fall back to TCP
-/// (its sk_msg finds no peer). Only when nothing waits in the redirect queue: dropping the
-/// psock would discard it. STATE_CB runs with the socket locked, and redirects into this
-/// socket take the same lock, so the queue cannot grow between the check and the delete.
+/// TCP traffic on a paired socket: it (or its peer) fell back from the redirect path. Once
+/// its own redirect queue is drained, un-pair it and stop these callbacks.
 #[inline(always)]
-fn unpair_on_fin(key: SockKey) {
-    // SAFETY: the value is copied out at once.
-    let Some(addr) = (unsafe { SK_ADDR.get(key) }).copied() else {
+fn on_tcp_traffic(ctx: &SockOpsContext) {
+    let Some((key, _)) = sock_key(ctx) else {
         return;
     };
-    if !queue_check_enabled() {
+    // SAFETY: only tested for presence.
+    if unsafe { FALLBACK.get(key) }.is_none() {
         return;
+    }
+    if unpair_if_drained(key) {
+        bump(Stat::UnpairedOnFallback);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() & !(BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG)) as i32);
+    }
+}
+
+/// Takes a socket out of the sockhash when nothing waits in its redirect queue.
+///
+/// Why: a socket in a sockmap reads through `tcp_bpf_recvmsg`, which waits for data once
+/// and answers EAGAIN to a *blocking* reader when anything else wakes it: the ACK of its
+/// FIN (FIN_WAIT1 -> FIN_WAIT2), or send space freed by ACKs once it sends over TCP after a
+/// fallback. Out of the sockhash the kernel restores the plain TCP receive path. Only when
+/// the redirect queue is empty: dropping the psock would discard what waits there. Redirects
+/// into this socket take its lock, as does this callback when it runs from the socket's
+/// own syscalls; and the peer stopped redirecting (FALLBACK, or it closed) before we get
+/// here, so the queue cannot grow behind the check. The peer's later sends find no peer
+/// in the sockhash and go over TCP.
+#[inline(always)]
+fn unpair_if_drained(key: SockKey) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(addr) = (unsafe { SK_ADDR.get(key) }).copied() else {
+        return false;
+    };
+    if !queue_check_enabled() {
+        return false;
     }
     let (_, queued) = socket_queue(addr);
     if queued != 0 {
         bump(Stat::UnpairSkippedQueued);
-        return;
+        return false;
     }
     // SAFETY: deleting our own key; sockops may delete from a sockhash.
     let rc = unsafe {
@@ -220,10 +250,11 @@ fn unpair_on_fin(key: SockKey) {
             (&key as *const SockKey).cast(),
         )
     };
-    if rc == 0 {
-        let _ = SK_ADDR.remove(key);
-        bump(Stat::UnpairedOnFin);
+    if rc != 0 {
+        return false;
     }
+    let _ = SK_ADDR.remove(key);
+    true
 }
 
 /// Records the socket's kernel address for the sk_msg back-pressure check. Storing a

@@ -1,1 +1,445 @@
+//! The simulated node: a node is the host network namespace with its own bridge and cgroup
+//! subtree; a pod is a network namespace joined to the bridge by a veth pair, plus a cgroup
+//! folder under the node's; a pod's processes run inside both. Each `SimNode` claims a
+//! unique index (the bridge name is the lock), so tests run in parallel, and removes
+//! everything it made in `Drop`, also when the test fails.
+//!
+//! Names for index N: bridge `mtbrN`, subnet 10.201.N.0/24 (gateway .1 = the node's
+//! address, where the proxy listens), netns `mtN-<pod>`, host veth `mtNv<i>`, cgroup
+//! `<cgroup2>/mesh-test-N`, pins `/sys/fs/bpf/mesh-test-N`, admin port 15100+N.
+#![allow(unsafe_code)]
 
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub fn must_be_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "the end-to-end tests need root (network namespaces, cgroups, bpf): run them with `cargo xtask test` as root");
+}
+
+pub fn sh(cmd: &str) -> Result<String> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().context("spawning sh")?;
+    if !out.status.success() {
+        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> PathBuf {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            pre.split_whitespace().nth(4).map(PathBuf::from)
+        })
+        .expect("no cgroup v2 mount on this machine")
+}
+
+pub fn agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MESH_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mesh-agent");
+    assert!(p.exists(), "{} not found: build it first (`cargo xtask test` does) or set MESH_AGENT_BIN", p.display());
+    p
+}
+
+/// `podtool`, built by cargo next to the test binaries (target/<profile>/podtool).
+pub fn podtool() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join("podtool");
+    assert!(p.exists(), "{} not found: run the tests with cargo (it builds podtool)", p.display());
+    p
+}
+
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.netns)
+    }
+}
+
+pub struct SimNode {
+    pub index: u8,
+    pub bridge: String,
+    pub gateway: Ipv4Addr,
+    pub cgroup: PathBuf,
+    pub pin_path: PathBuf,
+    pub dir: PathBuf,
+    pub admin_port: u16,
+    pub pods: Vec<Pod>,
+    children: Mutex<Vec<Child>>,
+}
+
+impl SimNode {
+    /// Claims a free index and builds the node with no pods yet.
+    pub fn new() -> Result<SimNode> {
+        must_be_root();
+        if !Path::new("/sys/fs/bpf").exists() || sh("stat -f -c %T /sys/fs/bpf")?.trim() != "bpf_fs" {
+            let _ = sh("mount -t bpf bpf /sys/fs/bpf");
+        }
+        for index in 0..=250u8 {
+            let bridge = format!("mtbr{index}");
+            let claimed = Command::new("ip")
+                .args(["link", "add", &bridge, "type", "bridge"])
+                .stderr(Stdio::null())
+                .status()?
+                .success();
+            if !claimed {
+                continue;
+            }
+            let gateway = Ipv4Addr::new(10, 201, index, 1);
+            let node = SimNode {
+                index,
+                bridge: bridge.clone(),
+                gateway,
+                cgroup: cgroup2_root().join(format!("mesh-test-{index}")),
+                pin_path: PathBuf::from(format!("/sys/fs/bpf/mesh-test-{index}")),
+                dir: std::env::temp_dir().join(format!("mesh-test-{index}")),
+                admin_port: 15100 + index as u16,
+                pods: Vec::new(),
+                children: Mutex::new(Vec::new()),
+            };
+            // Leftovers of a killed run with this index (its Drop never ran).
+            let _ = sh(&format!("for ns in $(ip netns list | awk '{{print $1}}' | grep '^mt{index}-'); do ip netns del $ns; done"));
+            // From here on Drop cleans up whatever exists.
+            sh(&format!("ip addr add {gateway}/24 dev {bridge} && ip link set {bridge} up"))?;
+            fs::create_dir_all(&node.cgroup)?;
+            fs::create_dir_all(&node.dir)?;
+            let _ = fs::remove_dir_all(&node.pin_path);
+            return Ok(node);
+        }
+        bail!("no free simulated-node index (bridges mtbr0..mtbr250 all exist: see tests/README.md to clean up)")
+    }
+
+    /// Adds a pod: netns + veth on the bridge + cgroup folder. `host` is the last octet.
+    pub fn add_pod(&mut self, name: &str, host: u8) -> Result<&Pod> {
+        let i = self.pods.len();
+        let netns = format!("mt{}-{name}", self.index);
+        let veth = format!("mt{}v{i}", self.index);
+        let ip = Ipv4Addr::new(10, 201, self.index, host);
+        let cgroup = self.cgroup.join(name);
+        // Record first so Drop removes partial state too.
+        self.pods.push(Pod { name: name.into(), netns: netns.clone(), ip, cgroup: cgroup.clone() });
+        sh(&format!(
+            "ip netns add {netns} && ip link add {veth} type veth peer name eth0 netns {netns} && \
+             ip link set {veth} master {br} up && ip -n {netns} addr add {ip}/24 dev eth0 && \
+             ip -n {netns} link set eth0 up && ip -n {netns} link set lo up && \
+             ip -n {netns} route add default via {gw}",
+            br = self.bridge,
+            gw = self.gateway
+        ))?;
+        fs::create_dir_all(&cgroup)?;
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// A command that runs inside `pod` (its netns and cgroup).
+    pub fn pod_command(&self, pod: &str, program: &Path) -> Command {
+        let p = self.pod(pod);
+        let ns = fs::File::open(p.netns_path()).expect("netns file");
+        let procs = fs::OpenOptions::new().write(true).open(p.cgroup.join("cgroup.procs")).expect("cgroup.procs");
+        let mut cmd = Command::new(program);
+        // SAFETY: only async-signal-safe calls (write, setns) between fork and exec; the
+        // fds are owned by the closure and stay open until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let zero = b"0";
+                if libc::write(procs.as_raw_fd(), zero.as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Starts a long-running `podtool` server in a pod and waits until it listens.
+    pub fn serve(&self, pod: &str, args: &[&str]) -> Result<()> {
+        let mut child = self
+            .pod_command(pod, &podtool())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut out = child.stdout.take().expect("stdout");
+        let mut buf = [0u8; 10];
+        out.read_exact(&mut buf).context("server did not start")?;
+        self.children.lock().unwrap().push(child);
+        Ok(())
+    }
+
+    /// Runs a `podtool` client in a pod and parses its JSON line.
+    pub fn client(&self, pod: &str, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self
+            .pod_command(pod, &podtool())
+            .args(args)
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            bail!("podtool {args:?} in {pod} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).with_context(|| format!("podtool output: {text}"))
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("mesh.yaml")
+    }
+
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        // Write-then-rename so the agent never reads half a file.
+        let tmp = self.dir.join("mesh.yaml.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    /// The standard agent command line for this node.
+    pub fn agent_command(&self, extra: &[&str]) -> Command {
+        let procs = fs::OpenOptions::new().write(true).open(self.cgroup.join("cgroup.procs")).expect("cgroup.procs");
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--proxy-address")
+            .arg(format!("{}:15001", self.gateway))
+            .arg("--admin-address")
+            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .arg("--reload-interval-ms")
+            .arg("100")
+            .args(extra)
+            .env("MESH_LOG", "info");
+        // The agent must sit in the node's cgroup: sockops sees the proxy's sockets only
+        // there (on a real node the programs attach at the cgroup root).
+        // SAFETY: only write(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Starts the agent and waits for /ready.
+    pub fn start_agent(&self, extra: &[&str]) -> Result<Agent> {
+        let log = self.dir.join("agent.log");
+        let child = self
+            .agent_command(extra)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        let mut agent = Agent { child: Some(child), admin_port: self.admin_port, log, pin_path: self.pin_path.clone() };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(body) = agent.get("/ready") {
+                if body.starts_with("ready") {
+                    return Ok(agent);
+                }
+            }
+            if let Some(st) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent exited ({st}) before ready:\n{}", agent.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 20s:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Programs attached to the node cgroup, as bpftool sees them.
+    pub fn cgroup_programs(&self) -> Result<Vec<String>> {
+        let out = sh(&format!("bpftool cgroup show {} -j", self.cgroup.display()))?;
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
+        Ok(v.as_array()
+            .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default())
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        for c in self.children.lock().unwrap().iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Anything else left in our cgroups (agents started by hand in a test).
+        for cg in self.pods.iter().map(|p| p.cgroup.clone()).chain([self.cgroup.clone()]) {
+            if let Ok(pids) = fs::read_to_string(cg.join("cgroup.procs")) {
+                for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        for p in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
+            for _ in 0..50 {
+                if fs::remove_dir(&p.cgroup).is_ok() || !p.cgroup.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+        for _ in 0..50 {
+            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(rd) = fs::read_dir(&self.pin_path) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.pin_path);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub admin_port: u16,
+    pub log: PathBuf,
+    pub pin_path: PathBuf,
+}
+
+impl Agent {
+    pub fn get(&self, path: &str) -> Result<String> {
+        http_get(self.admin_port, path)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `mesh_datapath_events_total{event=...}` from /metrics.
+    pub fn event(&self, event: &str) -> u64 {
+        let m = self.get("/metrics").unwrap_or_default();
+        metric(&m, "mesh_datapath_events_total", &[("event", event)])
+    }
+
+    /// SIGTERM, wait; returns the exit status and the log.
+    pub fn stop(&mut self) -> (Option<i32>, String) {
+        let Some(mut c) = self.child.take() else { return (None, self.log_text()) };
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                break st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                break c.wait().ok().and_then(|s| s.code());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, self.log_text())
+    }
+
+    /// Runs an inspection subcommand against this agent's pins.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .output()
+            .expect("run mesh-agent")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
+}
+
+/// Sum of the samples of `name` whose labels include every `(k, v)`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Rules in the host's and the given namespaces' iptables and nftables rulesets.
+pub fn firewall_rules(netns: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut check = |prefix: &str| {
+        if let Ok(out) = sh(&format!("{prefix} iptables-save 2>/dev/null")) {
+            found.extend(out.lines().filter(|l| l.starts_with("-A")).map(|l| format!("{prefix} iptables: {l}")));
+        }
+        if let Ok(out) = sh(&format!("{prefix} nft list ruleset 2>/dev/null")) {
+            found.extend(out.lines().filter(|l| l.trim_start().starts_with("table")).map(|l| format!("{prefix} nft: {l}")));
+        }
+    };
+    check("");
+    for ns in netns {
+        check(&format!("ip netns exec {ns}"));
+    }
+    found
+}
+
+/// Waits until `f` returns true (polling), or fails with `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

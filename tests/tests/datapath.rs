@@ -1,0 +1,236 @@
+//! End-to-end datapath tests on a simulated node: real eBPF programs attached to a real
+//! cgroup, real TCP between network namespaces, the real agent binary.
+
+use std::time::Duration;
+
+use mesh_tests::{firewall_rules, metric, wait_for, SimNode};
+
+const MIB: u64 = 1 << 20;
+
+/// Namespaces: `shop` enrolled (client, opted-out `batch`), `backend` (server, server6)
+/// with the given mode, `legacy` not enrolled.
+fn node(backend_mode: &str) -> SimNode {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("server", 3).unwrap();
+    n.add_pod("batch", 4).unwrap();
+    n.add_pod("legacy", 5).unwrap();
+    n.write_config(&config(&n, backend_mode, true)).unwrap();
+    n
+}
+
+fn config(n: &SimNode, backend_mode: &str, shop_enrolled: bool) -> String {
+    let label = if shop_enrolled { "{ mesh-agent.io/dataplane-mode: ambient }" } else { "{}" };
+    let p = |name: &str| n.pod(name);
+    format!(
+        "namespaces:\n  - name: shop\n    labels: {label}\n  - name: backend\n    mode: {backend_mode}\n  - name: legacy\n\
+         workloads:\n\
+         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {} }}\n\
+         \x20 - {{ name: batch, namespace: shop, ip: {}, netns: {}, labels: {{ mesh-agent.io/dataplane-mode: none }} }}\n\
+         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {} }}\n\
+         \x20 - {{ name: legacy, namespace: legacy, ip: {}, netns: {} }}\n",
+        p("client").ip,
+        p("client").netns_path(),
+        p("batch").ip,
+        p("batch").netns_path(),
+        p("server").ip,
+        p("server").netns_path(),
+        p("legacy").ip,
+        p("legacy").netns_path(),
+    )
+}
+
+fn proxied_conns(metrics: &str, dst: &str) -> u64 {
+    metric(metrics, "mesh_tcp_connections_opened_total", &[("destination_address", dst)])
+}
+
+fn assert_intact(r: &serde_json::Value, bytes: u64) {
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(r["intact"], r["conns"], "{r}");
+    assert_eq!(r["received"].as_u64().unwrap(), bytes * r["conns"].as_u64().unwrap(), "{r}");
+    assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
+}
+
+#[test]
+fn proxied_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules() {
+    let n = node("proxied");
+    let rules_before = firewall_rules(&[]);
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    let redirected = agent.event("msg_redirected_bytes");
+
+    let r = n.client("client", &["echo-client", "--to", &dst, "--bytes", &(16 * MIB).to_string()]).unwrap();
+    assert_intact(&r, 16 * MIB);
+
+    let m = agent.get("/metrics").unwrap();
+    let labels = [
+        ("source_workload", "shop/client"),
+        ("destination_address", dst.as_str()),
+        ("destination_workload", "backend/server"),
+        ("skmsg", "true"),
+    ];
+    assert_eq!(metric(&m, "mesh_tcp_connections_opened_total", &labels), 1, "{m}");
+    assert!(metric(&m, "mesh_tcp_received_bytes_total", &labels) >= 16 * MIB, "{m}");
+    assert!(metric(&m, "mesh_tcp_sent_bytes_total", &labels) >= 16 * MIB, "{m}");
+    // The app <-> proxy leg went socket to socket (all of it, unless the redirect queue
+    // filled and the flow fell back to TCP for the rest: msg_pass_backpressure).
+    assert!(agent.event("msg_redirected_bytes") > redirected, "{m}");
+    wait_for("connection close", Duration::from_secs(5), || {
+        metric(&agent.get("/metrics").unwrap(), "mesh_tcp_connections_closed_total", &labels) == 1
+    });
+
+    let ns: Vec<&str> = n.pods.iter().map(|p| p.netns.as_str()).collect();
+    assert_eq!(firewall_rules(&ns), rules_before, "the datapath must not add iptables/nftables rules");
+}
+
+#[test]
+fn direct_mode_skips_the_proxy_and_pairs_the_pods() {
+    let n = node("direct");
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    let (direct, paired, redirected) =
+        (agent.event("connect_direct"), agent.event("sockops_server_paired"), agent.event("msg_redirected_bytes"));
+
+    let r = n.client("client", &["echo-client", "--to", &dst, "--bytes", &(16 * MIB).to_string()]).unwrap();
+    assert_intact(&r, 16 * MIB);
+
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(proxied_conns(&m, &dst), 0, "the proxy must not see a direct flow:\n{m}");
+    assert_eq!(agent.event("connect_direct") - direct, 1);
+    assert_eq!(agent.event("sockops_server_paired") - paired, 1);
+    assert!(agent.event("msg_redirected_bytes") > redirected);
+}
+
+#[test]
+fn unenrolled_namespace_and_opted_out_pod_are_not_captured() {
+    let n = node("proxied");
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    let before = agent.event("connect_not_enrolled");
+    for pod in ["legacy", "batch"] {
+        let r = n.client(pod, &["echo-client", "--to", &dst, "--bytes", "65536"]).unwrap();
+        assert_intact(&r, 65536);
+    }
+    assert_eq!(agent.event("connect_not_enrolled") - before, 2);
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
+    // The enrolled pod next to them is captured.
+    n.client("client", &["echo-client", "--to", &dst, "--bytes", "65536"]).unwrap();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+}
+
+#[test]
+fn enrolment_changes_apply_to_new_connections_without_restart() {
+    let n = node("proxied");
+    n.write_config(&config(&n, "proxied", false)).unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    let send = || n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"]).unwrap();
+    let enrolled = || agent.get("/metrics").map(|m| metric(&m, "mesh_workloads_enrolled", &[])).unwrap_or(0);
+
+    send();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
+
+    n.write_config(&config(&n, "proxied", true)).unwrap();
+    wait_for("enrolment", Duration::from_secs(10), || enrolled() == 1);
+    send();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+
+    n.write_config(&config(&n, "proxied", false)).unwrap();
+    wait_for("release", Duration::from_secs(10), || enrolled() == 0);
+    send();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+
+    // A broken edit is refused and the last good configuration stays.
+    std::fs::write(n.config_path(), "namespaces: [oops\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    send();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+    assert!(agent.log_text().contains("enrolment file rejected"), "{}", agent.log_text());
+}
+
+#[test]
+fn a_thousand_concurrent_connections_complete_intact() {
+    let n = node("proxied");
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    let r = n.client("client", &["echo-client", "--to", &dst, "--bytes", "16384", "--conns", "1000"]).unwrap();
+    assert_intact(&r, 16384);
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1000);
+}
+
+fn slow_reader(mode: &str) {
+    let n = node(mode);
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:9000", n.pod("server").ip);
+    n.serve("server", &["sink", "--listen", "0.0.0.0:9000", "--delay-us", "300"]).unwrap();
+    let bytes = 32 * MIB;
+    let r = n.client("client", &["sink-client", "--to", &dst, "--bytes", &bytes.to_string()]).unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "no write may fail and no read may return EAGAIN: {r}");
+    assert_eq!(r["received_by_reader"].as_u64().unwrap(), bytes, "{r}");
+    assert_eq!(r["sha_sent"], r["sha_reader"], "{r}");
+    // The redirect queue filled and the flow went back to TCP's own back-pressure.
+    assert!(agent.event("msg_pass_backpressure") >= 1, "{}", agent.get("/metrics").unwrap());
+}
+
+#[test]
+fn fast_sender_into_slow_reader_direct() {
+    slow_reader("direct");
+}
+
+#[test]
+fn fast_sender_into_slow_reader_proxied() {
+    slow_reader("proxied");
+}
+
+#[test]
+fn dual_stack_sockets_are_captured_and_short_circuited() {
+    for mode in ["proxied", "direct"] {
+        let n = node(mode);
+        let agent = n.start_agent(&[]).unwrap();
+        n.serve("server", &["echo", "--listen", "[::]:8080"]).unwrap();
+        let (paired, redirected) = (agent.event("sockops_server_paired"), agent.event("msg_redirected_bytes"));
+        // A v6 client socket to the v4-mapped address, to a dual-stack listener.
+        let to = format!("[::ffff:{}]:8080", n.pod("server").ip);
+        let r = n.client("client", &["echo-client", "--to", &to, "--bytes", &MIB.to_string()]).unwrap();
+        assert_intact(&r, MIB);
+        assert_eq!(agent.event("sockops_server_paired") - paired, 1, "{mode}");
+        assert!(agent.event("msg_redirected_bytes") > redirected, "{mode}");
+        let proxied = proxied_conns(&agent.get("/metrics").unwrap(), &format!("{}:8080", n.pod("server").ip));
+        assert_eq!(proxied, u64::from(mode == "proxied"), "{mode}");
+    }
+}
+
+#[test]
+fn reset_from_the_server_reaches_the_client_as_reset() {
+    let n = node("proxied");
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:7000", n.pod("server").ip);
+    n.serve("server", &["reset", "--listen", "0.0.0.0:7000"]).unwrap();
+    let r = n.client("client", &["reset-client", "--to", &dst]).unwrap();
+    assert_eq!(r["outcome"], "ECONNRESET", "{r}");
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+    // And a refused upstream connect resets the client too.
+    let r = n.client("client", &["reset-client", "--to", &format!("{}:7999", n.pod("server").ip)]).unwrap();
+    assert_eq!(r["outcome"], "ECONNRESET", "{r}");
+}
+
+#[test]
+fn bypass_switch_sends_new_connections_direct() {
+    let n = node("proxied");
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    let out = agent.cli(&["bypass", "on"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"]).unwrap();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
+    assert_eq!(agent.event("connect_bypass"), 1);
+    assert!(agent.cli(&["bypass", "off"]).status.success());
+    n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"]).unwrap();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+}

@@ -1,0 +1,188 @@
+//! Start-up failures, the node lock, clean shutdown, and the inspection CLI.
+#![allow(unsafe_code)] // setuid(2) in a pre_exec hook, to run the agent as nobody.
+
+use std::{process::Stdio, time::Duration};
+
+use mesh_tests::{agent_bin, sh, SimNode};
+
+fn simple_node() -> SimNode {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("server", 3).unwrap();
+    let (c, s) = (n.pod("client"), n.pod("server"));
+    let yaml = format!(
+        "namespaces:\n  - name: shop\n    labels: {{ mesh-agent.io/dataplane-mode: ambient }}\n  - name: backend\n\
+         workloads:\n  - {{ name: client, namespace: shop, ip: {}, netns: {} }}\n  - {{ name: server, namespace: backend, ip: {}, netns: {} }}\n",
+        c.ip,
+        c.netns_path(),
+        s.ip,
+        s.netns_path()
+    );
+    n.write_config(&yaml).unwrap();
+    n
+}
+
+/// Runs the agent to completion (it must fail) and returns its stderr.
+fn run_failing(n: &SimNode, wrap: Option<&str>, extra: &[&str]) -> String {
+    let out = match wrap {
+        None => n.agent_command(extra).stdin(Stdio::null()).output().unwrap(),
+        Some(shell) => {
+            let cmd = n.agent_command(extra);
+            let args: Vec<String> = std::iter::once(cmd.get_program())
+                .chain(cmd.get_args())
+                .map(|a| format!("'{}'", a.to_string_lossy()))
+                .collect();
+            let script = format!("{shell} {}", args.join(" "));
+            // unshare -m: a private mount namespace, so the test can hide kernel features
+            // from the agent without touching the machine.
+            std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]).output().unwrap()
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "agent should fail with exit 1:\n{err}");
+    let last = err.lines().filter(|l| l.starts_with("mesh-agent: error:")).collect::<Vec<_>>();
+    assert_eq!(last.len(), 1, "exactly one error line:\n{err}");
+    // Nothing half-attached, no pins left.
+    assert_eq!(n.cgroup_programs().unwrap(), Vec::<String>::new());
+    assert!(!n.pin_path.exists() || std::fs::read_dir(&n.pin_path).unwrap().next().is_none());
+    last[0].to_owned()
+}
+
+#[test]
+fn malformed_config_names_file_line_and_field() {
+    let n = simple_node();
+    let good = std::fs::read_to_string(n.config_path()).unwrap();
+    std::fs::write(n.config_path(), good.replace("ip: 10.201", "ip: 10.301")).unwrap();
+    let e = run_failing(&n, None, &[]);
+    assert!(e.contains(&n.config_path().display().to_string()), "{e}");
+    assert!(e.contains("workloads[0].ip") && e.contains("line 6"), "{e}");
+    std::fs::write(n.config_path(), good.replace("namespace: backend", "namespace: nowhere")).unwrap();
+    let e = run_failing(&n, None, &[]);
+    assert!(e.contains("mesh.yaml:7:") && e.contains("\"nowhere\""), "{e}");
+}
+
+#[test]
+fn not_root_is_refused() {
+    let n = simple_node();
+    let mut cmd = n.agent_command(&[]);
+    // SAFETY: setuid(2) only, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("must run as root"), "{err}");
+}
+
+#[test]
+fn missing_kernel_features_are_named() {
+    let n = simple_node();
+    let e = run_failing(&n, Some("mount -t tmpfs none /sys/kernel/btf && exec"), &[]);
+    assert!(e.contains("kernel BTF"), "{e}");
+    let e = run_failing(&n, None, &["--cgroup", "/tmp"]);
+    assert!(e.contains("is not a cgroup v2 folder"), "{e}");
+    // No cgroup2 mounted at all (and no --cgroup): the agent finds none in mountinfo.
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "umount -l {} && exec '{}' run --config '{}' --pin-path '{}' --proxy-address 127.0.0.1:1",
+            mesh_tests::cgroup2_root().display(),
+            agent_bin().display(),
+            n.config_path().display(),
+            n.pin_path.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no cgroup v2 filesystem is mounted"), "{err}");
+    // bpffs: a pin path that is not on one, and a /sys/fs/bpf that cannot be mounted.
+    let e = run_failing(&n, None, &["--pin-path", "/tmp/mesh-not-bpffs/mesh"]);
+    assert!(e.contains("is not on a bpffs"), "{e}");
+    let e = run_failing(
+        &n,
+        Some("umount -l /sys/fs/bpf 2>/dev/null; mount -t tmpfs none /sys/fs/bpf && exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin"),
+        &["--pin-path", "/sys/fs/bpf/mesh-x"],
+    );
+    assert!(e.contains("bpffs is not mounted at /sys/fs/bpf and mounting it failed"), "{e}");
+}
+
+#[test]
+fn second_agent_on_the_node_is_refused_and_stop_cleans_up() {
+    let n = simple_node();
+    let mut first = n.start_agent(&[]).unwrap();
+    let attached = n.cgroup_programs().unwrap();
+    assert_eq!(attached.len(), 4, "connect4, connect6, sockops (+ nothing else): {attached:?}");
+
+    let mut cmd = n.agent_command(&["--admin-address", "127.0.0.1:0"]);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another mesh-agent already runs on this node"), "{err}");
+    assert_eq!(n.cgroup_programs().unwrap(), attached, "the refused agent must not attach anything");
+    assert!(first.get("/ready").is_ok(), "the first agent keeps running");
+
+    let (code, log) = first.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("programs detached, pins removed"), "{log}");
+    assert_eq!(n.cgroup_programs().unwrap(), Vec::<String>::new());
+    assert!(!n.pin_path.exists(), "pins must be removed on stop");
+}
+
+#[test]
+fn inspection_cli_lists_and_decodes() {
+    let n = simple_node();
+    let agent = n.start_agent(&[]).unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+
+    let progs = agent.cli(&["programs", "-o", "json"]);
+    let progs: serde_json::Value = serde_json::from_slice(&progs.stdout).unwrap();
+    let names: Vec<&str> = progs.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    for want in ["mesh_connect4", "mesh_connect6", "mesh_sockops", "mesh_sk_msg"] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+    let links = String::from_utf8(agent.cli(&["links"]).stdout).unwrap();
+    assert!(links.contains("mesh_sockops") && links.contains("prog_attach(SOCKHASH)"), "{links}");
+    let maps = String::from_utf8(agent.cli(&["maps"]).stdout).unwrap();
+    for m in ["WORKLOADS", "FLOWS", "SOCKHASH", "STATS", "CONFIG"] {
+        assert!(maps.contains(m), "{maps}");
+    }
+
+    let dests: serde_json::Value = serde_json::from_slice(&agent.cli(&["dump", "DESTS", "-o", "json"]).stdout).unwrap();
+    let server_ip = n.pod("server").ip.to_string();
+    assert!(dests.as_array().unwrap().iter().any(|d| d["ip"] == server_ip.as_str()), "{dests}");
+    let cfg = String::from_utf8(agent.cli(&["dump", "CONFIG"]).stdout).unwrap();
+    assert!(cfg.contains(&format!("{}:15001", n.gateway)) && cfg.contains("proxy_ready"), "{cfg}");
+
+    // Keep a captured connection open and find it decoded in FLOWS and SOCKHASH.
+    let mut conn = n
+        .pod_command("client", &mesh_tests::podtool())
+        .args(["ping", "--to", &format!("{server_ip}:8080"), "--count", "200000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    mesh_tests::wait_for("a flow", Duration::from_secs(5), || {
+        let flows: serde_json::Value =
+            serde_json::from_slice(&agent.cli(&["dump", "FLOWS", "-o", "json"]).stdout).unwrap_or_default();
+        flows.as_array().is_some_and(|a| {
+            a.iter().any(|f| f["original_dst"] == format!("{server_ip}:8080").as_str() && f["flags"].as_str().unwrap_or("").contains("server_paired"))
+        })
+    });
+    let sockhash = String::from_utf8(agent.cli(&["dump", "SOCKHASH"]).stdout).unwrap();
+    assert!(sockhash.contains(&format!("{}:15001", n.gateway)), "{sockhash}");
+    // bpftool reads the pinned maps with their BTF field names.
+    let raw = sh(&format!("bpftool map dump pinned {}/FLOWS", n.pin_path.display())).unwrap();
+    assert!(raw.contains("\"orig_ip4\"") && raw.contains("\"local_port\""), "{raw}");
+    let _ = conn.kill();
+    let _ = conn.wait();
+
+    let bad = agent.cli(&["dump", "NOPE"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown map \"NOPE\""));
+}
