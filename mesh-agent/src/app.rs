@@ -32,11 +32,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config_json = serde_json::to_string_pretty(&args).unwrap_or_default();
     info!(config = %config_json.replace('\n', ""), "starting");
 
-    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let admin_listener = control
-        .block_on(tokio::net::TcpListener::bind(args.admin_address))
-        .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
-
+    // The node lock is taken first, so a second agent is told so before anything else.
     let datapath = Datapath::load(&LoadOptions {
         pin_path: &args.pin_path,
         cgroup: &cgroup,
@@ -44,6 +40,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         skmsg: args.skmsg,
         queue_floor: args.skmsg_queue_floor,
     })?;
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let admin_listener = control
+        .block_on(tokio::net::TcpListener::bind(args.admin_address))
+        .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
     let readiness = Readiness::new(&[READY_BPF, READY_MAPS, READY_PROXY]);
     readiness.set(READY_BPF);
     // Maps are shared with the proxy thread; the Datapath (links, pins) stays here and is

@@ -227,21 +227,22 @@ impl SimNode {
     pub fn agent_command(&self, extra: &[&str]) -> Command {
         let procs = fs::OpenOptions::new().write(true).open(self.cgroup.join("cgroup.procs")).expect("cgroup.procs");
         let mut cmd = Command::new(agent_bin());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(self.config_path())
-            .arg("--pin-path")
-            .arg(&self.pin_path)
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .arg("--proxy-address")
-            .arg(format!("{}:15001", self.gateway))
-            .arg("--admin-address")
-            .arg(format!("127.0.0.1:{}", self.admin_port))
-            .arg("--reload-interval-ms")
-            .arg("100")
-            .args(extra)
-            .env("MESH_LOG", "info");
+        cmd.arg("run");
+        let defaults = [
+            ("--config", self.config_path().display().to_string()),
+            ("--pin-path", self.pin_path.display().to_string()),
+            ("--cgroup", self.cgroup.display().to_string()),
+            ("--proxy-address", format!("{}:15001", self.gateway)),
+            ("--admin-address", format!("127.0.0.1:{}", self.admin_port)),
+            ("--reload-interval-ms", "100".to_owned()),
+        ];
+        for (flag, value) in defaults {
+            // A flag given in `extra` replaces the default.
+            if !extra.contains(&flag) {
+                cmd.arg(flag).arg(value);
+            }
+        }
+        cmd.args(extra).env("MESH_LOG", "info");
         // The agent must sit in the node's cgroup: sockops sees the proxy's sockets only
         // there (on a real node the programs attach at the cgroup root).
         // SAFETY: only write(2) between fork and exec.
