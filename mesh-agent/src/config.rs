@@ -18,7 +18,7 @@ pub const DEFAULT_PROXY_ADDRESS: &str = "0.0.0.0:15001";
 /// How often the enrolment file is checked for changes (milliseconds).
 pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 500;
 /// Floor of the per-socket limit of bytes queued by sk_msg redirects (bytes).
-pub const DEFAULT_SKMSG_QUEUE_FLOOR: u32 = 256 * 1024;
+pub const DEFAULT_SKMSG_QUEUE_FLOOR: u32 = 4 * 1024 * 1024;
 /// How long SIGTERM waits for proxied connections to finish (milliseconds).
 pub const DEFAULT_DRAIN_MS: u64 = 5000;
 

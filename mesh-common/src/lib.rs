@@ -20,8 +20,10 @@ pub mod map_names {
     pub const FLOWS: &str = "FLOWS";
     pub const SOCKHASH: &str = "SOCKHASH";
     pub const STATS: &str = "STATS";
-    pub const ALL: [&str; 8] = [
-        WORKLOADS, DESTS, CONFIG, EXCLUDES, SOCK_ORIG, FLOWS, SOCKHASH, STATS,
+    pub const FALLBACK: &str = "FALLBACK";
+    pub const SK_ADDR: &str = "SK_ADDR";
+    pub const ALL: [&str; 10] = [
+        WORKLOADS, DESTS, CONFIG, EXCLUDES, SOCK_ORIG, FLOWS, SOCKHASH, STATS, FALLBACK, SK_ADDR,
     ];
 }
 

@@ -68,7 +68,7 @@ pub static OFF_PSOCK_MSG_TOT_LEN: Global<u32> = Global::new(0);
 /// Floor for the per-socket limit of bytes queued by redirects (bytes); the limit is
 /// max(peer's SO_RCVBUF, this).
 #[unsafe(no_mangle)]
-pub static QUEUE_LIMIT_FLOOR: Global<u32> = Global::new(262_144);
+pub static QUEUE_LIMIT_FLOOR: Global<u32> = Global::new(4 << 20);
 
 #[inline(always)]
 pub fn bump(stat: Stat) {
