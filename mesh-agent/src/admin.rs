@@ -24,13 +24,21 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(guards: &[&'static str]) -> Arc<Self> {
-        Arc::new(Readiness { pending: Mutex::new(guards.to_vec()) })
+        Arc::new(Readiness {
+            pending: Mutex::new(guards.to_vec()),
+        })
     }
     pub fn set(&self, guard: &'static str) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|g| *g != guard);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|g| *g != guard);
     }
     pub fn missing(&self) -> Vec<&'static str> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -96,16 +104,28 @@ impl Admin {
         let mut parts = line.split(' ');
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         if method != "GET" {
-            return ("405 Method Not Allowed", "text/plain", "only GET is served\n".into());
+            return (
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET is served\n".into(),
+            );
         }
         match path.split('?').next().unwrap_or("") {
-            "/metrics" => ("200 OK", "text/plain; version=0.0.4", self.metrics.render(&self.maps.stats())),
+            "/metrics" => (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                self.metrics.render(&self.maps.stats()),
+            ),
             "/ready" => {
                 let missing = self.readiness.missing();
                 if missing.is_empty() {
                     ("200 OK", "text/plain", "ready\n".into())
                 } else {
-                    ("503 Service Unavailable", "text/plain", format!("not ready: {}\n", missing.join(", ")))
+                    (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("not ready: {}\n", missing.join(", ")),
+                    )
                 }
             }
             "/config" => ("200 OK", "application/json", self.config_json.clone()),
@@ -114,7 +134,11 @@ impl Admin {
                 "application/json",
                 serde_json::to_string_pretty(&**self.snapshot.borrow()).unwrap_or_default(),
             ),
-            _ => ("404 Not Found", "text/plain", "try /metrics, /ready, /config, /workloads\n".into()),
+            _ => (
+                "404 Not Found",
+                "text/plain",
+                "try /metrics, /ready, /config, /workloads\n".into(),
+            ),
         }
     }
 }

@@ -40,7 +40,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         skmsg: args.skmsg,
         queue_floor: args.skmsg_queue_floor,
     })?;
-    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let admin_listener = control
         .block_on(tokio::net::TcpListener::bind(args.admin_address))
         .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
@@ -55,9 +57,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let snapshot = Snapshot::from_file(&file);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot));
     let mut syncer = MapSyncer::new(maps.clone(), registry.clone());
-    syncer.apply(&snap_rx.borrow()).context("writing the enrolment maps")?;
-    metrics.enrolled_workloads.store(snap_rx.borrow().workloads.iter().filter(|w| w.enrolled).count() as u64, std::sync::atomic::Ordering::Relaxed);
-    metrics.unresolved_workloads.store(syncer.unresolved as u64, std::sync::atomic::Ordering::Relaxed);
+    syncer
+        .apply(&snap_rx.borrow())
+        .context("writing the enrolment maps")?;
+    metrics.enrolled_workloads.store(
+        snap_rx
+            .borrow()
+            .workloads
+            .iter()
+            .filter(|w| w.enrolled)
+            .count() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    metrics.unresolved_workloads.store(
+        syncer.unresolved as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     readiness.set(READY_MAPS);
 
     // The proxy runtime.
@@ -67,12 +82,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .thread_name("mesh-proxy")
         .enable_all()
         .build()?;
-    let outbound = Arc::new(
-        proxy_rt.block_on(Outbound::bind(args.proxy_address.into(), maps.clone(), metrics.clone(), registry.clone()))?,
-    );
+    let outbound = Arc::new(proxy_rt.block_on(Outbound::bind(
+        args.proxy_address.into(),
+        maps.clone(),
+        metrics.clone(),
+        registry.clone(),
+    ))?);
     let drain = outbound.drain.clone();
-    proxy_rt.spawn(outbound.serve(stop_rx).instrument(tracing::info_span!("outbound")));
-    maps.set_config(|c| c.flags |= cfg_flags::PROXY_READY).context("marking the proxy ready")?;
+    proxy_rt.spawn(
+        outbound
+            .serve(stop_rx)
+            .instrument(tracing::info_span!("outbound")),
+    );
+    maps.set_config(|c| c.flags |= cfg_flags::PROXY_READY)
+        .context("marking the proxy ready")?;
     readiness.set(READY_PROXY);
 
     let admin = Arc::new(Admin {
@@ -84,10 +107,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     });
 
     control.block_on(async {
-        tokio::spawn(admin.serve(admin_listener).instrument(tracing::info_span!("admin")));
         tokio::spawn(
-            workload::watch_file(args.config.clone(), Duration::from_millis(args.reload_interval_ms), snap_tx)
-                .instrument(tracing::info_span!("enrolment")),
+            admin
+                .serve(admin_listener)
+                .instrument(tracing::info_span!("admin")),
+        );
+        tokio::spawn(
+            workload::watch_file(
+                args.config.clone(),
+                Duration::from_millis(args.reload_interval_ms),
+                snap_tx,
+            )
+            .instrument(tracing::info_span!("enrolment")),
         );
         let mut rx = snap_rx.clone();
         let sync = async {
@@ -96,8 +127,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Err(e) = syncer.apply(&snap) {
                     error!(error = %e, "writing the enrolment maps failed");
                 }
-                metrics.enrolled_workloads.store(snap.workloads.iter().filter(|w| w.enrolled).count() as u64, std::sync::atomic::Ordering::Relaxed);
-                metrics.unresolved_workloads.store(syncer.unresolved as u64, std::sync::atomic::Ordering::Relaxed);
+                metrics.enrolled_workloads.store(
+                    snap.workloads.iter().filter(|w| w.enrolled).count() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                metrics.unresolved_workloads.store(
+                    syncer.unresolved as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
         }
         .instrument(tracing::info_span!("map_sync"));
@@ -115,7 +152,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let left = proxy_rt.block_on(drain.wait(Duration::from_millis(args.drain_ms)));
     if left > 0 {
-        warn!(connections = left, "drain deadline passed; closing the remaining proxied connections");
+        warn!(
+            connections = left,
+            "drain deadline passed; closing the remaining proxied connections"
+        );
     }
     proxy_rt.shutdown_timeout(Duration::from_millis(200));
     drop(maps);

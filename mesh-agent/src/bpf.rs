@@ -49,11 +49,21 @@ pub enum BpfError {
     #[error("loading the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("{what}")]
-    Program { what: String, source: aya::programs::ProgramError },
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("pinning map {name} at {path}: {source}")]
-    Pin { name: String, path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        name: String,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BpfError {
@@ -95,15 +105,25 @@ pub fn preflight(pin_path: &Path, cgroup: Option<&Path>) -> Result<PathBuf, BpfE
     match sys::fs_magic(&cgroup) {
         Ok(sys::CGROUP2_SUPER_MAGIC) => {}
         Ok(_) => {
-            return Err(BpfError::Kernel(format!("{} is not a cgroup v2 folder", cgroup.display())))
+            return Err(BpfError::Kernel(format!(
+                "{} is not a cgroup v2 folder",
+                cgroup.display()
+            )))
         }
-        Err(e) => return Err(BpfError::Kernel(format!("cgroup {}: {e}", cgroup.display()))),
+        Err(e) => {
+            return Err(BpfError::Kernel(format!(
+                "cgroup {}: {e}",
+                cgroup.display()
+            )))
+        }
     }
     let parent = pin_path.parent().unwrap_or(Path::new("/"));
     if sys::fs_magic(parent).ok() != Some(sys::BPF_FS_MAGIC) {
         if parent == Path::new("/sys/fs/bpf") {
             sys::mount_bpffs(parent).map_err(|e| {
-                BpfError::Kernel(format!("bpffs is not mounted at /sys/fs/bpf and mounting it failed: {e}"))
+                BpfError::Kernel(format!(
+                    "bpffs is not mounted at /sys/fs/bpf and mounting it failed: {e}"
+                ))
             })?;
             info!("mounted bpffs at /sys/fs/bpf");
         } else {
@@ -152,15 +172,22 @@ struct PinDir {
 
 impl PinDir {
     fn take(path: &Path) -> Result<PinDir, BpfError> {
-        std::fs::create_dir_all(path).map_err(io_err(format!("creating pin folder {}", path.display())))?;
+        std::fs::create_dir_all(path)
+            .map_err(io_err(format!("creating pin folder {}", path.display())))?;
         let lock = sys::lock_dir(path).map_err(|e| {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 BpfError::AlreadyRunning(path.to_owned())
             } else {
-                BpfError::Io { what: format!("locking {}", path.display()), source: e }
+                BpfError::Io {
+                    what: format!("locking {}", path.display()),
+                    source: e,
+                }
             }
         })?;
-        let dir = PinDir { path: path.to_owned(), _lock: lock };
+        let dir = PinDir {
+            path: path.to_owned(),
+            _lock: lock,
+        };
         // Pins left by an agent that was killed: nobody holds the lock, so they are stale.
         let stale = dir.clear();
         if stale > 0 {
@@ -194,7 +221,11 @@ fn queue_offsets() -> (u32, u32, u32) {
     let resolve = || -> Result<(u32, u32, u32), String> {
         let btf = btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
         let get = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
-        Ok((get("sock", "sk_user_data")?, get("sock", "sk_rcvbuf")?, get("sk_psock", "msg_tot_len")?))
+        Ok((
+            get("sock", "sk_user_data")?,
+            get("sock", "sk_rcvbuf")?,
+            get("sk_psock", "msg_tot_len")?,
+        ))
     };
     resolve().unwrap_or_else(|e| {
         warn!(error = %e, "sk_msg back-pressure check disabled: this kernel does not expose the queue length (needs 6.9+)");
@@ -232,10 +263,15 @@ impl Datapath {
                 continue;
             }
             let path = o.pin_path.join(name);
-            map.pin(&path).map_err(|source| BpfError::Pin { name: name.to_owned(), path, source })?;
+            map.pin(&path).map_err(|source| BpfError::Pin {
+                name: name.to_owned(),
+                path,
+                source,
+            })?;
         }
 
-        let cgroup_fd = File::open(o.cgroup).map_err(io_err(format!("opening cgroup {}", o.cgroup.display())))?;
+        let cgroup_fd = File::open(o.cgroup)
+            .map_err(io_err(format!("opening cgroup {}", o.cgroup.display())))?;
         let prog_err = |what: String| move |source| BpfError::Program { what, source };
         for name in [prog_names::CONNECT4, prog_names::CONNECT6] {
             let p: &mut CgroupSockAddr = ebpf
@@ -245,17 +281,25 @@ impl Datapath {
                 .map_err(prog_err(format!("program {name}")))?;
             p.load().map_err(prog_err(format!("loading {name}")))?;
             p.attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(prog_err(format!("attaching {name} to cgroup {}", o.cgroup.display())))?;
+                .map_err(prog_err(format!(
+                    "attaching {name} to cgroup {}",
+                    o.cgroup.display()
+                )))?;
         }
         let sockops: &mut SockOps = ebpf
             .program_mut(prog_names::SOCKOPS)
             .ok_or_else(|| BpfError::Kernel("program mesh_sockops missing from the object".into()))?
             .try_into()
             .map_err(prog_err("program mesh_sockops".into()))?;
-        sockops.load().map_err(prog_err("loading mesh_sockops".into()))?;
+        sockops
+            .load()
+            .map_err(prog_err("loading mesh_sockops".into()))?;
         sockops
             .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(prog_err(format!("attaching mesh_sockops to cgroup {}", o.cgroup.display())))?;
+            .map_err(prog_err(format!(
+                "attaching mesh_sockops to cgroup {}",
+                o.cgroup.display()
+            )))?;
 
         let sockhash: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
         let skmsg: &mut SkMsg = ebpf
@@ -263,8 +307,12 @@ impl Datapath {
             .ok_or_else(|| BpfError::Kernel("program mesh_sk_msg missing from the object".into()))?
             .try_into()
             .map_err(prog_err("program mesh_sk_msg".into()))?;
-        skmsg.load().map_err(prog_err("loading mesh_sk_msg".into()))?;
-        skmsg.attach(sockhash.fd()).map_err(prog_err("attaching mesh_sk_msg to SOCKHASH".into()))?;
+        skmsg
+            .load()
+            .map_err(prog_err("loading mesh_sk_msg".into()))?;
+        skmsg
+            .attach(sockhash.fd())
+            .map_err(prog_err("attaching mesh_sk_msg to SOCKHASH".into()))?;
 
         let maps = Maps {
             workloads: Mutex::new(take(&mut ebpf, map_names::WORKLOADS)?),
@@ -281,7 +329,11 @@ impl Datapath {
             flags: if o.skmsg { cfg_flags::SKMSG } else { 0 },
             _pad: 0,
         };
-        maps.set_config(|c| *c = cfg).map_err(|source| BpfError::Map { name: map_names::CONFIG, source })?;
+        maps.set_config(|c| *c = cfg)
+            .map_err(|source| BpfError::Map {
+                name: map_names::CONFIG,
+                source,
+            })?;
         info!(
             pin_path = %o.pin_path.display(),
             cgroup = %o.cgroup.display(),
@@ -289,7 +341,11 @@ impl Datapath {
             backpressure_check = off_msg_tot_len != 0,
             "datapath attached"
         );
-        Ok(Datapath { maps: std::sync::Arc::new(maps), _ebpf: ebpf, pins })
+        Ok(Datapath {
+            maps: std::sync::Arc::new(maps),
+            _ebpf: ebpf,
+            pins,
+        })
     }
 
     pub fn pin_path(&self) -> &Path {
@@ -316,7 +372,11 @@ impl Maps {
         Stat::ALL
             .iter()
             .map(|s| {
-                let v = self.stats.get(&(*s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                let v = self
+                    .stats
+                    .get(&(*s as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
                 (*s, v)
             })
             .collect()

@@ -19,7 +19,11 @@ use serde_json::{json, Value};
 use crate::config::{RunArgs, DEFAULT_PIN_PATH};
 
 #[derive(Parser, Debug)]
-#[command(name = "mesh-agent", version, about = "Per-node service-mesh agent: eBPF capture, node proxy, inspection")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Per-node service-mesh agent: eBPF capture, node proxy, inspection"
+)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `mesh_agent=debug`.
     #[arg(long, env = "MESH_LOG", default_value = "info", global = true)]
@@ -78,7 +82,10 @@ pub enum OnOff {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("no agent state at {path}: {source} (is mesh-agent running with this --pin-path?)")]
-    NoPin { path: PathBuf, source: aya::maps::MapError },
+    NoPin {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
     #[error("map {0}: {1}")]
     Map(String, aya::maps::MapError),
     #[error("unknown map {0:?}; known maps: {1}")]
@@ -108,13 +115,15 @@ fn open(pin: &Path, name: &str) -> Result<Map, CliError> {
 }
 
 fn hash<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str) -> Result<Vec<(K, V)>, CliError> {
-    let m: HashMap<MapData, K, V> = HashMap::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
+    let m: HashMap<MapData, K, V> =
+        HashMap::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
     // Entries can vanish while we iterate (LRU, closes); skip those.
     Ok(m.iter().filter_map(Result::ok).collect())
 }
 
 fn array<V: aya::Pod>(pin: &Path, name: &str) -> Result<Vec<V>, CliError> {
-    let m: Array<MapData, V> = Array::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
+    let m: Array<MapData, V> =
+        Array::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
     Ok(m.iter().filter_map(Result::ok).collect())
 }
 
@@ -124,15 +133,18 @@ pub fn stats(pin: &Path) -> Result<Vec<(Stat, u64)>, CliError> {
         PerCpuArray::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
     Ok(Stat::ALL
         .iter()
-        .map(|s| (*s, m.get(&(*s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0)))
+        .map(|s| {
+            (
+                *s,
+                m.get(&(*s as u32), 0).map(|v| v.iter().sum()).unwrap_or(0),
+            )
+        })
         .collect())
 }
 
 /// Decoded rows of a map: column names, and one JSON object per entry.
 pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
-    let key4 = |k: &SockKey| {
-        json!({"local": format!("{}:{}", ip(k.local_ip4), k.local_port), "remote": format!("{}:{}", ip(k.remote_ip4), k.remote_port)})
-    };
+    let key4 = |k: &SockKey| json!({"local": format!("{}:{}", ip(k.local_ip4), k.local_port), "remote": format!("{}:{}", ip(k.remote_ip4), k.remote_port)});
     Ok(match map {
         map_names::WORKLOADS => (
             vec!["netns_cookie", "ip", "id", "flags"],
@@ -218,11 +230,24 @@ pub fn render(cols: &[&str], rows: &[Value], output: Output) -> String {
     };
     let widths: Vec<usize> = cols
         .iter()
-        .map(|c| rows.iter().map(|r| cell(r, c).len()).chain([c.len()]).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(r, c).len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     let line = |vals: Vec<String>| {
-        vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned() + "\n"
+        vals.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+            + "\n"
     };
     out += &line(cols.iter().map(|c| c.to_uppercase()).collect());
     for r in rows {
@@ -235,11 +260,17 @@ pub fn render(cols: &[&str], rows: &[Value], output: Output) -> String {
 /// bumps it), so several agents on one machine (tests) are told apart.
 fn own_programs(pin: &Path) -> Result<Vec<aya::programs::ProgramInfo>, CliError> {
     let path = pin.join(map_names::STATS);
-    let stats_id = MapInfo::from_pin(&path).map_err(|source| CliError::NoPin { path, source })?.id();
+    let stats_id = MapInfo::from_pin(&path)
+        .map_err(|source| CliError::NoPin { path, source })?
+        .id();
     let mut out = Vec::new();
     for p in aya::programs::loaded_programs() {
         let p = p.map_err(|e| CliError::List("programs", e.to_string()))?;
-        if p.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&stats_id)) {
+        if p.map_ids()
+            .ok()
+            .flatten()
+            .is_some_and(|ids| ids.contains(&stats_id))
+        {
             out.push(p);
         }
     }
@@ -260,7 +291,17 @@ pub fn programs(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError>
             })
         })
         .collect();
-    Ok((vec!["id", "name", "type", "run_count", "run_time_ns", "verified_insns"], rows))
+    Ok((
+        vec![
+            "id",
+            "name",
+            "type",
+            "run_count",
+            "run_time_ns",
+            "verified_insns",
+        ],
+        rows,
+    ))
 }
 
 pub fn links(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
@@ -278,7 +319,10 @@ pub fn links(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
         }
     }
     // sk_msg attaches to SOCKHASH with BPF_PROG_ATTACH (no link object); show it too.
-    for p in progs.iter().filter(|p| p.name_as_str() == Some(mesh_common::prog_names::SK_MSG)) {
+    for p in progs
+        .iter()
+        .filter(|p| p.name_as_str() == Some(mesh_common::prog_names::SK_MSG))
+    {
         rows.push(json!({"id": null, "program_id": p.id(), "program": mesh_common::prog_names::SK_MSG, "type": "prog_attach(SOCKHASH)"}));
     }
     Ok((vec!["id", "program_id", "program", "type"], rows))
@@ -286,11 +330,17 @@ pub fn links(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
 
 pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
     let mut rows = Vec::new();
-    let rd = std::fs::read_dir(pin).map_err(|e| CliError::List("maps", format!("{}: {e}", pin.display())))?;
-    let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let rd = std::fs::read_dir(pin)
+        .map_err(|e| CliError::List("maps", format!("{}: {e}", pin.display())))?;
+    let mut names: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     for name in names {
-        let Ok(info) = MapInfo::from_pin(pin.join(&name)) else { continue };
+        let Ok(info) = MapInfo::from_pin(pin.join(&name)) else {
+            continue;
+        };
         let entries = dump(pin, &name).map(|(_, r)| r.len() as i64).unwrap_or(-1);
         rows.push(json!({
             "name": name,
@@ -303,12 +353,25 @@ pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
             "pinned": pin.join(&name).display().to_string(),
         }));
     }
-    Ok((vec!["name", "id", "type", "key_size", "value_size", "max_entries", "entries", "pinned"], rows))
+    Ok((
+        vec![
+            "name",
+            "id",
+            "type",
+            "key_size",
+            "value_size",
+            "max_entries",
+            "entries",
+            "pinned",
+        ],
+        rows,
+    ))
 }
 
 pub fn bypass(pin: &Path, on: bool) -> Result<MeshConfig, CliError> {
     let name = map_names::CONFIG;
-    let mut m: Array<MapData, MeshConfig> = Array::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
+    let mut m: Array<MapData, MeshConfig> =
+        Array::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
     let mut c = m.get(&0, 0).map_err(|e| CliError::Map(name.into(), e))?;
     if on {
         c.flags |= cfg_flags::BYPASS;
@@ -325,7 +388,10 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let rows = vec![json!({"a": "x", "b": 10}), json!({"a": "longer", "b": null})];
+        let rows = vec![
+            json!({"a": "x", "b": 10}),
+            json!({"a": "longer", "b": null}),
+        ];
         let t = render(&["a", "b"], &rows, Output::Table);
         assert_eq!(t, "A       B\nx       10\nlonger  -\n");
         let j: Value = serde_json::from_str(&render(&["a", "b"], &rows, Output::Json)).unwrap();
@@ -334,7 +400,16 @@ mod tests {
 
     #[test]
     fn cli_parses_inspection_commands() {
-        let c = Cli::try_parse_from(["mesh-agent", "dump", "FLOWS", "-o", "json", "--pin-path", "/x"]).unwrap();
+        let c = Cli::try_parse_from([
+            "mesh-agent",
+            "dump",
+            "FLOWS",
+            "-o",
+            "json",
+            "--pin-path",
+            "/x",
+        ])
+        .unwrap();
         match c.command {
             Command::Dump { inspect, map } => {
                 assert_eq!(map, "FLOWS");

@@ -80,11 +80,18 @@ impl RunArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}:{line}: {message}")]
-    Semantic { path: PathBuf, line: usize, message: String },
+    Semantic {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -156,8 +163,10 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 
 impl MeshFile {
     pub fn load(path: &Path) -> Result<MeshFile, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
@@ -178,7 +187,10 @@ impl MeshFile {
             if parse_cidr(&e.cidr).is_none() {
                 problems.push((
                     line_of(&e.cidr, "exclude:"),
-                    format!("exclude[{i}].cidr: {:?} is not an IPv4 CIDR (a.b.c.d/len)", e.cidr),
+                    format!(
+                        "exclude[{i}].cidr: {:?} is not an IPv4 CIDR (a.b.c.d/len)",
+                        e.cidr
+                    ),
                 ));
             }
         }
@@ -214,28 +226,48 @@ impl MeshFile {
                     ),
                 ));
             }
-            if wl_names.insert((w.namespace.as_str(), w.name.as_str()), i).is_some() {
+            if wl_names
+                .insert((w.namespace.as_str(), w.name.as_str()), i)
+                .is_some()
+            {
                 problems.push((
                     line,
-                    format!("workloads[{i}].name: {}/{} is declared twice", w.namespace, w.name),
+                    format!(
+                        "workloads[{i}].name: {}/{} is declared twice",
+                        w.namespace, w.name
+                    ),
                 ));
             }
             if let Some(j) = ips.insert(w.ip, i) {
                 problems.push((
                     line,
-                    format!("workloads[{i}].ip: {} is also the IP of workloads[{j}]", w.ip),
+                    format!(
+                        "workloads[{i}].ip: {} is also the IP of workloads[{j}]",
+                        w.ip
+                    ),
                 ));
             }
             if w.ip.is_unspecified() || w.ip.is_loopback() {
-                problems.push((line, format!("workloads[{i}].ip: {} is not a pod address", w.ip)));
+                problems.push((
+                    line,
+                    format!("workloads[{i}].ip: {} is not a pod address", w.ip),
+                ));
             }
         }
         if problems.is_empty() {
             return Ok(file);
         }
         let (line, _) = problems[0];
-        let message = problems.into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("; ");
-        Err(ConfigError::Semantic { path: path.to_owned(), line, message })
+        let message = problems
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(ConfigError::Semantic {
+            path: path.to_owned(),
+            line,
+            message,
+        })
     }
 
     /// Whether a workload's outbound traffic is captured: its namespace carries the
@@ -323,7 +355,9 @@ workloads:
     #[test]
     fn syntax_error_names_file_line_and_field() {
         let bad = GOOD.replace("ip: 10.0.0.3", "ip: 10.0.0.300");
-        let e = MeshFile::parse(Path::new("m.yaml"), &bad).unwrap_err().to_string();
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("m.yaml: workloads[1].ip"), "{e}");
         assert!(e.contains("line 13"), "{e}");
     }
@@ -331,24 +365,39 @@ workloads:
     #[test]
     fn unknown_field_is_refused() {
         let bad = GOOD.replace("    mode: direct", "    mdoe: direct");
-        let e = MeshFile::parse(Path::new("m.yaml"), &bad).unwrap_err().to_string();
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `mdoe`"), "{e}");
         assert!(e.contains("line 5"), "{e}");
     }
 
     #[test]
     fn semantic_errors_are_all_reported_with_a_line() {
-        let bad = GOOD.replace("namespace: legacy", "namespace: nowhere").replace("10.0.0.3", "10.0.0.2");
-        let e = MeshFile::parse(Path::new("m.yaml"), &bad).unwrap_err().to_string();
+        let bad = GOOD
+            .replace("namespace: legacy", "namespace: nowhere")
+            .replace("10.0.0.3", "10.0.0.2");
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("m.yaml:11: "), "{e}");
         assert!(e.contains("\"nowhere\""), "{e}");
-        assert!(e.contains("workloads[1].ip: 10.0.0.2 is also the IP of workloads[0]"), "{e}");
+        assert!(
+            e.contains("workloads[1].ip: 10.0.0.2 is also the IP of workloads[0]"),
+            "{e}"
+        );
     }
 
     #[test]
     fn cidrs_parse() {
-        assert_eq!(parse_cidr("10.96.0.0/12"), Some((Ipv4Addr::new(10, 96, 0, 0), 12)));
-        assert_eq!(parse_cidr("10.0.0.1"), Some((Ipv4Addr::new(10, 0, 0, 1), 32)));
+        assert_eq!(
+            parse_cidr("10.96.0.0/12"),
+            Some((Ipv4Addr::new(10, 96, 0, 0), 12))
+        );
+        assert_eq!(
+            parse_cidr("10.0.0.1"),
+            Some((Ipv4Addr::new(10, 0, 0, 1), 32))
+        );
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
         assert_eq!(parse_cidr("nope/8"), None);
     }
@@ -363,7 +412,11 @@ workloads:
         }
         let t = T::try_parse_from(["x", "--config", "f"]).unwrap();
         assert!(t.run.redirect_target().is_err());
-        let t = T::try_parse_from(["x", "--config", "f", "--proxy-address", "10.1.0.1:15001"]).unwrap();
-        assert_eq!(t.run.redirect_target().unwrap(), "10.1.0.1:15001".parse().unwrap());
+        let t =
+            T::try_parse_from(["x", "--config", "f", "--proxy-address", "10.1.0.1:15001"]).unwrap();
+        assert_eq!(
+            t.run.redirect_target().unwrap(),
+            "10.1.0.1:15001".parse().unwrap()
+        );
     }
 }

@@ -10,7 +10,6 @@ mod cli;
 mod config;
 mod metrics;
 mod proxy;
-#[allow(unsafe_code)]
 mod sys;
 mod workload;
 
@@ -20,7 +19,9 @@ use cli::{Cli, Command};
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -33,19 +34,32 @@ fn main() {
 }
 
 fn dispatch(cmd: Command) -> anyhow::Result<()> {
-    let print = |(cols, rows): (Vec<&str>, Vec<serde_json::Value>), o| print!("{}", cli::render(&cols, &rows, o));
+    let print = |(cols, rows): (Vec<&str>, Vec<serde_json::Value>), o| -> anyhow::Result<()> {
+        print!("{}", cli::render(&cols, &rows, o));
+        Ok(())
+    };
     match cmd {
         Command::Run(args) => app::run(args),
-        Command::Maps(i) => Ok(print(cli::maps(&i.pin_path)?, i.output)),
-        Command::Dump { inspect, map } => Ok(print(cli::dump(&inspect.pin_path, &map)?, inspect.output)),
-        Command::Programs(i) => Ok(print(cli::programs(&i.pin_path)?, i.output)),
-        Command::Links(i) => Ok(print(cli::links(&i.pin_path)?, i.output)),
+        Command::Maps(i) => print(cli::maps(&i.pin_path)?, i.output),
+        Command::Dump { inspect, map } => {
+            print(cli::dump(&inspect.pin_path, &map)?, inspect.output)
+        }
+        Command::Programs(i) => print(cli::programs(&i.pin_path)?, i.output),
+        Command::Links(i) => print(cli::links(&i.pin_path)?, i.output),
         Command::Bypass { inspect, state } => {
             let c = cli::bypass(&inspect.pin_path, state == cli::OnOff::On)?;
             eprintln!(
                 "bypass {}: new connections {}",
-                if c.flags & mesh_common::cfg_flags::BYPASS != 0 { "on" } else { "off" },
-                if c.flags & mesh_common::cfg_flags::BYPASS != 0 { "go direct" } else { "are captured again" }
+                if c.flags & mesh_common::cfg_flags::BYPASS != 0 {
+                    "on"
+                } else {
+                    "off"
+                },
+                if c.flags & mesh_common::cfg_flags::BYPASS != 0 {
+                    "go direct"
+                } else {
+                    "are captured again"
+                }
             );
             Ok(())
         }

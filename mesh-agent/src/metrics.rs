@@ -37,6 +37,9 @@ pub struct FlowCounters {
     pub connect_failures: AtomicU64,
 }
 
+/// Name, help text and reader of one L4 counter family.
+type Series = (&'static str, &'static str, fn(&FlowCounters) -> u64);
+
 #[derive(Default)]
 pub struct Metrics {
     flows: Mutex<BTreeMap<FlowLabels, Arc<FlowCounters>>>,
@@ -48,7 +51,9 @@ pub struct Metrics {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -64,12 +69,32 @@ impl Metrics {
             let m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
             m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
-        let series: [(&str, &str, fn(&FlowCounters) -> u64); 5] = [
-            ("mesh_tcp_connections_opened_total", "Connections accepted by the node proxy.", |c| c.opened.load(Relaxed)),
-            ("mesh_tcp_connections_closed_total", "Connections of the node proxy that ended.", |c| c.closed.load(Relaxed)),
-            ("mesh_tcp_received_bytes_total", "Bytes received from the source workload.", |c| c.received.load(Relaxed)),
-            ("mesh_tcp_sent_bytes_total", "Bytes sent to the source workload.", |c| c.sent.load(Relaxed)),
-            ("mesh_tcp_connect_failures_total", "Failed connections to the original destination.", |c| c.connect_failures.load(Relaxed)),
+        let series: [Series; 5] = [
+            (
+                "mesh_tcp_connections_opened_total",
+                "Connections accepted by the node proxy.",
+                |c| c.opened.load(Relaxed),
+            ),
+            (
+                "mesh_tcp_connections_closed_total",
+                "Connections of the node proxy that ended.",
+                |c| c.closed.load(Relaxed),
+            ),
+            (
+                "mesh_tcp_received_bytes_total",
+                "Bytes received from the source workload.",
+                |c| c.received.load(Relaxed),
+            ),
+            (
+                "mesh_tcp_sent_bytes_total",
+                "Bytes sent to the source workload.",
+                |c| c.sent.load(Relaxed),
+            ),
+            (
+                "mesh_tcp_connect_failures_total",
+                "Failed connections to the original destination.",
+                |c| c.connect_failures.load(Relaxed),
+            ),
         ];
         for (name, help, get) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -106,7 +131,11 @@ impl Metrics {
             "# HELP mesh_datapath_events_total Datapath events and verdicts counted by the eBPF programs.\n# TYPE mesh_datapath_events_total counter"
         );
         for (s, v) in datapath {
-            let _ = writeln!(out, "mesh_datapath_events_total{{event=\"{}\"}} {v}", s.name());
+            let _ = writeln!(
+                out,
+                "mesh_datapath_events_total{{event=\"{}\"}} {v}",
+                s.name()
+            );
         }
         out
     }

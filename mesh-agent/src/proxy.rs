@@ -39,7 +39,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("binding the outbound listener on {addr}: {source} (is another proxy using the port?)")]
+    #[error(
+        "binding the outbound listener on {addr}: {source} (is another proxy using the port?)"
+    )]
     Bind { addr: SocketAddr, source: io::Error },
 }
 
@@ -100,8 +102,17 @@ impl Outbound {
         metrics: Arc<Metrics>,
         registry: SharedRegistry,
     ) -> Result<Outbound, ProxyError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
-        Ok(Outbound { listener, maps, metrics, registry, drain: Arc::default(), next_id: AtomicU64::new(0) })
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Bind { addr, source })?;
+        Ok(Outbound {
+            listener,
+            maps,
+            metrics,
+            registry,
+            drain: Arc::default(),
+            next_id: AtomicU64::new(0),
+        })
     }
 
     /// Accepts until `stop` turns true.
@@ -135,7 +146,9 @@ impl Outbound {
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
-        let Ok(local) = client.local_addr() else { return };
+        let Ok(local) = client.local_addr() else {
+            return;
+        };
         let (Some(pip), Some(lip)) = (v4(peer.ip()), v4(local.ip())) else {
             self.metrics.orig_dst_missing.fetch_add(1, Relaxed);
             return;
@@ -154,7 +167,10 @@ impl Outbound {
             let _ = sys::set_linger_zero(client.as_fd());
             return;
         };
-        let dst = SocketAddrV4::new(Ipv4Addr::from(flow.orig_ip4.to_ne_bytes()), flow.orig_port as u16);
+        let dst = SocketAddrV4::new(
+            Ipv4Addr::from(flow.orig_ip4.to_ne_bytes()),
+            flow.orig_port as u16,
+        );
         let (src_name, dst_name) = {
             let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
             (r.name(flow.src_id), r.name(flow.dst_id))

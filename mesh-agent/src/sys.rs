@@ -89,7 +89,13 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
     // SAFETY: all strings are NUL-terminated and outlive the call.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), t.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            t.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -100,7 +106,10 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
 /// Arms `SO_LINGER {on, 0}` so that closing the socket sends RST: how the proxy passes a
 /// reset on from one side to the other.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: the option value is a valid linger struct of the stated size.
     let rc = unsafe {
         libc::setsockopt(

@@ -59,7 +59,10 @@ impl Snapshot {
                 direct: f.mode(w) == Mode::Direct,
             })
             .collect();
-        Snapshot { workloads, excludes: f.exclude.clone() }
+        Snapshot {
+            workloads,
+            excludes: f.exclude.clone(),
+        }
     }
 }
 
@@ -84,7 +87,9 @@ impl Registry {
 
     /// `namespace/name`, or `None` for unknown ids (e.g. `u32::MAX`: not a local workload).
     pub fn name(&self, id: u32) -> Option<String> {
-        self.names.get(id as usize).map(|(ns, n)| format!("{ns}/{n}"))
+        self.names
+            .get(id as usize)
+            .map(|(ns, n)| format!("{ns}/{n}"))
     }
 }
 
@@ -101,8 +106,14 @@ pub async fn watch_file(path: PathBuf, interval: Duration, tx: watch::Sender<Arc
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
         };
-        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
-        if last_seen.as_ref().is_some_and(|(t, l, _)| (*t, *l) == stamp) {
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        if last_seen
+            .as_ref()
+            .is_some_and(|(t, l, _)| (*t, *l) == stamp)
+        {
             continue;
         }
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -125,7 +136,9 @@ pub async fn watch_file(path: PathBuf, interval: Duration, tx: watch::Sender<Arc
                     true
                 });
             }
-            Err(e) => warn!(error = %e, "enrolment file rejected; the last good configuration stays in force"),
+            Err(e) => {
+                warn!(error = %e, "enrolment file rejected; the last good configuration stays in force")
+            }
         }
     }
 }
@@ -149,7 +162,12 @@ pub struct MapSyncer {
 
 impl MapSyncer {
     pub fn new(maps: Arc<Maps>, registry: SharedRegistry) -> Self {
-        MapSyncer { maps, registry, applied: Desired::default(), unresolved: 0 }
+        MapSyncer {
+            maps,
+            registry,
+            applied: Desired::default(),
+            unresolved: 0,
+        }
     }
 
     fn desired(&mut self, snap: &Snapshot) -> Desired {
@@ -166,19 +184,36 @@ impl MapSyncer {
                 })
             })
             .collect();
-        let mut d = Desired { excludes, ..Default::default() };
+        let mut d = Desired {
+            excludes,
+            ..Default::default()
+        };
         let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
         self.unresolved = 0;
         for w in &snap.workloads {
             let id = reg.id(&w.namespace, &w.name);
             let ip4 = u32::from_ne_bytes(w.ip.octets());
-            d.dests.insert(ip4, DestInfo { id, flags: if w.direct { wl_flags::DIRECT } else { 0 } });
+            d.dests.insert(
+                ip4,
+                DestInfo {
+                    id,
+                    flags: if w.direct { wl_flags::DIRECT } else { 0 },
+                },
+            );
             if !w.enrolled {
                 continue;
             }
             match netns_cookie(&w.netns) {
                 Ok(cookie) => {
-                    d.workloads.insert(cookie, WorkloadInfo { ip4, id, flags: wl_flags::ENROLLED, _pad: 0 });
+                    d.workloads.insert(
+                        cookie,
+                        WorkloadInfo {
+                            ip4,
+                            id,
+                            flags: wl_flags::ENROLLED,
+                            _pad: 0,
+                        },
+                    );
                 }
                 Err(e) => {
                     self.unresolved += 1;
@@ -194,8 +229,17 @@ impl MapSyncer {
     pub fn apply(&mut self, snap: &Snapshot) -> Result<(), aya::maps::MapError> {
         let want = self.desired(snap);
         {
-            let mut m = self.maps.workloads.lock().unwrap_or_else(|e| e.into_inner());
-            for k in self.applied.workloads.keys().filter(|k| !want.workloads.contains_key(k)) {
+            let mut m = self
+                .maps
+                .workloads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for k in self
+                .applied
+                .workloads
+                .keys()
+                .filter(|k| !want.workloads.contains_key(k))
+            {
                 let _ = m.remove(k);
             }
             for (k, v) in &want.workloads {
@@ -206,7 +250,12 @@ impl MapSyncer {
         }
         {
             let mut m = self.maps.dests.lock().unwrap_or_else(|e| e.into_inner());
-            for k in self.applied.dests.keys().filter(|k| !want.dests.contains_key(k)) {
+            for k in self
+                .applied
+                .dests
+                .keys()
+                .filter(|k| !want.dests.contains_key(k))
+            {
                 let _ = m.remove(k);
             }
             for (k, v) in &want.dests {
@@ -222,7 +271,12 @@ impl MapSyncer {
                 m.set(i, v, 0)?;
             }
         }
-        info!(enrolled = want.workloads.len(), local = want.dests.len(), unresolved = self.unresolved, "datapath maps in sync");
+        info!(
+            enrolled = want.workloads.len(),
+            local = want.dests.len(),
+            unresolved = self.unresolved,
+            "datapath maps in sync"
+        );
         self.applied = want;
         Ok(())
     }

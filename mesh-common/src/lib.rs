@@ -237,7 +237,10 @@ mod tests {
         let ip = u32::from_ne_bytes([10, 1, 2, 3]);
         assert_eq!(v4_mapped([0, 0, 0xffff_u32.to_be(), ip]), Some(ip));
         assert_eq!(v4_mapped([0, 0, 0, ip]), None);
-        assert_eq!(v4_mapped([0x20010db8_u32.to_be(), 0, 0xffff_u32.to_be(), ip]), None);
+        assert_eq!(
+            v4_mapped([0x20010db8_u32.to_be(), 0, 0xffff_u32.to_be(), ip]),
+            None
+        );
     }
 
     #[test]
@@ -251,7 +254,11 @@ mod tests {
     #[test]
     fn flag_names_lists_set_bits() {
         let mut out = [""; 8];
-        let n = flag_names(flow_flags::PROXIED | flow_flags::SERVER_PAIRED, &flow_flags::NAMES, &mut out);
+        let n = flag_names(
+            flow_flags::PROXIED | flow_flags::SERVER_PAIRED,
+            &flow_flags::NAMES,
+            &mut out,
+        );
         assert_eq!(&out[..n], &["proxied", "server_paired"]);
     }
 

@@ -149,7 +149,15 @@ mod pod {
     macro_rules! pod {
         ($($t:ty),*) => { $( #[allow(unsafe_code)] unsafe impl aya::Pod for $t {} )* };
     }
-    pod!(WorkloadInfo, DestInfo, MeshConfig, ExcludeCidr, OrigDst, SockKey, FlowInfo);
+    pod!(
+        WorkloadInfo,
+        DestInfo,
+        MeshConfig,
+        ExcludeCidr,
+        OrigDst,
+        SockKey,
+        FlowInfo
+    );
 }
 
 #[cfg(test)]
@@ -162,7 +170,12 @@ mod tests {
 
     #[test]
     fn exclude_matches_cidr_and_port() {
-        let e = ExcludeCidr { ip4: ip([10, 96, 0, 0]), prefix_len: 12, port: 0, enabled: 1 };
+        let e = ExcludeCidr {
+            ip4: ip([10, 96, 0, 0]),
+            prefix_len: 12,
+            port: 0,
+            enabled: 1,
+        };
         assert!(e.matches(ip([10, 96, 1, 2]), 80));
         assert!(e.matches(ip([10, 111, 255, 255]), 80));
         assert!(!e.matches(ip([10, 112, 0, 1]), 80));
@@ -183,8 +196,21 @@ mod tests {
 
     #[test]
     fn reversed_swaps_ends() {
-        let k = SockKey { local_ip4: 1, remote_ip4: 2, local_port: 3, remote_port: 4 };
-        assert_eq!(k.reversed(), SockKey { local_ip4: 2, remote_ip4: 1, local_port: 4, remote_port: 3 });
+        let k = SockKey {
+            local_ip4: 1,
+            remote_ip4: 2,
+            local_port: 3,
+            remote_port: 4,
+        };
+        assert_eq!(
+            k.reversed(),
+            SockKey {
+                local_ip4: 2,
+                remote_ip4: 1,
+                local_port: 4,
+                remote_port: 3
+            }
+        );
         assert_eq!(k.reversed().reversed(), k);
     }
 }

@@ -2,8 +2,8 @@
 //! load-time globals, and the per-CPU counter helper.
 
 use aya_ebpf::{
-    helpers::generated::bpf_probe_read_kernel,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    helpers::generated::bpf_probe_read_kernel,
     macros::btf_map,
     Global,
 };
@@ -125,7 +125,9 @@ pub fn socket_queue(addr: u64) -> (i32, u32) {
             let _ = bpf_probe_read_kernel(
                 (&mut queued as *mut u32).cast(),
                 4,
-                (psock as *const u8).wrapping_add(OFF_PSOCK_MSG_TOT_LEN.load() as usize).cast(),
+                (psock as *const u8)
+                    .wrapping_add(OFF_PSOCK_MSG_TOT_LEN.load() as usize)
+                    .cast(),
             );
         }
     }

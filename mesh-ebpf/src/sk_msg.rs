@@ -119,6 +119,10 @@ fn peer_queue_full(peer: &SockKey) -> bool {
     };
     let (rcvbuf, queued) = socket_queue(addr);
     let floor = QUEUE_LIMIT_FLOOR.load();
-    let limit = if rcvbuf > 0 && rcvbuf as u32 > floor { rcvbuf as u32 } else { floor };
+    let limit = if rcvbuf > 0 && rcvbuf as u32 > floor {
+        rcvbuf as u32
+    } else {
+        floor
+    };
     queued > limit
 }

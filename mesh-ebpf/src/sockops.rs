@@ -16,8 +16,8 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
         BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1,
     },
@@ -214,7 +214,10 @@ fn on_tcp_traffic(ctx: &SockOpsContext) {
     }
     if unpair_if_drained(key) {
         bump(Stat::UnpairedOnFallback);
-        let _ = ctx.set_cb_flags((ctx.cb_flags() & !(BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG)) as i32);
+        let _ = ctx.set_cb_flags(
+            (ctx.cb_flags() & !(BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG))
+                as i32,
+        );
     }
 }
 

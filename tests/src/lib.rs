@@ -29,9 +29,16 @@ pub fn must_be_root() {
 }
 
 pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().context("spawning sh")?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .context("spawning sh")?;
     if !out.status.success() {
-        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -55,7 +62,11 @@ pub fn agent_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mesh-agent");
-    assert!(p.exists(), "{} not found: build it first (`cargo xtask test` does) or set MESH_AGENT_BIN", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: build it first (`cargo xtask test` does) or set MESH_AGENT_BIN",
+        p.display()
+    );
     p
 }
 
@@ -64,7 +75,11 @@ pub fn podtool() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join("podtool");
-    assert!(p.exists(), "{} not found: run the tests with cargo (it builds podtool)", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: run the tests with cargo (it builds podtool)",
+        p.display()
+    );
     p
 }
 
@@ -97,7 +112,8 @@ impl SimNode {
     /// Claims a free index and builds the node with no pods yet.
     pub fn new() -> Result<SimNode> {
         must_be_root();
-        if !Path::new("/sys/fs/bpf").exists() || sh("stat -f -c %T /sys/fs/bpf")?.trim() != "bpf_fs" {
+        if !Path::new("/sys/fs/bpf").exists() || sh("stat -f -c %T /sys/fs/bpf")?.trim() != "bpf_fs"
+        {
             let _ = sh("mount -t bpf bpf /sys/fs/bpf");
         }
         for index in 0..=250u8 {
@@ -125,7 +141,9 @@ impl SimNode {
             // Leftovers of a killed run with this index (its Drop never ran).
             let _ = sh(&format!("for ns in $(ip netns list | awk '{{print $1}}' | grep '^mt{index}-'); do ip netns del $ns; done"));
             // From here on Drop cleans up whatever exists.
-            sh(&format!("ip addr add {gateway}/24 dev {bridge} && ip link set {bridge} up"))?;
+            sh(&format!(
+                "ip addr add {gateway}/24 dev {bridge} && ip link set {bridge} up"
+            ))?;
             fs::create_dir_all(&node.cgroup)?;
             fs::create_dir_all(&node.dir)?;
             let _ = fs::remove_dir_all(&node.pin_path);
@@ -142,7 +160,12 @@ impl SimNode {
         let ip = Ipv4Addr::new(10, 201, self.index, host);
         let cgroup = self.cgroup.join(name);
         // Record first so Drop removes partial state too.
-        self.pods.push(Pod { name: name.into(), netns: netns.clone(), ip, cgroup: cgroup.clone() });
+        self.pods.push(Pod {
+            name: name.into(),
+            netns: netns.clone(),
+            ip,
+            cgroup: cgroup.clone(),
+        });
         sh(&format!(
             "ip netns add {netns} && ip link add {veth} type veth peer name eth0 netns {netns} && \
              ip link set {veth} master {br} up && ip -n {netns} addr add {ip}/24 dev eth0 && \
@@ -156,14 +179,20 @@ impl SimNode {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// A command that runs inside `pod` (its netns and cgroup).
     pub fn pod_command(&self, pod: &str, program: &Path) -> Command {
         let p = self.pod(pod);
         let ns = fs::File::open(p.netns_path()).expect("netns file");
-        let procs = fs::OpenOptions::new().write(true).open(p.cgroup.join("cgroup.procs")).expect("cgroup.procs");
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(p.cgroup.join("cgroup.procs"))
+            .expect("cgroup.procs");
         let mut cmd = Command::new(program);
         // SAFETY: only async-signal-safe calls (write, setns) between fork and exec; the
         // fds are owned by the closure and stay open until exec.
@@ -205,7 +234,10 @@ impl SimNode {
             .stderr(Stdio::piped())
             .output()?;
         if !out.status.success() {
-            bail!("podtool {args:?} in {pod} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "podtool {args:?} in {pod} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim()).with_context(|| format!("podtool output: {text}"))
@@ -225,7 +257,10 @@ impl SimNode {
 
     /// The standard agent command line for this node.
     pub fn agent_command(&self, extra: &[&str]) -> Command {
-        let procs = fs::OpenOptions::new().write(true).open(self.cgroup.join("cgroup.procs")).expect("cgroup.procs");
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.cgroup.join("cgroup.procs"))
+            .expect("cgroup.procs");
         let mut cmd = Command::new(agent_bin());
         cmd.arg("run");
         let defaults = [
@@ -265,7 +300,12 @@ impl SimNode {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
             .spawn()?;
-        let mut agent = Agent { child: Some(child), admin_port: self.admin_port, log, pin_path: self.pin_path.clone() };
+        let mut agent = Agent {
+            child: Some(child),
+            admin_port: self.admin_port,
+            log,
+            pin_path: self.pin_path.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(body) = agent.get("/ready") {
@@ -273,7 +313,11 @@ impl SimNode {
                     return Ok(agent);
                 }
             }
-            if let Some(st) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("agent exited ({st}) before ready:\n{}", agent.log_text());
             }
             if Instant::now() > deadline {
@@ -286,9 +330,14 @@ impl SimNode {
     /// Programs attached to the node cgroup, as bpftool sees them.
     pub fn cgroup_programs(&self) -> Result<Vec<String>> {
         let out = sh(&format!("bpftool cgroup show {} -j", self.cgroup.display()))?;
-        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
         Ok(v.as_array()
-            .map(|a| a.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 }
@@ -300,7 +349,12 @@ impl Drop for SimNode {
             let _ = c.wait();
         }
         // Anything else left in our cgroups (agents started by hand in a test).
-        for cg in self.pods.iter().map(|p| p.cgroup.clone()).chain([self.cgroup.clone()]) {
+        for cg in self
+            .pods
+            .iter()
+            .map(|p| p.cgroup.clone())
+            .chain([self.cgroup.clone()])
+        {
             if let Ok(pids) = fs::read_to_string(cg.join("cgroup.procs")) {
                 for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
                     // SAFETY: plain kill(2).
@@ -318,7 +372,9 @@ impl Drop for SimNode {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
         for _ in 0..50 {
             if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
                 break;
@@ -359,7 +415,9 @@ impl Agent {
 
     /// SIGTERM, wait; returns the exit status and the log.
     pub fn stop(&mut self) -> (Option<i32>, String) {
-        let Some(mut c) = self.child.take() else { return (None, self.log_text()) };
+        let Some(mut c) = self.child.take() else {
+            return (None, self.log_text());
+        };
         // SAFETY: plain kill(2) on our child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -413,7 +471,11 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
@@ -423,10 +485,18 @@ pub fn firewall_rules(netns: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
     let mut check = |prefix: &str| {
         if let Ok(out) = sh(&format!("{prefix} iptables-save 2>/dev/null")) {
-            found.extend(out.lines().filter(|l| l.starts_with("-A")).map(|l| format!("{prefix} iptables: {l}")));
+            found.extend(
+                out.lines()
+                    .filter(|l| l.starts_with("-A"))
+                    .map(|l| format!("{prefix} iptables: {l}")),
+            );
         }
         if let Ok(out) = sh(&format!("{prefix} nft list ruleset 2>/dev/null")) {
-            found.extend(out.lines().filter(|l| l.trim_start().starts_with("table")).map(|l| format!("{prefix} nft: {l}")));
+            found.extend(
+                out.lines()
+                    .filter(|l| l.trim_start().starts_with("table"))
+                    .map(|l| format!("{prefix} nft: {l}")),
+            );
         }
     };
     check("");

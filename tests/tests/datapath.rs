@@ -20,7 +20,11 @@ fn node(backend_mode: &str) -> SimNode {
 }
 
 fn config(n: &SimNode, backend_mode: &str, shop_enrolled: bool) -> String {
-    let label = if shop_enrolled { "{ mesh-agent.io/dataplane-mode: ambient }" } else { "{}" };
+    let label = if shop_enrolled {
+        "{ mesh-agent.io/dataplane-mode: ambient }"
+    } else {
+        "{}"
+    };
     let p = |name: &str| n.pod(name);
     format!(
         "namespaces:\n  - name: shop\n    labels: {label}\n  - name: backend\n    mode: {backend_mode}\n  - name: legacy\n\
@@ -41,13 +45,21 @@ fn config(n: &SimNode, backend_mode: &str, shop_enrolled: bool) -> String {
 }
 
 fn proxied_conns(metrics: &str, dst: &str) -> u64 {
-    metric(metrics, "mesh_tcp_connections_opened_total", &[("destination_address", dst)])
+    metric(
+        metrics,
+        "mesh_tcp_connections_opened_total",
+        &[("destination_address", dst)],
+    )
 }
 
 fn assert_intact(r: &serde_json::Value, bytes: u64) {
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
     assert_eq!(r["intact"], r["conns"], "{r}");
-    assert_eq!(r["received"].as_u64().unwrap(), bytes * r["conns"].as_u64().unwrap(), "{r}");
+    assert_eq!(
+        r["received"].as_u64().unwrap(),
+        bytes * r["conns"].as_u64().unwrap(),
+        "{r}"
+    );
     assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
 }
 
@@ -57,10 +69,22 @@ fn proxied_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules() {
     let rules_before = firewall_rules(&[]);
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:8080", n.pod("server").ip);
-    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
     let redirected = agent.event("msg_redirected_bytes");
 
-    let r = n.client("client", &["echo-client", "--to", &dst, "--bytes", &(16 * MIB).to_string()]).unwrap();
+    let r = n
+        .client(
+            "client",
+            &[
+                "echo-client",
+                "--to",
+                &dst,
+                "--bytes",
+                &(16 * MIB).to_string(),
+            ],
+        )
+        .unwrap();
     assert_intact(&r, 16 * MIB);
 
     let m = agent.get("/metrics").unwrap();
@@ -70,18 +94,36 @@ fn proxied_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules() {
         ("destination_workload", "backend/server"),
         ("skmsg", "true"),
     ];
-    assert_eq!(metric(&m, "mesh_tcp_connections_opened_total", &labels), 1, "{m}");
-    assert!(metric(&m, "mesh_tcp_received_bytes_total", &labels) >= 16 * MIB, "{m}");
-    assert!(metric(&m, "mesh_tcp_sent_bytes_total", &labels) >= 16 * MIB, "{m}");
+    assert_eq!(
+        metric(&m, "mesh_tcp_connections_opened_total", &labels),
+        1,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "mesh_tcp_received_bytes_total", &labels) >= 16 * MIB,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "mesh_tcp_sent_bytes_total", &labels) >= 16 * MIB,
+        "{m}"
+    );
     // The app <-> proxy leg went socket to socket (all of it, unless the redirect queue
     // filled and the flow fell back to TCP for the rest: msg_pass_backpressure).
     assert!(agent.event("msg_redirected_bytes") > redirected, "{m}");
     wait_for("connection close", Duration::from_secs(5), || {
-        metric(&agent.get("/metrics").unwrap(), "mesh_tcp_connections_closed_total", &labels) == 1
+        metric(
+            &agent.get("/metrics").unwrap(),
+            "mesh_tcp_connections_closed_total",
+            &labels,
+        ) == 1
     });
 
     let ns: Vec<&str> = n.pods.iter().map(|p| p.netns.as_str()).collect();
-    assert_eq!(firewall_rules(&ns), rules_before, "the datapath must not add iptables/nftables rules");
+    assert_eq!(
+        firewall_rules(&ns),
+        rules_before,
+        "the datapath must not add iptables/nftables rules"
+    );
 }
 
 #[test]
@@ -89,15 +131,34 @@ fn direct_mode_skips_the_proxy_and_pairs_the_pods() {
     let n = node("direct");
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:8080", n.pod("server").ip);
-    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
-    let (direct, paired, redirected) =
-        (agent.event("connect_direct"), agent.event("sockops_server_paired"), agent.event("msg_redirected_bytes"));
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let (direct, paired, redirected) = (
+        agent.event("connect_direct"),
+        agent.event("sockops_server_paired"),
+        agent.event("msg_redirected_bytes"),
+    );
 
-    let r = n.client("client", &["echo-client", "--to", &dst, "--bytes", &(16 * MIB).to_string()]).unwrap();
+    let r = n
+        .client(
+            "client",
+            &[
+                "echo-client",
+                "--to",
+                &dst,
+                "--bytes",
+                &(16 * MIB).to_string(),
+            ],
+        )
+        .unwrap();
     assert_intact(&r, 16 * MIB);
 
     let m = agent.get("/metrics").unwrap();
-    assert_eq!(proxied_conns(&m, &dst), 0, "the proxy must not see a direct flow:\n{m}");
+    assert_eq!(
+        proxied_conns(&m, &dst),
+        0,
+        "the proxy must not see a direct flow:\n{m}"
+    );
     assert_eq!(agent.event("connect_direct") - direct, 1);
     assert_eq!(agent.event("sockops_server_paired") - paired, 1);
     assert!(agent.event("msg_redirected_bytes") > redirected);
@@ -108,16 +169,20 @@ fn unenrolled_namespace_and_opted_out_pod_are_not_captured() {
     let n = node("proxied");
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:8080", n.pod("server").ip);
-    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
     let before = agent.event("connect_not_enrolled");
     for pod in ["legacy", "batch"] {
-        let r = n.client(pod, &["echo-client", "--to", &dst, "--bytes", "65536"]).unwrap();
+        let r = n
+            .client(pod, &["echo-client", "--to", &dst, "--bytes", "65536"])
+            .unwrap();
         assert_intact(&r, 65536);
     }
     assert_eq!(agent.event("connect_not_enrolled") - before, 2);
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
     // The enrolled pod next to them is captured.
-    n.client("client", &["echo-client", "--to", &dst, "--bytes", "65536"]).unwrap();
+    n.client("client", &["echo-client", "--to", &dst, "--bytes", "65536"])
+        .unwrap();
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
 }
 
@@ -127,9 +192,18 @@ fn enrolment_changes_apply_to_new_connections_without_restart() {
     n.write_config(&config(&n, "proxied", false)).unwrap();
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:8080", n.pod("server").ip);
-    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
-    let send = || n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"]).unwrap();
-    let enrolled = || agent.get("/metrics").map(|m| metric(&m, "mesh_workloads_enrolled", &[])).unwrap_or(0);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let send = || {
+        n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"])
+            .unwrap()
+    };
+    let enrolled = || {
+        agent
+            .get("/metrics")
+            .map(|m| metric(&m, "mesh_workloads_enrolled", &[]))
+            .unwrap_or(0)
+    };
 
     send();
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
@@ -149,7 +223,11 @@ fn enrolment_changes_apply_to_new_connections_without_restart() {
     std::thread::sleep(Duration::from_millis(500));
     send();
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
-    assert!(agent.log_text().contains("enrolment file rejected"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("enrolment file rejected"),
+        "{}",
+        agent.log_text()
+    );
 }
 
 #[test]
@@ -157,8 +235,22 @@ fn a_thousand_concurrent_connections_complete_intact() {
     let n = node("proxied");
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:8080", n.pod("server").ip);
-    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
-    let r = n.client("client", &["echo-client", "--to", &dst, "--bytes", "16384", "--conns", "1000"]).unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let r = n
+        .client(
+            "client",
+            &[
+                "echo-client",
+                "--to",
+                &dst,
+                "--bytes",
+                "16384",
+                "--conns",
+                "1000",
+            ],
+        )
+        .unwrap();
     assert_intact(&r, 16384);
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1000);
 }
@@ -167,14 +259,31 @@ fn slow_reader(mode: &str) {
     let n = node(mode);
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:9000", n.pod("server").ip);
-    n.serve("server", &["sink", "--listen", "0.0.0.0:9000", "--delay-us", "300"]).unwrap();
+    n.serve(
+        "server",
+        &["sink", "--listen", "0.0.0.0:9000", "--delay-us", "300"],
+    )
+    .unwrap();
     let bytes = 32 * MIB;
-    let r = n.client("client", &["sink-client", "--to", &dst, "--bytes", &bytes.to_string()]).unwrap();
-    assert_eq!(r["errors"], serde_json::json!([]), "no write may fail and no read may return EAGAIN: {r}");
+    let r = n
+        .client(
+            "client",
+            &["sink-client", "--to", &dst, "--bytes", &bytes.to_string()],
+        )
+        .unwrap();
+    assert_eq!(
+        r["errors"],
+        serde_json::json!([]),
+        "no write may fail and no read may return EAGAIN: {r}"
+    );
     assert_eq!(r["received_by_reader"].as_u64().unwrap(), bytes, "{r}");
     assert_eq!(r["sha_sent"], r["sha_reader"], "{r}");
     // The redirect queue filled and the flow went back to TCP's own back-pressure.
-    assert!(agent.event("msg_pass_backpressure") >= 1, "{}", agent.get("/metrics").unwrap());
+    assert!(
+        agent.event("msg_pass_backpressure") >= 1,
+        "{}",
+        agent.get("/metrics").unwrap()
+    );
 }
 
 #[test]
@@ -192,15 +301,27 @@ fn dual_stack_sockets_are_captured_and_short_circuited() {
     for mode in ["proxied", "direct"] {
         let n = node(mode);
         let agent = n.start_agent(&[]).unwrap();
-        n.serve("server", &["echo", "--listen", "[::]:8080"]).unwrap();
-        let (paired, redirected) = (agent.event("sockops_server_paired"), agent.event("msg_redirected_bytes"));
+        n.serve("server", &["echo", "--listen", "[::]:8080"])
+            .unwrap();
+        let (paired, redirected) = (
+            agent.event("sockops_server_paired"),
+            agent.event("msg_redirected_bytes"),
+        );
         // A v6 client socket to the v4-mapped address, to a dual-stack listener.
         let to = format!("[::ffff:{}]:8080", n.pod("server").ip);
-        let r = n.client("client", &["echo-client", "--to", &to, "--bytes", &MIB.to_string()]).unwrap();
+        let r = n
+            .client(
+                "client",
+                &["echo-client", "--to", &to, "--bytes", &MIB.to_string()],
+            )
+            .unwrap();
         assert_intact(&r, MIB);
         assert_eq!(agent.event("sockops_server_paired") - paired, 1, "{mode}");
         assert!(agent.event("msg_redirected_bytes") > redirected, "{mode}");
-        let proxied = proxied_conns(&agent.get("/metrics").unwrap(), &format!("{}:8080", n.pod("server").ip));
+        let proxied = proxied_conns(
+            &agent.get("/metrics").unwrap(),
+            &format!("{}:8080", n.pod("server").ip),
+        );
         assert_eq!(proxied, u64::from(mode == "proxied"), "{mode}");
     }
 }
@@ -210,12 +331,22 @@ fn reset_from_the_server_reaches_the_client_as_reset() {
     let n = node("proxied");
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:7000", n.pod("server").ip);
-    n.serve("server", &["reset", "--listen", "0.0.0.0:7000"]).unwrap();
+    n.serve("server", &["reset", "--listen", "0.0.0.0:7000"])
+        .unwrap();
     let r = n.client("client", &["reset-client", "--to", &dst]).unwrap();
     assert_eq!(r["outcome"], "ECONNRESET", "{r}");
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
     // And a refused upstream connect resets the client too.
-    let r = n.client("client", &["reset-client", "--to", &format!("{}:7999", n.pod("server").ip)]).unwrap();
+    let r = n
+        .client(
+            "client",
+            &[
+                "reset-client",
+                "--to",
+                &format!("{}:7999", n.pod("server").ip),
+            ],
+        )
+        .unwrap();
     assert_eq!(r["outcome"], "ECONNRESET", "{r}");
 }
 
@@ -224,13 +355,20 @@ fn bypass_switch_sends_new_connections_direct() {
     let n = node("proxied");
     let agent = n.start_agent(&[]).unwrap();
     let dst = format!("{}:8080", n.pod("server").ip);
-    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
     let out = agent.cli(&["bypass", "on"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"])
+        .unwrap();
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
     assert_eq!(agent.event("connect_bypass"), 1);
     assert!(agent.cli(&["bypass", "off"]).status.success());
-    n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"]).unwrap();
+    n.client("client", &["echo-client", "--to", &dst, "--bytes", "4096"])
+        .unwrap();
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
 }

@@ -25,7 +25,11 @@ fn simple_node() -> SimNode {
 /// Runs the agent to completion (it must fail) and returns its stderr.
 fn run_failing(n: &SimNode, wrap: Option<&str>, extra: &[&str]) -> String {
     let out = match wrap {
-        None => n.agent_command(extra).stdin(Stdio::null()).output().unwrap(),
+        None => n
+            .agent_command(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
         Some(shell) => {
             let cmd = n.agent_command(extra);
             let args: Vec<String> = std::iter::once(cmd.get_program())
@@ -35,12 +39,22 @@ fn run_failing(n: &SimNode, wrap: Option<&str>, extra: &[&str]) -> String {
             let script = format!("{shell} {}", args.join(" "));
             // unshare -m: a private mount namespace, so the test can hide kernel features
             // from the agent without touching the machine.
-            std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]).output().unwrap()
+            std::process::Command::new("unshare")
+                .args(["-m", "sh", "-c", &script])
+                .output()
+                .unwrap()
         }
     };
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "agent should fail with exit 1:\n{err}");
-    let last = err.lines().filter(|l| l.starts_with("mesh-agent: error:")).collect::<Vec<_>>();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "agent should fail with exit 1:\n{err}"
+    );
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("mesh-agent: error:"))
+        .collect::<Vec<_>>();
     assert_eq!(last.len(), 1, "exactly one error line:\n{err}");
     // Nothing half-attached, no pins left.
     assert_eq!(n.cgroup_programs().unwrap(), Vec::<String>::new());
@@ -56,9 +70,16 @@ fn malformed_config_names_file_line_and_field() {
     let e = run_failing(&n, None, &[]);
     assert!(e.contains(&n.config_path().display().to_string()), "{e}");
     assert!(e.contains("workloads[0].ip") && e.contains("line 6"), "{e}");
-    std::fs::write(n.config_path(), good.replace("namespace: backend", "namespace: nowhere")).unwrap();
+    std::fs::write(
+        n.config_path(),
+        good.replace("namespace: backend", "namespace: nowhere"),
+    )
+    .unwrap();
     let e = run_failing(&n, None, &[]);
-    assert!(e.contains("mesh.yaml:7:") && e.contains("\"nowhere\""), "{e}");
+    assert!(
+        e.contains("mesh.yaml:7:") && e.contains("\"nowhere\""),
+        "{e}"
+    );
 }
 
 #[test]
@@ -110,7 +131,10 @@ fn missing_kernel_features_are_named() {
         Some("umount -l /sys/fs/bpf 2>/dev/null; mount -t tmpfs none /sys/fs/bpf && exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin"),
         &["--pin-path", "/sys/fs/bpf/mesh-x"],
     );
-    assert!(e.contains("bpffs is not mounted at /sys/fs/bpf and mounting it failed"), "{e}");
+    assert!(
+        e.contains("bpffs is not mounted at /sys/fs/bpf and mounting it failed"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -118,14 +142,25 @@ fn second_agent_on_the_node_is_refused_and_stop_cleans_up() {
     let n = simple_node();
     let mut first = n.start_agent(&[]).unwrap();
     let attached = n.cgroup_programs().unwrap();
-    assert_eq!(attached.len(), 3, "connect4, connect6, sockops (sk_msg sits on the sockhash): {attached:?}");
+    assert_eq!(
+        attached.len(),
+        3,
+        "connect4, connect6, sockops (sk_msg sits on the sockhash): {attached:?}"
+    );
 
     // Same node (pin folder), same admin port: the lock is what it must trip on.
     let out = n.agent_command(&[]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("another mesh-agent already runs on this node"), "{err}");
-    assert_eq!(n.cgroup_programs().unwrap(), attached, "the refused agent must not attach anything");
+    assert!(
+        err.contains("another mesh-agent already runs on this node"),
+        "{err}"
+    );
+    assert_eq!(
+        n.cgroup_programs().unwrap(),
+        attached,
+        "the refused agent must not attach anything"
+    );
     assert!(first.get("/ready").is_ok(), "the first agent keeps running");
 
     let (code, log) = first.stop();
@@ -139,46 +174,91 @@ fn second_agent_on_the_node_is_refused_and_stop_cleans_up() {
 fn inspection_cli_lists_and_decodes() {
     let n = simple_node();
     let agent = n.start_agent(&[]).unwrap();
-    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"]).unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
 
     let progs = agent.cli(&["programs", "-o", "json"]);
     let progs: serde_json::Value = serde_json::from_slice(&progs.stdout).unwrap();
-    let names: Vec<&str> = progs.as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
-    for want in ["mesh_connect4", "mesh_connect6", "mesh_sockops", "mesh_sk_msg"] {
+    let names: Vec<&str> = progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for want in [
+        "mesh_connect4",
+        "mesh_connect6",
+        "mesh_sockops",
+        "mesh_sk_msg",
+    ] {
         assert!(names.contains(&want), "{names:?}");
     }
     let links = String::from_utf8(agent.cli(&["links"]).stdout).unwrap();
-    assert!(links.contains("mesh_sockops") && links.contains("prog_attach(SOCKHASH)"), "{links}");
+    assert!(
+        links.contains("mesh_sockops") && links.contains("prog_attach(SOCKHASH)"),
+        "{links}"
+    );
     let maps = String::from_utf8(agent.cli(&["maps"]).stdout).unwrap();
     for m in ["WORKLOADS", "FLOWS", "SOCKHASH", "STATS", "CONFIG"] {
         assert!(maps.contains(m), "{maps}");
     }
 
-    let dests: serde_json::Value = serde_json::from_slice(&agent.cli(&["dump", "DESTS", "-o", "json"]).stdout).unwrap();
+    let dests: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["dump", "DESTS", "-o", "json"]).stdout).unwrap();
     let server_ip = n.pod("server").ip.to_string();
-    assert!(dests.as_array().unwrap().iter().any(|d| d["ip"] == server_ip.as_str()), "{dests}");
+    assert!(
+        dests
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["ip"] == server_ip.as_str()),
+        "{dests}"
+    );
     let cfg = String::from_utf8(agent.cli(&["dump", "CONFIG"]).stdout).unwrap();
-    assert!(cfg.contains(&format!("{}:15001", n.gateway)) && cfg.contains("proxy_ready"), "{cfg}");
+    assert!(
+        cfg.contains(&format!("{}:15001", n.gateway)) && cfg.contains("proxy_ready"),
+        "{cfg}"
+    );
 
     // Keep a captured connection open and find it decoded in FLOWS and SOCKHASH.
     let mut conn = n
         .pod_command("client", &mesh_tests::podtool())
-        .args(["ping", "--to", &format!("{server_ip}:8080"), "--count", "200000"])
+        .args([
+            "ping",
+            "--to",
+            &format!("{server_ip}:8080"),
+            "--count",
+            "200000",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     mesh_tests::wait_for("a flow", Duration::from_secs(5), || {
         let flows: serde_json::Value =
-            serde_json::from_slice(&agent.cli(&["dump", "FLOWS", "-o", "json"]).stdout).unwrap_or_default();
+            serde_json::from_slice(&agent.cli(&["dump", "FLOWS", "-o", "json"]).stdout)
+                .unwrap_or_default();
         flows.as_array().is_some_and(|a| {
-            a.iter().any(|f| f["original_dst"] == format!("{server_ip}:8080").as_str() && f["flags"].as_str().unwrap_or("").contains("server_paired"))
+            a.iter().any(|f| {
+                f["original_dst"] == format!("{server_ip}:8080").as_str()
+                    && f["flags"].as_str().unwrap_or("").contains("server_paired")
+            })
         })
     });
     let sockhash = String::from_utf8(agent.cli(&["dump", "SOCKHASH"]).stdout).unwrap();
-    assert!(sockhash.contains(&format!("{}:15001", n.gateway)), "{sockhash}");
+    assert!(
+        sockhash.contains(&format!("{}:15001", n.gateway)),
+        "{sockhash}"
+    );
     // bpftool reads the pinned maps with their BTF field names.
-    let raw = sh(&format!("bpftool map dump pinned {}/FLOWS", n.pin_path.display())).unwrap();
-    assert!(raw.contains("\"orig_ip4\"") && raw.contains("\"local_port\""), "{raw}");
+    let raw = sh(&format!(
+        "bpftool map dump pinned {}/FLOWS",
+        n.pin_path.display()
+    ))
+    .unwrap();
+    assert!(
+        raw.contains("\"orig_ip4\"") && raw.contains("\"local_port\""),
+        "{raw}"
+    );
     let _ = conn.kill();
     let _ = conn.wait();
 

@@ -20,7 +20,14 @@ use clap::{Parser, Subcommand};
 /// bpf-linker that loads rustc's own LLVM (see ../shared/DESIGN.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the tests, the demo and operators use.
-const DEBIAN_PACKAGES: &[&str] = &["bpftool", "iproute2", "iptables", "nftables", "util-linux", "procps"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "util-linux",
+    "procps",
+];
 
 #[derive(Parser)]
 #[command(about = "mesh-agent developer tasks")]
@@ -54,7 +61,10 @@ enum Task {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -71,15 +81,29 @@ fn ok(cmd: &mut Command) -> bool {
 }
 
 fn output(cmd: &mut Command) -> String {
-    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 fn setup() -> Result<()> {
     // Nightly with rust-src (build-std for bpfel-unknown-none) and llvm-tools.
     if !ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]));
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
     for comp in ["rust-src", "llvm-tools"] {
         if !installed.lines().any(|l| l.starts_with(comp)) {
             run(Command::new("rustup").args(["component", "add", comp, "--toolchain", "nightly"]))?;
@@ -99,31 +123,60 @@ fn setup() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .copied()
-        .filter(|p| !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).contains("install ok installed"))
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
         .collect();
     if !missing.is_empty() {
         let apt = |args: &[&str]| {
-            Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().map(|s| s.success())
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .map(|s| s.success())
         };
-        if !apt(&[&["install", "-y", "--no-install-recommends"][..], &missing].concat()).unwrap_or(false) {
-            run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+        if !apt(&[&["install", "-y", "--no-install-recommends"][..], &missing].concat())
+            .unwrap_or(false)
+        {
+            run(Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
             run(Command::new("apt-get")
                 .args(["install", "-y", "--no-install-recommends"])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"))?;
         }
     }
-    eprintln!("setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, {} present", DEBIAN_PACKAGES.join(", "));
+    eprintln!(
+        "setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, {} present",
+        DEBIAN_PACKAGES.join(", ")
+    );
     Ok(())
 }
 
 fn build() -> Result<()> {
-    run(Command::new("cargo").current_dir(root()).args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]))
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ]))
 }
 
 fn lint() -> Result<()> {
-    run(Command::new("cargo").current_dir(root()).args(["fmt", "--all", "--", "--check"]))?;
-    run(Command::new("cargo").current_dir(root()).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo").current_dir(root()).args([
+        "clippy",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // The eBPF crate with the target it is built for.
     run(Command::new("cargo")
         .current_dir(root())
@@ -165,7 +218,9 @@ fn main() -> Result<()> {
                 .args(&args)
                 .env("MESH_AGENT_BIN", agent_bin()))?;
             // Nothing may outlive the tests.
-            let left = output(Command::new("sh").args(["-c", "ip netns list | grep -E '^mt[0-9]+-' || true"]));
+            let left = output(
+                Command::new("sh").args(["-c", "ip netns list | grep -E '^mt[0-9]+-' || true"]),
+            );
             if !left.trim().is_empty() {
                 bail!("tests left network namespaces behind:\n{left}");
             }
@@ -181,7 +236,15 @@ fn main() -> Result<()> {
         }
         Task::Latency { runs } => {
             setup()?;
-            run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]))?;
+            run(Command::new("cargo").current_dir(root()).args([
+                "build",
+                "--release",
+                "-p",
+                "mesh-agent",
+                "-p",
+                "mesh-tests",
+                "--bins",
+            ]))?;
             run(Command::new("bash")
                 .arg(root().join("xtask/latency.sh"))
                 .arg(runs.to_string())

@@ -46,7 +46,9 @@ fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
 impl KernelBtf {
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != BTF_MAGIC {
-            return Err(BtfError::Malformed("bad magic (only little-endian BTF is supported)"));
+            return Err(BtfError::Malformed(
+                "bad magic (only little-endian BTF is supported)",
+            ));
         }
         let hdr_len = u32_at(data, 4)? as usize;
         let type_off = u32_at(data, 8)? as usize;
@@ -60,7 +62,11 @@ impl KernelBtf {
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
             .ok_or(BtfError::Malformed("string section out of bounds"))?
             .to_vec();
-        let mut btf = KernelBtf { strings, composites: HashMap::new(), structs: HashMap::new() };
+        let mut btf = KernelBtf {
+            strings,
+            composites: HashMap::new(),
+            structs: HashMap::new(),
+        };
         let mut pos = 0;
         let mut id = 1u32;
         while pos < types.len() {
@@ -119,7 +125,10 @@ impl KernelBtf {
 
     /// Byte offset of `member` in `struct name`, looking through anonymous members.
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
-        let id = *self.structs.get(name).ok_or_else(|| BtfError::NoStruct(name.into()))?;
+        let id = *self
+            .structs
+            .get(name)
+            .ok_or_else(|| BtfError::NoStruct(name.into()))?;
         self.find(id, member, 0)
             .map(|bits| bits / 8)
             .ok_or_else(|| BtfError::NoMember(name.into(), member.into()))
@@ -161,7 +170,13 @@ mod tests {
         assert!(fam < 64, "{fam}");
         assert!(btf.member_offset("sock", "sk_rcvbuf").unwrap() > 0);
         assert!(btf.member_offset("sock", "sk_user_data").unwrap() > 0);
-        assert!(matches!(btf.member_offset("sock", "no_such_member"), Err(BtfError::NoMember(..))));
-        assert!(matches!(btf.member_offset("no_such_struct", "x"), Err(BtfError::NoStruct(..))));
+        assert!(matches!(
+            btf.member_offset("sock", "no_such_member"),
+            Err(BtfError::NoMember(..))
+        ));
+        assert!(matches!(
+            btf.member_offset("no_such_struct", "x"),
+            Err(BtfError::NoStruct(..))
+        ));
     }
 }

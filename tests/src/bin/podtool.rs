@@ -28,15 +28,22 @@ use std::{
 use sha2::{Digest, Sha256};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn num(args: &[String], name: &str, default: u64) -> u64 {
-    arg(args, name).map(|v| v.parse().expect("number")).unwrap_or(default)
+    arg(args, name)
+        .map(|v| v.parse().expect("number"))
+        .unwrap_or(default)
 }
 
 fn addr(args: &[String], name: &str) -> SocketAddr {
-    arg(args, name).unwrap_or_else(|| panic!("{name} is required")).parse().expect("socket address")
+    arg(args, name)
+        .unwrap_or_else(|| panic!("{name} is required"))
+        .parse()
+        .expect("socket address")
 }
 
 /// Deterministic, incompressible-enough payload: xorshift bytes.
@@ -121,7 +128,10 @@ fn sink(mut c: TcpStream, args: &[String]) {
 fn reset(mut c: TcpStream, _: &[String]) {
     let mut buf = [0u8; 16];
     let _ = c.read(&mut buf);
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid fd and option struct of the stated size.
     unsafe {
         libc::setsockopt(
@@ -136,7 +146,11 @@ fn reset(mut c: TcpStream, _: &[String]) {
 
 /// Waits until `fd` is ready for `events` (POLLIN/POLLOUT).
 fn wait_ready(fd: i32, events: i16) {
-    let mut p = libc::pollfd { fd, events, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut p, 1, -1) };
 }
@@ -145,14 +159,12 @@ fn wait_ready(fd: i32, events: i16) {
 /// poll for readiness, then read. A read that returns EAGAIN right after poll reported the
 /// socket readable is a spurious EAGAIN and is reported as an error.
 fn read_evented(c: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        wait_ready(c.as_raw_fd(), libc::POLLIN);
-        match c.read(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
-            }
-            r => return r,
+    wait_ready(c.as_raw_fd(), libc::POLLIN);
+    match c.read(buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
         }
+        r => r,
     }
 }
 
@@ -160,7 +172,9 @@ fn write_all_evented(c: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> 
     while !data.is_empty() {
         match c.write(data) {
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_ready(c.as_raw_fd(), libc::POLLOUT),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait_ready(c.as_raw_fd(), libc::POLLOUT)
+            }
             Err(e) => return Err(e),
         }
     }
@@ -169,11 +183,21 @@ fn write_all_evented(c: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> 
 
 /// One echo exchange: a writer thread sends `data` then half-closes, this thread reads
 /// everything back. Returns (bytes back, sha of bytes back, errors).
-fn echo_once(to: SocketAddr, data: Arc<Vec<u8>>, start: Option<Arc<Barrier>>) -> (u64, String, Vec<String>) {
+fn echo_once(
+    to: SocketAddr,
+    data: Arc<Vec<u8>>,
+    start: Option<Arc<Barrier>>,
+) -> (u64, String, Vec<String>) {
     let mut errors = Vec::new();
     let c = match TcpStream::connect(to) {
         Ok(c) => c,
-        Err(e) => return (0, String::new(), vec![format!("connect: {}", errno_name(&e))]),
+        Err(e) => {
+            return (
+                0,
+                String::new(),
+                vec![format!("connect: {}", errno_name(&e))],
+            )
+        }
     };
     if let Some(b) = start {
         b.wait();
@@ -182,7 +206,8 @@ fn echo_once(to: SocketAddr, data: Arc<Vec<u8>>, start: Option<Arc<Barrier>>) ->
     let mut w = c.try_clone().expect("clone");
     let writer = std::thread::spawn(move || -> Result<(), String> {
         write_all_evented(&mut w, &data).map_err(|e| format!("write: {}", errno_name(&e)))?;
-        w.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {}", errno_name(&e)))
+        w.shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {}", errno_name(&e)))
     });
     let mut r = c;
     let mut h = Sha256::new();
@@ -201,7 +226,10 @@ fn echo_once(to: SocketAddr, data: Arc<Vec<u8>>, start: Option<Arc<Barrier>>) ->
             }
         }
     }
-    if let Err(e) = writer.join().unwrap_or_else(|_| Err("writer panicked".into())) {
+    if let Err(e) = writer
+        .join()
+        .unwrap_or_else(|_| Err("writer panicked".into()))
+    {
         errors.push(e);
     }
     (n, hex(&h.finalize()), errors)
@@ -307,7 +335,10 @@ fn ping(args: &[String]) {
     }
     lat.sort_unstable();
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize] as f64 / 1000.0;
-    println!("{}", serde_json::json!({"count": count, "p50_us": p(0.5), "p99_us": p(0.99), "p999_us": p(0.999)}));
+    println!(
+        "{}",
+        serde_json::json!({"count": count, "p50_us": p(0.5), "p99_us": p(0.99), "p999_us": p(0.999)})
+    );
 }
 
 fn main() {
@@ -321,7 +352,9 @@ fn main() {
         Some("reset-client") => reset_client(&args),
         Some("ping") => ping(&args),
         _ => {
-            eprintln!("usage: podtool echo|sink|reset|echo-client|sink-client|reset-client|ping ...");
+            eprintln!(
+                "usage: podtool echo|sink|reset|echo-client|sink-client|reset-client|ping ..."
+            );
             std::process::exit(2);
         }
     }
