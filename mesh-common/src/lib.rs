@@ -130,13 +130,10 @@ pub enum Stat {
     MsgPassUnpaired,
     MsgPassBackpressure,
     MsgPassFallback,
-    UnpairedOnFin,
-    UnpairSkippedQueued,
-    UnpairedOnFallback,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -159,9 +156,6 @@ impl Stat {
         Stat::MsgPassUnpaired,
         Stat::MsgPassBackpressure,
         Stat::MsgPassFallback,
-        Stat::UnpairedOnFin,
-        Stat::UnpairSkippedQueued,
-        Stat::UnpairedOnFallback,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -187,14 +181,11 @@ impl Stat {
             Stat::MsgPassUnpaired => "msg_pass_unpaired",
             Stat::MsgPassBackpressure => "msg_pass_backpressure",
             Stat::MsgPassFallback => "msg_pass_fallback",
-            Stat::UnpairedOnFin => "unpaired_on_fin",
-            Stat::UnpairSkippedQueued => "unpair_skipped_queued",
-            Stat::UnpairedOnFallback => "unpaired_on_fallback",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::UnpairedOnFallback as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::MsgPassFallback as usize + 1);
 
 /// Extracts the IPv4 address from a v4-mapped IPv6 address (`::ffff:a.b.c.d`), with the
 /// words as the kernel stores them (network order per 32-bit word).

@@ -91,7 +91,7 @@ pub fn config() -> MeshConfig {
     }
 }
 
-/// Whether the agent resolved the kernel offsets the queue checks need.
+/// Whether the agent resolved the kernel offsets the queue check needs.
 #[inline(always)]
 pub fn queue_check_enabled() -> bool {
     OFF_SK_USER_DATA.load() != 0 && OFF_PSOCK_MSG_TOT_LEN.load() != 0 && OFF_SK_RCVBUF.load() != 0

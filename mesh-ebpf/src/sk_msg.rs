@@ -83,10 +83,8 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     }
     let peer = me.reversed();
     if peer_queue_full(&peer) {
-        // Both directions leave the redirect path together: once neither side redirects
-        // into the other, each socket can be taken out of the sockhash as soon as its own
-        // redirect queue is drained (sockops does that), which puts it back on the plain
-        // TCP receive path (see sockops.rs on why that matters for blocking readers).
+        // Both directions leave the redirect path together, so a slow reader's own
+        // replies also get TCP's flow control.
         let _ = FALLBACK.insert(me, 1, 0);
         let _ = FALLBACK.insert(peer, 1, 0);
         bump(Stat::MsgPassBackpressure);

@@ -8,8 +8,8 @@
 //! podtool reset --listen ADDR            read a little, then close with RST (SO_LINGER 0)
 //! podtool echo-client --to ADDR --bytes N [--conns C]   send N bytes, read the echo back
 //!                                        (event-loop I/O: non-blocking + poll, two threads)
-//! podtool sink-client --to ADDR --bytes N  send N bytes fast with blocking writes, half-close,
-//!                                        read the digest with a blocking read
+//! podtool sink-client --to ADDR --bytes N  send N bytes fast with blocking 1 MiB writes,
+//!                                        half-close, read the digest (event-loop read)
 //! podtool reset-client --to ADDR          send, expect the reset to arrive as ECONNRESET
 //! podtool ping --to ADDR --count N       64-byte ping-pong; prints latency percentiles
 //! ```
@@ -288,10 +288,20 @@ fn sink_client(args: &[String]) {
         }
     }
     let _ = c.shutdown(Shutdown::Write);
-    let mut reply = String::new();
-    if let Err(e) = c.read_to_string(&mut reply) {
-        errors.push(format!("read: {}", errno_name(&e)));
+    let mut reply = Vec::new();
+    c.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 256];
+    loop {
+        match read_evented(&mut c, &mut buf) {
+            Ok(0) => break,
+            Ok(k) => reply.extend_from_slice(&buf[..k]),
+            Err(e) => {
+                errors.push(format!("read: {}", errno_name(&e)));
+                break;
+            }
+        }
     }
+    let reply = String::from_utf8_lossy(&reply);
     let mut parts = reply.split_whitespace();
     let got: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let got_sha = parts.next().unwrap_or("").to_owned();
