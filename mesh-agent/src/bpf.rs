@@ -273,7 +273,12 @@ impl Datapath {
         let cgroup_fd = File::open(o.cgroup)
             .map_err(io_err(format!("opening cgroup {}", o.cgroup.display())))?;
         let prog_err = |what: String| move |source| BpfError::Program { what, source };
-        for name in [prog_names::CONNECT4, prog_names::CONNECT6] {
+        for name in [
+            prog_names::CONNECT4,
+            prog_names::CONNECT6,
+            prog_names::GETPEERNAME4,
+            prog_names::GETPEERNAME6,
+        ] {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| BpfError::Kernel(format!("program {name} missing from the object")))?

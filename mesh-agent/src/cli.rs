@@ -256,20 +256,22 @@ pub fn render(cols: &[&str], rows: &[Value], output: Output) -> String {
     out
 }
 
-/// The ids of the programs that use the pinned STATS map (every program of this agent
-/// bumps it), so several agents on one machine (tests) are told apart.
+/// The programs that use one of the maps pinned under `pin` (so several agents on one
+/// machine, as in the tests, are told apart).
 fn own_programs(pin: &Path) -> Result<Vec<aya::programs::ProgramInfo>, CliError> {
     let path = pin.join(map_names::STATS);
-    let stats_id = MapInfo::from_pin(&path)
-        .map_err(|source| CliError::NoPin { path, source })?
-        .id();
+    MapInfo::from_pin(&path).map_err(|source| CliError::NoPin { path, source })?;
+    let ours: Vec<u32> = map_names::ALL
+        .iter()
+        .filter_map(|m| MapInfo::from_pin(pin.join(m)).ok().map(|i| i.id()))
+        .collect();
     let mut out = Vec::new();
     for p in aya::programs::loaded_programs() {
         let p = p.map_err(|e| CliError::List("programs", e.to_string()))?;
         if p.map_ids()
             .ok()
             .flatten()
-            .is_some_and(|ids| ids.contains(&stats_id))
+            .is_some_and(|ids| ids.iter().any(|id| ours.contains(id)))
         {
             out.push(p);
         }

@@ -33,7 +33,16 @@ pub mod prog_names {
     pub const CONNECT6: &str = "mesh_connect6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const SK_MSG: &str = "mesh_sk_msg";
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCKOPS, SK_MSG];
+    pub const GETPEERNAME4: &str = "mesh_peername4";
+    pub const GETPEERNAME6: &str = "mesh_peername6";
+    pub const ALL: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        SOCKOPS,
+        SK_MSG,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
 }
 
 /// Capacities of the maps (entries).
@@ -41,7 +50,7 @@ pub mod capacity {
     pub const WORKLOADS: u32 = 4096;
     pub const DESTS: u32 = 16384;
     pub const EXCLUDES: u32 = 16;
-    pub const SOCK_ORIG: u32 = 65536;
+    pub const SOCK_ORIG: u32 = 131072;
     pub const FLOWS: u32 = 131072;
     pub const SOCKHASH: u32 = 131072;
 }

@@ -1,9 +1,11 @@
-//! `cgroup/connect4` and `cgroup/connect6`: the capture decision for outbound TCP.
+//! `cgroup/connect4` and `cgroup/connect6`: the capture decision for outbound TCP; and
+//! `cgroup/getpeername4|6`: a captured socket reports its original destination as its
+//! peer, so the redirect to the node proxy stays invisible to the application.
 //!
 //! # Minimum kernel version
 //!
 //! 5.7 (`bpf_get_netns_cookie` in sock_addr programs); cgroup sock_addr hooks date from
-//! 4.17 and `bpf_get_socket_cookie` there from 5.0.
+//! 4.17, `bpf_get_socket_cookie` there from 5.0, the getpeername hooks from 5.8.
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -55,6 +57,38 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_port = user_port_raw(port);
     }
     ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_peername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = proxied_orig(&ctx) {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.ip4;
+        sa.user_port = user_port_raw(orig.port as u16);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_peername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = proxied_orig(&ctx) {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6 = [0, 0, 0xffff_u32.to_be(), orig.ip4];
+        sa.user_port = user_port_raw(orig.port as u16);
+    }
+    ALLOW
+}
+
+/// The original destination of a socket connect4/6 redirected to the proxy.
+#[inline(always)]
+fn proxied_orig(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: the value is copied out at once.
+    let orig = unsafe { SOCK_ORIG.get(cookie) }.copied()?;
+    (orig.flags & flow_flags::PROXIED != 0).then_some(orig)
 }
 
 /// Returns where to send the connection instead, or `None` to leave it alone. Records

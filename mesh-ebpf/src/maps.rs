@@ -29,8 +29,9 @@ pub static CONFIG: Array<MeshConfig, 1> = Array::new();
 #[btf_map]
 pub static EXCLUDES: Array<ExcludeCidr, { cap::EXCLUDES as usize }> = Array::new();
 
-/// connect4 decision by socket cookie, until sockops sees the socket established. LRU:
-/// a connect that never completes must not leak an entry.
+/// connect4 decision by socket cookie: until sockops sees the socket established, and for
+/// proxied sockets until they close (getpeername answers from it). LRU: a connect that
+/// never completes must not leak an entry.
 #[btf_map]
 pub static SOCK_ORIG: LruHashMap<u64, OrigDst, { cap::SOCK_ORIG as usize }> = LruHashMap::new();
 

@@ -105,7 +105,10 @@ fn active_established(ctx: &SockOpsContext) {
     let Some(orig) = unsafe { SOCK_ORIG.get(cookie) }.copied() else {
         return;
     };
-    let _ = SOCK_ORIG.remove(cookie);
+    if orig.flags & flow_flags::PROXIED == 0 {
+        // Proxied sockets keep theirs until close: getpeername4|6 answer from it.
+        let _ = SOCK_ORIG.remove(cookie);
+    }
     let Some((key, v6)) = sock_key(ctx) else {
         return;
     };
@@ -185,6 +188,8 @@ fn state_changed(ctx: &SockOpsContext) {
     // the client's view, so the client's close removes it.
     let _ = FALLBACK.remove(key);
     let _ = SK_ADDR.remove(key);
+    // SAFETY: helper call on the program's own context.
+    let _ = SOCK_ORIG.remove(unsafe { bpf_get_socket_cookie(ctx.ops.cast()) });
     if FLOWS.remove(key).is_ok() {
         bump(Stat::FlowClosed);
     }

@@ -166,6 +166,12 @@ impl SimNode {
             ip,
             cgroup: cgroup.clone(),
         });
+        // A veth of an earlier node with this index may still exist: network namespaces
+        // are destroyed asynchronously after `ip netns del`.
+        let _ = Command::new("ip")
+            .args(["link", "del", &veth])
+            .stderr(Stdio::null())
+            .status();
         sh(&format!(
             "ip netns add {netns} && ip link add {veth} type veth peer name eth0 netns {netns} && \
              ip link set {veth} master {br} up && ip -n {netns} addr add {ip}/24 dev eth0 && \
@@ -363,7 +369,14 @@ impl Drop for SimNode {
             }
         }
         std::thread::sleep(Duration::from_millis(50));
-        for p in &self.pods {
+        for (i, p) in self.pods.iter().enumerate() {
+            // Deleting the host side removes the pair at once; the namespace itself is
+            // torn down asynchronously by the kernel.
+            let veth = format!("mt{}v{i}", self.index);
+            let _ = Command::new("ip")
+                .args(["link", "del", &veth])
+                .stderr(Stdio::null())
+                .status();
             let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
             for _ in 0..50 {
                 if fs::remove_dir(&p.cgroup).is_ok() || !p.cgroup.exists() {
@@ -372,9 +385,6 @@ impl Drop for SimNode {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
         for _ in 0..50 {
             if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
                 break;
@@ -388,6 +398,10 @@ impl Drop for SimNode {
         }
         let _ = fs::remove_dir(&self.pin_path);
         let _ = fs::remove_dir_all(&self.dir);
+        // Last: the bridge is the claim on this index.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
     }
 }
 

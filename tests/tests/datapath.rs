@@ -118,6 +118,10 @@ fn proxied_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules() {
         ) == 1
     });
 
+    // The redirect is invisible to the application: its socket's peer is the server.
+    let r = n.client("client", &["peer", "--to", &dst]).unwrap();
+    assert_eq!(r["peer"], dst.as_str(), "{r}");
+
     let ns: Vec<&str> = n.pods.iter().map(|p| p.netns.as_str()).collect();
     assert_eq!(
         firewall_rules(&ns),

@@ -144,8 +144,8 @@ fn second_agent_on_the_node_is_refused_and_stop_cleans_up() {
     let attached = n.cgroup_programs().unwrap();
     assert_eq!(
         attached.len(),
-        3,
-        "connect4, connect6, sockops (sk_msg sits on the sockhash): {attached:?}"
+        5,
+        "connect4|6, getpeername4|6, sockops (sk_msg sits on the sockhash): {attached:?}"
     );
 
     // Same node (pin folder), same admin port: the lock is what it must trip on.
@@ -188,6 +188,8 @@ fn inspection_cli_lists_and_decodes() {
     for want in [
         "mesh_connect4",
         "mesh_connect6",
+        "mesh_peername4",
+        "mesh_peername6",
         "mesh_sockops",
         "mesh_sk_msg",
     ] {

@@ -12,6 +12,7 @@
 //!                                        half-close, read the digest (event-loop read)
 //! podtool reset-client --to ADDR          send, expect the reset to arrive as ECONNRESET
 //! podtool ping --to ADDR --count N       64-byte ping-pong; prints latency percentiles
+//! podtool peer --to ADDR                  connect; print the peer address getpeername() reports
 //! ```
 //! ADDR may be `[::]:port` (dual-stack listener) or `[::ffff:a.b.c.d]:port` (v6 socket to
 //! a v4 peer).
@@ -328,6 +329,15 @@ fn reset_client(args: &[String]) {
     println!("{}", serde_json::json!({"outcome": outcome}));
 }
 
+/// Connects and reports the peer address the socket sees (getpeername).
+fn peer(args: &[String]) {
+    let c = TcpStream::connect(addr(args, "--to")).expect("connect");
+    println!(
+        "{}",
+        serde_json::json!({"peer": c.peer_addr().expect("peer").to_string()})
+    );
+}
+
 fn ping(args: &[String]) {
     let count = num(args, "--count", 2000) as usize;
     let mut c = TcpStream::connect(addr(args, "--to")).expect("connect");
@@ -361,9 +371,10 @@ fn main() {
         Some("sink-client") => sink_client(&args),
         Some("reset-client") => reset_client(&args),
         Some("ping") => ping(&args),
+        Some("peer") => peer(&args),
         _ => {
             eprintln!(
-                "usage: podtool echo|sink|reset|echo-client|sink-client|reset-client|ping ..."
+                "usage: podtool echo|sink|reset|echo-client|sink-client|reset-client|ping|peer ..."
             );
             std::process::exit(2);
         }
