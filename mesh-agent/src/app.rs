@@ -25,7 +25,9 @@ const READY_MAPS: &str = "enrolment synced";
 const READY_PROXY: &str = "proxy listening";
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    // Everything that can be wrong with the input is reported before touching the kernel.
+    // Everything that can be wrong with the input is reported before touching the kernel;
+    // lacking privileges first of all (it also decides whether the file can be read).
+    bpf::require_root()?;
     let redirect = args.redirect_target()?;
     let file = MeshFile::load(&args.config)?;
     let cgroup = bpf::preflight(&args.pin_path, args.cgroup.as_deref())?;

@@ -83,14 +83,18 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+pub fn require_root() -> Result<(), BpfError> {
+    match sys::effective_uid() {
+        0 => Ok(()),
+        uid => Err(BpfError::NotRoot(uid)),
+    }
+}
+
 /// Checks root, BTF, cgroup v2 and bpffs before anything is loaded; mounts bpffs at
 /// `/sys/fs/bpf` when the pin folder's parent is not one and that is where it lives.
 /// Returns the cgroup to attach to.
 pub fn preflight(pin_path: &Path, cgroup: Option<&Path>) -> Result<PathBuf, BpfError> {
-    let uid = sys::effective_uid();
-    if uid != 0 {
-        return Err(BpfError::NotRoot(uid));
-    }
+    require_root()?;
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(BpfError::Kernel(
             "kernel BTF (/sys/kernel/btf/vmlinux) is missing; the kernel needs CONFIG_DEBUG_INFO_BTF=y".into(),

@@ -84,9 +84,18 @@ fn malformed_config_names_file_line_and_field() {
 
 #[test]
 fn not_root_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
     let n = simple_node();
-    let mut cmd = n.agent_command(&[]);
-    // SAFETY: setuid(2) only, between fork and exec.
+    // The build tree may sit in a folder only root can enter (a mktemp -d clone): run a
+    // copy from the node's own folder instead.
+    let bin = n.dir.join("mesh-agent");
+    std::fs::copy(agent_bin(), &bin).unwrap();
+    for p in [&n.dir, &bin] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(n.agent_command(&[]).get_args());
+    // SAFETY: setgid(2)/setuid(2) only, between fork and exec.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
             if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
