@@ -52,6 +52,17 @@ fn proxied_conns(metrics: &str, dst: &str) -> u64 {
     )
 }
 
+/// An echo exchange of `bytes` each way from `pod` to `to`, checked intact.
+fn echo_intact(n: &SimNode, pod: &str, to: &str, bytes: u64) {
+    let r = n
+        .client(
+            pod,
+            &["echo-client", "--to", to, "--bytes", &bytes.to_string()],
+        )
+        .unwrap();
+    assert_intact(&r, bytes);
+}
+
 fn assert_intact(r: &serde_json::Value, bytes: u64) {
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
     assert_eq!(r["intact"], r["conns"], "{r}");
@@ -73,19 +84,7 @@ fn proxied_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules() {
         .unwrap();
     let redirected = agent.event("msg_redirected_bytes");
 
-    let r = n
-        .client(
-            "client",
-            &[
-                "echo-client",
-                "--to",
-                &dst,
-                "--bytes",
-                &(16 * MIB).to_string(),
-            ],
-        )
-        .unwrap();
-    assert_intact(&r, 16 * MIB);
+    echo_intact(&n, "client", &dst, 16 * MIB);
 
     let m = agent.get("/metrics").unwrap();
     let labels = [
@@ -143,19 +142,7 @@ fn direct_mode_skips_the_proxy_and_pairs_the_pods() {
         agent.event("msg_redirected_bytes"),
     );
 
-    let r = n
-        .client(
-            "client",
-            &[
-                "echo-client",
-                "--to",
-                &dst,
-                "--bytes",
-                &(16 * MIB).to_string(),
-            ],
-        )
-        .unwrap();
-    assert_intact(&r, 16 * MIB);
+    echo_intact(&n, "client", &dst, 16 * MIB);
 
     let m = agent.get("/metrics").unwrap();
     assert_eq!(
