@@ -363,3 +363,70 @@ fn bypass_switch_sends_new_connections_direct() {
         .unwrap();
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
 }
+
+#[test]
+fn excluded_destinations_are_not_captured() {
+    let n = node("proxied");
+    let server = n.pod("server").ip;
+    let yaml = config(&n, "proxied", true).replace(
+        "namespaces:",
+        &format!("exclude:\n  - {{ cidr: {server}/32, port: 8080 }}\nnamespaces:"),
+    );
+    n.write_config(&yaml).unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    n.serve("server", &["echo", "--listen", "0.0.0.0:9090"])
+        .unwrap();
+    echo_intact(&n, "client", &format!("{server}:8080"), 4096);
+    echo_intact(&n, "client", &format!("{server}:9090"), 4096);
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(proxied_conns(&m, &format!("{server}:8080")), 0, "{m}");
+    assert_eq!(proxied_conns(&m, &format!("{server}:9090")), 1, "{m}");
+    assert_eq!(agent.event("connect_excluded"), 1);
+    let ex = agent.cli(&["dump", "EXCLUDES", "-o", "json"]);
+    let ex: serde_json::Value = serde_json::from_slice(&ex.stdout).unwrap();
+    assert_eq!(ex[0]["cidr"], format!("{server}/32").as_str(), "{ex}");
+}
+
+#[test]
+fn sigterm_drains_then_detaches_and_traffic_goes_direct() {
+    let n = node("proxied");
+    let mut agent = n.start_agent(&["--drain-ms", "500"]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    // A long-lived proxied connection is open when the agent is told to stop.
+    let mut long = n
+        .pod_command("client", &mesh_tests::podtool())
+        .args(["ping", "--to", &dst, "--count", "100000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the proxied connection", Duration::from_secs(5), || {
+        proxied_conns(&agent.get("/metrics").unwrap(), &dst) == 1
+    });
+    let t = std::time::Instant::now();
+    let (code, log) = agent.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        t.elapsed()
+    );
+    assert!(log.contains("drain deadline passed"), "{log}");
+    // The proxied connection ended with the agent; new connections go direct.
+    let mut ended = None;
+    wait_for(
+        "the proxied connection to end",
+        Duration::from_secs(5),
+        || {
+            ended = long.try_wait().unwrap();
+            ended.is_some()
+        },
+    );
+    assert_ne!(ended.unwrap().code(), Some(0));
+    echo_intact(&n, "client", &dst, 65536);
+    assert_eq!(n.cgroup_programs().unwrap(), Vec::<String>::new());
+}
