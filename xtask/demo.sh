@@ -77,8 +77,9 @@ workloads:
 EOF
 
 echo "== simulated node: bridge $BR 10.202.0.1/24, cgroup $CG, 5 pods"
-in_pod api "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null &
-in_pod redis "$PODTOOL" echo --listen 0.0.0.0:6379 > /dev/null &
+# In subshells so bash does not report the servers' end as killed jobs.
+( in_pod api "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null & )
+( in_pod redis "$PODTOOL" echo --listen 0.0.0.0:6379 > /dev/null & )
 
 echo "== starting mesh-agent (log: $DIR/agent.log)"
 sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$CG" \

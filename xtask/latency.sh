@@ -29,7 +29,8 @@ for p in cli:2 srv:3; do
   ip link set "mlat$h" master "$BR" up; ip -n "mlat-$n" addr add "10.203.0.$h/24" dev eth0
   ip -n "mlat-$n" link set eth0 up; ip -n "mlat-$n" link set lo up; mkdir -p "$CG/$n"
 done
-in_pod srv taskset -c 0 "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null &
+# In a subshell so bash does not report the server's end as a killed job.
+( in_pod srv taskset -c 0 "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null & )
 sleep 0.3
 config() { # config ENROLLED(0/1) MODE
   local label="{}"; [ "$1" = 1 ] && label="{ mesh-agent.io/dataplane-mode: ambient }"

@@ -4,7 +4,10 @@
 //! runtime on the main thread; the node proxy runs on its own multi-thread runtime so
 //! admin scrapes never add latency to proxied connections.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use mesh_common::cfg_flags;
@@ -59,22 +62,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let snapshot = Snapshot::from_file(&file);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot));
     let mut syncer = MapSyncer::new(maps.clone(), registry.clone());
-    syncer
-        .apply(&snap_rx.borrow())
+    apply_snapshot(&mut syncer, &metrics, &snap_rx.borrow())
         .context("writing the enrolment maps")?;
-    metrics.enrolled_workloads.store(
-        snap_rx
-            .borrow()
-            .workloads
-            .iter()
-            .filter(|w| w.enrolled)
-            .count() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    metrics.unresolved_workloads.store(
-        syncer.unresolved as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
     readiness.set(READY_MAPS);
 
     // The proxy runtime.
@@ -126,17 +115,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let sync = async {
             while rx.changed().await.is_ok() {
                 let snap = rx.borrow_and_update().clone();
-                if let Err(e) = syncer.apply(&snap) {
+                if let Err(e) = apply_snapshot(&mut syncer, &metrics, &snap) {
                     error!(error = %e, "writing the enrolment maps failed");
                 }
-                metrics.enrolled_workloads.store(
-                    snap.workloads.iter().filter(|w| w.enrolled).count() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                metrics.unresolved_workloads.store(
-                    syncer.unresolved as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
             }
         }
         .instrument(tracing::info_span!("map_sync"));
@@ -164,6 +145,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(datapath);
     info!("programs detached, pins removed");
     Ok(())
+}
+
+/// Writes a snapshot to the maps and updates the enrolment gauges.
+fn apply_snapshot(
+    syncer: &mut MapSyncer,
+    metrics: &Metrics,
+    snap: &Snapshot,
+) -> Result<(), aya::maps::MapError> {
+    let r = syncer.apply(snap);
+    let enrolled = snap.workloads.iter().filter(|w| w.enrolled).count() as u64;
+    metrics.enrolled_workloads.store(enrolled, Relaxed);
+    metrics
+        .unresolved_workloads
+        .store(syncer.unresolved as u64, Relaxed);
+    r
 }
 
 async fn shutdown_signal() -> &'static str {
