@@ -104,7 +104,17 @@ fn not_root_is_refused() {
             Ok(())
         });
     }
-    let out = cmd.output().unwrap();
+    // ETXTBSY: a child forked by a parallel test at the moment of the copy can still hold
+    // the copy's write descriptor until it execs.
+    let out = (0..50)
+        .find_map(|_| match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                None
+            }
+            r => Some(r.unwrap()),
+        })
+        .expect("the copied agent stayed busy");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("must run as root"), "{err}");
