@@ -242,6 +242,18 @@ fn a_thousand_concurrent_connections_complete_intact() {
             ],
         )
         .unwrap();
+    if r["errors"] != serde_json::json!([]) {
+        let m = agent.get("/metrics").unwrap();
+        let nonzero: Vec<&str> = m
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+            .collect();
+        panic!(
+            "{r}\nagent metrics:\n{}\nagent log:\n{}",
+            nonzero.join("\n"),
+            agent.log_text()
+        );
+    }
     assert_intact(&r, 16384);
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1000);
 }

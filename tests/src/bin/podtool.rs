@@ -77,6 +77,11 @@ fn errno_name(e: &std::io::Error) -> String {
 
 fn serve(args: &[String], handle: fn(TcpStream, &[String])) {
     let l = TcpListener::bind(addr(args, "--listen")).expect("bind");
+    // std listens with a backlog of 128; a burst of 1,000 connects from the node proxy
+    // would overflow it, and SYN retransmits (1 s, 3 s, 7 s...) can outlast the proxy's
+    // connect timeout. Real servers ask for more; so do we.
+    // SAFETY: listen(2) again on our own listening socket only raises the backlog.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
     println!("listening");
     std::io::stdout().flush().ok();
     for c in l.incoming().flatten() {
