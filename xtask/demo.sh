@@ -23,11 +23,15 @@ PODS=(web:2 cron:3 api:4 redis:5 batch:6)
 AGENT_PID=
 
 cleanup() {
-  trap - EXIT INT TERM
-  [ -n "$AGENT_PID" ] && kill -TERM "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
-  for d in "$CG"/*/ "$CG/"; do
+  trap "" INT TERM
+  exec 2>/dev/null  # job-control noise ("Killed") from the pods we stop
+  trap - EXIT
+  # Pods first (their connections end), then the agent (nothing left to drain).
+  for d in "$CG"/*/; do
     [ -f "$d/cgroup.procs" ] && xargs -r kill -9 < "$d/cgroup.procs" 2>/dev/null || true
   done
+  [ -n "$AGENT_PID" ] && kill -TERM "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
+  [ -f "$CG/cgroup.procs" ] && xargs -r kill -9 < "$CG/cgroup.procs" 2>/dev/null || true
   sleep 0.2
   for p in "${PODS[@]}"; do ip netns del "mdemo-${p%%:*}" 2>/dev/null || true; rmdir "$CG/${p%%:*}" 2>/dev/null || true; done
   ip link del "$BR" 2>/dev/null || true

@@ -11,7 +11,9 @@ CG_ROOT=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 CG=$CG_ROOT/mesh-lat; PIN=/sys/fs/bpf/mesh-lat; DIR=/tmp/mesh-lat; BR=mlatbr; ADMIN=127.0.0.1:15098
 AGENT_PID=
 cleanup() {
-  trap - EXIT INT TERM
+  trap "" INT TERM
+  exec 2>/dev/null  # job-control noise ("Killed") from the pods we stop
+  trap - EXIT
   [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
   for d in "$CG"/*/ "$CG/"; do [ -f "$d/cgroup.procs" ] && xargs -r kill -9 < "$d/cgroup.procs" 2>/dev/null || true; done
   sleep 0.2
