@@ -442,3 +442,50 @@ fn sigterm_drains_then_detaches_and_traffic_goes_direct() {
     echo_intact(&n, "client", &dst, 65536);
     assert_eq!(n.cgroup_programs().unwrap(), Vec::<String>::new());
 }
+
+/// Stopping the agent frees SOCKHASH while a pair still has bytes waiting in a redirect
+/// queue; the kernel hands the socket back to plain TCP with its queue intact (measured:
+/// this test passes; it guards against a future shutdown path that would lose them).
+#[test]
+fn an_agent_stop_loses_no_redirected_bytes_of_live_pairs() {
+    let n = node("direct");
+    let mut agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:9000", n.pod("server").ip);
+    // The reader does not read for 3 s: everything the client sends (3 MiB, under the
+    // back-pressure limit) waits in its redirect queue while the agent stops.
+    n.serve(
+        "server",
+        &[
+            "sink",
+            "--listen",
+            "0.0.0.0:9000",
+            "--pause-ms",
+            "3000",
+            "--delay-us",
+            "0",
+        ],
+    )
+    .unwrap();
+    let bytes = 3 * MIB;
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            n.client(
+                "client",
+                &["sink-client", "--to", &dst, "--bytes", &bytes.to_string()],
+            )
+            .unwrap()
+        });
+        wait_for(
+            "the bytes in the reader's redirect queue",
+            Duration::from_secs(10),
+            || agent.event("msg_redirected_bytes") >= bytes,
+        );
+        let (code, log) = agent.stop();
+        assert_eq!(code, Some(0), "{log}");
+        assert_eq!(n.cgroup_programs().unwrap(), Vec::<String>::new());
+        let r = sender.join().unwrap();
+        assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+        assert_eq!(r["received_by_reader"].as_u64().unwrap(), bytes, "{r}");
+        assert_eq!(r["sha_sent"], r["sha_reader"], "{r}");
+    });
+}

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! podtool echo  --listen ADDR            echo every byte back; half-close when the client does
-//! podtool sink  --listen ADDR --delay-us N  read 16 KiB at a time with a pause (a slow reader),
+//! podtool sink  --listen ADDR --delay-us N [--pause-ms M]  (wait M ms, then) read 16 KiB at a
+//!                                        time with a pause (a slow reader),
 //!                                        then answer "<bytes> <sha256>" and close
 //! podtool reset --listen ADDR            read a little, then close with RST (SO_LINGER 0)
 //! podtool echo-client --to ADDR --bytes N [--conns C]   send N bytes, read the echo back
@@ -110,6 +111,8 @@ fn echo(mut c: TcpStream, _: &[String]) {
 
 fn sink(mut c: TcpStream, args: &[String]) {
     let delay = Duration::from_micros(num(args, "--delay-us", 500));
+    // A reader that does not read at all for a while.
+    std::thread::sleep(Duration::from_millis(num(args, "--pause-ms", 0)));
     let mut buf = vec![0u8; 16 * 1024];
     let mut h = Sha256::new();
     let mut n = 0u64;
