@@ -12,9 +12,9 @@
 //!
 //! # Minimum kernel version
 //!
-//! 4.17 for sk_msg; `sk_psock.msg_tot_len`
-//! exists from 6.9 (with older kernels the agent leaves the offsets at 0, which disables
-//! the check).
+//! 4.17 for sk_msg. The back-pressure check needs `sk_psock.msg_tot_len` (6.9) and
+//! `bpf_probe_read_kernel` (5.8); on older kernels the agent leaves the offsets at 0,
+//! which disables the check.
 
 use core::ptr::read_volatile;
 
