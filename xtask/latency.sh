@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick pod -> pod TCP round-trip latency (64-byte ping-pong) on a simulated node:
-# direct (not enrolled), mesh proxied with sk_msg, mesh proxied without sk_msg, and
+# direct (not enrolled), mesh proxied with sk_msg on the app leg, on both legs, without
+# sk_msg, and
 # direct mode (sk_msg socket to socket). Client, server and agent are pinned to CPU 0
 # (cross-vCPU wake-ups dominate otherwise on these VMs). Prints the median p50 of N runs.
 # Run with `cargo xtask latency [--runs N]` as root. Not a benchmark suite: see issue 5.
@@ -56,5 +57,6 @@ measure() { # measure LABEL -> median p50 over RUNS runs
 }
 config 0 proxied; start_agent; measure "direct (not enrolled)"; stop_agent
 config 1 proxied; start_agent; measure "mesh, node proxy, sk_msg"; stop_agent
+config 1 proxied; start_agent --skmsg-upstream true; measure "mesh, node proxy, sk_msg both legs"; stop_agent
 config 1 proxied; start_agent --skmsg false; measure "mesh, node proxy, no sk_msg"; stop_agent
 config 1 direct; start_agent; measure "mesh, direct mode (sk_msg s2s)"; stop_agent

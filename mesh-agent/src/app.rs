@@ -79,6 +79,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         registry.clone(),
     ))?);
+    if args.skmsg_upstream {
+        outbound.pair_upstream_from(*redirect.ip());
+    }
     let drain = outbound.drain.clone();
     proxy_rt.spawn(
         outbound

@@ -163,7 +163,7 @@ pub struct Maps {
     pub dests: Mutex<HashMap<MapData, u32, DestInfo>>,
     pub excludes: Mutex<Array<MapData, ExcludeCidr>>,
     pub config: Mutex<Array<MapData, MeshConfig>>,
-    pub flows: HashMap<MapData, SockKey, FlowInfo>,
+    pub flows: Mutex<HashMap<MapData, SockKey, FlowInfo>>,
     pub stats: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, SockKey>,
 }
@@ -328,7 +328,7 @@ impl Datapath {
             dests: Mutex::new(take(&mut ebpf, map_names::DESTS)?),
             excludes: Mutex::new(take(&mut ebpf, map_names::EXCLUDES)?),
             config: Mutex::new(take(&mut ebpf, map_names::CONFIG)?),
-            flows: take(&mut ebpf, map_names::FLOWS)?,
+            flows: Mutex::new(take(&mut ebpf, map_names::FLOWS)?),
             stats: take(&mut ebpf, map_names::STATS)?,
             _sockhash: sockhash,
         };
@@ -373,7 +373,24 @@ impl Maps {
 
     /// The original destination and flags of a captured connection, by the client's view.
     pub fn flow(&self, client: SockKey) -> Option<FlowInfo> {
-        self.flows.get(&client, 0).ok()
+        let m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&client, 0).ok()
+    }
+
+    /// Announces one of the proxy's own connections (by its 4-tuple, before connecting) so
+    /// sockops pairs it with the destination's socket.
+    pub fn announce_upstream(
+        &self,
+        key: SockKey,
+        info: FlowInfo,
+    ) -> Result<(), aya::maps::MapError> {
+        let mut m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(key, info, 0)
+    }
+
+    pub fn forget_flow(&self, key: SockKey) {
+        let mut m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = m.remove(&key);
     }
 
     /// Datapath counters summed over CPUs.

@@ -52,6 +52,11 @@ pub struct RunArgs {
     /// Pair app and proxy sockets with sk_msg (false: captured flows cross the TCP stack).
     #[arg(long, env = "MESH_SKMSG", default_value_t = true, action = clap::ArgAction::Set)]
     pub skmsg: bool,
+    /// Also pair the proxy's connection to a same-node destination with the destination's
+    /// socket (sk_msg on both legs). Off by default: the destination's socket then reads
+    /// through the sockmap path (see docs/architecture.md on blocking readers).
+    #[arg(long, env = "MESH_SKMSG_UPSTREAM", default_value_t = false, action = clap::ArgAction::Set)]
+    pub skmsg_upstream: bool,
     /// Floor of the per-socket limit of bytes waiting in an sk_msg redirect queue (bytes).
     #[arg(long, env = "MESH_SKMSG_QUEUE_FLOOR", default_value_t = DEFAULT_SKMSG_QUEUE_FLOOR)]
     pub skmsg_queue_floor: u32,

@@ -17,7 +17,10 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{flow_flags, maps::SockKey};
+use mesh_common::{
+    flow_flags,
+    maps::{FlowInfo, SockKey},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -81,6 +84,9 @@ impl Drop for LiveGuard {
 
 pub struct Outbound {
     listener: TcpListener,
+    /// When set: connect to same-node destinations from this (node) address and have
+    /// sockops pair that leg too.
+    upstream_source: std::sync::OnceLock<Ipv4Addr>,
     maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     registry: SharedRegistry,
@@ -107,12 +113,53 @@ impl Outbound {
             .map_err(|source| ProxyError::Bind { addr, source })?;
         Ok(Outbound {
             listener,
+            upstream_source: std::sync::OnceLock::new(),
             maps,
             metrics,
             registry,
             drain: Arc::default(),
             next_id: AtomicU64::new(0),
         })
+    }
+
+    /// Pair the proxy's connections to same-node destinations too, connecting from `ip`
+    /// (the node's address on the pod network, which the destination sees as the peer).
+    pub fn pair_upstream_from(&self, ip: Ipv4Addr) {
+        let _ = self.upstream_source.set(ip);
+    }
+
+    /// Connects to the original destination. For a same-node destination with upstream
+    /// pairing on, bind first to learn our 4-tuple and announce it in `FLOWS`, so sockops
+    /// pairs both ends when the connection is established; if anything in that fails, a
+    /// plain connect.
+    async fn connect_upstream(&self, dst: SocketAddrV4, flow: &FlowInfo) -> io::Result<TcpStream> {
+        let local_dst = flow.dst_id != u32::MAX;
+        if let (Some(src), true) = (self.upstream_source.get(), local_dst) {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            if sock.bind(SocketAddr::new(IpAddr::V4(*src), 0)).is_ok() {
+                if let Ok(SocketAddr::V4(local)) = sock.local_addr() {
+                    let key = SockKey {
+                        local_ip4: u32::from_ne_bytes(local.ip().octets()),
+                        remote_ip4: u32::from_ne_bytes(dst.ip().octets()),
+                        local_port: local.port(),
+                        remote_port: dst.port(),
+                    };
+                    let info = FlowInfo {
+                        flags: flow_flags::PROXIED | flow_flags::UPSTREAM,
+                        ..*flow
+                    };
+                    if self.maps.announce_upstream(key, info).is_ok() {
+                        let r = sock.connect(dst.into()).await;
+                        if r.is_err() {
+                            self.maps.forget_flow(key);
+                        }
+                        return r;
+                    }
+                }
+                return sock.connect(dst.into()).await;
+            }
+        }
+        TcpStream::connect(dst).await
     }
 
     /// Accepts until `stop` turns true.
@@ -182,22 +229,23 @@ impl Outbound {
             skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
         });
         counters.opened.fetch_add(1, Relaxed);
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                debug!(%dst, error = %e, "upstream connect failed; resetting the client");
-                counters.connect_failures.fetch_add(1, Relaxed);
-                counters.closed.fetch_add(1, Relaxed);
-                let _ = sys::set_linger_zero(client.as_fd());
-                return;
-            }
-            Err(_) => {
-                counters.connect_failures.fetch_add(1, Relaxed);
-                counters.closed.fetch_add(1, Relaxed);
-                let _ = sys::set_linger_zero(client.as_fd());
-                return;
-            }
-        };
+        let upstream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_upstream(dst, &flow)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(%dst, error = %e, "upstream connect failed; resetting the client");
+                    counters.connect_failures.fetch_add(1, Relaxed);
+                    counters.closed.fetch_add(1, Relaxed);
+                    let _ = sys::set_linger_zero(client.as_fd());
+                    return;
+                }
+                Err(_) => {
+                    counters.connect_failures.fetch_add(1, Relaxed);
+                    counters.closed.fetch_add(1, Relaxed);
+                    let _ = sys::set_linger_zero(client.as_fd());
+                    return;
+                }
+            };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         relay(client, upstream, &counters).await;

@@ -92,12 +92,16 @@ pub mod flow_flags {
     pub const SERVER_PAIRED: u32 = 1 << 3;
     /// The client side socket was created as AF_INET6 (v4-mapped addresses).
     pub const CLIENT_V6: u32 = 1 << 4;
-    pub const NAMES: [(u32, &str); 5] = [
+    /// The node proxy's own connection to a local destination (written by the proxy before
+    /// it connects, so sockops pairs both ends of the second leg too).
+    pub const UPSTREAM: u32 = 1 << 5;
+    pub const NAMES: [(u32, &str); 6] = [
         (PROXIED, "proxied"),
         (DIRECT, "direct"),
         (CLIENT_PAIRED, "client_paired"),
         (SERVER_PAIRED, "server_paired"),
         (CLIENT_V6, "client_v6"),
+        (UPSTREAM, "upstream"),
     ];
 }
 

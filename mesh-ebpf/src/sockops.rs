@@ -103,6 +103,7 @@ fn active_established(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: the value is copied out at once.
     let Some(orig) = unsafe { SOCK_ORIG.get(cookie) }.copied() else {
+        upstream_established(ctx);
         return;
     };
     if orig.flags & flow_flags::PROXIED == 0 {
@@ -145,6 +146,32 @@ fn active_established(ctx: &SockOpsContext) {
         } else {
             bump(Stat::SockhashUpdateFailed);
         }
+    }
+}
+
+/// The node proxy's connection to a local destination, announced by the proxy in `FLOWS`
+/// (flag `upstream`) before it connected: pair it like a client.
+#[inline(always)]
+fn upstream_established(ctx: &SockOpsContext) {
+    let Some((key, _)) = sock_key(ctx) else {
+        return;
+    };
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: map value pointer returned by the kernel, valid during this program run.
+    let flow = unsafe { &mut *flow };
+    if flow.flags & flow_flags::UPSTREAM == 0 {
+        return;
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+        remember_addr(ctx, key);
+        flow.flags |= flow_flags::CLIENT_PAIRED;
+        bump(Stat::SockopsClientPaired);
+    } else {
+        bump(Stat::SockhashUpdateFailed);
     }
 }
 

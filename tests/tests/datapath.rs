@@ -489,3 +489,24 @@ fn an_agent_stop_loses_no_redirected_bytes_of_live_pairs() {
         assert_eq!(r["sha_sent"], r["sha_reader"], "{r}");
     });
 }
+
+#[test]
+fn upstream_pairing_short_circuits_both_legs() {
+    let n = node("proxied");
+    let agent = n.start_agent(&["--skmsg-upstream", "true"]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let (clients, servers) = (
+        agent.event("sockops_client_paired"),
+        agent.event("sockops_server_paired"),
+    );
+    echo_intact(&n, "client", &dst, 16 * MIB);
+    // app <-> proxy and proxy <-> server: two clients and two servers paired.
+    assert_eq!(agent.event("sockops_client_paired") - clients, 2);
+    assert_eq!(agent.event("sockops_server_paired") - servers, 2);
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+    // The destination still sees the node as its peer, and getpeername stays transparent.
+    let r = n.client("client", &["peer", "--to", &dst]).unwrap();
+    assert_eq!(r["peer"], dst.as_str(), "{r}");
+}
