@@ -229,23 +229,19 @@ impl Outbound {
             skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
         });
         counters.opened.fetch_add(1, Relaxed);
-        let upstream =
-            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_upstream(dst, &flow)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(%dst, error = %e, "upstream connect failed; resetting the client");
-                    counters.connect_failures.fetch_add(1, Relaxed);
-                    counters.closed.fetch_add(1, Relaxed);
-                    let _ = sys::set_linger_zero(client.as_fd());
-                    return;
-                }
-                Err(_) => {
-                    counters.connect_failures.fetch_add(1, Relaxed);
-                    counters.closed.fetch_add(1, Relaxed);
-                    let _ = sys::set_linger_zero(client.as_fd());
-                    return;
-                }
-            };
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_upstream(dst, &flow))
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
+        let upstream = match connect {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%dst, error = %e, "upstream connect failed; resetting the client");
+                counters.connect_failures.fetch_add(1, Relaxed);
+                counters.closed.fetch_add(1, Relaxed);
+                let _ = sys::set_linger_zero(client.as_fd());
+                return;
+            }
+        };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         relay(client, upstream, &counters).await;
