@@ -110,22 +110,33 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP mesh_proxy_orig_dst_missing_total Accepted connections without a recorded original destination (closed).\n\
-             # TYPE mesh_proxy_orig_dst_missing_total counter\nmesh_proxy_orig_dst_missing_total {}",
-            self.orig_dst_missing.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP mesh_workloads_enrolled Workloads whose outbound traffic is captured.\n# TYPE mesh_workloads_enrolled gauge\nmesh_workloads_enrolled {}",
-            self.enrolled_workloads.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP mesh_workloads_unresolved Enrolled workloads whose network namespace cannot be found.\n# TYPE mesh_workloads_unresolved gauge\nmesh_workloads_unresolved {}",
-            self.unresolved_workloads.load(Relaxed)
-        );
+        let scalars = [
+            (
+                "mesh_proxy_orig_dst_missing_total",
+                "counter",
+                "Accepted connections without a recorded original destination (closed).",
+                &self.orig_dst_missing,
+            ),
+            (
+                "mesh_workloads_enrolled",
+                "gauge",
+                "Workloads whose outbound traffic is captured.",
+                &self.enrolled_workloads,
+            ),
+            (
+                "mesh_workloads_unresolved",
+                "gauge",
+                "Enrolled workloads whose network namespace cannot be found.",
+                &self.unresolved_workloads,
+            ),
+        ];
+        for (name, kind, help, v) in scalars {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP mesh_datapath_events_total Datapath events and verdicts counted by the eBPF programs.\n# TYPE mesh_datapath_events_total counter"
