@@ -1,6 +1,9 @@
 //! The few system calls std and tokio do not wrap. This is the one module of the agent
 //! allowed `unsafe`; every block says why it is sound.
-#![allow(unsafe_code)]
+#![expect(
+    unsafe_code,
+    reason = "the one module of the agent that makes raw system calls"
+)]
 
 use std::{
     fs::File,

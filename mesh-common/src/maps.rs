@@ -147,7 +147,7 @@ mod pod {
     // SAFETY: every type above is `repr(C)`, `Copy`, and has no padding (asserted), so
     // any byte pattern of the right size is a valid value.
     macro_rules! pod {
-        ($($t:ty),*) => { $( #[allow(unsafe_code)] unsafe impl aya::Pod for $t {} )* };
+        ($($t:ty),*) => { $( #[expect(unsafe_code, reason = "Pod is an unsafe trait")] unsafe impl aya::Pod for $t {} )* };
     }
     pod!(
         WorkloadInfo,

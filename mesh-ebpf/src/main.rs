@@ -12,7 +12,10 @@
 #![no_std]
 #![no_main]
 // The kernel side is the one crate where `unsafe` is the norm (raw contexts, helpers).
-#![allow(unsafe_code)]
+#![expect(
+    unsafe_code,
+    reason = "raw program contexts, map values and helpers are unsafe by nature"
+)]
 
 mod connect;
 mod maps;

@@ -7,7 +7,10 @@
 //! Names for index N: bridge `mtbrN`, subnet 10.201.N.0/24 (gateway .1 = the node's
 //! address, where the proxy listens), netns `mtN-<pod>`, host veth `mtNv<i>`, cgroup
 //! `<cgroup2>/mesh-test-N`, pins `/sys/fs/bpf/mesh-test-N`, admin port 15100+N.
-#![allow(unsafe_code)]
+#![expect(
+    unsafe_code,
+    reason = "pre_exec hooks (setns, cgroup move) and kill(2) for the simulated node"
+)]
 
 use std::{
     fs,

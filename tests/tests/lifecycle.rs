@@ -1,5 +1,8 @@
 //! Start-up failures, the node lock, clean shutdown, and the inspection CLI.
-#![allow(unsafe_code)] // setuid(2) in a pre_exec hook, to run the agent as nobody.
+#![expect(
+    unsafe_code,
+    reason = "setuid(2) in a pre_exec hook, to run the agent as nobody"
+)]
 
 use std::{process::Stdio, time::Duration};
 

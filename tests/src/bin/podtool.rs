@@ -17,7 +17,10 @@
 //! ```
 //! ADDR may be `[::]:port` (dual-stack listener) or `[::ffff:a.b.c.d]:port` (v6 socket to
 //! a v4 peer).
-#![allow(unsafe_code)]
+#![expect(
+    unsafe_code,
+    reason = "poll(2), listen(2) and SO_LINGER on the pod tools' sockets"
+)]
 
 use std::{
     io::{Read, Write},
