@@ -14,6 +14,7 @@ use std::{
     fs::File,
     io,
     net::SocketAddrV4,
+    os::fd::AsFd,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -33,6 +34,9 @@ use tracing::{info, warn};
 
 use crate::sys;
 
+/// `BPF_CGROUP_INET4_CONNECT` (enum bpf_attach_type).
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+
 /// The datapath object, built from `mesh-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
@@ -44,6 +48,8 @@ pub enum BpfError {
     Kernel(String),
     #[error("another mesh-agent already runs on this node: it holds the lock on {0} (stop it, or give this one another --pin-path)")]
     AlreadyRunning(PathBuf),
+    #[error("another mesh-agent's programs are attached to cgroup {cgroup} (program ids {ids:?}); two agents on one cgroup would capture every connection twice: stop the other agent")]
+    AlreadyAttached { cgroup: PathBuf, ids: Vec<u32> },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("loading the eBPF object: {0}")]
@@ -276,6 +282,22 @@ impl Datapath {
 
         let cgroup_fd = File::open(o.cgroup)
             .map_err(io_err(format!("opening cgroup {}", o.cgroup.display())))?;
+        // Another agent with another pin folder on the same cgroup: its links are alive.
+        let theirs =
+            sys::cgroup_prog_ids(cgroup_fd.as_fd(), BPF_CGROUP_INET4_CONNECT).map_err(io_err(
+                format!("querying the programs of cgroup {}", o.cgroup.display()),
+            ))?;
+        let theirs: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| theirs.contains(&p.id()) && p.name_as_str() == Some(prog_names::CONNECT4))
+            .map(|p| p.id())
+            .collect();
+        if !theirs.is_empty() {
+            return Err(BpfError::AlreadyAttached {
+                cgroup: o.cgroup.to_owned(),
+                ids: theirs,
+            });
+        }
         let prog_err = |what: String| move |source| BpfError::Program { what, source };
         for name in [
             prog_names::CONNECT4,

@@ -185,6 +185,24 @@ fn second_agent_on_the_node_is_refused_and_stop_cleans_up() {
     );
     assert!(first.get("/ready").is_ok(), "the first agent keeps running");
 
+    // Another pin folder, same cgroup: the attached programs give the other agent away.
+    let other_pins = format!("{}-other", n.pin_path.display());
+    let out = n
+        .agent_command(&["--pin-path", &other_pins, "--admin-address", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another mesh-agent's programs are attached to cgroup"),
+        "{err}"
+    );
+    assert_eq!(n.cgroup_programs().unwrap(), attached);
+    assert!(
+        !std::path::Path::new(&other_pins).exists(),
+        "the refused agent removes its pins"
+    );
+
     let (code, log) = first.stop();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("programs detached, pins removed"), "{log}");
