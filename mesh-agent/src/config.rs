@@ -46,7 +46,7 @@ pub struct RunArgs {
     /// namespaces); default: `--proxy-address`, which then must not be 0.0.0.0.
     #[arg(long, env = "MESH_PROXY_REDIRECT")]
     pub proxy_redirect: Option<SocketAddrV4>,
-    /// Admin endpoint: /metrics, /ready, /config.
+    /// Admin endpoint: /metrics, /ready, /config, /workloads.
     #[arg(long, env = "MESH_ADMIN_ADDRESS", default_value = DEFAULT_ADMIN_ADDRESS)]
     pub admin_address: SocketAddr,
     /// Pair app and proxy sockets with sk_msg (false: captured flows cross the TCP stack).
