@@ -291,3 +291,58 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCount
         let _ = sys::set_linger_zero(upstream.as_fd());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two connected loopback sockets: (the end `relay` gets, the far end the test drives).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (near, _) = l.accept().await.unwrap();
+        (near, far)
+    }
+
+    #[tokio::test]
+    async fn half_close_is_passed_on_and_the_answer_still_arrives() {
+        let (client_near, mut app) = pair().await;
+        let (upstream_near, mut server) = pair().await;
+        let counters = Arc::new(FlowCounters::default());
+        let c = counters.clone();
+        let relay = tokio::spawn(async move { relay(client_near, upstream_near, &c).await });
+
+        app.write_all(b"request").await.unwrap();
+        app.shutdown().await.unwrap(); // FIN from the app...
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap(); // ...reaches the server as EOF
+        assert_eq!(got, b"request");
+        server
+            .write_all(b"answer after the half-close")
+            .await
+            .unwrap();
+        drop(server);
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"answer after the half-close");
+        relay.await.unwrap();
+        assert_eq!(counters.received.load(Relaxed), 7);
+        assert_eq!(counters.sent.load(Relaxed), 27);
+    }
+
+    #[tokio::test]
+    async fn a_reset_from_the_server_reaches_the_app_as_a_reset() {
+        let (client_near, mut app) = pair().await;
+        let (upstream_near, server) = pair().await;
+        let counters = Arc::new(FlowCounters::default());
+        let c = counters.clone();
+        let relay = tokio::spawn(async move { relay(client_near, upstream_near, &c).await });
+
+        sys::set_linger_zero(server.as_fd()).unwrap();
+        drop(server); // RST
+        relay.await.unwrap();
+        let mut buf = [0u8; 8];
+        let err = app.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+}
