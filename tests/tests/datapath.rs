@@ -171,6 +171,18 @@ fn unenrolled_namespace_and_opted_out_pod_are_not_captured() {
     }
     assert_eq!(agent.event("connect_not_enrolled") - before, 2);
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
+    // Dialling the node proxy itself is never captured (no loop); the proxy finds no
+    // original destination for it and closes it.
+    let proxy = format!("{}:15001", n.gateway);
+    n.client("client", &["peer", "--to", &proxy]).unwrap();
+    assert_eq!(agent.event("connect_to_proxy"), 1);
+    wait_for("the proxy to refuse it", Duration::from_secs(5), || {
+        metric(
+            &agent.get("/metrics").unwrap(),
+            "mesh_proxy_orig_dst_missing_total",
+            &[],
+        ) == 1
+    });
     // The enrolled pod next to them is captured.
     n.client("client", &["echo-client", "--to", &dst, "--bytes", "65536"])
         .unwrap();
