@@ -343,10 +343,12 @@ fn reset_client(args: &[String]) {
 /// Connects and reports the peer address the socket sees (getpeername).
 fn peer(args: &[String]) {
     let c = TcpStream::connect(addr(args, "--to")).expect("connect");
-    println!(
-        "{}",
-        serde_json::json!({"peer": c.peer_addr().expect("peer").to_string()})
-    );
+    // The far end may already have reset the connection (ENOTCONN): report, don't panic.
+    let out = match c.peer_addr() {
+        Ok(a) => serde_json::json!({"peer": a.to_string()}),
+        Err(e) => serde_json::json!({"peer": null, "error": errno_name(&e)}),
+    };
+    println!("{out}");
 }
 
 fn ping(args: &[String]) {
