@@ -221,16 +221,20 @@ fn enrolment_changes_apply_to_new_connections_without_restart() {
     send();
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
 
-    // A broken edit is refused and the last good configuration stays.
+    // A broken edit is refused and the last good configuration (enrolled) stays.
+    n.write_config(&config(&n, "proxied", true)).unwrap();
+    wait_for("enrolment again", Duration::from_secs(10), || {
+        enrolled() == 1
+    });
     std::fs::write(n.config_path(), "namespaces: [oops\n").unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    send();
-    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
-    assert!(
-        agent.log_text().contains("enrolment file rejected"),
-        "{}",
-        agent.log_text()
+    wait_for(
+        "the broken edit to be rejected",
+        Duration::from_secs(10),
+        || agent.log_text().contains("enrolment file rejected"),
     );
+    send();
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 2);
+    assert_eq!(enrolled(), 1);
 }
 
 #[test]

@@ -329,13 +329,18 @@ fn sink_client(args: &[String]) {
 
 fn reset_client(args: &[String]) {
     let mut c = TcpStream::connect(addr(args, "--to")).expect("connect");
-    let _ = c.write_all(b"hello");
-    c.set_nonblocking(true).expect("nonblocking");
-    let mut buf = [0u8; 16];
-    let outcome = match read_evented(&mut c, &mut buf) {
-        Ok(0) => "eof".to_owned(),
-        Ok(_) => "data".to_owned(),
-        Err(e) => errno_name(&e),
+    // The reset may come before our write (a refused upstream resets at once): then the
+    // write is where it shows, and a read after it would only see EOF.
+    let outcome = if let Err(e) = c.write_all(b"hello") {
+        errno_name(&e)
+    } else {
+        c.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 16];
+        match read_evented(&mut c, &mut buf) {
+            Ok(0) => "eof".to_owned(),
+            Ok(_) => "data".to_owned(),
+            Err(e) => errno_name(&e),
+        }
     };
     println!("{}", serde_json::json!({"outcome": outcome}));
 }
