@@ -81,9 +81,9 @@ workloads:
 EOF
 
 echo "== simulated node: bridge $BR 10.202.0.1/24, cgroup $CG, 5 pods"
-# In subshells so bash does not report the servers' end as killed jobs.
-( in_pod api "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null & )
-( in_pod redis "$PODTOOL" echo --listen 0.0.0.0:6379 > /dev/null & )
+# Detached, quiet: the servers are killed at clean-up.
+( in_pod api "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null 2>&1 & )
+( in_pod redis "$PODTOOL" echo --listen 0.0.0.0:6379 > /dev/null 2>&1 & )
 
 echo "== starting mesh-agent (log: $DIR/agent.log)"
 sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$CG" \

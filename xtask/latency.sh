@@ -33,7 +33,7 @@ for p in cli:2 srv:3; do
   ip -n "mlat-$n" link set eth0 up; ip -n "mlat-$n" link set lo up; mkdir -p "$CG/$n"
 done
 # In a subshell so bash does not report the server's end as a killed job.
-( in_pod srv taskset -c 0 "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null & )
+( in_pod srv taskset -c 0 "$PODTOOL" echo --listen 0.0.0.0:8080 > /dev/null 2>&1 & )
 sleep 0.3
 config() { # config ENROLLED(0/1) MODE
   local label="{}"; [ "$1" = 1 ] && label="{ mesh-agent.io/dataplane-mode: ambient }"
