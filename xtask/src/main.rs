@@ -27,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "util-linux",
     "procps",
+    "curl",
 ];
 
 #[derive(Parser)]
