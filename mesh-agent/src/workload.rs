@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
@@ -203,7 +203,7 @@ impl MapSyncer {
             if !w.enrolled {
                 continue;
             }
-            match netns_cookie(&w.netns) {
+            match crate::sys::netns_cookie(&w.netns) {
                 Ok(cookie) => {
                     d.workloads.insert(
                         cookie,
@@ -282,12 +282,10 @@ impl MapSyncer {
     }
 }
 
-fn netns_cookie(p: &Path) -> std::io::Result<u64> {
-    crate::sys::netns_cookie(p)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]

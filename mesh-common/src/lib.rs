@@ -232,9 +232,62 @@ pub fn user_port_host(raw: u32) -> u16 {
     u16::from_be(raw as u16)
 }
 
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// A socket's `(local, remote)` key from the raw context fields (`bpf_sock_ops` and
+/// `sk_msg_md` carry the same ones), with v4-mapped IPv6 folded to IPv4. Returns the key and
+/// whether the socket is AF_INET6, or `None` for native IPv6 and other families.
+#[inline(always)]
+pub fn socket_key(
+    family: u32,
+    local_ip4: u32,
+    remote_ip4: u32,
+    local_ip6: [u32; 4],
+    remote_ip6: [u32; 4],
+    local_port: u32,
+    remote_port: u32,
+) -> Option<(maps::SockKey, bool)> {
+    let (local, remote, v6) = match family {
+        AF_INET => (local_ip4, remote_ip4, false),
+        AF_INET6 => (v4_mapped(local_ip6)?, v4_mapped(remote_ip6)?, true),
+        _ => return None,
+    };
+    Some((
+        maps::SockKey {
+            local_ip4: local,
+            remote_ip4: remote,
+            local_port: local_port as u16,
+            remote_port: remote_port_host(remote_port),
+        },
+        v6,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_key_folds_v4_mapped_and_rejects_native_v6() {
+        let (a, b) = (
+            u32::from_ne_bytes([10, 0, 0, 2]),
+            u32::from_ne_bytes([10, 0, 0, 3]),
+        );
+        let port = (u32::from(8080_u16.to_be())) << 16;
+        let (k, v6) = socket_key(AF_INET, a, b, [0; 4], [0; 4], 40000, port).unwrap();
+        assert!(!v6);
+        assert_eq!(
+            (k.local_ip4, k.remote_ip4, k.local_port, k.remote_port),
+            (a, b, 40000, 8080)
+        );
+        let m = |ip| [0, 0, 0xffff_u32.to_be(), ip];
+        let (k6, v6) = socket_key(AF_INET6, 0, 0, m(a), m(b), 40000, port).unwrap();
+        assert!(v6);
+        assert_eq!(k6, k);
+        assert!(socket_key(AF_INET6, 0, 0, [1, 0, 0, 1], m(b), 40000, port).is_none());
+        assert!(socket_key(1, a, b, [0; 4], [0; 4], 1, 1).is_none());
+    }
 
     #[test]
     fn v4_mapped_extracts_only_mapped_addresses() {

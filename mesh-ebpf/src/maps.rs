@@ -134,3 +134,34 @@ pub fn socket_queue(addr: u64) -> (i32, u32) {
     }
     (rcvbuf, queued)
 }
+
+/// Reads the addressing fields shared by `bpf_sock_ops` and `sk_msg_md` from a context
+/// pointer, each with its own volatile load, all up front: the verifier rejects a ctx
+/// pointer the compiler has offset and kept for a later load. Evaluates to
+/// `(family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port)`.
+/// Must be used inside an `unsafe` block on a valid context pointer.
+macro_rules! read_addressing {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        (
+            read_volatile(&(*c).family),
+            read_volatile(&(*c).local_ip4),
+            read_volatile(&(*c).remote_ip4),
+            [
+                read_volatile(&(*c).local_ip6[0]),
+                read_volatile(&(*c).local_ip6[1]),
+                read_volatile(&(*c).local_ip6[2]),
+                read_volatile(&(*c).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*c).remote_ip6[0]),
+                read_volatile(&(*c).remote_ip6[1]),
+                read_volatile(&(*c).remote_ip6[2]),
+                read_volatile(&(*c).remote_ip6[3]),
+            ],
+            read_volatile(&(*c).local_port),
+            read_volatile(&(*c).remote_port),
+        )
+    }};
+}
+pub(crate) use read_addressing;

@@ -23,58 +23,24 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mesh_common::{maps::SockKey, remote_port_host, v4_mapped, Stat};
+use mesh_common::{maps::SockKey, socket_key, Stat, AF_INET6};
 
 use crate::maps::{
-    add, bump, queue_check_enabled, socket_queue, FALLBACK, QUEUE_LIMIT_FLOOR, SK_ADDR, SOCKHASH,
+    add, bump, queue_check_enabled, read_addressing, socket_queue, FALLBACK, QUEUE_LIMIT_FLOOR,
+    SK_ADDR, SOCKHASH,
 };
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     let md = ctx.msg;
-    // SAFETY: the context pointer is valid for the program's lifetime. All fields are read
-    // up front with volatile loads (the verifier rejects offset ctx pointers kept for later).
-    let (family, l4, r4, l6, r6, lport, rport, size) = unsafe {
-        (
-            read_volatile(&(*md).family),
-            read_volatile(&(*md).local_ip4),
-            read_volatile(&(*md).remote_ip4),
-            [
-                read_volatile(&(*md).local_ip6[0]),
-                read_volatile(&(*md).local_ip6[1]),
-                read_volatile(&(*md).local_ip6[2]),
-                read_volatile(&(*md).local_ip6[3]),
-            ],
-            [
-                read_volatile(&(*md).remote_ip6[0]),
-                read_volatile(&(*md).remote_ip6[1]),
-                read_volatile(&(*md).remote_ip6[2]),
-                read_volatile(&(*md).remote_ip6[3]),
-            ],
-            read_volatile(&(*md).local_port),
-            read_volatile(&(*md).remote_port),
-            read_volatile(&(*md).size),
-        )
-    };
-    let (local, remote) = match family {
-        AF_INET => (l4, r4),
-        AF_INET6 => match (v4_mapped(l6), v4_mapped(r6)) {
-            (Some(l), Some(r)) => (l, r),
-            _ => {
-                bump(Stat::MsgPassUnpaired);
-                return SK_PASS;
-            }
-        },
-        _ => return SK_PASS,
-    };
-    let me = SockKey {
-        local_ip4: local,
-        remote_ip4: remote,
-        local_port: lport as u16,
-        remote_port: remote_port_host(rport),
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let ((family, l4, r4, l6, r6, lport, rport), size) =
+        unsafe { (read_addressing!(md), read_volatile(&(*md).size)) };
+    let Some((me, _)) = socket_key(family, l4, r4, l6, r6, lport, rport) else {
+        if family == AF_INET6 {
+            bump(Stat::MsgPassUnpaired);
+        }
+        return SK_PASS;
     };
     // SAFETY: the value is not kept past this check.
     if unsafe { FALLBACK.get(me) }.is_some() {

@@ -30,16 +30,13 @@ use aya_ebpf::{
 use mesh_common::{
     cfg_flags, flow_flags,
     maps::{FlowInfo, SockKey},
-    remote_port_host, v4_mapped, Stat,
+    socket_key, Stat,
 };
 
-use crate::maps::{bump, config, FALLBACK, FLOWS, SK_ADDR, SOCKHASH, SOCK_ORIG};
+use crate::maps::{bump, config, read_addressing, FALLBACK, FLOWS, SK_ADDR, SOCKHASH, SOCK_ORIG};
 
 /// Callbacks a paired socket needs: state changes, for the flow clean-up on close.
 const PAIRED_CB_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG;
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -53,48 +50,11 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// This socket's (local, remote) view, with v4-mapped IPv6 folded to IPv4.
-///
-/// Every context field is read up front with a volatile load: the verifier rejects loads
-/// through a ctx pointer the compiler has offset and kept in a register for later.
 #[inline(always)]
 fn sock_key(ctx: &SockOpsContext) -> Option<(SockKey, bool)> {
-    let ops = ctx.ops;
     // SAFETY: the context pointer is valid for the program's lifetime.
-    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
-        (
-            read_volatile(&(*ops).family),
-            read_volatile(&(*ops).local_ip4),
-            read_volatile(&(*ops).remote_ip4),
-            [
-                read_volatile(&(*ops).local_ip6[0]),
-                read_volatile(&(*ops).local_ip6[1]),
-                read_volatile(&(*ops).local_ip6[2]),
-                read_volatile(&(*ops).local_ip6[3]),
-            ],
-            [
-                read_volatile(&(*ops).remote_ip6[0]),
-                read_volatile(&(*ops).remote_ip6[1]),
-                read_volatile(&(*ops).remote_ip6[2]),
-                read_volatile(&(*ops).remote_ip6[3]),
-            ],
-            read_volatile(&(*ops).local_port),
-            read_volatile(&(*ops).remote_port),
-        )
-    };
-    let (local, remote, v6) = match family {
-        AF_INET => (l4, r4, false),
-        AF_INET6 => (v4_mapped(l6)?, v4_mapped(r6)?, true),
-        _ => return None,
-    };
-    Some((
-        SockKey {
-            local_ip4: local,
-            remote_ip4: remote,
-            local_port: lport as u16,
-            remote_port: remote_port_host(rport),
-        },
-        v6,
-    ))
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe { read_addressing!(ctx.ops) };
+    socket_key(family, l4, r4, l6, r6, lport, rport)
 }
 
 #[inline(always)]
