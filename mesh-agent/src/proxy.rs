@@ -23,7 +23,7 @@ use mesh_common::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{watch, Notify},
 };
 use tracing::{debug, info, warn, Instrument};
@@ -101,6 +101,22 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
+/// Accept-queue length of the outbound listener (the kernel caps it at `net.core.somaxconn`).
+/// Every captured connection of the node lands on this one socket, so a burst of connects
+/// from many pods must not overflow it: tokio's default of 128 did, the kernel fell back to
+/// SYN cookies and dropped final ACKs, and some clients saw a reset.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(backlog)
+}
+
 impl Outbound {
     pub async fn bind(
         addr: SocketAddr,
@@ -108,9 +124,8 @@ impl Outbound {
         metrics: Arc<Metrics>,
         registry: SharedRegistry,
     ) -> Result<Outbound, ProxyError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ProxyError::Bind { addr, source })?;
+        let listener =
+            listen(addr, LISTEN_BACKLOG).map_err(|source| ProxyError::Bind { addr, source })?;
         Ok(Outbound {
             listener,
             upstream_source: std::sync::OnceLock::new(),
@@ -135,7 +150,7 @@ impl Outbound {
     async fn connect_upstream(&self, dst: SocketAddrV4, flow: &FlowInfo) -> io::Result<TcpStream> {
         let local_dst = flow.dst_id != u32::MAX;
         if let (Some(src), true) = (self.upstream_source.get(), local_dst) {
-            let sock = tokio::net::TcpSocket::new_v4()?;
+            let sock = TcpSocket::new_v4()?;
             if sock.bind(SocketAddr::new(IpAddr::V4(*src), 0)).is_ok() {
                 if let Ok(SocketAddr::V4(local)) = sock.local_addr() {
                     let key = SockKey {
