@@ -12,6 +12,7 @@ mod metrics;
 mod proxy;
 mod sys;
 mod workload;
+mod xds;
 
 use clap::Parser as _;
 use cli::{Cli, Command};

@@ -6,6 +6,8 @@
 //! (half-close), and a reset or error on either side resets the other one (`SO_LINGER 0`
 //! then close), so a peer that sends RST is seen as RST, never as a clean end.
 
+pub mod http;
+
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
