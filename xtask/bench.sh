@@ -1,0 +1,381 @@
+#!/usr/bin/env bash
+# The measurements of `cargo xtask bench` on a simulated node: two pods (network
+# namespaces + cgroups) on a bridge, the agent, and reference proxies in the node's network
+# namespace. Appends one line per measurement to $RAW:
+#   suite path placement metric run value
+# and xtask turns those lines into JSON, Markdown and an SVG plot. Run it through
+# `cargo xtask bench` (which builds the binaries and sets the variables below), as root.
+#
+#   bench.sh check             refuse (exit 1) if an earlier run left something behind
+#   bench.sh clean             remove what an earlier run left behind
+#   bench.sh run SUITE...      SUITE: l4 | footprint
+#
+# Names (distinct from the tests' mt*/mesh-test-* and latency's mlat*): netns mbn-cli,
+# mbn-srv; bridge mbnbr (10.204.0.1/24); cgroup <cgroup2>/mesh-bench; pins
+# /sys/fs/bpf/mesh-bench; scratch /tmp/mesh-bench.
+set -euo pipefail
+
+AGENT=${MESH_AGENT_BIN:-}; PODTOOL=${PODTOOL:-}; BENCHTOOL=${BENCHTOOL:-}; ENVOY=${ENVOY_BIN:-}
+RUNS=${RUNS:-5}; SECS=${SECS:-2}; SMOKE=${SMOKE:-0}; RAW=${RAW:-/dev/stdout}
+PLACEMENTS=${PLACEMENTS:-1cpu 2cpu}
+
+CG_ROOT=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
+CG=$CG_ROOT/mesh-bench; PIN=/sys/fs/bpf/mesh-bench; DIR=/tmp/mesh-bench; BR=mbnbr
+NODE_IP=10.204.0.1; CLI_IP=10.204.0.2; SRV_IP=10.204.0.3
+ADMIN=127.0.0.1:15097; ENVOY_ADMIN=127.0.0.1:15096; PROXY_PORT=15001
+# Servers in the server pod, and the ports the reference proxies listen on in the node
+# for each of them (same order): sockperf, iperf3, benchtool reply.
+SRV_PORTS=(11111 5201 8081); HAPROXY_PORTS=(21111 21201 21081); ENVOY_PORTS=(22111 22201 22081)
+HOLD_PORT=9000; SINK_PORT=9001; ECHO_PORT=9002
+# TCP ports the run binds in the node's network namespace.
+NODE_PORTS=("$PROXY_PORT" "${ADMIN##*:}" "${ENVOY_ADMIN##*:}" "${HAPROXY_PORTS[@]}" "${ENVOY_PORTS[@]}")
+
+log() { echo "bench: $*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+
+# --- leftovers -------------------------------------------------------------------------
+
+leftovers() {
+  local l=()
+  ip netns list 2>/dev/null | grep -qE '^mbn-' && l+=("network namespaces: $(ip netns list | grep -E '^mbn-' | awk '{print $1}' | paste -sd' ')")
+  ip link show "$BR" > /dev/null 2>&1 && l+=("bridge $BR")
+  [ -d "$CG" ] && l+=("cgroup $CG (processes: $(cat "$CG"/cgroup.procs "$CG"/*/cgroup.procs 2>/dev/null | paste -sd' '))")
+  [ -e "$PIN" ] && l+=("bpffs pins $PIN")
+  local p; p=$(pgrep -f -- "--pin-path $PIN" | paste -sd' ' || true)
+  [ -n "$p" ] && l+=("a mesh-agent on $PIN (pid $p)")
+  local port
+  for port in "${NODE_PORTS[@]}"; do
+    ss -Hltn "sport = :$port" | grep -q . && l+=("a listener on TCP port $port: $(ss -Hltnp "sport = :$port" | awk '{print $NF}' | head -1)")
+  done
+  printf '%s\n' "${l[@]+"${l[@]}"}"
+}
+
+check() {
+  local l; l=$(leftovers)
+  if [ -n "$l" ]; then
+    echo "bench: refusing to start: an earlier run (or something else) holds what this one needs:" >&2
+    sed 's/^/  - /' <<< "$l" >&2
+    echo "bench: they would bias or break the measurements; remove them with \`cargo xtask bench --clean\` (ports held by other programs: stop those yourself)" >&2
+    exit 1
+  fi
+}
+
+# Kills only what this script started: processes in its cgroups and the pids it wrote down.
+clean() {
+  local d f
+  for f in "$DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  for d in "$CG"/*/ "$CG/"; do [ -f "$d/cgroup.procs" ] && xargs -r kill 2>/dev/null < "$d/cgroup.procs" || true; done
+  for _ in $(seq 50); do
+    [ -z "$(cat "$CG"/cgroup.procs "$CG"/*/cgroup.procs 2>/dev/null)" ] && break; sleep 0.1
+  done
+  for d in "$CG"/*/ "$CG/"; do [ -f "$d/cgroup.procs" ] && xargs -r kill -9 2>/dev/null < "$d/cgroup.procs" || true; done
+  sleep 0.2
+  for n in cli srv; do ip netns del "mbn-$n" 2>/dev/null || true; done
+  ip link del "$BR" 2>/dev/null || true
+  for d in "$CG"/*/; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
+  [ -d "$CG" ] && rmdir "$CG" 2>/dev/null || true
+  # The agent removes its pins on stop; a killed one leaves them.
+  [ -e "$PIN" ] && rm -rf "$PIN" 2>/dev/null || true
+  rm -rf "$DIR"
+}
+
+# --- the simulated node ----------------------------------------------------------------
+
+node_up() {
+  mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+  mkdir -p "$DIR" "$CG" "$CG/ref"
+  ip link add "$BR" type bridge; ip addr add "$NODE_IP/24" dev "$BR"; ip link set "$BR" up
+  local p n h
+  for p in cli:2 srv:3; do
+    n=${p%%:*}; h=${p##*:}
+    ip netns add "mbn-$n"; ip link add "mbn$h" type veth peer name eth0 netns "mbn-$n"
+    ip link set "mbn$h" master "$BR" up; ip -n "mbn-$n" addr add "10.204.0.$h/24" dev eth0
+    ip -n "mbn-$n" link set eth0 up; ip -n "mbn-$n" link set lo up; mkdir -p "$CG/$n"
+    # Per-namespace: tens of thousands of short connections per run must find free ports.
+    ip netns exec "mbn-$n" sysctl -qw net.ipv4.ip_local_port_range="10000 65000" net.ipv4.tcp_tw_reuse=1
+  done
+}
+
+# in_cg CGROUP CPUS CMD...: run CMD in the cgroup, pinned; pod cgroups also enter the pod
+# netns. It execs, so call it in a subshell (`&` or `$(...)`): then the pid is CMD's own.
+in_cg() {
+  local cg=$1 cpus=$2; shift 2
+  local ns=()
+  case $cg in cli|srv) ns=(ip netns exec "mbn-$cg") ;; esac
+  local path=$CG/$cg; [ "$cg" = node ] && path=$CG
+  exec sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$path" "${ns[@]+"${ns[@]}"}" taskset -c "$cpus" "$@"
+}
+
+# bg NAME CGROUP CPUS CMD...: start in the background, pid in $DIR/NAME.pid, output in $DIR/NAME.log.
+bg() {
+  local name=$1; shift
+  in_cg "$@" > "$DIR/$name.log" 2>&1 &
+  echo $! > "$DIR/$name.pid"
+}
+
+stop() { # stop NAME...
+  local n p
+  for n in "$@"; do
+    [ -f "$DIR/$n.pid" ] || continue
+    p=$(cat "$DIR/$n.pid"); rm -f "$DIR/$n.pid"
+    kill "$p" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+}
+
+wait_port() { # wait_port NETNS|node IP PORT: until something listens there
+  local cmd=(); [ "$1" != node ] && cmd=(ip netns exec "$1")
+  for _ in $(seq 100); do
+    "${cmd[@]+"${cmd[@]}"}" ss -Hltn "sport = :$3" | grep -q "$2:$3\|\*:$3\|0.0.0.0:$3" && return 0
+    sleep 0.05
+  done
+  tail -n 5 "$DIR"/*.log >&2
+  die "nothing listens on $2:$3 ($1)"
+}
+
+config() { # config ENROLLED(0/1) MODE(proxied/direct)
+  local label="{}"; [ "$1" = 1 ] && label="{ mesh-agent.io/dataplane-mode: ambient }"
+  printf 'namespaces:\n  - { name: a, labels: %s }\n  - { name: b, mode: %s }\nworkloads:\n  - { name: cli, namespace: a, ip: %s, netns: /run/netns/mbn-cli }\n  - { name: srv, namespace: b, ip: %s, netns: /run/netns/mbn-srv }\n' \
+    "$label" "$2" "$CLI_IP" "$SRV_IP" > "$DIR/mesh.yaml"
+}
+
+start_agent() { # start_agent CPUS AGENT-FLAGS...
+  local cpus=$1; shift
+  # Proxied connections are two sockets each in the agent: give it every fd we may.
+  bg agent node "$cpus" prlimit --nofile="$NOFILE:$NOFILE" "$AGENT" run --config "$DIR/mesh.yaml" \
+    --pin-path "$PIN" --cgroup "$CG" --proxy-address "$NODE_IP:$PROXY_PORT" --admin-address "$ADMIN" "$@"
+  for _ in $(seq 100); do curl -sf "http://$ADMIN/ready" > /dev/null 2>&1 && return; sleep 0.05; done
+  cat "$DIR/agent.log" >&2; die "the agent did not become ready"
+}
+
+agent_pid() {
+  # prlimit and taskset exec, so the pid we started is the agent's.
+  cat "$DIR/agent.pid"
+}
+
+start_haproxy() { # start_haproxy CPUS
+  local i
+  {
+    printf 'global\n  nbthread 2\n  maxconn 9000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n'
+    for i in 0 1 2; do
+      printf 'listen l%s\n  bind %s:%s\n  server s %s:%s\n\n' "$i" "$NODE_IP" "${HAPROXY_PORTS[$i]}" "$SRV_IP" "${SRV_PORTS[$i]}"
+    done
+  } > "$DIR/haproxy.cfg"
+  bg haproxy ref "$1" haproxy -db -f "$DIR/haproxy.cfg"
+  for i in 0 1 2; do wait_port node "$NODE_IP" "${HAPROXY_PORTS[$i]}"; done
+}
+
+start_envoy() { # start_envoy CPUS
+  local i
+  {
+    printf 'admin:\n  address: { socket_address: { address: %s, port_value: %s } }\nstatic_resources:\n  listeners:\n' "${ENVOY_ADMIN%%:*}" "${ENVOY_ADMIN##*:}"
+    for i in 0 1 2; do
+      printf '  - name: l%s\n    address: { socket_address: { address: %s, port_value: %s } }\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: l%s\n          cluster: c%s\n' \
+        "$i" "$NODE_IP" "${ENVOY_PORTS[$i]}" "$i" "$i"
+    done
+    printf '  clusters:\n'
+    for i in 0 1 2; do
+      printf '  - name: c%s\n    type: STATIC\n    connect_timeout: 5s\n    load_assignment:\n      cluster_name: c%s\n      endpoints:\n      - lb_endpoints:\n        - endpoint: { address: { socket_address: { address: %s, port_value: %s } } }\n' \
+        "$i" "$i" "$SRV_IP" "${SRV_PORTS[$i]}"
+    done
+  } > "$DIR/envoy.yaml"
+  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 --log-level warn --base-id 47
+  for i in 0 1 2; do wait_port node "$NODE_IP" "${ENVOY_PORTS[$i]}"; done
+}
+
+# --- measurements ----------------------------------------------------------------------
+
+emit() { echo "$*" >> "$RAW"; }
+
+start_servers() { # start_servers CPUS
+  bg sockperf srv "$1" sockperf server --tcp -i 0.0.0.0 -p "${SRV_PORTS[0]}"
+  bg iperf3 srv "$1" iperf3 -s -p "${SRV_PORTS[1]}"
+  bg reply srv "$1" "$BENCHTOOL" reply --listen "0.0.0.0:${SRV_PORTS[2]}"
+  local p; for p in "${SRV_PORTS[@]}"; do wait_port mbn-srv 0.0.0.0 "$p"; done
+}
+
+# Every client fails loudly: a path that breaks must not turn into a missing figure.
+client() { # client NAME CPUS CMD... -> stdout of CMD
+  local name=$1 out; shift
+  if ! out=$(in_cg cli "$@" 2> "$DIR/$name.err"); then
+    echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
+  fi
+  echo "$out"
+}
+
+lat_secs() { [ "$SMOKE" = 1 ] && echo 1 || echo "$SECS"; }
+
+measure_latency() { # measure_latency PATH PLACEMENT RUN CPU HOST PORT
+  local out
+  out=$(client sockperf "$4" sockperf ping-pong --tcp -i "$5" -p "$6" -m 64 -t "$(lat_secs)" --full-rtt)
+  local pct; pct() { awk -v q="$1" '$2 == "--->" && $3 == "percentile" && $4 == q {print $6}' <<< "$out"; }
+  local p50 p99 p999 tps
+  p50=$(pct 50.000); p99=$(pct 99.000); p999=$(pct 99.900)
+  tps=$(sed -n 's/.*\[Valid Duration\] RunTime=\([0-9.]*\) sec;.*ReceivedMessages=\([0-9]*\).*/\2 \1/p' <<< "$out" | awk '{printf "%.1f", $1 / $2}')
+  [ -n "$p50" ] && [ -n "$p99" ] && [ -n "$p999" ] && [ -n "$tps" ] || { echo "$out" >&2; die "cannot read sockperf's output ($1)"; }
+  emit l4 "$1" "$2" p50_us "$3" "$p50"; emit l4 "$1" "$2" p99_us "$3" "$p99"
+  emit l4 "$1" "$2" p999_us "$3" "$p999"; emit l4 "$1" "$2" tps "$3" "$tps"
+}
+
+measure_bulk() { # measure_bulk PATH PLACEMENT RUN CPU HOST PORT CONNS
+  local len=(-t "$SECS"); [ "$SMOKE" = 1 ] && len=(-n 64M)
+  local out gbps
+  out=$(client iperf3 "$4" iperf3 -c "$5" -p "$6" -P "$7" "${len[@]}" -f m)
+  # The receiver's figure: the last "receiver" line is the [SUM] one with -P > 1.
+  gbps=$(awk '/receiver/ {for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i} END {if (v != "") printf "%.3f", v / 1000}' <<< "$out")
+  [ -n "$gbps" ] || { echo "$out" >&2; die "cannot read iperf3's output ($1)"; }
+  emit l4 "$1" "$2" "bulk${7}_gbps" "$3" "$gbps"
+}
+
+measure_crr() { # measure_crr PATH PLACEMENT RUN CPU HOST PORT
+  local secs=$SECS; [ "$SMOKE" = 1 ] && secs=0.5
+  local out; out=$(client crr "$4" "$BENCHTOOL" crr --to "$5:$6" --secs "$secs")
+  local rate errors
+  rate=$(awk '{print $4}' <<< "$out"); errors=$(awk '{print $6}' <<< "$out")
+  [ -n "$rate" ] || die "cannot read benchtool crr's output ($1): $out"
+  [ "$errors" = 0 ] || die "connect-request-close through $1 had errors: $out"
+  emit l4 "$1" "$2" cps "$3" "$rate"
+}
+
+# A fast writer into a slow reader must lose nothing and see no error (sk_msg has no flow
+# control of its own: the agent's back-pressure check must hand the pair back to TCP).
+measure_slow_reader() { # measure_slow_reader PATH PLACEMENT RUN CPU HOST
+  local bytes=$((32 << 20)); [ "$SMOKE" = 1 ] && bytes=$((8 << 20))
+  bg sink srv "$4" "$PODTOOL" sink --listen "0.0.0.0:$SINK_PORT" --delay-us 50
+  wait_port mbn-srv 0.0.0.0 "$SINK_PORT"
+  local out; out=$(client sink-client "$4" "$PODTOOL" sink-client --to "$5:$SINK_PORT" --bytes "$bytes")
+  stop sink
+  local ok=0
+  grep -q "\"received_by_reader\":$bytes," <<< "$out" && grep -q '"errors":\[\]' <<< "$out" && ok=1
+  [ "$ok" = 1 ] || log "slow reader through $1: $out"
+  emit l4 "$1" "$2" slow_reader_ok "$3" "$ok"
+}
+
+# The paths: how the agent runs, which proxy sits in the node, where the client dials.
+PATHS=(direct mesh-direct proxied proxied-both proxied-nosk haproxy envoy)
+
+path_up() { # path_up PATH NODE-CPUS -> sets TARGET_IP and TARGET_PORTS
+  TARGET_IP=$SRV_IP; TARGET_PORTS=("${SRV_PORTS[@]}")
+  case $1 in
+    direct) config 0 proxied; start_agent "$2" ;;
+    mesh-direct) config 1 direct; start_agent "$2" ;;
+    proxied) config 1 proxied; start_agent "$2" ;;
+    proxied-both) config 1 proxied; start_agent "$2" --skmsg-upstream true ;;
+    proxied-nosk) config 1 proxied; start_agent "$2" --skmsg false ;;
+    haproxy) config 0 proxied; start_agent "$2"; start_haproxy "$2"
+      TARGET_IP=$NODE_IP; TARGET_PORTS=("${HAPROXY_PORTS[@]}") ;;
+    envoy) config 0 proxied; start_agent "$2"; start_envoy "$2"
+      TARGET_IP=$NODE_IP; TARGET_PORTS=("${ENVOY_PORTS[@]}") ;;
+    *) die "unknown path $1" ;;
+  esac
+}
+
+placement_cpus() { # placement_cpus PLACEMENT -> "client server node"
+  case $1 in
+    1cpu) echo "0 0 0" ;;
+    # Client and server on different vCPUs; the proxy is left to the scheduler.
+    2cpu) echo "0 1 0,1" ;;
+    *) die "unknown placement $1" ;;
+  esac
+}
+
+suite_l4() {
+  local placement run path cc sc nc
+  for placement in $PLACEMENTS; do
+    read -r cc sc nc <<< "$(placement_cpus "$placement")"
+    # Runs outermost: every path gets each run at about the same moment, so a burst of
+    # load on the machine spreads over all paths instead of hitting one.
+    for run in $(seq "$RUNS"); do
+      for path in "${PATHS[@]}"; do
+        log "l4 $placement run $run/$RUNS: $path"
+        start_servers "$sc"
+        path_up "$path" "$nc"
+        measure_latency "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[0]}"
+        measure_bulk "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[1]}" 1
+        measure_bulk "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[1]}" 8
+        measure_crr "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[2]}"
+        case $path in direct|mesh-direct) measure_slow_reader "$path" "$placement" "$run" "$cc" "$TARGET_IP" ;; esac
+        stop envoy haproxy agent sockperf iperf3 reply
+      done
+    done
+  done
+}
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+map_bytes() { # the kernel's memlock accounting of every map the agent pinned
+  local f total=0 b
+  for f in "$PIN"/*; do
+    b=$(bpftool -j map show pinned "$f" 2>/dev/null | sed -n 's/.*"bytes_memlock":\([0-9]*\).*/\1/p')
+    [ -n "$b" ] && total=$((total + b))
+  done
+  echo "$total"
+}
+
+# 10k held connections are 20k sockets in the agent. Without CAP_SYS_RESOURCE (containers)
+# the hard fd limit cannot be raised; then hold as many as it allows and say so.
+NOFILE=$(ulimit -Hn); [ "$NOFILE" = unlimited ] && NOFILE=1048576
+[ "$NOFILE" -gt 1048576 ] && NOFILE=1048576
+
+suite_footprint() {
+  local run conns=$(( (NOFILE - 200) / 2 )); [ "$conns" -gt 10000 ] && conns=10000
+  [ "$SMOKE" = 1 ] && conns=200
+  local requests=50000; [ "$SMOKE" = 1 ] && requests=2000
+  local tck; tck=$(getconf CLK_TCK)
+  for run in $(seq "$RUNS"); do
+    log "footprint run $run/$RUNS"
+    config 1 proxied; start_agent 0
+    local pid; pid=$(agent_pid)
+    sleep 1
+    emit footprint agent proxied idle_rss_kb "$run" "$(rss_kb "$pid")"
+    emit footprint agent proxied bpf_map_bytes "$run" "$(map_bytes)"
+
+    bg hold srv 0 prlimit --nofile="$NOFILE:$NOFILE" "$BENCHTOOL" hold --listen "0.0.0.0:$HOLD_PORT"
+    wait_port mbn-srv 0.0.0.0 "$HOLD_PORT"
+    bg hold-client cli 0 prlimit --nofile="$NOFILE:$NOFILE" "$BENCHTOOL" hold-client --to "$SRV_IP:$HOLD_PORT" --conns "$conns" --secs 600
+    for _ in $(seq 600); do grep -q '^open' "$DIR/hold-client.log" && break; kill -0 "$(cat "$DIR/hold-client.pid")" 2>/dev/null || break; sleep 0.1; done
+    grep -q "^open $conns\$" "$DIR/hold-client.log" || { cat "$DIR/hold-client.log" "$DIR/agent.log" >&2; die "could not hold $conns connections through the proxy"; }
+    emit footprint agent proxied "conns_rss_kb" "$run" "$(rss_kb "$pid")"
+    emit footprint agent proxied held_conns "$run" "$conns"
+    stop hold-client hold
+
+    # CPU time the agent spends per request (keep-alive ping-pong) and per connection.
+    start_servers 0
+    bg echo srv 0 "$PODTOOL" echo --listen "0.0.0.0:$ECHO_PORT"
+    wait_port mbn-srv 0.0.0.0 "$ECHO_PORT"
+    local t0 t1 out
+    t0=$(cpu_ticks "$pid")
+    client pingpong 0 "$BENCHTOOL" pingpong --to "$SRV_IP:$ECHO_PORT" --count "$requests" > /dev/null
+    t1=$(cpu_ticks "$pid")
+    emit footprint agent proxied cpu_ms_per_10k_requests "$run" "$(awk -v d=$((t1 - t0)) -v n="$requests" -v t="$tck" 'BEGIN {printf "%.2f", d * 1000 / t / n * 10000}')"
+    t0=$(cpu_ticks "$pid")
+    out=$(client crr 0 "$BENCHTOOL" crr --to "$SRV_IP:${SRV_PORTS[2]}" --secs "$(lat_secs)")
+    t1=$(cpu_ticks "$pid")
+    emit footprint agent proxied cpu_ms_per_10k_conns "$run" "$(awk -v d=$((t1 - t0)) -v n="$(awk '{print $2}' <<< "$out")" -v t="$tck" 'BEGIN {printf "%.2f", d * 1000 / t / n * 10000}')"
+    stop agent sockperf iperf3 reply echo
+  done
+}
+
+main() {
+  case ${1:-} in
+    check) check ;;
+    clean) clean ;;
+    run)
+      shift
+      [ -n "$AGENT" ] && [ -n "$PODTOOL" ] && [ -n "$BENCHTOOL" ] && [ -n "$ENVOY" ] || die "run it with cargo xtask bench"
+      local t; for t in sockperf iperf3 haproxy bpftool curl prlimit taskset "$ENVOY"; do
+        command -v "$t" > /dev/null || die "$t is missing (cargo xtask setup installs it)"
+      done
+      check
+      trap 'trap "" INT TERM; exec 2>/dev/null; clean' EXIT
+      trap 'exit 130' INT TERM
+      node_up
+      local s; for s in "$@"; do "suite_$s"; done
+      ;;
+    *) die "usage: bench.sh check|clean|run SUITE..." ;;
+  esac
+}
+main "$@"
