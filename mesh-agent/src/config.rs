@@ -120,6 +120,244 @@ pub struct MeshFile {
     pub namespaces: Vec<NamespaceSpec>,
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
+    /// Services the embedded control plane serves to proxies over xDS.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A service: the address clients dial (`vip`), its ports, its endpoints (workloads
+/// selected by label, and/or explicit addresses), its traffic policy and HTTP routes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    /// Workloads of the service's namespace whose labels include all of these.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub lb: LbSpec,
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierSpec>,
+    /// A token bucket for every request to this service (per node proxy).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// HTTP routes, first match wins; none: every request goes to this service.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    /// The endpoints' port (default: `port`).
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Sniffed per connection: HTTP/1.x, the HTTP/2 preface, else opaque TCP.
+    #[default]
+    Auto,
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub ip: Ipv4Addr,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// healthy (default), unhealthy, degraded, draining
+    #[serde(default)]
+    pub health: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct LbSpec {
+    #[serde(default)]
+    pub policy: LbPolicySpec,
+    /// ring_hash: the request header hashed.
+    #[serde(default)]
+    pub hash_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicySpec {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+    RingHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSpec {
+    #[serde(default)]
+    pub consecutive_5xx: Option<u32>,
+    #[serde(default)]
+    pub base_ejection_ms: Option<u64>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub tokens_per_fill: Option<u32>,
+    pub fill_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchSpec,
+    /// Where matching requests go: services of the same namespace (`name`) or another
+    /// (`name.namespace`), by weight. None: this service.
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub retries: Option<RetrySpec>,
+    #[serde(default)]
+    pub fault: Option<FaultSpec>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
+    pub request_headers: Option<HeadersSpec>,
+    #[serde(default)]
+    pub response_headers: Option<HeadersSpec>,
+    #[serde(default)]
+    pub direct_response: Option<DirectResponseSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<KvMatchSpec>,
+    #[serde(default)]
+    pub query: Vec<KvMatchSpec>,
+}
+
+/// One of `exact`, `prefix`, `regex`, `present` (default: present).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvMatchSpec {
+    pub name: String,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub present: Option<bool>,
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub service: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    pub attempts: u32,
+    /// Envoy `retry_on` conditions, e.g. `5xx,reset,connect-failure`.
+    #[serde(default)]
+    pub on: Option<String>,
+    #[serde(default)]
+    pub per_try_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub statuses: Vec<u32>,
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    #[serde(default)]
+    pub delay_percent: Option<f64>,
+    #[serde(default)]
+    pub abort_status: Option<u32>,
+    #[serde(default)]
+    pub abort_grpc_status: Option<u32>,
+    #[serde(default)]
+    pub abort_percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersSpec {
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponseSpec {
+    pub status: u32,
+    #[serde(default)]
+    pub body: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -259,6 +497,7 @@ impl MeshFile {
                 ));
             }
         }
+        check_services(&file, &ns_names, &mut problems, &line_of);
         if problems.is_empty() {
             return Ok(file);
         }
@@ -296,6 +535,128 @@ impl MeshFile {
                 .map(|n| n.mode)
                 .unwrap_or_default()
         })
+    }
+}
+
+fn check_services(
+    file: &MeshFile,
+    ns_names: &BTreeMap<&str, usize>,
+    problems: &mut Vec<(usize, String)>,
+    line_of: &dyn Fn(&str, &str) -> usize,
+) {
+    let mut names = BTreeMap::new();
+    let mut addrs = BTreeMap::new();
+    for (i, svc) in file.services.iter().enumerate() {
+        let line = line_of(&svc.name, "services:");
+        let mut bad = |m: String| problems.push((line, format!("services[{i}]{m}")));
+        if !ns_names.contains_key(svc.namespace.as_str()) {
+            bad(format!(
+                ".namespace: {:?} is not declared under namespaces",
+                svc.namespace
+            ));
+        }
+        if names
+            .insert((svc.namespace.as_str(), svc.name.as_str()), i)
+            .is_some()
+        {
+            bad(format!(
+                ".name: {}.{} is declared twice",
+                svc.name, svc.namespace
+            ));
+        }
+        if svc.ports.is_empty() {
+            bad(".ports: at least one port is required".into());
+        }
+        for (j, p) in svc.ports.iter().enumerate() {
+            if p.port == 0 || p.target_port == Some(0) {
+                bad(format!(".ports[{j}]: port 0 is not a port"));
+            }
+            if let Some(k) = addrs.insert((svc.vip, p.port), i) {
+                bad(format!(
+                    ".ports[{j}]: {}:{} is also served by services[{k}]",
+                    svc.vip, p.port
+                ));
+            }
+        }
+        if svc.lb.policy == LbPolicySpec::RingHash && svc.lb.hash_header.is_none() {
+            bad(".lb.hash_header: ring_hash needs the header to hash".into());
+        }
+        for (j, e) in svc.endpoints.iter().enumerate() {
+            if let Some(h) = &e.health {
+                if !["healthy", "unhealthy", "degraded", "draining"].contains(&h.as_str()) {
+                    bad(format!(".endpoints[{j}].health: {h:?} is not healthy, unhealthy, degraded or draining"));
+                }
+            }
+            if e.weight == Some(0) {
+                bad(format!(".endpoints[{j}].weight: must be >= 1"));
+            }
+        }
+        for (j, r) in svc.routes.iter().enumerate() {
+            let m = &r.matcher;
+            let paths = [&m.prefix, &m.path, &m.regex]
+                .iter()
+                .filter(|p| p.is_some())
+                .count();
+            if paths > 1 {
+                bad(format!(
+                    ".routes[{j}].match: at most one of prefix, path, regex"
+                ));
+            }
+            for (what, re) in std::iter::once(("regex", m.regex.as_ref()))
+                .chain(
+                    m.headers
+                        .iter()
+                        .map(|h| ("headers[].regex", h.regex.as_ref())),
+                )
+                .chain(m.query.iter().map(|q| ("query[].regex", q.regex.as_ref())))
+            {
+                if let Some(Err(e)) = re.map(|re| regex_lite::Regex::new(re)) {
+                    bad(format!(".routes[{j}].match.{what}: {e}"));
+                }
+            }
+            for b in &r.backends {
+                let (n, ns) = b
+                    .service
+                    .split_once('.')
+                    .unwrap_or((&b.service, &svc.namespace));
+                if !file
+                    .services
+                    .iter()
+                    .any(|s| s.name == n && s.namespace == ns)
+                {
+                    bad(format!(
+                        ".routes[{j}].backends: service {:?} is not declared",
+                        b.service
+                    ));
+                }
+            }
+            if r.backends
+                .iter()
+                .map(|b| b.weight.unwrap_or(1) as u64)
+                .sum::<u64>()
+                == 0
+                && !r.backends.is_empty()
+            {
+                bad(format!(".routes[{j}].backends: the weights add up to 0"));
+            }
+            if let Some(f) = &r.fault {
+                for p in [f.delay_percent, f.abort_percent].into_iter().flatten() {
+                    if !(0.0..=100.0).contains(&p) {
+                        bad(format!(
+                            ".routes[{j}].fault: percentage {p} is not in 0..100"
+                        ));
+                    }
+                }
+            }
+            if let Some(d) = &r.direct_response {
+                if !(200..600).contains(&d.status) {
+                    bad(format!(
+                        ".routes[{j}].direct_response.status: {} is not in 200..599",
+                        d.status
+                    ));
+                }
+            }
+        }
     }
 }
 

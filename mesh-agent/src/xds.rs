@@ -10,3 +10,5 @@
 
 pub mod convert;
 pub mod model;
+pub mod server;
+pub mod translate;

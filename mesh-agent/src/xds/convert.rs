@@ -22,6 +22,7 @@ use envoy_types::pb::{
         extensions::filters::{
             common::fault::v3 as common_fault,
             http::{fault::v3 as hfault, local_ratelimit::v3 as hrl},
+            listener::http_inspector::v3::HttpInspector,
             network::{http_connection_manager::v3 as hcm, tcp_proxy::v3 as tcp},
         },
         r#type::{matcher::v3 as matcher, v3 as etype},
@@ -153,6 +154,7 @@ pub struct ListenerSpec {
     pub name: String,
     pub address: SocketAddr,
     pub kind: ListenerSpecKind,
+    pub tcp_fallback: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -199,62 +201,107 @@ pub fn listener(l: &el::Listener) -> Result<ListenerSpec, Invalid> {
         return Err(cx.err("name", "is empty"));
     }
     let address = socket_address(&cx, "address", l.address.as_ref())?;
-    if !l.listener_filters.is_empty() {
-        return Err(cx.err("listener_filters", "listener filters are not supported"));
+    let mut sniff = false;
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        let ok = matches!(&f.config_type,
+            Some(el::listener_filter::ConfigType::TypedConfig(a)) if a.type_url == HttpInspector::type_url());
+        if !ok {
+            return Err(cx.err(
+                format!("listener_filters[{i}]"),
+                "only envoy.filters.listener.http_inspector is supported",
+            ));
+        }
+        sniff = true;
     }
-    let [chain] = l.filter_chains.as_slice() else {
-        return Err(cx.err(
-            "filter_chains",
-            format!(
-                "exactly one filter chain is supported, got {}",
-                l.filter_chains.len()
-            ),
-        ));
+    let (kind, tcp_fallback) = match (l.filter_chains.as_slice(), sniff) {
+        ([chain], _) => (filter_chain(&cx, 0, chain)?, None),
+        ([http, tcp], true) => {
+            let protos = http
+                .filter_chain_match
+                .as_ref()
+                .map(|m| m.application_protocols.clone())
+                .unwrap_or_default();
+            if !protos.iter().any(|p| p.starts_with("http/1") || p == "h2c") {
+                return Err(cx.err(
+                    "filter_chains[0].filter_chain_match.application_protocols",
+                    "with http_inspector, the first chain must match http/1.1 or h2c",
+                ));
+            }
+            if tcp.filter_chain_match.is_some() {
+                return Err(cx.err("filter_chains[1].filter_chain_match", "the fallback chain must match everything"));
+            }
+            let http = filter_chain(&cx, 0, http)?;
+            let ListenerSpecKind::Tcp { cluster } = filter_chain(&cx, 1, tcp)? else {
+                return Err(cx.err("filter_chains[1]", "the fallback chain must be a tcp_proxy"));
+            };
+            if matches!(http, ListenerSpecKind::Tcp { .. }) {
+                return Err(cx.err("filter_chains[0]", "the matched chain must be an HTTP connection manager"));
+            }
+            (http, Some(cluster))
+        }
+        (chains, _) => {
+            return Err(cx.err(
+                "filter_chains",
+                format!(
+                    "one filter chain, or an HTTP and a TCP chain behind http_inspector, is supported; got {}",
+                    chains.len()
+                ),
+            ))
+        }
     };
+    Ok(ListenerSpec {
+        name: l.name.clone(),
+        address,
+        kind,
+        tcp_fallback,
+    })
+}
+
+fn filter_chain(
+    cx: &Ctx<'_>,
+    i: usize,
+    chain: &el::FilterChain,
+) -> Result<ListenerSpecKind, Invalid> {
     if chain.transport_socket.is_some() {
         return Err(cx.err(
-            "filter_chains[0].transport_socket",
+            format!("filter_chains[{i}].transport_socket"),
             "TLS termination is not supported yet",
         ));
     }
     let [filter] = chain.filters.as_slice() else {
         return Err(cx.err(
-            "filter_chains[0].filters",
+            format!("filter_chains[{i}].filters"),
             format!(
                 "exactly one network filter is supported, got {}",
                 chain.filters.len()
             ),
         ));
     };
-    let field = "filter_chains[0].filters[0].typed_config";
+    let field = format!("filter_chains[{i}].filters[0].typed_config");
+    let field = field.as_str();
     let Some(el::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
         return Err(cx.err(field, "typed_config is required"));
     };
-    let kind = if any.type_url == tcp::TcpProxy::type_url() {
+    if any.type_url == tcp::TcpProxy::type_url() {
         let t: tcp::TcpProxy = unpack(any).map_err(|e| cx.err(field, e))?;
         match t.cluster_specifier {
             Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => {
-                ListenerSpecKind::Tcp { cluster: c }
+                Ok(ListenerSpecKind::Tcp { cluster: c })
             }
-            _ => return Err(cx.err(format!("{field}.cluster"), "one cluster name is required")),
+            _ => Err(cx.err(format!("{field}.cluster"), "one cluster name is required")),
         }
     } else if any.type_url == hcm::HttpConnectionManager::type_url() {
         let h: hcm::HttpConnectionManager = unpack(any).map_err(|e| cx.err(field, e))?;
-        http_connection_manager(&cx, field, h)?
+        http_connection_manager(cx, field, h)
     } else {
-        return Err(cx.err(
+        Err(cx.err(
             field,
             format!(
                 "unsupported network filter {:?} (supported: {HCM_FILTER}, {TCP_PROXY_FILTER})",
                 any.type_url
             ),
-        ));
-    };
-    Ok(ListenerSpec {
-        name: l.name.clone(),
-        address,
-        kind,
-    })
+        ))
+    }
 }
 
 fn http_connection_manager(
@@ -1334,6 +1381,7 @@ impl Accepted {
                     name: name.clone(),
                     address: l.address,
                     kind,
+                    tcp_fallback: l.tcp_fallback.clone(),
                 }),
             );
         }
@@ -1356,6 +1404,7 @@ impl Accepted {
             .collect();
         let mut cds = Vec::new();
         for l in self.listeners.values() {
+            cds.extend(l.tcp_fallback.clone());
             match &l.kind {
                 ListenerSpecKind::Tcp { cluster } => cds.push(cluster.clone()),
                 ListenerSpecKind::Http {

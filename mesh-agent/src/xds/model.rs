@@ -7,12 +7,7 @@
 //! config change (token buckets, load-balancer cursors, outlier counters, connection
 //! pools) lives in the proxy, keyed by the names below.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use regex_lite::Regex;
 
@@ -41,6 +36,9 @@ pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
     pub kind: ListenerKind,
+    /// Protocol sniffing (`http_inspector` with an HTTP chain and a TCP chain): a
+    /// connection that does not start like HTTP/1.x or h2c goes to this cluster as TCP.
+    pub tcp_fallback: Option<String>,
 }
 
 #[derive(Debug)]
@@ -147,10 +145,22 @@ pub struct QueryMatch {
 
 #[derive(Debug)]
 pub enum StringMatch {
-    Exact { value: String, ignore_case: bool },
-    Prefix { value: String, ignore_case: bool },
-    Suffix { value: String, ignore_case: bool },
-    Contains { value: String, ignore_case: bool },
+    Exact {
+        value: String,
+        ignore_case: bool,
+    },
+    Prefix {
+        value: String,
+        ignore_case: bool,
+    },
+    Suffix {
+        value: String,
+        ignore_case: bool,
+    },
+    Contains {
+        value: String,
+        ignore_case: bool,
+    },
     Regex(Regex),
     /// `present_match`: true means the header/parameter must be present, false absent.
     Present(bool),
@@ -160,7 +170,10 @@ pub enum StringMatch {
 pub enum RouteAction {
     Forward(Forward),
     /// `direct_response`.
-    Respond { status: u16, body: String },
+    Respond {
+        status: u16,
+        body: String,
+    },
     /// `redirect` (host and/or path, with a 3xx code).
     Redirect {
         status: u16,
@@ -287,9 +300,13 @@ pub struct Cluster {
 pub enum LbPolicy {
     RoundRobin,
     /// Power of `choice_count` (default 2) choices.
-    LeastRequest { choice_count: u32 },
+    LeastRequest {
+        choice_count: u32,
+    },
     Random,
-    RingHash { minimum_ring_size: u64 },
+    RingHash {
+        minimum_ring_size: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

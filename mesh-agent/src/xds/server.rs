@@ -1,0 +1,587 @@
+//! The embedded control plane: an ADS server (state-of-the-world and delta) serving
+//! Envoy v3 resources from a snapshot that the translator rebuilds when the standalone
+//! file changes. Any xDS client can use it: our own proxy, Envoy, gRPC.
+//!
+//! Protocol choices (Envoy's xDS protocol document):
+//! - SotW: LDS and CDS are wildcard when the first request names nothing (or names `*`),
+//!   else only the named resources are served (on-demand); RDS and EDS are always by name.
+//!   A response carries every subscribed resource of its type, `version_info` is the
+//!   snapshot version. A request whose `response_nonce` is not the last one sent for its
+//!   type is stale and ignored, except for its subscription change.
+//! - Delta: the server tracks what the client has (`initial_resource_versions` on a new
+//!   stream, then what it sent), sends only resources whose version differs, and names
+//!   removed ones in `removed_resources`, including explicitly requested names that do not
+//!   exist, so an on-demand client learns that at once.
+//! - Each resource's version is stable while its content is: an edit that touches one
+//!   service costs one resource per affected type on a delta stream.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
+            route::v3::RouteConfiguration,
+        },
+        service::discovery::v3::{
+            aggregated_discovery_service_server::{
+                AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+            },
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+            Resource,
+        },
+    },
+    google::protobuf::Any,
+};
+use futures_util::Stream;
+use prost::{Message, Name};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{wrappers::ReceiverStream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn, Instrument};
+
+pub fn type_urls() -> [String; 4] {
+    [
+        Listener::type_url(),
+        RouteConfiguration::type_url(),
+        Cluster::type_url(),
+        ClusterLoadAssignment::type_url(),
+    ]
+}
+
+/// Types whose SotW subscription may be wildcard.
+fn wildcard_capable(type_url: &str) -> bool {
+    type_url == Listener::type_url() || type_url == Cluster::type_url()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub version: String,
+    pub any: Any,
+}
+
+/// One consistent set of resources, by type URL then name.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub version: u64,
+    pub types: HashMap<String, BTreeMap<String, Entry>>,
+}
+
+impl Snapshot {
+    /// The next snapshot from freshly built resources: a resource whose content did not
+    /// change keeps its version, so delta clients are not sent it again.
+    pub fn next(&self, items: Vec<(String, Any)>) -> Snapshot {
+        let mut types: HashMap<String, BTreeMap<String, Entry>> = HashMap::new();
+        for t in type_urls() {
+            types.entry(t).or_default();
+        }
+        let mut changed = false;
+        for (name, any) in items {
+            let prev = self.types.get(&any.type_url).and_then(|m| m.get(&name));
+            let version = match prev {
+                Some(p) if same(&p.any, &any) => p.version.clone(),
+                _ => {
+                    changed = true;
+                    format!("{:016x}", fnv1a(&any.value))
+                }
+            };
+            types
+                .entry(any.type_url.clone())
+                .or_default()
+                .insert(name, Entry { version, any });
+        }
+        // Removals change the snapshot too.
+        for (t, m) in &self.types {
+            if m.len() != types.get(t).map_or(0, |n| n.len()) {
+                changed = true;
+            }
+        }
+        Snapshot {
+            version: if changed {
+                self.version + 1
+            } else {
+                self.version
+            },
+            types,
+        }
+    }
+
+    fn of(&self, type_url: &str) -> Option<&BTreeMap<String, Entry>> {
+        self.types.get(type_url)
+    }
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
+        (h ^ *x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Equal content. Byte equality first; maps inside messages are encoded in hash order, so
+/// equal messages can differ in bytes: compare decoded then.
+fn same(a: &Any, b: &Any) -> bool {
+    if a == b {
+        return true;
+    }
+    if a.type_url != b.type_url {
+        return false;
+    }
+    fn eq<T: Message + Default + PartialEq>(a: &[u8], b: &[u8]) -> bool {
+        matches!((T::decode(a), T::decode(b)), (Ok(x), Ok(y)) if x == y)
+    }
+    let t = a.type_url.as_str();
+    let (x, y) = (a.value.as_slice(), b.value.as_slice());
+    if t == Listener::type_url() {
+        eq::<Listener>(x, y)
+    } else if t == RouteConfiguration::type_url() {
+        eq::<RouteConfiguration>(x, y)
+    } else if t == Cluster::type_url() {
+        eq::<Cluster>(x, y)
+    } else if t == ClusterLoadAssignment::type_url() {
+        eq::<ClusterLoadAssignment>(x, y)
+    } else {
+        false
+    }
+}
+
+/// Counters for the admin endpoint and the xDS benchmark.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub streams: AtomicU64,
+    pub responses: AtomicU64,
+    pub resources_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct AdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub stats: Arc<ServerStats>,
+}
+
+impl AdsServer {
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> AdsServer {
+        AdsServer {
+            snapshots,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+static STREAM_IDS: AtomicU64 = AtomicU64::new(0);
+
+fn node_id(n: &Option<envoy_types::pb::envoy::config::core::v3::Node>) -> String {
+    n.as_ref().map(|n| n.id.clone()).unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let id = STREAM_IDS.fetch_add(1, Relaxed);
+        self.stats.streams.fetch_add(1, Relaxed);
+        let s = SotwStream {
+            snapshots: self.snapshots.clone(),
+            stats: self.stats.clone(),
+            tx,
+            subs: HashMap::new(),
+            nonce: 0,
+        };
+        tokio::spawn(
+            s.run(request.into_inner())
+                .instrument(tracing::info_span!("ads_sotw", id)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let id = STREAM_IDS.fetch_add(1, Relaxed);
+        self.stats.streams.fetch_add(1, Relaxed);
+        let s = DeltaStream {
+            snapshots: self.snapshots.clone(),
+            stats: self.stats.clone(),
+            tx,
+            subs: HashMap::new(),
+            nonce: 0,
+        };
+        tokio::spawn(
+            s.run(request.into_inner())
+                .instrument(tracing::info_span!("ads_delta", id)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What a client subscribed to, for one type.
+#[derive(Debug, Default)]
+struct Subscription {
+    wildcard: bool,
+    names: BTreeSet<String>,
+}
+
+impl Subscription {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// State of the world
+
+struct SotwType {
+    sub: Subscription,
+    /// Nonce of the last response sent, and the resource versions it carried.
+    last_nonce: String,
+    sent: BTreeMap<String, String>,
+    sent_any: bool,
+}
+
+struct SotwStream {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<ServerStats>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    subs: HashMap<String, SotwType>,
+    nonce: u64,
+}
+
+impl SotwStream {
+    async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) {
+        let mut node = String::new();
+        loop {
+            tokio::select! {
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        if node.is_empty() {
+                            node = node_id(&req.node);
+                            info!(node = %node, "SotW ADS stream opened");
+                        }
+                        if !self.on_request(req).await {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "SotW stream ended");
+                        return;
+                    }
+                    None => return,
+                },
+                r = self.snapshots.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let types: Vec<String> = self.subs.keys().cloned().collect();
+                    for t in types {
+                        if !self.push(&t, false).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> bool {
+        let t = req.type_url.clone();
+        if !type_urls().contains(&t) {
+            // Unknown types get an empty answer, never an error: clients probe.
+            warn!(type_url = %t, "subscription to an unknown type");
+        }
+        let first = !self.subs.contains_key(&t);
+        let st = self.subs.entry(t.clone()).or_insert_with(|| SotwType {
+            sub: Subscription::default(),
+            last_nonce: String::new(),
+            sent: BTreeMap::new(),
+            sent_any: false,
+        });
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != st.last_nonce {
+                debug!(type_url = %t, nonce = %req.response_nonce, "stale nonce; ignored");
+                return true;
+            }
+            if let Some(err) = &req.error_detail {
+                self.stats.nacks.fetch_add(1, Relaxed);
+                warn!(type_url = %t, version = %req.version_info, reason = %err.message, "client NACKed");
+            } else {
+                self.stats.acks.fetch_add(1, Relaxed);
+                debug!(type_url = %t, version = %req.version_info, "client ACKed");
+            }
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let wildcard = names.contains("*")
+            || (wildcard_capable(&t) && names.is_empty() && (first || st.sub.wildcard));
+        let changed = first || wildcard != st.sub.wildcard || names != st.sub.names;
+        st.sub = Subscription {
+            wildcard,
+            names: names.into_iter().filter(|n| n != "*").collect(),
+        };
+        if changed {
+            return self.push(&t, true).await;
+        }
+        true
+    }
+
+    /// Sends the subscribed resources of one type if they differ from what was last sent
+    /// (or `force`, for a new subscription: the client waits for an answer).
+    async fn push(&mut self, t: &str, force: bool) -> bool {
+        let snap = self.snapshots.borrow().clone();
+        let Some(st) = self.subs.get_mut(t) else {
+            return true;
+        };
+        let mut resources = Vec::new();
+        let mut versions = BTreeMap::new();
+        if let Some(m) = snap.of(t) {
+            for (name, e) in m {
+                if st.sub.wants(name) {
+                    versions.insert(name.clone(), e.version.clone());
+                    resources.push(e.any.clone());
+                }
+            }
+        }
+        if !force && st.sent_any && versions == st.sent {
+            return true;
+        }
+        self.nonce += 1;
+        let resp = DiscoveryResponse {
+            version_info: snap.version.to_string(),
+            resources,
+            type_url: t.to_owned(),
+            nonce: self.nonce.to_string(),
+            ..Default::default()
+        };
+        st.last_nonce = resp.nonce.clone();
+        st.sent = versions;
+        st.sent_any = true;
+        self.stats.responses.fetch_add(1, Relaxed);
+        self.stats
+            .resources_sent
+            .fetch_add(resp.resources.len() as u64, Relaxed);
+        self.stats
+            .bytes_sent
+            .fetch_add(resp.encoded_len() as u64, Relaxed);
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Delta
+
+struct DeltaType {
+    sub: Subscription,
+    /// What the client has: name -> version.
+    has: BTreeMap<String, String>,
+    /// Names the client was told do not exist (so it is told once).
+    told_absent: BTreeSet<String>,
+    /// Per unacknowledged nonce: what the client had before (name -> version, or none).
+    pending: BTreeMap<String, Vec<(String, Option<String>)>>,
+    /// Versions the client NACKed: not sent again until they change.
+    rejected: BTreeMap<String, String>,
+}
+
+struct DeltaStream {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<ServerStats>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    subs: HashMap<String, DeltaType>,
+    nonce: u64,
+}
+
+impl DeltaStream {
+    async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
+        let mut node = String::new();
+        loop {
+            tokio::select! {
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        if node.is_empty() {
+                            node = node_id(&req.node);
+                            info!(node = %node, "delta ADS stream opened");
+                        }
+                        if !self.on_request(req).await {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "delta stream ended");
+                        return;
+                    }
+                    None => return,
+                },
+                r = self.snapshots.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let types: Vec<String> = self.subs.keys().cloned().collect();
+                    for t in types {
+                        if !self.push(&t).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> bool {
+        let t = req.type_url.clone();
+        if !type_urls().contains(&t) {
+            warn!(type_url = %t, "subscription to an unknown type");
+        }
+        let first = !self.subs.contains_key(&t);
+        let st = self.subs.entry(t.clone()).or_insert_with(|| DeltaType {
+            sub: Subscription::default(),
+            has: BTreeMap::new(),
+            told_absent: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+        });
+        if !req.response_nonce.is_empty() {
+            let before = st.pending.remove(&req.response_nonce).unwrap_or_default();
+            if let Some(err) = &req.error_detail {
+                self.stats.nacks.fetch_add(1, Relaxed);
+                warn!(type_url = %t, nonce = %req.response_nonce, reason = %err.message, "client NACKed");
+                // The client kept what it had before that response: remember that, and do
+                // not send the rejected versions again until they change.
+                for (name, prev) in before {
+                    if let Some(v) = st.has.get(&name) {
+                        st.rejected.insert(name.clone(), v.clone());
+                    }
+                    match prev {
+                        Some(v) => st.has.insert(name, v),
+                        None => st.has.remove(&name),
+                    };
+                }
+            } else {
+                self.stats.acks.fetch_add(1, Relaxed);
+            }
+        }
+        if first {
+            // A resumed stream says what the client already has.
+            st.has = req.initial_resource_versions.clone().into_iter().collect();
+            st.sub.wildcard = req.resource_names_subscribe.is_empty() && wildcard_capable(&t);
+        }
+        for n in &req.resource_names_subscribe {
+            if n == "*" {
+                st.sub.wildcard = true;
+            } else {
+                st.sub.names.insert(n.clone());
+                st.told_absent.remove(n);
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                st.sub.wildcard = false;
+            } else {
+                st.sub.names.remove(n);
+                st.has.remove(n);
+                st.told_absent.remove(n);
+            }
+        }
+        let needs_answer = first || !req.resource_names_subscribe.is_empty();
+        self.push_inner(&t, needs_answer).await
+    }
+
+    async fn push(&mut self, t: &str) -> bool {
+        self.push_inner(t, false).await
+    }
+
+    async fn push_inner(&mut self, t: &str, force: bool) -> bool {
+        let snap = self.snapshots.borrow().clone();
+        let Some(st) = self.subs.get_mut(t) else {
+            return true;
+        };
+        let empty = BTreeMap::new();
+        let m = snap.of(t).unwrap_or(&empty);
+        let mut resources = Vec::new();
+        for (name, e) in m {
+            if st.sub.wants(name)
+                && st.has.get(name) != Some(&e.version)
+                && st.rejected.get(name) != Some(&e.version)
+            {
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: e.version.clone(),
+                    resource: Some(e.any.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let mut removed = Vec::new();
+        for name in st.has.keys() {
+            if !m.contains_key(name) || !st.sub.wants(name) {
+                removed.push(name.clone());
+            }
+        }
+        for name in &st.sub.names {
+            if !m.contains_key(name) && !st.has.contains_key(name) && !st.told_absent.contains(name)
+            {
+                removed.push(name.clone());
+            }
+        }
+        if resources.is_empty() && removed.is_empty() && !force {
+            return true;
+        }
+        let mut before = Vec::with_capacity(resources.len());
+        for r in &resources {
+            before.push((
+                r.name.clone(),
+                st.has.insert(r.name.clone(), r.version.clone()),
+            ));
+            st.rejected.remove(&r.name);
+        }
+        for n in &removed {
+            st.has.remove(n);
+            if st.sub.names.contains(n) {
+                st.told_absent.insert(n.clone());
+            }
+        }
+        self.nonce += 1;
+        // Bounded: a client that never answers does not grow this without end.
+        if st.pending.len() > 64 {
+            st.pending.pop_first();
+        }
+        st.pending.insert(self.nonce.to_string(), before);
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: snap.version.to_string(),
+            resources,
+            type_url: t.to_owned(),
+            removed_resources: removed,
+            nonce: self.nonce.to_string(),
+            ..Default::default()
+        };
+        self.stats.responses.fetch_add(1, Relaxed);
+        self.stats
+            .resources_sent
+            .fetch_add(resp.resources.len() as u64, Relaxed);
+        self.stats
+            .bytes_sent
+            .fetch_add(resp.encoded_len() as u64, Relaxed);
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+}

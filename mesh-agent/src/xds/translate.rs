@@ -1,0 +1,750 @@
+//! The standalone file's services -> Envoy v3 resources, the way Istio names them, so
+//! any xDS client (our proxy, Envoy) can consume them.
+//!
+//! Per service port:
+//! - Listener `<vip>:<port>`: HTTP connection manager (RDS) for `http`/`http2`/`grpc`,
+//!   `tcp_proxy` for `tcp`; for `auto`, the HTTP inspector picks the HTTP chain for
+//!   HTTP/1.x and h2c and a `tcp_proxy` chain for anything else.
+//! - RouteConfiguration `<name>.<namespace>:<port>`: one virtual host (`*`), the
+//!   service's routes, then a catch-all to the service itself.
+//! - Cluster `outbound|<port>||<name>.<namespace>`: EDS, load balancing, circuit breaker,
+//!   outlier detection, HTTP/2 upstream for `http2`/`grpc`.
+//! - ClusterLoadAssignment of the same name: selected workloads and explicit endpoints.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3 as ec, core::v3 as core, endpoint::v3 as ee, listener::v3 as el,
+            route::v3 as er,
+        },
+        extensions::filters::{
+            common::fault::v3 as common_fault,
+            http::{fault::v3 as hfault, local_ratelimit::v3 as hrl, router::v3::Router},
+            listener::http_inspector::v3::HttpInspector,
+            network::{http_connection_manager::v3 as hcm, tcp_proxy::v3 as tcp},
+        },
+        r#type::{matcher::v3 as matcher, v3 as etype},
+    },
+    google::protobuf::{Any, Duration as PbDuration, UInt32Value},
+};
+use envoy_types::util::pack_any;
+
+use super::convert::{
+    FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER,
+};
+use crate::config::{
+    KvMatchSpec, LbPolicySpec, MeshFile, Protocol, RateLimitSpec, RouteSpec, ServicePort,
+    ServiceSpec,
+};
+
+pub const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
+
+pub fn cluster_name(svc: &ServiceSpec, port: u16) -> String {
+    format!("outbound|{port}||{}.{}", svc.name, svc.namespace)
+}
+
+pub fn route_name(svc: &ServiceSpec, port: u16) -> String {
+    format!("{}.{}:{port}", svc.name, svc.namespace)
+}
+
+pub fn listener_name(svc: &ServiceSpec, port: u16) -> String {
+    format!("{}:{port}", svc.vip)
+}
+
+fn ms(ms: u64) -> PbDuration {
+    PbDuration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn u32v(v: u32) -> Option<UInt32Value> {
+    Some(UInt32Value { value: v })
+}
+
+fn ads() -> Option<core::ConfigSource> {
+    Some(core::ConfigSource {
+        resource_api_version: core::ApiVersion::V3 as i32,
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    })
+}
+
+fn socket_address(ip: String, port: u16) -> Option<core::Address> {
+    Some(core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip,
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port as u32)),
+            ..Default::default()
+        })),
+    })
+}
+
+/// Every resource the file defines, as `(name, Any)`.
+pub fn resources(file: &MeshFile) -> Vec<(String, Any)> {
+    let mut out = Vec::new();
+    for svc in &file.services {
+        for p in &svc.ports {
+            out.push((listener_name(svc, p.port), pack_any(listener(svc, p))));
+            if p.protocol != Protocol::Tcp {
+                out.push((
+                    route_name(svc, p.port),
+                    pack_any(route_config(file, svc, p)),
+                ));
+            }
+            out.push((cluster_name(svc, p.port), pack_any(cluster(svc, p))));
+            out.push((
+                cluster_name(svc, p.port),
+                pack_any(load_assignment(file, svc, p)),
+            ));
+        }
+    }
+    out
+}
+
+fn listener(svc: &ServiceSpec, p: &ServicePort) -> el::Listener {
+    let tcp_chain = || el::FilterChain {
+        filters: vec![el::Filter {
+            name: TCP_PROXY_FILTER.into(),
+            config_type: Some(el::filter::ConfigType::TypedConfig(pack_any(
+                tcp::TcpProxy {
+                    stat_prefix: cluster_name(svc, p.port),
+                    cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(
+                        cluster_name(svc, p.port),
+                    )),
+                    ..Default::default()
+                },
+            ))),
+        }],
+        ..Default::default()
+    };
+    let http_chain = |codec: hcm::http_connection_manager::CodecType| el::FilterChain {
+        filters: vec![el::Filter {
+            name: HCM_FILTER.into(),
+            config_type: Some(el::filter::ConfigType::TypedConfig(pack_any(
+                http_connection_manager(svc, p, codec),
+            ))),
+        }],
+        ..Default::default()
+    };
+    use hcm::http_connection_manager::CodecType;
+    let (filter_chains, listener_filters) = match p.protocol {
+        Protocol::Tcp => (vec![tcp_chain()], vec![]),
+        Protocol::Http => (vec![http_chain(CodecType::Http1)], vec![]),
+        Protocol::Http2 | Protocol::Grpc => (vec![http_chain(CodecType::Http2)], vec![]),
+        Protocol::Auto => {
+            let mut h = http_chain(CodecType::Auto);
+            h.filter_chain_match = Some(el::FilterChainMatch {
+                application_protocols: vec!["http/1.0".into(), "http/1.1".into(), "h2c".into()],
+                ..Default::default()
+            });
+            (
+                vec![h, tcp_chain()],
+                vec![el::ListenerFilter {
+                    name: HTTP_INSPECTOR.into(),
+                    config_type: Some(el::listener_filter::ConfigType::TypedConfig(pack_any(
+                        HttpInspector {},
+                    ))),
+                    ..Default::default()
+                }],
+            )
+        }
+    };
+    el::Listener {
+        name: listener_name(svc, p.port),
+        address: socket_address(svc.vip.to_string(), p.port),
+        filter_chains,
+        listener_filters,
+        ..Default::default()
+    }
+}
+
+fn http_connection_manager(
+    svc: &ServiceSpec,
+    p: &ServicePort,
+    codec: hcm::http_connection_manager::CodecType,
+) -> hcm::HttpConnectionManager {
+    let mut http_filters = Vec::new();
+    let any_fault = svc.routes.iter().any(|r| r.fault.is_some());
+    if any_fault {
+        // Configured per route; the listener-level filter is empty.
+        http_filters.push(hcm::HttpFilter {
+            name: FAULT_FILTER.into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                hfault::HttpFault::default(),
+            ))),
+            ..Default::default()
+        });
+    }
+    if svc.rate_limit.is_some() || svc.routes.iter().any(|r| r.rate_limit.is_some()) {
+        http_filters.push(hcm::HttpFilter {
+            name: RATE_LIMIT_FILTER.into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                svc.rate_limit
+                    .as_ref()
+                    .map(|r| local_rate_limit(&route_name(svc, p.port), r))
+                    .unwrap_or_else(|| hrl::LocalRateLimit {
+                        stat_prefix: route_name(svc, p.port),
+                        ..Default::default()
+                    }),
+            ))),
+            ..Default::default()
+        });
+    }
+    http_filters.push(hcm::HttpFilter {
+        name: ROUTER_FILTER.into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+            Router::default(),
+        ))),
+        ..Default::default()
+    });
+    hcm::HttpConnectionManager {
+        stat_prefix: route_name(svc, p.port),
+        codec_type: codec as i32,
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: ads(),
+                route_config_name: route_name(svc, p.port),
+            },
+        )),
+        http_filters,
+        ..Default::default()
+    }
+}
+
+fn local_rate_limit(prefix: &str, r: &RateLimitSpec) -> hrl::LocalRateLimit {
+    let all = || {
+        Some(core::RuntimeFractionalPercent {
+            default_value: Some(etype::FractionalPercent {
+                numerator: 100,
+                denominator: etype::fractional_percent::DenominatorType::Hundred as i32,
+            }),
+            runtime_key: String::new(),
+        })
+    };
+    hrl::LocalRateLimit {
+        stat_prefix: prefix.to_owned(),
+        token_bucket: Some(etype::TokenBucket {
+            max_tokens: r.max_tokens,
+            tokens_per_fill: u32v(r.tokens_per_fill.unwrap_or(r.max_tokens)),
+            fill_interval: Some(ms(r.fill_interval_ms)),
+        }),
+        filter_enabled: all(),
+        filter_enforced: all(),
+        enable_x_ratelimit_headers: 1,
+        ..Default::default()
+    }
+}
+
+fn percent(p: f64) -> Option<etype::FractionalPercent> {
+    Some(etype::FractionalPercent {
+        numerator: (p * 10_000.0).round() as u32,
+        denominator: etype::fractional_percent::DenominatorType::Million as i32,
+    })
+}
+
+fn header_options(h: &std::collections::BTreeMap<String, String>) -> Vec<core::HeaderValueOption> {
+    h.iter()
+        .map(|(k, v)| core::HeaderValueOption {
+            header: Some(core::HeaderValue {
+                key: k.clone(),
+                value: v.clone(),
+                ..Default::default()
+            }),
+            append_action: core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
+                as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn string_matcher(m: &KvMatchSpec) -> Option<matcher::StringMatcher> {
+    use matcher::string_matcher::MatchPattern as M;
+    let pattern = if let Some(v) = &m.exact {
+        M::Exact(v.clone())
+    } else if let Some(v) = &m.prefix {
+        M::Prefix(v.clone())
+    } else if let Some(v) = &m.regex {
+        M::SafeRegex(matcher::RegexMatcher {
+            regex: v.clone(),
+            ..Default::default()
+        })
+    } else {
+        return None;
+    };
+    Some(matcher::StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case: false,
+    })
+}
+
+fn route_config(file: &MeshFile, svc: &ServiceSpec, p: &ServicePort) -> er::RouteConfiguration {
+    let mut routes: Vec<er::Route> = svc
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| route(file, svc, p, i, r))
+        .collect();
+    if svc.routes.iter().all(|r| !is_catch_all(r)) {
+        routes.push(route(
+            file,
+            svc,
+            p,
+            svc.routes.len(),
+            &RouteSpec {
+                name: Some("default".into()),
+                ..Default::default()
+            },
+        ));
+    }
+    er::RouteConfiguration {
+        name: route_name(svc, p.port),
+        virtual_hosts: vec![er::VirtualHost {
+            name: route_name(svc, p.port),
+            domains: vec!["*".into()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn is_catch_all(r: &RouteSpec) -> bool {
+    let m = &r.matcher;
+    m.path.is_none()
+        && m.regex.is_none()
+        && m.prefix.as_deref().is_none_or(|p| p == "/")
+        && m.headers.is_empty()
+        && m.query.is_empty()
+}
+
+fn route(
+    file: &MeshFile,
+    svc: &ServiceSpec,
+    p: &ServicePort,
+    i: usize,
+    r: &RouteSpec,
+) -> er::Route {
+    use er::route_match::PathSpecifier;
+    let m = &r.matcher;
+    let path = if let Some(x) = &m.path {
+        PathSpecifier::Path(x.clone())
+    } else if let Some(x) = &m.regex {
+        PathSpecifier::SafeRegex(matcher::RegexMatcher {
+            regex: x.clone(),
+            ..Default::default()
+        })
+    } else {
+        PathSpecifier::Prefix(m.prefix.clone().unwrap_or_else(|| "/".into()))
+    };
+    let headers = m
+        .headers
+        .iter()
+        .map(|h| er::HeaderMatcher {
+            name: h.name.clone(),
+            header_match_specifier: Some(match string_matcher(h) {
+                Some(s) => er::header_matcher::HeaderMatchSpecifier::StringMatch(s),
+                None => er::header_matcher::HeaderMatchSpecifier::PresentMatch(
+                    h.present.unwrap_or(true),
+                ),
+            }),
+            invert_match: h.invert,
+            ..Default::default()
+        })
+        .collect();
+    let query_parameters = m
+        .query
+        .iter()
+        .map(|q| er::QueryParameterMatcher {
+            name: q.name.clone(),
+            query_parameter_match_specifier: Some(match string_matcher(q) {
+                Some(s) => {
+                    er::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(s)
+                }
+                None => er::query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(
+                    q.present.unwrap_or(true),
+                ),
+            }),
+        })
+        .collect();
+    let action = if let Some(d) = &r.direct_response {
+        er::route::Action::DirectResponse(er::DirectResponseAction {
+            status: d.status,
+            body: Some(core::DataSource {
+                specifier: Some(core::data_source::Specifier::InlineString(d.body.clone())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    } else {
+        er::route::Action::Route(route_action(file, svc, p, r))
+    };
+    let mut per_filter = HashMap::new();
+    if let Some(f) = &r.fault {
+        per_filter.insert(FAULT_FILTER.to_owned(), pack_any(fault(f)));
+    }
+    if let Some(rl) = &r.rate_limit {
+        per_filter.insert(
+            RATE_LIMIT_FILTER.to_owned(),
+            pack_any(local_rate_limit(
+                &format!("{}/{i}", route_name(svc, p.port)),
+                rl,
+            )),
+        );
+    }
+    let (req_add, req_rm) = r
+        .request_headers
+        .as_ref()
+        .map(|h| (header_options(&h.add), h.remove.clone()))
+        .unwrap_or_default();
+    let (resp_add, resp_rm) = r
+        .response_headers
+        .as_ref()
+        .map(|h| (header_options(&h.add), h.remove.clone()))
+        .unwrap_or_default();
+    er::Route {
+        name: r.name.clone().unwrap_or_else(|| format!("route-{i}")),
+        r#match: Some(er::RouteMatch {
+            path_specifier: Some(path),
+            headers,
+            query_parameters,
+            ..Default::default()
+        }),
+        action: Some(action),
+        typed_per_filter_config: per_filter,
+        request_headers_to_add: req_add,
+        request_headers_to_remove: req_rm,
+        response_headers_to_add: resp_add,
+        response_headers_to_remove: resp_rm,
+        ..Default::default()
+    }
+}
+
+fn route_action(
+    file: &MeshFile,
+    svc: &ServiceSpec,
+    p: &ServicePort,
+    r: &RouteSpec,
+) -> er::RouteAction {
+    use er::route_action::ClusterSpecifier;
+    let backend_cluster = |name: &str| {
+        let (n, ns) = name.split_once('.').unwrap_or((name, &svc.namespace));
+        let target = file
+            .services
+            .iter()
+            .find(|s| s.name == n && s.namespace == ns)
+            .unwrap_or(svc);
+        // The backend's port of the same number, else its first port.
+        let port = target
+            .ports
+            .iter()
+            .find(|q| q.port == p.port)
+            .or(target.ports.first())
+            .map_or(p.port, |q| q.port);
+        cluster_name(target, port)
+    };
+    let cluster_specifier = match r.backends.as_slice() {
+        [] => ClusterSpecifier::Cluster(cluster_name(svc, p.port)),
+        [one] => ClusterSpecifier::Cluster(backend_cluster(&one.service)),
+        many => ClusterSpecifier::WeightedClusters(er::WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|b| er::weighted_cluster::ClusterWeight {
+                    name: backend_cluster(&b.service),
+                    weight: u32v(b.weight.unwrap_or(1)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let retry_policy = r.retries.as_ref().map(|x| er::RetryPolicy {
+        retry_on: x.on.clone().unwrap_or_else(|| {
+            if x.statuses.is_empty() {
+                "5xx,reset,connect-failure".into()
+            } else {
+                "5xx,reset,connect-failure,retriable-status-codes".into()
+            }
+        }),
+        num_retries: u32v(x.attempts),
+        per_try_timeout: x.per_try_timeout_ms.map(ms),
+        retriable_status_codes: x.statuses.clone(),
+        retry_back_off: x.backoff_ms.map(|b| er::retry_policy::RetryBackOff {
+            base_interval: Some(ms(b)),
+            max_interval: Some(ms(b * 10)),
+        }),
+        ..Default::default()
+    });
+    let hash_policy = match (&svc.lb.policy, &svc.lb.hash_header) {
+        (LbPolicySpec::RingHash, Some(h)) => vec![er::route_action::HashPolicy {
+            policy_specifier: Some(er::route_action::hash_policy::PolicySpecifier::Header(
+                er::route_action::hash_policy::Header {
+                    header_name: h.clone(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }],
+        _ => vec![],
+    };
+    er::RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        timeout: r.timeout_ms.map(ms),
+        retry_policy,
+        hash_policy,
+        ..Default::default()
+    }
+}
+
+fn fault(f: &crate::config::FaultSpec) -> hfault::HttpFault {
+    hfault::HttpFault {
+        delay: f.delay_ms.map(|d| common_fault::FaultDelay {
+            fault_delay_secifier: Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(
+                ms(d),
+            )),
+            percentage: percent(f.delay_percent.unwrap_or(100.0)),
+            ..Default::default()
+        }),
+        abort: match (f.abort_status, f.abort_grpc_status) {
+            (None, None) => None,
+            (s, g) => Some(hfault::FaultAbort {
+                error_type: Some(match g {
+                    Some(g) => hfault::fault_abort::ErrorType::GrpcStatus(g),
+                    None => hfault::fault_abort::ErrorType::HttpStatus(s.unwrap_or(503)),
+                }),
+                percentage: percent(f.abort_percent.unwrap_or(100.0)),
+                ..Default::default()
+            }),
+        },
+        ..Default::default()
+    }
+}
+
+fn cluster(svc: &ServiceSpec, p: &ServicePort) -> ec::Cluster {
+    use ec::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let lb_policy = match svc.lb.policy {
+        LbPolicySpec::RoundRobin => LbPolicy::RoundRobin,
+        LbPolicySpec::LeastRequest => LbPolicy::LeastRequest,
+        LbPolicySpec::Random => LbPolicy::Random,
+        LbPolicySpec::RingHash => LbPolicy::RingHash,
+    };
+    let circuit_breakers = svc.circuit_breaker.map(|c| ec::CircuitBreakers {
+        thresholds: vec![ec::circuit_breakers::Thresholds {
+            max_connections: c.max_connections.and_then(u32v),
+            max_pending_requests: c.max_pending_requests.and_then(u32v),
+            max_requests: c.max_requests.and_then(u32v),
+            max_retries: c.max_retries.and_then(u32v),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let outlier_detection = svc.outlier_detection.map(|o| ec::OutlierDetection {
+        consecutive_5xx: o.consecutive_5xx.and_then(u32v),
+        base_ejection_time: o.base_ejection_ms.map(ms),
+        max_ejection_percent: o.max_ejection_percent.and_then(u32v),
+        interval: o.interval_ms.map(ms),
+        ..Default::default()
+    });
+    #[expect(
+        deprecated,
+        reason = "http2_protocol_options is what every xDS client reads"
+    )]
+    ec::Cluster {
+        name: cluster_name(svc, p.port),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(ec::cluster::EdsClusterConfig {
+            eds_config: ads(),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(ms(svc.connect_timeout_ms.unwrap_or(5000))),
+        lb_policy: lb_policy as i32,
+        circuit_breakers,
+        outlier_detection,
+        http2_protocol_options: matches!(p.protocol, Protocol::Http2 | Protocol::Grpc)
+            .then(core::Http2ProtocolOptions::default),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(
+    file: &MeshFile,
+    svc: &ServiceSpec,
+    p: &ServicePort,
+) -> ee::ClusterLoadAssignment {
+    let port = p.target_port.unwrap_or(p.port);
+    let mut lb_endpoints = Vec::new();
+    let ep = |ip: String, port: u16, weight: u32, health: core::HealthStatus| ee::LbEndpoint {
+        host_identifier: Some(ee::lb_endpoint::HostIdentifier::Endpoint(ee::Endpoint {
+            address: socket_address(ip, port),
+            ..Default::default()
+        })),
+        health_status: health as i32,
+        load_balancing_weight: u32v(weight),
+        ..Default::default()
+    };
+    if !svc.selector.is_empty() {
+        for w in &file.workloads {
+            if w.namespace == svc.namespace
+                && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            {
+                lb_endpoints.push(ep(w.ip.to_string(), port, 1, core::HealthStatus::Healthy));
+            }
+        }
+    }
+    for e in &svc.endpoints {
+        let health = match e.health.as_deref() {
+            Some("unhealthy") => core::HealthStatus::Unhealthy,
+            Some("degraded") => core::HealthStatus::Degraded,
+            Some("draining") => core::HealthStatus::Draining,
+            _ => core::HealthStatus::Healthy,
+        };
+        lb_endpoints.push(ep(
+            e.ip.to_string(),
+            e.port.unwrap_or(port),
+            e.weight.unwrap_or(1),
+            health,
+        ));
+    }
+    ee::ClusterLoadAssignment {
+        cluster_name: cluster_name(svc, p.port),
+        endpoints: vec![ee::LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::convert::{self, Accepted};
+    use std::path::Path;
+
+    pub const FILE: &str = "\
+namespaces:
+  - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }
+workloads:
+  - { name: r1, namespace: shop, ip: 10.0.0.2, netns: /run/netns/r1, labels: { app: reviews } }
+  - { name: r2, namespace: shop, ip: 10.0.0.3, netns: /run/netns/r2, labels: { app: reviews-v2 } }
+services:
+  - name: reviews
+    namespace: shop
+    vip: 10.96.0.10
+    ports: [ { port: 80, target_port: 8080, protocol: http } ]
+    selector: { app: reviews }
+    rate_limit: { max_tokens: 5, fill_interval_ms: 1000 }
+    routes:
+      - name: canary
+        match: { prefix: /api, headers: [ { name: x-canary, exact: \"1\" } ] }
+        backends: [ { service: reviews-v2, weight: 90 }, { service: reviews, weight: 10 } ]
+        timeout_ms: 250
+        retries: { attempts: 2, statuses: [503] }
+        fault: { abort_status: 503, abort_percent: 10 }
+        request_headers: { add: { x-mesh: yes }, remove: [ x-drop ] }
+  - name: reviews-v2
+    namespace: shop
+    vip: 10.96.0.11
+    ports: [ { port: 80, target_port: 8080, protocol: grpc } ]
+    selector: { app: reviews-v2 }
+    lb: { policy: ring_hash, hash_header: x-user }
+    endpoints: [ { ip: 10.0.0.9, weight: 3, health: unhealthy } ]
+  - name: db
+    namespace: shop
+    vip: 10.96.0.12
+    ports: [ { port: 5432, protocol: tcp }, { port: 9000 } ]
+    endpoints: [ { ip: 10.0.0.4 } ]
+";
+
+    fn accepted() -> Accepted {
+        let file = MeshFile::parse(Path::new("m.yaml"), FILE).unwrap();
+        let mut a = Accepted::default();
+        for (name, any) in resources(&file) {
+            let t = any.type_url.as_str();
+            if t == <el::Listener as prost::Name>::type_url() {
+                let l = convert::listener(&convert::unpack(&any).unwrap()).unwrap();
+                a.listeners.insert(name, l);
+            } else if t == <er::RouteConfiguration as prost::Name>::type_url() {
+                let r = convert::route_config(&convert::unpack(&any).unwrap()).unwrap();
+                a.routes.insert(name, std::sync::Arc::new(r));
+            } else if t == <ec::Cluster as prost::Name>::type_url() {
+                a.clusters.insert(
+                    name,
+                    convert::cluster(&convert::unpack(&any).unwrap()).unwrap(),
+                );
+            } else {
+                let e = convert::load_assignment(&convert::unpack(&any).unwrap()).unwrap();
+                a.endpoints.insert(name, std::sync::Arc::new(e));
+            }
+        }
+        a
+    }
+
+    #[test]
+    fn every_translated_resource_is_accepted_and_resolves() {
+        use crate::xds::model::*;
+        let (cfg, warming) = accepted().build();
+        assert_eq!(warming, convert::Warming::default());
+        assert_eq!(cfg.listeners.len(), 4);
+        let l = cfg.listener("10.96.0.10:80".parse().unwrap()).unwrap();
+        let ListenerKind::Http(h) = &l.kind else {
+            panic!("{l:?}")
+        };
+        assert_eq!(h.codec, Codec::Http1);
+        assert_eq!(h.rate_limit.as_ref().unwrap().max_tokens, 5);
+        let vh = &h.route_config.virtual_hosts[0];
+        assert_eq!(vh.routes.len(), 2, "the canary route and the default");
+        let r = &vh.routes[0];
+        assert_eq!(r.name, "canary");
+        let RouteAction::Forward(f) = &r.action else {
+            panic!()
+        };
+        assert_eq!(f.total_weight, 100);
+        assert_eq!(f.clusters[0].name, "outbound|80||reviews-v2.shop");
+        assert_eq!(f.timeout, Some(std::time::Duration::from_millis(250)));
+        let rp = f.retry_policy.as_ref().unwrap();
+        assert_eq!(rp.num_retries, 2);
+        assert!(rp.retry_on.retriable_status_codes && rp.retry_on.server_error);
+        assert_eq!(rp.retriable_status_codes, vec![503]);
+        let (_, abort_ppm) = r.fault.as_ref().unwrap().abort.unwrap();
+        assert_eq!(abort_ppm, 100_000);
+        assert_eq!(
+            r.request_headers.add,
+            vec![("x-mesh".into(), "yes".into(), false)]
+        );
+        assert_eq!(r.request_headers.remove, vec!["x-drop".to_string()]);
+
+        let v2 = cfg.cluster("outbound|80||reviews-v2.shop").unwrap();
+        assert_eq!(v2.protocol, UpstreamProtocol::Http2);
+        assert!(matches!(v2.lb, LbPolicy::RingHash { .. }));
+        assert_eq!(v2.endpoints.len(), 2);
+        assert_eq!(v2.endpoints[0].address, "10.0.0.3:8080".parse().unwrap());
+        assert_eq!(v2.endpoints[1].health, Health::Unhealthy);
+        assert_eq!(v2.endpoints[1].weight, 3);
+
+        let db = cfg.listener("10.96.0.12:5432".parse().unwrap()).unwrap();
+        assert!(
+            matches!(&db.kind, ListenerKind::Tcp { cluster } if cluster == "outbound|5432||db.shop")
+        );
+        let auto = cfg.listener("10.96.0.12:9000".parse().unwrap()).unwrap();
+        assert_eq!(auto.tcp_fallback.as_deref(), Some("outbound|9000||db.shop"));
+    }
+
+    #[test]
+    fn a_listener_whose_routes_are_missing_warms() {
+        let mut a = accepted();
+        a.routes.remove("reviews.shop:80");
+        a.endpoints.remove("outbound|5432||db.shop");
+        let (cfg, warming) = a.build();
+        assert!(cfg.listener("10.96.0.10:80".parse().unwrap()).is_none());
+        assert_eq!(
+            warming.listeners.get("10.96.0.10:80").map(String::as_str),
+            Some("reviews.shop:80")
+        );
+        assert_eq!(warming.clusters, vec!["outbound|5432||db.shop".to_string()]);
+    }
+}
