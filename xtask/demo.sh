@@ -88,7 +88,7 @@ echo "== simulated node: bridge $BR 10.202.0.1/24, cgroup $CG, 5 pods"
 echo "== starting mesh-agent (log: $DIR/agent.log)"
 sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$CG" \
   "$AGENT" run --config "$DIR/mesh.yaml" --pin-path "$PIN" --cgroup "$CG" \
-  --proxy-address 10.202.0.1:15001 --admin-address "$ADMIN" 2> "$DIR/agent.log" &
+  --proxy-address 10.202.0.1:15001 --admin-address "$ADMIN" --xds-listen 127.0.0.1:15096 2> "$DIR/agent.log" &
 AGENT_PID=$!
 for _ in $(seq 100); do
   curl -sf "http://$ADMIN/ready" > /dev/null 2>&1 && break

@@ -41,7 +41,7 @@ config() { # config ENROLLED(0/1) MODE
 }
 start_agent() {
   sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$CG" taskset -c 0 "$AGENT" run --config "$DIR/mesh.yaml" \
-    --pin-path "$PIN" --cgroup "$CG" --proxy-address 10.203.0.1:15001 --admin-address "$ADMIN" "$@" 2> "$DIR/agent.log" &
+    --pin-path "$PIN" --cgroup "$CG" --proxy-address 10.203.0.1:15001 --admin-address "$ADMIN" --xds-listen 127.0.0.1:15097 "$@" 2> "$DIR/agent.log" &
   AGENT_PID=$!
   for _ in $(seq 100); do curl -sf "http://$ADMIN/ready" > /dev/null 2>&1 && return; sleep 0.1; done
   cat "$DIR/agent.log"; exit 1

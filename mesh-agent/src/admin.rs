@@ -48,6 +48,9 @@ pub struct Admin {
     pub readiness: Arc<Readiness>,
     pub config_json: String,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub xds: Arc<crate::xds::client::XdsClient>,
+    /// The embedded control plane's counters, when it runs.
+    pub ads_stats: Option<Arc<crate::xds::server::ServerStats>>,
 }
 
 /// Largest request head accepted (bytes).
@@ -129,6 +132,25 @@ impl Admin {
                 }
             }
             "/config" => ("200 OK", "application/json", self.config_json.clone()),
+            "/config_dump" => {
+                let mut v = self.xds.dump();
+                if let Some(s) = &self.ads_stats {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    v["embedded_control_plane"] = serde_json::json!({
+                        "streams": s.streams.load(Relaxed),
+                        "responses": s.responses.load(Relaxed),
+                        "resources_sent": s.resources_sent.load(Relaxed),
+                        "bytes_sent": s.bytes_sent.load(Relaxed),
+                        "acks": s.acks.load(Relaxed),
+                        "nacks": s.nacks.load(Relaxed),
+                    });
+                }
+                (
+                    "200 OK",
+                    "application/json",
+                    serde_json::to_string_pretty(&v).unwrap_or_default(),
+                )
+            }
             "/workloads" => (
                 "200 OK",
                 "application/json",
@@ -137,7 +159,7 @@ impl Admin {
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /ready, /config, /workloads\n".into(),
+                "try /metrics, /ready, /config, /config_dump, /workloads\n".into(),
             ),
         }
     }

@@ -21,11 +21,26 @@ use crate::{
     metrics::Metrics,
     proxy::Outbound,
     workload::{self, MapSyncer, Registry, Snapshot},
+    xds::{
+        client::{ClientOptions, XdsClient},
+        server::AdsServer,
+        translate,
+    },
 };
 
 const READY_BPF: &str = "bpf attached";
 const READY_MAPS: &str = "enrolment synced";
 const READY_PROXY: &str = "proxy listening";
+const READY_XDS: &str = "xds stream open";
+
+/// The embedded control plane's resources for a snapshot.
+fn xds_resources(snap: &Snapshot) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
+    translate::resources(&MeshFile {
+        services: snap.services.clone(),
+        workloads: snap.declared.clone(),
+        ..Default::default()
+    })
+}
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Everything that can be wrong with the input is reported before touching the kernel;
@@ -51,7 +66,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = control
         .block_on(tokio::net::TcpListener::bind(args.admin_address))
         .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
-    let readiness = Readiness::new(&[READY_BPF, READY_MAPS, READY_PROXY]);
+    let readiness = Readiness::new(&[READY_BPF, READY_MAPS, READY_PROXY, READY_XDS]);
     readiness.set(READY_BPF);
     // Maps are shared with the proxy thread; the Datapath (links, pins) stays here and is
     // dropped last.
@@ -65,6 +80,40 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     apply_snapshot(&mut syncer, &metrics, &snap_rx.borrow())
         .context("writing the enrolment maps")?;
     readiness.set(READY_MAPS);
+
+    // xDS: the embedded control plane (unless an external one is named) and the proxy's
+    // client, both on this (control) runtime; the proxy reads the config it publishes.
+    let (xds_tx, xds_rx) = watch::channel(Arc::new(
+        crate::xds::server::Snapshot::default().next(xds_resources(&snap_rx.borrow())),
+    ));
+    let ads = match &args.xds_address {
+        Some(_) => None,
+        None => {
+            let l = control
+                .block_on(tokio::net::TcpListener::bind(args.xds_listen))
+                .with_context(|| {
+                    format!(
+                        "binding the embedded control plane on {} (--xds-listen)",
+                        args.xds_listen
+                    )
+                })?;
+            Some((l, AdsServer::new(xds_rx)))
+        }
+    };
+    let xds_url = match (&args.xds_address, &ads) {
+        (Some(a), _) => a.clone(),
+        (None, Some((l, _))) => format!("http://{}", l.local_addr()?),
+        (None, None) => unreachable!("the embedded server is bound when no address is given"),
+    };
+    let node_id = args.node_name.clone().unwrap_or_else(hostname);
+    let xds = XdsClient::new(ClientOptions {
+        address: xds_url,
+        node_id,
+        cluster: "mesh-agent".into(),
+        mode: args.xds_mode,
+        on_demand: args.xds_on_demand,
+        on_demand_timeout: Duration::from_millis(args.xds_on_demand_timeout_ms),
+    });
 
     // The proxy runtime.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -98,9 +147,41 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         config_json,
         snapshot: snap_rx.clone(),
+        xds: xds.clone(),
+        ads_stats: ads.as_ref().map(|(_, s)| s.stats.clone()),
     });
 
     control.block_on(async {
+        if let Some((listener, server)) = ads {
+            info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "embedded control plane serving ADS");
+            tokio::spawn(
+                async move {
+                    let r = tonic::transport::Server::builder()
+                        .add_service(server.into_service())
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                        .await;
+                    if let Err(e) = r {
+                        error!(error = %e, "the embedded control plane stopped");
+                    }
+                }
+                .instrument(tracing::info_span!("ads_server")),
+            );
+        }
+        tokio::spawn(xds.clone().run().instrument(tracing::info_span!("xds_client")));
+        {
+            let xds = xds.clone();
+            let readiness = readiness.clone();
+            tokio::spawn(
+                async move {
+                    let mut cfg = xds.config();
+                    while !xds.connected() {
+                        let _ = tokio::time::timeout(Duration::from_millis(50), cfg.changed()).await;
+                    }
+                    readiness.set(READY_XDS);
+                }
+                .instrument(tracing::info_span!("xds_ready")),
+            );
+        }
         tokio::spawn(
             admin
                 .serve(admin_listener)
@@ -121,6 +202,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Err(e) = apply_snapshot(&mut syncer, &metrics, &snap) {
                     error!(error = %e, "writing the enrolment maps failed");
                 }
+                let resources = xds_resources(&snap);
+                xds_tx.send_if_modified(|cur| {
+                    let next = cur.next(resources);
+                    let changed = next.version != cur.version;
+                    if changed {
+                        info!(version = next.version, "control plane snapshot updated");
+                        *cur = Arc::new(next);
+                    }
+                    changed
+                });
             }
         }
         .instrument(tracing::info_span!("map_sync"));
@@ -163,6 +254,12 @@ fn apply_snapshot(
         .unresolved_workloads
         .store(syncer.unresolved as u64, Relaxed);
     r
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "mesh-agent".into())
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -21,6 +21,10 @@ pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 500;
 pub const DEFAULT_SKMSG_QUEUE_FLOOR: u32 = 4 * 1024 * 1024;
 /// How long SIGTERM waits for proxied connections to finish (milliseconds).
 pub const DEFAULT_DRAIN_MS: u64 = 5000;
+/// Where the embedded control plane serves ADS (gRPC).
+pub const DEFAULT_XDS_LISTEN: &str = "127.0.0.1:15010";
+/// How long a connection to a new destination waits for its listener (milliseconds).
+pub const DEFAULT_XDS_ON_DEMAND_TIMEOUT_MS: u64 = 1000;
 
 /// The namespace label that enrols a namespace (value `ambient`), and, on a workload, opts it
 /// out (value `none`).
@@ -66,6 +70,28 @@ pub struct RunArgs {
     /// On SIGTERM, how long proxied connections may take to finish (milliseconds).
     #[arg(long, env = "MESH_DRAIN_MS", default_value_t = DEFAULT_DRAIN_MS)]
     pub drain_ms: u64,
+    /// An external ADS server (`http://host:port`) for the proxy; default: the embedded
+    /// control plane, which then is not started.
+    #[arg(long, env = "MESH_XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// Where the embedded control plane serves ADS (plaintext gRPC: keep it on loopback
+    /// or the node's own address).
+    #[arg(long, env = "MESH_XDS_LISTEN", default_value = DEFAULT_XDS_LISTEN)]
+    pub xds_listen: SocketAddr,
+    /// xDS protocol variant of the proxy's stream.
+    #[arg(long, env = "MESH_XDS_MODE", value_enum, default_value = "delta")]
+    pub xds_mode: crate::xds::client::Mode,
+    /// Subscribe to listeners (`<ip>:<port>`) when a workload first calls them, and to
+    /// what they reference; false: wildcard listeners and clusters.
+    #[arg(long, env = "MESH_XDS_ON_DEMAND", default_value_t = true, action = clap::ArgAction::Set)]
+    pub xds_on_demand: bool,
+    /// How long a connection to a new destination waits for its listener (milliseconds);
+    /// then it is relayed as plain TCP.
+    #[arg(long, env = "MESH_XDS_ON_DEMAND_TIMEOUT_MS", default_value_t = DEFAULT_XDS_ON_DEMAND_TIMEOUT_MS)]
+    pub xds_on_demand_timeout_ms: u64,
+    /// Node id presented to the control plane; default: the host name.
+    #[arg(long, env = "MESH_NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 impl RunArgs {

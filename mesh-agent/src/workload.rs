@@ -39,10 +39,15 @@ pub struct Workload {
 }
 
 /// What the node should look like, as one consistent value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {
     pub workloads: Vec<Workload>,
     pub excludes: Vec<ExcludeRule>,
+    /// Services, for the embedded control plane.
+    pub services: Vec<crate::config::ServiceSpec>,
+    /// Workloads as declared (labels select service endpoints).
+    #[serde(skip)]
+    pub declared: Vec<crate::config::WorkloadSpec>,
 }
 
 impl Snapshot {
@@ -62,6 +67,8 @@ impl Snapshot {
         Snapshot {
             workloads,
             excludes: f.exclude.clone(),
+            services: f.services.clone(),
+            declared: f.workloads.clone(),
         }
     }
 }
@@ -131,7 +138,7 @@ pub async fn watch_file(path: PathBuf, interval: Duration, tx: watch::Sender<Arc
                     if **cur == snap {
                         return false;
                     }
-                    info!(path = %path.display(), workloads = snap.workloads.len(), "enrolment file changed");
+                    info!(path = %path.display(), workloads = snap.workloads.len(), services = snap.services.len(), "standalone file changed");
                     *cur = Arc::new(snap);
                     true
                 });

@@ -8,7 +8,9 @@
 //!
 //! - `model`: the configuration in force, resolved from accepted resources.
 
+pub mod client;
 pub mod convert;
+pub mod dump;
 pub mod model;
 pub mod server;
 pub mod translate;

@@ -6,7 +6,8 @@
 //!
 //! Names for index N: bridge `mtbrN`, subnet 10.201.N.0/24 (gateway .1 = the node's
 //! address, where the proxy listens), netns `mtN-<pod>`, host veth `mtNv<i>`, cgroup
-//! `<cgroup2>/mesh-test-N`, pins `/sys/fs/bpf/mesh-test-N`, admin port 15100+N.
+//! `<cgroup2>/mesh-test-N`, pins `/sys/fs/bpf/mesh-test-N`, admin port 15100+N,
+//! embedded control plane (xDS) port 15300+N.
 #![expect(
     unsafe_code,
     reason = "pre_exec hooks (setns, cgroup move) and kill(2) for the simulated node"
@@ -278,6 +279,7 @@ impl SimNode {
             ("--cgroup", self.cgroup.display().to_string()),
             ("--proxy-address", format!("{}:15001", self.gateway)),
             ("--admin-address", format!("127.0.0.1:{}", self.admin_port)),
+            ("--xds-listen", format!("127.0.0.1:{}", self.xds_port())),
             ("--reload-interval-ms", "100".to_owned()),
         ];
         for (flag, value) in defaults {
@@ -302,6 +304,11 @@ impl SimNode {
     }
 
     /// Starts the agent and waits for /ready.
+    /// The embedded control plane's port: 15300+N.
+    pub fn xds_port(&self) -> u16 {
+        self.admin_port + 200
+    }
+
     pub fn start_agent(&self, extra: &[&str]) -> Result<Agent> {
         let log = self.dir.join("agent.log");
         let child = self

@@ -1,0 +1,870 @@
+//! The node proxy's xDS client: one ADS stream (state-of-the-world or delta) to the
+//! embedded control plane or an external one.
+//!
+//! - Every response is judged as a unit: all its resources are checked (`xds::convert`)
+//!   and it is ACKed (applied) or NACKed with a reason naming the resource and field (the
+//!   previous configuration stays in force).
+//! - Subscriptions follow references: listeners name route configurations (RDS), routes
+//!   and TCP listeners name clusters (CDS), clusters name load assignments (EDS).
+//! - On demand (the default with the embedded control plane): listeners are subscribed by
+//!   name (`<ip>:<port>`) the first time a captured connection goes to that address, so a
+//!   node holds the services its workloads call, not the whole mesh. Without it, listeners
+//!   and clusters are wildcard subscriptions.
+//! - Reconnects with jittered exponential back-off; a delta stream resumes with
+//!   `initial_resource_versions`, so the server sends only what changed meanwhile.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
+            listener::v3::Listener as PbListener, route::v3::RouteConfiguration,
+        },
+        service::discovery::v3::{
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        },
+    },
+    google::{protobuf::Any, rpc::Status as RpcStatus},
+};
+use prost::Name;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::{wrappers::ReceiverStream, StreamExt as _};
+use tracing::{debug, info, warn};
+
+use super::{
+    convert::{self, Accepted, Invalid, Warming},
+    model::{Listener, ProxyConfig},
+};
+
+/// gRPC `INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
+const INVALID_ARGUMENT: i32 = 3;
+/// Back-off between reconnects: from this, doubling, jittered by +-50%.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// State of the world.
+    Sotw,
+    /// Incremental.
+    Delta,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `http://host:port` of the ADS server.
+    pub address: String,
+    pub node_id: String,
+    pub cluster: String,
+    pub mode: Mode,
+    pub on_demand: bool,
+    /// How long a new connection waits for its listener to arrive on demand.
+    pub on_demand_timeout: Duration,
+}
+
+/// The four types, in the order a client asks for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Listener,
+    RouteConfiguration,
+    Cluster,
+    ClusterLoadAssignment,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::Cluster,
+        Kind::ClusterLoadAssignment,
+        Kind::Listener,
+        Kind::RouteConfiguration,
+    ];
+    pub fn type_url(self) -> String {
+        match self {
+            Kind::Listener => PbListener::type_url(),
+            Kind::RouteConfiguration => RouteConfiguration::type_url(),
+            Kind::Cluster => Cluster::type_url(),
+            Kind::ClusterLoadAssignment => ClusterLoadAssignment::type_url(),
+        }
+    }
+    pub fn of(type_url: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.type_url() == type_url)
+    }
+    fn wildcard_capable(self) -> bool {
+        matches!(self, Kind::Listener | Kind::Cluster)
+    }
+}
+
+/// The last rejected response, for `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Nack {
+    pub type_url: String,
+    pub version_info: String,
+    pub nonce: String,
+    pub reason: String,
+    pub at_unix_ms: u64,
+}
+
+/// Per type: what is accepted, at which versions, and the stream bookkeeping.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct TypeState {
+    /// SotW `version_info` last accepted (delta: `system_version_info`).
+    pub version_info: String,
+    /// Resource name -> version (delta: the resource's own; SotW: the response's).
+    pub versions: BTreeMap<String, String>,
+    /// Unix ms of the last accepted change per resource.
+    pub updated_unix_ms: BTreeMap<String, u64>,
+    pub last_nonce: String,
+    /// What this client is subscribed to (empty with `wildcard`).
+    pub subscribed: BTreeSet<String>,
+    pub wildcard: bool,
+    /// Whether this type's subscription was sent on the current stream.
+    #[serde(skip)]
+    sent: bool,
+}
+
+/// Everything the client knows; one lock, held briefly.
+#[derive(Debug, Default)]
+pub struct Core {
+    pub on_demand: bool,
+    pub accepted: Accepted,
+    pub types: BTreeMap<Kind, TypeState>,
+    pub last_nack: Option<Nack>,
+    pub warming: Warming,
+    /// On-demand listener names wanted, and those the server said do not exist.
+    pub wanted: BTreeSet<String>,
+    pub absent: BTreeSet<String>,
+    pub connected: bool,
+    pub acks: u64,
+    pub nacks: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A checked resource of any of the four types.
+enum Checked {
+    Listener(convert::ListenerSpec),
+    Route(Arc<super::model::RouteConfig>),
+    Cluster(convert::ClusterSpec),
+    Endpoints(Arc<Vec<super::model::Endpoint>>),
+}
+
+fn check(kind: Kind, any: &Any) -> Result<(String, Checked), String> {
+    let e = |e: Invalid| e.to_string();
+    Ok(match kind {
+        Kind::Listener => {
+            let l: PbListener = convert::unpack(any)?;
+            (
+                l.name.clone(),
+                Checked::Listener(convert::listener(&l).map_err(e)?),
+            )
+        }
+        Kind::RouteConfiguration => {
+            let r: RouteConfiguration = convert::unpack(any)?;
+            (
+                r.name.clone(),
+                Checked::Route(Arc::new(convert::route_config(&r).map_err(e)?)),
+            )
+        }
+        Kind::Cluster => {
+            let c: Cluster = convert::unpack(any)?;
+            (
+                c.name.clone(),
+                Checked::Cluster(convert::cluster(&c).map_err(e)?),
+            )
+        }
+        Kind::ClusterLoadAssignment => {
+            let c: ClusterLoadAssignment = convert::unpack(any)?;
+            (
+                c.cluster_name.clone(),
+                Checked::Endpoints(Arc::new(convert::load_assignment(&c).map_err(e)?)),
+            )
+        }
+    })
+}
+
+impl Core {
+    pub fn new(on_demand: bool) -> Core {
+        let mut c = Core {
+            on_demand,
+            ..Default::default()
+        };
+        for k in Kind::ALL {
+            let st = c.types.entry(k).or_default();
+            st.wildcard = !on_demand && k.wildcard_capable();
+        }
+        c
+    }
+
+    fn insert(&mut self, c: Checked, name: String) {
+        match c {
+            Checked::Listener(l) => {
+                self.accepted.listeners.insert(name, l);
+            }
+            Checked::Route(r) => {
+                self.accepted.routes.insert(name, r);
+            }
+            Checked::Cluster(c) => {
+                self.accepted.clusters.insert(name, c);
+            }
+            Checked::Endpoints(e) => {
+                self.accepted.endpoints.insert(name, e);
+            }
+        }
+    }
+
+    fn remove(&mut self, kind: Kind, name: &str) {
+        match kind {
+            Kind::Listener => drop(self.accepted.listeners.remove(name)),
+            Kind::RouteConfiguration => drop(self.accepted.routes.remove(name)),
+            Kind::Cluster => drop(self.accepted.clusters.remove(name)),
+            Kind::ClusterLoadAssignment => drop(self.accepted.endpoints.remove(name)),
+        }
+    }
+
+    fn names(&self, kind: Kind) -> Vec<String> {
+        match kind {
+            Kind::Listener => self.accepted.listeners.keys().cloned().collect(),
+            Kind::RouteConfiguration => self.accepted.routes.keys().cloned().collect(),
+            Kind::Cluster => self.accepted.clusters.keys().cloned().collect(),
+            Kind::ClusterLoadAssignment => self.accepted.endpoints.keys().cloned().collect(),
+        }
+    }
+
+    /// Checks every resource of a response; the first problem rejects it all.
+    fn check_all(
+        kind: Kind,
+        items: impl Iterator<Item = (Option<String>, Any)>,
+    ) -> Result<Vec<(String, Checked)>, String> {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (wrapper_name, any) in items {
+            let (name, c) = check(kind, &any)?;
+            if let Some(w) = wrapper_name {
+                if w != name {
+                    return Err(format!(
+                        "resource {w:?} carries a {} named {name:?}",
+                        kind.type_url()
+                    ));
+                }
+            }
+            if !seen.insert(name.clone()) {
+                return Err(format!("resource {name:?} appears twice in one response"));
+            }
+            out.push((name, c));
+        }
+        Ok(out)
+    }
+
+    fn nack(
+        &mut self,
+        type_url: &str,
+        version_info: &str,
+        nonce: &str,
+        reason: String,
+    ) -> RpcStatus {
+        warn!(type_url, version_info, nonce, reason = %reason, "NACK: keeping the last good configuration");
+        self.nacks += 1;
+        self.last_nack = Some(Nack {
+            type_url: type_url.to_owned(),
+            version_info: version_info.to_owned(),
+            nonce: nonce.to_owned(),
+            reason: reason.clone(),
+            at_unix_ms: now_ms(),
+        });
+        RpcStatus {
+            code: INVALID_ARGUMENT,
+            message: reason,
+            details: vec![],
+        }
+    }
+
+    /// A state-of-the-world response: the full set of this type's subscribed resources.
+    /// Returns the ACK or NACK, and whether the configuration changed.
+    pub fn on_sotw(&mut self, resp: DiscoveryResponse) -> (DiscoveryRequest, bool) {
+        let Some(kind) = Kind::of(&resp.type_url) else {
+            let st = self.nack(
+                &resp.type_url,
+                &resp.version_info,
+                &resp.nonce,
+                format!("unknown resource type {:?}", resp.type_url),
+            );
+            let req = DiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail: Some(st),
+                ..Default::default()
+            };
+            return (req, false);
+        };
+        let checked = Core::check_all(kind, resp.resources.into_iter().map(|a| (None, a)));
+        let (error_detail, changed) = match checked {
+            Err(reason) => (
+                Some(self.nack(&resp.type_url, &resp.version_info, &resp.nonce, reason)),
+                false,
+            ),
+            Ok(items) => {
+                let now = now_ms();
+                let new_names: BTreeSet<String> = items.iter().map(|(n, _)| n.clone()).collect();
+                // For this type, the response replaces what we had.
+                for old in self.names(kind) {
+                    if !new_names.contains(&old) {
+                        self.remove(kind, &old);
+                        let st = self.types.entry(kind).or_default();
+                        st.versions.remove(&old);
+                        st.updated_unix_ms.remove(&old);
+                    }
+                }
+                if kind == Kind::Listener {
+                    for w in &self.wanted {
+                        if !new_names.contains(w) {
+                            self.absent.insert(w.clone());
+                        } else {
+                            self.absent.remove(w);
+                        }
+                    }
+                }
+                for (name, c) in items {
+                    let st = self.types.entry(kind).or_default();
+                    st.versions.insert(name.clone(), resp.version_info.clone());
+                    st.updated_unix_ms.insert(name.clone(), now);
+                    self.insert(c, name);
+                }
+                self.acks += 1;
+                self.types.entry(kind).or_default().version_info = resp.version_info.clone();
+                (None, true)
+            }
+        };
+        let st = self.types.entry(kind).or_default();
+        st.last_nonce = resp.nonce.clone();
+        let req = DiscoveryRequest {
+            version_info: st.version_info.clone(),
+            resource_names: if st.wildcard {
+                vec![]
+            } else {
+                st.subscribed.iter().cloned().collect()
+            },
+            type_url: resp.type_url,
+            response_nonce: resp.nonce,
+            error_detail,
+            ..Default::default()
+        };
+        (req, changed)
+    }
+
+    /// A delta response: upserts and removals.
+    pub fn on_delta(&mut self, resp: DeltaDiscoveryResponse) -> (DeltaDiscoveryRequest, bool) {
+        let Some(kind) = Kind::of(&resp.type_url) else {
+            let st = self.nack(
+                &resp.type_url,
+                &resp.system_version_info,
+                &resp.nonce,
+                format!("unknown resource type {:?}", resp.type_url),
+            );
+            return (
+                DeltaDiscoveryRequest {
+                    type_url: resp.type_url,
+                    response_nonce: resp.nonce,
+                    error_detail: Some(st),
+                    ..Default::default()
+                },
+                false,
+            );
+        };
+        let mut versions = HashMap::new();
+        let items = resp.resources.into_iter().filter_map(|r| {
+            versions.insert(r.name.clone(), r.version.clone());
+            match r.resource {
+                Some(a) => Some((Some(r.name), a)),
+                // A resource without a body (a heartbeat/TTL refresh) changes nothing.
+                None => None,
+            }
+        });
+        let checked = Core::check_all(kind, items.collect::<Vec<_>>().into_iter());
+        let mut error_detail = None;
+        let mut changed = false;
+        match checked {
+            Err(reason) => {
+                error_detail = Some(self.nack(
+                    &resp.type_url,
+                    &resp.system_version_info,
+                    &resp.nonce,
+                    reason,
+                ))
+            }
+            Ok(items) => {
+                let now = now_ms();
+                for (name, c) in items {
+                    let st = self.types.entry(kind).or_default();
+                    st.versions
+                        .insert(name.clone(), versions.remove(&name).unwrap_or_default());
+                    st.updated_unix_ms.insert(name.clone(), now);
+                    if kind == Kind::Listener {
+                        self.absent.remove(&name);
+                    }
+                    self.insert(c, name);
+                    changed = true;
+                }
+                for name in &resp.removed_resources {
+                    let st = self.types.entry(kind).or_default();
+                    st.versions.remove(name);
+                    st.updated_unix_ms.remove(name);
+                    self.remove(kind, name);
+                    if kind == Kind::Listener && self.wanted.contains(name) {
+                        self.absent.insert(name.clone());
+                    }
+                    changed = true;
+                }
+                self.acks += 1;
+                self.types.entry(kind).or_default().version_info = resp.system_version_info.clone();
+            }
+        }
+        self.types.entry(kind).or_default().last_nonce = resp.nonce.clone();
+        (
+            DeltaDiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail,
+                ..Default::default()
+            },
+            changed,
+        )
+    }
+
+    /// The subscriptions the accepted resources call for. Returns the kinds whose
+    /// subscription changed, with (added, removed) names.
+    pub fn resubscribe(&mut self) -> Vec<(Kind, Vec<String>, Vec<String>)> {
+        let (rds, cds, eds) = self.accepted.references();
+        let mut want: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
+        want.insert(Kind::RouteConfiguration, rds.into_iter().collect());
+        want.insert(Kind::ClusterLoadAssignment, eds.into_iter().collect());
+        if self.on_demand {
+            want.insert(Kind::Cluster, cds.into_iter().collect());
+            want.insert(Kind::Listener, self.wanted.clone());
+        }
+        let mut out = Vec::new();
+        for (kind, names) in want {
+            let st = self.types.entry(kind).or_default();
+            if st.wildcard {
+                continue;
+            }
+            let added: Vec<String> = names.difference(&st.subscribed).cloned().collect();
+            let removed: Vec<String> = st.subscribed.difference(&names).cloned().collect();
+            if !added.is_empty() || !removed.is_empty() {
+                st.subscribed = names;
+                out.push((kind, added, removed));
+            }
+        }
+        out
+    }
+
+    /// Requests to send on a new stream (or for a type never asked for yet).
+    fn sotw_request(&mut self, kind: Kind, node: Option<Node>) -> Option<DiscoveryRequest> {
+        let st = self.types.entry(kind).or_default();
+        if !st.wildcard && st.subscribed.is_empty() && !st.sent {
+            // An empty first request would mean "everything" for LDS and CDS.
+            return None;
+        }
+        st.sent = true;
+        Some(DiscoveryRequest {
+            version_info: st.version_info.clone(),
+            node,
+            resource_names: if st.wildcard {
+                vec![]
+            } else {
+                st.subscribed.iter().cloned().collect()
+            },
+            type_url: kind.type_url(),
+            response_nonce: st.last_nonce.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn delta_initial(&mut self, kind: Kind, node: Option<Node>) -> Option<DeltaDiscoveryRequest> {
+        let st = self.types.entry(kind).or_default();
+        if !st.wildcard && st.subscribed.is_empty() {
+            return None;
+        }
+        st.sent = true;
+        Some(DeltaDiscoveryRequest {
+            node,
+            type_url: kind.type_url(),
+            resource_names_subscribe: if st.wildcard {
+                vec!["*".into()]
+            } else {
+                st.subscribed.iter().cloned().collect()
+            },
+            initial_resource_versions: st.versions.clone().into_iter().collect(),
+            ..Default::default()
+        })
+    }
+
+    fn stream_reset(&mut self) {
+        for st in self.types.values_mut() {
+            st.sent = false;
+            st.last_nonce.clear();
+        }
+    }
+}
+
+/// The client: runs the stream, publishes the configuration, answers on-demand lookups.
+pub struct XdsClient {
+    opts: ClientOptions,
+    core: Mutex<Core>,
+    config: watch::Sender<Arc<ProxyConfig>>,
+    /// Bumped after every processed response (on-demand waiters re-check).
+    generation: watch::Sender<u64>,
+    demand: Notify,
+}
+
+impl XdsClient {
+    pub fn new(opts: ClientOptions) -> Arc<XdsClient> {
+        let (config, _) = watch::channel(Arc::new(ProxyConfig::default()));
+        let (generation, _) = watch::channel(0);
+        Arc::new(XdsClient {
+            core: Mutex::new(Core::new(opts.on_demand)),
+            opts,
+            config,
+            generation,
+            demand: Notify::new(),
+        })
+    }
+
+    pub fn connected(&self) -> bool {
+        self.core().connected
+    }
+
+    pub fn config(&self) -> watch::Receiver<Arc<ProxyConfig>> {
+        self.config.subscribe()
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The listener for a captured connection's original destination, subscribing to it
+    /// first when on demand. `None`: no listener (plain L4 to the destination).
+    pub async fn listener_for(&self, dst: SocketAddr) -> Option<Arc<Listener>> {
+        if let Some(l) = self.config.borrow().listener(dst) {
+            return Some(l.clone());
+        }
+        let name = dst.to_string();
+        {
+            let mut core = self.core();
+            // Fail open: while the control plane is unreachable, connections go direct.
+            if !self.opts.on_demand || !core.connected || core.absent.contains(&name) {
+                return None;
+            }
+            if core.wanted.insert(name.clone()) {
+                debug!(listener = %name, "subscribing on demand");
+                self.demand.notify_one();
+            }
+        }
+        let mut generation = self.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + self.opts.on_demand_timeout;
+        loop {
+            if let Some(l) = self.config.borrow().listener(dst) {
+                return Some(l.clone());
+            }
+            if self.core().absent.contains(&name) {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, generation.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    debug!(listener = %name, "no listener arrived in time; passing through");
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn publish(&self, core: &mut Core) {
+        let (cfg, warming) = core.accepted.build();
+        core.warming = warming;
+        self.config.send_replace(Arc::new(cfg));
+    }
+
+    fn node(&self) -> Node {
+        Node {
+            id: self.opts.node_id.clone(),
+            cluster: self.opts.cluster.clone(),
+            user_agent_name: "mesh-agent".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Runs forever: connect, stream, back off, reconnect.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let started = Instant::now();
+            let r = match self.opts.mode {
+                Mode::Sotw => self.clone().stream_sotw().await,
+                Mode::Delta => self.clone().stream_delta().await,
+            };
+            {
+                let mut core = self.core();
+                core.connected = false;
+                core.stream_reset();
+            }
+            self.generation.send_modify(|g| *g += 1);
+            match r {
+                Ok(()) => info!("ADS stream closed by the server; reconnecting"),
+                Err(e) => {
+                    warn!(error = %e, address = %self.opts.address, "ADS stream failed; reconnecting")
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = BACKOFF_START;
+            }
+            let jitter = 0.5 + fastrand::f64();
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
+        let ep = tonic::transport::Endpoint::from_shared(self.opts.address.clone())
+            .map_err(|e| format!("bad xDS address {:?}: {e}", self.opts.address))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let ch = ep
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", self.opts.address))?;
+        Ok(AggregatedDiscoveryServiceClient::new(ch)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    async fn stream_sotw(self: Arc<Self>) -> Result<(), String> {
+        let mut client = self.connect().await?;
+        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+        // The node goes with the first request only.
+        let mut node = Some(self.node());
+        {
+            let mut core = self.core();
+            let _ = core.resubscribe();
+            for k in Kind::ALL {
+                if let Some(r) = core.sotw_request(k, node.clone()) {
+                    node = None;
+                    let _ = tx.try_send(r);
+                }
+            }
+        }
+        let mut responses = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("opening the SotW stream: {e}"))?
+            .into_inner();
+        self.core().connected = true;
+        info!(address = %self.opts.address, "SotW ADS stream open");
+        self.generation.send_modify(|g| *g += 1);
+        loop {
+            tokio::select! {
+                m = responses.next() => {
+                    let resp = match m {
+                        None => return Ok(()),
+                        Some(Err(e)) => return Err(e.to_string()),
+                        Some(Ok(r)) => r,
+                    };
+                    debug!(type_url = %resp.type_url, version = %resp.version_info, nonce = %resp.nonce, n = resp.resources.len(), "SotW response");
+                    let mut out = Vec::new();
+                    {
+                        let mut core = self.core();
+                        let (ack, changed) = core.on_sotw(resp);
+                        out.push(ack);
+                        if changed {
+                            self.publish(&mut core);
+                            out.extend(self.sotw_subscription_changes(&mut core, &mut node));
+                        }
+                    }
+                    for r in out {
+                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
+                    }
+                    self.generation.send_modify(|g| *g += 1);
+                }
+                _ = self.demand.notified() => {
+                    let out = {
+                        let mut core = self.core();
+                        self.sotw_subscription_changes(&mut core, &mut node)
+                    };
+                    for r in out {
+                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn sotw_subscription_changes(
+        &self,
+        core: &mut Core,
+        node: &mut Option<Node>,
+    ) -> Vec<DiscoveryRequest> {
+        let mut out = Vec::new();
+        for (kind, _, _) in core.resubscribe() {
+            if let Some(r) = core.sotw_request(kind, node.take()) {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    async fn stream_delta(self: Arc<Self>) -> Result<(), String> {
+        let mut client = self.connect().await?;
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+        let mut node = Some(self.node());
+        {
+            let mut core = self.core();
+            let _ = core.resubscribe();
+            for k in Kind::ALL {
+                if let Some(r) = core.delta_initial(k, node.clone()) {
+                    node = None;
+                    let _ = tx.try_send(r);
+                }
+            }
+        }
+        let mut responses = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("opening the delta stream: {e}"))?
+            .into_inner();
+        self.core().connected = true;
+        info!(address = %self.opts.address, "delta ADS stream open");
+        self.generation.send_modify(|g| *g += 1);
+        loop {
+            tokio::select! {
+                m = responses.next() => {
+                    let resp = match m {
+                        None => return Ok(()),
+                        Some(Err(e)) => return Err(e.to_string()),
+                        Some(Ok(r)) => r,
+                    };
+                    debug!(type_url = %resp.type_url, nonce = %resp.nonce, n = resp.resources.len(), removed = resp.removed_resources.len(), "delta response");
+                    let mut out = Vec::new();
+                    {
+                        let mut core = self.core();
+                        let (ack, changed) = core.on_delta(resp);
+                        out.push(ack);
+                        if changed {
+                            self.publish(&mut core);
+                            out.extend(self.delta_subscription_changes(&mut core, &mut node));
+                        }
+                    }
+                    for r in out {
+                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
+                    }
+                    self.generation.send_modify(|g| *g += 1);
+                }
+                _ = self.demand.notified() => {
+                    let out = {
+                        let mut core = self.core();
+                        self.delta_subscription_changes(&mut core, &mut node)
+                    };
+                    for r in out {
+                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn delta_subscription_changes(
+        &self,
+        core: &mut Core,
+        node: &mut Option<Node>,
+    ) -> Vec<DeltaDiscoveryRequest> {
+        let mut out = Vec::new();
+        for (kind, added, removed) in core.resubscribe() {
+            let st = core.types.entry(kind).or_default();
+            if !st.sent {
+                if let Some(r) = core.delta_initial(kind, node.take()) {
+                    out.push(r);
+                }
+                continue;
+            }
+            for n in &removed {
+                st.versions.remove(n);
+            }
+            out.push(DeltaDiscoveryRequest {
+                node: node.take(),
+                type_url: kind.type_url(),
+                resource_names_subscribe: added,
+                resource_names_unsubscribe: removed,
+                ..Default::default()
+            });
+        }
+        out
+    }
+
+    /// `/config_dump`: what is in force, at which versions, what warms, the last NACK.
+    pub fn dump(&self) -> serde_json::Value {
+        let core = self.core();
+        let cfg = self.config.borrow().clone();
+        let types: BTreeMap<Kind, serde_json::Value> = core
+            .types
+            .iter()
+            .map(|(k, st)| {
+                let resources: Vec<serde_json::Value> = st
+                    .versions
+                    .iter()
+                    .map(|(name, v)| {
+                        serde_json::json!({
+                            "name": name,
+                            "version": v,
+                            "last_updated_unix_ms": st.updated_unix_ms.get(name),
+                        })
+                    })
+                    .collect();
+                (
+                    *k,
+                    serde_json::json!({
+                        "type_url": k.type_url(),
+                        "version_info": st.version_info,
+                        "last_nonce": st.last_nonce,
+                        "wildcard": st.wildcard,
+                        "subscribed": st.subscribed,
+                        "resources": resources,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "xds": {
+                "server": self.opts.address,
+                "mode": self.opts.mode,
+                "node": { "id": self.opts.node_id, "cluster": self.opts.cluster },
+                "connected": core.connected,
+                "on_demand": core.on_demand,
+                "acks": core.acks,
+                "nacks": core.nacks,
+                "last_nack": core.last_nack,
+            },
+            "resources": types,
+            "warming": {
+                "listeners": core.warming.listeners,
+                "clusters": core.warming.clusters,
+            },
+            "on_demand": { "requested": core.wanted, "absent": core.absent },
+            "in_force": super::dump::config(&cfg),
+        })
+    }
+}
