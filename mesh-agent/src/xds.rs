@@ -14,3 +14,6 @@ pub mod dump;
 pub mod model;
 pub mod server;
 pub mod translate;
+
+#[cfg(test)]
+mod tests;

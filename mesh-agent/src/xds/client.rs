@@ -521,6 +521,23 @@ impl Core {
     }
 }
 
+/// Whether every cluster a listener sends traffic to is known with its endpoints.
+fn complete(cfg: &ProxyConfig, l: &Listener) -> bool {
+    use super::model::{ListenerKind, RouteAction};
+    let known = |c: &str| cfg.cluster(c).is_some_and(|c| c.endpoints_known);
+    let fallback_ok = l.tcp_fallback.as_deref().is_none_or(known);
+    fallback_ok
+        && match &l.kind {
+            ListenerKind::Tcp { cluster } => known(cluster),
+            ListenerKind::Http(h) => h.route_config.virtual_hosts.iter().all(|vh| {
+                vh.routes.iter().all(|r| match &r.action {
+                    RouteAction::Forward(f) => f.clusters.iter().all(|c| known(&c.name)),
+                    _ => true,
+                })
+            }),
+        }
+}
+
 /// The client: runs the stream, publishes the configuration, answers on-demand lookups.
 pub struct XdsClient {
     opts: ClientOptions,
@@ -562,6 +579,10 @@ impl XdsClient {
         if let Some(l) = self.config.borrow().listener(dst) {
             return Some(l.clone());
         }
+        self.listener_on_demand(dst).await
+    }
+
+    async fn listener_on_demand(&self, dst: SocketAddr) -> Option<Arc<Listener>> {
         let name = dst.to_string();
         {
             let mut core = self.core();
@@ -577,8 +598,13 @@ impl XdsClient {
         let mut generation = self.generation.subscribe();
         let deadline = tokio::time::Instant::now() + self.opts.on_demand_timeout;
         loop {
-            if let Some(l) = self.config.borrow().listener(dst) {
-                return Some(l.clone());
+            // Ready when the listener and everything it sends traffic to have arrived.
+            let found = {
+                let cfg = self.config.borrow();
+                cfg.listener(dst).map(|l| (l.clone(), complete(&cfg, l)))
+            };
+            if let Some((l, true)) = found {
+                return Some(l);
             }
             if self.core().absent.contains(&name) {
                 return None;
@@ -586,8 +612,8 @@ impl XdsClient {
             match tokio::time::timeout_at(deadline, generation.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => {
-                    debug!(listener = %name, "no listener arrived in time; passing through");
-                    return None;
+                    debug!(listener = %name, "the listener did not arrive complete in time");
+                    return found.map(|(l, _)| l);
                 }
             }
         }

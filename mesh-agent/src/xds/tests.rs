@@ -1,0 +1,652 @@
+//! xDS protocol tests: the proxy's client against the embedded server over real gRPC on
+//! loopback, in both protocol variants, and against a scripted server that misbehaves on
+//! purpose.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+    time::Duration,
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3 as ec, core::v3 as core, endpoint::v3 as ee, listener::v3 as el,
+            route::v3 as er,
+        },
+        extensions::filters::network::http_connection_manager::v3 as hcm,
+        service::discovery::v3::{
+            aggregated_discovery_service_server::AggregatedDiscoveryService, DeltaDiscoveryRequest,
+            DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        },
+    },
+    google::protobuf::Any,
+};
+use envoy_types::util::pack_any;
+use prost::Name;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::{wrappers::TcpListenerStream, StreamExt as _};
+
+use super::{
+    client::{ClientOptions, Mode, XdsClient},
+    model::ListenerKind,
+    server::{AdsServer, ServerStats, Snapshot},
+    translate,
+};
+use crate::config::MeshFile;
+
+const BASE: &str = "\
+namespaces:
+  - { name: shop }
+workloads:
+  - { name: r1, namespace: shop, ip: 10.0.0.2, netns: /run/netns/r1, labels: { app: reviews } }
+services:
+  - name: reviews
+    namespace: shop
+    vip: 10.96.0.10
+    ports: [ { port: 80, target_port: 8080, protocol: http } ]
+    selector: { app: reviews }
+  - name: db
+    namespace: shop
+    vip: 10.96.0.12
+    ports: [ { port: 5432, protocol: tcp } ]
+    endpoints: [ { ip: 10.0.0.4 } ]
+";
+
+fn resources(yaml: &str) -> Vec<(String, Any)> {
+    translate::resources(&MeshFile::parse(Path::new("t.yaml"), yaml).unwrap())
+}
+
+/// The embedded server on a runtime of its own, so stopping it closes its connections
+/// like a crashed control plane would.
+struct Embedded {
+    addr: SocketAddr,
+    tx: watch::Sender<Arc<Snapshot>>,
+    stats: Arc<ServerStats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Embedded {
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn embedded_on(listener: TcpListener, tx: watch::Sender<Arc<Snapshot>>) -> Embedded {
+    let addr = listener.local_addr().unwrap();
+    let listener = listener.into_std().unwrap();
+    let server = AdsServer::new(tx.subscribe());
+    let stats = server.stats.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(listener).unwrap();
+            let serve = tonic::transport::Server::builder()
+                .add_service(server.into_service())
+                .serve_with_incoming(TcpListenerStream::new(listener));
+            tokio::select! {
+                _ = serve => {}
+                _ = stopped => {}
+            }
+        });
+        // Dropping the runtime ends every connection task.
+    });
+    Embedded {
+        addr,
+        tx,
+        stats,
+        stop: Some(stop),
+        thread: Some(thread),
+    }
+}
+
+async fn embedded(yaml: &str) -> Embedded {
+    let (tx, _) = watch::channel(Arc::new(Snapshot::default().next(resources(yaml))));
+    embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await
+}
+
+fn client(addr: SocketAddr, mode: Mode, on_demand: bool) -> Arc<XdsClient> {
+    let c = XdsClient::new(ClientOptions {
+        address: format!("http://{addr}"),
+        node_id: "test-node".into(),
+        cluster: "test".into(),
+        mode,
+        on_demand,
+        on_demand_timeout: Duration::from_secs(2),
+    });
+    tokio::spawn(c.clone().run());
+    c
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn vip(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+async fn on_demand_then_update(mode: Mode) {
+    let cp = embedded(BASE).await;
+    let c = client(cp.addr, mode, true);
+    until("the stream", || c.connected()).await;
+    // Nothing is pushed before a workload calls something.
+    assert!(c.config().borrow().listeners.is_empty());
+    let l = c
+        .listener_for(vip("10.96.0.10:80"))
+        .await
+        .expect("listener on demand");
+    let ListenerKind::Http(h) = &l.kind else {
+        panic!("{l:?}")
+    };
+    assert_eq!(h.route_config.name, "reviews.shop:80");
+    let cfg = c.config().borrow().clone();
+    let cluster = cfg
+        .cluster("outbound|80||reviews.shop")
+        .expect("cluster followed");
+    assert_eq!(cluster.endpoints[0].address, vip("10.0.0.2:8080"));
+    // Only what this node calls: the db service was not sent.
+    assert!(cfg.cluster("outbound|5432||db.shop").is_none());
+    assert_eq!(cfg.listeners.len(), 1);
+    // An address without a listener is answered at once, and stays answered.
+    assert!(c.listener_for(vip("10.0.0.99:80")).await.is_none());
+    assert!(c.dump()["on_demand"]["absent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v == "10.0.0.99:80"));
+
+    // One endpoint change: one resource on the wire (SotW sends every subscribed load
+    // assignment, and on demand that is only the one this node uses).
+    let before = cp.stats.resources_sent.load(Relaxed);
+    let changed = BASE.replace(
+        "endpoints: [ { ip: 10.0.0.4 } ]",
+        "endpoints: [ { ip: 10.0.0.4 } ]\n  - name: extra\n    namespace: shop\n    vip: 10.96.0.13\n    ports: [ { port: 81 } ]",
+    );
+    let changed = changed.replace(
+        "  - { name: r1, namespace: shop, ip: 10.0.0.2, netns: /run/netns/r1, labels: { app: reviews } }",
+        "  - { name: r1, namespace: shop, ip: 10.0.0.2, netns: /run/netns/r1, labels: { app: reviews } }\n  - { name: r2, namespace: shop, ip: 10.0.0.3, netns: /run/netns/r2, labels: { app: reviews } }",
+    );
+    cp.tx
+        .send_modify(|s| *s = Arc::new(s.next(resources(&changed))));
+    let mut cfg_rx = c.config();
+    until("the new endpoint", || {
+        cfg_rx
+            .borrow_and_update()
+            .cluster("outbound|80||reviews.shop")
+            .is_some_and(|c| c.endpoints.len() == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = cp.stats.resources_sent.load(Relaxed) - before;
+    // The new service is not subscribed by this node: nothing of it is sent.
+    assert_eq!(sent, 1, "only the changed load assignment");
+    assert!(c
+        .config()
+        .borrow()
+        .cluster("outbound|81||extra.shop")
+        .is_none());
+    let dump = c.dump();
+    assert_eq!(dump["xds"]["nacks"], 0, "{dump}");
+    assert!(cp.stats.acks.load(Relaxed) >= 4);
+}
+
+#[tokio::test]
+async fn sotw_on_demand_subscription_and_endpoint_update() {
+    on_demand_then_update(Mode::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_on_demand_subscription_and_endpoint_update() {
+    on_demand_then_update(Mode::Delta).await;
+}
+
+/// A listener whose filter this proxy does not implement.
+fn bad_listener(name: &str) -> (String, Any) {
+    let l = el::Listener {
+        name: name.into(),
+        address: Some(core::Address {
+            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                address: "10.96.0.10".into(),
+                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(80)),
+                ..Default::default()
+            })),
+        }),
+        filter_chains: vec![el::FilterChain {
+            filters: vec![el::Filter {
+                name: "envoy.filters.network.redis_proxy".into(),
+                config_type: Some(el::filter::ConfigType::TypedConfig(Any {
+                    type_url: "type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy".into(),
+                    value: vec![],
+                })),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (name.into(), pack_any(l))
+}
+
+async fn nack_keeps_last_good(mode: Mode) {
+    let cp = embedded(BASE).await;
+    let c = client(cp.addr, mode, false);
+    until("wildcard listeners", || {
+        c.config().borrow().listeners.len() == 2
+    })
+    .await;
+    // Replace the reviews listener with one we cannot serve.
+    let mut res = resources(BASE);
+    res.retain(|(n, a)| !(n == "10.96.0.10:80" && a.type_url == el::Listener::type_url()));
+    res.push(bad_listener("10.96.0.10:80"));
+    cp.tx.send_modify(|s| *s = Arc::new(s.next(res)));
+    until("the NACK", || cp.stats.nacks.load(Relaxed) == 1).await;
+    let dump = c.dump();
+    let reason = dump["xds"]["last_nack"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("listener \"10.96.0.10:80\"")
+            && reason.contains("filter_chains[0].filters[0].typed_config")
+            && reason.contains("redis_proxy"),
+        "{reason}"
+    );
+    // The last good listener stays in force.
+    let l = c.config().borrow().listener(vip("10.96.0.10:80")).cloned();
+    assert!(matches!(
+        l.as_deref().map(|l| &l.kind),
+        Some(ListenerKind::Http(_))
+    ));
+    // A fix is accepted.
+    cp.tx.send_modify(|s| {
+        *s = Arc::new(s.next(resources(&BASE.replace("port: 5432", "port: 5433"))))
+    });
+    until("the fix", || {
+        c.config()
+            .borrow()
+            .listener(vip("10.96.0.12:5433"))
+            .is_some()
+    })
+    .await;
+    assert_eq!(
+        cp.stats.nacks.load(Relaxed),
+        1,
+        "the bad version is not resent"
+    );
+}
+
+#[tokio::test]
+async fn sotw_nack_names_resource_and_field_and_keeps_last_good() {
+    nack_keeps_last_good(Mode::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_nack_names_resource_and_field_and_keeps_last_good() {
+    nack_keeps_last_good(Mode::Delta).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_stream_resumes_with_initial_versions_after_a_restart() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, _) = watch::channel(Arc::new(Snapshot::default().next(resources(BASE))));
+    let cp = embedded_on(listener, tx).await;
+    let c = client(addr, Mode::Delta, false);
+    until("the config", || c.config().borrow().clusters.len() == 2).await;
+    // The control plane goes away; the proxy keeps its configuration.
+    let mut cp = cp;
+    tokio::task::block_in_place(|| cp.stop());
+    until("the disconnect", || !c.connected()).await;
+    assert_eq!(c.config().borrow().clusters.len(), 2);
+    // It comes back with one endpoint changed.
+    let changed = BASE.replace("{ ip: 10.0.0.4 }", "{ ip: 10.0.0.5 }");
+    let next = cp.tx.borrow().next(resources(&changed));
+    let (tx2, _) = watch::channel(Arc::new(next));
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let cp2 = embedded_on(listener, tx2).await;
+    until("the changed endpoint", || {
+        c.config()
+            .borrow()
+            .cluster("outbound|5432||db.shop")
+            .is_some_and(|c| c.endpoints.first().map(|e| e.address) == Some(vip("10.0.0.5:5432")))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        cp2.stats.resources_sent.load(Relaxed),
+        1,
+        "a resumed stream gets only what changed"
+    );
+}
+
+#[tokio::test]
+async fn a_listener_waits_for_its_routes() {
+    let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+    let cp = embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await;
+    let c = client(cp.addr, Mode::Delta, false);
+    until("the stream", || c.connected()).await;
+    let mut res = resources(BASE);
+    res.retain(|(_, a)| a.type_url != er::RouteConfiguration::type_url());
+    cp.tx.send_modify(|s| *s = Arc::new(s.next(res)));
+    until("the tcp listener", || {
+        c.config()
+            .borrow()
+            .listener(vip("10.96.0.12:5432"))
+            .is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        c.config().borrow().listener(vip("10.96.0.10:80")).is_none(),
+        "warming"
+    );
+    assert_eq!(
+        c.dump()["warming"]["listeners"]["10.96.0.10:80"],
+        "reviews.shop:80"
+    );
+    cp.tx
+        .send_modify(|s| *s = Arc::new(s.next(resources(BASE))));
+    until("the route, then the listener", || {
+        c.config().borrow().listener(vip("10.96.0.10:80")).is_some()
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A server that misbehaves on purpose.
+
+/// What the scripted server was sent.
+#[derive(Default)]
+struct Seen {
+    sotw: Vec<DiscoveryRequest>,
+    delta: Vec<DeltaDiscoveryRequest>,
+}
+
+struct Rogue {
+    seen: Arc<Mutex<Seen>>,
+}
+
+fn by_type(res: &[(String, Any)], t: &str) -> Vec<(String, Any)> {
+    res.iter()
+        .filter(|(_, a)| a.type_url == t)
+        .cloned()
+        .collect()
+}
+
+/// The script: an unknown type, routes before the listener that needs them, a duplicate
+/// nonce, endpoints before their cluster, and the same bad listener as the NACK tests.
+fn script() -> Vec<(String, Vec<(String, Any)>, &'static str)> {
+    let res = resources(BASE);
+    let unknown = vec![(
+        "x".to_string(),
+        Any {
+            type_url: "type.googleapis.com/example.Unknown".into(),
+            value: vec![1, 2, 3],
+        },
+    )];
+    vec![
+        ("type.googleapis.com/example.Unknown".into(), unknown, "1"),
+        (
+            er::RouteConfiguration::type_url(),
+            by_type(&res, &er::RouteConfiguration::type_url()),
+            "2",
+        ),
+        (
+            el::Listener::type_url(),
+            by_type(&res, &el::Listener::type_url()),
+            "2",
+        ),
+        (
+            ee::ClusterLoadAssignment::type_url(),
+            by_type(&res, &ee::ClusterLoadAssignment::type_url()),
+            "3",
+        ),
+        (
+            ec::Cluster::type_url(),
+            by_type(&res, &ec::Cluster::type_url()),
+            "4",
+        ),
+        (
+            el::Listener::type_url(),
+            vec![bad_listener("10.96.0.10:80")],
+            "5",
+        ),
+    ]
+}
+
+type Out<T> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+/// Sends the responses a little apart, then keeps the stream open.
+fn scripted<T: Send + 'static>(items: Vec<Result<T, tonic::Status>>) -> Out<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(items.len().max(1));
+    tokio::spawn(async move {
+        for i in items {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            if tx.send(i).await.is_err() {
+                return;
+            }
+        }
+        tx.closed().await;
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Rogue {
+    type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Out<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        let mut inbound = req.into_inner();
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(r)) = inbound.next().await {
+                seen.lock().unwrap().sotw.push(r);
+            }
+        });
+        let out = script().into_iter().map(|(t, res, nonce)| {
+            Ok(DiscoveryResponse {
+                version_info: format!("v{nonce}"),
+                resources: res.into_iter().map(|(_, a)| a).collect(),
+                type_url: t,
+                nonce: nonce.into(),
+                ..Default::default()
+            })
+        });
+        Ok(tonic::Response::new(scripted(out.collect())))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        let mut inbound = req.into_inner();
+        let seen = self.seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(r)) = inbound.next().await {
+                seen.lock().unwrap().delta.push(r);
+            }
+        });
+        let out = script().into_iter().map(|(t, res, nonce)| {
+            Ok(DeltaDiscoveryResponse {
+                system_version_info: format!("v{nonce}"),
+                resources: res
+                    .into_iter()
+                    .map(
+                        |(name, a)| envoy_types::pb::envoy::service::discovery::v3::Resource {
+                            name,
+                            version: format!("v{nonce}"),
+                            resource: Some(a),
+                            ..Default::default()
+                        },
+                    )
+                    .collect(),
+                type_url: t,
+                nonce: nonce.into(),
+                ..Default::default()
+            })
+        });
+        Ok(tonic::Response::new(scripted(out.collect())))
+    }
+}
+
+/// (nonce, NACK reason or None) of every answer the client gave, in order.
+fn answers(seen: &Seen, delta: bool) -> Vec<(String, Option<String>)> {
+    if delta {
+        seen.delta
+            .iter()
+            .filter(|r| !r.response_nonce.is_empty())
+            .map(|r| {
+                (
+                    r.response_nonce.clone(),
+                    r.error_detail.as_ref().map(|e| e.message.clone()),
+                )
+            })
+            .collect()
+    } else {
+        seen.sotw
+            .iter()
+            .filter(|r| !r.response_nonce.is_empty())
+            .map(|r| {
+                (
+                    r.response_nonce.clone(),
+                    r.error_detail.as_ref().map(|e| e.message.clone()),
+                )
+            })
+            .collect()
+    }
+}
+
+async fn against_rogue(mode: Mode) -> Vec<(String, Option<String>)> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer::new(Rogue { seen: seen.clone() });
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    let c = client(addr, mode, false);
+    until("the last scripted response to be answered", || {
+        let s = seen.lock().unwrap();
+        let n = if mode == Mode::Delta {
+            s.delta.len()
+        } else {
+            s.sotw.len()
+        };
+        n > 0 && c.dump()["xds"]["last_nack"]["nonce"] == "5"
+    })
+    .await;
+    let cfg = c.config().borrow().clone();
+    // Out of order was fine: the routes that came first serve the listener, the
+    // endpoints that came before their cluster fill it.
+    let l = cfg
+        .listener(vip("10.96.0.10:80"))
+        .expect("last good listener");
+    assert!(matches!(l.kind, ListenerKind::Http(_)));
+    assert_eq!(
+        cfg.cluster("outbound|5432||db.shop").unwrap().endpoints[0].address,
+        vip("10.0.0.4:5432")
+    );
+    let dump = c.dump();
+    assert_eq!(dump["xds"]["nacks"], 2, "{dump}");
+    task.abort();
+    let s = seen.lock().unwrap();
+    answers(&s, mode == Mode::Delta)
+}
+
+fn check_answers(a: &[(String, Option<String>)]) {
+    let find = |nonce: &str| a.iter().filter(|(n, _)| n == nonce).collect::<Vec<_>>();
+    let unknown = find("1");
+    assert!(
+        unknown.iter().any(|(_, e)| e
+            .as_deref()
+            .is_some_and(|e| e.contains("unknown resource type"))),
+        "{a:?}"
+    );
+    // Both responses that carried nonce 2 were answered, both ACKed.
+    assert!(
+        find("2").len() >= 2 && find("2").iter().all(|(_, e)| e.is_none()),
+        "{a:?}"
+    );
+    assert!(
+        find("3").iter().all(|(_, e)| e.is_none()) && !find("3").is_empty(),
+        "{a:?}"
+    );
+    assert!(
+        find("4").iter().all(|(_, e)| e.is_none()) && !find("4").is_empty(),
+        "{a:?}"
+    );
+    assert!(
+        find("5")
+            .iter()
+            .any(|(_, e)| e.as_deref().is_some_and(|e| e.contains("redis_proxy"))),
+        "{a:?}"
+    );
+}
+
+#[tokio::test]
+async fn sotw_client_survives_a_misbehaving_server() {
+    let a = against_rogue(Mode::Sotw).await;
+    check_answers(&a);
+}
+
+#[tokio::test]
+async fn delta_client_survives_a_misbehaving_server_and_judges_like_sotw() {
+    let d = against_rogue(Mode::Delta).await;
+    check_answers(&d);
+    let s = against_rogue(Mode::Sotw).await;
+    let verdicts = |v: &[(String, Option<String>)]| {
+        let mut x: Vec<(String, bool)> = v.iter().map(|(n, e)| (n.clone(), e.is_some())).collect();
+        x.sort();
+        x.dedup();
+        x
+    };
+    assert_eq!(
+        verdicts(&d),
+        verdicts(&s),
+        "SotW and delta ACK and NACK the same responses"
+    );
+}
+
+#[test]
+fn hcm_type_url_is_the_v3_one() {
+    assert_eq!(
+        hcm::HttpConnectionManager::type_url(),
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    );
+}
