@@ -1,2 +1,628 @@
 //! The L7 half of the node proxy: HTTP/1.1, HTTP/2 and gRPC on hyper, configured by
-//! `xds::model` (routes, clusters, endpoints). Under construction (issue 3).
+//! `xds::model` (routes, clusters, endpoints) with Envoy's semantics.
+//!
+//! A request goes: virtual host and route (`route`), local rate limit and fault injection
+//! (`policy`), then the route's action. Forwarding picks a weighted cluster, checks the
+//! cluster's circuit breaker, picks an endpoint (`lb`), takes a pooled connection (`pool`)
+//! and retries per the retry policy while the request body can be replayed (`body`). Each
+//! request reads the configuration in force when it arrives; runtime state (pools,
+//! balancer state, ejections, token buckets) is kept by cluster and rate-limit names, so a
+//! push neither resets it nor disturbs requests in flight.
+//!
+//! h2c upgrade (`Upgrade: h2c` on an HTTP/1.1 request) is not offered: hyper's HTTP/2 server
+//! cannot adopt the upgrading request as stream 1, so the header is dropped and the request
+//! is answered over HTTP/1.1, which RFC 9113 allows (and Envoy does the same by default).
+//! HTTP/2 prior knowledge is sniffed from the connection preface.
+
+#![allow(dead_code, reason = "wired by proxy.rs in issue 3")]
+
+mod body;
+mod lb;
+mod policy;
+mod pool;
+mod route;
+mod sniff;
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use hyper::{
+    body::Incoming,
+    client::conn::TrySendError,
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+    time::Instant,
+};
+use tracing::{debug, Instrument};
+
+use self::{
+    body::{Active, Finish, Recorder, Source, Tracked},
+    lb::ClusterState,
+    policy::{Buckets, Gauge, Slot, TryOutcome},
+    pool::Sender,
+};
+pub use crate::metrics::L7Metrics;
+use crate::{
+    metrics::RequestLabels,
+    xds::model::{
+        Codec, FaultAbort, Forward, HttpListener, Listener, ListenerKind, ProxyConfig, Route,
+        RouteAction, VirtualHost,
+    },
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the engine sends, either way.
+type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How long a new connection may take to send its first bytes (hyper's default header
+/// read timeout, which applies after the sniff).
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// Fresh connections tried when reused ones turn out closed before a request went out.
+const STALE_CONNECTION_TRIES: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    #[error("connecting to upstream {addr}: {source} (is the endpoint listening?)")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connecting to upstream {addr} timed out after {timeout:?} (cluster connect_timeout)")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP handshake with upstream {addr}: {source} (does the cluster's protocol match the endpoint's?)")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("upstream {addr} reset or closed before a response: {source}")]
+    Reset {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("cluster {cluster}: circuit breaker open ({limit} reached)")]
+    Overflow {
+        cluster: String,
+        limit: &'static str,
+    },
+}
+
+/// Spawns hyper's background tasks (HTTP/2 streams and connections) inside a span.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SpanExec;
+
+impl<F> hyper::rt::Executor<F> for SpanExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.instrument(tracing::debug_span!("h2_task")));
+    }
+}
+
+/// The L7 engine: serves captured downstream connections by the configuration in force.
+pub struct L7 {
+    config: watch::Receiver<Arc<ProxyConfig>>,
+    metrics: Arc<L7Metrics>,
+    clusters: Mutex<HashMap<String, Arc<ClusterState>>>,
+    buckets: Buckets,
+}
+
+/// One downstream connection.
+struct Conn {
+    dst: SocketAddr,
+    source: String,
+    /// The listener at accept time, used if a push removes it while the connection lives.
+    listener: Arc<Listener>,
+}
+
+/// Why a try produced no response.
+enum TryFail {
+    Timeout,
+    Error(L7Error),
+}
+
+impl From<L7Error> for TryFail {
+    fn from(e: L7Error) -> Self {
+        TryFail::Error(e)
+    }
+}
+
+/// The gRPC status Envoy gives a local reply of this HTTP status.
+fn grpc_status_for(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|n| match n {}).boxed_unsync()
+}
+
+/// A reply the proxy makes itself. gRPC callers get it trailers-only (HTTP 200 and a
+/// `grpc-status`), as Envoy answers them.
+fn local(grpc: bool, status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    if grpc {
+        return grpc_reply(grpc_status_for(status), msg);
+    }
+    let mut r = Response::new(
+        Full::new(Bytes::copy_from_slice(msg.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    if !msg.is_empty() {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    r
+}
+
+fn grpc_reply(code: u32, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(empty());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(msg) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
+fn overloaded(grpc: bool) -> Response<ProxyBody> {
+    let mut r = local(
+        grpc,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    );
+    r.headers_mut()
+        .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    r
+}
+
+async fn send(
+    sender: &mut Sender,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
+    match sender {
+        Sender::H1(s) => s.try_send_request(req).await,
+        Sender::H2(s) => s.try_send_request(req).await,
+    }
+}
+
+impl L7 {
+    pub fn new(config: watch::Receiver<Arc<ProxyConfig>>, metrics: Arc<L7Metrics>) -> Arc<L7> {
+        Arc::new(L7 {
+            config,
+            metrics,
+            clusters: Mutex::default(),
+            buckets: Buckets::default(),
+        })
+    }
+
+    fn cluster_state(&self, name: &str) -> Arc<ClusterState> {
+        let mut m = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = m.get(name) {
+            return s.clone();
+        }
+        m.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// L4 (tcp_proxy) listeners: an endpoint of `cluster` by its load balancer (None if
+    /// none is healthy or the cluster is unknown).
+    pub fn pick_endpoint(&self, cluster: &str) -> Option<SocketAddr> {
+        let c = self.config.borrow().cluster(cluster).cloned()?;
+        self.cluster_state(cluster)
+            .pick(&c, None)
+            .map(|e| e.address)
+    }
+
+    /// Serves one downstream connection whose original destination is `dst` (which has an
+    /// HTTP listener in the config at accept time). `source` is the source workload's name
+    /// for metrics (`ns/name` or `unknown`).
+    pub async fn serve<IO>(self: Arc<Self>, mut io: IO, dst: SocketAddr, source: String)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let listener = self.config.borrow().listener(dst).cloned();
+        let Some(listener) = listener else {
+            debug!(%dst, "no listener for the destination any more; closing");
+            return;
+        };
+        let ListenerKind::Http(http) = &listener.kind else {
+            debug!(%dst, "listener is not HTTP; closing");
+            return;
+        };
+        let max_headers = http.max_request_headers_bytes;
+        let (prefix, h2) = match http.codec {
+            Codec::Http1 => (Vec::new(), false),
+            Codec::Http2 => (Vec::new(), true),
+            Codec::Auto => match tokio::time::timeout(SNIFF_TIMEOUT, sniff::sniff(&mut io)).await {
+                Ok(Ok(p)) => {
+                    let h2 = p == sniff::H2_PREFACE;
+                    (p, h2)
+                }
+                Ok(Err(e)) => {
+                    debug!("reading the connection preface: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!("no bytes within {SNIFF_TIMEOUT:?}; closing");
+                    return;
+                }
+            },
+        };
+        let io = TokioIo::new(sniff::Prefixed::new(prefix, io));
+        let conn = Arc::new(Conn {
+            dst,
+            source,
+            listener: listener.clone(),
+        });
+        let svc = service_fn(move |req| {
+            let l7 = self.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(l7.handle(conn, req).await) }
+        });
+        let res = if h2 {
+            http2::Builder::new(SpanExec)
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(max_headers).unwrap_or(u32::MAX))
+                .serve_connection(io, svc)
+                .await
+        } else {
+            // Headers over `max_header_size` get 431 from hyper; the read buffer leaves
+            // room for them so that limit, not the buffer's, is the one that applies.
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .max_header_size(max_headers)
+                .max_buf_size(max_headers.saturating_add(8192).max(16 * 1024))
+                .serve_connection(io, svc)
+                .await
+        };
+        if let Err(e) = res {
+            debug!("downstream connection ended: {e}");
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let cfg = self.config.borrow().clone();
+        // A pushed listener applies to new requests of live connections; one removed since
+        // keeps serving the connections it accepted (Envoy drains them the same way).
+        let listener = cfg
+            .listener(conn.dst)
+            .filter(|l| matches!(l.kind, ListenerKind::Http(_)))
+            .unwrap_or(&conn.listener)
+            .clone();
+        let ListenerKind::Http(http) = &listener.kind else {
+            return local(false, StatusCode::NOT_FOUND, "");
+        };
+        let mut rec = Some(Recorder {
+            metrics: self.metrics.clone(),
+            labels: RequestLabels {
+                source_workload: conn.source.clone(),
+                destination_workload: "unknown".to_owned(),
+                destination_service: listener.name.clone(),
+                ..RequestLabels::default()
+            },
+            start,
+        });
+        let resp = self.dispatch(&cfg, http, req, &mut rec).await;
+        if let Some(mut r) = rec {
+            r.labels.response_code = resp.status().as_u16();
+        }
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        cfg: &ProxyConfig,
+        http: &HttpListener,
+        req: Request<Incoming>,
+        rec: &mut Option<Recorder>,
+    ) -> Response<ProxyBody> {
+        let grpc = route::is_grpc(req.headers());
+        let rc = &http.route_config;
+        let Some(vhost) = route::virtual_host(rc, route::authority(&req).unwrap_or("")) else {
+            return local(grpc, StatusCode::NOT_FOUND, "");
+        };
+        let Some(route) = route::find(vhost, &req) else {
+            return local(grpc, StatusCode::NOT_FOUND, "");
+        };
+        if let Some(r) = rec.as_mut() {
+            r.labels.route = route.name.clone();
+        }
+        // The most specific rate limit replaces the others (Envoy's per-route override).
+        let limit = route
+            .rate_limit
+            .as_ref()
+            .or(vhost.rate_limit.as_ref())
+            .or(http.rate_limit.as_ref());
+        let mut limit_headers = None;
+        if let Some(rl) = limit {
+            let taken = self.buckets.take(rl, Instant::now());
+            if !taken.allowed {
+                self.metrics.rate_limited(&rl.key);
+                let status =
+                    StatusCode::from_u16(rl.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+                let mut r = local(grpc, status, "local_rate_limited");
+                if rl.x_ratelimit_headers {
+                    taken.apply(r.headers_mut());
+                }
+                return r;
+            }
+            limit_headers = rl.x_ratelimit_headers.then_some(taken);
+        }
+        if let Some(fault) = route.fault.as_ref().or(http.fault.as_ref()) {
+            if let Some((delay, ppm)) = fault.delay {
+                if policy::roll(ppm) {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if let Some((abort, ppm)) = fault.abort {
+                if policy::roll(ppm) {
+                    return match abort {
+                        FaultAbort::Grpc(code) => grpc_reply(code, "fault filter abort"),
+                        FaultAbort::Http(s) => local(
+                            grpc,
+                            StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                            "fault filter abort",
+                        ),
+                    };
+                }
+            }
+        }
+        let mut resp = match &route.action {
+            RouteAction::Respond { status, body } => {
+                let mut r = local(false, StatusCode::OK, body);
+                *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                r
+            }
+            RouteAction::Redirect { status, host, path } => {
+                let mut r = Response::new(empty());
+                *r.status_mut() =
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+                let loc = route::redirect_location(&req, host.as_deref(), path.as_deref());
+                if let Ok(v) = HeaderValue::from_str(&loc) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                r
+            }
+            RouteAction::Forward(fwd) => self.forward(cfg, http, vhost, route, fwd, req, rec).await,
+        };
+        for m in [
+            &route.response_headers,
+            &vhost.response_headers,
+            &rc.response_headers,
+        ] {
+            route::apply_mutation(m, resp.headers_mut());
+        }
+        if let Some(t) = limit_headers {
+            t.apply(resp.headers_mut());
+        }
+        resp
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "one request's whole context")]
+    async fn forward(
+        &self,
+        cfg: &ProxyConfig,
+        http: &HttpListener,
+        vhost: &VirtualHost,
+        route: &Route,
+        fwd: &Forward,
+        req: Request<Incoming>,
+        rec: &mut Option<Recorder>,
+    ) -> Response<ProxyBody> {
+        let grpc = route::is_grpc(req.headers());
+        let Some(wc) = route::pick_weighted(fwd) else {
+            return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
+        };
+        // Envoy's `NC`: the route names a cluster the configuration does not have.
+        let Some(cluster) = cfg.cluster(&wc.name).cloned() else {
+            return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
+        };
+        if let Some(r) = rec.as_mut() {
+            r.labels.destination_workload = cluster.name.clone();
+        }
+        let state = self.cluster_state(&cluster.name);
+        let cb = cluster.circuit_breaker;
+        let Some(request_slot) = Slot::acquire(&state.counters, Gauge::Requests, cb.max_requests)
+        else {
+            self.metrics.circuit_open(&cluster.name);
+            return overloaded(grpc);
+        };
+        let hash = route::request_hash(&fwd.hash_headers, req.headers());
+        let (parts, body) = req.into_parts();
+        let rc = &http.route_config;
+        let up = route::upstream(
+            parts,
+            route,
+            fwd,
+            [
+                &wc.request_headers,
+                &route.request_headers,
+                &vhost.request_headers,
+                &rc.request_headers,
+            ],
+            cluster.protocol,
+        );
+        let retry = fwd.retry_policy.as_ref().or(vhost.retry_policy.as_ref());
+        let timeout = match (fwd.timeout, http.request_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let upstream_timeout = || {
+            local(
+                grpc,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout",
+            )
+        };
+        let mut source = Source::new(body, retry.is_some());
+        let mut unsent = None;
+        let mut retries = 0;
+        let mut _retry_slot = None;
+        loop {
+            let now = Instant::now();
+            let per_try = retry.and_then(|p| p.per_try_timeout);
+            let budget = match (per_try, deadline) {
+                (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(now))),
+                (p, d) => p.or(d.map(|d| d.saturating_duration_since(now))),
+            };
+            let Some(ep) = state.pick(&cluster, hash) else {
+                return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            };
+            let active = Active::new(ep.clone());
+            let attempt = self.try_once(&state, &cluster, &ep, &up, &mut source, &mut unsent);
+            let res = match budget {
+                Some(b) => tokio::time::timeout(b, attempt)
+                    .await
+                    .unwrap_or(Err(TryFail::Timeout)),
+                None => attempt.await,
+            };
+            let outcome = match &res {
+                Ok((r, _)) => TryOutcome::Response(r.status().as_u16(), r.headers()),
+                Err(TryFail::Timeout) => TryOutcome::Timeout,
+                Err(TryFail::Error(L7Error::Overflow { .. })) => {
+                    self.metrics.circuit_open(&cluster.name);
+                    return overloaded(grpc);
+                }
+                Err(TryFail::Error(
+                    L7Error::Connect { .. }
+                    | L7Error::ConnectTimeout { .. }
+                    | L7Error::Handshake { .. },
+                )) => TryOutcome::ConnectFailure,
+                Err(TryFail::Error(L7Error::Reset { .. })) => TryOutcome::Reset,
+            };
+            if state.report(&cluster, &ep, outcome.is_failure()) {
+                self.metrics.ejection(&cluster.name);
+            }
+            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            let wants_retry = retry.filter(|p| {
+                retries < p.num_retries
+                    && policy::retriable(p, outcome)
+                    && !expired
+                    && (unsent.is_some() || source.can_replay())
+            });
+            if let Some(p) = wants_retry {
+                // The retry budget: at most `max_retries` retries in flight per cluster.
+                if let Some(slot) = Slot::acquire(&state.counters, Gauge::Retries, cb.max_retries) {
+                    retries += 1;
+                    self.metrics.retry(&cluster.name);
+                    _retry_slot = Some(slot);
+                    drop(res);
+                    let wait = policy::backoff(p, retries);
+                    if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                        return upstream_timeout();
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                self.metrics.circuit_open(&cluster.name);
+            }
+            return match res {
+                Ok((resp, sender)) => {
+                    let (mut parts, inc) = resp.into_parts();
+                    route::strip_hop_by_hop(&mut parts.headers, false);
+                    route::apply_mutation(&wc.response_headers, &mut parts.headers);
+                    // The downstream codec decides the version it speaks.
+                    parts.version = Version::HTTP_11;
+                    let recorder = rec.take().map(|mut r| {
+                        r.labels.response_code = parts.status.as_u16();
+                        r
+                    });
+                    let finish = Finish {
+                        recorder,
+                        request_slot: Some(request_slot),
+                        active,
+                        sender: Some(sender),
+                        counters: state.counters.clone(),
+                    };
+                    Response::from_parts(parts, Tracked::new(inc, finish, deadline).boxed_unsync())
+                }
+                Err(TryFail::Timeout) => upstream_timeout(),
+                Err(TryFail::Error(e)) => {
+                    debug!(cluster = %cluster.name, "{e}");
+                    let reason = match e {
+                        L7Error::Reset { .. } => "connection termination",
+                        _ => "connection failure",
+                    };
+                    local(
+                        grpc,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                        ),
+                    )
+                }
+            };
+        }
+    }
+
+    /// One try: a connection, the request, the response head.
+    async fn try_once(
+        &self,
+        state: &ClusterState,
+        cluster: &crate::xds::model::Cluster,
+        ep: &lb::EndpointState,
+        up: &route::Upstream,
+        source: &mut Source,
+        unsent: &mut Option<Request<ProxyBody>>,
+    ) -> Result<(Response<Incoming>, Sender), TryFail> {
+        let mut stale = 0;
+        loop {
+            let mut co = pool::checkout(&state.counters, ep, cluster).await?;
+            let req = match unsent.take() {
+                Some(r) => r,
+                None => up.request(source.next()),
+            };
+            match send(&mut co.sender, req).await {
+                Ok(resp) => return Ok((resp, co.sender)),
+                Err(mut e) => {
+                    // A request that never left can go again, on a fresh connection when
+                    // a kept-alive one had closed under it.
+                    let back = e.take_message();
+                    let retry_now = co.reused && back.is_some() && stale < STALE_CONNECTION_TRIES;
+                    *unsent = back;
+                    if retry_now {
+                        stale += 1;
+                        continue;
+                    }
+                    return Err(TryFail::Error(L7Error::Reset {
+                        addr: ep.address,
+                        source: e.into_error(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! Bodies: request bodies recorded (up to a cap) so a retry can replay them, and response
+//! bodies that keep the request's resources (circuit-breaker slot, pooled connection,
+//! metrics) until their last frame, and enforce the route timeout while streaming.
+
+use std::{
+    future::Future as _,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::{lb::EndpointState, policy::Slot, pool::Sender, BoxError, ProxyBody};
+use crate::metrics::{L7Metrics, RequestLabels};
+
+/// Largest request body kept for replay; bigger requests are streamed and never retried.
+pub(super) const REPLAY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Default)]
+struct Recording {
+    data: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    len: usize,
+    complete: bool,
+    overflow: bool,
+}
+
+/// Passes the downstream body through while keeping a copy for replay.
+struct Tee {
+    inner: Incoming,
+    rec: Arc<Mutex<Recording>>,
+}
+
+impl Body for Tee {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let end = self.inner.is_end_stream();
+        let mut rec = self.rec.lock().unwrap_or_else(|e| e.into_inner());
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    if !rec.overflow {
+                        rec.len += d.len();
+                        if rec.len > REPLAY_LIMIT {
+                            rec.overflow = true;
+                            rec.data = Vec::new();
+                        } else {
+                            rec.data.push(d.clone());
+                        }
+                    }
+                } else if let Some(t) = f.trailers_ref() {
+                    rec.trailers = Some(t.clone());
+                }
+                rec.complete |= end;
+            }
+            None => rec.complete = true,
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A recorded body played again.
+struct Replay {
+    data: std::vec::IntoIter<Bytes>,
+    trailers: Option<HeaderMap>,
+    remaining: u64,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(d) = self.data.next() {
+            self.remaining -= d.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.len() == 0 && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Where each try's request body comes from.
+pub(super) struct Source {
+    first: Option<Incoming>,
+    rec: Option<Arc<Mutex<Recording>>>,
+}
+
+impl Source {
+    /// `replayable`: a retry policy applies, so record bodies that fit the cap.
+    pub fn new(body: Incoming, replayable: bool) -> Source {
+        let fits = body
+            .size_hint()
+            .upper()
+            .is_none_or(|u| u <= REPLAY_LIMIT as u64)
+            && body.size_hint().lower() <= REPLAY_LIMIT as u64;
+        let rec = (replayable && fits).then(|| {
+            Arc::new(Mutex::new(Recording {
+                complete: body.is_end_stream(),
+                ..Recording::default()
+            }))
+        });
+        Source {
+            first: Some(body),
+            rec,
+        }
+    }
+
+    /// Whether another try can get the whole body.
+    pub fn can_replay(&self) -> bool {
+        self.first.is_some()
+            || self.rec.as_ref().is_some_and(|r| {
+                let r = r.lock().unwrap_or_else(|e| e.into_inner());
+                r.complete && !r.overflow
+            })
+    }
+
+    /// The body for the next try (`can_replay` said yes).
+    pub fn next(&mut self) -> ProxyBody {
+        if let Some(b) = self.first.take() {
+            return match &self.rec {
+                Some(rec) => Tee {
+                    inner: b,
+                    rec: rec.clone(),
+                }
+                .map_err(BoxError::from)
+                .boxed_unsync(),
+                None => b.map_err(BoxError::from).boxed_unsync(),
+            };
+        }
+        let r = self
+            .rec
+            .as_ref()
+            .map(|r| {
+                let r = r.lock().unwrap_or_else(|e| e.into_inner());
+                (r.data.clone(), r.trailers.clone(), r.len as u64)
+            })
+            .unwrap_or_default();
+        Replay {
+            data: r.0.into_iter(),
+            trailers: r.1,
+            remaining: r.2,
+        }
+        .boxed_unsync()
+    }
+}
+
+/// Counts one request in the metrics when dropped (after its response's last frame).
+pub(super) struct Recorder {
+    pub metrics: Arc<L7Metrics>,
+    pub labels: RequestLabels,
+    pub start: Instant,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.metrics
+            .request(std::mem::take(&mut self.labels), self.start.elapsed());
+    }
+}
+
+/// Decrements an endpoint's in-flight count on drop.
+pub(super) struct Active(pub Arc<EndpointState>);
+
+impl Active {
+    pub fn new(ep: Arc<EndpointState>) -> Active {
+        ep.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Active(ep)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What a forwarded response holds on to until it ends.
+pub(super) struct Finish {
+    pub recorder: Option<Recorder>,
+    pub request_slot: Option<Slot>,
+    pub active: Active,
+    /// The HTTP/1.1 connection, pooled again when the response was read to the end.
+    pub sender: Option<Sender>,
+    pub counters: Arc<super::policy::Counters>,
+}
+
+impl Finish {
+    fn complete(mut self) {
+        if let Some(Sender::H1(s)) = self.sender.take() {
+            self.active.0.pool.put(s, &self.counters);
+        }
+    }
+}
+
+/// The upstream response body on its way downstream.
+pub(super) struct Tracked {
+    inner: Incoming,
+    finish: Option<Finish>,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the route timeout passed while the response was streaming")]
+pub(super) struct StreamTimeout;
+
+impl Tracked {
+    pub fn new(inner: Incoming, finish: Finish, deadline: Option<Instant>) -> Tracked {
+        let mut t = Tracked {
+            finish: Some(finish),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            inner,
+        };
+        if t.inner.is_end_stream() {
+            if let Some(f) = t.finish.take() {
+                f.complete();
+            }
+        }
+        t
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                // Headers went out already: the only way to report it is a reset.
+                this.finish = None;
+                this.deadline = None;
+                return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
+            }
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) if !this.inner.is_end_stream() => {}
+            Some(Ok(_)) | None => {
+                if let Some(f) = this.finish.take() {
+                    f.complete();
+                }
+                this.deadline = None;
+            }
+            Some(Err(_)) => this.finish = None,
+        }
+        Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

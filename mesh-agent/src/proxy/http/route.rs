@@ -1,0 +1,669 @@
+//! Which virtual host, route and weighted cluster a request takes, and the request the
+//! upstream gets (rewrites, header mutations, hop-by-hop headers removed).
+//!
+//! Matching follows Envoy's `RouteConfiguration` semantics: virtual hosts by domain (exact,
+//! then the longest `*.suffix`, then the longest `prefix*`, then `*`), then the first route
+//! whose path, header, query and gRPC matchers all hold.
+
+use http::{
+    header::{self, HeaderName},
+    request, HeaderMap, HeaderValue, Method, Request, Uri, Version,
+};
+
+use crate::xds::model::{
+    Forward, HeaderMutation, PathMatch, Route, RouteConfig, RouteMatch, StringMatch,
+    UpstreamProtocol, VirtualHost, WeightedCluster,
+};
+
+/// Headers that describe one hop's connection, never forwarded (RFC 9110 7.6.1; `te` is
+/// kept as `te: trailers`, which gRPC needs end to end).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "http2-settings",
+];
+
+/// The request's authority: the URI's (HTTP/2, absolute-form HTTP/1) or the `Host` header.
+pub(super) fn authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+fn strip_port(host: &str) -> Option<&str> {
+    // `[v6]:port` keeps its brackets; a bare IPv6 address has no port to strip.
+    let (h, port) = host.rsplit_once(':')?;
+    (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')).then_some(h)
+}
+
+/// Envoy's virtual host selection; `host` is compared case-insensitively.
+pub(super) fn virtual_host<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a VirtualHost> {
+    let host = host.to_ascii_lowercase();
+    let candidates: Vec<&str> = std::iter::once(host.as_str())
+        .chain(strip_port(&host))
+        .collect();
+    for h in &candidates {
+        if let Some(v) = rc
+            .virtual_hosts
+            .iter()
+            .find(|v| v.domains.iter().any(|d| d.eq_ignore_ascii_case(h)))
+        {
+            return Some(v);
+        }
+    }
+    // Longest wildcard wins; a wildcard stands for at least one character.
+    let best = |suffix: bool| -> Option<&'a VirtualHost> {
+        let mut best: Option<(usize, &VirtualHost)> = None;
+        for h in &candidates {
+            for v in &rc.virtual_hosts {
+                for d in &v.domains {
+                    let d = d.to_ascii_lowercase();
+                    let len = if suffix {
+                        match d.strip_prefix('*') {
+                            Some(s) if !s.is_empty() && h.len() > s.len() && h.ends_with(s) => {
+                                s.len()
+                            }
+                            _ => continue,
+                        }
+                    } else {
+                        match d.strip_suffix('*') {
+                            Some(p) if !p.is_empty() && h.len() > p.len() && h.starts_with(p) => {
+                                p.len()
+                            }
+                            _ => continue,
+                        }
+                    };
+                    if best.is_none_or(|(l, _)| len > l) {
+                        best = Some((len, v));
+                    }
+                }
+            }
+            if best.is_some() {
+                break;
+            }
+        }
+        best.map(|(_, v)| v)
+    };
+    best(true).or_else(|| best(false)).or_else(|| {
+        rc.virtual_hosts
+            .iter()
+            .find(|v| v.domains.iter().any(|d| d == "*"))
+    })
+}
+
+/// The first route of `vhost` that matches.
+pub(super) fn find<'a, B>(vhost: &'a VirtualHost, req: &Request<B>) -> Option<&'a Route> {
+    vhost.routes.iter().find(|r| matches(&r.matcher, req))
+}
+
+fn starts_with(s: &str, prefix: &str, case_sensitive: bool) -> bool {
+    if case_sensitive {
+        s.starts_with(prefix)
+    } else {
+        s.len() >= prefix.len()
+            && s.is_char_boundary(prefix.len())
+            && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+    }
+}
+
+fn path_matches(m: &PathMatch, path: &str, case_sensitive: bool) -> bool {
+    match m {
+        PathMatch::Prefix(p) => starts_with(path, p, case_sensitive),
+        PathMatch::Exact(p) if case_sensitive => path == p,
+        PathMatch::Exact(p) => path.eq_ignore_ascii_case(p),
+        // A search, checked to cover the whole path, so unanchored patterns behave like
+        // Envoy's full match too.
+        PathMatch::Regex(re) => re
+            .find(path)
+            .is_some_and(|m| m.start() == 0 && m.end() == path.len()),
+        PathMatch::SeparatedPrefix(p) => {
+            starts_with(path, p, case_sensitive)
+                && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+        }
+    }
+}
+
+pub(super) fn string_matches(m: &StringMatch, v: Option<&str>) -> bool {
+    let fold = |s: &str, ic: bool| {
+        if ic {
+            s.to_ascii_lowercase()
+        } else {
+            s.to_owned()
+        }
+    };
+    match (m, v) {
+        (StringMatch::Present(want), v) => v.is_some() == *want,
+        (_, None) => false,
+        (StringMatch::Exact { value, ignore_case }, Some(v)) => {
+            fold(v, *ignore_case) == fold(value, *ignore_case)
+        }
+        (StringMatch::Prefix { value, ignore_case }, Some(v)) => {
+            fold(v, *ignore_case).starts_with(&fold(value, *ignore_case))
+        }
+        (StringMatch::Suffix { value, ignore_case }, Some(v)) => {
+            fold(v, *ignore_case).ends_with(&fold(value, *ignore_case))
+        }
+        (StringMatch::Contains { value, ignore_case }, Some(v)) => {
+            fold(v, *ignore_case).contains(&fold(value, *ignore_case))
+        }
+        (StringMatch::Regex(re), Some(v)) => re
+            .find(v)
+            .is_some_and(|m| m.start() == 0 && m.end() == v.len()),
+    }
+}
+
+/// A header's value as Envoy matches it: pseudo-headers from the request line, repeated
+/// headers joined with `,`.
+fn header_value<B>(req: &Request<B>, name: &str) -> Option<String> {
+    match name {
+        ":authority" => authority(req).map(str::to_owned),
+        ":method" => Some(req.method().as_str().to_owned()),
+        ":path" => req.uri().path_and_query().map(|p| p.as_str().to_owned()),
+        ":scheme" => Some(req.uri().scheme_str().unwrap_or("http").to_owned()),
+        _ => {
+            let mut vals = req.headers().get_all(name).iter();
+            let first = vals.next()?;
+            let mut s = String::from_utf8_lossy(first.as_bytes()).into_owned();
+            for v in vals {
+                s.push(',');
+                s.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            }
+            Some(s)
+        }
+    }
+}
+
+fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+pub(super) fn matches<B>(m: &RouteMatch, req: &Request<B>) -> bool {
+    path_matches(&m.path, req.uri().path(), m.case_sensitive)
+        && (!m.grpc || is_grpc(req.headers()))
+        && m.headers
+            .iter()
+            .all(|h| string_matches(&h.matcher, header_value(req, &h.name).as_deref()) != h.invert)
+        && m.query.iter().all(|q| {
+            string_matches(
+                &q.matcher,
+                req.uri().query().and_then(|s| query_param(s, &q.name)),
+            )
+        })
+}
+
+/// A weighted cluster, at random by weight.
+pub(super) fn pick_weighted(fwd: &Forward) -> Option<&WeightedCluster> {
+    if fwd.clusters.len() <= 1 || fwd.total_weight == 0 {
+        return fwd.clusters.first();
+    }
+    let mut n = fastrand::u32(0..fwd.total_weight);
+    for c in &fwd.clusters {
+        if n < c.weight {
+            return Some(c);
+        }
+        n -= c.weight;
+    }
+    fwd.clusters.last()
+}
+
+/// 64-bit FNV-1a with a final avalanche (murmur3's fmix64), so nearby inputs such as
+/// `10.0.0.1:80_1` and `_2` land far apart on the ring.
+pub(super) fn hash64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The ring-hash key of a request: its hash-policy headers combined in order as Envoy
+/// does (rotate, xor); `None` when none is present (the balancer then picks at random).
+pub(super) fn request_hash(names: &[String], headers: &HeaderMap) -> Option<u64> {
+    let mut out: Option<u64> = None;
+    for n in names {
+        let mut vals = headers.get_all(n.as_str()).iter().peekable();
+        if vals.peek().is_none() {
+            continue;
+        }
+        let mut buf = Vec::new();
+        for (i, v) in vals.enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(v.as_bytes());
+        }
+        let h = hash64(&buf);
+        out = Some(out.map_or(h, |o| o.rotate_left(1) ^ h));
+    }
+    out
+}
+
+/// Envoy order: removals, then additions; `append: false` replaces.
+pub(super) fn apply_mutation(m: &HeaderMutation, headers: &mut HeaderMap) {
+    for name in &m.remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value, append) in &m.add {
+        // The translation validated names and values; anything unrepresentable is skipped
+        // rather than failing the request.
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) else {
+            continue;
+        };
+        if *append {
+            headers.append(name, value);
+        } else {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let trailers = keep_te_trailers
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.to_ascii_lowercase().contains("trailers"))
+        });
+    for n in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        headers.remove(n);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// What every try of a forwarded request sends, minus the body.
+#[derive(Debug, Clone)]
+pub(super) struct Upstream {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+impl Upstream {
+    pub fn request<B>(&self, body: B) -> Request<B> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Builds the upstream request head: rewrites, then the header mutations in Envoy's order
+/// (`levels` from the most specific: weighted cluster, route, virtual host, route config,
+/// so the least specific level has the last word on replaced values).
+pub(super) fn upstream(
+    parts: request::Parts,
+    route: &Route,
+    fwd: &Forward,
+    levels: [&HeaderMutation; 4],
+    protocol: UpstreamProtocol,
+) -> Upstream {
+    let request::Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
+    let authority = fwd.host_rewrite.clone().or_else(|| {
+        uri.authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| headers.get(header::HOST)?.to_str().ok().map(str::to_owned))
+    });
+    let authority = authority.unwrap_or_else(|| "unknown".to_owned());
+    let path = uri.path();
+    let mut path_and_query = match (&fwd.prefix_rewrite, &route.matcher.path) {
+        (Some(rw), PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p))
+            if path.len() >= p.len() && path.is_char_boundary(p.len()) =>
+        {
+            format!("{rw}{}", &path[p.len()..])
+        }
+        (Some(rw), PathMatch::Exact(_)) => rw.clone(),
+        _ => path.to_owned(),
+    };
+    if !path_and_query.starts_with('/') {
+        path_and_query.insert(0, '/');
+    }
+    if let Some(q) = uri.query() {
+        path_and_query.push('?');
+        path_and_query.push_str(q);
+    }
+    strip_hop_by_hop(&mut headers, true);
+    headers.remove(header::HOST);
+    for m in levels {
+        apply_mutation(m, &mut headers);
+    }
+    let (uri, version) = match protocol {
+        UpstreamProtocol::Http1 => {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                headers.insert(header::HOST, v);
+            }
+            (path_and_query.parse(), Version::HTTP_11)
+        }
+        // h2 carries the authority in `:authority`, taken from an absolute URI.
+        UpstreamProtocol::Http2 => (
+            format!("http://{authority}{path_and_query}").parse(),
+            Version::HTTP_2,
+        ),
+    };
+    Upstream {
+        method,
+        uri: uri.unwrap_or_else(|_| Uri::from_static("/")),
+        version,
+        headers,
+    }
+}
+
+/// `Location` of a redirect: the new host and/or path, the rest as requested.
+pub(super) fn redirect_location<B>(
+    req: &Request<B>,
+    host: Option<&str>,
+    path: Option<&str>,
+) -> String {
+    let host = host.or_else(|| authority(req)).unwrap_or("");
+    let path = match path {
+        Some(p) if p.contains('?') => p.to_owned(),
+        Some(p) => match req.uri().query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p.to_owned(),
+        },
+        None => req
+            .uri()
+            .path_and_query()
+            .map_or("/".to_owned(), |p| p.as_str().to_owned()),
+    };
+    format!("http://{host}{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use regex_lite::Regex;
+
+    use super::*;
+    use crate::xds::model::{HeaderMatch, QueryMatch, RouteAction};
+
+    fn vh(name: &str, domains: &[&str]) -> VirtualHost {
+        VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| (*d).into()).collect(),
+            routes: vec![],
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+            retry_policy: None,
+            rate_limit: None,
+        }
+    }
+
+    fn rc(vhosts: Vec<VirtualHost>) -> RouteConfig {
+        RouteConfig {
+            name: "rc".into(),
+            virtual_hosts: vhosts,
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+        }
+    }
+
+    fn m(path: PathMatch) -> RouteMatch {
+        RouteMatch {
+            path,
+            case_sensitive: true,
+            headers: vec![],
+            query: vec![],
+            grpc: false,
+        }
+    }
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn virtual_hosts_follow_envoy_domain_order() {
+        let rc = rc(vec![
+            vh("any", &["*"]),
+            vh("prefix", &["api.*"]),
+            vh("short", &["*.com"]),
+            vh("long", &["*.example.com"]),
+            vh("exact", &["www.example.com", "svc:8080"]),
+        ]);
+        let pick = |h: &str| virtual_host(&rc, h).map(|v| v.name.as_str());
+        assert_eq!(pick("www.example.com"), Some("exact"));
+        assert_eq!(pick("WWW.Example.com:80"), Some("exact"), "port stripped");
+        assert_eq!(pick("svc:8080"), Some("exact"), "port kept when written");
+        assert_eq!(pick("a.example.com"), Some("long"));
+        assert_eq!(pick("a.other.com"), Some("short"));
+        assert_eq!(pick("api.internal"), Some("prefix"));
+        assert_eq!(pick("example.com"), Some("short"), "suffix wildcard");
+        assert_eq!(
+            pick(".com"),
+            Some("any"),
+            "a wildcard stands for one char at least"
+        );
+        assert_eq!(pick("elsewhere"), Some("any"));
+        let none = super::tests::rc(vec![vh("x", &["x"])]);
+        assert!(virtual_host(&none, "y").is_none());
+    }
+
+    #[test]
+    fn path_matchers() {
+        let r = req("/api/v1?x=1", &[]);
+        assert!(matches(&m(PathMatch::Prefix("/api".into())), &r));
+        assert!(!matches(&m(PathMatch::Prefix("/API".into())), &r));
+        let mut ci = m(PathMatch::Prefix("/API".into()));
+        ci.case_sensitive = false;
+        assert!(matches(&ci, &r));
+        assert!(matches(&m(PathMatch::Exact("/api/v1".into())), &r));
+        assert!(!matches(&m(PathMatch::Exact("/api".into())), &r));
+        assert!(matches(
+            &m(PathMatch::Regex(Regex::new("/api/v[0-9]").unwrap())),
+            &r
+        ));
+        assert!(
+            !matches(&m(PathMatch::Regex(Regex::new("/api").unwrap())), &r),
+            "full match"
+        );
+        assert!(matches(&m(PathMatch::SeparatedPrefix("/api".into())), &r));
+        assert!(matches(
+            &m(PathMatch::SeparatedPrefix("/api/v1".into())),
+            &r
+        ));
+        assert!(!matches(&m(PathMatch::SeparatedPrefix("/ap".into())), &r));
+    }
+
+    #[test]
+    fn header_query_and_grpc_matchers() {
+        let mut rm = m(PathMatch::Prefix("/".into()));
+        rm.headers = vec![
+            HeaderMatch {
+                name: "x-env".into(),
+                matcher: StringMatch::Exact {
+                    value: "CANARY".into(),
+                    ignore_case: true,
+                },
+                invert: false,
+            },
+            HeaderMatch {
+                name: "x-debug".into(),
+                matcher: StringMatch::Present(true),
+                invert: true,
+            },
+            HeaderMatch {
+                name: ":method".into(),
+                matcher: StringMatch::Exact {
+                    value: "GET".into(),
+                    ignore_case: false,
+                },
+                invert: false,
+            },
+        ];
+        rm.query = vec![QueryMatch {
+            name: "v".into(),
+            matcher: StringMatch::Prefix {
+                value: "2".into(),
+                ignore_case: false,
+            },
+        }];
+        assert!(matches(&rm, &req("/x?a=1&v=2.1", &[("x-env", "canary")])));
+        assert!(!matches(&rm, &req("/x?v=1", &[("x-env", "canary")])));
+        assert!(!matches(&rm, &req("/x?v=2", &[("x-env", "prod")])));
+        assert!(!matches(
+            &rm,
+            &req("/x?v=2", &[("x-env", "canary"), ("x-debug", "1")])
+        ));
+        let mut g = m(PathMatch::Prefix("/".into()));
+        g.grpc = true;
+        assert!(matches(
+            &g,
+            &req("/svc/M", &[("content-type", "application/grpc+proto")])
+        ));
+        assert!(!matches(
+            &g,
+            &req("/svc/M", &[("content-type", "text/plain")])
+        ));
+        // Repeated headers match as one comma-joined value.
+        let mut rep = m(PathMatch::Prefix("/".into()));
+        rep.headers = vec![HeaderMatch {
+            name: "x-a".into(),
+            matcher: StringMatch::Exact {
+                value: "1,2".into(),
+                ignore_case: false,
+            },
+            invert: false,
+        }];
+        assert!(matches(&rep, &req("/", &[("x-a", "1"), ("x-a", "2")])));
+    }
+
+    #[test]
+    fn rewrites_and_mutations_in_envoy_order() {
+        let fwd = Forward {
+            clusters: vec![],
+            total_weight: 1,
+            timeout: None,
+            retry_policy: None,
+            hash_headers: vec![],
+            prefix_rewrite: Some("/v2/".into()),
+            host_rewrite: Some("backend.internal".into()),
+        };
+        let route = Route {
+            name: "r".into(),
+            matcher: m(PathMatch::Prefix("/api/".into())),
+            action: RouteAction::Respond {
+                status: 200,
+                body: String::new(),
+            },
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+            rate_limit: None,
+            fault: None,
+        };
+        let most = HeaderMutation {
+            add: vec![("x-level".into(), "cluster".into(), false)],
+            remove: vec!["x-secret".into()],
+        };
+        let least = HeaderMutation {
+            add: vec![
+                ("x-level".into(), "config".into(), false),
+                ("x-multi".into(), "b".into(), true),
+            ],
+            remove: vec![],
+        };
+        let none = HeaderMutation::default();
+        let r = req(
+            "/api/users?id=7",
+            &[
+                ("host", "front:80"),
+                ("x-secret", "s"),
+                ("x-multi", "a"),
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "1"),
+                ("te", "trailers"),
+            ],
+        );
+        let (parts, ()) = r.into_parts();
+        let up = upstream(
+            parts.clone(),
+            &route,
+            &fwd,
+            [&most, &none, &none, &least],
+            UpstreamProtocol::Http1,
+        );
+        assert_eq!(up.uri, "/v2/users?id=7");
+        assert_eq!(up.headers["host"], "backend.internal");
+        assert_eq!(up.headers["x-level"], "config", "least specific level wins");
+        let multi: Vec<_> = up.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"]);
+        assert!(up.headers.get("x-secret").is_none());
+        assert!(up.headers.get("x-hop").is_none() && up.headers.get("connection").is_none());
+        assert_eq!(up.headers["te"], "trailers");
+        let h2 = upstream(parts, &route, &fwd, [&none; 4], UpstreamProtocol::Http2);
+        assert_eq!(h2.uri, "http://backend.internal/v2/users?id=7");
+        assert!(h2.headers.get("host").is_none());
+    }
+
+    #[test]
+    fn ring_hash_keys_are_stable_and_combine_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_hash(&["x-user".into()], &h), None);
+        h.insert("x-user", HeaderValue::from_static("alice"));
+        let a = request_hash(&["x-user".into()], &h);
+        assert_eq!(a, request_hash(&["x-user".into()], &h));
+        h.insert("x-user", HeaderValue::from_static("bob"));
+        assert_ne!(a, request_hash(&["x-user".into()], &h));
+        h.insert("x-tenant", HeaderValue::from_static("t"));
+        assert_ne!(
+            request_hash(&["x-user".into()], &h),
+            request_hash(&["x-user".into(), "x-tenant".into()], &h)
+        );
+    }
+
+    #[test]
+    fn redirect_keeps_what_it_does_not_replace() {
+        let r = req("/old?q=1", &[("host", "a.example")]);
+        assert_eq!(
+            redirect_location(&r, Some("b.example"), None),
+            "http://b.example/old?q=1"
+        );
+        assert_eq!(
+            redirect_location(&r, None, Some("/new")),
+            "http://a.example/new?q=1"
+        );
+    }
+}

@@ -1,0 +1,1037 @@
+//! Behaviour tests of the L7 engine over real loopback sockets: hyper upstreams, the engine
+//! serving accepted connections, hyper (or raw TCP) clients.
+
+use std::{
+    pin::Pin,
+    sync::atomic::{AtomicUsize, Ordering},
+    task::{Context, Poll},
+};
+
+use http::HeaderMap;
+use http_body::Frame;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot, Notify},
+};
+
+use super::*;
+use crate::xds::model::{
+    CircuitBreaker, Cluster, Endpoint, Fault, HeaderMutation, Health, LbPolicy, OutlierDetection,
+    PathMatch, RateLimit, RetryOn, RetryPolicy, RouteConfig, RouteMatch, UpstreamProtocol,
+    WeightedCluster,
+};
+
+/// The original destination every test connection claims.
+const VIP: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+    80,
+);
+
+/// A body fed by a channel, for streaming in both directions.
+struct ChanBody(mpsc::Receiver<Frame<Bytes>>);
+
+impl http_body::Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+fn text(s: impl Into<Bytes>) -> ProxyBody {
+    Full::new(s.into()).map_err(|n| match n {}).boxed_unsync()
+}
+
+fn reply(status: u16, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(text(body));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r
+}
+
+/// An upstream on a loopback port; counts the connections it accepted.
+struct Upstream {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+}
+
+async fn upstream<F, Fut>(h2: bool, f: F) -> Upstream
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    tokio::spawn(
+        async move {
+            while let Ok((s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                let f = f.clone();
+                let svc = service_fn(move |r| {
+                    let fut = f(r);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let io = TokioIo::new(s);
+                tokio::spawn(async move {
+                    let _ = if h2 {
+                        http2::Builder::new(SpanExec)
+                            .serve_connection(io, svc)
+                            .await
+                    } else {
+                        http1::Builder::new().serve_connection(io, svc).await
+                    };
+                });
+            }
+        }
+        .instrument(tracing::debug_span!("test_upstream")),
+    );
+    Upstream { addr, conns }
+}
+
+/// Answers with its name (body and `x-upstream`).
+async fn named(name: &'static str) -> Upstream {
+    upstream(false, move |_| async move {
+        let mut r = reply(200, name);
+        r.headers_mut()
+            .insert("x-upstream", HeaderValue::from_static(name));
+        r
+    })
+    .await
+}
+
+/// Answers with the request it saw: `path`, then `name: value` lines.
+async fn echo() -> Upstream {
+    upstream(false, |req: Request<Incoming>| async move {
+        let mut s = format!("path={}\n", req.uri());
+        for (k, v) in req.headers() {
+            s.push_str(&format!("{k}={}\n", v.to_str().unwrap_or("?")));
+        }
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        s.push_str(&format!("body={}\n", String::from_utf8_lossy(&body)));
+        reply(200, s)
+    })
+    .await
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    config: watch::Sender<Arc<ProxyConfig>>,
+    metrics: Arc<L7Metrics>,
+}
+
+async fn proxy(cfg: ProxyConfig) -> Proxy {
+    let (config, rx) = watch::channel(Arc::new(cfg));
+    let metrics = Arc::new(L7Metrics::default());
+    let l7 = L7::new(rx, metrics.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(
+        async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(l7.clone().serve(s, VIP, "test/client".into()));
+            }
+        }
+        .instrument(tracing::debug_span!("test_proxy")),
+    );
+    Proxy {
+        addr,
+        config,
+        metrics,
+    }
+}
+
+fn cluster(name: &str, eps: &[SocketAddr]) -> Cluster {
+    Cluster {
+        name: name.into(),
+        lb: LbPolicy::RoundRobin,
+        protocol: UpstreamProtocol::Http1,
+        connect_timeout: Duration::from_secs(1),
+        circuit_breaker: CircuitBreaker::default(),
+        outlier: None,
+        endpoints: eps
+            .iter()
+            .map(|a| Endpoint {
+                address: *a,
+                weight: 1,
+                health: Health::Healthy,
+            })
+            .collect(),
+        endpoints_known: true,
+    }
+}
+
+fn to(clusters: &[(&str, u32)]) -> Forward {
+    Forward {
+        clusters: clusters
+            .iter()
+            .map(|(n, w)| WeightedCluster {
+                name: (*n).into(),
+                weight: *w,
+                request_headers: HeaderMutation::default(),
+                response_headers: HeaderMutation::default(),
+            })
+            .collect(),
+        total_weight: clusters.iter().map(|c| c.1).sum(),
+        timeout: Some(Duration::from_secs(5)),
+        retry_policy: None,
+        hash_headers: vec![],
+        prefix_rewrite: None,
+        host_rewrite: None,
+    }
+}
+
+fn route(prefix: &str, action: RouteAction) -> Route {
+    Route {
+        name: format!("route{prefix}"),
+        matcher: RouteMatch {
+            path: PathMatch::Prefix(prefix.into()),
+            case_sensitive: true,
+            headers: vec![],
+            query: vec![],
+            grpc: false,
+        },
+        action,
+        request_headers: HeaderMutation::default(),
+        response_headers: HeaderMutation::default(),
+        rate_limit: None,
+        fault: None,
+    }
+}
+
+fn vhost(routes: Vec<Route>) -> VirtualHost {
+    VirtualHost {
+        name: "vh".into(),
+        domains: vec!["*".into()],
+        routes,
+        request_headers: HeaderMutation::default(),
+        response_headers: HeaderMutation::default(),
+        retry_policy: None,
+        rate_limit: None,
+    }
+}
+
+fn http_listener(vh: VirtualHost) -> HttpListener {
+    HttpListener {
+        stat_prefix: "test".into(),
+        codec: Codec::Auto,
+        route_config: Arc::new(RouteConfig {
+            name: "rc".into(),
+            virtual_hosts: vec![vh],
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+        }),
+        max_request_headers_bytes: 60 * 1024,
+        request_timeout: None,
+        rate_limit: None,
+        fault: None,
+    }
+}
+
+fn config(http: HttpListener, clusters: Vec<Cluster>) -> ProxyConfig {
+    ProxyConfig {
+        listeners: [(
+            VIP,
+            Arc::new(Listener {
+                name: "svc.test:80".into(),
+                address: VIP,
+                kind: ListenerKind::Http(http),
+                tcp_fallback: None,
+            }),
+        )]
+        .into(),
+        clusters: clusters
+            .into_iter()
+            .map(|c| (c.name.clone(), Arc::new(c)))
+            .collect(),
+    }
+}
+
+/// A simple proxy: everything under `/` to `cluster`.
+fn simple(clusters: Vec<Cluster>, fwd: Forward) -> ProxyConfig {
+    config(
+        http_listener(vhost(vec![route("/", RouteAction::Forward(fwd))])),
+        clusters,
+    )
+}
+
+fn retry(retry_on: RetryOn, n: u32) -> RetryPolicy {
+    RetryPolicy {
+        retry_on,
+        num_retries: n,
+        per_try_timeout: None,
+        retriable_status_codes: vec![],
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(5),
+    }
+}
+
+fn retry_5xx(n: u32) -> RetryPolicy {
+    retry(
+        RetryOn {
+            server_error: true,
+            ..RetryOn::default()
+        },
+        n,
+    )
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<ProxyBody>;
+
+async fn client(addr: SocketAddr) -> H1 {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn.instrument(tracing::debug_span!("test_client")));
+    tx
+}
+
+struct Got {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+async fn call(c: &mut H1, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Got {
+    c.ready().await.unwrap();
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "svc.test");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = c
+        .send_request(b.body(text(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Got {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn get(c: &mut H1, path: &str) -> Got {
+    call(c, "GET", path, &[], "").await
+}
+
+#[tokio::test]
+async fn weighted_split_90_10_within_3_points_over_2000_requests() {
+    let (a, b) = (named("a").await, named("b").await);
+    let p = proxy(simple(
+        vec![cluster("a", &[a.addr]), cluster("b", &[b.addr])],
+        to(&[("a", 90), ("b", 10)]),
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let addr = p.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = client(addr).await;
+            let mut to_b = 0;
+            for _ in 0..500 {
+                let g = get(&mut c, "/").await;
+                assert_eq!(g.status, 200);
+                to_b += usize::from(g.body == "b");
+            }
+            to_b
+        }));
+    }
+    let mut to_b = 0;
+    for t in tasks {
+        to_b += t.await.unwrap();
+    }
+    // 10% of 2,000 is 200 (binomial sd 13.4): 7%..13% is beyond 4 sd.
+    assert!((140..=260).contains(&to_b), "{to_b} of 2000 went to b");
+    // Keep-alive on both legs: four upstream connections at most per cluster.
+    assert!(a.conns.load(Ordering::Relaxed) <= 4);
+    assert_eq!(
+        p.metrics
+            .requests_where(|l| l.response_code == 200 && l.route == "route/"),
+        2000
+    );
+}
+
+#[tokio::test]
+async fn retries_recover_from_an_endpoint_answering_503() {
+    let bad = upstream(false, |req: Request<Incoming>| async move {
+        let _ = req.into_body().collect().await;
+        reply(503, "overloaded")
+    })
+    .await;
+    let good = echo().await;
+    let mut fwd = to(&[("c", 1)]);
+    fwd.retry_policy = Some(Arc::new(retry_5xx(2)));
+    let p = proxy(simple(vec![cluster("c", &[bad.addr, good.addr])], fwd)).await;
+    let mut c = client(p.addr).await;
+    for i in 0..10 {
+        let body = format!("payload-{i}");
+        let g = call(&mut c, "POST", "/submit", &[], &body).await;
+        assert_eq!(g.status, 200, "{}", g.body);
+        assert!(
+            g.body.contains(&format!("body={body}")),
+            "replayed body: {}",
+            g.body
+        );
+    }
+    let mut out = String::new();
+    p.metrics.render(&mut out);
+    // Round robin alternates and every request takes two picks: each first try is the 503.
+    assert!(
+        out.contains("mesh_upstream_retries_total{cluster=\"c\"} 10"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn no_retry_without_a_policy_and_connect_failures_retry() {
+    // A port nobody listens on: refused at once.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let good = named("good").await;
+    let p = proxy(simple(
+        vec![cluster("c", &[dead, good.addr])],
+        to(&[("c", 1)]),
+    ))
+    .await;
+    let mut c = client(p.addr).await;
+    let codes: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(get(&mut c, "/").await.status);
+        }
+        v
+    };
+    assert_eq!(codes.iter().filter(|s| **s == 503).count(), 2, "{codes:?}");
+    let mut fwd = to(&[("c", 1)]);
+    fwd.retry_policy = Some(Arc::new(retry(
+        RetryOn {
+            connect_failure: true,
+            ..RetryOn::default()
+        },
+        1,
+    )));
+    p.config.send_replace(Arc::new(simple(
+        vec![cluster("c", &[dead, good.addr])],
+        fwd,
+    )));
+    for _ in 0..4 {
+        assert_eq!(get(&mut c, "/").await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn route_timeout_gives_504_and_per_try_timeout_retries() {
+    let slow = upstream(false, |_| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        reply(200, "late")
+    })
+    .await;
+    let fast = named("fast").await;
+    let mut fwd = to(&[("slow", 1)]);
+    fwd.timeout = Some(Duration::from_millis(200));
+    let p = proxy(simple(vec![cluster("slow", &[slow.addr])], fwd)).await;
+    let mut c = client(p.addr).await;
+    let t = std::time::Instant::now();
+    let g = get(&mut c, "/").await;
+    assert_eq!(g.status, 504);
+    assert_eq!(g.body, "upstream request timeout");
+    assert!(t.elapsed() < Duration::from_secs(2));
+
+    // Per-try timeout: the slow endpoint's try is cut short and the retry lands on the
+    // fast one, well within the route timeout.
+    let mut fwd = to(&[("both", 1)]);
+    let mut rp = retry_5xx(2);
+    rp.per_try_timeout = Some(Duration::from_millis(100));
+    fwd.retry_policy = Some(Arc::new(rp));
+    fwd.timeout = Some(Duration::from_secs(2));
+    p.config.send_replace(Arc::new(simple(
+        vec![cluster("both", &[slow.addr, fast.addr])],
+        fwd,
+    )));
+    for _ in 0..4 {
+        assert_eq!(get(&mut c, "/").await.body, "fast");
+    }
+}
+
+#[tokio::test]
+async fn rate_limit_gives_429_with_headers_and_route_override() {
+    let up = named("up").await;
+    let mut vh = vhost(vec![
+        route("/free", RouteAction::Forward(to(&[("c", 1)]))),
+        route("/", RouteAction::Forward(to(&[("c", 1)]))),
+    ]);
+    vh.routes[0].rate_limit = Some(Arc::new(RateLimit {
+        key: "free".into(),
+        max_tokens: 100,
+        tokens_per_fill: 100,
+        fill_interval: Duration::from_secs(60),
+        x_ratelimit_headers: false,
+        status: 429,
+    }));
+    let mut http = http_listener(vh);
+    http.rate_limit = Some(Arc::new(RateLimit {
+        key: "listener".into(),
+        max_tokens: 3,
+        tokens_per_fill: 1,
+        fill_interval: Duration::from_secs(60),
+        x_ratelimit_headers: true,
+        status: 429,
+    }));
+    let p = proxy(config(http, vec![cluster("c", &[up.addr])])).await;
+    let mut c = client(p.addr).await;
+    for left in ["2", "1", "0"] {
+        let g = get(&mut c, "/").await;
+        assert_eq!(g.status, 200);
+        assert_eq!(g.headers["x-ratelimit-remaining"], left);
+    }
+    let g = get(&mut c, "/").await;
+    assert_eq!(g.status, 429);
+    assert_eq!(g.headers["x-ratelimit-limit"], "3");
+    assert_eq!(g.headers["x-ratelimit-remaining"], "0");
+    assert!(
+        g.headers["x-ratelimit-reset"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            <= 60
+    );
+    // The route's own limit replaces the listener's.
+    for _ in 0..5 {
+        let g = get(&mut c, "/free").await;
+        assert_eq!(g.status, 200);
+        assert!(g.headers.get("x-ratelimit-limit").is_none());
+    }
+    let mut out = String::new();
+    p.metrics.render(&mut out);
+    assert!(
+        out.contains("mesh_rate_limited_total{key=\"listener\"} 1"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn circuit_breaker_trips_with_503_and_recovers() {
+    let (got_tx, mut got_rx) = mpsc::channel::<()>(4);
+    let release = Arc::new(Notify::new());
+    let r = release.clone();
+    let up = upstream(false, move |req: Request<Incoming>| {
+        let (got_tx, r) = (got_tx.clone(), r.clone());
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = got_tx.send(()).await;
+                r.notified().await;
+            }
+            reply(200, "ok")
+        }
+    })
+    .await;
+    let mut cl = cluster("c", &[up.addr]);
+    cl.circuit_breaker.max_requests = 1;
+    let p = proxy(simple(vec![cl], to(&[("c", 1)]))).await;
+    let addr = p.addr;
+    let held = tokio::spawn(async move { get(&mut client(addr).await, "/hold").await.status });
+    got_rx.recv().await.unwrap();
+    let mut c = client(p.addr).await;
+    let g = get(&mut c, "/").await;
+    assert_eq!(g.status, 503);
+    assert_eq!(g.headers["x-envoy-overloaded"], "true");
+    release.notify_one();
+    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(get(&mut c, "/").await.status, 200);
+    let mut out = String::new();
+    p.metrics.render(&mut out);
+    assert!(
+        out.contains("mesh_circuit_open_total{cluster=\"c\"} 1"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn pending_requests_overflow_when_connections_are_capped() {
+    let (got_tx, mut got_rx) = mpsc::channel::<()>(4);
+    let release = Arc::new(Notify::new());
+    let r = release.clone();
+    let up = upstream(false, move |_| {
+        let (got_tx, r) = (got_tx.clone(), r.clone());
+        async move {
+            let _ = got_tx.send(()).await;
+            r.notified().await;
+            reply(200, "ok")
+        }
+    })
+    .await;
+    let mut cl = cluster("c", &[up.addr]);
+    cl.circuit_breaker.max_connections = 1;
+    cl.circuit_breaker.max_pending_requests = 1;
+    let p = proxy(simple(vec![cl], to(&[("c", 1)]))).await;
+    let addr = p.addr;
+    let first = tokio::spawn(async move { get(&mut client(addr).await, "/").await.status });
+    got_rx.recv().await.unwrap();
+    // The second waits for the one connection; the third overflows the pending queue.
+    let second = tokio::spawn(async move { get(&mut client(addr).await, "/").await.status });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let g = get(&mut client(addr).await, "/").await;
+    assert_eq!(g.status, 503);
+    assert_eq!(g.headers["x-envoy-overloaded"], "true");
+    release.notify_one();
+    assert_eq!(first.await.unwrap(), 200);
+    got_rx.recv().await.unwrap();
+    release.notify_one();
+    assert_eq!(second.await.unwrap(), 200);
+    assert_eq!(
+        up.conns.load(Ordering::Relaxed),
+        1,
+        "the waiter reused the connection"
+    );
+}
+
+#[tokio::test]
+async fn outlier_ejection_kicks_in_and_the_endpoint_returns() {
+    let bad = upstream(false, |_| async { reply(500, "bad") }).await;
+    let good = named("good").await;
+    let mut cl = cluster("c", &[bad.addr, good.addr]);
+    cl.outlier = Some(OutlierDetection {
+        consecutive_5xx: 3,
+        base_ejection_time: Duration::from_millis(400),
+        max_ejection_percent: 50,
+        interval: Duration::from_secs(10),
+    });
+    let p = proxy(simple(vec![cl], to(&[("c", 1)]))).await;
+    let mut c = client(p.addr).await;
+    let mut errors = 0;
+    for _ in 0..20 {
+        errors += usize::from(get(&mut c, "/").await.status == 500);
+    }
+    assert_eq!(errors, 3, "ejected after three consecutive 5xx");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let mut back = 0;
+    for _ in 0..4 {
+        back += usize::from(get(&mut c, "/").await.status == 500);
+    }
+    assert!(back >= 1, "the endpoint is back after the ejection time");
+    let mut out = String::new();
+    p.metrics.render(&mut out);
+    assert!(
+        out.contains("mesh_outlier_ejections_total{cluster=\"c\"} 1"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn fault_injection_delays_and_aborts_at_the_configured_rates() {
+    let up = named("up").await;
+    let mut vh = vhost(vec![
+        route("/abort", RouteAction::Forward(to(&[("c", 1)]))),
+        route("/delay", RouteAction::Forward(to(&[("c", 1)]))),
+        route("/grpc", RouteAction::Forward(to(&[("c", 1)]))),
+    ]);
+    vh.routes[0].fault = Some(Arc::new(Fault {
+        delay: None,
+        abort: Some((FaultAbort::Http(503), 500_000)),
+    }));
+    vh.routes[1].fault = Some(Arc::new(Fault {
+        delay: Some((Duration::from_millis(150), 500_000)),
+        abort: None,
+    }));
+    vh.routes[2].fault = Some(Arc::new(Fault {
+        delay: None,
+        abort: Some((FaultAbort::Grpc(14), 1_000_000)),
+    }));
+    let p = proxy(config(http_listener(vh), vec![cluster("c", &[up.addr])])).await;
+    let mut c = client(p.addr).await;
+    let mut aborted = 0;
+    for _ in 0..400 {
+        let g = get(&mut c, "/abort").await;
+        if g.status == 503 {
+            assert_eq!(g.body, "fault filter abort");
+            aborted += 1;
+        }
+    }
+    // 50% of 400 (sd 10): 150..250 is five sd.
+    assert!((150..=250).contains(&aborted), "{aborted} of 400 aborted");
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let addr = p.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = client(addr).await;
+            let t = std::time::Instant::now();
+            assert_eq!(get(&mut c, "/delay").await.status, 200);
+            t.elapsed()
+        }));
+    }
+    let mut delayed = 0;
+    for t in tasks {
+        delayed += usize::from(t.await.unwrap() >= Duration::from_millis(150));
+    }
+    // 50% of 40 (sd 3.2): 8..32 is nearly four sd.
+    assert!((8..=32).contains(&delayed), "{delayed} of 40 delayed");
+    let g = get(&mut c, "/grpc").await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.headers["grpc-status"], "14");
+    assert_eq!(g.headers["content-type"], "application/grpc");
+}
+
+#[tokio::test]
+async fn grpc_bidi_streaming_over_h2_passes_frames_and_trailers_intact() {
+    // An echo service: each request frame comes back as a response frame, then trailers.
+    let up = upstream(true, |req: Request<Incoming>| async move {
+        let (tx, rx) = mpsc::channel(4);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data() {
+                    let _ = tx.send(Frame::data(d)).await;
+                }
+            }
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static("0"));
+            t.insert("x-trailer", HeaderValue::from_static("kept"));
+            let _ = tx.send(Frame::trailers(t)).await;
+        });
+        let mut r = Response::new(ChanBody(rx).map_err(|n| match n {}).boxed_unsync());
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        r
+    })
+    .await;
+    let mut cl = cluster("grpc", &[up.addr]);
+    cl.protocol = UpstreamProtocol::Http2;
+    let p = proxy(simple(vec![cl], to(&[("grpc", 1)]))).await;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(SpanExec)
+        .handshake::<_, ChanBody>(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn.instrument(tracing::debug_span!("test_h2_client")));
+    let (tx, rx) = mpsc::channel(4);
+    let req = Request::builder()
+        .method("POST")
+        .uri("http://svc.test/echo.Echo/Chat")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(ChanBody(rx))
+        .unwrap();
+    tx.send(Frame::data(Bytes::from_static(b"one")))
+        .await
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // Each message comes back before the next is sent: nothing is buffered.
+    for msg in ["one", "two", "three"] {
+        if msg != "one" {
+            tx.send(Frame::data(Bytes::from(msg))).await.unwrap();
+        }
+        let f = tokio::time::timeout(Duration::from_secs(2), body.frame())
+            .await
+            .expect("streamed frame")
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.into_data().unwrap(), msg);
+    }
+    drop(tx);
+    let f = body.frame().await.unwrap().unwrap();
+    let t = f.into_trailers().unwrap();
+    assert_eq!(t["grpc-status"], "0");
+    assert_eq!(t["x-trailer"], "kept");
+    assert!(body.frame().await.is_none());
+    // One multiplexed upstream connection for several concurrent calls.
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Frame::data(Bytes::from_static(b"x")))
+            .await
+            .unwrap();
+        drop(tx);
+        let req = Request::post("http://svc.test/echo.Echo/Unary")
+            .header("content-type", "application/grpc")
+            .body(ChanBody(rx))
+            .unwrap();
+        let f = h2.send_request(req);
+        calls.push(async move { f.await.unwrap().into_body().collect().await.unwrap() });
+    }
+    for c in futures_util::future::join_all(calls).await {
+        assert_eq!(c.trailers().unwrap()["grpc-status"], "0");
+    }
+    assert_eq!(up.conns.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn config_push_mid_flight_keeps_the_request_and_reroutes_new_ones() {
+    let (got_tx, mut got_rx) = mpsc::channel::<()>(1);
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let go_rx = Arc::new(tokio::sync::Mutex::new(Some(go_rx)));
+    let old = upstream(false, move |_| {
+        let (got_tx, go_rx) = (got_tx.clone(), go_rx.clone());
+        async move {
+            let _ = got_tx.send(()).await;
+            if let Some(rx) = go_rx.lock().await.take() {
+                let _ = rx.await;
+            }
+            reply(200, "old")
+        }
+    })
+    .await;
+    let new = named("new").await;
+    let p = proxy(simple(vec![cluster("old", &[old.addr])], to(&[("old", 1)]))).await;
+    let addr = p.addr;
+    let in_flight = tokio::spawn(async move { get(&mut client(addr).await, "/").await });
+    got_rx.recv().await.unwrap();
+    // The push drops the old cluster altogether.
+    p.config.send_replace(Arc::new(simple(
+        vec![cluster("new", &[new.addr])],
+        to(&[("new", 1)]),
+    )));
+    let mut c = client(p.addr).await;
+    assert_eq!(get(&mut c, "/").await.body, "new");
+    go_tx.send(()).unwrap();
+    let g = in_flight.await.unwrap();
+    assert_eq!((g.status, g.body.as_str()), (200, "old"));
+}
+
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    // EOF proves the proxy closed the connection.
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_a_clean_close() {
+    let up = named("up").await;
+    let p = proxy(simple(vec![cluster("c", &[up.addr])], to(&[("c", 1)]))).await;
+    let out = raw(p.addr, b"GET /\x01bad HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let out = raw(p.addr, b"GET / HTTP/1.1\r\nHost x\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(up.conns.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_on_http1_and_h2() {
+    let up = named("up").await;
+    let mut http = http_listener(vhost(vec![route(
+        "/",
+        RouteAction::Forward(to(&[("c", 1)])),
+    )]));
+    http.max_request_headers_bytes = 4096;
+    let p = proxy(config(http, vec![cluster("c", &[up.addr])])).await;
+    let big = "v".repeat(5000);
+    let out = raw(
+        p.addr,
+        format!("GET / HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    let mut c = client(p.addr).await;
+    let ok = "v".repeat(3000);
+    assert_eq!(
+        call(&mut c, "GET", "/", &[("x-ok", &ok)], "").await.status,
+        200
+    );
+
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(SpanExec)
+        .handshake::<_, ProxyBody>(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn.instrument(tracing::debug_span!("test_h2_client")));
+    let req = Request::get("http://svc.test/")
+        .header("x-big", big.as_str())
+        .body(text(""))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 431);
+    let req = Request::get("http://svc.test/").body(text("")).unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn ring_hash_keeps_each_user_on_one_endpoint() {
+    let ups = [named("a").await, named("b").await, named("c").await];
+    let mut cl = cluster("c", &ups.iter().map(|u| u.addr).collect::<Vec<_>>());
+    cl.lb = LbPolicy::RingHash {
+        minimum_ring_size: 1024,
+    };
+    let mut fwd = to(&[("c", 1)]);
+    fwd.hash_headers = vec!["x-user".into()];
+    let p = proxy(simple(vec![cl], fwd)).await;
+    let mut c = client(p.addr).await;
+    let mut seen = std::collections::HashSet::new();
+    for u in 0..20 {
+        let user = format!("user-{u}");
+        let first = call(&mut c, "GET", "/", &[("x-user", &user)], "")
+            .await
+            .body;
+        for _ in 0..3 {
+            assert_eq!(
+                call(&mut c, "GET", "/", &[("x-user", &user)], "")
+                    .await
+                    .body,
+                first
+            );
+        }
+        seen.insert(first);
+    }
+    assert!(seen.len() >= 2, "users spread over endpoints: {seen:?}");
+}
+
+fn mutation(add: &[(&str, &str, bool)], remove: &[&str]) -> HeaderMutation {
+    HeaderMutation {
+        add: add
+            .iter()
+            .map(|(k, v, a)| ((*k).into(), (*v).into(), *a))
+            .collect(),
+        remove: remove.iter().map(|r| (*r).into()).collect(),
+    }
+}
+
+#[tokio::test]
+async fn header_mutations_at_every_level_and_rewrites() {
+    let up = echo().await;
+    let mut fwd = to(&[("c", 1)]);
+    fwd.prefix_rewrite = Some("/v2/".into());
+    fwd.host_rewrite = Some("backend.internal".into());
+    fwd.clusters[0].request_headers = mutation(&[("x-cluster", "wc", false)], &[]);
+    fwd.clusters[0].response_headers = mutation(&[("x-resp-level", "wc", false)], &[]);
+    let mut r = route("/api/", RouteAction::Forward(fwd));
+    r.request_headers = mutation(
+        &[("x-route", "r", false), ("x-level", "route", false)],
+        &["x-secret"],
+    );
+    r.response_headers = mutation(&[("x-resp-route", "r", false)], &["x-drop-me"]);
+    let mut vh = vhost(vec![r]);
+    vh.request_headers = mutation(&[("x-level", "vhost", false)], &[]);
+    vh.response_headers = mutation(&[("x-resp-level", "vhost", false)], &[]);
+    let mut http = http_listener(vh);
+    let rc = Arc::get_mut(&mut http.route_config).unwrap();
+    rc.request_headers = mutation(&[("x-multi", "config", true)], &[]);
+    rc.response_headers = mutation(&[("x-resp-config", "rc", false)], &[]);
+    let p = proxy(config(http, vec![cluster("c", &[up.addr])])).await;
+    let mut c = client(p.addr).await;
+    let g = call(
+        &mut c,
+        "GET",
+        "/api/users?id=1",
+        &[
+            ("x-secret", "s"),
+            ("x-multi", "client"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(g.status, 200);
+    let b = g.body;
+    assert!(b.contains("path=/v2/users?id=1\n"), "{b}");
+    assert!(b.contains("host=backend.internal\n"), "{b}");
+    assert!(
+        b.contains("x-cluster=wc\n") && b.contains("x-route=r\n"),
+        "{b}"
+    );
+    assert!(
+        b.contains("x-level=vhost\n"),
+        "the less specific level wins: {b}"
+    );
+    assert!(
+        b.contains("x-multi=client\n") && b.contains("x-multi=config\n"),
+        "{b}"
+    );
+    assert!(!b.contains("x-secret") && !b.contains("x-hop"), "{b}");
+    assert_eq!(g.headers["x-resp-level"], "vhost");
+    assert_eq!(g.headers["x-resp-route"], "r");
+    assert_eq!(g.headers["x-resp-config"], "rc");
+}
+
+#[tokio::test]
+async fn direct_responses_redirects_and_missing_routes_or_clusters() {
+    let mut vh = vhost(vec![
+        route(
+            "/health",
+            RouteAction::Respond {
+                status: 200,
+                body: "fine".into(),
+            },
+        ),
+        route(
+            "/old",
+            RouteAction::Redirect {
+                status: 301,
+                host: Some("new.example".into()),
+                path: Some("/new".into()),
+            },
+        ),
+        route("/gone", RouteAction::Forward(to(&[("missing", 1)]))),
+    ]);
+    vh.domains = vec!["svc.test".into()];
+    let p = proxy(config(http_listener(vh), vec![])).await;
+    let mut c = client(p.addr).await;
+    let g = get(&mut c, "/health").await;
+    assert_eq!((g.status, g.body.as_str()), (200, "fine"));
+    let g = get(&mut c, "/old?x=1").await;
+    assert_eq!(g.status, 301);
+    assert_eq!(g.headers["location"], "http://new.example/new?x=1");
+    assert_eq!(get(&mut c, "/nothing").await.status, 404, "no route: NR");
+    assert_eq!(get(&mut c, "/gone").await.status, 503, "no cluster: NC");
+    c.ready().await.unwrap();
+    let req = Request::get("/health")
+        .header("host", "other")
+        .body(text(""))
+        .unwrap();
+    assert_eq!(
+        c.send_request(req).await.unwrap().status(),
+        404,
+        "no virtual host"
+    );
+}
+
+#[tokio::test]
+async fn http1_upstream_connections_are_kept_alive_and_reused() {
+    let up = named("up").await;
+    let p = proxy(simple(vec![cluster("c", &[up.addr])], to(&[("c", 1)]))).await;
+    for _ in 0..3 {
+        let mut c = client(p.addr).await;
+        for _ in 0..10 {
+            assert_eq!(get(&mut c, "/").await.status, 200);
+        }
+    }
+    assert_eq!(up.conns.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        p.metrics.requests_where(|l| l.destination_workload == "c"),
+        30
+    );
+}
+
+#[tokio::test]
+async fn pick_endpoint_balances_l4_clusters() {
+    let a: SocketAddr = "10.1.0.1:80".parse().unwrap();
+    let b: SocketAddr = "10.1.0.2:80".parse().unwrap();
+    let p = {
+        let (tx, rx) = watch::channel(Arc::new(simple(vec![cluster("tcp", &[a, b])], to(&[]))));
+        (L7::new(rx, Arc::new(L7Metrics::default())), tx)
+    };
+    let picks: Vec<_> = (0..4).map(|_| p.0.pick_endpoint("tcp").unwrap()).collect();
+    assert_eq!(picks.iter().filter(|x| **x == a).count(), 2);
+    assert!(p.0.pick_endpoint("nope").is_none());
+}
