@@ -56,64 +56,83 @@ pub struct Admin {
 /// Largest request head accepted (bytes).
 const MAX_HEAD: usize = 8192;
 
+/// `(status line, content type, body)` for a GET path.
+pub type Reply = (&'static str, &'static str, String);
+
+/// Serves GET requests on a local listener with `handler(method, path)`; one request per
+/// connection (plain HTTP/1.1, `connection: close`).
+pub async fn serve_http(
+    listener: TcpListener,
+    handler: Arc<dyn Fn(&str, &str) -> Reply + Send + Sync>,
+) {
+    loop {
+        let Ok((conn, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = handle(conn, &*handler).await {
+                    debug!(error = %e, "admin request failed");
+                }
+            }
+            .instrument(tracing::debug_span!("admin", %peer)),
+        );
+    }
+}
+
+async fn handle(
+    mut conn: TcpStream,
+    handler: &(dyn Fn(&str, &str) -> Reply + Send + Sync),
+) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await?;
+            if n == 0 || head.len() + n > MAX_HEAD {
+                return Err(std::io::Error::other("incomplete or oversized request"));
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await;
+    let (status, ctype, body) = match read {
+        Ok(Ok(())) => {
+            let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.split(' ');
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if method != "GET" {
+                (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "only GET is served\n".into(),
+                )
+            } else {
+                handler(method, path.split('?').next().unwrap_or(""))
+            }
+        }
+        _ => ("400 Bad Request", "text/plain", "bad request\n".to_owned()),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(resp.as_bytes()).await?;
+    conn.shutdown().await
+}
+
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Ok((conn, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let me = self.clone();
-            tokio::spawn(
-                async move {
-                    if let Err(e) = me.handle(conn).await {
-                        debug!(error = %e, "admin request failed");
-                    }
-                }
-                .instrument(tracing::debug_span!("admin", %peer)),
-            );
-        }
+        let me = self.clone();
+        serve_http(listener, Arc::new(move |_, path| me.route(path))).await
     }
 
-    async fn handle(&self, mut conn: TcpStream) -> std::io::Result<()> {
-        let mut head = Vec::with_capacity(512);
-        let mut buf = [0u8; 1024];
-        let read = tokio::time::timeout(Duration::from_secs(5), async {
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = conn.read(&mut buf).await?;
-                if n == 0 || head.len() + n > MAX_HEAD {
-                    return Err(std::io::Error::other("incomplete or oversized request"));
-                }
-                head.extend_from_slice(&buf[..n]);
-            }
-            Ok(())
-        })
-        .await;
-        let (status, ctype, body) = match read {
-            Ok(Ok(())) => self.route(&head),
-            _ => ("400 Bad Request", "text/plain", "bad request\n".to_owned()),
-        };
-        let resp = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        conn.write_all(resp.as_bytes()).await?;
-        conn.shutdown().await
-    }
-
-    fn route(&self, head: &[u8]) -> (&'static str, &'static str, String) {
-        let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-        let line = String::from_utf8_lossy(line);
-        let mut parts = line.split(' ');
-        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        if method != "GET" {
-            return (
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET is served\n".into(),
-            );
-        }
-        match path.split('?').next().unwrap_or("") {
+    fn route(&self, path: &str) -> Reply {
+        match path {
             "/metrics" => (
                 "200 OK",
                 "text/plain; version=0.0.4",

@@ -256,6 +256,130 @@ fn apply_snapshot(
     r
 }
 
+/// `mesh-agent control-plane`: the embedded control plane on its own.
+pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
+    let file = MeshFile::load(&args.config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let snap = Snapshot::from_file(&file);
+        let (xds_tx, xds_rx) = watch::channel(Arc::new(
+            crate::xds::server::Snapshot::default().next(xds_resources(&snap)),
+        ));
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding the control plane on {} (--listen)", args.listen))?;
+        let server = AdsServer::new(xds_rx);
+        let stats = server.stats.clone();
+        if let Some(addr) = args.admin_address {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the admin endpoint on {addr}"))?;
+            let snapshots = xds_tx.subscribe();
+            tokio::spawn(
+                crate::admin::serve_http(
+                    l,
+                    Arc::new(move |_, path| match path {
+                        "/xds_clients" => (
+                            "200 OK",
+                            "application/json",
+                            serde_json::to_string_pretty(&stats.clients_json()).unwrap_or_default(),
+                        ),
+                        "/ready" => ("200 OK", "text/plain", "ready\n".into()),
+                        "/version" => (
+                            "200 OK",
+                            "text/plain",
+                            format!("{}\n", snapshots.borrow().version),
+                        ),
+                        _ => (
+                            "404 Not Found",
+                            "text/plain",
+                            "try /xds_clients, /version, /ready\n".into(),
+                        ),
+                    }),
+                )
+                .instrument(tracing::info_span!("admin")),
+            );
+        }
+        let (snap_tx, mut snap_rx) = watch::channel(Arc::new(snap));
+        tokio::spawn(
+            workload::watch_file(
+                args.config.clone(),
+                Duration::from_millis(args.reload_interval_ms),
+                snap_tx,
+            )
+            .instrument(tracing::info_span!("standalone_file")),
+        );
+        tokio::spawn(
+            async move {
+                while snap_rx.changed().await.is_ok() {
+                    let resources = xds_resources(&snap_rx.borrow_and_update());
+                    xds_tx.send_if_modified(|cur| {
+                        let next = cur.next(resources);
+                        let changed = next.version != cur.version;
+                        if changed {
+                            info!(version = next.version, "control plane snapshot updated");
+                            *cur = Arc::new(next);
+                        }
+                        changed
+                    });
+                }
+            }
+            .instrument(tracing::info_span!("translate")),
+        );
+        info!(addr = %args.listen, "control plane serving ADS");
+        tokio::select! {
+            r = tonic::transport::Server::builder()
+                .add_service(server.into_service())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)) => {
+                r.context("serving ADS")?;
+            }
+            s = shutdown_signal() => info!(signal = s, "shutting down"),
+        }
+        Ok(())
+    })
+}
+
+/// `mesh-agent xds-watch`: print every verdict of a wildcard client as a JSON line.
+pub fn xds_watch(args: crate::cli::XdsWatchArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client = XdsClient::new(ClientOptions {
+            address: args.xds_address.clone(),
+            node_id: args.node_id.clone(),
+            cluster: "xds-watch".into(),
+            mode: args.mode,
+            on_demand: false,
+            on_demand_timeout: Duration::ZERO,
+        });
+        tokio::spawn(
+            client
+                .clone()
+                .run()
+                .instrument(tracing::info_span!("xds_client")),
+        );
+        let deadline = (args.duration_ms > 0)
+            .then(|| tokio::time::Instant::now() + Duration::from_millis(args.duration_ms));
+        let mut seen = 0;
+        loop {
+            for v in client.verdicts_after(seen) {
+                seen = v.seq;
+                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = shutdown_signal() => return Ok(()),
+            }
+        }
+    })
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())

@@ -55,6 +55,42 @@ pub enum Command {
         inspect: Inspect,
         state: OnOff,
     },
+    /// Serve the embedded control plane alone (no datapath, no root): ADS for any xDS
+    /// client (Envoy, gRPC, other agents) from a standalone file.
+    ControlPlane(ControlPlaneArgs),
+    /// Subscribe to an ADS server like the node proxy (wildcard) and print how each
+    /// response is judged (ACK, or NACK with the reason) as JSON lines.
+    XdsWatch(XdsWatchArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlPlaneArgs {
+    /// Standalone file (YAML): services, namespaces, workloads.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub config: PathBuf,
+    /// Where ADS is served (plaintext gRPC).
+    #[arg(long, env = "MESH_XDS_LISTEN", default_value = crate::config::DEFAULT_XDS_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// Optional admin endpoint: `/xds_clients` (each stream's ACKs and NACKs), `/ready`.
+    #[arg(long, env = "MESH_ADMIN_ADDRESS")]
+    pub admin_address: Option<std::net::SocketAddr>,
+    /// File poll interval (milliseconds).
+    #[arg(long, env = "MESH_RELOAD_INTERVAL_MS", default_value_t = crate::config::DEFAULT_RELOAD_INTERVAL_MS)]
+    pub reload_interval_ms: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct XdsWatchArgs {
+    /// `http://host:port` of the ADS server.
+    #[arg(long, env = "MESH_XDS_ADDRESS")]
+    pub xds_address: String,
+    #[arg(long, value_enum, default_value = "delta")]
+    pub mode: crate::xds::client::Mode,
+    #[arg(long, default_value = "xds-watch")]
+    pub node_id: String,
+    /// Stop after this long (milliseconds); 0: run until interrupted.
+    #[arg(long, default_value_t = 0)]
+    pub duration_ms: u64,
 }
 
 #[derive(clap::Args, Debug)]

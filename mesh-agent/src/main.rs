@@ -41,6 +41,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
     };
     match cmd {
         Command::Run(args) => app::run(args),
+        Command::ControlPlane(args) => app::control_plane(args),
+        Command::XdsWatch(args) => app::xds_watch(args),
         Command::Maps(i) => print(cli::maps(&i.pin_path)?, i.output),
         Command::Dump { inspect, map } => {
             print(cli::dump(&inspect.pin_path, &map)?, inspect.output)

@@ -146,7 +146,25 @@ pub struct Core {
     pub connected: bool,
     pub acks: u64,
     pub nacks: u64,
+    /// The last verdicts, oldest first (`/config_dump`, `mesh-agent xds-watch`).
+    pub history: std::collections::VecDeque<Verdict>,
+    verdicts: u64,
 }
+
+/// How one response was judged.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub seq: u64,
+    pub type_url: String,
+    pub version_info: String,
+    pub nonce: String,
+    pub accepted: bool,
+    pub reason: Option<String>,
+    pub resources: usize,
+}
+
+/// Verdicts kept in memory.
+const HISTORY: usize = 256;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -270,6 +288,29 @@ impl Core {
         Ok(out)
     }
 
+    fn verdict(
+        &mut self,
+        type_url: &str,
+        version_info: &str,
+        nonce: &str,
+        reason: Option<String>,
+        resources: usize,
+    ) {
+        self.verdicts += 1;
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Verdict {
+            seq: self.verdicts,
+            type_url: type_url.to_owned(),
+            version_info: version_info.to_owned(),
+            nonce: nonce.to_owned(),
+            accepted: reason.is_none(),
+            reason,
+            resources,
+        });
+    }
+
     fn nack(
         &mut self,
         type_url: &str,
@@ -278,6 +319,7 @@ impl Core {
         reason: String,
     ) -> RpcStatus {
         warn!(type_url, version_info, nonce, reason = %reason, "NACK: keeping the last good configuration");
+        self.verdict(type_url, version_info, nonce, Some(reason.clone()), 0);
         self.nacks += 1;
         self.last_nack = Some(Nack {
             type_url: type_url.to_owned(),
@@ -345,6 +387,7 @@ impl Core {
                     self.insert(c, name);
                 }
                 self.acks += 1;
+                self.verdict(&resp.type_url, &resp.version_info, &resp.nonce, None, new_names.len());
                 self.types.entry(kind).or_default().version_info = resp.version_info.clone();
                 (None, true)
             }
@@ -407,6 +450,7 @@ impl Core {
                 ))
             }
             Ok(items) => {
+                let n = items.len() + resp.removed_resources.len();
                 let now = now_ms();
                 for (name, c) in items {
                     let st = self.types.entry(kind).or_default();
@@ -430,6 +474,7 @@ impl Core {
                     changed = true;
                 }
                 self.acks += 1;
+                self.verdict(&resp.type_url, &resp.system_version_info, &resp.nonce, None, n);
                 self.types.entry(kind).or_default().version_info = resp.system_version_info.clone();
             }
         }
@@ -559,6 +604,11 @@ impl XdsClient {
             generation,
             demand: Notify::new(),
         })
+    }
+
+    /// Verdicts after `seq`.
+    pub fn verdicts_after(&self, seq: u64) -> Vec<Verdict> {
+        self.core().history.iter().filter(|v| v.seq > seq).cloned().collect()
     }
 
     pub fn connected(&self) -> bool {
@@ -890,6 +940,7 @@ impl XdsClient {
                 "clusters": core.warming.clusters,
             },
             "on_demand": { "requested": core.wanted, "absent": core.absent },
+            "recent_verdicts": core.history.iter().rev().take(20).collect::<Vec<_>>(),
             "in_force": super::dump::config(&cfg),
         })
     }

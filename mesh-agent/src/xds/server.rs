@@ -160,6 +160,34 @@ pub struct ServerStats {
     pub bytes_sent: AtomicU64,
     pub acks: AtomicU64,
     pub nacks: AtomicU64,
+    /// Per stream: who it is and how it answered (`/xds_clients`).
+    pub clients: std::sync::Mutex<BTreeMap<u64, ClientRecord>>,
+}
+
+/// What one client stream did, as the server saw it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ClientRecord {
+    pub node: String,
+    pub mode: &'static str,
+    pub open: bool,
+    pub acks: u64,
+    pub nacks: u64,
+    /// Type URL -> the last version it ACKed.
+    pub acked: BTreeMap<String, String>,
+    /// Every NACK: (type URL, the version it refused, reason).
+    pub nack_log: Vec<(String, String, String)>,
+}
+
+impl ServerStats {
+    fn record(&self, id: u64, f: impl FnOnce(&mut ClientRecord)) {
+        let mut m = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        f(m.entry(id).or_default());
+    }
+
+    pub fn clients_json(&self) -> serde_json::Value {
+        let m = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::to_value(&*m).unwrap_or_default()
+    }
 }
 
 #[derive(Clone)]
@@ -209,6 +237,7 @@ impl AggregatedDiscoveryService for AdsServer {
             tx,
             subs: HashMap::new(),
             nonce: 0,
+            id,
         };
         tokio::spawn(
             s.run(request.into_inner())
@@ -230,6 +259,8 @@ impl AggregatedDiscoveryService for AdsServer {
             tx,
             subs: HashMap::new(),
             nonce: 0,
+            id,
+            versions: BTreeMap::new(),
         };
         tokio::spawn(
             s.run(request.into_inner())
@@ -259,6 +290,7 @@ struct SotwType {
     sub: Subscription,
     /// Nonce of the last response sent, and the resource versions it carried.
     last_nonce: String,
+    sent_version: String,
     sent: BTreeMap<String, String>,
     sent_any: bool,
 }
@@ -269,10 +301,17 @@ struct SotwStream {
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     subs: HashMap<String, SotwType>,
     nonce: u64,
+    id: u64,
 }
 
 impl SotwStream {
-    async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) {
+    async fn run(self, requests: Streaming<DiscoveryRequest>) {
+        let (stats, id) = (self.stats.clone(), self.id);
+        self.serve(requests).await;
+        stats.record(id, |r| r.open = false);
+    }
+
+    async fn serve(mut self, mut requests: Streaming<DiscoveryRequest>) {
         let mut node = String::new();
         loop {
             tokio::select! {
@@ -281,6 +320,12 @@ impl SotwStream {
                         if node.is_empty() {
                             node = node_id(&req.node);
                             info!(node = %node, "SotW ADS stream opened");
+                            let n = node.clone();
+                            self.stats.record(self.id, |r| {
+                                r.node = n;
+                                r.mode = "sotw";
+                                r.open = true;
+                            });
                         }
                         if !self.on_request(req).await {
                             return;
@@ -317,6 +362,7 @@ impl SotwStream {
         let st = self.subs.entry(t.clone()).or_insert_with(|| SotwType {
             sub: Subscription::default(),
             last_nonce: String::new(),
+            sent_version: String::new(),
             sent: BTreeMap::new(),
             sent_any: false,
         });
@@ -328,9 +374,18 @@ impl SotwStream {
             if let Some(err) = &req.error_detail {
                 self.stats.nacks.fetch_add(1, Relaxed);
                 warn!(type_url = %t, version = %req.version_info, reason = %err.message, "client NACKed");
+                let refused = st.sent_version.clone();
+                self.stats.record(self.id, |r| {
+                    r.nacks += 1;
+                    r.nack_log.push((t.clone(), refused, err.message.clone()));
+                });
             } else {
                 self.stats.acks.fetch_add(1, Relaxed);
                 debug!(type_url = %t, version = %req.version_info, "client ACKed");
+                self.stats.record(self.id, |r| {
+                    r.acks += 1;
+                    r.acked.insert(t.clone(), req.version_info.clone());
+                });
             }
         }
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
@@ -376,6 +431,7 @@ impl SotwStream {
             ..Default::default()
         };
         st.last_nonce = resp.nonce.clone();
+        st.sent_version = resp.version_info.clone();
         st.sent = versions;
         st.sent_any = true;
         self.stats.responses.fetch_add(1, Relaxed);
@@ -410,10 +466,19 @@ struct DeltaStream {
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     subs: HashMap<String, DeltaType>,
     nonce: u64,
+    id: u64,
+    /// Nonce -> system version of what it carried (for the client records).
+    versions: BTreeMap<String, String>,
 }
 
 impl DeltaStream {
-    async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
+    async fn run(self, requests: Streaming<DeltaDiscoveryRequest>) {
+        let (stats, id) = (self.stats.clone(), self.id);
+        self.serve(requests).await;
+        stats.record(id, |r| r.open = false);
+    }
+
+    async fn serve(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
         let mut node = String::new();
         loop {
             tokio::select! {
@@ -422,6 +487,12 @@ impl DeltaStream {
                         if node.is_empty() {
                             node = node_id(&req.node);
                             info!(node = %node, "delta ADS stream opened");
+                            let n = node.clone();
+                            self.stats.record(self.id, |r| {
+                                r.node = n;
+                                r.mode = "delta";
+                                r.open = true;
+                            });
                         }
                         if !self.on_request(req).await {
                             return;
@@ -463,9 +534,14 @@ impl DeltaStream {
         });
         if !req.response_nonce.is_empty() {
             let before = st.pending.remove(&req.response_nonce).unwrap_or_default();
+            let version = self.versions.remove(&req.response_nonce).unwrap_or_default();
             if let Some(err) = &req.error_detail {
                 self.stats.nacks.fetch_add(1, Relaxed);
                 warn!(type_url = %t, nonce = %req.response_nonce, reason = %err.message, "client NACKed");
+                self.stats.record(self.id, |r| {
+                    r.nacks += 1;
+                    r.nack_log.push((t.clone(), version, err.message.clone()));
+                });
                 // The client kept what it had before that response: remember that, and do
                 // not send the rejected versions again until they change.
                 for (name, prev) in before {
@@ -479,6 +555,10 @@ impl DeltaStream {
                 }
             } else {
                 self.stats.acks.fetch_add(1, Relaxed);
+                self.stats.record(self.id, |r| {
+                    r.acks += 1;
+                    r.acked.insert(t.clone(), version);
+                });
             }
         }
         if first {
@@ -567,6 +647,10 @@ impl DeltaStream {
             st.pending.pop_first();
         }
         st.pending.insert(self.nonce.to_string(), before);
+        if self.versions.len() > 256 {
+            self.versions.pop_first();
+        }
+        self.versions.insert(self.nonce.to_string(), snap.version.to_string());
         let resp = DeltaDiscoveryResponse {
             system_version_info: snap.version.to_string(),
             resources,
