@@ -2,12 +2,13 @@
 //! format at the admin endpoint's `/metrics`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use mesh_common::Stat;
@@ -48,6 +49,8 @@ pub struct Metrics {
     /// Enrolled workloads whose network namespace could not be resolved.
     pub unresolved_workloads: AtomicU64,
     pub enrolled_workloads: AtomicU64,
+    /// The L7 proxy's series (`proxy::http::L7` counts into these).
+    pub l7: Arc<L7Metrics>,
 }
 
 fn esc(s: &str) -> String {
@@ -148,7 +151,179 @@ impl Metrics {
                 s.name()
             );
         }
+        self.l7.render(&mut out);
         out
+    }
+}
+
+/// Labels of one L7 request series (Istio's standard labels, trimmed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestLabels {
+    /// `namespace/name` of the client workload, or `unknown`.
+    pub source_workload: String,
+    /// The cluster the request went to (`unknown` for local replies).
+    pub destination_workload: String,
+    /// The listener (service) the request was sent to.
+    pub destination_service: String,
+    pub response_code: u16,
+    /// The route's name; empty when no route matched.
+    pub route: String,
+}
+
+/// Upper bounds (milliseconds) of the request duration histogram buckets (Istio's).
+const DURATION_BUCKETS_MS: [u64; 14] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000,
+];
+
+#[derive(Debug, Default)]
+struct RequestSeries {
+    count: u64,
+    sum_us: u64,
+    /// Non-cumulative counts per bucket; the last slot is `+Inf`.
+    buckets: [u64; DURATION_BUCKETS_MS.len() + 1],
+}
+
+/// Request counters and latency histograms of the L7 proxy, plus its policy counters.
+#[derive(Debug, Default)]
+pub struct L7Metrics {
+    requests: Mutex<HashMap<RequestLabels, RequestSeries>>,
+    /// Retries by cluster.
+    retries: Mutex<BTreeMap<String, u64>>,
+    /// Requests refused by a local rate limit, by rate-limit key.
+    rate_limited: Mutex<BTreeMap<String, u64>>,
+    /// Requests refused by a tripped circuit breaker, by cluster.
+    circuit_open: Mutex<BTreeMap<String, u64>>,
+    /// Outlier ejections by cluster.
+    ejections: Mutex<BTreeMap<String, u64>>,
+}
+
+fn bump(m: &Mutex<BTreeMap<String, u64>>, key: &str) {
+    let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+    match m.get_mut(key) {
+        Some(v) => *v += 1,
+        None => {
+            m.insert(key.to_owned(), 1);
+        }
+    }
+}
+
+impl L7Metrics {
+    /// One finished request (after its response's last byte).
+    pub fn request(&self, labels: RequestLabels, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = DURATION_BUCKETS_MS
+            .iter()
+            .position(|b| us <= b * 1000)
+            .unwrap_or(DURATION_BUCKETS_MS.len());
+        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let s = m.entry(labels).or_default();
+        s.count += 1;
+        s.sum_us = s.sum_us.saturating_add(us);
+        s.buckets[bucket] += 1;
+    }
+
+    pub fn retry(&self, cluster: &str) {
+        bump(&self.retries, cluster);
+    }
+
+    pub fn rate_limited(&self, key: &str) {
+        bump(&self.rate_limited, key);
+    }
+
+    pub fn circuit_open(&self, cluster: &str) {
+        bump(&self.circuit_open, cluster);
+    }
+
+    pub fn ejection(&self, cluster: &str) {
+        bump(&self.ejections, cluster);
+    }
+
+    /// Total of the request counter for series matching `f`.
+    #[cfg(test)]
+    pub fn requests_where(&self, f: impl Fn(&RequestLabels) -> bool) -> u64 {
+        let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().filter(|(l, _)| f(l)).map(|(_, s)| s.count).sum()
+    }
+
+    /// Appends the L7 families in the text exposition format.
+    pub fn render(&self, out: &mut String) {
+        let requests: Vec<(RequestLabels, u64, u64, Vec<u64>)> = {
+            let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<_> = m
+                .iter()
+                .map(|(l, s)| (l.clone(), s.count, s.sum_us, s.buckets.to_vec()))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let labels = |l: &RequestLabels| {
+            format!(
+                "source_workload=\"{}\",destination_workload=\"{}\",destination_service=\"{}\",response_code=\"{}\",route=\"{}\"",
+                esc(&l.source_workload),
+                esc(&l.destination_workload),
+                esc(&l.destination_service),
+                l.response_code,
+                esc(&l.route)
+            )
+        };
+        let _ = writeln!(
+            out,
+            "# HELP mesh_requests_total Requests served by the L7 proxy.\n# TYPE mesh_requests_total counter"
+        );
+        for (l, count, _, _) in &requests {
+            let _ = writeln!(out, "mesh_requests_total{{{}}} {count}", labels(l));
+        }
+        let name = "mesh_request_duration_milliseconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from request to the response's last byte.\n# TYPE {name} histogram"
+        );
+        for (l, count, sum_us, buckets) in &requests {
+            let l = labels(l);
+            let mut cumulative = 0;
+            for (i, n) in buckets.iter().enumerate() {
+                cumulative += n;
+                let le = DURATION_BUCKETS_MS
+                    .get(i)
+                    .map_or("+Inf".to_owned(), |b| b.to_string());
+                let _ = writeln!(out, "{name}_bucket{{{l},le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_sum{{{l}}} {}", *sum_us as f64 / 1000.0);
+            let _ = writeln!(out, "{name}_count{{{l}}} {count}");
+        }
+        let families = [
+            (
+                "mesh_upstream_retries_total",
+                "cluster",
+                "Retries of upstream requests.",
+                &self.retries,
+            ),
+            (
+                "mesh_rate_limited_total",
+                "key",
+                "Requests refused by a local rate limit.",
+                &self.rate_limited,
+            ),
+            (
+                "mesh_circuit_open_total",
+                "cluster",
+                "Requests refused by a tripped circuit breaker.",
+                &self.circuit_open,
+            ),
+            (
+                "mesh_outlier_ejections_total",
+                "cluster",
+                "Endpoints ejected by outlier detection.",
+                &self.ejections,
+            ),
+        ];
+        for (name, label, help, m) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let m = m.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in m.iter() {
+                let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {v}", esc(k));
+            }
+        }
     }
 }
 
@@ -173,5 +348,39 @@ mod tests {
         ), "{text}");
         assert!(text.contains("mesh_tcp_received_bytes_total{") && text.contains("} 100"));
         assert!(text.contains("mesh_datapath_events_total{event=\"msg_redirected\"} 7"));
+    }
+
+    #[test]
+    fn renders_l7_requests_and_histogram() {
+        let m = Metrics::default();
+        let labels = RequestLabels {
+            source_workload: "shop/web".into(),
+            destination_workload: "cart".into(),
+            destination_service: "cart.shop:80".into(),
+            response_code: 200,
+            route: "r1".into(),
+        };
+        m.l7.request(labels.clone(), Duration::from_millis(3));
+        m.l7.request(labels, Duration::from_secs(60));
+        m.l7.retry("cart");
+        let text = m.render(&[]);
+        let l = "source_workload=\"shop/web\",destination_workload=\"cart\",destination_service=\"cart.shop:80\",response_code=\"200\",route=\"r1\"";
+        assert!(
+            text.contains(&format!("mesh_requests_total{{{l}}} 2")),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "mesh_request_duration_milliseconds_bucket{{{l},le=\"2\"}} 0"
+        )));
+        assert!(text.contains(&format!(
+            "mesh_request_duration_milliseconds_bucket{{{l},le=\"5\"}} 1"
+        )));
+        assert!(text.contains(&format!(
+            "mesh_request_duration_milliseconds_bucket{{{l},le=\"+Inf\"}} 2"
+        )));
+        assert!(text.contains(&format!(
+            "mesh_request_duration_milliseconds_sum{{{l}}} 60003"
+        )));
+        assert!(text.contains("mesh_upstream_retries_total{cluster=\"cart\"} 1"));
     }
 }
