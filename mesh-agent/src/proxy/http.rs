@@ -14,7 +14,7 @@
 //! is answered over HTTP/1.1, which RFC 9113 allows (and Envoy does the same by default).
 //! HTTP/2 prior knowledge is sniffed from the connection preface.
 
-#![allow(dead_code, reason = "wired by proxy.rs in issue 3")]
+#![allow(dead_code, unused_imports, reason = "wired by proxy.rs in issue 3")]
 
 mod body;
 mod lb;
@@ -50,6 +50,7 @@ use tokio::{
 };
 use tracing::{debug, Instrument};
 
+pub use self::sniff::{detect, Sniffed};
 use self::{
     body::{Active, Finish, Recorder, Source, Tracked},
     lb::ClusterState,
@@ -244,24 +245,19 @@ impl L7 {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let listener = self.config.borrow().listener(dst).cloned();
-        let Some(listener) = listener else {
-            debug!(%dst, "no listener for the destination any more; closing");
-            return;
+        let codec = match self.config.borrow().listener(dst).map(|l| &l.kind) {
+            Some(ListenerKind::Http(http)) => http.codec,
+            _ => {
+                debug!(%dst, "no HTTP listener for the destination any more; closing");
+                return;
+            }
         };
-        let ListenerKind::Http(http) = &listener.kind else {
-            debug!(%dst, "listener is not HTTP; closing");
-            return;
-        };
-        let max_headers = http.max_request_headers_bytes;
-        let (prefix, h2) = match http.codec {
-            Codec::Http1 => (Vec::new(), false),
-            Codec::Http2 => (Vec::new(), true),
+        let (prefix, sniffed) = match codec {
+            Codec::Http1 => (Vec::new(), Sniffed::Http1),
+            Codec::Http2 => (Vec::new(), Sniffed::Http2),
             Codec::Auto => match tokio::time::timeout(SNIFF_TIMEOUT, sniff::sniff(&mut io)).await {
-                Ok(Ok(p)) => {
-                    let h2 = p == sniff::H2_PREFACE;
-                    (p, h2)
-                }
+                Ok(Ok(p)) if p == sniff::H2_PREFACE => (p, Sniffed::Http2),
+                Ok(Ok(p)) => (p, Sniffed::Http1),
                 Ok(Err(e)) => {
                     debug!("reading the connection preface: {e}");
                     return;
@@ -272,6 +268,32 @@ impl L7 {
                 }
             },
         };
+        self.serve_sniffed(io, prefix, sniffed, dst, source).await;
+    }
+
+    /// Like `serve`, for a connection whose first bytes were already read by `detect`
+    /// (listeners with a `tcp_fallback`: the caller relays `Opaque` connections itself).
+    /// `prefix` is replayed to the codec; `Http2` selects h2, anything else HTTP/1.x.
+    pub async fn serve_sniffed<IO>(
+        self: Arc<Self>,
+        io: IO,
+        prefix: Vec<u8>,
+        sniffed: Sniffed,
+        dst: SocketAddr,
+        source: String,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let listener = self.config.borrow().listener(dst).cloned();
+        let Some(listener) = listener else {
+            debug!(%dst, "no listener for the destination any more; closing");
+            return;
+        };
+        let ListenerKind::Http(http) = &listener.kind else {
+            debug!(%dst, "listener is not HTTP; closing");
+            return;
+        };
+        let max_headers = http.max_request_headers_bytes;
         let io = TokioIo::new(sniff::Prefixed::new(prefix, io));
         let conn = Arc::new(Conn {
             dst,
@@ -283,7 +305,7 @@ impl L7 {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(l7.handle(conn, req).await) }
         });
-        let res = if h2 {
+        let res = if sniffed == Sniffed::Http2 {
             http2::Builder::new(SpanExec)
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(max_headers).unwrap_or(u32::MAX))

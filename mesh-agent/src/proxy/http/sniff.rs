@@ -28,6 +28,81 @@ pub(super) async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<Vec<
     Ok(buf)
 }
 
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): the connection preface.
+    Http2,
+    /// Neither: a listener's TCP fallback takes it.
+    Opaque,
+}
+
+/// Longest HTTP/1 request line waited for before calling the bytes opaque (hyper's own
+/// URI limit is about this).
+const MAX_REQUEST_LINE: usize = 16 * 1024;
+
+/// The verdict on `buf` so far, or `None` if more bytes are needed to tell.
+fn classify(buf: &[u8]) -> Option<Sniffed> {
+    if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
+        return Some(Sniffed::Http2);
+    }
+    if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
+        return None;
+    }
+    // `METHOD SP target SP HTTP/1.x CRLF`; a method is an upper-case token.
+    let method_len = buf
+        .iter()
+        .position(|b| !(b.is_ascii_uppercase() || *b == b'-' || *b == b'_'));
+    let looks_http1 = match method_len {
+        None => true,
+        Some(0) => false,
+        Some(n) => buf[n] == b' ',
+    };
+    if !looks_http1 {
+        return Some(Sniffed::Opaque);
+    }
+    if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+        let line = &buf[..end];
+        let http1 = line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0");
+        return Some(if http1 {
+            Sniffed::Http1
+        } else {
+            Sniffed::Opaque
+        });
+    }
+    if buf.len() < MAX_REQUEST_LINE {
+        None
+    } else {
+        Some(Sniffed::Opaque)
+    }
+}
+
+/// Reads the start of a connection until it can tell HTTP/1.x, h2c prior knowledge or
+/// something else. A client that sends nothing within `wait` (server-first protocols)
+/// is opaque, as is one that closes first. Returns the bytes read, to be replayed.
+pub async fn detect<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    wait: std::time::Duration,
+) -> io::Result<(Vec<u8>, Sniffed)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(wait, io.read(&mut chunk)).await;
+        let n = match read {
+            Err(_) => return Ok((buf, Sniffed::Opaque)),
+            Ok(r) => r?,
+        };
+        if n == 0 {
+            return Ok((buf, Sniffed::Opaque));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(v) = classify(&buf) {
+            return Ok((buf, v));
+        }
+    }
+}
+
 /// `io` with `prefix` read back first.
 pub(super) struct Prefixed<IO> {
     prefix: Vec<u8>,
@@ -97,6 +172,40 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     use super::*;
+
+    #[test]
+    fn classifies_http1_h2_and_opaque() {
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            Some(Sniffed::Http1)
+        );
+        assert_eq!(classify(b"M-SEARCH * HTTP/1.0\r\n"), Some(Sniffed::Http1));
+        assert_eq!(classify(b"GET /index"), None, "needs the rest of the line");
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n"),
+            None,
+            "a preface in progress"
+        );
+        assert_eq!(classify(H2_PREFACE), Some(Sniffed::Http2));
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00"),
+            Some(Sniffed::Opaque),
+            "TLS"
+        );
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Sniffed::Opaque));
+        assert_eq!(classify(b"HELLO world\r\n"), Some(Sniffed::Opaque));
+        assert_eq!(classify(&[b'A'; MAX_REQUEST_LINE]), Some(Sniffed::Opaque));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_clients_are_opaque_after_the_wait() {
+        let (_a, mut b) = tokio::io::duplex(64);
+        let (got, v) = detect(&mut b, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(got.is_empty());
+        assert_eq!(v, Sniffed::Opaque);
+    }
 
     #[tokio::test]
     async fn sniffs_and_replays() {

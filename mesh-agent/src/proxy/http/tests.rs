@@ -1035,3 +1035,65 @@ async fn pick_endpoint_balances_l4_clusters() {
     assert_eq!(picks.iter().filter(|x| **x == a).count(), 2);
     assert!(p.0.pick_endpoint("nope").is_none());
 }
+
+#[tokio::test]
+async fn h2c_upgrade_is_answered_over_http1_without_the_upgrade() {
+    let up = echo().await;
+    let p = proxy(simple(vec![cluster("c", &[up.addr])], to(&[("c", 1)]))).await;
+    let out = raw(
+        p.addr,
+        b"GET /x HTTP/1.1\r\nHost: svc.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("path=/x"), "{out}");
+    assert!(
+        !out.contains("upgrade=") && !out.contains("http2-settings="),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn detect_then_serve_sniffed_for_listeners_with_a_tcp_fallback() {
+    let up = named("up").await;
+    let (_config, rx) = watch::channel(Arc::new(simple(
+        vec![cluster("c", &[up.addr])],
+        to(&[("c", 1)]),
+    )));
+    let l7 = L7::new(rx, Arc::new(L7Metrics::default()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(
+        async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let l7 = l7.clone();
+                tokio::spawn(async move {
+                    let (prefix, v) = detect(&mut s, Duration::from_secs(1)).await.unwrap();
+                    if v == Sniffed::Opaque {
+                        // Stands in for the caller's TCP relay to the fallback cluster.
+                        s.write_all(b"opaque:").await.unwrap();
+                        s.write_all(&prefix).await.unwrap();
+                        return;
+                    }
+                    l7.serve_sniffed(s, prefix, v, VIP, "test/client".into())
+                        .await;
+                });
+            }
+        }
+        .instrument(tracing::debug_span!("test_fallback_listener")),
+    );
+    let mut c = client(addr).await;
+    assert_eq!(get(&mut c, "/").await.body, "up");
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(SpanExec)
+        .handshake::<_, ProxyBody>(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn.instrument(tracing::debug_span!("test_h2_client")));
+    let req = Request::get("http://svc.test/").body(text("")).unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "up");
+    let out = raw(addr, b"\x16\x03\x01\x00\x05hello").await;
+    assert!(out.starts_with("opaque:\u{16}\u{3}"), "{out:?}");
+}
