@@ -117,8 +117,16 @@ where
 pub struct L7 {
     config: watch::Receiver<Arc<ProxyConfig>>,
     metrics: Arc<L7Metrics>,
-    clusters: Mutex<HashMap<String, Arc<ClusterState>>>,
+    clusters: Mutex<Clusters>,
     buckets: Buckets,
+}
+
+/// Runtime state by cluster name, pruned when a push removes clusters.
+#[derive(Default)]
+struct Clusters {
+    /// The config version the names were last checked against (its address).
+    checked: usize,
+    map: HashMap<String, Arc<ClusterState>>,
 }
 
 /// One downstream connection.
@@ -222,11 +230,22 @@ impl L7 {
     }
 
     fn cluster_state(&self, name: &str) -> Arc<ClusterState> {
-        let mut m = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = m.get(name) {
+        let mut c = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = c.map.get(name) {
             return s.clone();
         }
-        m.entry(name.to_owned()).or_default().clone()
+        c.map.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Drops the state (and so the pooled connections) of clusters the configuration no
+    /// longer has; requests still using one keep their own reference.
+    fn prune(&self, cfg: &Arc<ProxyConfig>) {
+        let version = Arc::as_ptr(cfg) as usize;
+        let mut c = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        if c.checked != version {
+            c.checked = version;
+            c.map.retain(|name, _| cfg.clusters.contains_key(name));
+        }
     }
 
     /// L4 (tcp_proxy) listeners: an endpoint of `cluster` by its load balancer (None if
@@ -333,6 +352,7 @@ impl L7 {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let cfg = self.config.borrow().clone();
+        self.prune(&cfg);
         // A pushed listener applies to new requests of live connections; one removed since
         // keeps serving the connections it accepted (Envoy drains them the same way).
         let listener = cfg

@@ -57,6 +57,7 @@ fn reply(status: u16, body: impl Into<Bytes>) -> Response<ProxyBody> {
 struct Upstream {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
 }
 
 async fn upstream<F, Fut>(h2: bool, f: F) -> Upstream
@@ -67,7 +68,8 @@ where
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
-    let c = conns.clone();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (c, d) = (conns.clone(), closed.clone());
     tokio::spawn(
         async move {
             while let Ok((s, _)) = l.accept().await {
@@ -78,6 +80,7 @@ where
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let io = TokioIo::new(s);
+                let d = d.clone();
                 tokio::spawn(async move {
                     let _ = if h2 {
                         http2::Builder::new(SpanExec)
@@ -86,12 +89,17 @@ where
                     } else {
                         http1::Builder::new().serve_connection(io, svc).await
                     };
+                    d.fetch_add(1, Ordering::Relaxed);
                 });
             }
         }
         .instrument(tracing::debug_span!("test_upstream")),
     );
-    Upstream { addr, conns }
+    Upstream {
+        addr,
+        conns,
+        closed,
+    }
 }
 
 /// Answers with its name (body and `x-upstream`).
@@ -1096,4 +1104,92 @@ async fn detect_then_serve_sniffed_for_listeners_with_a_tcp_fallback() {
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "up");
     let out = raw(addr, b"\x16\x03\x01\x00\x05hello").await;
     assert!(out.starts_with("opaque:\u{16}\u{3}"), "{out:?}");
+}
+
+#[tokio::test]
+async fn grpc_unavailable_is_retried_with_the_request_replayed() {
+    let unavailable = upstream(true, |req: Request<Incoming>| async move {
+        let _ = req.into_body().collect().await;
+        let mut r = reply(200, "");
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        r.headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("14"));
+        r
+    })
+    .await;
+    let ok = upstream(true, |req: Request<Incoming>| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(Frame::data(body)).await.unwrap();
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        tx.send(Frame::trailers(t)).await.unwrap();
+        let mut r = Response::new(ChanBody(rx).map_err(|n| match n {}).boxed_unsync());
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        r
+    })
+    .await;
+    let mut cl = cluster("grpc", &[unavailable.addr, ok.addr]);
+    cl.protocol = UpstreamProtocol::Http2;
+    let mut fwd = to(&[("grpc", 1)]);
+    fwd.retry_policy = Some(Arc::new(retry(
+        RetryOn {
+            grpc_unavailable: true,
+            ..RetryOn::default()
+        },
+        2,
+    )));
+    let p = proxy(simple(vec![cl], fwd)).await;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(SpanExec)
+        .handshake::<_, ChanBody>(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn.instrument(tracing::debug_span!("test_h2_client")));
+    for i in 0..6 {
+        // No content-length, as gRPC clients send: the body is recorded as it streams.
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Frame::data(Bytes::from(format!("msg-{i}"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let req = Request::post("http://svc.test/pkg.Svc/Call")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(ChanBody(rx))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert!(resp.headers().get("grpc-status").is_none(), "not the 14");
+        let got = resp.into_body().collect().await.unwrap();
+        assert_eq!(got.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(got.to_bytes(), format!("msg-{i}"));
+    }
+}
+
+#[tokio::test]
+async fn a_push_that_removes_a_cluster_drops_its_runtime_state() {
+    let up = named("up").await;
+    let p = proxy(simple(
+        vec![cluster("gone", &[up.addr])],
+        to(&[("gone", 1)]),
+    ))
+    .await;
+    let mut c = client(p.addr).await;
+    assert_eq!(get(&mut c, "/").await.status, 200);
+    let kept = named("kept").await;
+    p.config.send_replace(Arc::new(simple(
+        vec![cluster("kept", &[kept.addr])],
+        to(&[("kept", 1)]),
+    )));
+    assert_eq!(get(&mut c, "/").await.body, "kept");
+    // The removed cluster's pooled connection is closed, not kept forever.
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while up.closed.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the idle upstream connection is closed");
 }
