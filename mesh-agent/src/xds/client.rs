@@ -387,7 +387,13 @@ impl Core {
                     self.insert(c, name);
                 }
                 self.acks += 1;
-                self.verdict(&resp.type_url, &resp.version_info, &resp.nonce, None, new_names.len());
+                self.verdict(
+                    &resp.type_url,
+                    &resp.version_info,
+                    &resp.nonce,
+                    None,
+                    new_names.len(),
+                );
                 self.types.entry(kind).or_default().version_info = resp.version_info.clone();
                 (None, true)
             }
@@ -474,7 +480,13 @@ impl Core {
                     changed = true;
                 }
                 self.acks += 1;
-                self.verdict(&resp.type_url, &resp.system_version_info, &resp.nonce, None, n);
+                self.verdict(
+                    &resp.type_url,
+                    &resp.system_version_info,
+                    &resp.nonce,
+                    None,
+                    n,
+                );
                 self.types.entry(kind).or_default().version_info = resp.system_version_info.clone();
             }
         }
@@ -608,7 +620,12 @@ impl XdsClient {
 
     /// Verdicts after `seq`.
     pub fn verdicts_after(&self, seq: u64) -> Vec<Verdict> {
-        self.core().history.iter().filter(|v| v.seq > seq).cloned().collect()
+        self.core()
+            .history
+            .iter()
+            .filter(|v| v.seq > seq)
+            .cloned()
+            .collect()
     }
 
     pub fn connected(&self) -> bool {

@@ -159,6 +159,8 @@ pub struct ListenerSpec {
 
 #[derive(Debug, Clone)]
 pub enum ListenerSpecKind {
+    /// An API listener (proxyless gRPC): accepted, not served by this proxy.
+    Api,
     Tcp {
         cluster: String,
     },
@@ -199,6 +201,15 @@ pub fn listener(l: &el::Listener) -> Result<ListenerSpec, Invalid> {
     };
     if l.name.is_empty() {
         return Err(cx.err("name", "is empty"));
+    }
+    if l.api_listener.is_some() {
+        // For proxyless gRPC clients; nothing for this proxy to listen for.
+        return Ok(ListenerSpec {
+            name: l.name.clone(),
+            address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            kind: ListenerSpecKind::Api,
+            tcp_fallback: None,
+        });
     }
     let address = socket_address(&cx, "address", l.address.as_ref())?;
     let mut sniff = false;
@@ -1342,6 +1353,7 @@ impl Accepted {
         let mut listeners = HashMap::with_capacity(self.listeners.len());
         for (name, l) in &self.listeners {
             let kind = match &l.kind {
+                ListenerSpecKind::Api => continue,
                 ListenerSpecKind::Tcp { cluster } => ListenerKind::Tcp {
                     cluster: cluster.clone(),
                 },

@@ -65,6 +65,14 @@ fn wildcard_capable(type_url: &str) -> bool {
 pub struct Entry {
     pub version: String,
     pub any: Any,
+    /// Served only to clients naming it, never in a wildcard subscription (API listeners
+    /// for proxyless gRPC: a socket proxy cannot use them).
+    pub named_only: bool,
+}
+
+fn is_api_listener(any: &Any) -> bool {
+    any.type_url == Listener::type_url()
+        && Listener::decode(any.value.as_slice()).is_ok_and(|l| l.api_listener.is_some())
 }
 
 /// One consistent set of resources, by type URL then name.
@@ -92,10 +100,15 @@ impl Snapshot {
                     format!("{:016x}", fnv1a(&any.value))
                 }
             };
-            types
-                .entry(any.type_url.clone())
-                .or_default()
-                .insert(name, Entry { version, any });
+            let named_only = is_api_listener(&any);
+            types.entry(any.type_url.clone()).or_default().insert(
+                name,
+                Entry {
+                    version,
+                    any,
+                    named_only,
+                },
+            );
         }
         // Removals change the snapshot too.
         for (t, m) in &self.types {
@@ -278,8 +291,8 @@ struct Subscription {
 }
 
 impl Subscription {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+    fn wants(&self, name: &str, e: &Entry) -> bool {
+        (self.wildcard && !e.named_only) || self.names.contains(name)
     }
 }
 
@@ -413,7 +426,7 @@ impl SotwStream {
         let mut versions = BTreeMap::new();
         if let Some(m) = snap.of(t) {
             for (name, e) in m {
-                if st.sub.wants(name) {
+                if st.sub.wants(name, e) {
                     versions.insert(name.clone(), e.version.clone());
                     resources.push(e.any.clone());
                 }
@@ -534,7 +547,10 @@ impl DeltaStream {
         });
         if !req.response_nonce.is_empty() {
             let before = st.pending.remove(&req.response_nonce).unwrap_or_default();
-            let version = self.versions.remove(&req.response_nonce).unwrap_or_default();
+            let version = self
+                .versions
+                .remove(&req.response_nonce)
+                .unwrap_or_default();
             if let Some(err) = &req.error_detail {
                 self.stats.nacks.fetch_add(1, Relaxed);
                 warn!(type_url = %t, nonce = %req.response_nonce, reason = %err.message, "client NACKed");
@@ -600,7 +616,7 @@ impl DeltaStream {
         let m = snap.of(t).unwrap_or(&empty);
         let mut resources = Vec::new();
         for (name, e) in m {
-            if st.sub.wants(name)
+            if st.sub.wants(name, e)
                 && st.has.get(name) != Some(&e.version)
                 && st.rejected.get(name) != Some(&e.version)
             {
@@ -614,7 +630,7 @@ impl DeltaStream {
         }
         let mut removed = Vec::new();
         for name in st.has.keys() {
-            if !m.contains_key(name) || !st.sub.wants(name) {
+            if !m.get(name).is_some_and(|e| st.sub.wants(name, e)) {
                 removed.push(name.clone());
             }
         }
@@ -650,7 +666,8 @@ impl DeltaStream {
         if self.versions.len() > 256 {
             self.versions.pop_first();
         }
-        self.versions.insert(self.nonce.to_string(), snap.version.to_string());
+        self.versions
+            .insert(self.nonce.to_string(), snap.version.to_string());
         let resp = DeltaDiscoveryResponse {
             system_version_info: snap.version.to_string(),
             resources,

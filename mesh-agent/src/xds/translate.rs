@@ -163,6 +163,35 @@ fn listener(svc: &ServiceSpec, p: &ServicePort) -> el::Listener {
     }
 }
 
+/// For proxyless gRPC clients (`xds:///<name>.<namespace>:<port>`): an API listener
+/// named like the route configuration, served only to clients that ask for it by name.
+fn api_listener(svc: &ServiceSpec, p: &ServicePort) -> el::Listener {
+    let hcm = hcm::HttpConnectionManager {
+        stat_prefix: route_name(svc, p.port),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: ads(),
+                route_config_name: route_name(svc, p.port),
+            },
+        )),
+        http_filters: vec![hcm::HttpFilter {
+            name: ROUTER_FILTER.into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    el::Listener {
+        name: route_name(svc, p.port),
+        api_listener: Some(el::ApiListener {
+            api_listener: Some(pack_any(hcm)),
+        }),
+        ..Default::default()
+    }
+}
+
 fn http_connection_manager(
     svc: &ServiceSpec,
     p: &ServicePort,
@@ -613,6 +642,8 @@ fn load_assignment(
         cluster_name: cluster_name(svc, p.port),
         endpoints: vec![ee::LocalityLbEndpoints {
             lb_endpoints,
+            // gRPC's xDS client ignores localities without a weight.
+            load_balancing_weight: u32v(1),
             ..Default::default()
         }],
         ..Default::default()
@@ -689,6 +720,7 @@ services:
         use crate::xds::model::*;
         let (cfg, warming) = accepted().build();
         assert_eq!(warming, convert::Warming::default());
+        // Four socket listeners; the API listeners (proxyless gRPC) are not served here.
         assert_eq!(cfg.listeners.len(), 4);
         let l = cfg.listener("10.96.0.10:80".parse().unwrap()).unwrap();
         let ListenerKind::Http(h) = &l.kind else {
