@@ -58,13 +58,12 @@ const MAX_HEAD: usize = 8192;
 
 /// `(status line, content type, body)` for a GET path.
 pub type Reply = (&'static str, &'static str, String);
+/// Answers `(method, path)`.
+pub type Handler = Arc<dyn Fn(&str, &str) -> Reply + Send + Sync>;
 
 /// Serves GET requests on a local listener with `handler(method, path)`; one request per
 /// connection (plain HTTP/1.1, `connection: close`).
-pub async fn serve_http(
-    listener: TcpListener,
-    handler: Arc<dyn Fn(&str, &str) -> Reply + Send + Sync>,
-) {
+pub async fn serve_http(listener: TcpListener, handler: Handler) {
     loop {
         let Ok((conn, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -127,6 +127,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         maps.clone(),
         metrics.clone(),
         registry.clone(),
+        xds.clone(),
     ))?);
     if args.skmsg_upstream {
         outbound.pair_upstream_from(*redirect.ip());

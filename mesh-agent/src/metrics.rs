@@ -46,6 +46,8 @@ pub struct Metrics {
     flows: Mutex<BTreeMap<FlowLabels, Arc<FlowCounters>>>,
     /// Accepted connections whose original destination was not found.
     pub orig_dst_missing: AtomicU64,
+    /// Connections to a TCP service listener whose cluster had no healthy endpoint (reset).
+    pub no_endpoint: AtomicU64,
     /// Enrolled workloads whose network namespace could not be resolved.
     pub unresolved_workloads: AtomicU64,
     pub enrolled_workloads: AtomicU64,
@@ -119,6 +121,12 @@ impl Metrics {
                 "counter",
                 "Accepted connections without a recorded original destination (closed).",
                 &self.orig_dst_missing,
+            ),
+            (
+                "mesh_proxy_no_healthy_endpoint_total",
+                "counter",
+                "Connections to a TCP service with no healthy endpoint (reset).",
+                &self.no_endpoint,
             ),
             (
                 "mesh_workloads_enrolled",

@@ -30,11 +30,13 @@ use tokio::{
 };
 use tracing::{debug, info, warn, Instrument};
 
+use self::http::{detect, Sniffed, L7};
 use crate::{
     bpf::Maps,
     metrics::{FlowCounters, FlowLabels, Metrics},
     sys,
     workload::SharedRegistry,
+    xds::{client::XdsClient, model::ListenerKind},
 };
 
 /// Relay buffer per direction (bytes).
@@ -94,7 +96,14 @@ pub struct Outbound {
     registry: SharedRegistry,
     pub drain: Arc<Drain>,
     next_id: AtomicU64,
+    /// Service listeners (xDS): which destinations get L7 or a load-balanced TCP hop.
+    xds: Arc<XdsClient>,
+    l7: Arc<L7>,
 }
+
+/// How long a listener with a TCP fallback waits for a client's first bytes before
+/// treating the connection as opaque (server-first protocols send nothing).
+const SNIFF_WAIT: Duration = Duration::from_millis(300);
 
 fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
     match ip {
@@ -125,9 +134,11 @@ impl Outbound {
         maps: Arc<Maps>,
         metrics: Arc<Metrics>,
         registry: SharedRegistry,
+        xds: Arc<XdsClient>,
     ) -> Result<Outbound, ProxyError> {
         let listener =
             listen(addr, LISTEN_BACKLOG).map_err(|source| ProxyError::Bind { addr, source })?;
+        let l7 = L7::new(xds.config(), metrics.l7.clone());
         Ok(Outbound {
             listener,
             upstream_source: std::sync::OnceLock::new(),
@@ -136,6 +147,8 @@ impl Outbound {
             registry,
             drain: Arc::default(),
             next_id: AtomicU64::new(0),
+            xds,
+            l7,
         })
     }
 
@@ -239,26 +252,82 @@ impl Outbound {
             let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
             (r.name(flow.src_id), r.name(flow.dst_id))
         };
+        let source = src_name.clone().unwrap_or_else(|| "unknown".into());
+        // A service listener for the destination: L7, or TCP to one of its endpoints.
+        let mut target = SocketAddr::V4(dst);
+        let mut prefix = Vec::new();
+        let mut client = client;
+        if let Some(l) = self.xds.listener_for(target).await {
+            let tcp_cluster = match (&l.kind, &l.tcp_fallback) {
+                (ListenerKind::Http(_), None) => {
+                    let _ = client.set_nodelay(true);
+                    self.l7.clone().serve(client, target, source).await;
+                    return;
+                }
+                (ListenerKind::Http(_), Some(fallback)) => {
+                    let (bytes, sniffed) = match detect(&mut client, SNIFF_WAIT).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            debug!(error = %e, "client went away before its first bytes");
+                            return;
+                        }
+                    };
+                    if sniffed != Sniffed::Opaque {
+                        let _ = client.set_nodelay(true);
+                        self.l7
+                            .clone()
+                            .serve_sniffed(client, bytes, sniffed, target, source)
+                            .await;
+                        return;
+                    }
+                    prefix = bytes;
+                    fallback.clone()
+                }
+                (ListenerKind::Tcp { cluster }, _) => cluster.clone(),
+            };
+            match self.l7.pick_endpoint(&tcp_cluster) {
+                Some(ep) => target = ep,
+                None => {
+                    debug!(cluster = %tcp_cluster, "no healthy endpoint; resetting the client");
+                    self.metrics.no_endpoint.fetch_add(1, Relaxed);
+                    let _ = sys::set_linger_zero(client.as_fd());
+                    return;
+                }
+            }
+        }
         let counters = self.metrics.flow(FlowLabels {
-            source_workload: src_name.unwrap_or_else(|| "unknown".into()),
-            destination_address: dst.to_string(),
+            source_workload: source,
+            destination_address: target.to_string(),
             destination_workload: dst_name.unwrap_or_else(|| "unknown".into()),
             skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
         });
         counters.opened.fetch_add(1, Relaxed);
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_upstream(dst, &flow))
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
-        let upstream = match connect {
+        let connect = match target {
+            SocketAddr::V4(t) if t == dst => {
+                tokio::time::timeout(CONNECT_TIMEOUT, self.connect_upstream(dst, &flow)).await
+            }
+            t => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t)).await,
+        }
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
+        let mut upstream = match connect {
             Ok(s) => s,
             Err(e) => {
-                debug!(%dst, error = %e, "upstream connect failed; resetting the client");
+                debug!(%target, error = %e, "upstream connect failed; resetting the client");
                 counters.connect_failures.fetch_add(1, Relaxed);
                 counters.closed.fetch_add(1, Relaxed);
                 let _ = sys::set_linger_zero(client.as_fd());
                 return;
             }
         };
+        if !prefix.is_empty() {
+            // The bytes read while sniffing go first.
+            if upstream.write_all(&prefix).await.is_err() {
+                counters.closed.fetch_add(1, Relaxed);
+                let _ = sys::set_linger_zero(client.as_fd());
+                return;
+            }
+            counters.received.fetch_add(prefix.len() as u64, Relaxed);
+        }
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         relay(client, upstream, &counters).await;

@@ -14,8 +14,6 @@
 //! is answered over HTTP/1.1, which RFC 9113 allows (and Envoy does the same by default).
 //! HTTP/2 prior knowledge is sniffed from the connection preface.
 
-#![allow(dead_code, unused_imports, reason = "wired by proxy.rs in issue 3")]
-
 mod body;
 mod lb;
 mod policy;

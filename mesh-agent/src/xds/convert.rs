@@ -151,7 +151,6 @@ fn socket_address(
 /// A checked listener, with its route configuration still a reference when it comes by RDS.
 #[derive(Debug, Clone)]
 pub struct ListenerSpec {
-    pub name: String,
     pub address: SocketAddr,
     pub kind: ListenerSpecKind,
     pub tcp_fallback: Option<String>,
@@ -205,7 +204,6 @@ pub fn listener(l: &el::Listener) -> Result<ListenerSpec, Invalid> {
     if l.api_listener.is_some() {
         // For proxyless gRPC clients; nothing for this proxy to listen for.
         return Ok(ListenerSpec {
-            name: l.name.clone(),
             address: SocketAddr::from(([0, 0, 0, 0], 0)),
             kind: ListenerSpecKind::Api,
             tcp_fallback: None,
@@ -261,7 +259,6 @@ pub fn listener(l: &el::Listener) -> Result<ListenerSpec, Invalid> {
         }
     };
     Ok(ListenerSpec {
-        name: l.name.clone(),
         address,
         kind,
         tcp_fallback,
@@ -595,12 +592,15 @@ fn headers(
     Ok(m)
 }
 
+/// Per-route (or virtual host) overrides of the rate limit and fault filters.
+type FilterOverrides = (Option<Arc<RateLimit>>, Option<Arc<Fault>>);
+
 fn per_filter(
     cx: &Ctx<'_>,
     field: &str,
     cfg: &HashMap<String, Any>,
     key: &str,
-) -> Result<(Option<Arc<RateLimit>>, Option<Arc<Fault>>), Invalid> {
+) -> Result<FilterOverrides, Invalid> {
     let mut rl = None;
     let mut fault = None;
     for (name, any) in cfg {

@@ -20,6 +20,7 @@ pub fn config(cfg: &ProxyConfig) -> Value {
                 ListenerKind::Tcp { cluster } => v["tcp_proxy"] = json!({ "cluster": cluster }),
                 ListenerKind::Http(h) => {
                     v["http"] = json!({
+                        "stat_prefix": h.stat_prefix,
                         "codec": format!("{:?}", h.codec),
                         "max_request_headers_bytes": h.max_request_headers_bytes,
                         "rate_limit": h.rate_limit.as_deref().map(rate_limit),

@@ -245,12 +245,6 @@ pub struct HeaderMutation {
     pub remove: Vec<String>,
 }
 
-impl HeaderMutation {
-    pub fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.remove.is_empty()
-    }
-}
-
 /// `envoy.extensions.filters.http.fault.v3.HTTPFault`.
 #[derive(Debug)]
 pub struct Fault {

@@ -404,7 +404,10 @@ fn by_type(res: &[(String, Any)], t: &str) -> Vec<(String, Any)> {
 
 /// The script: an unknown type, routes before the listener that needs them, a duplicate
 /// nonce, endpoints before their cluster, and the same bad listener as the NACK tests.
-fn script() -> Vec<(String, Vec<(String, Any)>, &'static str)> {
+/// One scripted response: type URL, resources, nonce.
+type Step = (String, Vec<(String, Any)>, &'static str);
+
+fn script() -> Vec<Step> {
     let res = resources(BASE);
     let unknown = vec![(
         "x".to_string(),

@@ -95,6 +95,7 @@ pub fn resources(file: &MeshFile) -> Vec<(String, Any)> {
                     route_name(svc, p.port),
                     pack_any(route_config(file, svc, p)),
                 ));
+                out.push((route_name(svc, p.port), pack_any(api_listener(svc, p))));
             }
             out.push((cluster_name(svc, p.port), pack_any(cluster(svc, p))));
             out.push((
@@ -536,7 +537,6 @@ fn fault(f: &crate::config::FaultSpec) -> hfault::HttpFault {
                 ms(d),
             )),
             percentage: percent(f.delay_percent.unwrap_or(100.0)),
-            ..Default::default()
         }),
         abort: match (f.abort_status, f.abort_grpc_status) {
             (None, None) => None,

@@ -210,7 +210,11 @@ impl Drop for Active {
 
 /// What a forwarded response holds on to until it ends.
 pub(super) struct Finish {
+    /// Held, not read: dropping them ends the request body recording and frees the
+    /// circuit-breaker request slot when the response ends.
+    #[expect(dead_code, reason = "held for their Drop")]
     pub recorder: Option<Recorder>,
+    #[expect(dead_code, reason = "held for their Drop")]
     pub request_slot: Option<Slot>,
     pub active: Active,
     /// The HTTP/1.1 connection, pooled again when the response was read to the end.
