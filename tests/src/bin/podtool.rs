@@ -23,7 +23,7 @@
 )]
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{Arc, Barrier},
@@ -379,12 +379,132 @@ fn ping(args: &[String]) {
     );
 }
 
+/// Reads one HTTP/1.1 message head (up to the blank line) from a buffered reader.
+fn read_head(r: &mut impl BufRead) -> std::io::Result<Option<Vec<String>>> {
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 {
+            return Ok(None);
+        }
+        let l = l.trim_end().to_owned();
+        if l.is_empty() {
+            return Ok(Some(lines));
+        }
+        lines.push(l);
+    }
+}
+
+fn header<'a>(head: &'a [String], name: &str) -> Option<&'a str> {
+    head.iter().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// HTTP/1.1 keep-alive server: answers every request with its `--name` as the body,
+/// `x-served-by: NAME`, and the request's `x-mesh` header back as `x-seen-mesh`.
+fn http(c: TcpStream, args: &[String]) {
+    let name = arg(args, "--name").unwrap_or_else(|| "server".into());
+    let mut r = std::io::BufReader::new(c.try_clone().expect("clone"));
+    let mut w = c;
+    while let Ok(Some(head)) = read_head(&mut r) {
+        let len: usize = header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let seen = header(&head, "x-mesh").unwrap_or("-");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-served-by: {name}\r\nx-seen-mesh: {seen}\r\n\r\n{name}",
+            name.len()
+        );
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// `http-client --to ADDR --requests N [--header 'k: v'] [--path P]`: N requests on one
+/// keep-alive connection; prints counts by status, body and `x-seen-mesh` as JSON.
+fn http_client(args: &[String]) {
+    let to = addr(args, "--to");
+    let n = num(args, "--requests", 1);
+    let path = arg(args, "--path").unwrap_or_else(|| "/".into());
+    let extra: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == "--header")
+        .map(|w| format!("{}\r\n", w[1]))
+        .collect();
+    let mut status = std::collections::BTreeMap::<String, u64>::new();
+    let mut bodies = std::collections::BTreeMap::<String, u64>::new();
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    let mut errors = Vec::new();
+    let c = match TcpStream::connect(to) {
+        Ok(c) => c,
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({ "errors": [format!("connect: {}", errno_name(&e))] })
+            );
+            return;
+        }
+    };
+    let mut r = std::io::BufReader::new(c.try_clone().expect("clone"));
+    let mut w = c;
+    for _ in 0..n {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nhost: {to}\r\n{}\r\n",
+            extra.concat()
+        );
+        if let Err(e) = w.write_all(req.as_bytes()) {
+            errors.push(format!("write: {}", errno_name(&e)));
+            break;
+        }
+        let head = match read_head(&mut r) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                errors.push("closed".into());
+                break;
+            }
+            Err(e) => {
+                errors.push(format!("read: {}", errno_name(&e)));
+                break;
+            }
+        };
+        let code = head[0].split(' ').nth(1).unwrap_or("?").to_owned();
+        let len: usize = header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if let Err(e) = r.read_exact(&mut body) {
+            errors.push(format!("body: {}", errno_name(&e)));
+            break;
+        }
+        *status.entry(code).or_default() += 1;
+        *bodies
+            .entry(String::from_utf8_lossy(&body).into_owned())
+            .or_default() += 1;
+        *seen
+            .entry(header(&head, "x-seen-mesh").unwrap_or("-").to_owned())
+            .or_default() += 1;
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "status": status, "bodies": bodies, "seen_mesh": seen, "errors": errors })
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("echo") => serve(&args, echo),
         Some("sink") => serve(&args, sink),
         Some("reset") => serve(&args, reset),
+        Some("http") => serve(&args, http),
+        Some("http-client") => http_client(&args),
         Some("echo-client") => echo_client(&args),
         Some("sink-client") => sink_client(&args),
         Some("reset-client") => reset_client(&args),
@@ -392,7 +512,7 @@ fn main() {
         Some("peer") => peer(&args),
         _ => {
             eprintln!(
-                "usage: podtool echo|sink|reset|echo-client|sink-client|reset-client|ping|peer ..."
+                "usage: podtool echo|sink|reset|http|echo-client|sink-client|reset-client|http-client|ping|peer ..."
             );
             std::process::exit(2);
         }
