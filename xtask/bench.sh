@@ -17,6 +17,8 @@ set -euo pipefail
 
 AGENT=${MESH_AGENT_BIN:-}; PODTOOL=${PODTOOL:-}; BENCHTOOL=${BENCHTOOL:-}; ENVOY=${ENVOY_BIN:-}
 RUNS=${RUNS:-5}; SECS=${SECS:-2}; SMOKE=${SMOKE:-0}; RAW=${RAW:-/dev/stdout}
+# Set: a system-wide `perf record -g` of every client run goes there, with a text report.
+PERF_DIR=${PERF_DIR:-}; CUR=
 PLACEMENTS=${PLACEMENTS:-1cpu 2cpu}
 
 CG_ROOT=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
@@ -198,9 +200,20 @@ start_servers() { # start_servers CPUS
 
 # Every client fails loudly: a path that breaks must not turn into a missing figure.
 client() { # client NAME CPUS CMD... -> stdout of CMD
-  local name=$1 out; shift
+  local name=$1 out perf_pid= rec; shift
+  if [ -n "$PERF_DIR" ]; then
+    rec=$PERF_DIR/$CUR-$name.data
+    perf record -q -a -g -o "$rec" > /dev/null 2>&1 &
+    perf_pid=$!; echo "$perf_pid" > "$DIR/perf.pid"; sleep 0.5
+  fi
   if ! out=$(in_cg cli "$@" 2> "$DIR/$name.err"); then
     echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
+  fi
+  if [ -n "$perf_pid" ]; then
+    # perf writes its file on SIGTERM as on SIGINT (which background jobs ignore).
+    kill -TERM "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; rm -f "$DIR/perf.pid"
+    perf report -i "$rec" --no-children --sort comm,dso,sym --percent-limit 0.7 --stdio 2> /dev/null \
+      | grep -v '^$' > "${rec%.data}.txt" || true
   fi
   echo "$out"
 }
@@ -290,6 +303,7 @@ suite_l4() {
     for run in $(seq "$RUNS"); do
       for path in "${PATHS[@]}"; do
         log "l4 $placement run $run/$RUNS: $path"
+        CUR=$placement-$path
         start_servers "$sc"
         path_up "$path" "$nc"
         measure_latency "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[0]}"
@@ -332,6 +346,7 @@ suite_footprint() {
   local tck; tck=$(getconf CLK_TCK)
   for run in $(seq "$RUNS"); do
     log "footprint run $run/$RUNS"
+    CUR=footprint
     config 1 proxied; start_agent 0
     local pid; pid=$(agent_pid)
     sleep 1

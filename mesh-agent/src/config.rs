@@ -176,6 +176,9 @@ pub struct ServiceSpec {
     /// A token bucket for every request to this service (per node proxy).
     #[serde(default)]
     pub rate_limit: Option<RateLimitSpec>,
+    /// Largest request header block accepted, in KiB (Envoy's default 60); larger: 431.
+    #[serde(default)]
+    pub max_request_headers_kb: Option<u32>,
     /// HTTP routes, first match wins; none: every request goes to this service.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
@@ -603,6 +606,9 @@ fn check_services(
                     svc.vip, p.port
                 ));
             }
+        }
+        if svc.max_request_headers_kb.is_some_and(|k| k == 0 || k > 8192) {
+            bad(".max_request_headers_kb: must be in 1..8192".into());
         }
         if svc.lb.policy == LbPolicySpec::RingHash && svc.lb.hash_header.is_none() {
             bad(".lb.hash_header: ring_hash needs the header to hash".into());

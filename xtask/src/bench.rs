@@ -114,6 +114,8 @@ pub struct Options {
     pub runs: u32,
     pub secs: f64,
     pub smoke: bool,
+    /// Record a system-wide perf profile of every client run (one run, one vCPU).
+    pub perf: bool,
 }
 
 pub struct Bins {
@@ -817,8 +819,23 @@ pub fn run(
     });
     std::fs::create_dir_all(&out)?;
     let raw = out.join("raw.txt");
-    let runs = if opts.smoke { 1 } else { opts.runs };
-    let placements = if opts.smoke { "1cpu" } else { "1cpu 2cpu" };
+    let runs = if opts.smoke || opts.perf {
+        1
+    } else {
+        opts.runs
+    };
+    let placements = if opts.smoke || opts.perf {
+        "1cpu"
+    } else {
+        "1cpu 2cpu"
+    };
+    let perf_dir = out.join("perf");
+    if opts.perf {
+        if crate::output(Command::new("perf").arg("--version")).is_empty() {
+            bail!("--perf needs perf: apt-get install linux-perf");
+        }
+        std::fs::create_dir_all(&perf_dir)?;
+    }
     let mut meta: Meta = vec![
         ("date".into(), date("+%Y-%m-%d %H:%M UTC")),
         (
@@ -828,6 +845,8 @@ pub fn run(
                 opts.suite.as_deref().unwrap_or("all"),
                 if opts.smoke {
                     " --smoke".to_owned()
+                } else if opts.perf {
+                    " --perf".to_owned()
                 } else {
                     format!(" --runs {} --secs {}", opts.runs, opts.secs)
                 }
@@ -887,6 +906,14 @@ pub fn run(
             .env("SECS", opts.secs.to_string())
             .env("SMOKE", if opts.smoke { "1" } else { "0" })
             .env("PLACEMENTS", placements)
+            .env(
+                "PERF_DIR",
+                if opts.perf {
+                    perf_dir.as_os_str()
+                } else {
+                    "".as_ref()
+                },
+            )
             .env("RAW", &raw),
     )?;
     meta.push(("load average after".into(), loadavg()));
@@ -928,7 +955,12 @@ pub fn run(
         println!("skipped suite `{s}`: {why}");
     }
     println!("results in {}", out.display());
-    if !opts.smoke {
+    if opts.perf {
+        println!(
+            "perf profiles (figures above are perturbed by the recording): {}/*.txt",
+            perf_dir.display()
+        );
+    } else if !opts.smoke {
         let docs = root.join("docs/bench");
         std::fs::create_dir_all(&docs)?;
         for f in &written {

@@ -79,6 +79,10 @@ enum Task {
         /// harness (part of `cargo xtask test`); nothing is copied to docs/.
         #[arg(long)]
         smoke: bool,
+        /// One run on one vCPU with a system-wide `perf record -g` of each measurement;
+        /// reports in target/bench/<time>/perf/ (figures perturbed, not copied to docs/).
+        #[arg(long)]
+        perf: bool,
         /// Remove what an interrupted run left behind (namespaces, cgroups, pins,
         /// processes it started), then exit.
         #[arg(long)]
@@ -295,6 +299,7 @@ fn main() -> Result<()> {
                     runs: 1,
                     secs: 0.5,
                     smoke: true,
+                    perf: false,
                 },
                 false,
             )?;
@@ -317,6 +322,7 @@ fn main() -> Result<()> {
             runs,
             secs,
             smoke,
+            perf,
             clean,
         } => bench(
             bench::Options {
@@ -324,6 +330,7 @@ fn main() -> Result<()> {
                 runs,
                 secs,
                 smoke,
+                perf,
             },
             clean,
         ),

@@ -242,6 +242,7 @@ fn http_connection_manager(
             },
         )),
         http_filters,
+        max_request_headers_kb: svc.max_request_headers_kb.and_then(u32v),
         ..Default::default()
     }
 }
@@ -669,6 +670,7 @@ services:
     ports: [ { port: 80, target_port: 8080, protocol: http } ]
     selector: { app: reviews }
     rate_limit: { max_tokens: 5, fill_interval_ms: 1000 }
+    max_request_headers_kb: 16
     routes:
       - name: canary
         match: { prefix: /api, headers: [ { name: x-canary, exact: \"1\" } ] }
@@ -728,6 +730,7 @@ services:
         };
         assert_eq!(h.codec, Codec::Http1);
         assert_eq!(h.rate_limit.as_ref().unwrap().max_tokens, 5);
+        assert_eq!(h.max_request_headers_bytes, 16 * 1024);
         let vh = &h.route_config.virtual_hosts[0];
         assert_eq!(vh.routes.len(), 2, "the canary route and the default");
         let r = &vh.routes[0];
