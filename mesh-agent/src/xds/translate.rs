@@ -136,7 +136,8 @@ fn listener(svc: &ServiceSpec, p: &ServicePort) -> el::Listener {
     let (filter_chains, listener_filters) = match p.protocol {
         Protocol::Tcp => (vec![tcp_chain()], vec![]),
         Protocol::Http => (vec![http_chain(CodecType::Http1)], vec![]),
-        Protocol::Http2 | Protocol::Grpc => (vec![http_chain(CodecType::Http2)], vec![]),
+        // AUTO: h2 with prior knowledge (the preface), and HTTP/1.1 clients too.
+        Protocol::Http2 | Protocol::Grpc => (vec![http_chain(CodecType::Auto)], vec![]),
         Protocol::Auto => {
             let mut h = http_chain(CodecType::Auto);
             h.filter_chain_match = Some(el::FilterChainMatch {
