@@ -203,7 +203,8 @@ client() { # client NAME CPUS CMD... -> stdout of CMD
   local name=$1 out perf_pid= rec; shift
   if [ -n "$PERF_DIR" ]; then
     rec=$PERF_DIR/$CUR-$name.data
-    perf record -q -a -g -o "$rec" > /dev/null 2>&1 &
+    # cpu 0 only: in the one-vCPU placement all of the path's work is there.
+    perf record -q -C 0 -g -o "$rec" > /dev/null 2>&1 &
     perf_pid=$!; echo "$perf_pid" > "$DIR/perf.pid"; sleep 0.5
   fi
   if ! out=$(in_cg cli "$@" 2> "$DIR/$name.err"); then
@@ -212,8 +213,9 @@ client() { # client NAME CPUS CMD... -> stdout of CMD
   if [ -n "$perf_pid" ]; then
     # perf writes its file on SIGTERM as on SIGINT (which background jobs ignore).
     kill -TERM "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; rm -f "$DIR/perf.pid"
-    perf report -i "$rec" --no-children --sort comm,dso,sym --percent-limit 0.7 --stdio 2> /dev/null \
-      | grep -v '^$' > "${rec%.data}.txt" || true
+    { perf report -i "$rec" --no-children --sort comm -g none --stdio
+      perf report -i "$rec" --no-children --sort comm,dso,sym -g none --percent-limit 0.3 --stdio
+    } 2> /dev/null | grep -v '^$' > "${rec%.data}.txt" || true
   fi
   echo "$out"
 }
@@ -235,7 +237,7 @@ measure_latency() { # measure_latency PATH PLACEMENT RUN CPU HOST PORT
 measure_bulk() { # measure_bulk PATH PLACEMENT RUN CPU HOST PORT CONNS
   local len=(-t "$SECS"); [ "$SMOKE" = 1 ] && len=(-n 64M)
   local out gbps
-  out=$(client iperf3 "$4" iperf3 -c "$5" -p "$6" -P "$7" "${len[@]}" -f m)
+  out=$(client "bulk$7" "$4" iperf3 -c "$5" -p "$6" -P "$7" "${len[@]}" -f m)
   # The receiver's figure: the last "receiver" line is the [SUM] one with -P > 1.
   gbps=$(awk '/receiver/ {for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") v = $i} END {if (v != "") printf "%.3f", v / 1000}' <<< "$out")
   [ -n "$gbps" ] || { echo "$out" >&2; die "cannot read iperf3's output ($1)"; }
