@@ -203,16 +203,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Err(e) = apply_snapshot(&mut syncer, &metrics, &snap) {
                     error!(error = %e, "writing the enrolment maps failed");
                 }
-                let resources = xds_resources(&snap);
-                xds_tx.send_if_modified(|cur| {
-                    let next = cur.next(resources);
-                    let changed = next.version != cur.version;
-                    if changed {
-                        info!(version = next.version, "control plane snapshot updated");
-                        *cur = Arc::new(next);
-                    }
-                    changed
-                });
+                publish_resources(&xds_tx, &snap);
             }
         }
         .instrument(tracing::info_span!("map_sync"));
@@ -255,6 +246,21 @@ fn apply_snapshot(
         .unresolved_workloads
         .store(syncer.unresolved as u64, Relaxed);
     r
+}
+
+/// Rebuilds the control plane's snapshot from a new standalone snapshot; clients are
+/// woken only when a resource changed.
+fn publish_resources(tx: &watch::Sender<Arc<crate::xds::server::Snapshot>>, snap: &Snapshot) {
+    let resources = xds_resources(snap);
+    tx.send_if_modified(|cur| {
+        let next = cur.next(resources);
+        let changed = next.version != cur.version;
+        if changed {
+            info!(version = next.version, "control plane snapshot updated");
+            *cur = Arc::new(next);
+        }
+        changed
+    });
 }
 
 /// `mesh-agent control-plane`: the embedded control plane on its own.
@@ -315,16 +321,8 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         tokio::spawn(
             async move {
                 while snap_rx.changed().await.is_ok() {
-                    let resources = xds_resources(&snap_rx.borrow_and_update());
-                    xds_tx.send_if_modified(|cur| {
-                        let next = cur.next(resources);
-                        let changed = next.version != cur.version;
-                        if changed {
-                            info!(version = next.version, "control plane snapshot updated");
-                            *cur = Arc::new(next);
-                        }
-                        changed
-                    });
+                    let snap = snap_rx.borrow_and_update().clone();
+                    publish_resources(&xds_tx, &snap);
                 }
             }
             .instrument(tracing::info_span!("translate")),

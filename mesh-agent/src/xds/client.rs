@@ -578,6 +578,112 @@ impl Core {
     }
 }
 
+type AdsClient = AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
+
+/// What differs between the two protocol variants of a stream.
+trait Variant {
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    const NAME: &'static str;
+    /// The first request for a type on a new stream, if the type has a subscription.
+    fn initial(core: &mut Core, kind: Kind, node: Option<Node>) -> Option<Self::Req>;
+    /// Judges a response: the ACK or NACK, and whether the configuration changed.
+    fn judge(core: &mut Core, resp: Self::Resp) -> (Self::Req, bool);
+    /// Requests for subscriptions that changed.
+    fn changes(core: &mut Core, node: &mut Option<Node>) -> Vec<Self::Req>;
+    fn open(
+        client: &mut AdsClient,
+        requests: ReceiverStream<Self::Req>,
+    ) -> impl std::future::Future<
+        Output = Result<tonic::Response<tonic::Streaming<Self::Resp>>, tonic::Status>,
+    > + Send;
+}
+
+struct Sotw;
+struct Delta;
+
+impl Variant for Sotw {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const NAME: &'static str = "SotW";
+
+    fn initial(core: &mut Core, kind: Kind, node: Option<Node>) -> Option<DiscoveryRequest> {
+        core.sotw_request(kind, node)
+    }
+
+    fn judge(core: &mut Core, resp: DiscoveryResponse) -> (DiscoveryRequest, bool) {
+        debug!(type_url = %resp.type_url, version = %resp.version_info, nonce = %resp.nonce, n = resp.resources.len(), "SotW response");
+        core.on_sotw(resp)
+    }
+
+    fn changes(core: &mut Core, node: &mut Option<Node>) -> Vec<DiscoveryRequest> {
+        let mut out = Vec::new();
+        for (kind, _, _) in core.resubscribe() {
+            if let Some(r) = core.sotw_request(kind, node.take()) {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    fn open(
+        client: &mut AdsClient,
+        requests: ReceiverStream<DiscoveryRequest>,
+    ) -> impl std::future::Future<
+        Output = Result<tonic::Response<tonic::Streaming<DiscoveryResponse>>, tonic::Status>,
+    > + Send {
+        client.stream_aggregated_resources(requests)
+    }
+}
+
+impl Variant for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+
+    fn initial(core: &mut Core, kind: Kind, node: Option<Node>) -> Option<DeltaDiscoveryRequest> {
+        core.delta_initial(kind, node)
+    }
+
+    fn judge(core: &mut Core, resp: DeltaDiscoveryResponse) -> (DeltaDiscoveryRequest, bool) {
+        debug!(type_url = %resp.type_url, nonce = %resp.nonce, n = resp.resources.len(), removed = resp.removed_resources.len(), "delta response");
+        core.on_delta(resp)
+    }
+
+    fn changes(core: &mut Core, node: &mut Option<Node>) -> Vec<DeltaDiscoveryRequest> {
+        let mut out = Vec::new();
+        for (kind, added, removed) in core.resubscribe() {
+            let st = core.types.entry(kind).or_default();
+            if !st.sent {
+                if let Some(r) = core.delta_initial(kind, node.take()) {
+                    out.push(r);
+                }
+                continue;
+            }
+            for n in &removed {
+                st.versions.remove(n);
+            }
+            out.push(DeltaDiscoveryRequest {
+                node: node.take(),
+                type_url: kind.type_url(),
+                resource_names_subscribe: added,
+                resource_names_unsubscribe: removed,
+                ..Default::default()
+            });
+        }
+        out
+    }
+
+    fn open(
+        client: &mut AdsClient,
+        requests: ReceiverStream<DeltaDiscoveryRequest>,
+    ) -> impl std::future::Future<
+        Output = Result<tonic::Response<tonic::Streaming<DeltaDiscoveryResponse>>, tonic::Status>,
+    > + Send {
+        client.delta_aggregated_resources(requests)
+    }
+}
+
 /// Whether every cluster a listener sends traffic to is known with its endpoints.
 fn complete(cfg: &ProxyConfig, l: &Listener) -> bool {
     use super::model::{ListenerKind, RouteAction};
@@ -707,8 +813,8 @@ impl XdsClient {
         loop {
             let started = Instant::now();
             let r = match self.opts.mode {
-                Mode::Sotw => self.clone().stream_sotw().await,
-                Mode::Delta => self.clone().stream_delta().await,
+                Mode::Sotw => self.clone().stream::<Sotw>().await,
+                Mode::Delta => self.clone().stream::<Delta>().await,
             };
             {
                 let mut core = self.core();
@@ -731,9 +837,7 @@ impl XdsClient {
         }
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
+    async fn connect(&self) -> Result<AdsClient, String> {
         let ep = tonic::transport::Endpoint::from_shared(self.opts.address.clone())
             .map_err(|e| format!("bad xDS address {:?}: {e}", self.opts.address))?
             .connect_timeout(Duration::from_secs(2))
@@ -747,165 +851,56 @@ impl XdsClient {
             .max_encoding_message_size(64 << 20))
     }
 
-    async fn stream_sotw(self: Arc<Self>) -> Result<(), String> {
+    /// One stream of either variant: subscribe, then judge responses and follow
+    /// subscription changes (references, on-demand listeners) until the stream ends.
+    async fn stream<V: Variant>(self: Arc<Self>) -> Result<(), String> {
         let mut client = self.connect().await?;
-        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+        let (tx, rx) = mpsc::channel::<V::Req>(64);
         // The node goes with the first request only.
         let mut node = Some(self.node());
         {
             let mut core = self.core();
             let _ = core.resubscribe();
             for k in Kind::ALL {
-                if let Some(r) = core.sotw_request(k, node.clone()) {
+                if let Some(r) = V::initial(&mut core, k, node.clone()) {
                     node = None;
                     let _ = tx.try_send(r);
                 }
             }
         }
-        let mut responses = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+        let mut responses = V::open(&mut client, ReceiverStream::new(rx))
             .await
-            .map_err(|e| format!("opening the SotW stream: {e}"))?
+            .map_err(|e| format!("opening the {} stream: {e}", V::NAME))?
             .into_inner();
         self.core().connected = true;
-        info!(address = %self.opts.address, "SotW ADS stream open");
+        info!(address = %self.opts.address, variant = V::NAME, "ADS stream open");
         self.generation.send_modify(|g| *g += 1);
         loop {
-            tokio::select! {
+            let out = tokio::select! {
                 m = responses.next() => {
                     let resp = match m {
                         None => return Ok(()),
                         Some(Err(e)) => return Err(e.to_string()),
                         Some(Ok(r)) => r,
                     };
-                    debug!(type_url = %resp.type_url, version = %resp.version_info, nonce = %resp.nonce, n = resp.resources.len(), "SotW response");
-                    let mut out = Vec::new();
-                    {
-                        let mut core = self.core();
-                        let (ack, changed) = core.on_sotw(resp);
-                        out.push(ack);
-                        if changed {
-                            self.publish(&mut core);
-                            out.extend(self.sotw_subscription_changes(&mut core, &mut node));
-                        }
+                    let mut core = self.core();
+                    let (ack, changed) = V::judge(&mut core, resp);
+                    let mut out = vec![ack];
+                    if changed {
+                        self.publish(&mut core);
+                        out.extend(V::changes(&mut core, &mut node));
                     }
-                    for r in out {
-                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
-                    }
-                    self.generation.send_modify(|g| *g += 1);
+                    out
                 }
-                _ = self.demand.notified() => {
-                    let out = {
-                        let mut core = self.core();
-                        self.sotw_subscription_changes(&mut core, &mut node)
-                    };
-                    for r in out {
-                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
-                    }
-                }
+                _ = self.demand.notified() => V::changes(&mut self.core(), &mut node),
+            };
+            for r in out {
+                tx.send(r)
+                    .await
+                    .map_err(|_| "request stream closed".to_string())?;
             }
+            self.generation.send_modify(|g| *g += 1);
         }
-    }
-
-    fn sotw_subscription_changes(
-        &self,
-        core: &mut Core,
-        node: &mut Option<Node>,
-    ) -> Vec<DiscoveryRequest> {
-        let mut out = Vec::new();
-        for (kind, _, _) in core.resubscribe() {
-            if let Some(r) = core.sotw_request(kind, node.take()) {
-                out.push(r);
-            }
-        }
-        out
-    }
-
-    async fn stream_delta(self: Arc<Self>) -> Result<(), String> {
-        let mut client = self.connect().await?;
-        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
-        let mut node = Some(self.node());
-        {
-            let mut core = self.core();
-            let _ = core.resubscribe();
-            for k in Kind::ALL {
-                if let Some(r) = core.delta_initial(k, node.clone()) {
-                    node = None;
-                    let _ = tx.try_send(r);
-                }
-            }
-        }
-        let mut responses = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .map_err(|e| format!("opening the delta stream: {e}"))?
-            .into_inner();
-        self.core().connected = true;
-        info!(address = %self.opts.address, "delta ADS stream open");
-        self.generation.send_modify(|g| *g += 1);
-        loop {
-            tokio::select! {
-                m = responses.next() => {
-                    let resp = match m {
-                        None => return Ok(()),
-                        Some(Err(e)) => return Err(e.to_string()),
-                        Some(Ok(r)) => r,
-                    };
-                    debug!(type_url = %resp.type_url, nonce = %resp.nonce, n = resp.resources.len(), removed = resp.removed_resources.len(), "delta response");
-                    let mut out = Vec::new();
-                    {
-                        let mut core = self.core();
-                        let (ack, changed) = core.on_delta(resp);
-                        out.push(ack);
-                        if changed {
-                            self.publish(&mut core);
-                            out.extend(self.delta_subscription_changes(&mut core, &mut node));
-                        }
-                    }
-                    for r in out {
-                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
-                    }
-                    self.generation.send_modify(|g| *g += 1);
-                }
-                _ = self.demand.notified() => {
-                    let out = {
-                        let mut core = self.core();
-                        self.delta_subscription_changes(&mut core, &mut node)
-                    };
-                    for r in out {
-                        tx.send(r).await.map_err(|_| "request stream closed".to_string())?;
-                    }
-                }
-            }
-        }
-    }
-
-    fn delta_subscription_changes(
-        &self,
-        core: &mut Core,
-        node: &mut Option<Node>,
-    ) -> Vec<DeltaDiscoveryRequest> {
-        let mut out = Vec::new();
-        for (kind, added, removed) in core.resubscribe() {
-            let st = core.types.entry(kind).or_default();
-            if !st.sent {
-                if let Some(r) = core.delta_initial(kind, node.take()) {
-                    out.push(r);
-                }
-                continue;
-            }
-            for n in &removed {
-                st.versions.remove(n);
-            }
-            out.push(DeltaDiscoveryRequest {
-                node: node.take(),
-                type_url: kind.type_url(),
-                resource_names_subscribe: added,
-                resource_names_unsubscribe: removed,
-                ..Default::default()
-            });
-        }
-        out
     }
 
     /// `/config_dump`: what is in force, at which versions, what warms, the last NACK.

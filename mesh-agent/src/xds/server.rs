@@ -253,8 +253,7 @@ impl AggregatedDiscoveryService for AdsServer {
             id,
         };
         tokio::spawn(
-            s.run(request.into_inner())
-                .instrument(tracing::info_span!("ads_sotw", id)),
+            serve(s, request.into_inner()).instrument(tracing::info_span!("ads_sotw", id)),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -276,10 +275,109 @@ impl AggregatedDiscoveryService for AdsServer {
             versions: BTreeMap::new(),
         };
         tokio::spawn(
-            s.run(request.into_inner())
-                .instrument(tracing::info_span!("ads_delta", id)),
+            serve(s, request.into_inner()).instrument(tracing::info_span!("ads_delta", id)),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What differs between a SotW and a delta stream on the server side.
+trait ServerStream: Send + 'static {
+    type Req: Send + 'static;
+    const MODE: &'static str;
+    fn node(req: &Self::Req) -> &Option<envoy_types::pb::envoy::config::core::v3::Node>;
+    fn base(&mut self) -> (&mut watch::Receiver<Arc<Snapshot>>, &ServerStats, u64);
+    /// Handles one request; false when the response channel is gone.
+    fn on_request(&mut self, req: Self::Req) -> impl std::future::Future<Output = bool> + Send;
+    /// Pushes what a new snapshot changed for every subscribed type.
+    fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// Serves one stream until the client goes away; the client record says so after.
+async fn serve<S: ServerStream>(mut s: S, mut requests: Streaming<S::Req>) {
+    let mut node = String::new();
+    loop {
+        let (snapshots, _, _) = s.base();
+        tokio::select! {
+            req = requests.next() => match req {
+                Some(Ok(req)) => {
+                    if node.is_empty() {
+                        node = node_id(S::node(&req));
+                        info!(node = %node, mode = S::MODE, "ADS stream opened");
+                        let n = node.clone();
+                        let (_, stats, id) = s.base();
+                        stats.record(id, |r| {
+                            r.node = n;
+                            r.mode = S::MODE;
+                            r.open = true;
+                        });
+                    }
+                    if !s.on_request(req).await {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "stream ended");
+                    break;
+                }
+                None => break,
+            },
+            r = snapshots.changed() => {
+                if r.is_err() || !s.push_all().await {
+                    break;
+                }
+            }
+        }
+    }
+    let (_, stats, id) = s.base();
+    stats.record(id, |r| r.open = false);
+}
+
+impl ServerStream for SotwStream {
+    type Req = DiscoveryRequest;
+    const MODE: &'static str = "sotw";
+    fn node(req: &DiscoveryRequest) -> &Option<envoy_types::pb::envoy::config::core::v3::Node> {
+        &req.node
+    }
+    fn base(&mut self) -> (&mut watch::Receiver<Arc<Snapshot>>, &ServerStats, u64) {
+        (&mut self.snapshots, &self.stats, self.id)
+    }
+    async fn on_request(&mut self, req: DiscoveryRequest) -> bool {
+        SotwStream::on_request(self, req).await
+    }
+    async fn push_all(&mut self) -> bool {
+        let types: Vec<String> = self.subs.keys().cloned().collect();
+        for t in types {
+            if !self.push(&t, false).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl ServerStream for DeltaStream {
+    type Req = DeltaDiscoveryRequest;
+    const MODE: &'static str = "delta";
+    fn node(
+        req: &DeltaDiscoveryRequest,
+    ) -> &Option<envoy_types::pb::envoy::config::core::v3::Node> {
+        &req.node
+    }
+    fn base(&mut self) -> (&mut watch::Receiver<Arc<Snapshot>>, &ServerStats, u64) {
+        (&mut self.snapshots, &self.stats, self.id)
+    }
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> bool {
+        DeltaStream::on_request(self, req).await
+    }
+    async fn push_all(&mut self) -> bool {
+        let types: Vec<String> = self.subs.keys().cloned().collect();
+        for t in types {
+            if !self.push(&t).await {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -318,53 +416,6 @@ struct SotwStream {
 }
 
 impl SotwStream {
-    async fn run(self, requests: Streaming<DiscoveryRequest>) {
-        let (stats, id) = (self.stats.clone(), self.id);
-        self.serve(requests).await;
-        stats.record(id, |r| r.open = false);
-    }
-
-    async fn serve(mut self, mut requests: Streaming<DiscoveryRequest>) {
-        let mut node = String::new();
-        loop {
-            tokio::select! {
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        if node.is_empty() {
-                            node = node_id(&req.node);
-                            info!(node = %node, "SotW ADS stream opened");
-                            let n = node.clone();
-                            self.stats.record(self.id, |r| {
-                                r.node = n;
-                                r.mode = "sotw";
-                                r.open = true;
-                            });
-                        }
-                        if !self.on_request(req).await {
-                            return;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        debug!(error = %e, "SotW stream ended");
-                        return;
-                    }
-                    None => return,
-                },
-                r = self.snapshots.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    let types: Vec<String> = self.subs.keys().cloned().collect();
-                    for t in types {
-                        if !self.push(&t, false).await {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     async fn on_request(&mut self, req: DiscoveryRequest) -> bool {
         let t = req.type_url.clone();
         if !type_urls().contains(&t) {
@@ -485,53 +536,6 @@ struct DeltaStream {
 }
 
 impl DeltaStream {
-    async fn run(self, requests: Streaming<DeltaDiscoveryRequest>) {
-        let (stats, id) = (self.stats.clone(), self.id);
-        self.serve(requests).await;
-        stats.record(id, |r| r.open = false);
-    }
-
-    async fn serve(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
-        let mut node = String::new();
-        loop {
-            tokio::select! {
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        if node.is_empty() {
-                            node = node_id(&req.node);
-                            info!(node = %node, "delta ADS stream opened");
-                            let n = node.clone();
-                            self.stats.record(self.id, |r| {
-                                r.node = n;
-                                r.mode = "delta";
-                                r.open = true;
-                            });
-                        }
-                        if !self.on_request(req).await {
-                            return;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        debug!(error = %e, "delta stream ended");
-                        return;
-                    }
-                    None => return,
-                },
-                r = self.snapshots.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    let types: Vec<String> = self.subs.keys().cloned().collect();
-                    for t in types {
-                        if !self.push(&t).await {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> bool {
         let t = req.type_url.clone();
         if !type_urls().contains(&t) {
