@@ -362,7 +362,12 @@ suite_footprint() {
     grep -q "^open $conns\$" "$DIR/hold-client.log" || { cat "$DIR/hold-client.log" "$DIR/agent.log" >&2; die "could not hold $conns connections through the proxy"; }
     emit footprint agent proxied "conns_rss_kb" "$run" "$(rss_kb "$pid")"
     emit footprint agent proxied held_conns "$run" "$conns"
-    stop hold-client hold
+    # The server closes first: the proxy's upstream sockets then close passively and leave
+    # no TIME_WAIT on the node's ephemeral ports (10k per run would exhaust them in three
+    # runs); the TIME_WAIT lands on the server pod's listening port.
+    stop hold
+    sleep 1
+    stop hold-client
 
     # CPU time the agent spends per request (keep-alive ping-pong) and per connection.
     start_servers 0

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 /// Suites this harness runs, in order.
 pub const SUITES: &[&str] = &["l4", "footprint"];
 /// Suites of issue 5 that wait for another piece of the agent.
-const PENDING: &[(&str, &str)] = &[
+pub const PENDING: &[Skipped] = &[
     ("l7", "needs issue 3 (L7 proxy / xDS)"),
     ("xds", "needs issue 3 (L7 proxy / xDS)"),
 ];
@@ -809,7 +809,7 @@ pub fn run(
     opts: &Options,
     bins: &Bins,
     suites: &[&str],
-    skipped: &[(&str, &str)],
+    skipped: &[Skipped],
 ) -> Result<()> {
     let stamp = date("+%Y%m%d-%H%M%S");
     let out = root.join("target/bench").join(if opts.smoke {
@@ -892,8 +892,9 @@ pub fn run(
             first_line(Command::new(&bins.envoy).arg("--version")),
         ),
     ];
+    write_meta(&out, &meta)?;
     let started = std::time::Instant::now();
-    crate::run(
+    let measured = crate::run(
         Command::new("bash")
             .arg(script(root))
             .arg("run")
@@ -915,19 +916,62 @@ pub fn run(
                 },
             )
             .env("RAW", &raw),
-    )?;
+    );
     meta.push(("load average after".into(), loadavg()));
     meta.push((
         "duration".into(),
         format!("{:.0} s", started.elapsed().as_secs_f64()),
     ));
-    let samples = parse_raw(&std::fs::read_to_string(&raw).context("reading the raw results")?)?;
-    let mut written = Vec::new();
-    for &suite in suites {
-        let t = tabulate(&samples, suite);
-        if opts.smoke {
-            smoke_complete(suite, &t)?;
+    write_meta(&out, &meta)?;
+    if let Err(e) = measured {
+        eprintln!(
+            "bench: what was measured before the failure is in {}; `cargo xtask bench --report {}` renders it",
+            raw.display(),
+            out.display()
+        );
+        return Err(e);
+    }
+    if opts.smoke {
+        let samples = parse_raw(&std::fs::read_to_string(&raw)?)?;
+        for &suite in suites {
+            smoke_complete(suite, &tabulate(&samples, suite))?;
         }
+    }
+    report(root, &out, skipped, !opts.smoke && !opts.perf)?;
+    if opts.perf {
+        println!(
+            "perf profiles (figures above are perturbed by the recording): {}/*.txt",
+            perf_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_meta(out: &Path, meta: &Meta) -> Result<()> {
+    let text: String = meta.iter().map(|(k, v)| format!("{k}\t{v}\n")).collect();
+    Ok(std::fs::write(out.join("meta.txt"), text)?)
+}
+
+/// Renders the reports of a run folder (raw.txt, meta.txt) again; `publish` copies them to
+/// docs/bench/.
+pub fn report(root: &Path, out: &Path, skipped: &[Skipped], publish: bool) -> Result<()> {
+    let raw = std::fs::read_to_string(out.join("raw.txt"))
+        .with_context(|| format!("reading {}/raw.txt", out.display()))?;
+    let samples = parse_raw(&raw)?;
+    let meta: Meta = std::fs::read_to_string(out.join("meta.txt"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let suites: Vec<&str> = SUITES
+        .iter()
+        .copied()
+        .filter(|s| samples.iter().any(|x| x.suite == *s))
+        .collect();
+    let mut written = Vec::new();
+    for &suite in &suites {
+        let t = tabulate(&samples, suite);
         let (targets, md) = match suite {
             "l4" => {
                 let tg = l4_targets(&t);
@@ -955,12 +999,7 @@ pub fn run(
         println!("skipped suite `{s}`: {why}");
     }
     println!("results in {}", out.display());
-    if opts.perf {
-        println!(
-            "perf profiles (figures above are perturbed by the recording): {}/*.txt",
-            perf_dir.display()
-        );
-    } else if !opts.smoke {
+    if publish {
         let docs = root.join("docs/bench");
         std::fs::create_dir_all(&docs)?;
         for f in &written {

@@ -87,6 +87,10 @@ enum Task {
         /// reports in target/bench/<time>/perf/ (figures perturbed, not copied to docs/).
         #[arg(long)]
         perf: bool,
+        /// Render the reports of a run folder (target/bench/<time>) again from its raw
+        /// results, e.g. after a failure, and copy them to docs/bench/.
+        #[arg(long, value_name = "DIR")]
+        report: Option<PathBuf>,
         /// Remove what an interrupted run left behind (namespaces, cgroups, pins,
         /// processes it started), then exit.
         #[arg(long)]
@@ -340,12 +344,16 @@ fn main() -> Result<()> {
                 .env("PODTOOL", root().join("target/debug/podtool")))
         }
         Task::Bench {
+            report: Some(dir), ..
+        } => bench::report(&root(), &dir, bench::PENDING, true),
+        Task::Bench {
             suite,
             runs,
             secs,
             smoke,
             perf,
             clean,
+            report: None,
         } => bench(
             bench::Options {
                 suite,
