@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
-        atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
+        atomic::{AtomicBool, Ordering::Relaxed},
         Arc,
     },
     thread,
@@ -555,12 +555,6 @@ struct Envoy {
     node: String,
 }
 
-/// Hot-restart base ids must differ between Envoys running at once (shared memory).
-fn next_base_id() -> u32 {
-    static N: AtomicU32 = AtomicU32::new(0);
-    (std::process::id() % 100_000) * 16 + N.fetch_add(1, Relaxed) % 16
-}
-
 impl Envoy {
     fn start(scratch: &Scratch, cp: &ControlPlane, mode: Mode, node: &str) -> Envoy {
         let source = json!({ "ads": {}, "resource_api_version": "V3" });
@@ -604,7 +598,10 @@ impl Envoy {
                 .arg(&file)
                 .arg("--admin-address-path")
                 .arg(&admin_file)
-                .args(["--base-id", &next_base_id().to_string()])
+                // Hot restart keeps a shared-memory segment per --base-id, which Envoy
+                // leaves in /dev/shm even after a clean SIGTERM: without hot restart there
+                // is none, so parallel Envoys cannot clash and nothing is left behind.
+                .arg("--disable-hot-restart")
                 .args(["--concurrency", "1", "-l", "warning"]),
             scratch.path(&format!("{node}.log")),
         );
