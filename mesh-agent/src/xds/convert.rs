@@ -47,6 +47,15 @@ pub const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
 
 /// Envoy's default route timeout.
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest inline direct-response body (Envoy's default `max_direct_response_body_size_bytes`).
+const MAX_DIRECT_RESPONSE_BODY: usize = 4096;
+/// Shortest token-bucket fill interval (Envoy's local rate limit refuses shorter ones).
+const MIN_FILL_INTERVAL: Duration = Duration::from_millis(50);
+/// Largest protobuf Duration (10,000 years), as Envoy checks.
+const MAX_PB_DURATION_SECS: i64 = 315_576_000_000;
+/// RE2's limit on counted repetition (`x{n}`), which Envoy enforces.
+const MAX_REGEX_REPEAT: u32 = 1000;
+
 /// Envoy's default `max_request_headers_kb`.
 const DEFAULT_MAX_HEADERS_KB: u32 = 60;
 
@@ -88,8 +97,10 @@ pub fn unpack<T: Message + Name + Default>(any: &Any) -> Result<T, String> {
     T::decode(any.value.as_slice()).map_err(|e| format!("undecodable {}: {e}", T::NAME))
 }
 
+/// A valid, non-negative protobuf Duration (at most 10,000 years, nanos below 1e9).
 fn duration(d: &PbDuration) -> Option<Duration> {
-    (d.seconds >= 0 && d.nanos >= 0).then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+    ((0..=MAX_PB_DURATION_SECS).contains(&d.seconds) && (0..1_000_000_000).contains(&d.nanos))
+        .then(|| Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
 fn opt_duration(
@@ -97,7 +108,7 @@ fn opt_duration(
     field: &str,
     d: Option<&PbDuration>,
 ) -> Result<Option<Duration>, Invalid> {
-    d.map(|d| duration(d).ok_or_else(|| cx.err(field, "negative duration")))
+    d.map(|d| duration(d).ok_or_else(|| cx.err(field, "negative or out-of-range duration")))
         .transpose()
 }
 
@@ -113,9 +124,30 @@ fn ppm(p: Option<&etype::FractionalPercent>) -> u32 {
 }
 
 fn compile(cx: &Ctx<'_>, field: &str, re: &str) -> Result<Regex, Invalid> {
+    if let Some(n) = counted_repeats(re).find(|n| *n > MAX_REGEX_REPEAT) {
+        return Err(cx.err(
+            field,
+            format!("invalid regex {re:?}: invalid repetition size {{{n}}} (at most {MAX_REGEX_REPEAT}, as in RE2)"),
+        ));
+    }
     // Envoy's safe_regex matches the whole value: anchor it.
     Regex::new(&format!("^(?:{re})$"))
         .map_err(|e| cx.err(field, format!("invalid regex {re:?}: {e}")))
+}
+
+/// The numbers in `{n}`, `{n,}` and `{n,m}` of a regex (escaped braces skipped).
+fn counted_repeats(re: &str) -> impl Iterator<Item = u32> + '_ {
+    let b = re.as_bytes();
+    (0..b.len())
+        .filter(move |&i| b[i] == b'{' && (i == 0 || b[i - 1] != b'\\'))
+        .flat_map(move |i| {
+            let body = &re[i + 1..];
+            let end = body.find('}').unwrap_or(0);
+            body[..end]
+                .split(',')
+                .filter_map(|n| n.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
 }
 
 fn socket_address(
@@ -443,11 +475,11 @@ fn local_rate_limit(
         &format!("{field}.token_bucket.fill_interval"),
         tb.fill_interval.as_ref(),
     )?
-    .filter(|d| *d >= Duration::from_millis(1))
+    .filter(|d| *d >= MIN_FILL_INTERVAL)
     .ok_or_else(|| {
         cx.err(
             format!("{field}.token_bucket.fill_interval"),
-            "at least 1ms is required",
+            "must be >= 50ms",
         )
     })?;
     let status = c
@@ -472,7 +504,10 @@ fn http_fault(cx: &Ctx<'_>, field: &str, c: &hfault::HttpFault) -> Result<Fault,
         Some(d) => match &d.fault_delay_secifier {
             Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(fd)) => {
                 let dur = duration(fd).ok_or_else(|| {
-                    cx.err(format!("{field}.delay.fixed_delay"), "negative duration")
+                    cx.err(
+                        format!("{field}.delay.fixed_delay"),
+                        "negative or out-of-range duration",
+                    )
                 })?;
                 Some((dur, ppm(d.percentage.as_ref())))
             }
@@ -560,7 +595,18 @@ fn headers(
             return Err(cx.err(format!("{field}[{i}].header"), "is required"));
         };
         let name = hv.key.to_ascii_lowercase();
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() || name.starts_with(':') {
+        if protected_header(&name) {
+            return Err(cx.err(
+                format!("{field}[{i}].header.key"),
+                format!(
+                    "{:?}: ':'-prefixed or host headers may not be modified",
+                    hv.key
+                ),
+            ));
+        }
+        // Stricter than Envoy (which takes any name without NUL, CR, LF): a name that is
+        // not an HTTP token could not be sent, so it is refused rather than dropped.
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(cx.err(
                 format!("{field}[{i}].header.key"),
                 format!("{:?} is not a valid header name", hv.key),
@@ -586,10 +632,24 @@ fn headers(
         };
         m.add.push((name, value, append));
     }
-    for r in remove {
-        m.remove.push(r.to_ascii_lowercase());
+    for (i, r) in remove.iter().enumerate() {
+        let name = r.to_ascii_lowercase();
+        if protected_header(&name) {
+            let rfield = field.replace("_to_add", "_to_remove");
+            return Err(cx.err(
+                format!("{rfield}[{i}]"),
+                format!("{r:?}: ':'-prefixed or host headers may not be removed"),
+            ));
+        }
+        m.remove.push(name);
     }
     Ok(m)
+}
+
+/// Pseudo-headers and `host` are the routing key, not something a route rewrites this
+/// way (Envoy refuses them too; `host_rewrite_literal` exists for the authority).
+fn protected_header(name: &str) -> bool {
+    name.starts_with(':') || name == "host"
 }
 
 /// Per-route (or virtual host) overrides of the rate limit and fault filters.
@@ -721,6 +781,15 @@ fn route(
                     ))
                 }
             };
+            if body.len() > MAX_DIRECT_RESPONSE_BODY {
+                return Err(cx.err(
+                    format!("{field}.direct_response.body"),
+                    format!(
+                        "response body size is {} bytes; maximum is {MAX_DIRECT_RESPONSE_BODY}",
+                        body.len()
+                    ),
+                ));
+            }
             RouteAction::Respond {
                 status: d.status as u16,
                 body,
@@ -968,9 +1037,12 @@ fn route_action(
     }
     let timeout = match &a.timeout {
         None => Some(DEFAULT_ROUTE_TIMEOUT),
-        Some(d) => Some(
-            duration(d).ok_or_else(|| cx.err(format!("{field}.timeout"), "negative duration"))?,
-        )
+        Some(d) => Some(duration(d).ok_or_else(|| {
+            cx.err(
+                format!("{field}.timeout"),
+                "negative or out-of-range duration",
+            )
+        })?)
         .filter(|d| !d.is_zero()),
     };
     let retry_policy = match &a.retry_policy {
@@ -985,6 +1057,12 @@ fn route_action(
     for (i, h) in a.hash_policy.iter().enumerate() {
         match &h.policy_specifier {
             Some(er::route_action::hash_policy::PolicySpecifier::Header(hd)) => {
+                if hd.header_name.is_empty() {
+                    return Err(cx.err(
+                        format!("{field}.hash_policy[{i}].header.header_name"),
+                        "is empty",
+                    ));
+                }
                 hash_headers.push(hd.header_name.to_ascii_lowercase())
             }
             _ => {
@@ -1034,14 +1112,16 @@ fn retry_policy(cx: &Ctx<'_>, field: &str, r: &er::RetryPolicy) -> Result<RetryP
             "deadline-exceeded" => on.grpc_deadline_exceeded = true,
             "resource-exhausted" => on.grpc_resource_exhausted = true,
             "unavailable" => on.grpc_unavailable = true,
-            // Accepted and meaningless here: refused streams are resets to us.
+            // Refused streams are resets to us.
             "refused-stream" => on.reset = true,
-            other => {
-                return Err(cx.err(
-                    format!("{field}.retry_on"),
-                    format!("unsupported condition {other:?}"),
-                ))
-            }
+            // Envoy ignores conditions it does not know (newer ones, typos); so do we,
+            // visibly in the log.
+            other => tracing::warn!(
+                resource = cx.name,
+                field = %format!("{field}.retry_on"),
+                condition = other,
+                "unknown retry condition ignored"
+            ),
         }
     }
     let mut retriable_status_codes = Vec::new();
@@ -1185,6 +1265,9 @@ pub fn cluster(c: &ec::Cluster) -> Result<ClusterSpec, Invalid> {
     };
     let connect_timeout = opt_duration(&cx, "connect_timeout", c.connect_timeout.as_ref())?
         .unwrap_or(Duration::from_secs(5));
+    if connect_timeout.is_zero() {
+        return Err(cx.err("connect_timeout", "must be greater than 0s"));
+    }
     let mut circuit_breaker = model::CircuitBreaker::default();
     if let Some(cb) = &c.circuit_breakers {
         for (i, t) in cb.thresholds.iter().enumerate() {
@@ -1209,6 +1292,29 @@ pub fn cluster(c: &ec::Cluster) -> Result<ClusterSpec, Invalid> {
             }
         }
     }
+    if let Some(o) = &c.outlier_detection {
+        if o.max_ejection_percent
+            .as_ref()
+            .is_some_and(|v| v.value > 100)
+        {
+            return Err(cx.err("outlier_detection.max_ejection_percent", "must be <= 100"));
+        }
+        if o.interval
+            .as_ref()
+            .is_some_and(|d| d.seconds == 0 && d.nanos == 0)
+        {
+            return Err(cx.err("outlier_detection.interval", "must be greater than 0s"));
+        }
+        if o.base_ejection_time
+            .as_ref()
+            .is_some_and(|d| d.seconds == 0 && d.nanos == 0)
+        {
+            return Err(cx.err(
+                "outlier_detection.base_ejection_time",
+                "must be greater than 0s",
+            ));
+        }
+    }
     let outlier = match &c.outlier_detection {
         None => None,
         Some(o) => Some(OutlierDetection {
@@ -1219,10 +1325,7 @@ pub fn cluster(c: &ec::Cluster) -> Result<ClusterSpec, Invalid> {
                 o.base_ejection_time.as_ref(),
             )?
             .unwrap_or(Duration::from_secs(30)),
-            max_ejection_percent: o
-                .max_ejection_percent
-                .as_ref()
-                .map_or(10, |v| v.value.min(100)),
+            max_ejection_percent: o.max_ejection_percent.as_ref().map_or(10, |v| v.value),
             interval: opt_duration(&cx, "outlier_detection.interval", o.interval.as_ref())?
                 .unwrap_or(Duration::from_secs(10)),
         }),

@@ -346,14 +346,41 @@ impl ServerStream for SotwStream {
         SotwStream::on_request(self, req).await
     }
     async fn push_all(&mut self) -> bool {
-        let types: Vec<String> = self.subs.keys().cloned().collect();
-        for t in types {
+        let eds = ClusterLoadAssignment::type_url();
+        for t in push_order(self.subs.keys()) {
+            let before = self.nonce;
             if !self.push(&t, false).await {
                 return false;
+            }
+            // A changed cluster warms until its endpoints arrive again (Envoy waits for
+            // them): push the load assignments right after, changed or not.
+            if t == Cluster::type_url() && self.nonce != before && self.subs.contains_key(&eds) {
+                if !self.push(&eds, true).await {
+                    return false;
+                }
             }
         }
         true
     }
+}
+
+/// Types in the order the xDS protocol asks servers to push them: clusters, their
+/// endpoints, listeners, their routes, then anything else.
+fn push_order<'a>(types: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let rank = |t: &str| {
+        [
+            Cluster::type_url(),
+            ClusterLoadAssignment::type_url(),
+            Listener::type_url(),
+            RouteConfiguration::type_url(),
+        ]
+        .iter()
+        .position(|x| x == t)
+        .unwrap_or(4)
+    };
+    let mut v: Vec<String> = types.cloned().collect();
+    v.sort_by_key(|t| rank(t));
+    v
 }
 
 impl ServerStream for DeltaStream {
@@ -371,10 +398,27 @@ impl ServerStream for DeltaStream {
         DeltaStream::on_request(self, req).await
     }
     async fn push_all(&mut self) -> bool {
-        let types: Vec<String> = self.subs.keys().cloned().collect();
-        for t in types {
+        let cds = Cluster::type_url();
+        let eds = ClusterLoadAssignment::type_url();
+        for t in push_order(self.subs.keys()) {
+            let before = self.nonce;
             if !self.push(&t).await {
                 return false;
+            }
+            // As for SotW: a changed cluster gets its endpoints again, by forgetting
+            // that the client has them.
+            if t == cds && self.nonce != before {
+                let changed: Vec<String> = self
+                    .subs
+                    .get(&cds)
+                    .and_then(|st| st.pending.get(&self.nonce.to_string()))
+                    .map(|v| v.iter().map(|(n, _)| n.clone()).collect())
+                    .unwrap_or_default();
+                if let Some(st) = self.subs.get_mut(&eds) {
+                    for n in &changed {
+                        st.has.remove(n);
+                    }
+                }
             }
         }
         true

@@ -644,7 +644,8 @@ fn load_assignment(
         cluster_name: cluster_name(svc, p.port),
         endpoints: vec![ee::LocalityLbEndpoints {
             lb_endpoints,
-            // gRPC's xDS client ignores localities without a weight.
+            // gRPC's xDS client requires a locality and ignores one without a weight.
+            locality: Some(core::Locality::default()),
             load_balancing_weight: u32v(1),
             ..Default::default()
         }],
