@@ -354,10 +354,9 @@ impl ServerStream for SotwStream {
             }
             // A changed cluster warms until its endpoints arrive again (Envoy waits for
             // them): push the load assignments right after, changed or not.
-            if t == Cluster::type_url() && self.nonce != before && self.subs.contains_key(&eds) {
-                if !self.push(&eds, true).await {
-                    return false;
-                }
+            let cluster_pushed = t == Cluster::type_url() && self.nonce != before;
+            if cluster_pushed && self.subs.contains_key(&eds) && !self.push(&eds, true).await {
+                return false;
             }
         }
         true

@@ -316,7 +316,14 @@ async fn delta_stream_resumes_with_initial_versions_after_a_restart() {
     let (tx, _) = watch::channel(Arc::new(Snapshot::default().next(resources(BASE))));
     let cp = embedded_on(listener, tx).await;
     let c = client(addr, Mode::Delta, false);
-    until("the config", || c.config().borrow().clusters.len() == 2).await;
+    // Everything, routes and endpoints included, before the control plane goes away.
+    until("the whole config", || {
+        let cfg = c.config().borrow().clone();
+        cfg.listener(vip("10.96.0.10:80")).is_some()
+            && cfg.clusters.len() == 2
+            && cfg.clusters.values().all(|c| c.endpoints_known)
+    })
+    .await;
     // The control plane goes away; the proxy keeps its configuration.
     let mut cp = cp;
     tokio::task::block_in_place(|| cp.stop());
@@ -344,7 +351,8 @@ async fn delta_stream_resumes_with_initial_versions_after_a_restart() {
     assert_eq!(
         cp2.stats.resources_sent.load(Relaxed),
         1,
-        "a resumed stream gets only what changed"
+        "a resumed stream gets only what changed: {}",
+        c.dump()["recent_verdicts"]
     );
 }
 
@@ -564,14 +572,20 @@ async fn against_rogue(mode: Mode) -> Vec<(String, Option<String>)> {
             .await;
     });
     let c = client(addr, mode, false);
+    // The server has the answer to the last scripted response (the client's verdict is
+    // not enough: its request may still be on the way).
     until("the last scripted response to be answered", || {
         let s = seen.lock().unwrap();
-        let n = if mode == Mode::Delta {
-            s.delta.len()
+        let nacked_5 = |nonce: &str, e: bool| nonce == "5" && e;
+        if mode == Mode::Delta {
+            s.delta
+                .iter()
+                .any(|r| nacked_5(&r.response_nonce, r.error_detail.is_some()))
         } else {
-            s.sotw.len()
-        };
-        n > 0 && c.dump()["xds"]["last_nack"]["nonce"] == "5"
+            s.sotw
+                .iter()
+                .any(|r| nacked_5(&r.response_nonce, r.error_detail.is_some()))
+        }
     })
     .await;
     let cfg = c.config().borrow().clone();
