@@ -607,7 +607,10 @@ fn check_services(
                 ));
             }
         }
-        if svc.max_request_headers_kb.is_some_and(|k| k == 0 || k > 8192) {
+        if svc
+            .max_request_headers_kb
+            .is_some_and(|k| k == 0 || k > 8192)
+        {
             bad(".max_request_headers_kb: must be in 1..8192".into());
         }
         if svc.lb.policy == LbPolicySpec::RingHash && svc.lb.hash_header.is_none() {
