@@ -17,7 +17,7 @@ set -euo pipefail
 
 AGENT=${MESH_AGENT_BIN:-}; PODTOOL=${PODTOOL:-}; BENCHTOOL=${BENCHTOOL:-}; ENVOY=${ENVOY_BIN:-}
 RUNS=${RUNS:-5}; SECS=${SECS:-2}; SMOKE=${SMOKE:-0}; RAW=${RAW:-/dev/stdout}
-# Set: a system-wide `perf record -g` of every client run goes there, with a text report.
+# Set: a `perf record -C 0 -g` of every client run goes there, with a text report.
 PERF_DIR=${PERF_DIR:-}; CUR=
 PLACEMENTS=${PLACEMENTS:-1cpu 2cpu}
 
