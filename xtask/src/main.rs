@@ -83,7 +83,7 @@ enum Task {
         /// harness (part of `cargo xtask test`); nothing is copied to docs/.
         #[arg(long)]
         smoke: bool,
-        /// One run on one vCPU with a system-wide `perf record -g` of each measurement;
+        /// One run on one vCPU with a `perf record -C 0 -g` of each measurement;
         /// reports in target/bench/<time>/perf/ (figures perturbed, not copied to docs/).
         #[arg(long)]
         perf: bool,
