@@ -799,10 +799,36 @@ impl XdsClient {
     }
 
     fn node(&self) -> Node {
+        use envoy_types::pb::{
+            envoy::config::core::v3::node::UserAgentVersionType,
+            google::protobuf::{value::Kind as V, Struct, Value},
+        };
+        let text = |s: &str| Value {
+            kind: Some(V::StringValue(s.to_owned())),
+        };
+        // What a control plane may want to know to tailor its answers.
+        let metadata = Struct {
+            fields: [
+                ("proxy".to_owned(), text("mesh-agent node proxy")),
+                (
+                    "on_demand_listeners".to_owned(),
+                    Value {
+                        kind: Some(V::BoolValue(self.opts.on_demand)),
+                    },
+                ),
+                ("listener_names".to_owned(), text("<ip>:<port>")),
+            ]
+            .into_iter()
+            .collect(),
+        };
         Node {
             id: self.opts.node_id.clone(),
             cluster: self.opts.cluster.clone(),
+            metadata: Some(metadata),
             user_agent_name: "mesh-agent".into(),
+            user_agent_version_type: Some(UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )),
             ..Default::default()
         }
     }
