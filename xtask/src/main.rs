@@ -7,8 +7,8 @@
 //!   privileged end-to-end tests on a simulated node).
 //! - `demo`: setup, build, then a simulated node with traffic (xtask/demo.sh).
 //! - `latency`: a quick pod -> pod round-trip measurement, direct vs through the mesh.
-//! - `bench`: the benchmark suites of issue 5 (`l4`, `footprint`; xtask/bench.sh measures,
-//!   `bench.rs` reports); `--smoke` is a seconds-long run that `test` includes.
+//! - `bench`: the benchmark suites of issue 5 (`l4`, `footprint`: xtask/bench.sh measures;
+//!   `l7`: xtask/bench-l7.sh; `xds`: xtask/bench-xds.py; `bench.rs` reports); `--smoke` is a seconds-long run that `test` includes.
 //! - `lint`: rustfmt and clippy (-D warnings).
 
 use std::{
@@ -36,6 +36,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "sockperf",
     "iperf3",
     "haproxy",
+    // The L7 suite: HTTP load generators (wrk, h2load) and nginx (upstream, reverse proxy).
+    "wrk",
+    "nghttp2-client",
+    "nginx-light",
     // `python3 -m venv` for Envoy and grpcio from PyPI (the interop tests, the benchmarks).
     "python3-venv",
 ];
@@ -71,7 +75,7 @@ enum Task {
     },
     /// Benchmarks on a simulated node (issue 5); results in target/bench/ and docs/bench/.
     Bench {
-        /// l4, footprint, or all (l7 and xds wait for issue 3).
+        /// l4, footprint, l7, xds, or all.
         suite: Option<String>,
         /// Runs per measurement (median and min-max are reported).
         #[arg(long, default_value_t = 5)]

@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# The L7 suite of `cargo xtask bench` (issue 5, item 3) on a simulated node: HTTP/1.1
+# keep-alive (wrk) and HTTP/2 (h2load) requests/s and p50/p99 at a fixed concurrency, to
+# one nginx upstream in the server pod, for each path:
+#   direct     an opted-out pod -> the server pod
+#   mesh-l4    an enrolled pod -> the server pod's address (captured, plain L4 relay)
+#   mesh       an enrolled pod -> a service address (captured, the node proxy's L7 engine)
+#   envoy, nginx, haproxy: an opted-out pod -> that reverse proxy on the node's bridge
+#              address, forwarding to the server pod
+# Every proxy gets two worker threads: the node proxy's runtime has two (fixed), Envoy
+# --concurrency 2, nginx worker_processes 2, haproxy nbthread 2.
+# Appends one line per figure to $RAW:  l7 PATH PLACEMENT METRIC RUN VALUE
+# Run it through `cargo xtask bench l7` (builds the binaries, sets the variables), as root.
+#
+#   bench-l7.sh check | clean | run
+#
+# Names (distinct from bench.sh's mbn*/10.204, the tests' mt*/10.201, demo 10.202,
+# latency 10.203, l7-quick 10.205): netns mb7-cli, mb7-opt, mb7-srv; bridge mb7br
+# (10.206.0.1/24); cgroup <cgroup2>/mesh-bench-l7; pins /sys/fs/bpf/mesh-bench-l7;
+# scratch /tmp/mesh-bench-l7.
+set -euo pipefail
+
+AGENT=${MESH_AGENT_BIN:-}; ENVOY=${ENVOY_BIN:-}
+RUNS=${RUNS:-5}; SECS=${SECS:-2}; SMOKE=${SMOKE:-0}; RAW=${RAW:-/dev/stdout}
+PERF_DIR=${PERF_DIR:-}; CUR=
+PLACEMENTS=${PLACEMENTS:-1cpu 2cpu}
+# Requests in flight: HTTP/1.1 connections; HTTP/2: connections x streams each.
+CONNS=${L7_CONNS:-16}; H2_CONNS=4; H2_STREAMS=$((CONNS / H2_CONNS))
+# wrk takes whole seconds.
+SECS=$(awk -v s="$SECS" 'BEGIN {s = int(s + 0.999); print (s < 1 ? 1 : s)}'); [ "$SMOKE" = 1 ] && SECS=1
+# Warm-up requests per path before each measurement (connections, pools, and the node
+# proxy's on-demand xDS subscription on the first request).
+WARM=2000; [ "$SMOKE" = 1 ] && WARM=200
+
+CG_ROOT=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
+CG=$CG_ROOT/mesh-bench-l7; PIN=/sys/fs/bpf/mesh-bench-l7; DIR=/tmp/mesh-bench-l7; BR=mb7br
+NODE_IP=10.206.0.1; CLI_IP=10.206.0.2; OPT_IP=10.206.0.3; SRV_IP=10.206.0.4
+VIP1=10.96.206.1; VIP2=10.96.206.2   # services: HTTP/1.1 and HTTP/2 (prior knowledge)
+ADMIN=127.0.0.1:15797; XDS=127.0.0.1:15794; ENVOY_ADMIN=127.0.0.1:15796; PROXY_PORT=15701
+SRV_H1=8080; SRV_H2=8081
+# Reference proxies on the node: HTTP/1.1 port, HTTP/2 port.
+ENVOY_PORTS=(17080 17081); NGINX_PORTS=(17180 17181); HAPROXY_PORTS=(17280 17281)
+NODE_PORTS=("$PROXY_PORT" "${ADMIN##*:}" "${XDS##*:}" "${ENVOY_ADMIN##*:}" "${ENVOY_PORTS[@]}" "${NGINX_PORTS[@]}" "${HAPROXY_PORTS[@]}")
+
+log() { echo "bench-l7: $*" >&2; }
+die() { echo "bench-l7: error: $*" >&2; exit 1; }
+
+# --- leftovers -------------------------------------------------------------------------
+
+leftovers() {
+  local l=()
+  ip netns list 2>/dev/null | grep -qE '^mb7-' && l+=("network namespaces: $(ip netns list | grep -E '^mb7-' | awk '{print $1}' | paste -sd' ')")
+  ip link show "$BR" > /dev/null 2>&1 && l+=("bridge $BR")
+  [ -d "$CG" ] && l+=("cgroup $CG (processes: $(cat "$CG"/cgroup.procs "$CG"/*/cgroup.procs 2>/dev/null | paste -sd' '))")
+  [ -e "$PIN" ] && l+=("bpffs pins $PIN")
+  [ -d "$DIR" ] && l+=("scratch directory $DIR")
+  local p; p=$(pgrep -f -- "--pin-path $PIN" | paste -sd' ' || true)
+  [ -n "$p" ] && l+=("a mesh-agent on $PIN (pid $p)")
+  local port
+  for port in "${NODE_PORTS[@]}"; do
+    ss -Hltn "sport = :$port" | grep -q . && l+=("a listener on TCP port $port: $(ss -Hltnp "sport = :$port" | awk '{print $NF}' | head -1)")
+  done
+  printf '%s\n' "${l[@]+"${l[@]}"}"
+}
+
+check() {
+  local l; l=$(leftovers)
+  if [ -n "$l" ]; then
+    echo "bench-l7: refusing to start: an earlier run (or something else) holds what this one needs:" >&2
+    sed 's/^/  - /' <<< "$l" >&2
+    echo "bench-l7: they would bias or break the measurements; remove them with \`cargo xtask bench --clean\` (ports held by other programs: stop those yourself)" >&2
+    exit 1
+  fi
+}
+
+# Kills only what this script started: processes in its cgroups and the pids it wrote down.
+clean() {
+  local d f
+  for f in "$DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  for d in "$CG"/*/ "$CG/"; do [ -f "$d/cgroup.procs" ] && xargs -r kill 2>/dev/null < "$d/cgroup.procs" || true; done
+  for _ in $(seq 50); do
+    [ -z "$(cat "$CG"/cgroup.procs "$CG"/*/cgroup.procs 2>/dev/null)" ] && break; sleep 0.1
+  done
+  for d in "$CG"/*/ "$CG/"; do [ -f "$d/cgroup.procs" ] && xargs -r kill -9 2>/dev/null < "$d/cgroup.procs" || true; done
+  sleep 0.2
+  for n in cli opt srv; do ip netns del "mb7-$n" 2>/dev/null || true; done
+  ip link del "$BR" 2>/dev/null || true
+  for d in "$CG"/*/; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
+  [ -d "$CG" ] && rmdir "$CG" 2>/dev/null || true
+  [ -e "$PIN" ] && rm -rf "$PIN" 2>/dev/null || true
+  rm -rf "$DIR"
+}
+
+# --- the simulated node ----------------------------------------------------------------
+
+node_up() {
+  mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+  mkdir -p "$DIR" "$CG" "$CG/ref"
+  ip link add "$BR" type bridge; ip addr add "$NODE_IP/24" dev "$BR"; ip link set "$BR" up
+  local p n h
+  for p in cli:2 opt:3 srv:4; do
+    n=${p%%:*}; h=${p##*:}
+    ip netns add "mb7-$n"; ip link add "mb7$h" type veth peer name eth0 netns "mb7-$n"
+    ip link set "mb7$h" master "$BR" up; ip -n "mb7-$n" addr add "10.206.0.$h/24" dev eth0
+    ip -n "mb7-$n" link set eth0 up; ip -n "mb7-$n" link set lo up; mkdir -p "$CG/$n"
+    # Service addresses are routed like a cluster's: via the node.
+    ip -n "mb7-$n" route add 10.96.0.0/12 via "$NODE_IP"
+  done
+}
+
+# in_cg CGROUP CPUS CMD...: run CMD in the cgroup, pinned; pod cgroups also enter the pod
+# netns. It execs, so call it in a subshell (`&` or `$(...)`): then the pid is CMD's own.
+in_cg() {
+  local cg=$1 cpus=$2; shift 2
+  local ns=()
+  case $cg in cli|opt|srv) ns=(ip netns exec "mb7-$cg") ;; esac
+  local path=$CG/$cg; [ "$cg" = node ] && path=$CG
+  exec sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$path" "${ns[@]+"${ns[@]}"}" taskset -c "$cpus" "$@"
+}
+
+bg() { # bg NAME CGROUP CPUS CMD...: pid in $DIR/NAME.pid, output in $DIR/NAME.log
+  local name=$1; shift
+  in_cg "$@" > "$DIR/$name.log" 2>&1 &
+  echo $! > "$DIR/$name.pid"
+}
+
+stop() { # stop NAME...
+  local n p
+  for n in "$@"; do
+    [ -f "$DIR/$n.pid" ] || continue
+    p=$(cat "$DIR/$n.pid"); rm -f "$DIR/$n.pid"
+    kill "$p" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+}
+
+wait_port() { # wait_port NETNS|node IP PORT
+  local cmd=(); [ "$1" != node ] && cmd=(ip netns exec "$1")
+  for _ in $(seq 100); do
+    "${cmd[@]+"${cmd[@]}"}" ss -Hltn "sport = :$3" | grep -q "$2:$3\|\*:$3\|0.0.0.0:$3" && return 0
+    sleep 0.05
+  done
+  tail -n 5 "$DIR"/*.log >&2
+  die "nothing listens on $2:$3 ($1)"
+}
+
+# nginx wants writable temp paths even when it never buffers to disk.
+nginx_common() { # nginx_common NAME WORKERS
+  printf 'worker_processes %s;\ndaemon off;\npid %s/%s.nginx-pid;\nerror_log stderr warn;\nevents { worker_connections 4096; }\nhttp {\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n' "$2" "$DIR" "$1"
+  local t; for t in client_body proxy fastcgi uwsgi scgi; do printf '  %s_temp_path %s/%s-%s;\n' "$t" "$DIR" "$1" "$t"; done
+}
+
+# The upstream for every path: nginx answering a 14-byte body from memory; one worker
+# (its vCPU is the server's).
+start_server() { # start_server CPUS
+  {
+    nginx_common srv 1
+    printf '  server { listen %s; location / { return 200 "hello from srv\\n"; } }\n' "$SRV_H1"
+    printf '  server { listen %s http2; location / { return 200 "hello from srv\\n"; } }\n}\n' "$SRV_H2"
+  } > "$DIR/nginx-srv.conf"
+  bg nginx-srv srv "$1" nginx -e stderr -c "$DIR/nginx-srv.conf"
+  wait_port mb7-srv 0.0.0.0 "$SRV_H1"; wait_port mb7-srv 0.0.0.0 "$SRV_H2"
+}
+
+config() {
+  cat > "$DIR/mesh.yaml" <<YAML
+namespaces:
+  - { name: a, labels: { mesh-agent.io/dataplane-mode: ambient } }
+  - { name: b }
+workloads:
+  - { name: cli, namespace: a, ip: $CLI_IP, netns: /run/netns/mb7-cli }
+  - { name: opt, namespace: a, ip: $OPT_IP, netns: /run/netns/mb7-opt, labels: { mesh-agent.io/dataplane-mode: none } }
+  - { name: srv, namespace: b, ip: $SRV_IP, netns: /run/netns/mb7-srv, labels: { app: srv } }
+services:
+  - { name: srv, namespace: b, vip: $VIP1, ports: [ { port: 80, target_port: $SRV_H1, protocol: http } ], selector: { app: srv } }
+  - { name: srv2, namespace: b, vip: $VIP2, ports: [ { port: 80, target_port: $SRV_H2, protocol: http2 } ], selector: { app: srv } }
+YAML
+}
+
+start_agent() { # start_agent CPUS
+  config
+  bg agent node "$1" "$AGENT" --log warn run --config "$DIR/mesh.yaml" --pin-path "$PIN" --cgroup "$CG" \
+    --proxy-address "$NODE_IP:$PROXY_PORT" --admin-address "$ADMIN" --xds-listen "$XDS"
+  for _ in $(seq 100); do curl -sf "http://$ADMIN/ready" > /dev/null 2>&1 && return; sleep 0.05; done
+  cat "$DIR/agent.log" >&2; die "the agent did not become ready"
+}
+
+start_nginx() { # start_nginx CPUS
+  {
+    nginx_common proxy 2
+    printf '  upstream h1 { server %s:%s; keepalive 64; keepalive_requests 10000000; }\n' "$SRV_IP" "$SRV_H1"
+    # nginx proxies to HTTP/1.1 upstreams only: its HTTP/2 front talks HTTP/1.1 behind.
+    local p; for p in "${NGINX_PORTS[0]}" "${NGINX_PORTS[1]} http2"; do
+      printf '  server { listen %s:%s; location / { proxy_pass http://h1; proxy_http_version 1.1; proxy_set_header Connection ""; } }\n' "$NODE_IP" "$p"
+    done
+    printf '}\n'
+  } > "$DIR/nginx-proxy.conf"
+  bg nginx-proxy ref "$1" nginx -e stderr -c "$DIR/nginx-proxy.conf"
+  wait_port node "$NODE_IP" "${NGINX_PORTS[0]}"; wait_port node "$NODE_IP" "${NGINX_PORTS[1]}"
+}
+
+start_haproxy() { # start_haproxy CPUS
+  cat > "$DIR/haproxy.cfg" <<CFG
+global
+  nbthread 2
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend h1
+  bind $NODE_IP:${HAPROXY_PORTS[0]}
+  default_backend b1
+frontend h2
+  bind $NODE_IP:${HAPROXY_PORTS[1]} proto h2
+  default_backend b2
+backend b1
+  server s $SRV_IP:$SRV_H1
+backend b2
+  server s $SRV_IP:$SRV_H2 proto h2
+CFG
+  bg haproxy ref "$1" haproxy -db -f "$DIR/haproxy.cfg"
+  wait_port node "$NODE_IP" "${HAPROXY_PORTS[0]}"; wait_port node "$NODE_IP" "${HAPROXY_PORTS[1]}"
+}
+
+start_envoy() { # start_envoy CPUS
+  local i
+  {
+    printf 'admin:\n  address: { socket_address: { address: %s, port_value: %s } }\nstatic_resources:\n  listeners:\n' "${ENVOY_ADMIN%%:*}" "${ENVOY_ADMIN##*:}"
+    for i in 0 1; do
+      printf '  - name: l%s\n    address: { socket_address: { address: %s, port_value: %s } }\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: l%s\n          codec_type: AUTO\n          route_config:\n            virtual_hosts:\n            - { name: all, domains: ["*"], routes: [ { match: { prefix: / }, route: { cluster: c%s } } ] }\n          http_filters:\n          - name: envoy.filters.http.router\n            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }\n' \
+        "$i" "$NODE_IP" "${ENVOY_PORTS[$i]}" "$i" "$i"
+    done
+    printf '  clusters:\n'
+    for i in 0 1; do
+      local port=$SRV_H1 proto=""
+      if [ "$i" = 1 ]; then
+        port=$SRV_H2
+        proto='    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: { http2_protocol_options: {} }\n'
+      fi
+      printf '  - name: c%s\n    type: STATIC\n    connect_timeout: 5s\n'"$proto"'    load_assignment:\n      cluster_name: c%s\n      endpoints:\n      - lb_endpoints:\n        - endpoint: { address: { socket_address: { address: %s, port_value: %s } } }\n' \
+        "$i" "$i" "$SRV_IP" "$port"
+    done
+  } > "$DIR/envoy.yaml"
+  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart
+  wait_port node "$NODE_IP" "${ENVOY_PORTS[0]}"; wait_port node "$NODE_IP" "${ENVOY_PORTS[1]}"
+}
+
+# --- measurements ----------------------------------------------------------------------
+
+emit() { echo "$*" >> "$RAW"; }
+
+# Every client fails loudly: a path that breaks must not turn into a missing figure.
+client() { # client NAME POD CPUS CMD... -> stdout of CMD
+  local name=$1 pod=$2 out perf_pid= rec; shift 2
+  if [ -n "$PERF_DIR" ]; then
+    rec=$PERF_DIR/$CUR-$name.data
+    perf record -q -C 0 -g -o "$rec" > /dev/null 2>&1 &
+    perf_pid=$!; echo "$perf_pid" > "$DIR/perf.pid"; sleep 0.5
+  fi
+  if ! out=$(in_cg "$pod" "$@" 2> "$DIR/$name.err"); then
+    echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
+  fi
+  if [ -n "$perf_pid" ]; then
+    kill -TERM "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; rm -f "$DIR/perf.pid"
+    { perf report -i "$rec" --no-children --sort comm -g none --stdio
+      perf report -i "$rec" --no-children --sort comm,dso,sym -g none --percent-limit 0.3 --stdio
+    } 2> /dev/null | grep -v '^$' > "${rec%.data}.txt" || true
+  fi
+  echo "$out"
+}
+
+# wrk's latencies come as 812.00us, 1.23ms or 1.02s.
+to_us() { awk '{v = $1 + 0; if ($1 ~ /us$/) print v; else if ($1 ~ /ms$/) print v * 1000; else if ($1 ~ /s$/) print v * 1000000; else print v}'; }
+
+measure_h1() { # measure_h1 PATH PLACEMENT RUN POD CPU URL
+  (in_cg "$4" "$5" h2load --h1 -t1 -c"$CONNS" -n "$WARM" "$6") > /dev/null 2>&1 || true
+  local out; out=$(client wrk "$4" "$5" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$6")
+  if grep -q "Non-2xx\|Socket errors" <<< "$out"; then echo "$out" >&2; die "HTTP/1.1 through $1 had errors"; fi
+  local rps p50 p99
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<< "$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<< "$out" | to_us); p99=$(awk '$1 == "99%" {print $2}' <<< "$out" | to_us)
+  [ -n "$rps" ] && [ -n "$p50" ] && [ -n "$p99" ] || { echo "$out" >&2; die "cannot read wrk's output ($1)"; }
+  emit l7 "$1" "$2" h1_rps "$3" "$rps"; emit l7 "$1" "$2" h1_p50_us "$3" "$p50"; emit l7 "$1" "$2" h1_p99_us "$3" "$p99"
+}
+
+measure_h2() { # measure_h2 PATH PLACEMENT RUN POD CPU URL
+  local h2=(h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS")
+  (in_cg "$4" "$5" "${h2[@]}" -n "$WARM" "$6") > /dev/null 2>&1 || true
+  local lat=$DIR/h2load.log; rm -f "$lat"
+  local out; out=$(client h2load "$4" "$5" "${h2[@]}" -D "$SECS" --log-file="$lat" "$6")
+  # requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
+  local failed; failed=$(awk '/^requests:/ {print $10 + $12 + $14}' <<< "$out")
+  [ "$failed" = 0 ] || { echo "$out" >&2; die "HTTP/2 through $1 had errors"; }
+  local rps p50 p99
+  rps=$(sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p' <<< "$out")
+  # --log-file: start time, status, request duration (us) per request.
+  read -r p50 p99 <<< "$(awk '{print $3}' "$lat" | sort -n | awk '{v[NR] = $1} END {if (NR) print v[int(NR * 0.5) + 1], v[int(NR * 0.99) + 1]}')"
+  [ -n "$rps" ] && [ -n "$p50" ] && [ -n "$p99" ] || { echo "$out" >&2; die "cannot read h2load's output ($1)"; }
+  emit l7 "$1" "$2" h2_rps "$3" "$rps"; emit l7 "$1" "$2" h2_p50_us "$3" "$p50"; emit l7 "$1" "$2" h2_p99_us "$3" "$p99"
+}
+
+PATHS=(direct mesh-l4 mesh envoy nginx haproxy)
+
+target() { # target PATH PROTO(1|2) -> "POD URL"
+  local i=$(($2 - 1)) srv_port=$SRV_H1 vip=$VIP1
+  [ "$2" = 2 ] && srv_port=$SRV_H2 && vip=$VIP2
+  case $1 in
+    direct) echo "opt http://$SRV_IP:$srv_port/" ;;
+    mesh-l4) echo "cli http://$SRV_IP:$srv_port/" ;;
+    mesh) echo "cli http://$vip/" ;;
+    envoy) echo "opt http://$NODE_IP:${ENVOY_PORTS[$i]}/" ;;
+    nginx) echo "opt http://$NODE_IP:${NGINX_PORTS[$i]}/" ;;
+    haproxy) echo "opt http://$NODE_IP:${HAPROXY_PORTS[$i]}/" ;;
+    *) die "unknown path $1" ;;
+  esac
+}
+
+placement_cpus() { # placement_cpus PLACEMENT -> "client server node"
+  case $1 in
+    1cpu) echo "0 0 0" ;;
+    # Client and server on different vCPUs; the proxies are left to the scheduler.
+    2cpu) echo "0 1 0,1" ;;
+    *) die "unknown placement $1" ;;
+  esac
+}
+
+suite_l7() {
+  local placement run path cc sc nc pod url
+  for placement in $PLACEMENTS; do
+    read -r cc sc nc <<< "$(placement_cpus "$placement")"
+    for run in $(seq "$RUNS"); do
+      # Every proxy runs for the whole run (idle while another path is measured), so each
+      # path meets the same machine.
+      start_server "$sc"; start_agent "$nc"; start_envoy "$nc"; start_nginx "$nc"; start_haproxy "$nc"
+      for path in "${PATHS[@]}"; do
+        log "l7 $placement run $run/$RUNS: $path"
+        CUR=$placement-$path
+        read -r pod url <<< "$(target "$path" 1)"
+        measure_h1 "$path" "$placement" "$run" "$pod" "$cc" "$url"
+        read -r pod url <<< "$(target "$path" 2)"
+        measure_h2 "$path" "$placement" "$run" "$pod" "$cc" "$url"
+      done
+      stop haproxy nginx-proxy envoy agent nginx-srv
+    done
+  done
+}
+
+main() {
+  case ${1:-} in
+    check) check ;;
+    clean) clean ;;
+    run)
+      [ -n "$AGENT" ] && [ -n "$ENVOY" ] || die "run it with cargo xtask bench l7"
+      local t; for t in wrk h2load nginx haproxy curl taskset "$ENVOY"; do
+        command -v "$t" > /dev/null || die "$t is missing (cargo xtask setup installs it)"
+      done
+      check
+      trap 'trap "" INT TERM; exec 2>/dev/null; clean' EXIT
+      trap 'exit 130' INT TERM
+      node_up
+      suite_l7
+      ;;
+    *) die "usage: bench-l7.sh check|clean|run" ;;
+  esac
+}
+main "$@"

@@ -1,0 +1,335 @@
+//! The L7 suite's figures (xtask/bench-l7.sh measures): HTTP/1.1 and HTTP/2 requests/s and
+//! p50/p99 per path, ratios against `direct`, the issue's HTTP/1.1 targets.
+
+use std::{fmt::Write as _, process::Command};
+
+use super::{cell, esc, get, meta_md, num, targets_md, Meta, Table, Target};
+
+/// Paths, in the order of the tables, with what each one is.
+pub(super) const PATHS: &[(&str, &str)] = &[
+    ("direct", "direct (opted-out pod -> pod)"),
+    (
+        "mesh-l4",
+        "mesh, pod address (captured, node proxy L4 relay)",
+    ),
+    (
+        "mesh",
+        "mesh, service address (captured, node proxy L7 engine)",
+    ),
+    ("envoy", "Envoy (HTTP connection manager) in the node"),
+    ("nginx", "nginx reverse proxy in the node"),
+    ("haproxy", "haproxy (mode http) in the node"),
+];
+
+pub(super) const COLUMNS: &[&str] = &[
+    "h1_rps",
+    "h1_p50_us",
+    "h1_p99_us",
+    "h2_rps",
+    "h2_p50_us",
+    "h2_p99_us",
+];
+
+/// The reverse proxies the L7 engine is held against.
+const REFERENCES: &[&str] = &["envoy", "nginx", "haproxy"];
+
+/// HTTP/1.1 through the L7 proxy: at least this share of direct's requests/s.
+const RPS_GOAL: f64 = 0.8;
+
+/// metric -> (column title, unit of the raw value, higher is better)
+pub(super) fn metric_info(metric: &str) -> Option<(&'static str, &'static str, bool)> {
+    Some(match metric {
+        "h1_rps" => ("HTTP/1.1 requests/s", "1/s", true),
+        "h1_p50_us" => ("HTTP/1.1 p50", "us", false),
+        "h1_p99_us" => ("HTTP/1.1 p99", "us", false),
+        "h2_rps" => ("HTTP/2 requests/s", "1/s", true),
+        "h2_p50_us" => ("HTTP/2 p50", "us", false),
+        "h2_p99_us" => ("HTTP/2 p99", "us", false),
+        _ => return None,
+    })
+}
+
+fn title(m: &str) -> (&'static str, &'static str) {
+    metric_info(m).map(|(t, u, _)| (t, u)).unwrap_or(("?", ""))
+}
+
+pub(super) fn targets(t: &Table) -> Vec<Target> {
+    let mut out = Vec::new();
+    for &(placement, _) in super::PLACEMENTS {
+        let med = |path: &str, metric: &str| get(t, path, placement, metric).map(|s| s.median);
+        if let (Some(v), Some(d)) = (med("mesh", "h1_rps"), med("direct", "h1_rps")) {
+            out.push(Target {
+                what: "HTTP/1.1 through the L7 proxy, requests/s".into(),
+                path: "mesh".into(),
+                placement: placement.into(),
+                metric: "h1_rps".into(),
+                value: v,
+                reference: d,
+                reference_name: "direct".into(),
+                ratio: Some(v / d),
+                goal: format!(">= {RPS_GOAL}x"),
+                pass: v / d >= RPS_GOAL,
+            });
+        }
+        for &r in REFERENCES {
+            if let (Some(v), Some(x)) = (med("mesh", "h1_rps"), med(r, "h1_rps")) {
+                out.push(Target {
+                    what: format!("HTTP/1.1 L7 requests/s above {r}'s"),
+                    path: "mesh".into(),
+                    placement: placement.into(),
+                    metric: "h1_rps".into(),
+                    value: v,
+                    reference: x,
+                    reference_name: r.into(),
+                    ratio: Some(v / x),
+                    goal: "> 1x".into(),
+                    pass: v > x,
+                });
+            }
+            if let (Some(v), Some(x)) = (med("mesh", "h1_p99_us"), med(r, "h1_p99_us")) {
+                out.push(Target {
+                    what: format!("HTTP/1.1 L7 p99 below {r}'s"),
+                    path: "mesh".into(),
+                    placement: placement.into(),
+                    metric: "h1_p99_us".into(),
+                    value: v,
+                    reference: x,
+                    reference_name: r.into(),
+                    ratio: Some(v / x),
+                    goal: "< 1x".into(),
+                    pass: v < x,
+                });
+            }
+        }
+    }
+    out
+}
+
+pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Target]) -> String {
+    let mut o = String::from("# L7 suite: HTTP through the node proxy and reverse proxies\n\n");
+    o += &meta_md(meta, skipped);
+    o += "\nOne nginx in the server pod answers every path (14-byte body from memory). \
+          HTTP/1.1: wrk, 1 thread, 16 keep-alive connections. HTTP/2: h2load, 1 thread, \
+          4 connections x 4 streams (16 requests in flight), h2c with prior knowledge. \
+          Every proxy has two worker threads (the node proxy's runtime has two and cannot \
+          be given one; Envoy `--concurrency 2`, nginx `worker_processes 2`, haproxy \
+          `nbthread 2`). nginx cannot talk HTTP/2 to an upstream: its HTTP/2 row is \
+          HTTP/2 in front, HTTP/1.1 keep-alive behind; the others are HTTP/2 end to end. \
+          gRPC unary is not measured (no fast gRPC server installs here; the HTTP/2 rows \
+          carry the same framing).\n\
+          \nEach cell: median (min–max) over the runs, latencies in microseconds. Ratios: \
+          medians against `direct` of the same placement.\n";
+    for &(placement, what) in super::PLACEMENTS {
+        if !t.keys().any(|(_, pl, _)| pl == placement) {
+            continue;
+        }
+        let _ = write!(o, "\n## {what}\n\n| path |");
+        for m in COLUMNS {
+            let (title, unit) = title(m);
+            let _ = write!(o, " {title} ({unit}) |");
+        }
+        o += "\n|---|";
+        o += &"---|".repeat(COLUMNS.len());
+        o += "\n";
+        for &(path, desc) in PATHS {
+            let _ = write!(o, "| {desc} |");
+            for m in COLUMNS {
+                let _ = write!(o, " {} |", cell(get(t, path, placement, m), 1.0));
+            }
+            o += "\n";
+        }
+        o += "\nRatios against direct:\n\n| path |";
+        for m in COLUMNS {
+            let _ = write!(o, " {} |", title(m).0);
+        }
+        o += "\n|---|";
+        o += &"---|".repeat(COLUMNS.len());
+        o += "\n";
+        for &(path, _) in PATHS.iter().skip(1) {
+            let _ = write!(o, "| {path} |");
+            for m in COLUMNS {
+                let r = match (get(t, path, placement, m), get(t, "direct", placement, m)) {
+                    (Some(v), Some(d)) => format!("{:.2}x", v.median / d.median),
+                    _ => "–".into(),
+                };
+                let _ = write!(o, " {r} |");
+            }
+            o += "\n";
+        }
+    }
+    o += "\n## Targets (issue 5)\n\n";
+    o += &targets_md(targets);
+    o
+}
+
+/// Horizontal bars, one group per path, one bar per placement, min–max whiskers.
+pub(super) fn svg(t: &Table) -> String {
+    let panels: &[(&str, &str)] = &[
+        (
+            "h1_rps",
+            "HTTP/1.1 requests/s, 16 connections (higher is better)",
+        ),
+        ("h1_p99_us", "HTTP/1.1 p99 (us, lower is better)"),
+        (
+            "h2_rps",
+            "HTTP/2 requests/s, 16 streams in flight (higher is better)",
+        ),
+        ("h2_p99_us", "HTTP/2 p99 (us, lower is better)"),
+    ];
+    bars(
+        "mesh-agent L7, pod -> pod via each proxy, one node (median, whiskers: min–max)",
+        panels,
+        &PATHS
+            .iter()
+            .map(|&(p, _)| (p, short(p)))
+            .collect::<Vec<_>>(),
+        &[
+            ("1cpu", "#1f5fa8", "1 vCPU"),
+            ("2cpu", "#9cc3e8", "2 vCPUs"),
+        ],
+        t,
+    )
+}
+
+fn short(path: &str) -> &'static str {
+    match path {
+        "direct" => "direct (opted out)",
+        "mesh-l4" => "mesh L4 relay",
+        "mesh" => "mesh L7 (service)",
+        "envoy" => "Envoy",
+        "nginx" => "nginx",
+        "haproxy" => "haproxy",
+        _ => "?",
+    }
+}
+
+/// A bar chart: panels (metric, title), rows (path, label), one bar per series (the
+/// placement column of the table, colour, legend).
+pub(super) fn bars(
+    heading: &str,
+    panels: &[(&str, &str)],
+    rows: &[(&str, &str)],
+    series: &[(&str, &str, &str)],
+    t: &Table,
+) -> String {
+    let (width, label_w, bar_h, gap) = (760.0, 200.0, 11.0, 8.0);
+    let plot_w = width - label_w - 70.0;
+    let mut body = String::new();
+    let mut y = 60.0;
+    for &(metric, title) in panels {
+        let _ = writeln!(
+            body,
+            r#"<text x="10" y="{y}" font-weight="bold">{}</text>"#,
+            esc(title)
+        );
+        y += 12.0;
+        let max = rows
+            .iter()
+            .flat_map(|&(p, _)| {
+                series
+                    .iter()
+                    .filter_map(move |&(pl, _, _)| get(t, p, pl, metric))
+            })
+            .map(|s| s.max)
+            .fold(0.0, f64::max);
+        let scale = if max > 0.0 { plot_w / max } else { 0.0 };
+        for &(path, label) in rows {
+            let group_h = bar_h * series.len() as f64;
+            let _ = writeln!(
+                body,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                label_w - 8.0,
+                y + group_h / 2.0 + 4.0,
+                esc(label)
+            );
+            for (i, &(pl, color, _)) in series.iter().enumerate() {
+                let by = y + i as f64 * bar_h;
+                if let Some(s) = get(t, path, pl, metric) {
+                    let w = s.median * scale;
+                    let _ = writeln!(
+                        body,
+                        r#"<rect x="{label_w}" y="{by}" width="{w:.1}" height="{:.1}" fill="{color}"/>"#,
+                        bar_h - 1.0
+                    );
+                    let (x0, x1, my) = (
+                        label_w + s.min * scale,
+                        label_w + s.max * scale,
+                        by + bar_h / 2.0,
+                    );
+                    let _ = writeln!(
+                        body,
+                        r##"<line x1="{x0:.1}" x2="{x1:.1}" y1="{my}" y2="{my}" stroke="#333"/>"##
+                    );
+                    let _ = writeln!(
+                        body,
+                        r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+                        label_w + w.max(s.max * scale) + 4.0,
+                        by + bar_h - 2.0,
+                        num(s.median)
+                    );
+                }
+            }
+            y += group_h + gap;
+        }
+        y += 22.0;
+    }
+    let mut legend = String::new();
+    for (i, &(_, color, name)) in series.iter().enumerate() {
+        let x = 10.0 + i as f64 * 110.0;
+        let _ = write!(
+            legend,
+            r#"<rect x="{x}" y="30" width="12" height="12" fill="{color}"/><text x="{}" y="41">{}</text>"#,
+            x + 16.0,
+            esc(name)
+        );
+    }
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="21" font-weight="bold">{}</text>
+{legend}
+{body}</svg>
+"#,
+        esc(heading)
+    )
+}
+
+/// The load generators' and nginx's versions, for the report.
+pub(super) fn tool_versions() -> Vec<(String, String)> {
+    let first = |prog: &str, arg: &str| super::first_line(Command::new(prog).arg(arg));
+    vec![
+        ("wrk".into(), first("wrk", "-v")),
+        ("h2load".into(), first("h2load", "--version")),
+        ("nginx".into(), first("nginx", "-v")),
+    ]
+}
+
+/// Every path produced every figure (one vCPU: the smoke run's placement).
+pub(super) fn missing(t: &Table) -> Vec<String> {
+    PATHS
+        .iter()
+        .flat_map(|&(p, _)| COLUMNS.iter().map(move |&m| (p, m)))
+        .filter(|&(p, m)| !get(t, p, "1cpu", m).is_some_and(|s| s.median > 0.0))
+        .map(|(p, m)| format!("{p} {m}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{parse_raw, tabulate};
+    use super::*;
+
+    #[test]
+    fn l7_targets_hold_the_l7_engine_against_direct_and_each_proxy() {
+        let raw = "l7 direct 1cpu h1_rps 1 100\nl7 mesh 1cpu h1_rps 1 85\nl7 envoy 1cpu h1_rps 1 90\n\
+                   l7 nginx 1cpu h1_rps 1 80\nl7 mesh 1cpu h1_p99_us 1 50\nl7 haproxy 1cpu h1_p99_us 1 40\n";
+        let tg = targets(&tabulate(&parse_raw(raw).unwrap(), "l7"));
+        let one = |what: &str| tg.iter().find(|x| x.what == what).unwrap();
+        let d = one("HTTP/1.1 through the L7 proxy, requests/s");
+        assert_eq!((d.ratio, d.pass), (Some(0.85), true));
+        assert!(!one("HTTP/1.1 L7 requests/s above envoy's").pass);
+        assert!(one("HTTP/1.1 L7 requests/s above nginx's").pass);
+        assert!(!one("HTTP/1.1 L7 p99 below haproxy's").pass);
+        assert!(!tg.iter().any(|x| x.placement == "2cpu"));
+    }
+}
