@@ -162,6 +162,26 @@ fn own_script(root: &Path, suite: &str) -> Option<Command> {
     Some(c)
 }
 
+/// Machine-wide: every suite measures the same CPUs, and a second run would bias the
+/// first whatever names it uses. Held until the returned file is dropped.
+const LOCK: &str = "/tmp/mesh-bench.lock";
+
+pub fn lock() -> Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LOCK)
+        .with_context(|| format!("opening {LOCK}"))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another `cargo xtask bench` is running on this machine (it holds {LOCK}); wait for it")
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {LOCK}")),
+    }
+}
+
 /// Refuses to go on if an earlier run left namespaces, pins, an agent or listeners behind.
 /// Every suite's names are checked: another suite running at the same time would bias this
 /// one's figures as much as a leftover.
@@ -838,13 +858,23 @@ pub fn run(
     suites: &[&str],
     skipped: &[Skipped],
 ) -> Result<()> {
+    // Two runs that finish building in the same second must not share a folder.
     let stamp = date("+%Y%m%d-%H%M%S");
-    let out = root.join("target/bench").join(if opts.smoke {
+    let base = root.join("target/bench").join(if opts.smoke {
         format!("smoke-{stamp}")
     } else {
         stamp
     });
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    let mut out = base.clone();
+    let mut n = 1;
+    while let Err(e) = std::fs::create_dir(&out) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e).with_context(|| format!("creating {}", out.display()));
+        }
+        n += 1;
+        out = PathBuf::from(format!("{}-{n}", base.display()));
+    }
     let raw = out.join("raw.txt");
     let runs = if opts.smoke || opts.perf {
         1

@@ -264,8 +264,9 @@ fn bench(opts: bench::Options, clean: bool) -> Result<()> {
     if clean {
         return bench::clean(&root);
     }
-    // Before anything slow: an unavailable suite or leftovers end the run at once.
+    // Before anything slow: an unavailable suite, another run or leftovers end it at once.
     let (suites, skipped) = bench::select(opts.suite.as_deref())?;
+    let _lock = bench::lock()?;
     bench::check(&root)?;
     setup()?;
     let envoy = bench::ensure_envoy(&root)?;
