@@ -20,6 +20,7 @@ use crate::{
     config::{MeshFile, RunArgs},
     metrics::Metrics,
     proxy::Outbound,
+    sys,
     workload::{self, MapSyncer, Registry, Snapshot},
     xds::{
         client::{ClientOptions, XdsClient},
@@ -46,6 +47,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Everything that can be wrong with the input is reported before touching the kernel;
     // lacking privileges first of all (it also decides whether the file can be read).
     bpf::require_root()?;
+    match sys::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
     let redirect = args.redirect_target()?;
     let file = MeshFile::load(&args.config)?;
     let cgroup = bpf::preflight(&args.pin_path, args.cgroup.as_deref())?;
@@ -208,6 +213,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         .instrument(tracing::info_span!("map_sync"));
         info!(pin_path = %datapath.pin_path().display(), "mesh-agent running");
+        // Loading and verifying the programs allocated a lot that is free now.
+        sys::release_free_heap();
         tokio::select! {
             _ = sync => {}
             s = shutdown_signal() => info!(signal = s, "shutting down"),

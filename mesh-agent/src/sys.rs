@@ -106,6 +106,38 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Raises the soft open-file limit to the hard limit: the node proxy holds two sockets
+/// per proxied connection, and the usual soft limit (1024) would cap a node at ~500.
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Gives memory freed after start-up (the eBPF object, BTF, verifier logs) back to the
+/// kernel: glibc keeps freed heap otherwise, and that is most of an idle agent's RSS.
+pub fn release_free_heap() {
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Arms `SO_LINGER {on, 0}` so that closing the socket sends RST: how the proxy passes a
 /// reset on from one side to the other.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
