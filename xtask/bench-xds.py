@@ -24,6 +24,9 @@ Per client and run:
   change_ms     one endpoint's port changed in the file (atomic rename) -> the server has
                 the client's ACK of the new endpoints version (includes the file poll, at
                 most --reload-interval-ms 5, re-parsing and re-translating the whole file)
+  change_server_ms, change_client_ms: the same split where the server's /version
+                changes (polled too): file poll + parse + translate + publish, then push +
+                client decode and apply + ACK
   change_bytes  bytes the server wrote to the client for that change
 
 Why Python and not bash like bench.sh: a millisecond poll of the admin endpoint and the
@@ -269,9 +272,17 @@ def stream_of(node):
     return None
 
 
-def wait_acked(node, cond, proc, name, t0):
-    """Polls /xds_clients (~1 ms) until cond(stream) holds; returns seconds since t0."""
+def server_version():
+    return get(f"http://127.0.0.1:{CP_ADMIN_PORT}/version").strip()
+
+
+def wait_acked(node, cond, proc, name, t0, published=None):
+    """Polls /xds_clients (~1 ms) until cond(stream) holds; returns seconds since t0.
+    With `published` (a list): also polls /version and appends when it first changes."""
+    v0 = server_version() if published is not None else None
     while True:
+        if published is not None and not published and server_version() != v0:
+            published.append(time.monotonic() - t0)
         s = stream_of(node)
         if s is not None:
             if s.get("nacks"):
@@ -323,9 +334,15 @@ def measure(client, n, run, cfg, port0):
     tmp = write_config(cfg, n, port0)
     t0 = time.monotonic()
     os.rename(tmp, cfg)
-    change = wait_acked(node, lambda s: s["acked"].get(EDS) != before, proc, name, t0)
+    published = []
+    change = wait_acked(node, lambda s: s["acked"].get(EDS) != before, proc, name, t0, published)
     time.sleep(0.2 if SMOKE else 0.5)
     emit(client, n, "change_ms", run, f"{change * 1000:.2f}")
+    # Where the change's time goes: the server (file poll, parse, translate, publish) and
+    # then the push, the client's decode and apply, its ACK.
+    pub = published[0] if published else change
+    emit(client, n, "change_server_ms", run, f"{pub * 1000:.2f}")
+    emit(client, n, "change_client_ms", run, f"{(change - pub) * 1000:.2f}")
     emit(client, n, "change_bytes", run, bytes_sent() - b1)
     stop(name)
     return port0
