@@ -488,10 +488,12 @@ impl MeshFile {
         let mut wl_names = BTreeMap::new();
         let mut ips = BTreeMap::new();
         for (i, w) in file.workloads.iter().enumerate() {
-            let line = line_of(&w.name, "workloads:");
+            // Found only when there is a problem: a search per entry would make checking a
+            // big file quadratic.
+            let line = || line_of(&w.name, "workloads:");
             if !ns_names.contains_key(w.namespace.as_str()) {
                 problems.push((
-                    line,
+                    line(),
                     format!(
                         "workloads[{i}].namespace: {:?} (workload {:?}) is not declared under namespaces",
                         w.namespace, w.name
@@ -503,7 +505,7 @@ impl MeshFile {
                 .is_some()
             {
                 problems.push((
-                    line,
+                    line(),
                     format!(
                         "workloads[{i}].name: {}/{} is declared twice",
                         w.namespace, w.name
@@ -512,7 +514,7 @@ impl MeshFile {
             }
             if let Some(j) = ips.insert(w.ip, i) {
                 problems.push((
-                    line,
+                    line(),
                     format!(
                         "workloads[{i}].ip: {} is also the IP of workloads[{j}]",
                         w.ip
@@ -521,7 +523,7 @@ impl MeshFile {
             }
             if w.ip.is_unspecified() || w.ip.is_loopback() {
                 problems.push((
-                    line,
+                    line(),
                     format!("workloads[{i}].ip: {} is not a pod address", w.ip),
                 ));
             }
@@ -576,8 +578,9 @@ fn check_services(
     let mut names = BTreeMap::new();
     let mut addrs = BTreeMap::new();
     for (i, svc) in file.services.iter().enumerate() {
-        let line = line_of(&svc.name, "services:");
-        let mut bad = |m: String| problems.push((line, format!("services[{i}]{m}")));
+        let mut bad = |m: String| {
+            problems.push((line_of(&svc.name, "services:"), format!("services[{i}]{m}")))
+        };
         if !ns_names.contains_key(svc.namespace.as_str()) {
             bad(format!(
                 ".namespace: {:?} is not declared under namespaces",

@@ -36,7 +36,7 @@ use super::convert::{
 };
 use crate::config::{
     KvMatchSpec, LbPolicySpec, MeshFile, Protocol, RateLimitSpec, RouteSpec, ServicePort,
-    ServiceSpec,
+    ServiceSpec, WorkloadSpec,
 };
 
 pub const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
@@ -87,6 +87,11 @@ fn socket_address(ip: String, port: u16) -> Option<core::Address> {
 /// Every resource the file defines, as `(name, Any)`.
 pub fn resources(file: &MeshFile) -> Vec<(String, Any)> {
     let mut out = Vec::new();
+    // Selectors look within a namespace: index the workloads once.
+    let mut by_ns: HashMap<&str, Vec<&WorkloadSpec>> = HashMap::new();
+    for w in &file.workloads {
+        by_ns.entry(w.namespace.as_str()).or_default().push(w);
+    }
     for svc in &file.services {
         for p in &svc.ports {
             out.push((listener_name(svc, p.port), pack_any(listener(svc, p))));
@@ -100,7 +105,13 @@ pub fn resources(file: &MeshFile) -> Vec<(String, Any)> {
             out.push((cluster_name(svc, p.port), pack_any(cluster(svc, p))));
             out.push((
                 cluster_name(svc, p.port),
-                pack_any(load_assignment(file, svc, p)),
+                pack_any(load_assignment(
+                    by_ns
+                        .get(svc.namespace.as_str())
+                        .map_or(&[][..], Vec::as_slice),
+                    svc,
+                    p,
+                )),
             ));
         }
     }
@@ -602,7 +613,7 @@ fn cluster(svc: &ServiceSpec, p: &ServicePort) -> ec::Cluster {
 }
 
 fn load_assignment(
-    file: &MeshFile,
+    namespace_workloads: &[&WorkloadSpec],
     svc: &ServiceSpec,
     p: &ServicePort,
 ) -> ee::ClusterLoadAssignment {
@@ -618,10 +629,8 @@ fn load_assignment(
         ..Default::default()
     };
     if !svc.selector.is_empty() {
-        for w in &file.workloads {
-            if w.namespace == svc.namespace
-                && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-            {
+        for w in namespace_workloads {
+            if svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
                 lb_endpoints.push(ep(w.ip.to_string(), port, 1, core::HealthStatus::Healthy));
             }
         }
