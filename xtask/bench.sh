@@ -183,7 +183,7 @@ start_envoy() { # start_envoy CPUS
         "$i" "$i" "$SRV_IP" "${SRV_PORTS[$i]}"
     done
   } > "$DIR/envoy.yaml"
-  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 --log-level warn --base-id 47
+  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart
   for i in 0 1 2; do wait_port node "$NODE_IP" "${ENVOY_PORTS[$i]}"; done
 }
 
