@@ -719,6 +719,32 @@ const FOOTPRINT_ROWS: &[&str] = &[
     "bpf_map_bytes",
 ];
 
+/// One horizontal bar: the median, a line from min to max, the median's figure.
+fn bar(body: &mut String, s: &Stat, label_w: f64, by: f64, bar_h: f64, scale: f64, color: &str) {
+    let w = s.median * scale;
+    let _ = writeln!(
+        body,
+        r#"<rect x="{label_w}" y="{by}" width="{w:.1}" height="{:.1}" fill="{color}"/>"#,
+        bar_h - 1.0
+    );
+    let (x0, x1, my) = (
+        label_w + s.min * scale,
+        label_w + s.max * scale,
+        by + bar_h / 2.0,
+    );
+    let _ = writeln!(
+        body,
+        r##"<line x1="{x0:.1}" x2="{x1:.1}" y1="{my}" y2="{my}" stroke="#333"/>"##
+    );
+    let _ = writeln!(
+        body,
+        r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+        label_w + w.max(s.max * scale) + 4.0,
+        by + bar_h - 2.0,
+        num(s.median)
+    );
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -772,28 +798,7 @@ fn l4_svg(t: &Table) -> String {
             for (i, &(pl, color, _)) in colors.iter().enumerate() {
                 let by = y + i as f64 * bar_h;
                 if let Some(s) = get(t, path, pl, metric) {
-                    let w = s.median * scale;
-                    let _ = writeln!(
-                        body,
-                        r#"<rect x="{label_w}" y="{by}" width="{w:.1}" height="{:.1}" fill="{color}"/>"#,
-                        bar_h - 1.0
-                    );
-                    let (x0, x1, my) = (
-                        label_w + s.min * scale,
-                        label_w + s.max * scale,
-                        by + bar_h / 2.0,
-                    );
-                    let _ = writeln!(
-                        body,
-                        r##"<line x1="{x0:.1}" x2="{x1:.1}" y1="{my}" y2="{my}" stroke="#333"/>"##
-                    );
-                    let _ = writeln!(
-                        body,
-                        r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
-                        label_w + w.max(s.max * scale) + 4.0,
-                        by + bar_h - 2.0,
-                        num(s.median)
-                    );
+                    bar(&mut body, s, label_w, by, bar_h, scale, color);
                 }
             }
             y += group_h + gap;

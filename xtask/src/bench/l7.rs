@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, process::Command};
 
-use super::{cell, esc, get, meta_md, num, targets_md, Meta, Table, Target};
+use super::{bar, cell, esc, get, meta_md, targets_md, Meta, Table, Target};
 
 /// Paths, in the order of the tables, with what each one is.
 pub(super) const PATHS: &[(&str, &str)] = &[
@@ -245,28 +245,7 @@ pub(super) fn bars(
             for (i, &(pl, color, _)) in series.iter().enumerate() {
                 let by = y + i as f64 * bar_h;
                 if let Some(s) = get(t, path, pl, metric) {
-                    let w = s.median * scale;
-                    let _ = writeln!(
-                        body,
-                        r#"<rect x="{label_w}" y="{by}" width="{w:.1}" height="{:.1}" fill="{color}"/>"#,
-                        bar_h - 1.0
-                    );
-                    let (x0, x1, my) = (
-                        label_w + s.min * scale,
-                        label_w + s.max * scale,
-                        by + bar_h / 2.0,
-                    );
-                    let _ = writeln!(
-                        body,
-                        r##"<line x1="{x0:.1}" x2="{x1:.1}" y1="{my}" y2="{my}" stroke="#333"/>"##
-                    );
-                    let _ = writeln!(
-                        body,
-                        r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
-                        label_w + w.max(s.max * scale) + 4.0,
-                        by + bar_h - 2.0,
-                        num(s.median)
-                    );
+                    bar(&mut body, s, label_w, by, bar_h, scale, color);
                 }
             }
             y += group_h + gap;
