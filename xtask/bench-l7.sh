@@ -42,108 +42,12 @@ SRV_H1=8080; SRV_H2=8081
 ENVOY_PORTS=(17080 17081); NGINX_PORTS=(17180 17181); HAPROXY_PORTS=(17280 17281)
 NODE_PORTS=("$PROXY_PORT" "${ADMIN##*:}" "${XDS##*:}" "${ENVOY_ADMIN##*:}" "${ENVOY_PORTS[@]}" "${NGINX_PORTS[@]}" "${HAPROXY_PORTS[@]}")
 
-log() { echo "bench-l7: $*" >&2; }
-die() { echo "bench-l7: error: $*" >&2; exit 1; }
+TAG=bench-l7; NSP=mb7; PODS="cli:2 opt:3 srv:4"; CHECK_SCRATCH=1
+# shellcheck source=bench-node.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-node.sh"
 
-# --- leftovers -------------------------------------------------------------------------
-
-leftovers() {
-  local l=()
-  ip netns list 2>/dev/null | grep -qE '^mb7-' && l+=("network namespaces: $(ip netns list | grep -E '^mb7-' | awk '{print $1}' | paste -sd' ')")
-  ip link show "$BR" > /dev/null 2>&1 && l+=("bridge $BR")
-  [ -d "$CG" ] && l+=("cgroup $CG (processes: $(cat "$CG"/cgroup.procs "$CG"/*/cgroup.procs 2>/dev/null | paste -sd' '))")
-  [ -e "$PIN" ] && l+=("bpffs pins $PIN")
-  [ -d "$DIR" ] && l+=("scratch directory $DIR")
-  local p; p=$(pgrep -f -- "--pin-path $PIN" | paste -sd' ' || true)
-  [ -n "$p" ] && l+=("a mesh-agent on $PIN (pid $p)")
-  local port
-  for port in "${NODE_PORTS[@]}"; do
-    ss -Hltn "sport = :$port" | grep -q . && l+=("a listener on TCP port $port: $(ss -Hltnp "sport = :$port" | awk '{print $NF}' | head -1)")
-  done
-  printf '%s\n' "${l[@]+"${l[@]}"}"
-}
-
-check() {
-  local l; l=$(leftovers)
-  if [ -n "$l" ]; then
-    echo "bench-l7: refusing to start: an earlier run (or something else) holds what this one needs:" >&2
-    sed 's/^/  - /' <<< "$l" >&2
-    echo "bench-l7: they would bias or break the measurements; remove them with \`cargo xtask bench --clean\` (ports held by other programs: stop those yourself)" >&2
-    exit 1
-  fi
-}
-
-# Kills only what this script started: processes in its cgroups and the pids it wrote down.
-clean() {
-  local d f
-  for f in "$DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-  for d in "$CG"/*/ "$CG/"; do [ -f "$d/cgroup.procs" ] && xargs -r kill 2>/dev/null < "$d/cgroup.procs" || true; done
-  for _ in $(seq 50); do
-    [ -z "$(cat "$CG"/cgroup.procs "$CG"/*/cgroup.procs 2>/dev/null)" ] && break; sleep 0.1
-  done
-  for d in "$CG"/*/ "$CG/"; do [ -f "$d/cgroup.procs" ] && xargs -r kill -9 2>/dev/null < "$d/cgroup.procs" || true; done
-  sleep 0.2
-  for n in cli opt srv; do ip netns del "mb7-$n" 2>/dev/null || true; done
-  ip link del "$BR" 2>/dev/null || true
-  for d in "$CG"/*/; do [ -d "$d" ] && rmdir "$d" 2>/dev/null || true; done
-  [ -d "$CG" ] && rmdir "$CG" 2>/dev/null || true
-  [ -e "$PIN" ] && rm -rf "$PIN" 2>/dev/null || true
-  rm -rf "$DIR"
-}
-
-# --- the simulated node ----------------------------------------------------------------
-
-node_up() {
-  mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
-  mkdir -p "$DIR" "$CG" "$CG/ref"
-  ip link add "$BR" type bridge; ip addr add "$NODE_IP/24" dev "$BR"; ip link set "$BR" up
-  local p n h
-  for p in cli:2 opt:3 srv:4; do
-    n=${p%%:*}; h=${p##*:}
-    ip netns add "mb7-$n"; ip link add "mb7$h" type veth peer name eth0 netns "mb7-$n"
-    ip link set "mb7$h" master "$BR" up; ip -n "mb7-$n" addr add "10.206.0.$h/24" dev eth0
-    ip -n "mb7-$n" link set eth0 up; ip -n "mb7-$n" link set lo up; mkdir -p "$CG/$n"
-    # Service addresses are routed like a cluster's: via the node.
-    ip -n "mb7-$n" route add 10.96.0.0/12 via "$NODE_IP"
-  done
-}
-
-# in_cg CGROUP CPUS CMD...: run CMD in the cgroup, pinned; pod cgroups also enter the pod
-# netns. It execs, so call it in a subshell (`&` or `$(...)`): then the pid is CMD's own.
-in_cg() {
-  local cg=$1 cpus=$2; shift 2
-  local ns=()
-  case $cg in cli|opt|srv) ns=(ip netns exec "mb7-$cg") ;; esac
-  local path=$CG/$cg; [ "$cg" = node ] && path=$CG
-  exec sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$path" "${ns[@]+"${ns[@]}"}" taskset -c "$cpus" "$@"
-}
-
-bg() { # bg NAME CGROUP CPUS CMD...: pid in $DIR/NAME.pid, output in $DIR/NAME.log
-  local name=$1; shift
-  in_cg "$@" > "$DIR/$name.log" 2>&1 &
-  echo $! > "$DIR/$name.pid"
-}
-
-stop() { # stop NAME...
-  local n p
-  for n in "$@"; do
-    [ -f "$DIR/$n.pid" ] || continue
-    p=$(cat "$DIR/$n.pid"); rm -f "$DIR/$n.pid"
-    kill "$p" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-}
-
-wait_port() { # wait_port NETNS|node IP PORT
-  local cmd=(); [ "$1" != node ] && cmd=(ip netns exec "$1")
-  for _ in $(seq 100); do
-    "${cmd[@]+"${cmd[@]}"}" ss -Hltn "sport = :$3" | grep -q "$2:$3\|\*:$3\|0.0.0.0:$3" && return 0
-    sleep 0.05
-  done
-  tail -n 5 "$DIR"/*.log >&2
-  die "nothing listens on $2:$3 ($1)"
+pod_up() { # Service addresses are routed like a cluster's: via the node.
+  ip -n "$NSP-$1" route add 10.96.0.0/12 via "$NODE_IP"
 }
 
 # nginx wants writable temp paths even when it never buffers to disk.
