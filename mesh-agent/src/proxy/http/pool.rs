@@ -65,6 +65,23 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, L7Err
     }
 }
 
+/// Runs an upstream connection until it ends; its circuit-breaker slot goes with it.
+fn drive<C, E>(conn: C, slot: Slot, span: tracing::Span)
+where
+    C: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(
+        async move {
+            if let Err(e) = conn.await {
+                debug!("upstream connection ended: {e}");
+            }
+            drop(slot);
+        }
+        .instrument(span),
+    );
+}
+
 async fn open(ep: &EndpointState, cluster: &Cluster, slot: Slot) -> Result<Sender, L7Error> {
     let addr = ep.address;
     let io = TokioIo::new(connect(addr, cluster.connect_timeout).await?);
@@ -75,15 +92,7 @@ async fn open(ep: &EndpointState, cluster: &Cluster, slot: Slot) -> Result<Sende
                 .handshake(io)
                 .await
                 .map_err(|source| L7Error::Handshake { addr, source })?;
-            tokio::spawn(
-                async move {
-                    if let Err(e) = conn.await {
-                        debug!("upstream connection ended: {e}");
-                    }
-                    drop(slot);
-                }
-                .instrument(span),
-            );
+            drive(conn, slot, span);
             Ok(Sender::H1(sender))
         }
         UpstreamProtocol::Http2 => {
@@ -92,15 +101,7 @@ async fn open(ep: &EndpointState, cluster: &Cluster, slot: Slot) -> Result<Sende
                 .handshake(io)
                 .await
                 .map_err(|source| L7Error::Handshake { addr, source })?;
-            tokio::spawn(
-                async move {
-                    if let Err(e) = conn.await {
-                        debug!("upstream connection ended: {e}");
-                    }
-                    drop(slot);
-                }
-                .instrument(span),
-            );
+            drive(conn, slot, span);
             Ok(Sender::H2(sender))
         }
     }
