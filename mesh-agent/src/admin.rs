@@ -51,6 +51,8 @@ pub struct Admin {
     pub xds: Arc<crate::xds::client::XdsClient>,
     /// The embedded control plane's counters, when it runs.
     pub ads_stats: Option<Arc<crate::xds::server::ServerStats>>,
+    /// The Kubernetes watchers' counters, with `--source kubernetes`.
+    pub k8s: Option<Arc<crate::k8s::Stats>>,
 }
 
 /// Largest request head accepted (bytes).
@@ -132,11 +134,26 @@ impl Admin {
 
     fn route(&self, path: &str) -> Reply {
         match path {
-            "/metrics" => (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                self.metrics.render(&self.maps.stats()),
-            ),
+            "/metrics" => {
+                let mut text = self.metrics.render(&self.maps.stats());
+                if let Some(k) = &self.k8s {
+                    k.render(&mut text);
+                }
+                ("200 OK", "text/plain; version=0.0.4", text)
+            }
+            "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+            "/k8s" => match &self.k8s {
+                Some(k) => (
+                    "200 OK",
+                    "application/json",
+                    serde_json::to_string_pretty(&k.json()).unwrap_or_default(),
+                ),
+                None => (
+                    "404 Not Found",
+                    "text/plain",
+                    "the agent runs with --source file\n".into(),
+                ),
+            },
             "/ready" => {
                 let missing = self.readiness.missing();
                 if missing.is_empty() {
@@ -177,7 +194,7 @@ impl Admin {
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /ready, /config, /config_dump, /workloads\n".into(),
+                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /k8s\n".into(),
             ),
         }
     }

@@ -17,7 +17,8 @@ use tracing::{error, info, warn, Instrument};
 use crate::{
     admin::{Admin, Readiness},
     bpf::{self, Datapath, LoadOptions},
-    config::{MeshFile, RunArgs},
+    config::{MeshFile, RunArgs, Source},
+    k8s,
     metrics::Metrics,
     proxy::Outbound,
     sys,
@@ -33,6 +34,7 @@ const READY_BPF: &str = "bpf attached";
 const READY_MAPS: &str = "enrolment synced";
 const READY_PROXY: &str = "proxy listening";
 const READY_XDS: &str = "xds stream open";
+const READY_K8S: &str = "kubernetes synced";
 
 /// The embedded control plane's resources for a snapshot.
 fn xds_resources(snap: &Snapshot) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
@@ -43,7 +45,7 @@ fn xds_resources(snap: &Snapshot) -> Vec<(String, envoy_types::pb::google::proto
     })
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
+pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     // Everything that can be wrong with the input is reported before touching the kernel;
     // lacking privileges first of all (it also decides whether the file can be read).
     bpf::require_root()?;
@@ -52,7 +54,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
     }
     let redirect = args.redirect_target()?;
-    let file = MeshFile::load(&args.config)?;
+    let file = args.source_file()?;
     let cgroup = bpf::preflight(&args.pin_path, args.cgroup.as_deref())?;
     let config_json = serde_json::to_string_pretty(&args).unwrap_or_default();
     info!(config = %config_json.replace('\n', ""), "starting");
@@ -71,7 +73,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = control
         .block_on(tokio::net::TcpListener::bind(args.admin_address))
         .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
-    let readiness = Readiness::new(&[READY_BPF, READY_MAPS, READY_PROXY, READY_XDS]);
+    let kubernetes = args.source == Source::Kubernetes;
+    let mut guards = vec![READY_BPF, READY_MAPS, READY_PROXY, READY_XDS];
+    if kubernetes {
+        guards.push(READY_K8S);
+    }
+    let readiness = Readiness::new(&guards);
     readiness.set(READY_BPF);
     // Maps are shared with the proxy thread; the Datapath (links, pins) stays here and is
     // dropped last.
@@ -79,6 +86,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(std::sync::RwLock::new(Registry::default()));
 
+    // With the Kubernetes source, the first snapshot (excludes only) is replaced once every
+    // kind is listed; the API server is asked once now so a wrong address fails at start.
+    let k8s_client = if kubernetes {
+        Some(
+            control
+                .block_on(k8s::client(args.kubeconfig.as_deref()))
+                .context("connecting to the Kubernetes API server (--source kubernetes)")?,
+        )
+    } else {
+        None
+    };
+    let k8s_stats = Arc::new(k8s::Stats::default());
     let snapshot = Snapshot::from_file(&file);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot));
     let mut syncer = MapSyncer::new(maps.clone(), registry.clone());
@@ -155,6 +174,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         snapshot: snap_rx.clone(),
         xds: xds.clone(),
         ads_stats: ads.as_ref().map(|(_, s)| s.stats.clone()),
+        k8s: kubernetes.then(|| k8s_stats.clone()),
     });
 
     control.block_on(async {
@@ -193,14 +213,39 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 .serve(admin_listener)
                 .instrument(tracing::info_span!("admin")),
         );
-        tokio::spawn(
-            workload::watch_file(
-                args.config.clone(),
-                Duration::from_millis(args.reload_interval_ms),
-                snap_tx,
-            )
-            .instrument(tracing::info_span!("enrolment")),
-        );
+        match (k8s_client, &args.config) {
+            (Some(client), _) => {
+                let readiness = readiness.clone();
+                let opts = k8s::Options {
+                    node_name: args.node_name.clone().unwrap_or_default(),
+                    trust_domain: args.trust_domain.clone(),
+                    excludes: file.exclude.clone(),
+                    locator: k8s::PodLocator::new(
+                        args.kubepods_cgroup.clone(),
+                        &bpf::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                        "/proc".into(),
+                    ),
+                };
+                info!(roots = ?opts.locator.roots(), node = %opts.node_name, "enrolment from the Kubernetes API");
+                tokio::spawn(
+                    k8s::run(client, opts, snap_tx, k8s_stats.clone(), move || {
+                        readiness.set(READY_K8S)
+                    })
+                    .instrument(tracing::info_span!("kubernetes")),
+                );
+            }
+            (None, Some(path)) => {
+                tokio::spawn(
+                    workload::watch_file(
+                        path.clone(),
+                        Duration::from_millis(args.reload_interval_ms),
+                        snap_tx,
+                    )
+                    .instrument(tracing::info_span!("enrolment")),
+                );
+            }
+            (None, None) => unreachable!("source_file() requires --config for the file source"),
+        }
         let mut rx = snap_rx.clone();
         let sync = async {
             while rx.changed().await.is_ok() {

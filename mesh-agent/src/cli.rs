@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent: load and attach the datapath, enrol workloads, serve the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the pinned maps with their type, size and entry count.
     Maps(Inspect),
     /// Print the entries of one pinned map, decoded.

@@ -26,6 +26,17 @@ pub const DEFAULT_XDS_LISTEN: &str = "127.0.0.1:15010";
 /// How long a connection to a new destination waits for its listener (milliseconds).
 pub const DEFAULT_XDS_ON_DEMAND_TIMEOUT_MS: u64 = 1000;
 
+/// Trust domain of SPIFFE identities.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The source of workloads and services.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    File,
+    Kubernetes,
+}
+
 /// The namespace label that enrols a namespace (value `ambient`), and, on a workload, opts it
 /// out (value `none`).
 pub const DATAPLANE_LABEL: &str = "mesh-agent.io/dataplane-mode";
@@ -34,9 +45,25 @@ pub const DATAPLANE_OPT_OUT: &str = "none";
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct RunArgs {
-    /// Standalone enrolment file (YAML): namespaces, workloads, exclusions.
+    /// Where workloads and services come from: the standalone file (`--config`), or the
+    /// Kubernetes API server (namespaces, local pods, Services, EndpointSlices, routes).
+    #[arg(long, env = "MESH_SOURCE", value_enum, default_value = "file")]
+    pub source: Source,
+    /// Standalone enrolment file (YAML): namespaces, workloads, services, exclusions.
+    /// With `--source kubernetes` it is optional and may hold only `exclude:`.
     #[arg(long, env = "MESH_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Kubernetes: a kubeconfig file; default: the pod's service account (in-cluster),
+    /// else `KUBECONFIG` or `~/.kube/config`.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes: the kubelet's pod cgroup folder (local pods' processes are found there);
+    /// default: `kubepods.slice` or `kubepods` under the cgroup v2 mount.
+    #[arg(long, env = "MESH_KUBEPODS_CGROUP")]
+    pub kubepods_cgroup: Option<PathBuf>,
+    /// Kubernetes: trust domain of workload identities (`spiffe://<domain>/ns/N/sa/S`).
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// bpffs folder where the maps are pinned; also the node lock (one agent per folder).
     #[arg(long, env = "MESH_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
@@ -89,7 +116,9 @@ pub struct RunArgs {
     /// then it is relayed as plain TCP.
     #[arg(long, env = "MESH_XDS_ON_DEMAND_TIMEOUT_MS", default_value_t = DEFAULT_XDS_ON_DEMAND_TIMEOUT_MS)]
     pub xds_on_demand_timeout_ms: u64,
-    /// Node id presented to the control plane; default: the host name.
+    /// This node's name: the Kubernetes node whose pods are watched (required with
+    /// `--source kubernetes`; the downward API's `spec.nodeName`), and the node id
+    /// presented to the control plane; default: the host name.
     #[arg(long, env = "MESH_NODE_NAME")]
     pub node_name: Option<String>,
 }
@@ -104,6 +133,49 @@ impl RunArgs {
                     .into(),
             )),
             None => Ok(self.proxy_address),
+        }
+    }
+
+    /// The standalone file as the source needs it; every problem of the source's flags at
+    /// once.
+    pub fn source_file(&self) -> Result<MeshFile, ConfigError> {
+        match (self.source, &self.config) {
+            (Source::File, Some(path)) => MeshFile::load(path),
+            (Source::File, None) => Err(ConfigError::Invalid(
+                "--config (MESH_CONFIG) is required with --source file".into(),
+            )),
+            (Source::Kubernetes, config) => {
+                let mut problems = Vec::new();
+                if self.node_name.as_deref().is_none_or(str::is_empty) {
+                    problems.push(
+                        "--node-name (MESH_NODE_NAME) is required with --source kubernetes: \
+                         set it from the downward API (spec.nodeName)"
+                            .to_owned(),
+                    );
+                }
+                let file = match config {
+                    Some(path) => {
+                        let f = MeshFile::load(path)?;
+                        if !f.namespaces.is_empty()
+                            || !f.workloads.is_empty()
+                            || !f.services.is_empty()
+                        {
+                            problems.push(format!(
+                                "{}: with --source kubernetes the file may hold only `exclude:`; \
+                                 namespaces, workloads and services come from the API server",
+                                path.display()
+                            ));
+                        }
+                        f
+                    }
+                    None => MeshFile::default(),
+                };
+                if problems.is_empty() {
+                    Ok(file)
+                } else {
+                    Err(ConfigError::Invalid(problems.join("; ")))
+                }
+            }
         }
     }
 }
@@ -218,6 +290,10 @@ pub struct EndpointSpec {
     /// healthy (default), unhealthy, degraded, draining
     #[serde(default)]
     pub health: Option<String>,
+    /// Only this service port is served by the endpoint (a multi-port service whose ports
+    /// map to different endpoint ports, as EndpointSlices say); absent: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -340,6 +416,9 @@ pub struct BackendSpec {
     pub service: String,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// The backend service's port; default: the port of the same number, else its first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -816,6 +895,14 @@ workloads:
         }
         let t = T::try_parse_from(["x", "--config", "f"]).unwrap();
         assert!(t.run.redirect_target().is_err());
+        let t = T::try_parse_from(["x", "--source", "kubernetes"]).unwrap();
+        let e = t.run.source_file().unwrap_err().to_string();
+        assert!(e.contains("--node-name"), "{e}");
+        let t = T::try_parse_from(["x"]).unwrap();
+        let e = t.run.source_file().unwrap_err().to_string();
+        assert!(e.contains("--config"), "{e}");
+        let t = T::try_parse_from(["x", "--source", "kubernetes", "--node-name", "n1"]).unwrap();
+        assert_eq!(t.run.source_file().unwrap(), MeshFile::default());
         let t =
             T::try_parse_from(["x", "--config", "f", "--proxy-address", "10.1.0.1:15001"]).unwrap();
         assert_eq!(

@@ -8,6 +8,7 @@ mod app;
 mod bpf;
 mod cli;
 mod config;
+mod k8s;
 mod metrics;
 mod proxy;
 mod sys;

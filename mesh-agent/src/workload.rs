@@ -36,6 +36,12 @@ pub struct Workload {
     pub enrolled: bool,
     /// As a destination: same-node flows go socket to socket.
     pub direct: bool,
+    /// Why the workload's network namespace is not known (it is then not captured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<String>,
+    /// SPIFFE identity, from the pod's ServiceAccount (Kubernetes source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// What the node should look like, as one consistent value.
@@ -62,6 +68,8 @@ impl Snapshot {
                 netns: w.netns.clone(),
                 enrolled: f.enrolled(w),
                 direct: f.mode(w) == Mode::Direct,
+                unresolved: None,
+                identity: None,
             })
             .collect();
         Snapshot {
@@ -208,6 +216,12 @@ impl MapSyncer {
                 },
             );
             if !w.enrolled {
+                continue;
+            }
+            if let Some(reason) = &w.unresolved {
+                self.unresolved += 1;
+                warn!(workload = %format!("{}/{}", w.namespace, w.name), reason = %reason,
+                    "the workload's network namespace is not known; it is not captured until it is");
                 continue;
             }
             match crate::sys::netns_cookie(&w.netns) {

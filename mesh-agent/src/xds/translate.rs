@@ -474,30 +474,30 @@ fn route_action(
     r: &RouteSpec,
 ) -> er::RouteAction {
     use er::route_action::ClusterSpecifier;
-    let backend_cluster = |name: &str| {
+    let backend_cluster = |name: &str, wanted: Option<u16>| {
         let (n, ns) = name.split_once('.').unwrap_or((name, &svc.namespace));
         let target = file
             .services
             .iter()
             .find(|s| s.name == n && s.namespace == ns)
             .unwrap_or(svc);
-        // The backend's port of the same number, else its first port.
+        // The backend's port asked for, else the one of the same number, else its first.
         let port = target
             .ports
             .iter()
-            .find(|q| q.port == p.port)
+            .find(|q| q.port == wanted.unwrap_or(p.port))
             .or(target.ports.first())
             .map_or(p.port, |q| q.port);
         cluster_name(target, port)
     };
     let cluster_specifier = match r.backends.as_slice() {
         [] => ClusterSpecifier::Cluster(cluster_name(svc, p.port)),
-        [one] => ClusterSpecifier::Cluster(backend_cluster(&one.service)),
+        [one] => ClusterSpecifier::Cluster(backend_cluster(&one.service, one.port)),
         many => ClusterSpecifier::WeightedClusters(er::WeightedCluster {
             clusters: many
                 .iter()
                 .map(|b| er::weighted_cluster::ClusterWeight {
-                    name: backend_cluster(&b.service),
+                    name: backend_cluster(&b.service, b.port),
                     weight: u32v(b.weight.unwrap_or(1)),
                     ..Default::default()
                 })
@@ -635,7 +635,11 @@ fn load_assignment(
             }
         }
     }
-    for e in &svc.endpoints {
+    for e in svc
+        .endpoints
+        .iter()
+        .filter(|e| e.service_port.is_none_or(|sp| sp == p.port))
+    {
         let health = match e.health.as_deref() {
             Some("unhealthy") => core::HealthStatus::Unhealthy,
             Some("degraded") => core::HealthStatus::Degraded,

@@ -1,0 +1,475 @@
+//! The Kubernetes source of enrolment and services.
+//!
+//! One client, one reflector per kind (kube's watcher: list, then watch from the list's
+//! `resourceVersion`; on a dropped stream it resumes from the last version seen, on
+//! `410 Gone` it lists again, and the store is swapped whole at the end of a re-list, so a
+//! re-list neither loses nor duplicates an object):
+//!
+//! | kind | scope | used for |
+//! |---|---|---|
+//! | Namespace | all | the enrolment label |
+//! | Pod | `spec.nodeName=<node>` | local workloads: IP, labels, UID (to find its netns) |
+//! | Service | all | cluster IPs, ports, protocols |
+//! | EndpointSlice | all | endpoints and their readiness |
+//! | ServiceAccount | all | SPIFFE identities of local workloads |
+//! | HTTPRoute, GRPCRoute | all | GAMMA routes on Services (optional: the CRDs may be absent) |
+//!
+//! Any change wakes one builder that turns the stores into a `Snapshot` (see `state`) and
+//! publishes it if it differs; the map syncer and the embedded control plane read that.
+
+mod podns;
+pub mod routes;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    hash::Hash,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Event as K8sEvent, Namespace, ObjectReference, Pod, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    api::{ApiResource, DynamicObject, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        reflector::{self, store::Writer, Store},
+        watcher, WatchStreamExt as _,
+    },
+    Api, Client, Resource, ResourceExt as _,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn, Instrument as _};
+
+pub use podns::PodLocator;
+
+use crate::{config::ExcludeRule, workload::Snapshot};
+
+/// Coalesces a burst of watch events into one rebuild (milliseconds).
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// How often pods whose network namespace was not found are looked up again.
+const RESOLVE_RETRY: Duration = Duration::from_secs(1);
+/// At most one log line per kind per this period for a failing watch.
+const WATCH_ERROR_LOG_PERIOD: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading the kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes credentials: not in a pod (no service account token) and no kubeconfig ({0}); pass --kubeconfig")]
+    Infer(kube::config::InferConfigError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(kube::Error),
+    #[error("the Kubernetes API server at {url} does not answer: {source} (check the API server address and that the ServiceAccount may list namespaces)")]
+    Unreachable { url: String, source: kube::Error },
+}
+
+/// The kinds watched, in the order of `Stats` arrays.
+pub const KINDS: [&str; 7] = [
+    "namespaces",
+    "pods",
+    "services",
+    "endpointslices",
+    "serviceaccounts",
+    "httproutes",
+    "grpcroutes",
+];
+
+/// Counters for /metrics and /k8s.
+#[derive(Default)]
+pub struct Stats {
+    pub events: [AtomicU64; 7],
+    pub errors: [AtomicU64; 7],
+    /// Times a watch (re)started with a full list.
+    pub relists: [AtomicU64; 7],
+    pub snapshots: AtomicU64,
+    pub events_posted: AtomicU64,
+    pub synced: AtomicBool,
+}
+
+impl Stats {
+    /// Prometheus series, appended to /metrics.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        for (name, help, values) in [
+            (
+                "mesh_k8s_watch_events_total",
+                "Watch events received, per kind.",
+                &self.events,
+            ),
+            (
+                "mesh_k8s_watch_errors_total",
+                "Failed watch or list requests (retried with back-off), per kind.",
+                &self.errors,
+            ),
+            (
+                "mesh_k8s_relists_total",
+                "Full lists (start, 410 Gone, lost watch), per kind.",
+                &self.relists,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (k, v) in KINDS.iter().zip(values) {
+                let _ = writeln!(out, "{name}{{kind=\"{k}\"}} {}", v.load(Relaxed));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mesh_k8s_snapshots_total Snapshots published from the Kubernetes state.\n# TYPE mesh_k8s_snapshots_total counter\nmesh_k8s_snapshots_total {}",
+            self.snapshots.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_k8s_events_posted_total Kubernetes Events posted (pods whose network namespace is not found).\n# TYPE mesh_k8s_events_posted_total counter\nmesh_k8s_events_posted_total {}",
+            self.events_posted.load(Relaxed)
+        );
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let per_kind = |a: &[AtomicU64; 7]| {
+            KINDS
+                .iter()
+                .zip(a)
+                .map(|(k, v)| (k.to_string(), serde_json::json!(v.load(Relaxed))))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        serde_json::json!({
+            "synced": self.synced.load(Relaxed),
+            "watch_events": per_kind(&self.events),
+            "watch_errors": per_kind(&self.errors),
+            "relists": per_kind(&self.relists),
+            "snapshots": self.snapshots.load(Relaxed),
+            "events_posted": self.events_posted.load(Relaxed),
+        })
+    }
+}
+
+pub struct Options {
+    pub node_name: String,
+    pub trust_domain: String,
+    pub excludes: Vec<ExcludeRule>,
+    pub locator: PodLocator,
+}
+
+/// A client from `--kubeconfig`, else the in-cluster service account, else `KUBECONFIG`
+/// or `~/.kube/config`; checked with one request so a wrong address fails at start.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            })?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig {
+                    path: path.to_owned(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await.map_err(Error::Infer)?,
+    };
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(Error::Client)?;
+    client
+        .apiserver_version()
+        .await
+        .map_err(|source| Error::Unreachable { url, source })?;
+    Ok(client)
+}
+
+fn http_route_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: routes::GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{}/v1", routes::GROUP),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// Runs one reflector: its store is written here, `notify` is woken on every change.
+fn spawn_reflector<K>(
+    kind: usize,
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    notify: Arc<Notify>,
+    stats: Arc<Stats>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
+{
+    let name = KINDS[kind];
+    tokio::spawn(
+        async move {
+            let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+            futures_util::pin_mut!(stream);
+            let mut last_log: Option<Instant> = None;
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(ev) => {
+                        stats.events[kind].fetch_add(1, Relaxed);
+                        match ev {
+                            watcher::Event::Init => {
+                                stats.relists[kind].fetch_add(1, Relaxed);
+                            }
+                            watcher::Event::InitApply(_) => {}
+                            _ => notify.notify_one(),
+                        }
+                    }
+                    Err(e) => {
+                        stats.errors[kind].fetch_add(1, Relaxed);
+                        if last_log.is_none_or(|t| t.elapsed() > WATCH_ERROR_LOG_PERIOD) {
+                            last_log = Some(Instant::now());
+                            warn!(kind = name, error = %e, "watch failed; retrying with back-off (the last state stays in force)");
+                        } else {
+                            debug!(kind = name, error = %e, "watch failed again");
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(tracing::info_span!("watch", kind = name)),
+    );
+}
+
+/// The same for the dynamically typed route kinds.
+fn spawn_dyn_reflector(
+    kind: usize,
+    api: Api<DynamicObject>,
+    ar: ApiResource,
+    notify: Arc<Notify>,
+    stats: Arc<Stats>,
+) -> Store<DynamicObject> {
+    let writer = Writer::new(ar);
+    let reader = writer.as_reader();
+    let name = KINDS[kind];
+    tokio::spawn(
+        async move {
+            let stream = reflector::reflector(
+                writer,
+                watcher(api, watcher::Config::default()).default_backoff(),
+            );
+            futures_util::pin_mut!(stream);
+            let mut last_log: Option<Instant> = None;
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::Init) => {
+                        stats.relists[kind].fetch_add(1, Relaxed);
+                    }
+                    Ok(watcher::Event::InitApply(_)) => {}
+                    Ok(_) => {
+                        stats.events[kind].fetch_add(1, Relaxed);
+                        notify.notify_one();
+                    }
+                    Err(e) => {
+                        stats.errors[kind].fetch_add(1, Relaxed);
+                        if last_log.is_none_or(|t| t.elapsed() > WATCH_ERROR_LOG_PERIOD) {
+                            last_log = Some(Instant::now());
+                            warn!(kind = name, error = %e, "watch failed (is the Gateway API CRD installed?); retrying with back-off");
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(tracing::info_span!("watch", kind = name)),
+    );
+    reader
+}
+
+/// Watches the cluster and publishes snapshots on `tx` until the runtime stops. `synced`
+/// is called once, after the first complete snapshot (every core kind listed).
+pub async fn run(
+    client: Client,
+    opts: Options,
+    tx: watch::Sender<Arc<Snapshot>>,
+    stats: Arc<Stats>,
+    synced: impl FnOnce(),
+) {
+    let notify = Arc::new(Notify::new());
+    macro_rules! core_store {
+        ($idx:expr, $ty:ty, $cfg:expr) => {{
+            let (reader, writer) = reflector::store::<$ty>();
+            spawn_reflector(
+                $idx,
+                Api::<$ty>::all(client.clone()),
+                $cfg,
+                writer,
+                notify.clone(),
+                stats.clone(),
+            );
+            reader
+        }};
+    }
+    let namespaces = core_store!(0, Namespace, watcher::Config::default());
+    let pods = core_store!(
+        1,
+        Pod,
+        watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name))
+    );
+    let services = core_store!(2, Service, watcher::Config::default());
+    let slices = core_store!(3, EndpointSlice, watcher::Config::default());
+    let accounts = core_store!(4, ServiceAccount, watcher::Config::default());
+    let mut route_stores = Vec::new();
+    for (idx, kind, plural) in [
+        (5, "HTTPRoute", "httproutes"),
+        (6, "GRPCRoute", "grpcroutes"),
+    ] {
+        let ar = http_route_resource(kind, plural);
+        route_stores.push(spawn_dyn_reflector(
+            idx,
+            Api::all_with(client.clone(), &ar),
+            ar,
+            notify.clone(),
+            stats.clone(),
+        ));
+    }
+
+    // The first snapshot waits for every core kind: a partial one would release workloads.
+    // Routes are optional (their CRDs may not be installed) and join when they arrive.
+    let _ = namespaces.wait_until_ready().await;
+    let _ = pods.wait_until_ready().await;
+    let _ = services.wait_until_ready().await;
+    let _ = slices.wait_until_ready().await;
+    let _ = accounts.wait_until_ready().await;
+    info!(node = %opts.node_name, "kubernetes state listed");
+
+    let mut synced = Some(synced);
+    let mut reported: BTreeMap<String, String> = BTreeMap::new();
+    let mut problems_seen: BTreeSet<String> = BTreeSet::new();
+    let mut retry = tokio::time::interval(RESOLVE_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let cluster = state::Cluster {
+            namespaces: namespaces.state(),
+            pods: pods.state(),
+            services: services.state(),
+            slices: slices.state(),
+            service_accounts: accounts.state(),
+            http_routes: route_stores[0].state(),
+            grpc_routes: route_stores[1].state(),
+        };
+        let uids: BTreeSet<String> = cluster.pods.iter().filter_map(|p| p.uid()).collect();
+        opts.locator.retain(&uids);
+        let built = state::build(
+            &cluster,
+            &state::Options {
+                excludes: &opts.excludes,
+                trust_domain: &opts.trust_domain,
+            },
+            &mut |p| opts.locator.netns(&p.uid().unwrap_or_default()),
+        );
+        for p in &built.route_problems {
+            if problems_seen.insert(p.clone()) {
+                warn!(problem = %p, "route rule not applied");
+            }
+        }
+        problems_seen.retain(|p| built.route_problems.contains(p));
+        // One Kubernetes Event per pod and reason, so `kubectl describe pod` shows it.
+        let now: BTreeMap<String, String> = built
+            .unresolved
+            .iter()
+            .map(|u| (u.uid.clone(), u.reason.clone()))
+            .collect();
+        for u in &built.unresolved {
+            if reported.get(&u.uid) != Some(&u.reason) {
+                post_event(&client, &opts.node_name, u, &stats);
+            }
+        }
+        reported = now;
+        let snap = built.snapshot;
+        tx.send_if_modified(|cur| {
+            if **cur == snap {
+                return false;
+            }
+            stats.snapshots.fetch_add(1, Relaxed);
+            info!(
+                workloads = snap.workloads.len(),
+                enrolled = snap.workloads.iter().filter(|w| w.enrolled).count(),
+                unresolved = built.unresolved.len(),
+                services = snap.services.len(),
+                "kubernetes state changed"
+            );
+            *cur = Arc::new(snap);
+            true
+        });
+        if let Some(f) = synced.take() {
+            stats.synced.store(true, Relaxed);
+            f();
+        }
+        // Wait for a change, or retry unresolved pods.
+        if reported.is_empty() {
+            notify.notified().await;
+        } else {
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = retry.tick() => {}
+            }
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+fn post_event(client: &Client, node: &str, u: &state::Unresolved, stats: &Arc<Stats>) {
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let ev = K8sEvent {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{}.", u.name)),
+            namespace: Some(u.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(u.name.clone()),
+            namespace: Some(u.namespace.clone()),
+            uid: Some(u.uid.clone()),
+            ..Default::default()
+        },
+        reason: Some("MeshNetnsUnresolved".into()),
+        message: Some(format!(
+            "mesh-agent on {node} cannot find the pod's network namespace, so its traffic is not captured yet (retrying every {}s): {}",
+            RESOLVE_RETRY.as_secs(),
+            u.reason
+        )),
+        type_: Some("Warning".into()),
+        count: Some(1),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        reporting_component: Some("mesh-agent".into()),
+        reporting_instance: Some(node.to_owned()),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some("mesh-agent".into()),
+            host: Some(node.to_owned()),
+        }),
+        ..Default::default()
+    };
+    let api: Api<K8sEvent> = Api::namespaced(client.clone(), &u.namespace);
+    let stats = stats.clone();
+    tokio::spawn(
+        async move {
+            match api.create(&PostParams::default(), &ev).await {
+                Ok(_) => {
+                    stats.events_posted.fetch_add(1, Relaxed);
+                }
+                Err(e) => debug!(error = %e, "could not post the event"),
+            }
+        }
+        .instrument(tracing::info_span!("post_event")),
+    );
+}

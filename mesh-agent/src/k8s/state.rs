@@ -1,0 +1,540 @@
+//! The cluster as the node needs it: what the watchers hold, turned into one `Snapshot`
+//! (local workloads for the datapath maps, services and routes for the embedded control
+//! plane). Pure: the filesystem lookups for pods are passed in, so tests feed objects.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
+use kube::{api::DynamicObject, ResourceExt as _};
+
+use super::routes::{self, Flavour};
+use crate::{
+    config::{
+        EndpointSpec, ExcludeRule, MeshFile, Mode, NamespaceSpec, Protocol, ServicePort,
+        ServiceSpec, WorkloadSpec,
+    },
+    workload::Snapshot,
+};
+
+/// Label selecting how same-node flows to a namespace's (or a pod's) workloads are
+/// carried: `direct` pairs the two sockets in the kernel, skipping the proxy.
+pub const MODE_LABEL: &str = "mesh-agent.io/same-node";
+/// The EndpointSlice label naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the watchers hold, at one instant.
+#[derive(Default)]
+pub struct Cluster {
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub service_accounts: Vec<Arc<ServiceAccount>>,
+    pub http_routes: Vec<Arc<DynamicObject>>,
+    pub grpc_routes: Vec<Arc<DynamicObject>>,
+}
+
+/// A local pod whose network namespace was not found.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Unresolved {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub reason: String,
+}
+
+pub struct Built {
+    pub snapshot: Snapshot,
+    pub unresolved: Vec<Unresolved>,
+    /// Route rules that could not be carried, as `namespace/name: reason`.
+    pub route_problems: Vec<String>,
+}
+
+pub struct Options<'a> {
+    pub excludes: &'a [ExcludeRule],
+    pub trust_domain: &'a str,
+}
+
+pub fn build(
+    c: &Cluster,
+    opts: &Options<'_>,
+    resolve: &mut dyn FnMut(&Pod) -> Result<PathBuf, String>,
+) -> Built {
+    let namespaces: Vec<NamespaceSpec> = c
+        .namespaces
+        .iter()
+        .map(|n| NamespaceSpec {
+            name: n.name_any(),
+            labels: n.labels().clone(),
+            mode: mode_label(n.labels()).unwrap_or_default(),
+        })
+        .collect();
+    let accounts: BTreeSet<(String, String)> = c
+        .service_accounts
+        .iter()
+        .map(|a| (a.namespace().unwrap_or_default(), a.name_any()))
+        .collect();
+    let mut file = MeshFile {
+        exclude: opts.excludes.to_vec(),
+        namespaces,
+        ..Default::default()
+    };
+    let mut identities = Vec::new();
+    let mut pods: Vec<&Arc<Pod>> = c.pods.iter().filter(|p| is_local_workload(p)).collect();
+    pods.sort_by_key(|p| (p.namespace(), p.name_any()));
+    for p in pods {
+        let ip = pod_ip(p).expect("filtered on an IPv4 pod IP");
+        let spec = p.spec.as_ref();
+        let sa = spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let ns = p.namespace().unwrap_or_default();
+        identities.push(
+            accounts
+                .contains(&(ns.clone(), sa.clone()))
+                .then(|| format!("spiffe://{}/ns/{ns}/sa/{sa}", opts.trust_domain)),
+        );
+        file.workloads.push(WorkloadSpec {
+            name: p.name_any(),
+            namespace: ns,
+            ip,
+            netns: PathBuf::new(),
+            labels: p.labels().clone(),
+            mode: mode_label(p.labels()),
+        });
+    }
+    // Network namespaces are looked up only for the pods that are captured.
+    let mut unresolved = Vec::new();
+    let mut reasons = Vec::new();
+    let local: BTreeMap<(String, String), &Arc<Pod>> = c
+        .pods
+        .iter()
+        .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p))
+        .collect();
+    for w in &mut file.workloads {
+        let mut reason = None;
+        if file_enrolled(&file.namespaces, w) {
+            let pod = local[&(w.namespace.clone(), w.name.clone())];
+            match resolve(pod) {
+                Ok(path) => w.netns = path,
+                Err(e) => {
+                    unresolved.push(Unresolved {
+                        namespace: w.namespace.clone(),
+                        name: w.name.clone(),
+                        uid: pod.uid().unwrap_or_default(),
+                        reason: e.clone(),
+                    });
+                    reason = Some(e);
+                }
+            }
+        }
+        reasons.push(reason);
+    }
+
+    let mut route_problems = Vec::new();
+    file.services = services(c, &mut route_problems);
+    let mut snapshot = Snapshot::from_file(&file);
+    for ((w, reason), identity) in snapshot.workloads.iter_mut().zip(reasons).zip(identities) {
+        w.unresolved = reason;
+        w.identity = identity;
+    }
+    Built {
+        snapshot,
+        unresolved,
+        route_problems,
+    }
+}
+
+/// `MeshFile::enrolled` without borrowing the whole file.
+fn file_enrolled(namespaces: &[NamespaceSpec], w: &WorkloadSpec) -> bool {
+    MeshFile {
+        namespaces: namespaces
+            .iter()
+            .filter(|n| n.name == w.namespace)
+            .cloned()
+            .collect(),
+        ..Default::default()
+    }
+    .enrolled(w)
+}
+
+fn mode_label(labels: &BTreeMap<String, String>) -> Option<Mode> {
+    match labels.get(MODE_LABEL).map(String::as_str) {
+        Some("direct") => Some(Mode::Direct),
+        Some("proxied") => Some(Mode::Proxied),
+        _ => None,
+    }
+}
+
+fn pod_ip(p: &Pod) -> Option<Ipv4Addr> {
+    let st = p.status.as_ref()?;
+    st.pod_ips
+        .iter()
+        .flatten()
+        .map(|i| i.ip.as_str())
+        .chain(st.pod_ip.as_deref())
+        .find_map(|ip| ip.parse().ok())
+}
+
+/// A pod that is a workload of this node: it has its own network namespace (not host
+/// networking), an IPv4 address, and has not finished.
+fn is_local_workload(p: &Pod) -> bool {
+    let host_net = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    !host_net && !matches!(phase, Some("Succeeded" | "Failed")) && pod_ip(p).is_some()
+}
+
+/// The protocol of a service port: `appProtocol` first, then the port name's prefix
+/// (Istio's convention: `http`, `http-web`, `grpc-api`, ...), else sniffed.
+pub fn protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
+    let by = |s: &str| match s {
+        "http" | "http1" | "kubernetes.io/http" => Some(Protocol::Http),
+        "http2" | "h2c" | "kubernetes.io/h2c" => Some(Protocol::Http2),
+        "grpc" | "grpc-web" => Some(Protocol::Grpc),
+        "tcp" | "tls" | "https" | "kubernetes.io/ws" | "kubernetes.io/wss" | "mongo" | "mysql"
+        | "redis" => Some(Protocol::Tcp),
+        _ => None,
+    };
+    if let Some(p) = app_protocol.and_then(|a| by(&a.to_ascii_lowercase())) {
+        return p;
+    }
+    name.and_then(|n| {
+        let n = n.to_ascii_lowercase();
+        by(n.split('-').next().unwrap_or(&n))
+    })
+    .unwrap_or(Protocol::Auto)
+}
+
+fn services(c: &Cluster, problems: &mut Vec<String>) -> Vec<ServiceSpec> {
+    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in &c.slices {
+        if s.address_type != "IPv4" {
+            continue;
+        }
+        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
+            slices
+                .entry((s.namespace().unwrap_or_default(), svc.clone()))
+                .or_default()
+                .push(s);
+        }
+    }
+    let mut routes = attached_routes(c, problems);
+    let mut out = Vec::new();
+    let mut sorted: Vec<&Arc<Service>> = c.services.iter().collect();
+    sorted.sort_by_key(|s| (s.namespace(), s.name_any()));
+    for s in sorted {
+        let Some(spec) = &s.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let Some(vip) = spec
+            .cluster_ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+        else {
+            continue; // headless ("None") or IPv6-only
+        };
+        let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
+        let svc_ports: Vec<_> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .collect();
+        if svc_ports.is_empty() {
+            continue;
+        }
+        let ports = svc_ports
+            .iter()
+            .map(|p| ServicePort {
+                port: p.port as u16,
+                target_port: None,
+                protocol: protocol(p.app_protocol.as_deref(), p.name.as_deref()),
+            })
+            .collect();
+        let mut endpoints = Vec::new();
+        let mut seen = BTreeSet::new();
+        for slice in slices
+            .get(&(ns.clone(), name.clone()))
+            .into_iter()
+            .flatten()
+        {
+            for sp in slice.ports.iter().flatten() {
+                if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                    continue;
+                }
+                let Some(port) = sp.port else { continue };
+                // Slice ports carry the service port's name; a single unnamed port
+                // belongs to the single service port.
+                let svc_port = svc_ports
+                    .iter()
+                    .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""));
+                let Some(svc_port) = svc_port else { continue };
+                for e in &slice.endpoints {
+                    let cond = e.conditions.as_ref();
+                    let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+                    let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+                    let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+                    let health = if ready {
+                        None
+                    } else if serving && terminating {
+                        Some("draining".to_owned())
+                    } else {
+                        Some("unhealthy".to_owned())
+                    };
+                    for a in &e.addresses {
+                        let Ok(ip) = a.parse::<Ipv4Addr>() else {
+                            continue;
+                        };
+                        if seen.insert((ip, port, svc_port.port)) {
+                            endpoints.push(EndpointSpec {
+                                ip,
+                                port: Some(port as u16),
+                                weight: None,
+                                health: health.clone(),
+                                service_port: Some(svc_port.port as u16),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out.push(ServiceSpec {
+            routes: routes
+                .remove(&(ns.clone(), name.clone()))
+                .unwrap_or_default(),
+            name,
+            namespace: ns,
+            vip,
+            ports,
+            selector: BTreeMap::new(),
+            endpoints,
+            lb: Default::default(),
+            connect_timeout_ms: None,
+            circuit_breaker: None,
+            outlier_detection: None,
+            rate_limit: None,
+            max_request_headers_kb: None,
+        });
+    }
+    out
+}
+
+/// Routes per parent Service, in Gateway API precedence order.
+fn attached_routes(
+    c: &Cluster,
+    problems: &mut Vec<String>,
+) -> BTreeMap<(String, String), Vec<crate::config::RouteSpec>> {
+    type Key = (
+        std::cmp::Reverse<routes::Precedence>,
+        String,
+        String,
+        usize,
+        usize,
+    );
+    let mut keyed: BTreeMap<(String, String), Vec<(Key, crate::config::RouteSpec)>> =
+        BTreeMap::new();
+    let all = c
+        .http_routes
+        .iter()
+        .map(|r| (Flavour::Http, r))
+        .chain(c.grpc_routes.iter().map(|r| (Flavour::Grpc, r)));
+    for (flavour, obj) in all {
+        let ns = obj.namespace().unwrap_or_default();
+        let id = format!("{ns}/{}", obj.name_any());
+        let parsed: routes::RouteObject = match serde_json::from_value(obj.data.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!("{id}: {e}"));
+                continue;
+            }
+        };
+        let created = obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default();
+        for parent in &parsed.spec.parent_refs {
+            if !parent.is_service() {
+                continue;
+            }
+            if parent.namespace.as_deref().is_some_and(|p| p != ns) {
+                problems.push(format!(
+                    "{id}: parent Service {}/{} is in another namespace (consumer routes are not supported)",
+                    parent.namespace.as_deref().unwrap_or_default(),
+                    parent.name
+                ));
+                continue;
+            }
+            for (i, rule) in parsed.spec.rules.iter().enumerate() {
+                match routes::convert_rule(flavour, &ns, &id, i, rule) {
+                    Ok(converted) => {
+                        for (j, cv) in converted.into_iter().enumerate() {
+                            keyed
+                                .entry((ns.clone(), parent.name.clone()))
+                                .or_default()
+                                .push((
+                                    (
+                                        std::cmp::Reverse(cv.precedence),
+                                        created.clone(),
+                                        id.clone(),
+                                        i,
+                                        j,
+                                    ),
+                                    cv.route,
+                                ));
+                        }
+                    }
+                    Err(e) => problems.push(format!("{id} rule {i}: {e}")),
+                }
+            }
+        }
+    }
+    keyed
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            (k, v.into_iter().map(|(_, r)| r).collect())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj<T: serde::de::DeserializeOwned>(yaml: &str) -> Arc<T> {
+        Arc::new(serde_yaml::from_str(yaml).unwrap())
+    }
+
+    fn cluster() -> Cluster {
+        Cluster {
+            namespaces: vec![
+                obj("metadata: {name: shop, labels: {mesh-agent.io/dataplane-mode: ambient}}"),
+                obj("metadata: {name: plain}"),
+            ],
+            pods: vec![
+                obj("metadata: {name: web, namespace: shop, uid: u1, labels: {app: web}}\nspec: {containers: [], serviceAccountName: web}\nstatus: {podIP: 10.1.0.2}"),
+                obj("metadata: {name: out, namespace: shop, uid: u2, labels: {mesh-agent.io/dataplane-mode: none}}\nspec: {containers: []}\nstatus: {podIP: 10.1.0.3}"),
+                obj("metadata: {name: db, namespace: plain, uid: u3}\nspec: {containers: []}\nstatus: {podIP: 10.1.0.4}"),
+                obj("metadata: {name: hostnet, namespace: shop, uid: u4}\nspec: {containers: [], hostNetwork: true}\nstatus: {podIP: 192.168.0.1}"),
+                obj("metadata: {name: pending, namespace: shop, uid: u5}\nspec: {containers: []}\nstatus: {phase: Pending}"),
+                obj("metadata: {name: lost, namespace: shop, uid: u6}\nspec: {containers: []}\nstatus: {podIP: 10.1.0.9}"),
+            ],
+            services: vec![
+                obj("metadata: {name: reviews, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 9080}, {name: grpc-api, port: 9090, appProtocol: tcp}, {name: dns, port: 53, protocol: UDP}]}"),
+                obj("metadata: {name: headless, namespace: shop}\nspec: {clusterIP: None, ports: [{port: 80}]}"),
+            ],
+            slices: vec![obj(
+                "metadata: {name: reviews-1, namespace: shop, labels: {kubernetes.io/service-name: reviews}}\naddressType: IPv4\n\
+                 ports: [{name: http, port: 8080}, {name: grpc-api, port: 8090}]\n\
+                 endpoints:\n- addresses: [10.1.0.2]\n- addresses: [10.2.0.7]\n  conditions: {ready: false, serving: true, terminating: true}\n",
+            )],
+            service_accounts: vec![obj("metadata: {name: web, namespace: shop}")],
+            http_routes: vec![obj(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop, creationTimestamp: '2026-01-01T00:00:00Z'}\n\
+                 spec:\n  parentRefs: [{group: '', kind: Service, name: reviews}]\n  rules:\n\
+                 \x20 - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: reviews, port: 9080}]\n\
+                 \x20 - matches: [{path: {type: Exact, value: /v2/exact}}]\n    filters: [{type: RequestMirror}]\n",
+            )],
+            grpc_routes: vec![],
+        }
+    }
+
+    #[test]
+    fn local_pods_services_slices_and_routes_become_one_snapshot() {
+        let mut asked = Vec::new();
+        let built = build(
+            &cluster(),
+            &Options {
+                excludes: &[],
+                trust_domain: "cluster.local",
+            },
+            &mut |p| {
+                asked.push(p.name_any());
+                if p.name_any() == "lost" {
+                    Err("no cgroup".into())
+                } else {
+                    Ok(PathBuf::from(format!("/proc/1/ns/net#{}", p.name_any())))
+                }
+            },
+        );
+        // Only enrolled pods are looked up: not the opted-out one, not the other namespace.
+        assert_eq!(asked, vec!["lost", "web"]);
+        let names: Vec<_> = built
+            .snapshot
+            .workloads
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["db", "lost", "out", "web"],
+            "hostnet and pending are not workloads"
+        );
+        let w = |n: &str| {
+            built
+                .snapshot
+                .workloads
+                .iter()
+                .find(|w| w.name == n)
+                .unwrap()
+        };
+        assert!(w("web").enrolled && !w("out").enrolled && !w("db").enrolled);
+        assert_eq!(
+            w("web").identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
+        assert_eq!(w("out").identity, None, "the default account is not known");
+        assert_eq!(w("lost").unresolved.as_deref(), Some("no cgroup"));
+        assert_eq!(built.unresolved.len(), 1);
+        assert_eq!(built.unresolved[0].uid, "u6");
+
+        assert_eq!(built.snapshot.services.len(), 1, "headless skipped");
+        let s = &built.snapshot.services[0];
+        assert_eq!(s.vip, "10.96.0.10".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(s.ports.len(), 2, "UDP skipped");
+        assert_eq!(s.ports[0].protocol, Protocol::Http);
+        assert_eq!(
+            s.ports[1].protocol,
+            Protocol::Tcp,
+            "appProtocol wins over the name"
+        );
+        assert_eq!(s.endpoints.len(), 4);
+        let e = s
+            .endpoints
+            .iter()
+            .find(|e| e.ip.to_string() == "10.2.0.7" && e.service_port == Some(9090))
+            .unwrap();
+        assert_eq!(
+            (e.port, e.health.as_deref()),
+            (Some(8090), Some("draining"))
+        );
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.routes[0].matcher.regex.as_deref(), Some("/v2(/.*)?"));
+        assert_eq!(built.route_problems.len(), 1, "{:?}", built.route_problems);
+        assert!(built.route_problems[0].contains("RequestMirror"));
+    }
+
+    #[test]
+    fn protocols_from_app_protocol_and_port_names() {
+        assert_eq!(protocol(Some("kubernetes.io/h2c"), None), Protocol::Http2);
+        assert_eq!(protocol(None, Some("grpc-web")), Protocol::Grpc);
+        assert_eq!(protocol(None, Some("http-metrics")), Protocol::Http);
+        assert_eq!(protocol(None, Some("web")), Protocol::Auto);
+        assert_eq!(protocol(None, None), Protocol::Auto);
+    }
+}
