@@ -26,6 +26,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod kubeapi;
+
 pub fn must_be_root() {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
@@ -158,11 +160,22 @@ impl SimNode {
 
     /// Adds a pod: netns + veth on the bridge + cgroup folder. `host` is the last octet.
     pub fn add_pod(&mut self, name: &str, host: u8) -> Result<&Pod> {
+        let cgroup = self.cgroup.join(name);
+        self.add_pod_at(name, host, cgroup)
+    }
+
+    /// `add_pod` with the pod's processes in `cgroup`, a folder under the node's cgroup
+    /// (for example the kubelet's `kubepods.slice/.../pod<uid>.slice/<container>.scope`);
+    /// the folders between are made here and removed with the node.
+    pub fn add_pod_at(&mut self, name: &str, host: u8, cgroup: PathBuf) -> Result<&Pod> {
+        assert!(
+            cgroup.starts_with(&self.cgroup),
+            "a pod's cgroup must be under the node's"
+        );
         let i = self.pods.len();
         let netns = format!("mt{}-{name}", self.index);
         let veth = format!("mt{}v{i}", self.index);
         let ip = Ipv4Addr::new(10, 201, self.index, host);
-        let cgroup = self.cgroup.join(name);
         // Record first so Drop removes partial state too.
         self.pods.push(Pod {
             name: name.into(),
@@ -395,6 +408,18 @@ impl Drop for SimNode {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // Folders between the node's cgroup and its pods' (add_pod_at), deepest first.
+        fn remove_tree(dir: &Path) {
+            if let Ok(rd) = fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        remove_tree(&e.path());
+                        let _ = fs::remove_dir(e.path());
+                    }
+                }
+            }
+        }
+        remove_tree(&self.cgroup);
         for _ in 0..50 {
             if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
                 break;
