@@ -50,8 +50,9 @@ fn tool(var: &str) -> PathBuf {
     match std::env::var_os(var) {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => panic!(
-            "{var} is not set: run these tests with `cargo xtask test deploy` (it installs \
-             helm and kubernetes-validate under target/ and exports MESH_HELM and MESH_PYTHON)"
+            "{var} is not set: run these tests through `cargo xtask test`, which installs helm \
+             and kubernetes-validate under target/ and exports MESH_HELM and MESH_PYTHON (to \
+             run only these, see deploy/README.md)"
         ),
     }
 }
