@@ -1,0 +1,612 @@
+//! The agent's Kubernetes source end to end: the API server test double
+//! (`mesh_tests::kubeapi`), driven with the real kubectl, and a simulated node whose pods
+//! sit in the kubelet's cgroup layout (`kubepods.slice/.../kubepods-besteffort-pod<uid>.slice`)
+//! so the agent finds their network namespaces the way it does on a real node.
+
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+
+use mesh_tests::{
+    kubeapi::{KubeApi, Options},
+    metric, wait_for, Agent, SimNode,
+};
+use serde_json::Value;
+
+const ENROL: &str = "mesh-agent.io/dataplane-mode=ambient";
+
+struct Cluster {
+    api: KubeApi,
+    node: SimNode,
+}
+
+impl Cluster {
+    fn new(namespaces: &[&str]) -> Cluster {
+        Cluster::with(namespaces, Options::default())
+    }
+
+    fn with(namespaces: &[&str], options: Options) -> Cluster {
+        let api = KubeApi::start_with(options).expect("API server double");
+        let node = SimNode::new().expect("sim node");
+        for ns in namespaces {
+            api.kubectl(&["create", "namespace", ns]).unwrap();
+        }
+        let c = Cluster { api, node };
+        // The kubelet's pod cgroup root exists before any pod does.
+        std::fs::create_dir_all(c.kubepods()).unwrap();
+        c
+    }
+
+    fn node_name(&self) -> String {
+        format!("sim-{}", self.node.index)
+    }
+
+    fn kubepods(&self) -> PathBuf {
+        self.node.cgroup.join("kubepods.slice")
+    }
+
+    /// Creates the pod in the API, then does what the kubelet and the runtime do: a
+    /// cgroup named after its UID, a network namespace, a running process (an echo
+    /// server on 8080), and the pod IP in the status.
+    fn run_pod(&mut self, ns: &str, name: &str, host: u8, labels: &[(&str, &str)]) -> String {
+        let uid = self.create_pod(ns, name, labels, None);
+        let cgroup = self.kubepods().join(format!(
+            "kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{name}.scope",
+            u = uid.replace('-', "_")
+        ));
+        let ip = self.node.add_pod_at(name, host, cgroup).unwrap().ip;
+        self.node
+            .serve(name, &["echo", "--listen", "0.0.0.0:8080"])
+            .unwrap();
+        self.set_ip(ns, name, &ip.to_string());
+        uid
+    }
+
+    fn create_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        account: Option<&str>,
+    ) -> String {
+        let labels: String = labels
+            .iter()
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect();
+        let account = account
+            .map(|a| format!("  serviceAccountName: {a}\n"))
+            .unwrap_or_default();
+        let manifest = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    app: {name}\n{labels}\
+             spec:\n  nodeName: {node}\n{account}  containers:\n  - name: main\n    image: podtool\n",
+            node = self.node_name()
+        );
+        self.api
+            .kubectl_stdin(&["create", "-f", "-"], &manifest)
+            .unwrap();
+        self.api
+            .kubectl(&[
+                "get",
+                "pod",
+                name,
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn set_ip(&self, ns: &str, name: &str, ip: &str) {
+        self.api
+            .kubectl(&[
+                "patch",
+                "pod",
+                name,
+                "-n",
+                ns,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &format!(r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#),
+            ])
+            .unwrap();
+    }
+
+    fn start_agent(&self) -> Agent {
+        self.node.write_config("exclude: []\n").unwrap();
+        let node = self.node_name();
+        let kubeconfig = self.api.kubeconfig().display().to_string();
+        let kubepods = self.kubepods().display().to_string();
+        self.node
+            .start_agent(&[
+                "--source",
+                "kubernetes",
+                "--node-name",
+                &node,
+                "--kubeconfig",
+                &kubeconfig,
+                "--kubepods-cgroup",
+                &kubepods,
+            ])
+            .unwrap()
+    }
+}
+
+fn workloads(agent: &Agent) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&agent.get("/workloads").unwrap()).unwrap();
+    v["workloads"].as_array().cloned().unwrap_or_default()
+}
+
+fn workload(agent: &Agent, name: &str) -> Option<Value> {
+    workloads(agent).into_iter().find(|w| w["name"] == name)
+}
+
+fn dump(agent: &Agent, map: &str) -> Vec<Value> {
+    let out = agent.cli(&["dump", map, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Connections the proxy accepted from `source` (namespace/name).
+fn proxied_from(agent: &Agent, source: &str) -> u64 {
+    metric(
+        &agent.get("/metrics").unwrap(),
+        "mesh_tcp_connections_opened_total",
+        &[("source_workload", source)],
+    )
+}
+
+fn echo(c: &Cluster, from: &str, to: &str) {
+    let r = c
+        .node
+        .client(from, &["echo-client", "--to", to, "--bytes", "65536"])
+        .unwrap();
+    assert_eq!(r["intact"], 1, "{r}");
+}
+
+#[test]
+fn labelling_a_namespace_enrols_its_running_pods_and_unlabelling_releases_them() {
+    let mut c = Cluster::new(&["shop", "backend"]);
+    c.api
+        .kubectl(&["create", "serviceaccount", "web", "-n", "shop"])
+        .unwrap();
+    let uid = c.create_pod("shop", "client", &[], Some("web"));
+    let cgroup = c.kubepods().join(format!(
+        "kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-client.scope",
+        uid.replace('-', "_")
+    ));
+    let ip = c.node.add_pod_at("client", 2, cgroup).unwrap().ip;
+    c.node
+        .serve("client", &["echo", "--listen", "0.0.0.0:7000"])
+        .unwrap();
+    c.set_ip("shop", "client", &ip.to_string());
+    c.run_pod("backend", "server", 3, &[]);
+    let agent = c.start_agent();
+    let server = format!("{}:8080", c.node.pod("server").ip);
+
+    // Not enrolled yet: known as a local workload, not captured.
+    let w = workload(&agent, "client").expect("the local pod is listed");
+    assert_eq!(w["enrolled"], false, "{w}");
+    assert_eq!(
+        w["identity"], "spiffe://cluster.local/ns/shop/sa/web",
+        "{w}"
+    );
+    assert!(dump(&agent, "WORKLOADS").is_empty());
+    echo(&c, "client", &server);
+    assert_eq!(proxied_from(&agent, "shop/client"), 0);
+
+    // The label enrols the running pod: same process, same netns, no restart.
+    c.api
+        .kubectl(&["label", "namespace", "shop", ENROL])
+        .unwrap();
+    wait_for("enrolment", Duration::from_secs(10), || {
+        workload(&agent, "client").is_some_and(|w| w["enrolled"] == true)
+            && dump(&agent, "WORKLOADS").len() == 1
+    });
+    echo(&c, "client", &server);
+    assert_eq!(
+        proxied_from(&agent, "shop/client"),
+        1,
+        "captured after the label"
+    );
+
+    // A pod's own opt-out label wins over its namespace.
+    c.api
+        .kubectl(&[
+            "label",
+            "pod",
+            "client",
+            "-n",
+            "shop",
+            "mesh-agent.io/dataplane-mode=none",
+        ])
+        .unwrap();
+    wait_for("pod opt-out", Duration::from_secs(10), || {
+        dump(&agent, "WORKLOADS").is_empty()
+    });
+    c.api
+        .kubectl(&[
+            "label",
+            "pod",
+            "client",
+            "-n",
+            "shop",
+            "mesh-agent.io/dataplane-mode-",
+        ])
+        .unwrap();
+    wait_for("opt-out removed", Duration::from_secs(10), || {
+        dump(&agent, "WORKLOADS").len() == 1
+    });
+
+    // Removing the namespace label releases it.
+    c.api
+        .kubectl(&[
+            "label",
+            "namespace",
+            "shop",
+            "mesh-agent.io/dataplane-mode-",
+        ])
+        .unwrap();
+    wait_for("release", Duration::from_secs(10), || {
+        dump(&agent, "WORKLOADS").is_empty()
+    });
+    echo(&c, "client", &server);
+    assert_eq!(proxied_from(&agent, "shop/client"), 1, "direct again");
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(metric(&m, "mesh_workloads_enrolled", &[]), 0, "{m}");
+}
+
+#[test]
+fn deleting_a_pod_releases_its_entries_from_every_map() {
+    let mut c = Cluster::new(&["shop"]);
+    c.api
+        .kubectl(&["label", "namespace", "shop", ENROL])
+        .unwrap();
+    c.run_pod("shop", "web", 2, &[]);
+    c.run_pod("shop", "db", 3, &[]);
+    let agent = c.start_agent();
+    let (web, db) = (c.node.pod("web").ip, c.node.pod("db").ip);
+    wait_for("both enrolled", Duration::from_secs(10), || {
+        dump(&agent, "WORKLOADS").len() == 2 && dump(&agent, "DESTS").len() == 2
+    });
+    echo(&c, "web", &format!("{db}:8080"));
+    assert_eq!(proxied_from(&agent, "shop/web"), 1);
+
+    c.api
+        .kubectl(&["delete", "pod", "web", "-n", "shop"])
+        .unwrap();
+    wait_for("web released", Duration::from_secs(10), || {
+        dump(&agent, "WORKLOADS").len() == 1 && dump(&agent, "DESTS").len() == 1
+    });
+    let dests = dump(&agent, "DESTS").to_vec();
+    let text = serde_json::to_string(&dests).unwrap();
+    assert!(
+        text.contains(&db.to_string()) && !text.contains(&web.to_string()),
+        "{text}"
+    );
+    assert!(workload(&agent, "web").is_none());
+    // Its process still runs (the simulated runtime is slower than the API): not captured.
+    echo(&c, "web", &format!("{db}:8080"));
+    assert_eq!(proxied_from(&agent, "shop/web"), 1);
+}
+
+#[test]
+fn a_pod_whose_netns_is_not_found_is_reported_and_enrolled_once_it_appears() {
+    let mut c = Cluster::new(&["shop"]);
+    c.api
+        .kubectl(&["label", "namespace", "shop", ENROL])
+        .unwrap();
+    let agent = c.start_agent();
+    // In the API with an IP, but no cgroup on the node yet.
+    let uid = c.create_pod("shop", "late", &[], None);
+    c.set_ip("shop", "late", "10.201.250.9");
+    wait_for("reported unresolved", Duration::from_secs(10), || {
+        workload(&agent, "late").is_some_and(|w| w["unresolved"].is_string())
+    });
+    let w = workload(&agent, "late").unwrap();
+    assert!(w["unresolved"].as_str().unwrap().contains(&uid), "{w}");
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(metric(&m, "mesh_workloads_unresolved", &[]), 1, "{m}");
+    wait_for("a Kubernetes event", Duration::from_secs(10), || {
+        c.api
+            .kubectl(&["get", "events", "-n", "shop", "-o", "json"])
+            .is_ok_and(|t| t.contains("MeshNetnsUnresolved") && t.contains("\"late\""))
+    });
+
+    // The runtime catches up: the agent retries on its own and captures the pod.
+    let cgroup = c.kubepods().join(format!(
+        "kubepods-pod{}.slice/cri-containerd-late.scope",
+        uid.replace('-', "_")
+    ));
+    c.node.add_pod_at("late", 9, cgroup).unwrap();
+    c.node
+        .serve("late", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let ip = c.node.pod("late").ip.to_string();
+    c.set_ip("shop", "late", &ip);
+    wait_for("resolved and enrolled", Duration::from_secs(10), || {
+        dump(&agent, "WORKLOADS").len() == 1
+    });
+    let w = workload(&agent, "late").unwrap();
+    assert!(w["unresolved"].is_null(), "{w}");
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(metric(&m, "mesh_workloads_unresolved", &[]), 0, "{m}");
+}
+
+/// What the agent holds for namespace `ns`, against what the server holds.
+fn agent_view(agent: &Agent, ns: &str) -> BTreeSet<(String, String, bool)> {
+    let list = workloads(agent);
+    let mine: Vec<_> = list.iter().filter(|w| w["namespace"] == ns).collect();
+    let set: BTreeSet<_> = mine
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap().to_owned(),
+                w["ip"].as_str().unwrap().to_owned(),
+                w["direct"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        set.len(),
+        mine.len(),
+        "a workload is listed twice: {mine:?}"
+    );
+    set
+}
+
+fn server_view(api: &KubeApi, ns: &str) -> BTreeSet<(String, String, bool)> {
+    api.objects("pods")
+        .iter()
+        .filter(|p| p["metadata"]["namespace"] == ns && p["status"]["podIP"].is_string())
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["status"]["podIP"].as_str().unwrap().to_owned(),
+                p["metadata"]["labels"]["mesh-agent.io/same-node"] == "direct",
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn broken_watches_and_410_gone_lose_and_duplicate_nothing() {
+    // Bookmarks would move the agent's resume point to the newest version; without them
+    // it stays at the last pod event, which a compaction after any other change expires.
+    let c = Cluster::with(
+        &["burst"],
+        Options {
+            bookmark_interval: Duration::from_secs(600),
+            ..Options::default()
+        },
+    );
+    let agent = c.start_agent();
+    let k8s = |a: &Agent| -> Value { serde_json::from_str(&a.get("/k8s").unwrap()).unwrap() };
+    let relists_before = k8s(&agent)["relists"]["pods"].as_u64().unwrap();
+    // A burst of changes; the server breaks every watch, forgets its history (so the
+    // agent's resume point is too old: 410 Gone) and fails requests in the middle of it.
+    for i in 0..24u8 {
+        let name = format!("p{i}");
+        c.create_pod("burst", &name, &[], None);
+        c.set_ip("burst", &name, &format!("10.244.7.{}", i + 1));
+        match i {
+            6 => c.api.drop_watches(),
+            12 => {
+                // Another kind changes last, then history is compacted: the pods watch's
+                // resume point is now too old.
+                c.api
+                    .kubectl(&["create", "serviceaccount", "s12", "-n", "burst"])
+                    .unwrap();
+                c.api.compact();
+                c.api.drop_watches();
+            }
+            16 => {
+                // Only the agent's requests fail: break its watches and wait for its
+                // retries to eat the failures (kubectl would get them otherwise).
+                c.api.fail_next(3, 500);
+                c.api.drop_watches();
+                wait_for(
+                    "the agent's failed retries",
+                    Duration::from_secs(15),
+                    || c.api.stats().injected_failures >= 3,
+                );
+            }
+            _ => {}
+        }
+        if i % 4 == 3 {
+            c.api
+                .kubectl(&["delete", "pod", &format!("p{}", i - 1), "-n", "burst"])
+                .unwrap();
+        }
+        if i % 5 == 0 {
+            c.api
+                .kubectl(&[
+                    "label",
+                    "pod",
+                    &name,
+                    "-n",
+                    "burst",
+                    "mesh-agent.io/same-node=direct",
+                ])
+                .unwrap();
+        }
+    }
+    // A pod without an IP is not a workload yet.
+    c.create_pod("burst", "pending", &[], None);
+    c.api
+        .kubectl(&["create", "serviceaccount", "last", "-n", "burst"])
+        .unwrap();
+    c.api.compact();
+    c.api.drop_watches();
+    c.api
+        .kubectl(&[
+            "label",
+            "pod",
+            "p1",
+            "-n",
+            "burst",
+            "mesh-agent.io/same-node=direct",
+        ])
+        .unwrap();
+    c.api
+        .kubectl(&["delete", "pod", "p4", "-n", "burst"])
+        .unwrap();
+
+    let want = server_view(&c.api, "burst");
+    assert_eq!(want.len(), 24 - 6 - 1, "{want:?}");
+    wait_for(
+        "the agent agrees with the server",
+        Duration::from_secs(15),
+        || agent_view(&agent, "burst") == want,
+    );
+    let stats = c.api.stats();
+    assert!(
+        stats.gone_sent >= 1,
+        "the agent was never told 410: {:?}",
+        stats.to_json()
+    );
+    assert!(stats.watches_dropped >= 1);
+    let k = k8s(&agent);
+    assert!(
+        k["relists"]["pods"].as_u64().unwrap() > relists_before,
+        "the 410 made the agent list again: {k}"
+    );
+    // Stable afterwards: a later change still arrives.
+    c.api
+        .kubectl(&["delete", "pod", "p0", "-n", "burst"])
+        .unwrap();
+    let want = server_view(&c.api, "burst");
+    wait_for("a change after the faults", Duration::from_secs(10), || {
+        agent_view(&agent, "burst") == want
+    });
+}
+
+fn http(c: &Cluster, vip: &str, requests: u32, headers: &[&str]) -> Value {
+    let requests = requests.to_string();
+    let mut args = vec!["http-client", "--to", vip, "--requests", &requests];
+    for h in headers {
+        args.extend(["--header", h]);
+    }
+    c.node.client("client", &args).unwrap()
+}
+
+#[test]
+fn services_endpointslices_and_an_httproute_applied_with_kubectl_steer_requests() {
+    let mut c = Cluster::new(&["shop", "backend"]);
+    c.api
+        .kubectl(&["label", "namespace", "shop", ENROL])
+        .unwrap();
+    c.run_pod("shop", "client", 2, &[]);
+    for (name, host) in [("v1", 3u8), ("v2", 4u8)] {
+        c.create_pod("backend", name, &[("app", "reviews")], None);
+        let uid = c
+            .api
+            .kubectl(&[
+                "get",
+                "pod",
+                name,
+                "-n",
+                "backend",
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])
+            .unwrap();
+        let cgroup = c.kubepods().join(format!(
+            "kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{name}.scope",
+            uid.trim().replace('-', "_")
+        ));
+        let ip = c.node.add_pod_at(name, host, cgroup).unwrap().ip;
+        c.node
+            .serve(name, &["http", "--listen", "0.0.0.0:8080", "--name", name])
+            .unwrap();
+        c.set_ip("backend", name, &ip.to_string());
+    }
+    let (v1, v2) = (c.node.pod("v1").ip, c.node.pod("v2").ip);
+    let vip = format!("10.96.{}.10", c.node.index);
+    let vip2 = format!("10.96.{}.11", c.node.index);
+    let objects = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: backend}}\n\
+         spec:\n  clusterIP: {vip}\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: reviews-v2, namespace: backend}}\n\
+         spec:\n  clusterIP: {vip2}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: reviews-a1, namespace: backend, labels: {{kubernetes.io/service-name: reviews}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [\"{v1}\"], conditions: {{ready: true}}}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: reviews-v2-b2, namespace: backend, labels: {{kubernetes.io/service-name: reviews-v2}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [\"{v2}\"], conditions: {{ready: true}}}}]\n"
+    );
+    c.api
+        .kubectl_stdin(&["apply", "-f", "-"], &objects)
+        .unwrap();
+    let agent = c.start_agent();
+
+    // Service and slices alone: everything to v1, through the L7 proxy.
+    let r = http(&c, &format!("{vip}:80"), 10, &[]);
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(r["bodies"], serde_json::json!({ "v1": 10 }), "{r}");
+
+    let route = |default_backend: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: reviews, namespace: backend}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: reviews, port: 80}}]\n  rules:\n\
+             \x20 - matches: [{{headers: [{{name: x-canary, value: \"1\"}}]}}]\n\
+             \x20   filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-mesh, value: canary}}]}}}}]\n\
+             \x20   backendRefs: [{{name: reviews-v2, port: 80}}]\n\
+             \x20 - backendRefs: [{{name: {default_backend}, port: 80}}]\n"
+        )
+    };
+    c.api
+        .kubectl_stdin(&["apply", "-f", "-"], &route("reviews"))
+        .unwrap();
+    wait_for("the canary route", Duration::from_secs(10), || {
+        http(&c, &format!("{vip}:80"), 1, &["x-canary: 1"])["bodies"]
+            == serde_json::json!({ "v2": 1 })
+    });
+    let canary = http(&c, &format!("{vip}:80"), 20, &["x-canary: 1"]);
+    assert_eq!(
+        canary["bodies"],
+        serde_json::json!({ "v2": 20 }),
+        "{canary}"
+    );
+    assert_eq!(
+        canary["seen_mesh"],
+        serde_json::json!({ "canary": 20 }),
+        "{canary}"
+    );
+    let plain = http(&c, &format!("{vip}:80"), 20, &[]);
+    assert_eq!(plain["bodies"], serde_json::json!({ "v1": 20 }), "{plain}");
+
+    // kubectl apply of a changed route: the default now goes to v2 as well.
+    c.api
+        .kubectl_stdin(&["apply", "-f", "-"], &route("reviews-v2"))
+        .unwrap();
+    wait_for("the changed route", Duration::from_secs(10), || {
+        http(&c, &format!("{vip}:80"), 5, &[])["bodies"] == serde_json::json!({ "v2": 5 })
+    });
+
+    // Deleting the route restores the Service's own endpoints.
+    c.api
+        .kubectl(&["delete", "httproute", "reviews", "-n", "backend"])
+        .unwrap();
+    wait_for("the route removed", Duration::from_secs(10), || {
+        http(&c, &format!("{vip}:80"), 5, &[])["bodies"] == serde_json::json!({ "v1": 5 })
+    });
+    let m = agent.get("/metrics").unwrap();
+    assert!(
+        metric(
+            &m,
+            "mesh_requests_total",
+            &[("source_workload", "shop/client")]
+        ) >= 50,
+        "{m}"
+    );
+}
