@@ -158,6 +158,23 @@ pub async fn watch_file(path: PathBuf, interval: Duration, tx: watch::Sender<Arc
     }
 }
 
+/// For `/proc/<pid>/ns/net`: (pid, the process's start time in clock ticks since boot,
+/// the namespace's nsfs inode); `None` for other paths or a process that is gone.
+fn proc_netns_key(netns: &std::path::Path) -> Option<(u32, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut parts = netns.strip_prefix("/proc").ok()?.components();
+    let pid: u32 = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+    let start_time = || -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Field 22 (starttime), counted after the command name's closing parenthesis.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+    };
+    let start = start_time()?;
+    let ino = std::fs::metadata(netns).ok()?.ino();
+    // The process may have been replaced between the two reads: read the time again.
+    (start_time()? == start).then_some((pid, start, ino))
+}
+
 /// Map state derived from a snapshot.
 #[derive(Default, Debug, PartialEq)]
 struct Desired {
@@ -173,6 +190,12 @@ pub struct MapSyncer {
     applied: Desired,
     /// Workloads whose network namespace could not be resolved last time (for metrics).
     pub unresolved: usize,
+    /// `/proc/<pid>/ns/net` paths (the Kubernetes source): (pid, the process's start time,
+    /// nsfs inode) -> cookie. A cookie costs a thread and a `setns`; the key says whether
+    /// it is the same process in the same namespace as before (pids and nsfs inodes are
+    /// reused, the pair with a start time is not), so an update that adds no pod costs
+    /// no `setns`. Other paths (`/run/netns/NAME`) are looked up every time.
+    cookies: std::collections::HashMap<(u32, u64, u64), u64>,
 }
 
 impl MapSyncer {
@@ -182,7 +205,25 @@ impl MapSyncer {
             registry,
             applied: Desired::default(),
             unresolved: 0,
+            cookies: Default::default(),
         }
+    }
+
+    fn cookie(
+        &mut self,
+        netns: &std::path::Path,
+        seen: &mut std::collections::HashSet<(u32, u64, u64)>,
+    ) -> std::io::Result<u64> {
+        let Some(key) = proc_netns_key(netns) else {
+            return crate::sys::netns_cookie(netns);
+        };
+        seen.insert(key);
+        if let Some(c) = self.cookies.get(&key) {
+            return Ok(*c);
+        }
+        let c = crate::sys::netns_cookie(netns)?;
+        self.cookies.insert(key, c);
+        Ok(c)
     }
 
     fn desired(&mut self, snap: &Snapshot) -> Desired {
@@ -203,8 +244,10 @@ impl MapSyncer {
             excludes,
             ..Default::default()
         };
-        let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        let registry = self.registry.clone();
+        let mut reg = registry.write().unwrap_or_else(|e| e.into_inner());
         self.unresolved = 0;
+        let mut seen = std::collections::HashSet::new();
         for w in &snap.workloads {
             let id = reg.id(&w.namespace, &w.name);
             let ip4 = u32::from_ne_bytes(w.ip.octets());
@@ -224,7 +267,7 @@ impl MapSyncer {
                     "the workload's network namespace is not known; it is not captured until it is");
                 continue;
             }
-            match crate::sys::netns_cookie(&w.netns) {
+            match self.cookie(&w.netns, &mut seen) {
                 Ok(cookie) => {
                     d.workloads.insert(
                         cookie,
@@ -243,6 +286,7 @@ impl MapSyncer {
                 }
             }
         }
+        self.cookies.retain(|k, _| seen.contains(k));
         d
     }
 
@@ -308,6 +352,20 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn proc_netns_paths_are_keyed_by_process_and_namespace() {
+        let me = std::process::id();
+        let key = proc_netns_key(Path::new(&format!("/proc/{me}/ns/net"))).unwrap();
+        assert_eq!(key.0, me);
+        assert!(key.1 > 0 && key.2 > 0);
+        assert_eq!(
+            proc_netns_key(Path::new(&format!("/proc/{me}/ns/net"))),
+            Some(key)
+        );
+        assert_eq!(proc_netns_key(Path::new("/run/netns/x")), None);
+        assert_eq!(proc_netns_key(Path::new("/proc/999999999/ns/net")), None);
+    }
 
     #[test]
     fn registry_ids_are_stable() {

@@ -593,6 +593,40 @@ fn services_endpointslices_and_an_httproute_applied_with_kubectl_steer_requests(
         http(&c, &format!("{vip}:80"), 5, &[])["bodies"] == serde_json::json!({ "v2": 5 })
     });
 
+    // A GRPCRoute on the same Service joins the HTTPRoute's rules: an exact method match
+    // is more specific than any prefix, so it goes first. (Sent as HTTP/1.1 here: the
+    // route matches on the path `/<service>/<method>` whatever the protocol.)
+    let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+                metadata: {name: cart, namespace: backend}\n\
+                spec:\n  parentRefs: [{group: \"\", kind: Service, name: reviews}]\n  rules:\n\
+                \x20 - matches: [{method: {service: shop.Cart, method: Add}}]\n\
+                \x20   backendRefs: [{name: reviews, port: 80}]\n";
+    c.api.kubectl_stdin(&["apply", "-f", "-"], grpc).unwrap();
+    let grpc_get = |n: u32| {
+        let n = n.to_string();
+        c.node
+            .client(
+                "client",
+                &[
+                    "http-client",
+                    "--to",
+                    &format!("{vip}:80"),
+                    "--requests",
+                    &n,
+                    "--path",
+                    "/shop.Cart/Add",
+                ],
+            )
+            .unwrap()
+    };
+    wait_for("the GRPCRoute", Duration::from_secs(10), || {
+        grpc_get(1)["bodies"] == serde_json::json!({ "v1": 1 })
+    });
+    assert_eq!(grpc_get(5)["bodies"], serde_json::json!({ "v1": 5 }));
+    c.api
+        .kubectl(&["delete", "grpcroute", "cart", "-n", "backend"])
+        .unwrap();
+
     // Deleting the route restores the Service's own endpoints.
     c.api
         .kubectl(&["delete", "httproute", "reviews", "-n", "backend"])
