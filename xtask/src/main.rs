@@ -68,7 +68,12 @@ enum Task {
         args: Vec<String>,
     },
     /// Run the demo on a simulated node.
-    Demo,
+    Demo {
+        /// The Kubernetes flavour: an API server test double driven with kubectl, pods in
+        /// the kubelet's cgroup layout, the agent with `--source kubernetes`.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Quick pod -> pod TCP round-trip latency: direct, mesh with and without sk_msg.
     Latency {
         /// Runs per path (the median is reported).
@@ -363,13 +368,24 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Task::Demo => {
+        Task::Demo { kubernetes: false } => {
             setup()?;
             build()?;
             run(Command::new("bash")
                 .arg(root().join("xtask/demo.sh"))
                 .env("MESH_AGENT_BIN", agent_bin())
                 .env("PODTOOL", root().join("target/debug/podtool")))
+        }
+        Task::Demo { kubernetes: true } => {
+            setup()?;
+            build()?;
+            let kube = deploy::ensure_tools(&root())?;
+            run(Command::new("bash")
+                .arg(root().join("xtask/demo-k8s.sh"))
+                .env("MESH_AGENT_BIN", agent_bin())
+                .env("PODTOOL", root().join("target/debug/podtool"))
+                .env("KUBE_DOUBLE", root().join("target/debug/kube-double"))
+                .env("MESH_KUBECTL", kube.kubectl))
         }
         Task::Bench {
             report: Some(dir), ..
