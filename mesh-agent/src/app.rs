@@ -36,13 +36,13 @@ const READY_PROXY: &str = "proxy listening";
 const READY_XDS: &str = "xds stream open";
 const READY_K8S: &str = "kubernetes synced";
 
-/// The embedded control plane's resources for a snapshot.
-fn xds_resources(snap: &Snapshot) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
-    translate::resources(&MeshFile {
-        services: snap.services.clone(),
-        workloads: snap.declared.clone(),
-        ..Default::default()
-    })
+/// The embedded control plane's resources for a snapshot (services unchanged since the
+/// last call reuse their resources).
+fn xds_resources(
+    translator: &mut translate::Translator,
+    snap: &Snapshot,
+) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
+    translator.resources(&snap.services, &snap.declared)
 }
 
 pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
@@ -107,8 +107,10 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
 
     // xDS: the embedded control plane (unless an external one is named) and the proxy's
     // client, both on this (control) runtime; the proxy reads the config it publishes.
+    let mut translator = translate::Translator::default();
     let (xds_tx, xds_rx) = watch::channel(Arc::new(
-        crate::xds::server::Snapshot::default().next(xds_resources(&snap_rx.borrow())),
+        crate::xds::server::Snapshot::default()
+            .next(xds_resources(&mut translator, &snap_rx.borrow())),
     ));
     let ads = match &args.xds_address {
         Some(_) => None,
@@ -253,7 +255,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 if let Err(e) = apply_snapshot(&mut syncer, &metrics, &snap) {
                     error!(error = %e, "writing the enrolment maps failed");
                 }
-                publish_resources(&xds_tx, &snap);
+                publish_resources(&xds_tx, &mut translator, &snap);
             }
         }
         .instrument(tracing::info_span!("map_sync"));
@@ -308,8 +310,12 @@ fn ads_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 
 /// Rebuilds the control plane's snapshot from a new standalone snapshot; clients are
 /// woken only when a resource changed.
-fn publish_resources(tx: &watch::Sender<Arc<crate::xds::server::Snapshot>>, snap: &Snapshot) {
-    let resources = xds_resources(snap);
+fn publish_resources(
+    tx: &watch::Sender<Arc<crate::xds::server::Snapshot>>,
+    translator: &mut translate::Translator,
+    snap: &Snapshot,
+) {
+    let resources = xds_resources(translator, snap);
     tx.send_if_modified(|cur| {
         let next = cur.next(resources);
         let changed = next.version != cur.version;
@@ -329,8 +335,9 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let snap = Snapshot::from_file(&file);
+        let mut translator = translate::Translator::default();
         let (xds_tx, xds_rx) = watch::channel(Arc::new(
-            crate::xds::server::Snapshot::default().next(xds_resources(&snap)),
+            crate::xds::server::Snapshot::default().next(xds_resources(&mut translator, &snap)),
         ));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -380,7 +387,7 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
             async move {
                 while snap_rx.changed().await.is_ok() {
                     let snap = snap_rx.borrow_and_update().clone();
-                    publish_resources(&xds_tx, &snap);
+                    publish_resources(&xds_tx, &mut translator, &snap);
                 }
             }
             .instrument(tracing::info_span!("translate")),

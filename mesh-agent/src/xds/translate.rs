@@ -85,35 +85,136 @@ fn socket_address(ip: String, port: u16) -> Option<core::Address> {
 }
 
 /// Every resource the file defines, as `(name, Any)`.
+#[cfg(test)]
 pub fn resources(file: &MeshFile) -> Vec<(String, Any)> {
-    let mut out = Vec::new();
-    // Selectors look within a namespace: index the workloads once.
-    let mut by_ns: HashMap<&str, Vec<&WorkloadSpec>> = HashMap::new();
-    for w in &file.workloads {
-        by_ns.entry(w.namespace.as_str()).or_default().push(w);
+    Translator::default().resources(&file.services, &file.workloads)
+}
+
+/// Services by (namespace, name): how route backends are resolved.
+type Index<'a> = HashMap<(&'a str, &'a str), &'a ServiceSpec>;
+
+/// Translation that remembers each service's resources: a service whose spec and inputs
+/// (its route backends' ports, the workloads its selector picks) did not change reuses
+/// them, so an update costs a comparison per service and a translation per changed one.
+#[derive(Default)]
+pub struct Translator {
+    cache: HashMap<(String, String), Cached>,
+    /// Services translated (not reused) since start.
+    pub translated: u64,
+}
+
+struct Cached {
+    spec: ServiceSpec,
+    inputs: Inputs,
+    out: Vec<(String, Any)>,
+}
+
+/// What a service's resources depend on besides its own spec.
+#[derive(Debug, PartialEq)]
+struct Inputs {
+    /// Per route backend, in order: the resolved backend's ports (`None`: unresolved, the
+    /// service itself is used).
+    backends: Vec<Option<Vec<ServicePort>>>,
+    /// The selected workloads' addresses, in file order.
+    selected: Vec<std::net::Ipv4Addr>,
+}
+
+fn backend<'a>(index: &Index<'a>, svc: &ServiceSpec, name: &str) -> Option<&'a ServiceSpec> {
+    let (n, ns) = name.split_once('.').unwrap_or((name, &svc.namespace));
+    index.get(&(ns, n)).copied()
+}
+
+fn selected<'w>(
+    namespace_workloads: &[&'w WorkloadSpec],
+    svc: &ServiceSpec,
+) -> Vec<&'w WorkloadSpec> {
+    if svc.selector.is_empty() {
+        return Vec::new();
     }
-    for svc in &file.services {
-        for p in &svc.ports {
-            out.push((listener_name(svc, p.port), pack_any(listener(svc, p))));
-            if p.protocol != Protocol::Tcp {
-                out.push((
-                    route_name(svc, p.port),
-                    pack_any(route_config(file, svc, p)),
-                ));
-                out.push((route_name(svc, p.port), pack_any(api_listener(svc, p))));
-            }
-            out.push((cluster_name(svc, p.port), pack_any(cluster(svc, p))));
-            out.push((
-                cluster_name(svc, p.port),
-                pack_any(load_assignment(
-                    by_ns
-                        .get(svc.namespace.as_str())
-                        .map_or(&[][..], Vec::as_slice),
-                    svc,
-                    p,
-                )),
-            ));
+    namespace_workloads
+        .iter()
+        .filter(|w| svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .copied()
+        .collect()
+}
+
+impl Translator {
+    pub fn resources(
+        &mut self,
+        services: &[ServiceSpec],
+        workloads: &[WorkloadSpec],
+    ) -> Vec<(String, Any)> {
+        let index: Index<'_> = services
+            .iter()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .collect();
+        // Selectors look within a namespace: index the workloads once.
+        let mut by_ns: HashMap<&str, Vec<&WorkloadSpec>> = HashMap::new();
+        for w in workloads {
+            by_ns.entry(w.namespace.as_str()).or_default().push(w);
         }
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for svc in services {
+            let ns_workloads = by_ns
+                .get(svc.namespace.as_str())
+                .map_or(&[][..], Vec::as_slice);
+            let picked = selected(ns_workloads, svc);
+            let inputs = Inputs {
+                backends: svc
+                    .routes
+                    .iter()
+                    .flat_map(|r| &r.backends)
+                    .map(|b| backend(&index, svc, &b.service).map(|t| t.ports.clone()))
+                    .collect(),
+                selected: picked.iter().map(|w| w.ip).collect(),
+            };
+            let key = (svc.namespace.clone(), svc.name.clone());
+            match self.cache.get(&key) {
+                Some(c) if c.spec == *svc && c.inputs == inputs => {
+                    out.extend(c.out.iter().cloned());
+                }
+                _ => {
+                    self.translated += 1;
+                    let resources = service_resources(&index, &picked, svc);
+                    out.extend(resources.iter().cloned());
+                    self.cache.insert(
+                        key.clone(),
+                        Cached {
+                            spec: svc.clone(),
+                            inputs,
+                            out: resources,
+                        },
+                    );
+                }
+            }
+            seen.insert(key);
+        }
+        self.cache.retain(|k, _| seen.contains(k));
+        out
+    }
+}
+
+fn service_resources(
+    index: &Index<'_>,
+    picked: &[&WorkloadSpec],
+    svc: &ServiceSpec,
+) -> Vec<(String, Any)> {
+    let mut out = Vec::new();
+    for p in &svc.ports {
+        out.push((listener_name(svc, p.port), pack_any(listener(svc, p))));
+        if p.protocol != Protocol::Tcp {
+            out.push((
+                route_name(svc, p.port),
+                pack_any(route_config(index, svc, p)),
+            ));
+            out.push((route_name(svc, p.port), pack_any(api_listener(svc, p))));
+        }
+        out.push((cluster_name(svc, p.port), pack_any(cluster(svc, p))));
+        out.push((
+            cluster_name(svc, p.port),
+            pack_any(load_assignment(picked, svc, p)),
+        ));
     }
     out
 }
@@ -325,16 +426,16 @@ fn string_matcher(m: &KvMatchSpec) -> Option<matcher::StringMatcher> {
     })
 }
 
-fn route_config(file: &MeshFile, svc: &ServiceSpec, p: &ServicePort) -> er::RouteConfiguration {
+fn route_config(index: &Index<'_>, svc: &ServiceSpec, p: &ServicePort) -> er::RouteConfiguration {
     let mut routes: Vec<er::Route> = svc
         .routes
         .iter()
         .enumerate()
-        .map(|(i, r)| route(file, svc, p, i, r))
+        .map(|(i, r)| route(index, svc, p, i, r))
         .collect();
     if svc.routes.iter().all(|r| !is_catch_all(r)) {
         routes.push(route(
-            file,
+            index,
             svc,
             p,
             svc.routes.len(),
@@ -366,7 +467,7 @@ fn is_catch_all(r: &RouteSpec) -> bool {
 }
 
 fn route(
-    file: &MeshFile,
+    index: &Index<'_>,
     svc: &ServiceSpec,
     p: &ServicePort,
     i: usize,
@@ -424,7 +525,7 @@ fn route(
             ..Default::default()
         })
     } else {
-        er::route::Action::Route(route_action(file, svc, p, r))
+        er::route::Action::Route(route_action(index, svc, p, r))
     };
     let mut per_filter = HashMap::new();
     if let Some(f) = &r.fault {
@@ -468,19 +569,14 @@ fn route(
 }
 
 fn route_action(
-    file: &MeshFile,
+    index: &Index<'_>,
     svc: &ServiceSpec,
     p: &ServicePort,
     r: &RouteSpec,
 ) -> er::RouteAction {
     use er::route_action::ClusterSpecifier;
     let backend_cluster = |name: &str, wanted: Option<u16>| {
-        let (n, ns) = name.split_once('.').unwrap_or((name, &svc.namespace));
-        let target = file
-            .services
-            .iter()
-            .find(|s| s.name == n && s.namespace == ns)
-            .unwrap_or(svc);
+        let target = backend(index, svc, name).unwrap_or(svc);
         // The backend's port asked for, else the one of the same number, else its first.
         let port = target
             .ports
@@ -613,7 +709,7 @@ fn cluster(svc: &ServiceSpec, p: &ServicePort) -> ec::Cluster {
 }
 
 fn load_assignment(
-    namespace_workloads: &[&WorkloadSpec],
+    selected: &[&WorkloadSpec],
     svc: &ServiceSpec,
     p: &ServicePort,
 ) -> ee::ClusterLoadAssignment {
@@ -628,12 +724,8 @@ fn load_assignment(
         load_balancing_weight: u32v(weight),
         ..Default::default()
     };
-    if !svc.selector.is_empty() {
-        for w in namespace_workloads {
-            if svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
-                lb_endpoints.push(ep(w.ip.to_string(), port, 1, core::HealthStatus::Healthy));
-            }
-        }
+    for w in selected {
+        lb_endpoints.push(ep(w.ip.to_string(), port, 1, core::HealthStatus::Healthy));
     }
     for e in svc
         .endpoints
@@ -796,5 +888,48 @@ services:
             Some("reviews.shop:80")
         );
         assert_eq!(warming.clusters, vec!["outbound|5432||db.shop".to_string()]);
+    }
+
+    #[test]
+    fn the_cache_retranslates_what_changed_and_matches_a_full_translation() {
+        let mut f = MeshFile::parse(Path::new("t.yaml"), FILE).unwrap();
+        let mut t = Translator::default();
+        let first = t.resources(&f.services, &f.workloads);
+        assert_eq!(first, resources(&f));
+        let all = t.translated;
+        assert_eq!(all, f.services.len() as u64);
+        // Nothing changed: nothing translated.
+        assert_eq!(t.resources(&f.services, &f.workloads), first);
+        assert_eq!(t.translated, all);
+        // A backend's ports change: the service routing to it is translated again too.
+        let i = f
+            .services
+            .iter()
+            .position(|s| s.name == "reviews-v2")
+            .unwrap();
+        f.services[i].ports[0].port = 81;
+        let out = t.resources(&f.services, &f.workloads);
+        assert_eq!(out, resources(&f));
+        assert_eq!(
+            t.translated,
+            all + 2,
+            "reviews-v2 and reviews, whose route names it"
+        );
+        // A workload's labels change what a selector picks.
+        let before = t.translated;
+        f.workloads[0]
+            .labels
+            .insert("app".into(), "reviews-v2".into());
+        let out = t.resources(&f.services, &f.workloads);
+        assert_eq!(out, resources(&f));
+        assert_eq!(
+            t.translated,
+            before + 2,
+            "r1 moved from reviews to reviews-v2"
+        );
+        // A removed service leaves the cache.
+        f.services.remove(i);
+        assert_eq!(t.resources(&f.services, &f.workloads), resources(&f));
+        assert_eq!(t.cache.len(), f.services.len());
     }
 }
