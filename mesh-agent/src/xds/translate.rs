@@ -35,8 +35,8 @@ use super::convert::{
     FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER,
 };
 use crate::config::{
-    KvMatchSpec, LbPolicySpec, MeshFile, Protocol, RateLimitSpec, RouteSpec, ServicePort,
-    ServiceSpec, WorkloadSpec,
+    KvMatchSpec, LbPolicySpec, Protocol, RateLimitSpec, RouteSpec, ServicePort, ServiceSpec,
+    WorkloadSpec,
 };
 
 pub const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
@@ -86,7 +86,7 @@ fn socket_address(ip: String, port: u16) -> Option<core::Address> {
 
 /// Every resource the file defines, as `(name, Any)`.
 #[cfg(test)]
-pub fn resources(file: &MeshFile) -> Vec<(String, Any)> {
+pub fn resources(file: &crate::config::MeshFile) -> Vec<(String, Any)> {
     Translator::default().resources(&file.services, &file.workloads)
 }
 
@@ -761,6 +761,7 @@ fn load_assignment(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MeshFile;
     use crate::xds::convert::{self, Accepted};
     use std::path::Path;
 
