@@ -201,6 +201,17 @@ fn http_route_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
+/// Drops what the agent never reads before an object is stored: server-side apply's
+/// `managedFields` and kubectl's last-applied annotation are often most of an object's
+/// size, and the stores hold every Service and EndpointSlice of the cluster.
+fn slim<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// Runs one reflector: its store is written here, `notify` is woken on every change.
 fn spawn_reflector<K>(
     kind: usize,
@@ -216,7 +227,10 @@ fn spawn_reflector<K>(
     let name = KINDS[kind];
     tokio::spawn(
         async move {
-            let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+            let stream = reflector::reflector(
+                writer,
+                watcher(api, config).default_backoff().modify(slim),
+            );
             futures_util::pin_mut!(stream);
             let mut last_log: Option<Instant> = None;
             while let Some(ev) = stream.next().await {
@@ -262,7 +276,9 @@ fn spawn_dyn_reflector(
         async move {
             let stream = reflector::reflector(
                 writer,
-                watcher(api, watcher::Config::default()).default_backoff(),
+                watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .modify(slim),
             );
             futures_util::pin_mut!(stream);
             let mut last_log: Option<Instant> = None;
