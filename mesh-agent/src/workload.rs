@@ -167,7 +167,12 @@ fn proc_netns_key(netns: &std::path::Path) -> Option<(u32, u64, u64)> {
     let start_time = || -> Option<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // Field 22 (starttime), counted after the command name's closing parenthesis.
-        stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(19)?
+            .parse()
+            .ok()
     };
     let start = start_time()?;
     let ino = std::fs::metadata(netns).ok()?.ino();
