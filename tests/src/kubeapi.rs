@@ -18,7 +18,7 @@
 //! let pods = api.objects("pods");                   // current state, all namespaces
 //! api.drop_watches();                               // break every open watch mid-stream
 //! api.compact();                                    // older resourceVersions now get 410
-//! api.fail_next(2, 503);                            // the next 2 API requests fail
+//! api.fail_next(2, 503);                            // the next 2 resource requests fail
 //! assert!(api.stats().watches_opened >= 1);
 //! // the agent: KUBECONFIG=api.kubeconfig(), or api.url() as the cluster URL
 //! # anyhow::Ok(())
@@ -299,7 +299,8 @@ impl KubeApi {
         self.shared.compact();
     }
 
-    /// The next `n` API requests (any path but `/_double/`) get HTTP `code` with a Status.
+    /// The next `n` resource requests get HTTP `code` with a Status. Discovery
+    /// (`/version`, `/api`, `/apis/...`, `/openapi/...`) and `/_double/` never fail.
     pub fn fail_next(&self, n: usize, code: u16) {
         self.shared.fail_next(n, code);
     }
