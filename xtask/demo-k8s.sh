@@ -44,7 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-k() { "$KUBECTL_BIN" --kubeconfig "$DIR/kubeconfig" "$@"; }
+k() { "$KUBECTL_BIN" --kubeconfig "$DIR/kubeconfig" --cache-dir "$DIR/kube-cache" "$@"; }
 in_pod() { # in_pod NAME CMD... : run CMD inside the pod's cgroup and network namespace
   local pod=$1; shift
   sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$(cat "$DIR/$pod.cgroup")" ip netns exec "mkdemo-$pod" "$@"

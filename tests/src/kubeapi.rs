@@ -125,6 +125,12 @@ impl Stats {
     }
 }
 
+/// The kubectl to run: `MESH_KUBECTL` (`cargo xtask test` sets it to the one the set-up
+/// installs), else `kubectl` from `PATH`.
+pub fn kubectl_bin() -> std::ffi::OsString {
+    std::env::var_os("MESH_KUBECTL").unwrap_or_else(|| "kubectl".into())
+}
+
 /// A kubeconfig for a server at `url`, with namespace `default`.
 pub fn kubeconfig_yaml(url: &str) -> String {
     format!(
@@ -245,7 +251,7 @@ impl KubeApi {
 
     /// A `kubectl` command set up for this server, for a caller that spawns it (`-w`).
     pub fn kubectl_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("kubectl");
+        let mut cmd = Command::new(kubectl_bin());
         cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--cache-dir")

@@ -1183,7 +1183,7 @@ fn standalone_binary_with_admin_paths() {
         .unwrap();
     let addr = addr.trim().to_string();
     let kubectl = |args: &[&str]| {
-        Command::new("kubectl")
+        Command::new(mesh_tests::kubeapi::kubectl_bin())
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .arg("--cache-dir")
