@@ -249,6 +249,24 @@ impl KubeApi {
         self.run_kubectl(args, Some(stdin))
     }
 
+    /// What the kubelet reports once a pod's sandbox runs: phase `Running` and its IP,
+    /// written with `kubectl patch --subresource=status`.
+    pub fn set_pod_running(&self, namespace: &str, pod: &str, ip: &str) -> Result<String> {
+        self.kubectl(&[
+            "patch",
+            "pod",
+            pod,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
+            ),
+        ])
+    }
+
     /// A `kubectl` command set up for this server, for a caller that spawns it (`-w`).
     pub fn kubectl_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(kubectl_bin());

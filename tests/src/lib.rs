@@ -266,6 +266,32 @@ impl SimNode {
         serde_json::from_str(text.trim()).with_context(|| format!("podtool output: {text}"))
     }
 
+    /// `podtool http-client` in `pod`: `requests` GETs of `path` to `to` with extra
+    /// `headers` (`name: value`); its JSON summary (`bodies`, `errors`, `seen_mesh`, ...).
+    pub fn http_get(
+        &self,
+        pod: &str,
+        to: &str,
+        path: &str,
+        requests: u32,
+        headers: &[&str],
+    ) -> Result<serde_json::Value> {
+        let requests = requests.to_string();
+        let mut args = vec![
+            "http-client",
+            "--to",
+            to,
+            "--path",
+            path,
+            "--requests",
+            &requests,
+        ];
+        for h in headers {
+            args.extend(["--header", h]);
+        }
+        self.client(pod, &args)
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("mesh.yaml")
     }

@@ -98,19 +98,16 @@ impl Cluster {
     }
 
     fn set_ip(&self, ns: &str, name: &str, ip: &str) {
-        self.api
-            .kubectl(&[
-                "patch",
-                "pod",
-                name,
-                "-n",
-                ns,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &format!(r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#),
-            ])
-            .unwrap();
+        self.api.set_pod_running(ns, name, ip).unwrap();
+    }
+
+    /// `kubectl label KIND NAME [-n NS] LABEL` (`key=value`, or `key-` to remove).
+    fn label(&self, kind: &str, name: &str, ns: Option<&str>, label: &str) {
+        let mut args = vec!["label", kind, name, label];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        self.api.kubectl(&args).unwrap();
     }
 
     fn start_agent(&self) -> Agent {
@@ -201,9 +198,7 @@ fn labelling_a_namespace_enrols_its_running_pods_and_unlabelling_releases_them()
     assert_eq!(proxied_from(&agent, "shop/client"), 0);
 
     // The label enrols the running pod: same process, same netns, no restart.
-    c.api
-        .kubectl(&["label", "namespace", "shop", ENROL])
-        .unwrap();
+    c.label("namespace", "shop", None, ENROL);
     wait_for("enrolment", Duration::from_secs(10), || {
         workload(&agent, "client").is_some_and(|w| w["enrolled"] == true)
             && dump(&agent, "WORKLOADS").len() == 1
@@ -216,42 +211,27 @@ fn labelling_a_namespace_enrols_its_running_pods_and_unlabelling_releases_them()
     );
 
     // A pod's own opt-out label wins over its namespace.
-    c.api
-        .kubectl(&[
-            "label",
-            "pod",
-            "client",
-            "-n",
-            "shop",
-            "mesh-agent.io/dataplane-mode=none",
-        ])
-        .unwrap();
+    c.label(
+        "pod",
+        "client",
+        Some("shop"),
+        "mesh-agent.io/dataplane-mode=none",
+    );
     wait_for("pod opt-out", Duration::from_secs(10), || {
         dump(&agent, "WORKLOADS").is_empty()
     });
-    c.api
-        .kubectl(&[
-            "label",
-            "pod",
-            "client",
-            "-n",
-            "shop",
-            "mesh-agent.io/dataplane-mode-",
-        ])
-        .unwrap();
+    c.label(
+        "pod",
+        "client",
+        Some("shop"),
+        "mesh-agent.io/dataplane-mode-",
+    );
     wait_for("opt-out removed", Duration::from_secs(10), || {
         dump(&agent, "WORKLOADS").len() == 1
     });
 
     // Removing the namespace label releases it.
-    c.api
-        .kubectl(&[
-            "label",
-            "namespace",
-            "shop",
-            "mesh-agent.io/dataplane-mode-",
-        ])
-        .unwrap();
+    c.label("namespace", "shop", None, "mesh-agent.io/dataplane-mode-");
     wait_for("release", Duration::from_secs(10), || {
         dump(&agent, "WORKLOADS").is_empty()
     });
@@ -264,9 +244,7 @@ fn labelling_a_namespace_enrols_its_running_pods_and_unlabelling_releases_them()
 #[test]
 fn deleting_a_pod_releases_its_entries_from_every_map() {
     let mut c = Cluster::new(&["shop"]);
-    c.api
-        .kubectl(&["label", "namespace", "shop", ENROL])
-        .unwrap();
+    c.label("namespace", "shop", None, ENROL);
     c.run_pod("shop", "web", 2, &[]);
     c.run_pod("shop", "db", 3, &[]);
     let agent = c.start_agent();
@@ -298,9 +276,7 @@ fn deleting_a_pod_releases_its_entries_from_every_map() {
 #[test]
 fn a_pod_whose_netns_is_not_found_is_reported_and_enrolled_once_it_appears() {
     let mut c = Cluster::new(&["shop"]);
-    c.api
-        .kubectl(&["label", "namespace", "shop", ENROL])
-        .unwrap();
+    c.label("namespace", "shop", None, ENROL);
     let agent = c.start_agent();
     // In the API with an IP, but no cgroup on the node yet.
     let uid = c.create_pod("shop", "late", &[], None);
@@ -424,16 +400,12 @@ fn broken_watches_and_410_gone_lose_and_duplicate_nothing() {
                 .unwrap();
         }
         if i % 5 == 0 {
-            c.api
-                .kubectl(&[
-                    "label",
-                    "pod",
-                    &name,
-                    "-n",
-                    "burst",
-                    "mesh-agent.io/same-node=direct",
-                ])
-                .unwrap();
+            c.label(
+                "pod",
+                &name,
+                Some("burst"),
+                "mesh-agent.io/same-node=direct",
+            );
         }
     }
     // A pod without an IP is not a workload yet.
@@ -443,16 +415,7 @@ fn broken_watches_and_410_gone_lose_and_duplicate_nothing() {
         .unwrap();
     c.api.compact();
     c.api.drop_watches();
-    c.api
-        .kubectl(&[
-            "label",
-            "pod",
-            "p1",
-            "-n",
-            "burst",
-            "mesh-agent.io/same-node=direct",
-        ])
-        .unwrap();
+    c.label("pod", "p1", Some("burst"), "mesh-agent.io/same-node=direct");
     c.api
         .kubectl(&["delete", "pod", "p4", "-n", "burst"])
         .unwrap();
@@ -487,20 +450,15 @@ fn broken_watches_and_410_gone_lose_and_duplicate_nothing() {
 }
 
 fn http(c: &Cluster, vip: &str, requests: u32, headers: &[&str]) -> Value {
-    let requests = requests.to_string();
-    let mut args = vec!["http-client", "--to", vip, "--requests", &requests];
-    for h in headers {
-        args.extend(["--header", h]);
-    }
-    c.node.client("client", &args).unwrap()
+    c.node
+        .http_get("client", vip, "/", requests, headers)
+        .unwrap()
 }
 
 #[test]
 fn services_endpointslices_and_an_httproute_applied_with_kubectl_steer_requests() {
     let mut c = Cluster::new(&["shop", "backend"]);
-    c.api
-        .kubectl(&["label", "namespace", "shop", ENROL])
-        .unwrap();
+    c.label("namespace", "shop", None, ENROL);
     c.run_pod("shop", "client", 2, &[]);
     for (name, host) in [("v1", 3u8), ("v2", 4u8)] {
         c.create_pod("backend", name, &[("app", "reviews")], None);
@@ -603,20 +561,8 @@ fn services_endpointslices_and_an_httproute_applied_with_kubectl_steer_requests(
                 \x20   backendRefs: [{name: reviews, port: 80}]\n";
     c.api.kubectl_stdin(&["apply", "-f", "-"], grpc).unwrap();
     let grpc_get = |n: u32| {
-        let n = n.to_string();
         c.node
-            .client(
-                "client",
-                &[
-                    "http-client",
-                    "--to",
-                    &format!("{vip}:80"),
-                    "--requests",
-                    &n,
-                    "--path",
-                    "/shop.Cart/Add",
-                ],
-            )
+            .http_get("client", &format!("{vip}:80"), "/shop.Cart/Add", n, &[])
             .unwrap()
     };
     wait_for("the GRPCRoute", Duration::from_secs(10), || {

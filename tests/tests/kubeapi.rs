@@ -626,18 +626,8 @@ lastTimestamp: "2025-01-01T00:00:00Z"
     assert_eq!(events["items"][0]["reason"], "MeshEnrolled");
 
     // Tests set pod IPs through the status subresource.
-    api.kubectl(&[
-        "patch",
-        "pod",
-        "reviews-v1-abc",
-        "-n",
-        "shop",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"phase":"Running","podIP":"10.1.0.5","podIPs":[{"ip":"10.1.0.5"}]}}"#,
-    ])
-    .unwrap();
+    api.set_pod_running("shop", "reviews-v1-abc", "10.1.0.5")
+        .unwrap();
     let pod = get_json(&api, &["get", "pod", "reviews-v1-abc", "-n", "shop"]);
     assert_eq!(pod["status"]["podIP"], "10.1.0.5");
     // A write to the main resource keeps the status.
@@ -1088,18 +1078,8 @@ fn objects_pass_kubernetes_schema_validation() {
     api.kubectl_stdin(&["create", "-f", "-"], "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {kubernetes.io/hostname: node-a}}\nstatus:\n  addresses: [{type: InternalIP, address: 192.168.1.10}]\n").unwrap();
     api.kubectl(&["label", "pod", "reviews-v1-abc", "-n", "shop", "x=y"])
         .unwrap();
-    api.kubectl(&[
-        "patch",
-        "pod",
-        "reviews-v1-abc",
-        "-n",
-        "shop",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"phase":"Running","podIP":"10.1.0.5","podIPs":[{"ip":"10.1.0.5"}]}}"#,
-    ])
-    .unwrap();
+    api.set_pod_running("shop", "reviews-v1-abc", "10.1.0.5")
+        .unwrap();
     api.kubectl_stdin(&["create", "-f", "-"], "apiVersion: v1\nkind: Event\nmetadata: {name: e1, namespace: shop}\ninvolvedObject: {kind: Pod, name: reviews-v1-abc, namespace: shop}\nreason: Test\nmessage: hi\ntype: Normal\n").unwrap();
 
     let dir = std::env::temp_dir().join(format!("kube-double-validate-{}", std::process::id()));

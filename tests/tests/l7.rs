@@ -80,18 +80,8 @@ fn start(n: &SimNode) -> mesh_tests::Agent {
 }
 
 fn get(n: &SimNode, requests: u32, headers: &[&str]) -> serde_json::Value {
-    let requests = requests.to_string();
-    let mut args = vec![
-        "http-client",
-        "--to",
-        "10.96.0.10:80",
-        "--requests",
-        &requests,
-    ];
-    for h in headers {
-        args.extend(["--header", h]);
-    }
-    n.client("client", &args).unwrap()
+    n.http_get("client", "10.96.0.10:80", "/", requests, headers)
+        .unwrap()
 }
 
 #[test]
