@@ -73,7 +73,7 @@ pub enum Error {
     Infer(kube::config::InferConfigError),
     #[error("building the Kubernetes client: {0}")]
     Client(kube::Error),
-    #[error("the Kubernetes API server at {url} does not answer: {source} (check the API server address and that the ServiceAccount may list namespaces)")]
+    #[error("the Kubernetes API server at {url} does not answer: {source} (check the server address in the kubeconfig or KUBERNETES_SERVICE_HOST, that this node reaches it, and the credentials)")]
     Unreachable { url: String, source: kube::Error },
 }
 

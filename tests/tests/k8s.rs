@@ -590,3 +590,44 @@ fn services_endpointslices_and_an_httproute_applied_with_kubectl_steer_requests(
         "{m}"
     );
 }
+
+#[test]
+fn an_unreachable_api_server_or_a_missing_node_name_stops_the_agent_with_the_cause() {
+    let c = Cluster::new(&[]);
+    c.node.write_config("exclude: []\n").unwrap();
+    // A kubeconfig naming a port nobody listens on (the double's, once it is gone).
+    let dead = {
+        let api = KubeApi::start().unwrap();
+        let text = std::fs::read_to_string(api.kubeconfig()).unwrap();
+        let path = c.node.dir.join("dead-kubeconfig");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let kubeconfig = dead.display().to_string();
+    let out = c
+        .node
+        .agent_command(&[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            "n1",
+            "--kubeconfig",
+            &kubeconfig,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not answer"), "{err}");
+    // Nothing stays behind: the pins of the aborted start are gone.
+    assert!(!c.node.pin_path.join("WORKLOADS").exists());
+
+    let out = c
+        .node
+        .agent_command(&["--source", "kubernetes", "--kubeconfig", &kubeconfig])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--node-name"), "{err}");
+}
