@@ -219,7 +219,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             (Some(client), _) => {
                 let readiness = readiness.clone();
                 let opts = k8s::Options {
-                    node_name: args.node_name.clone().unwrap_or_default(),
+                    node_name: args.node_name.clone(),
                     trust_domain: args.trust_domain.clone(),
                     excludes: file.exclude.clone(),
                     locator: k8s::PodLocator::new(
@@ -228,7 +228,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                         "/proc".into(),
                     ),
                 };
-                info!(roots = ?opts.locator.roots(), node = %opts.node_name, "enrolment from the Kubernetes API");
+                info!(roots = ?opts.locator.roots(), node = ?opts.node_name, "enrolment from the Kubernetes API");
                 tokio::spawn(
                     k8s::run(client, opts, snap_tx, k8s_stats.clone(), move || {
                         readiness.set(READY_K8S)
@@ -329,7 +329,18 @@ fn publish_resources(
 
 /// `mesh-agent control-plane`: the embedded control plane on its own.
 pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
-    let file = MeshFile::load(&args.config)?;
+    let file = match (args.source, &args.config) {
+        (Source::File, Some(path)) => MeshFile::load(path)?,
+        (Source::File, None) => {
+            anyhow::bail!("--config (MESH_CONFIG) is required with --source file")
+        }
+        (Source::Kubernetes, Some(_)) => {
+            anyhow::bail!(
+                "--config is not used with --source kubernetes: services come from the API server"
+            )
+        }
+        (Source::Kubernetes, None) => MeshFile::default(),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -375,14 +386,40 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
             );
         }
         let (snap_tx, mut snap_rx) = watch::channel(Arc::new(snap));
-        tokio::spawn(
-            workload::watch_file(
-                args.config.clone(),
-                Duration::from_millis(args.reload_interval_ms),
-                snap_tx,
-            )
-            .instrument(tracing::info_span!("standalone_file")),
-        );
+        match (args.source, &args.config) {
+            (Source::Kubernetes, _) => {
+                let client = k8s::client(args.kubeconfig.as_deref())
+                    .await
+                    .context("connecting to the Kubernetes API server (--source kubernetes)")?;
+                let opts = k8s::Options {
+                    node_name: None,
+                    trust_domain: crate::config::DEFAULT_TRUST_DOMAIN.into(),
+                    excludes: Vec::new(),
+                    locator: k8s::PodLocator::new(None, "/sys/fs/cgroup".as_ref(), "/proc".into()),
+                };
+                tokio::spawn(
+                    k8s::run(
+                        client,
+                        opts,
+                        snap_tx,
+                        Arc::new(k8s::Stats::default()),
+                        || info!("kubernetes services listed"),
+                    )
+                    .instrument(tracing::info_span!("kubernetes")),
+                );
+            }
+            (Source::File, Some(path)) => {
+                tokio::spawn(
+                    workload::watch_file(
+                        path.clone(),
+                        Duration::from_millis(args.reload_interval_ms),
+                        snap_tx,
+                    )
+                    .instrument(tracing::info_span!("standalone_file")),
+                );
+            }
+            (Source::File, None) => unreachable!("checked above"),
+        }
         tokio::spawn(
             async move {
                 while snap_rx.changed().await.is_ok() {

@@ -65,9 +65,17 @@ pub enum Command {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControlPlaneArgs {
+    /// Where services come from: the standalone file (`--config`), or the Kubernetes API
+    /// server (Services, EndpointSlices, HTTPRoutes and GRPCRoutes of the whole cluster).
+    #[arg(long, env = "MESH_SOURCE", value_enum, default_value = "file")]
+    pub source: crate::config::Source,
     /// Standalone file (YAML): services, namespaces, workloads.
     #[arg(long, env = "MESH_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Kubernetes: a kubeconfig file; default: in-cluster, else `KUBECONFIG` or
+    /// `~/.kube/config`.
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Where ADS is served (plaintext gRPC).
     #[arg(long, env = "MESH_XDS_LISTEN", default_value = crate::config::DEFAULT_XDS_LISTEN)]
     pub listen: std::net::SocketAddr,

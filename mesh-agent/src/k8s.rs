@@ -158,7 +158,9 @@ impl Stats {
 }
 
 pub struct Options {
-    pub node_name: String,
+    /// The node whose pods are workloads; `None` (a standalone control plane): no pods
+    /// are watched, only what the control plane serves.
+    pub node_name: Option<String>,
     pub trust_domain: String,
     pub excludes: Vec<ExcludeRule>,
     pub locator: PodLocator,
@@ -332,11 +334,14 @@ pub async fn run(
         }};
     }
     let namespaces = core_store!(0, Namespace, watcher::Config::default());
-    let pods = core_store!(
-        1,
-        Pod,
-        watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name))
-    );
+    let pods = opts.node_name.as_ref().map(|node| {
+        core_store!(
+            1,
+            Pod,
+            watcher::Config::default().fields(&format!("spec.nodeName={node}"))
+        )
+    });
+    let node = opts.node_name.clone().unwrap_or_default();
     let services = core_store!(2, Service, watcher::Config::default());
     let slices = core_store!(3, EndpointSlice, watcher::Config::default());
     let accounts = core_store!(4, ServiceAccount, watcher::Config::default());
@@ -358,11 +363,13 @@ pub async fn run(
     // The first snapshot waits for every core kind: a partial one would release workloads.
     // Routes are optional (their CRDs may not be installed) and join when they arrive.
     let _ = namespaces.wait_until_ready().await;
-    let _ = pods.wait_until_ready().await;
+    if let Some(pods) = &pods {
+        let _ = pods.wait_until_ready().await;
+    }
     let _ = services.wait_until_ready().await;
     let _ = slices.wait_until_ready().await;
     let _ = accounts.wait_until_ready().await;
-    info!(node = %opts.node_name, "kubernetes state listed");
+    info!(node = %node, "kubernetes state listed");
 
     let mut synced = Some(synced);
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
@@ -372,7 +379,7 @@ pub async fn run(
     loop {
         let cluster = state::Cluster {
             namespaces: namespaces.state(),
-            pods: pods.state(),
+            pods: pods.as_ref().map(Store::state).unwrap_or_default(),
             services: services.state(),
             slices: slices.state(),
             service_accounts: accounts.state(),
@@ -403,7 +410,7 @@ pub async fn run(
             .collect();
         for u in &built.unresolved {
             if reported.get(&u.uid) != Some(&u.reason) {
-                post_event(&client, &opts.node_name, u, &stats);
+                post_event(&client, &node, u, &stats);
             }
         }
         reported = now;

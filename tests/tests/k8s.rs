@@ -631,3 +631,97 @@ fn an_unreachable_api_server_or_a_missing_node_name_stops_the_agent_with_the_cau
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--node-name"), "{err}");
 }
+
+/// The standalone control plane with `--source kubernetes`: the cluster's Services,
+/// EndpointSlices and routes over ADS to any xDS client (here our own, `xds-watch`).
+#[test]
+fn the_standalone_control_plane_serves_the_clusters_services_over_ads() {
+    use std::process::{Command, Stdio};
+    let api = KubeApi::start().unwrap();
+    api.kubectl(&["create", "namespace", "backend"]).unwrap();
+    let objects = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: backend}\n\
+         spec: {clusterIP: 10.96.7.10, ports: [{name: http, port: 80}, {name: grpc, port: 9090}]}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: reviews-a, namespace: backend, labels: {kubernetes.io/service-name: reviews}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080}, {name: grpc, port: 9090}]\n\
+         endpoints: [{addresses: [10.244.1.5]}, {addresses: [10.244.2.6], conditions: {ready: false}}]\n";
+    api.kubectl_stdin(&["apply", "-f", "-"], objects).unwrap();
+    // A free port for ADS.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = Command::new(mesh_tests::agent_bin())
+        .args([
+            "control-plane",
+            "--source",
+            "kubernetes",
+            "--listen",
+            &listen,
+        ])
+        .arg("--kubeconfig")
+        .arg(api.kubeconfig())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(server);
+    let watch = |ms: &str| -> Vec<Value> {
+        let out = Command::new(mesh_tests::agent_bin())
+            .args(["xds-watch", "--xds-address", &format!("http://{listen}")])
+            .args(["--duration-ms", ms])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let count = |verdicts: &[Value], kind: &str| {
+        verdicts
+            .iter()
+            .filter(|v| v["accepted"] == true && v["type_url"].as_str().unwrap().ends_with(kind))
+            .map(|v| v["resources"].as_u64().unwrap())
+            .max()
+            .unwrap_or(0)
+    };
+    let mut verdicts = Vec::new();
+    wait_for(
+        "the control plane serving the Service",
+        Duration::from_secs(15),
+        || {
+            verdicts = watch("1500");
+            count(&verdicts, ".Cluster") == 2
+        },
+    );
+    // One cluster, one load assignment and one listener per port; every one accepted.
+    assert_eq!(
+        count(&verdicts, ".ClusterLoadAssignment"),
+        2,
+        "{verdicts:?}"
+    );
+    assert!(count(&verdicts, ".Listener") >= 2, "{verdicts:?}");
+    assert!(
+        verdicts.iter().all(|v| v["accepted"] == true),
+        "{verdicts:?}"
+    );
+
+    // A second Service applied with kubectl is served too.
+    api.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: backend}\n\
+         spec: {clusterIP: 10.96.7.11, ports: [{name: http, port: 80}]}\n",
+    )
+    .unwrap();
+    wait_for("the second Service", Duration::from_secs(15), || {
+        count(&watch("1500"), ".Cluster") == 3
+    });
+}
