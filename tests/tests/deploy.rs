@@ -293,7 +293,7 @@ fn rendered_manifests_validate_strictly() {
                 "image.repository=registry.example.com/mesh/agent",
                 "image.tag=dev-1",
                 "image.pullPolicy=Always",
-                "resources.limits.memory=1Gi",
+                "resources.limits.memory=2Gi",
                 "resources.limits.cpu=2",
                 "resources.requests.cpu=250m",
                 "imagePullSecrets[0].name=registry",
@@ -337,11 +337,11 @@ fn overrides_reach_the_daemonset() {
     let d = docs(&render(&[
         "image.repository=registry.example.com/mesh/agent",
         "image.tag=dev-1",
-        "resources.limits.memory=1Gi",
+        "resources.limits.memory=2Gi",
     ]));
     let c = container(&d);
     assert_eq!(c["image"], "registry.example.com/mesh/agent:dev-1");
-    assert_eq!(c["resources"]["limits"]["memory"], "1Gi");
+    assert_eq!(c["resources"]["limits"]["memory"], "2Gi");
 
     let d = docs(&render(&["updateStrategy.maxUnavailable=10%"]));
     assert_eq!(
