@@ -203,12 +203,88 @@ fn http_route_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
-/// Drops what the agent never reads before an object is stored: server-side apply's
-/// `managedFields` and kubectl's last-applied annotation are often most of an object's
-/// size, and the stores hold every Service and EndpointSlice of the cluster.
-fn slim<K: Resource>(o: &mut K) {
+/// What the agent never reads is dropped before an object is stored: the stores hold
+/// every Service and EndpointSlice of the cluster, and in a real cluster most of an object
+/// is server-side apply's `managedFields`, kubectl's last-applied annotation, endpoint
+/// `targetRef`s, container specs and statuses. Only what `state::build` reads stays.
+pub trait Slim: Resource + Sized {
+    fn slim(&mut self) {
+        slim_meta(self);
+    }
+}
+
+impl Slim for Namespace {
+    fn slim(&mut self) {
+        slim_meta(self);
+        self.spec = None;
+        self.status = None;
+    }
+}
+
+impl Slim for Pod {
+    fn slim(&mut self) {
+        slim_meta(self);
+        if let Some(spec) = self.spec.as_mut() {
+            spec.containers = Vec::new();
+            spec.init_containers = None;
+            spec.ephemeral_containers = None;
+            spec.volumes = None;
+            spec.affinity = None;
+            spec.tolerations = None;
+            spec.topology_spread_constraints = None;
+        }
+        if let Some(st) = self.status.as_mut() {
+            st.container_statuses = None;
+            st.init_container_statuses = None;
+            st.ephemeral_container_statuses = None;
+            st.conditions = None;
+        }
+    }
+}
+
+impl Slim for Service {
+    fn slim(&mut self) {
+        slim_meta(self);
+        self.status = None;
+    }
+}
+
+impl Slim for EndpointSlice {
+    fn slim(&mut self) {
+        slim_meta(self);
+        for e in &mut self.endpoints {
+            e.target_ref = None;
+            e.node_name = None;
+            e.zone = None;
+            e.hints = None;
+            e.hostname = None;
+            e.deprecated_topology = None;
+        }
+    }
+}
+
+impl Slim for ServiceAccount {
+    fn slim(&mut self) {
+        slim_meta(self);
+        self.secrets = None;
+        self.image_pull_secrets = None;
+    }
+}
+
+impl Slim for DynamicObject {
+    fn slim(&mut self) {
+        slim_meta(self);
+        if let Some(o) = self.data.as_object_mut() {
+            o.remove("status");
+        }
+    }
+}
+
+/// The metadata part of `Slim::slim`.
+fn slim_meta<K: Resource>(o: &mut K) {
     let meta = o.meta_mut();
     meta.managed_fields = None;
+    meta.owner_references = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
@@ -223,7 +299,7 @@ fn spawn_reflector<K>(
     notify: Arc<Notify>,
     stats: Arc<Stats>,
 ) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Slim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
 {
     let name = KINDS[kind];
@@ -231,7 +307,7 @@ fn spawn_reflector<K>(
         async move {
             let stream = reflector::reflector(
                 writer,
-                watcher(api, config).default_backoff().modify(slim),
+                watcher(api, config).default_backoff().modify(K::slim),
             );
             futures_util::pin_mut!(stream);
             let mut last_log: Option<Instant> = None;
@@ -280,7 +356,7 @@ fn spawn_dyn_reflector(
                 writer,
                 watcher(api, watcher::Config::default())
                     .default_backoff()
-                    .modify(slim),
+                    .modify(DynamicObject::slim),
             );
             futures_util::pin_mut!(stream);
             let mut last_log: Option<Instant> = None;

@@ -537,4 +537,62 @@ mod tests {
         assert_eq!(protocol(None, Some("web")), Protocol::Auto);
         assert_eq!(protocol(None, None), Protocol::Auto);
     }
+
+    #[test]
+    fn slimmed_objects_build_the_same_snapshot() {
+        use crate::k8s::Slim;
+        let mut c = cluster();
+        c.pods.push(obj(
+            "metadata: {name: full, namespace: shop, uid: u9, labels: {app: full}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: rs, uid: r1}],\n\
+             \x20 annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}', keep: me}, managedFields: [{manager: kubectl, operation: Apply}]}\n\
+             spec: {serviceAccountName: web, containers: [{name: c, image: i, env: [{name: A, value: b}]}], volumes: [{name: v, emptyDir: {}}]}\n\
+             status: {phase: Running, podIP: 10.1.0.8, conditions: [{type: Ready, status: 'True'}], containerStatuses: [{name: c, image: i, imageID: x, ready: true, restartCount: 0}]}",
+        ));
+        c.slices.push(obj(
+            "metadata: {name: reviews-2, namespace: shop, labels: {kubernetes.io/service-name: reviews}}\naddressType: IPv4\n\
+             ports: [{name: http, port: 8080}]\n\
+             endpoints: [{addresses: [10.1.0.8], nodeName: n1, zone: z1, hostname: h, targetRef: {kind: Pod, name: full, namespace: shop, uid: u9}, hints: {forZones: [{name: z1}]}}]",
+        ));
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "td",
+        };
+        let resolve = |p: &Pod| -> Result<PathBuf, String> {
+            Ok(PathBuf::from(format!(
+                "/proc/{}/ns/net",
+                p.name_any().len()
+            )))
+        };
+        let before = build(&c, &opts, &mut resolve.clone());
+        fn slim_all<K: Slim + Clone>(v: &mut [Arc<K>]) {
+            for o in v {
+                Arc::make_mut(o).slim();
+            }
+        }
+        slim_all(&mut c.namespaces);
+        slim_all(&mut c.pods);
+        slim_all(&mut c.services);
+        slim_all(&mut c.slices);
+        slim_all(&mut c.service_accounts);
+        slim_all(&mut c.http_routes);
+        let full = c.pods.iter().find(|p| p.name_any() == "full").unwrap();
+        assert!(
+            full.metadata.managed_fields.is_none()
+                && full.spec.as_ref().unwrap().containers.is_empty()
+        );
+        assert_eq!(
+            full.annotations().len(),
+            1,
+            "only the last-applied annotation goes"
+        );
+        let after = build(&c, &opts, &mut resolve.clone());
+        assert_eq!(after.snapshot, before.snapshot);
+        assert_eq!(after.unresolved, before.unresolved);
+        assert_eq!(after.route_problems, before.route_problems);
+        assert!(after
+            .snapshot
+            .workloads
+            .iter()
+            .any(|w| w.name == "full" && w.enrolled));
+    }
 }
