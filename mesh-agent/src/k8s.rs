@@ -290,18 +290,22 @@ fn slim_meta<K: Resource>(o: &mut K) {
     }
 }
 
-/// Runs one reflector: its store is written here, `notify` is woken on every change.
+/// Runs one reflector writing `writer`'s store; `notify` is woken on every change.
+/// `hint` ends the warning a failing watch logs (at most once per 30 s).
 fn spawn_reflector<K>(
     kind: usize,
     api: Api<K>,
-    config: watcher::Config,
     writer: Writer<K>,
+    config: watcher::Config,
+    hint: &'static str,
     notify: Arc<Notify>,
     stats: Arc<Stats>,
-) where
+) -> Store<K>
+where
     K: Slim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
+    let reader = writer.as_reader();
     let name = KINDS[kind];
     tokio::spawn(
         async move {
@@ -327,54 +331,9 @@ fn spawn_reflector<K>(
                         stats.errors[kind].fetch_add(1, Relaxed);
                         if last_log.is_none_or(|t| t.elapsed() > WATCH_ERROR_LOG_PERIOD) {
                             last_log = Some(Instant::now());
-                            warn!(kind = name, error = %e, "watch failed; retrying with back-off (the last state stays in force)");
+                            warn!(kind = name, error = %e, "watch failed; retrying with back-off ({hint})");
                         } else {
                             debug!(kind = name, error = %e, "watch failed again");
-                        }
-                    }
-                }
-            }
-        }
-        .instrument(tracing::info_span!("watch", kind = name)),
-    );
-}
-
-/// The same for the dynamically typed route kinds.
-fn spawn_dyn_reflector(
-    kind: usize,
-    api: Api<DynamicObject>,
-    ar: ApiResource,
-    notify: Arc<Notify>,
-    stats: Arc<Stats>,
-) -> Store<DynamicObject> {
-    let writer = Writer::new(ar);
-    let reader = writer.as_reader();
-    let name = KINDS[kind];
-    tokio::spawn(
-        async move {
-            let stream = reflector::reflector(
-                writer,
-                watcher(api, watcher::Config::default())
-                    .default_backoff()
-                    .modify(DynamicObject::slim),
-            );
-            futures_util::pin_mut!(stream);
-            let mut last_log: Option<Instant> = None;
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::Init) => {
-                        stats.relists[kind].fetch_add(1, Relaxed);
-                    }
-                    Ok(watcher::Event::InitApply(_)) => {}
-                    Ok(_) => {
-                        stats.events[kind].fetch_add(1, Relaxed);
-                        notify.notify_one();
-                    }
-                    Err(e) => {
-                        stats.errors[kind].fetch_add(1, Relaxed);
-                        if last_log.is_none_or(|t| t.elapsed() > WATCH_ERROR_LOG_PERIOD) {
-                            last_log = Some(Instant::now());
-                            warn!(kind = name, error = %e, "watch failed (is the Gateway API CRD installed?); retrying with back-off");
                         }
                     }
                 }
@@ -396,18 +355,17 @@ pub async fn run(
 ) {
     let notify = Arc::new(Notify::new());
     macro_rules! core_store {
-        ($idx:expr, $ty:ty, $cfg:expr) => {{
-            let (reader, writer) = reflector::store::<$ty>();
+        ($idx:expr, $ty:ty, $cfg:expr) => {
             spawn_reflector(
                 $idx,
                 Api::<$ty>::all(client.clone()),
+                Writer::<$ty>::default(),
                 $cfg,
-                writer,
+                "the last state stays in force",
                 notify.clone(),
                 stats.clone(),
-            );
-            reader
-        }};
+            )
+        };
     }
     let namespaces = core_store!(0, Namespace, watcher::Config::default());
     let pods = opts.node_name.as_ref().map(|node| {
@@ -427,10 +385,12 @@ pub async fn run(
         (6, "GRPCRoute", "grpcroutes"),
     ] {
         let ar = http_route_resource(kind, plural);
-        route_stores.push(spawn_dyn_reflector(
+        route_stores.push(spawn_reflector(
             idx,
             Api::all_with(client.clone(), &ar),
-            ar,
+            Writer::new(ar),
+            watcher::Config::default(),
+            "is the Gateway API CRD installed? Services are served without its routes",
             notify.clone(),
             stats.clone(),
         ));
