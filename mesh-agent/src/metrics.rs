@@ -169,8 +169,9 @@ impl Metrics {
 pub struct RequestLabels {
     /// `namespace/name` of the client workload, or `unknown`.
     pub source_workload: String,
-    /// The cluster the request went to (`unknown` for local replies).
-    pub destination_workload: String,
+    /// The cluster the request went to (`unknown` for local replies). Not a workload:
+    /// one request's tries may go to several endpoints.
+    pub destination_cluster: String,
     /// The listener (service) the request was sent to.
     pub destination_service: String,
     pub response_code: u16,
@@ -266,9 +267,9 @@ impl L7Metrics {
         };
         let labels = |l: &RequestLabels| {
             format!(
-                "source_workload=\"{}\",destination_workload=\"{}\",destination_service=\"{}\",response_code=\"{}\",route=\"{}\"",
+                "source_workload=\"{}\",destination_cluster=\"{}\",destination_service=\"{}\",response_code=\"{}\",route=\"{}\"",
                 esc(&l.source_workload),
-                esc(&l.destination_workload),
+                esc(&l.destination_cluster),
                 esc(&l.destination_service),
                 l.response_code,
                 esc(&l.route)
@@ -363,7 +364,7 @@ mod tests {
         let m = Metrics::default();
         let labels = RequestLabels {
             source_workload: "shop/web".into(),
-            destination_workload: "cart".into(),
+            destination_cluster: "cart".into(),
             destination_service: "cart.shop:80".into(),
             response_code: 200,
             route: "r1".into(),
@@ -372,7 +373,7 @@ mod tests {
         m.l7.request(labels, Duration::from_secs(60));
         m.l7.retry("cart");
         let text = m.render(&[]);
-        let l = "source_workload=\"shop/web\",destination_workload=\"cart\",destination_service=\"cart.shop:80\",response_code=\"200\",route=\"r1\"";
+        let l = "source_workload=\"shop/web\",destination_cluster=\"cart\",destination_service=\"cart.shop:80\",response_code=\"200\",route=\"r1\"";
         assert!(
             text.contains(&format!("mesh_requests_total{{{l}}} 2")),
             "{text}"

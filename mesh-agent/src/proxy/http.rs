@@ -365,7 +365,7 @@ impl L7 {
             metrics: self.metrics.clone(),
             labels: RequestLabels {
                 source_workload: conn.source.clone(),
-                destination_workload: "unknown".to_owned(),
+                destination_cluster: "unknown".to_owned(),
                 destination_service: listener.name.clone(),
                 ..RequestLabels::default()
             },
@@ -487,7 +487,7 @@ impl L7 {
             return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
         };
         if let Some(r) = rec.as_mut() {
-            r.labels.destination_workload = cluster.name.clone();
+            r.labels.destination_cluster = cluster.name.clone();
         }
         let state = self.cluster_state(&cluster.name);
         let cb = cluster.circuit_breaker;

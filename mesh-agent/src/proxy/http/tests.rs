@@ -1026,7 +1026,7 @@ async fn http1_upstream_connections_are_kept_alive_and_reused() {
     }
     assert_eq!(up.conns.load(Ordering::Relaxed), 1);
     assert_eq!(
-        p.metrics.requests_where(|l| l.destination_workload == "c"),
+        p.metrics.requests_where(|l| l.destination_cluster == "c"),
         30
     );
 }
