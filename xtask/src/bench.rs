@@ -626,47 +626,62 @@ fn l4_md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Target]) -
     let mut o = String::from("# L4 suite: pod -> pod on one node\n\n");
     o += &meta_md(meta, skipped);
     o += "\nEach cell: median (min–max) over the runs. Ratios: medians against `direct` of the same placement and run set.\n";
+    placement_tables(&mut o, t, PATHS, L4_COLUMNS, |m| {
+        let (title, unit, _) = metric_info(m);
+        (title, unit)
+    });
+    o += "\n## Targets (issue 5)\n\n";
+    o += &targets_md(targets);
+    o
+}
+
+/// Per placement present in `t`: a table of `paths` x `columns` (median (min–max)), then
+/// one of ratios against `direct`. `title` names a column and its unit.
+fn placement_tables(
+    o: &mut String,
+    t: &Table,
+    paths: &[(&str, &str)],
+    columns: &[&str],
+    title: impl Fn(&str) -> (&'static str, &'static str),
+) {
     for &(placement, what) in PLACEMENTS {
         if !t.keys().any(|(_, pl, _)| pl == placement) {
             continue;
         }
         let _ = write!(o, "\n## {what}\n\n| path |");
-        for m in L4_COLUMNS {
-            let (title, unit, _) = metric_info(m);
+        for m in columns {
+            let (title, unit) = title(m);
             let _ = write!(o, " {title} ({unit}) |");
         }
-        o += "\n|---|";
-        o += &"---|".repeat(L4_COLUMNS.len());
-        o += "\n";
-        for &(path, desc) in PATHS {
+        *o += "\n|---|";
+        *o += &"---|".repeat(columns.len());
+        *o += "\n";
+        for &(path, desc) in paths {
             let _ = write!(o, "| {desc} |");
-            for m in L4_COLUMNS {
+            for m in columns {
                 let _ = write!(o, " {} |", cell(get(t, path, placement, m), 1.0));
             }
-            o += "\n";
+            *o += "\n";
         }
-        o += "\nRatios against direct:\n\n| path |";
-        for m in L4_COLUMNS {
-            let _ = write!(o, " {} |", metric_info(m).0);
+        *o += "\nRatios against direct:\n\n| path |";
+        for m in columns {
+            let _ = write!(o, " {} |", title(m).0);
         }
-        o += "\n|---|";
-        o += &"---|".repeat(L4_COLUMNS.len());
-        o += "\n";
-        for &(path, _) in PATHS.iter().skip(1) {
+        *o += "\n|---|";
+        *o += &"---|".repeat(columns.len());
+        *o += "\n";
+        for &(path, _) in paths.iter().skip(1) {
             let _ = write!(o, "| {path} |");
-            for m in L4_COLUMNS {
+            for m in columns {
                 let r = match (get(t, path, placement, m), get(t, "direct", placement, m)) {
                     (Some(v), Some(d)) => format!("{:.2}x", v.median / d.median),
                     _ => "–".into(),
                 };
                 let _ = write!(o, " {r} |");
             }
-            o += "\n";
+            *o += "\n";
         }
     }
-    o += "\n## Targets (issue 5)\n\n";
-    o += &targets_md(targets);
-    o
 }
 
 fn footprint_md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Target]) -> String {

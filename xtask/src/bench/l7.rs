@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, process::Command};
 
-use super::{bar, cell, esc, get, meta_md, targets_md, Meta, Table, Target};
+use super::{bar, esc, get, meta_md, targets_md, Meta, Table, Target};
 
 /// Paths, in the order of the tables, with what each one is.
 pub(super) const PATHS: &[(&str, &str)] = &[
@@ -119,44 +119,7 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
           carry the same framing).\n\
           \nEach cell: median (min–max) over the runs, latencies in microseconds. Ratios: \
           medians against `direct` of the same placement.\n";
-    for &(placement, what) in super::PLACEMENTS {
-        if !t.keys().any(|(_, pl, _)| pl == placement) {
-            continue;
-        }
-        let _ = write!(o, "\n## {what}\n\n| path |");
-        for m in COLUMNS {
-            let (title, unit) = title(m);
-            let _ = write!(o, " {title} ({unit}) |");
-        }
-        o += "\n|---|";
-        o += &"---|".repeat(COLUMNS.len());
-        o += "\n";
-        for &(path, desc) in PATHS {
-            let _ = write!(o, "| {desc} |");
-            for m in COLUMNS {
-                let _ = write!(o, " {} |", cell(get(t, path, placement, m), 1.0));
-            }
-            o += "\n";
-        }
-        o += "\nRatios against direct:\n\n| path |";
-        for m in COLUMNS {
-            let _ = write!(o, " {} |", title(m).0);
-        }
-        o += "\n|---|";
-        o += &"---|".repeat(COLUMNS.len());
-        o += "\n";
-        for &(path, _) in PATHS.iter().skip(1) {
-            let _ = write!(o, "| {path} |");
-            for m in COLUMNS {
-                let r = match (get(t, path, placement, m), get(t, "direct", placement, m)) {
-                    (Some(v), Some(d)) => format!("{:.2}x", v.median / d.median),
-                    _ => "–".into(),
-                };
-                let _ = write!(o, " {r} |");
-            }
-            o += "\n";
-        }
-    }
+    super::placement_tables(&mut o, t, PATHS, COLUMNS, title);
     o += "\n## Targets (issue 5)\n\n";
     o += &targets_md(targets);
     o
