@@ -224,15 +224,6 @@ target() { # target PATH PROTO(1|2) -> "POD URL"
   esac
 }
 
-placement_cpus() { # placement_cpus PLACEMENT -> "client server node"
-  case $1 in
-    1cpu) echo "0 0 0" ;;
-    # Client and server on different vCPUs; the proxies are left to the scheduler.
-    2cpu) echo "0 1 0,1" ;;
-    *) die "unknown placement $1" ;;
-  esac
-}
-
 suite_l7() {
   local placement run path cc sc nc pod url
   for placement in $PLACEMENTS; do

@@ -111,3 +111,12 @@ wait_port() { # wait_port NETNS|node IP PORT: until something listens there
   die "nothing listens on $2:$3 ($1)"
 }
 
+placement_cpus() { # placement_cpus PLACEMENT -> "client server node"
+  case $1 in
+    1cpu) echo "0 0 0" ;;
+    # Client and server on different vCPUs; the node side (agent, proxies) is left to
+    # the scheduler.
+    2cpu) echo "0 1 0,1" ;;
+    *) die "unknown placement $1" ;;
+  esac
+}

@@ -190,15 +190,6 @@ path_up() { # path_up PATH NODE-CPUS -> sets TARGET_IP and TARGET_PORTS
   esac
 }
 
-placement_cpus() { # placement_cpus PLACEMENT -> "client server node"
-  case $1 in
-    1cpu) echo "0 0 0" ;;
-    # Client and server on different vCPUs; the proxy is left to the scheduler.
-    2cpu) echo "0 1 0,1" ;;
-    *) die "unknown placement $1" ;;
-  esac
-}
-
 suite_l4() {
   local placement run path cc sc nc
   for placement in $PLACEMENTS; do
