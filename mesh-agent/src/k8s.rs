@@ -470,13 +470,23 @@ pub async fn run(
             stats.synced.store(true, Relaxed);
             f();
         }
-        // Wait for a change, or retry unresolved pods.
-        if reported.is_empty() {
-            notify.notified().await;
-        } else {
+        // Wait for a change, or for an unresolved pod's lookup to give another answer (the
+        // retry looks up those pods only; the whole state is rebuilt when one changed).
+        loop {
+            if reported.is_empty() {
+                notify.notified().await;
+                break;
+            }
             tokio::select! {
-                _ = notify.notified() => {}
-                _ = retry.tick() => {}
+                _ = notify.notified() => break,
+                _ = retry.tick() => {
+                    let changed = reported.iter().any(|(uid, reason)| {
+                        opts.locator.netns(uid).err().as_ref() != Some(reason)
+                    });
+                    if changed {
+                        break;
+                    }
+                }
             }
         }
         tokio::time::sleep(DEBOUNCE).await;

@@ -119,9 +119,10 @@ pub fn build(
         .iter()
         .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p))
         .collect();
-    for w in &mut file.workloads {
+    let enrolled: Vec<bool> = file.workloads.iter().map(|w| file.enrolled(w)).collect();
+    for (w, enrolled) in file.workloads.iter_mut().zip(enrolled) {
         let mut reason = None;
-        if file_enrolled(&file.namespaces, w) {
+        if enrolled {
             let pod = local[&(w.namespace.clone(), w.name.clone())];
             match resolve(pod) {
                 Ok(path) => w.netns = path,
@@ -151,19 +152,6 @@ pub fn build(
         unresolved,
         route_problems,
     }
-}
-
-/// `MeshFile::enrolled` without borrowing the whole file.
-fn file_enrolled(namespaces: &[NamespaceSpec], w: &WorkloadSpec) -> bool {
-    MeshFile {
-        namespaces: namespaces
-            .iter()
-            .filter(|n| n.name == w.namespace)
-            .cloned()
-            .collect(),
-        ..Default::default()
-    }
-    .enrolled(w)
 }
 
 fn mode_label(labels: &BTreeMap<String, String>) -> Option<Mode> {
