@@ -221,6 +221,8 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 map_bytes() { # map_bytes RUN
   local f total=0 b
   for f in "$PIN"/*; do
+    # The pin folder also holds the programs' links (link_<program>), which are not maps.
+    case "${f##*/}" in link_*) continue ;; esac
     b=$(bpftool -j map show pinned "$f" 2>/dev/null | sed -n 's/.*"bytes_memlock":\([0-9]*\).*/\1/p')
     [ -n "$b" ] || continue
     emit footprint agent proxied "map_bytes:${f##*/}" "$1" "$b"

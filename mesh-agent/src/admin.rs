@@ -1,17 +1,23 @@
-//! The admin endpoint (local, plain HTTP/1.1, GET only): `/metrics` (Prometheus),
-//! `/ready` (200 once every readiness guard is up, else 503 naming what is missing),
-//! `/config` (the resolved settings, JSON) and `/workloads` (the snapshot in force, JSON).
+//! The admin endpoint (local, plain HTTP/1.1 served by hyper; GET and HEAD): `/metrics`
+//! (Prometheus), `/ready` (200 once every readiness guard is up, else 503 naming what is
+//! missing), `/config` (the resolved settings, JSON) and `/workloads` (the snapshot in
+//! force, JSON).
 
 use std::{
+    convert::Infallible,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::watch,
+use bytes::Bytes;
+use http::{
+    header::{ALLOW, CONTENT_TYPE},
+    HeaderValue, Method, Request, Response, StatusCode,
 };
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, Instrument};
 
 use crate::{bpf::Maps, metrics::Metrics, workload::Snapshot};
@@ -49,33 +55,98 @@ pub struct Admin {
     pub config_json: String,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub xds: Arc<crate::xds::client::XdsClient>,
+    /// The proxy's L7 engine: the configuration in force with its live endpoint state.
+    pub l7: Arc<crate::proxy::http::L7>,
     /// The embedded control plane's counters, when it runs.
     pub ads_stats: Option<Arc<crate::xds::server::ServerStats>>,
     /// The Kubernetes watchers' counters, with `--source kubernetes`.
     pub k8s: Option<Arc<crate::k8s::Stats>>,
 }
 
-/// Largest request head accepted (bytes).
+impl Admin {
+    /// The xDS series: the proxy's verdicts, and the embedded control plane's streams.
+    fn render_xds(&self, out: &mut String) {
+        use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+        let (acks, nacks) = self.xds.verdict_counts();
+        let _ = writeln!(
+            out,
+            "# HELP mesh_xds_responses_total xDS responses the proxy judged: accepted (ack) or refused (nack, the last good configuration stays).\n\
+             # TYPE mesh_xds_responses_total counter\n\
+             mesh_xds_responses_total{{verdict=\"ack\"}} {acks}\n\
+             mesh_xds_responses_total{{verdict=\"nack\"}} {nacks}"
+        );
+        if let Some(s) = &self.ads_stats {
+            let _ = writeln!(
+                out,
+                "# HELP mesh_xds_server_nacks_total NACKs the embedded control plane received.\n\
+                 # TYPE mesh_xds_server_nacks_total counter\n\
+                 mesh_xds_server_nacks_total {}\n\
+                 # HELP mesh_xds_server_streams_open ADS streams open on the embedded control plane.\n\
+                 # TYPE mesh_xds_server_streams_open gauge\n\
+                 mesh_xds_server_streams_open {}\n\
+                 # HELP mesh_xds_server_streams_refused_total ADS streams refused: no or wrong credentials (unauthenticated), too many streams (capacity), an unreadable or oversized request (bad_request).\n\
+                 # TYPE mesh_xds_server_streams_refused_total counter\n\
+                 mesh_xds_server_streams_refused_total{{reason=\"unauthenticated\"}} {}\n\
+                 mesh_xds_server_streams_refused_total{{reason=\"capacity\"}} {}\n\
+                 mesh_xds_server_streams_refused_total{{reason=\"bad_request\"}} {}",
+                s.nacks.load(Relaxed),
+                s.open.load(Relaxed),
+                s.rejected.load(Relaxed),
+                s.over_capacity.load(Relaxed),
+                s.bad_requests.load(Relaxed),
+            );
+        }
+    }
+}
+
+/// Longest a client may take to send a request head, from the moment the connection waits
+/// for one (a new connection, or an idle keep-alive one): bounds slow clients (slowloris)
+/// and idle connections alike. Requests are tiny; 5 s is generous for a local scraper.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head accepted (bytes): hyper's read buffer limit (its floor, 8 KiB); a
+/// longer head is answered with 431.
 const MAX_HEAD: usize = 8192;
+/// Most header fields in a request (hyper answers more with 431).
+const MAX_HEADERS: usize = 32;
 
 /// `(status line, content type, body)` for a GET path.
 pub type Reply = (&'static str, &'static str, String);
-/// Answers `(method, path)`.
+/// Answers `(method, path)`; the method is GET or HEAD (hyper leaves the body out of a
+/// HEAD response), the path has no query.
 pub type Handler = Arc<dyn Fn(&str, &str) -> Reply + Send + Sync>;
 
-/// Serves GET requests on a local listener with `handler(method, path)`; one request per
-/// connection (plain HTTP/1.1, `connection: close`).
+/// Serves GET and HEAD requests on a local listener with `handler(method, path)`: HTTP/1.1
+/// with keep-alive (hyper), other methods 405, an unparsable request 400, an oversized
+/// head 431, and a connection that does not send a whole request head within
+/// `HEADER_READ_TIMEOUT` is closed.
 pub async fn serve_http(listener: TcpListener, handler: Handler) {
     loop {
-        let Ok((conn, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let handler = handler.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = handle(conn, &*handler).await {
-                    debug!(error = %e, "admin request failed");
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let resp = respond(&*handler, req.method(), req.uri().path());
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let served = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEAD)
+                    .max_headers(MAX_HEADERS)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(conn), svc)
+                    .await;
+                if let Err(e) = served {
+                    debug!(error = %e, "admin connection ended");
                 }
             }
             .instrument(tracing::debug_span!("admin", %peer)),
@@ -83,47 +154,36 @@ pub async fn serve_http(listener: TcpListener, handler: Handler) {
     }
 }
 
-async fn handle(
-    mut conn: TcpStream,
+/// The response to one request: the handler's reply for GET and HEAD, 405 otherwise.
+fn respond(
     handler: &(dyn Fn(&str, &str) -> Reply + Send + Sync),
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = conn.read(&mut buf).await?;
-            if n == 0 || head.len() + n > MAX_HEAD {
-                return Err(std::io::Error::other("incomplete or oversized request"));
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok(())
-    })
-    .await;
-    let (status, ctype, body) = match read {
-        Ok(Ok(())) => {
-            let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-            let line = String::from_utf8_lossy(line);
-            let mut parts = line.split(' ');
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            if method != "GET" {
-                (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "only GET is served\n".into(),
-                )
-            } else {
-                handler(method, path.split('?').next().unwrap_or(""))
-            }
-        }
-        _ => ("400 Bad Request", "text/plain", "bad request\n".to_owned()),
+    method: &Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    let allowed = *method == Method::GET || *method == Method::HEAD;
+    let (status, ctype, body) = if allowed {
+        handler(method.as_str(), path)
+    } else {
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET is served\n".into(),
+        )
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(resp.as_bytes()).await?;
-    conn.shutdown().await
+    let code = status
+        .split(' ')
+        .next()
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if !allowed {
+        h.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    resp
 }
 
 impl Admin {
@@ -136,6 +196,7 @@ impl Admin {
         match path {
             "/metrics" => {
                 let mut text = self.metrics.render(&self.maps.stats());
+                self.render_xds(&mut text);
                 if let Some(k) = &self.k8s {
                     k.render(&mut text);
                 }
@@ -169,6 +230,8 @@ impl Admin {
             "/config" => ("200 OK", "application/json", self.config_json.clone()),
             "/config_dump" => {
                 let mut v = self.xds.dump();
+                // Ejections live in the engine, not in the configuration.
+                v["in_force"] = self.l7.config_dump();
                 if let Some(s) = &self.ads_stats {
                     use std::sync::atomic::Ordering::Relaxed;
                     v["embedded_control_plane"] = serde_json::json!({
@@ -178,6 +241,10 @@ impl Admin {
                         "bytes_sent": s.bytes_sent.load(Relaxed),
                         "acks": s.acks.load(Relaxed),
                         "nacks": s.nacks.load(Relaxed),
+                        "rejected": s.rejected.load(Relaxed),
+                        "open_streams": s.open.load(Relaxed),
+                        "over_capacity": s.over_capacity.load(Relaxed),
+                        "bad_requests": s.bad_requests.load(Relaxed),
                     });
                 }
                 (

@@ -24,6 +24,7 @@ use crate::{
     sys,
     workload::{self, MapSyncer, Registry, Snapshot},
     xds::{
+        auth,
         client::{ClientOptions, XdsClient},
         server::AdsServer,
         translate,
@@ -55,23 +56,39 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     }
     let redirect = args.redirect_target()?;
     let file = args.source_file()?;
+    let xds_token = args
+        .xds_token_file
+        .as_deref()
+        .map(auth::Token::from_file)
+        .transpose()?;
+    if args.xds_address.is_none() {
+        auth::check_listen(args.xds_listen, xds_token.as_ref())?;
+    }
     let cgroup = bpf::preflight(&args.pin_path, args.cgroup.as_deref())?;
     let config_json = serde_json::to_string_pretty(&args).unwrap_or_default();
     info!(config = %config_json.replace('\n', ""), "starting");
 
-    // The node lock is taken first, so a second agent is told so before anything else.
-    let datapath = Datapath::load(&LoadOptions {
+    // With --takeover, a running agent of this node hands it over (an upgrade); without,
+    // the node lock is taken first, so a second agent is told so before anything else.
+    let takeover = if args.takeover {
+        crate::handover::request(&args.pin_path)?
+    } else {
+        None
+    };
+    let mut datapath = Datapath::load(&LoadOptions {
         pin_path: &args.pin_path,
         cgroup: &cgroup,
         redirect,
         skmsg: args.skmsg,
         queue_floor: args.skmsg_queue_floor,
+        heartbeat_timeout: Duration::from_millis(args.proxy_heartbeat_timeout_ms),
+        lock_wait: takeover.as_ref().map(|_| Duration::from_secs(30)),
     })?;
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let admin_listener = control
-        .block_on(tokio::net::TcpListener::bind(args.admin_address))
+        .block_on(async { bind_shared(args.admin_address) })
         .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
     let kubernetes = args.source == Source::Kubernetes;
     let mut guards = vec![READY_BPF, READY_MAPS, READY_PROXY, READY_XDS];
@@ -85,6 +102,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let maps = datapath.maps.clone();
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(std::sync::RwLock::new(Registry::default()));
+    let (node_addrs_stop, node_addrs) = watch_node_addrs(maps.clone())?;
 
     // With the Kubernetes source, the first snapshot (excludes only) is replaced once every
     // kind is listed; the API server is asked once now so a wrong address fails at start.
@@ -101,8 +119,8 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let snapshot = Snapshot::from_file(&file);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot));
     let mut syncer = MapSyncer::new(maps.clone(), registry.clone());
-    apply_snapshot(&mut syncer, &metrics, &snap_rx.borrow())
-        .context("writing the enrolment maps")?;
+    // Entries the kernel refuses are logged, counted and retried by the sync loop below.
+    apply_snapshot(&mut syncer, &metrics, &snap_rx.borrow());
     readiness.set(READY_MAPS);
 
     // xDS: the embedded control plane (unless an external one is named) and the proxy's
@@ -112,28 +130,39 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         crate::xds::server::Snapshot::default()
             .next(xds_resources(&mut translator, &snap_rx.borrow())),
     ));
+    // The embedded control plane: over a Unix socket for this agent's proxy, over TCP
+    // (loopback, or with a token) for other clients.
+    let xds_socket = args.xds_socket_path();
     let ads = match &args.xds_address {
         Some(_) => None,
         None => {
-            let l = control
-                .block_on(tokio::net::TcpListener::bind(args.xds_listen))
+            let tcp = control
+                .block_on(async { bind_shared(args.xds_listen) })
                 .with_context(|| {
                     format!(
                         "binding the embedded control plane on {} (--xds-listen)",
                         args.xds_listen
                     )
                 })?;
-            Some((l, AdsServer::new(xds_rx)))
+            let unix = control
+                .block_on(async { auth::bind_unix(&xds_socket) })
+                .with_context(|| {
+                    format!(
+                        "binding the embedded control plane's Unix socket {} (--xds-socket)",
+                        xds_socket.display()
+                    )
+                })?;
+            Some((tcp, unix, AdsServer::new(xds_rx)))
         }
     };
-    let xds_url = match (&args.xds_address, &ads) {
-        (Some(a), _) => a.clone(),
-        (None, Some((l, _))) => format!("http://{}", l.local_addr()?),
-        (None, None) => unreachable!("the embedded server is bound when no address is given"),
+    let (xds_url, client_token) = match &args.xds_address {
+        Some(a) => (a.clone(), xds_token.clone()),
+        None => (format!("unix:{}", xds_socket.display()), None),
     };
     let node_id = args.node_name.clone().unwrap_or_else(hostname);
     let xds = XdsClient::new(ClientOptions {
         address: xds_url,
+        token: client_token,
         node_id,
         cluster: "mesh-agent".into(),
         mode: args.xds_mode,
@@ -148,8 +177,16 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         .thread_name("mesh-proxy")
         .enable_all()
         .build()?;
+    let (takeover, inherited) = match takeover {
+        Some(t) => {
+            let (t, fd) = t.split();
+            (Some(t), Some(fd))
+        }
+        None => (None, None),
+    };
     let outbound = Arc::new(proxy_rt.block_on(Outbound::bind(
         args.proxy_address.into(),
+        inherited,
         maps.clone(),
         metrics.clone(),
         registry.clone(),
@@ -159,11 +196,18 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         outbound.pair_upstream_from(*redirect.ip());
     }
     let drain = outbound.drain.clone();
+    let l7 = outbound.l7();
+    // The next agent may ask for the node while this one runs (`handover`).
+    let (handover_tx, mut handover_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _handover = crate::handover::serve(&args.pin_path, outbound.listener_fd(), handover_tx)
+        .context("opening the hand-over socket")?;
     proxy_rt.spawn(
         outbound
             .serve(stop_rx)
             .instrument(tracing::info_span!("outbound")),
     );
+    // A first beat before the proxy is marked ready, so it is not taken as stale.
+    maps.beat().context("writing the proxy heartbeat")?;
     maps.set_config(|c| c.flags |= cfg_flags::PROXY_READY)
         .context("marking the proxy ready")?;
     readiness.set(READY_PROXY);
@@ -175,27 +219,66 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         config_json,
         snapshot: snap_rx.clone(),
         xds: xds.clone(),
-        ads_stats: ads.as_ref().map(|(_, s)| s.stats.clone()),
+        l7,
+        ads_stats: ads.as_ref().map(|(_, _, s)| s.stats.clone()),
         k8s: kubernetes.then(|| k8s_stats.clone()),
     });
 
-    control.block_on(async {
-        if let Some((listener, server)) = ads {
-            info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "embedded control plane serving ADS");
+    let handed_over = control.block_on(async {
+        if let Some((tcp, unix, server)) = ads {
+            let access = auth::Access::new(xds_token.clone(), server.stats.clone());
+            info!(
+                addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                socket = %xds_socket.display(),
+                token = xds_token.is_some(),
+                "embedded control plane serving ADS"
+            );
+            let svc = server.into_service(access);
+            let unix_svc = svc.clone();
             tokio::spawn(
                 async move {
-                    let r = tonic::transport::Server::builder()
-                        .add_service(server.into_service())
-                        .serve_with_incoming(ads_incoming(listener))
+                    let r = ads_server()
+                        .add_service(svc)
+                        .serve_with_incoming(ads_incoming(tcp))
                         .await;
                     if let Err(e) = r {
-                        error!(error = %e, "the embedded control plane stopped");
+                        error!(error = %e, "the embedded control plane stopped (TCP)");
                     }
                 }
                 .instrument(tracing::info_span!("ads_server")),
             );
+            tokio::spawn(
+                async move {
+                    let r = ads_server()
+                        .add_service(unix_svc)
+                        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(unix))
+                        .await;
+                    if let Err(e) = r {
+                        error!(error = %e, "the embedded control plane stopped (Unix socket)");
+                    }
+                }
+                .instrument(tracing::info_span!("ads_server_unix")),
+            );
         }
         tokio::spawn(xds.clone().run().instrument(tracing::info_span!("xds_client")));
+        if let Some(t) = takeover {
+            // The old agent stops accepting once this one can route: its xDS stream is up
+            // (bounded: past it, lookups wait and then follow the fail modes).
+            let xds = xds.clone();
+            tokio::spawn(
+                async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while !xds.connected() && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    match t.ready() {
+                        Ok(()) => info!("took the node over; the old agent drains"),
+                        Err(e) => warn!(error = %e, "could not tell the old agent"),
+                    }
+                }
+                .instrument(tracing::info_span!("takeover")),
+            );
+        }
         {
             let xds = xds.clone();
             let readiness = readiness.clone();
@@ -242,6 +325,8 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                         path.clone(),
                         Duration::from_millis(args.reload_interval_ms),
                         snap_tx,
+                        args.allow_empty_config,
+                        metrics.reloads.clone(),
                     )
                     .instrument(tracing::info_span!("enrolment")),
                 );
@@ -250,12 +335,25 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         }
         let mut rx = snap_rx.clone();
         let sync = async {
-            while rx.changed().await.is_ok() {
-                let snap = rx.borrow_and_update().clone();
-                if let Err(e) = apply_snapshot(&mut syncer, &metrics, &snap) {
-                    error!(error = %e, "writing the enrolment maps failed");
+            let mut retry = tokio::time::interval(MAP_SYNC_RETRY);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let snap = rx.borrow_and_update().clone();
+                        apply_snapshot(&mut syncer, &metrics, &snap);
+                        retry.reset();
+                        publish_resources(&xds_tx, &mut translator, &snap);
+                    }
+                    // Entries the last apply could not write: the snapshot in force again.
+                    _ = retry.tick(), if syncer.needs_retry() => {
+                        let snap = rx.borrow().clone();
+                        apply_snapshot(&mut syncer, &metrics, &snap);
+                    }
                 }
-                publish_resources(&xds_tx, &mut translator, &snap);
             }
         }
         .instrument(tracing::info_span!("map_sync"));
@@ -263,10 +361,61 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         // Loading and verifying the programs allocated a lot that is free now.
         sys::release_free_heap();
         tokio::select! {
-            _ = sync => {}
-            s = shutdown_signal() => info!(signal = s, "shutting down"),
+            _ = sync => false,
+            s = shutdown_signal() => {
+                info!(signal = s, "shutting down");
+                false
+            }
+            Some(crate::handover::Event::Requested) = handover_rx.recv() => true,
         }
     });
+    if handed_over {
+        // The map syncer and the enrolment source stopped with the loop above; the new
+        // agent may take the node. This proxy keeps serving (and beating) until it is ready.
+        datapath.release_for_handover();
+        let outcome = control.block_on(async {
+            tokio::select! {
+                e = handover_rx.recv() => e,
+                s = shutdown_signal() => {
+                    warn!(signal = s, "signal during a hand-over; leaving the datapath to the new agent");
+                    None
+                }
+            }
+        });
+        match outcome {
+            Some(crate::handover::Event::Ready) => info!("handed the node over; draining"),
+            other => warn!(
+                ?other,
+                "the new agent did not become ready; leaving the datapath attached for it"
+            ),
+        }
+        // The control side goes: its admin and ADS listeners (bound with SO_REUSEPORT next
+        // to the new agent's) must not take connections nobody would answer, and its map
+        // writers stopped already. What this proxy relays needs none of it.
+        control.shutdown_background();
+        // New connections are the new agent's; this one finishes what it relays.
+        let _ = stop_tx.send(true);
+        // A signal now (the old pod's termination) does not cut the drain short: the
+        // kubelet's grace period bounds it, and a kill resets what is left.
+        let left = proxy_rt.block_on(drain.wait(Duration::from_millis(args.handover_drain_ms)));
+        if left > 0 {
+            warn!(
+                connections = left,
+                "hand-over drain deadline passed; resetting the remaining proxied connections"
+            );
+        }
+        drop(node_addrs_stop);
+        let _ = node_addrs.join();
+        drop(maps);
+        drop(datapath);
+        // Stay until told to go: exiting would have the kubelet restart this container,
+        // which would take the node back from the new agent.
+        info!("handed over: the datapath stays with the new agent; waiting for the signal to exit");
+        let s = proxy_rt.block_on(shutdown_signal());
+        info!(signal = s, "exiting after the hand-over");
+        proxy_rt.shutdown_timeout(Duration::from_millis(200));
+        return Ok(());
+    }
 
     // New connections go direct from here on; established ones may finish.
     if let Err(e) = maps.set_config(|c| c.flags &= !cfg_flags::PROXY_READY) {
@@ -281,25 +430,91 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         );
     }
     proxy_rt.shutdown_timeout(Duration::from_millis(200));
+    drop(node_addrs_stop);
+    let _ = node_addrs.join();
+    if args.xds_address.is_none() {
+        let _ = std::fs::remove_file(&xds_socket);
+    }
     drop(maps);
-    drop(datapath);
-    info!("programs detached, pins removed");
+    if args.on_exit == crate::config::OnExit::Keep {
+        // proxy_ready is clear: until the next agent, fail-open workloads go direct and
+        // fail-closed ones are refused; paired sockets stay short-circuited.
+        datapath.keep_on_exit();
+        drop(datapath);
+        info!("programs left attached and maps pinned for the next agent (--on-exit keep)");
+    } else {
+        drop(datapath);
+        info!("programs detached, pins removed");
+    }
     Ok(())
 }
 
-/// Writes a snapshot to the maps and updates the enrolment gauges.
-fn apply_snapshot(
-    syncer: &mut MapSyncer,
-    metrics: &Metrics,
-    snap: &Snapshot,
-) -> Result<(), aya::maps::MapError> {
-    let r = syncer.apply(snap);
+/// Binds a control listener (admin, ADS) with `SO_REUSEPORT`, so the next agent of a
+/// hand-over can bind it while this one drains (the kernel spreads new connections over
+/// both until this one exits; control clients retry).
+fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+/// How often the node's own addresses are listed again for `NODE_ADDRS` (an address added
+/// to the node is exempt from capture within this time).
+const NODE_ADDR_REFRESH: Duration = Duration::from_secs(1);
+
+/// Keeps `NODE_ADDRS` current on a thread of its own (a netlink dump is blocking work):
+/// runs until the returned sender is dropped.
+fn watch_node_addrs(
+    maps: Arc<bpf::Maps>,
+) -> std::io::Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("node-addrs".into())
+        .spawn(move || {
+            let _span = tracing::info_span!("node_addrs").entered();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(NODE_ADDR_REFRESH)
+            {
+                match maps.sync_node_addrs() {
+                    Ok(r) if r.added + r.removed > 0 => {
+                        info!(added = r.added, removed = r.removed, now = r.current, "node addresses changed")
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "listing the node's addresses failed; NODE_ADDRS kept as it was"),
+                }
+            }
+        })?;
+    Ok((tx, handle))
+}
+
+/// How often the map syncer applies the snapshot in force again while some of its
+/// entries could not be written (a full map heals once room is made).
+const MAP_SYNC_RETRY: Duration = Duration::from_secs(2);
+
+/// Writes a snapshot to the maps (best effort per entry) and updates the enrolment gauges
+/// and the map write counters.
+fn apply_snapshot(syncer: &mut MapSyncer, metrics: &Metrics, snap: &Snapshot) {
+    let failures = syncer.apply(snap);
+    metrics.map_writes.record(&failures);
     let enrolled = snap.workloads.iter().filter(|w| w.enrolled).count() as u64;
     metrics.enrolled_workloads.store(enrolled, Relaxed);
     metrics
         .unresolved_workloads
         .store(syncer.unresolved as u64, Relaxed);
-    r
+}
+
+/// The gRPC server for ADS. One stream per client is the norm: a connection may hold a
+/// few (an Envoy opens one per xDS type without ADS), not hundreds.
+fn ads_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(8))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
 /// The ADS server's connections, with `TCP_NODELAY`: small gRPC frames (an ACK, a one
@@ -350,10 +565,17 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         let (xds_tx, xds_rx) = watch::channel(Arc::new(
             crate::xds::server::Snapshot::default().next(xds_resources(&mut translator, &snap)),
         ));
+        let token = args
+            .xds_token_file
+            .as_deref()
+            .map(auth::Token::from_file)
+            .transpose()?;
+        auth::check_listen(args.listen, token.as_ref())?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding the control plane on {} (--listen)", args.listen))?;
         let server = AdsServer::new(xds_rx);
+        let access = auth::Access::new(token, server.stats.clone());
         let stats = server.stats.clone();
         if let Some(addr) = args.admin_address {
             let l = tokio::net::TcpListener::bind(addr)
@@ -414,6 +636,8 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
                         path.clone(),
                         Duration::from_millis(args.reload_interval_ms),
                         snap_tx,
+                        args.allow_empty_config,
+                        Arc::default(),
                     )
                     .instrument(tracing::info_span!("standalone_file")),
                 );
@@ -431,8 +655,8 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         );
         info!(addr = %args.listen, "control plane serving ADS");
         tokio::select! {
-            r = tonic::transport::Server::builder()
-                .add_service(server.into_service())
+            r = ads_server()
+                .add_service(server.into_service(access))
                 .serve_with_incoming(ads_incoming(listener)) => {
                 r.context("serving ADS")?;
             }
@@ -450,6 +674,11 @@ pub fn xds_watch(args: crate::cli::XdsWatchArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let client = XdsClient::new(ClientOptions {
             address: args.xds_address.clone(),
+            token: args
+                .xds_token_file
+                .as_deref()
+                .map(auth::Token::from_file)
+                .transpose()?,
             node_id: args.node_id.clone(),
             cluster: "xds-watch".into(),
             mode: args.mode,

@@ -13,7 +13,7 @@ pub mod btf;
 use std::{
     fs::File,
     io,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsFd,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -21,13 +21,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
     cfg_flags, map_names,
-    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, SockKey, WorkloadInfo},
+    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, ProxyHealth, SockKey, WorkloadInfo},
     prog_names, Stat,
 };
 use tracing::{info, warn};
@@ -153,14 +153,43 @@ pub struct LoadOptions<'a> {
     pub redirect: SocketAddrV4,
     pub skmsg: bool,
     pub queue_floor: u32,
+    /// A proxy heartbeat older than this means the proxy cannot serve (zero: no check).
+    pub heartbeat_timeout: std::time::Duration,
+    /// Wait this long for the node lock (a hand-over: the old agent releases it) instead
+    /// of failing at once.
+    pub lock_wait: Option<std::time::Duration>,
 }
 
 /// The loaded, attached datapath. Field order is drop order: maps and programs go before
 /// the pins are removed and the lock is released.
 pub struct Datapath {
     pub maps: std::sync::Arc<Maps>,
+    /// The sk_msg attachment to `SOCKHASH` (a plain attach, not a link): forgotten instead
+    /// of detached when the datapath is kept.
+    skmsg_link: Option<aya::programs::sk_msg::SkMsgLink>,
+    /// Links adopted from an earlier agent's pins (those this agent attached are held by
+    /// their pins, `link_<program>`, alone).
+    _links: Vec<OwnedFd>,
     _ebpf: Ebpf,
     pins: PinDir,
+    /// What the start found: maps adopted from an earlier agent, links updated in place.
+    pub adopted_maps: usize,
+    pub adopted_links: usize,
+}
+
+/// Interfaces whose addresses are not the node's own in the sense of `NODE_ADDRS`:
+/// kube-proxy's IPVS mode puts every ClusterIP on `kube-ipvs0`, and connections to those
+/// must still be captured (IPVS answers them with pods, not with the host).
+const NODE_ADDR_SKIP: &[&str] = &["kube-ipvs0"];
+
+/// What one `Maps::sync_node_addrs` changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAddrSync {
+    pub added: usize,
+    pub removed: usize,
+    pub failed: usize,
+    /// Addresses recorded after the sync.
+    pub current: usize,
 }
 
 /// Typed handles on the maps the agent writes or reads.
@@ -168,8 +197,14 @@ pub struct Maps {
     pub workloads: Mutex<HashMap<MapData, u64, WorkloadInfo>>,
     pub dests: Mutex<HashMap<MapData, u32, DestInfo>>,
     pub excludes: Mutex<Array<MapData, ExcludeCidr>>,
+    /// The generation of the `EXCLUDES` double buffer (`workload::write_excludes`).
+    pub excludes_gen: Mutex<Array<MapData, u32>>,
     pub config: Mutex<Array<MapData, MeshConfig>>,
     pub flows: Mutex<HashMap<MapData, SockKey, FlowInfo>>,
+    /// The node's own IPv4 addresses (network order) -> interface index.
+    pub node_addrs: Mutex<HashMap<MapData, u32, u32>>,
+    /// The proxy's heartbeat, read by connect4/6.
+    pub proxy_health: Mutex<Array<MapData, ProxyHealth>>,
     pub stats: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, SockKey>,
 }
@@ -177,14 +212,21 @@ pub struct Maps {
 /// The pin folder: locked while the agent runs, emptied and removed on drop.
 struct PinDir {
     path: PathBuf,
-    _lock: OwnedFd,
+    /// Held while this agent owns the node; released early by a hand-over.
+    lock: Option<OwnedFd>,
+    /// Leave the pins (maps and links) for the next agent.
+    keep: bool,
 }
 
 impl PinDir {
-    fn take(path: &Path) -> Result<PinDir, BpfError> {
+    fn take(path: &Path, wait: Option<std::time::Duration>) -> Result<PinDir, BpfError> {
         std::fs::create_dir_all(path)
             .map_err(io_err(format!("creating pin folder {}", path.display())))?;
-        let lock = sys::lock_dir(path).map_err(|e| {
+        let lock = match wait {
+            Some(t) => sys::lock_dir_wait(path, t),
+            None => sys::lock_dir(path),
+        };
+        let lock = lock.map_err(|e| {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 BpfError::AlreadyRunning(path.to_owned())
             } else {
@@ -194,16 +236,11 @@ impl PinDir {
                 }
             }
         })?;
-        let dir = PinDir {
+        Ok(PinDir {
             path: path.to_owned(),
-            _lock: lock,
-        };
-        // Pins left by an agent that was killed: nobody holds the lock, so they are stale.
-        let stale = dir.clear();
-        if stale > 0 {
-            warn!(pin_path = %path.display(), stale, "removed stale pins of an earlier agent");
-        }
-        Ok(dir)
+            lock: Some(lock),
+            keep: false,
+        })
     }
 
     fn clear(&self) -> usize {
@@ -221,9 +258,76 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         self.clear();
         let _ = std::fs::remove_dir(&self.path);
     }
+}
+
+/// `(key size, value size, max entries)` each pinned map must have for this build's
+/// programs: a map pinned by another build with another layout is not adopted.
+fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
+    use mesh_common::capacity as cap;
+    use std::mem::size_of;
+    let sz = |n: usize| n as u32;
+    Some(match name {
+        map_names::WORKLOADS => (8, sz(size_of::<WorkloadInfo>()), cap::WORKLOADS),
+        map_names::DESTS => (4, sz(size_of::<DestInfo>()), cap::DESTS),
+        map_names::CONFIG => (4, sz(size_of::<MeshConfig>()), 1),
+        map_names::PROXY_HEALTH => (4, sz(size_of::<ProxyHealth>()), 1),
+        map_names::EXCLUDES => (4, sz(size_of::<ExcludeCidr>()), cap::EXCLUDE_SLOTS),
+        map_names::EXCLUDES_GEN => (4, 4, 1),
+        map_names::SOCK_ORIG => (
+            8,
+            sz(size_of::<mesh_common::maps::OrigDst>()),
+            cap::SOCK_ORIG,
+        ),
+        map_names::FLOWS => (
+            sz(size_of::<SockKey>()),
+            sz(size_of::<FlowInfo>()),
+            cap::FLOWS,
+        ),
+        map_names::SOCKHASH => (sz(size_of::<SockKey>()), 4, cap::SOCKHASH),
+        map_names::SK_ADDR => (sz(size_of::<SockKey>()), 8, cap::SOCKHASH),
+        map_names::FALLBACK => (sz(size_of::<SockKey>()), 4, cap::SOCKHASH),
+        map_names::STATS => (4, 8, Stat::COUNT),
+        map_names::NODE_ADDRS => (4, 4, cap::NODE_ADDRS),
+        _ => return None,
+    })
+}
+
+/// Checks the maps an earlier agent left pinned: compatible ones are adopted (their state,
+/// connections' flows and the sockhash included, carries over), others are removed and
+/// created afresh. Returns how many are adopted.
+fn vet_pinned_maps(pin_path: &Path) -> usize {
+    let mut adopted = 0;
+    for name in map_names::ALL {
+        let path = pin_path.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let fits = MapInfo::from_pin(&path).ok().is_some_and(|i| {
+            expected_layout(name) == Some((i.key_size(), i.value_size(), i.max_entries()))
+        });
+        if fits {
+            adopted += 1;
+        } else {
+            warn!(
+                map = name,
+                "a pinned map of another layout (another build): recreated, its entries are lost"
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    adopted
+}
+
+/// The pin of a program's cgroup link: while it exists the program stays attached, also
+/// when no agent runs (`--on-exit keep`).
+fn link_pin(pin_path: &Path, prog: &str) -> PathBuf {
+    pin_path.join(format!("link_{prog}"))
 }
 
 /// Offsets for the sk_msg back-pressure check, or zeros (check off) with a warning.
@@ -243,6 +347,25 @@ fn queue_offsets() -> (u32, u32, u32) {
     })
 }
 
+/// Swaps `prog` into the link pinned at `pin`, if there is one. `None`: no pin (attach).
+fn adopt_link(pin: &Path, prog: &aya::programs::ProgramFd) -> Result<Option<OwnedFd>, BpfError> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    match sys::bpf_obj_get(pin).and_then(|link| {
+        sys::bpf_link_update(link.as_fd(), prog.as_fd())?;
+        Ok(link)
+    }) {
+        Ok(link) => Ok(Some(link)),
+        Err(e) => {
+            // A pin we cannot use (another kind of object, a link that died): start over.
+            warn!(pin = %pin.display(), error = %e, "a pinned link could not be taken over; attaching afresh");
+            let _ = std::fs::remove_file(pin);
+            Ok(None)
+        }
+    }
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -256,29 +379,26 @@ where
 
 impl Datapath {
     pub fn load(o: &LoadOptions<'_>) -> Result<Datapath, BpfError> {
-        let pins = PinDir::take(o.pin_path)?;
+        let pins = PinDir::take(o.pin_path, o.lock_wait)?;
+        let adopted_maps = vet_pinned_maps(o.pin_path);
         let (off_user_data, off_rcvbuf, off_msg_tot_len) = queue_offsets();
-        let mut ebpf = EbpfLoader::new()
+        let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|n| (*n, o.pin_path.join(n)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("OFF_SK_USER_DATA", &off_user_data, true)
             .override_global("OFF_SK_RCVBUF", &off_rcvbuf, true)
             .override_global("OFF_PSOCK_MSG_TOT_LEN", &off_msg_tot_len, true)
-            .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true)
-            .load(OBJECT)
-            .map_err(BpfError::Load)?;
-
-        // Pin first: a map is visible to operators as soon as programs can write it.
-        for (name, map) in ebpf.maps() {
-            if name.starts_with('.') {
-                // .rodata (load-time globals) is frozen and internal; nothing to inspect.
-                continue;
-            }
-            let path = o.pin_path.join(name);
-            map.pin(&path).map_err(|source| BpfError::Pin {
-                name: name.to_owned(),
-                path,
-                source,
-            })?;
+            .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true);
+        // Every map is opened from its pin when an earlier agent left one (adopted, with
+        // its state), else created and pinned: visible to operators before any program
+        // can write it.
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
         }
+        let mut ebpf = loader.load(OBJECT).map_err(BpfError::Load)?;
 
         let cgroup_fd = File::open(o.cgroup)
             .map_err(io_err(format!("opening cgroup {}", o.cgroup.display())))?;
@@ -287,9 +407,22 @@ impl Datapath {
             sys::cgroup_prog_ids(cgroup_fd.as_fd(), BPF_CGROUP_INET4_CONNECT).map_err(io_err(
                 format!("querying the programs of cgroup {}", o.cgroup.display()),
             ))?;
+        // Programs attached through our own pinned links (an earlier agent of this pin
+        // folder) are ours to replace.
+        let ours: Vec<u32> =
+            aya::programs::links::PinnedLink::from_pin(link_pin(o.pin_path, prog_names::CONNECT4))
+                .ok()
+                .map(aya::programs::links::FdLink::from)
+                .and_then(|l| l.info().ok())
+                .map(|i| vec![i.program_id()])
+                .unwrap_or_default();
         let theirs: Vec<u32> = aya::programs::loaded_programs()
             .filter_map(Result::ok)
-            .filter(|p| theirs.contains(&p.id()) && p.name_as_str() == Some(prog_names::CONNECT4))
+            .filter(|p| {
+                theirs.contains(&p.id())
+                    && !ours.contains(&p.id())
+                    && p.name_as_str() == Some(prog_names::CONNECT4)
+            })
             .map(|p| p.id())
             .collect();
         if !theirs.is_empty() {
@@ -299,38 +432,59 @@ impl Datapath {
             });
         }
         let prog_err = |what: String| move |source| BpfError::Program { what, source };
+        let mut links = Vec::new();
+        let mut adopted_links = 0;
         for name in [
             prog_names::CONNECT4,
             prog_names::CONNECT6,
             prog_names::GETPEERNAME4,
             prog_names::GETPEERNAME6,
+            prog_names::SOCKOPS,
         ] {
-            let p: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| BpfError::Kernel(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(prog_err(format!("program {name}")))?;
-            p.load().map_err(prog_err(format!("loading {name}")))?;
-            p.attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(prog_err(format!(
-                    "attaching {name} to cgroup {}",
-                    o.cgroup.display()
-                )))?;
+            let pin = link_pin(o.pin_path, name);
+            let program = ebpf.program_mut(name).ok_or_else(|| {
+                BpfError::Kernel(format!("program {name} missing from the object"))
+            })?;
+            let attach = |what: &str, e: aya::programs::ProgramError| BpfError::Program {
+                what: format!("{what} {name} (cgroup {})", o.cgroup.display()),
+                source: e,
+            };
+            // Load, then either swap it into the link an earlier agent pinned (one step:
+            // connections never see no program) or attach it.
+            // The same steps for both program types, which aya gives no common trait.
+            macro_rules! load_and_link {
+                ($ty:ty) => {{
+                    let p: &mut $ty = program
+                        .try_into()
+                        .map_err(prog_err(format!("program {name}")))?;
+                    p.load().map_err(prog_err(format!("loading {name}")))?;
+                    if let Some(fd) = adopt_link(&pin, p.fd().map_err(|e| attach("loading", e))?)? {
+                        links.push(fd);
+                        adopted_links += 1;
+                        None
+                    } else {
+                        let id = p
+                            .attach(&cgroup_fd, CgroupAttachMode::Single)
+                            .map_err(|e| attach("attaching", e))?;
+                        p.take_link(id).ok().and_then(|l| l.try_into().ok())
+                    }
+                }};
+            }
+            let fdlink: Option<aya::programs::links::FdLink> = if name == prog_names::SOCKOPS {
+                load_and_link!(SockOps)
+            } else {
+                load_and_link!(CgroupSockAddr)
+            };
+            if let Some(l) = fdlink {
+                let pinned = l.pin(&pin).map_err(|source| BpfError::Pin {
+                    name: format!("link of {name}"),
+                    path: pin.clone(),
+                    source,
+                })?;
+                // The pin keeps the link; our fd may close with the process.
+                drop(pinned);
+            }
         }
-        let sockops: &mut SockOps = ebpf
-            .program_mut(prog_names::SOCKOPS)
-            .ok_or_else(|| BpfError::Kernel("program mesh_sockops missing from the object".into()))?
-            .try_into()
-            .map_err(prog_err("program mesh_sockops".into()))?;
-        sockops
-            .load()
-            .map_err(prog_err("loading mesh_sockops".into()))?;
-        sockops
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(prog_err(format!(
-                "attaching mesh_sockops to cgroup {}",
-                o.cgroup.display()
-            )))?;
 
         let sockhash: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
         let skmsg: &mut SkMsg = ebpf
@@ -341,16 +495,21 @@ impl Datapath {
         skmsg
             .load()
             .map_err(prog_err("loading mesh_sk_msg".into()))?;
-        skmsg
+        // Attaching to a SOCKHASH that already has our earlier sk_msg (adopted) replaces it.
+        let skmsg_id = skmsg
             .attach(sockhash.fd())
             .map_err(prog_err("attaching mesh_sk_msg to SOCKHASH".into()))?;
+        let skmsg_link = skmsg.take_link(skmsg_id).ok();
 
         let maps = Maps {
             workloads: Mutex::new(take(&mut ebpf, map_names::WORKLOADS)?),
             dests: Mutex::new(take(&mut ebpf, map_names::DESTS)?),
             excludes: Mutex::new(take(&mut ebpf, map_names::EXCLUDES)?),
+            excludes_gen: Mutex::new(take(&mut ebpf, map_names::EXCLUDES_GEN)?),
             config: Mutex::new(take(&mut ebpf, map_names::CONFIG)?),
             flows: Mutex::new(take(&mut ebpf, map_names::FLOWS)?),
+            node_addrs: Mutex::new(take(&mut ebpf, map_names::NODE_ADDRS)?),
+            proxy_health: Mutex::new(take(&mut ebpf, map_names::PROXY_HEALTH)?),
             stats: take(&mut ebpf, map_names::STATS)?,
             _sockhash: sockhash,
         };
@@ -360,27 +519,82 @@ impl Datapath {
             flags: if o.skmsg { cfg_flags::SKMSG } else { 0 },
             _pad: 0,
         };
-        maps.set_config(|c| *c = cfg)
-            .map_err(|source| BpfError::Map {
-                name: map_names::CONFIG,
+        // An adopted CONFIG keeps what describes the node rather than this agent: a proxy
+        // still serving (a hand-over: the old agent's proxy takes connections until this
+        // one is ready) and the operator's global bypass.
+        maps.set_config(|c| {
+            let kept = c.flags & (cfg_flags::PROXY_READY | cfg_flags::BYPASS);
+            *c = MeshConfig {
+                flags: cfg.flags | kept,
+                ..cfg
+            };
+        })
+        .map_err(|source| BpfError::Map {
+            name: map_names::CONFIG,
+            source,
+        })?;
+        {
+            let mut h = maps.proxy_health.lock().unwrap_or_else(|e| e.into_inner());
+            // An adopted heartbeat is kept: the old agent's proxy may still be beating.
+            let health = ProxyHealth {
+                heartbeat_ns: h.get(&0, 0).map(|h| h.heartbeat_ns).unwrap_or(0),
+                stale_after_ns: o.heartbeat_timeout.as_nanos() as u64,
+            };
+            h.set(0, health, 0).map_err(|source| BpfError::Map {
+                name: map_names::PROXY_HEALTH,
                 source,
             })?;
+        }
+        // Before any workload is enrolled (WORKLOADS is still empty, so nothing is captured
+        // yet): the node's addresses must be known before the first capture decision.
+        let node_addrs = maps
+            .sync_node_addrs()
+            .map_err(io_err("listing the node's addresses (getifaddrs)"))?;
         info!(
             pin_path = %o.pin_path.display(),
             cgroup = %o.cgroup.display(),
             redirect = %o.redirect,
             backpressure_check = off_msg_tot_len != 0,
+            node_addresses = node_addrs.current,
             "datapath attached"
         );
+        if adopted_maps + adopted_links > 0 {
+            info!(
+                maps = adopted_maps,
+                links = adopted_links,
+                "adopted the datapath an earlier agent left pinned"
+            );
+        }
         Ok(Datapath {
             maps: std::sync::Arc::new(maps),
+            skmsg_link,
+            _links: links,
             _ebpf: ebpf,
             pins,
+            adopted_maps,
+            adopted_links,
         })
     }
 
     pub fn pin_path(&self) -> &Path {
         &self.pins.path
+    }
+
+    /// Hands the node over: the pins and links stay (the next agent adopts them) and the
+    /// lock is released now, so that agent can start while this one drains.
+    pub fn release_for_handover(&mut self) {
+        self.keep_on_exit();
+        self.pins.lock = None;
+    }
+
+    /// Leaves the datapath in place when this value is dropped: maps and links stay
+    /// pinned, the programs stay attached, and the next agent adopts them.
+    pub fn keep_on_exit(&mut self) {
+        self.pins.keep = true;
+        // Dropping the sk_msg attachment would detach it from the (kept) SOCKHASH.
+        if let Some(l) = self.skmsg_link.take() {
+            std::mem::forget(l);
+        }
     }
 }
 
@@ -408,6 +622,53 @@ impl Maps {
     ) -> Result<(), aya::maps::MapError> {
         let mut m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
         m.insert(key, info, 0)
+    }
+
+    /// The proxy's heartbeat: it can take connections now. Called from the proxy's own
+    /// runtime, so a stuck or starved proxy stops beating.
+    pub fn beat(&self) -> Result<(), aya::maps::MapError> {
+        let mut m = self.proxy_health.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = m.get(&0, 0)?;
+        h.heartbeat_ns = sys::monotonic_ns();
+        m.set(0, h, 0)
+    }
+
+    /// Whether `ip` is one of this node's own addresses (as last synced).
+    pub fn is_node_addr(&self, ip: Ipv4Addr) -> bool {
+        let m = self.node_addrs.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&u32::from_ne_bytes(ip.octets()), 0).is_ok()
+    }
+
+    /// Brings `NODE_ADDRS` in line with the addresses of the node's interfaces: adds new
+    /// ones first, then removes those that are gone. A full map keeps what it has (the
+    /// failure is counted and logged) and the next sync retries.
+    pub fn sync_node_addrs(&self) -> io::Result<NodeAddrSync> {
+        let want: std::collections::BTreeMap<u32, u32> = sys::local_ipv4_addrs(NODE_ADDR_SKIP)?
+            .into_iter()
+            .map(|(ip, ifindex)| (u32::from_ne_bytes(ip.octets()), ifindex))
+            .collect();
+        let mut m = self.node_addrs.lock().unwrap_or_else(|e| e.into_inner());
+        let have: std::collections::BTreeMap<u32, u32> = m.iter().filter_map(Result::ok).collect();
+        let mut r = NodeAddrSync::default();
+        for (ip, ifindex) in &want {
+            if have.get(ip) == Some(ifindex) {
+                continue;
+            }
+            match m.insert(ip, ifindex, 0) {
+                Ok(()) => r.added += 1,
+                Err(e) => {
+                    r.failed += 1;
+                    warn!(address = %Ipv4Addr::from(ip.to_ne_bytes()), error = %e, "cannot record a node address in NODE_ADDRS; pods' connections to it would be captured");
+                }
+            }
+        }
+        for ip in have.keys().filter(|ip| !want.contains_key(ip)) {
+            if m.remove(ip).is_ok() {
+                r.removed += 1;
+            }
+        }
+        r.current = want.len() - r.failed;
+        Ok(r)
     }
 
     pub fn forget_flow(&self, key: SockKey) {

@@ -11,7 +11,9 @@ use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_common::{
     cfg_flags, flag_names, flow_flags, map_names,
-    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, SockKey, WorkloadInfo},
+    maps::{
+        DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, ProxyHealth, SockKey, WorkloadInfo,
+    },
     wl_flags, Stat,
 };
 use serde_json::{json, Value};
@@ -76,22 +78,34 @@ pub struct ControlPlaneArgs {
     /// `~/.kube/config`.
     #[arg(long, env = "MESH_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Where ADS is served (plaintext gRPC).
+    /// Where ADS is served (plaintext gRPC). Without `--xds-token-file` it must be a
+    /// loopback address (only the node's own processes are served).
     #[arg(long, env = "MESH_XDS_LISTEN", default_value = crate::config::DEFAULT_XDS_LISTEN)]
     pub listen: std::net::SocketAddr,
+    /// A file holding the bearer token every ADS client must present
+    /// (`authorization: Bearer <token>`).
+    #[arg(long, env = "MESH_XDS_TOKEN_FILE")]
+    pub xds_token_file: Option<PathBuf>,
     /// Optional admin endpoint: `/xds_clients` (each stream's ACKs and NACKs), `/ready`.
     #[arg(long, env = "MESH_ADMIN_ADDRESS")]
     pub admin_address: Option<std::net::SocketAddr>,
     /// File poll interval (milliseconds).
     #[arg(long, env = "MESH_RELOAD_INTERVAL_MS", default_value_t = crate::config::DEFAULT_RELOAD_INTERVAL_MS)]
     pub reload_interval_ms: u64,
+    /// Serve a reloaded file that declares nothing (withdraws every resource); refused by
+    /// default.
+    #[arg(long, env = "MESH_ALLOW_EMPTY_CONFIG", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_empty_config: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct XdsWatchArgs {
-    /// `http://host:port` of the ADS server.
+    /// `http://host:port` of the ADS server, or `unix:/path` of its Unix socket.
     #[arg(long, env = "MESH_XDS_ADDRESS")]
     pub xds_address: String,
+    /// A file holding the bearer token to present to the server.
+    #[arg(long, env = "MESH_XDS_TOKEN_FILE")]
+    pub xds_token_file: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "delta")]
     pub mode: crate::xds::client::Mode,
     #[arg(long, default_value = "xds-watch")]
@@ -254,6 +268,23 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
             vec!["local", "remote"],
             hash::<SockKey, u64>(pin, map)?.into_iter().map(|(k, _)| key4(&k)).collect(),
         ),
+        map_names::PROXY_HEALTH => (
+            vec!["heartbeat_age_ms", "stale_after_ms"],
+            array::<ProxyHealth>(pin, map)?
+                .into_iter()
+                .map(|h| {
+                    let age = crate::sys::monotonic_ns().saturating_sub(h.heartbeat_ns);
+                    json!({"heartbeat_age_ms": age / 1_000_000, "stale_after_ms": h.stale_after_ns / 1_000_000})
+                })
+                .collect(),
+        ),
+        map_names::NODE_ADDRS => (
+            vec!["ip", "ifindex"],
+            hash::<u32, u32>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| json!({"ip": ip(k), "ifindex": v}))
+                .collect(),
+        ),
         map_names::STATS => (
             vec!["event", "count"],
             stats(pin)?.into_iter().map(|(s, v)| json!({"event": s.name(), "count": v})).collect(),
@@ -381,6 +412,8 @@ pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
     let mut names: Vec<String> = rd
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        // The programs' pinned links (`link_<program>`) live here too: `links` lists them.
+        .filter(|n| !n.starts_with("link_"))
         .collect();
     names.sort();
     for name in names {

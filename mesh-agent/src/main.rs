@@ -1,22 +1,11 @@
-//! mesh-agent: the per-node service-mesh agent. It loads the eBPF datapath that captures
-//! enrolled workloads' connections without iptables, runs the node proxy those connections
-//! are handed to, keeps the datapath maps in line with the enrolment source, and lets
-//! operators inspect it all from the command line.
-
-mod admin;
-mod app;
-mod bpf;
-mod cli;
-mod config;
-mod k8s;
-mod metrics;
-mod proxy;
-mod sys;
-mod workload;
-mod xds;
+//! The `mesh-agent` binary: parses the command line, sets up logging and hands the command
+//! to the library (`lib.rs` says what the agent owns).
 
 use clap::Parser as _;
-use cli::{Cli, Command};
+use mesh_agent::{
+    app,
+    cli::{self, Cli, Command},
+};
 
 fn main() {
     let cli = Cli::parse();

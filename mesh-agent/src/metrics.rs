@@ -48,9 +48,25 @@ pub struct Metrics {
     pub orig_dst_missing: AtomicU64,
     /// Connections to a TCP service listener whose cluster had no healthy endpoint (reset).
     pub no_endpoint: AtomicU64,
+    /// Captured connections whose original destination the proxy refuses to dial on a
+    /// workload's behalf (reset), by reason.
+    pub refused_local_scope: AtomicU64,
+    pub refused_node_address: AtomicU64,
+    /// Connections whose listener configuration was unknown (control plane unreachable or
+    /// slow): relayed as plain TCP (fail-open workload) or reset (fail-closed).
+    pub config_unknown_passed: AtomicU64,
+    pub config_unknown_refused: AtomicU64,
+    /// L4 series dropped to stay within `MAX_FLOW_SERIES`, and connections counted under
+    /// `OVERFLOW_ADDRESS` because every series was live.
+    pub series_evicted: AtomicU64,
+    pub series_overflow: AtomicU64,
     /// Enrolled workloads whose network namespace could not be resolved.
     pub unresolved_workloads: AtomicU64,
     pub enrolled_workloads: AtomicU64,
+    /// Reloads of the standalone file, applied and rejected.
+    pub reloads: Arc<crate::workload::ReloadStats>,
+    /// Datapath map writes of the map syncer that failed, by map.
+    pub map_writes: crate::workload::MapWriteStats,
     /// The L7 proxy's series (`proxy::http::L7` counts into these).
     pub l7: Arc<L7Metrics>,
 }
@@ -61,10 +77,37 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Most L4 series kept at once. Their labels come from what pods dial (a destination
+/// address per series), so without a bound every distinct `ip:port` would add a series
+/// for good (2,000 dials made 3,170 series and 479 KB of `/metrics`).
+pub const MAX_FLOW_SERIES: usize = 512;
+
+/// `destination_address` of connections counted once the bound is reached and every
+/// series still has a live connection.
+pub const OVERFLOW_ADDRESS: &str = "other";
+
 impl Metrics {
     /// The counters of a series, created on first use. Called once per connection.
-    pub fn flow(&self, labels: FlowLabels) -> Arc<FlowCounters> {
+    ///
+    /// At `MAX_FLOW_SERIES`, the series without a live connection are dropped first (a
+    /// scrape sees their counters end, as for a restart); if every series is live, the
+    /// connection is counted under `destination_address="other"`.
+    pub fn flow(&self, mut labels: FlowLabels) -> Arc<FlowCounters> {
         let mut m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = m.get(&labels) {
+            return c.clone();
+        }
+        if m.len() >= MAX_FLOW_SERIES {
+            let before = m.len();
+            // Only the map holds the counters of a series with no connection open.
+            m.retain(|_, c| Arc::strong_count(c) > 1);
+            self.series_evicted
+                .fetch_add((before - m.len()) as u64, Relaxed);
+            if m.len() >= MAX_FLOW_SERIES {
+                self.series_overflow.fetch_add(1, Relaxed);
+                labels.destination_address = OVERFLOW_ADDRESS.into();
+            }
+        }
         m.entry(labels).or_default().clone()
     }
 
@@ -129,6 +172,18 @@ impl Metrics {
                 &self.no_endpoint,
             ),
             (
+                "mesh_metrics_flow_series_evicted_total",
+                "counter",
+                "L4 series without a live connection dropped to stay within the series bound.",
+                &self.series_evicted,
+            ),
+            (
+                "mesh_metrics_flow_series_overflow_total",
+                "counter",
+                "Connections counted under destination_address=\"other\" because every L4 series was live.",
+                &self.series_overflow,
+            ),
+            (
                 "mesh_workloads_enrolled",
                 "gauge",
                 "Workloads whose outbound traffic is captured.",
@@ -150,6 +205,22 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP mesh_proxy_config_unknown_total Connections whose configuration was unknown when they arrived (control plane unreachable or not answering in time): relayed as plain TCP for fail-open workloads (passed), reset for fail-closed ones (refused).\n# TYPE mesh_proxy_config_unknown_total counter\n\
+             mesh_proxy_config_unknown_total{{outcome=\"passed\"}} {}\n\
+             mesh_proxy_config_unknown_total{{outcome=\"refused\"}} {}",
+            self.config_unknown_passed.load(Relaxed),
+            self.config_unknown_refused.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_proxy_refused_destinations_total Captured connections to an address the proxy never dials for a workload (reset): this host or link (local_scope), or the node's own addresses (node_address).\n# TYPE mesh_proxy_refused_destinations_total counter\n\
+             mesh_proxy_refused_destinations_total{{reason=\"local_scope\"}} {}\n\
+             mesh_proxy_refused_destinations_total{{reason=\"node_address\"}} {}",
+            self.refused_local_scope.load(Relaxed),
+            self.refused_node_address.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
             "# HELP mesh_datapath_events_total Datapath events and verdicts counted by the eBPF programs.\n# TYPE mesh_datapath_events_total counter"
         );
         for (s, v) in datapath {
@@ -159,6 +230,8 @@ impl Metrics {
                 s.name()
             );
         }
+        self.reloads.render(&mut out);
+        self.map_writes.render(&mut out);
         self.l7.render(&mut out);
         out
     }
@@ -339,6 +412,38 @@ impl L7Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_series_stay_bounded_and_live_ones_are_kept() {
+        let m = Metrics::default();
+        let labels = |i: usize| FlowLabels {
+            source_workload: "shop/client".into(),
+            destination_address: format!("10.9.{}.{}:80", i / 250, i % 250),
+            destination_workload: "unknown".into(),
+            skmsg: false,
+        };
+        // One connection stays open throughout.
+        let live = m.flow(labels(0));
+        for i in 1..3 * MAX_FLOW_SERIES {
+            let c = m.flow(labels(i));
+            c.opened.fetch_add(1, Relaxed);
+        }
+        let n = m.flows.lock().unwrap().len();
+        assert!(n <= MAX_FLOW_SERIES, "{n}");
+        assert!(m.flows.lock().unwrap().contains_key(&labels(0)));
+        assert!(m.series_evicted.load(Relaxed) >= MAX_FLOW_SERIES as u64);
+        assert_eq!(m.series_overflow.load(Relaxed), 0);
+        // Every series live: new ones fold into "other".
+        let held: Vec<_> = (0..MAX_FLOW_SERIES - 1)
+            .map(|i| m.flow(labels(10_000 + i)))
+            .collect();
+        let other = m.flow(labels(99_999));
+        assert_eq!(m.series_overflow.load(Relaxed), 1);
+        let text = m.render(&[]);
+        assert!(text.contains("destination_address=\"other\""), "{text}");
+        assert!(text.len() < 400 * 1024, "{}", text.len());
+        drop((held, other, live));
+    }
 
     #[test]
     fn renders_flow_series_with_escaped_labels() {

@@ -36,7 +36,10 @@ use crate::{
     metrics::{FlowCounters, FlowLabels, Metrics},
     sys,
     workload::SharedRegistry,
-    xds::{client::XdsClient, model::ListenerKind},
+    xds::{
+        client::{Lookup, XdsClient},
+        model::ListenerKind,
+    },
 };
 
 /// Relay buffer per direction (bytes).
@@ -112,6 +115,10 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
+/// How often the accept loop refreshes `PROXY_HEALTH` (well under the default 1 s after
+/// which the datapath takes the proxy as unable to serve).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+
 /// Accept-queue length of the outbound listener (the kernel caps it at `net.core.somaxconn`).
 /// Every captured connection of the node lands on this one socket, so a burst of connects
 /// from many pods must not overflow it: tokio's default of 128 did, the kernel fell back to
@@ -129,15 +136,27 @@ fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 }
 
 impl Outbound {
+    /// Binds the outbound listener on `addr`, or serves `inherited`, the listening socket a
+    /// running agent handed over (see `handover`).
     pub async fn bind(
         addr: SocketAddr,
+        inherited: Option<std::os::fd::OwnedFd>,
         maps: Arc<Maps>,
         metrics: Arc<Metrics>,
         registry: SharedRegistry,
         xds: Arc<XdsClient>,
     ) -> Result<Outbound, ProxyError> {
-        let listener =
-            listen(addr, LISTEN_BACKLOG).map_err(|source| ProxyError::Bind { addr, source })?;
+        let listener = match inherited {
+            Some(fd) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(l))
+                    .map_err(|source| ProxyError::Bind { addr, source })?
+            }
+            None => {
+                listen(addr, LISTEN_BACKLOG).map_err(|source| ProxyError::Bind { addr, source })?
+            }
+        };
         let l7 = L7::new(xds.config(), metrics.l7.clone());
         Ok(Outbound {
             listener,
@@ -150,6 +169,17 @@ impl Outbound {
             xds,
             l7,
         })
+    }
+
+    /// The listening socket, to hand over to the next agent.
+    pub fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
+    /// The L7 engine (its live state: outlier ejections, for `/config_dump`).
+    pub fn l7(&self) -> Arc<L7> {
+        self.l7.clone()
     }
 
     /// Pair the proxy's connections to same-node destinations too, connecting from `ip`
@@ -192,11 +222,33 @@ impl Outbound {
         TcpStream::connect(dst).await
     }
 
+    /// Why the proxy must not dial `ip` on a workload's behalf, if it must not (counted).
+    fn refuse(&self, ip: Ipv4Addr) -> Option<&'static str> {
+        if mesh_common::local_scope_ipv4(u32::from_ne_bytes(ip.octets())) {
+            self.metrics.refused_local_scope.fetch_add(1, Relaxed);
+            Some("local_scope")
+        } else if self.maps.is_node_addr(ip) {
+            self.metrics.refused_node_address.fetch_add(1, Relaxed);
+            Some("node_address")
+        } else {
+            None
+        }
+    }
+
     /// Accepts until `stop` turns true.
     pub async fn serve(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         info!(addr = ?self.listener.local_addr().ok(), "outbound listener ready");
+        // The heartbeat comes from the accept loop itself: if this task is not polled (the
+        // runtime stuck or starved), the datapath stops sending connections here.
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    if let Err(e) = self.maps.beat() {
+                        warn!(error = %e, "writing the proxy heartbeat failed");
+                    }
+                }
                 r = self.listener.accept() => match r {
                     Ok((conn, peer)) => {
                         self.drain.live.fetch_add(1, Relaxed);
@@ -248,6 +300,14 @@ impl Outbound {
             Ipv4Addr::from(flow.orig_ip4.to_ne_bytes()),
             flow.orig_port as u16,
         );
+        // The kernel side never captures these; a record that names one anyway (written by
+        // hand, or by programs of another build) must not make the proxy dial, from the
+        // node's namespace, an address that means "this host" there.
+        if let Some(refused) = self.refuse(*dst.ip()) {
+            warn!(%dst, reason = refused, "refusing to dial a node-local destination for a workload; resetting the client");
+            let _ = sys::set_linger_zero(client.as_fd());
+            return;
+        }
         let (src_name, dst_name) = {
             let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
             (r.name(flow.src_id), r.name(flow.dst_id))
@@ -257,7 +317,23 @@ impl Outbound {
         let mut target = SocketAddr::V4(dst);
         let mut prefix = Vec::new();
         let mut client = client;
-        if let Some(l) = self.xds.listener_for(target).await {
+        let listener = match self.xds.lookup(target).await {
+            Lookup::Found(l) => Some(l),
+            Lookup::Absent => None,
+            // Never skip routing or policy silently: the workload's fail mode decides.
+            Lookup::Unknown(why) if flow.flags & flow_flags::FAIL_CLOSED != 0 => {
+                self.metrics.config_unknown_refused.fetch_add(1, Relaxed);
+                debug!(%dst, why, "configuration unknown and the workload fails closed; resetting the client");
+                let _ = sys::set_linger_zero(client.as_fd());
+                return;
+            }
+            Lookup::Unknown(why) => {
+                self.metrics.config_unknown_passed.fetch_add(1, Relaxed);
+                debug!(%dst, why, "configuration unknown and the workload fails open; relaying as plain TCP");
+                None
+            }
+        };
+        if let Some(l) = listener {
             let tcp_cluster = match (&l.kind, &l.tcp_fallback) {
                 (ListenerKind::Http(_), None) => {
                     let _ = client.set_nodelay(true);
@@ -354,7 +430,15 @@ where
 }
 
 /// Relays until both directions ended; on an error in either, resets both sockets.
+///
+/// Both sockets are armed to reset (`SO_LINGER 0`) for as long as the relay runs and
+/// disarmed only once both directions ended cleanly: whatever else closes them (the
+/// process killed, the runtime dropped at the end of a drain, a task cancelled) ends the
+/// stream with a reset both apps see, never with a FIN that makes a cut transfer look
+/// complete.
 pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCounters) {
+    let _ = sys::set_linger_zero(client.as_fd());
+    let _ = sys::set_linger_zero(upstream.as_fd());
     let failed = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
@@ -372,9 +456,9 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCount
             }
         }
     };
-    if failed {
-        let _ = sys::set_linger_zero(client.as_fd());
-        let _ = sys::set_linger_zero(upstream.as_fd());
+    if !failed {
+        let _ = sys::clear_linger(client.as_fd());
+        let _ = sys::clear_linger(upstream.as_fd());
     }
 }
 
@@ -414,6 +498,26 @@ mod tests {
         relay.await.unwrap();
         assert_eq!(counters.received.load(Relaxed), 7);
         assert_eq!(counters.sent.load(Relaxed), 27);
+    }
+
+    #[tokio::test]
+    async fn a_relay_cut_short_resets_both_ends() {
+        let (client_near, mut app) = pair().await;
+        let (upstream_near, mut server) = pair().await;
+        let counters = Arc::new(FlowCounters::default());
+        let c = counters.clone();
+        let relay = tokio::spawn(async move { relay(client_near, upstream_near, &c).await });
+        server.write_all(&[7u8; 16384]).await.unwrap();
+        let mut got = vec![0u8; 16384];
+        app.read_exact(&mut got).await.unwrap();
+        // The agent goes away mid-stream (drain deadline, or the task is dropped).
+        relay.abort();
+        let _ = relay.await;
+        let mut buf = [0u8; 8];
+        let err = app.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]

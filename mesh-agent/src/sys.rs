@@ -141,8 +141,17 @@ pub fn release_free_heap() {
 /// Arms `SO_LINGER {on, 0}` so that closing the socket sends RST: how the proxy passes a
 /// reset on from one side to the other.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_linger(fd, 1)
+}
+
+/// Disarms `set_linger_zero`: closing sends FIN again (the default).
+pub fn clear_linger(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_linger(fd, 0)
+}
+
+fn set_linger(fd: BorrowedFd<'_>, on: libc::c_int) -> io::Result<()> {
     let l = libc::linger {
-        l_onoff: 1,
+        l_onoff: on,
         l_linger: 0,
     };
     // SAFETY: the option value is a valid linger struct of the stated size.
@@ -206,4 +215,233 @@ pub fn cgroup_prog_ids(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<V
     }
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)
+}
+
+/// The IPv4 addresses of this network namespace's interfaces, with the index of the
+/// interface each is on (`getifaddrs`, a netlink dump). Interfaces named in `skip` are left
+/// out.
+pub fn local_ipv4_addrs(skip: &[&str]) -> io::Result<Vec<(std::net::Ipv4Addr, u32)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: AF_INET, so the sockaddr is a sockaddr_in.
+        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        let name = name.to_string_lossy();
+        if skip.iter().any(|s| *s == name) {
+            continue;
+        }
+        // SAFETY: ifa_name is a valid C string (above).
+        let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
+        out.push((
+            std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+            index,
+        ));
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads in the datapath.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec we pass; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `BPF_OBJ_GET` (union bpf_attr, object part).
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// `BPF_LINK_UPDATE` (union bpf_attr, link_update part).
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Opens a pinned BPF object (a link, here) by its bpffs path.
+pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix of the stated size; `pathname` points to a
+    // NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut ObjGetAttr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Replaces the program of a BPF link in one step (5.7+ for cgroup links): connections
+/// see either the old program or the new one, never none.
+pub fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix of the stated size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &mut attr as *mut LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `msg` with `fd` attached (`SCM_RIGHTS`) over a connected Unix stream socket.
+pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>, msg: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr() as *mut libc::c_void,
+        iov_len: msg.len(),
+    };
+    // Room for one fd's control message, aligned as cmsghdr wants.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the sendmsg call,
+    // and the control buffer is large and aligned enough for one SCM_RIGHTS message.
+    unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_iov = &mut iov;
+        m.msg_iovlen = 1;
+        m.msg_control = cbuf.as_mut_ptr().cast();
+        m.msg_controllen = space;
+        let c = libc::CMSG_FIRSTHDR(&m);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd.as_raw_fd());
+        if libc::sendmsg(sock.as_raw_fd(), &m, libc::MSG_NOSIGNAL) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receives a message and the fd attached to it, if any (`SCM_RIGHTS`).
+pub fn recv_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    use std::os::fd::FromRawFd;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: as in `send_fd`; the kernel writes at most `msg_controllen` bytes of control
+    // data, and an fd it passes is new and owned by nothing else.
+    unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_iov = &mut iov;
+        m.msg_iovlen = 1;
+        m.msg_control = cbuf.as_mut_ptr().cast();
+        m.msg_controllen = std::mem::size_of_val(&cbuf);
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut m, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut fd = None;
+        let mut c = libc::CMSG_FIRSTHDR(&m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            c = libc::CMSG_NXTHDR(&m, c);
+        }
+        Ok((n as usize, fd))
+    }
+}
+
+/// Takes the pin folder's lock, waiting up to `timeout` for its holder to release it.
+pub fn lock_dir_wait(dir: &Path, timeout: std::time::Duration) -> io::Result<OwnedFd> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match lock_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
+pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the out pointers are valid for the stated length.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }

@@ -9,12 +9,14 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{atomic::AtomicU64, Arc, RwLock},
     time::{Duration, SystemTime},
 };
 
+use aya::maps::{MapData, MapError};
 use mesh_common::{
-    maps::{DestInfo, ExcludeCidr, WorkloadInfo},
+    capacity, map_names,
+    maps::{exclude_half, DestInfo, ExcludeCidr, WorkloadInfo},
     wl_flags,
 };
 use serde::Serialize;
@@ -36,6 +38,11 @@ pub struct Workload {
     pub enrolled: bool,
     /// As a destination: same-node flows go socket to socket.
     pub direct: bool,
+    /// Its connections are refused, not passed around the mesh, when the mesh cannot
+    /// serve them (`mesh-agent.io/fail-mode: closed`).
+    pub fail_closed: bool,
+    /// Its connections are left alone (`mesh-agent.io/bypass: "true"`).
+    pub bypass: bool,
     /// Why the workload's network namespace is not known (it is then not captured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unresolved: Option<String>,
@@ -68,6 +75,8 @@ impl Snapshot {
                 netns: w.netns.clone(),
                 enrolled: f.enrolled(w),
                 direct: f.mode(w) == Mode::Direct,
+                fail_closed: f.fail_closed(w),
+                bypass: f.bypassed(w),
                 unresolved: None,
                 identity: None,
             })
@@ -112,7 +121,46 @@ pub type SharedRegistry = Arc<RwLock<Registry>>;
 
 /// Watches the standalone file; publishes a new snapshot when its content changes and
 /// parses. A bad edit is logged with file and line and the last good snapshot stays.
-pub async fn watch_file(path: PathBuf, interval: Duration, tx: watch::Sender<Arc<Snapshot>>) {
+/// How reloads of the standalone file went (`mesh_config_reloads_total{result}`).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub applied: std::sync::atomic::AtomicU64,
+    pub rejected: std::sync::atomic::AtomicU64,
+}
+
+impl ReloadStats {
+    pub fn render(&self, out: &mut String) {
+        use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+        let _ = writeln!(
+            out,
+            "# HELP mesh_config_reloads_total Changes of the standalone file, applied or rejected (the last good configuration stays in force).\n\
+             # TYPE mesh_config_reloads_total counter\n\
+             mesh_config_reloads_total{{result=\"applied\"}} {}\n\
+             mesh_config_reloads_total{{result=\"rejected\"}} {}",
+            self.applied.load(Relaxed),
+            self.rejected.load(Relaxed)
+        );
+    }
+}
+
+/// Why a reload that parses is still refused: a file that declares nothing (no namespace,
+/// workload or service) would un-mesh the node at once, and is far more often a truncated
+/// write or a bad template than an intent. `--allow-empty-config` lets it through.
+fn refuse_empty(f: &MeshFile, allow_empty: bool) -> Option<&'static str> {
+    let empty = f.namespaces.is_empty() && f.workloads.is_empty() && f.services.is_empty();
+    (empty && !allow_empty).then_some(
+        "the file declares no namespace, workload or service; applying it would release every workload (start with --allow-empty-config to allow that)",
+    )
+}
+
+pub async fn watch_file(
+    path: PathBuf,
+    interval: Duration,
+    tx: watch::Sender<Arc<Snapshot>>,
+    allow_empty: bool,
+    stats: Arc<ReloadStats>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut last_seen: Option<(SystemTime, u64, String)> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -141,8 +189,13 @@ pub async fn watch_file(path: PathBuf, interval: Duration, tx: watch::Sender<Arc
         last_seen = Some((stamp.0, stamp.1, text.clone()));
         match MeshFile::parse(&path, &text) {
             Ok(f) => {
+                if let Some(why) = refuse_empty(&f, allow_empty) {
+                    stats.rejected.fetch_add(1, Relaxed);
+                    warn!(path = %path.display(), reason = why, "enrolment file rejected; the last good configuration stays in force");
+                    continue;
+                }
                 let snap = Snapshot::from_file(&f);
-                tx.send_if_modified(|cur| {
+                let applied = tx.send_if_modified(|cur| {
                     if **cur == snap {
                         return false;
                     }
@@ -150,8 +203,12 @@ pub async fn watch_file(path: PathBuf, interval: Duration, tx: watch::Sender<Arc
                     *cur = Arc::new(snap);
                     true
                 });
+                if applied {
+                    stats.applied.fetch_add(1, Relaxed);
+                }
             }
             Err(e) => {
+                stats.rejected.fetch_add(1, Relaxed);
                 warn!(error = %e, "enrolment file rejected; the last good configuration stays in force")
             }
         }
@@ -188,11 +245,203 @@ struct Desired {
     excludes: Vec<ExcludeCidr>,
 }
 
-/// The one writer of WORKLOADS, DESTS and EXCLUDES.
+/// One map write the kernel refused. The entry is not recorded as applied, so the next
+/// apply (a new snapshot, or the periodic retry) writes it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailure {
+    /// The map (`map_names::*`).
+    pub map: &'static str,
+    /// The entry, readable (`netns_cookie=...`, `ip=...`, `slot=...`).
+    pub key: String,
+    /// What failed, with the kernel's answer.
+    pub error: String,
+}
+
+impl std::fmt::Display for WriteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]: {}", self.map, self.key, self.error)
+    }
+}
+
+/// Map writes that failed, by map: counted for good (`mesh_map_write_failures_total`) and
+/// still pending after the last apply (`mesh_map_writes_pending`).
+#[derive(Debug, Default)]
+pub struct MapWriteStats {
+    failures: [AtomicU64; 3],
+    pending: [AtomicU64; 3],
+}
+
+/// The maps `MapSyncer` writes, in the order `MapWriteStats` keeps them.
+const SYNCED_MAPS: [&str; 3] = [map_names::WORKLOADS, map_names::DESTS, map_names::EXCLUDES];
+
+impl MapWriteStats {
+    /// Records the outcome of one apply.
+    pub fn record(&self, failures: &[WriteFailure]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (i, name) in SYNCED_MAPS.iter().enumerate() {
+            let n = failures.iter().filter(|f| f.map == *name).count() as u64;
+            self.failures[i].fetch_add(n, Relaxed);
+            self.pending[i].store(n, Relaxed);
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+        let _ = writeln!(
+            out,
+            "# HELP mesh_map_write_failures_total Datapath map entries the kernel refused to write (a full map, most often); each is retried until it is written.\n\
+             # TYPE mesh_map_write_failures_total counter"
+        );
+        for (i, name) in SYNCED_MAPS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "mesh_map_write_failures_total{{map=\"{name}\"}} {}",
+                self.failures[i].load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mesh_map_writes_pending Datapath map entries that failed at the last sync and wait for a retry.\n\
+             # TYPE mesh_map_writes_pending gauge"
+        );
+        for (i, name) in SYNCED_MAPS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "mesh_map_writes_pending{{map=\"{name}\"}} {}",
+                self.pending[i].load(Relaxed)
+            );
+        }
+    }
+}
+
+/// A hash map as the syncer writes it: the kernel's, or a fake in tests.
+trait EntryWriter<K, V> {
+    fn put(&mut self, k: &K, v: &V) -> Result<(), MapError>;
+    fn del(&mut self, k: &K) -> Result<(), MapError>;
+}
+
+impl<K: aya::Pod, V: aya::Pod> EntryWriter<K, V> for aya::maps::HashMap<MapData, K, V> {
+    fn put(&mut self, k: &K, v: &V) -> Result<(), MapError> {
+        self.insert(k, v, 0)
+    }
+    fn del(&mut self, k: &K) -> Result<(), MapError> {
+        match self.remove(k) {
+            // Already gone (deleted by hand): what was wanted.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
+fn failure(map: &'static str, key: String, e: &MapError) -> WriteFailure {
+    // The syscall's name and the errno, e.g. "bpf_map_update_elem failed: Argument list
+    // too long (os error 7)" for a full hash map.
+    let mut error = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        error = format!("{error}: {s}");
+        source = s.source();
+    }
+    WriteFailure { map, key, error }
+}
+
+/// Writes the difference between `applied` and `want`, every entry on its own: removals
+/// first (they make room), then inserts; a failure is recorded and the rest still goes.
+/// Returns what the map holds as far as the syncer knows: `want`, except that an entry
+/// whose insert failed keeps its old value (or stays absent) and one whose removal failed
+/// stays, so the next sync retries exactly those.
+fn sync_entries<K: Ord + Copy, V: Copy + PartialEq>(
+    map: &'static str,
+    m: &mut impl EntryWriter<K, V>,
+    applied: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    key_name: impl Fn(&K) -> String,
+    failures: &mut Vec<WriteFailure>,
+) -> BTreeMap<K, V> {
+    let mut now = want.clone();
+    for (k, old) in applied.iter().filter(|(k, _)| !want.contains_key(k)) {
+        if let Err(e) = m.del(k) {
+            failures.push(failure(map, key_name(k), &e));
+            now.insert(*k, *old);
+        }
+    }
+    for (k, v) in want {
+        if applied.get(k) == Some(v) {
+            continue;
+        }
+        if let Err(e) = m.put(k, v) {
+            failures.push(failure(map, key_name(k), &e));
+            match applied.get(k) {
+                Some(old) => now.insert(*k, *old),
+                None => now.remove(k),
+            };
+        }
+    }
+    now
+}
+
+/// The `EXCLUDES` double buffer as the syncer writes it: the kernel's, or a fake in tests.
+trait ExcludeWriter {
+    fn generation(&self) -> Result<u32, MapError>;
+    fn set_generation(&mut self, gen: u32) -> Result<(), MapError>;
+    fn set_slot(&mut self, i: u32, v: ExcludeCidr) -> Result<(), MapError>;
+}
+
+struct KernelExcludes<'a> {
+    slots: std::sync::MutexGuard<'a, aya::maps::Array<MapData, ExcludeCidr>>,
+    gen: std::sync::MutexGuard<'a, aya::maps::Array<MapData, u32>>,
+}
+
+impl ExcludeWriter for KernelExcludes<'_> {
+    fn generation(&self) -> Result<u32, MapError> {
+        self.gen.get(&0, 0)
+    }
+    fn set_generation(&mut self, gen: u32) -> Result<(), MapError> {
+        self.gen.set(0, gen, 0)
+    }
+    fn set_slot(&mut self, i: u32, v: ExcludeCidr) -> Result<(), MapError> {
+        self.slots.set(i, v, 0)
+    }
+}
+
+/// Replaces the rule set connect4/6 reads, atomically from their view: fills the half not
+/// in force, flips the generation, then clears the half left behind (so that `mesh-agent
+/// dump EXCLUDES` shows the set in force). The reader's side and why no reader sees a mix
+/// of the two sets: `mesh_common::maps::excludes_match`. On a failure before the flip the
+/// old set stays in force; after it, the new one is; either way the caller retries.
+fn write_excludes(w: &mut impl ExcludeWriter, rules: &[ExcludeCidr]) -> Result<(), WriteFailure> {
+    let gen_fail = |e: &MapError| failure(map_names::EXCLUDES_GEN, "0".into(), e);
+    let gen = w.generation().map_err(|e| gen_fail(&e))?;
+    let next = gen.wrapping_add(1);
+    let half = |g: u32| exclude_half(g)..exclude_half(g) + capacity::EXCLUDES;
+    let slot_fail = |i: u32, e: &MapError| failure(map_names::EXCLUDES, format!("slot={i}"), e);
+    for (n, i) in half(next).enumerate() {
+        let v = rules.get(n).copied().unwrap_or_default();
+        w.set_slot(i, v).map_err(|e| slot_fail(i, &e))?;
+    }
+    w.set_generation(next).map_err(|e| gen_fail(&e))?;
+    for i in half(gen) {
+        w.set_slot(i, ExcludeCidr::default())
+            .map_err(|e| slot_fail(i, &e))?;
+    }
+    Ok(())
+}
+
+/// The one writer of WORKLOADS, DESTS and EXCLUDES. Best effort per entry: a write the
+/// kernel refuses (a full map) is reported and counted, every other change still applies,
+/// and the failed entry is retried by the next apply until it is written.
 pub struct MapSyncer {
     maps: Arc<Maps>,
     registry: SharedRegistry,
+    /// What the maps hold as far as the syncer knows (failed writes excluded).
     applied: Desired,
+    /// Whether the last apply left entries unwritten.
+    pending: bool,
+    /// Whether `applied.excludes` is what the half in force holds (false until the first
+    /// write: adopted maps may hold anything).
+    excludes_written: bool,
     /// Workloads whose network namespace could not be resolved last time (for metrics).
     pub unresolved: usize,
     /// `/proc/<pid>/ns/net` paths (the Kubernetes source): (pid, the process's start time,
@@ -205,13 +454,39 @@ pub struct MapSyncer {
 
 impl MapSyncer {
     pub fn new(maps: Arc<Maps>, registry: SharedRegistry) -> Self {
+        // Maps adopted from an earlier agent hold its entries: start from what is there,
+        // so the first apply removes what is no longer wanted.
+        let applied = Desired {
+            workloads: maps
+                .workloads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter_map(Result::ok)
+                .collect(),
+            dests: maps
+                .dests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter_map(Result::ok)
+                .collect(),
+            excludes: Vec::new(),
+        };
         MapSyncer {
             maps,
             registry,
-            applied: Desired::default(),
+            applied,
+            pending: false,
+            excludes_written: false,
             unresolved: 0,
             cookies: Default::default(),
         }
+    }
+
+    /// Whether the last apply left entries unwritten: apply the snapshot in force again.
+    pub fn needs_retry(&self) -> bool {
+        self.pending
     }
 
     fn cookie(
@@ -279,7 +554,13 @@ impl MapSyncer {
                         WorkloadInfo {
                             ip4,
                             id,
-                            flags: wl_flags::ENROLLED,
+                            flags: wl_flags::ENROLLED
+                                | if w.fail_closed {
+                                    wl_flags::FAIL_CLOSED
+                                } else {
+                                    0
+                                }
+                                | if w.bypass { wl_flags::BYPASS } else { 0 },
                             _pad: 0,
                         },
                     );
@@ -295,60 +576,84 @@ impl MapSyncer {
         d
     }
 
-    /// Applies the difference between what is in the maps and `snap`.
-    pub fn apply(&mut self, snap: &Snapshot) -> Result<(), aya::maps::MapError> {
+    /// Applies the difference between what is in the maps and `snap`, entry by entry;
+    /// returns the writes that failed (logged here, once per apply).
+    pub fn apply(&mut self, snap: &Snapshot) -> Vec<WriteFailure> {
         let want = self.desired(snap);
-        {
+        let mut failures = Vec::new();
+        let workloads = {
             let mut m = self
                 .maps
                 .workloads
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            for k in self
-                .applied
-                .workloads
-                .keys()
-                .filter(|k| !want.workloads.contains_key(k))
-            {
-                let _ = m.remove(k);
-            }
-            for (k, v) in &want.workloads {
-                if self.applied.workloads.get(k) != Some(v) {
-                    m.insert(k, v, 0)?;
-                }
-            }
-        }
-        {
+            sync_entries(
+                map_names::WORKLOADS,
+                &mut *m,
+                &self.applied.workloads,
+                &want.workloads,
+                |k| format!("netns_cookie={k}"),
+                &mut failures,
+            )
+        };
+        let dests = {
             let mut m = self.maps.dests.lock().unwrap_or_else(|e| e.into_inner());
-            for k in self
-                .applied
-                .dests
-                .keys()
-                .filter(|k| !want.dests.contains_key(k))
-            {
-                let _ = m.remove(k);
-            }
-            for (k, v) in &want.dests {
-                if self.applied.dests.get(k) != Some(v) {
-                    m.insert(k, v, 0)?;
+            sync_entries(
+                map_names::DESTS,
+                &mut *m,
+                &self.applied.dests,
+                &want.dests,
+                |k| format!("ip={}", Ipv4Addr::from(k.to_ne_bytes())),
+                &mut failures,
+            )
+        };
+        let mut excludes = want.excludes;
+        if excludes != self.applied.excludes || !self.excludes_written {
+            let mut w = KernelExcludes {
+                slots: self.maps.excludes.lock().unwrap_or_else(|e| e.into_inner()),
+                gen: self
+                    .maps
+                    .excludes_gen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            };
+            match write_excludes(&mut w, &excludes) {
+                Ok(()) => self.excludes_written = true,
+                Err(f) => {
+                    failures.push(f);
+                    // Written again, in full, by the next apply.
+                    excludes = self.applied.excludes.clone();
+                    self.excludes_written = false;
                 }
             }
         }
-        if want.excludes != self.applied.excludes {
-            let mut m = self.maps.excludes.lock().unwrap_or_else(|e| e.into_inner());
-            for i in 0..mesh_common::capacity::EXCLUDES {
-                let v = want.excludes.get(i as usize).copied().unwrap_or_default();
-                m.set(i, v, 0)?;
+        self.applied = Desired {
+            workloads,
+            dests,
+            excludes,
+        };
+        self.pending = !failures.is_empty();
+        if failures.is_empty() {
+            info!(
+                enrolled = self.applied.workloads.len(),
+                local = self.applied.dests.len(),
+                unresolved = self.unresolved,
+                "datapath maps in sync"
+            );
+        } else {
+            const SHOWN: usize = 5;
+            let mut shown: Vec<String> =
+                failures.iter().take(SHOWN).map(|f| f.to_string()).collect();
+            if failures.len() > SHOWN {
+                shown.push(format!("and {} more", failures.len() - SHOWN));
             }
+            warn!(
+                failed = failures.len(),
+                failures = %shown.join("; "),
+                "some datapath map writes failed; every other change applied, the failed ones are retried"
+            );
         }
-        info!(
-            enrolled = want.workloads.len(),
-            local = want.dests.len(),
-            unresolved = self.unresolved,
-            "datapath maps in sync"
-        );
-        self.applied = want;
-        Ok(())
+        failures
     }
 }
 
@@ -398,5 +703,334 @@ mod tests {
         assert_eq!(s.excludes.len(), 1);
         assert_eq!(s.excludes[0].cidr, "10.96.0.0/12");
         assert_eq!(s.excludes[0].port, 53);
+    }
+
+    /// A hash map with a capacity, refusing inserts of new keys when full (as the kernel
+    /// does with `E2BIG`), and refusing to delete the keys in `stuck`.
+    #[derive(Default)]
+    struct FakeMap {
+        entries: BTreeMap<u32, u32>,
+        capacity: usize,
+        stuck: Vec<u32>,
+    }
+
+    fn errno(call: &'static str, e: i32) -> MapError {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call,
+            io_error: std::io::Error::from_raw_os_error(e),
+        })
+    }
+
+    impl EntryWriter<u32, u32> for FakeMap {
+        fn put(&mut self, k: &u32, v: &u32) -> Result<(), MapError> {
+            if !self.entries.contains_key(k) && self.entries.len() >= self.capacity {
+                return Err(errno("bpf_map_update_elem", libc::E2BIG));
+            }
+            self.entries.insert(*k, *v);
+            Ok(())
+        }
+        fn del(&mut self, k: &u32) -> Result<(), MapError> {
+            if self.stuck.contains(k) {
+                return Err(errno("bpf_map_delete_elem", libc::EBUSY));
+            }
+            self.entries.remove(k);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_map_fails_one_entry_not_the_sync_and_a_retry_heals_it() {
+        // Someone else's entry takes the room the third one needs.
+        let mut m = FakeMap {
+            capacity: 3,
+            entries: BTreeMap::from([(99, 0)]),
+            ..Default::default()
+        };
+        let key = |k: &u32| format!("k{k}");
+        let mut failures = Vec::new();
+        let want = BTreeMap::from([(1, 10), (2, 20), (3, 30)]);
+        let applied = sync_entries("T", &mut m, &BTreeMap::new(), &want, key, &mut failures);
+        assert_eq!(failures.len(), 1);
+        assert_eq!((failures[0].map, failures[0].key.as_str()), ("T", "k3"));
+        assert!(
+            failures[0].error.contains("bpf_map_update_elem"),
+            "{}",
+            failures[0]
+        );
+        assert!(failures[0].error.contains("os error 7"), "{}", failures[0]);
+        // The failed entry is not recorded as applied; the others are.
+        assert_eq!(applied, BTreeMap::from([(1, 10), (2, 20)]));
+
+        // A later change still applies, and the failed entry is tried again.
+        failures.clear();
+        let want = BTreeMap::from([(1, 11), (2, 20), (3, 30)]);
+        let applied = sync_entries("T", &mut m, &applied, &want, key, &mut failures);
+        assert_eq!(
+            failures.iter().map(|f| f.key.as_str()).collect::<Vec<_>>(),
+            ["k3"]
+        );
+        assert_eq!(m.entries, BTreeMap::from([(1, 11), (2, 20), (99, 0)]));
+        assert_eq!(applied, BTreeMap::from([(1, 11), (2, 20)]));
+
+        // Room made: the retry (the same snapshot again) writes it.
+        failures.clear();
+        m.entries.remove(&99);
+        let applied = sync_entries("T", &mut m, &applied, &want, key, &mut failures);
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(applied, want);
+        assert_eq!(m.entries, want);
+    }
+
+    #[test]
+    fn a_failed_removal_stays_recorded_and_is_retried() {
+        let mut m = FakeMap {
+            capacity: 8,
+            stuck: vec![2],
+            ..Default::default()
+        };
+        let key = |k: &u32| k.to_string();
+        let mut failures = Vec::new();
+        let all = BTreeMap::from([(1, 10), (2, 20)]);
+        let applied = sync_entries("T", &mut m, &BTreeMap::new(), &all, key, &mut failures);
+        let want = BTreeMap::from([(3, 30)]);
+        let applied = sync_entries("T", &mut m, &applied, &want, key, &mut failures);
+        assert_eq!(failures.len(), 1);
+        assert_eq!(applied, BTreeMap::from([(2, 20), (3, 30)]));
+        m.stuck.clear();
+        failures.clear();
+        let applied = sync_entries("T", &mut m, &applied, &want, key, &mut failures);
+        assert!(failures.is_empty());
+        assert_eq!((applied, m.entries), (want.clone(), want));
+    }
+
+    #[test]
+    fn map_write_stats_count_failures_and_pending_entries() {
+        let s = MapWriteStats::default();
+        let f = |map| WriteFailure {
+            map,
+            key: "k".into(),
+            error: "e".into(),
+        };
+        s.record(&[f(map_names::DESTS), f(map_names::DESTS)]);
+        s.record(&[f(map_names::DESTS)]);
+        let mut out = String::new();
+        s.render(&mut out);
+        assert!(
+            out.contains("mesh_map_write_failures_total{map=\"DESTS\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("mesh_map_write_failures_total{map=\"WORKLOADS\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("mesh_map_writes_pending{map=\"DESTS\"} 1\n"),
+            "{out}"
+        );
+        s.record(&[]);
+        out.clear();
+        s.render(&mut out);
+        assert!(
+            out.contains("mesh_map_writes_pending{map=\"DESTS\"} 0\n"),
+            "{out}"
+        );
+    }
+
+    /// The EXCLUDES array and its generation, with every state a reader could observe:
+    /// one after each single write.
+    struct FakeExcludes {
+        gen: u32,
+        slots: Vec<ExcludeCidr>,
+        history: Vec<(u32, Vec<ExcludeCidr>)>,
+        /// Fail the n-th write from now.
+        fail_at: Option<usize>,
+    }
+
+    impl FakeExcludes {
+        fn new() -> Self {
+            let slots = vec![ExcludeCidr::default(); capacity::EXCLUDE_SLOTS as usize];
+            FakeExcludes {
+                gen: 0,
+                history: vec![(0, slots.clone())],
+                slots,
+                fail_at: None,
+            }
+        }
+        fn write(&mut self, f: impl FnOnce(&mut Self)) -> Result<(), MapError> {
+            if let Some(n) = self.fail_at.as_mut() {
+                if *n == 0 {
+                    self.fail_at = None;
+                    return Err(errno("bpf_map_update_elem", libc::EIO));
+                }
+                *n -= 1;
+            }
+            f(self);
+            self.history.push((self.gen, self.slots.clone()));
+            Ok(())
+        }
+        /// The rule set in force, as connect4/6 finds it in a quiet moment.
+        fn in_force(&self) -> Vec<ExcludeCidr> {
+            read_view(&self.history, self.history.len() - 1, 1, 1).unwrap()
+        }
+    }
+
+    impl ExcludeWriter for FakeExcludes {
+        fn generation(&self) -> Result<u32, MapError> {
+            Ok(self.gen)
+        }
+        fn set_generation(&mut self, gen: u32) -> Result<(), MapError> {
+            self.write(|s| s.gen = gen)
+        }
+        fn set_slot(&mut self, i: u32, v: ExcludeCidr) -> Result<(), MapError> {
+            self.write(|s| s.slots[i as usize] = v)
+        }
+    }
+
+    /// Runs the datapath's own reader (`excludes_match`) against the writer's history:
+    /// it starts at state `start` and the writer takes `steps` writes every `reads` reads
+    /// of the reader. Returns the rules of the attempt that validated (`None` if every
+    /// attempt raced), and records every attempt's rules, validated or not, in `raw`.
+    fn read_view_raw(
+        history: &[(u32, Vec<ExcludeCidr>)],
+        start: usize,
+        reads: usize,
+        steps: usize,
+        raw: &mut Vec<Vec<ExcludeCidr>>,
+    ) -> Option<Vec<ExcludeCidr>> {
+        use std::cell::{Cell, RefCell};
+        let n = Cell::new(0usize);
+        let now = || {
+            let i = (start + n.get() / reads * steps).min(history.len() - 1);
+            n.set(n.get() + 1);
+            &history[i]
+        };
+        let attempt = RefCell::new(Vec::new());
+        let attempts = RefCell::new(Vec::new());
+        let open = Cell::new(false);
+        let gen = || {
+            let g = now().0;
+            if open.replace(!open.get()) {
+                attempts.borrow_mut().push(attempt.take());
+            }
+            g
+        };
+        let slot = |i: u32| {
+            let v = now().1.get(i as usize).copied();
+            attempt.borrow_mut().extend(v.filter(|e| e.enabled != 0));
+            v
+        };
+        // An address no rule matches, so the reader reads up to the end of the set.
+        let ip = u32::from_ne_bytes([1, 2, 3, 4]);
+        let r = mesh_common::maps::excludes_match(gen, slot, ip, 1);
+        let attempts = attempts.into_inner();
+        raw.extend(attempts.iter().cloned());
+        r.map(|hit| {
+            assert!(!hit);
+            attempts.last().cloned().unwrap_or_default()
+        })
+    }
+
+    fn read_view(
+        history: &[(u32, Vec<ExcludeCidr>)],
+        start: usize,
+        reads: usize,
+        steps: usize,
+    ) -> Option<Vec<ExcludeCidr>> {
+        read_view_raw(history, start, reads, steps, &mut Vec::new())
+    }
+
+    fn rules(cidrs: &[(&str, u32)]) -> Vec<ExcludeCidr> {
+        cidrs
+            .iter()
+            .map(|(c, port)| {
+                let (ip, len) = parse_cidr(c).unwrap();
+                ExcludeCidr {
+                    ip4: u32::from_ne_bytes(ip.octets()),
+                    prefix_len: len as u32,
+                    port: *port,
+                    enabled: 1,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_excludes_rewrite_never_shows_a_reader_a_mix_of_two_sets() {
+        let sets = [
+            rules(&[("10.96.0.0/12", 0), ("10.0.0.10/32", 53)]),
+            rules(&[("192.168.0.0/16", 0)]),
+            rules(&[
+                ("172.16.0.0/12", 443),
+                ("10.96.0.0/12", 0),
+                ("10.1.0.0/16", 0),
+            ]),
+            Vec::new(),
+            rules(&[("10.2.0.0/16", 80)]),
+        ];
+        let mut w = FakeExcludes::new();
+        for set in &sets {
+            write_excludes(&mut w, set).unwrap();
+            assert_eq!(&w.in_force(), set);
+        }
+        // Only the half in force holds rules between two rewrites (what the CLI dumps).
+        let enabled = w.slots.iter().filter(|e| e.enabled != 0).count();
+        assert_eq!(enabled, sets.last().unwrap().len());
+
+        // Every state after every single write, and readers running at several speeds
+        // against the writer (a reader may be preempted: the writer then runs ahead).
+        let initial = Vec::new();
+        let published: Vec<&Vec<ExcludeCidr>> = std::iter::once(&initial).chain(&sets).collect();
+        let mut raw = Vec::new();
+        let (mut validated, mut raced) = (0, 0);
+        for start in 0..w.history.len() {
+            for (reads, steps) in [(1, 1), (2, 1), (3, 1), (1, 2), (1, 5), (1, 17), (7, 20)] {
+                match read_view_raw(&w.history, start, reads, steps, &mut raw) {
+                    Some(view) => {
+                        validated += 1;
+                        assert!(
+                            published.contains(&&view),
+                            "a reader saw a set never published (start {start}, {reads}:{steps}): {view:?}"
+                        );
+                    }
+                    None => raced += 1,
+                }
+            }
+        }
+        assert!(
+            validated > raced * 10,
+            "{validated} validated, {raced} raced"
+        );
+        // The check has teeth: without the generation re-check, readers would have acted
+        // on mixed or partial sets.
+        assert!(
+            raw.iter().any(|v| !published.contains(&v)),
+            "no interleaving produced a mixed read"
+        );
+    }
+
+    #[test]
+    fn a_failed_excludes_rewrite_leaves_one_whole_set_in_force() {
+        let old = rules(&[("10.96.0.0/12", 0)]);
+        let new = rules(&[("192.168.0.0/16", 0), ("10.0.0.0/8", 22)]);
+        let writes = capacity::EXCLUDES as usize * 2 + 1;
+        for fail_at in 0..writes {
+            let mut w = FakeExcludes::new();
+            write_excludes(&mut w, &old).unwrap();
+            w.fail_at = Some(fail_at);
+            let r = write_excludes(&mut w, &new);
+            let f = r.expect_err("the write fails");
+            // Before the flip the old set is in force; after it, the new one.
+            let expect = if fail_at <= capacity::EXCLUDES as usize {
+                &old
+            } else {
+                &new
+            };
+            assert_eq!(&w.in_force(), expect, "failure at write {fail_at}: {f}");
+            // The retry (a whole rewrite) puts the new set in force and cleans up.
+            write_excludes(&mut w, &new).unwrap();
+            assert_eq!(w.in_force(), new);
+            let enabled = w.slots.iter().filter(|e| e.enabled != 0).count();
+            assert_eq!(enabled, new.len(), "failure at write {fail_at}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - `model`: the configuration in force, resolved from accepted resources.
 
+pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod dump;

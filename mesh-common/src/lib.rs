@@ -16,14 +16,31 @@ pub mod map_names {
     pub const DESTS: &str = "DESTS";
     pub const CONFIG: &str = "CONFIG";
     pub const EXCLUDES: &str = "EXCLUDES";
+    /// The generation of the `EXCLUDES` double buffer (one `u32`): its parity names the
+    /// active half (`maps::exclude_half`).
+    pub const EXCLUDES_GEN: &str = "EXCLUDES_GEN";
     pub const SOCK_ORIG: &str = "SOCK_ORIG";
     pub const FLOWS: &str = "FLOWS";
     pub const SOCKHASH: &str = "SOCKHASH";
     pub const STATS: &str = "STATS";
     pub const FALLBACK: &str = "FALLBACK";
     pub const SK_ADDR: &str = "SK_ADDR";
-    pub const ALL: [&str; 10] = [
-        WORKLOADS, DESTS, CONFIG, EXCLUDES, SOCK_ORIG, FLOWS, SOCKHASH, STATS, FALLBACK, SK_ADDR,
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    pub const PROXY_HEALTH: &str = "PROXY_HEALTH";
+    pub const ALL: [&str; 13] = [
+        WORKLOADS,
+        DESTS,
+        CONFIG,
+        EXCLUDES,
+        EXCLUDES_GEN,
+        SOCK_ORIG,
+        FLOWS,
+        SOCKHASH,
+        STATS,
+        FALLBACK,
+        SK_ADDR,
+        NODE_ADDRS,
+        PROXY_HEALTH,
     ];
 }
 
@@ -49,10 +66,18 @@ pub mod prog_names {
 pub mod capacity {
     pub const WORKLOADS: u32 = 4096;
     pub const DESTS: u32 = 16384;
+    /// Exclusion rules in force at once.
     pub const EXCLUDES: u32 = 16;
+    /// Slots of the `EXCLUDES` array: two halves of `EXCLUDES` (double buffer, see
+    /// `maps::excludes_match`).
+    pub const EXCLUDE_SLOTS: u32 = 2 * EXCLUDES;
     pub const SOCK_ORIG: u32 = 131072;
     pub const FLOWS: u32 = 131072;
     pub const SOCKHASH: u32 = 131072;
+    /// The node's own IPv4 addresses (a node with more, say kube-proxy in IPVS mode with a
+    /// ClusterIP per service on `kube-ipvs0`, has that interface skipped: see
+    /// docs/security.md).
+    pub const NODE_ADDRS: u32 = 1024;
 }
 
 /// `WorkloadInfo::flags` and `DestInfo::flags`.
@@ -62,7 +87,18 @@ pub mod wl_flags {
     /// As a destination: same-node flows from enrolled workloads skip the proxy and are
     /// paired socket to socket in the kernel.
     pub const DIRECT: u32 = 1 << 1;
-    pub const NAMES: [(u32, &str); 2] = [(ENROLLED, "enrolled"), (DIRECT, "direct")];
+    /// Fail closed: while the proxy cannot take this workload's connections (not ready,
+    /// or its heartbeat is stale), they are refused instead of going around the mesh; and
+    /// the proxy refuses them while their configuration is unknown.
+    pub const FAIL_CLOSED: u32 = 1 << 2;
+    /// Bypass: this workload's connections are left alone (namespace or pod switch).
+    pub const BYPASS: u32 = 1 << 3;
+    pub const NAMES: [(u32, &str); 4] = [
+        (ENROLLED, "enrolled"),
+        (DIRECT, "direct"),
+        (FAIL_CLOSED, "fail_closed"),
+        (BYPASS, "bypass"),
+    ];
 }
 
 /// `MeshConfig::flags`.
@@ -95,13 +131,16 @@ pub mod flow_flags {
     /// The node proxy's own connection to a local destination (written by the proxy before
     /// it connects, so sockops pairs both ends of the second leg too).
     pub const UPSTREAM: u32 = 1 << 5;
-    pub const NAMES: [(u32, &str); 6] = [
+    /// The client's workload fails closed (copied from `wl_flags::FAIL_CLOSED`).
+    pub const FAIL_CLOSED: u32 = 1 << 6;
+    pub const NAMES: [(u32, &str); 7] = [
         (PROXIED, "proxied"),
         (DIRECT, "direct"),
         (CLIENT_PAIRED, "client_paired"),
         (SERVER_PAIRED, "server_paired"),
         (CLIENT_V6, "client_v6"),
         (UPSTREAM, "upstream"),
+        (FAIL_CLOSED, "fail_closed"),
     ];
 }
 
@@ -143,10 +182,17 @@ pub enum Stat {
     MsgPassUnpaired,
     MsgPassBackpressure,
     MsgPassFallback,
+    ConnectLocalScope,
+    ConnectNodeAddress,
+    ConnectProxyStale,
+    ConnectRefused,
+    /// Every read of `EXCLUDES` raced with the agent rewriting it; the connection was
+    /// treated as not excluded (captured).
+    ConnectExcludesRaced,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 26;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -169,6 +215,11 @@ impl Stat {
         Stat::MsgPassUnpaired,
         Stat::MsgPassBackpressure,
         Stat::MsgPassFallback,
+        Stat::ConnectLocalScope,
+        Stat::ConnectNodeAddress,
+        Stat::ConnectProxyStale,
+        Stat::ConnectRefused,
+        Stat::ConnectExcludesRaced,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -194,11 +245,40 @@ impl Stat {
             Stat::MsgPassUnpaired => "msg_pass_unpaired",
             Stat::MsgPassBackpressure => "msg_pass_backpressure",
             Stat::MsgPassFallback => "msg_pass_fallback",
+            Stat::ConnectLocalScope => "connect_local_scope",
+            Stat::ConnectNodeAddress => "connect_node_address",
+            Stat::ConnectProxyStale => "connect_proxy_stale",
+            Stat::ConnectRefused => "connect_refused",
+            Stat::ConnectExcludesRaced => "connect_excludes_raced",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::MsgPassFallback as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::ConnectExcludesRaced as usize + 1);
+
+/// Whether the proxy can take connections now: the agent marked it ready, and its
+/// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)
+/// is fresh. A zero `stale_after_ns` turns the heartbeat check off.
+#[inline(always)]
+pub fn proxy_alive(ready: bool, health: &maps::ProxyHealth, now_ns: u64) -> bool {
+    ready
+        && (health.stale_after_ns == 0
+            || now_ns.saturating_sub(health.heartbeat_ns) <= health.stale_after_ns)
+}
+
+/// Whether an IPv4 address (network order, as stored) names this host or this link rather
+/// than a peer: `0.0.0.0/8` (Linux connects `0.0.0.0` to the local host), loopback
+/// `127.0.0.0/8`, link-local `169.254.0.0/16` (cloud metadata, node-local caches), and
+/// multicast, reserved and broadcast `224.0.0.0/3`. Such a destination means something
+/// different in the node's network namespace than in the pod's, so a connection to it is
+/// never captured and the proxy never dials it on a workload's behalf: enrolment must not
+/// widen what a pod can reach.
+#[inline(always)]
+pub fn local_scope_ipv4(ip: u32) -> bool {
+    let h = u32::from_be(ip);
+    let first = h >> 24;
+    first == 0 || first == 127 || h >> 16 == 0xa9fe || first >= 224
+}
 
 /// Extracts the IPv4 address from a v4-mapped IPv6 address (`::ffff:a.b.c.d`), with the
 /// words as the kernel stores them (network order per 32-bit word).
@@ -317,6 +397,57 @@ mod tests {
             &mut out,
         );
         assert_eq!(&out[..n], &["proxied", "server_paired"]);
+    }
+
+    #[test]
+    fn local_scope_covers_this_host_and_this_link_only() {
+        let ip = |a: [u8; 4]| u32::from_ne_bytes(a);
+        for a in [
+            [0, 0, 0, 0],
+            [0, 1, 2, 3],
+            [127, 0, 0, 1],
+            [127, 255, 255, 254],
+            [169, 254, 169, 254],
+            [169, 254, 0, 1],
+            [224, 0, 0, 1],
+            [239, 1, 1, 1],
+            [240, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            assert!(local_scope_ipv4(ip(a)), "{a:?}");
+        }
+        for a in [
+            [10, 0, 0, 1],
+            [1, 0, 0, 0],
+            [126, 255, 255, 255],
+            [128, 0, 0, 1],
+            [169, 253, 0, 1],
+            [169, 255, 0, 1],
+            [172, 16, 0, 1],
+            [192, 168, 1, 1],
+            [223, 255, 255, 255],
+        ] {
+            assert!(!local_scope_ipv4(ip(a)), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn proxy_alive_needs_ready_and_a_fresh_heartbeat() {
+        let h = maps::ProxyHealth {
+            heartbeat_ns: 10_000,
+            stale_after_ns: 1_000,
+        };
+        assert!(proxy_alive(true, &h, 10_500));
+        assert!(proxy_alive(true, &h, 11_000));
+        assert!(!proxy_alive(true, &h, 11_001));
+        assert!(!proxy_alive(false, &h, 10_500));
+        // A heartbeat "from the future" (written between two clock reads) is fresh.
+        assert!(proxy_alive(true, &h, 9_000));
+        let off = maps::ProxyHealth {
+            stale_after_ns: 0,
+            ..h
+        };
+        assert!(proxy_alive(true, &off, u64::MAX));
     }
 
     #[test]

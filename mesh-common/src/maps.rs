@@ -37,7 +37,9 @@ pub struct MeshConfig {
 }
 
 /// `EXCLUDES[i]`: destination CIDRs never captured. `prefix_len == 0 && ip4 == 0` with
-/// `enabled == 0` marks an unused slot.
+/// `enabled == 0` marks an unused slot. The array holds two halves of
+/// `capacity::EXCLUDES` slots; `EXCLUDES_GEN` says which one is in force
+/// (`excludes_match`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExcludeCidr {
@@ -61,6 +63,61 @@ impl ExcludeCidr {
         let mask = prefix_mask(self.prefix_len);
         (u32::from_be(ip4) & mask) == (u32::from_be(self.ip4) & mask)
     }
+}
+
+/// First slot of the `EXCLUDES` half in force for generation `gen` (`EXCLUDES_GEN[0]`).
+#[inline(always)]
+pub fn exclude_half(gen: u32) -> u32 {
+    (gen & 1) * crate::capacity::EXCLUDES
+}
+
+/// Reads of `EXCLUDES` tried before giving up on a writer that keeps flipping halves.
+pub const EXCLUDE_READ_ATTEMPTS: u32 = 4;
+
+/// Whether `ip4:port` is excluded by the rule set in force, or `None` if every attempt
+/// raced with the writer. `gen()` reads `EXCLUDES_GEN[0]`, `slot(i)` reads `EXCLUDES[i]`
+/// (`None` only out of bounds); connect4/6 and the agent's tests run this same code.
+///
+/// The rule set is replaced atomically from a reader's view, seqlock-style over a double
+/// buffer. The agent (the single writer) fills the half *not* in force, then bumps the
+/// generation (one aligned `u32` store: the flip), and only then clears the half it left.
+/// So a half is written only while the generation is not its own: a reader that reads the
+/// generation `g`, the rules of `exclude_half(g)` up to the first disabled slot, and then
+/// `g` again has read a half nobody wrote meanwhile, i.e. exactly the old or the new set,
+/// never a mix nor a torn slot. If the generation moved, it reads again (the new half is
+/// complete by then).
+#[inline(always)]
+pub fn excludes_match(
+    gen: impl Fn() -> u32,
+    slot: impl Fn(u32) -> Option<ExcludeCidr>,
+    ip4: u32,
+    port: u16,
+) -> Option<bool> {
+    let mut attempt = 0;
+    while attempt < EXCLUDE_READ_ATTEMPTS {
+        let g = gen();
+        let base = exclude_half(g);
+        let mut hit = false;
+        let mut i = 0;
+        while i < crate::capacity::EXCLUDES {
+            match slot(base + i) {
+                // Slots are filled from the start of a half; the first empty one ends it.
+                Some(e) if e.enabled != 0 => {
+                    if e.matches(ip4, port) {
+                        hit = true;
+                        break;
+                    }
+                }
+                _ => break,
+            }
+            i += 1;
+        }
+        if gen() == g {
+            return Some(hit);
+        }
+        attempt += 1;
+    }
+    None
 }
 
 /// Host-order netmask for a prefix length (values above 32 act as 32).
@@ -127,6 +184,17 @@ pub struct FlowInfo {
     pub _pad: u32,
 }
 
+/// `PROXY_HEALTH[0]`: the node proxy's heartbeat. Written by the proxy's own runtime, so a
+/// proxy that is stuck or starved (not only a dead one) stops refreshing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyHealth {
+    /// CLOCK_MONOTONIC nanoseconds of the last beat (`bpf_ktime_get_ns`'s clock).
+    pub heartbeat_ns: u64,
+    /// Older than this (nanoseconds), the proxy is taken as unable to serve; 0: no check.
+    pub stale_after_ns: u64,
+}
+
 macro_rules! assert_layout {
     ($t:ty, $size:expr, $align:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $size);
@@ -140,6 +208,7 @@ assert_layout!(ExcludeCidr, 16, 4);
 assert_layout!(OrigDst, 24, 4);
 assert_layout!(SockKey, 12, 4);
 assert_layout!(FlowInfo, 24, 4);
+assert_layout!(ProxyHealth, 16, 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -156,7 +225,8 @@ mod pod {
         ExcludeCidr,
         OrigDst,
         SockKey,
-        FlowInfo
+        FlowInfo,
+        ProxyHealth
     );
 }
 

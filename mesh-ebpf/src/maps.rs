@@ -9,7 +9,9 @@ use aya_ebpf::{
 };
 use mesh_common::{
     capacity as cap,
-    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, SockKey, WorkloadInfo},
+    maps::{
+        DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, ProxyHealth, SockKey, WorkloadInfo,
+    },
     Stat,
 };
 
@@ -21,13 +23,30 @@ pub static WORKLOADS: HashMap<u64, WorkloadInfo, { cap::WORKLOADS as usize }> = 
 #[btf_map]
 pub static DESTS: HashMap<u32, DestInfo, { cap::DESTS as usize }> = HashMap::new();
 
+/// The node's own IPv4 addresses (network order) -> interface index, kept current by the
+/// agent. A workload's connection to one is never captured: in the node's namespace the
+/// proxy would reach services a pod cannot (those bound to the node's addresses only, or
+/// filtered by source address).
+#[btf_map]
+pub static NODE_ADDRS: HashMap<u32, u32, { cap::NODE_ADDRS as usize }> = HashMap::new();
+
 /// Node-wide knobs, one entry.
 #[btf_map]
 pub static CONFIG: Array<MeshConfig, 1> = Array::new();
 
-/// Destination CIDRs that are never captured.
+/// The node proxy's heartbeat (one entry), refreshed by the proxy's runtime.
 #[btf_map]
-pub static EXCLUDES: Array<ExcludeCidr, { cap::EXCLUDES as usize }> = Array::new();
+pub static PROXY_HEALTH: Array<ProxyHealth, 1> = Array::new();
+
+/// Destination CIDRs that are never captured: two halves (a double buffer), the one in
+/// force named by `EXCLUDES_GEN` (`mesh_common::maps::excludes_match`).
+#[btf_map]
+pub static EXCLUDES: Array<ExcludeCidr, { cap::EXCLUDE_SLOTS as usize }> = Array::new();
+
+/// The generation of `EXCLUDES` (one entry): bumped by the agent after it filled the other
+/// half; its parity names the half in force.
+#[btf_map]
+pub static EXCLUDES_GEN: Array<u32, 1> = Array::new();
 
 /// connect4 decision by socket cookie: until sockops sees the socket established, and for
 /// proxied sockets until they close (getpeername answers from it). LRU: a connect that
@@ -89,6 +108,14 @@ pub fn config() -> MeshConfig {
     match CONFIG.get(0) {
         Some(c) => *c,
         None => MeshConfig::default(),
+    }
+}
+
+#[inline(always)]
+pub fn proxy_health() -> ProxyHealth {
+    match PROXY_HEALTH.get(0) {
+        Some(h) => *h,
+        None => ProxyHealth::default(),
     }
 }
 

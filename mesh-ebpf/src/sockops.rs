@@ -6,6 +6,8 @@
 //! - PASSIVE_ESTABLISHED (server side: the node proxy, or the destination pod in direct
 //!   mode): if `FLOWS` holds the reversed tuple, put this socket in `SOCKHASH` too, which
 //!   turns on the sk_msg short-circuit for the pair.
+//! - TCP_CONNECT (a captured socket sends its SYN): ask for state callbacks, so a connect
+//!   that never completes still drops its `SOCK_ORIG` record on close.
 //! - STATE_CB to TCP_CLOSE: drop the flow record, the fallback mark and the address.
 //!
 //! Paired sockets are never taken out of the sockhash while they live: deleting one drops
@@ -21,7 +23,8 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -44,6 +47,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ctx),
         _ => {}
     }
     0
@@ -159,6 +163,19 @@ fn passive_established(ctx: &SockOpsContext) {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
     } else {
         bump(Stat::SockhashUpdateFailed);
+    }
+}
+
+/// A connect the connect hooks decided on is starting: watch its state, so a connect that
+/// never completes (refused, timed out, reset) drops its `SOCK_ORIG` record when it closes
+/// instead of leaving it to LRU eviction.
+#[inline(always)]
+fn connecting(ctx: &SockOpsContext) {
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: presence test only.
+    if unsafe { SOCK_ORIG.get(cookie) }.is_some() {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
     }
 }
 

@@ -292,6 +292,23 @@ impl SimNode {
         self.client(pod, &args)
     }
 
+    /// One 4 KiB echo exchange from `pod` to `to`; its JSON result. Never hangs: past 5 s
+    /// podtool reports a deadline error.
+    pub fn echo_once(&self, pod: &str, to: &str) -> Result<serde_json::Value> {
+        self.client(
+            pod,
+            &[
+                "echo-client",
+                "--to",
+                to,
+                "--bytes",
+                "4096",
+                "--deadline-ms",
+                "5000",
+            ],
+        )
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("mesh.yaml")
     }
@@ -349,15 +366,26 @@ impl SimNode {
     }
 
     pub fn start_agent(&self, extra: &[&str]) -> Result<Agent> {
-        let log = self.dir.join("agent.log");
+        self.start_agent_as("agent", self.admin_port, extra)
+    }
+
+    /// `start_agent` for a second agent of the node (a hand-over): its own log
+    /// (`<name>.log`) and admin port.
+    pub fn start_agent_as(&self, name: &str, admin_port: u16, extra: &[&str]) -> Result<Agent> {
+        let log = self.dir.join(format!("{name}.log"));
+        let admin = format!("127.0.0.1:{admin_port}");
+        let mut args = extra.to_vec();
+        if admin_port != self.admin_port {
+            args.extend(["--admin-address", &admin]);
+        }
         let child = self
-            .agent_command(extra)
+            .agent_command(&args)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
             .spawn()?;
         let mut agent = Agent {
             child: Some(child),
-            admin_port: self.admin_port,
+            admin_port,
             log,
             pin_path: self.pin_path.clone(),
         };
@@ -509,6 +537,46 @@ impl Agent {
         (status, self.log_text())
     }
 
+    /// Waits up to `timeout` for the agent to exit on its own; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("the agent runs")
+    }
+
+    /// SIGKILL, wait: the agent gets no chance to clean up (a crash, an OOM kill).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A datapath counter read from the pinned STATS map (`mesh-agent dump STATS`): works
+    /// while the agent is stopped or gone, unlike `event`.
+    pub fn stat(&self, event: &str) -> u64 {
+        let out = self.cli(&["dump", "STATS", "-o", "json"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        rows.as_array()
+            .and_then(|a| a.iter().find(|r| r["event"] == event))
+            .and_then(|r| r["count"].as_u64())
+            .unwrap_or(0)
+    }
+
     /// Runs an inspection subcommand against this agent's pins.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(agent_bin())
@@ -532,7 +600,11 @@ impl Drop for Agent {
 pub fn http_get(port: u16, path: &str) -> Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n")?;
+    // The admin endpoint keeps connections alive; this reads the body to the end.
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
@@ -540,6 +612,11 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
         bail!("{path}: {}", head.lines().next().unwrap_or(""));
     }
     Ok(body.to_owned())
+}
+
+/// Whether a one-connection `echo-client` result came back whole and without error.
+pub fn intact(r: &serde_json::Value) -> bool {
+    r["errors"] == serde_json::json!([]) && r["intact"] == 1
 }
 
 /// Sum of the samples of `name` whose labels include every `(k, v)`.

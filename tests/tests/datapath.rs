@@ -526,3 +526,410 @@ fn upstream_pairing_short_circuits_both_legs() {
     let r = n.client("client", &["peer", "--to", &dst]).unwrap();
     assert_eq!(r["peer"], dst.as_str(), "{r}");
 }
+
+/// An echo server in the node's network namespace that records the peer address of every
+/// connection it accepts (who really connected: a pod, or the node proxy).
+struct NodeServer {
+    addr: std::net::SocketAddr,
+    peers: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+}
+
+impl NodeServer {
+    fn start(ip: std::net::Ipv4Addr) -> NodeServer {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind((ip, 0)).expect("node server");
+        let addr = l.local_addr().unwrap();
+        let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        std::thread::spawn(move || {
+            for (mut c, peer) in l.incoming().flatten().filter_map(|c| {
+                let p = c.peer_addr().ok()?;
+                Some((c, p))
+            }) {
+                seen.lock().unwrap().push(peer);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n @ 1..) = c.read(&mut buf) {
+                        if c.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        NodeServer { addr, peers }
+    }
+
+    fn peers(&self) -> Vec<std::net::IpAddr> {
+        self.peers.lock().unwrap().iter().map(|p| p.ip()).collect()
+    }
+}
+
+/// Issue 10, item 1: enrolment must never widen a pod's reach. `0.0.0.0` (and
+/// `::ffff:0.0.0.0`) means "this host": captured, the proxy dialled it in the node's
+/// namespace and the pod read the agent's admin endpoint and services bound to the node's
+/// loopback. Now "this host" and "this link" destinations and the node's own addresses are
+/// never captured (the pod reaches exactly what it reaches unenrolled), and the proxy
+/// refuses to dial them even when a flow record names one.
+#[test]
+fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
+    use std::net::{IpAddr, Ipv4Addr};
+    let n = node("proxied");
+    // A link-local service on the node (a node-local DNS cache, a metadata proxy).
+    let link_local = Ipv4Addr::new(169, 254, 200, n.index);
+    mesh_tests::sh(&format!("ip addr add {link_local}/32 dev {}", n.bridge)).unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    let loopback = NodeServer::start(Ipv4Addr::LOCALHOST);
+    let own = NodeServer::start(n.gateway);
+    let ll = NodeServer::start(link_local);
+    let refused = serde_json::json!(["connect: ECONNREFUSED"]);
+
+    // "This host" stays the pod's own host, enrolled or not.
+    let admin = n.admin_port;
+    let lo = loopback.addr.port();
+    for to in [
+        format!("0.0.0.0:{admin}"),
+        format!("[::ffff:0.0.0.0]:{admin}"),
+        format!("0.0.0.0:{lo}"),
+        format!("127.0.0.1:{lo}"),
+    ] {
+        for pod in ["client", "legacy"] {
+            let r = n
+                .client(pod, &["echo-client", "--to", &to, "--bytes", "64"])
+                .unwrap();
+            assert_eq!(r["errors"], refused, "{pod} -> {to}: {r}");
+        }
+    }
+    assert!(loopback.peers().is_empty(), "{:?}", loopback.peers());
+    assert_eq!(agent.event("connect_local_scope"), 4);
+
+    // The node's own and link-local addresses: reached straight from the pod, as an
+    // unenrolled pod reaches them (the server sees the pod's address, not the node's).
+    for to in [own.addr.to_string(), ll.addr.to_string()] {
+        for pod in ["client", "legacy"] {
+            echo_intact(&n, pod, &to, 4096);
+        }
+    }
+    let pods = [n.pod("client").ip, n.pod("legacy").ip].map(IpAddr::V4);
+    assert_eq!(own.peers(), pods);
+    assert_eq!(ll.peers(), pods);
+    assert_eq!(agent.event("connect_node_address"), 1);
+    assert_eq!(agent.event("connect_local_scope"), 5);
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(
+        metric(&m, "mesh_tcp_connections_opened_total", &[]),
+        0,
+        "the proxy must not see any of these:\n{m}"
+    );
+
+    // NODE_ADDRS holds the node's addresses and follows changes.
+    let dump = || {
+        let out = agent.cli(&["dump", "NODE_ADDRS", "-o", "json"]);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["ip"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let now = dump();
+    for ip in [n.gateway, link_local, Ipv4Addr::LOCALHOST] {
+        assert!(now.contains(&ip.to_string()), "{ip} not in {now:?}");
+    }
+    let added = Ipv4Addr::new(192, 0, 2, n.index);
+    mesh_tests::sh(&format!("ip addr add {added}/32 dev {}", n.bridge)).unwrap();
+    wait_for(
+        "the new node address in NODE_ADDRS",
+        Duration::from_secs(5),
+        || dump().contains(&added.to_string()),
+    );
+    mesh_tests::sh(&format!("ip addr del {added}/32 dev {}", n.bridge)).unwrap();
+    wait_for(
+        "the removed address gone from NODE_ADDRS",
+        Duration::from_secs(5),
+        || !dump().contains(&added.to_string()),
+    );
+
+    // The proxy side: a flow record naming such a destination (here written by hand for a
+    // client that dials the proxy from a known port) is refused with a reset, never dialled.
+    let client = n.pod("client").ip;
+    let flows = n.pin_path.join("FLOWS");
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for (i, (orig, reason)) in [
+        (
+            std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, admin),
+            "local_scope",
+        ),
+        (
+            std::net::SocketAddrV4::new(n.gateway, own.addr.port()),
+            "node_address",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let from = 41000 + u16::from(n.index) * 4 + i as u16;
+        let key = [
+            &client.octets()[..],
+            &n.gateway.octets(),
+            &from.to_le_bytes(),
+            &15001u16.to_le_bytes(),
+        ]
+        .concat();
+        let value = [
+            &orig.ip().octets()[..],
+            &u32::from(orig.port()).to_le_bytes(),
+            &1u32.to_le_bytes(), // flow_flags::PROXIED
+            &0u32.to_le_bytes(),
+            &u32::MAX.to_le_bytes(),
+            &0u32.to_le_bytes(),
+        ]
+        .concat();
+        mesh_tests::sh(&format!(
+            "bpftool map update pinned {} key hex {} value hex {}",
+            flows.display(),
+            hex(&key),
+            hex(&value)
+        ))
+        .unwrap();
+        let r = n
+            .client(
+                "client",
+                &[
+                    "reset-client",
+                    "--to",
+                    &format!("{}:15001", n.gateway),
+                    "--from-port",
+                    &from.to_string(),
+                ],
+            )
+            .unwrap();
+        assert_eq!(r["outcome"], "ECONNRESET", "{orig}: {r}");
+        let m = agent.get("/metrics").unwrap();
+        assert_eq!(
+            metric(
+                &m,
+                "mesh_proxy_refused_destinations_total",
+                &[("reason", reason)]
+            ),
+            1,
+            "{m}"
+        );
+    }
+    // Neither the admin endpoint's nor the node server's peers include the proxy.
+    assert_eq!(own.peers(), pods);
+}
+
+/// Issue 10, item 3: a proxied stream the agent cannot finish ends in a reset the app
+/// sees, never in an orderly end of stream short of bytes (a truncated transfer that
+/// looks complete). `stop` cuts it: SIGKILL, or SIGTERM with a drain deadline shorter
+/// than the transfer.
+fn cut_stream_ends_in_reset(stop: impl FnOnce(&mut mesh_tests::Agent)) {
+    let n = node("proxied");
+    let mut agent = n.start_agent(&["--drain-ms", "300"]).unwrap();
+    let dst = format!("{}:9100", n.pod("server").ip);
+    let total = 64 * MIB;
+    // 16 KiB every 2 ms: about 8 s for the whole stream.
+    n.serve(
+        "server",
+        &[
+            "source",
+            "--listen",
+            "0.0.0.0:9100",
+            "--bytes",
+            &total.to_string(),
+            "--chunk-delay-us",
+            "2000",
+        ],
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| n.client("client", &["read-client", "--to", &dst]).unwrap());
+        wait_for("the proxied stream", Duration::from_secs(5), || {
+            proxied_conns(&agent.get("/metrics").unwrap_or_default(), &dst) == 1
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        stop(&mut agent);
+        let r = reader.join().unwrap();
+        assert!(r["received"].as_u64().unwrap() < total, "{r}");
+        assert_eq!(r["outcome"], "ECONNRESET", "{r}");
+    });
+}
+
+#[test]
+fn a_proxied_stream_cut_by_a_killed_agent_ends_in_a_reset() {
+    cut_stream_ends_in_reset(|a| a.kill());
+}
+
+#[test]
+fn a_proxied_stream_cut_by_the_drain_deadline_ends_in_a_reset() {
+    cut_stream_ends_in_reset(|a| {
+        let (code, log) = a.stop();
+        assert_eq!(code, Some(0), "{log}");
+        assert!(log.contains("drain deadline passed"), "{log}");
+    });
+}
+
+/// Issue 10, item 4: a reloaded file that declares nothing would un-mesh the node within
+/// a reload interval; it is refused (and counted) unless `--allow-empty-config` says so.
+#[test]
+fn an_empty_enrolment_file_is_refused_on_reload() {
+    let n = node("proxied");
+    let agent = n.start_agent(&[]).unwrap();
+    let m = || agent.get("/metrics").unwrap();
+    let enrolled = || metric(&m(), "mesh_workloads_enrolled", &[]);
+    let rejected = || metric(&m(), "mesh_config_reloads_total", &[("result", "rejected")]);
+    assert_eq!(enrolled(), 1, "the client");
+    for (i, empty) in ["namespaces: []\n", "", "# nothing here\n"]
+        .iter()
+        .enumerate()
+    {
+        n.write_config(empty).unwrap();
+        wait_for("the rejection", Duration::from_secs(10), || {
+            rejected() == i as u64 + 1
+        });
+        assert_eq!(enrolled(), 1, "{empty:?} released the workloads");
+    }
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    echo_intact(&n, "client", &dst, 4096);
+    assert_eq!(proxied_conns(&m(), &dst), 1, "still meshed");
+    assert!(agent.log_text().contains("--allow-empty-config"));
+    drop(agent);
+
+    // Explicitly allowed: the node is released.
+    n.write_config(&config(&n, "proxied", true)).unwrap();
+    let agent = n.start_agent(&["--allow-empty-config", "true"]).unwrap();
+    let enrolled = || {
+        metric(
+            &agent.get("/metrics").unwrap(),
+            "mesh_workloads_enrolled",
+            &[],
+        )
+    };
+    assert_eq!(enrolled(), 1);
+    n.write_config("namespaces: []\n").unwrap();
+    wait_for("the release", Duration::from_secs(10), || enrolled() == 0);
+}
+
+/// A connect the hooks decided on that never completes (here refused: nothing listens on
+/// a direct-mode destination) drops its `SOCK_ORIG` record when the socket closes, instead
+/// of holding a slot until LRU eviction pushes out a live one (the soak found them).
+#[test]
+fn connects_that_never_complete_leave_no_socket_records() {
+    let n = node("direct");
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:9999", n.pod("server").ip);
+    let r = n
+        .client(
+            "client",
+            &[
+                "echo-client",
+                "--to",
+                &dst,
+                "--bytes",
+                "16",
+                "--conns",
+                "20",
+            ],
+        )
+        .unwrap();
+    assert_eq!(r["intact"], 0, "{r}");
+    let records = || {
+        let out = agent.cli(&["dump", "SOCK_ORIG", "-o", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    wait_for("SOCK_ORIG to empty", Duration::from_secs(5), || {
+        records().as_array().is_some_and(Vec::is_empty)
+    });
+    assert_eq!(agent.event("connect_direct"), 20);
+}
+
+/// Issue 10, item 4: every distinct `ip:port` a pod dials added L4 metric series and an
+/// on-demand subscription for good (2,000 dials: 3,170 series, 479 KB of `/metrics`). Now
+/// both are bounded: idle series are dropped past the bound, absent names forgotten.
+#[test]
+fn dialling_many_addresses_keeps_the_agents_state_bounded() {
+    let n = node("proxied");
+    let agent = n
+        .start_agent(&["--xds-on-demand-timeout-ms", "200"])
+        .unwrap();
+    let server = n.pod("server").ip.to_string();
+    // Nothing listens on these ports: each connect reaches the proxy, which finds no
+    // service, dials the port and resets the client.
+    let r = n
+        .client(
+            "client",
+            &["dial-range", "--to", &server, "--ports", "20000-21199"],
+        )
+        .unwrap();
+    assert_eq!(r["dialled"], 1200, "{r}");
+    let m = agent.get("/metrics").unwrap();
+    let series = m
+        .lines()
+        .filter(|l| l.starts_with("mesh_tcp_connections_opened_total{"))
+        .count();
+    assert!(series <= 512, "{series} series");
+    assert!(m.len() < 400 * 1024, "{} bytes of /metrics", m.len());
+    assert!(
+        metric(&m, "mesh_metrics_flow_series_evicted_total", &[]) > 0,
+        "{m}"
+    );
+    let dump: serde_json::Value =
+        serde_json::from_str(&agent.get("/config_dump").unwrap()).unwrap();
+    let absent = dump["on_demand"]["absent"].as_array().unwrap().len();
+    assert!(absent <= 1024, "{absent} absent names remembered");
+}
+
+/// Issue 10, item 4: NACKs had no metric. An update the proxy refuses (a token bucket
+/// Envoy would refuse too) is counted, and the last good configuration stays.
+#[test]
+fn a_refused_xds_update_is_counted() {
+    let n = node("proxied");
+    let agent = n.start_agent(&[]).unwrap();
+    let nacks = || {
+        metric(
+            &agent.get("/metrics").unwrap(),
+            "mesh_xds_responses_total",
+            &[("verdict", "nack")],
+        )
+    };
+    assert_eq!(nacks(), 0);
+    let server = n.pod("server").ip;
+    let with_service = |rate: &str| {
+        config(&n, "proxied", true)
+            + &format!(
+                "services:\n  - name: web\n    namespace: backend\n    vip: 10.96.{}.10\n    \
+                 ports: [ {{ port: 80, protocol: http }} ]\n    endpoints: [ {{ ip: {server}, port: 8080 }} ]\n    \
+                 rate_limit: {{ max_tokens: {rate}, fill_interval_ms: 1000 }}\n",
+                n.index
+            )
+    };
+    n.write_config(&with_service("5")).unwrap();
+    let vip = format!("10.96.{}.10:80", n.index);
+    n.serve(
+        "server",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "web"],
+    )
+    .unwrap();
+    let r = n.http_get("client", &vip, "/", 1, &[]).unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    // Refused at the xDS level (an empty bucket), not by the file check.
+    n.write_config(&with_service("0")).unwrap();
+    wait_for("the NACK to be counted", Duration::from_secs(10), || {
+        nacks() >= 1
+    });
+    let r = n.http_get("client", &vip, "/", 1, &[]).unwrap();
+    assert_eq!(
+        r["errors"],
+        serde_json::json!([]),
+        "the last good configuration stays: {r}"
+    );
+}

@@ -2,7 +2,8 @@
 //! (deploy/manifests/mesh-agent.yaml), checked offline: `helm lint --strict`, the committed
 //! manifests against a fresh render, strict schema validation with kubernetes-validate for
 //! several value sets, proof that both checks can fail, and what the DaemonSet and the
-//! ClusterRole must say (docs/install.md explains each).
+//! ClusterRole must say (docs/install.md explains each), including the surge rollout with
+//! hand-over that upgrades use.
 //!
 //! Needs helm (MESH_HELM) and a python with kubernetes-validate (MESH_PYTHON), which
 //! `cargo xtask test` installs and exports. Without them these tests fail; they never skip.
@@ -210,6 +211,25 @@ fn env_value(docs: &[Value], name: &str) -> Option<String> {
         .map(|(_, e)| e["value"].as_str().unwrap_or_default().to_owned())
 }
 
+/// The DaemonSet's `spec.updateStrategy.rollingUpdate`.
+fn rolling_update(docs: &[Value]) -> &Value {
+    let strategy = &object(docs, "DaemonSet")["spec"]["updateStrategy"];
+    assert_eq!(strategy["type"], "RollingUpdate");
+    &strategy["rollingUpdate"]
+}
+
+/// Whether a field of this name appears anywhere in these objects (comments aside).
+fn has_key(docs: &[Value], key: &str) -> bool {
+    fn walk(v: &Value, key: &str) -> bool {
+        match v {
+            Value::Object(m) => m.iter().any(|(k, v)| k == key || walk(v, key)),
+            Value::Array(a) => a.iter().any(|v| walk(v, key)),
+            _ => false,
+        }
+    }
+    docs.iter().any(|d| walk(d, key))
+}
+
 fn strings(v: &Value) -> BTreeSet<String> {
     v.as_array()
         .unwrap_or_else(|| panic!("expected a list, got {v}"))
@@ -223,6 +243,11 @@ fn helm_lint_strict_passes() {
     for sets in [
         &[][..],
         &["xds.address=http://cp.mesh-system.svc:15010"][..],
+        &[
+            "updateStrategy.maxSurge=0",
+            "updateStrategy.maxUnavailable=1",
+            "takeover=false",
+        ][..],
     ] {
         let mut args = vec!["lint", "--strict", CHART];
         for set in sets {
@@ -300,8 +325,19 @@ fn rendered_manifests_validate_strictly() {
             ],
         ),
         (
+            "the rollout without hand-over",
+            &[
+                "updateStrategy.maxSurge=0",
+                "updateStrategy.maxUnavailable=1",
+                "takeover=false",
+                "handoverDrainMs=0",
+                "terminationGracePeriodSeconds=30",
+            ],
+        ),
+        (
             "a percentage rollout and excludes",
             &[
+                "updateStrategy.maxSurge=10%",
                 "updateStrategy.maxUnavailable=10%",
                 "exclude[0].cidr=10.96.0.1/32",
                 "exclude[0].port=443",
@@ -343,10 +379,46 @@ fn overrides_reach_the_daemonset() {
     assert_eq!(c["image"], "registry.example.com/mesh/agent:dev-1");
     assert_eq!(c["resources"]["limits"]["memory"], "2Gi");
 
+    // The rollout: each knob on its own, percentages, and the way back to stop-then-start.
     let d = docs(&render(&["updateStrategy.maxUnavailable=10%"]));
     assert_eq!(
-        object(&d, "DaemonSet")["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
-        "10%"
+        rolling_update(&d),
+        &serde_json::json!({ "maxSurge": 1, "maxUnavailable": "10%" })
+    );
+    let d = docs(&render(&["updateStrategy.maxSurge=25%"]));
+    assert_eq!(
+        rolling_update(&d),
+        &serde_json::json!({ "maxSurge": "25%", "maxUnavailable": 0 })
+    );
+    let d = docs(&render(&[
+        "updateStrategy.maxSurge=0",
+        "updateStrategy.maxUnavailable=1",
+        "takeover=false",
+    ]));
+    assert_eq!(
+        rolling_update(&d),
+        &serde_json::json!({ "maxSurge": 0, "maxUnavailable": 1 })
+    );
+    assert_eq!(env_value(&d, "MESH_TAKEOVER").as_deref(), Some("false"));
+    // Without surge, takeover may stay on (with no agent running it starts as usual).
+    let d = docs(&render(&[
+        "updateStrategy.maxSurge=0",
+        "updateStrategy.maxUnavailable=1",
+    ]));
+    assert_eq!(env_value(&d, "MESH_TAKEOVER").as_deref(), Some("true"));
+
+    // The hand-over drain, with a grace period that covers it.
+    let d = docs(&render(&[
+        "handoverDrainMs=120000",
+        "terminationGracePeriodSeconds=150",
+    ]));
+    assert_eq!(
+        env_value(&d, "MESH_HANDOVER_DRAIN_MS").as_deref(),
+        Some("120000")
+    );
+    assert_eq!(
+        object(&d, "DaemonSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        150
     );
 
     // Exclusions land in the settings file the agent reads.
@@ -379,8 +451,31 @@ fn overrides_reach_the_daemonset() {
 fn validation_can_fail() {
     // Values the schema (or the chart) must refuse.
     let refused: &[(&[&str], &str)] = &[
-        (&["updateStrategy.maxUnavailable=0"], "maxUnavailable"),
+        // Kubernetes refuses both 0; the chart says so first.
+        (
+            &[
+                "updateStrategy.maxSurge=0",
+                "updateStrategy.maxUnavailable=0",
+            ],
+            "cannot both be 0",
+        ),
+        (
+            &[
+                "updateStrategy.maxSurge=0%",
+                "updateStrategy.maxUnavailable=0%",
+            ],
+            "cannot both be 0",
+        ),
+        // maxUnavailable 0 is the default: maxSurge 0 alone leaves both at 0.
+        (&["updateStrategy.maxSurge=0"], "cannot both be 0"),
         (&["updateStrategy.maxUnavailable=150%"], "maxUnavailable"),
+        (&["updateStrategy.maxUnavailable=-1"], "maxUnavailable"),
+        (&["updateStrategy.maxSurge=150%"], "maxSurge"),
+        (&["updateStrategy.maxSurge=-1"], "maxSurge"),
+        // A surge pod without takeover would find the node taken and never be ready.
+        (&["takeover=false"], "needs takeover"),
+        (&["handoverDrainMs=-1"], "handoverDrainMs"),
+        (&["handoverDrainMs=600001"], "handoverDrainMs"),
         (&["admin.port=70000"], "port"),
         (&["image.pullPolicy=Sometimes"], "pullPolicy"),
         (&["bpf.pinPath=/var/run/mesh"], "pinPath"),
@@ -391,6 +486,13 @@ fn validation_can_fail() {
             &["terminationGracePeriodSeconds=5"],
             "terminationGracePeriodSeconds",
         ),
+        // The grace period must also cover the hand-over drain (60 s by default).
+        (&["terminationGracePeriodSeconds=60"], "handoverDrainMs"),
+        (&["handoverDrainMs=90000"], "handoverDrainMs"),
+        (
+            &["drainMs=100000", "terminationGracePeriodSeconds=100"],
+            "drainMs (100000 ms)",
+        ),
     ];
     for (sets, names) in refused {
         let message = render_fails(sets);
@@ -399,6 +501,15 @@ fn validation_can_fail() {
             "helm refused {sets:?} without naming {names}:\n{message}"
         );
     }
+
+    // What is no longer refused: no unavailable node while one surges (the default).
+    let d = docs(&render(&[
+        "updateStrategy.maxSurge=1",
+        "updateStrategy.maxUnavailable=0",
+    ]));
+    assert_eq!(rolling_update(&d)["maxUnavailable"], 0);
+    // Just above the longest drain is enough.
+    render(&["handoverDrainMs=60999", "terminationGracePeriodSeconds=61"]);
 
     // A typo'd field kubernetes-validate must reject (strict: unknown fields are errors).
     let good = render(&[]);
@@ -421,8 +532,8 @@ fn validation_can_fail() {
     }
     // A wrong type, too.
     let (ok, report) = validate(&good.replacen(
-        "terminationGracePeriodSeconds: 30",
-        "terminationGracePeriodSeconds: thirty",
+        "terminationGracePeriodSeconds: 90",
+        "terminationGracePeriodSeconds: ninety",
         1,
     ));
     assert!(
@@ -454,15 +565,26 @@ fn daemonset_runs_on_the_host_with_named_capabilities_only() {
     let grace = pod["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("grace");
+    assert_eq!(grace, 90);
     assert!(grace * 1000 > 5000, "grace period above --drain-ms");
-    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert!(
+        grace * 1000 > 60_000,
+        "grace period above --handover-drain-ms"
+    );
+    // Upgrades surge: the new pod starts next to the old one, which hands the node over.
     assert_eq!(
-        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
-        1
+        rolling_update(&d),
+        &serde_json::json!({ "maxSurge": 1, "maxUnavailable": 0 })
     );
     assert_eq!(ds["metadata"]["namespace"], NAMESPACE);
 
     let c = container(&d);
+    // With hostNetwork a containerPort becomes a hostPort, and the scheduler would never
+    // place the surge pod next to the old one: no port may be declared anywhere.
+    assert!(c["ports"].is_null(), "the agent's container declares ports");
+    for field in ["hostPort", "containerPort"] {
+        assert!(!has_key(&d, field), "the render declares a {field}");
+    }
     let sc = &c["securityContext"];
     assert_ne!(sc["privileged"], true);
     assert_eq!(sc["runAsUser"], 0);
@@ -521,6 +643,13 @@ fn daemonset_runs_on_the_host_with_named_capabilities_only() {
         env_value(&d, "MESH_PIN_PATH").as_deref(),
         Some("/sys/fs/bpf/mesh")
     );
+    // The hand-over: the new agent asks the old one for the node, which then drains.
+    assert_eq!(env_value(&d, "MESH_TAKEOVER").as_deref(), Some("true"));
+    assert_eq!(env_value(&d, "MESH_DRAIN_MS").as_deref(), Some("5000"));
+    assert_eq!(
+        env_value(&d, "MESH_HANDOVER_DRAIN_MS").as_deref(),
+        Some("60000")
+    );
     assert_eq!(c["args"], serde_json::json!(["run"]));
 
     // Mounts: the node's bpffs (writable, pins) and cgroup tree (read-only), the settings.
@@ -542,6 +671,7 @@ fn daemonset_runs_on_the_host_with_named_capabilities_only() {
             ("bpffs", "/sys/fs/bpf", false),
             ("cgroup", "/sys/fs/cgroup", true),
             ("config", "/etc/mesh-agent", true),
+            ("run", "/run/mesh-agent", false),
         ]
         .map(|(n, p, r)| (n.to_owned(), p.to_owned(), r))
     );
@@ -554,7 +684,15 @@ fn daemonset_runs_on_the_host_with_named_capabilities_only() {
     };
     assert_eq!(host_path("bpffs"), Some("/sys/fs/bpf".into()));
     assert_eq!(host_path("cgroup"), Some("/sys/fs/cgroup".into()));
-    assert_eq!(volumes.len(), 3, "no other host access");
+    assert_eq!(
+        volumes
+            .iter()
+            .find(|v| v["name"] == "run")
+            .map(|v| v["emptyDir"]["medium"].clone()),
+        Some("Memory".into()),
+        "the ADS socket's folder is private to the container"
+    );
+    assert_eq!(volumes.len(), 4, "no other host access");
 }
 
 #[test]

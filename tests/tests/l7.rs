@@ -189,3 +189,41 @@ fn a_route_pushed_while_running_changes_where_requests_go() {
     let v2 = r["bodies"]["v2"].as_u64().unwrap_or(0);
     assert!((160..=240).contains(&v2), "{r}");
 }
+
+/// Issue 10, item 2, on the simulated node: a pod's invalid chunked bodies got 503 and
+/// counted as upstream 5xx, so six of them ejected the only endpoint and every client got
+/// "no healthy upstream". Now each gets 400 and the endpoint keeps serving.
+#[test]
+fn a_clients_malformed_body_gets_400_and_never_ejects_the_endpoint() {
+    let n = node();
+    let yaml = config(&n, 0).replacen(
+        "   selector: { version: v1 }\n",
+        "   selector: { version: v1 }\n    outlier_detection: { consecutive_5xx: 2, base_ejection_ms: 60000, max_ejection_percent: 100 }\n",
+        1,
+    );
+    assert!(yaml.contains("outlier_detection"), "{yaml}");
+    n.write_config(&yaml).unwrap();
+    let _agent = start(&n);
+    let ok = get(&n, 1, &[]);
+    assert_eq!(ok["bodies"], serde_json::json!({ "v1": 1 }), "{ok}");
+    let bad = "POST / HTTP/1.1\\r\\nhost: reviews\\r\\ntransfer-encoding: chunked\\r\\n\\r\\nZZ\\r\\nnot a chunk\\r\\n\\r\\n";
+    for i in 0..6 {
+        let r = n
+            .client("client", &["raw", "--to", "10.96.0.10:80", "--send", bad])
+            .unwrap();
+        assert!(
+            r["status_line"]
+                .as_str()
+                .unwrap()
+                .starts_with("HTTP/1.1 400"),
+            "request {i}: {r}"
+        );
+    }
+    let after = get(&n, 5, &[]);
+    assert_eq!(after["errors"], serde_json::json!([]), "{after}");
+    assert_eq!(
+        after["bodies"],
+        serde_json::json!({ "v1": 5 }),
+        "not ejected: {after}"
+    );
+}

@@ -244,6 +244,8 @@ fn inspection_cli_lists_and_decodes() {
     for m in ["WORKLOADS", "FLOWS", "SOCKHASH", "STATS", "CONFIG"] {
         assert!(maps.contains(m), "{maps}");
     }
+    // The programs' pinned links share the folder; they are links, not maps.
+    assert!(!maps.contains("link_"), "{maps}");
 
     let dests: serde_json::Value =
         serde_json::from_slice(&agent.cli(&["dump", "DESTS", "-o", "json"]).stdout).unwrap();

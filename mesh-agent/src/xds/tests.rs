@@ -90,6 +90,7 @@ async fn embedded_on(listener: TcpListener, tx: watch::Sender<Arc<Snapshot>>) ->
     let listener = listener.into_std().unwrap();
     let server = AdsServer::new(tx.subscribe());
     let stats = server.stats.clone();
+    let stats_for_access = stats.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -99,7 +100,9 @@ async fn embedded_on(listener: TcpListener, tx: watch::Sender<Arc<Snapshot>>) ->
         rt.block_on(async move {
             let listener = TcpListener::from_std(listener).unwrap();
             let serve = tonic::transport::Server::builder()
-                .add_service(server.into_service())
+                .add_service(
+                    server.into_service(crate::xds::auth::Access::new(None, stats_for_access)),
+                )
                 .serve_with_incoming(TcpListenerStream::new(listener));
             tokio::select! {
                 _ = serve => {}
@@ -125,6 +128,7 @@ async fn embedded(yaml: &str) -> Embedded {
 fn client(addr: SocketAddr, mode: Mode, on_demand: bool) -> Arc<XdsClient> {
     let c = XdsClient::new(ClientOptions {
         address: format!("http://{addr}"),
+        token: None,
         node_id: "test-node".into(),
         cluster: "test".into(),
         mode,
@@ -387,6 +391,107 @@ async fn a_listener_waits_for_its_routes() {
         c.config().borrow().listener(vip("10.96.0.10:80")).is_some()
     })
     .await;
+}
+
+/// A connection that meets a listener already in force but not complete (its clusters
+/// have not arrived) waits for them like the lookup that subscribed it, instead of being
+/// served at once and answered 503 (no cluster): the soak's first-request 503, where the
+/// second of two clients calling a new service met the first one's half-arrived listener.
+async fn a_second_lookup_waits_for_the_clusters(mode: Mode) {
+    let is = |t: String| move |(_, a): &(String, Any)| a.type_url == t;
+    let mut without_clusters = resources(BASE);
+    without_clusters.retain(|r| {
+        !is(ec::Cluster::type_url())(r) && !is(ee::ClusterLoadAssignment::type_url())(r)
+    });
+    let (tx, _) = watch::channel(Arc::new(Snapshot::default().next(without_clusters)));
+    let cp = embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await;
+    let c = XdsClient::new(ClientOptions {
+        address: format!("http://{}", cp.addr),
+        token: None,
+        node_id: "test-node".into(),
+        cluster: "test".into(),
+        mode,
+        on_demand: true,
+        on_demand_timeout: Duration::from_secs(5),
+    });
+    tokio::spawn(c.clone().run());
+    until("the stream", || c.connected()).await;
+    let dst = vip("10.96.0.10:80");
+    let first = tokio::spawn({
+        let c = c.clone();
+        async move { c.lookup(dst).await.found() }
+    });
+    until("the listener in force", || {
+        c.config().borrow().listener(dst).is_some()
+    })
+    .await;
+    let second = tokio::spawn({
+        let c = c.clone();
+        async move { c.lookup(dst).await.found() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second lookup returned a listener whose clusters have not arrived"
+    );
+    assert!(!first.is_finished());
+    cp.tx
+        .send_modify(|s| *s = Arc::new(s.next(resources(BASE))));
+    for (who, lookup) in [("first", first), ("second", second)] {
+        let l = tokio::time::timeout(Duration::from_secs(3), lookup)
+            .await
+            .unwrap_or_else(|_| panic!("the {who} lookup did not end"))
+            .unwrap();
+        assert!(l.is_some(), "{who}");
+        let cfg = c.config().borrow().clone();
+        let cluster = cfg
+            .cluster("outbound|80||reviews.shop")
+            .unwrap_or_else(|| panic!("{who}: no cluster when the lookup ended"));
+        assert!(cluster.endpoints_known, "{who}");
+    }
+}
+
+#[tokio::test]
+async fn sotw_a_second_lookup_waits_for_the_clusters() {
+    a_second_lookup_waits_for_the_clusters(Mode::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_a_second_lookup_waits_for_the_clusters() {
+    a_second_lookup_waits_for_the_clusters(Mode::Delta).await;
+}
+
+/// A listener that stayed incomplete past the on-demand timeout is served at once: what
+/// it lacks is not coming soon, and waiting would only delay every connection to it.
+#[tokio::test]
+async fn a_listener_incomplete_past_the_timeout_is_served_at_once() {
+    let mut without_clusters = resources(BASE);
+    without_clusters.retain(|(_, a)| a.type_url != ec::Cluster::type_url());
+    let (tx, _) = watch::channel(Arc::new(Snapshot::default().next(without_clusters)));
+    let cp = embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await;
+    let c = XdsClient::new(ClientOptions {
+        address: format!("http://{}", cp.addr),
+        token: None,
+        node_id: "test-node".into(),
+        cluster: "test".into(),
+        mode: Mode::Delta,
+        on_demand: true,
+        on_demand_timeout: Duration::from_millis(300),
+    });
+    tokio::spawn(c.clone().run());
+    until("the stream", || c.connected()).await;
+    let dst = vip("10.96.0.10:80");
+    let started = tokio::time::Instant::now();
+    assert!(c.lookup(dst).await.found().is_some(), "incomplete, in time");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    assert!(c.lookup(dst).await.found().is_some());
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -666,4 +771,145 @@ fn hcm_type_url_is_the_v3_one() {
         hcm::HttpConnectionManager::type_url(),
         "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
     );
+}
+
+/// Issue 10, item 4: every distinct address a pod dials must not add a subscription for
+/// good. Past `MAX_ABSENT_LISTENERS` the oldest absent names are forgotten and
+/// unsubscribed; a service stays subscribed, and a forgotten address asked again is
+/// answered again.
+async fn absent_destinations_are_bounded(mode: Mode) {
+    use crate::xds::client::MAX_ABSENT_LISTENERS;
+    let cp = embedded(BASE).await;
+    let c = client(cp.addr, mode, true);
+    until("the stream", || c.connected()).await;
+    assert!(c.listener_for(vip("10.96.0.10:80")).await.is_some());
+    let dials = MAX_ABSENT_LISTENERS + 200;
+    for i in 0..dials {
+        let dst = SocketAddr::from(([10, 9, (i / 250) as u8, (i % 250) as u8], 9000));
+        assert!(c.listener_for(dst).await.is_none());
+    }
+    let names = |v: &serde_json::Value| v.as_array().map(Vec::len).unwrap_or(0);
+    let dump = c.dump();
+    assert_eq!(names(&dump["on_demand"]["absent"]), MAX_ABSENT_LISTENERS);
+    assert_eq!(
+        names(&dump["on_demand"]["requested"]),
+        MAX_ABSENT_LISTENERS + 1,
+        "the absent ones and the service"
+    );
+    // What the server holds for this stream follows (unsubscriptions were sent).
+    until("the server to drop the forgotten names", || {
+        let subs = names(&c.dump()["resources"]["listener"]["subscribed"]);
+        subs == MAX_ABSENT_LISTENERS + 1
+    })
+    .await;
+    assert!(c.config().borrow().listener(vip("10.96.0.10:80")).is_some());
+    // The first address was forgotten; dialled again it is asked and answered again.
+    assert!(c.listener_for(vip("10.9.0.0:9000")).await.is_none());
+    assert!(c.dump()["on_demand"]["absent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v == "10.9.0.0:9000"));
+    assert_eq!(c.dump()["xds"]["nacks"], 0);
+}
+
+#[tokio::test]
+async fn sotw_absent_destinations_are_bounded() {
+    absent_destinations_are_bounded(Mode::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_absent_destinations_are_bounded() {
+    absent_destinations_are_bounded(Mode::Delta).await;
+}
+
+/// Issue 10, item 4: a request over the size cap is refused before it is buffered, the
+/// call ends with an error status (it ended with grpc-status 0), and the refusal is
+/// counted; the server keeps serving others.
+#[tokio::test]
+async fn an_oversized_request_ends_the_stream_with_an_error() {
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let cp = embedded(BASE).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = AggregatedDiscoveryServiceClient::new(ch).max_encoding_message_size(64 << 20);
+    let huge = DiscoveryRequest {
+        type_url: el::Listener::type_url(),
+        resource_names: vec!["x".repeat(super::server::MAX_REQUEST_BYTES + 1)],
+        ..Default::default()
+    };
+    let mut responses = raw
+        .stream_aggregated_resources(tokio_stream::iter([huge]))
+        .await
+        .expect("the call opens")
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(10), responses.next())
+        .await
+        .expect("an answer");
+    let status = match end {
+        Some(Err(s)) => s,
+        other => panic!("expected an error status, got {other:?}"),
+    };
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{status:?}"
+    );
+    assert_eq!(cp.stats.bad_requests.load(Relaxed), 1);
+    // Others are still served.
+    let c = client(cp.addr, Mode::Delta, true);
+    until("the stream", || c.connected()).await;
+    assert!(c.listener_for(vip("10.96.0.10:80")).await.is_some());
+}
+
+/// Issue 10, item 4: the number of streams a control plane serves at once is bounded; the
+/// one past the bound is refused with RESOURCE_EXHAUSTED (counted), and a freed slot is
+/// served again.
+#[tokio::test]
+async fn streams_past_the_cap_are_refused_and_counted() {
+    use super::server::MAX_STREAMS;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let cp = embedded(BASE).await;
+    // Several connections, as many clients would open (HTTP/2 caps streams per connection).
+    let mut channels = Vec::new();
+    for _ in 0..16 {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", cp.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let open = |i: usize| {
+        let mut c = AggregatedDiscoveryServiceClient::new(channels[i % channels.len()].clone());
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<DiscoveryRequest>(1);
+            let r = c
+                .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+            (r, tx)
+        }
+    };
+    let mut held = Vec::new();
+    for i in 0..MAX_STREAMS as usize {
+        let (r, tx) = open(i).await;
+        let stream = r.unwrap_or_else(|e| panic!("stream {i}: {e}")).into_inner();
+        held.push((stream, tx));
+    }
+    assert_eq!(cp.stats.open.load(Relaxed), MAX_STREAMS);
+    let (r, _tx) = open(0).await;
+    let e = r.expect_err("one past the cap");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert_eq!(cp.stats.over_capacity.load(Relaxed), 1);
+    // A stream that ends frees its slot.
+    drop(held.pop());
+    until("a freed slot", || cp.stats.open.load(Relaxed) < MAX_STREAMS).await;
+    let (r, _tx) = open(1).await;
+    assert!(r.is_ok());
 }

@@ -11,10 +11,27 @@
 //!                                        (event-loop I/O: non-blocking + poll, two threads)
 //! podtool sink-client --to ADDR --bytes N  send N bytes fast with blocking 1 MiB writes,
 //!                                        half-close, read the digest (event-loop read)
-//! podtool reset-client --to ADDR          send, expect the reset to arrive as ECONNRESET
+//! podtool reset-client --to ADDR [--from-port P]  send, expect the reset to arrive as
+//!                                        ECONNRESET (from source port P: a 4-tuple a test
+//!                                        can name in a map before connecting)
+//! podtool source --listen ADDR --bytes N --chunk-delay-us D  send N bytes in 16 KiB
+//!                                        chunks with a pause between them, then close
+//! podtool read-client --to ADDR           read until the end of stream; print the bytes and
+//!                                        how it ended (`eof`, or the error: `ECONNRESET`)
+//! podtool raw --to ADDR --send TEXT      send TEXT (`\r` and `\n` written as such), read
+//!                                        the answer until the server closes; print its
+//!                                        first line
+//! podtool dial-range --to IP --ports A-B  connect to each port once and close; prints how
+//!                                        many connected and how many were refused or reset
 //! podtool ping --to ADDR --count N       64-byte ping-pong; prints latency percentiles
 //! podtool peer --to ADDR                  connect; print the peer address getpeername() reports
+//! podtool http-load --to ADDR --requests N [--per-conn K] [--expect a,b] [--header 'k: v']
+//!                                        N GETs, K per keep-alive connection; checks every
+//!                                        response (status 200, whole body, one of the expected
+//!                                        bodies); stops at the first failure and classifies it
 //! ```
+//! Any client takes `--deadline-ms N`: past it, it prints `{"errors": ["deadline: ..."]}`
+//! and exits (so a connection that hangs fails a test instead of hanging it).
 //! ADDR may be `[::]:port` (dual-stack listener) or `[::ffff:a.b.c.d]:port` (v6 socket to
 //! a v4 peer).
 #![expect(
@@ -72,9 +89,11 @@ fn errno_name(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EAGAIN) => "EAGAIN".into(),
         Some(libc::ECONNRESET) => "ECONNRESET".into(),
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
         Some(libc::ENOMEM) => "ENOMEM".into(),
         Some(libc::EPIPE) => "EPIPE".into(),
         Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::EPERM) => "EPERM".into(),
         _ => e.to_string(),
     }
 }
@@ -135,6 +154,97 @@ fn sink(mut c: TcpStream, args: &[String]) {
         }
     }
     let _ = c.write_all(format!("{n} {} {err}\n", hex(&h.finalize())).as_bytes());
+}
+
+fn source(mut c: TcpStream, args: &[String]) {
+    let total = num(args, "--bytes", 1 << 20) as usize;
+    let delay = Duration::from_micros(num(args, "--chunk-delay-us", 0));
+    let chunk = payload(16 * 1024, 0x50);
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        if c.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+        sent += n;
+        std::thread::sleep(delay);
+    }
+}
+
+fn read_client(args: &[String]) {
+    let mut c = TcpStream::connect(addr(args, "--to")).expect("connect");
+    // Event-loop reads: a blocking read on a socket in the sockmap can return EAGAIN.
+    c.set_nonblocking(true).expect("nonblocking");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    let outcome = loop {
+        match read_evented(&mut c, &mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(n) => received += n as u64,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+            Err(e) => break errno_name(&e),
+        }
+    };
+    println!(
+        "{}",
+        serde_json::json!({"received": received, "outcome": outcome})
+    );
+}
+
+fn raw(args: &[String]) {
+    let text = arg(args, "--send")
+        .expect("--send")
+        .replace("\\r", "\r")
+        .replace("\\n", "\n");
+    let mut c = TcpStream::connect(addr(args, "--to")).expect("connect");
+    c.write_all(text.as_bytes()).expect("send");
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    c.set_nonblocking(true).expect("nonblocking");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let outcome = loop {
+        match read_evented(&mut c, &mut buf) {
+            Ok(0) => break "eof".to_owned(),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+            Err(e) => break errno_name(&e),
+        }
+    };
+    let text = String::from_utf8_lossy(&got);
+    let status = text.lines().next().unwrap_or("").to_owned();
+    println!(
+        "{}",
+        serde_json::json!({"status_line": status, "outcome": outcome, "bytes": got.len()})
+    );
+}
+
+fn dial_range(args: &[String]) {
+    let ip: std::net::IpAddr = arg(args, "--to")
+        .expect("--to")
+        .parse()
+        .expect("IP address");
+    let ports = arg(args, "--ports").expect("--ports A-B");
+    let (a, b) = ports.split_once('-').expect("--ports A-B");
+    let (a, b): (u16, u16) = (a.parse().expect("port"), b.parse().expect("port"));
+    let (mut connected, mut failed) = (0u32, 0u32);
+    for port in a..=b {
+        match TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(5)) {
+            Ok(mut c) => {
+                // Through the proxy the connect succeeds; the refusal comes as a reset.
+                let mut buf = [0u8; 1];
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => failed += 1,
+                    Ok(_) => connected += 1,
+                }
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"dialled": u32::from(b - a) + 1, "connected": connected, "failed": failed})
+    );
 }
 
 fn reset(mut c: TcpStream, _: &[String]) {
@@ -327,8 +437,56 @@ fn sink_client(args: &[String]) {
     );
 }
 
+/// A TCP connection to `to` from source port `from` (IPv4 only).
+fn connect_from(to: SocketAddr, from: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::other("--from-port needs an IPv4 --to"));
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a fd this function owns (moved into the TcpStream, or
+    // closed on error); the address structs outlive the calls that read them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let one: libc::c_int = 1;
+        let local = sin(std::net::Ipv4Addr::UNSPECIFIED, from);
+        let remote = sin(*to.ip(), to.port());
+        let ok = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+            && libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) == 0
+            && libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) == 0;
+        if !ok {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(TcpStream::from_raw_fd(fd))
+    }
+}
+
 fn reset_client(args: &[String]) {
-    let mut c = TcpStream::connect(addr(args, "--to")).expect("connect");
+    let to = addr(args, "--to");
+    let mut c = match arg(args, "--from-port") {
+        Some(p) => connect_from(to, p.parse().expect("port")),
+        None => TcpStream::connect(to),
+    }
+    .expect("connect");
     // The reset may come before our write (a refused upstream resets at once): then the
     // write is where it shows, and a read after it would only see EOF.
     let outcome = if let Err(e) = c.write_all(b"hello") {
@@ -497,14 +655,277 @@ fn http_client(args: &[String]) {
     );
 }
 
+/// How one `http-load` run ended, if not with every request answered.
+enum LoadError {
+    /// connect(2) failed.
+    Connect(String),
+    /// A reset (ECONNRESET, EPIPE) while writing a request or reading a response.
+    Reset(String),
+    /// A clean close before the first byte of a response on a connection that had already
+    /// answered: the keep-alive race every HTTP/1.1 client retries (RFC 9112, 9.3.1).
+    IdleClose,
+    /// A clean close before any response on a fresh connection.
+    ClosedNoResponse,
+    /// A clean close inside a response (head or body short): bytes lost.
+    Truncated(String),
+    /// No answer within the read timeout.
+    Timeout(String),
+    /// A complete response that is not the one expected (status or body).
+    Unexpected(String),
+    Other(String),
+}
+
+impl LoadError {
+    fn kind(&self) -> &'static str {
+        match self {
+            LoadError::Connect(_) => "connect",
+            LoadError::Reset(_) => "reset",
+            LoadError::IdleClose => "idle_close",
+            LoadError::ClosedNoResponse => "closed_no_response",
+            LoadError::Truncated(_) => "truncated",
+            LoadError::Timeout(_) => "timeout",
+            LoadError::Unexpected(_) => "unexpected",
+            LoadError::Other(_) => "other",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            LoadError::IdleClose | LoadError::ClosedNoResponse => String::new(),
+            LoadError::Connect(d)
+            | LoadError::Reset(d)
+            | LoadError::Truncated(d)
+            | LoadError::Timeout(d)
+            | LoadError::Unexpected(d)
+            | LoadError::Other(d) => d.clone(),
+        }
+    }
+
+    fn from_io(what: &str, e: &std::io::Error) -> LoadError {
+        let name = errno_name(e);
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) | Some(libc::EPIPE) => {
+                LoadError::Reset(format!("{what}: {name}"))
+            }
+            Some(libc::ETIMEDOUT) => LoadError::Timeout(format!("{what}: ETIMEDOUT")),
+            _ => LoadError::Other(format!("{what}: {name}")),
+        }
+    }
+}
+
+/// A non-blocking socket read and written event-loop style, with a timeout per wait: a
+/// blocking read on a socket in the sockmap can return EAGAIN when an RST wakes it (see
+/// docs/architecture.md), which event-loop clients never see.
+struct Evented {
+    s: TcpStream,
+    timeout_ms: i32,
+}
+
+impl Evented {
+    fn wait(&self, events: i16) -> std::io::Result<()> {
+        let mut p = libc::pollfd {
+            fd: self.s.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut p, 1, self.timeout_ms) } {
+            0 => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+            n if n < 0 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Read for Evented {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.wait(libc::POLLIN)?;
+        match self.s.read(buf) {
+            // Readable by poll, yet nothing to read: a spurious wake-up, reported as such.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+            }
+            r => r,
+        }
+    }
+}
+
+impl Write for Evented {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.s.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One request and its response on `r`/`w`; `reused`: the connection answered before.
+/// Returns (status, body, the server asked to close).
+fn load_request(
+    r: &mut std::io::BufReader<Evented>,
+    w: &mut Evented,
+    req: &[u8],
+    reused: bool,
+) -> Result<(String, Vec<u8>, bool), LoadError> {
+    w.write_all(req)
+        .map_err(|e| LoadError::from_io("write", &e))?;
+    // The head, byte-exact, so a close inside it is told apart from one before it.
+    let mut head = Vec::new();
+    loop {
+        let buf = r
+            .fill_buf()
+            .map_err(|e| LoadError::from_io("read head", &e))?;
+        if buf.is_empty() {
+            return Err(match (head.is_empty(), reused) {
+                (true, true) => LoadError::IdleClose,
+                (true, false) => LoadError::ClosedNoResponse,
+                (false, _) => LoadError::Truncated(format!("head cut after {} bytes", head.len())),
+            });
+        }
+        let n = buf.len();
+        head.extend_from_slice(buf);
+        r.consume(n);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            // Bytes past the head belong to the body: keep them.
+            let rest = head.split_off(end + 4);
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            let status = lines
+                .first()
+                .and_then(|l| l.split(' ').nth(1))
+                .unwrap_or("?")
+                .to_owned();
+            let len: usize = header(&lines, "content-length")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| LoadError::Unexpected(format!("no content-length: {text:?}")))?;
+            let close =
+                header(&lines, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            let mut body = rest;
+            if body.len() > len {
+                return Err(LoadError::Unexpected(format!(
+                    "{} bytes past a {len}-byte body",
+                    body.len() - len
+                )));
+            }
+            let mut more = vec![0u8; len - body.len()];
+            if let Err(e) = r.read_exact(&mut more) {
+                return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    LoadError::Truncated(format!("body shorter than {len} bytes"))
+                } else {
+                    LoadError::from_io("read body", &e)
+                });
+            }
+            body.extend_from_slice(&more);
+            return Ok((status, body, close));
+        }
+    }
+}
+
+/// `http-load --to ADDR --requests N [--per-conn K] [--expect a,b] [--path P]
+/// [--header 'k: v'] [--timeout-ms T]`: N GETs, at most K per keep-alive connection (a
+/// `connection: close` answer starts a new one). Every response must be a 200 whose whole
+/// body is one of `--expect` (any body without it). Stops at the first failure; prints the
+/// counts and how it ended (`error.kind`: connect, reset, idle_close, closed_no_response,
+/// truncated, timeout, unexpected, other).
+fn http_load(args: &[String]) {
+    let to = addr(args, "--to");
+    let n = num(args, "--requests", 1);
+    let per_conn = num(args, "--per-conn", 10).max(1);
+    let timeout = Duration::from_millis(num(args, "--timeout-ms", 20_000));
+    let path = arg(args, "--path").unwrap_or_else(|| "/".into());
+    let expect: Vec<String> = arg(args, "--expect")
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let extra: String = args
+        .windows(2)
+        .filter(|w| w[0] == "--header")
+        .map(|w| format!("{}\r\n", w[1]))
+        .collect();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {to}\r\n{extra}\r\n").into_bytes();
+    let mut bodies = std::collections::BTreeMap::<String, u64>::new();
+    let mut ok = 0u64;
+    let mut conns = 0u64;
+    let mut error: Option<LoadError> = None;
+    let mut conn: Option<(std::io::BufReader<Evented>, Evented, u64)> = None;
+    let timeout_ms = timeout.as_millis() as i32;
+    while ok < n {
+        if conn.is_none() {
+            let c = match TcpStream::connect_timeout(&to, timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    error = Some(LoadError::Connect(errno_name(&e)));
+                    break;
+                }
+            };
+            c.set_nonblocking(true).expect("nonblocking");
+            conns += 1;
+            let r = Evented {
+                s: c.try_clone().expect("clone"),
+                timeout_ms,
+            };
+            conn = Some((std::io::BufReader::new(r), Evented { s: c, timeout_ms }, 0));
+        }
+        let (r, w, served) = conn.as_mut().expect("connected");
+        match load_request(r, w, &req, *served > 0) {
+            Ok((status, body, close)) => {
+                let body = String::from_utf8_lossy(&body).into_owned();
+                if status != "200" || (!expect.is_empty() && !expect.contains(&body)) {
+                    error = Some(LoadError::Unexpected(format!(
+                        "status {status}, body {body:?}"
+                    )));
+                    break;
+                }
+                ok += 1;
+                *served += 1;
+                *bodies.entry(body).or_default() += 1;
+                if close || *served >= per_conn {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let error = error.map(|e| serde_json::json!({"kind": e.kind(), "detail": e.detail()}));
+    println!(
+        "{}",
+        serde_json::json!({"requests": n, "ok": ok, "connections": conns, "bodies": bodies, "error": error})
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // A client that must not hang a test: past the deadline it reports and exits.
+    if let Some(ms) = arg(&args, "--deadline-ms") {
+        let ms: u64 = ms.parse().expect("--deadline-ms");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            println!(
+                "{}",
+                serde_json::json!({"errors": [format!("deadline: no result after {ms} ms")]})
+            );
+            std::process::exit(0);
+        });
+    }
     match args.get(1).map(String::as_str) {
         Some("echo") => serve(&args, echo),
         Some("sink") => serve(&args, sink),
         Some("reset") => serve(&args, reset),
+        Some("source") => serve(&args, source),
+        Some("read-client") => read_client(&args),
+        Some("dial-range") => dial_range(&args),
+        Some("raw") => raw(&args),
         Some("http") => serve(&args, http),
         Some("http-client") => http_client(&args),
+        Some("http-load") => http_load(&args),
         Some("echo-client") => echo_client(&args),
         Some("sink-client") => sink_client(&args),
         Some("reset-client") => reset_client(&args),

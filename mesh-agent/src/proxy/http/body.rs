@@ -1,11 +1,12 @@
-//! Bodies: request bodies recorded (up to a cap) so a retry can replay them, and response
-//! bodies that keep the request's resources (circuit-breaker slot, pooled connection,
-//! metrics) until their last frame, and enforce the route timeout while streaming.
+//! Bodies: request bodies recorded (up to a cap) so a retry can replay them, their failures
+//! kept as the client's (never held against the upstream), and response bodies that keep
+//! the request's resources (circuit-breaker slot, pooled connection, metrics) until their
+//! last frame, and enforce the route timeout while streaming.
 
 use std::{
     future::Future as _,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     task::{ready, Context, Poll},
 };
 
@@ -31,44 +32,76 @@ struct Recording {
     overflow: bool,
 }
 
-/// Passes the downstream body through while keeping a copy for replay.
-struct Tee {
+/// The downstream request body on its first try: copied for replay when a retry may need
+/// it, and its failures marked as the client's. hyper reports a request body's error as
+/// the upstream request's failure (and over HTTP/2 only as a stream reset), so the source
+/// of the body, not the error hyper returns, says whose fault it was.
+struct Downstream {
     inner: Incoming,
-    rec: Arc<Mutex<Recording>>,
+    rec: Option<Arc<Mutex<Recording>>>,
+    failed: Arc<OnceLock<String>>,
 }
 
-impl Body for Tee {
+/// The client's request body failed: malformed framing (a bad chunk), a reset stream, or
+/// a connection closed before the body's end.
+#[derive(Debug, thiserror::Error)]
+#[error("downstream request body: {0}")]
+struct ClientBodyError(#[source] hyper::Error);
+
+/// An error with its causes (hyper's own message is only "error reading a body").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+fn record(rec: &Mutex<Recording>, frame: &Option<Result<Frame<Bytes>, hyper::Error>>, end: bool) {
+    let mut rec = rec.lock().unwrap_or_else(|e| e.into_inner());
+    match frame {
+        Some(Ok(f)) => {
+            if let Some(d) = f.data_ref() {
+                if !rec.overflow {
+                    rec.len += d.len();
+                    if rec.len > REPLAY_LIMIT {
+                        rec.overflow = true;
+                        rec.data = Vec::new();
+                    } else {
+                        rec.data.push(d.clone());
+                    }
+                }
+            } else if let Some(t) = f.trailers_ref() {
+                rec.trailers = Some(t.clone());
+            }
+            rec.complete |= end;
+        }
+        None => rec.complete = true,
+        Some(Err(_)) => {}
+    }
+}
+
+impl Body for Downstream {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        let end = self.inner.is_end_stream();
-        let mut rec = self.rec.lock().unwrap_or_else(|e| e.into_inner());
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    if !rec.overflow {
-                        rec.len += d.len();
-                        if rec.len > REPLAY_LIMIT {
-                            rec.overflow = true;
-                            rec.data = Vec::new();
-                        } else {
-                            rec.data.push(d.clone());
-                        }
-                    }
-                } else if let Some(t) = f.trailers_ref() {
-                    rec.trailers = Some(t.clone());
-                }
-                rec.complete |= end;
-            }
-            None => rec.complete = true,
-            Some(Err(_)) => {}
+        if let Some(rec) = &self.rec {
+            record(rec, &frame, self.inner.is_end_stream());
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|r| {
+            r.map_err(|e| {
+                let _ = self.failed.set(chain(&e));
+                BoxError::from(ClientBodyError(e))
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -115,6 +148,8 @@ impl Body for Replay {
 pub(super) struct Source {
     first: Option<Incoming>,
     rec: Option<Arc<Mutex<Recording>>>,
+    /// Why the downstream body failed, once it has.
+    failed: Arc<OnceLock<String>>,
 }
 
 impl Source {
@@ -134,7 +169,14 @@ impl Source {
         Source {
             first: Some(body),
             rec,
+            failed: Arc::default(),
         }
+    }
+
+    /// Why the client's body failed, if it did: a try that failed then failed because of
+    /// the client, whatever the upstream connection reported.
+    pub fn client_error(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// Whether another try can get the whole body.
@@ -149,15 +191,12 @@ impl Source {
     /// The body for the next try (`can_replay` said yes).
     pub fn next(&mut self) -> ProxyBody {
         if let Some(b) = self.first.take() {
-            return match &self.rec {
-                Some(rec) => Tee {
-                    inner: b,
-                    rec: rec.clone(),
-                }
-                .map_err(BoxError::from)
-                .boxed_unsync(),
-                None => b.map_err(BoxError::from).boxed_unsync(),
-            };
+            return Downstream {
+                inner: b,
+                rec: self.rec.clone(),
+                failed: self.failed.clone(),
+            }
+            .boxed_unsync();
         }
         let r = self
             .rec

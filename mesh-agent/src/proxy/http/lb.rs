@@ -132,6 +132,17 @@ impl ClusterState {
             let keep: std::collections::HashSet<SocketAddr> =
                 cluster.endpoints.iter().map(|e| e.address).collect();
             inner.endpoints.retain(|a, _| keep.contains(a));
+            // An ejection is the verdict of one policy: when the policy changes or goes,
+            // nothing may keep an endpoint out (Envoy drops its detector with the policy).
+            if inner
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.outlier != cluster.outlier)
+            {
+                for e in inner.endpoints.values() {
+                    *lock(&e.outlier) = Outlier::default();
+                }
+            }
             inner.rr.retain(|a, _| keep.contains(a));
             for a in &keep {
                 inner
@@ -228,6 +239,23 @@ impl ClusterState {
         inner.endpoints.get(&eps[chosen].address).cloned()
     }
 
+    /// The endpoints of `cluster` outlier detection keeps out, with when each comes back.
+    pub fn ejections(&self, cluster: &Arc<Cluster>) -> HashMap<SocketAddr, Instant> {
+        let now = Instant::now();
+        let mut guard = lock(&self.inner);
+        // Synced first: a push that removed the policy has ended its ejections already,
+        // even if no request came since.
+        let inner = Self::sync(&mut guard, cluster);
+        inner
+            .endpoints
+            .iter()
+            .filter_map(|(a, e)| {
+                let o = lock(&e.outlier);
+                o.is_ejected(now).then_some((*a, o.ejected_until?))
+            })
+            .collect()
+    }
+
     /// Feeds outlier detection with one try's result; true when it ejected the endpoint.
     pub fn report(&self, cluster: &Cluster, ep: &EndpointState, failed: bool) -> bool {
         self.report_at(cluster, ep, failed, Instant::now())
@@ -237,6 +265,15 @@ impl ClusterState {
         let Some(od) = cluster.outlier else {
             return false;
         };
+        let inner = lock(&self.inner);
+        // A try that began before a push changed the policy is no evidence under the new one.
+        if inner
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.outlier != cluster.outlier)
+        {
+            return false;
+        }
         {
             let mut o = lock(&ep.outlier);
             if !failed {
@@ -248,7 +285,6 @@ impl ClusterState {
                 return false;
             }
         }
-        let inner = lock(&self.inner);
         let total = inner.endpoints.len().max(1);
         let ejected = inner
             .endpoints
@@ -485,5 +521,21 @@ mod tests {
         s.report_at(&c, &a, true, at(70));
         assert!(s.report_at(&c, &a, true, at(70)));
         assert!(!a.is_ejected(at(80)));
+    }
+
+    #[test]
+    fn tries_under_a_replaced_outlier_policy_eject_nothing() {
+        let eps = [(1, 1, Health::Healthy), (2, 1, Health::Healthy)];
+        let old = cluster(LbPolicy::RoundRobin, &eps);
+        let s = ClusterState::default();
+        let t0 = Instant::now();
+        let a = s.pick_at(&old, None, t0).unwrap();
+        let mut new = Arc::into_inner(cluster(LbPolicy::RoundRobin, &eps)).unwrap();
+        new.outlier = None;
+        s.pick_at(&Arc::new(new), None, t0);
+        // Tries that were in flight across the push report under the old policy.
+        assert!(!s.report_at(&old, &a, true, t0));
+        assert!(!s.report_at(&old, &a, true, t0));
+        assert!(!a.is_ejected(t0));
     }
 }

@@ -131,6 +131,7 @@ struct Proxy {
     addr: SocketAddr,
     config: watch::Sender<Arc<ProxyConfig>>,
     metrics: Arc<L7Metrics>,
+    l7: Arc<L7>,
 }
 
 async fn proxy(cfg: ProxyConfig) -> Proxy {
@@ -139,10 +140,11 @@ async fn proxy(cfg: ProxyConfig) -> Proxy {
     let l7 = L7::new(rx, metrics.clone());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let engine = l7.clone();
     tokio::spawn(
         async move {
             while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(l7.clone().serve(s, VIP, "test/client".into()));
+                tokio::spawn(engine.clone().serve(s, VIP, "test/client".into()));
             }
         }
         .instrument(tracing::debug_span!("test_proxy")),
@@ -151,6 +153,7 @@ async fn proxy(cfg: ProxyConfig) -> Proxy {
         addr,
         config,
         metrics,
+        l7,
     }
 }
 
@@ -1192,4 +1195,168 @@ async fn a_push_that_removes_a_cluster_drops_its_runtime_state() {
     })
     .await
     .expect("the idle upstream connection is closed");
+}
+
+/// Sends `bytes`, closes the write half (a client gone mid-body), returns all the proxy
+/// answered.
+async fn raw_then_close(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn eject_after(consecutive_5xx: u32) -> OutlierDetection {
+    OutlierDetection {
+        consecutive_5xx,
+        base_ejection_time: Duration::from_secs(60),
+        max_ejection_percent: 100,
+        interval: Duration::from_secs(10),
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_request_body_gets_400_and_is_not_held_against_the_endpoint() {
+    // hyper reports a failed request body differently per upstream codec (the request's
+    // error over HTTP/1.1, a bare stream reset over HTTP/2): both are the client's.
+    for (h2, protocol) in [
+        (false, UpstreamProtocol::Http1),
+        (true, UpstreamProtocol::Http2),
+    ] {
+        let up = upstream(h2, |req: Request<Incoming>| async move {
+            match req.into_body().collect().await {
+                Ok(b) => reply(200, b.to_bytes()),
+                Err(_) => reply(500, "body failed"),
+            }
+        })
+        .await;
+        let mut cl = cluster("c", &[up.addr]);
+        cl.protocol = protocol;
+        cl.outlier = Some(eject_after(2));
+        let mut fwd = to(&[("c", 1)]);
+        // Retrying would not help: the body is broken for every try.
+        fwd.retry_policy = Some(Arc::new(retry(
+            RetryOn {
+                reset: true,
+                ..RetryOn::default()
+            },
+            2,
+        )));
+        let p = proxy(simple(vec![cl], fwd)).await;
+        for _ in 0..6 {
+            let out = raw(
+                p.addr,
+                b"POST / HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  5\r\nhello\r\nzz\r\n",
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 400"), "{protocol:?}: {out}");
+        }
+        // Shorter than its content-length: the client went away mid-body.
+        for _ in 0..3 {
+            let out = raw_then_close(
+                p.addr,
+                b"POST / HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 100\r\n\r\nshort",
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 400"), "{protocol:?}: {out}");
+        }
+        let mut c = client(p.addr).await;
+        let g = call(&mut c, "POST", "/", &[], "fine").await;
+        assert_eq!(
+            (g.status, g.body.as_str()),
+            (200, "fine"),
+            "{protocol:?}: the endpoint is still in rotation"
+        );
+        let mut out = String::new();
+        p.metrics.render(&mut out);
+        assert!(
+            !out.contains("mesh_outlier_ejections_total{cluster=\"c\"}"),
+            "{protocol:?}: {out}"
+        );
+        assert!(
+            !out.contains("mesh_retries_total{cluster=\"c\"}"),
+            "{protocol:?}: {out}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ejections_end_when_the_outlier_policy_changes_or_goes() {
+    let bad = upstream(false, |_| async { reply(500, "bad") }).await;
+    let with = |od: Option<OutlierDetection>| {
+        let mut cl = cluster("c", &[bad.addr]);
+        cl.outlier = od;
+        Arc::new(simple(vec![cl], to(&[("c", 1)])))
+    };
+    let p = proxy(ProxyConfig::default()).await;
+    p.config.send_replace(with(Some(eject_after(2))));
+    let mut c = client(p.addr).await;
+    for _ in 0..2 {
+        assert_eq!(get(&mut c, "/").await.body, "bad");
+    }
+    assert_eq!(get(&mut c, "/").await.body, "no healthy upstream");
+    // A different policy: the old one's ejection ends, the new one's threshold applies.
+    p.config.send_replace(with(Some(eject_after(3))));
+    for _ in 0..3 {
+        assert_eq!(get(&mut c, "/").await.body, "bad");
+    }
+    assert_eq!(get(&mut c, "/").await.body, "no healthy upstream");
+    // No policy: nothing keeps the endpoint out.
+    p.config.send_replace(with(None));
+    for _ in 0..5 {
+        assert_eq!(get(&mut c, "/").await.body, "bad");
+    }
+}
+
+#[tokio::test]
+async fn the_config_dump_shows_ejected_endpoints() {
+    let bad = upstream(false, |_| async { reply(500, "bad") }).await;
+    let good = named("good").await;
+    let mut cl = cluster("c", &[bad.addr, good.addr]);
+    cl.outlier = Some(eject_after(1));
+    let p = proxy(simple(vec![cl], to(&[("c", 1)]))).await;
+    let endpoints = |p: &Proxy| -> Vec<serde_json::Value> {
+        let dump = p.l7.config_dump();
+        let c = &dump["clusters"][0];
+        assert_eq!(c["name"], "c");
+        c["endpoints"].as_array().unwrap().clone()
+    };
+    for e in endpoints(&p) {
+        assert_eq!(e["health"], "Healthy", "{e}");
+    }
+    let mut c = client(p.addr).await;
+    for _ in 0..4 {
+        get(&mut c, "/").await;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let eps = endpoints(&p);
+    let (ejected, healthy): (Vec<_>, Vec<_>) = eps
+        .iter()
+        .partition(|e| e["address"] == bad.addr.to_string());
+    assert_eq!(ejected[0]["health"], "Ejected", "{eps:?}");
+    assert_eq!(ejected[0]["configured_health"], "Healthy", "{eps:?}");
+    let until = ejected[0]["ejected_until_unix_ms"].as_u64().unwrap();
+    assert!(
+        (now_ms + 50_000..=now_ms + 61_000).contains(&until),
+        "{until} vs now {now_ms}"
+    );
+    assert_eq!(healthy[0]["health"], "Healthy", "{eps:?}");
+    assert!(healthy[0].get("ejected_until_unix_ms").is_none(), "{eps:?}");
+    // Without a policy, the dump says so at once, not after the next request.
+    let mut cl = cluster("c", &[bad.addr, good.addr]);
+    cl.outlier = None;
+    p.config
+        .send_replace(Arc::new(simple(vec![cl], to(&[("c", 1)]))));
+    for e in endpoints(&p) {
+        assert_eq!(e["health"], "Healthy", "{e}");
+    }
 }

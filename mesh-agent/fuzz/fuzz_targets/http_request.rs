@@ -1,0 +1,77 @@
+//! The L7 engine's server side (`proxy::http::L7::serve`): the input is what a client
+//! sends on one captured connection (HTTP/1.x or h2c, sniffed like a real one), served
+//! by the configuration the features file translates to: routing on path, headers and
+//! query, direct responses, faults, rate limits, header rewrites, gRPC local replies.
+//! Its services have no endpoints, so forwarding ends in a local 503 and nothing leaves
+//! the process. The first byte picks the listener (`FEATURES_LISTENERS`).
+#![no_main]
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, OnceLock},
+};
+
+use libfuzzer_sys::fuzz_target;
+use mesh_agent::{
+    config::MeshFile,
+    proxy::http::{L7Metrics, L7},
+    xds::model::ProxyConfig,
+};
+use mesh_agent_fuzz::{accept, translate, FEATURES_LISTENERS, FEATURES_YAML};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn config() -> &'static Arc<ProxyConfig> {
+    static CONFIG: OnceLock<Arc<ProxyConfig>> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let file = MeshFile::parse(Path::new("features.yaml"), FEATURES_YAML).expect("features");
+        let (core, nacks) = accept(&translate(&file));
+        assert!(nacks.is_empty(), "{nacks:?}");
+        let (config, warming) = core.accepted.build();
+        assert!(warming.listeners.is_empty(), "{warming:?}");
+        for l in FEATURES_LISTENERS {
+            assert!(
+                config.listener(l.parse().unwrap()).is_some(),
+                "no listener {l}"
+            );
+        }
+        Arc::new(config)
+    })
+}
+
+fuzz_target!(
+    init: {
+        config();
+    },
+    |data: &[u8]| {
+        let Some((&pick, input)) = data.split_first() else {
+            return;
+        };
+        let dst: SocketAddr = FEATURES_LISTENERS[usize::from(pick) % FEATURES_LISTENERS.len()]
+            .parse()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            // Fresh engine state (rate-limit buckets, balancers) per input, so a run is
+            // reproducible from its input alone.
+            let (_tx, rx) = tokio::sync::watch::channel(config().clone());
+            let l7 = L7::new(rx, Arc::new(L7Metrics::default()));
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let serve = tokio::spawn(l7.serve(server, dst, "fuzz/client".into()));
+            // Write and read at once: pipelined requests can fill the reply direction
+            // before the last request is written.
+            let (mut rd, mut wr) = tokio::io::split(client);
+            let write = async {
+                let _ = wr.write_all(input).await;
+                let _ = wr.shutdown().await;
+            };
+            let mut out = Vec::new();
+            let _ = tokio::join!(write, rd.read_to_end(&mut out));
+            let _ = serve.await;
+        });
+    }
+);

@@ -1,0 +1,37 @@
+//! The standalone enrolment/services file: YAML parsing and validation
+//! (`MeshFile::parse`), then what the agent does with a file it accepted: the datapath
+//! snapshot, the embedded control plane's translation to xDS, and the agent's own proxy
+//! judging it. A NACK is allowed here: some limits are xDS-level checks by design (token
+//! buckets, durations beyond a protobuf Duration, header rewrites; docs/configuration.md),
+//! refused with a reason while the last good configuration stays. What must never happen
+//! is a panic anywhere on the way.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use mesh_agent::{config::MeshFile, workload::Snapshot};
+use mesh_agent_fuzz::{accept, translate};
+
+fuzz_target!(
+    init: {
+        if let Some(dir) = std::env::var_os("MESH_FUZZ_WRITE_SEEDS") {
+            mesh_agent_fuzz::write_seeds(Path::new(&dir)).expect("writing seeds");
+        }
+    },
+    |data: &[u8]| {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        let Ok(file) = MeshFile::parse(Path::new("fuzz.yaml"), text) else {
+            return;
+        };
+        let snapshot = Snapshot::from_file(&file);
+        assert_eq!(snapshot.workloads.len(), file.workloads.len());
+        let resources = translate(&file);
+        let (core, nacks) = accept(&resources);
+        // A refusal names what it refuses.
+        assert!(nacks.iter().all(|n| !n.is_empty()), "{nacks:?}");
+        let (_config, _warming) = core.accepted.build();
+    }
+);
