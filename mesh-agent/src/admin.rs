@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, Instrument};
 
-use crate::{bpf::Maps, metrics::Metrics, workload::Snapshot};
+use crate::{datapath::Maps, enrol::Snapshot, metrics::Metrics};
 
 /// Named readiness guards; ready when all are set.
 #[derive(Default)]
@@ -54,13 +54,13 @@ pub struct Admin {
     pub readiness: Arc<Readiness>,
     pub config_json: String,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    pub xds: Arc<crate::xds::client::XdsClient>,
+    pub xds: Arc<crate::proxy::xds::client::XdsClient>,
     /// The proxy's L7 engine: the configuration in force with its live endpoint state.
     pub l7: Arc<crate::proxy::http::L7>,
     /// The embedded control plane's counters, when it runs.
-    pub ads_stats: Option<Arc<crate::xds::server::ServerStats>>,
+    pub ads_stats: Option<Arc<crate::control::server::ServerStats>>,
     /// The Kubernetes watchers' counters, with `--source kubernetes`.
-    pub k8s: Option<Arc<crate::k8s::Stats>>,
+    pub k8s: Option<Arc<crate::enrol::k8s::Stats>>,
 }
 
 impl Admin {

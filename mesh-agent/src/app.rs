@@ -16,19 +16,20 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::{
     admin::{Admin, Readiness},
-    bpf::{self, Datapath, LoadOptions},
-    config::{MeshFile, RunArgs, Source},
-    k8s,
-    metrics::Metrics,
-    proxy::Outbound,
-    sys,
-    workload::{self, MapSyncer, Registry, Snapshot},
-    xds::{
-        auth,
-        client::{ClientOptions, XdsClient},
-        server::AdsServer,
-        translate,
+    config::{RunArgs, Source},
+    control::{auth, server::AdsServer, translate},
+    datapath::{
+        self,
+        writer::{MapSyncer, Registry},
+        Datapath, LoadOptions,
     },
+    enrol::{self, file::MeshFile, k8s, Snapshot},
+    metrics::Metrics,
+    proxy::{
+        xds::client::{ClientOptions, XdsClient},
+        Outbound,
+    },
+    sys,
 };
 
 const READY_BPF: &str = "bpf attached";
@@ -49,7 +50,7 @@ fn xds_resources(
 pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     // Everything that can be wrong with the input is reported before touching the kernel;
     // lacking privileges first of all (it also decides whether the file can be read).
-    bpf::require_root()?;
+    datapath::require_root()?;
     match sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(limit = n, "open-file limit"),
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
@@ -64,14 +65,14 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     if args.xds_address.is_none() {
         auth::check_listen(args.xds_listen, xds_token.as_ref())?;
     }
-    let cgroup = bpf::preflight(&args.pin_path, args.cgroup.as_deref())?;
+    let cgroup = datapath::preflight(&args.pin_path, args.cgroup.as_deref())?;
     let config_json = serde_json::to_string_pretty(&args).unwrap_or_default();
     info!(config = %config_json.replace('\n', ""), "starting");
 
     // With --takeover, a running agent of this node hands it over (an upgrade); without,
     // the node lock is taken first, so a second agent is told so before anything else.
     let takeover = if args.takeover {
-        crate::handover::request(&args.pin_path)?
+        crate::lifecycle::handover::request(&args.pin_path)?
     } else {
         None
     };
@@ -127,7 +128,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     // client, both on this (control) runtime; the proxy reads the config it publishes.
     let mut translator = translate::Translator::default();
     let (xds_tx, xds_rx) = watch::channel(Arc::new(
-        crate::xds::server::Snapshot::default()
+        crate::control::server::Snapshot::default()
             .next(xds_resources(&mut translator, &snap_rx.borrow())),
     ));
     // The embedded control plane: over a Unix socket for this agent's proxy, over TCP
@@ -199,8 +200,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let l7 = outbound.l7();
     // The next agent may ask for the node while this one runs (`handover`).
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::unbounded_channel();
-    let _handover = crate::handover::serve(&args.pin_path, outbound.listener_fd(), handover_tx)
-        .context("opening the hand-over socket")?;
+    let _handover =
+        crate::lifecycle::handover::serve(&args.pin_path, outbound.listener_fd(), handover_tx)
+            .context("opening the hand-over socket")?;
     proxy_rt.spawn(
         outbound
             .serve(stop_rx)
@@ -307,7 +309,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                     excludes: file.exclude.clone(),
                     locator: k8s::PodLocator::new(
                         args.kubepods_cgroup.clone(),
-                        &bpf::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                        &datapath::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()),
                         "/proc".into(),
                     ),
                 };
@@ -321,7 +323,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             }
             (None, Some(path)) => {
                 tokio::spawn(
-                    workload::watch_file(
+                    enrol::file::watch_file(
                         path.clone(),
                         Duration::from_millis(args.reload_interval_ms),
                         snap_tx,
@@ -366,7 +368,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 info!(signal = s, "shutting down");
                 false
             }
-            Some(crate::handover::Event::Requested) = handover_rx.recv() => true,
+            Some(crate::lifecycle::handover::Event::Requested) = handover_rx.recv() => true,
         }
     });
     if handed_over {
@@ -383,7 +385,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             }
         });
         match outcome {
-            Some(crate::handover::Event::Ready) => info!("handed the node over; draining"),
+            Some(crate::lifecycle::handover::Event::Ready) => {
+                info!("handed the node over; draining")
+            }
             other => warn!(
                 ?other,
                 "the new agent did not become ready; leaving the datapath attached for it"
@@ -470,7 +474,7 @@ const NODE_ADDR_REFRESH: Duration = Duration::from_secs(1);
 /// Keeps `NODE_ADDRS` current on a thread of its own (a netlink dump is blocking work):
 /// runs until the returned sender is dropped.
 fn watch_node_addrs(
-    maps: Arc<bpf::Maps>,
+    maps: Arc<datapath::Maps>,
 ) -> std::io::Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
@@ -526,7 +530,7 @@ fn ads_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 /// Rebuilds the control plane's snapshot from a new standalone snapshot; clients are
 /// woken only when a resource changed.
 fn publish_resources(
-    tx: &watch::Sender<Arc<crate::xds::server::Snapshot>>,
+    tx: &watch::Sender<Arc<crate::control::server::Snapshot>>,
     translator: &mut translate::Translator,
     snap: &Snapshot,
 ) {
@@ -563,7 +567,7 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         let snap = Snapshot::from_file(&file);
         let mut translator = translate::Translator::default();
         let (xds_tx, xds_rx) = watch::channel(Arc::new(
-            crate::xds::server::Snapshot::default().next(xds_resources(&mut translator, &snap)),
+            crate::control::server::Snapshot::default().next(xds_resources(&mut translator, &snap)),
         ));
         let token = args
             .xds_token_file
@@ -632,7 +636,7 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
             }
             (Source::File, Some(path)) => {
                 tokio::spawn(
-                    workload::watch_file(
+                    enrol::file::watch_file(
                         path.clone(),
                         Duration::from_millis(args.reload_interval_ms),
                         snap_tx,

@@ -107,7 +107,7 @@ pub struct XdsWatchArgs {
     #[arg(long, env = "MESH_XDS_TOKEN_FILE")]
     pub xds_token_file: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "delta")]
-    pub mode: crate::xds::client::Mode,
+    pub mode: crate::proxy::xds::client::Mode,
     #[arg(long, default_value = "xds-watch")]
     pub node_id: String,
     /// Stop after this long (milliseconds); 0: run until interrupted.

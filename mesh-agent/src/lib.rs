@@ -3,19 +3,25 @@
 //! are handed to, keeps the datapath maps in line with the enrolment source, and lets
 //! operators inspect it all from the command line.
 //!
+//! The pieces, and which may use which, are in docs/architecture.md ("Code map"):
+//! `datapath` (loader, maps, map writer), `enrol` (the file and Kubernetes sources),
+//! `control` (the control plane: its model, translation to xDS, the ADS server), `proxy`
+//! (the node proxy: L4, L7, its own config model and its xDS client), `admin` and
+//! `metrics`, `lifecycle` (readiness, drain, hand-over), and `app`, which wires them.
+//!
 //! The modules live in this library so the binary (`main.rs`) stays a thin entry point and
 //! the fuzz targets (`fuzz/`) can reach the parsers and converters they exercise.
 
 pub mod admin;
 pub mod app;
-pub mod bpf;
 pub mod cli;
 pub mod config;
-pub mod handover;
-pub mod k8s;
+pub mod control;
+pub mod datapath;
+pub mod enrol;
+pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 // Raw system calls: the one module allowed `unsafe`, kept private to the crate.
 mod sys;
-pub mod workload;
-pub mod xds;
+pub mod wire;

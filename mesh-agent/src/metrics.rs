@@ -64,9 +64,9 @@ pub struct Metrics {
     pub unresolved_workloads: AtomicU64,
     pub enrolled_workloads: AtomicU64,
     /// Reloads of the standalone file, applied and rejected.
-    pub reloads: Arc<crate::workload::ReloadStats>,
+    pub reloads: Arc<crate::enrol::file::ReloadStats>,
     /// Datapath map writes of the map syncer that failed, by map.
-    pub map_writes: crate::workload::MapWriteStats,
+    pub map_writes: crate::datapath::writer::MapWriteStats,
     /// The L7 proxy's series (`proxy::http::L7` counts into these).
     pub l7: Arc<L7Metrics>,
 }

@@ -6,7 +6,9 @@
 //! (half-close), and a reset or error on either side resets the other one (`SO_LINGER 0`
 //! then close), so a peer that sends RST is seen as RST, never as a clean end.
 
+pub mod config;
 pub mod http;
+pub mod xds;
 
 use std::{
     io,
@@ -31,15 +33,14 @@ use tokio::{
 use tracing::{debug, info, warn, Instrument};
 
 use self::http::{detect, Sniffed, L7};
+use self::{
+    config::ListenerKind,
+    xds::client::{Lookup, XdsClient},
+};
 use crate::{
-    bpf::Maps,
+    datapath::{writer::SharedRegistry, Maps},
     metrics::{FlowCounters, FlowLabels, Metrics},
     sys,
-    workload::SharedRegistry,
-    xds::{
-        client::{Lookup, XdsClient},
-        model::ListenerKind,
-    },
 };
 
 /// Relay buffer per direction (bytes).

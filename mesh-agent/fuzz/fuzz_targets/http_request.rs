@@ -14,9 +14,11 @@ use std::{
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
-    config::MeshFile,
-    proxy::http::{L7Metrics, L7},
-    xds::model::ProxyConfig,
+    enrol::file::MeshFile,
+    proxy::{
+        config::ProxyConfig,
+        http::{L7Metrics, L7},
+    },
 };
 use mesh_agent_fuzz::{accept, translate, FEATURES_LISTENERS, FEATURES_YAML};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -13,7 +13,7 @@ use k8s_openapi::api::{
 };
 use kube::api::DynamicObject;
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::k8s::state::{build, Cluster, Options};
+use mesh_agent::enrol::k8s::state::{build, Cluster, Options};
 use mesh_agent_fuzz::accept;
 use serde::Deserialize;
 
@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
     });
     let snap = built.snapshot;
     let resources =
-        mesh_agent::xds::translate::Translator::default().resources(&snap.services, &snap.declared);
+        mesh_agent::control::translate::Translator::default().resources(&snap.services, &snap.declared);
     let (core, nacks) = accept(&resources);
     assert!(
         nacks.is_empty(),

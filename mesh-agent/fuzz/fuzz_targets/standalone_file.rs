@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::{config::MeshFile, workload::Snapshot};
+use mesh_agent::enrol::{file::MeshFile, Snapshot};
 use mesh_agent_fuzz::{accept, translate};
 
 fuzz_target!(

@@ -15,8 +15,8 @@ use envoy_types::pb::{
 };
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
-    config::MeshFile,
-    xds::{
+    enrol::file::MeshFile,
+    proxy::xds::{
         client::{Core, Kind},
         convert::Accepted,
     },

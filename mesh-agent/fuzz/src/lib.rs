@@ -6,11 +6,9 @@ use std::path::Path;
 
 use envoy_types::pb::{envoy::service::discovery::v3::DiscoveryResponse, google::protobuf::Any};
 use mesh_agent::{
-    config::MeshFile,
-    xds::{
-        client::{Core, Kind},
-        translate::Translator,
-    },
+    control::translate::Translator,
+    enrol::file::MeshFile,
+    proxy::xds::client::{Core, Kind},
 };
 
 /// A standalone file with every L7 feature the translator knows, and no endpoints, so a

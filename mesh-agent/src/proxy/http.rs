@@ -1,5 +1,5 @@
 //! The L7 half of the node proxy: HTTP/1.1, HTTP/2 and gRPC on hyper, configured by
-//! `xds::model` (routes, clusters, endpoints) with Envoy's semantics.
+//! `proxy::config` (routes, clusters, endpoints) with Envoy's semantics.
 //!
 //! A request goes: virtual host and route (`route`), local rate limit and fault injection
 //! (`policy`), then the route's action. Forwarding picks a weighted cluster, checks the
@@ -58,7 +58,7 @@ use self::{
 pub use crate::metrics::L7Metrics;
 use crate::{
     metrics::RequestLabels,
-    xds::model::{
+    proxy::config::{
         Codec, FaultAbort, Forward, HttpListener, Listener, ListenerKind, ProxyConfig, Route,
         RouteAction, VirtualHost,
     },
@@ -264,7 +264,7 @@ impl L7 {
             .into_iter()
             .map(|(cl, state)| (cl.name.as_str(), state.ejections(cl)))
             .collect();
-        crate::xds::dump::config_with(&cfg, |cluster, addr| {
+        crate::proxy::xds::dump::config_with(&cfg, |cluster, addr| {
             let until = ejected.get(cluster)?.get(&addr)?;
             Some(wall + until.saturating_duration_since(now))
         })
@@ -659,7 +659,7 @@ impl L7 {
     async fn try_once(
         &self,
         state: &ClusterState,
-        cluster: &crate::xds::model::Cluster,
+        cluster: &crate::proxy::config::Cluster,
         ep: &lb::EndpointState,
         up: &route::Upstream,
         source: &mut Source,

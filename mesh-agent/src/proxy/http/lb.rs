@@ -15,7 +15,7 @@ use std::{
 use tokio::time::Instant;
 
 use super::{policy::Counters, pool::EndpointPool, route::hash64};
-use crate::xds::model::{Cluster, Health, LbPolicy, OutlierDetection};
+use crate::proxy::config::{Cluster, Health, LbPolicy, OutlierDetection};
 
 /// Envoy's `max_ejection_time` default: ejections grow with `times_ejected` up to this.
 const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -335,7 +335,7 @@ fn weighted_random(set: &[usize], weight: impl Fn(usize) -> i64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xds::model::{CircuitBreaker, Endpoint, UpstreamProtocol};
+    use crate::proxy::config::{CircuitBreaker, Endpoint, UpstreamProtocol};
 
     fn cluster(lb: LbPolicy, eps: &[(u16, u32, Health)]) -> Arc<Cluster> {
         Arc::new(Cluster {

@@ -13,7 +13,7 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use tokio::{sync::Notify, time::Instant};
 
-use crate::xds::model::{RateLimit, RetryPolicy};
+use crate::proxy::config::{RateLimit, RetryPolicy};
 
 /// Circuit-breaker gauges of one cluster (Envoy's `DEFAULT` priority thresholds).
 #[derive(Debug, Default)]
@@ -212,7 +212,7 @@ pub(super) fn roll(ppm: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xds::model::RetryOn;
+    use crate::proxy::config::RetryOn;
 
     fn rl(max: u32, per_fill: u32, ms: u64) -> RateLimit {
         RateLimit {

@@ -15,7 +15,7 @@ use super::{
     policy::{Counters, Gauge, Slot},
     L7Error, ProxyBody, SpanExec,
 };
-use crate::xds::model::{Cluster, UpstreamProtocol};
+use crate::proxy::config::{Cluster, UpstreamProtocol};
 
 #[derive(Debug, Default)]
 pub(super) struct EndpointPool {

@@ -10,7 +10,7 @@ use http::{
     request, HeaderMap, HeaderValue, Method, Request, Uri, Version,
 };
 
-use crate::xds::model::{
+use crate::proxy::config::{
     Forward, HeaderMutation, PathMatch, Route, RouteConfig, RouteMatch, StringMatch,
     UpstreamProtocol, VirtualHost, WeightedCluster,
 };
@@ -414,7 +414,7 @@ mod tests {
     use regex_lite::Regex;
 
     use super::*;
-    use crate::xds::model::{HeaderMatch, QueryMatch, RouteAction};
+    use crate::proxy::config::{HeaderMatch, QueryMatch, RouteAction};
 
     fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         VirtualHost {

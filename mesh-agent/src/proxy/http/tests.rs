@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use super::*;
-use crate::xds::model::{
+use crate::proxy::config::{
     CircuitBreaker, Cluster, Endpoint, Fault, HeaderMutation, Health, LbPolicy, OutlierDetection,
     PathMatch, RateLimit, RetryOn, RetryPolicy, RouteConfig, RouteMatch, UpstreamProtocol,
     WeightedCluster,

@@ -9,6 +9,7 @@
 //! program; `Drop` removes the pins.
 
 pub mod btf;
+pub mod writer;
 
 use std::{
     fs::File,
@@ -197,7 +198,7 @@ pub struct Maps {
     pub workloads: Mutex<HashMap<MapData, u64, WorkloadInfo>>,
     pub dests: Mutex<HashMap<MapData, u32, DestInfo>>,
     pub excludes: Mutex<Array<MapData, ExcludeCidr>>,
-    /// The generation of the `EXCLUDES` double buffer (`workload::write_excludes`).
+    /// The generation of the `EXCLUDES` double buffer (`writer::write_excludes`).
     pub excludes_gen: Mutex<Array<MapData, u32>>,
     pub config: Mutex<Array<MapData, MeshConfig>>,
     pub flows: Mutex<HashMap<MapData, SockKey, FlowInfo>>,

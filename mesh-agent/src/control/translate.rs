@@ -31,15 +31,12 @@ use envoy_types::pb::{
 };
 use envoy_types::util::pack_any;
 
-use super::convert::{
-    FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER,
+use crate::control::model::{
+    KvMatchSpec, LbPolicySpec, Member, Protocol, RateLimitSpec, RouteSpec, ServicePort, ServiceSpec,
 };
-use crate::config::{
-    KvMatchSpec, LbPolicySpec, Protocol, RateLimitSpec, RouteSpec, ServicePort, ServiceSpec,
-    WorkloadSpec,
-};
+use crate::wire::{FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER};
 
-pub const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
+pub use crate::wire::HTTP_INSPECTOR;
 
 pub fn cluster_name(svc: &ServiceSpec, port: u16) -> String {
     format!("outbound|{port}||{}.{}", svc.name, svc.namespace)
@@ -86,8 +83,8 @@ fn socket_address(ip: String, port: u16) -> Option<core::Address> {
 
 /// Every resource the file defines, as `(name, Any)`.
 #[cfg(test)]
-pub fn resources(file: &crate::config::MeshFile) -> Vec<(String, Any)> {
-    Translator::default().resources(&file.services, &file.workloads)
+pub fn resources(file: &crate::enrol::file::MeshFile) -> Vec<(String, Any)> {
+    Translator::default().resources(&file.services, &file.members())
 }
 
 /// Services by (namespace, name): how route backends are resolved.
@@ -124,10 +121,7 @@ fn backend<'a>(index: &Index<'a>, svc: &ServiceSpec, name: &str) -> Option<&'a S
     index.get(&(ns, n)).copied()
 }
 
-fn selected<'w>(
-    namespace_workloads: &[&'w WorkloadSpec],
-    svc: &ServiceSpec,
-) -> Vec<&'w WorkloadSpec> {
+fn selected<'w>(namespace_workloads: &[&'w Member], svc: &ServiceSpec) -> Vec<&'w Member> {
     if svc.selector.is_empty() {
         return Vec::new();
     }
@@ -142,14 +136,14 @@ impl Translator {
     pub fn resources(
         &mut self,
         services: &[ServiceSpec],
-        workloads: &[WorkloadSpec],
+        workloads: &[Member],
     ) -> Vec<(String, Any)> {
         let index: Index<'_> = services
             .iter()
             .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
             .collect();
         // Selectors look within a namespace: index the workloads once.
-        let mut by_ns: HashMap<&str, Vec<&WorkloadSpec>> = HashMap::new();
+        let mut by_ns: HashMap<&str, Vec<&Member>> = HashMap::new();
         for w in workloads {
             by_ns.entry(w.namespace.as_str()).or_default().push(w);
         }
@@ -197,7 +191,7 @@ impl Translator {
 
 fn service_resources(
     index: &Index<'_>,
-    picked: &[&WorkloadSpec],
+    picked: &[&Member],
     svc: &ServiceSpec,
 ) -> Vec<(String, Any)> {
     let mut out = Vec::new();
@@ -639,7 +633,7 @@ fn route_action(
     }
 }
 
-fn fault(f: &crate::config::FaultSpec) -> hfault::HttpFault {
+fn fault(f: &crate::control::model::FaultSpec) -> hfault::HttpFault {
     hfault::HttpFault {
         delay: f.delay_ms.map(|d| common_fault::FaultDelay {
             fault_delay_secifier: Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(
@@ -709,7 +703,7 @@ fn cluster(svc: &ServiceSpec, p: &ServicePort) -> ec::Cluster {
 }
 
 fn load_assignment(
-    selected: &[&WorkloadSpec],
+    selected: &[&Member],
     svc: &ServiceSpec,
     p: &ServicePort,
 ) -> ee::ClusterLoadAssignment {
@@ -761,8 +755,8 @@ fn load_assignment(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MeshFile;
-    use crate::xds::convert::{self, Accepted};
+    use crate::enrol::file::MeshFile;
+    use crate::proxy::xds::convert::{self, Accepted};
     use std::path::Path;
 
     pub const FILE: &str = "\
@@ -827,7 +821,7 @@ services:
 
     #[test]
     fn every_translated_resource_is_accepted_and_resolves() {
-        use crate::xds::model::*;
+        use crate::proxy::config::*;
         let (cfg, warming) = accepted().build();
         assert_eq!(warming, convert::Warming::default());
         // Four socket listeners; the API listeners (proxyless gRPC) are not served here.
@@ -895,12 +889,12 @@ services:
     fn the_cache_retranslates_what_changed_and_matches_a_full_translation() {
         let mut f = MeshFile::parse(Path::new("t.yaml"), FILE).unwrap();
         let mut t = Translator::default();
-        let first = t.resources(&f.services, &f.workloads);
+        let first = t.resources(&f.services, &f.members());
         assert_eq!(first, resources(&f));
         let all = t.translated;
         assert_eq!(all, f.services.len() as u64);
         // Nothing changed: nothing translated.
-        assert_eq!(t.resources(&f.services, &f.workloads), first);
+        assert_eq!(t.resources(&f.services, &f.members()), first);
         assert_eq!(t.translated, all);
         // A backend's ports change: the service routing to it is translated again too.
         let i = f
@@ -909,7 +903,7 @@ services:
             .position(|s| s.name == "reviews-v2")
             .unwrap();
         f.services[i].ports[0].port = 81;
-        let out = t.resources(&f.services, &f.workloads);
+        let out = t.resources(&f.services, &f.members());
         assert_eq!(out, resources(&f));
         assert_eq!(
             t.translated,
@@ -921,7 +915,7 @@ services:
         f.workloads[0]
             .labels
             .insert("app".into(), "reviews-v2".into());
-        let out = t.resources(&f.services, &f.workloads);
+        let out = t.resources(&f.services, &f.members());
         assert_eq!(out, resources(&f));
         assert_eq!(
             t.translated,
@@ -930,7 +924,7 @@ services:
         );
         // A removed service leaves the cache.
         f.services.remove(i);
-        assert_eq!(t.resources(&f.services, &f.workloads), resources(&f));
+        assert_eq!(t.resources(&f.services, &f.members()), resources(&f));
         assert_eq!(t.cache.len(), f.services.len());
     }
 }

@@ -1,4 +1,4 @@
-//! Envoy v3 resources -> the resolved model (`xds::model`), with validation.
+//! Envoy v3 resources -> the proxy's own model (`proxy::config`), with validation.
 //!
 //! Each resource is checked on its own when it arrives, so a NACK names the resource and
 //! the field at fault and the other resources of the same response can still be judged.
@@ -32,18 +32,16 @@ use envoy_types::pb::{
 use prost::{Message, Name};
 use regex_lite::Regex;
 
-use super::model::{
-    self, Cluster, Codec, Endpoint, Fault, FaultAbort, Forward, HeaderMatch, HeaderMutation,
-    Health, HttpListener, LbPolicy, Listener, ListenerKind, OutlierDetection, PathMatch,
-    ProxyConfig, QueryMatch, RateLimit, RetryOn, RetryPolicy, Route, RouteAction, RouteConfig,
-    RouteMatch, StringMatch, UpstreamProtocol, VirtualHost, WeightedCluster,
+use crate::proxy::config::{
+    self as model, Cluster, Codec, Endpoint, Fault, FaultAbort, Forward, HeaderMatch,
+    HeaderMutation, Health, HttpListener, LbPolicy, Listener, ListenerKind, OutlierDetection,
+    PathMatch, ProxyConfig, QueryMatch, RateLimit, RetryOn, RetryPolicy, Route, RouteAction,
+    RouteConfig, RouteMatch, StringMatch, UpstreamProtocol, VirtualHost, WeightedCluster,
 };
 
-pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
-pub const RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
-pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
-pub const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
-pub const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
+pub use crate::wire::{
+    FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER,
+};
 
 /// Envoy's default route timeout.
 const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);

@@ -39,10 +39,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt as _};
 use tracing::{debug, info, warn};
 
-use super::{
-    convert::{self, Accepted, Invalid, Warming},
-    model::{Listener, ProxyConfig},
-};
+use super::convert::{self, Accepted, Invalid, Warming};
+use crate::proxy::config::{Listener, ProxyConfig};
 
 /// gRPC `INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;
@@ -64,7 +62,7 @@ pub struct ClientOptions {
     /// `http://host:port` of the ADS server, or `unix:/path` of its Unix socket.
     pub address: String,
     /// Bearer token sent with every stream (a control plane with `--xds-token-file`).
-    pub token: Option<super::auth::Token>,
+    pub token: Option<crate::wire::Token>,
     pub node_id: String,
     pub cluster: String,
     pub mode: Mode,
@@ -201,9 +199,9 @@ fn now_ms() -> u64 {
 /// A checked resource of any of the four types.
 enum Checked {
     Listener(convert::ListenerSpec),
-    Route(Arc<super::model::RouteConfig>),
+    Route(Arc<crate::proxy::config::RouteConfig>),
     Cluster(convert::ClusterSpec),
-    Endpoints(Arc<Vec<super::model::Endpoint>>),
+    Endpoints(Arc<Vec<crate::proxy::config::Endpoint>>),
 }
 
 fn check(kind: Kind, any: &Any) -> Result<(String, Checked), String> {
@@ -641,7 +639,7 @@ impl Core {
 type AdsClient = AggregatedDiscoveryServiceClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        super::auth::Credentials,
+        crate::wire::Credentials,
     >,
 >;
 
@@ -751,7 +749,7 @@ impl Variant for Delta {
 
 /// Whether every cluster a listener sends traffic to is known with its endpoints.
 fn complete(cfg: &ProxyConfig, l: &Listener) -> bool {
-    use super::model::{ListenerKind, RouteAction};
+    use crate::proxy::config::{ListenerKind, RouteAction};
     let known = |c: &str| cfg.cluster(c).is_some_and(|c| c.endpoints_known);
     let fallback_ok = l.tcp_fallback.as_deref().is_none_or(known);
     fallback_ok
@@ -1009,7 +1007,7 @@ impl XdsClient {
             }
         }
         .map_err(|e| format!("connecting to {address}: {e}"))?;
-        let creds = super::auth::Credentials::bearer(self.opts.token.as_ref());
+        let creds = crate::wire::Credentials::bearer(self.opts.token.as_ref());
         Ok(
             AggregatedDiscoveryServiceClient::with_interceptor(ch, creds)
                 .max_decoding_message_size(256 << 20)

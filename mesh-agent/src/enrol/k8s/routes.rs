@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::config::{BackendSpec, HeadersSpec, KvMatchSpec, MatchSpec, RouteSpec};
+use crate::control::model::{BackendSpec, HeadersSpec, KvMatchSpec, MatchSpec, RouteSpec};
 
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
@@ -220,7 +220,7 @@ pub fn convert_rule(
     }
     if !rule.backend_refs.is_empty() && base.backends.is_empty() {
         // Every backend has weight 0: the Gateway API answers 500.
-        base.direct_response = Some(crate::config::DirectResponseSpec {
+        base.direct_response = Some(crate::control::model::DirectResponseSpec {
             status: 500,
             body: String::new(),
         });
@@ -259,7 +259,7 @@ fn proxy_takes(route: &RouteSpec) -> Result<(), String> {
         ("ResponseHeaderModifier", &route.response_headers),
     ] {
         if let Some(h) = h {
-            crate::config::check_headers(what, h, &mut |m| problems.push(m));
+            crate::control::model::check_headers(what, h, &mut |m| problems.push(m));
         }
     }
     let m = &route.matcher;

@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::model::{
+use crate::proxy::config::{
     Cluster, Fault, FaultAbort, HeaderMutation, ListenerKind, PathMatch, ProxyConfig, RateLimit,
     RouteAction, StringMatch,
 };

@@ -1,16 +1,12 @@
-//! Workload enrolment: what runs on this node, which workloads are captured, and the
-//! writer that keeps the datapath maps in line with it.
-//!
-//! A source (today the standalone file, later Kubernetes) publishes `Snapshot`s on a
-//! `watch` channel; `MapSyncer` is the single reader that turns the difference between the
-//! snapshot in force and the new one into map updates, so an update costs what changed.
+//! The map writer: keeps `WORKLOADS`, `DESTS` and `EXCLUDES` in line with the enrolment
+//! snapshot in force. It is the single reader of the snapshots a source publishes and turns
+//! the difference between the snapshot in force and the new one into map updates, so an
+//! update costs what changed.
 
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::PathBuf,
     sync::{atomic::AtomicU64, Arc, RwLock},
-    time::{Duration, SystemTime},
 };
 
 use aya::maps::{MapData, MapError};
@@ -19,76 +15,12 @@ use mesh_common::{
     maps::{exclude_half, DestInfo, ExcludeCidr, WorkloadInfo},
     wl_flags,
 };
-use serde::Serialize;
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    bpf::Maps,
-    config::{parse_cidr, ExcludeRule, MeshFile, Mode},
+    datapath::Maps,
+    enrol::{file::parse_cidr, Snapshot},
 };
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Workload {
-    pub namespace: String,
-    pub name: String,
-    pub ip: Ipv4Addr,
-    pub netns: PathBuf,
-    /// Outbound traffic is captured.
-    pub enrolled: bool,
-    /// As a destination: same-node flows go socket to socket.
-    pub direct: bool,
-    /// Its connections are refused, not passed around the mesh, when the mesh cannot
-    /// serve them (`mesh-agent.io/fail-mode: closed`).
-    pub fail_closed: bool,
-    /// Its connections are left alone (`mesh-agent.io/bypass: "true"`).
-    pub bypass: bool,
-    /// Why the workload's network namespace is not known (it is then not captured).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unresolved: Option<String>,
-    /// SPIFFE identity, from the pod's ServiceAccount (Kubernetes source).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
-}
-
-/// What the node should look like, as one consistent value.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Snapshot {
-    pub workloads: Vec<Workload>,
-    pub excludes: Vec<ExcludeRule>,
-    /// Services, for the embedded control plane.
-    pub services: Vec<crate::config::ServiceSpec>,
-    /// Workloads as declared (labels select service endpoints).
-    #[serde(skip)]
-    pub declared: Vec<crate::config::WorkloadSpec>,
-}
-
-impl Snapshot {
-    pub fn from_file(f: &MeshFile) -> Snapshot {
-        let workloads = f
-            .workloads
-            .iter()
-            .map(|w| Workload {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-                ip: w.ip,
-                netns: w.netns.clone(),
-                enrolled: f.enrolled(w),
-                direct: f.mode(w) == Mode::Direct,
-                fail_closed: f.fail_closed(w),
-                bypass: f.bypassed(w),
-                unresolved: None,
-                identity: None,
-            })
-            .collect();
-        Snapshot {
-            workloads,
-            excludes: f.exclude.clone(),
-            services: f.services.clone(),
-            declared: f.workloads.clone(),
-        }
-    }
-}
 
 /// Names for the ids the datapath carries (metrics labels, CLI output). Ids are handed
 /// out once per (namespace, name) and never reused while the agent runs.
@@ -118,102 +50,6 @@ impl Registry {
 }
 
 pub type SharedRegistry = Arc<RwLock<Registry>>;
-
-/// Watches the standalone file; publishes a new snapshot when its content changes and
-/// parses. A bad edit is logged with file and line and the last good snapshot stays.
-/// How reloads of the standalone file went (`mesh_config_reloads_total{result}`).
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    pub applied: std::sync::atomic::AtomicU64,
-    pub rejected: std::sync::atomic::AtomicU64,
-}
-
-impl ReloadStats {
-    pub fn render(&self, out: &mut String) {
-        use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
-        let _ = writeln!(
-            out,
-            "# HELP mesh_config_reloads_total Changes of the standalone file, applied or rejected (the last good configuration stays in force).\n\
-             # TYPE mesh_config_reloads_total counter\n\
-             mesh_config_reloads_total{{result=\"applied\"}} {}\n\
-             mesh_config_reloads_total{{result=\"rejected\"}} {}",
-            self.applied.load(Relaxed),
-            self.rejected.load(Relaxed)
-        );
-    }
-}
-
-/// Why a reload that parses is still refused: a file that declares nothing (no namespace,
-/// workload or service) would un-mesh the node at once, and is far more often a truncated
-/// write or a bad template than an intent. `--allow-empty-config` lets it through.
-fn refuse_empty(f: &MeshFile, allow_empty: bool) -> Option<&'static str> {
-    let empty = f.namespaces.is_empty() && f.workloads.is_empty() && f.services.is_empty();
-    (empty && !allow_empty).then_some(
-        "the file declares no namespace, workload or service; applying it would release every workload (start with --allow-empty-config to allow that)",
-    )
-}
-
-pub async fn watch_file(
-    path: PathBuf,
-    interval: Duration,
-    tx: watch::Sender<Arc<Snapshot>>,
-    allow_empty: bool,
-    stats: Arc<ReloadStats>,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut last_seen: Option<(SystemTime, u64, String)> = None;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        let stamp = (
-            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            meta.len(),
-        );
-        if last_seen
-            .as_ref()
-            .is_some_and(|(t, l, _)| (*t, *l) == stamp)
-        {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        if last_seen.as_ref().is_some_and(|(_, _, old)| *old == text) {
-            last_seen = Some((stamp.0, stamp.1, text));
-            continue;
-        }
-        last_seen = Some((stamp.0, stamp.1, text.clone()));
-        match MeshFile::parse(&path, &text) {
-            Ok(f) => {
-                if let Some(why) = refuse_empty(&f, allow_empty) {
-                    stats.rejected.fetch_add(1, Relaxed);
-                    warn!(path = %path.display(), reason = why, "enrolment file rejected; the last good configuration stays in force");
-                    continue;
-                }
-                let snap = Snapshot::from_file(&f);
-                let applied = tx.send_if_modified(|cur| {
-                    if **cur == snap {
-                        return false;
-                    }
-                    info!(path = %path.display(), workloads = snap.workloads.len(), services = snap.services.len(), "standalone file changed");
-                    *cur = Arc::new(snap);
-                    true
-                });
-                if applied {
-                    stats.applied.fetch_add(1, Relaxed);
-                }
-            }
-            Err(e) => {
-                stats.rejected.fetch_add(1, Relaxed);
-                warn!(error = %e, "enrolment file rejected; the last good configuration stays in force")
-            }
-        }
-    }
-}
 
 /// For `/proc/<pid>/ns/net`: (pid, the process's start time in clock ticks since boot,
 /// the namespace's nsfs inode); `None` for other paths or a process that is gone.
@@ -686,23 +522,6 @@ mod tests {
         assert_eq!(r.id("shop", "web"), a);
         assert_eq!(r.name(b).as_deref(), Some("shop/db"));
         assert_eq!(r.name(u32::MAX), None);
-    }
-
-    #[test]
-    fn snapshot_follows_labels_and_modes() {
-        let f = MeshFile::parse(
-            Path::new("t.yaml"),
-            "namespaces:\n  - name: a\n    labels: {mesh-agent.io/dataplane-mode: ambient}\n  - name: b\n    mode: direct\n\
-             workloads:\n  - {name: x, namespace: a, ip: 10.0.0.1, netns: /n/x}\n  - {name: y, namespace: b, ip: 10.0.0.2, netns: /n/y}\n\
-             exclude:\n  - {cidr: 10.96.0.0/12, port: 53}\n",
-        )
-        .unwrap();
-        let s = Snapshot::from_file(&f);
-        assert!(s.workloads[0].enrolled && !s.workloads[0].direct);
-        assert!(!s.workloads[1].enrolled && s.workloads[1].direct);
-        assert_eq!(s.excludes.len(), 1);
-        assert_eq!(s.excludes[0].cidr, "10.96.0.0/12");
-        assert_eq!(s.excludes[0].port, 53);
     }
 
     /// A hash map with a capacity, refusing inserts of new keys when full (as the kernel

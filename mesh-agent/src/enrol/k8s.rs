@@ -53,7 +53,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 pub use podns::PodLocator;
 
-use crate::{config::ExcludeRule, workload::Snapshot};
+use crate::enrol::{file::ExcludeRule, Snapshot};
 
 /// Coalesces a burst of watch events into one rebuild (milliseconds).
 const DEBOUNCE: Duration = Duration::from_millis(20);

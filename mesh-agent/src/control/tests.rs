@@ -29,12 +29,16 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::{wrappers::TcpListenerStream, StreamExt as _};
 
 use super::{
-    client::{ClientOptions, Mode, XdsClient},
-    model::ListenerKind,
     server::{AdsServer, ServerStats, Snapshot},
     translate,
 };
-use crate::config::MeshFile;
+use crate::{
+    enrol::file::MeshFile,
+    proxy::{
+        config::ListenerKind,
+        xds::client::{ClientOptions, Mode, XdsClient},
+    },
+};
 
 const BASE: &str = "\
 namespaces:
@@ -101,7 +105,7 @@ async fn embedded_on(listener: TcpListener, tx: watch::Sender<Arc<Snapshot>>) ->
             let listener = TcpListener::from_std(listener).unwrap();
             let serve = tonic::transport::Server::builder()
                 .add_service(
-                    server.into_service(crate::xds::auth::Access::new(None, stats_for_access)),
+                    server.into_service(crate::control::auth::Access::new(None, stats_for_access)),
                 )
                 .serve_with_incoming(TcpListenerStream::new(listener));
             tokio::select! {
@@ -778,7 +782,7 @@ fn hcm_type_url_is_the_v3_one() {
 /// unsubscribed; a service stays subscribed, and a forgotten address asked again is
 /// answered again.
 async fn absent_destinations_are_bounded(mode: Mode) {
-    use crate::xds::client::MAX_ABSENT_LISTENERS;
+    use crate::proxy::xds::client::MAX_ABSENT_LISTENERS;
     let cp = embedded(BASE).await;
     let c = client(cp.addr, mode, true);
     until("the stream", || c.connected()).await;

@@ -108,13 +108,13 @@ impl KernelBtf {
         Ok(btf)
     }
 
-    pub fn from_sys_fs() -> Result<Self, crate::bpf::BpfError> {
+    pub fn from_sys_fs() -> Result<Self, crate::datapath::BpfError> {
         let data = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| {
-            crate::bpf::BpfError::Kernel(format!(
+            crate::datapath::BpfError::Kernel(format!(
                 "kernel BTF is missing (/sys/kernel/btf/vmlinux: {e}); the kernel needs CONFIG_DEBUG_INFO_BTF=y"
             ))
         })?;
-        Self::parse(&data).map_err(|e| crate::bpf::BpfError::Kernel(e.to_string()))
+        Self::parse(&data).map_err(|e| crate::datapath::BpfError::Kernel(e.to_string()))
     }
 
     fn string(&self, off: u32) -> &str {

@@ -17,11 +17,11 @@ use kube::{api::DynamicObject, ResourceExt as _};
 
 use super::routes::{self, Flavour};
 use crate::{
-    config::{
-        EndpointSpec, ExcludeRule, MeshFile, Mode, NamespaceSpec, Protocol, ServicePort,
-        ServiceSpec, WorkloadSpec,
+    control::model::{EndpointSpec, Protocol, ServicePort, ServiceSpec},
+    enrol::{
+        file::{ExcludeRule, MeshFile, Mode, NamespaceSpec, WorkloadSpec},
+        Snapshot,
     },
-    workload::Snapshot,
 };
 
 /// Label selecting how same-node flows to a namespace's (or a pod's) workloads are
@@ -339,7 +339,7 @@ fn services(c: &Cluster, problems: &mut Vec<String>) -> Vec<ServiceSpec> {
 fn attached_routes(
     c: &Cluster,
     problems: &mut Vec<String>,
-) -> BTreeMap<(String, String), Vec<crate::config::RouteSpec>> {
+) -> BTreeMap<(String, String), Vec<crate::control::model::RouteSpec>> {
     type Key = (
         std::cmp::Reverse<routes::Precedence>,
         String,
@@ -347,7 +347,7 @@ fn attached_routes(
         usize,
         usize,
     );
-    let mut keyed: BTreeMap<(String, String), Vec<(Key, crate::config::RouteSpec)>> =
+    let mut keyed: BTreeMap<(String, String), Vec<(Key, crate::control::model::RouteSpec)>> =
         BTreeMap::new();
     let all = c
         .http_routes
@@ -618,7 +618,7 @@ mod tests {
 
     #[test]
     fn slimmed_objects_build_the_same_snapshot() {
-        use crate::k8s::Slim;
+        use crate::enrol::k8s::Slim;
         let mut c = cluster();
         c.pods.push(obj(
             "metadata: {name: full, namespace: shop, uid: u9, labels: {app: full}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: rs, uid: r1}],\n\

@@ -1,0 +1,113 @@
+//! Enrolment: what runs on this node and which of its workloads the mesh captures, as
+//! one value (`Snapshot`) that a source publishes on a `watch` channel. Sources: the
+//! standalone file (`file`) and the Kubernetes API server (`k8s`). The datapath's map
+//! writer (`crate::datapath::writer`) is the reader that turns it into map entries.
+
+pub mod file;
+pub mod k8s;
+
+/// The namespace label that enrols a namespace (value `ambient`), and, on a workload, opts it
+/// out (value `none`).
+pub const DATAPLANE_LABEL: &str = "mesh-agent.io/dataplane-mode";
+pub const DATAPLANE_ENROLLED: &str = "ambient";
+pub const DATAPLANE_OPT_OUT: &str = "none";
+
+/// On a namespace (or a workload, which overrides it): `closed` refuses a workload's
+/// connections while the mesh cannot serve them (proxy down or stuck, configuration
+/// unknown); `open` (the default) lets them go around the mesh.
+pub const FAIL_MODE_LABEL: &str = "mesh-agent.io/fail-mode";
+/// On a namespace or a workload: `true` leaves its connections alone (an operator's
+/// switch, kept in the source of truth so it survives agent restarts).
+pub const BYPASS_LABEL: &str = "mesh-agent.io/bypass";
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use serde::Serialize;
+
+use self::file::{ExcludeRule, MeshFile, Mode};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: PathBuf,
+    /// Outbound traffic is captured.
+    pub enrolled: bool,
+    /// As a destination: same-node flows go socket to socket.
+    pub direct: bool,
+    /// Its connections are refused, not passed around the mesh, when the mesh cannot
+    /// serve them (`mesh-agent.io/fail-mode: closed`).
+    pub fail_closed: bool,
+    /// Its connections are left alone (`mesh-agent.io/bypass: "true"`).
+    pub bypass: bool,
+    /// Why the workload's network namespace is not known (it is then not captured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<String>,
+    /// SPIFFE identity, from the pod's ServiceAccount (Kubernetes source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// What the node should look like, as one consistent value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub workloads: Vec<Workload>,
+    pub excludes: Vec<ExcludeRule>,
+    /// Services, for the embedded control plane.
+    pub services: Vec<crate::control::model::ServiceSpec>,
+    /// Workloads as declared (labels select service endpoints).
+    #[serde(skip)]
+    pub declared: Vec<crate::control::model::Member>,
+}
+
+impl Snapshot {
+    pub fn from_file(f: &MeshFile) -> Snapshot {
+        let workloads = f
+            .workloads
+            .iter()
+            .map(|w| Workload {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                ip: w.ip,
+                netns: w.netns.clone(),
+                enrolled: f.enrolled(w),
+                direct: f.mode(w) == Mode::Direct,
+                fail_closed: f.fail_closed(w),
+                bypass: f.bypassed(w),
+                unresolved: None,
+                identity: None,
+            })
+            .collect();
+        Snapshot {
+            workloads,
+            excludes: f.exclude.clone(),
+            services: f.services.clone(),
+            declared: f.members(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn snapshot_follows_labels_and_modes() {
+        let f = MeshFile::parse(
+            Path::new("t.yaml"),
+            "namespaces:\n  - name: a\n    labels: {mesh-agent.io/dataplane-mode: ambient}\n  - name: b\n    mode: direct\n\
+             workloads:\n  - {name: x, namespace: a, ip: 10.0.0.1, netns: /n/x}\n  - {name: y, namespace: b, ip: 10.0.0.2, netns: /n/y}\n\
+             exclude:\n  - {cidr: 10.96.0.0/12, port: 53}\n",
+        )
+        .unwrap();
+        let s = Snapshot::from_file(&f);
+        assert!(s.workloads[0].enrolled && !s.workloads[0].direct);
+        assert!(!s.workloads[1].enrolled && s.workloads[1].direct);
+        assert_eq!(s.excludes.len(), 1);
+        assert_eq!(s.excludes[0].cidr, "10.96.0.0/12");
+        assert_eq!(s.excludes[0].port, 53);
+    }
+}

@@ -1,0 +1,663 @@
+//! The standalone enrolment file (YAML): namespaces, workloads, exclusions and the
+//! services the embedded control plane serves (in the control plane's schema,
+//! `crate::control::model`), with its validation. Errors name the file, the line and the
+//! field. `watch_file` polls it and publishes enrolment snapshots.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    Snapshot, BYPASS_LABEL, DATAPLANE_ENROLLED, DATAPLANE_LABEL, DATAPLANE_OPT_OUT, FAIL_MODE_LABEL,
+};
+use crate::control::model::{LbPolicySpec, ServiceSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: {message}")]
+    Semantic {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Same-node flows to this destination go through the node proxy.
+    #[default]
+    Proxied,
+    /// Same-node flows from enrolled workloads to this destination go socket to socket.
+    Direct,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshFile {
+    #[serde(default)]
+    pub exclude: Vec<ExcludeRule>,
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    /// Services the embedded control plane serves to proxies over xDS.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExcludeRule {
+    /// `a.b.c.d/len`
+    pub cidr: String,
+    /// 0 or absent: every port.
+    #[serde(default)]
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// How same-node flows to this namespace's workloads are carried.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    /// Network namespace of the workload: `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Overrides the namespace's mode for this workload as a destination.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+}
+
+/// A parsed exclusion: network-order IPv4, prefix length, port.
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
+    let ip: Ipv4Addr = ip.trim().parse().ok()?;
+    let len: u8 = len.trim().parse().ok()?;
+    (len <= 32).then_some((ip, len))
+}
+
+impl MeshFile {
+    pub fn load(path: &Path) -> Result<MeshFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates; every semantic problem is reported at once.
+    pub fn parse(path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        let file: MeshFile = if text.trim().is_empty() {
+            MeshFile::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                // serde_yaml's message carries the field path and "at line L column C".
+                message: e.to_string(),
+            })?
+        };
+        let mut problems: Vec<(usize, String)> = Vec::new();
+        let line_of = |needle: &str, after: &str| find_line(text, after, needle);
+        for (i, e) in file.exclude.iter().enumerate() {
+            if parse_cidr(&e.cidr).is_none() {
+                problems.push((
+                    line_of(&e.cidr, "exclude:"),
+                    format!(
+                        "exclude[{i}].cidr: {:?} is not an IPv4 CIDR (a.b.c.d/len)",
+                        e.cidr
+                    ),
+                ));
+            }
+        }
+        if file.exclude.len() > mesh_common::capacity::EXCLUDES as usize {
+            problems.push((
+                line_of("exclude:", ""),
+                format!(
+                    "exclude: {} rules, at most {} are supported",
+                    file.exclude.len(),
+                    mesh_common::capacity::EXCLUDES
+                ),
+            ));
+        }
+        let mut ns_names = BTreeMap::new();
+        for (i, ns) in file.namespaces.iter().enumerate() {
+            if ns_names.insert(ns.name.as_str(), i).is_some() {
+                problems.push((
+                    line_of(&ns.name, "namespaces:"),
+                    format!("namespaces[{i}].name: {:?} is declared twice", ns.name),
+                ));
+            }
+        }
+        let mut wl_names = BTreeMap::new();
+        let mut ips = BTreeMap::new();
+        for (i, w) in file.workloads.iter().enumerate() {
+            // Found only when there is a problem: a search per entry would make checking a
+            // big file quadratic.
+            let line = || line_of(&w.name, "workloads:");
+            if !ns_names.contains_key(w.namespace.as_str()) {
+                problems.push((
+                    line(),
+                    format!(
+                        "workloads[{i}].namespace: {:?} (workload {:?}) is not declared under namespaces",
+                        w.namespace, w.name
+                    ),
+                ));
+            }
+            if wl_names
+                .insert((w.namespace.as_str(), w.name.as_str()), i)
+                .is_some()
+            {
+                problems.push((
+                    line(),
+                    format!(
+                        "workloads[{i}].name: {}/{} is declared twice",
+                        w.namespace, w.name
+                    ),
+                ));
+            }
+            if let Some(j) = ips.insert(w.ip, i) {
+                problems.push((
+                    line(),
+                    format!(
+                        "workloads[{i}].ip: {} is also the IP of workloads[{j}]",
+                        w.ip
+                    ),
+                ));
+            }
+            if w.ip.is_unspecified() || w.ip.is_loopback() {
+                problems.push((
+                    line(),
+                    format!("workloads[{i}].ip: {} is not a pod address", w.ip),
+                ));
+            }
+        }
+        check_services(&file, &ns_names, &mut problems, &line_of);
+        if problems.is_empty() {
+            return Ok(file);
+        }
+        let (line, _) = problems[0];
+        let message = problems
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(ConfigError::Semantic {
+            path: path.to_owned(),
+            line,
+            message,
+        })
+    }
+
+    /// The workloads as the control plane sees them (service selectors match them).
+    pub fn members(&self) -> Vec<crate::control::model::Member> {
+        self.workloads
+            .iter()
+            .map(|w| crate::control::model::Member {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                ip: w.ip,
+                labels: w.labels.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether a workload's outbound traffic is captured: its namespace carries the
+    /// enrolment label and the workload does not opt out.
+    pub fn enrolled(&self, w: &WorkloadSpec) -> bool {
+        let ns_on = self.namespaces.iter().any(|n| {
+            n.name == w.namespace
+                && n.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_ENROLLED)
+        });
+        let opted_out =
+            w.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_OPT_OUT);
+        ns_on && !opted_out
+    }
+
+    /// Whether a workload fails closed: its own label, else its namespace's.
+    pub fn fail_closed(&self, w: &WorkloadSpec) -> bool {
+        let ns = self.namespaces.iter().find(|n| n.name == w.namespace);
+        let mode = w
+            .labels
+            .get(FAIL_MODE_LABEL)
+            .or_else(|| ns.and_then(|n| n.labels.get(FAIL_MODE_LABEL)));
+        mode.map(String::as_str) == Some("closed")
+    }
+
+    /// Whether a workload's connections are left alone by its own or its namespace's switch.
+    pub fn bypassed(&self, w: &WorkloadSpec) -> bool {
+        let on =
+            |l: &BTreeMap<String, String>| l.get(BYPASS_LABEL).map(String::as_str) == Some("true");
+        on(&w.labels)
+            || self
+                .namespaces
+                .iter()
+                .any(|n| n.name == w.namespace && on(&n.labels))
+    }
+
+    /// The mode a workload has as a destination.
+    pub fn mode(&self, w: &WorkloadSpec) -> Mode {
+        w.mode.unwrap_or_else(|| {
+            self.namespaces
+                .iter()
+                .find(|n| n.name == w.namespace)
+                .map(|n| n.mode)
+                .unwrap_or_default()
+        })
+    }
+}
+
+fn check_services(
+    file: &MeshFile,
+    ns_names: &BTreeMap<&str, usize>,
+    problems: &mut Vec<(usize, String)>,
+    line_of: &dyn Fn(&str, &str) -> usize,
+) {
+    let mut names = BTreeMap::new();
+    let mut addrs = BTreeMap::new();
+    for (i, svc) in file.services.iter().enumerate() {
+        let mut bad = |m: String| {
+            problems.push((line_of(&svc.name, "services:"), format!("services[{i}]{m}")))
+        };
+        if !ns_names.contains_key(svc.namespace.as_str()) {
+            bad(format!(
+                ".namespace: {:?} is not declared under namespaces",
+                svc.namespace
+            ));
+        }
+        if names
+            .insert((svc.namespace.as_str(), svc.name.as_str()), i)
+            .is_some()
+        {
+            bad(format!(
+                ".name: {}.{} is declared twice",
+                svc.name, svc.namespace
+            ));
+        }
+        if svc.ports.is_empty() {
+            bad(".ports: at least one port is required".into());
+        }
+        for (j, p) in svc.ports.iter().enumerate() {
+            if p.port == 0 || p.target_port == Some(0) {
+                bad(format!(".ports[{j}]: port 0 is not a port"));
+            }
+            if let Some(k) = addrs.insert((svc.vip, p.port), i) {
+                bad(format!(
+                    ".ports[{j}]: {}:{} is also served by services[{k}]",
+                    svc.vip, p.port
+                ));
+            }
+        }
+        if svc
+            .max_request_headers_kb
+            .is_some_and(|k| k == 0 || k > 8192)
+        {
+            bad(".max_request_headers_kb: must be in 1..8192".into());
+        }
+        // Limits the xDS level checks as Envoy does (token buckets, durations beyond a
+        // protobuf Duration, header rewrites) are left to the proxy, which refuses them
+        // with a NACK naming the field while the last good configuration stays: the
+        // interop tests hold our client's verdicts against Envoy's on exactly those.
+        if svc.lb.policy == LbPolicySpec::RingHash && svc.lb.hash_header.is_none() {
+            bad(".lb.hash_header: ring_hash needs the header to hash".into());
+        }
+        for (j, e) in svc.endpoints.iter().enumerate() {
+            if let Some(h) = &e.health {
+                if !["healthy", "unhealthy", "degraded", "draining"].contains(&h.as_str()) {
+                    bad(format!(".endpoints[{j}].health: {h:?} is not healthy, unhealthy, degraded or draining"));
+                }
+            }
+            if e.weight == Some(0) {
+                bad(format!(".endpoints[{j}].weight: must be >= 1"));
+            }
+        }
+        for (j, r) in svc.routes.iter().enumerate() {
+            let m = &r.matcher;
+            let paths = [&m.prefix, &m.path, &m.regex]
+                .iter()
+                .filter(|p| p.is_some())
+                .count();
+            if paths > 1 {
+                bad(format!(
+                    ".routes[{j}].match: at most one of prefix, path, regex"
+                ));
+            }
+            for (what, re) in std::iter::once(("regex", m.regex.as_ref()))
+                .chain(
+                    m.headers
+                        .iter()
+                        .map(|h| ("headers[].regex", h.regex.as_ref())),
+                )
+                .chain(m.query.iter().map(|q| ("query[].regex", q.regex.as_ref())))
+            {
+                if let Some(Err(e)) = re.map(|re| regex_lite::Regex::new(re)) {
+                    bad(format!(".routes[{j}].match.{what}: {e}"));
+                }
+            }
+            for b in &r.backends {
+                let (n, ns) = b
+                    .service
+                    .split_once('.')
+                    .unwrap_or((&b.service, &svc.namespace));
+                if !file
+                    .services
+                    .iter()
+                    .any(|s| s.name == n && s.namespace == ns)
+                {
+                    bad(format!(
+                        ".routes[{j}].backends: service {:?} is not declared",
+                        b.service
+                    ));
+                }
+            }
+            if r.backends
+                .iter()
+                .map(|b| b.weight.unwrap_or(1) as u64)
+                .sum::<u64>()
+                == 0
+                && !r.backends.is_empty()
+            {
+                bad(format!(".routes[{j}].backends: the weights add up to 0"));
+            }
+            if let Some(f) = &r.fault {
+                for p in [f.delay_percent, f.abort_percent].into_iter().flatten() {
+                    if !(0.0..=100.0).contains(&p) {
+                        bad(format!(
+                            ".routes[{j}].fault: percentage {p} is not in 0..100"
+                        ));
+                    }
+                }
+            }
+            for s in r.retries.iter().flat_map(|r| &r.statuses) {
+                if !(100..600).contains(s) {
+                    bad(format!(
+                        ".routes[{j}].retries.statuses: {s} is not an HTTP status"
+                    ));
+                }
+            }
+            if let Some(d) = &r.direct_response {
+                if !(200..600).contains(&d.status) {
+                    bad(format!(
+                        ".routes[{j}].direct_response.status: {} is not in 200..599",
+                        d.status
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// 1-based line of the first line containing `needle` after the first line containing
+/// `after` (or from the top); 1 if not found.
+fn find_line(text: &str, after: &str, needle: &str) -> usize {
+    let mut started = after.is_empty();
+    for (i, l) in text.lines().enumerate() {
+        if !started {
+            started = l.contains(after);
+            if !started {
+                continue;
+            }
+            if after == needle {
+                return i + 1;
+            }
+        }
+        if l.contains(needle) {
+            return i + 1;
+        }
+    }
+    1
+}
+
+/// How reloads of the standalone file went (`mesh_config_reloads_total{result}`).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub applied: std::sync::atomic::AtomicU64,
+    pub rejected: std::sync::atomic::AtomicU64,
+}
+
+impl ReloadStats {
+    pub fn render(&self, out: &mut String) {
+        use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+        let _ = writeln!(
+            out,
+            "# HELP mesh_config_reloads_total Changes of the standalone file, applied or rejected (the last good configuration stays in force).\n\
+             # TYPE mesh_config_reloads_total counter\n\
+             mesh_config_reloads_total{{result=\"applied\"}} {}\n\
+             mesh_config_reloads_total{{result=\"rejected\"}} {}",
+            self.applied.load(Relaxed),
+            self.rejected.load(Relaxed)
+        );
+    }
+}
+
+/// Why a reload that parses is still refused: a file that declares nothing (no namespace,
+/// workload or service) would un-mesh the node at once, and is far more often a truncated
+/// write or a bad template than an intent. `--allow-empty-config` lets it through.
+fn refuse_empty(f: &MeshFile, allow_empty: bool) -> Option<&'static str> {
+    let empty = f.namespaces.is_empty() && f.workloads.is_empty() && f.services.is_empty();
+    (empty && !allow_empty).then_some(
+        "the file declares no namespace, workload or service; applying it would release every workload (start with --allow-empty-config to allow that)",
+    )
+}
+
+/// Watches the standalone file; publishes a new snapshot when its content changes and
+/// parses. A bad edit is logged with file and line and the last good snapshot stays.
+pub async fn watch_file(
+    path: PathBuf,
+    interval: Duration,
+    tx: watch::Sender<Arc<Snapshot>>,
+    allow_empty: bool,
+    stats: Arc<ReloadStats>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut last_seen: Option<(SystemTime, u64, String)> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        if last_seen
+            .as_ref()
+            .is_some_and(|(t, l, _)| (*t, *l) == stamp)
+        {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if last_seen.as_ref().is_some_and(|(_, _, old)| *old == text) {
+            last_seen = Some((stamp.0, stamp.1, text));
+            continue;
+        }
+        last_seen = Some((stamp.0, stamp.1, text.clone()));
+        match MeshFile::parse(&path, &text) {
+            Ok(f) => {
+                if let Some(why) = refuse_empty(&f, allow_empty) {
+                    stats.rejected.fetch_add(1, Relaxed);
+                    warn!(path = %path.display(), reason = why, "enrolment file rejected; the last good configuration stays in force");
+                    continue;
+                }
+                let snap = Snapshot::from_file(&f);
+                let applied = tx.send_if_modified(|cur| {
+                    if **cur == snap {
+                        return false;
+                    }
+                    info!(path = %path.display(), workloads = snap.workloads.len(), services = snap.services.len(), "standalone file changed");
+                    *cur = Arc::new(snap);
+                    true
+                });
+                if applied {
+                    stats.applied.fetch_add(1, Relaxed);
+                }
+            }
+            Err(e) => {
+                stats.rejected.fetch_add(1, Relaxed);
+                warn!(error = %e, "enrolment file rejected; the last good configuration stays in force")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+namespaces:
+  - name: shop
+    labels: { mesh-agent.io/dataplane-mode: ambient }
+  - name: legacy
+    mode: direct
+workloads:
+  - name: web
+    namespace: shop
+    ip: 10.0.0.2
+    netns: /run/netns/web
+  - name: batch
+    namespace: shop
+    ip: 10.0.0.3
+    netns: /run/netns/batch
+    labels: { mesh-agent.io/dataplane-mode: none }
+  - name: db
+    namespace: legacy
+    ip: 10.0.0.4
+    netns: /run/netns/db
+";
+
+    #[test]
+    fn good_file_enrols_by_namespace_label_and_respects_opt_out() {
+        let f = MeshFile::parse(Path::new("m.yaml"), GOOD).unwrap();
+        let by = |n: &str| f.workloads.iter().find(|w| w.name == n).unwrap();
+        assert!(f.enrolled(by("web")));
+        assert!(!f.enrolled(by("batch")));
+        assert!(!f.enrolled(by("db")));
+        assert_eq!(f.mode(by("db")), Mode::Direct);
+        assert_eq!(f.mode(by("web")), Mode::Proxied);
+    }
+
+    #[test]
+    fn syntax_error_names_file_line_and_field() {
+        let bad = GOOD.replace("ip: 10.0.0.3", "ip: 10.0.0.300");
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("m.yaml: workloads[1].ip"), "{e}");
+        assert!(e.contains("line 13"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let bad = GOOD.replace("    mode: direct", "    mdoe: direct");
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `mdoe`"), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported_with_a_line() {
+        let bad = GOOD
+            .replace("namespace: legacy", "namespace: nowhere")
+            .replace("10.0.0.3", "10.0.0.2");
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("m.yaml:11: "), "{e}");
+        assert!(e.contains("\"nowhere\""), "{e}");
+        assert!(
+            e.contains("workloads[1].ip: 10.0.0.2 is also the IP of workloads[0]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cidrs_parse() {
+        assert_eq!(
+            parse_cidr("10.96.0.0/12"),
+            Some((Ipv4Addr::new(10, 96, 0, 0), 12))
+        );
+        assert_eq!(
+            parse_cidr("10.0.0.1"),
+            Some((Ipv4Addr::new(10, 0, 0, 1), 32))
+        );
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        assert_eq!(parse_cidr("nope/8"), None);
+    }
+
+    /// Found by the `standalone_file` fuzz target: a retry status that is not an HTTP
+    /// status passed the file check. (Token buckets, durations beyond a protobuf Duration
+    /// and header rewrites the proxy refuses stay xDS-level checks, answered with a NACK
+    /// naming the field: see the interop verdict tests.)
+    #[test]
+    fn fuzz_retry_statuses_that_are_not_http_statuses_are_reported() {
+        let file = |service: &str, route: &str| {
+            format!(
+                "namespaces: [{{ name: shop }}]\n\
+                 services:\n\
+                 \x20 - name: reviews\n\
+                 \x20   namespace: shop\n\
+                 \x20   vip: 10.96.0.10\n\
+                 \x20   ports: [ {{ port: 80, protocol: http }} ]\n\
+                 \x20   {service}\n\
+                 \x20   routes:\n\
+                 \x20     - match: {{ prefix: /api }}\n\
+                 \x20       {route}\n"
+            )
+        };
+        let (service, route) = (
+            "connect_timeout_ms: 1000",
+            "retries: { attempts: 2, statuses: [503, 922] }",
+        );
+        let e = MeshFile::parse(Path::new("m.yaml"), &file(service, route))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(".routes[0].retries.statuses: 922 is not an HTTP status"),
+            "{e}"
+        );
+        let ok = file(
+            "rate_limit: { max_tokens: 5, fill_interval_ms: 50 }",
+            "rate_limit: { max_tokens: 1, fill_interval_ms: 1000 }",
+        );
+        MeshFile::parse(Path::new("m.yaml"), &ok).unwrap();
+    }
+}
