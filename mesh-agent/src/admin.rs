@@ -1,13 +1,9 @@
 //! The admin endpoint (local, plain HTTP/1.1 served by hyper; GET and HEAD): `/metrics`
-//! (Prometheus), `/ready` (200 once every readiness guard is up, else 503 naming what is
-//! missing), `/config` (the resolved settings, JSON) and `/workloads` (the snapshot in
-//! force, JSON).
+//! (Prometheus), `/ready` (200 while no readiness guard is outstanding, else 503 naming
+//! the outstanding ones: a start-up step, the xDS stream down, a drain), `/config` (the
+//! runtime configuration, JSON) and `/workloads` (the snapshot in force, JSON).
 
-use std::{
-    convert::Infallible,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
@@ -20,38 +16,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, Instrument};
 
-use crate::{datapath::Maps, enrol::Snapshot, metrics::Metrics};
-
-/// Named readiness guards; ready when all are set.
-#[derive(Default)]
-pub struct Readiness {
-    pending: Mutex<Vec<&'static str>>,
-}
-
-impl Readiness {
-    pub fn new(guards: &[&'static str]) -> Arc<Self> {
-        Arc::new(Readiness {
-            pending: Mutex::new(guards.to_vec()),
-        })
-    }
-    pub fn set(&self, guard: &'static str) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|g| *g != guard);
-    }
-    pub fn missing(&self) -> Vec<&'static str> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
+use crate::{datapath::Maps, enrol::Snapshot, lifecycle::ready::Ready, metrics::Metrics};
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub maps: Arc<Maps>,
-    pub readiness: Arc<Readiness>,
+    /// Outstanding readiness guards (start-up steps, the xDS stream, a drain).
+    pub ready: Ready,
+    /// The runtime configuration (`config::RunConfig`), as JSON.
     pub config_json: String,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub xds: Arc<crate::proxy::xds::client::XdsClient>,
@@ -134,8 +106,22 @@ pub async fn serve_http(listener: TcpListener, handler: Handler) {
         tokio::spawn(
             async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let resp = respond(&*handler, req.method(), req.uri().path());
-                    async move { Ok::<_, Infallible>(resp) }
+                    // Rendering reads maps (system calls) and may serialise the whole
+                    // configuration: blocking work, kept off the control runtime.
+                    let (handler, method) = (handler.clone(), req.method().clone());
+                    let path = req.uri().path().to_owned();
+                    async move {
+                        let resp =
+                            tokio::task::spawn_blocking(move || respond(&*handler, &method, &path))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    debug!(error = %e, "admin handler failed");
+                                    let mut r = Response::new(Full::new(Bytes::new()));
+                                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                    r
+                                });
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let served = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -216,7 +202,7 @@ impl Admin {
                 ),
             },
             "/ready" => {
-                let missing = self.readiness.missing();
+                let missing = self.ready.pending();
                 if missing.is_empty() {
                     ("200 OK", "text/plain", "ready\n".into())
                 } else {

@@ -15,15 +15,16 @@ use tokio::sync::watch;
 use tracing::{error, info, warn, Instrument};
 
 use crate::{
-    admin::{Admin, Readiness},
-    config::{RunArgs, Source},
+    admin::Admin,
+    config::{RunArgs, RunConfig, Source, SourceConfig},
     control::{auth, server::AdsServer, translate},
     datapath::{
         self,
-        writer::{MapSyncer, Registry},
+        writer::{MapSyncer, MapWriter, Registry},
         Datapath, LoadOptions,
     },
     enrol::{self, file::MeshFile, k8s, Snapshot},
+    lifecycle::{drain, ready::Ready},
     metrics::Metrics,
     proxy::{
         xds::client::{ClientOptions, XdsClient},
@@ -37,14 +38,14 @@ const READY_MAPS: &str = "enrolment synced";
 const READY_PROXY: &str = "proxy listening";
 const READY_XDS: &str = "xds stream open";
 const READY_K8S: &str = "kubernetes synced";
+/// Taken when a SIGTERM drain or a hand-over begins, and never released.
+const READY_DRAINING: &str = "draining";
 
-/// The embedded control plane's resources for a snapshot (services unchanged since the
-/// last call reuse their resources).
-fn xds_resources(
-    translator: &mut translate::Translator,
-    snap: &Snapshot,
-) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
-    translator.resources(&snap.services, &snap.declared)
+/// What a new enrolment snapshot changes in the embedded control plane's resources: only
+/// the services that changed are translated again, and only resources whose content
+/// changed are passed on.
+fn xds_delta(translator: &mut translate::Translator, snap: &Snapshot) -> translate::Delta {
+    translator.update(&snap.services, &snap.declared)
 }
 
 pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
@@ -55,49 +56,51 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(limit = n, "open-file limit"),
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
     }
-    let redirect = args.redirect_target()?;
-    let file = args.source_file()?;
-    let xds_token = args
+    let cfg = RunConfig::from_args(*args)?;
+    let redirect = cfg.proxy_redirect;
+    let xds_token = cfg
         .xds_token_file
         .as_deref()
         .map(auth::Token::from_file)
         .transpose()?;
-    if args.xds_address.is_none() {
-        auth::check_listen(args.xds_listen, xds_token.as_ref())?;
+    if cfg.embedded_control_plane() {
+        auth::check_listen(cfg.xds_listen, xds_token.as_ref())?;
     }
-    let cgroup = datapath::preflight(&args.pin_path, args.cgroup.as_deref())?;
-    let config_json = serde_json::to_string_pretty(&args).unwrap_or_default();
+    let cgroup = datapath::preflight(&cfg.pin_path, cfg.cgroup.as_deref())?;
+    let config_json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
     info!(config = %config_json.replace('\n', ""), "starting");
 
     // With --takeover, a running agent of this node hands it over (an upgrade); without,
     // the node lock is taken first, so a second agent is told so before anything else.
-    let takeover = if args.takeover {
-        crate::lifecycle::handover::request(&args.pin_path)?
+    let takeover = if cfg.takeover {
+        crate::lifecycle::handover::request(&cfg.pin_path)?
     } else {
         None
     };
+    // Readiness: a guard per start-up step, each dropped when its step is done.
+    let ready = Ready::new();
+    let kubernetes = cfg.source.is_kubernetes();
+    let bpf_attached = ready.block(READY_BPF);
+    let maps_synced = ready.block(READY_MAPS);
+    let proxy_listening = ready.block(READY_PROXY);
+    let xds_open = ready.block(READY_XDS);
+    let k8s_synced = kubernetes.then(|| ready.block(READY_K8S));
     let mut datapath = Datapath::load(&LoadOptions {
-        pin_path: &args.pin_path,
+        pin_path: &cfg.pin_path,
         cgroup: &cgroup,
         redirect,
-        skmsg: args.skmsg,
-        queue_floor: args.skmsg_queue_floor,
-        heartbeat_timeout: Duration::from_millis(args.proxy_heartbeat_timeout_ms),
+        skmsg: cfg.skmsg,
+        queue_floor: cfg.skmsg_queue_floor,
+        heartbeat_timeout: cfg.proxy_heartbeat_timeout,
         lock_wait: takeover.as_ref().map(|_| Duration::from_secs(30)),
     })?;
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let admin_listener = control
-        .block_on(async { bind_shared(args.admin_address) })
-        .with_context(|| format!("binding the admin endpoint on {}", args.admin_address))?;
-    let kubernetes = args.source == Source::Kubernetes;
-    let mut guards = vec![READY_BPF, READY_MAPS, READY_PROXY, READY_XDS];
-    if kubernetes {
-        guards.push(READY_K8S);
-    }
-    let readiness = Readiness::new(&guards);
-    readiness.set(READY_BPF);
+        .block_on(async { bind_shared(cfg.admin_address) })
+        .with_context(|| format!("binding the admin endpoint on {}", cfg.admin_address))?;
+    drop(bpf_attached);
     // Maps are shared with the proxy thread; the Datapath (links, pins) stays here and is
     // dropped last.
     let maps = datapath.maps.clone();
@@ -107,42 +110,56 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
 
     // With the Kubernetes source, the first snapshot (excludes only) is replaced once every
     // kind is listed; the API server is asked once now so a wrong address fails at start.
-    let k8s_client = if kubernetes {
+    let k8s_client = if let SourceConfig::Kubernetes { kubeconfig, .. } = &cfg.source {
         Some(
             control
-                .block_on(k8s::client(args.kubeconfig.as_deref()))
+                .block_on(k8s::client(kubeconfig.as_deref()))
                 .context("connecting to the Kubernetes API server (--source kubernetes)")?,
         )
     } else {
         None
     };
     let k8s_stats = Arc::new(k8s::Stats::default());
-    let snapshot = Snapshot::from_file(&file);
+    let snapshot = Snapshot::from_file(cfg.source.file());
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot));
     let mut syncer = MapSyncer::new(maps.clone(), registry.clone());
-    // Entries the kernel refuses are logged, counted and retried by the sync loop below.
+    // Entries the kernel refuses are logged, counted and retried by the map writer's
+    // thread, which applies every later snapshot (off the control runtime).
     apply_snapshot(&mut syncer, &metrics, &snap_rx.borrow());
-    readiness.set(READY_MAPS);
+    drop(maps_synced);
+    let mut map_writer = MapWriter::spawn(
+        MAP_SYNC_RETRY,
+        snap_rx.borrow().clone(),
+        syncer.needs_retry(),
+        {
+            let metrics = metrics.clone();
+            move |snap| {
+                apply_snapshot(&mut syncer, &metrics, snap);
+                syncer.needs_retry()
+            }
+        },
+    )
+    .context("starting the map writer thread")?;
 
     // xDS: the embedded control plane (unless an external one is named) and the proxy's
     // client, both on this (control) runtime; the proxy reads the config it publishes.
     let mut translator = translate::Translator::default();
     let (xds_tx, xds_rx) = watch::channel(Arc::new(
         crate::control::server::Snapshot::default()
-            .next(xds_resources(&mut translator, &snap_rx.borrow())),
+            .apply(&xds_delta(&mut translator, &snap_rx.borrow())),
     ));
     // The embedded control plane: over a Unix socket for this agent's proxy, over TCP
     // (loopback, or with a token) for other clients.
-    let xds_socket = args.xds_socket_path();
-    let ads = match &args.xds_address {
+    let xds_socket = cfg.xds_socket.clone();
+    let ads = match &cfg.xds_address {
         Some(_) => None,
         None => {
             let tcp = control
-                .block_on(async { bind_shared(args.xds_listen) })
+                .block_on(async { bind_shared(cfg.xds_listen) })
                 .with_context(|| {
                     format!(
                         "binding the embedded control plane on {} (--xds-listen)",
-                        args.xds_listen
+                        cfg.xds_listen
                     )
                 })?;
             let unix = control
@@ -156,23 +173,24 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             Some((tcp, unix, AdsServer::new(xds_rx)))
         }
     };
-    let (xds_url, client_token) = match &args.xds_address {
+    let (xds_url, client_token) = match &cfg.xds_address {
         Some(a) => (a.clone(), xds_token.clone()),
         None => (format!("unix:{}", xds_socket.display()), None),
     };
-    let node_id = args.node_name.clone().unwrap_or_else(hostname);
+    let node_id = cfg.node_name.clone();
     let xds = XdsClient::new(ClientOptions {
         address: xds_url,
         token: client_token,
         node_id,
         cluster: "mesh-agent".into(),
-        mode: args.xds_mode,
-        on_demand: args.xds_on_demand,
-        on_demand_timeout: Duration::from_millis(args.xds_on_demand_timeout_ms),
+        mode: cfg.xds_mode,
+        on_demand: cfg.xds_on_demand,
+        on_demand_timeout: cfg.xds_on_demand_timeout,
     });
 
-    // The proxy runtime.
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // The proxy runtime. Its accept loop and every connection it serves hold a watch of
+    // `drain`: SIGTERM and a hand-over start it and wait for them.
+    let (drain, drain_watch) = drain::new();
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("mesh-proxy")
@@ -186,38 +204,37 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         None => (None, None),
     };
     let outbound = Arc::new(proxy_rt.block_on(Outbound::bind(
-        args.proxy_address.into(),
+        cfg.proxy_address.into(),
         inherited,
         maps.clone(),
         metrics.clone(),
         registry.clone(),
         xds.clone(),
     ))?);
-    if args.skmsg_upstream {
+    if cfg.skmsg_upstream {
         outbound.pair_upstream_from(*redirect.ip());
     }
-    let drain = outbound.drain.clone();
     let l7 = outbound.l7();
     // The next agent may ask for the node while this one runs (`handover`).
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::unbounded_channel();
     let _handover =
-        crate::lifecycle::handover::serve(&args.pin_path, outbound.listener_fd(), handover_tx)
+        crate::lifecycle::handover::serve(&cfg.pin_path, outbound.listener_fd(), handover_tx)
             .context("opening the hand-over socket")?;
     proxy_rt.spawn(
         outbound
-            .serve(stop_rx)
+            .serve(drain_watch)
             .instrument(tracing::info_span!("outbound")),
     );
     // A first beat before the proxy is marked ready, so it is not taken as stale.
     maps.beat().context("writing the proxy heartbeat")?;
     maps.set_config(|c| c.flags |= cfg_flags::PROXY_READY)
         .context("marking the proxy ready")?;
-    readiness.set(READY_PROXY);
+    drop(proxy_listening);
 
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         maps: maps.clone(),
-        readiness: readiness.clone(),
+        ready: ready.clone(),
         config_json,
         snapshot: snap_rx.clone(),
         xds: xds.clone(),
@@ -281,34 +298,31 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 .instrument(tracing::info_span!("takeover")),
             );
         }
-        {
-            let xds = xds.clone();
-            let readiness = readiness.clone();
-            tokio::spawn(
-                async move {
-                    let mut cfg = xds.config();
-                    while !xds.connected() {
-                        let _ = tokio::time::timeout(Duration::from_millis(50), cfg.changed()).await;
-                    }
-                    readiness.set(READY_XDS);
-                }
+        tokio::spawn(
+            xds_readiness(xds.clone(), ready.clone(), xds_open)
                 .instrument(tracing::info_span!("xds_ready")),
-            );
-        }
+        );
         tokio::spawn(
             admin
                 .serve(admin_listener)
                 .instrument(tracing::info_span!("admin")),
         );
-        match (k8s_client, &args.config) {
-            (Some(client), _) => {
-                let readiness = readiness.clone();
+        match (k8s_client, &cfg.source) {
+            (
+                Some(client),
+                SourceConfig::Kubernetes {
+                    file,
+                    kubepods_cgroup,
+                    trust_domain,
+                    ..
+                },
+            ) => {
                 let opts = k8s::Options {
-                    node_name: args.node_name.clone(),
-                    trust_domain: args.trust_domain.clone(),
+                    node_name: Some(cfg.node_name.clone()),
+                    trust_domain: trust_domain.clone(),
                     excludes: file.exclude.clone(),
                     locator: k8s::PodLocator::new(
-                        args.kubepods_cgroup.clone(),
+                        kubepods_cgroup.clone(),
                         &datapath::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()),
                         "/proc".into(),
                     ),
@@ -316,29 +330,30 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 info!(roots = ?opts.locator.roots(), node = ?opts.node_name, "enrolment from the Kubernetes API");
                 tokio::spawn(
                     k8s::run(client, opts, snap_tx, k8s_stats.clone(), move || {
-                        readiness.set(READY_K8S)
+                        drop(k8s_synced)
                     })
                     .instrument(tracing::info_span!("kubernetes")),
                 );
             }
-            (None, Some(path)) => {
+            (_, SourceConfig::File { path, .. }) => {
                 tokio::spawn(
                     enrol::file::watch_file(
                         path.clone(),
-                        Duration::from_millis(args.reload_interval_ms),
+                        cfg.reload_interval,
                         snap_tx,
-                        args.allow_empty_config,
+                        cfg.allow_empty_config,
                         metrics.reloads.clone(),
                     )
                     .instrument(tracing::info_span!("enrolment")),
                 );
             }
-            (None, None) => unreachable!("source_file() requires --config for the file source"),
+            (None, SourceConfig::Kubernetes { .. }) => {
+                unreachable!("the Kubernetes client is made for the Kubernetes source")
+            }
         }
         let mut rx = snap_rx.clone();
+        let map_writer = &mut map_writer;
         let sync = async {
-            let mut retry = tokio::time::interval(MAP_SYNC_RETRY);
-            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     changed = rx.changed() => {
@@ -346,15 +361,11 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                             break;
                         }
                         let snap = rx.borrow_and_update().clone();
-                        apply_snapshot(&mut syncer, &metrics, &snap);
-                        retry.reset();
+                        map_writer.send(snap.clone());
                         publish_resources(&xds_tx, &mut translator, &snap);
                     }
-                    // Entries the last apply could not write: the snapshot in force again.
-                    _ = retry.tick(), if syncer.needs_retry() => {
-                        let snap = rx.borrow().clone();
-                        apply_snapshot(&mut syncer, &metrics, &snap);
-                    }
+                    // Its apply panicked: stop (`stop` below passes the panic on).
+                    _ = map_writer.exited() => break,
                 }
             }
         }
@@ -362,15 +373,21 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         info!(pin_path = %datapath.pin_path().display(), "mesh-agent running");
         // Loading and verifying the programs allocated a lot that is free now.
         sys::release_free_heap();
+        // `/ready` turns 503 the moment a drain or a hand-over begins.
         tokio::select! {
-            _ = sync => false,
+            _ = sync => (false, ready.block(READY_DRAINING)),
             s = shutdown_signal() => {
                 info!(signal = s, "shutting down");
-                false
+                (false, ready.block(READY_DRAINING))
             }
-            Some(crate::lifecycle::handover::Event::Requested) = handover_rx.recv() => true,
+            Some(crate::lifecycle::handover::Event::Requested) = handover_rx.recv() => {
+                (true, ready.block(READY_DRAINING))
+            }
         }
     });
+    let (handed_over, _draining) = handed_over;
+    // No map write after this (the apply in progress finishes first).
+    map_writer.stop();
     if handed_over {
         // The map syncer and the enrolment source stopped with the loop above; the new
         // agent may take the node. This proxy keeps serving (and beating) until it is ready.
@@ -397,11 +414,11 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         // to the new agent's) must not take connections nobody would answer, and its map
         // writers stopped already. What this proxy relays needs none of it.
         control.shutdown_background();
-        // New connections are the new agent's; this one finishes what it relays.
-        let _ = stop_tx.send(true);
+        // New connections are the new agent's; this one finishes what it relays (HTTP
+        // connections are told to close, and their clients reconnect to the new agent).
         // A signal now (the old pod's termination) does not cut the drain short: the
         // kubelet's grace period bounds it, and a kill resets what is left.
-        let left = proxy_rt.block_on(drain.wait(Duration::from_millis(args.handover_drain_ms)));
+        let left = proxy_rt.block_on(drain.start_and_wait(cfg.handover_drain));
         if left > 0 {
             warn!(
                 connections = left,
@@ -425,8 +442,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     if let Err(e) = maps.set_config(|c| c.flags &= !cfg_flags::PROXY_READY) {
         warn!(error = %e, "could not clear the proxy-ready flag");
     }
-    let _ = stop_tx.send(true);
-    let left = proxy_rt.block_on(drain.wait(Duration::from_millis(args.drain_ms)));
+    // The control runtime keeps running meanwhile: the admin endpoint answers (`/ready`
+    // says "draining") and the xDS client keeps the configuration in-flight requests use.
+    let left = control.block_on(drain.start_and_wait(cfg.drain));
     if left > 0 {
         warn!(
             connections = left,
@@ -436,11 +454,11 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     proxy_rt.shutdown_timeout(Duration::from_millis(200));
     drop(node_addrs_stop);
     let _ = node_addrs.join();
-    if args.xds_address.is_none() {
+    if cfg.embedded_control_plane() {
         let _ = std::fs::remove_file(&xds_socket);
     }
     drop(maps);
-    if args.on_exit == crate::config::OnExit::Keep {
+    if cfg.on_exit == crate::config::OnExit::Keep {
         // proxy_ready is clear: until the next agent, fail-open workloads go direct and
         // fail-closed ones are refused; paired sockets stay short-circuited.
         datapath.keep_on_exit();
@@ -452,6 +470,32 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Keeps `guard` ("xds stream open") held exactly while the proxy's xDS stream is down:
+/// released when it connects, taken again when it drops, released when it reconnects.
+async fn xds_readiness(
+    xds: Arc<XdsClient>,
+    ready: Ready,
+    guard: crate::lifecycle::ready::BlockReady,
+) {
+    let mut guard = Some(guard);
+    let mut config = xds.config();
+    loop {
+        match (xds.connected(), guard.is_some()) {
+            (true, true) => guard = None,
+            (false, false) => {
+                warn!("the proxy's xDS stream is down; not ready until it reconnects");
+                guard = Some(ready.block(READY_XDS));
+            }
+            _ => {}
+        }
+        // A push wakes this at once; a lost stream is seen within the poll interval.
+        let _ = tokio::time::timeout(XDS_READY_POLL, config.changed()).await;
+    }
+}
+
+/// How often the xDS stream's state is checked for readiness.
+const XDS_READY_POLL: Duration = Duration::from_millis(50);
 
 /// Binds a control listener (admin, ADS) with `SO_REUSEPORT`, so the next agent of a
 /// hand-over can bind it while this one drains (the kernel spreads new connections over
@@ -534,9 +578,12 @@ fn publish_resources(
     translator: &mut translate::Translator,
     snap: &Snapshot,
 ) {
-    let resources = xds_resources(translator, snap);
+    let delta = xds_delta(translator, snap);
+    if delta.is_empty() {
+        return;
+    }
     tx.send_if_modified(|cur| {
-        let next = cur.next(resources);
+        let next = cur.apply(&delta);
         let changed = next.version != cur.version;
         if changed {
             info!(version = next.version, "control plane snapshot updated");
@@ -567,7 +614,7 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         let snap = Snapshot::from_file(&file);
         let mut translator = translate::Translator::default();
         let (xds_tx, xds_rx) = watch::channel(Arc::new(
-            crate::control::server::Snapshot::default().next(xds_resources(&mut translator, &snap)),
+            crate::control::server::Snapshot::default().apply(&xds_delta(&mut translator, &snap)),
         ));
         let token = args
             .xds_token_file
@@ -712,12 +759,6 @@ pub fn xds_watch(args: crate::cli::XdsWatchArgs) -> anyhow::Result<()> {
             }
         }
     })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "mesh-agent".into())
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -1,8 +1,10 @@
-//! Every knob of `mesh-agent run` (a flag and an env var each).
+//! Every knob of `mesh-agent run` (a flag and an env var each, `RunArgs`), and the runtime
+//! configuration checked and resolved from them once (`RunConfig`).
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -164,105 +166,391 @@ pub struct RunArgs {
     pub node_name: Option<String>,
 }
 
-impl RunArgs {
-    /// The Unix socket of the embedded control plane (unique per pin folder, like the
-    /// node lock).
-    pub fn xds_socket_path(&self) -> PathBuf {
-        self.xds_socket.clone().unwrap_or_else(|| {
-            let name = self
+/// The runtime configuration of `mesh-agent run`: `RunArgs` checked, resolved and typed
+/// once at start-up (durations, the redirect target, the xDS socket, the node name, the
+/// source with its file). The wiring uses this only; `/config` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunConfig {
+    /// Where workloads and services come from.
+    pub source: SourceConfig,
+    pub pin_path: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub proxy_address: SocketAddrV4,
+    /// Where pods are redirected to (`--proxy-redirect`, else `--proxy-address`).
+    pub proxy_redirect: SocketAddrV4,
+    pub admin_address: SocketAddr,
+    pub skmsg: bool,
+    pub skmsg_upstream: bool,
+    pub skmsg_queue_floor: u32,
+    #[serde(serialize_with = "as_text")]
+    pub reload_interval: Duration,
+    /// Zero turns the check off.
+    #[serde(serialize_with = "as_text")]
+    pub proxy_heartbeat_timeout: Duration,
+    pub on_exit: OnExit,
+    pub takeover: bool,
+    #[serde(serialize_with = "as_text")]
+    pub handover_drain: Duration,
+    pub allow_empty_config: bool,
+    /// How long a SIGTERM drain waits for proxied connections.
+    #[serde(serialize_with = "as_text")]
+    pub drain: Duration,
+    /// An external ADS server; `None`: the embedded control plane.
+    pub xds_address: Option<String>,
+    pub xds_listen: SocketAddr,
+    /// The embedded control plane's Unix socket (resolved from `--pin-path` by default).
+    pub xds_socket: PathBuf,
+    /// The token's file; the token itself is read by the wiring and never shown.
+    pub xds_token_file: Option<PathBuf>,
+    pub xds_mode: crate::proxy::xds::client::Mode,
+    pub xds_on_demand: bool,
+    #[serde(serialize_with = "as_text")]
+    pub xds_on_demand_timeout: Duration,
+    /// `--node-name`, else the host name.
+    pub node_name: String,
+}
+
+/// The source of workloads and services, with what it reads.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// The standalone file declares everything.
+    File {
+        path: PathBuf,
+        #[serde(skip)]
+        file: MeshFile,
+    },
+    /// The API server; the optional file holds `exclude:` only.
+    Kubernetes {
+        exclude_file: Option<PathBuf>,
+        #[serde(skip)]
+        file: MeshFile,
+        kubeconfig: Option<PathBuf>,
+        kubepods_cgroup: Option<PathBuf>,
+        trust_domain: String,
+    },
+}
+
+impl SourceConfig {
+    /// The file as loaded (empty for Kubernetes without one).
+    pub fn file(&self) -> &MeshFile {
+        match self {
+            SourceConfig::File { file, .. } | SourceConfig::Kubernetes { file, .. } => file,
+        }
+    }
+
+    pub fn is_kubernetes(&self) -> bool {
+        matches!(self, SourceConfig::Kubernetes { .. })
+    }
+}
+
+fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{d:?}"))
+}
+
+impl RunConfig {
+    /// Checks and resolves the flags; every problem at once. A file that cannot be loaded
+    /// keeps its own error (path, line, field) when it is the only problem.
+    pub fn from_args(args: RunArgs) -> Result<RunConfig, ConfigError> {
+        let mut problems: Vec<ConfigError> = Vec::new();
+        let proxy_redirect = match args.proxy_redirect {
+            Some(a) => a,
+            None if args.proxy_address.ip().is_unspecified() => {
+                problems.push(ConfigError::Invalid(
+                    "--proxy-redirect is required when --proxy-address listens on 0.0.0.0: pods \
+                     must be sent to an address of this node they can reach"
+                        .into(),
+                ));
+                args.proxy_address
+            }
+            None => args.proxy_address,
+        };
+        let node_name = args.node_name.clone().filter(|n| !n.is_empty());
+        let source = match (args.source, args.config.clone()) {
+            (Source::File, Some(path)) => match MeshFile::load(&path) {
+                Ok(file) => Some(SourceConfig::File { path, file }),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+            },
+            (Source::File, None) => {
+                problems.push(ConfigError::Invalid(
+                    "--config (MESH_CONFIG) is required with --source file".into(),
+                ));
+                None
+            }
+            (Source::Kubernetes, exclude_file) => {
+                if node_name.is_none() {
+                    problems.push(ConfigError::Invalid(
+                        "--node-name (MESH_NODE_NAME) is required with --source kubernetes: \
+                         set it from the downward API (spec.nodeName)"
+                            .into(),
+                    ));
+                }
+                let file = match &exclude_file {
+                    Some(path) => match MeshFile::load(path) {
+                        Ok(f)
+                            if !f.namespaces.is_empty()
+                                || !f.workloads.is_empty()
+                                || !f.services.is_empty() =>
+                        {
+                            problems.push(ConfigError::Invalid(format!(
+                                "{}: with --source kubernetes the file may hold only `exclude:`; \
+                                 namespaces, workloads and services come from the API server",
+                                path.display()
+                            )));
+                            None
+                        }
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            problems.push(e);
+                            None
+                        }
+                    },
+                    None => Some(MeshFile::default()),
+                };
+                file.map(|file| SourceConfig::Kubernetes {
+                    exclude_file,
+                    file,
+                    kubeconfig: args.kubeconfig.clone(),
+                    kubepods_cgroup: args.kubepods_cgroup.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                })
+            }
+        };
+        let source = match (source, problems.len()) {
+            (Some(s), 0) => s,
+            (_, 1) => return Err(problems.remove(0)),
+            _ => {
+                let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                return Err(ConfigError::Invalid(all.join("; ")));
+            }
+        };
+        let xds_socket = args.xds_socket.clone().unwrap_or_else(|| {
+            // Unique per pin folder, like the node lock.
+            let name = args
                 .pin_path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "mesh".into());
             Path::new("/run/mesh-agent").join(name).join("xds.sock")
+        });
+        Ok(RunConfig {
+            source,
+            pin_path: args.pin_path,
+            cgroup: args.cgroup,
+            proxy_address: args.proxy_address,
+            proxy_redirect,
+            admin_address: args.admin_address,
+            skmsg: args.skmsg,
+            skmsg_upstream: args.skmsg_upstream,
+            skmsg_queue_floor: args.skmsg_queue_floor,
+            reload_interval: Duration::from_millis(args.reload_interval_ms),
+            proxy_heartbeat_timeout: Duration::from_millis(args.proxy_heartbeat_timeout_ms),
+            on_exit: args.on_exit,
+            takeover: args.takeover,
+            handover_drain: Duration::from_millis(args.handover_drain_ms),
+            allow_empty_config: args.allow_empty_config,
+            drain: Duration::from_millis(args.drain_ms),
+            xds_address: args.xds_address,
+            xds_listen: args.xds_listen,
+            xds_socket,
+            xds_token_file: args.xds_token_file,
+            xds_mode: args.xds_mode,
+            xds_on_demand: args.xds_on_demand,
+            xds_on_demand_timeout: Duration::from_millis(args.xds_on_demand_timeout_ms),
+            node_name: node_name.unwrap_or_else(hostname),
         })
     }
 
-    pub fn redirect_target(&self) -> Result<SocketAddrV4, ConfigError> {
-        match self.proxy_redirect {
-            Some(a) => Ok(a),
-            None if self.proxy_address.ip().is_unspecified() => Err(ConfigError::Invalid(
-                "--proxy-redirect is required when --proxy-address listens on 0.0.0.0: pods \
-                 must be sent to an address of this node they can reach"
-                    .into(),
-            )),
-            None => Ok(self.proxy_address),
-        }
+    /// Whether the agent runs the embedded control plane (no `--xds-address`).
+    pub fn embedded_control_plane(&self) -> bool {
+        self.xds_address.is_none()
     }
+}
 
-    /// The standalone file as the source needs it; every problem of the source's flags at
-    /// once.
-    pub fn source_file(&self) -> Result<MeshFile, ConfigError> {
-        match (self.source, &self.config) {
-            (Source::File, Some(path)) => MeshFile::load(path),
-            (Source::File, None) => Err(ConfigError::Invalid(
-                "--config (MESH_CONFIG) is required with --source file".into(),
-            )),
-            (Source::Kubernetes, config) => {
-                let mut problems = Vec::new();
-                if self.node_name.as_deref().is_none_or(str::is_empty) {
-                    problems.push(
-                        "--node-name (MESH_NODE_NAME) is required with --source kubernetes: \
-                         set it from the downward API (spec.nodeName)"
-                            .to_owned(),
-                    );
-                }
-                let file = match config {
-                    Some(path) => {
-                        let f = MeshFile::load(path)?;
-                        if !f.namespaces.is_empty()
-                            || !f.workloads.is_empty()
-                            || !f.services.is_empty()
-                        {
-                            problems.push(format!(
-                                "{}: with --source kubernetes the file may hold only `exclude:`; \
-                                 namespaces, workloads and services come from the API server",
-                                path.display()
-                            ));
-                        }
-                        f
-                    }
-                    None => MeshFile::default(),
-                };
-                if problems.is_empty() {
-                    Ok(file)
-                } else {
-                    Err(ConfigError::Invalid(problems.join("; ")))
-                }
-            }
-        }
-    }
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "mesh-agent".into())
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
 
     use super::*;
-    use crate::enrol::file::MeshFile;
+
+    #[derive(clap::Parser)]
+    struct T {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunConfig, String> {
+        let t = T::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        RunConfig::from_args(t.run).map_err(|e| e.to_string())
+    }
+
+    /// A file under the temp folder, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let p = std::env::temp_dir().join(format!("mesh-config-{}-{name}", std::process::id()));
+            std::fs::write(&p, text).unwrap();
+            TempFile(p)
+        }
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
 
     #[test]
-    fn redirect_target_needs_a_concrete_address() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct T {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let t = T::try_parse_from(["x", "--config", "f"]).unwrap();
-        assert!(t.run.redirect_target().is_err());
-        let t = T::try_parse_from(["x", "--source", "kubernetes"]).unwrap();
-        let e = t.run.source_file().unwrap_err().to_string();
-        assert!(e.contains("--node-name"), "{e}");
-        let t = T::try_parse_from(["x"]).unwrap();
-        let e = t.run.source_file().unwrap_err().to_string();
-        assert!(e.contains("--config"), "{e}");
-        let t = T::try_parse_from(["x", "--source", "kubernetes", "--node-name", "n1"]).unwrap();
-        assert_eq!(t.run.source_file().unwrap(), MeshFile::default());
-        let t =
-            T::try_parse_from(["x", "--config", "f", "--proxy-address", "10.1.0.1:15001"]).unwrap();
+    fn flags_resolve_into_typed_settings() {
+        let f = TempFile::new("typed.yaml", "");
+        let c = parse(&[
+            "--config",
+            f.path(),
+            "--proxy-address",
+            "10.1.0.1:15001",
+            "--drain-ms",
+            "2500",
+            "--handover-drain-ms",
+            "100",
+            "--pin-path",
+            "/sys/fs/bpf/mesh-n3",
+            "--node-name",
+            "n3",
+        ])
+        .unwrap();
+        assert_eq!(c.proxy_redirect, "10.1.0.1:15001".parse().unwrap());
+        assert_eq!(c.drain, Duration::from_millis(2500));
+        assert_eq!(c.handover_drain, Duration::from_millis(100));
         assert_eq!(
-            t.run.redirect_target().unwrap(),
-            "10.1.0.1:15001".parse().unwrap()
+            c.reload_interval,
+            Duration::from_millis(DEFAULT_RELOAD_INTERVAL_MS)
+        );
+        assert_eq!(
+            c.xds_socket,
+            Path::new("/run/mesh-agent/mesh-n3/xds.sock"),
+            "one socket per pin folder"
+        );
+        assert_eq!(c.node_name, "n3");
+        assert!(c.embedded_control_plane());
+        assert!(matches!(&c.source, SourceConfig::File { path, .. } if path == &f.0));
+        // `/config` shows durations as text and the source with its file's path.
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["drain"], "2.5s", "{json}");
+        assert_eq!(json["source"]["kind"], "file", "{json}");
+        assert_eq!(json["source"]["path"], f.path(), "{json}");
+        assert_eq!(json["xds_socket"], "/run/mesh-agent/mesh-n3/xds.sock");
+    }
+
+    #[test]
+    fn an_explicit_redirect_and_socket_win() {
+        let f = TempFile::new("explicit.yaml", "");
+        let c = parse(&[
+            "--config",
+            f.path(),
+            "--proxy-redirect",
+            "10.1.0.1:15001",
+            "--xds-socket",
+            "/tmp/x.sock",
+            "--xds-address",
+            "http://cp:15010",
+        ])
+        .unwrap();
+        assert_eq!(c.proxy_address, DEFAULT_PROXY_ADDRESS.parse().unwrap());
+        assert_eq!(c.proxy_redirect, "10.1.0.1:15001".parse().unwrap());
+        assert_eq!(c.xds_socket, Path::new("/tmp/x.sock"));
+        assert!(!c.embedded_control_plane());
+        assert!(!c.node_name.is_empty(), "the host name by default");
+    }
+
+    #[test]
+    fn bad_combinations_are_named_and_reported_together() {
+        // One problem: its own message.
+        let e = parse(&[
+            "--config",
+            "/nonexistent/mesh.yaml",
+            "--proxy-address",
+            "10.1.0.1:1",
+        ])
+        .unwrap_err();
+        assert!(
+            e.starts_with("cannot read config file /nonexistent/mesh.yaml"),
+            "{e}"
+        );
+        let e = parse(&["--proxy-address", "10.1.0.1:1"]).unwrap_err();
+        assert_eq!(e, "--config (MESH_CONFIG) is required with --source file");
+        let f = TempFile::new("redirect.yaml", "");
+        let e = parse(&["--config", f.path()]).unwrap_err();
+        assert!(e.starts_with("--proxy-redirect is required"), "{e}");
+        // Several: all of them, in one error.
+        let e = parse(&[]).unwrap_err();
+        assert!(
+            e.contains("--proxy-redirect is required") && e.contains("--config"),
+            "{e}"
+        );
+        let e = parse(&["--source", "kubernetes"]).unwrap_err();
+        assert!(
+            e.contains("--node-name") && e.contains("--proxy-redirect"),
+            "{e}"
+        );
+        let e = parse(&[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            "",
+            "--proxy-address",
+            "10.1.0.1:1",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--node-name"), "an empty name is no name: {e}");
+        // Kubernetes: the file may hold exclusions only.
+        let full = TempFile::new("full.yaml", "namespaces:\n  - name: shop\n");
+        let e = parse(&[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            "n1",
+            "--proxy-address",
+            "10.1.0.1:1",
+            "--config",
+            full.path(),
+        ])
+        .unwrap_err();
+        assert!(e.contains("may hold only `exclude:`"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_without_a_file_has_an_empty_one() {
+        let c = parse(&[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            "n1",
+            "--proxy-address",
+            "10.1.0.1:1",
+        ])
+        .unwrap();
+        assert!(c.source.is_kubernetes());
+        assert_eq!(c.source.file(), &MeshFile::default());
+        assert_eq!(c.node_name, "n1");
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["source"]["kind"], "kubernetes", "{json}");
+        assert_eq!(
+            json["source"]["trust_domain"], DEFAULT_TRUST_DOMAIN,
+            "{json}"
         );
     }
 }

@@ -20,7 +20,7 @@ pub const FAIL_MODE_LABEL: &str = "mesh-agent.io/fail-mode";
 /// switch, kept in the source of truth so it survives agent restarts).
 pub const BYPASS_LABEL: &str = "mesh-agent.io/bypass";
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
 use serde::Serialize;
 
@@ -55,13 +55,28 @@ pub struct Snapshot {
     pub workloads: Vec<Workload>,
     pub excludes: Vec<ExcludeRule>,
     /// Services, for the embedded control plane.
-    pub services: Vec<crate::control::model::ServiceSpec>,
+    pub services: Vec<Arc<crate::control::model::ServiceSpec>>,
     /// Workloads as declared (labels select service endpoints).
     #[serde(skip)]
     pub declared: Vec<crate::control::model::Member>,
 }
 
 impl Snapshot {
+    /// Equal, comparing services by pointer first (an unchanged service is the same
+    /// `Arc` from one parse to the next), so an unchanged 10k-service snapshot costs
+    /// 10k pointer comparisons, not a deep comparison.
+    pub fn same_as(&self, other: &Snapshot) -> bool {
+        self.workloads == other.workloads
+            && self.excludes == other.excludes
+            && self.declared == other.declared
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+    }
+
     pub fn from_file(f: &MeshFile) -> Snapshot {
         let workloads = f
             .workloads

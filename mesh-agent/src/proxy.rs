@@ -15,7 +15,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
     },
     time::Duration,
@@ -28,7 +28,6 @@ use mesh_common::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::{watch, Notify},
 };
 use tracing::{debug, info, warn, Instrument};
 
@@ -39,6 +38,7 @@ use self::{
 };
 use crate::{
     datapath::{writer::SharedRegistry, Maps},
+    lifecycle::drain::DrainWatch,
     metrics::{FlowCounters, FlowLabels, Metrics},
     sys,
 };
@@ -56,40 +56,6 @@ pub enum ProxyError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
-/// Counts live connections so shutdown can wait for them.
-#[derive(Default)]
-pub struct Drain {
-    live: AtomicUsize,
-    idle: Notify,
-}
-
-impl Drain {
-    /// Waits until no connection is live, or `deadline` passes; returns how many remain.
-    pub async fn wait(&self, deadline: Duration) -> usize {
-        let _ = tokio::time::timeout(deadline, async {
-            loop {
-                let notified = self.idle.notified();
-                if self.live.load(Relaxed) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
-        self.live.load(Relaxed)
-    }
-}
-
-struct LiveGuard(Arc<Drain>);
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Relaxed) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 pub struct Outbound {
     listener: TcpListener,
     /// When set: connect to same-node destinations from this (node) address and have
@@ -98,7 +64,6 @@ pub struct Outbound {
     maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     registry: SharedRegistry,
-    pub drain: Arc<Drain>,
     next_id: AtomicU64,
     /// Service listeners (xDS): which destinations get L7 or a load-balanced TCP hop.
     xds: Arc<XdsClient>,
@@ -165,7 +130,6 @@ impl Outbound {
             maps,
             metrics,
             registry,
-            drain: Arc::default(),
             next_id: AtomicU64::new(0),
             xds,
             l7,
@@ -236,8 +200,11 @@ impl Outbound {
         }
     }
 
-    /// Accepts until `stop` turns true.
-    pub async fn serve(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Accepts until the drain begins. Every connection task holds a clone of `drain`
+    /// until it ends, so the drain's trigger can wait for them: HTTP connections are told
+    /// to finish (`L7::serve`), TCP relays run until their streams end or the deadline
+    /// passes (then the runtime is dropped and `relay` resets them).
+    pub async fn serve(self: Arc<Self>, drain: DrainWatch) {
         info!(addr = ?self.listener.local_addr().ok(), "outbound listener ready");
         // The heartbeat comes from the accept loop itself: if this task is not polled (the
         // runtime stuck or starved), the datapath stops sending connections here.
@@ -252,13 +219,11 @@ impl Outbound {
                 }
                 r = self.listener.accept() => match r {
                     Ok((conn, peer)) => {
-                        self.drain.live.fetch_add(1, Relaxed);
-                        let guard = LiveGuard(self.drain.clone());
                         let me = self.clone();
                         let id = self.next_id.fetch_add(1, Relaxed);
+                        let drain = drain.clone();
                         tokio::spawn(async move {
-                            me.handle(conn, peer).await;
-                            drop(guard);
+                            me.handle(conn, peer, drain).await;
                         }.instrument(tracing::debug_span!("conn", id, %peer)));
                     }
                     Err(e) => {
@@ -267,7 +232,7 @@ impl Outbound {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                _ = stop.changed() => {
+                _ = drain.signaled() => {
                     info!("outbound listener closed; draining");
                     return;
                 }
@@ -275,7 +240,9 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    /// Serves one accepted connection; `drain` is held until it ends (moved into the L7
+    /// engine for HTTP, kept through the relay for TCP).
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, drain: DrainWatch) {
         let Ok(local) = client.local_addr() else {
             return;
         };
@@ -338,7 +305,7 @@ impl Outbound {
             let tcp_cluster = match (&l.kind, &l.tcp_fallback) {
                 (ListenerKind::Http(_), None) => {
                     let _ = client.set_nodelay(true);
-                    self.l7.clone().serve(client, target, source).await;
+                    self.l7.clone().serve(client, target, source, drain).await;
                     return;
                 }
                 (ListenerKind::Http(_), Some(fallback)) => {
@@ -353,7 +320,7 @@ impl Outbound {
                         let _ = client.set_nodelay(true);
                         self.l7
                             .clone()
-                            .serve_sniffed(client, bytes, sniffed, target, source)
+                            .serve_sniffed(client, bytes, sniffed, target, source, drain)
                             .await;
                         return;
                     }
@@ -409,6 +376,7 @@ impl Outbound {
         let _ = upstream.set_nodelay(true);
         relay(client, upstream, &counters).await;
         counters.closed.fetch_add(1, Relaxed);
+        drop(drain);
     }
 }
 

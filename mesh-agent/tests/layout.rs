@@ -18,7 +18,14 @@ const RULES: &[(&str, &[&str])] = &[
     // Admin and telemetry read every piece's state; no piece but the wiring uses admin.
     (
         "admin",
-        &["control::server", "datapath", "enrol", "metrics", "proxy"],
+        &[
+            "control::server",
+            "datapath",
+            "enrol",
+            "lifecycle",
+            "metrics",
+            "proxy",
+        ],
     ),
     ("metrics", &["datapath::writer", "enrol::file"]),
     // The datapath's map writer applies enrolment snapshots.
@@ -29,7 +36,11 @@ const RULES: &[(&str, &[&str])] = &[
     // on the xDS wire only.
     ("control", &["wire", "sys"]),
     // The proxy depends on its own model (`proxy::config`), never on the control plane's.
-    ("proxy", &["datapath", "metrics", "sys", "wire"]),
+    (
+        "proxy",
+        &["datapath", "lifecycle", "metrics", "sys", "wire"],
+    ),
+    // Readiness, drain and hand-over: a leaf every piece may use.
     ("lifecycle", &["sys"]),
     ("wire", &[]),
     ("sys", &[]),

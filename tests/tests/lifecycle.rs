@@ -1,10 +1,14 @@
-//! Start-up failures, the node lock, clean shutdown, and the inspection CLI.
+//! Start-up failures, the node lock, clean shutdown and its drain, and the inspection CLI.
 #![expect(
     unsafe_code,
-    reason = "setuid(2) in a pre_exec hook, to run the agent as nobody"
+    reason = "setuid(2) in a pre_exec hook, to run the agent as nobody; kill(2) to start a drain"
 )]
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    io::{Read as _, Write as _},
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use mesh_tests::{agent_bin, sh, SimNode};
 
@@ -309,4 +313,149 @@ fn inspection_cli_lists_and_decodes() {
     let bad = agent.cli(&["dump", "NOPE"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown map \"NOPE\""));
+}
+
+/// The service the drain test calls, on the web pod: HTTP/1.1 (port 80) and sniffed
+/// (port 81, where HTTP/2 with prior knowledge is served).
+const WEB_VIP: &str = "10.96.0.20:80";
+const WEB_VIP_AUTO: &str = "10.96.0.20:81";
+
+fn http_node() -> SimNode {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("web", 3).unwrap();
+    let (c, w) = (n.pod("client"), n.pod("web"));
+    let yaml = format!(
+        "namespaces:\n  - name: shop\n    labels: {{ mesh-agent.io/dataplane-mode: ambient }}\n  - name: backend\n\
+         workloads:\n  - {{ name: client, namespace: shop, ip: {}, netns: {} }}\n  - {{ name: web, namespace: backend, ip: {}, netns: {}, labels: {{ app: web }} }}\n\
+         services:\n  - name: web\n    namespace: backend\n    vip: 10.96.0.20\n    ports: [ {{ port: 80, target_port: 8080, protocol: http }}, {{ port: 81, target_port: 8080, protocol: auto }} ]\n    selector: {{ app: web }}\n",
+        c.ip,
+        c.netns_path(),
+        w.ip,
+        w.netns_path()
+    );
+    n.write_config(&yaml).unwrap();
+    n
+}
+
+/// One admin GET, whatever the status: `(status, body)`. Fails (instead of hanging) when
+/// the endpoint does not answer within 2 s.
+fn admin_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// Issue 9, item 5: a SIGTERM drain tells HTTP clients to go instead of waiting for them
+/// (or cutting them at the deadline), and `/ready` says so at once. Requests in flight when
+/// the drain begins are answered; then an HTTP/1.1 connection gets `connection: close` and
+/// a clean close, an HTTP/2 one a GOAWAY; the agent exits well before its deadline.
+#[test]
+fn a_sigterm_drain_closes_http_connections_gracefully_and_is_not_ready() {
+    let n = http_node();
+    let mut agent = n.start_agent(&["--drain-ms", "15000"]).unwrap();
+    n.serve(
+        "web",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "web"],
+    )
+    .unwrap();
+    // The listener is known to the proxy (on-demand xDS) before the clients under test.
+    let warm = n.http_get("client", WEB_VIP, "/", 1, &[]).unwrap();
+    assert_eq!(warm["bodies"], serde_json::json!({ "web": 1 }), "{warm}");
+
+    // HTTP/1.1: an answer at once, then a request the server holds for 4 s.
+    let h1 = n
+        .pod_command("client", &mesh_tests::podtool())
+        .args([
+            "http-conn",
+            "--to",
+            WEB_VIP,
+            "--delays-ms",
+            "0,4000",
+            "--deadline-ms",
+            "20000",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // HTTP/2 with prior knowledge: one stream the server holds for 4 s.
+    let h2 = n
+        .pod_command("client", std::path::Path::new("nghttp"))
+        .args([
+            "-v",
+            "-H",
+            "x-delay-ms: 4000",
+            &format!("http://{WEB_VIP_AUTO}/"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nghttp (nghttp2-client) must be installed for this test");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // SAFETY: plain kill(2) on our child.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    // Not ready as soon as the drain begins, and the admin endpoint still answers.
+    let ready = loop {
+        let r = admin_get(agent.admin_port, "/ready")
+            .expect("the admin endpoint answers while draining");
+        if r.0 != 200 || signalled.elapsed() > Duration::from_secs(1) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ready.0, 503, "{ready:?}");
+    assert!(ready.1.contains("draining"), "{ready:?}");
+
+    let out = h1.wait_with_output().unwrap();
+    let h1: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("http-conn output: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(h1["errors"], serde_json::json!([]), "{h1}");
+    assert_eq!(
+        h1["responses"],
+        serde_json::json!([
+            { "status": "200", "connection": "-" },
+            { "status": "200", "connection": "close" },
+        ]),
+        "the response after the drain began closes the connection: {h1}"
+    );
+    assert_eq!(h1["end"], "eof", "then a clean close: {h1}");
+
+    let out = h2.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{log}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let goaway = log
+        .find("recv GOAWAY frame")
+        .unwrap_or_else(|| panic!("no GOAWAY:\n{log}"));
+    let answered = log
+        .find(":status: 200")
+        .unwrap_or_else(|| panic!("the open stream is answered:\n{log}"));
+    assert!(
+        goaway < answered,
+        "the GOAWAY comes when the drain begins, before the held answer:\n{log}"
+    );
+
+    // Nothing was left to cut: the agent is gone long before its 15 s deadline.
+    let code = agent.wait_exit(Duration::from_secs(10));
+    let log = agent.log_text();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(signalled.elapsed() < Duration::from_secs(10), "{log}");
+    assert!(!log.contains("drain deadline passed"), "{log}");
 }

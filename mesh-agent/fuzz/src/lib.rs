@@ -97,7 +97,7 @@ pub const FEATURES_LISTENERS: [&str; 5] = [
 
 /// What the embedded control plane serves for a file (as `app` translates it).
 pub fn translate(file: &MeshFile) -> Vec<(String, Any)> {
-    Translator::default().resources(&file.services, &file.workloads)
+    Translator::default().resources(&file.services, &file.members())
 }
 
 /// Feeds resources to a fresh xDS client core, one state-of-the-world response per type,

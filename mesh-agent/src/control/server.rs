@@ -47,6 +47,8 @@ use tokio_stream::{wrappers::ReceiverStream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
+use super::translate::Delta;
+
 pub fn type_urls() -> [String; 4] {
     [
         Listener::type_url(),
@@ -64,10 +66,21 @@ fn wildcard_capable(type_url: &str) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub version: String,
-    pub any: Any,
+    /// Shared with the translator's cache: a resource is held once.
+    pub any: Arc<Any>,
     /// Served only to clients naming it, never in a wildcard subscription (API listeners
     /// for proxyless gRPC: a socket proxy cannot use them).
     pub named_only: bool,
+}
+
+impl Entry {
+    fn new(any: Arc<Any>) -> Entry {
+        Entry {
+            version: format!("{:016x}", fnv1a(&any.value)),
+            named_only: is_api_listener(&any),
+            any,
+        }
+    }
 }
 
 fn is_api_listener(any: &Any) -> bool {
@@ -75,46 +88,60 @@ fn is_api_listener(any: &Any) -> bool {
         && Listener::decode(any.value.as_slice()).is_ok_and(|l| l.api_listener.is_some())
 }
 
-/// One consistent set of resources, by type URL then name.
+/// One consistent set of resources, by type URL then name. Each type's map is shared
+/// between successive snapshots until a change touches that type, which then copies that
+/// map only (names and pointers, not resources).
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub version: u64,
-    pub types: HashMap<String, BTreeMap<String, Entry>>,
+    pub types: HashMap<String, Arc<BTreeMap<String, Entry>>>,
 }
 
 impl Snapshot {
-    /// The next snapshot from freshly built resources: a resource whose content did not
-    /// change keeps its version, so delta clients are not sent it again.
+    /// The next snapshot from the full set of freshly built resources: a resource whose
+    /// content did not change keeps its version, so delta clients are not sent it again.
     pub fn next(&self, items: Vec<(String, Any)>) -> Snapshot {
-        let mut types: HashMap<String, BTreeMap<String, Entry>> = HashMap::new();
+        let mut seen: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+        let mut delta = Delta::default();
+        for (name, any) in items {
+            seen.entry(any.type_url.clone())
+                .or_default()
+                .insert(name.clone());
+            delta.upserts.push((name, Arc::new(any)));
+        }
+        for (t, m) in &self.types {
+            for name in m.keys() {
+                if !seen.get(t).is_some_and(|s| s.contains(name)) {
+                    delta.removes.push((t.clone(), name.clone()));
+                }
+            }
+        }
+        self.apply(&delta)
+    }
+
+    /// The next snapshot with `delta` applied; the version moves only if content did. A
+    /// resource equal to the one in force keeps its entry (and version).
+    pub fn apply(&self, delta: &Delta) -> Snapshot {
+        let mut types = self.types.clone();
         for t in type_urls() {
             types.entry(t).or_default();
         }
         let mut changed = false;
-        for (name, any) in items {
-            let prev = self.types.get(&any.type_url).and_then(|m| m.get(&name));
-            let version = match prev {
-                Some(p) if same(&p.any, &any) => p.version.clone(),
-                _ => {
+        for (t, name) in &delta.removes {
+            if let Some(m) = types.get_mut(t) {
+                if m.contains_key(name) {
+                    Arc::make_mut(m).remove(name);
                     changed = true;
-                    format!("{:016x}", fnv1a(&any.value))
                 }
-            };
-            let named_only = is_api_listener(&any);
-            types.entry(any.type_url.clone()).or_default().insert(
-                name,
-                Entry {
-                    version,
-                    any,
-                    named_only,
-                },
-            );
-        }
-        // Removals change the snapshot too.
-        for (t, m) in &self.types {
-            if m.len() != types.get(t).map_or(0, |n| n.len()) {
-                changed = true;
             }
+        }
+        for (name, any) in &delta.upserts {
+            let m = types.entry(any.type_url.clone()).or_default();
+            if m.get(name).is_some_and(|p| same(&p.any, any)) {
+                continue;
+            }
+            Arc::make_mut(m).insert(name.clone(), Entry::new(any.clone()));
+            changed = true;
         }
         Snapshot {
             version: if changed {
@@ -127,7 +154,7 @@ impl Snapshot {
     }
 
     fn of(&self, type_url: &str) -> Option<&BTreeMap<String, Entry>> {
-        self.types.get(type_url)
+        self.types.get(type_url).map(|m| &**m)
     }
 }
 
@@ -139,7 +166,7 @@ fn fnv1a(b: &[u8]) -> u64 {
 
 /// Equal content. Byte equality first; maps inside messages are encoded in hash order, so
 /// equal messages can differ in bytes: compare decoded then.
-fn same(a: &Any, b: &Any) -> bool {
+pub(crate) fn same(a: &Any, b: &Any) -> bool {
     if a == b {
         return true;
     }
@@ -602,7 +629,7 @@ impl SotwStream {
             for (name, e) in m {
                 if st.sub.wants(name, e) {
                     versions.insert(name.clone(), e.version.clone());
-                    resources.push(e.any.clone());
+                    resources.push(Any::clone(&e.any));
                 }
             }
         }
@@ -750,7 +777,7 @@ impl DeltaStream {
                 resources.push(Resource {
                     name: name.clone(),
                     version: e.version.clone(),
-                    resource: Some(e.any.clone()),
+                    resource: Some(Any::clone(&e.any)),
                     ..Default::default()
                 });
             }

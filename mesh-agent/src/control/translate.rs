@@ -11,7 +11,7 @@
 //!   outlier detection, HTTP/2 upstream for `http2`/`grpc`.
 //! - ClusterLoadAssignment of the same name: selected workloads and explicit endpoints.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use envoy_types::pb::{
     envoy::{
@@ -90,20 +90,43 @@ pub fn resources(file: &crate::enrol::file::MeshFile) -> Vec<(String, Any)> {
 /// Services by (namespace, name): how route backends are resolved.
 type Index<'a> = HashMap<(&'a str, &'a str), &'a ServiceSpec>;
 
-/// Translation that remembers each service's resources: a service whose spec and inputs
-/// (its route backends' ports, the workloads its selector picks) did not change reuses
-/// them, so an update costs a comparison per service and a translation per changed one.
+/// A resource's identity in the served set: (type URL, name).
+pub type Key = (String, String);
+
+/// What an update changed in the served resources.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Delta {
+    /// Resources new or changed, as `(name, resource)`.
+    pub upserts: Vec<(String, Arc<Any>)>,
+    /// Resources gone, as (type URL, name).
+    pub removes: Vec<Key>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removes.is_empty()
+    }
+}
+
+/// Translation that remembers each service's resources. A service whose spec (the same
+/// `Arc`, or an equal value) and inputs (its route backends' ports, the workloads its
+/// selector picks) did not change is not translated again, and of a service translated
+/// again only the resources whose content changed are passed on: an update costs a
+/// pointer comparison per service and a translation per changed one, and the ADS server
+/// gets only what changed.
 #[derive(Default)]
 pub struct Translator {
     cache: HashMap<(String, String), Cached>,
+    /// Service keys in the order of the last update (for `resources`).
+    order: Vec<(String, String)>,
     /// Services translated (not reused) since start.
     pub translated: u64,
 }
 
 struct Cached {
-    spec: ServiceSpec,
+    spec: Arc<ServiceSpec>,
     inputs: Inputs,
-    out: Vec<(String, Any)>,
+    out: Vec<(String, Arc<Any>)>,
 }
 
 /// What a service's resources depend on besides its own spec.
@@ -132,23 +155,39 @@ fn selected<'w>(namespace_workloads: &[&'w Member], svc: &ServiceSpec) -> Vec<&'
         .collect()
 }
 
+fn key_of(name: &str, any: &Any) -> Key {
+    (any.type_url.clone(), name.to_owned())
+}
+
 impl Translator {
+    /// Every resource, in service order (what a client subscribing to everything gets).
     pub fn resources(
         &mut self,
-        services: &[ServiceSpec],
+        services: &[Arc<ServiceSpec>],
         workloads: &[Member],
     ) -> Vec<(String, Any)> {
+        self.update(services, workloads);
+        self.order
+            .iter()
+            .filter_map(|k| self.cache.get(k))
+            .flat_map(|c| c.out.iter().map(|(n, a)| (n.clone(), Any::clone(a))))
+            .collect()
+    }
+
+    /// Brings the translation up to date with `services` and `workloads`; returns what
+    /// changed since the last update.
+    pub fn update(&mut self, services: &[Arc<ServiceSpec>], workloads: &[Member]) -> Delta {
         let index: Index<'_> = services
             .iter()
-            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), &**s))
             .collect();
         // Selectors look within a namespace: index the workloads once.
         let mut by_ns: HashMap<&str, Vec<&Member>> = HashMap::new();
         for w in workloads {
             by_ns.entry(w.namespace.as_str()).or_default().push(w);
         }
-        let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut delta = Delta::default();
+        let mut order = Vec::with_capacity(services.len());
         for svc in services {
             let ns_workloads = by_ns
                 .get(svc.namespace.as_str())
@@ -164,28 +203,59 @@ impl Translator {
                 selected: picked.iter().map(|w| w.ip).collect(),
             };
             let key = (svc.namespace.clone(), svc.name.clone());
-            match self.cache.get(&key) {
-                Some(c) if c.spec == *svc && c.inputs == inputs => {
-                    out.extend(c.out.iter().cloned());
-                }
-                _ => {
-                    self.translated += 1;
-                    let resources = service_resources(&index, &picked, svc);
-                    out.extend(resources.iter().cloned());
-                    self.cache.insert(
-                        key.clone(),
-                        Cached {
-                            spec: svc.clone(),
-                            inputs,
-                            out: resources,
-                        },
-                    );
+            order.push(key.clone());
+            let unchanged = self.cache.get(&key).is_some_and(|c| {
+                (Arc::ptr_eq(&c.spec, svc) || c.spec == *svc) && c.inputs == inputs
+            });
+            if unchanged {
+                continue;
+            }
+            self.translated += 1;
+            let fresh = service_resources(&index, &picked, svc);
+            let old = self.cache.remove(&key).map(|c| c.out).unwrap_or_default();
+            let mut old: HashMap<Key, Arc<Any>> =
+                old.into_iter().map(|(n, a)| (key_of(&n, &a), a)).collect();
+            let mut out = Vec::with_capacity(fresh.len());
+            for (name, any) in fresh {
+                let k = key_of(&name, &any);
+                let kept = match old.remove(&k) {
+                    Some(prev) if super::server::same(&prev, &any) => prev,
+                    _ => {
+                        let any = Arc::new(any);
+                        delta.upserts.push((name.clone(), any.clone()));
+                        any
+                    }
+                };
+                out.push((name, kept));
+            }
+            delta.removes.extend(old.into_keys());
+            self.cache.insert(
+                key,
+                Cached {
+                    spec: svc.clone(),
+                    inputs,
+                    out,
+                },
+            );
+        }
+        if order.len() != self.cache.len() || order != self.order {
+            let seen: std::collections::HashSet<&(String, String)> = order.iter().collect();
+            let gone: Vec<(String, String)> = self
+                .cache
+                .keys()
+                .filter(|k| !seen.contains(k))
+                .cloned()
+                .collect();
+            for k in gone {
+                if let Some(c) = self.cache.remove(&k) {
+                    delta
+                        .removes
+                        .extend(c.out.iter().map(|(n, a)| key_of(n, a)));
                 }
             }
-            seen.insert(key);
         }
-        self.cache.retain(|k, _| seen.contains(k));
-        out
+        self.order = order;
+        delta
     }
 }
 
@@ -902,7 +972,7 @@ services:
             .iter()
             .position(|s| s.name == "reviews-v2")
             .unwrap();
-        f.services[i].ports[0].port = 81;
+        Arc::make_mut(&mut f.services[i]).ports[0].port = 81;
         let out = t.resources(&f.services, &f.members());
         assert_eq!(out, resources(&f));
         assert_eq!(

@@ -1,12 +1,18 @@
 //! The map writer: keeps `WORKLOADS`, `DESTS` and `EXCLUDES` in line with the enrolment
 //! snapshot in force. It is the single reader of the snapshots a source publishes and turns
 //! the difference between the snapshot in force and the new one into map updates, so an
-//! update costs what changed.
+//! update costs what changed. It runs on a thread of its own (`MapWriter`), never on the
+//! control runtime: a new network namespace costs a thread and a `setns`, a large update
+//! thousands of syscalls.
 
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    sync::{atomic::AtomicU64, Arc, RwLock},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, RwLock,
+    },
+    time::Duration,
 };
 
 use aya::maps::{MapData, MapError};
@@ -493,6 +499,103 @@ impl MapSyncer {
     }
 }
 
+/// The map writer's thread: applies the snapshots it is sent (the newest of those waiting,
+/// one at a time) and, while writes are pending, the snapshot in force again every
+/// `retry` (a full map heals once room is made). The control runtime only hands it
+/// snapshots, so a slow apply never holds up the enrolment source, the control plane or
+/// the admin endpoint.
+pub struct MapWriter {
+    tx: Option<mpsc::Sender<Arc<Snapshot>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Resolves when the thread ends (a panic in `apply`).
+    exited: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl MapWriter {
+    /// Starts the thread with `in_force` as the snapshot the maps were last synced to
+    /// (`pending`: some of its writes failed, so it is applied again after `retry`).
+    /// `apply` writes a snapshot and says whether writes are pending afterwards.
+    pub fn spawn(
+        retry: Duration,
+        in_force: Arc<Snapshot>,
+        pending: bool,
+        mut apply: impl FnMut(&Snapshot) -> bool + Send + 'static,
+    ) -> std::io::Result<MapWriter> {
+        let (tx, rx) = mpsc::channel::<Arc<Snapshot>>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let (alive, exited) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("map-writer".into())
+            .spawn(move || {
+                // Dropped when the thread ends, unwinding included.
+                let _alive = alive;
+                let _span = tracing::info_span!("map_sync").entered();
+                let mut current = in_force;
+                let mut pending = pending;
+                loop {
+                    let next = if pending {
+                        rx.recv_timeout(retry)
+                    } else {
+                        rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                    };
+                    match next {
+                        // Snapshots that waited behind a slow apply: the newest is the one.
+                        Ok(snap) => current = rx.try_iter().last().unwrap_or(snap),
+                        // Entries the last apply could not write: the snapshot in force again.
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    if stopped.load(Ordering::Acquire) {
+                        break;
+                    }
+                    pending = apply(&current);
+                }
+            })?;
+        Ok(MapWriter {
+            tx: Some(tx),
+            stop,
+            thread: Some(thread),
+            exited,
+        })
+    }
+
+    /// Resolves if the thread ends before `stop` (`apply` panicked; `stop` passes the
+    /// panic on): the caller stops what feeds it.
+    pub async fn exited(&mut self) {
+        let _ = (&mut self.exited).await;
+    }
+
+    /// Hands a new snapshot to the thread; returns at once.
+    pub fn send(&self, snap: Arc<Snapshot>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(snap);
+        }
+    }
+
+    /// Stops the thread and waits for it: the apply in progress finishes, snapshots not
+    /// started yet are dropped, and no map is written after this returns (a hand-over
+    /// gives the maps to the next agent next).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            if let Err(panic) = t.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+impl Drop for MapWriter {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.stop();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -851,5 +954,81 @@ mod tests {
             let enabled = w.slots.iter().filter(|e| e.enabled != 0).count();
             assert_eq!(enabled, new.len(), "failure at write {fail_at}");
         }
+    }
+
+    /// A snapshot told apart from others by its exclude count.
+    fn snap(n: usize) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            excludes: (0..n)
+                .map(|i| crate::enrol::file::ExcludeRule {
+                    cidr: format!("10.{i}.0.0/16"),
+                    port: 0,
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    /// A writer whose applies are reported on a channel as they start, and answer
+    /// "pending" as told by `pending` (in order; then not pending); each then waits for
+    /// `gate` when given (until the gate is dropped).
+    fn writer(
+        in_force: Arc<Snapshot>,
+        initially_pending: bool,
+        pending: Vec<bool>,
+        gate: Option<mpsc::Receiver<()>>,
+    ) -> (MapWriter, mpsc::Receiver<usize>) {
+        let (tx, rx) = mpsc::channel();
+        let mut pending = pending.into_iter();
+        let w = MapWriter::spawn(
+            Duration::from_millis(5),
+            in_force,
+            initially_pending,
+            move |s| {
+                tx.send(s.excludes.len()).unwrap();
+                if let Some(g) = &gate {
+                    let _ = g.recv();
+                }
+                pending.next().unwrap_or(false)
+            },
+        )
+        .unwrap();
+        (w, rx)
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn the_writer_retries_the_snapshot_in_force_while_writes_are_pending() {
+        // The first (synchronous) apply left writes pending: retried with no new snapshot.
+        let (mut w, applied) = writer(snap(1), true, vec![true, false], None);
+        assert_eq!(applied.recv_timeout(WAIT), Ok(1));
+        assert_eq!(applied.recv_timeout(WAIT), Ok(1));
+        // In sync now: nothing until a snapshot comes.
+        w.send(snap(2));
+        assert_eq!(applied.recv_timeout(WAIT), Ok(2));
+        w.stop();
+        assert_eq!(applied.try_iter().collect::<Vec<_>>(), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn snapshots_sent_during_a_slow_apply_collapse_into_the_newest() {
+        let (gate_tx, gate) = mpsc::channel();
+        let (mut w, applied) = writer(snap(0), false, vec![], Some(gate));
+        w.send(snap(1));
+        // The apply of 1 is in progress (waiting for the gate) when 2 and 3 come.
+        assert_eq!(applied.recv_timeout(WAIT), Ok(1));
+        w.send(snap(2));
+        w.send(snap(3));
+        gate_tx.send(()).unwrap();
+        assert_eq!(applied.recv_timeout(WAIT), Ok(3));
+        // Stopping waits for the apply in progress (3), then the thread is gone: 4 is
+        // applied only if it was taken before the stop.
+        w.send(snap(4));
+        let stopper = std::thread::spawn(move || w.stop());
+        drop(gate_tx);
+        stopper.join().unwrap();
+        let after: Vec<usize> = applied.iter().collect();
+        assert!(after.iter().all(|n| *n == 4), "{after:?}");
     }
 }

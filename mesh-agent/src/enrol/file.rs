@@ -22,6 +22,8 @@ use super::{
 };
 use crate::control::model::{LbPolicySpec, ServiceSpec};
 
+mod items;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -62,7 +64,7 @@ pub struct MeshFile {
     pub workloads: Vec<WorkloadSpec>,
     /// Services the embedded control plane serves to proxies over xDS.
     #[serde(default)]
-    pub services: Vec<ServiceSpec>,
+    pub services: Vec<Arc<ServiceSpec>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -109,6 +111,34 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     (len <= 32).then_some((ip, len))
 }
 
+/// Parses successive versions of one file, reusing the services it parsed last time
+/// (`items`): a change costs the items that changed, the skeleton and the checks.
+#[derive(Default)]
+pub struct FileParser {
+    items: items::ItemCache,
+}
+
+impl FileParser {
+    pub fn parse(&mut self, path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        if let Some(split) = items::split(text) {
+            let skeleton = serde_yaml::from_str::<MeshFile>(&split.skeleton);
+            if let (Ok(skeleton), Some(services)) = (skeleton, self.items.services(&split.items)) {
+                return MeshFile {
+                    services,
+                    ..skeleton
+                }
+                .checked(path, text);
+            }
+        }
+        MeshFile::parse_whole(path, text)
+    }
+
+    /// Service items parsed (not reused) since start.
+    pub fn items_parsed(&self) -> u64 {
+        self.items.parsed
+    }
+}
+
 impl MeshFile {
     pub fn load(path: &Path) -> Result<MeshFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -120,6 +150,12 @@ impl MeshFile {
 
     /// Parses and validates; every semantic problem is reported at once.
     pub fn parse(path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        FileParser::default().parse(path, text)
+    }
+
+    /// The whole text through serde, then the checks: the reference the incremental path
+    /// (`FileParser`) falls back to, and is compared with in the tests.
+    pub fn parse_whole(path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
         let file: MeshFile = if text.trim().is_empty() {
             MeshFile::default()
         } else {
@@ -129,6 +165,12 @@ impl MeshFile {
                 message: e.to_string(),
             })?
         };
+        file.checked(path, text)
+    }
+
+    /// Every semantic problem of a parsed file at once (`text` gives the lines).
+    fn checked(self, path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        let file = self;
         let mut problems: Vec<(usize, String)> = Vec::new();
         let line_of = |needle: &str, after: &str| find_line(text, after, needle);
         for (i, e) in file.exclude.iter().enumerate() {
@@ -287,6 +329,11 @@ fn check_services(
 ) {
     let mut names = BTreeMap::new();
     let mut addrs = BTreeMap::new();
+    let declared: std::collections::HashSet<(&str, &str)> = file
+        .services
+        .iter()
+        .map(|s| (s.namespace.as_str(), s.name.as_str()))
+        .collect();
     for (i, svc) in file.services.iter().enumerate() {
         let mut bad = |m: String| {
             problems.push((line_of(&svc.name, "services:"), format!("services[{i}]{m}")))
@@ -371,11 +418,7 @@ fn check_services(
                     .service
                     .split_once('.')
                     .unwrap_or((&b.service, &svc.namespace));
-                if !file
-                    .services
-                    .iter()
-                    .any(|s| s.name == n && s.namespace == ns)
-                {
+                if !declared.contains(&(ns, n)) {
                     bad(format!(
                         ".routes[{j}].backends: service {:?} is not declared",
                         b.service
@@ -482,11 +525,16 @@ pub async fn watch_file(
     stats: Arc<ReloadStats>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut last_seen: Option<(SystemTime, u64, String)> = None;
+    // Reading and parsing run on the blocking pool (a 10k-service file is megabytes), with
+    // the parser and the last text moved there and back.
+    let mut parser = FileParser::default();
+    let mut last_text = String::new();
+    let mut last_stamp: Option<(SystemTime, u64)> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        // One stat per tick: cheap enough for the runtime.
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
         };
@@ -494,22 +542,32 @@ pub async fn watch_file(
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             meta.len(),
         );
-        if last_seen
-            .as_ref()
-            .is_some_and(|(t, l, _)| (*t, *l) == stamp)
-        {
+        if last_stamp == Some(stamp) {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let job_path = path.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let Ok(text) = std::fs::read_to_string(&job_path) else {
+                return (parser, last_text, None);
+            };
+            if text == last_text {
+                return (parser, text, None);
+            }
+            let parsed = parser.parse(&job_path, &text);
+            (parser, text, Some(parsed))
+        });
+        let Ok((p, text, parsed)) = job.await else {
+            // The blocking task panicked: the parser went with it.
+            parser = FileParser::default();
+            last_text = String::new();
             continue;
         };
-        if last_seen.as_ref().is_some_and(|(_, _, old)| *old == text) {
-            last_seen = Some((stamp.0, stamp.1, text));
-            continue;
-        }
-        last_seen = Some((stamp.0, stamp.1, text.clone()));
-        match MeshFile::parse(&path, &text) {
-            Ok(f) => {
+        parser = p;
+        last_text = text;
+        last_stamp = Some(stamp);
+        match parsed {
+            None => {}
+            Some(Ok(f)) => {
                 if let Some(why) = refuse_empty(&f, allow_empty) {
                     stats.rejected.fetch_add(1, Relaxed);
                     warn!(path = %path.display(), reason = why, "enrolment file rejected; the last good configuration stays in force");
@@ -517,7 +575,7 @@ pub async fn watch_file(
                 }
                 let snap = Snapshot::from_file(&f);
                 let applied = tx.send_if_modified(|cur| {
-                    if **cur == snap {
+                    if cur.same_as(&snap) {
                         return false;
                     }
                     info!(path = %path.display(), workloads = snap.workloads.len(), services = snap.services.len(), "standalone file changed");
@@ -528,7 +586,7 @@ pub async fn watch_file(
                     stats.applied.fetch_add(1, Relaxed);
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 stats.rejected.fetch_add(1, Relaxed);
                 warn!(error = %e, "enrolment file rejected; the last good configuration stays in force")
             }

@@ -423,15 +423,21 @@ pub async fn run(
             grpc_routes: route_stores[1].state(),
         };
         let uids: BTreeSet<String> = cluster.pods.iter().filter_map(|p| p.uid()).collect();
-        opts.locator.retain(&uids);
-        let built = state::build(
-            &cluster,
-            &state::Options {
-                excludes: &opts.excludes,
-                trust_domain: &opts.trust_domain,
-            },
-            &mut |p| opts.locator.netns(&p.uid().unwrap_or_default()),
-        );
+        // Pod lookups walk cgroupfs and /proc: the build runs on a blocking thread.
+        let (excludes, trust_domain) = (opts.excludes.clone(), opts.trust_domain.clone());
+        let built = opts
+            .locator
+            .blocking(move |locator| {
+                locator.retain(&uids);
+                let opts = state::Options {
+                    excludes: &excludes,
+                    trust_domain: &trust_domain,
+                };
+                state::build(&cluster, &opts, &mut |p| {
+                    locator.netns(&p.uid().unwrap_or_default())
+                })
+            })
+            .await;
         for p in &built.route_problems {
             if problems_seen.insert(p.clone()) {
                 warn!(problem = %p, "route rule not applied");
@@ -480,9 +486,12 @@ pub async fn run(
             tokio::select! {
                 _ = notify.notified() => break,
                 _ = retry.tick() => {
-                    let changed = reported.iter().any(|(uid, reason)| {
-                        opts.locator.netns(uid).err().as_ref() != Some(reason)
-                    });
+                    let reported = reported.clone();
+                    let changed = opts.locator.blocking(move |locator| {
+                        reported.iter().any(|(uid, reason)| {
+                            locator.netns(uid).err().as_ref() != Some(reason)
+                        })
+                    }).await;
                     if changed {
                         break;
                     }

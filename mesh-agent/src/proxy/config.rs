@@ -20,6 +20,10 @@ pub struct ProxyConfig {
     pub listeners: HashMap<SocketAddr, Arc<Listener>>,
     /// Clusters by name, with their endpoints (empty until the endpoints arrive).
     pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Which configuration this is: 1, 2, 3... in the order the xDS client published them
+    /// (it publishes one per accepted response that changed something); 0 until the
+    /// first. Per agent process, not the control plane's `version_info`.
+    pub version: u64,
 }
 
 impl ProxyConfig {

@@ -57,6 +57,7 @@ use self::{
 };
 pub use crate::metrics::L7Metrics;
 use crate::{
+    lifecycle::drain::DrainWatch,
     metrics::RequestLabels,
     proxy::config::{
         Codec, FaultAbort, Forward, HttpListener, Listener, ListenerKind, ProxyConfig, Route,
@@ -113,6 +114,25 @@ where
     }
 }
 
+/// Runs a downstream connection to its end; once `drain` is signaled, asks it to shut
+/// down gracefully (`shutdown`: hyper's `graceful_shutdown` of its codec) and keeps
+/// driving it until it has.
+async fn until_drained<C, E>(
+    conn: C,
+    drain: &DrainWatch,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => return res,
+        () = drain.signaled() => shutdown(conn.as_mut()),
+    }
+    conn.await
+}
+
 /// The L7 engine: serves captured downstream connections by the configuration in force.
 pub struct L7 {
     config: watch::Receiver<Arc<ProxyConfig>>,
@@ -124,8 +144,8 @@ pub struct L7 {
 /// Runtime state by cluster name, pruned when a push removes clusters.
 #[derive(Default)]
 struct Clusters {
-    /// The config version the names were last checked against (its address).
-    checked: usize,
+    /// The `ProxyConfig::version` the names were last checked against.
+    checked: u64,
     map: HashMap<String, Arc<ClusterState>>,
 }
 
@@ -240,7 +260,7 @@ impl L7 {
     /// Drops the state (and so the pooled connections) of clusters the configuration no
     /// longer has; requests still using one keep their own reference.
     fn prune(&self, cfg: &Arc<ProxyConfig>) {
-        let version = Arc::as_ptr(cfg) as usize;
+        let version = cfg.version;
         let mut c = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         if c.checked != version {
             c.checked = version;
@@ -281,9 +301,15 @@ impl L7 {
 
     /// Serves one downstream connection whose original destination is `dst` (which has an
     /// HTTP listener in the config at accept time). `source` is the source workload's name
-    /// for metrics (`ns/name` or `unknown`).
-    pub async fn serve<IO>(self: Arc<Self>, mut io: IO, dst: SocketAddr, source: String)
-    where
+    /// for metrics (`ns/name` or `unknown`). Once `drain` is signaled the connection
+    /// winds down gracefully (`serve_sniffed`).
+    pub async fn serve<IO>(
+        self: Arc<Self>,
+        mut io: IO,
+        dst: SocketAddr,
+        source: String,
+        drain: DrainWatch,
+    ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let codec = match self.config.borrow().listener(dst).map(|l| &l.kind) {
@@ -309,12 +335,18 @@ impl L7 {
                 }
             },
         };
-        self.serve_sniffed(io, prefix, sniffed, dst, source).await;
+        self.serve_sniffed(io, prefix, sniffed, dst, source, drain)
+            .await;
     }
 
     /// Like `serve`, for a connection whose first bytes were already read by `detect`
     /// (listeners with a `tcp_fallback`: the caller relays `Opaque` connections itself).
     /// `prefix` is replayed to the codec; `Http2` selects h2, anything else HTTP/1.x.
+    ///
+    /// When `drain` is signaled, hyper shuts the connection down gracefully: an HTTP/1.1
+    /// connection answers the request in flight with `connection: close` and closes (an
+    /// idle one closes at once), an HTTP/2 one sends GOAWAY and closes once its open
+    /// streams are done. `drain` is held until then.
     pub async fn serve_sniffed<IO>(
         self: Arc<Self>,
         io: IO,
@@ -322,6 +354,7 @@ impl L7 {
         sniffed: Sniffed,
         dst: SocketAddr,
         source: String,
+        drain: DrainWatch,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -347,21 +380,22 @@ impl L7 {
             async move { Ok::<_, Infallible>(l7.handle(conn, req).await) }
         });
         let res = if sniffed == Sniffed::Http2 {
-            http2::Builder::new(SpanExec)
+            let conn = http2::Builder::new(SpanExec)
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(max_headers).unwrap_or(u32::MAX))
-                .serve_connection(io, svc)
-                .await
+                .serve_connection(io, svc);
+            until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         } else {
             // Headers over `max_header_size` get 431 from hyper; the read buffer leaves
             // room for them so that limit, not the buffer's, is the one that applies.
-            http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .max_header_size(max_headers)
                 .max_buf_size(max_headers.saturating_add(8192).max(16 * 1024))
-                .serve_connection(io, svc)
-                .await
+                .serve_connection(io, svc);
+            until_drained(conn, &drain, |c| c.graceful_shutdown()).await
         };
+        drop(drain);
         if let Err(e) = res {
             debug!("downstream connection ended: {e}");
         }

@@ -25,6 +25,10 @@
 //!                                        many connected and how many were refused or reset
 //! podtool ping --to ADDR --count N       64-byte ping-pong; prints latency percentiles
 //! podtool peer --to ADDR                  connect; print the peer address getpeername() reports
+//! podtool http-conn --to ADDR --delays-ms D1,D2 [--end-wait-ms W]  one keep-alive
+//!                                        connection, a GET per delay (`x-delay-ms`, which the
+//!                                        `http` server honours); prints each response's status
+//!                                        and `connection` header, and how the connection ended
 //! podtool http-load --to ADDR --requests N [--per-conn K] [--expect a,b] [--header 'k: v']
 //!                                        N GETs, K per keep-alive connection; checks every
 //!                                        response (status 200, whole body, one of the expected
@@ -561,7 +565,8 @@ fn header<'a>(head: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 /// HTTP/1.1 keep-alive server: answers every request with its `--name` as the body,
-/// `x-served-by: NAME`, and the request's `x-mesh` header back as `x-seen-mesh`.
+/// `x-served-by: NAME`, and the request's `x-mesh` header back as `x-seen-mesh`; a request
+/// with `x-delay-ms: N` is answered N ms late.
 fn http(c: TcpStream, args: &[String]) {
     let name = arg(args, "--name").unwrap_or_else(|| "server".into());
     let mut r = std::io::BufReader::new(c.try_clone().expect("clone"));
@@ -573,6 +578,9 @@ fn http(c: TcpStream, args: &[String]) {
         let mut body = vec![0u8; len];
         if r.read_exact(&mut body).is_err() {
             return;
+        }
+        if let Some(ms) = header(&head, "x-delay-ms").and_then(|v| v.parse().ok()) {
+            std::thread::sleep(Duration::from_millis(ms));
         }
         let seen = header(&head, "x-mesh").unwrap_or("-");
         let resp = format!(
@@ -653,6 +661,88 @@ fn http_client(args: &[String]) {
         "{}",
         serde_json::json!({ "status": status, "bodies": bodies, "seen_mesh": seen, "errors": errors })
     );
+}
+
+/// `http-conn --to ADDR --delays-ms D1,D2,.. [--end-wait-ms W]`: one keep-alive connection,
+/// one GET per delay (sent with `x-delay-ms: D`, for `http` servers), each after the
+/// previous answer; then waits up to W ms (default 5000) for the server to end the
+/// connection. Prints each response's status and `connection` header, and how the
+/// connection ended: `eof` (a clean close), `ECONNRESET`, `open` (still open after W ms).
+fn http_conn(args: &[String]) {
+    let to = addr(args, "--to");
+    let delays: Vec<u64> = arg(args, "--delays-ms")
+        .unwrap_or_else(|| "0".into())
+        .split(',')
+        .map(|d| d.trim().parse().expect("--delays-ms"))
+        .collect();
+    let end_wait = num(args, "--end-wait-ms", 5000);
+    let mut responses = Vec::new();
+    let mut errors = Vec::new();
+    let report = |responses: &[serde_json::Value], errors: &[String], end: &str| {
+        println!(
+            "{}",
+            serde_json::json!({ "responses": responses, "end": end, "errors": errors })
+        );
+    };
+    let c = match TcpStream::connect(to) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(format!("connect: {}", errno_name(&e)));
+            return report(&responses, &errors, "none");
+        }
+    };
+    let mut r = std::io::BufReader::new(c.try_clone().expect("clone"));
+    let mut w = c;
+    for d in delays {
+        let req = format!("GET / HTTP/1.1\r\nhost: {to}\r\nx-delay-ms: {d}\r\n\r\n");
+        if let Err(e) = w.write_all(req.as_bytes()) {
+            errors.push(format!("write: {}", errno_name(&e)));
+            return report(&responses, &errors, "none");
+        }
+        let head = match read_head(&mut r) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                errors.push("closed before a response".into());
+                return report(&responses, &errors, "eof");
+            }
+            Err(e) => {
+                errors.push(format!("read: {}", errno_name(&e)));
+                return report(&responses, &errors, &errno_name(&e));
+            }
+        };
+        let len: usize = header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if let Err(e) = r.read_exact(&mut body) {
+            errors.push(format!("body: {}", errno_name(&e)));
+            return report(&responses, &errors, "none");
+        }
+        responses.push(serde_json::json!({
+            "status": head[0].split(' ').nth(1).unwrap_or("?"),
+            "connection": header(&head, "connection").unwrap_or("-").to_ascii_lowercase(),
+        }));
+    }
+    w.set_read_timeout(Some(Duration::from_millis(end_wait.max(1))))
+        .expect("SO_RCVTIMEO");
+    let mut buf = [0u8; 1024];
+    let end = match r.read(&mut buf) {
+        Ok(0) => "eof".to_owned(),
+        Ok(n) => {
+            errors.push(format!("{n} unexpected bytes after the last response"));
+            "data".to_owned()
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            "open".to_owned()
+        }
+        Err(e) => errno_name(&e),
+    };
+    report(&responses, &errors, &end);
 }
 
 /// How one `http-load` run ended, if not with every request answered.
@@ -925,6 +1015,7 @@ fn main() {
         Some("raw") => raw(&args),
         Some("http") => serve(&args, http),
         Some("http-client") => http_client(&args),
+        Some("http-conn") => http_conn(&args),
         Some("http-load") => http_load(&args),
         Some("echo-client") => echo_client(&args),
         Some("sink-client") => sink_client(&args),
@@ -933,7 +1024,7 @@ fn main() {
         Some("peer") => peer(&args),
         _ => {
             eprintln!(
-                "usage: podtool echo|sink|reset|http|echo-client|sink-client|reset-client|http-client|ping|peer ..."
+                "usage: podtool echo|sink|reset|http|echo-client|sink-client|reset-client|http-client|http-conn|ping|peer ..."
             );
             std::process::exit(2);
         }

@@ -9,12 +9,15 @@
 //! - cgroupfs: `kubepods/<qos>/pod<uid>/<ctr>` (Guaranteed: `kubepods/pod<uid>`).
 //!
 //! No container runtime socket is needed, so this works with any CRI runtime.
+//!
+//! The walks are blocking file-system work (cgroupfs and `/proc` of a busy node can be
+//! slow): from async code they go through `PodLocator::blocking`, never on the runtime.
 
 use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 /// Depth of the pod folder below the kubepods root: QoS class folder, then pod.
@@ -23,12 +26,14 @@ const POD_DEPTH: usize = 2;
 /// runtimes nest one more level).
 const CONTAINER_DEPTH: usize = 2;
 
+/// Clones share what was found.
+#[derive(Clone)]
 pub struct PodLocator {
     /// Candidate kubepods roots, first existing one used.
     roots: Vec<PathBuf>,
     proc: PathBuf,
     /// Pod UID -> its cgroup folder, once found (folders do not move).
-    found: Mutex<HashMap<String, PathBuf>>,
+    found: Arc<Mutex<HashMap<String, PathBuf>>>,
 }
 
 impl PodLocator {
@@ -42,7 +47,24 @@ impl PodLocator {
         PodLocator {
             roots,
             proc,
-            found: Mutex::new(HashMap::new()),
+            found: Arc::default(),
+        }
+    }
+
+    /// Runs `f`, which looks pods up with this locator, on a blocking thread (tokio's
+    /// blocking pool), so a slow walk never stalls the runtime the caller runs on.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&PodLocator) -> T + Send + 'static,
+    ) -> T {
+        let locator = self.clone();
+        match tokio::task::spawn_blocking(move || f(&locator)).await {
+            Ok(t) => t,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Cancelled: the runtime is shutting down, and this task with it.
+                Err(_) => std::future::pending().await,
+            },
         }
     }
 
@@ -202,6 +224,41 @@ mod tests {
         assert!(loc.netns("abc").unwrap_err().contains("holds no process"));
         let none = PodLocator::new(None, &root.join("nope"), PathBuf::from("/proc"));
         assert!(none.netns("abc").unwrap_err().contains("--kubepods-cgroup"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Issue 9, item 3: a walk runs on a blocking thread, not on the caller's runtime
+    /// (a current-thread runtime keeps running other tasks meanwhile).
+    #[test]
+    fn walks_run_off_the_runtime() {
+        let me = std::process::id().to_string();
+        let uid = "0b1c2d3e-aaaa-bbbb-cccc-0123456789ab";
+        let root = tree(&[(&format!("kubepods/besteffort/pod{uid}/c1") as &str, &me)]);
+        let loc = PodLocator::new(None, &root, PathBuf::from("/proc"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let runtime_thread = std::thread::current().id();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (ns, ticked) = rt.block_on(async {
+            let walk = loc.blocking(move |l| {
+                assert_ne!(std::thread::current().id(), runtime_thread);
+                // The runtime's other task must run while this walk is held up.
+                gate.recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("the runtime stalled while the walk ran");
+                l.netns(uid)
+            });
+            let other = async {
+                release.send(()).unwrap();
+                true
+            };
+            tokio::join!(walk, other)
+        });
+        assert!(ticked);
+        assert_eq!(ns.unwrap(), PathBuf::from(format!("/proc/{me}/ns/net")));
+        // Clones share what was found.
+        assert!(loc.clone().found.lock().unwrap().contains_key(uid));
         fs::remove_dir_all(&root).unwrap();
     }
 }

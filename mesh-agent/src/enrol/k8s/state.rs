@@ -141,7 +141,10 @@ pub fn build(
     }
 
     let mut route_problems = Vec::new();
-    file.services = services(c, &mut route_problems);
+    file.services = services(c, &mut route_problems)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
     let mut snapshot = Snapshot::from_file(&file);
     for ((w, reason), identity) in snapshot.workloads.iter_mut().zip(reasons).zip(identities) {
         w.unresolved = reason;

@@ -132,6 +132,8 @@ struct Proxy {
     config: watch::Sender<Arc<ProxyConfig>>,
     metrics: Arc<L7Metrics>,
     l7: Arc<L7>,
+    /// Drains the connections the proxy serves.
+    drain: crate::lifecycle::drain::DrainTrigger,
 }
 
 async fn proxy(cfg: ProxyConfig) -> Proxy {
@@ -141,10 +143,15 @@ async fn proxy(cfg: ProxyConfig) -> Proxy {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let engine = l7.clone();
+    let (drain, watch) = crate::lifecycle::drain::new();
     tokio::spawn(
         async move {
             while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(engine.clone().serve(s, VIP, "test/client".into()));
+                tokio::spawn(
+                    engine
+                        .clone()
+                        .serve(s, VIP, "test/client".into(), watch.clone()),
+                );
             }
         }
         .instrument(tracing::debug_span!("test_proxy")),
@@ -154,6 +161,7 @@ async fn proxy(cfg: ProxyConfig) -> Proxy {
         config,
         metrics,
         l7,
+        drain,
     }
 }
 
@@ -260,6 +268,11 @@ fn config(http: HttpListener, clusters: Vec<Cluster>) -> ProxyConfig {
             .into_iter()
             .map(|c| (c.name.clone(), Arc::new(c)))
             .collect(),
+        // Numbered as the xDS client numbers what it publishes.
+        version: {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        },
     }
 }
 
@@ -1075,10 +1088,12 @@ async fn detect_then_serve_sniffed_for_listeners_with_a_tcp_fallback() {
     let l7 = L7::new(rx, Arc::new(L7Metrics::default()));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let (_drain, watch) = crate::lifecycle::drain::new();
     tokio::spawn(
         async move {
             while let Ok((mut s, _)) = l.accept().await {
                 let l7 = l7.clone();
+                let watch = watch.clone();
                 tokio::spawn(async move {
                     let (prefix, v) = detect(&mut s, Duration::from_secs(1)).await.unwrap();
                     if v == Sniffed::Opaque {
@@ -1087,7 +1102,7 @@ async fn detect_then_serve_sniffed_for_listeners_with_a_tcp_fallback() {
                         s.write_all(&prefix).await.unwrap();
                         return;
                     }
-                    l7.serve_sniffed(s, prefix, v, VIP, "test/client".into())
+                    l7.serve_sniffed(s, prefix, v, VIP, "test/client".into(), watch)
                         .await;
                 });
             }
@@ -1359,4 +1374,96 @@ async fn the_config_dump_shows_ejected_endpoints() {
     for e in endpoints(&p) {
         assert_eq!(e["health"], "Healthy", "{e}");
     }
+}
+
+/// An upstream that answers `/slow` only when the test says so.
+async fn gated() -> (Upstream, mpsc::Sender<()>, mpsc::Receiver<()>) {
+    let (arrived_tx, arrived_rx) = mpsc::channel::<()>(4);
+    let (go_tx, go_rx) = mpsc::channel::<()>(4);
+    let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
+    let up = upstream(false, move |req: Request<Incoming>| {
+        let (arrived, go) = (arrived_tx.clone(), go_rx.clone());
+        async move {
+            if req.uri().path() == "/slow" {
+                let _ = arrived.send(()).await;
+                go.lock().await.recv().await;
+            }
+            reply(200, "done")
+        }
+    })
+    .await;
+    (up, go_tx, arrived_rx)
+}
+
+#[tokio::test]
+async fn a_drain_closes_http1_after_the_response_in_flight() {
+    let (up, go, mut arrived) = gated().await;
+    let p = proxy(simple(vec![cluster("c", &[up.addr])], to(&[("c", 1)]))).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    s.write_all(b"GET /fast HTTP/1.1\r\nhost: svc.test\r\n\r\n")
+        .await
+        .unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(first.starts_with("http/1.1 200"), "{first}");
+    assert!(!first.contains("connection: close"), "kept alive: {first}");
+    // The next request is in flight when the drain begins.
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: svc.test\r\n\r\n")
+        .await
+        .unwrap();
+    arrived.recv().await.unwrap();
+    p.drain.start();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    go.send(()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection after the response")
+        .expect("a clean close, not a reset");
+    let second = String::from_utf8_lossy(&rest).to_lowercase();
+    assert!(second.starts_with("http/1.1 200"), "{second}");
+    assert!(second.contains("connection: close"), "{second}");
+    assert!(second.ends_with("done"), "the whole response: {second}");
+}
+
+#[tokio::test]
+async fn a_drain_sends_goaway_on_h2_and_finishes_the_open_stream() {
+    let (up, go, mut arrived) = gated().await;
+    let p = proxy(simple(vec![cluster("c", &[up.addr])], to(&[("c", 1)]))).await;
+    let s = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::Builder::new(SpanExec)
+        .handshake::<_, ProxyBody>(TokioIo::new(s))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn.instrument(tracing::debug_span!("test_h2_client")));
+    let req = |path: &str| {
+        Request::get(format!("http://svc.test{path}"))
+            .body(empty())
+            .unwrap()
+    };
+    let slow = h2.send_request(req("/slow"));
+    let slow = tokio::spawn(async move { slow.await.map(|r| r.status().as_u16()) });
+    arrived.recv().await.unwrap();
+    p.drain.start();
+    // The GOAWAY reaches the client while the stream is open: new streams are refused.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if h2.ready().await.is_err() || h2.send_request(req("/fast")).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no new stream after the GOAWAY");
+    assert!(!slow.is_finished(), "the open stream is not cut");
+    go.send(()).await.unwrap();
+    assert_eq!(slow.await.unwrap().unwrap(), 200);
+    // Then the connection ends cleanly.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the connection closes")
+        .unwrap()
+        .expect("without error");
 }

@@ -132,7 +132,10 @@ pub struct TypeState {
     sent: bool,
 }
 
-/// Everything the client knows; one lock, held briefly.
+/// Everything the stream knows. Its lock is held while a whole response is judged and the
+/// configuration built (hundreds of ms at 10k resources), so only the stream task and
+/// the admin endpoint take it, both on the control runtime; what proxy threads need is
+/// in `Demand`, behind a lock of its own.
 #[derive(Debug, Default)]
 pub struct Core {
     pub on_demand: bool,
@@ -140,6 +143,31 @@ pub struct Core {
     pub types: BTreeMap<Kind, TypeState>,
     pub last_nack: Option<Nack>,
     pub warming: Warming,
+    /// Shared with `XdsClient::lookup`. Lock order: `Core`, then `Demand`.
+    demand: Arc<Mutex<Demand>>,
+    pub acks: u64,
+    pub nacks: u64,
+    /// The last verdicts, oldest first (`/config_dump`, `mesh-agent xds-watch`).
+    pub history: std::collections::VecDeque<Verdict>,
+    verdicts: u64,
+    /// `ProxyConfig::version` of the last configuration published.
+    published: u64,
+}
+
+/// What `XdsClient::lookup` reads and writes besides the configuration in force. Proxy
+/// threads take this lock for every captured connection whose destination is not in
+/// force, so it is held for set and map operations only: never across decoding,
+/// conversion, configuration building or I/O (those hold `Core`'s lock, which no proxy
+/// thread takes).
+#[derive(Debug, Default)]
+pub struct Demand {
+    pub connected: bool,
+    /// Whether the last accepted listener response had a version (wildcard lookups: what
+    /// it holds is the answer).
+    listeners_known: bool,
+    /// Unix ms of the last accepted change per listener (as the listener type's
+    /// `TypeState::updated_unix_ms`).
+    listener_updated_ms: HashMap<String, u64>,
     /// On-demand listener names wanted, and those the server said do not exist.
     pub wanted: BTreeSet<String>,
     pub absent: BTreeSet<String>,
@@ -147,12 +175,6 @@ pub struct Core {
     absent_order: std::collections::VecDeque<String>,
     /// Absent names forgotten since the subscription was last recomputed.
     pruned: bool,
-    pub connected: bool,
-    pub acks: u64,
-    pub nacks: u64,
-    /// The last verdicts, oldest first (`/config_dump`, `mesh-agent xds-watch`).
-    pub history: std::collections::VecDeque<Verdict>,
-    verdicts: u64,
 }
 
 /// The answer of `XdsClient::lookup`.
@@ -244,7 +266,7 @@ fn check(kind: Kind, any: &Any) -> Result<(String, Checked), String> {
 /// control plane again (one round trip).
 pub const MAX_ABSENT_LISTENERS: usize = 1024;
 
-impl Core {
+impl Demand {
     /// Records that the control plane has no listener `name`, forgetting the oldest
     /// absent names (and their subscriptions) beyond `MAX_ABSENT_LISTENERS`.
     fn mark_absent(&mut self, name: &str) {
@@ -267,10 +289,17 @@ impl Core {
             self.absent_order.retain(|n| absent.contains(n));
         }
     }
+}
 
+impl Core {
     /// Whether absent names were forgotten since the last call (their unsubscription is due).
     pub fn take_pruned(&mut self) -> bool {
-        std::mem::take(&mut self.pruned)
+        std::mem::take(&mut self.demand().pruned)
+    }
+
+    /// The state lookups share; held briefly (see `Demand`).
+    pub fn demand(&self) -> std::sync::MutexGuard<'_, Demand> {
+        self.demand.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn new(on_demand: bool) -> Core {
@@ -429,14 +458,17 @@ impl Core {
                     }
                 }
                 if kind == Kind::Listener {
-                    let wanted: Vec<String> = self.wanted.iter().cloned().collect();
+                    let mut d = self.demand();
+                    let wanted: Vec<String> = d.wanted.iter().cloned().collect();
                     for w in wanted {
                         if !new_names.contains(&w) {
-                            self.mark_absent(&w);
+                            d.mark_absent(&w);
                         } else {
-                            self.absent.remove(&w);
+                            d.absent.remove(&w);
                         }
                     }
+                    d.listener_updated_ms = new_names.iter().map(|n| (n.clone(), now)).collect();
+                    d.listeners_known = !resp.version_info.is_empty();
                 }
                 for (name, c) in items {
                     let st = self.types.entry(kind).or_default();
@@ -516,14 +548,25 @@ impl Core {
             Ok(items) => {
                 let n = items.len() + resp.removed_resources.len();
                 let now = now_ms();
+                if kind == Kind::Listener {
+                    let mut d = self.demand();
+                    for (name, _) in &items {
+                        d.absent.remove(name);
+                        d.listener_updated_ms.insert(name.clone(), now);
+                    }
+                    for name in &resp.removed_resources {
+                        d.listener_updated_ms.remove(name);
+                        if d.wanted.contains(name) {
+                            d.mark_absent(name);
+                        }
+                    }
+                    d.listeners_known = !resp.system_version_info.is_empty();
+                }
                 for (name, c) in items {
                     let st = self.types.entry(kind).or_default();
                     st.versions
                         .insert(name.clone(), versions.remove(&name).unwrap_or_default());
                     st.updated_unix_ms.insert(name.clone(), now);
-                    if kind == Kind::Listener {
-                        self.absent.remove(&name);
-                    }
                     self.insert(c, name);
                     changed = true;
                 }
@@ -532,9 +575,6 @@ impl Core {
                     st.versions.remove(name);
                     st.updated_unix_ms.remove(name);
                     self.remove(kind, name);
-                    if kind == Kind::Listener && self.wanted.contains(name) {
-                        self.mark_absent(name);
-                    }
                     changed = true;
                 }
                 self.acks += 1;
@@ -569,7 +609,7 @@ impl Core {
         want.insert(Kind::ClusterLoadAssignment, eds.into_iter().collect());
         if self.on_demand {
             want.insert(Kind::Cluster, cds.into_iter().collect());
-            want.insert(Kind::Listener, self.wanted.clone());
+            want.insert(Kind::Listener, self.demand().wanted.clone());
         }
         let mut out = Vec::new();
         for (kind, names) in want {
@@ -767,7 +807,10 @@ fn complete(cfg: &ProxyConfig, l: &Listener) -> bool {
 /// The client: runs the stream, publishes the configuration, answers on-demand lookups.
 pub struct XdsClient {
     opts: ClientOptions,
+    /// The stream's state: the stream task and the admin endpoint only.
     core: Mutex<Core>,
+    /// `Core`'s `Demand`: what lookups on proxy threads take.
+    lookups: Arc<Mutex<Demand>>,
     config: watch::Sender<Arc<ProxyConfig>>,
     /// Bumped after every processed response (on-demand waiters re-check).
     generation: watch::Sender<u64>,
@@ -778,8 +821,10 @@ impl XdsClient {
     pub fn new(opts: ClientOptions) -> Arc<XdsClient> {
         let (config, _) = watch::channel(Arc::new(ProxyConfig::default()));
         let (generation, _) = watch::channel(0);
+        let core = Core::new(opts.on_demand);
         Arc::new(XdsClient {
-            core: Mutex::new(Core::new(opts.on_demand)),
+            lookups: core.demand.clone(),
+            core: Mutex::new(core),
             opts,
             config,
             generation,
@@ -804,7 +849,7 @@ impl XdsClient {
     }
 
     pub fn connected(&self) -> bool {
-        self.core().connected
+        self.demand().connected
     }
 
     pub fn config(&self) -> watch::Receiver<Arc<ProxyConfig>> {
@@ -813,6 +858,11 @@ impl XdsClient {
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lookups' state; never held across anything but set and map operations.
+    fn demand(&self) -> std::sync::MutexGuard<'_, Demand> {
+        self.lookups.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The listener for a captured connection's original destination, subscribing to it
@@ -834,7 +884,7 @@ impl XdsClient {
         }
         let name = dst.to_string();
         {
-            let mut core = self.core();
+            let mut demand = self.demand();
             // A listener in force before what its routes send traffic to: its clusters and
             // endpoints follow it within a round trip or two, and a connection served now
             // gets 503 (no cluster) for its first requests. Found by the soak: the second
@@ -843,37 +893,30 @@ impl XdsClient {
             // listener stayed incomplete past the on-demand timeout (what it lacks is not
             // coming soon: serve it, as Envoy would) or the stream is down.
             if let Some((l, false)) = &in_force {
-                let accepted_ms = core
-                    .types
-                    .get(&Kind::Listener)
-                    .and_then(|st| st.updated_unix_ms.get(&name).copied());
+                let accepted_ms = demand.listener_updated_ms.get(&name).copied();
                 let recent = accepted_ms.is_some_and(|at| {
                     u128::from(now_ms().saturating_sub(at))
                         < self.opts.on_demand_timeout.as_millis()
                 });
-                if !self.opts.on_demand || !core.connected || !recent {
+                if !self.opts.on_demand || !demand.connected || !recent {
                     return Lookup::Found(l.clone());
                 }
             }
             if !self.opts.on_demand {
                 // Wildcard: what the last accepted response holds is the answer, once
                 // there is one.
-                let known = core
-                    .types
-                    .get(&Kind::Listener)
-                    .is_some_and(|st| !st.version_info.is_empty());
-                return if known {
+                return if demand.listeners_known {
                     Lookup::Absent
                 } else {
                     Lookup::Unknown("no listener configuration received yet")
                 };
             }
-            if core.absent.contains(&name) {
+            if demand.absent.contains(&name) {
                 return Lookup::Absent;
             }
             // Not connected (yet: an agent that just took the node over): subscribe anyway,
             // the next stream asks for it first thing, and wait like any lookup (bounded).
-            if core.wanted.insert(name.clone()) {
+            if demand.wanted.insert(name.clone()) {
                 debug!(listener = %name, "subscribing on demand");
                 self.demand.notify_one();
             }
@@ -889,7 +932,7 @@ impl XdsClient {
             if let Some((l, true)) = found {
                 return Lookup::Found(l);
             }
-            if self.core().absent.contains(&name) {
+            if self.demand().absent.contains(&name) {
                 return Lookup::Absent;
             }
             match tokio::time::timeout_at(deadline, generation.changed()).await {
@@ -908,9 +951,12 @@ impl XdsClient {
         }
     }
 
+    /// Builds and publishes the configuration in force, numbered after the last one.
     fn publish(&self, core: &mut Core) {
-        let (cfg, warming) = core.accepted.build();
+        let (mut cfg, warming) = core.accepted.build();
         core.warming = warming;
+        core.published += 1;
+        cfg.version = core.published;
         self.config.send_replace(Arc::new(cfg));
     }
 
@@ -958,11 +1004,8 @@ impl XdsClient {
                 Mode::Sotw => self.clone().stream::<Sotw>().await,
                 Mode::Delta => self.clone().stream::<Delta>().await,
             };
-            {
-                let mut core = self.core();
-                core.connected = false;
-                core.stream_reset();
-            }
+            self.core().stream_reset();
+            self.demand().connected = false;
             self.generation.send_modify(|g| *g += 1);
             match r {
                 Ok(()) => info!("ADS stream closed by the server; reconnecting"),
@@ -1036,7 +1079,7 @@ impl XdsClient {
             .await
             .map_err(|e| format!("opening the {} stream: {e}", V::NAME))?
             .into_inner();
-        self.core().connected = true;
+        self.demand().connected = true;
         info!(address = %self.opts.address, variant = V::NAME, "ADS stream open");
         self.generation.send_modify(|g| *g += 1);
         loop {
@@ -1070,8 +1113,26 @@ impl XdsClient {
     }
 
     /// `/config_dump`: what is in force, at which versions, what warms, the last NACK.
+    /// The locks are held while copying only: the admin endpoint renders on a blocking
+    /// thread, and the stream task (on the control runtime) takes the same lock.
     pub fn dump(&self) -> serde_json::Value {
-        let core = self.core();
+        let core = {
+            let c = self.core();
+            Core {
+                on_demand: c.on_demand,
+                types: c.types.clone(),
+                last_nack: c.last_nack.clone(),
+                warming: c.warming.clone(),
+                acks: c.acks,
+                nacks: c.nacks,
+                history: c.history.iter().rev().take(20).cloned().collect(),
+                ..Default::default()
+            }
+        };
+        let (connected, wanted, absent) = {
+            let d = self.demand();
+            (d.connected, d.wanted.clone(), d.absent.clone())
+        };
         let cfg = self.config.borrow().clone();
         let types: BTreeMap<Kind, serde_json::Value> = core
             .types
@@ -1106,7 +1167,7 @@ impl XdsClient {
                 "server": self.opts.address,
                 "mode": self.opts.mode,
                 "node": { "id": self.opts.node_id, "cluster": self.opts.cluster },
-                "connected": core.connected,
+                "connected": connected,
                 "on_demand": core.on_demand,
                 "acks": core.acks,
                 "nacks": core.nacks,
@@ -1117,9 +1178,187 @@ impl XdsClient {
                 "listeners": core.warming.listeners,
                 "clusters": core.warming.clusters,
             },
-            "on_demand": { "requested": core.wanted, "absent": core.absent },
-            "recent_verdicts": core.history.iter().rev().take(20).collect::<Vec<_>>(),
+            "on_demand": { "requested": wanted, "absent": absent },
+            // Newest first (copied so).
+            "recent_verdicts": core.history,
             "in_force": super::dump::config(&cfg),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const FILE: &str = "\
+namespaces:
+  - { name: shop }
+services:
+  - name: db
+    namespace: shop
+    vip: 10.96.0.12
+    ports: [ { port: 5432, protocol: tcp } ]
+    endpoints: [ { ip: 10.0.0.4 } ]
+";
+    const DB: &str = "10.96.0.12:5432";
+
+    fn client(on_demand: bool) -> Arc<XdsClient> {
+        XdsClient::new(ClientOptions {
+            // Never dialled: the tests feed responses as the stream task would.
+            address: "unix:/nonexistent".into(),
+            token: None,
+            node_id: "node".into(),
+            cluster: "test".into(),
+            mode: Mode::Sotw,
+            on_demand,
+            on_demand_timeout: Duration::from_millis(50),
+        })
+    }
+
+    /// Judges one SotW response per kind (those in `kinds`) of the file's resources and
+    /// publishes what changed, as the stream task does.
+    fn accept(c: &XdsClient, kinds: &[Kind], version: &str) {
+        let file = crate::enrol::file::MeshFile::parse(Path::new("t.yaml"), FILE).unwrap();
+        let resources = crate::control::translate::resources(&file);
+        let mut core = c.core();
+        for kind in kinds {
+            let resp = DiscoveryResponse {
+                version_info: version.into(),
+                nonce: format!("{kind:?}-{version}"),
+                type_url: kind.type_url(),
+                resources: resources
+                    .iter()
+                    .filter(|(_, a)| a.type_url == kind.type_url())
+                    .map(|(_, a)| a.clone())
+                    .collect(),
+                ..Default::default()
+            };
+            let (req, changed) = core.on_sotw(resp);
+            assert!(req.error_detail.is_none(), "{kind:?}: {req:?}");
+            if changed {
+                c.publish(&mut core);
+            }
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// `lookup(dst)` from a thread of its own (a proxy thread) while this thread holds
+    /// what the stream task holds while it judges a response and builds the
+    /// configuration. The answer must come while that is held: a lookup that took the
+    /// stream's lock would block here until the bound below and fail.
+    fn lookup_while_judging(c: &Arc<XdsClient>, dst: SocketAddr) -> Lookup {
+        let judging = c.core();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let proxy = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let _ = tx.send(rt.block_on(c.lookup(dst)));
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        drop(judging);
+        proxy.join().unwrap();
+        got.expect("the lookup waited for the stream's lock (held while judging)")
+    }
+
+    /// Issue 9, item 3: proxy threads never wait for a response being judged.
+    #[test]
+    fn on_demand_lookups_answer_while_a_response_is_judged() {
+        let c = client(true);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Wanted while the stream is down: waits out the on-demand timeout.
+        let nowhere = addr("10.9.9.9:80");
+        assert!(matches!(
+            rt.block_on(c.lookup(nowhere)),
+            Lookup::Unknown("the control plane is not connected")
+        ));
+        assert!(matches!(
+            lookup_while_judging(&c, addr("10.9.9.8:80")),
+            Lookup::Unknown("the control plane is not connected")
+        ));
+        c.demand().wanted.insert(DB.into());
+        // The listener alone: in force, incomplete (its cluster has not arrived).
+        accept(&c, &[Kind::Listener], "1");
+        assert!(c.demand().absent.contains("10.9.9.9:80"));
+        assert!(matches!(lookup_while_judging(&c, nowhere), Lookup::Absent));
+        // Recently accepted but the stream is down: served as it is.
+        assert!(matches!(
+            lookup_while_judging(&c, addr(DB)),
+            Lookup::Found(l) if l.name == DB
+        ));
+        // Recently accepted, connected: waits for its cluster, which does not come.
+        c.demand().connected = true;
+        assert!(matches!(
+            lookup_while_judging(&c, addr(DB)),
+            Lookup::Found(l) if l.name == DB
+        ));
+        accept(&c, &[Kind::Cluster, Kind::ClusterLoadAssignment], "1");
+        assert!(matches!(
+            lookup_while_judging(&c, addr(DB)),
+            Lookup::Found(l) if l.name == DB
+        ));
+        assert!(matches!(
+            lookup_while_judging(&c, addr("10.9.9.7:80")),
+            Lookup::Unknown("the control plane did not answer in time")
+        ));
+    }
+
+    #[test]
+    fn wildcard_lookups_answer_while_a_response_is_judged() {
+        let c = client(false);
+        assert!(matches!(
+            lookup_while_judging(&c, addr("10.9.9.9:80")),
+            Lookup::Unknown("no listener configuration received yet")
+        ));
+        accept(&c, &Kind::ALL, "1");
+        assert!(matches!(
+            lookup_while_judging(&c, addr("10.9.9.9:80")),
+            Lookup::Absent
+        ));
+        assert!(matches!(
+            lookup_while_judging(&c, addr(DB)),
+            Lookup::Found(l) if l.name == DB
+        ));
+    }
+
+    /// Issue 9, item 3: every configuration published carries the next version, shown in
+    /// `/config_dump`; a response that changes nothing publishes nothing.
+    #[test]
+    fn published_configurations_are_numbered() {
+        let c = client(false);
+        assert_eq!(c.config().borrow().version, 0);
+        assert_eq!(c.dump()["in_force"]["version"], 0);
+        accept(&c, &[Kind::Cluster], "1");
+        assert_eq!(c.config().borrow().version, 1);
+        accept(&c, &[Kind::ClusterLoadAssignment, Kind::Listener], "1");
+        assert_eq!(c.config().borrow().version, 3);
+        assert_eq!(c.dump()["in_force"]["version"], 3);
+        // A NACK keeps the configuration (and its version) in force.
+        let mut core = c.core();
+        let (req, changed) = core.on_sotw(DiscoveryResponse {
+            version_info: "2".into(),
+            nonce: "bad".into(),
+            type_url: Kind::Cluster.type_url(),
+            resources: vec![Any {
+                type_url: Kind::Cluster.type_url(),
+                value: vec![0xff],
+            }],
+            ..Default::default()
+        });
+        drop(core);
+        assert!(req.error_detail.is_some() && !changed);
+        assert_eq!(c.config().borrow().version, 3);
     }
 }

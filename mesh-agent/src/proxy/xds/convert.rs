@@ -1502,6 +1502,8 @@ impl Accepted {
             ProxyConfig {
                 listeners,
                 clusters,
+                // Numbered by the client when it publishes the configuration.
+                version: 0,
             },
             warming,
         )

@@ -29,6 +29,7 @@ pub fn config_with(
     let mut clusters: Vec<&_> = cfg.clusters.values().collect();
     clusters.sort_by(|a, b| a.name.cmp(&b.name));
     json!({
+        "version": cfg.version,
         "listeners": listeners.iter().map(|l| {
             let mut v = json!({ "name": l.name, "address": l.address.to_string() });
             match &l.kind {
