@@ -353,6 +353,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         }
         let mut rx = snap_rx.clone();
         let map_writer = &mut map_writer;
+        let mut translator = Some(translator);
+        let mut last_services = Some(snap_rx.borrow().clone());
+        let mut last_node = Some(snap_rx.borrow().clone());
         let sync = async {
             loop {
                 tokio::select! {
@@ -361,8 +364,14 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                             break;
                         }
                         let snap = rx.borrow_and_update().clone();
-                        map_writer.send(snap.clone());
-                        publish_resources(&xds_tx, &mut translator, &snap);
+                        // Node-local enrolment and the mesh's services are separate
+                        // streams: a service change anywhere does not wake the map writer,
+                        // and a pod change that no selector reads translates nothing.
+                        if !last_node.as_ref().is_some_and(|l: &Arc<Snapshot>| l.same_node(&snap)) {
+                            map_writer.send(snap.clone());
+                            last_node = Some(snap.clone());
+                        }
+                        publish_resources(&xds_tx, &mut translator, &mut last_services, snap).await;
                     }
                     // Its apply panicked: stop (`stop` below passes the panic on).
                     _ = map_writer.exited() => break,
@@ -571,14 +580,34 @@ fn ads_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Rebuilds the control plane's snapshot from a new standalone snapshot; clients are
-/// woken only when a resource changed.
-fn publish_resources(
+/// Rebuilds the control plane's snapshot from a new enrolment snapshot, if its services
+/// changed; clients are woken only when a resource changed. The translation runs on the
+/// blocking pool (the first one of a big mesh takes a while), the translator moved there
+/// and back.
+async fn publish_resources(
     tx: &watch::Sender<Arc<crate::control::server::Snapshot>>,
-    translator: &mut translate::Translator,
-    snap: &Snapshot,
+    translator: &mut Option<translate::Translator>,
+    last: &mut Option<Arc<Snapshot>>,
+    snap: Arc<Snapshot>,
 ) {
-    let delta = xds_delta(translator, snap);
+    if last.as_ref().is_some_and(|l| l.same_services(&snap)) {
+        return;
+    }
+    let mut t = translator.take().unwrap_or_default();
+    let job = {
+        let snap = snap.clone();
+        tokio::task::spawn_blocking(move || {
+            let delta = xds_delta(&mut t, &snap);
+            (t, delta)
+        })
+    };
+    let Ok((t, delta)) = job.await else {
+        // The translation panicked: start again from scratch next time.
+        *last = None;
+        return;
+    };
+    *translator = Some(t);
+    *last = Some(snap);
     if delta.is_empty() {
         return;
     }
@@ -697,9 +726,11 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         }
         tokio::spawn(
             async move {
+                let mut translator = Some(translator);
+                let mut last = Some(snap_rx.borrow().clone());
                 while snap_rx.changed().await.is_ok() {
                     let snap = snap_rx.borrow_and_update().clone();
-                    publish_resources(&xds_tx, &mut translator, &snap);
+                    publish_resources(&xds_tx, &mut translator, &mut last, snap).await;
                 }
             }
             .instrument(tracing::info_span!("translate")),

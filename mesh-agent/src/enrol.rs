@@ -66,9 +66,18 @@ impl Snapshot {
     /// `Arc` from one parse to the next), so an unchanged 10k-service snapshot costs
     /// 10k pointer comparisons, not a deep comparison.
     pub fn same_as(&self, other: &Snapshot) -> bool {
-        self.workloads == other.workloads
-            && self.excludes == other.excludes
-            && self.declared == other.declared
+        self.same_node(other) && self.same_services(other)
+    }
+
+    /// The node-local part (what the map writer applies) is equal.
+    pub fn same_node(&self, other: &Snapshot) -> bool {
+        self.workloads == other.workloads && self.excludes == other.excludes
+    }
+
+    /// The part the control plane translates (services, and the workloads their
+    /// selectors read) is equal.
+    pub fn same_services(&self, other: &Snapshot) -> bool {
+        self.declared == other.declared
             && self.services.len() == other.services.len()
             && self
                 .services

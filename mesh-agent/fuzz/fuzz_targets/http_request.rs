@@ -63,7 +63,9 @@ fuzz_target!(
             let (_tx, rx) = tokio::sync::watch::channel(config().clone());
             let l7 = L7::new(rx, Arc::new(L7Metrics::default()));
             let (client, server) = tokio::io::duplex(64 * 1024);
-            let serve = tokio::spawn(l7.serve(server, dst, "fuzz/client".into()));
+            // Never drained: the trigger lives as long as the connection.
+            let (_drain, watch) = mesh_agent::lifecycle::drain::new();
+            let serve = tokio::spawn(l7.serve(server, dst, "fuzz/client".into(), watch));
             // Write and read at once: pipelined requests can fill the reply direction
             // before the last request is written.
             let (mut rd, mut wr) = tokio::io::split(client);

@@ -117,8 +117,10 @@ impl Delta {
 #[derive(Default)]
 pub struct Translator {
     cache: HashMap<(String, String), Cached>,
-    /// Service keys in the order of the last update (for `resources`).
-    order: Vec<(String, String)>,
+    /// The services of the last update, in order: a service at the same position as the
+    /// same `Arc`, which reads no other service and no workload, is unchanged without
+    /// any lookup.
+    prev: Vec<Arc<ServiceSpec>>,
     /// Services translated (not reused) since start.
     pub translated: u64,
 }
@@ -167,9 +169,9 @@ impl Translator {
         workloads: &[Member],
     ) -> Vec<(String, Any)> {
         self.update(services, workloads);
-        self.order
+        self.prev
             .iter()
-            .filter_map(|k| self.cache.get(k))
+            .filter_map(|s| self.cache.get(&(s.namespace.clone(), s.name.clone())))
             .flat_map(|c| c.out.iter().map(|(n, a)| (n.clone(), Any::clone(a))))
             .collect()
     }
@@ -177,19 +179,42 @@ impl Translator {
     /// Brings the translation up to date with `services` and `workloads`; returns what
     /// changed since the last update.
     pub fn update(&mut self, services: &[Arc<ServiceSpec>], workloads: &[Member]) -> Delta {
-        let index: Index<'_> = services
-            .iter()
-            .map(|s| ((s.namespace.as_str(), s.name.as_str()), &**s))
-            .collect();
+        // Built on first need: an update that only touches services reading nothing else
+        // does not index the mesh.
+        let index: std::cell::OnceCell<Index<'_>> = std::cell::OnceCell::new();
+        let index = || {
+            index.get_or_init(|| {
+                services
+                    .iter()
+                    .map(|s| ((s.namespace.as_str(), s.name.as_str()), &**s))
+                    .collect()
+            })
+        };
         // Selectors look within a namespace: index the workloads once.
-        let mut by_ns: HashMap<&str, Vec<&Member>> = HashMap::new();
-        for w in workloads {
-            by_ns.entry(w.namespace.as_str()).or_default().push(w);
-        }
+        let by_ns: std::cell::OnceCell<HashMap<&str, Vec<&Member>>> = std::cell::OnceCell::new();
+        let by_ns = || {
+            by_ns.get_or_init(|| {
+                let mut m: HashMap<&str, Vec<&Member>> = HashMap::new();
+                for w in workloads {
+                    m.entry(w.namespace.as_str()).or_default().push(w);
+                }
+                m
+            })
+        };
         let mut delta = Delta::default();
-        let mut order = Vec::with_capacity(services.len());
-        for svc in services {
-            let ns_workloads = by_ns
+        let prev = std::mem::take(&mut self.prev);
+        // Whether the set of service keys may differ from the last update's (then gone
+        // services are looked for).
+        let mut keys_moved = prev.len() != services.len();
+        for (i, svc) in services.iter().enumerate() {
+            let old = prev.get(i);
+            if old.is_some_and(|p| Arc::ptr_eq(p, svc)) && reads_nothing_else(svc) {
+                continue;
+            }
+            if !old.is_some_and(|p| p.namespace == svc.namespace && p.name == svc.name) {
+                keys_moved = true;
+            }
+            let ns_workloads = by_ns()
                 .get(svc.namespace.as_str())
                 .map_or(&[][..], Vec::as_slice);
             let picked = selected(ns_workloads, svc);
@@ -198,12 +223,11 @@ impl Translator {
                     .routes
                     .iter()
                     .flat_map(|r| &r.backends)
-                    .map(|b| backend(&index, svc, &b.service).map(|t| t.ports.clone()))
+                    .map(|b| backend(index(), svc, &b.service).map(|t| t.ports.clone()))
                     .collect(),
                 selected: picked.iter().map(|w| w.ip).collect(),
             };
             let key = (svc.namespace.clone(), svc.name.clone());
-            order.push(key.clone());
             let unchanged = self.cache.get(&key).is_some_and(|c| {
                 (Arc::ptr_eq(&c.spec, svc) || c.spec == *svc) && c.inputs == inputs
             });
@@ -211,7 +235,7 @@ impl Translator {
                 continue;
             }
             self.translated += 1;
-            let fresh = service_resources(&index, &picked, svc);
+            let fresh = service_resources(index(), &picked, svc);
             let old = self.cache.remove(&key).map(|c| c.out).unwrap_or_default();
             let mut old: HashMap<Key, Arc<Any>> =
                 old.into_iter().map(|(n, a)| (key_of(&n, &a), a)).collect();
@@ -238,12 +262,15 @@ impl Translator {
                 },
             );
         }
-        if order.len() != self.cache.len() || order != self.order {
-            let seen: std::collections::HashSet<&(String, String)> = order.iter().collect();
+        if keys_moved || self.cache.len() != services.len() {
+            let seen: std::collections::HashSet<(&str, &str)> = services
+                .iter()
+                .map(|s| (s.namespace.as_str(), s.name.as_str()))
+                .collect();
             let gone: Vec<(String, String)> = self
                 .cache
                 .keys()
-                .filter(|k| !seen.contains(k))
+                .filter(|(ns, n)| !seen.contains(&(ns.as_str(), n.as_str())))
                 .cloned()
                 .collect();
             for k in gone {
@@ -254,9 +281,15 @@ impl Translator {
                 }
             }
         }
-        self.order = order;
+        self.prev = services.to_vec();
         delta
     }
+}
+
+/// A service whose resources depend on its own spec only: no route names a backend, no
+/// selector picks workloads.
+fn reads_nothing_else(svc: &ServiceSpec) -> bool {
+    svc.selector.is_empty() && svc.routes.iter().all(|r| r.backends.is_empty())
 }
 
 fn service_resources(
@@ -827,6 +860,8 @@ mod tests {
     use super::*;
     use crate::enrol::file::MeshFile;
     use crate::proxy::xds::convert::{self, Accepted};
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use prost::Name as _;
     use std::path::Path;
 
     pub const FILE: &str = "\
@@ -953,6 +988,74 @@ services:
             Some("reviews.shop:80")
         );
         assert_eq!(warming.clusters, vec!["outbound|5432||db.shop".to_string()]);
+    }
+
+    /// An edit of one endpoint reaches the ADS server as that one resource; a removed
+    /// service as its names; the server's snapshot then equals one built from scratch.
+    #[test]
+    fn an_update_passes_on_only_what_changed() {
+        use crate::control::server::Snapshot;
+        let mut parser = crate::enrol::file::FileParser::default();
+        let mut f = parser.parse(Path::new("t.yaml"), FILE).unwrap();
+        let mut t = Translator::default();
+        let first = t.update(&f.services, &f.members());
+        assert!(first.removes.is_empty());
+        let served = Snapshot::default().apply(&first);
+        assert_eq!(t.update(&f.services, &f.members()), Delta::default());
+        // One endpoint of db changes, in the file: one item parsed, one resource out.
+        let edited = FILE.replace(
+            "endpoints: [ { ip: 10.0.0.4 } ]",
+            "endpoints: [ { ip: 10.0.0.5 } ]",
+        );
+        let parsed = parser.items_parsed();
+        f = parser.parse(Path::new("t.yaml"), &edited).unwrap();
+        assert_eq!(parser.items_parsed(), parsed + 1);
+        let d = t.update(&f.services, &f.members());
+        let names: Vec<(&str, &str)> = d
+            .upserts
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.type_url.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (
+                    "outbound|5432||db.shop",
+                    ClusterLoadAssignment::type_url().as_str()
+                ),
+                (
+                    "outbound|9000||db.shop",
+                    ClusterLoadAssignment::type_url().as_str()
+                ),
+            ]
+        );
+        assert!(d.removes.is_empty());
+        let served = served.apply(&d);
+        assert_eq!(served.version, 2);
+        let scratch = Snapshot::default().next(resources(&f));
+        let flat = |s: &Snapshot| -> Vec<(String, String, String)> {
+            let mut v: Vec<_> = s
+                .types
+                .iter()
+                .flat_map(|(t, m)| {
+                    m.iter()
+                        .map(move |(n, e)| (t.clone(), n.clone(), e.version.clone()))
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(flat(&served), flat(&scratch));
+        // db goes: its eight resources (two ports) are removed, nothing else moves.
+        f.services.retain(|s| s.name != "db");
+        let d = t.update(&f.services, &f.members());
+        assert!(d.upserts.is_empty());
+        assert_eq!(d.removes.len(), 8, "{:?}", d.removes);
+        let served = served.apply(&d);
+        assert_eq!(
+            flat(&served),
+            flat(&Snapshot::default().next(resources(&f)))
+        );
     }
 
     #[test]

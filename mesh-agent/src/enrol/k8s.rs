@@ -412,6 +412,8 @@ pub async fn run(
     let mut problems_seen: BTreeSet<String> = BTreeSet::new();
     let mut retry = tokio::time::interval(RESOLVE_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Converted Services, kept across builds: a change converts what it touches only.
+    let cache = Arc::new(std::sync::Mutex::new(state::ServiceCache::default()));
     loop {
         let cluster = state::Cluster {
             namespaces: namespaces.state(),
@@ -425,6 +427,7 @@ pub async fn run(
         let uids: BTreeSet<String> = cluster.pods.iter().filter_map(|p| p.uid()).collect();
         // Pod lookups walk cgroupfs and /proc: the build runs on a blocking thread.
         let (excludes, trust_domain) = (opts.excludes.clone(), opts.trust_domain.clone());
+        let cache = cache.clone();
         let built = opts
             .locator
             .blocking(move |locator| {
@@ -433,9 +436,14 @@ pub async fn run(
                     excludes: &excludes,
                     trust_domain: &trust_domain,
                 };
-                state::build(&cluster, &opts, &mut |p| {
-                    locator.netns(&p.uid().unwrap_or_default())
-                })
+                // Only this builder uses the cache: the lock is never contended.
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                state::build_cached(
+                    &cluster,
+                    &opts,
+                    &mut |p| locator.netns(&p.uid().unwrap_or_default()),
+                    &mut cache,
+                )
             })
             .await;
         for p in &built.route_problems {
@@ -458,7 +466,7 @@ pub async fn run(
         reported = now;
         let snap = built.snapshot;
         tx.send_if_modified(|cur| {
-            if **cur == snap {
+            if cur.same_as(&snap) {
                 return false;
             }
             stats.snapshots.fetch_add(1, Relaxed);

@@ -44,7 +44,8 @@ pub fn split(text: &str) -> Option<Split<'_>> {
     // Anchors and aliases could tie an item to text outside it; tabs and several documents
     // change how lines are read. None of them in the file: the line structure is the YAML
     // structure.
-    if text.contains(['&', '*', '\t', '\r']) {
+    // One memchr pass per character: a char-set pattern would walk the text char by char.
+    if ['&', '*', '\t', '\r'].iter().any(|&c| text.contains(c)) {
         return None;
     }
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
@@ -103,13 +104,21 @@ pub fn split(text: &str) -> Option<Split<'_>> {
     }
     // Filler lines between items go with the item before them; trailing filler of the last
     // item (before the next key) stays with it too: harmless either way.
-    let mut cut = Vec::with_capacity(items.len());
-    for (k, &(from, _)) in items.iter().enumerate() {
-        let to = items.get(k + 1).map_or(end, |n| n.0);
-        let a = lines[..from].iter().map(|l| l.len()).sum::<usize>();
-        let b = a + lines[from..to].iter().map(|l| l.len()).sum::<usize>();
-        cut.push((a, b));
+    let mut offsets = Vec::with_capacity(lines.len() + 1);
+    let mut at = 0;
+    for l in &lines {
+        offsets.push(at);
+        at += l.len();
     }
+    offsets.push(at);
+    let cut: Vec<(usize, usize)> = items
+        .iter()
+        .enumerate()
+        .map(|(k, &(from, _))| {
+            let to = items.get(k + 1).map_or(end, |n| n.0);
+            (offsets[from], offsets[to])
+        })
+        .collect();
     let mut skeleton =
         String::with_capacity(text.len() - cut.iter().map(|c| c.1 - c.0).sum::<usize>() + 4);
     for l in &lines[..start] {
@@ -146,15 +155,26 @@ impl ItemCache {
         let mut next = HashMap::with_capacity(items.len());
         let mut out = Vec::with_capacity(items.len());
         for &item in items {
-            let svc = match self.by_text.get(item) {
-                Some(s) => s.clone(),
-                None => {
-                    self.parsed += 1;
-                    parse_item(item)?
-                }
+            // An item seen last time moves to the new cache with its key (no copy).
+            let (key, svc) = match self.by_text.remove_entry(item) {
+                Some(kept) => kept,
+                None => match next.get(item) {
+                    // The same text twice in one file (a duplicate, which the checks
+                    // report): parsed once.
+                    Some(s) => (Box::from(item), Arc::clone(s)),
+                    None => {
+                        self.parsed += 1;
+                        let Some(svc) = parse_item(item) else {
+                            // Keep what was parsed for the next (fixed) version.
+                            self.by_text.extend(next);
+                            return None;
+                        };
+                        (Box::from(item), svc)
+                    }
+                },
             };
-            next.insert(Box::from(item), svc.clone());
-            out.push(svc);
+            out.push(svc.clone());
+            next.insert(key, svc);
         }
         self.by_text = next;
         Some(out)

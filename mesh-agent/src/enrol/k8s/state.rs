@@ -3,7 +3,7 @@
 //! plane). Pure: the filesystem lookups for pods are passed in, so tests feed objects.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
@@ -67,6 +67,18 @@ pub fn build(
     c: &Cluster,
     opts: &Options<'_>,
     resolve: &mut dyn FnMut(&Pod) -> Result<PathBuf, String>,
+) -> Built {
+    build_cached(c, opts, resolve, &mut ServiceCache::default())
+}
+
+/// `build`, converting again only the Services whose object, EndpointSlices or attached
+/// routes changed since the last call with this cache; the others keep their converted
+/// spec (the same `Arc`, which the translator then skips by pointer).
+pub fn build_cached(
+    c: &Cluster,
+    opts: &Options<'_>,
+    resolve: &mut dyn FnMut(&Pod) -> Result<PathBuf, String>,
+    cache: &mut ServiceCache,
 ) -> Built {
     let namespaces: Vec<NamespaceSpec> = c
         .namespaces
@@ -141,10 +153,7 @@ pub fn build(
     }
 
     let mut route_problems = Vec::new();
-    file.services = services(c, &mut route_problems)
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    file.services = services(c, &mut route_problems, cache);
     let mut snapshot = Snapshot::from_file(&file);
     for ((w, reason), identity) in snapshot.workloads.iter_mut().zip(reasons).zip(identities) {
         w.unresolved = reason;
@@ -208,8 +217,30 @@ pub fn protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
     .unwrap_or(Protocol::Auto)
 }
 
-fn services(c: &Cluster, problems: &mut Vec<String>) -> Vec<ServiceSpec> {
-    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+/// Converted Services by (namespace, name), with what each conversion read.
+#[derive(Default)]
+pub struct ServiceCache {
+    by_name: HashMap<(String, String), CachedService>,
+    /// Services converted (not reused) since start.
+    pub converted: u64,
+}
+
+struct CachedService {
+    /// The stores' objects the conversion read: a watch event replaces an object's `Arc`
+    /// in its store, so the same pointers mean the same objects.
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    routes: Vec<crate::control::model::RouteSpec>,
+    /// `None`: the Service is not served (ExternalName, headless, no TCP port).
+    spec: Option<Arc<ServiceSpec>>,
+}
+
+fn services(
+    c: &Cluster,
+    problems: &mut Vec<String>,
+    cache: &mut ServiceCache,
+) -> Vec<Arc<ServiceSpec>> {
+    let mut slices: HashMap<(String, String), Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for s in &c.slices {
         if s.address_type != "IPv4" {
             continue;
@@ -221,6 +252,10 @@ fn services(c: &Cluster, problems: &mut Vec<String>) -> Vec<ServiceSpec> {
                 .push(s);
         }
     }
+    for v in slices.values_mut() {
+        // Store order is not stable across re-lists: name order is.
+        v.sort_by_key(|s| s.name_any());
+    }
     let mut routes = attached_routes(c, problems);
     let mut out = Vec::new();
     let mut sorted: Vec<&Arc<Service>> = c.services.iter().collect();
@@ -230,112 +265,161 @@ fn services(c: &Cluster, problems: &mut Vec<String>) -> Vec<ServiceSpec> {
     // the same listener or cluster twice makes the proxy refuse every service.
     let mut names = BTreeSet::new();
     let mut addresses = BTreeSet::new();
+    let mut next = HashMap::with_capacity(sorted.len());
     for s in sorted {
-        if !names.insert((s.namespace(), s.name_any())) {
+        let key = (s.namespace().unwrap_or_default(), s.name_any());
+        if !names.insert(key.clone()) {
             continue;
         }
-        let Some(spec) = &s.spec else { continue };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let Some(vip) = spec
-            .cluster_ip
-            .as_deref()
-            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-        else {
-            continue; // headless ("None") or IPv6-only
-        };
-        let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
-        // The API server refuses a port number twice per protocol and numbers outside
-        // 1..=65535, but one object that slipped through would otherwise make the same
-        // listener and cluster twice, and the proxy refuses the whole response (every
-        // service) for it: the first port of a number wins, invalid ones are skipped.
-        let mut numbers = BTreeSet::new();
-        let svc_ports: Vec<_> = spec
-            .ports
-            .iter()
-            .flatten()
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-            .filter(|p| u16::try_from(p.port).is_ok_and(|n| n != 0 && numbers.insert(n)))
-            .filter(|p| addresses.insert((vip, p.port)))
-            .collect();
-        if svc_ports.is_empty() {
-            continue;
-        }
-        let ports = svc_ports
-            .iter()
-            .map(|p| ServicePort {
-                port: p.port as u16,
-                target_port: None,
-                protocol: protocol(p.app_protocol.as_deref(), p.name.as_deref()),
-            })
-            .collect();
-        let mut endpoints = Vec::new();
-        let mut seen = BTreeSet::new();
-        for slice in slices
-            .get(&(ns.clone(), name.clone()))
-            .into_iter()
-            .flatten()
-        {
-            for sp in slice.ports.iter().flatten() {
-                if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
-                    continue;
-                }
-                let Some(port) = sp.port else { continue };
-                // Slice ports carry the service port's name; a single unnamed port
-                // belongs to the single service port.
-                let svc_port = svc_ports
+        let svc_slices = slices.remove(&key).unwrap_or_default();
+        let svc_routes = routes.remove(&key).unwrap_or_default();
+        let reused = cache.by_name.remove(&key).filter(|c| {
+            Arc::ptr_eq(&c.service, s)
+                && c.slices.len() == svc_slices.len()
+                && c.slices
                     .iter()
-                    .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""));
-                let Some(svc_port) = svc_port else { continue };
-                for e in &slice.endpoints {
-                    let cond = e.conditions.as_ref();
-                    let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-                    let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-                    let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-                    let health = if ready {
-                        None
-                    } else if serving && terminating {
-                        Some("draining".to_owned())
-                    } else {
-                        Some("unhealthy".to_owned())
+                    .zip(&svc_slices)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+                && c.routes == svc_routes
+        });
+        let cached = match reused {
+            Some(c) => c,
+            None => {
+                cache.converted += 1;
+                CachedService {
+                    service: s.clone(),
+                    slices: svc_slices.iter().map(|s| Arc::clone(s)).collect(),
+                    spec: convert(s, &svc_slices, svc_routes.clone()).map(Arc::new),
+                    routes: svc_routes,
+                }
+            }
+        };
+        if let Some(spec) = &cached.spec {
+            // The first Service of an address keeps it: a port another Service took is
+            // left out, with its endpoints (rare: the API server hands out each cluster
+            // IP once).
+            let taken: Vec<u16> = spec
+                .ports
+                .iter()
+                .map(|p| p.port)
+                .filter(|&p| !addresses.insert((spec.vip, p)))
+                .collect();
+            if taken.is_empty() {
+                out.push(spec.clone());
+            } else if taken.len() < spec.ports.len() {
+                let mut narrowed = ServiceSpec::clone(spec);
+                narrowed.ports.retain(|p| !taken.contains(&p.port));
+                narrowed
+                    .endpoints
+                    .retain(|e| e.service_port.is_none_or(|p| !taken.contains(&p)));
+                out.push(Arc::new(narrowed));
+            }
+        }
+        next.insert(key, cached);
+    }
+    // Services that are gone leave the cache.
+    cache.by_name = next;
+    out
+}
+
+/// One Service with its EndpointSlices and routes in the control plane's model; `None`
+/// when it is not served (ExternalName, headless or IPv6-only, no TCP port).
+fn convert(
+    s: &Service,
+    slices: &[&Arc<EndpointSlice>],
+    routes: Vec<crate::control::model::RouteSpec>,
+) -> Option<ServiceSpec> {
+    let spec = s.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    // Headless ("None") or IPv6-only: not served.
+    let vip = spec
+        .cluster_ip
+        .as_deref()
+        .and_then(|ip| ip.parse::<Ipv4Addr>().ok())?;
+    let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
+    // The API server refuses a port number twice per protocol and numbers outside
+    // 1..=65535, but one object that slipped through would otherwise make the same
+    // listener and cluster twice, and the proxy refuses the whole response (every
+    // service) for it: the first port of a number wins, invalid ones are skipped.
+    let mut numbers = BTreeSet::new();
+    let svc_ports: Vec<_> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter(|p| u16::try_from(p.port).is_ok_and(|n| n != 0 && numbers.insert(n)))
+        .collect();
+    if svc_ports.is_empty() {
+        return None;
+    }
+    let ports = svc_ports
+        .iter()
+        .map(|p| ServicePort {
+            port: p.port as u16,
+            target_port: None,
+            protocol: protocol(p.app_protocol.as_deref(), p.name.as_deref()),
+        })
+        .collect();
+    let mut endpoints = Vec::new();
+    let mut seen = BTreeSet::new();
+    for slice in slices {
+        for sp in slice.ports.iter().flatten() {
+            if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                continue;
+            }
+            let Some(port) = sp.port else { continue };
+            // Slice ports carry the service port's name; a single unnamed port belongs
+            // to the single service port.
+            let svc_port = svc_ports
+                .iter()
+                .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""));
+            let Some(svc_port) = svc_port else { continue };
+            for e in &slice.endpoints {
+                let cond = e.conditions.as_ref();
+                let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+                let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+                let health = if ready {
+                    None
+                } else if serving && terminating {
+                    Some("draining".to_owned())
+                } else {
+                    Some("unhealthy".to_owned())
+                };
+                for a in &e.addresses {
+                    let Ok(ip) = a.parse::<Ipv4Addr>() else {
+                        continue;
                     };
-                    for a in &e.addresses {
-                        let Ok(ip) = a.parse::<Ipv4Addr>() else {
-                            continue;
-                        };
-                        if seen.insert((ip, port, svc_port.port)) {
-                            endpoints.push(EndpointSpec {
-                                ip,
-                                port: Some(port as u16),
-                                weight: None,
-                                health: health.clone(),
-                                service_port: Some(svc_port.port as u16),
-                            });
-                        }
+                    if seen.insert((ip, port, svc_port.port)) {
+                        endpoints.push(EndpointSpec {
+                            ip,
+                            port: Some(port as u16),
+                            weight: None,
+                            health: health.clone(),
+                            service_port: Some(svc_port.port as u16),
+                        });
                     }
                 }
             }
         }
-        out.push(ServiceSpec {
-            routes: routes
-                .remove(&(ns.clone(), name.clone()))
-                .unwrap_or_default(),
-            name,
-            namespace: ns,
-            vip,
-            ports,
-            selector: BTreeMap::new(),
-            endpoints,
-            lb: Default::default(),
-            connect_timeout_ms: None,
-            circuit_breaker: None,
-            outlier_detection: None,
-            rate_limit: None,
-            max_request_headers_kb: None,
-        });
     }
-    out
+    Some(ServiceSpec {
+        routes,
+        name,
+        namespace: ns,
+        vip,
+        ports,
+        selector: BTreeMap::new(),
+        endpoints,
+        lb: Default::default(),
+        connect_timeout_ms: None,
+        circuit_breaker: None,
+        outlier_detection: None,
+        rate_limit: None,
+        max_request_headers_kb: None,
+    })
 }
 
 /// Routes per parent Service, in Gateway API precedence order.
@@ -608,6 +692,50 @@ mod tests {
         assert_eq!(built.route_problems.len(), 2, "{:?}", built.route_problems);
         assert!(built.route_problems[0].contains("invalid regex \"a.)*\""));
         assert!(built.route_problems[1].contains("\"x:y\" is not a valid header name"));
+    }
+
+    /// A change converts the Service it touches, and every other Service keeps its spec
+    /// (the same `Arc`), so what follows (translation, the ADS server) skips it by pointer.
+    #[test]
+    fn only_changed_services_are_converted_again() {
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "cluster.local",
+        };
+        let mut c = cluster();
+        c.services.push(obj(
+            "metadata: {name: ratings, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}",
+        ));
+        let ok = &mut |_: &Pod| Ok(PathBuf::new());
+        let mut cache = ServiceCache::default();
+        let first = build_cached(&c, &opts, ok, &mut cache).snapshot.services;
+        assert_eq!(first.len(), 2);
+        assert_eq!(cache.converted, 3, "reviews, ratings and the headless one");
+        // Nothing changed: nothing converted, the very same specs.
+        let again = build_cached(&c, &opts, ok, &mut cache).snapshot.services;
+        assert_eq!(cache.converted, 3);
+        assert!(first.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)));
+        // An EndpointSlice of reviews changes (a watch event: a new object in the store).
+        let mut slice = EndpointSlice::clone(&c.slices[0]);
+        slice.endpoints[0].addresses = vec!["10.1.0.5".into()];
+        c.slices[0] = Arc::new(slice);
+        let after = build_cached(&c, &opts, ok, &mut cache).snapshot.services;
+        assert_eq!(cache.converted, 4, "reviews only");
+        let by = |v: &[Arc<ServiceSpec>], n: &str| v.iter().find(|s| s.name == n).unwrap().clone();
+        assert!(Arc::ptr_eq(&by(&first, "ratings"), &by(&after, "ratings")));
+        assert!(!Arc::ptr_eq(&by(&first, "reviews"), &by(&after, "reviews")));
+        assert_eq!(
+            by(&after, "reviews").endpoints[0].ip,
+            Ipv4Addr::new(10, 1, 0, 5)
+        );
+        // The same as a conversion from scratch.
+        let fresh = build(&c, &opts, ok).snapshot.services;
+        assert_eq!(fresh, after);
+        // A Service that is gone leaves the cache.
+        c.services.retain(|s| s.name_any() != "ratings");
+        let gone = build_cached(&c, &opts, ok, &mut cache).snapshot.services;
+        assert_eq!(gone.len(), 1);
+        assert_eq!(cache.by_name.len(), 2);
     }
 
     #[test]
