@@ -917,3 +917,58 @@ async fn streams_past_the_cap_are_refused_and_counted() {
     let (r, _tx) = open(1).await;
     assert!(r.is_ok());
 }
+
+/// The incremental path end to end: a file edit of one service is parsed as that item,
+/// translated as that service, applied to the served snapshot as that resource, and sent
+/// only to the client that subscribed to it.
+#[tokio::test]
+async fn one_edit_reaches_only_its_subscribers_as_one_resource() {
+    let path = Path::new("t.yaml");
+    let mut parser = crate::enrol::file::FileParser::default();
+    let mut translator = translate::Translator::default();
+    let file = parser.parse(path, BASE).unwrap();
+    let first = translator.update(&file.services, &file.members());
+    let (tx, _) = watch::channel(Arc::new(Snapshot::default().apply(&first)));
+    let cp = embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await;
+    let reviews = client(cp.addr, Mode::Delta, true);
+    let db = client(cp.addr, Mode::Delta, true);
+    until("the streams", || reviews.connected() && db.connected()).await;
+    assert!(reviews.listener_for(vip("10.96.0.10:80")).await.is_some());
+    assert!(db.listener_for(vip("10.96.0.12:5432")).await.is_some());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (reviews_acks, _) = reviews.verdict_counts();
+    let before = cp.stats.resources_sent.load(Relaxed);
+
+    let edited = BASE.replace(
+        "endpoints: [ { ip: 10.0.0.4 } ]",
+        "endpoints: [ { ip: 10.0.0.5 } ]",
+    );
+    let parsed = parser.items_parsed();
+    let file = parser.parse(path, &edited).unwrap();
+    assert_eq!(
+        parser.items_parsed(),
+        parsed + 1,
+        "only db's item is parsed"
+    );
+    let delta = translator.update(&file.services, &file.members());
+    assert_eq!(delta.upserts.len(), 1, "{:?}", delta.upserts);
+    cp.tx.send_modify(|s| *s = Arc::new(s.apply(&delta)));
+    let mut cfg = db.config();
+    until("db's new endpoint", || {
+        cfg.borrow_and_update()
+            .cluster("outbound|5432||db.shop")
+            .is_some_and(|c| c.endpoints[0].address == vip("10.0.0.5:5432"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        cp.stats.resources_sent.load(Relaxed) - before,
+        1,
+        "one resource, to db's client only"
+    );
+    assert_eq!(
+        reviews.verdict_counts().0,
+        reviews_acks,
+        "nothing was pushed to the client that does not use db"
+    );
+}
