@@ -2,7 +2,7 @@
 # Removes everything the simulated-node tests and the demo create, for when a run was
 # killed before its Drop/trap could clean up. Safe to run any time no test is running.
 for p in $(pgrep -f 'podtool|mesh-agent run'); do kill -9 "$p" 2>/dev/null; done
-for ns in $(ip netns list | awk '{print $1}' | grep -E '^(mt[0-9]+-|mdemo-)'); do ip netns del "$ns"; done
+for ns in $(ip netns list | awk '{print $1}' | grep -E '^(mt[0-9]+-|mtc[0-9]+-|mdemo-)'); do ip netns del "$ns"; done
 for br in $(ip -o link show type bridge | awk -F': ' '{print $2}' | grep -E '^(mtbr[0-9]+|mdemobr)$'); do ip link del "$br"; done
 cg=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 for d in "$cg"/mesh-test-* "$cg"/mesh-demo; do

@@ -26,6 +26,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub mod cluster;
 pub mod kubeapi;
 
 pub fn must_be_root() {

@@ -1,0 +1,564 @@
+//! The simulated cluster: several nodes, each a network namespace of its own holding an
+//! agent, a bridge for its pods and a link to the other nodes, laid out as a routing CNI
+//! (Calico, Cilium's native routing) would: one pod range per node, routes between the
+//! ranges through the nodes' addresses. Nothing of it lives in the host network
+//! namespace, so the addresses below never meet the host's or a `SimNode`'s.
+//!
+//! Names for cluster index K (claimed by creating the underlay namespace, the lock), node i:
+//!
+//! | thing | name |
+//! |---|---|
+//! | underlay netns, its bridge | `mtcK-ul`, `br0`; node i's port on it `n<i>` |
+//! | node netns, its underlay address | `mtcK-n<i>`, `eth0` 10.209.K.(i+1)/24 |
+//! | node bridge, pod range | `br0` in the node netns, 10.(210+i).K.0/24, gateway .1 |
+//! | pod netns, node-side veth | `mtcK-n<i>-<pod>`, `v<j>` in the node netns (pod side `eth0`) |
+//! | cgroups | `<cgroup2>/mesh-test-cK-n<i>` (the agent), `.../<pod>` |
+//! | pins, files | `/sys/fs/bpf/mesh-test-cK-n<i>`, `/tmp/mesh-test-cK/n<i>/` |
+//!
+//! Each node's agent runs in its node's netns (entered with `setns`, not `ip netns exec`,
+//! which would remount `/sys` and hide bpffs and the cgroup mount) and its node's cgroup,
+//! with the agent's own defaults for admin (127.0.0.1:15020), xDS (127.0.0.1:15010) and
+//! the proxy on the node's bridge address (:15001): each netns has its own loopback.
+//! `Drop` removes all of it, also when the test fails; see docs/multinode.md.
+
+use std::{
+    fs,
+    io::Read,
+    net::Ipv4Addr,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::{agent_bin, cgroup2_root, must_be_root, podtool, sh, Agent, Pod};
+
+/// At most this many nodes: their pod ranges are 10.210.K.0/24 .. 10.217.K.0/24.
+pub const MAX_NODES: usize = 8;
+
+/// The admin port of every node's agent (the agent's default), inside the node's netns.
+pub const ADMIN_PORT: u16 = 15020;
+
+/// A command that runs `program` inside the network namespace file `netns` and the cgroup
+/// v2 folder `cgroup` (a pod's process, or a node's agent).
+pub fn command_in(program: &Path, netns: &Path, cgroup: &Path) -> Command {
+    let ns =
+        fs::File::open(netns).unwrap_or_else(|e| panic!("netns file {}: {e}", netns.display()));
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("{}/cgroup.procs: {e}", cgroup.display()));
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe calls (write, setns) between fork and exec; the fds
+    // are owned by the closure and stay open until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Runs `f` on a thread inside the network namespace file `netns` (sockets it opens
+/// belong to that namespace); the caller's thread stays where it is.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    let ns =
+        fs::File::open(netns).unwrap_or_else(|e| panic!("netns file {}: {e}", netns.display()));
+    std::thread::scope(|s| {
+        let t = s.spawn(move || {
+            // SAFETY: setns(2) on a file we own; it changes this thread's namespace only.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        });
+        t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{name}"))
+}
+
+pub struct SimCluster {
+    pub index: u8,
+    /// The netns holding the bridge all nodes are plugged into (the claim on `index`).
+    pub underlay: String,
+    pub nodes: Vec<ClusterNode>,
+}
+
+impl SimCluster {
+    /// Claims a free index and builds `nodes` nodes, linked and routed, with no pods yet.
+    pub fn new(nodes: usize) -> Result<SimCluster> {
+        must_be_root();
+        ensure!(
+            (1..=MAX_NODES).contains(&nodes),
+            "1..={MAX_NODES} nodes, not {nodes}"
+        );
+        if sh("stat -f -c %T /sys/fs/bpf")
+            .map(|t| t.trim() != "bpf_fs")
+            .unwrap_or(true)
+        {
+            let _ = sh("mount -t bpf bpf /sys/fs/bpf");
+        }
+        for index in 0..=250u8 {
+            let underlay = format!("mtc{index}-ul");
+            // `ip netns add` creates /run/netns/NAME exclusively: the name is the lock.
+            let claimed = Command::new("ip")
+                .args(["netns", "add", &underlay])
+                .stderr(Stdio::null())
+                .status()?
+                .success();
+            if !claimed {
+                continue;
+            }
+            let mut cluster = SimCluster {
+                index,
+                underlay: underlay.clone(),
+                nodes: Vec::new(),
+            };
+            // Leftovers of a killed run with this index (its Drop never ran).
+            let _ = sh(&format!(
+                "for ns in $(ip netns list | awk '{{print $1}}' | grep '^mtc{index}-n'); do ip netns del $ns; done"
+            ));
+            // From here on Drop cleans up whatever exists.
+            sh(&format!(
+                "ip -n {underlay} link set lo up && ip -n {underlay} link add br0 type bridge && \
+                 ip -n {underlay} link set br0 up"
+            ))?;
+            for i in 0..nodes {
+                cluster.add_node(i)?;
+            }
+            // Routes between the pod ranges through the nodes' underlay addresses, as a
+            // routing CNI installs them.
+            for a in &cluster.nodes {
+                for b in cluster.nodes.iter().filter(|b| b.id != a.id) {
+                    sh(&format!(
+                        "ip -n {} route add {}/24 via {}",
+                        a.netns, b.pod_range, b.address
+                    ))?;
+                }
+            }
+            return Ok(cluster);
+        }
+        bail!("no free simulated-cluster index (namespaces mtc0-ul..mtc250-ul all exist: see tests/README.md to clean up)")
+    }
+
+    fn add_node(&mut self, id: usize) -> Result<()> {
+        let k = self.index;
+        let name = format!("mesh-test-c{k}-n{id}");
+        let node = ClusterNode {
+            id,
+            netns: format!("mtc{k}-n{id}"),
+            address: Ipv4Addr::new(10, 209, k, id as u8 + 1),
+            pod_range: Ipv4Addr::new(10, 210 + id as u8, k, 0),
+            gateway: Ipv4Addr::new(10, 210 + id as u8, k, 1),
+            cgroup: cgroup2_root().join(&name),
+            pin_path: PathBuf::from("/sys/fs/bpf").join(&name),
+            dir: std::env::temp_dir()
+                .join(format!("mesh-test-c{k}"))
+                .join(format!("n{id}")),
+            pods: Vec::new(),
+            children: Mutex::new(Vec::new()),
+        };
+        let (ns, ul) = (node.netns.clone(), self.underlay.clone());
+        let (addr, gw) = (node.address, node.gateway);
+        // Record first so Drop removes partial state too.
+        self.nodes.push(node);
+        let node = self.nodes.last().expect("just pushed");
+        sh(&format!(
+            "ip netns add {ns} && ip -n {ns} link set lo up && \
+             ip -n {ul} link add n{id} type veth peer name eth0 netns {ns} && \
+             ip -n {ul} link set n{id} master br0 up && \
+             ip -n {ns} addr add {addr}/24 dev eth0 && ip -n {ns} link set eth0 up && \
+             ip -n {ns} link add br0 type bridge && ip -n {ns} addr add {gw}/24 dev br0 && \
+             ip -n {ns} link set br0 up && \
+             ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1"
+        ))?;
+        fs::create_dir_all(&node.cgroup)?;
+        fs::create_dir_all(&node.dir)?;
+        let _ = fs::remove_dir_all(&node.pin_path);
+        Ok(())
+    }
+
+    pub fn node(&self, id: usize) -> &ClusterNode {
+        &self.nodes[id]
+    }
+
+    /// Adds a pod to node `id`: netns + veth on the node's bridge + cgroup folder. `host`
+    /// is the last octet of its address in the node's pod range.
+    pub fn add_pod(&mut self, id: usize, name: &str, host: u8) -> Result<&Pod> {
+        assert!(
+            self.nodes
+                .iter()
+                .all(|n| n.pods.iter().all(|p| p.name != name)),
+            "pod names are unique in the cluster: {name}"
+        );
+        self.nodes[id].add_pod(name, host)
+    }
+
+    /// The pod `name`, on whichever node.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.node_of(name).pod(name)
+    }
+
+    /// The node running pod `name`.
+    pub fn node_of(&self, name: &str) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.pods.iter().any(|p| p.name == name))
+            .unwrap_or_else(|| panic!("no pod {name} in the cluster"))
+    }
+
+    /// Every network namespace of the cluster: underlay, nodes, pods.
+    pub fn all_netns(&self) -> Vec<&str> {
+        let mut all = vec![self.underlay.as_str()];
+        for n in &self.nodes {
+            all.push(&n.netns);
+            all.extend(n.pods.iter().map(|p| p.netns.as_str()));
+        }
+        all
+    }
+
+    /// A service address in this cluster's VIP range (10.97.K.0/24, routed nowhere: only
+    /// the capture gives it meaning).
+    pub fn vip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 97, self.index, host)
+    }
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        // Nodes first (their Drop kills their processes and removes their namespaces):
+        // the underlay namespace is the claim on the index.
+        self.nodes.clear();
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("mesh-test-c{}", self.index)));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.underlay])
+            .status();
+    }
+}
+
+/// One node of a `SimCluster`. Its methods mirror `SimNode`'s, so a multi-node test reads
+/// like a single-node one: `cluster.node(0).echo_once("client", ...)`.
+pub struct ClusterNode {
+    /// Position in the cluster (0..).
+    pub id: usize,
+    /// The node's network namespace (the "host" network of this node).
+    pub netns: String,
+    /// The node's address on the underlay (its `eth0`).
+    pub address: Ipv4Addr,
+    /// The network address of the node's pod range (a /24).
+    pub pod_range: Ipv4Addr,
+    /// The node's address on its pod bridge: pods' default gateway, the proxy's address.
+    pub gateway: Ipv4Addr,
+    pub cgroup: PathBuf,
+    pub pin_path: PathBuf,
+    pub dir: PathBuf,
+    pub pods: Vec<Pod>,
+    children: Mutex<Vec<Child>>,
+}
+
+impl ClusterNode {
+    pub fn netns_path(&self) -> PathBuf {
+        netns_path(&self.netns)
+    }
+
+    fn add_pod(&mut self, name: &str, host: u8) -> Result<&Pod> {
+        let j = self.pods.len();
+        let netns = format!("{}-{name}", self.netns);
+        let ip = Ipv4Addr::from(u32::from(self.pod_range) | u32::from(host));
+        let cgroup = self.cgroup.join(name);
+        self.pods.push(Pod {
+            name: name.into(),
+            netns: netns.clone(),
+            ip,
+            cgroup: cgroup.clone(),
+        });
+        sh(&format!(
+            "ip netns add {netns} && ip -n {node} link add v{j} type veth peer name eth0 netns {netns} && \
+             ip -n {node} link set v{j} master br0 up && ip -n {netns} addr add {ip}/24 dev eth0 && \
+             ip -n {netns} link set eth0 up && ip -n {netns} link set lo up && \
+             ip -n {netns} route add default via {gw}",
+            node = self.netns,
+            gw = self.gateway
+        ))?;
+        fs::create_dir_all(&cgroup)?;
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on node {}", self.id))
+    }
+
+    /// A command that runs inside `pod` (its netns and cgroup).
+    pub fn pod_command(&self, pod: &str, program: &Path) -> Command {
+        let p = self.pod(pod);
+        command_in(program, Path::new(&p.netns_path()), &p.cgroup)
+    }
+
+    /// Starts a long-running `podtool` server in a pod and waits until it listens.
+    pub fn serve(&self, pod: &str, args: &[&str]) -> Result<()> {
+        let mut child = self
+            .pod_command(pod, &podtool())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut out = child.stdout.take().expect("stdout");
+        // Recorded before the wait, so Drop kills it if it never starts.
+        self.children.lock().unwrap().push(child);
+        let mut buf = [0u8; 10];
+        out.read_exact(&mut buf).context("server did not start")?;
+        Ok(())
+    }
+
+    /// Runs a `podtool` client in a pod and parses its JSON line.
+    pub fn client(&self, pod: &str, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self
+            .pod_command(pod, &podtool())
+            .args(args)
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "podtool {args:?} in {pod} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.trim()).with_context(|| format!("podtool output: {text}"))
+    }
+
+    /// One echo exchange of `bytes` each way from `pod` to `to`; its JSON result. Never
+    /// hangs: past 5 s podtool reports a deadline error.
+    pub fn echo(&self, pod: &str, to: &str, bytes: u64) -> Result<serde_json::Value> {
+        let bytes = bytes.to_string();
+        self.client(
+            pod,
+            &[
+                "echo-client",
+                "--to",
+                to,
+                "--bytes",
+                &bytes,
+                "--deadline-ms",
+                "5000",
+            ],
+        )
+    }
+
+    /// One 4 KiB echo exchange, as `SimNode::echo_once`.
+    pub fn echo_once(&self, pod: &str, to: &str) -> Result<serde_json::Value> {
+        self.echo(pod, to, 4096)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("mesh.yaml")
+    }
+
+    /// The node's standalone enrolment file (its local workloads, the mesh's services).
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        // Write-then-rename so the agent never reads half a file.
+        let tmp = self.dir.join("mesh.yaml.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    /// The agent command line for this node: inside the node's netns and cgroup.
+    pub fn agent_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = command_in(&agent_bin(), &self.netns_path(), &self.cgroup);
+        cmd.arg("run");
+        let defaults = [
+            ("--config", self.config_path().display().to_string()),
+            ("--pin-path", self.pin_path.display().to_string()),
+            ("--cgroup", self.cgroup.display().to_string()),
+            ("--proxy-address", format!("{}:15001", self.gateway)),
+            ("--reload-interval-ms", "100".to_owned()),
+        ];
+        for (flag, value) in defaults {
+            // A flag given in `extra` replaces the default.
+            if !extra.contains(&flag) {
+                cmd.arg(flag).arg(value);
+            }
+        }
+        cmd.args(extra).env("MESH_LOG", "info");
+        cmd
+    }
+
+    /// Starts the node's agent and waits for its /ready.
+    pub fn start_agent(&self, extra: &[&str]) -> Result<NodeAgent> {
+        let log = self.dir.join("agent.log");
+        let child = self
+            .agent_command(extra)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()?;
+        let mut agent = NodeAgent {
+            agent: Agent {
+                child: Some(child),
+                admin_port: ADMIN_PORT,
+                log,
+                pin_path: self.pin_path.clone(),
+            },
+            netns: self.netns_path(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if agent.get("/ready").is_ok_and(|b| b.starts_with("ready")) {
+                return Ok(agent);
+            }
+            if let Some(st) = agent
+                .agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("agent exited ({st}) before ready:\n{}", agent.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 20s:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Programs attached to the node's cgroup, as bpftool sees them.
+    pub fn cgroup_programs(&self) -> Result<Vec<String>> {
+        let out = sh(&format!("bpftool cgroup show {} -j", self.cgroup.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
+        Ok(v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The names in the node's pin folder, sorted (empty when it does not exist).
+    pub fn pins(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.pin_path)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        for c in self.children.lock().unwrap().iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Anything else left in our cgroups (an agent the test still holds is killed by
+        // its own Drop first; one leaked by a panic is killed here).
+        for cg in self
+            .pods
+            .iter()
+            .map(|p| p.cgroup.clone())
+            .chain([self.cgroup.clone()])
+        {
+            if let Ok(pids) = fs::read_to_string(cg.join("cgroup.procs")) {
+                for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        for p in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &p.netns]).status();
+        }
+        // The node's links (veths to its pods and to the underlay) go with its netns.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        // A cgroup can be removed once its processes have exited (SIGKILL is async).
+        for cg in self
+            .pods
+            .iter()
+            .map(|p| p.cgroup.clone())
+            .chain([self.cgroup.clone()])
+        {
+            for _ in 0..100 {
+                if fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Pins of an agent that could not clean up (killed): bpffs allows unlink/rmdir.
+        let _ = fs::remove_dir_all(&self.pin_path);
+        // The xDS socket folder the agent derives from its pin folder's name; a killed
+        // agent leaves it behind.
+        if let Some(name) = self.pin_path.file_name() {
+            let _ = fs::remove_dir_all(Path::new("/run/mesh-agent").join(name));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A node's running agent. Its admin endpoint listens on the node's loopback, so `get`
+/// connects from a thread inside the node's netns; the rest is `Agent`'s.
+pub struct NodeAgent {
+    agent: Agent,
+    netns: PathBuf,
+}
+
+impl NodeAgent {
+    /// GET on the admin endpoint; the body, or an error unless 200.
+    pub fn get(&self, path: &str) -> Result<String> {
+        in_netns(&self.netns, || self.agent.get(path))
+    }
+
+    /// `mesh_datapath_events_total{event=...}` from /metrics.
+    pub fn event(&self, event: &str) -> u64 {
+        in_netns(&self.netns, || self.agent.event(event))
+    }
+
+    /// SIGTERM, wait; the exit status and the log.
+    pub fn stop(&mut self) -> (Option<i32>, String) {
+        self.agent.stop()
+    }
+
+    /// SIGKILL, wait: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        self.agent.kill()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.agent.pid()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.agent.log_text()
+    }
+
+    /// A datapath counter read from the pinned STATS map; works with the agent gone.
+    pub fn stat(&self, event: &str) -> u64 {
+        self.agent.stat(event)
+    }
+
+    /// An inspection subcommand against this agent's pins (bpffs is not per netns).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.agent.cli(args)
+    }
+}
