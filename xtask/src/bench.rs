@@ -998,6 +998,8 @@ pub fn run(
                 .env("PODTOOL", &bins.podtool)
                 .env("BENCHTOOL", &bins.benchtool)
                 .env("ENVOY_BIN", &bins.envoy)
+                // Built beside the agent (`-p mesh-tests --bins`): the xds suite's API server.
+                .env("KUBE_DOUBLE_BIN", bins.agent.with_file_name("kube-double"))
                 .env("RUNS", runs.to_string())
                 .env("SECS", opts.secs.to_string())
                 .env("SMOKE", if opts.smoke { "1" } else { "0" })
