@@ -990,6 +990,46 @@ services:
         assert_eq!(warming.clusters, vec!["outbound|5432||db.shop".to_string()]);
     }
 
+    /// The proxy's client rebuilds only the cluster whose endpoints changed; the others
+    /// stay the very same `Arc`s, and the result equals a build from scratch.
+    #[test]
+    fn a_rebuild_reuses_clusters_whose_inputs_did_not_change() {
+        let mut a = accepted();
+        let mut memo = convert::BuildMemo::default();
+        let (first, _) = a.build_with(&mut memo);
+        let (again, _) = a.build_with(&mut memo);
+        for (name, c) in &first.clusters {
+            assert!(std::sync::Arc::ptr_eq(c, &again.clusters[name]), "{name}");
+        }
+        let changed = "outbound|5432||db.shop";
+        let mut eps = a.endpoints[changed].as_ref().clone();
+        eps[0].address = "10.0.0.5:5432".parse().unwrap();
+        a.endpoints.insert(changed.into(), std::sync::Arc::new(eps));
+        let (after, _) = a.build_with(&mut memo);
+        for (name, c) in &first.clusters {
+            assert_eq!(
+                std::sync::Arc::ptr_eq(c, &after.clusters[name]),
+                name != changed,
+                "{name}"
+            );
+        }
+        let (scratch, _) = a.build();
+        assert_eq!(
+            format!("{:?}", sorted(&after)),
+            format!("{:?}", sorted(&scratch))
+        );
+    }
+
+    fn sorted(c: &crate::proxy::config::ProxyConfig) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = c
+            .clusters
+            .iter()
+            .map(|(n, c)| (n.clone(), format!("{c:?}")))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// An edit of one endpoint reaches the ADS server as that one resource; a removed
     /// service as its names; the server's snapshot then equals one built from scratch.
     #[test]

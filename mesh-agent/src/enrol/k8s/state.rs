@@ -254,12 +254,16 @@ fn services(
     }
     for v in slices.values_mut() {
         // Store order is not stable across re-lists: name order is.
-        v.sort_by_key(|s| s.name_any());
+        v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
     let mut routes = attached_routes(c, problems);
     let mut out = Vec::new();
     let mut sorted: Vec<&Arc<Service>> = c.services.iter().collect();
-    sorted.sort_by_key(|s| (s.namespace(), s.name_any()));
+    // Borrowed keys: an owned (namespace, name) per comparison costs two allocations each,
+    // 280k at 10k Services.
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
     // A store holds one object per name and the API server gives each Service its own
     // cluster IP; should two meet anyway, the first keeps the name and the address, as
     // the same listener or cluster twice makes the proxy refuse every service.

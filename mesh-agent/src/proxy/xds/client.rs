@@ -152,6 +152,8 @@ pub struct Core {
     verdicts: u64,
     /// `ProxyConfig::version` of the last configuration published.
     published: u64,
+    /// Clusters as last built: an update rebuilds only what it changed.
+    memo: convert::BuildMemo,
 }
 
 /// What `XdsClient::lookup` reads and writes besides the configuration in force. Proxy
@@ -953,7 +955,7 @@ impl XdsClient {
 
     /// Builds and publishes the configuration in force, numbered after the last one.
     fn publish(&self, core: &mut Core) {
-        let (mut cfg, warming) = core.accepted.build();
+        let (mut cfg, warming) = core.accepted.build_with(&mut core.memo);
         core.warming = warming;
         core.published += 1;
         cfg.version = core.published;

@@ -1418,6 +1418,12 @@ pub struct Accepted {
     pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
 }
 
+/// EDS clusters as last built: (the cluster, its endpoints, the two joined).
+#[derive(Debug, Default)]
+pub struct BuildMemo {
+    clusters: HashMap<String, (Arc<Cluster>, Arc<Vec<Endpoint>>, Arc<Cluster>)>,
+}
+
 /// What is not in force yet and why (config dump, readiness).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Warming {
@@ -1432,17 +1438,39 @@ impl Accepted {
     /// has not arrived stays out (warming); an EDS cluster without its assignment is in
     /// force with no endpoints and listed as warming (requests to it get 503).
     pub fn build(&self) -> (ProxyConfig, Warming) {
+        self.build_with(&mut BuildMemo::default())
+    }
+
+    /// `build`, reusing from `memo` each EDS cluster whose cluster and endpoints are the
+    /// same `Arc`s as last time: an endpoint change rebuilds that cluster only, not the
+    /// 10k others (which would copy every endpoint list).
+    pub fn build_with(&self, memo: &mut BuildMemo) -> (ProxyConfig, Warming) {
         let mut warming = Warming::default();
         let mut clusters = HashMap::with_capacity(self.clusters.len());
+        let mut next = HashMap::with_capacity(memo.clusters.len());
         for (name, spec) in &self.clusters {
             let c = match &spec.eds_name {
                 None => spec.cluster.clone(),
                 Some(eds) => match self.endpoints.get(eds) {
-                    Some(eps) => Arc::new(Cluster {
-                        endpoints: eps.as_ref().clone(),
-                        endpoints_known: true,
-                        ..clone_cluster(&spec.cluster)
-                    }),
+                    Some(eps) => {
+                        let built = match memo.clusters.remove(name) {
+                            Some((c, e, b))
+                                if Arc::ptr_eq(&c, &spec.cluster) && Arc::ptr_eq(&e, eps) =>
+                            {
+                                b
+                            }
+                            _ => Arc::new(Cluster {
+                                endpoints: eps.as_ref().clone(),
+                                endpoints_known: true,
+                                ..clone_cluster(&spec.cluster)
+                            }),
+                        };
+                        next.insert(
+                            name.clone(),
+                            (spec.cluster.clone(), eps.clone(), built.clone()),
+                        );
+                        built
+                    }
                     None => {
                         warming.clusters.push(name.clone());
                         spec.cluster.clone()
@@ -1451,6 +1479,7 @@ impl Accepted {
             };
             clusters.insert(name.clone(), c);
         }
+        memo.clusters = next;
         let mut listeners = HashMap::with_capacity(self.listeners.len());
         for (name, l) in &self.listeners {
             let kind = match &l.kind {
