@@ -1418,10 +1418,13 @@ pub struct Accepted {
     pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
 }
 
-/// EDS clusters as last built: (the cluster, its endpoints, the two joined).
+/// An EDS cluster as last built: (the cluster, its endpoints, the two joined).
+type Built = (Arc<Cluster>, Arc<Vec<Endpoint>>, Arc<Cluster>);
+
+/// EDS clusters as last built, by name.
 #[derive(Debug, Default)]
 pub struct BuildMemo {
-    clusters: HashMap<String, (Arc<Cluster>, Arc<Vec<Endpoint>>, Arc<Cluster>)>,
+    clusters: HashMap<String, Built>,
 }
 
 /// What is not in force yet and why (config dump, readiness).
