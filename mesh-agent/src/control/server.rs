@@ -95,6 +95,11 @@ fn is_api_listener(any: &Any) -> bool {
 pub struct Snapshot {
     pub version: u64,
     pub types: HashMap<String, Arc<BTreeMap<String, Entry>>>,
+    /// The version this one was made from, and the names (by type) whose entry changed
+    /// or went away in that step: a stream that had reconciled `base` looks at these
+    /// names only.
+    pub base: u64,
+    pub changed: Arc<HashMap<String, Vec<String>>>,
 }
 
 impl Snapshot {
@@ -126,12 +131,12 @@ impl Snapshot {
         for t in type_urls() {
             types.entry(t).or_default();
         }
-        let mut changed = false;
+        let mut names: HashMap<String, Vec<String>> = HashMap::new();
         for (t, name) in &delta.removes {
             if let Some(m) = types.get_mut(t) {
                 if m.contains_key(name) {
                     Arc::make_mut(m).remove(name);
-                    changed = true;
+                    names.entry(t.clone()).or_default().push(name.clone());
                 }
             }
         }
@@ -141,15 +146,22 @@ impl Snapshot {
                 continue;
             }
             Arc::make_mut(m).insert(name.clone(), Entry::new(any.clone()));
-            changed = true;
+            names
+                .entry(any.type_url.clone())
+                .or_default()
+                .push(name.clone());
+        }
+        if names.is_empty() {
+            return Snapshot {
+                types,
+                ..self.clone()
+            };
         }
         Snapshot {
-            version: if changed {
-                self.version + 1
-            } else {
-                self.version
-            },
+            version: self.version + 1,
             types,
+            base: self.version,
+            changed: Arc::new(names),
         }
     }
 
@@ -524,6 +536,9 @@ impl ServerStream for DeltaStream {
                     for n in &changed {
                         st.has.remove(n);
                     }
+                    if !changed.is_empty() {
+                        st.synced = None;
+                    }
                 }
             }
         }
@@ -554,6 +569,8 @@ struct SotwType {
     sent_version: String,
     sent: BTreeMap<String, String>,
     sent_any: bool,
+    /// The snapshot version this type was last compared with (`None`: compare all).
+    synced: Option<u64>,
 }
 
 struct SotwStream {
@@ -579,6 +596,7 @@ impl SotwStream {
             sent_version: String::new(),
             sent: BTreeMap::new(),
             sent_any: false,
+            synced: None,
         });
         if !req.response_nonce.is_empty() {
             if req.response_nonce != st.last_nonce {
@@ -623,19 +641,28 @@ impl SotwStream {
         let Some(st) = self.subs.get_mut(t) else {
             return true;
         };
-        let mut resources = Vec::new();
-        let mut versions = BTreeMap::new();
-        if let Some(m) = snap.of(t) {
-            for (name, e) in m {
-                if st.sub.wants(name, e) {
-                    versions.insert(name.clone(), e.version.clone());
-                    resources.push(Any::clone(&e.any));
-                }
-            }
+        // Reconciled with the snapshot this one was made from, and this type did not
+        // change in that step: nothing to compare.
+        if !force && st.synced == Some(snap.base) && !snap.changed.contains_key(t) {
+            st.synced = Some(snap.version);
+            return true;
         }
+        st.synced = Some(snap.version);
+        let empty = BTreeMap::new();
+        let m = snap.of(t).unwrap_or(&empty);
+        let versions: BTreeMap<String, String> = m
+            .iter()
+            .filter(|(name, e)| st.sub.wants(name, e))
+            .map(|(name, e)| (name.clone(), e.version.clone()))
+            .collect();
         if !force && st.sent_any && versions == st.sent {
             return true;
         }
+        let resources: Vec<Any> = versions
+            .keys()
+            .filter_map(|name| m.get(name))
+            .map(|e| Any::clone(&e.any))
+            .collect();
         self.nonce += 1;
         let resp = DiscoveryResponse {
             version_info: snap.version.to_string(),
@@ -672,6 +699,9 @@ struct DeltaType {
     pending: BTreeMap<String, Vec<(String, Option<String>)>>,
     /// Versions the client NACKed: not sent again until they change.
     rejected: BTreeMap<String, String>,
+    /// The snapshot version `has` was last reconciled with; `None` after anything else
+    /// changed `has` or the subscription (then every name is compared again).
+    synced: Option<u64>,
 }
 
 struct DeltaStream {
@@ -698,6 +728,7 @@ impl DeltaStream {
             told_absent: BTreeSet::new(),
             pending: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            synced: None,
         });
         if !req.response_nonce.is_empty() {
             let before = st.pending.remove(&req.response_nonce).unwrap_or_default();
@@ -753,6 +784,14 @@ impl DeltaStream {
                 st.told_absent.remove(n);
             }
         }
+        // A NACK restored `has`; a subscription change changes what is wanted.
+        if req.error_detail.is_some()
+            || first
+            || !req.resource_names_subscribe.is_empty()
+            || !req.resource_names_unsubscribe.is_empty()
+        {
+            st.synced = None;
+        }
         let needs_answer = first || !req.resource_names_subscribe.is_empty();
         self.push_inner(&t, needs_answer).await
     }
@@ -769,31 +808,51 @@ impl DeltaStream {
         let empty = BTreeMap::new();
         let m = snap.of(t).unwrap_or(&empty);
         let mut resources = Vec::new();
-        for (name, e) in m {
-            if st.sub.wants(name, e)
-                && st.has.get(name) != Some(&e.version)
-                && st.rejected.get(name) != Some(&e.version)
-            {
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: e.version.clone(),
-                    resource: Some(Any::clone(&e.any)),
-                    ..Default::default()
-                });
-            }
-        }
         let mut removed = Vec::new();
-        for name in st.has.keys() {
-            if !m.get(name).is_some_and(|e| st.sub.wants(name, e)) {
-                removed.push(name.clone());
+        let send = |name: &String, e: &Entry, st: &DeltaType| {
+            (st.sub.wants(name, e)
+                && st.has.get(name) != Some(&e.version)
+                && st.rejected.get(name) != Some(&e.version))
+            .then(|| Resource {
+                name: name.clone(),
+                version: e.version.clone(),
+                resource: Some(Any::clone(&e.any)),
+                ..Default::default()
+            })
+        };
+        if !force && st.synced == Some(snap.base) {
+            // `has` matched the snapshot this one was made from: only the names that
+            // changed in that step can differ (at 10k resources per type, a full
+            // comparison per push costs more than the change itself).
+            for name in snap.changed.get(t).into_iter().flatten() {
+                match m.get(name) {
+                    Some(e) if st.sub.wants(name, e) => resources.extend(send(name, e, st)),
+                    _ if st.has.contains_key(name) => removed.push(name.clone()),
+                    None if st.sub.names.contains(name) && !st.told_absent.contains(name) => {
+                        removed.push(name.clone())
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            for (name, e) in m {
+                resources.extend(send(name, e, st));
+            }
+            for name in st.has.keys() {
+                if !m.get(name).is_some_and(|e| st.sub.wants(name, e)) {
+                    removed.push(name.clone());
+                }
+            }
+            for name in &st.sub.names {
+                if !m.contains_key(name)
+                    && !st.has.contains_key(name)
+                    && !st.told_absent.contains(name)
+                {
+                    removed.push(name.clone());
+                }
             }
         }
-        for name in &st.sub.names {
-            if !m.contains_key(name) && !st.has.contains_key(name) && !st.told_absent.contains(name)
-            {
-                removed.push(name.clone());
-            }
-        }
+        st.synced = Some(snap.version);
         if resources.is_empty() && removed.is_empty() && !force {
             return true;
         }

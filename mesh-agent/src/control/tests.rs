@@ -972,3 +972,78 @@ async fn one_edit_reaches_only_its_subscribers_as_one_resource() {
         "nothing was pushed to the client that does not use db"
     );
 }
+
+/// Streams compare only the names a snapshot step changed when they had reconciled the
+/// step before, and everything otherwise (several steps coalesced): either way a
+/// wildcard client ends with exactly what is served, removals included.
+async fn successive_edits_end_in_what_is_served(mode: Mode) {
+    let path = Path::new("t.yaml");
+    let mut parser = crate::enrol::file::FileParser::default();
+    let mut translator = translate::Translator::default();
+    let file = parser.parse(path, BASE).unwrap();
+    let first = translator.update(&file.services, &file.members());
+    let (tx, _) = watch::channel(Arc::new(Snapshot::default().apply(&first)));
+    let cp = embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await;
+    let c = client(cp.addr, mode, false);
+    let mut cfg = c.config();
+    until("the full configuration", || {
+        cfg.borrow_and_update()
+            .cluster("outbound|5432||db.shop")
+            .is_some()
+    })
+    .await;
+    let edit =
+        |text: &str, t: &mut translate::Translator, p: &mut crate::enrol::file::FileParser| {
+            let f = p.parse(path, text).unwrap();
+            t.update(&f.services, &f.members())
+        };
+    // One step, seen alone.
+    let v1 = BASE.replace("{ ip: 10.0.0.4 }", "{ ip: 10.0.0.5 }");
+    let d = edit(&v1, &mut translator, &mut parser);
+    cp.tx.send_modify(|s| *s = Arc::new(s.apply(&d)));
+    until("db's endpoint moved", || {
+        cfg.borrow_and_update()
+            .cluster("outbound|5432||db.shop")
+            .is_some_and(|c| c.endpoints[0].address == vip("10.0.0.5:5432"))
+    })
+    .await;
+    // Two steps at once (the stream sees only the second): db goes, then its endpoint
+    // would have changed again; reviews' port changes.
+    let without_db = v1.split("  - name: db").next().unwrap().to_owned();
+    let d2 = edit(&without_db, &mut translator, &mut parser);
+    let v3 = without_db.replace("target_port: 8080", "target_port: 8081");
+    let d3 = edit(&v3, &mut translator, &mut parser);
+    cp.tx.send_modify(|s| {
+        let mid = s.apply(&d2);
+        *s = Arc::new(mid.apply(&d3));
+    });
+    until("db gone and reviews moved", || {
+        let cfg = cfg.borrow_and_update();
+        cfg.cluster("outbound|5432||db.shop").is_none()
+            && cfg.cluster("outbound|80||reviews.shop").is_some_and(|c| {
+                c.endpoints
+                    .first()
+                    .is_some_and(|e| e.address == vip("10.0.0.2:8081"))
+            })
+    })
+    .await;
+    let served: usize = cp.tx.borrow().types.values().map(|m| m.len()).sum();
+    let cfg = c.config().borrow().clone();
+    assert_eq!(cfg.listeners.len(), 1, "{cfg:?}");
+    assert_eq!(cfg.clusters.len(), 1);
+    assert_eq!(
+        served, 5,
+        "listener, route, API listener, cluster, endpoints of reviews"
+    );
+    assert_eq!(c.dump()["xds"]["nacks"], 0);
+}
+
+#[tokio::test]
+async fn sotw_successive_edits_end_in_what_is_served() {
+    successive_edits_end_in_what_is_served(Mode::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_successive_edits_end_in_what_is_served() {
+    successive_edits_end_in_what_is_served(Mode::Delta).await;
+}
