@@ -820,7 +820,9 @@ impl DeltaStream {
                 ..Default::default()
             })
         };
-        if !force && st.synced == Some(snap.base) {
+        if !force && st.synced == Some(snap.version) {
+            // Already reconciled with this very snapshot (an ACK): nothing can differ.
+        } else if !force && st.synced == Some(snap.base) {
             // `has` matched the snapshot this one was made from: only the names that
             // changed in that step can differ (at 10k resources per type, a full
             // comparison per push costs more than the change itself).

@@ -907,7 +907,7 @@ services:
             let t = any.type_url.as_str();
             if t == <el::Listener as prost::Name>::type_url() {
                 let l = convert::listener(&convert::unpack(&any).unwrap()).unwrap();
-                a.listeners.insert(name, l);
+                a.listeners.insert(name, std::sync::Arc::new(l));
             } else if t == <er::RouteConfiguration as prost::Name>::type_url() {
                 let r = convert::route_config(&convert::unpack(&any).unwrap()).unwrap();
                 a.routes.insert(name, std::sync::Arc::new(r));

@@ -327,8 +327,10 @@ fn check_services(
     problems: &mut Vec<(usize, String)>,
     line_of: &dyn Fn(&str, &str) -> usize,
 ) {
-    let mut names = BTreeMap::new();
-    let mut addrs = BTreeMap::new();
+    // Hash maps: at 10k services ordered maps of string keys cost more than the rest of
+    // the checks.
+    let mut names = std::collections::HashMap::with_capacity(file.services.len());
+    let mut addrs = std::collections::HashMap::with_capacity(file.services.len());
     let declared: std::collections::HashSet<(&str, &str)> = file
         .services
         .iter()

@@ -319,7 +319,7 @@ impl Core {
     fn insert(&mut self, c: Checked, name: String) {
         match c {
             Checked::Listener(l) => {
-                self.accepted.listeners.insert(name, l);
+                self.accepted.listeners.insert(name, Arc::new(l));
             }
             Checked::Route(r) => {
                 self.accepted.routes.insert(name, r);

@@ -1412,19 +1412,22 @@ fn endpoints_of(
 /// `ProxyConfig` from them after every accepted change.
 #[derive(Debug, Default, Clone)]
 pub struct Accepted {
-    pub listeners: BTreeMap<String, ListenerSpec>,
+    pub listeners: BTreeMap<String, Arc<ListenerSpec>>,
     pub routes: BTreeMap<String, Arc<RouteConfig>>,
     pub clusters: BTreeMap<String, ClusterSpec>,
     pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
 }
 
 /// An EDS cluster as last built: (the cluster, its endpoints, the two joined).
-type Built = (Arc<Cluster>, Arc<Vec<Endpoint>>, Arc<Cluster>);
+type BuiltCluster = (Arc<Cluster>, Arc<Vec<Endpoint>>, Arc<Cluster>);
+/// A listener as last built: (its spec, the route configuration it used, the result).
+type BuiltListener = (Arc<ListenerSpec>, Option<Arc<RouteConfig>>, Arc<Listener>);
 
-/// EDS clusters as last built, by name.
+/// Clusters and listeners as last built, by name.
 #[derive(Debug, Default)]
 pub struct BuildMemo {
-    clusters: HashMap<String, Built>,
+    clusters: HashMap<String, BuiltCluster>,
+    listeners: HashMap<String, BuiltListener>,
 }
 
 /// What is not in force yet and why (config dump, readiness).
@@ -1484,52 +1487,72 @@ impl Accepted {
         }
         memo.clusters = next;
         let mut listeners = HashMap::with_capacity(self.listeners.len());
+        let mut next = HashMap::with_capacity(memo.listeners.len());
         for (name, l) in &self.listeners {
-            let kind = match &l.kind {
+            // What the listener reads besides its spec: its route configuration.
+            let route = match &l.kind {
                 ListenerSpecKind::Api => continue,
-                ListenerSpecKind::Tcp { cluster } => ListenerKind::Tcp {
-                    cluster: cluster.clone(),
+                ListenerSpecKind::Tcp { .. } => None,
+                ListenerSpecKind::Http { routes, .. } => match routes {
+                    RouteSource::Inline(rc) => Some(rc.clone()),
+                    RouteSource::Rds(n) => match self.routes.get(n) {
+                        Some(rc) => Some(rc.clone()),
+                        None => {
+                            warming.listeners.insert(name.clone(), n.clone());
+                            continue;
+                        }
+                    },
                 },
-                ListenerSpecKind::Http {
-                    stat_prefix,
-                    codec,
-                    routes,
-                    max_request_headers_bytes,
-                    request_timeout,
-                    rate_limit,
-                    fault,
-                } => {
-                    let route_config = match routes {
-                        RouteSource::Inline(rc) => rc.clone(),
-                        RouteSource::Rds(n) => match self.routes.get(n) {
-                            Some(rc) => rc.clone(),
-                            None => {
-                                warming.listeners.insert(name.clone(), n.clone());
-                                continue;
-                            }
+            };
+            let reused = memo.listeners.remove(name).filter(|(spec, r, _)| {
+                Arc::ptr_eq(spec, l)
+                    && match (r, &route) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            });
+            let built = match reused {
+                Some((_, _, built)) => built,
+                None => {
+                    let kind = match (&l.kind, &route) {
+                        (ListenerSpecKind::Tcp { cluster }, _) => ListenerKind::Tcp {
+                            cluster: cluster.clone(),
                         },
+                        (
+                            ListenerSpecKind::Http {
+                                stat_prefix,
+                                codec,
+                                max_request_headers_bytes,
+                                request_timeout,
+                                rate_limit,
+                                fault,
+                                ..
+                            },
+                            Some(route_config),
+                        ) => ListenerKind::Http(HttpListener {
+                            stat_prefix: stat_prefix.clone(),
+                            codec: *codec,
+                            route_config: route_config.clone(),
+                            max_request_headers_bytes: *max_request_headers_bytes,
+                            request_timeout: *request_timeout,
+                            rate_limit: rate_limit.clone(),
+                            fault: fault.clone(),
+                        }),
+                        _ => continue,
                     };
-                    ListenerKind::Http(HttpListener {
-                        stat_prefix: stat_prefix.clone(),
-                        codec: *codec,
-                        route_config,
-                        max_request_headers_bytes: *max_request_headers_bytes,
-                        request_timeout: *request_timeout,
-                        rate_limit: rate_limit.clone(),
-                        fault: fault.clone(),
+                    Arc::new(Listener {
+                        name: name.clone(),
+                        address: l.address,
+                        kind,
+                        tcp_fallback: l.tcp_fallback.clone(),
                     })
                 }
             };
-            listeners.insert(
-                l.address,
-                Arc::new(Listener {
-                    name: name.clone(),
-                    address: l.address,
-                    kind,
-                    tcp_fallback: l.tcp_fallback.clone(),
-                }),
-            );
+            next.insert(name.clone(), (l.clone(), route, built.clone()));
+            listeners.insert(l.address, built);
         }
+        memo.listeners = next;
         (
             ProxyConfig {
                 listeners,
