@@ -528,9 +528,10 @@ pub async fn watch_file(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     // Reading and parsing run on the blocking pool (a 10k-service file is megabytes), with
-    // the parser and the last text moved there and back.
+    // the parser moved there and back. A new stamp with the same content (a `touch`)
+    // parses again from the item cache and publishes nothing (the snapshot compares
+    // equal), so no copy of the last text is kept.
     let mut parser = FileParser::default();
-    let mut last_text = String::new();
     let mut last_stamp: Option<(SystemTime, u64)> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -549,23 +550,17 @@ pub async fn watch_file(
         }
         let job_path = path.clone();
         let job = tokio::task::spawn_blocking(move || {
-            let Ok(text) = std::fs::read_to_string(&job_path) else {
-                return (parser, last_text, None);
-            };
-            if text == last_text {
-                return (parser, text, None);
-            }
-            let parsed = parser.parse(&job_path, &text);
-            (parser, text, Some(parsed))
+            let parsed = std::fs::read_to_string(&job_path)
+                .ok()
+                .map(|text| parser.parse(&job_path, &text));
+            (parser, parsed)
         });
-        let Ok((p, text, parsed)) = job.await else {
+        let Ok((p, parsed)) = job.await else {
             // The blocking task panicked: the parser went with it.
             parser = FileParser::default();
-            last_text = String::new();
             continue;
         };
         parser = p;
-        last_text = text;
         last_stamp = Some(stamp);
         match parsed {
             None => {}
