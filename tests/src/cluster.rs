@@ -29,7 +29,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -415,38 +415,17 @@ impl ClusterNode {
             },
             netns: self.netns_path(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if agent.get("/ready").is_ok_and(|b| b.starts_with("ready")) {
-                return Ok(agent);
-            }
-            if let Some(st) = agent
-                .agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("agent exited ({st}) before ready:\n{}", agent.log_text());
-            }
-            if Instant::now() > deadline {
-                bail!("agent not ready after 20s:\n{}", agent.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // The admin endpoint is on the node's loopback: reach it from inside its netns.
+        let netns = agent.netns.clone();
+        agent
+            .agent
+            .wait_ready(|a| in_netns(&netns, || a.get("/ready")))?;
+        Ok(agent)
     }
 
     /// Programs attached to the node's cgroup, as bpftool sees them.
     pub fn cgroup_programs(&self) -> Result<Vec<String>> {
-        let out = sh(&format!("bpftool cgroup show {} -j", self.cgroup.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
-        Ok(v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        crate::attached_programs(&self.cgroup)
     }
 
     /// The names in the node's pin folder, sorted (empty when it does not exist).

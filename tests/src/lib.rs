@@ -390,40 +390,27 @@ impl SimNode {
             log,
             pin_path: self.pin_path.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(body) = agent.get("/ready") {
-                if body.starts_with("ready") {
-                    return Ok(agent);
-                }
-            }
-            if let Some(st) = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("agent exited ({st}) before ready:\n{}", agent.log_text());
-            }
-            if Instant::now() > deadline {
-                bail!("agent not ready after 20s:\n{}", agent.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        agent.wait_ready(|a| a.get("/ready"))?;
+        Ok(agent)
     }
 
     /// Programs attached to the node cgroup, as bpftool sees them.
     pub fn cgroup_programs(&self) -> Result<Vec<String>> {
-        let out = sh(&format!("bpftool cgroup show {} -j", self.cgroup.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
-        Ok(v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default())
+        attached_programs(&self.cgroup)
     }
+}
+
+/// Programs attached directly to `cgroup`, as bpftool sees them.
+pub(crate) fn attached_programs(cgroup: &Path) -> Result<Vec<String>> {
+    let out = sh(&format!("bpftool cgroup show {} -j", cgroup.display()))?;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or(serde_json::json!([]));
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 impl Drop for SimNode {
@@ -503,6 +490,28 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Waits (20 s at most) until `ready` (the agent's `/ready`, however the caller reaches
+    /// it) answers "ready"; fails at once, with the log, if the agent exits first.
+    pub(crate) fn wait_ready(&mut self, ready: impl Fn(&Agent) -> Result<String>) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if ready(self).is_ok_and(|b| b.starts_with("ready")) {
+                return Ok(());
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("agent exited ({st}) before ready:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 20s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn get(&self, path: &str) -> Result<String> {
         http_get(self.admin_port, path)
     }
