@@ -608,8 +608,18 @@ impl Drop for Agent {
 }
 
 pub fn http_get(port: u16, path: &str) -> Result<String> {
+    let (status, body) = http_get_status(port, path, Duration::from_secs(5))?;
+    if status != 200 {
+        bail!("{path}: HTTP {status}");
+    }
+    Ok(body)
+}
+
+/// One GET to `127.0.0.1:port`, whatever the status: `(status, body)`. Fails (instead of
+/// hanging) when nothing answers within `timeout`.
+pub fn http_get_status(port: u16, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(timeout))?;
     // The admin endpoint keeps connections alive; this reads the body to the end.
     write!(
         s,
@@ -618,10 +628,12 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{path}: {}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_owned())
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
 }
 
 /// Whether a one-connection `echo-client` result came back whole and without error.

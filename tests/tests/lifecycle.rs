@@ -5,7 +5,6 @@
 )]
 
 use std::{
-    io::{Read as _, Write as _},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -341,21 +340,7 @@ fn http_node() -> SimNode {
 /// One admin GET, whatever the status: `(status, body)`. Fails (instead of hanging) when
 /// the endpoint does not answer within 2 s.
 fn admin_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    mesh_tests::http_get_status(port, path, Duration::from_secs(2))
 }
 
 /// Issue 9, item 5: a SIGTERM drain tells HTTP clients to go instead of waiting for them
