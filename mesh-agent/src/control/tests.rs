@@ -918,18 +918,31 @@ async fn streams_past_the_cap_are_refused_and_counted() {
     assert!(r.is_ok());
 }
 
-/// The incremental path end to end: a file edit of one service is parsed as that item,
-/// translated as that service, applied to the served snapshot as that resource, and sent
-/// only to the client that subscribed to it.
-#[tokio::test]
-async fn one_edit_reaches_only_its_subscribers_as_one_resource() {
-    let path = Path::new("t.yaml");
+/// The embedded server fed the way the agent feeds it: `BASE` through the incremental
+/// parser and translator, which the test keeps for its edits.
+async fn incremental(
+    path: &Path,
+) -> (
+    Embedded,
+    crate::enrol::file::FileParser,
+    translate::Translator,
+) {
     let mut parser = crate::enrol::file::FileParser::default();
     let mut translator = translate::Translator::default();
     let file = parser.parse(path, BASE).unwrap();
     let first = translator.update(&file.services, &file.members());
     let (tx, _) = watch::channel(Arc::new(Snapshot::default().apply(&first)));
     let cp = embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await;
+    (cp, parser, translator)
+}
+
+/// The incremental path end to end: a file edit of one service is parsed as that item,
+/// translated as that service, applied to the served snapshot as that resource, and sent
+/// only to the client that subscribed to it.
+#[tokio::test]
+async fn one_edit_reaches_only_its_subscribers_as_one_resource() {
+    let path = Path::new("t.yaml");
+    let (cp, mut parser, mut translator) = incremental(path).await;
     let reviews = client(cp.addr, Mode::Delta, true);
     let db = client(cp.addr, Mode::Delta, true);
     until("the streams", || reviews.connected() && db.connected()).await;
@@ -957,7 +970,11 @@ async fn one_edit_reaches_only_its_subscribers_as_one_resource() {
     until("db's new endpoint", || {
         cfg.borrow_and_update()
             .cluster("outbound|5432||db.shop")
-            .is_some_and(|c| c.endpoints[0].address == vip("10.0.0.5:5432"))
+            .is_some_and(|c| {
+                c.endpoints
+                    .first()
+                    .is_some_and(|e| e.address == vip("10.0.0.5:5432"))
+            })
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -978,12 +995,7 @@ async fn one_edit_reaches_only_its_subscribers_as_one_resource() {
 /// wildcard client ends with exactly what is served, removals included.
 async fn successive_edits_end_in_what_is_served(mode: Mode) {
     let path = Path::new("t.yaml");
-    let mut parser = crate::enrol::file::FileParser::default();
-    let mut translator = translate::Translator::default();
-    let file = parser.parse(path, BASE).unwrap();
-    let first = translator.update(&file.services, &file.members());
-    let (tx, _) = watch::channel(Arc::new(Snapshot::default().apply(&first)));
-    let cp = embedded_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), tx).await;
+    let (cp, mut parser, mut translator) = incremental(path).await;
     let c = client(cp.addr, mode, false);
     let mut cfg = c.config();
     until("the full configuration", || {
@@ -1004,7 +1016,11 @@ async fn successive_edits_end_in_what_is_served(mode: Mode) {
     until("db's endpoint moved", || {
         cfg.borrow_and_update()
             .cluster("outbound|5432||db.shop")
-            .is_some_and(|c| c.endpoints[0].address == vip("10.0.0.5:5432"))
+            .is_some_and(|c| {
+                c.endpoints
+                    .first()
+                    .is_some_and(|e| e.address == vip("10.0.0.5:5432"))
+            })
     })
     .await;
     // Two steps at once (the stream sees only the second): db goes, then its endpoint
