@@ -5,6 +5,7 @@
 //! the two meet only on the xDS wire.
 
 pub mod auth;
+pub mod ca;
 pub mod model;
 pub mod server;
 pub mod translate;

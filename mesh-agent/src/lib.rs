@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod enrol;
+pub mod identity;
 pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;

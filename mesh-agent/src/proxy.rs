@@ -6,8 +6,11 @@
 //! (half-close), and a reset or error on either side resets the other one (`SO_LINGER 0`
 //! then close), so a peer that sends RST is seen as RST, never as a clean end.
 
+pub mod authz;
 pub mod config;
+pub mod hbone;
 pub mod http;
+pub mod inbound;
 pub mod xds;
 
 use std::{

@@ -2,6 +2,9 @@
 //! neither: the well-known Envoy filter names both speak, and the ADS bearer token (the
 //! control plane's secret, checked by `control::auth`; what the client presents).
 
+pub mod ca;
+pub mod istio;
+
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use tonic::{

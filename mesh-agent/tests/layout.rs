@@ -22,6 +22,7 @@ const RULES: &[(&str, &[&str])] = &[
             "control::server",
             "datapath",
             "enrol",
+            "identity",
             "lifecycle",
             "metrics",
             "proxy",
@@ -34,11 +35,14 @@ const RULES: &[(&str, &[&str])] = &[
     ("enrol", &["control::model", "sys"]),
     // The control plane never uses the proxy, the datapath or a source: it meets the proxy
     // on the xDS wire only.
-    ("control", &["wire", "sys"]),
+    // (It names SPIFFE IDs with `identity`'s type, and signs them.)
+    ("control", &["identity", "wire", "sys"]),
+    // Identities, certificates and mTLS configs: asks a CA over the wire.
+    ("identity", &["wire", "sys"]),
     // The proxy depends on its own model (`proxy::config`), never on the control plane's.
     (
         "proxy",
-        &["datapath", "lifecycle", "metrics", "sys", "wire"],
+        &["datapath", "identity", "lifecycle", "metrics", "sys", "wire"],
     ),
     // Readiness, drain and hand-over: a leaf every piece may use.
     ("lifecycle", &["sys"]),

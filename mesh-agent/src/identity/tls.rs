@@ -1,0 +1,1 @@
+//! rustls configurations for mesh mTLS (see `identity`).

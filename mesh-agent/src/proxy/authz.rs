@@ -1,0 +1,1 @@
+//! Authorization: Istio AuthorizationPolicy and PeerAuthentication semantics.

@@ -1,0 +1,1 @@
+//! Inbound capture: in-pod listeners that TC steers connections to.

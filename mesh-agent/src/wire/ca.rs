@@ -1,0 +1,1 @@
+//! Istio's `IstioCertificateService` messages (wire-compatible with istiod's CA).

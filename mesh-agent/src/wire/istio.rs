@@ -1,0 +1,1 @@
+//! ztunnel's workload and authorization resources (`istio.workload.Address`, `istio.security.Authorization`), as prost messages.
