@@ -9,6 +9,7 @@
 //! program; `Drop` removes the pins.
 
 pub mod btf;
+pub mod tc;
 pub mod writer;
 
 use std::{
@@ -23,12 +24,15 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
     cfg_flags, map_names,
-    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, ProxyHealth, SockKey, WorkloadInfo},
+    maps::{
+        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, ProxyHealth, SockKey,
+        WorkloadInfo,
+    },
     prog_names, Stat,
 };
 use tracing::{info, warn};
@@ -165,6 +169,9 @@ pub struct LoadOptions<'a> {
 /// the pins are removed and the lock is released.
 pub struct Datapath {
     pub maps: std::sync::Arc<Maps>,
+    /// The TC inbound program, attached per pod by `proxy::inbound` (which owns those
+    /// attachments and detaches them before this value is dropped).
+    pub tc: std::sync::Arc<tc::TcProgram>,
     /// The sk_msg attachment to `SOCKHASH` (a plain attach, not a link): forgotten instead
     /// of detached when the datapath is kept.
     skmsg_link: Option<aya::programs::sk_msg::SkMsgLink>,
@@ -206,6 +213,8 @@ pub struct Maps {
     pub node_addrs: Mutex<HashMap<MapData, u32, u32>>,
     /// The proxy's heartbeat, read by connect4/6.
     pub proxy_health: Mutex<Array<MapData, ProxyHealth>>,
+    /// Local enrolled workloads by IPv4 address, for the TC inbound program.
+    pub inbound: Mutex<HashMap<MapData, u32, InboundInfo>>,
     pub stats: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, SockKey>,
 }
@@ -295,6 +304,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         map_names::FALLBACK => (sz(size_of::<SockKey>()), 4, cap::SOCKHASH),
         map_names::STATS => (4, 8, Stat::COUNT),
         map_names::NODE_ADDRS => (4, 4, cap::NODE_ADDRS),
+        map_names::INBOUND => (4, sz(size_of::<InboundInfo>()), cap::INBOUND),
         _ => return None,
     })
 }
@@ -502,6 +512,19 @@ impl Datapath {
             .map_err(prog_err("attaching mesh_sk_msg to SOCKHASH".into()))?;
         let skmsg_link = skmsg.take_link(skmsg_id).ok();
 
+        // The TC inbound program is loaded (verified) now and attached per pod later.
+        let tc_prog: &mut SchedClassifier = ebpf
+            .program_mut(prog_names::TC_INGRESS)
+            .ok_or_else(|| {
+                BpfError::Kernel(format!("program {} missing from the object", prog_names::TC_INGRESS))
+            })?
+            .try_into()
+            .map_err(prog_err(format!("program {}", prog_names::TC_INGRESS)))?;
+        tc_prog
+            .load()
+            .map_err(prog_err(format!("loading {}", prog_names::TC_INGRESS)))?;
+        let tc = std::sync::Arc::new(tc::TcProgram::new(tc_prog, prog_names::TC_INGRESS)?);
+
         let maps = Maps {
             workloads: Mutex::new(take(&mut ebpf, map_names::WORKLOADS)?),
             dests: Mutex::new(take(&mut ebpf, map_names::DESTS)?),
@@ -511,6 +534,7 @@ impl Datapath {
             flows: Mutex::new(take(&mut ebpf, map_names::FLOWS)?),
             node_addrs: Mutex::new(take(&mut ebpf, map_names::NODE_ADDRS)?),
             proxy_health: Mutex::new(take(&mut ebpf, map_names::PROXY_HEALTH)?),
+            inbound: Mutex::new(take(&mut ebpf, map_names::INBOUND)?),
             stats: take(&mut ebpf, map_names::STATS)?,
             _sockhash: sockhash,
         };
@@ -568,6 +592,7 @@ impl Datapath {
         }
         Ok(Datapath {
             maps: std::sync::Arc::new(maps),
+            tc,
             skmsg_link,
             _links: links,
             _ebpf: ebpf,
@@ -670,6 +695,30 @@ impl Maps {
         }
         r.current = want.len() - r.failed;
         Ok(r)
+    }
+
+    /// Records a local enrolled workload for the TC inbound program (`inbound::*` flags).
+    pub fn set_inbound(&self, ip: Ipv4Addr, flags: u32) -> Result<(), aya::maps::MapError> {
+        let mut m = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(
+            u32::from_ne_bytes(ip.octets()),
+            InboundInfo { flags, _pad: 0 },
+            0,
+        )
+    }
+
+    pub fn remove_inbound(&self, ip: Ipv4Addr) {
+        let mut m = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = m.remove(&u32::from_ne_bytes(ip.octets()));
+    }
+
+    /// Every address in `INBOUND` (an earlier agent's entries, when adopted).
+    pub fn inbound_entries(&self) -> Vec<(Ipv4Addr, u32)> {
+        let m = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(k.to_ne_bytes()), v.flags))
+            .collect()
     }
 
     pub fn forget_flow(&self, key: SockKey) {

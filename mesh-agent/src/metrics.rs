@@ -69,6 +69,60 @@ pub struct Metrics {
     pub map_writes: crate::datapath::writer::MapWriteStats,
     /// The L7 proxy's series (`proxy::http::L7` counts into these).
     pub l7: Arc<L7Metrics>,
+    /// Inbound capture (`proxy::inbound`).
+    pub inbound: InboundMetrics,
+}
+
+/// Inbound capture: connections the in-pod listeners took, and the pods capturing.
+#[derive(Debug, Default)]
+pub struct InboundMetrics {
+    /// Plaintext connections accepted by an in-pod listener (steered there by TC).
+    pub accepted: AtomicU64,
+    /// Of those, delivered to the application (connected inside the pod).
+    pub delivered: AtomicU64,
+    /// Of those, refused (reset): the application's port did not answer, or the
+    /// connection named the agent's own port.
+    pub refused: AtomicU64,
+    /// Bytes relayed to and from the application.
+    pub received_bytes: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    /// Pods with listeners open and the TC program attached (gauge).
+    pub pods: AtomicU64,
+    /// Pods whose capture could not be set up (listener or attach failed; retried).
+    pub setup_failures: AtomicU64,
+}
+
+impl InboundMetrics {
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP mesh_inbound_connections_total Plaintext inbound connections taken by the in-pod listeners (accepted), delivered to the application, or refused (reset).\n# TYPE mesh_inbound_connections_total counter\n\
+             mesh_inbound_connections_total{{outcome=\"accepted\"}} {}\n\
+             mesh_inbound_connections_total{{outcome=\"delivered\"}} {}\n\
+             mesh_inbound_connections_total{{outcome=\"refused\"}} {}",
+            self.accepted.load(Relaxed),
+            self.delivered.load(Relaxed),
+            self.refused.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_inbound_bytes_total Bytes of inbound connections relayed from the client (received) and to it (sent).\n# TYPE mesh_inbound_bytes_total counter\n\
+             mesh_inbound_bytes_total{{direction=\"received\"}} {}\n\
+             mesh_inbound_bytes_total{{direction=\"sent\"}} {}",
+            self.received_bytes.load(Relaxed),
+            self.sent_bytes.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_inbound_pods Pods whose inbound traffic is captured (in-pod listeners open, TC attached).\n# TYPE mesh_inbound_pods gauge\nmesh_inbound_pods {}",
+            self.pods.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_inbound_setup_failures_total Attempts to set up a pod's inbound capture that failed (retried).\n# TYPE mesh_inbound_setup_failures_total counter\nmesh_inbound_setup_failures_total {}",
+            self.setup_failures.load(Relaxed),
+        );
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -233,6 +287,7 @@ impl Metrics {
         self.reloads.render(&mut out);
         self.map_writes.render(&mut out);
         self.l7.render(&mut out);
+        self.inbound.render(&mut out);
         out
     }
 }

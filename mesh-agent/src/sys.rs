@@ -445,3 +445,120 @@ pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
     }
     Ok(cred.uid)
 }
+
+/// Enters the network namespace at `netns` on the calling thread (`setns(CLONE_NEWNET)`).
+/// Only for threads that stay there (`NetnsWorker`) or end right after.
+fn enter_netns(netns: &File) -> io::Result<()> {
+    // SAFETY: valid fd; changes the namespace of the calling thread only.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that lives in one network namespace and runs jobs there: sockets it creates
+/// (listeners, the agent's in-pod connections) belong to that namespace for good, and
+/// interface indexes and netlink requests resolve there. One per capturing pod, so a new
+/// connection into the pod costs a channel round trip, not a thread and a `setns`.
+///
+/// The thread holds the namespace alive; dropping the worker ends it.
+pub struct NetnsWorker {
+    tx: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NetnsWorker {
+    pub fn spawn(netns: &Path, name: String) -> io::Result<NetnsWorker> {
+        let ns = File::open(netns)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let entered = enter_netns(&ns);
+            drop(ns);
+            let ok = entered.is_ok();
+            let _ = ready_tx.send(entered);
+            if !ok {
+                return;
+            }
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })?;
+        ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("netns worker thread died")))?;
+        Ok(NetnsWorker {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `job` on the worker (inside the namespace) without waiting for it.
+    pub fn submit(&self, job: Job) -> io::Result<()> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(job).ok())
+            .ok_or_else(|| io::Error::other("netns worker stopped"))
+    }
+
+    /// Runs `f` inside the namespace and waits for its result (blocking).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(Box::new(move || {
+            let _ = tx.send(f());
+        }))?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("netns worker dropped the job")))
+    }
+}
+
+impl Drop for NetnsWorker {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            // The worker may be dropped from one of its own jobs; never join oneself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The name of the interface of this network namespace that holds `ip`, if any.
+pub fn ipv4_interface_name(ip: std::net::Ipv4Addr) -> io::Result<Option<String>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: AF_INET, so the sockaddr is a sockaddr_in.
+        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        if std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()) == ip {
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+            found = Some(name.to_string_lossy().into_owned());
+            break;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
+}

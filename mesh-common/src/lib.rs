@@ -27,7 +27,9 @@ pub mod map_names {
     pub const SK_ADDR: &str = "SK_ADDR";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const PROXY_HEALTH: &str = "PROXY_HEALTH";
-    pub const ALL: [&str; 13] = [
+    /// Local enrolled workloads by IPv4 address, for the TC inbound program.
+    pub const INBOUND: &str = "INBOUND";
+    pub const ALL: [&str; 14] = [
         WORKLOADS,
         DESTS,
         CONFIG,
@@ -41,6 +43,7 @@ pub mod map_names {
         SK_ADDR,
         NODE_ADDRS,
         PROXY_HEALTH,
+        INBOUND,
     ];
 }
 
@@ -52,14 +55,33 @@ pub mod prog_names {
     pub const SK_MSG: &str = "mesh_sk_msg";
     pub const GETPEERNAME4: &str = "mesh_peername4";
     pub const GETPEERNAME6: &str = "mesh_peername6";
-    pub const ALL: [&str; 6] = [
+    /// TC ingress on each capturing pod's interface (attached per pod, not per cgroup).
+    pub const TC_INGRESS: &str = "mesh_tc_ingress";
+    pub const ALL: [&str; 7] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS,
         SK_MSG,
         GETPEERNAME4,
         GETPEERNAME6,
+        TC_INGRESS,
     ];
+}
+
+/// Inbound capture: the ports of the agent's listeners inside each capturing pod's network
+/// namespace (ztunnel's numbers), and `InboundInfo::flags`.
+pub mod inbound {
+    /// Plaintext inbound: the TC program assigns captured connections to this listener.
+    pub const PLAIN_PORT: u16 = 15006;
+    /// HBONE (mTLS, HTTP/2 CONNECT): reached directly, never redirected.
+    pub const HBONE_PORT: u16 = 15008;
+    /// The workload is enrolled: as a source, its connections were already handled by the
+    /// connect hooks (proxied ones arrive from the node, direct ones stay direct).
+    pub const ENROLLED: u32 = 1 << 0;
+    /// The agent's listeners are open in the workload's network namespace and the TC
+    /// program is (being) attached there: connections to it are captured.
+    pub const CAPTURE: u32 = 1 << 1;
+    pub const NAMES: [(u32, &str); 2] = [(ENROLLED, "enrolled"), (CAPTURE, "capture")];
 }
 
 /// Capacities of the maps (entries).
@@ -78,6 +100,8 @@ pub mod capacity {
     /// ClusterIP per service on `kube-ipvs0`, has that interface skipped: see
     /// docs/security.md).
     pub const NODE_ADDRS: u32 = 1024;
+    /// Local enrolled workloads (`INBOUND`), as `WORKLOADS`.
+    pub const INBOUND: u32 = 4096;
 }
 
 /// `WorkloadInfo::flags` and `DestInfo::flags`.
@@ -189,10 +213,34 @@ pub enum Stat {
     /// Every read of `EXCLUDES` raced with the agent rewriting it; the connection was
     /// treated as not excluded (captured).
     ConnectExcludesRaced,
+    /// A workload connecting to its own address (left alone: also how the agent's own
+    /// in-pod delivery sockets reach the application).
+    ConnectSelf,
+    /// TC ingress: IPv4 TCP packets looked at.
+    TcSeen,
+    /// A new connection assigned to the in-pod plaintext listener.
+    TcAssigned,
+    /// A packet of a connection that already has a socket (established, handshaking,
+    /// time-wait): passed.
+    TcPassEstablished,
+    /// To the agent's own ports (15006, 15008): passed.
+    TcPassMeshPort,
+    /// From one of the node's addresses (the node proxy, kubelet probes): passed.
+    TcPassNodeSource,
+    /// From a local enrolled workload (its outbound was handled by the connect hooks).
+    TcPassMeshSource,
+    /// To an address without capture (not an enrolled pod, or capture off): passed.
+    TcPassNotCaptured,
+    /// No in-pod listener found (the agent is not running): passed, fail open.
+    TcNoListener,
+    /// `bpf_sk_assign` failed: passed.
+    TcAssignFailed,
+    /// Global bypass: passed.
+    TcPassBypass,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 37;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -220,6 +268,17 @@ impl Stat {
         Stat::ConnectProxyStale,
         Stat::ConnectRefused,
         Stat::ConnectExcludesRaced,
+        Stat::ConnectSelf,
+        Stat::TcSeen,
+        Stat::TcAssigned,
+        Stat::TcPassEstablished,
+        Stat::TcPassMeshPort,
+        Stat::TcPassNodeSource,
+        Stat::TcPassMeshSource,
+        Stat::TcPassNotCaptured,
+        Stat::TcNoListener,
+        Stat::TcAssignFailed,
+        Stat::TcPassBypass,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -250,11 +309,22 @@ impl Stat {
             Stat::ConnectProxyStale => "connect_proxy_stale",
             Stat::ConnectRefused => "connect_refused",
             Stat::ConnectExcludesRaced => "connect_excludes_raced",
+            Stat::ConnectSelf => "connect_self",
+            Stat::TcSeen => "tc_seen",
+            Stat::TcAssigned => "tc_assigned",
+            Stat::TcPassEstablished => "tc_pass_established",
+            Stat::TcPassMeshPort => "tc_pass_mesh_port",
+            Stat::TcPassNodeSource => "tc_pass_node_source",
+            Stat::TcPassMeshSource => "tc_pass_mesh_source",
+            Stat::TcPassNotCaptured => "tc_pass_not_captured",
+            Stat::TcNoListener => "tc_no_listener",
+            Stat::TcAssignFailed => "tc_assign_failed",
+            Stat::TcPassBypass => "tc_pass_bypass",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::ConnectExcludesRaced as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::TcPassBypass as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

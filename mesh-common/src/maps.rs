@@ -195,6 +195,16 @@ pub struct ProxyHealth {
     pub stale_after_ns: u64,
 }
 
+/// `INBOUND` value, keyed by a local enrolled workload's IPv4 address (network order):
+/// read by the TC inbound program, written by the agent's inbound manager.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundInfo {
+    /// `inbound::*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 macro_rules! assert_layout {
     ($t:ty, $size:expr, $align:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $size);
@@ -209,6 +219,7 @@ assert_layout!(OrigDst, 24, 4);
 assert_layout!(SockKey, 12, 4);
 assert_layout!(FlowInfo, 24, 4);
 assert_layout!(ProxyHealth, 16, 8);
+assert_layout!(InboundInfo, 8, 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -226,7 +237,8 @@ mod pod {
         OrigDst,
         SockKey,
         FlowInfo,
-        ProxyHealth
+        ProxyHealth,
+        InboundInfo
     );
 }
 

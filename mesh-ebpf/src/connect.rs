@@ -138,6 +138,12 @@ fn decide(ctx: &SockAddrContext, dst_ip: u32, dst_port: u16) -> Verdict {
         bump(Stat::ConnectBypass);
         return Verdict::Leave;
     }
+    // A workload calling itself stays inside its namespace; so do the agent's own
+    // in-pod sockets, which deliver captured inbound connections to the pod's address.
+    if dst_ip == wl.ip4 {
+        bump(Stat::ConnectSelf);
+        return Verdict::Leave;
+    }
     if dst_ip == cfg.proxy_ip4 && dst_port as u32 == cfg.proxy_port {
         bump(Stat::ConnectToProxy);
         return Verdict::Leave;

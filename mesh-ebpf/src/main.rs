@@ -4,7 +4,9 @@
 //!   of enrolled workloads (redirect to the node proxy, or mark them direct);
 //! - `mesh_sockops` (`sockops`): on ESTABLISHED, record the flow and put both local ends
 //!   of a captured connection in `SOCKHASH`;
-//! - `mesh_sk_msg` (`sk_msg` on `SOCKHASH`): hand each send straight to the peer socket.
+//! - `mesh_sk_msg` (`sk_msg` on `SOCKHASH`): hand each send straight to the peer socket;
+//! - `mesh_tc_ingress` (TC ingress on each capturing pod's interface): assign new inbound
+//!   connections to the agent's listener inside the pod (`bpf_sk_assign`).
 //!
 //! The split into one binary (rather than one per family as aya-template suggests) is
 //! deliberate: sockops and sk_msg must share `SOCKHASH`, and connect and sockops must share
@@ -21,6 +23,7 @@ mod connect;
 mod maps;
 mod sk_msg;
 mod sockops;
+mod tc;
 
 #[cfg(not(test))]
 #[panic_handler]

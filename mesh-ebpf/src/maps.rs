@@ -10,7 +10,8 @@ use aya_ebpf::{
 use mesh_common::{
     capacity as cap,
     maps::{
-        DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, ProxyHealth, SockKey, WorkloadInfo,
+        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, OrigDst, ProxyHealth, SockKey,
+        WorkloadInfo,
     },
     Stat,
 };
@@ -192,3 +193,10 @@ macro_rules! read_addressing {
     }};
 }
 pub(crate) use read_addressing;
+
+/// Local enrolled workloads by IPv4 address (network order): as sources they are never
+/// captured inbound (the connect hooks handled their side), and as destinations with
+/// `inbound::CAPTURE` their new connections go to the agent's in-pod listener. Written by
+/// the agent's inbound manager.
+#[btf_map]
+pub static INBOUND: HashMap<u32, InboundInfo, { cap::INBOUND as usize }> = HashMap::new();

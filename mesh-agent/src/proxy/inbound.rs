@@ -1,1 +1,504 @@
 //! Inbound capture: in-pod listeners that TC steers connections to.
+//!
+//! For every enrolled local workload the agent opens two listeners *inside the pod's
+//! network namespace* (ztunnel's in-pod model): 15006 for plaintext and 15008 for HBONE,
+//! and attaches `mesh_tc_ingress` to the pod's interface there. The TC program assigns
+//! each new connection from outside the mesh to the 15006 listener (`bpf_sk_assign`), so
+//! an accepted socket's local address is the original destination and its peer the
+//! original client. A `PlainHandler` serves it; the default (`Deliver`) connects to the
+//! original destination from inside the pod and relays. The HBONE listener is handed to
+//! whoever serves HBONE (`InboundOptions::on_hbone_listener`).
+//!
+//! The manager runs on a thread of its own (`inbound`): setting a pod up costs a thread
+//! in its namespace, two binds and a netlink or bpf call, none of which belongs on a
+//! runtime. It is the one writer of the `INBOUND` map. Accept loops and connections run
+//! on the proxy runtime and hold drain watches like the outbound ones.
+//!
+//! See docs/architecture.md, "Inbound capture".
+
+mod pod;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
+    path::PathBuf,
+    pin::Pin,
+    sync::{atomic::Ordering::Relaxed, mpsc, Arc},
+    time::Duration,
+};
+
+use mesh_common::inbound::{CAPTURE, ENROLLED, HBONE_PORT, PLAIN_PORT};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn, Instrument};
+
+pub use self::pod::InPod;
+use crate::{
+    datapath::{
+        tc::{AttachMode, TcLink, TcProgram},
+        Maps,
+    },
+    lifecycle::drain::DrainWatch,
+    metrics::{FlowCounters, Metrics},
+    sys,
+};
+
+/// A local enrolled workload, as the wiring hands it over from enrolment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: PathBuf,
+    /// Capture its inbound traffic (false: enrolled but bypassed, or its namespace is not
+    /// known; it is still a mesh source the TC programs leave alone).
+    pub capture: bool,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Serves a plaintext connection the TC program steered to a pod's 15006 listener.
+pub trait PlainHandler: Send + Sync + 'static {
+    /// `conn` is the accepted socket (inside the pod's namespace), `peer` the original
+    /// client, `orig_dst` the address it dialled (the pod's ip and port).
+    fn serve(
+        &self,
+        conn: TcpStream,
+        peer: SocketAddrV4,
+        orig_dst: SocketAddrV4,
+        pod: Arc<InPod>,
+    ) -> BoxFuture;
+}
+
+/// The default handler: connect to the original destination from inside the pod and
+/// relay (`crate::proxy::relay`: half-close passed on, a reset or a cut relay resets both
+/// sides).
+pub struct Deliver {
+    metrics: Arc<Metrics>,
+}
+
+impl Deliver {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Deliver> {
+        Arc::new(Deliver { metrics })
+    }
+}
+
+/// How long delivering waits for the application's port to answer.
+const DELIVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `dst` from inside `pod`'s network namespace (see `InPod::connect_in`).
+pub async fn connect_in(pod: &InPod, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    pod.connect_in(dst).await
+}
+
+impl PlainHandler for Deliver {
+    fn serve(
+        &self,
+        conn: TcpStream,
+        peer: SocketAddrV4,
+        orig_dst: SocketAddrV4,
+        pod: Arc<InPod>,
+    ) -> BoxFuture {
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let m = &metrics.inbound;
+            let up = tokio::time::timeout(DELIVER_CONNECT_TIMEOUT, pod.connect_in(orig_dst))
+                .await
+                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+            let upstream = match up {
+                Ok(s) => s,
+                Err(e) => {
+                    // As if the pod had answered the client itself: a reset.
+                    debug!(%peer, %orig_dst, error = %e, "delivering into the pod failed; resetting the client");
+                    m.refused.fetch_add(1, Relaxed);
+                    let _ = sys::set_linger_zero(conn.as_fd());
+                    return;
+                }
+            };
+            m.delivered.fetch_add(1, Relaxed);
+            let _ = conn.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            let c = FlowCounters::default();
+            crate::proxy::relay(conn, upstream, &c).await;
+            m.received_bytes
+                .fetch_add(c.received.load(Relaxed), Relaxed);
+            m.sent_bytes.fetch_add(c.sent.load(Relaxed), Relaxed);
+        })
+    }
+}
+
+/// Called with each pod's HBONE listener (15008, inside the pod) when the pod is set up.
+/// The callee serves it until `InPod::closed` resolves, then drops it.
+pub type HboneHandoff = Arc<dyn Fn(Arc<InPod>, TcpListener) + Send + Sync>;
+
+pub struct InboundOptions {
+    pub maps: Arc<Maps>,
+    /// `None`: listeners only, no TC (nothing is steered to them).
+    pub tc: Option<Arc<TcProgram>>,
+    pub metrics: Arc<Metrics>,
+    /// The proxy runtime: accept loops and connections run there.
+    pub runtime: tokio::runtime::Handle,
+    pub drain: DrainWatch,
+    pub plain: Arc<dyn PlainHandler>,
+    /// `None`: 15008 is held open but connections to it are reset.
+    pub on_hbone_listener: Option<HboneHandoff>,
+}
+
+/// What one set-up pod holds.
+struct PodState {
+    want: InboundPod,
+    pod: Arc<InPod>,
+    link: Option<TcLink>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+enum Msg {
+    Update(Vec<InboundPod>),
+    Stop,
+}
+
+/// The inbound manager: follows the enrolled local workloads (`update`), opens and closes
+/// per-pod listeners, attaches and detaches TC. `stop` (or drop) tears everything down.
+pub struct Inbound {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The attach mode of the last attachment (`None` before the first).
+    mode: Arc<std::sync::Mutex<Option<AttachMode>>>,
+}
+
+/// How often pods whose set-up failed are tried again.
+const RETRY: Duration = Duration::from_secs(2);
+
+impl Inbound {
+    pub fn start(opts: InboundOptions) -> io::Result<Inbound> {
+        let (tx, rx) = mpsc::channel();
+        let mode = Arc::new(std::sync::Mutex::new(None));
+        let mut mgr = Manager {
+            opts,
+            pods: HashMap::new(),
+            want: Vec::new(),
+            written: HashMap::new(),
+            first: true,
+            mode: mode.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("inbound".into())
+            .spawn(move || {
+                let _span = tracing::info_span!("inbound").entered();
+                loop {
+                    let timeout = if mgr.pending() {
+                        RETRY
+                    } else {
+                        Duration::from_secs(3600)
+                    };
+                    match rx.recv_timeout(timeout) {
+                        Ok(Msg::Update(mut want)) => {
+                            // Only the newest of those waiting matters.
+                            let mut stop = false;
+                            while let Ok(m) = rx.try_recv() {
+                                match m {
+                                    Msg::Update(w) => want = w,
+                                    Msg::Stop => stop = true,
+                                }
+                            }
+                            mgr.want = want;
+                            mgr.reconcile();
+                            if stop {
+                                break;
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => mgr.reconcile(),
+                        Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                mgr.shutdown();
+            })?;
+        Ok(Inbound {
+            tx,
+            thread: Some(thread),
+            mode,
+        })
+    }
+
+    /// The enrolled local workloads now (the whole set, not a change).
+    pub fn update(&self, pods: Vec<InboundPod>) {
+        let _ = self.tx.send(Msg::Update(pods));
+    }
+
+    /// How the TC program was last attached (`tcx` or `clsact`), if it was.
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Detaches TC from every pod, closes every listener (connections being served go on,
+    /// holding their drain watches), clears `INBOUND`, and waits for it all.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+struct Manager {
+    opts: InboundOptions,
+    /// Set-up pods by address.
+    pods: HashMap<Ipv4Addr, PodState>,
+    want: Vec<InboundPod>,
+    /// What `INBOUND` holds as far as this manager knows.
+    written: HashMap<Ipv4Addr, u32>,
+    /// The first reconcile also removes entries an earlier agent left (adopted maps).
+    first: bool,
+    mode: Arc<std::sync::Mutex<Option<AttachMode>>>,
+}
+
+impl Manager {
+    /// Some wanted pod is not set up (its set-up failed): retry later.
+    fn pending(&self) -> bool {
+        self.want
+            .iter()
+            .any(|w| w.capture && !self.pods.get(&w.ip).is_some_and(|p| p.want == *w))
+    }
+
+    fn reconcile(&mut self) {
+        if self.first {
+            self.written = self.opts.maps.inbound_entries().into_iter().collect();
+            self.first = false;
+        }
+        let want: HashMap<Ipv4Addr, InboundPod> =
+            self.want.iter().map(|w| (w.ip, w.clone())).collect();
+        // Pods that left, or changed (another namespace: a new pod with a reused address).
+        let gone: Vec<Ipv4Addr> = self
+            .pods
+            .iter()
+            .filter(|(ip, p)| want.get(ip).is_none_or(|w| !w.capture || *w != p.want))
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in gone {
+            if let Some(p) = self.pods.remove(&ip) {
+                self.teardown(p);
+            }
+        }
+        for w in want.values() {
+            if w.capture && !self.pods.contains_key(&w.ip) {
+                match self.setup(w) {
+                    Ok(p) => {
+                        self.pods.insert(w.ip, p);
+                    }
+                    Err(e) => {
+                        self.opts
+                            .metrics
+                            .inbound
+                            .setup_failures
+                            .fetch_add(1, Relaxed);
+                        warn!(pod = %format!("{}/{}", w.namespace, w.name), ip = %w.ip, error = %e,
+                            "cannot capture the pod's inbound traffic; retrying");
+                    }
+                }
+            }
+        }
+        // INBOUND: every enrolled workload is a mesh source; set-up pods capture.
+        let entries: HashMap<Ipv4Addr, u32> = want
+            .keys()
+            .map(|ip| {
+                (
+                    *ip,
+                    ENROLLED
+                        | if self.pods.contains_key(ip) {
+                            CAPTURE
+                        } else {
+                            0
+                        },
+                )
+            })
+            .collect();
+        // A pod set up just now already has its entry (written before the attach).
+        for (ip, flags) in &entries {
+            if self.written.get(ip) != Some(flags) {
+                match self.opts.maps.set_inbound(*ip, *flags) {
+                    Ok(()) => {
+                        self.written.insert(*ip, *flags);
+                    }
+                    Err(e) => warn!(ip = %ip, error = %e, "cannot write INBOUND"),
+                }
+            }
+        }
+        let stale: Vec<Ipv4Addr> = self
+            .written
+            .keys()
+            .filter(|ip| !entries.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in stale {
+            self.opts.maps.remove_inbound(ip);
+            self.written.remove(&ip);
+        }
+        self.opts
+            .metrics
+            .inbound
+            .pods
+            .store(self.pods.len() as u64, Relaxed);
+    }
+
+    fn setup(&mut self, w: &InboundPod) -> io::Result<PodState> {
+        let pod = InPod::open(w.namespace.clone(), w.name.clone(), w.ip, w.netns.clone())?;
+        let (plain, hbone) = pod.listen()?;
+        let mut tasks = Vec::new();
+        {
+            let _rt = self.opts.runtime.enter();
+            let plain = pod::to_tokio(plain)?;
+            let hbone = pod::to_tokio(hbone)?;
+            tasks.push(
+                self.opts.runtime.spawn(
+                    accept_plain(
+                        plain,
+                        pod.clone(),
+                        self.opts.plain.clone(),
+                        self.opts.metrics.clone(),
+                        self.opts.drain.clone(),
+                    )
+                    .instrument(tracing::info_span!("inbound_plain", pod = %pod.display_name())),
+                ),
+            );
+            match &self.opts.on_hbone_listener {
+                Some(f) => f(pod.clone(), hbone),
+                None => tasks.push(self.opts.runtime.spawn(
+                    refuse_all(hbone, self.opts.drain.clone()).instrument(
+                        tracing::info_span!("inbound_hbone", pod = %pod.display_name()),
+                    ),
+                )),
+            }
+        }
+        // The entry first: the program captures from its first packet.
+        self.opts
+            .maps
+            .set_inbound(w.ip, ENROLLED | CAPTURE)
+            .map_err(io::Error::other)?;
+        self.written.insert(w.ip, ENROLLED | CAPTURE);
+        let link = match &self.opts.tc {
+            Some(tc) => match pod.attach(tc.clone()) {
+                Ok(l) => {
+                    *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.mode);
+                    info!(pod = %pod.display_name(), ip = %w.ip, iface = %l.iface, mode = %l.mode,
+                        "inbound capture on");
+                    Some(l)
+                }
+                Err(e) => {
+                    pod.close();
+                    for t in &tasks {
+                        t.abort();
+                    }
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        Ok(PodState {
+            want: w.clone(),
+            pod,
+            link,
+            tasks,
+        })
+    }
+
+    fn teardown(&mut self, p: PodState) {
+        if let Some(link) = p.link {
+            if let Err(e) = p.pod.detach(link) {
+                // The namespace is gone with its interface (and the program with it).
+                debug!(pod = %p.pod.display_name(), error = %e, "detaching TC failed");
+            }
+        }
+        p.pod.close();
+        for t in &p.tasks {
+            t.abort();
+        }
+        info!(pod = %p.pod.display_name(), ip = %p.want.ip, "inbound capture off");
+    }
+
+    fn shutdown(&mut self) {
+        for (_, p) in std::mem::take(&mut self.pods) {
+            self.teardown(p);
+        }
+        for ip in std::mem::take(&mut self.written).into_keys() {
+            self.opts.maps.remove_inbound(ip);
+        }
+        self.opts.metrics.inbound.pods.store(0, Relaxed);
+    }
+}
+
+fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}
+
+/// Accepts on a pod's 15006 listener until the drain begins or the pod leaves.
+async fn accept_plain(
+    listener: TcpListener,
+    pod: Arc<InPod>,
+    handler: Arc<dyn PlainHandler>,
+    metrics: Arc<Metrics>,
+    drain: DrainWatch,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((conn, peer)) => {
+                    metrics.inbound.accepted.fetch_add(1, Relaxed);
+                    let local = conn.local_addr().ok().and_then(v4);
+                    let (Some(peer), Some(orig)) = (v4(peer), local) else {
+                        metrics.inbound.refused.fetch_add(1, Relaxed);
+                        continue;
+                    };
+                    // Dialled directly (not steered by TC), or looped back: delivering it
+                    // would connect to ourselves.
+                    if orig.port() == PLAIN_PORT || orig.port() == HBONE_PORT || orig.ip().is_loopback() || IpAddr::V4(*orig.ip()) != IpAddr::V4(pod.ip) {
+                        metrics.inbound.refused.fetch_add(1, Relaxed);
+                        let _ = sys::set_linger_zero(conn.as_fd());
+                        continue;
+                    }
+                    let fut = handler.serve(conn, peer, orig, pod.clone());
+                    let watch = drain.clone();
+                    tokio::spawn(async move {
+                        fut.await;
+                        drop(watch);
+                    }.instrument(tracing::debug_span!("inbound_conn", %peer, %orig)));
+                }
+                Err(e) => {
+                    warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = drain.signaled() => return,
+            _ = pod.closed() => return,
+        }
+    }
+}
+
+/// Holds a pod's 15008 while nobody serves HBONE: connections are reset at once.
+async fn refuse_all(listener: TcpListener, drain: DrainWatch) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => if let Ok((c, _)) = r {
+                let _ = sys::set_linger_zero(c.as_fd());
+            },
+            _ = drain.signaled() => return,
+        }
+    }
+}

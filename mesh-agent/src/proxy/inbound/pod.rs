@@ -1,0 +1,139 @@
+//! One capturing pod: the thread in its network namespace, its listeners, its TC link.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use mesh_common::inbound::{HBONE_PORT, PLAIN_PORT};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::{
+    datapath::tc::{TcLink, TcProgram},
+    sys::NetnsWorker,
+};
+
+/// A pod whose inbound traffic the agent captures, as handlers see it. Holds a thread in
+/// the pod's network namespace (for `connect_in`) for as long as anyone holds the pod.
+pub struct InPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: PathBuf,
+    worker: NetnsWorker,
+    /// Flipped to `true` when the pod leaves (no longer enrolled, or gone) or the agent
+    /// stops capturing: whoever took the pod's HBONE listener closes it then.
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for InPod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InPod")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("ip", &self.ip)
+            .finish()
+    }
+}
+
+impl InPod {
+    pub(super) fn open(
+        namespace: String,
+        name: String,
+        ip: Ipv4Addr,
+        netns: PathBuf,
+    ) -> io::Result<Arc<InPod>> {
+        let worker = NetnsWorker::spawn(&netns, format!("inpod-{ip}"))?;
+        Ok(Arc::new(InPod {
+            namespace,
+            name,
+            ip,
+            netns,
+            worker,
+            closed: tokio::sync::watch::Sender::new(false),
+        }))
+    }
+
+    /// `namespace/name`.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Connects to `dst` from inside the pod's network namespace (the socket is created
+    /// there, so the pod's own address and routes apply; connecting to the pod's own
+    /// address goes over its loopback and the application sees that address as the peer).
+    /// Must be called within a tokio runtime.
+    pub async fn connect_in(&self, dst: SocketAddrV4) -> io::Result<TcpStream> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.worker.submit(Box::new(move || {
+            let _ = tx.send(TcpSocket::new_v4());
+        }))?;
+        let sock = rx
+            .await
+            .map_err(|_| io::Error::other("the pod's namespace thread is gone"))??;
+        sock.connect(SocketAddr::V4(dst)).await
+    }
+
+    /// Resolves once the pod stopped being captured.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    pub(super) fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Opens the plaintext and HBONE listeners in the pod (std sockets, non-blocking:
+    /// registered with the proxy runtime by the caller).
+    pub(super) fn listen(&self) -> io::Result<(std::net::TcpListener, std::net::TcpListener)> {
+        self.worker.run(|| {
+            let open = |port: u16| -> io::Result<std::net::TcpListener> {
+                // std sets SO_REUSEADDR; 0.0.0.0 so the pod's address may change under us
+                // (and loopback reaches it too, which changes nothing: see `serve`).
+                let l = std::net::TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("binding 0.0.0.0:{port} in the pod (does the application use the port? 15006 and 15008 are the mesh's): {e}"),
+                        )
+                    })?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            };
+            Ok((open(PLAIN_PORT)?, open(HBONE_PORT)?))
+        })
+    }
+
+    /// Attaches the TC program to the interface holding the pod's address.
+    pub(super) fn attach(&self, tc: Arc<TcProgram>) -> io::Result<TcLink> {
+        let ip = self.ip;
+        self.worker.run(move || {
+            let iface = crate::sys::ipv4_interface_name(ip)?.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no interface holds {ip} in the pod's network namespace"),
+                )
+            })?;
+            tc.attach_here(&iface).map_err(io::Error::other)
+        })
+    }
+
+    /// Detaches, in the pod's namespace (where a clsact filter's interface index means
+    /// the right interface).
+    pub(super) fn detach(&self, link: TcLink) -> io::Result<()> {
+        self.worker
+            .run(move || link.detach_here().map_err(io::Error::other))
+    }
+}
+
+/// Registers std listeners with the current runtime.
+pub(super) fn to_tokio(l: std::net::TcpListener) -> io::Result<TcpListener> {
+    TcpListener::from_std(l)
+}
