@@ -1,0 +1,259 @@
+//! The HBONE server: accepts mutual TLS on 15008, HTTP/2 on top, and for each `CONNECT`
+//! to a valid `ip:port` asks the `ConnectHandler` (policy, then the dial), answers 200 and
+//! relays; a refusal is answered with its status.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{
+    relay_tunnel, HboneStream, TcpSide, CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW,
+};
+use crate::{
+    identity::{tls::peer_identity, BoxFuture, SpiffeId},
+    lifecycle::drain::DrainWatch,
+    metrics::FlowCounters,
+};
+
+/// The authenticated peer of a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The SPIFFE ID of the peer's verified client certificate.
+    pub identity: SpiffeId,
+    /// The peer's TCP address (its node).
+    pub addr: SocketAddr,
+}
+
+/// Why a CONNECT was not opened; `status` is what the peer gets (403 denied by policy,
+/// 503 or 502 destination unreachable).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{status}: {reason}")]
+pub struct Refusal {
+    pub status: http::StatusCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(status: http::StatusCode, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Decides on and opens the destination of each tunnel (the integrator's policy check
+/// and dial).
+pub trait ConnectHandler: Send + Sync + 'static {
+    fn open(
+        &self,
+        peer: PeerInfo,
+        authority: SocketAddr,
+    ) -> BoxFuture<'static, Result<TcpStream, Refusal>>;
+
+    /// Counters the relay of an opened tunnel adds to; none by default.
+    fn counters(&self, _peer: &PeerInfo, _authority: SocketAddr) -> Option<Arc<FlowCounters>> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ServerOptions {
+    /// TLS and HTTP/2 handshakes of an accepted connection.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; beyond, new ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Serves HBONE on `listener` until the drain begins: then stops accepting, sends GOAWAY
+/// on every connection and lets its streams finish (each holds a clone of `drain`).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<dyn ConnectHandler>,
+    drain: DrainWatch,
+) {
+    serve_with(listener, tls, handler, drain, ServerOptions::default()).await
+}
+
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<dyn ConnectHandler>,
+    drain: DrainWatch,
+    opts: ServerOptions,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = drain.signaled() => break,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "HBONE connection refused: too many connections");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, handler, drain) = (acceptor.clone(), handler.clone(), drain.clone());
+        tokio::spawn(
+            async move {
+                connection(tcp, peer, acceptor, handler, drain, opts).await;
+                drop(slot);
+            }
+            .instrument(tracing::debug_span!("hbone_server_conn", %peer)),
+        );
+    }
+    info!("HBONE listener stopped (drain)");
+}
+
+async fn connection(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    handler: Arc<dyn ConnectHandler>,
+    drain: DrainWatch,
+    opts: ServerOptions,
+) {
+    let handshakes = async {
+        let tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let identity = peer_identity(tls.get_ref().1)
+            .ok_or_else(|| "the client certificate has no SPIFFE ID".to_string())?;
+        let conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        Ok::<_, String>((identity, conn))
+    };
+    let (identity, mut conn) = match tokio::time::timeout(opts.handshake_timeout, handshakes).await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "HBONE handshake refused");
+            return;
+        }
+        Err(_) => {
+            debug!("HBONE handshake timed out");
+            return;
+        }
+    };
+    let peer = PeerInfo { identity, addr };
+    debug!(peer = %peer.identity, "HBONE connection up");
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            _ = drain.signaled(), if !draining => {
+                // GOAWAY: no new streams; those open finish, then `accept` ends.
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+            next = conn.accept() => next,
+        };
+        match next {
+            Some(Ok((req, respond))) => {
+                let (peer, handler, drain) = (peer.clone(), handler.clone(), drain.clone());
+                tokio::spawn(
+                    async move {
+                        stream(req, respond, peer, handler).await;
+                        drop(drain);
+                    }
+                    .instrument(tracing::debug_span!("hbone_stream")),
+                );
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "HBONE connection error");
+                break;
+            }
+            None => break,
+        }
+    }
+}
+
+fn answer(respond: &mut h2::server::SendResponse<Bytes>, status: http::StatusCode) {
+    let resp = http::Response::builder()
+        .status(status)
+        .body(())
+        .expect("a valid response");
+    let _ = respond.send_response(resp, true);
+}
+
+async fn stream(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: PeerInfo,
+    handler: Arc<dyn ConnectHandler>,
+) {
+    if req.method() != http::Method::CONNECT {
+        answer(&mut respond, http::StatusCode::METHOD_NOT_ALLOWED);
+        return;
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let Some(authority) = authority else {
+        debug!(uri = %req.uri(), "CONNECT without an ip:port authority");
+        answer(&mut respond, http::StatusCode::BAD_REQUEST);
+        return;
+    };
+    let upstream = match handler.open(peer.clone(), authority).await {
+        Ok(s) => s,
+        Err(r) => {
+            debug!(peer = %peer.identity, %authority, refusal = %r, "CONNECT refused");
+            answer(&mut respond, r.status);
+            return;
+        }
+    };
+    let ok = http::Response::builder()
+        .status(http::StatusCode::OK)
+        .body(())
+        .expect("a valid response");
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "the tunnel went before it opened");
+            return;
+        }
+    };
+    let tunnel = HboneStream::new(send, req.into_body(), None);
+    let counters = handler
+        .counters(&peer, authority)
+        .unwrap_or_else(|| Arc::new(FlowCounters::default()));
+    if let Err(e) = relay_tunnel(upstream, tunnel, &counters, TcpSide::Destination).await {
+        debug!(peer = %peer.identity, %authority, error = %e, "tunnel reset");
+    }
+}

@@ -1,0 +1,166 @@
+//! What both ends of the tunnel share: limits, errors, and the relay between a TCP
+//! connection and a tunnel stream.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::HboneStream;
+use crate::{metrics::FlowCounters, sys};
+
+/// The HBONE port (ztunnel's, Istio's `15008`).
+pub const HBONE_PORT: u16 = 15008;
+
+/// HTTP/2 flow-control window of one stream (bytes): bounds what a peer may send ahead
+/// of our reads on one tunnel.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window of a connection (bytes): bounds all its streams together.
+pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Largest DATA frame accepted (bytes).
+pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
+/// Largest header block accepted (bytes): a CONNECT carries a handful of short headers.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Bytes h2 may buffer per stream waiting to be sent.
+pub const MAX_SEND_BUFFER: usize = 256 * 1024;
+/// Streams a server accepts at once on one connection (ztunnel's figure); clients open
+/// another connection beyond the peer's limit.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Relay buffer per direction (bytes).
+pub const RELAY_BUFFER: usize = 32 * 1024;
+/// TCP connect plus TLS handshake towards a peer, and the wait for its answer to a
+/// CONNECT.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error(
+        "HBONE connection to {addr} failed: {source} (maybe a NetworkPolicy or firewall \
+         blocks HBONE port 15008?)"
+    )]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("HBONE connection to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("no certificate for local identity {id}: {source}")]
+    NoCertificate {
+        id: String,
+        source: crate::identity::IdentityError,
+    },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] crate::identity::tls::TlsError),
+    #[error("{addr} answered CONNECT {authority} with status {status}")]
+    Status {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error(
+        "HBONE pool full ({0} connections, all busy): raise the pool's caps or wait for \
+         connections to close"
+    )]
+    PoolFull(usize),
+}
+
+impl HboneError {
+    /// The HTTP status a peer refused a CONNECT with, if that is what happened.
+    pub fn status(&self) -> Option<http::StatusCode> {
+        match self {
+            HboneError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+impl From<HboneError> for io::Error {
+    fn from(e: HboneError) -> io::Error {
+        let kind = match &e {
+            HboneError::Timeout { .. } => io::ErrorKind::TimedOut,
+            HboneError::Status { status, .. } if *status == http::StatusCode::FORBIDDEN => {
+                io::ErrorKind::PermissionDenied
+            }
+            HboneError::Status { .. } | HboneError::Connect { .. } => {
+                io::ErrorKind::ConnectionRefused
+            }
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Which workload the TCP side of `relay_tunnel` is, for `FlowCounters`' directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpSide {
+    /// The client workload (outbound, the tunnel leads to the destination).
+    Source,
+    /// The destination workload (inbound, the tunnel comes from the source).
+    Destination,
+}
+
+async fn pipe<R, W>(mut r: R, mut w: W, count: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Relays between a TCP connection and a tunnel stream until both directions ended.
+///
+/// A clean end of either side is passed on as a half-close (FIN -> END_STREAM and back).
+/// An error on either side resets both: the TCP socket is armed with `SO_LINGER 0` for as
+/// long as the relay runs (dropping it then sends RST), and the `HboneStream` dropped
+/// before both its directions ended sends RST_STREAM. So a relay cut short (an error, the
+/// task aborted at the end of a drain) is seen as a reset on both sides, never as a clean
+/// close short of bytes. Returns the first error.
+pub async fn relay_tunnel(
+    mut tcp: TcpStream,
+    tunnel: HboneStream,
+    counters: &FlowCounters,
+    side: TcpSide,
+) -> io::Result<()> {
+    let _ = sys::set_linger_zero(tcp.as_fd());
+    let (from_tcp, from_tunnel) = match side {
+        TcpSide::Source => (&counters.received, &counters.sent),
+        TcpSide::Destination => (&counters.sent, &counters.received),
+    };
+    {
+        let (tr, tw) = tcp.split();
+        let (hr, hw) = tokio::io::split(tunnel);
+        let up = pipe(tr, hw, from_tcp);
+        let down = pipe(hr, tw, from_tunnel);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            // On an error, returning drops the tunnel's halves before both ended (which
+            // resets it) and the socket still armed (which resets it too).
+            tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r?; }
+                r = &mut down, if !down_done => { down_done = true; r?; }
+            }
+        }
+    }
+    // Both directions ended cleanly: a normal close.
+    let _ = sys::clear_linger(tcp.as_fd());
+    Ok(())
+}
