@@ -1,7 +1,8 @@
 //! The admin endpoint (local, plain HTTP/1.1 served by hyper; GET and HEAD): `/metrics`
 //! (Prometheus), `/ready` (200 while no readiness guard is outstanding, else 503 naming
 //! the outstanding ones: a start-up step, the xDS stream down, a drain), `/config` (the
-//! runtime configuration, JSON) and `/workloads` (the snapshot in force, JSON).
+//! runtime configuration, JSON), `/workloads` (the snapshot in force, JSON) and `/certs`
+//! (the workload certificates held: identity, serial, validity, chain; never a key).
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -33,6 +34,8 @@ pub struct Admin {
     pub ads_stats: Option<Arc<crate::control::server::ServerStats>>,
     /// The Kubernetes watchers' counters, with `--source kubernetes`.
     pub k8s: Option<Arc<crate::enrol::k8s::Stats>>,
+    /// The workload certificates this agent holds.
+    pub certs: Option<Arc<crate::identity::certs::CertManager>>,
 }
 
 impl Admin {
@@ -186,6 +189,9 @@ impl Admin {
                 if let Some(k) = &self.k8s {
                     k.render(&mut text);
                 }
+                if let Some(c) = &self.certs {
+                    c.render_metrics(&mut text);
+                }
                 ("200 OK", "text/plain; version=0.0.4", text)
             }
             "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
@@ -239,6 +245,18 @@ impl Admin {
                     serde_json::to_string_pretty(&v).unwrap_or_default(),
                 )
             }
+            "/certs" => (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(
+                    &self
+                        .certs
+                        .as_ref()
+                        .map(|c| c.snapshot())
+                        .unwrap_or_default(),
+                )
+                .unwrap_or_default(),
+            ),
             "/workloads" => (
                 "200 OK",
                 "application/json",
@@ -247,7 +265,8 @@ impl Admin {
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /k8s\n".into(),
+                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /certs, /k8s\n"
+                    .into(),
             ),
         }
     }

@@ -27,6 +27,7 @@ use crate::{
     lifecycle::{drain, ready::Ready},
     metrics::Metrics,
     proxy::{
+        inbound::{Deliver, Inbound, InboundOptions, InboundPod},
         xds::client::{ClientOptions, XdsClient},
         Outbound,
     },
@@ -66,6 +67,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     if cfg.embedded_control_plane() {
         auth::check_listen(cfg.xds_listen, xds_token.as_ref())?;
     }
+    // Workload identity: `identity.certs` is what the proxy's mTLS (HBONE) asks for
+    // certificates (`identity::Certificates`).
+    let mut identity = start_identity(&cfg)?;
     let cgroup = datapath::preflight(&cfg.pin_path, cfg.cgroup.as_deref())?;
     let config_json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
     info!(config = %config_json.replace('\n', ""), "starting");
@@ -220,11 +224,30 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let _handover =
         crate::lifecycle::handover::serve(&cfg.pin_path, outbound.listener_fd(), handover_tx)
             .context("opening the hand-over socket")?;
+    let inbound_drain = drain_watch.clone();
     proxy_rt.spawn(
         outbound
             .serve(drain_watch)
             .instrument(tracing::info_span!("outbound")),
     );
+    // Inbound capture: in-pod listeners and TC, following the enrolled local workloads.
+    let mut inbound = if cfg.inbound_capture {
+        let i = Inbound::start(InboundOptions {
+            maps: maps.clone(),
+            tc: Some(datapath.tc.clone()),
+            metrics: metrics.clone(),
+            runtime: proxy_rt.handle().clone(),
+            drain: inbound_drain,
+            plain: Deliver::new(metrics.clone()),
+            on_hbone_listener: None,
+        })
+        .context("starting the inbound capture thread")?;
+        i.update(inbound_pods(&snap_rx.borrow()));
+        Some(i)
+    } else {
+        drop(inbound_drain);
+        None
+    };
     // A first beat before the proxy is marked ready, so it is not taken as stale.
     maps.beat().context("writing the proxy heartbeat")?;
     maps.set_config(|c| c.flags |= cfg_flags::PROXY_READY)
@@ -241,6 +264,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         l7,
         ads_stats: ads.as_ref().map(|(_, _, s)| s.stats.clone()),
         k8s: kubernetes.then(|| k8s_stats.clone()),
+        certs: Some(identity.certs.clone()),
     });
 
     let handed_over = control.block_on(async {
@@ -254,10 +278,14 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             );
             let svc = server.into_service(access);
             let unix_svc = svc.clone();
+            // The embedded CA answers other nodes' agents beside ADS (TCP only: this
+            // agent's own requests are in-process).
+            let ca_svc = identity.ca.take();
             tokio::spawn(
                 async move {
                     let r = ads_server()
                         .add_service(svc)
+                        .add_optional_service(ca_svc)
                         .serve_with_incoming(ads_incoming(tcp))
                         .await;
                     if let Err(e) = r {
@@ -280,6 +308,15 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             );
         }
         tokio::spawn(xds.clone().run().instrument(tracing::info_span!("xds_client")));
+        tokio::spawn(
+            track_identities(
+                snap_rx.clone(),
+                cfg.node_name.clone(),
+                identity.nodes.take(),
+                identity.certs.clone(),
+            )
+            .instrument(tracing::info_span!("identities")),
+        );
         if let Some(t) = takeover {
             // The old agent stops accepting once this one can route: its xDS stream is up
             // (bounded: past it, lookups wait and then follow the fail modes).
@@ -369,6 +406,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                         // and a pod change that no selector reads translates nothing.
                         if !last_node.as_ref().is_some_and(|l: &Arc<Snapshot>| l.same_node(&snap)) {
                             map_writer.send(snap.clone());
+                            if let Some(i) = &inbound {
+                                i.update(inbound_pods(&snap));
+                            }
                             last_node = Some(snap.clone());
                         }
                         publish_resources(&xds_tx, &mut translator, &mut last_services, snap).await;
@@ -397,6 +437,12 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let (handed_over, _draining) = handed_over;
     // No map write after this (the apply in progress finishes first).
     map_writer.stop();
+    // Inbound capture ends with this agent: TC detached, in-pod listeners closed (what
+    // they accepted drains with the proxy). A next agent attaches its own; in between,
+    // connections to pods go straight to them (docs/architecture.md, "Inbound capture").
+    if let Some(i) = inbound.take() {
+        i.stop();
+    }
     if handed_over {
         // The map syncer and the enrolment source stopped with the loop above; the new
         // agent may take the node. This proxy keeps serving (and beating) until it is ready.
@@ -547,6 +593,22 @@ fn watch_node_addrs(
             }
         })?;
     Ok((tx, handle))
+}
+
+/// The enrolled local workloads, for the inbound manager: bypassed ones and those whose
+/// network namespace is not known are mesh sources but not captured.
+fn inbound_pods(snap: &Snapshot) -> Vec<InboundPod> {
+    snap.workloads
+        .iter()
+        .filter(|w| w.enrolled)
+        .map(|w| InboundPod {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            ip: w.ip,
+            netns: w.netns.clone(),
+            capture: !w.bypass && w.unresolved.is_none(),
+        })
+        .collect()
 }
 
 /// How often the map syncer applies the snapshot in force again while some of its
@@ -799,5 +861,99 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Workload identity: the certificate manager, and the embedded CA unless `--ca-address`.
+struct IdentityParts {
+    certs: Arc<crate::identity::certs::CertManager>,
+    /// The embedded CA's gRPC service, served beside ADS.
+    ca: Option<crate::wire::ca::IstioCertificateServiceServer<crate::control::ca::Ca>>,
+    /// What runs on which node, as the embedded CA sees it (this node's entry is kept from
+    /// enrolment by `track_identities`).
+    nodes: Option<watch::Sender<Arc<crate::control::ca::NodeIdentities>>>,
+}
+
+fn start_identity(cfg: &RunConfig) -> anyhow::Result<IdentityParts> {
+    use crate::{
+        control::ca::{Ca, CaOptions, LocalCa, NodeIdentities, NodeTokens, Signer},
+        identity::certs::{CertManager, CertOptions, GrpcCa},
+    };
+    let opts = CertOptions {
+        ttl: cfg.workload_cert_ttl,
+        ..CertOptions::default()
+    };
+    if let Some(addr) = &cfg.ca_address {
+        let token = cfg
+            .ca_token_file
+            .as_deref()
+            .map(auth::Token::from_file)
+            .transpose()?;
+        let client = GrpcCa::new(addr, token.as_ref())?;
+        info!(ca = %addr, "workload certificates from an external CA");
+        return Ok(IdentityParts {
+            certs: Arc::new(CertManager::new(Arc::new(client), opts)),
+            ca: None,
+            nodes: None,
+        });
+    }
+    let signer = match &cfg.ca_dir {
+        Some(dir) => Signer::load_or_generate(dir, &cfg.trust_domain)?,
+        None => Signer::generate(&cfg.trust_domain)?,
+    };
+    let tokens = cfg
+        .ca_node_tokens
+        .as_deref()
+        .map(NodeTokens::load)
+        .transpose()?;
+    let (tx, rx) = watch::channel(Arc::new(NodeIdentities::default()));
+    let mut ca_opts = CaOptions::new(&cfg.trust_domain);
+    ca_opts.default_ttl = cfg.workload_cert_ttl;
+    ca_opts.max_ttl = cfg.workload_cert_ttl.max(ca_opts.max_ttl);
+    let ca = Arc::new(Ca::new(signer, ca_opts, rx, tokens)?);
+    info!(dir = ?cfg.ca_dir, remote_nodes = cfg.ca_node_tokens.is_some(), "embedded CA");
+    let local = LocalCa {
+        ca: ca.clone(),
+        node: cfg.node_name.clone(),
+    };
+    let certs = CertManager::new(Arc::new(local), opts).with_roots(vec![ca.root().clone()]);
+    Ok(IdentityParts {
+        certs: Arc::new(certs),
+        ca: Some(ca.into_service()),
+        nodes: Some(tx),
+    })
+}
+
+/// Keeps this node's identities (its enrolled workloads') in the embedded CA's view, and
+/// drops the certificates of identities that left the node.
+async fn track_identities(
+    mut snaps: watch::Receiver<Arc<Snapshot>>,
+    node: String,
+    nodes: Option<watch::Sender<Arc<crate::control::ca::NodeIdentities>>>,
+    certs: Arc<crate::identity::certs::CertManager>,
+) {
+    loop {
+        let ids: std::collections::BTreeSet<crate::identity::SpiffeId> = snaps
+            .borrow_and_update()
+            .workloads
+            .iter()
+            .filter(|w| w.enrolled)
+            .filter_map(|w| w.identity.as_deref()?.parse().ok())
+            .collect();
+        if let Some(tx) = &nodes {
+            tx.send_if_modified(|view| {
+                if view.node(&node).cloned().unwrap_or_default() == ids {
+                    return false;
+                }
+                let mut next = (**view).clone();
+                next.set_node(node.clone(), ids.clone());
+                *view = Arc::new(next);
+                true
+            });
+        }
+        certs.retain(&ids);
+        if snaps.changed().await.is_err() {
+            return;
+        }
     }
 }

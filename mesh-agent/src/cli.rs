@@ -1,6 +1,7 @@
 //! The command line: `run`, and the inspection commands that work on the pinned maps of a
-//! running agent (`maps`, `dump`, `programs`, `links`, `bypass`). Output is a table, or
-//! JSON with `-o json`; addresses print as IPs, ports in host order, flags by name.
+//! running agent (`maps`, `dump`, `programs`, `links`, `bypass`) or ask its admin endpoint
+//! (`certs`); `ca init` writes a CA root for the embedded CA. Output is a table, or JSON
+//! with `-o json`; addresses print as IPs, ports in host order, flags by name.
 
 use std::{
     net::Ipv4Addr,
@@ -63,6 +64,37 @@ pub enum Command {
     /// Subscribe to an ADS server like the node proxy (wildcard) and print how each
     /// response is judged (ACK, or NACK with the reason) as JSON lines.
     XdsWatch(XdsWatchArgs),
+    /// List the workload certificates a running agent holds (from its admin endpoint):
+    /// identity, serial, expiry, next renewal; `-o json` adds the chains (PEM).
+    Certs(CertsArgs),
+    /// The embedded CA's files.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CertsArgs {
+    /// The agent's admin endpoint.
+    #[arg(long, env = "MESH_ADMIN_ADDRESS", default_value = crate::config::DEFAULT_ADMIN_ADDRESS)]
+    pub admin_address: std::net::SocketAddr,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CaCommand {
+    /// Write a fresh root (ECDSA P-256, 10 years) in Istio's plug-in layout (ca-cert.pem,
+    /// ca-key.pem, root-cert.pem, cert-chain.pem) for `run --ca-dir DIR`; give several
+    /// nodes the same files and they share one root. Refuses to overwrite a CA.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -150,6 +182,10 @@ pub enum CliError {
     UnknownMap(String, String),
     #[error("listing {0}: {1}")]
     List(&'static str, String),
+    #[error("admin endpoint {0}: {1} (is mesh-agent running with this --admin-address?)")]
+    Admin(std::net::SocketAddr, String),
+    #[error(transparent)]
+    Ca(#[from] crate::control::ca::CaError),
 }
 
 fn ip(v: u32) -> String {
@@ -447,6 +483,58 @@ pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
     ))
 }
 
+/// `GET path` on the admin endpoint (HTTP/1.1, one request); the body of a 200.
+fn admin_get(addr: std::net::SocketAddr, path: &str) -> Result<String, CliError> {
+    use std::io::{Read as _, Write as _};
+    let err = |e: String| CliError::Admin(addr, e);
+    let timeout = std::time::Duration::from_secs(5);
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| err(e.to_string()))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| err(e.to_string()))?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let mut resp = Vec::new();
+    conn.take(64 << 20)
+        .read_to_end(&mut resp)
+        .map_err(|e| err(e.to_string()))?;
+    let resp = String::from_utf8_lossy(&resp);
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| err("no HTTP response".into()))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split(' ').nth(1) != Some("200") {
+        return Err(err(format!("GET {path}: {status}")));
+    }
+    Ok(body.to_owned())
+}
+
+/// `mesh-agent certs`: the certificates the agent at `admin` holds.
+pub fn certs(admin: std::net::SocketAddr) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
+    let body = admin_get(admin, "/certs")?;
+    let rows: Vec<Value> =
+        serde_json::from_str(&body).map_err(|e| CliError::Admin(admin, format!("/certs: {e}")))?;
+    Ok((
+        vec![
+            "identity",
+            "serial",
+            "not_before",
+            "not_after",
+            "expires_in_s",
+            "refresh_at",
+        ],
+        rows,
+    ))
+}
+
+/// `mesh-agent ca init`.
+pub fn ca_init(dir: &Path, trust_domain: &str) -> Result<(), CliError> {
+    Ok(crate::control::ca::init_dir(dir, trust_domain)?)
+}
+
 pub fn bypass(pin: &Path, on: bool) -> Result<MeshConfig, CliError> {
     let name = map_names::CONFIG;
     let mut m: Array<MapData, MeshConfig> =
@@ -498,5 +586,49 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["mesh-agent", "bypass", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn ca_init_writes_a_root_and_certs_reads_the_admin_endpoint() {
+        let c = Cli::try_parse_from(["mesh-agent", "ca", "init", "--dir", "/x"]).unwrap();
+        match c.command {
+            Command::Ca {
+                command: CaCommand::Init { dir, trust_domain },
+            } => {
+                assert_eq!(dir, PathBuf::from("/x"));
+                assert_eq!(trust_domain, "cluster.local");
+            }
+            other => panic!("{other:?}"),
+        }
+        let dir = std::env::temp_dir().join(format!("mesh-cli-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ca_init(&dir, "example.org").unwrap();
+        assert!(dir.join("root-cert.pem").exists() && dir.join("ca-key.pem").exists());
+        assert!(ca_init(&dir, "example.org").is_err(), "not overwritten");
+        let _ = std::fs::remove_dir_all(&dir);
+        // A fake admin endpoint answering /certs.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"GET /certs HTTP/1.1\r\n"));
+            let body = r#"[{"identity":"spiffe://cluster.local/ns/a/sa/b","serial":"0A1B","not_before":"x","not_after":"y","refresh_at":"z","expires_in_s":10,"chain":["pem"]}]"#;
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        let (cols, rows) = certs(addr).unwrap();
+        server.join().unwrap();
+        let t = render(&cols, &rows, Output::Table);
+        assert!(t.starts_with("IDENTITY"), "{t}");
+        assert!(t.contains("spiffe://cluster.local/ns/a/sa/b  0A1B"), "{t}");
+        assert!(!t.contains("pem"), "chains only in JSON: {t}");
+        assert!(render(&cols, &rows, Output::Json).contains("\"chain\""));
     }
 }

@@ -35,6 +35,28 @@ pub const DEFAULT_XDS_ON_DEMAND_TIMEOUT_MS: u64 = 1000;
 
 /// Trust domain of SPIFFE identities.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Validity the agent asks for its workload certificates (renewed at half of it).
+pub const DEFAULT_WORKLOAD_CERT_TTL: &str = "24h";
+/// The shortest `--workload-cert-ttl` accepted (seconds): shorter would mean a CSR every
+/// few seconds per identity.
+pub const MIN_WORKLOAD_CERT_TTL_S: u64 = 10;
+
+/// A duration written `<n>s`, `<n>m`, `<n>h` or `<n>d` (e.g. `24h`, `90m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d), e.g. 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d (e.g. 24h)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
 
 /// What the agent leaves on exit (`--on-exit`).
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -70,9 +92,32 @@ pub struct RunArgs {
     /// default: `kubepods.slice` or `kubepods` under the cgroup v2 mount.
     #[arg(long, env = "MESH_KUBEPODS_CGROUP")]
     pub kubepods_cgroup: Option<PathBuf>,
-    /// Kubernetes: trust domain of workload identities (`spiffe://<domain>/ns/N/sa/S`).
+    /// Trust domain of workload identities (`spiffe://<domain>/ns/N/sa/S`): the
+    /// Kubernetes source names pods' identities in it, and the embedded CA signs only it.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// The embedded CA's folder (Istio's plug-in layout: ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem), e.g. /var/lib/mesh-agent/ca: used if the files are
+    /// there (an operator's CA, or `mesh-agent ca init`), else a root is generated and
+    /// kept there. Default: a root generated in memory for this run (one node only).
+    #[arg(long, env = "MESH_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// An external CA (`http://host:port`, Istio's `IstioCertificateService`, e.g. another
+    /// node's agent) for workload certificates; the embedded CA is then not started.
+    #[arg(long, env = "MESH_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// A file holding the bearer token this agent presents to `--ca-address` (at least 16
+    /// printable characters).
+    #[arg(long, env = "MESH_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+    /// The embedded CA's credentials for other nodes' agents: a file of
+    /// `<node-name> <token>` lines, read again when it changes. Without it the CA serves
+    /// this agent only.
+    #[arg(long, env = "MESH_CA_NODE_TOKENS")]
+    pub ca_node_tokens: Option<PathBuf>,
+    /// Validity asked for workload certificates (`<n>s|m|h|d`); renewed at half of it.
+    #[arg(long, env = "MESH_WORKLOAD_CERT_TTL", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
     /// bpffs folder where the maps are pinned; also the node lock (one agent per folder).
     #[arg(long, env = "MESH_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
@@ -123,6 +168,12 @@ pub struct RunArgs {
     /// finish before it resets them (milliseconds).
     #[arg(long, env = "MESH_HANDOVER_DRAIN_MS", default_value_t = DEFAULT_HANDOVER_DRAIN_MS)]
     pub handover_drain_ms: u64,
+    /// Capture plaintext inbound connections to enrolled pods: listeners inside each pod's
+    /// network namespace (15006, 15008) and a TC ingress program on its interface that
+    /// steers new connections from outside the mesh to them (docs/architecture.md,
+    /// "Inbound capture").
+    #[arg(long, env = "MESH_INBOUND_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inbound_capture: bool,
     /// Apply a reloaded standalone file that declares nothing (no namespace, workload or
     /// service), which releases every workload; refused by default.
     #[arg(long, env = "MESH_ALLOW_EMPTY_CONFIG", default_value_t = false, action = clap::ArgAction::Set)]
@@ -191,6 +242,7 @@ pub struct RunConfig {
     pub takeover: bool,
     #[serde(serialize_with = "as_text")]
     pub handover_drain: Duration,
+    pub inbound_capture: bool,
     pub allow_empty_config: bool,
     /// How long a SIGTERM drain waits for proxied connections.
     #[serde(serialize_with = "as_text")]
@@ -208,6 +260,16 @@ pub struct RunConfig {
     pub xds_on_demand_timeout: Duration,
     /// `--node-name`, else the host name.
     pub node_name: String,
+    pub trust_domain: String,
+    /// The embedded CA's folder; `None`: an in-memory root (or `ca_address`).
+    pub ca_dir: Option<PathBuf>,
+    /// An external CA; `None`: the embedded one.
+    pub ca_address: Option<String>,
+    /// The token's file (the token is read by the wiring and never shown).
+    pub ca_token_file: Option<PathBuf>,
+    pub ca_node_tokens: Option<PathBuf>,
+    #[serde(serialize_with = "as_text")]
+    pub workload_cert_ttl: Duration,
 }
 
 /// The source of workloads and services, with what it reads.
@@ -266,6 +328,31 @@ impl RunConfig {
             None => args.proxy_address,
         };
         let node_name = args.node_name.clone().filter(|n| !n.is_empty());
+        if let Some(a) = &args.ca_address {
+            if !a.starts_with("http://") {
+                problems.push(ConfigError::Invalid(format!(
+                    "--ca-address {a:?}: only http://host:port is supported for now"
+                )));
+            }
+            if args.ca_token_file.is_none() {
+                problems.push(ConfigError::Invalid(
+                    "--ca-address needs --ca-token-file: the CA knows nodes by their token".into(),
+                ));
+            }
+            if args.ca_dir.is_some() || args.ca_node_tokens.is_some() {
+                problems.push(ConfigError::Invalid(
+                    "--ca-dir and --ca-node-tokens configure the embedded CA, which does not run \
+                     with --ca-address"
+                        .into(),
+                ));
+            }
+        }
+        if args.workload_cert_ttl < Duration::from_secs(MIN_WORKLOAD_CERT_TTL_S) {
+            problems.push(ConfigError::Invalid(format!(
+                "--workload-cert-ttl {:?}: at least {MIN_WORKLOAD_CERT_TTL_S}s",
+                args.workload_cert_ttl
+            )));
+        }
         let source = match (args.source, args.config.clone()) {
             (Source::File, Some(path)) => match MeshFile::load(&path) {
                 Ok(file) => Some(SourceConfig::File { path, file }),
@@ -351,6 +438,7 @@ impl RunConfig {
             on_exit: args.on_exit,
             takeover: args.takeover,
             handover_drain: Duration::from_millis(args.handover_drain_ms),
+            inbound_capture: args.inbound_capture,
             allow_empty_config: args.allow_empty_config,
             drain: Duration::from_millis(args.drain_ms),
             xds_address: args.xds_address,
@@ -361,6 +449,12 @@ impl RunConfig {
             xds_on_demand: args.xds_on_demand,
             xds_on_demand_timeout: Duration::from_millis(args.xds_on_demand_timeout_ms),
             node_name: node_name.unwrap_or_else(hostname),
+            trust_domain: args.trust_domain,
+            ca_dir: args.ca_dir,
+            ca_address: args.ca_address,
+            ca_token_file: args.ca_token_file,
+            ca_node_tokens: args.ca_node_tokens,
+            workload_cert_ttl: args.workload_cert_ttl,
         })
     }
 
@@ -530,6 +624,59 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("may hold only `exclude:`"), "{e}");
+    }
+
+    #[test]
+    fn identity_flags_resolve_and_conflicts_are_named() {
+        let f = TempFile::new("ca.yaml", "");
+        let base = ["--config", f.path(), "--proxy-address", "10.1.0.1:1"];
+        let c = parse(&base).unwrap();
+        assert_eq!(c.workload_cert_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.trust_domain, DEFAULT_TRUST_DOMAIN);
+        assert!(c.ca_address.is_none() && c.ca_dir.is_none());
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["workload_cert_ttl"], "86400s", "{json}");
+        let with = |more: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(more);
+            parse(&a)
+        };
+        let c = with(&[
+            "--workload-cert-ttl",
+            "90m",
+            "--ca-dir",
+            "/var/lib/mesh-agent/ca",
+            "--trust-domain",
+            "example.org",
+        ])
+        .unwrap();
+        assert_eq!(c.workload_cert_ttl, Duration::from_secs(5400));
+        assert_eq!(
+            c.ca_dir.as_deref(),
+            Some(Path::new("/var/lib/mesh-agent/ca"))
+        );
+        assert_eq!(c.trust_domain, "example.org");
+        let c = with(&[
+            "--ca-address",
+            "http://10.0.0.1:15010",
+            "--ca-token-file",
+            "/t",
+        ])
+        .unwrap();
+        assert_eq!(c.ca_address.as_deref(), Some("http://10.0.0.1:15010"));
+        let e = with(&["--ca-address", "https://ca:15012", "--ca-dir", "/x"]).unwrap_err();
+        assert!(
+            e.contains("only http://")
+                && e.contains("--ca-token-file")
+                && e.contains("does not run"),
+            "{e}"
+        );
+        assert!(with(&["--workload-cert-ttl", "5s"])
+            .unwrap_err()
+            .contains("at least 10s"));
+        assert!(with(&["--workload-cert-ttl", "1w"]).is_err());
+        assert!(with(&["--workload-cert-ttl", "h"]).is_err());
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
     }
 
     #[test]

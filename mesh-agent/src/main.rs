@@ -39,6 +39,17 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Programs(i) => print(cli::programs(&i.pin_path)?, i.output),
         Command::Links(i) => print(cli::links(&i.pin_path)?, i.output),
+        Command::Certs(a) => print(cli::certs(a.admin_address)?, a.output),
+        Command::Ca {
+            command: cli::CaCommand::Init { dir, trust_domain },
+        } => {
+            cli::ca_init(&dir, &trust_domain)?;
+            eprintln!(
+                "wrote a CA root to {} (use it with --ca-dir)",
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Bypass { inspect, state } => {
             let c = cli::bypass(&inspect.pin_path, state == cli::OnOff::On)?;
             eprintln!(
