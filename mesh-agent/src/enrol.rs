@@ -11,6 +11,9 @@ pub mod k8s;
 pub const DATAPLANE_LABEL: &str = "mesh-agent.io/dataplane-mode";
 pub const DATAPLANE_ENROLLED: &str = "ambient";
 pub const DATAPLANE_OPT_OUT: &str = "none";
+/// Istio's label of the same meaning, honoured alike (ours wins where both are set), so
+/// namespaces and pods labelled for Istio ambient are enrolled as they are.
+pub const ISTIO_DATAPLANE_LABEL: &str = "istio.io/dataplane-mode";
 
 /// On a namespace (or a workload, which overrides it): `closed` refuses a workload's
 /// connections while the mesh cannot serve them (proxy down or stuck, configuration
@@ -56,9 +59,41 @@ pub struct Snapshot {
     pub excludes: Vec<ExcludeRule>,
     /// Services, for the embedded control plane.
     pub services: Vec<Arc<crate::control::model::ServiceSpec>>,
-    /// Workloads as declared (labels select service endpoints).
+    /// Workloads as declared (labels select service endpoints), those of other nodes
+    /// included (`workloads` holds this node's only).
     #[serde(skip)]
     pub declared: Vec<crate::control::model::Member>,
+    /// AuthorizationPolicies and PeerAuthentications, for the embedded control plane.
+    #[serde(skip)]
+    pub security: Arc<crate::control::model::security::Security>,
+}
+
+/// The trust domain when none is configured (Istio's default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The node a source builds snapshots for: which workloads run here, and the trust
+/// domain their identities are in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNode {
+    pub node: String,
+    pub trust_domain: String,
+}
+
+impl LocalNode {
+    /// The host name (the `--node-name` default) and `cluster.local`.
+    pub fn from_host() -> LocalNode {
+        let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        LocalNode {
+            node: if node.is_empty() {
+                "localhost".into()
+            } else {
+                node
+            },
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -78,6 +113,7 @@ impl Snapshot {
     /// selectors read) is equal.
     pub fn same_services(&self, other: &Snapshot) -> bool {
         self.declared == other.declared
+            && (Arc::ptr_eq(&self.security, &other.security) || self.security == other.security)
             && self.services.len() == other.services.len()
             && self
                 .services
@@ -86,10 +122,18 @@ impl Snapshot {
                 .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
     }
 
+    /// `from_file_on` this host (`LocalNode::from_host`).
     pub fn from_file(f: &MeshFile) -> Snapshot {
+        Snapshot::from_file_on(f, &LocalNode::from_host())
+    }
+
+    /// The snapshot of node `local`: its workloads (those without `node:` or naming it)
+    /// go to the maps; every workload, and the policies, go to the control plane.
+    pub fn from_file_on(f: &MeshFile, local: &LocalNode) -> Snapshot {
         let workloads = f
             .workloads
             .iter()
+            .filter(|w| w.is_local(&local.node))
             .map(|w| Workload {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
@@ -100,14 +144,20 @@ impl Snapshot {
                 fail_closed: f.fail_closed(w),
                 bypass: f.bypassed(w),
                 unresolved: None,
-                identity: None,
+                identity: Some(format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    local.trust_domain,
+                    w.namespace,
+                    w.service_account()
+                )),
             })
             .collect();
         Snapshot {
             workloads,
             excludes: f.exclude.clone(),
             services: f.services.clone(),
-            declared: f.members(),
+            declared: f.members_on(&local.node),
+            security: Arc::new(f.security()),
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The control plane's model of services: what it translates to xDS. Sources produce it
 //! (the standalone file's `services:` section is written in it; the Kubernetes source
-//! builds it from Services, EndpointSlices and routes).
+//! builds it from Services, EndpointSlices and routes), and of workloads' identities and
+//! the security policies that apply to them (`security`).
+
+pub mod security;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -15,7 +18,17 @@ pub struct Member {
     pub name: String,
     pub ip: Ipv4Addr,
     pub labels: BTreeMap<String, String>,
+    /// Its identity is `spiffe://<trust domain>/ns/<namespace>/sa/<service_account>`.
+    pub service_account: String,
+    /// The node it runs on (empty: unknown).
+    pub node: String,
+    /// In the mesh (captured, reachable over HBONE at its own address, port 15008), not
+    /// merely known.
+    pub hbone: bool,
 }
+
+/// The service account of a workload that names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// A service: the address clients dial (`vip`), its ports, its endpoints (workloads
 /// selected by label, and/or explicit addresses), its traffic policy and HTTP routes.

@@ -49,18 +49,28 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::translate::Delta;
 
-pub fn type_urls() -> [String; 4] {
+/// The types served: Envoy's four, then ztunnel's workload addresses and authorization
+/// policies and our PeerAuthentications (`wire::istio`).
+pub fn type_urls() -> [String; 7] {
     [
         Listener::type_url(),
         RouteConfiguration::type_url(),
         Cluster::type_url(),
         ClusterLoadAssignment::type_url(),
+        crate::wire::istio::ADDRESS_TYPE_URL.to_owned(),
+        crate::wire::istio::AUTHORIZATION_TYPE_URL.to_owned(),
+        crate::wire::istio::PEER_AUTHENTICATION_TYPE_URL.to_owned(),
     ]
 }
 
-/// Types whose SotW subscription may be wildcard.
+/// Types whose SotW subscription may be wildcard (ztunnel subscribes to every address
+/// and policy that way).
 fn wildcard_capable(type_url: &str) -> bool {
-    type_url == Listener::type_url() || type_url == Cluster::type_url()
+    type_url == Listener::type_url()
+        || type_url == Cluster::type_url()
+        || type_url == crate::wire::istio::ADDRESS_TYPE_URL
+        || type_url == crate::wire::istio::AUTHORIZATION_TYPE_URL
+        || type_url == crate::wire::istio::PEER_AUTHENTICATION_TYPE_URL
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -198,6 +208,12 @@ pub(crate) fn same(a: &Any, b: &Any) -> bool {
         eq::<Cluster>(x, y)
     } else if t == ClusterLoadAssignment::type_url() {
         eq::<ClusterLoadAssignment>(x, y)
+    } else if t == crate::wire::istio::ADDRESS_TYPE_URL {
+        eq::<crate::wire::istio::Address>(x, y)
+    } else if t == crate::wire::istio::AUTHORIZATION_TYPE_URL {
+        eq::<crate::wire::istio::Authorization>(x, y)
+    } else if t == crate::wire::istio::PEER_AUTHENTICATION_TYPE_URL {
+        eq::<crate::wire::istio::PeerAuthentication>(x, y)
     } else {
         false
     }

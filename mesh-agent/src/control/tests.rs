@@ -211,8 +211,15 @@ async fn on_demand_then_update(mode: Mode) {
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let sent = cp.stats.resources_sent.load(Relaxed) - before;
-    // The new service is not subscribed by this node: nothing of it is sent.
-    assert_eq!(sent, 1, "only the changed load assignment");
+    // The new service is not subscribed by this node: nothing of it is sent. The new
+    // workload's address is (addresses are subscribed to as a whole; SotW sends the
+    // whole set of them: r1's too).
+    let addresses = if mode == Mode::Sotw { 2 } else { 1 };
+    assert_eq!(
+        sent,
+        1 + addresses,
+        "only the changed load assignment and the addresses"
+    );
     assert!(c
         .config()
         .borrow()
@@ -221,6 +228,64 @@ async fn on_demand_then_update(mode: Mode) {
     let dump = c.dump();
     assert_eq!(dump["xds"]["nacks"], 0, "{dump}");
     assert!(cp.stats.acks.load(Relaxed) >= 4);
+}
+
+/// Issue 11: workloads and policies reach the proxy over the same stream, wildcard,
+/// even with on-demand listeners; an edit of one policy reaches it too.
+async fn workloads_and_policies_arrive(mode: Mode) {
+    const POLICY: &str = "\
+authorization_policies:
+  - metadata: { name: r1-allow, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: reviews } }
+      rules: [ { from: [ { source: { namespaces: [ shop ] } } ] } ]
+peer_authentications:
+  - metadata: { name: default, namespace: istio-system }
+    spec: { mtls: { mode: STRICT } }
+";
+    let cp = embedded(&format!("{BASE}{POLICY}")).await;
+    let c = client(cp.addr, mode, true);
+    let mut mesh = c.mesh();
+    until("workloads and policies", || {
+        let m = mesh.borrow_and_update();
+        m.workloads.len() == 1
+            && m.policies.authorizations.contains_key("shop/r1-allow")
+            && m.policies
+                .peer_authentications
+                .contains_key("istio-system/default")
+    })
+    .await;
+    let m = c.mesh_now();
+    let r1 = m.workloads.by_ip("10.0.0.2".parse().unwrap()).unwrap();
+    assert_eq!(r1.authorization_policies, vec!["shop/r1-allow"]);
+    assert_eq!(
+        crate::proxy::authz::mtls_mode(&m.policies, r1, 8080),
+        crate::proxy::authz::Mtls::Strict
+    );
+    // On demand: no listener was asked for, none was sent.
+    assert!(c.config().borrow().listeners.is_empty());
+    let edited = format!("{BASE}{POLICY}").replace("mode: STRICT", "mode: PERMISSIVE");
+    cp.tx
+        .send_modify(|s| *s = Arc::new(s.next(resources(&edited))));
+    until("the edited policy", || {
+        let m = mesh.borrow_and_update();
+        m.policies
+            .peer_authentications
+            .get("istio-system/default")
+            .is_some_and(|p| p.mode == crate::proxy::config::policy::MtlsMode::Permissive)
+    })
+    .await;
+    assert_eq!(c.dump()["xds"]["nacks"], 0);
+}
+
+#[tokio::test]
+async fn sotw_workloads_and_policies_arrive() {
+    workloads_and_policies_arrive(Mode::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_workloads_and_policies_arrive() {
+    workloads_and_policies_arrive(Mode::Delta).await;
 }
 
 #[tokio::test]
@@ -1043,7 +1108,15 @@ async fn successive_edits_end_in_what_is_served(mode: Mode) {
             })
     })
     .await;
-    let served: usize = cp.tx.borrow().types.values().map(|m| m.len()).sum();
+    // Envoy's types only: workload addresses are served besides.
+    let served: usize = cp
+        .tx
+        .borrow()
+        .types
+        .iter()
+        .filter(|(t, _)| t.starts_with("type.googleapis.com/envoy."))
+        .map(|(_, m)| m.len())
+        .sum();
     let cfg = c.config().borrow().clone();
     assert_eq!(cfg.listeners.len(), 1, "{cfg:?}");
     assert_eq!(cfg.clusters.len(), 1);

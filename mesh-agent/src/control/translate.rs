@@ -10,6 +10,12 @@
 //! - Cluster `outbound|<port>||<name>.<namespace>`: EDS, load balancing, circuit breaker,
 //!   outlier detection, HTTP/2 upstream for `http2`/`grpc`.
 //! - ClusterLoadAssignment of the same name: selected workloads and explicit endpoints.
+//!
+//! Per workload (of every node), ztunnel's `istio.workload.Address` named by its uid
+//! (`Kubernetes//Pod/<namespace>/<name>`, istiod's form); per AuthorizationPolicy,
+//! `istio.security.Authorization`, and per PeerAuthentication our
+//! `meshagent.v1.PeerAuthentication`, both named `<namespace>/<name>` (`wire::istio`
+//! says how Istio's fields map).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -32,8 +38,14 @@ use envoy_types::pb::{
 use envoy_types::util::pack_any;
 
 use crate::control::model::{
-    KvMatchSpec, LbPolicySpec, Member, Protocol, RateLimitSpec, RouteSpec, ServicePort, ServiceSpec,
+    security::{
+        self as sec, AuthorizationPolicy, AuthzAction, ConditionKey, MtlsModeSpec,
+        PeerAuthentication, Security, DEFAULT_ROOT_NAMESPACE,
+    },
+    KvMatchSpec, LbPolicySpec, Member, Protocol, RateLimitSpec, RouteSpec, ServicePort,
+    ServiceSpec,
 };
+use crate::wire::istio;
 use crate::wire::{FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER};
 
 pub use crate::wire::HTTP_INSPECTOR;
@@ -84,7 +96,9 @@ fn socket_address(ip: String, port: u16) -> Option<core::Address> {
 /// Every resource the file defines, as `(name, Any)`.
 #[cfg(test)]
 pub fn resources(file: &crate::enrol::file::MeshFile) -> Vec<(String, Any)> {
-    Translator::default().resources(&file.services, &file.members())
+    let mut t = Translator::default();
+    t.update_mesh(&file.services, &file.members(), &Arc::new(file.security()));
+    t.resources(&file.services, &file.members())
 }
 
 /// Services by (namespace, name): how route backends are resolved.
@@ -123,6 +137,17 @@ pub struct Translator {
     prev: Vec<Arc<ServiceSpec>>,
     /// Services translated (not reused) since start.
     pub translated: u64,
+    /// Workload addresses and policies as last passed on, by key.
+    mesh: HashMap<Key, Arc<Any>>,
+    /// What `mesh` was built from: the same inputs build nothing.
+    mesh_inputs: Option<(Vec<Member>, Arc<Security>)>,
+    /// The policies of the last `update_mesh` (`update` keeps them).
+    security: Arc<Security>,
+    /// Trust domain written into workloads; empty: elided (the mesh default,
+    /// `cluster.local`, to clients).
+    trust_domain: String,
+    /// Where mesh-wide policies live; empty: `istio-system`.
+    root_namespace: String,
 }
 
 struct Cached {
@@ -162,23 +187,104 @@ fn key_of(name: &str, any: &Any) -> Key {
 }
 
 impl Translator {
-    /// Every resource, in service order (what a client subscribing to everything gets).
+    /// A translator writing `trust_domain` into workloads (`--trust-domain`) and taking
+    /// policies of `root_namespace` as mesh-wide (empty: `istio-system`).
+    pub fn new(trust_domain: &str, root_namespace: &str) -> Translator {
+        Translator {
+            trust_domain: trust_domain.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn root_namespace(&self) -> &str {
+        if self.root_namespace.is_empty() {
+            DEFAULT_ROOT_NAMESPACE
+        } else {
+            &self.root_namespace
+        }
+    }
+
+    /// Every resource, in service order, then workloads and policies by name (what a
+    /// client subscribing to everything gets).
     pub fn resources(
         &mut self,
         services: &[Arc<ServiceSpec>],
         workloads: &[Member],
     ) -> Vec<(String, Any)> {
         self.update(services, workloads);
+        let mut mesh: Vec<(&Key, &Arc<Any>)> = self.mesh.iter().collect();
+        mesh.sort_by(|a, b| a.0.cmp(b.0));
         self.prev
             .iter()
             .filter_map(|s| self.cache.get(&(s.namespace.clone(), s.name.clone())))
             .flat_map(|c| c.out.iter().map(|(n, a)| (n.clone(), Any::clone(a))))
+            .chain(
+                mesh.into_iter()
+                    .map(|((_, n), a)| (n.clone(), Any::clone(a))),
+            )
             .collect()
     }
 
-    /// Brings the translation up to date with `services` and `workloads`; returns what
-    /// changed since the last update.
+    /// Brings the translation up to date with `services` and `workloads`, keeping the
+    /// policies of the last `update_mesh`; returns what changed since the last update.
     pub fn update(&mut self, services: &[Arc<ServiceSpec>], workloads: &[Member]) -> Delta {
+        let security = self.security.clone();
+        self.update_mesh(services, workloads, &security)
+    }
+
+    /// `update` with the mesh's security policies.
+    pub fn update_mesh(
+        &mut self,
+        services: &[Arc<ServiceSpec>],
+        workloads: &[Member],
+        security: &Arc<Security>,
+    ) -> Delta {
+        let mut delta = self.update_services(services, workloads);
+        self.update_workloads(workloads, security, &mut delta);
+        delta
+    }
+
+    /// Workload addresses and policies: built again when the workloads or the policies
+    /// changed (a few microseconds per workload), passed on only where content did.
+    fn update_workloads(
+        &mut self,
+        workloads: &[Member],
+        security: &Arc<Security>,
+        delta: &mut Delta,
+    ) {
+        self.security = security.clone();
+        if self
+            .mesh_inputs
+            .as_ref()
+            .is_some_and(|(w, s)| w == workloads && (Arc::ptr_eq(s, security) || **s == **security))
+        {
+            return;
+        }
+        let fresh = mesh_resources(
+            workloads,
+            security,
+            &self.trust_domain,
+            self.root_namespace(),
+        );
+        let mut old = std::mem::take(&mut self.mesh);
+        for (name, any) in fresh {
+            let k = key_of(&name, &any);
+            let kept = match old.remove(&k) {
+                Some(prev) if super::server::same(&prev, &any) => prev,
+                _ => {
+                    let any = Arc::new(any);
+                    delta.upserts.push((name, any.clone()));
+                    any
+                }
+            };
+            self.mesh.insert(k, kept);
+        }
+        delta.removes.extend(old.into_keys());
+        self.mesh_inputs = Some((workloads.to_vec(), security.clone()));
+    }
+
+    fn update_services(&mut self, services: &[Arc<ServiceSpec>], workloads: &[Member]) -> Delta {
         // Built on first need: an update that only touches services reading nothing else
         // does not index the mesh.
         let index: std::cell::OnceCell<Index<'_>> = std::cell::OnceCell::new();
@@ -283,6 +389,285 @@ impl Translator {
         }
         self.prev = services.to_vec();
         delta
+    }
+}
+
+/// ztunnel's key of a workload (istiod's form for a pod).
+pub fn workload_uid(namespace: &str, name: &str) -> String {
+    format!("Kubernetes//Pod/{namespace}/{name}")
+}
+
+fn scope(selector: Option<&sec::WorkloadSelector>, namespace: &str, root: &str) -> istio::Scope {
+    match selector {
+        Some(s) if !s.match_labels.is_empty() => istio::Scope::WorkloadSelector,
+        _ if namespace == root => istio::Scope::Global,
+        _ => istio::Scope::Namespace,
+    }
+}
+
+/// Whether a selector-based policy of `namespace` applies to `w` (a root-namespace one
+/// selects across namespaces, as in Istio).
+fn selects(
+    selector: Option<&sec::WorkloadSelector>,
+    namespace: &str,
+    root: &str,
+    w: &Member,
+) -> bool {
+    selector.is_some_and(|s| {
+        !s.match_labels.is_empty()
+            && (namespace == w.namespace || namespace == root)
+            && s.selects(&w.labels)
+    })
+}
+
+fn mesh_resources(
+    workloads: &[Member],
+    security: &Security,
+    trust_domain: &str,
+    root: &str,
+) -> Vec<(String, Any)> {
+    let mut out = Vec::with_capacity(
+        workloads.len()
+            + security.authorization_policies.len()
+            + security.peer_authentications.len(),
+    );
+    for w in workloads {
+        let authz = security
+            .authorization_policies
+            .iter()
+            .filter(|p| selects(p.spec.selector.as_ref(), &p.metadata.namespace, root, w))
+            .map(|p| p.metadata.key())
+            .collect();
+        let peer = security
+            .peer_authentications
+            .iter()
+            .filter(|p| selects(p.spec.selector.as_ref(), &p.metadata.namespace, root, w))
+            .map(|p| p.metadata.key())
+            .collect();
+        let uid = workload_uid(&w.namespace, &w.name);
+        let workload = istio::Workload {
+            uid: uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            addresses: vec![w.ip.octets().to_vec()],
+            tunnel_protocol: if w.hbone {
+                istio::TunnelProtocol::Hbone
+            } else {
+                istio::TunnelProtocol::None
+            } as i32,
+            trust_domain: trust_domain.to_owned(),
+            service_account: w.service_account.clone(),
+            node: w.node.clone(),
+            workload_name: w.name.clone(),
+            authorization_policies: authz,
+            peer_authentications: peer,
+            ..Default::default()
+        };
+        let address = istio::Address {
+            r#type: Some(istio::address::Type::Workload(workload)),
+        };
+        out.push((uid, pack_any(address)));
+    }
+    for p in &security.authorization_policies {
+        out.push((p.metadata.key(), pack_any(authorization(p, root))));
+    }
+    for p in &security.peer_authentications {
+        out.push((p.metadata.key(), pack_any(peer_authentication(p, root))));
+    }
+    out
+}
+
+/// Istio's string forms: `*` any non-empty value, `prefix*`, `*suffix`, else exact.
+fn string_match(v: &str) -> istio::StringMatch {
+    use istio::string_match::MatchType;
+    let m = if v == "*" {
+        MatchType::Presence(istio::Empty {})
+    } else if let Some(rest) = v.strip_prefix('*') {
+        MatchType::Suffix(rest.to_owned())
+    } else if let Some(rest) = v.strip_suffix('*') {
+        MatchType::Prefix(rest.to_owned())
+    } else {
+        MatchType::Exact(v.to_owned())
+    };
+    istio::StringMatch {
+        match_type: Some(m),
+    }
+}
+
+fn strings(vs: &[String]) -> Vec<istio::StringMatch> {
+    vs.iter().map(|v| string_match(v)).collect()
+}
+
+/// Principals are compared without `spiffe://`, as Istio writes them.
+fn principals(vs: &[String]) -> Vec<istio::StringMatch> {
+    vs.iter()
+        .map(|v| string_match(v.strip_prefix("spiffe://").unwrap_or(v)))
+        .collect()
+}
+
+fn ip_blocks<'a>(vs: impl IntoIterator<Item = &'a String>) -> Vec<istio::IpBlock> {
+    vs.into_iter()
+        .filter_map(|v| sec::parse_ip_block(v))
+        .map(|(ip, len)| istio::IpBlock {
+            address: match ip {
+                std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                std::net::IpAddr::V6(a) => a.octets().to_vec(),
+            },
+            length: len as u32,
+        })
+        .collect()
+}
+
+fn ports(vs: &[sec::PortValue]) -> Vec<u32> {
+    vs.iter().filter_map(|p| p.port()).map(u32::from).collect()
+}
+
+fn authorization(p: &AuthorizationPolicy, root: &str) -> istio::Authorization {
+    let action = match p.spec.action {
+        AuthzAction::Allow => istio::Action::Allow,
+        AuthzAction::Deny => istio::Action::Deny,
+        AuthzAction::Audit => istio::Action::Audit,
+        // Refused by the file check; never served as an ALLOW.
+        AuthzAction::Custom => istio::Action::Deny,
+    };
+    let rules = p
+        .spec
+        .rules
+        .iter()
+        .map(|r| {
+            let mut clauses = Vec::new();
+            if !r.from.is_empty() {
+                clauses.push(istio::Clause {
+                    matches: r
+                        .from
+                        .iter()
+                        .map(|f| {
+                            let s = &f.source;
+                            istio::Match {
+                                principals: principals(&s.principals),
+                                not_principals: principals(&s.not_principals),
+                                namespaces: strings(&s.namespaces),
+                                not_namespaces: strings(&s.not_namespaces),
+                                source_ips: ip_blocks(
+                                    s.ip_blocks.iter().chain(&s.remote_ip_blocks),
+                                ),
+                                not_source_ips: ip_blocks(
+                                    s.not_ip_blocks.iter().chain(&s.not_remote_ip_blocks),
+                                ),
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                });
+            }
+            if !r.to.is_empty() {
+                clauses.push(istio::Clause {
+                    matches: r
+                        .to
+                        .iter()
+                        .map(|t| {
+                            let o = &t.operation;
+                            istio::Match {
+                                destination_ports: ports(&o.ports),
+                                not_destination_ports: ports(&o.not_ports),
+                                methods: strings(&o.methods),
+                                not_methods: strings(&o.not_methods),
+                                paths: strings(&o.paths),
+                                not_paths: strings(&o.not_paths),
+                                hosts: strings(&o.hosts),
+                                not_hosts: strings(&o.not_hosts),
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                });
+            }
+            for c in &r.when {
+                let Ok(key) = ConditionKey::parse(&c.key) else {
+                    continue;
+                };
+                let (v, nv) = (&c.values, &c.not_values);
+                let m = match key {
+                    ConditionKey::SourceIp => istio::Match {
+                        source_ips: ip_blocks(v),
+                        not_source_ips: ip_blocks(nv),
+                        ..Default::default()
+                    },
+                    ConditionKey::DestinationIp => istio::Match {
+                        destination_ips: ip_blocks(v),
+                        not_destination_ips: ip_blocks(nv),
+                        ..Default::default()
+                    },
+                    ConditionKey::SourceNamespace => istio::Match {
+                        namespaces: strings(v),
+                        not_namespaces: strings(nv),
+                        ..Default::default()
+                    },
+                    ConditionKey::SourcePrincipal => istio::Match {
+                        principals: principals(v),
+                        not_principals: principals(nv),
+                        ..Default::default()
+                    },
+                    ConditionKey::DestinationPort => {
+                        let p = |vs: &[String]| -> Vec<u32> {
+                            vs.iter()
+                                .filter_map(|s| sec::PortValue::Text(s.clone()).port())
+                                .map(u32::from)
+                                .collect()
+                        };
+                        istio::Match {
+                            destination_ports: p(v),
+                            not_destination_ports: p(nv),
+                            ..Default::default()
+                        }
+                    }
+                    ConditionKey::RequestHeader(name) => istio::Match {
+                        headers: vec![istio::HeaderCondition {
+                            name,
+                            values: strings(v),
+                            not_values: strings(nv),
+                        }],
+                        ..Default::default()
+                    },
+                };
+                clauses.push(istio::Clause { matches: vec![m] });
+            }
+            istio::Rule { clauses }
+        })
+        .collect();
+    istio::Authorization {
+        name: p.metadata.name.clone(),
+        namespace: p.metadata.namespace.clone(),
+        scope: scope(p.spec.selector.as_ref(), &p.metadata.namespace, root) as i32,
+        action: action as i32,
+        rules,
+    }
+}
+
+fn mtls_mode(m: Option<MtlsModeSpec>) -> istio::MtlsMode {
+    match m.unwrap_or_default() {
+        MtlsModeSpec::Unset => istio::MtlsMode::Unset,
+        MtlsModeSpec::Disable => istio::MtlsMode::Disable,
+        MtlsModeSpec::Permissive => istio::MtlsMode::Permissive,
+        MtlsModeSpec::Strict => istio::MtlsMode::Strict,
+    }
+}
+
+fn peer_authentication(p: &PeerAuthentication, root: &str) -> istio::PeerAuthentication {
+    istio::PeerAuthentication {
+        name: p.metadata.name.clone(),
+        namespace: p.metadata.namespace.clone(),
+        scope: scope(p.spec.selector.as_ref(), &p.metadata.namespace, root) as i32,
+        mode: mtls_mode(p.spec.mtls.map(|m| m.mode)) as i32,
+        port_level: p
+            .spec
+            .port_level_mtls
+            .iter()
+            .map(|(port, m)| istio::PortMtls {
+                port: *port,
+                mode: mtls_mode(Some(m.mode)) as i32,
+            })
+            .collect(),
     }
 }
 
@@ -916,12 +1301,144 @@ services:
                     name,
                     convert::cluster(&convert::unpack(&any).unwrap()).unwrap(),
                 );
-            } else {
+            } else if t == ClusterLoadAssignment::type_url() {
                 let e = convert::load_assignment(&convert::unpack(&any).unwrap()).unwrap();
                 a.endpoints.insert(name, std::sync::Arc::new(e));
+            } else if t == istio::ADDRESS_TYPE_URL {
+                let (n, spec) = convert::address(&convert::unpack(&any).unwrap()).unwrap();
+                assert_eq!(n, name);
+                if let convert::AddressSpec::Workload(w) = spec {
+                    a.workloads.insert(n, w);
+                }
+            } else {
+                panic!("unexpected type {t}");
             }
         }
         a
+    }
+
+    const POLICIES: &str = "\
+authorization_policies:
+  - apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: { name: reviews-allow, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: reviews } }
+      rules:
+        - from: [ { source: { principals: [ \"spiffe://cluster.local/ns/shop/sa/*\" ], ipBlocks: [ 10.0.0.0/8 ] } } ]
+          to: [ { operation: { ports: [ \"9080\" ], methods: [ GET ] } } ]
+          when: [ { key: source.namespace, values: [ shop ] }, { key: \"request.headers[x-env]\", notValues: [ dev ] } ]
+  - metadata: { name: mesh-deny, namespace: istio-system }
+    spec: { action: DENY, rules: [ { from: [ { source: { notNamespaces: [ shop ] } } ] } ] }
+peer_authentications:
+  - metadata: { name: default, namespace: shop }
+    spec: { mtls: { mode: STRICT } }
+  - metadata: { name: r1, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: reviews } }
+      portLevelMtls: { 9080: { mode: PERMISSIVE } }
+";
+
+    /// Issue 11: one Address per workload (this node's and others'), one Authorization
+    /// per AuthorizationPolicy in ztunnel's shape, one PeerAuthentication each; selector
+    /// policies are listed by the workloads they select; a policy edit passes on that
+    /// policy (and the workloads whose list changed) only.
+    #[test]
+    fn workloads_and_policies_are_served_in_ztunnels_shape() {
+        use prost::Message;
+        let text = format!(
+            "{}{POLICIES}",
+            FILE.replace(
+                "netns: /run/netns/r1,",
+                "netns: /run/netns/r1, service_account: reviews, node: node-b,"
+            )
+        );
+        let f = MeshFile::parse(Path::new("t.yaml"), &text).unwrap();
+        let members = f.members_on("node-a");
+        let mut t = Translator::new("td.example", "");
+        let sec = Arc::new(f.security());
+        let d = t.update_mesh(&f.services, &members, &sec);
+        let of = |url: &str| -> Vec<(String, Arc<Any>)> {
+            d.upserts
+                .iter()
+                .filter(|(_, a)| a.type_url == url)
+                .cloned()
+                .collect()
+        };
+        let addrs = of(istio::ADDRESS_TYPE_URL);
+        assert_eq!(addrs.len(), f.workloads.len());
+        let (name, any) = addrs
+            .iter()
+            .find(|(n, _)| n == "Kubernetes//Pod/shop/r1")
+            .unwrap();
+        let Some(istio::address::Type::Workload(w)) =
+            istio::Address::decode(any.value.as_slice()).unwrap().r#type
+        else {
+            panic!("{name}")
+        };
+        assert_eq!(w.addresses, vec![vec![10, 0, 0, 2]]);
+        assert_eq!(w.service_account, "reviews");
+        assert_eq!(w.trust_domain, "td.example");
+        assert_eq!(w.node, "node-b");
+        assert_eq!(w.tunnel_protocol, istio::TunnelProtocol::Hbone as i32);
+        assert_eq!(w.authorization_policies, vec!["shop/reviews-allow"]);
+        assert_eq!(w.peer_authentications, vec!["shop/r1"]);
+        let authz = of(istio::AUTHORIZATION_TYPE_URL);
+        let names: Vec<&str> = authz.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["shop/reviews-allow", "istio-system/mesh-deny"]);
+        let a = istio::Authorization::decode(authz[0].1.value.as_slice()).unwrap();
+        assert_eq!(a.scope, istio::Scope::WorkloadSelector as i32);
+        assert_eq!(a.action, istio::Action::Allow as i32);
+        let clauses = &a.rules[0].clauses;
+        // from, to, and one clause per `when` condition, AND-ed.
+        assert_eq!(clauses.len(), 4);
+        let from = &clauses[0].matches[0];
+        assert_eq!(
+            from.principals[0].match_type,
+            Some(istio::string_match::MatchType::Prefix(
+                "cluster.local/ns/shop/sa/".into()
+            ))
+        );
+        assert_eq!(from.source_ips[0].length, 8);
+        assert_eq!(clauses[1].matches[0].destination_ports, vec![9080]);
+        assert!(clauses[1].matches[0].has_l7());
+        assert_eq!(clauses[3].matches[0].headers[0].name, "x-env");
+        let g = istio::Authorization::decode(authz[1].1.value.as_slice()).unwrap();
+        assert_eq!(
+            (g.scope, g.action),
+            (istio::Scope::Global as i32, istio::Action::Deny as i32)
+        );
+        let pa = of(istio::PEER_AUTHENTICATION_TYPE_URL);
+        assert_eq!(pa.len(), 2);
+        // Nothing changed: nothing passed on.
+        assert!(t.update_mesh(&f.services, &members, &sec).is_empty());
+        assert!(t.update(&f.services, &members).is_empty());
+        // A policy's selector stops matching r1: r1's address changes (its list), the
+        // policy itself (which does not carry its selector) does not.
+        let edited = text.replace(
+            "selector: { matchLabels: { app: reviews } }\n      rules",
+            "selector: { matchLabels: { app: ratings } }\n      rules",
+        );
+        let f2 = MeshFile::parse(Path::new("t.yaml"), &edited).unwrap();
+        let d = t.update_mesh(
+            &f2.services,
+            &f2.members_on("node-a"),
+            &Arc::new(f2.security()),
+        );
+        let mut names: Vec<&str> = d.upserts.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["Kubernetes//Pod/shop/r1"]);
+        // A policy removed: its name goes.
+        let f3 = MeshFile::parse(Path::new("t.yaml"), &text.replace("  - metadata: { name: mesh-deny, namespace: istio-system }\n    spec: { action: DENY, rules: [ { from: [ { source: { notNamespaces: [ shop ] } } ] } ] }\n", "")).unwrap();
+        let d = t.update_mesh(
+            &f3.services,
+            &f3.members_on("node-a"),
+            &Arc::new(f3.security()),
+        );
+        assert!(d.removes.contains(&(
+            istio::AUTHORIZATION_TYPE_URL.to_owned(),
+            "istio-system/mesh-deny".to_owned()
+        )));
     }
 
     #[test]

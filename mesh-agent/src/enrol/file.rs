@@ -1,6 +1,6 @@
-//! The standalone enrolment file (YAML): namespaces, workloads, exclusions and the
-//! services the embedded control plane serves (in the control plane's schema,
-//! `crate::control::model`), with its validation. Errors name the file, the line and the
+//! The standalone enrolment file (YAML): namespaces, workloads, exclusions, the
+//! services the embedded control plane serves and the security policies it distributes
+//! (in the control plane's schema, `crate::control::model`), with its validation. Errors name the file, the line and the
 //! field. `watch_file` polls it and publishes enrolment snapshots.
 
 use std::{
@@ -18,9 +18,13 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{
-    Snapshot, BYPASS_LABEL, DATAPLANE_ENROLLED, DATAPLANE_LABEL, DATAPLANE_OPT_OUT, FAIL_MODE_LABEL,
+    Snapshot, BYPASS_LABEL, DATAPLANE_ENROLLED, DATAPLANE_LABEL, DATAPLANE_OPT_OUT,
+    FAIL_MODE_LABEL, ISTIO_DATAPLANE_LABEL,
 };
-use crate::control::model::{LbPolicySpec, ServiceSpec};
+use crate::control::model::{
+    security::{AuthorizationPolicy, PeerAuthentication, Security},
+    LbPolicySpec, ServiceSpec, DEFAULT_SERVICE_ACCOUNT,
+};
 
 mod items;
 
@@ -65,6 +69,12 @@ pub struct MeshFile {
     /// Services the embedded control plane serves to proxies over xDS.
     #[serde(default)]
     pub services: Vec<Arc<ServiceSpec>>,
+    /// Istio AuthorizationPolicies (`security.istio.io/v1` field names).
+    #[serde(default)]
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// Istio PeerAuthentications (`security.istio.io/v1` field names).
+    #[serde(default)]
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -101,6 +111,27 @@ pub struct WorkloadSpec {
     /// Overrides the namespace's mode for this workload as a destination.
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// Its identity's service account (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// The node it runs on (default: this node). A workload of another node is known to
+    /// the control plane and the proxy (its identity, its HBONE address), never enrolled
+    /// in this node's maps; its `netns` is not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl WorkloadSpec {
+    pub fn service_account(&self) -> &str {
+        self.service_account
+            .as_deref()
+            .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
+    }
+
+    /// Runs on `local` (the node this agent serves).
+    pub fn is_local(&self, local: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == local)
+    }
 }
 
 /// A parsed exclusion: network-order IPv4, prefix length, port.
@@ -245,7 +276,30 @@ impl MeshFile {
                     format!("workloads[{i}].ip: {} is not a pod address", w.ip),
                 ));
             }
+            if let Some(sa) = &w.service_account {
+                if !identity_segment(sa) {
+                    problems.push((
+                        line(),
+                        format!("workloads[{i}].service_account: {sa:?} is not a service account name (letters, digits, '-', '.', '_')"),
+                    ));
+                }
+            }
+            if w.node.as_deref().is_some_and(|n| n.is_empty()) {
+                problems.push((
+                    line(),
+                    format!("workloads[{i}].node: empty; leave it out for this node"),
+                ));
+            }
         }
+        file.security().check(&mut |m| {
+            // The section's line: policies are few, the field path says which one.
+            let section = if m.starts_with("authorization_policies") {
+                "authorization_policies:"
+            } else {
+                "peer_authentications:"
+            };
+            problems.push((line_of(section, section), m))
+        });
         check_services(&file, &ns_names, &mut problems, &line_of);
         if problems.is_empty() {
             return Ok(file);
@@ -263,8 +317,10 @@ impl MeshFile {
         })
     }
 
-    /// The workloads as the control plane sees them (service selectors match them).
-    pub fn members(&self) -> Vec<crate::control::model::Member> {
+    /// The workloads as the control plane sees them (service selectors match them),
+    /// those of other nodes included; `local` names this node (a workload without
+    /// `node:` runs here).
+    pub fn members_on(&self, local: &str) -> Vec<crate::control::model::Member> {
         self.workloads
             .iter()
             .map(|w| crate::control::model::Member {
@@ -272,20 +328,40 @@ impl MeshFile {
                 name: w.name.clone(),
                 ip: w.ip,
                 labels: w.labels.clone(),
+                service_account: w.service_account().to_owned(),
+                node: w.node.clone().unwrap_or_else(|| local.to_owned()),
+                hbone: self.enrolled(w),
             })
             .collect()
+    }
+
+    /// `members_on` this host (`super::LocalNode::from_host`).
+    pub fn members(&self) -> Vec<crate::control::model::Member> {
+        self.members_on(&super::LocalNode::from_host().node)
+    }
+
+    /// The security policies, as the control plane takes them.
+    pub fn security(&self) -> Security {
+        Security {
+            authorization_policies: self.authorization_policies.clone(),
+            peer_authentications: self.peer_authentications.clone(),
+        }
     }
 
     /// Whether a workload's outbound traffic is captured: its namespace carries the
     /// enrolment label and the workload does not opt out.
     pub fn enrolled(&self, w: &WorkloadSpec) -> bool {
-        let ns_on = self.namespaces.iter().any(|n| {
-            n.name == w.namespace
-                && n.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_ENROLLED)
-        });
-        let opted_out =
-            w.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_OPT_OUT);
-        ns_on && !opted_out
+        // Ours, else Istio's (`istio.io/dataplane-mode`).
+        fn mode(l: &BTreeMap<String, String>) -> Option<&str> {
+            l.get(DATAPLANE_LABEL)
+                .or_else(|| l.get(ISTIO_DATAPLANE_LABEL))
+                .map(String::as_str)
+        }
+        let ns_on = self
+            .namespaces
+            .iter()
+            .any(|n| n.name == w.namespace && mode(&n.labels) == Some(DATAPLANE_ENROLLED));
+        ns_on && mode(&w.labels) != Some(DATAPLANE_OPT_OUT)
     }
 
     /// Whether a workload fails closed: its own label, else its namespace's.
@@ -464,6 +540,14 @@ fn check_services(
     }
 }
 
+/// A SPIFFE ID segment (`identity::SpiffeId`'s rule; `enrol` does not use `identity`).
+fn identity_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
 /// 1-based line of the first line containing `needle` after the first line containing
 /// `after` (or from the top); 1 if not found.
 fn find_line(text: &str, after: &str, needle: &str) -> usize {
@@ -526,6 +610,26 @@ pub async fn watch_file(
     allow_empty: bool,
     stats: Arc<ReloadStats>,
 ) {
+    watch_file_on(
+        path,
+        interval,
+        tx,
+        allow_empty,
+        stats,
+        super::LocalNode::from_host(),
+    )
+    .await
+}
+
+/// `watch_file` for the node `local` (`--node-name`, `--trust-domain`).
+pub async fn watch_file_on(
+    path: PathBuf,
+    interval: Duration,
+    tx: watch::Sender<Arc<Snapshot>>,
+    allow_empty: bool,
+    stats: Arc<ReloadStats>,
+    local: super::LocalNode,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     // Reading and parsing run on the blocking pool (a 10k-service file is megabytes), with
     // the parser moved there and back. A new stamp with the same content (a `touch`)
@@ -570,7 +674,7 @@ pub async fn watch_file(
                     warn!(path = %path.display(), reason = why, "enrolment file rejected; the last good configuration stays in force");
                     continue;
                 }
-                let snap = Snapshot::from_file(&f);
+                let snap = Snapshot::from_file_on(&f, &local);
                 let applied = tx.send_if_modified(|cur| {
                     if cur.same_as(&snap) {
                         return false;
@@ -629,6 +733,34 @@ workloads:
     }
 
     #[test]
+    fn istios_dataplane_label_enrols_and_opts_out_alike() {
+        let text = GOOD
+            .replace(
+                "  - name: legacy\n",
+                "  - name: legacy\n    labels: { istio.io/dataplane-mode: ambient }\n",
+            )
+            .replace(
+                "labels: { mesh-agent.io/dataplane-mode: none }",
+                "labels: { istio.io/dataplane-mode: none }",
+            );
+        let f = MeshFile::parse(Path::new("m.yaml"), &text).unwrap();
+        let by = |n: &str| f.workloads.iter().find(|w| w.name == n).unwrap();
+        assert!(f.enrolled(by("web")));
+        assert!(!f.enrolled(by("batch")), "opted out with Istio's label");
+        assert!(
+            f.enrolled(by("db")),
+            "namespace enrolled with Istio's label"
+        );
+        // Ours wins where both are set.
+        let both = text.replace(
+            "labels: { istio.io/dataplane-mode: none }",
+            "labels: { istio.io/dataplane-mode: none, mesh-agent.io/dataplane-mode: ambient }",
+        );
+        let f = MeshFile::parse(Path::new("m.yaml"), &both).unwrap();
+        assert!(f.enrolled(f.workloads.iter().find(|w| w.name == "batch").unwrap()));
+    }
+
+    #[test]
     fn syntax_error_names_file_line_and_field() {
         let bad = GOOD.replace("ip: 10.0.0.3", "ip: 10.0.0.300");
         let e = MeshFile::parse(Path::new("m.yaml"), &bad)
@@ -676,6 +808,121 @@ workloads:
         );
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
         assert_eq!(parse_cidr("nope/8"), None);
+    }
+
+    const SECURITY: &str = "
+authorization_policies:
+  - metadata: { name: web, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: web } }
+      action: ALLOW
+      rules:
+        - from: [ { source: { principals: [ cluster.local/ns/shop/sa/batch ] } } ]
+          to: [ { operation: { ports: [ \"8080\" ], methods: [ GET ] } } ]
+          when: [ { key: source.ip, values: [ 10.0.0.0/24 ] } ]
+peer_authentications:
+  - metadata: { name: default, namespace: istio-system }
+    spec: { mtls: { mode: STRICT } }
+services:
+  - name: web
+    namespace: shop
+    vip: 10.96.0.2
+    ports: [ { port: 80 } ]
+";
+
+    #[test]
+    fn policies_parse_the_same_whole_or_incrementally() {
+        let text = format!("{GOOD}{SECURITY}");
+        let whole = MeshFile::parse_whole(Path::new("m.yaml"), &text).unwrap();
+        let mut p = FileParser::default();
+        assert_eq!(p.parse(Path::new("m.yaml"), &text).unwrap(), whole);
+        assert_eq!(whole.authorization_policies.len(), 1);
+        assert_eq!(whole.peer_authentications.len(), 1);
+        // An edit of a policy alone is seen by the incremental path.
+        let edited = text.replace("mode: STRICT", "mode: PERMISSIVE");
+        let again = p.parse(Path::new("m.yaml"), &edited).unwrap();
+        assert_eq!(
+            again.peer_authentications[0].spec.mtls.unwrap().mode,
+            crate::control::model::security::MtlsModeSpec::Permissive
+        );
+    }
+
+    #[test]
+    fn unsupported_and_invalid_policy_fields_are_named() {
+        let bad = format!("{GOOD}{SECURITY}")
+            .replace(
+                "principals: [ cluster.local/ns/shop/sa/batch ]",
+                "requestPrincipals: [ \"*\" ], ipBlocks: [ 10.0.0.0/40 ]",
+            )
+            .replace("action: ALLOW", "action: CUSTOM")
+            .replace("key: source.ip", "key: \"request.auth.claims[iss]\"")
+            .replace(
+                "ports: [ \"8080\" ]",
+                "ports: [ \"80a\" ], paths: [ \"/a*b\" ]",
+            );
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "authorization_policies[0].spec.action: CUSTOM",
+            "source.requestPrincipals/notRequestPrincipals: not supported",
+            "ipBlocks: \"10.0.0.0/40\" is not an IP address or CIDR",
+            "when[0].key: \"request.auth.claims[iss]\" is not supported",
+            "operation.ports: Text(\"80a\") is not a port",
+            "paths: \"/a*b\": `*` is allowed only at the start or the end",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // A field Istio does not have is a parse error naming it.
+        let typo = format!("{GOOD}{SECURITY}").replace("action: ALLOW", "acton: ALLOW");
+        let e = MeshFile::parse(Path::new("m.yaml"), &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `acton`"), "{e}");
+        // Port-level modes need a selector; two namespace-wide policies conflict.
+        let pa = format!("{GOOD}{SECURITY}").replace(
+            "    spec: { mtls: { mode: STRICT } }\n",
+            "    spec: { mtls: { mode: STRICT }, portLevelMtls: { 80: { mode: DISABLE } } }\n  - metadata: { name: other, namespace: istio-system }\n",
+        );
+        let e = MeshFile::parse(Path::new("m.yaml"), &pa)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("portLevelMtls: needs a selector"), "{e}");
+        assert!(e.contains("already has a policy without selector"), "{e}");
+    }
+
+    #[test]
+    fn workloads_of_other_nodes_are_known_not_enrolled() {
+        let text = GOOD.replace(
+            "    netns: /run/netns/batch\n",
+            "    netns: /run/netns/batch\n    node: node-b\n    service_account: batch\n",
+        );
+        let f = MeshFile::parse(Path::new("m.yaml"), &text).unwrap();
+        let local = crate::enrol::LocalNode {
+            node: "node-a".into(),
+            trust_domain: "td.example".into(),
+        };
+        let s = crate::enrol::Snapshot::from_file_on(&f, &local);
+        let names: Vec<&str> = s.workloads.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, vec!["web", "db"]);
+        assert_eq!(
+            s.workloads[0].identity.as_deref(),
+            Some("spiffe://td.example/ns/shop/sa/default")
+        );
+        let batch = s.declared.iter().find(|m| m.name == "batch").unwrap();
+        assert_eq!(
+            (batch.node.as_str(), batch.service_account.as_str()),
+            ("node-b", "batch")
+        );
+        assert_eq!(
+            s.declared.iter().find(|m| m.name == "web").unwrap().node,
+            "node-a"
+        );
+        let bad = text.replace("service_account: batch", "service_account: \"a b\"");
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workloads[1].service_account"), "{e}");
     }
 
     /// Found by the `standalone_file` fuzz target: a retry status that is not an HTTP

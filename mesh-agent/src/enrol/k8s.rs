@@ -13,11 +13,13 @@
 //! | EndpointSlice | all | endpoints and their readiness |
 //! | ServiceAccount | all | SPIFFE identities of local workloads |
 //! | HTTPRoute, GRPCRoute | all | GAMMA routes on Services (optional: the CRDs may be absent) |
+//! | AuthorizationPolicy, PeerAuthentication | all | Istio security policies (`security.istio.io/v1`, optional CRDs; `policies`) |
 //!
 //! Any change wakes one builder that turns the stores into a `Snapshot` (see `state`) and
 //! publishes it if it differs; the map syncer and the embedded control plane read that.
 
 mod podns;
+pub mod policies;
 pub mod routes;
 pub mod state;
 
@@ -78,7 +80,7 @@ pub enum Error {
 }
 
 /// The kinds watched, in the order of `Stats` arrays.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 9] = [
     "namespaces",
     "pods",
     "services",
@@ -86,15 +88,17 @@ pub const KINDS: [&str; 7] = [
     "serviceaccounts",
     "httproutes",
     "grpcroutes",
+    "authorizationpolicies",
+    "peerauthentications",
 ];
 
 /// Counters for /metrics and /k8s.
 #[derive(Default)]
 pub struct Stats {
-    pub events: [AtomicU64; 7],
-    pub errors: [AtomicU64; 7],
+    pub events: [AtomicU64; KINDS.len()],
+    pub errors: [AtomicU64; KINDS.len()],
     /// Times a watch (re)started with a full list.
-    pub relists: [AtomicU64; 7],
+    pub relists: [AtomicU64; KINDS.len()],
     pub snapshots: AtomicU64,
     pub events_posted: AtomicU64,
     pub synced: AtomicBool,
@@ -139,7 +143,7 @@ impl Stats {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        let per_kind = |a: &[AtomicU64; 7]| {
+        let per_kind = |a: &[AtomicU64; KINDS.len()]| {
             KINDS
                 .iter()
                 .zip(a)
@@ -396,6 +400,29 @@ pub async fn run(
         ));
     }
 
+    let mut policy_stores = Vec::new();
+    for (idx, kind, plural) in [
+        (7, "AuthorizationPolicy", "authorizationpolicies"),
+        (8, "PeerAuthentication", "peerauthentications"),
+    ] {
+        let ar = ApiResource {
+            group: policies::GROUP.into(),
+            version: "v1".into(),
+            api_version: format!("{}/v1", policies::GROUP),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        policy_stores.push(spawn_reflector(
+            idx,
+            Api::all_with(client.clone(), &ar),
+            Writer::new(ar),
+            watcher::Config::default(),
+            "are Istio's security CRDs installed? No AuthorizationPolicy or PeerAuthentication applies without them",
+            notify.clone(),
+            stats.clone(),
+        ));
+    }
+
     // The first snapshot waits for every core kind: a partial one would release workloads.
     // Routes are optional (their CRDs may not be installed) and join when they arrive.
     let _ = namespaces.wait_until_ready().await;
@@ -410,6 +437,7 @@ pub async fn run(
     let mut synced = Some(synced);
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
     let mut problems_seen: BTreeSet<String> = BTreeSet::new();
+    let mut policy_problems_seen: BTreeSet<String> = BTreeSet::new();
     let mut retry = tokio::time::interval(RESOLVE_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Converted Services, kept across builds: a change converts what it touches only.
@@ -464,7 +492,24 @@ pub async fn run(
             }
         }
         reported = now;
-        let snap = built.snapshot;
+        let mut snap = built.snapshot;
+        let mut policy_problems = Vec::new();
+        let security = policies::security(
+            &policy_stores[0].state(),
+            &policy_stores[1].state(),
+            &mut policy_problems,
+        );
+        for p in &policy_problems {
+            if policy_problems_seen.insert(p.clone()) {
+                warn!(problem = %p, "security policy not carried as written");
+            }
+        }
+        policy_problems_seen.retain(|p| policy_problems.contains(p));
+        // Kept by pointer while equal: the control plane then compares nothing.
+        snap.security = match tx.borrow().security.clone() {
+            cur if *cur == security => cur,
+            _ => Arc::new(security),
+        };
         tx.send_if_modified(|cur| {
             if cur.same_as(&snap) {
                 return false;

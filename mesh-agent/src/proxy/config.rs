@@ -6,6 +6,14 @@
 //! replaces the whole `ProxyConfig` (an `Arc` swap); runtime state that must outlive a
 //! config change (token buckets, load-balancer cursors, outlier counters, connection
 //! pools) lives in the proxy, keyed by the names below.
+//!
+//! Workloads (`workloads`: identity, node, HBONE) and authorization and peer
+//! authentication policies (`policy`) are a second value, `policy::MeshConfig`, published
+//! next to `ProxyConfig` (`XdsClient::mesh`): they change on their own schedule, and the
+//! L4 path reads them without the listeners.
+
+pub mod policy;
+pub mod workloads;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 

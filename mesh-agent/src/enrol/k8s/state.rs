@@ -121,6 +121,8 @@ pub fn build_cached(
             netns: PathBuf::new(),
             labels: p.labels().clone(),
             mode: mode_label(p.labels()),
+            service_account: Some(sa),
+            node: None,
         });
     }
     // Network namespaces are looked up only for the pods that are captured.
@@ -154,7 +156,17 @@ pub fn build_cached(
 
     let mut route_problems = Vec::new();
     file.services = services(c, &mut route_problems, cache);
-    let mut snapshot = Snapshot::from_file(&file);
+    // Every pod listed runs here (the watch selects this node's); their node name is
+    // this node's, as the control plane's workloads carry it.
+    let local = crate::enrol::LocalNode {
+        node: c
+            .pods
+            .iter()
+            .find_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+            .unwrap_or_else(|| crate::enrol::LocalNode::from_host().node),
+        trust_domain: opts.trust_domain.to_owned(),
+    };
+    let mut snapshot = Snapshot::from_file_on(&file, &local);
     for ((w, reason), identity) in snapshot.workloads.iter_mut().zip(reasons).zip(identities) {
         w.unresolved = reason;
         w.identity = identity;

@@ -40,7 +40,8 @@ use tokio_stream::{wrappers::ReceiverStream, StreamExt as _};
 use tracing::{debug, info, warn};
 
 use super::convert::{self, Accepted, Invalid, Warming};
-use crate::proxy::config::{Listener, ProxyConfig};
+use crate::proxy::config::{policy::MeshConfig, Listener, ProxyConfig};
+use crate::wire::istio;
 
 /// gRPC `INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;
@@ -71,7 +72,9 @@ pub struct ClientOptions {
     pub on_demand_timeout: Duration,
 }
 
-/// The four types, in the order a client asks for them.
+/// The types, in the order a client asks for them: Envoy's four, then ztunnel's
+/// workload addresses and authorization policies and our PeerAuthentications
+/// (`wire::istio`), always subscribed to as a whole (wildcard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
@@ -79,14 +82,20 @@ pub enum Kind {
     RouteConfiguration,
     Cluster,
     ClusterLoadAssignment,
+    Address,
+    Authorization,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Cluster,
         Kind::ClusterLoadAssignment,
         Kind::Listener,
         Kind::RouteConfiguration,
+        Kind::Address,
+        Kind::Authorization,
+        Kind::PeerAuthentication,
     ];
     pub fn type_url(self) -> String {
         match self {
@@ -94,13 +103,23 @@ impl Kind {
             Kind::RouteConfiguration => RouteConfiguration::type_url(),
             Kind::Cluster => Cluster::type_url(),
             Kind::ClusterLoadAssignment => ClusterLoadAssignment::type_url(),
+            Kind::Address => istio::ADDRESS_TYPE_URL.to_owned(),
+            Kind::Authorization => istio::AUTHORIZATION_TYPE_URL.to_owned(),
+            Kind::PeerAuthentication => istio::PEER_AUTHENTICATION_TYPE_URL.to_owned(),
         }
     }
     pub fn of(type_url: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.type_url() == type_url)
     }
     fn wildcard_capable(self) -> bool {
-        matches!(self, Kind::Listener | Kind::Cluster)
+        matches!(self, Kind::Listener | Kind::Cluster) || self.is_mesh()
+    }
+    /// Workloads and policies: published as `MeshConfig`, not `ProxyConfig`.
+    pub fn is_mesh(self) -> bool {
+        matches!(
+            self,
+            Kind::Address | Kind::Authorization | Kind::PeerAuthentication
+        )
     }
 }
 
@@ -152,6 +171,8 @@ pub struct Core {
     verdicts: u64,
     /// `ProxyConfig::version` of the last configuration published.
     published: u64,
+    /// `MeshConfig::version` of the last one published.
+    mesh_published: u64,
     /// Clusters as last built: an update rebuilds only what it changed.
     memo: convert::BuildMemo,
 }
@@ -226,6 +247,10 @@ enum Checked {
     Route(Arc<crate::proxy::config::RouteConfig>),
     Cluster(convert::ClusterSpec),
     Endpoints(Arc<Vec<crate::proxy::config::Endpoint>>),
+    /// A workload, or `None` for a service address (recognised, not kept).
+    Address(Option<Arc<crate::proxy::config::workloads::WorkloadInfo>>),
+    Authorization(Arc<crate::proxy::config::policy::Policy>),
+    PeerAuthentication(Arc<crate::proxy::config::policy::PeerAuthn>),
 }
 
 fn check(kind: Kind, any: &Any) -> Result<(String, Checked), String> {
@@ -258,6 +283,23 @@ fn check(kind: Kind, any: &Any) -> Result<(String, Checked), String> {
                 c.cluster_name.clone(),
                 Checked::Endpoints(Arc::new(convert::load_assignment(&c).map_err(e)?)),
             )
+        }
+        Kind::Address => {
+            let a: istio::Address = convert::unpack(any)?;
+            match convert::address(&a).map_err(e)? {
+                (name, convert::AddressSpec::Workload(w)) => (name, Checked::Address(Some(w))),
+                (name, convert::AddressSpec::Service) => (name, Checked::Address(None)),
+            }
+        }
+        Kind::Authorization => {
+            let a: istio::Authorization = convert::unpack(any)?;
+            let (name, p) = convert::authorization(&a).map_err(e)?;
+            (name, Checked::Authorization(Arc::new(p)))
+        }
+        Kind::PeerAuthentication => {
+            let a: istio::PeerAuthentication = convert::unpack(any)?;
+            let (name, p) = convert::peer_authentication(&a).map_err(e)?;
+            (name, Checked::PeerAuthentication(Arc::new(p)))
         }
     })
 }
@@ -311,7 +353,9 @@ impl Core {
         };
         for k in Kind::ALL {
             let st = c.types.entry(k).or_default();
-            st.wildcard = !on_demand && k.wildcard_capable();
+            // Workloads and policies are few and needed before the first connection:
+            // the whole set, on demand or not.
+            st.wildcard = k.is_mesh() || (!on_demand && k.wildcard_capable());
         }
         c
     }
@@ -330,6 +374,18 @@ impl Core {
             Checked::Endpoints(e) => {
                 self.accepted.endpoints.insert(name, e);
             }
+            Checked::Address(Some(w)) => {
+                self.accepted.workloads.insert(name, w);
+            }
+            Checked::Address(None) => {
+                self.accepted.workloads.remove(&name);
+            }
+            Checked::Authorization(p) => {
+                self.accepted.authorizations.insert(name, p);
+            }
+            Checked::PeerAuthentication(p) => {
+                self.accepted.peer_authentications.insert(name, p);
+            }
         }
     }
 
@@ -339,6 +395,9 @@ impl Core {
             Kind::RouteConfiguration => drop(self.accepted.routes.remove(name)),
             Kind::Cluster => drop(self.accepted.clusters.remove(name)),
             Kind::ClusterLoadAssignment => drop(self.accepted.endpoints.remove(name)),
+            Kind::Address => drop(self.accepted.workloads.remove(name)),
+            Kind::Authorization => drop(self.accepted.authorizations.remove(name)),
+            Kind::PeerAuthentication => drop(self.accepted.peer_authentications.remove(name)),
         }
     }
 
@@ -348,6 +407,11 @@ impl Core {
             Kind::RouteConfiguration => self.accepted.routes.keys().cloned().collect(),
             Kind::Cluster => self.accepted.clusters.keys().cloned().collect(),
             Kind::ClusterLoadAssignment => self.accepted.endpoints.keys().cloned().collect(),
+            Kind::Address => self.accepted.workloads.keys().cloned().collect(),
+            Kind::Authorization => self.accepted.authorizations.keys().cloned().collect(),
+            Kind::PeerAuthentication => {
+                self.accepted.peer_authentications.keys().cloned().collect()
+            }
         }
     }
 
@@ -690,6 +754,8 @@ trait Variant {
     type Req: Send + 'static;
     type Resp: Send + 'static;
     const NAME: &'static str;
+    /// The type a response carries.
+    fn type_url(resp: &Self::Resp) -> &str;
     /// The first request for a type on a new stream, if the type has a subscription.
     fn initial(core: &mut Core, kind: Kind, node: Option<Node>) -> Option<Self::Req>;
     /// Judges a response: the ACK or NACK, and whether the configuration changed.
@@ -711,6 +777,10 @@ impl Variant for Sotw {
     type Req = DiscoveryRequest;
     type Resp = DiscoveryResponse;
     const NAME: &'static str = "SotW";
+
+    fn type_url(resp: &DiscoveryResponse) -> &str {
+        &resp.type_url
+    }
 
     fn initial(core: &mut Core, kind: Kind, node: Option<Node>) -> Option<DiscoveryRequest> {
         core.sotw_request(kind, node)
@@ -745,6 +815,10 @@ impl Variant for Delta {
     type Req = DeltaDiscoveryRequest;
     type Resp = DeltaDiscoveryResponse;
     const NAME: &'static str = "delta";
+
+    fn type_url(resp: &DeltaDiscoveryResponse) -> &str {
+        &resp.type_url
+    }
 
     fn initial(core: &mut Core, kind: Kind, node: Option<Node>) -> Option<DeltaDiscoveryRequest> {
         core.delta_initial(kind, node)
@@ -814,6 +888,8 @@ pub struct XdsClient {
     /// `Core`'s `Demand`: what lookups on proxy threads take.
     lookups: Arc<Mutex<Demand>>,
     config: watch::Sender<Arc<ProxyConfig>>,
+    /// Workloads and policies in force.
+    mesh: watch::Sender<Arc<MeshConfig>>,
     /// Bumped after every processed response (on-demand waiters re-check).
     generation: watch::Sender<u64>,
     demand: Notify,
@@ -822,6 +898,7 @@ pub struct XdsClient {
 impl XdsClient {
     pub fn new(opts: ClientOptions) -> Arc<XdsClient> {
         let (config, _) = watch::channel(Arc::new(ProxyConfig::default()));
+        let (mesh, _) = watch::channel(Arc::new(MeshConfig::default()));
         let (generation, _) = watch::channel(0);
         let core = Core::new(opts.on_demand);
         Arc::new(XdsClient {
@@ -829,6 +906,7 @@ impl XdsClient {
             core: Mutex::new(core),
             opts,
             config,
+            mesh,
             generation,
             demand: Notify::new(),
         })
@@ -856,6 +934,18 @@ impl XdsClient {
 
     pub fn config(&self) -> watch::Receiver<Arc<ProxyConfig>> {
         self.config.subscribe()
+    }
+
+    /// Workloads and policies in force (`MeshConfig::version` 0 until the first
+    /// accepted response of those types): `WorkloadIndex::by_ip`, and `proxy::authz`'s
+    /// `authorize`, `authorize_request`, `needs_http`, `mtls_mode` on `policies`.
+    pub fn mesh(&self) -> watch::Receiver<Arc<MeshConfig>> {
+        self.mesh.subscribe()
+    }
+
+    /// The workloads and policies in force now.
+    pub fn mesh_now(&self) -> Arc<MeshConfig> {
+        self.mesh.borrow().clone()
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
@@ -960,6 +1050,17 @@ impl XdsClient {
         core.published += 1;
         cfg.version = core.published;
         self.config.send_replace(Arc::new(cfg));
+    }
+
+    /// Builds and publishes the workloads and policies in force.
+    fn publish_mesh(&self, core: &mut Core) {
+        let mut m = core.accepted.build_mesh();
+        core.mesh_published += 1;
+        m.version = core.mesh_published;
+        if !m.workloads.conflicts.is_empty() {
+            warn!(addresses = ?m.workloads.conflicts, "addresses claimed by more than one workload; the first by uid keeps each");
+        }
+        self.mesh.send_replace(Arc::new(m));
     }
 
     fn node(&self) -> Node {
@@ -1092,10 +1193,13 @@ impl XdsClient {
                         Some(Err(e)) => return Err(e.to_string()),
                         Some(Ok(r)) => r,
                     };
+                    let mesh = Kind::of(V::type_url(&resp)).is_some_and(Kind::is_mesh);
                     let mut core = self.core();
                     let (ack, changed) = V::judge(&mut core, resp);
                     let mut out = vec![ack];
-                    if changed {
+                    if changed && mesh {
+                        self.publish_mesh(&mut core);
+                    } else if changed {
                         self.publish(&mut core);
                     }
                     if core.take_pruned() || changed {
@@ -1136,6 +1240,7 @@ impl XdsClient {
             (d.connected, d.wanted.clone(), d.absent.clone())
         };
         let cfg = self.config.borrow().clone();
+        let mesh = self.mesh.borrow().clone();
         let types: BTreeMap<Kind, serde_json::Value> = core
             .types
             .iter()
@@ -1184,6 +1289,7 @@ impl XdsClient {
             // Newest first (copied so).
             "recent_verdicts": core.history,
             "in_force": super::dump::config(&cfg),
+            "mesh": super::dump::mesh(&mesh),
         })
     }
 }
@@ -1239,7 +1345,9 @@ services:
             };
             let (req, changed) = core.on_sotw(resp);
             assert!(req.error_detail.is_none(), "{kind:?}: {req:?}");
-            if changed {
+            if changed && kind.is_mesh() {
+                c.publish_mesh(&mut core);
+            } else if changed {
                 c.publish(&mut core);
             }
         }
@@ -1362,5 +1470,96 @@ services:
         drop(core);
         assert!(req.error_detail.is_some() && !changed);
         assert_eq!(c.config().borrow().version, 3);
+    }
+
+    /// Issue 11: workloads and policies arrive as their own types, are judged like the
+    /// others (an action the proxy cannot honour is refused, naming the field, and the
+    /// last good policies stay), and are published as `MeshConfig`, shown in the dump.
+    #[test]
+    fn workloads_and_policies_are_judged_and_published_apart() {
+        use prost::Message;
+        let c = client(true);
+        let any = |url: &str, value: Vec<u8>| Any {
+            type_url: url.to_owned(),
+            value,
+        };
+        let workload = istio::Address {
+            r#type: Some(istio::address::Type::Workload(istio::Workload {
+                uid: "Kubernetes//Pod/shop/web".into(),
+                name: "web".into(),
+                namespace: "shop".into(),
+                addresses: vec![vec![10, 0, 0, 2]],
+                tunnel_protocol: istio::TunnelProtocol::Hbone as i32,
+                service_account: "web".into(),
+                node: "node-b".into(),
+                authorization_policies: vec!["shop/p".into()],
+                ..Default::default()
+            })),
+        };
+        let policy = |action: i32| istio::Authorization {
+            name: "p".into(),
+            namespace: "shop".into(),
+            scope: istio::Scope::WorkloadSelector as i32,
+            action,
+            rules: vec![],
+        };
+        let judge = |url: &str, items: Vec<Vec<u8>>, nonce: &str| {
+            let mut core = c.core();
+            let (req, changed) = core.on_sotw(DiscoveryResponse {
+                version_info: nonce.into(),
+                nonce: nonce.into(),
+                type_url: url.into(),
+                resources: items.into_iter().map(|v| any(url, v)).collect(),
+                ..Default::default()
+            });
+            if changed {
+                c.publish_mesh(&mut core);
+            }
+            req
+        };
+        // Subscribed as a whole even on demand.
+        assert!(c.core().types[&Kind::Address].wildcard);
+        let req = judge(istio::ADDRESS_TYPE_URL, vec![workload.encode_to_vec()], "1");
+        assert!(req.error_detail.is_none(), "{req:?}");
+        let req = judge(
+            istio::AUTHORIZATION_TYPE_URL,
+            vec![policy(istio::Action::Deny as i32).encode_to_vec()],
+            "2",
+        );
+        assert!(req.error_detail.is_none(), "{req:?}");
+        let m = c.mesh_now();
+        assert_eq!(m.version, 2);
+        let w = m.workloads.by_ip("10.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(
+            w.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(w.hbone_addr(), Some("10.0.0.2:15008".parse().unwrap()));
+        // CUSTOM (or anything newer) is refused; the DENY policy stays in force.
+        let req = judge(
+            istio::AUTHORIZATION_TYPE_URL,
+            vec![policy(3).encode_to_vec()],
+            "3",
+        );
+        let reason = req.error_detail.expect("a NACK").message;
+        assert!(
+            reason.contains("action") && reason.contains("shop/p"),
+            "{reason}"
+        );
+        let m = c.mesh_now();
+        assert_eq!(m.version, 2);
+        assert_eq!(
+            m.policies.authorizations["shop/p"].action,
+            crate::proxy::config::policy::Action::Deny
+        );
+        // ProxyConfig is not republished for workloads and policies.
+        assert_eq!(c.config().borrow().version, 0);
+        let dump = c.dump();
+        assert_eq!(dump["mesh"]["workloads"][0]["node"], "node-b");
+        assert_eq!(dump["mesh"]["workloads"][0]["hbone"], "10.0.0.2:15008");
+        assert_eq!(
+            dump["mesh"]["authorization_policies"]["shop/p"]["action"],
+            "DENY"
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! the field at fault and the other resources of the same response can still be judged.
 //! Fields this proxy does not implement are refused when they would change behaviour
 //! (an unknown filter, a cluster specifier plugin); purely informational ones are ignored.
-//! `docs/xds.md` lists both.
+//! `docs/xds.md` lists both. Workloads and policies (`wire::istio`) are converted at the
+//! end of the file.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -38,7 +39,15 @@ use crate::proxy::config::{
     PathMatch, ProxyConfig, QueryMatch, RateLimit, RetryOn, RetryPolicy, Route, RouteAction,
     RouteConfig, RouteMatch, StringMatch, UpstreamProtocol, VirtualHost, WeightedCluster,
 };
+use crate::proxy::config::{
+    policy::{
+        Action as PolicyAction, Cidr, Clause as PolicyClause, HeaderCond, Match as PolicyMatch,
+        MeshConfig, MtlsMode, PeerAuthn, Policies, Policy, Rule as PolicyRule, Scope, StrMatch,
+    },
+    workloads::{WorkloadIndex, WorkloadInfo},
+};
 
+use crate::wire::istio;
 pub use crate::wire::{
     FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER,
 };
@@ -1416,6 +1425,10 @@ pub struct Accepted {
     pub routes: BTreeMap<String, Arc<RouteConfig>>,
     pub clusters: BTreeMap<String, ClusterSpec>,
     pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
+    /// Workloads by uid (`istio.workload.Address`; services are not kept).
+    pub workloads: BTreeMap<String, Arc<WorkloadInfo>>,
+    pub authorizations: BTreeMap<String, Arc<Policy>>,
+    pub peer_authentications: BTreeMap<String, Arc<PeerAuthn>>,
 }
 
 /// An EDS cluster as last built: (the cluster, its endpoints, the two joined).
@@ -1620,5 +1633,337 @@ fn clone_cluster(c: &Cluster) -> Cluster {
         outlier: c.outlier,
         endpoints: c.endpoints.clone(),
         endpoints_known: c.endpoints_known,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Workloads and policies (`wire::istio`)
+
+/// The mesh trust domain when a workload elides its own (ztunnel's default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// What an `istio.workload.Address` carries that the proxy keeps: a workload, or a
+/// service (recognised, not used: services come as listeners and clusters).
+pub enum AddressSpec {
+    Workload(Arc<WorkloadInfo>),
+    Service,
+}
+
+/// The resource name of an Address (the workload's uid, or `namespace/hostname`) and
+/// what it means.
+pub fn address(a: &istio::Address) -> Result<(String, AddressSpec), Invalid> {
+    match &a.r#type {
+        None => Err(Invalid {
+            kind: "Address",
+            name: String::new(),
+            field: "type".into(),
+            reason: "neither a workload nor a service".into(),
+        }),
+        Some(istio::address::Type::Service(s)) => Ok((
+            format!("{}/{}", s.namespace, s.hostname),
+            AddressSpec::Service,
+        )),
+        Some(istio::address::Type::Workload(w)) => {
+            let cx = Ctx {
+                kind: "Workload",
+                name: &w.uid,
+            };
+            if w.uid.is_empty() {
+                return Err(cx.err("uid", "empty"));
+            }
+            let mut ips = Vec::with_capacity(w.addresses.len());
+            for (i, b) in w.addresses.iter().enumerate() {
+                ips.push(ip_of(b).ok_or_else(|| {
+                    cx.err(
+                        format!("addresses[{i}]"),
+                        format!("{} bytes; an address is 4 or 16", b.len()),
+                    )
+                })?);
+            }
+            let td = if w.trust_domain.is_empty() {
+                DEFAULT_TRUST_DOMAIN
+            } else {
+                &w.trust_domain
+            };
+            let sa = if w.service_account.is_empty() {
+                "default"
+            } else {
+                &w.service_account
+            };
+            let identity = crate::identity::SpiffeId::new(td, &w.namespace, sa)
+                .map_err(|e| cx.err("trust_domain/namespace/service_account", e.to_string()))?;
+            let hbone = match istio::TunnelProtocol::try_from(w.tunnel_protocol) {
+                Ok(istio::TunnelProtocol::Hbone) => true,
+                Ok(istio::TunnelProtocol::None) => false,
+                Err(_) => {
+                    return Err(cx.err(
+                        "tunnel_protocol",
+                        format!("{} is not NONE or HBONE", w.tunnel_protocol),
+                    ))
+                }
+            };
+            let sorted = |v: &[String]| {
+                let mut v = v.to_vec();
+                v.sort();
+                v.dedup();
+                v
+            };
+            Ok((
+                w.uid.clone(),
+                AddressSpec::Workload(Arc::new(WorkloadInfo {
+                    uid: w.uid.clone(),
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    ips,
+                    identity,
+                    node: w.node.clone(),
+                    hbone,
+                    authorization_policies: sorted(&w.authorization_policies),
+                    peer_authentications: sorted(&w.peer_authentications),
+                })),
+            ))
+        }
+    }
+}
+
+fn ip_of(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+fn str_matches(
+    cx: &Ctx<'_>,
+    field: &str,
+    v: &[istio::StringMatch],
+    lower: bool,
+) -> Result<Vec<StrMatch>, Invalid> {
+    use istio::string_match::MatchType;
+    let norm = |s: &str| {
+        if lower {
+            s.to_ascii_lowercase()
+        } else {
+            s.to_owned()
+        }
+    };
+    v.iter()
+        .enumerate()
+        .map(|(i, m)| match &m.match_type {
+            Some(MatchType::Exact(s)) => Ok(StrMatch::Exact(norm(s))),
+            Some(MatchType::Prefix(s)) => Ok(StrMatch::Prefix(norm(s))),
+            Some(MatchType::Suffix(s)) => Ok(StrMatch::Suffix(norm(s))),
+            Some(MatchType::Presence(_)) => Ok(StrMatch::Presence),
+            None => Err(cx.err(format!("{field}[{i}]"), "no match type")),
+        })
+        .collect()
+}
+
+fn cidrs(cx: &Ctx<'_>, field: &str, v: &[istio::IpBlock]) -> Result<Vec<Cidr>, Invalid> {
+    v.iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let addr = ip_of(&b.address).ok_or_else(|| {
+                cx.err(
+                    format!("{field}[{i}].address"),
+                    format!("{} bytes; an address is 4 or 16", b.address.len()),
+                )
+            })?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            if b.length > max {
+                return Err(cx.err(
+                    format!("{field}[{i}].length"),
+                    format!("{} is longer than the address ({max})", b.length),
+                ));
+            }
+            Ok(Cidr {
+                addr,
+                len: b.length as u8,
+            })
+        })
+        .collect()
+}
+
+fn ports_of(cx: &Ctx<'_>, field: &str, v: &[u32]) -> Result<Vec<u16>, Invalid> {
+    v.iter()
+        .map(|p| {
+            u16::try_from(*p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| cx.err(field, format!("{p} is not a port")))
+        })
+        .collect()
+}
+
+fn scope_of(cx: &Ctx<'_>, v: i32) -> Result<Scope, Invalid> {
+    Ok(match istio::Scope::try_from(v) {
+        Ok(istio::Scope::Global) => Scope::Global,
+        Ok(istio::Scope::Namespace) => Scope::Namespace,
+        Ok(istio::Scope::WorkloadSelector) => Scope::WorkloadSelector,
+        Err(_) => return Err(cx.err("scope", format!("unknown scope {v}"))),
+    })
+}
+
+fn policy_match(cx: &Ctx<'_>, f: &str, m: &istio::Match) -> Result<PolicyMatch, Invalid> {
+    let s = |n: &str, v: &[istio::StringMatch]| str_matches(cx, &format!("{f}.{n}"), v, false);
+    let h = |n: &str, v: &[istio::StringMatch]| str_matches(cx, &format!("{f}.{n}"), v, true);
+    let c = |n: &str, v: &[istio::IpBlock]| cidrs(cx, &format!("{f}.{n}"), v);
+    let mut headers = Vec::with_capacity(m.headers.len());
+    for (i, hc) in m.headers.iter().enumerate() {
+        let name = hc.name.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(cx.err(
+                format!("{f}.headers[{i}].name"),
+                format!("{:?} is not a header name", hc.name),
+            ));
+        }
+        headers.push(HeaderCond {
+            name,
+            values: s(&format!("headers[{i}].values"), &hc.values)?,
+            not_values: s(&format!("headers[{i}].not_values"), &hc.not_values)?,
+        });
+    }
+    Ok(PolicyMatch {
+        namespaces: s("namespaces", &m.namespaces)?,
+        not_namespaces: s("not_namespaces", &m.not_namespaces)?,
+        principals: s("principals", &m.principals)?,
+        not_principals: s("not_principals", &m.not_principals)?,
+        source_ips: c("source_ips", &m.source_ips)?,
+        not_source_ips: c("not_source_ips", &m.not_source_ips)?,
+        destination_ips: c("destination_ips", &m.destination_ips)?,
+        not_destination_ips: c("not_destination_ips", &m.not_destination_ips)?,
+        destination_ports: ports_of(cx, &format!("{f}.destination_ports"), &m.destination_ports)?,
+        not_destination_ports: ports_of(
+            cx,
+            &format!("{f}.not_destination_ports"),
+            &m.not_destination_ports,
+        )?,
+        methods: s("methods", &m.methods)?,
+        not_methods: s("not_methods", &m.not_methods)?,
+        paths: s("paths", &m.paths)?,
+        not_paths: s("not_paths", &m.not_paths)?,
+        hosts: h("hosts", &m.hosts)?,
+        not_hosts: h("not_hosts", &m.not_hosts)?,
+        headers,
+    })
+}
+
+/// An `istio.security.Authorization`, compiled; refused if it uses what cannot be
+/// honoured (an unknown action, such as CUSTOM from a newer control plane, or scope).
+pub fn authorization(a: &istio::Authorization) -> Result<(String, Policy), Invalid> {
+    let key = format!("{}/{}", a.namespace, a.name);
+    let cx = Ctx {
+        kind: "Authorization",
+        name: &key,
+    };
+    if a.name.is_empty() {
+        return Err(cx.err("name", "empty"));
+    }
+    let action = match istio::Action::try_from(a.action) {
+        Ok(istio::Action::Allow) => PolicyAction::Allow,
+        Ok(istio::Action::Deny) => PolicyAction::Deny,
+        Ok(istio::Action::Audit) => PolicyAction::Audit,
+        Err(_) => {
+            return Err(cx.err(
+                "action",
+                format!(
+                    "unknown action {} (ALLOW, DENY and AUDIT are enforced)",
+                    a.action
+                ),
+            ))
+        }
+    };
+    let scope = scope_of(&cx, a.scope)?;
+    let mut rules = Vec::with_capacity(a.rules.len());
+    for (i, r) in a.rules.iter().enumerate() {
+        let mut clauses = Vec::with_capacity(r.clauses.len());
+        let mut has_l7 = false;
+        for (j, c) in r.clauses.iter().enumerate() {
+            let mut matches = Vec::with_capacity(c.matches.len());
+            for (k, m) in c.matches.iter().enumerate() {
+                let m = policy_match(&cx, &format!("rules[{i}].clauses[{j}].matches[{k}]"), m)?;
+                has_l7 |= m.has_l7();
+                matches.push(m);
+            }
+            clauses.push(PolicyClause { matches });
+        }
+        rules.push(PolicyRule { clauses, has_l7 });
+    }
+    Ok((
+        key.clone(),
+        Policy {
+            key: key.into(),
+            namespace: a.namespace.clone(),
+            scope,
+            action,
+            rules,
+        },
+    ))
+}
+
+fn mtls_of(cx: &Ctx<'_>, field: &str, v: i32) -> Result<MtlsMode, Invalid> {
+    Ok(match istio::MtlsMode::try_from(v) {
+        Ok(istio::MtlsMode::Unset) => MtlsMode::Unset,
+        Ok(istio::MtlsMode::Disable) => MtlsMode::Disable,
+        Ok(istio::MtlsMode::Permissive) => MtlsMode::Permissive,
+        Ok(istio::MtlsMode::Strict) => MtlsMode::Strict,
+        Err(_) => return Err(cx.err(field, format!("unknown mode {v}"))),
+    })
+}
+
+pub fn peer_authentication(p: &istio::PeerAuthentication) -> Result<(String, PeerAuthn), Invalid> {
+    let key = format!("{}/{}", p.namespace, p.name);
+    let cx = Ctx {
+        kind: "PeerAuthentication",
+        name: &key,
+    };
+    if p.name.is_empty() {
+        return Err(cx.err("name", "empty"));
+    }
+    let scope = scope_of(&cx, p.scope)?;
+    let mut port_level = BTreeMap::new();
+    for (i, pl) in p.port_level.iter().enumerate() {
+        let port = u16::try_from(pl.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                cx.err(
+                    format!("port_level[{i}].port"),
+                    format!("{} is not a port", pl.port),
+                )
+            })?;
+        port_level.insert(
+            port,
+            mtls_of(&cx, &format!("port_level[{i}].mode"), pl.mode)?,
+        );
+    }
+    if !port_level.is_empty() && scope != Scope::WorkloadSelector {
+        return Err(cx.err(
+            "port_level",
+            "only a selector-based policy may set port-level modes",
+        ));
+    }
+    let mode = mtls_of(&cx, "mode", p.mode)?;
+    Ok((
+        key.clone(),
+        PeerAuthn {
+            key: key.into(),
+            namespace: p.namespace.clone(),
+            scope,
+            mode,
+            port_level,
+        },
+    ))
+}
+
+impl Accepted {
+    /// The workloads and policies in force.
+    pub fn build_mesh(&self) -> MeshConfig {
+        MeshConfig {
+            workloads: WorkloadIndex::new(self.workloads.values()),
+            policies: Policies::new(&self.authorizations, &self.peer_authentications),
+            version: 0,
+        }
     }
 }

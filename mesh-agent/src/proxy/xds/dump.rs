@@ -1,5 +1,6 @@
 //! The configuration in force as JSON, for `/config_dump`: what each listener, route and
-//! cluster will do, resolved (after warming, with endpoints).
+//! cluster will do, resolved (after warming, with endpoints); and the workloads and
+//! policies in force (`mesh`).
 
 use std::{
     net::SocketAddr,
@@ -9,9 +10,30 @@ use std::{
 use serde_json::{json, Value};
 
 use crate::proxy::config::{
-    Cluster, Fault, FaultAbort, HeaderMutation, ListenerKind, PathMatch, ProxyConfig, RateLimit,
-    RouteAction, StringMatch,
+    policy::MeshConfig, Cluster, Fault, FaultAbort, HeaderMutation, ListenerKind, PathMatch,
+    ProxyConfig, RateLimit, RouteAction, StringMatch,
 };
+
+/// Workloads (by uid) and policies in force, as the proxy compiled them.
+pub fn mesh(m: &MeshConfig) -> Value {
+    json!({
+        "version": m.version,
+        "workloads": m.workloads.iter().map(|w| json!({
+            "uid": w.uid,
+            "name": w.name,
+            "namespace": w.namespace,
+            "ips": w.ips,
+            "identity": w.identity.to_string(),
+            "node": w.node,
+            "hbone": w.hbone_addr().map(|a| a.to_string()),
+            "authorization_policies": w.authorization_policies,
+            "peer_authentications": w.peer_authentications,
+        })).collect::<Vec<_>>(),
+        "address_conflicts": m.workloads.conflicts,
+        "authorization_policies": m.policies.authorizations,
+        "peer_authentications": m.policies.peer_authentications,
+    })
+}
 
 pub fn config(cfg: &ProxyConfig) -> Value {
     config_with(cfg, |_, _| None)
