@@ -27,7 +27,7 @@ use crate::{
     lifecycle::{drain, ready::Ready},
     metrics::Metrics,
     proxy::{
-        inbound::{Deliver, Inbound, InboundOptions, InboundPod},
+        inbound::{Inbound, InboundOptions, InboundPod},
         xds::client::{ClientOptions, XdsClient},
         Outbound,
     },
@@ -46,7 +46,7 @@ const READY_DRAINING: &str = "draining";
 /// the services that changed are translated again, and only resources whose content
 /// changed are passed on.
 fn xds_delta(translator: &mut translate::Translator, snap: &Snapshot) -> translate::Delta {
-    translator.update(&snap.services, &snap.declared)
+    translator.update_mesh(&snap.services, &snap.declared, &snap.security)
 }
 
 pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
@@ -124,7 +124,11 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         None
     };
     let k8s_stats = Arc::new(k8s::Stats::default());
-    let snapshot = Snapshot::from_file(cfg.source.file());
+    let local_node = enrol::LocalNode {
+        node: cfg.node_name.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+    };
+    let snapshot = Snapshot::from_file_on(cfg.source.file(), &local_node);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot));
     let mut syncer = MapSyncer::new(maps.clone(), registry.clone());
     // Entries the kernel refuses are logged, counted and retried by the map writer's
@@ -147,7 +151,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
 
     // xDS: the embedded control plane (unless an external one is named) and the proxy's
     // client, both on this (control) runtime; the proxy reads the config it publishes.
-    let mut translator = translate::Translator::default();
+    let mut translator = translate::Translator::new(&cfg.trust_domain, "");
     let (xds_tx, xds_rx) = watch::channel(Arc::new(
         crate::control::server::Snapshot::default()
             .apply(&xds_delta(&mut translator, &snap_rx.borrow())),
@@ -225,6 +229,19 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         crate::lifecycle::handover::serve(&cfg.pin_path, outbound.listener_fd(), handover_tx)
             .context("opening the hand-over socket")?;
     let inbound_drain = drain_watch.clone();
+    let hbone_drain = drain_watch.clone();
+    // Zero trust: HBONE to other nodes' workloads, policy for same-node destinations, and
+    // (below) the in-pod HBONE listeners and the policy on captured inbound connections.
+    let mesh_tls = crate::identity::tls::MeshTls::new(identity.certs.clone());
+    let hbone_client = proxy_rt.block_on(async {
+        crate::proxy::hbone::HboneClient::new(mesh_tls.clone(), Default::default())
+    });
+    outbound.set_secure(crate::proxy::secure::Secure::new(
+        cfg.node_name.clone(),
+        xds.clone(),
+        hbone_client,
+        metrics.clone(),
+    ));
     proxy_rt.spawn(
         outbound
             .serve(drain_watch)
@@ -238,14 +255,22 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             runtime: proxy_rt.handle().clone(),
             drain: inbound_drain,
-            plain: Deliver::new(metrics.clone()),
-            on_hbone_listener: None,
+            plain: crate::proxy::secure::InboundPolicy::new(xds.clone(), metrics.clone()),
+            on_hbone_listener: Some(hbone_handoff(
+                proxy_rt.handle().clone(),
+                xds.clone(),
+                mesh_tls.clone(),
+                identity.certs.clone(),
+                metrics.clone(),
+                hbone_drain,
+            )),
         })
         .context("starting the inbound capture thread")?;
         i.update(inbound_pods(&snap_rx.borrow()));
         Some(i)
     } else {
         drop(inbound_drain);
+        drop(hbone_drain);
         None
     };
     // A first beat before the proxy is marked ready, so it is not taken as stale.
@@ -374,12 +399,13 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             }
             (_, SourceConfig::File { path, .. }) => {
                 tokio::spawn(
-                    enrol::file::watch_file(
+                    enrol::file::watch_file_on(
                         path.clone(),
                         cfg.reload_interval,
                         snap_tx,
                         cfg.allow_empty_config,
                         metrics.reloads.clone(),
+                        local_node.clone(),
                     )
                     .instrument(tracing::info_span!("enrolment")),
                 );
@@ -593,6 +619,67 @@ fn watch_node_addrs(
             }
         })?;
     Ok((tx, handle))
+}
+
+/// Serves each enrolled pod's HBONE listener (15008, inside the pod) with the pod's own
+/// identity, until the pod leaves. The identity comes from the workloads in force (it
+/// waits for the pod to appear there); its certificate is fetched on demand first.
+fn hbone_handoff(
+    rt: tokio::runtime::Handle,
+    xds: Arc<XdsClient>,
+    tls: Arc<crate::identity::tls::MeshTls>,
+    certs: Arc<crate::identity::certs::CertManager>,
+    metrics: Arc<crate::metrics::Metrics>,
+    drain: drain::DrainWatch,
+) -> crate::proxy::inbound::HboneHandoff {
+    use crate::identity::Certificates;
+    Arc::new(move |pod, listener| {
+        let (xds, tls, certs, metrics, drain) = (
+            xds.clone(),
+            tls.clone(),
+            certs.clone(),
+            metrics.clone(),
+            drain.clone(),
+        );
+        rt.spawn(async move {
+            let ip = std::net::IpAddr::V4(pod.ip);
+            let serve = async {
+                let mut mesh = xds.mesh();
+                let id = loop {
+                    if let Some(w) = mesh.borrow_and_update().workloads.by_ip(ip) {
+                        break w.identity.clone();
+                    }
+                    if mesh.changed().await.is_err() {
+                        return;
+                    }
+                };
+                let mut backoff = Duration::from_millis(200);
+                let config = loop {
+                    match certs.get(&id).await.map_err(|e| e.to_string()).and_then(|_| {
+                        tls.server_config(&id).map_err(|e| e.to_string())
+                    }) {
+                        Ok(c) => break c,
+                        Err(e) => {
+                            warn!(pod = %pod.display_name(), identity = %id, error = %e, "no certificate for the pod's HBONE listener yet; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                };
+                info!(pod = %pod.display_name(), identity = %id, "HBONE listener serving");
+                let handler = Arc::new(crate::proxy::secure::TunnelHandler {
+                    pod: pod.clone(),
+                    xds: xds.clone(),
+                    metrics,
+                });
+                crate::proxy::hbone::serve(listener, config, handler, drain).await;
+            };
+            tokio::select! {
+                () = serve => {}
+                () = pod.closed() => {}
+            }
+        });
+    })
 }
 
 /// The enrolled local workloads, for the inbound manager: bypassed ones and those whose

@@ -71,6 +71,76 @@ pub struct Metrics {
     pub l7: Arc<L7Metrics>,
     /// Inbound capture (`proxy::inbound`).
     pub inbound: InboundMetrics,
+    /// Policy decisions and the tunnel (`proxy::secure`).
+    pub authz: AuthzMetrics,
+}
+
+/// At most this many (direction, verdict, policy) series; past it, `policy="other"`.
+pub const MAX_AUTHZ_SERIES: usize = 1024;
+
+/// Policy decisions by direction, outcome and deciding policy; tunnel streams.
+#[derive(Debug, Default)]
+pub struct AuthzMetrics {
+    decisions: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
+    /// Inbound connections judged without policy: their pod was not in the workloads in
+    /// force yet.
+    pub unknown: AtomicU64,
+    /// HBONE streams opened towards other nodes, and those that failed (reset).
+    pub tunnel_out: AtomicU64,
+    pub tunnel_out_failures: AtomicU64,
+    /// HBONE streams accepted on in-pod listeners and delivered.
+    pub tunnel_in: AtomicU64,
+}
+
+impl AuthzMetrics {
+    /// Counts one decision (`direction`: inbound or outbound).
+    pub fn count(&self, direction: &'static str, allowed: bool, policy: Option<&str>) {
+        let verdict = if allowed { "allow" } else { "deny" };
+        let policy = policy.unwrap_or("none");
+        let mut m = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (direction, verdict, policy.to_owned());
+        if let Some(n) = m.get_mut(&key) {
+            *n += 1;
+        } else if m.len() < MAX_AUTHZ_SERIES {
+            m.insert(key, 1);
+        } else {
+            *m.entry((direction, verdict, "other".to_owned())).or_default() += 1;
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP mesh_authz_decisions_total Connections judged by AuthorizationPolicy and PeerAuthentication, by direction, verdict and deciding policy (`none`: no policy decided).\n# TYPE mesh_authz_decisions_total counter"
+        );
+        for ((dir, verdict, policy), n) in self
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "mesh_authz_decisions_total{{direction=\"{dir}\",verdict=\"{verdict}\",policy=\"{}\"}} {n}",
+                esc(policy)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mesh_authz_unknown_total Inbound connections judged without policy: their pod was not in the configuration yet.\n# TYPE mesh_authz_unknown_total counter\nmesh_authz_unknown_total {}",
+            self.unknown.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_hbone_streams_total HBONE streams: opened to other nodes (out), failed to open (out_failed), accepted and delivered into a pod (in).\n# TYPE mesh_hbone_streams_total counter\n\
+             mesh_hbone_streams_total{{direction=\"out\"}} {}\n\
+             mesh_hbone_streams_total{{direction=\"out_failed\"}} {}\n\
+             mesh_hbone_streams_total{{direction=\"in\"}} {}",
+            self.tunnel_out.load(Relaxed),
+            self.tunnel_out_failures.load(Relaxed),
+            self.tunnel_in.load(Relaxed),
+        );
+    }
 }
 
 /// Inbound capture: connections the in-pod listeners took, and the pods capturing.
@@ -288,6 +358,7 @@ impl Metrics {
         self.map_writes.render(&mut out);
         self.l7.render(&mut out);
         self.inbound.render(&mut out);
+        self.authz.render(&mut out);
         out
     }
 }

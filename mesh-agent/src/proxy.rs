@@ -11,6 +11,7 @@ pub mod config;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+pub mod secure;
 pub mod xds;
 
 use std::{
@@ -71,6 +72,9 @@ pub struct Outbound {
     /// Service listeners (xDS): which destinations get L7 or a load-balanced TCP hop.
     xds: Arc<XdsClient>,
     l7: Arc<L7>,
+    /// The zero-trust path (HBONE to other nodes, policy for same-node destinations);
+    /// unset: every flow is plain.
+    secure: std::sync::OnceLock<Arc<secure::Secure>>,
 }
 
 /// How long a listener with a TCP fallback waits for a client's first bytes before
@@ -136,7 +140,14 @@ impl Outbound {
             next_id: AtomicU64::new(0),
             xds,
             l7,
+            secure: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sends flows to mesh workloads of other nodes through HBONE, and judges same-node
+    /// ones by policy (`proxy::secure`).
+    pub fn set_secure(&self, s: Arc<secure::Secure>) {
+        let _ = self.secure.set(s);
     }
 
     /// The listening socket, to hand over to the next agent.
@@ -349,6 +360,46 @@ impl Outbound {
             skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
         });
         counters.opened.fetch_add(1, Relaxed);
+        let path = match self.secure.get() {
+            Some(s) => s.outbound(pip, target),
+            None => secure::Path::Plain,
+        };
+        match path {
+            secure::Path::Plain => {}
+            secure::Path::Denied(_) => {
+                counters.closed.fetch_add(1, Relaxed);
+                let _ = sys::set_linger_zero(client.as_fd());
+                return;
+            }
+            secure::Path::Tunnel { src, dst, hbone } => {
+                let s = self.secure.get().expect("a tunnel path comes from `secure`");
+                let mut stream = match s.hbone.connect(&src, hbone, &dst.identity, target).await {
+                    Ok(st) => st,
+                    Err(e) => {
+                        debug!(%target, %hbone, error = %e, "HBONE stream failed; resetting the client");
+                        self.metrics.authz.tunnel_out_failures.fetch_add(1, Relaxed);
+                        counters.connect_failures.fetch_add(1, Relaxed);
+                        counters.closed.fetch_add(1, Relaxed);
+                        let _ = sys::set_linger_zero(client.as_fd());
+                        return;
+                    }
+                };
+                self.metrics.authz.tunnel_out.fetch_add(1, Relaxed);
+                if !prefix.is_empty() {
+                    if stream.write_all(&prefix).await.is_err() {
+                        counters.closed.fetch_add(1, Relaxed);
+                        let _ = sys::set_linger_zero(client.as_fd());
+                        return;
+                    }
+                    counters.received.fetch_add(prefix.len() as u64, Relaxed);
+                }
+                let _ = client.set_nodelay(true);
+                let _ = hbone::relay_tunnel(client, stream, &counters, hbone::TcpSide::Source).await;
+                counters.closed.fetch_add(1, Relaxed);
+                drop(drain);
+                return;
+            }
+        }
         let connect = match target {
             SocketAddr::V4(t) if t == dst => {
                 tokio::time::timeout(CONNECT_TIMEOUT, self.connect_upstream(dst, &flow)).await

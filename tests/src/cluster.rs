@@ -84,6 +84,12 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+fn ca_dir_of(index: u8) -> PathBuf {
+    std::env::temp_dir()
+        .join(format!("mesh-test-c{index}"))
+        .join("ca")
+}
+
 fn netns_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/run/netns/{name}"))
 }
@@ -147,6 +153,21 @@ impl SimCluster {
                     ))?;
                 }
             }
+            // One root for the cluster, in Istio's plug-in layout: every node's embedded
+            // CA signs with it (each for its own node's workloads), so identities verify
+            // across nodes.
+            let ca = cluster.ca_dir();
+            // A killed run's root (its Drop never ran): `ca init` refuses to overwrite.
+            let _ = fs::remove_dir_all(&ca);
+            let out = Command::new(agent_bin())
+                .args(["ca", "init", "--dir"])
+                .arg(&ca)
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "mesh-agent ca init: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             return Ok(cluster);
         }
         bail!("no free simulated-cluster index (namespaces mtc0-ul..mtc250-ul all exist: see tests/README.md to clean up)")
@@ -168,6 +189,7 @@ impl SimCluster {
                 .join(format!("n{id}")),
             pods: Vec::new(),
             children: Mutex::new(Vec::new()),
+            ca: ca_dir_of(k),
         };
         let (ns, ul) = (node.netns.clone(), self.underlay.clone());
         let (addr, gw) = (node.address, node.gateway);
@@ -191,6 +213,11 @@ impl SimCluster {
 
     pub fn node(&self, id: usize) -> &ClusterNode {
         &self.nodes[id]
+    }
+
+    /// The cluster's CA folder (`mesh-agent ca init`), every agent's `--ca-dir`.
+    pub fn ca_dir(&self) -> PathBuf {
+        ca_dir_of(self.index)
     }
 
     /// Adds a pod to node `id`: netns + veth on the node's bridge + cgroup folder. `host`
@@ -265,11 +292,18 @@ pub struct ClusterNode {
     pub dir: PathBuf,
     pub pods: Vec<Pod>,
     children: Mutex<Vec<Child>>,
+    /// The cluster's CA folder.
+    ca: PathBuf,
 }
 
 impl ClusterNode {
     pub fn netns_path(&self) -> PathBuf {
         netns_path(&self.netns)
+    }
+
+    /// The node's name (`--node-name`, and `node:` in enrolment files): `n<id>`.
+    pub fn name(&self) -> String {
+        format!("n{}", self.id)
     }
 
     fn add_pod(&mut self, name: &str, host: u8) -> Result<&Pod> {
@@ -387,6 +421,8 @@ impl ClusterNode {
             ("--cgroup", self.cgroup.display().to_string()),
             ("--proxy-address", format!("{}:15001", self.gateway)),
             ("--reload-interval-ms", "100".to_owned()),
+            ("--node-name", self.name()),
+            ("--ca-dir", self.ca.display().to_string()),
         ];
         for (flag, value) in defaults {
             // A flag given in `extra` replaces the default.
@@ -540,4 +576,101 @@ impl NodeAgent {
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         self.agent.cli(args)
     }
+}
+
+/// A packet capture on every interface of one network namespace (an `AF_PACKET` socket,
+/// no tcpdump needed), running until `stop`: what the wire between the nodes carries.
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+/// At most this much of a capture is kept (frames past it are counted, not stored).
+const CAPTURE_LIMIT: usize = 256 << 20;
+
+impl Capture {
+    /// Starts capturing in the network namespace file `netns`.
+    pub fn start(netns: &Path) -> Result<Capture> {
+        let netns = netns.to_path_buf();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let ns = fs::File::open(&netns).expect("netns file");
+            // SAFETY: setns(2) on a file we own changes this thread's namespace only; the
+            // socket, option and buffer calls get valid pointers and sizes.
+            let fd = unsafe {
+                assert_eq!(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET), 0);
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                );
+                assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                let size: libc::c_int = 8 << 20;
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                );
+                fd
+            };
+            let _ = ready_tx.send(());
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: `buf` is valid for its length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 && out.len() < CAPTURE_LIMIT {
+                    out.extend_from_slice(&buf[..n as usize]);
+                }
+            }
+            // SAFETY: our own fd, closed once.
+            unsafe { libc::close(fd) };
+            out
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("capture did not start")?;
+        Ok(Capture {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns the raw frames, concatenated.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -18,9 +18,9 @@
 //!                                        chunks with a pause between them, then close
 //! podtool read-client --to ADDR           read until the end of stream; print the bytes and
 //!                                        how it ended (`eof`, or the error: `ECONNRESET`)
-//! podtool raw --to ADDR --send TEXT      send TEXT (`\r` and `\n` written as such), read
-//!                                        the answer until the server closes; print its
-//!                                        first line
+//! podtool raw --to ADDR --send TEXT [--half-close]  send TEXT (`\r` and `\n` written as
+//!                                        such; then a FIN with `--half-close`), read the
+//!                                        answer until the server closes; print its first line
 //! podtool dial-range --to IP --ports A-B  connect to each port once and close; prints how
 //!                                        many connected and how many were refused or reset
 //! podtool ping --to ADDR --count N       64-byte ping-pong; prints latency percentiles
@@ -202,6 +202,9 @@ fn raw(args: &[String]) {
         .replace("\\n", "\n");
     let mut c = TcpStream::connect(addr(args, "--to")).expect("connect");
     c.write_all(text.as_bytes()).expect("send");
+    if args.iter().any(|a| a == "--half-close") {
+        c.shutdown(Shutdown::Write).expect("half-close");
+    }
     let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
     c.set_nonblocking(true).expect("nonblocking");
     let mut got = Vec::new();

@@ -1,0 +1,299 @@
+//! The zero-trust path: which way a flow travels between mesh workloads, and whether
+//! policy lets it. It joins the pieces the proxy has for this:
+//!
+//! - the mesh's workloads and policies in force (`proxy::config::workloads`,
+//!   `proxy::config::policy`, from xDS), judged by `proxy::authz`;
+//! - the HBONE tunnel (`proxy::hbone`) with certificates of the node's identities
+//!   (`identity::Certificates`);
+//! - inbound capture (`proxy::inbound`): plaintext connections TC steered to a pod's
+//!   listener, and the pod's HBONE listener.
+//!
+//! Outbound (`Secure::outbound`): a destination that is a mesh workload on another node
+//! goes through the tunnel, from the source workload's identity to the destination's
+//! expected identity; policy is the destination node's to apply. A same-node mesh
+//! destination is judged here, with the source identity known locally. Anything else
+//! (outside the mesh, or a source the mesh does not know) stays plain.
+//!
+//! Inbound (`InboundPolicy`, `TunnelHandler`): PeerAuthentication first (a plain-text
+//! connection to a STRICT port is refused), then AuthorizationPolicy; a denial resets the
+//! connection (plain) or answers 403 (tunnel), counted with the policy's name and logged.
+//! Each decision reads the configuration in force when the connection arrives, so a
+//! policy change applies to the next connection.
+
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use super::{
+    authz::{self, ConnCtx, Verdict},
+    config::{policy::MeshConfig, workloads::WorkloadInfo},
+    hbone::{ConnectHandler, HboneClient, PeerInfo, Refusal},
+    inbound::{Deliver, InPod, PlainHandler},
+    xds::client::XdsClient,
+};
+use crate::{identity::SpiffeId, metrics::Metrics, sys};
+
+/// How long an inbound connection waits for its pod to appear in the workloads in force
+/// (the configuration arrives over xDS just after the pod is enrolled).
+const MESH_CONFIG_WAIT: Duration = Duration::from_secs(2);
+
+/// Which way an outbound flow goes.
+#[derive(Debug)]
+pub enum Path {
+    /// Plain TCP to the target (not a mesh destination, or allowed on this node).
+    Plain,
+    /// Through HBONE to a workload of another node.
+    Tunnel {
+        src: SpiffeId,
+        dst: Arc<WorkloadInfo>,
+        hbone: SocketAddr,
+    },
+    /// Refused by policy (same-node destination).
+    Denied(Verdict),
+}
+
+pub struct Secure {
+    node: String,
+    xds: Arc<XdsClient>,
+    pub hbone: Arc<HboneClient>,
+    metrics: Arc<Metrics>,
+}
+
+impl Secure {
+    pub fn new(
+        node: String,
+        xds: Arc<XdsClient>,
+        hbone: Arc<HboneClient>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Secure> {
+        Arc::new(Secure {
+            node,
+            xds,
+            hbone,
+            metrics,
+        })
+    }
+
+    /// The path for a flow from the local workload at `client` to `target` (an endpoint
+    /// picked, or the original destination).
+    pub fn outbound(&self, client: Ipv4Addr, target: SocketAddr) -> Path {
+        let mesh = self.xds.mesh_now();
+        let Some(dst) = mesh.workloads.by_ip(target.ip()) else {
+            return Path::Plain;
+        };
+        let Some(src) = mesh.workloads.by_ip(IpAddr::V4(client)) else {
+            return Path::Plain;
+        };
+        if dst.node == self.node || dst.node.is_empty() {
+            let ctx = ConnCtx {
+                src_ip: IpAddr::V4(client),
+                src_identity: Some(&src.identity),
+                dst,
+                dst_ip: target.ip(),
+                dst_port: target.port(),
+                tls: true,
+            };
+            let v = authz::authorize(&mesh.policies, &ctx);
+            self.metrics.authz.count("outbound", v.allowed, v.policy_name.as_deref());
+            if !v.allowed {
+                log_denial("same-node", &ctx, &v);
+                return Path::Denied(v);
+            }
+            return Path::Plain;
+        }
+        match dst.hbone_addr() {
+            Some(hbone) => Path::Tunnel {
+                src: src.identity.clone(),
+                dst: dst.clone(),
+                hbone,
+            },
+            None => Path::Plain,
+        }
+    }
+}
+
+fn log_denial(direction: &str, ctx: &ConnCtx<'_>, v: &Verdict) {
+    info!(
+        target: "mesh_agent::authz",
+        direction,
+        source = %ctx.src_ip,
+        principal = ctx.src_identity.map(|i| i.to_string()).unwrap_or_default(),
+        destination = %ctx.dst.name,
+        namespace = %ctx.dst.namespace,
+        port = ctx.dst_port,
+        policy = v.policy_name.as_deref().unwrap_or("-"),
+        reason = v.reason.as_str(),
+        "connection denied"
+    );
+}
+
+/// The workload at `ip` once the configuration in force names it (waits up to
+/// `MESH_CONFIG_WAIT`); with it, the configuration it was found in.
+async fn workload_at(
+    xds: &XdsClient,
+    ip: IpAddr,
+) -> Option<(Arc<MeshConfig>, Arc<WorkloadInfo>)> {
+    let mut rx = xds.mesh();
+    let found = |m: &Arc<MeshConfig>| m.workloads.by_ip(ip).cloned().map(|w| (m.clone(), w));
+    if let Some(x) = found(&rx.borrow_and_update()) {
+        return Some(x);
+    }
+    tokio::time::timeout(MESH_CONFIG_WAIT, async {
+        while rx.changed().await.is_ok() {
+            if let Some(x) = found(&rx.borrow_and_update()) {
+                return Some(x);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Judges plaintext connections TC steered to a pod's listener, then delivers them.
+pub struct InboundPolicy {
+    xds: Arc<XdsClient>,
+    metrics: Arc<Metrics>,
+    deliver: Arc<Deliver>,
+}
+
+impl InboundPolicy {
+    pub fn new(xds: Arc<XdsClient>, metrics: Arc<Metrics>) -> Arc<InboundPolicy> {
+        let deliver = Deliver::new(metrics.clone());
+        Arc::new(InboundPolicy {
+            xds,
+            metrics,
+            deliver,
+        })
+    }
+}
+
+type UnitFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+impl PlainHandler for InboundPolicy {
+    fn serve(
+        &self,
+        conn: TcpStream,
+        peer: SocketAddrV4,
+        orig_dst: SocketAddrV4,
+        pod: Arc<InPod>,
+    ) -> UnitFuture {
+        let (xds, metrics, deliver) = (
+            self.xds.clone(),
+            self.metrics.clone(),
+            self.deliver.clone(),
+        );
+        Box::pin(async move {
+            let Some((mesh, dst)) = workload_at(&xds, IpAddr::V4(*orig_dst.ip())).await else {
+                // Enrolled here but not (yet) in the configuration: no policy can be
+                // judged. Counted; the pod's own fail mode applies on its outbound side.
+                metrics.authz.unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                debug!(%peer, %orig_dst, "no workload in force for the destination; delivering without policy");
+                deliver.serve(conn, peer, orig_dst, pod).await;
+                return;
+            };
+            let ctx = ConnCtx {
+                src_ip: IpAddr::V4(*peer.ip()),
+                src_identity: None,
+                dst: &dst,
+                dst_ip: IpAddr::V4(*orig_dst.ip()),
+                dst_port: orig_dst.port(),
+                tls: false,
+            };
+            // Plain text to a STRICT port is refused first (`authz::authorize`).
+            let v = authz::authorize(&mesh.policies, &ctx);
+            metrics.authz.count("inbound", v.allowed, v.policy_name.as_deref());
+            if !v.allowed {
+                log_denial("inbound-plain", &ctx, &v);
+                metrics
+                    .inbound
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = sys::set_linger_zero(conn.as_fd());
+                return;
+            }
+            deliver.serve(conn, peer, orig_dst, pod).await;
+        })
+    }
+}
+
+/// Opens CONNECT streams that arrive on a pod's HBONE listener: only to that pod, only
+/// where policy allows the peer's identity.
+pub struct TunnelHandler {
+    pub pod: Arc<InPod>,
+    pub xds: Arc<XdsClient>,
+    pub metrics: Arc<Metrics>,
+}
+
+type OpenFuture = Pin<Box<dyn Future<Output = Result<TcpStream, Refusal>> + Send + 'static>>;
+
+impl ConnectHandler for TunnelHandler {
+    fn open(&self, peer: PeerInfo, authority: SocketAddr) -> OpenFuture {
+        let (pod, xds, metrics) = (self.pod.clone(), self.xds.clone(), self.metrics.clone());
+        Box::pin(async move {
+            let dst_addr = match authority {
+                SocketAddr::V4(a) if *a.ip() == pod.ip => a,
+                _ => {
+                    // This listener serves its own pod; any other target would make the
+                    // agent a relay into (or out of) the pod's network.
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("{authority} is not this pod ({})", pod.ip),
+                    ));
+                }
+            };
+            let Some((mesh, dst)) = workload_at(&xds, IpAddr::V4(pod.ip)).await else {
+                metrics.authz.unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "destination workload not in the configuration yet",
+                ));
+            };
+            let ctx = ConnCtx {
+                src_ip: peer.addr.ip(),
+                src_identity: Some(&peer.identity),
+                dst: &dst,
+                dst_ip: IpAddr::V4(pod.ip),
+                dst_port: dst_addr.port(),
+                tls: true,
+            };
+            let v = authz::authorize(&mesh.policies, &ctx);
+            metrics.authz.count("inbound", v.allowed, v.policy_name.as_deref());
+            if !v.allowed {
+                log_denial("inbound-tunnel", &ctx, &v);
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "denied by {}",
+                        v.policy_name.as_deref().unwrap_or(v.reason.as_str())
+                    ),
+                ));
+            }
+            match tokio::time::timeout(Duration::from_secs(10), pod.connect_in(dst_addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    metrics
+                        .authz
+                        .tunnel_in
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(s)
+                }
+                Ok(Err(e)) => Err(Refusal::new(StatusCode::BAD_GATEWAY, e.to_string())),
+                Err(_) => Err(Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the destination did not answer",
+                )),
+            }
+        })
+    }
+}
