@@ -672,8 +672,27 @@ fn daemonset_runs_on_the_host_with_named_capabilities_only() {
             ("cgroup", "/sys/fs/cgroup", true),
             ("config", "/etc/mesh-agent", true),
             ("run", "/run/mesh-agent", false),
+            // The embedded CA's plug-in Secret (the default CA mode), read-only.
+            ("ca", "/etc/mesh-agent-ca", true),
         ]
         .map(|(n, p, r)| (n.to_owned(), p.to_owned(), r))
+    );
+    assert_eq!(
+        env_value(&d, "MESH_CA_DIR").as_deref(),
+        Some("/etc/mesh-agent-ca")
+    );
+    assert_eq!(
+        env_value(&d, "MESH_TRUST_DOMAIN").as_deref(),
+        Some("cluster.local")
+    );
+    assert_eq!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "ca")
+            .map(|v| v["secret"]["secretName"].clone()),
+        Some("cacerts".into())
     );
     let volumes = pod["volumes"].as_array().expect("volumes");
     let host_path = |name: &str| {
@@ -692,7 +711,8 @@ fn daemonset_runs_on_the_host_with_named_capabilities_only() {
         Some("Memory".into()),
         "the ADS socket's folder is private to the container"
     );
-    assert_eq!(volumes.len(), 4, "no other host access");
+    // The fifth is the CA Secret (checked above), not a host path.
+    assert_eq!(volumes.len(), 5, "no other host access");
 }
 
 #[test]
@@ -736,6 +756,16 @@ fn cluster_role_reads_only_what_the_agent_watches() {
         (
             "gateway.networking.k8s.io".to_owned(),
             "httproutes".to_owned(),
+            set(&["list", "watch"]),
+        ),
+        (
+            "security.istio.io".to_owned(),
+            "authorizationpolicies".to_owned(),
+            set(&["list", "watch"]),
+        ),
+        (
+            "security.istio.io".to_owned(),
+            "peerauthentications".to_owned(),
             set(&["list", "watch"]),
         ),
     ];
