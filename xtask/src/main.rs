@@ -4,11 +4,12 @@
 //!   bpf-linker built against nightly's LLVM, Debian packages), idempotently.
 //! - `build`: builds the agent (its build.rs builds the eBPF object) and the test tools.
 //! - `test`: setup, build, format and clippy checks, then every test (unit and the
-//!   privileged end-to-end tests on a simulated node).
-//! - `demo`: setup, build, then a simulated node with traffic (xtask/demo.sh).
+//!   privileged end-to-end tests on a simulated node), then `demo --nodes 2` once.
+//! - `demo`: setup, build, then a simulated node with traffic (xtask/demo.sh); `--nodes 2`
+//!   a two-node cluster with the HBONE tunnel, identities and a policy (xtask/demo-cluster.sh).
 //! - `latency`: a quick pod -> pod round-trip measurement, direct vs through the mesh.
 //! - `bench`: the benchmark suites of issue 5 (`l4`, `footprint`: xtask/bench.sh measures;
-//!   `l7`: xtask/bench-l7.sh; `xds`: xtask/bench-xds.py; `bench.rs` reports); `--smoke` is a seconds-long run that `test` includes.
+//!   `l7`: xtask/bench-l7.sh; `xds`: xtask/bench-xds.py; `cluster`, two nodes (issue 11): xtask/bench-cluster.sh; `bench.rs` reports); `--smoke` is a seconds-long run that `test` includes.
 //! - `soak`: mixed L4/L7 traffic, configuration churn and agent restarts at once on a
 //!   simulated node, then no-loss, map and RSS/fd assertions (`soak.rs`); `test` runs
 //!   two minutes of it.
@@ -83,12 +84,17 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run the demo on a simulated node.
+    /// Run the demo on a simulated node (or a simulated cluster, `--nodes 2`).
     Demo {
         /// The Kubernetes flavour: an API server test double driven with kubectl, pods in
         /// the kubelet's cgroup layout, the agent with `--source kubernetes`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "nodes")]
         kubernetes: bool,
+        /// Simulated nodes: 1 is the single-node demo (xtask/demo.sh); 2 the zero-trust
+        /// demo on a two-node cluster (xtask/demo-cluster.sh: HBONE between the nodes,
+        /// identities, an AuthorizationPolicy).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        nodes: u8,
     },
     /// Quick pod -> pod TCP round-trip latency: direct, mesh with and without sk_msg.
     Latency {
@@ -98,7 +104,7 @@ enum Task {
     },
     /// Benchmarks on a simulated node (issue 5); results in target/bench/ and docs/bench/.
     Bench {
-        /// l4, footprint, l7, xds, or all.
+        /// l4, footprint, l7, xds, cluster, or all.
         suite: Option<String>,
         /// Runs per measurement (median and min-max are reported).
         #[arg(long, default_value_t = 5)]
@@ -475,12 +481,24 @@ fn main() -> Result<()> {
             if !left.trim().is_empty() {
                 bail!("tests left network namespaces behind:\n{left}");
             }
-            // A filtered run is someone chasing one test; the whole command (CI) also
-            // fuzzes each target briefly and checks that the benchmark harness still runs.
+            // A filtered run is someone chasing one test; the whole command (CI) also runs
+            // the two-node demo, fuzzes each target briefly and checks that the benchmark
+            // harness still runs.
             if !args.is_empty() {
-                eprintln!("fuzz and bench smoke: skipped (test filter given)");
+                eprintln!("demo, fuzz and bench smoke: skipped (test filter given)");
                 return Ok(());
             }
+            // The two-node zero-trust demo, once, as a smoke check (a few seconds): it
+            // checks what it shows and fails loudly, and removes everything on exit.
+            let started = std::time::Instant::now();
+            run(Command::new("bash")
+                .arg(root().join("xtask/demo-cluster.sh"))
+                .env("MESH_AGENT_BIN", agent_bin())
+                .env("PODTOOL", root().join("target/debug/podtool")))?;
+            eprintln!(
+                "demo --nodes 2 smoke: ok in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
             let started = std::time::Instant::now();
             fuzz(FUZZ_SMOKE_SECONDS, None)?;
             eprintln!("fuzz smoke: ok in {:.0} s", started.elapsed().as_secs_f64());
@@ -511,15 +529,25 @@ fn main() -> Result<()> {
                 &soak_bins("debug"),
             )
         }
-        Task::Demo { kubernetes: false } => {
+        Task::Demo {
+            kubernetes: false,
+            nodes,
+        } => {
             setup()?;
             build()?;
+            let script = if nodes == 2 {
+                "xtask/demo-cluster.sh"
+            } else {
+                "xtask/demo.sh"
+            };
             run(Command::new("bash")
-                .arg(root().join("xtask/demo.sh"))
+                .arg(root().join(script))
                 .env("MESH_AGENT_BIN", agent_bin())
                 .env("PODTOOL", root().join("target/debug/podtool")))
         }
-        Task::Demo { kubernetes: true } => {
+        Task::Demo {
+            kubernetes: true, ..
+        } => {
             setup()?;
             build()?;
             let kube = deploy::ensure_tools(&root())?;
