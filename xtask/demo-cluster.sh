@@ -354,12 +354,14 @@ echo "          batch -> echo $batch"
 [ "${batch%% *}" = refused ] || fail "batch was not refused"
 echo "  n1 mesh_authz_decisions_total (inbound):"
 admin 1 /metrics | grep '^mesh_authz_decisions_total{direction="inbound"' | sed 's/^/    /'
-# An ALLOW that matches nothing is nobody's verdict in Istio's model: the denial names no
-# policy (`policy="-"`, counted under `none`) but says why.
-echo "  n1 agent log, the denial (no ALLOW policy matched batch: the verdict is no single policy's):"
+# A denial for want of a matching ALLOW is counted and logged under the ALLOW policy that
+# applies (the first, by name), with the reason.
+echo "  n1 agent log, the denial (allow-web applies to echo and does not match batch):"
 grep 'connection denied' "$DIR/agent-n1.log" | grep 'sa/batch' | tail -1 | sed 's/^/    /'
 [ "$(metric 1 mesh_authz_decisions_total 'direction="inbound",verdict="allow",policy="backend/allow-web"')" -ge 1 ] \
   || fail "no allow decision by backend/allow-web"
+[ "$(metric 1 mesh_authz_decisions_total 'direction="inbound",verdict="deny",policy="backend/allow-web"')" -ge 1 ] \
+  || fail "no deny decision under backend/allow-web"
 grep 'connection denied' "$DIR/agent-n1.log" | grep -q 'sa/batch' || fail "no denial logged for batch"
 
 header "5/5 no firewall rule in any of the cluster's network namespaces"

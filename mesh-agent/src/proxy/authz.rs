@@ -63,7 +63,7 @@ pub enum Reason {
     Allowed,
     /// A DENY policy matched (`policy_name`).
     Denied,
-    /// ALLOW policies apply and none matched.
+    /// ALLOW policies apply and none matched (`policy_name`: the first of them).
     NoAllowMatch,
     /// The port's mTLS mode is STRICT and the connection is plain text (`policy_name`:
     /// the PeerAuthentication).
@@ -227,15 +227,17 @@ fn evaluate(p: &Policies, ctx: &ConnCtx<'_>, req: Option<&http::request::Parts>)
     {
         return verdict(false, Some(&pol.key), Reason::Denied);
     }
-    let mut any_allow = false;
+    // A refusal for want of a matching ALLOW names the first ALLOW policy that applies,
+    // so the denial is counted and logged under a policy an operator can look up.
+    let mut first_allow = None;
     for pol in applicable(p, ctx.dst).filter(|a| a.action == Action::Allow) {
-        any_allow = true;
+        first_allow.get_or_insert(&pol.key);
         if policy_matches(pol, ctx, req) {
             return verdict(true, Some(&pol.key), Reason::Allowed);
         }
     }
-    if any_allow {
-        verdict(false, None, Reason::NoAllowMatch)
+    if let Some(key) = first_allow {
+        verdict(false, Some(key), Reason::NoAllowMatch)
     } else {
         verdict(true, None, Reason::NoPolicy)
     }
@@ -610,8 +612,8 @@ workloads:
         let w = id(WEB);
         let v = authorize(&m.policies, &conn(&m, Some(&w), &c));
         assert_eq!(
-            (v.allowed, v.reason, v.policy_name),
-            (false, Reason::NoAllowMatch, None)
+            (v.allowed, v.reason, v.policy_name.as_deref()),
+            (false, Reason::NoAllowMatch, Some("shop/web-from-client"))
         );
     }
 
