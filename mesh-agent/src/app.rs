@@ -123,6 +123,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     } else {
         None
     };
+    if let Some(client) = &k8s_client {
+        identity.serve_kubernetes_callers(client, &cfg);
+    }
     let k8s_stats = Arc::new(k8s::Stats::default());
     let local_node = enrol::LocalNode {
         node: cfg.node_name.clone(),
@@ -959,6 +962,26 @@ struct IdentityParts {
     /// What runs on which node, as the embedded CA sees it (this node's entry is kept from
     /// enrolment by `track_identities`).
     nodes: Option<watch::Sender<Arc<crate::control::ca::NodeIdentities>>>,
+    /// The embedded CA itself, to add Kubernetes callers once the kube client is made.
+    embedded: Option<Arc<crate::control::ca::Ca>>,
+}
+
+impl IdentityParts {
+    /// With `--source kubernetes`, the embedded CA also takes other agents' projected
+    /// ServiceAccount tokens (TokenReview through this agent's kube client).
+    fn serve_kubernetes_callers(&self, client: &kube::Client, cfg: &RunConfig) {
+        use crate::control::ca::k8s::{KubeCallerOptions, KubeCallers};
+        let Some(ca) = &self.embedded else {
+            return;
+        };
+        let opts = KubeCallerOptions {
+            audience: cfg.ca_k8s_audience.clone(),
+            service_account: cfg.ca_k8s_service_account.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+        };
+        info!(audience = %opts.audience, service_account = ?opts.service_account, "the embedded CA takes ServiceAccount tokens (TokenReview)");
+        ca.use_kubernetes(KubeCallers::new(client.clone(), opts));
+    }
 }
 
 fn start_identity(cfg: &RunConfig) -> anyhow::Result<IdentityParts> {
@@ -971,17 +994,17 @@ fn start_identity(cfg: &RunConfig) -> anyhow::Result<IdentityParts> {
         ..CertOptions::default()
     };
     if let Some(addr) = &cfg.ca_address {
-        let token = cfg
-            .ca_token_file
-            .as_deref()
-            .map(auth::Token::from_file)
-            .transpose()?;
-        let client = GrpcCa::new(addr, token.as_ref())?;
+        // Read again before each request: a projected ServiceAccount token rotates.
+        let client = match &cfg.ca_token_file {
+            Some(path) => GrpcCa::with_token_file(addr, path)?,
+            None => GrpcCa::new(addr, None)?,
+        };
         info!(ca = %addr, "workload certificates from an external CA");
         return Ok(IdentityParts {
             certs: Arc::new(CertManager::new(Arc::new(client), opts)),
             ca: None,
             nodes: None,
+            embedded: None,
         });
     }
     let signer = match &cfg.ca_dir {
@@ -1006,8 +1029,9 @@ fn start_identity(cfg: &RunConfig) -> anyhow::Result<IdentityParts> {
     let certs = CertManager::new(Arc::new(local), opts).with_roots(vec![ca.root().clone()]);
     Ok(IdentityParts {
         certs: Arc::new(certs),
-        ca: Some(ca.into_service()),
+        ca: Some(ca.clone().into_service()),
         nodes: Some(tx),
+        embedded: Some(ca),
     })
 }
 

@@ -37,6 +37,8 @@ pub const DEFAULT_XDS_ON_DEMAND_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Validity the agent asks for its workload certificates (renewed at half of it).
 pub const DEFAULT_WORKLOAD_CERT_TTL: &str = "24h";
+/// The audience of other agents' ServiceAccount tokens at the embedded CA (istiod's).
+pub const DEFAULT_CA_K8S_AUDIENCE: &str = "istio-ca";
 /// The shortest `--workload-cert-ttl` accepted (seconds): shorter would mean a CSR every
 /// few seconds per identity.
 pub const MIN_WORKLOAD_CERT_TTL_S: u64 = 10;
@@ -115,6 +117,16 @@ pub struct RunArgs {
     /// this agent only.
     #[arg(long, env = "MESH_CA_NODE_TOKENS")]
     pub ca_node_tokens: Option<PathBuf>,
+    /// With `--source kubernetes`: the audience other agents' projected ServiceAccount
+    /// tokens must be for (their bearer token, when it is not a node credential, is
+    /// checked with a TokenReview).
+    #[arg(long, env = "MESH_CA_K8S_AUDIENCE", default_value = DEFAULT_CA_K8S_AUDIENCE)]
+    pub ca_k8s_audience: String,
+    /// With `--source kubernetes`: the ServiceAccount (`NAMESPACE/NAME`) other agents'
+    /// tokens must belong to; default: the one this agent runs as (asked of the API
+    /// server).
+    #[arg(long, env = "MESH_CA_K8S_SERVICE_ACCOUNT")]
+    pub ca_k8s_service_account: Option<String>,
     /// Validity asked for workload certificates (`<n>s|m|h|d`); renewed at half of it.
     #[arg(long, env = "MESH_WORKLOAD_CERT_TTL", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
     pub workload_cert_ttl: Duration,
@@ -268,6 +280,10 @@ pub struct RunConfig {
     /// The token's file (the token is read by the wiring and never shown).
     pub ca_token_file: Option<PathBuf>,
     pub ca_node_tokens: Option<PathBuf>,
+    /// Kubernetes callers of the embedded CA: their tokens' audience.
+    pub ca_k8s_audience: String,
+    /// Kubernetes callers' ServiceAccount (namespace, name); `None`: this agent's own.
+    pub ca_k8s_service_account: Option<(String, String)>,
     #[serde(serialize_with = "as_text")]
     pub workload_cert_ttl: Duration,
 }
@@ -346,6 +362,25 @@ impl RunConfig {
                         .into(),
                 ));
             }
+        }
+        let ca_k8s_service_account = match args.ca_k8s_service_account.as_deref() {
+            None => None,
+            Some(sa) => match sa.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Some((ns.to_owned(), name.to_owned()))
+                }
+                _ => {
+                    problems.push(ConfigError::Invalid(format!(
+                        "--ca-k8s-service-account {sa:?}: expected NAMESPACE/NAME"
+                    )));
+                    None
+                }
+            },
+        };
+        if args.ca_k8s_audience.is_empty() {
+            problems.push(ConfigError::Invalid(
+                "--ca-k8s-audience must not be empty".into(),
+            ));
         }
         if args.workload_cert_ttl < Duration::from_secs(MIN_WORKLOAD_CERT_TTL_S) {
             problems.push(ConfigError::Invalid(format!(
@@ -454,6 +489,8 @@ impl RunConfig {
             ca_address: args.ca_address,
             ca_token_file: args.ca_token_file,
             ca_node_tokens: args.ca_node_tokens,
+            ca_k8s_audience: args.ca_k8s_audience,
+            ca_k8s_service_account,
             workload_cert_ttl: args.workload_cert_ttl,
         })
     }
@@ -677,6 +714,26 @@ mod tests {
         assert!(with(&["--workload-cert-ttl", "1w"]).is_err());
         assert!(with(&["--workload-cert-ttl", "h"]).is_err());
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        // Kubernetes callers of the embedded CA.
+        assert_eq!(c.ca_k8s_audience, DEFAULT_CA_K8S_AUDIENCE);
+        assert_eq!(c.ca_k8s_service_account, None);
+        let c = with(&[
+            "--ca-k8s-audience",
+            "mesh-ca",
+            "--ca-k8s-service-account",
+            "mesh-system/mesh-agent",
+        ])
+        .unwrap();
+        assert_eq!(c.ca_k8s_audience, "mesh-ca");
+        assert_eq!(
+            c.ca_k8s_service_account,
+            Some(("mesh-system".into(), "mesh-agent".into()))
+        );
+        for bad in ["mesh-agent", "/x", "x/", "a/b/c"] {
+            let e = with(&["--ca-k8s-service-account", bad]).unwrap_err();
+            assert!(e.contains("expected NAMESPACE/NAME"), "{bad}: {e}");
+        }
+        assert!(with(&["--ca-k8s-audience", ""]).is_err());
     }
 
     #[test]

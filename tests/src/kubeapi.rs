@@ -29,6 +29,7 @@
 //! temp dir. The standalone binary `kube-double` serves the same, with the fault knobs on
 //! `/_double/...` (see its `--help`).
 
+mod auth;
 mod patch;
 mod protobuf;
 mod resources;
@@ -53,6 +54,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+pub use auth::{service_account_user, API_AUDIENCE};
 pub use server::{serve, Shared};
 
 /// Knobs of one server.
@@ -341,6 +343,18 @@ impl KubeApi {
     /// Watch streams being served now.
     pub fn watch_count(&self) -> u64 {
         self.shared.stats().watches_active
+    }
+
+    /// Makes `token` known to TokenReview (and SelfSubjectReview, for a client presenting
+    /// it): `user` is the review's `status.user` (`service_account_user` builds one), and
+    /// the token is valid for `audiences` only.
+    pub fn set_token(&self, token: &str, user: Value, audiences: &[&str]) {
+        self.shared.set_token(token, user, audiences);
+    }
+
+    /// Forgets `token`: its reviews fail from now on.
+    pub fn remove_token(&self, token: &str) {
+        self.shared.tokens.remove(token);
     }
 
     /// Every API request so far, as `METHOD /path?query` (the last 10 000).

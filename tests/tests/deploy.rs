@@ -759,6 +759,11 @@ fn cluster_role_reads_only_what_the_agent_watches() {
             set(&["list", "watch"]),
         ),
         (
+            "authentication.k8s.io".to_owned(),
+            "tokenreviews".to_owned(),
+            set(&["create"]),
+        ),
+        (
             "security.istio.io".to_owned(),
             "authorizationpolicies".to_owned(),
             set(&["list", "watch"]),

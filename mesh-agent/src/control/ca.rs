@@ -23,6 +23,14 @@
 //! (`NodeIdentities`). This agent's own requests go through the same check for its node.
 //! Refusals are gRPC statuses (`UNAUTHENTICATED`, `PERMISSION_DENIED`,
 //! `INVALID_ARGUMENT`), logged and counted (`CaStats`).
+//!
+//! **Kubernetes callers** (`k8s`, with `--source kubernetes`): a bearer token that is not a
+//! node credential is a projected ServiceAccount token, checked with a `TokenReview`; the
+//! node is the one of the pod it is bound to, and what that node runs is read from the API
+//! server (its pods' service accounts), not from `NodeIdentities`. The API server
+//! unreachable: `UNAVAILABLE`.
+
+pub mod k8s;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -90,6 +98,9 @@ pub enum CaError {
     Denied(String),
     #[error("{0}")]
     Invalid(String),
+    /// The API server that authenticates Kubernetes callers does not answer.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("signing: {0}")]
     Sign(String),
 }
@@ -101,6 +112,7 @@ impl CaError {
             CaError::Unauthenticated(m) => Status::unauthenticated(m.clone()),
             CaError::Denied(m) => Status::permission_denied(m.clone()),
             CaError::Invalid(m) => Status::invalid_argument(m.clone()),
+            CaError::Unavailable(m) => Status::unavailable(m.clone()),
             other => Status::internal(other.to_string()),
         }
     }
@@ -509,6 +521,8 @@ pub struct CaStats {
     pub unauthenticated: AtomicU64,
     pub denied: AtomicU64,
     pub invalid: AtomicU64,
+    /// Requests not served because the API server did not answer (Kubernetes callers).
+    pub unavailable: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -536,7 +550,26 @@ pub struct Ca {
     nodes: watch::Receiver<Arc<NodeIdentities>>,
     /// Remote agents' credentials; `None`: in-process requests only.
     tokens: Option<NodeTokens>,
+    /// Kubernetes callers (projected ServiceAccount tokens), set once the kube client is.
+    kube: std::sync::OnceLock<k8s::KubeCallers>,
     pub stats: CaStats,
+}
+
+/// Who a remote caller is.
+enum Caller {
+    /// A node credential (`--ca-node-tokens`): the node's identities are `NodeIdentities`'.
+    Node(String),
+    /// A ServiceAccount token bound to a pod of this node: its identities are the API
+    /// server's.
+    Kube(String),
+}
+
+/// What the caller's node runs.
+enum Allowed<'a> {
+    /// `NodeIdentities`' entry of the node.
+    Nodes,
+    /// This set.
+    Set(&'a BTreeSet<SpiffeId>),
 }
 
 impl Ca {
@@ -552,34 +585,42 @@ impl Ca {
             opts,
             nodes,
             tokens,
+            kube: std::sync::OnceLock::new(),
             stats: CaStats::default(),
         })
+    }
+
+    /// Serves Kubernetes callers (a no-op if already set).
+    pub fn use_kubernetes(&self, callers: k8s::KubeCallers) {
+        let _ = self.kube.set(callers);
     }
 
     pub fn root(&self) -> &CertificateDer<'static> {
         self.signer.root()
     }
 
-    /// The node whose agent sent `metadata`'s bearer token.
+    /// The node whose agent sent `metadata`'s bearer token (a node credential).
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<String, CaError> {
         let Some(tokens) = &self.tokens else {
             return Err(CaError::Unauthenticated(
                 "this CA serves no remote nodes (no --ca-node-tokens)".into(),
             ));
         };
-        let presented = metadata
-            .get("authorization")
-            .map(|v| v.as_bytes())
-            .and_then(|v| v.strip_prefix(b"Bearer "))
-            .ok_or_else(|| {
-                CaError::Unauthenticated(
-                    "the CA needs `authorization: Bearer <token>` (the node's --ca-token-file)"
-                        .into(),
-                )
-            })?;
         tokens
-            .node_for(presented)
+            .node_for(bearer(metadata)?)
             .ok_or_else(|| CaError::Unauthenticated("unknown CA bearer token".into()))
+    }
+
+    /// A node credential first; else, with Kubernetes callers, a ServiceAccount token.
+    async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, CaError> {
+        let Some(kube) = self.kube.get() else {
+            return self.authenticate(metadata).map(Caller::Node);
+        };
+        let presented = bearer(metadata)?;
+        if let Some(node) = self.tokens.as_ref().and_then(|t| t.node_for(presented)) {
+            return Ok(Caller::Node(node));
+        }
+        kube.node_of(presented).await.map(Caller::Kube)
     }
 
     /// Signs `csr_pem` for `node`: the CSR's one URI SAN must be an identity of this trust
@@ -592,7 +633,18 @@ impl Ca {
         validity: Option<Duration>,
         impersonated: Option<&str>,
     ) -> Result<Vec<String>, CaError> {
-        let r = self.sign_inner(node, csr_pem, validity, impersonated);
+        self.sign_checked(node, Allowed::Nodes, csr_pem, validity, impersonated)
+    }
+
+    fn sign_checked(
+        &self,
+        node: &str,
+        allowed: Allowed<'_>,
+        csr_pem: &str,
+        validity: Option<Duration>,
+        impersonated: Option<&str>,
+    ) -> Result<Vec<String>, CaError> {
+        let r = self.sign_inner(node, allowed, csr_pem, validity, impersonated);
         let counter = match &r {
             Ok(_) => &self.stats.issued,
             Err(CaError::Unauthenticated(_)) => &self.stats.unauthenticated,
@@ -609,6 +661,7 @@ impl Ca {
     fn sign_inner(
         &self,
         node: &str,
+        allowed: Allowed<'_>,
         csr_pem: &str,
         validity: Option<Duration>,
         impersonated: Option<&str>,
@@ -645,7 +698,11 @@ impl Ca {
                 self.opts.trust_domain
             )));
         }
-        if !self.nodes.borrow().allows(node, &id) {
+        let runs_there = match allowed {
+            Allowed::Nodes => self.nodes.borrow().allows(node, &id),
+            Allowed::Set(ids) => ids.contains(&id),
+        };
+        if !runs_there {
             return Err(CaError::Denied(format!(
                 "{id} runs on no workload of node {node}"
             )));
@@ -688,17 +745,50 @@ impl Ca {
         IstioCertificateServiceServer::new(self)
     }
 
-    fn handle(&self, req: &Request<IstioCertificateRequest>) -> Result<Vec<String>, CaError> {
-        let node = self.authenticate(req.metadata()).inspect_err(|e| {
-            self.stats.unauthenticated.fetch_add(1, Relaxed);
+    async fn handle(&self, req: &Request<IstioCertificateRequest>) -> Result<Vec<String>, CaError> {
+        let refused = |e: &CaError| {
+            let counter = match e {
+                CaError::Unavailable(_) => &self.stats.unavailable,
+                _ => &self.stats.unauthenticated,
+            };
+            counter.fetch_add(1, Relaxed);
             warn!(peer = ?req.remote_addr(), error = %e, "certificate request refused");
-        })?;
+        };
+        let caller = self.caller(req.metadata()).await.inspect_err(refused)?;
         let r = req.get_ref();
         let validity = u64::try_from(r.validity_duration)
             .ok()
             .map(Duration::from_secs);
-        self.sign_for_node(&node, &r.csr, validity, r.impersonated_identity())
+        match (caller, self.kube.get()) {
+            (Caller::Kube(node), Some(kube)) => {
+                let ids = kube.identities_on(&node).await.inspect_err(refused)?;
+                self.sign_checked(
+                    &node,
+                    Allowed::Set(&ids),
+                    &r.csr,
+                    validity,
+                    r.impersonated_identity(),
+                )
+            }
+            (Caller::Node(node), _) | (Caller::Kube(node), None) => {
+                self.sign_for_node(&node, &r.csr, validity, r.impersonated_identity())
+            }
+        }
     }
+}
+
+/// The presented `authorization: Bearer <token>`.
+fn bearer(metadata: &MetadataMap) -> Result<&[u8], CaError> {
+    metadata
+        .get("authorization")
+        .map(|v| v.as_bytes())
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            CaError::Unauthenticated(
+                "the CA needs `authorization: Bearer <token>` (the node's --ca-token-file)".into(),
+            )
+        })
 }
 
 impl IstioCertificateService for Ca {
@@ -706,11 +796,12 @@ impl IstioCertificateService for Ca {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> crate::wire::ca::BoxFuture<'_, Result<Response<IstioCertificateResponse>, Status>> {
-        let r = self
-            .handle(&request)
-            .map(|cert_chain| Response::new(IstioCertificateResponse { cert_chain }))
-            .map_err(|e| e.to_status());
-        Box::pin(std::future::ready(r))
+        Box::pin(async move {
+            self.handle(&request)
+                .await
+                .map(|cert_chain| Response::new(IstioCertificateResponse { cert_chain }))
+                .map_err(|e| e.to_status())
+        })
     }
 }
 
@@ -1198,5 +1289,37 @@ mod tests {
         assert_eq!(m.roots(), vec![ca.root().clone()]);
         let e = m.get(&id(DB)).await.unwrap_err();
         assert!(matches!(e, IdentityError::Denied(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn the_grpc_client_reads_its_token_file_before_each_request() {
+        use crate::identity::certs::{CaClient as _, GrpcCa};
+        let dir = TempDir::new("token-file");
+        let ca = Arc::new(ca_with(
+            Signer::generate(TD).unwrap(),
+            Some(tokens_file(&dir)),
+        ));
+        let url = format!("http://{}", serve(ca.clone()).await);
+        let file = dir.0.join("ca-token");
+        std::fs::write(&file, format!("{TOKEN_N1}\n")).unwrap();
+        let client = GrpcCa::with_token_file(&url, &file).unwrap();
+        let ttl = Duration::from_secs(600);
+        let (_, web) = csr(&[WEB]);
+        let (_, db) = csr(&[DB]);
+        assert!(client.sign(&id(WEB), &web, ttl).await.is_ok());
+        assert!(
+            client.sign(&id(DB), &db, ttl).await.is_err(),
+            "n1 runs no db"
+        );
+        // Rotated in place (as the kubelet does): the next request presents the new one.
+        std::fs::write(&file, TOKEN_N2).unwrap();
+        assert!(client.sign(&id(DB), &db, ttl).await.is_ok());
+        // A bad version keeps the last good token.
+        std::fs::write(&file, "short").unwrap();
+        assert!(client.sign(&id(DB), &db, ttl).await.is_ok());
+        std::fs::remove_file(&file).unwrap();
+        assert!(client.sign(&id(DB), &db, ttl).await.is_ok());
+        // At start the file must hold a token.
+        assert!(GrpcCa::with_token_file(&url, &file).is_err());
     }
 }

@@ -59,7 +59,11 @@ pub trait CaClient: Send + Sync + 'static {
 
 /// A remote `IstioCertificateService` (`http://host:port`), with this node's bearer token.
 pub struct GrpcCa {
-    client: CaGrpcClient,
+    address: String,
+    /// Where the token is read again before each request (`with_token_file`).
+    token_file: Option<std::path::PathBuf>,
+    /// The token text last read from `token_file`, and the client presenting it.
+    current: Mutex<(String, CaGrpcClient)>,
 }
 
 impl GrpcCa {
@@ -70,9 +74,68 @@ impl GrpcCa {
             )));
         }
         Ok(GrpcCa {
-            client: CaGrpcClient::new(address, token).map_err(IdentityError::Ca)?,
+            address: address.to_owned(),
+            token_file: None,
+            current: Mutex::new((
+                String::new(),
+                CaGrpcClient::new(address, token).map_err(IdentityError::Ca)?,
+            )),
         })
     }
+
+    /// A client that presents the token in `path`, read again before each request: a
+    /// projected ServiceAccount token is rotated by the kubelet in place. The file must
+    /// hold a valid token now (a start-up error otherwise); later, an unreadable or bad
+    /// version is logged and the last good token kept.
+    pub fn with_token_file(address: &str, path: &std::path::Path) -> Result<GrpcCa, IdentityError> {
+        let text = read_token_text(path).map_err(IdentityError::Ca)?;
+        let token = Token::new(&text, &path.display().to_string())
+            .map_err(|e| IdentityError::Ca(e.to_string()))?;
+        let mut ca = GrpcCa::new(address, Some(&token))?;
+        ca.token_file = Some(path.to_owned());
+        ca.current.get_mut().unwrap_or_else(|e| e.into_inner()).0 = text;
+        Ok(ca)
+    }
+
+    /// The client for this request: rebuilt (a new connection) when the token changed.
+    fn client(&self) -> CaGrpcClient {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &self.token_file {
+            match read_token_text(path) {
+                Ok(text) if text != cur.0 => {
+                    let made = Token::new(&text, &path.display().to_string())
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| CaGrpcClient::new(&self.address, Some(&t)));
+                    match made {
+                        Ok(c) => {
+                            info!(path = %path.display(), "CA token changed; presenting the new one");
+                            *cur = (text, c);
+                        }
+                        Err(e) => warn!(error = %e, "keeping the last good CA token"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "keeping the last good CA token"),
+            }
+        }
+        cur.1.clone()
+    }
+}
+
+/// Largest token file read (bytes); projected tokens are about 1 KiB.
+const MAX_TOKEN_FILE: u64 = 64 << 10;
+
+fn read_token_text(path: &std::path::Path) -> Result<String, String> {
+    let shown = path.display();
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("{shown}: {e}"))?
+        .len();
+    if len > MAX_TOKEN_FILE {
+        return Err(format!("{shown}: {len} bytes, more than {MAX_TOKEN_FILE}"));
+    }
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| format!("{shown}: {e}"))
 }
 
 impl CaClient for GrpcCa {
@@ -84,7 +147,8 @@ impl CaClient for GrpcCa {
     ) -> BoxFuture<'a, Result<Vec<String>, IdentityError>> {
         Box::pin(async move {
             let req = IstioCertificateRequest::new(csr_pem.to_owned(), ttl, &id.to_string());
-            match self.client.create_certificate(req).await {
+            let client = self.client();
+            match client.create_certificate(req).await {
                 Ok(r) => Ok(r.cert_chain),
                 Err(s)
                     if matches!(

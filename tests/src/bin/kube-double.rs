@@ -12,7 +12,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::{bail, Context, Result};
 use mesh_tests::kubeapi::{kubeconfig_yaml, serve, Options, Shared};
 
-const USAGE: &str = "usage: kube-double [--listen ADDR] [--kubeconfig PATH] [--bookmark-interval-ms N] [--history-limit N]
+const USAGE: &str = "usage: kube-double [--listen ADDR] [--kubeconfig PATH] [--bookmark-interval-ms N] [--history-limit N] [--tokens FILE]
 
 A test double of the Kubernetes API server (plain HTTP, in memory). Prints the address it
 listens on; writes a kubeconfig for it with --kubeconfig. Runs until SIGINT/SIGTERM.
@@ -21,6 +21,8 @@ listens on; writes a kubeconfig for it with --kubeconfig. Runs until SIGINT/SIGT
   --kubeconfig PATH          write a kubeconfig for this server (removed on exit)
   --bookmark-interval-ms N   BOOKMARK period on watches (default 1000)
   --history-limit N          events kept for watch resumption (default 10000)
+  --tokens FILE              tokens TokenReview knows, JSON:
+                             {\"<token>\": {\"user\": <UserInfo>, \"audiences\": [\"istio-ca\"]}}
 
 Fault injection and inspection (not counted as API requests):
   POST /_double/drop-watches          break every open watch stream
@@ -35,6 +37,7 @@ struct Args {
     listen: SocketAddr,
     kubeconfig: Option<PathBuf>,
     options: Options,
+    tokens: Option<PathBuf>,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args> {
@@ -42,12 +45,14 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args> {
         listen: "127.0.0.1:0".parse().expect("literal"),
         kubeconfig: None,
         options: Options::default(),
+        tokens: None,
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => args.listen = value()?.parse().context("--listen")?,
             "--kubeconfig" => args.kubeconfig = Some(value()?.into()),
+            "--tokens" => args.tokens = Some(value()?.into()),
             "--bookmark-interval-ms" => {
                 args.options.bookmark_interval =
                     Duration::from_millis(value()?.parse().context("--bookmark-interval-ms")?)
@@ -76,6 +81,19 @@ async fn run(args: Args) -> Result<()> {
     }
     println!("{addr}");
     let shared = Arc::new(Shared::new(args.options, addr));
+    if let Some(path) = &args.tokens {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let table: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        for (token, entry) in table {
+            let auds: Vec<&str> = entry["audiences"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            shared.set_token(&token, entry["user"].clone(), &auds);
+        }
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     serve(listener, shared, async move {
         tokio::select! {

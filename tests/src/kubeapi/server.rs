@@ -24,7 +24,7 @@ use tokio::{
 };
 
 use super::{
-    patch, protobuf,
+    auth, patch, protobuf,
     resources::{self, Resource, RESOURCES},
     selector::{FieldSelector, LabelSelector},
     store::{ApiError, Event, EventType, Store, Sub},
@@ -50,6 +50,8 @@ pub struct Shared {
     drop_watches: watch::Sender<u64>,
     options: Options,
     addr: SocketAddr,
+    /// TokenReview's table (`KubeApi::set_token`).
+    pub(super) tokens: auth::Tokens,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,6 +72,7 @@ impl Shared {
             drop_watches: watch::channel(0).0,
             options,
             addr,
+            tokens: auth::Tokens::default(),
         }
     }
 
@@ -108,6 +111,15 @@ impl Shared {
             Some(ri) => lock(&self.store).all(ri),
             None => panic!("kube-double serves no resource {resource:?}"),
         }
+    }
+
+    /// See `KubeApi::set_token`.
+    pub fn set_token(&self, token: &str, user: Value, audiences: &[&str]) {
+        self.tokens.set(
+            token,
+            user,
+            audiences.iter().map(|a| (*a).to_owned()).collect(),
+        );
     }
 
     fn count(&self, f: impl FnOnce(&mut Stats)) {
@@ -316,6 +328,23 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if let Some(code) = injected {
         shared.count(|s| s.injected_failures += 1);
         return Ok(error_response(&ApiError::for_code(code)));
+    }
+    if let (&Method::POST, Some(kind)) = (req.method(), auth::review_kind(&path)) {
+        shared.count(|s| s.creates += 1);
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let answer = match read_body(req).await {
+            Ok((_, body)) => auth::review(&shared.tokens, kind, bearer.as_deref(), &body),
+            Err(e) => Err(e),
+        };
+        return Ok(match answer {
+            Ok(v) => json_response(201, &v),
+            Err(e) => error_response(&e),
+        });
     }
     Ok(match api(&shared, req, &path, &query).await {
         Ok(resp) => resp,
