@@ -75,13 +75,17 @@ pub struct Metrics {
     pub authz: AuthzMetrics,
 }
 
-/// At most this many (direction, verdict, policy) series; past it, `policy="other"`.
+/// At most this many (direction, level, verdict, policy) series; past it, `policy="other"`.
 pub const MAX_AUTHZ_SERIES: usize = 1024;
 
-/// Policy decisions by direction, outcome and deciding policy; tunnel streams.
+/// (direction, level, verdict, policy).
+type DecisionKey = (&'static str, &'static str, &'static str, String);
+
+/// Policy decisions by direction, level (a connection, or a request where the agent
+/// terminates HTTP for L7 rules), outcome and deciding policy; tunnel streams.
 #[derive(Debug, Default)]
 pub struct AuthzMetrics {
-    decisions: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
+    decisions: Mutex<BTreeMap<DecisionKey, u64>>,
     /// Inbound connections judged without policy: their pod was not in the workloads in
     /// force yet.
     pub unknown: AtomicU64,
@@ -90,30 +94,50 @@ pub struct AuthzMetrics {
     pub tunnel_out_failures: AtomicU64,
     /// HBONE streams accepted on in-pod listeners and delivered.
     pub tunnel_in: AtomicU64,
+    /// Inbound connections whose HTTP the agent terminated to judge each request, by
+    /// how they arrived.
+    pub http_plain: AtomicU64,
+    pub http_tunnel: AtomicU64,
 }
 
 impl AuthzMetrics {
-    /// Counts one decision (`direction`: inbound or outbound).
+    /// Counts one connection's decision (`direction`: inbound or outbound).
     pub fn count(&self, direction: &'static str, allowed: bool, policy: Option<&str>) {
+        self.add(direction, "connection", allowed, policy);
+    }
+
+    /// Counts one HTTP request's decision (`direction`: inbound).
+    pub fn count_request(&self, direction: &'static str, allowed: bool, policy: Option<&str>) {
+        self.add(direction, "request", allowed, policy);
+    }
+
+    fn add(
+        &self,
+        direction: &'static str,
+        level: &'static str,
+        allowed: bool,
+        policy: Option<&str>,
+    ) {
         let verdict = if allowed { "allow" } else { "deny" };
         let policy = policy.unwrap_or("none");
         let mut m = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (direction, verdict, policy.to_owned());
+        let key = (direction, level, verdict, policy.to_owned());
         if let Some(n) = m.get_mut(&key) {
             *n += 1;
         } else if m.len() < MAX_AUTHZ_SERIES {
             m.insert(key, 1);
         } else {
-            *m.entry((direction, verdict, "other".to_owned())).or_default() += 1;
+            *m.entry((direction, level, verdict, "other".to_owned()))
+                .or_default() += 1;
         }
     }
 
     fn render(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "# HELP mesh_authz_decisions_total Connections judged by AuthorizationPolicy and PeerAuthentication, by direction, verdict and deciding policy (`none`: no policy decided).\n# TYPE mesh_authz_decisions_total counter"
+            "# HELP mesh_authz_decisions_total Connections, and requests where the agent terminates HTTP for L7 rules, judged by AuthorizationPolicy and PeerAuthentication, by direction, level (connection, request), verdict and deciding policy (`none`: no policy decided).\n# TYPE mesh_authz_decisions_total counter"
         );
-        for ((dir, verdict, policy), n) in self
+        for ((dir, level, verdict, policy), n) in self
             .decisions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -121,7 +145,7 @@ impl AuthzMetrics {
         {
             let _ = writeln!(
                 out,
-                "mesh_authz_decisions_total{{direction=\"{dir}\",verdict=\"{verdict}\",policy=\"{}\"}} {n}",
+                "mesh_authz_decisions_total{{direction=\"{dir}\",level=\"{level}\",verdict=\"{verdict}\",policy=\"{}\"}} {n}",
                 esc(policy)
             );
         }
@@ -129,6 +153,14 @@ impl AuthzMetrics {
             out,
             "# HELP mesh_authz_unknown_total Inbound connections judged without policy: their pod was not in the configuration yet.\n# TYPE mesh_authz_unknown_total counter\nmesh_authz_unknown_total {}",
             self.unknown.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_authz_http_connections_total Inbound connections whose HTTP the agent terminated to judge each request (a policy with HTTP attributes applies to the port), by how they arrived.\n# TYPE mesh_authz_http_connections_total counter\n\
+             mesh_authz_http_connections_total{{transport=\"plain\"}} {}\n\
+             mesh_authz_http_connections_total{{transport=\"hbone\"}} {}",
+            self.http_plain.load(Relaxed),
+            self.http_tunnel.load(Relaxed),
         );
         let _ = writeln!(
             out,

@@ -147,6 +147,7 @@ impl Outbound {
     /// Sends flows to mesh workloads of other nodes through HBONE, and judges same-node
     /// ones by policy (`proxy::secure`).
     pub fn set_secure(&self, s: Arc<secure::Secure>) {
+        self.l7.set_secure(s.clone());
         let _ = self.secure.set(s);
     }
 
@@ -295,6 +296,8 @@ impl Outbound {
             (r.name(flow.src_id), r.name(flow.dst_id))
         };
         let source = src_name.clone().unwrap_or_else(|| "unknown".into());
+        // The L7 engine's view of the client: zero trust needs its address.
+        let l7_client = |name: String| http::Client { name, ip: Some(pip) };
         // A service listener for the destination: L7, or TCP to one of its endpoints.
         let mut target = SocketAddr::V4(dst);
         let mut prefix = Vec::new();
@@ -319,7 +322,10 @@ impl Outbound {
             let tcp_cluster = match (&l.kind, &l.tcp_fallback) {
                 (ListenerKind::Http(_), None) => {
                     let _ = client.set_nodelay(true);
-                    self.l7.clone().serve(client, target, source, drain).await;
+                    self.l7
+                        .clone()
+                        .serve(client, target, l7_client(source), drain)
+                        .await;
                     return;
                 }
                 (ListenerKind::Http(_), Some(fallback)) => {
@@ -334,7 +340,14 @@ impl Outbound {
                         let _ = client.set_nodelay(true);
                         self.l7
                             .clone()
-                            .serve_sniffed(client, bytes, sniffed, target, source, drain)
+                            .serve_sniffed(
+                                client,
+                                bytes,
+                                sniffed,
+                                target,
+                                l7_client(source),
+                                drain,
+                            )
                             .await;
                         return;
                     }

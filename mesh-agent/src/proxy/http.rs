@@ -13,6 +13,13 @@
 //! cannot adopt the upgrading request as stream 1, so the header is dropped and the request
 //! is answered over HTTP/1.1, which RFC 9113 allows (and Envoy does the same by default).
 //! HTTP/2 prior knowledge is sniffed from the connection preface.
+//!
+//! Zero trust (`proxy::secure`, when set): once an endpoint is picked, a request to a mesh
+//! workload of another node goes through an HBONE tunnel as the client workload's
+//! identity (connections pooled per identity, `pool`), and one to a same-node mesh
+//! workload is judged by policy first (403 when denied). The path is judged once per
+//! downstream connection, endpoint and mesh configuration (`Hops`); endpoints outside the
+//! mesh cost one lookup per request.
 
 mod body;
 mod lb;
@@ -26,8 +33,9 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
+    net::{Ipv4Addr, SocketAddr},
+    pin::Pin,
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, SystemTime},
 };
 
@@ -53,15 +61,19 @@ use self::{
     body::{Active, Finish, Recorder, Source, Tracked},
     lb::ClusterState,
     policy::{Buckets, Gauge, Slot, TryOutcome},
-    pool::Sender,
+    pool::{EndpointPool, Sender, Tunnel, Via},
 };
 pub use crate::metrics::L7Metrics;
 use crate::{
     lifecycle::drain::DrainWatch,
     metrics::RequestLabels,
-    proxy::config::{
-        Codec, FaultAbort, Forward, HttpListener, Listener, ListenerKind, ProxyConfig, Route,
-        RouteAction, VirtualHost,
+    proxy::{
+        config::{
+            policy::MeshConfig, Codec, FaultAbort, Forward, HttpListener, Listener, ListenerKind,
+            ProxyConfig, Route, RouteAction, VirtualHost,
+        },
+        hbone::HboneError,
+        secure::{Path, Secure},
     },
 };
 
@@ -74,6 +86,9 @@ type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// Fresh connections tried when reused ones turn out closed before a request went out.
 const STALE_CONNECTION_TRIES: usize = 3;
+/// Mesh endpoints whose path one downstream connection remembers (past it, it starts
+/// over: a judgement costs a policy evaluation, not a connection).
+const MAX_HOPS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum L7Error {
@@ -98,6 +113,88 @@ pub enum L7Error {
     },
     #[error("the client's request body failed: {reason} (malformed framing, or the client went away mid-body; not the upstream's fault)")]
     ClientBody { reason: String },
+    #[error("opening the HBONE tunnel to upstream {addr} through {hbone}: {source}")]
+    Tunnel {
+        addr: SocketAddr,
+        hbone: SocketAddr,
+        source: HboneError,
+    },
+}
+
+/// Any upstream connection's IO: a TCP stream, or a tunnel stream.
+pub(crate) trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {}
+pub(crate) type BoxIo = Box<dyn UpstreamIo>;
+
+type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<BoxIo, HboneError>> + Send + 'a>>;
+
+/// What the engine asks of the zero-trust path: `Secure` in the agent. A trait so the
+/// engine's tests can stand in for the mesh (and its certificates) with a double.
+pub(crate) trait MeshPaths: Send + Sync {
+    /// The configuration paths are judged by; a path stays right while its `version` is
+    /// the one in force.
+    fn mesh_now(&self) -> Arc<MeshConfig>;
+    /// The path from the local workload at `client` to the endpoint `target`.
+    fn path(&self, client: Ipv4Addr, target: SocketAddr) -> Path;
+    /// A stream to `authority` through `tunnel`.
+    fn open<'a>(&'a self, tunnel: &'a Tunnel, authority: SocketAddr) -> OpenFuture<'a>;
+}
+
+impl MeshPaths for Secure {
+    fn mesh_now(&self) -> Arc<MeshConfig> {
+        Secure::mesh_now(self)
+    }
+
+    fn path(&self, client: Ipv4Addr, target: SocketAddr) -> Path {
+        self.outbound(client, target)
+    }
+
+    fn open<'a>(&'a self, t: &'a Tunnel, authority: SocketAddr) -> OpenFuture<'a> {
+        Box::pin(async move {
+            let s = self
+                .open_tunnel(&t.src, t.hbone, &t.dst_id, authority)
+                .await?;
+            Ok(Box::new(s) as BoxIo)
+        })
+    }
+}
+
+/// Who a downstream connection comes from.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The source workload's name for metrics (`ns/name`, or `unknown`).
+    pub name: String,
+    /// Its address. Zero trust needs it: requests go through the tunnel as the identity
+    /// of the workload there. None: every upstream connection is plain.
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// A client known by name only (upstream connections stay plain).
+impl From<&str> for Client {
+    fn from(name: &str) -> Client {
+        Client {
+            name: name.to_owned(),
+            ip: None,
+        }
+    }
+}
+
+/// How one downstream connection's requests reach one endpoint.
+#[derive(Debug, Clone)]
+enum Hop {
+    Plain,
+    Tunnel(Arc<Tunnel>),
+    /// Policy refuses the client this (same-node) endpoint.
+    Denied,
+}
+
+/// A downstream connection's paths to mesh endpoints, judged under the mesh
+/// configuration of `version` (`MeshConfig::version`: the version, not the `Arc`, so an
+/// idle connection does not keep an old configuration alive).
+#[derive(Default)]
+struct Hops {
+    version: u64,
+    hops: Vec<(SocketAddr, Hop)>,
 }
 
 /// Spawns hyper's background tasks (HTTP/2 streams and connections) inside a span.
@@ -139,6 +236,8 @@ pub struct L7 {
     metrics: Arc<L7Metrics>,
     clusters: Mutex<Clusters>,
     buckets: Buckets,
+    /// The zero-trust path; unset: every upstream connection is plain TCP.
+    paths: OnceLock<Arc<dyn MeshPaths>>,
 }
 
 /// Runtime state by cluster name, pruned when a push removes clusters.
@@ -153,8 +252,10 @@ struct Clusters {
 struct Conn {
     dst: SocketAddr,
     source: String,
+    client_ip: Option<Ipv4Addr>,
     /// The listener at accept time, used if a push removes it while the connection lives.
     listener: Arc<Listener>,
+    hops: Mutex<Hops>,
 }
 
 /// Why a try produced no response.
@@ -246,7 +347,60 @@ impl L7 {
             metrics,
             clusters: Mutex::default(),
             buckets: Buckets::default(),
+            paths: OnceLock::new(),
         })
+    }
+
+    /// Sends requests to other nodes' mesh workloads through HBONE as the client's
+    /// identity, and judges same-node ones by policy (`proxy::secure`).
+    pub fn set_secure(&self, s: Arc<Secure>) {
+        self.set_paths(s);
+    }
+
+    pub(crate) fn set_paths(&self, p: Arc<dyn MeshPaths>) {
+        let _ = self.paths.set(p);
+    }
+
+    /// How `conn`'s requests reach the endpoint `ep` under the mesh configuration in force.
+    fn hop(&self, conn: &Conn, ep: SocketAddr) -> Hop {
+        let (Some(paths), Some(client)) = (self.paths.get(), conn.client_ip) else {
+            return Hop::Plain;
+        };
+        let mesh = paths.mesh_now();
+        // Outside the mesh: plain, without a lock or an allocation.
+        if mesh.workloads.by_ip(ep.ip()).is_none() {
+            return Hop::Plain;
+        }
+        let lock = || conn.hops.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut h = lock();
+            if h.version != mesh.version {
+                h.version = mesh.version;
+                h.hops.clear();
+            }
+            if let Some((_, hop)) = h.hops.iter().find(|(a, _)| *a == ep) {
+                return hop.clone();
+            }
+        }
+        // Judged outside the lock (a policy evaluation); `path` reads the configuration
+        // again, at worst a newer one, which only makes the next request judge anew.
+        let hop = match paths.path(client, ep) {
+            Path::Plain => Hop::Plain,
+            Path::Denied(_) => Hop::Denied,
+            Path::Tunnel { src, dst, hbone } => Hop::Tunnel(Arc::new(Tunnel {
+                src,
+                dst_id: dst.identity.clone(),
+                hbone,
+            })),
+        };
+        let mut h = lock();
+        if h.version == mesh.version {
+            if h.hops.len() >= MAX_HOPS {
+                h.hops.clear();
+            }
+            h.hops.push((ep, hop.clone()));
+        }
+        hop
     }
 
     fn cluster_state(&self, name: &str) -> Arc<ClusterState> {
@@ -300,14 +454,13 @@ impl L7 {
     }
 
     /// Serves one downstream connection whose original destination is `dst` (which has an
-    /// HTTP listener in the config at accept time). `source` is the source workload's name
-    /// for metrics (`ns/name` or `unknown`). Once `drain` is signaled the connection
-    /// winds down gracefully (`serve_sniffed`).
+    /// HTTP listener in the config at accept time), from `client`. Once `drain` is
+    /// signaled the connection winds down gracefully (`serve_sniffed`).
     pub async fn serve<IO>(
         self: Arc<Self>,
         mut io: IO,
         dst: SocketAddr,
-        source: String,
+        client: Client,
         drain: DrainWatch,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -335,7 +488,7 @@ impl L7 {
                 }
             },
         };
-        self.serve_sniffed(io, prefix, sniffed, dst, source, drain)
+        self.serve_sniffed(io, prefix, sniffed, dst, client, drain)
             .await;
     }
 
@@ -353,7 +506,7 @@ impl L7 {
         prefix: Vec<u8>,
         sniffed: Sniffed,
         dst: SocketAddr,
-        source: String,
+        client: Client,
         drain: DrainWatch,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -371,8 +524,10 @@ impl L7 {
         let io = TokioIo::new(sniff::Prefixed::new(prefix, io));
         let conn = Arc::new(Conn {
             dst,
-            source,
+            source: client.name,
+            client_ip: client.ip,
             listener: listener.clone(),
+            hops: Mutex::default(),
         });
         let svc = service_fn(move |req| {
             let l7 = self.clone();
@@ -429,7 +584,7 @@ impl L7 {
             },
             start,
         });
-        let resp = self.dispatch(&cfg, http, req, &mut rec).await;
+        let resp = self.dispatch(&cfg, &conn, http, req, &mut rec).await;
         if let Some(mut r) = rec {
             r.labels.response_code = resp.status().as_u16();
         }
@@ -439,6 +594,7 @@ impl L7 {
     async fn dispatch(
         &self,
         cfg: &ProxyConfig,
+        conn: &Conn,
         http: &HttpListener,
         req: Request<Incoming>,
         rec: &mut Option<Recorder>,
@@ -510,7 +666,10 @@ impl L7 {
                 }
                 r
             }
-            RouteAction::Forward(fwd) => self.forward(cfg, http, vhost, route, fwd, req, rec).await,
+            RouteAction::Forward(fwd) => {
+                self.forward(cfg, conn, http, vhost, route, fwd, req, rec)
+                    .await
+            }
         };
         for m in [
             &route.response_headers,
@@ -529,6 +688,7 @@ impl L7 {
     async fn forward(
         &self,
         cfg: &ProxyConfig,
+        conn: &Conn,
         http: &HttpListener,
         vhost: &VirtualHost,
         route: &Route,
@@ -596,8 +756,18 @@ impl L7 {
             let Some(ep) = state.pick(&cluster, hash) else {
                 return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
+            let hop = self.hop(conn, ep.address);
+            let via = match (&hop, self.paths.get()) {
+                (Hop::Tunnel(t), Some(p)) => Via::Tunnel(&**p, t),
+                // Policy's verdict on this client, not the endpoint's fault: no retry, no
+                // outlier report (`Secure::outbound` counted and logged it).
+                (Hop::Denied, _) => {
+                    return local(grpc, StatusCode::FORBIDDEN, "RBAC: access denied")
+                }
+                _ => Via::Tcp,
+            };
             let active = Active::new(ep.clone());
-            let attempt = self.try_once(&state, &cluster, &ep, &up, &mut source, &mut unsent);
+            let attempt = self.try_once(&state, &cluster, &ep, via, &up, &mut source, &mut unsent);
             let res = match budget {
                 Some(b) => tokio::time::timeout(b, attempt)
                     .await
@@ -605,7 +775,7 @@ impl L7 {
                 None => attempt.await,
             };
             let outcome = match &res {
-                Ok((r, _)) => TryOutcome::Response(r.status().as_u16(), r.headers()),
+                Ok((r, _, _)) => TryOutcome::Response(r.status().as_u16(), r.headers()),
                 Err(TryFail::Timeout) => TryOutcome::Timeout,
                 Err(TryFail::Error(L7Error::Overflow { .. })) => {
                     self.metrics.circuit_open(&cluster.name);
@@ -620,6 +790,7 @@ impl L7 {
                 Err(TryFail::Error(
                     L7Error::Connect { .. }
                     | L7Error::ConnectTimeout { .. }
+                    | L7Error::Tunnel { .. }
                     | L7Error::Handshake { .. },
                 )) => TryOutcome::ConnectFailure,
                 Err(TryFail::Error(L7Error::Reset { .. })) => TryOutcome::Reset,
@@ -651,7 +822,7 @@ impl L7 {
                 self.metrics.circuit_open(&cluster.name);
             }
             return match res {
-                Ok((resp, sender)) => {
+                Ok((resp, sender, home)) => {
                     let (mut parts, inc) = resp.into_parts();
                     route::strip_hop_by_hop(&mut parts.headers, false);
                     route::apply_mutation(&wc.response_headers, &mut parts.headers);
@@ -666,6 +837,7 @@ impl L7 {
                         request_slot: Some(request_slot),
                         active,
                         sender: Some(sender),
+                        home,
                         counters: state.counters.clone(),
                     };
                     Response::from_parts(parts, Tracked::new(inc, finish, deadline).boxed_unsync())
@@ -689,25 +861,28 @@ impl L7 {
         }
     }
 
-    /// One try: a connection, the request, the response head.
+    /// One try: a connection (reaching `ep` `via` TCP or a tunnel), the request, the
+    /// response head; with the connection and the pool it goes back to.
+    #[expect(clippy::too_many_arguments, reason = "one try's whole context")]
     async fn try_once(
         &self,
         state: &ClusterState,
         cluster: &crate::proxy::config::Cluster,
         ep: &lb::EndpointState,
+        via: Via<'_>,
         up: &route::Upstream,
         source: &mut Source,
         unsent: &mut Option<Request<ProxyBody>>,
-    ) -> Result<(Response<Incoming>, Sender), TryFail> {
+    ) -> Result<(Response<Incoming>, Sender, Option<Arc<EndpointPool>>), TryFail> {
         let mut stale = 0;
         loop {
-            let mut co = pool::checkout(&state.counters, ep, cluster).await?;
+            let mut co = pool::checkout(&state.counters, ep, cluster, via).await?;
             let req = match unsent.take() {
                 Some(r) => r,
                 None => up.request(source.next()),
             };
             match send(&mut co.sender, req).await {
-                Ok(resp) => return Ok((resp, co.sender)),
+                Ok(resp) => return Ok((resp, co.sender, co.home)),
                 Err(mut e) => {
                     if let Some(reason) = source.client_error() {
                         return Err(TryFail::Error(L7Error::ClientBody {

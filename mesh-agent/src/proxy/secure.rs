@@ -19,6 +19,12 @@
 //! connection (plain) or answers 403 (tunnel), counted with the policy's name and logged.
 //! Each decision reads the configuration in force when the connection arrives, so a
 //! policy change applies to the next connection.
+//!
+//! Where a policy with HTTP attributes applies to the destination port
+//! (`authz::needs_http`), the connection is not judged whole: `http` terminates its HTTP
+//! and judges every request (403 `RBAC: access denied` when denied), with the
+//! configuration in force at that request. STRICT still refuses plain text at the
+//! connection.
 
 use std::{
     future::Future,
@@ -29,18 +35,22 @@ use std::{
     time::Duration,
 };
 
-use http::StatusCode;
+// `::http`: the crate, not this module's `http` child.
+use ::http::StatusCode;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
+use super::hbone::server::Opened;
 use super::{
     authz::{self, ConnCtx, Verdict},
     config::{policy::MeshConfig, workloads::WorkloadInfo},
-    hbone::{ConnectHandler, HboneClient, PeerInfo, Refusal},
+    hbone::{ConnectHandler, HboneClient, HboneError, HboneStream, PeerInfo, Refusal},
     inbound::{Deliver, InPod, PlainHandler},
     xds::client::XdsClient,
 };
 use crate::{identity::SpiffeId, metrics::Metrics, sys};
+
+pub mod http;
 
 /// How long an inbound connection waits for its pod to appear in the workloads in force
 /// (the configuration arrives over xDS just after the pod is enrolled).
@@ -118,6 +128,30 @@ impl Secure {
             },
             None => Path::Plain,
         }
+    }
+
+    /// The workloads and policies `outbound` judges by now: a path it gave stays right
+    /// while their `version` is in force (the L7 engine caches paths per connection on it).
+    pub fn mesh_now(&self) -> Arc<MeshConfig> {
+        self.xds.mesh_now()
+    }
+
+    /// Opens a tunnel stream as `src` through `hbone` (which must prove `dst_id`) to
+    /// `authority`, counted as the L4 path counts its streams.
+    pub async fn open_tunnel(
+        &self,
+        src: &SpiffeId,
+        hbone: SocketAddr,
+        dst_id: &SpiffeId,
+        authority: SocketAddr,
+    ) -> Result<HboneStream, HboneError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = self.hbone.connect(src, hbone, dst_id, authority).await;
+        match &r {
+            Ok(_) => self.metrics.authz.tunnel_out.fetch_add(1, Relaxed),
+            Err(_) => self.metrics.authz.tunnel_out_failures.fetch_add(1, Relaxed),
+        };
+        r
     }
 }
 
@@ -212,6 +246,22 @@ impl PlainHandler for InboundPolicy {
             };
             // Plain text to a STRICT port is refused first (`authz::authorize`).
             let v = authz::authorize(&mesh.policies, &ctx);
+            if v.reason != authz::Reason::MtlsRequired
+                && authz::needs_http(&mesh.policies, &dst, orig_dst.port())
+            {
+                // Judged per request (counted there); the connection-level verdict on an
+                // L7 port is only the fail-closed approximation.
+                drop(mesh);
+                metrics
+                    .authz
+                    .http_plain
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = conn.set_nodelay(true);
+                let src = IpAddr::V4(*peer.ip());
+                let t = terminate(&xds, &metrics, pod, orig_dst, src, None, "inbound-plain");
+                http::serve(conn, t).await;
+                return;
+            }
             metrics.authz.count("inbound", v.allowed, v.policy_name.as_deref());
             if !v.allowed {
                 log_denial("inbound-plain", &ctx, &v);
@@ -236,12 +286,52 @@ pub struct TunnelHandler {
 }
 
 type OpenFuture = Pin<Box<dyn Future<Output = Result<TcpStream, Refusal>> + Send + 'static>>;
+type AcceptFuture = Pin<Box<dyn Future<Output = Result<Opened, Refusal>> + Send + 'static>>;
 
-impl ConnectHandler for TunnelHandler {
-    fn open(&self, peer: PeerInfo, authority: SocketAddr) -> OpenFuture {
+/// The state of one inbound connection whose HTTP `http::serve` terminates: policies read
+/// from `xds` at each request, the pod dialled from inside.
+fn terminate(
+    xds: &Arc<XdsClient>,
+    metrics: &Arc<Metrics>,
+    pod: Arc<InPod>,
+    dst: SocketAddrV4,
+    src_ip: IpAddr,
+    src_identity: Option<SpiffeId>,
+    path: &'static str,
+) -> http::Terminate {
+    let xds = xds.clone();
+    http::Terminate {
+        mesh: Arc::new(move || xds.mesh_now()),
+        dial: Arc::new(move || {
+            let pod = pod.clone();
+            Box::pin(async move { pod.connect_in(dst).await })
+        }),
+        metrics: metrics.clone(),
+        src_ip,
+        src_identity,
+        dst,
+        path,
+    }
+}
+
+impl TunnelHandler {
+    /// Judges a CONNECT and opens it: relayed to a connection into the pod or, where a
+    /// policy with HTTP attributes applies to the port and `l7` is set, served as HTTP
+    /// (`http::serve`) with each request judged.
+    fn judge(&self, peer: PeerInfo, authority: SocketAddr, l7: bool) -> AcceptFuture {
         let (pod, xds, metrics) = (self.pod.clone(), self.xds.clone(), self.metrics.clone());
         Box::pin(async move {
             let dst_addr = match authority {
+                // The agent's own in-pod ports: a stream there would loop back into it.
+                SocketAddr::V4(a)
+                    if a.port() == mesh_common::inbound::PLAIN_PORT
+                        || a.port() == mesh_common::inbound::HBONE_PORT =>
+                {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("{authority} is the mesh's own port"),
+                    ));
+                }
                 SocketAddr::V4(a) if *a.ip() == pod.ip => a,
                 _ => {
                     // This listener serves its own pod; any other target would make the
@@ -259,6 +349,24 @@ impl ConnectHandler for TunnelHandler {
                     "destination workload not in the configuration yet",
                 ));
             };
+            if l7 && authz::needs_http(&mesh.policies, &dst, dst_addr.port()) {
+                // Every request is judged (and counted) by `http::serve`.
+                for n in [&metrics.authz.http_tunnel, &metrics.authz.tunnel_in] {
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let t = terminate(
+                    &xds,
+                    &metrics,
+                    pod,
+                    dst_addr,
+                    peer.addr.ip(),
+                    Some(peer.identity),
+                    "inbound-tunnel",
+                );
+                return Ok(Opened::Serve(Box::new(
+                    move |tunnel: super::hbone::HboneStream| Box::pin(http::serve(tunnel, t)),
+                )));
+            }
             let ctx = ConnCtx {
                 src_ip: peer.addr.ip(),
                 src_identity: Some(&peer.identity),
@@ -286,7 +394,7 @@ impl ConnectHandler for TunnelHandler {
                         .authz
                         .tunnel_in
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Ok(s)
+                    Ok(Opened::Relay(s))
                 }
                 Ok(Err(e)) => Err(Refusal::new(StatusCode::BAD_GATEWAY, e.to_string())),
                 Err(_) => Err(Refusal::new(
@@ -295,5 +403,22 @@ impl ConnectHandler for TunnelHandler {
                 )),
             }
         })
+    }
+}
+
+impl ConnectHandler for TunnelHandler {
+    /// The connection-level path only (a policy with HTTP attributes fails closed here).
+    fn open(&self, peer: PeerInfo, authority: SocketAddr) -> OpenFuture {
+        let judged = self.judge(peer, authority, false);
+        Box::pin(async move {
+            match judged.await? {
+                Opened::Relay(s) => Ok(s),
+                Opened::Serve(_) => unreachable!("a tunnel is served only when asked for L7"),
+            }
+        })
+    }
+
+    fn accept(&self, peer: PeerInfo, authority: SocketAddr) -> AcceptFuture {
+        self.judge(peer, authority, true)
     }
 }

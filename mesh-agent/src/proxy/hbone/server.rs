@@ -1,6 +1,7 @@
 //! The HBONE server: accepts mutual TLS on 15008, HTTP/2 on top, and for each `CONNECT`
 //! to a valid `ip:port` asks the `ConnectHandler` (policy, then the dial), answers 200 and
-//! relays; a refusal is answered with its status.
+//! relays, or hands the stream to the handler (`Opened::Serve`); a refusal is answered
+//! with its status.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -49,14 +50,47 @@ impl Refusal {
     }
 }
 
+/// Serves an opened tunnel's bytes itself (`Opened::Serve`): e.g. terminates HTTP on it.
+/// The future owns the stream; dropping it before both directions ended resets it.
+pub type ServeTunnel = Box<dyn FnOnce(HboneStream) -> BoxFuture<'static, ()> + Send>;
+
+/// What a `ConnectHandler` opened for a CONNECT it accepted.
+pub enum Opened {
+    /// A connection the server relays the tunnel to, byte for byte.
+    Relay(TcpStream),
+    /// The handler serves the stream itself once the server answered 200.
+    Serve(ServeTunnel),
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Opened::Relay(s) => f.debug_tuple("Relay").field(s).finish(),
+            Opened::Serve(_) => f.write_str("Serve(..)"),
+        }
+    }
+}
+
 /// Decides on and opens the destination of each tunnel (the integrator's policy check
 /// and dial).
 pub trait ConnectHandler: Send + Sync + 'static {
+    /// Judges and dials: the stream relayed to the tunnel.
     fn open(
         &self,
         peer: PeerInfo,
         authority: SocketAddr,
     ) -> BoxFuture<'static, Result<TcpStream, Refusal>>;
+
+    /// What the server calls for each CONNECT. By default `open`, relayed; a handler that
+    /// serves some tunnels itself (L7 policy) overrides it.
+    fn accept(
+        &self,
+        peer: PeerInfo,
+        authority: SocketAddr,
+    ) -> BoxFuture<'static, Result<Opened, Refusal>> {
+        let open = self.open(peer, authority);
+        Box::pin(async move { open.await.map(Opened::Relay) })
+    }
 
     /// Counters the relay of an opened tunnel adds to; none by default.
     fn counters(&self, _peer: &PeerInfo, _authority: SocketAddr) -> Option<Arc<FlowCounters>> {
@@ -230,8 +264,8 @@ async fn stream(
         answer(&mut respond, http::StatusCode::BAD_REQUEST);
         return;
     };
-    let upstream = match handler.open(peer.clone(), authority).await {
-        Ok(s) => s,
+    let opened = match handler.accept(peer.clone(), authority).await {
+        Ok(o) => o,
         Err(r) => {
             debug!(peer = %peer.identity, %authority, refusal = %r, "CONNECT refused");
             answer(&mut respond, r.status);
@@ -250,6 +284,10 @@ async fn stream(
         }
     };
     let tunnel = HboneStream::new(send, req.into_body(), None);
+    let upstream = match opened {
+        Opened::Relay(s) => s,
+        Opened::Serve(serve) => return serve(tunnel).await,
+    };
     let counters = handler
         .counters(&peer, authority)
         .unwrap_or_else(|| Arc::new(FlowCounters::default()));

@@ -17,7 +17,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::{lb::EndpointState, policy::Slot, pool::Sender, BoxError, ProxyBody};
+use super::{
+    lb::EndpointState,
+    policy::Slot,
+    pool::{EndpointPool, Sender},
+    BoxError, ProxyBody,
+};
 use crate::metrics::{L7Metrics, RequestLabels};
 
 /// Largest request body kept for replay; bigger requests are streamed and never retried.
@@ -256,15 +261,18 @@ pub(super) struct Finish {
     #[expect(dead_code, reason = "held for their Drop")]
     pub request_slot: Option<Slot>,
     pub active: Active,
-    /// The HTTP/1.1 connection, pooled again when the response was read to the end.
+    /// The HTTP/1.1 connection, pooled again when the response was read to the end...
     pub sender: Option<Sender>,
+    /// ...in this tunnel pool, or the endpoint's own when None.
+    pub home: Option<Arc<EndpointPool>>,
     pub counters: Arc<super::policy::Counters>,
 }
 
 impl Finish {
     fn complete(mut self) {
         if let Some(Sender::H1(s)) = self.sender.take() {
-            self.active.0.pool.put(s, &self.counters);
+            let pool = self.home.as_deref().unwrap_or(&self.active.0.pool);
+            pool.put(s, &self.counters);
         }
     }
 }

@@ -14,7 +14,11 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{policy::Counters, pool::EndpointPool, route::hash64};
+use super::{
+    policy::Counters,
+    pool::{EndpointPool, TunnelPools},
+    route::hash64,
+};
 use crate::proxy::config::{Cluster, Health, LbPolicy, OutlierDetection};
 
 /// Envoy's `max_ejection_time` default: ejections grow with `times_ejected` up to this.
@@ -47,6 +51,9 @@ pub(super) struct EndpointState {
     pub active: AtomicU32,
     outlier: Mutex<Outlier>,
     pub pool: EndpointPool,
+    /// Connections through HBONE, per tunnel (when the endpoint is another node's mesh
+    /// workload).
+    pub tunnels: TunnelPools,
 }
 
 impl EndpointState {
@@ -56,6 +63,7 @@ impl EndpointState {
             active: AtomicU32::new(0),
             outlier: Mutex::default(),
             pool: EndpointPool::default(),
+            tunnels: TunnelPools::default(),
         }
     }
 

@@ -2,20 +2,38 @@
 //! HTTP/2 connection per endpoint, on hyper's client connection API. Connections count
 //! against the cluster's `max_connections`; a request that needs a connection when none
 //! may be opened waits as pending (up to `max_pending_requests`).
+//!
+//! An endpoint that is a mesh workload of another node is reached through an HBONE
+//! stream (`Via::Tunnel`) that carries the source workload's identity: its connections
+//! are pooled per tunnel (source identity, destination identity, HBONE address) beside
+//! the endpoint's plain pool, so a connection opened for one identity never carries
+//! another's requests.
 
-use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tracing::{debug, Instrument};
 
 use super::{
     lb::EndpointState,
     policy::{Counters, Gauge, Slot},
-    L7Error, ProxyBody, SpanExec,
+    L7Error, MeshPaths, ProxyBody, SpanExec,
 };
-use crate::proxy::config::{Cluster, UpstreamProtocol};
+use crate::{
+    identity::SpiffeId,
+    proxy::config::{Cluster, UpstreamProtocol},
+};
 
 #[derive(Debug, Default)]
 pub(super) struct EndpointPool {
@@ -39,6 +57,49 @@ impl EndpointPool {
     fn pop(&self) -> Option<http1::SendRequest<ProxyBody>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
+
+    /// Holds no connection (an HTTP/2 one being opened counts as held).
+    fn is_empty(&self) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+            && self.h2.try_lock().is_ok_and(|h2| h2.is_none())
+    }
+}
+
+/// An HBONE tunnel an upstream connection travels in: who it speaks as, who must answer.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Tunnel {
+    /// The source workload's identity (the client's certificate).
+    pub src: SpiffeId,
+    /// The identity the destination must prove.
+    pub dst_id: SpiffeId,
+    pub hbone: SocketAddr,
+}
+
+/// How a new upstream connection reaches its endpoint.
+#[derive(Clone, Copy)]
+pub(super) enum Via<'a> {
+    Tcp,
+    Tunnel(&'a dyn MeshPaths, &'a Arc<Tunnel>),
+}
+
+/// An endpoint's pools of tunnelled connections, one per tunnel.
+#[derive(Debug, Default)]
+pub(super) struct TunnelPools(Mutex<HashMap<Arc<Tunnel>, Arc<EndpointPool>>>);
+
+impl TunnelPools {
+    fn get(&self, t: &Arc<Tunnel>) -> Arc<EndpointPool> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = m.get(t) {
+            return p.clone();
+        }
+        // Pools nobody uses and that hold nothing go when a new tunnel comes (identities
+        // come and go with the workloads; the map stays as large as those in use).
+        m.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty());
+        m.entry(t.clone()).or_default().clone()
+    }
 }
 
 pub(super) enum Sender {
@@ -51,6 +112,8 @@ pub(super) enum Sender {
 pub(super) struct Checkout {
     pub sender: Sender,
     pub reused: bool,
+    /// The tunnel pool an HTTP/1.1 connection goes back to (None: the endpoint's own).
+    pub home: Option<Arc<EndpointPool>>,
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, L7Error> {
@@ -82,9 +145,54 @@ where
     );
 }
 
-async fn open(ep: &EndpointState, cluster: &Cluster, slot: Slot) -> Result<Sender, L7Error> {
+/// An HBONE stream to `addr` through `tunnel`; any failure to open it is a connect
+/// failure of the endpoint.
+async fn connect_tunnel(
+    mesh: &dyn MeshPaths,
+    tunnel: &Tunnel,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<super::BoxIo, L7Error> {
+    match tokio::time::timeout(timeout, mesh.open(tunnel, addr)).await {
+        Err(_) => Err(L7Error::ConnectTimeout { addr, timeout }),
+        Ok(Err(source)) => Err(L7Error::Tunnel {
+            addr,
+            hbone: tunnel.hbone,
+            source,
+        }),
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
+async fn open(
+    ep: &EndpointState,
+    cluster: &Cluster,
+    slot: Slot,
+    via: Via<'_>,
+) -> Result<Sender, L7Error> {
     let addr = ep.address;
-    let io = TokioIo::new(connect(addr, cluster.connect_timeout).await?);
+    match via {
+        Via::Tcp => {
+            let io = connect(addr, cluster.connect_timeout).await?;
+            handshake(io, addr, cluster, slot).await
+        }
+        Via::Tunnel(mesh, t) => {
+            let io = connect_tunnel(mesh, t, addr, cluster.connect_timeout).await?;
+            handshake(io, addr, cluster, slot).await
+        }
+    }
+}
+
+async fn handshake<T>(
+    io: T,
+    addr: SocketAddr,
+    cluster: &Cluster,
+    slot: Slot,
+) -> Result<Sender, L7Error>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let io = TokioIo::new(io);
     let span = tracing::debug_span!("upstream_conn", cluster = %cluster.name, %addr);
     match cluster.protocol {
         UpstreamProtocol::Http1 => {
@@ -107,35 +215,47 @@ async fn open(ep: &EndpointState, cluster: &Cluster, slot: Slot) -> Result<Sende
     }
 }
 
-/// A connection to `ep` for one request.
+/// A connection to `ep` for one request, reaching it `via` plain TCP or a tunnel (then
+/// from that tunnel's pool). Tunnelled connections count against the same cluster limits.
 pub(super) async fn checkout(
     counters: &Arc<Counters>,
     ep: &EndpointState,
     cluster: &Cluster,
+    via: Via<'_>,
 ) -> Result<Checkout, L7Error> {
+    let home = match via {
+        Via::Tcp => None,
+        Via::Tunnel(_, t) => Some(ep.tunnels.get(t)),
+    };
+    let pool = home.as_deref().unwrap_or(&ep.pool);
     let cb = cluster.circuit_breaker;
     let overflow = |limit| L7Error::Overflow {
         cluster: cluster.name.clone(),
         limit,
     };
     if cluster.protocol == UpstreamProtocol::Http2 {
-        let mut slot = ep.pool.h2.lock().await;
+        let mut slot = pool.h2.lock().await;
         if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
+            let sender = Sender::H2(s.clone());
+            drop(slot);
             return Ok(Checkout {
-                sender: Sender::H2(s.clone()),
+                sender,
                 reused: true,
+                home,
             });
         }
         *slot = None;
         let conn = Slot::acquire(counters, Gauge::Connections, cb.max_connections)
             .ok_or_else(|| overflow("max_connections"))?;
-        let Sender::H2(s) = open(ep, cluster, conn).await? else {
+        let Sender::H2(s) = open(ep, cluster, conn, via).await? else {
             unreachable!("an http2 cluster opens http2 connections")
         };
         *slot = Some(s.clone());
+        drop(slot);
         return Ok(Checkout {
             sender: Sender::H2(s),
             reused: false,
+            home,
         });
     }
     let mut pending = None;
@@ -143,19 +263,21 @@ pub(super) async fn checkout(
         let mut released = pin!(counters.released.notified());
         // Registered before looking, so a release between the look and the wait is seen.
         released.as_mut().enable();
-        while let Some(mut s) = ep.pool.pop() {
+        while let Some(mut s) = pool.pop() {
             if !s.is_closed() && s.ready().await.is_ok() {
                 return Ok(Checkout {
                     sender: Sender::H1(s),
                     reused: true,
+                    home,
                 });
             }
         }
         if let Some(conn) = Slot::acquire(counters, Gauge::Connections, cb.max_connections) {
             drop(pending);
             return Ok(Checkout {
-                sender: open(ep, cluster, conn).await?,
+                sender: open(ep, cluster, conn, via).await?,
                 reused: false,
+                home,
             });
         }
         if pending.is_none() {
@@ -164,6 +286,29 @@ pub(super) async fn checkout(
                     .ok_or_else(|| overflow("max_pending_requests"))?,
             );
         }
+        close_idle_elsewhere(ep, pool);
         released.await;
+    }
+}
+
+/// At the connection limit, closes one idle HTTP/1.1 connection of another pool of `ep`
+/// (another identity's tunnel pool, or the plain one) than `keep`: its slot is released
+/// when the connection ends. One pool per identity must not keep another's requests
+/// pending on slots it only holds idle, which one shared pool never did.
+fn close_idle_elsewhere(ep: &EndpointState, keep: &EndpointPool) {
+    if !std::ptr::eq(&ep.pool, keep) {
+        if let Some(s) = ep.pool.pop() {
+            drop(s);
+            return;
+        }
+    }
+    let tunnels = ep.tunnels.0.lock().unwrap_or_else(|e| e.into_inner());
+    for p in tunnels.values() {
+        if !std::ptr::eq(&**p, keep) {
+            if let Some(s) = p.pop() {
+                drop(s);
+                return;
+            }
+        }
     }
 }

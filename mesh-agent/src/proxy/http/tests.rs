@@ -1467,3 +1467,262 @@ async fn a_drain_sends_goaway_on_h2_and_finishes_the_open_stream() {
         .unwrap()
         .expect("without error");
 }
+
+/// Stands in for `Secure`: every endpoint is a mesh workload of another node; clients are
+/// known by address (`ids`: an identity to tunnel as, or `None` to be denied); `open`
+/// dials the endpoint over loopback (no TLS) and records who asked.
+struct FakeMesh {
+    mesh: Arc<MeshConfig>,
+    ids: HashMap<Ipv4Addr, Option<&'static str>>,
+    /// (source service account, authority) of every tunnel opened.
+    opened: Mutex<Vec<(String, SocketAddr)>>,
+    /// Endpoints whose tunnel cannot be opened.
+    broken: Vec<SocketAddr>,
+}
+
+impl FakeMesh {
+    fn new(endpoints: &[SocketAddr], ids: &[(Ipv4Addr, Option<&'static str>)]) -> Arc<FakeMesh> {
+        use crate::proxy::config::workloads::{WorkloadIndex, WorkloadInfo};
+        let workloads: Vec<Arc<WorkloadInfo>> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Arc::new(WorkloadInfo {
+                    uid: format!("server-{i}"),
+                    name: format!("server-{i}"),
+                    namespace: "backend".into(),
+                    ips: vec![a.ip()],
+                    identity: crate::identity::SpiffeId::new("cluster.local", "backend", "echo")
+                        .unwrap(),
+                    node: "node-1".into(),
+                    hbone: true,
+                    authorization_policies: vec![],
+                    peer_authentications: vec![],
+                })
+            })
+            .collect();
+        Arc::new(FakeMesh {
+            mesh: Arc::new(MeshConfig {
+                workloads: WorkloadIndex::new(&workloads),
+                policies: Default::default(),
+                version: 1,
+            }),
+            ids: ids.iter().copied().collect(),
+            opened: Mutex::default(),
+            broken: vec![],
+        })
+    }
+
+    fn opened(&self) -> Vec<(String, SocketAddr)> {
+        self.opened.lock().unwrap().clone()
+    }
+}
+
+impl MeshPaths for FakeMesh {
+    fn mesh_now(&self) -> Arc<MeshConfig> {
+        self.mesh.clone()
+    }
+
+    fn path(&self, client: Ipv4Addr, target: SocketAddr) -> Path {
+        let Some(dst) = self.mesh.workloads.by_ip(target.ip()) else {
+            return Path::Plain;
+        };
+        match self.ids.get(&client) {
+            None => Path::Plain,
+            Some(None) => Path::Denied(crate::proxy::authz::Verdict {
+                allowed: false,
+                policy_name: Some("backend/deny".into()),
+                reason: crate::proxy::authz::Reason::Denied,
+            }),
+            Some(Some(sa)) => Path::Tunnel {
+                src: crate::identity::SpiffeId::new("cluster.local", "shop", sa).unwrap(),
+                dst: dst.clone(),
+                hbone: SocketAddr::new(target.ip(), 15008),
+            },
+        }
+    }
+
+    fn open<'a>(&'a self, t: &'a Tunnel, authority: SocketAddr) -> OpenFuture<'a> {
+        Box::pin(async move {
+            self.opened
+                .lock()
+                .unwrap()
+                .push((t.src.service_account().to_owned(), authority));
+            if self.broken.contains(&authority) {
+                return Err(HboneError::Connect {
+                    addr: t.hbone,
+                    source: io::ErrorKind::ConnectionRefused.into(),
+                });
+            }
+            let s = TcpStream::connect(authority)
+                .await
+                .map_err(|source| HboneError::Connect {
+                    addr: t.hbone,
+                    source,
+                })?;
+            Ok(Box::new(s) as BoxIo)
+        })
+    }
+}
+
+/// The engine with `mesh` as its zero-trust path; one listener per client address given,
+/// each serving its connections as coming from that address.
+async fn mesh_proxy(
+    cfg: ProxyConfig,
+    mesh: Arc<FakeMesh>,
+    clients: &[Ipv4Addr],
+) -> (
+    Vec<SocketAddr>,
+    watch::Sender<Arc<ProxyConfig>>,
+    crate::lifecycle::drain::DrainTrigger,
+) {
+    let (config, rx) = watch::channel(Arc::new(cfg));
+    let l7 = L7::new(rx, Arc::new(L7Metrics::default()));
+    l7.set_paths(mesh);
+    let (drain, watch) = crate::lifecycle::drain::new();
+    let mut addrs = Vec::new();
+    for ip in clients {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(l.local_addr().unwrap());
+        let (l7, watch, ip) = (l7.clone(), watch.clone(), *ip);
+        tokio::spawn(
+            async move {
+                while let Ok((s, _)) = l.accept().await {
+                    let client = Client {
+                        name: format!("test/{ip}"),
+                        ip: Some(ip),
+                    };
+                    tokio::spawn(l7.clone().serve(s, VIP, client, watch.clone()));
+                }
+            }
+            .instrument(tracing::debug_span!("test_mesh_proxy", %ip)),
+        );
+    }
+    (addrs, config, drain)
+}
+
+const WEB_1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const BATCH: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// Another pod of `web`'s service account.
+const WEB_2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+const DENIED: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
+/// Not a mesh workload.
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
+
+#[tokio::test]
+async fn mesh_endpoints_are_reached_through_tunnels_pooled_per_source_identity() {
+    for h2 in [false, true] {
+        let up = upstream(h2, |_| async { reply(200, "up") }).await;
+        let mesh = FakeMesh::new(
+            &[up.addr],
+            &[
+                (WEB_1, Some("web")),
+                (BATCH, Some("batch")),
+                (WEB_2, Some("web")),
+                (DENIED, None),
+            ],
+        );
+        let mut c = cluster("c", &[up.addr]);
+        if h2 {
+            c.protocol = UpstreamProtocol::Http2;
+        }
+        let (addrs, _config, _drain) = mesh_proxy(
+            simple(vec![c], to(&[("c", 1)])),
+            mesh.clone(),
+            &[WEB_1, BATCH, WEB_2, DENIED, OUTSIDE],
+        )
+        .await;
+        // web, then batch, then web's other pod: sequential, so web's connection is idle
+        // again when its second pod asks.
+        for addr in &addrs[..3] {
+            let mut c = client(*addr).await;
+            for _ in 0..5 {
+                assert_eq!(get(&mut c, "/").await.status, 200, "h2: {h2}");
+            }
+        }
+        assert_eq!(
+            mesh.opened(),
+            vec![("web".into(), up.addr), ("batch".into(), up.addr)],
+            "one tunnel per identity (h2: {h2})"
+        );
+        assert_eq!(up.conns.load(Ordering::Relaxed), 2, "h2: {h2}");
+        // Policy refuses this client: 403, and nothing is dialled.
+        let mut c = client(addrs[3]).await;
+        let got = get(&mut c, "/").await;
+        assert_eq!(
+            (got.status, got.body.as_str()),
+            (403, "RBAC: access denied")
+        );
+        // A client the mesh does not know goes plain, on a connection of its own.
+        let mut c = client(addrs[4]).await;
+        assert_eq!(get(&mut c, "/").await.status, 200);
+        assert_eq!(mesh.opened().len(), 2, "h2: {h2}");
+        assert_eq!(up.conns.load(Ordering::Relaxed), 3, "h2: {h2}");
+    }
+}
+
+#[tokio::test]
+async fn a_tunnel_that_cannot_open_is_a_connect_failure_and_is_retried() {
+    let broken = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let good = named("good").await;
+    let mut mesh = FakeMesh::new(&[broken, good.addr], &[(WEB_1, Some("web"))]);
+    Arc::get_mut(&mut mesh).unwrap().broken = vec![broken];
+    let mut fwd = to(&[("c", 1)]);
+    fwd.retry_policy = Some(Arc::new(retry(
+        RetryOn {
+            connect_failure: true,
+            ..RetryOn::default()
+        },
+        1,
+    )));
+    let (addrs, config, _drain) = mesh_proxy(
+        simple(vec![cluster("c", &[broken, good.addr])], fwd),
+        mesh.clone(),
+        &[WEB_1],
+    )
+    .await;
+    let mut c = client(addrs[0]).await;
+    for _ in 0..4 {
+        assert_eq!(get(&mut c, "/").await.body, "good");
+    }
+    assert!(mesh.opened().iter().any(|(_, a)| *a == broken));
+    // Without retries, the failure reaches the client as Envoy's connection failure.
+    config.send_replace(Arc::new(simple(
+        vec![cluster("c", &[broken])],
+        to(&[("c", 1)]),
+    )));
+    let got = get(&mut c, "/").await;
+    assert_eq!(got.status, 503);
+    assert!(got.body.contains("connection failure"), "{}", got.body);
+}
+
+#[tokio::test]
+async fn at_the_connection_limit_another_identitys_idle_connection_makes_room() {
+    let up = named("up").await;
+    let mesh = FakeMesh::new(&[up.addr], &[(WEB_1, Some("web")), (BATCH, Some("batch"))]);
+    let mut c = cluster("c", &[up.addr]);
+    c.circuit_breaker.max_connections = 1;
+    let (addrs, _config, _drain) = mesh_proxy(
+        simple(vec![c], to(&[("c", 1)])),
+        mesh.clone(),
+        &[WEB_1, BATCH],
+    )
+    .await;
+    for round in 0..2 {
+        for addr in &addrs {
+            let mut c = client(*addr).await;
+            let got = tokio::time::timeout(Duration::from_secs(5), get(&mut c, "/"))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: waited on the other identity's idle connection")
+                });
+            assert_eq!(got.body, "up");
+        }
+    }
+    assert_eq!(mesh.opened().len(), 4, "{:?}", mesh.opened());
+    assert_eq!(up.conns.load(Ordering::Relaxed), 4);
+}
