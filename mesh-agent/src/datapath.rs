@@ -516,7 +516,10 @@ impl Datapath {
         let tc_prog: &mut SchedClassifier = ebpf
             .program_mut(prog_names::TC_INGRESS)
             .ok_or_else(|| {
-                BpfError::Kernel(format!("program {} missing from the object", prog_names::TC_INGRESS))
+                BpfError::Kernel(format!(
+                    "program {} missing from the object",
+                    prog_names::TC_INGRESS
+                ))
             })?
             .try_into()
             .map_err(prog_err(format!("program {}", prog_names::TC_INGRESS)))?;

@@ -15,14 +15,7 @@
 pub mod certs;
 pub mod tls;
 
-use std::{
-    fmt,
-    future::Future,
-    pin::Pin,
-    str::FromStr,
-    sync::Arc,
-    time::SystemTime,
-};
+use std::{fmt, future::Future, pin::Pin, str::FromStr, sync::Arc, time::SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -53,8 +46,7 @@ pub struct SpiffeId {
 fn check_segment(s: &str, what: &'static str, full: &str) -> Result<(), IdentityError> {
     let ok = !s.is_empty()
         && s.len() <= 253
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     if ok {
         Ok(())
@@ -111,11 +103,15 @@ impl FromStr for SpiffeId {
         if s.len() > MAX_ID_LEN {
             return Err(bad("too long"));
         }
-        let rest = s.strip_prefix("spiffe://").ok_or(bad("not a spiffe:// URI"))?;
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or(bad("not a spiffe:// URI"))?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [td, "ns", ns, "sa", sa] => SpiffeId::new(td, ns, sa),
-            _ => Err(bad("expected spiffe://<trust-domain>/ns/<namespace>/sa/<account>")),
+            _ => Err(bad(
+                "expected spiffe://<trust-domain>/ns/<namespace>/sa/<account>",
+            )),
         }
     }
 }
@@ -161,7 +157,10 @@ pub trait Certificates: Send + Sync + 'static {
     fn current(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>>;
     /// The certificate for `id`, asking the CA first if none is held (on demand); later
     /// calls get the held one, renewed in the background at half of its life.
-    fn get<'a>(&'a self, id: &'a SpiffeId) -> BoxFuture<'a, Result<Arc<WorkloadCert>, IdentityError>>;
+    fn get<'a>(
+        &'a self,
+        id: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<Arc<WorkloadCert>, IdentityError>>;
     /// The trust roots peers' chains must end at.
     fn roots(&self) -> Vec<CertificateDer<'static>>;
 }

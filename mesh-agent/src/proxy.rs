@@ -297,7 +297,10 @@ impl Outbound {
         };
         let source = src_name.clone().unwrap_or_else(|| "unknown".into());
         // The L7 engine's view of the client: zero trust needs its address.
-        let l7_client = |name: String| http::Client { name, ip: Some(pip) };
+        let l7_client = |name: String| http::Client {
+            name,
+            ip: Some(pip),
+        };
         // A service listener for the destination: L7, or TCP to one of its endpoints.
         let mut target = SocketAddr::V4(dst);
         let mut prefix = Vec::new();
@@ -340,14 +343,7 @@ impl Outbound {
                         let _ = client.set_nodelay(true);
                         self.l7
                             .clone()
-                            .serve_sniffed(
-                                client,
-                                bytes,
-                                sniffed,
-                                target,
-                                l7_client(source),
-                                drain,
-                            )
+                            .serve_sniffed(client, bytes, sniffed, target, l7_client(source), drain)
                             .await;
                         return;
                     }
@@ -385,7 +381,10 @@ impl Outbound {
                 return;
             }
             secure::Path::Tunnel { src, dst, hbone } => {
-                let s = self.secure.get().expect("a tunnel path comes from `secure`");
+                let s = self
+                    .secure
+                    .get()
+                    .expect("a tunnel path comes from `secure`");
                 let mut stream = match s.hbone.connect(&src, hbone, &dst.identity, target).await {
                     Ok(st) => st,
                     Err(e) => {
@@ -407,7 +406,8 @@ impl Outbound {
                     counters.received.fetch_add(prefix.len() as u64, Relaxed);
                 }
                 let _ = client.set_nodelay(true);
-                let _ = hbone::relay_tunnel(client, stream, &counters, hbone::TcpSide::Source).await;
+                let _ =
+                    hbone::relay_tunnel(client, stream, &counters, hbone::TcpSide::Source).await;
                 counters.closed.fetch_add(1, Relaxed);
                 drop(drain);
                 return;

@@ -42,7 +42,14 @@ const RULES: &[(&str, &[&str])] = &[
     // The proxy depends on its own model (`proxy::config`), never on the control plane's.
     (
         "proxy",
-        &["datapath", "identity", "lifecycle", "metrics", "sys", "wire"],
+        &[
+            "datapath",
+            "identity",
+            "lifecycle",
+            "metrics",
+            "sys",
+            "wire",
+        ],
     ),
     // Readiness, drain and hand-over: a leaf every piece may use.
     ("lifecycle", &["sys"]),

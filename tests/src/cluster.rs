@@ -606,7 +606,11 @@ impl Capture {
                     libc::SOCK_RAW,
                     (libc::ETH_P_ALL as u16).to_be() as i32,
                 );
-                assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+                assert!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
                 let tv = libc::timeval {
                     tv_sec: 0,
                     tv_usec: 100_000,

@@ -17,7 +17,10 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn cluster(extra_args: &[&str], policies: &str) -> (SimCluster, Vec<mesh_tests::cluster::NodeAgent>) {
+fn cluster(
+    extra_args: &[&str],
+    policies: &str,
+) -> (SimCluster, Vec<mesh_tests::cluster::NodeAgent>) {
     let mut c = SimCluster::new(2).expect("sim cluster");
     c.add_pod(0, "client-a", 2).unwrap();
     c.add_pod(0, "client-x", 3).unwrap();
@@ -188,7 +191,10 @@ fn authorization_allows_one_caller_denies_another_and_follows_edits() {
     let (c, agents) = cluster(&[], allow_web);
     wait_mesh(&c, &agents);
     let to = server(&c);
-    assert!(echo_ok(c.node(0), "client-a", &to, 64 * 1024), "web is allowed");
+    assert!(
+        echo_ok(c.node(0), "client-a", &to, 64 * 1024),
+        "web is allowed"
+    );
     assert!(
         !echo_ok(c.node(0), "client-x", &to, 64 * 1024),
         "batch is not"
@@ -225,7 +231,13 @@ fn strict_refuses_plain_text_from_outside_the_mesh_and_permissive_accepts_it() {
     let r = c.node(0).echo("legacy", &to, MIB).unwrap();
     assert_intact(&r, MIB);
     let m = agents[1].get("/metrics").unwrap();
-    assert!(metric(&m, "mesh_inbound_connections_total", &[("outcome", "delivered")]) >= 1);
+    assert!(
+        metric(
+            &m,
+            "mesh_inbound_connections_total",
+            &[("outcome", "delivered")]
+        ) >= 1
+    );
 
     // An IP block DENY refuses the plain-text client by address.
     let legacy_ip = c.pod("legacy").ip;
@@ -237,10 +249,15 @@ fn strict_refuses_plain_text_from_outside_the_mesh_and_permissive_accepts_it() {
              \x20   spec: {{ action: DENY, rules: [ {{ from: [ {{ source: {{ ipBlocks: [ \"{legacy_ip}/32\" ] }} }} ] }} ] }}\n"
         ),
     );
-    wait_for("the IP-block DENY in force", Duration::from_secs(10), || {
-        !echo_ok(c.node(0), "legacy", &to, 4096)
-    });
-    assert!(echo_ok(c.node(0), "client-a", &to, 4096), "mesh callers still pass");
+    wait_for(
+        "the IP-block DENY in force",
+        Duration::from_secs(10),
+        || !echo_ok(c.node(0), "legacy", &to, 4096),
+    );
+    assert!(
+        echo_ok(c.node(0), "client-a", &to, 4096),
+        "mesh callers still pass"
+    );
 
     // STRICT on the namespace: plain text refused, mutual TLS accepted.
     write_config(
@@ -268,7 +285,11 @@ fn certificates_rotate_under_live_traffic_and_nothing_is_dropped() {
     assert!(echo_ok(c.node(0), "client-a", &to, 4096));
     let serial = |a: &mesh_tests::cluster::NodeAgent, id: &str| -> String {
         let v: serde_json::Value = serde_json::from_str(&a.get("/certs").unwrap()).unwrap();
-        let list = v.as_array().cloned().or_else(|| v["certs"].as_array().cloned()).unwrap_or_default();
+        let list = v
+            .as_array()
+            .cloned()
+            .or_else(|| v["certs"].as_array().cloned())
+            .unwrap_or_default();
         list.iter()
             .find(|c| c["identity"] == id)
             .map(|c| c["serial"].to_string())
@@ -287,8 +308,16 @@ fn certificates_rotate_under_live_traffic_and_nothing_is_dropped() {
         n += 1;
     }
     assert!(n >= 3, "{n} transfers");
-    assert_ne!(serial(&agents[0], web), web0, "node 0 renewed web's certificate");
-    assert_ne!(serial(&agents[1], echo), echo0, "node 1 renewed echo's certificate");
+    assert_ne!(
+        serial(&agents[0], web),
+        web0,
+        "node 0 renewed web's certificate"
+    );
+    assert_ne!(
+        serial(&agents[1], echo),
+        echo0,
+        "node 1 renewed echo's certificate"
+    );
     // A fresh connection after the renewals still verifies.
     let r = c.node(0).echo("client-a", &to, MIB).unwrap();
     assert_intact(&r, MIB);
@@ -299,7 +328,10 @@ const HTTP_PORT: u16 = 8081;
 
 fn serve_http(c: &SimCluster) -> String {
     c.node(1)
-        .serve("server-b", &["http", "--listen", &format!("0.0.0.0:{HTTP_PORT}")])
+        .serve(
+            "server-b",
+            &["http", "--listen", &format!("0.0.0.0:{HTTP_PORT}")],
+        )
         .unwrap();
     format!("{}:{HTTP_PORT}", c.pod("server-b").ip)
 }
@@ -309,7 +341,15 @@ fn get(node: &ClusterNode, pod: &str, to: &str, path: &str) -> (String, String) 
     let r = node
         .client(
             pod,
-            &["http-client", "--to", to, "--path", path, "--deadline-ms", "10000"],
+            &[
+                "http-client",
+                "--to",
+                to,
+                "--path",
+                path,
+                "--deadline-ms",
+                "10000",
+            ],
         )
         .unwrap();
     assert_eq!(r["errors"], serde_json::json!([]), "GET {path}: {r}");
@@ -327,7 +367,10 @@ fn status_line(node: &ClusterNode, pod: &str, to: &str, method: &str, path: &str
         "{method} {path} HTTP/1.1\\r\\nhost: server-b\\r\\ncontent-length: 0\\r\\nconnection: close\\r\\n\\r\\n"
     );
     let r = node
-        .client(pod, &["raw", "--to", to, "--send", &req, "--deadline-ms", "10000"])
+        .client(
+            pod,
+            &["raw", "--to", to, "--send", &req, "--deadline-ms", "10000"],
+        )
         .unwrap();
     r["status_line"].as_str().unwrap_or_default().to_owned()
 }
@@ -364,7 +407,10 @@ fn l7_allow_judges_each_request_arriving_through_the_tunnel() {
     wait_for("GET /ok allowed", Duration::from_secs(10), || {
         get(n0, "client-a", &to, "/ok").0 == "200"
     });
-    assert_eq!(get(n0, "client-a", &to, "/ok/deeper?x=1"), ("200".into(), "server".into()));
+    assert_eq!(
+        get(n0, "client-a", &to, "/ok/deeper?x=1"),
+        ("200".into(), "server".into())
+    );
     assert_eq!(
         get(n0, "client-a", &to, "/nope"),
         ("403".into(), "RBAC: access denied".into())
@@ -373,7 +419,10 @@ fn l7_allow_judges_each_request_arriving_through_the_tunnel() {
         status_line(n0, "client-a", &to, "POST", "/ok"),
         "HTTP/1.1 403 Forbidden"
     );
-    assert_eq!(status_line(n0, "client-a", &to, "GET", "/ok"), "HTTP/1.1 200 OK");
+    assert_eq!(
+        status_line(n0, "client-a", &to, "GET", "/ok"),
+        "HTTP/1.1 200 OK"
+    );
     // Another identity: no principal match, whatever the request.
     assert_eq!(get(n0, "client-x", &to, "/ok").0, "403");
 
@@ -386,7 +435,13 @@ fn l7_allow_judges_each_request_arriving_through_the_tunnel() {
         &[("level", "request"), ("verdict", "deny")],
     );
     assert!(denied >= 3, "{denied} requests denied");
-    assert!(metric(&m, "mesh_authz_http_connections_total", &[("transport", "hbone")]) >= 5);
+    assert!(
+        metric(
+            &m,
+            "mesh_authz_http_connections_total",
+            &[("transport", "hbone")]
+        ) >= 5
+    );
     // Through the tunnel, not around it.
     assert!(hbone_streams(&agents[0], "out") >= 5);
     assert_eq!(firewall_rules(&c.all_netns()), Vec::<String>::new());
@@ -419,11 +474,20 @@ fn l7_deny_on_paths_answers_plain_text_clients_per_request() {
     assert_eq!(get(n0, "legacy", &to, "/x/../admin").0, "403");
     assert_eq!(get(n0, "legacy", &to, "/%61dmin").0, "403");
     assert_eq!(get(n0, "legacy", &to, "/"), ("200".into(), "server".into()));
-    assert_eq!(status_line(n0, "legacy", &to, "POST", "/items"), "HTTP/1.1 200 OK");
+    assert_eq!(
+        status_line(n0, "legacy", &to, "POST", "/items"),
+        "HTTP/1.1 200 OK"
+    );
     assert!(request_decisions(&agents[1], "deny", "backend/no-admin") >= 2);
     assert!(request_decisions(&agents[1], "allow", "none") >= 2);
     let m = agents[1].get("/metrics").unwrap();
-    assert!(metric(&m, "mesh_authz_http_connections_total", &[("transport", "plain")]) >= 4);
+    assert!(
+        metric(
+            &m,
+            "mesh_authz_http_connections_total",
+            &[("transport", "plain")]
+        ) >= 4
+    );
     // The DENY names only the HTTP port: the echo port is still relayed whole.
     assert!(echo_ok(n0, "legacy", &server(&c), 64 * 1024));
     assert_eq!(firewall_rules(&c.all_netns()), Vec::<String>::new());
@@ -455,7 +519,13 @@ fn l7_requests_to_another_nodes_mesh_workload_go_through_the_tunnel_and_pass_str
     c.node(1)
         .serve(
             "server-b",
-            &["http", "--listen", &format!("0.0.0.0:{PORT}"), "--name", "server-b"],
+            &[
+                "http",
+                "--listen",
+                &format!("0.0.0.0:{PORT}"),
+                "--name",
+                "server-b",
+            ],
         )
         .unwrap();
     wait_mesh(&c, &agents);
@@ -466,7 +536,10 @@ fn l7_requests_to_another_nodes_mesh_workload_go_through_the_tunnel_and_pass_str
     wait_for("STRICT in force", Duration::from_secs(10), || {
         !echo_ok(n0, "legacy", &plain, 4096) && decisions(&agents[1], "deny", "backend/strict") >= 1
     });
-    let (out0, in1) = (hbone_streams(&agents[0], "out"), hbone_streams(&agents[1], "in"));
+    let (out0, in1) = (
+        hbone_streams(&agents[0], "out"),
+        hbone_streams(&agents[1], "in"),
+    );
     let vip = format!("{}:80", c.vip(40));
     let requests = |n: u32| {
         n0.client(
@@ -498,7 +571,10 @@ fn l7_requests_to_another_nodes_mesh_workload_go_through_the_tunnel_and_pass_str
         metric(
             &m,
             "mesh_requests_total",
-            &[("source_workload", "shop/client-a"), ("response_code", "200")]
+            &[
+                ("source_workload", "shop/client-a"),
+                ("response_code", "200")
+            ]
         ) >= 21,
         "{m}"
     );

@@ -113,7 +113,9 @@ impl Secure {
                 tls: true,
             };
             let v = authz::authorize(&mesh.policies, &ctx);
-            self.metrics.authz.count("outbound", v.allowed, v.policy_name.as_deref());
+            self.metrics
+                .authz
+                .count("outbound", v.allowed, v.policy_name.as_deref());
             if !v.allowed {
                 log_denial("same-node", &ctx, &v);
                 return Path::Denied(v);
@@ -172,10 +174,7 @@ fn log_denial(direction: &str, ctx: &ConnCtx<'_>, v: &Verdict) {
 
 /// The workload at `ip` once the configuration in force names it (waits up to
 /// `MESH_CONFIG_WAIT`); with it, the configuration it was found in.
-async fn workload_at(
-    xds: &XdsClient,
-    ip: IpAddr,
-) -> Option<(Arc<MeshConfig>, Arc<WorkloadInfo>)> {
+async fn workload_at(xds: &XdsClient, ip: IpAddr) -> Option<(Arc<MeshConfig>, Arc<WorkloadInfo>)> {
     let mut rx = xds.mesh();
     let found = |m: &Arc<MeshConfig>| m.workloads.by_ip(ip).cloned().map(|w| (m.clone(), w));
     if let Some(x) = found(&rx.borrow_and_update()) {
@@ -222,16 +221,16 @@ impl PlainHandler for InboundPolicy {
         orig_dst: SocketAddrV4,
         pod: Arc<InPod>,
     ) -> UnitFuture {
-        let (xds, metrics, deliver) = (
-            self.xds.clone(),
-            self.metrics.clone(),
-            self.deliver.clone(),
-        );
+        let (xds, metrics, deliver) =
+            (self.xds.clone(), self.metrics.clone(), self.deliver.clone());
         Box::pin(async move {
             let Some((mesh, dst)) = workload_at(&xds, IpAddr::V4(*orig_dst.ip())).await else {
                 // Enrolled here but not (yet) in the configuration: no policy can be
                 // judged. Counted; the pod's own fail mode applies on its outbound side.
-                metrics.authz.unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics
+                    .authz
+                    .unknown
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 debug!(%peer, %orig_dst, "no workload in force for the destination; delivering without policy");
                 deliver.serve(conn, peer, orig_dst, pod).await;
                 return;
@@ -262,7 +261,9 @@ impl PlainHandler for InboundPolicy {
                 http::serve(conn, t).await;
                 return;
             }
-            metrics.authz.count("inbound", v.allowed, v.policy_name.as_deref());
+            metrics
+                .authz
+                .count("inbound", v.allowed, v.policy_name.as_deref());
             if !v.allowed {
                 log_denial("inbound-plain", &ctx, &v);
                 metrics
@@ -343,7 +344,10 @@ impl TunnelHandler {
                 }
             };
             let Some((mesh, dst)) = workload_at(&xds, IpAddr::V4(pod.ip)).await else {
-                metrics.authz.unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics
+                    .authz
+                    .unknown
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "destination workload not in the configuration yet",
@@ -376,7 +380,9 @@ impl TunnelHandler {
                 tls: true,
             };
             let v = authz::authorize(&mesh.policies, &ctx);
-            metrics.authz.count("inbound", v.allowed, v.policy_name.as_deref());
+            metrics
+                .authz
+                .count("inbound", v.allowed, v.policy_name.as_deref());
             if !v.allowed {
                 log_denial("inbound-tunnel", &ctx, &v);
                 return Err(Refusal::new(
