@@ -21,23 +21,37 @@ fn cluster(
     extra_args: &[&str],
     policies: &str,
 ) -> (SimCluster, Vec<mesh_tests::cluster::NodeAgent>) {
-    let mut c = SimCluster::new(2).expect("sim cluster");
-    c.add_pod(0, "client-a", 2).unwrap();
-    c.add_pod(0, "client-x", 3).unwrap();
-    c.add_pod(0, "legacy", 4).unwrap();
-    c.add_pod(1, "server-b", 2).unwrap();
+    let c = pods();
     write_config(&c, policies);
-    c.node(1)
-        .serve("server-b", &["echo", "--listen", "0.0.0.0:8080"])
-        .unwrap();
     let agents = (0..2)
         .map(|i| c.node(i).start_agent(extra_args).expect("agent"))
         .collect();
     (c, agents)
 }
 
+/// The cluster and its pods (echo server running), no agent yet.
+fn pods() -> SimCluster {
+    let mut c = SimCluster::new(2).expect("sim cluster");
+    c.add_pod(0, "client-a", 2).unwrap();
+    c.add_pod(0, "client-x", 3).unwrap();
+    c.add_pod(0, "legacy", 4).unwrap();
+    c.add_pod(1, "server-b", 2).unwrap();
+    c.node(1)
+        .serve("server-b", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    c
+}
+
 /// The one file both nodes read: all workloads, the policies given.
 fn write_config(c: &SimCluster, policies: &str) {
+    let yaml = config_text(c, policies, "echo");
+    for i in 0..2 {
+        c.node(i).write_config(&yaml).unwrap();
+    }
+}
+
+/// The file's text, with `server_sa` as server-b's service account.
+fn config_text(c: &SimCluster, policies: &str, server_sa: &str) -> String {
     let mut yaml = "namespaces:\n\
                     \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
                     \x20 - { name: backend, labels: { istio.io/dataplane-mode: ambient } }\n\
@@ -47,7 +61,7 @@ fn write_config(c: &SimCluster, policies: &str) {
         ("client-a", "shop", "web", "{}"),
         ("client-x", "shop", "batch", "{}"),
         ("legacy", "legacy", "default", "{}"),
-        ("server-b", "backend", "echo", "{ app: echo }"),
+        ("server-b", "backend", server_sa, "{ app: echo }"),
     ] {
         let p = c.pod(pod);
         yaml += &format!(
@@ -58,9 +72,7 @@ fn write_config(c: &SimCluster, policies: &str) {
         );
     }
     yaml += policies;
-    for i in 0..2 {
-        c.node(i).write_config(&yaml).unwrap();
-    }
+    yaml
 }
 
 fn server(c: &SimCluster) -> String {
@@ -585,4 +597,69 @@ fn l7_requests_to_another_nodes_mesh_workload_go_through_the_tunnel_and_pass_str
     assert!((1..=21).contains(&out), "{out} streams out");
     assert!(inn >= 1, "{inn} streams in");
     assert_eq!(firewall_rules(&c.all_netns()), Vec::<String>::new());
+}
+
+/// A peer that cannot prove the identity the caller expects is refused, whichever way it
+/// fails: its certificate chains to another root, or names another identity.
+#[test]
+fn a_node_with_a_foreign_root_or_the_wrong_identity_is_refused() {
+    let to_echo = |c: &SimCluster| server(c);
+    // Node 1's agent signs with a root of its own: node 0 cannot verify it (and node 1
+    // cannot verify node 0's client certificate).
+    {
+        let c = pods();
+        write_config(&c, "");
+        let foreign = c.node(1).dir.join("foreign-ca");
+        let out = std::process::Command::new(mesh_tests::agent_bin())
+            .args(["ca", "init", "--dir"])
+            .arg(&foreign)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let a0 = c.node(0).start_agent(&[]).unwrap();
+        let a1 = c
+            .node(1)
+            .start_agent(&["--ca-dir", &foreign.display().to_string()])
+            .unwrap();
+        let agents = vec![a0, a1];
+        wait_mesh(&c, &agents);
+        assert!(
+            !echo_ok(c.node(0), "client-a", &to_echo(&c), 4096),
+            "a peer of a foreign root was trusted"
+        );
+        assert!(hbone_streams(&agents[0], "out_failed") >= 1);
+        assert_eq!(hbone_streams(&agents[1], "in"), 0);
+    }
+    // Node 1 believes server-b runs as `impostor`; node 0 expects `echo`.
+    {
+        let c = pods();
+        c.node(0)
+            .write_config(&config_text(&c, "", "echo"))
+            .unwrap();
+        c.node(1)
+            .write_config(&config_text(&c, "", "impostor"))
+            .unwrap();
+        let agents: Vec<_> = (0..2)
+            .map(|i| c.node(i).start_agent(&[]).unwrap())
+            .collect();
+        let ip = c.pod("server-b").ip.to_string();
+        for a in &agents {
+            wait_for("the workloads in force", Duration::from_secs(10), || {
+                a.get("/config_dump")
+                    .map(|d| d.contains(&ip))
+                    .unwrap_or(false)
+            });
+        }
+        assert!(
+            !echo_ok(c.node(0), "client-a", &to_echo(&c), 4096),
+            "a peer presenting the wrong identity was trusted"
+        );
+        assert!(hbone_streams(&agents[0], "out_failed") >= 1);
+        assert_eq!(hbone_streams(&agents[1], "in"), 0);
+        let certs1 = agents[1].get("/certs").unwrap();
+        assert!(
+            certs1.contains("spiffe://cluster.local/ns/backend/sa/impostor"),
+            "{certs1}"
+        );
+    }
 }
