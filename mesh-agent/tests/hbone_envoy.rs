@@ -3,6 +3,8 @@
 //! listener requiring client certificates) that our client reaches. 16 MiB each way,
 //! compared by hash.
 //!
+//! Every certificate, Envoy's included, is signed by our CA (`control::ca`) from a CSR.
+//!
 //! Envoy comes from `MESH_ENVOY_BIN`, else the venv `cargo xtask setup` fills
 //! (`target/bench/venv/bin/envoy`); the tests fail, loudly, without it.
 
@@ -21,11 +23,8 @@ use mesh_agent::{
     lifecycle::drain,
     proxy::hbone::{serve, ClientOptions, ConnectHandler, HboneClient, PeerInfo, Refusal},
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -38,34 +37,39 @@ fn id(sa: &str) -> SpiffeId {
 }
 
 // ---------------------------------------------------------------------------------------
-// A test CA, our `Certificates`, and PEM files for Envoy
+// Our CA (`control::ca`, the one the agent embeds), our `Certificates`, and PEM files for
+// Envoy: Envoy's certificate is signed by our CA from a CSR, as any workload's is.
+
+/// The node every identity of these tests runs on (the CA signs only those).
+const NODE: &str = "interop-node";
 
 struct Ca {
+    ca: mesh_agent::control::ca::Ca,
     root: CertificateDer<'static>,
     root_pem: String,
-    issuer: Issuer<'static, KeyPair>,
 }
 
 struct Leaf {
     cert: WorkloadCert,
+    /// Leaf and intermediates, PEM (what Envoy serves).
     cert_pem: String,
     key_pem: String,
 }
 
 impl Ca {
     fn new() -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "hbone interop root");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca {
-            root: cert.der().clone(),
-            root_pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
+        use mesh_agent::control::ca::{CaOptions, NodeIdentities, Signer};
+        let ids = ["client", "server", "envoy"]
+            .iter()
+            .fold(NodeIdentities::default(), |n, sa| n.with(NODE, id(sa)));
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(ids));
+        let signer = Signer::generate("cluster.local").unwrap();
+        let ca =
+            mesh_agent::control::ca::Ca::new(signer, CaOptions::new("cluster.local"), rx, None)
+                .unwrap();
+        let root = ca.root().clone();
+        let root_pem = pem("CERTIFICATE", &root);
+        Ca { ca, root, root_pem }
     }
 
     fn leaf(&self, id: &SpiffeId) -> Leaf {
@@ -73,34 +77,57 @@ impl Ca {
         p.subject_alt_names = vec![SanType::URI(
             rcgen::string::Ia5String::try_from(id.to_string()).unwrap(),
         )];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let now = SystemTime::now();
-        let (nb, na) = (
-            now - Duration::from_secs(60),
-            now + Duration::from_secs(3600),
-        );
-        p.not_before = nb.into();
-        p.not_after = na.into();
         let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+        let chain = self
+            .ca
+            .sign_for_node(NODE, &csr, Some(Duration::from_secs(3600)), None)
+            .unwrap();
+        let ders: Vec<CertificateDer<'static>> = chain
+            .iter()
+            .map(|c| CertificateDer::from_pem_slice(c.as_bytes()).unwrap())
+            .collect();
+        let (leaf_and_mid, _root) = ders.split_at(ders.len() - 1);
+        let now = SystemTime::now();
         Leaf {
             cert: WorkloadCert {
                 id: id.clone(),
-                chain: vec![cert.der().clone()],
+                chain: leaf_and_mid.to_vec(),
                 key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
                 roots: vec![self.root.clone()],
                 serial: String::new(),
-                not_before: nb,
-                not_after: na,
+                not_before: now - Duration::from_secs(60),
+                not_after: now + Duration::from_secs(3600),
             },
-            cert_pem: cert.pem(),
+            cert_pem: chain[..chain.len() - 1].concat(),
             key_pem: key.serialize_pem(),
         }
     }
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use std::fmt::Write;
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b = String::new();
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, x)| n | (u32::from(*x) << (16 - 8 * i)));
+        for i in 0..4 {
+            b.push(if i <= chunk.len() {
+                B64[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b.as_bytes().chunks(64) {
+        let _ = writeln!(out, "{}", std::str::from_utf8(line).unwrap());
+    }
+    let _ = writeln!(out, "-----END {label}-----");
+    out
 }
 
 struct Certs {
