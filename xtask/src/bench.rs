@@ -16,11 +16,12 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod cluster;
 mod l7;
 mod xds;
 
 /// Suites this harness runs, in order.
-pub const SUITES: &[&str] = &["l4", "footprint", "l7", "xds"];
+pub const SUITES: &[&str] = &["l4", "footprint", "l7", "xds", "cluster"];
 /// Suites of issue 5 that wait for another piece of the agent.
 pub const PENDING: &[Skipped] = &[];
 
@@ -98,6 +99,7 @@ fn metric_info(metric: &str) -> (&'static str, &'static str, bool) {
         ),
         m => l7::metric_info(m)
             .or_else(|| xds::metric_info(m))
+            .or_else(|| cluster::metric_info(m))
             .unwrap_or(("?", "", true)),
     }
 }
@@ -140,7 +142,7 @@ pub fn select(suite: Option<&str>) -> Result<(Vec<&'static str>, Vec<Skipped>)> 
             }
             match SUITES.iter().find(|&&k| k == s) {
                 Some(&k) => Ok((vec![k], Vec::new())),
-                None => bail!("unknown suite `{s}` (l4, footprint, l7, xds, all)"),
+                None => bail!("unknown suite `{s}` (l4, footprint, l7, xds, cluster, all)"),
             }
         }
     }
@@ -155,6 +157,7 @@ fn own_script(root: &Path, suite: &str) -> Option<Command> {
     let (interpreter, file) = match suite {
         "l7" => ("bash", "xtask/bench-l7.sh"),
         "xds" => ("python3", "xtask/bench-xds.py"),
+        "cluster" => ("bash", "xtask/bench-cluster.sh"),
         _ => return None,
     };
     let mut c = Command::new(interpreter);
@@ -1085,6 +1088,11 @@ pub fn report(root: &Path, out: &Path, skipped: &[Skipped], publish: bool) -> Re
                 written.push("xds.svg".to_owned());
                 (tg, md)
             }
+            "cluster" => {
+                let tg = cluster::targets(&t);
+                let md = cluster::md(&meta, skipped, &t, &tg);
+                (tg, md)
+            }
             "l4" => {
                 let tg = l4_targets(&t);
                 let md = l4_md(&meta, skipped, &t, &tg);
@@ -1128,6 +1136,7 @@ fn smoke_complete(suite: &str, t: &Table) -> Result<()> {
     let own = match suite {
         "l7" => Some(l7::missing(t)),
         "xds" => Some(xds::missing(t)),
+        "cluster" => Some(cluster::missing(t)),
         _ => None,
     };
     if let Some(missing) = own {
@@ -1193,7 +1202,7 @@ mod tests {
     #[test]
     fn every_suite_runs_alone_or_in_all() {
         let (run, skipped) = select(None).unwrap();
-        assert_eq!(run, vec!["l4", "footprint", "l7", "xds"]);
+        assert_eq!(run, vec!["l4", "footprint", "l7", "xds", "cluster"]);
         assert!(skipped.is_empty());
         assert_eq!(select(Some("xds")).unwrap().0, vec!["xds"]);
         assert!(select(Some("nope")).is_err());
