@@ -432,6 +432,15 @@ fn mesh_resources(
             + security.peer_authentications.len(),
     );
     for w in workloads {
+        // A workload without a valid identity (an empty namespace or service account, a
+        // character a SPIFFE ID cannot hold) is not offered as a mesh workload: every
+        // proxy would refuse the resource, and with it the whole response.
+        if let Err(e) =
+            crate::identity::SpiffeId::new(trust_domain, &w.namespace, &w.service_account)
+        {
+            tracing::warn!(workload = %w.name, namespace = %w.namespace, error = %e, "workload left out of the mesh's workload addresses");
+            continue;
+        }
         let authz = security
             .authorization_policies
             .iter()
@@ -1343,6 +1352,35 @@ peer_authentications:
     /// per AuthorizationPolicy in ztunnel's shape, one PeerAuthentication each; selector
     /// policies are listed by the workloads they select; a policy edit passes on that
     /// policy (and the workloads whose list changed) only.
+    #[test]
+    fn workloads_without_a_valid_identity_are_left_out() {
+        let member = |ns: &str, name: &str, sa: &str, last: u8| Member {
+            namespace: ns.into(),
+            name: name.into(),
+            ip: std::net::Ipv4Addr::new(10, 0, 0, last),
+            labels: Default::default(),
+            service_account: sa.into(),
+            node: "n".into(),
+            hbone: true,
+        };
+        // What the fuzzer found: a pod without a namespace made a resource every proxy
+        // refuses (and with it the whole response).
+        let members = [
+            member("", "", "default", 1),
+            member("shop", "bad", "a b", 2),
+            member("shop", "ok", "web", 3),
+        ];
+        let mut t = Translator::new("cluster.local", "");
+        let d = t.update_mesh(&[], &members, &Arc::new(Default::default()));
+        let names: Vec<&str> = d
+            .upserts
+            .iter()
+            .filter(|(_, a)| a.type_url == istio::ADDRESS_TYPE_URL)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["Kubernetes//Pod/shop/ok"]);
+    }
+
     #[test]
     fn workloads_and_policies_are_served_in_ztunnels_shape() {
         use prost::Message;
