@@ -435,9 +435,19 @@ fn mesh_resources(
         // A workload without a valid identity (an empty namespace or service account, a
         // character a SPIFFE ID cannot hold) is not offered as a mesh workload: every
         // proxy would refuse the resource, and with it the whole response.
-        if let Err(e) =
-            crate::identity::SpiffeId::new(trust_domain, &w.namespace, &w.service_account)
-        {
+        // (Empty trust domain and service account read as the defaults, as the proxy reads
+        // them.)
+        let td = if trust_domain.is_empty() {
+            istio::DEFAULT_TRUST_DOMAIN
+        } else {
+            trust_domain
+        };
+        let sa = if w.service_account.is_empty() {
+            super::model::DEFAULT_SERVICE_ACCOUNT
+        } else {
+            &w.service_account
+        };
+        if let Err(e) = crate::identity::SpiffeId::new(td, &w.namespace, sa) {
             tracing::warn!(workload = %w.name, namespace = %w.namespace, error = %e, "workload left out of the mesh's workload addresses");
             continue;
         }

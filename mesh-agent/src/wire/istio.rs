@@ -23,6 +23,9 @@
 //! policy cannot say; and an unknown field inside an `Authorization` would make a
 //! ztunnel-proto client see an ALLOW policy with no rules (which denies everything).
 
+/// The trust domain a workload resource that names none is in (Istio's default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 use prost::{Message, Name};
 
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";

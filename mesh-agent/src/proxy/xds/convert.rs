@@ -1640,7 +1640,7 @@ fn clone_cluster(c: &Cluster) -> Cluster {
 // Workloads and policies (`wire::istio`)
 
 /// The mesh trust domain when a workload elides its own (ztunnel's default).
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use crate::wire::istio::DEFAULT_TRUST_DOMAIN;
 
 /// What an `istio.workload.Address` carries that the proxy keeps: a workload, or a
 /// service (recognised, not used: services come as listeners and clusters).
