@@ -57,12 +57,14 @@ use tokio::{
 use tracing::{debug, Instrument};
 
 pub use self::sniff::{detect, Sniffed};
+// The destination's HTTP policy path (`proxy::secure::http`) serves connections the same way.
 use self::{
     body::{Active, Finish, Recorder, Source, Tracked},
     lb::ClusterState,
     policy::{Buckets, Gauge, Slot, TryOutcome},
     pool::{EndpointPool, Sender, Tunnel, Via},
 };
+pub(crate) use self::{route::strip_hop_by_hop, sniff::Prefixed};
 pub use crate::metrics::L7Metrics;
 use crate::{
     lifecycle::drain::DrainWatch,

@@ -281,7 +281,7 @@ pub(super) fn apply_mutation(m: &HeaderMutation, headers: &mut HeaderMap) {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -104,7 +104,7 @@ pub async fn detect<IO: AsyncRead + Unpin>(
 }
 
 /// `io` with `prefix` read back first.
-pub(super) struct Prefixed<IO> {
+pub(crate) struct Prefixed<IO> {
     prefix: Vec<u8>,
     pos: usize,
     io: IO,

@@ -30,12 +30,11 @@ use std::{
     net::{IpAddr, SocketAddrV4},
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::{
     body::Incoming,
@@ -44,7 +43,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 use tracing::{debug, info, Instrument};
@@ -55,7 +54,7 @@ use crate::{
     proxy::{
         authz::{self, ConnCtx, Verdict},
         config::policy::MeshConfig,
-        http::{detect, Sniffed, SpanExec},
+        http::{detect, strip_hop_by_hop, Prefixed, Sniffed, SpanExec},
     },
 };
 
@@ -432,102 +431,6 @@ fn remove_dot_segments(path: &str) -> String {
     format!("/{}", out.join("/"))
 }
 
-/// Headers that describe one hop's connection, never forwarded (RFC 9110 section 7.6.1);
-/// `te: trailers` is kept on HTTP/2 (gRPC needs it end to end).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
-    "http2-settings",
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap, http2: bool) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let trailers = http2
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|s| s.to_ascii_lowercase().contains("trailers"))
-        });
-    for n in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
-        headers.remove(n);
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// `io` with the sniffed bytes read back first.
-struct Prefixed<IO> {
-    prefix: Bytes,
-    io: IO,
-}
-
-impl<IO> Prefixed<IO> {
-    fn new(prefix: Vec<u8>, io: IO) -> Self {
-        Prefixed {
-            prefix: Bytes::from(prefix),
-            io,
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let head = self.prefix.split_to(n);
-            buf.put_slice(&head);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{net::SocketAddr, path::Path, sync::Mutex};
@@ -889,7 +792,7 @@ workloads:
 
     #[test]
     fn hop_by_hop_headers_stay_on_their_hop() {
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         for (k, v) in [
             ("connection", "close, x-hop"),
             ("x-hop", "1"),
