@@ -29,6 +29,10 @@ use anyhow::{bail, Context, Result};
 pub mod cluster;
 pub mod kubeapi;
 
+/// How long a pod client may run when the test gives it no `--deadline-ms` of its own: far
+/// above any test's traffic (a 64 MiB echo takes seconds), far below CI's limit.
+const CLIENT_DEADLINE_MS: &str = "180000";
+
 pub fn must_be_root() {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
@@ -252,11 +256,14 @@ impl SimNode {
 
     /// Runs a `podtool` client in a pod and parses its JSON line.
     pub fn client(&self, pod: &str, args: &[&str]) -> Result<serde_json::Value> {
-        let out = self
-            .pod_command(pod, &podtool())
-            .args(args)
-            .stderr(Stdio::piped())
-            .output()?;
+        let mut cmd = self.pod_command(pod, &podtool());
+        cmd.args(args);
+        // No client may hang a test run: without a deadline of its own, a stall shows up as
+        // a `deadline` error after CLIENT_DEADLINE_MS instead of a run that never ends.
+        if !args.contains(&"--deadline-ms") {
+            cmd.args(["--deadline-ms", CLIENT_DEADLINE_MS]);
+        }
+        let out = cmd.stderr(Stdio::piped()).output()?;
         if !out.status.success() {
             bail!(
                 "podtool {args:?} in {pod} failed: {}",
@@ -264,7 +271,41 @@ impl SimNode {
             );
         }
         let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("deadline: no result") {
+            // A stalled transfer: keep the sockets' state for whoever reads the failure.
+            eprintln!(
+                "podtool {args:?} in {pod} stalled; {}",
+                self.socket_report()
+            );
+        }
         serde_json::from_str(text.trim()).with_context(|| format!("podtool output: {text}"))
+    }
+
+    /// Every TCP socket of this node's subnet (node side and each pod), with its queues
+    /// and memory (`ss -tanmi`), and the sockets the datapath moved to the TCP path
+    /// (`FALLBACK`): what a stalled transfer is diagnosed from.
+    pub fn socket_report(&self) -> String {
+        let subnet = format!("10.201.{}.0/24", self.index);
+        let mut out = format!(
+            "node sockets:\n{}",
+            sh(&format!("ss -tanmi 'src {subnet} or dst {subnet}'"))
+                .unwrap_or_else(|e| e.to_string())
+        );
+        for p in &self.pods {
+            let ss = sh(&format!("ip netns exec {} ss -tanmi", p.netns))
+                .unwrap_or_else(|e| e.to_string());
+            out.push_str(&format!("pod {} sockets:\n{ss}", p.name));
+        }
+        let fallback = self.pin_path.join("FALLBACK");
+        if fallback.exists() {
+            let dump = sh(&format!(
+                "bpftool -j map dump pinned {}",
+                fallback.display()
+            ))
+            .unwrap_or_else(|e| e.to_string());
+            out.push_str(&format!("FALLBACK: {dump}\n"));
+        }
+        out
     }
 
     /// `podtool http-client` in `pod`: `requests` GETs of `path` to `to` with extra
