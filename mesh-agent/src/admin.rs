@@ -39,6 +39,34 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The snapshot in force, where a workload the map writer could not put in
+    /// `WORKLOADS` (its namespace's cookie unreadable) is reported `unresolved` with the
+    /// error: the status never says captured for a workload the maps do not hold.
+    fn workloads_json(&self) -> String {
+        let mut v = serde_json::to_value(&**self.snapshot.borrow()).unwrap_or_default();
+        let failures = self
+            .maps
+            .cookie_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(ws) = v.get_mut("workloads").and_then(|w| w.as_array_mut()) {
+            for w in ws {
+                let key = format!(
+                    "{}/{}",
+                    w["namespace"].as_str().unwrap_or_default(),
+                    w["name"].as_str().unwrap_or_default()
+                );
+                if let Some(reason) = failures.get(&key) {
+                    if w["unresolved"].is_null() {
+                        w["unresolved"] = reason.clone().into();
+                    }
+                }
+            }
+        }
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    }
+
     /// The xDS series: the proxy's verdicts, and the embedded control plane's streams.
     fn render_xds(&self, out: &mut String) {
         use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
@@ -192,6 +220,7 @@ impl Admin {
                 if let Some(c) = &self.certs {
                     c.render_metrics(&mut text);
                 }
+                self.maps.features.render(&mut text);
                 ("200 OK", "text/plain; version=0.0.4", text)
             }
             "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
@@ -209,16 +238,24 @@ impl Admin {
             },
             "/ready" => {
                 let missing = self.ready.pending();
+                // Missing kernel features do not make the agent unready (it takes their
+                // fallback), but whoever looks at readiness sees them.
+                let degraded = self.maps.features.degraded_lines();
                 if missing.is_empty() {
-                    ("200 OK", "text/plain", "ready\n".into())
+                    ("200 OK", "text/plain", format!("ready\n{degraded}"))
                 } else {
                     (
                         "503 Service Unavailable",
                         "text/plain",
-                        format!("not ready: {}\n", missing.join(", ")),
+                        format!("not ready: {}\n{degraded}", missing.join(", ")),
                     )
                 }
             }
+            "/kernel" => (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(&self.maps.features).unwrap_or_default(),
+            ),
             "/config" => ("200 OK", "application/json", self.config_json.clone()),
             "/config_dump" => {
                 let mut v = self.xds.dump();
@@ -260,12 +297,12 @@ impl Admin {
             "/workloads" => (
                 "200 OK",
                 "application/json",
-                serde_json::to_string_pretty(&**self.snapshot.borrow()).unwrap_or_default(),
+                self.workloads_json(),
             ),
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /certs, /k8s\n"
+                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /certs, /k8s, /kernel\n"
                     .into(),
             ),
         }

@@ -97,6 +97,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         queue_floor: cfg.skmsg_queue_floor,
         heartbeat_timeout: cfg.proxy_heartbeat_timeout,
         lock_wait: takeover.as_ref().map(|_| Duration::from_secs(30)),
+        netns_cookie: cfg.netns_cookie,
     })?;
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()

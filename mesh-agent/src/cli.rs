@@ -321,6 +321,13 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
                 .map(|(k, v)| json!({"ip": ip(k), "ifindex": v}))
                 .collect(),
         ),
+        map_names::NETNS_PROBE => (
+            vec!["socket_cookie", "netns_cookie"],
+            hash::<u64, u64>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| json!({"socket_cookie": k, "netns_cookie": v}))
+                .collect(),
+        ),
         map_names::STATS => (
             vec!["event", "count"],
             stats(pin)?.into_iter().map(|(s, v)| json!({"event": s.name(), "count": v})).collect(),

@@ -9,7 +9,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::enrol::file::{ConfigError, MeshFile};
+use crate::{
+    datapath::features::NetnsCookieMode,
+    enrol::file::{ConfigError, MeshFile},
+};
 
 /// Default bpffs folder for pins (maps), one per node.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/mesh";
@@ -157,6 +160,12 @@ pub struct RunArgs {
     /// Floor of the per-socket limit of bytes waiting in an sk_msg redirect queue (bytes).
     #[arg(long, env = "MESH_SKMSG_QUEUE_FLOOR", default_value_t = DEFAULT_SKMSG_QUEUE_FLOOR)]
     pub skmsg_queue_floor: u32,
+    /// How pods' network-namespace cookies are read: `sockopt` (`SO_NETNS_COOKIE`, kernel
+    /// 5.14+), `probe` (a UDP connect from the pod's namespace answered by the connect4
+    /// program, 5.7+; the agent must run inside `--cgroup`), or `auto` (sockopt where the
+    /// kernel has it).
+    #[arg(long, env = "MESH_NETNS_COOKIE", value_enum, default_value_t = NetnsCookieMode::Auto)]
+    pub netns_cookie: NetnsCookieMode,
     /// Enrolment file poll interval (milliseconds).
     #[arg(long, env = "MESH_RELOAD_INTERVAL_MS", default_value_t = DEFAULT_RELOAD_INTERVAL_MS)]
     pub reload_interval_ms: u64,
@@ -245,6 +254,7 @@ pub struct RunConfig {
     pub skmsg: bool,
     pub skmsg_upstream: bool,
     pub skmsg_queue_floor: u32,
+    pub netns_cookie: NetnsCookieMode,
     #[serde(serialize_with = "as_text")]
     pub reload_interval: Duration,
     /// Zero turns the check off.
@@ -468,6 +478,7 @@ impl RunConfig {
             skmsg: args.skmsg,
             skmsg_upstream: args.skmsg_upstream,
             skmsg_queue_floor: args.skmsg_queue_floor,
+            netns_cookie: args.netns_cookie,
             reload_interval: Duration::from_millis(args.reload_interval_ms),
             proxy_heartbeat_timeout: Duration::from_millis(args.proxy_heartbeat_timeout_ms),
             on_exit: args.on_exit,

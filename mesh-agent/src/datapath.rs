@@ -9,6 +9,7 @@
 //! program; `Drop` removes the pins.
 
 pub mod btf;
+pub mod features;
 pub mod tc;
 pub mod writer;
 
@@ -163,6 +164,8 @@ pub struct LoadOptions<'a> {
     /// Wait this long for the node lock (a hand-over: the old agent releases it) instead
     /// of failing at once.
     pub lock_wait: Option<std::time::Duration>,
+    /// How pods' network-namespace cookies are read.
+    pub netns_cookie: features::NetnsCookieMode,
 }
 
 /// The loaded, attached datapath. Field order is drop order: maps and programs go before
@@ -217,6 +220,14 @@ pub struct Maps {
     pub inbound: Mutex<HashMap<MapData, u32, InboundInfo>>,
     pub stats: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, SockKey>,
+    /// The agent's netns-cookie probes (`Maps::netns_cookie`), one at a time.
+    netns_probe: Mutex<HashMap<MapData, u64, u64>>,
+    /// What the kernel offers beyond the datapath's floor, and how cookies are read.
+    pub features: features::KernelFeatures,
+    /// Enrolled workloads (`namespace/name`) the map writer could not put in `WORKLOADS`
+    /// because their network namespace's cookie could not be read, with the error: the
+    /// admin endpoint reports them unresolved, never captured.
+    pub cookie_failures: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// The pin folder: locked while the agent runs, emptied and removed on drop.
@@ -305,6 +316,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         map_names::STATS => (4, 8, Stat::COUNT),
         map_names::NODE_ADDRS => (4, 4, cap::NODE_ADDRS),
         map_names::INBOUND => (4, sz(size_of::<InboundInfo>()), cap::INBOUND),
+        map_names::NETNS_PROBE => (8, 8, cap::NETNS_PROBE),
         _ => return None,
     })
 }
@@ -540,7 +552,26 @@ impl Datapath {
             inbound: Mutex::new(take(&mut ebpf, map_names::INBOUND)?),
             stats: take(&mut ebpf, map_names::STATS)?,
             _sockhash: sockhash,
+            netns_probe: Mutex::new(take(&mut ebpf, map_names::NETNS_PROBE)?),
+            features: features::KernelFeatures::detect(
+                sys::netns_cookie_sockopt_works(),
+                off_msg_tot_len != 0,
+                o.netns_cookie,
+            ),
+            cookie_failures: Mutex::default(),
         };
+        if maps.features.netns_cookie == features::NetnsCookieMode::Sockopt
+            && !maps.features.features.iter().any(|f| f.name == features::NETNS_COOKIE_SOCKOPT && f.available)
+        {
+            return Err(BpfError::Kernel(format!(
+                "--netns-cookie sockopt: this kernel ({}) has no SO_NETNS_COOKIE (5.14+); use auto or probe",
+                maps.features.release
+            )));
+        }
+        for line in maps.features.degraded_lines().lines() {
+            warn!("{line}");
+        }
+        info!(mode = ?maps.features.netns_cookie, "network-namespace cookies");
         let cfg = MeshConfig {
             proxy_ip4: u32::from_ne_bytes(o.redirect.ip().octets()),
             proxy_port: o.redirect.port() as u32,
@@ -627,7 +658,39 @@ impl Datapath {
     }
 }
 
+/// Where the netns-cookie probe connects: loopback's discard port. A UDP connect sends
+/// nothing; the connect4 program answers the probe before the kernel routes it.
+const NETNS_PROBE_TARGET: (std::net::Ipv4Addr, u16) = (std::net::Ipv4Addr::LOCALHOST, 9);
+
 impl Maps {
+    /// The cookie of the network namespace at `netns` (`/run/netns/NAME`,
+    /// `/proc/PID/ns/net`), the key connect4 looks workloads up by: `SO_NETNS_COOKIE`, or
+    /// on kernels without it the probe (a UDP socket made in the namespace, its socket
+    /// cookie put in `NETNS_PROBE`, then `connect()`: the connect4 program, attached to a
+    /// cgroup the agent runs in, writes `bpf_get_netns_cookie` next to it).
+    pub fn netns_cookie(&self, netns: &Path) -> std::io::Result<u64> {
+        if self.features.netns_cookie != features::NetnsCookieMode::Probe {
+            return sys::netns_cookie(netns);
+        }
+        let sock = sys::in_netns(netns, || std::net::UdpSocket::bind("0.0.0.0:0"))?;
+        let cookie = sys::socket_cookie(std::os::fd::AsFd::as_fd(&sock))?;
+        // One probe at a time: the map has room for a few, and resolving is not hot.
+        let mut probes = self.netns_probe.lock().unwrap_or_else(|e| e.into_inner());
+        probes
+            .insert(cookie, 0, 0)
+            .map_err(|e| std::io::Error::other(format!("NETNS_PROBE insert: {e}")))?;
+        let connected = sock.connect(NETNS_PROBE_TARGET);
+        let answer = probes.get(&cookie, 0);
+        let _ = probes.remove(&cookie);
+        connected?;
+        match answer {
+            Ok(c) if c != 0 => Ok(c),
+            _ => Err(std::io::Error::other(
+                "the netns-cookie probe was not answered: the agent must run inside the cgroup the connect4 program is attached to (--cgroup)",
+            )),
+        }
+    }
+
     /// Read-modify-write of `CONFIG[0]`.
     pub fn set_config(&self, f: impl FnOnce(&mut MeshConfig)) -> Result<(), aya::maps::MapError> {
         let mut m = self.config.lock().unwrap_or_else(|e| e.into_inner());

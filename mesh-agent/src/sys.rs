@@ -14,6 +14,8 @@ use std::{
 
 /// `SO_NETNS_COOKIE` (Linux 5.14+).
 const SO_NETNS_COOKIE: libc::c_int = 71;
+/// `SO_COOKIE` (Linux 4.12+): the socket cookie `bpf_get_socket_cookie` reports.
+const SO_COOKIE: libc::c_int = 57;
 
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -23,41 +25,77 @@ pub fn effective_uid() -> u32 {
 /// The cookie of the network namespace at `netns` (a path such as `/run/netns/NAME` or
 /// `/proc/PID/ns/net`), as `bpf_get_netns_cookie` reports it for sockets created in it.
 pub fn netns_cookie(netns: &Path) -> io::Result<u64> {
+    in_netns(netns, || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+            .or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
+        socket_netns_cookie(sock.as_fd())
+    })
+}
+
+/// Runs `f` on a throw-away thread inside the network namespace at `netns`:
+/// setns(CLONE_NEWNET) changes the namespace of the calling thread only.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     let ns = File::open(netns)?;
-    // setns(CLONE_NEWNET) changes the namespace of the calling thread only, so do it on a
-    // throw-away thread.
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: valid fd; affects only this short-lived thread.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0")
-                .or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
-            socket_netns_cookie(sock.as_fd())
+            f()
         })
         .join()
-        .unwrap_or_else(|_| Err(io::Error::other("netns cookie thread panicked")))
+        .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
     })
 }
 
+/// Whether this kernel answers `SO_NETNS_COOKIE` (5.14+); asked on a socket of the
+/// agent's own namespace.
+pub fn netns_cookie_sockopt_works() -> bool {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .is_ok_and(|s| socket_netns_cookie(s.as_fd()).is_ok())
+}
+
 fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    get_u64_sockopt(fd, SO_NETNS_COOKIE)
+}
+
+/// The socket's cookie (`SO_COOKIE`), as the eBPF programs see it.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    get_u64_sockopt(fd, SO_COOKIE)
+}
+
+fn get_u64_sockopt(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: the out pointers are valid for the stated length.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            opt,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills the zeroed struct; `release` is NUL-terminated by the kernel.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: as above, a NUL-terminated C string inside the struct.
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Takes an exclusive, non-blocking `flock` on `dir`; the lock lives as long as the

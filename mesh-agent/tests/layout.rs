@@ -14,7 +14,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("app", &["*"]),
     ("cli", &["*"]),
     // The runtime configuration names the option types of the pieces it configures.
-    ("config", &["enrol::file", "proxy::xds"]),
+    ("config", &["datapath::features", "enrol::file", "proxy::xds"]),
     // Admin and telemetry read every piece's state; no piece but the wiring uses admin.
     (
         "admin",

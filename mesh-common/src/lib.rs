@@ -29,7 +29,10 @@ pub mod map_names {
     pub const PROXY_HEALTH: &str = "PROXY_HEALTH";
     /// Local enrolled workloads by IPv4 address, for the TC inbound program.
     pub const INBOUND: &str = "INBOUND";
-    pub const ALL: [&str; 14] = [
+    /// Network-namespace cookies asked for by the agent on kernels without
+    /// `SO_NETNS_COOKIE` (< 5.14): socket cookie -> netns cookie, filled by connect4.
+    pub const NETNS_PROBE: &str = "NETNS_PROBE";
+    pub const ALL: [&str; 15] = [
         WORKLOADS,
         DESTS,
         CONFIG,
@@ -44,6 +47,7 @@ pub mod map_names {
         NODE_ADDRS,
         PROXY_HEALTH,
         INBOUND,
+        NETNS_PROBE,
     ];
 }
 
@@ -102,6 +106,8 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 1024;
     /// Local enrolled workloads (`INBOUND`), as `WORKLOADS`.
     pub const INBOUND: u32 = 4096;
+    /// Netns-cookie probes in flight (the agent resolves one namespace at a time).
+    pub const NETNS_PROBE: u32 = 64;
 }
 
 /// `WorkloadInfo::flags` and `DestInfo::flags`.

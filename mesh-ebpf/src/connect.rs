@@ -19,10 +19,12 @@ use mesh_common::{
 };
 
 use crate::maps::{
-    bump, config, proxy_health, DESTS, EXCLUDES, EXCLUDES_GEN, NODE_ADDRS, SOCK_ORIG, WORKLOADS,
+    bump, config, proxy_health, DESTS, EXCLUDES, EXCLUDES_GEN, NETNS_PROBE, NODE_ADDRS,
+    SOCK_ORIG, WORKLOADS,
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 /// sock_addr programs return 1 to let the syscall go on, 0 to fail it with EPERM.
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -42,6 +44,9 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM {
+        if sa.type_ == SOCK_DGRAM {
+            answer_netns_probe(&ctx);
+        }
         return ALLOW;
     }
     let port = user_port_host(sa.user_port);
@@ -101,6 +106,20 @@ pub fn mesh_peername6(ctx: SockAddrContext) -> i32 {
         sa.user_port = user_port_raw(orig.port as u16);
     }
     ALLOW
+}
+
+/// The agent's netns-cookie probe (`NETNS_PROBE`): if the agent asked for this socket,
+/// record the cookie of the network namespace it was made in. Costs one hash lookup per
+/// UDP `connect()`; nothing else about the connect changes.
+#[inline(always)]
+fn answer_netns_probe(ctx: &SockAddrContext) {
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if let Some(slot) = NETNS_PROBE.get_ptr_mut(cookie) {
+        // SAFETY: map value pointer returned by the kernel, valid during this program run;
+        // helper call on the program's own context.
+        unsafe { *slot = bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    }
 }
 
 /// The original destination of a socket connect4/6 redirected to the proxy.

@@ -74,6 +74,13 @@ pub static SK_ADDR: LruHashMap<SockKey, u64, { cap::SOCKHASH as usize }> = LruHa
 #[btf_map]
 pub static FALLBACK: LruHashMap<SockKey, u32, { cap::SOCKHASH as usize }> = LruHashMap::new();
 
+/// The agent's netns-cookie probes (kernels without `SO_NETNS_COOKIE`): the agent inserts
+/// the socket cookie of a UDP socket it made in a pod's network namespace, connects it,
+/// and connect4 fills in the namespace's cookie. Only keys the agent inserted are filled,
+/// so a pod cannot grow the map.
+#[btf_map]
+pub static NETNS_PROBE: HashMap<u64, u64, { cap::NETNS_PROBE as usize }> = HashMap::new();
+
 /// Datapath events, indexed by `mesh_common::Stat`.
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();

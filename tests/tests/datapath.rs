@@ -933,3 +933,77 @@ fn a_refused_xds_update_is_counted() {
         "the last good configuration stays: {r}"
     );
 }
+
+/// Issue 14, item 2: kernels before 5.14 have no `SO_NETNS_COOKIE`. With the probe (a UDP
+/// connect from the pod's namespace answered by connect4), the agent learns the same
+/// cookies, so capture works as with the socket option; the mode in force and every
+/// kernel feature are visible in `/kernel` and `/metrics`.
+#[test]
+fn netns_cookies_read_through_the_connect4_probe_capture_as_the_sockopt_does() {
+    let n = node("proxied");
+    let agent = n.start_agent(&["--netns-cookie", "probe"]).unwrap();
+    let kernel: serde_json::Value = serde_json::from_str(&agent.get("/kernel").unwrap()).unwrap();
+    assert_eq!(kernel["netns_cookie"], "probe", "{kernel}");
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(
+        metric(&m, "mesh_kernel_feature", &[("feature", "so_netns_cookie")]),
+        1,
+        "this kernel has SO_NETNS_COOKIE: {m}"
+    );
+    assert_eq!(metric(&m, "mesh_workloads_unresolved", &[]), 0, "{m}");
+
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    echo_intact(&n, "client", &dst, MIB);
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+    // The probe's sockets are the agent's own: no connection of theirs reached the proxy,
+    // and nothing is left in the probe map.
+    let probes = mesh_tests::sh(&format!(
+        "bpftool -j map dump pinned {}/NETNS_PROBE",
+        n.pin_path.display()
+    ))
+    .unwrap();
+    assert_eq!(probes.trim(), "[]", "{probes}");
+}
+
+/// The status never says captured for a workload the maps do not hold: a workload whose
+/// network namespace cannot be read is reported unresolved, with the reason, in
+/// `/workloads` and the metrics, while the others are captured.
+#[test]
+fn a_workload_whose_namespace_cannot_be_read_is_reported_unresolved() {
+    let n = node("proxied");
+    let missing = format!("/run/netns/mt-missing-{}", std::process::id());
+    let yaml = config(&n, "proxied", true).replace(
+        "workloads:\n",
+        &format!("workloads:\n  - {{ name: ghost, namespace: shop, ip: 10.201.{}.250, netns: {missing} }}\n", n.index),
+    );
+    n.write_config(&yaml).unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    let ws: serde_json::Value = serde_json::from_str(&agent.get("/workloads").unwrap()).unwrap();
+    let find = |name: &str| {
+        ws["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {ws}"))
+    };
+    let ghost = find("ghost");
+    assert!(
+        ghost["unresolved"]
+            .as_str()
+            .is_some_and(|r| r.contains(&missing)),
+        "{ghost}"
+    );
+    assert!(find("client")["unresolved"].is_null(), "{ws}");
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(metric(&m, "mesh_workloads_unresolved", &[]), 1, "{m}");
+    // The others are captured all the same.
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    echo_intact(&n, "client", &dst, MIB);
+    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
+}

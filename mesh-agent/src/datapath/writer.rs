@@ -337,13 +337,13 @@ impl MapSyncer {
         seen: &mut std::collections::HashSet<(u32, u64, u64)>,
     ) -> std::io::Result<u64> {
         let Some(key) = proc_netns_key(netns) else {
-            return crate::sys::netns_cookie(netns);
+            return self.maps.netns_cookie(netns);
         };
         seen.insert(key);
         if let Some(c) = self.cookies.get(&key) {
             return Ok(*c);
         }
-        let c = crate::sys::netns_cookie(netns)?;
+        let c = self.maps.netns_cookie(netns)?;
         self.cookies.insert(key, c);
         Ok(c)
     }
@@ -369,6 +369,7 @@ impl MapSyncer {
         let registry = self.registry.clone();
         let mut reg = registry.write().unwrap_or_else(|e| e.into_inner());
         self.unresolved = 0;
+        let mut failures = std::collections::BTreeMap::new();
         let mut seen = std::collections::HashSet::new();
         for w in &snap.workloads {
             let id = reg.id(&w.namespace, &w.name);
@@ -411,9 +412,18 @@ impl MapSyncer {
                     self.unresolved += 1;
                     warn!(workload = %format!("{}/{}", w.namespace, w.name), netns = %w.netns.display(), error = %e,
                         "cannot resolve the workload's network namespace; it is not captured until it can be");
+                    failures.insert(
+                        format!("{}/{}", w.namespace, w.name),
+                        format!("network namespace {}: {e}", w.netns.display()),
+                    );
                 }
             }
         }
+        *self
+            .maps
+            .cookie_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = failures;
         self.cookies.retain(|k, _| seen.contains(k));
         d
     }

@@ -1,0 +1,143 @@
+//! The kernel features the datapath depends on beyond its floor (5.10): detected at start,
+//! each named with the kernel version that brings it and what the agent does without it.
+//! Shown in `/ready` (the missing ones), `/kernel` (all) and `mesh_kernel_feature` in
+//! `/metrics`, so "why does this node behave differently" has an answer without a
+//! debugger.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// How the agent learns a pod's network-namespace cookie (the `WORKLOADS` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetnsCookieMode {
+    /// `SO_NETNS_COOKIE` where the kernel has it (5.14+), else the probe.
+    #[default]
+    Auto,
+    /// `getsockopt(SO_NETNS_COOKIE)` on a socket made in the namespace (5.14+).
+    Sockopt,
+    /// A UDP `connect()` from the namespace answered by the connect4 program
+    /// (`bpf_get_netns_cookie`, 5.7+), through the `NETNS_PROBE` map.
+    Probe,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Feature {
+    /// Short stable name (the metric's label).
+    pub name: &'static str,
+    /// The kernel release that brings it.
+    pub since: &'static str,
+    pub available: bool,
+    /// What the agent does where it is missing.
+    pub fallback: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelFeatures {
+    /// `uname -r`.
+    pub release: String,
+    pub features: Vec<Feature>,
+    /// How netns cookies are obtained on this node (the mode in force, never `auto`).
+    pub netns_cookie: NetnsCookieMode,
+}
+
+/// `SO_NETNS_COOKIE`.
+pub const NETNS_COOKIE_SOCKOPT: &str = "so_netns_cookie";
+/// `sk_psock.msg_tot_len`: the sk_msg back-pressure check.
+pub const SKMSG_QUEUE_LENGTH: &str = "skmsg_queue_length";
+
+impl KernelFeatures {
+    /// Judges what the start found: whether `SO_NETNS_COOKIE` answers, whether the
+    /// kernel's BTF has the redirect queue's length, and the mode asked for.
+    pub fn detect(
+        sockopt_works: bool,
+        queue_length: bool,
+        asked: NetnsCookieMode,
+    ) -> KernelFeatures {
+        let netns_cookie = match asked {
+            NetnsCookieMode::Auto if sockopt_works => NetnsCookieMode::Sockopt,
+            NetnsCookieMode::Auto => NetnsCookieMode::Probe,
+            m => m,
+        };
+        KernelFeatures {
+            release: crate::sys::kernel_release(),
+            features: vec![
+                Feature {
+                    name: NETNS_COOKIE_SOCKOPT,
+                    since: "5.14",
+                    available: sockopt_works,
+                    fallback: "network-namespace cookies are probed through the connect4 program (a UDP connect from the pod's namespace, NETNS_PROBE map)",
+                },
+                Feature {
+                    name: SKMSG_QUEUE_LENGTH,
+                    since: "6.9",
+                    available: queue_length,
+                    fallback: "no sk_msg back-pressure check: a redirect queues into a slow reader without a limit (docs/architecture.md, Back-pressure)",
+                },
+            ],
+            netns_cookie,
+        }
+    }
+
+    pub fn missing(&self) -> impl Iterator<Item = &Feature> {
+        self.features.iter().filter(|f| !f.available)
+    }
+
+    /// One line per missing feature, for `/ready` and the start-up log.
+    pub fn degraded_lines(&self) -> String {
+        let mut out = String::new();
+        for f in self.missing() {
+            let _ = writeln!(
+                out,
+                "degraded: kernel {} lacks {} ({}+): {}",
+                self.release, f.name, f.since, f.fallback
+            );
+        }
+        out
+    }
+
+    /// `mesh_kernel_feature{feature, since} 1|0`.
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP mesh_kernel_feature Kernel features the datapath uses beyond its floor: 1 available, 0 missing (the agent takes the fallback /kernel names).\n# TYPE mesh_kernel_feature gauge"
+        );
+        for f in &self.features {
+            let _ = writeln!(
+                out,
+                "mesh_kernel_feature{{feature=\"{}\",since=\"{}\"}} {}",
+                f.name, f.since, f.available as u8
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_the_sockopt_where_it_works_and_the_probe_elsewhere() {
+        let new = KernelFeatures::detect(true, true, NetnsCookieMode::Auto);
+        assert_eq!(new.netns_cookie, NetnsCookieMode::Sockopt);
+        assert_eq!(new.degraded_lines(), "");
+        let old = KernelFeatures::detect(false, false, NetnsCookieMode::Auto);
+        assert_eq!(old.netns_cookie, NetnsCookieMode::Probe);
+        let lines = old.degraded_lines();
+        assert_eq!(lines.lines().count(), 2, "{lines}");
+        assert!(lines.contains("so_netns_cookie (5.14+)"), "{lines}");
+        assert!(lines.contains("skmsg_queue_length (6.9+)"), "{lines}");
+        // A forced mode stays what was asked, whatever the kernel has.
+        let forced = KernelFeatures::detect(true, true, NetnsCookieMode::Probe);
+        assert_eq!(forced.netns_cookie, NetnsCookieMode::Probe);
+    }
+
+    #[test]
+    fn the_metric_has_one_series_per_feature() {
+        let mut out = String::new();
+        KernelFeatures::detect(false, true, NetnsCookieMode::Auto).render(&mut out);
+        assert!(out.contains("mesh_kernel_feature{feature=\"so_netns_cookie\",since=\"5.14\"} 0"));
+        assert!(out.contains("mesh_kernel_feature{feature=\"skmsg_queue_length\",since=\"6.9\"} 1"));
+    }
+}
