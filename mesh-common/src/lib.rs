@@ -243,10 +243,12 @@ pub enum Stat {
     TcAssignFailed,
     /// Global bypass: passed.
     TcPassBypass,
+    /// A stream socket of another protocol than TCP (SCTP): left alone.
+    ConnectNotTcp,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 38;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -285,6 +287,7 @@ impl Stat {
         Stat::TcNoListener,
         Stat::TcAssignFailed,
         Stat::TcPassBypass,
+        Stat::ConnectNotTcp,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -326,11 +329,12 @@ impl Stat {
             Stat::TcNoListener => "tc_no_listener",
             Stat::TcAssignFailed => "tc_assign_failed",
             Stat::TcPassBypass => "tc_pass_bypass",
+            Stat::ConnectNotTcp => "connect_not_tcp",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::TcPassBypass as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::ConnectNotTcp as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

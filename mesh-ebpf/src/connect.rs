@@ -25,6 +25,10 @@ use crate::maps::{
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+/// Only TCP is carried: other stream protocols (SCTP) are left alone. An MPTCP socket
+/// connects through a TCP subflow, which is what this hook sees: it is captured like TCP
+/// and, since the proxy answers plain TCP, falls back to TCP (docs/architecture.md).
+const IPPROTO_TCP: u32 = 6;
 /// sock_addr programs return 1 to let the syscall go on, 0 to fail it with EPERM.
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
@@ -49,6 +53,10 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     }
+    if sa.protocol != IPPROTO_TCP {
+        bump(Stat::ConnectNotTcp);
+        return ALLOW;
+    }
     let port = user_port_host(sa.user_port);
     match decide(&ctx, sa.user_ip4, port) {
         Verdict::Leave => ALLOW,
@@ -66,6 +74,10 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    if sa.protocol != IPPROTO_TCP {
+        bump(Stat::ConnectNotTcp);
         return ALLOW;
     }
     // Dual-stack sockets reach IPv4 peers through v4-mapped addresses; native IPv6 is

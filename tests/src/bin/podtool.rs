@@ -34,6 +34,9 @@
 //!                                        response (status 200, whole body, one of the expected
 //!                                        bodies); stops at the first failure and classifies it
 //! ```
+//! podtool proto-echo --to ADDR --protocol P [--bytes N]
+//!                                        an echo exchange over a stream socket of IP protocol
+//!                                        P (6 TCP, 262 MPTCP); prints the peer address too
 //! Any client takes `--deadline-ms N`: past it, it prints `{"errors": ["deadline: ..."]}`
 //! and exits (so a connection that hangs fails a test instead of hanging it).
 //! ADDR may be `[::]:port` (dual-stack listener) or `[::ffff:a.b.c.d]:port` (v6 socket to
@@ -519,6 +522,78 @@ fn peer(args: &[String]) {
         Err(e) => serde_json::json!({"peer": null, "error": errno_name(&e)}),
     };
     println!("{out}");
+}
+
+/// An IPv4 stream socket of IP protocol `proto`, connected to `to`.
+fn connect_proto(to: SocketAddr, proto: i32) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = to else {
+        return Err(std::io::Error::other("proto-echo takes an IPv4 address"));
+    };
+    // SAFETY: plain socket(2); the fd is owned by the TcpStream below or closed on error.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, proto) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own; TcpStream closes it on drop.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid sockaddr_in of the stated length.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+fn proto_echo(args: &[String]) {
+    let to = addr(args, "--to");
+    let proto = num(args, "--protocol", 6) as i32;
+    let bytes = num(args, "--bytes", 64 * 1024) as usize;
+    let data = payload(bytes, 0xbeef);
+    let mut c = match connect_proto(to, proto) {
+        Ok(c) => c,
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({"errors": [format!("connect: {}", errno_name(&e))]})
+            );
+            return;
+        }
+    };
+    let peer = c.peer_addr().map(|a| a.to_string()).ok();
+    let mut w = c.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::new();
+    let read = c.read_to_end(&mut back);
+    let mut errors = Vec::new();
+    if let Err(e) = read {
+        errors.push(format!("read: {}", errno_name(&e)));
+    }
+    if let Err(e) = writer.join().expect("writer") {
+        errors.push(format!("write: {}", errno_name(&e)));
+    }
+    let intact = back == payload(bytes, 0xbeef);
+    println!(
+        "{}",
+        serde_json::json!({"peer": peer, "received": back.len(), "intact": intact, "errors": errors})
+    );
 }
 
 fn ping(args: &[String]) {
@@ -1025,6 +1100,7 @@ fn main() {
         Some("reset-client") => reset_client(&args),
         Some("ping") => ping(&args),
         Some("peer") => peer(&args),
+        Some("proto-echo") => proto_echo(&args),
         _ => {
             eprintln!(
                 "usage: podtool echo|sink|reset|http|echo-client|sink-client|reset-client|http-client|http-conn|ping|peer ..."
