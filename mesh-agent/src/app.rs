@@ -98,6 +98,8 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         heartbeat_timeout: cfg.proxy_heartbeat_timeout,
         lock_wait: takeover.as_ref().map(|_| Duration::from_secs(30)),
         netns_cookie: cfg.netns_cookie,
+        unbounded_pairing: cfg.skmsg_unbounded_pairing,
+        assume_missing: &cfg.assume_missing_feature,
     })?;
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()

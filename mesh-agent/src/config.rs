@@ -166,6 +166,15 @@ pub struct RunArgs {
     /// kernel has it).
     #[arg(long, env = "MESH_NETNS_COOKIE", value_enum, default_value_t = NetnsCookieMode::Auto)]
     pub netns_cookie: NetnsCookieMode,
+    /// On kernels without the sk_msg back-pressure check (< 6.9), pair sockets anyway
+    /// (sk_msg short-circuit, direct mode): a slow reader then lets a writer queue without
+    /// a limit in the kernel. Off: such kernels pair nothing and every flow uses TCP.
+    #[arg(long, env = "MESH_SKMSG_UNBOUNDED_PAIRING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub skmsg_unbounded_pairing: bool,
+    /// Treat a kernel feature as missing (`so_netns_cookie`, `skmsg_queue_length`): runs
+    /// the fallback on a kernel that has it. For tests.
+    #[arg(long, hide = true)]
+    pub assume_missing_feature: Vec<String>,
     /// Enrolment file poll interval (milliseconds).
     #[arg(long, env = "MESH_RELOAD_INTERVAL_MS", default_value_t = DEFAULT_RELOAD_INTERVAL_MS)]
     pub reload_interval_ms: u64,
@@ -255,6 +264,8 @@ pub struct RunConfig {
     pub skmsg_upstream: bool,
     pub skmsg_queue_floor: u32,
     pub netns_cookie: NetnsCookieMode,
+    pub skmsg_unbounded_pairing: bool,
+    pub assume_missing_feature: Vec<String>,
     #[serde(serialize_with = "as_text")]
     pub reload_interval: Duration,
     /// Zero turns the check off.
@@ -479,6 +490,8 @@ impl RunConfig {
             skmsg_upstream: args.skmsg_upstream,
             skmsg_queue_floor: args.skmsg_queue_floor,
             netns_cookie: args.netns_cookie,
+            skmsg_unbounded_pairing: args.skmsg_unbounded_pairing,
+            assume_missing_feature: args.assume_missing_feature,
             reload_interval: Duration::from_millis(args.reload_interval_ms),
             proxy_heartbeat_timeout: Duration::from_millis(args.proxy_heartbeat_timeout_ms),
             on_exit: args.on_exit,

@@ -166,6 +166,10 @@ pub struct LoadOptions<'a> {
     pub lock_wait: Option<std::time::Duration>,
     /// How pods' network-namespace cookies are read.
     pub netns_cookie: features::NetnsCookieMode,
+    /// Pair sockets even where the kernel cannot show the redirect queue (< 6.9).
+    pub unbounded_pairing: bool,
+    /// Features to treat as missing whatever the kernel has (tests of the fallbacks).
+    pub assume_missing: &'a [String],
 }
 
 /// The loaded, attached datapath. Field order is drop order: maps and programs go before
@@ -404,7 +408,14 @@ impl Datapath {
     pub fn load(o: &LoadOptions<'_>) -> Result<Datapath, BpfError> {
         let pins = PinDir::take(o.pin_path, o.lock_wait)?;
         let adopted_maps = vet_pinned_maps(o.pin_path);
-        let (off_user_data, off_rcvbuf, off_msg_tot_len) = queue_offsets();
+        let (off_user_data, off_rcvbuf, mut off_msg_tot_len) = queue_offsets();
+        let assumed_missing = |f: &str| o.assume_missing.iter().any(|m| m == f);
+        if assumed_missing(features::SKMSG_QUEUE_LENGTH) {
+            off_msg_tot_len = 0;
+        }
+        // Without the queue length a redirect into a slow reader has no bound: pair no
+        // sockets unless the operator accepts that.
+        let no_pairing = off_msg_tot_len == 0 && !o.unbounded_pairing;
         let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
             .map(|n| (*n, o.pin_path.join(n)))
@@ -554,7 +565,8 @@ impl Datapath {
             _sockhash: sockhash,
             netns_probe: Mutex::new(take(&mut ebpf, map_names::NETNS_PROBE)?),
             features: features::KernelFeatures::detect(
-                sys::netns_cookie_sockopt_works(),
+                sys::netns_cookie_sockopt_works()
+                    && !assumed_missing(features::NETNS_COOKIE_SOCKOPT),
                 off_msg_tot_len != 0,
                 o.netns_cookie,
             ),
@@ -575,7 +587,8 @@ impl Datapath {
         let cfg = MeshConfig {
             proxy_ip4: u32::from_ne_bytes(o.redirect.ip().octets()),
             proxy_port: o.redirect.port() as u32,
-            flags: if o.skmsg { cfg_flags::SKMSG } else { 0 },
+            flags: if o.skmsg { cfg_flags::SKMSG } else { 0 }
+                | if no_pairing { cfg_flags::NO_PAIRING } else { 0 },
             _pad: 0,
         };
         // An adopted CONFIG keeps what describes the node rather than this agent: a proxy

@@ -139,10 +139,15 @@ pub mod cfg_flags {
     pub const PROXY_READY: u32 = 1 << 1;
     /// Pair app and proxy sockets with sk_msg (off: captured flows cross the TCP stack).
     pub const SKMSG: u32 = 1 << 2;
-    pub const NAMES: [(u32, &str); 3] = [
+    /// Never pair sockets (no sk_msg short-circuit, direct mode over TCP): set on kernels
+    /// without the back-pressure check (< 6.9), where a redirect could queue into a slow
+    /// reader without a limit, unless the operator accepts that.
+    pub const NO_PAIRING: u32 = 1 << 3;
+    pub const NAMES: [(u32, &str); 4] = [
         (BYPASS, "bypass"),
         (PROXY_READY, "proxy_ready"),
         (SKMSG, "skmsg"),
+        (NO_PAIRING, "no_pairing"),
     ];
 }
 

@@ -82,7 +82,8 @@ fn active_established(ctx: &SockOpsContext) {
         flags |= flow_flags::CLIENT_V6;
     }
     let cfg = config();
-    let pair = orig.flags & flow_flags::DIRECT != 0 || cfg.flags & cfg_flags::SKMSG != 0;
+    let pair = (orig.flags & flow_flags::DIRECT != 0 || cfg.flags & cfg_flags::SKMSG != 0)
+        && cfg.flags & cfg_flags::NO_PAIRING == 0;
     if pair {
         flags |= flow_flags::CLIENT_PAIRED;
     }
@@ -125,7 +126,7 @@ fn upstream_established(ctx: &SockOpsContext) {
     };
     // SAFETY: map value pointer returned by the kernel, valid during this program run.
     let flow = unsafe { &mut *flow };
-    if flow.flags & flow_flags::UPSTREAM == 0 {
+    if flow.flags & flow_flags::UPSTREAM == 0 || config().flags & cfg_flags::NO_PAIRING != 0 {
         return;
     }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);

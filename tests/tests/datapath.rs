@@ -275,8 +275,21 @@ fn a_thousand_concurrent_connections_complete_intact() {
 }
 
 fn slow_reader(mode: &str) {
+    slow_reader_with(mode, &[]);
+}
+
+/// A blocking writer sends 32 MiB into a reader that reads slowly: no error, bytes intact,
+/// and the kernel's queue bounded: by the back-pressure check where the kernel has it
+/// (6.9+), else by not pairing at all (plain TCP). Returns the agent's `/metrics`.
+fn slow_reader_with(mode: &str, flags: &[&str]) -> String {
     let n = node(mode);
-    let agent = n.start_agent(&[]).unwrap();
+    let agent = n.start_agent(flags).unwrap();
+    let kernel: serde_json::Value = serde_json::from_str(&agent.get("/kernel").unwrap()).unwrap();
+    let queue_check = kernel["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["name"] == "skmsg_queue_length" && f["available"] == true);
     let dst = format!("{}:9000", n.pod("server").ip);
     n.serve(
         "server",
@@ -297,12 +310,57 @@ fn slow_reader(mode: &str) {
     );
     assert_eq!(r["received_by_reader"].as_u64().unwrap(), bytes, "{r}");
     assert_eq!(r["sha_sent"], r["sha_reader"], "{r}");
-    // The redirect queue filled and the flow went back to TCP's own back-pressure.
-    assert!(
-        agent.event("msg_pass_backpressure") >= 1,
-        "{}",
-        agent.get("/metrics").unwrap()
+    let m = agent.get("/metrics").unwrap();
+    if queue_check {
+        // The redirect queue filled and the flow went back to TCP's own back-pressure.
+        assert!(agent.event("msg_pass_backpressure") >= 1, "{m}");
+    } else {
+        // No way to see the queue: nothing was paired, TCP carried every byte.
+        assert_eq!(agent.event("sockops_client_paired"), 0, "{m}");
+        assert_eq!(agent.event("msg_redirected"), 0, "{m}");
+        assert!(agent.get("/ready").unwrap().contains("degraded: kernel"));
+    }
+    m
+}
+
+/// Issue 14, item 3: below 6.9 the kernel does not show the redirect queue, so the agent
+/// pairs nothing (unless told to) and a slow reader cannot make a writer grow kernel
+/// memory: forced here on a kernel that has the check.
+#[test]
+fn without_the_queue_check_nothing_is_paired_and_a_slow_reader_gets_tcp() {
+    let m = slow_reader_with(
+        "direct",
+        &["--assume-missing-feature", "skmsg_queue_length"],
     );
+    assert_eq!(
+        metric(
+            &m,
+            "mesh_kernel_feature",
+            &[("feature", "skmsg_queue_length")]
+        ),
+        0,
+        "{m}"
+    );
+}
+
+/// ... and the operator can accept unbounded queues to keep the short-circuit there.
+#[test]
+fn unbounded_pairing_pairs_without_the_queue_check() {
+    let n = node("direct");
+    let agent = n
+        .start_agent(&[
+            "--assume-missing-feature",
+            "skmsg_queue_length",
+            "--skmsg-unbounded-pairing",
+            "true",
+        ])
+        .unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    echo_intact(&n, "client", &dst, MIB);
+    assert!(agent.event("sockops_client_paired") >= 1);
+    assert!(agent.event("msg_redirected") >= 1);
 }
 
 #[test]

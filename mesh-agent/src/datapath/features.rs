@@ -73,7 +73,7 @@ impl KernelFeatures {
                     name: SKMSG_QUEUE_LENGTH,
                     since: "6.9",
                     available: queue_length,
-                    fallback: "no sk_msg back-pressure check: a redirect queues into a slow reader without a limit (docs/architecture.md, Back-pressure)",
+                    fallback: "no sockets are paired (no sk_msg short-circuit, direct mode over TCP), since a redirect could queue into a slow reader without a limit; --skmsg-unbounded-pairing true pairs anyway",
                 },
             ],
             netns_cookie,
