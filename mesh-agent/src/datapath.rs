@@ -357,6 +357,25 @@ fn link_pin(pin_path: &Path, prog: &str) -> PathBuf {
     pin_path.join(format!("link_{prog}"))
 }
 
+/// `struct tcp_sock` offsets of `snd_una`, `write_seq`, `rcv_nxt`, `copied_seq`, for the
+/// recovery from a back-pressure fallback, or zeros (no recovery) with a warning.
+fn tcp_seq_offsets() -> [u32; 4] {
+    let resolve = || -> Result<[u32; 4], String> {
+        let btf = btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
+        let get = |m: &str| btf.member_offset("tcp_sock", m).map_err(|e| e.to_string());
+        Ok([
+            get("snd_una")?,
+            get("write_seq")?,
+            get("rcv_nxt")?,
+            get("copied_seq")?,
+        ])
+    };
+    resolve().unwrap_or_else(|e| {
+        warn!(error = %e, "sk_msg fallback recovery disabled: tcp_sock offsets not found in the kernel's BTF");
+        [0; 4]
+    })
+}
+
 /// Offsets for the sk_msg back-pressure check, or zeros (check off) with a warning.
 fn queue_offsets() -> (u32, u32, u32) {
     let resolve = || -> Result<(u32, u32, u32), String> {
@@ -416,6 +435,7 @@ impl Datapath {
         // Without the queue length a redirect into a slow reader has no bound: pair no
         // sockets unless the operator accepts that.
         let no_pairing = off_msg_tot_len == 0 && !o.unbounded_pairing;
+        let tcp_seq = tcp_seq_offsets();
         let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
             .map(|n| (*n, o.pin_path.join(n)))
@@ -425,6 +445,10 @@ impl Datapath {
             .override_global("OFF_SK_USER_DATA", &off_user_data, true)
             .override_global("OFF_SK_RCVBUF", &off_rcvbuf, true)
             .override_global("OFF_PSOCK_MSG_TOT_LEN", &off_msg_tot_len, true)
+            .override_global("OFF_TCP_SND_UNA", &tcp_seq[0], true)
+            .override_global("OFF_TCP_WRITE_SEQ", &tcp_seq[1], true)
+            .override_global("OFF_TCP_RCV_NXT", &tcp_seq[2], true)
+            .override_global("OFF_TCP_COPIED_SEQ", &tcp_seq[3], true)
             .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true);
         // Every map is opened from its pin when an earlier agent left one (adopted, with
         // its state), else created and pinned: visible to operators before any program

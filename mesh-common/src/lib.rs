@@ -151,6 +151,16 @@ pub mod cfg_flags {
     ];
 }
 
+/// Values of `FALLBACK`: why a sender's messages take the TCP path.
+pub mod fallback {
+    /// The peer was not in the sockhash: for good.
+    pub const NO_PEER: u32 = 1;
+    /// The peer's redirect queue was full: until everything sent over TCP has been read
+    /// and the queue has drained (`msg_fallback_recovered`).
+    pub const BACKPRESSURE: u32 = 2;
+    pub const NAMES: [(u32, &str); 2] = [(NO_PEER, "no_peer"), (BACKPRESSURE, "backpressure")];
+}
+
 /// `FlowInfo::flags`.
 pub mod flow_flags {
     /// The client was redirected to the node proxy.
@@ -250,10 +260,13 @@ pub enum Stat {
     TcPassBypass,
     /// A stream socket of another protocol than TCP (SCTP): left alone.
     ConnectNotTcp,
+    /// A sender in back-pressure fallback went back to the redirect path: every byte it
+    /// sent over TCP was acknowledged and read, and the peer's redirect queue drained.
+    MsgFallbackRecovered,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 38;
+    pub const COUNT: u32 = 39;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -293,6 +306,7 @@ impl Stat {
         Stat::TcAssignFailed,
         Stat::TcPassBypass,
         Stat::ConnectNotTcp,
+        Stat::MsgFallbackRecovered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -335,11 +349,12 @@ impl Stat {
             Stat::TcAssignFailed => "tc_assign_failed",
             Stat::TcPassBypass => "tc_pass_bypass",
             Stat::ConnectNotTcp => "connect_not_tcp",
+            Stat::MsgFallbackRecovered => "msg_fallback_recovered",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::ConnectNotTcp as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::MsgFallbackRecovered as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

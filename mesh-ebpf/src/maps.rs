@@ -93,6 +93,16 @@ pub static OFF_SK_USER_DATA: Global<u32> = Global::new(0);
 pub static OFF_SK_RCVBUF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static OFF_PSOCK_MSG_TOT_LEN: Global<u32> = Global::new(0);
+/// `struct tcp_sock` sequence numbers, for the recovery from a back-pressure fallback
+/// (`sk_msg::drained`). Zero: no recovery (the fallback stays, as before).
+#[unsafe(no_mangle)]
+pub static OFF_TCP_SND_UNA: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_TCP_WRITE_SEQ: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_TCP_RCV_NXT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_TCP_COPIED_SEQ: Global<u32> = Global::new(0);
 /// Floor for the per-socket limit of bytes queued by redirects (bytes); the limit is
 /// max(peer's SO_RCVBUF, this).
 #[unsafe(no_mangle)]
@@ -168,6 +178,21 @@ pub fn socket_queue(addr: u64) -> (i32, u32) {
         }
     }
     (rcvbuf, queued)
+}
+
+/// Reads the `u32` at `offset` of the kernel object at `addr`; `None` if unreadable.
+#[inline(always)]
+pub fn read_u32(addr: u64, offset: u32) -> Option<u32> {
+    let mut v: u32 = 0;
+    // SAFETY: bpf_probe_read_kernel validates the source address.
+    let rc = unsafe {
+        bpf_probe_read_kernel(
+            (&mut v as *mut u32).cast(),
+            4,
+            (addr as *const u8).wrapping_add(offset as usize).cast(),
+        )
+    };
+    (rc == 0).then_some(v)
 }
 
 /// Reads the addressing fields shared by `bpf_sock_ops` and `sk_msg_md` from a context

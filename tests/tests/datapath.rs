@@ -1103,3 +1103,44 @@ fn an_mptcp_connection_runs_as_tcp_through_the_proxy() {
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
     assert_eq!(agent.event("connect_not_tcp"), not_tcp);
 }
+
+/// Issue 13, item 2: a pair that fell back to TCP under back-pressure comes back to the
+/// short-circuit once what it sent over TCP has been read and the redirect queue drained,
+/// and the bytes stay in order through every switch. A small queue floor makes the pair
+/// switch often; echo and sink both check every byte.
+#[test]
+fn direct_mode_recovers_from_back_pressure_with_bytes_in_order() {
+    for mode in ["direct", "proxied"] {
+        let n = node(mode);
+        let agent = n
+            .start_agent(&["--skmsg-queue-floor", "65536", "--skmsg-upstream", "true"])
+            .unwrap();
+        let dst = format!("{}:8080", n.pod("server").ip);
+        n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+            .unwrap();
+        let r = n
+            .client(
+                "client",
+                &[
+                    "echo-client",
+                    "--to",
+                    &dst,
+                    "--bytes",
+                    &(32 * MIB).to_string(),
+                    "--conns",
+                    "4",
+                ],
+            )
+            .unwrap();
+        assert_intact(&r, 32 * MIB);
+        let m = agent.get("/metrics").unwrap();
+        eprintln!(
+            "{mode}: backpressure {} recovered {} redirected bytes {}",
+            agent.event("msg_pass_backpressure"),
+            agent.event("msg_fallback_recovered"),
+            agent.event("msg_redirected_bytes")
+        );
+        assert!(agent.event("msg_pass_backpressure") >= 1, "{m}");
+        assert!(agent.event("msg_fallback_recovered") >= 1, "{m}");
+    }
+}
