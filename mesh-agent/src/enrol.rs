@@ -68,6 +68,33 @@ pub struct Snapshot {
     pub security: Arc<crate::control::model::security::Security>,
 }
 
+impl Snapshot {
+    /// Whether same-node flows to `w` may go socket to socket (direct mode asks for it):
+    /// only while no AuthorizationPolicy applies to it, since direct mode skips the proxy
+    /// and with it every policy. A policy applies when it is in the workload's namespace
+    /// or the root namespace and has no selector or one that selects the workload's labels
+    /// (labels unknown: it applies). Enrolling must never loosen what a policy enforces.
+    pub fn direct_allowed(&self, w: &Workload) -> bool {
+        use crate::control::model::security::DEFAULT_ROOT_NAMESPACE;
+        if !w.direct {
+            return false;
+        }
+        let labels = self
+            .declared
+            .iter()
+            .find(|m| m.namespace == w.namespace && m.name == w.name)
+            .map(|m| &m.labels);
+        !self.security.authorization_policies.iter().any(|p| {
+            let ns = p.metadata.namespace.as_str();
+            (ns == w.namespace || ns == DEFAULT_ROOT_NAMESPACE)
+                && match (&p.spec.selector, labels) {
+                    (Some(sel), Some(labels)) => sel.selects(labels),
+                    _ => true,
+                }
+        })
+    }
+}
+
 /// The trust domain when none is configured (Istio's default).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
@@ -106,7 +133,18 @@ impl Snapshot {
 
     /// The node-local part (what the map writer applies) is equal.
     pub fn same_node(&self, other: &Snapshot) -> bool {
-        self.workloads == other.workloads && self.excludes == other.excludes
+        self.workloads == other.workloads
+            && self.excludes == other.excludes
+            && self.direct_verdicts().eq(other.direct_verdicts())
+    }
+
+    /// `direct_allowed` of each direct-mode workload: a policy added or removed changes
+    /// what the map writer writes for them.
+    fn direct_verdicts(&self) -> impl Iterator<Item = bool> + '_ {
+        self.workloads
+            .iter()
+            .filter(|w| w.direct)
+            .map(|w| self.direct_allowed(w))
     }
 
     /// The part the control plane translates (services, and the workloads their

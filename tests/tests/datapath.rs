@@ -1144,3 +1144,51 @@ fn direct_mode_recovers_from_back_pressure_with_bytes_in_order() {
         assert!(agent.event("msg_fallback_recovered") >= 1, "{m}");
     }
 }
+
+/// Direct mode skips the proxy, and with it every policy: a destination in direct mode
+/// that an AuthorizationPolicy applies to is proxied instead, so the policy holds. The
+/// same destination without a policy stays direct (`direct_mode_*` tests).
+#[test]
+fn a_direct_mode_destination_under_policy_is_proxied_and_the_policy_holds() {
+    let n = node("direct");
+    let deny_shop = "authorization_policies:\n\
+         \x20 - metadata: { name: deny-shop, namespace: backend }\n\
+         \x20   spec:\n\
+         \x20     action: DENY\n\
+         \x20     rules: [ { from: [ { source: { namespaces: [ shop ] } } ] } ]\n";
+    n.write_config(&format!("{}{deny_shop}", config(&n, "direct", true)))
+        .unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    let dst = format!("{}:8080", n.pod("server").ip);
+    n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let direct = agent.event("connect_direct");
+    let r = n.echo_once("client", &dst).unwrap();
+    assert_ne!(
+        r["errors"],
+        serde_json::json!([]),
+        "the DENY must hold: {r}"
+    );
+    assert_eq!(
+        agent.event("connect_direct"),
+        direct,
+        "not paired around the proxy"
+    );
+    let m = agent.get("/metrics").unwrap();
+    assert!(
+        metric(
+            &m,
+            "mesh_authz_decisions_total",
+            &[("verdict", "deny"), ("policy", "backend/deny-shop")]
+        ) >= 1,
+        "{m}"
+    );
+    // Without the policy the destination goes direct again.
+    n.write_config(&config(&n, "direct", true)).unwrap();
+    wait_for("direct mode back", Duration::from_secs(10), || {
+        let before = agent.event("connect_direct");
+        n.echo_once("client", &dst)
+            .is_ok_and(|r| r["errors"] == serde_json::json!([]))
+            && agent.event("connect_direct") > before
+    });
+}

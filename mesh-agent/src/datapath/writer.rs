@@ -378,7 +378,11 @@ impl MapSyncer {
                 ip4,
                 DestInfo {
                     id,
-                    flags: if w.direct { wl_flags::DIRECT } else { 0 },
+                    flags: if snap.direct_allowed(w) {
+                        wl_flags::DIRECT
+                    } else {
+                        0
+                    },
                 },
             );
             if !w.enrolled {
