@@ -2,7 +2,12 @@
 //! (Prometheus), `/ready` (200 while no readiness guard is outstanding, else 503 naming
 //! the outstanding ones: a start-up step, the xDS stream down, a drain), `/config` (the
 //! runtime configuration, JSON), `/workloads` (the snapshot in force, JSON) and `/certs`
-//! (the workload certificates held: identity, serial, validity, chain; never a key).
+//! (the workload certificates held: identity, serial, validity, chain; never a key);
+//! `/inspect/pod|service/NS/NAME` (one object joined end to end: `inspect`), `/logging`
+//! (the log filter; POST `?level=` or `?filter=` changes it: `logging`).
+
+pub mod inspect;
+pub mod logging;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -36,6 +41,9 @@ pub struct Admin {
     pub k8s: Option<Arc<crate::enrol::k8s::Stats>>,
     /// The workload certificates this agent holds.
     pub certs: Option<Arc<crate::identity::certs::CertManager>>,
+    /// The pin folder: `/inspect` reads `FLOWS`, `SOCKHASH`, `FALLBACK` and `WORKLOADS`
+    /// from their pins, never through the handles the proxy looks flows up with.
+    pub pin_path: std::path::PathBuf,
 }
 
 impl Admin {
@@ -117,12 +125,20 @@ pub type Reply = (&'static str, &'static str, String);
 /// Answers `(method, path)`; the method is GET or HEAD (hyper leaves the body out of a
 /// HEAD response), the path has no query.
 pub type Handler = Arc<dyn Fn(&str, &str) -> Reply + Send + Sync>;
+/// Answers a POST `(path, query)`; `None`: the path takes no POST (405).
+pub type PostHandler = Arc<dyn Fn(&str, &str) -> Option<Reply> + Send + Sync>;
 
 /// Serves GET and HEAD requests on a local listener with `handler(method, path)`: HTTP/1.1
 /// with keep-alive (hyper), other methods 405, an unparsable request 400, an oversized
 /// head 431, and a connection that does not send a whole request head within
 /// `HEADER_READ_TIMEOUT` is closed.
 pub async fn serve_http(listener: TcpListener, handler: Handler) {
+    serve_http_with(listener, handler, Arc::new(|_, _| None)).await
+}
+
+/// `serve_http`, and POST requests with `post(path, query)` (the request body is not read:
+/// a POST says what it wants in its query, as Envoy's `/logging?level=debug`).
+pub async fn serve_http_with(listener: TcpListener, handler: Handler, post: PostHandler) {
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -133,24 +149,27 @@ pub async fn serve_http(listener: TcpListener, handler: Handler) {
                 continue;
             }
         };
-        let handler = handler.clone();
+        let (handler, post) = (handler.clone(), post.clone());
         tokio::spawn(
             async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     // Rendering reads maps (system calls) and may serialise the whole
                     // configuration: blocking work, kept off the control runtime.
                     let (handler, method) = (handler.clone(), req.method().clone());
+                    let post = post.clone();
                     let path = req.uri().path().to_owned();
+                    let query = req.uri().query().unwrap_or_default().to_owned();
                     async move {
-                        let resp =
-                            tokio::task::spawn_blocking(move || respond(&*handler, &method, &path))
-                                .await
-                                .unwrap_or_else(|e| {
-                                    debug!(error = %e, "admin handler failed");
-                                    let mut r = Response::new(Full::new(Bytes::new()));
-                                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                                    r
-                                });
+                        let resp = tokio::task::spawn_blocking(move || {
+                            respond(&*handler, &*post, &method, &path, &query)
+                        })
+                        .await
+                        .unwrap_or_else(|e| {
+                            debug!(error = %e, "admin handler failed");
+                            let mut r = Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            r
+                        });
                         Ok::<_, Infallible>(resp)
                     }
                 });
@@ -171,14 +190,24 @@ pub async fn serve_http(listener: TcpListener, handler: Handler) {
     }
 }
 
-/// The response to one request: the handler's reply for GET and HEAD, 405 otherwise.
+/// The response to one request: the handler's reply for GET and HEAD, the POST
+/// handler's for a POST it takes, 405 otherwise.
 fn respond(
     handler: &(dyn Fn(&str, &str) -> Reply + Send + Sync),
+    post: &(dyn Fn(&str, &str) -> Option<Reply> + Send + Sync),
     method: &Method,
     path: &str,
+    query: &str,
 ) -> Response<Full<Bytes>> {
-    let allowed = *method == Method::GET || *method == Method::HEAD;
-    let (status, ctype, body) = if allowed {
+    let posted = if *method == Method::POST {
+        post(path, query)
+    } else {
+        None
+    };
+    let allowed = *method == Method::GET || *method == Method::HEAD || posted.is_some();
+    let (status, ctype, body) = if let Some(reply) = posted {
+        reply
+    } else if allowed {
         handler(method.as_str(), path)
     } else {
         (
@@ -193,6 +222,7 @@ fn respond(
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    debug!(%method, path, status = code.as_u16(), "admin request");
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = code;
     let h = resp.headers_mut();
@@ -206,7 +236,17 @@ fn respond(
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let me = self.clone();
-        serve_http(listener, Arc::new(move |_, path| me.route(path))).await
+        serve_http_with(
+            listener,
+            Arc::new(move |_, path| me.route(path)),
+            Arc::new(|path, query| match path {
+                "/logging" => Some(logging_reply(
+                    logging::requested(query).and_then(|f| logging::set(&f)),
+                )),
+                _ => None,
+            }),
+        )
+        .await
     }
 
     fn route(&self, path: &str) -> Reply {
@@ -224,6 +264,8 @@ impl Admin {
                 ("200 OK", "text/plain; version=0.0.4", text)
             }
             "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+            "/logging" => logging_reply(logging::current()),
+            p if p.starts_with("/inspect/") => self.inspect(&p["/inspect/".len()..]),
             "/k8s" => match &self.k8s {
                 Some(k) => (
                     "200 OK",
@@ -302,9 +344,21 @@ impl Admin {
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /certs, /k8s, /kernel\n"
+                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /certs, /k8s, /kernel, /inspect, /logging\n"
                     .into(),
             ),
         }
+    }
+}
+
+/// `/logging`'s answer: the filter in force, or why a change was refused (400: the filter
+/// in force stays).
+fn logging_reply(r: Result<String, logging::LogError>) -> Reply {
+    match r {
+        Ok(f) => ("200 OK", "text/plain", format!("{f}\n")),
+        Err(e @ logging::LogError::NotReloadable) | Err(e @ logging::LogError::Reload(_)) => {
+            ("500 Internal Server Error", "text/plain", format!("{e}\n"))
+        }
+        Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
     }
 }

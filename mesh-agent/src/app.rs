@@ -296,6 +296,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         ads_stats: ads.as_ref().map(|(_, _, s)| s.stats.clone()),
         k8s: kubernetes.then(|| k8s_stats.clone()),
         certs: Some(identity.certs.clone()),
+        pin_path: cfg.pin_path.clone(),
     });
 
     let handed_over = control.block_on(async {

@@ -1,7 +1,8 @@
 //! The command line: `run`, and the inspection commands that work on the pinned maps of a
 //! running agent (`maps`, `dump`, `programs`, `links`, `bypass`) or ask its admin endpoint
-//! (`certs`); `ca init` writes a CA root for the embedded CA. Output is a table, or JSON
-//! with `-o json`; addresses print as IPs, ports in host order, flags by name.
+//! (`certs`, `inspect`, `log-level`); `ca init` writes a CA root for the embedded CA.
+//! Output is a table (text for `inspect`), or JSON with `-o json`; addresses print as IPs,
+//! ports in host order, flags by name.
 
 use std::{
     net::Ipv4Addr,
@@ -67,6 +68,17 @@ pub enum Command {
     /// List the workload certificates a running agent holds (from its admin endpoint):
     /// identity, serial, expiry, next renewal; `-o json` adds the chains (PEM).
     Certs(CertsArgs),
+    /// Show one pod or service end to end (from the admin endpoint): enrolment and mode,
+    /// netns cookie and WORKLOADS entry, identity and certificate, live connections with
+    /// their path and original destination, listeners, routes, clusters and endpoints,
+    /// policies, metrics. Text, or `-o json`.
+    Inspect {
+        #[command(subcommand)]
+        object: InspectObject,
+    },
+    /// Show the running agent's log filter, or set it without a restart: a level
+    /// (`debug`) or EnvFilter directives (`mesh_agent::proxy=debug,info`).
+    LogLevel(LogLevelArgs),
     /// The embedded CA's files.
     Ca {
         #[command(subcommand)]
@@ -82,6 +94,38 @@ pub struct CertsArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum InspectObject {
+    /// A pod (a workload of the mesh).
+    #[command(alias = "po")]
+    Pod(InspectArgs),
+    /// A service.
+    #[command(alias = "svc")]
+    Service(InspectArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// NAMESPACE/NAME
+    pub object: String,
+    /// The agent's admin endpoint.
+    #[arg(long, env = "MESH_ADMIN_ADDRESS", default_value = crate::config::DEFAULT_ADMIN_ADDRESS)]
+    pub admin_address: std::net::SocketAddr,
+    /// Output format (`table`: text for people).
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LogLevelArgs {
+    /// The filter to set: a level (trace, debug, info, warn, error, off) or EnvFilter
+    /// directives; none: print the filter in force.
+    pub filter: Option<String>,
+    /// The agent's admin endpoint.
+    #[arg(long, env = "MESH_ADMIN_ADDRESS", default_value = crate::config::DEFAULT_ADMIN_ADDRESS)]
+    pub admin_address: std::net::SocketAddr,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -184,6 +228,11 @@ pub enum CliError {
     List(&'static str, String),
     #[error("admin endpoint {0}: {1} (is mesh-agent running with this --admin-address?)")]
     Admin(std::net::SocketAddr, String),
+    /// The agent answered, with a refusal (unknown object, invalid filter): its message.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0:?}: expected NAMESPACE/NAME")]
+    Object(String),
     #[error(transparent)]
     Ca(#[from] crate::control::ca::CaError),
 }
@@ -492,6 +541,23 @@ pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
 
 /// `GET path` on the admin endpoint (HTTP/1.1, one request); the body of a 200.
 fn admin_get(addr: std::net::SocketAddr, path: &str) -> Result<String, CliError> {
+    let (status, body) = admin_request(addr, "GET", path)?;
+    if status != 200 {
+        return Err(CliError::Admin(
+            addr,
+            format!("GET {path}: {status} {}", body.trim()),
+        ));
+    }
+    Ok(body)
+}
+
+/// `METHOD path` on the admin endpoint (HTTP/1.1, one request): the status and the body,
+/// whatever the status.
+fn admin_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), CliError> {
     use std::io::{Read as _, Write as _};
     let err = |e: String| CliError::Admin(addr, e);
     let timeout = std::time::Duration::from_secs(5);
@@ -499,11 +565,12 @@ fn admin_get(addr: std::net::SocketAddr, path: &str) -> Result<String, CliError>
         std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| err(e.to_string()))?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| err(e.to_string()))?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| err(e.to_string()))?;
+    // One write: `write!` on the stream would send the head in pieces.
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes())
+        .map_err(|e| err(e.to_string()))?;
     let mut resp = Vec::new();
     conn.take(64 << 20)
         .read_to_end(&mut resp)
@@ -512,11 +579,57 @@ fn admin_get(addr: std::net::SocketAddr, path: &str) -> Result<String, CliError>
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or_else(|| err("no HTTP response".into()))?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split(' ').nth(1) != Some("200") {
-        return Err(err(format!("GET {path}: {status}")));
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| err(format!("{method} {path}: no HTTP status line")))?;
+    Ok((status, body.to_owned()))
+}
+
+/// `mesh-agent inspect pod|service NAMESPACE/NAME`: the agent's `/inspect` answer, as
+/// text or JSON. An object the agent does not know is an error with its message.
+pub fn inspect(o: &InspectObject) -> Result<String, CliError> {
+    let (kind, a) = match o {
+        InspectObject::Pod(a) => ("pod", a),
+        InspectObject::Service(a) => ("service", a),
+    };
+    let (ns, name) = a
+        .object
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        .ok_or_else(|| CliError::Object(a.object.clone()))?;
+    let path = format!("/inspect/{kind}/{ns}/{name}");
+    let (status, body) = admin_request(a.admin_address, "GET", &path)?;
+    if status != 200 {
+        return Err(CliError::Refused(body.trim().to_owned()));
     }
-    Ok(body.to_owned())
+    let v: Value = serde_json::from_str(&body)
+        .map_err(|e| CliError::Admin(a.admin_address, format!("{path}: {e}")))?;
+    Ok(match a.output {
+        Output::Json => serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        Output::Table => crate::admin::inspect::render_text(&v),
+    })
+}
+
+/// `mesh-agent log-level [FILTER]`: the filter in force after the call.
+pub fn log_level(admin: std::net::SocketAddr, filter: Option<&str>) -> Result<String, CliError> {
+    let (status, body) = match filter {
+        None => admin_request(admin, "GET", "/logging")?,
+        Some(f) => admin_request(
+            admin,
+            "POST",
+            &format!(
+                "/logging?filter={}",
+                crate::admin::logging::percent_encode(f)
+            ),
+        )?,
+    };
+    if status != 200 {
+        return Err(CliError::Refused(body.trim().to_owned()));
+    }
+    Ok(body)
 }
 
 /// `mesh-agent certs`: the certificates the agent at `admin` holds.
@@ -637,5 +750,62 @@ mod tests {
         assert!(t.contains("spiffe://cluster.local/ns/a/sa/b  0A1B"), "{t}");
         assert!(!t.contains("pem"), "chains only in JSON: {t}");
         assert!(render(&cols, &rows, Output::Json).contains("\"chain\""));
+    }
+
+    #[test]
+    fn inspect_and_log_level_parse_and_report_refusals() {
+        let c = Cli::try_parse_from([
+            "mesh-agent",
+            "inspect",
+            "svc",
+            "backend/reviews",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Inspect {
+                object: InspectObject::Service(a),
+            } => {
+                assert_eq!(a.object, "backend/reviews");
+                assert_eq!(a.output, Output::Json);
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Cli::try_parse_from(["mesh-agent", "log-level", "mesh_agent=debug"]).unwrap();
+        assert!(
+            matches!(c.command, Command::LogLevel(ref a) if a.filter.as_deref() == Some("mesh_agent=debug"))
+        );
+        let bad = InspectObject::Pod(InspectArgs {
+            object: "web".into(),
+            admin_address: "127.0.0.1:1".parse().unwrap(),
+            output: Output::Table,
+        });
+        assert!(matches!(inspect(&bad), Err(CliError::Object(_))));
+        // The agent's refusal (404 and its message) is the error.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"GET /inspect/pod/shop/nope HTTP/1.1\r\n"));
+            let body = "no pod shop/nope on this node\n";
+            write!(
+                s,
+                "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        let o = InspectObject::Pod(InspectArgs {
+            object: "shop/nope".into(),
+            admin_address: addr,
+            output: Output::Table,
+        });
+        let e = inspect(&o).unwrap_err();
+        server.join().unwrap();
+        assert_eq!(e.to_string(), "no pod shop/nope on this node");
     }
 }

@@ -9,13 +9,11 @@ use mesh_agent::{
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Reloadable: the admin endpoint's `/logging` changes the filter of a running agent.
+    mesh_agent::admin::logging::init(
+        &cli.log,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
     if let Err(e) = dispatch(cli.command) {
         // One line, the whole cause chain, non-zero exit.
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
@@ -40,6 +38,14 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
         Command::Programs(i) => print(cli::programs(&i.pin_path)?, i.output),
         Command::Links(i) => print(cli::links(&i.pin_path)?, i.output),
         Command::Certs(a) => print(cli::certs(a.admin_address)?, a.output),
+        Command::Inspect { object } => {
+            print!("{}", cli::inspect(&object)?);
+            Ok(())
+        }
+        Command::LogLevel(a) => {
+            print!("{}", cli::log_level(a.admin_address, a.filter.as_deref())?);
+            Ok(())
+        }
         Command::Ca {
             command: cli::CaCommand::Init { dir, trust_domain },
         } => {

@@ -1,0 +1,532 @@
+//! `mesh-agent inspect pod|service` and `mesh-agent log-level` against a running agent on
+//! a simulated node: one object joined end to end from the admin endpoint (a held
+//! connection appears with its original destination, a service with its endpoints), and
+//! the log filter changed at runtime (a debug line appears only once asked for; a bad
+//! filter is refused and the one in force stays).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use mesh_tests::{agent_bin, podtool, wait_for, Agent, SimNode};
+
+const VIP: &str = "10.96.0.20";
+
+/// A node with an enrolled client (`shop/client`, service account `web`) and an enrolled
+/// echo server behind the service `backend/echo` (VIP:80 -> 7000), an ALLOW policy on
+/// the server for the client's identity, a cache in a direct-mode namespace (pod to pod,
+/// socket to socket), and the agent.
+fn node_with_agent() -> (SimNode, Agent) {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("server", 3).unwrap();
+    n.add_pod("cache", 4).unwrap();
+    let p = |name: &str| n.pod(name);
+    let yaml = format!(
+        "namespaces:\n\
+         \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
+         \x20 - {{ name: backend, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
+         \x20 - {{ name: data, mode: direct }}\n\
+         workloads:\n\
+         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {}, service_account: web }}\n\
+         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {}, labels: {{ app: echo }} }}\n\
+         \x20 - {{ name: cache, namespace: data, ip: {}, netns: {} }}\n\
+         services:\n\
+         \x20 - name: echo\n\
+         \x20   namespace: backend\n\
+         \x20   vip: {VIP}\n\
+         \x20   ports: [ {{ port: 80, target_port: 7000, protocol: tcp }} ]\n\
+         \x20   selector: {{ app: echo }}\n\
+         authorization_policies:\n\
+         \x20 - metadata: {{ name: allow-web, namespace: backend }}\n\
+         \x20   spec:\n\
+         \x20     selector: {{ matchLabels: {{ app: echo }} }}\n\
+         \x20     action: ALLOW\n\
+         \x20     rules: [ {{ from: [ {{ source: {{ principals: [ cluster.local/ns/shop/sa/web ] }} }} ] }} ]\n",
+        p("client").ip,
+        p("client").netns_path(),
+        p("server").ip,
+        p("server").netns_path(),
+        p("cache").ip,
+        p("cache").netns_path(),
+    );
+    n.write_config(&yaml).unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    for pod in ["server", "cache"] {
+        n.serve(pod, &["echo", "--listen", "0.0.0.0:7000"]).unwrap();
+    }
+    (n, agent)
+}
+
+/// `mesh-agent ARGS --admin-address` of this agent.
+fn cli(agent: &Agent, args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .args(args)
+        .arg("--admin-address")
+        .arg(format!("127.0.0.1:{}", agent.admin_port))
+        .output()
+        .expect("run mesh-agent")
+}
+
+fn inspect_json(agent: &Agent, kind: &str, object: &str) -> serde_json::Value {
+    let out = cli(agent, &["inspect", kind, object, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "inspect {kind} {object}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "inspect -o json does not parse ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn inspect_text(agent: &Agent, kind: &str, object: &str) -> String {
+    let out = cli(agent, &["inspect", kind, object]);
+    assert!(
+        out.status.success(),
+        "inspect {kind} {object}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A client in `pod` that connects to `to` and holds the connection open (it reads until
+/// the end of stream; an echo server sends nothing unasked). Killed on drop.
+struct Held(Child);
+
+impl Held {
+    fn open(n: &SimNode, pod: &str, to: &str) -> Held {
+        let child = n
+            .pod_command(pod, &podtool())
+            .args(["read-client", "--to", to, "--deadline-ms", "120000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn podtool read-client");
+        Held(child)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The connection rows of an inspection whose original destination is `dst`.
+fn rows_to<'a>(v: &'a serde_json::Value, dst: &str) -> Vec<&'a serde_json::Value> {
+    v["connections"]["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["original_destination"] == dst)
+        .collect()
+}
+
+#[test]
+fn inspect_pod_shows_enrolment_datapath_identity_and_a_live_connection() {
+    let (n, agent) = node_with_agent();
+    let server = format!("{}:7000", n.pod("server").ip);
+    let cache = format!("{}:7000", n.pod("cache").ip);
+    let _held = Held::open(&n, "client", &server);
+    let _direct = Held::open(&n, "client", &cache);
+
+    let mut v = serde_json::Value::Null;
+    wait_for(
+        "the held connections in inspect pod",
+        Duration::from_secs(10),
+        || {
+            v = inspect_json(&agent, "pod", "shop/client");
+            !rows_to(&v, &server).is_empty() && !rows_to(&v, &cache).is_empty()
+        },
+    );
+    assert_eq!(v["kind"], "pod");
+    assert_eq!(v["ip"], n.pod("client").ip.to_string());
+    assert_eq!(v["enrolment"]["mode"], "captured", "{v:#}");
+    assert_eq!(v["enrolment"]["fail_mode"], "open");
+    // The netns cookie and its WORKLOADS entry are the ones in the pinned map.
+    let cookie = v["datapath"]["netns_cookie"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no netns cookie: {v:#}"));
+    let entry = &v["datapath"]["workloads_entry"];
+    assert_eq!(entry["ip"], n.pod("client").ip.to_string());
+    assert!(
+        entry["flags"].as_str().unwrap().contains("enrolled"),
+        "{entry}"
+    );
+    let dump = agent.cli(&["dump", "WORKLOADS", "-o", "json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["netns_cookie"] == cookie && r["ip"] == entry["ip"]),
+        "cookie {cookie} not in dump WORKLOADS: {rows:#}"
+    );
+    assert_eq!(
+        v["identity"]["spiffe_id"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    // The connection: the client's end, its original destination, the peer by name, and
+    // the path it takes (captured: through the proxy).
+    let c = rows_to(&v, &server)[0];
+    assert_eq!(c["role"], "client", "{c:#}");
+    assert_eq!(c["destination"], "backend/server", "{c:#}");
+    assert!(
+        c["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", n.pod("client").ip)),
+        "{c:#}"
+    );
+    let path = c["path"].as_str().unwrap();
+    assert!(path.starts_with("proxied"), "{c:#}");
+    assert!(c["flags"].as_str().unwrap().contains("proxied"), "{c:#}");
+    assert!(v["connections"]["total"].as_u64().unwrap() >= 2);
+    // The direct-mode pair: no proxy, both sockets paired in SOCKHASH.
+    let d = rows_to(&v, &cache)[0];
+    assert_eq!(d["path"], "direct", "{d:#}");
+    assert_eq!(d["destination"], "data/cache", "{d:#}");
+    assert_eq!(d["remote"], cache.as_str(), "{d:#}");
+    // The cache sees the same connection from its side.
+    let c2 = inspect_json(&agent, "pod", "data/cache");
+    assert_eq!(c2["enrolment"]["mode"], "direct", "{c2:#}");
+    let seen = rows_to(&c2, &cache);
+    assert!(
+        seen.iter()
+            .any(|r| r["role"] == "server" && r["source"] == "shop/client"),
+        "{c2:#}"
+    );
+    // It reaches the server's address with no listener (relayed as it is).
+    let reach = v["reaches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["destination"] == server.as_str())
+        .unwrap_or_else(|| panic!("{server} not under reaches: {v:#}"));
+    assert!(reach["listener"].is_null(), "{reach:#}");
+    let reach_cache = v["reaches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["destination"] == cache.as_str())
+        .unwrap_or_else(|| panic!("{cache} not under reaches: {v:#}"));
+    assert_eq!(reach_cache["direct"], true, "{reach_cache:#}");
+
+    // The server: the policy that applies to it, and the service it backs.
+    let s = inspect_json(&agent, "pod", "backend/server");
+    assert_eq!(s["services"], serde_json::json!(["backend/echo"]), "{s:#}");
+    let authz = s["policies"]["authorization"].as_array().unwrap();
+    assert!(
+        authz
+            .iter()
+            .any(|p| p["name"] == "backend/allow-web" && p["action"] == "ALLOW"),
+        "{s:#}"
+    );
+
+    // The text form says the same for people.
+    let t = inspect_text(&agent, "pod", "shop/client");
+    for want in [
+        "pod shop/client".to_owned(),
+        "mode         captured, fail open".to_owned(),
+        format!("WORKLOADS    [{cookie}]"),
+        "spiffe://cluster.local/ns/shop/sa/web".to_owned(),
+        server.clone(),
+        path.to_owned(),
+    ] {
+        assert!(t.contains(&want), "{want:?} missing from:\n{t}");
+    }
+    println!("{t}");
+}
+
+#[test]
+fn inspect_service_shows_its_listener_cluster_endpoints_and_connections() {
+    let (n, agent) = node_with_agent();
+    let to = format!("{VIP}:80");
+    let endpoint = format!("{}:7000", n.pod("server").ip);
+    let _held = Held::open(&n, "client", &to);
+
+    let mut v = serde_json::Value::Null;
+    wait_for(
+        "the service's endpoints and connection",
+        Duration::from_secs(10),
+        || {
+            v = inspect_json(&agent, "service", "backend/echo");
+            let has_endpoint = v["clusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+                .any(|e| e["address"] == endpoint.as_str());
+            has_endpoint && !rows_to(&v, &to).is_empty()
+        },
+    );
+    assert_eq!(v["vip"], VIP);
+    assert_eq!(v["ports"][0]["port"], 80);
+    assert_eq!(v["ports"][0]["target_port"], 7000);
+    assert_eq!(v["ports"][0]["listener_in_force"], true, "{v:#}");
+    assert!(
+        v["declared_endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["workload"] == "backend/server"),
+        "{v:#}"
+    );
+    let l = &v["listeners"][0];
+    assert_eq!(l["address"], to.as_str(), "{v:#}");
+    assert_eq!(l["kind"], "tcp");
+    let cluster = l["clusters"][0].as_str().unwrap().to_owned();
+    let ep = v["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == cluster.as_str())
+        .and_then(|c| {
+            c["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["address"] == endpoint.as_str())
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("{endpoint} not in cluster {cluster}: {v:#}"));
+    assert_eq!(ep["workload"], "backend/server");
+    assert_eq!(rows_to(&v, &to)[0]["source"], "shop/client");
+
+    // The client reaches the service through its listener.
+    let p = inspect_json(&agent, "pod", "shop/client");
+    let reach = p["reaches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["destination"] == to.as_str())
+        .unwrap_or_else(|| panic!("{to} not under reaches: {p:#}"));
+    assert_eq!(reach["name"], "service backend/echo");
+    assert_eq!(reach["listener"]["clusters"][0], cluster.as_str());
+
+    let t = inspect_text(&agent, "service", "backend/echo");
+    for want in [
+        format!("service backend/echo  vip {VIP}"),
+        "port 80 -> 7000 tcp".to_owned(),
+        cluster.clone(),
+        endpoint.clone(),
+        "backend/server".to_owned(),
+    ] {
+        assert!(t.contains(&want), "{want:?} missing from:\n{t}");
+    }
+    println!("{t}");
+}
+
+#[test]
+fn inspect_of_an_unknown_object_fails_with_a_message() {
+    let (_n, agent) = node_with_agent();
+    for (kind, object, message) in [
+        ("pod", "shop/nope", "no pod shop/nope"),
+        ("service", "backend/nope", "no service backend/nope"),
+        ("pod", "nope", "expected NAMESPACE/NAME"),
+    ] {
+        let out = cli(&agent, &["inspect", kind, object]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{kind} {object}: exit 0");
+        assert!(err.contains(message), "{kind} {object}: {err}");
+        assert!(out.stdout.is_empty(), "{kind} {object}: printed something");
+    }
+    // The endpoint itself: 404 with the message, 400 for a malformed path.
+    let (status, body) = request(agent.admin_port, "GET", "/inspect/pod/shop/nope");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no pod shop/nope"), "{body}");
+    assert_eq!(request(agent.admin_port, "GET", "/inspect/pod/x").0, 400);
+}
+
+/// Across nodes: a captured connection to a mesh pod of another node goes through the
+/// HBONE tunnel, from the client's identity (whose certificate the agent now holds); and
+/// the other node's pod is known as a mesh workload running elsewhere.
+#[test]
+fn inspect_pod_shows_a_tunnelled_connection_and_its_certificate_across_nodes() {
+    use mesh_tests::cluster::{in_netns, SimCluster};
+    let mut c = SimCluster::new(2).expect("sim cluster");
+    c.add_pod(0, "client", 2).unwrap();
+    c.add_pod(1, "server", 2).unwrap();
+    c.node(1)
+        .serve("server", &["echo", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let mut yaml = "namespaces:\n\
+                    \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
+                    \x20 - { name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
+                    workloads:\n"
+        .to_owned();
+    for (pod, ns, sa) in [("client", "shop", "web"), ("server", "backend", "echo")] {
+        let p = c.pod(pod);
+        yaml += &format!(
+            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, node: {}, service_account: {sa} }}\n",
+            p.ip,
+            p.netns_path(),
+            c.node_of(pod).name()
+        );
+    }
+    for i in 0..2 {
+        c.node(i).write_config(&yaml).unwrap();
+    }
+    let agents: Vec<_> = (0..2)
+        .map(|i| c.node(i).start_agent(&[]).expect("agent"))
+        .collect();
+    let server = format!("{}:8080", c.pod("server").ip);
+    for a in &agents {
+        wait_for("the workloads in force", Duration::from_secs(10), || {
+            a.get("/config_dump")
+                .map(|d| d.contains("spiffe://cluster.local/ns/backend/sa/echo"))
+                .unwrap_or(false)
+        });
+    }
+    let node0 = c.node(0).netns_path();
+    let inspect = |object: &str| -> serde_json::Value {
+        let out = in_netns(&node0, || {
+            Command::new(agent_bin())
+                .args(["inspect", "pod", object, "-o", "json"])
+                .output()
+                .expect("run mesh-agent")
+        });
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("inspect -o json parses")
+    };
+    let mut held = c
+        .node(0)
+        .pod_command("client", &podtool())
+        .args(["read-client", "--to", &server, "--deadline-ms", "120000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn podtool read-client");
+    let mut v = serde_json::Value::Null;
+    wait_for(
+        "the tunnelled connection and the certificate",
+        Duration::from_secs(10),
+        || {
+            v = inspect("shop/client");
+            !rows_to(&v, &server).is_empty() && !v["identity"]["certificate"].is_null()
+        },
+    );
+    let _ = held.kill();
+    let _ = held.wait();
+    let row = rows_to(&v, &server)[0];
+    assert_eq!(row["path"], "tunnel", "{row:#}");
+    assert_eq!(row["destination"], "backend/server", "{row:#}");
+    let cert = &v["identity"]["certificate"];
+    assert!(
+        cert["serial"].as_str().is_some_and(|s| !s.is_empty()),
+        "{cert:#}"
+    );
+    assert!(cert["expires_in_s"].as_i64().unwrap() > 0, "{cert:#}");
+    assert_eq!(v["identity"]["mesh_workload"]["node"], "n0");
+    // The other node's pod: known to the proxy, running elsewhere.
+    let s = inspect("backend/server");
+    assert_eq!(s["enrolment"]["mode"], "elsewhere", "{s:#}");
+    assert_eq!(s["enrolment"]["node"], "n1", "{s:#}");
+    assert_eq!(
+        s["identity"]["spiffe_id"],
+        "spiffe://cluster.local/ns/backend/sa/echo"
+    );
+}
+
+/// One request to the admin endpoint: `(status, body)`.
+fn request(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// Lines of the agent's log that the admin endpoint's debug logging wrote.
+fn debug_lines(agent: &Agent) -> usize {
+    agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("DEBUG") && l.contains("admin request"))
+        .count()
+}
+
+#[test]
+fn log_level_changes_the_filter_at_runtime_and_refuses_a_bad_one() {
+    let (_n, agent) = node_with_agent();
+    let port = agent.admin_port;
+    let get = |args: &[&str]| {
+        let out = cli(&agent, &[&["log-level"], args].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        )
+    };
+    assert_eq!(get(&[]), (true, "info".to_owned(), String::new()));
+    assert_eq!(request(port, "GET", "/healthz").0, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        debug_lines(&agent),
+        0,
+        "debug at info:\n{}",
+        agent.log_text()
+    );
+
+    // Debug for the admin module only: its requests are logged from now on.
+    let (ok, now, err) = get(&["mesh_agent::admin=debug,info"]);
+    assert!(ok, "{err}");
+    assert!(now.contains("mesh_agent::admin=debug"), "{now}");
+    assert_eq!(request(port, "GET", "/healthz").0, 200);
+    wait_for("a debug line", Duration::from_secs(5), || {
+        debug_lines(&agent) > 0
+    });
+    assert!(
+        !agent
+            .log_text()
+            .lines()
+            .any(|l| l.contains("DEBUG") && !l.contains("mesh_agent::admin")),
+        "only the admin module logs at debug:\n{}",
+        agent.log_text()
+    );
+
+    // A bad filter: 400 with the parse error, and the filter in force stays.
+    let (status, body) = request(port, "POST", "/logging?filter=mesh_agent%3Dloud");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid log filter"), "{body}");
+    let (ok, _, err) = get(&["mesh_agent=loud"]);
+    assert!(!ok && err.contains("invalid log filter"), "{err}");
+    let (status, body) = request(port, "POST", "/logging?level=loud");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(request(port, "POST", "/logging").0, 400);
+    let (_, now, _) = get(&[]);
+    assert!(now.contains("mesh_agent::admin=debug"), "kept: {now}");
+
+    // Back to info with Envoy's form: no more debug lines.
+    let (status, body) = request(port, "POST", "/logging?level=info");
+    assert_eq!((status, body.trim()), (200, "info"));
+    let before = debug_lines(&agent);
+    assert_eq!(request(port, "GET", "/healthz").0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(debug_lines(&agent), before, "{}", agent.log_text());
+    // Other paths still take no POST.
+    assert_eq!(request(port, "POST", "/metrics").0, 405);
+}
