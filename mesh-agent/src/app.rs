@@ -228,6 +228,25 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     if cfg.skmsg_upstream {
         outbound.pair_upstream_from(*redirect.ip());
     }
+    let access_log = {
+        use crate::{config::AccessLogTarget as T, proxy::accesslog::Sink};
+        let sink = match &cfg.access_log {
+            T::Off => None,
+            T::Stdout => Some(Sink::Stdout),
+            T::Stderr => Some(Sink::Stderr),
+            T::File(p) => Some(Sink::File(p.clone())),
+        };
+        match sink {
+            Some(sink) => Some(
+                crate::proxy::accesslog::AccessLog::start(sink, metrics.clone())
+                    .with_context(|| format!("opening the access log ({:?})", cfg.access_log))?,
+            ),
+            None => None,
+        }
+    };
+    if let Some(log) = &access_log {
+        outbound.set_access_log(log.clone());
+    }
     let l7 = outbound.l7();
     // The next agent may ask for the node while this one runs (`handover`).
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -261,7 +280,13 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             runtime: proxy_rt.handle().clone(),
             drain: inbound_drain,
-            plain: crate::proxy::secure::InboundPolicy::new(xds.clone(), metrics.clone()),
+            plain: {
+                let p = crate::proxy::secure::InboundPolicy::new(xds.clone(), metrics.clone());
+                if let Some(log) = &access_log {
+                    p.set_access_log(log.clone());
+                }
+                p
+            },
             on_hbone_listener: Some(hbone_handoff(
                 proxy_rt.handle().clone(),
                 xds.clone(),
@@ -269,6 +294,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 identity.certs.clone(),
                 metrics.clone(),
                 hbone_drain,
+                access_log.clone(),
             )),
         })
         .context("starting the inbound capture thread")?;
@@ -638,6 +664,7 @@ fn hbone_handoff(
     certs: Arc<crate::identity::certs::CertManager>,
     metrics: Arc<crate::metrics::Metrics>,
     drain: drain::DrainWatch,
+    access_log: Option<crate::proxy::accesslog::AccessLog>,
 ) -> crate::proxy::inbound::HboneHandoff {
     use crate::identity::Certificates;
     Arc::new(move |pod, listener| {
@@ -648,6 +675,7 @@ fn hbone_handoff(
             metrics.clone(),
             drain.clone(),
         );
+        let access_log = access_log.clone();
         rt.spawn(async move {
             let ip = std::net::IpAddr::V4(pod.ip);
             let serve = async {
@@ -678,6 +706,7 @@ fn hbone_handoff(
                     pod: pod.clone(),
                     xds: xds.clone(),
                     metrics,
+                    access_log,
                 });
                 crate::proxy::hbone::serve(listener, config, handler, drain).await;
             };

@@ -63,6 +63,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// Where access-log lines go (`--access-log`): `off`, `stdout`, `stderr`, or a file path
+/// (appended to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogTarget {
+    Off,
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+pub fn parse_access_log(s: &str) -> Result<AccessLogTarget, String> {
+    Ok(match s.trim() {
+        "" => return Err("expected off, stdout, stderr or a file path".into()),
+        "off" => AccessLogTarget::Off,
+        "stdout" => AccessLogTarget::Stdout,
+        "stderr" => AccessLogTarget::Stderr,
+        p => AccessLogTarget::File(PathBuf::from(p)),
+    })
+}
+
 /// What the agent leaves on exit (`--on-exit`).
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -245,6 +266,10 @@ pub struct RunArgs {
     /// presented to the control plane; default: the host name.
     #[arg(long, env = "MESH_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Access logs (docs/observability.md): one JSON line per proxied connection and per
+    /// HTTP request, to `stdout`, `stderr` or a file (appended to); `off` by default.
+    #[arg(long, env = "MESH_ACCESS_LOG", default_value = "off", value_parser = parse_access_log)]
+    pub access_log: AccessLogTarget,
 }
 
 /// The runtime configuration of `mesh-agent run`: `RunArgs` checked, resolved and typed
@@ -307,6 +332,7 @@ pub struct RunConfig {
     pub ca_k8s_service_account: Option<(String, String)>,
     #[serde(serialize_with = "as_text")]
     pub workload_cert_ttl: Duration,
+    pub access_log: AccessLogTarget,
 }
 
 /// The source of workloads and services, with what it reads.
@@ -516,6 +542,7 @@ impl RunConfig {
             ca_k8s_audience: args.ca_k8s_audience,
             ca_k8s_service_account,
             workload_cert_ttl: args.workload_cert_ttl,
+            access_log: args.access_log,
         })
     }
 
@@ -629,6 +656,27 @@ mod tests {
         assert_eq!(c.xds_socket, Path::new("/tmp/x.sock"));
         assert!(!c.embedded_control_plane());
         assert!(!c.node_name.is_empty(), "the host name by default");
+    }
+
+    #[test]
+    fn the_access_log_is_off_by_default_and_takes_a_stream_or_a_path() {
+        let f = TempFile::new("accesslog.yaml", "");
+        let c = |extra: &[&str]| {
+            let mut args = vec!["--config", f.path(), "--proxy-address", "10.1.0.1:15001"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|c| c.access_log)
+        };
+        assert_eq!(c(&[]).unwrap(), AccessLogTarget::Off);
+        assert_eq!(c(&["--access-log", "off"]).unwrap(), AccessLogTarget::Off);
+        assert_eq!(
+            c(&["--access-log", "stderr"]).unwrap(),
+            AccessLogTarget::Stderr
+        );
+        assert_eq!(
+            c(&["--access-log", "/var/log/mesh/access.log"]).unwrap(),
+            AccessLogTarget::File("/var/log/mesh/access.log".into())
+        );
+        assert!(c(&["--access-log", ""]).is_err());
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub inbound: InboundMetrics,
     /// Policy decisions and the tunnel (`proxy::secure`).
     pub authz: AuthzMetrics,
+    /// Access-log lines dropped because the writer's queue was full (`proxy::accesslog`).
+    pub access_log_dropped: AtomicU64,
 }
 
 /// At most this many (direction, level, verdict, policy) series; past it, `policy="other"`.
@@ -338,6 +340,12 @@ impl Metrics {
                 "counter",
                 "Connections counted under destination_address=\"other\" because every L4 series was live.",
                 &self.series_overflow,
+            ),
+            (
+                "mesh_access_log_dropped_total",
+                "counter",
+                "Access-log lines dropped because the writer's queue was full (the proxy never waits for the log).",
+                &self.access_log_dropped,
             ),
             (
                 "mesh_workloads_enrolled",

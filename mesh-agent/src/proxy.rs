@@ -6,6 +6,7 @@
 //! (half-close), and a reset or error on either side resets the other one (`SO_LINGER 0`
 //! then close), so a peer that sends RST is seen as RST, never as a clean end.
 
+pub mod accesslog;
 pub mod authz;
 pub mod config;
 pub mod hbone;
@@ -35,6 +36,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn, Instrument};
 
+use self::accesslog::{AccessLog, Entry, Flags, PathTaken, Protocol, Verdict};
 use self::http::{detect, Sniffed, L7};
 use self::{
     config::ListenerKind,
@@ -75,6 +77,8 @@ pub struct Outbound {
     /// The zero-trust path (HBONE to other nodes, policy for same-node destinations);
     /// unset: every flow is plain.
     secure: std::sync::OnceLock<Arc<secure::Secure>>,
+    /// Unset: no access log (nothing is built for it).
+    access_log: std::sync::OnceLock<AccessLog>,
 }
 
 /// How long a listener with a TCP fallback waits for a client's first bytes before
@@ -141,7 +145,41 @@ impl Outbound {
             xds,
             l7,
             secure: std::sync::OnceLock::new(),
+            access_log: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Writes an access-log line per connection, and per request of the L7 engine.
+    pub fn set_access_log(&self, log: AccessLog) {
+        self.l7.set_access_log(log.clone());
+        let _ = self.access_log.set(log);
+    }
+
+    /// Sends `entry` (if the access log is on) once `f` has filled in how it ended.
+    fn log_end(&self, entry: Option<Box<Entry>>, f: impl FnOnce(&mut Entry)) {
+        if let (Some(log), Some(mut e)) = (self.access_log.get(), entry) {
+            f(&mut e);
+            e.finish();
+            log.send(e);
+        }
+    }
+
+    /// The principals, and the destination's workload, of a flow from `client` to
+    /// `target` as the mesh configuration in force knows them.
+    fn describe(&self, e: &mut Entry, client: Ipv4Addr, target: SocketAddr) {
+        let Some(s) = self.secure.get() else {
+            return;
+        };
+        let mesh = s.mesh_now();
+        if let Some(w) = mesh.workloads.by_ip(IpAddr::V4(client)) {
+            e.source_principal = Some(w.identity.to_string());
+        }
+        if let Some(w) = mesh.workloads.by_ip(target.ip()) {
+            e.destination_principal = Some(w.identity.to_string());
+            if e.destination_workload.is_none() {
+                e.destination_workload = Some(format!("{}/{}", w.namespace, w.name));
+            }
+        }
     }
 
     /// Sends flows to mesh workloads of other nodes through HBONE, and judges same-node
@@ -296,10 +334,28 @@ impl Outbound {
             (r.name(flow.src_id), r.name(flow.dst_id))
         };
         let source = src_name.clone().unwrap_or_else(|| "unknown".into());
+        let mut entry = self.access_log.get().map(|_| {
+            let skmsg = flow.flags & flow_flags::SERVER_PAIRED != 0;
+            let mut e = Entry::new(
+                Protocol::Tcp,
+                if skmsg {
+                    PathTaken::ProxiedSkMsg
+                } else {
+                    PathTaken::Proxied
+                },
+            );
+            e.source_address = Some(accesslog::Addr::Sock(peer));
+            e.source_workload = src_name.clone();
+            e.destination_address = Some(SocketAddr::V4(dst));
+            e.destination_workload = dst_name.clone();
+            Box::new(e)
+        });
         // The L7 engine's view of the client: zero trust needs its address.
         let l7_client = |name: String| http::Client {
             name,
             ip: Some(pip),
+            peer: Some(peer),
+            skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
         };
         // A service listener for the destination: L7, or TCP to one of its endpoints.
         let mut target = SocketAddr::V4(dst);
@@ -352,15 +408,27 @@ impl Outbound {
                 }
                 (ListenerKind::Tcp { cluster }, _) => cluster.clone(),
             };
+            if let Some(e) = entry.as_mut() {
+                e.destination_service = Some(l.name.clone());
+                e.upstream_cluster = Some(tcp_cluster.clone());
+            }
             match self.l7.pick_endpoint(&tcp_cluster) {
                 Some(ep) => target = ep,
                 None => {
                     debug!(cluster = %tcp_cluster, "no healthy endpoint; resetting the client");
                     self.metrics.no_endpoint.fetch_add(1, Relaxed);
                     let _ = sys::set_linger_zero(client.as_fd());
+                    self.log_end(entry, |e| {
+                        e.flag(Flags::UH);
+                        e.connection_termination_details = Some("no healthy upstream".into());
+                    });
                     return;
                 }
             }
+        }
+        if let Some(e) = entry.as_mut() {
+            e.upstream_host = Some(target);
+            self.describe(e, pip, target);
         }
         let counters = self.metrics.flow(FlowLabels {
             source_workload: source,
@@ -375,9 +443,15 @@ impl Outbound {
         };
         match path {
             secure::Path::Plain => {}
-            secure::Path::Denied(_) => {
+            secure::Path::Denied(v) => {
                 counters.closed.fetch_add(1, Relaxed);
                 let _ = sys::set_linger_zero(client.as_fd());
+                self.log_end(entry, |e| {
+                    e.flag(Flags::RBAC);
+                    e.policy_verdict = Some(Verdict::Deny);
+                    e.policy_name = v.policy_name.as_deref().map(str::to_owned);
+                    e.connection_termination_details = Some(format!("denied: {v}"));
+                });
                 return;
             }
             secure::Path::Tunnel { src, dst, hbone } => {
@@ -387,12 +461,18 @@ impl Outbound {
                     .expect("a tunnel path comes from `secure`");
                 let mut stream = match s.hbone.connect(&src, hbone, &dst.identity, target).await {
                     Ok(st) => st,
-                    Err(e) => {
-                        debug!(%target, %hbone, error = %e, "HBONE stream failed; resetting the client");
+                    Err(err) => {
+                        debug!(%target, %hbone, error = %err, "HBONE stream failed; resetting the client");
                         self.metrics.authz.tunnel_out_failures.fetch_add(1, Relaxed);
                         counters.connect_failures.fetch_add(1, Relaxed);
                         counters.closed.fetch_add(1, Relaxed);
                         let _ = sys::set_linger_zero(client.as_fd());
+                        self.log_end(entry, |e| {
+                            e.path_taken = PathTaken::Tunnel;
+                            e.flag(Flags::UF);
+                            e.connection_termination_details =
+                                Some(format!("HBONE stream through {hbone}: {err}"));
+                        });
                         return;
                     }
                 };
@@ -406,10 +486,17 @@ impl Outbound {
                     counters.received.fetch_add(prefix.len() as u64, Relaxed);
                 }
                 let _ = client.set_nodelay(true);
-                let _ =
+                let res =
                     hbone::relay_tunnel(client, stream, &counters, hbone::TcpSide::Source).await;
                 counters.closed.fetch_add(1, Relaxed);
                 drop(drain);
+                // Bytes are counted per series only on this path (`hbone::relay_tunnel`).
+                self.log_end(entry, |e| {
+                    e.path_taken = PathTaken::Tunnel;
+                    if let Err(err) = res {
+                        e.connection_termination_details = Some(format!("reset: {err}"));
+                    }
+                });
                 return;
             }
         }
@@ -422,11 +509,15 @@ impl Outbound {
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
         let mut upstream = match connect {
             Ok(s) => s,
-            Err(e) => {
-                debug!(%target, error = %e, "upstream connect failed; resetting the client");
+            Err(err) => {
+                debug!(%target, error = %err, "upstream connect failed; resetting the client");
                 counters.connect_failures.fetch_add(1, Relaxed);
                 counters.closed.fetch_add(1, Relaxed);
                 let _ = sys::set_linger_zero(client.as_fd());
+                self.log_end(entry, |e| {
+                    e.flag(Flags::UF);
+                    e.connection_termination_details = Some(format!("upstream connect: {err}"));
+                });
                 return;
             }
         };
@@ -441,14 +532,33 @@ impl Outbound {
         }
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        relay(client, upstream, &counters).await;
+        let end = relay(client, upstream, &counters).await;
         counters.closed.fetch_add(1, Relaxed);
         drop(drain);
+        self.log_end(entry, |e| {
+            let prefix = prefix.len() as u64;
+            e.bytes_received = Some(end.received + prefix);
+            e.bytes_sent = Some(end.sent);
+            if end.reset {
+                e.connection_termination_details = Some("reset".into());
+            }
+        });
     }
 }
 
-/// Copies one direction; a clean EOF half-closes the writer.
-async fn pipe<R, W>(mut r: R, mut w: W, count: &AtomicU64) -> io::Result<()>
+/// How a relay ended: this connection's bytes each way, and whether it ended in a reset.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayEnd {
+    /// From the client (request direction).
+    pub received: u64,
+    /// To the client (response direction).
+    pub sent: u64,
+    pub reset: bool,
+}
+
+/// Copies one direction, counted in `count` (a series) and `own` (this connection); a
+/// clean EOF half-closes the writer.
+async fn pipe<R, W>(mut r: R, mut w: W, count: &AtomicU64, own: &AtomicU64) -> io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -462,6 +572,7 @@ where
         }
         w.write_all(&buf[..n]).await?;
         count.fetch_add(n as u64, Relaxed);
+        own.fetch_add(n as u64, Relaxed);
     }
 }
 
@@ -472,14 +583,15 @@ where
 /// process killed, the runtime dropped at the end of a drain, a task cancelled) ends the
 /// stream with a reset both apps see, never with a FIN that makes a cut transfer look
 /// complete.
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCounters) {
+pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCounters) -> RelayEnd {
     let _ = sys::set_linger_zero(client.as_fd());
     let _ = sys::set_linger_zero(upstream.as_fd());
+    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
     let failed = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        let up = pipe(cr, uw, &c.received);
-        let down = pipe(ur, cw, &c.sent);
+        let up = pipe(cr, uw, &c.received, &received);
+        let down = pipe(ur, cw, &c.sent, &sent);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -495,6 +607,11 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCount
     if !failed {
         let _ = sys::clear_linger(client.as_fd());
         let _ = sys::clear_linger(upstream.as_fd());
+    }
+    RelayEnd {
+        received: received.into_inner(),
+        sent: sent.into_inner(),
+        reset: failed,
     }
 }
 
@@ -531,9 +648,11 @@ mod tests {
         let mut back = Vec::new();
         app.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"answer after the half-close");
-        relay.await.unwrap();
+        let end = relay.await.unwrap();
         assert_eq!(counters.received.load(Relaxed), 7);
         assert_eq!(counters.sent.load(Relaxed), 27);
+        // This connection's own count, for its access-log line.
+        assert_eq!((end.received, end.sent, end.reset), (7, 27, false));
     }
 
     #[tokio::test]

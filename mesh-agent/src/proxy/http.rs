@@ -59,7 +59,7 @@ use tracing::{debug, Instrument};
 pub use self::sniff::{detect, Sniffed};
 // The destination's HTTP policy path (`proxy::secure::http`) serves connections the same way.
 use self::{
-    body::{Active, Finish, Recorder, Source, Tracked},
+    body::{Active, Finish, Recorder, RequestLog, Source, Tracked},
     lb::ClusterState,
     policy::{Buckets, Gauge, Slot, TryOutcome},
     pool::{EndpointPool, Sender, Tunnel, Via},
@@ -70,6 +70,7 @@ use crate::{
     lifecycle::drain::DrainWatch,
     metrics::RequestLabels,
     proxy::{
+        accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
         config::{
             policy::MeshConfig, Codec, FaultAbort, Forward, HttpListener, Listener, ListenerKind,
             ProxyConfig, Route, RouteAction, VirtualHost,
@@ -169,6 +170,9 @@ pub struct Client {
     /// Its address. Zero trust needs it: requests go through the tunnel as the identity
     /// of the workload there. None: every upstream connection is plain.
     pub ip: Option<Ipv4Addr>,
+    /// Its address and port, and whether sk_msg short-circuits its leg, for the access log.
+    pub peer: Option<SocketAddr>,
+    pub skmsg: bool,
 }
 
 /// A client known by name only (upstream connections stay plain).
@@ -177,6 +181,8 @@ impl From<&str> for Client {
         Client {
             name: name.to_owned(),
             ip: None,
+            peer: None,
+            skmsg: false,
         }
     }
 }
@@ -186,8 +192,8 @@ impl From<&str> for Client {
 enum Hop {
     Plain,
     Tunnel(Arc<Tunnel>),
-    /// Policy refuses the client this (same-node) endpoint.
-    Denied,
+    /// Policy refuses the client this (same-node) endpoint; the deciding policy's name.
+    Denied(Option<Arc<str>>),
 }
 
 /// A downstream connection's paths to mesh endpoints, judged under the mesh
@@ -240,6 +246,8 @@ pub struct L7 {
     buckets: Buckets,
     /// The zero-trust path; unset: every upstream connection is plain TCP.
     paths: OnceLock<Arc<dyn MeshPaths>>,
+    /// Unset: no access log (nothing is built for it).
+    access_log: OnceLock<AccessLog>,
 }
 
 /// Runtime state by cluster name, pruned when a push removes clusters.
@@ -255,6 +263,8 @@ struct Conn {
     dst: SocketAddr,
     source: String,
     client_ip: Option<Ipv4Addr>,
+    peer: Option<SocketAddr>,
+    skmsg: bool,
     /// The listener at accept time, used if a push removes it while the connection lives.
     listener: Arc<Listener>,
     hops: Mutex<Hops>,
@@ -270,6 +280,20 @@ impl From<L7Error> for TryFail {
     fn from(e: L7Error) -> Self {
         TryFail::Error(e)
     }
+}
+
+/// Marks the request's access-log line, if the log is on.
+fn flag(rec: &mut Option<Recorder>, f: Flags) {
+    if let Some(l) = rec.as_mut().and_then(|r| r.log.as_mut()) {
+        l.entry.flag(f);
+    }
+}
+
+/// The request's access-log line, if the log is on.
+fn log_of(rec: &mut Option<Recorder>) -> Option<&mut Entry> {
+    rec.as_mut()
+        .and_then(|r| r.log.as_mut())
+        .map(|l| &mut *l.entry)
 }
 
 /// The gRPC status Envoy gives a local reply of this HTTP status.
@@ -350,7 +374,76 @@ impl L7 {
             clusters: Mutex::default(),
             buckets: Buckets::default(),
             paths: OnceLock::new(),
+            access_log: OnceLock::new(),
         })
+    }
+
+    /// Writes an access-log line per request (`proxy::accesslog`).
+    pub fn set_access_log(&self, log: AccessLog) {
+        let _ = self.access_log.set(log);
+    }
+
+    /// A request's access-log line as far as its arrival tells (None: the log is off).
+    fn request_log(
+        &self,
+        conn: &Conn,
+        service: &str,
+        req: &Request<Incoming>,
+    ) -> Option<RequestLog> {
+        let sink = self.access_log.get()?.clone();
+        let path = if conn.skmsg {
+            PathTaken::ProxiedSkMsg
+        } else {
+            PathTaken::Proxied
+        };
+        let mut e = Entry::new(Protocol::of(req.version()), path);
+        e.source_address = match (conn.peer, conn.client_ip) {
+            (Some(p), _) => Some(accesslog::Addr::Sock(p)),
+            (None, Some(ip)) => Some(accesslog::Addr::Ip(ip.into())),
+            (None, None) => None,
+        };
+        e.source_workload = Some(conn.source.clone()).filter(|s| s != "unknown");
+        e.destination_address = Some(conn.dst);
+        e.destination_service = Some(service.to_owned());
+        e.bytes_received = Some(0);
+        e.bytes_sent = Some(0);
+        e.http = Some(accesslog::HttpFields {
+            method: req.method().as_str().to_owned(),
+            authority: route::authority(req).map(str::to_owned),
+            path: accesslog::bounded_path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
+            response_code: 0,
+            attempts: 0,
+        });
+        if let (Some(paths), Some(ip)) = (self.paths.get(), conn.client_ip) {
+            if let Some(w) = paths.mesh_now().workloads.by_ip(ip.into()) {
+                e.source_principal = Some(w.identity.to_string());
+            }
+        }
+        Some(RequestLog {
+            sink,
+            entry: Box::new(e),
+            received: None,
+        })
+    }
+
+    /// Notes the endpoint a try goes to on the request's access-log line.
+    fn log_try(&self, rec: &mut Option<Recorder>, ep: SocketAddr, hop: &Hop, attempts: u32) {
+        let Some(e) = log_of(rec) else {
+            return;
+        };
+        e.upstream_host = Some(ep);
+        if let Some(h) = e.http.as_mut() {
+            h.attempts = attempts;
+        }
+        if matches!(hop, Hop::Tunnel(_)) {
+            e.path_taken = PathTaken::Tunnel;
+        }
+        if let Some(paths) = self.paths.get() {
+            if let Some(w) = paths.mesh_now().workloads.by_ip(ep.ip()) {
+                e.destination_workload = Some(format!("{}/{}", w.namespace, w.name));
+                e.destination_principal = Some(w.identity.to_string());
+            }
+        }
     }
 
     /// Sends requests to other nodes' mesh workloads through HBONE as the client's
@@ -388,7 +481,7 @@ impl L7 {
         // again, at worst a newer one, which only makes the next request judge anew.
         let hop = match paths.path(client, ep) {
             Path::Plain => Hop::Plain,
-            Path::Denied(_) => Hop::Denied,
+            Path::Denied(v) => Hop::Denied(v.policy_name),
             Path::Tunnel { src, dst, hbone } => Hop::Tunnel(Arc::new(Tunnel {
                 src,
                 dst_id: dst.identity.clone(),
@@ -528,6 +621,8 @@ impl L7 {
             dst,
             source: client.name,
             client_ip: client.ip,
+            peer: client.peer,
+            skmsg: client.skmsg,
             listener: listener.clone(),
             hops: Mutex::default(),
         });
@@ -576,6 +671,7 @@ impl L7 {
         let ListenerKind::Http(http) = &listener.kind else {
             return local(false, StatusCode::NOT_FOUND, "");
         };
+        let log = self.request_log(&conn, &listener.name, &req);
         let mut rec = Some(Recorder {
             metrics: self.metrics.clone(),
             labels: RequestLabels {
@@ -585,10 +681,15 @@ impl L7 {
                 ..RequestLabels::default()
             },
             start,
+            log,
         });
         let resp = self.dispatch(&cfg, &conn, http, req, &mut rec).await;
         if let Some(mut r) = rec {
             r.labels.response_code = resp.status().as_u16();
+            // A local reply: its body is all there is.
+            if let Some(l) = r.log.as_mut() {
+                l.entry.bytes_sent = http_body::Body::size_hint(resp.body()).exact();
+            }
         }
         resp
     }
@@ -604,9 +705,11 @@ impl L7 {
         let grpc = route::is_grpc(req.headers());
         let rc = &http.route_config;
         let Some(vhost) = route::virtual_host(rc, route::authority(&req).unwrap_or("")) else {
+            flag(rec, Flags::NR);
             return local(grpc, StatusCode::NOT_FOUND, "");
         };
         let Some(route) = route::find(vhost, &req) else {
+            flag(rec, Flags::NR);
             return local(grpc, StatusCode::NOT_FOUND, "");
         };
         if let Some(r) = rec.as_mut() {
@@ -623,6 +726,7 @@ impl L7 {
             let taken = self.buckets.take(rl, Instant::now());
             if !taken.allowed {
                 self.metrics.rate_limited(&rl.key);
+                flag(rec, Flags::RL);
                 let status =
                     StatusCode::from_u16(rl.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
                 let mut r = local(grpc, status, "local_rate_limited");
@@ -636,11 +740,13 @@ impl L7 {
         if let Some(fault) = route.fault.as_ref().or(http.fault.as_ref()) {
             if let Some((delay, ppm)) = fault.delay {
                 if policy::roll(ppm) {
+                    flag(rec, Flags::DI);
                     tokio::time::sleep(delay).await;
                 }
             }
             if let Some((abort, ppm)) = fault.abort {
                 if policy::roll(ppm) {
+                    flag(rec, Flags::FI);
                     return match abort {
                         FaultAbort::Grpc(code) => grpc_reply(code, "fault filter abort"),
                         FaultAbort::Http(s) => local(
@@ -700,10 +806,12 @@ impl L7 {
     ) -> Response<ProxyBody> {
         let grpc = route::is_grpc(req.headers());
         let Some(wc) = route::pick_weighted(fwd) else {
+            flag(rec, Flags::NC);
             return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
         };
         // Envoy's `NC`: the route names a cluster the configuration does not have.
         let Some(cluster) = cfg.cluster(&wc.name).cloned() else {
+            flag(rec, Flags::NC);
             return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
         };
         if let Some(r) = rec.as_mut() {
@@ -714,6 +822,7 @@ impl L7 {
         let Some(request_slot) = Slot::acquire(&state.counters, Gauge::Requests, cb.max_requests)
         else {
             self.metrics.circuit_open(&cluster.name);
+            flag(rec, Flags::UO);
             return overloaded(grpc);
         };
         let hash = route::request_hash(&fwd.hash_headers, req.headers());
@@ -745,6 +854,9 @@ impl L7 {
             )
         };
         let mut source = Source::new(body, retry.is_some());
+        if let Some(l) = rec.as_mut().and_then(|r| r.log.as_mut()) {
+            l.received = Some(source.received());
+        }
         let mut unsent = None;
         let mut retries = 0;
         let mut _retry_slot = None;
@@ -756,15 +868,26 @@ impl L7 {
                 (p, d) => p.or(d.map(|d| d.saturating_duration_since(now))),
             };
             let Some(ep) = state.pick(&cluster, hash) else {
+                flag(rec, Flags::UH);
                 return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
             let hop = self.hop(conn, ep.address);
+            self.log_try(rec, ep.address, &hop, retries + 1);
             let via = match (&hop, self.paths.get()) {
                 (Hop::Tunnel(t), Some(p)) => Via::Tunnel(&**p, t),
                 // Policy's verdict on this client, not the endpoint's fault: no retry, no
                 // outlier report (`Secure::outbound` counted and logged it).
-                (Hop::Denied, _) => {
-                    return local(grpc, StatusCode::FORBIDDEN, "RBAC: access denied")
+                (Hop::Denied(policy), _) => {
+                    if let Some(e) = log_of(rec) {
+                        e.flag(Flags::RBAC);
+                        e.policy_verdict = Some(accesslog::Verdict::Deny);
+                        e.policy_name = policy.as_deref().map(str::to_owned);
+                        // Judged, never tried.
+                        if let Some(h) = e.http.as_mut() {
+                            h.attempts = 0;
+                        }
+                    }
+                    return local(grpc, StatusCode::FORBIDDEN, "RBAC: access denied");
                 }
                 _ => Via::Tcp,
             };
@@ -781,12 +904,16 @@ impl L7 {
                 Err(TryFail::Timeout) => TryOutcome::Timeout,
                 Err(TryFail::Error(L7Error::Overflow { .. })) => {
                     self.metrics.circuit_open(&cluster.name);
+                    flag(rec, Flags::UO);
                     return overloaded(grpc);
                 }
                 // The client's fault: the endpoint did nothing wrong, and no retry can
                 // send a body that failed to arrive.
                 Err(TryFail::Error(e @ L7Error::ClientBody { .. })) => {
                     debug!(cluster = %cluster.name, "{e}");
+                    if let Some(l) = log_of(rec) {
+                        l.connection_termination_details = Some(e.to_string());
+                    }
                     return local(grpc, StatusCode::BAD_REQUEST, "malformed request body");
                 }
                 Err(TryFail::Error(
@@ -807,6 +934,10 @@ impl L7 {
                     && !expired
                     && (unsent.is_some() || source.can_replay())
             });
+            // Envoy's `URX`: the last try still failed and no retry was left.
+            let exhausted = retry.is_some_and(|p| {
+                retries > 0 && retries >= p.num_retries && policy::retriable(p, outcome)
+            });
             if let Some(p) = wants_retry {
                 // The retry budget: at most `max_retries` retries in flight per cluster.
                 if let Some(slot) = Slot::acquire(&state.counters, Gauge::Retries, cb.max_retries) {
@@ -816,12 +947,16 @@ impl L7 {
                     drop(res);
                     let wait = policy::backoff(p, retries);
                     if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                        flag(rec, Flags::UT);
                         return upstream_timeout();
                     }
                     tokio::time::sleep(wait).await;
                     continue;
                 }
                 self.metrics.circuit_open(&cluster.name);
+            }
+            if exhausted {
+                flag(rec, Flags::URX);
             }
             return match res {
                 Ok((resp, sender, home)) => {
@@ -844,9 +979,19 @@ impl L7 {
                     };
                     Response::from_parts(parts, Tracked::new(inc, finish, deadline).boxed_unsync())
                 }
-                Err(TryFail::Timeout) => upstream_timeout(),
+                Err(TryFail::Timeout) => {
+                    flag(rec, Flags::UT);
+                    upstream_timeout()
+                }
                 Err(TryFail::Error(e)) => {
                     debug!(cluster = %cluster.name, "{e}");
+                    if let Some(l) = log_of(rec) {
+                        l.flag(match e {
+                            L7Error::Reset { .. } => Flags::UC,
+                            _ => Flags::UF,
+                        });
+                        l.connection_termination_details = Some(e.to_string());
+                    }
                     let reason = match e {
                         L7Error::Reset { .. } => "connection termination",
                         _ => "connection failure",

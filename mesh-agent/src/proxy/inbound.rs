@@ -42,6 +42,7 @@ use crate::{
     },
     lifecycle::drain::DrainWatch,
     metrics::{FlowCounters, Metrics},
+    proxy::accesslog::{self, AccessLog, Entry, PathTaken, Protocol},
     sys,
 };
 
@@ -77,11 +78,91 @@ pub trait PlainHandler: Send + Sync + 'static {
 /// sides).
 pub struct Deliver {
     metrics: Arc<Metrics>,
+    /// Unset: no access log (nothing is built for it).
+    access_log: std::sync::OnceLock<AccessLog>,
 }
 
 impl Deliver {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Deliver> {
-        Arc::new(Deliver { metrics })
+        Arc::new(Deliver {
+            metrics,
+            access_log: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Writes an access-log line per delivered connection.
+    pub fn set_access_log(&self, log: AccessLog) {
+        let _ = self.access_log.set(log);
+    }
+
+    /// The access log, if it is on.
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.get()
+    }
+
+    /// Delivers `conn` into `pod` (`PlainHandler::serve`), with the policy decision that
+    /// let it in, if one was made, for the access log.
+    pub fn serve_judged(
+        &self,
+        conn: TcpStream,
+        peer: SocketAddrV4,
+        orig_dst: SocketAddrV4,
+        pod: Arc<InPod>,
+        allowed_by: Option<Option<String>>,
+    ) -> BoxFuture {
+        let metrics = self.metrics.clone();
+        let entry = self.access_log.get().map(|log| {
+            let mut e = Entry::new(Protocol::Tcp, PathTaken::Inbound);
+            e.source_address = Some(accesslog::Addr::Sock(SocketAddr::V4(peer)));
+            e.destination_address = Some(SocketAddr::V4(orig_dst));
+            e.destination_workload = Some(pod.display_name());
+            e.upstream_host = Some(SocketAddr::V4(orig_dst));
+            if let Some(policy) = allowed_by {
+                e.policy_verdict = Some(accesslog::Verdict::Allow);
+                e.policy_name = policy;
+            }
+            (log.clone(), Box::new(e))
+        });
+        Box::pin(async move {
+            let m = &metrics.inbound;
+            let up = tokio::time::timeout(DELIVER_CONNECT_TIMEOUT, pod.connect_in(orig_dst))
+                .await
+                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+            let upstream = match up {
+                Ok(s) => s,
+                Err(e) => {
+                    // As if the pod had answered the client itself: a reset.
+                    debug!(%peer, %orig_dst, error = %e, "delivering into the pod failed; resetting the client");
+                    m.refused.fetch_add(1, Relaxed);
+                    let _ = sys::set_linger_zero(conn.as_fd());
+                    if let Some((log, mut entry)) = entry {
+                        entry.flag(accesslog::Flags::UF);
+                        entry.connection_termination_details =
+                            Some(format!("delivering into the pod: {e}"));
+                        entry.finish();
+                        log.send(entry);
+                    }
+                    return;
+                }
+            };
+            m.delivered.fetch_add(1, Relaxed);
+            let _ = conn.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            let c = FlowCounters::default();
+            let end = crate::proxy::relay(conn, upstream, &c).await;
+            m.received_bytes
+                .fetch_add(c.received.load(Relaxed), Relaxed);
+            m.sent_bytes.fetch_add(c.sent.load(Relaxed), Relaxed);
+            if let Some((log, mut entry)) = entry {
+                entry.bytes_received = Some(end.received);
+                entry.bytes_sent = Some(end.sent);
+                if end.reset {
+                    entry.connection_termination_details = Some("reset".into());
+                }
+                entry.finish();
+                log.send(entry);
+            }
+        })
     }
 }
 
@@ -101,31 +182,7 @@ impl PlainHandler for Deliver {
         orig_dst: SocketAddrV4,
         pod: Arc<InPod>,
     ) -> BoxFuture {
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let m = &metrics.inbound;
-            let up = tokio::time::timeout(DELIVER_CONNECT_TIMEOUT, pod.connect_in(orig_dst))
-                .await
-                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
-            let upstream = match up {
-                Ok(s) => s,
-                Err(e) => {
-                    // As if the pod had answered the client itself: a reset.
-                    debug!(%peer, %orig_dst, error = %e, "delivering into the pod failed; resetting the client");
-                    m.refused.fetch_add(1, Relaxed);
-                    let _ = sys::set_linger_zero(conn.as_fd());
-                    return;
-                }
-            };
-            m.delivered.fetch_add(1, Relaxed);
-            let _ = conn.set_nodelay(true);
-            let _ = upstream.set_nodelay(true);
-            let c = FlowCounters::default();
-            crate::proxy::relay(conn, upstream, &c).await;
-            m.received_bytes
-                .fetch_add(c.received.load(Relaxed), Relaxed);
-            m.sent_bytes.fetch_add(c.sent.load(Relaxed), Relaxed);
-        })
+        self.serve_judged(conn, peer, orig_dst, pod, None)
     }
 }
 

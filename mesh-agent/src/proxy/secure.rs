@@ -48,7 +48,12 @@ use super::{
     inbound::{Deliver, InPod, PlainHandler},
     xds::client::XdsClient,
 };
-use crate::{identity::SpiffeId, metrics::Metrics, sys};
+use crate::{
+    identity::SpiffeId,
+    metrics::Metrics,
+    proxy::accesslog::{self, AccessLog, Entry, PathTaken, Protocol},
+    sys,
+};
 
 pub mod http;
 
@@ -209,6 +214,11 @@ impl InboundPolicy {
             deliver,
         })
     }
+
+    /// Writes an access-log line per delivered or refused connection.
+    pub fn set_access_log(&self, log: AccessLog) {
+        self.deliver.set_access_log(log);
+    }
 }
 
 type UnitFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -257,7 +267,8 @@ impl PlainHandler for InboundPolicy {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = conn.set_nodelay(true);
                 let src = IpAddr::V4(*peer.ip());
-                let t = terminate(&xds, &metrics, pod, orig_dst, src, None, "inbound-plain");
+                let mut t = terminate(&xds, &metrics, pod, orig_dst, src, None, "inbound-plain");
+                t.access_log = deliver.access_log().cloned();
                 http::serve(conn, t).await;
                 return;
             }
@@ -271,9 +282,24 @@ impl PlainHandler for InboundPolicy {
                     .refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = sys::set_linger_zero(conn.as_fd());
+                if let Some(log) = deliver.access_log() {
+                    let mut e = Entry::new(Protocol::Tcp, PathTaken::Inbound);
+                    e.source_address = Some(accesslog::Addr::Sock(SocketAddr::V4(peer)));
+                    e.destination_address = Some(SocketAddr::V4(orig_dst));
+                    e.destination_workload = Some(format!("{}/{}", dst.namespace, dst.name));
+                    e.destination_principal = Some(dst.identity.to_string());
+                    e.flag(accesslog::Flags::RBAC);
+                    e.policy_verdict = Some(accesslog::Verdict::Deny);
+                    e.policy_name = v.policy_name.as_deref().map(str::to_owned);
+                    e.connection_termination_details = Some(format!("denied: {v}"));
+                    log.send(Box::new(e));
+                }
                 return;
             }
-            deliver.serve(conn, peer, orig_dst, pod).await;
+            let policy = v.policy_name.as_deref().map(str::to_owned);
+            deliver
+                .serve_judged(conn, peer, orig_dst, pod, Some(policy))
+                .await;
         })
     }
 }
@@ -284,6 +310,8 @@ pub struct TunnelHandler {
     pub pod: Arc<InPod>,
     pub xds: Arc<XdsClient>,
     pub metrics: Arc<Metrics>,
+    /// A line per request served as HTTP (`http::serve`) when set.
+    pub access_log: Option<AccessLog>,
 }
 
 type OpenFuture = Pin<Box<dyn Future<Output = Result<TcpStream, Refusal>> + Send + 'static>>;
@@ -312,6 +340,7 @@ fn terminate(
         src_identity,
         dst,
         path,
+        access_log: None,
     }
 }
 
@@ -321,6 +350,7 @@ impl TunnelHandler {
     /// (`http::serve`) with each request judged.
     fn judge(&self, peer: PeerInfo, authority: SocketAddr, l7: bool) -> AcceptFuture {
         let (pod, xds, metrics) = (self.pod.clone(), self.xds.clone(), self.metrics.clone());
+        let access_log = self.access_log.clone();
         Box::pin(async move {
             let dst_addr = match authority {
                 // The agent's own in-pod ports: a stream there would loop back into it.
@@ -358,7 +388,7 @@ impl TunnelHandler {
                 for n in [&metrics.authz.http_tunnel, &metrics.authz.tunnel_in] {
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                let t = terminate(
+                let mut t = terminate(
                     &xds,
                     &metrics,
                     pod,
@@ -367,6 +397,7 @@ impl TunnelHandler {
                     Some(peer.identity),
                     "inbound-tunnel",
                 );
+                t.access_log = access_log;
                 return Ok(Opened::Serve(Box::new(
                     move |tunnel: super::hbone::HboneStream| Box::pin(http::serve(tunnel, t)),
                 )));

@@ -6,7 +6,10 @@
 use std::{
     future::Future as _,
     pin::Pin,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, OnceLock,
+    },
     task::{ready, Context, Poll},
 };
 
@@ -23,7 +26,10 @@ use super::{
     pool::{EndpointPool, Sender},
     BoxError, ProxyBody,
 };
-use crate::metrics::{L7Metrics, RequestLabels};
+use crate::{
+    metrics::{L7Metrics, RequestLabels},
+    proxy::accesslog::{AccessLog, Entry, Flags},
+};
 
 /// Largest request body kept for replay; bigger requests are streamed and never retried.
 pub(super) const REPLAY_LIMIT: usize = 64 * 1024;
@@ -45,6 +51,8 @@ struct Downstream {
     inner: Incoming,
     rec: Option<Arc<Mutex<Recording>>>,
     failed: Arc<OnceLock<String>>,
+    /// Body bytes received from the client (the access log's `bytes_received`).
+    received: Arc<AtomicU64>,
 }
 
 /// The client's request body failed: malformed framing (a bad chunk), a reset stream, or
@@ -101,6 +109,9 @@ impl Body for Downstream {
         if let Some(rec) = &self.rec {
             record(rec, &frame, self.inner.is_end_stream());
         }
+        if let Some(d) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+            self.received.fetch_add(d.len() as u64, Relaxed);
+        }
         Poll::Ready(frame.map(|r| {
             r.map_err(|e| {
                 let _ = self.failed.set(chain(&e));
@@ -155,6 +166,7 @@ pub(super) struct Source {
     rec: Option<Arc<Mutex<Recording>>>,
     /// Why the downstream body failed, once it has.
     failed: Arc<OnceLock<String>>,
+    received: Arc<AtomicU64>,
 }
 
 impl Source {
@@ -175,7 +187,13 @@ impl Source {
             first: Some(body),
             rec,
             failed: Arc::default(),
+            received: Arc::default(),
         }
+    }
+
+    /// The count of body bytes received from the client so far.
+    pub fn received(&self) -> Arc<AtomicU64> {
+        self.received.clone()
     }
 
     /// Why the client's body failed, if it did: a try that failed then failed because of
@@ -200,6 +218,7 @@ impl Source {
                 inner: b,
                 rec: self.rec.clone(),
                 failed: self.failed.clone(),
+                received: self.received.clone(),
             }
             .boxed_unsync();
         }
@@ -225,10 +244,38 @@ pub(super) struct Recorder {
     pub metrics: Arc<L7Metrics>,
     pub labels: RequestLabels,
     pub start: Instant,
+    /// The request's access-log line, sent on drop too (None: the log is off).
+    pub log: Option<RequestLog>,
+}
+
+/// An access-log line on its way, with what completes it when the request ends.
+pub(super) struct RequestLog {
+    pub sink: AccessLog,
+    pub entry: Box<Entry>,
+    /// Request body bytes, counted by the body as it streams.
+    pub received: Option<Arc<AtomicU64>>,
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        if let Some(RequestLog {
+            sink,
+            mut entry,
+            received,
+        }) = self.log.take()
+        {
+            let l = &self.labels;
+            if let Some(h) = entry.http.as_mut() {
+                h.response_code = l.response_code;
+            }
+            entry.route_name = Some(l.route.clone()).filter(|r| !r.is_empty());
+            entry.upstream_cluster = Some(l.destination_cluster.clone()).filter(|c| c != "unknown");
+            if let Some(r) = received {
+                entry.bytes_received = Some(r.load(Relaxed));
+            }
+            entry.finish();
+            sink.send(entry);
+        }
         self.metrics
             .request(std::mem::take(&mut self.labels), self.start.elapsed());
     }
@@ -254,10 +301,11 @@ impl Drop for Active {
 
 /// What a forwarded response holds on to until it ends.
 pub(super) struct Finish {
-    /// Held, not read: dropping them ends the request body recording and frees the
-    /// circuit-breaker request slot when the response ends.
-    #[expect(dead_code, reason = "held for their Drop")]
+    /// Dropping it counts the request (and sends its access-log line) when the response
+    /// ends; until then the access log counts the response's bytes in it.
     pub recorder: Option<Recorder>,
+    /// Held, not read: dropping it frees the circuit-breaker request slot when the
+    /// response ends.
     #[expect(dead_code, reason = "held for their Drop")]
     pub request_slot: Option<Slot>,
     pub active: Active,
@@ -269,6 +317,11 @@ pub(super) struct Finish {
 }
 
 impl Finish {
+    /// The request's access-log line, if the log is on.
+    fn log(&mut self) -> Option<&mut Entry> {
+        self.recorder.as_mut()?.log.as_mut().map(|l| &mut *l.entry)
+    }
+
     fn complete(mut self) {
         if let Some(Sender::H1(s)) = self.sender.take() {
             let pool = self.home.as_deref().unwrap_or(&self.active.0.pool);
@@ -316,12 +369,20 @@ impl Body for Tracked {
         if let Some(d) = this.deadline.as_mut() {
             if d.as_mut().poll(cx).is_ready() {
                 // Headers went out already: the only way to report it is a reset.
+                if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
+                    e.flag(Flags::UT);
+                }
                 this.finish = None;
                 this.deadline = None;
                 return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
             }
         }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(d) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+            if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
+                *e.bytes_sent.get_or_insert(0) += d.len() as u64;
+            }
+        }
         match &frame {
             Some(Ok(_)) if !this.inner.is_end_stream() => {}
             Some(Ok(_)) | None => {
@@ -330,7 +391,12 @@ impl Body for Tracked {
                 }
                 this.deadline = None;
             }
-            Some(Err(_)) => this.finish = None,
+            Some(Err(_)) => {
+                if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
+                    e.flag(Flags::UC);
+                }
+                this.finish = None;
+            }
         }
         Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
     }
@@ -341,5 +407,14 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    /// Dropped before its last frame: the client went away (or reset its stream).
+    fn drop(&mut self) {
+        if let Some(e) = self.finish.as_mut().and_then(Finish::log) {
+            e.flag(Flags::DC);
+        }
     }
 }

@@ -1591,6 +1591,8 @@ async fn mesh_proxy(
                     let client = Client {
                         name: format!("test/{ip}"),
                         ip: Some(ip),
+                        peer: None,
+                        skmsg: false,
                     };
                     tokio::spawn(l7.clone().serve(s, VIP, client, watch.clone()));
                 }
@@ -1725,4 +1727,75 @@ async fn at_the_connection_limit_another_identitys_idle_connection_makes_room() 
     }
     assert_eq!(mesh.opened().len(), 4, "{:?}", mesh.opened());
     assert_eq!(up.conns.load(Ordering::Relaxed), 4);
+}
+
+/// The access log's view of requests: what ran, what it tried, why it failed.
+#[tokio::test]
+async fn access_log_lines_carry_route_attempts_bytes_and_flags() {
+    use crate::proxy::accesslog::{AccessLog, Flags};
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let good = echo().await;
+    let fwd = || {
+        let mut f = to(&[("c", 1)]);
+        f.retry_policy = Some(Arc::new(retry(
+            RetryOn {
+                connect_failure: true,
+                ..RetryOn::default()
+            },
+            1,
+        )));
+        f
+    };
+    let p = proxy(simple(vec![cluster("c", &[good.addr])], fwd())).await;
+    let (log, rx) = AccessLog::for_tests();
+    p.l7.set_access_log(log);
+    let next = || rx.recv_timeout(Duration::from_secs(5)).expect("a line");
+    let mut c = client(p.addr).await;
+
+    let g = call(&mut c, "POST", "/items?id=7", &[], "0123456789").await;
+    assert_eq!(g.status, 200);
+    let e = next();
+    let h = e.http.as_ref().unwrap();
+    assert_eq!(
+        (
+            h.method.as_str(),
+            h.path.as_str(),
+            h.response_code,
+            h.attempts
+        ),
+        ("POST", "/items?id=7", 200, 1)
+    );
+    assert_eq!(e.upstream_host, Some(good.addr));
+    assert_eq!(e.upstream_cluster.as_deref(), Some("c"));
+    assert!(e.route_name.is_some(), "{e:?}");
+    assert_eq!(e.source_workload.as_deref(), Some("test/client"));
+    assert_eq!(e.destination_address, Some(VIP));
+    assert_eq!(e.bytes_received, Some(10));
+    assert_eq!(e.bytes_sent, Some(g.body.len() as u64));
+    assert!(e.response_flags.is_empty(), "{e:?}");
+
+    // Every try refused: two attempts, then 503 UF with the retries exhausted.
+    p.config
+        .send_replace(Arc::new(simple(vec![cluster("c", &[dead])], fwd())));
+    assert_eq!(get(&mut c, "/").await.status, 503);
+    let e = next();
+    assert_eq!(e.http.as_ref().unwrap().attempts, 2, "{e:?}");
+    assert_eq!(e.upstream_host, Some(dead));
+    assert!(e.response_flags.contains(Flags::UF), "{e:?}");
+    assert!(e.response_flags.contains(Flags::URX), "{e:?}");
+    assert!(e.connection_termination_details.is_some(), "{e:?}");
+
+    // No endpoint at all: UH, nothing tried.
+    p.config
+        .send_replace(Arc::new(simple(vec![cluster("c", &[])], to(&[("c", 1)]))));
+    assert_eq!(get(&mut c, "/").await.status, 503);
+    let e = next();
+    assert_eq!(e.response_flags, Flags::UH, "{e:?}");
+    assert_eq!(e.http.as_ref().unwrap().attempts, 0, "{e:?}");
+    assert_eq!(e.upstream_host, None);
+    assert!(rx.try_recv().is_err(), "one line per request");
 }

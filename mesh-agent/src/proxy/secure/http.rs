@@ -52,6 +52,7 @@ use crate::{
     identity::SpiffeId,
     metrics::Metrics,
     proxy::{
+        accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
         authz::{self, ConnCtx, Verdict},
         config::policy::MeshConfig,
         http::{detect, strip_hop_by_hop, Prefixed, Sniffed, SpanExec},
@@ -92,6 +93,8 @@ pub struct Terminate {
     pub dst: SocketAddrV4,
     /// For logs: `inbound-plain` or `inbound-tunnel`.
     pub path: &'static str,
+    /// A line per request when set (`proxy::accesslog`).
+    pub access_log: Option<AccessLog>,
 }
 
 /// Serves `io` as HTTP until the client or the codec ends it.
@@ -120,7 +123,7 @@ where
     });
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        async move { Ok::<_, Infallible>(conn.handle_logged(req).await) }
     });
     let r = if http2 {
         http2::Builder::new(SpanExec)
@@ -205,7 +208,59 @@ enum UpstreamError {
 }
 
 impl Conn {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// `handle`, with the request's access-log line (when the log is on) sent once the
+    /// response body has gone out (or was dropped).
+    async fn handle_logged(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(log) = self.t.access_log.clone() else {
+            return self.handle(req, &mut None).await;
+        };
+        let t = &self.t;
+        let path = if t.src_identity.is_some() {
+            PathTaken::InboundTunnel
+        } else {
+            PathTaken::Inbound
+        };
+        let mut e = Entry::new(Protocol::of(req.version()), path);
+        e.source_address = Some(accesslog::Addr::Ip(t.src_ip));
+        e.source_principal = t.src_identity.as_ref().map(ToString::to_string);
+        e.destination_address = Some(t.dst.into());
+        e.http = Some(accesslog::HttpFields {
+            method: req.method().as_str().to_owned(),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+                .map(str::to_owned),
+            path: accesslog::bounded_path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
+            response_code: 0,
+            attempts: 0,
+        });
+        let mut entry = Some(Box::new(e));
+        let resp = self.handle(req, &mut entry).await;
+        let Some(mut e) = entry else {
+            return resp;
+        };
+        if let Some(h) = e.http.as_mut() {
+            h.response_code = resp.status().as_u16();
+        }
+        // Sent when the body is dropped: after its last frame, or when the client left.
+        let mut line = LineOnDrop {
+            log,
+            entry: Some(e),
+            sent: 0,
+        };
+        let (parts, body) = resp.into_parts();
+        let body = body.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                line.count(d.len());
+            }
+            f
+        });
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+
+    async fn handle(&self, req: Request<Incoming>, log: &mut Option<Box<Entry>>) -> Response<Body> {
         let t = &self.t;
         let mesh = (t.mesh)();
         let Some(dst) = mesh.workloads.by_ip(IpAddr::V4(*t.dst.ip())) else {
@@ -240,9 +295,28 @@ impl Conn {
         t.metrics
             .authz
             .count_request("inbound", v.allowed, v.policy_name.as_deref());
+        if let Some(e) = log.as_mut() {
+            e.destination_workload = Some(format!("{}/{}", dst.namespace, dst.name));
+            e.destination_principal = Some(dst.identity.to_string());
+            e.policy_verdict = Some(if v.allowed {
+                accesslog::Verdict::Allow
+            } else {
+                accesslog::Verdict::Deny
+            });
+            e.policy_name = v.policy_name.as_deref().map(str::to_owned);
+        }
         if !v.allowed {
             log_denial(t.path, &ctx, &parts, &v);
+            if let Some(e) = log.as_mut() {
+                e.flag(Flags::RBAC);
+            }
             return text(StatusCode::FORBIDDEN, DENIED_BODY);
+        }
+        if let Some(e) = log.as_mut() {
+            e.upstream_host = Some(t.dst.into());
+            if let Some(h) = e.http.as_mut() {
+                h.attempts = 1;
+            }
         }
         drop(mesh);
         strip_hop_by_hop(&mut parts.headers, self.http2);
@@ -255,6 +329,13 @@ impl Conn {
             }
             Err(e) => {
                 debug!(dst = %t.dst, error = %e, "forwarding into the pod failed");
+                if let Some(l) = log.as_mut() {
+                    l.flag(match e {
+                        UpstreamError::Reset(_) => Flags::UC,
+                        _ => Flags::UF,
+                    });
+                    l.connection_termination_details = Some(e.to_string());
+                }
                 // Envoy's answer when the upstream cannot be reached or resets first.
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -322,6 +403,31 @@ impl Conn {
         let r = sender.send_request(req).await;
         *self.h1.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
         r.map_err(UpstreamError::Reset)
+    }
+}
+
+/// Sends its access-log line when dropped, with the response bytes counted.
+struct LineOnDrop {
+    log: AccessLog,
+    entry: Option<Box<Entry>>,
+    sent: u64,
+}
+
+impl LineOnDrop {
+    /// A method, so the body's closure owns the whole line (and sends it when dropped),
+    /// not a copy of the count.
+    fn count(&mut self, bytes: usize) {
+        self.sent += bytes as u64;
+    }
+}
+
+impl Drop for LineOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.entry.take() {
+            e.bytes_sent = Some(self.sent);
+            e.finish();
+            self.log.send(e);
+        }
     }
 }
 
@@ -570,6 +676,7 @@ workloads:
                     src_identity: identity.clone(),
                     dst: SocketAddrV4::new([10, 0, 0, 2].into(), 80),
                     path: "test",
+                    access_log: None,
                 };
                 tokio::spawn(serve(s, t));
             }
