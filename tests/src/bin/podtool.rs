@@ -43,7 +43,7 @@
 //! a v4 peer).
 #![expect(
     unsafe_code,
-    reason = "poll(2), listen(2) and SO_LINGER on the pod tools' sockets"
+    reason = "poll(2), listen(2), SO_LINGER and the open-files limit of the pod tools' sockets"
 )]
 
 use std::{
@@ -1069,7 +1069,24 @@ fn http_load(args: &[String]) {
     );
 }
 
+/// Raises the open-files limit to its hard limit: a thousand connections need more than
+/// the 1024 a default soft limit allows (a minimal init, a CI runner).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() {
+    raise_nofile();
     let args: Vec<String> = std::env::args().collect();
     // A client that must not hang a test: past the deadline it reports and exits.
     if let Some(ms) = arg(&args, "--deadline-ms") {
