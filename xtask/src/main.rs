@@ -17,6 +17,8 @@
 //! - `fuzz`: the cargo-fuzz targets of mesh-agent/fuzz (docs/fuzzing.md); `test` runs
 //!   each for a few seconds.
 //! - `deploy-render`: deploy/manifests/mesh-agent.yaml from the Helm chart (`deploy.rs`).
+//! - `kernels`: the datapath tests on Debian's 5.10, 6.1 and 6.12 kernels under qemu
+//!   (`kernels.rs`, docs/kernels.md).
 
 use std::{
     path::{Path, PathBuf},
@@ -28,6 +30,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod deploy;
+mod kernels;
 mod soak;
 
 /// bpf-linker that loads rustc's own LLVM (see ../shared/DESIGN.md).
@@ -41,6 +44,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "curl",
+    // `mesh-agent top`'s tests drive the TUI in a terminal (tests/tests/top.rs).
+    "tmux",
     // The benchmark suites: load generators and reference proxies.
     "sockperf",
     "iperf3",
@@ -51,6 +56,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nginx-light",
     // `python3 -m venv` for Envoy and grpcio from PyPI (the interop tests, the benchmarks).
     "python3-venv",
+    // `kernels`: qemu, the guests' initramfs (busybox) and module tools (depmod, modprobe).
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
 ];
 /// gRPC's own xDS client, for the interop tests (tests/tests/interop.rs).
 const GRPCIO_PACKAGE: &str = "grpcio==1.85.1";
@@ -161,6 +170,9 @@ enum Task {
     },
     /// Render deploy/manifests/mesh-agent.yaml from the Helm chart (deploy/helm/mesh-agent).
     DeployRender,
+    /// Boot Debian's stock kernels (5.10, 6.1, 6.12) under qemu and run the datapath tests
+    /// in each (docs/kernels.md); `--smoke`: 6.1 only.
+    Kernels(kernels::Options),
 }
 
 fn root() -> PathBuf {
@@ -452,6 +464,11 @@ fn main() -> Result<()> {
         Task::Fuzz { seconds, target } => {
             setup()?;
             fuzz(seconds, target.as_deref())
+        }
+        Task::Kernels(opts) => {
+            setup()?;
+            build()?;
+            kernels::run(&root(), &opts)
         }
         Task::DeployRender => {
             let tools = deploy::ensure_tools(&root())?;
