@@ -69,6 +69,21 @@ pub struct Options {
     args: Vec<String>,
 }
 
+impl Options {
+    /// `--smoke` with the defaults: what `cargo xtask test` runs.
+    pub fn smoke() -> Options {
+        Options {
+            kernel: "all".into(),
+            smoke: true,
+            accel: Accel::Auto,
+            timeout_mins: 30,
+            test_threads: 1,
+            refresh: false,
+            args: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
     Auto,
