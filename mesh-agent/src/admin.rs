@@ -261,6 +261,8 @@ impl Admin {
                     c.render_metrics(&mut text);
                 }
                 self.maps.features.render(&mut text);
+                // Istio's standard series, encoded by prometheus-client.
+                self.metrics.l7.istio.encode(&mut text);
                 ("200 OK", "text/plain; version=0.0.4", text)
             }
             "/healthz" => ("200 OK", "text/plain", "ok\n".into()),

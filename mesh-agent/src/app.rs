@@ -261,6 +261,19 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let hbone_client = proxy_rt.block_on(async {
         crate::proxy::hbone::HboneClient::new(mesh_tls.clone(), Default::default())
     });
+    // Istio's series of workloads that left the proxy's model are dropped at each scrape.
+    metrics.l7.istio.set_live({
+        let xds = xds.clone();
+        Box::new(move || {
+            let mesh = xds.mesh_now();
+            (mesh.version > 0).then(|| {
+                mesh.workloads
+                    .iter()
+                    .map(|w| (w.namespace.clone(), w.name.clone()))
+                    .collect()
+            })
+        })
+    });
     outbound.set_secure(crate::proxy::secure::Secure::new(
         cfg.node_name.clone(),
         xds.clone(),

@@ -79,6 +79,10 @@ pub enum Command {
     /// Show the running agent's log filter, or set it without a restart: a level
     /// (`debug`) or EnvFilter directives (`mesh_agent::proxy=debug,info`).
     LogLevel(LogLevelArgs),
+    /// A live terminal inspector of the agent (from its admin endpoint, local or remote):
+    /// workloads, connections with their path, services, xDS state, datapath counters and
+    /// rates; Enter shows the joined view of `inspect`.
+    Top(crate::top::TopArgs),
     /// The embedded CA's files.
     Ca {
         #[command(subcommand)]
@@ -553,7 +557,7 @@ fn admin_get(addr: std::net::SocketAddr, path: &str) -> Result<String, CliError>
 
 /// `METHOD path` on the admin endpoint (HTTP/1.1, one request): the status and the body,
 /// whatever the status.
-fn admin_request(
+pub(crate) fn admin_request(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,

@@ -597,7 +597,11 @@ impl Datapath {
             cookie_failures: Mutex::default(),
         };
         if maps.features.netns_cookie == features::NetnsCookieMode::Sockopt
-            && !maps.features.features.iter().any(|f| f.name == features::NETNS_COOKIE_SOCKOPT && f.available)
+            && !maps
+                .features
+                .features
+                .iter()
+                .any(|f| f.name == features::NETNS_COOKIE_SOCKOPT && f.available)
         {
             return Err(BpfError::Kernel(format!(
                 "--netns-cookie sockopt: this kernel ({}) has no SO_NETNS_COOKIE (5.14+); use auto or probe",

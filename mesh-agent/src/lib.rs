@@ -25,4 +25,5 @@ pub mod metrics;
 pub mod proxy;
 // Raw system calls: the one module allowed `unsafe`, kept private to the crate.
 mod sys;
+pub mod top;
 pub mod wire;

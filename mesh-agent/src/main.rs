@@ -42,6 +42,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
             print!("{}", cli::inspect(&object)?);
             Ok(())
         }
+        Command::Top(a) => Ok(mesh_agent::top::run(&a)?),
         Command::LogLevel(a) => {
             print!("{}", cli::log_level(a.admin_address, a.filter.as_deref())?);
             Ok(())

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the node proxy and the datapath, rendered in the text exposition
 //! format at the admin endpoint's `/metrics`.
 
+pub mod istio;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
@@ -443,6 +445,8 @@ pub struct L7Metrics {
     circuit_open: Mutex<BTreeMap<String, u64>>,
     /// Outlier ejections by cluster.
     ejections: Mutex<BTreeMap<String, u64>>,
+    /// Istio's standard series (`metrics::istio`, L4 and L7), encoded by prometheus-client.
+    pub istio: Arc<istio::Istio>,
 }
 
 fn bump(m: &Mutex<BTreeMap<String, u64>>, key: &str) {

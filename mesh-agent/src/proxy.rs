@@ -45,7 +45,10 @@ use self::{
 use crate::{
     datapath::{writer::SharedRegistry, Maps},
     lifecycle::drain::DrainWatch,
-    metrics::{FlowCounters, FlowLabels, Metrics},
+    metrics::{
+        istio::{IstioLabels, Peer, TcpSeries},
+        FlowCounters, FlowLabels, Metrics,
+    },
     sys,
 };
 
@@ -180,6 +183,31 @@ impl Outbound {
                 e.destination_workload = Some(format!("{}/{}", w.namespace, w.name));
             }
         }
+    }
+
+    /// Istio's labels of a flow from `client` (`src`: its `ns/name`) to `target` (`dst`:
+    /// the registry's name for it) as the mesh configuration in force knows them.
+    fn istio_labels(
+        &self,
+        client: Ipv4Addr,
+        target: SocketAddr,
+        (src, dst): (Option<&str>, Option<&str>),
+        cluster: Option<&str>,
+        mtls: bool,
+    ) -> IstioLabels {
+        let (mut source, mut destination) = (Peer::from_qualified(src), Peer::from_qualified(dst));
+        if let Some(s) = self.secure.get() {
+            let mesh = s.mesh_now();
+            if let Some(w) = mesh.workloads.by_ip(IpAddr::V4(client)) {
+                source.principal = w.identity.to_string();
+            }
+            if let Some(w) = mesh.workloads.by_ip(target.ip()) {
+                destination.principal = w.identity.to_string();
+                destination.workload = w.name.clone();
+                destination.namespace = w.namespace.clone();
+            }
+        }
+        IstioLabels::new("source", &source, &destination, cluster, "tcp", mtls)
     }
 
     /// Sends flows to mesh workloads of other nodes through HBONE, and judges same-node
@@ -361,6 +389,7 @@ impl Outbound {
         let mut target = SocketAddr::V4(dst);
         let mut prefix = Vec::new();
         let mut client = client;
+        let mut istio_cluster = None;
         let listener = match self.xds.lookup(target).await {
             Lookup::Found(l) => Some(l),
             Lookup::Absent => None,
@@ -412,6 +441,7 @@ impl Outbound {
                 e.destination_service = Some(l.name.clone());
                 e.upstream_cluster = Some(tcp_cluster.clone());
             }
+            istio_cluster = Some(tcp_cluster.clone());
             match self.l7.pick_endpoint(&tcp_cluster) {
                 Some(ep) => target = ep,
                 None => {
@@ -433,7 +463,7 @@ impl Outbound {
         let counters = self.metrics.flow(FlowLabels {
             source_workload: source,
             destination_address: target.to_string(),
-            destination_workload: dst_name.unwrap_or_else(|| "unknown".into()),
+            destination_workload: dst_name.clone().unwrap_or_else(|| "unknown".into()),
             skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
         });
         counters.opened.fetch_add(1, Relaxed);
@@ -441,6 +471,21 @@ impl Outbound {
             Some(s) => s.outbound(pip, target),
             None => secure::Path::Plain,
         };
+        // Istio's series: one label set per connection, resolved here; closed when this
+        // function returns, whichever way.
+        let istio_labels = self.istio_labels(
+            pip,
+            target,
+            (src_name.as_deref(), dst_name.as_deref()),
+            istio_cluster.as_deref(),
+            matches!(path, secure::Path::Tunnel { .. }),
+        );
+        let istio = self.metrics.l7.istio.tcp(match path {
+            secure::Path::Denied(_) => istio_labels.with_flags("RBAC"),
+            _ => istio_labels,
+        });
+        istio.opened.inc();
+        let _closed = CloseOnDrop(&istio);
         match path {
             secure::Path::Plain => {}
             secure::Path::Denied(v) => {
@@ -529,10 +574,11 @@ impl Outbound {
                 return;
             }
             counters.received.fetch_add(prefix.len() as u64, Relaxed);
+            istio.received.inc_by(prefix.len() as u64);
         }
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let end = relay(client, upstream, &counters).await;
+        let end = relay_counted(client, upstream, &counters, Some(&istio)).await;
         counters.closed.fetch_add(1, Relaxed);
         drop(drain);
         self.log_end(entry, |e| {
@@ -543,6 +589,16 @@ impl Outbound {
                 e.connection_termination_details = Some("reset".into());
             }
         });
+    }
+}
+
+/// Counts a connection's close in its Istio series when dropped (every return of
+/// `handle` after the open).
+struct CloseOnDrop<'a>(&'a TcpSeries);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.closed.inc();
     }
 }
 
@@ -558,7 +614,13 @@ pub struct RelayEnd {
 
 /// Copies one direction, counted in `count` (a series) and `own` (this connection); a
 /// clean EOF half-closes the writer.
-async fn pipe<R, W>(mut r: R, mut w: W, count: &AtomicU64, own: &AtomicU64) -> io::Result<()>
+async fn pipe<R, W>(
+    mut r: R,
+    mut w: W,
+    count: &AtomicU64,
+    own: &AtomicU64,
+    istio: Option<&prometheus_client::metrics::counter::Counter>,
+) -> io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -573,6 +635,9 @@ where
         w.write_all(&buf[..n]).await?;
         count.fetch_add(n as u64, Relaxed);
         own.fetch_add(n as u64, Relaxed);
+        if let Some(c) = istio {
+            c.inc_by(n as u64);
+        }
     }
 }
 
@@ -583,15 +648,25 @@ where
 /// process killed, the runtime dropped at the end of a drain, a task cancelled) ends the
 /// stream with a reset both apps see, never with a FIN that makes a cut transfer look
 /// complete.
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, c: &FlowCounters) -> RelayEnd {
+pub async fn relay(client: TcpStream, upstream: TcpStream, c: &FlowCounters) -> RelayEnd {
+    relay_counted(client, upstream, c, None).await
+}
+
+/// `relay`, counting into the connection's Istio series too.
+async fn relay_counted(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    c: &FlowCounters,
+    istio: Option<&TcpSeries>,
+) -> RelayEnd {
     let _ = sys::set_linger_zero(client.as_fd());
     let _ = sys::set_linger_zero(upstream.as_fd());
     let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
     let failed = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        let up = pipe(cr, uw, &c.received, &received);
-        let down = pipe(ur, cw, &c.sent, &sent);
+        let up = pipe(cr, uw, &c.received, &received, istio.map(|i| &i.received));
+        let down = pipe(ur, cw, &c.sent, &sent, istio.map(|i| &i.sent));
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {

@@ -13,8 +13,14 @@ const RULES: &[(&str, &[&str])] = &[
     ("main", &["*"]),
     ("app", &["*"]),
     ("cli", &["*"]),
+    // `mesh-agent top`: the admin endpoint over HTTP (the CLI's helper) and the text of
+    // `inspect`, never a piece's state in process, so it works against a remote agent.
+    ("top", &["cli", "admin::inspect", "config"]),
     // The runtime configuration names the option types of the pieces it configures.
-    ("config", &["datapath::features", "enrol::file", "proxy::xds"]),
+    (
+        "config",
+        &["datapath::features", "enrol::file", "proxy::xds"],
+    ),
     // Admin and telemetry read every piece's state; no piece but the wiring uses admin.
     (
         "admin",

@@ -19,8 +19,8 @@ use mesh_common::{
 };
 
 use crate::maps::{
-    bump, config, proxy_health, DESTS, EXCLUDES, EXCLUDES_GEN, NETNS_PROBE, NODE_ADDRS,
-    SOCK_ORIG, WORKLOADS,
+    bump, config, proxy_health, DESTS, EXCLUDES, EXCLUDES_GEN, NETNS_PROBE, NODE_ADDRS, SOCK_ORIG,
+    WORKLOADS,
 };
 
 const SOCK_STREAM: u32 = 1;

@@ -68,7 +68,10 @@ pub(crate) use self::{route::strip_hop_by_hop, sniff::Prefixed};
 pub use crate::metrics::L7Metrics;
 use crate::{
     lifecycle::drain::DrainWatch,
-    metrics::RequestLabels,
+    metrics::{
+        istio::{HttpConn, Peer, RequestTelemetry},
+        RequestLabels,
+    },
     proxy::{
         accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
         config::{
@@ -268,6 +271,8 @@ struct Conn {
     /// The listener at accept time, used if a push removes it while the connection lives.
     listener: Arc<Listener>,
     hops: Mutex<Hops>,
+    /// Istio's series of this connection's requests (source resolved at accept).
+    istio: Arc<HttpConn>,
 }
 
 /// Why a try produced no response.
@@ -282,8 +287,11 @@ impl From<L7Error> for TryFail {
     }
 }
 
-/// Marks the request's access-log line, if the log is on.
+/// Marks the request's access-log line, if the log is on, and its Istio series.
 fn flag(rec: &mut Option<Recorder>, f: Flags) {
+    if let Some(r) = rec.as_mut() {
+        r.flags.insert(f);
+    }
     if let Some(l) = rec.as_mut().and_then(|r| r.log.as_mut()) {
         l.entry.flag(f);
     }
@@ -426,8 +434,37 @@ impl L7 {
         })
     }
 
-    /// Notes the endpoint a try goes to on the request's access-log line.
+    /// Istio's view of a connection from `source` (`ns/name` or `unknown`) at `ip`: its
+    /// peer resolved once, destinations resolved per endpoint on first use.
+    fn istio_conn(&self, source: &str, ip: Option<Ipv4Addr>) -> HttpConn {
+        let mut peer = Peer::from_qualified(Some(source));
+        let paths = self.paths.get().cloned();
+        if let (Some(p), Some(ip)) = (&paths, ip) {
+            if let Some(w) = p.mesh_now().workloads.by_ip(ip.into()) {
+                peer.principal = w.identity.to_string();
+            }
+        }
+        let resolve = Arc::new(move |ep: SocketAddr| {
+            let mut d = Peer::default();
+            if let Some(p) = &paths {
+                if let Some(w) = p.mesh_now().workloads.by_ip(ep.ip()) {
+                    d.workload = w.name.clone();
+                    d.namespace = w.namespace.clone();
+                    d.principal = w.identity.to_string();
+                }
+            }
+            d
+        });
+        HttpConn::new(self.metrics.istio.clone(), "source", peer, resolve)
+    }
+
+    /// Notes the endpoint a try goes to on the request's access-log line and for its
+    /// Istio series.
     fn log_try(&self, rec: &mut Option<Recorder>, ep: SocketAddr, hop: &Hop, attempts: u32) {
+        if let Some(t) = rec.as_mut().and_then(|r| r.istio.as_mut()) {
+            t.endpoint = Some(ep);
+            t.mtls = matches!(hop, Hop::Tunnel(_));
+        }
         let Some(e) = log_of(rec) else {
             return;
         };
@@ -617,6 +654,7 @@ impl L7 {
         };
         let max_headers = http.max_request_headers_bytes;
         let io = TokioIo::new(sniff::Prefixed::new(prefix, io));
+        let istio = Arc::new(self.istio_conn(&client.name, client.ip));
         let conn = Arc::new(Conn {
             dst,
             source: client.name,
@@ -625,6 +663,7 @@ impl L7 {
             skmsg: client.skmsg,
             listener: listener.clone(),
             hops: Mutex::default(),
+            istio,
         });
         let svc = service_fn(move |req| {
             let l7 = self.clone();
@@ -672,6 +711,7 @@ impl L7 {
             return local(false, StatusCode::NOT_FOUND, "");
         };
         let log = self.request_log(&conn, &listener.name, &req);
+        let istio = RequestTelemetry::new(conn.istio.clone(), route::is_grpc(req.headers()));
         let mut rec = Some(Recorder {
             metrics: self.metrics.clone(),
             labels: RequestLabels {
@@ -682,10 +722,15 @@ impl L7 {
             },
             start,
             log,
+            istio: Some(istio),
+            flags: Flags::default(),
         });
         let resp = self.dispatch(&cfg, &conn, http, req, &mut rec).await;
         if let Some(mut r) = rec {
             r.labels.response_code = resp.status().as_u16();
+            if let Some(t) = r.istio.as_mut() {
+                t.sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+            }
             // A local reply: its body is all there is.
             if let Some(l) = r.log.as_mut() {
                 l.entry.bytes_sent = http_body::Body::size_hint(resp.body()).exact();
@@ -857,6 +902,9 @@ impl L7 {
         if let Some(l) = rec.as_mut().and_then(|r| r.log.as_mut()) {
             l.received = Some(source.received());
         }
+        if let Some(t) = rec.as_mut().and_then(|r| r.istio.as_mut()) {
+            t.received = Some(source.received());
+        }
         let mut unsent = None;
         let mut retries = 0;
         let mut _retry_slot = None;
@@ -878,6 +926,7 @@ impl L7 {
                 // Policy's verdict on this client, not the endpoint's fault: no retry, no
                 // outlier report (`Secure::outbound` counted and logged it).
                 (Hop::Denied(policy), _) => {
+                    flag(rec, Flags::RBAC);
                     if let Some(e) = log_of(rec) {
                         e.flag(Flags::RBAC);
                         e.policy_verdict = Some(accesslog::Verdict::Deny);
@@ -985,6 +1034,13 @@ impl L7 {
                 }
                 Err(TryFail::Error(e)) => {
                     debug!(cluster = %cluster.name, "{e}");
+                    flag(
+                        rec,
+                        match e {
+                            L7Error::Reset { .. } => Flags::UC,
+                            _ => Flags::UF,
+                        },
+                    );
                     if let Some(l) = log_of(rec) {
                         l.flag(match e {
                             L7Error::Reset { .. } => Flags::UC,

@@ -27,7 +27,7 @@ use super::{
     BoxError, ProxyBody,
 };
 use crate::{
-    metrics::{L7Metrics, RequestLabels},
+    metrics::{istio::RequestTelemetry, L7Metrics, RequestLabels},
     proxy::accesslog::{AccessLog, Entry, Flags},
 };
 
@@ -246,6 +246,10 @@ pub(super) struct Recorder {
     pub start: Instant,
     /// The request's access-log line, sent on drop too (None: the log is off).
     pub log: Option<RequestLog>,
+    /// Istio's series of the request (`metrics::istio`), counted on drop, and Envoy's
+    /// flags for its `response_flags` (kept whether the log is on or not).
+    pub istio: Option<RequestTelemetry>,
+    pub flags: Flags,
 }
 
 /// An access-log line on its way, with what completes it when the request ends.
@@ -275,6 +279,24 @@ impl Drop for Recorder {
             }
             entry.finish();
             sink.send(entry);
+        }
+        if let Some(t) = &self.istio {
+            let flags = if self.flags.is_empty() {
+                std::borrow::Cow::Borrowed("-")
+            } else {
+                // Rare (a failed or refused request): Envoy's comma-separated codes.
+                serde_json::to_value(self.flags)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .map_or(std::borrow::Cow::Borrowed("-"), std::borrow::Cow::Owned)
+            };
+            let l = &self.labels;
+            t.finish(
+                &l.destination_cluster,
+                l.response_code,
+                &flags,
+                self.start.elapsed(),
+            );
         }
         self.metrics
             .request(std::mem::take(&mut self.labels), self.start.elapsed());
@@ -381,6 +403,13 @@ impl Body for Tracked {
         if let Some(d) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
             if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
                 *e.bytes_sent.get_or_insert(0) += d.len() as u64;
+            }
+            if let Some(t) = this
+                .finish
+                .as_mut()
+                .and_then(|f| f.recorder.as_mut()?.istio.as_mut())
+            {
+                t.sent += d.len() as u64;
             }
         }
         match &frame {

@@ -1,0 +1,756 @@
+//! Istio's standard series (`istio_tcp_*`, `istio_requests_total` and the request
+//! histograms), with Istio's label names, encoded by `prometheus-client` beside the
+//! agent's own `mesh_*` text.
+//!
+//! Cost: the proxy resolves a label set once per connection (TCP: one `TcpSeries` handle;
+//! HTTP: a per-connection `HttpConn` whose small cache maps (endpoint, cluster, code,
+//! flags) to a `CodeSeries`), so a request only bumps counters it already holds.
+//!
+//! Bounds: labels name workloads and services, never addresses. At most
+//! `MAX_ISTIO_SERIES` label sets per kind; past it, new connections count under one
+//! overflow set (`destination_service="other"`). At each scrape, label sets naming a
+//! workload that is no longer in the proxy's workload model are dropped (`set_live`).
+
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, OnceLock,
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Istio's value for what the reporter does not know.
+pub const UNKNOWN: &str = "unknown";
+/// Most label sets kept per kind (TCP, HTTP).
+pub const MAX_ISTIO_SERIES: usize = 2048;
+/// `destination_service` of connections counted once `MAX_ISTIO_SERIES` is reached.
+pub const OVERFLOW_SERVICE: &str = "other";
+/// Entries of one HTTP connection's handle cache; past it, the oldest is replaced.
+const CONN_CACHE: usize = 16;
+
+/// Istio's default request duration buckets (milliseconds).
+const DURATION_BUCKETS_MS: [f64; 14] = [
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0,
+];
+
+/// Istio's default size buckets (bytes): 1, 10, ... 10^8.
+fn size_buckets() -> impl Iterator<Item = f64> {
+    (0..9).map(|i| 10f64.powi(i))
+}
+
+/// One side of a connection as the proxy knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub app: String,
+    pub version: String,
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        Peer {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+        }
+    }
+}
+
+impl Peer {
+    /// From `namespace/name` (the registry's form); anything else stays unknown.
+    pub fn from_qualified(name: Option<&str>) -> Peer {
+        let mut p = Peer::default();
+        if let Some((ns, n)) = name.and_then(|s| s.split_once('/')) {
+            p.namespace = ns.into();
+            p.workload = n.into();
+        }
+        p
+    }
+}
+
+/// The service behind a cluster named `outbound|PORT|SUBSET|NAME.NAMESPACE[...]`:
+/// (service host, name, namespace); all unknown for another form or no cluster.
+pub fn service_of(cluster: Option<&str>) -> (String, String, String) {
+    let host = cluster
+        .and_then(|c| c.strip_prefix("outbound|"))
+        .and_then(|c| c.rsplit('|').next())
+        .filter(|h| !h.is_empty());
+    match host.and_then(|h| h.split_once('.').map(|(n, rest)| (h, n, rest))) {
+        Some((h, n, rest)) => {
+            let ns = rest.split('.').next().unwrap_or(UNKNOWN);
+            (h.into(), n.into(), ns.into())
+        }
+        None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
+    }
+}
+
+/// Istio's standard labels of a TCP series (an HTTP series adds `response_code`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IstioLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: &'static str,
+    pub response_flags: String,
+    pub connection_security_policy: &'static str,
+}
+
+impl IstioLabels {
+    /// `reporter`: "source" or "destination"; `protocol`: "tcp", "http" or "grpc";
+    /// `mtls`: the connection is the mesh's mutual TLS.
+    pub fn new(
+        reporter: &'static str,
+        source: &Peer,
+        destination: &Peer,
+        cluster: Option<&str>,
+        protocol: &'static str,
+        mtls: bool,
+    ) -> IstioLabels {
+        let (svc, svc_name, svc_ns) = service_of(cluster);
+        IstioLabels {
+            reporter,
+            source_workload: source.workload.clone(),
+            source_workload_namespace: source.namespace.clone(),
+            source_principal: source.principal.clone(),
+            source_app: source.app.clone(),
+            source_version: source.version.clone(),
+            destination_workload: destination.workload.clone(),
+            destination_workload_namespace: destination.namespace.clone(),
+            destination_principal: destination.principal.clone(),
+            destination_app: destination.app.clone(),
+            destination_version: destination.version.clone(),
+            destination_service: svc,
+            destination_service_name: svc_name,
+            destination_service_namespace: svc_ns,
+            request_protocol: protocol,
+            response_flags: "-".into(),
+            connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+        }
+    }
+
+    /// The same with Envoy's response flags (`-` for none).
+    pub fn with_flags(mut self, flags: &str) -> IstioLabels {
+        self.response_flags = flags.into();
+        self
+    }
+
+    /// Whether the set names a workload (`namespace`, `name`) for which `live` says no.
+    fn names_gone(&self, live: &HashSet<(String, String)>) -> bool {
+        let gone =
+            |ns: &str, n: &str| n != UNKNOWN && !live.contains(&(ns.to_owned(), n.to_owned()));
+        gone(&self.source_workload_namespace, &self.source_workload)
+            || gone(
+                &self.destination_workload_namespace,
+                &self.destination_workload,
+            )
+    }
+
+    fn overflow(&self) -> IstioLabels {
+        let u = Peer::default();
+        let mut l = IstioLabels::new(
+            self.reporter,
+            &u,
+            &u,
+            None,
+            self.request_protocol,
+            self.connection_security_policy == "mutual_tls",
+        );
+        l.destination_service = OVERFLOW_SERVICE.into();
+        l
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HttpLabels {
+    #[prometheus(flatten)]
+    pub common: IstioLabels,
+    pub response_code: u16,
+}
+
+/// The TCP counters of one label set; a connection holds it from open to close.
+#[derive(Debug)]
+pub struct TcpSeries {
+    pub opened: Counter,
+    pub closed: Counter,
+    /// Bytes sent to the source workload (response direction).
+    pub sent: Counter,
+    /// Bytes received from the source workload (request direction).
+    pub received: Counter,
+}
+
+/// The counters of one HTTP label set (response code included).
+#[derive(Debug)]
+pub struct CodeSeries {
+    pub requests: Counter,
+    pub duration: Histogram,
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
+}
+
+type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
+
+/// Istio's families and the label sets in them.
+pub struct Istio {
+    registry: Registry,
+    tcp_opened: Family<IstioLabels, Counter>,
+    tcp_closed: Family<IstioLabels, Counter>,
+    tcp_sent: Family<IstioLabels, Counter>,
+    tcp_received: Family<IstioLabels, Counter>,
+    requests: Family<HttpLabels, Counter>,
+    duration: HistogramFamily,
+    request_bytes: HistogramFamily,
+    response_bytes: HistogramFamily,
+    tcp_keys: Mutex<HashSet<IstioLabels>>,
+    http_keys: Mutex<HashSet<HttpLabels>>,
+    /// The workloads (`namespace`, `name`) in the proxy's model now; `None`: not known
+    /// yet (nothing is pruned).
+    live: OnceLock<LiveFn>,
+    /// Label sets dropped because a workload they name is gone, and connections counted
+    /// under the overflow set.
+    pub pruned: AtomicU64,
+    pub overflow: AtomicU64,
+}
+
+/// Reads the workloads in force (`namespace`, `name`), or `None` before the first.
+pub type LiveFn = Box<dyn Fn() -> Option<HashSet<(String, String)>> + Send + Sync>;
+
+impl std::fmt::Debug for Istio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Istio").finish_non_exhaustive()
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(size_buckets())
+}
+
+impl Default for Istio {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let tcp_opened = Family::<IstioLabels, Counter>::default();
+        let tcp_closed = Family::<IstioLabels, Counter>::default();
+        let tcp_sent = Family::<IstioLabels, Counter>::default();
+        let tcp_received = Family::<IstioLabels, Counter>::default();
+        let requests = Family::<HttpLabels, Counter>::default();
+        let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
+        let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
+        // prometheus-client appends `_total` to counters' samples.
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened (Istio standard)",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed (Istio standard)",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the source workload over TCP connections (Istio standard)",
+            tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the source workload over TCP connections (Istio standard)",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "istio_requests",
+            "Requests (Istio standard)",
+            requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from request to the response's last byte, in milliseconds (Istio standard)",
+            duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes in bytes (Istio standard)",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes in bytes (Istio standard)",
+            response_bytes.clone(),
+        );
+        Istio {
+            registry,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+            tcp_keys: Mutex::default(),
+            http_keys: Mutex::default(),
+            live: OnceLock::new(),
+            pruned: AtomicU64::new(0),
+            overflow: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Istio {
+    /// Where the workloads in force are read at each scrape, to drop gone ones' series.
+    pub fn set_live(&self, f: LiveFn) {
+        let _ = self.live.set(f);
+    }
+
+    /// The handle of a TCP label set, created on first use. Called once per connection.
+    pub fn tcp(&self, labels: IstioLabels) -> Arc<TcpSeries> {
+        let labels = {
+            let mut keys = self.tcp_keys.lock().unwrap_or_else(|e| e.into_inner());
+            if keys.contains(&labels) || keys.len() < MAX_ISTIO_SERIES {
+                keys.insert(labels.clone());
+                labels
+            } else {
+                self.overflow.fetch_add(1, Relaxed);
+                let o = labels.overflow();
+                keys.insert(o.clone());
+                o
+            }
+        };
+        Arc::new(TcpSeries {
+            opened: self.tcp_opened.get_or_create_owned(&labels),
+            closed: self.tcp_closed.get_or_create_owned(&labels),
+            sent: self.tcp_sent.get_or_create_owned(&labels),
+            received: self.tcp_received.get_or_create_owned(&labels),
+        })
+    }
+
+    /// The handle of an HTTP label set with its response code, created on first use.
+    pub fn http(&self, labels: IstioLabels, response_code: u16) -> Arc<CodeSeries> {
+        let mut labels = HttpLabels {
+            common: labels,
+            response_code,
+        };
+        {
+            let mut keys = self.http_keys.lock().unwrap_or_else(|e| e.into_inner());
+            if !keys.contains(&labels) && keys.len() >= MAX_ISTIO_SERIES {
+                self.overflow.fetch_add(1, Relaxed);
+                labels.common = labels.common.overflow();
+            }
+            keys.insert(labels.clone());
+        }
+        Arc::new(CodeSeries {
+            requests: self.requests.get_or_create_owned(&labels),
+            duration: self.duration.get_or_create_owned(&labels),
+            request_bytes: self.request_bytes.get_or_create_owned(&labels),
+            response_bytes: self.response_bytes.get_or_create_owned(&labels),
+        })
+    }
+
+    /// Drops the label sets that name a workload not in `live`. Connections still
+    /// holding a dropped set's handle count into counters no scrape shows.
+    pub fn prune(&self, live: &HashSet<(String, String)>) {
+        let mut n = 0;
+        {
+            let mut keys = self.tcp_keys.lock().unwrap_or_else(|e| e.into_inner());
+            keys.retain(|l| {
+                if !l.names_gone(live) {
+                    return true;
+                }
+                self.tcp_opened.remove(l);
+                self.tcp_closed.remove(l);
+                self.tcp_sent.remove(l);
+                self.tcp_received.remove(l);
+                n += 1;
+                false
+            });
+        }
+        {
+            let mut keys = self.http_keys.lock().unwrap_or_else(|e| e.into_inner());
+            keys.retain(|l| {
+                if !l.common.names_gone(live) {
+                    return true;
+                }
+                self.requests.remove(l);
+                self.duration.remove(l);
+                self.request_bytes.remove(l);
+                self.response_bytes.remove(l);
+                n += 1;
+                false
+            });
+        }
+        self.pruned.fetch_add(n, Relaxed);
+    }
+
+    /// Appends the families (Prometheus text; no OpenMetrics `# EOF`), after dropping
+    /// the series of workloads that are gone.
+    pub fn encode(&self, out: &mut String) {
+        if let Some(live) = self.live.get().and_then(|f| f()) {
+            self.prune(&live);
+        }
+        let _ = prometheus_client::encoding::text::encode_registry(out, &self.registry);
+        let _ = writeln!(
+            out,
+            "# HELP mesh_istio_series_pruned_total Istio label sets dropped because a workload they name left the configuration.\n# TYPE mesh_istio_series_pruned_total counter\nmesh_istio_series_pruned_total {}\n\
+             # HELP mesh_istio_series_overflow_total Connections counted under destination_service=\"other\" because the Istio series bound was reached.\n# TYPE mesh_istio_series_overflow_total counter\nmesh_istio_series_overflow_total {}",
+            self.pruned.load(Relaxed),
+            self.overflow.load(Relaxed),
+        );
+    }
+}
+
+/// Resolves the destination workload at an endpoint address (the proxy's model).
+pub type Resolve = Arc<dyn Fn(SocketAddr) -> Peer + Send + Sync>;
+
+/// One HTTP connection's view: its source and a small cache of resolved handles, so a
+/// request costs a short scan of at most `CONN_CACHE` entries, never a label string.
+pub struct HttpConn {
+    istio: Arc<Istio>,
+    reporter: &'static str,
+    source: Peer,
+    resolve: Resolve,
+    cache: Mutex<Vec<(CacheKey, Arc<CodeSeries>)>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CacheKey {
+    endpoint: Option<SocketAddr>,
+    cluster: Arc<str>,
+    protocol: &'static str,
+    code: u16,
+    flags: String,
+    mtls: bool,
+}
+
+impl HttpConn {
+    pub fn new(istio: Arc<Istio>, reporter: &'static str, source: Peer, resolve: Resolve) -> Self {
+        HttpConn {
+            istio,
+            reporter,
+            source,
+            resolve,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// Counts one finished request.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is one label or one observation"
+    )]
+    pub fn record(
+        &self,
+        endpoint: Option<SocketAddr>,
+        cluster: &str,
+        grpc: bool,
+        mtls: bool,
+        code: u16,
+        flags: &str,
+        elapsed: Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let protocol = if grpc { "grpc" } else { "http" };
+        let series = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let hit = cache.iter().find(|(k, _)| {
+                k.endpoint == endpoint
+                    && k.code == code
+                    && k.protocol == protocol
+                    && k.mtls == mtls
+                    && *k.cluster == *cluster
+                    && k.flags == flags
+            });
+            match hit {
+                Some((_, s)) => s.clone(),
+                None => {
+                    let dst = endpoint.map(|e| (self.resolve)(e)).unwrap_or_default();
+                    let c = Some(cluster).filter(|c| *c != UNKNOWN);
+                    let labels =
+                        IstioLabels::new(self.reporter, &self.source, &dst, c, protocol, mtls)
+                            .with_flags(flags);
+                    let s = self.istio.http(labels, code);
+                    if cache.len() >= CONN_CACHE {
+                        cache.remove(0);
+                    }
+                    cache.push((
+                        CacheKey {
+                            endpoint,
+                            cluster: cluster.into(),
+                            protocol,
+                            code,
+                            flags: flags.into(),
+                            mtls,
+                        },
+                        s.clone(),
+                    ));
+                    s
+                }
+            }
+        };
+        series.requests.inc();
+        series.duration.observe(elapsed.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
+    }
+}
+
+/// One request's telemetry on its way: filled by the L7 engine as the request goes
+/// (the endpoint of the last try, the path, body bytes) and counted when it ends.
+#[derive(Debug)]
+pub struct RequestTelemetry {
+    pub conn: Arc<HttpConn>,
+    /// The last try's endpoint (None: the proxy answered itself).
+    pub endpoint: Option<SocketAddr>,
+    /// The last try went through the mesh's mutual TLS tunnel.
+    pub mtls: bool,
+    pub grpc: bool,
+    /// Request body bytes received from the client, counted by the body.
+    pub received: Option<Arc<AtomicU64>>,
+    /// Response body bytes sent to the client.
+    pub sent: u64,
+}
+
+impl RequestTelemetry {
+    pub fn new(conn: Arc<HttpConn>, grpc: bool) -> Self {
+        RequestTelemetry {
+            conn,
+            endpoint: None,
+            mtls: false,
+            grpc,
+            received: None,
+            sent: 0,
+        }
+    }
+
+    /// Counts the request: `cluster` (or `unknown`), the status sent, Envoy's flags.
+    pub fn finish(&self, cluster: &str, code: u16, flags: &str, elapsed: Duration) {
+        self.conn.record(
+            self.endpoint,
+            cluster,
+            self.grpc,
+            self.mtls,
+            code,
+            flags,
+            elapsed,
+            self.received.as_ref().map_or(0, |r| r.load(Relaxed)),
+            self.sent,
+        );
+    }
+}
+
+impl std::fmt::Debug for HttpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConn")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ns: &str, n: &str) -> Peer {
+        Peer {
+            principal: format!("spiffe://cluster.local/ns/{ns}/sa/{n}"),
+            ..Peer::from_qualified(Some(&format!("{ns}/{n}")))
+        }
+    }
+
+    fn text(i: &Istio) -> String {
+        let mut s = String::new();
+        i.encode(&mut s);
+        s
+    }
+
+    #[test]
+    fn services_come_from_the_cluster_name() {
+        assert_eq!(
+            service_of(Some("outbound|80||reviews.backend")),
+            ("reviews.backend".into(), "reviews".into(), "backend".into())
+        );
+        assert_eq!(
+            service_of(Some("outbound|80|v1|reviews.backend.svc.cluster.local")).2,
+            "backend"
+        );
+        assert_eq!(service_of(None).0, UNKNOWN);
+        assert_eq!(service_of(Some("static")).1, UNKNOWN);
+        assert_eq!(Peer::from_qualified(Some("shop/client")).namespace, "shop");
+        assert_eq!(Peer::from_qualified(None), Peer::default());
+    }
+
+    #[test]
+    fn tcp_labels_render_with_istio_names_and_handles_share_counters() {
+        let i = Istio::default();
+        let l = IstioLabels::new(
+            "source",
+            &peer("shop", "client"),
+            &peer("backend", "v1"),
+            Some("outbound|80||reviews.backend"),
+            "tcp",
+            false,
+        );
+        let a = i.tcp(l.clone());
+        let b = i.tcp(l);
+        a.opened.inc();
+        b.opened.inc();
+        a.sent.inc_by(5);
+        let t = text(&i);
+        assert!(t.contains("istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",source_app=\"unknown\",source_version=\"unknown\",destination_workload=\"v1\",destination_workload_namespace=\"backend\""), "{t}");
+        assert!(t.contains("destination_service=\"reviews.backend\",destination_service_name=\"reviews\",destination_service_namespace=\"backend\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"none\"} 2"), "{t}");
+        assert!(
+            t.contains("istio_tcp_sent_bytes_total{") && t.contains("} 5"),
+            "{t}"
+        );
+        assert!(!t.contains("# EOF"));
+    }
+
+    #[test]
+    fn http_requests_are_cached_per_connection_and_histograms_counted() {
+        let i = Arc::new(Istio::default());
+        let ep: SocketAddr = "10.0.0.3:8080".parse().unwrap();
+        let resolved = Arc::new(AtomicU64::new(0));
+        let r = resolved.clone();
+        let conn = HttpConn::new(
+            i.clone(),
+            "source",
+            peer("shop", "client"),
+            Arc::new(move |_| {
+                r.fetch_add(1, Relaxed);
+                peer("backend", "v1")
+            }),
+        );
+        for _ in 0..3 {
+            conn.record(
+                Some(ep),
+                "outbound|80||reviews.backend",
+                false,
+                false,
+                200,
+                "-",
+                Duration::from_millis(3),
+                0,
+                2,
+            );
+        }
+        conn.record(None, UNKNOWN, false, false, 404, "NR", Duration::ZERO, 0, 0);
+        assert_eq!(
+            resolved.load(Relaxed),
+            1,
+            "resolved once per (endpoint, code)"
+        );
+        let t = text(&i);
+        assert!(t.contains("response_code=\"200\"} 3"), "{t}");
+        assert!(
+            t.contains("istio_request_duration_milliseconds_count{") && t.contains("} 3\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("istio_request_duration_milliseconds_bucket{"),
+            "{t}"
+        );
+        // prometheus-client writes `le` first.
+        assert!(
+            t.contains("istio_request_duration_milliseconds_bucket{le=\"5.0\",reporter=\"source\"")
+                && t.contains("response_code=\"200\"} 3"),
+            "{t}"
+        );
+        assert!(!t.contains(".."), "one period at the end of HELP: {t}");
+        assert!(t.contains("response_flags=\"NR\""), "{t}");
+        assert!(t.contains("istio_response_bytes_sum{"), "{t}");
+    }
+
+    #[test]
+    fn series_of_gone_workloads_are_pruned() {
+        let i = Istio::default();
+        let gone = i.tcp(IstioLabels::new(
+            "source",
+            &peer("shop", "client"),
+            &peer("backend", "old"),
+            None,
+            "tcp",
+            true,
+        ));
+        gone.opened.inc();
+        let kept = i.tcp(IstioLabels::new(
+            "source",
+            &peer("shop", "client"),
+            &Peer::default(),
+            None,
+            "tcp",
+            true,
+        ));
+        kept.opened.inc();
+        i.http(
+            IstioLabels::new(
+                "source",
+                &peer("shop", "client"),
+                &peer("backend", "old"),
+                None,
+                "http",
+                false,
+            ),
+            200,
+        )
+        .requests
+        .inc();
+        let live: HashSet<_> = [("shop".to_owned(), "client".to_owned())].into();
+        i.set_live(Box::new(move || Some(live.clone())));
+        let t = text(&i);
+        assert!(!t.contains("destination_workload=\"old\""), "{t}");
+        assert!(t.contains("destination_workload=\"unknown\""), "{t}");
+        assert!(
+            t.contains("connection_security_policy=\"mutual_tls\""),
+            "{t}"
+        );
+        assert_eq!(i.pruned.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn label_sets_stay_bounded() {
+        let i = Istio::default();
+        for n in 0..MAX_ISTIO_SERIES + 10 {
+            i.tcp(IstioLabels::new(
+                "source",
+                &peer("shop", &format!("w{n}")),
+                &Peer::default(),
+                None,
+                "tcp",
+                false,
+            ))
+            .opened
+            .inc();
+        }
+        assert_eq!(i.overflow.load(Relaxed), 10);
+        assert_eq!(i.tcp_keys.lock().unwrap().len(), MAX_ISTIO_SERIES + 1);
+        assert!(text(&i).contains("destination_service=\"other\""));
+    }
+}
