@@ -401,9 +401,15 @@ trait ServerStream: Send + 'static {
     fn fail(&mut self, status: Status) -> impl std::future::Future<Output = ()> + Send;
 }
 
+/// Sent bytes after which, at the client's next request, freed heap is given back to the
+/// kernel.
+const TRIM_AFTER_BYTES: u64 = 4 << 20;
+
 /// Serves one stream until the client goes away; the client record says so after.
 async fn serve<S: ServerStream>(mut s: S, mut requests: Streaming<S::Req>, _open: OpenStream) {
     let mut node = String::new();
+    // Bytes sent (by every stream) when freed heap was last given back.
+    let mut trimmed_at = 0;
     loop {
         let (snapshots, _, _) = s.base();
         tokio::select! {
@@ -420,8 +426,19 @@ async fn serve<S: ServerStream>(mut s: S, mut requests: Streaming<S::Req>, _open
                             r.open = true;
                         });
                     }
+                    let sent_before = s.base().1.bytes_sent.load(Relaxed);
                     if !s.on_request(req).await {
                         break;
+                    }
+                    // Big responses (a 10k-service mesh's first load is 11 MB, its
+                    // encoding and copies about as much again) leave tens of megabytes
+                    // freed that glibc keeps. At a request that sent nothing (an ACK: the
+                    // client has what was sent, the buffers are gone) give them back: a
+                    // few ms, paid only after megabytes were sent.
+                    let sent = s.base().1.bytes_sent.load(Relaxed);
+                    if sent == sent_before && sent.saturating_sub(trimmed_at) > TRIM_AFTER_BYTES {
+                        trimmed_at = sent;
+                        crate::sys::release_free_heap();
                     }
                 }
                 Some(Err(e)) if is_bad_request(&e) => {

@@ -1136,3 +1136,86 @@ async fn sotw_successive_edits_end_in_what_is_served() {
 async fn delta_successive_edits_end_in_what_is_served() {
     successive_edits_end_in_what_is_served(Mode::Delta).await;
 }
+
+/// The bench's 10k-service file (xtask/bench-xds.py `write_config`), service s0's first
+/// endpoint on `port0`.
+fn bench_file(n: usize, port0: u16) -> String {
+    let mut out = String::from("namespaces:\n  - { name: b }\nservices:\n");
+    for i in 0..n {
+        let (hi, lo) = (i >> 8, i & 255);
+        let eps: Vec<String> = (0..10)
+            .map(|j| {
+                let port = if i == 0 && j == 0 { port0 } else { 8080 };
+                format!("{{ ip: 10.{}.{hi}.{lo}, port: {port} }}", 100 + j)
+            })
+            .collect();
+        out.push_str(&format!(
+            "  - {{ name: s{i}, namespace: b, vip: 127.96.{hi}.{lo}, ports: [ {{ port: 80, target_port: 8080, protocol: http }} ], endpoints: [ {} ] }}\n",
+            eps.join(", ")
+        ));
+    }
+    out
+}
+
+/// One endpoint change at 10k services, in one process, stage by stage (no I/O): what
+/// the file source and the control plane spend between the file's new text and the ADS
+/// server's new snapshot. `cargo test --release -p mesh-agent --lib change_cost --
+/// --ignored --nocapture` (MESH_CHANGES sets the number of changes timed).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn change_cost_at_10k() {
+    use crate::enrol::{file::FileParser, LocalNode, Snapshot as Enrolment};
+    use std::time::Instant;
+    let n = 10_000;
+    let changes: usize = std::env::var("MESH_CHANGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let local = LocalNode {
+        node: "n".into(),
+        trust_domain: "cluster.local".into(),
+    };
+    let path = Path::new("bench.yaml");
+    let mut parser = FileParser::default();
+    let mut translator = crate::control::translate::Translator::default();
+    let text = bench_file(n, 8080);
+    let f = parser.parse(path, &text).unwrap();
+    let mut last = Arc::new(Enrolment::from_file_on(&f, &local));
+    let mut served = crate::control::server::Snapshot::default().apply(&translator.update_mesh(
+        &last.services,
+        &last.declared,
+        &last.security,
+    ));
+    drop(f);
+    let texts = [bench_file(n, 8081), bench_file(n, 8080)];
+    let mut rows: Vec<[f64; 5]> = Vec::new();
+    for k in 0..changes {
+        let text = &texts[k % 2];
+        let t0 = Instant::now();
+        let f = parser.parse(path, text).unwrap();
+        let t1 = Instant::now();
+        let snap = Arc::new(Enrolment::from_file_on(&f, &local));
+        assert!(!snap.same_as(&last));
+        let t2 = Instant::now();
+        let delta = translator.update_mesh(&snap.services, &snap.declared, &snap.security);
+        let t3 = Instant::now();
+        let next = served.apply(&delta);
+        let t4 = Instant::now();
+        assert_eq!(next.version, served.version + 1);
+        served = next;
+        last = snap;
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        rows.push([ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4), ms(t0, t4)]);
+    }
+    let names = ["parse", "snapshot", "translate", "apply", "total"];
+    for (c, name) in names.iter().enumerate() {
+        let mut v: Vec<f64> = rows.iter().map(|r| r[c]).collect();
+        v.sort_by(f64::total_cmp);
+        println!(
+            "{name:10} median {:7.2} ms  min {:7.2}  max {:7.2}",
+            v[v.len() / 2],
+            v[0],
+            v[v.len() - 1]
+        );
+    }
+}

