@@ -35,7 +35,22 @@ mount_all() {
     mkdir -p /dev/pts /dev/shm
     mount -t devpts devpts /dev/pts
     mount -t tmpfs tmpfs /dev/shm
+    # The repository (this script's, the binaries' and the run folder's) may itself live
+    # under /tmp, as a CI clone does: keep it visible through the guest's tmpfs there.
+    repo=$(dirname "$(dirname "$0")")
+    case "$repo" in
+    /tmp/*)
+        mkdir -p /dev/.mesh-repo
+        mount --bind "$repo" /dev/.mesh-repo || return 1
+        ;;
+    esac
     mount -t tmpfs -o mode=1777 tmpfs /tmp || return 1
+    case "$repo" in
+    /tmp/*)
+        mkdir -p "$repo"
+        mount --bind /dev/.mesh-repo "$repo" || return 1
+        ;;
+    esac
     mount -t tmpfs -o mode=755 tmpfs /run || return 1
     mount -t bpf bpf /sys/fs/bpf || return 1
     mount -t cgroup2 cgroup2 /sys/fs/cgroup || return 1
