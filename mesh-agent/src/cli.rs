@@ -4,6 +4,7 @@
 //! Output is a table (text for `inspect`), or JSON with `-o json`; addresses print as IPs,
 //! ports in host order, flags by name.
 
+use crate::datapath::flags_text;
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -12,7 +13,7 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_common::{
-    cfg_flags, flag_names, flow_flags, map_names,
+    cfg_flags, flow_flags, map_names,
     maps::{
         DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, ProxyHealth, SockKey, WorkloadInfo,
     },
@@ -245,16 +246,6 @@ fn ip(v: u32) -> String {
     Ipv4Addr::from(v.to_ne_bytes()).to_string()
 }
 
-fn flags(v: u32, names: &[(u32, &'static str)]) -> String {
-    let mut out = [""; 8];
-    let n = flag_names(v, names, &mut out);
-    if n == 0 {
-        "-".into()
-    } else {
-        out[..n].join("|")
-    }
-}
-
 fn open(pin: &Path, name: &str) -> Result<Map, CliError> {
     let path = pin.join(name);
     let data = MapData::from_pin(&path).map_err(|source| CliError::NoPin { path, source })?;
@@ -297,21 +288,21 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
             vec!["netns_cookie", "ip", "id", "flags"],
             hash::<u64, WorkloadInfo>(pin, map)?
                 .into_iter()
-                .map(|(k, v)| json!({"netns_cookie": k, "ip": ip(v.ip4), "id": v.id, "flags": flags(v.flags, &wl_flags::NAMES)}))
+                .map(|(k, v)| json!({"netns_cookie": k, "ip": ip(v.ip4), "id": v.id, "flags": flags_text(v.flags, &wl_flags::NAMES)}))
                 .collect(),
         ),
         map_names::DESTS => (
             vec!["ip", "id", "flags"],
             hash::<u32, DestInfo>(pin, map)?
                 .into_iter()
-                .map(|(k, v)| json!({"ip": ip(k), "id": v.id, "flags": flags(v.flags, &wl_flags::NAMES)}))
+                .map(|(k, v)| json!({"ip": ip(k), "id": v.id, "flags": flags_text(v.flags, &wl_flags::NAMES)}))
                 .collect(),
         ),
         map_names::CONFIG => (
             vec!["proxy", "flags"],
             array::<MeshConfig>(pin, map)?
                 .into_iter()
-                .map(|c| json!({"proxy": format!("{}:{}", ip(c.proxy_ip4), c.proxy_port), "flags": flags(c.flags, &cfg_flags::NAMES)}))
+                .map(|c| json!({"proxy": format!("{}:{}", ip(c.proxy_ip4), c.proxy_port), "flags": flags_text(c.flags, &cfg_flags::NAMES)}))
                 .collect(),
         ),
         map_names::EXCLUDES => (
@@ -326,7 +317,7 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
             vec!["socket_cookie", "original_dst", "flags", "src_id", "dst_id"],
             hash::<u64, OrigDst>(pin, map)?
                 .into_iter()
-                .map(|(k, v)| json!({"socket_cookie": k, "original_dst": format!("{}:{}", ip(v.ip4), v.port), "flags": flags(v.flags, &flow_flags::NAMES), "src_id": v.src_id, "dst_id": v.dst_id}))
+                .map(|(k, v)| json!({"socket_cookie": k, "original_dst": format!("{}:{}", ip(v.ip4), v.port), "flags": flags_text(v.flags, &flow_flags::NAMES), "src_id": v.src_id, "dst_id": v.dst_id}))
                 .collect(),
         ),
         map_names::FLOWS => (
@@ -336,7 +327,7 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
                 .map(|(k, v)| {
                     let mut o = key4(&k);
                     o["original_dst"] = json!(format!("{}:{}", ip(v.orig_ip4), v.orig_port));
-                    o["flags"] = json!(flags(v.flags, &flow_flags::NAMES));
+                    o["flags"] = json!(flags_text(v.flags, &flow_flags::NAMES));
                     o["src_id"] = json!(v.src_id);
                     o["dst_id"] = json!(v.dst_id);
                     o

@@ -703,6 +703,18 @@ impl Datapath {
 /// nothing; the connect4 program answers the probe before the kernel routes it.
 const NETNS_PROBE_TARGET: (std::net::Ipv4Addr, u16) = (std::net::Ipv4Addr::LOCALHOST, 9);
 
+/// The names of the bits set in a map value's flags (`a|b`), `-` for none: how the CLI
+/// and the admin endpoint show map entries.
+pub fn flags_text(v: u32, names: &[(u32, &'static str)]) -> String {
+    let mut out = [""; 8];
+    let n = mesh_common::flag_names(v, names, &mut out);
+    if n == 0 {
+        "-".into()
+    } else {
+        out[..n].join("|")
+    }
+}
+
 impl Maps {
     /// The cookie of the network namespace at `netns` (`/run/netns/NAME`,
     /// `/proc/PID/ns/net`), the key connect4 looks workloads up by: `SO_NETNS_COOKIE`, or

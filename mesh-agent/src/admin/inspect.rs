@@ -17,6 +17,7 @@
 //! proxy's lock. Everything listed is bounded (`MAX_CONNECTIONS`, `MAX_METRICS`), with
 //! counts of what was left out.
 
+use crate::datapath::flags_text;
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fmt::Write as _,
@@ -26,7 +27,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, SockHash};
 use mesh_common::{
-    flag_names, flow_flags, inbound, map_names,
+    flow_flags, inbound, map_names,
     maps::{FlowInfo, SockKey, WorkloadInfo},
     wl_flags,
 };
@@ -83,16 +84,6 @@ pub fn parse_path(rest: &str) -> Result<(Kind, &str, &str), InspectError> {
 
 fn ip4(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
-}
-
-fn flags(v: u32, names: &[(u32, &'static str)]) -> String {
-    let mut out = [""; 8];
-    let n = flag_names(v, names, &mut out);
-    if n == 0 {
-        "-".into()
-    } else {
-        out[..n].join("|")
-    }
 }
 
 /// The maps an inspection reads, from their pins.
@@ -363,7 +354,7 @@ fn connections(
             "source": if upstream { Some("node proxy".to_owned()) } else { names.at(ip4(k.local_ip4)) },
             "destination": names.at(ip4(v.orig_ip4)),
             "path": path,
-            "flags": flags(v.flags, &flow_flags::NAMES),
+            "flags": flags_text(v.flags, &flow_flags::NAMES),
             "sockhash": {"own": own, "peer": peer},
             "fallback": fallback,
         });
@@ -475,12 +466,12 @@ impl Admin {
             datapath["workloads_entry"] = json!(entry.map(|(_, v)| json!({
                 "ip": ip4(v.ip4).to_string(),
                 "id": v.id,
-                "flags": flags(v.flags, &wl_flags::NAMES),
+                "flags": flags_text(v.flags, &wl_flags::NAMES),
             })));
             if let Ok(d) = self.maps.dests.lock() {
                 datapath["dests_entry"] = json!(d.get(&raw, 0).ok().map(|v| json!({
                     "id": v.id,
-                    "flags": flags(v.flags, &wl_flags::NAMES),
+                    "flags": flags_text(v.flags, &wl_flags::NAMES),
                 })));
             }
             datapath["inbound_entry"] = json!(self
@@ -488,7 +479,7 @@ impl Admin {
                 .inbound_entries()
                 .into_iter()
                 .find(|(a, _)| *a == ip)
-                .map(|(_, f)| json!({"flags": flags(f, &inbound::NAMES)})));
+                .map(|(_, f)| json!({"flags": flags_text(f, &inbound::NAMES)})));
         }
         if !maps.errors.is_empty() {
             datapath["errors"] = json!(maps.errors);

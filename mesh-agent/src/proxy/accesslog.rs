@@ -307,7 +307,7 @@ impl std::fmt::Display for Rfc3339 {
         let d = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
         let secs = d.as_secs();
         let (days, rem) = (secs / 86_400, secs % 86_400);
-        let (y, m, day) = civil_from_days(days as i64);
+        let (y, m, day) = crate::identity::certs::civil_from_days(days as i64);
         write!(
             f,
             "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -317,21 +317,6 @@ impl std::fmt::Display for Rfc3339 {
             d.subsec_millis()
         )
     }
-}
-
-/// (year, month, day) of a count of days since 1970-01-01 (the proleptic Gregorian
-/// calendar, by eras of 400 years).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// The proxy's handle on the access log: cheap to clone, never blocks.
