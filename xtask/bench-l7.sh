@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The L7 suite of `cargo xtask bench` (issue 5, item 3) on a simulated node: HTTP/1.1
-# keep-alive (wrk) and HTTP/2 (h2load) requests/s and p50/p99 at a fixed concurrency, to
-# one nginx upstream in the server pod, for each path:
+# The L7 suite of `cargo xtask bench` (issue 5, item 3; issue 13) on a simulated node:
+# HTTP/1.1 keep-alive (wrk), HTTP/1.1 with a new connection per request (wrk,
+# `Connection: close`), HTTP/2 (h2load) and gRPC unary (benchtool grpc) requests/s and
+# p50/p99 at a fixed concurrency, to one nginx upstream in the server pod, for each path:
 #   direct     an opted-out pod -> the server pod
 #   mesh-l4    an enrolled pod -> the server pod's address (captured, plain L4 relay)
 #   mesh       an enrolled pod -> a service address (captured, the node proxy's L7 engine)
+#   mesh-notel the telemetry cost (issue 12): `mesh` with `--telemetry off` (no Istio
+#              series) and with telemetry on (the default, figures under `mesh-tel`),
+#              back to back (the agent restarted for each, the order alternating by run),
+#              HTTP/1.1 keep-alive only, with the agent's CPU time per request
 #   envoy, nginx, haproxy: an opted-out pod -> that reverse proxy on the node's bridge
 #              address, forwarding to the server pod
 # Every proxy gets two worker threads: the node proxy's runtime has two (fixed), Envoy
@@ -20,7 +25,7 @@
 # scratch /tmp/mesh-bench-l7.
 set -euo pipefail
 
-AGENT=${MESH_AGENT_BIN:-}; ENVOY=${ENVOY_BIN:-}
+AGENT=${MESH_AGENT_BIN:-}; ENVOY=${ENVOY_BIN:-}; BENCHTOOL=${BENCHTOOL:-}
 RUNS=${RUNS:-5}; SECS=${SECS:-2}; SMOKE=${SMOKE:-0}; RAW=${RAW:-/dev/stdout}
 PERF_DIR=${PERF_DIR:-}; CUR=
 PLACEMENTS=${PLACEMENTS:-1cpu 2cpu}
@@ -35,11 +40,11 @@ WARM=2000; [ "$SMOKE" = 1 ] && WARM=200
 CG_ROOT=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 CG=$CG_ROOT/mesh-bench-l7; PIN=/sys/fs/bpf/mesh-bench-l7; DIR=/tmp/mesh-bench-l7; BR=mb7br
 NODE_IP=10.206.0.1; CLI_IP=10.206.0.2; OPT_IP=10.206.0.3; SRV_IP=10.206.0.4
-VIP1=10.96.206.1; VIP2=10.96.206.2   # services: HTTP/1.1 and HTTP/2 (prior knowledge)
+VIP1=10.96.206.1; VIP2=10.96.206.2; VIP3=10.96.206.3   # services: HTTP/1.1, HTTP/2 (prior knowledge), gRPC
 ADMIN=127.0.0.1:15797; XDS=127.0.0.1:15794; ENVOY_ADMIN=127.0.0.1:15796; PROXY_PORT=15701
-SRV_H1=8080; SRV_H2=8081
-# Reference proxies on the node: HTTP/1.1 port, HTTP/2 port.
-ENVOY_PORTS=(17080 17081); NGINX_PORTS=(17180 17181); HAPROXY_PORTS=(17280 17281)
+SRV_H1=8080; SRV_H2=8081; SRV_GRPC=8082
+# Reference proxies on the node: HTTP/1.1 port, HTTP/2 port, gRPC port.
+ENVOY_PORTS=(17080 17081 17082); NGINX_PORTS=(17180 17181 17182); HAPROXY_PORTS=(17280 17281 17282)
 NODE_PORTS=("$PROXY_PORT" "${ADMIN##*:}" "${XDS##*:}" "${ENVOY_ADMIN##*:}" "${ENVOY_PORTS[@]}" "${NGINX_PORTS[@]}" "${HAPROXY_PORTS[@]}")
 
 TAG=bench-l7; NSP=mb7; PODS="cli:2 opt:3 srv:4"; CHECK_SCRATCH=1
@@ -57,7 +62,10 @@ nginx_common() { # nginx_common NAME WORKERS
 }
 
 # The upstream for every path: nginx answering a 14-byte body from memory; one worker
-# (its vCPU is the server's).
+# (its vCPU is the server's). gRPC: `benchtool grpc-server` (h2 on one thread) answers
+# every unary call, once its request has ended, with one 12-byte message and
+# `grpc-status: 0` trailers. (nginx can serve such a file, but answers before the request
+# body arrives and resets the stream, which nginx's own `grpc_pass` reports as a 502.)
 start_server() { # start_server CPUS
   {
     nginx_common srv 1
@@ -65,7 +73,8 @@ start_server() { # start_server CPUS
     printf '  server { listen %s http2; location / { return 200 "hello from srv\\n"; } }\n}\n' "$SRV_H2"
   } > "$DIR/nginx-srv.conf"
   bg nginx-srv srv "$1" nginx -e stderr -c "$DIR/nginx-srv.conf"
-  wait_port mb7-srv 0.0.0.0 "$SRV_H1"; wait_port mb7-srv 0.0.0.0 "$SRV_H2"
+  bg grpc-srv srv "$1" "$BENCHTOOL" grpc-server --listen "0.0.0.0:$SRV_GRPC"
+  wait_port mb7-srv 0.0.0.0 "$SRV_H1"; wait_port mb7-srv 0.0.0.0 "$SRV_H2"; wait_port mb7-srv 0.0.0.0 "$SRV_GRPC"
 }
 
 config() {
@@ -80,13 +89,14 @@ workloads:
 services:
   - { name: srv, namespace: b, vip: $VIP1, ports: [ { port: 80, target_port: $SRV_H1, protocol: http } ], selector: { app: srv } }
   - { name: srv2, namespace: b, vip: $VIP2, ports: [ { port: 80, target_port: $SRV_H2, protocol: http2 } ], selector: { app: srv } }
+  - { name: srv3, namespace: b, vip: $VIP3, ports: [ { port: 80, target_port: $SRV_GRPC, protocol: grpc } ], selector: { app: srv } }
 YAML
 }
 
-start_agent() { # start_agent CPUS
+start_agent() { # start_agent CPUS [RUN FLAGS...]
   config
   bg agent node "$1" "$AGENT" --log warn run --config "$DIR/mesh.yaml" --pin-path "$PIN" --cgroup "$CG" \
-    --proxy-address "$NODE_IP:$PROXY_PORT" --admin-address "$ADMIN" --xds-listen "$XDS"
+    --proxy-address "$NODE_IP:$PROXY_PORT" --admin-address "$ADMIN" --xds-listen "$XDS" "${@:2}"
   for _ in $(seq 100); do curl -sf "http://$ADMIN/ready" > /dev/null 2>&1 && return; sleep 0.05; done
   cat "$DIR/agent.log" >&2; die "the agent did not become ready"
 }
@@ -95,14 +105,17 @@ start_nginx() { # start_nginx CPUS
   {
     nginx_common proxy 2
     printf '  upstream h1 { server %s:%s; keepalive 64; keepalive_requests 10000000; }\n' "$SRV_IP" "$SRV_H1"
-    # nginx proxies to HTTP/1.1 upstreams only: its HTTP/2 front talks HTTP/1.1 behind.
+    printf '  upstream grpc { server %s:%s; keepalive 64; keepalive_requests 10000000; }\n' "$SRV_IP" "$SRV_GRPC"
+    # nginx proxies HTTP to HTTP/1.1 upstreams only: its HTTP/2 front talks HTTP/1.1
+    # behind. gRPC goes over HTTP/2 end to end (grpc_pass).
     local p; for p in "${NGINX_PORTS[0]}" "${NGINX_PORTS[1]} http2"; do
       printf '  server { listen %s:%s; location / { proxy_pass http://h1; proxy_http_version 1.1; proxy_set_header Connection ""; } }\n' "$NODE_IP" "$p"
     done
+    printf '  server { listen %s:%s http2; location / { grpc_pass grpc://grpc; } }\n' "$NODE_IP" "${NGINX_PORTS[2]}"
     printf '}\n'
   } > "$DIR/nginx-proxy.conf"
   bg nginx-proxy ref "$1" nginx -e stderr -c "$DIR/nginx-proxy.conf"
-  wait_port node "$NODE_IP" "${NGINX_PORTS[0]}"; wait_port node "$NODE_IP" "${NGINX_PORTS[1]}"
+  local p; for p in "${NGINX_PORTS[@]}"; do wait_port node "$NODE_IP" "$p"; done
 }
 
 start_haproxy() { # start_haproxy CPUS
@@ -122,28 +135,33 @@ frontend h1
 frontend h2
   bind $NODE_IP:${HAPROXY_PORTS[1]} proto h2
   default_backend b2
+frontend grpc
+  bind $NODE_IP:${HAPROXY_PORTS[2]} proto h2
+  default_backend b3
 backend b1
   server s $SRV_IP:$SRV_H1
 backend b2
   server s $SRV_IP:$SRV_H2 proto h2
+backend b3
+  server s $SRV_IP:$SRV_GRPC proto h2
 CFG
   bg haproxy ref "$1" haproxy -db -f "$DIR/haproxy.cfg"
-  wait_port node "$NODE_IP" "${HAPROXY_PORTS[0]}"; wait_port node "$NODE_IP" "${HAPROXY_PORTS[1]}"
+  local p; for p in "${HAPROXY_PORTS[@]}"; do wait_port node "$NODE_IP" "$p"; done
 }
 
 start_envoy() { # start_envoy CPUS
   local i
   {
     printf 'admin:\n  address: { socket_address: { address: %s, port_value: %s } }\nstatic_resources:\n  listeners:\n' "${ENVOY_ADMIN%%:*}" "${ENVOY_ADMIN##*:}"
-    for i in 0 1; do
+    for i in 0 1 2; do
       printf '  - name: l%s\n    address: { socket_address: { address: %s, port_value: %s } }\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: l%s\n          codec_type: AUTO\n          route_config:\n            virtual_hosts:\n            - { name: all, domains: ["*"], routes: [ { match: { prefix: / }, route: { cluster: c%s } } ] }\n          http_filters:\n          - name: envoy.filters.http.router\n            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }\n' \
         "$i" "$NODE_IP" "${ENVOY_PORTS[$i]}" "$i" "$i"
     done
     printf '  clusters:\n'
-    for i in 0 1; do
+    for i in 0 1 2; do
       local port=$SRV_H1 proto=""
-      if [ "$i" = 1 ]; then
-        port=$SRV_H2
+      if [ "$i" != 0 ]; then
+        port=$SRV_H2; [ "$i" = 2 ] && port=$SRV_GRPC
         proto='    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: { http2_protocol_options: {} }\n'
       fi
       printf '  - name: c%s\n    type: STATIC\n    connect_timeout: 5s\n'"$proto"'    load_assignment:\n      cluster_name: c%s\n      endpoints:\n      - lb_endpoints:\n        - endpoint: { address: { socket_address: { address: %s, port_value: %s } } }\n' \
@@ -151,7 +169,7 @@ start_envoy() { # start_envoy CPUS
     done
   } > "$DIR/envoy.yaml"
   bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart
-  wait_port node "$NODE_IP" "${ENVOY_PORTS[0]}"; wait_port node "$NODE_IP" "${ENVOY_PORTS[1]}"
+  local p; for p in "${ENVOY_PORTS[@]}"; do wait_port node "$NODE_IP" "$p"; done
 }
 
 # --- measurements ----------------------------------------------------------------------
@@ -166,8 +184,20 @@ client() { # client NAME POD CPUS CMD... -> stdout of CMD
     perf record -q -C 0 -g -o "$rec" > /dev/null 2>&1 &
     perf_pid=$!; echo "$perf_pid" > "$DIR/perf.pid"; sleep 0.5
   fi
+  # PERF_STAT=FILE (by hand): the agent's CPU time, instructions and context switches over
+  # each measurement on a mesh path, one line per measurement appended to FILE (robust
+  # where wall-clock figures are not: per request, they do not depend on the load).
+  local stat_pid=
+  if [ -n "${PERF_STAT:-}" ] && [[ $CUR == *-mesh* ]]; then
+    perf stat -x, -e task-clock,instructions,context-switches -p "$(cat "$DIR/agent.pid")" -o "$DIR/perf-stat.txt" > /dev/null 2>&1 &
+    stat_pid=$!; sleep 0.2
+  fi
   if ! out=$(in_cg "$pod" "$@" 2> "$DIR/$name.err"); then
     echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
+  fi
+  if [ -n "$stat_pid" ]; then
+    kill -INT "$stat_pid"; wait "$stat_pid" 2>/dev/null || true
+    echo "$CUR $name $(grep -v '^#' "$DIR/perf-stat.txt" | awk -F, 'NF > 2 {printf "%s=%s ", $3, $1}') out: $(tr '\n' ' ' <<< "$out" | grep -o 'Requests/sec: *[0-9.]*\|finished in [^,]*, [0-9.]* req/s\|rps [0-9.]*')" >> "$PERF_STAT"
   fi
   if [ -n "$perf_pid" ]; then
     kill -TERM "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; rm -f "$DIR/perf.pid"
@@ -183,13 +213,47 @@ to_us() { awk '{v = $1 + 0; if ($1 ~ /us$/) print v; else if ($1 ~ /ms$/) print 
 
 measure_h1() { # measure_h1 PATH PLACEMENT RUN POD CPU URL
   (in_cg "$4" "$5" h2load --h1 -t1 -c"$CONNS" -n "$WARM" "$6") > /dev/null 2>&1 || true
+  # AGENT_CPU=1: the agent's CPU time (utime + stime, all threads) over the measurement.
+  local pid= t0=; [ -n "${AGENT_CPU:-}" ] && pid=$(cat "$DIR/agent.pid") && t0=$(cpu_ticks "$pid")
   local out; out=$(client wrk "$4" "$5" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$6")
+  local t1=; [ -n "$pid" ] && t1=$(cpu_ticks "$pid")
   if grep -q "Non-2xx\|Socket errors" <<< "$out"; then echo "$out" >&2; die "HTTP/1.1 through $1 had errors"; fi
   local rps p50 p99
   rps=$(awk '/^Requests\/sec:/ {print $2}' <<< "$out")
   p50=$(awk '$1 == "50%" {print $2}' <<< "$out" | to_us); p99=$(awk '$1 == "99%" {print $2}' <<< "$out" | to_us)
   [ -n "$rps" ] && [ -n "$p50" ] && [ -n "$p99" ] || { echo "$out" >&2; die "cannot read wrk's output ($1)"; }
   emit l7 "$1" "$2" h1_rps "$3" "$rps"; emit l7 "$1" "$2" h1_p50_us "$3" "$p50"; emit l7 "$1" "$2" h1_p99_us "$3" "$p99"
+  if [ -n "$pid" ]; then
+    emit l7 "$1" "$2" h1_cpu_us "$3" "$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v r="$rps" -v s="$SECS" 'BEGIN {printf "%.2f", d / hz * 1e6 / (r * s)}')"
+  fi
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# HTTP/1.1 without keep-alive: every request on a new connection (`Connection: close`;
+# the server side closes, so TIME_WAIT stays off the client's ports).
+measure_h1close() { # measure_h1close PATH PLACEMENT RUN POD CPU URL
+  (in_cg "$4" "$5" h2load --h1 -t1 -c"$CONNS" -n "$WARM" -H 'Connection: close' "$6") > /dev/null 2>&1 || true
+  local out; out=$(client wrk-close "$4" "$5" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H 'Connection: close' "$6")
+  if grep -q "Non-2xx\|Socket errors" <<< "$out"; then echo "$out" >&2; die "HTTP/1.1 without keep-alive through $1 had errors"; fi
+  local rps p50 p99
+  rps=$(awk '/^Requests\/sec:/ {print $2}' <<< "$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<< "$out" | to_us); p99=$(awk '$1 == "99%" {print $2}' <<< "$out" | to_us)
+  [ -n "$rps" ] && [ -n "$p50" ] && [ -n "$p99" ] || { echo "$out" >&2; die "cannot read wrk's output ($1, no keep-alive)"; }
+  emit l7 "$1" "$2" h1c_rps "$3" "$rps"; emit l7 "$1" "$2" h1c_p50_us "$3" "$p50"; emit l7 "$1" "$2" h1c_p99_us "$3" "$p99"
+}
+
+# gRPC unary: benchtool's h2 client, the HTTP/2 rows' concurrency (connections x calls).
+measure_grpc() { # measure_grpc PATH PLACEMENT RUN POD CPU URL
+  local hostport=${6#http://}; hostport=${hostport%/}
+  local to=$hostport; [ "${to##*:}" = "$to" ] && to=$to:80
+  local out; out=$(client grpc "$4" "$5" "$BENCHTOOL" grpc --to "$to" --authority "$hostport" \
+    --conns "$H2_CONNS" --streams "$H2_STREAMS" --secs "$SECS" --warm "$WARM")
+  local errors rps p50 p99
+  read -r errors rps p50 p99 <<< "$(awk '{for (i = 1; i < NF; i++) v[$i] = $(i + 1); print v["errors"], v["rps"], v["p50_us"], v["p99_us"]}' <<< "$out")"
+  [ "$errors" = 0 ] || { echo "$out" >&2; die "gRPC through $1 had errors"; }
+  [ -n "$rps" ] && [ -n "$p50" ] && [ -n "$p99" ] || { echo "$out" >&2; die "cannot read benchtool grpc's output ($1)"; }
+  emit l7 "$1" "$2" grpc_rps "$3" "$rps"; emit l7 "$1" "$2" grpc_p50_us "$3" "$p50"; emit l7 "$1" "$2" grpc_p99_us "$3" "$p99"
 }
 
 measure_h2() { # measure_h2 PATH PLACEMENT RUN POD CPU URL
@@ -208,15 +272,17 @@ measure_h2() { # measure_h2 PATH PLACEMENT RUN POD CPU URL
   emit l7 "$1" "$2" h2_rps "$3" "$rps"; emit l7 "$1" "$2" h2_p50_us "$3" "$p50"; emit l7 "$1" "$2" h2_p99_us "$3" "$p99"
 }
 
-PATHS=(direct mesh-l4 mesh envoy nginx haproxy)
+# L7_PATHS: a subset, for runs by hand (the report wants them all).
+read -r -a PATHS <<< "${L7_PATHS:-direct mesh-l4 mesh mesh-notel envoy nginx haproxy}"
 
-target() { # target PATH PROTO(1|2) -> "POD URL"
+target() { # target PATH PROTO(1|2|3: gRPC) -> "POD URL"
   local i=$(($2 - 1)) srv_port=$SRV_H1 vip=$VIP1
   [ "$2" = 2 ] && srv_port=$SRV_H2 && vip=$VIP2
+  [ "$2" = 3 ] && srv_port=$SRV_GRPC && vip=$VIP3
   case $1 in
     direct) echo "opt http://$SRV_IP:$srv_port/" ;;
     mesh-l4) echo "cli http://$SRV_IP:$srv_port/" ;;
-    mesh) echo "cli http://$vip/" ;;
+    mesh|mesh-notel) echo "cli http://$vip/" ;;
     envoy) echo "opt http://$NODE_IP:${ENVOY_PORTS[$i]}/" ;;
     nginx) echo "opt http://$NODE_IP:${NGINX_PORTS[$i]}/" ;;
     haproxy) echo "opt http://$NODE_IP:${HAPROXY_PORTS[$i]}/" ;;
@@ -236,11 +302,23 @@ suite_l7() {
         log "l7 $placement run $run/$RUNS: $path"
         CUR=$placement-$path
         read -r pod url <<< "$(target "$path" 1)"
+        if [ "$path" = mesh-notel ]; then
+          local tel order="off on"; [ $((run % 2)) = 0 ] && order="on off"
+          for tel in $order; do
+            stop agent; start_agent "$nc" --telemetry "$tel"
+            AGENT_CPU=1 measure_h1 "$([ "$tel" = off ] && echo mesh-notel || echo mesh-tel)" "$placement" "$run" "$pod" "$cc" "$url"
+          done
+          stop agent; start_agent "$nc"
+          continue
+        fi
         measure_h1 "$path" "$placement" "$run" "$pod" "$cc" "$url"
+        measure_h1close "$path" "$placement" "$run" "$pod" "$cc" "$url"
         read -r pod url <<< "$(target "$path" 2)"
         measure_h2 "$path" "$placement" "$run" "$pod" "$cc" "$url"
+        read -r pod url <<< "$(target "$path" 3)"
+        measure_grpc "$path" "$placement" "$run" "$pod" "$cc" "$url"
       done
-      stop haproxy nginx-proxy envoy agent nginx-srv
+      stop haproxy nginx-proxy envoy agent grpc-srv nginx-srv
     done
   done
 }
@@ -250,8 +328,8 @@ main() {
     check) check ;;
     clean) clean ;;
     run)
-      [ -n "$AGENT" ] && [ -n "$ENVOY" ] || die "run it with cargo xtask bench l7"
-      local t; for t in wrk h2load nginx haproxy curl taskset "$ENVOY"; do
+      [ -n "$AGENT" ] && [ -n "$ENVOY" ] && [ -n "$BENCHTOOL" ] || die "run it with cargo xtask bench l7"
+      local t; for t in wrk h2load nginx haproxy curl taskset "$ENVOY" "$BENCHTOOL"; do
         command -v "$t" > /dev/null || die "$t is missing (cargo xtask setup installs it)"
       done
       check

@@ -20,9 +20,12 @@ leftovers() {
   [ "${CHECK_SCRATCH:-0}" = 1 ] && [ -d "$DIR" ] && l+=("scratch directory $DIR")
   local p; p=$(pgrep -f -- "--pin-path $PIN" | paste -sd' ' || true)
   [ -n "$p" ] && l+=("a mesh-agent on $PIN (pid $p)")
-  local port
+  # A listener on one of the ports counts only where it would collide: on the node's
+  # bridge address, loopback or a wildcard (the tests' agents listen on 10.201.x.1:15001).
+  local port held
   for port in "${NODE_PORTS[@]}"; do
-    ss -Hltn "sport = :$port" | grep -q . && l+=("a listener on TCP port $port: $(ss -Hltnp "sport = :$port" | awk '{print $NF}' | head -1)")
+    held=$(ss -Hltnp "sport = :$port" | awk -v a="$NODE_IP" '{n = split($4, p, ":"); ip = substr($4, 1, length($4) - length(p[n]) - 1)} ip == a || ip == "127.0.0.1" || ip == "0.0.0.0" || ip == "*" || ip == "[::]" {print $4, $NF; exit}')
+    [ -n "$held" ] && l+=("a listener on TCP port $port: $held")
   done
   printf '%s\n' "${l[@]+"${l[@]}"}"
 }

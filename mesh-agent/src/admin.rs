@@ -4,10 +4,13 @@
 //! runtime configuration, JSON), `/workloads` (the snapshot in force, JSON) and `/certs`
 //! (the workload certificates held: identity, serial, validity, chain; never a key);
 //! `/inspect/pod|service/NS/NAME` (one object joined end to end: `inspect`), `/logging`
-//! (the log filter; POST `?level=` or `?filter=` changes it: `logging`).
+//! (the log filter; POST `?level=` or `?filter=` changes it: `logging`);
+//! `/debug/profile?seconds=N` (a CPU profile of the agent's threads as folded stacks) and
+//! `/debug/heap` (the allocator's view beside the RSS): `profile`.
 
 pub mod inspect;
 pub mod logging;
+pub mod profile;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -125,19 +128,22 @@ pub type Reply = (&'static str, &'static str, String);
 /// Answers `(method, path)`; the method is GET or HEAD (hyper leaves the body out of a
 /// HEAD response), the path has no query.
 pub type Handler = Arc<dyn Fn(&str, &str) -> Reply + Send + Sync>;
-/// Answers a POST `(path, query)`; `None`: the path takes no POST (405).
-pub type PostHandler = Arc<dyn Fn(&str, &str) -> Option<Reply> + Send + Sync>;
+/// Answers a request that needs its query `(method, path, query)`: any POST, and the GETs
+/// that take parameters; `None`: not one of those (a POST is then 405, a GET goes to the
+/// `Handler`).
+pub type PostHandler = Arc<dyn Fn(&Method, &str, &str) -> Option<Reply> + Send + Sync>;
 
 /// Serves GET and HEAD requests on a local listener with `handler(method, path)`: HTTP/1.1
 /// with keep-alive (hyper), other methods 405, an unparsable request 400, an oversized
 /// head 431, and a connection that does not send a whole request head within
 /// `HEADER_READ_TIMEOUT` is closed.
 pub async fn serve_http(listener: TcpListener, handler: Handler) {
-    serve_http_with(listener, handler, Arc::new(|_, _| None)).await
+    serve_http_with(listener, handler, Arc::new(|_, _, _| None)).await
 }
 
-/// `serve_http`, and POST requests with `post(path, query)` (the request body is not read:
-/// a POST says what it wants in its query, as Envoy's `/logging?level=debug`).
+/// `serve_http`, and POST requests (and GETs with parameters) with `post(method, path,
+/// query)` (the request body is not read: a POST says what it wants in its query, as
+/// Envoy's `/logging?level=debug`).
 pub async fn serve_http_with(listener: TcpListener, handler: Handler, post: PostHandler) {
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -194,13 +200,13 @@ pub async fn serve_http_with(listener: TcpListener, handler: Handler, post: Post
 /// handler's for a POST it takes, 405 otherwise.
 fn respond(
     handler: &(dyn Fn(&str, &str) -> Reply + Send + Sync),
-    post: &(dyn Fn(&str, &str) -> Option<Reply> + Send + Sync),
+    post: &(dyn Fn(&Method, &str, &str) -> Option<Reply> + Send + Sync),
     method: &Method,
     path: &str,
     query: &str,
 ) -> Response<Full<Bytes>> {
-    let posted = if *method == Method::POST {
-        post(path, query)
+    let posted = if *method == Method::POST || *method == Method::GET {
+        post(method, path, query)
     } else {
         None
     };
@@ -239,10 +245,12 @@ impl Admin {
         serve_http_with(
             listener,
             Arc::new(move |_, path| me.route(path)),
-            Arc::new(|path, query| match path {
-                "/logging" => Some(logging_reply(
+            Arc::new(|method, path, query| match (method.as_str(), path) {
+                ("POST", "/logging") => Some(logging_reply(
                     logging::requested(query).and_then(|f| logging::set(&f)),
                 )),
+                // Holds this blocking-pool thread for the profile's seconds.
+                ("GET", "/debug/profile") => Some(profile_reply(query)),
                 _ => None,
             }),
         )
@@ -266,6 +274,14 @@ impl Admin {
                 ("200 OK", "text/plain; version=0.0.4", text)
             }
             "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+            "/debug/heap" => match profile::heap() {
+                Ok(h) => (
+                    "200 OK",
+                    "application/json",
+                    serde_json::to_string_pretty(&h).unwrap_or_default() + "\n",
+                ),
+                Err(e) => (e.status(), "text/plain", format!("{e}\n")),
+            },
             "/logging" => logging_reply(logging::current()),
             p if p.starts_with("/inspect/") => self.inspect(&p["/inspect/".len()..]),
             "/k8s" => match &self.k8s {
@@ -346,10 +362,43 @@ impl Admin {
             _ => (
                 "404 Not Found",
                 "text/plain",
-                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /certs, /k8s, /kernel, /inspect, /logging\n"
+                "try /metrics, /ready, /healthz, /config, /config_dump, /workloads, /certs, /k8s, /kernel, /inspect, /logging, /debug/profile, /debug/heap\n"
                     .into(),
             ),
         }
+    }
+}
+
+/// `/debug/profile?seconds=N[&format=json]`: the folded stacks (text, flame graph input)
+/// or the whole profile with its counts (JSON); a refusal says why (busy, bad seconds,
+/// the kernel's denial).
+fn profile_reply(query: &str) -> Reply {
+    let r = profile::parse_query(query).and_then(|(seconds, json)| {
+        let p = profile::cpu(seconds)?;
+        tracing::info!(
+            seconds,
+            samples = p.samples,
+            lost = p.lost,
+            threads = p.threads,
+            "CPU profile taken"
+        );
+        Ok(if json {
+            serde_json::to_string(&p).unwrap_or_default() + "\n"
+        } else {
+            p.folded_text()
+        })
+    });
+    match r {
+        Ok(body) => (
+            "200 OK",
+            if body.starts_with('{') {
+                "application/json"
+            } else {
+                "text/plain"
+            },
+            body,
+        ),
+        Err(e) => (e.status(), "text/plain", format!("{e}\n")),
     }
 }
 

@@ -49,6 +49,41 @@ fn xds_delta(translator: &mut translate::Translator, snap: &Snapshot) -> transla
     translator.update_mesh(&snap.services, &snap.declared, &snap.security)
 }
 
+/// Warns about every `connect4` program that runs before ours for sockets of `cgroup`: a
+/// socket load balancer there (Cilium's socket LB, attached before the agent started)
+/// rewrites service addresses before the capture sees them, so the proxy recovers a pod
+/// address and the service's routes never apply (docs/coexistence.md). Programs of
+/// ancestors run after ours and are fine; programs attached below `cgroup` are not seen
+/// from here.
+fn warn_connect4_ahead_of_ours(cgroup: &std::path::Path) {
+    use std::os::fd::AsFd;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    let ids = std::fs::File::open(cgroup)
+        .and_then(|f| crate::sys::cgroup_effective_prog_ids(f.as_fd(), BPF_CGROUP_INET4_CONNECT));
+    let ids = match ids {
+        Ok(ids) => ids,
+        Err(e) => {
+            warn!(error = %e, cgroup = %cgroup.display(), "could not list the connect4 programs in force");
+            return;
+        }
+    };
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
+        .collect();
+    let name = |id: &u32| names.get(id).cloned().unwrap_or_else(|| format!("id {id}"));
+    let ours = mesh_common::prog_names::CONNECT4;
+    for id in ids.iter().take_while(|id| name(id) != ours) {
+        warn!(
+            program = %name(id),
+            id,
+            cgroup = %cgroup.display(),
+            "a connect4 program runs before {ours}: a service address it rewrites reaches the proxy as a pod address, and the service's routing does not apply (docs/coexistence.md)"
+        );
+    }
+}
+
 pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     // Everything that can be wrong with the input is reported before touching the kernel;
     // lacking privileges first of all (it also decides whether the file can be read).
@@ -100,13 +135,45 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         netns_cookie: cfg.netns_cookie,
         unbounded_pairing: cfg.skmsg_unbounded_pairing,
         assume_missing: &cfg.assume_missing_feature,
+        capacity: crate::datapath::Capacity {
+            flows: cfg.flows_capacity,
+            sockhash: cfg.sockhash_capacity,
+        },
     })?;
+    warn_connect4_ahead_of_ours(&cgroup);
+    // The programs' decision log follows the log filter (`/logging`, `log-level`).
+    if let Some(follow) = datapath.log_level_follower() {
+        crate::admin::logging::on_change(follow);
+    }
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let admin_listener = control
         .block_on(async { bind_shared(cfg.admin_address) })
         .with_context(|| format!("binding the admin endpoint on {}", cfg.admin_address))?;
+    // The embedded CA's TLS endpoint for other nodes' agents (`--ca-listen`); this
+    // agent's own requests stay in-process.
+    if let Some(ca_endpoint) = identity.endpoint.take() {
+        let listener = control
+            .block_on(async { bind_shared(ca_endpoint.listen) })
+            .with_context(|| {
+                format!(
+                    "binding the CA endpoint on {} (--ca-listen)",
+                    ca_endpoint.listen
+                )
+            })?;
+        control.spawn(
+            async move {
+                if let Err(e) =
+                    crate::control::ca::tls::serve(ca_endpoint.ca, listener, ca_endpoint.names)
+                        .await
+                {
+                    error!(error = %e, "the CA endpoint stopped");
+                }
+            }
+            .instrument(tracing::info_span!("ca_server")),
+        );
+    }
     drop(bpf_attached);
     // Maps are shared with the proxy thread; the Datapath (links, pins) stays here and is
     // dropped last.
@@ -205,8 +272,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     // The proxy runtime. Its accept loop and every connection it serves hold a watch of
     // `drain`: SIGTERM and a hand-over start it and wait for them.
     let (drain, drain_watch) = drain::new();
+    info!(workers = cfg.proxy_workers, "node proxy runtime");
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cfg.proxy_workers)
         .thread_name("mesh-proxy")
         .enable_all()
         .build()?;
@@ -236,16 +304,33 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             T::Stderr => Some(Sink::Stderr),
             T::File(p) => Some(Sink::File(p.clone())),
         };
-        match sink {
-            Some(sink) => Some(
-                crate::proxy::accesslog::AccessLog::start(sink, metrics.clone())
-                    .with_context(|| format!("opening the access log ({:?})", cfg.access_log))?,
-            ),
-            None => None,
-        }
+        // Without a sink, namespaces labelled `mesh-agent.io/access-log=true` still log.
+        let log = crate::proxy::accesslog::AccessLog::start(sink, metrics.clone(), xds.mesh())
+            .with_context(|| format!("opening the access log ({:?})", cfg.access_log))?;
+        proxy_rt.spawn(
+            log.clone()
+                .follow()
+                .instrument(tracing::info_span!("access-log-scope")),
+        );
+        Some(log)
     };
     if let Some(log) = &access_log {
         outbound.set_access_log(log.clone());
+    }
+    // `--telemetry off`: the proxy records no Istio series.
+    metrics.l7.istio.set_enabled(cfg.telemetry);
+    let mut tracer = None;
+    if let Some(endpoint) = &cfg.trace_otlp {
+        let opts = crate::proxy::trace::TraceOptions {
+            endpoint: endpoint.clone(),
+            sampling: cfg.trace_sampling,
+            node_name: cfg.node_name.clone(),
+        };
+        let t = crate::proxy::trace::Tracer::start(&opts, metrics.clone())
+            .context("starting the trace exporter")?;
+        outbound.set_tracer(t.clone());
+        tracer = Some(t);
+        info!(%endpoint, sampling = cfg.trace_sampling, "traces: spans go to the OTLP receiver");
     }
     let l7 = outbound.l7();
     // The next agent may ask for the node while this one runs (`handover`).
@@ -298,6 +383,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 if let Some(log) = &access_log {
                     p.set_access_log(log.clone());
                 }
+                if let Some(t) = &tracer {
+                    p.set_tracer(t.clone());
+                }
                 p
             },
             on_hbone_listener: Some(hbone_handoff(
@@ -308,6 +396,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 metrics.clone(),
                 hbone_drain,
                 access_log.clone(),
+                tracer.clone(),
             )),
         })
         .context("starting the inbound capture thread")?;
@@ -349,14 +438,10 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             );
             let svc = server.into_service(access);
             let unix_svc = svc.clone();
-            // The embedded CA answers other nodes' agents beside ADS (TCP only: this
-            // agent's own requests are in-process).
-            let ca_svc = identity.ca.take();
             tokio::spawn(
                 async move {
                     let r = ads_server()
                         .add_service(svc)
-                        .add_optional_service(ca_svc)
                         .serve_with_incoming(ads_incoming(tcp))
                         .await;
                     if let Err(e) = r {
@@ -670,6 +755,7 @@ fn watch_node_addrs(
 /// Serves each enrolled pod's HBONE listener (15008, inside the pod) with the pod's own
 /// identity, until the pod leaves. The identity comes from the workloads in force (it
 /// waits for the pod to appear there); its certificate is fetched on demand first.
+#[expect(clippy::too_many_arguments, reason = "the wiring of one listener")]
 fn hbone_handoff(
     rt: tokio::runtime::Handle,
     xds: Arc<XdsClient>,
@@ -678,6 +764,7 @@ fn hbone_handoff(
     metrics: Arc<crate::metrics::Metrics>,
     drain: drain::DrainWatch,
     access_log: Option<crate::proxy::accesslog::AccessLog>,
+    tracer: Option<crate::proxy::trace::Tracer>,
 ) -> crate::proxy::inbound::HboneHandoff {
     use crate::identity::Certificates;
     Arc::new(move |pod, listener| {
@@ -689,6 +776,7 @@ fn hbone_handoff(
             drain.clone(),
         );
         let access_log = access_log.clone();
+        let tracer = tracer.clone();
         rt.spawn(async move {
             let ip = std::net::IpAddr::V4(pod.ip);
             let serve = async {
@@ -720,6 +808,7 @@ fn hbone_handoff(
                     xds: xds.clone(),
                     metrics,
                     access_log,
+                    tracer,
                 });
                 crate::proxy::hbone::serve(listener, config, handler, drain).await;
             };
@@ -839,7 +928,8 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let snap = Snapshot::from_file(&file);
-        let mut translator = translate::Translator::default();
+        // Workloads' identities in the trust domain the CA signs (`--trust-domain`).
+        let mut translator = translate::Translator::new(&args.trust_domain, "");
         let (xds_tx, xds_rx) = watch::channel(Arc::new(
             crate::control::server::Snapshot::default().apply(&xds_delta(&mut translator, &snap)),
         ));
@@ -849,6 +939,7 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
             .map(auth::Token::from_file)
             .transpose()?;
         auth::check_listen(args.listen, token.as_ref())?;
+        let ca = control_plane_ca(&args, &snap).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding the control plane on {} (--listen)", args.listen))?;
@@ -891,9 +982,20 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
                 let client = k8s::client(args.kubeconfig.as_deref())
                     .await
                     .context("connecting to the Kubernetes API server (--source kubernetes)")?;
+                if let Some((ca, _, sa)) = &ca {
+                    use crate::control::ca::k8s::{KubeCallerOptions, KubeCallers};
+                    ca.use_kubernetes(KubeCallers::new(
+                        client.clone(),
+                        KubeCallerOptions {
+                            audience: args.ca.ca_k8s_audience.clone(),
+                            service_account: sa.clone(),
+                            trust_domain: args.trust_domain.clone(),
+                        },
+                    ));
+                }
                 let opts = k8s::Options {
                     node_name: None,
-                    trust_domain: crate::config::DEFAULT_TRUST_DOMAIN.into(),
+                    trust_domain: args.trust_domain.clone(),
                     excludes: Vec::new(),
                     locator: k8s::PodLocator::new(None, "/sys/fs/cgroup".as_ref(), "/proc".into()),
                 };
@@ -922,12 +1024,24 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
             }
             (Source::File, None) => unreachable!("checked above"),
         }
+        let ca_nodes = ca.map(|(_, nodes, _)| nodes);
+        let trust_domain = args.trust_domain.clone();
         tokio::spawn(
             async move {
                 let mut translator = Some(translator);
                 let mut last = Some(snap_rx.borrow().clone());
                 while snap_rx.changed().await.is_ok() {
                     let snap = snap_rx.borrow_and_update().clone();
+                    if let Some(tx) = &ca_nodes {
+                        let next = declared_identities(&snap, &trust_domain);
+                        tx.send_if_modified(|cur| {
+                            let changed = **cur != next;
+                            if changed {
+                                *cur = Arc::new(next);
+                            }
+                            changed
+                        });
+                    }
                     publish_resources(&xds_tx, &mut translator, &mut last, snap).await;
                 }
             }
@@ -944,6 +1058,90 @@ pub fn control_plane(args: crate::cli::ControlPlaneArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The CA of `mesh-agent control-plane` (with `--ca-listen`), serving already: the CA,
+/// the sender of what runs where, Kubernetes callers' ServiceAccount.
+type ControlPlaneCa = (
+    Arc<crate::control::ca::Ca>,
+    watch::Sender<Arc<crate::control::ca::NodeIdentities>>,
+    Option<(String, String)>,
+);
+
+async fn control_plane_ca(
+    args: &crate::cli::ControlPlaneArgs,
+    snap: &Snapshot,
+) -> anyhow::Result<Option<ControlPlaneCa>> {
+    use crate::control::ca::{Ca, CaOptions, NodeTokens, Signer};
+    let mut problems = Vec::new();
+    let sa = args.ca.check(&mut problems);
+    let Some(listen) = args.ca.ca_listen else {
+        if args.ca.ca_dir.is_some() {
+            problems.push(crate::enrol::file::ConfigError::Invalid(
+                "--ca-dir configures a CA this control plane serves only with --ca-listen".into(),
+            ));
+        }
+        if !problems.is_empty() {
+            let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            anyhow::bail!("{}", all.join("; "));
+        }
+        return Ok(None);
+    };
+    if !problems.is_empty() {
+        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::bail!("{}", all.join("; "));
+    }
+    let signer = match &args.ca.ca_dir {
+        Some(dir) => Signer::load_or_generate(dir, &args.trust_domain)?,
+        None => Signer::generate(&args.trust_domain)?,
+    };
+    let tokens = args
+        .ca
+        .ca_node_tokens
+        .as_deref()
+        .map(NodeTokens::load)
+        .transpose()?;
+    let (tx, rx) = watch::channel(Arc::new(declared_identities(snap, &args.trust_domain)));
+    let ca = Arc::new(Ca::new(
+        signer,
+        CaOptions::new(&args.trust_domain),
+        rx,
+        tokens,
+    )?);
+    let host = crate::enrol::LocalNode::from_host().node;
+    let names = ca_endpoint_names(&args.ca.ca_server_names, &host, listen)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the CA endpoint on {listen} (--ca-listen)"))?;
+    info!(dir = ?args.ca.ca_dir, remote_nodes = args.ca.ca_node_tokens.is_some(), "control plane CA");
+    let served = ca.clone();
+    tokio::spawn(
+        async move {
+            if let Err(e) = crate::control::ca::tls::serve(served, listener, names).await {
+                error!(error = %e, "the CA endpoint stopped");
+            }
+        }
+        .instrument(tracing::info_span!("ca_server")),
+    );
+    Ok(Some((ca, tx, sa)))
+}
+
+/// What runs on which node as the file declares it: each mesh workload's identity under
+/// its `node:` (a workload without one counts as this host's).
+fn declared_identities(snap: &Snapshot, trust_domain: &str) -> crate::control::ca::NodeIdentities {
+    let mut ids = crate::control::ca::NodeIdentities::default();
+    for m in snap
+        .declared
+        .iter()
+        .filter(|m| m.hbone && !m.node.is_empty())
+    {
+        if let Ok(id) =
+            crate::identity::SpiffeId::new(trust_domain, &m.namespace, &m.service_account)
+        {
+            ids = ids.with(&m.node, id);
+        }
+    }
+    ids
 }
 
 /// `mesh-agent xds-watch`: print every verdict of a wildcard client as a JSON line.
@@ -1003,13 +1201,40 @@ async fn shutdown_signal() -> &'static str {
 /// Workload identity: the certificate manager, and the embedded CA unless `--ca-address`.
 struct IdentityParts {
     certs: Arc<crate::identity::certs::CertManager>,
-    /// The embedded CA's gRPC service, served beside ADS.
-    ca: Option<crate::wire::ca::IstioCertificateServiceServer<crate::control::ca::Ca>>,
+    /// The embedded CA's TLS endpoint for other nodes (`--ca-listen`), taken by the wiring.
+    endpoint: Option<CaEndpoint>,
     /// What runs on which node, as the embedded CA sees it (this node's entry is kept from
     /// enrolment by `track_identities`).
     nodes: Option<watch::Sender<Arc<crate::control::ca::NodeIdentities>>>,
     /// The embedded CA itself, to add Kubernetes callers once the kube client is made.
     embedded: Option<Arc<crate::control::ca::Ca>>,
+}
+
+/// Where and as what names the embedded CA serves other nodes (TLS).
+struct CaEndpoint {
+    ca: Arc<crate::control::ca::Ca>,
+    listen: std::net::SocketAddr,
+    names: Vec<crate::control::ca::tls::ServerNameSan>,
+}
+
+/// The CA endpoint's certificate names: `--ca-server-names`, else the defaults.
+fn ca_endpoint_names(
+    configured: &[String],
+    node: &str,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<Vec<crate::control::ca::tls::ServerNameSan>> {
+    if configured.is_empty() {
+        return Ok(crate::control::ca::tls::default_names(node, listen));
+    }
+    let mut bad = Vec::new();
+    let names = configured
+        .iter()
+        .filter_map(|n| n.parse().map_err(|e: String| bad.push(e)).ok())
+        .collect();
+    if !bad.is_empty() {
+        anyhow::bail!("--ca-server-names: {}", bad.join("; "));
+    }
+    Ok(names)
 }
 
 impl IdentityParts {
@@ -1040,15 +1265,21 @@ fn start_identity(cfg: &RunConfig) -> anyhow::Result<IdentityParts> {
         ..CertOptions::default()
     };
     if let Some(addr) = &cfg.ca_address {
+        let transport = crate::identity::certs::ca_transport(
+            addr,
+            cfg.ca_root_cert.as_deref(),
+            cfg.ca_server_name.as_deref(),
+            cfg.ca_plaintext,
+        )?;
+        info!(ca = %addr, transport = ?transport, "workload certificates from an external CA");
         // Read again before each request: a projected ServiceAccount token rotates.
         let client = match &cfg.ca_token_file {
-            Some(path) => GrpcCa::with_token_file(addr, path)?,
-            None => GrpcCa::new(addr, None)?,
+            Some(path) => GrpcCa::with_token_file(addr, path, transport)?,
+            None => GrpcCa::new(addr, None, transport)?,
         };
-        info!(ca = %addr, "workload certificates from an external CA");
         return Ok(IdentityParts {
             certs: Arc::new(CertManager::new(Arc::new(client), opts)),
-            ca: None,
+            endpoint: None,
             nodes: None,
             embedded: None,
         });
@@ -1073,9 +1304,17 @@ fn start_identity(cfg: &RunConfig) -> anyhow::Result<IdentityParts> {
         node: cfg.node_name.clone(),
     };
     let certs = CertManager::new(Arc::new(local), opts).with_roots(vec![ca.root().clone()]);
+    let endpoint = match cfg.ca_listen {
+        Some(listen) => Some(CaEndpoint {
+            ca: ca.clone(),
+            listen,
+            names: ca_endpoint_names(&cfg.ca_server_names, &cfg.node_name, listen)?,
+        }),
+        None => None,
+    };
     Ok(IdentityParts {
         certs: Arc::new(certs),
-        ca: Some(ca.clone().into_service()),
+        endpoint,
         nodes: Some(tx),
         embedded: Some(ca),
     })

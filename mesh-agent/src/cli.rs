@@ -14,9 +14,7 @@ use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_common::{
     cfg_flags, flow_flags, map_names,
-    maps::{
-        DestInfo, ExcludeCidr, FlowInfo, MeshConfig, OrigDst, ProxyHealth, SockKey, WorkloadInfo,
-    },
+    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, ProxyHealth, SockKey, WorkloadInfo},
     wl_flags, Stat,
 };
 use serde_json::{json, Value};
@@ -84,6 +82,13 @@ pub enum Command {
     /// workloads, connections with their path, services, xDS state, datapath counters and
     /// rates; Enter shows the joined view of `inspect`.
     Top(crate::top::TopArgs),
+    /// Production triage of a running agent (from its admin endpoint): `profile`, a CPU
+    /// profile of its threads as folded stacks (flame graph input); `heap`, the
+    /// allocator's view beside the RSS (a leak or fragmentation).
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
     /// The embedded CA's files.
     Ca {
         #[command(subcommand)]
@@ -134,6 +139,29 @@ pub struct LogLevelArgs {
 }
 
 #[derive(Subcommand, Debug, Clone)]
+pub enum DebugCommand {
+    /// Sample the agent's threads for `--seconds` (99 Hz of each thread's CPU time) and
+    /// print folded stacks (`thread;outer;...;inner count`): pipe them to
+    /// `flamegraph.pl` or `inferno-flamegraph`. One profile at a time per agent.
+    Profile(ProfileArgs),
+    /// The allocator's statistics (in use, free, mmapped, arenas) and the RSS.
+    Heap(CertsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProfileArgs {
+    /// How long to sample (1..=60 seconds).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=60))]
+    pub seconds: u32,
+    /// Write the folded stacks here instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The agent's admin endpoint.
+    #[arg(long, env = "MESH_ADMIN_ADDRESS", default_value = crate::config::DEFAULT_ADMIN_ADDRESS)]
+    pub admin_address: std::net::SocketAddr,
+}
+
+#[derive(Subcommand, Debug, Clone)]
 pub enum CaCommand {
     /// Write a fresh root (ECDSA P-256, 10 years) in Istio's plug-in layout (ca-cert.pem,
     /// ca-key.pem, root-cert.pem, cert-chain.pem) for `run --ca-dir DIR`; give several
@@ -177,6 +205,14 @@ pub struct ControlPlaneArgs {
     /// default.
     #[arg(long, env = "MESH_ALLOW_EMPTY_CONFIG", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_empty_config: bool,
+    /// Trust domain of the identities the CA signs (`spiffe://<domain>/ns/N/sa/S`).
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// The CA, as the agent embeds it; served (in TLS) only with `--ca-listen`. It signs
+    /// an identity for a node whose workloads run it: the file's workloads with their
+    /// `node:`, or, with `--source kubernetes`, the API server's pods.
+    #[command(flatten)]
+    pub ca: Box<crate::config::EmbeddedCaArgs>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -212,11 +248,7 @@ pub enum Output {
     Json,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnOff {
-    On,
-    Off,
-}
+pub use crate::config::OnOff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -229,6 +261,8 @@ pub enum CliError {
     Map(String, aya::maps::MapError),
     #[error("unknown map {0:?}; known maps: {1}")]
     UnknownMap(String, String),
+    #[error("map {0} is socket storage: its entries belong to sockets and cannot be listed (bpftool cannot dump it either); `dump FLOWS` lists the flows")]
+    Unlistable(String),
     #[error("listing {0}: {1}")]
     List(&'static str, String),
     #[error("admin endpoint {0}: {1} (is mesh-agent running with this --admin-address?)")]
@@ -299,10 +333,10 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
                 .collect(),
         ),
         map_names::CONFIG => (
-            vec!["proxy", "flags"],
+            vec!["proxy", "flags", "log_level"],
             array::<MeshConfig>(pin, map)?
                 .into_iter()
-                .map(|c| json!({"proxy": format!("{}:{}", ip(c.proxy_ip4), c.proxy_port), "flags": flags_text(c.flags, &cfg_flags::NAMES)}))
+                .map(|c| json!({"proxy": format!("{}:{}", ip(c.proxy_ip4), c.proxy_port), "flags": flags_text(c.flags, &cfg_flags::NAMES), "log_level": mesh_common::log_level::NAMES.iter().find(|(l, _)| *l == c.log_level).map_or("?", |(_, n)| *n)}))
                 .collect(),
         ),
         map_names::EXCLUDES => (
@@ -313,15 +347,11 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
                 .map(|e| json!({"cidr": format!("{}/{}", ip(e.ip4), e.prefix_len), "port": e.port}))
                 .collect(),
         ),
-        map_names::SOCK_ORIG => (
-            vec!["socket_cookie", "original_dst", "flags", "src_id", "dst_id"],
-            hash::<u64, OrigDst>(pin, map)?
-                .into_iter()
-                .map(|(k, v)| json!({"socket_cookie": k, "original_dst": format!("{}:{}", ip(v.ip4), v.port), "flags": flags_text(v.flags, &flow_flags::NAMES), "src_id": v.src_id, "dst_id": v.dst_id}))
-                .collect(),
-        ),
+        // Socket storage cannot be listed (the kernel has no "next key" for it): its
+        // entries are read one socket at a time, by a socket fd.
+        map_names::SOCK_STATE => return Err(CliError::Unlistable(map.into())),
         map_names::FLOWS => (
-            vec!["local", "remote", "original_dst", "flags", "src_id", "dst_id"],
+            vec!["local", "remote", "original_dst", "flags", "src_id", "dst_id", "netns_cookie"],
             hash::<SockKey, FlowInfo>(pin, map)?
                 .into_iter()
                 .map(|(k, v)| {
@@ -330,6 +360,7 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
                     o["flags"] = json!(flags_text(v.flags, &flow_flags::NAMES));
                     o["src_id"] = json!(v.src_id);
                     o["dst_id"] = json!(v.dst_id);
+                    o["netns_cookie"] = json!(v.netns);
                     o
                 })
                 .collect(),
@@ -339,15 +370,6 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
                 .map_err(|e| CliError::Map(map.into(), e))?;
             (vec!["local", "remote"], m.keys().filter_map(Result::ok).map(|k| key4(&k)).collect())
         }
-        map_names::FALLBACK => (
-            vec!["local", "remote"],
-            hash::<SockKey, u32>(pin, map)?.into_iter().map(|(k, _)| key4(&k)).collect(),
-        ),
-        // The values are kernel addresses (for the back-pressure check); not worth printing.
-        map_names::SK_ADDR => (
-            vec!["local", "remote"],
-            hash::<SockKey, u64>(pin, map)?.into_iter().map(|(k, _)| key4(&k)).collect(),
-        ),
         map_names::PROXY_HEALTH => (
             vec!["heartbeat_age_ms", "stale_after_ms"],
             array::<ProxyHealth>(pin, map)?
@@ -553,9 +575,18 @@ pub(crate) fn admin_request(
     method: &str,
     path: &str,
 ) -> Result<(u16, String), CliError> {
+    admin_request_within(addr, method, path, ADMIN_TIMEOUT)
+}
+
+/// `admin_request`, waiting up to `timeout` for the answer.
+fn admin_request_within(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<(u16, String), CliError> {
     use std::io::{Read as _, Write as _};
     let err = |e: String| CliError::Admin(addr, e);
-    let timeout = std::time::Duration::from_secs(5);
     let mut conn =
         std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| err(e.to_string()))?;
     conn.set_read_timeout(Some(timeout))
@@ -625,6 +656,52 @@ pub fn log_level(admin: std::net::SocketAddr, filter: Option<&str>) -> Result<St
         return Err(CliError::Refused(body.trim().to_owned()));
     }
     Ok(body)
+}
+
+/// How long an admin request may take to answer.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `mesh-agent debug profile`: the folded stacks, and a summary line for the operator
+/// (samples, lost, threads, whether kernel frames and deep stacks were had).
+pub fn debug_profile(a: &ProfileArgs) -> Result<(String, String), CliError> {
+    let path = format!("/debug/profile?seconds={}&format=json", a.seconds);
+    // The agent answers when the profile ends, then symbolizes: allow for both.
+    let timeout = std::time::Duration::from_secs(u64::from(a.seconds) + 30);
+    let (status, body) = admin_request_within(a.admin_address, "GET", &path, timeout)?;
+    if status != 200 {
+        return Err(CliError::Refused(body.trim().to_owned()));
+    }
+    let p: Value = serde_json::from_str(&body)
+        .map_err(|e| CliError::Admin(a.admin_address, format!("{path}: {e}")))?;
+    let mut folded = String::new();
+    for l in p["folded"].as_array().into_iter().flatten() {
+        folded.push_str(l.as_str().unwrap_or_default());
+        folded.push('\n');
+    }
+    let summary = format!(
+        "{} samples over {} s of {} threads at {} Hz ({} lost, {} truncated); kernel frames {}; mean depth {:.1} frames, {:.1} in user space{}",
+        p["samples"],
+        p["seconds"],
+        p["threads"],
+        p["sample_hz"],
+        p["lost"],
+        p["truncated"],
+        if p["kernel_frames"] == true { "yes" } else { "no" },
+        p["mean_depth"].as_f64().unwrap_or(0.0),
+        p["mean_user_depth"].as_f64().unwrap_or(0.0),
+        if p["mean_user_depth"].as_f64().unwrap_or(0.0) < 5.0 && p["samples"].as_u64().unwrap_or(0) > 0 {
+            " (shallow: is the agent built with frame pointers? see docs/observability.md)"
+        } else {
+            ""
+        }
+    );
+    Ok((folded, summary))
+}
+
+/// `mesh-agent debug heap`: the agent's `/debug/heap`, as rows or JSON.
+pub fn debug_heap(admin: std::net::SocketAddr) -> Result<Value, CliError> {
+    let body = admin_get(admin, "/debug/heap")?;
+    serde_json::from_str(&body).map_err(|e| CliError::Admin(admin, format!("/debug/heap: {e}")))
 }
 
 /// `mesh-agent certs`: the certificates the agent at `admin` holds.

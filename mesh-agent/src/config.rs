@@ -24,6 +24,13 @@ pub const DEFAULT_PROXY_ADDRESS: &str = "0.0.0.0:15001";
 pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 500;
 /// Floor of the per-socket limit of bytes queued by sk_msg redirects (bytes).
 pub const DEFAULT_SKMSG_QUEUE_FLOOR: u32 = 4 * 1024 * 1024;
+/// Entries of `FLOWS` (live captured flows listed, and handed to their accepting socket).
+pub const DEFAULT_FLOWS_CAPACITY: u32 = mesh_common::capacity::FLOWS;
+/// Entries of `SOCKHASH` (paired sockets: two per short-circuited flow).
+pub const DEFAULT_SOCKHASH_CAPACITY: u32 = mesh_common::capacity::SOCKHASH;
+/// Smallest `--flows-capacity`: the kernel's LRU frees entries in batches of 128 per CPU,
+/// so a smaller LRU map would evict flows whose handshake has not finished yet.
+pub const MIN_FLOWS_CAPACITY: u32 = 1024;
 /// How old the proxy's heartbeat may be before the datapath stops sending it connections
 /// (milliseconds; 0 turns the check off).
 pub const DEFAULT_PROXY_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
@@ -84,6 +91,34 @@ pub fn parse_access_log(s: &str) -> Result<AccessLogTarget, String> {
     })
 }
 
+/// Share of traces recorded when the caller did not decide (Istio's default, 1%).
+pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
+
+/// `--trace-otlp`: `http://host:port` (the exporter speaks plaintext gRPC).
+pub fn parse_trace_otlp(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| format!("{s:?}: expected http://host:port of an OTLP/gRPC receiver"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{s:?}: only http:// is supported (plaintext gRPC; send to a node-local collector)"
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{s:?}: no host"));
+    }
+    Ok(s.to_owned())
+}
+
+/// A ratio from 0.0 to 1.0.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: expected a number from 0.0 to 1.0")),
+    }
+}
+
 /// What the agent leaves on exit (`--on-exit`).
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,12 +127,93 @@ pub enum OnExit {
     Keep,
 }
 
+/// A switch (`--telemetry`, and the CLI's own on/off arguments).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 /// The source of workloads and services.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     File,
     Kubernetes,
+}
+
+/// The embedded CA's flags, shared by `mesh-agent run` and `mesh-agent control-plane`.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct EmbeddedCaArgs {
+    /// The embedded CA's folder (Istio's plug-in layout: ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem), e.g. /var/lib/mesh-agent/ca: used if the files are
+    /// there (an operator's CA, or `mesh-agent ca init`), else a root is generated and
+    /// kept there. Default: a root generated in memory for this run (one node only).
+    #[arg(long, env = "MESH_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Serve the embedded CA (`IstioCertificateService`) to other nodes' agents on this
+    /// address, in TLS with a certificate the CA issues itself for `--ca-server-names`
+    /// (istiod serves it on 15012). Without it the CA serves only in-process.
+    #[arg(long, env = "MESH_CA_LISTEN")]
+    pub ca_listen: Option<SocketAddr>,
+    /// The DNS names and IP addresses callers dial `--ca-listen` at (comma-separated),
+    /// put in its certificate; default: the node name, `localhost`, 127.0.0.1 and the
+    /// listen address when it is not 0.0.0.0.
+    #[arg(long, env = "MESH_CA_SERVER_NAMES", value_delimiter = ',')]
+    pub ca_server_names: Vec<String>,
+    /// The embedded CA's credentials for other nodes' agents: a file of
+    /// `<node-name> <token>` lines, read again when it changes. Without it the CA serves
+    /// this agent only.
+    #[arg(long, env = "MESH_CA_NODE_TOKENS")]
+    pub ca_node_tokens: Option<PathBuf>,
+    /// With `--source kubernetes`: the audience other agents' projected ServiceAccount
+    /// tokens must be for (their bearer token, when it is not a node credential, is
+    /// checked with a TokenReview).
+    #[arg(long, env = "MESH_CA_K8S_AUDIENCE", default_value = DEFAULT_CA_K8S_AUDIENCE)]
+    pub ca_k8s_audience: String,
+    /// With `--source kubernetes`: the ServiceAccount (`NAMESPACE/NAME`) other agents'
+    /// tokens must belong to; default: the one this agent runs as (asked of the API
+    /// server).
+    #[arg(long, env = "MESH_CA_K8S_SERVICE_ACCOUNT")]
+    pub ca_k8s_service_account: Option<String>,
+}
+
+impl EmbeddedCaArgs {
+    /// Checks the flags (problems added to `problems`); the parsed ServiceAccount.
+    pub fn check(&self, problems: &mut Vec<ConfigError>) -> Option<(String, String)> {
+        if self.ca_k8s_audience.is_empty() {
+            problems.push(ConfigError::Invalid(
+                "--ca-k8s-audience must not be empty".into(),
+            ));
+        }
+        if self.ca_node_tokens.is_some() && self.ca_listen.is_none() {
+            problems.push(ConfigError::Invalid(
+                "--ca-node-tokens names other nodes' credentials, but without --ca-listen the \
+                 CA serves no other node (it is no longer served beside ADS)"
+                    .into(),
+            ));
+        }
+        if !self.ca_server_names.is_empty() && self.ca_listen.is_none() {
+            problems.push(ConfigError::Invalid(
+                "--ca-server-names names the certificate of --ca-listen, which is not set".into(),
+            ));
+        }
+        match self.ca_k8s_service_account.as_deref() {
+            None => None,
+            Some(sa) => match sa.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Some((ns.to_owned(), name.to_owned()))
+                }
+                _ => {
+                    problems.push(ConfigError::Invalid(format!(
+                        "--ca-k8s-service-account {sa:?}: expected NAMESPACE/NAME"
+                    )));
+                    None
+                }
+            },
+        }
+    }
 }
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
@@ -122,35 +238,33 @@ pub struct RunArgs {
     /// Kubernetes source names pods' identities in it, and the embedded CA signs only it.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
-    /// The embedded CA's folder (Istio's plug-in layout: ca-cert.pem, ca-key.pem,
-    /// root-cert.pem, cert-chain.pem), e.g. /var/lib/mesh-agent/ca: used if the files are
-    /// there (an operator's CA, or `mesh-agent ca init`), else a root is generated and
-    /// kept there. Default: a root generated in memory for this run (one node only).
-    #[arg(long, env = "MESH_CA_DIR")]
-    pub ca_dir: Option<PathBuf>,
-    /// An external CA (`http://host:port`, Istio's `IstioCertificateService`, e.g. another
-    /// node's agent) for workload certificates; the embedded CA is then not started.
+    /// The embedded CA (`--ca-dir`, `--ca-listen`, its callers' credentials); the same
+    /// flags serve it from `mesh-agent control-plane`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub ca: EmbeddedCaArgs,
+    /// An external CA (`https://host:port`, Istio's `IstioCertificateService`: istiod's
+    /// 15012, or another agent's `--ca-listen`) for workload certificates; the embedded
+    /// CA is then not started. `http://` only with `--ca-plaintext`.
     #[arg(long, env = "MESH_CA_ADDRESS")]
     pub ca_address: Option<String>,
     /// A file holding the bearer token this agent presents to `--ca-address` (at least 16
     /// printable characters).
     #[arg(long, env = "MESH_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
-    /// The embedded CA's credentials for other nodes' agents: a file of
-    /// `<node-name> <token>` lines, read again when it changes. Without it the CA serves
-    /// this agent only.
-    #[arg(long, env = "MESH_CA_NODE_TOKENS")]
-    pub ca_node_tokens: Option<PathBuf>,
-    /// With `--source kubernetes`: the audience other agents' projected ServiceAccount
-    /// tokens must be for (their bearer token, when it is not a node credential, is
-    /// checked with a TokenReview).
-    #[arg(long, env = "MESH_CA_K8S_AUDIENCE", default_value = DEFAULT_CA_K8S_AUDIENCE)]
-    pub ca_k8s_audience: String,
-    /// With `--source kubernetes`: the ServiceAccount (`NAMESPACE/NAME`) other agents'
-    /// tokens must belong to; default: the one this agent runs as (asked of the API
-    /// server).
-    #[arg(long, env = "MESH_CA_K8S_SERVICE_ACCOUNT")]
-    pub ca_k8s_service_account: Option<String>,
+    /// The PEM root(s) `--ca-address`'s TLS certificate must chain to: the mesh root
+    /// (istiod: `root-cert.pem` of the `istio-ca-root-cert` ConfigMap; an agent CA: its
+    /// `root-cert.pem`). Only these are trusted, not the system's.
+    #[arg(long, env = "MESH_CA_ROOT_CERT")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// The name `--ca-address`'s certificate must carry; default: the address's host
+    /// (e.g. `istiod.istio-system.svc` when the address is an IP).
+    #[arg(long, env = "MESH_CA_SERVER_NAME")]
+    pub ca_server_name: Option<String>,
+    /// Allow an `http://` `--ca-address`: the bearer token then crosses the network in
+    /// the clear (logged as a warning at start).
+    #[arg(long, env = "MESH_CA_PLAINTEXT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub ca_plaintext: bool,
     /// Validity asked for workload certificates (`<n>s|m|h|d`); renewed at half of it.
     #[arg(long, env = "MESH_WORKLOAD_CERT_TTL", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
     pub workload_cert_ttl: Duration,
@@ -178,9 +292,22 @@ pub struct RunArgs {
     /// through the sockmap path (see docs/architecture.md on blocking readers).
     #[arg(long, env = "MESH_SKMSG_UPSTREAM", default_value_t = false, action = clap::ArgAction::Set)]
     pub skmsg_upstream: bool,
+    /// Worker threads of the node proxy; 0: one per CPU the agent may run on (its CPU
+    /// affinity and cgroup CPU quota), so that on one CPU no connection is handed between
+    /// two workers.
+    #[arg(long, env = "MESH_PROXY_WORKERS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub proxy_workers: u16,
     /// Floor of the per-socket limit of bytes waiting in an sk_msg redirect queue (bytes).
     #[arg(long, env = "MESH_SKMSG_QUEUE_FLOOR", default_value_t = DEFAULT_SKMSG_QUEUE_FLOOR)]
     pub skmsg_queue_floor: u32,
+    /// Entries of the `FLOWS` map (an LRU cache of live captured flows; past it the oldest
+    /// leave the listing, counted as `flow_evicted`). At least 1024.
+    #[arg(long, env = "MESH_FLOWS_CAPACITY", default_value_t = DEFAULT_FLOWS_CAPACITY)]
+    pub flows_capacity: u32,
+    /// Entries of the `SOCKHASH` map (paired sockets, two per short-circuited flow; past
+    /// it new flows are not paired and use TCP, counted as `sockhash_update_failed`).
+    #[arg(long, env = "MESH_SOCKHASH_CAPACITY", default_value_t = DEFAULT_SOCKHASH_CAPACITY)]
+    pub sockhash_capacity: u32,
     /// How pods' network-namespace cookies are read: `sockopt` (`SO_NETNS_COOKIE`, kernel
     /// 5.14+), `probe` (a UDP connect from the pod's namespace answered by the connect4
     /// program, 5.7+; the agent must run inside `--cgroup`), or `auto` (sockopt where the
@@ -270,6 +397,21 @@ pub struct RunArgs {
     /// HTTP request, to `stdout`, `stderr` or a file (appended to); `off` by default.
     #[arg(long, env = "MESH_ACCESS_LOG", default_value = "off", value_parser = parse_access_log)]
     pub access_log: AccessLogTarget,
+    /// Istio's standard series (`istio_*` at `/metrics`, docs/observability.md), recorded
+    /// by the node proxy per connection and per request: `on` (default) or `off`, where
+    /// the proxy records none (the agent's own `mesh_*` series stay). The access log and
+    /// traces have switches of their own, both off by default.
+    #[arg(long, env = "MESH_TELEMETRY", value_enum, default_value = "on")]
+    pub telemetry: OnOff,
+    /// Traces (docs/observability.md): OpenTelemetry spans per HTTP request and try and
+    /// per proxied TCP connection, sent over OTLP/gRPC to this receiver
+    /// (`http://host:port`, e.g. an OpenTelemetry Collector on 4317). Off by default.
+    #[arg(long, env = "MESH_TRACE_OTLP", value_parser = parse_trace_otlp)]
+    pub trace_otlp: Option<String>,
+    /// Share of traces recorded when the caller did not decide (0.0 to 1.0); a request
+    /// whose `traceparent` or B3 headers carry a decision follows it.
+    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = DEFAULT_TRACE_SAMPLING, value_parser = parse_ratio)]
+    pub trace_sampling: f64,
 }
 
 /// The runtime configuration of `mesh-agent run`: `RunArgs` checked, resolved and typed
@@ -287,7 +429,11 @@ pub struct RunConfig {
     pub admin_address: SocketAddr,
     pub skmsg: bool,
     pub skmsg_upstream: bool,
+    /// Worker threads of the node proxy's runtime (resolved: at least 1).
+    pub proxy_workers: usize,
     pub skmsg_queue_floor: u32,
+    pub flows_capacity: u32,
+    pub sockhash_capacity: u32,
     pub netns_cookie: NetnsCookieMode,
     pub skmsg_unbounded_pairing: bool,
     pub assume_missing_feature: Vec<String>,
@@ -321,10 +467,17 @@ pub struct RunConfig {
     pub trust_domain: String,
     /// The embedded CA's folder; `None`: an in-memory root (or `ca_address`).
     pub ca_dir: Option<PathBuf>,
+    /// Where the embedded CA serves other nodes (TLS), and its certificate's names.
+    pub ca_listen: Option<SocketAddr>,
+    pub ca_server_names: Vec<String>,
     /// An external CA; `None`: the embedded one.
     pub ca_address: Option<String>,
     /// The token's file (the token is read by the wiring and never shown).
     pub ca_token_file: Option<PathBuf>,
+    /// The external CA's TLS: the roots, the name checked, or plaintext (opted in).
+    pub ca_root_cert: Option<PathBuf>,
+    pub ca_server_name: Option<String>,
+    pub ca_plaintext: bool,
     pub ca_node_tokens: Option<PathBuf>,
     /// Kubernetes callers of the embedded CA: their tokens' audience.
     pub ca_k8s_audience: String,
@@ -333,6 +486,11 @@ pub struct RunConfig {
     #[serde(serialize_with = "as_text")]
     pub workload_cert_ttl: Duration,
     pub access_log: AccessLogTarget,
+    /// Istio's standard series are recorded (`--telemetry on`).
+    pub telemetry: bool,
+    /// The OTLP/gRPC receiver of spans; `None`: tracing is off.
+    pub trace_otlp: Option<String>,
+    pub trace_sampling: f64,
 }
 
 /// The source of workloads and services, with what it reads.
@@ -392,42 +550,57 @@ impl RunConfig {
         };
         let node_name = args.node_name.clone().filter(|n| !n.is_empty());
         if let Some(a) = &args.ca_address {
-            if !a.starts_with("http://") {
-                problems.push(ConfigError::Invalid(format!(
-                    "--ca-address {a:?}: only http://host:port is supported for now"
-                )));
+            match a.split_once("://").map(|(s, _)| s) {
+                Some("https") => {
+                    if args.ca_root_cert.is_none() {
+                        problems.push(ConfigError::Invalid(format!(
+                            "--ca-address {a:?} needs --ca-root-cert: the root its TLS \
+                             certificate must chain to (istiod: the istio-ca-root-cert ConfigMap)"
+                        )));
+                    }
+                }
+                Some("http") if args.ca_plaintext => {}
+                Some("http") => problems.push(ConfigError::Invalid(format!(
+                    "--ca-address {a:?}: plaintext sends this node's bearer token in the clear; \
+                     use https://HOST:PORT with --ca-root-cert, or opt in with --ca-plaintext"
+                ))),
+                _ => problems.push(ConfigError::Invalid(format!(
+                    "--ca-address {a:?}: expected https://HOST:PORT"
+                ))),
             }
             if args.ca_token_file.is_none() {
                 problems.push(ConfigError::Invalid(
                     "--ca-address needs --ca-token-file: the CA knows nodes by their token".into(),
                 ));
             }
-            if args.ca_dir.is_some() || args.ca_node_tokens.is_some() {
+            if args.ca.ca_dir.is_some()
+                || args.ca.ca_node_tokens.is_some()
+                || args.ca.ca_listen.is_some()
+            {
                 problems.push(ConfigError::Invalid(
-                    "--ca-dir and --ca-node-tokens configure the embedded CA, which does not run \
-                     with --ca-address"
+                    "--ca-dir, --ca-listen and --ca-node-tokens configure the embedded CA, which \
+                     does not run with --ca-address"
                         .into(),
                 ));
             }
-        }
-        let ca_k8s_service_account = match args.ca_k8s_service_account.as_deref() {
-            None => None,
-            Some(sa) => match sa.split_once('/') {
-                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                    Some((ns.to_owned(), name.to_owned()))
-                }
-                _ => {
-                    problems.push(ConfigError::Invalid(format!(
-                        "--ca-k8s-service-account {sa:?}: expected NAMESPACE/NAME"
-                    )));
-                    None
-                }
-            },
-        };
-        if args.ca_k8s_audience.is_empty() {
+        } else if args.ca_root_cert.is_some() || args.ca_server_name.is_some() || args.ca_plaintext
+        {
             problems.push(ConfigError::Invalid(
-                "--ca-k8s-audience must not be empty".into(),
+                "--ca-root-cert, --ca-server-name and --ca-plaintext are for --ca-address".into(),
             ));
+        }
+        let ca_k8s_service_account = args.ca.check(&mut problems);
+        if args.flows_capacity < MIN_FLOWS_CAPACITY {
+            problems.push(ConfigError::Invalid(format!(
+                "--flows-capacity {}: at least {MIN_FLOWS_CAPACITY}",
+                args.flows_capacity
+            )));
+        }
+        if args.sockhash_capacity < 2 {
+            problems.push(ConfigError::Invalid(format!(
+                "--sockhash-capacity {}: at least 2 (two sockets per pair)",
+                args.sockhash_capacity
+            )));
         }
         if args.workload_cert_ttl < Duration::from_secs(MIN_WORKLOAD_CERT_TTL_S) {
             problems.push(ConfigError::Invalid(format!(
@@ -514,7 +687,13 @@ impl RunConfig {
             admin_address: args.admin_address,
             skmsg: args.skmsg,
             skmsg_upstream: args.skmsg_upstream,
+            proxy_workers: match args.proxy_workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => usize::from(n),
+            },
             skmsg_queue_floor: args.skmsg_queue_floor,
+            flows_capacity: args.flows_capacity,
+            sockhash_capacity: args.sockhash_capacity,
             netns_cookie: args.netns_cookie,
             skmsg_unbounded_pairing: args.skmsg_unbounded_pairing,
             assume_missing_feature: args.assume_missing_feature,
@@ -535,14 +714,22 @@ impl RunConfig {
             xds_on_demand_timeout: Duration::from_millis(args.xds_on_demand_timeout_ms),
             node_name: node_name.unwrap_or_else(hostname),
             trust_domain: args.trust_domain,
-            ca_dir: args.ca_dir,
+            ca_dir: args.ca.ca_dir,
+            ca_listen: args.ca.ca_listen,
+            ca_server_names: args.ca.ca_server_names,
             ca_address: args.ca_address,
             ca_token_file: args.ca_token_file,
-            ca_node_tokens: args.ca_node_tokens,
-            ca_k8s_audience: args.ca_k8s_audience,
+            ca_root_cert: args.ca_root_cert,
+            ca_server_name: args.ca_server_name,
+            ca_plaintext: args.ca_plaintext,
+            ca_node_tokens: args.ca.ca_node_tokens,
+            ca_k8s_audience: args.ca.ca_k8s_audience,
             ca_k8s_service_account,
             workload_cert_ttl: args.workload_cert_ttl,
             access_log: args.access_log,
+            telemetry: args.telemetry == OnOff::On,
+            trace_otlp: args.trace_otlp,
+            trace_sampling: args.trace_sampling,
         })
     }
 
@@ -680,6 +867,37 @@ mod tests {
     }
 
     #[test]
+    fn tracing_is_off_by_default_and_its_flags_are_checked() {
+        let f = TempFile::new("trace.yaml", "");
+        let c = |extra: &[&str]| {
+            let mut args = vec!["--config", f.path(), "--proxy-address", "10.1.0.1:15001"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|c| (c.trace_otlp, c.trace_sampling))
+        };
+        assert_eq!(c(&[]).unwrap(), (None, DEFAULT_TRACE_SAMPLING));
+        assert_eq!(
+            c(&[
+                "--trace-otlp",
+                "http://127.0.0.1:4317",
+                "--trace-sampling",
+                "1"
+            ])
+            .unwrap(),
+            (Some("http://127.0.0.1:4317".into()), 1.0)
+        );
+        for bad in [
+            &["--trace-otlp", "127.0.0.1:4317"][..],
+            &["--trace-otlp", "https://collector:4317"],
+            &["--trace-otlp", "http://"],
+            &["--trace-sampling", "1.5"],
+            &["--trace-sampling", "-0.1"],
+            &["--trace-sampling", "NaN"],
+        ] {
+            assert!(c(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bad_combinations_are_named_and_reported_together() {
         // One problem: its own message.
         let e = parse(&[
@@ -767,19 +985,73 @@ mod tests {
         assert_eq!(c.trust_domain, "example.org");
         let c = with(&[
             "--ca-address",
+            "https://istiod.istio-system.svc:15012",
+            "--ca-token-file",
+            "/t",
+            "--ca-root-cert",
+            "/r.pem",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.ca_address.as_deref(),
+            Some("https://istiod.istio-system.svc:15012")
+        );
+        assert!(!c.ca_plaintext);
+        // Plaintext only when asked for.
+        let e = with(&[
+            "--ca-address",
             "http://10.0.0.1:15010",
             "--ca-token-file",
             "/t",
         ])
+        .unwrap_err();
+        assert!(e.contains("--ca-plaintext"), "{e}");
+        let c = with(&[
+            "--ca-address",
+            "http://10.0.0.1:15010",
+            "--ca-token-file",
+            "/t",
+            "--ca-plaintext",
+        ])
         .unwrap();
-        assert_eq!(c.ca_address.as_deref(), Some("http://10.0.0.1:15010"));
-        let e = with(&["--ca-address", "https://ca:15012", "--ca-dir", "/x"]).unwrap_err();
+        assert!(c.ca_plaintext);
+        let e = with(&[
+            "--ca-address",
+            "https://ca:15012",
+            "--ca-dir",
+            "/x",
+            "--ca-listen",
+            "0.0.0.0:15012",
+        ])
+        .unwrap_err();
         assert!(
-            e.contains("only http://")
+            e.contains("needs --ca-root-cert")
                 && e.contains("--ca-token-file")
                 && e.contains("does not run"),
             "{e}"
         );
+        assert!(with(&["--ca-address", "ftp://ca", "--ca-token-file", "/t"])
+            .unwrap_err()
+            .contains("expected https://"));
+        assert!(with(&["--ca-root-cert", "/r.pem"])
+            .unwrap_err()
+            .contains("are for --ca-address"));
+        // The embedded CA's endpoint.
+        let c = with(&[
+            "--ca-listen",
+            "10.0.0.1:15012",
+            "--ca-server-names",
+            "ca.mesh.svc,10.0.0.1",
+        ])
+        .unwrap();
+        assert_eq!(c.ca_listen, Some("10.0.0.1:15012".parse().unwrap()));
+        assert_eq!(c.ca_server_names, vec!["ca.mesh.svc", "10.0.0.1"]);
+        assert!(with(&["--ca-server-names", "a"])
+            .unwrap_err()
+            .contains("--ca-listen, which is not set"));
+        assert!(with(&["--ca-node-tokens", "/t"])
+            .unwrap_err()
+            .contains("without --ca-listen"));
         assert!(with(&["--workload-cert-ttl", "5s"])
             .unwrap_err()
             .contains("at least 10s"));

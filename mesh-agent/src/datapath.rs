@@ -9,6 +9,7 @@
 //! program; `Drop` removes the pins.
 
 pub mod btf;
+pub mod events;
 pub mod features;
 pub mod tc;
 pub mod writer;
@@ -24,14 +25,14 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, SkStorage, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
     cfg_flags, map_names,
     maps::{
-        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, ProxyHealth, SockKey,
+        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, ProxyHealth, SockKey, SockState,
         WorkloadInfo,
     },
     prog_names, Stat,
@@ -170,11 +171,31 @@ pub struct LoadOptions<'a> {
     pub unbounded_pairing: bool,
     /// Features to treat as missing whatever the kernel has (tests of the fallbacks).
     pub assume_missing: &'a [String],
+    /// Entries of `FLOWS` and `SOCKHASH` (`--flows-capacity`, `--sockhash-capacity`).
+    pub capacity: Capacity,
+}
+
+/// Sizes of the maps a workload's connections fill, chosen at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    pub flows: u32,
+    pub sockhash: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            flows: mesh_common::capacity::FLOWS,
+            sockhash: mesh_common::capacity::SOCKHASH,
+        }
+    }
 }
 
 /// The loaded, attached datapath. Field order is drop order: maps and programs go before
 /// the pins are removed and the lock is released.
 pub struct Datapath {
+    /// The reader of the programs' decision log (first: it stops before the rest goes).
+    _events: Option<events::EventReader>,
     pub maps: std::sync::Arc<Maps>,
     /// The TC inbound program, attached per pod by `proxy::inbound` (which owns those
     /// attachments and detaches them before this value is dropped).
@@ -216,6 +237,8 @@ pub struct Maps {
     pub excludes_gen: Mutex<Array<MapData, u32>>,
     pub config: Mutex<Array<MapData, MeshConfig>>,
     pub flows: Mutex<HashMap<MapData, SockKey, FlowInfo>>,
+    /// Per-socket state (socket storage), read by the proxy through its accepted sockets.
+    sock_state: SkStorage<MapData, SockState>,
     /// The node's own IPv4 addresses (network order) -> interface index.
     pub node_addrs: Mutex<HashMap<MapData, u32, u32>>,
     /// The proxy's heartbeat, read by connect4/6.
@@ -293,7 +316,7 @@ impl Drop for PinDir {
 
 /// `(key size, value size, max entries)` each pinned map must have for this build's
 /// programs: a map pinned by another build with another layout is not adopted.
-fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
+fn expected_layout(name: &str, capacity: Capacity) -> Option<(u32, u32, u32)> {
     use mesh_common::capacity as cap;
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
@@ -304,19 +327,14 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
         map_names::PROXY_HEALTH => (4, sz(size_of::<ProxyHealth>()), 1),
         map_names::EXCLUDES => (4, sz(size_of::<ExcludeCidr>()), cap::EXCLUDE_SLOTS),
         map_names::EXCLUDES_GEN => (4, 4, 1),
-        map_names::SOCK_ORIG => (
-            8,
-            sz(size_of::<mesh_common::maps::OrigDst>()),
-            cap::SOCK_ORIG,
-        ),
+        // Socket storage: the key is a socket fd, there is no size.
+        map_names::SOCK_STATE => (4, sz(size_of::<SockState>()), 0),
         map_names::FLOWS => (
             sz(size_of::<SockKey>()),
             sz(size_of::<FlowInfo>()),
-            cap::FLOWS,
+            capacity.flows,
         ),
-        map_names::SOCKHASH => (sz(size_of::<SockKey>()), 4, cap::SOCKHASH),
-        map_names::SK_ADDR => (sz(size_of::<SockKey>()), 8, cap::SOCKHASH),
-        map_names::FALLBACK => (sz(size_of::<SockKey>()), 4, cap::SOCKHASH),
+        map_names::SOCKHASH => (sz(size_of::<SockKey>()), 4, capacity.sockhash),
         map_names::STATS => (4, 8, Stat::COUNT),
         map_names::NODE_ADDRS => (4, 4, cap::NODE_ADDRS),
         map_names::INBOUND => (4, sz(size_of::<InboundInfo>()), cap::INBOUND),
@@ -328,7 +346,15 @@ fn expected_layout(name: &str) -> Option<(u32, u32, u32)> {
 /// Checks the maps an earlier agent left pinned: compatible ones are adopted (their state,
 /// connections' flows and the sockhash included, carries over), others are removed and
 /// created afresh. Returns how many are adopted.
-fn vet_pinned_maps(pin_path: &Path) -> usize {
+fn vet_pinned_maps(pin_path: &Path, capacity: Capacity) -> usize {
+    // Maps of earlier builds that no longer exist: per-socket state moved to socket
+    // storage (`SOCK_STATE`), kernel addresses out of pinned maps.
+    for gone in ["SOCK_ORIG", "SK_ADDR", "FALLBACK"] {
+        let path = pin_path.join(gone);
+        if path.exists() {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
     let mut adopted = 0;
     for name in map_names::ALL {
         let path = pin_path.join(name);
@@ -336,7 +362,7 @@ fn vet_pinned_maps(pin_path: &Path) -> usize {
             continue;
         }
         let fits = MapInfo::from_pin(&path).ok().is_some_and(|i| {
-            expected_layout(name) == Some((i.key_size(), i.value_size(), i.max_entries()))
+            expected_layout(name, capacity) == Some((i.key_size(), i.value_size(), i.max_entries()))
         });
         if fits {
             adopted += 1;
@@ -393,6 +419,21 @@ fn queue_offsets() -> (u32, u32, u32) {
     })
 }
 
+/// `struct sk_msg` offsets of `sk` and `sk_redir`: how sk_msg learns its own and its
+/// peer's socket address without a kernel pointer in a pinned map. Zeros (back-pressure
+/// check off) with a warning.
+fn sk_msg_offsets() -> (u32, u32) {
+    let resolve = || -> Result<(u32, u32), String> {
+        let btf = btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
+        let get = |m: &str| btf.member_offset("sk_msg", m).map_err(|e| e.to_string());
+        Ok((get("sk")?, get("sk_redir")?))
+    };
+    resolve().unwrap_or_else(|e| {
+        warn!(error = %e, "sk_msg back-pressure check disabled: struct sk_msg offsets not found in the kernel's BTF");
+        (0, 0)
+    })
+}
+
 /// Swaps `prog` into the link pinned at `pin`, if there is one. `None`: no pin (attach).
 fn adopt_link(pin: &Path, prog: &aya::programs::ProgramFd) -> Result<Option<OwnedFd>, BpfError> {
     if !pin.exists() {
@@ -424,10 +465,20 @@ where
 }
 
 impl Datapath {
+    /// What keeps the programs' log level in line with the agent's log filter, if the
+    /// decision log has a reader (without one the level stays off): the wiring hands it
+    /// to `admin::logging::on_change`, so the datapath never names the admin module.
+    pub fn log_level_follower(&self) -> Option<Box<dyn Fn() + Send + Sync>> {
+        self._events
+            .as_ref()
+            .map(|_| events::log_level_follower(&self.maps))
+    }
+
     pub fn load(o: &LoadOptions<'_>) -> Result<Datapath, BpfError> {
         let pins = PinDir::take(o.pin_path, o.lock_wait)?;
-        let adopted_maps = vet_pinned_maps(o.pin_path);
+        let adopted_maps = vet_pinned_maps(o.pin_path, o.capacity);
         let (off_user_data, off_rcvbuf, mut off_msg_tot_len) = queue_offsets();
+        let (off_msg_sk, off_msg_sk_redir) = sk_msg_offsets();
         let assumed_missing = |f: &str| o.assume_missing.iter().any(|m| m == f);
         if assumed_missing(features::SKMSG_QUEUE_LENGTH) {
             off_msg_tot_len = 0;
@@ -449,7 +500,11 @@ impl Datapath {
             .override_global("OFF_TCP_WRITE_SEQ", &tcp_seq[1], true)
             .override_global("OFF_TCP_RCV_NXT", &tcp_seq[2], true)
             .override_global("OFF_TCP_COPIED_SEQ", &tcp_seq[3], true)
-            .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true);
+            .override_global("OFF_MSG_SK", &off_msg_sk, true)
+            .override_global("OFF_MSG_SK_REDIR", &off_msg_sk_redir, true)
+            .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true)
+            .map_max_entries(map_names::FLOWS, o.capacity.flows)
+            .map_max_entries(map_names::SOCKHASH, o.capacity.sockhash);
         // Every map is opened from its pin when an earlier agent left one (adopted, with
         // its state), else created and pinned: visible to operators before any program
         // can write it.
@@ -582,6 +637,7 @@ impl Datapath {
             excludes_gen: Mutex::new(take(&mut ebpf, map_names::EXCLUDES_GEN)?),
             config: Mutex::new(take(&mut ebpf, map_names::CONFIG)?),
             flows: Mutex::new(take(&mut ebpf, map_names::FLOWS)?),
+            sock_state: take(&mut ebpf, map_names::SOCK_STATE)?,
             node_addrs: Mutex::new(take(&mut ebpf, map_names::NODE_ADDRS)?),
             proxy_health: Mutex::new(take(&mut ebpf, map_names::PROXY_HEALTH)?),
             inbound: Mutex::new(take(&mut ebpf, map_names::INBOUND)?),
@@ -617,7 +673,8 @@ impl Datapath {
             proxy_port: o.redirect.port() as u32,
             flags: if o.skmsg { cfg_flags::SKMSG } else { 0 }
                 | if no_pairing { cfg_flags::NO_PAIRING } else { 0 },
-            _pad: 0,
+            // Off until `events::follow_log_filter` below sets it from the log filter.
+            log_level: mesh_common::log_level::OFF,
         };
         // An adopted CONFIG keeps what describes the node rather than this agent: a proxy
         // still serving (a hand-over: the old agent's proxy takes connections until this
@@ -665,8 +722,19 @@ impl Datapath {
                 "adopted the datapath an earlier agent left pinned"
             );
         }
+        // The decision log: its reader first, then the level (the programs write nothing
+        // before the level says so). Without a reader the level stays off.
+        let events = match events::EventReader::start(&mut ebpf) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "the datapath decision log is not available");
+                None
+            }
+        };
+        let maps = std::sync::Arc::new(maps);
         Ok(Datapath {
-            maps: std::sync::Arc::new(maps),
+            _events: events,
+            maps,
             tc,
             skmsg_link,
             _links: links,
@@ -706,7 +774,7 @@ const NETNS_PROBE_TARGET: (std::net::Ipv4Addr, u16) = (std::net::Ipv4Addr::LOCAL
 /// The names of the bits set in a map value's flags (`a|b`), `-` for none: how the CLI
 /// and the admin endpoint show map entries.
 pub fn flags_text(v: u32, names: &[(u32, &'static str)]) -> String {
-    let mut out = [""; 8];
+    let mut out = [""; 12];
     let n = mesh_common::flag_names(v, names, &mut out);
     if n == 0 {
         "-".into()
@@ -744,6 +812,30 @@ impl Maps {
         }
     }
 
+    /// Sets how verbose the programs' decision log is (`mesh_common::log_level`).
+    pub fn set_log_level(&self, level: u32) {
+        let was = self
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&0, 0)
+            .map(|c| c.log_level);
+        if was.as_ref().ok() == Some(&level) {
+            return;
+        }
+        match self.set_config(|c| c.log_level = level) {
+            Ok(()) => info!(
+                level = mesh_common::log_level::NAMES
+                    .iter()
+                    .find(|(l, _)| *l == level)
+                    .map(|(_, n)| *n)
+                    .unwrap_or("?"),
+                "datapath decision log level set"
+            ),
+            Err(e) => warn!(error = %e, "setting the datapath decision log level failed"),
+        }
+    }
+
     /// Read-modify-write of `CONFIG[0]`.
     pub fn set_config(&self, f: impl FnOnce(&mut MeshConfig)) -> Result<(), aya::maps::MapError> {
         let mut m = self.config.lock().unwrap_or_else(|e| e.into_inner());
@@ -756,6 +848,29 @@ impl Maps {
     pub fn flow(&self, client: SockKey) -> Option<FlowInfo> {
         let m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
         m.get(&client, 0).ok()
+    }
+
+    /// The flow an accepted connection carries, from the accepted socket's own state
+    /// (`SOCK_STATE`, copied from `FLOWS` by sockops when the handshake completed: what
+    /// `FLOWS` evicts later does not matter), else from `FLOWS` by the client's view.
+    pub fn accepted_flow(
+        &self,
+        socket: &impl std::os::fd::AsRawFd,
+        client: SockKey,
+    ) -> Option<FlowInfo> {
+        match self.sock_state.get(socket, 0) {
+            Ok(st) if st.flags & mesh_common::flow_flags::SERVER_SIDE != 0 => Some(FlowInfo {
+                orig_ip4: st.orig_ip4,
+                orig_port: st.orig_port,
+                flags: st.flags
+                    & !(mesh_common::flow_flags::SERVER_SIDE | mesh_common::flow_flags::RECORDED),
+                src_id: st.src_id,
+                dst_id: st.dst_id,
+                _pad: 0,
+                netns: st.netns,
+            }),
+            _ => self.flow(client),
+        }
     }
 
     /// Announces one of the proxy's own connections (by its 4-tuple, before connecting) so

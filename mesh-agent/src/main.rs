@@ -47,6 +47,33 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
             print!("{}", cli::log_level(a.admin_address, a.filter.as_deref())?);
             Ok(())
         }
+        Command::Debug {
+            command: cli::DebugCommand::Profile(a),
+        } => {
+            let (folded, summary) = cli::debug_profile(&a)?;
+            match &a.out {
+                Some(path) => std::fs::write(path, folded)?,
+                None => print!("{folded}"),
+            }
+            eprintln!("{summary}");
+            Ok(())
+        }
+        Command::Debug {
+            command: cli::DebugCommand::Heap(a),
+        } => {
+            let h = cli::debug_heap(a.admin_address)?;
+            match a.output {
+                cli::Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&h).unwrap_or_default())
+                }
+                cli::Output::Table => {
+                    for (k, v) in h.as_object().into_iter().flatten() {
+                        println!("{k:<20} {v}");
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Ca {
             command: cli::CaCommand::Init { dir, trust_domain },
         } => {

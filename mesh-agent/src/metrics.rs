@@ -77,6 +77,11 @@ pub struct Metrics {
     pub authz: AuthzMetrics,
     /// Access-log lines dropped because the writer's queue was full (`proxy::accesslog`).
     pub access_log_dropped: AtomicU64,
+    /// Spans (`proxy::trace`): dropped because the export queue was full, exported, and
+    /// lost in exports that failed.
+    pub trace_spans_dropped: AtomicU64,
+    pub trace_spans_exported: AtomicU64,
+    pub trace_spans_failed: AtomicU64,
 }
 
 /// At most this many (direction, level, verdict, policy) series; past it, `policy="other"`.
@@ -98,6 +103,10 @@ pub struct AuthzMetrics {
     pub tunnel_out_failures: AtomicU64,
     /// HBONE streams accepted on in-pod listeners and delivered.
     pub tunnel_in: AtomicU64,
+    /// HBONE streams whose `Forwarded: for=` source address was believed (the peer's
+    /// identity owns it), and those whose claim was not (judged by the peer's address).
+    pub source_forwarded: AtomicU64,
+    pub source_untrusted: AtomicU64,
     /// Inbound connections whose HTTP the agent terminated to judge each request, by
     /// how they arrived.
     pub http_plain: AtomicU64,
@@ -175,6 +184,14 @@ impl AuthzMetrics {
             self.tunnel_out.load(Relaxed),
             self.tunnel_out_failures.load(Relaxed),
             self.tunnel_in.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mesh_hbone_forwarded_source_total HBONE streams naming their source address (Forwarded: for=): believed (a workload of the peer's identity has it) or not (judged by the peer's address).\n# TYPE mesh_hbone_forwarded_source_total counter\n\
+             mesh_hbone_forwarded_source_total{{outcome=\"trusted\"}} {}\n\
+             mesh_hbone_forwarded_source_total{{outcome=\"untrusted\"}} {}",
+            self.source_forwarded.load(Relaxed),
+            self.source_untrusted.load(Relaxed),
         );
     }
 }
@@ -350,6 +367,24 @@ impl Metrics {
                 &self.access_log_dropped,
             ),
             (
+                "mesh_trace_spans_dropped_total",
+                "counter",
+                "Spans dropped because the export queue was full (the proxy never waits for the exporter).",
+                &self.trace_spans_dropped,
+            ),
+            (
+                "mesh_trace_spans_exported_total",
+                "counter",
+                "Spans the OTLP receiver accepted.",
+                &self.trace_spans_exported,
+            ),
+            (
+                "mesh_trace_spans_failed_total",
+                "counter",
+                "Spans lost in OTLP exports that failed (receiver unreachable or refusing, after the exporter's retries).",
+                &self.trace_spans_failed,
+            ),
+            (
                 "mesh_workloads_enrolled",
                 "gauge",
                 "Workloads whose outbound traffic is captured.",
@@ -425,18 +460,34 @@ const DURATION_BUCKETS_MS: [u64; 14] = [
     1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000,
 ];
 
+/// The counters of one request series. The proxy resolves a handle once per label set
+/// and connection (`L7Metrics::series`) and bumps it per request without a lookup.
 #[derive(Debug, Default)]
-struct RequestSeries {
-    count: u64,
-    sum_us: u64,
+pub struct RequestSeries {
+    count: AtomicU64,
+    sum_us: AtomicU64,
     /// Non-cumulative counts per bucket; the last slot is `+Inf`.
-    buckets: [u64; DURATION_BUCKETS_MS.len() + 1],
+    buckets: [AtomicU64; DURATION_BUCKETS_MS.len() + 1],
+}
+
+impl RequestSeries {
+    /// One finished request that took `elapsed`.
+    pub fn observe(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = DURATION_BUCKETS_MS
+            .iter()
+            .position(|b| us <= b * 1000)
+            .unwrap_or(DURATION_BUCKETS_MS.len());
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+        self.buckets[bucket].fetch_add(1, Relaxed);
+    }
 }
 
 /// Request counters and latency histograms of the L7 proxy, plus its policy counters.
 #[derive(Debug, Default)]
 pub struct L7Metrics {
-    requests: Mutex<HashMap<RequestLabels, RequestSeries>>,
+    requests: Mutex<HashMap<RequestLabels, Arc<RequestSeries>>>,
     /// Retries by cluster.
     retries: Mutex<BTreeMap<String, u64>>,
     /// Requests refused by a local rate limit, by rate-limit key.
@@ -462,16 +513,13 @@ fn bump(m: &Mutex<BTreeMap<String, u64>>, key: &str) {
 impl L7Metrics {
     /// One finished request (after its response's last byte).
     pub fn request(&self, labels: RequestLabels, elapsed: Duration) {
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let bucket = DURATION_BUCKETS_MS
-            .iter()
-            .position(|b| us <= b * 1000)
-            .unwrap_or(DURATION_BUCKETS_MS.len());
+        self.series(labels).observe(elapsed);
+    }
+
+    /// The handle of a series, created on first use.
+    pub fn series(&self, labels: RequestLabels) -> Arc<RequestSeries> {
         let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        let s = m.entry(labels).or_default();
-        s.count += 1;
-        s.sum_us = s.sum_us.saturating_add(us);
-        s.buckets[bucket] += 1;
+        m.entry(labels).or_default().clone()
     }
 
     pub fn retry(&self, cluster: &str) {
@@ -494,7 +542,10 @@ impl L7Metrics {
     #[cfg(test)]
     pub fn requests_where(&self, f: impl Fn(&RequestLabels) -> bool) -> u64 {
         let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        m.iter().filter(|(l, _)| f(l)).map(|(_, s)| s.count).sum()
+        m.iter()
+            .filter(|(l, _)| f(l))
+            .map(|(_, s)| s.count.load(Relaxed))
+            .sum()
     }
 
     /// Appends the L7 families in the text exposition format.
@@ -503,7 +554,11 @@ impl L7Metrics {
             let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
             let mut v: Vec<_> = m
                 .iter()
-                .map(|(l, s)| (l.clone(), s.count, s.sum_us, s.buckets.to_vec()))
+                .map(|(l, s)| {
+                    let load = |a: &AtomicU64| a.load(Relaxed);
+                    let buckets = s.buckets.iter().map(load).collect();
+                    (l.clone(), load(&s.count), load(&s.sum_us), buckets)
+                })
                 .collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v

@@ -13,6 +13,7 @@ pub mod hbone;
 pub mod http;
 pub mod inbound;
 pub mod secure;
+pub mod trace;
 pub mod xds;
 
 use std::{
@@ -31,7 +32,7 @@ use mesh_common::{
     maps::{FlowInfo, SockKey},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
 };
 use tracing::{debug, info, warn, Instrument};
@@ -82,6 +83,8 @@ pub struct Outbound {
     secure: std::sync::OnceLock<Arc<secure::Secure>>,
     /// Unset: no access log (nothing is built for it).
     access_log: std::sync::OnceLock<AccessLog>,
+    /// Unset: no spans (`proxy::trace`).
+    tracer: std::sync::OnceLock<trace::Tracer>,
 }
 
 /// How long a listener with a TCP fallback waits for a client's first bytes before
@@ -149,6 +152,7 @@ impl Outbound {
             l7,
             secure: std::sync::OnceLock::new(),
             access_log: std::sync::OnceLock::new(),
+            tracer: std::sync::OnceLock::new(),
         })
     }
 
@@ -158,11 +162,24 @@ impl Outbound {
         let _ = self.access_log.set(log);
     }
 
-    /// Sends `entry` (if the access log is on) once `f` has filled in how it ended.
+    /// Records a span per connection, and per request and try of the L7 engine.
+    pub fn set_tracer(&self, t: trace::Tracer) {
+        self.l7.set_tracer(t.clone());
+        let _ = self.tracer.set(t);
+    }
+
+    /// Sends `entry` (if the access log is on) once `f` has filled in how it ended; the
+    /// connection's span (if tracing is on) is made from it.
     fn log_end(&self, entry: Option<Box<Entry>>, f: impl FnOnce(&mut Entry)) {
-        if let (Some(log), Some(mut e)) = (self.access_log.get(), entry) {
-            f(&mut e);
-            e.finish();
+        let Some(mut e) = entry else {
+            return;
+        };
+        f(&mut e);
+        e.finish();
+        if let Some(t) = self.tracer.get() {
+            t.connection(&e);
+        }
+        if let Some(log) = self.access_log.get() {
             log.send(e);
         }
     }
@@ -200,11 +217,13 @@ impl Outbound {
             let mesh = s.mesh_now();
             if let Some(w) = mesh.workloads.by_ip(IpAddr::V4(client)) {
                 source.principal = w.identity.to_string();
+                w.label_peer(&mut source);
             }
             if let Some(w) = mesh.workloads.by_ip(target.ip()) {
                 destination.principal = w.identity.to_string();
                 destination.workload = w.name.clone();
                 destination.namespace = w.namespace.clone();
+                w.label_peer(&mut destination);
             }
         }
         IstioLabels::new("source", &source, &destination, cluster, "tcp", mtls)
@@ -337,7 +356,7 @@ impl Outbound {
             local_port: peer.port(),
             remote_port: local.port(),
         };
-        let Some(flow) = self.maps.flow(key) else {
+        let Some(flow) = self.maps.accepted_flow(&client, key) else {
             // Not a redirected connection (someone dialled the listener directly), or the
             // record was lost: there is nowhere to send it.
             self.metrics.orig_dst_missing.fetch_add(1, Relaxed);
@@ -362,7 +381,9 @@ impl Outbound {
             (r.name(flow.src_id), r.name(flow.dst_id))
         };
         let source = src_name.clone().unwrap_or_else(|| "unknown".into());
-        let mut entry = self.access_log.get().map(|_| {
+        let recorded =
+            self.access_log.get().is_some_and(AccessLog::on) || self.tracer.get().is_some();
+        let mut entry = recorded.then(|| {
             let skmsg = flow.flags & flow_flags::SERVER_PAIRED != 0;
             let mut e = Entry::new(
                 Protocol::Tcp,
@@ -390,7 +411,7 @@ impl Outbound {
         let mut prefix = Vec::new();
         let mut client = client;
         let mut istio_cluster = None;
-        let listener = match self.xds.lookup(target).await {
+        let listener = match Box::pin(self.xds.lookup(target)).await {
             Lookup::Found(l) => Some(l),
             Lookup::Absent => None,
             // Never skip routing or policy silently: the workload's fail mode decides.
@@ -410,14 +431,18 @@ impl Outbound {
             let tcp_cluster = match (&l.kind, &l.tcp_fallback) {
                 (ListenerKind::Http(_), None) => {
                     let _ = client.set_nodelay(true);
-                    self.l7
-                        .clone()
-                        .serve(client, target, l7_client(source), drain)
-                        .await;
+                    // Boxed, here and below: the rarer paths' state stays out of every
+                    // connection task's allocation (memory per held connection).
+                    Box::pin(
+                        self.l7
+                            .clone()
+                            .serve(client, target, l7_client(source), drain),
+                    )
+                    .await;
                     return;
                 }
                 (ListenerKind::Http(_), Some(fallback)) => {
-                    let (bytes, sniffed) = match detect(&mut client, SNIFF_WAIT).await {
+                    let (bytes, sniffed) = match Box::pin(detect(&mut client, SNIFF_WAIT)).await {
                         Ok(x) => x,
                         Err(e) => {
                             debug!(error = %e, "client went away before its first bytes");
@@ -426,10 +451,15 @@ impl Outbound {
                     };
                     if sniffed != Sniffed::Opaque {
                         let _ = client.set_nodelay(true);
-                        self.l7
-                            .clone()
-                            .serve_sniffed(client, bytes, sniffed, target, l7_client(source), drain)
-                            .await;
+                        Box::pin(self.l7.clone().serve_sniffed(
+                            client,
+                            bytes,
+                            sniffed,
+                            target,
+                            l7_client(source),
+                            drain,
+                        ))
+                        .await;
                         return;
                     }
                     prefix = bytes;
@@ -504,7 +534,12 @@ impl Outbound {
                     .secure
                     .get()
                     .expect("a tunnel path comes from `secure`");
-                let mut stream = match s.hbone.connect(&src, hbone, &dst.identity, target).await {
+                let sent =
+                    Box::pin(
+                        s.hbone
+                            .connect_from(&src, Some(peer), hbone, &dst.identity, target),
+                    );
+                let mut stream = match sent.await {
                     Ok(st) => st,
                     Err(err) => {
                         debug!(%target, %hbone, error = %err, "HBONE stream failed; resetting the client");
@@ -531,11 +566,19 @@ impl Outbound {
                     counters.received.fetch_add(prefix.len() as u64, Relaxed);
                 }
                 let _ = client.set_nodelay(true);
-                let res =
-                    hbone::relay_tunnel(client, stream, &counters, hbone::TcpSide::Source).await;
+                istio.received.inc_by(prefix.len() as u64);
+                let res = Box::pin(hbone::relay_tunnel_counted(
+                    client,
+                    stream,
+                    &counters,
+                    hbone::TcpSide::Source,
+                    Some(&istio),
+                ))
+                .await;
                 counters.closed.fetch_add(1, Relaxed);
                 drop(drain);
-                // Bytes are counted per series only on this path (`hbone::relay_tunnel`).
+                // Bytes are counted in the series as they are relayed
+                // (`hbone::relay_tunnel_counted`).
                 self.log_end(entry, |e| {
                     e.path_taken = PathTaken::Tunnel;
                     if let Err(err) = res {
@@ -547,9 +590,13 @@ impl Outbound {
         }
         let connect = match target {
             SocketAddr::V4(t) if t == dst => {
-                tokio::time::timeout(CONNECT_TIMEOUT, self.connect_upstream(dst, &flow)).await
+                Box::pin(tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    self.connect_upstream(dst, &flow),
+                ))
+                .await
             }
-            t => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t)).await,
+            t => Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t))).await,
         }
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
         let mut upstream = match connect {
@@ -612,31 +659,94 @@ pub struct RelayEnd {
     pub reset: bool,
 }
 
+/// Relay buffers, taken when a socket has bytes to read and given back as soon as it has
+/// none: a held connection that is silent holds no buffer (memory per held connection,
+/// issue 13). Each thread keeps a few for the next reader.
+mod relay_buffers {
+    use std::{
+        cell::RefCell,
+        ops::{Deref, DerefMut},
+    };
+
+    use super::RELAY_BUFFER;
+
+    /// Free buffers kept per thread (`KEEP` x 32 KiB); more are freed.
+    const KEEP: usize = 8;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer that goes back to its thread's free list when dropped.
+    pub(super) struct Buffer(Option<Box<[u8]>>);
+
+    impl Buffer {
+        pub(super) fn take() -> Buffer {
+            let b = FREE
+                .with(|f| f.borrow_mut().pop())
+                .unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice());
+            Buffer(Some(b))
+        }
+    }
+
+    impl Deref for Buffer {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            self.0.as_deref().expect("held until drop")
+        }
+    }
+
+    impl DerefMut for Buffer {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            self.0.as_deref_mut().expect("held until drop")
+        }
+    }
+
+    impl Drop for Buffer {
+        fn drop(&mut self) {
+            if let Some(b) = self.0.take() {
+                // A thread being torn down has no free list any more: the buffer is freed.
+                let _ = FREE.try_with(|f| {
+                    let mut f = f.borrow_mut();
+                    if f.len() < KEEP {
+                        f.push(b);
+                    }
+                });
+            }
+        }
+    }
+}
+
 /// Copies one direction, counted in `count` (a series) and `own` (this connection); a
-/// clean EOF half-closes the writer.
-async fn pipe<R, W>(
-    mut r: R,
-    mut w: W,
+/// clean EOF half-closes the writer. A buffer is held only while the reader has bytes.
+async fn pipe(
+    r: tokio::net::tcp::ReadHalf<'_>,
+    mut w: tokio::net::tcp::WriteHalf<'_>,
     count: &AtomicU64,
     own: &AtomicU64,
     istio: Option<&prometheus_client::metrics::counter::Counter>,
-) -> io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; RELAY_BUFFER];
+) -> io::Result<()> {
+    let from: &TcpStream = r.as_ref();
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.shutdown().await?;
-            return Ok(());
-        }
-        w.write_all(&buf[..n]).await?;
-        count.fetch_add(n as u64, Relaxed);
-        own.fetch_add(n as u64, Relaxed);
-        if let Some(c) = istio {
-            c.inc_by(n as u64);
+        from.readable().await?;
+        let mut buf = relay_buffers::Buffer::take();
+        loop {
+            let n = match from.try_read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                drop(buf);
+                w.shutdown().await?;
+                return Ok(());
+            }
+            w.write_all(&buf[..n]).await?;
+            count.fetch_add(n as u64, Relaxed);
+            own.fetch_add(n as u64, Relaxed);
+            if let Some(c) = istio {
+                c.inc_by(n as u64);
+            }
         }
     }
 }
@@ -693,6 +803,7 @@ async fn relay_counted(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     /// Two connected loopback sockets: (the end `relay` gets, the far end the test drives).
     async fn pair() -> (TcpStream, TcpStream) {

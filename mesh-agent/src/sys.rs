@@ -5,6 +5,8 @@
     reason = "the one module of the agent that makes raw system calls"
 )]
 
+pub mod perf;
+
 use std::{
     fs::File,
     io,
@@ -227,13 +229,29 @@ struct ProgQueryAttr {
 
 const BPF_PROG_QUERY: libc::c_long = 16;
 
+/// `BPF_F_QUERY_EFFECTIVE`: the programs that run for the cgroup's sockets, inherited ones
+/// included, in the kernel's run order.
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+
 /// Ids of the programs attached directly to cgroup `cgroup` for `attach_type`
 /// (`BPF_PROG_QUERY`, not the effective set inherited from ancestors).
 pub fn cgroup_prog_ids(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    prog_query(cgroup, attach_type, 0)
+}
+
+/// Ids of the programs that run for sockets of cgroup `cgroup` at `attach_type`, in the
+/// order they run: this cgroup's own, then each ancestor's, each cgroup's in its list
+/// order (`BPF_PROG_QUERY` with `BPF_F_QUERY_EFFECTIVE`).
+pub fn cgroup_effective_prog_ids(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    prog_query(cgroup, attach_type, BPF_F_QUERY_EFFECTIVE)
+}
+
+fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32, query_flags: u32) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     let mut attr = ProgQueryAttr {
         target_fd: cgroup.as_raw_fd() as u32,
         attach_type,
+        query_flags,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: ids.len() as u32,
         ..Default::default()

@@ -6,8 +6,9 @@
 //!
 //! Two threads: the fetcher (`fetch.rs`) asks the endpoint every interval and sends what
 //! it got over a channel; this thread draws and reads keys, never waiting on the network.
-//! The terminal (raw mode, alternate screen) is restored on every way out: quit, error and
-//! panic (ratatui's hook).
+//! The terminal (raw mode, alternate screen) is restored on every way out: quit, error,
+//! panic (ratatui's hook), and SIGTERM, SIGHUP or SIGINT from outside (then the exit status
+//! is 128 + the signal, as if it had killed the process).
 
 mod fetch;
 mod model;
@@ -15,7 +16,10 @@ mod view;
 
 use std::{
     net::SocketAddr,
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -61,13 +65,24 @@ pub fn run(args: &TopArgs) -> Result<(), TopError> {
         .name("top-fetch".into())
         .spawn(move || fetch::run(admin, interval, want_rx, round_tx))
         .map_err(TopError::Terminal)?;
+    // The signals that end a terminal program from outside: noted here, acted on by the
+    // loop (within a TICK), which restores the terminal first.
+    let caught = Arc::new(AtomicUsize::new(0));
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGINT,
+    ] {
+        signal_hook::flag::register_usize(sig, caught.clone(), sig as usize)
+            .map_err(TopError::Terminal)?;
+    }
     let mut terminal = ratatui::try_init().map_err(TopError::Terminal)?;
     let mut app = view::App::new(admin, args.interval_ms);
     let out = (|| -> std::io::Result<()> {
         let mut wanted = app.wanted();
         let _ = want_tx.send(wanted.clone());
         let mut dirty = true;
-        while !app.quit {
+        while !app.quit && caught.load(Relaxed) == 0 {
             while let Ok(r) = round_rx.try_recv() {
                 app.apply(r);
                 dirty = true;
@@ -97,7 +112,10 @@ pub fn run(args: &TopArgs) -> Result<(), TopError> {
         Ok(())
     })();
     ratatui::restore();
-    out.map_err(TopError::Terminal)
+    match caught.load(Relaxed) {
+        0 => out.map_err(TopError::Terminal),
+        sig => std::process::exit(128 + sig as i32),
+    }
 }
 
 #[cfg(test)]

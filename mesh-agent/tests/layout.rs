@@ -32,9 +32,11 @@ const RULES: &[(&str, &[&str])] = &[
             "lifecycle",
             "metrics",
             "proxy",
+            "sys",
         ],
     ),
-    ("metrics", &["datapath::writer", "enrol::file"]),
+    // (Peers are named by SPIFFE ID: `identity`'s type.)
+    ("metrics", &["datapath::writer", "enrol::file", "identity"]),
     // The datapath's map writer applies enrolment snapshots.
     ("datapath", &["enrol", "sys"]),
     // Sources produce the control plane's model of services.

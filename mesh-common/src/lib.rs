@@ -19,12 +19,12 @@ pub mod map_names {
     /// The generation of the `EXCLUDES` double buffer (one `u32`): its parity names the
     /// active half (`maps::exclude_half`).
     pub const EXCLUDES_GEN: &str = "EXCLUDES_GEN";
-    pub const SOCK_ORIG: &str = "SOCK_ORIG";
+    /// Per-socket state (`BPF_MAP_TYPE_SK_STORAGE`: dies with its socket, never evicted,
+    /// not dumpable; user space reads one entry by a socket fd it holds).
+    pub const SOCK_STATE: &str = "SOCK_STATE";
     pub const FLOWS: &str = "FLOWS";
     pub const SOCKHASH: &str = "SOCKHASH";
     pub const STATS: &str = "STATS";
-    pub const FALLBACK: &str = "FALLBACK";
-    pub const SK_ADDR: &str = "SK_ADDR";
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     pub const PROXY_HEALTH: &str = "PROXY_HEALTH";
     /// Local enrolled workloads by IPv4 address, for the TC inbound program.
@@ -32,18 +32,19 @@ pub mod map_names {
     /// Network-namespace cookies asked for by the agent on kernels without
     /// `SO_NETNS_COOKIE` (< 5.14): socket cookie -> netns cookie, filled by connect4.
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
-    pub const ALL: [&str; 15] = [
+    /// Every pinned map. The one map not pinned is `PEER_SK` (socket storage holding
+    /// the kernel address of a sender's peer for the back-pressure check): kernel
+    /// pointers never sit in a pinned map.
+    pub const ALL: [&str; 13] = [
         WORKLOADS,
         DESTS,
         CONFIG,
         EXCLUDES,
         EXCLUDES_GEN,
-        SOCK_ORIG,
+        SOCK_STATE,
         FLOWS,
         SOCKHASH,
         STATS,
-        FALLBACK,
-        SK_ADDR,
         NODE_ADDRS,
         PROXY_HEALTH,
         INBOUND,
@@ -97,8 +98,10 @@ pub mod capacity {
     /// Slots of the `EXCLUDES` array: two halves of `EXCLUDES` (double buffer, see
     /// `maps::excludes_match`).
     pub const EXCLUDE_SLOTS: u32 = 2 * EXCLUDES;
-    pub const SOCK_ORIG: u32 = 131072;
+    /// Default size of `FLOWS` (an LRU cache: the listing of live flows and the hand-off
+    /// to the accepting socket; the agent may load it smaller or larger, `--flows-capacity`).
     pub const FLOWS: u32 = 131072;
+    /// Default size of `SOCKHASH` (`--sockhash-capacity`): paired sockets, two per flow.
     pub const SOCKHASH: u32 = 131072;
     /// The node's own IPv4 addresses (a node with more, say kube-proxy in IPVS mode with a
     /// ClusterIP per service on `kube-ipvs0`, has that interface skipped: see
@@ -151,7 +154,79 @@ pub mod cfg_flags {
     ];
 }
 
-/// Values of `FALLBACK`: why a sender's messages take the TCP path.
+/// `MeshConfig::log_level`: the decision log's levels, numbered as `aya_log_common::Level`
+/// (so a record's level compares with them directly). Off is the default: the programs
+/// then pay one load and one branch at a decision, and format nothing.
+pub mod log_level {
+    pub const OFF: u32 = 0;
+    pub const ERROR: u32 = 1;
+    pub const WARN: u32 = 2;
+    pub const INFO: u32 = 3;
+    /// Per-connection decisions: captured, direct, excluded and why, paired, fell back.
+    pub const DEBUG: u32 = 4;
+    /// Also connections of sockets that are not enrolled, and other stream protocols.
+    pub const TRACE: u32 = 5;
+    pub const NAMES: [(u32, &str); 6] = [
+        (OFF, "off"),
+        (ERROR, "error"),
+        (WARN, "warn"),
+        (INFO, "info"),
+        (DEBUG, "debug"),
+        (TRACE, "trace"),
+    ];
+
+    /// Whether a record at `level` is wanted when the map says `current`.
+    #[inline(always)]
+    pub fn enabled(current: u32, level: u32) -> bool {
+        level != OFF && level <= current
+    }
+}
+
+/// The decision log's record codes. A record of the programs starts with one: the index of
+/// a `Stat` (the decision also counted under that name) or one of the log-only codes below;
+/// the agent shows it as `name: why` (`describe`), so the programs carry one format per
+/// record shape rather than one text per decision.
+pub mod decision {
+    use super::Stat;
+
+    /// sockops, a captured client's socket established: its flow recorded (proxied).
+    pub const FLOW_RECORDED_PROXIED: u32 = 1000;
+    /// The same, direct mode.
+    pub const FLOW_RECORDED_DIRECT: u32 = 1001;
+    /// sockops, the accepting end found its flow and took it over.
+    pub const FLOW_ACCEPTED: u32 = 1002;
+    /// sockops, the node proxy's own leg to a local destination established.
+    pub const UPSTREAM_ESTABLISHED: u32 = 1003;
+    /// connect4/6 with the node-wide bypass on (`connect_bypass`, trace).
+    pub const NODE_BYPASS: u32 = 1004;
+    /// sk_msg, a sender following the other direction onto TCP (`msg_pass_backpressure`).
+    pub const BACKPRESSURE_FOLLOWED: u32 = 1005;
+
+    /// `(name, why)` of a record code; `None` for a code this build does not know.
+    pub fn describe(code: u32) -> Option<(&'static str, &'static str)> {
+        Some(match code {
+            FLOW_RECORDED_PROXIED => ("flow_recorded", "proxied client established"),
+            FLOW_RECORDED_DIRECT => ("flow_recorded", "direct client established"),
+            FLOW_ACCEPTED => ("flow_accepted", "the accepting end took the flow over"),
+            UPSTREAM_ESTABLISHED => (
+                "upstream_established",
+                "the node proxy's leg to a local destination",
+            ),
+            NODE_BYPASS => ("connect_bypass", "not captured, the node-wide bypass is on"),
+            BACKPRESSURE_FOLLOWED => (
+                "msg_pass_backpressure",
+                "fell back to TCP, following the other direction",
+            ),
+            c if c < Stat::COUNT => {
+                let s = Stat::ALL[c as usize];
+                (s.name(), s.why())
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// Values of `SockState::fallback`: why a sender's messages take the TCP path.
 pub mod fallback {
     /// The peer was not in the sockhash: for good.
     pub const NO_PEER: u32 = 1;
@@ -178,7 +253,17 @@ pub mod flow_flags {
     pub const UPSTREAM: u32 = 1 << 5;
     /// The client's workload fails closed (copied from `wl_flags::FAIL_CLOSED`).
     pub const FAIL_CLOSED: u32 = 1 << 6;
-    pub const NAMES: [(u32, &str); 7] = [
+    /// A sender of this flow moved to the TCP path (`fallback::*`): set in `FLOWS` by
+    /// sk_msg for the listing, the per-socket truth is in `SOCK_STATE`.
+    pub const CLIENT_FALLBACK: u32 = 1 << 7;
+    pub const SERVER_FALLBACK: u32 = 1 << 8;
+    /// `SockState` only: this socket is the accepting end of the flow (the proxy's, or the
+    /// destination pod's in direct mode).
+    pub const SERVER_SIDE: u32 = 1 << 9;
+    /// `SockState` only: sockops recorded the flow in `FLOWS` for this client socket (so a
+    /// missing entry at close means the LRU evicted it: `flow_evicted`).
+    pub const RECORDED: u32 = 1 << 10;
+    pub const NAMES: [(u32, &str); 11] = [
         (PROXIED, "proxied"),
         (DIRECT, "direct"),
         (CLIENT_PAIRED, "client_paired"),
@@ -186,11 +271,19 @@ pub mod flow_flags {
         (CLIENT_V6, "client_v6"),
         (UPSTREAM, "upstream"),
         (FAIL_CLOSED, "fail_closed"),
+        (CLIENT_FALLBACK, "client_fallback"),
+        (SERVER_FALLBACK, "server_fallback"),
+        (SERVER_SIDE, "server_side"),
+        (RECORDED, "recorded"),
     ];
 }
 
 /// Renders `flags` as `a|b|c` with the names of a flags module.
-pub fn flag_names(flags: u32, names: &[(u32, &'static str)], out: &mut [&'static str; 8]) -> usize {
+pub fn flag_names(
+    flags: u32,
+    names: &[(u32, &'static str)],
+    out: &mut [&'static str; 12],
+) -> usize {
     let mut n = 0;
     for (bit, name) in names {
         if flags & bit != 0 && n < out.len() {
@@ -263,10 +356,19 @@ pub enum Stat {
     /// A sender in back-pressure fallback went back to the redirect path: every byte it
     /// sent over TCP was acknowledged and read, and the peer's redirect queue drained.
     MsgFallbackRecovered,
+    /// A client socket closed whose `FLOWS` entry was gone: the LRU evicted it to make
+    /// room (the listing lost it; the connection kept its state in `SOCK_STATE`).
+    FlowEvicted,
+    /// A captured socket's `SOCK_STATE` could not be created (kernel memory): the
+    /// connection was left alone (fail-open) or refused (fail-closed).
+    SockStateFailed,
+    /// The accepting end of a flow found no `FLOWS` entry to take over (evicted before
+    /// the handshake finished): the proxy resets such a connection.
+    FlowHandoffMissed,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 39;
+    pub const COUNT: u32 = 42;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -307,6 +409,9 @@ impl Stat {
         Stat::TcPassBypass,
         Stat::ConnectNotTcp,
         Stat::MsgFallbackRecovered,
+        Stat::FlowEvicted,
+        Stat::SockStateFailed,
+        Stat::FlowHandoffMissed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -350,11 +455,92 @@ impl Stat {
             Stat::TcPassBypass => "tc_pass_bypass",
             Stat::ConnectNotTcp => "connect_not_tcp",
             Stat::MsgFallbackRecovered => "msg_fallback_recovered",
+            Stat::FlowEvicted => "flow_evicted",
+            Stat::SockStateFailed => "sock_state_failed",
+            Stat::FlowHandoffMissed => "flow_handoff_missed",
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::MsgFallbackRecovered as usize + 1);
+impl Stat {
+    /// What the decision means, for the decision log (`decision::describe`).
+    pub const fn why(self) -> &'static str {
+        match self {
+            Stat::ConnectSeen => "a TCP connect seen",
+            Stat::ConnectRedirected => "captured, sent to the node proxy",
+            Stat::ConnectDirect => {
+                "captured, direct mode (same-node destination, paired socket to socket)"
+            }
+            Stat::ConnectNotEnrolled => {
+                "not captured, the network namespace is not an enrolled workload's"
+            }
+            Stat::ConnectExcluded => "not captured, an exclusion rule (--exclude) matches",
+            Stat::ConnectBypass => "not captured, the workload (or its namespace) is bypassed",
+            Stat::ConnectProxyNotReady => {
+                "not captured, the node proxy is not ready (fail open)"
+            }
+            Stat::ConnectToProxy => "not captured, already to the node proxy",
+            Stat::ConnectNotIpv4 => "left alone, native IPv6 is not carried",
+            Stat::ConnectOrigStoreFailed => "the original destination could not be stored",
+            Stat::SockopsClientPaired => "client socket paired",
+            Stat::SockopsServerPaired => "accepting socket paired",
+            Stat::SockhashUpdateFailed => {
+                "not paired (SOCKHASH full, or the slot taken), the flow stays on TCP"
+            }
+            Stat::FlowStoreFailed => {
+                "FLOWS refused the record (an entry with the same addresses exists, or no memory): the accepting end will not find it"
+            }
+            Stat::FlowClosed => "flow closed",
+            Stat::MsgRedirected => "message redirected",
+            Stat::MsgRedirectedBytes => "bytes redirected",
+            Stat::MsgPassNoPeer => {
+                "fell back to TCP for good, the peer socket is not in SOCKHASH"
+            }
+            Stat::MsgPassUnpaired => "a message of an unpaired socket",
+            Stat::MsgPassBackpressure => {
+                "fell back to TCP, the reader's redirect queue is over its limit"
+            }
+            Stat::MsgPassFallback => "a message on the TCP path (fallback)",
+            Stat::ConnectLocalScope => {
+                "not captured, a this-host or this-link address (loopback, link-local, multicast)"
+            }
+            Stat::ConnectNodeAddress => "not captured, one of the node's own addresses",
+            Stat::ConnectProxyStale => {
+                "not captured, the node proxy's heartbeat is stale (fail open)"
+            }
+            Stat::ConnectRefused => "refused (fail closed), the node proxy cannot take it",
+            Stat::ConnectExcludesRaced => {
+                "the exclusion rules changed under every read; captured"
+            }
+            Stat::ConnectSelf => "not captured, the workload calls its own address",
+            Stat::TcSeen => "an inbound packet seen",
+            Stat::TcAssigned => "inbound captured, assigned to the agent's in-pod listener",
+            Stat::TcPassEstablished => "inbound packet of a connection that has a socket",
+            Stat::TcPassMeshPort => "inbound to the agent's own ports",
+            Stat::TcPassNodeSource => "inbound from one of the node's addresses",
+            Stat::TcPassMeshSource => "inbound from a local enrolled workload",
+            Stat::TcPassNotCaptured => "inbound to an address without capture",
+            Stat::TcNoListener => {
+                "inbound not captured, no agent listener in the pod (fail open)"
+            }
+            Stat::TcAssignFailed => "inbound not captured, bpf_sk_assign failed",
+            Stat::TcPassBypass => "inbound not captured, the node-wide bypass is on",
+            Stat::ConnectNotTcp => "left alone, a stream protocol other than TCP",
+            Stat::MsgFallbackRecovered => "back on the redirect path, the reader caught up",
+            Stat::FlowEvicted => {
+                "a captured client closed after FLOWS evicted its record (the listing lost it; the connection was not affected)"
+            }
+            Stat::SockStateFailed => {
+                "no socket storage (kernel memory): left alone, or refused when fail-closed"
+            }
+            Stat::FlowHandoffMissed => {
+                "the proxy accepted a connection without a FLOWS record (evicted, or dialled directly): the proxy resets it"
+            }
+        }
+    }
+}
+
+const _: () = assert!(Stat::ALL.len() == Stat::FlowHandoffMissed as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)
@@ -490,7 +676,7 @@ mod tests {
 
     #[test]
     fn flag_names_lists_set_bits() {
-        let mut out = [""; 8];
+        let mut out = [""; 12];
         let n = flag_names(
             flow_flags::PROXIED | flow_flags::SERVER_PAIRED,
             &flow_flags::NAMES,
@@ -548,6 +734,31 @@ mod tests {
             ..h
         };
         assert!(proxy_alive(true, &off, u64::MAX));
+    }
+
+    #[test]
+    fn log_levels_gate_from_off_to_trace() {
+        use log_level::*;
+        assert!(!enabled(OFF, DEBUG));
+        assert!(!enabled(OFF, ERROR));
+        assert!(!enabled(INFO, DEBUG));
+        assert!(enabled(DEBUG, DEBUG));
+        assert!(enabled(TRACE, DEBUG));
+        assert!(!enabled(DEBUG, TRACE));
+        assert!(!enabled(TRACE, OFF));
+    }
+
+    #[test]
+    fn every_record_code_is_described() {
+        for s in Stat::ALL {
+            assert_eq!(decision::describe(s as u32).map(|d| d.0), Some(s.name()));
+            assert!(!s.why().is_empty());
+        }
+        for c in 1000..=1005 {
+            assert!(decision::describe(c).is_some(), "{c}");
+        }
+        assert_eq!(decision::describe(Stat::COUNT), None);
+        assert_eq!(decision::describe(1006), None);
     }
 
     #[test]

@@ -33,7 +33,10 @@ pub struct MeshConfig {
     pub proxy_port: u32,
     /// `cfg_flags::*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// The most verbose level of the datapath's decision log (`log_level::*`, 0: off).
+    /// Every log site tests this before it formats anything; the agent sets it from its
+    /// log filter at run time (`mesh_agent::datapath::events`).
+    pub log_level: u32,
 }
 
 /// `EXCLUDES[i]`: destination CIDRs never captured. `prefix_len == 0 && ip4 == 0` with
@@ -132,18 +135,27 @@ pub fn prefix_mask(prefix_len: u32) -> u32 {
     }
 }
 
-/// `SOCK_ORIG` value, keyed by socket cookie (`u64`): what `connect4` decided for a socket,
-/// picked up by `sockops` when the connection is established.
+/// `SOCK_STATE` value: the per-socket state of a captured connection, in socket storage
+/// (`BPF_MAP_TYPE_SK_STORAGE`), so it lives exactly as long as its socket and is never
+/// evicted. On the client socket connect4/6 write it (the original destination), sockops
+/// completes it, getpeername4/6 answer from it; on the accepting socket sockops copies the
+/// flow in from `FLOWS` at PASSIVE_ESTABLISHED, and the node proxy reads it by its
+/// accepted socket's fd. sk_msg keeps each sender's fallback state here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OrigDst {
-    pub ip4: u32,
-    pub port: u32,
-    /// `flow_flags::PROXIED` or `flow_flags::DIRECT`.
+pub struct SockState {
+    /// The original destination (IPv4, network order; port host order).
+    pub orig_ip4: u32,
+    pub orig_port: u32,
+    /// `flow_flags::*`.
     pub flags: u32,
     pub src_id: u32,
     pub dst_id: u32,
-    pub _pad: u32,
+    /// `fallback::*` of this socket as a sender; 0 while its sends may be redirected.
+    pub fallback: u32,
+    /// The network-namespace cookie of the flow's client (connect4/6 read it; the
+    /// accepting end copies it from `FLOWS`): for the decision log and the listing.
+    pub netns: u64,
 }
 
 /// A TCP 4-tuple as seen from one socket: `(local, remote)`. Used as `SOCKHASH` key (each
@@ -182,6 +194,8 @@ pub struct FlowInfo {
     pub src_id: u32,
     pub dst_id: u32,
     pub _pad: u32,
+    /// The client's network-namespace cookie (0: not known, e.g. an upstream leg).
+    pub netns: u64,
 }
 
 /// `PROXY_HEALTH[0]`: the node proxy's heartbeat. Written by the proxy's own runtime, so a
@@ -215,9 +229,9 @@ assert_layout!(WorkloadInfo, 16, 4);
 assert_layout!(DestInfo, 8, 4);
 assert_layout!(MeshConfig, 16, 4);
 assert_layout!(ExcludeCidr, 16, 4);
-assert_layout!(OrigDst, 24, 4);
+assert_layout!(SockState, 32, 8);
 assert_layout!(SockKey, 12, 4);
-assert_layout!(FlowInfo, 24, 4);
+assert_layout!(FlowInfo, 32, 8);
 assert_layout!(ProxyHealth, 16, 8);
 assert_layout!(InboundInfo, 8, 4);
 
@@ -234,7 +248,7 @@ mod pod {
         DestInfo,
         MeshConfig,
         ExcludeCidr,
-        OrigDst,
+        SockState,
         SockKey,
         FlowInfo,
         ProxyHealth,

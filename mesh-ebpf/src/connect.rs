@@ -4,23 +4,28 @@
 //!
 //! # Minimum kernel version
 //!
-//! 5.7 (`bpf_get_netns_cookie` in sock_addr programs); cgroup sock_addr hooks date from
-//! 4.17, `bpf_get_socket_cookie` there from 5.0, the getpeername hooks from 5.8.
+//! 5.8 for the getpeername hooks; `bpf_get_netns_cookie` in sock_addr programs is 5.7,
+//! cgroup sock_addr hooks 4.17; `bpf_sk_storage_get` there (`SOCK_STATE`) is verified on
+//! 5.10, the supported floor (docs/kernels.md, "Helpers by program type").
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
-    cfg_flags, flow_flags, local_scope_ipv4,
-    maps::{excludes_match, OrigDst},
+    cfg_flags, decision, flow_flags, local_scope_ipv4, log_level,
+    maps::{excludes_match, SockState},
     proxy_alive, user_port_host, user_port_raw, v4_mapped, wl_flags, Stat,
 };
 
-use crate::maps::{
-    bump, config, proxy_health, DESTS, EXCLUDES, EXCLUDES_GEN, NETNS_PROBE, NODE_ADDRS, SOCK_ORIG,
-    WORKLOADS,
+use crate::{
+    log::{aya_level, ip, on, NONE},
+    maps::{
+        bump, config, proxy_health, sock_state, DESTS, EXCLUDES, EXCLUDES_GEN, NETNS_PROBE,
+        NODE_ADDRS, WORKLOADS,
+    },
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -53,12 +58,16 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     }
-    if sa.protocol != IPPROTO_TCP {
-        bump(Stat::ConnectNotTcp);
-        return ALLOW;
-    }
-    let port = user_port_host(sa.user_port);
-    match decide(&ctx, sa.user_ip4, port) {
+    let mut ev = Ev::new(sa.user_ip4, user_port_host(sa.user_port));
+    let verdict = if sa.protocol != IPPROTO_TCP {
+        ev.level = config().log_level;
+        note(&mut ev, Stat::ConnectNotTcp);
+        Verdict::Leave
+    } else {
+        decide(&ctx, &mut ev)
+    };
+    ev.say();
+    match verdict {
         Verdict::Leave => ALLOW,
         Verdict::Redirect(ip, port) => {
             sa.user_ip4 = ip;
@@ -77,17 +86,47 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     if sa.protocol != IPPROTO_TCP {
-        bump(Stat::ConnectNotTcp);
+        // The destination is an IPv6 address: shown as 0.0.0.0 with its port.
+        let mut ev = Ev::new(0, user_port_host(sa.user_port));
+        ev.level = config().log_level;
+        note(&mut ev, Stat::ConnectNotTcp);
+        ev.say();
         return ALLOW;
     }
     // Dual-stack sockets reach IPv4 peers through v4-mapped addresses; native IPv6 is
     // not carried through the mesh yet and goes direct.
     let Some(ip4) = v4_mapped(sa.user_ip6) else {
         bump(Stat::ConnectNotIpv4);
+        if on(config().log_level, log_level::DEBUG) {
+            // SAFETY: helper call on the program's own context.
+            let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+            let d = sa.user_ip6;
+            let (a, b, c, e) = (
+                d[0].to_ne_bytes(),
+                d[1].to_ne_bytes(),
+                d[2].to_ne_bytes(),
+                d[3].to_ne_bytes(),
+            );
+            let dst: [u8; 16] = [
+                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], e[0], e[1],
+                e[2], e[3],
+            ];
+            log!(
+                &(),
+                Level::Debug,
+                "{} netns={} dst=[{:i}]:{}",
+                Stat::ConnectNotIpv4 as u32,
+                netns,
+                dst,
+                user_port_host(sa.user_port)
+            );
+        }
         return ALLOW;
     };
-    let port = user_port_host(sa.user_port);
-    match decide(&ctx, ip4, port) {
+    let mut ev = Ev::new(ip4, user_port_host(sa.user_port));
+    let verdict = decide(&ctx, &mut ev);
+    ev.say();
+    match verdict {
         Verdict::Leave => ALLOW,
         Verdict::Redirect(ip, port) => {
             sa.user_ip6 = [0, 0, 0xffff_u32.to_be(), ip];
@@ -103,8 +142,8 @@ pub fn mesh_peername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = proxied_orig(&ctx) {
         // SAFETY: the context pointer is valid for the program's lifetime.
         let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip4 = orig.ip4;
-        sa.user_port = user_port_raw(orig.port as u16);
+        sa.user_ip4 = orig.orig_ip4;
+        sa.user_port = user_port_raw(orig.orig_port as u16);
     }
     ALLOW
 }
@@ -114,8 +153,8 @@ pub fn mesh_peername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = proxied_orig(&ctx) {
         // SAFETY: the context pointer is valid for the program's lifetime.
         let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip6 = [0, 0, 0xffff_u32.to_be(), orig.ip4];
-        sa.user_port = user_port_raw(orig.port as u16);
+        sa.user_ip6 = [0, 0, 0xffff_u32.to_be(), orig.orig_ip4];
+        sa.user_port = user_port_raw(orig.orig_port as u16);
     }
     ALLOW
 }
@@ -134,65 +173,166 @@ fn answer_netns_probe(ctx: &SockAddrContext) {
     }
 }
 
-/// The original destination of a socket connect4/6 redirected to the proxy.
+/// The context's socket (a full socket: sock_addr programs run on the caller's socket).
 #[inline(always)]
-fn proxied_orig(ctx: &SockAddrContext) -> Option<OrigDst> {
-    // SAFETY: helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: the value is copied out at once.
-    let orig = unsafe { SOCK_ORIG.get(cookie) }.copied()?;
-    (orig.flags & flow_flags::PROXIED != 0).then_some(orig)
+fn ctx_sk(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk.cast() }
 }
 
-/// Decides what to do with a connection. Records what was decided for the socket in
-/// `SOCK_ORIG` for sockops.
+/// The original destination of a socket connect4/6 redirected to the proxy.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, dst_ip: u32, dst_port: u16) -> Verdict {
+fn proxied_orig(ctx: &SockAddrContext) -> Option<SockState> {
+    let sk = ctx_sk(ctx);
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the context's own socket, checked non-null; the value is copied out at once.
+    let st = unsafe { sock_state(sk, false) }.map(|s| *s)?;
+    // Only the client's own socket: the accepting end of the flow (the proxy's socket,
+    // which `accept()` names through this hook too) carries the flow with `SERVER_SIDE`,
+    // and its peer is the client, as it really is.
+    (st.flags & flow_flags::PROXIED != 0 && st.flags & flow_flags::SERVER_SIDE == 0).then_some(st)
+}
+
+/// Stores what was decided for the socket in its `SOCK_STATE` (for sockops and
+/// getpeername). `false`: no state could be created (kernel memory).
+#[inline(always)]
+fn record(ctx: &SockAddrContext, st: SockState) -> bool {
+    let sk = ctx_sk(ctx);
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: the context's own socket, checked non-null.
+    match unsafe { sock_state(sk, true) } {
+        Some(slot) => {
+            *slot = st;
+            true
+        }
+        None => false,
+    }
+}
+
+/// One connect as the decision log shows it: collected by `note`, said once by `say`.
+struct Ev {
+    /// `CONFIG.log_level` at the decision.
+    level: u32,
+    /// The record's code (`mesh_common::decision`), `NONE` while nothing was noted.
+    code: u32,
+    /// The record's level.
+    want: u32,
+    netns: u64,
+    /// The workload's address (0 before it is known).
+    src: u32,
+    dst: u32,
+    port: u16,
+}
+
+impl Ev {
+    #[inline(always)]
+    fn new(dst: u32, port: u16) -> Ev {
+        Ev {
+            level: log_level::OFF,
+            code: NONE,
+            want: log_level::DEBUG,
+            netns: 0,
+            src: 0,
+            dst,
+            port,
+        }
+    }
+
+    /// The one aya-log call site of the connect hooks' decisions: nothing is formatted
+    /// unless the level asks for it.
+    #[inline(always)]
+    fn say(&self) {
+        if self.code == NONE || !on(self.level, self.want) {
+            return;
+        }
+        log!(
+            &(),
+            aya_level(self.want),
+            "{} netns={} src={:i} dst={:i}:{}",
+            self.code,
+            self.netns,
+            ip(self.src),
+            ip(self.dst),
+            self.port
+        );
+    }
+}
+
+/// Counts a connect's outcome and keeps it for the decision log (the last one noted is
+/// said). Connects that are not a workload's (every other connect on the node) are trace
+/// records.
+#[inline(always)]
+fn note(ev: &mut Ev, stat: Stat) {
+    bump(stat);
+    ev.code = stat as u32;
+    ev.want = log_level::DEBUG;
+    match stat {
+        Stat::ConnectNotEnrolled | Stat::ConnectNotTcp => ev.want = log_level::TRACE,
+        Stat::ConnectBypass if ev.src == 0 => {
+            ev.code = decision::NODE_BYPASS;
+            ev.want = log_level::TRACE;
+        }
+        _ => {}
+    }
+}
+
+/// Decides what to do with a connection. Records what was decided for the socket in its
+/// `SOCK_STATE` for sockops.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, ev: &mut Ev) -> Verdict {
     bump(Stat::ConnectSeen);
+    let (dst_ip, dst_port) = (ev.dst, ev.port);
     let cfg = config();
+    ev.level = cfg.log_level;
     if cfg.flags & cfg_flags::BYPASS != 0 {
-        bump(Stat::ConnectBypass);
+        note(ev, Stat::ConnectBypass);
         return Verdict::Leave;
     }
     // SAFETY: helper call on the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    ev.netns = netns;
     // SAFETY: the value is copied out at once.
     let Some(wl) = unsafe { WORKLOADS.get(netns) }.copied() else {
-        bump(Stat::ConnectNotEnrolled);
+        note(ev, Stat::ConnectNotEnrolled);
         return Verdict::Leave;
     };
     if wl.flags & wl_flags::ENROLLED == 0 {
-        bump(Stat::ConnectNotEnrolled);
+        note(ev, Stat::ConnectNotEnrolled);
         return Verdict::Leave;
     }
+    ev.src = wl.ip4;
     if wl.flags & wl_flags::BYPASS != 0 {
-        bump(Stat::ConnectBypass);
+        note(ev, Stat::ConnectBypass);
         return Verdict::Leave;
     }
     // A workload calling itself stays inside its namespace; so do the agent's own
     // in-pod sockets, which deliver captured inbound connections to the pod's address.
     if dst_ip == wl.ip4 {
-        bump(Stat::ConnectSelf);
+        note(ev, Stat::ConnectSelf);
         return Verdict::Leave;
     }
     if dst_ip == cfg.proxy_ip4 && dst_port as u32 == cfg.proxy_port {
-        bump(Stat::ConnectToProxy);
+        note(ev, Stat::ConnectToProxy);
         return Verdict::Leave;
     }
     // Never widen a pod's reach: "this host" and "this link" addresses, and the node's own
     // addresses, mean something else in the proxy's (the node's) namespace. Left alone,
     // the connection stays in the pod's namespace exactly as if it were not enrolled.
     if local_scope_ipv4(dst_ip) {
-        bump(Stat::ConnectLocalScope);
+        note(ev, Stat::ConnectLocalScope);
         return Verdict::Leave;
     }
     // SAFETY: presence test only; nothing is read through the reference.
     if unsafe { NODE_ADDRS.get(dst_ip) }.is_some() {
-        bump(Stat::ConnectNodeAddress);
+        note(ev, Stat::ConnectNodeAddress);
         return Verdict::Leave;
     }
-    if excluded(dst_ip, dst_port) {
-        bump(Stat::ConnectExcluded);
+    if excluded(ev, dst_ip, dst_port) {
+        note(ev, Stat::ConnectExcluded);
         return Verdict::Leave;
     }
     // SAFETY: the value is copied out at once.
@@ -200,16 +340,15 @@ fn decide(ctx: &SockAddrContext, dst_ip: u32, dst_port: u16) -> Verdict {
         Some(d) => (d.id, d.flags),
         None => (u32::MAX, 0),
     };
-    // SAFETY: helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let fail_closed = wl.flags & wl_flags::FAIL_CLOSED != 0;
-    let mut orig = OrigDst {
-        ip4: dst_ip,
-        port: dst_port as u32,
+    let mut orig = SockState {
+        orig_ip4: dst_ip,
+        orig_port: dst_port as u32,
         flags: flow_flags::DIRECT,
         src_id: wl.id,
         dst_id,
-        _pad: 0,
+        fallback: 0,
+        netns,
     };
     if fail_closed {
         orig.flags |= flow_flags::FAIL_CLOSED;
@@ -217,11 +356,11 @@ fn decide(ctx: &SockAddrContext, dst_ip: u32, dst_port: u16) -> Verdict {
     if dst_flags & wl_flags::DIRECT != 0 {
         // Same-node destination that needs nothing from the proxy: no rewrite, sockops
         // pairs both sockets. If the record cannot be stored the flow simply stays on TCP.
-        if SOCK_ORIG.insert(cookie, orig, 0).is_err() {
-            bump(Stat::ConnectOrigStoreFailed);
+        if !record(ctx, orig) {
+            note(ev, Stat::SockStateFailed);
             return Verdict::Leave;
         }
-        bump(Stat::ConnectDirect);
+        note(ev, Stat::ConnectDirect);
         return Verdict::Leave;
     }
     let ready = cfg.flags & cfg_flags::PROXY_READY != 0;
@@ -230,32 +369,32 @@ fn decide(ctx: &SockAddrContext, dst_ip: u32, dst_port: u16) -> Verdict {
     if !proxy_alive(ready, &proxy_health(), now) {
         // No proxy able to take the connection: the workload's fail mode decides.
         if fail_closed {
-            bump(Stat::ConnectRefused);
+            note(ev, Stat::ConnectRefused);
             return Verdict::Refuse;
         }
-        bump(if ready {
-            Stat::ConnectProxyStale
+        if ready {
+            note(ev, Stat::ConnectProxyStale);
         } else {
-            Stat::ConnectProxyNotReady
-        });
+            note(ev, Stat::ConnectProxyNotReady);
+        }
         return Verdict::Leave;
     }
     orig.flags = (orig.flags & !flow_flags::DIRECT) | flow_flags::PROXIED;
-    if SOCK_ORIG.insert(cookie, orig, 0).is_err() {
+    if !record(ctx, orig) {
         // Without the original destination the proxy could not serve it.
-        bump(Stat::ConnectOrigStoreFailed);
+        note(ev, Stat::SockStateFailed);
         if fail_closed {
-            bump(Stat::ConnectRefused);
+            note(ev, Stat::ConnectRefused);
             return Verdict::Refuse;
         }
         return Verdict::Leave;
     }
-    bump(Stat::ConnectRedirected);
+    note(ev, Stat::ConnectRedirected);
     Verdict::Redirect(cfg.proxy_ip4, cfg.proxy_port as u16)
 }
 
 #[inline(always)]
-fn excluded(ip: u32, port: u16) -> bool {
+fn excluded(ev: &mut Ev, ip: u32, port: u16) -> bool {
     // Volatile reads: the compiler keeps the generation reads around the slot reads, in
     // program order. Accepted race: on x86-64 loads are not reordered with loads either;
     // a weakly ordered CPU (arm64) could in theory satisfy a slot load after the second
@@ -278,7 +417,7 @@ fn excluded(ip: u32, port: u16) -> bool {
         None => {
             // The agent flipped halves under every attempt: capture, as if not excluded
             // (the proxy still dials the original destination).
-            bump(Stat::ConnectExcludesRaced);
+            note(ev, Stat::ConnectExcludesRaced);
             false
         }
     }

@@ -8,9 +8,11 @@
 //! - `mesh_tc_ingress` (TC ingress on each capturing pod's interface): assign new inbound
 //!   connections to the agent's listener inside the pod (`bpf_sk_assign`).
 //!
+//! Each family logs its decisions through aya-log when the agent turns the log on (`log`).
+//!
 //! The split into one binary (rather than one per family as aya-template suggests) is
 //! deliberate: sockops and sk_msg must share `SOCKHASH`, and connect and sockops must share
-//! `SOCK_ORIG`; one object gives one set of maps without pin-by-name plumbing.
+//! `SOCK_STATE`; one object gives one set of maps without pin-by-name plumbing.
 #![no_std]
 #![no_main]
 // The kernel side is the one crate where `unsafe` is the norm (raw contexts, helpers).
@@ -20,6 +22,7 @@
 )]
 
 mod connect;
+mod log;
 mod maps;
 mod sk_msg;
 mod sockops;

@@ -1,16 +1,19 @@
 //! Every map of the datapath (BTF-defined so `bpftool map dump` names the fields), the
 //! load-time globals, and the per-CPU counter helper.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    helpers::generated::bpf_probe_read_kernel,
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
+    helpers::generated::{bpf_probe_read_kernel, bpf_sk_storage_get},
     macros::btf_map,
     Global,
 };
 use mesh_common::{
     capacity as cap,
     maps::{
-        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, OrigDst, ProxyHealth, SockKey,
+        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, ProxyHealth, SockKey, SockState,
         WorkloadInfo,
     },
     Stat,
@@ -49,30 +52,89 @@ pub static EXCLUDES: Array<ExcludeCidr, { cap::EXCLUDE_SLOTS as usize }> = Array
 #[btf_map]
 pub static EXCLUDES_GEN: Array<u32, 1> = Array::new();
 
-/// connect4 decision by socket cookie: until sockops sees the socket established, and for
-/// proxied sockets until they close (getpeername answers from it). LRU: a connect that
-/// never completes must not leak an entry.
+/// Per-socket state of captured connections (socket storage: created by connect4/6 or
+/// sockops, freed by the kernel with its socket, never evicted): the original destination
+/// (getpeername4/6, the proxy), what sockops decided, and each sender's fallback state
+/// (sk_msg). A full map does not exist: the only failure is kernel memory.
 #[btf_map]
-pub static SOCK_ORIG: LruHashMap<u64, OrigDst, { cap::SOCK_ORIG as usize }> = LruHashMap::new();
+pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
-/// Captured connections by the client's 4-tuple: original destination and carriage.
+/// Captured connections by the client's 4-tuple: original destination and carriage. An
+/// LRU *cache*: the listing of live flows (CLI, `/inspect`) and the hand-off of a flow to
+/// its accepting socket, which copies it into its own `SOCK_STATE` at PASSIVE_ESTABLISHED
+/// (microseconds after the client wrote it). No invariant depends on an entry staying:
+/// an eviction only drops it from the listing (counted at close, `flow_evicted`).
 #[btf_map]
 pub static FLOWS: LruHashMap<SockKey, FlowInfo, { cap::FLOWS as usize }> = LruHashMap::new();
 
-/// Both local ends of captured connections, each under its own (local, remote) view.
+/// Both local ends of captured connections, each under its own (local, remote) view. A
+/// plain hash: when full, a socket is not paired (`sockhash_update_failed`) and its
+/// flow takes the TCP path; nothing in it is ever evicted.
 #[btf_map]
 pub static SOCKHASH: SockHash<SockKey, { cap::SOCKHASH as usize }> = SockHash::new();
 
-/// Kernel address of each socket in `SOCKHASH` (same key), read by sk_msg to look at the
-/// peer's redirect queue with `bpf_probe_read_kernel`. A stale address after a close only
-/// yields a wrong estimate, never a fault (probe reads are checked).
+/// The kernel address of a sender's peer socket, learnt by sk_msg from its own redirects
+/// (`struct sk_msg.sk_redir`), for the back-pressure check. Socket storage of the sender,
+/// and the one map the agent does not pin: kernel pointers are never in a map a dump can
+/// read. After an agent restart the new programs learn it again at the next redirect.
 #[btf_map]
-pub static SK_ADDR: LruHashMap<SockKey, u64, { cap::SOCKHASH as usize }> = LruHashMap::new();
+pub static PEER_SK: SkStorage<PeerSk> = SkStorage::new();
 
-/// Sender sockets (by their own view) whose later sends must stay on the TCP path, so
-/// bytes are never reordered: set when a send could not be redirected.
-#[btf_map]
-pub static FALLBACK: LruHashMap<SockKey, u32, { cap::SOCKHASH as usize }> = LruHashMap::new();
+/// `PEER_SK` value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PeerSk {
+    /// The peer socket's `struct sock` address; 0 until the first redirect.
+    pub peer: u64,
+    /// Scratch: the program's context pointer, stored and loaded back so the verifier
+    /// treats it as a number (probe reads of `struct sk_msg` fields at BTF offsets).
+    pub ctx: u64,
+}
+
+#[inline(always)]
+fn map_ptr<T>(m: &T) -> *mut c_void {
+    core::ptr::from_ref(m).cast_mut().cast()
+}
+
+/// `SOCK_STATE` of the socket `sk` (a full socket from the program's context), created
+/// zeroed with `create`. `None`: no state (or, with `create`, no memory).
+///
+/// # Safety
+///
+/// `sk` must be the context's own socket pointer, checked non-null.
+#[inline(always)]
+pub unsafe fn sock_state(sk: *mut c_void, create: bool) -> Option<&'static mut SockState> {
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    // SAFETY: the kernel returns a pointer to this socket's value or null; the value stays
+    // valid while the program runs (the socket is held by the caller).
+    unsafe {
+        let p = bpf_sk_storage_get(map_ptr(&SOCK_STATE), sk, core::ptr::null_mut(), flags);
+        (p as *mut SockState).as_mut()
+    }
+}
+
+/// `PEER_SK` of the socket `sk`, created zeroed if missing.
+///
+/// # Safety
+///
+/// As `sock_state`.
+#[inline(always)]
+pub unsafe fn peer_sk(sk: *mut c_void) -> Option<&'static mut PeerSk> {
+    // SAFETY: as in `sock_state`.
+    unsafe {
+        let p = bpf_sk_storage_get(
+            map_ptr(&PEER_SK),
+            sk,
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        );
+        (p as *mut PeerSk).as_mut()
+    }
+}
 
 /// The agent's netns-cookie probes (kernels without `SO_NETNS_COOKIE`): the agent inserts
 /// the socket cookie of a UDP socket it made in a pod's network namespace, connects it,
@@ -89,6 +151,11 @@ pub static STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new(
 /// load time, for the sk_msg back-pressure check. Zero disables the check.
 #[unsafe(no_mangle)]
 pub static OFF_SK_USER_DATA: Global<u32> = Global::new(0);
+/// `struct sk_msg`: `sk` (the sender) and `sk_redir` (the socket a redirect chose).
+#[unsafe(no_mangle)]
+pub static OFF_MSG_SK: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_MSG_SK_REDIR: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static OFF_SK_RCVBUF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -140,11 +207,15 @@ pub fn proxy_health() -> ProxyHealth {
 /// Whether the agent resolved the kernel offsets the queue check needs.
 #[inline(always)]
 pub fn queue_check_enabled() -> bool {
-    OFF_SK_USER_DATA.load() != 0 && OFF_PSOCK_MSG_TOT_LEN.load() != 0 && OFF_SK_RCVBUF.load() != 0
+    OFF_SK_USER_DATA.load() != 0
+        && OFF_PSOCK_MSG_TOT_LEN.load() != 0
+        && OFF_SK_RCVBUF.load() != 0
+        && OFF_MSG_SK_REDIR.load() != 0
+        && OFF_MSG_SK.load() != 0
 }
 
 /// `(sk_rcvbuf, bytes waiting in the sk_msg ingress queue)` of the socket at kernel
-/// address `addr` (recorded in `SK_ADDR`). Unreadable fields read as 0.
+/// address `addr` (from `PEER_SK`). Unreadable fields read as 0.
 #[inline(always)]
 pub fn socket_queue(addr: u64) -> (i32, u32) {
     let base = addr as *const u8;
@@ -178,6 +249,25 @@ pub fn socket_queue(addr: u64) -> (i32, u32) {
         }
     }
     (rcvbuf, queued)
+}
+
+/// Reads the `u64` at `offset` of the kernel object at `addr`; 0 if unreadable.
+#[inline(always)]
+pub fn read_u64(addr: u64, offset: u32) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: bpf_probe_read_kernel validates the source address.
+    let rc = unsafe {
+        bpf_probe_read_kernel(
+            (&mut v as *mut u64).cast(),
+            8,
+            (addr as *const u8).wrapping_add(offset as usize).cast(),
+        )
+    };
+    if rc == 0 {
+        v
+    } else {
+        0
+    }
 }
 
 /// Reads the `u32` at `offset` of the kernel object at `addr`; `None` if unreadable.

@@ -2,6 +2,8 @@
 //! peer socket's receive queue (`bpf_msg_redirect_hash` with `BPF_F_INGRESS`), skipping the
 //! TCP/IP stack.
 //!
+//! Per-socket state (`SOCK_STATE`, socket storage): each sender's fallback, never evicted.
+//!
 //! Back-pressure: an ingress redirect does not wait for the reader, so a fast sender could
 //! queue without bound into a slow reader (and writes then fail with ENOMEM). Before each
 //! redirect we read how many bytes already wait in the peer's queue (`sk_psock.msg_tot_len`,
@@ -10,77 +12,210 @@
 //! reordered: the reader drains the redirect queue before the TCP queue). TCP then provides
 //! the back-pressure. Once every byte sent over TCP has been acknowledged and read and the
 //! redirect queue has drained to half the limit, the sender goes back to redirecting
-//! (`drained`): nothing of it is left on the TCP path for a redirect to overtake.
+//! (`drained`). The peer's address comes from the kernel itself: after a redirect,
+//! `struct sk_msg.sk_redir` names the peer socket; the sender keeps it in its own socket
+//! storage (`PEER_SK`, not pinned), so no kernel pointer sits in a map a dump can read.
 //!
 //! # Minimum kernel version
 //!
-//! 4.17 for sk_msg. The back-pressure check needs `sk_psock.msg_tot_len` (6.9) and
+//! sk_msg is 4.17; `bpf_sk_storage_get` and the `sk` field in sk_msg programs are
+//! verified on 5.10, the supported floor (docs/kernels.md, "Helpers by program type"). The back-pressure check needs `sk_psock.msg_tot_len` (6.9) and
 //! `bpf_probe_read_kernel` (5.8); on older kernels the agent leaves the offsets at 0,
 //! which disables the check.
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mesh_common::{fallback, maps::SockKey, socket_key, Stat, AF_INET6};
+use aya_log_ebpf::{log, macro_support::Level};
+use mesh_common::{
+    decision, fallback, flow_flags, log_level, maps::SockKey, socket_key, Stat, AF_INET6,
+};
 
-use crate::maps::{
-    add, bump, queue_check_enabled, read_addressing, read_u32, socket_queue, FALLBACK,
-    OFF_TCP_COPIED_SEQ, OFF_TCP_RCV_NXT, OFF_TCP_SND_UNA, OFF_TCP_WRITE_SEQ, QUEUE_LIMIT_FLOOR,
-    SK_ADDR, SOCKHASH,
+use crate::{
+    log::{ip, on, NONE},
+    maps::{
+        add, bump, config, peer_sk, queue_check_enabled, read_addressing, read_u32, read_u64,
+        sock_state, socket_queue, PeerSk, FLOWS, OFF_MSG_SK, OFF_MSG_SK_REDIR, OFF_TCP_COPIED_SEQ,
+        OFF_TCP_RCV_NXT, OFF_TCP_SND_UNA, OFF_TCP_WRITE_SEQ, QUEUE_LIMIT_FLOOR, SOCKHASH,
+    },
 };
 
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    // A sender changing path is said once, here (one aya-log call site); on every other
+    // message this is one compare of a register.
+    let mut rec = MsgRec {
+        code: NONE,
+        netns: 0,
+        me: SockKey::default(),
+    };
+    let verdict = on_msg(&ctx, &mut rec);
+    if rec.code != NONE {
+        rec.say();
+    }
+    verdict
+}
+
+#[inline(always)]
+fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
     let md = ctx.msg;
     // SAFETY: the context pointer is valid for the program's lifetime.
-    let ((family, l4, r4, l6, r6, lport, rport), size) =
-        unsafe { (read_addressing!(md), read_volatile(&(*md).size)) };
+    let ((family, l4, r4, l6, r6, lport, rport), size, sk) = unsafe {
+        (
+            read_addressing!(md),
+            read_volatile(&(*md).size),
+            read_volatile(&(*md).__bindgen_anon_3.sk),
+        )
+    };
     let Some((me, _)) = socket_key(family, l4, r4, l6, r6, lport, rport) else {
         if family == AF_INET6 {
             bump(Stat::MsgPassUnpaired);
         }
         return SK_PASS;
     };
+    let sk: *mut core::ffi::c_void = sk.cast();
+    if sk.is_null() {
+        bump(Stat::MsgPassUnpaired);
+        return SK_PASS;
+    }
+    // The state sockops created when it paired this socket (before any send). Without
+    // one (never the case for a paired socket) nothing is redirected, ever, so nothing
+    // can be reordered either.
+    // SAFETY: the context's own socket, checked non-null.
+    let Some(st) = (unsafe { sock_state(sk, false) }) else {
+        bump(Stat::MsgPassUnpaired);
+        return SK_PASS;
+    };
+    // SAFETY: as above. `None` (no memory for it): no back-pressure check for this socket.
+    let mut addrs = unsafe { peer_sk(sk) };
     let peer = me.reversed();
-    // SAFETY: the value is copied out at once.
-    match unsafe { FALLBACK.get(me) }.copied() {
-        None => {}
-        Some(fallback::BACKPRESSURE) if drained(&me, &peer) => {
+    // Only a sender that knows its peer's address follows (it must be able to tell when
+    // it may come back); one that has not redirected yet leaves the signal for later.
+    let knows_peer = addrs.as_deref().is_some_and(|a| a.peer != 0);
+    if st.fallback == 0 && knows_peer && queue_check_enabled() && peer_fell_back(st.flags, &me) {
+        // Follow the other direction onto TCP; `drained` below decides at once whether
+        // this one may stay on the redirect path (nothing of it is on TCP yet).
+        st.fallback = fallback::BACKPRESSURE;
+        bump(Stat::MsgPassBackpressure);
+        *rec = MsgRec::new(decision::BACKPRESSURE_FOLLOWED, &me, st.netns);
+    }
+    match st.fallback {
+        0 => {}
+        fallback::BACKPRESSURE if drained(md as u64, addrs.as_deref_mut()) => {
             // Accepted race: none. This sender's socket lock is held (we run inside its
             // sendmsg), so no byte of it can enter TCP between the check and the redirect.
-            let _ = FALLBACK.remove(me);
+            st.fallback = 0;
             bump(Stat::MsgFallbackRecovered);
+            *rec = MsgRec::new(Stat::MsgFallbackRecovered as u32, &me, st.netns);
         }
-        Some(_) => {
+        _ => {
             bump(Stat::MsgPassFallback);
             return SK_PASS;
         }
     }
-    if peer_queue_full(&peer) {
-        // Both directions leave the redirect path together, so a slow reader's own
-        // replies also get TCP's flow control; each comes back on its own once drained.
-        let _ = FALLBACK.insert(me, fallback::BACKPRESSURE, 0);
-        let _ = FALLBACK.insert(peer, fallback::BACKPRESSURE, 0);
-        bump(Stat::MsgPassBackpressure);
-        return SK_PASS;
+    if let Some(a) = addrs.as_deref() {
+        if peer_queue_full(a.peer) {
+            // This sender leaves the redirect path until the reader catches up; TCP's own
+            // flow control takes over. The other direction follows at its next send
+            // (`peer_fell_back`); each comes back on its own.
+            st.fallback = fallback::BACKPRESSURE;
+            mark_flow(st.flags, &me);
+            bump(Stat::MsgPassBackpressure);
+            *rec = MsgRec::new(Stat::MsgPassBackpressure as u32, &me, st.netns);
+            return SK_PASS;
+        }
     }
     let mut key = peer;
-    if SOCKHASH.redirect_msg(&ctx, &mut key, BPF_F_INGRESS as u64) as u32 != SK_PASS {
+    if SOCKHASH.redirect_msg(ctx, &mut key, BPF_F_INGRESS as u64) as u32 != SK_PASS {
         // The peer is not in the sockhash (established before the agent started, its
         // insert failed, or it just closed). The helper set no redirect, so returning
         // SK_PASS sends this message over TCP; stay there for good so later messages
         // cannot overtake it.
-        let _ = FALLBACK.insert(me, fallback::NO_PEER, 0);
+        st.fallback = fallback::NO_PEER;
+        mark_flow(st.flags, &me);
         bump(Stat::MsgPassNoPeer);
+        *rec = MsgRec::new(Stat::MsgPassNoPeer as u32, &me, st.netns);
         return SK_PASS;
+    }
+    // Learn the peer's address from the redirect the kernel just set up, for the check
+    // of the next message (the first message of a connection goes unchecked).
+    if let Some(a) = addrs {
+        if a.peer == 0 && queue_check_enabled() {
+            a.peer = read_u64(ctx_addr(md as u64, a), OFF_MSG_SK_REDIR.load());
+        }
     }
     bump(Stat::MsgRedirected);
     add(Stat::MsgRedirectedBytes, size as u64);
     SK_PASS
+}
+
+/// The decision log's record of a sender changing path (rare: never per redirected
+/// message). `me`: the sender's view.
+struct MsgRec {
+    code: u32,
+    netns: u64,
+    me: SockKey,
+}
+
+impl MsgRec {
+    #[inline(always)]
+    fn new(code: u32, me: &SockKey, netns: u64) -> MsgRec {
+        MsgRec {
+            code,
+            netns,
+            me: *me,
+        }
+    }
+
+    #[inline(always)]
+    fn say(&self) {
+        if !on(config().log_level, log_level::DEBUG) {
+            return;
+        }
+        let m = &self.me;
+        log!(
+            &(),
+            Level::Debug,
+            "{} netns={} sender {:i}:{} -> {:i}:{}",
+            self.code,
+            self.netns,
+            ip(m.local_ip4),
+            m.local_port,
+            ip(m.remote_ip4),
+            m.remote_port
+        );
+    }
+}
+
+/// The context pointer as a number (the kernel's `struct sk_msg`), for probe reads of its
+/// fields: stored and loaded back through the map value, so the verifier sees a scalar.
+#[inline(always)]
+fn ctx_addr(ctx: u64, scratch: &mut PeerSk) -> u64 {
+    // SAFETY: plain volatile store and load of a field of our own map value; volatile so
+    // the compiler keeps both.
+    unsafe {
+        write_volatile(&mut scratch.ctx, ctx);
+        read_volatile(&scratch.ctx)
+    }
+}
+
+/// Marks the flow's listing entry (`FLOWS`, keyed by the client's view) with the sender's
+/// fallback. Display only: the state that decides is the sender's `SOCK_STATE`.
+#[inline(always)]
+fn mark_flow(flags: u32, me: &SockKey) {
+    let (view, bit) = if flags & flow_flags::SERVER_SIDE != 0 {
+        (me.reversed(), flow_flags::SERVER_FALLBACK)
+    } else {
+        (*me, flow_flags::CLIENT_FALLBACK)
+    };
+    if let Some(f) = FLOWS.get_ptr_mut(view) {
+        // SAFETY: map value pointer returned by the kernel, valid during this program run.
+        unsafe { (*f).flags |= bit };
+    }
 }
 
 /// Whether a sender in back-pressure fallback may go back to redirecting without
@@ -90,7 +225,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 /// the peer's redirect queue is below half the limit (hysteresis, so a reader that stays
 /// slow does not make the pair flip at every message).
 #[inline(always)]
-fn drained(me: &SockKey, peer: &SockKey) -> bool {
+fn drained(ctx: u64, addrs: Option<&mut PeerSk>) -> bool {
     let (una, wseq, nxt, copied) = (
         OFF_TCP_SND_UNA.load(),
         OFF_TCP_WRITE_SEQ.load(),
@@ -100,13 +235,14 @@ fn drained(me: &SockKey, peer: &SockKey) -> bool {
     if una == 0 || wseq == 0 || nxt == 0 || copied == 0 || !queue_check_enabled() {
         return false;
     }
-    // SAFETY: the values are copied out at once.
-    let (Some(mine), Some(theirs)) = (
-        unsafe { SK_ADDR.get(me) }.copied(),
-        unsafe { SK_ADDR.get(peer) }.copied(),
-    ) else {
+    let Some(a) = addrs else {
         return false;
     };
+    let theirs = a.peer;
+    let mine = read_u64(ctx_addr(ctx, a), OFF_MSG_SK.load());
+    if mine == 0 || theirs == 0 {
+        return false;
+    }
     let sent_all_acked = match (read_u32(mine, una), read_u32(mine, wseq)) {
         (Some(a), Some(w)) => a == w,
         _ => false,
@@ -125,6 +261,33 @@ fn drained(me: &SockKey, peer: &SockKey) -> bool {
     queued <= queue_limit(rcvbuf) / 2
 }
 
+/// Whether the other end of this flow moved to the TCP path since this sender last
+/// looked: its fallback bit in the flow's `FLOWS` entry, cleared here (a one-shot signal).
+/// Both directions then leave the redirect path together, so a slow reader's own replies
+/// get TCP's flow control too. A hint only: if the LRU evicted the entry, this direction
+/// keeps its own check.
+#[inline(always)]
+fn peer_fell_back(flags: u32, me: &SockKey) -> bool {
+    let (view, bit) = if flags & flow_flags::SERVER_SIDE != 0 {
+        (me.reversed(), flow_flags::CLIENT_FALLBACK)
+    } else {
+        (*me, flow_flags::SERVER_FALLBACK)
+    };
+    let Some(f) = FLOWS.get_ptr_mut(view) else {
+        return false;
+    };
+    // SAFETY: map value pointer returned by the kernel, valid during this program run.
+    // Accepted race: two senders of one flow updating `flags` at once can lose a bit;
+    // the bits are hints (the listing, this signal), never what ordering depends on.
+    unsafe {
+        if (*f).flags & bit == 0 {
+            return false;
+        }
+        (*f).flags &= !bit;
+    }
+    true
+}
+
 /// The most bytes a redirect queue may hold: the peer's `SO_RCVBUF`, at least the floor.
 #[inline(always)]
 fn queue_limit(rcvbuf: i32) -> u32 {
@@ -136,16 +299,13 @@ fn queue_limit(rcvbuf: i32) -> u32 {
     }
 }
 
-/// Whether more bytes than the limit already wait in the peer's redirect queue.
+/// Whether more bytes than the limit already wait in the redirect queue of the peer at
+/// kernel address `addr` (0: not learnt yet, no check).
 #[inline(always)]
-fn peer_queue_full(peer: &SockKey) -> bool {
-    if !queue_check_enabled() {
+fn peer_queue_full(addr: u64) -> bool {
+    if !queue_check_enabled() || addr == 0 {
         return false;
     }
-    // SAFETY: the value is copied out at once.
-    let Some(addr) = (unsafe { SK_ADDR.get(peer) }).copied() else {
-        return false;
-    };
     let (rcvbuf, queued) = socket_queue(addr);
     queued > queue_limit(rcvbuf)
 }

@@ -1,14 +1,15 @@
-//! `sockops`: pairs the sockets of captured connections.
+//! `sockops`: records and pairs the sockets of captured connections.
 //!
-//! - ACTIVE_ESTABLISHED (client side, connect() completing): if connect4 marked the socket,
-//!   record `FLOWS[client view]` (the proxy reads the original destination from it) and put
-//!   the socket in `SOCKHASH`.
+//! - ACTIVE_ESTABLISHED (client side, connect() completing): if connect4 left a
+//!   `SOCK_STATE` on the socket, record `FLOWS[client view]` (the hand-off to the accepting
+//!   socket, and the listing) and put the socket in `SOCKHASH`.
 //! - PASSIVE_ESTABLISHED (server side: the node proxy, or the destination pod in direct
-//!   mode): if `FLOWS` holds the reversed tuple, put this socket in `SOCKHASH` too, which
-//!   turns on the sk_msg short-circuit for the pair.
-//! - TCP_CONNECT (a captured socket sends its SYN): ask for state callbacks, so a connect
-//!   that never completes still drops its `SOCK_ORIG` record on close.
-//! - STATE_CB to TCP_CLOSE: drop the flow record, the fallback mark and the address.
+//!   mode): if `FLOWS` holds the reversed tuple, copy the flow into this socket's own
+//!   `SOCK_STATE` (the proxy reads it there by its accepted socket, so an LRU eviction of
+//!   the `FLOWS` entry later changes nothing) and pair it, which turns on the sk_msg
+//!   short-circuit for the pair.
+//! - TCP_CONNECT (a captured socket sends its SYN): ask for state callbacks.
+//! - STATE_CB to TCP_CLOSE: drop the flow record (per-socket state dies with the socket).
 //!
 //! Paired sockets are never taken out of the sockhash while they live: deleting one drops
 //! its psock, which discards whatever a concurrent redirect from the peer queued there
@@ -16,41 +17,103 @@
 //!
 //! # Minimum kernel version
 //!
-//! 5.3 (`BPF_SOCK_OPS_STATE_CB`, socket cookie in sock_ops since 5.0); sockhash 4.18.
+//! 5.3 (`BPF_SOCK_OPS_STATE_CB`); sockhash 4.18; `bpf_sk_storage_get` from sockops is
+//! verified on 5.10, the supported floor (docs/kernels.md, "Helpers by program type").
 
-use core::ptr::read_volatile;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
+use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
-    cfg_flags, flow_flags,
-    maps::{FlowInfo, SockKey},
+    cfg_flags, decision, flow_flags, log_level,
+    maps::{FlowInfo, SockKey, SockState},
     socket_key, Stat,
 };
 
-use crate::maps::{bump, config, read_addressing, FALLBACK, FLOWS, SK_ADDR, SOCKHASH, SOCK_ORIG};
+use crate::{
+    log::{ip, on, NONE},
+    maps::{bump, config, read_addressing, sock_state, FLOWS, SOCKHASH},
+};
 
-/// Callbacks a paired socket needs: state changes, for the flow clean-up on close.
+/// Callbacks a captured socket needs: state changes, for the flow clean-up on close.
 const PAIRED_CB_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG;
+
+// Keys are 4-tuples without a network namespace (sockops has no `bpf_get_netns_cookie`
+// before 5.15, see docs/kernels.md). Within one namespace a live 4-tuple is unique, so a
+// key already present belongs to a socket of *another* namespace with the same addresses:
+// every insert is `BPF_NOEXIST`, so such a socket can never take over (and receive) a
+// live flow's entry or sockhash slot; it stays unpaired on TCP (counted).
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    let mut rec = Rec::none();
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx, &mut rec),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx, &mut rec),
+        BPF_SOCK_OPS_STATE_CB => state_changed(&ctx, &mut rec),
         BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ctx),
         _ => {}
     }
+    rec.say();
     0
+}
+
+/// The decision log's record of one callback, said once at the program's exit (one
+/// aya-log call site for all of sockops' records). `key`: the client's view; fields not
+/// known are 0.
+struct Rec {
+    level: u32,
+    code: u32,
+    paired: u32,
+    netns: u64,
+    key: SockKey,
+    orig_ip4: u32,
+    orig_port: u32,
+}
+
+impl Rec {
+    #[inline(always)]
+    fn none() -> Rec {
+        Rec {
+            level: log_level::OFF,
+            code: NONE,
+            paired: 0,
+            netns: 0,
+            key: SockKey::default(),
+            orig_ip4: 0,
+            orig_port: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn say(&self) {
+        if self.code == NONE || !on(self.level, log_level::DEBUG) {
+            return;
+        }
+        let k = &self.key;
+        log!(
+            &(),
+            Level::Debug,
+            "{} paired={} netns={} {:i}:{} -> {:i}:{} orig={:i}:{}",
+            self.code,
+            self.paired,
+            self.netns,
+            ip(k.local_ip4),
+            k.local_port,
+            ip(k.remote_ip4),
+            k.remote_port,
+            ip(self.orig_ip4),
+            self.orig_port
+        );
+    }
 }
 
 /// This socket's (local, remote) view, with v4-mapped IPv6 folded to IPv4.
@@ -61,63 +124,96 @@ fn sock_key(ctx: &SockOpsContext) -> Option<(SockKey, bool)> {
     socket_key(family, l4, r4, l6, r6, lport, rport)
 }
 
+/// The context's full socket, or null (sockops also runs on request and time-wait
+/// sockets, which have no storage).
 #[inline(always)]
-fn active_established(ctx: &SockOpsContext) {
-    // SAFETY: helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: the value is copied out at once.
-    let Some(orig) = unsafe { SOCK_ORIG.get(cookie) }.copied() else {
-        upstream_established(ctx);
+fn ctx_sk(ctx: &SockOpsContext) -> *mut c_void {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) }.cast()
+}
+
+#[inline(always)]
+fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
+    let sk = ctx_sk(ctx);
+    if sk.is_null() {
         return;
-    };
-    if orig.flags & flow_flags::PROXIED == 0 {
-        // Proxied sockets keep theirs until close: getpeername4|6 answer from it.
-        let _ = SOCK_ORIG.remove(cookie);
     }
+    // SAFETY: the context's own socket, checked non-null.
+    let st = match unsafe { sock_state(sk, false) } {
+        Some(st) if st.flags & (flow_flags::PROXIED | flow_flags::DIRECT) != 0 => st,
+        _ => {
+            upstream_established(ctx, sk, rec);
+            return;
+        }
+    };
     let Some((key, v6)) = sock_key(ctx) else {
         return;
     };
-    let mut flags = orig.flags;
     if v6 {
-        flags |= flow_flags::CLIENT_V6;
+        st.flags |= flow_flags::CLIENT_V6;
     }
     let cfg = config();
-    let pair = (orig.flags & flow_flags::DIRECT != 0 || cfg.flags & cfg_flags::SKMSG != 0)
+    let pair = (st.flags & flow_flags::DIRECT != 0 || cfg.flags & cfg_flags::SKMSG != 0)
         && cfg.flags & cfg_flags::NO_PAIRING == 0;
-    if pair {
-        flags |= flow_flags::CLIENT_PAIRED;
-    }
-    let info = FlowInfo {
-        orig_ip4: orig.ip4,
-        orig_port: orig.port,
-        flags,
-        src_id: orig.src_id,
-        dst_id: orig.dst_id,
-        _pad: 0,
-    };
-    if FLOWS.insert(key, info, 0).is_err() {
-        bump(Stat::FlowStoreFailed);
-        return;
-    }
-    // Accepted race: the flow record is written before this socket is in the sockhash;
-    // the peer only pairs when it finds the record, and sk_msg only redirects to a peer
-    // that is in the sockhash, so either order is safe.
+    // Watch the socket's state for the clean-up at close.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
+    // Into the sockhash first, so `client_paired` in the record is the truth; the peer
+    // only pairs when it finds the record, which does not exist yet.
     if pair {
         // SAFETY: the context pointer is valid for the program's lifetime.
-        if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
-            remember_addr(ctx, key);
+        if SOCKHASH
+            .update(key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            st.flags |= flow_flags::CLIENT_PAIRED;
             bump(Stat::SockopsClientPaired);
         } else {
+            // A full sockhash (or no memory): the flow runs over TCP, unpaired.
             bump(Stat::SockhashUpdateFailed);
         }
     }
+    let info = FlowInfo {
+        orig_ip4: st.orig_ip4,
+        orig_port: st.orig_port,
+        flags: st.flags & !(flow_flags::RECORDED | flow_flags::SERVER_SIDE),
+        src_id: st.src_id,
+        dst_id: st.dst_id,
+        _pad: 0,
+        netns: st.netns,
+    };
+    // Accepted race: the accepting side reads this entry at its PASSIVE_ESTABLISHED,
+    // which follows this callback (the ACK that completes its handshake is sent after
+    // it). An LRU eviction in between would need a map's worth of new flows within that
+    // window; the proxy then resets the connection (`flow_handoff_missed`), never guesses.
+    let stored = FLOWS.insert(key, info, BPF_NOEXIST as u64).is_ok();
+    if stored {
+        st.flags |= flow_flags::RECORDED;
+    } else {
+        bump(Stat::FlowStoreFailed);
+    }
+    *rec = Rec {
+        level: cfg.log_level,
+        code: if !stored {
+            Stat::FlowStoreFailed as u32
+        } else if pair && st.flags & flow_flags::CLIENT_PAIRED == 0 {
+            Stat::SockhashUpdateFailed as u32
+        } else if st.flags & flow_flags::PROXIED != 0 {
+            decision::FLOW_RECORDED_PROXIED
+        } else {
+            decision::FLOW_RECORDED_DIRECT
+        },
+        paired: (st.flags & flow_flags::CLIENT_PAIRED != 0) as u32,
+        netns: st.netns,
+        key,
+        orig_ip4: st.orig_ip4,
+        orig_port: st.orig_port,
+    };
 }
 
 /// The node proxy's connection to a local destination, announced by the proxy in `FLOWS`
 /// (flag `upstream`) before it connected: pair it like a client.
 #[inline(always)]
-fn upstream_established(ctx: &SockOpsContext) {
+fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
     let Some((key, _)) = sock_key(ctx) else {
         return;
     };
@@ -126,62 +222,129 @@ fn upstream_established(ctx: &SockOpsContext) {
     };
     // SAFETY: map value pointer returned by the kernel, valid during this program run.
     let flow = unsafe { &mut *flow };
-    if flow.flags & flow_flags::UPSTREAM == 0 || config().flags & cfg_flags::NO_PAIRING != 0 {
+    let cfg = config();
+    if flow.flags & flow_flags::UPSTREAM == 0 || cfg.flags & cfg_flags::NO_PAIRING != 0 {
         return;
     }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
     // SAFETY: the context pointer is valid for the program's lifetime.
-    if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
-        remember_addr(ctx, key);
+    if SOCKHASH
+        .update(key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+        .is_ok()
+    {
         flow.flags |= flow_flags::CLIENT_PAIRED;
         bump(Stat::SockopsClientPaired);
     } else {
         bump(Stat::SockhashUpdateFailed);
     }
+    // SAFETY: the context's own socket, checked non-null by the caller.
+    if let Some(st) = unsafe { sock_state(sk, true) } {
+        *st = SockState {
+            orig_ip4: flow.orig_ip4,
+            orig_port: flow.orig_port,
+            flags: flow.flags | flow_flags::RECORDED,
+            src_id: flow.src_id,
+            dst_id: flow.dst_id,
+            fallback: 0,
+            netns: flow.netns,
+        };
+    }
+    *rec = Rec {
+        level: cfg.log_level,
+        code: decision::UPSTREAM_ESTABLISHED,
+        paired: (flow.flags & flow_flags::CLIENT_PAIRED != 0) as u32,
+        netns: flow.netns,
+        key,
+        orig_ip4: flow.orig_ip4,
+        orig_port: flow.orig_port,
+    };
 }
 
 #[inline(always)]
-fn passive_established(ctx: &SockOpsContext) {
+fn passive_established(ctx: &SockOpsContext, rec: &mut Rec) {
+    let sk = ctx_sk(ctx);
+    if sk.is_null() {
+        return;
+    }
     let Some((key, _)) = sock_key(ctx) else {
         return;
     };
     let client_view = key.reversed();
     let Some(flow) = FLOWS.get_ptr_mut(client_view) else {
+        let cfg = config();
+        if key.local_ip4 == cfg.proxy_ip4 && key.local_port as u32 == cfg.proxy_port {
+            // A connection to the proxy's listener without its record: evicted before
+            // this end was established (or someone dialled the listener directly).
+            bump(Stat::FlowHandoffMissed);
+            *rec = Rec {
+                level: cfg.log_level,
+                code: Stat::FlowHandoffMissed as u32,
+                key: client_view,
+                ..Rec::none()
+            };
+        }
         return;
     };
     // SAFETY: map value pointer returned by the kernel, valid during this program run.
     let flow = unsafe { &mut *flow };
-    if flow.flags & flow_flags::CLIENT_PAIRED == 0 {
+    // SAFETY: the context's own socket, checked non-null.
+    let Some(st) = (unsafe { sock_state(sk, true) }) else {
+        // No memory for the state: the proxy still finds the flow in `FLOWS` while it is
+        // there; nothing is paired.
+        bump(Stat::SockStateFailed);
         return;
+    };
+    *st = SockState {
+        orig_ip4: flow.orig_ip4,
+        orig_port: flow.orig_port,
+        flags: flow.flags | flow_flags::SERVER_SIDE,
+        src_id: flow.src_id,
+        dst_id: flow.dst_id,
+        fallback: 0,
+        netns: flow.netns,
+    };
+    if flow.flags & flow_flags::CLIENT_PAIRED != 0 {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        if SOCKHASH
+            .update(key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            // Accepted race: a concurrent reader of `FLOWS` (the CLI) may see the flag a
+            // moment late; it only labels the listing.
+            flow.flags |= flow_flags::SERVER_PAIRED;
+            st.flags |= flow_flags::SERVER_PAIRED;
+            bump(Stat::SockopsServerPaired);
+        } else {
+            bump(Stat::SockhashUpdateFailed);
+        }
     }
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    if SOCKHASH.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
-        remember_addr(ctx, key);
-        // Accepted race: a concurrent reader (the proxy) may see the flag a moment late;
-        // it only labels metrics.
-        flow.flags |= flow_flags::SERVER_PAIRED;
-        bump(Stat::SockopsServerPaired);
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
-    } else {
-        bump(Stat::SockhashUpdateFailed);
-    }
+    *rec = Rec {
+        level: config().log_level,
+        code: decision::FLOW_ACCEPTED,
+        paired: (st.flags & flow_flags::SERVER_PAIRED != 0) as u32,
+        netns: st.netns,
+        key: client_view,
+        orig_ip4: st.orig_ip4,
+        orig_port: st.orig_port,
+    };
 }
 
-/// A connect the connect hooks decided on is starting: watch its state, so a connect that
-/// never completes (refused, timed out, reset) drops its `SOCK_ORIG` record when it closes
-/// instead of leaving it to LRU eviction.
+/// A connect the connect hooks decided on is starting: watch its state, so the close of
+/// a connect that never completes is seen too.
 #[inline(always)]
 fn connecting(ctx: &SockOpsContext) {
-    // SAFETY: helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: presence test only.
-    if unsafe { SOCK_ORIG.get(cookie) }.is_some() {
+    let sk = ctx_sk(ctx);
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: the context's own socket, checked non-null; presence test only.
+    if unsafe { sock_state(sk, false) }.is_some() {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
     }
 }
 
 #[inline(always)]
-fn state_changed(ctx: &SockOpsContext) {
+fn state_changed(ctx: &SockOpsContext, rec: &mut Rec) {
     // arg 1 is the new state.
     if ctx.arg(1) != BPF_TCP_CLOSE {
         return;
@@ -189,24 +352,31 @@ fn state_changed(ctx: &SockOpsContext) {
     let Some((key, _)) = sock_key(ctx) else {
         return;
     };
-    // The kernel removes closed sockets from SOCKHASH itself; the flow record is keyed by
-    // the client's view, so the client's close removes it.
-    let _ = FALLBACK.remove(key);
-    let _ = SK_ADDR.remove(key);
-    // SAFETY: helper call on the program's own context.
-    let _ = SOCK_ORIG.remove(unsafe { bpf_get_socket_cookie(ctx.ops.cast()) });
+    // The kernel removes closed sockets from SOCKHASH itself and frees their socket
+    // storage; the flow record is keyed by the client's view, so the client's close
+    // removes it.
     if FLOWS.remove(key).is_ok() {
         bump(Stat::FlowClosed);
+        return;
     }
-}
-
-/// Records the socket's kernel address for the sk_msg back-pressure check. Storing a
-/// pointer in a map needs the loader to be privileged (CAP_PERFMON): the agent is.
-#[inline(always)]
-fn remember_addr(ctx: &SockOpsContext, key: SockKey) {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
-    if !sk.is_null() {
-        let _ = SK_ADDR.insert(key, sk as u64, 0);
+    let sk = ctx_sk(ctx);
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: the context's own socket, checked non-null.
+    if let Some(st) = unsafe { sock_state(sk, false) } {
+        if st.flags & flow_flags::RECORDED != 0 {
+            st.flags &= !flow_flags::RECORDED;
+            bump(Stat::FlowEvicted);
+            *rec = Rec {
+                level: config().log_level,
+                code: Stat::FlowEvicted as u32,
+                paired: 0,
+                netns: st.netns,
+                key,
+                orig_ip4: st.orig_ip4,
+                orig_port: st.orig_port,
+            };
+        }
     }
 }

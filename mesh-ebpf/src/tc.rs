@@ -27,9 +27,13 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use mesh_common::{cfg_flags, inbound, Stat};
+use aya_log_ebpf::{log, macro_support::Level};
+use mesh_common::{cfg_flags, inbound, log_level, Stat};
 
-use crate::maps::{bump, config, INBOUND, NODE_ADDRS};
+use crate::{
+    log::{ip, on},
+    maps::{bump, config, INBOUND, NODE_ADDRS},
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -120,7 +124,8 @@ fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
         bump(Stat::TcPassNotCaptured);
         return Ok(());
     }
-    if config().flags & cfg_flags::BYPASS != 0 {
+    let cfg = config();
+    if cfg.flags & cfg_flags::BYPASS != 0 {
         bump(Stat::TcPassBypass);
         return Ok(());
     }
@@ -157,8 +162,13 @@ fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
     // SAFETY: as above; released below.
     let listener =
         unsafe { bpf_sk_lookup_tcp(skb, &mut l, TUPLE_V4_LEN, BPF_F_CURRENT_NETNS as u64, 0) };
+    // Only the first packet of a new connection gets here (the lookup above passes the
+    // others), so these records are per connection.
+    let logged = on(cfg.log_level, log_level::DEBUG);
+    let (s, sp, d, dp) = (ip(p.saddr), u16::from_be(p.sport), ip(p.daddr), dport);
     if listener.is_null() {
         bump(Stat::TcNoListener);
+        say(logged, Stat::TcNoListener, s, sp, d, dp);
         return Ok(());
     }
     // SAFETY: a full socket from bpf_sk_lookup_tcp.
@@ -171,10 +181,30 @@ fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
     };
     // SAFETY: releasing the lookup's reference (sk_assign took its own).
     unsafe { bpf_sk_release(listener.cast()) };
-    if assigned {
-        bump(Stat::TcAssigned);
+    let stat = if assigned {
+        Stat::TcAssigned
     } else {
-        bump(Stat::TcAssignFailed);
-    }
+        Stat::TcAssignFailed
+    };
+    bump(stat);
+    say(logged, stat, s, sp, d, dp);
     Ok(())
+}
+
+/// The decision log's record of a new inbound connection (two aya-log call sites in all:
+/// `stat` is a variable at the second).
+#[inline(always)]
+fn say(logged: bool, stat: Stat, s: [u8; 4], sp: u16, d: [u8; 4], dp: u16) {
+    if logged {
+        log!(
+            &(),
+            Level::Debug,
+            "{} {:i}:{} -> {:i}:{}",
+            stat as u32,
+            s,
+            sp,
+            d,
+            dp
+        );
+    }
 }

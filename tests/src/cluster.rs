@@ -425,8 +425,10 @@ impl ClusterNode {
             ("--ca-dir", self.ca.display().to_string()),
         ];
         for (flag, value) in defaults {
-            // A flag given in `extra` replaces the default.
-            if !extra.contains(&flag) {
+            // A flag given in `extra` replaces the default; an external CA replaces the
+            // embedded one's folder.
+            let external_ca = flag == "--ca-dir" && extra.contains(&"--ca-address");
+            if !extra.contains(&flag) && !external_ca {
                 cmd.arg(flag).arg(value);
             }
         }

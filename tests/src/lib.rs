@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod cluster;
 pub mod kubeapi;
+pub mod scenes;
 
 /// How long a pod client may run when the test gives it no `--deadline-ms` of its own: far
 /// above any test's traffic (a 64 MiB echo takes seconds), far below CI's limit.
@@ -282,8 +283,8 @@ impl SimNode {
     }
 
     /// Every TCP socket of this node's subnet (node side and each pod), with its queues
-    /// and memory (`ss -tanmi`), and the sockets the datapath moved to the TCP path
-    /// (`FALLBACK`): what a stalled transfer is diagnosed from.
+    /// and memory (`ss -tanmi`), and the flows the datapath moved to the TCP path (`FLOWS`
+    /// flags `client_fallback`, `server_fallback`): what a stalled transfer is diagnosed from.
     pub fn socket_report(&self) -> String {
         let subnet = format!("10.201.{}.0/24", self.index);
         let mut out = format!(
@@ -296,14 +297,11 @@ impl SimNode {
                 .unwrap_or_else(|e| e.to_string());
             out.push_str(&format!("pod {} sockets:\n{ss}", p.name));
         }
-        let fallback = self.pin_path.join("FALLBACK");
-        if fallback.exists() {
-            let dump = sh(&format!(
-                "bpftool -j map dump pinned {}",
-                fallback.display()
-            ))
-            .unwrap_or_else(|e| e.to_string());
-            out.push_str(&format!("FALLBACK: {dump}\n"));
+        let flows = self.pin_path.join("FLOWS");
+        if flows.exists() {
+            let dump = sh(&format!("bpftool -j map dump pinned {}", flows.display()))
+                .unwrap_or_else(|e| e.to_string());
+            out.push_str(&format!("FLOWS: {dump}\n"));
         }
         out
     }
@@ -531,10 +529,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Waits (20 s at most) until `ready` (the agent's `/ready`, however the caller reaches
+    /// Waits (60 s at most) until `ready` (the agent's `/ready`, however the caller reaches
     /// it) answers "ready"; fails at once, with the log, if the agent exits first.
     pub(crate) fn wait_ready(&mut self, ready: impl Fn(&Agent) -> Result<String>) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // 60 s: under software emulation (the kernel matrix) on a busy host, verifying the
+        // programs alone has taken over 15 s.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if ready(self).is_ok_and(|b| b.starts_with("ready")) {
                 return Ok(());
@@ -547,7 +547,7 @@ impl Agent {
                 bail!("agent exited ({st}) before ready:\n{}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("agent not ready after 20s:\n{}", self.log_text());
+                bail!("agent not ready after 60s:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -728,4 +728,24 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `f` run with this thread allowed on `cpu` only (a child spawned meanwhile inherits
+/// it, as `taskset` would give it), the thread's CPU set restored after.
+pub fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> T {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity(0, ..) act on this thread
+    // with sets of the size given.
+    let old = unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(libc::sched_getaffinity(0, size, &mut old), 0);
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        assert_eq!(libc::sched_setaffinity(0, size, &one), 0);
+        old
+    };
+    let out = f();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::sched_setaffinity(0, size, &old) }, 0);
+    out
 }

@@ -342,6 +342,178 @@ fn without_the_flag_nothing_is_written() {
     assert!(m.contains("mesh_access_log_dropped_total 0"), "{m}");
 }
 
+/// The agent without `--access-log`, its standard output (where the lines of namespaces
+/// that ask for them go) in a file; stopped (SIGTERM) on drop.
+struct StdoutAgent {
+    child: std::process::Child,
+    stdout: std::path::PathBuf,
+    admin_port: u16,
+}
+
+impl StdoutAgent {
+    fn start(n: &SimNode) -> StdoutAgent {
+        let stdout = n.dir.join("stdout.log");
+        let log = n.dir.join("agent.log");
+        let child = n
+            .agent_command(&[])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut a = StdoutAgent {
+            child,
+            stdout,
+            admin_port: n.admin_port,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !a.get("/ready").is_ok_and(|b| b.starts_with("ready")) {
+            if let Ok(Some(st)) = a.child.try_wait() {
+                panic!(
+                    "agent exited ({st}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent not ready after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    fn get(&mut self, path: &str) -> anyhow::Result<String> {
+        mesh_tests::http_get(self.admin_port, path)
+    }
+}
+
+impl Drop for StdoutAgent {
+    fn drop(&mut self) {
+        let _ = mesh_tests::sh(&format!("kill -TERM {}", self.child.id()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Whether the proxy's mesh workload `ns/name` has the access-log switch as `on`
+/// (`/config_dump`).
+fn switched(a: &mut StdoutAgent, ns: &str, name: &str, on: bool) -> bool {
+    let dump: Value = a
+        .get("/config_dump")
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let found = dump["mesh"]["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["namespace"] == ns && w["name"] == name)
+        .map(|w| w["access_log"] == on);
+    found == Some(true)
+}
+
+/// Without `--access-log`, a namespace labelled `mesh-agent.io/access-log: "true"` has
+/// its workloads' connections and requests logged (to standard output), and another
+/// namespace's none; removing the label stops it without a restart.
+#[test]
+fn a_namespace_that_asks_is_logged_without_the_flag_and_another_is_not() {
+    let n = node();
+    let with_label = |yaml: String| {
+        yaml.replace(
+            "{ name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }",
+            "{ name: backend, labels: { mesh-agent.io/dataplane-mode: ambient, mesh-agent.io/access-log: \"true\" } }",
+        )
+    };
+    let yaml = with_label(config(&n));
+    assert!(yaml.contains("access-log"), "the scene changed: {yaml}");
+    n.write_config(&yaml).unwrap();
+    let mut agent = StdoutAgent::start(&n);
+    for v in ["v1", "db"] {
+        n.serve(v, &["http", "--listen", "0.0.0.0:8080", "--name", v])
+            .unwrap();
+    }
+    for v in ["db", "legacy"] {
+        n.serve(v, &["echo", "--listen", "0.0.0.0:9000"]).unwrap();
+    }
+    let (db, legacy) = (n.pod("db").ip, n.pod("legacy").ip);
+    let out = agent.stdout.clone();
+    wait_for("the switch in force", Duration::from_secs(10), || {
+        switched(&mut agent, "backend", "db", true)
+    });
+
+    // shop -> legacy: neither end asks.
+    let r = n.echo_once("client", &format!("{legacy}:9000")).unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    // shop -> backend, TCP to a pod and HTTP through a service: backend asks.
+    let r = n.echo_once("client", &format!("{db}:9000")).unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    let r = n
+        .http_get("client", "10.96.0.10:80", "/asked", 2, &[])
+        .unwrap();
+    assert_eq!(r["status"], serde_json::json!({ "200": 2 }), "{r}");
+    // legacy -> backend, captured inbound at db (legacy is not enrolled).
+    let r = n.echo_once("legacy", &format!("{db}:9000")).unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+
+    let mut all = Vec::new();
+    wait_for("the asked lines", Duration::from_secs(10), || {
+        all = lines(&out);
+        all.iter().filter(|l| l["path"] == "/asked").count() == 2
+            && all.iter().any(|l| l["path_taken"] == "inbound")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    all = lines(&out);
+    let tcp: Vec<&Value> = all
+        .iter()
+        .filter(|l| l["protocol"] == "TCP" && l["path_taken"] != "inbound")
+        .collect();
+    assert_eq!(tcp.len(), 1, "only the echo to db: {all:#?}");
+    assert_eq!(tcp[0]["destination_workload"], "backend/db", "{all:#?}");
+    assert_common(tcp[0]);
+    let http: Vec<&Value> = all.iter().filter(|l| l["path"] == "/asked").collect();
+    assert!(
+        http.iter()
+            .all(|l| l["destination_workload"] == "backend/v1"),
+        "{http:#?}"
+    );
+    let inbound: Vec<&Value> = all
+        .iter()
+        .filter(|l| l["path_taken"] == "inbound")
+        .collect();
+    assert_eq!(inbound.len(), 1, "{all:#?}");
+    assert_eq!(inbound[0]["destination_workload"], "backend/db", "{all:#?}");
+    assert!(
+        all.iter()
+            .all(|l| l["destination_address"] != format!("{legacy}:9000")),
+        "shop -> legacy logged: {all:#?}"
+    );
+    assert_eq!(all.len(), 4, "{all:#?}");
+
+    // The label removed: once the proxy has it, nothing more is written.
+    n.write_config(&config(&n)).unwrap();
+    wait_for("the switch off in force", Duration::from_secs(10), || {
+        switched(&mut agent, "backend", "db", false)
+    });
+    let r = n.echo_once("client", &format!("{db}:9000")).unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    let r = n
+        .http_get("client", "10.96.0.10:80", "/after", 1, &[])
+        .unwrap();
+    assert_eq!(r["status"], serde_json::json!({ "200": 1 }), "{r}");
+    // A line would reach the file within a writer tick (20 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lines(&out).len(), 4, "{:#?}", lines(&out));
+    let m = agent.get("/metrics").unwrap();
+    assert_eq!(metric(&m, "mesh_access_log_dropped_total", &[]), 0, "{m}");
+}
+
 /// The log's cost on the L7 path: HTTP/1.1 requests/s (wrk, 16 keep-alive connections,
 /// pinned to vCPU 0 with the agent and the server) and the agent's CPU time per request,
 /// with the log off and on, alternating, 5 rounds; prints the medians. A measurement,
@@ -351,10 +523,53 @@ fn without_the_flag_nothing_is_written() {
 #[ignore = "a measurement (minutes); run by hand"]
 fn cost_of_the_access_log_on_the_l7_path() {
     let n = node();
-    n.write_config(&config(&n)).unwrap();
+    let log = n.dir.join("cost.log");
+    let path = log.to_str().unwrap().to_owned();
+    measure(
+        &n,
+        &[
+            ("off", config(&n), vec![]),
+            ("on ", config(&n), vec!["--access-log".to_owned(), path]),
+        ],
+        &log,
+    );
+}
+
+/// The per-namespace switch's cost on the same path, flag off: no namespace asking
+/// (the baseline), another namespace asking (each request's line is built, then not
+/// kept), and the requests' own namespace asking (every line written, to standard
+/// output: /dev/null here). Run as `cost_of_the_access_log_on_the_l7_path`.
+#[test]
+#[ignore = "a measurement (minutes); run by hand"]
+fn cost_of_the_namespace_switch_on_the_l7_path() {
+    let n = node();
+    let label = |ns: &str| {
+        config(&n).replace(
+            &format!("{{ name: {ns} }}"),
+            &format!("{{ name: {ns}, labels: {{ mesh-agent.io/access-log: \"true\" }} }}"),
+        )
+        .replace(
+            &format!("{{ name: {ns}, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}"),
+            &format!("{{ name: {ns}, labels: {{ mesh-agent.io/dataplane-mode: ambient, mesh-agent.io/access-log: \"true\" }} }}"),
+        )
+    };
+    assert!(label("legacy").contains("access-log") && label("backend").contains("access-log"));
+    measure(
+        &n,
+        &[
+            ("none asks     ", config(&n), vec![]),
+            ("another asks  ", label("legacy"), vec![]),
+            ("backend asks  ", label("backend"), vec![]),
+        ],
+        &n.dir.join("unused.log"),
+    );
+}
+
+/// For each mode (name, configuration, agent flags), alternating, 5 rounds: requests/s
+/// and the agent's CPU per request; prints each and the medians.
+fn measure(n: &SimNode, modes: &[(&str, String, Vec<String>)], log: &Path) {
     n.serve("v1", &["http", "--listen", "0.0.0.0:8080", "--name", "v1"])
         .unwrap();
-    let log = n.dir.join("cost.log");
     let cpu = |pid: u32| -> f64 {
         // utime + stime of every thread, in clock ticks (100 Hz).
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -382,15 +597,12 @@ fn cost_of_the_access_log_on_the_l7_path() {
             .parse()
             .unwrap()
     };
-    let mut results: Vec<(bool, f64, f64)> = Vec::new();
+    let mut results: Vec<(usize, f64, f64)> = Vec::new();
     for _round in 0..5 {
-        for on in [false, true] {
-            let _ = std::fs::remove_file(&log);
-            let args: Vec<&str> = if on {
-                vec!["--access-log", log.to_str().unwrap()]
-            } else {
-                vec![]
-            };
+        for (i, (name, yaml, args)) in modes.iter().enumerate() {
+            let _ = std::fs::remove_file(log);
+            n.write_config(yaml).unwrap();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut agent = n.start_agent(&args).unwrap();
             let pid = agent.pid();
             mesh_tests::sh(&format!("taskset -a -p -c 0 {pid} > /dev/null")).unwrap();
@@ -400,29 +612,29 @@ fn cost_of_the_access_log_on_the_l7_path() {
             let rps = wrk(secs);
             let used = cpu(pid) - before;
             let us_per_req = used * 1e6 / (rps * f64::from(secs));
-            results.push((on, rps, us_per_req));
-            eprintln!(
-                "log {}: {rps:.0} req/s, {us_per_req:.1} us agent CPU/request",
-                if on { "on " } else { "off" }
-            );
+            results.push((i, rps, us_per_req));
+            eprintln!("{name}: {rps:.0} req/s, {us_per_req:.1} us agent CPU/request");
             agent.stop();
         }
     }
-    let median = |on: bool, i: usize| {
+    let stats = |i: usize, rps: bool| {
         let mut v: Vec<f64> = results
             .iter()
-            .filter(|r| r.0 == on)
-            .map(|r| if i == 1 { r.1 } else { r.2 })
+            .filter(|r| r.0 == i)
+            .map(|r| if rps { r.1 } else { r.2 })
             .collect();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
+        (v[v.len() / 2], v[0], v[v.len() - 1])
     };
-    let (off_rps, on_rps) = (median(false, 1), median(true, 1));
-    let (off_cpu, on_cpu) = (median(false, 2), median(true, 2));
-    eprintln!(
-        "median of 5: off {off_rps:.0} req/s, {off_cpu:.1} us/req; on {on_rps:.0} req/s, {on_cpu:.1} us/req; \
-         on/off requests/s {:.3}, CPU/request {:.3}",
-        on_rps / off_rps,
-        on_cpu / off_cpu
-    );
+    let (base, _, _) = stats(0, true);
+    let (base_cpu, _, _) = stats(0, false);
+    for (i, (name, _, _)) in modes.iter().enumerate() {
+        let ((rps, lo, hi), (c, clo, chi)) = (stats(i, true), stats(i, false));
+        eprintln!(
+            "median of 5, {name}: {rps:.0} req/s ({lo:.0}..{hi:.0}), {c:.1} us/req ({clo:.1}..{chi:.1}); \
+             vs the first: requests/s {:.3}, CPU/request {:.3}",
+            rps / base,
+            c / base_cpu
+        );
+    }
 }

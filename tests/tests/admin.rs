@@ -12,21 +12,7 @@ use mesh_tests::{metric, sh, wait_for, Agent, SimNode};
 
 /// A node with two pods (one enrolled) and its agent.
 fn node_with_agent() -> (SimNode, Agent) {
-    let mut n = SimNode::new().expect("sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("server", 3).unwrap();
-    let p = |name: &str| n.pod(name);
-    let yaml = format!(
-        "namespaces:\n  - name: shop\n    labels: {{ mesh-agent.io/dataplane-mode: ambient }}\n  - name: backend\n\
-         workloads:\n\
-         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {} }}\n\
-         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {} }}\n",
-        p("client").ip,
-        p("client").netns_path(),
-        p("server").ip,
-        p("server").netns_path(),
-    );
-    n.write_config(&yaml).unwrap();
+    let n = mesh_tests::scenes::client_server("");
     let agent = n.start_agent(&[]).unwrap();
     (n, agent)
 }

@@ -2,7 +2,8 @@
 //! on a simulated node) acting as the CA against the API server test double, which reviews
 //! tokens from a table the test sets (TokenReview) and holds the pods of three nodes. The
 //! caller is a small gRPC client of `IstioCertificateService` (HTTP/2 and the two protobuf
-//! messages by hand: the tests crate does not depend on the agent's), with CSRs made by
+//! messages by hand: the tests crate does not depend on the agent's) in TLS to the CA's
+//! `--ca-listen`, checking its certificate against the CA's root, with CSRs made by
 //! `openssl req`.
 //!
 //! Node A runs the CA; the agent ServiceAccount is `mesh-system/mesh-agent`, learnt from
@@ -145,9 +146,29 @@ fn chain_of(msg: &[u8]) -> Vec<String> {
     out
 }
 
-/// One `CreateCertificate` call: (gRPC status, message, chain).
+/// A TLS client configuration that trusts only the PEM root at `root` (ALPN h2).
+fn tls_trusting(root: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    let mut store = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(root).unwrap() {
+        store.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// One `CreateCertificate` call over TLS (the CA's `--ca-listen`): (gRPC status, message,
+/// chain).
 fn create_certificate(
     addr: SocketAddr,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
     token: Option<&str>,
     csr: &str,
 ) -> (u32, String, Vec<String>) {
@@ -157,6 +178,13 @@ fn create_certificate(
         .unwrap();
     rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tcp = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(
+                rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                tcp,
+            )
+            .await
+            .expect("TLS to the CA, verified against its root");
         let (mut send, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tcp),
@@ -169,7 +197,7 @@ fn create_certificate(
         body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
         body.extend_from_slice(&msg);
         let mut req = http::Request::post(format!(
-            "http://{addr}/istio.v1.auth.IstioCertificateService/CreateCertificate"
+            "https://{addr}/istio.v1.auth.IstioCertificateService/CreateCertificate"
         ))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
@@ -256,6 +284,15 @@ fn the_ca_signs_for_kubernetes_callers_only_what_runs_on_their_node() {
     node.write_config("exclude: []\n").unwrap();
     let kubepods = node.cgroup.join("kubepods.slice");
     std::fs::create_dir_all(&kubepods).unwrap();
+    // The CA serves other agents in TLS only (`--ca-listen`), with a certificate its own
+    // root signs for the address.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ca_dir = node.dir.join("ca");
     let agent = node
         .start_agent(&[
             "--source",
@@ -266,10 +303,15 @@ fn the_ca_signs_for_kubernetes_callers_only_what_runs_on_their_node() {
             &kubeconfig.display().to_string(),
             "--kubepods-cgroup",
             &kubepods.display().to_string(),
+            "--ca-dir",
+            &ca_dir.display().to_string(),
+            "--ca-listen",
+            &addr.to_string(),
         ])
         .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", node.xds_port()).parse().unwrap();
-    let call = |token: Option<&str>, id: &str| create_certificate(addr, token, &csr(&node.dir, id));
+    let tls = tls_trusting(&ca_dir.join("root-cert.pem"));
+    let call =
+        |token: Option<&str>, id: &str| create_certificate(addr, &tls, token, &csr(&node.dir, id));
     let log = || agent.log_text();
 
     // Node B's agent: web runs on node B, db does not.

@@ -7,6 +7,15 @@ use mesh_tests::{firewall_rules, metric, wait_for, SimNode};
 
 const MIB: u64 = 1 << 20;
 
+/// The map-fill tests (issue 14, item 4; their own test binary too) also run in this one,
+/// so the kernel matrix (`cargo xtask kernels`, which runs this binary) covers them.
+#[path = "datapath_fill.rs"]
+mod fill;
+
+/// The decision-log tests (issue 14, item 7; their own binary too), for the same reason.
+#[path = "datapath_log.rs"]
+mod log;
+
 /// Agent flags for tests of the pairing mechanics (short-circuit, direct mode): pair on
 /// every kernel, also those without the back-pressure check (< 6.9), where the agent
 /// otherwise pairs nothing. None of these tests has a slow reader; the slow-reader tests
@@ -760,6 +769,7 @@ fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
             &0u32.to_le_bytes(),
             &u32::MAX.to_le_bytes(),
             &0u32.to_le_bytes(),
+            &0u64.to_le_bytes(), // the client's netns cookie: not known
         ]
         .concat();
         mesh_tests::sh(&format!(
@@ -891,8 +901,9 @@ fn an_empty_enrolment_file_is_refused_on_reload() {
 }
 
 /// A connect the hooks decided on that never completes (here refused: nothing listens on
-/// a direct-mode destination) drops its `SOCK_ORIG` record when the socket closes, instead
-/// of holding a slot until LRU eviction pushes out a live one (the soak found them).
+/// a direct-mode destination) leaves nothing behind: its state lived in the socket's own
+/// storage (`SOCK_STATE`, freed with the socket) and it never reached `FLOWS`. (Before
+/// socket storage, such records held LRU slots until eviction pushed out live ones.)
 #[test]
 fn connects_that_never_complete_leave_no_socket_records() {
     let n = node("direct");
@@ -913,14 +924,18 @@ fn connects_that_never_complete_leave_no_socket_records() {
         )
         .unwrap();
     assert_eq!(r["intact"], 0, "{r}");
-    let records = || {
-        let out = agent.cli(&["dump", "SOCK_ORIG", "-o", "json"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
-    wait_for("SOCK_ORIG to empty", Duration::from_secs(5), || {
-        records().as_array().is_some_and(Vec::is_empty)
-    });
+    let flows = agent.cli(&["dump", "FLOWS", "-o", "json"]);
+    let flows = serde_json::from_slice::<serde_json::Value>(&flows.stdout).unwrap();
+    assert_eq!(flows, serde_json::json!([]));
+    // Socket storage cannot be listed, and says so.
+    let out = agent.cli(&["dump", "SOCK_STATE", "-o", "json"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("socket storage"),
+        "{out:?}"
+    );
     assert_eq!(agent.event("connect_direct"), 20);
+    assert_eq!(agent.event("flow_evicted"), 0);
 }
 
 /// Issue 10, item 4: every distinct `ip:port` a pod dials added L4 metric series and an
@@ -1215,7 +1230,8 @@ fn a_direct_mode_destination_under_policy_is_proxied_and_the_policy_holds() {
     assert_ne!(
         r["errors"],
         serde_json::json!([]),
-        "the DENY must hold: {r}"
+        "the DENY must hold: {r}\n{}",
+        agent.get("/metrics").unwrap()
     );
     assert_eq!(
         agent.event("connect_direct"),

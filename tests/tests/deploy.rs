@@ -248,6 +248,10 @@ fn helm_lint_strict_passes() {
             "updateStrategy.maxUnavailable=1",
             "takeover=false",
         ][..],
+        &[
+            "identity.ca.listen.enabled=true",
+            "identity.ca.listen.service=true",
+        ][..],
     ] {
         let mut args = vec!["lint", "--strict", CHART];
         for set in sets {
@@ -313,6 +317,13 @@ fn rendered_manifests_validate_strictly() {
             ],
         ),
         (
+            "istiod's CA in TLS",
+            &[
+                "identity.ca.mode=external",
+                "identity.ca.address=https://istiod.istio-system.svc:15012",
+            ],
+        ),
+        (
             "a custom image and resources",
             &[
                 "image.repository=registry.example.com/mesh/agent",
@@ -322,6 +333,24 @@ fn rendered_manifests_validate_strictly() {
                 "resources.limits.cpu=2",
                 "resources.requests.cpu=250m",
                 "imagePullSecrets[0].name=registry",
+            ],
+        ),
+        (
+            "a CA served to other nodes, with its Service and node tokens",
+            &[
+                "identity.ca.listen.enabled=true",
+                "identity.ca.listen.service=true",
+                "identity.ca.listen.serverNames[0]=ca.example.com",
+                "identity.ca.listen.trustedServiceAccount=mesh-system/mesh-agent-nodes",
+                "identity.ca.listen.nodeTokensSecretName=mesh-ca-node-tokens",
+            ],
+        ),
+        (
+            "a generated root served to other nodes",
+            &[
+                "identity.ca.mode=generated",
+                "identity.ca.listen.enabled=true",
+                "identity.ca.listen.port=16012",
             ],
         ),
         (
@@ -352,6 +381,28 @@ fn rendered_manifests_validate_strictly() {
         let yaml = render(sets);
         assert_valid(what, &yaml);
     }
+}
+
+#[test]
+fn an_external_ca_is_reached_in_tls_against_the_mesh_root() {
+    let yaml = render(&[
+        "identity.ca.mode=external",
+        "identity.ca.address=https://istiod.istio-system.svc:15012",
+    ]);
+    for want in [
+        "MESH_CA_ROOT_CERT",
+        "/etc/mesh-agent-ca-root/root-cert.pem",
+        "name: istio-ca-root-cert",
+    ] {
+        assert!(yaml.contains(want), "{want} missing:\n{yaml}");
+    }
+    assert!(!yaml.contains("MESH_CA_PLAINTEXT"));
+    let plain = render(&[
+        "identity.ca.mode=external",
+        "identity.ca.address=http://ca.mesh.svc:15012",
+        "identity.ca.plaintext=true",
+    ]);
+    assert!(plain.contains("MESH_CA_PLAINTEXT") && !plain.contains("MESH_CA_ROOT_CERT"));
 }
 
 #[test]
@@ -492,6 +543,33 @@ fn validation_can_fail() {
         (
             &["drainMs=100000", "terminationGracePeriodSeconds=100"],
             "drainMs (100000 ms)",
+        ),
+        // The embedded CA, which serves on identity.ca.listen, does not run then.
+        (
+            &[
+                "identity.ca.mode=external",
+                "identity.ca.address=https://istiod.istio-system.svc:15012",
+                "identity.ca.listen.enabled=true",
+            ],
+            "identity.ca.listen",
+        ),
+        (
+            &["identity.ca.listen.trustedServiceAccount=mesh-agent"],
+            "trustedServiceAccount",
+        ),
+        (&["identity.ca.listen.port=70000"], "port"),
+        (
+            &["identity.ca.listen.serverNames[0]=bad name"],
+            "serverNames",
+        ),
+        (&["identity.ca.listen.enabeld=true"], "enabeld"),
+        // The CA token would travel in clear.
+        (
+            &[
+                "identity.ca.mode=external",
+                "identity.ca.address=http://istiod.istio-system.svc:15010",
+            ],
+            "identity.ca.plaintext",
         ),
     ];
     for (sets, names) in refused {
@@ -785,4 +863,125 @@ fn cluster_role_reads_only_what_the_agent_watches() {
     );
     let sa = object(&d, "ServiceAccount");
     assert_eq!(sa["metadata"]["namespace"], NAMESPACE);
+}
+
+/// `identity.ca.listen`: the embedded CA served to other nodes' agents (`--ca-listen`),
+/// with the names its certificate carries, whose ServiceAccount tokens it accepts (the
+/// ClusterRole lets it review them) or which node tokens, and a Service in front of it.
+#[test]
+fn the_embedded_ca_is_served_to_other_nodes_when_asked() {
+    // Off by default: nothing listens, no Service.
+    let d = docs(&render(&[]));
+    for name in [
+        "MESH_CA_LISTEN",
+        "MESH_CA_SERVER_NAMES",
+        "MESH_CA_K8S_SERVICE_ACCOUNT",
+        "MESH_CA_NODE_TOKENS",
+    ] {
+        assert_eq!(env_value(&d, name), None, "{name} set by default");
+    }
+    assert!(!d.iter().any(|o| o["kind"] == "Service"));
+
+    let yaml = render(&[
+        "identity.ca.listen.enabled=true",
+        "identity.ca.listen.service=true",
+        "identity.ca.listen.serverNames[0]=ca.example.com",
+        "identity.ca.listen.serverNames[1]=10.0.0.10",
+        "identity.ca.listen.trustedServiceAccount=mesh-system/mesh-agent-nodes",
+        "identity.ca.listen.nodeTokensSecretName=mesh-ca-node-tokens",
+    ]);
+    assert_valid("the CA served", &yaml);
+    let d = docs(&yaml);
+    assert_eq!(
+        env_value(&d, "MESH_CA_LISTEN").as_deref(),
+        Some("0.0.0.0:15012")
+    );
+    assert_eq!(
+        env_value(&d, "MESH_CA_SERVER_NAMES").as_deref(),
+        Some(
+            "$(HOST_IP),$(MESH_NODE_NAME),mesh-agent-ca.mesh-system.svc,mesh-agent-ca.mesh-system,\
+             ca.example.com,10.0.0.10"
+        )
+    );
+    // $(VAR) expands only if VAR is declared earlier.
+    let env = env(&d);
+    let at = |n: &str| env.iter().position(|(name, _)| name == n).unwrap();
+    assert!(at("HOST_IP") < at("MESH_CA_SERVER_NAMES"));
+    assert!(at("MESH_NODE_NAME") < at("MESH_CA_SERVER_NAMES"));
+    assert_eq!(
+        env_value(&d, "MESH_CA_K8S_SERVICE_ACCOUNT").as_deref(),
+        Some("mesh-system/mesh-agent-nodes")
+    );
+    assert_eq!(
+        env_value(&d, "MESH_CA_K8S_AUDIENCE").as_deref(),
+        Some("istio-ca")
+    );
+    // The node tokens: a file from the Secret's key `tokens`, read-only.
+    assert_eq!(
+        env_value(&d, "MESH_CA_NODE_TOKENS").as_deref(),
+        Some("/etc/mesh-agent-ca-node-tokens/tokens")
+    );
+    let c = container(&d);
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ca-node-tokens")
+        .expect("node tokens mounted");
+    assert_eq!(mount["mountPath"], "/etc/mesh-agent-ca-node-tokens");
+    assert_eq!(mount["readOnly"], true);
+    let pod = &object(&d, "DaemonSet")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "ca-node-tokens")
+        .expect("node tokens volume");
+    assert_eq!(volume["secret"]["secretName"], "mesh-ca-node-tokens");
+    assert_eq!(
+        volume["secret"]["items"],
+        serde_json::json!([{ "key": "tokens", "path": "tokens" }])
+    );
+    // The Service: this release's agents, on the CA's port.
+    let svc = object(&d, "Service");
+    assert_eq!(svc["metadata"]["name"], "mesh-agent-ca");
+    assert_eq!(svc["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        svc["spec"]["selector"],
+        object(&d, "DaemonSet")["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        svc["spec"]["ports"],
+        serde_json::json!([{ "name": "https-ca", "protocol": "TCP", "appProtocol": "grpc", "port": 15012, "targetPort": 15012 }])
+    );
+    // Callers' ServiceAccount tokens are checked with a TokenReview: the role allows it.
+    let role = object(&d, "ClusterRole");
+    assert!(
+        role["rules"].as_array().unwrap().iter().any(|r| {
+            strings(&r["apiGroups"]).contains("authentication.k8s.io")
+                && strings(&r["resources"]).contains("tokenreviews")
+                && strings(&r["verbs"]).contains("create")
+        }),
+        "{role}"
+    );
+
+    // Without the Service and node tokens: the node's names only, nothing mounted.
+    let yaml = render(&[
+        "identity.ca.mode=generated",
+        "identity.ca.listen.enabled=true",
+        "identity.ca.listen.port=16012",
+    ]);
+    let d = docs(&yaml);
+    assert_eq!(
+        env_value(&d, "MESH_CA_LISTEN").as_deref(),
+        Some("0.0.0.0:16012")
+    );
+    assert_eq!(
+        env_value(&d, "MESH_CA_SERVER_NAMES").as_deref(),
+        Some("$(HOST_IP),$(MESH_NODE_NAME)")
+    );
+    assert_eq!(env_value(&d, "MESH_CA_NODE_TOKENS"), None);
+    assert_eq!(env_value(&d, "MESH_CA_K8S_SERVICE_ACCOUNT"), None);
+    assert!(!d.iter().any(|o| o["kind"] == "Service"));
+    assert!(!yaml.contains("ca-node-tokens"));
 }

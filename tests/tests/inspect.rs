@@ -7,58 +7,21 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output},
     time::Duration,
 };
 
-use mesh_tests::{agent_bin, podtool, wait_for, Agent, SimNode};
+use mesh_tests::{
+    agent_bin, podtool,
+    scenes::{shop_backend_data, Held, ECHO_VIP},
+    wait_for, Agent, SimNode,
+};
 
-const VIP: &str = "10.96.0.20";
+const VIP: &str = ECHO_VIP;
 
-/// A node with an enrolled client (`shop/client`, service account `web`) and an enrolled
-/// echo server behind the service `backend/echo` (VIP:80 -> 7000), an ALLOW policy on
-/// the server for the client's identity, a cache in a direct-mode namespace (pod to pod,
-/// socket to socket), and the agent.
+/// The shared three-pod node ([`shop_backend_data`]) with an ALLOW policy on the server.
 fn node_with_agent() -> (SimNode, Agent) {
-    let mut n = SimNode::new().expect("sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("server", 3).unwrap();
-    n.add_pod("cache", 4).unwrap();
-    let p = |name: &str| n.pod(name);
-    let yaml = format!(
-        "namespaces:\n\
-         \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
-         \x20 - {{ name: backend, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
-         \x20 - {{ name: data, mode: direct }}\n\
-         workloads:\n\
-         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {}, service_account: web }}\n\
-         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {}, labels: {{ app: echo }} }}\n\
-         \x20 - {{ name: cache, namespace: data, ip: {}, netns: {} }}\n\
-         services:\n\
-         \x20 - name: echo\n\
-         \x20   namespace: backend\n\
-         \x20   vip: {VIP}\n\
-         \x20   ports: [ {{ port: 80, target_port: 7000, protocol: tcp }} ]\n\
-         \x20   selector: {{ app: echo }}\n\
-         authorization_policies:\n\
-         \x20 - metadata: {{ name: allow-web, namespace: backend }}\n\
-         \x20   spec:\n\
-         \x20     selector: {{ matchLabels: {{ app: echo }} }}\n\
-         \x20     action: ALLOW\n\
-         \x20     rules: [ {{ from: [ {{ source: {{ principals: [ cluster.local/ns/shop/sa/web ] }} }} ] }} ]\n",
-        p("client").ip,
-        p("client").netns_path(),
-        p("server").ip,
-        p("server").netns_path(),
-        p("cache").ip,
-        p("cache").netns_path(),
-    );
-    n.write_config(&yaml).unwrap();
-    let agent = n.start_agent(&[]).unwrap();
-    for pod in ["server", "cache"] {
-        n.serve(pod, &["echo", "--listen", "0.0.0.0:7000"]).unwrap();
-    }
-    (n, agent)
+    shop_backend_data(true)
 }
 
 /// `mesh-agent ARGS --admin-address` of this agent.
@@ -94,30 +57,6 @@ fn inspect_text(agent: &Agent, kind: &str, object: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// A client in `pod` that connects to `to` and holds the connection open (it reads until
-/// the end of stream; an echo server sends nothing unasked). Killed on drop.
-struct Held(Child);
-
-impl Held {
-    fn open(n: &SimNode, pod: &str, to: &str) -> Held {
-        let child = n
-            .pod_command(pod, &podtool())
-            .args(["read-client", "--to", to, "--deadline-ms", "120000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn podtool read-client");
-        Held(child)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The connection rows of an inspection whose original destination is `dst`.
@@ -401,14 +340,7 @@ fn inspect_pod_shows_a_tunnelled_connection_and_its_certificate_across_nodes() {
         );
         serde_json::from_slice(&out.stdout).expect("inspect -o json parses")
     };
-    let mut held = c
-        .node(0)
-        .pod_command("client", &podtool())
-        .args(["read-client", "--to", &server, "--deadline-ms", "120000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn podtool read-client");
+    let held = Held::spawn(c.node(0).pod_command("client", &podtool()), &server);
     let mut v = serde_json::Value::Null;
     wait_for(
         "the tunnelled connection and the certificate",
@@ -418,8 +350,7 @@ fn inspect_pod_shows_a_tunnelled_connection_and_its_certificate_across_nodes() {
             !rows_to(&v, &server).is_empty() && !v["identity"]["certificate"].is_null()
         },
     );
-    let _ = held.kill();
-    let _ = held.wait();
+    drop(held);
     let row = rows_to(&v, &server)[0];
     assert_eq!(row["path"], "tunnel", "{row:#}");
     assert_eq!(row["destination"], "backend/server", "{row:#}");

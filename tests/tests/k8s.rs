@@ -725,3 +725,59 @@ fn the_standalone_control_plane_serves_the_clusters_services_over_ads() {
         count(&watch("1500"), ".Cluster") == 3
     });
 }
+
+/// Issue 12: a pod's `app`/`version` labels fill Istio's `*_app`/`*_version` of the
+/// series, and a Namespace labelled `mesh-agent.io/access-log=true` reaches the proxy's
+/// workloads (`/config_dump`), from the API server as from the file.
+#[test]
+fn pod_app_and_version_labels_and_the_namespace_access_log_label_reach_the_proxy() {
+    let mut c = Cluster::new(&["shop", "backend"]);
+    for ns in ["shop", "backend"] {
+        c.label("namespace", ns, None, ENROL);
+    }
+    c.run_pod("shop", "client", 2, &[("app.kubernetes.io/version", "1.0")]);
+    c.run_pod("backend", "server", 3, &[("version", "v7")]);
+    let agent = c.start_agent();
+    wait_for("enrolment", Duration::from_secs(10), || {
+        dump(&agent, "WORKLOADS").len() == 2
+    });
+    echo(&c, "client", &format!("{}:8080", c.node.pod("server").ip));
+    let labels = [
+        ("source_workload", "client"),
+        ("source_app", "client"),
+        ("source_version", "1.0"),
+        ("destination_workload", "server"),
+        ("destination_app", "server"),
+        ("destination_version", "v7"),
+    ];
+    let mut m = String::new();
+    wait_for("the connection counted", Duration::from_secs(10), || {
+        m = agent.get("/metrics").unwrap_or_default();
+        metric(&m, "istio_tcp_connections_closed_total", &labels) == 1
+    });
+    assert_eq!(
+        metric(&m, "istio_tcp_received_bytes_total", &labels),
+        65536,
+        "{m}"
+    );
+
+    let access_log = |agent: &Agent, name: &str| -> Option<bool> {
+        let d: Value = serde_json::from_str(&agent.get("/config_dump").ok()?).ok()?;
+        d["mesh"]["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| w["name"] == name)
+            .and_then(|w| w["access_log"].as_bool())
+    };
+    assert_eq!(access_log(&agent, "server"), Some(false));
+    c.label(
+        "namespace",
+        "backend",
+        None,
+        "mesh-agent.io/access-log=true",
+    );
+    wait_for("the switch in force", Duration::from_secs(10), || {
+        access_log(&agent, "server") == Some(true)
+    });
+    assert_eq!(access_log(&agent, "client"), Some(false));
+}

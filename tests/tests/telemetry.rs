@@ -92,7 +92,7 @@ fn istio_series_count_tcp_and_http_and_drop_gone_workloads() {
             "destination_principal",
             "spiffe://cluster.local/ns/backend/sa/db",
         ),
-        ("destination_app", "unknown"),
+        ("destination_app", "db"),
         ("destination_service", "unknown"),
         ("request_protocol", "tcp"),
         ("response_flags", "-"),

@@ -6,11 +6,15 @@
 //! while the last data stays, and `q` exits with the terminal restored.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use mesh_tests::{agent_bin, podtool, wait_for, Agent, SimNode};
+use mesh_tests::{
+    agent_bin,
+    scenes::{shop_backend_data, Held},
+    wait_for, Agent, SimNode,
+};
 
 /// A tmux server of its own (socket and session named alike, unique per test) running one
 /// command in a 200x50 terminal; killed on drop, whatever the test's outcome, its socket
@@ -132,64 +136,9 @@ fn top_command(admin: &str) -> String {
     )
 }
 
-/// Client, server (behind the service `backend/echo`) and a cache in a direct-mode
-/// namespace, enrolled from the file; the agent.
+/// The shared three-pod node ([`shop_backend_data`]), no policy.
 fn node_with_agent() -> (SimNode, Agent) {
-    let mut n = SimNode::new().expect("sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("server", 3).unwrap();
-    n.add_pod("cache", 4).unwrap();
-    let p = |name: &str| n.pod(name);
-    let yaml = format!(
-        "namespaces:\n\
-         \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
-         \x20 - {{ name: backend, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
-         \x20 - {{ name: data, mode: direct }}\n\
-         workloads:\n\
-         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {}, service_account: web }}\n\
-         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {}, labels: {{ app: echo }} }}\n\
-         \x20 - {{ name: cache, namespace: data, ip: {}, netns: {} }}\n\
-         services:\n\
-         \x20 - name: echo\n\
-         \x20   namespace: backend\n\
-         \x20   vip: 10.96.0.20\n\
-         \x20   ports: [ {{ port: 80, target_port: 7000, protocol: tcp }} ]\n\
-         \x20   selector: {{ app: echo }}\n",
-        p("client").ip,
-        p("client").netns_path(),
-        p("server").ip,
-        p("server").netns_path(),
-        p("cache").ip,
-        p("cache").netns_path(),
-    );
-    n.write_config(&yaml).unwrap();
-    let agent = n.start_agent(&[]).unwrap();
-    n.serve("server", &["echo", "--listen", "0.0.0.0:7000"])
-        .unwrap();
-    (n, agent)
-}
-
-/// A client in `pod` holding a connection to `to` open; killed on drop.
-struct Held(Child);
-
-impl Held {
-    fn open(n: &SimNode, pod: &str, to: &str) -> Held {
-        Held(
-            n.pod_command(pod, &podtool())
-                .args(["read-client", "--to", to, "--deadline-ms", "120000"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn podtool read-client"),
-        )
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    shop_backend_data(false)
 }
 
 /// The line of the screen that holds `what`.
@@ -358,4 +307,34 @@ fn top_against_no_agent_says_so_and_quits_on_ctrl_c() {
     t.keys(&["C-c"]);
     let s = t.wait("top to exit", |s| s.contains("top-exited-"));
     assert!(s.contains("top-exited-0"), "{s}");
+}
+
+#[test]
+fn top_killed_with_sigterm_restores_the_terminal_first() {
+    let t = Tmux::start("term", &top_command("127.0.0.1:1"));
+    t.wait("the inspector's screen", |s| s.contains("refreshed never"));
+    let pid = t.format("#{pane_pid}");
+    // The pane's shell runs top as its child.
+    let top = Command::new("pgrep")
+        .args(["-P", &pid, "-f", "top --admin-address"])
+        .output()
+        .expect("pgrep");
+    let top = String::from_utf8_lossy(&top.stdout).trim().to_owned();
+    assert!(!top.is_empty(), "top's pid under the pane's shell {pid}");
+    let ok = Command::new("kill")
+        .args(["-TERM", &top])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -TERM {top}");
+    let s = t.wait("top to exit", |s| s.contains("top-exited-"));
+    assert!(s.contains("top-exited-143"), "128 + SIGTERM: {s}");
+    let s = t.wait("stty's answer", |s| {
+        s.lines().any(|l| l.trim().ends_with("icanon"))
+    });
+    assert!(
+        s.lines().any(|l| l.trim() == "icanon"),
+        "raw mode left on: {s}"
+    );
+    assert_eq!(t.format("#{alternate_on}"), "0", "{s}");
 }

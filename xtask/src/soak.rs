@@ -62,7 +62,8 @@ const VIP: &str = "10.96.205.10";
 const VIP_V2: &str = "10.96.205.11";
 
 /// The maps whose entries live and die with connections: back to baseline when idle.
-const CONN_MAPS: &[&str] = &["FLOWS", "SOCK_ORIG", "SOCKHASH", "FALLBACK", "SK_ADDR"];
+/// (Per-socket state is socket storage, `SOCK_STATE`: freed with its socket, not listable.)
+const CONN_MAPS: &[&str] = &["FLOWS", "SOCKHASH"];
 /// Failures a restart may cause: the connection is cut with a reset, a connect fails
 /// while nothing listens, an idle keep-alive connection is closed (HTTP/1.1 clients retry
 /// those), or a new pod's enrolment waits for the restarted agent.
@@ -450,7 +451,7 @@ impl Node {
              echo '== listener'; ss -ltn '( sport = :15001 )'; \
              echo '== nstat'; nstat -az TcpExtListenOverflows TcpExtListenDrops TcpExtTCPReqQFullDrop TcpAttemptFails; \
              echo '== datapath events'; curl -s --max-time 2 http://127.0.0.1:{ADMIN_PORT}/metrics | grep -E '^mesh_(datapath_events_total|proxy_config_unknown)'; \
-             for m in FLOWS SOCK_ORIG SOCKHASH FALLBACK SK_ADDR STATS; do echo \"== $m\"; {agent} dump $m --pin-path {PIN}; done"
+             for m in FLOWS SOCKHASH STATS; do echo \"== $m\"; {agent} dump $m --pin-path {PIN}; done"
         );
         if let Ok(f) = fs::File::create(&file) {
             let _ = Command::new("sh")

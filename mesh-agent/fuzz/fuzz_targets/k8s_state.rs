@@ -1,19 +1,20 @@
 //! Kubernetes objects to the node's state (`k8s::state::build`): the input is JSON with
 //! the objects the watchers would hold (`namespaces`, `pods`, `services`, `slices`,
 //! `service_accounts`, `http_routes`, `grpc_routes`, each a list of API objects), decoded
-//! with the same k8s-openapi types. The snapshot then goes through the embedded control
+//! as the watchers decode them (Services and EndpointSlices into their compact form,
+//! through the k8s-openapi types). The snapshot then goes through the embedded control
 //! plane's translation and the proxy's acceptance, as in `app`.
 #![no_main]
 
 use std::{path::PathBuf, sync::Arc};
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service, ServiceAccount},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::DynamicObject;
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::enrol::k8s::state::{build, Cluster, Options};
+use mesh_agent::enrol::k8s::{
+    compact::{ServiceObj, SliceObj},
+    state::{build, Cluster, Options},
+};
 use mesh_agent_fuzz::accept;
 use serde::Deserialize;
 
@@ -22,8 +23,8 @@ use serde::Deserialize;
 struct Objects {
     namespaces: Vec<Namespace>,
     pods: Vec<Pod>,
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
+    services: Vec<ServiceObj>,
+    slices: Vec<SliceObj>,
     service_accounts: Vec<ServiceAccount>,
     http_routes: Vec<DynamicObject>,
     grpc_routes: Vec<DynamicObject>,

@@ -120,10 +120,16 @@ impl MapView {
             Ok(f) => v.flows = f,
             Err(e) => v.errors.push(e),
         }
-        match hash_entries::<SockKey, u32>(pin, map_names::FALLBACK) {
-            Ok(f) => v.fallback = f.into_iter().map(|(k, _)| k).collect(),
-            Err(e) => v.errors.push(e),
-        }
+        // A sender that left the redirect path marks its flow (the per-socket truth is in
+        // socket storage, which cannot be listed).
+        let fell_back =
+            mesh_common::flow_flags::CLIENT_FALLBACK | mesh_common::flow_flags::SERVER_FALLBACK;
+        v.fallback = v
+            .flows
+            .iter()
+            .filter(|(_, f)| f.flags & fell_back != 0)
+            .map(|(k, _)| *k)
+            .collect();
         let sockhash = open(pin, map_names::SOCKHASH).and_then(|m| {
             SockHash::<MapData, SockKey>::try_from(m)
                 .map_err(|e| format!("{}: {e}", map_names::SOCKHASH))

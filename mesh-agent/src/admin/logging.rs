@@ -6,8 +6,14 @@
 //! The filter is process-wide state (one subscriber per process), so its handle is too:
 //! `init` installs the subscriber and keeps the handle; the admin endpoint reads and
 //! replaces the filter through `current` and `set`.
+//!
+//! The filter also decides the eBPF programs' decision log (`datapath::events`): the
+//! datapath registers an `on_change` hook that writes the level the filter allows for
+//! `mesh_agent::datapath::events` into the kernel's map, so
+//! `mesh-agent log-level mesh_agent::datapath::events=debug,info` turns the kernel side
+//! on, and any filter without it turns it off.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::{
     fmt, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _, EnvFilter, Registry,
@@ -26,6 +32,24 @@ struct Control {
 }
 
 static CONTROL: OnceLock<Control> = OnceLock::new();
+
+/// Called after every change of the filter (`on_change`).
+type Hook = Box<dyn Fn() + Send + Sync>;
+static HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+
+/// Runs `hook` now and after every change of the filter (replacing an earlier hook): how
+/// the datapath's kernel-side log level follows the filter.
+pub fn on_change(hook: Hook) {
+    let mut h = HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    hook();
+    *h = Some(hook);
+}
+
+fn changed() {
+    if let Some(h) = HOOK.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        h();
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LogError {
@@ -97,6 +121,7 @@ pub fn set(filter: &str) -> Result<String, LogError> {
         .reload(env)
         .map_err(|e| LogError::Reload(e.to_string()))?;
     let now = current()?;
+    changed();
     tracing::info!(from = %before, to = %now, "log filter changed");
     Ok(now)
 }

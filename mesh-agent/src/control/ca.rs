@@ -16,6 +16,10 @@
 //! Without `--ca-dir` the root is generated in memory for this run only (one node). A
 //! Kubernetes Secret as the source of these files is not implemented yet.
 //!
+//! **Where.** Other nodes' agents reach it on `--ca-listen`, in TLS only (`tls`: a server
+//! certificate it issues itself, as istiod on 15012); this agent's own requests are
+//! in-process (`LocalCa`). `mesh-agent control-plane --ca-listen` serves it alone.
+//!
 //! **Who gets what.** A remote caller authenticates with `authorization: Bearer <token>`;
 //! `--ca-node-tokens` maps tokens to node names. The identity asked for is the CSR's one
 //! URI SAN (and Istio's `ImpersonatedIdentity` metadata, when sent, must be the same), and
@@ -31,6 +35,7 @@
 //! unreachable: `UNAVAILABLE`.
 
 pub mod k8s;
+pub mod tls;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -103,6 +108,9 @@ pub enum CaError {
     Unavailable(String),
     #[error("signing: {0}")]
     Sign(String),
+    /// The TLS endpoint could not be set up or stopped.
+    #[error("CA endpoint: {0}")]
+    Serve(String),
 }
 
 impl CaError {
@@ -740,7 +748,51 @@ impl Ca {
             .collect())
     }
 
-    /// The gRPC service, to mount beside ADS.
+    /// A TLS server certificate for the CA's own endpoint (`tls`), as istiod issues one
+    /// for 15012: signed by this CA, the given DNS names and IP addresses as SANs, server
+    /// use only, valid `ttl`. The chain (leaf, intermediates, root) and the key.
+    pub fn issue_server_cert(
+        &self,
+        names: &[tls::ServerNameSan],
+        ttl: Duration,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        CaError,
+    > {
+        let sign = |e: rcgen::Error| CaError::Sign(e.to_string());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, self.opts.trust_domain.as_str());
+        dn.push(DnType::CommonName, "mesh-agent CA endpoint");
+        params.distinguished_name = dn;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n {
+                tls::ServerNameSan::Ip(ip) => Ok(SanType::IpAddress(*ip)),
+                tls::ServerNameSan::Dns(d) => d.as_str().try_into().map(SanType::DnsName),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(sign)?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial()?);
+        let now = SystemTime::now();
+        set_validity(&mut params, now - BACKDATE, now + ttl);
+        let leaf = params.signed_by(&key, &self.signer.issuer).map_err(sign)?;
+        let chain = std::iter::once(leaf.der().clone())
+            .chain(self.signer.tail.iter().flat_map(|p| certs_of(p)))
+            .collect();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((chain, key))
+    }
+
+    /// The gRPC service, served on the CA's TLS endpoint (`tls::serve`).
     pub fn into_service(self: Arc<Self>) -> IstioCertificateServiceServer<Ca> {
         IstioCertificateServiceServer::new(self)
     }
@@ -832,13 +884,11 @@ impl CaClient for LocalCa {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-
     use rustls::pki_types::UnixTime;
     use x509_parser::extensions::GeneralName;
 
     use super::*;
-    use crate::wire::ca::CaGrpcClient;
+    use crate::wire::ca::{CaGrpcClient, CaTransport};
 
     /// A folder under the temp folder, removed on drop.
     struct TempDir(PathBuf);
@@ -1203,15 +1253,158 @@ mod tests {
         assert!(NodeTokens::load(&p).is_err());
     }
 
-    async fn serve(ca: Arc<Ca>) -> SocketAddr {
+    /// The CA's TLS endpoint on loopback: its `https://` URL, and a client transport
+    /// that trusts the CA's root.
+    async fn serve(ca: Arc<Ca>) -> (String, CaTransport) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(ca.into_service())
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l)),
+        let names = vec![
+            tls::ServerNameSan::Ip(addr.ip()),
+            "ca.mesh.svc".parse().unwrap(),
+        ];
+        let root = ca.root().clone();
+        tokio::spawn(tls::serve(ca, l, names));
+        (format!("https://{addr}"), tls_to(&root, "127.0.0.1"))
+    }
+
+    fn tls_to(root: &CertificateDer<'static>, name: &str) -> CaTransport {
+        CaTransport::Tls {
+            config: Arc::new(
+                crate::wire::ca::client_tls_config(std::slice::from_ref(root)).unwrap(),
+            ),
+            server_name: rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tls_endpoint_is_trusted_only_through_the_root_and_its_names() {
+        let dir = TempDir::new("tls");
+        let ca = Arc::new(ca_with(
+            Signer::generate(TD).unwrap(),
+            Some(tokens_file(&dir)),
+        ));
+        let (url, good) = serve(ca.clone()).await;
+        let token = Token::new(TOKEN_N1, "t").unwrap();
+        let (_, req) = csr(&[WEB]);
+        let ask = |t: CaTransport, url: String| {
+            let req = req.clone();
+            let token = token.clone();
+            async move {
+                CaGrpcClient::new(&url, Some(&token), &t)
+                    .unwrap()
+                    .create_certificate(IstioCertificateRequest::new(
+                        req,
+                        Duration::from_secs(600),
+                        WEB,
+                    ))
+                    .await
+            }
+        };
+        let r = ask(good.clone(), url.clone()).await.unwrap();
+        verify(&der_chain(&r.cert_chain), ca.root()).unwrap();
+        // The other name in the certificate works too (a DNS name, dialled by address).
+        assert!(ask(tls_to(ca.root(), "ca.mesh.svc"), url.clone())
+            .await
+            .is_ok());
+        // Another root, a name the certificate does not carry, and plaintext: refused
+        // before any token is sent.
+        let stranger = Signer::generate(TD).unwrap();
+        for (what, t, u) in [
+            (
+                "foreign root",
+                tls_to(stranger.root(), "127.0.0.1"),
+                url.clone(),
+            ),
+            (
+                "other name",
+                tls_to(ca.root(), "istiod.istio-system.svc"),
+                url.clone(),
+            ),
+            (
+                "plaintext",
+                CaTransport::Plaintext,
+                url.replace("https://", "http://"),
+            ),
+        ] {
+            let s = ask(t, u).await.unwrap_err();
+            // A failed handshake is UNAVAILABLE; plaintext HTTP/2 into a TLS port breaks
+            // the connection mid-request (UNKNOWN, transport error).
+            assert!(
+                matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown),
+                "{what}: {s:?}"
+            );
+        }
+        assert_eq!(ca.stats.issued.load(Relaxed), 2);
+        assert_eq!(
+            ca.stats.unauthenticated.load(Relaxed),
+            0,
+            "no request got through"
         );
-        addr
+        // A scheme that does not match the transport is refused at once.
+        assert!(CaGrpcClient::new(&url, None, &CaTransport::Plaintext).is_err());
+        assert!(CaGrpcClient::new(&url.replace("https", "http"), None, &good).is_err());
+    }
+
+    #[test]
+    fn the_endpoint_certificate_names_the_endpoint_and_is_reissued_at_half_life() {
+        let ca = Arc::new(ca_with(Signer::generate(TD).unwrap(), None));
+        let names: Vec<tls::ServerNameSan> = ["10.0.0.1", "ca.mesh.svc"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert!("bad name!".parse::<tls::ServerNameSan>().is_err());
+        assert!("-x.y".parse::<tls::ServerNameSan>().is_err());
+        let cert = tls::ServerCert::new(ca.clone(), names, Duration::from_secs(2)).unwrap();
+        let first = cert.get().unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &cert.get().unwrap()),
+            "kept while fresh"
+        );
+        let ders: Vec<CertificateDer<'static>> = first.cert.clone();
+        let mut store = rustls::RootCertStore::empty();
+        store.add(ca.root().clone()).unwrap();
+        let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(store),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let check = |name: &str| {
+            use rustls::client::danger::ServerCertVerifier as _;
+            server.verify_server_cert(
+                &ders[0],
+                &ders[1..ders.len() - 1],
+                &rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+        };
+        check("10.0.0.1").unwrap();
+        check("ca.mesh.svc").unwrap();
+        assert!(check("istiod.istio-system.svc").is_err());
+        // Not a client certificate: it cannot pass as a workload towards peers.
+        assert!(verify(&ders, ca.root()).is_err());
+        let (_, leaf) = x509_parser::parse_x509_certificate(&ders[0]).unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![
+                GeneralName::IPAddress(&[10, 0, 0, 1]),
+                GeneralName::DNSName("ca.mesh.svc")
+            ]
+        );
+        assert!(!leaf.is_ca());
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(
+            eku.server_auth && !eku.client_auth,
+            "not usable as a workload identity"
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(
+            !Arc::ptr_eq(&first, &cert.get().unwrap()),
+            "reissued at half life"
+        );
+        assert!(tls::ServerCert::new(ca, Vec::new(), Duration::from_secs(2)).is_err());
     }
 
     #[tokio::test]
@@ -1221,10 +1414,9 @@ mod tests {
             Signer::generate(TD).unwrap(),
             Some(tokens_file(&dir)),
         ));
-        let addr = serve(ca.clone()).await;
-        let url = format!("http://{addr}");
+        let (url, transport) = serve(ca.clone()).await;
         let token = Token::new(TOKEN_N1, "t").unwrap();
-        let client = CaGrpcClient::new(&url, Some(&token)).unwrap();
+        let client = CaGrpcClient::new(&url, Some(&token), &transport).unwrap();
         let (_, req) = csr(&[WEB]);
         let r = client
             .create_certificate(IstioCertificateRequest::new(
@@ -1256,7 +1448,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
-        let anonymous = CaGrpcClient::new(&url, None).unwrap();
+        let anonymous = CaGrpcClient::new(&url, None, &transport).unwrap();
         let s = anonymous
             .create_certificate(IstioCertificateRequest::new(
                 req.clone(),
@@ -1281,7 +1473,7 @@ mod tests {
             Certificates as _,
         };
         let m = CertManager::new(
-            Arc::new(GrpcCa::new(&url, Some(&token)).unwrap()),
+            Arc::new(GrpcCa::new(&url, Some(&token), transport).unwrap()),
             CertOptions::default(),
         );
         let c = m.get(&id(WEB)).await.unwrap();
@@ -1299,10 +1491,10 @@ mod tests {
             Signer::generate(TD).unwrap(),
             Some(tokens_file(&dir)),
         ));
-        let url = format!("http://{}", serve(ca.clone()).await);
+        let (url, transport) = serve(ca.clone()).await;
         let file = dir.0.join("ca-token");
         std::fs::write(&file, format!("{TOKEN_N1}\n")).unwrap();
-        let client = GrpcCa::with_token_file(&url, &file).unwrap();
+        let client = GrpcCa::with_token_file(&url, &file, transport.clone()).unwrap();
         let ttl = Duration::from_secs(600);
         let (_, web) = csr(&[WEB]);
         let (_, db) = csr(&[DB]);
@@ -1320,6 +1512,6 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         assert!(client.sign(&id(DB), &db, ttl).await.is_ok());
         // At start the file must hold a token.
-        assert!(GrpcCa::with_token_file(&url, &file).is_err());
+        assert!(GrpcCa::with_token_file(&url, &file, transport).is_err());
     }
 }

@@ -25,7 +25,18 @@ pub struct Member {
     /// In the mesh (captured, reachable over HBONE at its own address, port 15008), not
     /// merely known.
     pub hbone: bool,
+    /// Istio's `app` of its telemetry (`app.kubernetes.io/name`, else `app`; at most
+    /// `MAX_LABEL_VALUE` bytes); empty: not said.
+    pub app: String,
+    /// Istio's `version` (`app.kubernetes.io/version`, else `version`); empty: not said.
+    pub version: String,
+    /// Its namespace asks for access logs (`mesh-agent.io/access-log: "true"`).
+    pub access_log: bool,
 }
+
+/// The longest label value Kubernetes accepts (bytes), and so the longest `app` and
+/// `version` the control plane passes on.
+pub const MAX_LABEL_VALUE: usize = 63;
 
 /// The service account of a workload that names none.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";

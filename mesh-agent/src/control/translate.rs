@@ -45,6 +45,7 @@ use crate::control::model::{
     KvMatchSpec, LbPolicySpec, Member, Protocol, RateLimitSpec, RouteSpec, ServicePort,
     ServiceSpec,
 };
+use crate::control::server::Packed;
 use crate::wire::istio;
 use crate::wire::{FAULT_FILTER, HCM_FILTER, RATE_LIMIT_FILTER, ROUTER_FILTER, TCP_PROXY_FILTER};
 
@@ -111,7 +112,7 @@ pub type Key = (String, String);
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Delta {
     /// Resources new or changed, as `(name, resource)`.
-    pub upserts: Vec<(String, Arc<Any>)>,
+    pub upserts: Vec<(String, Arc<Packed>)>,
     /// Resources gone, as (type URL, name).
     pub removes: Vec<Key>,
 }
@@ -138,7 +139,7 @@ pub struct Translator {
     /// Services translated (not reused) since start.
     pub translated: u64,
     /// Workload addresses and policies as last passed on, by key.
-    mesh: HashMap<Key, Arc<Any>>,
+    mesh: HashMap<Key, Arc<Packed>>,
     /// What `mesh` was built from: the same inputs build nothing.
     mesh_inputs: Option<(Vec<Member>, Arc<Security>)>,
     /// The policies of the last `update_mesh` (`update` keeps them).
@@ -153,7 +154,7 @@ pub struct Translator {
 struct Cached {
     spec: Arc<ServiceSpec>,
     inputs: Inputs,
-    out: Vec<(String, Arc<Any>)>,
+    out: Vec<(String, Arc<Packed>)>,
 }
 
 /// What a service's resources depend on besides its own spec.
@@ -182,8 +183,8 @@ fn selected<'w>(namespace_workloads: &[&'w Member], svc: &ServiceSpec) -> Vec<&'
         .collect()
 }
 
-fn key_of(name: &str, any: &Any) -> Key {
-    (any.type_url.clone(), name.to_owned())
+fn key_of(name: &str, any: &Packed) -> Key {
+    (any.type_url.as_str().to_owned(), name.to_owned())
 }
 
 impl Translator {
@@ -213,16 +214,13 @@ impl Translator {
         workloads: &[Member],
     ) -> Vec<(String, Any)> {
         self.update(services, workloads);
-        let mut mesh: Vec<(&Key, &Arc<Any>)> = self.mesh.iter().collect();
+        let mut mesh: Vec<(&Key, &Arc<Packed>)> = self.mesh.iter().collect();
         mesh.sort_by(|a, b| a.0.cmp(b.0));
         self.prev
             .iter()
             .filter_map(|s| self.cache.get(&(s.namespace.clone(), s.name.clone())))
-            .flat_map(|c| c.out.iter().map(|(n, a)| (n.clone(), Any::clone(a))))
-            .chain(
-                mesh.into_iter()
-                    .map(|((_, n), a)| (n.clone(), Any::clone(a))),
-            )
+            .flat_map(|c| c.out.iter().map(|(n, a)| (n.clone(), a.to_any())))
+            .chain(mesh.into_iter().map(|((_, n), a)| (n.clone(), a.to_any())))
             .collect()
     }
 
@@ -343,7 +341,7 @@ impl Translator {
             self.translated += 1;
             let fresh = service_resources(index(), &picked, svc);
             let old = self.cache.remove(&key).map(|c| c.out).unwrap_or_default();
-            let mut old: HashMap<Key, Arc<Any>> =
+            let mut old: HashMap<Key, Arc<Packed>> =
                 old.into_iter().map(|(n, a)| (key_of(&n, &a), a)).collect();
             let mut out = Vec::with_capacity(fresh.len());
             for (name, any) in fresh {
@@ -425,7 +423,7 @@ fn mesh_resources(
     security: &Security,
     trust_domain: &str,
     root: &str,
-) -> Vec<(String, Any)> {
+) -> Vec<(String, Packed)> {
     let mut out = Vec::with_capacity(
         workloads.len()
             + security.authorization_policies.len()
@@ -478,20 +476,26 @@ fn mesh_resources(
             service_account: w.service_account.clone(),
             node: w.node.clone(),
             workload_name: w.name.clone(),
+            canonical_name: w.app.clone(),
+            canonical_revision: w.version.clone(),
             authorization_policies: authz,
             peer_authentications: peer,
+            access_log: w.access_log,
             ..Default::default()
         };
         let address = istio::Address {
             r#type: Some(istio::address::Type::Workload(workload)),
         };
-        out.push((uid, pack_any(address)));
+        out.push((uid, Packed::pack(&address)));
     }
     for p in &security.authorization_policies {
-        out.push((p.metadata.key(), pack_any(authorization(p, root))));
+        out.push((p.metadata.key(), Packed::pack(&authorization(p, root))));
     }
     for p in &security.peer_authentications {
-        out.push((p.metadata.key(), pack_any(peer_authentication(p, root))));
+        out.push((
+            p.metadata.key(),
+            Packed::pack(&peer_authentication(p, root)),
+        ));
     }
     out
 }
@@ -700,21 +704,21 @@ fn service_resources(
     index: &Index<'_>,
     picked: &[&Member],
     svc: &ServiceSpec,
-) -> Vec<(String, Any)> {
+) -> Vec<(String, Packed)> {
     let mut out = Vec::new();
     for p in &svc.ports {
-        out.push((listener_name(svc, p.port), pack_any(listener(svc, p))));
+        out.push((listener_name(svc, p.port), Packed::pack(&listener(svc, p))));
         if p.protocol != Protocol::Tcp {
             out.push((
                 route_name(svc, p.port),
-                pack_any(route_config(index, svc, p)),
+                Packed::pack(&route_config(index, svc, p)),
             ));
-            out.push((route_name(svc, p.port), pack_any(api_listener(svc, p))));
+            out.push((route_name(svc, p.port), Packed::pack(&api_listener(svc, p))));
         }
-        out.push((cluster_name(svc, p.port), pack_any(cluster(svc, p))));
+        out.push((cluster_name(svc, p.port), Packed::pack(&cluster(svc, p))));
         out.push((
             cluster_name(svc, p.port),
-            pack_any(load_assignment(picked, svc, p)),
+            Packed::pack(&load_assignment(picked, svc, p)),
         ));
     }
     out
@@ -1372,6 +1376,9 @@ peer_authentications:
             service_account: sa.into(),
             node: "n".into(),
             hbone: true,
+            app: String::new(),
+            version: String::new(),
+            access_log: false,
         };
         // What the fuzzer found: a pod without a namespace made a resource every proxy
         // refuses (and with it the whole response).
@@ -1385,7 +1392,7 @@ peer_authentications:
         let names: Vec<&str> = d
             .upserts
             .iter()
-            .filter(|(_, a)| a.type_url == istio::ADDRESS_TYPE_URL)
+            .filter(|(_, a)| a.type_url.as_str() == istio::ADDRESS_TYPE_URL)
             .map(|(n, _)| n.as_str())
             .collect();
         assert_eq!(names, ["Kubernetes//Pod/shop/ok"]);
@@ -1406,10 +1413,10 @@ peer_authentications:
         let mut t = Translator::new("td.example", "");
         let sec = Arc::new(f.security());
         let d = t.update_mesh(&f.services, &members, &sec);
-        let of = |url: &str| -> Vec<(String, Arc<Any>)> {
+        let of = |url: &str| -> Vec<(String, Arc<Packed>)> {
             d.upserts
                 .iter()
-                .filter(|(_, a)| a.type_url == url)
+                .filter(|(_, a)| a.type_url.as_str() == url)
                 .cloned()
                 .collect()
         };
@@ -1638,13 +1645,13 @@ peer_authentications:
         let served = served.apply(&d);
         assert_eq!(served.version, 2);
         let scratch = Snapshot::default().next(resources(&f));
-        let flat = |s: &Snapshot| -> Vec<(String, String, String)> {
+        let flat = |s: &Snapshot| -> Vec<(String, String, u64)> {
             let mut v: Vec<_> = s
                 .types
                 .iter()
                 .flat_map(|(t, m)| {
                     m.iter()
-                        .map(move |(n, e)| (t.clone(), n.clone(), e.version.clone()))
+                        .map(move |(n, e)| (t.clone(), n.clone(), e.version))
                 })
                 .collect();
             v.sort();

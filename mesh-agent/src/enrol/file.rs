@@ -23,10 +23,47 @@ use super::{
 };
 use crate::control::model::{
     security::{AuthorizationPolicy, PeerAuthentication, Security},
-    LbPolicySpec, ServiceSpec, DEFAULT_SERVICE_ACCOUNT,
+    LbPolicySpec, ServiceSpec, DEFAULT_SERVICE_ACCOUNT, MAX_LABEL_VALUE,
 };
 
 mod items;
+
+/// On a namespace: `"true"` writes an access-log line for every connection and request
+/// from or to its workloads, whatever `--access-log` says (`"false"`, or no label: by
+/// the flag only). In the standalone file and on Kubernetes Namespaces alike.
+pub const ACCESS_LOG_LABEL: &str = "mesh-agent.io/access-log";
+/// The labels Istio's `app` is taken from, first present wins.
+pub const APP_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];
+/// The labels Istio's `version` is taken from, first present wins.
+pub const VERSION_LABELS: [&str; 2] = ["app.kubernetes.io/version", "version"];
+
+/// Whether `v` is a Kubernetes label value: at most `MAX_LABEL_VALUE` bytes of ASCII
+/// letters, digits, `-`, `_` and `.`, beginning and ending with a letter or digit (or
+/// empty).
+pub fn is_label_value(v: &str) -> bool {
+    let b = v.as_bytes();
+    b.len() <= MAX_LABEL_VALUE
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.first().is_none_or(u8::is_ascii_alphanumeric)
+        && b.last().is_none_or(u8::is_ascii_alphanumeric)
+}
+
+/// The value of the first of `keys` that `labels` carries as a valid label value, empty
+/// if none: what the control plane passes on as Istio's `app` or `version`. (The file's
+/// check refuses invalid values; from Kubernetes, the API server already did.)
+pub fn telemetry_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> String {
+    keys.iter()
+        .filter_map(|k| labels.get(*k))
+        .find(|v| !v.is_empty() && is_label_value(v))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Whether a namespace's labels switch its access logs on.
+pub fn access_log_on(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(ACCESS_LOG_LABEL).map(String::as_str) == Some("true")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -143,22 +180,51 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 }
 
 /// Parses successive versions of one file, reusing the services it parsed last time
-/// (`items`): a change costs the items that changed, the skeleton and the checks.
+/// (`items`): a change costs the items that changed, the skeleton and its checks, and the
+/// checks of the changed services against an index of the others (`ServiceIndex`).
 #[derive(Default)]
 pub struct FileParser {
     items: items::ItemCache,
+    /// The services of the last parse, when it went through `items` and was good: what
+    /// the next one's changed services are checked against.
+    index: Option<ServiceIndex>,
+    /// Services checked (each time one is checked, at start and by a full check too)
+    /// since start: a change should check the services it touched, not the file's.
+    pub services_checked: u64,
 }
 
 impl FileParser {
     pub fn parse(&mut self, path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        // Taken: any parse that does not end well through the items leaves none.
+        let index = self.index.take();
         if let Some(split) = items::split(text) {
             let skeleton = serde_yaml::from_str::<MeshFile>(&split.skeleton);
-            if let (Ok(skeleton), Some(services)) = (skeleton, self.items.services(&split.items)) {
-                return MeshFile {
+            if let (Ok(skeleton), Some((services, diff))) =
+                (skeleton, self.items.services_diff(&split.items))
+            {
+                let file = MeshFile {
                     services,
                     ..skeleton
+                };
+                if let Some(mut index) = index {
+                    self.services_checked += diff.added.len() as u64;
+                    if index.update(&file, &diff) {
+                        // The services are good as a whole: the rest of the checks.
+                        let checked = file.checked_except_services(path, text);
+                        if checked.is_ok() {
+                            self.index = Some(index);
+                        }
+                        return checked;
+                    }
                 }
-                .checked(path, text);
+                // First time, or the changed services have a problem: the whole check,
+                // which says what and where.
+                self.services_checked += file.services.len() as u64;
+                let checked = file.checked(path, text);
+                if let Ok(file) = &checked {
+                    self.index = Some(ServiceIndex::new(file));
+                }
+                return checked;
             }
         }
         MeshFile::parse_whole(path, text)
@@ -219,6 +285,21 @@ impl MeshFile {
 
     /// Every semantic problem of a parsed file at once (`text` gives the lines).
     fn checked(self, path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        self.checked_with(path, text, true)
+    }
+
+    /// `checked` without `check_services`: for a file whose services `ServiceIndex` found
+    /// good.
+    fn checked_except_services(self, path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        self.checked_with(path, text, false)
+    }
+
+    fn checked_with(
+        self,
+        path: &Path,
+        text: &str,
+        services: bool,
+    ) -> Result<MeshFile, ConfigError> {
         let file = self;
         let mut problems: Vec<(usize, String)> = Vec::new();
         let line_of = |needle: &str, after: &str| find_line(text, after, needle);
@@ -250,6 +331,16 @@ impl MeshFile {
                     line_of(&ns.name, "namespaces:"),
                     format!("namespaces[{i}].name: {:?} is declared twice", ns.name),
                 ));
+            }
+            if let Some(v) = ns.labels.get(ACCESS_LOG_LABEL) {
+                if v != "true" && v != "false" {
+                    problems.push((
+                        line_of(&ns.name, "namespaces:"),
+                        format!(
+                            "namespaces[{i}].labels.{ACCESS_LOG_LABEL}: {v:?}: \"true\" or \"false\""
+                        ),
+                    ));
+                }
             }
         }
         let mut wl_names = BTreeMap::new();
@@ -302,6 +393,24 @@ impl MeshFile {
                     ));
                 }
             }
+            for key in APP_LABELS.iter().chain(&VERSION_LABELS) {
+                match w.labels.get(*key) {
+                    Some(v) if v.len() > MAX_LABEL_VALUE => problems.push((
+                        line(),
+                        format!(
+                            "workloads[{i}].labels.{key}: {} bytes, at most {MAX_LABEL_VALUE} (a Kubernetes label value)",
+                            v.len()
+                        ),
+                    )),
+                    Some(v) if !is_label_value(v) => problems.push((
+                        line(),
+                        format!(
+                            "workloads[{i}].labels.{key}: {v:?} is not a label value (letters, digits, '-', '_', '.', beginning and ending with a letter or digit)"
+                        ),
+                    )),
+                    _ => {}
+                }
+            }
             if w.node.as_deref().is_some_and(|n| n.is_empty()) {
                 problems.push((
                     line(),
@@ -318,7 +427,9 @@ impl MeshFile {
             };
             problems.push((line_of(section, section), m))
         });
-        check_services(&file, &ns_names, &mut problems, &line_of);
+        if services {
+            check_services(&file, &ns_names, &mut problems, &line_of);
+        }
         if problems.is_empty() {
             return Ok(file);
         }
@@ -339,6 +450,12 @@ impl MeshFile {
     /// those of other nodes included; `local` names this node (a workload without
     /// `node:` runs here).
     pub fn members_on(&self, local: &str) -> Vec<crate::control::model::Member> {
+        let logged: std::collections::HashSet<&str> = self
+            .namespaces
+            .iter()
+            .filter(|n| access_log_on(&n.labels))
+            .map(|n| n.name.as_str())
+            .collect();
         self.workloads
             .iter()
             .map(|w| crate::control::model::Member {
@@ -349,6 +466,9 @@ impl MeshFile {
                 service_account: w.service_account().to_owned(),
                 node: w.node.clone().unwrap_or_else(|| local.to_owned()),
                 hbone: self.enrolled(w),
+                app: telemetry_label(&w.labels, &APP_LABELS),
+                version: telemetry_label(&w.labels, &VERSION_LABELS),
+                access_log: logged.contains(w.namespace.as_str()),
             })
             .collect()
     }
@@ -434,127 +554,256 @@ fn check_services(
         let mut bad = |m: String| {
             problems.push((line_of(&svc.name, "services:"), format!("services[{i}]{m}")))
         };
-        if !ns_names.contains_key(svc.namespace.as_str()) {
-            bad(format!(
-                ".namespace: {:?} is not declared under namespaces",
-                svc.namespace
-            ));
-        }
-        if names
+        let name_taken = names
             .insert((svc.namespace.as_str(), svc.name.as_str()), i)
-            .is_some()
-        {
+            .is_some();
+        check_service(
+            svc,
+            ns_names.contains_key(svc.namespace.as_str()),
+            name_taken,
+            &mut |vip, port| addrs.insert((vip, port), i),
+            &|ns, n| declared.contains(&(ns, n)),
+            &mut bad,
+        );
+    }
+}
+
+/// One service's checks. What involves the other services is answered by the caller:
+/// whether its namespace is declared, whether its name is taken, who else serves an
+/// address (`addr_taken`, called once per port in order: the index of that service), and
+/// whether a service is declared.
+fn check_service(
+    svc: &ServiceSpec,
+    namespace_declared: bool,
+    name_taken: bool,
+    addr_taken: &mut dyn FnMut(Ipv4Addr, u16) -> Option<usize>,
+    declared: &dyn Fn(&str, &str) -> bool,
+    bad: &mut dyn FnMut(String),
+) {
+    if !namespace_declared {
+        bad(format!(
+            ".namespace: {:?} is not declared under namespaces",
+            svc.namespace
+        ));
+    }
+    if name_taken {
+        bad(format!(
+            ".name: {}.{} is declared twice",
+            svc.name, svc.namespace
+        ));
+    }
+    if svc.ports.is_empty() {
+        bad(".ports: at least one port is required".into());
+    }
+    for (j, p) in svc.ports.iter().enumerate() {
+        if p.port == 0 || p.target_port == Some(0) {
+            bad(format!(".ports[{j}]: port 0 is not a port"));
+        }
+        if let Some(k) = addr_taken(svc.vip, p.port) {
             bad(format!(
-                ".name: {}.{} is declared twice",
-                svc.name, svc.namespace
+                ".ports[{j}]: {}:{} is also served by services[{k}]",
+                svc.vip, p.port
             ));
         }
-        if svc.ports.is_empty() {
-            bad(".ports: at least one port is required".into());
-        }
-        for (j, p) in svc.ports.iter().enumerate() {
-            if p.port == 0 || p.target_port == Some(0) {
-                bad(format!(".ports[{j}]: port 0 is not a port"));
-            }
-            if let Some(k) = addrs.insert((svc.vip, p.port), i) {
+    }
+    if svc
+        .max_request_headers_kb
+        .is_some_and(|k| k == 0 || k > 8192)
+    {
+        bad(".max_request_headers_kb: must be in 1..8192".into());
+    }
+    // Limits the xDS level checks as Envoy does (token buckets, durations beyond a
+    // protobuf Duration, header rewrites) are left to the proxy, which refuses them
+    // with a NACK naming the field while the last good configuration stays: the
+    // interop tests hold our client's verdicts against Envoy's on exactly those.
+    if svc.lb.policy == LbPolicySpec::RingHash && svc.lb.hash_header.is_none() {
+        bad(".lb.hash_header: ring_hash needs the header to hash".into());
+    }
+    for (j, e) in svc.endpoints.iter().enumerate() {
+        if let Some(h) = &e.health {
+            if !["healthy", "unhealthy", "degraded", "draining"].contains(&h.as_str()) {
                 bad(format!(
-                    ".ports[{j}]: {}:{} is also served by services[{k}]",
-                    svc.vip, p.port
+                    ".endpoints[{j}].health: {h:?} is not healthy, unhealthy, degraded or draining"
                 ));
             }
         }
-        if svc
-            .max_request_headers_kb
-            .is_some_and(|k| k == 0 || k > 8192)
+        if e.weight == Some(0) {
+            bad(format!(".endpoints[{j}].weight: must be >= 1"));
+        }
+    }
+    for (j, r) in svc.routes.iter().enumerate() {
+        let m = &r.matcher;
+        let paths = [&m.prefix, &m.path, &m.regex]
+            .iter()
+            .filter(|p| p.is_some())
+            .count();
+        if paths > 1 {
+            bad(format!(
+                ".routes[{j}].match: at most one of prefix, path, regex"
+            ));
+        }
+        for (what, re) in std::iter::once(("regex", m.regex.as_ref()))
+            .chain(
+                m.headers
+                    .iter()
+                    .map(|h| ("headers[].regex", h.regex.as_ref())),
+            )
+            .chain(m.query.iter().map(|q| ("query[].regex", q.regex.as_ref())))
         {
-            bad(".max_request_headers_kb: must be in 1..8192".into());
-        }
-        // Limits the xDS level checks as Envoy does (token buckets, durations beyond a
-        // protobuf Duration, header rewrites) are left to the proxy, which refuses them
-        // with a NACK naming the field while the last good configuration stays: the
-        // interop tests hold our client's verdicts against Envoy's on exactly those.
-        if svc.lb.policy == LbPolicySpec::RingHash && svc.lb.hash_header.is_none() {
-            bad(".lb.hash_header: ring_hash needs the header to hash".into());
-        }
-        for (j, e) in svc.endpoints.iter().enumerate() {
-            if let Some(h) = &e.health {
-                if !["healthy", "unhealthy", "degraded", "draining"].contains(&h.as_str()) {
-                    bad(format!(".endpoints[{j}].health: {h:?} is not healthy, unhealthy, degraded or draining"));
-                }
-            }
-            if e.weight == Some(0) {
-                bad(format!(".endpoints[{j}].weight: must be >= 1"));
+            if let Some(Err(e)) = re.map(|re| regex_lite::Regex::new(re)) {
+                bad(format!(".routes[{j}].match.{what}: {e}"));
             }
         }
-        for (j, r) in svc.routes.iter().enumerate() {
-            let m = &r.matcher;
-            let paths = [&m.prefix, &m.path, &m.regex]
-                .iter()
-                .filter(|p| p.is_some())
-                .count();
-            if paths > 1 {
+        for b in &r.backends {
+            let (n, ns) = b
+                .service
+                .split_once('.')
+                .unwrap_or((&b.service, &svc.namespace));
+            if !declared(ns, n) {
                 bad(format!(
-                    ".routes[{j}].match: at most one of prefix, path, regex"
+                    ".routes[{j}].backends: service {:?} is not declared",
+                    b.service
                 ));
             }
-            for (what, re) in std::iter::once(("regex", m.regex.as_ref()))
-                .chain(
-                    m.headers
-                        .iter()
-                        .map(|h| ("headers[].regex", h.regex.as_ref())),
-                )
-                .chain(m.query.iter().map(|q| ("query[].regex", q.regex.as_ref())))
-            {
-                if let Some(Err(e)) = re.map(|re| regex_lite::Regex::new(re)) {
-                    bad(format!(".routes[{j}].match.{what}: {e}"));
-                }
-            }
-            for b in &r.backends {
-                let (n, ns) = b
-                    .service
-                    .split_once('.')
-                    .unwrap_or((&b.service, &svc.namespace));
-                if !declared.contains(&(ns, n)) {
+        }
+        if r.backends
+            .iter()
+            .map(|b| b.weight.unwrap_or(1) as u64)
+            .sum::<u64>()
+            == 0
+            && !r.backends.is_empty()
+        {
+            bad(format!(".routes[{j}].backends: the weights add up to 0"));
+        }
+        if let Some(f) = &r.fault {
+            for p in [f.delay_percent, f.abort_percent].into_iter().flatten() {
+                if !(0.0..=100.0).contains(&p) {
                     bad(format!(
-                        ".routes[{j}].backends: service {:?} is not declared",
-                        b.service
-                    ));
-                }
-            }
-            if r.backends
-                .iter()
-                .map(|b| b.weight.unwrap_or(1) as u64)
-                .sum::<u64>()
-                == 0
-                && !r.backends.is_empty()
-            {
-                bad(format!(".routes[{j}].backends: the weights add up to 0"));
-            }
-            if let Some(f) = &r.fault {
-                for p in [f.delay_percent, f.abort_percent].into_iter().flatten() {
-                    if !(0.0..=100.0).contains(&p) {
-                        bad(format!(
-                            ".routes[{j}].fault: percentage {p} is not in 0..100"
-                        ));
-                    }
-                }
-            }
-            for s in r.retries.iter().flat_map(|r| &r.statuses) {
-                if !(100..600).contains(s) {
-                    bad(format!(
-                        ".routes[{j}].retries.statuses: {s} is not an HTTP status"
-                    ));
-                }
-            }
-            if let Some(d) = &r.direct_response {
-                if !(200..600).contains(&d.status) {
-                    bad(format!(
-                        ".routes[{j}].direct_response.status: {} is not in 200..599",
-                        d.status
+                        ".routes[{j}].fault: percentage {p} is not in 0..100"
                     ));
                 }
             }
         }
+        for s in r.retries.iter().flat_map(|r| &r.statuses) {
+            if !(100..600).contains(s) {
+                bad(format!(
+                    ".routes[{j}].retries.statuses: {s} is not an HTTP status"
+                ));
+            }
+        }
+        if let Some(d) = &r.direct_response {
+            if !(200..600).contains(&d.status) {
+                bad(format!(
+                    ".routes[{j}].direct_response.status: {} is not in 200..599",
+                    d.status
+                ));
+            }
+        }
+    }
+}
+
+/// The services of a good file, indexed so that a parse which changed some of them
+/// checks only those: names and addresses (with how many services hold each, a good file
+/// has one), the services route backends name, and the declared namespaces.
+struct ServiceIndex {
+    namespaces: Vec<String>,
+    names: std::collections::HashMap<(String, String), u32>,
+    addrs: std::collections::HashMap<(Ipv4Addr, u16), u32>,
+    /// (namespace, name) of services that route backends name, with how many backends.
+    targets: std::collections::HashMap<(String, String), u32>,
+}
+
+/// The (namespace, name) each of `svc`'s route backends names.
+fn backend_targets(svc: &ServiceSpec) -> impl Iterator<Item = (String, String)> + '_ {
+    svc.routes.iter().flat_map(|r| &r.backends).map(|b| {
+        let (n, ns) = b
+            .service
+            .split_once('.')
+            .unwrap_or((&b.service, &svc.namespace));
+        (ns.to_owned(), n.to_owned())
+    })
+}
+
+impl ServiceIndex {
+    fn new(file: &MeshFile) -> ServiceIndex {
+        let mut index = ServiceIndex {
+            namespaces: file.namespaces.iter().map(|n| n.name.clone()).collect(),
+            names: Default::default(),
+            addrs: Default::default(),
+            targets: Default::default(),
+        };
+        for svc in &file.services {
+            index.count(svc, 1);
+        }
+        index
+    }
+
+    fn count(&mut self, svc: &ServiceSpec, add: i64) {
+        fn bump<K: std::hash::Hash + Eq>(
+            m: &mut std::collections::HashMap<K, u32>,
+            k: K,
+            add: i64,
+        ) {
+            let n = m.entry(k).or_default();
+            *n = (i64::from(*n) + add).max(0) as u32;
+        }
+        bump(
+            &mut self.names,
+            (svc.namespace.clone(), svc.name.clone()),
+            add,
+        );
+        for p in &svc.ports {
+            bump(&mut self.addrs, (svc.vip, p.port), add);
+        }
+        for t in backend_targets(svc) {
+            bump(&mut self.targets, t, add);
+        }
+    }
+
+    /// Takes `diff` (from the services this index holds to `file`'s) in; whether `file`'s
+    /// services are good as a whole. `false`: the index is stale, and a whole check says
+    /// what is wrong (this one only knows that something may be).
+    fn update(&mut self, file: &MeshFile, diff: &items::ItemDiff) -> bool {
+        if diff.repeated
+            || !file
+                .namespaces
+                .iter()
+                .map(|n| &n.name)
+                .eq(self.namespaces.iter())
+        {
+            return false;
+        }
+        for svc in &diff.removed {
+            self.count(svc, -1);
+        }
+        for svc in &diff.added {
+            self.count(svc, 1);
+        }
+        let names = &self.names;
+        let key = |ns: &str, n: &str| (ns.to_owned(), n.to_owned());
+        // A removed name that a route still sends to.
+        for svc in &diff.removed {
+            let k = key(&svc.namespace, &svc.name);
+            if names.get(&k).is_none_or(|&n| n == 0) && self.targets.get(&k).is_some_and(|&n| n > 0)
+            {
+                return false;
+            }
+        }
+        let mut good = true;
+        for svc in &diff.added {
+            check_service(
+                svc,
+                self.namespaces.iter().any(|n| *n == svc.namespace),
+                names.get(&key(&svc.namespace, &svc.name)) != Some(&1),
+                &mut |vip, port| (self.addrs.get(&(vip, port)) != Some(&1)).then_some(0),
+                &|ns, n| names.get(&key(ns, n)).is_some_and(|&c| c > 0),
+                &mut |_| good = false,
+            );
+        }
+        self.names.retain(|_, n| *n > 0);
+        self.addrs.retain(|_, n| *n > 0);
+        self.targets.retain(|_, n| *n > 0);
+        good
     }
 }
 
@@ -1075,5 +1324,103 @@ services:
             "rate_limit: { max_tokens: 1, fill_interval_ms: 1000 }",
         );
         MeshFile::parse(Path::new("m.yaml"), &ok).unwrap();
+    }
+
+    #[test]
+    fn app_and_version_come_from_istios_labels_and_the_access_log_from_the_namespace() {
+        let text = GOOD
+            .replace(
+                "    mode: direct\n",
+                "    mode: direct\n    labels: { mesh-agent.io/access-log: \"true\" }\n",
+            )
+            .replace(
+                "    netns: /run/netns/web\n",
+                "    netns: /run/netns/web\n    labels: { app: web, app.kubernetes.io/name: storefront, version: v2 }\n",
+            )
+            .replace(
+                "    netns: /run/netns/db\n",
+                "    netns: /run/netns/db\n    labels: { app.kubernetes.io/version: \"1.4.0\" }\n",
+            );
+        let f = MeshFile::parse(Path::new("m.yaml"), &text).unwrap();
+        let m = f.members_on("n");
+        let by = |n: &str| m.iter().find(|w| w.name == n).unwrap();
+        // `app.kubernetes.io/name` wins over `app`; `version` when no
+        // `app.kubernetes.io/version`.
+        assert_eq!(
+            (by("web").app.as_str(), by("web").version.as_str()),
+            ("storefront", "v2")
+        );
+        assert_eq!(
+            (by("batch").app.as_str(), by("batch").version.as_str()),
+            ("", "")
+        );
+        assert_eq!(
+            (by("db").app.as_str(), by("db").version.as_str()),
+            ("", "1.4.0")
+        );
+        assert!(by("db").access_log, "legacy asks for access logs");
+        assert!(!by("web").access_log && !by("batch").access_log);
+    }
+
+    #[test]
+    fn app_version_and_access_log_values_are_bounded_with_a_clear_error() {
+        let long = "a".repeat(MAX_LABEL_VALUE + 1);
+        let bad = GOOD
+            .replace(
+                "    netns: /run/netns/web\n",
+                &format!(
+                    "    netns: /run/netns/web\n    labels: {{ app: {long}, version: \"-v1\" }}\n"
+                ),
+            )
+            .replace(
+                "    mode: direct\n",
+                "    mode: direct\n    labels: { mesh-agent.io/access-log: \"yes\" }\n",
+            );
+        let e = MeshFile::parse(Path::new("m.yaml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("workloads[0].labels.app: 64 bytes, at most 63 (a Kubernetes label value)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("workloads[0].labels.version: \"-v1\" is not a label value"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "namespaces[1].labels.mesh-agent.io/access-log: \"yes\": \"true\" or \"false\""
+            ),
+            "{e}"
+        );
+        // Exactly 63 is a label value; so is the empty one (then: not said).
+        let ok = GOOD.replace(
+            "    netns: /run/netns/web\n",
+            &format!(
+                "    netns: /run/netns/web\n    labels: {{ app: {}, version: \"\" }}\n",
+                &long[1..]
+            ),
+        );
+        let f = MeshFile::parse(Path::new("m.yaml"), &ok).unwrap();
+        assert_eq!(f.members_on("n")[0].app.len(), MAX_LABEL_VALUE);
+        assert_eq!(f.members_on("n")[0].version, "");
+    }
+
+    #[test]
+    fn label_values_follow_kubernetes_syntax() {
+        for ok in ["", "a", "v1.2.3", "my_app-2", &"x".repeat(63)] {
+            assert!(is_label_value(ok), "{ok:?}");
+        }
+        for bad in ["-a", "a-", ".a", "a b", "ü", "a/b", &"x".repeat(64)] {
+            assert!(!is_label_value(bad), "{bad:?}");
+        }
+        // What the control plane passes on skips values it could not (a source other
+        // than the file, which checks them): the next label in Istio's order then.
+        let labels: BTreeMap<String, String> = [
+            ("app.kubernetes.io/name".to_owned(), "not valid!".to_owned()),
+            ("app".to_owned(), "web".to_owned()),
+        ]
+        .into();
+        assert_eq!(telemetry_label(&labels, &APP_LABELS), "web");
     }
 }

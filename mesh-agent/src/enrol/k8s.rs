@@ -15,9 +15,13 @@
 //! | HTTPRoute, GRPCRoute | all | GAMMA routes on Services (optional: the CRDs may be absent) |
 //! | AuthorizationPolicy, PeerAuthentication | all | Istio security policies (`security.istio.io/v1`, optional CRDs; `policies`) |
 //!
+//! Services and EndpointSlices are stored compact (`compact`: what the build reads, about
+//! a tenth of the objects' size), the other kinds as kube's reflector keeps them, slimmed.
+//!
 //! Any change wakes one builder that turns the stores into a `Snapshot` (see `state`) and
 //! publishes it if it differs; the map syncer and the embedded control plane read that.
 
+pub mod compact;
 mod podns;
 pub mod policies;
 pub mod routes;
@@ -209,10 +213,10 @@ fn http_route_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
-/// What the agent never reads is dropped before an object is stored: the stores hold
-/// every Service and EndpointSlice of the cluster, and in a real cluster most of an object
-/// is server-side apply's `managedFields`, kubectl's last-applied annotation, endpoint
-/// `targetRef`s, container specs and statuses. Only what `state::build` reads stays.
+/// What the agent never reads is dropped before an object is stored: in a real cluster
+/// most of an object is server-side apply's `managedFields`, kubectl's last-applied
+/// annotation, container specs and statuses. Only what `state::build` reads stays.
+/// (Services and EndpointSlices, every one of the cluster's, go further: `compact`.)
 pub trait Slim: Resource + Sized {
     fn slim(&mut self) {
         slim_meta(self);
@@ -248,27 +252,6 @@ impl Slim for Pod {
     }
 }
 
-impl Slim for Service {
-    fn slim(&mut self) {
-        slim_meta(self);
-        self.status = None;
-    }
-}
-
-impl Slim for EndpointSlice {
-    fn slim(&mut self) {
-        slim_meta(self);
-        for e in &mut self.endpoints {
-            e.target_ref = None;
-            e.node_name = None;
-            e.zone = None;
-            e.hints = None;
-            e.hostname = None;
-            e.deprecated_topology = None;
-        }
-    }
-}
-
 impl Slim for ServiceAccount {
     fn slim(&mut self) {
         slim_meta(self);
@@ -293,6 +276,90 @@ fn slim_meta<K: Resource>(o: &mut K) {
     meta.owner_references = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// Runs one watch whose objects are kept compact in the returned store (`compact`): each
+/// event's object is converted on arrival and dropped. Events as `spawn_reflector`'s.
+fn spawn_compact<K, T>(
+    kind: usize,
+    api: Api<K>,
+    hint: &'static str,
+    notify: Arc<Notify>,
+    stats: Arc<Stats>,
+) -> compact::CompactStore<T>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    T: From<K> + compact::Keyed + PartialEq + Send + Sync + 'static,
+{
+    let store = compact::CompactStore::default();
+    let writer = store.clone();
+    let name = KINDS[kind];
+    tokio::spawn(
+        async move {
+            let stream = watcher(api, watcher::Config::default()).default_backoff();
+            futures_util::pin_mut!(stream);
+            let mut last_log: Option<Instant> = None;
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(ev) => {
+                        stats.events[kind].fetch_add(1, Relaxed);
+                        let changed = match ev {
+                            watcher::Event::Init => {
+                                stats.relists[kind].fetch_add(1, Relaxed);
+                                writer.relist_start();
+                                false
+                            }
+                            watcher::Event::InitApply(o) => {
+                                writer.relist_apply(T::from(o));
+                                false
+                            }
+                            watcher::Event::InitDone => {
+                                writer.relist_done();
+                                true
+                            }
+                            // An event for a field the build does not read changes nothing.
+                            watcher::Event::Apply(o) => writer.apply(T::from(o)),
+                            watcher::Event::Delete(o) => writer.delete(&T::from(o)),
+                        };
+                        if changed {
+                            notify.notify_one();
+                        }
+                    }
+                    Err(e) => watch_failed(&stats, kind, &e, hint, &mut last_log),
+                }
+            }
+        }
+        .instrument(tracing::info_span!("watch", kind = name)),
+    );
+    store
+}
+
+/// Counts a failed watch of `KINDS[kind]` and logs it: a warning at most once per
+/// `WATCH_ERROR_LOG_PERIOD` (`hint` ends it), debug lines in between.
+fn watch_failed(
+    stats: &Stats,
+    kind: usize,
+    e: &dyn std::fmt::Display,
+    hint: &str,
+    last_log: &mut Option<Instant>,
+) {
+    let name = KINDS[kind];
+    stats.errors[kind].fetch_add(1, Relaxed);
+    if last_log.is_none_or(|t| t.elapsed() > WATCH_ERROR_LOG_PERIOD) {
+        *last_log = Some(Instant::now());
+        warn!(kind = name, error = %e, "watch failed; retrying with back-off ({hint})");
+    } else {
+        debug!(kind = name, error = %e, "watch failed again");
+    }
+}
+
+/// Waits until the store's first list ended. Polled (every 5 ms, at start-up only): the
+/// watch's wake-up goes to the builder's `notify`, which must stay unconsumed until the
+/// first build.
+async fn compact_ready<T: compact::Keyed + PartialEq>(store: &compact::CompactStore<T>) {
+    while !store.is_ready() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -333,15 +400,7 @@ where
                             _ => notify.notify_one(),
                         }
                     }
-                    Err(e) => {
-                        stats.errors[kind].fetch_add(1, Relaxed);
-                        if last_log.is_none_or(|t| t.elapsed() > WATCH_ERROR_LOG_PERIOD) {
-                            last_log = Some(Instant::now());
-                            warn!(kind = name, error = %e, "watch failed; retrying with back-off ({hint})");
-                        } else {
-                            debug!(kind = name, error = %e, "watch failed again");
-                        }
-                    }
+                    Err(e) => watch_failed(&stats, kind, &e, hint, &mut last_log),
                 }
             }
         }
@@ -382,8 +441,20 @@ pub async fn run(
         )
     });
     let node = opts.node_name.clone().unwrap_or_default();
-    let services = core_store!(2, Service, watcher::Config::default());
-    let slices = core_store!(3, EndpointSlice, watcher::Config::default());
+    let services = spawn_compact::<Service, compact::ServiceObj>(
+        2,
+        Api::all(client.clone()),
+        "the last state stays in force",
+        notify.clone(),
+        stats.clone(),
+    );
+    let slices = spawn_compact::<EndpointSlice, compact::SliceObj>(
+        3,
+        Api::all(client.clone()),
+        "the last state stays in force",
+        notify.clone(),
+        stats.clone(),
+    );
     let accounts = core_store!(4, ServiceAccount, watcher::Config::default());
     let mut route_stores = Vec::new();
     for (idx, kind, plural) in [
@@ -431,8 +502,8 @@ pub async fn run(
     if let Some(pods) = &pods {
         let _ = pods.wait_until_ready().await;
     }
-    let _ = services.wait_until_ready().await;
-    let _ = slices.wait_until_ready().await;
+    compact_ready(&services).await;
+    compact_ready(&slices).await;
     let _ = accounts.wait_until_ready().await;
     info!(node = %node, "kubernetes state listed");
 
@@ -446,11 +517,19 @@ pub async fn run(
     let cache = Arc::new(std::sync::Mutex::new(state::ServiceCache::default()));
     loop {
         let built_at = tokio::time::Instant::now();
+        // Objects and what changed since the last build, together: the build converts
+        // what the changes touch (`state::ServiceCache::changes`).
+        let (service_objs, service_changes) = services.state_and_changes();
+        let (slice_objs, slice_changes) = slices.state_and_changes();
+        let changes = match (service_changes, slice_changes) {
+            (Some(services), Some(slices)) => Some(state::Changes { services, slices }),
+            _ => None,
+        };
         let cluster = state::Cluster {
             namespaces: namespaces.state(),
             pods: pods.as_ref().map(Store::state).unwrap_or_default(),
-            services: services.state(),
-            slices: slices.state(),
+            services: service_objs,
+            slices: slice_objs,
             service_accounts: accounts.state(),
             http_routes: route_stores[0].state(),
             grpc_routes: route_stores[1].state(),
@@ -469,6 +548,7 @@ pub async fn run(
                 };
                 // Only this builder uses the cache: the lock is never contended.
                 let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                cache.changes = changes;
                 state::build_cached(
                     &cluster,
                     &opts,

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use super::{BoxFuture, Certificates, IdentityError, SpiffeId, WorkloadCert};
 use crate::wire::{
-    ca::{CaGrpcClient, IstioCertificateRequest},
+    ca::{CaGrpcClient, CaTransport, IstioCertificateRequest},
     Token,
 };
 
@@ -57,29 +57,105 @@ pub trait CaClient: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<String>, IdentityError>>;
 }
 
-/// A remote `IstioCertificateService` (`http://host:port`), with this node's bearer token.
+/// A remote `IstioCertificateService` (`https://host:port`, or `http://` with an explicit
+/// opt-in), with this node's bearer token.
 pub struct GrpcCa {
     address: String,
+    transport: CaTransport,
     /// Where the token is read again before each request (`with_token_file`).
     token_file: Option<std::path::PathBuf>,
     /// The token text last read from `token_file`, and the client presenting it.
-    current: Mutex<(String, CaGrpcClient)>,
+    current: Mutex<Current>,
+}
+
+/// Largest root bundle read (bytes).
+const MAX_ROOTS_FILE: u64 = 1 << 20;
+
+/// How to reach the CA at `address`: TLS for `https://` (the server's chain checked against
+/// the PEM bundle in `root_cert`, for `server_name` or else the address's host), plaintext
+/// for `http://` only if `allow_plaintext` (logged as a warning: the bearer token then
+/// crosses the network in the clear).
+pub fn ca_transport(
+    address: &str,
+    root_cert: Option<&std::path::Path>,
+    server_name: Option<&str>,
+    allow_plaintext: bool,
+) -> Result<CaTransport, IdentityError> {
+    let bad = |why: String| IdentityError::Ca(format!("CA address {address:?}: {why}"));
+    let uri: http::Uri = address.parse().map_err(|e| bad(format!("{e}")))?;
+    match uri.scheme_str() {
+        Some("http") if allow_plaintext => {
+            warn!(ca = %address, "talking to the CA in plaintext (--ca-plaintext): its bearer token crosses the network in the clear");
+            Ok(CaTransport::Plaintext)
+        }
+        Some("http") => Err(bad(
+            "plaintext would send this node's bearer token in the clear; use https:// with \
+             --ca-root-cert, or opt in with --ca-plaintext"
+                .into(),
+        )),
+        Some("https") => {
+            let Some(path) = root_cert else {
+                return Err(bad(
+                    "https:// needs --ca-root-cert, the PEM root(s) the CA's TLS certificate \
+                     chains to (istiod: the istio-ca-root-cert ConfigMap's root-cert.pem)"
+                        .into(),
+                ));
+            };
+            let shown = path.display();
+            let len = std::fs::metadata(path)
+                .map_err(|e| bad(format!("{shown}: {e}")))?
+                .len();
+            if len > MAX_ROOTS_FILE {
+                return Err(bad(format!(
+                    "{shown}: {len} bytes, more than {MAX_ROOTS_FILE}"
+                )));
+            }
+            let pem = std::fs::read(path).map_err(|e| bad(format!("{shown}: {e}")))?;
+            let roots = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("{shown}: {e}")))?;
+            if roots.is_empty() {
+                return Err(bad(format!("{shown} holds no PEM certificate")));
+            }
+            let config = crate::wire::ca::client_tls_config(&roots).map_err(bad)?;
+            let name = match server_name {
+                Some(n) => n.to_owned(),
+                None => uri
+                    .host()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+            };
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| bad(format!("server name {name:?}: {e}")))?;
+            Ok(CaTransport::Tls {
+                config: Arc::new(config),
+                server_name,
+            })
+        }
+        _ => Err(bad("expected https://host:port".into())),
+    }
 }
 
 impl GrpcCa {
-    pub fn new(address: &str, token: Option<&Token>) -> Result<GrpcCa, IdentityError> {
-        if !address.starts_with("http://") {
-            return Err(IdentityError::Ca(format!(
-                "CA address {address:?}: only http://host:port is supported for now"
-            )));
-        }
+    /// Checks the address now; the gRPC channel is made at the first request (it needs
+    /// the runtime the request runs on).
+    pub fn new(
+        address: &str,
+        token: Option<&Token>,
+        transport: CaTransport,
+    ) -> Result<GrpcCa, IdentityError> {
+        CaGrpcClient::check(address, &transport).map_err(IdentityError::Ca)?;
         Ok(GrpcCa {
             address: address.to_owned(),
+            current: Mutex::new(Current {
+                text: String::new(),
+                token: token.cloned(),
+                client: None,
+            }),
+            transport,
             token_file: None,
-            current: Mutex::new((
-                String::new(),
-                CaGrpcClient::new(address, token).map_err(IdentityError::Ca)?,
-            )),
         })
     }
 
@@ -87,29 +163,35 @@ impl GrpcCa {
     /// projected ServiceAccount token is rotated by the kubelet in place. The file must
     /// hold a valid token now (a start-up error otherwise); later, an unreadable or bad
     /// version is logged and the last good token kept.
-    pub fn with_token_file(address: &str, path: &std::path::Path) -> Result<GrpcCa, IdentityError> {
+    pub fn with_token_file(
+        address: &str,
+        path: &std::path::Path,
+        transport: CaTransport,
+    ) -> Result<GrpcCa, IdentityError> {
         let text = read_token_text(path).map_err(IdentityError::Ca)?;
         let token = Token::new(&text, &path.display().to_string())
             .map_err(|e| IdentityError::Ca(e.to_string()))?;
-        let mut ca = GrpcCa::new(address, Some(&token))?;
+        let mut ca = GrpcCa::new(address, Some(&token), transport)?;
         ca.token_file = Some(path.to_owned());
-        ca.current.get_mut().unwrap_or_else(|e| e.into_inner()).0 = text;
+        ca.current.get_mut().unwrap_or_else(|e| e.into_inner()).text = text;
         Ok(ca)
     }
 
-    /// The client for this request: rebuilt (a new connection) when the token changed.
-    fn client(&self) -> CaGrpcClient {
+    /// The client for this request: made at the first one, and again (a new connection)
+    /// when the token changed.
+    fn client(&self) -> Result<CaGrpcClient, IdentityError> {
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(path) = &self.token_file {
             match read_token_text(path) {
-                Ok(text) if text != cur.0 => {
-                    let made = Token::new(&text, &path.display().to_string())
-                        .map_err(|e| e.to_string())
-                        .and_then(|t| CaGrpcClient::new(&self.address, Some(&t)));
-                    match made {
-                        Ok(c) => {
+                Ok(text) if text != cur.text => {
+                    match Token::new(&text, &path.display().to_string()) {
+                        Ok(t) => {
                             info!(path = %path.display(), "CA token changed; presenting the new one");
-                            *cur = (text, c);
+                            *cur = Current {
+                                text,
+                                token: Some(t),
+                                client: None,
+                            };
                         }
                         Err(e) => warn!(error = %e, "keeping the last good CA token"),
                     }
@@ -118,8 +200,21 @@ impl GrpcCa {
                 Err(e) => warn!(error = %e, "keeping the last good CA token"),
             }
         }
-        cur.1.clone()
+        if let Some(c) = &cur.client {
+            return Ok(c.clone());
+        }
+        let c = CaGrpcClient::new(&self.address, cur.token.as_ref(), &self.transport)
+            .map_err(IdentityError::Ca)?;
+        cur.client = Some(c.clone());
+        Ok(c)
     }
+}
+
+/// The token presented now, and the client presenting it (made on first use).
+struct Current {
+    text: String,
+    token: Option<Token>,
+    client: Option<CaGrpcClient>,
 }
 
 /// Largest token file read (bytes); projected tokens are about 1 KiB.
@@ -147,7 +242,7 @@ impl CaClient for GrpcCa {
     ) -> BoxFuture<'a, Result<Vec<String>, IdentityError>> {
         Box::pin(async move {
             let req = IstioCertificateRequest::new(csr_pem.to_owned(), ttl, &id.to_string());
-            let client = self.client();
+            let client = self.client()?;
             match client.create_certificate(req).await {
                 Ok(r) => Ok(r.cert_chain),
                 Err(s)
@@ -914,6 +1009,56 @@ mod tests {
         let e = parse_chain(&id(WEB), &other, chain[..1].to_vec()).unwrap_err();
         assert!(e.to_string().contains("1 certificate"), "{e}");
         assert!(parse_chain(&id(WEB), &other, chain).is_ok());
+    }
+
+    #[test]
+    fn the_ca_transport_is_tls_unless_plaintext_is_asked_for() {
+        let dir = std::env::temp_dir().join(format!("mesh-ca-transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("root.pem");
+        let ca = Signer::generate("cluster.local").unwrap();
+        std::fs::write(&root, crate::control::ca::pem_of(ca.root())).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let t = ca_transport("https://10.0.0.1:15012", Some(&root), None, false).unwrap();
+        assert!(
+            matches!(&t, CaTransport::Tls { server_name, .. } if server_name.to_str() == "10.0.0.1")
+        );
+        let t = ca_transport(
+            "https://10.0.0.1:15012",
+            Some(&root),
+            Some("istiod.istio-system.svc"),
+            false,
+        )
+        .unwrap();
+        assert!(
+            matches!(&t, CaTransport::Tls { server_name, .. } if server_name.to_str() == "istiod.istio-system.svc")
+        );
+        let err = |r: Result<CaTransport, IdentityError>| r.unwrap_err().to_string();
+        assert!(
+            err(ca_transport("http://10.0.0.1:15010", None, None, false))
+                .contains("--ca-plaintext")
+        );
+        assert!(matches!(
+            ca_transport("http://10.0.0.1:15010", None, None, true),
+            Ok(CaTransport::Plaintext)
+        ));
+        assert!(err(ca_transport("https://ca:15012", None, None, false)).contains("--ca-root-cert"));
+        assert!(
+            err(ca_transport("https://ca:15012", Some(&empty), None, false))
+                .contains("no PEM certificate")
+        );
+        assert!(err(ca_transport(
+            "https://ca:15012",
+            Some(&dir.join("missing")),
+            None,
+            false
+        ))
+        .contains("missing"));
+        assert!(
+            err(ca_transport("ftp://ca", Some(&root), None, false)).contains("expected https://")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

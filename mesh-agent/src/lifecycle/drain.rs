@@ -22,8 +22,8 @@ pub fn new() -> (DrainTrigger, DrainWatch) {
     (
         trigger,
         DrainWatch {
-            signal: rx,
             _holder: holder,
+            signal: rx,
         },
     )
 }
@@ -67,9 +67,12 @@ impl DrainTrigger {
 /// done.
 #[derive(Debug, Clone)]
 pub struct DrainWatch {
-    signal: watch::Receiver<bool>,
-    /// Held, never read: the trigger counts these.
+    /// Held, never read: the trigger counts these. Declared first so it is dropped first:
+    /// the trigger's wait ends when the last receiver (`signal`) goes, and must then count
+    /// no holder left (the other order let a watch dropped on another thread be counted
+    /// as still held, and a finished drain be reported as cut at its deadline).
     _holder: Arc<()>,
+    signal: watch::Receiver<bool>,
 }
 
 impl DrainWatch {

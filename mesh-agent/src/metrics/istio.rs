@@ -30,6 +30,11 @@ use prometheus_client::{
 
 /// Istio's value for what the reporter does not know.
 pub const UNKNOWN: &str = "unknown";
+/// `reporter` of the series a node proxy reports for its captured clients.
+pub const SOURCE: &str = "source";
+/// `reporter` of the series the destination node reports for what it terminates
+/// (`proxy::inbound::telemetry`).
+pub const DESTINATION: &str = "destination";
 /// Most label sets kept per kind (TCP, HTTP).
 pub const MAX_ISTIO_SERIES: usize = 2048;
 /// `destination_service` of connections counted once `MAX_ISTIO_SERIES` is reached.
@@ -71,6 +76,16 @@ impl Default for Peer {
 }
 
 impl Peer {
+    /// A peer known by its verified identity only: its principal, and the namespace the
+    /// SPIFFE ID names; the workload stays unknown.
+    pub fn from_identity(id: &crate::identity::SpiffeId) -> Peer {
+        Peer {
+            principal: id.to_string(),
+            namespace: id.namespace().to_owned(),
+            ..Peer::default()
+        }
+    }
+
     /// From `namespace/name` (the registry's form); anything else stays unknown.
     pub fn from_qualified(name: Option<&str>) -> Peer {
         let mut p = Peer::default();
@@ -234,6 +249,9 @@ pub struct Istio {
     /// under the overflow set.
     pub pruned: AtomicU64,
     pub overflow: AtomicU64,
+    /// `--telemetry off`: nothing is recorded (TCP handles are detached counters, HTTP
+    /// requests return before the cache).
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 /// Reads the workloads in force (`namespace`, `name`), or `None` before the first.
@@ -320,6 +338,7 @@ impl Default for Istio {
             live: OnceLock::new(),
             pruned: AtomicU64::new(0),
             overflow: AtomicU64::new(0),
+            enabled: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }
@@ -330,8 +349,22 @@ impl Istio {
         let _ = self.live.set(f);
     }
 
+    /// Records the series (`true`, the default) or nothing (`--telemetry off`).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Relaxed);
+    }
+
     /// The handle of a TCP label set, created on first use. Called once per connection.
     pub fn tcp(&self, labels: IstioLabels) -> Arc<TcpSeries> {
+        if !self.enabled.load(Relaxed) {
+            // Counters no family holds: counted into, never exported.
+            return Arc::new(TcpSeries {
+                opened: Counter::default(),
+                closed: Counter::default(),
+                sent: Counter::default(),
+                received: Counter::default(),
+            });
+        }
         let labels = {
             let mut keys = self.tcp_keys.lock().unwrap_or_else(|e| e.into_inner());
             if keys.contains(&labels) || keys.len() < MAX_ISTIO_SERIES {
@@ -477,6 +510,9 @@ impl HttpConn {
         request_bytes: u64,
         response_bytes: u64,
     ) {
+        if !self.istio.enabled.load(Relaxed) {
+            return;
+        }
         let protocol = if grpc { "grpc" } else { "http" };
         let series = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());

@@ -6,7 +6,9 @@
 //! queue is full the entry is dropped and counted (`mesh_access_log_dropped_total`). One
 //! writer thread serialises entries with serde_json into a reused buffer and writes them
 //! through a buffered writer every `WRITE_TICK` (`write_lines` says why it polls). Off by
-//! default, and then free: the proxy holds no `AccessLog` and checks only for its absence.
+//! default, and then free: the proxy builds no line while `AccessLog::on` says no (one
+//! atomic load). A namespace labelled `mesh-agent.io/access-log: "true"` turns it on for
+//! the lines of its workloads only (`AccessLog` says how).
 
 use std::{
     fs::OpenOptions,
@@ -14,16 +16,20 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
-        atomic::Ordering::Relaxed,
+        atomic::{AtomicBool, Ordering::Relaxed},
         mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError},
-        Arc,
+        Arc, OnceLock,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Serialize, Serializer};
+use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    proxy::config::{policy::MeshConfig, workloads::WorkloadIndex},
+};
 
 /// Lines the queue holds before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 8192;
@@ -320,9 +326,29 @@ impl std::fmt::Display for Rfc3339 {
 }
 
 /// The proxy's handle on the access log: cheap to clone, never blocks.
+///
+/// Two scopes. With `--access-log` naming a sink every line is written (`all`). Without
+/// it, only the lines of workloads whose namespace asks for them (`Telemetry::access_log`
+/// in the mesh workloads the proxy holds): the proxy builds lines only while some
+/// namespace asks (`on`, one atomic load), `send` keeps those whose source or
+/// destination is such a workload, and the writer (to standard output, as a container
+/// log) is started at the first line kept. No namespace asking: nothing is built and no
+/// thread runs, as with the log off.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: SyncSender<Box<Entry>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `--access-log` names a sink: every line.
+    all: bool,
+    /// Some mesh workload's namespace asks for access logs (kept by `follow`).
+    scoped: AtomicBool,
+    /// The mesh workloads in force (`XdsClient::mesh`): who asks. None: `all` only.
+    mesh: Option<watch::Receiver<Arc<MeshConfig>>>,
+    /// The queue to the writer thread: started with the handle (`all`) or at the first
+    /// line kept (None inside: it could not be started; lines are dropped, counted).
+    tx: OnceLock<Option<SyncSender<Box<Entry>>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -333,26 +359,44 @@ impl std::fmt::Debug for AccessLog {
 }
 
 impl AccessLog {
-    /// Opens `sink` and starts the writer thread (`access-log`). It ends, after writing
-    /// what is queued, once every handle is dropped.
-    pub fn start(sink: Sink, metrics: Arc<Metrics>) -> io::Result<AccessLog> {
-        let out: Box<dyn Write + Send> = match &sink {
-            Sink::Stdout => Box::new(io::stdout()),
-            Sink::Stderr => Box::new(io::stderr()),
-            Sink::File(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
-        };
-        let (log, rx) = AccessLog::channel(QUEUE_CAPACITY, metrics);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || {
-                write_lines(rx, BufWriter::with_capacity(WRITE_BUFFER, out), WRITE_TICK)
-            })?;
-        Ok(log)
+    /// With `sink`: opens it and starts the writer thread (`access-log`), every line
+    /// written. Without: lines of namespaces that ask for them only (`mesh` says which),
+    /// to standard output. The writer ends, after writing what is queued, once every
+    /// handle is dropped. `follow` must run for the namespaces' switch to take effect.
+    pub fn start(
+        sink: Option<Sink>,
+        metrics: Arc<Metrics>,
+        mesh: watch::Receiver<Arc<MeshConfig>>,
+    ) -> io::Result<AccessLog> {
+        let tx = OnceLock::new();
+        if let Some(sink) = &sink {
+            let _ = tx.set(Some(spawn_writer(sink)?));
+        }
+        Ok(AccessLog {
+            inner: Arc::new(Inner {
+                all: sink.is_some(),
+                scoped: AtomicBool::new(false),
+                mesh: Some(mesh),
+                tx,
+                metrics,
+            }),
+        })
     }
 
+    /// A log of every line whose lines the caller reads from the receiver.
+    #[cfg(test)]
     fn channel(capacity: usize, metrics: Arc<Metrics>) -> (AccessLog, Receiver<Box<Entry>>) {
         let (tx, rx) = mpsc::sync_channel(capacity);
-        (AccessLog { tx, metrics }, rx)
+        let log = AccessLog {
+            inner: Arc::new(Inner {
+                all: true,
+                scoped: AtomicBool::new(false),
+                mesh: None,
+                tx: OnceLock::from(Some(tx)),
+                metrics,
+            }),
+        };
+        (log, rx)
     }
 
     /// A log whose lines the test reads from the receiver (no writer thread).
@@ -361,15 +405,109 @@ impl AccessLog {
         AccessLog::channel(QUEUE_CAPACITY, Arc::new(Metrics::default()))
     }
 
-    /// Queues a line; drops it (counted) if the queue is full or the writer is gone.
-    pub fn send(&self, entry: Box<Entry>) {
-        match self.tx.try_send(entry) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.metrics.access_log_dropped.fetch_add(1, Relaxed);
+    /// Whether lines are wanted at all now: the flag, or some namespace asking. The
+    /// proxy builds a line only when this says so.
+    pub fn on(&self) -> bool {
+        self.inner.all || self.inner.scoped.load(Relaxed)
+    }
+
+    /// Keeps `on` in step with the mesh workloads in force: whether any namespace asks
+    /// for access logs. Runs until the mesh's sender is gone; nothing to do with `all`.
+    pub async fn follow(self) {
+        let Some(mut mesh) = self.inner.mesh.clone().filter(|_| !self.inner.all) else {
+            return;
+        };
+        loop {
+            let asked = mesh.borrow_and_update().workloads.any_access_logged();
+            if self.inner.scoped.swap(asked, Relaxed) != asked {
+                tracing::info!(
+                    namespaces_ask = asked,
+                    "access log: lines of namespaces labelled mesh-agent.io/access-log=true go to standard output"
+                );
+            }
+            if mesh.changed().await.is_err() {
+                return;
             }
         }
     }
+
+    /// Queues a line (without the flag: only if its source or destination is a workload
+    /// whose namespace asks); drops it (counted) if the queue is full or the writer is
+    /// gone.
+    pub fn send(&self, entry: Box<Entry>) {
+        let inner = &*self.inner;
+        if !inner.all {
+            let wanted = inner
+                .mesh
+                .as_ref()
+                .is_some_and(|m| wanted(&entry, &m.borrow().workloads));
+            if !wanted {
+                return;
+            }
+        }
+        let tx = inner.tx.get_or_init(|| match spawn_writer(&Sink::Stdout) {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "starting the access-log writer failed; namespaces' lines are dropped (mesh_access_log_dropped_total)");
+                None
+            }
+        });
+        let sent = tx.as_ref().map(|tx| tx.try_send(entry));
+        match sent {
+            Some(Ok(())) => {}
+            None | Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) => {
+                inner.metrics.access_log_dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Opens `sink` and starts the writer thread on it.
+fn spawn_writer(sink: &Sink) -> io::Result<SyncSender<Box<Entry>>> {
+    let out: Box<dyn Write + Send> = match sink {
+        Sink::Stdout => Box::new(io::stdout()),
+        Sink::Stderr => Box::new(io::stderr()),
+        Sink::File(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+    };
+    let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || write_lines(rx, BufWriter::with_capacity(WRITE_BUFFER, out), WRITE_TICK))?;
+    Ok(tx)
+}
+
+/// Whether a line concerns a workload whose namespace asks for access logs: its client
+/// (by address, `namespace/name` or SPIFFE ID) or its destination (the endpoint dialled,
+/// the original destination, `namespace/name` or SPIFFE ID).
+fn wanted(e: &Entry, w: &WorkloadIndex) -> bool {
+    let ns_of_name = |s: &Option<String>| {
+        s.as_deref()
+            .and_then(|s| s.split_once('/'))
+            .is_some_and(|(ns, _)| w.access_logged_namespace(ns))
+    };
+    // spiffe://<trust domain>/ns/<namespace>/sa/<service account>
+    let ns_of_principal = |s: &Option<String>| {
+        s.as_deref()
+            .and_then(|s| s.strip_prefix("spiffe://"))
+            .and_then(|s| s.split('/').skip_while(|p| *p != "ns").nth(1))
+            .is_some_and(|ns| w.access_logged_namespace(ns))
+    };
+    let source_ip = e.source_address.map(|a| match a {
+        Addr::Sock(s) => s.ip(),
+        Addr::Ip(ip) => ip,
+    });
+    [
+        source_ip,
+        e.upstream_host.map(|a| a.ip()),
+        e.destination_address.map(|a| a.ip()),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|ip| w.access_logged_ip(ip))
+        || ns_of_name(&e.source_workload)
+        || ns_of_name(&e.destination_workload)
+        || ns_of_principal(&e.source_principal)
+        || ns_of_principal(&e.destination_principal)
 }
 
 /// The writer thread: every `tick`, takes what is queued, one line per entry, and writes
@@ -487,6 +625,99 @@ mod tests {
         assert_eq!(t["path_taken"], "tunnel");
         assert_eq!(t["response_flags"], "-");
         assert!(t.get("method").is_none(), "no HTTP fields on a TCP line");
+    }
+
+    fn mesh(logged: &[(&str, &str, [u8; 4], bool)]) -> Arc<MeshConfig> {
+        use crate::proxy::config::workloads::{Telemetry, WorkloadInfo};
+        let ws: Vec<Arc<WorkloadInfo>> = logged
+            .iter()
+            .map(|(ns, name, ip, on)| {
+                Arc::new(WorkloadInfo {
+                    uid: format!("Kubernetes//Pod/{ns}/{name}"),
+                    name: (*name).into(),
+                    namespace: (*ns).into(),
+                    ips: vec![IpAddr::from(*ip)],
+                    identity: crate::identity::SpiffeId::new("cluster.local", ns, "default")
+                        .unwrap(),
+                    node: String::new(),
+                    hbone: true,
+                    authorization_policies: vec![],
+                    peer_authentications: vec![],
+                    telemetry: Telemetry {
+                        access_log: *on,
+                        ..Default::default()
+                    },
+                })
+            })
+            .collect();
+        Arc::new(MeshConfig {
+            workloads: WorkloadIndex::new(&ws),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn without_the_flag_only_namespaces_that_ask_are_logged() {
+        let metrics = Arc::new(Metrics::default());
+        let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshConfig::default()));
+        let (tx, rx) = mpsc::sync_channel(16);
+        let log = AccessLog {
+            inner: Arc::new(Inner {
+                all: false,
+                scoped: AtomicBool::new(false),
+                mesh: Some(mesh_rx),
+                tx: OnceLock::from(Some(tx)),
+                metrics: metrics.clone(),
+            }),
+        };
+        tokio::spawn(log.clone().follow());
+        let settle = |want: bool| {
+            let log = log.clone();
+            async move {
+                for _ in 0..1000 {
+                    if log.on() == want {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                panic!("on() never became {want}");
+            }
+        };
+        settle(false).await;
+        mesh_tx.send_replace(mesh(&[
+            ("shop", "a", [10, 0, 0, 1], true),
+            ("backend", "b", [10, 0, 0, 2], false),
+        ]));
+        settle(true).await;
+
+        let line = |f: &dyn Fn(&mut Entry)| {
+            let mut e = Entry::new(Protocol::Tcp, PathTaken::Proxied);
+            f(&mut e);
+            Box::new(e)
+        };
+        // Neither end in `shop`: not logged, and not counted as a drop.
+        log.send(line(&|e| {
+            e.source_address = Some(Addr::Sock(SocketAddr::from(([10, 0, 0, 2], 4000))));
+            e.destination_address = Some(SocketAddr::from(([10, 0, 0, 9], 80)));
+            e.destination_workload = Some("backend/b".into());
+        }));
+        // One end in `shop`, by each of the ways a line names it.
+        log.send(line(&|e| {
+            e.source_address = Some(Addr::Sock(SocketAddr::from(([10, 0, 0, 1], 4000))));
+        }));
+        log.send(line(&|e| {
+            e.upstream_host = Some(SocketAddr::from(([10, 0, 0, 1], 80)))
+        }));
+        log.send(line(&|e| e.destination_workload = Some("shop/gone".into())));
+        log.send(line(&|e| {
+            e.source_principal = Some("spiffe://cluster.local/ns/shop/sa/web".into())
+        }));
+        assert_eq!(rx.try_iter().count(), 4);
+        assert_eq!(metrics.access_log_dropped.load(Relaxed), 0);
+
+        // The label removed: nothing is built any more.
+        mesh_tx.send_replace(mesh(&[("shop", "a", [10, 0, 0, 1], false)]));
+        settle(false).await;
     }
 
     #[test]

@@ -41,6 +41,40 @@ use super::config::{
 };
 use crate::identity::SpiffeId;
 
+/// Where a tunnelled connection's source address (`ConnCtx::src_ip`: ipBlocks,
+/// `source.ip`, access logs) came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceOrigin {
+    /// The CONNECT named no source: the tunnel's own peer address (the sending node).
+    Peer,
+    /// The CONNECT's `Forwarded: for=`, believed: a workload at that address has the
+    /// peer certificate's identity.
+    Forwarded,
+    /// The CONNECT named an address no workload of the peer's identity has: not believed,
+    /// the peer address is used (counted and logged by the caller).
+    Untrusted,
+}
+
+/// The source address a tunnelled connection is judged by. The sending agent names the
+/// source pod's address (`Forwarded: for=`); it is believed only if the configuration in
+/// force has a workload at that address whose identity is the one the peer proved with
+/// its certificate, so a node can claim only addresses of identities it holds keys for
+/// (which it could act as anyway). Anything else falls back to the peer's address.
+pub fn tunnel_source(
+    workloads: &super::config::workloads::WorkloadIndex,
+    peer_identity: &SpiffeId,
+    peer_addr: IpAddr,
+    forwarded: Option<IpAddr>,
+) -> (IpAddr, SourceOrigin) {
+    let Some(claimed) = forwarded else {
+        return (peer_addr, SourceOrigin::Peer);
+    };
+    match workloads.by_ip(claimed) {
+        Some(w) if w.identity == *peer_identity => (claimed, SourceOrigin::Forwarded),
+        _ => (peer_addr, SourceOrigin::Untrusted),
+    }
+}
+
 /// A connection as the destination's proxy sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnCtx<'a> {
@@ -502,6 +536,62 @@ workloads:
 
     fn id(s: &str) -> SpiffeId {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_forwarded_source_is_believed_only_from_its_own_identity() {
+        let m = mesh("");
+        let node: IpAddr = "192.168.0.9".parse().unwrap();
+        let client = id("spiffe://cluster.local/ns/other/sa/client");
+        let web = id("spiffe://cluster.local/ns/shop/sa/web");
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // The peer proves `client`, and names client's address: believed.
+        assert_eq!(
+            tunnel_source(&m.workloads, &client, node, Some(ip("10.0.1.2"))),
+            (ip("10.0.1.2"), SourceOrigin::Forwarded)
+        );
+        // It names web's address (another identity), or an address no workload has:
+        // the node's address stands.
+        for claimed in ["10.0.0.2", "10.9.9.9"] {
+            assert_eq!(
+                tunnel_source(&m.workloads, &client, node, Some(ip(claimed))),
+                (node, SourceOrigin::Untrusted),
+                "{claimed}"
+            );
+        }
+        assert_eq!(
+            tunnel_source(&m.workloads, &web, node, Some(ip("10.0.0.2"))),
+            (ip("10.0.0.2"), SourceOrigin::Forwarded)
+        );
+        assert_eq!(
+            tunnel_source(&m.workloads, &web, node, None),
+            (node, SourceOrigin::Peer)
+        );
+        // The believed address is what ipBlocks see.
+        let m = mesh(
+            "authorization_policies:\n\
+             \x20 - metadata: { name: one-pod, namespace: shop }\n\
+             \x20   spec: { action: ALLOW, rules: [ { from: [ { source: { ipBlocks: [ 10.0.1.2/32 ] } } ] } ] }\n",
+        );
+        let judge = |src: IpAddr| {
+            let dst_ip = ip("10.0.0.3");
+            authorize(
+                &m.policies,
+                &ConnCtx {
+                    src_ip: src,
+                    src_identity: Some(&client),
+                    dst: m.workloads.by_ip(dst_ip).unwrap(),
+                    dst_ip,
+                    dst_port: 80,
+                    tls: true,
+                },
+            )
+            .allowed
+        };
+        let (believed, _) = tunnel_source(&m.workloads, &client, node, Some(ip("10.0.1.2")));
+        assert!(judge(believed));
+        let (refused, _) = tunnel_source(&m.workloads, &client, node, Some(ip("10.0.0.2")));
+        assert!(!judge(refused));
     }
 
     struct Case<'a> {

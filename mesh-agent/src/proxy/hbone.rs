@@ -22,7 +22,9 @@ pub mod tunnel;
 
 pub use self::{
     client::{ClientOptions, HboneClient},
-    server::{serve, serve_with, ConnectHandler, PeerInfo, Refusal, ServerOptions},
+    server::{
+        parse_forwarded_for, serve, serve_with, ConnectHandler, PeerInfo, Refusal, ServerOptions,
+    },
     stream::HboneStream,
     tunnel::*,
 };

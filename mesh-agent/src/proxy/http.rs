@@ -16,7 +16,9 @@
 //!
 //! Zero trust (`proxy::secure`, when set): once an endpoint is picked, a request to a mesh
 //! workload of another node goes through an HBONE tunnel as the client workload's
-//! identity (connections pooled per identity, `pool`), and one to a same-node mesh
+//! identity, naming the client workload's address in the CONNECT (`Forwarded: for=`, as
+//! the L4 path does; connections pooled per source workload, `pool`), and one to a
+//! same-node mesh
 //! workload is judged by policy first (403 when denied). The path is judged once per
 //! downstream connection, endpoint and mesh configuration (`Hops`); endpoints outside the
 //! mesh cost one lookup per request.
@@ -27,6 +29,7 @@ mod policy;
 mod pool;
 mod route;
 mod sniff;
+mod timer;
 
 use std::{
     collections::HashMap,
@@ -35,7 +38,10 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, OnceLock,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -44,7 +50,6 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use hyper::{
     body::Incoming,
-    client::conn::TrySendError,
     server::conn::{http1, http2},
     service::service_fn,
 };
@@ -59,24 +64,22 @@ use tracing::{debug, Instrument};
 pub use self::sniff::{detect, Sniffed};
 // The destination's HTTP policy path (`proxy::secure::http`) serves connections the same way.
 use self::{
-    body::{Active, Finish, Recorder, RequestLog, Source, Tracked},
+    body::{Active, ConnSeries, Finish, Labels, Name, Recorder, RequestLog, Source, Tracked},
     lb::ClusterState,
     policy::{Buckets, Gauge, Slot, TryOutcome},
     pool::{EndpointPool, Sender, Tunnel, Via},
+    timer::{ConnTimer, Timer},
 };
 pub(crate) use self::{route::strip_hop_by_hop, sniff::Prefixed};
 pub use crate::metrics::L7Metrics;
 use crate::{
     lifecycle::drain::DrainWatch,
-    metrics::{
-        istio::{HttpConn, Peer, RequestTelemetry},
-        RequestLabels,
-    },
+    metrics::istio::{HttpConn, Peer, RequestTelemetry},
     proxy::{
         accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
         config::{
-            policy::MeshConfig, Codec, FaultAbort, Forward, HttpListener, Listener, ListenerKind,
-            ProxyConfig, Route, RouteAction, VirtualHost,
+            policy::MeshConfig, Cluster, Codec, FaultAbort, Forward, HttpListener, Listener,
+            ListenerKind, ProxyConfig, Route, RouteAction, VirtualHost,
         },
         hbone::HboneError,
         secure::{Path, Secure},
@@ -158,7 +161,7 @@ impl MeshPaths for Secure {
     fn open<'a>(&'a self, t: &'a Tunnel, authority: SocketAddr) -> OpenFuture<'a> {
         Box::pin(async move {
             let s = self
-                .open_tunnel(&t.src, t.hbone, &t.dst_id, authority)
+                .open_tunnel(&t.src, t.source, t.hbone, &t.dst_id, authority)
                 .await?;
             Ok(Box::new(s) as BoxIo)
         })
@@ -251,6 +254,10 @@ pub struct L7 {
     paths: OnceLock<Arc<dyn MeshPaths>>,
     /// Unset: no access log (nothing is built for it).
     access_log: OnceLock<AccessLog>,
+    /// The `ProxyConfig::version` `prune` last ran for (read without the lock).
+    pruned: AtomicU64,
+    /// Unset: no spans (`proxy::trace`; nothing is built for them).
+    trace: OnceLock<crate::proxy::trace::Tracer>,
 }
 
 /// Runtime state by cluster name, pruned when a push removes clusters.
@@ -273,6 +280,15 @@ struct Conn {
     hops: Mutex<Hops>,
     /// Istio's series of this connection's requests (source resolved at accept).
     istio: Arc<HttpConn>,
+    /// Our `mesh_requests_total` series of this connection's requests.
+    series: Arc<ConnSeries>,
+    /// HTTP/1.1: the route deadlines' timer, shared by the connection's requests (they
+    /// come one at a time; `timer`). None: one per request (HTTP/2 streams run in tasks
+    /// of their own).
+    timer: Option<Arc<Timer>>,
+    /// The cluster state this connection's last request used: a request to the same
+    /// cluster (the same `Arc` in the configuration) skips the shared map and its lock.
+    last_cluster: Mutex<Option<(Arc<Cluster>, Arc<ClusterState>)>>,
 }
 
 /// Why a try produced no response.
@@ -364,16 +380,6 @@ fn overloaded(grpc: bool) -> Response<ProxyBody> {
     r
 }
 
-async fn send(
-    sender: &mut Sender,
-    req: Request<ProxyBody>,
-) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
-    match sender {
-        Sender::H1(s) => s.try_send_request(req).await,
-        Sender::H2(s) => s.try_send_request(req).await,
-    }
-}
-
 impl L7 {
     pub fn new(config: watch::Receiver<Arc<ProxyConfig>>, metrics: Arc<L7Metrics>) -> Arc<L7> {
         Arc::new(L7 {
@@ -383,7 +389,14 @@ impl L7 {
             buckets: Buckets::default(),
             paths: OnceLock::new(),
             access_log: OnceLock::new(),
+            pruned: AtomicU64::new(0),
+            trace: OnceLock::new(),
         })
+    }
+
+    /// Records a span per request and per try, and propagates the trace (`proxy::trace`).
+    pub fn set_tracer(&self, t: crate::proxy::trace::Tracer) {
+        let _ = self.trace.set(t);
     }
 
     /// Writes an access-log line per request (`proxy::accesslog`).
@@ -398,7 +411,7 @@ impl L7 {
         service: &str,
         req: &Request<Incoming>,
     ) -> Option<RequestLog> {
-        let sink = self.access_log.get()?.clone();
+        let sink = self.access_log.get().filter(|l| l.on())?.clone();
         let path = if conn.skmsg {
             PathTaken::ProxiedSkMsg
         } else {
@@ -442,6 +455,7 @@ impl L7 {
         if let (Some(p), Some(ip)) = (&paths, ip) {
             if let Some(w) = p.mesh_now().workloads.by_ip(ip.into()) {
                 peer.principal = w.identity.to_string();
+                w.label_peer(&mut peer);
             }
         }
         let resolve = Arc::new(move |ep: SocketAddr| {
@@ -451,6 +465,7 @@ impl L7 {
                     d.workload = w.name.clone();
                     d.namespace = w.namespace.clone();
                     d.principal = w.identity.to_string();
+                    w.label_peer(&mut d);
                 }
             }
             d
@@ -521,6 +536,7 @@ impl L7 {
             Path::Denied(v) => Hop::Denied(v.policy_name),
             Path::Tunnel { src, dst, hbone } => Hop::Tunnel(Arc::new(Tunnel {
                 src,
+                source: client.into(),
                 dst_id: dst.identity.clone(),
                 hbone,
             })),
@@ -535,6 +551,20 @@ impl L7 {
         hop
     }
 
+    /// `cluster_state`, remembered per connection. A cluster a push removed has another
+    /// `Arc` when it comes back, so a remembered state is never one `prune` dropped.
+    fn conn_cluster_state(&self, conn: &Conn, cluster: &Arc<Cluster>) -> Arc<ClusterState> {
+        let mut last = conn.last_cluster.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((c, s)) = last.as_ref() {
+            if Arc::ptr_eq(c, cluster) {
+                return s.clone();
+            }
+        }
+        let s = self.cluster_state(&cluster.name);
+        *last = Some((cluster.clone(), s.clone()));
+        s
+    }
+
     fn cluster_state(&self, name: &str) -> Arc<ClusterState> {
         let mut c = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = c.map.get(name) {
@@ -547,6 +577,10 @@ impl L7 {
     /// longer has; requests still using one keep their own reference.
     fn prune(&self, cfg: &Arc<ProxyConfig>) {
         let version = cfg.version;
+        if self.pruned.load(Relaxed) == version {
+            return;
+        }
+        self.pruned.store(version, Relaxed);
         let mut c = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         if c.checked != version {
             c.checked = version;
@@ -655,6 +689,8 @@ impl L7 {
         let max_headers = http.max_request_headers_bytes;
         let io = TokioIo::new(sniff::Prefixed::new(prefix, io));
         let istio = Arc::new(self.istio_conn(&client.name, client.ip));
+        let series = Arc::new(ConnSeries::new(self.metrics.clone(), client.name.clone()));
+        let h1 = sniffed != Sniffed::Http2;
         let conn = Arc::new(Conn {
             dst,
             source: client.name,
@@ -664,6 +700,9 @@ impl L7 {
             listener: listener.clone(),
             hops: Mutex::default(),
             istio,
+            series,
+            timer: h1.then(Timer::new),
+            last_cluster: Mutex::default(),
         });
         let svc = service_fn(move |req| {
             let l7 = self.clone();
@@ -680,7 +719,7 @@ impl L7 {
             // Headers over `max_header_size` get 431 from hyper; the read buffer leaves
             // room for them so that limit, not the buffer's, is the one that applies.
             let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
+                .timer(ConnTimer::default())
                 .max_header_size(max_headers)
                 .max_buf_size(max_headers.saturating_add(8192).max(16 * 1024))
                 .serve_connection(io, svc);
@@ -711,21 +750,38 @@ impl L7 {
             return local(false, StatusCode::NOT_FOUND, "");
         };
         let log = self.request_log(&conn, &listener.name, &req);
+        let trace = self.trace.get().and_then(|t| {
+            let d = crate::proxy::trace::Downstream {
+                peer: conn.peer,
+                client_ip: conn.client_ip,
+                source: &conn.source,
+                dst: conn.dst,
+                service: &listener.name,
+                authority: route::authority(&req),
+                skmsg: conn.skmsg,
+            };
+            t.request(&req, d)
+        });
         let istio = RequestTelemetry::new(conn.istio.clone(), route::is_grpc(req.headers()));
         let mut rec = Some(Recorder {
-            metrics: self.metrics.clone(),
-            labels: RequestLabels {
-                source_workload: conn.source.clone(),
-                destination_cluster: "unknown".to_owned(),
-                destination_service: listener.name.clone(),
-                ..RequestLabels::default()
+            series: conn.series.clone(),
+            labels: Labels {
+                destination_cluster: Name::Static("unknown"),
+                destination_service: Name::Listener(listener.clone()),
+                route: Name::Static(""),
+                response_code: 0,
             },
             start,
             log,
             istio: Some(istio),
             flags: Flags::default(),
+            trace,
         });
-        let resp = self.dispatch(&cfg, &conn, http, req, &mut rec).await;
+        // HTTP/2: a timer of the request's own (`Timer::default`, armed on first use).
+        let timer = conn.timer.clone().unwrap_or_default();
+        let resp = self
+            .dispatch(&cfg, &conn, http, req, &mut rec, &timer)
+            .await;
         if let Some(mut r) = rec {
             r.labels.response_code = resp.status().as_u16();
             if let Some(t) = r.istio.as_mut() {
@@ -746,6 +802,7 @@ impl L7 {
         http: &HttpListener,
         req: Request<Incoming>,
         rec: &mut Option<Recorder>,
+        timer: &Arc<Timer>,
     ) -> Response<ProxyBody> {
         let grpc = route::is_grpc(req.headers());
         let rc = &http.route_config;
@@ -758,7 +815,14 @@ impl L7 {
             return local(grpc, StatusCode::NOT_FOUND, "");
         };
         if let Some(r) = rec.as_mut() {
-            r.labels.route = route.name.clone();
+            if let Name::Listener(l) = &r.labels.destination_service {
+                // Indexes into the listener the label holds: no copy of the name.
+                let v = rc.virtual_hosts.iter().position(|x| std::ptr::eq(x, vhost));
+                let i = vhost.routes.iter().position(|x| std::ptr::eq(x, route));
+                if let (Some(v), Some(i)) = (v, i) {
+                    r.labels.route = Name::Route(l.clone(), v, i);
+                }
+            }
         }
         // The most specific rate limit replaces the others (Envoy's per-route override).
         let limit = route
@@ -820,7 +884,7 @@ impl L7 {
                 r
             }
             RouteAction::Forward(fwd) => {
-                self.forward(cfg, conn, http, vhost, route, fwd, req, rec)
+                self.forward(cfg, conn, http, vhost, route, fwd, req, rec, timer)
                     .await
             }
         };
@@ -848,6 +912,7 @@ impl L7 {
         fwd: &Forward,
         req: Request<Incoming>,
         rec: &mut Option<Recorder>,
+        timer: &Arc<Timer>,
     ) -> Response<ProxyBody> {
         let grpc = route::is_grpc(req.headers());
         let Some(wc) = route::pick_weighted(fwd) else {
@@ -860,9 +925,9 @@ impl L7 {
             return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
         };
         if let Some(r) = rec.as_mut() {
-            r.labels.destination_cluster = cluster.name.clone();
+            r.labels.destination_cluster = Name::Cluster(cluster.clone());
         }
-        let state = self.cluster_state(&cluster.name);
+        let state = self.conn_cluster_state(conn, &cluster);
         let cb = cluster.circuit_breaker;
         let Some(request_slot) = Slot::acquire(&state.counters, Gauge::Requests, cb.max_requests)
         else {
@@ -873,7 +938,7 @@ impl L7 {
         let hash = route::request_hash(&fwd.hash_headers, req.headers());
         let (parts, body) = req.into_parts();
         let rc = &http.route_config;
-        let up = route::upstream(
+        let mut up = route::upstream(
             parts,
             route,
             fwd,
@@ -940,10 +1005,18 @@ impl L7 {
                 }
                 _ => Via::Tcp,
             };
+            if let Some(t) = rec.as_mut().and_then(|r| r.trace.as_mut()) {
+                let unsent = unsent.as_mut().map(Request::headers_mut);
+                let tunnel = matches!(hop, Hop::Tunnel(_));
+                t.start_try(&mut up.headers, unsent, &cluster.name, ep.address, tunnel);
+            }
             let active = Active::new(ep.clone());
-            let attempt = self.try_once(&state, &cluster, &ep, via, &up, &mut source, &mut unsent);
+            // Without a retry policy there is one try: its request takes the head.
+            let up = (&mut up, retry.is_none());
+            let attempt = self.try_once(&state, &cluster, &ep, via, up, &mut source, &mut unsent);
             let res = match budget {
-                Some(b) => tokio::time::timeout(b, attempt)
+                Some(b) => timer
+                    .timeout(now + b, attempt)
                     .await
                     .unwrap_or(Err(TryFail::Timeout)),
                 None => attempt.await,
@@ -973,6 +1046,14 @@ impl L7 {
                 )) => TryOutcome::ConnectFailure,
                 Err(TryFail::Error(L7Error::Reset { .. })) => TryOutcome::Reset,
             };
+            if let Some(t) = rec.as_mut().and_then(|r| r.trace.as_mut()) {
+                t.try_result(match outcome {
+                    TryOutcome::Response(s, _) => Ok(s),
+                    TryOutcome::Timeout => Err("timeout"),
+                    TryOutcome::ConnectFailure => Err("connect_failure"),
+                    TryOutcome::Reset => Err("reset"),
+                });
+            }
             if state.report(&cluster, &ep, outcome.is_failure()) {
                 self.metrics.ejection(&cluster.name);
             }
@@ -1026,7 +1107,11 @@ impl L7 {
                         home,
                         counters: state.counters.clone(),
                     };
-                    Response::from_parts(parts, Tracked::new(inc, finish, deadline).boxed_unsync())
+                    Response::from_parts(
+                        parts,
+                        Tracked::new(inc, finish, deadline.map(|d| (d, timer.clone())))
+                            .boxed_unsync(),
+                    )
                 }
                 Err(TryFail::Timeout) => {
                     flag(rec, Flags::UT);
@@ -1073,7 +1158,7 @@ impl L7 {
         cluster: &crate::proxy::config::Cluster,
         ep: &lb::EndpointState,
         via: Via<'_>,
-        up: &route::Upstream,
+        (up, last): (&mut route::Upstream, bool),
         source: &mut Source,
         unsent: &mut Option<Request<ProxyBody>>,
     ) -> Result<(Response<Incoming>, Sender, Option<Arc<EndpointPool>>), TryFail> {
@@ -1082,9 +1167,10 @@ impl L7 {
             let mut co = pool::checkout(&state.counters, ep, cluster, via).await?;
             let req = match unsent.take() {
                 Some(r) => r,
+                None if last => up.take_request(source.next()),
                 None => up.request(source.next()),
             };
-            match send(&mut co.sender, req).await {
+            match co.sender.send(req).await {
                 Ok(resp) => return Ok((resp, co.sender, co.home)),
                 Err(mut e) => {
                     if let Some(reason) = source.client_error() {

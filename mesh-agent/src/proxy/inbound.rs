@@ -17,6 +17,7 @@
 //! See docs/architecture.md, "Inbound capture".
 
 mod pod;
+pub mod telemetry;
 
 use std::{
     collections::HashMap,
@@ -42,9 +43,15 @@ use crate::{
     },
     lifecycle::drain::DrainWatch,
     metrics::{FlowCounters, Metrics},
-    proxy::accesslog::{self, AccessLog, Entry, PathTaken, Protocol},
+    proxy::{
+        accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
+        config::workloads::WorkloadInfo,
+        trace::Tracer,
+    },
     sys,
 };
+
+use self::telemetry::{ConnEnd, InboundConn};
 
 /// A local enrolled workload, as the wiring hands it over from enrolment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +87,17 @@ pub struct Deliver {
     metrics: Arc<Metrics>,
     /// Unset: no access log (nothing is built for it).
     access_log: std::sync::OnceLock<AccessLog>,
+    /// Unset: no spans.
+    tracer: std::sync::OnceLock<Tracer>,
+}
+
+/// The policy decision that let a plain-text connection in.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// The deciding policy, `namespace/name` (None: no policy applied).
+    pub policy: Option<String>,
+    /// The pod's workload in the configuration it was judged by.
+    pub destination: Arc<WorkloadInfo>,
 }
 
 impl Deliver {
@@ -87,7 +105,47 @@ impl Deliver {
         Arc::new(Deliver {
             metrics,
             access_log: std::sync::OnceLock::new(),
+            tracer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sends a span per delivered (or refused) connection.
+    pub fn set_tracer(&self, t: Tracer) {
+        let _ = self.tracer.set(t);
+    }
+
+    /// The tracer, if tracing is on.
+    pub fn tracer(&self) -> Option<&Tracer> {
+        self.tracer.get()
+    }
+
+    /// Reports a plain-text connection to `dst` refused by policy (reset): Istio's
+    /// destination series with `RBAC`, and its span.
+    pub fn report_denied(
+        &self,
+        peer: SocketAddrV4,
+        orig_dst: SocketAddrV4,
+        dst: &WorkloadInfo,
+        policy: Option<&str>,
+    ) {
+        InboundConn::open(
+            &self.metrics,
+            self.tracer.get(),
+            &istio_unknown(),
+            &telemetry::destination_peer(dst),
+            false,
+            Flags::RBAC,
+            || {
+                let mut e = plain_entry(peer, orig_dst);
+                e.policy_verdict = Some(accesslog::Verdict::Deny);
+                e.policy_name = policy.map(str::to_owned);
+                e
+            },
+        )
+        .finish(ConnEnd {
+            error: Some(format!("denied by {}", policy.unwrap_or("policy"))),
+            ..ConnEnd::default()
+        });
     }
 
     /// Writes an access-log line per delivered connection.
@@ -97,32 +155,40 @@ impl Deliver {
 
     /// The access log, if it is on.
     pub fn access_log(&self) -> Option<&AccessLog> {
-        self.access_log.get()
+        self.access_log.get().filter(|l| l.on())
     }
 
     /// Delivers `conn` into `pod` (`PlainHandler::serve`), with the policy decision that
-    /// let it in, if one was made, for the access log.
+    /// let it in, if one was made (for the access log, Istio's series and the span).
     pub fn serve_judged(
         &self,
         conn: TcpStream,
         peer: SocketAddrV4,
         orig_dst: SocketAddrV4,
         pod: Arc<InPod>,
-        allowed_by: Option<Option<String>>,
+        judged: Option<Judged>,
     ) -> BoxFuture {
         let metrics = self.metrics.clone();
-        let entry = self.access_log.get().map(|log| {
-            let mut e = Entry::new(Protocol::Tcp, PathTaken::Inbound);
-            e.source_address = Some(accesslog::Addr::Sock(SocketAddr::V4(peer)));
-            e.destination_address = Some(SocketAddr::V4(orig_dst));
-            e.destination_workload = Some(pod.display_name());
-            e.upstream_host = Some(SocketAddr::V4(orig_dst));
-            if let Some(policy) = allowed_by {
+        let tracer = self.tracer.get().cloned();
+        let pod_name = pod.display_name();
+        // Istio's destination: the pod, with its identity when the configuration named it.
+        let destination = match &judged {
+            Some(j) => telemetry::destination_peer(&j.destination),
+            None => crate::metrics::istio::Peer::from_qualified(Some(&pod_name)),
+        };
+        let record = move || {
+            let mut e = plain_entry(peer, orig_dst);
+            e.destination_workload = Some(pod_name.clone());
+            if let Some(j) = &judged {
+                e.destination_principal = Some(j.destination.identity.to_string());
                 e.policy_verdict = Some(accesslog::Verdict::Allow);
-                e.policy_name = policy;
+                e.policy_name = j.policy.clone();
             }
-            (log.clone(), Box::new(e))
-        });
+            e
+        };
+        let entry = self
+            .access_log()
+            .map(|log| (log.clone(), Box::new(record())));
         Box::pin(async move {
             let m = &metrics.inbound;
             let up = tokio::time::timeout(DELIVER_CONNECT_TIMEOUT, pod.connect_in(orig_dst))
@@ -135,6 +201,19 @@ impl Deliver {
                     debug!(%peer, %orig_dst, error = %e, "delivering into the pod failed; resetting the client");
                     m.refused.fetch_add(1, Relaxed);
                     let _ = sys::set_linger_zero(conn.as_fd());
+                    InboundConn::open(
+                        &metrics,
+                        tracer.as_ref(),
+                        &istio_unknown(),
+                        &destination,
+                        false,
+                        Flags::UF,
+                        &record,
+                    )
+                    .finish(ConnEnd {
+                        error: Some(format!("delivering into the pod: {e}")),
+                        ..ConnEnd::default()
+                    });
                     if let Some((log, mut entry)) = entry {
                         entry.flag(accesslog::Flags::UF);
                         entry.connection_termination_details =
@@ -148,8 +227,22 @@ impl Deliver {
             m.delivered.fetch_add(1, Relaxed);
             let _ = conn.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
+            let report = InboundConn::open(
+                &metrics,
+                tracer.as_ref(),
+                &istio_unknown(),
+                &destination,
+                false,
+                Flags::default(),
+                &record,
+            );
             let c = FlowCounters::default();
             let end = crate::proxy::relay(conn, upstream, &c).await;
+            report.finish(ConnEnd {
+                received: end.received,
+                sent: end.sent,
+                error: end.reset.then(|| "reset".to_owned()),
+            });
             m.received_bytes
                 .fetch_add(c.received.load(Relaxed), Relaxed);
             m.sent_bytes.fetch_add(c.sent.load(Relaxed), Relaxed);
@@ -164,6 +257,20 @@ impl Deliver {
             }
         })
     }
+}
+
+/// A plain-text source: nothing proves who it is (Istio's `unknown`).
+fn istio_unknown() -> crate::metrics::istio::Peer {
+    crate::metrics::istio::Peer::default()
+}
+
+/// The record of a plain-text connection delivered (or refused) at `orig_dst`.
+fn plain_entry(peer: SocketAddrV4, orig_dst: SocketAddrV4) -> Entry {
+    let mut e = Entry::new(Protocol::Tcp, PathTaken::Inbound);
+    e.source_address = Some(accesslog::Addr::Sock(SocketAddr::V4(peer)));
+    e.destination_address = Some(SocketAddr::V4(orig_dst));
+    e.upstream_host = Some(SocketAddr::V4(orig_dst));
+    e
 }
 
 /// How long delivering waits for the application's port to answer.

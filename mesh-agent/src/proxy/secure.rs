@@ -38,20 +38,23 @@ use std::{
 // `::http`: the crate, not this module's `http` child.
 use ::http::StatusCode;
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::hbone::server::Opened;
 use super::{
     authz::{self, ConnCtx, Verdict},
     config::{policy::MeshConfig, workloads::WorkloadInfo},
     hbone::{ConnectHandler, HboneClient, HboneError, HboneStream, PeerInfo, Refusal},
-    inbound::{Deliver, InPod, PlainHandler},
+    inbound::{telemetry::TunnelReport, Deliver, InPod, Judged, PlainHandler},
     xds::client::XdsClient,
 };
 use crate::{
     identity::SpiffeId,
     metrics::Metrics,
-    proxy::accesslog::{self, AccessLog, Entry, PathTaken, Protocol},
+    proxy::{
+        accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
+        trace::Tracer,
+    },
     sys,
 };
 
@@ -144,16 +147,22 @@ impl Secure {
     }
 
     /// Opens a tunnel stream as `src` through `hbone` (which must prove `dst_id`) to
-    /// `authority`, counted as the L4 path counts its streams.
+    /// `authority`, naming the source workload's address `source` (`Forwarded: for=`, as
+    /// the L4 path names its connections' sources), counted as the L4 path counts its
+    /// streams.
     pub async fn open_tunnel(
         &self,
         src: &SpiffeId,
+        source: IpAddr,
         hbone: SocketAddr,
         dst_id: &SpiffeId,
         authority: SocketAddr,
     ) -> Result<HboneStream, HboneError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let r = self.hbone.connect(src, hbone, dst_id, authority).await;
+        let r = self
+            .hbone
+            .connect_from_ip(src, source, hbone, dst_id, authority)
+            .await;
         match &r {
             Ok(_) => self.metrics.authz.tunnel_out.fetch_add(1, Relaxed),
             Err(_) => self.metrics.authz.tunnel_out_failures.fetch_add(1, Relaxed),
@@ -219,6 +228,11 @@ impl InboundPolicy {
     pub fn set_access_log(&self, log: AccessLog) {
         self.deliver.set_access_log(log);
     }
+
+    /// Sends a span per delivered or refused connection, and per request judged.
+    pub fn set_tracer(&self, t: Tracer) {
+        self.deliver.set_tracer(t);
+    }
 }
 
 type UnitFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -269,6 +283,7 @@ impl PlainHandler for InboundPolicy {
                 let src = IpAddr::V4(*peer.ip());
                 let mut t = terminate(&xds, &metrics, pod, orig_dst, src, None, "inbound-plain");
                 t.access_log = deliver.access_log().cloned();
+                t.tracer = deliver.tracer().cloned();
                 http::serve(conn, t).await;
                 return;
             }
@@ -282,6 +297,7 @@ impl PlainHandler for InboundPolicy {
                     .refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = sys::set_linger_zero(conn.as_fd());
+                deliver.report_denied(peer, orig_dst, &dst, v.policy_name.as_deref());
                 if let Some(log) = deliver.access_log() {
                     let mut e = Entry::new(Protocol::Tcp, PathTaken::Inbound);
                     e.source_address = Some(accesslog::Addr::Sock(SocketAddr::V4(peer)));
@@ -296,9 +312,12 @@ impl PlainHandler for InboundPolicy {
                 }
                 return;
             }
-            let policy = v.policy_name.as_deref().map(str::to_owned);
+            let judged = Judged {
+                policy: v.policy_name.as_deref().map(str::to_owned),
+                destination: dst.clone(),
+            };
             deliver
-                .serve_judged(conn, peer, orig_dst, pod, Some(policy))
+                .serve_judged(conn, peer, orig_dst, pod, Some(judged))
                 .await;
         })
     }
@@ -312,6 +331,8 @@ pub struct TunnelHandler {
     pub metrics: Arc<Metrics>,
     /// A line per request served as HTTP (`http::serve`) when set.
     pub access_log: Option<AccessLog>,
+    /// Spans of the streams relayed and the requests served as HTTP, when set.
+    pub tracer: Option<Tracer>,
 }
 
 type OpenFuture = Pin<Box<dyn Future<Output = Result<TcpStream, Refusal>> + Send + 'static>>;
@@ -341,6 +362,7 @@ fn terminate(
         dst,
         path,
         access_log: None,
+        tracer: None,
     }
 }
 
@@ -351,6 +373,7 @@ impl TunnelHandler {
     fn judge(&self, peer: PeerInfo, authority: SocketAddr, l7: bool) -> AcceptFuture {
         let (pod, xds, metrics) = (self.pod.clone(), self.xds.clone(), self.metrics.clone());
         let access_log = self.access_log.clone();
+        let tracer = self.tracer.clone();
         Box::pin(async move {
             let dst_addr = match authority {
                 // The agent's own in-pod ports: a stream there would loop back into it.
@@ -383,6 +406,7 @@ impl TunnelHandler {
                     "destination workload not in the configuration yet",
                 ));
             };
+            let src_ip = tunnel_source_ip(&mesh, &peer, &metrics);
             if l7 && authz::needs_http(&mesh.policies, &dst, dst_addr.port()) {
                 // Every request is judged (and counted) by `http::serve`.
                 for n in [&metrics.authz.http_tunnel, &metrics.authz.tunnel_in] {
@@ -393,17 +417,18 @@ impl TunnelHandler {
                     &metrics,
                     pod,
                     dst_addr,
-                    peer.addr.ip(),
+                    src_ip,
                     Some(peer.identity),
                     "inbound-tunnel",
                 );
                 t.access_log = access_log;
+                t.tracer = tracer;
                 return Ok(Opened::Serve(Box::new(
                     move |tunnel: super::hbone::HboneStream| Box::pin(http::serve(tunnel, t)),
                 )));
             }
             let ctx = ConnCtx {
-                src_ip: peer.addr.ip(),
+                src_ip,
                 src_identity: Some(&peer.identity),
                 dst: &dst,
                 dst_ip: IpAddr::V4(pod.ip),
@@ -414,8 +439,22 @@ impl TunnelHandler {
             metrics
                 .authz
                 .count("inbound", v.allowed, v.policy_name.as_deref());
+            let report = TunnelReport::new(
+                &metrics,
+                tracer.as_ref(),
+                &mesh.workloads,
+                &peer.identity,
+                src_ip,
+                &dst,
+                authority,
+            );
             if !v.allowed {
                 log_denial("inbound-tunnel", &ctx, &v);
+                report.refused(
+                    Flags::RBAC,
+                    v.policy_name.as_deref(),
+                    format!("denied: {v}"),
+                );
                 return Err(Refusal::new(
                     StatusCode::FORBIDDEN,
                     format!(
@@ -431,16 +470,54 @@ impl TunnelHandler {
                         .authz
                         .tunnel_in
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Ok(Opened::Relay(s))
+                    let conn = report.relayed(v.policy_name.as_deref());
+                    Ok(Opened::Reported(s, Box::new(move |end| conn.finish(end))))
                 }
-                Ok(Err(e)) => Err(Refusal::new(StatusCode::BAD_GATEWAY, e.to_string())),
-                Err(_) => Err(Refusal::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the destination did not answer",
-                )),
+                Ok(Err(e)) => {
+                    report.refused(Flags::UF, None, format!("delivering into the pod: {e}"));
+                    Err(Refusal::new(StatusCode::BAD_GATEWAY, e.to_string()))
+                }
+                Err(_) => {
+                    report.refused(Flags::UF, None, "delivering into the pod: timed out".into());
+                    Err(Refusal::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the destination did not answer",
+                    ))
+                }
             }
         })
     }
+}
+
+/// The source address a tunnelled stream is judged and logged by: the source pod's, as
+/// the CONNECT names it, if the peer's identity owns that address
+/// (`authz::tunnel_source`); else the sending node's. A claim not believed is counted and
+/// logged.
+fn tunnel_source_ip(mesh: &MeshConfig, peer: &PeerInfo, metrics: &Metrics) -> IpAddr {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (ip, origin) = authz::tunnel_source(
+        &mesh.workloads,
+        &peer.identity,
+        peer.addr.ip(),
+        peer.forwarded_for,
+    );
+    match origin {
+        authz::SourceOrigin::Peer => {}
+        authz::SourceOrigin::Forwarded => {
+            metrics.authz.source_forwarded.fetch_add(1, Relaxed);
+        }
+        authz::SourceOrigin::Untrusted => {
+            metrics.authz.source_untrusted.fetch_add(1, Relaxed);
+            warn!(
+                target: "mesh_agent::authz",
+                peer = %peer.addr,
+                principal = %peer.identity,
+                claimed = ?peer.forwarded_for,
+                "tunnel source address not believed: no workload of the peer's identity has it; judging by the peer's address"
+            );
+        }
+    }
+    ip
 }
 
 impl ConnectHandler for TunnelHandler {
@@ -449,7 +526,8 @@ impl ConnectHandler for TunnelHandler {
         let judged = self.judge(peer, authority, false);
         Box::pin(async move {
             match judged.await? {
-                Opened::Relay(s) => Ok(s),
+                // (Counted opened; closed as the report drops, without bytes.)
+                Opened::Relay(s) | Opened::Reported(s, _) => Ok(s),
                 Opened::Serve(_) => unreachable!("a tunnel is served only when asked for L7"),
             }
         })

@@ -1,8 +1,9 @@
 //! Istio's `IstioCertificateService` (package `istio.v1.auth`), wire-compatible with
 //! istiod's CA and ztunnel's client: the messages, the method path, a prost codec, the
 //! server plumbing (any `IstioCertificateService` implementation becomes a tonic service
-//! that mounts beside ADS) and a client. Hand-written with tonic's `server::Grpc::unary`
-//! and `client::Grpc::unary`: one unary method does not pay for build-time codegen.
+//! served on the CA's TLS endpoint) and a client (TLS or, opted in, plaintext).
+//! Hand-written with tonic's `server::Grpc::unary` and `client::Grpc::unary`: one unary
+//! method does not pay for build-time codegen.
 //!
 //! ```text
 //! service IstioCertificateService {
@@ -28,6 +29,7 @@ use std::{
 };
 
 use prost::Message;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     Request, Response, Status,
@@ -187,7 +189,7 @@ pub trait IstioCertificateService: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Response<IstioCertificateResponse>, Status>>;
 }
 
-/// The tonic service: mount it with `Server::add_service` (beside ADS).
+/// The tonic service: mount it with `Server::add_service` (the CA's TLS endpoint, `control::ca::tls`).
 pub struct IstioCertificateServiceServer<T> {
     inner: Arc<T>,
 }
@@ -269,8 +271,109 @@ where
 type Channel =
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>;
 
-/// A client of any `IstioCertificateService` (`http://host:port`; plaintext gRPC), that
-/// presents a bearer token with each call. Cheap to clone; connects lazily and reconnects.
+/// How a `CaGrpcClient` reaches its CA.
+#[derive(Clone)]
+pub enum CaTransport {
+    /// `http://`: plaintext gRPC. The bearer token crosses the network in the clear; only
+    /// with an explicit opt-in (`--ca-plaintext`).
+    Plaintext,
+    /// `https://`: gRPC in TLS (ALPN `h2`), the server's chain checked against the
+    /// configured roots for `server_name` (istiod's 15012, or an agent's `--ca-listen`).
+    Tls {
+        config: Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+    },
+}
+
+impl std::fmt::Debug for CaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CaTransport::Plaintext => f.write_str("Plaintext"),
+            CaTransport::Tls { server_name, .. } => {
+                write!(f, "Tls({})", server_name.to_str())
+            }
+        }
+    }
+}
+
+/// A TLS client configuration for a CA: trusts exactly `roots` (not the system's), TLS 1.2
+/// or 1.3 (istiod's Go server speaks both), ALPN `h2` (gRPC; grpc-go refuses a TLS client
+/// without it).
+pub fn client_tls_config(
+    roots: &[CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(r.clone())
+            .map_err(|e| format!("a root certificate the CA's TLS cannot use: {e}"))?;
+    }
+    if store.is_empty() {
+        return Err("no root certificate to check the CA's TLS certificate against".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Dials the CA and does the TLS handshake (tonic's own TLS features stay off: one TLS
+/// stack, rustls with ring, configured here).
+#[derive(Clone)]
+struct TlsConnector {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl tower::Service<http::Uri> for TlsConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, std::io::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let bad =
+                |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned());
+            let host = uri
+                .host()
+                .ok_or_else(|| bad("the CA address has no host"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(443);
+            let dial = async {
+                let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+                let _ = tcp.set_nodelay(true);
+                tokio_rustls::TlsConnector::from(this.config)
+                    .connect(this.server_name, tcp)
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("TLS handshake with the CA: {e}"))
+                    })
+            };
+            let tls = tokio::time::timeout(CLIENT_TIMEOUT, dial)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connecting to the CA: no TLS session within {CLIENT_TIMEOUT:?}"),
+                    )
+                })??;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
+/// A client of any `IstioCertificateService` (`https://host:port` over TLS, or
+/// `http://host:port` in plaintext), that presents a bearer token with each call. Cheap to
+/// clone; connects lazily and reconnects.
 #[derive(Clone)]
 pub struct CaGrpcClient {
     grpc: tonic::client::Grpc<Channel>,
@@ -280,14 +383,68 @@ pub struct CaGrpcClient {
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl CaGrpcClient {
-    pub fn new(address: &str, token: Option<&Token>) -> Result<CaGrpcClient, String> {
+    /// Checks that `address` is one this transport can use (`https://` with TLS,
+    /// `http://` with `Plaintext`), without connecting or needing a runtime.
+    pub fn check(
+        address: &str,
+        transport: &CaTransport,
+    ) -> Result<tonic::transport::Endpoint, String> {
         let endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())
-            .map_err(|e| format!("CA address {address:?}: {e}"))?
-            .connect_timeout(CLIENT_TIMEOUT)
+            .map_err(|e| format!("CA address {address:?}: {e}"))?;
+        match (transport, endpoint.uri().scheme_str()) {
+            (CaTransport::Plaintext, Some("http")) | (CaTransport::Tls { .. }, Some("https")) => {
+                Ok(endpoint)
+            }
+            (CaTransport::Plaintext, _) => Err(format!(
+                "CA address {address:?}: plaintext is for http:// addresses only"
+            )),
+            (CaTransport::Tls { .. }, _) => Err(format!(
+                "CA address {address:?}: TLS is for https:// addresses only"
+            )),
+        }
+    }
+
+    /// The address's scheme must match the transport: `https://` with TLS, `http://`
+    /// with `Plaintext`. Must be called within a Tokio runtime (the channel's worker is
+    /// spawned there); it connects lazily.
+    pub fn new(
+        address: &str,
+        token: Option<&Token>,
+        transport: &CaTransport,
+    ) -> Result<CaGrpcClient, String> {
+        let endpoint = CaGrpcClient::check(address, transport)?
             .timeout(CLIENT_TIMEOUT)
             .tcp_nodelay(true);
+        let scheme = endpoint.uri().scheme_str().unwrap_or_default().to_owned();
+        let channel = match (transport, scheme.as_str()) {
+            (CaTransport::Plaintext, "http") => {
+                endpoint.connect_timeout(CLIENT_TIMEOUT).connect_lazy()
+            }
+            // The connector bounds its own connect and handshake (tonic's connect timeout
+            // wraps a custom connector in a timer that needs a runtime at construction).
+            (
+                CaTransport::Tls {
+                    config,
+                    server_name,
+                },
+                "https",
+            ) => endpoint.connect_with_connector_lazy(TlsConnector {
+                config: config.clone(),
+                server_name: server_name.clone(),
+            }),
+            (CaTransport::Plaintext, _) => {
+                return Err(format!(
+                    "CA address {address:?}: plaintext is for http:// addresses only"
+                ))
+            }
+            (CaTransport::Tls { .. }, _) => {
+                return Err(format!(
+                    "CA address {address:?}: TLS is for https:// addresses only"
+                ))
+            }
+        };
         let channel = tonic::service::interceptor::InterceptedService::new(
-            endpoint.connect_lazy(),
+            channel,
             Credentials::bearer(token),
         );
         Ok(CaGrpcClient {

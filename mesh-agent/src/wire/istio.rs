@@ -16,6 +16,9 @@
 //! - `Workload.peer_authentications`: the selector-based PeerAuthentications that apply to
 //!   the workload, by `namespace/name` (as `authorization_policies` lists selector-based
 //!   AuthorizationPolicies).
+//! - `Workload.access_log`: the workload's namespace switched its access logs on. A
+//!   client that does not know the field skips it (the workload is then logged by flag
+//!   only), and a resource without it reads as off.
 //!
 //! PeerAuthentication travels as a resource type of its own rather than inside
 //! `Authorization`: istiod hands ztunnel STRICT mode already converted into a DENY policy,
@@ -94,8 +97,13 @@ pub struct Workload {
     pub service_account: String,
     #[prost(string, tag = "9")]
     pub node: String,
+    /// Istio's `app` (ztunnel reports it as `source_app`/`destination_app`): the pod's
+    /// `app.kubernetes.io/name`, else `app` label. Empty: not said (`unknown`).
     #[prost(string, tag = "10")]
     pub canonical_name: String,
+    /// Istio's `version`: the pod's `app.kubernetes.io/version`, else `version` label.
+    #[prost(string, tag = "11")]
+    pub canonical_revision: String,
     #[prost(string, tag = "13")]
     pub workload_name: String,
     /// Selector-based AuthorizationPolicies that apply, as `namespace/name` (namespace
@@ -114,6 +122,10 @@ pub struct Workload {
     /// Ours: selector-based PeerAuthentications that apply, as `namespace/name`.
     #[prost(string, repeated, tag = "1000")]
     pub peer_authentications: Vec<String>,
+    /// Ours: its namespace asks for access logs (`mesh-agent.io/access-log: "true"`):
+    /// its connections and requests are logged even where the proxy's flag is off.
+    #[prost(bool, tag = "1001")]
+    pub access_log: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

@@ -8,7 +8,8 @@
 //!                                        then answer "<bytes> <sha256>" and close
 //! podtool reset --listen ADDR            read a little, then close with RST (SO_LINGER 0)
 //! podtool echo-client --to ADDR --bytes N [--conns C]   send N bytes, read the echo back
-//!                                        (event-loop I/O: non-blocking + poll, two threads)
+//!                                        (event-loop I/O: non-blocking + poll, two threads);
+//!                                        a connection whose getpeername() is not ADDR fails
 //! podtool sink-client --to ADDR --bytes N  send N bytes fast with blocking 1 MiB writes,
 //!                                        half-close, read the digest (event-loop read)
 //! podtool reset-client --to ADDR [--from-port P]  send, expect the reset to arrive as
@@ -333,6 +334,13 @@ fn echo_once(
     };
     if let Some(b) = start {
         b.wait();
+    }
+    // getpeername() must name what was dialled, captured or not (the datapath answers
+    // it from the socket's state for a connection it redirected to the proxy).
+    match c.peer_addr() {
+        Ok(p) if p == to => {}
+        Ok(p) => errors.push(format!("peer: getpeername says {p}, dialled {to}")),
+        Err(e) => errors.push(format!("peer: {}", errno_name(&e))),
     }
     c.set_nonblocking(true).expect("nonblocking");
     let mut w = c.try_clone().expect("clone");

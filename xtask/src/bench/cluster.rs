@@ -151,7 +151,7 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
         }
     }
     o += "\n## Targets (issue 11)\n\n";
-    o += &targets_md(targets);
+    o += &targets_md(targets, t);
     o
 }
 

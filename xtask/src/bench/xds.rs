@@ -63,6 +63,9 @@ fn placement(scale: &str, suffix: &str) -> String {
 
 const ACK_GOAL_MS: f64 = 1000.0;
 const CHANGE_GOAL_MS: f64 = 50.0;
+/// Issue 9: the control plane's memory at 10k services with one client loaded (100 MB, in
+/// the raw figure's kB).
+const SERVER_RSS_GOAL_KB: f64 = 100.0 * 1024.0;
 
 /// metric -> (title, unit of the raw value, higher is better)
 pub(super) fn metric_info(metric: &str) -> Option<(&'static str, &'static str, bool)> {
@@ -146,6 +149,20 @@ pub(super) fn targets(t: &Table) -> Vec<Target> {
                     ratio: None,
                     goal: format!("< {CHANGE_GOAL_MS} ms"),
                     pass: v < CHANGE_GOAL_MS,
+                });
+            }
+            if let Some(v) = med(mine, "server_rss_kb") {
+                out.push(Target {
+                    what: format!("control plane memory (10k services{from})"),
+                    path: mine.into(),
+                    placement: scale.into(),
+                    metric: "server_rss_kb".into(),
+                    value: v,
+                    reference: SERVER_RSS_GOAL_KB,
+                    reference_name: "kB (100 MB)".into(),
+                    ratio: None,
+                    goal: "< 100 MB".into(),
+                    pass: v < SERVER_RSS_GOAL_KB,
                 });
             }
         }
@@ -244,8 +261,8 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
             }
         }
     }
-    o += "\n## Targets (issue 5)\n\n";
-    o += &targets_md(targets);
+    o += "\n## Targets (issues 5 and 9)\n\n";
+    o += &targets_md(targets, t);
     o
 }
 
@@ -328,10 +345,27 @@ mod tests {
     #[test]
     fn xds_kubernetes_rows_and_targets_beside_the_file() {
         let raw = "xds mesh-delta 10k ack_ms 1 400\nxds mesh-delta 10k-k8s ack_ms 1 600\n\
-                   xds mesh-delta 10k-k8s change_ms 1 80\nxds control-plane 10k-k8s ready_ms 1 900\n";
+                   xds mesh-delta 10k-k8s change_ms 1 80\nxds control-plane 10k-k8s ready_ms 1 900\n\
+                   xds mesh-delta 10k server_rss_kb 1 92000\nxds mesh-delta 10k-k8s server_rss_kb 1 110000\n";
         let t = tabulate(&parse_raw(raw).unwrap(), "xds");
         let tg = targets(&t);
-        assert_eq!(tg.len(), 3, "{tg:?}");
+        assert_eq!(tg.len(), 5, "{tg:?}");
+        let memory: Vec<_> = tg
+            .iter()
+            .filter(|t| t.metric == "server_rss_kb")
+            .map(|t| (t.what.as_str(), t.pass))
+            .collect();
+        assert_eq!(
+            memory,
+            [
+                ("control plane memory (10k services)", true),
+                ("control plane memory (10k services, Kubernetes)", false)
+            ]
+        );
+        let tg: Vec<Target> = tg
+            .into_iter()
+            .filter(|t| t.metric != "server_rss_kb")
+            .collect();
         assert_eq!(
             (tg[1].placement.as_str(), tg[1].what.as_str()),
             ("10k-k8s", "10k services fully ACKed, Kubernetes")

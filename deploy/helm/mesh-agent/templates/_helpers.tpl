@@ -36,3 +36,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "mesh-agent.probeHost" -}}
 {{- if eq .Values.admin.host "0.0.0.0" -}}127.0.0.1{{- else -}}{{ .Values.admin.host }}{{- end -}}
 {{- end -}}
+
+{{/* The embedded CA's Service (identity.ca.listen.service). */}}
+{{- define "mesh-agent.caService" -}}
+{{- printf "%s-ca" (include "mesh-agent.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* --ca-server-names of the CA's TLS endpoint: the node's address and name (expanded by
+     the kubelet from env vars declared before), the Service's names, and the operator's. */}}
+{{- define "mesh-agent.caServerNames" -}}
+{{- $names := list "$(HOST_IP)" "$(MESH_NODE_NAME)" -}}
+{{- if .Values.identity.ca.listen.service -}}
+{{- $svc := include "mesh-agent.caService" . -}}
+{{- $names = append $names (printf "%s.%s.svc" $svc .Release.Namespace) -}}
+{{- $names = append $names (printf "%s.%s" $svc .Release.Namespace) -}}
+{{- end -}}
+{{- join "," (concat $names .Values.identity.ca.listen.serverNames) -}}
+{{- end -}}

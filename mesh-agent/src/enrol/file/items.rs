@@ -220,13 +220,33 @@ pub struct ItemCache {
     pub parsed: u64,
 }
 
+/// How a call's services differ from the previous successful call's.
+#[derive(Debug, Default)]
+pub struct ItemDiff {
+    /// Items parsed in this call (not in the previous one).
+    pub added: Vec<Arc<ServiceSpec>>,
+    /// The previous call's items that are not in this one.
+    pub removed: Vec<Arc<ServiceSpec>>,
+    /// The same text twice in this call (the same `Arc` at two positions).
+    pub repeated: bool,
+}
+
 impl ItemCache {
     /// The services of `items`, reusing what the last call parsed; `None` if one does not
     /// parse as exactly one service (the whole file's parse then says why). The cache then
     /// holds exactly these items.
+    #[cfg(test)]
     pub fn services(&mut self, items: &[&str]) -> Option<Vec<Arc<ServiceSpec>>> {
+        self.services_diff(items).map(|(out, _)| out)
+    }
+
+    /// `services`, with how they differ from the last call's (when that call returned
+    /// services; after a `None` the cache holds both calls' items and the diff means
+    /// nothing: the caller then checks the whole list).
+    pub fn services_diff(&mut self, items: &[&str]) -> Option<(Vec<Arc<ServiceSpec>>, ItemDiff)> {
         let mut next = HashMap::with_capacity_and_hasher(items.len(), Prehashed);
         let mut out = Vec::with_capacity(items.len());
+        let mut diff = ItemDiff::default();
         for &item in items {
             let print = fingerprint(item);
             let svc = match self.by_print.remove(&print) {
@@ -234,7 +254,10 @@ impl ItemCache {
                 // The same text twice in one file (a duplicate, which the checks report):
                 // parsed once.
                 None => match next.get(&print) {
-                    Some(s) => Arc::clone(s),
+                    Some(s) => {
+                        diff.repeated = true;
+                        Arc::clone(s)
+                    }
                     None => {
                         self.parsed += 1;
                         let Some(svc) = parse_item(item) else {
@@ -242,6 +265,7 @@ impl ItemCache {
                             self.by_print.extend(next);
                             return None;
                         };
+                        diff.added.push(svc.clone());
                         svc
                     }
                 },
@@ -249,8 +273,10 @@ impl ItemCache {
             out.push(svc.clone());
             next.insert(print, svc);
         }
-        self.by_print = next;
-        Some(out)
+        diff.removed = std::mem::replace(&mut self.by_print, next)
+            .into_values()
+            .collect();
+        Some((out, diff))
     }
 
     /// Hands out `shared` from now on where the cache holds the service at its pointer

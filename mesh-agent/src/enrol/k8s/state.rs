@@ -9,13 +9,13 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service, ServiceAccount},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::{api::DynamicObject, ResourceExt as _};
 
-use super::routes::{self, Flavour};
+use super::{
+    compact::{Change, ServiceObj, SliceObj},
+    routes::{self, Flavour},
+};
 use crate::{
     control::model::{EndpointSpec, Protocol, ServicePort, ServiceSpec},
     enrol::{
@@ -27,16 +27,14 @@ use crate::{
 /// Label selecting how same-node flows to a namespace's (or a pod's) workloads are
 /// carried: `direct` pairs the two sockets in the kernel, skipping the proxy.
 pub const MODE_LABEL: &str = "mesh-agent.io/same-node";
-/// The EndpointSlice label naming its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// What the watchers hold, at one instant.
+/// What the watchers hold, at one instant. Services and EndpointSlices in their compact
+/// form (`compact`: what `convert` reads).
 #[derive(Default)]
 pub struct Cluster {
     pub namespaces: Vec<Arc<Namespace>>,
     pub pods: Vec<Arc<Pod>>,
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub services: Vec<Arc<ServiceObj>>,
+    pub slices: Vec<Arc<SliceObj>>,
     pub service_accounts: Vec<Arc<ServiceAccount>>,
     pub http_routes: Vec<Arc<DynamicObject>>,
     pub grpc_routes: Vec<Arc<DynamicObject>>,
@@ -236,30 +234,45 @@ pub struct ServiceCache {
     by_name: HashMap<String, CachedService>,
     /// Services converted (not reused) since start.
     pub converted: u64,
+    /// Set by the caller before a build: what changed in the stores since the previous
+    /// build with this cache (`CompactStore::state_and_changes`). With it, and when the
+    /// previous build left `follow`, the build converts the Services those changes touch
+    /// and walks nothing else; without it (`None`: unknown), every Service is walked.
+    pub changes: Option<Changes>,
+    follow: Option<Follow>,
+    /// Builds that followed the changes instead of walking every Service.
+    pub followed: u64,
+}
+
+/// What changed in the Service and EndpointSlice stores between two builds.
+pub struct Changes {
+    pub services: Vec<Change<ServiceObj>>,
+    pub slices: Vec<Change<SliceObj>>,
+}
+
+/// The last build's result in the shape a build that follows changes updates: left by a
+/// build in which no two Services met on a name or an address (then no port was left
+/// out, and each Service's spec stands alone).
+struct Follow {
+    /// The served specs by (namespace, name): the build's output, in its order.
+    served: BTreeMap<(String, String), Arc<ServiceSpec>>,
+    /// How many served specs hold each (address, port): one, or the build walks all.
+    addresses: HashMap<(Ipv4Addr, u16), u32>,
+    /// IPv4 EndpointSlices by their Service's `namespace/name`, in name order (most
+    /// Services have one or two: a `Vec`, not a map of its own).
+    slices: HashMap<String, Vec<Arc<SliceObj>>>,
+    /// The routes attached to each Service.
+    routes: BTreeMap<(String, String), Vec<crate::control::model::RouteSpec>>,
 }
 
 struct CachedService {
     /// The stores' objects the conversion read: a watch event replaces an object's `Arc`
     /// in its store, so the same pointers mean the same objects.
-    service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
+    service: Arc<ServiceObj>,
+    slices: Vec<Arc<SliceObj>>,
     routes: Vec<crate::control::model::RouteSpec>,
     /// `None`: the Service is not served (ExternalName, headless, no TCP port).
     spec: Option<Arc<ServiceSpec>>,
-}
-
-/// An object's (namespace, name) as `ResourceExt::namespace` and `name_any` give them,
-/// borrowed: a build walks every Service and slice, and owned keys cost two allocations
-/// each.
-fn key_of<K: kube::Resource>(o: &K) -> (&str, &str) {
-    let m = o.meta();
-    (
-        m.namespace.as_deref().unwrap_or_default(),
-        m.name
-            .as_deref()
-            .or(m.generate_name.as_deref())
-            .unwrap_or_default(),
-    )
 }
 
 fn services(
@@ -267,14 +280,153 @@ fn services(
     problems: &mut Vec<String>,
     cache: &mut ServiceCache,
 ) -> Vec<Arc<ServiceSpec>> {
-    let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
-    for s in &c.slices {
-        if s.address_type != "IPv4" {
-            continue;
+    let routes = attached_routes(c, problems);
+    if let Some(changes) = cache.changes.take() {
+        if let Some(out) = follow(changes, &routes, cache) {
+            cache.followed += 1;
+            return out;
         }
-        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
+    }
+    walk(c, routes, cache)
+}
+
+fn id_of(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// Whether the cached conversion of a Service read exactly these objects and routes.
+fn same_inputs(
+    c: &CachedService,
+    s: &Arc<ServiceObj>,
+    slices: &[&Arc<SliceObj>],
+    routes: &[crate::control::model::RouteSpec],
+) -> bool {
+    Arc::ptr_eq(&c.service, s)
+        && c.slices.len() == slices.len()
+        && c.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
+        && c.routes == routes
+}
+
+/// The build of `services` from the last one and the stores' changes: converts the
+/// Services a change touched (its object, one of its slices, its routes) and nothing else.
+/// `None` when it cannot: no last build to follow, or two Services now share an address
+/// (the walk decides which keeps it).
+fn follow(
+    changes: Changes,
+    routes: &BTreeMap<(String, String), Vec<crate::control::model::RouteSpec>>,
+    cache: &mut ServiceCache,
+) -> Option<Vec<Arc<ServiceSpec>>> {
+    let mut f = cache.follow.take()?;
+    let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
+    // The last state of each changed Service (`None`: deleted).
+    let mut current: HashMap<(String, String), Option<Arc<ServiceObj>>> = HashMap::new();
+    for (old, new) in changes.services {
+        for (o, now) in [(old, false), (new, true)] {
+            if let Some(o) = o {
+                let key = (o.namespace.clone(), o.name.clone());
+                touched.insert(key.clone());
+                current.insert(key, now.then_some(o));
+            }
+        }
+    }
+    for (old, new) in changes.slices {
+        if let Some(o) = old {
+            if let Some(svc) = &o.service {
+                let id = id_of(&o.namespace, svc);
+                if let Some(v) = f.slices.get_mut(&id) {
+                    v.retain(|s| s.name != o.name);
+                    if v.is_empty() {
+                        f.slices.remove(&id);
+                    }
+                }
+                touched.insert((o.namespace.clone(), svc.clone()));
+            }
+        }
+        if let Some(n) = new {
+            if let Some(svc) = &n.service {
+                let v = f.slices.entry(id_of(&n.namespace, svc)).or_default();
+                // Name order, one per name (a store holds one object per name).
+                match v.binary_search_by(|s| s.name.cmp(&n.name)) {
+                    Ok(i) => v[i] = n.clone(),
+                    Err(i) => v.insert(i, n.clone()),
+                }
+                touched.insert((n.namespace.clone(), svc.clone()));
+            }
+        }
+    }
+    if f.routes != *routes {
+        for (k, v) in f.routes.iter().chain(routes.iter()) {
+            if f.routes.get(k) != Some(v) || routes.get(k) != Some(v) {
+                touched.insert(k.clone());
+            }
+        }
+        f.routes = routes.clone();
+    }
+    for key in touched {
+        let id = id_of(&key.0, &key.1);
+        let svc = match current.get(&key) {
+            Some(now) => now.clone(),
+            None => cache.by_name.get(&id).map(|c| c.service.clone()),
+        };
+        if let Some(old) = f.served.remove(&key) {
+            for p in &old.ports {
+                if let Some(n) = f.addresses.get_mut(&(old.vip, p.port)) {
+                    *n -= 1;
+                }
+            }
+        }
+        let Some(svc) = svc else {
+            cache.by_name.remove(&id);
+            continue;
+        };
+        let svc_slices: Vec<&Arc<SliceObj>> = f
+            .slices
+            .get(&id)
+            .map(|v| v.iter().collect())
+            .unwrap_or_default();
+        let svc_routes = routes.get(&key).cloned().unwrap_or_default();
+        let cached = match cache.by_name.remove(&id) {
+            Some(c) if same_inputs(&c, &svc, &svc_slices, &svc_routes) => c,
+            _ => {
+                cache.converted += 1;
+                CachedService {
+                    spec: convert(&svc, &svc_slices, svc_routes.clone()).map(Arc::new),
+                    service: svc,
+                    slices: svc_slices.into_iter().cloned().collect(),
+                    routes: svc_routes,
+                }
+            }
+        };
+        if let Some(spec) = &cached.spec {
+            for p in &spec.ports {
+                *f.addresses.entry((spec.vip, p.port)).or_default() += 1;
+            }
+            f.served.insert(key, spec.clone());
+        }
+        cache.by_name.insert(id, cached);
+    }
+    f.addresses.retain(|_, n| *n > 0);
+    if f.addresses.values().any(|&n| n > 1) {
+        return None;
+    }
+    let out = f.served.values().cloned().collect();
+    cache.follow = Some(f);
+    Some(out)
+}
+
+/// The build of `services` from every Service and slice.
+fn walk(
+    c: &Cluster,
+    mut routes: BTreeMap<(String, String), Vec<crate::control::model::RouteSpec>>,
+    cache: &mut ServiceCache,
+) -> Vec<Arc<ServiceSpec>> {
+    let all_routes = routes.clone();
+    let mut slices: HashMap<(&str, &str), Vec<&Arc<SliceObj>>> = HashMap::new();
+    for s in &c.slices {
+        // `None` also for slices of another address type.
+        if let Some(svc) = &s.service {
             slices
-                .entry((key_of(&**s).0, svc.as_str()))
+                .entry((s.namespace.as_str(), svc.as_str()))
                 .or_default()
                 .push(s);
         }
@@ -282,17 +434,24 @@ fn services(
     for v in slices.values_mut() {
         // Store order is not stable across re-lists: name order is.
         if v.len() > 1 {
-            v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            v.sort_by(|a, b| a.name.cmp(&b.name));
         }
     }
-    let mut routes = attached_routes(c, problems);
+    // Each slice name once under its Service (a store holds one object per name; a test's
+    // `Cluster` may not): else a later follow would drop one.
+    let mut followable = slices
+        .values()
+        .all(|v| v.windows(2).all(|w| w[0].name != w[1].name));
+    let follow_slices: HashMap<String, Vec<Arc<SliceObj>>> = slices
+        .iter()
+        .map(|(k, v)| (id_of(k.0, k.1), v.iter().map(|s| Arc::clone(s)).collect()))
+        .collect();
     let mut out = Vec::with_capacity(c.services.len());
-    let mut sorted: Vec<&Arc<Service>> = c.services.iter().collect();
+    let mut served = BTreeMap::new();
+    let mut sorted: Vec<&Arc<ServiceObj>> = c.services.iter().collect();
     // Borrowed keys: an owned (namespace, name) per comparison costs two allocations each,
     // 280k at 10k Services.
-    sorted.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     // A store holds one object per name and the API server gives each Service its own
     // cluster IP; should two meet anyway, the first keeps the name and the address, as
     // the same listener or cluster twice makes the proxy refuse every service.
@@ -301,8 +460,9 @@ fn services(
     let mut next = HashMap::with_capacity(sorted.len());
     let mut id = String::new();
     for s in sorted {
-        let key = key_of(&**s);
+        let key = (s.namespace.as_str(), s.name.as_str());
         if !names.insert(key) {
+            followable = false;
             continue;
         }
         let svc_slices = slices.remove(&key).unwrap_or_default();
@@ -317,15 +477,10 @@ fn services(
         id.push_str(key.0);
         id.push('/');
         id.push_str(key.1);
-        let reused = cache.by_name.remove_entry(id.as_str()).filter(|(_, c)| {
-            Arc::ptr_eq(&c.service, s)
-                && c.slices.len() == svc_slices.len()
-                && c.slices
-                    .iter()
-                    .zip(&svc_slices)
-                    .all(|(a, b)| Arc::ptr_eq(a, b))
-                && c.routes == svc_routes
-        });
+        let reused = cache
+            .by_name
+            .remove_entry(id.as_str())
+            .filter(|(_, c)| same_inputs(c, s, &svc_slices, &svc_routes));
         let (id, cached) = match reused {
             Some(kept) => kept,
             None => {
@@ -353,49 +508,51 @@ fn services(
                 .collect();
             if taken.is_empty() {
                 out.push(spec.clone());
+                served.insert((key.0.to_owned(), key.1.to_owned()), spec.clone());
             } else if taken.len() < spec.ports.len() {
+                followable = false;
                 let mut narrowed = ServiceSpec::clone(spec);
                 narrowed.ports.retain(|p| !taken.contains(&p.port));
                 narrowed
                     .endpoints
                     .retain(|e| e.service_port.is_none_or(|p| !taken.contains(&p)));
                 out.push(Arc::new(narrowed));
+            } else {
+                followable = false;
             }
         }
         next.insert(id, cached);
     }
     // Services that are gone leave the cache.
     cache.by_name = next;
+    cache.follow = followable.then(|| Follow {
+        served,
+        addresses: addresses.into_iter().map(|a| (a, 1)).collect(),
+        slices: follow_slices,
+        routes: all_routes,
+    });
     out
 }
 
 /// One Service with its EndpointSlices and routes in the control plane's model; `None`
 /// when it is not served (ExternalName, headless or IPv6-only, no TCP port).
 fn convert(
-    s: &Service,
-    slices: &[&Arc<EndpointSlice>],
+    s: &ServiceObj,
+    slices: &[&Arc<SliceObj>],
     routes: Vec<crate::control::model::RouteSpec>,
 ) -> Option<ServiceSpec> {
-    let spec = s.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return None;
-    }
-    // Headless ("None") or IPv6-only: not served.
-    let vip = spec
-        .cluster_ip
-        .as_deref()
-        .and_then(|ip| ip.parse::<Ipv4Addr>().ok())?;
-    let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
+    // ExternalName, headless ("None") or IPv6-only: not served (`vip` is `None`).
+    let vip = s.vip?;
+    let (ns, name) = (s.namespace.clone(), s.name.clone());
     // The API server refuses a port number twice per protocol and numbers outside
     // 1..=65535, but one object that slipped through would otherwise make the same
     // listener and cluster twice, and the proxy refuses the whole response (every
     // service) for it: the first port of a number wins, invalid ones are skipped.
+    // (`ports` holds the TCP ports only.)
     let mut numbers = BTreeSet::new();
-    let svc_ports: Vec<_> = spec
+    let svc_ports: Vec<_> = s
         .ports
         .iter()
-        .flatten()
-        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .filter(|p| u16::try_from(p.port).is_ok_and(|n| n != 0 && numbers.insert(n)))
         .collect();
     if svc_ports.is_empty() {
@@ -412,11 +569,9 @@ fn convert(
     let mut endpoints = Vec::new();
     let mut seen = BTreeSet::new();
     for slice in slices {
-        for sp in slice.ports.iter().flatten() {
-            if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
-                continue;
-            }
-            let Some(port) = sp.port else { continue };
+        // TCP ports with a number, IPv4 addresses only (`compact`).
+        for sp in &slice.ports {
+            let port = sp.port;
             // Slice ports carry the service port's name; a single unnamed port belongs
             // to the single service port.
             let svc_port = svc_ports
@@ -424,34 +579,20 @@ fn convert(
                 .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""));
             let Some(svc_port) = svc_port else { continue };
             for e in &slice.endpoints {
-                let cond = e.conditions.as_ref();
-                let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-                let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-                let health = if ready {
-                    None
-                } else if serving && terminating {
-                    Some("draining".to_owned())
-                } else {
-                    Some("unhealthy".to_owned())
-                };
-                for a in &e.addresses {
-                    let Ok(ip) = a.parse::<Ipv4Addr>() else {
-                        continue;
-                    };
-                    if seen.insert((ip, port, svc_port.port)) {
-                        endpoints.push(EndpointSpec {
-                            ip,
-                            port: Some(port as u16),
-                            weight: None,
-                            health: health.clone(),
-                            service_port: Some(svc_port.port as u16),
-                        });
-                    }
+                if seen.insert((e.ip, port, svc_port.port)) {
+                    endpoints.push(EndpointSpec {
+                        ip: e.ip,
+                        port: Some(port as u16),
+                        weight: None,
+                        health: e.health.as_model().map(str::to_owned),
+                        service_port: Some(svc_port.port as u16),
+                    });
                 }
             }
         }
     }
+    // Held for as long as the Service is unchanged: no room for 16 when there are 10.
+    endpoints.shrink_to_fit();
     Some(ServiceSpec {
         routes,
         name,
@@ -589,6 +730,30 @@ mod tests {
             )],
             grpc_routes: vec![],
         }
+    }
+
+    #[test]
+    fn pods_app_and_version_labels_and_the_namespace_access_log_label_reach_the_members() {
+        let mut c = cluster();
+        c.namespaces[0] = obj("metadata: {name: shop, labels: {mesh-agent.io/dataplane-mode: ambient, mesh-agent.io/access-log: 'true'}}");
+        c.pods[0] = obj("metadata: {name: web, namespace: shop, uid: u1, labels: {app: web, app.kubernetes.io/version: v3}}\nspec: {containers: [], serviceAccountName: web}\nstatus: {podIP: 10.1.0.2}");
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "cluster.local",
+        };
+        let built = build(&c, &opts, &mut |_| Ok(PathBuf::from("/proc/1/ns/net")));
+        let m = &built.snapshot.declared;
+        let by = |n: &str| m.iter().find(|w| w.name == n).unwrap();
+        let web = by("web");
+        assert_eq!(
+            (web.app.as_str(), web.version.as_str(), web.access_log),
+            ("web", "v3", true)
+        );
+        let db = by("db");
+        assert_eq!(
+            (db.app.as_str(), db.version.as_str(), db.access_log),
+            ("", "", false)
+        );
     }
 
     #[test]
@@ -763,8 +928,8 @@ mod tests {
         assert_eq!(cache.converted, 3);
         assert!(first.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)));
         // An EndpointSlice of reviews changes (a watch event: a new object in the store).
-        let mut slice = EndpointSlice::clone(&c.slices[0]);
-        slice.endpoints[0].addresses = vec!["10.1.0.5".into()];
+        let mut slice = SliceObj::clone(&c.slices[0]);
+        slice.endpoints[0].ip = Ipv4Addr::new(10, 1, 0, 5);
         c.slices[0] = Arc::new(slice);
         let after = build_cached(&c, &opts, ok, &mut cache).snapshot.services;
         assert_eq!(cache.converted, 4, "reviews only");
@@ -779,7 +944,7 @@ mod tests {
         let fresh = build(&c, &opts, ok).snapshot.services;
         assert_eq!(fresh, after);
         // A Service that is gone leaves the cache.
-        c.services.retain(|s| s.name_any() != "ratings");
+        c.services.retain(|s| s.name != "ratings");
         let gone = build_cached(&c, &opts, ok, &mut cache).snapshot.services;
         assert_eq!(gone.len(), 1);
         assert_eq!(cache.by_name.len(), 2);
@@ -805,23 +970,19 @@ mod tests {
         };
         let first = check(&c, &mut cache, 5);
         for (k, converted) in [(1, 6), (2, 7)] {
-            let mut s = EndpointSlice::clone(&c.slices[3]);
-            s.endpoints[0].addresses[0] = format!("10.99.0.{k}");
+            let mut s = SliceObj::clone(&c.slices[3]);
+            s.endpoints[0].ip = Ipv4Addr::new(10, 99, 0, k);
             c.slices[3] = Arc::new(s);
             let got = check(&c, &mut cache, converted);
             assert_eq!(got[3].endpoints[0].ip, Ipv4Addr::new(10, 99, 0, k));
             assert!(Arc::ptr_eq(&got[2], &first[2]));
         }
         // s1 renamed to t1, its slice following it.
-        let mut svc = Service::clone(&c.services[1]);
-        svc.metadata.name = Some("t1".into());
+        let mut svc = ServiceObj::clone(&c.services[1]);
+        svc.name = "t1".into();
         c.services[1] = Arc::new(svc);
-        let mut slice = EndpointSlice::clone(&c.slices[1]);
-        slice
-            .metadata
-            .labels
-            .get_or_insert_with(Default::default)
-            .insert(SERVICE_NAME_LABEL.into(), "t1".into());
+        let mut slice = SliceObj::clone(&c.slices[1]);
+        slice.service = Some("t1".into());
         c.slices[1] = Arc::new(slice);
         let renamed = check(&c, &mut cache, 8);
         assert!(renamed
@@ -835,6 +996,133 @@ mod tests {
         c.services.push(svc);
         c.slices.push(slice);
         assert_eq!(check(&c, &mut cache, 9).len(), 5);
+    }
+
+    /// Builds that follow the stores' change logs (as `k8s::run` does) convert only the
+    /// Services a change touched, walk nothing else, and equal a build from scratch after
+    /// every step: an endpoint, a Service's port, a slice moving to another Service, a
+    /// Service deleted and back, a second Service on one address (walked: the walk decides
+    /// which keeps it; then followed again once it is gone), a route attached.
+    #[test]
+    fn builds_follow_the_stores_changes() {
+        use crate::enrol::k8s::compact::CompactStore;
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "cluster.local",
+        };
+        let ok = &mut |_: &Pod| Ok(PathBuf::new());
+        let start = measure::bench_cluster(50);
+        let (services, slices) = (CompactStore::default(), CompactStore::default());
+        services.relist_start();
+        slices.relist_start();
+        for s in &start.services {
+            services.relist_apply(ServiceObj::clone(s));
+        }
+        for s in &start.slices {
+            slices.relist_apply(SliceObj::clone(s));
+        }
+        services.relist_done();
+        slices.relist_done();
+        let mut cache = ServiceCache::default();
+        let mut http_routes: Vec<Arc<DynamicObject>> = Vec::new();
+        // One build as `k8s::run` makes it; checked against a build from scratch.
+        let mut step = |cache: &mut ServiceCache,
+                        http_routes: &[Arc<DynamicObject>],
+                        followed: bool,
+                        converted: u64| {
+            let (service_objs, service_changes) = services.state_and_changes();
+            let (slice_objs, slice_changes) = slices.state_and_changes();
+            cache.changes = match (service_changes, slice_changes) {
+                (Some(services), Some(slices)) => Some(Changes { services, slices }),
+                _ => None,
+            };
+            let c = Cluster {
+                namespaces: start.namespaces.clone(),
+                services: service_objs,
+                slices: slice_objs,
+                http_routes: http_routes.to_vec(),
+                ..Default::default()
+            };
+            let (followed_before, converted_before) = (cache.followed, cache.converted);
+            let got = build_cached(&c, &opts, ok, cache).snapshot.services;
+            assert_eq!(got, build(&c, &opts, ok).snapshot.services);
+            assert_eq!(cache.followed - followed_before, u64::from(followed));
+            assert_eq!(cache.converted - converted_before, converted);
+            got
+        };
+        let first = step(&mut cache, &http_routes, false, 50);
+        assert_eq!(first.len(), 50);
+        // Nothing changed.
+        let same = step(&mut cache, &http_routes, true, 0);
+        assert!(first.iter().zip(&same).all(|(a, b)| Arc::ptr_eq(a, b)));
+        let find = |name: &str| {
+            let s = services.state().into_iter().find(|s| s.name == name);
+            s.unwrap()
+        };
+        let slice_of = |name: &str| {
+            let s = slices.state().into_iter().find(|s| s.name == name);
+            s.unwrap()
+        };
+        // An endpoint of s3.
+        let mut s = SliceObj::clone(&slice_of("s3-bench"));
+        s.endpoints[0].ip = Ipv4Addr::new(10, 99, 0, 3);
+        slices.apply(s);
+        let got = step(&mut cache, &http_routes, true, 1);
+        assert_eq!(
+            got[got.len() - 1].name,
+            "s9",
+            "name order: s0, s1, s10, ..."
+        );
+        // A port of s4 and, in the same build, an endpoint of s5.
+        let mut svc = ServiceObj::clone(&find("s4"));
+        svc.ports[0].port = 81;
+        services.apply(svc);
+        let mut s = SliceObj::clone(&slice_of("s5-bench"));
+        s.endpoints[1].ip = Ipv4Addr::new(10, 99, 0, 5);
+        slices.apply(s);
+        step(&mut cache, &http_routes, true, 2);
+        // s6's slice now belongs to s7 (both converted).
+        let mut s = SliceObj::clone(&slice_of("s6-bench"));
+        s.service = Some("s7".into());
+        slices.apply(s);
+        let got = step(&mut cache, &http_routes, true, 2);
+        let s7 = got.iter().find(|s| s.name == "s7").unwrap();
+        assert_eq!(s7.endpoints.len(), 20);
+        // s8 deleted, then back.
+        let s8 = find("s8");
+        services.delete(&s8);
+        assert_eq!(step(&mut cache, &http_routes, true, 0).len(), 49);
+        services.apply(ServiceObj::clone(&s8));
+        assert_eq!(step(&mut cache, &http_routes, true, 1).len(), 50);
+        // t1 takes s1's address: the walk decides (s1 keeps it, t1 is left out).
+        let mut t1 = ServiceObj::clone(&find("s1"));
+        t1.name = "t1".into();
+        services.apply(t1.clone());
+        let got = step(&mut cache, &http_routes, false, 1);
+        assert!(!got.iter().any(|s| s.name == "t1"));
+        // Walked again while the two meet; followed again once t1 is gone.
+        let mut s = SliceObj::clone(&slice_of("s2-bench"));
+        s.endpoints[0].ip = Ipv4Addr::new(10, 99, 0, 2);
+        slices.apply(s);
+        step(&mut cache, &http_routes, false, 1);
+        services.delete(&t1);
+        step(&mut cache, &http_routes, false, 0);
+        step(&mut cache, &http_routes, true, 0);
+        // A route attached to s9.
+        http_routes.push(obj(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: b}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: s9}]\n  rules:\n\
+             \x20 - matches: [{path: {type: PathPrefix, value: /v2}}]\n",
+        ));
+        let got = step(&mut cache, &http_routes, true, 1);
+        assert_eq!(got.iter().find(|s| s.name == "s9").unwrap().routes.len(), 1);
+        // A re-list: walked.
+        services.relist_start();
+        for s in services.state() {
+            services.relist_apply(ServiceObj::clone(&s));
+        }
+        services.relist_done();
+        step(&mut cache, &http_routes, false, 0);
     }
 
     #[test]
@@ -879,8 +1167,6 @@ mod tests {
         }
         slim_all(&mut c.namespaces);
         slim_all(&mut c.pods);
-        slim_all(&mut c.services);
-        slim_all(&mut c.slices);
         slim_all(&mut c.service_accounts);
         slim_all(&mut c.http_routes);
         let full = c.pods.iter().find(|p| p.name_any() == "full").unwrap();
@@ -951,26 +1237,39 @@ mod measure {
             excludes: &[],
             trust_domain: "cluster.local",
         };
-        let mut cache = ServiceCache::default();
         let mut resolve = |_: &Pod| -> Result<PathBuf, String> { Ok(PathBuf::new()) };
-        let mut last = build_cached(&c, &opts, &mut resolve, &mut cache).snapshot;
-        let mut ms = Vec::new();
-        for k in 0..20 {
-            let mut s = EndpointSlice::clone(&c.slices[0]);
-            s.endpoints[0].addresses[0] = format!("10.99.0.{k}");
-            c.slices[0] = Arc::new(s);
-            let t0 = Instant::now();
-            let snap = build_cached(&c, &opts, &mut resolve, &mut cache).snapshot;
-            ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            assert!(!snap.same_as(&last));
-            last = snap;
+        // `walk`: every Service compared (no change log); `follow`: the build `k8s::run`
+        // makes, given the stores' log of the one changed slice.
+        for follow in [false, true] {
+            let mut cache = ServiceCache::default();
+            let mut last = build_cached(&c, &opts, &mut resolve, &mut cache).snapshot;
+            let mut ms = Vec::new();
+            for k in 0..20u8 {
+                let old = c.slices[0].clone();
+                let mut s = SliceObj::clone(&old);
+                s.endpoints[0].ip = Ipv4Addr::new(10, 99, 0, k);
+                c.slices[0] = Arc::new(s);
+                if follow {
+                    cache.changes = Some(Changes {
+                        services: Vec::new(),
+                        slices: vec![(Some(old), Some(c.slices[0].clone()))],
+                    });
+                }
+                let t0 = Instant::now();
+                let snap = build_cached(&c, &opts, &mut resolve, &mut cache).snapshot;
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                assert!(!snap.same_as(&last));
+                last = snap;
+            }
+            assert_eq!(cache.followed, if follow { 20 } else { 0 });
+            ms.sort_by(f64::total_cmp);
+            println!(
+                "build ({}) median {:7.2} ms  min {:7.2}  max {:7.2}",
+                if follow { "follow" } else { "walk" },
+                ms[ms.len() / 2],
+                ms[0],
+                ms[ms.len() - 1]
+            );
         }
-        ms.sort_by(f64::total_cmp);
-        println!(
-            "build      median {:7.2} ms  min {:7.2}  max {:7.2}",
-            ms[ms.len() / 2],
-            ms[0],
-            ms[ms.len() - 1]
-        );
     }
 }

@@ -2,7 +2,7 @@
 //! address, checking that the peer is the identity expected, on pooled connections.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
         Arc, Weak,
@@ -110,18 +110,71 @@ impl HboneClient {
         dst_id: &SpiffeId,
         authority: SocketAddr,
     ) -> Result<HboneStream, HboneError> {
-        let after = self.opts.connect_timeout;
-        tokio::time::timeout(after, self.open(src, dst_hbone, dst_id, authority))
+        self.connect_from(src, None, dst_hbone, dst_id, authority)
             .await
-            .map_err(|_| HboneError::Timeout {
-                addr: dst_hbone,
-                after,
-            })?
+    }
+
+    /// `connect`, naming the source workload's address (`ip:port` of the connection the
+    /// stream carries) in a `Forwarded: for=` header, as ztunnel does: the destination's
+    /// agent judges ipBlocks by it if the address belongs to a workload of the identity
+    /// this stream is opened as (`proxy::authz::tunnel_source`).
+    pub async fn connect_from(
+        &self,
+        src: &SpiffeId,
+        source: Option<SocketAddr>,
+        dst_hbone: SocketAddr,
+        dst_id: &SpiffeId,
+        authority: SocketAddr,
+    ) -> Result<HboneStream, HboneError> {
+        self.connect_naming(src, source.map(forwarded_for), dst_hbone, dst_id, authority)
+            .await
+    }
+
+    /// `connect`, naming the source workload by its address only (`Forwarded: for=ip`):
+    /// for a stream that carries requests of several of that workload's connections (the
+    /// L7 engine's pooled upstream connections), where no one source port is right.
+    pub async fn connect_from_ip(
+        &self,
+        src: &SpiffeId,
+        source: IpAddr,
+        dst_hbone: SocketAddr,
+        dst_id: &SpiffeId,
+        authority: SocketAddr,
+    ) -> Result<HboneStream, HboneError> {
+        self.connect_naming(
+            src,
+            Some(forwarded_for_ip(source)),
+            dst_hbone,
+            dst_id,
+            authority,
+        )
+        .await
+    }
+
+    async fn connect_naming(
+        &self,
+        src: &SpiffeId,
+        forwarded: Option<http::HeaderValue>,
+        dst_hbone: SocketAddr,
+        dst_id: &SpiffeId,
+        authority: SocketAddr,
+    ) -> Result<HboneStream, HboneError> {
+        let after = self.opts.connect_timeout;
+        tokio::time::timeout(
+            after,
+            self.open(src, forwarded, dst_hbone, dst_id, authority),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout {
+            addr: dst_hbone,
+            after,
+        })?
     }
 
     async fn open(
         &self,
         src: &SpiffeId,
+        forwarded: Option<http::HeaderValue>,
         dst_hbone: SocketAddr,
         dst_id: &SpiffeId,
         authority: SocketAddr,
@@ -148,7 +201,7 @@ impl HboneClient {
                 Checkout::Ready(g) => (g, true),
                 Checkout::Dial(r) => (self.pool.insert(r, self.dial(&key).await?), false),
             };
-            match request(&guard, dst_hbone, authority).await {
+            match request(&guard, dst_hbone, authority, forwarded.as_ref()).await {
                 Ok((send, recv)) => return Ok(HboneStream::new(send, recv, Some(Arc::new(guard)))),
                 Err(Failure::NotSent(e)) => {
                     guard.0.closed.store(true, SeqCst);
@@ -211,10 +264,26 @@ enum Failure {
     Other(HboneError),
 }
 
+/// `Forwarded: for="<ip:port>"` (RFC 7239; quoted, as `:` and `[` require).
+pub fn forwarded_for(source: SocketAddr) -> http::HeaderValue {
+    http::HeaderValue::try_from(format!("for=\"{source}\""))
+        .expect("a socket address is a valid header value")
+}
+
+/// `Forwarded: for=<ip>` (RFC 7239: an IPv6 address bracketed and quoted).
+pub fn forwarded_for_ip(source: IpAddr) -> http::HeaderValue {
+    let v = match source {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    http::HeaderValue::try_from(v).expect("an IP address is a valid header value")
+}
+
 async fn request(
     guard: &StreamGuard,
     addr: SocketAddr,
     authority: SocketAddr,
+    forwarded: Option<&http::HeaderValue>,
 ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), Failure> {
     let mut send = guard
         .0
@@ -223,12 +292,15 @@ async fn request(
         .ready()
         .await
         .map_err(Failure::NotSent)?;
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(authority.to_string())
         .version(http::Version::HTTP_2)
         .body(())
         .expect("a valid CONNECT request");
+    if let Some(f) = forwarded {
+        req.headers_mut().insert(http::header::FORWARDED, f.clone());
+    }
     let (response, stream) = send.send_request(req, false).map_err(Failure::NotSent)?;
     let h2_err = |source| Failure::Other(HboneError::H2 { addr, source });
     let response = response.await.map_err(h2_err)?;
@@ -241,4 +313,27 @@ async fn request(
         }));
     }
     Ok((stream, response.into_body()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::proxy::hbone::parse_forwarded_for;
+
+    #[test]
+    fn a_source_named_by_address_only_reads_back_as_that_address() {
+        for (ip, text) in [
+            ("10.0.0.1", "for=10.0.0.1"),
+            ("fd00::1", r#"for="[fd00::1]""#),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let v = forwarded_for_ip(ip);
+            assert_eq!(v, text);
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::FORWARDED, v);
+            assert_eq!(parse_forwarded_for(&h), Some(ip));
+        }
+    }
 }

@@ -1,9 +1,14 @@
 //! The HBONE server: accepts mutual TLS on 15008, HTTP/2 on top, and for each `CONNECT`
 //! to a valid `ip:port` asks the `ConnectHandler` (policy, then the dial), answers 200 and
-//! relays, or hands the stream to the handler (`Opened::Serve`); a refusal is answered
-//! with its status.
+//! relays (telling the handler how the relay ended when it asks, `Opened::Reported`: the
+//! destination's telemetry), or hands the stream to the handler (`Opened::Serve`); a
+//! refusal is answered with its status.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use tokio::{
@@ -21,6 +26,7 @@ use crate::{
     identity::{tls::peer_identity, BoxFuture, SpiffeId},
     lifecycle::drain::DrainWatch,
     metrics::FlowCounters,
+    proxy::inbound::telemetry::ConnEnd,
 };
 
 /// The authenticated peer of a tunnel.
@@ -30,6 +36,33 @@ pub struct PeerInfo {
     pub identity: SpiffeId,
     /// The peer's TCP address (its node).
     pub addr: SocketAddr,
+    /// The source address this stream's CONNECT names (`Forwarded: for=`), as the peer
+    /// claims it: not checked here (`proxy::authz::tunnel_source` decides whether it is
+    /// believed).
+    pub forwarded_for: Option<IpAddr>,
+}
+
+/// The address in the first `for=` of a `Forwarded` header (RFC 7239): `ip`, `"ip:port"`,
+/// `"[v6]"` or `"[v6]:port"`. Obfuscated identifiers (`_hidden`, `unknown`) and anything
+/// unreadable: `None`.
+pub fn parse_forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
+    let value = headers.get(http::header::FORWARDED)?.to_str().ok()?;
+    let first = value.split(',').next()?;
+    let node = first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
+    })?;
+    let node = node
+        .strip_prefix('"')
+        .and_then(|n| n.strip_suffix('"'))
+        .unwrap_or(node);
+    if let Ok(sa) = node.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    if let Some(v6) = node.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    node.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// Why a CONNECT was not opened; `status` is what the peer gets (403 denied by policy,
@@ -54,10 +87,16 @@ impl Refusal {
 /// The future owns the stream; dropping it before both directions ended resets it.
 pub type ServeTunnel = Box<dyn FnOnce(HboneStream) -> BoxFuture<'static, ()> + Send>;
 
+/// Told how a relayed tunnel ended (its bytes each way, the error that cut it): the
+/// destination's telemetry (`proxy::inbound::telemetry`).
+pub type RelayDone = Box<dyn FnOnce(ConnEnd) + Send>;
+
 /// What a `ConnectHandler` opened for a CONNECT it accepted.
 pub enum Opened {
     /// A connection the server relays the tunnel to, byte for byte.
     Relay(TcpStream),
+    /// The same, and who to tell how the relay ended.
+    Reported(TcpStream, RelayDone),
     /// The handler serves the stream itself once the server answered 200.
     Serve(ServeTunnel),
 }
@@ -66,6 +105,7 @@ impl std::fmt::Debug for Opened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Opened::Relay(s) => f.debug_tuple("Relay").field(s).finish(),
+            Opened::Reported(s, _) => f.debug_tuple("Reported").field(s).finish(),
             Opened::Serve(_) => f.write_str("Serve(..)"),
         }
     }
@@ -204,7 +244,11 @@ async fn connection(
             return;
         }
     };
-    let peer = PeerInfo { identity, addr };
+    let peer = PeerInfo {
+        identity,
+        addr,
+        forwarded_for: None,
+    };
     debug!(peer = %peer.identity, "HBONE connection up");
     let mut draining = false;
     loop {
@@ -248,9 +292,10 @@ fn answer(respond: &mut h2::server::SendResponse<Bytes>, status: http::StatusCod
 async fn stream(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
-    peer: PeerInfo,
+    mut peer: PeerInfo,
     handler: Arc<dyn ConnectHandler>,
 ) {
+    peer.forwarded_for = parse_forwarded_for(req.headers());
     if req.method() != http::Method::CONNECT {
         answer(&mut respond, http::StatusCode::METHOD_NOT_ALLOWED);
         return;
@@ -284,14 +329,35 @@ async fn stream(
         }
     };
     let tunnel = HboneStream::new(send, req.into_body(), None);
-    let upstream = match opened {
-        Opened::Relay(s) => s,
+    let (upstream, done) = match opened {
+        Opened::Relay(s) => (s, None),
+        Opened::Reported(s, done) => (s, Some(done)),
         Opened::Serve(serve) => return serve(tunnel).await,
     };
-    let counters = handler
-        .counters(&peer, authority)
-        .unwrap_or_else(|| Arc::new(FlowCounters::default()));
-    if let Err(e) = relay_tunnel(upstream, tunnel, &counters, TcpSide::Destination).await {
+    let Some(done) = done else {
+        let counters = handler
+            .counters(&peer, authority)
+            .unwrap_or_else(|| Arc::new(FlowCounters::default()));
+        if let Err(e) = relay_tunnel(upstream, tunnel, &counters, TcpSide::Destination).await {
+            debug!(peer = %peer.identity, %authority, error = %e, "tunnel reset");
+        }
+        return;
+    };
+    // This stream's own bytes (a handler's counters may be shared between streams),
+    // added to the handler's at the end.
+    let own = FlowCounters::default();
+    let r = relay_tunnel(upstream, tunnel, &own, TcpSide::Destination).await;
+    if let Err(e) = &r {
         debug!(peer = %peer.identity, %authority, error = %e, "tunnel reset");
     }
+    let (received, sent) = (own.received.load(Relaxed), own.sent.load(Relaxed));
+    if let Some(shared) = handler.counters(&peer, authority) {
+        shared.received.fetch_add(received, Relaxed);
+        shared.sent.fetch_add(sent, Relaxed);
+    }
+    done(ConnEnd {
+        received,
+        sent,
+        error: r.err().map(|e| e.to_string()),
+    });
 }

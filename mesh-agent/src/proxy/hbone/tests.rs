@@ -549,3 +549,69 @@ async fn the_drain_stops_new_streams_and_lets_open_ones_finish() {
     );
     assert_eq!(trigger.wait(Duration::from_secs(5)).await, 0);
 }
+
+/// The sending side names the source in `Forwarded: for=` (ztunnel's header); the server
+/// hands the claim to the handler per stream, unverified, and nothing when absent.
+#[tokio::test]
+async fn the_source_address_travels_in_forwarded_per_stream() {
+    let e = env().await;
+    let up = echo().await;
+    let from: SocketAddr = "10.1.2.3:40000".parse().unwrap();
+    let s = e
+        .client
+        .connect_from(&id("client"), Some(from), e.server, &id("server"), up)
+        .await
+        .unwrap();
+    let plain = e.connect(up).await.unwrap();
+    let v6: SocketAddr = "[fd00::7]:1".parse().unwrap();
+    let s6 = e
+        .client
+        .connect_from(&id("client"), Some(v6), e.server, &id("server"), up)
+        .await
+        .unwrap();
+    let seen: Vec<Option<std::net::IpAddr>> = e
+        .handler
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _)| p.forwarded_for)
+        .collect();
+    assert_eq!(
+        seen,
+        vec![Some(from.ip()), None, Some(v6.ip())],
+        "streams on one pooled connection carry their own source"
+    );
+    drop((s, plain, s6));
+}
+
+#[test]
+fn forwarded_for_is_read_as_rfc_7239_writes_it() {
+    let parse = |v: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::FORWARDED, v.parse().unwrap());
+        parse_forwarded_for(&h)
+    };
+    let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(parse(r#"for="10.0.0.1:4000""#), ip("10.0.0.1"));
+    assert_eq!(parse("for=10.0.0.1"), ip("10.0.0.1"));
+    assert_eq!(parse(r#"For="[fd00::1]:80";proto=http"#), ip("fd00::1"));
+    assert_eq!(parse(r#"proto=http; for="[fd00::1]""#), ip("fd00::1"));
+    // The first element is the original client.
+    assert_eq!(parse("for=10.0.0.1, for=10.0.0.2"), ip("10.0.0.1"));
+    for junk in [
+        "for=_hidden",
+        "for=unknown",
+        "by=10.0.0.1",
+        "for=",
+        "for=\"10.0.0.1",
+        "for=300.1.1.1",
+    ] {
+        assert_eq!(parse(junk), None, "{junk}");
+    }
+    assert_eq!(parse_forwarded_for(&http::HeaderMap::new()), None);
+    assert_eq!(
+        super::client::forwarded_for("10.0.0.1:4000".parse().unwrap()),
+        r#"for="10.0.0.1:4000""#
+    );
+}

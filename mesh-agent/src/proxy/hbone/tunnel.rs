@@ -9,13 +9,17 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
 use super::HboneStream;
-use crate::{metrics::FlowCounters, sys};
+use crate::{
+    metrics::{istio::TcpSeries, FlowCounters},
+    sys,
+};
 
 /// The HBONE port (ztunnel's, Istio's `15008`).
 pub const HBONE_PORT: u16 = 15008;
@@ -108,7 +112,14 @@ pub enum TcpSide {
     Destination,
 }
 
-async fn pipe<R, W>(mut r: R, mut w: W, count: &AtomicU64) -> io::Result<()>
+/// Copies `r` to `w` until `r` ends, then shuts `w` down; counted in `count` (and an
+/// Istio series). Also the splice of upgraded HTTP connections (`secure::http::upgrade`).
+pub async fn pipe<R, W>(
+    mut r: R,
+    mut w: W,
+    count: &AtomicU64,
+    istio: Option<&Counter>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -122,6 +133,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         count.fetch_add(n as u64, Relaxed);
+        if let Some(c) = istio {
+            c.inc_by(n as u64);
+        }
     }
 }
 
@@ -134,21 +148,38 @@ where
 /// task aborted at the end of a drain) is seen as a reset on both sides, never as a clean
 /// close short of bytes. Returns the first error.
 pub async fn relay_tunnel(
+    tcp: TcpStream,
+    tunnel: HboneStream,
+    counters: &FlowCounters,
+    side: TcpSide,
+) -> io::Result<()> {
+    relay_tunnel_counted(tcp, tunnel, counters, side, None).await
+}
+
+/// `relay_tunnel`, counting into the connection's Istio series too as bytes flow (the
+/// source side's series: `received` from the TCP side, `sent` to it).
+pub async fn relay_tunnel_counted(
     mut tcp: TcpStream,
     tunnel: HboneStream,
     counters: &FlowCounters,
     side: TcpSide,
+    istio: Option<&TcpSeries>,
 ) -> io::Result<()> {
     let _ = sys::set_linger_zero(tcp.as_fd());
     let (from_tcp, from_tunnel) = match side {
         TcpSide::Source => (&counters.received, &counters.sent),
         TcpSide::Destination => (&counters.sent, &counters.received),
     };
+    let (istio_from_tcp, istio_from_tunnel) = match (istio, side) {
+        (None, _) => (None, None),
+        (Some(i), TcpSide::Source) => (Some(&i.received), Some(&i.sent)),
+        (Some(i), TcpSide::Destination) => (Some(&i.sent), Some(&i.received)),
+    };
     {
         let (tr, tw) = tcp.split();
         let (hr, hw) = tokio::io::split(tunnel);
-        let up = pipe(tr, hw, from_tcp);
-        let down = pipe(hr, tw, from_tunnel);
+        let up = pipe(tr, hw, from_tcp, istio_from_tcp);
+        let down = pipe(hr, tw, from_tunnel, istio_from_tunnel);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {

@@ -4,7 +4,6 @@
 //! last frame, and enforce the route timeout while streaming.
 
 use std::{
-    future::Future as _,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -18,17 +17,21 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::{
     lb::EndpointState,
     policy::Slot,
     pool::{EndpointPool, Sender},
+    timer::Timer,
     BoxError, ProxyBody,
 };
 use crate::{
-    metrics::{istio::RequestTelemetry, L7Metrics, RequestLabels},
-    proxy::accesslog::{AccessLog, Entry, Flags},
+    metrics::{istio::RequestTelemetry, L7Metrics, RequestLabels, RequestSeries},
+    proxy::{
+        accesslog::{AccessLog, Entry, Flags},
+        config::{Cluster, Listener, ListenerKind},
+    },
 };
 
 /// Largest request body kept for replay; bigger requests are streamed and never retried.
@@ -239,10 +242,121 @@ impl Source {
     }
 }
 
+/// A label a request takes from the configuration in force, borrowed through the `Arc`
+/// that holds it rather than copied per request.
+#[derive(Clone)]
+pub(super) enum Name {
+    Static(&'static str),
+    /// A listener's name (the `destination_service` label).
+    Listener(Arc<Listener>),
+    Cluster(Arc<Cluster>),
+    /// A route's name: the listener, the virtual host's and the route's index in it.
+    Route(Arc<Listener>, usize, usize),
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Name::Static(s) => s,
+            Name::Listener(l) => &l.name,
+            Name::Cluster(c) => &c.name,
+            Name::Route(l, v, r) => match &l.kind {
+                ListenerKind::Http(h) => h
+                    .route_config
+                    .virtual_hosts
+                    .get(*v)
+                    .and_then(|v| v.routes.get(*r))
+                    .map_or("", |r| &r.name),
+                ListenerKind::Tcp { .. } => "",
+            },
+        }
+    }
+}
+
+/// A request's `mesh_requests_total` labels beyond its connection's.
+pub(super) struct Labels {
+    /// The cluster the route chose (`unknown` for local replies).
+    pub destination_cluster: Name,
+    /// The listener (service) the request was sent to.
+    pub destination_service: Name,
+    /// The route's name; empty when no route matched.
+    pub route: Name,
+    pub response_code: u16,
+}
+
+/// Entries of one connection's cache of request series; past it, the oldest goes.
+const SERIES_CACHE: usize = 16;
+
+/// One downstream connection's `mesh_requests_total` series: its source resolved once,
+/// and a small cache of handles by (service, cluster, route, code), so a request is
+/// counted with a short scan and three atomic adds, never a label string or a hash.
+pub(super) struct ConnSeries {
+    metrics: Arc<L7Metrics>,
+    source: String,
+    cache: Mutex<Vec<(SeriesKey, Arc<RequestSeries>)>>,
+}
+
+struct SeriesKey {
+    service: String,
+    cluster: String,
+    route: String,
+    code: u16,
+}
+
+impl ConnSeries {
+    pub fn new(metrics: Arc<L7Metrics>, source: String) -> ConnSeries {
+        ConnSeries {
+            metrics,
+            source,
+            cache: Mutex::default(),
+        }
+    }
+
+    fn record(&self, l: &Labels, elapsed: std::time::Duration) {
+        let (service, cluster, route) =
+            (&*l.destination_service, &*l.destination_cluster, &*l.route);
+        let series = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let hit = cache.iter().find(|(k, _)| {
+                k.code == l.response_code
+                    && k.cluster == cluster
+                    && k.route == route
+                    && k.service == service
+            });
+            match hit {
+                Some((_, s)) => s.clone(),
+                None => {
+                    let s = self.metrics.series(RequestLabels {
+                        source_workload: self.source.clone(),
+                        destination_cluster: cluster.to_owned(),
+                        destination_service: service.to_owned(),
+                        response_code: l.response_code,
+                        route: route.to_owned(),
+                    });
+                    if cache.len() >= SERIES_CACHE {
+                        cache.remove(0);
+                    }
+                    let key = SeriesKey {
+                        service: service.to_owned(),
+                        cluster: cluster.to_owned(),
+                        route: route.to_owned(),
+                        code: l.response_code,
+                    };
+                    cache.push((key, s.clone()));
+                    s
+                }
+            }
+        };
+        series.observe(elapsed);
+    }
+}
+
 /// Counts one request in the metrics when dropped (after its response's last frame).
 pub(super) struct Recorder {
-    pub metrics: Arc<L7Metrics>,
-    pub labels: RequestLabels,
+    pub series: Arc<ConnSeries>,
+    pub labels: Labels,
     pub start: Instant,
     /// The request's access-log line, sent on drop too (None: the log is off).
     pub log: Option<RequestLog>,
@@ -250,6 +364,9 @@ pub(super) struct Recorder {
     /// flags for its `response_flags` (kept whether the log is on or not).
     pub istio: Option<RequestTelemetry>,
     pub flags: Flags,
+    /// The request's span and its tries (`proxy::trace`), ended on drop (None: tracing is
+    /// off or the trace is not sampled).
+    pub trace: Option<crate::proxy::trace::RequestSpan>,
 }
 
 /// An access-log line on its way, with what completes it when the request ends.
@@ -262,6 +379,19 @@ pub(super) struct RequestLog {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        if let Some(t) = self.trace.take() {
+            let (l, istio) = (&self.labels, self.istio.as_ref());
+            t.finish(crate::proxy::trace::RequestEnd {
+                status: l.response_code,
+                route: &l.route,
+                cluster: &l.destination_cluster,
+                flags: self.flags,
+                received: istio
+                    .and_then(|i| i.received.as_ref())
+                    .map_or(0, |r| r.load(Relaxed)),
+                sent: istio.map_or(0, |i| i.sent),
+            });
+        }
         if let Some(RequestLog {
             sink,
             mut entry,
@@ -272,8 +402,9 @@ impl Drop for Recorder {
             if let Some(h) = entry.http.as_mut() {
                 h.response_code = l.response_code;
             }
-            entry.route_name = Some(l.route.clone()).filter(|r| !r.is_empty());
-            entry.upstream_cluster = Some(l.destination_cluster.clone()).filter(|c| c != "unknown");
+            entry.route_name = Some(l.route.to_string()).filter(|r| !r.is_empty());
+            entry.upstream_cluster =
+                Some(l.destination_cluster.to_string()).filter(|c| c != "unknown");
             if let Some(r) = received {
                 entry.bytes_received = Some(r.load(Relaxed));
             }
@@ -298,8 +429,7 @@ impl Drop for Recorder {
                 self.start.elapsed(),
             );
         }
-        self.metrics
-            .request(std::mem::take(&mut self.labels), self.start.elapsed());
+        self.series.record(&self.labels, self.start.elapsed());
     }
 }
 
@@ -331,7 +461,8 @@ pub(super) struct Finish {
     #[expect(dead_code, reason = "held for their Drop")]
     pub request_slot: Option<Slot>,
     pub active: Active,
-    /// The HTTP/1.1 connection, pooled again when the response was read to the end...
+    /// The HTTP/1.1 connection, driven by the body while it streams and pooled again when
+    /// the response was read to the end...
     pub sender: Option<Sender>,
     /// ...in this tunnel pool, or the endpoint's own when None.
     pub home: Option<Arc<EndpointPool>>,
@@ -356,7 +487,8 @@ impl Finish {
 pub(super) struct Tracked {
     inner: Incoming,
     finish: Option<Finish>,
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// The route's deadline, on the request's timer (`timer`: no `Sleep` of its own).
+    deadline: Option<(Instant, Arc<Timer>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,10 +496,14 @@ pub(super) struct Tracked {
 pub(super) struct StreamTimeout;
 
 impl Tracked {
-    pub fn new(inner: Incoming, finish: Finish, deadline: Option<Instant>) -> Tracked {
+    pub fn new(
+        inner: Incoming,
+        finish: Finish,
+        deadline: Option<(Instant, Arc<Timer>)>,
+    ) -> Tracked {
         let mut t = Tracked {
             finish: Some(finish),
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            deadline,
             inner,
         };
         if t.inner.is_end_stream() {
@@ -388,8 +524,8 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
+        if let Some((at, timer)) = &this.deadline {
+            if timer.poll_expired(*at, cx).is_ready() {
                 // Headers went out already: the only way to report it is a reset.
                 if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
                     e.flag(Flags::UT);
@@ -398,6 +534,10 @@ impl Body for Tracked {
                 this.deadline = None;
                 return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
             }
+        }
+        // An HTTP/1.1 upstream connection has no task of its own: the body drives it.
+        if let Some(Sender::H1(h1)) = this.finish.as_mut().and_then(|f| f.sender.as_mut()) {
+            h1.poll_conn(cx);
         }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if let Some(d) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {

@@ -3,26 +3,40 @@
 //! against the cluster's `max_connections`; a request that needs a connection when none
 //! may be opened waits as pending (up to `max_pending_requests`).
 //!
+//! An HTTP/1.1 connection has no task of its own: whoever holds it drives it. The request
+//! that checked it out polls hyper's connection future beside its response future, and
+//! the response body (`body::Tracked`) polls it while it streams; once the body has ended
+//! the connection goes back to the pool, where nothing polls it until the next checkout
+//! (which first drives it, so a connection the endpoint closed meanwhile is seen then and
+//! dropped). A request thus never crosses to another task, or another worker thread, to
+//! reach its upstream connection. An HTTP/2 connection is shared by the requests of many
+//! downstream connections, so it runs in a task of its own.
+//!
 //! An endpoint that is a mesh workload of another node is reached through an HBONE
-//! stream (`Via::Tunnel`) that carries the source workload's identity: its connections
-//! are pooled per tunnel (source identity, destination identity, HBONE address) beside
-//! the endpoint's plain pool, so a connection opened for one identity never carries
-//! another's requests.
+//! stream (`Via::Tunnel`) that carries the source workload's identity and names its
+//! address (`Forwarded: for=`, which the destination believes only from that identity):
+//! its connections are pooled per tunnel (source workload's address and identity,
+//! destination identity, HBONE address) beside the endpoint's plain pool, so a
+//! connection opened for one workload never carries another's requests, not even those
+//! of another pod of the same identity (its source address would be wrong for them).
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
-    pin::pin,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    pin::{pin, Pin},
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
+use http::{Request, Response};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2, TrySendError},
 };
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
 use super::{
@@ -35,26 +49,95 @@ use crate::{
     proxy::config::{Cluster, UpstreamProtocol},
 };
 
+/// hyper's HTTP/1.1 client connection over any upstream IO.
+type H1Connection = http1::Connection<TokioIo<super::BoxIo>, ProxyBody>;
+
+/// An HTTP/1.1 upstream connection: the request handle and the connection future, which
+/// the holder polls (`poll_conn`) whenever it waits on the connection. Dropping it closes
+/// the connection and frees its circuit-breaker slot.
+pub(super) struct H1 {
+    sender: http1::SendRequest<ProxyBody>,
+    /// None once the connection future has completed (the connection is over). Boxed:
+    /// hyper's connection state is large, and a `Sender` moves with every request.
+    conn: Option<Box<H1Connection>>,
+    /// Held for its Drop: the cluster's `max_connections` slot.
+    _slot: Slot,
+}
+
+impl std::fmt::Debug for H1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1")
+            .field("open", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Polls the connection future; None once it has completed.
+fn poll_conn(conn: &mut Option<Box<H1Connection>>, cx: &mut Context<'_>) {
+    if let Some(c) = conn.as_mut() {
+        if let Poll::Ready(res) = Pin::new(&mut **c).poll(cx) {
+            if let Err(e) = res {
+                debug!("upstream connection ended: {e}");
+            }
+            *conn = None;
+        }
+    }
+}
+
+impl H1 {
+    /// Drives the connection (writes the request and its body, reads the response and
+    /// its body) in the caller's task. Cheap when there is nothing to do.
+    pub fn poll_conn(&mut self, cx: &mut Context<'_>) {
+        poll_conn(&mut self.conn, cx);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn.is_none() || self.sender.is_closed()
+    }
+
+    /// Ready when the connection takes a request (Err: it is over). Drives it meanwhile.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        poll_conn(&mut self.conn, cx);
+        if self.is_closed() {
+            return Poll::Ready(Err(()));
+        }
+        self.sender.poll_ready(cx).map_err(|_| ())
+    }
+
+    /// Sends `req` and waits for the response head, driving the connection meanwhile.
+    pub async fn send(
+        &mut self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
+        let mut res = pin!(self.sender.try_send_request(req));
+        std::future::poll_fn(|cx| {
+            // The connection first: it takes the request from hyper's queue, writes it and
+            // reads what the endpoint answered, which completes `res`. When it ends, hyper
+            // has completed `res` with the error.
+            poll_conn(&mut self.conn, cx);
+            res.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct EndpointPool {
-    idle: std::sync::Mutex<Vec<http1::SendRequest<ProxyBody>>>,
+    idle: std::sync::Mutex<Vec<H1>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
 
 impl EndpointPool {
     /// Gives a keep-alive connection back once its response has been read to the end.
-    pub fn put(&self, sender: http1::SendRequest<ProxyBody>, counters: &Counters) {
-        if sender.is_closed() {
+    pub fn put(&self, h1: H1, counters: &Counters) {
+        if h1.is_closed() {
             return;
         }
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(sender);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(h1);
         counters.released.notify_waiters();
     }
 
-    fn pop(&self) -> Option<http1::SendRequest<ProxyBody>> {
+    fn pop(&self) -> Option<H1> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
@@ -73,6 +156,9 @@ impl EndpointPool {
 pub(crate) struct Tunnel {
     /// The source workload's identity (the client's certificate).
     pub src: SpiffeId,
+    /// The source workload's address, named in the CONNECT (`Forwarded: for=`): the
+    /// destination judges ipBlocks and `source.ip` by it.
+    pub source: IpAddr,
     /// The identity the destination must prove.
     pub dst_id: SpiffeId,
     pub hbone: SocketAddr,
@@ -103,8 +189,21 @@ impl TunnelPools {
 }
 
 pub(super) enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
+    H1(H1),
     H2(http2::SendRequest<ProxyBody>),
+}
+
+impl Sender {
+    /// Sends `req` and waits for the response head.
+    pub async fn send(
+        &mut self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
+        match self {
+            Sender::H1(h) => h.send(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
 }
 
 /// A connection ready for one request; `reused` when it carried requests before (so a
@@ -128,7 +227,8 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, L7Err
     }
 }
 
-/// Runs an upstream connection until it ends; its circuit-breaker slot goes with it.
+/// Runs an HTTP/2 upstream connection in a task until it ends; its circuit-breaker slot
+/// goes with it.
 fn drive<C, E>(conn: C, slot: Slot, span: tracing::Span)
 where
     C: std::future::Future<Output = Result<(), E>> + Send + 'static,
@@ -174,7 +274,7 @@ async fn open(
     match via {
         Via::Tcp => {
             let io = connect(addr, cluster.connect_timeout).await?;
-            handshake(io, addr, cluster, slot).await
+            handshake(Box::new(io), addr, cluster, slot).await
         }
         Via::Tunnel(mesh, t) => {
             let io = connect_tunnel(mesh, t, addr, cluster.connect_timeout).await?;
@@ -183,27 +283,27 @@ async fn open(
     }
 }
 
-async fn handshake<T>(
-    io: T,
+async fn handshake(
+    io: super::BoxIo,
     addr: SocketAddr,
     cluster: &Cluster,
     slot: Slot,
-) -> Result<Sender, L7Error>
-where
-    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+) -> Result<Sender, L7Error> {
     let io = TokioIo::new(io);
-    let span = tracing::debug_span!("upstream_conn", cluster = %cluster.name, %addr);
     match cluster.protocol {
         UpstreamProtocol::Http1 => {
             let (sender, conn) = http1::Builder::new()
                 .handshake(io)
                 .await
                 .map_err(|source| L7Error::Handshake { addr, source })?;
-            drive(conn, slot, span);
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(H1 {
+                sender,
+                conn: Some(Box::new(conn)),
+                _slot: slot,
+            }))
         }
         UpstreamProtocol::Http2 => {
+            let span = tracing::debug_span!("upstream_conn", cluster = %cluster.name, %addr);
             let (sender, conn) = http2::Builder::new(SpanExec)
                 .timer(TokioTimer::new())
                 .handshake(io)
@@ -263,10 +363,11 @@ pub(super) async fn checkout(
         let mut released = pin!(counters.released.notified());
         // Registered before looking, so a release between the look and the wait is seen.
         released.as_mut().enable();
-        while let Some(mut s) = pool.pop() {
-            if !s.is_closed() && s.ready().await.is_ok() {
+        while let Some(mut h1) = pool.pop() {
+            // Driven here first: a close by the endpoint while it sat idle shows now.
+            if std::future::poll_fn(|cx| h1.poll_ready(cx)).await.is_ok() {
                 return Ok(Checkout {
-                    sender: Sender::H1(s),
+                    sender: Sender::H1(h1),
                     reused: true,
                     home,
                 });

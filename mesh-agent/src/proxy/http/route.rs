@@ -44,6 +44,16 @@ fn strip_port(host: &str) -> Option<&str> {
 
 /// Envoy's virtual host selection; `host` is compared case-insensitively.
 pub(super) fn virtual_host<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a VirtualHost> {
+    // The common case, an exact domain (with or without the port), without an allocation.
+    for h in std::iter::once(host).chain(strip_port(host)) {
+        if let Some(v) = rc
+            .virtual_hosts
+            .iter()
+            .find(|v| v.domains.iter().any(|d| d.eq_ignore_ascii_case(h)))
+        {
+            return Some(v);
+        }
+    }
     let host = host.to_ascii_lowercase();
     let candidates: Vec<&str> = std::iter::once(host.as_str())
         .chain(strip_port(&host))
@@ -282,6 +292,11 @@ pub(super) fn apply_mutation(m: &HeaderMutation, headers: &mut HeaderMap) {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most messages carry none: one pass over the few names present instead of a lookup
+    // (and a name parse) per hop-by-hop name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -321,6 +336,16 @@ impl Upstream {
         *r.headers_mut() = self.headers.clone();
         r
     }
+
+    /// The request of the last try: the head moves into it instead of being copied.
+    pub fn take_request<B>(&mut self, body: B) -> Request<B> {
+        let mut r = Request::new(body);
+        *r.method_mut() = std::mem::take(&mut self.method);
+        *r.uri_mut() = std::mem::take(&mut self.uri);
+        *r.version_mut() = self.version;
+        *r.headers_mut() = std::mem::take(&mut self.headers);
+        r
+    }
 }
 
 /// Builds the upstream request head: rewrites, then the header mutations in Envoy's order
@@ -339,6 +364,32 @@ pub(super) fn upstream(
         mut headers,
         ..
     } = parts;
+    // HTTP/1.1 in and out, nothing rewritten: the origin-form URI and the `Host` value go
+    // on as they came (the same result as below, without building and parsing them again).
+    let host = headers.get(header::HOST).filter(|h| h.to_str().is_ok());
+    if protocol == UpstreamProtocol::Http1
+        && fwd.host_rewrite.is_none()
+        && fwd.prefix_rewrite.is_none()
+        && uri.scheme().is_none()
+        && uri.authority().is_none()
+        && uri.path().starts_with('/')
+        && host.is_some()
+    {
+        strip_hop_by_hop(&mut headers, true);
+        let host = headers.remove(header::HOST);
+        for m in levels {
+            apply_mutation(m, &mut headers);
+        }
+        if let Some(h) = host {
+            headers.insert(header::HOST, h);
+        }
+        return Upstream {
+            method,
+            uri,
+            version: Version::HTTP_11,
+            headers,
+        };
+    }
     let authority = fwd.host_rewrite.clone().or_else(|| {
         uri.authority()
             .map(|a| a.as_str().to_owned())

@@ -114,6 +114,11 @@ impl<IO> Prefixed<IO> {
     pub fn new(prefix: Vec<u8>, io: IO) -> Self {
         Prefixed { prefix, pos: 0, io }
     }
+
+    /// The connection underneath (its prefix may not be read back yet).
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {

@@ -1498,6 +1498,7 @@ impl FakeMesh {
                     hbone: true,
                     authorization_policies: vec![],
                     peer_authentications: vec![],
+                    telemetry: Default::default(),
                 })
             })
             .collect();
@@ -1544,10 +1545,11 @@ impl MeshPaths for FakeMesh {
 
     fn open<'a>(&'a self, t: &'a Tunnel, authority: SocketAddr) -> OpenFuture<'a> {
         Box::pin(async move {
-            self.opened
-                .lock()
-                .unwrap()
-                .push((t.src.service_account().to_owned(), authority));
+            // Who the tunnel speaks as and the source address its CONNECT names.
+            self.opened.lock().unwrap().push((
+                format!("{}@{}", t.src.service_account(), t.source),
+                authority,
+            ));
             if self.broken.contains(&authority) {
                 return Err(HboneError::Connect {
                     addr: t.hbone,
@@ -1612,7 +1614,7 @@ const DENIED: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 
 #[tokio::test]
-async fn mesh_endpoints_are_reached_through_tunnels_pooled_per_source_identity() {
+async fn mesh_endpoints_are_reached_through_tunnels_pooled_per_source_workload() {
     for h2 in [false, true] {
         let up = upstream(h2, |_| async { reply(200, "up") }).await;
         let mesh = FakeMesh::new(
@@ -1635,19 +1637,30 @@ async fn mesh_endpoints_are_reached_through_tunnels_pooled_per_source_identity()
         )
         .await;
         // web, then batch, then web's other pod: sequential, so web's connection is idle
-        // again when its second pod asks.
+        // again when its second pod asks, and still not given to it: its tunnel names
+        // the first pod's address as the source (`Forwarded: for=`).
         for addr in &addrs[..3] {
             let mut c = client(*addr).await;
             for _ in 0..5 {
                 assert_eq!(get(&mut c, "/").await.status, 200, "h2: {h2}");
             }
         }
+        // Five requests of each client again, on new downstream connections: the pools
+        // hold, nothing new is opened.
+        for addr in &addrs[..3] {
+            let mut c = client(*addr).await;
+            assert_eq!(get(&mut c, "/").await.status, 200, "h2: {h2}");
+        }
         assert_eq!(
             mesh.opened(),
-            vec![("web".into(), up.addr), ("batch".into(), up.addr)],
-            "one tunnel per identity (h2: {h2})"
+            vec![
+                (format!("web@{WEB_1}"), up.addr),
+                (format!("batch@{BATCH}"), up.addr),
+                (format!("web@{WEB_2}"), up.addr)
+            ],
+            "one tunnel per source workload, naming its address (h2: {h2})"
         );
-        assert_eq!(up.conns.load(Ordering::Relaxed), 2, "h2: {h2}");
+        assert_eq!(up.conns.load(Ordering::Relaxed), 3, "h2: {h2}");
         // Policy refuses this client: 403, and nothing is dialled.
         let mut c = client(addrs[3]).await;
         let got = get(&mut c, "/").await;
@@ -1658,8 +1671,8 @@ async fn mesh_endpoints_are_reached_through_tunnels_pooled_per_source_identity()
         // A client the mesh does not know goes plain, on a connection of its own.
         let mut c = client(addrs[4]).await;
         assert_eq!(get(&mut c, "/").await.status, 200);
-        assert_eq!(mesh.opened().len(), 2, "h2: {h2}");
-        assert_eq!(up.conns.load(Ordering::Relaxed), 3, "h2: {h2}");
+        assert_eq!(mesh.opened().len(), 3, "h2: {h2}");
+        assert_eq!(up.conns.load(Ordering::Relaxed), 4, "h2: {h2}");
     }
 }
 
@@ -1798,4 +1811,91 @@ async fn access_log_lines_carry_route_attempts_bytes_and_flags() {
     assert_eq!(e.http.as_ref().unwrap().attempts, 0, "{e:?}");
     assert_eq!(e.upstream_host, None);
     assert!(rx.try_recv().is_err(), "one line per request");
+}
+
+/// Traces (`proxy::trace`): the engine's hooks make a server span per request and a client
+/// span per try, and the upstream gets the answering try as its parent.
+#[tokio::test]
+async fn spans_per_request_and_try_with_the_context_sent_upstream() {
+    use opentelemetry::trace::SpanKind;
+
+    use crate::proxy::trace::Tracer;
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let good = echo().await;
+    let fwd = || {
+        let mut f = to(&[("c", 1)]);
+        f.retry_policy = Some(Arc::new(retry(
+            RetryOn {
+                connect_failure: true,
+                ..RetryOn::default()
+            },
+            1,
+        )));
+        f
+    };
+    let p = proxy(simple(vec![cluster("c", &[good.addr])], fwd())).await;
+    let (tracer, rx) = Tracer::for_tests(0.0);
+    p.l7.set_tracer(tracer);
+    let next = || rx.recv_timeout(Duration::from_secs(5)).expect("a span");
+    let mut c = client(p.addr).await;
+    let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{tid}-00f067aa0ba902b7-01");
+
+    // Sampled by the caller (the ratio is 0): one try, its context upstream.
+    let g = call(&mut c, "GET", "/a", &[("traceparent", &tp)], "").await;
+    assert_eq!(g.status, 200);
+    let (t, s) = (next(), next());
+    assert_eq!(
+        (t.span_kind.clone(), s.span_kind.clone()),
+        (SpanKind::Client, SpanKind::Server)
+    );
+    assert_eq!(t.parent_span_id, s.span_context.span_id());
+    assert_eq!(format!("{:032x}", s.span_context.trace_id()), tid);
+    assert!(
+        g.body.contains(&format!(
+            "traceparent=00-{tid}-{}-01",
+            t.span_context.span_id()
+        )),
+        "{}",
+        g.body
+    );
+
+    // Both tries refused: two client spans in error, the request's span a 503.
+    p.config
+        .send_replace(Arc::new(simple(vec![cluster("c", &[dead])], fwd())));
+    assert_eq!(
+        call(&mut c, "GET", "/b", &[("traceparent", &tp)], "")
+            .await
+            .status,
+        503
+    );
+    let spans = [next(), next(), next()];
+    let kinds: Vec<SpanKind> = spans.iter().map(|s| s.span_kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [SpanKind::Client, SpanKind::Client, SpanKind::Server]
+    );
+    for t in &spans[..2] {
+        assert_eq!(t.parent_span_id, spans[2].span_context.span_id());
+        assert!(
+            matches!(t.status, opentelemetry::trace::Status::Error { .. }),
+            "{t:?}"
+        );
+    }
+
+    // Not sampled by the caller: nothing recorded, the header passes as it came.
+    p.config
+        .send_replace(Arc::new(simple(vec![cluster("c", &[good.addr])], fwd())));
+    let quiet = format!("00-{tid}-00f067aa0ba902b7-00");
+    let g = call(&mut c, "GET", "/c", &[("traceparent", &quiet)], "").await;
+    assert!(
+        g.body.contains(&format!("traceparent={quiet}")),
+        "{}",
+        g.body
+    );
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
 }

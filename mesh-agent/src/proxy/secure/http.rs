@@ -22,6 +22,11 @@
 //! - An HTTP/1 connection the server ends (`connection: close`) closes as a TCP server
 //!   would, our end of stream first (`lingering_close`): on a tunnel, dropping the stream
 //!   early would reset it, and the reset could overtake the last response.
+//! - WebSocket upgrades pass once the upgrade request did (`upgrade`): the connection
+//!   is then spliced to the pod, bytes both ways, a failure a reset.
+//! - The pod sees the source the request was judged by in `x-forwarded-for`, one
+//!   address set by the agent (`set_forwarded_for`): whatever the client sent under that
+//!   name is replaced, never appended to, since any client can write it.
 
 use std::{
     convert::Infallible,
@@ -56,8 +61,13 @@ use crate::{
         authz::{self, ConnCtx, Verdict},
         config::policy::MeshConfig,
         http::{detect, strip_hop_by_hop, Prefixed, Sniffed, SpanExec},
+        inbound::telemetry::{Counted, HttpReport, RequestReport},
+        trace::Tracer,
     },
 };
+
+mod upgrade;
+pub use self::upgrade::Downstream;
 
 /// Largest request header block accepted (bytes): Envoy's default
 /// `max_request_headers_kb` is 60.
@@ -95,12 +105,15 @@ pub struct Terminate {
     pub path: &'static str,
     /// A line per request when set (`proxy::accesslog`).
     pub access_log: Option<AccessLog>,
+    /// A span per request when set and sampled (`proxy::trace`).
+    pub tracer: Option<Tracer>,
 }
 
-/// Serves `io` as HTTP until the client or the codec ends it.
+/// Serves `io` as HTTP until the client or the codec ends it (or, after an upgrade, until
+/// the spliced connection ends).
 pub async fn serve<IO>(mut io: IO, t: Terminate)
 where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: Downstream,
 {
     let (prefix, sniffed) = match detect(&mut io, HEADER_TIMEOUT).await {
         Ok(x) => x,
@@ -116,11 +129,14 @@ where
     let http2 = sniffed == Sniffed::Http2;
     let io = TokioIo::new(Prefixed::new(prefix, io));
     let conn = Arc::new(Conn {
+        report: Arc::new(HttpReport::of(&t)),
         t,
         http2,
         h1: std::sync::Mutex::new(None),
         h2: tokio::sync::Mutex::new(None),
+        upgraded: std::sync::Mutex::new(None),
     });
+    let served = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle_logged(req).await) }
@@ -143,12 +159,27 @@ where
             .serve_connection(io, svc)
             .without_shutdown()
             .await;
-        match done {
-            Ok(parts) => {
+        // Set when the last answer was a `101` the pod gave (`upgrade`).
+        let upgraded = served
+            .upgraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match (done, upgraded) {
+            (Ok(parts), Some(up)) => {
+                upgrade::splice(parts.io.into_inner(), parts.read_buf, up).await;
+                Ok(())
+            }
+            (Ok(parts), None) => {
                 lingering_close(parts.io.into_inner()).await;
                 Ok(())
             }
-            Err(e) => Err(e),
+            (Err(e), up) => {
+                if let Some(up) = up {
+                    up.abandon();
+                }
+                Err(e)
+            }
         }
     };
     if let Err(e) = r {
@@ -189,10 +220,14 @@ type H1Sender = client1::SendRequest<Incoming>;
 type H2Sender = client2::SendRequest<Incoming>;
 
 struct Conn {
+    /// Istio's destination series and spans of its requests (`inbound::telemetry`).
+    report: Arc<HttpReport>,
     t: Terminate,
     http2: bool,
     h1: std::sync::Mutex<Option<H1Sender>>,
     h2: tokio::sync::Mutex<Option<H2Sender>>,
+    /// The pod's side of an upgrade it switched to, for `serve` to splice.
+    upgraded: std::sync::Mutex<Option<upgrade::Accepted>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,61 +240,73 @@ enum UpstreamError {
     Handshake(hyper::Error),
     #[error("the pod reset or closed the connection before a response: {0}")]
     Reset(hyper::Error),
+    #[error("the pod switched to a protocol that was not asked for, or is not spliced")]
+    BadSwitch,
 }
 
 impl Conn {
-    /// `handle`, with the request's access-log line (when the log is on) sent once the
-    /// response body has gone out (or was dropped).
-    async fn handle_logged(&self, req: Request<Incoming>) -> Response<Body> {
-        let Some(log) = self.t.access_log.clone() else {
-            return self.handle(req, &mut None).await;
-        };
+    /// `handle`, with the request's access-log line (when the log is on), Istio's
+    /// destination series and its span counted once the response body has gone out (or
+    /// was dropped).
+    async fn handle_logged(&self, mut req: Request<Incoming>) -> Response<Body> {
+        // Starts the span (sampled) and names it the parent on the request forwarded.
+        let report = self.report.request(&mut req);
+        let log = self.t.access_log.clone().filter(|l| l.on());
         let t = &self.t;
         let path = if t.src_identity.is_some() {
             PathTaken::InboundTunnel
         } else {
             PathTaken::Inbound
         };
+        // Always made: `handle` notes the verdict and the flags in it.
         let mut e = Entry::new(Protocol::of(req.version()), path);
-        e.source_address = Some(accesslog::Addr::Ip(t.src_ip));
-        e.source_principal = t.src_identity.as_ref().map(ToString::to_string);
-        e.destination_address = Some(t.dst.into());
-        e.http = Some(accesslog::HttpFields {
-            method: req.method().as_str().to_owned(),
-            authority: req
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-                .map(str::to_owned),
-            path: accesslog::bounded_path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
-            response_code: 0,
-            attempts: 0,
-        });
+        if log.is_some() {
+            fill_request(&mut e, t, &req);
+        }
         let mut entry = Some(Box::new(e));
         let resp = self.handle(req, &mut entry).await;
         let Some(mut e) = entry else {
             return resp;
         };
+        let code = resp.status().as_u16();
         if let Some(h) = e.http.as_mut() {
-            h.response_code = resp.status().as_u16();
+            h.response_code = code;
         }
         // Sent when the body is dropped: after its last frame, or when the client left.
         let mut line = LineOnDrop {
             log,
             entry: Some(e),
             sent: 0,
+            report: Some((self.report.clone(), report)),
+            code,
         };
         let (parts, body) = resp.into_parts();
-        let body = body.map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                line.count(d.len());
-            }
-            f
-        });
+        // (Its length kept: a sized answer keeps its `content-length`.)
+        let body = Counted::new(body, move |n| line.count(n));
         Response::from_parts(parts, body.boxed_unsync())
     }
+}
 
+/// The request's fields of its access-log line.
+fn fill_request(e: &mut Entry, t: &Terminate, req: &Request<Incoming>) {
+    e.source_address = Some(accesslog::Addr::Ip(t.src_ip));
+    e.source_principal = t.src_identity.as_ref().map(ToString::to_string);
+    e.destination_address = Some(t.dst.into());
+    e.http = Some(accesslog::HttpFields {
+        method: req.method().as_str().to_owned(),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+            .map(str::to_owned),
+        path: accesslog::bounded_path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
+        response_code: 0,
+        attempts: 0,
+    });
+}
+
+impl Conn {
     async fn handle(&self, req: Request<Incoming>, log: &mut Option<Box<Entry>>) -> Response<Body> {
         let t = &self.t;
         let mesh = (t.mesh)();
@@ -319,14 +366,26 @@ impl Conn {
             }
         }
         drop(mesh);
-        strip_hop_by_hop(&mut parts.headers, self.http2);
-        let req = Request::from_parts(parts, body);
-        match self.forward(req).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
+        set_forwarded_for(&mut parts.headers, t.src_ip);
+        let upgrade = if self.http2 {
+            None
+        } else {
+            upgrade::requested(&parts)
+        };
+        let forwarded = match upgrade {
+            Some(proto) => self.forward_upgrade(parts, body, proto).await,
+            None => {
                 strip_hop_by_hop(&mut parts.headers, self.http2);
-                Response::from_parts(parts, body.boxed_unsync())
+                let req = Request::from_parts(parts, body);
+                self.forward(req).await.map(|resp| {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers, self.http2);
+                    Response::from_parts(parts, body.boxed_unsync())
+                })
             }
+        };
+        match forwarded {
+            Ok(resp) => resp,
             Err(e) => {
                 debug!(dst = %t.dst, error = %e, "forwarding into the pod failed");
                 if let Some(l) = log.as_mut() {
@@ -406,11 +465,15 @@ impl Conn {
     }
 }
 
-/// Sends its access-log line when dropped, with the response bytes counted.
+/// Sends its access-log line (if the log is on) when dropped, with the response bytes
+/// counted, and counts the request in Istio's series and ends its span.
 struct LineOnDrop {
-    log: AccessLog,
+    log: Option<AccessLog>,
     entry: Option<Box<Entry>>,
     sent: u64,
+    report: Option<(Arc<HttpReport>, RequestReport)>,
+    /// The status sent.
+    code: u16,
 }
 
 impl LineOnDrop {
@@ -425,10 +488,30 @@ impl Drop for LineOnDrop {
     fn drop(&mut self) {
         if let Some(mut e) = self.entry.take() {
             e.bytes_sent = Some(self.sent);
-            e.finish();
-            self.log.send(e);
+            if let Some((conn, request)) = self.report.take() {
+                request.finish(&conn, &e, self.code, self.sent);
+            }
+            if let Some(log) = &self.log {
+                e.finish();
+                log.send(e);
+            }
         }
     }
+}
+
+/// `x-forwarded-for: <the source the request was judged by>`, replacing what the client
+/// sent under that name: one address, never a chain a client could have started.
+fn set_forwarded_for(headers: &mut http::HeaderMap, src: IpAddr) {
+    headers.insert(
+        header::HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::try_from(src.to_string()).expect("an IP address is a valid header value"),
+    );
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -566,7 +649,7 @@ workloads:
 
     /// The file's policies through the file check, the translation and the conversion
     /// (as `authz`'s tests do).
-    fn mesh(policies: &str) -> Arc<MeshConfig> {
+    pub(super) fn mesh(policies: &str) -> Arc<MeshConfig> {
         let text = format!("{BASE}{policies}");
         let f = MeshFile::parse(Path::new("t.yaml"), &text).unwrap();
         let mut t = Translator::default();
@@ -612,7 +695,7 @@ workloads:
           to: [ { operation: { methods: [ GET ], paths: [ \"/ok*\" ] } } ]
 ";
 
-    const DENY_ADMIN: &str = "authorization_policies:
+    pub(super) const DENY_ADMIN: &str = "authorization_policies:
   - metadata: { name: no-admin, namespace: shop }
     spec:
       action: DENY
@@ -649,7 +732,7 @@ workloads:
 
     /// An inbound listener terminating HTTP in front of `app`, judged by whatever `policy`
     /// holds at each request. Returns its address, the counters and the upstream dials.
-    async fn front(
+    pub(super) async fn front(
         app: SocketAddr,
         policy: Arc<Mutex<Arc<MeshConfig>>>,
         identity: Option<&str>,
@@ -677,6 +760,7 @@ workloads:
                     dst: SocketAddrV4::new([10, 0, 0, 2].into(), 80),
                     path: "test",
                     access_log: None,
+                    tracer: None,
                 };
                 tokio::spawn(serve(s, t));
             }

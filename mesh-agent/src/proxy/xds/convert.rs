@@ -44,7 +44,7 @@ use crate::proxy::config::{
         Action as PolicyAction, Cidr, Clause as PolicyClause, HeaderCond, Match as PolicyMatch,
         MeshConfig, MtlsMode, PeerAuthn, Policies, Policy, Rule as PolicyRule, Scope, StrMatch,
     },
-    workloads::{WorkloadIndex, WorkloadInfo},
+    workloads::{Telemetry, WorkloadIndex, WorkloadInfo, MAX_TELEMETRY_VALUE},
 };
 
 use crate::wire::istio;
@@ -1708,6 +1708,21 @@ pub fn address(a: &istio::Address) -> Result<(String, AddressSpec), Invalid> {
                 v.dedup();
                 v
             };
+            let bounded = |field: &str, v: &str| {
+                if v.len() > MAX_TELEMETRY_VALUE {
+                    Err(cx.err(
+                        field,
+                        format!("{} bytes, at most {MAX_TELEMETRY_VALUE}", v.len()),
+                    ))
+                } else {
+                    Ok(v.to_owned())
+                }
+            };
+            let telemetry = Telemetry {
+                app: bounded("canonical_name", &w.canonical_name)?,
+                version: bounded("canonical_revision", &w.canonical_revision)?,
+                access_log: w.access_log,
+            };
             Ok((
                 w.uid.clone(),
                 AddressSpec::Workload(Arc::new(WorkloadInfo {
@@ -1720,6 +1735,7 @@ pub fn address(a: &istio::Address) -> Result<(String, AddressSpec), Invalid> {
                     hbone,
                     authorization_policies: sorted(&w.authorization_policies),
                     peer_authentications: sorted(&w.peer_authentications),
+                    telemetry,
                 })),
             ))
         }

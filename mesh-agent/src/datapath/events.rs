@@ -1,0 +1,200 @@
+//! The datapath's decision log in the agent's log: what the eBPF programs decided about a
+//! connection (captured, direct, excluded and why, paired, fell back to TCP, evicted,
+//! hand-off missed), written by the programs through aya-log's ring buffer and shown here
+//! as `tracing` events of target [`TARGET`], each naming the decision and the flow
+//! (netns cookie, addresses, ports).
+//!
+//! The programs log only while `CONFIG.log_level` says so (off by default: one load and
+//! one branch at a decision, nothing formatted). That level follows the agent's own log
+//! filter: [`wanted_level`] asks the filter how verbose [`TARGET`] may be, and the agent
+//! writes the answer into the map at start and after every change of the filter (`/logging`,
+//! `mesh-agent log-level`). So `mesh-agent log-level mesh_agent::datapath::events=debug,info`
+//! turns the kernel side on and `... info` turns it off again, without a restart.
+//!
+//! A dedicated thread (its own current-thread runtime) waits on the ring buffer and turns
+//! each record into an event. If the programs write faster than it reads, the 128 KiB ring
+//! fills and later records are dropped in the kernel (never blocking a connection).
+
+use std::sync::{Arc, Weak};
+
+use aya::Ebpf;
+use mesh_common::log_level;
+use tracing::{debug, error, info, trace, warn};
+
+/// The `tracing` target of the decision log.
+pub const TARGET: &str = "mesh_agent::datapath::events";
+
+/// The level the programs log at (`mesh_common::log_level`): `TRACE` or `DEBUG` when the
+/// agent's log filter lets [`TARGET`] through at that level, else `OFF`. Every record of
+/// the programs is a debug (a decision on a workload's connection) or a trace one (every
+/// other connect on the node), so a filter at `info` leaves the programs silent.
+pub fn wanted_level() -> u32 {
+    use tracing::Level;
+    if tracing::enabled!(target: TARGET, Level::TRACE) {
+        log_level::TRACE
+    } else if tracing::enabled!(target: TARGET, Level::DEBUG) {
+        log_level::DEBUG
+    } else {
+        log_level::OFF
+    }
+}
+
+/// What keeps `CONFIG.log_level` in line with the log filter: the wiring runs it after
+/// every change of the filter (`admin::logging::on_change`, which also runs it at once).
+/// Holds the maps weakly: a dropped datapath is simply not updated.
+pub fn log_level_follower(maps: &Arc<super::Maps>) -> Box<dyn Fn() + Send + Sync> {
+    let weak: Weak<super::Maps> = Arc::downgrade(maps);
+    Box::new(move || {
+        if let Some(m) = weak.upgrade() {
+            m.set_log_level(wanted_level());
+        }
+    })
+}
+
+/// aya-log's records as `tracing` events: the level as the program chose it, the program's
+/// module (`mesh::connect`, `mesh::sockops`, `mesh::sk_msg`, `mesh::tc`) as `program`.
+struct ToTracing;
+
+impl log::Log for ToTracing {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        let program = r.target();
+        let msg = decode(&r.args().to_string());
+        match r.level() {
+            log::Level::Error => error!(target: TARGET, program, "{msg}"),
+            log::Level::Warn => warn!(target: TARGET, program, "{msg}"),
+            log::Level::Info => info!(target: TARGET, program, "{msg}"),
+            log::Level::Debug => debug!(target: TARGET, program, "{msg}"),
+            log::Level::Trace => trace!(target: TARGET, program, "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+type Logger = aya_log::EbpfLogger<ToTracing>;
+
+/// The ring buffer registered with this thread's reactor.
+#[expect(
+    deprecated,
+    reason = "tokio deprecates with_interest for I/O safety (a registered fd closed elsewhere); \
+              the logger owns its ring buffer's fd for as long as the AsyncFd holds it, and \
+              register_with_interest would need unsafe outside the sys module"
+)]
+fn watch(logger: Logger) -> std::io::Result<tokio::io::unix::AsyncFd<Logger>> {
+    tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
+}
+
+/// A record as the programs write it, `CODE rest` (`mesh_common::decision`), as people
+/// read it: `name: why; rest`. A code this build does not know stays a number.
+pub fn decode(msg: &str) -> String {
+    match msg.split_once(' ').and_then(|(code, rest)| {
+        let (name, why) = mesh_common::decision::describe(code.parse().ok()?)?;
+        Some(format!("{name}: {why}; {rest}"))
+    }) {
+        Some(m) => m,
+        None => msg.to_owned(),
+    }
+}
+
+/// The reader of the programs' log ring buffer; stops (and joins its thread) on drop.
+pub struct EventReader {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventReader {
+    /// Takes the ring buffer (`AYA_LOGS`) out of the loaded object and starts reading it.
+    pub fn start(ebpf: &mut Ebpf) -> Result<EventReader, String> {
+        let logger = aya_log::EbpfLogger::init_with_logger(ebpf, ToTracing)
+            .map_err(|e| format!("the datapath log ring buffer: {e}"))?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("datapath-log".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!(error = %e, "the datapath decision log cannot be read");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut fd = match watch(logger) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            warn!(error = %e, "the datapath decision log cannot be read");
+                            return;
+                        }
+                    };
+                    loop {
+                        tokio::select! {
+                            r = fd.readable_mut() => match r {
+                                Ok(mut guard) => {
+                                    guard.get_inner_mut().flush();
+                                    guard.clear_ready();
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "reading the datapath decision log failed");
+                                    return;
+                                }
+                            },
+                            _ = &mut stopped => {
+                                // What is left in the ring, then stop.
+                                fd.get_mut().flush();
+                                return;
+                            }
+                        }
+                    }
+                });
+            })
+            .map_err(|e| format!("starting the datapath log thread: {e}"))?;
+        Ok(EventReader {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EventReader {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_common::{decision, Stat};
+
+    #[test]
+    fn records_are_decoded_into_name_and_meaning() {
+        let code = Stat::ConnectExcluded as u32;
+        assert_eq!(
+            decode(&format!("{code} netns=7 src=10.0.0.2 dst=10.0.0.3:80")),
+            "connect_excluded: not captured, an exclusion rule (--exclude) matches; netns=7 src=10.0.0.2 dst=10.0.0.3:80"
+        );
+        assert_eq!(
+            decode(&format!(
+                "{} paired=1 netns=7",
+                decision::FLOW_RECORDED_PROXIED
+            )),
+            "flow_recorded: proxied client established; paired=1 netns=7"
+        );
+        // Unknown codes and other text stay as they are.
+        assert_eq!(decode("4242 x"), "4242 x");
+        assert_eq!(decode("hello world"), "hello world");
+        assert_eq!(decode("7"), "7");
+    }
+}

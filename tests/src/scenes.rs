@@ -1,0 +1,111 @@
+//! Simulated nodes several test files share, so that each reads as what it checks.
+
+use std::process::{Child, Command, Stdio};
+
+use crate::{podtool, Agent, SimNode};
+
+/// The VIP of the `backend/echo` service in [`shop_backend_data`].
+pub const ECHO_VIP: &str = "10.96.0.20";
+
+/// A node with an enrolled client (`shop/client`, service account `web`), an enrolled
+/// echo server behind the service `backend/echo` (`ECHO_VIP`:80 -> 7000), a `data/cache`
+/// pod in a direct-mode namespace (pod to pod, socket to socket) also serving echo on
+/// 7000, and the agent. `allow_web`: an ALLOW policy on the server for the client's
+/// identity (which also keeps the server out of direct mode).
+pub fn shop_backend_data(allow_web: bool) -> (SimNode, Agent) {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("server", 3).unwrap();
+    n.add_pod("cache", 4).unwrap();
+    let p = |name: &str| n.pod(name);
+    let mut yaml = format!(
+        "namespaces:\n\
+         \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
+         \x20 - {{ name: backend, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
+         \x20 - {{ name: data, mode: direct }}\n\
+         workloads:\n\
+         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {}, service_account: web }}\n\
+         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {}, labels: {{ app: echo }} }}\n\
+         \x20 - {{ name: cache, namespace: data, ip: {}, netns: {} }}\n\
+         services:\n\
+         \x20 - name: echo\n\
+         \x20   namespace: backend\n\
+         \x20   vip: {ECHO_VIP}\n\
+         \x20   ports: [ {{ port: 80, target_port: 7000, protocol: tcp }} ]\n\
+         \x20   selector: {{ app: echo }}\n",
+        p("client").ip,
+        p("client").netns_path(),
+        p("server").ip,
+        p("server").netns_path(),
+        p("cache").ip,
+        p("cache").netns_path(),
+    );
+    if allow_web {
+        yaml += "authorization_policies:\n\
+         \x20 - metadata: { name: allow-web, namespace: backend }\n\
+         \x20   spec:\n\
+         \x20     selector: { matchLabels: { app: echo } }\n\
+         \x20     action: ALLOW\n\
+         \x20     rules: [ { from: [ { source: { principals: [ cluster.local/ns/shop/sa/web ] } } ] } ]\n";
+    }
+    n.write_config(&yaml).unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    for pod in ["server", "cache"] {
+        n.serve(pod, &["echo", "--listen", "0.0.0.0:7000"]).unwrap();
+    }
+    (n, agent)
+}
+
+/// A client in a pod that connects and holds the connection open (it reads until the end
+/// of stream; an echo server sends nothing unasked). Killed on drop.
+pub struct Held(Child);
+
+impl Held {
+    pub fn open(n: &SimNode, pod: &str, to: &str) -> Held {
+        Held::spawn(n.pod_command(pod, &podtool()), to)
+    }
+
+    /// `in_pod`: podtool in the pod (`pod_command` of a node of either kind).
+    pub fn spawn(mut in_pod: Command, to: &str) -> Held {
+        let child = in_pod
+            .args(["read-client", "--to", to, "--deadline-ms", "120000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn podtool read-client");
+        Held(child)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A node with two pods, `client` in the enrolled namespace `shop` and `server` in
+/// `backend` (`backend_extra`: more of that namespace's YAML mapping, e.g. `"mode:
+/// direct"`, or empty), both workloads of the configuration file written; no agent yet.
+pub fn client_server(backend_extra: &str) -> SimNode {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("server", 3).unwrap();
+    let p = |name: &str| n.pod(name);
+    let backend = match backend_extra {
+        "" => String::new(),
+        extra => format!("\n    {extra}"),
+    };
+    n.write_config(&format!(
+        "namespaces:\n  - name: shop\n    labels: {{ mesh-agent.io/dataplane-mode: ambient }}\n  - name: backend{backend}\n\
+         workloads:\n\
+         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {} }}\n\
+         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {} }}\n",
+        p("client").ip,
+        p("client").netns_path(),
+        p("server").ip,
+        p("server").netns_path(),
+    ))
+    .unwrap();
+    n
+}

@@ -1,0 +1,146 @@
+//! Istio's `app` and `version` labels (issue 12, item 1) on a simulated node: a workload's
+//! `app.kubernetes.io/name` (else `app`) and `app.kubernetes.io/version` (else `version`)
+//! labels travel from the standalone file through the embedded control plane's workload
+//! resources to the proxy, and fill `source_app`/`source_version` and
+//! `destination_app`/`destination_version` of the `istio_*` series; a workload without
+//! them stays `unknown`.
+
+use std::time::Duration;
+
+use mesh_tests::{metric, wait_for, SimNode};
+
+#[test]
+fn app_and_version_labels_fill_the_istio_series_of_both_ends() {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("v1", 3).unwrap();
+    n.add_pod("db", 4).unwrap();
+    let p = |name: &str| n.pod(name);
+    let mut yaml = "namespaces:\n\
+         \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
+         \x20 - { name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
+         workloads:\n"
+        .to_owned();
+    for (pod, ns, labels) in [
+        // Kubernetes' recommended labels win over Istio's short ones.
+        (
+            "client",
+            "shop",
+            "{ app.kubernetes.io/name: storefront, app: ignored, app.kubernetes.io/version: \"2.1\" }",
+        ),
+        ("v1", "backend", "{ app: reviews, version: v1 }"),
+        ("db", "backend", "{ app: db }"),
+    ] {
+        yaml += &format!(
+            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, labels: {labels} }}\n",
+            p(pod).ip,
+            p(pod).netns_path(),
+        );
+    }
+    yaml += "services:\n\
+         \x20 - { name: reviews, namespace: backend, vip: 10.96.0.10, ports: [ { port: 80, target_port: 8080, protocol: http } ], selector: { app: reviews } }\n";
+    n.write_config(&yaml).unwrap();
+    let agent = n.start_agent(&[]).unwrap();
+    n.serve("v1", &["http", "--listen", "0.0.0.0:8080", "--name", "v1"])
+        .unwrap();
+    n.serve("db", &["echo", "--listen", "0.0.0.0:9000"])
+        .unwrap();
+    let source = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_app", "storefront"),
+        ("source_version", "2.1"),
+    ];
+
+    // L4 to db: its app, no version.
+    let db = n.pod("db").ip;
+    let r = n.echo_once("client", &format!("{db}:9000")).unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    let tcp: Vec<(&str, &str)> = source
+        .iter()
+        .copied()
+        .chain([
+            ("destination_workload", "db"),
+            ("destination_app", "db"),
+            ("destination_version", "unknown"),
+        ])
+        .collect();
+    let mut text = String::new();
+    wait_for("the TCP connection closed", Duration::from_secs(10), || {
+        text = agent.get("/metrics").unwrap_or_default();
+        metric(&text, "istio_tcp_connections_closed_total", &tcp) == 1
+    });
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened"))
+    {
+        eprintln!("{l}");
+    }
+    assert_eq!(
+        metric(&text, "istio_tcp_connections_opened_total", &tcp),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "istio_tcp_sent_bytes_total", &tcp),
+        4096,
+        "{text}"
+    );
+
+    // L7 to reviews: v1's app and version.
+    let r = n.http_get("client", "10.96.0.10:80", "/", 3, &[]).unwrap();
+    assert_eq!(r["status"], serde_json::json!({ "200": 3 }), "{r}");
+    let http: Vec<(&str, &str)> = source
+        .iter()
+        .copied()
+        .chain([
+            ("destination_workload", "v1"),
+            ("destination_app", "reviews"),
+            ("destination_version", "v1"),
+            ("response_code", "200"),
+        ])
+        .collect();
+    wait_for("the requests counted", Duration::from_secs(10), || {
+        text = agent.get("/metrics").unwrap_or_default();
+        metric(&text, "istio_requests_total", &http) == 3
+    });
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total"))
+    {
+        eprintln!("{l}");
+    }
+    assert_eq!(
+        metric(&text, "istio_request_duration_milliseconds_count", &http),
+        3,
+        "{text}"
+    );
+    // No series of these workloads says `unknown` for what their labels say.
+    assert!(
+        !text.contains("source_app=\"unknown\"") && !text.contains("source_app=\"ignored\""),
+        "{text}"
+    );
+
+    // A relabel reaches the series of new connections: v1 becomes v2.
+    n.write_config(&yaml.replace("version: v1", "version: v2"))
+        .unwrap();
+    let v2: Vec<(&str, &str)> = http
+        .iter()
+        .map(|&(k, v)| {
+            (
+                k,
+                if v == "v1" && k == "destination_version" {
+                    "v2"
+                } else {
+                    v
+                },
+            )
+        })
+        .collect();
+    wait_for("v2 in the series", Duration::from_secs(10), || {
+        let r = n.http_get("client", "10.96.0.10:80", "/", 1, &[]);
+        assert!(r.is_ok(), "{r:?}");
+        text = agent.get("/metrics").unwrap_or_default();
+        metric(&text, "istio_requests_total", &v2) >= 1
+    });
+}
