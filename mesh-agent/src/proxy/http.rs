@@ -955,7 +955,9 @@ impl L7 {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // One clock read serves the deadline and the first try (a retry reads it again).
+        let mut now = Instant::now();
+        let deadline = timeout.map(|t| now + t);
         let upstream_timeout = || {
             local(
                 grpc,
@@ -974,13 +976,15 @@ impl L7 {
         let mut retries = 0;
         let mut _retry_slot = None;
         loop {
-            let now = Instant::now();
+            if retries > 0 {
+                now = Instant::now();
+            }
             let per_try = retry.and_then(|p| p.per_try_timeout);
             let budget = match (per_try, deadline) {
                 (Some(p), Some(d)) => Some(p.min(d.saturating_duration_since(now))),
                 (p, d) => p.or(d.map(|d| d.saturating_duration_since(now))),
             };
-            let Some(ep) = state.pick(&cluster, hash) else {
+            let Some(ep) = state.pick_at(&cluster, hash, now) else {
                 flag(rec, Flags::UH);
                 return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
@@ -1057,12 +1061,13 @@ impl L7 {
             if state.report(&cluster, &ep, outcome.is_failure()) {
                 self.metrics.ejection(&cluster.name);
             }
-            let expired = deadline.is_some_and(|d| Instant::now() >= d);
+            // The clock is read only when a retry is otherwise possible.
+            let expired = || deadline.is_some_and(|d| Instant::now() >= d);
             let wants_retry = retry.filter(|p| {
                 retries < p.num_retries
                     && policy::retriable(p, outcome)
-                    && !expired
                     && (unsent.is_some() || source.can_replay())
+                    && !expired()
             });
             // Envoy's `URX`: the last try still failed and no retry was left.
             let exhausted = retry.is_some_and(|p| {

@@ -379,6 +379,8 @@ pub(super) struct RequestLog {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        // One clock read for every series the request is counted in.
+        let elapsed = self.start.elapsed();
         if let Some(t) = self.trace.take() {
             let (l, istio) = (&self.labels, self.istio.as_ref());
             t.finish(crate::proxy::trace::RequestEnd {
@@ -422,14 +424,9 @@ impl Drop for Recorder {
                     .map_or(std::borrow::Cow::Borrowed("-"), std::borrow::Cow::Owned)
             };
             let l = &self.labels;
-            t.finish(
-                &l.destination_cluster,
-                l.response_code,
-                &flags,
-                self.start.elapsed(),
-            );
+            t.finish(&l.destination_cluster, l.response_code, &flags, elapsed);
         }
-        self.series.record(&self.labels, self.start.elapsed());
+        self.series.record(&self.labels, elapsed);
     }
 }
 

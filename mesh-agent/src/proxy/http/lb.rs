@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicI64, AtomicU32, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::Duration,
@@ -49,6 +49,9 @@ pub(super) struct EndpointState {
     pub address: SocketAddr,
     /// Requests in flight (least-request balancing).
     pub active: AtomicU32,
+    /// Smooth weighted round robin: the endpoint's current weight (changed only under
+    /// the cluster state's lock; kept across pushes with the endpoint).
+    rr: AtomicI64,
     outlier: Mutex<Outlier>,
     pub pool: EndpointPool,
     /// Connections through HBONE, per tunnel (when the endpoint is another node's mesh
@@ -61,6 +64,7 @@ impl EndpointState {
         EndpointState {
             address,
             active: AtomicU32::new(0),
+            rr: AtomicI64::new(0),
             outlier: Mutex::default(),
             pool: EndpointPool::default(),
             tunnels: TunnelPools::default(),
@@ -116,8 +120,8 @@ struct Inner {
     /// The config version the state below was built for.
     cluster: Option<Arc<Cluster>>,
     endpoints: HashMap<SocketAddr, Arc<EndpointState>>,
-    /// Smooth weighted round robin: current weight per endpoint.
-    rr: HashMap<SocketAddr, i64>,
+    /// The state of each of `cluster`'s endpoints, by its index there: a pick reads no map.
+    slots: Vec<Arc<EndpointState>>,
     ring: Option<Ring>,
 }
 
@@ -151,13 +155,18 @@ impl ClusterState {
                     *lock(&e.outlier) = Outlier::default();
                 }
             }
-            inner.rr.retain(|a, _| keep.contains(a));
             for a in &keep {
                 inner
                     .endpoints
                     .entry(*a)
                     .or_insert_with(|| Arc::new(EndpointState::new(*a)));
             }
+            let slots = cluster
+                .endpoints
+                .iter()
+                .filter_map(|e| inner.endpoints.get(&e.address).cloned())
+                .collect();
+            inner.slots = slots;
             inner.ring = None;
             inner.cluster = Some(cluster.clone());
         }
@@ -170,7 +179,8 @@ impl ClusterState {
         self.pick_at(cluster, hash, Instant::now())
     }
 
-    fn pick_at(
+    /// `pick` at `now` (the caller's clock read).
+    pub fn pick_at(
         &self,
         cluster: &Arc<Cluster>,
         hash: Option<u64>,
@@ -179,9 +189,16 @@ impl ClusterState {
         let mut guard = lock(&self.inner);
         let inner = Self::sync(&mut guard, cluster);
         let eps = &cluster.endpoints;
+        let slots = &inner.slots;
+        // One endpoint (a service with one pod, the common case): no sets to build.
+        if let ([e], [s]) = (&eps[..], &slots[..]) {
+            let ok = matches!(e.health, Health::Healthy | Health::Degraded) && !s.is_ejected(now);
+            return ok.then(|| s.clone());
+        }
         let usable = |want: Health| -> Vec<bool> {
             eps.iter()
-                .map(|e| e.health == want && !inner.endpoints[&e.address].is_ejected(now))
+                .zip(slots)
+                .map(|(e, s)| e.health == want && !s.is_ejected(now))
                 .collect()
         };
         let mut eligible = usable(Health::Healthy);
@@ -198,23 +215,18 @@ impl ClusterState {
                 let total: i64 = set.iter().map(|i| weight(*i)).sum();
                 let mut best: Option<(i64, usize)> = None;
                 for &i in &set {
-                    let cur = inner.rr.entry(eps[i].address).or_insert(0);
-                    *cur += weight(i);
-                    if best.is_none_or(|(b, _)| *cur > b) {
-                        best = Some((*cur, i));
+                    let cur = slots[i].rr.fetch_add(weight(i), Ordering::Relaxed) + weight(i);
+                    if best.is_none_or(|(b, _)| cur > b) {
+                        best = Some((cur, i));
                     }
                 }
                 let (_, i) = best?;
-                if let Some(cur) = inner.rr.get_mut(&eps[i].address) {
-                    *cur -= total;
-                }
+                slots[i].rr.fetch_sub(total, Ordering::Relaxed);
                 i
             }
             LbPolicy::LeastRequest { choice_count } => {
                 let load = |i: usize| {
-                    let a = inner.endpoints[&eps[i].address]
-                        .active
-                        .load(Ordering::Relaxed);
+                    let a = slots[i].active.load(Ordering::Relaxed);
                     (i64::from(a), weight(i))
                 };
                 // Fewer requests per unit of weight wins: a/w < b/v as a*v < b*w.
@@ -244,7 +256,7 @@ impl ClusterState {
                 None => weighted_random(&set, weight),
             },
         };
-        inner.endpoints.get(&eps[chosen].address).cloned()
+        slots.get(chosen).cloned()
     }
 
     /// The endpoints of `cluster` outlier detection keeps out, with when each comes back.
@@ -427,6 +439,33 @@ mod tests {
         assert_eq!(counts(&s, &c, 50, None).get(&1), Some(&50));
         let c = cluster(LbPolicy::Random, &[(2, 1, Health::Unhealthy)]);
         assert!(s.pick(&c, None).is_none());
+    }
+
+    #[test]
+    fn a_single_endpoint_is_picked_while_usable() {
+        let s = ClusterState::default();
+        let now = Instant::now();
+        for (health, lb) in [
+            (Health::Healthy, LbPolicy::RoundRobin),
+            (Health::Degraded, LbPolicy::Random),
+            (Health::Healthy, LbPolicy::LeastRequest { choice_count: 2 }),
+        ] {
+            let c = cluster(lb, &[(1, 1, health)]);
+            assert_eq!(counts_at(&s, &c, 5, None, now).get(&1), Some(&5));
+        }
+        let c = cluster(LbPolicy::RoundRobin, &[(1, 1, Health::Unhealthy)]);
+        assert!(s.pick_at(&c, None, now).is_none());
+        // Ejected by outlier detection (two 5xx in a row): out until the ejection ends.
+        let c = cluster(LbPolicy::RoundRobin, &[(1, 1, Health::Healthy)]);
+        let ep = s.pick_at(&c, None, now).unwrap();
+        assert!(!s.report_at(&c, &ep, true, now));
+        assert!(s.report_at(&c, &ep, true, now));
+        assert!(s.pick_at(&c, None, now).is_none());
+        let back = now + Duration::from_secs(10);
+        assert_eq!(
+            s.pick_at(&c, None, back).map(|e| e.address),
+            Some(ep.address)
+        );
     }
 
     #[test]

@@ -347,7 +347,7 @@ pub(super) async fn checkout(
         *slot = None;
         let conn = Slot::acquire(counters, Gauge::Connections, cb.max_connections)
             .ok_or_else(|| overflow("max_connections"))?;
-        let Sender::H2(s) = open(ep, cluster, conn, via).await? else {
+        let Sender::H2(s) = Box::pin(open(ep, cluster, conn, via)).await? else {
             unreachable!("an http2 cluster opens http2 connections")
         };
         *slot = Some(s.clone());
@@ -375,8 +375,10 @@ pub(super) async fn checkout(
         }
         if let Some(conn) = Slot::acquire(counters, Gauge::Connections, cb.max_connections) {
             drop(pending);
+            // Boxed: opening (connect, handshake) is the rare case, and its future is
+            // large; inline, every request's future would carry (and move) its size.
             return Ok(Checkout {
-                sender: open(ep, cluster, conn, via).await?,
+                sender: Box::pin(open(ep, cluster, conn, via)).await?,
                 reused: false,
                 home,
             });

@@ -297,20 +297,28 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
         return;
     }
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
+    // The names the `Connection` header lists (tokens, any case).
+    let named = |k: &HeaderName| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(k.as_str()))
+    };
+    // Only the names present are removed, by name (no parse of a name that is not
+    // there): a response with `Connection: keep-alive` costs one or two removals.
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(&k.as_str()) || named(k))
+        .cloned()
         .collect();
     let trailers = keep_te_trailers
         && headers.get_all(header::TE).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|s| s.to_ascii_lowercase().contains("trailers"))
         });
-    for n in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+    for n in &doomed {
         headers.remove(n);
     }
     if trailers {
@@ -716,5 +724,41 @@ mod tests {
             redirect_location(&r, None, Some("/new")),
             "http://a.example/new?q=1"
         );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_names_connection_lists_go() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("host", "a.example"),
+            ("content-type", "text/plain"),
+            ("connection", "Keep-Alive, X-Private ,"),
+            ("connection", "upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("x-other", "2"),
+            ("upgrade", "websocket"),
+            ("te", "Trailers, gzip"),
+            ("trailer", "grpc-status"),
+            ("proxy-connection", "close"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        let mut kept = h.clone();
+        strip_hop_by_hop(&mut kept, true);
+        let mut names: Vec<_> = kept.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "host", "te", "x-other"]);
+        assert_eq!(kept.get_all(header::TE).iter().count(), 1);
+        assert_eq!(kept[header::TE], "trailers");
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "host", "x-other"]);
+        // Nothing hop-by-hop: untouched.
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1);
     }
 }
