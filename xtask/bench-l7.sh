@@ -6,6 +6,8 @@
 #   direct     an opted-out pod -> the server pod
 #   mesh-l4    an enrolled pod -> the server pod's address (captured, plain L4 relay)
 #   mesh       an enrolled pod -> a service address (captured, the node proxy's L7 engine)
+#   mesh-nosk  `mesh` with the agent restarted with `--skmsg false`: the client leg is plain
+#              TCP, as it is for the reverse proxies (like for like)
 #   mesh-notel the telemetry cost (issue 12): `mesh` with `--telemetry off` (no Istio
 #              series) and with telemetry on (the default, figures under `mesh-tel`),
 #              back to back (the agent restarted for each, the order alternating by run),
@@ -176,7 +178,10 @@ start_envoy() { # start_envoy CPUS
 
 emit() { echo "$*" >> "$RAW"; }
 
-# Every client fails loudly: a path that breaks must not turn into a missing figure.
+# Every client fails loudly: a path that breaks must not turn into a missing figure. One
+# that stalls (no result within CLIENT_TIMEOUT s: `timeout` ends it) is run again, at most
+# twice, and said in the log; a third stall ends the run.
+CLIENT_TIMEOUT=$((SECS * 5 + 60))
 client() { # client NAME POD CPUS CMD... -> stdout of CMD
   local name=$1 pod=$2 out perf_pid= rec; shift 2
   if [ -n "$PERF_DIR" ]; then
@@ -192,7 +197,14 @@ client() { # client NAME POD CPUS CMD... -> stdout of CMD
     perf stat -x, -e task-clock,instructions,context-switches -p "$(cat "$DIR/agent.pid")" -o "$DIR/perf-stat.txt" > /dev/null 2>&1 &
     stat_pid=$!; sleep 0.2
   fi
-  if ! out=$(in_cg "$pod" "$@" 2> "$DIR/$name.err"); then
+  local attempt rc
+  for attempt in 1 2 3; do
+    rc=0; out=$(in_cg "$pod" "$1" timeout -k 5 "$CLIENT_TIMEOUT" "${@:2}" 2> "$DIR/$name.err") || rc=$?
+    # 124: `timeout` stopped it; 137: it had to kill it.
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] || break
+    log "$name stalled (no result in $CLIENT_TIMEOUT s; attempt $attempt of 3): ${*:2}"
+  done
+  if [ "$rc" != 0 ]; then
     echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
   fi
   if [ -n "$stat_pid" ]; then
@@ -212,7 +224,7 @@ client() { # client NAME POD CPUS CMD... -> stdout of CMD
 to_us() { awk '{v = $1 + 0; if ($1 ~ /us$/) print v; else if ($1 ~ /ms$/) print v * 1000; else if ($1 ~ /s$/) print v * 1000000; else print v}'; }
 
 measure_h1() { # measure_h1 PATH PLACEMENT RUN POD CPU URL
-  (in_cg "$4" "$5" h2load --h1 -t1 -c"$CONNS" -n "$WARM" "$6") > /dev/null 2>&1 || true
+  (in_cg "$4" "$5" timeout -k 5 "$CLIENT_TIMEOUT" h2load --h1 -t1 -c"$CONNS" -n "$WARM" "$6") > /dev/null 2>&1 || true
   # AGENT_CPU=1: the agent's CPU time (utime + stime, all threads) over the measurement.
   local pid= t0=; [ -n "${AGENT_CPU:-}" ] && pid=$(cat "$DIR/agent.pid") && t0=$(cpu_ticks "$pid")
   local out; out=$(client wrk "$4" "$5" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$6")
@@ -233,7 +245,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # HTTP/1.1 without keep-alive: every request on a new connection (`Connection: close`;
 # the server side closes, so TIME_WAIT stays off the client's ports).
 measure_h1close() { # measure_h1close PATH PLACEMENT RUN POD CPU URL
-  (in_cg "$4" "$5" h2load --h1 -t1 -c"$CONNS" -n "$WARM" -H 'Connection: close' "$6") > /dev/null 2>&1 || true
+  (in_cg "$4" "$5" timeout -k 5 "$CLIENT_TIMEOUT" h2load --h1 -t1 -c"$CONNS" -n "$WARM" -H 'Connection: close' "$6") > /dev/null 2>&1 || true
   local out; out=$(client wrk-close "$4" "$5" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H 'Connection: close' "$6")
   if grep -q "Non-2xx\|Socket errors" <<< "$out"; then echo "$out" >&2; die "HTTP/1.1 without keep-alive through $1 had errors"; fi
   local rps p50 p99
@@ -258,7 +270,7 @@ measure_grpc() { # measure_grpc PATH PLACEMENT RUN POD CPU URL
 
 measure_h2() { # measure_h2 PATH PLACEMENT RUN POD CPU URL
   local h2=(h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS")
-  (in_cg "$4" "$5" "${h2[@]}" -n "$WARM" "$6") > /dev/null 2>&1 || true
+  (in_cg "$4" "$5" timeout -k 5 "$CLIENT_TIMEOUT" "${h2[@]}" -n "$WARM" "$6") > /dev/null 2>&1 || true
   local lat=$DIR/h2load.log; rm -f "$lat"
   local out; out=$(client h2load "$4" "$5" "${h2[@]}" -D "$SECS" --log-file="$lat" "$6")
   # requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
@@ -273,7 +285,7 @@ measure_h2() { # measure_h2 PATH PLACEMENT RUN POD CPU URL
 }
 
 # L7_PATHS: a subset, for runs by hand (the report wants them all).
-read -r -a PATHS <<< "${L7_PATHS:-direct mesh-l4 mesh mesh-notel envoy nginx haproxy}"
+read -r -a PATHS <<< "${L7_PATHS:-direct mesh-l4 mesh mesh-nosk mesh-notel envoy nginx haproxy}"
 
 target() { # target PATH PROTO(1|2|3: gRPC) -> "POD URL"
   local i=$(($2 - 1)) srv_port=$SRV_H1 vip=$VIP1
@@ -282,7 +294,7 @@ target() { # target PATH PROTO(1|2|3: gRPC) -> "POD URL"
   case $1 in
     direct) echo "opt http://$SRV_IP:$srv_port/" ;;
     mesh-l4) echo "cli http://$SRV_IP:$srv_port/" ;;
-    mesh|mesh-notel) echo "cli http://$vip/" ;;
+    mesh|mesh-nosk|mesh-notel) echo "cli http://$vip/" ;;
     envoy) echo "opt http://$NODE_IP:${ENVOY_PORTS[$i]}/" ;;
     nginx) echo "opt http://$NODE_IP:${NGINX_PORTS[$i]}/" ;;
     haproxy) echo "opt http://$NODE_IP:${HAPROXY_PORTS[$i]}/" ;;
@@ -311,12 +323,15 @@ suite_l7() {
           stop agent; start_agent "$nc"
           continue
         fi
+        # Like for like: the agent restarted without sk_msg for this path only.
+        if [ "$path" = mesh-nosk ]; then stop agent; start_agent "$nc" --skmsg false; fi
         measure_h1 "$path" "$placement" "$run" "$pod" "$cc" "$url"
         measure_h1close "$path" "$placement" "$run" "$pod" "$cc" "$url"
         read -r pod url <<< "$(target "$path" 2)"
         measure_h2 "$path" "$placement" "$run" "$pod" "$cc" "$url"
         read -r pod url <<< "$(target "$path" 3)"
         measure_grpc "$path" "$placement" "$run" "$pod" "$cc" "$url"
+        if [ "$path" = mesh-nosk ]; then stop agent; start_agent "$nc"; fi
       done
       stop haproxy nginx-proxy envoy agent grpc-srv nginx-srv
     done
@@ -329,7 +344,7 @@ main() {
     clean) clean ;;
     run)
       [ -n "$AGENT" ] && [ -n "$ENVOY" ] && [ -n "$BENCHTOOL" ] || die "run it with cargo xtask bench l7"
-      local t; for t in wrk h2load nginx haproxy curl taskset "$ENVOY" "$BENCHTOOL"; do
+      local t; for t in wrk h2load nginx haproxy curl taskset timeout "$ENVOY" "$BENCHTOOL"; do
         command -v "$t" > /dev/null || die "$t is missing (cargo xtask setup installs it)"
       done
       check

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The xDS suite of `cargo xtask bench` (issue 5, item 4): the embedded control plane
 (`mesh-agent control-plane`) serving N services with 10 endpoints each, to one client at a
-time: our proxy's xDS client (`mesh-agent xds-watch`, delta and SotW) and Envoy (delta and
-SotW) as the reference, in the same run from the same server. Two sources of the same
+time: our proxy's xDS client (`mesh-agent xds-watch`, delta and SotW), the whole agent
+(`mesh-agent run`: datapath attached, node proxy subscribed wildcard, delta: client
+`agent-delta`, file source only) and Envoy (delta and SotW) as the reference, in the same
+run from the same server. Two sources of the same
 services:
   file  a generated standalone file (`--config`), polled every 5 ms
   k8s   the Kubernetes API server test double (`kube-double`, `--source kubernetes`):
@@ -80,20 +82,30 @@ RAW = os.environ.get("RAW", "/dev/stdout")
 ENDPOINTS = 10  # per service
 DIR = "/tmp/mesh-bench-xds"
 XDS_PORT, CP_ADMIN_PORT, ENVOY_ADMIN_PORT, KUBE_PORT = 15810, 15811, 15812, 15813
-PORTS = [XDS_PORT, CP_ADMIN_PORT, ENVOY_ADMIN_PORT, KUBE_PORT]
+# The whole agent as a client (`agent-delta`): its admin endpoint and its proxy's listener.
+AGENT_ADMIN_PORT, AGENT_PROXY_PORT = 15814, 15815
+PORTS = [XDS_PORT, CP_ADMIN_PORT, ENVOY_ADMIN_PORT, KUBE_PORT, AGENT_ADMIN_PORT, AGENT_PROXY_PORT]
+# The agent's own cgroup (it attaches there, so it captures nothing of the machine's) and
+# pin folder.
+CG = os.path.join(
+    next((ln.split()[4] for ln in open("/proc/self/mountinfo") if ln.split()[8:9] == ["cgroup2"]),
+         "/sys/fs/cgroup"),
+    "mesh-bench-xds")
+PIN = "/sys/fs/bpf/mesh-bench-xds"
 
 
 def env_list(name, default):
     return os.environ.get(name, default).replace(",", " ").split()
 
 
-ALL_CLIENTS = ["mesh-delta", "mesh-sotw", "envoy-delta", "envoy-sotw"]
+ALL_CLIENTS = ["mesh-delta", "mesh-sotw", "agent-delta", "envoy-delta", "envoy-sotw"]
 CLIENTS = env_list("XDS_CLIENTS", " ".join(ALL_CLIENTS))
 SOURCES = env_list("XDS_SOURCES", "file k8s")
 SCALES = [20] if SMOKE else [int(s) for s in env_list("XDS_SCALES", "1000 10000")]
 # Per source, the clients measured (see the top: Envoy's side does not depend on it).
 SOURCE_CLIENTS = {
     "file": [c for c in ALL_CLIENTS if c in CLIENTS],
+    # The whole agent's xDS side is xds-watch's (same client, same build): from the file only.
     "k8s": [c for c in ["mesh-delta", "mesh-sotw"] if c in CLIENTS],
 }
 # Client and server on different vCPUs where there are two.
@@ -130,6 +142,9 @@ def leftovers():
     found = []
     if os.path.isdir(DIR):
         found.append(f"scratch directory {DIR}")
+    for path, what in [(PIN, "pin folder"), (CG, "cgroup")]:
+        if os.path.exists(path):
+            found.append(f"{what} {path}")
     for port in PORTS:
         who = listening(port)
         if who:
@@ -159,6 +174,13 @@ def clean():
                     pass
         time.sleep(0.2)
         subprocess.run(["rm", "-rf", DIR])
+    # A killed agent leaves its pins (links and maps): removing them detaches its programs.
+    subprocess.run(["rm", "-rf", PIN])
+    if os.path.isdir(CG):
+        try:
+            os.rmdir(CG)
+        except OSError as e:
+            print(f"bench-xds: cannot remove {CG}: {e}", file=sys.stderr)
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -458,6 +480,19 @@ def measure(client, scale, run, change):
     if kind == "mesh":
         cmd = [AGENT, "--log", "warn", "xds-watch", "--xds-address", f"http://127.0.0.1:{XDS_PORT}",
                "--mode", mode, "--node-id", node]
+    elif kind == "agent":
+        # The proxy as it runs, wildcard instead of on demand (it subscribes to everything,
+        # as Envoy does here), attached to a cgroup of its own (nothing to capture) with a
+        # standalone file that only names the namespace (its workloads come from there).
+        os.makedirs(CG, exist_ok=True)
+        local = os.path.join(DIR, "agent.yaml")
+        with open(local, "w") as f:
+            f.write("namespaces:\n  - { name: b }\n")
+        cmd = [AGENT, "--log", "warn", "run", "--config", local, "--pin-path", PIN, "--cgroup", CG,
+               "--proxy-address", f"127.0.0.1:{AGENT_PROXY_PORT}",
+               "--admin-address", f"127.0.0.1:{AGENT_ADMIN_PORT}",
+               "--xds-address", f"http://127.0.0.1:{XDS_PORT}", "--xds-mode", mode,
+               "--xds-on-demand", "false", "--node-name", node]
     else:
         boot = os.path.join(DIR, f"{node}.json")
         envoy_bootstrap(boot, node, mode)

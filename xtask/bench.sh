@@ -104,7 +104,10 @@ start_servers() { # start_servers CPUS
   local p; for p in "${SRV_PORTS[@]}"; do wait_port mbn-srv 0.0.0.0 "$p"; done
 }
 
-# Every client fails loudly: a path that breaks must not turn into a missing figure.
+# Every client fails loudly: a path that breaks must not turn into a missing figure. One
+# that stalls (no result within CLIENT_TIMEOUT s: `timeout` ends it) is run again, at most
+# twice, and said in the log; a third stall ends the run.
+CLIENT_TIMEOUT=$(awk -v s="$SECS" 'BEGIN {printf "%d", s * 5 + 60}')
 client() { # client NAME CPUS CMD... -> stdout of CMD
   local name=$1 out perf_pid= rec; shift
   if [ -n "$PERF_DIR" ]; then
@@ -113,7 +116,14 @@ client() { # client NAME CPUS CMD... -> stdout of CMD
     perf record -q -C 0 -g -o "$rec" > /dev/null 2>&1 &
     perf_pid=$!; echo "$perf_pid" > "$DIR/perf.pid"; sleep 0.5
   fi
-  if ! out=$(in_cg cli "$@" 2> "$DIR/$name.err"); then
+  local attempt rc
+  for attempt in 1 2 3; do
+    rc=0; out=$(in_cg cli "$1" timeout -k 5 "$CLIENT_TIMEOUT" "${@:2}" 2> "$DIR/$name.err") || rc=$?
+    # 124: `timeout` stopped it; 137: it had to kill it.
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] || break
+    log "$name stalled (no result in $CLIENT_TIMEOUT s; attempt $attempt of 3): ${*:2}"
+  done
+  if [ "$rc" != 0 ]; then
     echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
   fi
   if [ -n "$perf_pid" ]; then
@@ -128,9 +138,9 @@ client() { # client NAME CPUS CMD... -> stdout of CMD
 
 lat_secs() { [ "$SMOKE" = 1 ] && echo 1 || echo "$SECS"; }
 
-# A sockperf client now and then stalls at start ("No valid observations"): such a run is
-# measured again, up to three times, and said in the log; a path that keeps failing ends the
-# run.
+# A sockperf client now and then stalls at start ("No valid observations", or no figures):
+# such a run is measured again, up to three times, and said in the log (with sockperf's own
+# words); a path that keeps failing ends the run.
 measure_latency() { # measure_latency PATH PLACEMENT RUN CPU HOST PORT
   local out= attempt
   local pct; pct() { awk -v q="$1" '$2 == "--->" && $3 == "percentile" && $4 == q {print $6}' <<< "$out"; }
@@ -141,7 +151,7 @@ measure_latency() { # measure_latency PATH PLACEMENT RUN CPU HOST PORT
       tps=$(sed -n 's/.*\[Valid Duration\] RunTime=\([0-9.]*\) sec;.*ReceivedMessages=\([0-9]*\).*/\2 \1/p' <<< "$out" | awk '$2 > 0 {printf "%.1f", $1 / $2}')
       [ -n "$p50" ] && [ -n "$p99" ] && [ -n "$p999" ] && [ -n "$tps" ] && break
     fi
-    log "sockperf through $1 gave no valid figures (attempt $attempt of 3)"
+    log "sockperf through $1 gave no valid figures (attempt $attempt of 3): $({ echo "$out"; cat "$DIR/sockperf.err" 2> /dev/null; } | grep -m1 -i 'no valid\|error' || true)"
     p50=
   done
   [ -n "$p50" ] || { echo "$out" >&2; die "cannot read sockperf's output ($1) after 3 attempts"; }
@@ -303,7 +313,7 @@ main() {
     run)
       shift
       [ -n "$AGENT" ] && [ -n "$PODTOOL" ] && [ -n "$BENCHTOOL" ] && [ -n "$ENVOY" ] || die "run it with cargo xtask bench"
-      local t; for t in sockperf iperf3 haproxy bpftool curl prlimit taskset "$ENVOY"; do
+      local t; for t in sockperf iperf3 haproxy bpftool curl prlimit taskset timeout "$ENVOY"; do
         command -v "$t" > /dev/null || die "$t is missing (cargo xtask setup installs it)"
       done
       check

@@ -631,12 +631,31 @@ fn run_ratios(t: &Table, tg: &Target) -> Option<Stat> {
     tg.ratio?;
     let v = get(t, &tg.path, &tg.placement, &tg.metric)?;
     let r = get(t, &tg.reference_name, &tg.placement, &tg.metric)?;
+    per_run(v, r)
+}
+
+/// Per-run ratios of `v` against `r`, run by run (both measured back to back, under the
+/// same load), when both have the same runs and the reference no zero.
+fn per_run(v: &Stat, r: &Stat) -> Option<Stat> {
     if v.runs.len() != r.runs.len() || v.runs.is_empty() || r.runs.contains(&0.0) {
         return None;
     }
     Some(Stat::of(
         v.runs.iter().zip(&r.runs).map(|(a, b)| a / b).collect(),
     ))
+}
+
+/// A ratio of medians with the spread of the per-run ratios: `0.58x (0.55–0.61)`; one
+/// run: the ratio alone.
+fn ratio_cell(v: Option<&Stat>, r: Option<&Stat>) -> String {
+    let (Some(v), Some(r)) = (v, r) else {
+        return "–".into();
+    };
+    let median = v.median / r.median;
+    match per_run(v, r) {
+        Some(rr) if rr.runs.len() > 1 => format!("{median:.2}x ({:.2}–{:.2})", rr.min, rr.max),
+        _ => format!("{median:.2}x"),
+    }
 }
 
 /// Whether `ratio` meets a goal written `<= 1.5x`, `>= 0.6x`, `< 1x` or `> 1x`.
@@ -685,8 +704,9 @@ fn targets_md(targets: &[Target], table: &Table) -> String {
             num(t.reference),
             t.reference_name,
             match (t.ratio, run_ratios(table, t)) {
-                (Some(r), Some(rr)) => format!("{r:.2}x ({:.2}–{:.2})", rr.min, rr.max),
-                (Some(r), None) => format!("{r:.2}x"),
+                (Some(r), Some(rr)) if rr.runs.len() > 1 =>
+                    format!("{r:.2}x ({:.2}–{:.2})", rr.min, rr.max),
+                (Some(r), _) => format!("{r:.2}x"),
                 _ => "–".into(),
             },
             t.goal,
@@ -714,7 +734,7 @@ fn meta_md(meta: &Meta, skipped: &[(&str, &str)]) -> String {
 fn l4_md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Target]) -> String {
     let mut o = String::from("# L4 suite: pod -> pod on one node\n\n");
     o += &meta_md(meta, skipped);
-    o += "\nEach cell: median (min–max) over the runs. Ratios: medians against `direct` of the same placement and run set.\n";
+    o += "\nEach cell: median (min–max) over the runs. Ratios: medians against `direct` of the same placement and run set, with the min–max of the per-run ratios (run n against the reference's run n, measured back to back); a verdict that some runs contradict says how many.\n";
     placement_tables(&mut o, t, PATHS, L4_COLUMNS, |m| {
         let (title, unit, _) = metric_info(m);
         (title, unit)
@@ -752,7 +772,8 @@ fn placement_tables(
             }
             *o += "\n";
         }
-        *o += "\nRatios against direct:\n\n| path |";
+        *o += "\nRatios against direct: median's ratio (min–max of the per-run ratios, \
+               each run against direct's run of the same number):\n\n| path |";
         for m in columns {
             let _ = write!(o, " {} |", title(m).0);
         }
@@ -762,10 +783,7 @@ fn placement_tables(
         for &(path, _) in paths.iter().skip(1) {
             let _ = write!(o, "| {path} |");
             for m in columns {
-                let r = match (get(t, path, placement, m), get(t, "direct", placement, m)) {
-                    (Some(v), Some(d)) => format!("{:.2}x", v.median / d.median),
-                    _ => "–".into(),
-                };
+                let r = ratio_cell(get(t, path, placement, m), get(t, "direct", placement, m));
                 let _ = write!(o, " {r} |");
             }
             *o += "\n";
@@ -958,6 +976,9 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// The tracked figures are medians of at least this many runs.
+const MIN_PUBLISHED_RUNS: u32 = 5;
+
 /// Runs the suites, writes the reports under target/bench/<time>/, and for a full run
 /// copies them to docs/bench/.
 pub fn run(
@@ -967,6 +988,12 @@ pub fn run(
     suites: &[&str],
     skipped: &[Skipped],
 ) -> Result<()> {
+    if opts.publish && !opts.smoke && !opts.perf && opts.runs < MIN_PUBLISHED_RUNS {
+        bail!(
+            "--publish wants medians of at least {MIN_PUBLISHED_RUNS} runs (--runs {})",
+            opts.runs
+        );
+    }
     // Two runs that finish building in the same second must not share a folder.
     let stamp = date("+%Y%m%d-%H%M%S");
     let base = root.join("target/bench").join(if opts.smoke {

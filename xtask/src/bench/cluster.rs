@@ -111,7 +111,7 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
           application connection is a new CONNECT stream, not a new TLS handshake. Envoy \
           runs `--concurrency 2` at both ends (the agent's proxy has two workers).\n\
           \nEach cell: median (min–max) over the runs. Ratios: medians against `direct` of \
-          the same placement.\n";
+          the same placement, with the min–max of the per-run ratios.\n";
     for &(placement, what) in PLACEMENTS {
         if !t.keys().any(|(_, pl, _)| pl == placement) {
             continue;
@@ -131,7 +131,7 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
             }
             o += "\n";
         }
-        o += "\nRatios against direct:\n\n| path |";
+        o += "\nRatios against direct (min–max of the per-run ratios):\n\n| path |";
         for &m in COLUMNS {
             let _ = write!(o, " {} |", title(m).0);
         }
@@ -141,10 +141,8 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
         for &(path, _) in &PATHS[1..] {
             let _ = write!(o, "| {path} |");
             for &m in COLUMNS {
-                let r = match (get(t, path, placement, m), get(t, "direct", placement, m)) {
-                    (Some(v), Some(d)) => format!("{:.2}x", v.median / d.median),
-                    _ => "–".into(),
-                };
+                let r =
+                    super::ratio_cell(get(t, path, placement, m), get(t, "direct", placement, m));
                 let _ = write!(o, " {r} |");
             }
             o += "\n";

@@ -17,6 +17,10 @@ pub(super) const PATHS: &[(&str, &str)] = &[
         "mesh",
         "mesh, service address (captured, node proxy L7 engine)",
     ),
+    (
+        "mesh-nosk",
+        "mesh L7 engine without sk_msg (`--skmsg false`: like for like with the proxies below)",
+    ),
     ("envoy", "Envoy (HTTP connection manager) in the node"),
     ("nginx", "nginx reverse proxy in the node"),
     ("haproxy", "haproxy (mode http) in the node"),
@@ -60,6 +64,8 @@ pub(super) const TEL_PATHS: &[(&str, &str)] = &[
     ("mesh-notel", "mesh L7, `--telemetry off`"),
 ];
 const TEL: &str = "mesh-tel";
+/// The L7 path without sk_msg on the client leg (`--skmsg false`): like for like.
+const NOSK: &str = "mesh-nosk";
 const NOTEL: &str = "mesh-notel";
 const TEL_COLUMNS: &[&str] = &["h1_rps", "h1_cpu_us", "h1_p50_us", "h1_p99_us"];
 
@@ -156,6 +162,27 @@ pub(super) fn targets(t: &Table) -> Vec<Target> {
                 pass: v / d >= RPS_GOAL,
             });
         }
+        // Like for like: without sk_msg the client leg is TCP, as it is for the reverse
+        // proxies; the L7 engine must then at least match haproxy.
+        for (metric, what, at_most) in [
+            ("h1_rps", "requests/s at least haproxy's", false),
+            ("h1_p99_us", "p99 at most haproxy's", true),
+        ] {
+            if let (Some(v), Some(x)) = (med(NOSK, metric), med("haproxy", metric)) {
+                out.push(Target {
+                    what: format!("like for like (no sk_msg): HTTP/1.1 L7 {what}"),
+                    path: NOSK.into(),
+                    placement: placement.into(),
+                    metric: metric.into(),
+                    value: v,
+                    reference: x,
+                    reference_name: "haproxy".into(),
+                    ratio: Some(v / x),
+                    goal: format!("{} 1x", if at_most { "<=" } else { ">=" }),
+                    pass: if at_most { v <= x } else { v >= x },
+                });
+            }
+        }
         for &r in REFERENCES {
             if let (Some(v), Some(x)) = (med("mesh", "h1_rps"), med(r, "h1_rps")) {
                 out.push(Target {
@@ -205,7 +232,9 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
           HTTP/2 in front, HTTP/1.1 keep-alive behind (its gRPC row uses `grpc_pass`, \
           HTTP/2 end to end); the others are HTTP/2 end to end.\n\
           \nEach cell: median (min–max) over the runs, latencies in microseconds. Ratios: \
-          medians against `direct` of the same placement.\n";
+          medians against `direct` of the same placement, with the min–max of the per-run \
+          ratios (run n against direct's run n); a verdict that some runs contradict says \
+          how many.\n";
     o += "\n# HTTP/1.1\n";
     super::placement_tables(&mut o, t, PATHS, H1_COLUMNS, title);
     o += "\n# HTTP/2 and gRPC unary\n";
@@ -264,6 +293,7 @@ fn short(path: &str) -> &'static str {
         "direct" => "direct (opted out)",
         "mesh-l4" => "mesh L4 relay",
         "mesh" => "mesh L7 (service)",
+        "mesh-nosk" => "mesh L7, no sk_msg",
         "envoy" => "Envoy",
         "nginx" => "nginx",
         "haproxy" => "haproxy",
@@ -388,6 +418,26 @@ mod tests {
         let two: Vec<_> = tg.iter().filter(|x| x.placement == "2cpu").collect();
         assert_eq!(two.len(), 1);
         assert_eq!((two[0].ratio, two[0].pass), (Some(1.4), true));
+    }
+
+    #[test]
+    fn like_for_like_rows_are_held_against_haproxy_and_show_their_spread() {
+        let raw = "l7 direct 1cpu h1_rps 1 100\nl7 direct 1cpu h1_rps 2 100\n\
+                   l7 mesh-nosk 1cpu h1_rps 1 78\nl7 mesh-nosk 1cpu h1_rps 2 84\n\
+                   l7 haproxy 1cpu h1_rps 1 80\nl7 haproxy 1cpu h1_rps 2 80\n\
+                   l7 mesh-nosk 1cpu h1_p99_us 1 90\nl7 haproxy 1cpu h1_p99_us 1 100\n";
+        let t = tabulate(&parse_raw(raw).unwrap(), "l7");
+        let tg = targets(&t);
+        let one = |what: &str| tg.iter().find(|x| x.what.ends_with(what)).unwrap();
+        let rps = one("requests/s at least haproxy's");
+        assert_eq!((rps.path.as_str(), rps.ratio), ("mesh-nosk", Some(1.0125)));
+        assert!(rps.pass, "median 81 against 80");
+        assert!(one("p99 at most haproxy's").pass);
+        let md = md(&Vec::new(), &[], &t, &tg);
+        // The ratio tables and the targets carry the per-run spread; run 1 says FAIL.
+        assert!(md.contains("| mesh-nosk | 0.81x (0.78–0.84) |"), "{md}");
+        assert!(md.contains("1.01x (0.97–1.05)"), "{md}");
+        assert!(md.contains("PASS (1 of 2 runs say FAIL)"), "{md}");
     }
 
     #[test]
