@@ -359,6 +359,21 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             })
         })
     });
+    // Direct-mode flows (socket to socket, no proxy) in the Istio series, from the
+    // datapath's flow records: peers named as the proxy names its own clients'.
+    let direct = crate::metrics::istio::DirectFlows::new(metrics.l7.istio.clone(), {
+        let (registry, xds) = (registry.clone(), xds.clone());
+        Box::new(move |id, ip| {
+            let name = registry.read().unwrap_or_else(|e| e.into_inner()).name(id);
+            let mut peer = crate::metrics::istio::Peer::from_qualified(name.as_deref());
+            if let Some(w) = xds.mesh_now().workloads.by_ip(std::net::IpAddr::V4(ip)) {
+                peer.principal = w.identity.to_string();
+                w.label_peer(&mut peer);
+            }
+            peer
+        })
+    });
+    datapath.start_flow_telemetry(Box::new(move |r| direct.record(r)))?;
     outbound.set_secure(crate::proxy::secure::Secure::new(
         cfg.node_name.clone(),
         xds.clone(),
@@ -579,6 +594,12 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         info!(pin_path = %datapath.pin_path().display(), "mesh-agent running");
         // Loading and verifying the programs allocated a lot that is free now.
         sys::release_free_heap();
+        // Once every start-up step is done, the code only start-up ran leaves the resident
+        // set too (`sys::memory`: most of the idle RSS otherwise).
+        tokio::spawn(
+            release_start_up_memory(ready.clone())
+                .instrument(tracing::info_span!("release_start_up_memory")),
+        );
         // `/ready` turns 503 the moment a drain or a hand-over begins.
         tokio::select! {
             _ = sync => (false, ready.block(READY_DRAINING)),
@@ -703,6 +724,21 @@ async fn xds_readiness(
         }
         // A push wakes this at once; a lost stream is seen within the poll interval.
         let _ = tokio::time::timeout(XDS_READY_POLL, config.changed()).await;
+    }
+}
+
+/// Waits for the first readiness, then hands back what start-up alone used: free heap,
+/// and the executable's pages that loading and wiring touched (they come back from the
+/// page cache when they run again).
+async fn release_start_up_memory(ready: Ready) {
+    ready.ready().await;
+    sys::release_free_heap();
+    match sys::memory::release_start_up_code() {
+        Ok(bytes) => info!(
+            kib = bytes / 1024,
+            "start-up code pages left the resident set"
+        ),
+        Err(e) => warn!(error = %e, "could not release the start-up code pages"),
     }
 }
 

@@ -194,6 +194,10 @@ impl Default for Capacity {
 /// The loaded, attached datapath. Field order is drop order: maps and programs go before
 /// the pins are removed and the lock is released.
 pub struct Datapath {
+    /// The reader of direct-mode flow records (`start_flow_telemetry`); before it starts,
+    /// the ring it will read.
+    _flows: Option<events::FlowReader>,
+    flow_events: Option<aya::maps::RingBuf<MapData>>,
     /// The reader of the programs' decision log (first: it stops before the rest goes).
     _events: Option<events::EventReader>,
     pub maps: std::sync::Arc<Maps>,
@@ -630,6 +634,8 @@ impl Datapath {
             .map_err(prog_err(format!("loading {}", prog_names::TC_INGRESS)))?;
         let tc = std::sync::Arc::new(tc::TcProgram::new(tc_prog, prog_names::TC_INGRESS)?);
 
+        // Not pinned (one reader per ring); read once the wiring gives it a sink.
+        let flow_events = take(&mut ebpf, map_names::FLOW_EVENTS)?;
         let maps = Maps {
             workloads: Mutex::new(take(&mut ebpf, map_names::WORKLOADS)?),
             dests: Mutex::new(take(&mut ebpf, map_names::DESTS)?),
@@ -733,6 +739,8 @@ impl Datapath {
         };
         let maps = std::sync::Arc::new(maps);
         Ok(Datapath {
+            _flows: None,
+            flow_events: Some(flow_events),
             _events: events,
             maps,
             tc,
@@ -743,6 +751,16 @@ impl Datapath {
             adopted_maps,
             adopted_links,
         })
+    }
+
+    /// Starts reading the records of direct-mode flows into `sink` (once; later calls do
+    /// nothing). Until then they wait in their ring (fixed size; when full, the programs
+    /// drop and count them).
+    pub fn start_flow_telemetry(&mut self, sink: events::FlowSink) -> Result<(), BpfError> {
+        if let Some(ring) = self.flow_events.take() {
+            self._flows = Some(events::FlowReader::start(ring, sink).map_err(BpfError::Kernel)?);
+        }
+        Ok(())
     }
 
     pub fn pin_path(&self) -> &Path {

@@ -32,6 +32,10 @@ pub mod map_names {
     /// Network-namespace cookies asked for by the agent on kernels without
     /// `SO_NETNS_COOKIE` (< 5.14): socket cookie -> netns cookie, filled by connect4.
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
+    /// Direct-mode flow records (`maps::FlowRecord`), a ring buffer read by the agent. Not
+    /// pinned, like aya-log's `AYA_LOGS`: a ring has one reader, and during a hand-over
+    /// two agents run.
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     /// Every pinned map. The one map not pinned is `PEER_SK` (socket storage holding
     /// the kernel address of a sender's peer for the back-pressure check): kernel
     /// pointers never sit in a pinned map.
@@ -111,6 +115,10 @@ pub mod capacity {
     pub const INBOUND: u32 = 4096;
     /// Netns-cookie probes in flight (the agent resolves one namespace at a time).
     pub const NETNS_PROBE: u32 = 64;
+    /// `FLOW_EVENTS` size in bytes (a power of two, page multiple): 256 KiB hold about
+    /// 3,600 records (64 bytes plus an 8-byte header each). A full ring drops records,
+    /// counted as `telemetry_dropped`.
+    pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 /// `WorkloadInfo::flags` and `DestInfo::flags`.
@@ -278,6 +286,38 @@ pub mod flow_flags {
     ];
 }
 
+/// `SockState.tel`: telemetry of a direct-mode end (`maps::FlowRecord`).
+pub mod tel_flags {
+    /// This socket is a counted end of a direct-mode flow (set at ESTABLISHED).
+    pub const COUNTED: u32 = 1 << 0;
+    /// This socket sent its FIN (it entered FIN_WAIT1 or LAST_ACK).
+    pub const FIN_SENT: u32 = 1 << 1;
+    /// The peer acknowledged that FIN (it counts one in `bytes_acked`).
+    pub const FIN_ACKED: u32 = 1 << 2;
+    /// The close record was written (or dropped): never twice.
+    pub const CLOSED: u32 = 1 << 3;
+}
+
+/// `FlowRecord.kind`.
+pub mod flow_record {
+    /// A direct-mode client's connection is established (and paired when it could be).
+    pub const OPENED: u32 = 1;
+    /// The client end closed: its sent bytes are the request direction. One per flow:
+    /// the `closed` count.
+    pub const CLIENT_CLOSED: u32 = 2;
+    /// The accepting end closed: its sent bytes are the response direction. Not written
+    /// when it sent nothing.
+    pub const SERVER_CLOSED: u32 = 3;
+}
+
+/// TCP payload bytes acknowledged, from `bpf_sock_ops.bytes_acked` at close (which counts
+/// sequence numbers): the value at ESTABLISHED (`base`, the handshake's share) and our
+/// FIN, when it was acknowledged, taken off.
+#[inline(always)]
+pub fn tcp_payload(now: u64, base: u32, fin: bool) -> u64 {
+    now.saturating_sub(base as u64).saturating_sub(fin as u64)
+}
+
 /// Renders `flags` as `a|b|c` with the names of a flags module.
 pub fn flag_names(
     flags: u32,
@@ -365,10 +405,14 @@ pub enum Stat {
     /// The accepting end of a flow found no `FLOWS` entry to take over (evicted before
     /// the handshake finished): the proxy resets such a connection.
     FlowHandoffMissed,
+    /// A direct-mode flow record could not be written: `FLOW_EVENTS` was full (the agent
+    /// reads slower than flows open and close). That flow's counts are missing from the
+    /// `istio_tcp_*` series.
+    TelemetryDropped,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 42;
+    pub const COUNT: u32 = 43;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -412,6 +456,7 @@ impl Stat {
         Stat::FlowEvicted,
         Stat::SockStateFailed,
         Stat::FlowHandoffMissed,
+        Stat::TelemetryDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -458,6 +503,7 @@ impl Stat {
             Stat::FlowEvicted => "flow_evicted",
             Stat::SockStateFailed => "sock_state_failed",
             Stat::FlowHandoffMissed => "flow_handoff_missed",
+            Stat::TelemetryDropped => "telemetry_dropped",
         }
     }
 }
@@ -536,11 +582,14 @@ impl Stat {
             Stat::FlowHandoffMissed => {
                 "the proxy accepted a connection without a FLOWS record (evicted, or dialled directly): the proxy resets it"
             }
+            Stat::TelemetryDropped => {
+                "a direct-mode flow record was dropped, FLOW_EVENTS was full (its counts are missing from istio_tcp_*)"
+            }
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::FlowHandoffMissed as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::TelemetryDropped as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)
@@ -633,6 +682,17 @@ pub fn socket_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_payload_takes_off_the_handshake_and_the_fin() {
+        // bytes_acked counts sequence numbers: the SYN (when it counted at ESTABLISHED,
+        // base 1) and an acknowledged FIN are not payload.
+        assert_eq!(tcp_payload(1 + 4096 + 1, 1, true), 4096);
+        assert_eq!(tcp_payload(4096, 0, false), 4096);
+        assert_eq!(tcp_payload(1, 1, false), 0);
+        // Never below zero (a counter read before the base, a reset socket).
+        assert_eq!(tcp_payload(0, 1, true), 0);
+    }
 
     #[test]
     fn socket_key_folds_v4_mapped_and_rejects_native_v6() {

@@ -156,6 +156,17 @@ pub struct SockState {
     /// The network-namespace cookie of the flow's client (connect4/6 read it; the
     /// accepting end copies it from `FLOWS`): for the decision log and the listing.
     pub netns: u64,
+    /// Telemetry of a direct-mode end (`tel_flags::COUNTED`), which no proxy sees: bytes
+    /// of this socket's sends that sk_msg redirected to the peer (counted at the verdict,
+    /// under the sender's socket lock).
+    pub redirected: u64,
+    /// CLOCK_MONOTONIC nanoseconds at ESTABLISHED (the flow's duration at close).
+    pub opened_ns: u64,
+    /// `bpf_sock_ops.bytes_acked` at ESTABLISHED: the handshake's share (the SYN may
+    /// count 1), taken off at close.
+    pub acked_base: u32,
+    /// `tel_flags::*`.
+    pub tel: u32,
 }
 
 /// A TCP 4-tuple as seen from one socket: `(local, remote)`. Used as `SOCKHASH` key (each
@@ -198,6 +209,33 @@ pub struct FlowInfo {
     pub netns: u64,
 }
 
+/// A record of `FLOW_EVENTS` (ring buffer): a direct-mode flow opened, or one of its local
+/// ends closed, with what that end counted (`flow_record::*` says which). The agent turns
+/// them into the `istio_tcp_*` series of flows that skip the proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// `flow_record::*`.
+    pub kind: u32,
+    /// The end's `flow_flags::*`.
+    pub flags: u32,
+    pub src_id: u32,
+    pub dst_id: u32,
+    /// The flow's 4-tuple as the client sees it (local = client).
+    pub key: SockKey,
+    pub _pad: u32,
+    /// The client's network-namespace cookie.
+    pub netns: u64,
+    /// Bytes this end sent that sk_msg redirected to the peer socket.
+    pub sent_redirected: u64,
+    /// Bytes this end sent over TCP that the peer acknowledged (handshake and FIN taken
+    /// off). Both ends of a direct-mode flow are local, so each direction is counted at
+    /// its sender: redirected plus acknowledged.
+    pub sent_tcp: u64,
+    /// ESTABLISHED to close, nanoseconds (0 in an `OPENED` record).
+    pub duration_ns: u64,
+}
+
 /// `PROXY_HEALTH[0]`: the node proxy's heartbeat. Written by the proxy's own runtime, so a
 /// proxy that is stuck or starved (not only a dead one) stops refreshing it.
 #[repr(C)]
@@ -229,7 +267,8 @@ assert_layout!(WorkloadInfo, 16, 4);
 assert_layout!(DestInfo, 8, 4);
 assert_layout!(MeshConfig, 16, 4);
 assert_layout!(ExcludeCidr, 16, 4);
-assert_layout!(SockState, 32, 8);
+assert_layout!(SockState, 56, 8);
+assert_layout!(FlowRecord, 64, 8);
 assert_layout!(SockKey, 12, 4);
 assert_layout!(FlowInfo, 32, 8);
 assert_layout!(ProxyHealth, 16, 8);
@@ -249,6 +288,7 @@ mod pod {
         MeshConfig,
         ExcludeCidr,
         SockState,
+        FlowRecord,
         SockKey,
         FlowInfo,
         ProxyHealth,

@@ -349,6 +349,7 @@ fn decide(ctx: &SockAddrContext, ev: &mut Ev) -> Verdict {
         dst_id,
         fallback: 0,
         netns,
+        ..SockState::default()
     };
     if fail_closed {
         orig.flags |= flow_flags::FAIL_CLOSED;

@@ -5,7 +5,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockHash},
     helpers::generated::{bpf_probe_read_kernel, bpf_sk_storage_get},
     macros::btf_map,
     Global,
@@ -13,8 +13,8 @@ use aya_ebpf::{
 use mesh_common::{
     capacity as cap,
     maps::{
-        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, ProxyHealth, SockKey, SockState,
-        WorkloadInfo,
+        DestInfo, ExcludeCidr, FlowInfo, FlowRecord, InboundInfo, MeshConfig, ProxyHealth, SockKey,
+        SockState, WorkloadInfo,
     },
     Stat,
 };
@@ -142,6 +142,21 @@ pub unsafe fn peer_sk(sk: *mut c_void) -> Option<&'static mut PeerSk> {
 /// so a pod cannot grow the map.
 #[btf_map]
 pub static NETNS_PROBE: HashMap<u64, u64, { cap::NETNS_PROBE as usize }> = HashMap::new();
+
+/// Direct-mode flow records (opened, an end closed) for the agent's `istio_tcp_*` series
+/// of flows no proxy sees. Fixed size; when full, a record is dropped and counted
+/// (`telemetry_dropped`), never waited for. Not pinned (one reader per ring).
+#[btf_map]
+pub static FLOW_EVENTS: RingBuf<FlowRecord, { cap::FLOW_EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Writes a flow record, or counts it dropped. Few per connection (open, each end's
+/// close): the default wake-up of the reader is fine.
+#[inline(always)]
+pub fn flow_record(rec: &FlowRecord) {
+    if FLOW_EVENTS.output(rec, 0).is_err() {
+        bump(Stat::TelemetryDropped);
+    }
+}
 
 /// Datapath events, indexed by `mesh_common::Stat`.
 #[btf_map]

@@ -10,11 +10,11 @@
 //! at offsets the agent resolves from the kernel's BTF) and, above the limit, send this and
 //! later messages of this socket over plain TCP instead (sticky, so bytes are never
 //! reordered: the reader drains the redirect queue before the TCP queue). TCP then provides
-//! the back-pressure. Once every byte sent over TCP has been acknowledged and read and the
-//! redirect queue has drained to half the limit, the sender goes back to redirecting
-//! (`drained`). The peer's address comes from the kernel itself: after a redirect,
-//! `struct sk_msg.sk_redir` names the peer socket; the sender keeps it in its own socket
-//! storage (`PEER_SK`, not pinned), so no kernel pointer sits in a map a dump can read.
+//! the back-pressure. Once the reader has read every byte sent over TCP (its `copied_seq`
+//! reaches the sender's `write_seq`), the sender goes back to redirecting (`drained`).
+//! The peer's address comes from the kernel itself: after a redirect, `struct
+//! sk_msg.sk_redir` names the peer socket; the sender keeps it in its own socket storage
+//! (`PEER_SK`, not pinned), so no kernel pointer sits in a map a dump can read.
 //!
 //! # Minimum kernel version
 //!
@@ -40,7 +40,7 @@ use crate::{
     maps::{
         add, bump, config, peer_sk, queue_check_enabled, read_addressing, read_u32, read_u64,
         sock_state, socket_queue, PeerSk, FLOWS, OFF_MSG_SK, OFF_MSG_SK_REDIR, OFF_TCP_COPIED_SEQ,
-        OFF_TCP_RCV_NXT, OFF_TCP_SND_UNA, OFF_TCP_WRITE_SEQ, QUEUE_LIMIT_FLOOR, SOCKHASH,
+        OFF_TCP_WRITE_SEQ, QUEUE_LIMIT_FLOOR, SOCKHASH,
     },
 };
 
@@ -150,6 +150,9 @@ fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
     }
     bump(Stat::MsgRedirected);
     add(Stat::MsgRedirectedBytes, size as u64);
+    // This sender's share of its flow's telemetry (`SockState.redirected`; read by sockops
+    // at close). Under the sender's socket lock: no other writer.
+    st.redirected += size as u64;
     SK_PASS
 }
 
@@ -219,20 +222,18 @@ fn mark_flow(flags: u32, me: &SockKey) {
 }
 
 /// Whether a sender in back-pressure fallback may go back to redirecting without
-/// reordering: every byte it sent over TCP was acknowledged (`snd_una == write_seq`: none
-/// is in flight, queued, or waiting in the peer's backlog, which is acknowledged only once
-/// processed), the reader has read all of them (`copied_seq == rcv_nxt` on the peer), and
-/// the peer's redirect queue is below half the limit (hysteresis, so a reader that stays
-/// slow does not make the pair flip at every message).
+/// reordering: the reader has read every byte this sender ever put into TCP (the
+/// reader's `copied_seq` equals the sender's `write_seq`: both count the sender's sequence
+/// space, so nothing is queued, in flight, in the peer's backlog or receive queue, or
+/// unread). The reader takes the redirect queue before the TCP queue, so a redirect made
+/// now cannot overtake an older byte; and with all the TCP bytes read, the redirect queue
+/// (read before them) is empty too. Acknowledgements are not waited for: a byte the
+/// reader has copied is ordered whatever ACK is still on its way, and under continuous
+/// sending "everything acknowledged" rarely holds at the start of a send.
 #[inline(always)]
 fn drained(ctx: u64, addrs: Option<&mut PeerSk>) -> bool {
-    let (una, wseq, nxt, copied) = (
-        OFF_TCP_SND_UNA.load(),
-        OFF_TCP_WRITE_SEQ.load(),
-        OFF_TCP_RCV_NXT.load(),
-        OFF_TCP_COPIED_SEQ.load(),
-    );
-    if una == 0 || wseq == 0 || nxt == 0 || copied == 0 || !queue_check_enabled() {
+    let (wseq, copied) = (OFF_TCP_WRITE_SEQ.load(), OFF_TCP_COPIED_SEQ.load());
+    if wseq == 0 || copied == 0 || !queue_check_enabled() {
         return false;
     }
     let Some(a) = addrs else {
@@ -243,22 +244,10 @@ fn drained(ctx: u64, addrs: Option<&mut PeerSk>) -> bool {
     if mine == 0 || theirs == 0 {
         return false;
     }
-    let sent_all_acked = match (read_u32(mine, una), read_u32(mine, wseq)) {
-        (Some(a), Some(w)) => a == w,
+    match (read_u32(mine, wseq), read_u32(theirs, copied)) {
+        (Some(w), Some(c)) => w == c,
         _ => false,
-    };
-    if !sent_all_acked {
-        return false;
     }
-    let read_all = match (read_u32(theirs, nxt), read_u32(theirs, copied)) {
-        (Some(n), Some(c)) => n == c,
-        _ => false,
-    };
-    if !read_all {
-        return false;
-    }
-    let (rcvbuf, queued) = socket_queue(theirs);
-    queued <= queue_limit(rcvbuf) / 2
 }
 
 /// Whether the other end of this flow moved to the TCP path since this sender last
@@ -288,12 +277,19 @@ fn peer_fell_back(flags: u32, me: &SockKey) -> bool {
     true
 }
 
-/// The most bytes a redirect queue may hold: the peer's `SO_RCVBUF`, at least the floor.
+/// The most bytes a redirect queue may hold: half the peer's `SO_RCVBUF`, at least the
+/// floor. Half, because the kernel counts redirected bytes in the reader's `sk_rmem_alloc`
+/// (6.x): TCP must keep room in that buffer for what the sender puts on it after a
+/// fallback. A full buffer makes the reader drop those segments (`RcvPruned`) and the
+/// sender wait out a retransmission timeout (200 ms) at every fallback. And the kernel
+/// grows `sk_rcvbuf` to what is allocated when a segment finds it full
+/// (`tcp_clamp_window`): a limit of the whole buffer followed it up to `tcp_rmem[2]`.
 #[inline(always)]
 fn queue_limit(rcvbuf: i32) -> u32 {
     let floor = QUEUE_LIMIT_FLOOR.load();
-    if rcvbuf > 0 && rcvbuf as u32 > floor {
-        rcvbuf as u32
+    let half = if rcvbuf > 0 { rcvbuf as u32 / 2 } else { 0 };
+    if half > floor {
+        half
     } else {
         floor
     }

@@ -11,6 +11,12 @@
 //! - TCP_CONNECT (a captured socket sends its SYN): ask for state callbacks.
 //! - STATE_CB to TCP_CLOSE: drop the flow record (per-socket state dies with the socket).
 //!
+//! Telemetry of direct-mode flows (no proxy sees them): both ends are counted from
+//! ESTABLISHED (`tel_flags::COUNTED`, both ends watch their state). The client writes an
+//! `OPENED` record to `FLOW_EVENTS`; at its close each end writes what it sent, the
+//! bytes sk_msg redirected (`SockState.redirected`) plus the TCP bytes the peer
+//! acknowledged (`bytes_acked`, less the handshake's and the FIN's sequence numbers).
+//!
 //! Paired sockets are never taken out of the sockhash while they live: deleting one drops
 //! its psock, which discards whatever a concurrent redirect from the peer queued there
 //! (measured: 64 KiB lost in a 16 MiB echo when a socket was un-paired on its FIN).
@@ -26,21 +32,22 @@ use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
     },
+    helpers::bpf_ktime_get_ns,
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
-    cfg_flags, decision, flow_flags, log_level,
-    maps::{FlowInfo, SockKey, SockState},
-    socket_key, Stat,
+    cfg_flags, decision, flow_flags, flow_record, log_level,
+    maps::{FlowInfo, FlowRecord, SockKey, SockState},
+    socket_key, tcp_payload, tel_flags, Stat,
 };
 
 use crate::{
     log::{ip, on, NONE},
-    maps::{bump, config, read_addressing, sock_state, FLOWS, SOCKHASH},
+    maps::{bump, config, flow_record, read_addressing, sock_state, FLOWS, SOCKHASH},
 };
 
 /// Callbacks a captured socket needs: state changes, for the flow clean-up on close.
@@ -191,6 +198,19 @@ fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
     } else {
         bump(Stat::FlowStoreFailed);
     }
+    if st.flags & flow_flags::DIRECT != 0 {
+        // A flow no proxy will see: count it from here (paired or not).
+        start_counting(ctx, st);
+        flow_record(&FlowRecord {
+            kind: flow_record::OPENED,
+            flags: st.flags,
+            src_id: st.src_id,
+            dst_id: st.dst_id,
+            key,
+            netns: st.netns,
+            ..FlowRecord::default()
+        });
+    }
     *rec = Rec {
         level: cfg.log_level,
         code: if !stored {
@@ -247,6 +267,7 @@ fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
             dst_id: flow.dst_id,
             fallback: 0,
             netns: flow.netns,
+            ..SockState::default()
         };
     }
     *rec = Rec {
@@ -302,7 +323,13 @@ fn passive_established(ctx: &SockOpsContext, rec: &mut Rec) {
         dst_id: flow.dst_id,
         fallback: 0,
         netns: flow.netns,
+        ..SockState::default()
     };
+    if flow.flags & flow_flags::DIRECT != 0 {
+        // The destination pod's end of a direct-mode flow: its sends are the response.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
+        start_counting(ctx, st);
+    }
     if flow.flags & flow_flags::CLIENT_PAIRED != 0 {
         // SAFETY: the context pointer is valid for the program's lifetime.
         if SOCKHASH
@@ -343,10 +370,92 @@ fn connecting(ctx: &SockOpsContext) {
     }
 }
 
+/// Marks a direct-mode end as counted: the clock and the handshake's share of
+/// `bytes_acked` (taken off at close).
+#[inline(always)]
+fn start_counting(ctx: &SockOpsContext, st: &mut SockState) {
+    // SAFETY: the context pointer is valid for the program's lifetime; a full socket's
+    // field (ESTABLISHED callbacks run on full sockets).
+    let acked = unsafe { read_volatile(&(*ctx.ops).bytes_acked) };
+    st.acked_base = acked as u32;
+    // SAFETY: helper call without arguments.
+    st.opened_ns = unsafe { bpf_ktime_get_ns() };
+    st.redirected = 0;
+    st.tel = tel_flags::COUNTED;
+}
+
+/// A counted end's state change: whether its FIN was sent and acknowledged (one sequence
+/// number in `bytes_acked` that is not payload), and at the close its record.
+#[inline(always)]
+fn count_state(ctx: &SockOpsContext, st: &mut SockState, old: u32, new: u32) {
+    match new {
+        BPF_TCP_FIN_WAIT1 | BPF_TCP_LAST_ACK => st.tel |= tel_flags::FIN_SENT,
+        // The kernel leaves FIN_WAIT1 for FIN_WAIT2 only once everything up to the FIN
+        // (`write_seq`) is acknowledged.
+        BPF_TCP_FIN_WAIT2 if old == BPF_TCP_FIN_WAIT1 => st.tel |= tel_flags::FIN_ACKED,
+        BPF_TCP_CLOSE if st.tel & tel_flags::CLOSED == 0 => {
+            // SAFETY: the context pointer is valid for the program's lifetime; STATE_CB
+            // runs on the full socket.
+            let (acked, una, nxt) = unsafe {
+                (
+                    read_volatile(&(*ctx.ops).bytes_acked),
+                    read_volatile(&(*ctx.ops).snd_una),
+                    read_volatile(&(*ctx.ops).snd_nxt),
+                )
+            };
+            // From CLOSING or LAST_ACK the close follows the FIN's acknowledgement, or a
+            // reset or timeout: acknowledged when nothing sent is outstanding. Accepted
+            // inexactness: a FIN held back by a zero window when a reset arrives, with all
+            // payload acknowledged, takes one byte too many off.
+            if (old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK) && una == nxt {
+                st.tel |= tel_flags::FIN_ACKED;
+            }
+            st.tel |= tel_flags::CLOSED;
+            let server = st.flags & flow_flags::SERVER_SIDE != 0;
+            let sent_tcp = tcp_payload(acked, st.acked_base, st.tel & tel_flags::FIN_ACKED != 0);
+            if server && st.redirected == 0 && sent_tcp == 0 {
+                return;
+            }
+            let Some((me, _)) = sock_key(ctx) else {
+                return;
+            };
+            // SAFETY: helper call without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            flow_record(&FlowRecord {
+                kind: if server {
+                    flow_record::SERVER_CLOSED
+                } else {
+                    flow_record::CLIENT_CLOSED
+                },
+                flags: st.flags,
+                src_id: st.src_id,
+                dst_id: st.dst_id,
+                key: if server { me.reversed() } else { me },
+                _pad: 0,
+                netns: st.netns,
+                sent_redirected: st.redirected,
+                sent_tcp,
+                duration_ns: now.saturating_sub(st.opened_ns),
+            });
+        }
+        _ => {}
+    }
+}
+
 #[inline(always)]
 fn state_changed(ctx: &SockOpsContext, rec: &mut Rec) {
-    // arg 1 is the new state.
-    if ctx.arg(1) != BPF_TCP_CLOSE {
+    // arg 0 is the old state, arg 1 the new one.
+    let (old, new) = (ctx.arg(0), ctx.arg(1));
+    let sk = ctx_sk(ctx);
+    if !sk.is_null() {
+        // SAFETY: the context's own socket, checked non-null.
+        if let Some(st) = unsafe { sock_state(sk, false) } {
+            if st.tel & tel_flags::COUNTED != 0 {
+                count_state(ctx, st, old, new);
+            }
+        }
+    }
+    if new != BPF_TCP_CLOSE {
         return;
     }
     let Some((key, _)) = sock_key(ctx) else {

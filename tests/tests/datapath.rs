@@ -16,6 +16,11 @@ mod fill;
 #[path = "datapath_log.rs"]
 mod log;
 
+/// The direct-mode telemetry tests (issue 12, item 1; their own binary too), for the same
+/// reason: the per-flow records come from sockops and sk_msg.
+#[path = "telemetry_direct.rs"]
+mod telemetry_direct;
+
 /// Agent flags for tests of the pairing mechanics (short-circuit, direct mode): pair on
 /// every kernel, also those without the back-pressure check (< 6.9), where the agent
 /// otherwise pairs nothing. None of these tests has a slow reader; the slow-reader tests
@@ -1197,6 +1202,96 @@ fn direct_mode_recovers_from_back_pressure_with_bytes_in_order() {
         }
     }
 }
+
+/// A reader that waits for whole blocks (`recv(MSG_WAITALL)`) sits inside the TCP receive
+/// path while it waits: bytes the pair sends meanwhile must still reach it, in order,
+/// across every fallback and recovery (a small queue floor makes the pair switch often).
+#[test]
+fn a_waitall_reader_gets_every_byte_in_order_across_fallbacks() {
+    let n = node("direct");
+    let agent = n.start_agent(&["--skmsg-queue-floor", "65536"]).unwrap();
+    let total = (64 * MIB).to_string();
+    let python = std::env::var("MESH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut server = n
+        .pod_command("server", python.as_ref())
+        .args(["-c", WAITALL_READER, "9100", &total, "0.005"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    let sent = n
+        .pod_command("client", python.as_ref())
+        .args([
+            "-c",
+            PATTERN_WRITER,
+            &n.pod("server").ip.to_string(),
+            "9100",
+            &total,
+        ])
+        .output()
+        .unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let r: serde_json::Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("{e}: {line:?}; writer: {sent:?}"));
+    eprintln!(
+        "waitall: {r}; backpressure {} recovered {} redirected bytes {}",
+        agent.event("msg_pass_backpressure"),
+        agent.event("msg_fallback_recovered"),
+        agent.event("msg_redirected_bytes")
+    );
+    assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+    assert_eq!(
+        r["bad_at"],
+        serde_json::Value::Null,
+        "bytes out of order: {r}"
+    );
+    assert_eq!(r["received"].as_u64().unwrap(), 64 * MIB, "{r}");
+}
+
+/// Reads `total` bytes in 1 MiB `MSG_WAITALL` blocks, checking each against the writer's
+/// pattern (each 8 bytes: their own offset / 8, little-endian); prints one JSON line.
+const WAITALL_READER: &str = r#"
+import socket, sys, time, array, json
+port=int(sys.argv[1]); total=int(sys.argv[2]); delay=float(sys.argv[3])
+ls=socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", port)); ls.listen(1); print("listening", flush=True)
+c,_=ls.accept(); c.settimeout(20)
+got=0; bad=None; err=None; chunk=1<<20
+while got<total:
+    try:
+        b=c.recv(min(chunk,total-got), socket.MSG_WAITALL)
+    except Exception as e:
+        err=repr(e); break
+    if not b: break
+    if bad is None:
+        # bytes are 8-byte little-endian counters of their own offset / 8 (offsets stay 8-aligned only if len%8==0)
+        start=got
+        a0=start//8; pad=start%8
+        exp=array.array('Q', range(a0, (start+len(b))//8+2)).tobytes()[pad:pad+len(b)]
+        if b!=exp:
+            i=next(i for i in range(len(b)) if b[i]!=exp[i]); bad=start+i
+    got+=len(b)
+    if delay: time.sleep(delay)
+print(json.dumps({"received": got, "bad_at": bad, "error": err}), flush=True)
+"#;
+
+/// Writes `total` bytes of that pattern in 256 KiB writes, then waits for the reader's close.
+const PATTERN_WRITER: &str = r#"
+import socket, sys, array
+host=sys.argv[1]; port=int(sys.argv[2]); total=int(sys.argv[3])
+s=socket.create_connection((host,port)); step=256*1024; off=0
+while off<total:
+    n=min(step,total-off)
+    s.sendall(array.array('Q', range(off//8, (off+n)//8)).tobytes())
+    off+=n
+s.shutdown(socket.SHUT_WR); s.recv(1); print("sent", off, flush=True)
+"#;
 
 /// Whether the agent's kernel has the sk_msg back-pressure check (6.9+).
 fn queue_check(agent: &mesh_tests::Agent) -> bool {

@@ -14,11 +14,21 @@
 //! A dedicated thread (its own current-thread runtime) waits on the ring buffer and turns
 //! each record into an event. If the programs write faster than it reads, the 128 KiB ring
 //! fills and later records are dropped in the kernel (never blocking a connection).
+//!
+//! The second ring, `FLOW_EVENTS`, carries the records of direct-mode flows (opened, an
+//! end closed, with the bytes it sent): [`FlowReader`] hands each to a sink the wiring
+//! gives (the Istio series, `metrics::istio::DirectFlows`), on a thread of its own. Its
+//! ring has a fixed size (`mesh_common::capacity::FLOW_EVENTS_BYTES`); when it is full the
+//! programs drop the record and count it (`telemetry_dropped`), so a slow reader costs
+//! counts, never memory or a connection's time.
 
 use std::sync::{Arc, Weak};
 
-use aya::Ebpf;
-use mesh_common::log_level;
+use aya::{
+    maps::{MapData, RingBuf},
+    Ebpf,
+};
+use mesh_common::{log_level, maps::FlowRecord};
 use tracing::{debug, error, info, trace, warn};
 
 /// The `tracing` target of the decision log.
@@ -173,6 +183,131 @@ impl Drop for EventReader {
     }
 }
 
+/// Where direct-mode flow records go: called on the reader's thread, one record at a time.
+pub type FlowSink = Box<dyn FnMut(&FlowRecord) + Send>;
+
+/// A record as the ring holds it (`FlowRecord`'s `repr(C)` layout, native byte order);
+/// `None` for a length this build does not know (another build's programs): skipped.
+pub fn parse_flow_record(bytes: &[u8]) -> Option<FlowRecord> {
+    use mesh_common::maps::SockKey;
+    if bytes.len() != std::mem::size_of::<FlowRecord>() {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_ne_bytes([bytes[o], bytes[o + 1]]);
+    let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |o: usize| u64::from_ne_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
+    Some(FlowRecord {
+        kind: u32_at(0),
+        flags: u32_at(4),
+        src_id: u32_at(8),
+        dst_id: u32_at(12),
+        key: SockKey {
+            local_ip4: u32_at(16),
+            remote_ip4: u32_at(20),
+            local_port: u16_at(24),
+            remote_port: u16_at(26),
+        },
+        _pad: u32_at(28),
+        netns: u64_at(32),
+        sent_redirected: u64_at(40),
+        sent_tcp: u64_at(48),
+        duration_ns: u64_at(56),
+    })
+}
+
+#[expect(
+    deprecated,
+    reason = "as `watch`: the ring buffer owns its fd for as long as the AsyncFd holds it"
+)]
+fn watch_ring(
+    ring: RingBuf<MapData>,
+) -> std::io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
+    tokio::io::unix::AsyncFd::with_interest(ring, tokio::io::Interest::READABLE)
+}
+
+/// The reader of `FLOW_EVENTS`; stops (and joins its thread) on drop, after handing what
+/// is left in the ring to the sink.
+pub struct FlowReader {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FlowReader {
+    pub fn start(ring: RingBuf<MapData>, mut sink: FlowSink) -> Result<FlowReader, String> {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("datapath-flows".into())
+            .spawn(move || {
+                let span = tracing::info_span!("datapath_flows");
+                let _enter = span.enter();
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!(error = %e, "direct-mode flow records cannot be read");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut fd = match watch_ring(ring) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            warn!(error = %e, "direct-mode flow records cannot be read");
+                            return;
+                        }
+                    };
+                    let mut drain = |ring: &mut RingBuf<MapData>| {
+                        while let Some(item) = ring.next() {
+                            match parse_flow_record(&item) {
+                                Some(r) => sink(&r),
+                                None => debug!(
+                                    len = item.len(),
+                                    "a flow record of another size, skipped"
+                                ),
+                            }
+                        }
+                    };
+                    loop {
+                        tokio::select! {
+                            r = fd.readable_mut() => match r {
+                                Ok(mut guard) => {
+                                    drain(guard.get_inner_mut());
+                                    guard.clear_ready();
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "reading direct-mode flow records failed");
+                                    return;
+                                }
+                            },
+                            _ = &mut stopped => {
+                                drain(fd.get_mut());
+                                return;
+                            }
+                        }
+                    }
+                });
+            })
+            .map_err(|e| format!("starting the flow record thread: {e}"))?;
+        Ok(FlowReader {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FlowReader {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +331,47 @@ mod tests {
         assert_eq!(decode("4242 x"), "4242 x");
         assert_eq!(decode("hello world"), "hello world");
         assert_eq!(decode("7"), "7");
+    }
+
+    #[test]
+    fn flow_records_are_read_field_by_field() {
+        use mesh_common::maps::SockKey;
+        let r = FlowRecord {
+            kind: 2,
+            flags: 0x202,
+            src_id: 7,
+            dst_id: 9,
+            key: SockKey {
+                local_ip4: 0x0a00_0002,
+                remote_ip4: 0x0a00_0003,
+                local_port: 40000,
+                remote_port: 8080,
+            },
+            _pad: 0,
+            netns: 4242,
+            sent_redirected: 1 << 40,
+            sent_tcp: 12,
+            duration_ns: 5_000_000,
+        };
+        // The bytes as the kernel writes them: the fields in `repr(C)` order, no padding.
+        let mut b = Vec::new();
+        for v in [
+            r.kind,
+            r.flags,
+            r.src_id,
+            r.dst_id,
+            r.key.local_ip4,
+            r.key.remote_ip4,
+        ] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        b.extend_from_slice(&r.key.local_port.to_ne_bytes());
+        b.extend_from_slice(&r.key.remote_port.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        for v in [r.netns, r.sent_redirected, r.sent_tcp, r.duration_ns] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(parse_flow_record(&b), Some(r));
+        assert_eq!(parse_flow_record(&b[..40]), None);
     }
 }

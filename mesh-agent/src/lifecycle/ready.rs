@@ -15,6 +15,8 @@ use tracing::info;
 #[derive(Clone, Default)]
 pub struct Ready {
     inner: Arc<Mutex<Guards>>,
+    /// Woken each time the last outstanding guard is released (`ready`).
+    became_ready: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -47,6 +49,21 @@ impl Ready {
     /// Whether no guard is outstanding.
     pub fn is_ready(&self) -> bool {
         self.lock().held.is_empty()
+    }
+
+    /// Waits until no guard is outstanding (at once if none is).
+    pub async fn ready(&self) {
+        loop {
+            let woken = self.became_ready.notified();
+            tokio::pin!(woken);
+            // Registered before the check: a release between the check and the wait
+            // still wakes it.
+            woken.as_mut().enable();
+            if self.is_ready() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// The names of the outstanding guards, each once, in the order they were first taken.
@@ -96,6 +113,7 @@ impl Drop for BlockReady {
             g.held.len()
         };
         if left == 0 {
+            self.ready.became_ready.notify_waiters();
             info!(released = self.name, "ready");
         } else {
             info!(
@@ -156,6 +174,27 @@ mod tests {
         assert_eq!(b.name(), "xds stream open");
         drop(b);
         assert!(ready.is_ready());
+    }
+
+    #[tokio::test]
+    async fn waiting_for_readiness_ends_when_the_last_guard_goes() {
+        let ready = Ready::new();
+        // No guard: at once.
+        ready.ready().await;
+        let bpf = ready.block("bpf attached");
+        let xds = ready.block("xds stream open");
+        let waiter = tokio::spawn({
+            let ready = ready.clone();
+            async move { ready.ready().await }
+        });
+        drop(bpf);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one guard is still held");
+        std::thread::spawn(move || drop(xds)).join().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken once the last guard went")
+            .unwrap();
     }
 
     #[test]

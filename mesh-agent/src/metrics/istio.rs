@@ -1,6 +1,7 @@
 //! Istio's standard series (`istio_tcp_*`, `istio_requests_total` and the request
 //! histograms), with Istio's label names, encoded by `prometheus-client` beside the
-//! agent's own `mesh_*` text.
+//! agent's own `mesh_*` text. The proxy counts what it relays; direct-mode flows, which
+//! skip it, are counted from the datapath's per-flow records (`DirectFlows`).
 //!
 //! Cost: the proxy resolves a label set once per connection (TCP: one `TcpSeries` handle;
 //! HTTP: a per-connection `HttpConn` whose small cache maps (endpoint, cluster, code,
@@ -252,6 +253,26 @@ pub struct Istio {
     /// `--telemetry off`: nothing is recorded (TCP handles are detached counters, HTTP
     /// requests return before the cache).
     enabled: std::sync::atomic::AtomicBool,
+    /// The datapath's own counters of direct-mode flows (`DirectFlows`), kept with
+    /// `--telemetry off` too.
+    pub direct: DirectCounters,
+}
+
+/// What the datapath reported of direct-mode flows (`mesh_direct_*`), whatever the Istio
+/// series' bounds and pruning did with them.
+#[derive(Debug, Default)]
+pub struct DirectCounters {
+    pub records: AtomicU64,
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    /// Client to server: redirected socket to socket, and over TCP.
+    pub request_redirected: AtomicU64,
+    pub request_tcp: AtomicU64,
+    /// Server to client.
+    pub response_redirected: AtomicU64,
+    pub response_tcp: AtomicU64,
+    /// Sum of the closed flows' durations (ESTABLISHED to the client's close), ns.
+    pub duration_ns: AtomicU64,
 }
 
 /// Reads the workloads in force (`namespace`, `name`), or `None` before the first.
@@ -339,6 +360,7 @@ impl Default for Istio {
             pruned: AtomicU64::new(0),
             overflow: AtomicU64::new(0),
             enabled: std::sync::atomic::AtomicBool::new(true),
+            direct: DirectCounters::default(),
         }
     }
 }
@@ -456,6 +478,92 @@ impl Istio {
             self.pruned.load(Relaxed),
             self.overflow.load(Relaxed),
         );
+        let d = &self.direct;
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP mesh_direct_flow_records_total Direct-mode flow records read from the datapath (FLOW_EVENTS); records the kernel dropped on a full ring are mesh_datapath_events_total{{event=\"telemetry_dropped\"}}.\n# TYPE mesh_direct_flow_records_total counter\nmesh_direct_flow_records_total {}\n\
+             # HELP mesh_direct_flows_total Direct-mode flows (socket to socket, no proxy) opened and closed.\n# TYPE mesh_direct_flows_total counter\nmesh_direct_flows_total{{event=\"opened\"}} {}\nmesh_direct_flows_total{{event=\"closed\"}} {}\n\
+             # HELP mesh_direct_bytes_total Bytes of closed direct-mode flows by direction (request: client to server) and how they went (redirect: sk_msg socket to socket; tcp: the TCP path).\n# TYPE mesh_direct_bytes_total counter\n\
+             mesh_direct_bytes_total{{direction=\"request\",path=\"redirect\"}} {}\nmesh_direct_bytes_total{{direction=\"request\",path=\"tcp\"}} {}\n\
+             mesh_direct_bytes_total{{direction=\"response\",path=\"redirect\"}} {}\nmesh_direct_bytes_total{{direction=\"response\",path=\"tcp\"}} {}\n\
+             # HELP mesh_direct_flow_seconds_total Summed lifetime of closed direct-mode flows, seconds.\n# TYPE mesh_direct_flow_seconds_total counter\nmesh_direct_flow_seconds_total {:.6}",
+            l(&d.records),
+            l(&d.opened),
+            l(&d.closed),
+            l(&d.request_redirected),
+            l(&d.request_tcp),
+            l(&d.response_redirected),
+            l(&d.response_tcp),
+            l(&d.duration_ns) as f64 / 1e9,
+        );
+    }
+}
+
+/// Resolves a datapath workload id (`WorkloadInfo.id`) and the workload's address to the
+/// peer the labels name (the wiring reads the registry and the proxy's mesh workloads).
+pub type ResolveId = Box<dyn Fn(u32, std::net::Ipv4Addr) -> Peer + Send>;
+
+/// Direct-mode flows (two same-node pods paired socket to socket, which no proxy sees) in
+/// the Istio series, from the datapath's flow records (`datapath::events::FlowReader`):
+/// `reporter="source"` (the node is the source's), `destination_service` unknown (a direct
+/// flow is a connection to a pod's address, not to a service's), `request_protocol="tcp"`,
+/// `connection_security_policy="none"` (plain text between two pods of this node, as the
+/// proxy reports same-node plain-text flows). A record resolves its labels once; the bytes
+/// of a flow are added when each end closes (the request direction at the client's close,
+/// the response at the server's), as the destination side's series count theirs.
+pub struct DirectFlows {
+    istio: Arc<Istio>,
+    resolve: ResolveId,
+}
+
+impl DirectFlows {
+    pub fn new(istio: Arc<Istio>, resolve: ResolveId) -> DirectFlows {
+        DirectFlows { istio, resolve }
+    }
+
+    /// Counts one record.
+    pub fn record(&self, r: &mesh_common::maps::FlowRecord) {
+        use mesh_common::flow_record as kind;
+        let d = &self.istio.direct;
+        d.records.fetch_add(1, Relaxed);
+        if !matches!(
+            r.kind,
+            kind::OPENED | kind::CLIENT_CLOSED | kind::SERVER_CLOSED
+        ) {
+            return;
+        }
+        let ip = |a: u32| std::net::Ipv4Addr::from(a.to_ne_bytes());
+        let source = (self.resolve)(r.src_id, ip(r.key.local_ip4));
+        let destination = (self.resolve)(r.dst_id, ip(r.key.remote_ip4));
+        let series = self.istio.tcp(IstioLabels::new(
+            SOURCE,
+            &source,
+            &destination,
+            None,
+            "tcp",
+            false,
+        ));
+        let bytes = r.sent_redirected + r.sent_tcp;
+        match r.kind {
+            kind::OPENED => {
+                d.opened.fetch_add(1, Relaxed);
+                series.opened.inc();
+            }
+            kind::CLIENT_CLOSED => {
+                d.closed.fetch_add(1, Relaxed);
+                d.request_redirected.fetch_add(r.sent_redirected, Relaxed);
+                d.request_tcp.fetch_add(r.sent_tcp, Relaxed);
+                d.duration_ns.fetch_add(r.duration_ns, Relaxed);
+                series.closed.inc();
+                series.received.inc_by(bytes);
+            }
+            _ => {
+                d.response_redirected.fetch_add(r.sent_redirected, Relaxed);
+                d.response_tcp.fetch_add(r.sent_tcp, Relaxed);
+                series.sent.inc_by(bytes);
+            }
+        }
     }
 }
 
@@ -768,6 +876,70 @@ mod tests {
             "{t}"
         );
         assert_eq!(i.pruned.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn direct_flow_records_count_both_directions_under_the_source_reporter() {
+        use mesh_common::{flow_record, maps::FlowRecord, maps::SockKey};
+        let i = Arc::new(Istio::default());
+        let d = DirectFlows::new(
+            i.clone(),
+            Box::new(|id, ip| match id {
+                1 => {
+                    assert_eq!(ip, std::net::Ipv4Addr::new(10, 0, 0, 2));
+                    peer("shop", "client")
+                }
+                2 => peer("backend", "db"),
+                _ => Peer::default(),
+            }),
+        );
+        let base = FlowRecord {
+            src_id: 1,
+            dst_id: 2,
+            key: SockKey {
+                local_ip4: u32::from_ne_bytes([10, 0, 0, 2]),
+                remote_ip4: u32::from_ne_bytes([10, 0, 0, 3]),
+                local_port: 40000,
+                remote_port: 9000,
+            },
+            ..FlowRecord::default()
+        };
+        d.record(&FlowRecord {
+            kind: flow_record::OPENED,
+            ..base
+        });
+        d.record(&FlowRecord {
+            kind: flow_record::CLIENT_CLOSED,
+            sent_redirected: 1000,
+            sent_tcp: 24,
+            duration_ns: 1_500_000_000,
+            ..base
+        });
+        d.record(&FlowRecord {
+            kind: flow_record::SERVER_CLOSED,
+            sent_redirected: 77,
+            ..base
+        });
+        let t = text(&i);
+        let series = "{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",source_app=\"unknown\",source_version=\"unknown\",destination_workload=\"db\",destination_workload_namespace=\"backend\",destination_principal=\"spiffe://cluster.local/ns/backend/sa/db\",destination_app=\"unknown\",destination_version=\"unknown\",destination_service=\"unknown\",destination_service_name=\"unknown\",destination_service_namespace=\"unknown\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"none\"}";
+        for (m, v) in [
+            ("istio_tcp_connections_opened_total", 1),
+            ("istio_tcp_connections_closed_total", 1),
+            ("istio_tcp_received_bytes_total", 1024),
+            ("istio_tcp_sent_bytes_total", 77),
+        ] {
+            assert!(t.contains(&format!("{m}{series} {v}\n")), "{m}: {t}");
+        }
+        assert!(
+            t.contains("mesh_direct_flows_total{event=\"opened\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("mesh_direct_bytes_total{direction=\"request\",path=\"tcp\"} 24\n"),
+            "{t}"
+        );
+        assert!(t.contains("mesh_direct_flow_seconds_total 1.500000"), "{t}");
+        assert!(t.contains("mesh_direct_flow_records_total 3\n"), "{t}");
     }
 
     #[test]
