@@ -567,7 +567,7 @@ impl Outbound {
                 }
                 let _ = client.set_nodelay(true);
                 istio.received.inc_by(prefix.len() as u64);
-                let res = Box::pin(hbone::relay_tunnel_counted(
+                let end = Box::pin(hbone::relay_tunnel_counted(
                     client,
                     stream,
                     &counters,
@@ -577,11 +577,11 @@ impl Outbound {
                 .await;
                 counters.closed.fetch_add(1, Relaxed);
                 drop(drain);
-                // Bytes are counted in the series as they are relayed
-                // (`hbone::relay_tunnel_counted`).
                 self.log_end(entry, |e| {
                     e.path_taken = PathTaken::Tunnel;
-                    if let Err(err) = res {
+                    e.bytes_received = Some(end.from_tcp + prefix.len() as u64);
+                    e.bytes_sent = Some(end.from_tunnel);
+                    if let Err(err) = end.result {
                         e.connection_termination_details = Some(format!("reset: {err}"));
                     }
                 });

@@ -566,6 +566,15 @@ fn destination_spans_arrive_with_the_source_try_as_parent() {
     assert_eq!(a["mesh.source.workload"], "shop/client-a", "{tcp:#}");
     assert_eq!(a["mesh.destination.principal"], ECHO, "{tcp:#}");
     assert_eq!(tcp["parent_span_id"], "", "{tcp:#}");
+    // Node 0's span of the same connection: the source side knows its bytes too.
+    let src = span_where(&out0, "node 0's span of the tunnelled connection", |s| {
+        s["name"] == "tcp"
+            && s["attributes"]["mesh.path_taken"] == "tunnel"
+            && s["attributes"]["server.port"] == ECHO_PORT
+            && s["attributes"]["mesh.bytes_received"] == 12345
+    });
+    let a = &src["attributes"];
+    assert_eq!(a["mesh.bytes_sent"], 12345, "{src:#}");
 
     // Plain text from outside the mesh: `inbound`.
     let r = c

@@ -114,10 +114,21 @@ pub enum TcpSide {
 
 /// Copies `r` to `w` until `r` ends, then shuts `w` down; counted in `count` (and an
 /// Istio series). Also the splice of upgraded HTTP connections (`secure::http::upgrade`).
-pub async fn pipe<R, W>(
+pub async fn pipe<R, W>(r: R, w: W, count: &AtomicU64, istio: Option<&Counter>) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pipe_counted(r, w, count, &AtomicU64::new(0), istio).await
+}
+
+/// `pipe`, also counting into `moved`: this one connection's bytes (the shared `count`
+/// sums many), kept as they go so a relay that ends in an error still knows them.
+async fn pipe_counted<R, W>(
     mut r: R,
     mut w: W,
     count: &AtomicU64,
+    moved: &AtomicU64,
     istio: Option<&Counter>,
 ) -> io::Result<()>
 where
@@ -133,6 +144,7 @@ where
         }
         w.write_all(&buf[..n]).await?;
         count.fetch_add(n as u64, Relaxed);
+        moved.fetch_add(n as u64, Relaxed);
         if let Some(c) = istio {
             c.inc_by(n as u64);
         }
@@ -153,17 +165,56 @@ pub async fn relay_tunnel(
     counters: &FlowCounters,
     side: TcpSide,
 ) -> io::Result<()> {
-    relay_tunnel_counted(tcp, tunnel, counters, side, None).await
+    relay_tunnel_counted(tcp, tunnel, counters, side, None)
+        .await
+        .result
+}
+
+/// What one tunnel relay moved, and how it ended.
+#[derive(Debug)]
+pub struct TunnelEnd {
+    /// Bytes read from the TCP side and sent into the tunnel.
+    pub from_tcp: u64,
+    /// Bytes read from the tunnel and written to the TCP side.
+    pub from_tunnel: u64,
+    /// The first error (the relay then reset both sides), or a clean end.
+    pub result: io::Result<()>,
 }
 
 /// `relay_tunnel`, counting into the connection's Istio series too as bytes flow (the
-/// source side's series: `received` from the TCP side, `sent` to it).
+/// source side's series: `received` from the TCP side, `sent` to it), and returning this
+/// connection's bytes each way (for its access-log line).
 pub async fn relay_tunnel_counted(
+    tcp: TcpStream,
+    tunnel: HboneStream,
+    counters: &FlowCounters,
+    side: TcpSide,
+    istio: Option<&TcpSeries>,
+) -> TunnelEnd {
+    let (from_tcp, from_tunnel) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = relay_tunnel_inner(
+        tcp,
+        tunnel,
+        counters,
+        side,
+        istio,
+        (&from_tcp, &from_tunnel),
+    )
+    .await;
+    TunnelEnd {
+        from_tcp: from_tcp.into_inner(),
+        from_tunnel: from_tunnel.into_inner(),
+        result,
+    }
+}
+
+async fn relay_tunnel_inner(
     mut tcp: TcpStream,
     tunnel: HboneStream,
     counters: &FlowCounters,
     side: TcpSide,
     istio: Option<&TcpSeries>,
+    moved: (&AtomicU64, &AtomicU64),
 ) -> io::Result<()> {
     let _ = sys::set_linger_zero(tcp.as_fd());
     let (from_tcp, from_tunnel) = match side {
@@ -178,8 +229,8 @@ pub async fn relay_tunnel_counted(
     {
         let (tr, tw) = tcp.split();
         let (hr, hw) = tokio::io::split(tunnel);
-        let up = pipe(tr, hw, from_tcp, istio_from_tcp);
-        let down = pipe(hr, tw, from_tunnel, istio_from_tunnel);
+        let up = pipe_counted(tr, hw, from_tcp, moved.0, istio_from_tcp);
+        let down = pipe_counted(hr, tw, from_tunnel, moved.1, istio_from_tunnel);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {
