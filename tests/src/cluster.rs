@@ -398,6 +398,32 @@ impl ClusterNode {
         self.echo(pod, to, 4096)
     }
 
+    /// One `GET path` from `pod` to `to` (podtool's `http-client`, 10 s deadline).
+    pub fn get_once(&self, pod: &str, to: &str, path: &str) -> Result<GetOnce> {
+        let r = self.client(
+            pod,
+            &[
+                "http-client",
+                "--to",
+                to,
+                "--path",
+                path,
+                "--deadline-ms",
+                "10000",
+            ],
+        )?;
+        let first = |k: &str| {
+            r[k].as_object()
+                .and_then(|m| m.keys().next().cloned())
+                .unwrap_or_default()
+        };
+        Ok(GetOnce {
+            status: first("status"),
+            body: first("bodies"),
+            errors: r["errors"].clone(),
+        })
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("mesh.yaml")
     }
@@ -531,6 +557,15 @@ impl Drop for ClusterNode {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// What one `ClusterNode::get_once` got: the status and the body (each empty if no answer
+/// came), and the client's errors (`[]` when none).
+#[derive(Debug)]
+pub struct GetOnce {
+    pub status: String,
+    pub body: String,
+    pub errors: serde_json::Value,
 }
 
 /// A node's running agent. Its admin endpoint listens on the node's loopback, so `get`

@@ -27,7 +27,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 pub mod cluster;
+pub mod cost;
 pub mod kubeapi;
+pub mod metrics;
+pub mod otlp;
 pub mod scenes;
 
 /// How long a pod client may run when the test gives it no `--deadline-ms` of its own: far
@@ -330,6 +333,13 @@ impl SimNode {
             args.extend(["--header", h]);
         }
         self.client(pod, &args)
+    }
+
+    /// One echo exchange of `bytes` each way from `pod` to `to` (the client's default
+    /// deadline); its JSON result.
+    pub fn echo(&self, pod: &str, to: &str, bytes: u64) -> Result<serde_json::Value> {
+        let bytes = bytes.to_string();
+        self.client(pod, &["echo-client", "--to", to, "--bytes", &bytes])
     }
 
     /// One 4 KiB echo exchange from `pod` to `to`; its JSON result. Never hangs: past 5 s

@@ -2,7 +2,62 @@
 
 use std::process::{Child, Command, Stdio};
 
-use crate::{podtool, Agent, SimNode};
+use crate::{podtool, Agent, Pod, SimNode};
+
+pub mod two_nodes;
+
+/// `namespaces:` entries of the scenes' files (YAML flow mappings): `shop` and `backend`
+/// enrolled with the agent's label, `backend` enrolled with Istio's own label instead, and
+/// `legacy`, outside the mesh.
+pub const NS_SHOP: &str = "{ name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }";
+pub const NS_BACKEND: &str = "{ name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }";
+pub const NS_BACKEND_ISTIO: &str =
+    "{ name: backend, labels: { istio.io/dataplane-mode: ambient } }";
+pub const NS_LEGACY: &str = "{ name: legacy }";
+
+/// One entry of a file's `workloads:` for `pod` (the workload takes the pod's name):
+/// `service_account` and `node` are left out when empty (the namespace's `default`; this
+/// host), `labels` is a YAML flow mapping.
+pub fn workload_entry(
+    pod: &Pod,
+    namespace: &str,
+    service_account: &str,
+    labels: &str,
+    node: &str,
+) -> String {
+    let mut e = format!(
+        "  - {{ name: {}, namespace: {namespace}, ip: {}, netns: {}",
+        pod.name,
+        pod.ip,
+        pod.netns_path()
+    );
+    if !node.is_empty() {
+        e += &format!(", node: {node}");
+    }
+    if !service_account.is_empty() {
+        e += &format!(", service_account: {service_account}");
+    }
+    e + &format!(", labels: {labels} }}\n")
+}
+
+/// The head of a single-node file: `namespaces:` (the entries given), then `workloads:`,
+/// one per `(pod, namespace, service account, labels)` of `n` (`workload_entry`). The
+/// test appends its services and policies.
+pub fn mesh_file(
+    n: &SimNode,
+    namespaces: &[&str],
+    workloads: &[(&str, &str, &str, &str)],
+) -> String {
+    let mut yaml = String::from("namespaces:\n");
+    for ns in namespaces {
+        yaml += &format!("  - {ns}\n");
+    }
+    yaml += "workloads:\n";
+    for &(pod, ns, sa, labels) in workloads {
+        yaml += &workload_entry(n.pod(pod), ns, sa, labels, "");
+    }
+    yaml
+}
 
 /// The VIP of the `backend/echo` service in [`shop_backend_data`].
 pub const ECHO_VIP: &str = "10.96.0.20";

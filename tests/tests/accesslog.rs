@@ -4,7 +4,11 @@
 
 use std::{path::Path, time::Duration};
 
-use mesh_tests::{metric, wait_for, SimNode};
+use mesh_tests::{
+    metric,
+    scenes::{mesh_file, NS_BACKEND, NS_LEGACY, NS_SHOP},
+    wait_for, SimNode,
+};
 use serde_json::Value;
 
 fn node() -> SimNode {
@@ -20,26 +24,17 @@ fn node() -> SimNode {
 /// `reviews` (HTTP, v1), `empty` (HTTP, no endpoint), `vault` (HTTP, the `locked` pod,
 /// which a DENY policy closes to namespace `shop`), and `db` (TCP).
 fn config(n: &SimNode) -> String {
-    let p = |name: &str| n.pod(name);
-    let mut yaml = "namespaces:\n\
-         \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         \x20 - { name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         \x20 - { name: legacy }\n\
-         workloads:\n"
-        .to_owned();
-    for (pod, ns, sa, labels) in [
-        ("client", "shop", "web", "{}"),
-        ("v1", "backend", "reviews", "{ app: reviews }"),
-        ("db", "backend", "db", "{ app: db }"),
-        ("locked", "backend", "vault", "{ app: vault }"),
-        ("legacy", "legacy", "default", "{}"),
-    ] {
-        yaml += &format!(
-            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, service_account: {sa}, labels: {labels} }}\n",
-            p(pod).ip,
-            p(pod).netns_path(),
-        );
-    }
+    let mut yaml = mesh_file(
+        n,
+        &[NS_SHOP, NS_BACKEND, NS_LEGACY],
+        &[
+            ("client", "shop", "web", "{}"),
+            ("v1", "backend", "reviews", "{ app: reviews }"),
+            ("db", "backend", "db", "{ app: db }"),
+            ("locked", "backend", "vault", "{ app: vault }"),
+            ("legacy", "legacy", "default", "{}"),
+        ],
+    );
     yaml += "services:\n\
          \x20 - { name: reviews, namespace: backend, vip: 10.96.0.10, ports: [ { port: 80, target_port: 8080, protocol: http } ], selector: { app: reviews } }\n\
          \x20 - { name: empty, namespace: backend, vip: 10.96.0.13, ports: [ { port: 80, target_port: 8080, protocol: http } ], selector: { app: nobody } }\n\
@@ -57,7 +52,7 @@ fn config(n: &SimNode) -> String {
          \x20     selector: {{ matchLabels: {{ app: vault }} }}\n\
          \x20     action: DENY\n\
          \x20     rules: [ {{ from: [ {{ source: {{ ipBlocks: [ \"{}/32\" ] }} }} ] }} ]\n",
-        p("legacy").ip
+        n.pod("legacy").ip
     );
     // An L7 rule on db's HTTP port: inbound connections there are served as HTTP at the
     // destination, each request judged.
@@ -134,18 +129,7 @@ fn connections_and_requests_leave_one_line_each() {
 
     // L4: an echo to a pod's own address, relayed as plain TCP.
     let seen = lines(&log).len();
-    let r = n
-        .client(
-            "client",
-            &[
-                "echo-client",
-                "--to",
-                &format!("{db}:9000"),
-                "--bytes",
-                "12345",
-            ],
-        )
-        .unwrap();
+    let r = n.echo("client", &format!("{db}:9000"), 12345).unwrap();
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
     let l = one_line(&log, seen, "the echo's line", |l| l["protocol"] == "TCP");
     assert_common(&l);
@@ -570,33 +554,8 @@ fn cost_of_the_namespace_switch_on_the_l7_path() {
 fn measure(n: &SimNode, modes: &[(&str, String, Vec<String>)], log: &Path) {
     n.serve("v1", &["http", "--listen", "0.0.0.0:8080", "--name", "v1"])
         .unwrap();
-    let cpu = |pid: u32| -> f64 {
-        // utime + stime of every thread, in clock ticks (100 Hz).
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
-    };
-    let wrk = |secs: u32| -> f64 {
-        let out = n
-            .pod_command("client", Path::new("/usr/bin/taskset"))
-            .args(["-c", "0", "wrk", "-t1", "-c16"])
-            .arg(format!("-d{secs}s"))
-            .arg("http://10.96.0.10:80/")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("Requests/sec:"))
-            .unwrap_or_else(|| panic!("wrk: {text}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let cpu = mesh_tests::cost::cpu_seconds;
+    let wrk = |secs: u32| mesh_tests::cost::wrk(n, "client", "http://10.96.0.10:80/", secs);
     let mut results: Vec<(usize, f64, f64)> = Vec::new();
     for _round in 0..5 {
         for (i, (name, yaml, args)) in modes.iter().enumerate() {

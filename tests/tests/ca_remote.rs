@@ -17,8 +17,10 @@ use std::{
 
 use mesh_tests::{
     agent_bin,
-    cluster::{command_in, contains, in_netns, Capture, SimCluster},
-    metric, wait_for,
+    cluster::{command_in, contains, in_netns, Capture},
+    intact, metric,
+    scenes::two_nodes::{TwoNodes, CLIENT_A, SERVER_B},
+    wait_for,
 };
 
 const CA_PORT: u16 = 15012;
@@ -39,36 +41,12 @@ impl Drop for Process {
     }
 }
 
-fn pods() -> SimCluster {
-    let mut c = SimCluster::new(2).expect("sim cluster");
-    c.add_pod(0, "client-a", 2).unwrap();
-    c.add_pod(1, "server-b", 2).unwrap();
+fn pods() -> TwoNodes {
+    let c = TwoNodes::new(&[CLIENT_A, SERVER_B]);
     c.node(1)
         .serve("server-b", &["echo", "--listen", "0.0.0.0:8080"])
         .unwrap();
     c
-}
-
-/// The one file the nodes and the control plane read: every workload with its `node:`.
-fn config(c: &SimCluster) -> String {
-    let mut yaml = "namespaces:\n\
-                    \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-                    \x20 - { name: backend, labels: { istio.io/dataplane-mode: ambient } }\n\
-                    workloads:\n"
-        .to_owned();
-    for (pod, ns, sa, labels) in [
-        ("client-a", "shop", "web", "{}"),
-        ("server-b", "backend", "echo", "{ app: echo }"),
-    ] {
-        let p = c.pod(pod);
-        yaml += &format!(
-            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, node: {}, service_account: {sa}, labels: {labels} }}\n",
-            p.ip,
-            p.netns_path(),
-            c.node_of(pod).name()
-        );
-    }
-    yaml
 }
 
 fn token(i: usize) -> String {
@@ -77,9 +55,9 @@ fn token(i: usize) -> String {
 
 /// Starts `mesh-agent control-plane` with the cluster's CA on node 0's underlay address,
 /// and waits until its CA port accepts connections from node 1.
-fn control_plane(c: &SimCluster, dir: &Path) -> Process {
+fn control_plane(c: &TwoNodes, dir: &Path) -> Process {
     let file = dir.join("control-plane.yaml");
-    std::fs::write(&file, config(c)).unwrap();
+    std::fs::write(&file, c.file("")).unwrap();
     let tokens = dir.join("node-tokens");
     std::fs::write(
         &tokens,
@@ -124,7 +102,7 @@ fn control_plane(c: &SimCluster, dir: &Path) -> Process {
 }
 
 /// The agent flags that take certificates from the control plane's CA.
-fn ca_flags(c: &SimCluster, i: usize, root: &Path) -> Vec<String> {
+fn ca_flags(c: &TwoNodes, i: usize, root: &Path) -> Vec<String> {
     let file = c.node(i).dir.join("ca-token");
     std::fs::write(&file, token(i)).unwrap();
     vec![
@@ -137,23 +115,11 @@ fn ca_flags(c: &SimCluster, i: usize, root: &Path) -> Vec<String> {
     ]
 }
 
-fn echo_ok(c: &SimCluster) -> bool {
+fn echo_ok(c: &TwoNodes) -> bool {
     let to = format!("{}:8080", c.pod("server-b").ip);
     c.node(0)
         .echo("client-a", &to, 64 << 10)
-        .map(|r| r["errors"] == serde_json::json!([]) && r["intact"] == 1)
-        .unwrap_or(false)
-}
-
-fn wait_mesh(c: &SimCluster, agents: &[mesh_tests::cluster::NodeAgent]) {
-    let ip = c.pod("server-b").ip.to_string();
-    for a in agents {
-        wait_for("the workloads in force", Duration::from_secs(10), || {
-            a.get("/config_dump")
-                .map(|d| d.contains(&ip) && d.contains("spiffe://cluster.local/ns/backend/sa/echo"))
-                .unwrap_or(false)
-        });
-    }
+        .is_ok_and(|r| intact(&r))
 }
 
 #[test]
@@ -162,9 +128,7 @@ fn agents_get_certificates_from_a_separate_control_plane_over_tls() {
     let c = pods();
     let dir = c.node(0).dir.clone();
     let cp = control_plane(&c, &dir);
-    for i in 0..2 {
-        c.node(i).write_config(&config(&c)).unwrap();
-    }
+    c.write_file("");
     let root = c.ca_dir().join("root-cert.pem");
     let underlay = PathBuf::from(format!("/run/netns/{}", c.underlay));
     let cap = Capture::start(&underlay).unwrap();
@@ -174,7 +138,7 @@ fn agents_get_certificates_from_a_separate_control_plane_over_tls() {
         c.node(i).start_agent(&flags).expect("agent")
     };
     let mut agents: Vec<_> = (0..2).map(|i| start(i, &root)).collect();
-    wait_mesh(&c, &agents);
+    c.wait_mesh(&agents);
     // Each node gets its own workload's certificate (its in-pod HBONE listener asks at
     // start), from the control plane's CA, over TLS.
     for (i, id) in [
@@ -207,7 +171,7 @@ fn agents_get_certificates_from_a_separate_control_plane_over_tls() {
     assert!(out.status.success(), "{out:?}");
     let signed_before = cp.log().matches("certificate issued").count();
     let mut a1 = start(1, &foreign.join("root-cert.pem"));
-    wait_mesh(&c, std::slice::from_ref(&a1));
+    c.wait_mesh(std::slice::from_ref(&a1));
     wait_for(
         "a failed certificate request",
         Duration::from_secs(10),
@@ -235,7 +199,7 @@ fn agents_get_certificates_from_a_separate_control_plane_over_tls() {
     // The right root again: traffic crosses the nodes in the tunnel with the control
     // plane's certificates.
     agents.push(start(1, &root));
-    wait_mesh(&c, &agents);
+    c.wait_mesh(&agents);
     assert!(
         echo_ok(&c),
         "cross-node traffic with certificates from the control plane\n{}\n{}\n{}",
@@ -257,46 +221,34 @@ fn agents_get_certificates_from_a_separate_control_plane_over_tls() {
 fn plaintext_to_the_ca_needs_an_explicit_opt_in() {
     mesh_tests::must_be_root();
     let c = pods();
-    c.node(0).write_config(&config(&c)).unwrap();
+    c.node(0).write_config(&c.file("")).unwrap();
     let tok = c.node(0).dir.join("ca-token");
     std::fs::write(&tok, token(0)).unwrap();
     let plain = format!("http://{}:15010", c.node(0).address);
-    let out = c
-        .node(0)
-        .agent_command(&[
-            "--ca-address",
-            &plain,
-            "--ca-token-file",
-            &tok.display().to_string(),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let tok = tok.display().to_string();
+    let agent = |ca: &str| {
+        c.node(0)
+            .agent_command(&["--ca-address", ca, "--ca-token-file", &tok])
+    };
+    let err = refused(agent(&plain));
     assert!(err.contains("--ca-plaintext"), "{err}");
     // https without the root to check the CA against.
-    let out = c
-        .node(0)
-        .agent_command(&[
-            "--ca-address",
-            &plain.replace("http", "https"),
-            "--ca-token-file",
-            &tok.display().to_string(),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused(agent(&plain.replace("http", "https")));
     assert!(err.contains("--ca-root-cert"), "{err}");
     // A control plane whose CA flags have nothing to serve on is refused too.
-    let out = command_in(&agent_bin(), &c.node(0).netns_path(), &c.node(0).cgroup)
-        .args(["control-plane", "--config"])
+    let mut cp = command_in(&agent_bin(), &c.node(0).netns_path(), &c.node(0).cgroup);
+    cp.args(["control-plane", "--config"])
         .arg(c.node(0).config_path())
         .arg("--ca-dir")
-        .arg(c.ca_dir())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+        .arg(c.ca_dir());
+    let err = refused(cp);
     assert!(err.contains("--ca-listen"), "{err}");
+}
+
+/// Runs `cmd`, which must fail; its standard error.
+fn refused(mut cmd: std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    err
 }

@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
-use mesh_tests::{metric, wait_for, SimNode};
+use mesh_tests::{
+    metrics::{labels, Scrape},
+    scenes::{mesh_file, NS_BACKEND, NS_SHOP},
+    SimNode,
+};
 
 fn node() -> SimNode {
     let mut n = SimNode::new().expect("sim node");
@@ -18,30 +22,16 @@ fn node() -> SimNode {
 /// `reviews` (HTTP, pod v1) and `db` (TCP service, pod db); `with_db`: whether pod db is
 /// a workload of the configuration.
 fn config(n: &SimNode, with_db: bool) -> String {
-    let p = |name: &str| n.pod(name);
-    let mut yaml = "namespaces:\n\
-         \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         \x20 - { name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         workloads:\n"
-        .to_owned();
-    for (pod, ns, sa, labels) in [
+    let workloads = [
         ("client", "shop", "web", "{}"),
         ("v1", "backend", "reviews", "{ app: reviews }"),
         ("db", "backend", "db", "{ app: db }"),
-    ] {
-        if pod == "db" && !with_db {
-            continue;
-        }
-        yaml += &format!(
-            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, service_account: {sa}, labels: {labels} }}\n",
-            p(pod).ip,
-            p(pod).netns_path(),
-        );
-    }
-    yaml += "services:\n\
+    ];
+    let count = if with_db { 3 } else { 2 };
+    mesh_file(n, &[NS_SHOP, NS_BACKEND], &workloads[..count])
+        + "services:\n\
          \x20 - { name: reviews, namespace: backend, vip: 10.96.0.10, ports: [ { port: 80, target_port: 8080, protocol: http } ], selector: { app: reviews } }\n\
-         \x20 - { name: db, namespace: backend, vip: 10.96.0.12, ports: [ { port: 5432, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n";
-    yaml
+         \x20 - { name: db, namespace: backend, vip: 10.96.0.12, ports: [ { port: 5432, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n"
 }
 
 const SOURCE: [(&str, &str); 5] = [
@@ -51,14 +41,6 @@ const SOURCE: [(&str, &str); 5] = [
     ("source_principal", "spiffe://cluster.local/ns/shop/sa/web"),
     ("connection_security_policy", "none"),
 ];
-
-fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    SOURCE
-        .iter()
-        .copied()
-        .chain(extra.iter().copied())
-        .collect()
-}
 
 #[test]
 fn istio_series_count_tcp_and_http_and_drop_gone_workloads() {
@@ -72,94 +54,62 @@ fn istio_series_count_tcp_and_http_and_drop_gone_workloads() {
     let db = n.pod("db").ip;
 
     // L4: one echo to the db pod, relayed by the proxy.
-    let r = n
-        .client(
-            "client",
-            &[
-                "echo-client",
-                "--to",
-                &format!("{db}:9000"),
-                "--bytes",
-                "12345",
-            ],
-        )
-        .unwrap();
+    let r = n.echo("client", &format!("{db}:9000"), 12345).unwrap();
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    let tcp = with(&[
-        ("destination_workload", "db"),
-        ("destination_workload_namespace", "backend"),
-        (
-            "destination_principal",
-            "spiffe://cluster.local/ns/backend/sa/db",
-        ),
-        ("destination_app", "db"),
-        ("destination_service", "unknown"),
-        ("request_protocol", "tcp"),
-        ("response_flags", "-"),
+    let tcp = labels(&[
+        &SOURCE,
+        &[
+            ("destination_workload", "db"),
+            ("destination_workload_namespace", "backend"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/backend/sa/db",
+            ),
+            ("destination_app", "db"),
+            ("destination_service", "unknown"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "-"),
+        ],
     ]);
-    let mut text = String::new();
-    wait_for("the TCP connection closed", Duration::from_secs(10), || {
-        text = agent.get("/metrics").unwrap_or_default();
-        metric(&text, "istio_tcp_connections_closed_total", &tcp) == 1
-    });
-    for l in text.lines().filter(|l| l.starts_with("istio_tcp_")) {
-        eprintln!("{l}");
-    }
-    assert_eq!(
-        metric(&text, "istio_tcp_connections_opened_total", &tcp),
-        1,
-        "{text}"
+    let s = Scrape::wait(
+        &agent,
+        "the TCP connection closed",
+        Duration::from_secs(10),
+        |s| s.value("istio_tcp_connections_closed_total", &tcp) == 1,
     );
-    assert_eq!(
-        metric(&text, "istio_tcp_received_bytes_total", &tcp),
-        12345,
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "istio_tcp_sent_bytes_total", &tcp),
-        12345,
-        "{text}"
-    );
+    s.show(&["istio_tcp_"]);
+    s.expect("istio_tcp_connections_opened_total", &tcp, 1);
+    s.expect("istio_tcp_received_bytes_total", &tcp, 12345);
+    s.expect("istio_tcp_sent_bytes_total", &tcp, 12345);
 
     // L4 through a TCP service: the service's labels come from its cluster.
     let r = n.echo_once("client", "10.96.0.12:5432").unwrap();
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    let svc = with(&[
-        ("destination_workload", "db"),
-        ("destination_service", "db.backend"),
-        ("destination_service_name", "db"),
-        ("destination_service_namespace", "backend"),
-        ("request_protocol", "tcp"),
+    let svc = labels(&[
+        &SOURCE,
+        &[
+            ("destination_workload", "db"),
+            ("destination_service", "db.backend"),
+            ("destination_service_name", "db"),
+            ("destination_service_namespace", "backend"),
+            ("request_protocol", "tcp"),
+        ],
     ]);
-    wait_for(
+    let s = Scrape::wait(
+        &agent,
         "the service connection closed",
         Duration::from_secs(10),
-        || {
-            text = agent.get("/metrics").unwrap_or_default();
-            metric(&text, "istio_tcp_connections_closed_total", &svc) == 1
-        },
+        |s| s.value("istio_tcp_connections_closed_total", &svc) == 1,
     );
-    for l in text
+    for l in s
         .lines()
         .filter(|l| l.starts_with("istio_tcp_sent") && l.contains("db.backend"))
     {
         eprintln!("{l}");
     }
-    assert_eq!(
-        metric(&text, "istio_tcp_connections_opened_total", &svc),
-        1,
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "istio_tcp_sent_bytes_total", &svc),
-        4096,
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "istio_tcp_received_bytes_total", &svc),
-        4096,
-        "{text}"
-    );
+    s.expect("istio_tcp_connections_opened_total", &svc, 1);
+    s.expect("istio_tcp_sent_bytes_total", &svc, 4096);
+    s.expect("istio_tcp_received_bytes_total", &svc, 4096);
 
     // L7: N requests to the reviews service, one series with code 200.
     const N: u64 = 5;
@@ -167,60 +117,54 @@ fn istio_series_count_tcp_and_http_and_drop_gone_workloads() {
         .http_get("client", "10.96.0.10:80", "/hello", N as u32, &[])
         .unwrap();
     assert_eq!(r["status"], serde_json::json!({ "200": N }), "{r}");
-    let http = with(&[
-        ("destination_workload", "v1"),
-        ("destination_workload_namespace", "backend"),
-        (
-            "destination_principal",
-            "spiffe://cluster.local/ns/backend/sa/reviews",
-        ),
-        ("destination_service_name", "reviews"),
-        ("destination_service_namespace", "backend"),
-        ("request_protocol", "http"),
-        ("response_code", "200"),
-        ("response_flags", "-"),
+    let http = labels(&[
+        &SOURCE,
+        &[
+            ("destination_workload", "v1"),
+            ("destination_workload_namespace", "backend"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/backend/sa/reviews",
+            ),
+            ("destination_service_name", "reviews"),
+            ("destination_service_namespace", "backend"),
+            ("request_protocol", "http"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+        ],
     ]);
-    wait_for("the requests counted", Duration::from_secs(10), || {
-        text = agent.get("/metrics").unwrap_or_default();
-        metric(&text, "istio_requests_total", &http) == N
-    });
-    for l in text.lines().filter(|l| {
-        l.starts_with("istio_requests_total")
-            || l.starts_with("istio_request_duration_milliseconds_count")
-    }) {
-        eprintln!("{l}");
-    }
-    assert_eq!(
-        metric(&text, "istio_request_duration_milliseconds_count", &http),
-        N,
-        "{text}"
+    let s = Scrape::wait(
+        &agent,
+        "the requests counted",
+        Duration::from_secs(10),
+        |s| s.value("istio_requests_total", &http) == N,
     );
-    assert_eq!(
-        metric(&text, "istio_response_bytes_count", &http),
-        N,
-        "{text}"
-    );
+    s.show(&[
+        "istio_requests_total",
+        "istio_request_duration_milliseconds_count",
+    ]);
+    s.expect("istio_request_duration_milliseconds_count", &http, N);
+    s.expect("istio_response_bytes_count", &http, N);
     assert!(
-        text.contains("# TYPE istio_request_duration_milliseconds histogram"),
-        "{text}"
+        s.contains("# TYPE istio_request_duration_milliseconds histogram"),
+        "{s}"
     );
     // The agent's own series are still there, once each.
     assert_eq!(
-        text.matches("# TYPE mesh_requests_total counter").count(),
+        s.matches("# TYPE mesh_requests_total counter").count(),
         1,
-        "{text}"
+        "{s}"
     );
-    assert!(!text.contains("# EOF"), "{text}");
+    assert!(!s.contains("# EOF"), "{s}");
 
     // The db workload leaves the configuration: its series go, v1's stay.
     n.write_config(&config(&n, false)).unwrap();
-    wait_for("db's series dropped", Duration::from_secs(20), || {
-        text = agent.get("/metrics").unwrap_or_default();
-        !text.contains("destination_workload=\"db\"")
-    });
-    assert_eq!(metric(&text, "istio_requests_total", &http), N, "{text}");
-    assert!(
-        metric(&text, "mesh_istio_series_pruned_total", &[]) >= 1,
-        "{text}"
+    let s = Scrape::wait(
+        &agent,
+        "db's series dropped",
+        Duration::from_secs(20),
+        |s| !s.contains("destination_workload=\"db\""),
     );
+    s.expect("istio_requests_total", &http, N);
+    s.expect_at_least("mesh_istio_series_pruned_total", &[], 1);
 }

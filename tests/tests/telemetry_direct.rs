@@ -7,7 +7,11 @@
 
 use std::time::Duration;
 
-use mesh_tests::{metric, sh, wait_for, SimNode};
+use mesh_tests::{
+    metrics::Scrape,
+    scenes::{mesh_file, NS_SHOP},
+    sh, SimNode,
+};
 
 /// Pair on every kernel (also those without the back-pressure check, < 6.9).
 const PAIRING: &[&str] = &["--skmsg-unbounded-pairing", "true"];
@@ -17,18 +21,13 @@ fn node() -> SimNode {
     let mut n = SimNode::new().expect("sim node");
     n.add_pod("client", 2).unwrap();
     n.add_pod("server", 3).unwrap();
-    let p = |name: &str| n.pod(name);
-    let yaml = format!(
-        "namespaces:\n\
-         \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
-         \x20 - {{ name: backend, mode: direct }}\n\
-         workloads:\n\
-         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {}, labels: {{ app: web }} }}\n\
-         \x20 - {{ name: server, namespace: backend, ip: {}, netns: {}, labels: {{ app: db, version: v3 }} }}\n",
-        p("client").ip,
-        p("client").netns_path(),
-        p("server").ip,
-        p("server").netns_path(),
+    let yaml = mesh_file(
+        &n,
+        &[NS_SHOP, "{ name: backend, mode: direct }"],
+        &[
+            ("client", "shop", "", "{ app: web }"),
+            ("server", "backend", "", "{ app: db, version: v3 }"),
+        ],
     );
     n.write_config(&yaml).unwrap();
     n
@@ -49,7 +48,7 @@ const FLOW: [(&str, &str); 9] = [
 /// An echo of `echo` bytes each way and a download of `download` bytes (the server
 /// sends, the client sends nothing): both flows direct; then the series once both ends
 /// of both flows closed.
-fn exchange(n: &SimNode, agent: &mesh_tests::Agent, echo: u64, download: u64) -> String {
+fn exchange(n: &SimNode, agent: &mesh_tests::Agent, echo: u64, download: u64) -> Scrape {
     let server = n.pod("server").ip;
     n.serve("server", &["echo", "--listen", "0.0.0.0:8080"])
         .unwrap();
@@ -64,18 +63,7 @@ fn exchange(n: &SimNode, agent: &mesh_tests::Agent, echo: u64, download: u64) ->
         ],
     )
     .unwrap();
-    let r = n
-        .client(
-            "client",
-            &[
-                "echo-client",
-                "--to",
-                &format!("{server}:8080"),
-                "--bytes",
-                &echo.to_string(),
-            ],
-        )
-        .unwrap();
+    let r = n.echo("client", &format!("{server}:8080"), echo).unwrap();
     assert_eq!(r["intact"], 1, "{r}");
     let r = n
         .client(
@@ -84,43 +72,30 @@ fn exchange(n: &SimNode, agent: &mesh_tests::Agent, echo: u64, download: u64) ->
         )
         .unwrap();
     assert_eq!(r["received"], download, "{r}");
-    let mut text = String::new();
-    wait_for(
+    let s = Scrape::wait(
+        agent,
         "both flows' records (opened, both ends closed)",
         Duration::from_secs(30),
-        || {
-            text = agent.get("/metrics").unwrap_or_default();
-            metric(&text, "istio_tcp_connections_closed_total", &FLOW) == 2
-                && metric(&text, "istio_tcp_sent_bytes_total", &FLOW) == echo + download
+        |s| {
+            s.value("istio_tcp_connections_closed_total", &FLOW) == 2
+                && s.value("istio_tcp_sent_bytes_total", &FLOW) == echo + download
         },
     );
-    for l in text
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_") || l.starts_with("mesh_direct_"))
-    {
-        eprintln!("{l}");
-    }
-    assert_eq!(
-        metric(&text, "istio_tcp_connections_opened_total", &FLOW),
-        2,
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "istio_tcp_received_bytes_total", &FLOW),
-        echo,
-        "{text}"
-    );
+    s.show(&["istio_tcp_", "mesh_direct_"]);
+    s.expect("istio_tcp_connections_opened_total", &FLOW, 2);
+    s.expect("istio_tcp_received_bytes_total", &FLOW, echo);
     // Nothing else: no proxied series, no other label set.
-    assert_eq!(
-        metric(&text, "istio_tcp_connections_opened_total", &[]),
-        2,
-        "{text}"
-    );
-    assert_eq!(
-        metric(&text, "mesh_direct_flows_total", &[("event", "closed")]),
-        2
-    );
-    text
+    s.expect("istio_tcp_connections_opened_total", &[], 2);
+    s.expect("mesh_direct_flows_total", &[("event", "closed")], 2);
+    s
+}
+
+/// `mesh_direct_bytes_total` of one direction and path.
+fn direct_bytes(s: &Scrape, direction: &str, path: &str) -> u64 {
+    s.value(
+        "mesh_direct_bytes_total",
+        &[("direction", direction), ("path", path)],
+    )
 }
 
 #[test]
@@ -128,24 +103,18 @@ fn direct_mode_flows_are_counted_with_their_exact_bytes() {
     let n = node();
     let agent = n.start_agent(PAIRING).unwrap();
     let (echo, download) = (100_000, 300_000);
-    let text = exchange(&n, &agent, echo, download);
+    let s = exchange(&n, &agent, echo, download);
     // Every byte went socket to socket.
-    let bytes = |dir: &str, path: &str| {
-        metric(
-            &text,
-            "mesh_direct_bytes_total",
-            &[("direction", dir), ("path", path)],
-        )
-    };
-    assert_eq!(bytes("request", "redirect"), echo, "{text}");
-    assert_eq!(bytes("response", "redirect"), echo + download, "{text}");
+    let bytes = |dir: &str, path: &str| direct_bytes(&s, dir, path);
+    assert_eq!(bytes("request", "redirect"), echo, "{s}");
+    assert_eq!(bytes("response", "redirect"), echo + download, "{s}");
     assert_eq!(bytes("request", "tcp") + bytes("response", "tcp"), 0);
     assert_eq!(agent.event("sockops_server_paired"), 2);
     assert_eq!(agent.event("telemetry_dropped"), 0);
     // The principals come from the mesh workloads, as on proxied flows.
     assert!(
-        text.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/default\""),
-        "{text}"
+        s.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/default\""),
+        "{s}"
     );
 }
 
@@ -158,17 +127,11 @@ fn direct_mode_flows_over_tcp_are_counted_exactly_too() {
         .start_agent(&["--assume-missing-feature", "skmsg_queue_length"])
         .unwrap();
     let (echo, download) = (70_001, 250_003);
-    let text = exchange(&n, &agent, echo, download);
-    let bytes = |dir: &str, path: &str| {
-        metric(
-            &text,
-            "mesh_direct_bytes_total",
-            &[("direction", dir), ("path", path)],
-        )
-    };
+    let s = exchange(&n, &agent, echo, download);
+    let bytes = |dir: &str, path: &str| direct_bytes(&s, dir, path);
     // Acknowledged payload only: no SYN, no FIN in the count.
-    assert_eq!(bytes("request", "tcp"), echo, "{text}");
-    assert_eq!(bytes("response", "tcp"), echo + download, "{text}");
+    assert_eq!(bytes("request", "tcp"), echo, "{s}");
+    assert_eq!(bytes("response", "tcp"), echo + download, "{s}");
     assert_eq!(
         bytes("request", "redirect") + bytes("response", "redirect"),
         0
@@ -218,33 +181,36 @@ fn a_full_record_ring_drops_and_counts_and_the_rest_is_read() {
     );
     assert!(dropped_stopped > 0, "a full ring drops");
     let total = 3 * batches * per;
-    let mut text = String::new();
-    let mut dropped = 0;
-    wait_for(
+    let s = Scrape::wait(
+        &agent,
         "every record read or dropped",
         Duration::from_secs(60),
-        || {
-            text = agent.get("/metrics").unwrap_or_default();
-            dropped = metric(
-                &text,
+        |s| {
+            let dropped = s.value(
                 "mesh_datapath_events_total",
                 &[("event", "telemetry_dropped")],
             );
-            metric(&text, "mesh_direct_flow_records_total", &[]) + dropped == total
+            s.value("mesh_direct_flow_records_total", &[]) + dropped == total
         },
+    );
+    let dropped = s.value(
+        "mesh_datapath_events_total",
+        &[("event", "telemetry_dropped")],
     );
     eprintln!("{total} records: {dropped} dropped on a full ring, the rest read");
     assert!(dropped >= dropped_stopped && dropped < total, "{dropped}");
     // What was read is counted, what was dropped is not: never more flows than ran.
-    let closed = metric(&text, "istio_tcp_connections_closed_total", &FLOW);
-    let opened = metric(&text, "istio_tcp_connections_opened_total", &FLOW);
-    assert!(closed <= batches * per && opened <= batches * per, "{text}");
+    let closed = s.value("istio_tcp_connections_closed_total", &FLOW);
+    let opened = s.value("istio_tcp_connections_opened_total", &FLOW);
+    assert!(closed <= batches * per && opened <= batches * per, "{s}");
     // The ring works again: a new flow is counted in full.
-    let before = metric(&text, "istio_tcp_received_bytes_total", &FLOW);
+    let before = s.value("istio_tcp_received_bytes_total", &FLOW);
     let r = n.echo_once("client", &format!("{server}:8080")).unwrap();
     assert_eq!(r["intact"], 1, "{r}");
-    wait_for("the new flow counted", Duration::from_secs(30), || {
-        text = agent.get("/metrics").unwrap_or_default();
-        metric(&text, "istio_tcp_received_bytes_total", &FLOW) == before + 4096
-    });
+    Scrape::wait(
+        &agent,
+        "the new flow counted",
+        Duration::from_secs(30),
+        |s| s.value("istio_tcp_received_bytes_total", &FLOW) == before + 4096,
+    );
 }

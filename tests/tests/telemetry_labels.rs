@@ -7,7 +7,11 @@
 
 use std::time::Duration;
 
-use mesh_tests::{metric, wait_for, SimNode};
+use mesh_tests::{
+    metrics::{labels, Scrape},
+    scenes::{mesh_file, NS_BACKEND, NS_SHOP},
+    SimNode,
+};
 
 #[test]
 fn app_and_version_labels_fill_the_istio_series_of_both_ends() {
@@ -15,29 +19,21 @@ fn app_and_version_labels_fill_the_istio_series_of_both_ends() {
     n.add_pod("client", 2).unwrap();
     n.add_pod("v1", 3).unwrap();
     n.add_pod("db", 4).unwrap();
-    let p = |name: &str| n.pod(name);
-    let mut yaml = "namespaces:\n\
-         \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         \x20 - { name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         workloads:\n"
-        .to_owned();
-    for (pod, ns, labels) in [
-        // Kubernetes' recommended labels win over Istio's short ones.
-        (
-            "client",
-            "shop",
-            "{ app.kubernetes.io/name: storefront, app: ignored, app.kubernetes.io/version: \"2.1\" }",
-        ),
-        ("v1", "backend", "{ app: reviews, version: v1 }"),
-        ("db", "backend", "{ app: db }"),
-    ] {
-        yaml += &format!(
-            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, labels: {labels} }}\n",
-            p(pod).ip,
-            p(pod).netns_path(),
-        );
-    }
-    yaml += "services:\n\
+    let yaml = mesh_file(
+        &n,
+        &[NS_SHOP, NS_BACKEND],
+        &[
+            // Kubernetes' recommended labels win over Istio's short ones.
+            (
+                "client",
+                "shop",
+                "",
+                "{ app.kubernetes.io/name: storefront, app: ignored, app.kubernetes.io/version: \"2.1\" }",
+            ),
+            ("v1", "backend", "", "{ app: reviews, version: v1 }"),
+            ("db", "backend", "", "{ app: db }"),
+        ],
+    ) + "services:\n\
          \x20 - { name: reviews, namespace: backend, vip: 10.96.0.10, ports: [ { port: 80, target_port: 8080, protocol: http } ], selector: { app: reviews } }\n";
     n.write_config(&yaml).unwrap();
     let agent = n.start_agent(&[]).unwrap();
@@ -56,91 +52,57 @@ fn app_and_version_labels_fill_the_istio_series_of_both_ends() {
     let db = n.pod("db").ip;
     let r = n.echo_once("client", &format!("{db}:9000")).unwrap();
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    let tcp: Vec<(&str, &str)> = source
-        .iter()
-        .copied()
-        .chain([
+    let tcp = labels(&[
+        &source,
+        &[
             ("destination_workload", "db"),
             ("destination_app", "db"),
             ("destination_version", "unknown"),
-        ])
-        .collect();
-    let mut text = String::new();
-    wait_for("the TCP connection closed", Duration::from_secs(10), || {
-        text = agent.get("/metrics").unwrap_or_default();
-        metric(&text, "istio_tcp_connections_closed_total", &tcp) == 1
-    });
-    for l in text
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened"))
-    {
-        eprintln!("{l}");
-    }
-    assert_eq!(
-        metric(&text, "istio_tcp_connections_opened_total", &tcp),
-        1,
-        "{text}"
+        ],
+    ]);
+    let s = Scrape::wait(
+        &agent,
+        "the TCP connection closed",
+        Duration::from_secs(10),
+        |s| s.value("istio_tcp_connections_closed_total", &tcp) == 1,
     );
-    assert_eq!(
-        metric(&text, "istio_tcp_sent_bytes_total", &tcp),
-        4096,
-        "{text}"
-    );
+    s.show(&["istio_tcp_connections_opened"]);
+    s.expect("istio_tcp_connections_opened_total", &tcp, 1);
+    s.expect("istio_tcp_sent_bytes_total", &tcp, 4096);
 
     // L7 to reviews: v1's app and version.
     let r = n.http_get("client", "10.96.0.10:80", "/", 3, &[]).unwrap();
     assert_eq!(r["status"], serde_json::json!({ "200": 3 }), "{r}");
-    let http: Vec<(&str, &str)> = source
-        .iter()
-        .copied()
-        .chain([
+    let http = labels(&[
+        &source,
+        &[
             ("destination_workload", "v1"),
             ("destination_app", "reviews"),
             ("destination_version", "v1"),
             ("response_code", "200"),
-        ])
-        .collect();
-    wait_for("the requests counted", Duration::from_secs(10), || {
-        text = agent.get("/metrics").unwrap_or_default();
-        metric(&text, "istio_requests_total", &http) == 3
-    });
-    for l in text
-        .lines()
-        .filter(|l| l.starts_with("istio_requests_total"))
-    {
-        eprintln!("{l}");
-    }
-    assert_eq!(
-        metric(&text, "istio_request_duration_milliseconds_count", &http),
-        3,
-        "{text}"
+        ],
+    ]);
+    let s = Scrape::wait(
+        &agent,
+        "the requests counted",
+        Duration::from_secs(10),
+        |s| s.value("istio_requests_total", &http) == 3,
     );
+    s.show(&["istio_requests_total"]);
+    s.expect("istio_request_duration_milliseconds_count", &http, 3);
     // No series of these workloads says `unknown` for what their labels say.
     assert!(
-        !text.contains("source_app=\"unknown\"") && !text.contains("source_app=\"ignored\""),
-        "{text}"
+        !s.contains("source_app=\"unknown\"") && !s.contains("source_app=\"ignored\""),
+        "{s}"
     );
 
     // A relabel reaches the series of new connections: v1 becomes v2.
     n.write_config(&yaml.replace("version: v1", "version: v2"))
         .unwrap();
-    let v2: Vec<(&str, &str)> = http
-        .iter()
-        .map(|&(k, v)| {
-            (
-                k,
-                if v == "v1" && k == "destination_version" {
-                    "v2"
-                } else {
-                    v
-                },
-            )
-        })
-        .collect();
-    wait_for("v2 in the series", Duration::from_secs(10), || {
+    let v2 = labels(&[&http[..], &[("destination_version", "v2")]]);
+    Scrape::wait(&agent, "v2 in the series", Duration::from_secs(10), |s| {
         let r = n.http_get("client", "10.96.0.10:80", "/", 1, &[]);
         assert!(r.is_ok(), "{r:?}");
-        text = agent.get("/metrics").unwrap_or_default();
-        metric(&text, "istio_requests_total", &v2) >= 1
+        s.value("istio_requests_total", &v2) >= 1
     });
 }

@@ -8,14 +8,14 @@
 //! Needs the venv's python with grpcio and opentelemetry-proto (`cargo xtask setup`
 //! installs both; MESH_PYTHON names another); without them these tests fail, never skip.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
-use mesh_tests::{metric, wait_for, SimNode};
+use mesh_tests::{
+    metric,
+    otlp::{self, python, script, spawn_listening, Proc, CLIENT, ERROR, SERVER},
+    scenes::{mesh_file, NS_BACKEND, NS_SHOP},
+    wait_for, SimNode,
+};
 use serde_json::Value;
 
 /// W3C / B3 trace and span ids the "caller" sends.
@@ -23,86 +23,6 @@ const TID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const SID: &str = "00f067aa0ba902b7";
 /// The web service's address (HTTP, retries on reset) and the db pod's echo port (TCP).
 const WEB: &str = "10.96.0.20:80";
-
-/// OTLP's span kinds.
-const SERVER: u64 = 2;
-const CLIENT: u64 = 3;
-/// OTLP's status codes.
-const ERROR: u64 = 2;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-fn script() -> PathBuf {
-    workspace().join("tests/interop/otlp_receiver.py")
-}
-
-/// The python with grpcio and opentelemetry-proto: MESH_PYTHON, else the venv `cargo
-/// xtask setup` fills.
-fn python() -> PathBuf {
-    let p = std::env::var_os("MESH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/bench/venv/bin/python"));
-    let ok = Command::new(&p)
-        .args([
-            "-c",
-            "import grpc; from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{} lacks grpcio or opentelemetry-proto: run `cargo xtask setup` (it installs both \
-         into target/bench/venv) or set MESH_PYTHON",
-        p.display()
-    );
-    p
-}
-
-/// A child process killed (and reaped) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `cmd` and waits for its first stdout line (which must start with `listening`).
-fn spawn_listening(mut cmd: Command) -> (Proc, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("first line");
-    let p = Proc(child);
-    assert!(line.starts_with("listening"), "{line:?}");
-    (p, line.trim().to_owned())
-}
-
-/// The receiver, on 127.0.0.1 of the node (the agent's network namespace); spans land in
-/// `out`, one JSON line each.
-fn receiver(py: &Path, out: &Path) -> (Proc, u16) {
-    let _ = std::fs::remove_file(out);
-    let mut cmd = Command::new(py);
-    cmd.arg(script()).args(["receiver", "--out"]).arg(out);
-    let (p, line) = spawn_listening(cmd);
-    let port = line
-        .rsplit(' ')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    (p, port)
-}
 
 fn node() -> SimNode {
     let mut n = SimNode::new().expect("sim node");
@@ -113,23 +33,15 @@ fn node() -> SimNode {
 }
 
 fn config(n: &SimNode) -> String {
-    let p = |name: &str| n.pod(name);
-    let mut yaml = "namespaces:\n\
-         \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         \x20 - { name: backend, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-         workloads:\n"
-        .to_owned();
-    for (pod, ns, sa, labels) in [
-        ("client", "shop", "client", "{}"),
-        ("web", "backend", "web", "{ app: web }"),
-        ("db", "backend", "db", "{ app: db }"),
-    ] {
-        yaml += &format!(
-            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, service_account: {sa}, labels: {labels} }}\n",
-            p(pod).ip,
-            p(pod).netns_path(),
-        );
-    }
+    let mut yaml = mesh_file(
+        n,
+        &[NS_SHOP, NS_BACKEND],
+        &[
+            ("client", "shop", "client", "{}"),
+            ("web", "backend", "web", "{ app: web }"),
+            ("db", "backend", "db", "{ app: db }"),
+        ],
+    );
     // A try that ends in a reset is retried once.
     yaml += "services:\n\
          \x20 - name: web\n\
@@ -152,7 +64,7 @@ fn start(n: &SimNode, py: &Path, extra: &[&str]) -> (mesh_tests::Agent, Proc) {
     let mut cmd = n.pod_command("web", py);
     cmd.arg(script())
         .args(["upstream", "--listen", "0.0.0.0:8080", "--fail-first", "1"]);
-    let (web, _) = spawn_listening(cmd);
+    let (web, _) = spawn_listening(cmd, None);
     n.serve("db", &["echo", "--listen", "0.0.0.0:9000"])
         .unwrap();
     (agent, web)
@@ -160,27 +72,7 @@ fn start(n: &SimNode, py: &Path, extra: &[&str]) -> (mesh_tests::Agent, Proc) {
 
 /// One GET from the client pod through the proxy: (status, the headers the upstream got).
 fn get(n: &SimNode, py: &Path, path: &str, headers: &[&str]) -> (u64, Value) {
-    let mut cmd = n.pod_command("client", py);
-    cmd.arg(script()).args(["get", "--to", WEB, "--path", path]);
-    for h in headers {
-        cmd.args(["--header", h]);
-    }
-    let out = cmd.output().expect("client");
-    assert!(
-        out.status.success(),
-        "client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
-    (v["status"].as_u64().unwrap(), v["body"].clone())
-}
-
-fn all_spans(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
+    otlp::get(n.pod_command("client", py), WEB, path, headers)
 }
 
 /// Waits until at least `count` spans of trace `tid` arrived; returns them all.
@@ -190,7 +82,7 @@ fn trace(out: &Path, tid: &str, count: usize) -> Vec<Value> {
         &format!("{count} spans of trace {tid}"),
         Duration::from_secs(15),
         || {
-            found = all_spans(out)
+            found = otlp::spans(out)
                 .into_iter()
                 .filter(|s| s["trace_id"] == tid)
                 .collect();
@@ -241,7 +133,8 @@ fn requests_tries_and_connections_arrive_with_their_parents() {
     let py = python();
     let n = node();
     let out = n.dir.join("spans.jsonl");
-    let (_receiver, port) = receiver(&py, &out);
+    // On 127.0.0.1 of the node: the agent's network namespace.
+    let (_receiver, port) = otlp::receiver(&py, None, &out);
     let endpoint = format!("http://127.0.0.1:{port}");
     let (agent, _web) = start(
         &n,
@@ -391,22 +284,11 @@ fn requests_tries_and_connections_arrive_with_their_parents() {
 
     // 6. L4: a proxied TCP connection, its bytes and path.
     let db = n.pod("db").ip;
-    let r = n
-        .client(
-            "client",
-            &[
-                "echo-client",
-                "--to",
-                &format!("{db}:9000"),
-                "--bytes",
-                "12345",
-            ],
-        )
-        .unwrap();
+    let r = n.echo("client", &format!("{db}:9000"), 12345).unwrap();
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
     let mut tcp = Vec::new();
     wait_for("the connection's span", Duration::from_secs(15), || {
-        tcp = all_spans(&out)
+        tcp = otlp::spans(&out)
             .into_iter()
             .filter(|s| s["name"] == "tcp" && s["attributes"]["server.port"] == 9000)
             .collect();
@@ -448,7 +330,7 @@ fn requests_tries_and_connections_arrive_with_their_parents() {
 }
 
 fn spans_of(out: &Path, tid: &str) -> Vec<Value> {
-    all_spans(out)
+    otlp::spans(out)
         .into_iter()
         .filter(|s| s["trace_id"] == tid)
         .collect()
@@ -519,7 +401,7 @@ fn cost_of_tracing_on_the_l7_path() {
     )
     .unwrap();
     let out = n.dir.join("cost-spans.jsonl");
-    let (receiver, port) = receiver(&py, &out);
+    let (receiver, port) = otlp::receiver(&py, None, &out);
     mesh_tests::sh(&format!(
         "taskset -a -p -c 1 {} > /dev/null",
         receiver.0.id()
@@ -527,17 +409,7 @@ fn cost_of_tracing_on_the_l7_path() {
     .unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
     let sampling = std::env::var("MESH_TRACE_COST_SAMPLING").unwrap_or_else(|_| "1".into());
-    let cpu = |pid: u32| -> f64 {
-        // utime + stime of every thread, in clock ticks (100 Hz).
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
-    };
+    let cpu = mesh_tests::cost::cpu_seconds;
     // The exporter thread's share (it runs on the agent's pinned vCPU too).
     let export_cpu = |pid: u32| -> f64 {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -556,22 +428,7 @@ fn cost_of_tracing_on_the_l7_path() {
             })
             .sum()
     };
-    let wrk = |secs: u32| -> f64 {
-        let out = n
-            .pod_command("client", Path::new("/usr/bin/taskset"))
-            .args(["-c", "0", "wrk", "-t1", "-c16"])
-            .arg(format!("-d{secs}s"))
-            .arg(format!("http://{WEB}/"))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("Requests/sec:"))
-            .unwrap_or_else(|| panic!("wrk: {text}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let wrk = |secs: u32| mesh_tests::cost::wrk(&n, "client", &format!("http://{WEB}/"), secs);
     let mut results: Vec<(bool, f64, f64)> = Vec::new();
     for _round in 0..5 {
         for on in [false, true] {

@@ -1,5 +1,5 @@
 //! Zero trust across nodes (issue 11) on a simulated two-node cluster
-//! (`mesh_tests::cluster`, docs/multinode.md): identities from the cluster's CA, the
+//! (`mesh_tests::scenes::two_nodes`, docs/multinode.md): identities from the cluster's CA, the
 //! HBONE tunnel between nodes, inbound capture with TC, and Istio's AuthorizationPolicy
 //! and PeerAuthentication enforced at the destination node.
 //!
@@ -10,79 +10,40 @@
 //! same file: every workload with its `node:`, and the policies under test.
 
 use mesh_tests::{
-    cluster::{contains, Capture, ClusterNode, SimCluster},
-    firewall_rules, metric, wait_for,
+    cluster::{contains, Capture, ClusterNode, NodeAgent},
+    firewall_rules, intact, metric,
+    metrics::Scrape,
+    scenes::two_nodes::{
+        deny_admin, web_api, Member, TwoNodes, CLIENT_A, CLIENT_X, LEGACY, SERVER_B,
+    },
+    wait_for,
 };
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
-fn cluster(
-    extra_args: &[&str],
-    policies: &str,
-) -> (SimCluster, Vec<mesh_tests::cluster::NodeAgent>) {
+fn cluster(extra_args: &[&str], policies: &str) -> (TwoNodes, Vec<NodeAgent>) {
     let c = pods();
-    write_config(&c, policies);
-    let agents = (0..2)
-        .map(|i| c.node(i).start_agent(extra_args).expect("agent"))
-        .collect();
+    c.write_file(policies);
+    let agents = c.start_agents(extra_args);
     (c, agents)
 }
 
 /// The cluster and its pods (echo server running), no agent yet.
-fn pods() -> SimCluster {
-    let mut c = SimCluster::new(2).expect("sim cluster");
-    c.add_pod(0, "client-a", 2).unwrap();
-    c.add_pod(0, "client-x", 3).unwrap();
-    c.add_pod(0, "legacy", 4).unwrap();
-    c.add_pod(1, "server-b", 2).unwrap();
+fn pods() -> TwoNodes {
+    let c = TwoNodes::new(&[CLIENT_A, CLIENT_X, LEGACY, SERVER_B]);
     c.node(1)
         .serve("server-b", &["echo", "--listen", "0.0.0.0:8080"])
         .unwrap();
     c
 }
 
-/// The one file both nodes read: all workloads, the policies given.
-fn write_config(c: &SimCluster, policies: &str) {
-    let yaml = config_text(c, policies, "echo");
-    for i in 0..2 {
-        c.node(i).write_config(&yaml).unwrap();
-    }
-}
-
-/// The file's text, with `server_sa` as server-b's service account.
-fn config_text(c: &SimCluster, policies: &str, server_sa: &str) -> String {
-    let mut yaml = "namespaces:\n\
-                    \x20 - { name: shop, labels: { mesh-agent.io/dataplane-mode: ambient } }\n\
-                    \x20 - { name: backend, labels: { istio.io/dataplane-mode: ambient } }\n\
-                    \x20 - { name: legacy }\nworkloads:\n"
-        .to_owned();
-    for (pod, ns, sa, labels) in [
-        ("client-a", "shop", "web", "{}"),
-        ("client-x", "shop", "batch", "{}"),
-        ("legacy", "legacy", "default", "{}"),
-        ("server-b", "backend", server_sa, "{ app: echo }"),
-    ] {
-        let p = c.pod(pod);
-        yaml += &format!(
-            "  - {{ name: {pod}, namespace: {ns}, ip: {}, netns: {}, node: {}, service_account: {sa}, labels: {labels} }}\n",
-            p.ip,
-            p.netns_path(),
-            c.node_of(pod).name()
-        );
-    }
-    yaml += policies;
-    yaml
-}
-
-fn server(c: &SimCluster) -> String {
+fn server(c: &TwoNodes) -> String {
     format!("{}:8080", c.pod("server-b").ip)
 }
 
 fn echo_ok(node: &ClusterNode, pod: &str, to: &str, bytes: u64) -> bool {
-    node.echo(pod, to, bytes)
-        .map(|r| r["errors"] == serde_json::json!([]) && r["intact"] == 1)
-        .unwrap_or(false)
+    node.echo(pod, to, bytes).is_ok_and(|r| intact(&r))
 }
 
 fn assert_intact(r: &serde_json::Value, bytes: u64) {
@@ -92,15 +53,17 @@ fn assert_intact(r: &serde_json::Value, bytes: u64) {
     assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
 }
 
-fn hbone_streams(agent: &mesh_tests::cluster::NodeAgent, direction: &str) -> u64 {
-    let m = agent.get("/metrics").unwrap();
-    metric(&m, "mesh_hbone_streams_total", &[("direction", direction)])
+fn hbone_streams(agent: &NodeAgent, direction: &str) -> u64 {
+    Scrape::of(agent).value("mesh_hbone_streams_total", &[("direction", direction)])
 }
 
-fn decisions(agent: &mesh_tests::cluster::NodeAgent, verdict: &str, policy: &str) -> u64 {
-    let m = agent.get("/metrics").unwrap();
-    metric(
-        &m,
+/// `mesh_hbone_forwarded_source_total` of `outcome` (`trusted`, `untrusted`).
+fn forwarded_sources(agent: &NodeAgent, outcome: &str) -> u64 {
+    Scrape::of(agent).value("mesh_hbone_forwarded_source_total", &[("outcome", outcome)])
+}
+
+fn decisions(agent: &NodeAgent, verdict: &str, policy: &str) -> u64 {
+    Scrape::of(agent).value(
         "mesh_authz_decisions_total",
         &[
             ("direction", "inbound"),
@@ -110,22 +73,10 @@ fn decisions(agent: &mesh_tests::cluster::NodeAgent, verdict: &str, policy: &str
     )
 }
 
-/// Waits until both agents serve the workloads of the file (the tunnel needs them).
-fn wait_mesh(c: &SimCluster, agents: &[mesh_tests::cluster::NodeAgent]) {
-    let ip = c.pod("server-b").ip.to_string();
-    for a in agents {
-        wait_for("the workloads in force", Duration::from_secs(10), || {
-            a.get("/config_dump")
-                .map(|d| d.contains(&ip) && d.contains("spiffe://cluster.local/ns/backend/sa/echo"))
-                .unwrap_or(false)
-        });
-    }
-}
-
 #[test]
 fn cross_node_traffic_travels_in_mutual_tls_and_arrives_intact() {
     let (c, agents) = cluster(&[], "");
-    wait_mesh(&c, &agents);
+    c.wait_mesh(&agents);
     let to = server(&c);
     let underlay = std::path::PathBuf::from(format!("/run/netns/{}", c.underlay));
     let cap = Capture::start(&underlay).unwrap();
@@ -201,7 +152,7 @@ fn authorization_allows_one_caller_denies_another_and_follows_edits() {
          \x20     action: ALLOW\n\
          \x20     rules: [ { from: [ { source: { principals: [ cluster.local/ns/shop/sa/web ] } } ] } ]\n";
     let (c, agents) = cluster(&[], allow_web);
-    wait_mesh(&c, &agents);
+    c.wait_mesh(&agents);
     let to = server(&c);
     assert!(
         echo_ok(c.node(0), "client-a", &to, 64 * 1024),
@@ -225,7 +176,7 @@ fn authorization_allows_one_caller_denies_another_and_follows_edits() {
          \x20     action: DENY\n\
          \x20     rules: [ {{ from: [ {{ source: {{ namespaces: [ shop ] }} }} ], to: [ {{ operation: {{ ports: [ \"8080\" ] }} }} ] }} ]\n"
     );
-    write_config(&c, &deny_shop);
+    c.write_file(&deny_shop);
     wait_for("the DENY policy in force", Duration::from_secs(10), || {
         !echo_ok(c.node(0), "client-a", &to, 4096)
     });
@@ -236,26 +187,21 @@ fn authorization_allows_one_caller_denies_another_and_follows_edits() {
 #[test]
 fn strict_refuses_plain_text_from_outside_the_mesh_and_permissive_accepts_it() {
     let (c, agents) = cluster(&[], "");
-    wait_mesh(&c, &agents);
+    c.wait_mesh(&agents);
     let to = server(&c);
     // PERMISSIVE (nothing configured): the plain-text client is captured by TC on node 1
     // and delivered.
     let r = c.node(0).echo("legacy", &to, MIB).unwrap();
     assert_intact(&r, MIB);
-    let m = agents[1].get("/metrics").unwrap();
-    assert!(
-        metric(
-            &m,
-            "mesh_inbound_connections_total",
-            &[("outcome", "delivered")]
-        ) >= 1
+    Scrape::of(&agents[1]).expect_at_least(
+        "mesh_inbound_connections_total",
+        &[("outcome", "delivered")],
+        1,
     );
 
     // An IP block DENY refuses the plain-text client by address.
     let legacy_ip = c.pod("legacy").ip;
-    write_config(
-        &c,
-        &format!(
+    c.write_file(&format!(
             "authorization_policies:\n\
              \x20 - metadata: {{ name: no-legacy, namespace: backend }}\n\
              \x20   spec: {{ action: DENY, rules: [ {{ from: [ {{ source: {{ ipBlocks: [ \"{legacy_ip}/32\" ] }} }} ] }} ] }}\n"
@@ -272,8 +218,7 @@ fn strict_refuses_plain_text_from_outside_the_mesh_and_permissive_accepts_it() {
     );
 
     // STRICT on the namespace: plain text refused, mutual TLS accepted.
-    write_config(
-        &c,
+    c.write_file(
         "peer_authentications:\n\
          \x20 - metadata: { name: strict, namespace: backend }\n\
          \x20   spec: { mtls: { mode: STRICT } }\n",
@@ -292,10 +237,10 @@ fn strict_refuses_plain_text_from_outside_the_mesh_and_permissive_accepts_it() {
 fn certificates_rotate_under_live_traffic_and_nothing_is_dropped() {
     // 10 s certificates: renewed about every 5 s, on both nodes.
     let (c, agents) = cluster(&["--workload-cert-ttl", "10s"], "");
-    wait_mesh(&c, &agents);
+    c.wait_mesh(&agents);
     let to = server(&c);
     assert!(echo_ok(c.node(0), "client-a", &to, 4096));
-    let serial = |a: &mesh_tests::cluster::NodeAgent, id: &str| -> String {
+    let serial = |a: &NodeAgent, id: &str| -> String {
         let v: serde_json::Value = serde_json::from_str(&a.get("/certs").unwrap()).unwrap();
         let list = v
             .as_array()
@@ -338,39 +283,20 @@ fn certificates_rotate_under_live_traffic_and_nothing_is_dropped() {
 /// The HTTP server on `server-b` the L7 tests use (the echo server keeps 8080).
 const HTTP_PORT: u16 = 8081;
 
-fn serve_http(c: &SimCluster) -> String {
-    c.node(1)
-        .serve(
-            "server-b",
-            &["http", "--listen", &format!("0.0.0.0:{HTTP_PORT}")],
-        )
-        .unwrap();
-    format!("{}:{HTTP_PORT}", c.pod("server-b").ip)
+/// The cluster with `policies`, both agents serving server-b, and server-b's HTTP server
+/// on `HTTP_PORT` (answering `server`): its address.
+fn http_cluster(policies: &str) -> (TwoNodes, Vec<NodeAgent>, String) {
+    let (c, agents) = cluster(&[], policies);
+    c.wait_mesh(&agents);
+    let to = c.serve_http("server-b", HTTP_PORT, "");
+    (c, agents, to)
 }
 
 /// One `GET path` from `pod`: its status and body.
 fn get(node: &ClusterNode, pod: &str, to: &str, path: &str) -> (String, String) {
-    let r = node
-        .client(
-            pod,
-            &[
-                "http-client",
-                "--to",
-                to,
-                "--path",
-                path,
-                "--deadline-ms",
-                "10000",
-            ],
-        )
-        .unwrap();
-    assert_eq!(r["errors"], serde_json::json!([]), "GET {path}: {r}");
-    let one = |k: &str| {
-        r[k].as_object()
-            .and_then(|m| m.keys().next().cloned())
-            .unwrap_or_default()
-    };
-    (one("status"), one("bodies"))
+    let r = node.get_once(pod, to, path).unwrap();
+    assert_eq!(r.errors, serde_json::json!([]), "GET {path}: {r:?}");
+    (r.status, r.body)
 }
 
 /// The status line the server answers a bodiless `method path` with.
@@ -387,10 +313,8 @@ fn status_line(node: &ClusterNode, pod: &str, to: &str, method: &str, path: &str
     r["status_line"].as_str().unwrap_or_default().to_owned()
 }
 
-fn request_decisions(agent: &mesh_tests::cluster::NodeAgent, verdict: &str, policy: &str) -> u64 {
-    let m = agent.get("/metrics").unwrap();
-    metric(
-        &m,
+fn request_decisions(agent: &NodeAgent, verdict: &str, policy: &str) -> u64 {
+    Scrape::of(agent).value(
         "mesh_authz_decisions_total",
         &[
             ("direction", "inbound"),
@@ -411,9 +335,7 @@ fn l7_allow_judges_each_request_arriving_through_the_tunnel() {
          \x20     rules:\n\
          \x20       - from: [ { source: { principals: [ cluster.local/ns/shop/sa/web ] } } ]\n\
          \x20         to: [ { operation: { methods: [ GET ], paths: [ \"/ok*\" ] } } ]\n";
-    let (c, agents) = cluster(&[], policy);
-    wait_mesh(&c, &agents);
-    let to = serve_http(&c);
+    let (c, agents, to) = http_cluster(policy);
     let n0 = c.node(0);
     // The policy reaches node 1 with the workloads; the first request may race it.
     wait_for("GET /ok allowed", Duration::from_secs(10), || {
@@ -440,19 +362,16 @@ fn l7_allow_judges_each_request_arriving_through_the_tunnel() {
 
     assert!(request_decisions(&agents[1], "allow", "backend/get-ok") >= 3);
     // Refusals, whichever policy they are named after.
-    let m = agents[1].get("/metrics").unwrap();
-    let denied = metric(
-        &m,
+    let m = Scrape::of(&agents[1]);
+    m.expect_at_least(
         "mesh_authz_decisions_total",
         &[("level", "request"), ("verdict", "deny")],
+        3,
     );
-    assert!(denied >= 3, "{denied} requests denied");
-    assert!(
-        metric(
-            &m,
-            "mesh_authz_http_connections_total",
-            &[("transport", "hbone")]
-        ) >= 5
+    m.expect_at_least(
+        "mesh_authz_http_connections_total",
+        &[("transport", "hbone")],
+        5,
     );
     // Through the tunnel, not around it.
     assert!(hbone_streams(&agents[0], "out") >= 5);
@@ -461,17 +380,7 @@ fn l7_allow_judges_each_request_arriving_through_the_tunnel() {
 
 #[test]
 fn l7_deny_on_paths_answers_plain_text_clients_per_request() {
-    let policy = format!(
-        "authorization_policies:\n\
-         \x20 - metadata: {{ name: no-admin, namespace: backend }}\n\
-         \x20   spec:\n\
-         \x20     selector: {{ matchLabels: {{ app: echo }} }}\n\
-         \x20     action: DENY\n\
-         \x20     rules: [ {{ to: [ {{ operation: {{ paths: [ \"/admin*\" ], ports: [ \"{HTTP_PORT}\" ] }} }} ] }} ]\n"
-    );
-    let (c, agents) = cluster(&[], &policy);
-    wait_mesh(&c, &agents);
-    let to = serve_http(&c);
+    let (c, agents, to) = http_cluster(&deny_admin(Some(HTTP_PORT)));
     let n0 = c.node(0);
     // `legacy` is outside the mesh: plain text, captured by TC on node 1 (PERMISSIVE).
     wait_for("GET /admin denied", Duration::from_secs(10), || {
@@ -492,13 +401,10 @@ fn l7_deny_on_paths_answers_plain_text_clients_per_request() {
     );
     assert!(request_decisions(&agents[1], "deny", "backend/no-admin") >= 2);
     assert!(request_decisions(&agents[1], "allow", "none") >= 2);
-    let m = agents[1].get("/metrics").unwrap();
-    assert!(
-        metric(
-            &m,
-            "mesh_authz_http_connections_total",
-            &[("transport", "plain")]
-        ) >= 4
+    Scrape::of(&agents[1]).expect_at_least(
+        "mesh_authz_http_connections_total",
+        &[("transport", "plain")],
+        4,
     );
     // The DENY names only the HTTP port: the echo port is still relayed whole.
     assert!(echo_ok(n0, "legacy", &server(&c), 64 * 1024));
@@ -513,34 +419,14 @@ fn l7_deny_on_paths_answers_plain_text_clients_per_request() {
 fn l7_requests_to_another_nodes_mesh_workload_go_through_the_tunnel_and_pass_strict() {
     const PORT: u16 = 9090;
     let (c, agents) = cluster(&[], "");
-    write_config(
-        &c,
-        &format!(
-            "services:\n\
-             \x20 - name: web-api\n\
-             \x20   namespace: backend\n\
-             \x20   vip: {}\n\
-             \x20   ports: [ {{ port: 80, target_port: {PORT}, protocol: http }} ]\n\
-             \x20   selector: {{ app: echo }}\n\
-             peer_authentications:\n\
+    c.write_file(&format!(
+        "{}peer_authentications:\n\
              \x20 - metadata: {{ name: strict, namespace: backend }}\n\
              \x20   spec: {{ mtls: {{ mode: STRICT }} }}\n",
-            c.vip(40)
-        ),
-    );
-    c.node(1)
-        .serve(
-            "server-b",
-            &[
-                "http",
-                "--listen",
-                &format!("0.0.0.0:{PORT}"),
-                "--name",
-                "server-b",
-            ],
-        )
-        .unwrap();
-    wait_mesh(&c, &agents);
+        web_api(c.vip(40), PORT)
+    ));
+    c.serve_http("server-b", PORT, "server-b");
+    c.wait_mesh(&agents);
     let n0 = c.node(0);
     // STRICT in force on node 1 before the first request, so every upstream connection
     // node 0 opens is judged under it: plain text from outside the mesh is refused.
@@ -603,12 +489,12 @@ fn l7_requests_to_another_nodes_mesh_workload_go_through_the_tunnel_and_pass_str
 /// fails: its certificate chains to another root, or names another identity.
 #[test]
 fn a_node_with_a_foreign_root_or_the_wrong_identity_is_refused() {
-    let to_echo = |c: &SimCluster| server(c);
+    let to_echo = |c: &TwoNodes| server(c);
     // Node 1's agent signs with a root of its own: node 0 cannot verify it (and node 1
     // cannot verify node 0's client certificate).
     {
         let c = pods();
-        write_config(&c, "");
+        c.write_file("");
         let foreign = c.node(1).dir.join("foreign-ca");
         let out = std::process::Command::new(mesh_tests::agent_bin())
             .args(["ca", "init", "--dir"])
@@ -622,7 +508,7 @@ fn a_node_with_a_foreign_root_or_the_wrong_identity_is_refused() {
             .start_agent(&["--ca-dir", &foreign.display().to_string()])
             .unwrap();
         let agents = vec![a0, a1];
-        wait_mesh(&c, &agents);
+        c.wait_mesh(&agents);
         assert!(
             !echo_ok(c.node(0), "client-a", &to_echo(&c), 4096),
             "a peer of a foreign root was trusted"
@@ -633,23 +519,17 @@ fn a_node_with_a_foreign_root_or_the_wrong_identity_is_refused() {
     // Node 1 believes server-b runs as `impostor`; node 0 expects `echo`.
     {
         let c = pods();
-        c.node(0)
-            .write_config(&config_text(&c, "", "echo"))
-            .unwrap();
+        let impostor = Member {
+            service_account: "impostor",
+            ..SERVER_B
+        };
+        c.node(0).write_config(&c.file("")).unwrap();
         c.node(1)
-            .write_config(&config_text(&c, "", "impostor"))
+            .write_config(&c.file_of(&[CLIENT_A, CLIENT_X, LEGACY, impostor], ""))
             .unwrap();
-        let agents: Vec<_> = (0..2)
-            .map(|i| c.node(i).start_agent(&[]).unwrap())
-            .collect();
-        let ip = c.pod("server-b").ip.to_string();
-        for a in &agents {
-            wait_for("the workloads in force", Duration::from_secs(10), || {
-                a.get("/config_dump")
-                    .map(|d| d.contains(&ip))
-                    .unwrap_or(false)
-            });
-        }
+        let agents = c.start_agents(&[]);
+        c.wait_workload(&agents[..1], SERVER_B);
+        c.wait_workload(&agents[1..], impostor);
         assert!(
             !echo_ok(c.node(0), "client-a", &to_echo(&c), 4096),
             "a peer presenting the wrong identity was trusted"
@@ -672,7 +552,7 @@ fn a_node_with_a_foreign_root_or_the_wrong_identity_is_refused() {
 #[test]
 fn ip_blocks_see_the_source_pod_across_nodes_and_forged_sources_are_not_believed() {
     let c = pods();
-    let policy = |c: &SimCluster| {
+    let policy = |c: &TwoNodes| {
         format!(
             "authorization_policies:\n\
              \x20 - metadata: {{ name: only-a, namespace: backend }}\n\
@@ -680,11 +560,9 @@ fn ip_blocks_see_the_source_pod_across_nodes_and_forged_sources_are_not_believed
             c.pod("client-a").ip
         )
     };
-    write_config(&c, &policy(&c));
-    let agents: Vec<_> = (0..2)
-        .map(|i| c.node(i).start_agent(&[]).expect("agent"))
-        .collect();
-    wait_mesh(&c, &agents);
+    c.write_file(&policy(&c));
+    let agents = c.start_agents(&[]);
+    c.wait_mesh(&agents);
     let to = server(&c);
     // client-a and client-x share node 0 (one node address): only client-a's /32 passes.
     wait_for(
@@ -697,14 +575,7 @@ fn ip_blocks_see_the_source_pod_across_nodes_and_forged_sources_are_not_believed
     assert!(!echo_ok(c.node(0), "client-x", &to, 4096));
     assert!(decisions(&agents[1], "allow", "backend/only-a") >= 1);
     assert!(decisions(&agents[1], "deny", "backend/only-a") >= 1);
-    let forwarded = |outcome: &str| {
-        let m = agents[1].get("/metrics").unwrap();
-        metric(
-            &m,
-            "mesh_hbone_forwarded_source_total",
-            &[("outcome", outcome)],
-        )
-    };
+    let forwarded = |outcome: &str| forwarded_sources(&agents[1], outcome);
     assert!(
         forwarded("trusted") >= 2,
         "both callers named their address"
@@ -718,7 +589,8 @@ fn ip_blocks_see_the_source_pod_across_nodes_and_forged_sources_are_not_believed
     // Node 0 now claims client-a runs as `batch` (node 1 knows it runs as `web`): its
     // tunnel for client-a proves `batch` and names client-a's address, which no `batch`
     // workload has. Not believed: judged by node 0's address, the /32 no longer matches.
-    let lying = config_text(&c, &policy(&c), "echo")
+    let lying = c
+        .file(&policy(&c))
         .replace("service_account: web,", "service_account: batch,");
     assert!(!lying.contains("service_account: web,"));
     c.node(0).write_config(&lying).unwrap();
@@ -741,49 +613,23 @@ fn ip_blocks_see_the_source_pod_of_requests_the_l7_engine_tunnels() {
     const PORT: u16 = 9091;
     let c = pods();
     let text = format!(
-        "services:\n\
-         \x20 - name: web-api\n\
-         \x20   namespace: backend\n\
-         \x20   vip: {}\n\
-         \x20   ports: [ {{ port: 80, target_port: {PORT}, protocol: http }} ]\n\
-         \x20   selector: {{ app: echo }}\n\
-         authorization_policies:\n\
+        "{}authorization_policies:\n\
          \x20 - metadata: {{ name: only-a, namespace: backend }}\n\
          \x20   spec: {{ selector: {{ matchLabels: {{ app: echo }} }}, action: ALLOW, rules: [ {{ from: [ {{ source: {{ ipBlocks: [ \"{}/32\" ] }} }} ] }} ] }}\n",
-        c.vip(41),
+        web_api(c.vip(41), PORT),
         c.pod("client-a").ip
     );
-    write_config(&c, &text);
-    c.node(1)
-        .serve(
-            "server-b",
-            &[
-                "http",
-                "--listen",
-                &format!("0.0.0.0:{PORT}"),
-                "--name",
-                "server-b",
-            ],
-        )
-        .unwrap();
-    let agents: Vec<_> = (0..2)
-        .map(|i| c.node(i).start_agent(&[]).expect("agent"))
-        .collect();
-    wait_mesh(&c, &agents);
+    c.write_file(&text);
+    c.serve_http("server-b", PORT, "server-b");
+    let agents = c.start_agents(&[]);
+    c.wait_mesh(&agents);
     let n0 = c.node(0);
     let vip = format!("{}:80", c.vip(41));
     // The service may reach node 0 after the workloads: the first requests may race it.
     wait_for("the HTTP service in force", Duration::from_secs(10), || {
         get(n0, "client-a", &vip, "/").1 == "server-b"
     });
-    let forwarded = |outcome: &str| {
-        let m = agents[1].get("/metrics").unwrap();
-        metric(
-            &m,
-            "mesh_hbone_forwarded_source_total",
-            &[("outcome", outcome)],
-        )
-    };
+    let forwarded = |outcome: &str| forwarded_sources(&agents[1], outcome);
     let trusted = forwarded("trusted");
     for _ in 0..3 {
         assert_eq!(
@@ -819,7 +665,7 @@ struct UpgradeServer {
 }
 
 impl UpgradeServer {
-    fn start(c: &SimCluster, port: u16) -> UpgradeServer {
+    fn start(c: &TwoNodes, port: u16) -> UpgradeServer {
         use std::io::{Read, Write};
         let netns = c.pod("server-b").netns_path();
         let l = mesh_tests::cluster::in_netns(std::path::Path::new(&netns), || {
@@ -947,20 +793,10 @@ fn upgrade_client(
 fn websocket_upgrades_pass_l7_policy_and_are_spliced_both_ways() {
     const PORT: u16 = 8082;
     let c = pods();
-    write_config(
-        &c,
-        "authorization_policies:\n\
-         \x20 - metadata: { name: no-admin, namespace: backend }\n\
-         \x20   spec:\n\
-         \x20     selector: { matchLabels: { app: echo } }\n\
-         \x20     action: DENY\n\
-         \x20     rules: [ { to: [ { operation: { paths: [ \"/admin*\" ] } } ] } ]\n",
-    );
+    c.write_file(&deny_admin(None));
     let server = UpgradeServer::start(&c, PORT);
-    let agents: Vec<_> = (0..2)
-        .map(|i| c.node(i).start_agent(&[]).expect("agent"))
-        .collect();
-    wait_mesh(&c, &agents);
+    let agents = c.start_agents(&[]);
+    c.wait_mesh(&agents);
     let n0 = c.node(0);
     let to = format!("{}:{PORT}", c.pod("server-b").ip);
     wait_for("the L7 policy in force", Duration::from_secs(10), || {
