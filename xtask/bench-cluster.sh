@@ -30,6 +30,11 @@ set -euo pipefail
 AGENT=${MESH_AGENT_BIN:-}; BENCHTOOL=${BENCHTOOL:-}; ENVOY=${ENVOY_BIN:-}
 RUNS=${RUNS:-5}; SECS=${SECS:-2}; SMOKE=${SMOKE:-0}; RAW=${RAW:-/dev/stdout}
 PLACEMENTS=${PLACEMENTS:-1cpu 2cpu}
+# A/B by hand: MESH_AGENT_BIN_B, another agent binary, adds the path `mesh-tunnel-b` (the
+# tunnel through that binary's agents), measured in the same runs as the others.
+# CLUSTER_PATHS: the paths to measure (default all). PERF_DIR (`--perf`): a
+# `perf record -g` of the client's CPU during each measurement, one file each.
+AGENT_B=${MESH_AGENT_BIN_B:-}; PERF_DIR=${PERF_DIR:-}; CUR=
 
 CG_ROOT=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 CG=$CG_ROOT/mesh-bench-cluster; PIN=/sys/fs/bpf/mesh-bench-cluster; DIR=/tmp/mesh-bench-cluster
@@ -199,10 +204,10 @@ admin_get() { # admin_get NODE PATH
   nsenter --net="$(ns "$1")" curl -sf --max-time 2 "http://$ADMIN$2"
 }
 
-start_agents() { # start_agents CPUS-N0 CPUS-N1 ENROLLED
-  local i cpus=("$1" "$2") enrolled=$3
+start_agents() { # start_agents CPUS-N0 CPUS-N1 ENROLLED [AGENT-BINARY]
+  local i cpus=("$1" "$2") enrolled=$3 bin=${4:-$AGENT}
   for i in 0 1; do
-    bg "agent-n$i" "n$i" "$(ns "n$i")" "${cpus[$i]}" env MESH_LOG=warn "$AGENT" run \
+    bg "agent-n$i" "n$i" "$(ns "n$i")" "${cpus[$i]}" env MESH_LOG=warn "$bin" run \
       --config "$DIR/mesh.yaml" --pin-path "$PIN-n$i" --cgroup "$CG/n$i" \
       --proxy-address "${POD_NET[$i]}.1:15001" --node-name "n$i" --ca-dir "$DIR/ca"
   done
@@ -379,9 +384,19 @@ start_servers() { # start_servers CPUS
 
 # Every client fails loudly: a path that breaks must not turn into a missing figure.
 client() { # client NAME CPUS CMD... -> stdout of CMD
-  local name=$1 cpus=$2 out; shift 2
+  local name=$1 cpus=$2 out perf_pid=; shift 2
+  if [ -n "$PERF_DIR" ]; then
+    # The client's CPU: in the one-vCPU placement all of the path's work is there.
+    perf record -q -C "$cpus" -g -o "$PERF_DIR/$CUR-$name.data" > /dev/null 2>&1 &
+    perf_pid=$!; echo "$perf_pid" > "$DIR/perf.pid"; sleep 0.5
+  fi
   if ! out=$(in_cg n0/cli "$(ns n0-cli)" "$cpus" "$@" 2> "$DIR/$name.err"); then
     echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
+  fi
+  if [ -n "$perf_pid" ]; then
+    # perf writes its file on SIGTERM as on SIGINT (which background jobs ignore).
+    kill -TERM "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true
+    rm -f "$DIR/perf.pid"
   fi
   echo "$out"
 }
@@ -425,6 +440,8 @@ hbone_streams() { # hbone_streams NODE DIRECTION
 }
 
 PATHS=(direct mesh-tunnel envoy-hbone)
+[ -n "$AGENT_B" ] && PATHS+=(mesh-tunnel-b)
+[ -n "${CLUSTER_PATHS:-}" ] && read -r -a PATHS <<< "$CLUSTER_PATHS"
 
 placement_cpus() { # placement_cpus PLACEMENT -> "client server node0 node1"
   case $1 in
@@ -443,11 +460,14 @@ run_suite() {
     for run in $(seq "$RUNS"); do
       for path in "${PATHS[@]}"; do
         log "$placement run $run/$RUNS: $path"
+        CUR=$placement-$run-$path
         start_servers "$sc"
         ip=$SRV_IP; ports=("${SRV_PORTS[@]}")
         case $path in
           direct) config 0; start_agents "$c0" "$c1" 0 ;;
           mesh-tunnel) config 1; start_agents "$c0" "$c1" 1 ;;
+          mesh-tunnel-b) [ -n "$AGENT_B" ] || die "mesh-tunnel-b needs MESH_AGENT_BIN_B"
+            config 1; start_agents "$c0" "$c1" 1 "$AGENT_B" ;;
           envoy-hbone) config 0; start_agents "$c0" "$c1" 0
             start_envoy_server "$c1"; start_envoy_client "$c0"
             ip=${POD_NET[0]}.1; ports=("${ENVOY_CLI_PORTS[@]}") ;;
@@ -458,8 +478,8 @@ run_suite() {
         local out_s in_s
         out_s=$(hbone_streams n0 out); in_s=$(hbone_streams n1 in)
         case $path in
-          mesh-tunnel) [ "$out_s" -gt 0 ] && [ "$in_s" -gt 0 ] \
-            || die "mesh-tunnel: no HBONE stream counted (node 0 outbound $out_s, node 1 inbound $in_s)" ;;
+          mesh-tunnel*) [ "$out_s" -gt 0 ] && [ "$in_s" -gt 0 ] \
+            || die "$path: no HBONE stream counted (node 0 outbound $out_s, node 1 inbound $in_s)" ;;
           *) [ "$out_s" = 0 ] || die "$path: node 0's agent tunnelled $out_s streams (the namespaces are not enrolled)" ;;
         esac
         emit "$path" "$placement" hbone_streams "$run" "$out_s"

@@ -16,9 +16,10 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, Instrument};
 
 use super::{
+    buffered::ReadBuffered,
     pool::{Checkout, Conn, Pool, PoolKey, PoolLimits, StreamGuard},
     HboneError, HboneStream, CONNECTION_WINDOW, DEFAULT_CONNECT_TIMEOUT, MAX_FRAME_SIZE,
-    MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW,
+    MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
 use crate::identity::{
     tls::{self, MeshTls},
@@ -227,10 +228,14 @@ impl HboneClient {
             .map_err(|source| HboneError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let config = self.tls.client_config(&key.src, &key.dst_id)?;
-        let tls_stream = TlsConnector::from(config)
-            .connect(tls::server_name(), tcp)
+        let mut tls_stream = TlsConnector::from(config)
+            .connect(tls::server_name(), ReadBuffered::new(tcp))
             .await
             .map_err(|source| HboneError::Tls { addr, source })?;
+        tls_stream
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(TLS_SEND_BUFFER));
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

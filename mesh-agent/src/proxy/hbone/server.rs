@@ -11,6 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::{stream::FuturesUnordered, StreamExt};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
@@ -19,8 +20,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
-    relay_tunnel, HboneStream, TcpSide, CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE,
-    MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW,
+    buffered::ReadBuffered, relay_tunnel, HboneStream, TcpSide, CONNECTION_WINDOW,
+    MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW,
+    TLS_SEND_BUFFER,
 };
 use crate::{
     identity::{tls::peer_identity, BoxFuture, SpiffeId},
@@ -214,10 +216,11 @@ async fn connection(
     opts: ServerOptions,
 ) {
     let handshakes = async {
-        let tls = acceptor
-            .accept(tcp)
+        let mut tls = acceptor
+            .accept(ReadBuffered::new(tcp))
             .await
             .map_err(|e| format!("TLS: {e}"))?;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
         let identity = peer_identity(tls.get_ref().1)
             .ok_or_else(|| "the client certificate has no SPIFFE ID".to_string())?;
         let conn = h2::server::Builder::new()
@@ -250,27 +253,37 @@ async fn connection(
         forwarded_for: None,
     };
     debug!(peer = %peer.identity, "HBONE connection up");
+    // On a runtime of one worker a task per stream buys no parallelism, only a wake-up
+    // between tasks for every frame (the connection's task decodes it, the stream's task
+    // relays it, and back): there the connection's task drives its streams itself.
+    let inline = tokio::runtime::Handle::current().metrics().num_workers() == 1;
+    let mut streams = FuturesUnordered::new();
     let mut draining = false;
     loop {
         let next = tokio::select! {
+            biased;
             _ = drain.signaled(), if !draining => {
                 // GOAWAY: no new streams; those open finish, then `accept` ends.
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
             }
+            Some(()) = streams.next(), if !streams.is_empty() => continue,
             next = conn.accept() => next,
         };
         match next {
             Some(Ok((req, respond))) => {
                 let (peer, handler, drain) = (peer.clone(), handler.clone(), drain.clone());
-                tokio::spawn(
-                    async move {
-                        stream(req, respond, peer, handler).await;
-                        drop(drain);
-                    }
-                    .instrument(tracing::debug_span!("hbone_stream")),
-                );
+                let s = async move {
+                    stream(req, respond, peer, handler).await;
+                    drop(drain);
+                }
+                .instrument(tracing::debug_span!("hbone_stream"));
+                if inline {
+                    streams.push(s);
+                } else {
+                    tokio::spawn(s);
+                }
             }
             Some(Err(e)) => {
                 debug!(error = %e, "HBONE connection error");
@@ -279,6 +292,10 @@ async fn connection(
             None => break,
         }
     }
+    // The connection ended (dropping it tells every stream still open); their relays may
+    // still be writing their last bytes.
+    drop(conn);
+    while streams.next().await.is_some() {}
 }
 
 fn answer(respond: &mut h2::server::SendResponse<Bytes>, status: http::StatusCode) {

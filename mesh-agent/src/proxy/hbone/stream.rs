@@ -24,14 +24,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(crate) type Guard = Option<Arc<dyn Send + Sync>>;
 
 pub struct HboneStream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    // The tunnel relay (`tunnel::relay_tunnel`) drives these itself.
+    pub(super) send: SendStream<Bytes>,
+    pub(super) recv: RecvStream,
     /// Received and not yet read.
-    buf: Bytes,
+    pub(super) buf: Bytes,
     /// END_STREAM sent.
-    write_closed: bool,
+    pub(super) write_closed: bool,
     /// END_STREAM received and every byte read.
-    read_eof: bool,
+    pub(super) read_eof: bool,
     _guard: Guard,
 }
 
@@ -44,7 +45,7 @@ impl std::fmt::Debug for HboneStream {
     }
 }
 
-fn reset_error(e: h2::Error) -> io::Error {
+pub(super) fn reset_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()

@@ -615,3 +615,130 @@ fn forwarded_for_is_read_as_rfc_7239_writes_it() {
         r#"for="10.0.0.1:4000""#
     );
 }
+
+/// The relay at both ends: a TCP client relayed into a stream (`TcpSide::Source`, the
+/// outbound side) whose server relays into an echo. On this one-thread runtime the server
+/// drives its streams from the connection's task.
+#[tokio::test]
+async fn a_relayed_tcp_client_gets_sixteen_mib_back_intact_on_one_thread() {
+    assert_eq!(tokio::runtime::Handle::current().metrics().num_workers(), 1);
+    let e = env().await;
+    let stream = e.connect(echo().await).await.unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (near, _) = l.accept().await.unwrap();
+    let counters = Arc::new(crate::metrics::FlowCounters::default());
+    let c = counters.clone();
+    let relay =
+        tokio::spawn(
+            async move { relay_tunnel_counted(near, stream, &c, TcpSide::Source, None).await },
+        );
+    let out = data(MIB16, 11);
+    let (mut r, mut w) = app.split();
+    let writer = async {
+        // Uneven chunks: frames of every size, small ones among them.
+        let mut rest = &out[..];
+        let mut n = 1;
+        while !rest.is_empty() {
+            let k = n.min(rest.len());
+            w.write_all(&rest[..k]).await?;
+            rest = &rest[k..];
+            n = (n * 7 + 13) % 200_000 + 1;
+        }
+        w.shutdown().await
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await?;
+        Ok::<_, io::Error>(got)
+    };
+    let ((), got) = tokio::try_join!(writer, reader).unwrap();
+    assert_eq!(got.len(), MIB16);
+    assert_eq!(hash(&got), hash(&out));
+    let end = relay.await.unwrap();
+    end.result.unwrap();
+    assert_eq!(
+        (end.from_tcp, end.from_tunnel),
+        (MIB16 as u64, MIB16 as u64)
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(counters.received.load(Relaxed), MIB16 as u64);
+    assert_eq!(counters.sent.load(Relaxed), MIB16 as u64);
+}
+
+/// A reader that stops reading holds the sender back (flow control through the relays)
+/// instead of letting the relays queue without bound; once it reads again every byte
+/// arrives.
+#[tokio::test]
+async fn a_stalled_reader_holds_the_sender_back_and_then_gets_everything() {
+    let out = data(96 * 1024 * 1024, 3);
+    let e = env().await;
+    // The upstream reads nothing until told to, then everything.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let upstream_addr = {
+        let go = go.clone();
+        upstream(move |mut s| {
+            let (tx, go) = (tx.lock().unwrap().take(), go.clone());
+            async move {
+                go.notified().await;
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got).await;
+                let _ = s.shutdown().await;
+                if let Some(tx) = tx {
+                    let _ = tx.send(got);
+                }
+            }
+        })
+        .await
+    };
+    let stream = e.connect(upstream_addr).await.unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (near, _) = l.accept().await.unwrap();
+    let counters = Arc::new(crate::metrics::FlowCounters::default());
+    let c = counters.clone();
+    let relay = tokio::spawn(async move { relay_tunnel(near, stream, &c, TcpSide::Source).await });
+    let sent = {
+        let out = out.clone();
+        tokio::spawn(async move {
+            app.write_all(&out).await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            app.read_to_end(&mut rest).await.unwrap();
+        })
+    };
+    // While the upstream stalls, the bytes in flight stop growing once the windows and
+    // the sockets' buffers are full (the kernel's may hold tens of MiB): the sender is
+    // held back, short of what the app wants to send.
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut held = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = counters.received.load(Relaxed);
+        if now == held && now > 0 {
+            break;
+        }
+        held = now;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counters.received.load(Relaxed),
+        held,
+        "bytes kept going into the tunnel while nobody read"
+    );
+    assert!(
+        held < out.len() as u64,
+        "{held} bytes went in while nobody read"
+    );
+    go.notify_one();
+    sent.await.unwrap();
+    relay.await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), out.len());
+    assert_eq!(hash(&got), hash(&out));
+}

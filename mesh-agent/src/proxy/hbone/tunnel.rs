@@ -2,22 +2,28 @@
 //! connection and a tunnel stream.
 
 use std::{
-    io,
+    collections::VecDeque,
+    io::{self, IoSlice},
     net::SocketAddr,
     os::fd::AsFd,
+    pin::Pin,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
+    task::{ready, Context, Poll},
     time::Duration,
 };
 
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
 
 use super::HboneStream;
 use crate::{
     metrics::{istio::TcpSeries, FlowCounters},
+    proxy::relay_buffers::Buffer,
     sys,
 };
 
@@ -33,13 +39,15 @@ pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
 /// Largest header block accepted (bytes): a CONNECT carries a handful of short headers.
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Encrypted bytes rustls may hold for the socket (rustls' default is 64 KiB): a whole
+/// DATA frame of `MAX_FRAME_SIZE` and its header go out in one write, not the frame and
+/// then its last 9 bytes in a record and a write of their own.
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 /// Bytes h2 may buffer per stream waiting to be sent.
 pub const MAX_SEND_BUFFER: usize = 256 * 1024;
 /// Streams a server accepts at once on one connection (ztunnel's figure); clients open
 /// another connection beyond the peer's limit.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
-/// Relay buffer per direction (bytes).
-pub const RELAY_BUFFER: usize = 32 * 1024;
 /// TCP connect plus TLS handshake towards a peer, and the wait for its answer to a
 /// CONNECT.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,40 +121,50 @@ pub enum TcpSide {
 }
 
 /// Copies `r` to `w` until `r` ends, then shuts `w` down; counted in `count` (and an
-/// Istio series). Also the splice of upgraded HTTP connections (`secure::http::upgrade`).
-pub async fn pipe<R, W>(r: R, w: W, count: &AtomicU64, istio: Option<&Counter>) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    pipe_counted(r, w, count, &AtomicU64::new(0), istio).await
-}
-
-/// `pipe`, also counting into `moved`: this one connection's bytes (the shared `count`
-/// sums many), kept as they go so a relay that ends in an error still knows them.
-async fn pipe_counted<R, W>(
+/// Istio series). The splice of upgraded HTTP connections (`secure::http::upgrade`).
+///
+/// A silent connection holds no relay buffer: the wait for bytes reads into a small one,
+/// and a pooled buffer (`proxy::relay_buffers`, the L4 relay's) is taken only while reads
+/// keep finding bytes.
+pub async fn pipe<R, W>(
     mut r: R,
     mut w: W,
     count: &AtomicU64,
-    moved: &AtomicU64,
     istio: Option<&Counter>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUFFER];
+    let add = |n: usize| {
+        count.fetch_add(n as u64, Relaxed);
+        if let Some(c) = istio {
+            c.inc_by(n as u64);
+        }
+    };
+    let mut first = [0u8; WAIT_BUFFER];
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = r.read(&mut first).await?;
         if n == 0 {
             w.shutdown().await?;
             return Ok(());
         }
-        w.write_all(&buf[..n]).await?;
-        count.fetch_add(n as u64, Relaxed);
-        moved.fetch_add(n as u64, Relaxed);
-        if let Some(c) = istio {
-            c.inc_by(n as u64);
+        w.write_all(&first[..n]).await?;
+        add(n);
+        if n < first.len() {
+            continue;
+        }
+        // More may be waiting: read on with a pooled buffer while reads are ready at once.
+        let mut buf = Buffer::take();
+        while let Some(read) = r.read(&mut buf).now_or_never() {
+            let n = read?;
+            if n == 0 {
+                drop(buf);
+                w.shutdown().await?;
+                return Ok(());
+            }
+            w.write_all(&buf[..n]).await?;
+            add(n);
         }
     }
 }
@@ -210,7 +228,7 @@ pub async fn relay_tunnel_counted(
 
 async fn relay_tunnel_inner(
     mut tcp: TcpStream,
-    tunnel: HboneStream,
+    mut tunnel: HboneStream,
     counters: &FlowCounters,
     side: TcpSide,
     istio: Option<&TcpSeries>,
@@ -226,23 +244,247 @@ async fn relay_tunnel_inner(
         (Some(i), TcpSide::Source) => (Some(&i.received), Some(&i.sent)),
         (Some(i), TcpSide::Destination) => (Some(&i.sent), Some(&i.received)),
     };
-    {
-        let (tr, tw) = tcp.split();
-        let (hr, hw) = tokio::io::split(tunnel);
-        let up = pipe_counted(tr, hw, from_tcp, moved.0, istio_from_tcp);
-        let down = pipe_counted(hr, tw, from_tunnel, moved.1, istio_from_tunnel);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            // On an error, returning drops the tunnel's halves before both ended (which
-            // resets it) and the socket still armed (which resets it too).
-            tokio::select! {
-                r = &mut up, if !up_done => { up_done = true; r?; }
-                r = &mut down, if !down_done => { down_done = true; r?; }
-            }
-        }
+    let up = Tally {
+        shared: from_tcp,
+        own: moved.0,
+        istio: istio_from_tcp,
+    };
+    let down = Tally {
+        shared: from_tunnel,
+        own: moved.1,
+        istio: istio_from_tunnel,
+    };
+    let mut state = RelayState::default();
+    if !tunnel.buf.is_empty() {
+        // Read from the stream before the relay began (not the case today).
+        let b = std::mem::take(&mut tunnel.buf);
+        state.down_bytes = b.len();
+        state.down.push_back(b);
     }
+    // On an error, returning drops the tunnel before both its directions ended (which
+    // resets it) and the socket still armed (which resets it too).
+    std::future::poll_fn(|cx| poll_relay(cx, &mut tcp, &mut tunnel, &mut state, &up, &down))
+        .await?;
     // Both directions ended cleanly: a normal close.
     let _ = sys::clear_linger(tcp.as_fd());
     Ok(())
+}
+
+/// Where one direction's bytes are counted as they go.
+struct Tally<'a> {
+    /// The series' counter (shared by many connections).
+    shared: &'a AtomicU64,
+    /// This connection's.
+    own: &'a AtomicU64,
+    istio: Option<&'a Counter>,
+}
+
+impl Tally<'_> {
+    fn add(&self, n: usize) {
+        self.shared.fetch_add(n as u64, Relaxed);
+        self.own.fetch_add(n as u64, Relaxed);
+        if let Some(c) = self.istio {
+            c.inc_by(n as u64);
+        }
+    }
+}
+
+/// Received from the tunnel and not yet written to the TCP side, at most (bytes): one
+/// vectored write takes what arrived together.
+const DOWN_BATCH: usize = 256 * 1024;
+/// Read from the TCP side into one DATA frame, at most (bytes): the frame size both ends
+/// of our tunnels accept (`MAX_FRAME_SIZE`).
+const UP_BATCH: usize = MAX_FRAME_SIZE as usize;
+/// Slices in one vectored write.
+const DOWN_SLICES: usize = 16;
+/// What `pipe` waits for bytes with (bytes).
+const WAIT_BUFFER: usize = 1024;
+
+#[derive(Default)]
+struct RelayState {
+    /// Read from the TCP side, not yet handed to the stream.
+    up: Bytes,
+    /// The TCP side's FIN was read (END_STREAM goes with the last of `up`).
+    fin: bool,
+    /// Taken from the stream, not yet written to the TCP side (flow-control capacity is
+    /// released as they are written, so a slow TCP reader slows the sender).
+    down: VecDeque<Bytes>,
+    down_bytes: usize,
+    /// FIN passed on to the TCP side.
+    down_done: bool,
+}
+
+/// Both directions of a tunnel relay in one future, so one wake-up serves whichever side
+/// is ready, with no split lock between them. TCP -> tunnel: a pooled buffer
+/// (`proxy::relay_buffers`) is taken only while the socket has bytes, and the bytes read
+/// go to the stream as one DATA frame; tunnel -> TCP: the frames' own buffers are written
+/// (vectored), no copy. Ready once both directions ended cleanly.
+fn poll_relay(
+    cx: &mut Context<'_>,
+    tcp: &mut TcpStream,
+    t: &mut HboneStream,
+    st: &mut RelayState,
+    up: &Tally<'_>,
+    down: &Tally<'_>,
+) -> Poll<io::Result<()>> {
+    loop {
+        let mut progress = false;
+        // TCP -> tunnel.
+        if !t.write_closed {
+            if st.up.is_empty() {
+                // Reads that fill the buffer mean more is waiting: they are gathered into
+                // one DATA frame of up to `UP_BATCH`.
+                let mut buf = Buffer::take();
+                let mut batch = BytesMut::new();
+                loop {
+                    let mut rb = ReadBuf::new(&mut buf);
+                    let Poll::Ready(r) = Pin::new(&mut *tcp).poll_read(cx, &mut rb) else {
+                        break;
+                    };
+                    r?;
+                    progress = true;
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        // FIN: END_STREAM, on the last bytes' frame if they came with it.
+                        st.fin = true;
+                        break;
+                    }
+                    let full = n == rb.capacity();
+                    if batch.capacity() == 0 {
+                        batch.reserve(if full { UP_BATCH } else { n });
+                    }
+                    batch.extend_from_slice(rb.filled());
+                    if batch.len() + n > UP_BATCH {
+                        break;
+                    }
+                    // A short read drained the socket: read again only if it has news
+                    // already (a FIN that came with the bytes), which costs no syscall
+                    // to find out.
+                    if !full && tcp.poll_read_ready(cx).is_pending() {
+                        break;
+                    }
+                }
+                st.up = batch.freeze();
+            }
+            if st.fin && st.up.is_empty() {
+                // END_STREAM alone (nothing came with the FIN).
+                t.send
+                    .send_data(Bytes::new(), true)
+                    .map_err(super::stream::reset_error)?;
+                t.write_closed = true;
+                progress = true;
+            }
+            if !st.up.is_empty() {
+                t.send.reserve_capacity(st.up.len());
+                loop {
+                    let have = t.send.capacity();
+                    if have > 0 {
+                        let chunk = st.up.split_to(have.min(st.up.len()));
+                        let n = chunk.len();
+                        // The last bytes before a FIN carry END_STREAM.
+                        let end = st.fin && st.up.is_empty();
+                        t.send
+                            .send_data(chunk, end)
+                            .map_err(super::stream::reset_error)?;
+                        up.add(n);
+                        progress = true;
+                        if end {
+                            t.write_closed = true;
+                        }
+                        if st.up.is_empty() {
+                            break;
+                        }
+                        continue;
+                    }
+                    match t.send.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(_))) => continue,
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Err(super::stream::reset_error(e)))
+                        }
+                        Poll::Ready(None) => {
+                            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+                        }
+                        Poll::Pending => {
+                            // A reset from the peer ends the wait for capacity.
+                            if let Poll::Ready(r) = t.send.poll_reset(cx) {
+                                return Poll::Ready(Err(match r {
+                                    Ok(reason) => io::Error::new(
+                                        io::ErrorKind::ConnectionReset,
+                                        h2::Error::from(reason),
+                                    ),
+                                    Err(e) => super::stream::reset_error(e),
+                                }));
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // Tunnel -> TCP.
+        if !st.down_done {
+            while !t.read_eof && st.down_bytes < DOWN_BATCH {
+                match t.recv.poll_data(cx) {
+                    Poll::Ready(Some(Ok(b))) => {
+                        progress = true;
+                        if !b.is_empty() {
+                            st.down_bytes += b.len();
+                            st.down.push_back(b);
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        return Poll::Ready(Err(super::stream::reset_error(e)))
+                    }
+                    Poll::Ready(None) => {
+                        progress = true;
+                        t.read_eof = true;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            while !st.down.is_empty() {
+                let mut slices = [IoSlice::new(&[]); DOWN_SLICES];
+                let k = st.down.len().min(DOWN_SLICES);
+                for (s, b) in slices.iter_mut().zip(st.down.iter()) {
+                    *s = IoSlice::new(b);
+                }
+                let written = if k == 1 {
+                    Pin::new(&mut *tcp).poll_write(cx, &st.down[0])
+                } else {
+                    Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..k])
+                };
+                let Poll::Ready(r) = written else { break };
+                let mut n = r?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                progress = true;
+                st.down_bytes -= n;
+                let _ = t.recv.flow_control().release_capacity(n);
+                down.add(n);
+                while n > 0 {
+                    let front = st.down.front_mut().expect("written bytes were queued");
+                    if n >= front.len() {
+                        n -= front.len();
+                        st.down.pop_front();
+                    } else {
+                        front.advance(n);
+                        n = 0;
+                    }
+                }
+            }
+            if st.down.is_empty() && t.read_eof {
+                // END_STREAM: FIN.
+                ready!(Pin::new(&mut *tcp).poll_shutdown(cx))?;
+                st.down_done = true;
+                progress = true;
+            }
+        }
+        if t.write_closed && st.down_done {
+            return Poll::Ready(Ok(()));
+        }
+        if !progress {
+            return Poll::Pending;
+        }
+    }
 }

@@ -23,6 +23,10 @@ pub struct InPod {
     pub ip: Ipv4Addr,
     pub netns: PathBuf,
     worker: NetnsWorker,
+    /// Sockets made in the pod's namespace for the next `connect_in`s: one trip to the
+    /// namespace's thread makes `SPARE_SOCKETS`, so a new connection does not cost two
+    /// thread switches (on one vCPU, a good part of a tunnelled connection's set-up).
+    spare: std::sync::Mutex<Vec<TcpSocket>>,
     /// Flipped to `true` when the pod leaves (no longer enrolled, or gone) or the agent
     /// stops capturing: whoever took the pod's HBONE listener closes it then.
     closed: tokio::sync::watch::Sender<bool>,
@@ -52,6 +56,7 @@ impl InPod {
             ip,
             netns,
             worker,
+            spare: std::sync::Mutex::new(Vec::new()),
             closed: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -66,13 +71,27 @@ impl InPod {
     /// address goes over its loopback and the application sees that address as the peer).
     /// Must be called within a tokio runtime.
     pub async fn connect_in(&self, dst: SocketAddrV4) -> io::Result<TcpStream> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.worker.submit(Box::new(move || {
-            let _ = tx.send(TcpSocket::new_v4());
-        }))?;
-        let sock = rx
-            .await
-            .map_err(|_| io::Error::other("the pod's namespace thread is gone"))??;
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let sock = match spare {
+            Some(s) => s,
+            None => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.worker.submit(Box::new(move || {
+                    let made: io::Result<Vec<TcpSocket>> =
+                        (0..SPARE_SOCKETS).map(|_| TcpSocket::new_v4()).collect();
+                    let _ = tx.send(made);
+                }))?;
+                let mut made = rx
+                    .await
+                    .map_err(|_| io::Error::other("the pod's namespace thread is gone"))??;
+                let sock = made.pop().expect("SPARE_SOCKETS > 0");
+                let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+                // Bounded: callers that raced each bring a batch; the extra ones close.
+                let room = SPARE_SOCKETS.saturating_sub(spare.len());
+                spare.extend(made.into_iter().take(room));
+                sock
+            }
+        };
         sock.connect(SocketAddr::V4(dst)).await
     }
 
@@ -132,6 +151,10 @@ impl InPod {
             .run(move || link.detach_here().map_err(io::Error::other))
     }
 }
+
+/// Sockets one trip to a pod's namespace thread makes for `InPod::connect_in` (each an
+/// open file until used; at most this many wait per pod).
+const SPARE_SOCKETS: usize = 8;
 
 /// Registers std listeners with the current runtime.
 pub(super) fn to_tokio(l: std::net::TcpListener) -> io::Result<TcpListener> {
