@@ -24,6 +24,7 @@
 //! mesh cost one lookup per request.
 
 mod body;
+mod h1;
 mod lb;
 mod policy;
 mod pool;
@@ -67,7 +68,7 @@ use self::{
     body::{Active, ConnSeries, Finish, Labels, Name, Recorder, RequestLog, Source, Tracked},
     lb::ClusterState,
     policy::{Buckets, Gauge, Slot, TryOutcome},
-    pool::{EndpointPool, Sender, Tunnel, Via},
+    pool::{EndpointPool, Sender, Tunnel, UpBody, Via},
     timer::{ConnTimer, Timer},
 };
 pub(crate) use self::{route::strip_hop_by_hop, sniff::Prefixed};
@@ -113,7 +114,12 @@ pub enum L7Error {
     #[error("upstream {addr} reset or closed before a response: {source}")]
     Reset {
         addr: SocketAddr,
-        source: hyper::Error,
+        source: h1::H1Error,
+    },
+    #[error("upstream {addr} broke HTTP/1.1: {source}")]
+    Protocol {
+        addr: SocketAddr,
+        source: h1::H1Error,
     },
     #[error("cluster {cluster}: circuit breaker open ({limit} reached)")]
     Overflow {
@@ -1048,7 +1054,9 @@ impl L7 {
                     | L7Error::Tunnel { .. }
                     | L7Error::Handshake { .. },
                 )) => TryOutcome::ConnectFailure,
-                Err(TryFail::Error(L7Error::Reset { .. })) => TryOutcome::Reset,
+                Err(TryFail::Error(L7Error::Reset { .. } | L7Error::Protocol { .. })) => {
+                    TryOutcome::Reset
+                }
             };
             if let Some(t) = rec.as_mut().and_then(|r| r.trace.as_mut()) {
                 t.try_result(match outcome {
@@ -1124,27 +1132,26 @@ impl L7 {
                 }
                 Err(TryFail::Error(e)) => {
                     debug!(cluster = %cluster.name, "{e}");
-                    flag(
-                        rec,
-                        match e {
-                            L7Error::Reset { .. } => Flags::UC,
-                            _ => Flags::UF,
-                        },
-                    );
+                    let f = match e {
+                        L7Error::Reset { .. } | L7Error::Protocol { .. } => Flags::UC,
+                        _ => Flags::UF,
+                    };
+                    flag(rec, f);
                     if let Some(l) = log_of(rec) {
-                        l.flag(match e {
-                            L7Error::Reset { .. } => Flags::UC,
-                            _ => Flags::UF,
-                        });
+                        l.flag(f);
                         l.connection_termination_details = Some(e.to_string());
                     }
-                    let reason = match e {
-                        L7Error::Reset { .. } => "connection termination",
-                        _ => "connection failure",
+                    let (reason, status) = match e {
+                        L7Error::Reset { .. } => {
+                            ("connection termination", StatusCode::SERVICE_UNAVAILABLE)
+                        }
+                        // Envoy's answer to an upstream that breaks the protocol.
+                        L7Error::Protocol { .. } => ("protocol error", StatusCode::BAD_GATEWAY),
+                        _ => ("connection failure", StatusCode::SERVICE_UNAVAILABLE),
                     };
                     local(
                         grpc,
-                        StatusCode::SERVICE_UNAVAILABLE,
+                        status,
                         &format!(
                             "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
                         ),
@@ -1166,7 +1173,7 @@ impl L7 {
         (up, last): (&mut route::Upstream, bool),
         source: &mut Source,
         unsent: &mut Option<Request<ProxyBody>>,
-    ) -> Result<(Response<Incoming>, Sender, Option<Arc<EndpointPool>>), TryFail> {
+    ) -> Result<(Response<UpBody>, Sender, Option<Arc<EndpointPool>>), TryFail> {
         let mut stale = 0;
         loop {
             let mut co = pool::checkout(&state.counters, ep, cluster, via).await?;
@@ -1177,7 +1184,7 @@ impl L7 {
             };
             match co.sender.send(req).await {
                 Ok(resp) => return Ok((resp, co.sender, co.home)),
-                Err(mut e) => {
+                Err(e) => {
                     if let Some(reason) = source.client_error() {
                         return Err(TryFail::Error(L7Error::ClientBody {
                             reason: reason.to_owned(),
@@ -1185,16 +1192,24 @@ impl L7 {
                     }
                     // A request that never left can go again, on a fresh connection when
                     // a kept-alive one had closed under it.
-                    let back = e.take_message();
+                    let back = e.request;
                     let retry_now = co.reused && back.is_some() && stale < STALE_CONNECTION_TRIES;
                     *unsent = back;
                     if retry_now {
                         stale += 1;
                         continue;
                     }
-                    return Err(TryFail::Error(L7Error::Reset {
-                        addr: ep.address,
-                        source: e.into_error(),
+                    let addr = ep.address;
+                    return Err(TryFail::Error(if e.error.is_protocol() {
+                        L7Error::Protocol {
+                            addr,
+                            source: e.error,
+                        }
+                    } else {
+                        L7Error::Reset {
+                            addr,
+                            source: e.error,
+                        }
                     }));
                 }
             }

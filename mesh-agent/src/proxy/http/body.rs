@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::{
     lb::EndpointState,
     policy::Slot,
-    pool::{EndpointPool, Sender},
+    pool::{EndpointPool, Sender, UpBody},
     timer::Timer,
     BoxError, ProxyBody,
 };
@@ -482,7 +482,7 @@ impl Finish {
 
 /// The upstream response body on its way downstream.
 pub(super) struct Tracked {
-    inner: Incoming,
+    inner: UpBody,
     finish: Option<Finish>,
     /// The route's deadline, on the request's timer (`timer`: no `Sleep` of its own).
     deadline: Option<(Instant, Arc<Timer>)>,
@@ -493,22 +493,35 @@ pub(super) struct Tracked {
 pub(super) struct StreamTimeout;
 
 impl Tracked {
-    pub fn new(
-        inner: Incoming,
-        finish: Finish,
-        deadline: Option<(Instant, Arc<Timer>)>,
-    ) -> Tracked {
+    pub fn new(inner: UpBody, finish: Finish, deadline: Option<(Instant, Arc<Timer>)>) -> Tracked {
         let mut t = Tracked {
             finish: Some(finish),
             deadline,
             inner,
         };
-        if t.inner.is_end_stream() {
+        if t.ended() {
             if let Some(f) = t.finish.take() {
                 f.complete();
             }
         }
         t
+    }
+
+    /// The HTTP/1.1 connection the body is read from.
+    fn h1(&self) -> Option<&super::pool::H1> {
+        match self.finish.as_ref()?.sender.as_ref()? {
+            Sender::H1(h) => Some(h),
+            Sender::H2(_) => None,
+        }
+    }
+
+    /// No frame is left. An HTTP/1.1 body whose connection went (its end reached, or
+    /// failed) has none left either.
+    fn ended(&self) -> bool {
+        match &self.inner {
+            UpBody::H2(b) => b.is_end_stream(),
+            UpBody::H1 => self.h1().is_none_or(|h| h.conn.body_done()),
+        }
     }
 }
 
@@ -532,11 +545,17 @@ impl Body for Tracked {
                 return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
             }
         }
-        // An HTTP/1.1 upstream connection has no task of its own: the body drives it.
-        if let Some(Sender::H1(h1)) = this.finish.as_mut().and_then(|f| f.sender.as_mut()) {
-            h1.poll_conn(cx);
-        }
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let frame: Option<Result<Frame<Bytes>, BoxError>> = match &mut this.inner {
+            UpBody::H2(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(BoxError::from)),
+            // An HTTP/1.1 upstream connection has no task of its own: the body reads it.
+            UpBody::H1 => match this.finish.as_mut().and_then(|f| f.sender.as_mut()) {
+                Some(Sender::H1(h1)) => {
+                    ready!(h1.conn.poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+                }
+                // Ended (the connection went back to its pool) or failed before.
+                _ => None,
+            },
+        };
         if let Some(d) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
             if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
                 *e.bytes_sent.get_or_insert(0) += d.len() as u64;
@@ -550,7 +569,7 @@ impl Body for Tracked {
             }
         }
         match &frame {
-            Some(Ok(_)) if !this.inner.is_end_stream() => {}
+            Some(Ok(_)) if !this.ended() => {}
             Some(Ok(_)) | None => {
                 if let Some(f) = this.finish.take() {
                     f.complete();
@@ -564,15 +583,20 @@ impl Body for Tracked {
                 this.finish = None;
             }
         }
-        Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            UpBody::H2(b) => b.size_hint(),
+            UpBody::H1 => self
+                .h1()
+                .map_or(SizeHint::with_exact(0), |h| h.conn.size_hint()),
+        }
     }
 }
 

@@ -1,16 +1,17 @@
-//! Upstream connections: an HTTP/1.1 keep-alive pool per endpoint and one multiplexed
-//! HTTP/2 connection per endpoint, on hyper's client connection API. Connections count
-//! against the cluster's `max_connections`; a request that needs a connection when none
-//! may be opened waits as pending (up to `max_pending_requests`).
+//! Upstream connections: an HTTP/1.1 keep-alive pool per endpoint (the engine's own codec,
+//! `h1`) and one multiplexed HTTP/2 connection per endpoint (hyper's client connection
+//! API). Connections count against the cluster's `max_connections`; a request that needs a
+//! connection when none may be opened waits as pending (up to `max_pending_requests`).
 //!
 //! An HTTP/1.1 connection has no task of its own: whoever holds it drives it. The request
-//! that checked it out polls hyper's connection future beside its response future, and
-//! the response body (`body::Tracked`) polls it while it streams; once the body has ended
-//! the connection goes back to the pool, where nothing polls it until the next checkout
-//! (which first drives it, so a connection the endpoint closed meanwhile is seen then and
-//! dropped). A request thus never crosses to another task, or another worker thread, to
-//! reach its upstream connection. An HTTP/2 connection is shared by the requests of many
-//! downstream connections, so it runs in a task of its own.
+//! that checked it out writes its head and reads the response head itself, and the
+//! response body (`body::Tracked`) reads the rest from the connection as the downstream
+//! codec asks for it; once the body has ended the connection goes back to the pool, where
+//! nothing polls it until the next checkout (which first looks at it, so a connection the
+//! endpoint closed meanwhile is seen then and dropped). A request thus never crosses to
+//! another task, or another worker thread, or even a channel, to reach its upstream
+//! connection. An HTTP/2 connection is shared by the requests of many downstream
+//! connections, so it runs in a task of its own.
 //!
 //! An endpoint that is a mesh workload of another node is reached through an HBONE
 //! stream (`Via::Tunnel`) that carries the source workload's identity and names its
@@ -22,24 +23,20 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     net::{IpAddr, SocketAddr},
-    pin::{pin, Pin},
+    pin::pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Duration,
 };
 
 use http::{Request, Response};
-use hyper::{
-    body::Incoming,
-    client::conn::{http1, http2, TrySendError},
-};
+use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
 use super::{
+    h1::{self, SendFail},
     lb::EndpointState,
     policy::{Counters, Gauge, Slot},
     L7Error, MeshPaths, ProxyBody, SpanExec,
@@ -49,76 +46,25 @@ use crate::{
     proxy::config::{Cluster, UpstreamProtocol},
 };
 
-/// hyper's HTTP/1.1 client connection over any upstream IO.
-type H1Connection = http1::Connection<TokioIo<super::BoxIo>, ProxyBody>;
-
-/// An HTTP/1.1 upstream connection: the request handle and the connection future, which
-/// the holder polls (`poll_conn`) whenever it waits on the connection. Dropping it closes
-/// the connection and frees its circuit-breaker slot.
+/// An HTTP/1.1 upstream connection and its circuit-breaker slot. Dropping it closes the
+/// connection and frees the slot.
 pub(super) struct H1 {
-    sender: http1::SendRequest<ProxyBody>,
-    /// None once the connection future has completed (the connection is over). Boxed:
-    /// hyper's connection state is large, and a `Sender` moves with every request.
-    conn: Option<Box<H1Connection>>,
+    pub conn: h1::Conn,
     /// Held for its Drop: the cluster's `max_connections` slot.
     _slot: Slot,
 }
 
 impl std::fmt::Debug for H1 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H1")
-            .field("open", &self.conn.is_some())
-            .finish_non_exhaustive()
+        self.conn.fmt(f)
     }
 }
 
-/// Polls the connection future; None once it has completed.
-fn poll_conn(conn: &mut Option<Box<H1Connection>>, cx: &mut Context<'_>) {
-    if let Some(c) = conn.as_mut() {
-        if let Poll::Ready(res) = Pin::new(&mut **c).poll(cx) {
-            if let Err(e) = res {
-                debug!("upstream connection ended: {e}");
-            }
-            *conn = None;
-        }
-    }
-}
-
-impl H1 {
-    /// Drives the connection (writes the request and its body, reads the response and
-    /// its body) in the caller's task. Cheap when there is nothing to do.
-    pub fn poll_conn(&mut self, cx: &mut Context<'_>) {
-        poll_conn(&mut self.conn, cx);
-    }
-
-    fn is_closed(&self) -> bool {
-        self.conn.is_none() || self.sender.is_closed()
-    }
-
-    /// Ready when the connection takes a request (Err: it is over). Drives it meanwhile.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
-        poll_conn(&mut self.conn, cx);
-        if self.is_closed() {
-            return Poll::Ready(Err(()));
-        }
-        self.sender.poll_ready(cx).map_err(|_| ())
-    }
-
-    /// Sends `req` and waits for the response head, driving the connection meanwhile.
-    pub async fn send(
-        &mut self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
-        let mut res = pin!(self.sender.try_send_request(req));
-        std::future::poll_fn(|cx| {
-            // The connection first: it takes the request from hyper's queue, writes it and
-            // reads what the endpoint answered, which completes `res`. When it ends, hyper
-            // has completed `res` with the error.
-            poll_conn(&mut self.conn, cx);
-            res.as_mut().poll(cx)
-        })
-        .await
-    }
+/// A response body as it comes from upstream.
+pub(super) enum UpBody {
+    H2(Incoming),
+    /// HTTP/1.1: read from the connection the response's `Finish` holds.
+    H1,
 }
 
 #[derive(Debug, Default)]
@@ -130,7 +76,7 @@ pub(super) struct EndpointPool {
 impl EndpointPool {
     /// Gives a keep-alive connection back once its response has been read to the end.
     pub fn put(&self, h1: H1, counters: &Counters) {
-        if h1.is_closed() {
+        if !h1.conn.is_reusable() {
             return;
         }
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(h1);
@@ -195,13 +141,16 @@ pub(super) enum Sender {
 
 impl Sender {
     /// Sends `req` and waits for the response head.
-    pub async fn send(
-        &mut self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<ProxyBody>>> {
+    pub async fn send(&mut self, req: Request<ProxyBody>) -> Result<Response<UpBody>, SendFail> {
         match self {
-            Sender::H1(h) => h.send(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H1(h) => Ok(h.conn.send(req).await?.map(|()| UpBody::H1)),
+            Sender::H2(s) => match s.try_send_request(req).await {
+                Ok(r) => Ok(r.map(UpBody::H2)),
+                Err(mut e) => Err(SendFail {
+                    request: e.take_message(),
+                    error: h1::H1Error::H2(e.into_error()),
+                }),
+            },
         }
     }
 }
@@ -289,20 +238,13 @@ async fn handshake(
     cluster: &Cluster,
     slot: Slot,
 ) -> Result<Sender, L7Error> {
-    let io = TokioIo::new(io);
     match cluster.protocol {
-        UpstreamProtocol::Http1 => {
-            let (sender, conn) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|source| L7Error::Handshake { addr, source })?;
-            Ok(Sender::H1(H1 {
-                sender,
-                conn: Some(Box::new(conn)),
-                _slot: slot,
-            }))
-        }
+        UpstreamProtocol::Http1 => Ok(Sender::H1(H1 {
+            conn: h1::Conn::new(io),
+            _slot: slot,
+        })),
         UpstreamProtocol::Http2 => {
+            let io = TokioIo::new(io);
             let span = tracing::debug_span!("upstream_conn", cluster = %cluster.name, %addr);
             let (sender, conn) = http2::Builder::new(SpanExec)
                 .timer(TokioTimer::new())
@@ -365,7 +307,10 @@ pub(super) async fn checkout(
         released.as_mut().enable();
         while let Some(mut h1) = pool.pop() {
             // Driven here first: a close by the endpoint while it sat idle shows now.
-            if std::future::poll_fn(|cx| h1.poll_ready(cx)).await.is_ok() {
+            if std::future::poll_fn(|cx| h1.conn.poll_idle(cx))
+                .await
+                .is_ok()
+            {
                 return Ok(Checkout {
                     sender: Sender::H1(h1),
                     reused: true,

@@ -1899,3 +1899,117 @@ async fn spans_per_request_and_try_with_the_context_sent_upstream() {
     );
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
 }
+
+/// An upstream speaking raw bytes: on every connection it reads request heads and answers
+/// each with the next of `answers` (shared by its connections, in order), closing the
+/// connection after an answer when `close` says so. Counts the connections it accepted.
+async fn raw_upstream(answers: Vec<&'static [u8]>, close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let answers = Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, Ordering::Relaxed);
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut b = [0u8; 1024];
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let Some(a) = answers.lock().unwrap().pop_front() else {
+                        return;
+                    };
+                    if s.write_all(a).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn a_malformed_upstream_response_is_a_502_and_its_connection_is_not_reused() {
+    let (addr, conns) = raw_upstream(
+        vec![
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            &b"HTTP/1.1 2xx Nope\r\n\r\n"[..],
+            // Interim answers are skipped; the final one comes through.
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes"[..],
+        ],
+        false,
+    )
+    .await;
+    let p = proxy(simple(vec![cluster("c", &[addr])], to(&[("c", 1)]))).await;
+    let mut c = client(p.addr).await;
+    let g = get(&mut c, "/").await;
+    assert_eq!(g.status, 502, "{}", g.body);
+    assert!(g.body.contains("protocol error"), "{}", g.body);
+    assert_eq!(get(&mut c, "/").await.status, 502);
+    let g = get(&mut c, "/").await;
+    assert_eq!((g.status, g.body.as_str()), (200, "ok"));
+    let g = get(&mut c, "/").await;
+    assert_eq!((g.status, g.body.as_str()), (200, "yes"));
+    // Each malformed answer cost its connection; the good ones shared the third.
+    assert_eq!(conns.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn an_upstream_body_cut_short_fails_the_downstream_response() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this"[..],
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nonly\r\n"[..],
+    ] {
+        let (addr, _) = raw_upstream(vec![answer], true).await;
+        let p = proxy(simple(vec![cluster("c", &[addr])], to(&[("c", 1)]))).await;
+        let mut c = client(p.addr).await;
+        c.ready().await.unwrap();
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "svc.test")
+            .body(text(""))
+            .unwrap();
+        // The head may not even have left the proxy when the body failed: then the
+        // client sees the connection end before a response. Either way, an error.
+        let Ok(resp) = c.send_request(req).await else {
+            continue;
+        };
+        assert_eq!(resp.status(), 200);
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+            .await
+            .expect("the response ends");
+        assert!(
+            body.is_err(),
+            "a clean end short of the body: {:?}",
+            body.map(|b| b.to_bytes())
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_costs_no_request() {
+    // The upstream closes after every answer without saying so: the next request must
+    // find that out (at checkout, or by the request coming back) and use a new connection.
+    let (addr, conns) = raw_upstream(
+        vec![&b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"[..]; 5],
+        true,
+    )
+    .await;
+    let p = proxy(simple(vec![cluster("c", &[addr])], to(&[("c", 1)]))).await;
+    let mut c = client(p.addr).await;
+    for i in 0..5 {
+        let g = get(&mut c, "/").await;
+        assert_eq!((g.status, g.body.as_str()), (200, "a"), "request {i}");
+    }
+    assert_eq!(conns.load(Ordering::Relaxed), 5);
+}
