@@ -194,7 +194,9 @@ measure_slow_reader() { # measure_slow_reader PATH PLACEMENT RUN CPU HOST
 }
 
 # The paths: how the agent runs, which proxy sits in the node, where the client dials.
-PATHS=(direct mesh-direct proxied proxied-both proxied-nosk haproxy haproxy-splice envoy)
+# L4_PATHS (space-separated) picks rows; `proxied-relay` (the kernel relay, issue 13
+# item 1: --kernel-relay true) is measured only when named there, until the report knows it.
+read -r -a PATHS <<< "${L4_PATHS:-direct mesh-direct proxied proxied-both proxied-nosk haproxy haproxy-splice envoy}"
 
 path_up() { # path_up PATH NODE-CPUS -> sets TARGET_IP and TARGET_PORTS
   TARGET_IP=$SRV_IP; TARGET_PORTS=("${SRV_PORTS[@]}")
@@ -204,6 +206,7 @@ path_up() { # path_up PATH NODE-CPUS -> sets TARGET_IP and TARGET_PORTS
     proxied) config 1 proxied; start_agent "$2" ;;
     proxied-both) config 1 proxied; start_agent "$2" --skmsg-upstream true ;;
     proxied-nosk) config 1 proxied; start_agent "$2" --skmsg false ;;
+    proxied-relay) config 1 proxied; start_agent "$2" --kernel-relay true ;;
     haproxy) config 0 proxied; start_agent "$2"; start_haproxy "$2"
       TARGET_IP=$NODE_IP; TARGET_PORTS=("${HAPROXY_PORTS[@]}") ;;
     haproxy-splice) config 0 proxied; start_agent "$2"; start_haproxy "$2" splice

@@ -139,6 +139,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             flows: cfg.flows_capacity,
             sockhash: cfg.sockhash_capacity,
         },
+        kernel_relay: cfg.kernel_relay,
     })?;
     warn_connect4_ahead_of_ours(&cgroup);
     // The programs' decision log follows the log filter (`/logging`, `log-level`).
@@ -293,7 +294,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         registry.clone(),
         xds.clone(),
     ))?);
-    if cfg.skmsg_upstream {
+    if cfg.skmsg_upstream || cfg.kernel_relay {
         outbound.pair_upstream_from(*redirect.ip());
     }
     let access_log = {
@@ -360,19 +361,22 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         })
     });
     // Direct-mode flows (socket to socket, no proxy) in the Istio series, from the
-    // datapath's flow records: peers named as the proxy names its own clients'.
-    let direct = crate::metrics::istio::DirectFlows::new(metrics.l7.istio.clone(), {
-        let (registry, xds) = (registry.clone(), xds.clone());
-        Box::new(move |id, ip| {
-            let name = registry.read().unwrap_or_else(|e| e.into_inner()).name(id);
-            let mut peer = crate::metrics::istio::Peer::from_qualified(name.as_deref());
-            if let Some(w) = xds.mesh_now().workloads.by_ip(std::net::IpAddr::V4(ip)) {
-                peer.principal = w.identity.to_string();
-                w.label_peer(&mut peer);
+    // datapath's flow records: peers named as the proxy names its own clients' (the
+    // registry's workload, then what the proxy's mesh model says of the address: `metrics`
+    // may not read the proxy's model itself, docs/architecture.md).
+    let direct = crate::metrics::istio::DirectFlows::from_registry(
+        metrics.l7.istio.clone(),
+        registry.clone(),
+        {
+            let xds = xds.clone();
+            move |ip, peer: &mut crate::metrics::istio::Peer| {
+                if let Some(w) = xds.mesh_now().workloads.by_ip(ip) {
+                    peer.principal = w.identity.to_string();
+                    w.label_peer(peer);
+                }
             }
-            peer
-        })
-    });
+        },
+    );
     datapath.start_flow_telemetry(Box::new(move |r| direct.record(r)))?;
     outbound.set_secure(crate::proxy::secure::Secure::new(
         cfg.node_name.clone(),
@@ -592,10 +596,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         }
         .instrument(tracing::info_span!("map_sync"));
         info!(pin_path = %datapath.pin_path().display(), "mesh-agent running");
-        // Loading and verifying the programs allocated a lot that is free now.
-        sys::release_free_heap();
-        // Once every start-up step is done, the code only start-up ran leaves the resident
-        // set too (`sys::memory`: most of the idle RSS otherwise).
+        // Once every start-up step is done, the heap that loading and verifying the
+        // programs freed, and the code only start-up ran, leave the resident set
+        // (`sys::memory`: most of the idle RSS otherwise).
         tokio::spawn(
             release_start_up_memory(ready.clone())
                 .instrument(tracing::info_span!("release_start_up_memory")),

@@ -292,6 +292,12 @@ pub struct RunArgs {
     /// through the sockmap path (see docs/architecture.md on blocking readers).
     #[arg(long, env = "MESH_SKMSG_UPSTREAM", default_value_t = false, action = clap::ArgAction::Set)]
     pub skmsg_upstream: bool,
+    /// Kernel relay: once the node proxy has decided a TCP flow to a same-node destination
+    /// (endpoint, policy; no L7 work), sk_msg moves its bytes between the client's and the
+    /// destination's sockets. Pairs the proxy's leg to such destinations (as
+    /// `--skmsg-upstream`). Needs kernel 6.9+ (`kernel_relay` in /kernel). Off by default.
+    #[arg(long, env = "MESH_KERNEL_RELAY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub kernel_relay: bool,
     /// Worker threads of the node proxy; 0: one per CPU the agent may run on (its CPU
     /// affinity and cgroup CPU quota), so that on one CPU no connection is handed between
     /// two workers.
@@ -429,6 +435,7 @@ pub struct RunConfig {
     pub admin_address: SocketAddr,
     pub skmsg: bool,
     pub skmsg_upstream: bool,
+    pub kernel_relay: bool,
     /// Worker threads of the node proxy's runtime (resolved: at least 1).
     pub proxy_workers: usize,
     pub skmsg_queue_floor: u32,
@@ -687,6 +694,7 @@ impl RunConfig {
             admin_address: args.admin_address,
             skmsg: args.skmsg,
             skmsg_upstream: args.skmsg_upstream,
+            kernel_relay: args.kernel_relay,
             proxy_workers: match args.proxy_workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => usize::from(n),

@@ -11,6 +11,7 @@
 pub mod btf;
 pub mod events;
 pub mod features;
+pub mod relay;
 pub mod tc;
 pub mod writer;
 
@@ -173,6 +174,9 @@ pub struct LoadOptions<'a> {
     pub assume_missing: &'a [String],
     /// Entries of `FLOWS` and `SOCKHASH` (`--flows-capacity`, `--sockhash-capacity`).
     pub capacity: Capacity,
+    /// The kernel relay of proxied flows (`--kernel-relay`): on where the kernel has what
+    /// it needs (`features::KERNEL_RELAY`).
+    pub kernel_relay: bool,
 }
 
 /// Sizes of the maps a workload's connections fill, chosen at load.
@@ -255,6 +259,8 @@ pub struct Maps {
     netns_probe: Mutex<HashMap<MapData, u64, u64>>,
     /// What the kernel offers beyond the datapath's floor, and how cookies are read.
     pub features: features::KernelFeatures,
+    /// The kernel relay's maps, when `--kernel-relay` is on and the kernel has it.
+    pub relay: Option<relay::RelayMaps>,
     /// Enrolled workloads (`namespace/name`) the map writer could not put in `WORKLOADS`
     /// because their network namespace's cookie could not be read, with the error: the
     /// admin endpoint reports them unresolved, never captured.
@@ -387,22 +393,18 @@ fn link_pin(pin_path: &Path, prog: &str) -> PathBuf {
     pin_path.join(format!("link_{prog}"))
 }
 
-/// `struct tcp_sock` offsets of `snd_una`, `write_seq`, `rcv_nxt`, `copied_seq`, for the
-/// recovery from a back-pressure fallback, or zeros (no recovery) with a warning.
-fn tcp_seq_offsets() -> [u32; 4] {
-    let resolve = || -> Result<[u32; 4], String> {
+/// `struct tcp_sock` offsets of `write_seq` and `copied_seq`, for the recovery from a
+/// back-pressure fallback and the kernel relay's switch, or zeros (neither) with a
+/// warning.
+fn tcp_seq_offsets() -> [u32; 2] {
+    let resolve = || -> Result<[u32; 2], String> {
         let btf = btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
         let get = |m: &str| btf.member_offset("tcp_sock", m).map_err(|e| e.to_string());
-        Ok([
-            get("snd_una")?,
-            get("write_seq")?,
-            get("rcv_nxt")?,
-            get("copied_seq")?,
-        ])
+        Ok([get("write_seq")?, get("copied_seq")?])
     };
     resolve().unwrap_or_else(|e| {
         warn!(error = %e, "sk_msg fallback recovery disabled: tcp_sock offsets not found in the kernel's BTF");
-        [0; 4]
+        [0; 2]
     })
 }
 
@@ -491,6 +493,15 @@ impl Datapath {
         // sockets unless the operator accepts that.
         let no_pairing = off_msg_tot_len == 0 && !o.unbounded_pairing;
         let tcp_seq = tcp_seq_offsets();
+        // The relay needs the queue check (its back-pressure and its switch) and the
+        // sequence offsets; the programs' code for it is dead (never verified) unless on.
+        let relay_possible = off_msg_tot_len != 0
+            && off_msg_sk != 0
+            && off_msg_sk_redir != 0
+            && tcp_seq.iter().all(|o| *o != 0)
+            && !assumed_missing(features::KERNEL_RELAY);
+        let kernel_relay = o.kernel_relay && relay_possible;
+        let relay_on = u32::from(kernel_relay);
         let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
             .map(|n| (*n, o.pin_path.join(n)))
@@ -500,15 +511,22 @@ impl Datapath {
             .override_global("OFF_SK_USER_DATA", &off_user_data, true)
             .override_global("OFF_SK_RCVBUF", &off_rcvbuf, true)
             .override_global("OFF_PSOCK_MSG_TOT_LEN", &off_msg_tot_len, true)
-            .override_global("OFF_TCP_SND_UNA", &tcp_seq[0], true)
-            .override_global("OFF_TCP_WRITE_SEQ", &tcp_seq[1], true)
-            .override_global("OFF_TCP_RCV_NXT", &tcp_seq[2], true)
-            .override_global("OFF_TCP_COPIED_SEQ", &tcp_seq[3], true)
+            .override_global("OFF_TCP_WRITE_SEQ", &tcp_seq[0], true)
+            .override_global("OFF_TCP_COPIED_SEQ", &tcp_seq[1], true)
+            .override_global("KERNEL_RELAY", &relay_on, true)
             .override_global("OFF_MSG_SK", &off_msg_sk, true)
             .override_global("OFF_MSG_SK_REDIR", &off_msg_sk_redir, true)
             .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true)
             .map_max_entries(map_names::FLOWS, o.capacity.flows)
-            .map_max_entries(map_names::SOCKHASH, o.capacity.sockhash);
+            .map_max_entries(map_names::SOCKHASH, o.capacity.sockhash)
+            .map_max_entries(
+                map_names::RELAY,
+                if kernel_relay {
+                    mesh_common::capacity::RELAY
+                } else {
+                    1
+                },
+            );
         // Every map is opened from its pin when an earlier agent left one (adopted, with
         // its state), else created and pinned: visible to operators before any program
         // can write it.
@@ -655,7 +673,22 @@ impl Datapath {
                     && !assumed_missing(features::NETNS_COOKIE_SOCKOPT),
                 off_msg_tot_len != 0,
                 o.netns_cookie,
+                o.kernel_relay.then_some(relay_possible),
             ),
+            relay: if kernel_relay {
+                Some(relay::RelayMaps::new(
+                    take(&mut ebpf, map_names::RELAY)?,
+                    MapData::from_pin(o.pin_path.join(map_names::SOCK_STATE))
+                        .and_then(aya::maps::Map::from_map_data)
+                        .and_then(SkStorage::try_from)
+                        .map_err(|source| BpfError::Map {
+                            name: map_names::SOCK_STATE,
+                            source,
+                        })?,
+                ))
+            } else {
+                None
+            },
             cookie_failures: Mutex::default(),
         };
         if maps.features.netns_cookie == features::NetnsCookieMode::Sockopt
@@ -718,6 +751,7 @@ impl Datapath {
             cgroup = %o.cgroup.display(),
             redirect = %o.redirect,
             backpressure_check = off_msg_tot_len != 0,
+            kernel_relay,
             node_addresses = node_addrs.current,
             "datapath attached"
         );
@@ -909,6 +943,12 @@ impl Maps {
         let mut h = m.get(&0, 0)?;
         h.heartbeat_ns = sys::monotonic_ns();
         m.set(0, h, 0)
+    }
+
+    /// The local workload at `ip`, if `DESTS` has one (a same-node destination).
+    pub fn dest(&self, ip: Ipv4Addr) -> Option<DestInfo> {
+        let m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&u32::from_ne_bytes(ip.octets()), 0).ok()
     }
 
     /// Whether `ip` is one of this node's own addresses (as last synced).

@@ -8,7 +8,7 @@ use std::{
     fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex,
+        Arc, Mutex, Weak,
     },
     time::Duration,
 };
@@ -87,14 +87,15 @@ pub struct Metrics {
 /// At most this many (direction, level, verdict, policy) series; past it, `policy="other"`.
 pub const MAX_AUTHZ_SERIES: usize = 1024;
 
-/// (direction, level, verdict, policy).
-type DecisionKey = (&'static str, &'static str, &'static str, String);
+/// (direction, level, verdict); each holds its counts by deciding policy, so counting a
+/// decision looks the policy up by `&str` (no key built per connection).
+type DecisionKey = (&'static str, &'static str, &'static str);
 
 /// Policy decisions by direction, level (a connection, or a request where the agent
 /// terminates HTTP for L7 rules), outcome and deciding policy; tunnel streams.
 #[derive(Debug, Default)]
 pub struct AuthzMetrics {
-    decisions: Mutex<BTreeMap<DecisionKey, u64>>,
+    decisions: Mutex<BTreeMap<DecisionKey, BTreeMap<String, u64>>>,
     /// Inbound connections judged without policy: their pod was not in the workloads in
     /// force yet.
     pub unknown: AtomicU64,
@@ -134,15 +135,23 @@ impl AuthzMetrics {
         let verdict = if allowed { "allow" } else { "deny" };
         let policy = policy.unwrap_or("none");
         let mut m = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (direction, level, verdict, policy.to_owned());
-        if let Some(n) = m.get_mut(&key) {
+        if let Some(n) = m
+            .get_mut(&(direction, level, verdict))
+            .and_then(|p| p.get_mut(policy))
+        {
             *n += 1;
-        } else if m.len() < MAX_AUTHZ_SERIES {
-            m.insert(key, 1);
-        } else {
-            *m.entry((direction, level, verdict, "other".to_owned()))
-                .or_default() += 1;
+            return;
         }
+        let series: usize = m.values().map(BTreeMap::len).sum();
+        let policy = if series < MAX_AUTHZ_SERIES {
+            policy
+        } else {
+            "other"
+        };
+        *m.entry((direction, level, verdict))
+            .or_default()
+            .entry(policy.to_owned())
+            .or_default() += 1;
     }
 
     fn render(&self, out: &mut String) {
@@ -150,11 +159,12 @@ impl AuthzMetrics {
             out,
             "# HELP mesh_authz_decisions_total Connections, and requests where the agent terminates HTTP for L7 rules, judged by AuthorizationPolicy and PeerAuthentication, by direction, level (connection, request), verdict and deciding policy (`none`: no policy decided).\n# TYPE mesh_authz_decisions_total counter"
         );
-        for ((dir, level, verdict, policy), n) in self
+        for ((dir, level, verdict), policy, n) in self
             .decisions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
+            .flat_map(|(k, p)| p.iter().map(move |(policy, n)| (k, policy, n)))
         {
             let _ = writeln!(
                 out,
@@ -269,23 +279,42 @@ impl Metrics {
     /// At `MAX_FLOW_SERIES`, the series without a live connection are dropped first (a
     /// scrape sees their counters end, as for a restart); if every series is live, the
     /// connection is counted under `destination_address="other"`.
-    pub fn flow(&self, mut labels: FlowLabels) -> Arc<FlowCounters> {
+    pub fn flow(&self, labels: FlowLabels) -> Arc<FlowCounters> {
+        self.flow_series(labels).0
+    }
+
+    /// `flow`, and whether the connection was counted under `OVERFLOW_ADDRESS` (a caller
+    /// that keeps series for reuse must not keep that one: each connection counted into
+    /// it is counted in `mesh_metrics_flow_series_overflow_total` too).
+    pub fn flow_series(&self, mut labels: FlowLabels) -> (Arc<FlowCounters>, bool) {
         let mut m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = m.get(&labels) {
-            return c.clone();
+            return (c.clone(), false);
         }
+        let mut overflow = false;
         if m.len() >= MAX_FLOW_SERIES {
             let before = m.len();
-            // Only the map holds the counters of a series with no connection open.
+            // Only the map holds the counters of a series with no connection open (kept
+            // series are `Weak`, see `flow_again`).
             m.retain(|_, c| Arc::strong_count(c) > 1);
             self.series_evicted
                 .fetch_add((before - m.len()) as u64, Relaxed);
             if m.len() >= MAX_FLOW_SERIES {
                 self.series_overflow.fetch_add(1, Relaxed);
                 labels.destination_address = OVERFLOW_ADDRESS.into();
+                overflow = true;
             }
         }
-        m.entry(labels).or_default().clone()
+        (m.entry(labels).or_default().clone(), overflow)
+    }
+
+    /// The counters of a series `flow_series` gave before (kept as `Weak`), if the series
+    /// is still rendered; `None` if it was dropped since (resolve it again). Under the
+    /// map's lock, so it cannot race the eviction: a series leaves the map only while no
+    /// connection holds it, and the map's reference was then the last one.
+    pub fn flow_again(&self, kept: &Weak<FlowCounters>) -> Option<Arc<FlowCounters>> {
+        let _m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        kept.upgrade()
     }
 
     pub fn render(&self, datapath: &[(Stat, u64)]) -> String {
@@ -662,12 +691,59 @@ mod tests {
         let held: Vec<_> = (0..MAX_FLOW_SERIES - 1)
             .map(|i| m.flow(labels(10_000 + i)))
             .collect();
-        let other = m.flow(labels(99_999));
+        let (other, overflow) = m.flow_series(labels(99_999));
+        assert!(overflow);
         assert_eq!(m.series_overflow.load(Relaxed), 1);
         let text = m.render(&[]);
         assert!(text.contains("destination_address=\"other\""), "{text}");
         assert!(text.len() < 400 * 1024, "{}", text.len());
         drop((held, other, live));
+    }
+
+    /// A series kept (as `Weak`) by the proxy is given again while rendered, and not
+    /// once evicted; keeping it does not make it look live to the eviction.
+    #[test]
+    fn kept_flow_series_come_back_until_evicted() {
+        let m = Metrics::default();
+        let labels = |i: usize| FlowLabels {
+            source_workload: "shop/client".into(),
+            destination_address: format!("10.8.{}.{}:80", i / 250, i % 250),
+            destination_workload: "unknown".into(),
+            skmsg: false,
+        };
+        let (c, overflow) = m.flow_series(labels(0));
+        assert!(!overflow);
+        let kept = Arc::downgrade(&c);
+        drop(c);
+        let again = m.flow_again(&kept).expect("still rendered");
+        again.opened.fetch_add(1, Relaxed);
+        drop(again);
+        for i in 1..=MAX_FLOW_SERIES {
+            m.flow(labels(i));
+        }
+        assert!(m.flow_again(&kept).is_none(), "evicted: resolve again");
+        assert!(!m.flows.lock().unwrap().contains_key(&labels(0)));
+    }
+
+    #[test]
+    fn authz_decisions_are_counted_per_policy_and_bounded() {
+        let a = AuthzMetrics::default();
+        a.count("outbound", true, None);
+        a.count("outbound", true, None);
+        a.count("outbound", false, Some("shop/deny"));
+        for i in 0..MAX_AUTHZ_SERIES + 5 {
+            a.count_request("inbound", true, Some(&format!("p{i}")));
+        }
+        let mut out = String::new();
+        a.render(&mut out);
+        assert!(out.contains("mesh_authz_decisions_total{direction=\"outbound\",level=\"connection\",verdict=\"allow\",policy=\"none\"} 2\n"), "{out}");
+        assert!(out.contains("mesh_authz_decisions_total{direction=\"outbound\",level=\"connection\",verdict=\"deny\",policy=\"shop/deny\"} 1\n"), "{out}");
+        // Two series above: the last 7 policies fold into "other".
+        assert!(out.contains("policy=\"other\"} 7\n"), "{out}");
+        // Sorted by direction, level, verdict, then policy.
+        let inbound = out.find("direction=\"inbound\"").unwrap();
+        let outbound = out.find("direction=\"outbound\"").unwrap();
+        assert!(inbound < outbound);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+mod relay;
 pub mod secure;
 pub mod trace;
 pub mod xds;
@@ -22,7 +23,7 @@ use std::{
     os::fd::AsFd,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, Mutex, Weak,
     },
     time::Duration,
 };
@@ -40,7 +41,7 @@ use tracing::{debug, info, warn, Instrument};
 use self::accesslog::{AccessLog, Entry, Flags, PathTaken, Protocol, Verdict};
 use self::http::{detect, Sniffed, L7};
 use self::{
-    config::ListenerKind,
+    config::{policy::MeshConfig, ListenerKind},
     xds::client::{Lookup, XdsClient},
 };
 use crate::{
@@ -68,6 +69,9 @@ pub enum ProxyError {
 
 pub struct Outbound {
     listener: TcpListener,
+    /// The listener's own address when it is bound to one (every accepted socket's local
+    /// address, no `getsockname` per connection); `None` for a wildcard address.
+    local: Option<SocketAddr>,
     /// When set: connect to same-node destinations from this (node) address and have
     /// sockops pair that leg too.
     upstream_source: std::sync::OnceLock<Ipv4Addr>,
@@ -85,6 +89,8 @@ pub struct Outbound {
     access_log: std::sync::OnceLock<AccessLog>,
     /// Unset: no spans (`proxy::trace`).
     tracer: std::sync::OnceLock<trace::Tracer>,
+    /// Series resolved for earlier connections, reused by the next ones of the same flow.
+    kept: Mutex<KeptSeries>,
 }
 
 /// How long a listener with a TCP fallback waits for a client's first bytes before
@@ -108,14 +114,31 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 /// SYN cookies and dropped final ACKs, and some clients saw a reset.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// Binds and listens. `TCP_NODELAY` is set on the listening socket: every accepted socket
+/// inherits it (Linux copies the listener's TCP options into the child; a unit test
+/// checks it), so no connection pays a `setsockopt` for it. Connections the kernel queued
+/// on an inherited listener before `bind` set it there (an upgrade's instant) keep Nagle:
+/// slower small writes for those few, nothing else.
 fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let sock = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     sock.set_reuseaddr(true)?;
+    sock.set_nodelay(true)?;
     sock.bind(addr)?;
     sock.listen(backlog)
+}
+
+/// A listening socket handed over by a running agent, with `TCP_NODELAY` set as `listen`
+/// sets it.
+fn adopt_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
+    // The option is TCP's, whatever std type carries the descriptor for the call.
+    let s = std::net::TcpStream::from(fd);
+    s.set_nodelay(true)?;
+    let l = std::net::TcpListener::from(std::os::fd::OwnedFd::from(s));
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }
 
 impl Outbound {
@@ -130,19 +153,19 @@ impl Outbound {
         xds: Arc<XdsClient>,
     ) -> Result<Outbound, ProxyError> {
         let listener = match inherited {
-            Some(fd) => {
-                let l = std::net::TcpListener::from(fd);
-                l.set_nonblocking(true)
-                    .and_then(|()| TcpListener::from_std(l))
-                    .map_err(|source| ProxyError::Bind { addr, source })?
-            }
+            Some(fd) => adopt_listener(fd).map_err(|source| ProxyError::Bind { addr, source })?,
             None => {
                 listen(addr, LISTEN_BACKLOG).map_err(|source| ProxyError::Bind { addr, source })?
             }
         };
+        let local = listener
+            .local_addr()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified());
         let l7 = L7::new(xds.config(), metrics.l7.clone());
         Ok(Outbound {
             listener,
+            local,
             upstream_source: std::sync::OnceLock::new(),
             maps,
             metrics,
@@ -153,6 +176,7 @@ impl Outbound {
             secure: std::sync::OnceLock::new(),
             access_log: std::sync::OnceLock::new(),
             tracer: std::sync::OnceLock::new(),
+            kept: Mutex::default(),
         })
     }
 
@@ -203,9 +227,9 @@ impl Outbound {
     }
 
     /// Istio's labels of a flow from `client` (`src`: its `ns/name`) to `target` (`dst`:
-    /// the registry's name for it) as the mesh configuration in force knows them.
+    /// the registry's name for it) as `mesh`, the configuration in force, knows them.
     fn istio_labels(
-        &self,
+        mesh: Option<&MeshConfig>,
         client: Ipv4Addr,
         target: SocketAddr,
         (src, dst): (Option<&str>, Option<&str>),
@@ -213,8 +237,7 @@ impl Outbound {
         mtls: bool,
     ) -> IstioLabels {
         let (mut source, mut destination) = (Peer::from_qualified(src), Peer::from_qualified(dst));
-        if let Some(s) = self.secure.get() {
-            let mesh = s.mesh_now();
+        if let Some(mesh) = mesh {
             if let Some(w) = mesh.workloads.by_ip(IpAddr::V4(client)) {
                 source.principal = w.identity.to_string();
                 w.label_peer(&mut source);
@@ -227,6 +250,83 @@ impl Outbound {
             }
         }
         IstioLabels::new("source", &source, &destination, cluster, "tcp", mtls)
+    }
+
+    /// The registry's `namespace/name` of a flow's source and destination workloads
+    /// (`None`: not a workload of this node). An id names the same workload for the
+    /// agent's life, so any moment's answer is the answer.
+    fn names(&self, src_id: u32, dst_id: u32) -> Names {
+        let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        (r.name(src_id), r.name(dst_id))
+    }
+
+    /// A connection's L4 series and Istio series. Both are functions of `key` and of the
+    /// mesh configuration in force (principals, names, `app`/`version` labels), so the
+    /// handles resolved for one connection serve the next ones of the same flow while
+    /// that configuration's version, and the Istio families (`tcp_generation`: nothing
+    /// pruned since), stay the same, and while the L4 series is still rendered
+    /// (`Metrics::flow_again`). Otherwise they are resolved from label strings and kept.
+    /// Overflow series are never kept: each connection counted into one is counted as
+    /// such.
+    fn series(
+        &self,
+        key: &SeriesKey<'_>,
+        names: &mut Option<Names>,
+    ) -> (Arc<FlowCounters>, Arc<TcpSeries>) {
+        let mesh = self.secure.get().map(|s| s.mesh_now());
+        let version = mesh.as_ref().map_or(0, |m| m.version);
+        let istio = &self.metrics.l7.istio;
+        // Read before resolving: a prune after this makes what is resolved now stale.
+        let generation = istio.tcp_generation();
+        let hit = {
+            let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            kept.find(key)
+                .filter(|k| k.version == version && k.generation == generation)
+                .map(|k| (k.flow.clone(), k.istio.clone()))
+        };
+        if let Some((flow, series)) = hit {
+            if let Some(flow) = self.metrics.flow_again(&flow) {
+                return (flow, series);
+            }
+        }
+        let (src, dst) = names.get_or_insert_with(|| self.names(key.src_id, key.dst_id));
+        let (flow, flow_overflow) = self.metrics.flow_series(FlowLabels {
+            source_workload: src.clone().unwrap_or_else(|| "unknown".into()),
+            destination_address: key.target.to_string(),
+            destination_workload: dst.clone().unwrap_or_else(|| "unknown".into()),
+            skmsg: key.skmsg,
+        });
+        let labels = Self::istio_labels(
+            mesh.as_deref(),
+            key.client,
+            key.target,
+            (src.as_deref(), dst.as_deref()),
+            key.cluster,
+            key.path == PathKind::Tunnel,
+        );
+        let series = istio.tcp(match key.path {
+            PathKind::Denied => labels.with_flags("RBAC"),
+            _ => labels,
+        });
+        if !flow_overflow && !series.is_overflow() {
+            self.kept
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keep(Kept {
+                    src_id: key.src_id,
+                    dst_id: key.dst_id,
+                    client: key.client,
+                    target: key.target,
+                    skmsg: key.skmsg,
+                    cluster: key.cluster.map(Box::from),
+                    path: key.path,
+                    version,
+                    generation,
+                    flow: Arc::downgrade(&flow),
+                    istio: series.clone(),
+                });
+        }
+        (flow, series)
     }
 
     /// Sends flows to mesh workloads of other nodes through HBONE, and judges same-node
@@ -310,8 +410,19 @@ impl Outbound {
         // runtime stuck or starved), the datapath stops sending connections here.
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One drain future for the whole loop, not one (a receiver clone and a waiter)
+        // per accepted connection.
+        let drained = drain.signaled();
+        tokio::pin!(drained);
         loop {
+            // In this order: the drain first, the heartbeat before accepts, so a burst of
+            // connections starves neither (and no random pick per connection).
             tokio::select! {
+                biased;
+                () = &mut drained => {
+                    info!("outbound listener closed; draining");
+                    return;
+                }
                 _ = heartbeat.tick() => {
                     if let Err(e) = self.maps.beat() {
                         warn!(error = %e, "writing the proxy heartbeat failed");
@@ -332,10 +443,6 @@ impl Outbound {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                _ = drain.signaled() => {
-                    info!("outbound listener closed; draining");
-                    return;
-                }
             }
         }
     }
@@ -343,8 +450,12 @@ impl Outbound {
     /// Serves one accepted connection; `drain` is held until it ends (moved into the L7
     /// engine for HTTP, kept through the relay for TCP).
     async fn handle(&self, client: TcpStream, peer: SocketAddr, drain: DrainWatch) {
-        let Ok(local) = client.local_addr() else {
-            return;
+        let local = match self.local {
+            Some(a) => a,
+            None => match client.local_addr() {
+                Ok(a) => a,
+                Err(_) => return,
+            },
         };
         let (Some(pip), Some(lip)) = (v4(peer.ip()), v4(local.ip())) else {
             self.metrics.orig_dst_missing.fetch_add(1, Relaxed);
@@ -376,15 +487,16 @@ impl Outbound {
             let _ = sys::set_linger_zero(client.as_fd());
             return;
         }
-        let (src_name, dst_name) = {
-            let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
-            (r.name(flow.src_id), r.name(flow.dst_id))
-        };
-        let source = src_name.clone().unwrap_or_else(|| "unknown".into());
+        // The workloads' names, looked up only where something needs them: the log line,
+        // the L7 engine, a series resolved anew.
+        let mut names: Option<Names> = None;
+        let skmsg = flow.flags & flow_flags::SERVER_PAIRED != 0;
         let recorded =
             self.access_log.get().is_some_and(AccessLog::on) || self.tracer.get().is_some();
         let mut entry = recorded.then(|| {
-            let skmsg = flow.flags & flow_flags::SERVER_PAIRED != 0;
+            let (src_name, dst_name) = names
+                .get_or_insert_with(|| self.names(flow.src_id, flow.dst_id))
+                .clone();
             let mut e = Entry::new(
                 Protocol::Tcp,
                 if skmsg {
@@ -394,17 +506,21 @@ impl Outbound {
                 },
             );
             e.source_address = Some(accesslog::Addr::Sock(peer));
-            e.source_workload = src_name.clone();
+            e.source_workload = src_name;
             e.destination_address = Some(SocketAddr::V4(dst));
-            e.destination_workload = dst_name.clone();
+            e.destination_workload = dst_name;
             Box::new(e)
         });
         // The L7 engine's view of the client: zero trust needs its address.
-        let l7_client = |name: String| http::Client {
-            name,
+        let l7_client = |names: &mut Option<Names>| http::Client {
+            name: names
+                .get_or_insert_with(|| self.names(flow.src_id, flow.dst_id))
+                .0
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
             ip: Some(pip),
             peer: Some(peer),
-            skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
+            skmsg,
         };
         // A service listener for the destination: L7, or TCP to one of its endpoints.
         let mut target = SocketAddr::V4(dst);
@@ -430,13 +546,13 @@ impl Outbound {
         if let Some(l) = listener {
             let tcp_cluster = match (&l.kind, &l.tcp_fallback) {
                 (ListenerKind::Http(_), None) => {
-                    let _ = client.set_nodelay(true);
+                    // (TCP_NODELAY: inherited from the listener, see `listen`.)
                     // Boxed, here and below: the rarer paths' state stays out of every
                     // connection task's allocation (memory per held connection).
                     Box::pin(
                         self.l7
                             .clone()
-                            .serve(client, target, l7_client(source), drain),
+                            .serve(client, target, l7_client(&mut names), drain),
                     )
                     .await;
                     return;
@@ -450,13 +566,12 @@ impl Outbound {
                         }
                     };
                     if sniffed != Sniffed::Opaque {
-                        let _ = client.set_nodelay(true);
                         Box::pin(self.l7.clone().serve_sniffed(
                             client,
                             bytes,
                             sniffed,
                             target,
-                            l7_client(source),
+                            l7_client(&mut names),
                             drain,
                         ))
                         .await;
@@ -490,30 +605,26 @@ impl Outbound {
             e.upstream_host = Some(target);
             self.describe(e, pip, target);
         }
-        let counters = self.metrics.flow(FlowLabels {
-            source_workload: source,
-            destination_address: target.to_string(),
-            destination_workload: dst_name.clone().unwrap_or_else(|| "unknown".into()),
-            skmsg: flow.flags & flow_flags::SERVER_PAIRED != 0,
-        });
-        counters.opened.fetch_add(1, Relaxed);
         let path = match self.secure.get() {
             Some(s) => s.outbound(pip, target),
             None => secure::Path::Plain,
         };
-        // Istio's series: one label set per connection, resolved here; closed when this
+        // The L4 series and Istio's: one label set each per connection, resolved here (or
+        // kept from an earlier connection of the same flow); Istio's closed when this
         // function returns, whichever way.
-        let istio_labels = self.istio_labels(
-            pip,
-            target,
-            (src_name.as_deref(), dst_name.as_deref()),
-            istio_cluster.as_deref(),
-            matches!(path, secure::Path::Tunnel { .. }),
+        let (counters, istio) = self.series(
+            &SeriesKey {
+                src_id: flow.src_id,
+                dst_id: flow.dst_id,
+                client: pip,
+                target,
+                skmsg,
+                cluster: istio_cluster.as_deref(),
+                path: PathKind::of(&path),
+            },
+            &mut names,
         );
-        let istio = self.metrics.l7.istio.tcp(match path {
-            secure::Path::Denied(_) => istio_labels.with_flags("RBAC"),
-            _ => istio_labels,
-        });
+        counters.opened.fetch_add(1, Relaxed);
         istio.opened.inc();
         let _closed = CloseOnDrop(&istio);
         match path {
@@ -565,7 +676,6 @@ impl Outbound {
                     }
                     counters.received.fetch_add(prefix.len() as u64, Relaxed);
                 }
-                let _ = client.set_nodelay(true);
                 istio.received.inc_by(prefix.len() as u64);
                 let end = Box::pin(hbone::relay_tunnel_counted(
                     client,
@@ -596,6 +706,13 @@ impl Outbound {
                 ))
                 .await
             }
+            SocketAddr::V4(t) if self.kernel_relay() => {
+                Box::pin(tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    self.connect_endpoint(t),
+                ))
+                .await
+            }
             t => Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(t))).await,
         }
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
@@ -623,9 +740,11 @@ impl Outbound {
             counters.received.fetch_add(prefix.len() as u64, Relaxed);
             istio.received.inc_by(prefix.len() as u64);
         }
-        let _ = client.set_nodelay(true);
+        // The client's socket has TCP_NODELAY from the listener (`listen`).
         let _ = upstream.set_nodelay(true);
+        let armed = relay::arm(&self.maps, &client, &upstream, key, prefix.len());
         let end = relay_counted(client, upstream, &counters, Some(&istio)).await;
+        let end = relay::finish(&self.maps, armed, end, &counters, Some(&istio));
         counters.closed.fetch_add(1, Relaxed);
         drop(drain);
         self.log_end(entry, |e| {
@@ -636,6 +755,113 @@ impl Outbound {
                 e.connection_termination_details = Some("reset".into());
             }
         });
+    }
+}
+
+/// A flow's source and destination workload names (`namespace/name`), from the registry.
+type Names = (Option<String>, Option<String>);
+
+/// How a connection leaves the proxy, as far as its series' labels tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathKind {
+    Plain,
+    /// Through the HBONE tunnel: `connection_security_policy="mutual_tls"`.
+    Tunnel,
+    /// Refused by policy: `response_flags="RBAC"`.
+    Denied,
+}
+
+impl PathKind {
+    fn of(p: &secure::Path) -> PathKind {
+        match p {
+            secure::Path::Plain => PathKind::Plain,
+            secure::Path::Tunnel { .. } => PathKind::Tunnel,
+            secure::Path::Denied(_) => PathKind::Denied,
+        }
+    }
+}
+
+/// What a connection's series are resolved from, besides the mesh configuration.
+#[derive(Debug, Clone, Copy)]
+struct SeriesKey<'a> {
+    src_id: u32,
+    dst_id: u32,
+    client: Ipv4Addr,
+    target: SocketAddr,
+    skmsg: bool,
+    cluster: Option<&'a str>,
+    path: PathKind,
+}
+
+/// The series resolved for one `SeriesKey`, with what they were resolved against.
+struct Kept {
+    src_id: u32,
+    dst_id: u32,
+    client: Ipv4Addr,
+    target: SocketAddr,
+    skmsg: bool,
+    cluster: Option<Box<str>>,
+    path: PathKind,
+    /// The mesh configuration's version (0: no zero-trust path, labels from names only).
+    version: u64,
+    /// `Istio::tcp_generation` before resolving.
+    generation: u64,
+    /// Weak: a kept series must not look live to the L4 series' eviction, which drops
+    /// only series no connection holds.
+    flow: Weak<FlowCounters>,
+    istio: Arc<TcpSeries>,
+}
+
+/// Most flows whose series are kept; past it, the oldest kept is replaced. A scan of at
+/// most this many small entries per connection, against label strings and four hashed
+/// map lookups.
+const KEPT_SERIES: usize = 64;
+
+#[derive(Default)]
+struct KeptSeries {
+    entries: Vec<Kept>,
+    /// The entry the next new flow replaces once `entries` is full.
+    next: usize,
+}
+
+impl Kept {
+    fn is(&self, k: &SeriesKey<'_>) -> bool {
+        self.src_id == k.src_id
+            && self.dst_id == k.dst_id
+            && self.client == k.client
+            && self.target == k.target
+            && self.skmsg == k.skmsg
+            && self.path == k.path
+            && self.cluster.as_deref() == k.cluster
+    }
+}
+
+impl KeptSeries {
+    fn find(&self, k: &SeriesKey<'_>) -> Option<&Kept> {
+        self.entries.iter().find(|e| e.is(k))
+    }
+
+    /// Keeps `new`, in place of the same flow's stale entry if there is one.
+    fn keep(&mut self, new: Kept) {
+        let same = self.entries.iter().position(|e| {
+            e.is(&SeriesKey {
+                src_id: new.src_id,
+                dst_id: new.dst_id,
+                client: new.client,
+                target: new.target,
+                skmsg: new.skmsg,
+                cluster: new.cluster.as_deref(),
+                path: new.path,
+            })
+        });
+        if let Some(i) = same {
+            self.entries[i] = new;
+        } else if self.entries.len() < KEPT_SERIES {
+            self.entries.push(new);
+        } else {
+            self.entries[self.next] = new;
+            self.next = (self.next + 1) % KEPT_SERIES;
+        }
     }
 }
 
@@ -811,6 +1037,94 @@ mod tests {
         let far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (near, _) = l.accept().await.unwrap();
         (near, far)
+    }
+
+    /// The relay leaves `TCP_NODELAY` of the client's socket to the listener (`listen`):
+    /// this is what makes that right, on the kernel the tests run on.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let l = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let _far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (near, _) = l.accept().await.unwrap();
+        assert!(near.nodelay().unwrap());
+        // An adopted listener (an upgrade's hand-over) gets it too.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let l = adopt_listener(std::os::fd::OwnedFd::from(plain)).unwrap();
+        let _far = TcpStream::connect(addr).await.unwrap();
+        let (near, _) = l.accept().await.unwrap();
+        assert!(near.nodelay().unwrap());
+    }
+
+    fn kept(target: &str, cluster: Option<&str>, version: u64) -> Kept {
+        Kept {
+            src_id: 1,
+            dst_id: 2,
+            client: Ipv4Addr::new(10, 0, 0, 2),
+            target: target.parse().unwrap(),
+            skmsg: true,
+            cluster: cluster.map(Box::from),
+            path: PathKind::Plain,
+            version,
+            generation: 0,
+            flow: Weak::new(),
+            istio: crate::metrics::istio::Istio::default().tcp(IstioLabels::new(
+                "source",
+                &Peer::default(),
+                &Peer::default(),
+                None,
+                "tcp",
+                false,
+            )),
+        }
+    }
+
+    fn key<'a>(target: SocketAddr, cluster: Option<&'a str>) -> SeriesKey<'a> {
+        SeriesKey {
+            src_id: 1,
+            dst_id: 2,
+            client: Ipv4Addr::new(10, 0, 0, 2),
+            target,
+            skmsg: true,
+            cluster,
+            path: PathKind::Plain,
+        }
+    }
+
+    #[test]
+    fn kept_series_are_found_by_every_part_of_the_key_replaced_per_flow_and_bounded() {
+        let mut k = KeptSeries::default();
+        k.keep(kept("10.0.0.3:80", Some("c"), 1));
+        let t: SocketAddr = "10.0.0.3:80".parse().unwrap();
+        assert_eq!(k.find(&key(t, Some("c"))).map(|e| e.version), Some(1));
+        assert!(k.find(&key(t, None)).is_none());
+        assert!(k.find(&key(t, Some("d"))).is_none());
+        assert!(k
+            .find(&SeriesKey {
+                path: PathKind::Tunnel,
+                ..key(t, Some("c"))
+            })
+            .is_none());
+        assert!(k
+            .find(&SeriesKey {
+                skmsg: false,
+                ..key(t, Some("c"))
+            })
+            .is_none());
+        assert!(k
+            .find(&SeriesKey {
+                src_id: 9,
+                ..key(t, Some("c"))
+            })
+            .is_none());
+        // The same flow again (a newer configuration): replaced, not added.
+        k.keep(kept("10.0.0.3:80", Some("c"), 2));
+        assert_eq!(k.entries.len(), 1);
+        assert_eq!(k.find(&key(t, Some("c"))).map(|e| e.version), Some(2));
+        for i in 0..2 * KEPT_SERIES {
+            k.keep(kept(&format!("10.0.1.{}:80", i % 250), None, 1));
+        }
+        assert_eq!(k.entries.len(), KEPT_SERIES);
     }
 
     #[tokio::test]

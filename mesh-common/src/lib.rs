@@ -36,6 +36,10 @@ pub mod map_names {
     /// pinned, like aya-log's `AYA_LOGS`: a ring has one reader, and during a hand-over
     /// two agents run.
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    /// The kernel relay's per-sender entries (`maps::RelayInfo`). Not pinned: after an
+    /// agent restart the relayed flows go back to the proxied path (safe: the reader takes
+    /// its redirect queue before TCP) and the draining proxy carries them.
+    pub const RELAY: &str = "RELAY";
     /// Every pinned map. The one map not pinned is `PEER_SK` (socket storage holding
     /// the kernel address of a sender's peer for the back-pressure check): kernel
     /// pointers never sit in a pinned map.
@@ -115,6 +119,10 @@ pub mod capacity {
     pub const INBOUND: u32 = 4096;
     /// Netns-cookie probes in flight (the agent resolves one namespace at a time).
     pub const NETNS_PROBE: u32 = 64;
+    /// Kernel-relayed flows' ends (`RELAY`, two per flow) when `--kernel-relay` is on
+    /// (otherwise the map is loaded with one entry). Full: the proxy relays the flow in
+    /// user space, as without the flag.
+    pub const RELAY: u32 = 16384;
     /// `FLOW_EVENTS` size in bytes (a power of two, page multiple): 256 KiB hold about
     /// 3,600 records (64 bytes plus an 8-byte header each). A full ring drops records,
     /// counted as `telemetry_dropped`.
@@ -241,7 +249,15 @@ pub mod fallback {
     /// The peer's redirect queue was full: until everything sent over TCP has been read
     /// and the queue has drained (`msg_fallback_recovered`).
     pub const BACKPRESSURE: u32 = 2;
-    pub const NAMES: [(u32, &str); 2] = [(NO_PEER, "no_peer"), (BACKPRESSURE, "backpressure")];
+    /// A node proxy socket of a kernel-relayed flow (`--kernel-relay`): its sends always
+    /// take TCP, so the reader's `copied_seq` counts every byte the proxy passed on (set
+    /// by the proxy through the socket's storage before it sends anything).
+    pub const RELAY_LEG: u32 = 3;
+    pub const NAMES: [(u32, &str); 3] = [
+        (NO_PEER, "no_peer"),
+        (BACKPRESSURE, "backpressure"),
+        (RELAY_LEG, "relay_leg"),
+    ];
 }
 
 /// `FlowInfo::flags`.
@@ -409,10 +425,21 @@ pub enum Stat {
     /// reads slower than flows open and close). That flow's counts are missing from the
     /// `istio_tcp_*` series.
     TelemetryDropped,
+    /// Kernel relay: a sender of a proxied flow switched to sending straight into the
+    /// other end's socket (the first time, per sender).
+    RelayStarted,
+    /// Kernel relay: a message (and its bytes) moved straight to the other end.
+    MsgRelayed,
+    MsgRelayedBytes,
+    /// Kernel relay: the other end's redirect queue was over its limit; the sender went
+    /// back to the proxied path.
+    RelayFallback,
+    /// Kernel relay: a sender back on the direct path after a fallback.
+    RelayRecovered,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 43;
+    pub const COUNT: u32 = 48;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -457,6 +484,11 @@ impl Stat {
         Stat::SockStateFailed,
         Stat::FlowHandoffMissed,
         Stat::TelemetryDropped,
+        Stat::RelayStarted,
+        Stat::MsgRelayed,
+        Stat::MsgRelayedBytes,
+        Stat::RelayFallback,
+        Stat::RelayRecovered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -504,6 +536,11 @@ impl Stat {
             Stat::SockStateFailed => "sock_state_failed",
             Stat::FlowHandoffMissed => "flow_handoff_missed",
             Stat::TelemetryDropped => "telemetry_dropped",
+            Stat::RelayStarted => "relay_started",
+            Stat::MsgRelayed => "msg_relayed",
+            Stat::MsgRelayedBytes => "msg_relayed_bytes",
+            Stat::RelayFallback => "relay_fallback",
+            Stat::RelayRecovered => "relay_recovered",
         }
     }
 }
@@ -585,11 +622,22 @@ impl Stat {
             Stat::TelemetryDropped => {
                 "a direct-mode flow record was dropped, FLOW_EVENTS was full (its counts are missing from istio_tcp_*)"
             }
+            Stat::RelayStarted => {
+                "kernel relay: the sender's bytes now go straight to the other end (nothing of it was in flight)"
+            }
+            Stat::MsgRelayed => "kernel relay: a message moved straight to the other end",
+            Stat::MsgRelayedBytes => "kernel relay: bytes moved straight to the other end",
+            Stat::RelayFallback => {
+                "kernel relay: the other end's redirect queue is over its limit, back to the proxied path"
+            }
+            Stat::RelayRecovered => {
+                "kernel relay: back on the direct path, the reader caught up"
+            }
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::TelemetryDropped as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::RelayRecovered as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

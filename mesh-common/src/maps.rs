@@ -167,6 +167,12 @@ pub struct SockState {
     pub acked_base: u32,
     /// `tel_flags::*`.
     pub tel: u32,
+    /// The socket's first sequence number of payload (`snd_una` at ESTABLISHED, the ISN
+    /// plus one): `write_seq - snd_base` is every byte it ever put into TCP, and for its
+    /// peer `copied_seq - snd_base` every byte the peer read of them. Recorded by sockops
+    /// on every socket it establishes; the kernel relay counts with it.
+    pub snd_base: u32,
+    pub _pad: u32,
 }
 
 /// A TCP 4-tuple as seen from one socket: `(local, remote)`. Used as `SOCKHASH` key (each
@@ -236,6 +242,60 @@ pub struct FlowRecord {
     pub duration_ns: u64,
 }
 
+/// `RELAY` value, keyed by a sender's `SockKey` (its own view): the kernel relay of a
+/// proxied flow (`--kernel-relay`). The node proxy writes one for each end of a flow it
+/// decided at set-up (the client's socket and the destination's), each naming the other
+/// end; sk_msg moves that sender's bytes straight into `target`'s receive queue once
+/// nothing it sent is still on the proxied path (docs/architecture.md, "Kernel relay").
+/// Only the sender's sk_msg writes `state` and the counters (under its socket lock);
+/// the proxy reads them when the flow ends and removes the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayInfo {
+    /// The other end's socket, under its own view (its `SOCKHASH` key).
+    pub target: SockKey,
+    /// `snd_base` of the proxy socket that feeds `target` (the proxy's leg to it):
+    /// `target.copied_seq - reader_base` is every byte `target` read from the proxy.
+    pub reader_base: u32,
+    /// `relay_state::*`.
+    pub state: u32,
+    /// Times this sender left the relay for the proxied path (the target's queue full).
+    pub fallbacks: u32,
+    /// Times it came back (the first switch not counted).
+    pub recoveries: u32,
+    pub _pad: u32,
+    /// Bytes this sender moved straight into `target`.
+    pub relayed: u64,
+}
+
+/// `RelayInfo::state`.
+pub mod relay_state {
+    /// Written by the proxy: this sender's bytes still take the proxied path; it switches
+    /// at the first send that finds nothing of it in flight.
+    pub const ARMED: u32 = 1;
+    /// Its sends go straight to the target.
+    pub const ON: u32 = 2;
+    /// Back on the proxied path (the target's queue was full); it returns as from `ARMED`.
+    pub const FALLBACK: u32 = 3;
+    pub const NAMES: [(u32, &str); 3] = [(ARMED, "armed"), (ON, "on"), (FALLBACK, "fallback")];
+}
+
+/// Whether a relay sender may switch to the direct path without reordering: every byte
+/// it ever sent (`via_proxy`: its redirects to the proxy plus its TCP bytes,
+/// `write_seq - snd_base`) has been read by the final reader (`reader_copied -
+/// reader_base`, the reader's TCP reads from the proxy's leg, which carries nothing but
+/// this sender's bytes), and the reader's redirect queue is empty (`reader_queued`).
+/// Sequence numbers wrap: the differences are taken modulo 2^32, as TCP does.
+#[inline(always)]
+pub fn relay_drained(
+    via_proxy: u64,
+    reader_copied: u32,
+    reader_base: u32,
+    reader_queued: u32,
+) -> bool {
+    reader_queued == 0 && reader_copied.wrapping_sub(reader_base) == via_proxy as u32
+}
+
 /// `PROXY_HEALTH[0]`: the node proxy's heartbeat. Written by the proxy's own runtime, so a
 /// proxy that is stuck or starved (not only a dead one) stops refreshing it.
 #[repr(C)]
@@ -267,7 +327,8 @@ assert_layout!(WorkloadInfo, 16, 4);
 assert_layout!(DestInfo, 8, 4);
 assert_layout!(MeshConfig, 16, 4);
 assert_layout!(ExcludeCidr, 16, 4);
-assert_layout!(SockState, 56, 8);
+assert_layout!(SockState, 64, 8);
+assert_layout!(RelayInfo, 40, 8);
 assert_layout!(FlowRecord, 64, 8);
 assert_layout!(SockKey, 12, 4);
 assert_layout!(FlowInfo, 32, 8);
@@ -292,7 +353,8 @@ mod pod {
         SockKey,
         FlowInfo,
         ProxyHealth,
-        InboundInfo
+        InboundInfo,
+        RelayInfo
     );
 }
 
@@ -328,6 +390,20 @@ mod tests {
         assert_eq!(prefix_mask(8), 0xff00_0000);
         assert_eq!(prefix_mask(32), u32::MAX);
         assert_eq!(prefix_mask(40), u32::MAX);
+    }
+
+    #[test]
+    fn relay_drained_needs_every_byte_read_and_an_empty_queue() {
+        // Nothing sent, nothing read.
+        assert!(relay_drained(0, 1000, 1000, 0));
+        // 10 bytes sent, 10 read.
+        assert!(relay_drained(10, 1010, 1000, 0));
+        // Read fewer, or bytes still queued: not yet.
+        assert!(!relay_drained(10, 1009, 1000, 0));
+        assert!(!relay_drained(10, 1010, 1000, 1));
+        // Sequence numbers wrap.
+        assert!(relay_drained(20, 10, u32::MAX - 9, 0));
+        assert!(!relay_drained(21, 10, u32::MAX - 9, 0));
     }
 
     #[test]

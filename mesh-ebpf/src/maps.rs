@@ -4,7 +4,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockHash},
     helpers::generated::{bpf_probe_read_kernel, bpf_sk_storage_get},
     macros::btf_map,
@@ -13,8 +13,8 @@ use aya_ebpf::{
 use mesh_common::{
     capacity as cap,
     maps::{
-        DestInfo, ExcludeCidr, FlowInfo, FlowRecord, InboundInfo, MeshConfig, ProxyHealth, SockKey,
-        SockState, WorkloadInfo,
+        DestInfo, ExcludeCidr, FlowInfo, FlowRecord, InboundInfo, MeshConfig, ProxyHealth,
+        RelayInfo, SockKey, SockState, WorkloadInfo,
     },
     Stat,
 };
@@ -80,12 +80,29 @@ pub static SOCKHASH: SockHash<SockKey, { cap::SOCKHASH as usize }> = SockHash::n
 #[btf_map]
 pub static PEER_SK: SkStorage<PeerSk> = SkStorage::new();
 
+/// The kernel relay's per-sender entries (`--kernel-relay`), written by the node proxy
+/// when it has decided a flow, keyed by the sender's own view. Not pinned (see
+/// `map_names::RELAY`). Loaded with one entry when the relay is off. Not preallocated: a
+/// removed entry is freed after an RCU grace period, never handed to another flow while
+/// a program still holds a pointer to it (a preallocated hash recycles elements at once,
+/// and a sender's late write could then arm another flow's sender).
+#[btf_map]
+pub static RELAY: HashMap<
+    SockKey,
+    RelayInfo,
+    { cap::RELAY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
 /// `PEER_SK` value.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PeerSk {
     /// The peer socket's `struct sock` address; 0 until the first redirect.
     pub peer: u64,
+    /// The kernel relay's target socket address (`RELAY`), learnt from a redirect to it;
+    /// 0 until then.
+    pub relay_peer: u64,
     /// Scratch: the program's context pointer, stored and loaded back so the verifier
     /// treats it as a number (probe reads of `struct sk_msg` fields at BTF offsets).
     pub ctx: u64,
@@ -176,15 +193,17 @@ pub static OFF_SK_RCVBUF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static OFF_PSOCK_MSG_TOT_LEN: Global<u32> = Global::new(0);
 /// `struct tcp_sock` sequence numbers, for the recovery from a back-pressure fallback
-/// (`sk_msg::drained`). Zero: no recovery (the fallback stays, as before).
-#[unsafe(no_mangle)]
-pub static OFF_TCP_SND_UNA: Global<u32> = Global::new(0);
+/// (`sk_msg::drained`) and the kernel relay's switch. Zero: no recovery (the fallback
+/// stays, as before) and no relay.
 #[unsafe(no_mangle)]
 pub static OFF_TCP_WRITE_SEQ: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-pub static OFF_TCP_RCV_NXT: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
 pub static OFF_TCP_COPIED_SEQ: Global<u32> = Global::new(0);
+/// The kernel relay (`--kernel-relay`, and a kernel with everything it needs): non-zero
+/// makes sk_msg look its sender up in `RELAY`. Zero (the default): the code is dead and
+/// the verifier never walks it.
+#[unsafe(no_mangle)]
+pub static KERNEL_RELAY: Global<u32> = Global::new(0);
 /// Floor for the per-socket limit of bytes queued by redirects (bytes); the limit is
 /// max(peer's SO_RCVBUF, this).
 #[unsafe(no_mangle)]

@@ -16,31 +16,42 @@
 //! sk_msg.sk_redir` names the peer socket; the sender keeps it in its own socket storage
 //! (`PEER_SK`, not pinned), so no kernel pointer sits in a map a dump can read.
 //!
+//! Kernel relay (`--kernel-relay`, `KERNEL_RELAY`): a sender the node proxy armed in
+//! `RELAY` (the client's socket of a decided proxied flow, and the destination's socket)
+//! sends straight into the other end's receive queue once nothing it sent is still on the
+//! proxied path (`relay`); the proxy's own sockets stay on TCP (`fallback::RELAY_LEG`).
+//!
 //! # Minimum kernel version
 //!
 //! sk_msg is 4.17; `bpf_sk_storage_get` and the `sk` field in sk_msg programs are
 //! verified on 5.10, the supported floor (docs/kernels.md, "Helpers by program type"). The back-pressure check needs `sk_psock.msg_tot_len` (6.9) and
 //! `bpf_probe_read_kernel` (5.8); on older kernels the agent leaves the offsets at 0,
-//! which disables the check.
+//! which disables the check. The kernel relay needs the same offsets plus `tcp_sock`'s; the
+//! agent turns it on only where all are there (6.9+).
 
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_INGRESS,
+    },
     macros::sk_msg,
     programs::SkMsgContext,
 };
 use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
-    decision, fallback, flow_flags, log_level, maps::SockKey, socket_key, Stat, AF_INET6,
+    decision, fallback, flow_flags, log_level,
+    maps::{relay_drained, relay_state, RelayInfo, SockKey, SockState},
+    socket_key, Stat, AF_INET6,
 };
 
 use crate::{
     log::{ip, on, NONE},
     maps::{
         add, bump, config, peer_sk, queue_check_enabled, read_addressing, read_u32, read_u64,
-        sock_state, socket_queue, PeerSk, FLOWS, OFF_MSG_SK, OFF_MSG_SK_REDIR, OFF_TCP_COPIED_SEQ,
-        OFF_TCP_WRITE_SEQ, QUEUE_LIMIT_FLOOR, SOCKHASH,
+        sock_state, socket_queue, PeerSk, FLOWS, KERNEL_RELAY, OFF_MSG_SK, OFF_MSG_SK_REDIR,
+        OFF_TCP_COPIED_SEQ, OFF_TCP_WRITE_SEQ, QUEUE_LIMIT_FLOOR, RELAY, SOCKHASH,
     },
 };
 
@@ -93,6 +104,19 @@ fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
     // SAFETY: as above. `None` (no memory for it): no back-pressure check for this socket.
     let mut addrs = unsafe { peer_sk(sk) };
     let peer = me.reversed();
+    // The kernel relay (`--kernel-relay`; a load-time constant, so with it off the
+    // verifier never walks this): a sender the node proxy armed may send straight to the
+    // flow's other end.
+    if KERNEL_RELAY.load() != 0 {
+        if let Some(r) = RELAY.get_ptr_mut(me) {
+            // SAFETY: map value pointer returned by the kernel, valid during this program
+            // run; only this sender writes it, under its socket lock.
+            let r = unsafe { &mut *r };
+            if let Some(verdict) = relay(ctx, st, addrs.as_deref_mut(), r, size, &me, rec) {
+                return verdict;
+            }
+        }
+    }
     // Only a sender that knows its peer's address follows (it must be able to tell when
     // it may come back); one that has not redirected yet leaves the signal for later.
     let knows_peer = addrs.as_deref().is_some_and(|a| a.peer != 0);
@@ -304,4 +328,149 @@ fn peer_queue_full(addr: u64) -> bool {
     }
     let (rcvbuf, queued) = socket_queue(addr);
     queued > queue_limit(rcvbuf)
+}
+
+/// The kernel relay of one sender (`RELAY[me]`, written by the node proxy once it decided
+/// the flow): `Some(verdict)` when this message is settled here, `None` when it takes
+/// the proxied path (the code after the call: a redirect to the proxy's socket, or TCP).
+///
+/// The sender switches to the target only at a send that finds nothing of it in flight
+/// (`relay_ready`): every byte it ever sent through the proxy has been read by the target,
+/// and the target's redirect queue is empty. Then nothing older than this message can
+/// still reach the target, so nothing is reordered. A target whose queue is over its limit
+/// sends the sender back to the proxied path (the proxy's sockets give TCP's flow
+/// control), and the same check brings it back. Going back to the proxied path is always
+/// safe: whatever the relay queued is in the target's redirect queue, which its reader
+/// takes before anything that arrives by TCP.
+#[inline(always)]
+fn relay(
+    ctx: &SkMsgContext,
+    st: &mut SockState,
+    addrs: Option<&mut PeerSk>,
+    r: &mut RelayInfo,
+    size: u32,
+    me: &SockKey,
+    rec: &mut MsgRec,
+) -> Option<u32> {
+    if !queue_check_enabled() || OFF_TCP_WRITE_SEQ.load() == 0 || OFF_TCP_COPIED_SEQ.load() == 0 {
+        return None;
+    }
+    // No room for this sender's addresses: no relay (nothing can be checked).
+    let a = addrs?;
+    let md = ctx.msg as u64;
+    match r.state {
+        relay_state::ON => {
+            if peer_queue_full(a.relay_peer) {
+                r.state = relay_state::FALLBACK;
+                r.fallbacks += 1;
+                bump(Stat::RelayFallback);
+                *rec = MsgRec::new(Stat::RelayFallback as u32, me, st.netns);
+                return None;
+            }
+            let mut key = r.target;
+            if SOCKHASH.redirect_msg(ctx, &mut key, BPF_F_INGRESS as u64) as u32 != SK_PASS {
+                // The target left the sockhash (it closed): the proxied path carries the
+                // rest (the proxy passes the close on). The helper set no redirect.
+                r.state = relay_state::FALLBACK;
+                return None;
+            }
+            relayed(r, size);
+            Some(SK_PASS)
+        }
+        relay_state::ARMED | relay_state::FALLBACK => {
+            // The target's address is learnt from a redirect to it (the kernel names the
+            // socket in `sk_msg.sk_redir`); until the check passes, a second redirect to
+            // the proxy's socket replaces it. So learning needs this message to be a
+            // redirect to the proxy anyway: the sender is not on TCP.
+            let known = a.relay_peer != 0;
+            if !known && st.fallback != 0 {
+                return None;
+            }
+            let mut key = r.target;
+            if !known {
+                if SOCKHASH.redirect_msg(ctx, &mut key, BPF_F_INGRESS as u64) as u32 != SK_PASS {
+                    // The target is not paired (yet): no redirect was set.
+                    return None;
+                }
+                a.relay_peer = read_u64(ctx_addr(md, a), OFF_MSG_SK_REDIR.load());
+            }
+            if a.relay_peer != 0 && relay_ready(md, st, a, r) {
+                if known
+                    && SOCKHASH.redirect_msg(ctx, &mut key, BPF_F_INGRESS as u64) as u32 != SK_PASS
+                {
+                    return None;
+                }
+                let stat = if r.state == relay_state::ARMED {
+                    Stat::RelayStarted
+                } else {
+                    r.recoveries += 1;
+                    Stat::RelayRecovered
+                };
+                r.state = relay_state::ON;
+                bump(stat);
+                *rec = MsgRec::new(stat as u32, me, st.netns);
+                relayed(r, size);
+                return Some(SK_PASS);
+            }
+            if known {
+                return None;
+            }
+            // Learnt, but bytes are still in flight: this message goes to the proxy,
+            // replacing the redirect to the target.
+            let mut back = me.reversed();
+            if SOCKHASH.redirect_msg(ctx, &mut back, BPF_F_INGRESS as u64) as u32 != SK_PASS {
+                // The proxy's socket is gone (the flow is being torn down) and the
+                // message must not reach the target ahead of bytes in flight: dropped,
+                // the application's send fails.
+                return Some(SK_DROP);
+            }
+            if a.peer == 0 {
+                a.peer = read_u64(ctx_addr(md, a), OFF_MSG_SK_REDIR.load());
+            }
+            bump(Stat::MsgRedirected);
+            add(Stat::MsgRedirectedBytes, size as u64);
+            st.redirected += size as u64;
+            Some(SK_PASS)
+        }
+        _ => None,
+    }
+}
+
+/// Counts a message the relay moved (under the sender's socket lock: no other writer of
+/// `r`).
+#[inline(always)]
+fn relayed(r: &mut RelayInfo, size: u32) {
+    r.relayed += size as u64;
+    bump(Stat::MsgRelayed);
+    add(Stat::MsgRelayedBytes, size as u64);
+}
+
+/// Whether nothing this sender sent is in flight on the proxied path: the bytes it
+/// redirected to the proxy (`SockState.redirected`, relay bytes not included) plus those
+/// it put into TCP (`write_seq - snd_base`) equal what the target read from the proxy's
+/// leg (`copied_seq - reader_base`; that leg carries this sender's bytes only, over TCP:
+/// `fallback::RELAY_LEG`), and the target's redirect queue is empty. This sender's socket
+/// lock is held (we run in its sendmsg), so its side cannot move; the target's counts
+/// only grow towards equality and its queue only drains, so a true answer stays true
+/// until this message is queued.
+///
+/// Accepted race: `relay_peer` is a kernel address learnt earlier; if the target closed
+/// and its memory was reused, the reads are garbage (`bpf_probe_read_kernel` never
+/// faults), but the redirect that follows goes through `SOCKHASH` by key, which no longer
+/// holds the closed target.
+#[inline(always)]
+fn relay_ready(md: u64, st: &SockState, a: &mut PeerSk, r: &RelayInfo) -> bool {
+    let mine = read_u64(ctx_addr(md, a), OFF_MSG_SK.load());
+    if mine == 0 {
+        return false;
+    }
+    let (Some(w), Some(c)) = (
+        read_u32(mine, OFF_TCP_WRITE_SEQ.load()),
+        read_u32(a.relay_peer, OFF_TCP_COPIED_SEQ.load()),
+    ) else {
+        return false;
+    };
+    let (_, queued) = socket_queue(a.relay_peer);
+    let via_proxy = st.redirected + w.wrapping_sub(st.snd_base) as u64;
+    relay_drained(via_proxy, c, r.reader_base, queued)
 }

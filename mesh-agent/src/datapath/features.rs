@@ -46,14 +46,19 @@ pub struct KernelFeatures {
 pub const NETNS_COOKIE_SOCKOPT: &str = "so_netns_cookie";
 /// `sk_psock.msg_tot_len`: the sk_msg back-pressure check.
 pub const SKMSG_QUEUE_LENGTH: &str = "skmsg_queue_length";
+/// The kernel relay of proxied flows (`--kernel-relay`): the back-pressure check's queue
+/// length and `struct sk_msg`/`tcp_sock` offsets. Listed only when the flag asks for it.
+pub const KERNEL_RELAY: &str = "kernel_relay";
 
 impl KernelFeatures {
     /// Judges what the start found: whether `SO_NETNS_COOKIE` answers, whether the
-    /// kernel's BTF has the redirect queue's length, and the mode asked for.
+    /// kernel's BTF has the redirect queue's length, the mode asked for, and (when
+    /// `--kernel-relay` asks for it) whether the kernel relay can run.
     pub fn detect(
         sockopt_works: bool,
         queue_length: bool,
         asked: NetnsCookieMode,
+        kernel_relay: Option<bool>,
     ) -> KernelFeatures {
         let netns_cookie = match asked {
             NetnsCookieMode::Auto if sockopt_works => NetnsCookieMode::Sockopt,
@@ -62,7 +67,7 @@ impl KernelFeatures {
         };
         KernelFeatures {
             release: crate::sys::kernel_release(),
-            features: vec![
+            features: [
                 Feature {
                     name: NETNS_COOKIE_SOCKOPT,
                     since: "5.14",
@@ -75,7 +80,15 @@ impl KernelFeatures {
                     available: queue_length,
                     fallback: "no sockets are paired (no sk_msg short-circuit, direct mode over TCP), since a redirect could queue into a slow reader without a limit; --skmsg-unbounded-pairing true pairs anyway",
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(kernel_relay.map(|available| Feature {
+                name: KERNEL_RELAY,
+                since: "6.9",
+                available,
+                fallback: "--kernel-relay is ignored: the node proxy relays every proxied flow in user space",
+            }))
+            .collect(),
             netns_cookie,
         }
     }
@@ -119,24 +132,35 @@ mod tests {
 
     #[test]
     fn auto_takes_the_sockopt_where_it_works_and_the_probe_elsewhere() {
-        let new = KernelFeatures::detect(true, true, NetnsCookieMode::Auto);
+        let new = KernelFeatures::detect(true, true, NetnsCookieMode::Auto, None);
         assert_eq!(new.netns_cookie, NetnsCookieMode::Sockopt);
         assert_eq!(new.degraded_lines(), "");
-        let old = KernelFeatures::detect(false, false, NetnsCookieMode::Auto);
+        let old = KernelFeatures::detect(false, false, NetnsCookieMode::Auto, None);
         assert_eq!(old.netns_cookie, NetnsCookieMode::Probe);
         let lines = old.degraded_lines();
         assert_eq!(lines.lines().count(), 2, "{lines}");
         assert!(lines.contains("so_netns_cookie (5.14+)"), "{lines}");
         assert!(lines.contains("skmsg_queue_length (6.9+)"), "{lines}");
         // A forced mode stays what was asked, whatever the kernel has.
-        let forced = KernelFeatures::detect(true, true, NetnsCookieMode::Probe);
+        let forced = KernelFeatures::detect(true, true, NetnsCookieMode::Probe, None);
         assert_eq!(forced.netns_cookie, NetnsCookieMode::Probe);
+    }
+
+    #[test]
+    fn the_kernel_relay_is_listed_only_when_asked_for() {
+        let off = KernelFeatures::detect(true, true, NetnsCookieMode::Auto, None);
+        assert!(off.features.iter().all(|f| f.name != KERNEL_RELAY));
+        let old = KernelFeatures::detect(false, false, NetnsCookieMode::Auto, Some(false));
+        let lines = old.degraded_lines();
+        assert!(lines.contains("kernel_relay (6.9+)"), "{lines}");
+        let new = KernelFeatures::detect(true, true, NetnsCookieMode::Auto, Some(true));
+        assert_eq!(new.degraded_lines(), "");
     }
 
     #[test]
     fn the_metric_has_one_series_per_feature() {
         let mut out = String::new();
-        KernelFeatures::detect(false, true, NetnsCookieMode::Auto).render(&mut out);
+        KernelFeatures::detect(false, true, NetnsCookieMode::Auto, None).render(&mut out);
         assert!(out.contains("mesh_kernel_feature{feature=\"so_netns_cookie\",since=\"5.14\"} 0"));
         assert!(out.contains("mesh_kernel_feature{feature=\"skmsg_queue_length\",since=\"6.9\"} 1"));
     }

@@ -5,7 +5,9 @@
 //!
 //! Cost: the proxy resolves a label set once per connection (TCP: one `TcpSeries` handle;
 //! HTTP: a per-connection `HttpConn` whose small cache maps (endpoint, cluster, code,
-//! flags) to a `CodeSeries`), so a request only bumps counters it already holds.
+//! flags) to a `CodeSeries`), so a request only bumps counters it already holds. A TCP
+//! label set maps to its handle in one lookup (`tcp`), and the L4 proxy keeps the handles
+//! it resolved for reuse while `tcp_generation` stays the same (no pruning since).
 //!
 //! Bounds: labels name workloads and services, never addresses. At most
 //! `MAX_ISTIO_SERIES` label sets per kind; past it, new connections count under one
@@ -13,7 +15,7 @@
 //! workload that is no longer in the proxy's workload model are dropped (`set_live`).
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt::Write as _,
     net::SocketAddr,
     sync::{
@@ -217,6 +219,28 @@ pub struct TcpSeries {
     pub sent: Counter,
     /// Bytes received from the source workload (request direction).
     pub received: Counter,
+    /// The overflow set (`destination_service="other"`): a caller that keeps handles for
+    /// reuse must not keep this one, each connection counted into it is counted in
+    /// `mesh_istio_series_overflow_total` too.
+    overflow: bool,
+}
+
+impl TcpSeries {
+    /// Counters no family holds: counted into, never exported.
+    fn detached() -> TcpSeries {
+        TcpSeries {
+            opened: Counter::default(),
+            closed: Counter::default(),
+            sent: Counter::default(),
+            received: Counter::default(),
+            overflow: false,
+        }
+    }
+
+    /// Whether this is the overflow set's handle (see the field).
+    pub fn is_overflow(&self) -> bool {
+        self.overflow
+    }
 }
 
 /// The counters of one HTTP label set (response code included).
@@ -241,7 +265,11 @@ pub struct Istio {
     duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
-    tcp_keys: Mutex<HashSet<IstioLabels>>,
+    /// Each TCP label set's handle: one lookup per connection, no label clone.
+    tcp_keys: Mutex<HashMap<IstioLabels, Arc<TcpSeries>>>,
+    /// Bumped whenever a handle `tcp` gave may no longer be exported (its set pruned,
+    /// or the series switched off or on): kept handles are resolved again.
+    tcp_generation: AtomicU64,
     http_keys: Mutex<HashSet<HttpLabels>>,
     /// The workloads (`namespace`, `name`) in the proxy's model now; `None`: not known
     /// yet (nothing is pruned).
@@ -355,6 +383,7 @@ impl Default for Istio {
             request_bytes,
             response_bytes,
             tcp_keys: Mutex::default(),
+            tcp_generation: AtomicU64::new(0),
             http_keys: Mutex::default(),
             live: OnceLock::new(),
             pruned: AtomicU64::new(0),
@@ -373,38 +402,47 @@ impl Istio {
 
     /// Records the series (`true`, the default) or nothing (`--telemetry off`).
     pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Relaxed);
+        if self.enabled.swap(on, Relaxed) != on {
+            self.tcp_generation.fetch_add(1, Relaxed);
+        }
     }
 
-    /// The handle of a TCP label set, created on first use. Called once per connection.
+    /// Changes whenever a handle `tcp` returned may have stopped being exported (see
+    /// the field): a caller keeping handles resolves them again when it differs from
+    /// what it read before resolving them.
+    pub fn tcp_generation(&self) -> u64 {
+        self.tcp_generation.load(Relaxed)
+    }
+
+    /// The handle of a TCP label set, created on first use. Called once per connection
+    /// (or once per kept handle, see `tcp_generation`).
     pub fn tcp(&self, labels: IstioLabels) -> Arc<TcpSeries> {
         if !self.enabled.load(Relaxed) {
-            // Counters no family holds: counted into, never exported.
-            return Arc::new(TcpSeries {
-                opened: Counter::default(),
-                closed: Counter::default(),
-                sent: Counter::default(),
-                received: Counter::default(),
-            });
+            return Arc::new(TcpSeries::detached());
         }
-        let labels = {
-            let mut keys = self.tcp_keys.lock().unwrap_or_else(|e| e.into_inner());
-            if keys.contains(&labels) || keys.len() < MAX_ISTIO_SERIES {
-                keys.insert(labels.clone());
-                labels
-            } else {
-                self.overflow.fetch_add(1, Relaxed);
-                let o = labels.overflow();
-                keys.insert(o.clone());
-                o
+        let mut keys = self.tcp_keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = keys.get(&labels) {
+            return s.clone();
+        }
+        let (labels, overflow) = if keys.len() < MAX_ISTIO_SERIES {
+            (labels, false)
+        } else {
+            self.overflow.fetch_add(1, Relaxed);
+            let o = labels.overflow();
+            if let Some(s) = keys.get(&o) {
+                return s.clone();
             }
+            (o, true)
         };
-        Arc::new(TcpSeries {
+        let series = Arc::new(TcpSeries {
             opened: self.tcp_opened.get_or_create_owned(&labels),
             closed: self.tcp_closed.get_or_create_owned(&labels),
             sent: self.tcp_sent.get_or_create_owned(&labels),
             received: self.tcp_received.get_or_create_owned(&labels),
-        })
+            overflow,
+        });
+        keys.insert(labels, series.clone());
+        series
     }
 
     /// The handle of an HTTP label set with its response code, created on first use.
@@ -435,7 +473,7 @@ impl Istio {
         let mut n = 0;
         {
             let mut keys = self.tcp_keys.lock().unwrap_or_else(|e| e.into_inner());
-            keys.retain(|l| {
+            keys.retain(|l, _| {
                 if !l.names_gone(live) {
                     return true;
                 }
@@ -446,6 +484,10 @@ impl Istio {
                 n += 1;
                 false
             });
+            if n > 0 {
+                // Under the lock: a handle resolved after this is of the new families.
+                self.tcp_generation.fetch_add(1, Relaxed);
+            }
         }
         {
             let mut keys = self.http_keys.lock().unwrap_or_else(|e| e.into_inner());
@@ -718,6 +760,29 @@ impl std::fmt::Debug for HttpConn {
     }
 }
 
+/// Direct-mode flow peers as the proxy names its own clients': the workload the datapath's
+/// registry holds under the record's id (`namespace/name`), then whatever `mesh` adds from
+/// the mesh's workload at the address (principal, `app`, `version`). `mesh` is the proxy's
+/// workload model, which this module may not read itself (docs/architecture.md): the
+/// wiring passes a lookup into it.
+impl DirectFlows {
+    pub fn from_registry(
+        istio: Arc<Istio>,
+        registry: crate::datapath::writer::SharedRegistry,
+        mesh: impl Fn(std::net::IpAddr, &mut Peer) + Send + 'static,
+    ) -> DirectFlows {
+        DirectFlows::new(
+            istio,
+            Box::new(move |id, ip| {
+                let name = registry.read().unwrap_or_else(|e| e.into_inner()).name(id);
+                let mut peer = Peer::from_qualified(name.as_deref());
+                mesh(std::net::IpAddr::V4(ip), &mut peer);
+                peer
+            }),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -943,6 +1008,42 @@ mod tests {
     }
 
     #[test]
+    fn a_label_set_has_one_handle_and_pruning_moves_the_generation() {
+        let i = Istio::default();
+        let labels = |w: &str| {
+            IstioLabels::new(
+                "source",
+                &peer("shop", "client"),
+                &peer("backend", w),
+                None,
+                "tcp",
+                false,
+            )
+        };
+        let a = i.tcp(labels("v1"));
+        assert!(Arc::ptr_eq(&a, &i.tcp(labels("v1"))));
+        assert!(!a.is_overflow());
+        let g = i.tcp_generation();
+        let live: HashSet<_> = [
+            ("shop".to_owned(), "client".to_owned()),
+            ("backend".to_owned(), "v1".to_owned()),
+        ]
+        .into();
+        i.prune(&live);
+        assert_eq!(i.tcp_generation(), g, "nothing pruned");
+        i.tcp(labels("gone")).opened.inc();
+        i.prune(&live);
+        assert_ne!(i.tcp_generation(), g, "a kept handle may be stale now");
+        // A set resolved again after its prune counts where a scrape sees it.
+        let g = i.tcp_generation();
+        let again = i.tcp(labels("gone"));
+        again.opened.inc();
+        assert!(text(&i).contains("destination_workload=\"gone\""));
+        i.set_enabled(false);
+        assert_ne!(i.tcp_generation(), g);
+    }
+
+    #[test]
     fn label_sets_stay_bounded() {
         let i = Istio::default();
         for n in 0..MAX_ISTIO_SERIES + 10 {
@@ -959,6 +1060,16 @@ mod tests {
         }
         assert_eq!(i.overflow.load(Relaxed), 10);
         assert_eq!(i.tcp_keys.lock().unwrap().len(), MAX_ISTIO_SERIES + 1);
+        let o = i.tcp(IstioLabels::new(
+            "source",
+            &peer("shop", "one-more"),
+            &Peer::default(),
+            None,
+            "tcp",
+            false,
+        ));
+        assert!(o.is_overflow(), "not to be kept by callers");
+        assert_eq!(i.overflow.load(Relaxed), 11);
         assert!(text(&i).contains("destination_service=\"other\""));
     }
 }

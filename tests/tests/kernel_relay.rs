@@ -1,0 +1,245 @@
+//! The kernel relay (`--kernel-relay`, issue 13 item 1) on a simulated node: a TCP
+//! service whose endpoint is a pod of the same node, reached through the node proxy. Once
+//! the proxy has decided the flow, each direction moves socket to socket in the kernel as
+//! soon as nothing of it is in flight through the proxy; bytes stay intact and in order,
+//! half-close and reset pass as before, a slow reader gets no error, and the proxy's
+//! counts include what the kernel moved.
+
+use mesh_tests::{
+    metric,
+    scenes::{mesh_file, NS_BACKEND, NS_SHOP},
+    Agent, SimNode,
+};
+
+const MIB: u64 = 1 << 20;
+/// The `db` service: VIP:5432 -> pod db:9000 (TCP).
+const VIP: &str = "10.96.0.12:5432";
+
+/// A node with `shop/client` and `backend/db` behind the TCP service `db`, and an agent
+/// with the kernel relay on (plus `extra`).
+fn start(extra: &[&str]) -> (SimNode, Agent) {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("db", 3).unwrap();
+    let yaml = mesh_file(
+        &n,
+        &[NS_SHOP, NS_BACKEND],
+        &[
+            ("client", "shop", "web", "{}"),
+            ("db", "backend", "db", "{ app: db }"),
+        ],
+    ) + "services:\n\
+         \x20 - { name: db, namespace: backend, vip: 10.96.0.12, ports: [ { port: 5432, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n";
+    n.write_config(&yaml).unwrap();
+    let mut flags = vec!["--kernel-relay", "true"];
+    flags.extend_from_slice(extra);
+    let agent = n.start_agent(&flags).unwrap();
+    (n, agent)
+}
+
+/// Whether this kernel runs the relay (6.9+: the queue length and `tcp_sock` offsets).
+/// Where it does not, `/kernel` and `/ready` must say so: the flag is then ignored and the
+/// proxy relays in user space (asserted by the tests below).
+fn relay_available(agent: &Agent) -> bool {
+    let kernel: serde_json::Value = serde_json::from_str(&agent.get("/kernel").unwrap()).unwrap();
+    let f = kernel["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "kernel_relay")
+        .cloned()
+        .expect("/kernel lists kernel_relay when --kernel-relay asks for it");
+    let on = f["available"] == true;
+    if !on {
+        let ready = agent.get("/ready").unwrap();
+        assert!(ready.contains("kernel_relay"), "{ready}");
+    }
+    on
+}
+
+fn flow_bytes(agent: &Agent, name: &str) -> u64 {
+    metric(&agent.get("/metrics").unwrap(), name, &[])
+}
+
+fn assert_intact(r: &serde_json::Value, bytes: u64) {
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(r["intact"], r["conns"], "{r}");
+    assert_eq!(r["received"].as_u64().unwrap(), bytes, "{r}");
+    assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
+}
+
+/// Request/response through the service: after the first exchange both directions move
+/// socket to socket (the proxy's user-space relay sees only the first bytes), and the
+/// proxy's byte counts include what the kernel moved. Then 16 MiB each way (the client
+/// half-closes after sending, the server answers after that): intact, counted.
+#[test]
+fn a_decided_tcp_flow_moves_socket_to_socket_and_stays_intact() {
+    let (n, agent) = start(&[]);
+    n.serve("db", &["echo", "--listen", "0.0.0.0:9000"])
+        .unwrap();
+    let on = relay_available(&agent);
+    let (started, relayed, relayed_bytes) = (
+        agent.event("relay_started"),
+        agent.event("msg_relayed"),
+        agent.event("msg_relayed_bytes"),
+    );
+    let (rx, tx) = (
+        flow_bytes(&agent, "mesh_tcp_received_bytes_total"),
+        flow_bytes(&agent, "mesh_tcp_sent_bytes_total"),
+    );
+    // 2,100 round trips of 64 bytes (podtool's `ping`: 100 warm-up rounds, then 2,000).
+    let r = n
+        .client("client", &["ping", "--to", VIP, "--count", "2000"])
+        .unwrap();
+    assert_eq!(r["count"], 2000, "{r}");
+    let rounds = 2100u64;
+    let moved = agent.event("msg_relayed") - relayed;
+    if on {
+        // Each direction switched once, and stayed: every message but the first few of
+        // each direction went socket to socket.
+        assert_eq!(
+            agent.event("relay_started") - started,
+            2,
+            "{}",
+            agent.log_text()
+        );
+        assert!(
+            moved >= 2 * rounds - 8,
+            "only {moved} of {} messages relayed in the kernel",
+            2 * rounds
+        );
+        assert!(agent.event("msg_relayed_bytes") - relayed_bytes >= 64 * (2 * rounds - 8));
+    } else {
+        assert_eq!(moved, 0);
+    }
+    // The proxy's counts include the relayed bytes: the flow's every byte, each way
+    // (read once the proxy has seen the connection end).
+    mesh_tests::wait_for(
+        "the proxy counted the flow",
+        std::time::Duration::from_secs(10),
+        || {
+            flow_bytes(&agent, "mesh_tcp_received_bytes_total") - rx == 64 * rounds
+                && flow_bytes(&agent, "mesh_tcp_sent_bytes_total") - tx == 64 * rounds
+        },
+    );
+
+    // Bulk both ways; the echo client half-closes once it has sent everything and reads
+    // the rest of the answer after that.
+    let (rx, tx) = (
+        flow_bytes(&agent, "mesh_tcp_received_bytes_total"),
+        flow_bytes(&agent, "mesh_tcp_sent_bytes_total"),
+    );
+    let before = agent.event("msg_relayed_bytes");
+    let r = n
+        .client(
+            "client",
+            &[
+                "echo-client",
+                "--to",
+                VIP,
+                "--bytes",
+                &(16 * MIB).to_string(),
+            ],
+        )
+        .unwrap();
+    assert_intact(&r, 16 * MIB);
+    mesh_tests::wait_for(
+        "the proxy counted the bulk flow",
+        std::time::Duration::from_secs(10),
+        || {
+            flow_bytes(&agent, "mesh_tcp_received_bytes_total") - rx == 16 * MIB
+                && flow_bytes(&agent, "mesh_tcp_sent_bytes_total") - tx == 16 * MIB
+        },
+    );
+    eprintln!(
+        "bulk echo: {} of {} bytes moved by the kernel relay; relay_fallback {} relay_recovered {}",
+        agent.event("msg_relayed_bytes") - before,
+        32 * MIB,
+        agent.event("relay_fallback"),
+        agent.event("relay_recovered"),
+    );
+}
+
+/// A half-close passes as before: the client sends and shuts its writing side, the
+/// server reads to EOF, answers, and closes; the client reads the answer, then EOF.
+#[test]
+fn half_close_passes_through_the_relay() {
+    let (n, agent) = start(&[]);
+    n.serve("db", &["echo", "--listen", "0.0.0.0:9000"])
+        .unwrap();
+    let on = relay_available(&agent);
+    let started = agent.event("relay_started");
+    for _ in 0..20 {
+        let r = n
+            .client(
+                "client",
+                &["raw", "--to", VIP, "--send", "hello relay", "--half-close"],
+            )
+            .unwrap();
+        assert_eq!(r["outcome"], "eof", "{r}");
+        assert_eq!(r["bytes"], 11, "{r}");
+        assert_eq!(r["status_line"], "hello relay", "{r}");
+    }
+    if on {
+        // At least the server's answers went socket to socket (nothing of the server was
+        // in flight when it answered); the client's request may too, when the proxy had
+        // armed the flow before the client sent it.
+        assert!(agent.event("relay_started") - started >= 20);
+    }
+}
+
+/// A reset from the server reaches the client as a reset, relayed or not.
+#[test]
+fn a_reset_propagates_as_a_reset() {
+    let (n, _agent) = start(&[]);
+    n.serve("db", &["reset", "--listen", "0.0.0.0:9000"])
+        .unwrap();
+    for _ in 0..5 {
+        let r = n.client("client", &["reset-client", "--to", VIP]).unwrap();
+        assert_eq!(r["outcome"], "ECONNRESET", "{r}");
+    }
+}
+
+/// A fast writer into a slow reader through the relay: no write fails, no read returns
+/// EAGAIN, every byte arrives in order. Whatever the relay moved went through its queue
+/// limit (fallbacks counted, each followed by a recovery or the end of the flow).
+#[test]
+fn a_slow_reader_behind_the_relay_gets_every_byte_without_error() {
+    let (n, agent) = start(&["--skmsg-queue-floor", "65536"]);
+    n.serve(
+        "db",
+        &["sink", "--listen", "0.0.0.0:9000", "--delay-us", "300"],
+    )
+    .unwrap();
+    let on = relay_available(&agent);
+    let bytes = 32 * MIB;
+    let r = n
+        .client(
+            "client",
+            &["sink-client", "--to", VIP, "--bytes", &bytes.to_string()],
+        )
+        .unwrap();
+    assert_eq!(
+        r["errors"],
+        serde_json::json!([]),
+        "no write may fail and no read may return EAGAIN: {r}"
+    );
+    assert_eq!(r["received_by_reader"].as_u64().unwrap(), bytes, "{r}");
+    assert_eq!(r["sha_sent"], r["sha_reader"], "{r}");
+    let relayed = agent.event("msg_relayed_bytes");
+    let (fallbacks, recoveries) = (
+        agent.event("relay_fallback"),
+        agent.event("relay_recovered"),
+    );
+    eprintln!(
+        "slow reader: {relayed} bytes relayed in the kernel, {fallbacks} fallbacks, {recoveries} recoveries"
+    );
+    if !on {
+        assert_eq!(relayed, 0);
+    } else if relayed > 2 * 65536 {
+        // More than the queue limit went straight into the slow reader: the limit must
+        // have sent the writer back to the proxied path at least once.
+        assert!(fallbacks >= 1, "{relayed} bytes relayed without a fallback");
+        assert!(recoveries <= fallbacks);
+    }
+}
