@@ -2,7 +2,7 @@
 //! configuration checked and resolved from them once (`RunConfig`).
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -281,6 +281,10 @@ pub struct RunArgs {
     /// namespaces); default: `--proxy-address`, which then must not be 0.0.0.0.
     #[arg(long, env = "MESH_PROXY_REDIRECT")]
     pub proxy_redirect: Option<SocketAddrV4>,
+    /// Address IPv6 pods are redirected to (an IPv6 address of this node the pods reach;
+    /// the proxy listens there too). Unset: native IPv6 connections are not captured.
+    #[arg(long, env = "MESH_PROXY_REDIRECT6")]
+    pub proxy_redirect6: Option<SocketAddrV6>,
     /// Admin endpoint: /metrics, /ready, /config, /workloads.
     #[arg(long, env = "MESH_ADMIN_ADDRESS", default_value = DEFAULT_ADMIN_ADDRESS)]
     pub admin_address: SocketAddr,
@@ -432,6 +436,9 @@ pub struct RunConfig {
     pub proxy_address: SocketAddrV4,
     /// Where pods are redirected to (`--proxy-redirect`, else `--proxy-address`).
     pub proxy_redirect: SocketAddrV4,
+    /// Where IPv6 pods are redirected to (`--proxy-redirect6`); `None`: native IPv6 is not
+    /// captured.
+    pub proxy_redirect6: Option<SocketAddrV6>,
     pub admin_address: SocketAddr,
     pub skmsg: bool,
     pub skmsg_upstream: bool,
@@ -691,6 +698,7 @@ impl RunConfig {
             cgroup: args.cgroup,
             proxy_address: args.proxy_address,
             proxy_redirect,
+            proxy_redirect6: args.proxy_redirect6,
             admin_address: args.admin_address,
             skmsg: args.skmsg,
             skmsg_upstream: args.skmsg_upstream,

@@ -23,7 +23,11 @@ pub const FAIL_MODE_LABEL: &str = "mesh-agent.io/fail-mode";
 /// switch, kept in the source of truth so it survives agent restarts).
 pub const BYPASS_LABEL: &str = "mesh-agent.io/bypass";
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use serde::Serialize;
 
@@ -34,6 +38,10 @@ pub struct Workload {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The workload's IPv6 address on a dual-stack node (Kubernetes `status.podIPs`, the
+    /// file's `ip6`); `None` on an IPv4-only node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub netns: PathBuf,
     /// Outbound traffic is captured.
     pub enrolled: bool,
@@ -176,6 +184,7 @@ impl Snapshot {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
                 ip: w.ip,
+                ip6: None,
                 netns: w.netns.clone(),
                 enrolled: f.enrolled(w),
                 direct: f.mode(w) == Mode::Direct,
