@@ -9,10 +9,14 @@
 //! balancer state, ejections, token buckets) is kept by cluster and rate-limit names, so a
 //! push neither resets it nor disturbs requests in flight.
 //!
-//! h2c upgrade (`Upgrade: h2c` on an HTTP/1.1 request) is not offered: hyper's HTTP/2 server
-//! cannot adopt the upgrading request as stream 1, so the header is dropped and the request
-//! is answered over HTTP/1.1, which RFC 9113 allows (and Envoy does the same by default).
-//! HTTP/2 prior knowledge is sniffed from the connection preface.
+//! HTTP/1.1 upgrades (`Connection: upgrade`, `Upgrade: websocket` or any other protocol but
+//! `h2c`) are routed like any request, then spliced once the upstream switched (`upgrade`).
+//! h2c upgrade (`Upgrade: h2c`) is not offered: hyper's HTTP/2 server cannot adopt the
+//! upgrading request as stream 1, and a splice would carry the requests after it past
+//! routing, so the header is dropped and the request is answered over HTTP/1.1, which RFC
+//! 9113 allows (and Envoy does the same by default). HTTP/2 prior knowledge is sniffed from
+//! the connection preface. WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not
+//! offered: hyper's HTTP/2 server does not announce it.
 //!
 //! Zero trust (`proxy::secure`, when set): once an endpoint is picked, a request to a mesh
 //! workload of another node goes through an HBONE tunnel as the client workload's
@@ -31,8 +35,10 @@ mod pool;
 mod route;
 mod sniff;
 mod timer;
+mod upgrade;
 
 use std::{
+    any::Any,
     collections::HashMap,
     convert::Infallible,
     future::Future,
@@ -53,6 +59,7 @@ use hyper::{
     body::Incoming,
     server::conn::{http1, http2},
     service::service_fn,
+    upgrade::OnUpgrade,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
@@ -80,7 +87,7 @@ use crate::{
         accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
         config::{
             policy::MeshConfig, Cluster, Codec, FaultAbort, Forward, HttpListener, Listener,
-            ListenerKind, ProxyConfig, Route, RouteAction, VirtualHost,
+            ListenerKind, ProxyConfig, Route, RouteAction, UpstreamProtocol, VirtualHost,
         },
         hbone::HboneError,
         secure::{Path, Secure},
@@ -137,8 +144,16 @@ pub enum L7Error {
 }
 
 /// Any upstream connection's IO: a TCP stream, or a tunnel stream.
-pub(crate) trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {}
+pub(crate) trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Itself, to find the TCP socket of an upgraded stream (`upgrade`: a reset on drop).
+    /// Call it on the `dyn UpstreamIo` (`&*boxed`), not on the `BoxIo`, which is one too.
+    fn as_any(&self) -> &dyn Any;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 pub(crate) type BoxIo = Box<dyn UpstreamIo>;
 
 type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<BoxIo, HboneError>> + Send + 'a>>;
@@ -295,6 +310,21 @@ struct Conn {
     /// The cluster state this connection's last request used: a request to the same
     /// cluster (the same `Arc` in the configuration) skips the shared map and its lock.
     last_cluster: Mutex<Option<(Arc<Cluster>, Arc<ClusterState>)>>,
+    /// HTTP/1.1: an upgrade the upstream accepted, spliced once its `101` went out
+    /// (`serve_sniffed`).
+    upgraded: Mutex<Option<upgrade::Pending>>,
+}
+
+/// An upstream's `101` and what passing it on needs.
+struct Switch {
+    /// The protocols the request offered (None: it offered none, yet got a `101`).
+    offered: Option<HeaderValue>,
+    /// The client's side of the connection, once the `101` went out.
+    client: Option<OnUpgrade>,
+    /// The upstream's connection (`h1`).
+    io: h1::Upgraded,
+    /// The request's count of bytes from the client.
+    received: Arc<AtomicU64>,
 }
 
 /// Why a try produced no response.
@@ -709,7 +739,9 @@ impl L7 {
             series,
             timer: h1.then(Timer::new),
             last_cluster: Mutex::default(),
+            upgraded: Mutex::default(),
         });
+        let served = conn.clone();
         let svc = service_fn(move |req| {
             let l7 = self.clone();
             let conn = conn.clone();
@@ -728,8 +760,23 @@ impl L7 {
                 .timer(ConnTimer::default())
                 .max_header_size(max_headers)
                 .max_buf_size(max_headers.saturating_add(8192).max(16 * 1024))
-                .serve_connection(io, svc);
-            until_drained(conn, &drain, |c| c.graceful_shutdown()).await
+                .serve_connection(io, svc)
+                .with_upgrades();
+            let res = until_drained(conn, &drain, |c| c.graceful_shutdown()).await;
+            // Set when the last answer was an upstream's `101` (`upgrade`); hyper has
+            // written it and handed the connection over (or failed to).
+            let pending = served
+                .upgraded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(p) = pending {
+                match res {
+                    Ok(()) => p.splice::<IO>(upgrade::IDLE_TIMEOUT).await,
+                    Err(_) => p.abandon(),
+                }
+            }
+            res
         };
         drop(drain);
         if let Err(e) = res {
@@ -811,6 +858,12 @@ impl L7 {
         timer: &Arc<Timer>,
     ) -> Response<ProxyBody> {
         let grpc = route::is_grpc(req.headers());
+        // No route matches a CONNECT (Envoy's, without a `connect_matcher`): the engine
+        // does not tunnel, and a 2xx would leave the client a tunnel closed at once.
+        if req.method() == http::Method::CONNECT {
+            flag(rec, Flags::NR);
+            return local(grpc, StatusCode::NOT_FOUND, "");
+        }
         let rc = &http.route_config;
         let Some(vhost) = route::virtual_host(rc, route::authority(&req).unwrap_or("")) else {
             flag(rec, Flags::NR);
@@ -942,7 +995,21 @@ impl L7 {
             return overloaded(grpc);
         };
         let hash = route::request_hash(&fwd.hash_headers, req.headers());
-        let (parts, body) = req.into_parts();
+        // An upgrade goes to an HTTP/1.1 upstream only (HTTP/2 has no `Upgrade`): to
+        // another, the request goes without its `Upgrade`, an ordinary request.
+        let mut upgrade = if cluster.protocol == UpstreamProtocol::Http1 {
+            route::upgrade_offered(req.headers(), req.version())
+        } else {
+            None
+        };
+        let (mut parts, body) = req.into_parts();
+        // The client's side of the connection once a `101` went out (hyper's).
+        let mut client_side = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+        if client_side.is_none() {
+            upgrade = None;
+        }
         let rc = &http.route_config;
         let mut up = route::upstream(
             parts,
@@ -956,7 +1023,14 @@ impl L7 {
             ],
             cluster.protocol,
         );
-        let retry = fwd.retry_policy.as_ref().or(vhost.retry_policy.as_ref());
+        if let Some(p) = &upgrade {
+            route::keep_upgrade(&mut up.headers, p.clone());
+        }
+        // No retry for an upgrade: after a `101` there is no request left to send again.
+        let retry = match upgrade {
+            Some(_) => None,
+            None => fwd.retry_policy.as_ref().or(vhost.retry_policy.as_ref()),
+        };
         let timeout = match (fwd.timeout, http.request_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1023,7 +1097,17 @@ impl L7 {
             let active = Active::new(ep.clone());
             // Without a retry policy there is one try: its request takes the head.
             let up = (&mut up, retry.is_none());
-            let attempt = self.try_once(&state, &cluster, &ep, via, up, &mut source, &mut unsent);
+            let fresh = upgrade.is_some();
+            let attempt = self.try_once(
+                &state,
+                &cluster,
+                &ep,
+                via,
+                up,
+                &mut source,
+                &mut unsent,
+                fresh,
+            );
             let res = match budget {
                 Some(b) => timer
                     .timeout(now + b, attempt)
@@ -1104,6 +1188,31 @@ impl L7 {
             return match res {
                 Ok((resp, sender, home)) => {
                     let (mut parts, inc) = resp.into_parts();
+                    if let Some(io) = parts.extensions.remove::<h1::Upgraded>() {
+                        // `h1` hands a `101` back only to a request with an `Upgrade`.
+                        let switch = Switch {
+                            offered: upgrade.take(),
+                            client: client_side.take(),
+                            io,
+                            received: source.received(),
+                        };
+                        let finish = Finish {
+                            recorder: None,
+                            request_slot: Some(request_slot),
+                            active,
+                            sender: Some(sender),
+                            home,
+                            counters: state.counters.clone(),
+                        };
+                        return self.switched(
+                            conn,
+                            parts,
+                            switch,
+                            finish,
+                            &wc.response_headers,
+                            rec,
+                        );
+                    }
                     route::strip_hop_by_hop(&mut parts.headers, false);
                     route::apply_mutation(&wc.response_headers, &mut parts.headers);
                     // The downstream codec decides the version it speaks.
@@ -1161,8 +1270,61 @@ impl L7 {
         }
     }
 
+    /// An upstream's `101`: passed on to the client with its `Upgrade` headers, and the
+    /// stream left for `serve_sniffed` to splice once hyper has written it (`upgrade`). A
+    /// switch to a protocol the request did not offer is a protocol error (502), and the
+    /// upstream, which switched, is reset.
+    fn switched(
+        &self,
+        conn: &Conn,
+        mut parts: http::response::Parts,
+        s: Switch,
+        mut finish: Finish,
+        mutation: &crate::proxy::config::HeaderMutation,
+        rec: &mut Option<Recorder>,
+    ) -> Response<ProxyBody> {
+        let chosen = s
+            .offered
+            .as_ref()
+            .and_then(|o| route::upgrade_switched(&parts.headers, o));
+        let taken = s.io.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (proto, client, (io, early)) = match (chosen, s.client, taken) {
+            (Some(p), Some(c), Some(t)) => (p, c, t),
+            (_, _, taken) => {
+                const WHY: &str = "upstream switched to a protocol not offered";
+                debug!(upgrade = ?parts.headers.get(header::UPGRADE), "{WHY}");
+                flag(rec, Flags::UC);
+                if let Some(l) = log_of(rec) {
+                    l.connection_termination_details = Some(WHY.to_owned());
+                }
+                if let Some((io, _)) = taken {
+                    upgrade::reset(io);
+                }
+                drop(finish);
+                return local(false, StatusCode::BAD_GATEWAY, WHY);
+            }
+        };
+        route::strip_hop_by_hop(&mut parts.headers, false);
+        route::apply_mutation(mutation, &mut parts.headers);
+        route::keep_upgrade(&mut parts.headers, proto);
+        parts.version = Version::HTTP_11;
+        finish.recorder = rec.take().map(|mut r| {
+            r.labels.response_code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+            r
+        });
+        *conn.upgraded.lock().unwrap_or_else(|e| e.into_inner()) = Some(upgrade::Pending {
+            client,
+            upstream: io,
+            upstream_early: early,
+            finish,
+            received: s.received,
+        });
+        Response::from_parts(parts, empty())
+    }
+
     /// One try: a connection (reaching `ep` `via` TCP or a tunnel), the request, the
-    /// response head; with the connection and the pool it goes back to.
+    /// response head; with the connection and the pool it goes back to. `fresh`: on a
+    /// new connection of its own (an upgrade, `pool::checkout`).
     #[expect(clippy::too_many_arguments, reason = "one try's whole context")]
     async fn try_once(
         &self,
@@ -1173,10 +1335,11 @@ impl L7 {
         (up, last): (&mut route::Upstream, bool),
         source: &mut Source,
         unsent: &mut Option<Request<ProxyBody>>,
+        fresh: bool,
     ) -> Result<(Response<UpBody>, Sender, Option<Arc<EndpointPool>>), TryFail> {
         let mut stale = 0;
         loop {
-            let mut co = pool::checkout(&state.counters, ep, cluster, via).await?;
+            let mut co = pool::checkout(&state.counters, ep, cluster, via, fresh).await?;
             let req = match unsent.take() {
                 Some(r) => r,
                 None if last => up.take_request(source.next()),

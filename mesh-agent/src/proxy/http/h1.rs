@@ -94,13 +94,6 @@ pub(super) struct SendFail {
 /// and the bytes already read past the head. The connection is no longer HTTP and is not
 /// pooled (its circuit-breaker slot is freed).
 #[derive(Clone)]
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "for an upgrade path to take; the engine strips `Upgrade` today, so none asks"
-    )
-)]
 pub(crate) struct Upgraded(pub Arc<Mutex<Option<(BoxIo, Bytes)>>>);
 
 /// How the response body is delimited, and where its reading stands.
@@ -495,6 +488,25 @@ fn gather(
     Ok(Gathered::Full)
 }
 
+/// Why an exchange stopped short of a response head.
+enum Stop {
+    /// The connection failed (`answered`: some of an answer had come); the request may
+    /// go again if nothing of it, or of an answer, was lost.
+    Conn { answered: bool, error: H1Error },
+    /// The request body or the answer's syntax failed: the request never goes again.
+    Other(H1Error),
+}
+
+impl From<io::Error> for Stop {
+    /// A write or flush that failed, before any answer.
+    fn from(e: io::Error) -> Stop {
+        Stop::Conn {
+            answered: false,
+            error: e.into(),
+        }
+    }
+}
+
 impl Conn {
     pub fn new(io: BoxIo) -> Conn {
         Conn {
@@ -638,134 +650,103 @@ impl Conn {
             SendFail { request, error }
         };
         let head = std::future::poll_fn(|cx| {
-            // The request: the head and what body is ready, gathered, then written.
-            while !request_done {
-                let mut waiting = false;
-                if let (Some(b), Some(mode)) = (body.as_mut(), sending.as_mut()) {
-                    match gather(&mut self.wbuf, b, mode, cx) {
-                        Ok(Gathered::Ended) => sending = None,
-                        Ok(Gathered::Waiting) => waiting = true,
-                        Ok(Gathered::Full) => {}
-                        Err(e) => return Poll::Ready(Err(fail(self, &mut None, true, true, e))),
+            // One place turns a stop into the try's failure (and gives the request back
+            // when it may go again).
+            let step = (|| -> Poll<Result<(Head, bool), Stop>> {
+                // The request: the head and what body is ready, gathered, then written.
+                while !request_done {
+                    let mut waiting = false;
+                    if let (Some(b), Some(mode)) = (body.as_mut(), sending.as_mut()) {
+                        match gather(&mut self.wbuf, b, mode, cx).map_err(Stop::Other)? {
+                            Gathered::Ended => sending = None,
+                            Gathered::Waiting => waiting = true,
+                            Gathered::Full => {}
+                        }
+                    }
+                    while written < self.wbuf.len() {
+                        match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[written..]) {
+                            Poll::Ready(Ok(0)) => Err(io::Error::from(io::ErrorKind::WriteZero))?,
+                            Poll::Ready(Ok(n)) => {
+                                written += n;
+                                sent_any = true;
+                                flushed = false;
+                            }
+                            Poll::Ready(Err(e)) => Err(e)?,
+                            Poll::Pending => break,
+                        }
+                    }
+                    if written < self.wbuf.len() {
+                        // The socket is full: wait for room (or for the answer).
+                        break;
+                    }
+                    self.wbuf.clear();
+                    written = 0;
+                    if !flushed {
+                        // A tunnel stream buffers; TCP's flush is free.
+                        match Pin::new(&mut self.io).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => flushed = true,
+                            Poll::Ready(Err(e)) => Err(e)?,
+                            Poll::Pending => break,
+                        }
+                    }
+                    if sending.is_none() {
+                        request_done = true;
+                        if !empty_body {
+                            body = None;
+                        }
+                    } else if waiting {
+                        // The body has nothing ready: wait for it (or for the answer).
+                        break;
                     }
                 }
-                while written < self.wbuf.len() {
-                    match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[written..]) {
-                        Poll::Ready(Ok(0)) => {
-                            let e = io::Error::from(io::ErrorKind::WriteZero);
-                            return Poll::Ready(Err(fail(
-                                self,
-                                &mut body,
-                                sent_any,
-                                false,
-                                e.into(),
-                            )));
-                        }
-                        Poll::Ready(Ok(n)) => {
-                            written += n;
-                            sent_any = true;
-                            flushed = false;
-                        }
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(fail(
-                                self,
-                                &mut body,
-                                sent_any,
-                                false,
-                                e.into(),
-                            )));
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-                if written < self.wbuf.len() {
-                    // The socket is full: wait for room (or for the answer).
-                    break;
-                }
-                self.wbuf.clear();
-                written = 0;
-                if !flushed {
-                    // A tunnel stream buffers; TCP's flush is free.
-                    match Pin::new(&mut self.io).poll_flush(cx) {
-                        Poll::Ready(Ok(())) => flushed = true,
-                        Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(fail(
-                                self,
-                                &mut body,
-                                sent_any,
-                                false,
-                                e.into(),
-                            )));
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-                if sending.is_none() {
-                    request_done = true;
-                    if !empty_body {
-                        body = None;
-                    }
-                } else if waiting {
-                    // The body has nothing ready: wait for it (or for the answer).
-                    break;
-                }
-            }
-            // The answer: interim ones skipped, up to the final head.
-            loop {
-                match parse_head(self.rbuf.data()) {
-                    Err(e) => return Poll::Ready(Err(fail(self, &mut None, true, true, e))),
-                    Ok(Some(h)) => {
+                // The answer: interim ones skipped, up to the final head.
+                loop {
+                    if let Some(h) = parse_head(self.rbuf.data()).map_err(Stop::Other)? {
                         self.rbuf.consume(h.len);
                         if h.status == StatusCode::SWITCHING_PROTOCOLS {
                             if !upgrade_asked {
-                                return Poll::Ready(Err(fail(
-                                    self,
-                                    &mut None,
-                                    true,
-                                    true,
-                                    H1Error::Malformed("101 without an upgrade asked for"),
-                                )));
+                                Err(Stop::Other(H1Error::Malformed(
+                                    "101 without an upgrade asked for",
+                                )))?;
                             }
                             return Poll::Ready(Ok((h, true)));
                         }
                         if h.status.is_informational() {
                             interim += 1;
                             if interim > MAX_INTERIM {
-                                return Poll::Ready(Err(fail(
-                                    self,
-                                    &mut None,
-                                    true,
-                                    true,
-                                    H1Error::Malformed("too many interim responses"),
-                                )));
+                                Err(Stop::Other(H1Error::Malformed(
+                                    "too many interim responses",
+                                )))?;
                             }
                             continue;
                         }
                         return Poll::Ready(Ok((h, false)));
                     }
-                    Ok(None) => {}
-                }
-                match self
-                    .rbuf
-                    .poll_fill(&mut self.io, cx, MAX_HEAD, "response head too large")
-                {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(0)) => {
-                        let e = if self.rbuf.is_empty() && interim == 0 {
-                            H1Error::ClosedBeforeResponse
-                        } else {
-                            H1Error::Incomplete
-                        };
-                        let answered = !self.rbuf.is_empty() || interim > 0;
-                        return Poll::Ready(Err(fail(self, &mut body, sent_any, answered, e)));
-                    }
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Ready(Err(e)) => {
-                        let answered = !self.rbuf.is_empty() || interim > 0;
-                        return Poll::Ready(Err(fail(self, &mut body, sent_any, answered, e)));
+                    let answered = !self.rbuf.is_empty() || interim > 0;
+                    let filled = ready!(self.rbuf.poll_fill(
+                        &mut self.io,
+                        cx,
+                        MAX_HEAD,
+                        "response head too large"
+                    ));
+                    match filled {
+                        Ok(0) => {
+                            let error = if answered {
+                                H1Error::Incomplete
+                            } else {
+                                H1Error::ClosedBeforeResponse
+                            };
+                            Err(Stop::Conn { answered, error })?;
+                        }
+                        Ok(_) => {}
+                        Err(error) => Err(Stop::Conn { answered, error })?,
                     }
                 }
-            }
+            })();
+            step.map_err(|stop| match stop {
+                Stop::Conn { answered, error } => fail(self, &mut body, sent_any, answered, error),
+                Stop::Other(e) => fail(self, &mut None, true, true, e),
+            })
         })
         .await;
         let (h, upgraded) = head?;
@@ -795,9 +776,13 @@ impl Conn {
         };
         self.reading = reading;
         // An answer before the request's end: the rest is not sent, so the connection
-        // cannot carry another request.
-        self.keep_alive =
-            keep_alive && request_done && !has_token(&parts.headers, header::CONNECTION, "close");
+        // cannot carry another request. Nor can one that asked for an upgrade and was
+        // declined: it was opened for that exchange alone (`pool::checkout`'s `fresh`), and
+        // an upstream that half-switched is not one to trust with the next request.
+        self.keep_alive = keep_alive
+            && request_done
+            && !upgrade_asked
+            && !has_token(&parts.headers, header::CONNECTION, "close");
         *resp.headers_mut() = h.headers;
         self.advance();
         Ok(resp)
@@ -1470,5 +1455,71 @@ mod tests {
         let mut b = [0u8; 4];
         peer.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"ping");
+    }
+
+    fn upgrade_req() -> Request<ProxyBody> {
+        Request::builder()
+            .uri("/ws")
+            .header("host", "svc")
+            .header("connection", "upgrade")
+            .header("upgrade", "echo-proto")
+            .body(Empty::new().map_err(|n| match n {}).boxed_unsync())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_goes_out_with_its_upgrade_headers() {
+        let (res, _) = exchange_req(
+            upgrade_req(),
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo-proto\r\n\r\n",
+            false,
+        )
+        .await;
+        let (resp, body) = res.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert_eq!(resp.headers()["upgrade"], "echo-proto");
+        assert!(resp.extensions().get::<Upgraded>().is_some());
+        // No body: the bytes after a 101 are the new protocol's, not the response's.
+        assert!(body.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_declined_upgrade_is_an_ordinary_answer_on_a_connection_not_reused() {
+        let (res, c) = exchange_req(
+            upgrade_req(),
+            b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 2\r\n\r\nno",
+            false,
+        )
+        .await;
+        let (resp, body) = res.unwrap();
+        assert_eq!(resp.status(), 426);
+        assert!(resp.extensions().get::<Upgraded>().is_none());
+        assert_eq!(data(&body.unwrap()), b"no");
+        // Read to its end and keep-alive as far as the upstream said, yet never pooled.
+        assert!(c.body_done());
+        assert!(!c.is_reusable());
+    }
+
+    #[tokio::test]
+    async fn the_head_of_an_upgrade_request_keeps_connection_and_upgrade() {
+        let (mut c, mut peer) = conn();
+        let server = async {
+            let head = read_head(&mut peer).await;
+            peer.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            head
+        };
+        let (head, r) = tokio::join!(server, c.send(upgrade_req()));
+        assert_eq!(r.map_err(|f| f.error).unwrap().status(), 400);
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("get /ws http/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+        assert!(head.contains("\r\nupgrade: echo-proto\r\n"), "{head}");
+        // A GET without a body gets no framing headers of its own.
+        assert!(
+            !head.contains("content-length") && !head.contains("transfer-encoding"),
+            "{head}"
+        );
     }
 }

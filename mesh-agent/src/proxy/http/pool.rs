@@ -259,11 +259,17 @@ async fn handshake(
 
 /// A connection to `ep` for one request, reaching it `via` plain TCP or a tunnel (then
 /// from that tunnel's pool). Tunnelled connections count against the same cluster limits.
+///
+/// `fresh` (an upgrade request, HTTP/1.1 only): a new connection, never an idle one, which
+/// the exchange then keeps for itself (`h1::Conn` pools no connection that asked for an
+/// upgrade), so an upgraded stream never shares a connection and a declined one leaves
+/// nothing behind in the pool.
 pub(super) async fn checkout(
     counters: &Arc<Counters>,
     ep: &EndpointState,
     cluster: &Cluster,
     via: Via<'_>,
+    fresh: bool,
 ) -> Result<Checkout, L7Error> {
     let home = match via {
         Via::Tcp => None,
@@ -305,7 +311,7 @@ pub(super) async fn checkout(
         let mut released = pin!(counters.released.notified());
         // Registered before looking, so a release between the look and the wait is seen.
         released.as_mut().enable();
-        while let Some(mut h1) = pool.pop() {
+        while let Some(mut h1) = (!fresh).then(|| pool.pop()).flatten() {
             // Driven here first: a close by the endpoint while it sat idle shows now.
             if std::future::poll_fn(|cx| h1.conn.poll_idle(cx))
                 .await
@@ -334,17 +340,19 @@ pub(super) async fn checkout(
                     .ok_or_else(|| overflow("max_pending_requests"))?,
             );
         }
-        close_idle_elsewhere(ep, pool);
+        // A fresh connection has no use for this pool's idle ones either.
+        close_idle_elsewhere(ep, (!fresh).then_some(pool));
         released.await;
     }
 }
 
 /// At the connection limit, closes one idle HTTP/1.1 connection of another pool of `ep`
-/// (another identity's tunnel pool, or the plain one) than `keep`: its slot is released
-/// when the connection ends. One pool per identity must not keep another's requests
-/// pending on slots it only holds idle, which one shared pool never did.
-fn close_idle_elsewhere(ep: &EndpointState, keep: &EndpointPool) {
-    if !std::ptr::eq(&ep.pool, keep) {
+/// (another identity's tunnel pool, or the plain one) than `keep` (None: of any pool):
+/// its slot is released when the connection ends. One pool per identity must not keep
+/// another's requests pending on slots it only holds idle, which one shared pool never did.
+fn close_idle_elsewhere(ep: &EndpointState, keep: Option<&EndpointPool>) {
+    let keep = |p: &EndpointPool| keep.is_some_and(|k| std::ptr::eq(p, k));
+    if !keep(&ep.pool) {
         if let Some(s) = ep.pool.pop() {
             drop(s);
             return;
@@ -352,7 +360,7 @@ fn close_idle_elsewhere(ep: &EndpointState, keep: &EndpointPool) {
     }
     let tunnels = ep.tunnels.0.lock().unwrap_or_else(|e| e.into_inner());
     for p in tunnels.values() {
-        if !std::ptr::eq(&**p, keep) {
+        if !keep(p) {
             if let Some(s) = p.pop() {
                 drop(s);
                 return;

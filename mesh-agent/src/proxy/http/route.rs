@@ -447,6 +447,73 @@ pub(super) fn upstream(
     }
 }
 
+/// Upgrade protocols never spliced: `h2c` would carry the requests after it past routing
+/// and per-request policy (RFC 9113 drops it too; it is answered over HTTP/1.1).
+const NOT_SPLICED: [&str; 1] = ["h2c"];
+
+/// The protocols an HTTP/1.1 request asks to switch to (RFC 9110 7.8) and the engine
+/// passes on: `Connection` names `upgrade` and `Upgrade` offers at least one protocol
+/// besides those of `NOT_SPLICED` (which are left out). None: an ordinary request, its
+/// `Upgrade` removed with the other hop-by-hop headers.
+pub(super) fn upgrade_offered(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
+    // The common case costs one lookup.
+    if version != Version::HTTP_11 || !headers.contains_key(header::UPGRADE) {
+        return None;
+    }
+    if !tokens(headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
+        return None;
+    }
+    let offered: Vec<&str> = tokens(headers, header::UPGRADE)
+        .filter(|p| {
+            !NOT_SPLICED
+                .iter()
+                .any(|n| protocol_name(p).eq_ignore_ascii_case(n))
+        })
+        .collect();
+    if offered.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&offered.join(", ")).ok()
+}
+
+/// The protocol a `101` switched to, if it is one `offered` (by name and version, any
+/// case): exactly one protocol. None: a switch nobody asked for, never passed on.
+pub(super) fn upgrade_switched(headers: &HeaderMap, offered: &HeaderValue) -> Option<HeaderValue> {
+    let mut chosen = tokens(headers, header::UPGRADE);
+    let (Some(p), None) = (chosen.next(), chosen.next()) else {
+        return None;
+    };
+    let offered = offered.to_str().ok()?;
+    offered
+        .split(',')
+        .any(|o| o.trim().eq_ignore_ascii_case(p))
+        .then(|| HeaderValue::from_str(p).ok())
+        .flatten()
+}
+
+/// Puts back the hop-by-hop headers of an upgrade (`strip_hop_by_hop` removed them): the
+/// upgrade request's, toward the upstream, and the `101`'s, toward the client.
+pub(super) fn keep_upgrade(headers: &mut HeaderMap, protocols: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocols);
+}
+
+/// The comma-separated, trimmed, non-empty tokens of every `name` value.
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// `name` of a `name/version` protocol.
+fn protocol_name(p: &str) -> &str {
+    p.split('/').next().unwrap_or(p).trim()
+}
+
 /// `Location` of a redirect: the new host and/or path, the rest as requested.
 pub(super) fn redirect_location<B>(
     req: &Request<B>,
@@ -760,5 +827,132 @@ mod tests {
         plain.insert(header::HOST, HeaderValue::from_static("a"));
         strip_hop_by_hop(&mut plain, false);
         assert_eq!(plain.len(), 1);
+    }
+
+    fn heads(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn an_upgrade_is_offered_only_with_connection_upgrade_on_http11_and_never_h2c() {
+        let h11 = Version::HTTP_11;
+        for (pairs, version, want) in [
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")][..],
+                h11,
+                Some("websocket"),
+            ),
+            (
+                &[
+                    ("connection", "keep-alive, upgrade"),
+                    ("upgrade", "echo-proto"),
+                ][..],
+                h11,
+                Some("echo-proto"),
+            ),
+            (
+                &[("connection", "upgrade"), ("upgrade", "h2c, websocket/13")][..],
+                h11,
+                Some("websocket/13"),
+            ),
+            (
+                &[
+                    ("connection", "upgrade"),
+                    ("upgrade", "a"),
+                    ("upgrade", "b/2"),
+                ][..],
+                h11,
+                Some("a, b/2"),
+            ),
+            (
+                &[("connection", "upgrade"), ("upgrade", "H2C")][..],
+                h11,
+                None,
+            ),
+            (
+                &[
+                    ("connection", "upgrade, http2-settings"),
+                    ("upgrade", "h2c"),
+                ][..],
+                h11,
+                None,
+            ),
+            (&[("upgrade", "websocket")][..], h11, None),
+            (
+                &[("connection", "keep-alive"), ("upgrade", "websocket")][..],
+                h11,
+                None,
+            ),
+            (&[("connection", "upgrade")][..], h11, None),
+            (
+                &[("connection", "upgrade"), ("upgrade", " , ")][..],
+                h11,
+                None,
+            ),
+            (
+                &[("connection", "upgrade"), ("upgrade", "websocket")][..],
+                Version::HTTP_10,
+                None,
+            ),
+            (
+                &[("connection", "upgrade"), ("upgrade", "websocket")][..],
+                Version::HTTP_2,
+                None,
+            ),
+        ] {
+            let got = upgrade_offered(&heads(pairs), version);
+            assert_eq!(
+                got.as_ref().map(|v| v.to_str().unwrap()),
+                want,
+                "{pairs:?} {version:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_switch_must_name_one_offered_protocol() {
+        let offered = HeaderValue::from_static("websocket/13, echo-proto");
+        for (pairs, want) in [
+            (&[("upgrade", "echo-proto")][..], Some("echo-proto")),
+            (&[("upgrade", "WebSocket/13")][..], Some("WebSocket/13")),
+            (&[("upgrade", "websocket")][..], None),
+            (&[("upgrade", "h2c")][..], None),
+            (&[("upgrade", "echo-proto, websocket/13")][..], None),
+            (
+                &[("upgrade", "echo-proto"), ("upgrade", "echo-proto")][..],
+                None,
+            ),
+            (&[][..], None),
+        ] {
+            let got = upgrade_switched(&heads(pairs), &offered);
+            assert_eq!(got.as_ref().map(|v| v.to_str().unwrap()), want, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_request_keeps_its_upgrade_headers_and_loses_the_other_hop_by_hop_ones() {
+        let mut h = heads(&[
+            ("host", "a.example"),
+            ("connection", "Upgrade, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c, echo-proto"),
+            ("sec-websocket-key", "k"),
+        ]);
+        let offered = upgrade_offered(&h, Version::HTTP_11).unwrap();
+        strip_hop_by_hop(&mut h, true);
+        keep_upgrade(&mut h, offered);
+        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["connection", "host", "sec-websocket-key", "upgrade"]
+        );
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "echo-proto");
     }
 }

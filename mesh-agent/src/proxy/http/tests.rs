@@ -656,58 +656,158 @@ async fn outlier_ejection_kicks_in_and_the_endpoint_returns() {
     );
 }
 
+/// Whether `k` of `n` tries of chance `p` is within `sds` standard deviations of the mean:
+/// a bound from the binomial spread (five: a false failure about once in 1.7 million runs).
+fn within_binomial(k: usize, n: usize, p: f64, sds: f64) -> bool {
+    let (n, k) = (n as f64, k as f64);
+    let sd = (n * p * (1.0 - p)).sqrt();
+    (k - n * p).abs() <= sds * sd
+}
+
+/// Rates are checked by what the engine decided, never by how long a request took: a
+/// loaded machine makes an undelayed request slow, not a delayed one fast. The access
+/// log's `DI`/`FI` flags say which requests were delayed or aborted; each delayed one
+/// must have taken the delay (a lower bound no load can break); 0% and 100% are exact, and
+/// 50% is held to five standard deviations of its binomial spread.
 #[tokio::test]
 async fn fault_injection_delays_and_aborts_at_the_configured_rates() {
+    const DELAY: Duration = Duration::from_millis(50);
     let up = named("up").await;
+    let fwd = || RouteAction::Forward(to(&[("c", 1)]));
     let mut vh = vhost(vec![
-        route("/abort", RouteAction::Forward(to(&[("c", 1)]))),
-        route("/delay", RouteAction::Forward(to(&[("c", 1)]))),
-        route("/grpc", RouteAction::Forward(to(&[("c", 1)]))),
+        route("/abort0", fwd()),
+        route("/abort100", fwd()),
+        route("/abort", fwd()),
+        route("/delay0", fwd()),
+        route("/delay100", fwd()),
+        route("/delay", fwd()),
+        route("/grpc", fwd()),
     ]);
-    vh.routes[0].fault = Some(Arc::new(Fault {
+    let abort = |ppm| Fault {
         delay: None,
-        abort: Some((FaultAbort::Http(503), 500_000)),
-    }));
-    vh.routes[1].fault = Some(Arc::new(Fault {
-        delay: Some((Duration::from_millis(150), 500_000)),
+        abort: Some((FaultAbort::Http(503), ppm)),
+    };
+    let delay = |ppm| Fault {
+        delay: Some((DELAY, ppm)),
         abort: None,
-    }));
-    vh.routes[2].fault = Some(Arc::new(Fault {
+    };
+    for (i, f) in [
+        abort(0),
+        abort(1_000_000),
+        abort(500_000),
+        delay(0),
+        delay(1_000_000),
+        delay(500_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        vh.routes[i].fault = Some(Arc::new(f));
+    }
+    vh.routes[6].fault = Some(Arc::new(Fault {
         delay: None,
         abort: Some((FaultAbort::Grpc(14), 1_000_000)),
     }));
     let p = proxy(config(http_listener(vh), vec![cluster("c", &[up.addr])])).await;
+    let (log, lines) = AccessLog::for_tests();
+    p.l7.set_access_log(log);
     let mut c = client(p.addr).await;
-    let mut aborted = 0;
-    for _ in 0..400 {
-        let g = get(&mut c, "/abort").await;
-        if g.status == 503 {
-            assert_eq!(g.body, "fault filter abort");
-            aborted += 1;
+
+    let mut aborted = HashMap::<&str, usize>::new();
+    for (path, n) in [("/abort0", 50), ("/abort100", 50), ("/abort", 400)] {
+        for _ in 0..n {
+            let g = get(&mut c, path).await;
+            if g.status == 503 {
+                assert_eq!(g.body, "fault filter abort");
+                *aborted.entry(path).or_default() += 1;
+            } else {
+                assert_eq!(g.status, 200, "{path}");
+            }
         }
     }
-    // 50% of 400 (sd 10): 150..250 is five sd.
-    assert!((150..=250).contains(&aborted), "{aborted} of 400 aborted");
+    assert_eq!(aborted.get("/abort0"), None);
+    assert_eq!(aborted["/abort100"], 50);
+    let half = aborted.get("/abort").copied().unwrap_or(0);
+    assert!(
+        within_binomial(half, 400, 0.5, 5.0),
+        "{half} of 400 aborted"
+    );
+    // Every abort is flagged FI, and nothing else is.
+    let mut flagged = 0;
+    while let Ok(e) = lines.try_recv() {
+        flagged += usize::from(e.response_flags.contains(Flags::FI));
+    }
+    assert_eq!(flagged, 50 + half);
+
+    // Delays: 20 clients at once, 10 requests each, every request named by its index.
     let mut tasks = Vec::new();
-    for _ in 0..40 {
+    for t in 0..20usize {
         let addr = p.addr;
         tasks.push(tokio::spawn(async move {
             let mut c = client(addr).await;
-            let t = std::time::Instant::now();
-            assert_eq!(get(&mut c, "/delay").await.status, 200);
-            t.elapsed()
+            let mut took = Vec::new();
+            for r in 0..10usize {
+                let i = t * 10 + r;
+                let path = match i % 10 {
+                    0 => format!("/delay0?i={i}"),
+                    1 => format!("/delay100?i={i}"),
+                    _ => format!("/delay?i={i}"),
+                };
+                let start = std::time::Instant::now();
+                assert_eq!(get(&mut c, &path).await.status, 200);
+                took.push((path, start.elapsed()));
+            }
+            took
         }));
     }
-    let mut delayed = 0;
+    let mut took = HashMap::new();
     for t in tasks {
-        delayed += usize::from(t.await.unwrap() >= Duration::from_millis(150));
+        took.extend(t.await.unwrap());
     }
-    // 50% of 40 (sd 3.2): 8..32 is nearly four sd.
-    assert!((8..=32).contains(&delayed), "{delayed} of 40 delayed");
+    let mut delayed = HashMap::<&str, usize>::new();
+    let mut seen = 0;
+    while seen < took.len() {
+        let e = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a line per request");
+        let path = e.http.as_ref().unwrap().path.clone();
+        // (A line of the abort requests may come late.)
+        if !path.starts_with("/delay") {
+            continue;
+        }
+        seen += 1;
+        if e.response_flags.contains(Flags::DI) {
+            let elapsed = took[&path];
+            assert!(elapsed >= DELAY, "{path} was delayed yet took {elapsed:?}");
+            let route = path.split('?').next().unwrap();
+            let route = ["/delay0", "/delay100", "/delay"]
+                .into_iter()
+                .find(|r| *r == route)
+                .unwrap();
+            *delayed.entry(route).or_default() += 1;
+        }
+    }
+    assert_eq!(delayed.get("/delay0"), None, "{delayed:?}");
+    assert_eq!(delayed["/delay100"], 20, "{delayed:?}");
+    let half = delayed.get("/delay").copied().unwrap_or(0);
+    assert!(
+        within_binomial(half, 160, 0.5, 5.0),
+        "{half} of 160 delayed"
+    );
+
     let g = get(&mut c, "/grpc").await;
     assert_eq!(g.status, 200);
     assert_eq!(g.headers["grpc-status"], "14");
     assert_eq!(g.headers["content-type"], "application/grpc");
+}
+
+#[test]
+fn the_binomial_bound_fails_what_it_should() {
+    assert!(within_binomial(200, 400, 0.5, 5.0));
+    assert!(within_binomial(150, 400, 0.5, 5.0));
+    assert!(!within_binomial(149, 400, 0.5, 5.0));
+    assert!(!within_binomial(0, 160, 0.5, 5.0));
+    assert!(!within_binomial(160, 160, 0.5, 5.0));
 }
 
 #[tokio::test]
@@ -1076,6 +1176,251 @@ async fn h2c_upgrade_is_answered_over_http1_without_the_upgrade() {
         !out.contains("upgrade=") && !out.contains("http2-settings="),
         "{out}"
     );
+}
+
+/// An endpoint speaking `echo-proto` after a `101`: `/echo` switches, sends
+/// `server-early`, echoes until the client's end and then sends `bye`; `/cut` switches and
+/// resets after a few bytes; `/decline` answers 426; anything else 200 with `x-conn`, the
+/// connection's number. Counts connections, and declined ones the proxy then closed.
+async fn proto_endpoint() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (conns, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, d) = (conns.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let id = c.fetch_add(1, Ordering::Relaxed) + 1;
+            let closed = d.clone();
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await.to_ascii_lowercase();
+                    if head.is_empty() {
+                        return;
+                    }
+                    let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    let asked = head.contains("\r\nupgrade: echo-proto\r\n")
+                        && head.contains("\r\nconnection: upgrade\r\n");
+                    match path.as_str() {
+                        "/echo" | "/cut" if asked => {
+                            s.write_all(
+                                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                                  upgrade: echo-proto\r\n\r\nserver-early",
+                            )
+                            .await
+                            .unwrap();
+                            if path == "/cut" {
+                                let mut b = [0u8; 16];
+                                let _ = s.read_exact(&mut b).await;
+                                let _ = crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&s));
+                                return;
+                            }
+                            let (mut r, mut w) = s.split();
+                            tokio::io::copy(&mut r, &mut w).await.unwrap();
+                            w.write_all(b"bye").await.unwrap();
+                            w.shutdown().await.unwrap();
+                            let _ = r.read(&mut [0u8; 1]).await;
+                            return;
+                        }
+                        "/decline" => {
+                            s.write_all(
+                                b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 2\r\n\r\nno",
+                            )
+                            .await
+                            .unwrap();
+                            if matches!(s.read(&mut [0u8; 1]).await, Ok(0)) {
+                                closed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            return;
+                        }
+                        _ => {
+                            let body = format!("conn {id}");
+                            let r = format!(
+                                "HTTP/1.1 200 OK\r\nx-conn: {id}\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            s.write_all(r.as_bytes()).await.unwrap();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns, closed)
+}
+
+/// A head up to its empty line, byte by byte (nothing read past it); empty at EOF.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => return String::new(),
+        }
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A response's head and `content-length` body, read from `s`.
+async fn read_response(s: &mut TcpStream) -> (String, String) {
+    let head = read_head(s).await.to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |l| l.parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+const UPGRADE_HEAD: &str = "host: svc.test\r\nconnection: Upgrade\r\nupgrade: echo-proto\r\n\r\n";
+
+#[tokio::test]
+async fn an_upgrade_is_spliced_on_a_connection_of_its_own_and_never_pooled() {
+    let (up, conns, closed) = proto_endpoint().await;
+    let p = proxy(simple(vec![cluster("c", &[up])], to(&[("c", 1)]))).await;
+    let plain = |mut s: TcpStream| async move {
+        s.write_all(b"GET /plain HTTP/1.1\r\nhost: svc.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        (body, s)
+    };
+    // A plain request: upstream connection 1, pooled.
+    let (body, _keep) = plain(TcpStream::connect(p.addr).await.unwrap()).await;
+    assert_eq!(body, "conn 1");
+
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(format!("GET /echo HTTP/1.1\r\n{UPGRADE_HEAD}client-early").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("\r\nupgrade: echo-proto\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    let mut early = [0u8; 12];
+    s.read_exact(&mut early).await.unwrap();
+    assert_eq!(&early, b"server-early");
+    // 2 MiB each way at once, then the client's half-close, then the endpoint's `bye`.
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+        w
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    drop(writer.await.unwrap());
+    let mut want = b"client-early".to_vec();
+    want.extend_from_slice(&data);
+    want.extend_from_slice(b"bye");
+    assert_eq!(back.len(), want.len());
+    assert!(back == want, "the spliced bytes differ");
+    assert_eq!(conns.load(Ordering::Relaxed), 2, "an upgrade opens its own");
+
+    // A plain request after it uses the pooled connection, not the upgraded one.
+    let (body, _) = plain(TcpStream::connect(p.addr).await.unwrap()).await;
+    assert_eq!(body, "conn 1");
+
+    // Declined: the 426 is relayed, the client's connection stays HTTP, and the upstream
+    // connection is closed instead of pooled.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(format!("GET /decline HTTP/1.1\r\n{UPGRADE_HEAD}").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 426"), "{head}");
+    assert_eq!(body, "no");
+    assert!(!head.contains("\r\nupgrade:"), "{head}");
+    let (body, _) = plain(s).await;
+    assert_eq!(body, "conn 1");
+    for _ in 0..100 {
+        if closed.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        closed.load(Ordering::Relaxed),
+        1,
+        "the declined connection closed"
+    );
+    assert_eq!(conns.load(Ordering::Relaxed), 3);
+
+    // The endpoint resets the upgraded stream: the client sees a reset, not a clean end.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(format!("GET /cut HTTP/1.1\r\n{UPGRADE_HEAD}").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 101"));
+    s.write_all(&[7u8; 64]).await.unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("the stream ended");
+    let e = end.expect_err("a reset, not a clean end");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+
+    // Each stream counted as a request answered 101 when it ended.
+    let mut counted = 0;
+    for _ in 0..100 {
+        counted = p.metrics.requests_where(|l| l.response_code == 101);
+        if counted == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 2);
+}
+
+#[tokio::test]
+async fn connect_is_answered_404_and_never_reaches_the_endpoint() {
+    let (up, conns, _) = proto_endpoint().await;
+    // A catch-all regex route: even it does not take a CONNECT.
+    let mut vh = vhost(vec![route("/", RouteAction::Forward(to(&[("c", 1)])))]);
+    vh.routes[0].matcher.path = PathMatch::Regex(regex_lite::Regex::new(".*").unwrap());
+    let p = proxy(config(http_listener(vh), vec![cluster("c", &[up])])).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"CONNECT svc.test:443 HTTP/1.1\r\nhost: svc.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    // The connection stays HTTP.
+    s.write_all(b"GET /plain HTTP/1.1\r\nhost: svc.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "conn 1");
+    assert_eq!(conns.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_switch_to_a_protocol_not_offered_is_a_502() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        read_head(&mut s).await;
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: other\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let _ = s.read(&mut [0u8; 1]).await;
+    });
+    let p = proxy(simple(vec![cluster("c", &[up])], to(&[("c", 1)]))).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(format!("GET /x HTTP/1.1\r\n{UPGRADE_HEAD}").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert_eq!(body, "upstream switched to a protocol not offered");
 }
 
 #[tokio::test]
