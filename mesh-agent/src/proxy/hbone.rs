@@ -7,7 +7,6 @@
 //! - `server`: `serve`, the listener on 15008; a `ConnectHandler` decides and dials.
 //! - `stream`: `HboneStream`, one CONNECT stream as `AsyncRead + AsyncWrite`.
 //! - `tunnel`: limits, errors, and the relay between a TCP connection and a stream.
-//! - `buffered`: the read buffer between TLS and an HBONE connection's socket.
 //!
 //! Stream semantics, security-critical: a clean end (FIN, END_STREAM) is passed on as a
 //! half-close, and an error or reset on either side reaches the other as a reset
@@ -16,7 +15,6 @@
 //! `h2` directly rather than through hyper's upgrades: a dropped hyper `Upgraded` ends its
 //! stream with END_STREAM, and a received RST_STREAM(CANCEL) reads as EOF there.
 
-mod buffered;
 pub mod client;
 pub mod pool;
 pub mod server;

@@ -16,7 +16,6 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, Instrument};
 
 use super::{
-    buffered::ReadBuffered,
     pool::{Checkout, Conn, Pool, PoolKey, PoolLimits, StreamGuard},
     HboneError, HboneStream, CONNECTION_WINDOW, DEFAULT_CONNECT_TIMEOUT, MAX_FRAME_SIZE,
     MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER,
@@ -229,7 +228,7 @@ impl HboneClient {
         let _ = tcp.set_nodelay(true);
         let config = self.tls.client_config(&key.src, &key.dst_id)?;
         let mut tls_stream = TlsConnector::from(config)
-            .connect(tls::server_name(), ReadBuffered::new(tcp))
+            .connect(tls::server_name(), tcp)
             .await
             .map_err(|source| HboneError::Tls { addr, source })?;
         tls_stream

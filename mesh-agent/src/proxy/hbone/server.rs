@@ -20,9 +20,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
-    buffered::ReadBuffered, relay_tunnel, HboneStream, TcpSide, CONNECTION_WINDOW,
-    MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW,
-    TLS_SEND_BUFFER,
+    relay_tunnel, HboneStream, TcpSide, CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW, TLS_SEND_BUFFER,
 };
 use crate::{
     identity::{tls::peer_identity, BoxFuture, SpiffeId},
@@ -217,7 +216,7 @@ async fn connection(
 ) {
     let handshakes = async {
         let mut tls = acceptor
-            .accept(ReadBuffered::new(tcp))
+            .accept(tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
@@ -292,8 +292,7 @@ impl Tally<'_> {
 /// Received from the tunnel and not yet written to the TCP side, at most (bytes): one
 /// vectored write takes what arrived together.
 const DOWN_BATCH: usize = 256 * 1024;
-/// Read from the TCP side into one DATA frame, at most (bytes): the frame size both ends
-/// of our tunnels accept (`MAX_FRAME_SIZE`).
+/// Read from the TCP side and not yet handed to the stream, at most (bytes).
 const UP_BATCH: usize = MAX_FRAME_SIZE as usize;
 /// Slices in one vectored write.
 const DOWN_SLICES: usize = 16;
@@ -302,8 +301,9 @@ const WAIT_BUFFER: usize = 1024;
 
 #[derive(Default)]
 struct RelayState {
-    /// Read from the TCP side, not yet handed to the stream.
-    up: Bytes,
+    /// Read from the TCP side, not yet handed to the stream: one chunk per read.
+    up: VecDeque<Bytes>,
+    up_bytes: usize,
     /// The TCP side's FIN was read (END_STREAM goes with the last of `up`).
     fin: bool,
     /// Taken from the stream, not yet written to the TCP side (flow-control capacity is
@@ -314,11 +314,68 @@ struct RelayState {
     down_done: bool,
 }
 
+/// A pooled buffer's first `len` bytes, as the owner of a `Bytes`: the bytes read from the
+/// TCP side go to h2 without a copy, and the buffer returns to its pool once h2 has
+/// written them (and dropped its handle).
+struct Filled(Buffer, usize);
+
+impl AsRef<[u8]> for Filled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..self.1]
+    }
+}
+
+/// Reads shorter than this are copied out of the pooled buffer (which goes back to the
+/// pool at once) rather than lent to h2 with it (bytes): what h2 holds waiting for
+/// flow-control capacity (`MAX_SEND_BUFFER` a stream) then takes at most twice its size
+/// in buffers, and small messages hold no 32 KiB buffer.
+const LEND_MIN: usize = 16 * 1024;
+
+/// TCP -> tunnel: reads while the socket has bytes, up to `UP_BATCH` queued, each read's
+/// bytes one chunk (one DATA frame); a read that does not fill the buffer drained the
+/// socket, and it is read again only if it has news already (a FIN that came with the
+/// bytes), which costs no syscall to find out.
+fn read_up(
+    cx: &mut Context<'_>,
+    tcp: &mut TcpStream,
+    st: &mut RelayState,
+    progress: &mut bool,
+) -> io::Result<()> {
+    while st.up_bytes < UP_BATCH {
+        let mut buf = Buffer::take();
+        let cap = buf.len();
+        let mut rb = ReadBuf::new(&mut buf);
+        let Poll::Ready(r) = Pin::new(&mut *tcp).poll_read(cx, &mut rb) else {
+            break;
+        };
+        r?;
+        *progress = true;
+        let n = rb.filled().len();
+        if n == 0 {
+            // FIN: END_STREAM, on the last bytes' frame if they came with it.
+            st.fin = true;
+            break;
+        }
+        let chunk = if n < LEND_MIN {
+            Bytes::copy_from_slice(&buf[..n])
+        } else {
+            Bytes::from_owner(Filled(buf, n))
+        };
+        st.up_bytes += n;
+        st.up.push_back(chunk);
+        if n < cap && tcp.poll_read_ready(cx).is_pending() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Both directions of a tunnel relay in one future, so one wake-up serves whichever side
 /// is ready, with no split lock between them. TCP -> tunnel: a pooled buffer
-/// (`proxy::relay_buffers`) is taken only while the socket has bytes, and the bytes read
-/// go to the stream as one DATA frame; tunnel -> TCP: the frames' own buffers are written
-/// (vectored), no copy. Ready once both directions ended cleanly.
+/// (`proxy::relay_buffers`) is taken only while the socket has bytes, and a large read's
+/// buffer itself becomes the DATA frame's payload (`read_up`), no copy; tunnel -> TCP:
+/// the frames' own buffers are written (vectored), no copy. Ready once both directions
+/// ended cleanly.
 fn poll_relay(
     cx: &mut Context<'_>,
     tcp: &mut TcpStream,
@@ -331,40 +388,8 @@ fn poll_relay(
         let mut progress = false;
         // TCP -> tunnel.
         if !t.write_closed {
-            if st.up.is_empty() {
-                // Reads that fill the buffer mean more is waiting: they are gathered into
-                // one DATA frame of up to `UP_BATCH`.
-                let mut buf = Buffer::take();
-                let mut batch = BytesMut::new();
-                loop {
-                    let mut rb = ReadBuf::new(&mut buf);
-                    let Poll::Ready(r) = Pin::new(&mut *tcp).poll_read(cx, &mut rb) else {
-                        break;
-                    };
-                    r?;
-                    progress = true;
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        // FIN: END_STREAM, on the last bytes' frame if they came with it.
-                        st.fin = true;
-                        break;
-                    }
-                    let full = n == rb.capacity();
-                    if batch.capacity() == 0 {
-                        batch.reserve(if full { UP_BATCH } else { n });
-                    }
-                    batch.extend_from_slice(rb.filled());
-                    if batch.len() + n > UP_BATCH {
-                        break;
-                    }
-                    // A short read drained the socket: read again only if it has news
-                    // already (a FIN that came with the bytes), which costs no syscall
-                    // to find out.
-                    if !full && tcp.poll_read_ready(cx).is_pending() {
-                        break;
-                    }
-                }
-                st.up = batch.freeze();
+            if st.up.is_empty() && !st.fin {
+                read_up(cx, tcp, st, &mut progress)?;
             }
             if st.fin && st.up.is_empty() {
                 // END_STREAM alone (nothing came with the FIN).
@@ -375,12 +400,18 @@ fn poll_relay(
                 progress = true;
             }
             if !st.up.is_empty() {
-                t.send.reserve_capacity(st.up.len());
+                t.send.reserve_capacity(st.up_bytes);
                 loop {
                     let have = t.send.capacity();
                     if have > 0 {
-                        let chunk = st.up.split_to(have.min(st.up.len()));
+                        let front = st.up.front_mut().expect("bytes queued");
+                        let chunk = if have >= front.len() {
+                            st.up.pop_front().expect("bytes queued")
+                        } else {
+                            front.split_to(have)
+                        };
                         let n = chunk.len();
+                        st.up_bytes -= n;
                         // The last bytes before a FIN carry END_STREAM.
                         let end = st.fin && st.up.is_empty();
                         t.send
