@@ -382,7 +382,10 @@ start_servers() { # start_servers CPUS
   local p; for p in "${SRV_PORTS[@]}"; do wait_port "$n1s" 0.0.0.0 "$p"; done
 }
 
-# Every client fails loudly: a path that breaks must not turn into a missing figure.
+# Every client fails loudly: a path that breaks must not turn into a missing figure. One
+# that stalls (no result within CLIENT_TIMEOUT s: `timeout` ends it) is run once more, and
+# said in the log; a second stall ends the run.
+CLIENT_TIMEOUT=$(awk -v s="$SECS" 'BEGIN {printf "%d", s * 5 + 60}')
 client() { # client NAME CPUS CMD... -> stdout of CMD
   local name=$1 cpus=$2 out perf_pid=; shift 2
   if [ -n "$PERF_DIR" ]; then
@@ -390,8 +393,16 @@ client() { # client NAME CPUS CMD... -> stdout of CMD
     perf record -q -C "$cpus" -g -o "$PERF_DIR/$CUR-$name.data" > /dev/null 2>&1 &
     perf_pid=$!; echo "$perf_pid" > "$DIR/perf.pid"; sleep 0.5
   fi
-  if ! out=$(in_cg n0/cli "$(ns n0-cli)" "$cpus" "$@" 2> "$DIR/$name.err"); then
-    echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed: $*"
+  local attempt rc
+  for attempt in 1 2; do
+    rc=0
+    out=$(in_cg n0/cli "$(ns n0-cli)" "$cpus" timeout -k 5 "$CLIENT_TIMEOUT" "$@" 2> "$DIR/$name.err") || rc=$?
+    # 124: `timeout` stopped it; 137: it had to kill it.
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] || break
+    log "$name stalled (no result in $CLIENT_TIMEOUT s; attempt $attempt of 2): $*"
+  done
+  if [ "$rc" != 0 ]; then
+    echo "$out" >&2; cat "$DIR/$name.err" >&2; die "$name failed (exit $rc): $*"
   fi
   if [ -n "$perf_pid" ]; then
     # perf writes its file on SIGTERM as on SIGINT (which background jobs ignore).
@@ -403,14 +414,23 @@ client() { # client NAME CPUS CMD... -> stdout of CMD
 
 lat_secs() { [ "$SMOKE" = 1 ] && echo 1 || echo "$SECS"; }
 
+# A sockperf client now and then stalls at start ("No valid observations", or no figures):
+# such a run is measured once more, said in the log with sockperf's own words; a second
+# failure ends the run.
 measure_latency() { # measure_latency PATH PLACEMENT RUN CPU HOST PORT
-  local out
-  out=$(client sockperf "$4" sockperf ping-pong --tcp -i "$5" -p "$6" -m 64 -t "$(lat_secs)" --full-rtt)
+  local out= attempt
   local pct; pct() { awk -v q="$1" '$2 == "--->" && $3 == "percentile" && $4 == q {print $6}' <<< "$out"; }
-  local p50 p99 tps
-  p50=$(pct 50.000); p99=$(pct 99.000)
-  tps=$(sed -n 's/.*\[Valid Duration\] RunTime=\([0-9.]*\) sec;.*ReceivedMessages=\([0-9]*\).*/\2 \1/p' <<< "$out" | awk '{printf "%.1f", $1 / $2}')
-  [ -n "$p50" ] && [ -n "$p99" ] && [ -n "$tps" ] || { echo "$out" >&2; die "cannot read sockperf's output ($1)"; }
+  local p50= p99= tps=
+  for attempt in 1 2; do
+    if out=$(client sockperf "$4" sockperf ping-pong --tcp -i "$5" -p "$6" -m 64 -t "$(lat_secs)" --full-rtt); then
+      p50=$(pct 50.000); p99=$(pct 99.000)
+      tps=$(sed -n 's/.*\[Valid Duration\] RunTime=\([0-9.]*\) sec;.*ReceivedMessages=\([0-9]*\).*/\2 \1/p' <<< "$out" | awk '$2 > 0 {printf "%.1f", $1 / $2}')
+      [ -n "$p50" ] && [ -n "$p99" ] && [ -n "$tps" ] && break
+    fi
+    log "sockperf through $1 gave no valid figures (attempt $attempt of 2): $({ echo "$out"; cat "$DIR/sockperf.err" 2> /dev/null; } | grep -m1 -i 'no valid\|error' || true)"
+    p50=
+  done
+  [ -n "$p50" ] || { echo "$out" >&2; die "cannot read sockperf's output ($1) after 2 attempts"; }
   emit "$1" "$2" p50_us "$3" "$p50"; emit "$1" "$2" p99_us "$3" "$p99"; emit "$1" "$2" tps "$3" "$tps"
 }
 

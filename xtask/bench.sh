@@ -194,9 +194,9 @@ measure_slow_reader() { # measure_slow_reader PATH PLACEMENT RUN CPU HOST
 }
 
 # The paths: how the agent runs, which proxy sits in the node, where the client dials.
-# L4_PATHS (space-separated) picks rows; `proxied-relay` (the kernel relay, issue 13
-# item 1: --kernel-relay true) is measured only when named there, until the report knows it.
-read -r -a PATHS <<< "${L4_PATHS:-direct mesh-direct proxied proxied-both proxied-nosk haproxy haproxy-splice envoy}"
+# L4_PATHS (space-separated) picks rows; `proxied-relay` is the kernel relay (issue 13
+# item 1: --kernel-relay true, 6.9+; below that the agent ignores it and relays as `proxied`).
+read -r -a PATHS <<< "${L4_PATHS:-direct mesh-direct proxied proxied-both proxied-nosk proxied-relay haproxy haproxy-splice envoy}"
 
 path_up() { # path_up PATH NODE-CPUS -> sets TARGET_IP and TARGET_PORTS
   TARGET_IP=$SRV_IP; TARGET_PORTS=("${SRV_PORTS[@]}")
@@ -233,7 +233,7 @@ suite_l4() {
         measure_bulk "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[1]}" 1
         measure_bulk "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[1]}" 8
         measure_crr "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[2]}"
-        case $path in direct|mesh-direct) measure_slow_reader "$path" "$placement" "$run" "$cc" "$TARGET_IP" ;; esac
+        case $path in direct|mesh-direct|proxied-relay) measure_slow_reader "$path" "$placement" "$run" "$cc" "$TARGET_IP" ;; esac
         stop envoy haproxy agent sockperf iperf3 reply
       done
     done

@@ -90,7 +90,8 @@ sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$CG" \
   "$AGENT" run --config "$DIR/mesh.yaml" --pin-path "$PIN" --cgroup "$CG" \
   --proxy-address 10.202.0.1:15001 --admin-address "$ADMIN" --xds-listen 127.0.0.1:15096 2> "$DIR/agent.log" &
 AGENT_PID=$!
-for _ in $(seq 100); do
+# Up to 60 s: under software emulation (cargo xtask kernels) loading takes 10-20 s.
+for _ in $(seq 600); do
   curl -sf "http://$ADMIN/ready" > /dev/null 2>&1 && break
   kill -0 "$AGENT_PID" 2>/dev/null || { cat "$DIR/agent.log"; exit 1; }
   sleep 0.1

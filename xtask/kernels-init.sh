@@ -2,13 +2,15 @@
 # PID 1 of a `cargo xtask kernels` guest (xtask/src/kernels.rs), started by the initramfs
 # (xtask/kernels-initramfs.sh) on the host's root, which is shared read-only over 9p.
 # It makes the writable places the tests need, checks that the agent loads and attaches
-# its programs on this kernel, runs the datapath test binary as root, prints
-# `MESH-KERNELS-*` lines the host parses, and powers the guest off whatever happens.
+# its programs on this kernel, runs the demo's capture scenario (xtask/demo.sh) and the
+# test binaries as root, prints `MESH-KERNELS-*` lines the host parses, and powers the
+# guest off whatever happens.
 #
 # $MESH_KRUN (a boot parameter) is the host's run folder: `env` sets MESH_RELEASE,
-# MESH_MODULES (the unpacked kernel package), MESH_TEST_BIN, MESH_TEST_CWD,
-# MESH_TEST_THREADS, MESH_GUEST_TIMEOUT and MESH_AGENT_BIN; `test-args` holds the test
-# binary's extra arguments, one per line.
+# MESH_MODULES (the unpacked kernel package), MESH_TEST_BINS (the test binaries' folder),
+# MESH_TEST_NAMES (which of them run, in order), MESH_TEST_CWD, MESH_TEST_THREADS,
+# MESH_GUEST_TIMEOUT, MESH_DEMO (1: run the demo), PODTOOL and MESH_AGENT_BIN; `test-args`
+# holds the test binaries' extra arguments, one per line.
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/tmp LANG=C.UTF-8 RUST_BACKTRACE=0
@@ -92,15 +94,46 @@ probe() {
     rmdir "$cg" 2>/dev/null
 }
 
+# The demo on a simulated node in this guest (xtask/demo.sh, as `cargo xtask demo` runs
+# it): its output prefixed `demo| ` for the host to check (capture, bytes, firewall).
+demo() {
+    [ "$MESH_DEMO" = 1 ] || return 0
+    dstart=$(date +%s)
+    # POSIX sh has no PIPESTATUS: the demo's status goes through a file.
+    {
+        timeout -k 10 600 bash "$(dirname "$0")/demo.sh" 2>&1
+        echo $? >/tmp/mesh-demo.rc
+    } | sed 's/^/demo| /'
+    rc=$(cat /tmp/mesh-demo.rc 2>/dev/null || echo "?")
+    echo "MESH-KERNELS-DEMO rc=$rc secs=$(($(date +%s) - dstart))"
+}
+
 run_tests() {
     set --
     while IFS= read -r a; do
         set -- "$@" "$a"
     done <"$MESH_KRUN/test-args"
     cd "$MESH_TEST_CWD" || return 1
-    echo "MESH-KERNELS-TESTS $MESH_TEST_BIN --test-threads=$MESH_TEST_THREADS $*"
-    timeout -k 10 "$MESH_GUEST_TIMEOUT" "$MESH_TEST_BIN" --test-threads="$MESH_TEST_THREADS" \
-        --color=never "$@" 2>&1
+    worst=0
+    for name in $MESH_TEST_NAMES; do
+        bin=$MESH_TEST_BINS/$name
+        echo "MESH-KERNELS-TESTS name=$name $bin --test-threads=$MESH_TEST_THREADS $*"
+        bstart=$(date +%s)
+        left=$((deadline - bstart))
+        if [ $left -lt 30 ]; then
+            echo "MESH-KERNELS-BIN name=$name rc=124 secs=0 skipped=timeout"
+            [ $worst -eq 0 ] && worst=124
+            continue
+        fi
+        timeout -k 10 "$left" "$bin" --test-threads="$MESH_TEST_THREADS" \
+            --color=never "$@" 2>&1
+        rc=$?
+        # A binary stopped by `timeout` leaves its last line unfinished.
+        echo
+        echo "MESH-KERNELS-BIN name=$name rc=$rc secs=$(($(date +%s) - bstart))"
+        [ $rc -ne 0 ] && [ $worst -eq 0 ] && worst=$rc
+    done
+    return $worst
 }
 
 main() {
@@ -118,7 +151,11 @@ main() {
     fi
     # The thousand-connection test holds more than the default 1,024 descriptors.
     ulimit -n 65536
+    # One time budget for the demo and the test binaries, so the guest reports before the
+    # host's limit.
+    deadline=$(($(date +%s) + MESH_GUEST_TIMEOUT))
     probe
+    demo
     start=$(date +%s)
     run_tests
     rc=$?

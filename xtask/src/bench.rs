@@ -41,6 +41,10 @@ const PATHS: &[(&str, &str)] = &[
         "proxied-nosk",
         "node proxy without sk_msg (`--skmsg false`)",
     ),
+    (
+        "proxied-relay",
+        "node proxy, then the kernel relay once the L4 decision is made (`--kernel-relay true`, 6.9+)",
+    ),
     ("haproxy", "haproxy (tcp mode) in the node"),
     (
         "haproxy-splice",
@@ -56,6 +60,7 @@ fn short(path: &str) -> &'static str {
         "proxied" => "node proxy, sk_msg app leg",
         "proxied-both" => "node proxy, sk_msg both legs",
         "proxied-nosk" => "node proxy, no sk_msg",
+        "proxied-relay" => "node proxy, kernel relay",
         "haproxy" => "haproxy tcp mode",
         "haproxy-splice" => "haproxy tcp, splice-auto",
         "envoy" => "Envoy tcp_proxy",
@@ -64,7 +69,14 @@ fn short(path: &str) -> &'static str {
 }
 
 /// The node proxy's variants that the proxied-L4 targets apply to.
-const PROXIED: &[&str] = &["proxied", "proxied-both", "proxied-nosk"];
+const PROXIED: &[&str] = &["proxied", "proxied-both", "proxied-nosk", "proxied-relay"];
+
+/// The paths whose bytes can move socket to socket in the kernel, and so must show that a
+/// slow reader gets every byte without an error: `(path, target)`.
+const SLOW_READER: &[(&str, &str)] = &[
+    ("mesh-direct", "direct mode, no error into a slow reader"),
+    ("proxied-relay", "kernel relay, no error into a slow reader"),
+];
 
 const PLACEMENTS: &[(&str, &str)] = &[
     (
@@ -395,20 +407,22 @@ fn l4_targets(t: &Table) -> Vec<Target> {
             ratio("proxied bulk, 8 conns", p, "bulk8_gbps", 1.0, false);
             ratio("proxied connections/s", p, "cps", 0.6, false);
         }
-        if let Some(s) = get(t, "mesh-direct", placement, "slow_reader_ok") {
-            let ok = s.runs.iter().filter(|&&v| v == 1.0).count() as f64;
-            out.push(Target {
-                what: "direct mode, no error into a slow reader".into(),
-                path: "mesh-direct".into(),
-                placement: placement.into(),
-                metric: "slow_reader_ok".into(),
-                value: ok,
-                reference: s.runs.len() as f64,
-                reference_name: "runs".into(),
-                ratio: None,
-                goal: "every run intact".into(),
-                pass: ok == s.runs.len() as f64,
-            });
+        for &(path, what) in SLOW_READER {
+            if let Some(s) = get(t, path, placement, "slow_reader_ok") {
+                let ok = s.runs.iter().filter(|&&v| v == 1.0).count() as f64;
+                out.push(Target {
+                    what: what.into(),
+                    path: path.into(),
+                    placement: placement.into(),
+                    metric: "slow_reader_ok".into(),
+                    value: ok,
+                    reference: s.runs.len() as f64,
+                    reference_name: "runs".into(),
+                    ratio: None,
+                    goal: "every run intact".into(),
+                    pass: ok == s.runs.len() as f64,
+                });
+            }
         }
         // Like for like: without sk_msg the node proxy does what haproxy does (two TCP
         // legs through user space), and must at least match it.
@@ -909,6 +923,13 @@ fn l4_svg(t: &Table) -> String {
             .fold(0.0, f64::max);
         let scale = if max > 0.0 { plot_w / max } else { 0.0 };
         for &(path, _) in PATHS {
+            // A path not measured (`L4_PATHS` left it out) takes no room.
+            if !colors
+                .iter()
+                .any(|&(pl, _, _)| get(t, path, pl, metric).is_some())
+            {
+                continue;
+            }
             let group_h = bar_h * colors.len() as f64;
             let _ = writeln!(
                 body,
@@ -1339,6 +1360,35 @@ mod tests {
         assert_eq!(goal_holds(">= 0.6x", 0.59), Some(false));
         assert_eq!(goal_holds("< 1x", 1.0), Some(false));
         assert_eq!(goal_holds("every run intact", 1.0), None);
+    }
+
+    #[test]
+    fn the_kernel_relay_row_gets_the_proxied_verdicts_and_the_slow_reader() {
+        let raw = "l4 direct 1cpu bulk1_gbps 1 10\nl4 direct 1cpu bulk1_gbps 2 20\n\
+                   l4 proxied-relay 1cpu bulk1_gbps 1 12\nl4 proxied-relay 1cpu bulk1_gbps 2 18\n\
+                   l4 proxied-relay 1cpu slow_reader_ok 1 1\nl4 proxied-relay 1cpu slow_reader_ok 2 0\n";
+        let t = tabulate(&parse_raw(raw).unwrap(), "l4");
+        let tg = l4_targets(&t);
+        let bulk = tg
+            .iter()
+            .find(|x| x.path == "proxied-relay" && x.what == "proxied bulk, 1 conn")
+            .unwrap();
+        assert_eq!(bulk.reference_name, "direct");
+        assert_eq!(bulk.ratio, Some(1.0), "median 15 / median 15");
+        assert!(bulk.pass);
+        // Per-run ratios 1.2 and 0.9: the spread shows, and one run says FAIL.
+        let md = targets_md(&tg, &t);
+        assert!(md.contains("1.00x (0.90–1.20)"), "{md}");
+        assert!(md.contains("PASS (1 of 2 runs say FAIL)"), "{md}");
+        let slow = tg
+            .iter()
+            .find(|x| x.what == "kernel relay, no error into a slow reader")
+            .unwrap();
+        assert!(!slow.pass, "one of two runs lost bytes or saw an error");
+        // The tables and the plot name the row.
+        let md = l4_md(&Meta::default(), &[], &t, &tg);
+        assert!(md.contains("| proxied-relay | –"), "{md}");
+        assert!(l4_svg(&t).contains("node proxy, kernel relay"));
     }
 
     #[test]

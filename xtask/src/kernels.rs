@@ -7,12 +7,13 @@
 //! and the kernel's own virtio-pci and 9p modules: Debian builds them as modules) mounts
 //! the host's root read-only over virtio-9p and hands over to `xtask/kernels-init.sh`,
 //! which makes the writable places (tmpfs, bpffs, cgroup2), starts the agent alone to see
-//! its programs load and attach, runs the datapath test binary as root and powers off.
+//! its programs load and attach, runs the demo's capture scenario (xtask/demo.sh) and the
+//! test binaries (`TEST_BINS`) as root and powers off.
 //! The binaries under test are private copies (`target/kernels/run-<pid>/`), so a build
 //! elsewhere in the tree cannot change them under a running guest.
 //!
-//! Output per kernel: the release, load/attach, tests passed/failed (with each failure's
-//! panic message), wall time; the guest console in `target/kernels/<series>.log`. The exit
+//! Output per kernel: the release, load/attach, the demo's checks, tests passed/failed per
+//! binary (with each failure's panic message), wall time; the guest console in `target/kernels/<series>.log`. The exit
 //! is non-zero when a kernel fails in a way that is not a known, documented gap
 //! (docs/kernels.md).
 
@@ -48,23 +49,25 @@ pub struct Options {
     /// 6.1 (bookworm), 5.10 (bullseye), 6.12 (trixie), or all; a comma-separated list works too.
     #[arg(long, default_value = "all")]
     kernel: String,
-    /// The quick check: 6.1 only, the datapath test binary (a candidate for `cargo xtask test`).
+    /// The quick check in `cargo xtask test`: 6.1 only, a few datapath tests (`SMOKE_TESTS`;
+    /// the demo only when `SMOKE_DEMO`).
     #[arg(long, conflicts_with = "kernel")]
     smoke: bool,
     /// Accelerator: auto takes KVM when it can work here, else software emulation (TCG).
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     accel: Accel,
     /// Hard limit per guest, in minutes; the guest is killed past it.
-    #[arg(long, default_value_t = 45)]
+    #[arg(long, default_value_t = 60)]
     timeout_mins: u64,
-    /// `--test-threads` for the datapath test binary inside the guest.
+    /// `--test-threads` for the test binaries inside the guest.
     #[arg(long, default_value_t = 1)]
     test_threads: u32,
     /// Resolve and download the newest kernel package of each suite again (default: the
     /// cached one, offline).
     #[arg(long)]
     refresh: bool,
-    /// Extra arguments for the datapath test binary (a test name filter, `--skip NAME`).
+    /// Extra arguments for the test binaries (a test name filter, `--skip NAME`); with them,
+    /// the demo is left out.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }
@@ -100,6 +103,19 @@ impl Accel {
         }
     }
 }
+
+/// The test binaries (`tests/tests/<name>.rs`) a guest runs, in order. The datapath's
+/// test names are reported as they are; the others' with `<binary>::` in front.
+/// `kernel_relay` needs 6.9+: on the matrix's kernels it asserts the fallback (the agent
+/// reports the feature unavailable in `/kernel` and `/ready`, the proxy relays, bytes
+/// intact).
+const TEST_BINS: [&str; 2] = ["datapath", "kernel_relay"];
+
+/// Whether `--smoke` runs the demo's capture scenario too. Not: under emulation it takes
+/// 84 s on 6.1 (most of it the agent's load and verification), more than the smoke may
+/// grow (docs/kernels.md, "Timing"); the smoke's first test covers capture through the
+/// proxy already, and the full matrix runs the demo.
+const SMOKE_DEMO: bool = false;
 
 /// A kernel of the matrix and what it is expected to give today.
 struct Kernel {
@@ -177,13 +193,28 @@ struct Outcome {
     probe_ready: Option<bool>,
     programs: Vec<String>,
     links: usize,
-    /// `running N tests`
+    /// `running N tests`, summed over the binaries.
     total: Option<usize>,
+    /// Per test binary: `MESH-KERNELS-BIN` (name, rc, secs) and its `running N tests`.
+    bins: Vec<BinRun>,
+    /// The demo: its output (without the `demo| ` prefix), exit status and seconds.
+    demo_lines: Vec<String>,
+    demo_rc: Option<String>,
+    demo_secs: Option<u64>,
     passed: Vec<String>,
     failed: Vec<String>,
     ignored: usize,
     /// Failure -> the first line of its panic message.
     reasons: Vec<(String, String)>,
+}
+
+/// One test binary's run in a guest.
+#[derive(Default, Debug, PartialEq)]
+struct BinRun {
+    name: String,
+    total: Option<usize>,
+    rc: Option<String>,
+    secs: Option<u64>,
 }
 
 impl Outcome {
@@ -215,9 +246,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     fs::create_dir_all(&kdir)?;
     let started = Instant::now();
 
-    let test_bin = build_datapath_tests(root)?;
+    let test_bins = build_tests(root)?;
     let run_dir = RunDir::new(&kdir)?;
-    stage_binaries(root, &test_bin, &run_dir.0)?;
+    stage_binaries(root, &test_bins, &run_dir.0)?;
+    let plan = Plan::new(opts, &run_dir.0);
     let (accel, why) = choose_accel(opts.accel)?;
     eprintln!("kernels: {why}");
 
@@ -239,16 +271,16 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             }
         };
         let log = kdir.join(format!("{}.log", k.series));
-        let mut out = boot(root, k, &image, &run_dir.0, accel, opts, &log)?;
+        let mut out = boot(root, k, &image, accel, opts, &plan, &log)?;
         if accel == Accel::Kvm && opts.accel == Accel::Auto && out.boot_error.is_some() {
             eprintln!(
                 "kernels: [{}] the KVM guest failed ({}); again with software emulation (TCG)",
                 k.series,
                 out.boot_error.as_deref().unwrap_or("?")
             );
-            out = boot(root, k, &image, &run_dir.0, Accel::Tcg, opts, &log)?;
+            out = boot(root, k, &image, Accel::Tcg, opts, &plan, &log)?;
         }
-        let (verdict, ok) = judge(k, &out, !opts.args.is_empty() || opts.smoke);
+        let (verdict, ok) = judge(k, &out, &plan, !opts.args.is_empty() || opts.smoke);
         failed |= !ok;
         print_kernel(k, &image, &out, &verdict, &log);
         rows.push((k, image, out, verdict));
@@ -267,32 +299,65 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// `cargo test -p mesh-tests --test datapath --no-run`: the test binary's path.
-fn build_datapath_tests(root: &Path) -> Result<PathBuf> {
+/// What a guest runs: which test binaries, whether the demo, and the run folder holding
+/// the binaries.
+struct Plan {
+    bins: Vec<&'static str>,
+    demo: bool,
+    run_dir: PathBuf,
+}
+
+impl Plan {
+    fn new(opts: &Options, run_dir: &Path) -> Plan {
+        let run_dir = run_dir.to_owned();
+        if opts.smoke && opts.args.is_empty() {
+            // The smoke's tests are datapath tests (`--exact` names).
+            Plan {
+                bins: vec![TEST_BINS[0]],
+                demo: SMOKE_DEMO,
+                run_dir,
+            }
+        } else {
+            // A filter is someone chasing a test: every binary gets it, the demo is left out.
+            Plan {
+                bins: TEST_BINS.to_vec(),
+                demo: opts.args.is_empty(),
+                run_dir,
+            }
+        }
+    }
+}
+
+/// `cargo test -p mesh-tests --test <each of TEST_BINS> --no-run`: the binaries' paths.
+fn build_tests(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root).args([
-        "test",
-        "-p",
-        "mesh-tests",
-        "--test",
-        "datapath",
-        "--no-run",
-        "--message-format=json",
-    ]);
+    cmd.current_dir(root).args(["test", "-p", "mesh-tests"]);
+    for t in TEST_BINS {
+        cmd.args(["--test", t]);
+    }
+    cmd.args(["--no-run", "--message-format=json"]);
     eprintln!("+ {cmd:?}");
     let out = cmd
         .stderr(Stdio::inherit())
         .output()
         .context("spawning cargo")?;
     if !out.status.success() {
-        bail!("building the datapath tests failed ({})", out.status);
+        bail!("building the test binaries failed ({})", out.status);
     }
-    String::from_utf8_lossy(&out.stdout)
+    let msgs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "datapath")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo named no executable for the datapath test")
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    TEST_BINS
+        .iter()
+        .map(|&t| {
+            msgs.iter()
+                .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == t)
+                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .map(|p| (t, p))
+                .with_context(|| format!("cargo named no executable for the {t} test"))
+        })
+        .collect()
 }
 
 /// The per-invocation folder the guests read: the binaries under test and the guest
@@ -316,13 +381,18 @@ impl Drop for RunDir {
 
 /// Copies of the binaries (podtool is found next to the test binary's parent folder, as
 /// cargo lays them out; the agent through MESH_AGENT_BIN).
-fn stage_binaries(root: &Path, test_bin: &Path, run: &Path) -> Result<()> {
+fn stage_binaries(root: &Path, test_bins: &[(&str, PathBuf)], run: &Path) -> Result<()> {
     let debug = root.join("target/debug");
+    let tests = test_bins
+        .iter()
+        .map(|(name, path)| (path.clone(), run.join("deps").join(name)));
     for (from, to) in [
         (debug.join("mesh-agent"), run.join("mesh-agent")),
         (debug.join("podtool"), run.join("podtool")),
-        (test_bin.to_owned(), run.join("deps/datapath")),
-    ] {
+    ]
+    .into_iter()
+    .chain(tests)
+    {
         fs::copy(&from, &to).with_context(|| {
             format!(
                 "copying {} (build it first: `cargo xtask build`)",
@@ -672,11 +742,12 @@ fn boot(
     root: &Path,
     k: &Kernel,
     image: &Image,
-    run_dir: &Path,
     accel: Accel,
     opts: &Options,
+    plan: &Plan,
     log_path: &Path,
 ) -> Result<Outcome> {
+    let run_dir = &plan.run_dir;
     let timeout = Duration::from_secs(opts.timeout_mins * 60);
     // The guest's own limit on the tests, so it reports and powers off before the kill.
     let guest_timeout = timeout
@@ -688,15 +759,19 @@ fn boot(
     fs::write(
         krun.join("env"),
         format!(
-            "MESH_RELEASE={}\nMESH_MODULES={}\nMESH_TEST_BIN={}\nMESH_TEST_CWD={}\n\
-             MESH_TEST_THREADS={}\nMESH_GUEST_TIMEOUT={}\nexport MESH_AGENT_BIN={}\n",
+            "MESH_RELEASE={}\nMESH_MODULES={}\nMESH_TEST_BINS={}\nMESH_TEST_NAMES={}\n\
+             MESH_TEST_CWD={}\nMESH_TEST_THREADS={}\nMESH_GUEST_TIMEOUT={}\nMESH_DEMO={}\n\
+             export MESH_AGENT_BIN={}\nexport PODTOOL={}\n",
             shell_quote(&image.release),
             q(&image.modules),
-            q(&run_dir.join("deps/datapath")),
+            q(&run_dir.join("deps")),
+            shell_quote(&plan.bins.join(" ")),
             q(&root.join("tests")),
             opts.test_threads,
             guest_timeout.as_secs(),
+            u8::from(plan.demo),
             q(&run_dir.join("mesh-agent")),
+            q(&run_dir.join("podtool")),
         ),
     )?;
     let smoke: Vec<String> = if opts.smoke && opts.args.is_empty() {
@@ -858,9 +933,11 @@ fn shell_quote(s: &str) -> String {
 
 /// Console lines worth showing while the guest runs.
 fn is_progress(line: &str) -> bool {
-    line.starts_with(TAG)
-        && !line.starts_with("MESH-KERNELS-PROGRAMS")
-        && !line.starts_with("MESH-KERNELS-LINKS")
+    line.strip_prefix("demo| ")
+        .is_some_and(|d| d.starts_with("== ") || d.contains(" intact (") || d.contains("FAILED"))
+        || line.starts_with(TAG)
+            && !line.starts_with("MESH-KERNELS-PROGRAMS")
+            && !line.starts_with("MESH-KERNELS-LINKS")
         || line.starts_with("running ")
         || line.starts_with("test result:")
         || test_line(line).is_some()
@@ -885,17 +962,79 @@ fn test_line(line: &str) -> Option<(&str, &str)> {
     Some((name.trim(), status))
 }
 
+/// A test's name in the report: the datapath's as it is, another binary's with
+/// `<binary>::` in front.
+fn qualify(bin: &str, test: &str) -> String {
+    if bin == TEST_BINS[0] {
+        test.to_owned()
+    } else {
+        format!("{bin}::{test}")
+    }
+}
+
+/// `key=value` words.
+fn key_values(rest: &str) -> Vec<(String, String)> {
+    rest.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 fn parse(lines: &[String], out: &mut Outcome) {
     let mut in_failures_list = false;
     let mut current_stdout: Option<String> = None;
     let mut want_message = false;
+    // Logs before several binaries ran have no `MESH-KERNELS-TESTS name=` line.
+    let mut bin = TEST_BINS[0].to_owned();
+    // A test binary stopped by `timeout` leaves its last line unfinished, and the guest's
+    // next report follows on it: `test NAME ... MESH-KERNELS-BIN ...`.
+    let lines = lines.iter().flat_map(|l| match l.find(TAG) {
+        Some(i) if i > 0 => vec![&l[..i], &l[i..]],
+        _ => vec![l.as_str()],
+    });
     for line in lines {
-        if let Some(rest) = line.strip_prefix("MESH-KERNELS-RESULT ") {
-            out.result = rest
+        if let Some(d) = line.strip_prefix("demo| ") {
+            out.demo_lines.push(d.to_owned());
+        } else if let Some(rest) = line.strip_prefix("MESH-KERNELS-DEMO ") {
+            for (k, v) in key_values(rest) {
+                match k.as_str() {
+                    "rc" => out.demo_rc = Some(v),
+                    "secs" => out.demo_secs = v.parse().ok(),
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("MESH-KERNELS-TESTS ") {
+            if let Some(name) = rest
                 .split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
+                .next()
+                .and_then(|w| w.strip_prefix("name="))
+            {
+                bin = name.to_owned();
+                out.bins.push(BinRun {
+                    name: bin.clone(),
+                    ..BinRun::default()
+                });
+            }
+            in_failures_list = false;
+            current_stdout = None;
+        } else if let Some(rest) = line.strip_prefix("MESH-KERNELS-BIN ") {
+            let kv = key_values(rest);
+            let get = |key: &str| kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            let name = get("name").unwrap_or_default();
+            if !out.bins.iter().any(|b| b.name == name) {
+                out.bins.push(BinRun {
+                    name: name.clone(),
+                    ..BinRun::default()
+                });
+            }
+            if let Some(b) = out.bins.iter_mut().find(|b| b.name == name) {
+                b.rc = get("rc");
+                b.secs = get("secs").and_then(|s| s.parse().ok());
+            }
+            in_failures_list = false;
+            current_stdout = None;
+        } else if let Some(rest) = line.strip_prefix("MESH-KERNELS-RESULT ") {
+            out.result = key_values(rest);
         } else if let Some(rest) = line.strip_prefix("MESH-KERNELS-PROBE ") {
             out.probe_ready = Some(rest.contains("ready=1"));
         } else if let Some(rest) = line.strip_prefix("MESH-KERNELS-PROGRAMS ") {
@@ -912,20 +1051,24 @@ fn parse(lines: &[String], out: &mut Outcome) {
         } else if let Some(n) = line
             .strip_prefix("running ")
             .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
+            .and_then(|n| n.parse::<usize>().ok())
         {
-            out.total = Some(n);
+            out.total = Some(out.total.unwrap_or(0) + n);
+            if let Some(b) = out.bins.iter_mut().find(|b| b.name == bin) {
+                b.total = Some(n);
+            }
         } else if let Some((name, status)) = test_line(line) {
+            let name = qualify(&bin, name);
             match status {
-                "ok" => push_unique(&mut out.passed, name),
-                "FAILED" => push_unique(&mut out.failed, name),
+                "ok" => push_unique(&mut out.passed, &name),
+                "FAILED" => push_unique(&mut out.failed, &name),
                 _ => out.ignored += 1,
             }
         } else if let Some(name) = line
             .strip_prefix("---- ")
             .and_then(|r| r.strip_suffix(" stdout ----"))
         {
-            current_stdout = Some(name.to_owned());
+            current_stdout = Some(qualify(&bin, name));
             want_message = false;
         } else if line == "failures:" {
             // libtest prints "failures:" twice: before the outputs, then before the list.
@@ -933,7 +1076,9 @@ fn parse(lines: &[String], out: &mut Outcome) {
             current_stdout = None;
         } else if in_failures_list {
             match line.strip_prefix("    ") {
-                Some(name) if !name.trim().is_empty() => push_unique(&mut out.failed, name.trim()),
+                Some(name) if !name.trim().is_empty() => {
+                    push_unique(&mut out.failed, &qualify(&bin, name.trim()))
+                }
                 _ => in_failures_list = false,
             }
         } else if let Some(test) = &current_stdout {
@@ -965,8 +1110,119 @@ fn push_unique(v: &mut Vec<String>, s: &str) {
     }
 }
 
+/// Which test binary a reported test name belongs to (see `qualify`).
+fn bin_of(test: &str) -> &'static str {
+    TEST_BINS[1..]
+        .iter()
+        .find(|b| test.strip_prefix(**b).is_some_and(|r| r.starts_with("::")))
+        .copied()
+        .unwrap_or(TEST_BINS[0])
+}
+
+/// The demo's flows (xtask/demo.sh): the enrolled pod `shop/web` to the proxied service,
+/// 4 MiB each way; the opted-out `shop/cron` and the not-enrolled `legacy/batch` must not
+/// be captured.
+const DEMO_CAPTURED: (&str, &str) = ("shop/web", "10.202.0.4:8080");
+const DEMO_BYTES: u64 = 4 << 20;
+const DEMO_NOT_CAPTURED: [&str; 2] = ["shop/cron", "legacy/batch"];
+
+/// The demo's capture scenario, checked from its output: it exited 0; every flow's bytes
+/// came back intact; the node proxy saw the enrolled pod's connection (captured by the
+/// eBPF programs, no firewall rule) with every byte each way; the opted-out and
+/// not-enrolled pods' connections did not reach it; the guest has no iptables rule and no
+/// nftables table. The summary, or what failed.
+fn check_demo(out: &Outcome) -> std::result::Result<String, String> {
+    let secs = out
+        .demo_secs
+        .map(|s| format!(", {s} s"))
+        .unwrap_or_default();
+    match out.demo_rc.as_deref() {
+        None => return Err("the demo did not report (console log)".into()),
+        Some("0") => {}
+        Some(rc) => {
+            // The first error the demo or the agent printed says most; else its last lines.
+            let why = out
+                .demo_lines
+                .iter()
+                .find(|l| l.contains("error:") || l.contains("FAILED"))
+                .map(|l| l.trim().chars().take(200).collect::<String>())
+                .unwrap_or_else(|| {
+                    let tail: Vec<&str> = out
+                        .demo_lines
+                        .iter()
+                        .rev()
+                        .take(3)
+                        .rev()
+                        .map(|l| l.trim())
+                        .collect();
+                    tail.join(" | ")
+                });
+            return Err(format!("the demo exited {rc}{secs}: {why}"));
+        }
+    }
+    // The output's sections, by their `== ` headers.
+    let mut section = "";
+    let (mut flows, mut intact) = (0, 0);
+    let mut captured: Option<(u64, u64, u64, String)> = None;
+    let mut firewall = None;
+    for line in &out.demo_lines {
+        if let Some(h) = line.strip_prefix("== ") {
+            section = h;
+            if h.starts_with("firewall:") {
+                firewall = Some(h);
+            }
+            continue;
+        }
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if section == "traffic" && w.get(1) == Some(&"->") {
+            flows += 1;
+            intact += usize::from(line.contains(" intact ("));
+        } else if section.starts_with("what the node proxy saw") && w.get(1) == Some(&"->") {
+            // SOURCE -> DEST skmsg=... CONNS RECEIVED SENT
+            if DEMO_NOT_CAPTURED.contains(&w[0]) {
+                return Err(format!(
+                    "a pod the mesh must leave alone reached the proxy: {}",
+                    line.trim()
+                ));
+            }
+            if (w[0], w.get(2).copied().unwrap_or("")) == DEMO_CAPTURED {
+                let n = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let c = captured.get_or_insert((0, 0, 0, String::new()));
+                c.0 += n(4);
+                c.1 += n(5);
+                c.2 += n(6);
+                c.3 = w.get(3).copied().unwrap_or("").to_owned();
+            }
+        }
+    }
+    if flows == 0 || intact != flows {
+        return Err(format!("{intact} of {flows} flows intact"));
+    }
+    let Some((conns, rx, tx, skmsg)) = captured else {
+        return Err(format!(
+            "the node proxy did not see {} -> {}: not captured",
+            DEMO_CAPTURED.0, DEMO_CAPTURED.1
+        ));
+    };
+    if conns == 0 || rx != DEMO_BYTES || tx != DEMO_BYTES {
+        return Err(format!(
+            "the proxy counted {} -> {}: {conns} connections, {rx} B received, {tx} B sent (want {DEMO_BYTES} each way)",
+            DEMO_CAPTURED.0, DEMO_CAPTURED.1
+        ));
+    }
+    match firewall {
+        Some(f) if f.starts_with("firewall: 0 iptables rules, 0 nftables tables") => {}
+        Some(f) => return Err(f.to_owned()),
+        None => return Err("the demo printed no firewall line".into()),
+    }
+    Ok(format!(
+        "{intact}/{flows} flows intact; the proxy saw {} -> {} ({conns} conn, {rx} B each way, {skmsg}); opted-out and not-enrolled pods not captured; 0 firewall rules{secs}",
+        DEMO_CAPTURED.0, DEMO_CAPTURED.1
+    ))
+}
+
 /// The verdict line and whether it is acceptable (the exit code).
-fn judge(k: &Kernel, out: &Outcome, filtered: bool) -> (String, bool) {
+fn judge(k: &Kernel, out: &Outcome, plan: &Plan, filtered: bool) -> (String, bool) {
     if let Some(e) = &out.boot_error {
         return (format!("FAILED: {e}"), false);
     }
@@ -986,6 +1242,31 @@ fn judge(k: &Kernel, out: &Outcome, filtered: bool) -> (String, bool) {
     if !loaded {
         return (
             "FAILED: the agent did not load and attach its programs".into(),
+            false,
+        );
+    }
+    if plan.demo {
+        if let Err(e) = check_demo(out) {
+            return (format!("FAILED: demo: {e}"), false);
+        }
+    }
+    if let Some(b) = plan
+        .bins
+        .iter()
+        .find(|b| !out.bins.iter().any(|r| r.name == **b && r.rc.is_some()))
+    {
+        return (
+            format!("FAILED: the {b} test binary did not report (console log)"),
+            false,
+        );
+    }
+    if let Some(b) = out.bins.iter().find(|b| b.rc.as_deref() == Some("124")) {
+        return (
+            format!(
+                "FAILED: the {} tests hit the guest's time limit (--timeout-mins), {} failed before",
+                b.name,
+                out.failed.len()
+            ),
             false,
         );
     }
@@ -1059,6 +1340,11 @@ fn print_kernel(k: &Kernel, image: &Image, out: &Outcome, verdict: &str, log: &P
         out.programs.join(" "),
         out.links
     );
+    match (out.demo_rc.is_some(), check_demo(out)) {
+        (false, _) => println!("   demo: not run"),
+        (true, Ok(summary)) => println!("   demo: ok: {summary}"),
+        (true, Err(e)) => println!("   demo: FAILED: {e}"),
+    }
     println!(
         "   tests: {} passed, {} failed, {} ignored, of {}{}",
         out.passed.len(),
@@ -1071,6 +1357,21 @@ fn print_kernel(k: &Kernel, image: &Image, out: &Outcome, verdict: &str, log: &P
             .map(|s| format!(" in {s} s"))
             .unwrap_or_default()
     );
+    for b in &out.bins {
+        let of = |v: &[String]| v.iter().filter(|t| bin_of(t) == b.name).count();
+        println!(
+            "     {}: {} / {} passed{}{}",
+            b.name,
+            of(&out.passed),
+            b.total.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+            b.secs.map(|s| format!(" in {s} s")).unwrap_or_default(),
+            match b.rc.as_deref() {
+                Some("0") => String::new(),
+                Some(rc) => format!(" (exit {rc})"),
+                None => " (no report)".into(),
+            }
+        );
+    }
     for f in &out.failed {
         let why = out
             .reasons
@@ -1087,10 +1388,21 @@ fn print_kernel(k: &Kernel, image: &Image, out: &Outcome, verdict: &str, log: &P
     println!("   console: {}", log.display());
 }
 
+/// The demo's result in a word: ok, FAILED or skipped.
+fn demo_word(out: &Outcome) -> &'static str {
+    match (out.demo_rc.is_some(), check_demo(out)) {
+        (false, _) => "skipped",
+        (true, Ok(_)) => "ok",
+        (true, Err(_)) => "FAILED",
+    }
+}
+
 fn print_table(rows: &[(&Kernel, Image, Outcome, String)]) {
     println!();
-    println!("| kernel | release | accel | load/attach | tests passed | failed | wall |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| kernel | release | accel | load/attach | demo capture | tests passed | failed | wall |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (k, image, out, _) in rows {
         let load = match out.probe_ready {
             Some(true) if !out.programs.is_empty() => {
@@ -1101,12 +1413,13 @@ fn print_table(rows: &[(&Kernel, Image, Outcome, String)]) {
         };
         let total = out.total.unwrap_or(out.passed.len() + out.failed.len());
         println!(
-            "| {} ({}) | {} | {} | {} | {} / {} | {} | {} |",
+            "| {} ({}) | {} | {} | {} | {} | {} / {} | {} | {} |",
             k.series,
             k.suite,
             image.release,
             out.accel,
             load,
+            demo_word(out),
             out.passed.len(),
             total,
             if out.failed.is_empty() {
@@ -1120,13 +1433,15 @@ fn print_table(rows: &[(&Kernel, Image, Outcome, String)]) {
     // One machine-readable line per kernel.
     for (k, image, out, verdict) in rows {
         println!(
-            "kernels: series={} release={} accel={} loaded={} programs={} links={} passed={} failed={} total={} wall_s={} failures={} verdict={:?}",
+            "kernels: series={} release={} accel={} loaded={} programs={} links={} demo={} demo_s={} passed={} failed={} total={} wall_s={} failures={} verdict={:?}",
             k.series,
             image.release,
             out.accel,
             out.probe_ready == Some(true) && !out.programs.is_empty(),
             out.programs.len(),
             out.links,
+            demo_word(out),
+            out.demo_secs.unwrap_or(0),
             out.passed.len(),
             out.failed.len(),
             out.total.unwrap_or(0),
@@ -1147,6 +1462,7 @@ mod tests {
 MESH-KERNELS-PROGRAMS [  {    \"id\": 5,    \"name\": \"mesh_connect4\"  },  {    \"name\": \"mesh_sockops\"  }]
 MESH-KERNELS-LINKS [  {    \"id\": 1  }]
 MESH-KERNELS-PROBE ready=1 agent_exit=0
+MESH-KERNELS-TESTS name=datapath /k/deps/datapath --test-threads=1
 running 3 tests
 test a_fast_one ... ok
 test a_slow_one ... FAILED
@@ -1165,6 +1481,7 @@ failures:
     a_slow_one
 
 test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out
+test a_cut_one ... MESH-KERNELS-BIN name=datapath rc=101 secs=40
 MESH-KERNELS-RESULT stage=tests rc=101 release=6.1.0-57-amd64 secs=42";
         let lines: Vec<String> = log.lines().map(str::to_owned).collect();
         let mut out = Outcome::default();
@@ -1184,11 +1501,128 @@ MESH-KERNELS-RESULT stage=tests rc=101 release=6.1.0-57-amd64 secs=42";
             )]
         );
         assert_eq!(out.result("rc"), Some("101"));
+        assert_eq!(out.bins[0].rc.as_deref(), Some("101"));
+        assert_eq!(out.bins[0].secs, Some(40));
 
         let k = &KERNELS[0];
-        let (verdict, ok) = judge(k, &out, false);
+        let plan = Plan {
+            bins: vec!["datapath"],
+            demo: false,
+            run_dir: PathBuf::new(),
+        };
+        let (verdict, ok) = judge(k, &out, &plan, false);
         assert!(!ok, "{verdict}");
         assert!(verdict.contains("a_slow_one"), "{verdict}");
+    }
+
+    /// The demo as xtask/demo.sh prints it (a 6.1 guest: no pairing below 6.9).
+    const DEMO_OK: &str = "\
+demo| == simulated node: bridge mdemobr 10.202.0.1/24, cgroup /sys/fs/cgroup/mesh-demo, 5 pods
+demo| ready
+demo| == traffic
+demo|   web            -> 10.202.0.4:8080  (enrolled -> proxied: node proxy + sk_msg)   intact (4194304 B each way)
+demo|   web            -> 10.202.0.5:6379  (enrolled -> direct: socket to socket)       intact (4194304 B each way)
+demo|   cron           -> 10.202.0.4:8080  (opted-out pod: not captured)                intact (1048576 B each way)
+demo|
+demo| == what the node proxy saw (GET /metrics, mesh_tcp_*)
+demo|   FLOW                                            CONNS     RECEIVED         SENT
+demo|   shop/web -> 10.202.0.4:8080 skmsg=false             1      4194304      4194304
+demo|
+demo| == firewall: 0 iptables rules, 0 nftables tables on this machine (the datapath adds none)
+demo| demo: cleaned up (namespaces, bridge, cgroups, pins)
+MESH-KERNELS-DEMO rc=0 secs=37";
+
+    fn demo_outcome(log: &str) -> Outcome {
+        let lines: Vec<String> = log.lines().map(str::to_owned).collect();
+        let mut out = Outcome::default();
+        parse(&lines, &mut out);
+        out
+    }
+
+    #[test]
+    fn the_demo_passes_only_when_captured_intact_and_without_firewall_rules() {
+        let out = demo_outcome(DEMO_OK);
+        assert_eq!(out.demo_secs, Some(37));
+        let ok = check_demo(&out).unwrap();
+        assert!(ok.starts_with("3/3 flows intact"), "{ok}");
+        assert!(ok.contains("skmsg=false"), "{ok}");
+
+        // Each way the scenario can fail is caught.
+        for (from, to, why) in [
+            ("intact (4194304 B each way)\ndemo|   web            -> 10.202.0.5", "FAILED: {}\ndemo|   web            -> 10.202.0.5", "flows intact"),
+            ("  shop/web -> 10.202.0.4:8080 skmsg=false             1      4194304      4194304", "", "not captured"),
+            ("4194304      4194304", "4194304      4000000", "want 4194304"),
+            ("demo|\ndemo| == firewall", "demo|   shop/cron -> 10.202.0.4:8080 skmsg=false 1 1048576 1048576\ndemo| == firewall", "leave alone"),
+            ("0 iptables rules", "3 iptables rules", "3 iptables"),
+            ("rc=0", "rc=1", "exited 1"),
+        ] {
+            let log = DEMO_OK.replacen(from, to, 1);
+            assert_ne!(log, DEMO_OK, "{from}");
+            let e = check_demo(&demo_outcome(&log)).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        assert!(check_demo(&Outcome::default()).is_err());
+    }
+
+    #[test]
+    fn several_binaries_are_told_apart_and_each_must_report() {
+        let log = format!(
+            "MESH-KERNELS-PROGRAMS [{{\"name\": \"mesh_connect4\"}}]
+MESH-KERNELS-PROBE ready=1 agent_exit=0
+{DEMO_OK}
+MESH-KERNELS-TESTS name=datapath /k/deps/datapath --test-threads=1
+running 1 test
+test same_name ... ok
+MESH-KERNELS-BIN name=datapath rc=0 secs=10
+MESH-KERNELS-TESTS name=kernel_relay /k/deps/kernel_relay --test-threads=1
+running 2 tests
+test same_name ... ok
+test half_close ... FAILED
+
+failures:
+
+---- half_close stdout ----
+thread 'half_close' panicked at tests/tests/kernel_relay.rs:1:1:
+no eof
+
+failures:
+    half_close
+
+MESH-KERNELS-BIN name=kernel_relay rc=101 secs=20
+MESH-KERNELS-RESULT stage=tests rc=101 release=6.1.0-57-amd64 secs=31"
+        );
+        let out = demo_outcome(&log);
+        assert_eq!(out.total, Some(3));
+        assert_eq!(out.passed, ["same_name", "kernel_relay::same_name"]);
+        assert_eq!(out.failed, ["kernel_relay::half_close"]);
+        assert_eq!(out.reasons[0].1, "no eof");
+        assert_eq!(bin_of("kernel_relay::half_close"), "kernel_relay");
+        assert_eq!(bin_of("log::decisions"), "datapath");
+        assert_eq!(out.bins.len(), 2);
+        assert_eq!(out.bins[1].secs, Some(20));
+        let plan = Plan {
+            bins: TEST_BINS.to_vec(),
+            demo: true,
+            run_dir: PathBuf::new(),
+        };
+        let (verdict, ok) = judge(&KERNELS[0], &out, &plan, false);
+        assert!(
+            !ok && verdict.contains("kernel_relay::half_close"),
+            "{verdict}"
+        );
+
+        // A binary that never reported fails the kernel even when nothing else did.
+        let cut = log
+            .split("MESH-KERNELS-TESTS name=kernel_relay")
+            .next()
+            .unwrap()
+            .to_owned()
+            + "MESH-KERNELS-RESULT stage=tests rc=0 release=6.1.0-57-amd64 secs=31";
+        let (verdict, ok) = judge(&KERNELS[0], &demo_outcome(&cut), &plan, false);
+        assert!(
+            !ok && verdict.contains("kernel_relay test binary did not report"),
+            "{verdict}"
+        );
     }
 
     #[test]
