@@ -128,6 +128,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         pin_path: &cfg.pin_path,
         cgroup: &cgroup,
         redirect,
+        redirect6: cfg.proxy_redirect6,
         skmsg: cfg.skmsg,
         queue_floor: cfg.skmsg_queue_floor,
         heartbeat_timeout: cfg.proxy_heartbeat_timeout,
@@ -279,23 +280,32 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         .thread_name("mesh-proxy")
         .enable_all()
         .build()?;
-    let (takeover, inherited) = match takeover {
+    let (takeover, inherited, inherited6) = match takeover {
         Some(t) => {
-            let (t, fd) = t.split();
-            (Some(t), Some(fd))
+            let (t, fd, fd6) = t.split();
+            (Some(t), Some(fd), fd6)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
-    let outbound = Arc::new(proxy_rt.block_on(Outbound::bind(
+    let mut outbound = proxy_rt.block_on(Outbound::bind(
         cfg.proxy_address.into(),
         inherited,
         maps.clone(),
         metrics.clone(),
         registry.clone(),
         xds.clone(),
-    ))?);
+    ))?;
+    // Native IPv6: the datapath sends IPv6 pods' connections to `--proxy-redirect6`.
+    if let Some(addr6) = cfg.proxy_redirect6 {
+        let _rt = proxy_rt.enter();
+        outbound.listen6(addr6, inherited6)?;
+    }
+    let outbound = Arc::new(outbound);
     if cfg.skmsg_upstream || cfg.kernel_relay {
         outbound.pair_upstream_from(*redirect.ip());
+        if let Some(addr6) = cfg.proxy_redirect6 {
+            outbound.pair_upstream6_from(*addr6.ip());
+        }
     }
     let access_log = {
         use crate::{config::AccessLogTarget as T, proxy::accesslog::Sink};
@@ -336,9 +346,13 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let l7 = outbound.l7();
     // The next agent may ask for the node while this one runs (`handover`).
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::unbounded_channel();
-    let _handover =
-        crate::lifecycle::handover::serve(&cfg.pin_path, outbound.listener_fd(), handover_tx)
-            .context("opening the hand-over socket")?;
+    let _handover = crate::lifecycle::handover::serve(
+        &cfg.pin_path,
+        outbound.listener_fd(),
+        outbound.listener6_fd(),
+        handover_tx,
+    )
+    .context("opening the hand-over socket")?;
     let inbound_drain = drain_watch.clone();
     let hbone_drain = drain_watch.clone();
     // Zero trust: HBONE to other nodes' workloads, policy for same-node destinations, and

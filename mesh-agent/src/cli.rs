@@ -5,10 +5,7 @@
 //! ports in host order, flags by name.
 
 use crate::datapath::flags_text;
-use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -276,8 +273,14 @@ pub enum CliError {
     Ca(#[from] crate::control::ca::CaError),
 }
 
-fn ip(v: u32) -> String {
-    Ipv4Addr::from(v.to_ne_bytes()).to_string()
+/// An address as the maps hold it (16 bytes, IPv4 v4-mapped), shown as IPv4 or IPv6.
+fn ip(v: mesh_common::maps::Ip) -> String {
+    mesh_common::maps::ip_addr(v).to_string()
+}
+
+/// `ip:port`, IPv6 in brackets.
+fn ip_port(v: mesh_common::maps::Ip, port: u32) -> String {
+    std::net::SocketAddr::new(mesh_common::maps::ip_addr(v), port as u16).to_string()
 }
 
 fn open(pin: &Path, name: &str) -> Result<Map, CliError> {
@@ -316,27 +319,27 @@ pub fn stats(pin: &Path) -> Result<Vec<(Stat, u64)>, CliError> {
 
 /// Decoded rows of a map: column names, and one JSON object per entry.
 pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
-    let key4 = |k: &SockKey| json!({"local": format!("{}:{}", ip(k.local_ip4), k.local_port), "remote": format!("{}:{}", ip(k.remote_ip4), k.remote_port)});
+    let key = |k: &SockKey| json!({"local": k.local().to_string(), "remote": k.remote().to_string(), "key_netns": k.netns});
     Ok(match map {
         map_names::WORKLOADS => (
-            vec!["netns_cookie", "ip", "id", "flags"],
+            vec!["netns_cookie", "ip", "ip6", "id", "flags"],
             hash::<u64, WorkloadInfo>(pin, map)?
                 .into_iter()
-                .map(|(k, v)| json!({"netns_cookie": k, "ip": ip(v.ip4), "id": v.id, "flags": flags_text(v.flags, &wl_flags::NAMES)}))
+                .map(|(k, v)| json!({"netns_cookie": k, "ip": ip(v.ip4), "ip6": if v.ip6 == [0; 4] { "-".into() } else { ip(v.ip6) }, "id": v.id, "flags": flags_text(v.flags, &wl_flags::NAMES)}))
                 .collect(),
         ),
         map_names::DESTS => (
-            vec!["ip", "id", "flags"],
-            hash::<u32, DestInfo>(pin, map)?
+            vec!["ip", "id", "flags", "netns_cookie"],
+            hash::<mesh_common::maps::Ip, DestInfo>(pin, map)?
                 .into_iter()
-                .map(|(k, v)| json!({"ip": ip(k), "id": v.id, "flags": flags_text(v.flags, &wl_flags::NAMES)}))
+                .map(|(k, v)| json!({"ip": ip(k), "id": v.id, "flags": flags_text(v.flags, &wl_flags::NAMES), "netns_cookie": v.netns}))
                 .collect(),
         ),
         map_names::CONFIG => (
-            vec!["proxy", "flags", "log_level"],
+            vec!["proxy", "proxy6", "proxy_netns", "flags", "log_level"],
             array::<MeshConfig>(pin, map)?
                 .into_iter()
-                .map(|c| json!({"proxy": format!("{}:{}", ip(c.proxy_ip4), c.proxy_port), "flags": flags_text(c.flags, &cfg_flags::NAMES), "log_level": mesh_common::log_level::NAMES.iter().find(|(l, _)| *l == c.log_level).map_or("?", |(_, n)| *n)}))
+                .map(|c| json!({"proxy": ip_port(c.proxy_ip, c.proxy_port), "proxy6": if c.proxy_port6 == 0 { "-".into() } else { ip_port(c.proxy_ip6, c.proxy_port6) }, "proxy_netns": c.proxy_netns, "flags": flags_text(c.flags, &cfg_flags::NAMES), "log_level": mesh_common::log_level::NAMES.iter().find(|(l, _)| *l == c.log_level).map_or("?", |(_, n)| *n)}))
                 .collect(),
         ),
         map_names::EXCLUDES => (
@@ -344,19 +347,24 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
             array::<ExcludeCidr>(pin, map)?
                 .into_iter()
                 .filter(|e| e.enabled != 0)
-                .map(|e| json!({"cidr": format!("{}/{}", ip(e.ip4), e.prefix_len), "port": e.port}))
+                .map(|e| {
+                    // An IPv4 rule is held v4-mapped, its length plus 96.
+                    let v4 = mesh_common::v4_mapped(e.ip).is_some() && e.prefix_len >= 96;
+                    let len = if v4 { e.prefix_len - 96 } else { e.prefix_len };
+                    json!({"cidr": format!("{}/{len}", ip(e.ip)), "port": e.port})
+                })
                 .collect(),
         ),
         // Socket storage cannot be listed (the kernel has no "next key" for it): its
         // entries are read one socket at a time, by a socket fd.
         map_names::SOCK_STATE => return Err(CliError::Unlistable(map.into())),
         map_names::FLOWS => (
-            vec!["local", "remote", "original_dst", "flags", "src_id", "dst_id", "netns_cookie"],
+            vec!["key_netns", "local", "remote", "original_dst", "flags", "src_id", "dst_id", "netns_cookie"],
             hash::<SockKey, FlowInfo>(pin, map)?
                 .into_iter()
                 .map(|(k, v)| {
-                    let mut o = key4(&k);
-                    o["original_dst"] = json!(format!("{}:{}", ip(v.orig_ip4), v.orig_port));
+                    let mut o = key(&k);
+                    o["original_dst"] = json!(v.orig_dst().to_string());
                     o["flags"] = json!(flags_text(v.flags, &flow_flags::NAMES));
                     o["src_id"] = json!(v.src_id);
                     o["dst_id"] = json!(v.dst_id);
@@ -368,7 +376,7 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
         map_names::SOCKHASH => {
             let m: aya::maps::SockHash<MapData, SockKey> = aya::maps::SockHash::try_from(open(pin, map)?)
                 .map_err(|e| CliError::Map(map.into(), e))?;
-            (vec!["local", "remote"], m.keys().filter_map(Result::ok).map(|k| key4(&k)).collect())
+            (vec!["key_netns", "local", "remote"], m.keys().filter_map(Result::ok).map(|k| key(&k)).collect())
         }
         map_names::PROXY_HEALTH => (
             vec!["heartbeat_age_ms", "stale_after_ms"],
@@ -382,7 +390,7 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
         ),
         map_names::NODE_ADDRS => (
             vec!["ip", "ifindex"],
-            hash::<u32, u32>(pin, map)?
+            hash::<mesh_common::maps::Ip, u32>(pin, map)?
                 .into_iter()
                 .map(|(k, v)| json!({"ip": ip(k), "ifindex": v}))
                 .collect(),

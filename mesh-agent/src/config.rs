@@ -562,6 +562,29 @@ impl RunConfig {
             }
             None => args.proxy_address,
         };
+        if let Some(a) = args.proxy_redirect6 {
+            // The datapath rewrites IPv6 connects to exactly this address, and the proxy
+            // listens on it: it must be one address of this node pods reach.
+            let ip = *a.ip();
+            let why = if ip.is_unspecified() {
+                Some("is unspecified: pods must be sent to an address of this node they can reach")
+            } else if ip.is_loopback() {
+                Some("is loopback: a pod's ::1 is its own")
+            } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
+                Some("is link-local: it names no one address across the pods' links")
+            } else if ip.is_multicast() {
+                Some("is multicast")
+            } else if ip.to_ipv4_mapped().is_some() {
+                Some("is IPv4-mapped: IPv4 goes to --proxy-redirect")
+            } else if a.port() == 0 {
+                Some("has port 0")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                problems.push(ConfigError::Invalid(format!("--proxy-redirect6 {a} {why}")));
+            }
+        }
         let node_name = args.node_name.clone().filter(|n| !n.is_empty());
         if let Some(a) = &args.ca_address {
             match a.split_once("://").map(|(s, _)| s) {
@@ -859,6 +882,38 @@ mod tests {
         assert_eq!(c.xds_socket, Path::new("/tmp/x.sock"));
         assert!(!c.embedded_control_plane());
         assert!(!c.node_name.is_empty(), "the host name by default");
+    }
+
+    #[test]
+    fn the_ipv6_redirect_is_off_by_default_and_must_be_a_node_address() {
+        let f = TempFile::new("redirect6.yaml", "");
+        let c = |extra: &[&str]| {
+            let mut args = vec!["--config", f.path(), "--proxy-address", "10.1.0.1:15001"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|c| c.proxy_redirect6)
+        };
+        assert_eq!(c(&[]).unwrap(), None);
+        assert_eq!(
+            c(&["--proxy-redirect6", "[fd00:201::1]:15001"]).unwrap(),
+            Some("[fd00:201::1]:15001".parse().unwrap())
+        );
+        for (bad, why) in [
+            ("[::]:15001", "unspecified"),
+            ("[::1]:15001", "loopback"),
+            ("[fe80::1]:15001", "link-local"),
+            ("[::ffff:10.1.0.1]:15001", "IPv4-mapped"),
+            ("[fd00:201::1]:0", "port 0"),
+        ] {
+            let e = c(&["--proxy-redirect6", bad]).unwrap_err().to_string();
+            assert!(
+                e.contains("--proxy-redirect6") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        assert!(
+            c(&["--proxy-redirect6", "fd00:201::1"]).is_err(),
+            "a port is required"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod writer;
 use std::{
     fs::File,
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -33,8 +33,8 @@ use aya::{
 use mesh_common::{
     cfg_flags, map_names,
     maps::{
-        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, ProxyHealth, SockKey, SockState,
-        WorkloadInfo,
+        ip_addr, ip_from, DestInfo, ExcludeCidr, FlowInfo, InboundInfo, Ip, MeshConfig,
+        ProxyHealth, SockKey, SockState, WorkloadInfo,
     },
     prog_names, Stat,
 };
@@ -159,6 +159,9 @@ pub struct LoadOptions<'a> {
     pub pin_path: &'a Path,
     pub cgroup: &'a Path,
     pub redirect: SocketAddrV4,
+    /// The proxy's IPv6 outbound listener (`--proxy-redirect6`); `None`: native IPv6 is
+    /// not captured.
+    pub redirect6: Option<SocketAddrV6>,
     pub skmsg: bool,
     pub queue_floor: u32,
     /// A proxy heartbeat older than this means the proxy cannot serve (zero: no check).
@@ -239,7 +242,7 @@ pub struct NodeAddrSync {
 /// Typed handles on the maps the agent writes or reads.
 pub struct Maps {
     pub workloads: Mutex<HashMap<MapData, u64, WorkloadInfo>>,
-    pub dests: Mutex<HashMap<MapData, u32, DestInfo>>,
+    pub dests: Mutex<HashMap<MapData, Ip, DestInfo>>,
     pub excludes: Mutex<Array<MapData, ExcludeCidr>>,
     /// The generation of the `EXCLUDES` double buffer (`writer::write_excludes`).
     pub excludes_gen: Mutex<Array<MapData, u32>>,
@@ -247,8 +250,8 @@ pub struct Maps {
     pub flows: Mutex<HashMap<MapData, SockKey, FlowInfo>>,
     /// Per-socket state (socket storage), read by the proxy through its accepted sockets.
     sock_state: SkStorage<MapData, SockState>,
-    /// The node's own IPv4 addresses (network order) -> interface index.
-    pub node_addrs: Mutex<HashMap<MapData, u32, u32>>,
+    /// The node's own addresses (IPv4 v4-mapped, IPv6) -> interface index.
+    pub node_addrs: Mutex<HashMap<MapData, Ip, u32>>,
     /// The proxy's heartbeat, read by connect4/6.
     pub proxy_health: Mutex<Array<MapData, ProxyHealth>>,
     /// Local enrolled workloads by IPv4 address, for the TC inbound program.
@@ -259,6 +262,9 @@ pub struct Maps {
     netns_probe: Mutex<HashMap<MapData, u64, u64>>,
     /// What the kernel offers beyond the datapath's floor, and how cookies are read.
     pub features: features::KernelFeatures,
+    /// The node proxy's network-namespace cookie (the agent's own namespace): the first
+    /// word of the `FLOWS` key of every proxied flow (`CONFIG.proxy_netns`).
+    pub proxy_netns: u64,
     /// The kernel relay's maps, when `--kernel-relay` is on and the kernel has it.
     pub relay: Option<relay::RelayMaps>,
     /// Enrolled workloads (`namespace/name`) the map writer could not put in `WORKLOADS`
@@ -332,7 +338,7 @@ fn expected_layout(name: &str, capacity: Capacity) -> Option<(u32, u32, u32)> {
     let sz = |n: usize| n as u32;
     Some(match name {
         map_names::WORKLOADS => (8, sz(size_of::<WorkloadInfo>()), cap::WORKLOADS),
-        map_names::DESTS => (4, sz(size_of::<DestInfo>()), cap::DESTS),
+        map_names::DESTS => (16, sz(size_of::<DestInfo>()), cap::DESTS),
         map_names::CONFIG => (4, sz(size_of::<MeshConfig>()), 1),
         map_names::PROXY_HEALTH => (4, sz(size_of::<ProxyHealth>()), 1),
         map_names::EXCLUDES => (4, sz(size_of::<ExcludeCidr>()), cap::EXCLUDE_SLOTS),
@@ -346,7 +352,7 @@ fn expected_layout(name: &str, capacity: Capacity) -> Option<(u32, u32, u32)> {
         ),
         map_names::SOCKHASH => (sz(size_of::<SockKey>()), 4, capacity.sockhash),
         map_names::STATS => (4, 8, Stat::COUNT),
-        map_names::NODE_ADDRS => (4, 4, cap::NODE_ADDRS),
+        map_names::NODE_ADDRS => (16, 4, cap::NODE_ADDRS),
         map_names::INBOUND => (4, sz(size_of::<InboundInfo>()), cap::INBOUND),
         map_names::NETNS_PROBE => (8, 8, cap::NETNS_PROBE),
         _ => return None,
@@ -502,6 +508,11 @@ impl Datapath {
             && !assumed_missing(features::KERNEL_RELAY);
         let kernel_relay = o.kernel_relay && relay_possible;
         let relay_on = u32::from(kernel_relay);
+        // sockops reads an accepting socket's namespace itself where it may (5.15+).
+        let sockops_netns =
+            features::KernelFeatures::release_at_least(&sys::kernel_release(), 5, 15)
+                && !assumed_missing(features::SOCKOPS_NETNS_COOKIE);
+        let sockops_netns_on = u32::from(sockops_netns);
         let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
             .map(|n| (*n, o.pin_path.join(n)))
@@ -514,6 +525,7 @@ impl Datapath {
             .override_global("OFF_TCP_WRITE_SEQ", &tcp_seq[0], true)
             .override_global("OFF_TCP_COPIED_SEQ", &tcp_seq[1], true)
             .override_global("KERNEL_RELAY", &relay_on, true)
+            .override_global("SOCKOPS_NETNS", &sockops_netns_on, true)
             .override_global("OFF_MSG_SK", &off_msg_sk, true)
             .override_global("OFF_MSG_SK_REDIR", &off_msg_sk_redir, true)
             .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true)
@@ -672,6 +684,7 @@ impl Datapath {
                 sys::netns_cookie_sockopt_works()
                     && !assumed_missing(features::NETNS_COOKIE_SOCKOPT),
                 off_msg_tot_len != 0,
+                sockops_netns,
                 o.netns_cookie,
                 o.kernel_relay.then_some(relay_possible),
             ),
@@ -690,6 +703,7 @@ impl Datapath {
                 None
             },
             cookie_failures: Mutex::default(),
+            proxy_netns: 0,
         };
         if maps.features.netns_cookie == features::NetnsCookieMode::Sockopt
             && !maps
@@ -707,9 +721,30 @@ impl Datapath {
             warn!("{line}");
         }
         info!(mode = ?maps.features.netns_cookie, "network-namespace cookies");
+        // The proxy's namespace is this process's (the node's): the key proxied flows are
+        // recorded under. `SO_NETNS_COOKIE` where it works, else the probe through the
+        // programs just attached (so only now). Where neither answers (a kernel without
+        // the sockopt, 5.14+, and an agent outside the cgroup it attaches to) it stays 0:
+        // such a kernel (< 5.15) also derives the accepting namespace of a proxied flow
+        // from `CONFIG.proxy_netns`, so both sides still agree.
+        let mut maps = maps;
+        let own = Path::new("/proc/self/ns/net");
+        maps.proxy_netns = match sys::netns_cookie(own).or_else(|_| maps.netns_cookie(own)) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "the agent's own network-namespace cookie could not be read; proxied flows are keyed by namespace 0");
+                0
+            }
+        };
         let cfg = MeshConfig {
-            proxy_ip4: u32::from_ne_bytes(o.redirect.ip().octets()),
+            proxy_ip: ip_from(IpAddr::V4(*o.redirect.ip())),
             proxy_port: o.redirect.port() as u32,
+            proxy_ip6: o
+                .redirect6
+                .map(|a| ip_from(IpAddr::V6(*a.ip())))
+                .unwrap_or_default(),
+            proxy_port6: o.redirect6.map(|a| u32::from(a.port())).unwrap_or(0),
+            proxy_netns: maps.proxy_netns,
             flags: if o.skmsg { cfg_flags::SKMSG } else { 0 }
                 | if no_pairing { cfg_flags::NO_PAIRING } else { 0 },
             // Off until `events::follow_log_filter` below sets it from the log filter.
@@ -750,6 +785,8 @@ impl Datapath {
             pin_path = %o.pin_path.display(),
             cgroup = %o.cgroup.display(),
             redirect = %o.redirect,
+            redirect6 = ?o.redirect6,
+            sockops_netns,
             backpressure_check = off_msg_tot_len != 0,
             kernel_relay,
             node_addresses = node_addrs.current,
@@ -817,6 +854,32 @@ impl Datapath {
             std::mem::forget(l);
         }
     }
+}
+
+/// The IPv6 addresses of this network namespace's interfaces with their index, from
+/// `/proc/net/if_inet6` (empty without IPv6), skipping the interfaces named in `skip`.
+fn local_ipv6_addrs(skip: &[&str]) -> Vec<(std::net::Ipv6Addr, u32)> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") else {
+        return Vec::new();
+    };
+    parse_if_inet6(&text, skip)
+}
+
+/// `/proc/net/if_inet6` lines: address (32 hex digits), ifindex (hex), prefix length,
+/// scope, flags, interface name.
+fn parse_if_inet6(text: &str, skip: &[&str]) -> Vec<(std::net::Ipv6Addr, u32)> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, index, name) = (f.first()?, f.get(1)?, f.get(5)?);
+            if skip.contains(name) || addr.len() != 32 {
+                return None;
+            }
+            let bits = u128::from_str_radix(addr, 16).ok()?;
+            let index = u32::from_str_radix(index, 16).ok()?;
+            Some((std::net::Ipv6Addr::from(bits), index))
+        })
+        .collect()
 }
 
 /// Where the netns-cookie probe connects: loopback's discard port. A UDP connect sends
@@ -896,15 +959,23 @@ impl Maps {
         m.set(0, c, 0)
     }
 
-    /// The original destination and flags of a captured connection, by the client's view.
-    pub fn flow(&self, client: SockKey) -> Option<FlowInfo> {
+    /// The original destination and flags of a captured connection, by its `FLOWS` key
+    /// (the accepting side's namespace, the client's view).
+    pub fn flow(&self, key: SockKey) -> Option<FlowInfo> {
         let m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&client, 0).ok()
+        m.get(&key, 0).ok()
+    }
+
+    /// The `FLOWS` key of a flow the node proxy accepted: its namespace, the client's
+    /// view (`client` -> `proxy`).
+    pub fn proxied_key(&self, client: SocketAddr, proxy: SocketAddr) -> SockKey {
+        SockKey::new(self.proxy_netns, client, proxy)
     }
 
     /// The flow an accepted connection carries, from the accepted socket's own state
     /// (`SOCK_STATE`, copied from `FLOWS` by sockops when the handshake completed: what
-    /// `FLOWS` evicts later does not matter), else from `FLOWS` by the client's view.
+    /// `FLOWS` evicts later does not matter), else from `FLOWS` by the client's view
+    /// (`client`'s namespace is ignored: the proxy's is the key's).
     pub fn accepted_flow(
         &self,
         socket: &impl std::os::fd::AsRawFd,
@@ -912,28 +983,45 @@ impl Maps {
     ) -> Option<FlowInfo> {
         match self.sock_state.get(socket, 0) {
             Ok(st) if st.flags & mesh_common::flow_flags::SERVER_SIDE != 0 => Some(FlowInfo {
-                orig_ip4: st.orig_ip4,
+                orig_ip: st.orig_ip,
                 orig_port: st.orig_port,
                 flags: st.flags
                     & !(mesh_common::flow_flags::SERVER_SIDE | mesh_common::flow_flags::RECORDED),
                 src_id: st.src_id,
                 dst_id: st.dst_id,
-                _pad: 0,
                 netns: st.netns,
             }),
-            _ => self.flow(client),
+            _ => self.flow(client.in_netns(self.proxy_netns)),
         }
     }
 
-    /// Announces one of the proxy's own connections (by its 4-tuple, before connecting) so
-    /// sockops pairs it with the destination's socket.
+    /// The per-socket state of a socket this process holds (`None`: not a captured one).
+    pub fn sock_state(&self, socket: &impl std::os::fd::AsRawFd) -> Option<SockState> {
+        self.sock_state.get(socket, 0).ok()
+    }
+
+    /// Announces one of the proxy's own connections (by its view, before connecting) so
+    /// sockops pairs it with the destination's socket. The key's namespace is set here:
+    /// the destination's (`DESTS`, the accepting side), and the flow's client is the
+    /// proxy. Fails for a destination that is not a local workload with a known namespace.
     pub fn announce_upstream(
         &self,
         key: SockKey,
         info: FlowInfo,
-    ) -> Result<(), aya::maps::MapError> {
+    ) -> Result<SockKey, aya::maps::MapError> {
+        let dest_netns = self
+            .dest(ip_addr(key.remote_ip))
+            .map(|d| d.netns)
+            .filter(|n| *n != 0)
+            .ok_or(aya::maps::MapError::KeyNotFound)?;
+        let key = key.in_netns(dest_netns);
+        let info = FlowInfo {
+            netns: self.proxy_netns,
+            ..info
+        };
         let mut m = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        m.insert(key, info, 0)
+        m.insert(key, info, 0)?;
+        Ok(key)
     }
 
     /// The proxy's heartbeat: it can take connections now. Called from the proxy's own
@@ -946,27 +1034,32 @@ impl Maps {
     }
 
     /// The local workload at `ip`, if `DESTS` has one (a same-node destination).
-    pub fn dest(&self, ip: Ipv4Addr) -> Option<DestInfo> {
+    pub fn dest(&self, ip: IpAddr) -> Option<DestInfo> {
         let m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&u32::from_ne_bytes(ip.octets()), 0).ok()
+        m.get(&ip_from(ip), 0).ok()
     }
 
     /// Whether `ip` is one of this node's own addresses (as last synced).
-    pub fn is_node_addr(&self, ip: Ipv4Addr) -> bool {
+    pub fn is_node_addr(&self, ip: IpAddr) -> bool {
         let m = self.node_addrs.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&u32::from_ne_bytes(ip.octets()), 0).is_ok()
+        m.get(&ip_from(ip), 0).is_ok()
     }
 
-    /// Brings `NODE_ADDRS` in line with the addresses of the node's interfaces: adds new
-    /// ones first, then removes those that are gone. A full map keeps what it has (the
-    /// failure is counted and logged) and the next sync retries.
+    /// Brings `NODE_ADDRS` in line with the addresses of the node's interfaces (IPv4 and
+    /// IPv6): adds new ones first, then removes those that are gone. A full map keeps
+    /// what it has (the failure is counted and logged) and the next sync retries.
     pub fn sync_node_addrs(&self) -> io::Result<NodeAddrSync> {
-        let want: std::collections::BTreeMap<u32, u32> = sys::local_ipv4_addrs(NODE_ADDR_SKIP)?
+        let mut want: std::collections::BTreeMap<Ip, u32> = sys::local_ipv4_addrs(NODE_ADDR_SKIP)?
             .into_iter()
-            .map(|(ip, ifindex)| (u32::from_ne_bytes(ip.octets()), ifindex))
+            .map(|(ip, ifindex)| (ip_from(IpAddr::V4(ip)), ifindex))
             .collect();
+        want.extend(
+            local_ipv6_addrs(NODE_ADDR_SKIP)
+                .into_iter()
+                .map(|(ip, ifindex)| (ip_from(IpAddr::V6(ip)), ifindex)),
+        );
         let mut m = self.node_addrs.lock().unwrap_or_else(|e| e.into_inner());
-        let have: std::collections::BTreeMap<u32, u32> = m.iter().filter_map(Result::ok).collect();
+        let have: std::collections::BTreeMap<Ip, u32> = m.iter().filter_map(Result::ok).collect();
         let mut r = NodeAddrSync::default();
         for (ip, ifindex) in &want {
             if have.get(ip) == Some(ifindex) {
@@ -976,11 +1069,11 @@ impl Maps {
                 Ok(()) => r.added += 1,
                 Err(e) => {
                     r.failed += 1;
-                    warn!(address = %Ipv4Addr::from(ip.to_ne_bytes()), error = %e, "cannot record a node address in NODE_ADDRS; pods' connections to it would be captured");
+                    warn!(address = %ip_addr(*ip), error = %e, "cannot record a node address in NODE_ADDRS; pods' connections to it would be captured");
                 }
             }
         }
-        for ip in have.keys().filter(|ip| !want.contains_key(ip)) {
+        for ip in have.keys().filter(|ip| !want.contains_key(*ip)) {
             if m.remove(ip).is_ok() {
                 r.removed += 1;
             }
@@ -1031,5 +1124,27 @@ impl Maps {
                 (*s, v)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_inet6_lines_give_addresses_and_indexes() {
+        let text = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fd000000000000000000000000000002 0a 40 00 80     eth0
+fe800000000000000000000000000001 1f 40 20 80 kube-ipvs0
+";
+        let got = parse_if_inet6(text, NODE_ADDR_SKIP);
+        assert_eq!(
+            got,
+            vec![
+                ("::1".parse().unwrap(), 1),
+                ("fd00::2".parse().unwrap(), 10),
+            ]
+        );
     }
 }

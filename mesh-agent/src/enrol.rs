@@ -184,7 +184,7 @@ impl Snapshot {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
                 ip: w.ip,
-                ip6: None,
+                ip6: w.ip6,
                 netns: w.netns.clone(),
                 enrolled: f.enrolled(w),
                 direct: f.mode(w) == Mode::Direct,

@@ -19,7 +19,7 @@ pub mod xds;
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::fd::AsFd,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -28,10 +28,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{
-    flow_flags,
-    maps::{FlowInfo, SockKey},
-};
+use mesh_common::{flow_flags, maps::FlowInfo};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
@@ -72,9 +69,13 @@ pub struct Outbound {
     /// The listener's own address when it is bound to one (every accepted socket's local
     /// address, no `getsockname` per connection); `None` for a wildcard address.
     local: Option<SocketAddr>,
+    /// The IPv6 outbound listener (`--proxy-redirect6`), where the datapath sends native
+    /// IPv6 connections, and its address; `None`: IPv6 is not captured.
+    listener6: Option<(TcpListener, SocketAddr)>,
     /// When set: connect to same-node destinations from this (node) address and have
-    /// sockops pair that leg too.
+    /// sockops pair that leg too (IPv4 destinations from the first, IPv6 from the second).
     upstream_source: std::sync::OnceLock<Ipv4Addr>,
+    upstream_source6: std::sync::OnceLock<Ipv6Addr>,
     maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     registry: SharedRegistry,
@@ -97,11 +98,19 @@ pub struct Outbound {
 /// treating the connection as opaque (server-first protocols send nothing).
 const SNIFF_WAIT: Duration = Duration::from_millis(300);
 
-fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+/// An address as the mesh knows it: a v4-mapped IPv6 address (a dual-stack socket's
+/// view of an IPv4 peer) as the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(a) => a.to_ipv4_mapped(),
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
+}
+
+/// The original destination a flow record names (IPv4 as IPv4).
+fn orig_dst(flow: &FlowInfo) -> SocketAddr {
+    let dst = flow.orig_dst();
+    SocketAddr::new(canonical(dst.ip()), dst.port())
 }
 
 /// How often the accept loop refreshes `PROXY_HEALTH` (well under the default 1 s after
@@ -166,7 +175,9 @@ impl Outbound {
         Ok(Outbound {
             listener,
             local,
+            listener6: None,
             upstream_source: std::sync::OnceLock::new(),
+            upstream_source6: std::sync::OnceLock::new(),
             maps,
             metrics,
             registry,
@@ -178,6 +189,50 @@ impl Outbound {
             tracer: std::sync::OnceLock::new(),
             kept: Mutex::default(),
         })
+    }
+
+    /// Listens for captured native IPv6 connections on `addr` too (`--proxy-redirect6`),
+    /// served alike by the same accept loop, or serves `inherited`, the IPv6 listener a
+    /// running agent handed over if it listens on `addr`. Must run inside the proxy's
+    /// runtime.
+    ///
+    /// `SO_REUSEPORT`: an agent of hand-over protocol 1 does not pass its IPv6 listener on;
+    /// this one then binds its own next to the old one's while both run.
+    pub fn listen6(
+        &mut self,
+        addr: SocketAddrV6,
+        inherited: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), ProxyError> {
+        if let Some(fd) = inherited {
+            let l = adopt_listener(fd).map_err(|source| ProxyError::Bind {
+                addr: SocketAddr::V6(addr),
+                source,
+            })?;
+            if l.local_addr().ok() == Some(SocketAddr::V6(addr)) {
+                self.listener6 = Some((l, SocketAddr::V6(addr)));
+                return Ok(());
+            }
+            // The old agent redirected IPv6 elsewhere: its queue is its own to drain.
+            warn!(
+                inherited = ?l.local_addr().ok(),
+                %addr,
+                "the handed-over IPv6 listener is on another address; binding a new one"
+            );
+        }
+        let bind = |addr: SocketAddrV6| -> io::Result<TcpListener> {
+            let sock = TcpSocket::new_v6()?;
+            sock.set_reuseaddr(true)?;
+            sock.set_reuseport(true)?;
+            sock.set_nodelay(true)?;
+            sock.bind(SocketAddr::V6(addr))?;
+            sock.listen(LISTEN_BACKLOG)
+        };
+        let l = bind(addr).map_err(|source| ProxyError::Bind {
+            addr: SocketAddr::V6(addr),
+            source,
+        })?;
+        self.listener6 = Some((l, SocketAddr::V6(addr)));
+        Ok(())
     }
 
     /// Writes an access-log line per connection, and per request of the L7 engine.
@@ -210,12 +265,12 @@ impl Outbound {
 
     /// The principals, and the destination's workload, of a flow from `client` to
     /// `target` as the mesh configuration in force knows them.
-    fn describe(&self, e: &mut Entry, client: Ipv4Addr, target: SocketAddr) {
+    fn describe(&self, e: &mut Entry, client: IpAddr, target: SocketAddr) {
         let Some(s) = self.secure.get() else {
             return;
         };
         let mesh = s.mesh_now();
-        if let Some(w) = mesh.workloads.by_ip(IpAddr::V4(client)) {
+        if let Some(w) = mesh.workloads.by_ip(client) {
             e.source_principal = Some(w.identity.to_string());
         }
         if let Some(w) = mesh.workloads.by_ip(target.ip()) {
@@ -230,7 +285,7 @@ impl Outbound {
     /// the registry's name for it) as `mesh`, the configuration in force, knows them.
     fn istio_labels(
         mesh: Option<&MeshConfig>,
-        client: Ipv4Addr,
+        client: IpAddr,
         target: SocketAddr,
         (src, dst): (Option<&str>, Option<&str>),
         cluster: Option<&str>,
@@ -238,7 +293,7 @@ impl Outbound {
     ) -> IstioLabels {
         let (mut source, mut destination) = (Peer::from_qualified(src), Peer::from_qualified(dst));
         if let Some(mesh) = mesh {
-            if let Some(w) = mesh.workloads.by_ip(IpAddr::V4(client)) {
+            if let Some(w) = mesh.workloads.by_ip(client) {
                 source.principal = w.identity.to_string();
                 w.label_peer(&mut source);
             }
@@ -342,6 +397,12 @@ impl Outbound {
         self.listener.as_fd()
     }
 
+    /// The IPv6 listening socket (`--proxy-redirect6`), for the same hand-over.
+    pub fn listener6_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.listener6.as_ref().map(|(l, _)| l.as_fd())
+    }
+
     /// The L7 engine (its live state: outlier ejections, for `/config_dump`).
     pub fn l7(&self) -> Arc<L7> {
         self.l7.clone()
@@ -353,43 +414,58 @@ impl Outbound {
         let _ = self.upstream_source.set(ip);
     }
 
+    /// `pair_upstream_from` for IPv6 destinations (the node's IPv6 address on the pod
+    /// network, `--proxy-redirect6`).
+    pub fn pair_upstream6_from(&self, ip: Ipv6Addr) {
+        let _ = self.upstream_source6.set(ip);
+    }
+
     /// Connects to the original destination. For a same-node destination with upstream
     /// pairing on, bind first to learn our 4-tuple and announce it in `FLOWS`, so sockops
     /// pairs both ends when the connection is established; if anything in that fails, a
     /// plain connect.
-    async fn connect_upstream(&self, dst: SocketAddrV4, flow: &FlowInfo) -> io::Result<TcpStream> {
+    async fn connect_upstream(&self, dst: SocketAddr, flow: &FlowInfo) -> io::Result<TcpStream> {
         let local_dst = flow.dst_id != u32::MAX;
-        if let (Some(src), true) = (self.upstream_source.get(), local_dst) {
-            let sock = TcpSocket::new_v4()?;
-            if sock.bind(SocketAddr::new(IpAddr::V4(*src), 0)).is_ok() {
-                if let Ok(SocketAddr::V4(local)) = sock.local_addr() {
-                    let key = SockKey {
-                        local_ip4: u32::from_ne_bytes(local.ip().octets()),
-                        remote_ip4: u32::from_ne_bytes(dst.ip().octets()),
-                        local_port: local.port(),
-                        remote_port: dst.port(),
-                    };
+        let src = match dst {
+            SocketAddr::V4(_) => self.upstream_source.get().map(|a| IpAddr::V4(*a)),
+            SocketAddr::V6(_) => self.upstream_source6.get().map(|a| IpAddr::V6(*a)),
+        };
+        if let (Some(src), true) = (src, local_dst) {
+            let sock = match dst {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            if sock.bind(SocketAddr::new(src, 0)).is_ok() {
+                if let Ok(local) = sock.local_addr() {
                     let info = FlowInfo {
                         flags: flow_flags::PROXIED | flow_flags::UPSTREAM,
                         ..*flow
                     };
-                    if self.maps.announce_upstream(key, info).is_ok() {
-                        let r = sock.connect(dst.into()).await;
+                    if let Ok(key) = self
+                        .maps
+                        .announce_upstream(relay::sock_key(local, dst), info)
+                    {
+                        let r = sock.connect(dst).await;
                         if r.is_err() {
                             self.maps.forget_flow(key);
                         }
                         return r;
                     }
                 }
-                return sock.connect(dst.into()).await;
+                return sock.connect(dst).await;
             }
         }
         TcpStream::connect(dst).await
     }
 
-    /// Why the proxy must not dial `ip` on a workload's behalf, if it must not (counted).
-    fn refuse(&self, ip: Ipv4Addr) -> Option<&'static str> {
-        if mesh_common::local_scope_ipv4(u32::from_ne_bytes(ip.octets())) {
+    /// Why the proxy must not dial `ip` on a workload's behalf, if it must not (counted):
+    /// "this host" and "this link" addresses of either family, and the node's own.
+    fn refuse(&self, ip: IpAddr) -> Option<&'static str> {
+        let ip = match ip {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if mesh_common::local_scope(&mesh_common::maps::ip_from(ip)) {
             self.metrics.refused_local_scope.fetch_add(1, Relaxed);
             Some("local_scope")
         } else if self.maps.is_node_addr(ip) {
@@ -405,7 +481,27 @@ impl Outbound {
     /// to finish (`L7::serve`), TCP relays run until their streams end or the deadline
     /// passes (then the runtime is dropped and `relay` resets them).
     pub async fn serve(self: Arc<Self>, drain: DrainWatch) {
-        info!(addr = ?self.listener.local_addr().ok(), "outbound listener ready");
+        // The IPv6 listener has its own loop (its own task), so a burst on one family
+        // never starves the other's accepts.
+        if let Some((_, addr)) = &self.listener6 {
+            let addr = *addr;
+            let (me, drain) = (self.clone(), drain.clone());
+            tokio::spawn(
+                me.accept_loop(true, drain)
+                    .instrument(tracing::info_span!("outbound6", %addr)),
+            );
+        }
+        self.accept_loop(false, drain).await;
+    }
+
+    /// The accept loop of the IPv4 listener (`v6` false, which also beats the heartbeat)
+    /// or of the IPv6 one.
+    async fn accept_loop(self: Arc<Self>, v6: bool, drain: DrainWatch) {
+        let (listener, local) = match (&self.listener6, v6) {
+            (Some((l, addr)), true) => (l, Some(*addr)),
+            _ => (&self.listener, self.local),
+        };
+        info!(addr = ?listener.local_addr().ok(), "outbound listener ready");
         // The heartbeat comes from the accept loop itself: if this task is not polled (the
         // runtime stuck or starved), the datapath stops sending connections here.
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -423,18 +519,18 @@ impl Outbound {
                     info!("outbound listener closed; draining");
                     return;
                 }
-                _ = heartbeat.tick() => {
+                _ = heartbeat.tick(), if !v6 => {
                     if let Err(e) = self.maps.beat() {
                         warn!(error = %e, "writing the proxy heartbeat failed");
                     }
                 }
-                r = self.listener.accept() => match r {
+                r = listener.accept() => match r {
                     Ok((conn, peer)) => {
                         let me = self.clone();
                         let id = self.next_id.fetch_add(1, Relaxed);
                         let drain = drain.clone();
                         tokio::spawn(async move {
-                            me.handle(conn, peer, drain).await;
+                            me.handle(conn, peer, local, drain).await;
                         }.instrument(tracing::debug_span!("conn", id, %peer)));
                     }
                     Err(e) => {
@@ -449,24 +545,24 @@ impl Outbound {
 
     /// Serves one accepted connection; `drain` is held until it ends (moved into the L7
     /// engine for HTTP, kept through the relay for TCP).
-    async fn handle(&self, client: TcpStream, peer: SocketAddr, drain: DrainWatch) {
-        let local = match self.local {
+    /// `local` is the listener's own address (`None`: a wildcard, asked per connection).
+    async fn handle(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        drain: DrainWatch,
+    ) {
+        let local = match local {
             Some(a) => a,
             None => match client.local_addr() {
                 Ok(a) => a,
                 Err(_) => return,
             },
         };
-        let (Some(pip), Some(lip)) = (v4(peer.ip()), v4(local.ip())) else {
-            self.metrics.orig_dst_missing.fetch_add(1, Relaxed);
-            return;
-        };
-        let key = SockKey {
-            local_ip4: u32::from_ne_bytes(pip.octets()),
-            remote_ip4: u32::from_ne_bytes(lip.octets()),
-            local_port: peer.port(),
-            remote_port: local.port(),
-        };
+        // The client's address as the mesh knows it (a v4-mapped peer as IPv4).
+        let pip = canonical(peer.ip());
+        let key = self.maps.proxied_key(peer, local);
         let Some(flow) = self.maps.accepted_flow(&client, key) else {
             // Not a redirected connection (someone dialled the listener directly), or the
             // record was lost: there is nowhere to send it.
@@ -475,14 +571,11 @@ impl Outbound {
             let _ = sys::set_linger_zero(client.as_fd());
             return;
         };
-        let dst = SocketAddrV4::new(
-            Ipv4Addr::from(flow.orig_ip4.to_ne_bytes()),
-            flow.orig_port as u16,
-        );
+        let dst = orig_dst(&flow);
         // The kernel side never captures these; a record that names one anyway (written by
         // hand, or by programs of another build) must not make the proxy dial, from the
         // node's namespace, an address that means "this host" there.
-        if let Some(refused) = self.refuse(*dst.ip()) {
+        if let Some(refused) = self.refuse(dst.ip()) {
             warn!(%dst, reason = refused, "refusing to dial a node-local destination for a workload; resetting the client");
             let _ = sys::set_linger_zero(client.as_fd());
             return;
@@ -507,7 +600,7 @@ impl Outbound {
             );
             e.source_address = Some(accesslog::Addr::Sock(peer));
             e.source_workload = src_name;
-            e.destination_address = Some(SocketAddr::V4(dst));
+            e.destination_address = Some(dst);
             e.destination_workload = dst_name;
             Box::new(e)
         });
@@ -518,12 +611,25 @@ impl Outbound {
                 .0
                 .clone()
                 .unwrap_or_else(|| "unknown".into()),
-            ip: Some(pip),
+            // The L7 engine names clients by IPv4 address: an IPv6 client is the same
+            // workload under its IPv4 address (dual-stack workloads have both), so its
+            // requests take the zero-trust path and policy as that workload's do.
+            ip: match pip {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => self.secure.get().and_then(|s| {
+                    s.mesh_now().workloads.by_ip(pip).and_then(|w| {
+                        w.ips.iter().find_map(|ip| match ip {
+                            IpAddr::V4(a) => Some(*a),
+                            IpAddr::V6(_) => None,
+                        })
+                    })
+                }),
+            },
             peer: Some(peer),
             skmsg,
         };
         // A service listener for the destination: L7, or TCP to one of its endpoints.
-        let mut target = SocketAddr::V4(dst);
+        let mut target = dst;
         let mut prefix = Vec::new();
         let mut client = client;
         let mut istio_cluster = None;
@@ -699,14 +805,14 @@ impl Outbound {
             }
         }
         let connect = match target {
-            SocketAddr::V4(t) if t == dst => {
+            t if t == dst => {
                 Box::pin(tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     self.connect_upstream(dst, &flow),
                 ))
                 .await
             }
-            SocketAddr::V4(t) if self.kernel_relay() => {
+            t if self.kernel_relay() => {
                 Box::pin(tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     self.connect_endpoint(t),
@@ -786,7 +892,7 @@ impl PathKind {
 struct SeriesKey<'a> {
     src_id: u32,
     dst_id: u32,
-    client: Ipv4Addr,
+    client: IpAddr,
     target: SocketAddr,
     skmsg: bool,
     cluster: Option<&'a str>,
@@ -797,7 +903,7 @@ struct SeriesKey<'a> {
 struct Kept {
     src_id: u32,
     dst_id: u32,
-    client: Ipv4Addr,
+    client: IpAddr,
     target: SocketAddr,
     skmsg: bool,
     cluster: Option<Box<str>>,
@@ -1060,7 +1166,7 @@ mod tests {
         Kept {
             src_id: 1,
             dst_id: 2,
-            client: Ipv4Addr::new(10, 0, 0, 2),
+            client: IpAddr::from([10, 0, 0, 2]),
             target: target.parse().unwrap(),
             skmsg: true,
             cluster: cluster.map(Box::from),
@@ -1083,7 +1189,7 @@ mod tests {
         SeriesKey {
             src_id: 1,
             dst_id: 2,
-            client: Ipv4Addr::new(10, 0, 0, 2),
+            client: IpAddr::from([10, 0, 0, 2]),
             target,
             skmsg: true,
             cluster,

@@ -4,8 +4,9 @@
 //! (tuple normalisation, CIDR matching) lives here as plain functions so host unit tests
 //! cover what the kernel side runs.
 //!
-//! Byte order: IPv4 addresses are kept as the kernel hands them over (network order stored
-//! in a `u32`, so `u32::from_ne_bytes(ip.octets())`); ports are always host order.
+//! Byte order: addresses are kept as the kernel hands them over (network order, in 16-byte
+//! `maps::Ip` words with IPv4 v4-mapped; `INBOUND` keeps a plain IPv4 `u32`, so
+//! `u32::from_ne_bytes(ip.octets())`); ports are always host order.
 #![no_std]
 
 pub mod maps;
@@ -563,7 +564,7 @@ impl Stat {
                 "not captured, the node proxy is not ready (fail open)"
             }
             Stat::ConnectToProxy => "not captured, already to the node proxy",
-            Stat::ConnectNotIpv4 => "left alone, native IPv6 is not carried",
+            Stat::ConnectNotIpv4 => "left alone, native IPv6 is not captured (no IPv6 proxy listener, --proxy-redirect6)",
             Stat::ConnectOrigStoreFailed => "the original destination could not be stored",
             Stat::SockopsClientPaired => "client socket paired",
             Stat::SockopsServerPaired => "accepting socket paired",
@@ -663,6 +664,22 @@ pub fn local_scope_ipv4(ip: u32) -> bool {
     first == 0 || first == 127 || h >> 16 == 0xa9fe || first >= 224
 }
 
+/// Whether an address (`maps::Ip`) names this host or this link rather than a peer:
+/// for IPv4 (v4-mapped) `local_scope_ipv4`; for IPv6 the unspecified `::`, loopback
+/// `::1`, link-local `fe80::/10` and multicast `ff00::/8`. Never captured, for the same
+/// reason as their IPv4 counterparts.
+#[inline(always)]
+pub fn local_scope(ip: &maps::Ip) -> bool {
+    if let Some(v4) = v4_mapped(*ip) {
+        return local_scope_ipv4(v4);
+    }
+    let first = u32::from_be(ip[0]);
+    let zero3 = ip[0] == 0 && ip[1] == 0 && ip[2] == 0;
+    (zero3 && (ip[3] == 0 || u32::from_be(ip[3]) == 1))
+        || first >> 22 == 0xfe80 >> 6
+        || first >> 24 == 0xff
+}
+
 /// Extracts the IPv4 address from a v4-mapped IPv6 address (`::ffff:a.b.c.d`), with the
 /// words as the kernel stores them (network order per 32-bit word).
 #[inline(always)]
@@ -698,11 +715,17 @@ pub fn user_port_host(raw: u32) -> u16 {
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 
-/// A socket's `(local, remote)` key from the raw context fields (`bpf_sock_ops` and
-/// `sk_msg_md` carry the same ones), with v4-mapped IPv6 folded to IPv4. Returns the key and
-/// whether the socket is AF_INET6, or `None` for native IPv6 and other families.
+/// A socket's `(local, remote)` key in namespace `netns` from the raw context fields
+/// (`bpf_sock_ops` and `sk_msg_md` carry the same ones): IPv4 v4-mapped, IPv6 as it is (a
+/// dual-stack socket's v4-mapped addresses are then the same key as an AF_INET socket's).
+/// Returns the key and whether the socket is AF_INET6, or `None` for other families.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the context's fields, read up front"
+)]
 pub fn socket_key(
+    netns: u64,
     family: u32,
     local_ip4: u32,
     remote_ip4: u32,
@@ -712,16 +735,22 @@ pub fn socket_key(
     remote_port: u32,
 ) -> Option<(maps::SockKey, bool)> {
     let (local, remote, v6) = match family {
-        AF_INET => (local_ip4, remote_ip4, false),
-        AF_INET6 => (v4_mapped(local_ip6)?, v4_mapped(remote_ip6)?, true),
+        AF_INET => (
+            maps::ip4_mapped(local_ip4),
+            maps::ip4_mapped(remote_ip4),
+            false,
+        ),
+        AF_INET6 => (local_ip6, remote_ip6, true),
         _ => return None,
     };
     Some((
         maps::SockKey {
-            local_ip4: local,
-            remote_ip4: remote,
+            netns,
+            local_ip: local,
+            remote_ip: remote,
             local_port: local_port as u16,
             remote_port: remote_port_host(remote_port),
+            _pad: 0,
         },
         v6,
     ))
@@ -743,24 +772,59 @@ mod tests {
     }
 
     #[test]
-    fn socket_key_folds_v4_mapped_and_rejects_native_v6() {
+    fn socket_key_maps_ipv4_and_keeps_native_v6() {
         let (a, b) = (
             u32::from_ne_bytes([10, 0, 0, 2]),
             u32::from_ne_bytes([10, 0, 0, 3]),
         );
         let port = (u32::from(8080_u16.to_be())) << 16;
-        let (k, v6) = socket_key(AF_INET, a, b, [0; 4], [0; 4], 40000, port).unwrap();
+        let (k, v6) = socket_key(7, AF_INET, a, b, [0; 4], [0; 4], 40000, port).unwrap();
         assert!(!v6);
+        let m = maps::ip4_mapped;
         assert_eq!(
-            (k.local_ip4, k.remote_ip4, k.local_port, k.remote_port),
-            (a, b, 40000, 8080)
+            (
+                k.netns,
+                k.local_ip,
+                k.remote_ip,
+                k.local_port,
+                k.remote_port
+            ),
+            (7, m(a), m(b), 40000, 8080)
         );
-        let m = |ip| [0, 0, 0xffff_u32.to_be(), ip];
-        let (k6, v6) = socket_key(AF_INET6, 0, 0, m(a), m(b), 40000, port).unwrap();
+        // A dual-stack socket's v4-mapped addresses: the same key.
+        let (k6, v6) = socket_key(7, AF_INET6, 0, 0, m(a), m(b), 40000, port).unwrap();
         assert!(v6);
         assert_eq!(k6, k);
-        assert!(socket_key(AF_INET6, 0, 0, [1, 0, 0, 1], m(b), 40000, port).is_none());
-        assert!(socket_key(1, a, b, [0; 4], [0; 4], 1, 1).is_none());
+        let native = [0x20010db8_u32.to_be(), 0, 0, 1_u32.to_be()];
+        let (n, _) = socket_key(7, AF_INET6, 0, 0, native, m(b), 40000, port).unwrap();
+        assert_eq!(n.local_ip, native);
+        assert!(socket_key(7, 1, a, b, [0; 4], [0; 4], 1, 1).is_none());
+    }
+
+    #[test]
+    fn local_scope_covers_ipv6_this_host_and_this_link() {
+        let w = |s: &str| maps::ip6_words(s.parse::<core::net::Ipv6Addr>().unwrap().octets());
+        for a in [
+            "::",
+            "::1",
+            "fe80::1",
+            "febf::1",
+            "ff02::1",
+            "ff05::2",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(local_scope(&w(a)), "{a}");
+        }
+        for a in [
+            "fd00::1",
+            "2001:db8::1",
+            "fec0::1",
+            "::2",
+            "::ffff:10.0.0.1",
+            "64:ff9b::1",
+        ] {
+            assert!(!local_scope(&w(a)), "{a}");
+        }
     }
 
     #[test]

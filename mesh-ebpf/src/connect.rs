@@ -13,15 +13,15 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use aya_log_ebpf::{log, macro_support::Level};
+use aya_log_ebpf::log;
 use mesh_common::{
-    cfg_flags, decision, flow_flags, local_scope_ipv4, log_level,
-    maps::{excludes_match, SockState},
+    cfg_flags, decision, flow_flags, local_scope, log_level,
+    maps::{excludes_match, ip4_mapped, ip_eq, Ip, SockState},
     proxy_alive, user_port_host, user_port_raw, v4_mapped, wl_flags, Stat,
 };
 
 use crate::{
-    log::{aya_level, ip, on, NONE},
+    log::{aya_level, ip16, on, NONE},
     maps::{
         bump, config, proxy_health, sock_state, DESTS, EXCLUDES, EXCLUDES_GEN, NETNS_PROBE,
         NODE_ADDRS, WORKLOADS,
@@ -42,8 +42,8 @@ const REFUSE: i32 = 0;
 enum Verdict {
     /// Let it go where it was going.
     Leave,
-    /// Send it to the node proxy at this address (network order) and port.
-    Redirect(u32, u16),
+    /// Send it to the node proxy at this address (IPv4 v4-mapped) and port.
+    Redirect(Ip, u16),
     /// Fail the connect (a fail-closed workload while the proxy cannot serve it).
     Refuse,
 }
@@ -58,7 +58,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         }
         return ALLOW;
     }
-    let mut ev = Ev::new(sa.user_ip4, user_port_host(sa.user_port));
+    let mut ev = Ev::new(ip4_mapped(sa.user_ip4), user_port_host(sa.user_port));
     let verdict = if sa.protocol != IPPROTO_TCP {
         ev.level = config().log_level;
         note(&mut ev, Stat::ConnectNotTcp);
@@ -70,7 +70,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     match verdict {
         Verdict::Leave => ALLOW,
         Verdict::Redirect(ip, port) => {
-            sa.user_ip4 = ip;
+            sa.user_ip4 = ip[3];
             sa.user_port = user_port_raw(port);
             ALLOW
         }
@@ -85,51 +85,39 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
-    if sa.protocol != IPPROTO_TCP {
-        // The destination is an IPv6 address: shown as 0.0.0.0 with its port.
-        let mut ev = Ev::new(0, user_port_host(sa.user_port));
+    // Word by word: the context allows 4-byte accesses only (no memcpy).
+    // SAFETY: fields of the program's own context.
+    let dst: Ip = unsafe {
+        [
+            core::ptr::read_volatile(&sa.user_ip6[0]),
+            core::ptr::read_volatile(&sa.user_ip6[1]),
+            core::ptr::read_volatile(&sa.user_ip6[2]),
+            core::ptr::read_volatile(&sa.user_ip6[3]),
+        ]
+    };
+    let mut ev = Ev::new(dst, user_port_host(sa.user_port));
+    let verdict = if sa.protocol != IPPROTO_TCP {
         ev.level = config().log_level;
         note(&mut ev, Stat::ConnectNotTcp);
-        ev.say();
-        return ALLOW;
-    }
-    // Dual-stack sockets reach IPv4 peers through v4-mapped addresses; native IPv6 is
-    // not carried through the mesh yet and goes direct.
-    let Some(ip4) = v4_mapped(sa.user_ip6) else {
-        bump(Stat::ConnectNotIpv4);
-        if on(config().log_level, log_level::DEBUG) {
-            // SAFETY: helper call on the program's own context.
-            let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-            let d = sa.user_ip6;
-            let (a, b, c, e) = (
-                d[0].to_ne_bytes(),
-                d[1].to_ne_bytes(),
-                d[2].to_ne_bytes(),
-                d[3].to_ne_bytes(),
-            );
-            let dst: [u8; 16] = [
-                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], e[0], e[1],
-                e[2], e[3],
-            ];
-            log!(
-                &(),
-                Level::Debug,
-                "{} netns={} dst=[{:i}]:{}",
-                Stat::ConnectNotIpv4 as u32,
-                netns,
-                dst,
-                user_port_host(sa.user_port)
-            );
-        }
-        return ALLOW;
+        Verdict::Leave
+    } else if v4_mapped(dst).is_none() && config().proxy_port6 == 0 {
+        // Native IPv6 without an IPv6 proxy listener (`--proxy-redirect6` unset): left
+        // alone, as before the mesh carried it. Dual-stack sockets reach IPv4 peers
+        // through v4-mapped addresses, decided as IPv4.
+        let cfg = config();
+        ev.level = cfg.log_level;
+        // SAFETY: helper call on the program's own context.
+        ev.netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        note(&mut ev, Stat::ConnectNotIpv4);
+        Verdict::Leave
+    } else {
+        decide(&ctx, &mut ev)
     };
-    let mut ev = Ev::new(ip4, user_port_host(sa.user_port));
-    let verdict = decide(&ctx, &mut ev);
     ev.say();
     match verdict {
         Verdict::Leave => ALLOW,
         Verdict::Redirect(ip, port) => {
-            sa.user_ip6 = [0, 0, 0xffff_u32.to_be(), ip];
+            set_ip6(sa, ip);
             sa.user_port = user_port_raw(port);
             ALLOW
         }
@@ -142,7 +130,7 @@ pub fn mesh_peername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = proxied_orig(&ctx) {
         // SAFETY: the context pointer is valid for the program's lifetime.
         let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip4 = orig.orig_ip4;
+        sa.user_ip4 = orig.orig_ip[3];
         sa.user_port = user_port_raw(orig.orig_port as u16);
     }
     ALLOW
@@ -153,10 +141,23 @@ pub fn mesh_peername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = proxied_orig(&ctx) {
         // SAFETY: the context pointer is valid for the program's lifetime.
         let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip6 = [0, 0, 0xffff_u32.to_be(), orig.orig_ip4];
+        set_ip6(sa, orig.orig_ip);
         sa.user_port = user_port_raw(orig.orig_port as u16);
     }
     ALLOW
+}
+
+/// Writes an IPv6 address into the context word by word (the context allows 4-byte
+/// accesses only; a plain array assignment may become a memcpy the verifier rejects).
+#[inline(always)]
+fn set_ip6(sa: &mut aya_ebpf::bindings::bpf_sock_addr, ip: Ip) {
+    // SAFETY: fields of the program's own context.
+    unsafe {
+        core::ptr::write_volatile(&mut sa.user_ip6[0], ip[0]);
+        core::ptr::write_volatile(&mut sa.user_ip6[1], ip[1]);
+        core::ptr::write_volatile(&mut sa.user_ip6[2], ip[2]);
+        core::ptr::write_volatile(&mut sa.user_ip6[3], ip[3]);
+    }
 }
 
 /// The agent's netns-cookie probe (`NETNS_PROBE`): if the agent asked for this socket,
@@ -222,28 +223,29 @@ struct Ev {
     /// The record's level.
     want: u32,
     netns: u64,
-    /// The workload's address (0 before it is known).
-    src: u32,
-    dst: u32,
+    /// The workload's address of the destination's family (zero before it is known).
+    src: Ip,
+    dst: Ip,
     port: u16,
 }
 
 impl Ev {
     #[inline(always)]
-    fn new(dst: u32, port: u16) -> Ev {
+    fn new(dst: Ip, port: u16) -> Ev {
         Ev {
             level: log_level::OFF,
             code: NONE,
             want: log_level::DEBUG,
             netns: 0,
-            src: 0,
+            src: [0; 4],
             dst,
             port,
         }
     }
 
     /// The one aya-log call site of the connect hooks' decisions: nothing is formatted
-    /// unless the level asks for it.
+    /// unless the level asks for it. Addresses go out as 16 bytes (IPv4 v4-mapped, which
+    /// the agent shows as a dotted quad: `events::decode`).
     #[inline(always)]
     fn say(&self) {
         if self.code == NONE || !on(self.level, self.want) {
@@ -252,11 +254,11 @@ impl Ev {
         log!(
             &(),
             aya_level(self.want),
-            "{} netns={} src={:i} dst={:i}:{}",
+            "{} netns={} src={:i} dst=[{:i}]:{}",
             self.code,
             self.netns,
-            ip(self.src),
-            ip(self.dst),
+            ip16(self.src),
+            ip16(self.dst),
             self.port
         );
     }
@@ -272,7 +274,7 @@ fn note(ev: &mut Ev, stat: Stat) {
     ev.want = log_level::DEBUG;
     match stat {
         Stat::ConnectNotEnrolled | Stat::ConnectNotTcp => ev.want = log_level::TRACE,
-        Stat::ConnectBypass if ev.src == 0 => {
+        Stat::ConnectBypass if ip_eq(&ev.src, &[0; 4]) => {
             ev.code = decision::NODE_BYPASS;
             ev.want = log_level::TRACE;
         }
@@ -280,12 +282,14 @@ fn note(ev: &mut Ev, stat: Stat) {
     }
 }
 
-/// Decides what to do with a connection. Records what was decided for the socket in its
-/// `SOCK_STATE` for sockops.
+/// Decides what to do with a connection (IPv4 v4-mapped, or native IPv6 when the proxy
+/// has an IPv6 listener). Records what was decided for the socket in its `SOCK_STATE`
+/// for sockops.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, ev: &mut Ev) -> Verdict {
     bump(Stat::ConnectSeen);
     let (dst_ip, dst_port) = (ev.dst, ev.port);
+    let v4 = v4_mapped(dst_ip).is_some();
     let cfg = config();
     ev.level = cfg.log_level;
     if cfg.flags & cfg_flags::BYPASS != 0 {
@@ -304,25 +308,25 @@ fn decide(ctx: &SockAddrContext, ev: &mut Ev) -> Verdict {
         note(ev, Stat::ConnectNotEnrolled);
         return Verdict::Leave;
     }
-    ev.src = wl.ip4;
+    ev.src = if v4 { wl.ip4 } else { wl.ip6 };
     if wl.flags & wl_flags::BYPASS != 0 {
         note(ev, Stat::ConnectBypass);
         return Verdict::Leave;
     }
     // A workload calling itself stays inside its namespace; so do the agent's own
     // in-pod sockets, which deliver captured inbound connections to the pod's address.
-    if dst_ip == wl.ip4 {
+    if ip_eq(&dst_ip, &wl.ip4) | (!v4 & ip_eq(&dst_ip, &wl.ip6)) {
         note(ev, Stat::ConnectSelf);
         return Verdict::Leave;
     }
-    if dst_ip == cfg.proxy_ip4 && dst_port as u32 == cfg.proxy_port {
+    if cfg.is_proxy(&dst_ip, dst_port as u32) {
         note(ev, Stat::ConnectToProxy);
         return Verdict::Leave;
     }
     // Never widen a pod's reach: "this host" and "this link" addresses, and the node's own
     // addresses, mean something else in the proxy's (the node's) namespace. Left alone,
     // the connection stays in the pod's namespace exactly as if it were not enrolled.
-    if local_scope_ipv4(dst_ip) {
+    if local_scope(&dst_ip) {
         note(ev, Stat::ConnectLocalScope);
         return Verdict::Leave;
     }
@@ -331,30 +335,33 @@ fn decide(ctx: &SockAddrContext, ev: &mut Ev) -> Verdict {
         note(ev, Stat::ConnectNodeAddress);
         return Verdict::Leave;
     }
-    if excluded(ev, dst_ip, dst_port) {
+    if excluded(ev, &dst_ip, dst_port) {
         note(ev, Stat::ConnectExcluded);
         return Verdict::Leave;
     }
     // SAFETY: the value is copied out at once.
-    let (dst_id, dst_flags) = match unsafe { DESTS.get(dst_ip) } {
-        Some(d) => (d.id, d.flags),
-        None => (u32::MAX, 0),
+    let (dst_id, dst_flags, dst_netns) = match unsafe { DESTS.get(dst_ip) } {
+        Some(d) => (d.id, d.flags, d.netns),
+        None => (u32::MAX, 0, 0),
     };
     let fail_closed = wl.flags & wl_flags::FAIL_CLOSED != 0;
     let mut orig = SockState {
-        orig_ip4: dst_ip,
+        orig_ip: dst_ip,
         orig_port: dst_port as u32,
         flags: flow_flags::DIRECT,
         src_id: wl.id,
         dst_id,
         fallback: 0,
         netns,
+        own_netns: netns,
+        // The namespace of the socket that will accept the flow: its `FLOWS` key.
+        peer_netns: dst_netns,
         ..SockState::default()
     };
     if fail_closed {
         orig.flags |= flow_flags::FAIL_CLOSED;
     }
-    if dst_flags & wl_flags::DIRECT != 0 {
+    if dst_flags & wl_flags::DIRECT != 0 && dst_netns != 0 {
         // Same-node destination that needs nothing from the proxy: no rewrite, sockops
         // pairs both sockets. If the record cannot be stored the flow simply stays on TCP.
         if !record(ctx, orig) {
@@ -381,6 +388,7 @@ fn decide(ctx: &SockAddrContext, ev: &mut Ev) -> Verdict {
         return Verdict::Leave;
     }
     orig.flags = (orig.flags & !flow_flags::DIRECT) | flow_flags::PROXIED;
+    orig.peer_netns = cfg.proxy_netns;
     if !record(ctx, orig) {
         // Without the original destination the proxy could not serve it.
         note(ev, Stat::SockStateFailed);
@@ -391,11 +399,15 @@ fn decide(ctx: &SockAddrContext, ev: &mut Ev) -> Verdict {
         return Verdict::Leave;
     }
     note(ev, Stat::ConnectRedirected);
-    Verdict::Redirect(cfg.proxy_ip4, cfg.proxy_port as u16)
+    if v4 {
+        Verdict::Redirect(cfg.proxy_ip, cfg.proxy_port as u16)
+    } else {
+        Verdict::Redirect(cfg.proxy_ip6, cfg.proxy_port6 as u16)
+    }
 }
 
 #[inline(always)]
-fn excluded(ev: &mut Ev, ip: u32, port: u16) -> bool {
+fn excluded(ev: &mut Ev, ip: &Ip, port: u16) -> bool {
     // Volatile reads: the compiler keeps the generation reads around the slot reads, in
     // program order. Accepted race: on x86-64 loads are not reordered with loads either;
     // a weakly ordered CPU (arm64) could in theory satisfy a slot load after the second

@@ -16,15 +16,22 @@
 //!
 //! Records are per connection (connect, established, close, a new inbound connection) or
 //! per rare event (a sender changing path); nothing is logged per message or per packet of
-//! an established connection. Addresses are passed as their bytes in network order
-//! (`[u8; 4]`, shown as dotted quads), ports in host order, netns cookies as numbers
+//! an established connection. Addresses are passed as their 16 bytes in network order
+//! (`[u8; 16]`, IPv4 v4-mapped; the agent shows those as dotted quads), ports in host order, netns cookies as numbers
 //! (0: not known).
 
 use aya_log_ebpf::macro_support::Level;
-use mesh_common::log_level;
+use mesh_common::{log_level, maps::Ip};
 
-/// The network order address `ip` (as stored in the maps) as the bytes aya-log shows as a
-/// dotted quad.
+/// An address as the maps hold it (`Ip`) as the 16 bytes aya-log shows as an IPv6
+/// address; the agent shows a v4-mapped one as a dotted quad (`events::decode`).
+#[inline(always)]
+pub fn ip16(ip: Ip) -> [u8; 16] {
+    mesh_common::maps::ip_bytes(ip)
+}
+
+/// An IPv4 address in network order (TC's packets, `INBOUND`) as the bytes aya-log shows
+/// as a dotted quad.
 #[inline(always)]
 pub fn ip(ip: u32) -> [u8; 4] {
     ip.to_ne_bytes()

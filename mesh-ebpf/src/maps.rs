@@ -13,7 +13,7 @@ use aya_ebpf::{
 use mesh_common::{
     capacity as cap,
     maps::{
-        DestInfo, ExcludeCidr, FlowInfo, FlowRecord, InboundInfo, MeshConfig, ProxyHealth,
+        DestInfo, ExcludeCidr, FlowInfo, FlowRecord, InboundInfo, Ip, MeshConfig, ProxyHealth,
         RelayInfo, SockKey, SockState, WorkloadInfo,
     },
     Stat,
@@ -23,16 +23,17 @@ use mesh_common::{
 #[btf_map]
 pub static WORKLOADS: HashMap<u64, WorkloadInfo, { cap::WORKLOADS as usize }> = HashMap::new();
 
-/// Local workloads as destinations, by IPv4 address (network order).
+/// Local workloads as destinations, by address (IPv4 v4-mapped): with the namespace that
+/// accepts a direct-mode flow to them.
 #[btf_map]
-pub static DESTS: HashMap<u32, DestInfo, { cap::DESTS as usize }> = HashMap::new();
+pub static DESTS: HashMap<Ip, DestInfo, { cap::DESTS as usize }> = HashMap::new();
 
-/// The node's own IPv4 addresses (network order) -> interface index, kept current by the
+/// The node's own addresses (IPv4 v4-mapped, and IPv6) -> interface index, kept current by the
 /// agent. A workload's connection to one is never captured: in the node's namespace the
 /// proxy would reach services a pod cannot (those bound to the node's addresses only, or
 /// filtered by source address).
 #[btf_map]
-pub static NODE_ADDRS: HashMap<u32, u32, { cap::NODE_ADDRS as usize }> = HashMap::new();
+pub static NODE_ADDRS: HashMap<Ip, u32, { cap::NODE_ADDRS as usize }> = HashMap::new();
 
 /// Node-wide knobs, one entry.
 #[btf_map]
@@ -59,7 +60,8 @@ pub static EXCLUDES_GEN: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
-/// Captured connections by the client's 4-tuple: original destination and carriage. An
+/// Captured connections by the accepting side's network namespace and the client's view
+/// of the 4-tuple (`SockKey`): original destination and carriage. An
 /// LRU *cache*: the listing of live flows (CLI, `/inspect`) and the hand-off of a flow to
 /// its accepting socket, which copies it into its own `SOCK_STATE` at PASSIVE_ESTABLISHED
 /// (microseconds after the client wrote it). No invariant depends on an entry staying:
@@ -67,7 +69,8 @@ pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 #[btf_map]
 pub static FLOWS: LruHashMap<SockKey, FlowInfo, { cap::FLOWS as usize }> = LruHashMap::new();
 
-/// Both local ends of captured connections, each under its own (local, remote) view. A
+/// Both local ends of captured connections, each under its own namespace and its own
+/// (local, remote) view. A
 /// plain hash: when full, a socket is not paired (`sockhash_update_failed`) and its
 /// flow takes the TCP path; nothing in it is ever evicted.
 #[btf_map]
@@ -204,6 +207,13 @@ pub static OFF_TCP_COPIED_SEQ: Global<u32> = Global::new(0);
 /// the verifier never walks it.
 #[unsafe(no_mangle)]
 pub static KERNEL_RELAY: Global<u32> = Global::new(0);
+/// Non-zero: sockops may call `bpf_get_netns_cookie` (5.15+) and keys an accepting
+/// socket's flow by its real namespace. Zero (older kernels): the namespace is derived
+/// from the socket's local address (the proxy's listener: `CONFIG.proxy_netns`; a local
+/// workload: `DESTS[addr].netns`), and the code that calls the helper is dead, never
+/// verified.
+#[unsafe(no_mangle)]
+pub static SOCKOPS_NETNS: Global<u32> = Global::new(0);
 /// Floor for the per-socket limit of bytes queued by redirects (bytes); the limit is
 /// max(peer's SO_RCVBUF, this).
 #[unsafe(no_mangle)]

@@ -43,11 +43,11 @@ use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
     decision, fallback, flow_flags, log_level,
     maps::{relay_drained, relay_state, RelayInfo, SockKey, SockState},
-    socket_key, Stat, AF_INET6,
+    socket_key, Stat,
 };
 
 use crate::{
-    log::{ip, on, NONE},
+    log::{ip16, on, NONE},
     maps::{
         add, bump, config, peer_sk, queue_check_enabled, read_addressing, read_u32, read_u64,
         sock_state, socket_queue, PeerSk, FLOWS, KERNEL_RELAY, OFF_MSG_SK, OFF_MSG_SK_REDIR,
@@ -82,12 +82,6 @@ fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
             read_volatile(&(*md).__bindgen_anon_3.sk),
         )
     };
-    let Some((me, _)) = socket_key(family, l4, r4, l6, r6, lport, rport) else {
-        if family == AF_INET6 {
-            bump(Stat::MsgPassUnpaired);
-        }
-        return SK_PASS;
-    };
     let sk: *mut core::ffi::c_void = sk.cast();
     if sk.is_null() {
         bump(Stat::MsgPassUnpaired);
@@ -101,9 +95,15 @@ fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
         bump(Stat::MsgPassUnpaired);
         return SK_PASS;
     };
+    // This socket's key under its own namespace, and its peer's under the peer's: both
+    // from its state (sk_msg has no `bpf_get_netns_cookie` before 5.15).
+    let Some((me, _)) = socket_key(st.own_netns, family, l4, r4, l6, r6, lport, rport) else {
+        bump(Stat::MsgPassUnpaired);
+        return SK_PASS;
+    };
     // SAFETY: as above. `None` (no memory for it): no back-pressure check for this socket.
     let mut addrs = unsafe { peer_sk(sk) };
-    let peer = me.reversed();
+    let peer = me.reversed().in_netns(st.peer_netns);
     // The kernel relay (`--kernel-relay`; a load-time constant, so with it off the
     // verifier never walks this): a sender the node proxy armed may send straight to the
     // flow's other end.
@@ -120,7 +120,7 @@ fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
     // Only a sender that knows its peer's address follows (it must be able to tell when
     // it may come back); one that has not redirected yet leaves the signal for later.
     let knows_peer = addrs.as_deref().is_some_and(|a| a.peer != 0);
-    if st.fallback == 0 && knows_peer && queue_check_enabled() && peer_fell_back(st.flags, &me) {
+    if st.fallback == 0 && knows_peer && queue_check_enabled() && peer_fell_back(st, &me) {
         // Follow the other direction onto TCP; `drained` below decides at once whether
         // this one may stay on the redirect path (nothing of it is on TCP yet).
         st.fallback = fallback::BACKPRESSURE;
@@ -147,7 +147,7 @@ fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
             // flow control takes over. The other direction follows at its next send
             // (`peer_fell_back`); each comes back on its own.
             st.fallback = fallback::BACKPRESSURE;
-            mark_flow(st.flags, &me);
+            mark_flow(st, &me);
             bump(Stat::MsgPassBackpressure);
             *rec = MsgRec::new(Stat::MsgPassBackpressure as u32, &me, st.netns);
             return SK_PASS;
@@ -160,7 +160,7 @@ fn on_msg(ctx: &SkMsgContext, rec: &mut MsgRec) -> u32 {
         // SK_PASS sends this message over TCP; stay there for good so later messages
         // cannot overtake it.
         st.fallback = fallback::NO_PEER;
-        mark_flow(st.flags, &me);
+        mark_flow(st, &me);
         bump(Stat::MsgPassNoPeer);
         *rec = MsgRec::new(Stat::MsgPassNoPeer as u32, &me, st.netns);
         return SK_PASS;
@@ -207,12 +207,12 @@ impl MsgRec {
         log!(
             &(),
             Level::Debug,
-            "{} netns={} sender {:i}:{} -> {:i}:{}",
+            "{} netns={} sender [{:i}]:{} -> [{:i}]:{}",
             self.code,
             self.netns,
-            ip(m.local_ip4),
+            ip16(m.local_ip),
             m.local_port,
-            ip(m.remote_ip4),
+            ip16(m.remote_ip),
             m.remote_port
         );
     }
@@ -230,14 +230,26 @@ fn ctx_addr(ctx: u64, scratch: &mut PeerSk) -> u64 {
     }
 }
 
-/// Marks the flow's listing entry (`FLOWS`, keyed by the client's view) with the sender's
-/// fallback. Display only: the state that decides is the sender's `SOCK_STATE`.
+/// The sender's flow's `FLOWS` key (the accepting side's namespace, the client's view)
+/// and whether the sender is the accepting side.
 #[inline(always)]
-fn mark_flow(flags: u32, me: &SockKey) {
-    let (view, bit) = if flags & flow_flags::SERVER_SIDE != 0 {
-        (me.reversed(), flow_flags::SERVER_FALLBACK)
+fn flow_key(st: &SockState, me: &SockKey) -> (SockKey, bool) {
+    if st.flags & flow_flags::SERVER_SIDE != 0 {
+        (me.reversed(), true)
     } else {
-        (*me, flow_flags::CLIENT_FALLBACK)
+        (me.in_netns(st.peer_netns), false)
+    }
+}
+
+/// Marks the flow's listing entry (`FLOWS`) with the sender's fallback. Display only: the
+/// state that decides is the sender's `SOCK_STATE`.
+#[inline(always)]
+fn mark_flow(st: &SockState, me: &SockKey) {
+    let (view, server) = flow_key(st, me);
+    let bit = if server {
+        flow_flags::SERVER_FALLBACK
+    } else {
+        flow_flags::CLIENT_FALLBACK
     };
     if let Some(f) = FLOWS.get_ptr_mut(view) {
         // SAFETY: map value pointer returned by the kernel, valid during this program run.
@@ -280,11 +292,12 @@ fn drained(ctx: u64, addrs: Option<&mut PeerSk>) -> bool {
 /// get TCP's flow control too. A hint only: if the LRU evicted the entry, this direction
 /// keeps its own check.
 #[inline(always)]
-fn peer_fell_back(flags: u32, me: &SockKey) -> bool {
-    let (view, bit) = if flags & flow_flags::SERVER_SIDE != 0 {
-        (me.reversed(), flow_flags::CLIENT_FALLBACK)
+fn peer_fell_back(st: &SockState, me: &SockKey) -> bool {
+    let (view, server) = flow_key(st, me);
+    let bit = if server {
+        flow_flags::CLIENT_FALLBACK
     } else {
-        (*me, flow_flags::SERVER_FALLBACK)
+        flow_flags::SERVER_FALLBACK
     };
     let Some(f) = FLOWS.get_ptr_mut(view) else {
         return false;
@@ -417,7 +430,7 @@ fn relay(
             }
             // Learnt, but bytes are still in flight: this message goes to the proxy,
             // replacing the redirect to the target.
-            let mut back = me.reversed();
+            let mut back = me.reversed().in_netns(st.peer_netns);
             if SOCKHASH.redirect_msg(ctx, &mut back, BPF_F_INGRESS as u64) as u32 != SK_PASS {
                 // The proxy's socket is gone (the flow is being torn down) and the
                 // message must not reach the target ahead of bytes in flight: dropped,

@@ -34,30 +34,36 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
     cfg_flags, decision, flow_flags, flow_record, log_level,
-    maps::{FlowInfo, FlowRecord, SockKey, SockState},
+    maps::{FlowInfo, FlowRecord, Ip, MeshConfig, SockKey, SockState},
     socket_key, tcp_payload, tel_flags, Stat,
 };
 
 use crate::{
-    log::{ip, on, NONE},
-    maps::{bump, config, flow_record, read_addressing, sock_state, FLOWS, SOCKHASH},
+    log::{ip16, on, NONE},
+    maps::{
+        bump, config, flow_record, read_addressing, sock_state, DESTS, FLOWS, SOCKHASH,
+        SOCKOPS_NETNS,
+    },
 };
 
 /// Callbacks a captured socket needs: state changes, for the flow clean-up on close.
 const PAIRED_CB_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG;
 
-// Keys are 4-tuples without a network namespace (sockops has no `bpf_get_netns_cookie`
-// before 5.15, see docs/kernels.md). Within one namespace a live 4-tuple is unique, so a
-// key already present belongs to a socket of *another* namespace with the same addresses:
-// every insert is `BPF_NOEXIST`, so such a socket can never take over (and receive) a
-// live flow's entry or sockhash slot; it stays unpaired on TCP (counted).
+// Keys carry a network namespace (docs/kernels.md, "Flow keys"): `FLOWS` the accepting
+// side's (which the client side names: the proxy's, `CONFIG.proxy_netns`, or the
+// destination pod's, `DESTS`; the accepting side reads its own, `own_netns`), `SOCKHASH`
+// each socket's own (the client's from connect4/6, in its `SOCK_STATE`). Within one
+// namespace a live 4-tuple is unique; every insert is still `BPF_NOEXIST`, so on a kernel
+// that derives the accepting namespace from addresses (< 5.15) a socket of another
+// namespace with the same addresses can never take over a live flow's entry or sockhash
+// slot (it stays unpaired on TCP, counted).
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -82,7 +88,7 @@ struct Rec {
     paired: u32,
     netns: u64,
     key: SockKey,
-    orig_ip4: u32,
+    orig_ip: Ip,
     orig_port: u32,
 }
 
@@ -95,7 +101,7 @@ impl Rec {
             paired: 0,
             netns: 0,
             key: SockKey::default(),
-            orig_ip4: 0,
+            orig_ip: [0; 4],
             orig_port: 0,
         }
     }
@@ -109,26 +115,51 @@ impl Rec {
         log!(
             &(),
             Level::Debug,
-            "{} paired={} netns={} {:i}:{} -> {:i}:{} orig={:i}:{}",
+            "{} paired={} netns={} [{:i}]:{} -> [{:i}]:{} orig=[{:i}]:{}",
             self.code,
             self.paired,
             self.netns,
-            ip(k.local_ip4),
+            ip16(k.local_ip),
             k.local_port,
-            ip(k.remote_ip4),
+            ip16(k.remote_ip),
             k.remote_port,
-            ip(self.orig_ip4),
+            ip16(self.orig_ip),
             self.orig_port
         );
     }
 }
 
-/// This socket's (local, remote) view, with v4-mapped IPv6 folded to IPv4.
+/// This socket's (local, remote) view in namespace `netns` (IPv4 v4-mapped).
 #[inline(always)]
-fn sock_key(ctx: &SockOpsContext) -> Option<(SockKey, bool)> {
+fn sock_key(ctx: &SockOpsContext, netns: u64) -> Option<(SockKey, bool)> {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let (family, l4, r4, l6, r6, lport, rport) = unsafe { read_addressing!(ctx.ops) };
-    socket_key(family, l4, r4, l6, r6, lport, rport)
+    socket_key(netns, family, l4, r4, l6, r6, lport, rport)
+}
+
+/// The network namespace of an accepting socket whose local address is `local`:
+/// the kernel's answer where sockops may ask (`bpf_get_netns_cookie`, 5.15+), else
+/// derived as the client side names it (the proxy's listener: `CONFIG.proxy_netns`; a
+/// local workload: `DESTS`), 0 if neither.
+///
+/// Accepted inexactness below 5.15: two namespaces holding the same local address get
+/// the same derived namespace, which is the key without one; `BPF_NOEXIST` keeps a live
+/// flow's entries from being taken over there.
+#[inline(always)]
+fn accepting_netns(ctx: &SockOpsContext, local: &Ip, port: u16, cfg: &MeshConfig) -> u64 {
+    if SOCKOPS_NETNS.load() != 0 {
+        // SAFETY: helper call on the program's own context (allowed in sockops from 5.15;
+        // with the global at 0 this code is dead and never verified).
+        return unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    }
+    if cfg.is_proxy(local, port as u32) {
+        return cfg.proxy_netns;
+    }
+    // SAFETY: the value is copied out at once.
+    match unsafe { DESTS.get(local) } {
+        Some(d) => d.netns,
+        None => 0,
+    }
 }
 
 /// The context's full socket, or null (sockops also runs on request and time-wait
@@ -153,9 +184,12 @@ fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
             return;
         }
     };
-    let Some((key, v6)) = sock_key(ctx) else {
+    // Its own namespace (connect4/6 read it), and the flow's key under the namespace of
+    // the socket that will accept it (which connect4/6 named).
+    let Some((key, v6)) = sock_key(ctx, st.own_netns) else {
         return;
     };
+    let flow_key = key.in_netns(st.peer_netns);
     if v6 {
         st.flags |= flow_flags::CLIENT_V6;
     }
@@ -181,19 +215,18 @@ fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
         }
     }
     let info = FlowInfo {
-        orig_ip4: st.orig_ip4,
+        orig_ip: st.orig_ip,
         orig_port: st.orig_port,
         flags: st.flags & !(flow_flags::RECORDED | flow_flags::SERVER_SIDE),
         src_id: st.src_id,
         dst_id: st.dst_id,
-        _pad: 0,
         netns: st.netns,
     };
     // Accepted race: the accepting side reads this entry at its PASSIVE_ESTABLISHED,
     // which follows this callback (the ACK that completes its handshake is sent after
     // it). An LRU eviction in between would need a map's worth of new flows within that
     // window; the proxy then resets the connection (`flow_handoff_missed`), never guesses.
-    let stored = FLOWS.insert(key, info, BPF_NOEXIST as u64).is_ok();
+    let stored = FLOWS.insert(flow_key, info, BPF_NOEXIST as u64).is_ok();
     if stored {
         st.flags |= flow_flags::RECORDED;
     } else {
@@ -207,7 +240,7 @@ fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
             flags: st.flags,
             src_id: st.src_id,
             dst_id: st.dst_id,
-            key,
+            key: flow_key,
             netns: st.netns,
             ..FlowRecord::default()
         });
@@ -225,8 +258,8 @@ fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
         },
         paired: (st.flags & flow_flags::CLIENT_PAIRED != 0) as u32,
         netns: st.netns,
-        key,
-        orig_ip4: st.orig_ip4,
+        key: flow_key,
+        orig_ip: st.orig_ip,
         orig_port: st.orig_port,
     };
 }
@@ -235,15 +268,23 @@ fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
 /// (flag `upstream`) before it connected: pair it like a client.
 #[inline(always)]
 fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
-    let Some((key, _)) = sock_key(ctx) else {
+    let cfg = config();
+    // The proxy's own socket (its namespace), to a local workload (the accepting side's
+    // namespace, from `DESTS`): every other connection on the node stops at a lookup.
+    let Some((key, _)) = sock_key(ctx, cfg.proxy_netns) else {
         return;
     };
-    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+    // SAFETY: the value is copied out at once.
+    let dest_netns = match unsafe { DESTS.get(key.remote_ip) } {
+        Some(d) if d.netns != 0 => d.netns,
+        _ => return,
+    };
+    let flow_key = key.in_netns(dest_netns);
+    let Some(flow) = FLOWS.get_ptr_mut(flow_key) else {
         return;
     };
     // SAFETY: map value pointer returned by the kernel, valid during this program run.
     let flow = unsafe { &mut *flow };
-    let cfg = config();
     if flow.flags & flow_flags::UPSTREAM == 0 || cfg.flags & cfg_flags::NO_PAIRING != 0 {
         return;
     }
@@ -261,13 +302,15 @@ fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
     // SAFETY: the context's own socket, checked non-null by the caller.
     if let Some(st) = unsafe { sock_state(sk, true) } {
         *st = SockState {
-            orig_ip4: flow.orig_ip4,
+            orig_ip: flow.orig_ip,
             orig_port: flow.orig_port,
             flags: flow.flags | flow_flags::RECORDED,
             src_id: flow.src_id,
             dst_id: flow.dst_id,
             fallback: 0,
             netns: flow.netns,
+            own_netns: cfg.proxy_netns,
+            peer_netns: dest_netns,
             snd_base: snd_base(ctx),
             ..SockState::default()
         };
@@ -277,8 +320,8 @@ fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
         code: decision::UPSTREAM_ESTABLISHED,
         paired: (flow.flags & flow_flags::CLIENT_PAIRED != 0) as u32,
         netns: flow.netns,
-        key,
-        orig_ip4: flow.orig_ip4,
+        key: flow_key,
+        orig_ip: flow.orig_ip,
         orig_port: flow.orig_port,
     };
 }
@@ -289,13 +332,16 @@ fn passive_established(ctx: &SockOpsContext, rec: &mut Rec) {
     if sk.is_null() {
         return;
     }
-    let Some((key, _)) = sock_key(ctx) else {
+    let Some((view, _)) = sock_key(ctx, 0) else {
         return;
     };
+    let cfg = config();
+    let own = accepting_netns(ctx, &view.local_ip, view.local_port, &cfg);
+    let key = view.in_netns(own);
+    // The flow's key: this side's namespace, the client's view.
     let client_view = key.reversed();
     let Some(flow) = FLOWS.get_ptr_mut(client_view) else {
-        let cfg = config();
-        if key.local_ip4 == cfg.proxy_ip4 && key.local_port as u32 == cfg.proxy_port {
+        if cfg.is_proxy(&key.local_ip, key.local_port as u32) {
             // A connection to the proxy's listener without its record: evicted before
             // this end was established (or someone dialled the listener directly).
             bump(Stat::FlowHandoffMissed);
@@ -318,13 +364,16 @@ fn passive_established(ctx: &SockOpsContext, rec: &mut Rec) {
         return;
     };
     *st = SockState {
-        orig_ip4: flow.orig_ip4,
+        orig_ip: flow.orig_ip,
         orig_port: flow.orig_port,
         flags: flow.flags | flow_flags::SERVER_SIDE,
         src_id: flow.src_id,
         dst_id: flow.dst_id,
         fallback: 0,
         netns: flow.netns,
+        own_netns: own,
+        // The client's namespace (the proxy's, for its leg to a local destination).
+        peer_netns: flow.netns,
         snd_base: snd_base(ctx),
         ..SockState::default()
     };
@@ -349,12 +398,12 @@ fn passive_established(ctx: &SockOpsContext, rec: &mut Rec) {
         }
     }
     *rec = Rec {
-        level: config().log_level,
+        level: cfg.log_level,
         code: decision::FLOW_ACCEPTED,
         paired: (st.flags & flow_flags::SERVER_PAIRED != 0) as u32,
         netns: st.netns,
         key: client_view,
-        orig_ip4: st.orig_ip4,
+        orig_ip: st.orig_ip,
         orig_port: st.orig_port,
     };
 }
@@ -430,7 +479,7 @@ fn count_state(ctx: &SockOpsContext, st: &mut SockState, old: u32, new: u32) {
             if server && st.redirected == 0 && sent_tcp == 0 {
                 return;
             }
-            let Some((me, _)) = sock_key(ctx) else {
+            let Some((me, _)) = sock_key(ctx, st.own_netns) else {
                 return;
             };
             // SAFETY: helper call without arguments.
@@ -444,8 +493,12 @@ fn count_state(ctx: &SockOpsContext, st: &mut SockState, old: u32, new: u32) {
                 flags: st.flags,
                 src_id: st.src_id,
                 dst_id: st.dst_id,
-                key: if server { me.reversed() } else { me },
-                _pad: 0,
+                // The flow's `FLOWS` key: the accepting side's namespace, the client's view.
+                key: if server {
+                    me.reversed()
+                } else {
+                    me.in_netns(st.peer_netns)
+                },
                 netns: st.netns,
                 sent_redirected: st.redirected,
                 sent_tcp,
@@ -461,45 +514,43 @@ fn state_changed(ctx: &SockOpsContext, rec: &mut Rec) {
     // arg 0 is the old state, arg 1 the new one.
     let (old, new) = (ctx.arg(0), ctx.arg(1));
     let sk = ctx_sk(ctx);
-    if !sk.is_null() {
-        // SAFETY: the context's own socket, checked non-null.
-        if let Some(st) = unsafe { sock_state(sk, false) } {
-            if st.tel & tel_flags::COUNTED != 0 {
-                count_state(ctx, st, old, new);
-            }
-        }
-    }
-    if new != BPF_TCP_CLOSE {
+    if sk.is_null() {
         return;
     }
-    let Some((key, _)) = sock_key(ctx) else {
+    // Only sockets with state watch their state (`PAIRED_CB_FLAGS`), and only they can
+    // have a flow record.
+    // SAFETY: the context's own socket, checked non-null.
+    let Some(st) = (unsafe { sock_state(sk, false) }) else {
+        return;
+    };
+    if st.tel & tel_flags::COUNTED != 0 {
+        count_state(ctx, st, old, new);
+    }
+    if new != BPF_TCP_CLOSE || st.flags & flow_flags::SERVER_SIDE != 0 {
+        return;
+    }
+    let Some((me, _)) = sock_key(ctx, st.own_netns) else {
         return;
     };
     // The kernel removes closed sockets from SOCKHASH itself and frees their socket
-    // storage; the flow record is keyed by the client's view, so the client's close
-    // removes it.
+    // storage; the flow record is keyed by the client's view (under the accepting side's
+    // namespace), so the client's close removes it.
+    let key = me.in_netns(st.peer_netns);
     if FLOWS.remove(key).is_ok() {
         bump(Stat::FlowClosed);
         return;
     }
-    let sk = ctx_sk(ctx);
-    if sk.is_null() {
-        return;
-    }
-    // SAFETY: the context's own socket, checked non-null.
-    if let Some(st) = unsafe { sock_state(sk, false) } {
-        if st.flags & flow_flags::RECORDED != 0 {
-            st.flags &= !flow_flags::RECORDED;
-            bump(Stat::FlowEvicted);
-            *rec = Rec {
-                level: config().log_level,
-                code: Stat::FlowEvicted as u32,
-                paired: 0,
-                netns: st.netns,
-                key,
-                orig_ip4: st.orig_ip4,
-                orig_port: st.orig_port,
-            };
-        }
+    if st.flags & flow_flags::RECORDED != 0 {
+        st.flags &= !flow_flags::RECORDED;
+        bump(Stat::FlowEvicted);
+        *rec = Rec {
+            level: config().log_level,
+            code: Stat::FlowEvicted as u32,
+            paired: 0,
+            netns: st.netns,
+            key,
+            orig_ip: st.orig_ip,
+            orig_port: st.orig_port,
+        };
     }
 }

@@ -130,7 +130,7 @@ fn try_ingress(ctx: &TcContext) -> Result<(), ()> {
         return Ok(());
     }
     // SAFETY: presence test only.
-    if unsafe { NODE_ADDRS.get(p.saddr) }.is_some() {
+    if unsafe { NODE_ADDRS.get(mesh_common::maps::ip4_mapped(p.saddr)) }.is_some() {
         bump(Stat::TcPassNodeSource);
         return Ok(());
     }

@@ -315,6 +315,7 @@ impl ClusterNode {
             name: name.into(),
             netns: netns.clone(),
             ip,
+            ip6: None,
             cgroup: cgroup.clone(),
         });
         sh(&format!(

@@ -7,7 +7,9 @@
 //! Names for index N: bridge `mtbrN`, subnet 10.201.N.0/24 (gateway .1 = the node's
 //! address, where the proxy listens), netns `mtN-<pod>`, host veth `mtNv<i>`, cgroup
 //! `<cgroup2>/mesh-test-N`, pins `/sys/fs/bpf/mesh-test-N`, admin port 15100+N,
-//! embedded control plane (xDS) port 15300+N.
+//! embedded control plane (xDS) port 15300+N. A dual-stack node (`SimNode::new_dual_stack`)
+//! adds the IPv6 subnet fd00:201:N::/64 (gateway ::1, the node's IPv6 address, where the
+//! proxy listens for IPv6 pods too; pod `host` at `fd00:201:N::<host>`).
 #![expect(
     unsafe_code,
     reason = "pre_exec hooks (setns, cgroup move) and kill(2) for the simulated node"
@@ -16,7 +18,7 @@
 use std::{
     fs,
     io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, TcpStream},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -28,6 +30,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod cluster;
 pub mod cost;
+pub mod flows;
 pub mod kubeapi;
 pub mod metrics;
 pub mod otlp;
@@ -102,6 +105,8 @@ pub struct Pod {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack node.
+    pub ip6: Option<Ipv6Addr>,
     pub cgroup: PathBuf,
 }
 
@@ -109,12 +114,36 @@ impl Pod {
     pub fn netns_path(&self) -> String {
         format!("/run/netns/{}", self.netns)
     }
+
+    /// Its IPv6 address; panics on a node that is not dual-stack.
+    pub fn v6(&self) -> Ipv6Addr {
+        self.ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address", self.name))
+    }
+
+    /// `, ip6: <addr>` for a workload entry of the enrolment file (nothing on an IPv4-only
+    /// node), so one config template serves both kinds of node.
+    pub fn ip6_field(&self) -> String {
+        self.ip6
+            .map(|a| format!(", ip6: \"{a}\""))
+            .unwrap_or_default()
+    }
 }
+
+/// The proxy's port on the node (`--proxy-address`, and `--proxy-redirect6` on a
+/// dual-stack node).
+pub const PROXY_PORT: u16 = 15001;
 
 pub struct SimNode {
     pub index: u8,
     pub bridge: String,
     pub gateway: Ipv4Addr,
+    /// The node's IPv6 address on the pod network (dual-stack nodes only); the agent gets
+    /// `--proxy-redirect6 [gateway6]:15001`.
+    pub gateway6: Option<Ipv6Addr>,
+    /// Whether the agent gets `--proxy-redirect6` on a dual-stack node (default true;
+    /// false: the agent leaves native IPv6 alone).
+    pub redirect6: bool,
     pub cgroup: PathBuf,
     pub pin_path: PathBuf,
     pub dir: PathBuf,
@@ -146,6 +175,8 @@ impl SimNode {
                 index,
                 bridge: bridge.clone(),
                 gateway,
+                gateway6: None,
+                redirect6: true,
                 cgroup: cgroup2_root().join(format!("mesh-test-{index}")),
                 pin_path: PathBuf::from(format!("/sys/fs/bpf/mesh-test-{index}")),
                 dir: std::env::temp_dir().join(format!("mesh-test-{index}")),
@@ -167,6 +198,25 @@ impl SimNode {
         bail!("no free simulated-node index (bridges mtbr0..mtbr250 all exist: see tests/README.md to clean up)")
     }
 
+    /// `new`, with IPv6 too: the bridge gets fd00:201:N::1/64 (no duplicate address
+    /// detection, so the address is usable at once), each pod added later an address in
+    /// that subnet and a default IPv6 route through it, and the agent `--proxy-redirect6`.
+    pub fn new_dual_stack() -> Result<SimNode> {
+        let mut node = SimNode::new()?;
+        let gw6 = Ipv6Addr::new(0xfd00, 0x201, node.index.into(), 0, 0, 0, 0, 1);
+        sh(&format!(
+            "sysctl -qw net.ipv6.conf.{br}.disable_ipv6=0 && ip -6 addr add {gw6}/64 dev {br} nodad",
+            br = node.bridge
+        ))?;
+        node.gateway6 = Some(gw6);
+        Ok(node)
+    }
+
+    /// The node's IPv6 address (panics on a node that is not dual-stack).
+    pub fn gateway6(&self) -> Ipv6Addr {
+        self.gateway6.expect("not a dual-stack node")
+    }
+
     /// Adds a pod: netns + veth on the bridge + cgroup folder. `host` is the last octet.
     pub fn add_pod(&mut self, name: &str, host: u8) -> Result<&Pod> {
         let cgroup = self.cgroup.join(name);
@@ -185,11 +235,15 @@ impl SimNode {
         let netns = format!("mt{}-{name}", self.index);
         let veth = format!("mt{}v{i}", self.index);
         let ip = Ipv4Addr::new(10, 201, self.index, host);
+        let ip6 = self
+            .gateway6
+            .map(|_| Ipv6Addr::new(0xfd00, 0x201, self.index.into(), 0, 0, 0, 0, host.into()));
         // Record first so Drop removes partial state too.
         self.pods.push(Pod {
             name: name.into(),
             netns: netns.clone(),
             ip,
+            ip6,
             cgroup: cgroup.clone(),
         });
         // A veth of an earlier node with this index may still exist: network namespaces
@@ -206,6 +260,13 @@ impl SimNode {
             br = self.bridge,
             gw = self.gateway
         ))?;
+        if let (Some(ip6), Some(gw6)) = (ip6, self.gateway6) {
+            sh(&format!(
+                "ip netns exec {netns} sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && \
+                 ip -n {netns} -6 addr add {ip6}/64 dev eth0 nodad && \
+                 ip -n {netns} -6 route add default via {gw6} dev eth0"
+            ))?;
+        }
         fs::create_dir_all(&cgroup)?;
         Ok(self.pods.last().expect("just pushed"))
     }
@@ -289,7 +350,10 @@ impl SimNode {
     /// and memory (`ss -tanmi`), and the flows the datapath moved to the TCP path (`FLOWS`
     /// flags `client_fallback`, `server_fallback`): what a stalled transfer is diagnosed from.
     pub fn socket_report(&self) -> String {
-        let subnet = format!("10.201.{}.0/24", self.index);
+        let mut subnet = format!("10.201.{}.0/24", self.index);
+        if let Some(gw6) = self.gateway6 {
+            subnet = format!("{subnet} or src {gw6}/64 or dst {gw6}/64");
+        }
         let mut out = format!(
             "node sockets:\n{}",
             sh(&format!("ss -tanmi 'src {subnet} or dst {subnet}'"))
@@ -383,12 +447,16 @@ impl SimNode {
             ("--config", self.config_path().display().to_string()),
             ("--pin-path", self.pin_path.display().to_string()),
             ("--cgroup", self.cgroup.display().to_string()),
-            ("--proxy-address", format!("{}:15001", self.gateway)),
+            ("--proxy-address", format!("{}:{PROXY_PORT}", self.gateway)),
             ("--admin-address", format!("127.0.0.1:{}", self.admin_port)),
             ("--xds-listen", format!("127.0.0.1:{}", self.xds_port())),
             ("--reload-interval-ms", "100".to_owned()),
         ];
-        for (flag, value) in defaults {
+        let dual = self
+            .gateway6
+            .filter(|_| self.redirect6)
+            .map(|gw6| ("--proxy-redirect6", format!("[{gw6}]:{PROXY_PORT}")));
+        for (flag, value) in defaults.into_iter().chain(dual) {
             // A flag given in `extra` replaces the default.
             if !extra.contains(&flag) {
                 cmd.arg(flag).arg(value);
@@ -705,16 +773,18 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         .sum()
 }
 
-/// Rules in the host's and the given namespaces' iptables and nftables rulesets.
+/// Rules in the host's and the given namespaces' iptables, ip6tables and nftables rulesets.
 pub fn firewall_rules(netns: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
     let mut check = |prefix: &str| {
-        if let Ok(out) = sh(&format!("{prefix} iptables-save 2>/dev/null")) {
-            found.extend(
-                out.lines()
-                    .filter(|l| l.starts_with("-A"))
-                    .map(|l| format!("{prefix} iptables: {l}")),
-            );
+        for tool in ["iptables", "ip6tables"] {
+            if let Ok(out) = sh(&format!("{prefix} {tool}-save 2>/dev/null")) {
+                found.extend(
+                    out.lines()
+                        .filter(|l| l.starts_with("-A"))
+                        .map(|l| format!("{prefix} {tool}: {l}")),
+                );
+            }
         }
         if let Ok(out) = sh(&format!("{prefix} nft list ruleset 2>/dev/null")) {
             found.extend(

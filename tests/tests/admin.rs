@@ -184,10 +184,14 @@ fn admin_drops_a_slowloris_client_and_serves_others_meanwhile() {
 const DESTS_CAPACITY: u32 = 16384;
 
 /// `bpftool` key bytes of a filler address (100.64.0.0/10, not used by the tests).
+/// A `DESTS` key: a 16-byte address, IPv4 v4-mapped.
 fn filler_key(i: u32) -> String {
     let [a, b, c, d] = (0x6440_0000u32 + i).to_be_bytes();
-    format!("{a} {b} {c} {d}")
+    format!("0 0 0 0 0 0 0 0 0 0 255 255 {a} {b} {c} {d}")
 }
+
+/// A `DESTS` value (id, flags, netns cookie), all zero.
+const FILLER_VALUE: &str = "0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0";
 
 fn pending(agent: &Agent, map: &str) -> u64 {
     let m = agent.get("/metrics").unwrap();
@@ -247,7 +251,7 @@ fn a_full_map_is_counted_other_changes_apply_and_a_retry_heals() {
     let batch: String = (0..fill)
         .map(|i| {
             format!(
-                "map update pinned {} key {} value 0 0 0 0 0 0 0 0\n",
+                "map update pinned {} key {} value {FILLER_VALUE}\n",
                 pin.display(),
                 filler_key(i)
             )
@@ -258,7 +262,7 @@ fn a_full_map_is_counted_other_changes_apply_and_a_retry_heals() {
     sh(&format!("bpftool batch file {}", batch_file.display())).unwrap();
     assert!(
         sh(&format!(
-            "bpftool map update pinned {} key {} value 0 0 0 0 0 0 0 0",
+            "bpftool map update pinned {} key {} value {FILLER_VALUE}",
             pin.display(),
             filler_key(fill)
         ))

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use mesh_tests::flows::{assert_intact, echo_intact, proxied_conns};
 use mesh_tests::{firewall_rules, metric, wait_for, SimNode};
 
 const MIB: u64 = 1 << 20;
@@ -15,6 +16,11 @@ mod fill;
 /// The decision-log tests (issue 14, item 7; their own binary too), for the same reason.
 #[path = "datapath_log.rs"]
 mod log;
+
+/// The flow-key and IPv6 map tests (issue 14, items 4 and 5; their own binary too), for
+/// the same reason.
+#[path = "datapath_netns.rs"]
+mod netns;
 
 /// The direct-mode telemetry tests (issue 12, item 1; their own binary too), for the same
 /// reason: the per-flow records come from sockops and sk_msg.
@@ -62,36 +68,6 @@ fn config(n: &SimNode, backend_mode: &str, shop_enrolled: bool) -> String {
         p("legacy").ip,
         p("legacy").netns_path(),
     )
-}
-
-fn proxied_conns(metrics: &str, dst: &str) -> u64 {
-    metric(
-        metrics,
-        "mesh_tcp_connections_opened_total",
-        &[("destination_address", dst)],
-    )
-}
-
-/// An echo exchange of `bytes` each way from `pod` to `to`, checked intact.
-fn echo_intact(n: &SimNode, pod: &str, to: &str, bytes: u64) {
-    let r = n
-        .client(
-            pod,
-            &["echo-client", "--to", to, "--bytes", &bytes.to_string()],
-        )
-        .unwrap();
-    assert_intact(&r, bytes);
-}
-
-fn assert_intact(r: &serde_json::Value, bytes: u64) {
-    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    assert_eq!(r["intact"], r["conns"], "{r}");
-    assert_eq!(
-        r["received"].as_u64().unwrap(),
-        bytes * r["conns"].as_u64().unwrap(),
-        "{r}"
-    );
-    assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
 }
 
 #[test]
@@ -740,6 +716,10 @@ fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
     // client that dials the proxy from a known port) is refused with a reset, never dialled.
     let client = n.pod("client").ip;
     let flows = n.pin_path.join("FLOWS");
+    let config: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["dump", "CONFIG", "-o", "json"]).stdout).unwrap();
+    let proxy_netns = config[0]["proxy_netns"].as_u64().unwrap();
+    assert_ne!(proxy_netns, 0, "{config}");
     let hex = |b: &[u8]| {
         b.iter()
             .map(|x| format!("{x:02x}"))
@@ -760,20 +740,23 @@ fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
     .enumerate()
     {
         let from = 41000 + u16::from(n.index) * 4 + i as u16;
+        // `FLOWS` key: the accepting side's (the proxy's) namespace, then the client's
+        // view with 16-byte addresses (IPv4 v4-mapped).
         let key = [
-            &client.octets()[..],
-            &n.gateway.octets(),
+            &proxy_netns.to_le_bytes()[..],
+            &client.to_ipv6_mapped().octets(),
+            &n.gateway.to_ipv6_mapped().octets(),
             &from.to_le_bytes(),
             &15001u16.to_le_bytes(),
+            &0u32.to_le_bytes(),
         ]
         .concat();
         let value = [
-            &orig.ip().octets()[..],
+            &orig.ip().to_ipv6_mapped().octets()[..],
             &u32::from(orig.port()).to_le_bytes(),
             &1u32.to_le_bytes(), // flow_flags::PROXIED
             &0u32.to_le_bytes(),
             &u32::MAX.to_le_bytes(),
-            &0u32.to_le_bytes(),
             &0u64.to_le_bytes(), // the client's netns cookie: not known
         ]
         .concat();

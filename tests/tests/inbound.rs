@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use mesh_tests::flows::echo_intact;
 use mesh_tests::{firewall_rules, metric, sh, wait_for, SimNode};
 
 const MIB: u64 = 1 << 20;
@@ -58,23 +59,6 @@ fn inbound(agent: &mesh_tests::Agent, outcome: &str) -> u64 {
         "mesh_inbound_connections_total",
         &[("outcome", outcome)],
     )
-}
-
-fn echo_intact(n: &SimNode, pod: &str, to: &str, bytes: u64) {
-    let r = n
-        .client(
-            pod,
-            &["echo-client", "--to", to, "--bytes", &bytes.to_string()],
-        )
-        .unwrap();
-    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    assert_eq!(r["intact"], r["conns"], "{r}");
-    assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
-    assert_eq!(
-        r["received"].as_u64().unwrap(),
-        bytes * r["conns"].as_u64().unwrap(),
-        "{r}"
-    );
 }
 
 /// Programs on ingress of `eth0` in `netns`, by name: tcx links (`BPF_PROG_QUERY` with

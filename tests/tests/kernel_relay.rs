@@ -5,6 +5,7 @@
 //! half-close and reset pass as before, a slow reader gets no error, and the proxy's
 //! counts include what the kernel moved.
 
+use mesh_tests::flows::assert_intact;
 use mesh_tests::{
     metric,
     scenes::{mesh_file, NS_BACKEND, NS_SHOP},
@@ -59,13 +60,6 @@ fn relay_available(agent: &Agent) -> bool {
 
 fn flow_bytes(agent: &Agent, name: &str) -> u64 {
     metric(&agent.get("/metrics").unwrap(), name, &[])
-}
-
-fn assert_intact(r: &serde_json::Value, bytes: u64) {
-    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    assert_eq!(r["intact"], r["conns"], "{r}");
-    assert_eq!(r["received"].as_u64().unwrap(), bytes, "{r}");
-    assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
 }
 
 /// Request/response through the service: after the first exchange both directions move

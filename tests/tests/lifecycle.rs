@@ -303,7 +303,7 @@ fn inspection_cli_lists_and_decodes() {
     ))
     .unwrap();
     assert!(
-        raw.contains("\"orig_ip4\"") && raw.contains("\"local_port\""),
+        raw.contains("\"orig_ip\"") && raw.contains("\"local_port\""),
         "{raw}"
     );
     let _ = conn.kill();

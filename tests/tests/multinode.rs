@@ -3,6 +3,7 @@
 //! underlay with routes between the pod ranges (`mesh_tests::cluster`,
 //! docs/multinode.md).
 
+use mesh_tests::flows::assert_intact;
 use mesh_tests::{
     cluster::{ClusterNode, SimCluster},
     firewall_rules, metric, wait_for,
@@ -64,13 +65,6 @@ fn config(c: &SimCluster, id: usize) -> String {
         );
     }
     yaml
-}
-
-fn assert_intact(r: &serde_json::Value, bytes: u64) {
-    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    assert_eq!(r["intact"], 1, "{r}");
-    assert_eq!(r["received"].as_u64(), Some(bytes), "{r}");
-    assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
 }
 
 /// Connections a node's proxy opened for `src` to `dst` (`ip:port` as the client dialled).

@@ -9,6 +9,7 @@
 //! account `echo`, label `app: echo`) with an echo server on 8080. Both nodes read the
 //! same file: every workload with its `node:`, and the policies under test.
 
+use mesh_tests::flows::assert_intact;
 use mesh_tests::{
     cluster::{contains, Capture, ClusterNode, NodeAgent},
     firewall_rules, intact, metric,
@@ -44,13 +45,6 @@ fn server(c: &TwoNodes) -> String {
 
 fn echo_ok(node: &ClusterNode, pod: &str, to: &str, bytes: u64) -> bool {
     node.echo(pod, to, bytes).is_ok_and(|r| intact(&r))
-}
-
-fn assert_intact(r: &serde_json::Value, bytes: u64) {
-    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
-    assert_eq!(r["intact"], 1, "{r}");
-    assert_eq!(r["received"].as_u64(), Some(bytes), "{r}");
-    assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
 }
 
 fn hbone_streams(agent: &NodeAgent, direction: &str) -> u64 {

@@ -82,8 +82,13 @@ pub fn parse_path(rest: &str) -> Result<(Kind, &str, &str), InspectError> {
     Ok((kind, ns, name))
 }
 
-fn ip4(v: u32) -> Ipv4Addr {
-    Ipv4Addr::from(v.to_ne_bytes())
+/// An address as the maps hold it (16 bytes, IPv4 v4-mapped) as an `IpAddr`, IPv4 plain.
+fn ipa(v: mesh_common::maps::Ip) -> IpAddr {
+    mesh_common::maps::ip_addr(v)
+}
+
+fn raw(ip: IpAddr) -> mesh_common::maps::Ip {
+    mesh_common::maps::ip_from(ip)
 }
 
 /// The maps an inspection reads, from their pins.
@@ -302,28 +307,36 @@ struct Names<'a> {
 
 impl Names<'_> {
     /// `ns/name` of the local workload, mesh workload or service VIP at `ip`.
-    fn at(&self, ip: Ipv4Addr) -> Option<String> {
-        if let Some(w) = self.snap.workloads.iter().find(|w| w.ip == ip) {
+    fn at(&self, ip: IpAddr) -> Option<String> {
+        let local = |w: &&crate::enrol::Workload| {
+            IpAddr::V4(w.ip) == ip || w.ip6.map(IpAddr::V6) == Some(ip)
+        };
+        if let Some(w) = self.snap.workloads.iter().find(local) {
             return Some(format!("{}/{}", w.namespace, w.name));
         }
-        if let Some(w) = self.mesh.workloads.by_ip(IpAddr::V4(ip)) {
+        if let Some(w) = self.mesh.workloads.by_ip(ip) {
             return Some(format!("{}/{}", w.namespace, w.name));
         }
         self.snap
             .services
             .iter()
-            .find(|s| s.vip == ip)
+            .find(|s| IpAddr::V4(s.vip) == ip)
             .map(|s| format!("service {}/{}", s.namespace, s.name))
     }
 
     /// A mesh workload of another node that takes HBONE: the proxy tunnels to it.
-    fn tunnelled(&self, ip: Ipv4Addr, local_node: &str) -> bool {
-        if self.snap.workloads.iter().any(|w| w.ip == ip) {
+    fn tunnelled(&self, ip: IpAddr, local_node: &str) -> bool {
+        if self
+            .snap
+            .workloads
+            .iter()
+            .any(|w| IpAddr::V4(w.ip) == ip || w.ip6.map(IpAddr::V6) == Some(ip))
+        {
             return false;
         }
         self.mesh
             .workloads
-            .by_ip(IpAddr::V4(ip))
+            .by_ip(ip)
             .is_some_and(|w| w.hbone && (local_node.is_empty() || w.node != local_node))
     }
 }
@@ -341,24 +354,25 @@ fn connections(
     for (k, v) in &maps.flows {
         let Some(role) = pick(k, v) else { continue };
         total += 1;
-        let (local, remote) = (
-            SocketAddr::from((ip4(k.local_ip4), k.local_port)),
-            SocketAddr::from((ip4(k.remote_ip4), k.remote_port)),
-        );
-        let orig = SocketAddr::from((ip4(v.orig_ip4), v.orig_port as u16));
-        let own = maps.sockhash.contains(k);
+        let (local, remote) = (k.local(), k.remote());
+        let orig = v.orig_dst();
+        // The `FLOWS` key is the accepting side's namespace and the client's view: the
+        // client's socket is in `SOCKHASH` under its own namespace (the flow's `netns`),
+        // the accepting one under the key's, with its own (reversed) view.
+        let own = maps.sockhash.contains(&k.in_netns(v.netns));
         let peer = maps.sockhash.contains(&k.reversed());
-        let fallback = maps.fallback.contains(k) || maps.fallback.contains(&k.reversed());
+        let fallback = maps.fallback.contains(k);
         let upstream = v.flags & flow_flags::UPSTREAM != 0;
-        let tunnel = !upstream && names.tunnelled(ip4(v.orig_ip4), local_node);
+        let tunnel = !upstream && names.tunnelled(orig.ip(), local_node);
         let path = flow_path(v.flags, own && peer, fallback, tunnel);
         let row = json!({
             "role": role,
             "local": local.to_string(),
             "remote": remote.to_string(),
             "original_destination": orig.to_string(),
-            "source": if upstream { Some("node proxy".to_owned()) } else { names.at(ip4(k.local_ip4)) },
-            "destination": names.at(ip4(v.orig_ip4)),
+            "source": if upstream { Some("node proxy".to_owned()) } else { names.at(local.ip()) },
+            "destination": names.at(orig.ip()),
+            "netns_cookie": k.netns,
             "path": path,
             "flags": flags_text(v.flags, &flow_flags::NAMES),
             "sockhash": {"own": own, "peer": peer},
@@ -466,11 +480,12 @@ impl Admin {
 
         let mut datapath = json!({});
         if let Some(ip) = ip {
-            let raw = u32::from_ne_bytes(ip.octets());
+            let raw = raw(IpAddr::V4(ip));
             let entry = maps.workloads.iter().find(|(_, v)| v.ip4 == raw);
             datapath["netns_cookie"] = json!(entry.map(|(k, _)| *k));
             datapath["workloads_entry"] = json!(entry.map(|(_, v)| json!({
-                "ip": ip4(v.ip4).to_string(),
+                "ip": ipa(v.ip4).to_string(),
+                "ip6": (v.ip6 != [0; 4]).then(|| ipa(v.ip6).to_string()),
                 "id": v.id,
                 "flags": flags_text(v.flags, &wl_flags::NAMES),
             })));
@@ -478,6 +493,7 @@ impl Admin {
                 datapath["dests_entry"] = json!(d.get(&raw, 0).ok().map(|v| json!({
                     "id": v.id,
                     "flags": flags_text(v.flags, &wl_flags::NAMES),
+                    "netns_cookie": v.netns,
                 })));
             }
             datapath["inbound_entry"] = json!(self
@@ -520,11 +536,13 @@ impl Admin {
 
         let conns = match ip {
             Some(ip) => {
-                let raw = u32::from_ne_bytes(ip.octets());
+                let v4 = raw(IpAddr::V4(ip));
+                let v6 = local.and_then(|w| w.ip6).map(|a| raw(IpAddr::V6(a)));
+                let mine = move |a: &mesh_common::maps::Ip| *a == v4 || Some(*a) == v6;
                 connections(&maps, &names, &node, |k, v| {
-                    if k.local_ip4 == raw && v.flags & flow_flags::UPSTREAM == 0 {
+                    if mine(&k.local_ip) && v.flags & flow_flags::UPSTREAM == 0 {
                         Some("client")
-                    } else if k.remote_ip4 == raw || v.orig_ip4 == raw {
+                    } else if mine(&k.remote_ip) || mine(&v.orig_ip) {
                         Some("server")
                     } else {
                         None
@@ -564,7 +582,7 @@ impl Admin {
                     .map(|l| listener_summary(l));
                 json!({
                     "destination": d,
-                    "name": dst.and_then(|i| names.at(i)),
+                    "name": dst.and_then(|i| names.at(IpAddr::V4(i))),
                     "direct": direct,
                     "listener": listener,
                 })
@@ -697,7 +715,7 @@ impl Admin {
                             snap: &snap,
                             mesh: &mesh,
                         }
-                        .at(i)
+                        .at(IpAddr::V4(i))
                     });
                     e["workload"] = json!(who);
                 }
@@ -746,9 +764,9 @@ impl Admin {
         };
         let conns = match &spec {
             Some(s) => {
-                let vip = u32::from_ne_bytes(s.vip.octets());
+                let vip = raw(IpAddr::V4(s.vip));
                 connections(&maps, &names, &node, |_, v| {
-                    (v.orig_ip4 == vip).then_some("client")
+                    (v.orig_ip == vip).then_some("client")
                 })
             }
             None => json!({"total": 0, "listed": 0, "items": []}),

@@ -5,7 +5,10 @@
 
 pub mod security;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +20,8 @@ pub struct Member {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack node; the proxy then knows it by either.
+    pub ip6: Option<Ipv6Addr>,
     pub labels: BTreeMap<String, String>,
     /// Its identity is `spiffe://<trust domain>/ns/<namespace>/sa/<service_account>`.
     pub service_account: String,

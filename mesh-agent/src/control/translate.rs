@@ -466,7 +466,10 @@ fn mesh_resources(
             uid: uid.clone(),
             name: w.name.clone(),
             namespace: w.namespace.clone(),
-            addresses: vec![w.ip.octets().to_vec()],
+            // The IPv4 address first: it is the one HBONE tunnels are opened to.
+            addresses: std::iter::once(w.ip.octets().to_vec())
+                .chain(w.ip6.map(|a| a.octets().to_vec()))
+                .collect(),
             tunnel_protocol: if w.hbone {
                 istio::TunnelProtocol::Hbone
             } else {
@@ -1372,6 +1375,7 @@ peer_authentications:
             namespace: ns.into(),
             name: name.into(),
             ip: std::net::Ipv4Addr::new(10, 0, 0, last),
+            ip6: None,
             labels: Default::default(),
             service_account: sa.into(),
             node: "n".into(),
@@ -1405,7 +1409,7 @@ peer_authentications:
             "{}{POLICIES}",
             FILE.replace(
                 "netns: /run/netns/r1,",
-                "netns: /run/netns/r1, service_account: reviews, node: node-b,"
+                "netns: /run/netns/r1, service_account: reviews, node: node-b, ip6: \"fd00:201::2\","
             )
         );
         let f = MeshFile::parse(Path::new("t.yaml"), &text).unwrap();
@@ -1431,7 +1435,9 @@ peer_authentications:
         else {
             panic!("{name}")
         };
-        assert_eq!(w.addresses, vec![vec![10, 0, 0, 2]]);
+        // Both families, IPv4 first (the HBONE address).
+        let v6: std::net::Ipv6Addr = "fd00:201::2".parse().unwrap();
+        assert_eq!(w.addresses, vec![vec![10, 0, 0, 2], v6.octets().to_vec()]);
         assert_eq!(w.service_account, "reviews");
         assert_eq!(w.trust_domain, "td.example");
         assert_eq!(w.node, "node-b");

@@ -99,15 +99,49 @@ fn watch(logger: Logger) -> std::io::Result<tokio::io::unix::AsyncFd<Logger>> {
 }
 
 /// A record as the programs write it, `CODE rest` (`mesh_common::decision`), as people
-/// read it: `name: why; rest`. A code this build does not know stays a number.
+/// read it: `name: why; rest`. A code this build does not know stays a number. The
+/// programs pass every address as 16 bytes (IPv4 v4-mapped): a v4-mapped one is shown as
+/// the IPv4 address it is (`[::ffff:10.0.0.3]:80` as `10.0.0.3:80`).
 pub fn decode(msg: &str) -> String {
+    let msg = plain_v4(msg);
     match msg.split_once(' ').and_then(|(code, rest)| {
         let (name, why) = mesh_common::decision::describe(code.parse().ok()?)?;
         Some(format!("{name}: {why}; {rest}"))
     }) {
         Some(m) => m,
-        None => msg.to_owned(),
+        None => msg,
     }
+}
+
+/// `[::ffff:a.b.c.d]` and `::ffff:a.b.c.d` as `a.b.c.d`.
+fn plain_v4(msg: &str) -> String {
+    const MAPPED: &str = "::ffff:";
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(MAPPED) {
+        let after = &rest[i + MAPPED.len()..];
+        let quad_len = after
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(after.len());
+        let quad = &after[..quad_len];
+        if quad.parse::<std::net::Ipv4Addr>().is_err() {
+            out.push_str(&rest[..i + MAPPED.len()]);
+            rest = after;
+            continue;
+        }
+        let bracketed = rest[..i].ends_with('[') && after[quad_len..].starts_with(']');
+        if bracketed {
+            out.push_str(&rest[..i - 1]);
+            out.push_str(quad);
+            rest = &after[quad_len + 1..];
+        } else {
+            out.push_str(&rest[..i]);
+            out.push_str(quad);
+            rest = &after[quad_len..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The reader of the programs' log ring buffer; stops (and joins its thread) on drop.
@@ -196,22 +230,24 @@ pub fn parse_flow_record(bytes: &[u8]) -> Option<FlowRecord> {
     let u16_at = |o: usize| u16::from_ne_bytes([bytes[o], bytes[o + 1]]);
     let u32_at = |o: usize| u32::from_ne_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
     let u64_at = |o: usize| u64::from_ne_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
+    let ip_at = |o: usize| [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)];
     Some(FlowRecord {
         kind: u32_at(0),
         flags: u32_at(4),
         src_id: u32_at(8),
         dst_id: u32_at(12),
         key: SockKey {
-            local_ip4: u32_at(16),
-            remote_ip4: u32_at(20),
-            local_port: u16_at(24),
-            remote_port: u16_at(26),
+            netns: u64_at(16),
+            local_ip: ip_at(24),
+            remote_ip: ip_at(40),
+            local_port: u16_at(56),
+            remote_port: u16_at(58),
+            _pad: u32_at(60),
         },
-        _pad: u32_at(28),
-        netns: u64_at(32),
-        sent_redirected: u64_at(40),
-        sent_tcp: u64_at(48),
-        duration_ns: u64_at(56),
+        netns: u64_at(64),
+        sent_redirected: u64_at(72),
+        sent_tcp: u64_at(80),
+        duration_ns: u64_at(88),
     })
 }
 
@@ -327,6 +363,21 @@ mod tests {
             )),
             "flow_recorded: proxied client established; paired=1 netns=7"
         );
+        // Addresses come as 16 bytes: v4-mapped ones shown as IPv4, IPv6 as it is.
+        assert_eq!(
+            decode(&format!(
+                "{code} netns=7 src=::ffff:10.0.0.2 dst=[::ffff:10.0.0.3]:80"
+            )),
+            "connect_excluded: not captured, an exclusion rule (--exclude) matches; netns=7 src=10.0.0.2 dst=10.0.0.3:80"
+        );
+        assert_eq!(
+            decode(&format!("{code} netns=7 src=fd00::2 dst=[fd00::3]:80")),
+            "connect_excluded: not captured, an exclusion rule (--exclude) matches; netns=7 src=fd00::2 dst=[fd00::3]:80"
+        );
+        assert_eq!(
+            plain_v4("a=[::ffff:1.2.3.4]:5 -> [::ffff:x]"),
+            "a=1.2.3.4:5 -> [::ffff:x]"
+        );
         // Unknown codes and other text stay as they are.
         assert_eq!(decode("4242 x"), "4242 x");
         assert_eq!(decode("hello world"), "hello world");
@@ -342,12 +393,13 @@ mod tests {
             src_id: 7,
             dst_id: 9,
             key: SockKey {
-                local_ip4: 0x0a00_0002,
-                remote_ip4: 0x0a00_0003,
+                netns: 77,
+                local_ip: [1, 2, 3, 0x0a00_0002],
+                remote_ip: [5, 6, 7, 0x0a00_0003],
                 local_port: 40000,
                 remote_port: 8080,
+                _pad: 0,
             },
-            _pad: 0,
             netns: 4242,
             sent_redirected: 1 << 40,
             sent_tcp: 12,
@@ -355,14 +407,11 @@ mod tests {
         };
         // The bytes as the kernel writes them: the fields in `repr(C)` order, no padding.
         let mut b = Vec::new();
-        for v in [
-            r.kind,
-            r.flags,
-            r.src_id,
-            r.dst_id,
-            r.key.local_ip4,
-            r.key.remote_ip4,
-        ] {
+        for v in [r.kind, r.flags, r.src_id, r.dst_id] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        b.extend_from_slice(&r.key.netns.to_ne_bytes());
+        for v in r.key.local_ip.iter().chain(&r.key.remote_ip) {
             b.extend_from_slice(&v.to_ne_bytes());
         }
         b.extend_from_slice(&r.key.local_port.to_ne_bytes());

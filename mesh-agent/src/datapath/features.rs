@@ -46,6 +46,9 @@ pub struct KernelFeatures {
 pub const NETNS_COOKIE_SOCKOPT: &str = "so_netns_cookie";
 /// `sk_psock.msg_tot_len`: the sk_msg back-pressure check.
 pub const SKMSG_QUEUE_LENGTH: &str = "skmsg_queue_length";
+/// `bpf_get_netns_cookie` from sockops: an accepting socket's flow key names its real
+/// network namespace.
+pub const SOCKOPS_NETNS_COOKIE: &str = "sockops_netns_cookie";
 /// The kernel relay of proxied flows (`--kernel-relay`): the back-pressure check's queue
 /// length and `struct sk_msg`/`tcp_sock` offsets. Listed only when the flag asks for it.
 pub const KERNEL_RELAY: &str = "kernel_relay";
@@ -57,6 +60,7 @@ impl KernelFeatures {
     pub fn detect(
         sockopt_works: bool,
         queue_length: bool,
+        sockops_netns: bool,
         asked: NetnsCookieMode,
         kernel_relay: Option<bool>,
     ) -> KernelFeatures {
@@ -75,6 +79,12 @@ impl KernelFeatures {
                     fallback: "network-namespace cookies are probed through the connect4 program (a UDP connect from the pod's namespace, NETNS_PROBE map)",
                 },
                 Feature {
+                    name: SOCKOPS_NETNS_COOKIE,
+                    since: "5.15",
+                    available: sockops_netns,
+                    fallback: "an accepting socket's namespace in the flow keys is derived from its address (the proxy's listener, or the local workload's in DESTS): namespaces holding the same addresses share keys, and BPF_NOEXIST keeps a live flow's entries from being taken over",
+                },
+                Feature {
                     name: SKMSG_QUEUE_LENGTH,
                     since: "6.9",
                     available: queue_length,
@@ -91,6 +101,15 @@ impl KernelFeatures {
             .collect(),
             netns_cookie,
         }
+    }
+
+    /// Whether this kernel's release (`uname -r`) is at least `major.minor`.
+    pub fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+        let mut parts = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (a, b) >= (major, minor)
     }
 
     pub fn missing(&self) -> impl Iterator<Item = &Feature> {
@@ -132,35 +151,44 @@ mod tests {
 
     #[test]
     fn auto_takes_the_sockopt_where_it_works_and_the_probe_elsewhere() {
-        let new = KernelFeatures::detect(true, true, NetnsCookieMode::Auto, None);
+        let new = KernelFeatures::detect(true, true, true, NetnsCookieMode::Auto, None);
         assert_eq!(new.netns_cookie, NetnsCookieMode::Sockopt);
         assert_eq!(new.degraded_lines(), "");
-        let old = KernelFeatures::detect(false, false, NetnsCookieMode::Auto, None);
+        let old = KernelFeatures::detect(false, false, false, NetnsCookieMode::Auto, None);
         assert_eq!(old.netns_cookie, NetnsCookieMode::Probe);
         let lines = old.degraded_lines();
-        assert_eq!(lines.lines().count(), 2, "{lines}");
+        assert_eq!(lines.lines().count(), 3, "{lines}");
         assert!(lines.contains("so_netns_cookie (5.14+)"), "{lines}");
+        assert!(lines.contains("sockops_netns_cookie (5.15+)"), "{lines}");
         assert!(lines.contains("skmsg_queue_length (6.9+)"), "{lines}");
         // A forced mode stays what was asked, whatever the kernel has.
-        let forced = KernelFeatures::detect(true, true, NetnsCookieMode::Probe, None);
+        let forced = KernelFeatures::detect(true, true, true, NetnsCookieMode::Probe, None);
         assert_eq!(forced.netns_cookie, NetnsCookieMode::Probe);
     }
 
     #[test]
     fn the_kernel_relay_is_listed_only_when_asked_for() {
-        let off = KernelFeatures::detect(true, true, NetnsCookieMode::Auto, None);
+        let off = KernelFeatures::detect(true, true, true, NetnsCookieMode::Auto, None);
         assert!(off.features.iter().all(|f| f.name != KERNEL_RELAY));
-        let old = KernelFeatures::detect(false, false, NetnsCookieMode::Auto, Some(false));
+        let old = KernelFeatures::detect(false, false, false, NetnsCookieMode::Auto, Some(false));
         let lines = old.degraded_lines();
         assert!(lines.contains("kernel_relay (6.9+)"), "{lines}");
-        let new = KernelFeatures::detect(true, true, NetnsCookieMode::Auto, Some(true));
+        let new = KernelFeatures::detect(true, true, true, NetnsCookieMode::Auto, Some(true));
         assert_eq!(new.degraded_lines(), "");
+    }
+
+    #[test]
+    fn releases_compare_by_major_and_minor() {
+        assert!(KernelFeatures::release_at_least("6.18.0-1-amd64", 5, 15));
+        assert!(KernelFeatures::release_at_least("5.15.0", 5, 15));
+        assert!(!KernelFeatures::release_at_least("5.10.0-46-amd64", 5, 15));
+        assert!(!KernelFeatures::release_at_least("unknown", 5, 15));
     }
 
     #[test]
     fn the_metric_has_one_series_per_feature() {
         let mut out = String::new();
-        KernelFeatures::detect(false, true, NetnsCookieMode::Auto, None).render(&mut out);
+        KernelFeatures::detect(false, true, true, NetnsCookieMode::Auto, None).render(&mut out);
         assert!(out.contains("mesh_kernel_feature{feature=\"so_netns_cookie\",since=\"5.14\"} 0"));
         assert!(out.contains("mesh_kernel_feature{feature=\"skmsg_queue_length\",since=\"6.9\"} 1"));
     }

@@ -76,7 +76,9 @@ impl RelayMaps {
 
     /// Arms the relay of a flow: `accepted` is the proxy's socket of the client whose view
     /// is `client`, `upstream` the proxy's connected leg to the destination, whose view
-    /// is `upstream_key`. Nothing has been sent on either proxy socket yet.
+    /// is `upstream_key`. Nothing has been sent on either proxy socket yet. The keys'
+    /// namespaces are taken from the proxy sockets' states (each knows its peer's): the
+    /// `RELAY` keys are the client's and the destination's `SOCKHASH` keys.
     pub fn arm(
         &self,
         accepted: &impl AsRawFd,
@@ -84,7 +86,6 @@ impl RelayMaps {
         client: SockKey,
         upstream_key: SockKey,
     ) -> Result<Armed<'_>, RelayError> {
-        let server = upstream_key.reversed();
         let (pa, pu) = {
             let ss = self.sock_state.lock().unwrap_or_else(|e| e.into_inner());
             let pa = ss.get(accepted, 0).ok();
@@ -100,6 +101,8 @@ impl RelayMaps {
                     == flow_flags::UPSTREAM | flow_flags::CLIENT_PAIRED
             })
             .ok_or(RelayError::UpstreamNotPaired)?;
+        let client = client.in_netns(pa.peer_netns);
+        let server = upstream_key.reversed().in_netns(pu.peer_netns);
         let armed = Armed {
             maps: self,
             client,

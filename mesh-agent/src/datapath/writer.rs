@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv6Addr},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc, RwLock,
@@ -18,7 +18,7 @@ use std::{
 use aya::maps::{MapData, MapError};
 use mesh_common::{
     capacity, map_names,
-    maps::{exclude_half, DestInfo, ExcludeCidr, WorkloadInfo},
+    maps::{exclude_half, ip_addr, ip_from, DestInfo, ExcludeCidr, Ip, WorkloadInfo},
     wl_flags,
 };
 use tracing::{info, warn};
@@ -83,7 +83,7 @@ fn proc_netns_key(netns: &std::path::Path) -> Option<(u32, u64, u64)> {
 #[derive(Default, Debug, PartialEq)]
 struct Desired {
     workloads: BTreeMap<u64, WorkloadInfo>,
-    dests: BTreeMap<u32, DestInfo>,
+    dests: BTreeMap<Ip, DestInfo>,
     excludes: Vec<ExcludeCidr>,
 }
 
@@ -353,13 +353,8 @@ impl MapSyncer {
             .excludes
             .iter()
             .filter_map(|e| {
-                let (ip, len) = parse_cidr(&e.cidr)?;
-                Some(ExcludeCidr {
-                    ip4: u32::from_ne_bytes(ip.octets()),
-                    prefix_len: len as u32,
-                    port: e.port as u32,
-                    enabled: 1,
-                })
+                let (ip, prefix_len) = exclude_cidr(&e.cidr)?;
+                Some(ExcludeCidr::new(ip, prefix_len, e.port as u32))
             })
             .collect();
         let mut d = Desired {
@@ -373,33 +368,51 @@ impl MapSyncer {
         let mut seen = std::collections::HashSet::new();
         for w in &snap.workloads {
             let id = reg.id(&w.namespace, &w.name);
-            let ip4 = u32::from_ne_bytes(w.ip.octets());
-            d.dests.insert(
-                ip4,
-                DestInfo {
-                    id,
-                    flags: if snap.direct_allowed(w) {
-                        wl_flags::DIRECT
-                    } else {
-                        0
-                    },
+            // Every local workload's namespace, enrolled or not: the accepting side of a
+            // direct-mode flow to it, named by the client in the flow's key.
+            let cookie = match &w.unresolved {
+                Some(_) => None,
+                None => Some(self.cookie(&w.netns, &mut seen)),
+            };
+            let netns = match &cookie {
+                Some(Ok(c)) => *c,
+                _ => 0,
+            };
+            let dest = DestInfo {
+                id,
+                // Direct mode needs the destination's namespace (the flow's key).
+                flags: if snap.direct_allowed(w) && netns != 0 {
+                    wl_flags::DIRECT
+                } else {
+                    0
                 },
-            );
+                netns,
+            };
+            let ip4 = ip_from(IpAddr::V4(w.ip));
+            d.dests.insert(ip4, dest);
+            let ip6 = w.ip6.map(|a| ip_from(IpAddr::V6(a))).unwrap_or_default();
+            if w.ip6.is_some() {
+                d.dests.insert(ip6, dest);
+            }
             if !w.enrolled {
                 continue;
             }
-            if let Some(reason) = &w.unresolved {
-                self.unresolved += 1;
-                warn!(workload = %format!("{}/{}", w.namespace, w.name), reason = %reason,
-                    "the workload's network namespace is not known; it is not captured until it is");
-                continue;
-            }
-            match self.cookie(&w.netns, &mut seen) {
+            let cookie = match (cookie, &w.unresolved) {
+                (Some(c), _) => c,
+                (None, reason) => {
+                    self.unresolved += 1;
+                    warn!(workload = %format!("{}/{}", w.namespace, w.name), reason = %reason.as_deref().unwrap_or(""),
+                        "the workload's network namespace is not known; it is not captured until it is");
+                    continue;
+                }
+            };
+            match cookie {
                 Ok(cookie) => {
                     d.workloads.insert(
                         cookie,
                         WorkloadInfo {
                             ip4,
+                            ip6,
                             id,
                             flags: wl_flags::ENROLLED
                                 | if w.fail_closed {
@@ -408,7 +421,6 @@ impl MapSyncer {
                                     0
                                 }
                                 | if w.bypass { wl_flags::BYPASS } else { 0 },
-                            _pad: 0,
                         },
                     );
                 }
@@ -459,7 +471,7 @@ impl MapSyncer {
                 &mut *m,
                 &self.applied.dests,
                 &want.dests,
-                |k| format!("ip={}", Ipv4Addr::from(k.to_ne_bytes())),
+                |k| format!("ip={}", ip_addr(*k)),
                 &mut failures,
             )
         };
@@ -511,6 +523,18 @@ impl MapSyncer {
         }
         failures
     }
+}
+
+/// An exclusion rule's CIDR as `EXCLUDES` holds it: IPv4 v4-mapped with its prefix length
+/// plus 96, IPv6 as it is (`a::b/len`, length 128 when omitted).
+fn exclude_cidr(cidr: &str) -> Option<(Ip, u32)> {
+    if let Some((ip, len)) = parse_cidr(cidr) {
+        return Some((ip_from(IpAddr::V4(ip)), 96 + u32::from(len)));
+    }
+    let (ip, len) = cidr.split_once('/').unwrap_or((cidr, "128"));
+    let ip: Ipv6Addr = ip.trim().parse().ok()?;
+    let len: u32 = len.trim().parse().ok()?;
+    (len <= 128).then_some((ip_from(IpAddr::V6(ip)), len))
 }
 
 /// The map writer's thread: applies the snapshots it is sent (the newest of those waiting,
@@ -628,6 +652,24 @@ mod tests {
         );
         assert_eq!(proc_netns_key(Path::new("/run/netns/x")), None);
         assert_eq!(proc_netns_key(Path::new("/proc/999999999/ns/net")), None);
+    }
+
+    #[test]
+    fn exclusion_cidrs_of_both_families_match_what_they_name() {
+        let (ip, len) = exclude_cidr("10.96.0.0/12").unwrap();
+        assert_eq!(len, 108);
+        let rule = ExcludeCidr::new(ip, len, 0);
+        let at = |s: &str| ip_from(s.parse().unwrap());
+        assert!(rule.matches(&at("10.100.1.1"), 80));
+        assert!(rule.matches(&at("::ffff:10.100.1.1"), 80));
+        assert!(!rule.matches(&at("10.112.0.1"), 80));
+        let (ip, len) = exclude_cidr("fd00:10:96::/64").unwrap();
+        let rule = ExcludeCidr::new(ip, len, 0);
+        assert!(rule.matches(&at("fd00:10:96::7"), 80));
+        assert!(!rule.matches(&at("fd00:10:97::7"), 80));
+        assert_eq!(exclude_cidr("fd00::1").map(|r| r.1), Some(128));
+        assert_eq!(exclude_cidr("fd00::/129"), None);
+        assert_eq!(exclude_cidr("nonsense"), None);
     }
 
     #[test]
@@ -856,8 +898,8 @@ mod tests {
             v
         };
         // An address no rule matches, so the reader reads up to the end of the set.
-        let ip = u32::from_ne_bytes([1, 2, 3, 4]);
-        let r = mesh_common::maps::excludes_match(gen, slot, ip, 1);
+        let ip = ip_from(IpAddr::V4(std::net::Ipv4Addr::new(1, 2, 3, 4)));
+        let r = mesh_common::maps::excludes_match(gen, slot, &ip, 1);
         let attempts = attempts.into_inner();
         raw.extend(attempts.iter().cloned());
         r.map(|hit| {
@@ -879,13 +921,8 @@ mod tests {
         cidrs
             .iter()
             .map(|(c, port)| {
-                let (ip, len) = parse_cidr(c).unwrap();
-                ExcludeCidr {
-                    ip4: u32::from_ne_bytes(ip.octets()),
-                    prefix_len: len as u32,
-                    port: *port,
-                    enabled: 1,
-                }
+                let (ip, prefix_len) = exclude_cidr(c).unwrap();
+                ExcludeCidr::new(ip, prefix_len, *port)
             })
             .collect()
     }

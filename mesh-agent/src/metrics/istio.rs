@@ -544,7 +544,7 @@ impl Istio {
 
 /// Resolves a datapath workload id (`WorkloadInfo.id`) and the workload's address to the
 /// peer the labels name (the wiring reads the registry and the proxy's mesh workloads).
-pub type ResolveId = Box<dyn Fn(u32, std::net::Ipv4Addr) -> Peer + Send>;
+pub type ResolveId = Box<dyn Fn(u32, std::net::IpAddr) -> Peer + Send>;
 
 /// Direct-mode flows (two same-node pods paired socket to socket, which no proxy sees) in
 /// the Istio series, from the datapath's flow records (`datapath::events::FlowReader`):
@@ -575,9 +575,8 @@ impl DirectFlows {
         ) {
             return;
         }
-        let ip = |a: u32| std::net::Ipv4Addr::from(a.to_ne_bytes());
-        let source = (self.resolve)(r.src_id, ip(r.key.local_ip4));
-        let destination = (self.resolve)(r.dst_id, ip(r.key.remote_ip4));
+        let source = (self.resolve)(r.src_id, r.key.local().ip());
+        let destination = (self.resolve)(r.dst_id, r.key.remote().ip());
         let series = self.istio.tcp(IstioLabels::new(
             SOURCE,
             &source,
@@ -776,7 +775,7 @@ impl DirectFlows {
             Box::new(move |id, ip| {
                 let name = registry.read().unwrap_or_else(|e| e.into_inner()).name(id);
                 let mut peer = Peer::from_qualified(name.as_deref());
-                mesh(std::net::IpAddr::V4(ip), &mut peer);
+                mesh(ip, &mut peer);
                 peer
             }),
         )
@@ -951,7 +950,7 @@ mod tests {
             i.clone(),
             Box::new(|id, ip| match id {
                 1 => {
-                    assert_eq!(ip, std::net::Ipv4Addr::new(10, 0, 0, 2));
+                    assert_eq!(ip, std::net::IpAddr::from([10, 0, 0, 2]));
                     peer("shop", "client")
                 }
                 2 => peer("backend", "db"),
@@ -961,12 +960,11 @@ mod tests {
         let base = FlowRecord {
             src_id: 1,
             dst_id: 2,
-            key: SockKey {
-                local_ip4: u32::from_ne_bytes([10, 0, 0, 2]),
-                remote_ip4: u32::from_ne_bytes([10, 0, 0, 3]),
-                local_port: 40000,
-                remote_port: 9000,
-            },
+            key: SockKey::new(
+                0,
+                "10.0.0.2:40000".parse().unwrap(),
+                "10.0.0.3:9000".parse().unwrap(),
+            ),
             ..FlowRecord::default()
         };
         d.record(&FlowRecord {

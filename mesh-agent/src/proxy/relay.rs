@@ -9,7 +9,7 @@
 
 use std::{
     io,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::atomic::Ordering::Relaxed,
 };
 
@@ -26,17 +26,10 @@ use crate::{
     metrics::{istio::TcpSeries, FlowCounters},
 };
 
-fn v4_key(local: SocketAddr, remote: SocketAddr) -> Option<SockKey> {
-    let ip = |a: IpAddr| match a {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(a) => a.to_ipv4_mapped(),
-    };
-    Some(SockKey {
-        local_ip4: u32::from_ne_bytes(ip(local.ip())?.octets()),
-        remote_ip4: u32::from_ne_bytes(ip(remote.ip())?.octets()),
-        local_port: local.port(),
-        remote_port: remote.port(),
-    })
+/// The view of a connection from the socket at `local` (its namespace left 0: the
+/// datapath's calls set the one each map needs). A v4-mapped address is the IPv4 one.
+pub(super) fn sock_key(local: SocketAddr, remote: SocketAddr) -> SockKey {
+    SockKey::new(0, local, remote)
 }
 
 impl Outbound {
@@ -49,28 +42,32 @@ impl Outbound {
     /// endpoint, the leg is announced in `FLOWS` (flag `upstream`) before connecting, as
     /// `connect_upstream` does for a workload dialled directly, so sockops pairs the
     /// endpoint's socket: the relay's target must be in the sockhash.
-    pub(super) async fn connect_endpoint(&self, ep: SocketAddrV4) -> io::Result<TcpStream> {
-        let (Some(src), Some(dest)) = (self.upstream_source.get(), self.maps.dest(*ep.ip())) else {
+    pub(super) async fn connect_endpoint(&self, ep: SocketAddr) -> io::Result<TcpStream> {
+        let src = match ep {
+            SocketAddr::V4(_) => self.upstream_source.get().map(|a| IpAddr::V4(*a)),
+            SocketAddr::V6(_) => self.upstream_source6.get().map(|a| IpAddr::V6(*a)),
+        };
+        let (Some(src), Some(dest)) = (src, self.maps.dest(ep.ip())) else {
             return TcpStream::connect(ep).await;
         };
-        let sock = TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(IpAddr::V4(*src), 0))?;
-        let Some(key) = v4_key(sock.local_addr()?, SocketAddr::V4(ep)) else {
-            return sock.connect(ep.into()).await;
+        let sock = match ep {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
+        sock.bind(SocketAddr::new(src, 0))?;
+        let key = sock_key(sock.local_addr()?, ep);
         let info = FlowInfo {
-            orig_ip4: u32::from_ne_bytes(ep.ip().octets()),
+            orig_ip: mesh_common::maps::ip_from(ep.ip()),
             orig_port: u32::from(ep.port()),
             flags: flow_flags::PROXIED | flow_flags::UPSTREAM,
             src_id: u32::MAX,
             dst_id: dest.id,
-            _pad: 0,
             netns: 0,
         };
-        if self.maps.announce_upstream(key, info).is_err() {
-            return sock.connect(ep.into()).await;
-        }
-        let r = sock.connect(ep.into()).await;
+        let Ok(key) = self.maps.announce_upstream(key, info) else {
+            return sock.connect(ep).await;
+        };
+        let r = sock.connect(ep).await;
         if r.is_err() {
             self.maps.forget_flow(key);
         }
@@ -95,7 +92,7 @@ pub(super) fn arm<'a>(
     if written_upstream != 0 {
         return None;
     }
-    let upstream_key = v4_key(upstream.local_addr().ok()?, upstream.peer_addr().ok()?)?;
+    let upstream_key = sock_key(upstream.local_addr().ok()?, upstream.peer_addr().ok()?);
     match relay.arm(client, upstream, client_key, upstream_key) {
         Ok(a) => Some(a),
         Err(e) => {
@@ -144,14 +141,24 @@ mod tests {
 
     #[test]
     fn keys_are_the_sockets_own_view_with_mapped_addresses_folded() {
-        let k = v4_key(
+        let k = sock_key(
             "10.0.0.1:40000".parse().unwrap(),
             "[::ffff:10.0.0.2]:8080".parse().unwrap(),
-        )
-        .unwrap();
-        assert_eq!(k.local_ip4, u32::from_ne_bytes([10, 0, 0, 1]));
-        assert_eq!(k.remote_ip4, u32::from_ne_bytes([10, 0, 0, 2]));
+        );
+        let plain = sock_key(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:8080".parse().unwrap(),
+        );
+        assert_eq!(k, plain, "a v4-mapped peer is the IPv4 one");
         assert_eq!((k.local_port, k.remote_port), (40000, 8080));
-        assert!(v4_key("[::1]:1".parse().unwrap(), "10.0.0.2:1".parse().unwrap()).is_none());
+        let v6 = sock_key(
+            "[fd00::1]:40000".parse().unwrap(),
+            "[fd00::2]:8080".parse().unwrap(),
+        );
+        assert_eq!(
+            mesh_common::maps::ip_addr(v6.remote_ip),
+            "fd00::2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(v6.reversed().local_port, 8080);
     }
 }

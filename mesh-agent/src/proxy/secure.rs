@@ -28,7 +28,7 @@
 
 use std::{
     future::Future,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     os::fd::AsFd,
     pin::Pin,
     sync::Arc,
@@ -102,18 +102,20 @@ impl Secure {
     }
 
     /// The path for a flow from the local workload at `client` to `target` (an endpoint
-    /// picked, or the original destination).
-    pub fn outbound(&self, client: Ipv4Addr, target: SocketAddr) -> Path {
+    /// picked, or the original destination); `client` of either family (an IPv6 client on a dual-stack node is found by its
+    /// IPv6 address).
+    pub fn outbound(&self, client: impl Into<IpAddr>, target: SocketAddr) -> Path {
+        let client: IpAddr = client.into();
         let mesh = self.xds.mesh_now();
         let Some(dst) = mesh.workloads.by_ip(target.ip()) else {
             return Path::Plain;
         };
-        let Some(src) = mesh.workloads.by_ip(IpAddr::V4(client)) else {
+        let Some(src) = mesh.workloads.by_ip(client) else {
             return Path::Plain;
         };
         if dst.node == self.node || dst.node.is_empty() {
             let ctx = ConnCtx {
-                src_ip: IpAddr::V4(client),
+                src_ip: client,
                 src_identity: Some(&src.identity),
                 dst,
                 dst_ip: target.ip(),

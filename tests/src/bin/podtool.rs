@@ -40,8 +40,9 @@
 //!                                        P (6 TCP, 262 MPTCP); prints the peer address too
 //! Any client takes `--deadline-ms N`: past it, it prints `{"errors": ["deadline: ..."]}`
 //! and exits (so a connection that hangs fails a test instead of hanging it).
-//! ADDR may be `[::]:port` (dual-stack listener) or `[::ffff:a.b.c.d]:port` (v6 socket to
-//! a v4 peer).
+//! ADDR may be `[::]:port` (dual-stack listener), `[::ffff:a.b.c.d]:port` (v6 socket to
+//! a v4 peer), a native IPv6 address `[fd00:201:N::H]:port` (dual-stack simulated node),
+//! or a link-local one with its interface index, `[fe80::x%IFINDEX]:port`.
 #![expect(
     unsafe_code,
     reason = "poll(2), listen(2), SO_LINGER and the open-files limit of the pod tools' sockets"
@@ -455,12 +456,10 @@ fn sink_client(args: &[String]) {
     );
 }
 
-/// A TCP connection to `to` from source port `from` (IPv4 only).
+/// A TCP connection to `to` from source port `from` (either family; the socket's family
+/// is the destination's).
 fn connect_from(to: SocketAddr, from: u16) -> std::io::Result<TcpStream> {
     use std::os::fd::FromRawFd;
-    let SocketAddr::V4(to) = to else {
-        return Err(std::io::Error::other("--from-port needs an IPv4 --to"));
-    };
     let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
@@ -469,17 +468,56 @@ fn connect_from(to: SocketAddr, from: u16) -> std::io::Result<TcpStream> {
         },
         sin_zero: [0; 8],
     };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let sin6 = |ip: std::net::Ipv6Addr, port: u16, scope: u32| libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: port.to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: ip.octets(),
+        },
+        sin6_scope_id: scope,
+    };
+    /// Either address struct, as bytes the calls read.
+    enum Sa {
+        V4(libc::sockaddr_in),
+        V6(libc::sockaddr_in6),
+    }
+    impl Sa {
+        fn ptr(&self) -> (*const libc::sockaddr, libc::socklen_t) {
+            match self {
+                Sa::V4(a) => (
+                    (a as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                ),
+                Sa::V6(a) => (
+                    (a as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                ),
+            }
+        }
+    }
+    let (family, local, remote) = match to {
+        SocketAddr::V4(to) => (
+            libc::AF_INET,
+            Sa::V4(sin(std::net::Ipv4Addr::UNSPECIFIED, from)),
+            Sa::V4(sin(*to.ip(), to.port())),
+        ),
+        SocketAddr::V6(to) => (
+            libc::AF_INET6,
+            Sa::V6(sin6(std::net::Ipv6Addr::UNSPECIFIED, from, 0)),
+            Sa::V6(sin6(*to.ip(), to.port(), to.scope_id())),
+        ),
+    };
     // SAFETY: plain socket calls on a fd this function owns (moved into the TcpStream, or
     // closed on error); the address structs outlive the calls that read them.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
         let one: libc::c_int = 1;
-        let local = sin(std::net::Ipv4Addr::UNSPECIFIED, from);
-        let remote = sin(*to.ip(), to.port());
+        let (lp, ll) = local.ptr();
+        let (rp, rl) = remote.ptr();
         let ok = libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
@@ -487,8 +525,8 @@ fn connect_from(to: SocketAddr, from: u16) -> std::io::Result<TcpStream> {
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         ) == 0
-            && libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) == 0
-            && libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) == 0;
+            && libc::bind(fd, lp, ll) == 0
+            && libc::connect(fd, rp, rl) == 0;
         if !ok {
             let e = std::io::Error::last_os_error();
             libc::close(fd);

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::Arc,
 };
@@ -116,6 +116,7 @@ pub fn build_cached(
             name: p.name_any(),
             namespace: ns,
             ip,
+            ip6: pod_ip6(p),
             netns: PathBuf::new(),
             labels: p.labels().clone(),
             mode: mode_label(p.labels()),
@@ -184,14 +185,27 @@ fn mode_label(labels: &BTreeMap<String, String>) -> Option<Mode> {
     }
 }
 
-fn pod_ip(p: &Pod) -> Option<Ipv4Addr> {
-    let st = p.status.as_ref()?;
-    st.pod_ips
-        .iter()
+/// Every address the pod's status names: `status.podIPs`, then `status.podIP`.
+fn pod_addrs(p: &Pod) -> impl Iterator<Item = &str> {
+    let st = p.status.as_ref();
+    st.and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
         .flatten()
         .map(|i| i.ip.as_str())
-        .chain(st.pod_ip.as_deref())
-        .find_map(|ip| ip.parse().ok())
+        .chain(st.and_then(|s| s.pod_ip.as_deref()))
+}
+
+fn pod_ip(p: &Pod) -> Option<Ipv4Addr> {
+    pod_addrs(p).find_map(|ip| ip.parse().ok())
+}
+
+/// A dual-stack pod's IPv6 address: the IPv6 entry of `status.podIPs` (`status.podIP`
+/// is the IPv4 one here, since a pod without IPv4 is not a workload). Addresses the
+/// datapath never captures (link-local, loopback) are left out.
+fn pod_ip6(p: &Pod) -> Option<Ipv6Addr> {
+    pod_addrs(p)
+        .filter_map(|ip| ip.parse::<Ipv6Addr>().ok())
+        .find(|ip| crate::enrol::file::not_a_pod_ip6(*ip).is_none())
 }
 
 /// A pod that is a workload of this node: it has its own network namespace (not host
@@ -730,6 +744,51 @@ mod tests {
             )],
             grpc_routes: vec![],
         }
+    }
+
+    /// A dual-stack pod: `status.podIPs` lists both families (in either order); the IPv4
+    /// one is the workload's `ip`, the IPv6 one its `ip6`, in the datapath's snapshot and
+    /// in the control plane's members alike. An IPv4-only pod has none.
+    #[test]
+    fn a_dual_stack_pods_ipv6_address_comes_from_pod_ips() {
+        let mut c = cluster();
+        c.pods[0] = obj("metadata: {name: web, namespace: shop, uid: u1}
+spec: {containers: []}
+status: {podIP: 10.1.0.2, podIPs: [{ip: 10.1.0.2}, {ip: 'fd00:10:1::2'}]}");
+        c.pods[1] = obj("metadata: {name: out, namespace: shop, uid: u2}
+spec: {containers: []}
+status: {podIP: 'fd00:10:1::3', podIPs: [{ip: 'fd00:10:1::3'}, {ip: 10.1.0.3}]}");
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "cluster.local",
+        };
+        let built = build(&c, &opts, &mut |_| Ok(PathBuf::from("/proc/1/ns/net")));
+        let w = |n: &str| {
+            built
+                .snapshot
+                .workloads
+                .iter()
+                .find(|w| w.name == n)
+                .unwrap()
+                .clone()
+        };
+        let v6 = |s: &str| Some(s.parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            (w("web").ip, w("web").ip6),
+            (Ipv4Addr::new(10, 1, 0, 2), v6("fd00:10:1::2"))
+        );
+        assert_eq!(
+            (w("out").ip, w("out").ip6),
+            (Ipv4Addr::new(10, 1, 0, 3), v6("fd00:10:1::3"))
+        );
+        assert_eq!(w("db").ip6, None);
+        let m = built
+            .snapshot
+            .declared
+            .iter()
+            .find(|m| m.name == "web")
+            .unwrap();
+        assert_eq!(m.ip6, v6("fd00:10:1::2"));
     }
 
     #[test]
