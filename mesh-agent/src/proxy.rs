@@ -461,10 +461,7 @@ impl Outbound {
     /// Why the proxy must not dial `ip` on a workload's behalf, if it must not (counted):
     /// "this host" and "this link" addresses of either family, and the node's own.
     fn refuse(&self, ip: IpAddr) -> Option<&'static str> {
-        let ip = match ip {
-            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = canonical(ip);
         if mesh_common::local_scope(&mesh_common::maps::ip_from(ip)) {
             self.metrics.refused_local_scope.fetch_add(1, Relaxed);
             Some("local_scope")
