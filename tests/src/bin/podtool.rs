@@ -538,11 +538,19 @@ fn connect_from(to: SocketAddr, from: u16) -> std::io::Result<TcpStream> {
 
 fn reset_client(args: &[String]) {
     let to = addr(args, "--to");
-    let mut c = match arg(args, "--from-port") {
+    let connected = match arg(args, "--from-port") {
         Some(p) => connect_from(to, p.parse().expect("port")),
         None => TcpStream::connect(to),
-    }
-    .expect("connect");
+    };
+    // A reset can even beat connect() back to us (the far end accepted and reset at once,
+    // seen under emulation): that is the reset we wait for, not a failure of the tool.
+    let mut c = match connected {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            println!("{}", serde_json::json!({"outcome": errno_name(&e)}));
+            return;
+        }
+        other => other.expect("connect"),
+    };
     // The reset may come before our write (a refused upstream resets at once): then the
     // write is where it shows, and a read after it would only see EOF.
     let outcome = if let Err(e) = c.write_all(b"hello") {
