@@ -357,7 +357,9 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
         ),
         // Socket storage cannot be listed (the kernel has no "next key" for it): its
         // entries are read one socket at a time, by a socket fd.
-        map_names::SOCK_STATE => return Err(CliError::Unlistable(map.into())),
+        map_names::SOCK_STATE | map_names::SOCK_NETNS => {
+            return Err(CliError::Unlistable(map.into()))
+        }
         map_names::FLOWS => (
             vec!["key_netns", "local", "remote", "original_dst", "flags", "src_id", "dst_id", "netns_cookie"],
             hash::<SockKey, FlowInfo>(pin, map)?

@@ -2,9 +2,9 @@
 //!
 //! Life cycle: `preflight` checks what the kernel and the host must provide, then
 //! `Datapath::load` takes the node lock (an `flock` on the pin folder), loads the embedded
-//! object with load-time globals, attaches `connect4`, `connect6` and `sockops` to the
-//! cgroup and `sk_msg` to `SOCKHASH` (all as kernel links owned by this process), and pins
-//! every map under the pin folder. Dropping the `Datapath` (normal exit, error half-way
+//! object with load-time globals, attaches `connect4`, `connect6` and `sockops` (and,
+//! below 5.15, `mesh_sock_netns`) to the cgroup and `sk_msg` to `SOCKHASH` (all as
+//! kernel links owned by this process), and pins every map under the pin folder. Dropping the `Datapath` (normal exit, error half-way
 //! through start-up, or a crash, where the kernel closes the link fds) detaches every
 //! program; `Drop` removes the pins.
 
@@ -27,7 +27,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, SkStorage, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
@@ -355,6 +355,7 @@ fn expected_layout(name: &str, capacity: Capacity) -> Option<(u32, u32, u32)> {
         map_names::NODE_ADDRS => (16, 4, cap::NODE_ADDRS),
         map_names::INBOUND => (4, sz(size_of::<InboundInfo>()), cap::INBOUND),
         map_names::NETNS_PROBE => (8, 8, cap::NETNS_PROBE),
+        map_names::SOCK_NETNS => (4, 8, 0),
         _ => return None,
     })
 }
@@ -446,6 +447,58 @@ fn sk_msg_offsets() -> (u32, u32) {
     })
 }
 
+/// What became of `mesh_sock_netns`.
+enum StampLink {
+    /// Loaded (verified), not attached: not wanted here.
+    Loaded,
+    /// Attached now, its link pinned.
+    Attached,
+    /// Swapped into the link an earlier agent pinned (this fd keeps it).
+    Adopted(OwnedFd),
+}
+
+/// Loads `mesh_sock_netns` and, when `attach`, links it to the cgroup (taking over an
+/// earlier agent's pinned link, else attaching and pinning a new one).
+fn sock_netns_program(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    pin: &Path,
+    attach: bool,
+) -> Result<StampLink, BpfError> {
+    let name = prog_names::SOCK_NETNS;
+    let err = |what: &str| {
+        let what = format!("{what} {name}");
+        move |source| BpfError::Program { what, source }
+    };
+    let p: &mut CgroupSock = ebpf
+        .program_mut(name)
+        .ok_or_else(|| BpfError::Kernel(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(err("program"))?;
+    p.load().map_err(err("loading"))?;
+    if !attach {
+        return Ok(StampLink::Loaded);
+    }
+    if let Some(fd) = adopt_link(pin, p.fd().map_err(err("loading"))?)? {
+        return Ok(StampLink::Adopted(fd));
+    }
+    let id = p
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(err("attaching"))?;
+    let link: aya::programs::links::FdLink = p
+        .take_link(id)
+        .map_err(err("attaching"))?
+        .try_into()
+        .map_err(|e| BpfError::Kernel(format!("the link of {name}: {e}")))?;
+    // The pin keeps the link; our fd may close with the process.
+    drop(link.pin(pin).map_err(|source| BpfError::Pin {
+        name: format!("link of {name}"),
+        path: pin.to_owned(),
+        source,
+    })?);
+    Ok(StampLink::Attached)
+}
+
 /// Swaps `prog` into the link pinned at `pin`, if there is one. `None`: no pin (attach).
 fn adopt_link(pin: &Path, prog: &aya::programs::ProgramFd) -> Result<Option<OwnedFd>, BpfError> {
     if !pin.exists() {
@@ -513,6 +566,10 @@ impl Datapath {
             features::KernelFeatures::release_at_least(&sys::kernel_release(), 5, 15)
                 && !assumed_missing(features::SOCKOPS_NETNS_COOKIE);
         let sockops_netns_on = u32::from(sockops_netns);
+        // Where it cannot, sockops reads the stamp `mesh_sock_netns` leaves on each TCP
+        // socket (attached below, only then); the lookup is dead code otherwise.
+        let stamp_wanted = !sockops_netns && !assumed_missing(features::SOCK_NETNS_STAMP);
+        let stamp_on = u32::from(stamp_wanted);
         let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
             .map(|n| (*n, o.pin_path.join(n)))
@@ -526,6 +583,7 @@ impl Datapath {
             .override_global("OFF_TCP_COPIED_SEQ", &tcp_seq[1], true)
             .override_global("KERNEL_RELAY", &relay_on, true)
             .override_global("SOCKOPS_NETNS", &sockops_netns_on, true)
+            .override_global("SOCK_NETNS_STAMP", &stamp_on, true)
             .override_global("OFF_MSG_SK", &off_msg_sk, true)
             .override_global("OFF_MSG_SK_REDIR", &off_msg_sk_redir, true)
             .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true)
@@ -633,6 +691,33 @@ impl Datapath {
             }
         }
 
+        // The namespace stamp for sockops' flow keys: loaded (verified) on every kernel, so
+        // `/kernel` says whether this one can run it; attached only where sockops cannot
+        // read a socket's namespace itself.
+        let stamp_pin = link_pin(o.pin_path, prog_names::SOCK_NETNS);
+        let sock_netns_stamp = match sock_netns_program(
+            &mut ebpf,
+            &cgroup_fd,
+            &stamp_pin,
+            stamp_wanted,
+        ) {
+            Ok(StampLink::Attached) => true,
+            Ok(StampLink::Adopted(fd)) => {
+                links.push(fd);
+                adopted_links += 1;
+                true
+            }
+            Ok(StampLink::Loaded) => !assumed_missing(features::SOCK_NETNS_STAMP),
+            Err(e) => {
+                warn!(error = %e, "the socket namespace stamp (mesh_sock_netns) is not available");
+                false
+            }
+        };
+        if !(stamp_wanted && sock_netns_stamp) && stamp_pin.exists() {
+            // An earlier agent's stamp link this node no longer needs: detach it.
+            let _ = std::fs::remove_file(&stamp_pin);
+        }
+
         let sockhash: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::SOCKHASH)?;
         let skmsg: &mut SkMsg = ebpf
             .program_mut(prog_names::SK_MSG)
@@ -685,6 +770,7 @@ impl Datapath {
                     && !assumed_missing(features::NETNS_COOKIE_SOCKOPT),
                 off_msg_tot_len != 0,
                 sockops_netns,
+                sock_netns_stamp,
                 o.netns_cookie,
                 o.kernel_relay.then_some(relay_possible),
             ),
@@ -787,6 +873,7 @@ impl Datapath {
             redirect = %o.redirect,
             redirect6 = ?o.redirect6,
             sockops_netns,
+            flow_key_netns = ?maps.features.flow_key_netns,
             backpressure_check = off_msg_tot_len != 0,
             kernel_relay,
             node_addresses = node_addrs.current,

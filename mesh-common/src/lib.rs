@@ -44,7 +44,13 @@ pub mod map_names {
     /// Every pinned map. The one map not pinned is `PEER_SK` (socket storage holding
     /// the kernel address of a sender's peer for the back-pressure check): kernel
     /// pointers never sit in a pinned map.
-    pub const ALL: [&str; 13] = [
+    /// Each TCP socket's network-namespace cookie, stamped at its creation by the
+    /// `cgroup/sock_create` program (`prog_names::SOCK_NETNS`) and copied to the sockets a
+    /// listener accepts (socket storage with `BPF_F_CLONE`): how sockops knows an
+    /// accepting socket's namespace on kernels where it cannot ask (< 5.15). Not
+    /// listable (socket storage); pinned so a stamp outlives an agent restart.
+    pub const SOCK_NETNS: &str = "SOCK_NETNS";
+    pub const ALL: [&str; 14] = [
         WORKLOADS,
         DESTS,
         CONFIG,
@@ -58,6 +64,7 @@ pub mod map_names {
         PROXY_HEALTH,
         INBOUND,
         NETNS_PROBE,
+        SOCK_NETNS,
     ];
 }
 
@@ -71,7 +78,11 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "mesh_peername6";
     /// TC ingress on each capturing pod's interface (attached per pod, not per cgroup).
     pub const TC_INGRESS: &str = "mesh_tc_ingress";
-    pub const ALL: [&str; 7] = [
+    /// `cgroup/sock_create`: stamps each new TCP socket with its namespace (`SOCK_NETNS`).
+    /// Loaded on every kernel; attached only where sockops cannot read a socket's
+    /// namespace itself (< 5.15).
+    pub const SOCK_NETNS: &str = "mesh_sock_netns";
+    pub const ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS,
@@ -79,6 +90,7 @@ pub mod prog_names {
         GETPEERNAME4,
         GETPEERNAME6,
         TC_INGRESS,
+        SOCK_NETNS,
     ];
 }
 

@@ -4,7 +4,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC,
+        BPF_SK_STORAGE_GET_F_CREATE,
+    },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockHash},
     helpers::generated::{bpf_probe_read_kernel, bpf_sk_storage_get},
     macros::btf_map,
@@ -156,6 +159,83 @@ pub unsafe fn peer_sk(sk: *mut c_void) -> Option<&'static mut PeerSk> {
     }
 }
 
+/// A socket-storage map definition whose values are copied to the sockets a listener
+/// accepts (`BPF_F_CLONE`, 5.4+); aya-ebpf's `SkStorage` fixes its flags to
+/// `BPF_F_NO_PREALLOC`. Laid out as `btf_map_def` lays out every BTF map.
+#[repr(C)]
+pub struct ClonedSkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholder pointers the loader reads from BTF; never dereferenced.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    pub const fn new() -> Self {
+        ClonedSkStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+}
+
+/// Each TCP socket's network-namespace cookie, stamped by `mesh_sock_netns`
+/// (`cgroup/sock_create`) and cloned into every socket a stamped listener accepts: how
+/// sockops names an accepting socket's namespace where it cannot ask the kernel (< 5.15).
+#[btf_map]
+pub static SOCK_NETNS: ClonedSkStorage<u64> = ClonedSkStorage::new();
+
+/// The namespace stamped on the socket `sk` (`SOCK_NETNS`), 0 if it has none (it was made
+/// before the stamping program was attached, or outside the cgroup).
+///
+/// # Safety
+///
+/// As `sock_state`.
+#[inline(always)]
+pub unsafe fn stamped_netns(sk: *mut c_void) -> u64 {
+    // SAFETY: as in `sock_state`; the value is copied out at once.
+    unsafe {
+        let p = bpf_sk_storage_get(map_ptr(&SOCK_NETNS), sk, core::ptr::null_mut(), 0);
+        match (p as *const u64).as_ref() {
+            Some(c) => *c,
+            None => 0,
+        }
+    }
+}
+
+/// Stamps the socket `sk` (a `cgroup/sock_create` context) with `netns`; false without
+/// memory.
+///
+/// # Safety
+///
+/// `sk` must be the program's context pointer.
+#[inline(always)]
+pub unsafe fn stamp_netns(sk: *mut c_void, netns: u64) -> bool {
+    // SAFETY: the kernel returns this socket's value (created zeroed) or null.
+    unsafe {
+        let p = bpf_sk_storage_get(
+            map_ptr(&SOCK_NETNS),
+            sk,
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        );
+        match (p as *mut u64).as_mut() {
+            Some(c) => {
+                *c = netns;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// The agent's netns-cookie probes (kernels without `SO_NETNS_COOKIE`): the agent inserts
 /// the socket cookie of a UDP socket it made in a pod's network namespace, connects it,
 /// and connect4 fills in the namespace's cookie. Only keys the agent inserted are filled,
@@ -214,6 +294,11 @@ pub static KERNEL_RELAY: Global<u32> = Global::new(0);
 /// verified.
 #[unsafe(no_mangle)]
 pub static SOCKOPS_NETNS: Global<u32> = Global::new(0);
+/// Non-zero (where `SOCKOPS_NETNS` is 0 and the agent attached `mesh_sock_netns`): sockops
+/// reads an accepting socket's namespace from its stamp in `SOCK_NETNS`, and derives it
+/// from the address only for sockets without one. Zero: the lookup is dead code.
+#[unsafe(no_mangle)]
+pub static SOCK_NETNS_STAMP: Global<u32> = Global::new(0);
 /// Floor for the per-socket limit of bytes queued by redirects (bytes); the limit is
 /// max(peer's SO_RCVBUF, this).
 #[unsafe(no_mangle)]

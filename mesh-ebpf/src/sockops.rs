@@ -48,8 +48,8 @@ use mesh_common::{
 use crate::{
     log::{ip16, on, NONE},
     maps::{
-        bump, config, flow_record, read_addressing, sock_state, DESTS, FLOWS, SOCKHASH,
-        SOCKOPS_NETNS,
+        bump, config, flow_record, read_addressing, sock_state, stamped_netns, DESTS, FLOWS,
+        SOCKHASH, SOCKOPS_NETNS, SOCK_NETNS_STAMP,
     },
 };
 
@@ -58,12 +58,12 @@ const PAIRED_CB_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG;
 
 // Keys carry a network namespace (docs/kernels.md, "Flow keys"): `FLOWS` the accepting
 // side's (which the client side names: the proxy's, `CONFIG.proxy_netns`, or the
-// destination pod's, `DESTS`; the accepting side reads its own, `own_netns`), `SOCKHASH`
-// each socket's own (the client's from connect4/6, in its `SOCK_STATE`). Within one
-// namespace a live 4-tuple is unique; every insert is still `BPF_NOEXIST`, so on a kernel
-// that derives the accepting namespace from addresses (< 5.15) a socket of another
-// namespace with the same addresses can never take over a live flow's entry or sockhash
-// slot (it stays unpaired on TCP, counted).
+// destination pod's, `DESTS`; the accepting side reads its own, `accepting_netns`),
+// `SOCKHASH` each socket's own (the client's from connect4/6, in its `SOCK_STATE`). Within
+// one namespace a live 4-tuple is unique; every insert is still `BPF_NOEXIST`, so where an
+// accepting namespace is derived from addresses (a socket without a stamp, < 5.15) a
+// socket of another namespace with the same addresses can never take over a live flow's
+// entry or sockhash slot (it stays unpaired on TCP, counted).
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -137,23 +137,46 @@ fn sock_key(ctx: &SockOpsContext, netns: u64) -> Option<(SockKey, bool)> {
     socket_key(netns, family, l4, r4, l6, r6, lport, rport)
 }
 
-/// The network namespace of an accepting socket whose local address is `local`:
-/// the kernel's answer where sockops may ask (`bpf_get_netns_cookie`, 5.15+), else
-/// derived as the client side names it (the proxy's listener: `CONFIG.proxy_netns`; a
-/// local workload: `DESTS`), 0 if neither.
+/// The network namespace of the accepting socket `sk`, whose local address is `local`:
+/// the kernel's answer where sockops may ask (`bpf_get_netns_cookie`, 5.15+); else the
+/// stamp `mesh_sock_netns` left on the socket (or its listener) at creation
+/// (`SOCK_NETNS`, where the agent attached it); else derived as the client side names it
+/// (the proxy's listener: `CONFIG.proxy_netns`; a local workload: `DESTS`), 0 if neither.
 ///
-/// Accepted inexactness below 5.15: two namespaces holding the same local address get
-/// the same derived namespace, which is the key without one; `BPF_NOEXIST` keeps a live
-/// flow's entries from being taken over there.
+/// Accepted inexactness of the derived answer (no stamp: a socket made before the agent
+/// first attached the stamping program, or no memory for the stamp): two namespaces
+/// holding the same local address get the same derived namespace; `BPF_NOEXIST` keeps a
+/// live flow's entries from being taken over there.
 #[inline(always)]
-fn accepting_netns(ctx: &SockOpsContext, local: &Ip, port: u16, cfg: &MeshConfig) -> u64 {
+fn accepting_netns(
+    ctx: &SockOpsContext,
+    sk: *mut c_void,
+    local: &Ip,
+    port: u16,
+    cfg: &MeshConfig,
+) -> u64 {
     if SOCKOPS_NETNS.load() != 0 {
         // SAFETY: helper call on the program's own context (allowed in sockops from 5.15;
         // with the global at 0 this code is dead and never verified).
         return unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
     }
+    let stamped = if SOCK_NETNS_STAMP.load() != 0 {
+        // SAFETY: the context's own socket, checked non-null by the caller.
+        unsafe { stamped_netns(sk) }
+    } else {
+        0
+    };
     if cfg.is_proxy(local, port as u32) {
-        return cfg.proxy_netns;
+        // The proxy's own namespace is what the client side names; an agent that could
+        // not read it (0) keys proxied flows by 0, so its listener must too.
+        return if stamped != 0 && cfg.proxy_netns != 0 {
+            stamped
+        } else {
+            cfg.proxy_netns
+        };
+    }
+    if stamped != 0 {
+        return stamped;
     }
     // SAFETY: the value is copied out at once.
     match unsafe { DESTS.get(local) } {
@@ -336,7 +359,7 @@ fn passive_established(ctx: &SockOpsContext, rec: &mut Rec) {
         return;
     };
     let cfg = config();
-    let own = accepting_netns(ctx, &view.local_ip, view.local_port, &cfg);
+    let own = accepting_netns(ctx, sk, &view.local_ip, view.local_port, &cfg);
     let key = view.in_netns(own);
     // The flow's key: this side's namespace, the client's view.
     let client_view = key.reversed();

@@ -166,31 +166,48 @@ fn dump(agent: &mesh_tests::Agent, map: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
-/// Whether this kernel lets sockops read a socket's namespace (5.15+): where it does not,
-/// the accepting side's namespace is derived from its address (docs/kernels.md).
-fn sockops_netns(agent: &mesh_tests::Agent) -> bool {
+/// `/kernel`: how the agent knows an accepting socket's namespace (`flow_key_netns`:
+/// `sockops_helper` 5.15+, `socket_stamp` 5.9+, `derived`), and the report of the two
+/// features behind it.
+fn flow_key_netns(agent: &mesh_tests::Agent) -> (String, serde_json::Value) {
     let k: serde_json::Value = serde_json::from_str(&agent.get("/kernel").unwrap()).unwrap();
-    k["features"]
+    let features: serde_json::Value = k["features"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|f| f["name"] == "sockops_netns_cookie" && f["available"] == true)
+        .filter(|f| f["name"] == "sockops_netns_cookie" || f["name"] == "sock_netns_stamp")
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_owned(),
+                f["available"].clone(),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    (
+        k["flow_key_netns"].as_str().unwrap_or("").to_owned(),
+        features,
+    )
 }
 
-/// The case docs/kernels.md left open: a captured direct-mode flow whose accepting end
-/// completes its handshake late, and a connection in another namespace with the *same*
-/// 4-tuple whose accepting end completes first. With flow keys carrying the accepting
-/// side's namespace the other namespace's socket finds no flow and pairs with nothing:
-/// both exchanges arrive intact where they were sent. (Without the namespace in the key,
-/// that socket took the flow over, and the captured client's bytes went into the other
-/// namespace.)
-#[test]
-fn flows_of_two_namespaces_with_the_same_addresses_never_meet() {
+/// The captured client's and the shadow's accounts of one run of the collision.
+struct Collision {
+    /// What the captured client got back, and whom `getpeername` named.
+    client: serde_json::Value,
+    /// What the shadow's accepted socket received: its own line (`got`), and anything
+    /// else (`extra`).
+    shadow: serde_json::Value,
+    /// `sockhash_update_failed` events during the run.
+    sockhash_failed: u64,
+}
+
+/// A node with a captured client pod, a direct-mode server pod and the shadow namespace
+/// (in the node's cgroup, so the programs see its sockets, but not on the bridge), which
+/// holds the client's and the server's addresses on its loopback; and its agent.
+fn two_namespaces(agent_args: &[&str]) -> (SimNode, mesh_tests::Agent) {
     let mut n = SimNode::new().expect("sim node");
     n.add_pod("client", 2).unwrap();
     n.add_pod("server", 3).unwrap();
-    // The shadow namespace: in the node's cgroup (the programs see its sockets) but not
-    // on the bridge, holding the client's and the server's addresses on its loopback.
     n.add_pod("shadow", 9).unwrap();
     let (client, server) = (n.pod("client").ip, n.pod("server").ip);
     let shadow = n.pod("shadow").netns.clone();
@@ -208,38 +225,50 @@ fn flows_of_two_namespaces_with_the_same_addresses_never_meet() {
         n.pod("server").netns_path(),
     ))
     .unwrap();
-    let agent = n
-        .start_agent(&["--skmsg-unbounded-pairing", "true"])
-        .unwrap();
-    if !sockops_netns(&agent) {
-        // Below 5.15 the namespace is derived from the address: the shadow socket's is
-        // the server's, which is the documented limit. Say so instead of passing.
-        let k = agent.get("/kernel").unwrap();
-        assert!(k.contains("sockops_netns_cookie"), "{k}");
-        return;
-    }
-    let mut srv = Script::start(&n, "server", DEFERRED_ECHO, &["0.0.0.0", "8080"]);
+    let mut args = vec!["--skmsg-unbounded-pairing", "true"];
+    args.extend_from_slice(agent_args);
+    let agent = n.start_agent(&args).unwrap();
+    (n, agent)
+}
+
+/// The case docs/kernels.md left open: a captured direct-mode flow whose accepting end
+/// completes its handshake late, and a connection in the shadow namespace with the *same*
+/// 4-tuple whose accepting end completes first. Checks the captured flow's record (keyed
+/// by the server's namespace) on the way, and returns what each side received.
+fn collide(n: &SimNode, agent: &mesh_tests::Agent) -> Collision {
+    collide_with(n, agent, deferred_server(n))
+}
+
+/// The server pod's listener (`DEFERRED_ECHO` on port 8080), listening.
+fn deferred_server(n: &SimNode) -> Script {
+    let mut srv = Script::start(n, "server", DEFERRED_ECHO, &["0.0.0.0", "8080"]);
     assert_eq!(srv.line(), "listening");
+    srv
+}
+
+/// `collide` with a server listening already.
+fn collide_with(n: &SimNode, agent: &mesh_tests::Agent, srv: Script) -> Collision {
+    let (client, server) = (n.pod("client").ip, n.pod("server").ip);
     let failed = agent.event("sockhash_update_failed");
     let sport = (42000 + u16::from(n.index)).to_string();
 
     // The captured client connects and holds: its flow is recorded and it is paired, the
     // server's end is not established yet (deferred).
     let mut c = Script::start(
-        &n,
+        n,
         "client",
         HELD_CLIENT,
         &[&server.to_string(), "8080", &sport],
     );
     assert_eq!(c.line(), "connected");
     assert_eq!(agent.event("connect_direct"), 1);
-    let server_netns = dump(&agent, "DESTS")
+    let server_netns = dump(agent, "DESTS")
         .into_iter()
         .find(|d| d["ip"] == server.to_string().as_str())
         .and_then(|d| d["netns_cookie"].as_u64())
         .expect("DESTS holds the server with its namespace");
     assert_ne!(server_netns, 0);
-    let flows = dump(&agent, "FLOWS");
+    let flows = dump(agent, "FLOWS");
     let local = format!("{client}:{sport}");
     let ours: Vec<_> = flows
         .iter()
@@ -251,33 +280,132 @@ fn flows_of_two_namespaces_with_the_same_addresses_never_meet() {
 
     // The same 4-tuple in the shadow namespace, accepted while the captured flow waits.
     let mut sh_ = Script::start(
-        &n,
+        n,
         "shadow",
         SHADOW,
         &[&client.to_string(), &server.to_string(), "8080", &sport],
     );
     assert_eq!(sh_.line(), "exchanged");
 
-    // The captured client sends now: its bytes must reach the server, not the shadow.
+    // The captured client sends now.
     c.say("go");
-    let r: serde_json::Value = serde_json::from_str(&c.line()).unwrap();
-    assert_eq!(r["reply"], "S:payload-from-the-captured-client\n", "{r}");
-    assert_eq!(
-        r["peer"],
-        serde_json::json!([server.to_string(), 8080]),
-        "{r}"
-    );
+    let client: serde_json::Value = serde_json::from_str(&c.line()).unwrap();
     sh_.say("done");
-    let s: serde_json::Value = serde_json::from_str(&sh_.line()).unwrap();
+    let shadow: serde_json::Value = serde_json::from_str(&sh_.line()).unwrap();
+    let sockhash_failed = agent.event("sockhash_update_failed") - failed;
+    std::thread::sleep(Duration::from_millis(100));
+    drop(srv);
+    Collision {
+        client,
+        shadow,
+        sockhash_failed,
+    }
+}
+
+/// Both exchanges arrived intact where they were sent: the shadow's accepting socket
+/// found no flow and paired with nothing.
+fn assert_never_met(n: &SimNode, r: &Collision) {
+    let server = n.pod("server").ip;
+    let (c, s) = (&r.client, &r.shadow);
+    assert_eq!(c["reply"], "S:payload-from-the-captured-client\n", "{c}");
+    assert_eq!(
+        c["peer"],
+        serde_json::json!([server.to_string(), 8080]),
+        "{c}"
+    );
     assert_eq!(s["got"], "shadow\n", "{s}");
     assert_eq!(
         s["extra"], "",
         "the captured client's bytes reached the shadow: {s}"
     );
     // The shadow's accepting socket never tried the flow's sockhash slot.
-    assert_eq!(agent.event("sockhash_update_failed"), failed);
-    std::thread::sleep(Duration::from_millis(100));
-    drop(srv);
+    assert_eq!(r.sockhash_failed, 0);
+}
+
+/// With flow keys carrying the accepting side's real namespace, the shadow's socket finds
+/// no flow and pairs with nothing: both exchanges arrive intact where they were sent. On
+/// every supported kernel: sockops asks the kernel on 5.15+, and reads the stamp
+/// `mesh_sock_netns` left on the socket below (5.10 - 5.14).
+#[test]
+fn flows_of_two_namespaces_with_the_same_addresses_never_meet() {
+    let (n, agent) = two_namespaces(&[]);
+    let (how, features) = flow_key_netns(&agent);
+    assert!(
+        how == "sockops_helper" || how == "socket_stamp",
+        "every supported kernel knows the accepting namespace: {how} {features}"
+    );
+    assert_eq!(features["sock_netns_stamp"], true, "{features}");
+    assert_never_met(&n, &collide(&n, &agent));
+}
+
+/// The same with the way 5.10 - 5.14 take, forced on any kernel (the stamp is what
+/// `sockops_netns_cookie`'s absence leaves): the shadow's accepted socket carries its
+/// listener's stamp, its own namespace, though it holds the server's address.
+#[test]
+fn the_socket_stamp_keeps_two_namespaces_apart() {
+    let (n, agent) = two_namespaces(&["--assume-missing-feature", "sockops_netns_cookie"]);
+    let (how, features) = flow_key_netns(&agent);
+    assert_eq!(how, "socket_stamp", "{features}");
+    assert_eq!(features["sockops_netns_cookie"], false, "{features}");
+    assert_eq!(features["sock_netns_stamp"], true, "{features}");
+    let links = String::from_utf8(agent.cli(&["links"]).stdout).unwrap();
+    assert!(
+        links.contains("mesh_sock_netns"),
+        "the stamp is attached: {links}"
+    );
+    assert_never_met(&n, &collide(&n, &agent));
+}
+
+/// The stamp outlives the agent that attached its program: a server listening since the
+/// first agent ran keeps its namespace after a restart (`--on-exit keep`; the next agent
+/// adopts the pinned `SOCK_NETNS` and the stamp program's pinned link), and the shadow
+/// still finds no flow.
+#[test]
+fn the_socket_stamp_outlives_an_agent_restart() {
+    let stamp = ["--assume-missing-feature", "sockops_netns_cookie"];
+    let (n, mut first) = two_namespaces(&[&stamp[..], &["--on-exit", "keep"]].concat());
+    assert_eq!(flow_key_netns(&first).0, "socket_stamp");
+    // Stamped by the first agent's program.
+    let srv = deferred_server(&n);
+    let (code, log) = first.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let mut args = vec!["--skmsg-unbounded-pairing", "true"];
+    args.extend_from_slice(&stamp);
+    let second = n.start_agent(&args).unwrap();
+    let log = second.log_text();
+    assert!(
+        log.contains("adopted the datapath an earlier agent left pinned"),
+        "{log}"
+    );
+    // connect4|6, getpeername4|6, sockops and the stamp, each swapped into its link.
+    assert!(log.contains("links=6"), "{log}");
+    assert_eq!(flow_key_netns(&second).0, "socket_stamp");
+    assert_never_met(&n, &collide_with(&n, &second, srv));
+}
+
+/// The control: with neither way (both forced missing) the namespace is derived from the
+/// address, and the shadow's accepting socket, completing its handshake first, takes the
+/// flow over: the captured client's bytes go to the shadow. What the two tests above
+/// would see without their mechanism; no supported kernel runs this way.
+#[test]
+fn with_derived_namespaces_the_shadow_takes_the_flow_over() {
+    let (n, agent) = two_namespaces(&[
+        "--assume-missing-feature",
+        "sockops_netns_cookie",
+        "--assume-missing-feature",
+        "sock_netns_stamp",
+    ]);
+    let (how, features) = flow_key_netns(&agent);
+    assert_eq!(how, "derived", "{features}");
+    let links = String::from_utf8(agent.cli(&["links"]).stdout).unwrap();
+    assert!(!links.contains("mesh_sock_netns"), "{links}");
+    let r = collide(&n, &agent);
+    assert_eq!(
+        r.shadow["extra"], "payload-from-the-captured-client\n",
+        "the collision the namespace in the key prevents: {} {}",
+        r.client, r.shadow
+    );
+    assert_ne!(r.client["reply"], "S:payload-from-the-captured-client\n");
 }
 
 /// Native IPv6 in the maps: on a dual-stack node, a direct-mode IPv6 flow is decided by
