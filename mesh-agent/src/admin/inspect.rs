@@ -320,7 +320,7 @@ impl Names<'_> {
         self.snap
             .services
             .iter()
-            .find(|s| IpAddr::V4(s.vip) == ip)
+            .find(|s| IpAddr::V4(s.vip) == ip || s.vip6.map(IpAddr::V6) == Some(ip))
             .map(|s| format!("service {}/{}", s.namespace, s.name))
     }
 
@@ -682,7 +682,9 @@ impl Admin {
                     l["address"]
                         .as_str()
                         .and_then(|a| a.parse::<SocketAddr>().ok())
-                        .is_some_and(|a| a.ip() == IpAddr::V4(s.vip))
+                        .is_some_and(|a| {
+                            a.ip() == IpAddr::V4(s.vip) || s.vip6.map(IpAddr::V6) == Some(a.ip())
+                        })
                 });
                 at_vip || listener_clusters(l).iter().any(|c| own_cluster(c))
             })
@@ -765,8 +767,9 @@ impl Admin {
         let conns = match &spec {
             Some(s) => {
                 let vip = raw(IpAddr::V4(s.vip));
+                let vip6 = s.vip6.map(|ip| raw(IpAddr::V6(ip)));
                 connections(&maps, &names, &node, |_, v| {
-                    (v.orig_ip == vip).then_some("client")
+                    (v.orig_ip == vip || Some(v.orig_ip) == vip6).then_some("client")
                 })
             }
             None => json!({"total": 0, "listed": 0, "items": []}),
@@ -807,6 +810,7 @@ impl Admin {
             "namespace": ns,
             "name": name,
             "vip": spec.as_ref().map(|s| s.vip.to_string()),
+            "vip6": spec.as_ref().and_then(|s| s.vip6).map(|ip| ip.to_string()),
             "ports": ports,
             "selector": spec.as_ref().map(|s| json!(s.selector)),
             "declared_endpoints": declared,
@@ -840,7 +844,7 @@ fn selecting_services(
                     && !s.selector.is_empty()
                     && s.selector.iter().all(|(k, v)| m.labels.get(k) == Some(v))
             });
-            by_selector || s.endpoints.iter().any(|e| e.ip == ip)
+            by_selector || s.endpoints.iter().any(|e| e.ip == IpAddr::V4(ip))
         })
         .map(|s| format!("{}/{}", s.namespace, s.name))
         .collect()
@@ -854,7 +858,7 @@ fn declared_endpoints(
     snap: &crate::enrol::Snapshot,
     namespace: &str,
     selector: &BTreeMap<String, String>,
-    explicit: impl Iterator<Item = (Ipv4Addr, Option<u16>, Option<String>)>,
+    explicit: impl Iterator<Item = (IpAddr, Option<u16>, Option<String>)>,
 ) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::new();
     if !selector.is_empty() {
@@ -1208,10 +1212,14 @@ fn render_pod(out: &mut String, v: &Value) {
 fn render_service(out: &mut String, v: &Value) {
     let _ = writeln!(
         out,
-        "service {}/{}  vip {}",
+        "service {}/{}  vip {}{}",
         s(&v["namespace"]),
         s(&v["name"]),
-        s(&v["vip"])
+        s(&v["vip"]),
+        v["vip6"]
+            .as_str()
+            .map(|ip| format!("  vip6 {ip}"))
+            .unwrap_or_default()
     );
     for p in v["ports"].as_array().into_iter().flatten() {
         let _ = writeln!(

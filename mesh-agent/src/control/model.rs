@@ -7,7 +7,7 @@ pub mod security;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use serde::{Deserialize, Serialize};
@@ -46,14 +46,23 @@ pub const MAX_LABEL_VALUE: usize = 63;
 /// The service account of a workload that names none.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
-/// A service: the address clients dial (`vip`), its ports, its endpoints (workloads
-/// selected by label, and/or explicit addresses), its traffic policy and HTTP routes.
+/// A service: the addresses clients dial (`vip`, and `vip6` when it is dual-stack), its
+/// ports, its endpoints (workloads selected by label, and/or explicit addresses), its
+/// traffic policy and HTTP routes.
+///
+/// `vip` stays required: an IPv6-only service is not served (a pod without IPv4 is not a
+/// workload either, and listeners, inspection and the Kubernetes source name a service by
+/// its IPv4 address).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
     pub namespace: String,
     pub vip: Ipv4Addr,
+    /// The service's IPv6 cluster IP: `[vip6]:port` routes as `vip:port` does (same
+    /// cluster, routes and protocol handling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<Ipv6Addr>,
     pub ports: Vec<ServicePort>,
     /// Workloads of the service's namespace whose labels include all of these.
     #[serde(default)]
@@ -105,7 +114,8 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
-    pub ip: Ipv4Addr,
+    /// IPv4 or IPv6: the proxy dials either.
+    pub ip: IpAddr,
     #[serde(default)]
     pub port: Option<u16>,
     #[serde(default)]
@@ -289,6 +299,26 @@ pub struct DirectResponseSpec {
     pub status: u32,
     #[serde(default)]
     pub body: String,
+}
+
+/// Why `ip` cannot be a service's or an endpoint's IPv6 address, if it cannot: the scopes
+/// the datapath never captures (`::`, `::1`, link-local, multicast) and v4-mapped forms
+/// (an IPv4 address belongs in `vip` / is written as IPv4).
+pub fn not_a_service_ip6(ip: Ipv6Addr) -> Option<&'static str> {
+    let first = ip.segments()[0];
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if first & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("an IPv4-mapped address: write it as IPv4")
+    } else {
+        None
+    }
 }
 
 /// Header rewrites the proxy can carry out (the xDS conversion refuses the others, which

@@ -4,7 +4,11 @@
 //! Per service port:
 //! - Listener `<vip>:<port>`: HTTP connection manager (RDS) for `http`/`http2`/`grpc`,
 //!   `tcp_proxy` for `tcp`; for `auto`, the HTTP inspector picks the HTTP chain for
-//!   HTTP/1.x and h2c and a `tcp_proxy` chain for anything else.
+//!   HTTP/1.x and h2c and a `tcp_proxy` chain for anything else. A dual-stack service
+//!   (`vip6`) has a second listener `[<vip6>]:<port>`, the same but for its address: the
+//!   same route configuration and cluster. (Not one listener with Envoy's
+//!   `additional_addresses`: on-demand clients subscribe to a listener by the name
+//!   `<ip>:<port>` of the destination they met, so each address needs its own name.)
 //! - RouteConfiguration `<name>.<namespace>:<port>`: one virtual host (`*`), the
 //!   service's routes, then a catch-all to the service itself.
 //! - Cluster `outbound|<port>||<name>.<namespace>`: EDS, load balancing, circuit breaker,
@@ -17,7 +21,7 @@
 //! `meshagent.v1.PeerAuthentication`, both named `<namespace>/<name>` (`wire::istio`
 //! says how Istio's fields map).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use envoy_types::pb::{
     envoy::{
@@ -61,6 +65,12 @@ pub fn route_name(svc: &ServiceSpec, port: u16) -> String {
 
 pub fn listener_name(svc: &ServiceSpec, port: u16) -> String {
     format!("{}:{port}", svc.vip)
+}
+
+/// The listeners' addresses of a service port: `vip:port`, then `[vip6]:port`.
+fn listener_addresses(svc: &ServiceSpec, port: u16) -> impl Iterator<Item = SocketAddr> {
+    std::iter::once(SocketAddr::from((svc.vip, port)))
+        .chain(svc.vip6.map(|ip| SocketAddr::from((ip, port))))
 }
 
 fn ms(ms: u64) -> PbDuration {
@@ -710,7 +720,9 @@ fn service_resources(
 ) -> Vec<(String, Packed)> {
     let mut out = Vec::new();
     for p in &svc.ports {
-        out.push((listener_name(svc, p.port), Packed::pack(&listener(svc, p))));
+        for at in listener_addresses(svc, p.port) {
+            out.push((at.to_string(), Packed::pack(&listener(svc, p, at))));
+        }
         if p.protocol != Protocol::Tcp {
             out.push((
                 route_name(svc, p.port),
@@ -727,7 +739,8 @@ fn service_resources(
     out
 }
 
-fn listener(svc: &ServiceSpec, p: &ServicePort) -> el::Listener {
+/// The listener of `svc`'s port `p` at `at` (its `vip` or `vip6`), named by that address.
+fn listener(svc: &ServiceSpec, p: &ServicePort, at: SocketAddr) -> el::Listener {
     let tcp_chain = || el::FilterChain {
         filters: vec![el::Filter {
             name: TCP_PROXY_FILTER.into(),
@@ -777,8 +790,8 @@ fn listener(svc: &ServiceSpec, p: &ServicePort) -> el::Listener {
         }
     };
     el::Listener {
-        name: listener_name(svc, p.port),
-        address: socket_address(svc.vip.to_string(), p.port),
+        name: at.to_string(),
+        address: socket_address(at.ip().to_string(), p.port),
         filter_chains,
         listener_filters,
         ..Default::default()
@@ -1312,7 +1325,11 @@ services:
 ";
 
     fn accepted() -> Accepted {
-        let file = MeshFile::parse(Path::new("m.yaml"), FILE).unwrap();
+        accepted_from(FILE)
+    }
+
+    fn accepted_from(text: &str) -> Accepted {
+        let file = MeshFile::parse(Path::new("m.yaml"), text).unwrap();
         let mut a = Accepted::default();
         for (name, any) in resources(&file) {
             let t = any.type_url.as_str();
@@ -1500,6 +1517,145 @@ peer_authentications:
             istio::AUTHORIZATION_TYPE_URL.to_owned(),
             "istio-system/mesh-deny".to_owned()
         )));
+    }
+
+    /// `FILE` with `reviews` and `db` dual-stack, and an IPv6 endpoint of `db`.
+    fn dual_stack_file() -> String {
+        FILE.replace(
+            "    vip: 10.96.0.10\n",
+            "    vip: 10.96.0.10\n    vip6: \"fd00:96::10\"\n",
+        )
+        .replace(
+            "    vip: 10.96.0.12\n",
+            "    vip: 10.96.0.12\n    vip6: \"fd00:96::12\"\n",
+        )
+        .replace(
+            "endpoints: [ { ip: 10.0.0.4 } ]",
+            "endpoints: [ { ip: 10.0.0.4 }, { ip: \"fd00:10::4\", port: 5433 } ]",
+        )
+    }
+
+    /// A dual-stack service has, per port, a second listener named and bound by its IPv6
+    /// address that is otherwise the IPv4 one (the same filter chains, route
+    /// configuration name and cluster); its IPv6 endpoints are IPv6 socket addresses.
+    /// Accepted by the proxy, `[vip6]:port` finds a listener that routes as `vip:port`.
+    #[test]
+    fn a_dual_stack_service_has_a_listener_per_address() {
+        let file = MeshFile::parse(Path::new("m.yaml"), &dual_stack_file()).unwrap();
+        let res = resources(&file);
+        let listener = |name: &str| -> el::Listener {
+            let any = res
+                .iter()
+                .find(|(n, a)| n == name && a.type_url == <el::Listener as prost::Name>::type_url())
+                .unwrap_or_else(|| panic!("no listener {name}"));
+            convert::unpack(&any.1).unwrap()
+        };
+        for (v4, v6) in [
+            ("10.96.0.10:80", "[fd00:96::10]:80"),
+            ("10.96.0.12:5432", "[fd00:96::12]:5432"),
+            ("10.96.0.12:9000", "[fd00:96::12]:9000"),
+        ] {
+            let (l4, mut l6) = (listener(v4), listener(v6));
+            assert_eq!(l6.name, v6);
+            let at: SocketAddr = v6.parse().unwrap();
+            assert_eq!(l6.address, socket_address(at.ip().to_string(), at.port()));
+            (l6.name, l6.address) = (l4.name.clone(), l4.address.clone());
+            assert_eq!(l4, l6, "{v6} is {v4} at another address");
+        }
+        assert!(
+            !res.iter().any(|(n, _)| n.starts_with("[fd00:96::11]")),
+            "reviews-v2 has no vip6"
+        );
+        let db = res
+            .iter()
+            .find(|(n, a)| {
+                n == "outbound|5432||db.shop" && a.type_url == ClusterLoadAssignment::type_url()
+            })
+            .unwrap();
+        let cla: ClusterLoadAssignment = convert::unpack(&db.1).unwrap();
+        let e = convert::load_assignment(&cla).unwrap();
+        let addrs: Vec<String> = e.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.4:5432", "[fd00:10::4]:5433"]);
+
+        use crate::proxy::config::*;
+        let (cfg, warming) = accepted_from(&dual_stack_file()).build();
+        assert_eq!(warming, convert::Warming::default());
+        assert_eq!(
+            cfg.listeners.len(),
+            7,
+            "four IPv4 listeners, three IPv6 ones"
+        );
+        let (l4, l6) = (
+            cfg.listener("10.96.0.10:80".parse().unwrap()).unwrap(),
+            cfg.listener("[fd00:96::10]:80".parse().unwrap()).unwrap(),
+        );
+        let (ListenerKind::Http(h4), ListenerKind::Http(h6)) = (&l4.kind, &l6.kind) else {
+            panic!("{l4:?} {l6:?}")
+        };
+        assert!(
+            Arc::ptr_eq(&h4.route_config, &h6.route_config),
+            "the same routes"
+        );
+        assert_eq!(
+            (h6.codec, h6.max_request_headers_bytes),
+            (Codec::Http1, 16 * 1024)
+        );
+        let l = cfg.listener("[fd00:96::12]:5432".parse().unwrap()).unwrap();
+        assert!(
+            matches!(&l.kind, ListenerKind::Tcp { cluster } if cluster == "outbound|5432||db.shop")
+        );
+        let l = cfg.listener("[fd00:96::12]:9000".parse().unwrap()).unwrap();
+        assert_eq!(l.tcp_fallback.as_deref(), Some("outbound|9000||db.shop"));
+        let db = cfg.cluster("outbound|5432||db.shop").unwrap();
+        assert_eq!(
+            db.endpoints[1].address,
+            "[fd00:10::4]:5433".parse().unwrap()
+        );
+    }
+
+    /// A listener with Envoy's `additional_addresses` (istiod's dual-stack form) is found
+    /// at each of them, as one listener (the same `Arc`, listed once); an address twice
+    /// is refused.
+    #[test]
+    fn additional_addresses_serve_one_listener_at_several_addresses() {
+        let mut a = accepted();
+        let file = MeshFile::parse(Path::new("m.yaml"), FILE).unwrap();
+        let (_, any) = resources(&file)
+            .into_iter()
+            .find(|(n, a)| {
+                n == "10.96.0.12:5432" && a.type_url == <el::Listener as prost::Name>::type_url()
+            })
+            .unwrap();
+        let mut l: el::Listener = convert::unpack(&any).unwrap();
+        l.additional_addresses = vec![el::AdditionalAddress {
+            address: socket_address("fd00:96::12".into(), 5432),
+            ..Default::default()
+        }];
+        let spec = convert::listener(&l).unwrap();
+        assert_eq!(
+            spec.additional,
+            ["[fd00:96::12]:5432".parse::<SocketAddr>().unwrap()]
+        );
+        a.listeners.insert(l.name.clone(), Arc::new(spec));
+        let (cfg, _) = a.build();
+        let (l4, l6) = (
+            cfg.listener("10.96.0.12:5432".parse().unwrap()).unwrap(),
+            cfg.listener("[fd00:96::12]:5432".parse().unwrap()).unwrap(),
+        );
+        assert!(Arc::ptr_eq(l4, l6));
+        let dump = crate::proxy::xds::dump::config(&cfg);
+        let named = dump["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["name"] == "10.96.0.12:5432")
+            .count();
+        assert_eq!(named, 1, "{dump}");
+
+        l.additional_addresses
+            .push(l.additional_addresses[0].clone());
+        let e = convert::listener(&l).unwrap_err().to_string();
+        assert!(e.contains("additional_addresses[1].address"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -22,6 +22,7 @@ use super::{
     FAIL_MODE_LABEL, ISTIO_DATAPLANE_LABEL,
 };
 use crate::control::model::{
+    not_a_service_ip6,
     security::{AuthorizationPolicy, PeerAuthentication, Security},
     LbPolicySpec, ServiceSpec, DEFAULT_SERVICE_ACCOUNT, MAX_LABEL_VALUE,
 };
@@ -179,20 +180,10 @@ impl WorkloadSpec {
 /// connections to or from these scopes, so a workload declared with one would never be
 /// meshed (and the IPv4 forms belong in `ip`).
 pub fn not_a_pod_ip6(ip: Ipv6Addr) -> Option<&'static str> {
-    let first = ip.segments()[0];
-    if ip.is_unspecified() {
-        Some("unspecified")
-    } else if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_multicast() {
-        Some("multicast")
-    } else if first & 0xffc0 == 0xfe80 {
-        Some("link-local")
-    } else if ip.to_ipv4_mapped().is_some() {
-        Some("an IPv4-mapped address: write it in `ip`")
-    } else {
-        None
+    if ip.to_ipv4_mapped().is_some() {
+        return Some("an IPv4-mapped address: write it in `ip`");
     }
+    not_a_service_ip6(ip)
 }
 
 /// A parsed exclusion: network-order IPv4, prefix length, port.
@@ -618,7 +609,7 @@ fn check_service(
     svc: &ServiceSpec,
     namespace_declared: bool,
     name_taken: bool,
-    addr_taken: &mut dyn FnMut(Ipv4Addr, u16) -> Option<usize>,
+    addr_taken: &mut dyn FnMut(IpAddr, u16) -> Option<usize>,
     declared: &dyn Fn(&str, &str) -> bool,
     bad: &mut dyn FnMut(String),
 ) {
@@ -641,12 +632,20 @@ fn check_service(
         if p.port == 0 || p.target_port == Some(0) {
             bad(format!(".ports[{j}]: port 0 is not a port"));
         }
-        if let Some(k) = addr_taken(svc.vip, p.port) {
-            bad(format!(
-                ".ports[{j}]: {}:{} is also served by services[{k}]",
-                svc.vip, p.port
-            ));
+        for ip in service_ips(svc) {
+            if let Some(k) = addr_taken(ip, p.port) {
+                bad(format!(
+                    ".ports[{j}]: {} is also served by services[{k}]",
+                    SocketAddr::new(ip, p.port)
+                ));
+            }
         }
+    }
+    if let Some(why) = svc.vip6.and_then(not_a_service_ip6) {
+        bad(format!(
+            ".vip6: {} is not a service address ({why})",
+            svc.vip6.unwrap_or(Ipv6Addr::UNSPECIFIED)
+        ));
     }
     if svc
         .max_request_headers_kb
@@ -671,6 +670,13 @@ fn check_service(
         }
         if e.weight == Some(0) {
             bad(format!(".endpoints[{j}].weight: must be >= 1"));
+        }
+        if let IpAddr::V6(ip) = e.ip {
+            if let Some(why) = not_a_service_ip6(ip) {
+                bad(format!(
+                    ".endpoints[{j}].ip: {ip} is not an endpoint address ({why})"
+                ));
+            }
         }
     }
     for (j, r) in svc.routes.iter().enumerate() {
@@ -744,13 +750,18 @@ fn check_service(
     }
 }
 
+/// The addresses a service is dialled at: `vip`, and `vip6` if it has one.
+fn service_ips(svc: &ServiceSpec) -> impl Iterator<Item = IpAddr> {
+    std::iter::once(IpAddr::V4(svc.vip)).chain(svc.vip6.map(IpAddr::V6))
+}
+
 /// The services of a good file, indexed so that a parse which changed some of them
 /// checks only those: names and addresses (with how many services hold each, a good file
 /// has one), the services route backends name, and the declared namespaces.
 struct ServiceIndex {
     namespaces: Vec<String>,
     names: std::collections::HashMap<(String, String), u32>,
-    addrs: std::collections::HashMap<(Ipv4Addr, u16), u32>,
+    addrs: std::collections::HashMap<(IpAddr, u16), u32>,
     /// (namespace, name) of services that route backends name, with how many backends.
     targets: std::collections::HashMap<(String, String), u32>,
 }
@@ -795,7 +806,9 @@ impl ServiceIndex {
             add,
         );
         for p in &svc.ports {
-            bump(&mut self.addrs, (svc.vip, p.port), add);
+            for ip in service_ips(svc) {
+                bump(&mut self.addrs, (ip, p.port), add);
+            }
         }
         for t in backend_targets(svc) {
             bump(&mut self.targets, t, add);
@@ -1126,6 +1139,85 @@ workloads:
                 "{addr}: {e}"
             );
         }
+    }
+
+    /// A service's `vip6` and IPv6 endpoints: parsed (a file without them reads as
+    /// before), checked like a workload's `ip6` (the scopes no pod or service holds are
+    /// refused, naming the field and why), and a `[vip6]:port` twice is refused; the
+    /// incremental parse says the same. (The same endpoint twice is allowed, as for IPv4:
+    /// files list one address with several healths.)
+    #[test]
+    fn vip6_and_ipv6_endpoints_are_parsed_and_checked() {
+        let path = Path::new("m.yaml");
+        let svc = |name: &str, vip6: &str, eps: &str| {
+            format!("  - {{ name: {name}, namespace: shop, vip: 10.96.0.{}, vip6: \"{vip6}\", ports: [ {{ port: 80 }} ], endpoints: [ {eps} ] }}\n",
+                name.len())
+        };
+        let file = |items: &[String]| format!("{GOOD}services:\n{}", items.concat());
+        let good = file(&[
+            svc(
+                "a",
+                "fd00:96::a",
+                "{ ip: \"fd00:10:1::2\", port: 8080 }, { ip: 10.1.0.2, port: 8080 }",
+            ),
+            svc("bb", "fd00:96::b", "{ ip: \"fd00:10:1::3\" }"),
+        ]);
+        let f = MeshFile::parse(path, &good).unwrap();
+        assert_eq!(f.services[0].vip6, Some("fd00:96::a".parse().unwrap()));
+        let ips: Vec<String> = f.services[0]
+            .endpoints
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect();
+        assert_eq!(ips, ["fd00:10:1::2", "10.1.0.2"]);
+        // Serialised back, a service without `vip6` has no such field (files read by older
+        // agents stay readable), one with it round-trips.
+        let plain = MeshFile::parse(path, &format!("{GOOD}{SECURITY}")).unwrap();
+        assert_eq!(plain.services[0].vip6, None);
+        let yaml = serde_yaml::to_string(&*plain.services[0]).unwrap();
+        assert!(!yaml.contains("vip6"), "{yaml}");
+        let yaml = serde_yaml::to_string(&*f.services[0]).unwrap();
+        let back: ServiceSpec = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(back, *f.services[0]);
+
+        let refused = |items: &[String], want: &[&str]| {
+            let text = file(items);
+            let e = MeshFile::parse(path, &text).unwrap_err().to_string();
+            for w in want {
+                assert!(e.contains(w), "{w:?} not in: {e}");
+            }
+            let mut p = FileParser::default();
+            p.parse(path, &good).unwrap();
+            let inc = p.parse(path, &text).unwrap_err().to_string();
+            assert_eq!(inc, e, "the incremental parse says the same");
+        };
+        for (addr, why) in [
+            ("::", "unspecified"),
+            ("::1", "loopback"),
+            ("fe80::1", "link-local"),
+            ("ff02::1", "multicast"),
+            ("::ffff:10.96.0.9", "IPv4-mapped"),
+        ] {
+            refused(
+                &[svc("a", addr, "{ ip: 10.1.0.2 }")],
+                &["services[0].vip6: ", why],
+            );
+            refused(
+                &[svc("a", "fd00:96::a", &format!("{{ ip: \"{addr}\" }}"))],
+                &["services[0].endpoints[0].ip: ", why],
+            );
+        }
+        refused(
+            &[
+                svc("a", "fd00:96::a", "{ ip: 10.1.0.2 }"),
+                svc("bb", "fd00:96::a", "{ ip: 10.1.0.3 }"),
+            ],
+            &["services[1].ports[0]: [fd00:96::a]:80 is also served by services[0]"],
+        );
+        let e = MeshFile::parse(path, &good.replace("fd00:96::b", "fd00:96::zz"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vip6"), "{e}");
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub fn services(workloads: &Value, dump: Option<&Value>) -> Table {
         .flatten()
         .map(|s| {
             let vip = text(&s["vip"]);
+            // A dual-stack service's IPv6 address, whose listener counts as well.
+            let vip6 = s["vip6"].as_str();
             let ports: Vec<&Value> = s["ports"].as_array().into_iter().flatten().collect();
             let listed: Vec<String> = ports
                 .iter()
@@ -150,7 +152,11 @@ pub fn services(workloads: &Value, dump: Option<&Value>) -> Table {
                 .collect();
             let live = ports
                 .iter()
-                .filter(|p| in_force.contains(&format!("{vip}:{}", text(&p["port"]))))
+                .filter(|p| {
+                    let port = text(&p["port"]);
+                    in_force.contains(&format!("{vip}:{port}"))
+                        || vip6.is_some_and(|v6| in_force.contains(&format!("[{v6}]:{port}")))
+                })
                 .count();
             let selector: Vec<String> = s["selector"]
                 .as_object()
@@ -161,7 +167,10 @@ pub fn services(workloads: &Value, dump: Option<&Value>) -> Table {
             let endpoints = s["endpoints"].as_array().map_or(0, Vec::len);
             vec![
                 key(s),
-                vip,
+                match vip6 {
+                    Some(v6) => format!("{vip} {v6}"),
+                    None => vip,
+                },
                 listed.join(","),
                 if selector.is_empty() {
                     "-".into()

@@ -5,8 +5,9 @@
 //! is some 350 bytes of optional fields (topology, hints, target reference, ...) whatever
 //! it holds, and a deserialised `Vec` of 10 of them has room for 16. `ServiceObj` and
 //! `SliceObj` keep only what `state::convert` reads, already checked and parsed where
-//! that cannot change its outcome (non-TCP ports, addresses that are not IPv4 and
-//! slices of another address type are skipped there anyway): an endpoint is 8 bytes.
+//! that cannot change its outcome (non-TCP ports, addresses that do not parse or that no
+//! pod holds, and FQDN slices are skipped there anyway): an IPv4 endpoint is 5 bytes, an
+//! IPv6 one 17 (each family in its own array, as a slice holds one family).
 //! Each watch event's object is converted on arrival and dropped; `CompactStore` keeps
 //! the compact objects the way kube's reflector keeps whole ones (a re-list is buffered
 //! and swapped in whole at its end), and counts the objects that changed since the last
@@ -18,12 +19,14 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
+
+use crate::control::model::not_a_service_ip6;
 
 /// The EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -35,9 +38,11 @@ pub struct ServiceObj {
     pub namespace: String,
     /// `metadata.name`, else `generateName` (as `ResourceExt::name_any`).
     pub name: String,
-    /// The cluster IP of a served Service: `None` without a spec, for ExternalName, headless
-    /// ("None") and IPv6-only Services.
+    /// The IPv4 cluster IP of a served Service: `None` without a spec, for ExternalName,
+    /// headless ("None") and IPv6-only Services.
     pub vip: Option<Ipv4Addr>,
+    /// The IPv6 cluster IP of a dual-stack Service (`spec.clusterIPs`).
+    pub vip6: Option<Ipv6Addr>,
     /// The TCP ports, in the object's order (numbers not yet checked: `convert` does).
     pub ports: Box<[ServicePortObj]>,
 }
@@ -53,12 +58,27 @@ impl From<Service> for ServiceObj {
     fn from(s: Service) -> Self {
         let (namespace, name) = meta_key(s.metadata);
         let spec = s.spec;
-        let vip = spec.as_ref().and_then(|spec| {
-            if spec.type_.as_deref() == Some("ExternalName") {
-                return None;
+        // `clusterIPs` holds one address per family of `ipFamilies`, the primary one first
+        // (equal to `clusterIP`); older objects may have `clusterIP` only. Each family's
+        // address is taken from there, whatever the order.
+        let (mut vip, mut vip6) = (None, None);
+        if let Some(spec) = spec
+            .as_ref()
+            .filter(|spec| spec.type_.as_deref() != Some("ExternalName"))
+        {
+            let ips = spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip);
+            for ip in ips.filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                match ip {
+                    IpAddr::V4(ip) => {
+                        vip.get_or_insert(ip);
+                    }
+                    IpAddr::V6(ip) if not_a_service_ip6(ip).is_none() => {
+                        vip6.get_or_insert(ip);
+                    }
+                    IpAddr::V6(_) => {}
+                }
             }
-            spec.cluster_ip.as_deref()?.parse().ok()
-        });
+        }
         let ports = spec
             .and_then(|spec| spec.ports)
             .unwrap_or_default()
@@ -74,6 +94,7 @@ impl From<Service> for ServiceObj {
             namespace,
             name,
             vip,
+            vip6,
             ports,
         }
     }
@@ -86,13 +107,23 @@ pub struct SliceObj {
     pub namespace: String,
     pub name: String,
     /// Its Service (the `kubernetes.io/service-name` label); `None` also for a slice of
-    /// another address type than IPv4, which is never read.
+    /// another address type than IPv4 and IPv6 (FQDN), which is never read.
     pub service: Option<String>,
     /// The TCP ports that have a number, in the object's order.
     pub ports: Box<[SlicePortObj]>,
     /// One entry per IPv4 address, in the object's order (an endpoint with two addresses
     /// is two entries with the same conditions).
     pub endpoints: Box<[EndpointObj]>,
+    /// The same for an `addressType: IPv6` slice (addresses no pod can hold left out).
+    pub endpoints6: Box<[EndpointObj<Ipv6Addr>]>,
+}
+
+impl SliceObj {
+    /// Its endpoints, IPv4 then IPv6 (a slice holds one family).
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, Health)> + '_ {
+        let v4 = self.endpoints.iter().map(|e| (IpAddr::V4(e.ip), e.health));
+        v4.chain(self.endpoints6.iter().map(|e| (IpAddr::V6(e.ip), e.health)))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,8 +133,8 @@ pub struct SlicePortObj {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EndpointObj {
-    pub ip: Ipv4Addr,
+pub struct EndpointObj<A = Ipv4Addr> {
+    pub ip: A,
     pub health: Health,
 }
 
@@ -130,13 +161,13 @@ impl Health {
 
 impl From<EndpointSlice> for SliceObj {
     fn from(s: EndpointSlice) -> Self {
-        let ipv4 = s.address_type == "IPv4";
+        let (ipv4, ipv6) = (s.address_type == "IPv4", s.address_type == "IPv6");
         let service = s
             .metadata
             .labels
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .filter(|_| ipv4)
+            .filter(|_| ipv4 || ipv6)
             .cloned();
         let (namespace, name) = meta_key(s.metadata);
         let ports = s
@@ -151,8 +182,8 @@ impl From<EndpointSlice> for SliceObj {
                 })
             })
             .collect();
-        let mut endpoints = Vec::new();
-        if ipv4 {
+        let (mut endpoints, mut endpoints6) = (Vec::new(), Vec::new());
+        if ipv4 || ipv6 {
             for e in &s.endpoints {
                 let cond = e.conditions.as_ref();
                 let ready = cond.and_then(|c| c.ready).unwrap_or(true);
@@ -165,12 +196,15 @@ impl From<EndpointSlice> for SliceObj {
                 } else {
                     Health::Unhealthy
                 };
-                endpoints.extend(
-                    e.addresses
-                        .iter()
-                        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-                        .map(|ip| EndpointObj { ip, health }),
-                );
+                for a in &e.addresses {
+                    match a.parse::<IpAddr>() {
+                        Ok(IpAddr::V4(ip)) if ipv4 => endpoints.push(EndpointObj { ip, health }),
+                        Ok(IpAddr::V6(ip)) if ipv6 && not_a_service_ip6(ip).is_none() => {
+                            endpoints6.push(EndpointObj { ip, health })
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
         SliceObj {
@@ -179,6 +213,7 @@ impl From<EndpointSlice> for SliceObj {
             service,
             ports,
             endpoints: endpoints.into_boxed_slice(),
+            endpoints6: endpoints6.into_boxed_slice(),
         }
     }
 }
@@ -390,6 +425,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "web".into(),
                 vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+                vip6: None,
                 ports: vec![
                     ServicePortObj {
                         name: Some("http".into()),
@@ -457,12 +493,70 @@ mod tests {
             ]
         );
         assert_eq!(std::mem::size_of::<EndpointObj>(), 5);
+        let fqdn: SliceObj = obj(serde_json::json!({
+            "metadata": {"name": "wf", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "FQDN",
+            "endpoints": [{"addresses": ["web.example"]}],
+        }));
+        assert_eq!((fqdn.service, fqdn.endpoints.len()), (None, 0));
+    }
+
+    /// An `addressType: IPv6` slice belongs to its Service like an IPv4 one; its
+    /// addresses are kept (conditions as for IPv4), addresses no pod holds and the other
+    /// family's are not.
+    #[test]
+    fn ipv6_slices_keep_their_ipv6_addresses() {
         let v6: SliceObj = obj(serde_json::json!({
             "metadata": {"name": "w6", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "web"}},
             "addressType": "IPv6",
-            "endpoints": [{"addresses": ["fd00::1"]}],
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["fd00:10:1::2"]},
+                {"addresses": ["fd00:10:1::3"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["::1", "fe80::1", "::ffff:10.1.0.9", "10.1.0.9", "ff02::1"]},
+            ],
         }));
-        assert_eq!((v6.service, v6.endpoints.len()), (None, 0));
+        assert_eq!(v6.service.as_deref(), Some("web"));
+        assert!(v6.endpoints.is_empty());
+        let eps: Vec<_> = v6.addresses().map(|(ip, h)| (ip.to_string(), h)).collect();
+        assert_eq!(
+            eps,
+            [
+                ("fd00:10:1::2".to_owned(), Health::Ready),
+                ("fd00:10:1::3".to_owned(), Health::Draining),
+            ]
+        );
+        assert_eq!(std::mem::size_of::<EndpointObj<Ipv6Addr>>(), 17);
+    }
+
+    /// `spec.clusterIPs` of a dual-stack Service gives both addresses, in either order
+    /// (`ipFamilies` says which is primary); an IPv6-only Service has no `vip`.
+    #[test]
+    fn dual_stack_services_keep_both_cluster_ips() {
+        let svc = |spec: serde_json::Value| -> ServiceObj {
+            obj(serde_json::json!({"metadata": {"name": "n", "namespace": "a"}, "spec": spec}))
+        };
+        let v6 = Some("fd00:96::a".parse::<Ipv6Addr>().unwrap());
+        let v4 = Some(Ipv4Addr::new(10, 96, 0, 10));
+        for spec in [
+            serde_json::json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::a"],
+                               "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"}),
+            serde_json::json!({"clusterIP": "fd00:96::a", "clusterIPs": ["fd00:96::a", "10.96.0.10"],
+                               "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack"}),
+        ] {
+            let s = svc(spec.clone());
+            assert_eq!((s.vip, s.vip6), (v4, v6), "{spec}");
+        }
+        let s = svc(
+            serde_json::json!({"clusterIP": "fd00:96::a", "clusterIPs": ["fd00:96::a"], "ipFamilies": ["IPv6"]}),
+        );
+        assert_eq!((s.vip, s.vip6), (None, v6));
+        let s = svc(serde_json::json!({"clusterIP": "10.96.0.10"}));
+        assert_eq!((s.vip, s.vip6), (v4, None));
+        let s = svc(serde_json::json!({"clusterIP": "None", "clusterIPs": ["None"]}));
+        assert_eq!((s.vip, s.vip6), (None, None));
+        let s = svc(serde_json::json!({"clusterIPs": ["10.96.0.10", "::1"]}));
+        assert_eq!((s.vip, s.vip6), (v4, None), "no service is at ::1");
     }
 
     fn slice(name: &str, ip: [u8; 4]) -> SliceObj {
@@ -475,6 +569,7 @@ mod tests {
                 ip: ip.into(),
                 health: Health::Ready,
             }]),
+            endpoints6: Box::new([]),
         }
     }
 

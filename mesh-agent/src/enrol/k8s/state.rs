@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::Arc,
 };
@@ -270,9 +270,10 @@ pub struct Changes {
 struct Follow {
     /// The served specs by (namespace, name): the build's output, in its order.
     served: BTreeMap<(String, String), Arc<ServiceSpec>>,
-    /// How many served specs hold each (address, port): one, or the build walks all.
-    addresses: HashMap<(Ipv4Addr, u16), u32>,
-    /// IPv4 EndpointSlices by their Service's `namespace/name`, in name order (most
+    /// How many served specs hold each (address, port), `vip` and `vip6` alike: one, or
+    /// the build walks all.
+    addresses: HashMap<(IpAddr, u16), u32>,
+    /// IPv4 and IPv6 EndpointSlices by their Service's `namespace/name`, in name order (most
     /// Services have one or two: a `Vec`, not a map of its own).
     slices: HashMap<String, Vec<Arc<SliceObj>>>,
     /// The routes attached to each Service.
@@ -383,8 +384,8 @@ fn follow(
             None => cache.by_name.get(&id).map(|c| c.service.clone()),
         };
         if let Some(old) = f.served.remove(&key) {
-            for p in &old.ports {
-                if let Some(n) = f.addresses.get_mut(&(old.vip, p.port)) {
+            for a in served_addresses(&old) {
+                if let Some(n) = f.addresses.get_mut(&a) {
                     *n -= 1;
                 }
             }
@@ -412,8 +413,8 @@ fn follow(
             }
         };
         if let Some(spec) = &cached.spec {
-            for p in &spec.ports {
-                *f.addresses.entry((spec.vip, p.port)).or_default() += 1;
+            for a in served_addresses(spec) {
+                *f.addresses.entry(a).or_default() += 1;
             }
             f.served.insert(key, spec.clone());
         }
@@ -426,6 +427,18 @@ fn follow(
     let out = f.served.values().cloned().collect();
     cache.follow = Some(f);
     Some(out)
+}
+
+/// The (address, port) pairs a spec's port is dialled at: `vip`, and `vip6` if it has one.
+fn port_addresses(spec: &ServiceSpec, port: u16) -> impl Iterator<Item = (IpAddr, u16)> {
+    std::iter::once(IpAddr::V4(spec.vip))
+        .chain(spec.vip6.map(IpAddr::V6))
+        .map(move |ip| (ip, port))
+}
+
+/// Every (address, port) a spec is dialled at.
+fn served_addresses(spec: &ServiceSpec) -> impl Iterator<Item = (IpAddr, u16)> + '_ {
+    spec.ports.iter().flat_map(|p| port_addresses(spec, p.port))
 }
 
 /// The build of `services` from every Service and slice.
@@ -518,8 +531,9 @@ fn walk(
                 .ports
                 .iter()
                 .map(|p| p.port)
-                .filter(|&p| !addresses.insert((spec.vip, p)))
+                .filter(|&p| port_addresses(spec, p).any(|a| addresses.contains(&a)))
                 .collect();
+            addresses.extend(served_addresses(spec).filter(|a| !taken.contains(&a.1)));
             if taken.is_empty() {
                 out.push(spec.clone());
                 served.insert((key.0.to_owned(), key.1.to_owned()), spec.clone());
@@ -548,14 +562,16 @@ fn walk(
     out
 }
 
-/// One Service with its EndpointSlices and routes in the control plane's model; `None`
-/// when it is not served (ExternalName, headless or IPv6-only, no TCP port).
+/// One Service with its EndpointSlices (IPv4 and IPv6, merged) and routes in the control
+/// plane's model; `None` when it is not served (ExternalName, headless or IPv6-only, no
+/// TCP port).
 fn convert(
     s: &ServiceObj,
     slices: &[&Arc<SliceObj>],
     routes: Vec<crate::control::model::RouteSpec>,
 ) -> Option<ServiceSpec> {
-    // ExternalName, headless ("None") or IPv6-only: not served (`vip` is `None`).
+    // ExternalName, headless ("None") or IPv6-only: not served (`vip` is `None`). A
+    // dual-stack Service is served at both addresses.
     let vip = s.vip?;
     let (ns, name) = (s.namespace.clone(), s.name.clone());
     // The API server refuses a port number twice per protocol and numbers outside
@@ -583,7 +599,7 @@ fn convert(
     let mut endpoints = Vec::new();
     let mut seen = BTreeSet::new();
     for slice in slices {
-        // TCP ports with a number, IPv4 addresses only (`compact`).
+        // TCP ports with a number; IPv4 or IPv6 addresses (`compact`).
         for sp in &slice.ports {
             let port = sp.port;
             // Slice ports carry the service port's name; a single unnamed port belongs
@@ -592,13 +608,13 @@ fn convert(
                 .iter()
                 .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""));
             let Some(svc_port) = svc_port else { continue };
-            for e in &slice.endpoints {
-                if seen.insert((e.ip, port, svc_port.port)) {
+            for (ip, health) in slice.addresses() {
+                if seen.insert((ip, port, svc_port.port)) {
                     endpoints.push(EndpointSpec {
-                        ip: e.ip,
+                        ip,
                         port: Some(port as u16),
                         weight: None,
-                        health: e.health.as_model().map(str::to_owned),
+                        health: health.as_model().map(str::to_owned),
                         service_port: Some(svc_port.port as u16),
                     });
                 }
@@ -612,6 +628,7 @@ fn convert(
         name,
         namespace: ns,
         vip,
+        vip6: s.vip6,
         ports,
         selector: BTreeMap::new(),
         endpoints,
@@ -712,6 +729,15 @@ mod tests {
         Arc::new(serde_yaml::from_str(yaml).unwrap())
     }
 
+    /// `c` built with no excludes, every pod resolved to the same network namespace.
+    fn build_local(c: &Cluster) -> Built {
+        let opts = Options {
+            excludes: &[],
+            trust_domain: "cluster.local",
+        };
+        build(c, &opts, &mut |_| Ok(PathBuf::from("/proc/1/ns/net")))
+    }
+
     fn cluster() -> Cluster {
         Cluster {
             namespaces: vec![
@@ -758,11 +784,7 @@ status: {podIP: 10.1.0.2, podIPs: [{ip: 10.1.0.2}, {ip: 'fd00:10:1::2'}]}");
         c.pods[1] = obj("metadata: {name: out, namespace: shop, uid: u2}
 spec: {containers: []}
 status: {podIP: 'fd00:10:1::3', podIPs: [{ip: 'fd00:10:1::3'}, {ip: 10.1.0.3}]}");
-        let opts = Options {
-            excludes: &[],
-            trust_domain: "cluster.local",
-        };
-        let built = build(&c, &opts, &mut |_| Ok(PathBuf::from("/proc/1/ns/net")));
+        let built = build_local(&c);
         let w = |n: &str| {
             built
                 .snapshot
@@ -791,16 +813,55 @@ status: {podIP: 'fd00:10:1::3', podIPs: [{ip: 'fd00:10:1::3'}, {ip: 10.1.0.3}]}"
         assert_eq!(m.ip6, v6("fd00:10:1::2"));
     }
 
+    /// A dual-stack Service (`clusterIPs`, `ipFamilies`) is served at both addresses;
+    /// its IPv4 and IPv6 EndpointSlices become one list of endpoints (ports matched by
+    /// name in each). An IPv6-only Service is not served; an IPv6 slice's Service is.
+    #[test]
+    fn dual_stack_services_merge_both_families_slices() {
+        let mut c = cluster();
+        c.services = vec![
+            obj("metadata: {name: reviews, namespace: shop}\nspec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00:96::10'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{name: http, port: 9080}]}"),
+            obj("metadata: {name: only6, namespace: shop}\nspec: {clusterIP: 'fd00:96::11', clusterIPs: ['fd00:96::11'], ipFamilies: [IPv6], ports: [{port: 80}]}"),
+        ];
+        c.slices = vec![
+            obj("metadata: {name: reviews-4, namespace: shop, labels: {kubernetes.io/service-name: reviews}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.1.0.2]}]"),
+            obj("metadata: {name: reviews-6, namespace: shop, labels: {kubernetes.io/service-name: reviews}}\naddressType: IPv6\nports: [{name: http, port: 8080}]\n\
+                 endpoints: [{addresses: ['fd00:10:1::2']}, {addresses: ['fd00:10:1::3'], conditions: {ready: false}}]"),
+            obj("metadata: {name: only6-6, namespace: shop, labels: {kubernetes.io/service-name: only6}}\naddressType: IPv6\nports: [{port: 80}]\nendpoints: [{addresses: ['fd00:10:1::4']}]"),
+        ];
+        let built = build_local(&c);
+        let services = &built.snapshot.services;
+        assert_eq!(services.len(), 1, "IPv6-only is not served: {services:?}");
+        let s = &services[0];
+        assert_eq!(
+            (s.vip, s.vip6),
+            (
+                Ipv4Addr::new(10, 96, 0, 10),
+                Some("fd00:96::10".parse().unwrap())
+            )
+        );
+        let eps: Vec<(String, Option<u16>, Option<&str>)> = s
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.to_string(), e.port, e.health.as_deref()))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("10.1.0.2".to_owned(), Some(8080), None),
+                ("fd00:10:1::2".to_owned(), Some(8080), None),
+                ("fd00:10:1::3".to_owned(), Some(8080), Some("unhealthy")),
+            ]
+        );
+        assert!(s.endpoints.iter().all(|e| e.service_port == Some(9080)));
+    }
+
     #[test]
     fn pods_app_and_version_labels_and_the_namespace_access_log_label_reach_the_members() {
         let mut c = cluster();
         c.namespaces[0] = obj("metadata: {name: shop, labels: {mesh-agent.io/dataplane-mode: ambient, mesh-agent.io/access-log: 'true'}}");
         c.pods[0] = obj("metadata: {name: web, namespace: shop, uid: u1, labels: {app: web, app.kubernetes.io/version: v3}}\nspec: {containers: [], serviceAccountName: web}\nstatus: {podIP: 10.1.0.2}");
-        let opts = Options {
-            excludes: &[],
-            trust_domain: "cluster.local",
-        };
-        let built = build(&c, &opts, &mut |_| Ok(PathBuf::from("/proc/1/ns/net")));
+        let built = build_local(&c);
         let m = &built.snapshot.declared;
         let by = |n: &str| m.iter().find(|w| w.name == n).unwrap();
         let web = by("web");
@@ -1064,7 +1125,7 @@ status: {podIP: 'fd00:10:1::3', podIPs: [{ip: 'fd00:10:1::3'}, {ip: 10.1.0.3}]}"
     /// which keeps it; then followed again once it is gone), a route attached.
     #[test]
     fn builds_follow_the_stores_changes() {
-        use crate::enrol::k8s::compact::CompactStore;
+        use crate::enrol::k8s::compact::{CompactStore, EndpointObj, Health};
         let opts = Options {
             excludes: &[],
             trust_domain: "cluster.local",
@@ -1165,6 +1226,39 @@ status: {podIP: 'fd00:10:1::3', podIPs: [{ip: 'fd00:10:1::3'}, {ip: 10.1.0.3}]}"
         slices.apply(s);
         step(&mut cache, &http_routes, false, 1);
         services.delete(&t1);
+        step(&mut cache, &http_routes, false, 0);
+        step(&mut cache, &http_routes, true, 0);
+        // s2 becomes dual-stack, then gets an IPv6 slice: followed, converted once each.
+        let mut s2 = ServiceObj::clone(&find("s2"));
+        s2.vip6 = Some("fd00:96::2".parse().unwrap());
+        services.apply(s2);
+        let got = step(&mut cache, &http_routes, true, 1);
+        let spec = got.iter().find(|s| s.name == "s2").unwrap();
+        assert_eq!(spec.vip6, Some("fd00:96::2".parse().unwrap()));
+        let mut s6 = SliceObj::clone(&slice_of("s2-bench"));
+        s6.name = "s2-bench6".into();
+        s6.endpoints = Box::new([]);
+        s6.endpoints6 = Box::new([EndpointObj {
+            ip: "fd00:10::2".parse().unwrap(),
+            health: Health::Ready,
+        }]);
+        slices.apply(s6);
+        let got = step(&mut cache, &http_routes, true, 1);
+        let spec = got.iter().find(|s| s.name == "s2").unwrap();
+        assert!(
+            spec.endpoints
+                .iter()
+                .any(|e| e.ip.to_string() == "fd00:10::2"),
+            "{spec:?}"
+        );
+        // t2 takes s2's IPv6 address only: walked, s2 keeps it, t2 is left out.
+        let mut t2 = ServiceObj::clone(&find("s2"));
+        t2.name = "t2".into();
+        t2.vip = Some(Ipv4Addr::new(10, 96, 200, 2));
+        services.apply(t2.clone());
+        let got = step(&mut cache, &http_routes, false, 1);
+        assert!(!got.iter().any(|s| s.name == "t2"));
+        services.delete(&t2);
         step(&mut cache, &http_routes, false, 0);
         step(&mut cache, &http_routes, true, 0);
         // A route attached to s9.

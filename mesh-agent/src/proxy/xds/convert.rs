@@ -191,6 +191,9 @@ fn socket_address(
 #[derive(Debug, Clone)]
 pub struct ListenerSpec {
     pub address: SocketAddr,
+    /// `additional_addresses` (istiod's dual-stack listeners): the listener serves
+    /// connections to these as to `address`.
+    pub additional: Vec<SocketAddr>,
     pub kind: ListenerSpecKind,
     pub tcp_fallback: Option<String>,
 }
@@ -244,11 +247,21 @@ pub fn listener(l: &el::Listener) -> Result<ListenerSpec, Invalid> {
         // For proxyless gRPC clients; nothing for this proxy to listen for.
         return Ok(ListenerSpec {
             address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            additional: Vec::new(),
             kind: ListenerSpecKind::Api,
             tcp_fallback: None,
         });
     }
     let address = socket_address(&cx, "address", l.address.as_ref())?;
+    let mut additional = Vec::with_capacity(l.additional_addresses.len());
+    for (i, a) in l.additional_addresses.iter().enumerate() {
+        let field = format!("additional_addresses[{i}].address");
+        let at = socket_address(&cx, &field, a.address.as_ref())?;
+        if at == address || additional.contains(&at) {
+            return Err(cx.err(field, format!("{at} is already an address of the listener")));
+        }
+        additional.push(at);
+    }
     let mut sniff = false;
     for (i, f) in l.listener_filters.iter().enumerate() {
         let ok = matches!(&f.config_type,
@@ -299,6 +312,7 @@ pub fn listener(l: &el::Listener) -> Result<ListenerSpec, Invalid> {
     };
     Ok(ListenerSpec {
         address,
+        additional,
         kind,
         tcp_fallback,
     })
@@ -1563,6 +1577,9 @@ impl Accepted {
                 }
             };
             next.insert(name.clone(), (l.clone(), route, built.clone()));
+            for at in &l.additional {
+                listeners.insert(*at, built.clone());
+            }
             listeners.insert(l.address, built);
         }
         memo.listeners = next;

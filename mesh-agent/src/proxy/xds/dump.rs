@@ -51,6 +51,8 @@ pub fn config_with(
 ) -> Value {
     let mut listeners: Vec<&_> = cfg.listeners.values().collect();
     listeners.sort_by(|a, b| a.name.cmp(&b.name));
+    // A listener with `additional_addresses` is in the map once per address.
+    listeners.dedup_by(|a, b| std::sync::Arc::ptr_eq(a, b));
     let mut clusters: Vec<&_> = cfg.clusters.values().collect();
     clusters.sort_by(|a, b| a.name.cmp(&b.name));
     json!({
