@@ -9,7 +9,7 @@
 //! account `echo`, label `app: echo`) with an echo server on 8080. Both nodes read the
 //! same file: every workload with its `node:`, and the policies under test.
 
-use mesh_tests::flows::assert_intact;
+use mesh_tests::flows::{assert_intact, assert_sunk};
 use mesh_tests::{
     cluster::{contains, Capture, ClusterNode, NodeAgent},
     firewall_rules, intact, metric,
@@ -135,6 +135,139 @@ fn cross_node_traffic_travels_in_mutual_tls_and_arrives_intact() {
         "{certs1}"
     );
     assert_eq!(firewall_rules(&c.all_netns()), Vec::<String>::new());
+}
+
+/// `--skmsg-upstream true` pairs node 1's delivery leg too (docs/architecture.md,
+/// "Inbound capture"): the agent's socket in the pod and the pod's accepted socket sit in
+/// the sockhash while the flow lives, and what crosses the leg keeps every byte (16 MiB
+/// each way, and a slow reader behind it), its half-close and its resets.
+#[test]
+fn with_upstream_pairing_the_delivery_leg_is_paired_and_keeps_bytes_half_close_and_resets() {
+    let c = pods();
+    let node1 = c.node(1);
+    // A reader that waits 3 s before reading (a live, paired flow to look at), and a
+    // server that resets what it accepts.
+    node1
+        .serve(
+            "server-b",
+            &[
+                "sink",
+                "--listen",
+                "0.0.0.0:8081",
+                "--pause-ms",
+                "3000",
+                "--delay-us",
+                "0",
+            ],
+        )
+        .unwrap();
+    node1
+        .serve("server-b", &["reset", "--listen", "0.0.0.0:8082"])
+        .unwrap();
+    c.write_file("");
+    let agents = c.start_agents(&["--skmsg-upstream", "true"]);
+    c.wait_mesh(&agents);
+    let ip = c.pod("server-b").ip;
+    // While the flow lives, node 1 lists the delivery leg as a paired flow of the pod:
+    // the record the agent announced (flag `upstream`), both sockets in the sockhash.
+    let sink = format!("{ip}:8081");
+    let bytes = 2 * MIB;
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            c.node(0)
+                .client(
+                    "client-a",
+                    &["sink-client", "--to", &sink, "--bytes", &bytes.to_string()],
+                )
+                .unwrap()
+        });
+        let mut seen = String::new();
+        wait_for(
+            "the delivery leg paired in node 1's sockhash",
+            Duration::from_secs(10),
+            || {
+                seen = agents[1].get("/inspect/pod/backend/server-b").unwrap();
+                let v: serde_json::Value = serde_json::from_str(&seen).unwrap();
+                v["connections"]["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|i| {
+                        i["original_destination"] == sink.as_str()
+                            && i["flags"].as_str().is_some_and(|f| f.contains("upstream"))
+                            && i["sockhash"]["own"] == true
+                            && i["sockhash"]["peer"] == true
+                            && i["path"] == "proxied+sk_msg"
+                    })
+            },
+        );
+        assert_sunk(&sender.join().unwrap(), bytes);
+        assert!(!seen.is_empty());
+    });
+    assert!(agents[1].event("sockops_server_paired") >= 1);
+    // 16 MiB each way through the tunnel and the paired leg, intact; node 1's sk_msg
+    // carried bytes of it.
+    let before = agents[1].event("msg_redirected_bytes");
+    let to = server(&c);
+    let r = c
+        .node(0)
+        .client(
+            "client-a",
+            &[
+                "echo-client",
+                "--to",
+                &to,
+                "--bytes",
+                &(16 * MIB).to_string(),
+                "--deadline-ms",
+                "30000",
+            ],
+        )
+        .unwrap();
+    assert_intact(&r, 16 * MIB);
+    let moved = agents[1].event("msg_redirected_bytes") - before;
+    assert!(moved >= MIB, "node 1 redirected {moved} bytes");
+    // Half-close: the client's FIN reaches the pod after its bytes, the echo's answer and
+    // FIN come back.
+    let marker = "half-close-across-the-paired-leg";
+    let r = node_raw(&c, &to, marker);
+    assert_eq!(r["status_line"], marker, "{r}");
+    assert_eq!(r["outcome"], "eof", "{r}");
+    // A reset by the pod reaches the client as a reset, never as a clean end.
+    let r = c
+        .node(0)
+        .client("client-a", &["reset-client", "--to", &format!("{ip}:8082")])
+        .unwrap();
+    assert_eq!(r["outcome"], "ECONNRESET", "{r}");
+    // Every delivery leg's record went with its socket.
+    wait_for(
+        "node 1's delivery records removed",
+        Duration::from_secs(10),
+        || {
+            let v: serde_json::Value =
+                serde_json::from_str(&agents[1].get("/inspect/pod/backend/server-b").unwrap())
+                    .unwrap();
+            v["connections"]["total"] == 0
+        },
+    );
+}
+
+fn node_raw(c: &TwoNodes, to: &str, text: &str) -> serde_json::Value {
+    c.node(0)
+        .client(
+            "client-a",
+            &[
+                "raw",
+                "--to",
+                to,
+                "--send",
+                text,
+                "--half-close",
+                "--deadline-ms",
+                "5000",
+            ],
+        )
+        .unwrap()
 }
 
 #[test]

@@ -293,6 +293,15 @@ impl PlainHandler for Deliver {
     }
 }
 
+/// Whether sockops pairs sockets at all (`CONFIG` without `NO_PAIRING`: kernels before
+/// 6.9 without `--skmsg-unbounded-pairing`). Where it does not, a delivery leg's `FLOWS`
+/// record would never be taken over (nor removed at close): none is written.
+fn kernel_pairs(maps: &Maps) -> bool {
+    let m = maps.config.lock().unwrap_or_else(|e| e.into_inner());
+    m.get(&0, 0)
+        .is_ok_and(|c| c.flags & mesh_common::cfg_flags::NO_PAIRING == 0)
+}
+
 /// Called with each pod's HBONE listener (15008, inside the pod) when the pod is set up.
 /// The callee serves it until `InPod::closed` resolves, then drops it.
 pub type HboneHandoff = Arc<dyn Fn(Arc<InPod>, TcpListener) + Send + Sync>;
@@ -308,6 +317,9 @@ pub struct InboundOptions {
     pub plain: Arc<dyn PlainHandler>,
     /// `None`: 15008 is held open but connections to it are reset.
     pub on_hbone_listener: Option<HboneHandoff>,
+    /// Pair each delivery leg (the agent's socket in the pod and the pod's accepted one)
+    /// in the sockhash (`--skmsg-upstream`): `InPod::connect_in`.
+    pub pair_delivery: bool,
 }
 
 /// What one set-up pod holds.
@@ -517,7 +529,15 @@ impl Manager {
     }
 
     fn setup(&mut self, w: &InboundPod) -> io::Result<PodState> {
-        let pod = InPod::open(w.namespace.clone(), w.name.clone(), w.ip, w.netns.clone())?;
+        let pair = (self.opts.pair_delivery && kernel_pairs(&self.opts.maps))
+            .then(|| self.opts.maps.clone());
+        let pod = InPod::open(
+            w.namespace.clone(),
+            w.name.clone(),
+            w.ip,
+            w.netns.clone(),
+            pair,
+        )?;
         let (plain, hbone) = pod.listen()?;
         let mut tasks = Vec::new();
         {

@@ -2,16 +2,23 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
 };
 
-use mesh_common::inbound::{HBONE_PORT, PLAIN_PORT};
+use mesh_common::{
+    flow_flags,
+    inbound::{HBONE_PORT, PLAIN_PORT},
+    maps::{FlowInfo, SockKey},
+};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
-    datapath::tc::{TcLink, TcProgram},
+    datapath::{
+        tc::{TcLink, TcProgram},
+        Maps,
+    },
     sys::NetnsWorker,
 };
 
@@ -27,6 +34,9 @@ pub struct InPod {
     /// namespace's thread makes `SPARE_SOCKETS`, so a new connection does not cost two
     /// thread switches (on one vCPU, a good part of a tunnelled connection's set-up).
     spare: std::sync::Mutex<Vec<TcpSocket>>,
+    /// Set when delivery legs are paired in the sockhash (`--skmsg-upstream`, and the
+    /// kernel pairs sockets at all): see `connect_in`.
+    pair: Option<Arc<Maps>>,
     /// Flipped to `true` when the pod leaves (no longer enrolled, or gone) or the agent
     /// stops capturing: whoever took the pod's HBONE listener closes it then.
     closed: tokio::sync::watch::Sender<bool>,
@@ -48,6 +58,7 @@ impl InPod {
         name: String,
         ip: Ipv4Addr,
         netns: PathBuf,
+        pair: Option<Arc<Maps>>,
     ) -> io::Result<Arc<InPod>> {
         let worker = NetnsWorker::spawn(&netns, format!("inpod-{ip}"))?;
         Ok(Arc::new(InPod {
@@ -57,6 +68,7 @@ impl InPod {
             netns,
             worker,
             spare: std::sync::Mutex::new(Vec::new()),
+            pair,
             closed: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -69,7 +81,9 @@ impl InPod {
     /// Connects to `dst` from inside the pod's network namespace (the socket is created
     /// there, so the pod's own address and routes apply; connecting to the pod's own
     /// address goes over its loopback and the application sees that address as the peer).
-    /// Must be called within a tokio runtime.
+    /// With pairing on (`pair`), the leg is announced in `FLOWS` first, as the node proxy
+    /// announces its same-node upstreams, so sockops pairs both ends
+    /// (docs/architecture.md, "Inbound capture"). Must be called within a tokio runtime.
     pub async fn connect_in(&self, dst: SocketAddrV4) -> io::Result<TcpStream> {
         let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let sock = match spare {
@@ -92,7 +106,10 @@ impl InPod {
                 sock
             }
         };
-        sock.connect(SocketAddr::V4(dst)).await
+        match &self.pair {
+            Some(maps) => connect_paired(sock, dst, maps).await,
+            None => sock.connect(SocketAddr::V4(dst)).await,
+        }
     }
 
     /// Resolves once the pod stopped being captured.
@@ -149,6 +166,62 @@ impl InPod {
     pub(super) fn detach(&self, link: TcLink) -> io::Result<()> {
         self.worker
             .run(move || link.detach_here().map_err(io::Error::other))
+    }
+}
+
+/// Connects a delivery socket so that sockops pairs it with the pod's accepted socket:
+/// bind to the destination's address (the pod's own, which an unbound socket would take
+/// as its source anyway, so the application sees the same peer), announce
+/// `FLOWS[pod's namespace, our 4-tuple]` with flag `upstream` (the record
+/// `Maps::announce_upstream` writes for the node proxy's same-node legs: sockops'
+/// `upstream_established` puts this socket in `SOCKHASH` under the proxy's namespace, and
+/// the pod's `PASSIVE_ESTABLISHED` finds the record and joins it), then connect. From then
+/// on sk_msg redirects each send into the other socket's receive queue, with the
+/// sockhash's back-pressure fallback, half-close and reset semantics. Anything failing
+/// before the connect (the pod not in `DESTS`, a full map): the socket connects unpaired.
+/// The record is removed by sockops at the socket's close, or here when the connect fails
+/// or is given up.
+async fn connect_paired(sock: TcpSocket, dst: SocketAddrV4, maps: &Maps) -> io::Result<TcpStream> {
+    let ip = IpAddr::V4(*dst.ip());
+    let announced = maps.dest(ip).and_then(|d| {
+        sock.bind(SocketAddr::new(ip, 0)).ok()?;
+        let local = sock.local_addr().ok()?;
+        let info = FlowInfo {
+            orig_ip: mesh_common::maps::ip_from(ip),
+            orig_port: u32::from(dst.port()),
+            flags: flow_flags::PROXIED | flow_flags::UPSTREAM,
+            src_id: u32::MAX,
+            dst_id: d.id,
+            netns: 0,
+        };
+        maps.announce_upstream(SockKey::new(0, local, SocketAddr::V4(dst)), info)
+            .ok()
+    });
+    let mut guard = Announced {
+        maps,
+        key: announced,
+    };
+    let r = sock.connect(SocketAddr::V4(dst)).await;
+    if r.is_ok() {
+        // Established: sockops owns the record now (removed at the socket's close).
+        guard.key = None;
+    }
+    r
+}
+
+/// A `FLOWS` record announced for a delivery leg that is not connected (yet): removed if
+/// the connect fails or its future is dropped (a timeout), so no record outlives its
+/// socket.
+struct Announced<'a> {
+    maps: &'a Maps,
+    key: Option<SockKey>,
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.maps.forget_flow(k);
+        }
     }
 }
 
