@@ -296,6 +296,18 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         xds.clone(),
     ))?;
     // Native IPv6: the datapath sends IPv6 pods' connections to `--proxy-redirect6`.
+    match (&cfg.ipv6_capture, cfg.proxy_redirect6) {
+        (crate::config::Ipv6Capture::NoHostAddress(ips), _) => warn!(
+            host_ips = %ips,
+            "--proxy-redirect6 auto: no IPv6 address of this node in --host-ips \
+             (MESH_HOST_IPS); native IPv6 connections are not captured (connect_not_ipv4)"
+        ),
+        (how, Some(addr6)) => info!(%addr6, ?how, "native IPv6 connections are captured"),
+        (_, None) => {}
+    }
+    metrics
+        .ipv6_capture
+        .store(u64::from(cfg.proxy_redirect6.is_some()), Relaxed);
     if let Some(addr6) = cfg.proxy_redirect6 {
         let _rt = proxy_rt.enter();
         outbound.listen6(addr6, inherited6)?;
@@ -431,6 +443,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 access_log.clone(),
                 tracer.clone(),
             )),
+            pair_delivery: cfg.skmsg_upstream,
         })
         .context("starting the inbound capture thread")?;
         i.update(inbound_pods(&snap_rx.borrow()));

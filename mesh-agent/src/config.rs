@@ -2,7 +2,7 @@
 //! configuration checked and resolved from them once (`RunConfig`).
 
 use std::{
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -117,6 +117,114 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("{s:?}: expected a number from 0.0 to 1.0")),
     }
+}
+
+/// `--proxy-redirect6`: where native IPv6 connections of enrolled pods are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirect6 {
+    /// Not captured (`off`, or the flag unset).
+    Off,
+    /// `[IP6]:PORT`: this address of the node.
+    Addr(SocketAddrV6),
+    /// `auto` or `auto:PORT`: this node's IPv6 address from `--host-ips`
+    /// (`MESH_HOST_IPS`), at PORT or `--proxy-redirect`'s port. No IPv6 address there:
+    /// not captured.
+    Auto(Option<u16>),
+}
+
+impl std::fmt::Display for Redirect6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Redirect6::Off => f.write_str("off"),
+            Redirect6::Addr(a) => write!(f, "{a}"),
+            Redirect6::Auto(None) => f.write_str("auto"),
+            Redirect6::Auto(Some(p)) => write!(f, "auto:{p}"),
+        }
+    }
+}
+
+impl Serialize for Redirect6 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Parses `--proxy-redirect6`: `off`, `auto`, `auto:PORT` or `[IP6]:PORT`.
+pub fn parse_redirect6(s: &str) -> Result<Redirect6, String> {
+    const SYNTAX: &str = "expected off, auto, auto:PORT or [IPv6]:PORT";
+    let t = s.trim();
+    match t {
+        "" | "off" => return Ok(Redirect6::Off),
+        "auto" => return Ok(Redirect6::Auto(None)),
+        _ => {}
+    }
+    if let Some(port) = t.strip_prefix("auto:") {
+        return match port.parse::<u16>() {
+            Ok(0) => Err(format!(
+                "{s:?}: port 0 (auto:PORT names the port to listen on)"
+            )),
+            Ok(p) => Ok(Redirect6::Auto(Some(p))),
+            Err(_) => Err(format!("{s:?}: {port:?} is not a port ({SYNTAX})")),
+        };
+    }
+    t.parse::<SocketAddrV6>()
+        .map(Redirect6::Addr)
+        .map_err(|_| format!("{s:?}: {SYNTAX}"))
+}
+
+/// Why `ip` cannot be the IPv6 redirect address (pods are sent to it and the proxy
+/// listens on it: it must be one address of this node pods reach), if it cannot.
+fn redirect6_unfit(ip: &Ipv6Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("is unspecified: pods must be sent to an address of this node they can reach")
+    } else if ip.is_loopback() {
+        Some("is loopback: a pod's ::1 is its own")
+    } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
+        Some("is link-local: it names no one address across the pods' links")
+    } else if ip.is_multicast() {
+        Some("is multicast")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("is IPv4-mapped: IPv4 goes to --proxy-redirect")
+    } else {
+        None
+    }
+}
+
+/// The address `--proxy-redirect6 auto` takes from `host_ips` (`MESH_HOST_IPS`: the
+/// node's addresses, comma-separated, as the downward API's `status.hostIPs` gives them):
+/// the first IPv6 entry fit to redirect to. `Ok(None)`: the list holds none (an IPv4-only
+/// node, or `status.hostIP` of a node whose primary address is IPv4). An entry that is no
+/// address at all is an error (a wrong variable, not a single-stack node).
+pub fn pick_host_ip6(host_ips: &str) -> Result<Option<Ipv6Addr>, String> {
+    let mut picked = None;
+    for entry in host_ips.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let ip: IpAddr = entry.parse().map_err(|_| {
+            format!(
+                "--host-ips (MESH_HOST_IPS) {host_ips:?}: {entry:?} is not an IP address \
+                 (expected the node's addresses, comma-separated)"
+            )
+        })?;
+        if let (None, IpAddr::V6(a)) = (picked, ip) {
+            if redirect6_unfit(&a).is_none() {
+                picked = Some(a);
+            }
+        }
+    }
+    Ok(picked)
+}
+
+/// How native IPv6 capture was decided at start (`/config`; logged once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ipv6Capture {
+    /// `--proxy-redirect6` unset or `off`.
+    Off,
+    /// An address given.
+    Given,
+    /// `auto` picked this node's address from `--host-ips`.
+    Auto,
+    /// `auto` found no IPv6 address of this node in `--host-ips` (these): not captured.
+    NoHostAddress(String),
 }
 
 /// What the agent leaves on exit (`--on-exit`).
@@ -281,10 +389,17 @@ pub struct RunArgs {
     /// namespaces); default: `--proxy-address`, which then must not be 0.0.0.0.
     #[arg(long, env = "MESH_PROXY_REDIRECT")]
     pub proxy_redirect: Option<SocketAddrV4>,
-    /// Address IPv6 pods are redirected to (an IPv6 address of this node the pods reach;
-    /// the proxy listens there too). Unset: native IPv6 connections are not captured.
-    #[arg(long, env = "MESH_PROXY_REDIRECT6")]
-    pub proxy_redirect6: Option<SocketAddrV6>,
+    /// Where IPv6 pods are redirected to: `[IP6]:PORT` (an IPv6 address of this node the
+    /// pods reach; the proxy listens there too), `auto` (this node's IPv6 address from
+    /// --host-ips, at --proxy-redirect's port; none there: not captured), `auto:PORT`, or
+    /// `off` (the default: native IPv6 connections are not captured).
+    #[arg(long, env = "MESH_PROXY_REDIRECT6", value_parser = parse_redirect6)]
+    pub proxy_redirect6: Option<Redirect6>,
+    /// This node's addresses, comma-separated, for `--proxy-redirect6 auto` (Kubernetes:
+    /// the downward API's `status.hostIPs`, 1.29+; or `status.hostIP`, the primary
+    /// address only).
+    #[arg(long, env = "MESH_HOST_IPS")]
+    pub host_ips: Option<String>,
     /// Admin endpoint: /metrics, /ready, /config, /workloads.
     #[arg(long, env = "MESH_ADMIN_ADDRESS", default_value = DEFAULT_ADMIN_ADDRESS)]
     pub admin_address: SocketAddr,
@@ -436,9 +551,11 @@ pub struct RunConfig {
     pub proxy_address: SocketAddrV4,
     /// Where pods are redirected to (`--proxy-redirect`, else `--proxy-address`).
     pub proxy_redirect: SocketAddrV4,
-    /// Where IPv6 pods are redirected to (`--proxy-redirect6`); `None`: native IPv6 is not
-    /// captured.
+    /// Where IPv6 pods are redirected to (`--proxy-redirect6`, `auto` resolved); `None`:
+    /// native IPv6 is not captured.
     pub proxy_redirect6: Option<SocketAddrV6>,
+    /// How that was decided.
+    pub ipv6_capture: Ipv6Capture,
     pub admin_address: SocketAddr,
     pub skmsg: bool,
     pub skmsg_upstream: bool,
@@ -562,29 +679,30 @@ impl RunConfig {
             }
             None => args.proxy_address,
         };
-        if let Some(a) = args.proxy_redirect6 {
-            // The datapath rewrites IPv6 connects to exactly this address, and the proxy
-            // listens on it: it must be one address of this node pods reach.
-            let ip = *a.ip();
-            let why = if ip.is_unspecified() {
-                Some("is unspecified: pods must be sent to an address of this node they can reach")
-            } else if ip.is_loopback() {
-                Some("is loopback: a pod's ::1 is its own")
-            } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
-                Some("is link-local: it names no one address across the pods' links")
-            } else if ip.is_multicast() {
-                Some("is multicast")
-            } else if ip.to_ipv4_mapped().is_some() {
-                Some("is IPv4-mapped: IPv4 goes to --proxy-redirect")
-            } else if a.port() == 0 {
-                Some("has port 0")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                problems.push(ConfigError::Invalid(format!("--proxy-redirect6 {a} {why}")));
+        let host_ips = args.host_ips.as_deref().unwrap_or("");
+        let (proxy_redirect6, ipv6_capture) = match args.proxy_redirect6 {
+            None | Some(Redirect6::Off) => (None, Ipv6Capture::Off),
+            Some(Redirect6::Addr(a)) => {
+                // The datapath rewrites IPv6 connects to exactly this address, and the
+                // proxy listens on it: it must be one address of this node pods reach.
+                let why = redirect6_unfit(a.ip()).or((a.port() == 0).then_some("has port 0"));
+                if let Some(why) = why {
+                    problems.push(ConfigError::Invalid(format!("--proxy-redirect6 {a} {why}")));
+                }
+                (Some(a), Ipv6Capture::Given)
             }
-        }
+            Some(Redirect6::Auto(port)) => match pick_host_ip6(host_ips) {
+                Ok(Some(ip)) => {
+                    let port = port.unwrap_or(proxy_redirect.port());
+                    (Some(SocketAddrV6::new(ip, port, 0, 0)), Ipv6Capture::Auto)
+                }
+                Ok(None) => (None, Ipv6Capture::NoHostAddress(host_ips.to_owned())),
+                Err(e) => {
+                    problems.push(ConfigError::Invalid(format!("--proxy-redirect6 auto: {e}")));
+                    (None, Ipv6Capture::Off)
+                }
+            },
+        };
         let node_name = args.node_name.clone().filter(|n| !n.is_empty());
         if let Some(a) = &args.ca_address {
             match a.split_once("://").map(|(s, _)| s) {
@@ -721,7 +839,8 @@ impl RunConfig {
             cgroup: args.cgroup,
             proxy_address: args.proxy_address,
             proxy_redirect,
-            proxy_redirect6: args.proxy_redirect6,
+            proxy_redirect6,
+            ipv6_capture,
             admin_address: args.admin_address,
             skmsg: args.skmsg,
             skmsg_upstream: args.skmsg_upstream,
@@ -913,6 +1032,103 @@ mod tests {
         assert!(
             c(&["--proxy-redirect6", "fd00:201::1"]).is_err(),
             "a port is required"
+        );
+    }
+
+    #[test]
+    fn the_ipv6_redirect_syntax_is_off_auto_auto_port_or_an_address() {
+        assert_eq!(parse_redirect6("off"), Ok(Redirect6::Off));
+        assert_eq!(parse_redirect6(""), Ok(Redirect6::Off));
+        assert_eq!(parse_redirect6("auto"), Ok(Redirect6::Auto(None)));
+        assert_eq!(
+            parse_redirect6("auto:15006"),
+            Ok(Redirect6::Auto(Some(15006)))
+        );
+        assert_eq!(
+            parse_redirect6("[fd00::1]:15001"),
+            Ok(Redirect6::Addr("[fd00::1]:15001".parse().unwrap()))
+        );
+        for (bad, why) in [
+            ("auto:0", "port 0"),
+            ("auto:x", "is not a port"),
+            ("auto:70000", "is not a port"),
+            ("fd00::1", "expected off, auto, auto:PORT or [IPv6]:PORT"),
+            ("10.0.0.1:15001", "expected off, auto"),
+            ("on", "expected off, auto"),
+        ] {
+            let e = parse_redirect6(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn auto_picks_the_first_fit_ipv6_host_address() {
+        let ip = |s: &str| Some(s.parse::<Ipv6Addr>().unwrap());
+        // status.hostIPs of a dual-stack node, either order.
+        assert_eq!(pick_host_ip6("10.0.0.5,fd00:10::5"), Ok(ip("fd00:10::5")));
+        assert_eq!(
+            pick_host_ip6("2001:db8::5, 10.0.0.5"),
+            Ok(ip("2001:db8::5"))
+        );
+        // Single-stack IPv4 (or status.hostIP of an IPv4-primary node), or nothing: none.
+        assert_eq!(pick_host_ip6("10.0.0.5"), Ok(None));
+        assert_eq!(pick_host_ip6(""), Ok(None));
+        // Addresses pods cannot be sent to are passed over.
+        assert_eq!(
+            pick_host_ip6("fe80::1,::1,::ffff:10.0.0.5,fd00:10::5"),
+            Ok(ip("fd00:10::5"))
+        );
+        assert_eq!(pick_host_ip6("fe80::1"), Ok(None));
+        let e = pick_host_ip6("10.0.0.5,node-a").unwrap_err();
+        assert!(e.contains("\"node-a\" is not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn auto_resolves_against_the_host_addresses_and_the_ipv4_port() {
+        let f = TempFile::new("redirect6-auto.yaml", "");
+        let c = |extra: &[&str]| {
+            let mut args = vec!["--config", f.path(), "--proxy-address", "10.1.0.1:15001"];
+            args.extend_from_slice(extra);
+            parse(&args).map(|c| (c.proxy_redirect6, c.ipv6_capture))
+        };
+        let auto = ["--proxy-redirect6", "auto"];
+        assert_eq!(
+            c(&[&auto[..], &["--host-ips", "10.1.0.1,fd00:201::1"]].concat()).unwrap(),
+            (
+                Some("[fd00:201::1]:15001".parse().unwrap()),
+                Ipv6Capture::Auto
+            )
+        );
+        assert_eq!(
+            c(&[
+                "--proxy-redirect6",
+                "auto:15007",
+                "--host-ips",
+                "fd00:201::1"
+            ])
+            .unwrap(),
+            (
+                Some("[fd00:201::1]:15007".parse().unwrap()),
+                Ipv6Capture::Auto
+            )
+        );
+        // No IPv6 address of the node: not captured, and said so.
+        assert_eq!(
+            c(&[&auto[..], &["--host-ips", "10.1.0.1"]].concat()).unwrap(),
+            (None, Ipv6Capture::NoHostAddress("10.1.0.1".into()))
+        );
+        assert_eq!(
+            c(&auto).unwrap(),
+            (None, Ipv6Capture::NoHostAddress(String::new()))
+        );
+        let e = c(&[&auto[..], &["--host-ips", "10.1.0.1,bogus"]].concat()).unwrap_err();
+        assert!(
+            e.contains("--proxy-redirect6 auto") && e.contains("MESH_HOST_IPS"),
+            "{e}"
+        );
+        assert_eq!(
+            c(&["--proxy-redirect6", "off", "--host-ips", "fd00:201::1"]).unwrap(),
+            (None, Ipv6Capture::Off)
         );
     }
 

@@ -65,6 +65,8 @@ pub struct Metrics {
     /// Enrolled workloads whose network namespace could not be resolved.
     pub unresolved_workloads: AtomicU64,
     pub enrolled_workloads: AtomicU64,
+    /// 1 while native IPv6 connections are captured (`--proxy-redirect6`), else 0.
+    pub ipv6_capture: AtomicU64,
     /// Reloads of the standalone file, applied and rejected.
     pub reloads: Arc<crate::enrol::file::ReloadStats>,
     /// Datapath map writes of the map syncer that failed, by map.
@@ -424,6 +426,12 @@ impl Metrics {
                 "gauge",
                 "Enrolled workloads whose network namespace cannot be found.",
                 &self.unresolved_workloads,
+            ),
+            (
+                "mesh_ipv6_capture",
+                "gauge",
+                "1 while native IPv6 connections of enrolled pods are captured (--proxy-redirect6); 0: they go around the mesh (connect_not_ipv4).",
+                &self.ipv6_capture,
             ),
         ];
         for (name, kind, help, v) in scalars {

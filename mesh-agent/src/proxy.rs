@@ -14,6 +14,8 @@ pub mod http;
 pub mod inbound;
 mod relay;
 pub mod secure;
+#[cfg(test)]
+mod testing;
 pub mod trace;
 pub mod xds;
 
@@ -64,14 +66,38 @@ pub enum ProxyError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
-pub struct Outbound {
-    listener: TcpListener,
+/// One address family's outbound listener: what its accept loop needs, so both
+/// families' loops are the same code.
+struct FamilyListener {
+    socket: TcpListener,
     /// The listener's own address when it is bound to one (every accepted socket's local
     /// address, no `getsockname` per connection); `None` for a wildcard address.
     local: Option<SocketAddr>,
+    /// Whether this loop refreshes the proxy heartbeat (`PROXY_HEALTH`): exactly one does,
+    /// the IPv4 one.
+    heartbeat: bool,
+}
+
+impl FamilyListener {
+    fn new(socket: TcpListener, heartbeat: bool) -> Arc<FamilyListener> {
+        let local = socket
+            .local_addr()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified());
+        Arc::new(FamilyListener {
+            socket,
+            local,
+            heartbeat,
+        })
+    }
+}
+
+pub struct Outbound {
+    /// The IPv4 outbound listener (`--proxy-redirect`); its loop beats the heartbeat.
+    listener: Arc<FamilyListener>,
     /// The IPv6 outbound listener (`--proxy-redirect6`), where the datapath sends native
-    /// IPv6 connections, and its address; `None`: IPv6 is not captured.
-    listener6: Option<(TcpListener, SocketAddr)>,
+    /// IPv6 connections; `None`: IPv6 is not captured.
+    listener6: Option<Arc<FamilyListener>>,
     /// When set: connect to same-node destinations from this (node) address and have
     /// sockops pair that leg too (IPv4 destinations from the first, IPv6 from the second).
     upstream_source: std::sync::OnceLock<Ipv4Addr>,
@@ -167,14 +193,9 @@ impl Outbound {
                 listen(addr, LISTEN_BACKLOG).map_err(|source| ProxyError::Bind { addr, source })?
             }
         };
-        let local = listener
-            .local_addr()
-            .ok()
-            .filter(|a| !a.ip().is_unspecified());
         let l7 = L7::new(xds.config(), metrics.l7.clone());
         Ok(Outbound {
-            listener,
-            local,
+            listener: FamilyListener::new(listener, true),
             listener6: None,
             upstream_source: std::sync::OnceLock::new(),
             upstream_source6: std::sync::OnceLock::new(),
@@ -192,9 +213,9 @@ impl Outbound {
     }
 
     /// Listens for captured native IPv6 connections on `addr` too (`--proxy-redirect6`),
-    /// served alike by the same accept loop, or serves `inherited`, the IPv6 listener a
-    /// running agent handed over if it listens on `addr`. Must run inside the proxy's
-    /// runtime.
+    /// served by an accept loop of their own (the IPv4 one's code), or serves `inherited`,
+    /// the IPv6 listener a running agent handed over if it listens on `addr`. Must run
+    /// inside the proxy's runtime.
     ///
     /// `SO_REUSEPORT`: an agent of hand-over protocol 1 does not pass its IPv6 listener on;
     /// this one then binds its own next to the old one's while both run.
@@ -209,7 +230,7 @@ impl Outbound {
                 source,
             })?;
             if l.local_addr().ok() == Some(SocketAddr::V6(addr)) {
-                self.listener6 = Some((l, SocketAddr::V6(addr)));
+                self.listener6 = Some(FamilyListener::new(l, false));
                 return Ok(());
             }
             // The old agent redirected IPv6 elsewhere: its queue is its own to drain.
@@ -231,7 +252,7 @@ impl Outbound {
             addr: SocketAddr::V6(addr),
             source,
         })?;
-        self.listener6 = Some((l, SocketAddr::V6(addr)));
+        self.listener6 = Some(FamilyListener::new(l, false));
         Ok(())
     }
 
@@ -394,13 +415,13 @@ impl Outbound {
     /// The listening socket, to hand over to the next agent.
     pub fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
-        self.listener.as_fd()
+        self.listener.socket.as_fd()
     }
 
     /// The IPv6 listening socket (`--proxy-redirect6`), for the same hand-over.
     pub fn listener6_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        self.listener6.as_ref().map(|(l, _)| l.as_fd())
+        self.listener6.as_ref().map(|l| l.socket.as_fd())
     }
 
     /// The L7 engine (its live state: outlier ejections, for `/config_dump`).
@@ -480,25 +501,23 @@ impl Outbound {
     pub async fn serve(self: Arc<Self>, drain: DrainWatch) {
         // The IPv6 listener has its own loop (its own task), so a burst on one family
         // never starves the other's accepts.
-        if let Some((_, addr)) = &self.listener6 {
-            let addr = *addr;
+        if let Some(l6) = self.listener6.clone() {
+            let addr = l6.local;
             let (me, drain) = (self.clone(), drain.clone());
             tokio::spawn(
-                me.accept_loop(true, drain)
-                    .instrument(tracing::info_span!("outbound6", %addr)),
+                me.accept_loop(l6, drain)
+                    .instrument(tracing::info_span!("outbound6", addr = ?addr)),
             );
         }
-        self.accept_loop(false, drain).await;
+        let l4 = self.listener.clone();
+        self.accept_loop(l4, drain).await;
     }
 
-    /// The accept loop of the IPv4 listener (`v6` false, which also beats the heartbeat)
-    /// or of the IPv6 one.
-    async fn accept_loop(self: Arc<Self>, v6: bool, drain: DrainWatch) {
-        let (listener, local) = match (&self.listener6, v6) {
-            (Some((l, addr)), true) => (l, Some(*addr)),
-            _ => (&self.listener, self.local),
-        };
-        info!(addr = ?listener.local_addr().ok(), "outbound listener ready");
+    /// The accept loop of one family's listener (the one with `heartbeat` set also beats
+    /// the proxy heartbeat).
+    async fn accept_loop(self: Arc<Self>, listener: Arc<FamilyListener>, drain: DrainWatch) {
+        let local = listener.local;
+        info!(addr = ?listener.socket.local_addr().ok(), "outbound listener ready");
         // The heartbeat comes from the accept loop itself: if this task is not polled (the
         // runtime stuck or starved), the datapath stops sending connections here.
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -516,12 +535,12 @@ impl Outbound {
                     info!("outbound listener closed; draining");
                     return;
                 }
-                _ = heartbeat.tick(), if !v6 => {
+                _ = heartbeat.tick(), if listener.heartbeat => {
                     if let Err(e) = self.maps.beat() {
                         warn!(error = %e, "writing the proxy heartbeat failed");
                     }
                 }
-                r = listener.accept() => match r {
+                r = listener.socket.accept() => match r {
                     Ok((conn, peer)) => {
                         let me = self.clone();
                         let id = self.next_id.fetch_add(1, Relaxed);
@@ -608,20 +627,9 @@ impl Outbound {
                 .0
                 .clone()
                 .unwrap_or_else(|| "unknown".into()),
-            // The L7 engine names clients by IPv4 address: an IPv6 client is the same
-            // workload under its IPv4 address (dual-stack workloads have both), so its
-            // requests take the zero-trust path and policy as that workload's do.
-            ip: match pip {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(_) => self.secure.get().and_then(|s| {
-                    s.mesh_now().workloads.by_ip(pip).and_then(|w| {
-                        w.ips.iter().find_map(|ip| match ip {
-                            IpAddr::V4(a) => Some(*a),
-                            IpAddr::V6(_) => None,
-                        })
-                    })
-                }),
-            },
+            // Either family: the workload table holds both addresses of a dual-stack
+            // workload, so an IPv6 client is found (identity, namespace, labels) as is.
+            ip: Some(pip),
             peer: Some(peer),
             skmsg,
         };

@@ -985,3 +985,47 @@ fn the_embedded_ca_is_served_to_other_nodes_when_asked() {
     assert!(!d.iter().any(|o| o["kind"] == "Service"));
     assert!(!yaml.contains("ca-node-tokens"));
 }
+
+/// Native IPv6 capture (`ipv6.capture`): on by default as `auto`, the agent picking the
+/// node's IPv6 address from `status.hostIPs` (an IPv4-only node: nothing captured);
+/// a port or a fixed address passes through; `off` leaves both variables out.
+#[test]
+fn ipv6_capture_is_auto_from_the_nodes_addresses_by_default() {
+    let host_ips = |d: &[Value]| {
+        env(d)
+            .into_iter()
+            .find(|(n, _)| n == "MESH_HOST_IPS")
+            .map(|(_, e)| e["valueFrom"]["fieldRef"]["fieldPath"].clone())
+    };
+    let d = docs(&render(&[]));
+    assert_eq!(
+        env_value(&d, "MESH_PROXY_REDIRECT6").as_deref(),
+        Some("auto")
+    );
+    assert_eq!(host_ips(&d), Some(Value::from("status.hostIPs")));
+    for (set, want) in [
+        ("ipv6.capture=auto:15006", "auto:15006"),
+        ("ipv6.capture=[fd00:10::1]:15001", "[fd00:10::1]:15001"),
+    ] {
+        let d = docs(&render(&[set]));
+        assert_eq!(
+            env_value(&d, "MESH_PROXY_REDIRECT6").as_deref(),
+            Some(want),
+            "{set}"
+        );
+        assert_eq!(host_ips(&d), Some(Value::from("status.hostIPs")), "{set}");
+    }
+    let d = docs(&render(&["ipv6.capture=off"]));
+    assert_eq!(env_value(&d, "MESH_PROXY_REDIRECT6"), None);
+    assert_eq!(host_ips(&d), None);
+    // What the agent would refuse, the schema refuses first.
+    for bad in [
+        "ipv6.capture=on",
+        "ipv6.capture=auto:0",
+        "ipv6.capture=fd00:10::1",
+        "ipv6.capture=10.0.0.1:15001",
+    ] {
+        let e = render_fails(&[bad]);
+        assert!(e.contains("ipv6/capture"), "{bad}: {e}");
+    }
+}

@@ -465,7 +465,7 @@ fn match_matches(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{path::Path, sync::Arc};
 
     use prost::Message;
@@ -488,14 +488,16 @@ namespaces:
   - name: other
     labels: { mesh-agent.io/dataplane-mode: ambient }
 workloads:
-  - { name: web, namespace: shop, ip: 10.0.0.2, netns: /n/web, service_account: web, labels: { app: web } }
-  - { name: db, namespace: shop, ip: 10.0.0.3, netns: /n/db, service_account: db, labels: { app: db } }
-  - { name: client, namespace: other, ip: 10.0.1.2, netns: /n/c, service_account: client, node: node-b }
+  - { name: web, namespace: shop, ip: 10.0.0.2, ip6: 'fd00::2', netns: /n/web, service_account: web, labels: { app: web } }
+  - { name: db, namespace: shop, ip: 10.0.0.3, ip6: 'fd00::3', netns: /n/db, service_account: db, labels: { app: db } }
+  - { name: client, namespace: other, ip: 10.0.1.2, ip6: 'fd00:1::2', netns: /n/c, service_account: client, node: node-b }
 ";
 
     /// The file's policies through the whole path: the file check, the control plane's
-    /// translation, the wire, the proxy's conversion.
-    fn mesh(policies: &str) -> MeshConfig {
+    /// translation, the wire, the proxy's conversion. Workloads (dual-stack): shop/web
+    /// (`app: web`, 10.0.0.2 and fd00::2), shop/db (`app: db`, 10.0.0.3 and fd00::3),
+    /// other/client (10.0.1.2 and fd00:1::2, on node-b).
+    pub(crate) fn mesh(policies: &str) -> MeshConfig {
         let text = format!("{BASE}{policies}");
         let f = MeshFile::parse(Path::new("t.yaml"), &text).unwrap();
         let mut t = Translator::default();
@@ -767,6 +769,72 @@ workloads:
             };
             let v = authorize(&m.policies, &conn(&m, s, &c));
             assert_eq!(v.allowed, want, "{src_ip} {port}: {v}");
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_are_found_by_their_ipv6_address_and_judged_by_ipv6_blocks() {
+        // The workload table indexes both addresses: identity and namespace of an IPv6
+        // client are found as those of its IPv4 address.
+        let m = mesh("");
+        for (v4, v6) in [("10.0.0.2", "fd00::2"), ("10.0.1.2", "fd00:1::2")] {
+            let (a, b) = (
+                m.workloads.by_ip(v4.parse().unwrap()).expect(v4),
+                m.workloads.by_ip(v6.parse().unwrap()).expect(v6),
+            );
+            assert!(Arc::ptr_eq(a, b), "{v4} and {v6} are one workload");
+        }
+        let web = id(WEB);
+        let judge = |m: &MeshConfig, src_ip: &str, s: &SpiffeId| {
+            let c = Case {
+                src_ip,
+                src: None,
+                dst: "fd00::3",
+                port: 5432,
+                tls: true,
+            };
+            authorize(&m.policies, &conn(m, Some(s), &c))
+        };
+        // ALLOW from an IPv6 block: web's IPv6 address is in it, its IPv4 one and other
+        // IPv6 addresses are not (source.ip is the address the connection came from).
+        let allow = mesh(
+            "authorization_policies:
+  - metadata: { name: db-from-v6, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: db } }
+      rules: [ { from: [ { source: { ipBlocks: [ 'fd00::/64' ] } } ] } ]
+",
+        );
+        for (src_ip, want) in [
+            ("fd00::2", true),
+            ("fd00::99", true),
+            ("10.0.0.2", false),
+            ("fd00:1::2", false),
+        ] {
+            let v = judge(&allow, src_ip, &web);
+            assert_eq!(v.allowed, want, "ALLOW {src_ip}: {v}");
+        }
+        // DENY an IPv6 block (and notIpBlocks naming one address of it).
+        let deny = mesh(
+            "authorization_policies:
+  - metadata: { name: no-v6-web, namespace: shop }
+    spec:
+      selector: { matchLabels: { app: db } }
+      action: DENY
+      rules: [ { from: [ { source: { ipBlocks: [ 'fd00::/64' ], notIpBlocks: [ 'fd00::99' ] } } ] } ]
+",
+        );
+        for (src_ip, want) in [
+            ("fd00::2", false),
+            ("fd00::99", true),
+            ("10.0.0.2", true),
+            ("fd00:1::2", true),
+        ] {
+            let v = judge(&deny, src_ip, &web);
+            assert_eq!(v.allowed, want, "DENY {src_ip}: {v}");
+            if !want {
+                assert_eq!(v.policy_name.as_deref(), Some("shop/no-v6-web"), "{v}");
+            }
         }
     }
 

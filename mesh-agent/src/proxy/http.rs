@@ -43,7 +43,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -165,7 +165,7 @@ pub(crate) trait MeshPaths: Send + Sync {
     /// the one in force.
     fn mesh_now(&self) -> Arc<MeshConfig>;
     /// The path from the local workload at `client` to the endpoint `target`.
-    fn path(&self, client: Ipv4Addr, target: SocketAddr) -> Path;
+    fn path(&self, client: IpAddr, target: SocketAddr) -> Path;
     /// A stream to `authority` through `tunnel`.
     fn open<'a>(&'a self, tunnel: &'a Tunnel, authority: SocketAddr) -> OpenFuture<'a>;
 }
@@ -175,7 +175,7 @@ impl MeshPaths for Secure {
         Secure::mesh_now(self)
     }
 
-    fn path(&self, client: Ipv4Addr, target: SocketAddr) -> Path {
+    fn path(&self, client: IpAddr, target: SocketAddr) -> Path {
         self.outbound(client, target)
     }
 
@@ -194,9 +194,11 @@ impl MeshPaths for Secure {
 pub struct Client {
     /// The source workload's name for metrics (`ns/name`, or `unknown`).
     pub name: String,
-    /// Its address. Zero trust needs it: requests go through the tunnel as the identity
-    /// of the workload there. None: every upstream connection is plain.
-    pub ip: Option<Ipv4Addr>,
+    /// Its address (either family: a dual-stack workload is found by both). Zero trust
+    /// needs it: requests go through the tunnel as the identity of the workload there,
+    /// and same-node policy sees it as `source.ip`. None: every upstream connection is
+    /// plain.
+    pub ip: Option<IpAddr>,
     /// Its address and port, and whether sk_msg short-circuits its leg, for the access log.
     pub peer: Option<SocketAddr>,
     pub skmsg: bool,
@@ -293,7 +295,7 @@ struct Clusters {
 struct Conn {
     dst: SocketAddr,
     source: String,
-    client_ip: Option<Ipv4Addr>,
+    client_ip: Option<IpAddr>,
     peer: Option<SocketAddr>,
     skmsg: bool,
     /// The listener at accept time, used if a push removes it while the connection lives.
@@ -456,7 +458,7 @@ impl L7 {
         let mut e = Entry::new(Protocol::of(req.version()), path);
         e.source_address = match (conn.peer, conn.client_ip) {
             (Some(p), _) => Some(accesslog::Addr::Sock(p)),
-            (None, Some(ip)) => Some(accesslog::Addr::Ip(ip.into())),
+            (None, Some(ip)) => Some(accesslog::Addr::Ip(ip)),
             (None, None) => None,
         };
         e.source_workload = Some(conn.source.clone()).filter(|s| s != "unknown");
@@ -472,7 +474,7 @@ impl L7 {
             attempts: 0,
         });
         if let (Some(paths), Some(ip)) = (self.paths.get(), conn.client_ip) {
-            if let Some(w) = paths.mesh_now().workloads.by_ip(ip.into()) {
+            if let Some(w) = paths.mesh_now().workloads.by_ip(ip) {
                 e.source_principal = Some(w.identity.to_string());
             }
         }
@@ -485,11 +487,11 @@ impl L7 {
 
     /// Istio's view of a connection from `source` (`ns/name` or `unknown`) at `ip`: its
     /// peer resolved once, destinations resolved per endpoint on first use.
-    fn istio_conn(&self, source: &str, ip: Option<Ipv4Addr>) -> HttpConn {
+    fn istio_conn(&self, source: &str, ip: Option<IpAddr>) -> HttpConn {
         let mut peer = Peer::from_qualified(Some(source));
         let paths = self.paths.get().cloned();
         if let (Some(p), Some(ip)) = (&paths, ip) {
-            if let Some(w) = p.mesh_now().workloads.by_ip(ip.into()) {
+            if let Some(w) = p.mesh_now().workloads.by_ip(ip) {
                 peer.principal = w.identity.to_string();
                 w.label_peer(&mut peer);
             }
@@ -572,7 +574,7 @@ impl L7 {
             Path::Denied(v) => Hop::Denied(v.policy_name),
             Path::Tunnel { src, dst, hbone } => Hop::Tunnel(Arc::new(Tunnel {
                 src,
-                source: client.into(),
+                source: client,
                 dst_id: dst.identity.clone(),
                 hbone,
             })),

@@ -552,7 +552,7 @@ impl Tracer {
 #[derive(Debug, Clone, Copy)]
 pub struct Downstream<'a> {
     pub peer: Option<SocketAddr>,
-    pub client_ip: Option<std::net::Ipv4Addr>,
+    pub client_ip: Option<std::net::IpAddr>,
     /// `ns/name` or `unknown`.
     pub source: &'a str,
     /// The original destination.

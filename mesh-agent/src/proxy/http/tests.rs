@@ -2,6 +2,7 @@
 //! serving accepted connections, hyper (or raw TCP) clients.
 
 use std::{
+    net::Ipv4Addr,
     pin::Pin,
     sync::atomic::{AtomicUsize, Ordering},
     task::{Context, Poll},
@@ -1214,11 +1215,8 @@ async fn proto_endpoint() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
                                 let _ = crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&s));
                                 return;
                             }
-                            let (mut r, mut w) = s.split();
-                            tokio::io::copy(&mut r, &mut w).await.unwrap();
-                            w.write_all(b"bye").await.unwrap();
-                            w.shutdown().await.unwrap();
-                            let _ = r.read(&mut [0u8; 1]).await;
+                            crate::proxy::testing::echo_then_bye(&mut s).await;
+                            let _ = s.read(&mut [0u8; 1]).await;
                             return;
                         }
                         "/decline" => {
@@ -1303,22 +1301,7 @@ async fn an_upgrade_is_spliced_on_a_connection_of_its_own_and_never_pooled() {
     s.read_exact(&mut early).await.unwrap();
     assert_eq!(&early, b"server-early");
     // 2 MiB each way at once, then the client's half-close, then the endpoint's `bye`.
-    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
-    let (mut r, mut w) = s.into_split();
-    let sent = data.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-        w
-    });
-    let mut back = Vec::new();
-    r.read_to_end(&mut back).await.unwrap();
-    drop(writer.await.unwrap());
-    let mut want = b"client-early".to_vec();
-    want.extend_from_slice(&data);
-    want.extend_from_slice(b"bye");
-    assert_eq!(back.len(), want.len());
-    assert!(back == want, "the spliced bytes differ");
+    crate::proxy::testing::echo_through_splice(s, b"client-early", 2 << 20).await;
     assert_eq!(conns.load(Ordering::Relaxed), 2, "an upgrade opens its own");
 
     // A plain request after it uses the pooled connection, not the upgraded one.
@@ -1869,8 +1852,11 @@ impl MeshPaths for FakeMesh {
         self.mesh.clone()
     }
 
-    fn path(&self, client: Ipv4Addr, target: SocketAddr) -> Path {
+    fn path(&self, client: IpAddr, target: SocketAddr) -> Path {
         let Some(dst) = self.mesh.workloads.by_ip(target.ip()) else {
+            return Path::Plain;
+        };
+        let IpAddr::V4(client) = client else {
             return Path::Plain;
         };
         match self.ids.get(&client) {
@@ -1937,7 +1923,7 @@ async fn mesh_proxy(
                 while let Ok((s, _)) = l.accept().await {
                     let client = Client {
                         name: format!("test/{ip}"),
-                        ip: Some(ip),
+                        ip: Some(ip.into()),
                         peer: None,
                         skmsg: false,
                     };
@@ -2357,4 +2343,147 @@ async fn an_upstream_that_closes_idle_connections_costs_no_request() {
         assert_eq!((g.status, g.body.as_str()), (200, "a"), "request {i}");
     }
     assert_eq!(conns.load(Ordering::Relaxed), 5);
+}
+
+/// Stands in for `Secure` with the real policy engine: a client and an endpoint both
+/// mesh workloads of this node are judged by `authz::authorize` with the client's address
+/// as `source.ip`, as `Secure::outbound` judges same-node paths.
+struct PolicyMesh(Arc<MeshConfig>);
+
+impl MeshPaths for PolicyMesh {
+    fn mesh_now(&self) -> Arc<MeshConfig> {
+        self.0.clone()
+    }
+
+    fn path(&self, client: IpAddr, target: SocketAddr) -> Path {
+        let m = &self.0;
+        let (Some(dst), Some(src)) = (m.workloads.by_ip(target.ip()), m.workloads.by_ip(client))
+        else {
+            return Path::Plain;
+        };
+        let ctx = crate::proxy::authz::ConnCtx {
+            src_ip: client,
+            src_identity: Some(&src.identity),
+            dst,
+            dst_ip: target.ip(),
+            dst_port: target.port(),
+            tls: true,
+        };
+        let v = crate::proxy::authz::authorize(&m.policies, &ctx);
+        if v.allowed {
+            Path::Plain
+        } else {
+            Path::Denied(v)
+        }
+    }
+
+    fn open<'a>(&'a self, _: &'a Tunnel, _: SocketAddr) -> OpenFuture<'a> {
+        unreachable!("no tunnels: every workload is on this node")
+    }
+}
+
+/// (Added by the IPv6 work; the engine names clients by `IpAddr`.) An IPv6 client's
+/// requests are judged by ipBlocks with its IPv6 address, ALLOW and DENY, and Istio's
+/// series name its workload (found by the IPv6 address: principal, app label).
+#[tokio::test]
+async fn ipv6_clients_are_judged_and_named_by_their_ipv6_address() {
+    use crate::proxy::config::workloads::{WorkloadIndex, WorkloadInfo};
+    let up = named("db").await;
+    let web6: IpAddr = "fd00::2".parse().unwrap();
+    let client6: IpAddr = "fd00:1::2".parse().unwrap();
+    for (policy, allowed) in [
+        (
+            "action: ALLOW, rules: [ { from: [ { source: { ipBlocks: [ \"fd00::/64\" ] } } ] } ]",
+            [(web6, true), (client6, false)],
+        ),
+        (
+            "action: DENY, rules: [ { from: [ { source: { ipBlocks: [ \"fd00:1::/64\" ] } } ] } ]",
+            [(web6, true), (client6, false)],
+        ),
+    ] {
+        let m = crate::proxy::authz::tests::mesh(&format!(
+            "authorization_policies:\n  - metadata: {{ name: db-v6, namespace: shop }}\n    \
+             spec: {{ selector: {{ matchLabels: {{ app: db }} }}, {policy} }}\n"
+        ));
+        // shop/db answers at the test upstream's address.
+        let workloads: Vec<Arc<WorkloadInfo>> = m
+            .workloads
+            .iter()
+            .map(|w| {
+                if w.name == "db" {
+                    Arc::new(WorkloadInfo {
+                        ips: vec![up.addr.ip()],
+                        ..(**w).clone()
+                    })
+                } else {
+                    w.clone()
+                }
+            })
+            .collect();
+        let mesh = Arc::new(PolicyMesh(Arc::new(MeshConfig {
+            workloads: WorkloadIndex::new(&workloads),
+            policies: m.policies,
+            version: 1,
+        })));
+        let (_config, rx) = watch::channel(Arc::new(simple(
+            vec![cluster("c", &[up.addr])],
+            to(&[("c", 1)]),
+        )));
+        let metrics = Arc::new(L7Metrics::default());
+        let l7 = L7::new(rx, metrics.clone());
+        l7.set_paths(mesh);
+        let (_drain, watch) = crate::lifecycle::drain::new();
+        for (ip, want) in allowed {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (l7, watch) = (l7.clone(), watch.clone());
+            let name = if ip == web6 {
+                "shop/web"
+            } else {
+                "other/client"
+            };
+            tokio::spawn(async move {
+                let (s, _) = l.accept().await.unwrap();
+                let client = Client {
+                    name: name.into(),
+                    ip: Some(ip),
+                    peer: Some(SocketAddr::new(ip, 40000)),
+                    skmsg: false,
+                };
+                l7.serve(s, VIP, client, watch).await;
+            });
+            let mut c = client(addr).await;
+            let got = get(&mut c, "/").await;
+            let want = if want {
+                (200, "db")
+            } else {
+                (403, "RBAC: access denied")
+            };
+            assert_eq!((got.status, got.body.as_str()), want, "{policy}: {ip}");
+        }
+        let mut t = String::new();
+        metrics.istio.encode(&mut t);
+        // The source found by its IPv6 address: principal and app label (`unknown`: the
+        // workload has none); the allowed request's destination too.
+        let has = |code: u16, source: &str, dst: &str| {
+            t.lines().any(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(source)
+                    && l.contains(dst)
+                    && l.contains(&format!("response_code=\"{code}\""))
+            })
+        };
+        let web = "source_principal=\"spiffe://cluster.local/ns/shop/sa/web\",source_app=\"web\"";
+        let other =
+            "source_principal=\"spiffe://cluster.local/ns/other/sa/client\",source_app=\"unknown\"";
+        assert!(
+            has(
+                200,
+                web,
+                "destination_workload=\"db\",destination_workload_namespace=\"shop\""
+            ),
+            "{policy}:\n{t}"
+        );
+        assert!(has(403, other, ""), "{policy}:\n{t}");
+    }
 }

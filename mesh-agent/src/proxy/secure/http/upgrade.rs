@@ -302,12 +302,7 @@ mod tests {
                     .await
                     .unwrap();
                     match after {
-                        After::Echo => {
-                            let (mut r, mut w) = s.split();
-                            tokio::io::copy(&mut r, &mut w).await.unwrap();
-                            w.write_all(b"bye").await.unwrap();
-                            w.shutdown().await.unwrap();
-                        }
+                        After::Echo => crate::proxy::testing::echo_then_bye(&mut s).await,
                         After::Reset => {
                             let mut buf = [0u8; 1024];
                             let _ = s.read(&mut buf).await;
@@ -353,22 +348,7 @@ mod tests {
         s.read_exact(&mut early).await.unwrap();
         assert_eq!(&early, b"pod-early");
         // 1 MiB each way through the splice, written while the echo comes back.
-        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
-        let (mut r, mut w) = s.into_split();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            w.write_all(&sent).await.unwrap();
-            w.shutdown().await.unwrap();
-            w
-        });
-        let mut back = Vec::new();
-        r.read_to_end(&mut back).await.unwrap();
-        let _w = writer.await.unwrap();
-        let mut want = b"client-early".to_vec();
-        want.extend_from_slice(&data);
-        want.extend_from_slice(b"bye");
-        assert_eq!(back.len(), want.len());
-        assert!(back == want, "the spliced bytes differ");
+        crate::proxy::testing::echo_through_splice(s, b"client-early", 1 << 20).await;
         assert_eq!(dials.load(std::sync::atomic::Ordering::Relaxed), 1);
         // The pod was asked to switch, and saw the source the agent judged, not the
         // client's claim.
