@@ -16,6 +16,18 @@ pub fn assert_intact(r: &serde_json::Value, bytes: u64) {
     assert_eq!(r["sha_sent"], r["sha_received"], "{r}");
 }
 
+/// `podtool sink-client` output: `bytes` reached the (slow) reader in order, no write failed
+/// and no read returned EAGAIN.
+pub fn assert_sunk(r: &serde_json::Value, bytes: u64) {
+    assert_eq!(
+        r["errors"],
+        serde_json::json!([]),
+        "no write may fail and no read may return EAGAIN: {r}"
+    );
+    assert_eq!(r["received_by_reader"].as_u64().unwrap(), bytes, "{r}");
+    assert_eq!(r["sha_sent"], r["sha_reader"], "{r}");
+}
+
 /// An echo exchange of `bytes` each way from `pod` to `to` (`ip:port`), checked intact.
 pub fn echo_intact(n: &SimNode, pod: &str, to: &str, bytes: u64) {
     let r = n

@@ -30,8 +30,11 @@ use anyhow::{bail, Context, Result};
 
 pub mod cluster;
 pub mod cost;
+pub mod datapath;
+pub mod family;
 pub mod flows;
 pub mod kubeapi;
+pub mod l7;
 pub mod metrics;
 pub mod otlp;
 pub mod scenes;
@@ -643,6 +646,17 @@ impl Agent {
     pub fn event(&self, event: &str) -> u64 {
         let m = self.get("/metrics").unwrap_or_default();
         metric(&m, "mesh_datapath_events_total", &[("event", event)])
+    }
+
+    /// Whether the agent's kernel has `feature`, as `/kernel` lists it (`None`: not listed).
+    pub fn kernel_feature(&self, feature: &str) -> Option<bool> {
+        let kernel: serde_json::Value =
+            serde_json::from_str(&self.get("/kernel").expect("/kernel")).expect("/kernel JSON");
+        kernel["features"]
+            .as_array()?
+            .iter()
+            .find(|f| f["name"] == feature)
+            .map(|f| f["available"] == true)
     }
 
     /// SIGTERM, wait; returns the exit status and the log.

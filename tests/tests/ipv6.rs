@@ -1,63 +1,36 @@
 //! Native IPv6 (issue 14, item 5): the datapath tests of `datapath.rs`, for IPv6 pods on a
 //! dual-stack simulated node (`SimNode::new_dual_stack`: every pod has an IPv4 and an IPv6
-//! address, the agent runs with `--proxy-redirect6 [gateway6]:15001`). Capture, original
-//! destination, sk_msg pairing, direct mode, what is never captured, resets, and the IPv4
-//! traffic of the same pods.
+//! address, the agent runs with `--proxy-redirect6 [gateway6]:15001`). The scenarios both
+//! families share are written once (`mesh_tests::datapath`) and run here with
+//! `Family::V6`: capture, original destination, sk_msg pairing, direct mode, what is never
+//! captured, resets, policy. The tests below them are IPv6's own: the node without the
+//! mesh, no redirect, the node's own and link-local addresses, the IPv4 traffic of the
+//! same pods, the kernel relay and a takeover.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
+use mesh_tests::datapath::{self as scenario, NodeServer, MIB, PAIRING};
+use mesh_tests::family::Family::V6;
 use mesh_tests::flows::{echo_intact, proxied_conns};
-use mesh_tests::{firewall_rules, metric, wait_for, SimNode, PROXY_PORT};
+use mesh_tests::{metric, wait_for, SimNode};
 
-const MIB: u64 = 1 << 20;
-
-/// Pair on every kernel (as `datapath.rs`'s pairing tests do): none of these tests has a
-/// slow reader.
-const PAIRING: &[&str] = &["--skmsg-unbounded-pairing", "true"];
-
-/// As `datapath.rs`'s node: `shop` enrolled (client, opted-out `batch`), `backend`
-/// (server) with the given mode, `legacy` not enrolled; every pod dual-stack.
+/// As `datapath.rs`'s node, dual-stack: `shop` enrolled (client, opted-out `batch`),
+/// `backend` (server) with the given mode, `legacy` not enrolled.
 fn node(backend_mode: &str) -> SimNode {
-    let mut n = SimNode::new_dual_stack().expect("dual-stack sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("server", 3).unwrap();
-    n.add_pod("batch", 4).unwrap();
-    n.add_pod("legacy", 5).unwrap();
-    n.write_config(&config(&n, backend_mode)).unwrap();
-    n
+    scenario::node(V6, backend_mode)
 }
 
-fn config(n: &SimNode, backend_mode: &str) -> String {
-    let w = |name: &str, ns: &str, extra: &str| {
-        let p = n.pod(name);
-        format!(
-            "  - {{ name: {name}, namespace: {ns}, ip: {}{}, netns: {}{extra} }}\n",
-            p.ip,
-            p.ip6_field(),
-            p.netns_path()
-        )
-    };
-    format!(
-        "namespaces:\n  - name: shop\n    labels: {{ mesh-agent.io/dataplane-mode: ambient }}\n\
-         \x20 - name: backend\n    mode: {backend_mode}\n  - name: legacy\n\
-         workloads:\n{}{}{}{}",
-        w("client", "shop", ""),
-        w(
-            "batch",
-            "shop",
-            ", labels: { mesh-agent.io/dataplane-mode: none }"
-        ),
-        w("server", "backend", ""),
-        w("legacy", "legacy", ""),
-    )
-}
-
-/// `[ip6]:port` of a pod.
-fn v6(n: &SimNode, pod: &str, port: u16) -> String {
-    SocketAddr::new(IpAddr::V6(n.pod(pod).v6()), port).to_string()
+mesh_tests::family_tests! { V6;
+    a_proxied_ipv6_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules => proxied_flow_passes_the_proxy,
+    direct_mode_pairs_the_pods_ipv6_sockets_and_skips_the_proxy => direct_mode_pairs_the_pods,
+    unenrolled_and_opted_out_pods_ipv6_connections_are_not_captured => unenrolled_and_opted_out_pods_are_not_captured,
+    a_reset_from_an_ipv6_server_reaches_the_client_as_a_reset => a_reset_reaches_the_client_as_a_reset,
+    /// Same-node policy holds for IPv6 sources: the proxy knows the client by its IPv6 address.
+    a_policy_holds_for_an_ipv6_flow => a_direct_destination_under_policy_is_proxied,
+    upstream_pairing_short_circuits_both_ipv6_legs => upstream_pairing_short_circuits_both_legs,
 }
 
 /// The simulated node is what it says: each pod has its IPv6 address and reaches the
@@ -68,7 +41,7 @@ fn the_dual_stack_node_carries_ipv6_without_the_mesh() {
     let n = node("proxied");
     n.serve("server", &["echo", "--listen", "[::]:8080"])
         .unwrap();
-    let dst = v6(&n, "server", 8080);
+    let dst = V6.dst(&n, "server", 8080);
     echo_intact(&n, "client", &dst, 64 * 1024);
     let r = n.client("client", &["peer", "--to", &dst]).unwrap();
     assert_eq!(r["peer"], dst.as_str(), "{r}");
@@ -84,7 +57,7 @@ fn without_an_ipv6_redirect_native_ipv6_is_left_alone() {
     let mut n = node("proxied");
     n.redirect6 = false;
     let agent = n.start_agent(&[]).unwrap();
-    let dst = v6(&n, "server", 8080);
+    let dst = V6.dst(&n, "server", 8080);
     n.serve("server", &["echo", "--listen", "[::]:8080"])
         .unwrap();
     let before = agent.event("connect_not_ipv4");
@@ -96,8 +69,7 @@ fn without_an_ipv6_redirect_native_ipv6_is_left_alone() {
         0,
         "{m}"
     );
-    let proxy6 = SocketAddr::new(IpAddr::V6(n.gateway6()), PROXY_PORT).to_string();
-    let r = n.echo_once("client", &proxy6).unwrap();
+    let r = n.echo_once("client", &V6.proxy(&n)).unwrap();
     assert_eq!(
         r["errors"],
         serde_json::json!(["connect: ECONNREFUSED"]),
@@ -106,186 +78,6 @@ fn without_an_ipv6_redirect_native_ipv6_is_left_alone() {
     let v4 = format!("{}:8080", n.pod("server").ip);
     echo_intact(&n, "client", &v4, 4096);
     assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &v4), 1);
-}
-
-/// A proxied IPv6 flow passes the proxy (its series count it, with both workloads named),
-/// the app <-> proxy leg is paired by sk_msg, bytes arrive intact both ways, `getpeername`
-/// in the client says the original IPv6 destination, and no firewall rule appears.
-#[test]
-fn a_proxied_ipv6_flow_passes_the_proxy_with_skmsg_and_no_firewall_rules() {
-    let n = node("proxied");
-    let rules_before = firewall_rules(&[]);
-    let agent = n.start_agent(PAIRING).unwrap();
-    let dst = v6(&n, "server", 8080);
-    n.serve("server", &["echo", "--listen", "[::]:8080"])
-        .unwrap();
-    let (paired, redirected) = (
-        agent.event("sockops_server_paired"),
-        agent.event("msg_redirected_bytes"),
-    );
-
-    echo_intact(&n, "client", &dst, 16 * MIB);
-
-    let m = agent.get("/metrics").unwrap();
-    let labels = [
-        ("source_workload", "shop/client"),
-        ("destination_address", dst.as_str()),
-        ("destination_workload", "backend/server"),
-        ("skmsg", "true"),
-    ];
-    assert_eq!(
-        metric(&m, "mesh_tcp_connections_opened_total", &labels),
-        1,
-        "{m}"
-    );
-    assert!(
-        metric(&m, "mesh_tcp_received_bytes_total", &labels) >= 16 * MIB,
-        "{m}"
-    );
-    assert!(
-        metric(&m, "mesh_tcp_sent_bytes_total", &labels) >= 16 * MIB,
-        "{m}"
-    );
-    assert_eq!(agent.event("sockops_server_paired") - paired, 1, "{m}");
-    assert!(agent.event("msg_redirected_bytes") > redirected, "{m}");
-    wait_for("connection close", Duration::from_secs(5), || {
-        metric(
-            &agent.get("/metrics").unwrap(),
-            "mesh_tcp_connections_closed_total",
-            &labels,
-        ) == 1
-    });
-    // Istio's series name both ends by the workloads the proxy knows at those IPv6
-    // addresses (the control plane serves both families of each workload).
-    assert!(
-        metric(
-            &m,
-            "istio_tcp_connections_opened_total",
-            &[
-                ("source_workload", "client"),
-                ("destination_workload", "server"),
-                (
-                    "source_principal",
-                    "spiffe://cluster.local/ns/shop/sa/default"
-                ),
-                (
-                    "destination_principal",
-                    "spiffe://cluster.local/ns/backend/sa/default"
-                ),
-            ]
-        ) >= 1,
-        "{m}"
-    );
-
-    // The redirect is invisible to the application: its socket's peer is the server.
-    let r = n.client("client", &["peer", "--to", &dst]).unwrap();
-    assert_eq!(r["peer"], dst.as_str(), "{r}");
-    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 2);
-
-    let ns: Vec<&str> = n.pods.iter().map(|p| p.netns.as_str()).collect();
-    assert_eq!(
-        firewall_rules(&ns),
-        rules_before,
-        "the datapath must not add iptables/ip6tables/nftables rules"
-    );
-}
-
-/// Direct mode pairs the two pods' IPv6 sockets; the proxy never sees the flow.
-#[test]
-fn direct_mode_pairs_the_pods_ipv6_sockets_and_skips_the_proxy() {
-    let n = node("direct");
-    let agent = n.start_agent(PAIRING).unwrap();
-    let dst = v6(&n, "server", 8080);
-    n.serve("server", &["echo", "--listen", "[::]:8080"])
-        .unwrap();
-    let (direct, paired, redirected) = (
-        agent.event("connect_direct"),
-        agent.event("sockops_server_paired"),
-        agent.event("msg_redirected_bytes"),
-    );
-
-    echo_intact(&n, "client", &dst, 16 * MIB);
-
-    let m = agent.get("/metrics").unwrap();
-    assert_eq!(
-        metric(&m, "mesh_tcp_connections_opened_total", &[]),
-        0,
-        "the proxy must not see a direct flow:\n{m}"
-    );
-    assert_eq!(agent.event("connect_direct") - direct, 1, "{m}");
-    assert_eq!(agent.event("sockops_server_paired") - paired, 1, "{m}");
-    assert!(agent.event("msg_redirected_bytes") > redirected, "{m}");
-    let r = n.client("client", &["peer", "--to", &dst]).unwrap();
-    assert_eq!(r["peer"], dst.as_str(), "{r}");
-}
-
-/// IPv6 connections of an unenrolled namespace's pod and of an opted-out pod are not
-/// captured; dialling the proxy's IPv6 listener itself is not either (no loop), and the
-/// proxy, finding no original destination, closes it.
-#[test]
-fn unenrolled_and_opted_out_pods_ipv6_connections_are_not_captured() {
-    let n = node("proxied");
-    let agent = n.start_agent(&[]).unwrap();
-    let dst = v6(&n, "server", 8080);
-    n.serve("server", &["echo", "--listen", "[::]:8080"])
-        .unwrap();
-    let before = agent.event("connect_not_enrolled");
-    for pod in ["legacy", "batch"] {
-        echo_intact(&n, pod, &dst, 65536);
-    }
-    assert_eq!(agent.event("connect_not_enrolled") - before, 2);
-    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 0);
-
-    let proxy = SocketAddr::new(IpAddr::V6(n.gateway6()), PROXY_PORT).to_string();
-    let to_proxy = agent.event("connect_to_proxy");
-    n.client("client", &["peer", "--to", &proxy]).unwrap();
-    assert_eq!(agent.event("connect_to_proxy") - to_proxy, 1);
-    wait_for("the proxy to refuse it", Duration::from_secs(5), || {
-        metric(
-            &agent.get("/metrics").unwrap(),
-            "mesh_proxy_orig_dst_missing_total",
-            &[],
-        ) == 1
-    });
-    // The enrolled pod next to them is captured.
-    echo_intact(&n, "client", &dst, 65536);
-    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
-}
-
-/// An echo server in the node's network namespace that records who connected.
-struct NodeServer {
-    addr: SocketAddr,
-    peers: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
-}
-
-impl NodeServer {
-    fn start(addr: SocketAddr) -> NodeServer {
-        use std::io::{Read, Write};
-        let l = std::net::TcpListener::bind(addr).expect("node server");
-        let addr = l.local_addr().unwrap();
-        let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = peers.clone();
-        std::thread::spawn(move || {
-            for mut c in l.incoming().flatten() {
-                if let Ok(p) = c.peer_addr() {
-                    seen.lock().unwrap().push(p);
-                }
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    while let Ok(n @ 1..) = c.read(&mut buf) {
-                        if c.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        NodeServer { addr, peers }
-    }
-
-    fn peers(&self) -> Vec<IpAddr> {
-        self.peers.lock().unwrap().iter().map(|p| p.ip()).collect()
-    }
 }
 
 /// The interface index of `dev` in network namespace `netns` (`None`: the node's).
@@ -375,65 +167,6 @@ fn ipv6_to_the_node_loopback_and_link_local_is_never_captured() {
     );
 }
 
-/// A reset from an IPv6 server reaches the client as a reset, through the proxy; a refused
-/// upstream connect resets the client too.
-#[test]
-fn a_reset_from_an_ipv6_server_reaches_the_client_as_a_reset() {
-    let n = node("proxied");
-    let agent = n.start_agent(&[]).unwrap();
-    let dst = v6(&n, "server", 7000);
-    n.serve("server", &["reset", "--listen", "[::]:7000"])
-        .unwrap();
-    let r = n.client("client", &["reset-client", "--to", &dst]).unwrap();
-    assert_eq!(r["outcome"], "ECONNRESET", "{r}");
-    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
-    let r = n
-        .client("client", &["reset-client", "--to", &v6(&n, "server", 7999)])
-        .unwrap();
-    assert_eq!(r["outcome"], "ECONNRESET", "{r}");
-}
-
-/// Same-node policy holds for IPv6 sources: the proxy knows the client by its IPv6 address,
-/// so a DENY for its namespace refuses the flow (and a direct-mode destination under policy
-/// is proxied, as in IPv4).
-#[test]
-fn a_policy_holds_for_an_ipv6_flow() {
-    let n = node("direct");
-    let deny_shop = "authorization_policies:\n\
-         \x20 - metadata: { name: deny-shop, namespace: backend }\n\
-         \x20   spec:\n\
-         \x20     action: DENY\n\
-         \x20     rules: [ { from: [ { source: { namespaces: [ shop ] } } ] } ]\n";
-    n.write_config(&format!("{}{deny_shop}", config(&n, "direct")))
-        .unwrap();
-    let agent = n.start_agent(&[]).unwrap();
-    let dst = v6(&n, "server", 8080);
-    n.serve("server", &["echo", "--listen", "[::]:8080"])
-        .unwrap();
-    let direct = agent.event("connect_direct");
-    let r = n.echo_once("client", &dst).unwrap();
-    assert_ne!(
-        r["errors"],
-        serde_json::json!([]),
-        "the DENY must hold: {r}\n{}",
-        agent.get("/metrics").unwrap()
-    );
-    assert_eq!(
-        agent.event("connect_direct"),
-        direct,
-        "not paired around the proxy"
-    );
-    let m = agent.get("/metrics").unwrap();
-    assert!(
-        metric(
-            &m,
-            "mesh_authz_decisions_total",
-            &[("verdict", "deny"), ("policy", "backend/deny-shop")]
-        ) >= 1,
-        "{m}"
-    );
-}
-
 /// The same dual-stack pods' IPv4 traffic is carried as before: proxied with sk_msg and a
 /// transparent `getpeername`, and from an IPv6 socket to a v4-mapped address.
 #[test]
@@ -466,41 +199,11 @@ fn ipv4_traffic_of_dual_stack_pods_works_as_before() {
     let r = n.client("client", &["peer", "--to", &dst]).unwrap();
     assert_eq!(r["peer"], dst.as_str(), "{r}");
     // And IPv6 next to it, on the same agent.
-    echo_intact(&n, "client", &v6(&n, "server", 8080), MIB);
+    echo_intact(&n, "client", &V6.dst(&n, "server", 8080), MIB);
     assert_eq!(
-        proxied_conns(&agent.get("/metrics").unwrap(), &v6(&n, "server", 8080)),
+        proxied_conns(&agent.get("/metrics").unwrap(), &V6.dst(&n, "server", 8080)),
         1
     );
-}
-
-/// With upstream pairing the proxy's IPv6 leg to a same-node destination is paired too
-/// (bound to the node's IPv6 address, announced in `FLOWS`): two clients and two servers
-/// paired per flow, the destination sees the node as its peer, `getpeername` stays
-/// transparent.
-#[test]
-fn upstream_pairing_short_circuits_both_ipv6_legs() {
-    let n = node("proxied");
-    let agent = n
-        .start_agent(&[
-            "--skmsg-upstream",
-            "true",
-            "--skmsg-unbounded-pairing",
-            "true",
-        ])
-        .unwrap();
-    let dst = v6(&n, "server", 8080);
-    n.serve("server", &["echo", "--listen", "[::]:8080"])
-        .unwrap();
-    let (clients, servers) = (
-        agent.event("sockops_client_paired"),
-        agent.event("sockops_server_paired"),
-    );
-    echo_intact(&n, "client", &dst, 16 * MIB);
-    assert_eq!(agent.event("sockops_client_paired") - clients, 2);
-    assert_eq!(agent.event("sockops_server_paired") - servers, 2);
-    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 1);
-    let r = n.client("client", &["peer", "--to", &dst]).unwrap();
-    assert_eq!(r["peer"], dst.as_str(), "{r}");
 }
 
 /// The kernel relay (`--kernel-relay`, 6.9+) takes a decided IPv6 flow as it takes an
@@ -510,13 +213,8 @@ fn upstream_pairing_short_circuits_both_ipv6_legs() {
 fn the_kernel_relay_moves_a_decided_ipv6_flow() {
     let n = node("proxied");
     let agent = n.start_agent(&["--kernel-relay", "true"]).unwrap();
-    let kernel: serde_json::Value = serde_json::from_str(&agent.get("/kernel").unwrap()).unwrap();
-    let on = kernel["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|f| f["name"] == "kernel_relay" && f["available"] == true);
-    let dst = v6(&n, "server", 9000);
+    let on = agent.kernel_feature("kernel_relay") == Some(true);
+    let dst = V6.dst(&n, "server", 9000);
     n.serve("server", &["echo", "--listen", "[::]:9000"])
         .unwrap();
     let (started, relayed) = (agent.event("relay_started"), agent.event("msg_relayed"));
@@ -546,7 +244,7 @@ fn the_kernel_relay_moves_a_decided_ipv6_flow() {
 fn a_takeover_keeps_ipv6_captured() {
     let n = node("proxied");
     let mut old = n.start_agent(&[]).unwrap();
-    let dst = v6(&n, "server", 8080);
+    let dst = V6.dst(&n, "server", 8080);
     n.serve("server", &["echo", "--listen", "[::]:8080"])
         .unwrap();
     echo_intact(&n, "client", &dst, 4096);

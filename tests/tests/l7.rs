@@ -4,20 +4,14 @@
 
 use std::time::Duration;
 
-use mesh_tests::{metric, wait_for, SimNode};
+use mesh_tests::{l7, metric, wait_for, SimNode};
 
 fn node() -> SimNode {
-    let mut n = SimNode::new().expect("sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("v1", 3).unwrap();
-    n.add_pod("v2", 4).unwrap();
-    n.add_pod("db", 5).unwrap();
-    n
+    l7::node(&["v1", "v2", "db"])
 }
 
 /// `canary_weight_v2`: weight of v2 in the default route (0: v1 only).
 fn config(n: &SimNode, canary_weight_v2: u32) -> String {
-    let p = |name: &str| n.pod(name);
     let default_route = if canary_weight_v2 == 0 {
         String::new()
     } else {
@@ -26,46 +20,26 @@ fn config(n: &SimNode, canary_weight_v2: u32) -> String {
             100 - canary_weight_v2
         )
     };
-    format!(
-        "namespaces:\n\
-         \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
-         \x20 - {{ name: backend }}\n\
-         workloads:\n\
-         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {} }}\n\
-         \x20 - {{ name: v1, namespace: backend, ip: {}, netns: {}, labels: {{ app: reviews, version: v1 }} }}\n\
-         \x20 - {{ name: v2, namespace: backend, ip: {}, netns: {}, labels: {{ app: reviews, version: v2 }} }}\n\
-         \x20 - {{ name: db, namespace: backend, ip: {}, netns: {}, labels: {{ app: db }} }}\n\
-         services:\n\
-         \x20 - name: reviews\n\
-         \x20   namespace: backend\n\
-         \x20   vip: 10.96.0.10\n\
-         \x20   ports: [ {{ port: 80, target_port: 8080, protocol: http }} ]\n\
-         \x20   selector: {{ version: v1 }}\n\
-         \x20   routes:\n\
+    l7::file_head(
+        n,
+        &[
+            ("v1", "{ app: reviews, version: v1 }"),
+            ("v2", "{ app: reviews, version: v2 }"),
+            ("db", "{ app: db }"),
+        ],
+    ) + &l7::http_service("reviews", "10.96.0.10", "{ version: v1 }")
+        + "    routes:\n\
          \x20     - name: canary\n\
-         \x20       match: {{ headers: [ {{ name: x-canary, exact: \"1\" }} ] }}\n\
-         \x20       backends: [ {{ service: reviews-v2 }} ]\n\
-         \x20       request_headers: {{ add: {{ x-mesh: canary }} }}\n\
-         {default_route}\
-         \x20 - name: reviews-v2\n\
-         \x20   namespace: backend\n\
-         \x20   vip: 10.96.0.11\n\
-         \x20   ports: [ {{ port: 80, target_port: 8080, protocol: http }} ]\n\
-         \x20   selector: {{ version: v2 }}\n\
-         \x20 - name: db\n\
+         \x20       match: { headers: [ { name: x-canary, exact: \"1\" } ] }\n\
+         \x20       backends: [ { service: reviews-v2 } ]\n\
+         \x20       request_headers: { add: { x-mesh: canary } }\n"
+        + &default_route
+        + &l7::http_service("reviews-v2", "10.96.0.11", "{ version: v2 }")
+        + "  - name: db\n\
          \x20   namespace: backend\n\
          \x20   vip: 10.96.0.12\n\
-         \x20   ports: [ {{ port: 5432, target_port: 9000, protocol: tcp }} ]\n\
-         \x20   selector: {{ app: db }}\n",
-        p("client").ip,
-        p("client").netns_path(),
-        p("v1").ip,
-        p("v1").netns_path(),
-        p("v2").ip,
-        p("v2").netns_path(),
-        p("db").ip,
-        p("db").netns_path(),
-    )
+         \x20   ports: [ { port: 5432, target_port: 9000, protocol: tcp } ]\n\
+         \x20   selector: { app: db }\n"
 }
 
 fn start(n: &SimNode) -> mesh_tests::Agent {

@@ -16,38 +16,18 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{cluster::in_netns, metric, wait_for, SimNode};
+use mesh_tests::{cluster::in_netns, l7, metric, wait_for, SimNode};
 
 /// Bytes sent each way through an upgraded stream.
 const STREAM_BYTES: usize = 4 << 20;
 
 fn node() -> SimNode {
-    let mut n = SimNode::new().expect("sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("v1", 3).unwrap();
-    n
+    l7::node(&["v1"])
 }
 
 fn config(n: &SimNode) -> String {
-    let (c, v1) = (n.pod("client"), n.pod("v1"));
-    format!(
-        "namespaces:\n\
-         \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient }} }}\n\
-         \x20 - {{ name: backend }}\n\
-         workloads:\n\
-         \x20 - {{ name: client, namespace: shop, ip: {}, netns: {} }}\n\
-         \x20 - {{ name: v1, namespace: backend, ip: {}, netns: {}, labels: {{ app: echo }} }}\n\
-         services:\n\
-         \x20 - name: echo\n\
-         \x20   namespace: backend\n\
-         \x20   vip: 10.96.0.10\n\
-         \x20   ports: [ {{ port: 80, target_port: 8080, protocol: http }} ]\n\
-         \x20   selector: {{ app: echo }}\n",
-        c.ip,
-        c.netns_path(),
-        v1.ip,
-        v1.netns_path(),
-    )
+    l7::file_head(n, &[("v1", "{ app: echo }")])
+        + &l7::http_service("echo", "10.96.0.10", "{ app: echo }")
 }
 
 /// What the endpoint saw.
