@@ -12,19 +12,22 @@
 //! | node netns, its underlay address | `mtcK-n<i>`, `eth0` 10.209.K.(i+1)/24 |
 //! | node bridge, pod range | `br0` in the node netns, 10.(210+i).K.0/24, gateway .1 |
 //! | pod netns, node-side veth | `mtcK-n<i>-<pod>`, `v<j>` in the node netns (pod side `eth0`) |
+//! | dual-stack (`SimCluster::new_dual_stack`): node's underlay IPv6 | fd00:209:K::(i+1)/64 on `eth0` |
+//! | dual-stack: pod range, gateway, pod | fd00:(210+i):K::/64, `::1` on `br0`, `::<host>` (hex digits of the IPv4 ranges' decimal) |
 //! | cgroups | `<cgroup2>/mesh-test-cK-n<i>` (the agent), `.../<pod>` |
 //! | pins, files | `/sys/fs/bpf/mesh-test-cK-n<i>`, `/tmp/mesh-test-cK/n<i>/` |
 //!
 //! Each node's agent runs in its node's netns (entered with `setns`, not `ip netns exec`,
 //! which would remount `/sys` and hide bpffs and the cgroup mount) and its node's cgroup,
 //! with the agent's own defaults for admin (127.0.0.1:15020), xDS (127.0.0.1:15010) and
-//! the proxy on the node's bridge address (:15001): each netns has its own loopback.
+//! the proxy on the node's bridge address (:15001; on a dual-stack cluster also
+//! `--proxy-redirect6 [IPv6 gateway]:15001`): each netns has its own loopback.
 //! `Drop` removes all of it, also when the test fails; see docs/multinode.md.
 
 use std::{
     fs,
     io::Read,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -99,11 +102,24 @@ pub struct SimCluster {
     /// The netns holding the bridge all nodes are plugged into (the claim on `index`).
     pub underlay: String,
     pub nodes: Vec<ClusterNode>,
+    /// Nodes, links and pods have IPv6 addresses too, routed as the IPv4 ones.
+    pub dual_stack: bool,
 }
 
 impl SimCluster {
     /// Claims a free index and builds `nodes` nodes, linked and routed, with no pods yet.
     pub fn new(nodes: usize) -> Result<SimCluster> {
+        SimCluster::build(nodes, false)
+    }
+
+    /// `new`, dual-stack: each node's link has an IPv6 address and its pod bridge an IPv6
+    /// range, routed between the nodes as the IPv4 ranges are; each pod added later has
+    /// an IPv6 address too (`Pod::ip6`), and each agent `--proxy-redirect6`.
+    pub fn new_dual_stack(nodes: usize) -> Result<SimCluster> {
+        SimCluster::build(nodes, true)
+    }
+
+    fn build(nodes: usize, dual_stack: bool) -> Result<SimCluster> {
         must_be_root();
         ensure!(
             (1..=MAX_NODES).contains(&nodes),
@@ -130,6 +146,7 @@ impl SimCluster {
                 index,
                 underlay: underlay.clone(),
                 nodes: Vec::new(),
+                dual_stack,
             };
             // Leftovers of a killed run with this index (its Drop never ran).
             let _ = sh(&format!(
@@ -151,6 +168,12 @@ impl SimCluster {
                         "ip -n {} route add {}/24 via {}",
                         a.netns, b.pod_range, b.address
                     ))?;
+                    if let (Some(range6), Some(via6)) = (b.pod_range6, b.address6) {
+                        sh(&format!(
+                            "ip -n {} -6 route add {range6}/64 via {via6}",
+                            a.netns
+                        ))?;
+                    }
                 }
             }
             // One root for the cluster, in Istio's plug-in layout: every node's embedded
@@ -176,12 +199,19 @@ impl SimCluster {
     fn add_node(&mut self, id: usize) -> Result<()> {
         let k = self.index;
         let name = format!("mesh-test-c{k}-n{id}");
+        let v6 = |prefix: u16, host: u16| {
+            self.dual_stack
+                .then(|| Ipv6Addr::new(0xfd00, prefix, k.into(), 0, 0, 0, 0, host))
+        };
         let node = ClusterNode {
             id,
             netns: format!("mtc{k}-n{id}"),
             address: Ipv4Addr::new(10, 209, k, id as u8 + 1),
             pod_range: Ipv4Addr::new(10, 210 + id as u8, k, 0),
             gateway: Ipv4Addr::new(10, 210 + id as u8, k, 1),
+            address6: v6(0x209, id as u16 + 1),
+            pod_range6: v6(0x210 + id as u16, 0),
+            gateway6: v6(0x210 + id as u16, 1),
             cgroup: cgroup2_root().join(&name),
             pin_path: PathBuf::from("/sys/fs/bpf").join(&name),
             dir: std::env::temp_dir()
@@ -193,6 +223,7 @@ impl SimCluster {
         };
         let (ns, ul) = (node.netns.clone(), self.underlay.clone());
         let (addr, gw) = (node.address, node.gateway);
+        let (addr6, gw6) = (node.address6, node.gateway6);
         // Record first so Drop removes partial state too.
         self.nodes.push(node);
         let node = self.nodes.last().expect("just pushed");
@@ -205,6 +236,16 @@ impl SimCluster {
              ip -n {ns} link set br0 up && \
              ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1"
         ))?;
+        if let (Some(addr6), Some(gw6)) = (addr6, gw6) {
+            // No duplicate address detection: the addresses are usable at once.
+            sh(&format!(
+                "ip netns exec {ns} sysctl -qw net.ipv6.conf.all.disable_ipv6=0 \
+                   net.ipv6.conf.eth0.disable_ipv6=0 net.ipv6.conf.br0.disable_ipv6=0 \
+                   net.ipv6.conf.all.forwarding=1 && \
+                 ip -n {ns} -6 addr add {addr6}/64 dev eth0 nodad && \
+                 ip -n {ns} -6 addr add {gw6}/64 dev br0 nodad"
+            ))?;
+        }
         fs::create_dir_all(&node.cgroup)?;
         fs::create_dir_all(&node.dir)?;
         let _ = fs::remove_dir_all(&node.pin_path);
@@ -287,6 +328,13 @@ pub struct ClusterNode {
     pub pod_range: Ipv4Addr,
     /// The node's address on its pod bridge: pods' default gateway, the proxy's address.
     pub gateway: Ipv4Addr,
+    /// Dual-stack clusters: the node's IPv6 address on the underlay.
+    pub address6: Option<Ipv6Addr>,
+    /// Dual-stack clusters: the network address of the node's IPv6 pod range (a /64).
+    pub pod_range6: Option<Ipv6Addr>,
+    /// Dual-stack clusters: the node's IPv6 address on its pod bridge (pods' IPv6
+    /// gateway, the proxy's IPv6 redirect address).
+    pub gateway6: Option<Ipv6Addr>,
     pub cgroup: PathBuf,
     pub pin_path: PathBuf,
     pub dir: PathBuf,
@@ -311,11 +359,16 @@ impl ClusterNode {
         let netns = format!("{}-{name}", self.netns);
         let ip = Ipv4Addr::from(u32::from(self.pod_range) | u32::from(host));
         let cgroup = self.cgroup.join(name);
+        let ip6 = self.pod_range6.map(|r| {
+            let mut o = r.octets();
+            o[15] = host;
+            Ipv6Addr::from(o)
+        });
         self.pods.push(Pod {
             name: name.into(),
             netns: netns.clone(),
             ip,
-            ip6: None,
+            ip6,
             cgroup: cgroup.clone(),
         });
         sh(&format!(
@@ -326,6 +379,13 @@ impl ClusterNode {
             node = self.netns,
             gw = self.gateway
         ))?;
+        if let (Some(ip6), Some(gw6)) = (ip6, self.gateway6) {
+            sh(&format!(
+                "ip netns exec {netns} sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && \
+                 ip -n {netns} -6 addr add {ip6}/64 dev eth0 nodad && \
+                 ip -n {netns} -6 route add default via {gw6} dev eth0"
+            ))?;
+        }
         fs::create_dir_all(&cgroup)?;
         Ok(self.pods.last().expect("just pushed"))
     }
@@ -379,7 +439,19 @@ impl ClusterNode {
     /// One echo exchange of `bytes` each way from `pod` to `to`; its JSON result. Never
     /// hangs: past 5 s podtool reports a deadline error.
     pub fn echo(&self, pod: &str, to: &str, bytes: u64) -> Result<serde_json::Value> {
-        let bytes = bytes.to_string();
+        self.echo_within(pod, to, bytes, 5000)
+    }
+
+    /// `echo` with its own deadline: for large transfers on a loaded machine, where the
+    /// deadline only guards against a hang.
+    pub fn echo_within(
+        &self,
+        pod: &str,
+        to: &str,
+        bytes: u64,
+        deadline_ms: u64,
+    ) -> Result<serde_json::Value> {
+        let (bytes, deadline) = (bytes.to_string(), deadline_ms.to_string());
         self.client(
             pod,
             &[
@@ -389,7 +461,7 @@ impl ClusterNode {
                 "--bytes",
                 &bytes,
                 "--deadline-ms",
-                "5000",
+                &deadline,
             ],
         )
     }
@@ -451,7 +523,10 @@ impl ClusterNode {
             ("--node-name", self.name()),
             ("--ca-dir", self.ca.display().to_string()),
         ];
-        for (flag, value) in defaults {
+        let redirect6 = self
+            .gateway6
+            .map(|gw6| ("--proxy-redirect6", format!("[{gw6}]:15001")));
+        for (flag, value) in defaults.into_iter().chain(redirect6) {
             // A flag given in `extra` replaces the default; an external CA replaces the
             // embedded one's folder.
             let external_ca = flag == "--ca-dir" && extra.contains(&"--ca-address");

@@ -383,11 +383,16 @@ fn certificates_rotate_under_live_traffic_and_nothing_is_dropped() {
     let echo = "spiffe://cluster.local/ns/backend/sa/echo";
     let (web0, echo0) = (serial(&agents[0], web), serial(&agents[1], echo));
     assert!(!web0.is_empty() && !echo0.is_empty());
-    // Transfers back to back for 12 s: every one intact while certificates turn over.
+    // Transfers back to back for 12 s: every one intact while certificates turn over
+    // (30 s each against a hang: 4 MiB through two debug-build agents can take over 5 s
+    // on a loaded machine).
     let start = std::time::Instant::now();
     let mut n = 0;
     while start.elapsed() < Duration::from_secs(12) {
-        let r = c.node(0).echo("client-a", &to, 4 * MIB).unwrap();
+        let r = c
+            .node(0)
+            .echo_within("client-a", &to, 4 * MIB, 30_000)
+            .unwrap();
         assert_intact(&r, 4 * MIB);
         n += 1;
     }

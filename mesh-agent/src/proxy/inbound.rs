@@ -191,9 +191,12 @@ impl Deliver {
             .map(|log| (log.clone(), Box::new(record())));
         Box::pin(async move {
             let m = &metrics.inbound;
-            let up = tokio::time::timeout(DELIVER_CONNECT_TIMEOUT, pod.connect_in(orig_dst))
-                .await
-                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+            let up = tokio::time::timeout(
+                DELIVER_CONNECT_TIMEOUT,
+                pod.connect_in(SocketAddr::V4(orig_dst)),
+            )
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
             let upstream = match up {
                 Ok(s) => s,
                 Err(e) => {
@@ -277,7 +280,7 @@ fn plain_entry(peer: SocketAddrV4, orig_dst: SocketAddrV4) -> Entry {
 const DELIVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects to `dst` from inside `pod`'s network namespace (see `InPod::connect_in`).
-pub async fn connect_in(pod: &InPod, dst: SocketAddrV4) -> io::Result<TcpStream> {
+pub async fn connect_in(pod: &InPod, dst: SocketAddr) -> io::Result<TcpStream> {
     pod.connect_in(dst).await
 }
 

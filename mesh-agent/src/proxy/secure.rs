@@ -283,7 +283,15 @@ impl PlainHandler for InboundPolicy {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = conn.set_nodelay(true);
                 let src = IpAddr::V4(*peer.ip());
-                let mut t = terminate(&xds, &metrics, pod, orig_dst, src, None, "inbound-plain");
+                let mut t = terminate(
+                    &xds,
+                    &metrics,
+                    pod,
+                    SocketAddr::V4(orig_dst),
+                    src,
+                    None,
+                    "inbound-plain",
+                );
                 t.access_log = deliver.access_log().cloned();
                 t.tracer = deliver.tracer().cloned();
                 http::serve(conn, t).await;
@@ -325,8 +333,9 @@ impl PlainHandler for InboundPolicy {
     }
 }
 
-/// Opens CONNECT streams that arrive on a pod's HBONE listener: only to that pod, only
-/// where policy allows the peer's identity.
+/// Opens CONNECT streams that arrive on a pod's HBONE listener: only to that pod (its
+/// IPv4 address, or its IPv6 one on a dual-stack node), only where policy allows the
+/// peer's identity.
 pub struct TunnelHandler {
     pub pod: Arc<InPod>,
     pub xds: Arc<XdsClient>,
@@ -346,7 +355,7 @@ fn terminate(
     xds: &Arc<XdsClient>,
     metrics: &Arc<Metrics>,
     pod: Arc<InPod>,
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     src_ip: IpAddr,
     src_identity: Option<SpiffeId>,
     path: &'static str,
@@ -377,27 +386,28 @@ impl TunnelHandler {
         let access_log = self.access_log.clone();
         let tracer = self.tracer.clone();
         Box::pin(async move {
-            let dst_addr = match authority {
-                // The agent's own in-pod ports: a stream there would loop back into it.
-                SocketAddr::V4(a)
-                    if a.port() == mesh_common::inbound::PLAIN_PORT
-                        || a.port() == mesh_common::inbound::HBONE_PORT =>
-                {
-                    return Err(Refusal::new(
-                        StatusCode::BAD_REQUEST,
-                        format!("{authority} is the mesh's own port"),
-                    ));
-                }
-                SocketAddr::V4(a) if *a.ip() == pod.ip => a,
-                _ => {
-                    // This listener serves its own pod; any other target would make the
-                    // agent a relay into (or out of) the pod's network.
-                    return Err(Refusal::new(
-                        StatusCode::BAD_REQUEST,
-                        format!("{authority} is not this pod ({})", pod.ip),
-                    ));
-                }
+            // The agent's own in-pod ports: a stream there would loop back into it.
+            if authority.port() == mesh_common::inbound::PLAIN_PORT
+                || authority.port() == mesh_common::inbound::HBONE_PORT
+            {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{authority} is the mesh's own port"),
+                ));
+            }
+            // This listener serves its own pod; any other target would make the agent a
+            // relay into (or out of) the pod's network. An IPv4 authority must be the
+            // pod's address; an IPv6 one the pod's IPv6 address, which the workload in
+            // force names (checked below, once it is known).
+            let not_this_pod = || {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{authority} is not this pod ({})", pod.ip),
+                )
             };
+            if authority.ip().is_ipv4() && authority.ip() != IpAddr::V4(pod.ip) {
+                return Err(not_this_pod());
+            }
             let Some((mesh, dst)) = workload_at(&xds, IpAddr::V4(pod.ip)).await else {
                 metrics
                     .authz
@@ -408,6 +418,10 @@ impl TunnelHandler {
                     "destination workload not in the configuration yet",
                 ));
             };
+            if !own_address(&dst, authority.ip()) {
+                return Err(not_this_pod());
+            }
+            let dst_addr = authority;
             let src_ip = tunnel_source_ip(&mesh, &peer, &metrics);
             if l7 && authz::needs_http(&mesh.policies, &dst, dst_addr.port()) {
                 // Every request is judged (and counted) by `http::serve`.
@@ -433,7 +447,7 @@ impl TunnelHandler {
                 src_ip,
                 src_identity: Some(&peer.identity),
                 dst: &dst,
-                dst_ip: IpAddr::V4(pod.ip),
+                dst_ip: dst_addr.ip(),
                 dst_port: dst_addr.port(),
                 tls: true,
             };
@@ -491,6 +505,12 @@ impl TunnelHandler {
     }
 }
 
+/// Whether `ip` is one of `w`'s own addresses (its IPv4 one, or on a dual-stack node its
+/// IPv6 one): what a CONNECT to the pod's HBONE listener may name.
+fn own_address(w: &WorkloadInfo, ip: IpAddr) -> bool {
+    !ip.is_unspecified() && !ip.is_loopback() && w.ips.contains(&ip)
+}
+
 /// The source address a tunnelled stream is judged and logged by: the source pod's, as
 /// the CONNECT names it, if the peer's identity owns that address
 /// (`authz::tunnel_source`); else the sending node's. A claim not believed is counted and
@@ -537,5 +557,37 @@ impl ConnectHandler for TunnelHandler {
 
     fn accept(&self, peer: PeerInfo, authority: SocketAddr) -> AcceptFuture {
         self.judge(peer, authority, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_may_name_either_address_of_its_pod_and_nothing_else() {
+        let w = WorkloadInfo {
+            uid: "Kubernetes//Pod/backend/server-b".into(),
+            name: "server-b".into(),
+            namespace: "backend".into(),
+            // IPv6 first, as a control plane of an IPv6-primary cluster may list them.
+            ips: vec!["fd00:1::2".parse().unwrap(), "10.0.1.2".parse().unwrap()],
+            identity: "spiffe://cluster.local/ns/backend/sa/echo".parse().unwrap(),
+            node: "n1".into(),
+            hbone: true,
+            authorization_policies: vec![],
+            peer_authentications: vec![],
+            telemetry: Default::default(),
+        };
+        for ip in ["10.0.1.2", "fd00:1::2"] {
+            assert!(own_address(&w, ip.parse().unwrap()), "{ip}");
+        }
+        // Another pod's address (of either family), the pod's loopback, the wildcard.
+        for ip in ["10.0.1.3", "fd00:1::3", "::1", "::", "127.0.0.1", "0.0.0.0"] {
+            assert!(!own_address(&w, ip.parse().unwrap()), "{ip}");
+        }
+        // The tunnel goes to the IPv4 address (the in-pod listener, 0.0.0.0:15008),
+        // whichever family the destination is.
+        assert_eq!(w.hbone_addr(), Some("10.0.1.2:15008".parse().unwrap()));
     }
 }

@@ -56,12 +56,16 @@ pub struct WorkloadInfo {
 }
 
 impl WorkloadInfo {
-    /// Where to open an HBONE tunnel to it, if it takes one.
+    /// Where to open an HBONE tunnel to it, if it takes one: its IPv4 address (the
+    /// in-pod listener is `0.0.0.0:15008`), whichever family the destination is; its
+    /// first address if it has none.
     pub fn hbone_addr(&self) -> Option<SocketAddr> {
         self.hbone
             .then(|| {
                 self.ips
-                    .first()
+                    .iter()
+                    .find(|ip| ip.is_ipv4())
+                    .or(self.ips.first())
                     .map(|ip| SocketAddr::new(*ip, crate::wire::istio::HBONE_PORT))
             })
             .flatten()

@@ -188,6 +188,51 @@ async fn sixteen_mib_each_way_arrive_intact() {
     assert_eq!(peer.identity, id("client"));
 }
 
+/// An IPv6 destination (a dual-stack pod's IPv6 address) through a tunnel to its node:
+/// the CONNECT names `[v6]:port` and the IPv6 source, the bytes arrive, and an IPv4 and
+/// an IPv6 stream of one source identity to one destination share the pooled connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_authority_and_source_cross_the_tunnel() {
+    let l = match TcpListener::bind("[::1]:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skipped: no IPv6 loopback here ({e})");
+            return;
+        }
+    };
+    let dst6 = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let e = env().await;
+    let source: std::net::IpAddr = "fd00:210:1::2".parse().unwrap();
+    let stream = e
+        .client
+        .connect_from_ip(&id("client"), source, e.server, &id("server"), dst6)
+        .await
+        .unwrap();
+    let out = data(1 << 20, 11);
+    let got = exchange(stream, out.clone()).await.unwrap();
+    assert_eq!(hash(&got), hash(&out));
+    let (peer, authority) = e.handler.seen.lock().unwrap()[0].clone();
+    assert_eq!(authority, dst6);
+    assert!(authority.to_string().starts_with("[::1]:"), "{authority}");
+    assert_eq!(peer.forwarded_for, Some(source));
+    assert_eq!(peer.identity, id("client"));
+    // The same source identity to the same node over IPv4: the pooled connection.
+    let stream = e.connect(echo().await).await.unwrap();
+    let got = exchange(stream, b"v4".to_vec()).await.unwrap();
+    assert_eq!(got, b"v4");
+    assert_eq!(e.client.connections(), 1);
+}
+
 #[test]
 fn the_futures_the_integrator_spawns_are_send() {
     fn send<T: Send>(_: &T) {}

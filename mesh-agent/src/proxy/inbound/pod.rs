@@ -2,7 +2,7 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
 };
@@ -30,10 +30,11 @@ pub struct InPod {
     pub ip: Ipv4Addr,
     pub netns: PathBuf,
     worker: NetnsWorker,
-    /// Sockets made in the pod's namespace for the next `connect_in`s: one trip to the
-    /// namespace's thread makes `SPARE_SOCKETS`, so a new connection does not cost two
-    /// thread switches (on one vCPU, a good part of a tunnelled connection's set-up).
-    spare: std::sync::Mutex<Vec<TcpSocket>>,
+    /// Sockets made in the pod's namespace for the next `connect_in`s, IPv4 ones and IPv6
+    /// ones (`[0]`, `[1]`): one trip to the namespace's thread makes `SPARE_SOCKETS` of a
+    /// family, so a new connection does not cost two thread switches (on one vCPU, a good
+    /// part of a tunnelled connection's set-up).
+    spare: [std::sync::Mutex<Vec<TcpSocket>>; 2],
     /// Set when delivery legs are paired in the sockhash (`--skmsg-upstream`, and the
     /// kernel pairs sockets at all): see `connect_in`.
     pair: Option<Arc<Maps>>,
@@ -67,7 +68,7 @@ impl InPod {
             ip,
             netns,
             worker,
-            spare: std::sync::Mutex::new(Vec::new()),
+            spare: Default::default(),
             pair,
             closed: tokio::sync::watch::Sender::new(false),
         }))
@@ -83,23 +84,35 @@ impl InPod {
     /// address goes over its loopback and the application sees that address as the peer).
     /// With pairing on (`pair`), the leg is announced in `FLOWS` first, as the node proxy
     /// announces its same-node upstreams, so sockops pairs both ends
-    /// (docs/architecture.md, "Inbound capture"). Must be called within a tokio runtime.
-    pub async fn connect_in(&self, dst: SocketAddrV4) -> io::Result<TcpStream> {
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    /// (docs/architecture.md, "Inbound capture"). `dst` of either family: an IPv6 one is
+    /// the pod's own IPv6 address (a tunnelled stream to a dual-stack pod's IPv6 address,
+    /// the caller checked it), connected over the pod's loopback as IPv4 is. Must be
+    /// called within a tokio runtime.
+    pub async fn connect_in(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let family = &self.spare[usize::from(dst.is_ipv6())];
+        let spare = family.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let sock = match spare {
             Some(s) => s,
             None => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
+                let v6 = dst.is_ipv6();
                 self.worker.submit(Box::new(move || {
-                    let made: io::Result<Vec<TcpSocket>> =
-                        (0..SPARE_SOCKETS).map(|_| TcpSocket::new_v4()).collect();
+                    let made: io::Result<Vec<TcpSocket>> = (0..SPARE_SOCKETS)
+                        .map(|_| {
+                            if v6 {
+                                TcpSocket::new_v6()
+                            } else {
+                                TcpSocket::new_v4()
+                            }
+                        })
+                        .collect();
                     let _ = tx.send(made);
                 }))?;
                 let mut made = rx
                     .await
                     .map_err(|_| io::Error::other("the pod's namespace thread is gone"))??;
                 let sock = made.pop().expect("SPARE_SOCKETS > 0");
-                let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+                let mut spare = family.lock().unwrap_or_else(|e| e.into_inner());
                 // Bounded: callers that raced each bring a batch; the extra ones close.
                 let room = SPARE_SOCKETS.saturating_sub(spare.len());
                 spare.extend(made.into_iter().take(room));
@@ -108,7 +121,7 @@ impl InPod {
         };
         match &self.pair {
             Some(maps) => connect_paired(sock, dst, maps).await,
-            None => sock.connect(SocketAddr::V4(dst)).await,
+            None => sock.connect(dst).await,
         }
     }
 
@@ -180,9 +193,10 @@ impl InPod {
 /// sockhash's back-pressure fallback, half-close and reset semantics. Anything failing
 /// before the connect (the pod not in `DESTS`, a full map): the socket connects unpaired.
 /// The record is removed by sockops at the socket's close, or here when the connect fails
-/// or is given up.
-async fn connect_paired(sock: TcpSocket, dst: SocketAddrV4, maps: &Maps) -> io::Result<TcpStream> {
-    let ip = IpAddr::V4(*dst.ip());
+/// or is given up. IPv6 the same way: the maps hold 16-byte addresses, `DESTS` has both
+/// addresses of a workload, and sockops keys both families alike.
+async fn connect_paired(sock: TcpSocket, dst: SocketAddr, maps: &Maps) -> io::Result<TcpStream> {
+    let ip = dst.ip();
     let announced = maps.dest(ip).and_then(|d| {
         sock.bind(SocketAddr::new(ip, 0)).ok()?;
         let local = sock.local_addr().ok()?;
@@ -194,14 +208,14 @@ async fn connect_paired(sock: TcpSocket, dst: SocketAddrV4, maps: &Maps) -> io::
             dst_id: d.id,
             netns: 0,
         };
-        maps.announce_upstream(SockKey::new(0, local, SocketAddr::V4(dst)), info)
+        maps.announce_upstream(SockKey::new(0, local, dst), info)
             .ok()
     });
     let mut guard = Announced {
         maps,
         key: announced,
     };
-    let r = sock.connect(SocketAddr::V4(dst)).await;
+    let r = sock.connect(dst).await;
     if r.is_ok() {
         // Established: sockops owns the record now (removed at the socket's close).
         guard.key = None;

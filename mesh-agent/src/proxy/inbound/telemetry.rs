@@ -304,7 +304,7 @@ impl HttpReport {
     pub fn of(t: &crate::proxy::secure::http::Terminate) -> HttpReport {
         let mesh = (t.mesh)();
         let source = source_peer(&mesh.workloads, t.src_identity.as_ref(), t.src_ip);
-        let pod = IpAddr::V4(*t.dst.ip());
+        let pod = t.dst.ip();
         let now = t.mesh.clone();
         let resolve: Resolve = Arc::new(move |ep: SocketAddr| {
             now()
@@ -319,7 +319,7 @@ impl HttpReport {
             source,
             t.src_ip,
             mesh.workloads.by_ip(pod).map(|w| &**w),
-            SocketAddr::V4(t.dst),
+            t.dst,
             resolve,
             t.src_identity.is_some(),
         )

@@ -32,7 +32,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    net::{IpAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::Arc,
     time::Duration,
@@ -100,7 +100,7 @@ pub struct Terminate {
     /// The tunnel peer's verified identity; `None`: plain text.
     pub src_identity: Option<SpiffeId>,
     /// The pod's address and port dialled.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     /// For logs: `inbound-plain` or `inbound-tunnel`.
     pub path: &'static str,
     /// A line per request when set (`proxy::accesslog`).
@@ -291,7 +291,7 @@ impl Conn {
 fn fill_request(e: &mut Entry, t: &Terminate, req: &Request<Incoming>) {
     e.source_address = Some(accesslog::Addr::Ip(t.src_ip));
     e.source_principal = t.src_identity.as_ref().map(ToString::to_string);
-    e.destination_address = Some(t.dst.into());
+    e.destination_address = Some(t.dst);
     e.http = Some(accesslog::HttpFields {
         method: req.method().as_str().to_owned(),
         authority: req
@@ -310,7 +310,7 @@ impl Conn {
     async fn handle(&self, req: Request<Incoming>, log: &mut Option<Box<Entry>>) -> Response<Body> {
         let t = &self.t;
         let mesh = (t.mesh)();
-        let Some(dst) = mesh.workloads.by_ip(IpAddr::V4(*t.dst.ip())) else {
+        let Some(dst) = mesh.workloads.by_ip(t.dst.ip()) else {
             // The pod left the configuration while the connection lasted: nothing to
             // judge against, and it is on its way out.
             t.metrics
@@ -334,7 +334,7 @@ impl Conn {
             src_ip: t.src_ip,
             src_identity: t.src_identity.as_ref(),
             dst,
-            dst_ip: IpAddr::V4(*t.dst.ip()),
+            dst_ip: t.dst.ip(),
             dst_port: t.dst.port(),
             tls: t.src_identity.is_some(),
         };
@@ -360,7 +360,7 @@ impl Conn {
             return text(StatusCode::FORBIDDEN, DENIED_BODY);
         }
         if let Some(e) = log.as_mut() {
-            e.upstream_host = Some(t.dst.into());
+            e.upstream_host = Some(t.dst);
             if let Some(h) = e.http.as_mut() {
                 h.attempts = 1;
             }
@@ -757,7 +757,7 @@ workloads:
                     metrics: m.clone(),
                     src_ip: peer.ip(),
                     src_identity: identity.clone(),
-                    dst: SocketAddrV4::new([10, 0, 0, 2].into(), 80),
+                    dst: SocketAddr::from(([10, 0, 0, 2], 80)),
                     path: "test",
                     access_log: None,
                     tracer: None,
