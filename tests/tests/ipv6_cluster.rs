@@ -142,18 +142,7 @@ fn ipv6_between_nodes_travels_in_mutual_tls_and_arrives_intact() {
     assert_eq!(r["outcome"], "eof", "{r}");
     let r = c
         .node(0)
-        .client(
-            "client-a",
-            &[
-                "echo-client",
-                "--to",
-                &to,
-                "--bytes",
-                &(16 * MIB).to_string(),
-                "--deadline-ms",
-                "30000",
-            ],
-        )
+        .echo_within("client-a", &to, 16 * MIB, 30_000)
         .unwrap();
     assert_intact(&r, 16 * MIB);
     let wire = cap.finish();
@@ -284,18 +273,7 @@ fn with_upstream_pairing_the_ipv6_delivery_leg_is_paired() {
     let moved = agents[1].event("msg_redirected_bytes");
     let r = c
         .node(0)
-        .client(
-            "client-a",
-            &[
-                "echo-client",
-                "--to",
-                &to,
-                "--bytes",
-                &(16 * MIB).to_string(),
-                "--deadline-ms",
-                "30000",
-            ],
-        )
+        .echo_within("client-a", &to, 16 * MIB, 30_000)
         .unwrap();
     assert_intact(&r, 16 * MIB);
     assert!(agents[1].event("sockops_server_paired") > paired);

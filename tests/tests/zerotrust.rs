@@ -96,18 +96,7 @@ fn cross_node_traffic_travels_in_mutual_tls_and_arrives_intact() {
     assert_eq!(r["outcome"], "eof", "{r}");
     let r = c
         .node(0)
-        .client(
-            "client-a",
-            &[
-                "echo-client",
-                "--to",
-                &to,
-                "--bytes",
-                &(16 * MIB).to_string(),
-                "--deadline-ms",
-                "30000",
-            ],
-        )
+        .echo_within("client-a", &to, 16 * MIB, 30_000)
         .unwrap();
     assert_intact(&r, 16 * MIB);
     let wire = cap.finish();
@@ -211,18 +200,7 @@ fn with_upstream_pairing_the_delivery_leg_is_paired_and_keeps_bytes_half_close_a
     let to = server(&c);
     let r = c
         .node(0)
-        .client(
-            "client-a",
-            &[
-                "echo-client",
-                "--to",
-                &to,
-                "--bytes",
-                &(16 * MIB).to_string(),
-                "--deadline-ms",
-                "30000",
-            ],
-        )
+        .echo_within("client-a", &to, 16 * MIB, 30_000)
         .unwrap();
     assert_intact(&r, 16 * MIB);
     let moved = agents[1].event("msg_redirected_bytes") - before;
