@@ -380,11 +380,7 @@ impl ClusterNode {
             gw = self.gateway
         ))?;
         if let (Some(ip6), Some(gw6)) = (ip6, self.gateway6) {
-            sh(&format!(
-                "ip netns exec {netns} sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && \
-                 ip -n {netns} -6 addr add {ip6}/64 dev eth0 nodad && \
-                 ip -n {netns} -6 route add default via {gw6} dev eth0"
-            ))?;
+            crate::pod_ipv6(&netns, ip6, gw6)?;
         }
         fs::create_dir_all(&cgroup)?;
         Ok(self.pods.last().expect("just pushed"))

@@ -49,6 +49,18 @@ pub fn must_be_root() {
     assert_eq!(uid, 0, "the end-to-end tests need root (network namespaces, cgroups, bpf): run them with `cargo xtask test` as root");
 }
 
+/// Gives a pod's namespace (its `eth0` already up) the IPv6 address `ip6`/64 and a
+/// default route through `gw6`: the dual-stack half of a pod on a simulated node or
+/// cluster node.
+pub fn pod_ipv6(netns: &str, ip6: std::net::Ipv6Addr, gw6: std::net::Ipv6Addr) -> Result<()> {
+    sh(&format!(
+        "ip netns exec {netns} sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && \
+         ip -n {netns} -6 addr add {ip6}/64 dev eth0 nodad && \
+         ip -n {netns} -6 route add default via {gw6} dev eth0"
+    ))?;
+    Ok(())
+}
+
 pub fn sh(cmd: &str) -> Result<String> {
     let out = Command::new("sh")
         .arg("-c")
@@ -264,11 +276,7 @@ impl SimNode {
             gw = self.gateway
         ))?;
         if let (Some(ip6), Some(gw6)) = (ip6, self.gateway6) {
-            sh(&format!(
-                "ip netns exec {netns} sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0 && \
-                 ip -n {netns} -6 addr add {ip6}/64 dev eth0 nodad && \
-                 ip -n {netns} -6 route add default via {gw6} dev eth0"
-            ))?;
+            pod_ipv6(&netns, ip6, gw6)?;
         }
         fs::create_dir_all(&cgroup)?;
         Ok(self.pods.last().expect("just pushed"))

@@ -92,6 +92,21 @@ fn start(n: &SimNode) -> mesh_tests::Agent {
     agent
 }
 
+/// The agent's `/config_dump`.
+fn config_dump(agent: &mesh_tests::Agent) -> serde_json::Value {
+    serde_json::from_str(&agent.get("/config_dump").unwrap()).unwrap()
+}
+
+/// The proxy's cluster `name` as it is in force in `dump`.
+fn in_force_cluster<'a>(dump: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    dump["in_force"]["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no cluster {name}: {dump}"))
+}
+
 fn at(ip: &str, port: u16) -> String {
     SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port).to_string()
 }
@@ -243,14 +258,8 @@ fn an_http_service_routes_at_its_ipv6_address() {
     );
     // v2 was reached at its IPv6 address: it is reviews-v2's only endpoint.
     let v2 = at(&n.pod("v2").v6().to_string(), 8080);
-    let dump: serde_json::Value =
-        serde_json::from_str(&agent.get("/config_dump").unwrap()).unwrap();
-    let cluster = dump["in_force"]["clusters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["name"] == "outbound|80||reviews-v2.backend")
-        .unwrap_or_else(|| panic!("no reviews-v2 cluster: {dump}"));
+    let dump = config_dump(&agent);
+    let cluster = in_force_cluster(&dump, "outbound|80||reviews-v2.backend");
     let endpoints: Vec<&str> = cluster["endpoints"]
         .as_array()
         .into_iter()
@@ -388,14 +397,8 @@ fn a_dual_stack_kubernetes_service_is_served_at_its_ipv6_cluster_ip() {
         ) >= 1,
         "the IPv6 slice's endpoint was dialled: {m}"
     );
-    let dump: serde_json::Value =
-        serde_json::from_str(&agent.get("/config_dump").unwrap()).unwrap();
-    let cluster = dump["in_force"]["clusters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["name"] == "outbound|5432||db.backend")
-        .unwrap_or_else(|| panic!("no db cluster: {dump}"));
+    let dump = config_dump(&agent);
+    let cluster = in_force_cluster(&dump, "outbound|5432||db.backend");
     let mut endpoints: Vec<(String, String)> = cluster["endpoints"]
         .as_array()
         .into_iter()
