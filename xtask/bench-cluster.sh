@@ -300,7 +300,7 @@ EOF
 EOF
     done
   } > "$DIR/envoy-client.yaml"
-  bg envoy-client n0/ref "$(ns n0)" "$1" "$ENVOY" -c "$DIR/envoy-client.yaml" --concurrency 2 \
+  bg envoy-client n0/ref "$(ns n0)" "$1" "$ENVOY" -c "$DIR/envoy-client.yaml" --concurrency 1 \
     --log-level warn --disable-hot-restart
   for i in 0 1 2; do wait_port "$(ns n0)" "${POD_NET[0]}.1" "${ENVOY_CLI_PORTS[$i]}"; done
 }
@@ -367,7 +367,7 @@ EOF
 EOF
     done
   } > "$DIR/envoy-server.yaml"
-  bg envoy-server n1/ref "$(ns n1)" "$1" "$ENVOY" -c "$DIR/envoy-server.yaml" --concurrency 2 \
+  bg envoy-server n1/ref "$(ns n1)" "$1" "$ENVOY" -c "$DIR/envoy-server.yaml" --concurrency 1 \
     --log-level warn --disable-hot-restart
   for i in 0 1 2; do wait_port "$(ns n1)" "$UL_NET.2" "${ENVOY_SRV_PORTS[$i]}"; done
 }

@@ -14,8 +14,9 @@
 #              HTTP/1.1 keep-alive only, with the agent's CPU time per request
 #   envoy, nginx, haproxy: an opted-out pod -> that reverse proxy on the node's bridge
 #              address, forwarding to the server pod
-# Every proxy gets two worker threads: the node proxy's runtime has two (fixed), Envoy
-# --concurrency 2, nginx worker_processes 2, haproxy nbthread 2.
+# Every proxy gets one worker per vCPU it may run on (`cpu_count` of the placement's node
+# CPUs): the node proxy follows its affinity (`--proxy-workers 0`), Envoy --concurrency N,
+# nginx worker_processes N, haproxy nbthread N.
 # Appends one line per figure to $RAW:  l7 PATH PLACEMENT METRIC RUN VALUE
 # Run it through `cargo xtask bench l7` (builds the binaries, sets the variables), as root.
 #
@@ -105,7 +106,7 @@ start_agent() { # start_agent CPUS [RUN FLAGS...]
 
 start_nginx() { # start_nginx CPUS
   {
-    nginx_common proxy 2
+    nginx_common proxy "$(cpu_count "$1")"
     printf '  upstream h1 { server %s:%s; keepalive 64; keepalive_requests 10000000; }\n' "$SRV_IP" "$SRV_H1"
     printf '  upstream grpc { server %s:%s; keepalive 64; keepalive_requests 10000000; }\n' "$SRV_IP" "$SRV_GRPC"
     # nginx proxies HTTP to HTTP/1.1 upstreams only: its HTTP/2 front talks HTTP/1.1
@@ -123,7 +124,7 @@ start_nginx() { # start_nginx CPUS
 start_haproxy() { # start_haproxy CPUS
   cat > "$DIR/haproxy.cfg" <<CFG
 global
-  nbthread 2
+  nbthread $(cpu_count "$1")
   maxconn 4000
 defaults
   mode http
@@ -170,7 +171,7 @@ start_envoy() { # start_envoy CPUS
         "$i" "$i" "$SRV_IP" "$port"
     done
   } > "$DIR/envoy.yaml"
-  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart
+  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency "$(cpu_count "$1")" --log-level warn --disable-hot-restart
   local p; for p in "${ENVOY_PORTS[@]}"; do wait_port node "$NODE_IP" "$p"; done
 }
 

@@ -114,6 +114,17 @@ wait_port() { # wait_port NETNS|node IP PORT: until something listens there
   die "nothing listens on $2:$3 ($1)"
 }
 
+# How many vCPUs a CPU list ("0", "0,1", "0-1") names: every proxy gets that many workers,
+# the reference proxies by their flag and the node proxy by following its affinity
+# (`--proxy-workers 0`), so the comparisons are at equal workers (issue 13, item 4).
+cpu_count() { # cpu_count LIST -> N
+  local n=0 part
+  for part in ${1//,/ }; do
+    if [[ $part == *-* ]]; then n=$((n + ${part#*-} - ${part%-*} + 1)); else n=$((n + 1)); fi
+  done
+  echo "$n"
+}
+
 placement_cpus() { # placement_cpus PLACEMENT -> "client server node"
   case $1 in
     1cpu) echo "0 0 0" ;;

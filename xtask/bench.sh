@@ -66,7 +66,7 @@ start_haproxy() { # start_haproxy CPUS [splice]: splice = haproxy's best for bul
   local i splice= maxconn=9000
   [ "${2:-}" = splice ] && splice='  option splice-auto\n' && maxconn=4000
   {
-    printf "global\n  nbthread 2\n  maxconn $maxconn\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n$splice\n"
+    printf "global\n  nbthread %s\n  maxconn $maxconn\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n$splice\n" "$(cpu_count "$1")"
     for i in 0 1 2; do
       printf 'listen l%s\n  bind %s:%s\n  server s %s:%s\n\n' "$i" "$NODE_IP" "${HAPROXY_PORTS[$i]}" "$SRV_IP" "${SRV_PORTS[$i]}"
     done
@@ -89,7 +89,7 @@ start_envoy() { # start_envoy CPUS
         "$i" "$i" "$SRV_IP" "${SRV_PORTS[$i]}"
     done
   } > "$DIR/envoy.yaml"
-  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart
+  bg envoy ref "$1" "$ENVOY" -c "$DIR/envoy.yaml" --concurrency "$(cpu_count "$1")" --log-level warn --disable-hot-restart
   for i in 0 1 2; do wait_port node "$NODE_IP" "${ENVOY_PORTS[$i]}"; done
 }
 

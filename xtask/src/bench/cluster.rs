@@ -109,7 +109,7 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
           agent keeps HTTP/2 connections per (source identity, destination, destination \
           identity) and Envoy's tcp_proxy keeps its cluster's HTTP/2 connections, so a new \
           application connection is a new CONNECT stream, not a new TLS handshake. Envoy \
-          runs `--concurrency 2` at both ends (the agent's proxy has two workers).\n\
+          runs `--concurrency 1` at both ends: each node's processes are pinned to one vCPU, where the agent's proxy runs one worker (`--proxy-workers 0` follows the affinity), so both tunnels have equal workers.\n\
           \nEach cell: median (min–max) over the runs. Ratios: medians against `direct` of \
           the same placement, with the min–max of the per-run ratios.\n";
     for &(placement, what) in PLACEMENTS {

@@ -226,9 +226,9 @@ pub(super) fn md(meta: &Meta, skipped: &[(&str, &str)], t: &Table, targets: &[Ta
           `Connection: close` (a new connection per request). HTTP/2: h2load, 1 thread, \
           4 connections x 4 streams (16 requests in flight), h2c with prior knowledge. \
           gRPC unary: `benchtool grpc` (h2 on one thread), the same 4 x 4 calls in flight. \
-          Every proxy has two worker threads (the node proxy's runtime has two and cannot \
-          be given one; Envoy `--concurrency 2`, nginx `worker_processes 2`, haproxy \
-          `nbthread 2`). nginx cannot talk HTTP/2 to an upstream: its HTTP/2 row is \
+          Every proxy has one worker per vCPU of its placement (one vCPU: 1; two: 2): \
+          the node proxy follows its affinity (`--proxy-workers 0`), Envoy `--concurrency`, \
+          nginx `worker_processes`, haproxy `nbthread`. nginx cannot talk HTTP/2 to an upstream: its HTTP/2 row is \
           HTTP/2 in front, HTTP/1.1 keep-alive behind (its gRPC row uses `grpc_pass`, \
           HTTP/2 end to end); the others are HTTP/2 end to end.\n\
           \nEach cell: median (min–max) over the runs, latencies in microseconds. Ratios: \
