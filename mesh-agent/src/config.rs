@@ -2,7 +2,7 @@
 //! configuration checked and resolved from them once (`RunConfig`).
 
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -119,6 +119,112 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--proxy-redirect`: where IPv4 connections of enrolled pods are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirect4 {
+    /// `IP:PORT`: this address of the node.
+    Addr(SocketAddrV4),
+    /// `auto` or `auto:PORT`: this node's IPv4 address from `--host-ips`
+    /// (`MESH_HOST_IPS`), at PORT or `--proxy-address`'s port. None there: an error.
+    /// What a node whose primary address (`status.hostIP`) is IPv6 needs.
+    Auto(Option<u16>),
+}
+
+impl std::fmt::Display for Redirect4 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Redirect4::Addr(a) => write!(f, "{a}"),
+            Redirect4::Auto(port) => fmt_auto(*port, f),
+        }
+    }
+}
+
+/// `auto` or `auto:PORT`, as `parse_auto` reads it.
+fn fmt_auto(port: Option<u16>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    match port {
+        None => f.write_str("auto"),
+        Some(p) => write!(f, "auto:{p}"),
+    }
+}
+
+impl Serialize for Redirect4 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Parses `--proxy-redirect`: `auto`, `auto:PORT` or `IP:PORT`.
+pub fn parse_redirect4(s: &str) -> Result<Redirect4, String> {
+    const SYNTAX: &str = "expected auto, auto:PORT or IPv4:PORT";
+    let t = s.trim();
+    if let Some(auto) = parse_auto(s, SYNTAX) {
+        return auto.map(Redirect4::Auto);
+    }
+    t.parse::<SocketAddrV4>().map(Redirect4::Addr).map_err(|_| {
+        let hint = if t.parse::<SocketAddrV6>().is_ok() {
+            " (an IPv6 address, e.g. the status.hostIP of an IPv6-primary node: use auto \
+             with --host-ips, and --proxy-redirect6 for IPv6)"
+        } else {
+            ""
+        };
+        format!("{s:?}: {SYNTAX}{hint}")
+    })
+}
+
+/// `auto` (`Ok(None)`: the default port) or `auto:PORT` of `--proxy-redirect` and
+/// `--proxy-redirect6`; `None` if `s` is neither.
+fn parse_auto(s: &str, syntax: &str) -> Option<Result<Option<u16>, String>> {
+    let t = s.trim();
+    if t == "auto" {
+        return Some(Ok(None));
+    }
+    let port = t.strip_prefix("auto:")?;
+    Some(match port.parse::<u16>() {
+        Ok(0) => Err(format!(
+            "{s:?}: port 0 (auto:PORT names the port to listen on)"
+        )),
+        Ok(p) => Ok(Some(p)),
+        Err(_) => Err(format!("{s:?}: {port:?} is not a port ({syntax})")),
+    })
+}
+
+/// The address `--proxy-redirect auto` takes from `host_ips` (`MESH_HOST_IPS`): the first
+/// IPv4 entry pods can be sent to (not unspecified, loopback, link-local, multicast or
+/// broadcast). `Ok(None)`: the list holds none (an IPv6-only node, or `status.hostIP` of
+/// an IPv6-primary node). An entry that is no address at all is an error.
+pub fn pick_host_ip4(host_ips: &str) -> Result<Option<Ipv4Addr>, String> {
+    let fit = |a: &Ipv4Addr| {
+        !(a.is_unspecified()
+            || a.is_loopback()
+            || a.is_link_local()
+            || a.is_multicast()
+            || a.is_broadcast())
+    };
+    Ok(host_ips_parsed(host_ips)?
+        .into_iter()
+        .find_map(|ip| match ip {
+            IpAddr::V4(a) if fit(&a) => Some(a),
+            _ => None,
+        }))
+}
+
+/// `--host-ips` as addresses; an entry that is not one is an error naming it.
+fn host_ips_parsed(host_ips: &str) -> Result<Vec<IpAddr>, String> {
+    host_ips
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            entry.parse().map_err(|_| {
+                format!(
+                    "--host-ips (MESH_HOST_IPS) {host_ips:?}: {entry:?} is not an IP address \
+                     (expected the node's addresses, comma-separated)"
+                )
+            })
+        })
+        .collect()
+}
+
 /// `--proxy-redirect6`: where native IPv6 connections of enrolled pods are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Redirect6 {
@@ -137,8 +243,7 @@ impl std::fmt::Display for Redirect6 {
         match self {
             Redirect6::Off => f.write_str("off"),
             Redirect6::Addr(a) => write!(f, "{a}"),
-            Redirect6::Auto(None) => f.write_str("auto"),
-            Redirect6::Auto(Some(p)) => write!(f, "auto:{p}"),
+            Redirect6::Auto(port) => fmt_auto(*port, f),
         }
     }
 }
@@ -153,19 +258,11 @@ impl Serialize for Redirect6 {
 pub fn parse_redirect6(s: &str) -> Result<Redirect6, String> {
     const SYNTAX: &str = "expected off, auto, auto:PORT or [IPv6]:PORT";
     let t = s.trim();
-    match t {
-        "" | "off" => return Ok(Redirect6::Off),
-        "auto" => return Ok(Redirect6::Auto(None)),
-        _ => {}
+    if matches!(t, "" | "off") {
+        return Ok(Redirect6::Off);
     }
-    if let Some(port) = t.strip_prefix("auto:") {
-        return match port.parse::<u16>() {
-            Ok(0) => Err(format!(
-                "{s:?}: port 0 (auto:PORT names the port to listen on)"
-            )),
-            Ok(p) => Ok(Redirect6::Auto(Some(p))),
-            Err(_) => Err(format!("{s:?}: {port:?} is not a port ({SYNTAX})")),
-        };
+    if let Some(auto) = parse_auto(s, SYNTAX) {
+        return auto.map(Redirect6::Auto);
     }
     t.parse::<SocketAddrV6>()
         .map(Redirect6::Addr)
@@ -196,21 +293,12 @@ fn redirect6_unfit(ip: &Ipv6Addr) -> Option<&'static str> {
 /// node, or `status.hostIP` of a node whose primary address is IPv4). An entry that is no
 /// address at all is an error (a wrong variable, not a single-stack node).
 pub fn pick_host_ip6(host_ips: &str) -> Result<Option<Ipv6Addr>, String> {
-    let mut picked = None;
-    for entry in host_ips.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let ip: IpAddr = entry.parse().map_err(|_| {
-            format!(
-                "--host-ips (MESH_HOST_IPS) {host_ips:?}: {entry:?} is not an IP address \
-                 (expected the node's addresses, comma-separated)"
-            )
-        })?;
-        if let (None, IpAddr::V6(a)) = (picked, ip) {
-            if redirect6_unfit(&a).is_none() {
-                picked = Some(a);
-            }
-        }
-    }
-    Ok(picked)
+    Ok(host_ips_parsed(host_ips)?
+        .into_iter()
+        .find_map(|ip| match ip {
+            IpAddr::V6(a) if redirect6_unfit(&a).is_none() => Some(a),
+            _ => None,
+        }))
 }
 
 /// How native IPv6 capture was decided at start (`/config`; logged once).
@@ -386,16 +474,19 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_PROXY_ADDRESS", default_value = DEFAULT_PROXY_ADDRESS)]
     pub proxy_address: SocketAddrV4,
     /// Address pods are redirected to (must reach the proxy listener from the pods'
-    /// namespaces); default: `--proxy-address`, which then must not be 0.0.0.0.
-    #[arg(long, env = "MESH_PROXY_REDIRECT")]
-    pub proxy_redirect: Option<SocketAddrV4>,
+    /// namespaces): `IP:PORT`, or `auto` (this node's IPv4 address from --host-ips, at
+    /// --proxy-address's port) or `auto:PORT`; default: `--proxy-address`, which then
+    /// must not be 0.0.0.0.
+    #[arg(long, env = "MESH_PROXY_REDIRECT", value_parser = parse_redirect4)]
+    pub proxy_redirect: Option<Redirect4>,
     /// Where IPv6 pods are redirected to: `[IP6]:PORT` (an IPv6 address of this node the
     /// pods reach; the proxy listens there too), `auto` (this node's IPv6 address from
     /// --host-ips, at --proxy-redirect's port; none there: not captured), `auto:PORT`, or
     /// `off` (the default: native IPv6 connections are not captured).
     #[arg(long, env = "MESH_PROXY_REDIRECT6", value_parser = parse_redirect6)]
     pub proxy_redirect6: Option<Redirect6>,
-    /// This node's addresses, comma-separated, for `--proxy-redirect6 auto` (Kubernetes:
+    /// This node's addresses, comma-separated, for `--proxy-redirect auto` and
+    /// `--proxy-redirect6 auto` (Kubernetes:
     /// the downward API's `status.hostIPs`, 1.29+; or `status.hostIP`, the primary
     /// address only).
     #[arg(long, env = "MESH_HOST_IPS")]
@@ -667,8 +758,28 @@ impl RunConfig {
     /// keeps its own error (path, line, field) when it is the only problem.
     pub fn from_args(args: RunArgs) -> Result<RunConfig, ConfigError> {
         let mut problems: Vec<ConfigError> = Vec::new();
+        let host_ips = args.host_ips.as_deref().unwrap_or("");
         let proxy_redirect = match args.proxy_redirect {
-            Some(a) => a,
+            Some(Redirect4::Addr(a)) => a,
+            Some(Redirect4::Auto(port)) => {
+                let port = port.unwrap_or(args.proxy_address.port());
+                match pick_host_ip4(host_ips) {
+                    Ok(Some(ip)) => SocketAddrV4::new(ip, port),
+                    Ok(None) => {
+                        problems.push(ConfigError::Invalid(format!(
+                            "--proxy-redirect auto: no IPv4 address of this node in --host-ips \
+                             (MESH_HOST_IPS) {host_ips:?}: IPv4 connections are sent to one \
+                             (IPv6-only nodes are not supported). Kubernetes: MESH_HOST_IPS \
+                             from status.hostIPs, all of the node's addresses"
+                        )));
+                        args.proxy_address
+                    }
+                    Err(e) => {
+                        problems.push(ConfigError::Invalid(format!("--proxy-redirect auto: {e}")));
+                        args.proxy_address
+                    }
+                }
+            }
             None if args.proxy_address.ip().is_unspecified() => {
                 problems.push(ConfigError::Invalid(
                     "--proxy-redirect is required when --proxy-address listens on 0.0.0.0: pods \
@@ -679,7 +790,6 @@ impl RunConfig {
             }
             None => args.proxy_address,
         };
-        let host_ips = args.host_ips.as_deref().unwrap_or("");
         let (proxy_redirect6, ipv6_capture) = match args.proxy_redirect6 {
             None | Some(Redirect6::Off) => (None, Ipv6Capture::Off),
             Some(Redirect6::Addr(a)) => {
@@ -1048,15 +1158,24 @@ mod tests {
             parse_redirect6("[fd00::1]:15001"),
             Ok(Redirect6::Addr("[fd00::1]:15001".parse().unwrap()))
         );
-        for (bad, why) in [
-            ("auto:0", "port 0"),
-            ("auto:x", "is not a port"),
-            ("auto:70000", "is not a port"),
-            ("fd00::1", "expected off, auto, auto:PORT or [IPv6]:PORT"),
-            ("10.0.0.1:15001", "expected off, auto"),
-            ("on", "expected off, auto"),
-        ] {
-            let e = parse_redirect6(bad).unwrap_err();
+        refused(
+            parse_redirect6,
+            &[
+                ("auto:0", "port 0"),
+                ("auto:x", "is not a port"),
+                ("auto:70000", "is not a port"),
+                ("fd00::1", "expected off, auto, auto:PORT or [IPv6]:PORT"),
+                ("10.0.0.1:15001", "expected off, auto"),
+                ("on", "expected off, auto"),
+            ],
+        );
+    }
+
+    /// Each of `cases` (text, why) is refused by `parse` with a message naming the text
+    /// and saying why.
+    fn refused<T: std::fmt::Debug>(parse: fn(&str) -> Result<T, String>, cases: &[(&str, &str)]) {
+        for (bad, why) in cases {
+            let e = parse(bad).unwrap_err();
             assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
         }
     }
@@ -1081,6 +1200,108 @@ mod tests {
         assert_eq!(pick_host_ip6("fe80::1"), Ok(None));
         let e = pick_host_ip6("10.0.0.5,node-a").unwrap_err();
         assert!(e.contains("\"node-a\" is not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn the_ipv4_redirect_syntax_is_auto_auto_port_or_an_address() {
+        for (text, want) in [
+            ("auto", Redirect4::Auto(None)),
+            (" auto:15006", Redirect4::Auto(Some(15006))),
+            (
+                "10.0.0.1:15001",
+                Redirect4::Addr("10.0.0.1:15001".parse().unwrap()),
+            ),
+        ] {
+            assert_eq!(parse_redirect4(text), Ok(want), "{text}");
+            assert_eq!(parse_redirect4(&want.to_string()), Ok(want), "{want}");
+        }
+        refused(
+            parse_redirect4,
+            &[
+                ("auto:0", "port 0"),
+                ("auto:x", "is not a port"),
+                ("10.0.0.1", "expected auto, auto:PORT or IPv4:PORT"),
+                ("off", "expected auto"),
+                // What `$(HOST_IP):15001` becomes on an IPv6-primary node.
+                ("[fd00:10::5]:15001", "IPv6-primary node: use auto"),
+            ],
+        );
+    }
+
+    #[test]
+    fn auto_picks_the_first_fit_ipv4_host_address() {
+        let ip = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
+        // status.hostIPs of a dual-stack node, IPv6-primary or IPv4-primary.
+        assert_eq!(pick_host_ip4("fd00:10::5,10.0.0.5"), Ok(ip("10.0.0.5")));
+        assert_eq!(pick_host_ip4("10.0.0.5, fd00:10::5"), Ok(ip("10.0.0.5")));
+        // IPv6 only, or nothing: none.
+        assert_eq!(pick_host_ip4("fd00:10::5"), Ok(None));
+        assert_eq!(pick_host_ip4(""), Ok(None));
+        // Addresses pods cannot be sent to are passed over.
+        assert_eq!(
+            pick_host_ip4("0.0.0.0,127.0.0.1,169.254.1.1,224.0.0.1,255.255.255.255,10.0.0.5"),
+            Ok(ip("10.0.0.5"))
+        );
+        let e = pick_host_ip4("10.0.0.5,node-a").unwrap_err();
+        assert!(e.contains("\"node-a\" is not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn ipv4_auto_resolves_against_the_host_addresses_and_the_listener_port() {
+        let f = TempFile::new("redirect4-auto.yaml", "");
+        let c = |extra: &[&str]| {
+            let mut args = vec!["--config", f.path()];
+            args.extend_from_slice(extra);
+            parse(&args).map(|c| (c.proxy_redirect, c.proxy_redirect6))
+        };
+        // The chart's settings on an IPv6-primary dual-stack node (status.hostIPs lists
+        // the IPv6 address first): each family gets its own address.
+        let chart = [
+            "--proxy-address",
+            "0.0.0.0:15001",
+            "--proxy-redirect",
+            "auto",
+            "--proxy-redirect6",
+            "auto",
+            "--host-ips",
+            "fd00:201::1,10.1.0.1",
+        ];
+        assert_eq!(
+            c(&chart).unwrap(),
+            (
+                "10.1.0.1:15001".parse().unwrap(),
+                Some("[fd00:201::1]:15001".parse().unwrap())
+            )
+        );
+        // auto:PORT, and IPv6's auto follows the IPv4 redirect's port.
+        assert_eq!(
+            c(&[
+                "--proxy-redirect",
+                "auto:15009",
+                "--proxy-redirect6",
+                "auto",
+                "--host-ips",
+                "10.1.0.1,fd00:201::1"
+            ])
+            .unwrap(),
+            (
+                "10.1.0.1:15009".parse().unwrap(),
+                Some("[fd00:201::1]:15009".parse().unwrap())
+            )
+        );
+        // No IPv4 address of the node: refused, saying why.
+        let e = c(&["--proxy-redirect", "auto", "--host-ips", "fd00:201::1"]).unwrap_err();
+        assert!(
+            e.contains("--proxy-redirect auto: no IPv4 address") && e.contains("fd00:201::1"),
+            "{e}"
+        );
+        let e = c(&["--proxy-redirect", "auto"]).unwrap_err();
+        assert!(e.contains("no IPv4 address"), "{e}");
+        let e = c(&["--proxy-redirect", "auto", "--host-ips", "bogus"]).unwrap_err();
+        assert!(
+            e.contains("--proxy-redirect auto") && e.contains("MESH_HOST_IPS"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -707,11 +707,18 @@ fn daemonset_runs_on_the_host_with_named_capabilities_only() {
         env[by_name("HOST_IP")].1["valueFrom"]["fieldRef"]["fieldPath"],
         "status.hostIP"
     );
-    // $(HOST_IP) expands only if HOST_IP is declared earlier.
-    assert!(by_name("HOST_IP") < by_name("MESH_PROXY_REDIRECT"));
+    // Pods are sent to the node's IPv4 address, which the agent picks from all of the
+    // node's addresses: status.hostIP is IPv6 on an IPv6-primary node, and
+    // `$(HOST_IP):15001` would then be no --proxy-redirect at all.
     assert_eq!(
-        env[by_name("MESH_PROXY_REDIRECT")].1["value"],
-        "$(HOST_IP):15001"
+        env[by_name("MESH_HOST_IPS")].1["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIPs"
+    );
+    assert_eq!(env[by_name("MESH_PROXY_REDIRECT")].1["value"], "auto");
+    assert!(
+        env.iter()
+            .all(|(_, e)| !e["value"].as_str().unwrap_or("").contains("$(HOST_IP):")),
+        "no redirect is built from the primary address alone"
     );
     assert_eq!(
         env_value(&d, "MESH_CONFIG").as_deref(),
@@ -988,7 +995,8 @@ fn the_embedded_ca_is_served_to_other_nodes_when_asked() {
 
 /// Native IPv6 capture (`ipv6.capture`): on by default as `auto`, the agent picking the
 /// node's IPv6 address from `status.hostIPs` (an IPv4-only node: nothing captured);
-/// a port or a fixed address passes through; `off` leaves both variables out.
+/// a port or a fixed address passes through; `off` leaves MESH_PROXY_REDIRECT6 out
+/// (MESH_HOST_IPS stays: the IPv4 redirect is picked from it too).
 #[test]
 fn ipv6_capture_is_auto_from_the_nodes_addresses_by_default() {
     let host_ips = |d: &[Value]| {
@@ -1017,7 +1025,11 @@ fn ipv6_capture_is_auto_from_the_nodes_addresses_by_default() {
     }
     let d = docs(&render(&["ipv6.capture=off"]));
     assert_eq!(env_value(&d, "MESH_PROXY_REDIRECT6"), None);
-    assert_eq!(host_ips(&d), None);
+    assert_eq!(host_ips(&d), Some(Value::from("status.hostIPs")));
+    assert_eq!(
+        env_value(&d, "MESH_PROXY_REDIRECT").as_deref(),
+        Some("auto")
+    );
     // What the agent would refuse, the schema refuses first.
     for bad in [
         "ipv6.capture=on",

@@ -217,12 +217,32 @@ fn the_kernel_relay_moves_a_decided_ipv6_flow() {
     let dst = V6.dst(&n, "server", 9000);
     n.serve("server", &["echo", "--listen", "[::]:9000"])
         .unwrap();
-    let (started, relayed) = (agent.event("relay_started"), agent.event("msg_relayed"));
-    let r = n
-        .client("client", &["ping", "--to", &dst, "--count", "500"])
-        .unwrap();
-    assert_eq!(r["count"], 500, "{r}");
-    echo_intact(&n, "client", &dst, 4 * MIB);
+    // Connects the datapath let go around the proxy because it looked unable to take
+    // them (heartbeat stale, not ready: fail-open, as designed; a loaded machine can stall
+    // a debug agent that long). Such a flow is neither proxied nor relayed, so the figures
+    // below would not add up: the exchange is run again (the cause is printed).
+    let bypassed = || agent.event("connect_proxy_stale") + agent.event("connect_proxy_not_ready");
+    let proxied = || proxied_conns(&agent.get("/metrics").unwrap(), &dst);
+    let mut tries = 0;
+    let (started, relayed, proxied_before) = loop {
+        tries += 1;
+        assert!(tries <= 3, "every exchange went around the proxy");
+        let before = (
+            agent.event("relay_started"),
+            agent.event("msg_relayed"),
+            proxied(),
+        );
+        let bypassed_before = bypassed();
+        let r = n
+            .client("client", &["ping", "--to", &dst, "--count", "500"])
+            .unwrap();
+        assert_eq!(r["count"], 500, "{r}");
+        echo_intact(&n, "client", &dst, 4 * MIB);
+        if bypassed() == bypassed_before {
+            break before;
+        }
+        eprintln!("a connect went around a proxy that looked stuck; again");
+    };
     if on {
         assert!(
             agent.event("relay_started") - started >= 2,
@@ -233,7 +253,7 @@ fn the_kernel_relay_moves_a_decided_ipv6_flow() {
     } else {
         assert_eq!(agent.event("relay_started"), started);
     }
-    assert_eq!(proxied_conns(&agent.get("/metrics").unwrap(), &dst), 2);
+    assert_eq!(proxied() - proxied_before, 2);
 }
 
 /// An upgrade (`--takeover`) keeps native IPv6 captured and loses nothing: the old agent

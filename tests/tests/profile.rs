@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{http_get_status, metric, SimNode};
+use mesh_tests::{http_get_status, metric, wait_for, SimNode};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10:80";
@@ -56,6 +56,20 @@ fn load(n: &SimNode, stop: &AtomicBool) -> u64 {
     answered
 }
 
+/// perf events `pid` holds open: a CPU profile's samplers, one per thread, while it runs.
+fn perf_events(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy() == "anon_inode:[perf_event]")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// `frame;frame;... count` lines: every line parses, counts add up.
 fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
     text.lines()
@@ -79,6 +93,7 @@ fn a_cpu_profile_under_load_shows_the_proxy_and_a_second_one_is_refused() {
     let port = agent.admin_port;
     // Warm: the on-demand listener and the upstream pool.
     n.http_get("client", VIP, "/", 10, &[]).unwrap();
+    let idle_perf_events = perf_events(agent.pid());
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         // Two clients at once: the proxy stays busy while one starts its next batch.
@@ -89,14 +104,22 @@ fn a_cpu_profile_under_load_shows_the_proxy_and_a_second_one_is_refused() {
             let r = http_get_status(port, "/debug/profile?seconds=2", Duration::from_secs(30));
             (r, t.elapsed())
         });
-        // The second request while the first runs: refused at once, with the reason.
-        std::thread::sleep(Duration::from_millis(500));
-        let t = Instant::now();
+        // The second request while the first runs (its samplers open: under load the
+        // first request may take a while to get there): refused at once, with the
+        // reason, not queued behind the first.
+        wait_for(
+            "the first profile's samplers",
+            Duration::from_secs(20),
+            || perf_events(agent.pid()) > idle_perf_events,
+        );
         let (code, body) =
             http_get_status(port, "/debug/profile?seconds=1", Duration::from_secs(10)).unwrap();
         assert_eq!(code, 409, "{body}");
         assert!(body.contains("already running"), "{body}");
-        assert!(t.elapsed() < Duration::from_secs(1), "not queued");
+        assert!(
+            !first.is_finished(),
+            "refused only after the first ended: queued"
+        );
         let (r, took) = first.join().unwrap();
         stop.store(true, Ordering::Relaxed);
         let answered: u64 = traffic.into_iter().map(|t| t.join().unwrap()).sum();

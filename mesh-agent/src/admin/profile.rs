@@ -637,35 +637,88 @@ mod tests {
     }
 
     /// A real profile of this test process: a busy thread's function shows up in the
-    /// folded stacks, and a second profile meanwhile is refused.
+    /// folded stacks, at SAMPLE_HZ samples per second of its CPU time, and a second
+    /// profile meanwhile is refused. The profile samples CPU time, and on a loaded machine
+    /// the busy thread gets only part of a CPU in the profile's wall-clock seconds: so its
+    /// CPU time is measured (the kernel's schedstat), not assumed to be the wall time.
     #[test]
     fn a_busy_thread_is_sampled_and_a_second_profile_is_refused() {
+        /// This thread's time on a CPU, from the kernel's scheduler (nanoseconds).
+        fn cpu_ns() -> u64 {
+            std::fs::read_to_string("/proc/thread-self/schedstat")
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .expect("/proc/thread-self/schedstat")
+        }
+        /// Spins while a profile runs (`RUNNING`); its CPU time and the wall time between
+        /// the moments it saw the profile start and end.
         #[inline(never)]
-        fn spin_for_the_profiler(until: Instant) -> u64 {
+        fn spin_for_the_profiler(started: std::sync::mpsc::Sender<()>) -> (Duration, Duration) {
+            let _ = started.send(());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !RUNNING.load(Ordering::Acquire) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the spinner never saw the profile"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let (cpu0, t0) = (cpu_ns(), Instant::now());
             let mut x = 0u64;
-            while Instant::now() < until {
+            while RUNNING.load(Ordering::Acquire) {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
             }
-            x
+            std::hint::black_box(x);
+            (Duration::from_nanos(cpu_ns() - cpu0), t0.elapsed())
         }
-        let until = Instant::now() + Duration::from_secs(3);
+        let (started, running) = std::sync::mpsc::channel();
         let busy = std::thread::Builder::new()
             .name("spinner".into())
-            .spawn(move || spin_for_the_profiler(until))
+            .spawn(move || spin_for_the_profiler(started))
             .unwrap();
+        // The profile names threads when it starts, and a new thread bears its parent's
+        // name until it runs: under load it may not have yet. Once it runs, it is named.
+        running.recv().expect("the spinner started");
         let first = std::thread::spawn(|| cpu(2));
-        std::thread::sleep(Duration::from_millis(300));
+        // Wait for the first profile to hold the lock (under load its thread may start
+        // late), then ask for a second one.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !RUNNING.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the first profile never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(matches!(cpu(1), Err(ProfileError::Busy)));
         let p = first.join().unwrap().expect("profile (run as root)");
-        busy.join().unwrap();
-        assert!(p.samples >= 100, "{p:?}");
+        let (spun, wall) = busy.join().unwrap();
         let spin: u64 = p
             .folded
             .iter()
             .filter(|l| l.starts_with("spinner;"))
             .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
             .sum();
-        assert!(spin >= 100, "spinner samples {spin}: {:#?}", p.folded);
+        let period = Duration::from_nanos(1_000_000_000 / SAMPLE_HZ);
+        // What the spinner's share of a CPU over the profile's 2 s gives at 99 Hz of CPU
+        // (about 200 samples on an idle machine).
+        let share = spun.as_secs_f64() / wall.as_secs_f64();
+        let expected = share * 2.0 * SAMPLE_HZ as f64;
+        eprintln!(
+            "spinner: {spin} samples, {spun:?} of CPU in {wall:?} (share {share:.2}), \
+             expected about {expected:.0}; {} samples in all",
+            p.samples
+        );
+        // Never more samples than CPU time spent (the sampled window lies inside the
+        // measured one), and not far fewer than its share of the window gives.
+        assert!(
+            period * spin as u32 <= spun + period * 2,
+            "spinner samples {spin} for {spun:?} of CPU: {:#?}",
+            p.folded
+        );
+        assert!(
+            spin as f64 >= expected / 2.0,
+            "spinner samples {spin}, expected about {expected:.0}: {:#?}",
+            p.folded
+        );
+        assert!(p.samples >= spin, "{p:?}");
         assert!(
             p.folded
                 .iter()

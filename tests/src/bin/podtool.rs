@@ -161,6 +161,11 @@ fn sink(mut c: TcpStream, args: &[String]) {
                 n += k as u64;
                 std::thread::sleep(delay);
             }
+            // As in `echo`: a blocking read of a socket in the sockmap can return EAGAIN
+            // when woken with nothing to read (docs/architecture.md, "Back-pressure and
+            // blocking readers"). The socket blocks: wait again. A real end (RST, FIN)
+            // shows in the next read; the byte count and digest still check every byte.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 err = errno_name(&e);
                 break;

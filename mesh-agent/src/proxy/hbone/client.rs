@@ -283,6 +283,24 @@ pub fn forwarded_for_ip(source: IpAddr) -> http::HeaderValue {
     http::HeaderValue::try_from(v).expect("an IP address is a valid header value")
 }
 
+/// The HTTP/2 `CONNECT` of one stream: `authority` (`ip:port`, ztunnel's wire format),
+/// and the source's address in `Forwarded`.
+pub(super) fn connect_request(
+    authority: &str,
+    forwarded: Option<&http::HeaderValue>,
+) -> http::Request<()> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .version(http::Version::HTTP_2)
+        .body(())
+        .expect("a valid CONNECT request");
+    if let Some(f) = forwarded {
+        req.headers_mut().insert(http::header::FORWARDED, f.clone());
+    }
+    req
+}
+
 async fn request(
     guard: &StreamGuard,
     addr: SocketAddr,
@@ -296,15 +314,7 @@ async fn request(
         .ready()
         .await
         .map_err(Failure::NotSent)?;
-    let mut req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(authority.to_string())
-        .version(http::Version::HTTP_2)
-        .body(())
-        .expect("a valid CONNECT request");
-    if let Some(f) = forwarded {
-        req.headers_mut().insert(http::header::FORWARDED, f.clone());
-    }
+    let req = connect_request(&authority.to_string(), forwarded);
     let (response, stream) = send.send_request(req, false).map_err(Failure::NotSent)?;
     let h2_err = |source| Failure::Other(HboneError::H2 { addr, source });
     let response = response.await.map_err(h2_err)?;

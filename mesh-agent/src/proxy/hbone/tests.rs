@@ -550,11 +550,7 @@ async fn only_connect_to_an_ip_and_port_is_served() {
         http::StatusCode::METHOD_NOT_ALLOWED
     );
     let mut send = send.ready().await.unwrap();
-    let by_name = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri("example.com:80")
-        .body(())
-        .unwrap();
+    let by_name = super::client::connect_request("example.com:80", None);
     let (resp, _) = send.send_request(by_name, false).unwrap();
     assert_eq!(resp.await.unwrap().status(), http::StatusCode::BAD_REQUEST);
     assert!(e.handler.seen.lock().unwrap().is_empty());
