@@ -896,6 +896,7 @@ fn inbound_pods(snap: &Snapshot) -> Vec<InboundPod> {
             namespace: w.namespace.clone(),
             name: w.name.clone(),
             ip: w.ip,
+            ip6: w.ip6,
             netns: w.netns.clone(),
             capture: !w.bypass && w.unresolved.is_none(),
         })

@@ -9,6 +9,7 @@
 //! program; `Drop` removes the pins.
 
 pub mod btf;
+pub mod close;
 pub mod events;
 pub mod features;
 pub mod relay;
@@ -256,6 +257,8 @@ pub struct Maps {
     pub proxy_health: Mutex<Array<MapData, ProxyHealth>>,
     /// Local enrolled workloads by IPv4 address, for the TC inbound program.
     pub inbound: Mutex<HashMap<MapData, u32, InboundInfo>>,
+    /// The same by IPv6 address.
+    pub inbound6: Mutex<HashMap<MapData, Ip, InboundInfo>>,
     pub stats: PerCpuArray<MapData, u64>,
     _sockhash: SockHash<MapData, SockKey>,
     /// The agent's netns-cookie probes (`Maps::netns_cookie`), one at a time.
@@ -354,6 +357,7 @@ fn expected_layout(name: &str, capacity: Capacity) -> Option<(u32, u32, u32)> {
         map_names::STATS => (4, 8, Stat::COUNT),
         map_names::NODE_ADDRS => (16, 4, cap::NODE_ADDRS),
         map_names::INBOUND => (4, sz(size_of::<InboundInfo>()), cap::INBOUND),
+        map_names::INBOUND6 => (16, sz(size_of::<InboundInfo>()), cap::INBOUND),
         map_names::NETNS_PROBE => (8, 8, cap::NETNS_PROBE),
         map_names::SOCK_NETNS => (4, 8, 0),
         _ => return None,
@@ -570,6 +574,17 @@ impl Datapath {
         // socket (attached below, only then); the lookup is dead code otherwise.
         let stamp_wanted = !sockops_netns && !assumed_missing(features::SOCK_NETNS_STAMP);
         let stamp_on = u32::from(stamp_wanted);
+        // The unread-close mark needs the queue length and `struct sock`'s addresses.
+        let close_offsets = if off_msg_tot_len != 0
+            && !assumed_missing(features::CLOSE_UNREAD_RESET)
+        {
+            close::offsets().unwrap_or_else(|e| {
+                warn!(error = %e, "mesh_close_unread disabled: struct sock offsets not found in the kernel's BTF");
+                [0; 10]
+            })
+        } else {
+            [0; 10]
+        };
         let map_paths: Vec<(&'static str, PathBuf)> = map_names::ALL
             .iter()
             .map(|n| (*n, o.pin_path.join(n)))
@@ -587,6 +602,7 @@ impl Datapath {
             .override_global("OFF_MSG_SK", &off_msg_sk, true)
             .override_global("OFF_MSG_SK_REDIR", &off_msg_sk_redir, true)
             .override_global("QUEUE_LIMIT_FLOOR", &o.queue_floor, true)
+            .override_global("CLOSE_OFFSETS", &close_offsets, true)
             .map_max_entries(map_names::FLOWS, o.capacity.flows)
             .map_max_entries(map_names::SOCKHASH, o.capacity.sockhash)
             .map_max_entries(
@@ -748,10 +764,11 @@ impl Datapath {
             .load()
             .map_err(prog_err(format!("loading {}", prog_names::TC_INGRESS)))?;
         let tc = std::sync::Arc::new(tc::TcProgram::new(tc_prog, prog_names::TC_INGRESS)?);
+        let close_unread = close::attach(&mut ebpf, close_offsets[7] != 0);
 
         // Not pinned (one reader per ring); read once the wiring gives it a sink.
         let flow_events = take(&mut ebpf, map_names::FLOW_EVENTS)?;
-        let maps = Maps {
+        let mut maps = Maps {
             workloads: Mutex::new(take(&mut ebpf, map_names::WORKLOADS)?),
             dests: Mutex::new(take(&mut ebpf, map_names::DESTS)?),
             excludes: Mutex::new(take(&mut ebpf, map_names::EXCLUDES)?),
@@ -762,6 +779,7 @@ impl Datapath {
             node_addrs: Mutex::new(take(&mut ebpf, map_names::NODE_ADDRS)?),
             proxy_health: Mutex::new(take(&mut ebpf, map_names::PROXY_HEALTH)?),
             inbound: Mutex::new(take(&mut ebpf, map_names::INBOUND)?),
+            inbound6: Mutex::new(take(&mut ebpf, map_names::INBOUND6)?),
             stats: take(&mut ebpf, map_names::STATS)?,
             _sockhash: sockhash,
             netns_probe: Mutex::new(take(&mut ebpf, map_names::NETNS_PROBE)?),
@@ -803,6 +821,7 @@ impl Datapath {
                 maps.features.release
             )));
         }
+        maps.features.features.push(close::feature(close_unread));
         for line in maps.features.degraded_lines().lines() {
             warn!("{line}");
         }
@@ -1169,19 +1188,42 @@ impl Maps {
         Ok(r)
     }
 
-    /// Records a local enrolled workload for the TC inbound program (`inbound::*` flags).
-    pub fn set_inbound(&self, ip: Ipv4Addr, flags: u32) -> Result<(), aya::maps::MapError> {
-        let mut m = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
-        m.insert(
-            u32::from_ne_bytes(ip.octets()),
-            InboundInfo { flags, _pad: 0 },
-            0,
-        )
+    /// Records a local enrolled workload's address for the TC inbound program
+    /// (`inbound::*` flags): `INBOUND` for IPv4, `INBOUND6` for IPv6.
+    pub fn set_inbound(&self, ip: IpAddr, flags: u32) -> Result<(), aya::maps::MapError> {
+        let v = InboundInfo { flags, _pad: 0 };
+        match ip {
+            IpAddr::V4(a) => {
+                let mut m = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+                m.insert(u32::from_ne_bytes(a.octets()), v, 0)
+            }
+            IpAddr::V6(_) => {
+                let mut m = self.inbound6.lock().unwrap_or_else(|e| e.into_inner());
+                m.insert(ip_from(ip), v, 0)
+            }
+        }
     }
 
-    pub fn remove_inbound(&self, ip: Ipv4Addr) {
-        let mut m = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = m.remove(&u32::from_ne_bytes(ip.octets()));
+    pub fn remove_inbound(&self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => {
+                let mut m = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = m.remove(&u32::from_ne_bytes(a.octets()));
+            }
+            IpAddr::V6(_) => {
+                let mut m = self.inbound6.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = m.remove(&ip_from(ip));
+            }
+        }
+    }
+
+    /// Every IPv6 address in `INBOUND6` (an earlier agent's entries, when adopted).
+    pub fn inbound6_entries(&self) -> Vec<(IpAddr, u32)> {
+        let m = self.inbound6.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (ip_addr(k), v.flags))
+            .collect()
     }
 
     /// Every address in `INBOUND` (an earlier agent's entries, when adopted).

@@ -336,6 +336,19 @@ impl Outbound {
         (r.name(src_id), r.name(dst_id))
     }
 
+    /// `namespace/name` of the workload at `ip`, an endpoint the proxy picked: as the
+    /// mesh configuration in force knows it, else a workload of this node (`DESTS`).
+    fn endpoint_name(&self, mesh: Option<&MeshConfig>, ip: IpAddr) -> Option<String> {
+        let ip = canonical(ip);
+        mesh.and_then(|m| m.workloads.by_ip(ip))
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .or_else(|| {
+                let id = self.maps.dest(ip)?.id;
+                let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
+                r.name(id)
+            })
+    }
+
     /// A connection's L4 series and Istio series. Both are functions of `key` and of the
     /// mesh configuration in force (principals, names, `app`/`version` labels), so the
     /// handles resolved for one connection serve the next ones of the same flow while
@@ -366,10 +379,16 @@ impl Outbound {
             }
         }
         let (src, dst) = names.get_or_insert_with(|| self.names(key.src_id, key.dst_id));
+        // A service's cluster picked `target`: the destination is the endpoint's workload,
+        // not the original destination's (a VIP: none), as in the Istio series.
+        let dst_workload = match key.cluster {
+            Some(_) => self.endpoint_name(mesh.as_deref(), key.target.ip()),
+            None => dst.clone(),
+        };
         let (flow, flow_overflow) = self.metrics.flow_series(FlowLabels {
             source_workload: src.clone().unwrap_or_else(|| "unknown".into()),
             destination_address: key.target.to_string(),
-            destination_workload: dst.clone().unwrap_or_else(|| "unknown".into()),
+            destination_workload: dst_workload.unwrap_or_else(|| "unknown".into()),
             skmsg: key.skmsg,
         });
         let labels = Self::istio_labels(
@@ -1075,6 +1094,18 @@ async fn pipe(
             };
             if n == 0 {
                 drop(buf);
+                // A far end that was a paired socket closed with bytes unread: plain TCP
+                // would have answered with a reset, so the other side gets one too
+                // (docs/architecture.md, "A paired socket closed with unread bytes").
+                if let (Ok(local), Ok(peer)) = (from.local_addr(), from.peer_addr()) {
+                    if let Some(unread) = crate::datapath::close::take_unread(local, peer) {
+                        tracing::info!(%peer, unread, "peer closed with {unread} unread bytes; resetting the other side");
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("{peer} closed with {unread} bytes unread"),
+                        ));
+                    }
+                }
                 w.shutdown().await?;
                 return Ok(());
             }

@@ -6,7 +6,7 @@
 //!
 //! Byte order: addresses are kept as the kernel hands them over (network order, in 16-byte
 //! `maps::Ip` words with IPv4 v4-mapped; `INBOUND` keeps a plain IPv4 `u32`, so
-//! `u32::from_ne_bytes(ip.octets())`); ports are always host order.
+//! `u32::from_ne_bytes(ip.octets())`, and `INBOUND6` the IPv6 addresses as `maps::Ip`); ports are always host order.
 #![no_std]
 
 pub mod maps;
@@ -30,6 +30,9 @@ pub mod map_names {
     pub const PROXY_HEALTH: &str = "PROXY_HEALTH";
     /// Local enrolled workloads by IPv4 address, for the TC inbound program.
     pub const INBOUND: &str = "INBOUND";
+    /// Local enrolled workloads by IPv6 address (`maps::Ip`), for the TC inbound program's
+    /// IPv6 path: the same flags as `INBOUND`.
+    pub const INBOUND6: &str = "INBOUND6";
     /// Network-namespace cookies asked for by the agent on kernels without
     /// `SO_NETNS_COOKIE` (< 5.14): socket cookie -> netns cookie, filled by connect4.
     pub const NETNS_PROBE: &str = "NETNS_PROBE";
@@ -41,6 +44,11 @@ pub mod map_names {
     /// agent restart the relayed flows go back to the proxied path (safe: the reader takes
     /// its redirect queue before TCP) and the draining proxy carries them.
     pub const RELAY: &str = "RELAY";
+    /// Paired sockets closed with redirected bytes unread (`maps::UnreadClose`, by the
+    /// closing socket's view, namespace 0), written by `mesh_close_unread` before the
+    /// kernel sends their FIN; the proxy consumes an entry when it reads that FIN and
+    /// resets the other side. Not pinned: its entries live for milliseconds.
+    pub const UNREAD_CLOSES: &str = "UNREAD_CLOSES";
     /// Every pinned map. The one map not pinned is `PEER_SK` (socket storage holding
     /// the kernel address of a sender's peer for the back-pressure check): kernel
     /// pointers never sit in a pinned map.
@@ -50,7 +58,7 @@ pub mod map_names {
     /// accepting socket's namespace on kernels where it cannot ask (< 5.15). Not
     /// listable (socket storage); pinned so a stamp outlives an agent restart.
     pub const SOCK_NETNS: &str = "SOCK_NETNS";
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         WORKLOADS,
         DESTS,
         CONFIG,
@@ -65,6 +73,7 @@ pub mod map_names {
         INBOUND,
         NETNS_PROBE,
         SOCK_NETNS,
+        INBOUND6,
     ];
 }
 
@@ -82,6 +91,10 @@ pub mod prog_names {
     /// Loaded on every kernel; attached only where sockops cannot read a socket's
     /// namespace itself (< 5.15).
     pub const SOCK_NETNS: &str = "mesh_sock_netns";
+    /// `tp_btf/inet_sock_set_state`: notes a paired socket closed with redirected bytes
+    /// unread (`map_names::UNREAD_CLOSES`). Loaded and attached where the kernel has
+    /// `sk_psock.msg_tot_len` (6.9+); not in `ALL` (no cgroup link).
+    pub const CLOSE_UNREAD: &str = "mesh_close_unread";
     pub const ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
@@ -137,9 +150,18 @@ pub mod capacity {
     /// user space, as without the flag.
     pub const RELAY: u32 = 16384;
     /// `FLOW_EVENTS` size in bytes (a power of two, page multiple): 256 KiB hold about
-    /// 3,600 records (64 bytes plus an 8-byte header each). A full ring drops records,
+    /// 2,500 records (96 bytes plus an 8-byte header each). A full ring drops records,
     /// counted as `telemetry_dropped`.
     pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+    /// The programs wake `FLOW_EVENTS`' reader only when its unread data crosses a multiple
+    /// of this (an eighth of the ring: about 315 records of 96 bytes plus the header); the
+    /// reader also drains the ring every `FLOW_EVENTS_DRAIN_MS`.
+    pub const FLOW_EVENTS_WAKE_BYTES: u32 = FLOW_EVENTS_BYTES / 8;
+    /// How often `FLOW_EVENTS`' reader drains the ring without being woken (ms).
+    pub const FLOW_EVENTS_DRAIN_MS: u64 = 100;
+    /// Paired sockets closed with bytes unread, not yet seen by the proxy
+    /// (`UNREAD_CLOSES`, LRU: the proxy reads each entry within milliseconds).
+    pub const UNREAD_CLOSES: u32 = 4096;
 }
 
 /// `WorkloadInfo::flags` and `DestInfo::flags`.
@@ -399,7 +421,7 @@ pub enum Stat {
     /// A workload connecting to its own address (left alone: also how the agent's own
     /// in-pod delivery sockets reach the application).
     ConnectSelf,
-    /// TC ingress: IPv4 TCP packets looked at.
+    /// TC ingress: TCP packets looked at (IPv4, and IPv6 with the extension headers it walks).
     TcSeen,
     /// A new connection assigned to the in-pod plaintext listener.
     TcAssigned,
@@ -449,10 +471,22 @@ pub enum Stat {
     RelayFallback,
     /// Kernel relay: a sender back on the direct path after a fallback.
     RelayRecovered,
+    ClosedUnread,
+    /// TC ingress: a new IPv6 connection assigned to the in-pod plaintext listener (also
+    /// counted in `TcAssigned`).
+    TcAssigned6,
+    /// TC ingress: an IPv6 packet whose extension headers were not walked to their end
+    /// (more than the program walks, or one it does not follow: AH, ESP, mobility, ...):
+    /// passed, not captured.
+    TcPassIpv6ExtHeader,
+    /// TC ingress: an IPv6 packet to a captured pod whose hop-by-hop, routing,
+    /// destination-options or fragment headers run past what the program walks, while the
+    /// agent's listener is there: dropped (a bypass of capture otherwise).
+    TcDropIpv6ExtChain,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 48;
+    pub const COUNT: u32 = 52;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -502,6 +536,10 @@ impl Stat {
         Stat::MsgRelayedBytes,
         Stat::RelayFallback,
         Stat::RelayRecovered,
+        Stat::ClosedUnread,
+        Stat::TcAssigned6,
+        Stat::TcPassIpv6ExtHeader,
+        Stat::TcDropIpv6ExtChain,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -554,6 +592,10 @@ impl Stat {
             Stat::MsgRelayedBytes => "msg_relayed_bytes",
             Stat::RelayFallback => "relay_fallback",
             Stat::RelayRecovered => "relay_recovered",
+            Stat::ClosedUnread => "closed_unread",
+            Stat::TcAssigned6 => "tc_assigned6",
+            Stat::TcPassIpv6ExtHeader => "tc_pass_ipv6_ext_header",
+            Stat::TcDropIpv6ExtChain => "tc_drop_ipv6_ext_chain",
         }
     }
 }
@@ -646,11 +688,23 @@ impl Stat {
             Stat::RelayRecovered => {
                 "kernel relay: back on the direct path, the reader caught up"
             }
+            Stat::ClosedUnread => {
+                "a paired socket closed with redirected bytes unread (UNREAD_CLOSES): the proxy resets the other side"
+            }
+            Stat::TcAssigned6 => {
+                "inbound IPv6 captured, assigned to the agent's in-pod listener"
+            }
+            Stat::TcPassIpv6ExtHeader => {
+                "inbound IPv6 with extension headers not walked to their end: passed (not captured)"
+            }
+            Stat::TcDropIpv6ExtChain => {
+                "inbound IPv6 to a captured pod behind more extension headers than the TC program walks: dropped"
+            }
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::RelayRecovered as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::TcDropIpv6ExtChain as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

@@ -467,13 +467,24 @@ pub struct ProxyHealth {
 }
 
 /// `INBOUND` value, keyed by a local enrolled workload's IPv4 address (network order, a
-/// plain `u32`: the TC inbound program handles IPv4 only): read by that program, written
-/// by the agent's inbound manager.
+/// plain `u32`), and `INBOUND6` value, keyed by its IPv6 address (`Ip`): read by the TC
+/// inbound program, written by the agent's inbound manager.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InboundInfo {
     /// `inbound::*` flags.
     pub flags: u32,
+    pub _pad: u32,
+}
+
+/// A paired socket closed with bytes redirected to it still unread (`UNREAD_CLOSES`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnreadClose {
+    /// `bpf_ktime_get_ns` at the close (CLOCK_MONOTONIC): readers ignore old entries.
+    pub at_ns: u64,
+    /// Bytes left in the socket's redirect queue (`sk_psock.msg_tot_len`).
+    pub unread: u32,
     pub _pad: u32,
 }
 
@@ -494,6 +505,7 @@ assert_layout!(SockKey, 48, 8);
 assert_layout!(FlowInfo, 40, 8);
 assert_layout!(ProxyHealth, 16, 8);
 assert_layout!(InboundInfo, 8, 4);
+assert_layout!(UnreadClose, 16, 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -514,7 +526,8 @@ mod pod {
         FlowInfo,
         ProxyHealth,
         InboundInfo,
-        RelayInfo
+        RelayInfo,
+        UnreadClose
     );
 }
 

@@ -30,13 +30,6 @@ pub fn ip16(ip: Ip) -> [u8; 16] {
     mesh_common::maps::ip_bytes(ip)
 }
 
-/// An IPv4 address in network order (TC's packets, `INBOUND`) as the bytes aya-log shows
-/// as a dotted quad.
-#[inline(always)]
-pub fn ip(ip: u32) -> [u8; 4] {
-    ip.to_ne_bytes()
-}
-
 /// Whether records at `level` are wanted (`current`: `CONFIG.log_level`).
 #[inline(always)]
 pub fn on(current: u32, level: u32) -> bool {

@@ -8,7 +8,9 @@
 //! - `mesh_sock_netns` (`cgroup/sock_create`, attached below 5.15 only): stamp each TCP
 //!   socket with its network namespace, for sockops' flow keys;
 //! - `mesh_tc_ingress` (TC ingress on each capturing pod's interface): assign new inbound
-//!   connections to the agent's listener inside the pod (`bpf_sk_assign`).
+//!   connections to the agent's listener inside the pod (`bpf_sk_assign`);
+//! - `mesh_close_unread` (`tp_btf/inet_sock_set_state`, 6.9+): note a paired socket closed with
+//!   redirected bytes unread, for the proxy to reset the other side (`close`).
 //!
 //! Each family logs its decisions through aya-log when the agent turns the log on (`log`).
 //!
@@ -23,6 +25,7 @@
     reason = "raw program contexts, map values and helpers are unsafe by nature"
 )]
 
+mod close;
 mod connect;
 mod log;
 mod maps;

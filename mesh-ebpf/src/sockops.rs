@@ -232,6 +232,8 @@ fn active_established(ctx: &SockOpsContext, rec: &mut Rec) {
         {
             st.flags |= flow_flags::CLIENT_PAIRED;
             bump(Stat::SockopsClientPaired);
+            // SAFETY: the context's own socket, checked non-null.
+            unsafe { crate::close::remember_psock(sk) };
         } else {
             // A full sockhash (or no memory): the flow runs over TCP, unpaired.
             bump(Stat::SockhashUpdateFailed);
@@ -319,6 +321,8 @@ fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
     {
         flow.flags |= flow_flags::CLIENT_PAIRED;
         bump(Stat::SockopsClientPaired);
+        // SAFETY: the context's own socket, checked non-null by the caller.
+        unsafe { crate::close::remember_psock(sk) };
     } else {
         bump(Stat::SockhashUpdateFailed);
     }
@@ -416,6 +420,8 @@ fn passive_established(ctx: &SockOpsContext, rec: &mut Rec) {
             flow.flags |= flow_flags::SERVER_PAIRED;
             st.flags |= flow_flags::SERVER_PAIRED;
             bump(Stat::SockopsServerPaired);
+            // SAFETY: the context's own socket, checked non-null.
+            unsafe { crate::close::remember_psock(sk) };
         } else {
             bump(Stat::SockhashUpdateFailed);
         }

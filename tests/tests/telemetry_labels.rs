@@ -3,7 +3,8 @@
 //! labels travel from the standalone file through the embedded control plane's workload
 //! resources to the proxy, and fill `source_app`/`source_version` and
 //! `destination_app`/`destination_version` of the `istio_*` series; a workload without
-//! them stays `unknown`.
+//! them stays `unknown`. A connection to a service VIP is counted against the endpoint's
+//! workload, in the proxy's own series and in Istio's.
 
 use std::time::Duration;
 
@@ -34,7 +35,8 @@ fn app_and_version_labels_fill_the_istio_series_of_both_ends() {
             ("db", "backend", "", "{ app: db }"),
         ],
     ) + "services:\n\
-         \x20 - { name: reviews, namespace: backend, vip: 10.96.0.10, ports: [ { port: 80, target_port: 8080, protocol: http } ], selector: { app: reviews } }\n";
+         \x20 - { name: reviews, namespace: backend, vip: 10.96.0.10, ports: [ { port: 80, target_port: 8080, protocol: http } ], selector: { app: reviews } }\n\
+         \x20 - { name: db, namespace: backend, vip: 10.96.0.11, ports: [ { port: 90, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n";
     n.write_config(&yaml).unwrap();
     let agent = n.start_agent(&[]).unwrap();
     n.serve("v1", &["http", "--listen", "0.0.0.0:8080", "--name", "v1"])
@@ -69,6 +71,39 @@ fn app_and_version_labels_fill_the_istio_series_of_both_ends() {
     s.show(&["istio_tcp_connections_opened"]);
     s.expect("istio_tcp_connections_opened_total", &tcp, 1);
     s.expect("istio_tcp_sent_bytes_total", &tcp, 4096);
+
+    // L4 to db's service VIP: the proxy's own series name the endpoint's workload (its
+    // address is the endpoint's), not `unknown` for the VIP; so do Istio's.
+    let db_addr = format!("{db}:9000");
+    let flow = [
+        ("source_workload", "shop/client"),
+        ("destination_address", db_addr.as_str()),
+        ("destination_workload", "backend/db"),
+    ];
+    Scrape::of(&agent).expect("mesh_tcp_connections_opened_total", &flow, 1);
+    let r = n.echo_once("client", "10.96.0.11:90").unwrap();
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    let s = Scrape::wait(
+        &agent,
+        "the TCP connection through the VIP closed",
+        Duration::from_secs(10),
+        |s| s.value("istio_tcp_connections_closed_total", &tcp) == 2,
+    );
+    s.show(&[
+        "mesh_tcp_connections_opened",
+        "istio_tcp_connections_opened",
+    ]);
+    s.expect("mesh_tcp_connections_opened_total", &flow, 2);
+    s.expect("istio_tcp_connections_opened_total", &tcp, 2);
+    let unknown: Vec<&str> = s
+        .lines()
+        .filter(|l| l.starts_with("mesh_tcp_") || l.starts_with("istio_tcp_"))
+        .filter(|l| l.contains("destination_workload=\"unknown\""))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "connections to a workload counted as to `unknown`: {unknown:#?}"
+    );
 
     // L7 to reviews: v1's app and version.
     let r = n.http_get("client", "10.96.0.10:80", "/", 3, &[]).unwrap();

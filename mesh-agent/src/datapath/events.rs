@@ -20,7 +20,10 @@
 //! gives (the Istio series, `metrics::istio::DirectFlows`), on a thread of its own. Its
 //! ring has a fixed size (`mesh_common::capacity::FLOW_EVENTS_BYTES`); when it is full the
 //! programs drop the record and count it (`telemetry_dropped`), so a slow reader costs
-//! counts, never memory or a connection's time.
+//! counts, never memory or a connection's time. The programs do not wake the reader per
+//! record (a wake-up is a self-IPI in the connection's own path, and a context switch):
+//! only when the unread data crosses a multiple of `FLOW_EVENTS_WAKE_BYTES`; the reader
+//! drains the ring every `FLOW_EVENTS_DRAIN_MS` besides, so a record waits at most that.
 
 use std::sync::{Arc, Weak};
 
@@ -278,6 +281,7 @@ impl FlowReader {
                 let _enter = span.enter();
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_io()
+                    .enable_time()
                     .build()
                 {
                     Ok(rt) => rt,
@@ -305,6 +309,12 @@ impl FlowReader {
                             }
                         }
                     };
+                    // The programs wake this reader only now and then (`flow_record`):
+                    // the timer drains what came in between.
+                    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+                        mesh_common::capacity::FLOW_EVENTS_DRAIN_MS,
+                    ));
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
                         tokio::select! {
                             r = fd.readable_mut() => match r {
@@ -317,6 +327,7 @@ impl FlowReader {
                                     return;
                                 }
                             },
+                            _ = tick.tick() => drain(fd.get_mut()),
                             _ = &mut stopped => {
                                 drain(fd.get_mut());
                                 return;

@@ -74,6 +74,10 @@ pub const SOCK_NETNS_STAMP: &str = "sock_netns_stamp";
 /// The kernel relay of proxied flows (`--kernel-relay`): the back-pressure check's queue
 /// length and `struct sk_msg`/`tcp_sock` offsets. Listed only when the flag asks for it.
 pub const KERNEL_RELAY: &str = "kernel_relay";
+/// `mesh_close_unread` (`tp_btf/inet_sock_set_state`, needs `skmsg_queue_length`): a paired
+/// socket closed with redirected bytes unread ends its proxied flow in a reset
+/// (`datapath::close`).
+pub const CLOSE_UNREAD_RESET: &str = "close_unread_reset";
 
 impl KernelFeatures {
     /// Judges what the start found: whether `SO_NETNS_COOKIE` answers, whether the

@@ -31,7 +31,11 @@
 //! parts, hosts without regard to case in place, verdicts name policies by a shared
 //! `Arc<str>`.
 
-use std::{fmt, net::IpAddr, sync::Arc};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tracing::info;
 
@@ -87,6 +91,26 @@ pub struct ConnCtx<'a> {
     pub dst_port: u16,
     /// Arrived over mutual TLS (HBONE).
     pub tls: bool,
+}
+
+impl<'a> ConnCtx<'a> {
+    /// A connection from `src_ip` to `dst` at `dst_addr`; over mutual TLS exactly when
+    /// the peer's identity was verified (`src_identity`).
+    pub fn new(
+        src_ip: IpAddr,
+        src_identity: Option<&'a SpiffeId>,
+        dst: &'a WorkloadInfo,
+        dst_addr: SocketAddr,
+    ) -> ConnCtx<'a> {
+        ConnCtx {
+            src_ip,
+            src_identity,
+            dst,
+            dst_ip: dst_addr.ip(),
+            dst_port: dst_addr.port(),
+            tls: src_identity.is_some(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

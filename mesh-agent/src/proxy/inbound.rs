@@ -1,17 +1,17 @@
 //! Inbound capture: in-pod listeners that TC steers connections to.
 //!
-//! For every enrolled local workload the agent opens two listeners *inside the pod's
-//! network namespace* (ztunnel's in-pod model): 15006 for plaintext and 15008 for HBONE,
-//! and attaches `mesh_tc_ingress` to the pod's interface there. The TC program assigns
-//! each new connection from outside the mesh to the 15006 listener (`bpf_sk_assign`), so
-//! an accepted socket's local address is the original destination and its peer the
-//! original client. A `PlainHandler` serves it; the default (`Deliver`) connects to the
+//! For every enrolled local workload the agent opens listeners *inside the pod's network
+//! namespace* (ztunnel's in-pod model): 15006 for plaintext (IPv4, and the pod's IPv6
+//! address on a dual-stack node) and 15008 for HBONE, and attaches `mesh_tc_ingress` to
+//! the pod's interface there. The TC program assigns each new connection from outside the
+//! mesh to the 15006 listener of its family (`bpf_sk_assign`), so an accepted socket's
+//! local address is the original destination and its peer the original client. A `PlainHandler` serves it; the default (`Deliver`) connects to the
 //! original destination from inside the pod and relays. The HBONE listener is handed to
 //! whoever serves HBONE (`InboundOptions::on_hbone_listener`).
 //!
 //! The manager runs on a thread of its own (`inbound`): setting a pod up costs a thread
 //! in its namespace, two binds and a netlink or bpf call, none of which belongs on a
-//! runtime. It is the one writer of the `INBOUND` map. Accept loops and connections run
+//! runtime. It is the one writer of the `INBOUND` and `INBOUND6` maps. Accept loops and connections run
 //! on the proxy runtime and hold drain watches like the outbound ones.
 //!
 //! See docs/architecture.md, "Inbound capture".
@@ -23,7 +23,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::PathBuf,
     pin::Pin,
@@ -59,6 +59,9 @@ pub struct InboundPod {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (dual-stack nodes): a mesh source too, and captured with the
+    /// IPv4 one.
+    pub ip6: Option<Ipv6Addr>,
     pub netns: PathBuf,
     /// Capture its inbound traffic (false: enrolled but bypassed, or its namespace is not
     /// known; it is still a mesh source the TC programs leave alone).
@@ -70,12 +73,13 @@ type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// Serves a plaintext connection the TC program steered to a pod's 15006 listener.
 pub trait PlainHandler: Send + Sync + 'static {
     /// `conn` is the accepted socket (inside the pod's namespace), `peer` the original
-    /// client, `orig_dst` the address it dialled (the pod's ip and port).
+    /// client, `orig_dst` the address it dialled (one of the pod's addresses and a port):
+    /// both of one family, IPv4 ones never v4-mapped.
     fn serve(
         &self,
         conn: TcpStream,
-        peer: SocketAddrV4,
-        orig_dst: SocketAddrV4,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
         pod: Arc<InPod>,
     ) -> BoxFuture;
 }
@@ -123,8 +127,8 @@ impl Deliver {
     /// destination series with `RBAC`, and its span.
     pub fn report_denied(
         &self,
-        peer: SocketAddrV4,
-        orig_dst: SocketAddrV4,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
         dst: &WorkloadInfo,
         policy: Option<&str>,
     ) {
@@ -163,8 +167,8 @@ impl Deliver {
     pub fn serve_judged(
         &self,
         conn: TcpStream,
-        peer: SocketAddrV4,
-        orig_dst: SocketAddrV4,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
         pod: Arc<InPod>,
         judged: Option<Judged>,
     ) -> BoxFuture {
@@ -191,12 +195,9 @@ impl Deliver {
             .map(|log| (log.clone(), Box::new(record())));
         Box::pin(async move {
             let m = &metrics.inbound;
-            let up = tokio::time::timeout(
-                DELIVER_CONNECT_TIMEOUT,
-                pod.connect_in(SocketAddr::V4(orig_dst)),
-            )
-            .await
-            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+            let up = tokio::time::timeout(DELIVER_CONNECT_TIMEOUT, pod.connect_in(orig_dst))
+                .await
+                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
             let upstream = match up {
                 Ok(s) => s,
                 Err(e) => {
@@ -268,11 +269,11 @@ fn istio_unknown() -> crate::metrics::istio::Peer {
 }
 
 /// The record of a plain-text connection delivered (or refused) at `orig_dst`.
-fn plain_entry(peer: SocketAddrV4, orig_dst: SocketAddrV4) -> Entry {
+fn plain_entry(peer: SocketAddr, orig_dst: SocketAddr) -> Entry {
     let mut e = Entry::new(Protocol::Tcp, PathTaken::Inbound);
-    e.source_address = Some(accesslog::Addr::Sock(SocketAddr::V4(peer)));
-    e.destination_address = Some(SocketAddr::V4(orig_dst));
-    e.upstream_host = Some(SocketAddr::V4(orig_dst));
+    e.source_address = Some(accesslog::Addr::Sock(peer));
+    e.destination_address = Some(orig_dst);
+    e.upstream_host = Some(orig_dst);
     e
 }
 
@@ -288,8 +289,8 @@ impl PlainHandler for Deliver {
     fn serve(
         &self,
         conn: TcpStream,
-        peer: SocketAddrV4,
-        orig_dst: SocketAddrV4,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
         pod: Arc<InPod>,
     ) -> BoxFuture {
         self.serve_judged(conn, peer, orig_dst, pod, None)
@@ -436,8 +437,8 @@ struct Manager {
     /// Set-up pods by address.
     pods: HashMap<Ipv4Addr, PodState>,
     want: Vec<InboundPod>,
-    /// What `INBOUND` holds as far as this manager knows.
-    written: HashMap<Ipv4Addr, u32>,
+    /// What `INBOUND` and `INBOUND6` hold as far as this manager knows.
+    written: HashMap<IpAddr, u32>,
     /// The first reconcile also removes entries an earlier agent left (adopted maps).
     first: bool,
     mode: Arc<std::sync::Mutex<Option<AttachMode>>>,
@@ -453,7 +454,14 @@ impl Manager {
 
     fn reconcile(&mut self) {
         if self.first {
-            self.written = self.opts.maps.inbound_entries().into_iter().collect();
+            self.written = self
+                .opts
+                .maps
+                .inbound_entries()
+                .into_iter()
+                .map(|(ip, f)| (IpAddr::V4(ip), f))
+                .chain(self.opts.maps.inbound6_entries())
+                .collect();
             self.first = false;
         }
         let want: HashMap<Ipv4Addr, InboundPod> =
@@ -488,19 +496,18 @@ impl Manager {
                 }
             }
         }
-        // INBOUND: every enrolled workload is a mesh source; set-up pods capture.
-        let entries: HashMap<Ipv4Addr, u32> = want
-            .keys()
-            .map(|ip| {
-                (
-                    *ip,
-                    ENROLLED
-                        | if self.pods.contains_key(ip) {
-                            CAPTURE
-                        } else {
-                            0
-                        },
-                )
+        // INBOUND(6): every enrolled workload is a mesh source, by each of its addresses;
+        // set-up pods capture.
+        let entries: HashMap<IpAddr, u32> = want
+            .values()
+            .flat_map(|w| {
+                let flags = ENROLLED
+                    | if self.pods.contains_key(&w.ip) {
+                        CAPTURE
+                    } else {
+                        0
+                    };
+                w.addrs().map(move |a| (a, flags))
             })
             .collect();
         // A pod set up just now already has its entry (written before the attach).
@@ -514,7 +521,7 @@ impl Manager {
                 }
             }
         }
-        let stale: Vec<Ipv4Addr> = self
+        let stale: Vec<IpAddr> = self
             .written
             .keys()
             .filter(|ip| !entries.contains_key(ip))
@@ -538,27 +545,32 @@ impl Manager {
             w.namespace.clone(),
             w.name.clone(),
             w.ip,
+            w.ip6,
             w.netns.clone(),
             pair,
         )?;
-        let (plain, hbone) = pod.listen()?;
+        let listeners = pod.listen()?;
         let mut tasks = Vec::new();
         {
             let _rt = self.opts.runtime.enter();
-            let plain = pod::to_tokio(plain)?;
-            let hbone = pod::to_tokio(hbone)?;
-            tasks.push(
-                self.opts.runtime.spawn(
-                    accept_plain(
-                        plain,
-                        pod.clone(),
-                        self.opts.plain.clone(),
-                        self.opts.metrics.clone(),
-                        self.opts.drain.clone(),
-                    )
-                    .instrument(tracing::info_span!("inbound_plain", pod = %pod.display_name())),
-                ),
-            );
+            let hbone = pod::to_tokio(listeners.hbone)?;
+            for plain in std::iter::once(listeners.plain).chain(listeners.plain6) {
+                let plain = pod::to_tokio(plain)?;
+                tasks.push(
+                    self.opts.runtime.spawn(
+                        accept_plain(
+                            plain,
+                            pod.clone(),
+                            self.opts.plain.clone(),
+                            self.opts.metrics.clone(),
+                            self.opts.drain.clone(),
+                        )
+                        .instrument(
+                            tracing::info_span!("inbound_plain", pod = %pod.display_name()),
+                        ),
+                    ),
+                );
+            }
             match &self.opts.on_hbone_listener {
                 Some(f) => f(pod.clone(), hbone),
                 None => tasks.push(self.opts.runtime.spawn(
@@ -568,17 +580,19 @@ impl Manager {
                 )),
             }
         }
-        // The entry first: the program captures from its first packet.
-        self.opts
-            .maps
-            .set_inbound(w.ip, ENROLLED | CAPTURE)
-            .map_err(io::Error::other)?;
-        self.written.insert(w.ip, ENROLLED | CAPTURE);
+        // The entries first: the program captures from its first packet.
+        for a in w.addrs() {
+            self.opts
+                .maps
+                .set_inbound(a, ENROLLED | CAPTURE)
+                .map_err(io::Error::other)?;
+            self.written.insert(a, ENROLLED | CAPTURE);
+        }
         let link = match &self.opts.tc {
             Some(tc) => match pod.attach(tc.clone()) {
                 Ok(l) => {
                     *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.mode);
-                    info!(pod = %pod.display_name(), ip = %w.ip, iface = %l.iface, mode = %l.mode,
+                    info!(pod = %pod.display_name(), ip = %w.ip, ip6 = ?w.ip6, iface = %l.iface, mode = %l.mode,
                         "inbound capture on");
                     Some(l)
                 }
@@ -611,7 +625,7 @@ impl Manager {
         for t in &p.tasks {
             t.abort();
         }
-        info!(pod = %p.pod.display_name(), ip = %p.want.ip, "inbound capture off");
+        info!(pod = %p.pod.display_name(), ip = %p.want.ip, ip6 = ?p.want.ip6, "inbound capture off");
     }
 
     fn shutdown(&mut self) {
@@ -625,13 +639,21 @@ impl Manager {
     }
 }
 
-fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+impl InboundPod {
+    /// Its addresses: IPv4, then IPv6 if it has one.
+    fn addrs(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(IpAddr::V4(self.ip)).chain(self.ip6.map(IpAddr::V6))
+    }
+}
+
+/// An accepted socket's address with a v4-mapped IPv6 address as the IPv4 one it is.
+fn plain_addr(a: SocketAddr) -> SocketAddr {
     match a {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, a.port())),
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::new(IpAddr::V4(ip), v6.port()),
+            None => a,
+        },
+        v4 => v4,
     }
 }
 
@@ -648,14 +670,14 @@ async fn accept_plain(
             r = listener.accept() => match r {
                 Ok((conn, peer)) => {
                     metrics.inbound.accepted.fetch_add(1, Relaxed);
-                    let local = conn.local_addr().ok().and_then(v4);
-                    let (Some(peer), Some(orig)) = (v4(peer), local) else {
+                    let Ok(orig) = conn.local_addr().map(plain_addr) else {
                         metrics.inbound.refused.fetch_add(1, Relaxed);
                         continue;
                     };
+                    let peer = plain_addr(peer);
                     // Dialled directly (not steered by TC), or looped back: delivering it
                     // would connect to ourselves.
-                    if orig.port() == PLAIN_PORT || orig.port() == HBONE_PORT || orig.ip().is_loopback() || IpAddr::V4(*orig.ip()) != IpAddr::V4(pod.ip) {
+                    if orig.port() == PLAIN_PORT || orig.port() == HBONE_PORT || orig.ip().is_loopback() || !pod.owns(orig.ip()) || peer.is_ipv4() != orig.is_ipv4() {
                         metrics.inbound.refused.fetch_add(1, Relaxed);
                         let _ = sys::set_linger_zero(conn.as_fd());
                         continue;

@@ -28,7 +28,7 @@
 
 use std::{
     future::Future,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     pin::Pin,
     sync::Arc,
@@ -114,14 +114,7 @@ impl Secure {
             return Path::Plain;
         };
         if dst.node == self.node || dst.node.is_empty() {
-            let ctx = ConnCtx {
-                src_ip: client,
-                src_identity: Some(&src.identity),
-                dst,
-                dst_ip: target.ip(),
-                dst_port: target.port(),
-                tls: true,
-            };
+            let ctx = ConnCtx::new(client, Some(&src.identity), dst, target);
             let v = authz::authorize(&mesh.policies, &ctx);
             self.metrics
                 .authz
@@ -243,14 +236,14 @@ impl PlainHandler for InboundPolicy {
     fn serve(
         &self,
         conn: TcpStream,
-        peer: SocketAddrV4,
-        orig_dst: SocketAddrV4,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
         pod: Arc<InPod>,
     ) -> UnitFuture {
         let (xds, metrics, deliver) =
             (self.xds.clone(), self.metrics.clone(), self.deliver.clone());
         Box::pin(async move {
-            let Some((mesh, dst)) = workload_at(&xds, IpAddr::V4(*orig_dst.ip())).await else {
+            let Some((mesh, dst)) = workload_at(&xds, orig_dst.ip()).await else {
                 // Enrolled here but not (yet) in the configuration: no policy can be
                 // judged. Counted; the pod's own fail mode applies on its outbound side.
                 metrics
@@ -262,10 +255,10 @@ impl PlainHandler for InboundPolicy {
                 return;
             };
             let ctx = ConnCtx {
-                src_ip: IpAddr::V4(*peer.ip()),
+                src_ip: peer.ip(),
                 src_identity: None,
                 dst: &dst,
-                dst_ip: IpAddr::V4(*orig_dst.ip()),
+                dst_ip: orig_dst.ip(),
                 dst_port: orig_dst.port(),
                 tls: false,
             };
@@ -282,16 +275,8 @@ impl PlainHandler for InboundPolicy {
                     .http_plain
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = conn.set_nodelay(true);
-                let src = IpAddr::V4(*peer.ip());
-                let mut t = terminate(
-                    &xds,
-                    &metrics,
-                    pod,
-                    SocketAddr::V4(orig_dst),
-                    src,
-                    None,
-                    "inbound-plain",
-                );
+                let src = peer.ip();
+                let mut t = terminate(&xds, &metrics, pod, orig_dst, src, None, "inbound-plain");
                 t.access_log = deliver.access_log().cloned();
                 t.tracer = deliver.tracer().cloned();
                 http::serve(conn, t).await;
@@ -310,8 +295,8 @@ impl PlainHandler for InboundPolicy {
                 deliver.report_denied(peer, orig_dst, &dst, v.policy_name.as_deref());
                 if let Some(log) = deliver.access_log() {
                     let mut e = Entry::new(Protocol::Tcp, PathTaken::Inbound);
-                    e.source_address = Some(accesslog::Addr::Sock(SocketAddr::V4(peer)));
-                    e.destination_address = Some(SocketAddr::V4(orig_dst));
+                    e.source_address = Some(accesslog::Addr::Sock(peer));
+                    e.destination_address = Some(orig_dst);
                     e.destination_workload = Some(format!("{}/{}", dst.namespace, dst.name));
                     e.destination_principal = Some(dst.identity.to_string());
                     e.flag(accesslog::Flags::RBAC);

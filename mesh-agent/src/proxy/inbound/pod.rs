@@ -2,7 +2,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::Arc,
 };
@@ -28,6 +28,8 @@ pub struct InPod {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack node: captured too (a listener of its own).
+    pub ip6: Option<Ipv6Addr>,
     pub netns: PathBuf,
     worker: NetnsWorker,
     /// Sockets made in the pod's namespace for the next `connect_in`s, IPv4 ones and IPv6
@@ -49,6 +51,7 @@ impl std::fmt::Debug for InPod {
             .field("namespace", &self.namespace)
             .field("name", &self.name)
             .field("ip", &self.ip)
+            .field("ip6", &self.ip6)
             .finish()
     }
 }
@@ -58,6 +61,7 @@ impl InPod {
         namespace: String,
         name: String,
         ip: Ipv4Addr,
+        ip6: Option<Ipv6Addr>,
         netns: PathBuf,
         pair: Option<Arc<Maps>>,
     ) -> io::Result<Arc<InPod>> {
@@ -66,6 +70,7 @@ impl InPod {
             namespace,
             name,
             ip,
+            ip6,
             netns,
             worker,
             spare: Default::default(),
@@ -139,24 +144,45 @@ impl InPod {
         self.closed.send_replace(true);
     }
 
-    /// Opens the plaintext and HBONE listeners in the pod (std sockets, non-blocking:
-    /// registered with the proxy runtime by the caller).
-    pub(super) fn listen(&self) -> io::Result<(std::net::TcpListener, std::net::TcpListener)> {
-        self.worker.run(|| {
-            let open = |port: u16| -> io::Result<std::net::TcpListener> {
-                // std sets SO_REUSEADDR; 0.0.0.0 so the pod's address may change under us
-                // (and loopback reaches it too, which changes nothing: see `serve`).
-                let l = std::net::TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-                    .map_err(|e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("binding 0.0.0.0:{port} in the pod (does the application use the port? 15006 and 15008 are the mesh's): {e}"),
-                        )
-                    })?;
+    /// Whether `ip` is one of the pod's addresses.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => a == self.ip,
+            IpAddr::V6(a) => Some(a) == self.ip6,
+        }
+    }
+
+    /// Opens the listeners in the pod (std sockets, non-blocking: registered with the
+    /// proxy runtime by the caller): plaintext and HBONE on IPv4, and plaintext on the
+    /// pod's IPv6 address when it has one (`Listeners`).
+    pub(super) fn listen(&self) -> io::Result<Listeners> {
+        let ip6 = self.ip6;
+        self.worker.run(move || {
+            let open = |addr: SocketAddr| -> io::Result<std::net::TcpListener> {
+                let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("binding {addr} in the pod (does the application use the port? 15006 and 15008 are the mesh's): {e}"),
+                    )
+                })?;
                 l.set_nonblocking(true)?;
                 Ok(l)
             };
-            Ok((open(PLAIN_PORT)?, open(HBONE_PORT)?))
+            // std sets SO_REUSEADDR; 0.0.0.0 so the pod's address may change under us
+            // (and loopback reaches it too, which changes nothing: see `accept_plain`).
+            let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+            // IPv6 on the pod's own address: a `[::]` listener would be dual-stack (std
+            // cannot set IPV6_V6ONLY) and collide with `0.0.0.0:15006`. The TC program
+            // looks the listener up by the packet's destination, this address; a change
+            // of address sets the pod up again (`InboundPod` differs).
+            let plain6 = ip6
+                .map(|a| open(SocketAddr::V6(SocketAddrV6::new(a, PLAIN_PORT, 0, 0))))
+                .transpose()?;
+            Ok(Listeners {
+                plain: open(any(PLAIN_PORT))?,
+                plain6,
+                hbone: open(any(HBONE_PORT))?,
+            })
         })
     }
 
@@ -237,6 +263,16 @@ impl Drop for Announced<'_> {
             self.maps.forget_flow(k);
         }
     }
+}
+
+/// A pod's listeners (`InPod::listen`).
+pub(super) struct Listeners {
+    /// `0.0.0.0:15006`.
+    pub plain: std::net::TcpListener,
+    /// `[pod's IPv6 address]:15006`, on a dual-stack pod.
+    pub plain6: Option<std::net::TcpListener>,
+    /// `0.0.0.0:15008`.
+    pub hbone: std::net::TcpListener,
 }
 
 /// Sockets one trip to a pod's namespace thread makes for `InPod::connect_in` (each an

@@ -1,0 +1,161 @@
+//! A paired socket closed with bytes unread must end in a reset on the other side, not a
+//! clean end of stream (docs/architecture.md, "A paired socket closed with unread bytes").
+//!
+//! `mesh_close_unread` (mesh-ebpf `close`, `tp_btf/inet_sock_set_state`) writes an entry
+//! into `UNREAD_CLOSES` when a paired TCP socket closes with redirected bytes still
+//! queued, in the closing task, before the kernel sends its FIN. The node proxy, when it reads a FIN
+//! on one of its sockets, asks here whether the far end closed that way
+//! ([`take_unread`]); if so it resets the other leg instead of passing a half-close.
+//!
+//! The map is process-wide state (one datapath per agent process): the proxy's relay is a
+//! free function shared by every listener, and a lookup it cannot make (no datapath, an
+//! older kernel) simply answers "no".
+
+use std::{
+    net::SocketAddr,
+    sync::{Mutex, OnceLock},
+};
+
+use aya::{
+    maps::{HashMap, MapData},
+    programs::BtfTracePoint,
+    Btf, Ebpf,
+};
+use mesh_common::{
+    map_names,
+    maps::{SockKey, UnreadClose},
+    prog_names,
+};
+use tracing::{info, warn};
+
+use super::{btf, features};
+
+/// Entries older than this are ignored (and dropped): a reader looks within milliseconds
+/// of the close, so an old entry is one no proxy socket consumed (direct mode, a socket
+/// paired with another program's) and could only match a later flow reusing its 4-tuple.
+const FRESH_NS: u64 = 5_000_000_000;
+
+static UNREAD: OnceLock<Mutex<HashMap<MapData, SockKey, UnreadClose>>> = OnceLock::new();
+
+/// `CLOSE_OFFSETS` (mesh-ebpf `close`) from the running kernel's BTF: `sock_common`'s
+/// addresses, ports and family, `sock.sk_protocol` and `sk_shutdown`, `sk_psock.sk`.
+/// The reason where one is missing.
+pub(super) fn offsets() -> Result<[u32; 10], String> {
+    let btf = btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
+    let common = |m: &str| {
+        btf.member_offset("sock_common", m)
+            .map_err(|e| e.to_string())
+    };
+    // `struct sock` starts with its `sock_common` (`__sk_common`).
+    let base = btf
+        .member_offset("sock", "__sk_common")
+        .map_err(|e| e.to_string())?;
+    Ok([
+        base + common("skc_daddr")?,
+        base + common("skc_rcv_saddr")?,
+        base + common("skc_dport")?,
+        base + common("skc_num")?,
+        base + common("skc_family")?,
+        base + common("skc_v6_daddr")?,
+        base + common("skc_v6_rcv_saddr")?,
+        btf.member_offset("sock", "sk_protocol")
+            .map_err(|e| e.to_string())?,
+        btf.member_offset("sock", "sk_shutdown")
+            .map_err(|e| e.to_string())?,
+        btf.member_offset("sk_psock", "sk")
+            .map_err(|e| e.to_string())?,
+    ])
+}
+
+/// Loads and attaches `mesh_close_unread` (when `wanted`: the kernel has the queue length
+/// and the offsets resolved) and opens `UNREAD_CLOSES` for the proxy. Returns whether it
+/// runs; a failure is logged and leaves the proxy passing FINs as before.
+pub(super) fn attach(ebpf: &mut Ebpf, wanted: bool) -> bool {
+    if !wanted {
+        return false;
+    }
+    let mut run = || -> Result<HashMap<MapData, SockKey, UnreadClose>, String> {
+        let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        let p: &mut BtfTracePoint = ebpf
+            .program_mut(prog_names::CLOSE_UNREAD)
+            .ok_or("program missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        p.load("inet_sock_set_state", &btf)
+            .map_err(|e| format!("loading: {e}"))?;
+        // The link lives as long as the program, held by the datapath's `Ebpf`.
+        p.attach().map_err(|e| format!("attaching: {e}"))?;
+        let map = ebpf
+            .take_map(map_names::UNREAD_CLOSES)
+            .ok_or("map UNREAD_CLOSES missing from the object")?;
+        HashMap::try_from(map).map_err(|e| format!("map UNREAD_CLOSES: {e}"))
+    };
+    match run() {
+        Ok(map) => {
+            if UNREAD.set(Mutex::new(map)).is_err() {
+                warn!("a second datapath in this process: its unread-close map is not used");
+            }
+            info!("paired sockets closed with unread bytes end in a reset of the proxied flow (tp_btf/inet_sock_set_state)");
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "mesh_close_unread (tp_btf/inet_sock_set_state) not attached: a paired socket closed with unread bytes ends its proxied flow with a FIN, not a reset");
+            false
+        }
+    }
+}
+
+/// The `/kernel` entry.
+pub(super) fn feature(available: bool) -> features::Feature {
+    features::Feature {
+        name: features::CLOSE_UNREAD_RESET,
+        since: "6.9",
+        available,
+        fallback: "a paired socket closed with redirected bytes unread ends its proxied flow with a FIN (a clean end of stream on the other side) instead of a reset",
+    }
+}
+
+/// Whether the far end of the proxy's socket (`local`, connected to `peer`) was a paired
+/// socket closed with bytes unread: the unread byte count, the entry consumed. Call it
+/// after reading that socket's end of stream. `None` without the program, or for any
+/// other end.
+pub fn take_unread(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
+    let map = UNREAD.get()?;
+    // The closing socket's view: its local address is our peer.
+    let key = SockKey::new(0, canonical(peer), canonical(local));
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    let v = m.get(&key, 0).ok()?;
+    let _ = m.remove(&key);
+    let age = crate::sys::monotonic_ns().saturating_sub(v.at_ns);
+    (age < FRESH_NS).then_some(v.unread)
+}
+
+/// A v4-mapped IPv6 address as the IPv4 one (the datapath's keys map IPv4 the same way
+/// either way; this keeps the two spellings from ever differing).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every machine this project supports has kernel BTF with `struct sock`: the offsets
+    /// resolve, and `sock_common`'s address fields sit where its layout puts them
+    /// (`skc_daddr` first, `skc_rcv_saddr` right after).
+    #[test]
+    fn the_offsets_resolve_from_the_running_kernel() {
+        let o = offsets().unwrap();
+        assert_eq!(o[1], o[0] + 4);
+        assert!(o[7] > o[4] && o[8] > o[4], "{o:?}");
+        assert_eq!(o[9], 0, "sk_psock.sk is its first member");
+    }
+
+    /// Without a loaded program the proxy's question has an answer: no.
+    #[test]
+    fn without_the_program_nothing_is_unread() {
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:2000".parse().unwrap();
+        assert_eq!(take_unread(a, b), None);
+    }
+}

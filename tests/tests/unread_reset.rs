@@ -1,0 +1,345 @@
+//! A paired socket closed with bytes unread ends its proxied flow in a reset, as plain
+//! TCP does, never in a clean end of stream (docs/architecture.md, "A paired socket
+//! closed with unread bytes"). Real sockets in the pods of a simulated node, through the
+//! node proxy: on the default path (the client's leg is paired with the proxy), with
+//! `--skmsg-upstream` and with `--kernel-relay` (the destination's leg is paired too).
+//! The same flows with the feature forced missing show the gap it closes: a clean EOF.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Stdio},
+};
+
+use mesh_tests::{
+    otlp::python,
+    scenes::{mesh_file, NS_BACKEND, NS_SHOP},
+    Agent, SimNode,
+};
+
+/// The `db` service: VIP:5432 -> pod db:9000 (TCP).
+const VIP: &str = "10.96.0.12:5432";
+/// Bytes left unread: well under the redirect queue's limit (4 MiB floor), so they all
+/// wait in the reader's psock queue.
+const BYTES: usize = 100_000;
+
+/// Both ends, in Python: `serve MODE PORT N R` (accepts one connection) and
+/// `connect MODE HOST PORT N R`. First R exchanges of 64 bytes (the client sends, the
+/// server echoes: what makes the kernel relay switch), then the mode: `send-then-read` (send N bytes, then read until
+/// the end), `close-unread` (wait for the bytes to arrive, close without reading),
+/// `read-then-close` (read N bytes, close), `send-half-close-read` (send N, FIN, read
+/// until the end). Prints one JSON line: how the read ended (`eof`, `ECONNRESET`, ...).
+const SCRIPT: &str = r#"
+import errno, json, select, socket, sys, time
+def read_to_end(c):
+    got = 0
+    while True:
+        r, _, _ = select.select([c], [], [], 20)
+        if not r:
+            return {"end": "timeout", "read": got}
+        try:
+            b = c.recv(65536)
+        except BlockingIOError:
+            continue  # a sockmap reader can wake with nothing (docs/architecture.md)
+        except OSError as e:
+            return {"end": errno.errorcode.get(e.errno, str(e.errno)), "read": got}
+        if not b:
+            return {"end": "eof", "read": got}
+        got += len(b)
+def exchange(c, rounds, server):
+    for _ in range(rounds):
+        if not server:
+            c.sendall(b"p" * 64)
+        got = b""
+        while len(got) < 64:
+            select.select([c], [], [], 20)
+            try:
+                got += c.recv(64 - len(got))
+            except BlockingIOError:
+                continue
+        if server:
+            c.sendall(got)
+def run(c, mode, n):
+    if mode == "send-then-read":
+        c.sendall(b"x" * n)
+        return read_to_end(c)
+    if mode == "send-half-close-read":
+        c.sendall(b"x" * n)
+        c.shutdown(socket.SHUT_WR)
+        return read_to_end(c)
+    if mode == "close-unread":
+        time.sleep(0.5)
+        c.close()
+        return {"end": "closed"}
+    if mode == "read-then-close":
+        got = 0
+        while got < n:
+            select.select([c], [], [], 20)
+            try:
+                b = c.recv(65536)
+            except BlockingIOError:
+                continue
+            if not b:
+                break
+            got += len(b)
+        c.close()
+        return {"end": "closed", "read": got}
+    raise SystemExit("mode " + mode)
+if sys.argv[1] == "serve":
+    mode, port, n, rounds = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", port))
+    l.listen(8)
+    print("listening", flush=True)
+    c, _ = l.accept()
+    exchange(c, rounds, True)
+else:
+    mode, host, port, n, rounds = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    c = socket.create_connection((host, port), timeout=20)
+    c.settimeout(None)
+    exchange(c, rounds, False)
+print(json.dumps(run(c, mode, n)), flush=True)
+"#;
+
+/// A node with `shop/client` and `backend/db` behind the TCP service `db`, an agent with
+/// `flags`.
+fn start(flags: &[&str]) -> (SimNode, Agent) {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("db", 3).unwrap();
+    // Not enrolled: its connections are plain TCP.
+    n.add_pod("outsider", 4).unwrap();
+    let yaml = mesh_file(
+        &n,
+        &[NS_SHOP, NS_BACKEND],
+        &[
+            ("client", "shop", "web", "{}"),
+            ("db", "backend", "db", "{ app: db }"),
+        ],
+    ) + "services:\n\
+         \x20 - { name: db, namespace: backend, vip: 10.96.0.12, ports: [ { port: 5432, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n";
+    n.write_config(&yaml).unwrap();
+    let agent = n.start_agent(flags).unwrap();
+    (n, agent)
+}
+
+/// The server end in pod `db`, listening once this returns.
+fn serve(n: &SimNode, mode: &str, rounds: u32) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child = n
+        .pod_command("db", &python())
+        .args([
+            "-c",
+            SCRIPT,
+            "serve",
+            mode,
+            "9000",
+            &BYTES.to_string(),
+            &rounds.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python server");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    (child, out)
+}
+
+/// The server's result line.
+fn served(mut s: (Child, BufReader<std::process::ChildStdout>)) -> serde_json::Value {
+    let mut line = String::new();
+    s.1.read_line(&mut line).unwrap();
+    let _ = s.0.wait();
+    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("server said {line:?}: {e}"))
+}
+
+/// The client end in pod `client`, to `to`; its result line.
+fn connect(n: &SimNode, mode: &str, to: &str, rounds: u32) -> serde_json::Value {
+    connect_from(n, "client", mode, to, rounds)
+}
+
+fn connect_from(n: &SimNode, pod: &str, mode: &str, to: &str, rounds: u32) -> serde_json::Value {
+    let (host, port) = to.rsplit_once(':').unwrap();
+    let out = n
+        .pod_command(pod, &python())
+        .args([
+            "-c",
+            SCRIPT,
+            "connect",
+            mode,
+            host,
+            port,
+            &BYTES.to_string(),
+            &rounds.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("python client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("client said {text:?}: {e}"))
+}
+
+/// The entries of the agent's `UNREAD_CLOSES` (found among the maps the agent process
+/// holds: the one LRU hash with 48-byte keys and 16-byte values), read with bpftool.
+fn unread_entries(agent: &Agent) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{}/fdinfo", agent.pid())).unwrap();
+    for fd in fds.flatten() {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+        };
+        // BPF_MAP_TYPE_LRU_HASH = 9.
+        if field("map_type:").as_deref() == Some("9")
+            && field("key_size:").as_deref() == Some("48")
+            && field("value_size:").as_deref() == Some("16")
+        {
+            let id = field("map_id:").unwrap();
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "map", "dump", "id", &id])
+                .output()
+                .expect("bpftool");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            return v.as_array().map(Vec::len).unwrap_or(0);
+        }
+    }
+    panic!("UNREAD_CLOSES not found among the agent's maps");
+}
+
+/// Whether the feature runs here (6.9+); where not, `/kernel` says so.
+fn available(agent: &Agent) -> bool {
+    agent
+        .kernel_feature("close_unread_reset")
+        .expect("/kernel lists close_unread_reset")
+}
+
+fn log_lines(agent: &Agent) -> usize {
+    agent
+        .log_text()
+        .matches("unread bytes; resetting the other side")
+        .count()
+}
+
+/// The three paired legs, each once with the feature and once without. `flags`,
+/// `closer` (the pod whose socket closes with bytes unread: `client` or `db`), the
+/// destination, the exchanges before.
+fn case(flags: &[&str], closer: &str, to: &str, rounds: u32) {
+    for forced_off in [false, true] {
+        let mut all = flags.to_vec();
+        if forced_off {
+            all.extend(["--assume-missing-feature", "close_unread_reset"]);
+        }
+        let (n, agent) = start(&all);
+        let on = available(&agent);
+        assert_eq!(
+            on,
+            !forced_off && agent.kernel_feature("skmsg_queue_length") == Some(true),
+            "{}",
+            agent.log_text()
+        );
+        let (marked, lines) = (agent.event("closed_unread"), log_lines(&agent));
+        let to = if to == "db" {
+            format!("{}:9000", n.pod("db").ip)
+        } else {
+            to.to_owned()
+        };
+        let other = if closer == "client" {
+            let s = serve(&n, "send-then-read", rounds);
+            let c = connect(&n, "close-unread", &to, rounds);
+            assert_eq!(c["end"], "closed", "{c}");
+            served(s)
+        } else {
+            let s = serve(&n, "close-unread", rounds);
+            let c = connect(&n, "send-then-read", &to, rounds);
+            let _ = served(s);
+            c
+        };
+        eprintln!(
+            "{flags:?} forced_off={forced_off}: {closer} closed with bytes unread; the other end read {other}"
+        );
+        if on {
+            assert_eq!(other["end"], "ECONNRESET", "{other}\n{}", agent.log_text());
+            assert_eq!(agent.event("closed_unread") - marked, 1);
+            assert_eq!(log_lines(&agent) - lines, 1, "{}", agent.log_text());
+            // The proxy consumed the mark.
+            assert_eq!(unread_entries(&agent), 0);
+        } else {
+            // The gap the feature closes: bytes were lost, the other end saw a clean end.
+            assert_eq!(other["end"], "eof", "{other}");
+            assert_eq!(agent.event("closed_unread"), marked);
+        }
+    }
+}
+
+/// Default path: the proxy redirected the server's bytes into the client's socket, the
+/// client closed without reading them; the server gets a reset.
+#[test]
+fn a_client_closing_with_unread_bytes_resets_the_server() {
+    case(&[], "client", VIP, 0);
+}
+
+/// `--skmsg-upstream`: the proxy's leg to the destination is paired; a server closing
+/// with the client's bytes unread resets the client.
+#[test]
+fn with_upstream_pairing_a_server_closing_with_unread_bytes_resets_the_client() {
+    case(&["--skmsg-upstream", "true"], "db", "db", 0);
+}
+
+/// `--kernel-relay`: after a few exchanges the client's bytes move straight into the
+/// server's redirect queue (before the switch they reach it over the proxy's TCP leg,
+/// where the kernel's own reset applies); same outcome.
+#[test]
+fn with_the_kernel_relay_a_server_closing_with_unread_bytes_resets_the_client() {
+    case(&["--kernel-relay", "true"], "db", VIP, 4);
+}
+
+/// Control: everything read, both ways; the streams end with a FIN, no false reset, no
+/// mark left.
+#[test]
+fn a_stream_read_to_the_end_still_ends_cleanly() {
+    let (n, agent) = start(&["--skmsg-upstream", "true"]);
+    let marked = agent.event("closed_unread");
+    for to in [VIP.to_owned(), format!("{}:9000", n.pod("db").ip)] {
+        // The client sends, half-closes, reads to the end; the server reads all, closes.
+        let s = serve(&n, "read-then-close", 2);
+        let c = connect(&n, "send-half-close-read", &to, 2);
+        let s = served(s);
+        assert_eq!(c["end"], "eof", "{c}");
+        assert_eq!(s["read"], BYTES, "{s}");
+        // The server sends; the client reads all, closes; the server reads a clean end.
+        let s = serve(&n, "send-then-read", 2);
+        let c = connect(&n, "read-then-close", &to, 2);
+        let s = served(s);
+        assert_eq!(c["read"], BYTES, "{c}");
+        assert_eq!(s["end"], "eof", "{s}");
+    }
+    assert_eq!(agent.event("closed_unread"), marked);
+    assert_eq!(log_lines(&agent), 0);
+    if available(&agent) {
+        assert_eq!(unread_entries(&agent), 0);
+    }
+}
+
+/// The reference: plain TCP (a pod the mesh does not capture) answers a close with bytes
+/// unread with a reset, either way.
+#[test]
+fn plain_tcp_answers_a_close_with_unread_bytes_with_a_reset() {
+    let (n, agent) = start(&[]);
+    let to = format!("{}:9000", n.pod("db").ip);
+    let s = serve(&n, "send-then-read", 0);
+    let c = connect_from(&n, "outsider", "close-unread", &to, 0);
+    assert_eq!(c["end"], "closed", "{c}");
+    let s = served(s);
+    assert_eq!(s["end"], "ECONNRESET", "{s}");
+    let s = serve(&n, "close-unread", 0);
+    let c = connect_from(&n, "outsider", "send-then-read", &to, 0);
+    let _ = served(s);
+    assert_eq!(c["end"], "ECONNRESET", "{c}");
+    // Nothing of it was paired: no mark.
+    assert_eq!(agent.event("closed_unread"), 0);
+}
