@@ -552,11 +552,8 @@ impl L7 {
             return Hop::Plain;
         };
         let mesh = paths.mesh_now();
-        // Outside the mesh: plain, without a lock or an allocation.
-        if mesh.workloads.by_ip(ep.ip()).is_none() {
-            return Hop::Plain;
-        }
         let lock = || conn.hops.lock().unwrap_or_else(|e| e.into_inner());
+        // Remembered (an endpoint outside the mesh too: no workload lookup per request).
         {
             let mut h = lock();
             if h.version != mesh.version {
@@ -567,9 +564,16 @@ impl L7 {
                 return hop.clone();
             }
         }
+        // Outside the mesh: plain, without a policy evaluation or an allocation.
+        let outside = mesh.workloads.by_ip(ep.ip()).is_none();
         // Judged outside the lock (a policy evaluation); `path` reads the configuration
         // again, at worst a newer one, which only makes the next request judge anew.
-        let hop = match paths.path(client, ep) {
+        let path = if outside {
+            Path::Plain
+        } else {
+            paths.path(client, ep)
+        };
+        let hop = match path {
             Path::Plain => Hop::Plain,
             Path::Denied(v) => Hop::Denied(v.policy_name),
             Path::Tunnel { src, dst, hbone } => Hop::Tunnel(Arc::new(Tunnel {

@@ -534,28 +534,41 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some((at, timer)) = &this.deadline {
-            if timer.poll_expired(*at, cx).is_ready() {
-                // Headers went out already: the only way to report it is a reset.
-                if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
-                    e.flag(Flags::UT);
-                }
-                this.finish = None;
-                this.deadline = None;
-                return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
-            }
-        }
-        let frame: Option<Result<Frame<Bytes>, BoxError>> = match &mut this.inner {
-            UpBody::H2(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(BoxError::from)),
+        // The body first; the deadline while it waits or streams on (a frame that ends
+        // it, the common case of a small response, costs no timer poll).
+        let polled = match &mut this.inner {
+            UpBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
             // An HTTP/1.1 upstream connection has no task of its own: the body reads it.
             UpBody::H1 => match this.finish.as_mut().and_then(|f| f.sender.as_mut()) {
-                Some(Sender::H1(h1)) => {
-                    ready!(h1.conn.poll_frame(cx)).map(|r| r.map_err(BoxError::from))
-                }
+                Some(Sender::H1(h1)) => h1
+                    .conn
+                    .poll_frame(cx)
+                    .map(|f| f.map(|r| r.map_err(BoxError::from))),
                 // Ended (the connection went back to its pool) or failed before.
-                _ => None,
+                _ => Poll::Ready(None),
             },
         };
+        let more = match &polled {
+            Poll::Pending => true,
+            Poll::Ready(Some(Ok(_))) => !this.ended(),
+            Poll::Ready(_) => false,
+        };
+        if more {
+            if let Some((at, timer)) = &this.deadline {
+                if timer.poll_expired(*at, cx).is_ready() {
+                    // Headers went out already: the only way to report it is a reset.
+                    if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
+                        e.flag(Flags::UT);
+                    }
+                    this.finish = None;
+                    this.deadline = None;
+                    return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
+                }
+            }
+        }
+        let frame: Option<Result<Frame<Bytes>, BoxError>> = ready!(polled);
         if let Some(d) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
             if let Some(e) = this.finish.as_mut().and_then(Finish::log) {
                 *e.bytes_sent.get_or_insert(0) += d.len() as u64;

@@ -28,6 +28,7 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{ready, Context, Poll},
@@ -322,22 +323,37 @@ struct Head {
     headers: HeaderMap,
 }
 
-fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, H1Error> {
+/// The head's fields as a map. The values share one copy of the head (`head`, the bytes
+/// `fields` point into) instead of a copy and an allocation each.
+fn header_map(head: &[u8], fields: &[httparse::Header<'_>]) -> Result<HeaderMap, H1Error> {
     let mut map = HeaderMap::with_capacity(fields.len());
+    let shared = Bytes::copy_from_slice(head);
     for h in fields {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| H1Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| H1Error::Malformed("invalid header value"))?;
+        // `h.value` lies inside `head`, whose copy `shared` is: the same bytes by offset.
+        let at = (h.value.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
+        let value = if at <= head.len() && h.value.len() <= head.len() - at {
+            HeaderValue::from_maybe_shared(shared.slice(at..at + h.value.len()))
+        } else {
+            HeaderValue::from_bytes(h.value)
+        }
+        .map_err(|_| H1Error::Malformed("invalid header value"))?;
         map.append(name, value);
     }
     Ok(map)
 }
 
 fn parse_head(data: &[u8]) -> Result<Option<Head>, H1Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut fields);
-    let len = match r.parse(data) {
+    // Not zero-initialised: the parser writes the fields it returns.
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        data,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Partial) => return Ok(None),
         Ok(httparse::Status::Complete(n)) => n,
         Err(httparse::Error::TooManyHeaders) => {
@@ -360,7 +376,7 @@ fn parse_head(data: &[u8]) -> Result<Option<Head>, H1Error> {
         len,
         status,
         version,
-        headers: header_map(r.headers)?,
+        headers: header_map(&data[..len], r.headers)?,
     }))
 }
 
@@ -627,6 +643,8 @@ impl Conn {
         let mut request_done = false;
         let mut flushed = false;
         let mut interim = 0usize;
+        // How much of `rbuf` the last parse saw (it found no complete head in it).
+        let mut parsed = 0usize;
         let upgrade_asked = parts.headers.contains_key(header::UPGRADE);
         // `body`: the request's body, when the failure may give the request back (a
         // failure of the connection, not of the body or the answer's syntax).
@@ -699,10 +717,20 @@ impl Conn {
                         break;
                     }
                 }
-                // The answer: interim ones skipped, up to the final head.
+                // The answer: interim ones skipped, up to the final head. The buffer is
+                // parsed only when it holds bytes not parsed yet (not while it is empty,
+                // nor again after a read that brought nothing).
                 loop {
-                    if let Some(h) = parse_head(self.rbuf.data()).map_err(Stop::Other)? {
+                    let head = match self.rbuf.data() {
+                        d if d.len() > parsed => {
+                            parsed = d.len();
+                            parse_head(d).map_err(Stop::Other)?
+                        }
+                        _ => None,
+                    };
+                    if let Some(h) = head {
                         self.rbuf.consume(h.len);
+                        parsed = 0;
                         if h.status == StatusCode::SWITCHING_PROTOCOLS {
                             if !upgrade_asked {
                                 Err(Stop::Other(H1Error::Malformed(
@@ -912,7 +940,7 @@ impl Conn {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     match httparse::parse_headers(self.rbuf.data(), &mut fields) {
                         Ok(httparse::Status::Complete((n, fields))) => {
-                            let map = match header_map(fields) {
+                            let map = match header_map(&self.rbuf.data()[..n], fields) {
                                 Ok(m) => m,
                                 Err(e) => return self.fail_body(e),
                             };

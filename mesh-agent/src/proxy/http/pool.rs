@@ -306,6 +306,20 @@ pub(super) async fn checkout(
             home,
         });
     }
+    // The common case first: an idle connection, taken without registering for a wake-up
+    // (the loop below registers before it looks, for the case where it has to wait).
+    while let Some(mut h1) = (!fresh).then(|| pool.pop()).flatten() {
+        if std::future::poll_fn(|cx| h1.conn.poll_idle(cx))
+            .await
+            .is_ok()
+        {
+            return Ok(Checkout {
+                sender: Sender::H1(h1),
+                reused: true,
+                home,
+            });
+        }
+    }
     let mut pending = None;
     loop {
         let mut released = pin!(counters.released.notified());

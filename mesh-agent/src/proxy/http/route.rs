@@ -290,17 +290,35 @@ pub(super) fn apply_mutation(m: &HeaderMutation, headers: &mut HeaderMap) {
     }
 }
 
+/// One of `HOP_BY_HOP` (a `match`: the compiler sorts the names by length, no loop of
+/// comparisons per name).
+fn is_hop_by_hop(k: &HeaderName) -> bool {
+    let hop = matches!(
+        k.as_str(),
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "http2-settings"
+    );
+    debug_assert_eq!(hop, HOP_BY_HOP.contains(&k.as_str()));
+    hop
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // Most messages carry none: one pass over the few names present instead of a lookup
     // (and a name parse) per hop-by-hop name.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    // The names the `Connection` header lists (tokens, any case).
+    // The names the `Connection` header lists (tokens, any case), looked up once.
+    let listed = headers.get_all(header::CONNECTION);
     let named = |k: &HeaderName| {
-        headers
-            .get_all(header::CONNECTION)
+        listed
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
@@ -310,7 +328,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     // there): a response with `Connection: keep-alive` costs one or two removals.
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| HOP_BY_HOP.contains(&k.as_str()) || named(k))
+        .filter(|k| is_hop_by_hop(k) || named(k))
         .cloned()
         .collect();
     let trailers = keep_te_trailers
@@ -384,12 +402,18 @@ pub(super) fn upstream(
         && host.is_some()
     {
         strip_hop_by_hop(&mut headers, true);
-        let host = headers.remove(header::HOST);
-        for m in levels {
-            apply_mutation(m, &mut headers);
-        }
-        if let Some(h) = host {
-            headers.insert(header::HOST, h);
+        // Without mutations (the common case) `Host` stays where it is.
+        if levels
+            .iter()
+            .any(|m| !m.add.is_empty() || !m.remove.is_empty())
+        {
+            let host = headers.remove(header::HOST);
+            for m in levels {
+                apply_mutation(m, &mut headers);
+            }
+            if let Some(h) = host {
+                headers.insert(header::HOST, h);
+            }
         }
         return Upstream {
             method,

@@ -2361,14 +2361,7 @@ impl MeshPaths for PolicyMesh {
         else {
             return Path::Plain;
         };
-        let ctx = crate::proxy::authz::ConnCtx {
-            src_ip: client,
-            src_identity: Some(&src.identity),
-            dst,
-            dst_ip: target.ip(),
-            dst_port: target.port(),
-            tls: true,
-        };
+        let ctx = crate::proxy::authz::ConnCtx::new(client, Some(&src.identity), dst, target);
         let v = crate::proxy::authz::authorize(&m.policies, &ctx);
         if v.allowed {
             Path::Plain
