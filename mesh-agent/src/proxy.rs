@@ -1097,7 +1097,10 @@ async fn pipe(
                 // A far end that was a paired socket closed with bytes unread: plain TCP
                 // would have answered with a reset, so the other side gets one too
                 // (docs/architecture.md, "A paired socket closed with unread bytes").
-                if let (Ok(local), Ok(peer)) = (from.local_addr(), from.peer_addr()) {
+                let addrs = crate::datapath::close::enabled()
+                    .then(|| from.local_addr().ok().zip(from.peer_addr().ok()))
+                    .flatten();
+                if let Some((local, peer)) = addrs {
                     if let Some(unread) = crate::datapath::close::take_unread(local, peer) {
                         tracing::info!(%peer, unread, "peer closed with {unread} unread bytes; resetting the other side");
                         return Err(io::Error::new(

@@ -139,6 +139,28 @@ impl Drop for Held {
     }
 }
 
+/// The TCP service `db` of [`client_db`]: VIP:5432 -> pod db:9000.
+pub const DB_VIP: &str = "10.96.0.12:5432";
+
+/// A node with `shop/client` and `backend/db` (label `app: db`) behind the TCP service
+/// `db` ([`DB_VIP`]), the configuration file written; no agent yet.
+pub fn client_db() -> SimNode {
+    let mut n = SimNode::new().expect("sim node");
+    n.add_pod("client", 2).unwrap();
+    n.add_pod("db", 3).unwrap();
+    let yaml = mesh_file(
+        &n,
+        &[NS_SHOP, NS_BACKEND],
+        &[
+            ("client", "shop", "web", "{}"),
+            ("db", "backend", "db", "{ app: db }"),
+        ],
+    ) + "services:\n\
+         \x20 - { name: db, namespace: backend, vip: 10.96.0.12, ports: [ { port: 5432, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n";
+    n.write_config(&yaml).unwrap();
+    n
+}
+
 /// A node with two pods, `client` in the enrolled namespace `shop` and `server` in
 /// `backend` (`backend_extra`: more of that namespace's YAML mapping, e.g. `"mode:
 /// direct"`, or empty), both workloads of the configuration file written; no agent yet.

@@ -342,6 +342,21 @@ fn reset_with_nothing(r: &serde_json::Value) -> bool {
     }) && r["received"] == 0
 }
 
+/// STRICT mutual TLS for namespace `backend` (the file's only policy), in force once
+/// `agent` (the destination's) has denied a plain-text connection, or `probe`'s plain-text
+/// echo to `to` fails.
+fn strict(c: &TwoNodes, agent: &NodeAgent, probe: Member, to: &str) {
+    c.write_text(&file(
+        c,
+        "peer_authentications:\n\
+         \x20 - metadata: { name: strict, namespace: backend }\n\
+         \x20   spec: { mtls: { mode: STRICT } }\n",
+    ));
+    wait_for("STRICT in force", Duration::from_secs(10), || {
+        decisions(agent, "deny", "backend/strict") >= 1 || !echo_ok(c, probe, to, 4096)
+    });
+}
+
 fn delivered(agent: &NodeAgent) -> u64 {
     Scrape::of(agent).value(
         "mesh_inbound_connections_total",
@@ -449,15 +464,7 @@ fn plain_text_ipv6_from_outside_the_mesh_is_captured_and_judged() {
 
     // STRICT on the namespace: plain text over IPv6 is refused (the DENY is gone with the
     // edit), mutual TLS over IPv6 passes.
-    c.write_text(&file(
-        &c,
-        "peer_authentications:\n\
-         \x20 - metadata: { name: strict, namespace: backend }\n\
-         \x20   spec: { mtls: { mode: STRICT } }\n",
-    ));
-    wait_for("STRICT in force", Duration::from_secs(10), || {
-        decisions(&agents[1], "deny", "backend/strict") >= 1 || !echo_ok(&c, LEGACY_2, &to, 4096)
-    });
+    strict(&c, &agents[1], LEGACY_2, &to);
     let before = delivered(&agents[1]);
     let strict = decisions(&agents[1], "deny", "backend/strict");
     for m in [LEGACY, LEGACY_2] {
@@ -614,16 +621,7 @@ fn ipv6_extension_headers_do_not_slip_past_capture() {
         agents[1].event("tc_drop_ipv6_ext_chain") > dropped
     });
     assert_eq!(agents[1].event("tc_pass_ipv6_ext_header"), passed);
-    c.write_text(&file(
-        &c,
-        "peer_authentications:\n\
-         \x20 - metadata: { name: strict, namespace: backend }\n\
-         \x20   spec: { mtls: { mode: STRICT } }\n",
-    ));
-    wait_for("STRICT in force", Duration::from_secs(10), || {
-        decisions(&agents[1], "deny", "backend/strict") >= 1
-            || !echo_ok(&c, LEGACY, &server6(&c, 8080), 4096)
-    });
+    strict(&c, &agents[1], LEGACY, &server6(&c, 8080));
     for kind in ["dst", "hop"] {
         let out = ext_client(&c, LEGACY, kind, to, "MESH-MARKER-ext-strict");
         assert!(out.starts_with("error ECONNRESET"), "{kind}: {out}");

@@ -8,30 +8,16 @@
 use mesh_tests::flows::{assert_intact, assert_sunk};
 use mesh_tests::{
     metric,
-    scenes::{mesh_file, NS_BACKEND, NS_SHOP},
+    scenes::{client_db, DB_VIP as VIP},
     Agent, SimNode,
 };
 
 const MIB: u64 = 1 << 20;
-/// The `db` service: VIP:5432 -> pod db:9000 (TCP).
-const VIP: &str = "10.96.0.12:5432";
 
 /// A node with `shop/client` and `backend/db` behind the TCP service `db`, and an agent
 /// with the kernel relay on (plus `extra`).
 fn start(extra: &[&str]) -> (SimNode, Agent) {
-    let mut n = SimNode::new().expect("sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("db", 3).unwrap();
-    let yaml = mesh_file(
-        &n,
-        &[NS_SHOP, NS_BACKEND],
-        &[
-            ("client", "shop", "web", "{}"),
-            ("db", "backend", "db", "{ app: db }"),
-        ],
-    ) + "services:\n\
-         \x20 - { name: db, namespace: backend, vip: 10.96.0.12, ports: [ { port: 5432, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n";
-    n.write_config(&yaml).unwrap();
+    let n = client_db();
     let mut flags = vec!["--kernel-relay", "true"];
     flags.extend_from_slice(extra);
     let agent = n.start_agent(&flags).unwrap();

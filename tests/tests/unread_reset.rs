@@ -12,12 +12,10 @@ use std::{
 
 use mesh_tests::{
     otlp::python,
-    scenes::{mesh_file, NS_BACKEND, NS_SHOP},
+    scenes::{client_db, DB_VIP as VIP},
     Agent, SimNode,
 };
 
-/// The `db` service: VIP:5432 -> pod db:9000 (TCP).
-const VIP: &str = "10.96.0.12:5432";
 /// Bytes left unread: well under the redirect queue's limit (4 MiB floor), so they all
 /// wait in the reader's psock queue.
 const BYTES: usize = 100_000;
@@ -104,21 +102,9 @@ print(json.dumps(run(c, mode, n)), flush=True)
 /// A node with `shop/client` and `backend/db` behind the TCP service `db`, an agent with
 /// `flags`.
 fn start(flags: &[&str]) -> (SimNode, Agent) {
-    let mut n = SimNode::new().expect("sim node");
-    n.add_pod("client", 2).unwrap();
-    n.add_pod("db", 3).unwrap();
-    // Not enrolled: its connections are plain TCP.
+    let mut n = client_db();
+    // Not in the file: its connections are plain TCP.
     n.add_pod("outsider", 4).unwrap();
-    let yaml = mesh_file(
-        &n,
-        &[NS_SHOP, NS_BACKEND],
-        &[
-            ("client", "shop", "web", "{}"),
-            ("db", "backend", "db", "{ app: db }"),
-        ],
-    ) + "services:\n\
-         \x20 - { name: db, namespace: backend, vip: 10.96.0.12, ports: [ { port: 5432, target_port: 9000, protocol: tcp } ], selector: { app: db } }\n";
-    n.write_config(&yaml).unwrap();
     let agent = n.start_agent(flags).unwrap();
     (n, agent)
 }

@@ -115,6 +115,12 @@ pub(super) fn feature(available: bool) -> features::Feature {
     }
 }
 
+/// Whether the program is attached (`take_unread` can find anything): callers skip the
+/// look-up, and the system calls that build its key, when it is not.
+pub fn enabled() -> bool {
+    UNREAD.get().is_some()
+}
+
 /// Whether the far end of the proxy's socket (`local`, connected to `peer`) was a paired
 /// socket closed with bytes unread: the unread byte count, the entry consumed. Call it
 /// after reading that socket's end of stream. `None` without the program, or for any

@@ -87,6 +87,20 @@ impl EndpointPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
+    /// An idle connection still usable, if one is kept: each is driven first, so a close
+    /// by the endpoint while it sat idle shows now (and that one is dropped).
+    async fn take_idle(&self) -> Option<H1> {
+        loop {
+            let mut h1 = self.pop()?;
+            if std::future::poll_fn(|cx| h1.conn.poll_idle(cx))
+                .await
+                .is_ok()
+            {
+                return Some(h1);
+            }
+        }
+    }
+
     /// Holds no connection (an HTTP/2 one being opened counts as held).
     fn is_empty(&self) -> bool {
         self.idle
@@ -308,11 +322,8 @@ pub(super) async fn checkout(
     }
     // The common case first: an idle connection, taken without registering for a wake-up
     // (the loop below registers before it looks, for the case where it has to wait).
-    while let Some(mut h1) = (!fresh).then(|| pool.pop()).flatten() {
-        if std::future::poll_fn(|cx| h1.conn.poll_idle(cx))
-            .await
-            .is_ok()
-        {
+    if !fresh {
+        if let Some(h1) = pool.take_idle().await {
             return Ok(Checkout {
                 sender: Sender::H1(h1),
                 reused: true,
@@ -325,12 +336,8 @@ pub(super) async fn checkout(
         let mut released = pin!(counters.released.notified());
         // Registered before looking, so a release between the look and the wait is seen.
         released.as_mut().enable();
-        while let Some(mut h1) = (!fresh).then(|| pool.pop()).flatten() {
-            // Driven here first: a close by the endpoint while it sat idle shows now.
-            if std::future::poll_fn(|cx| h1.conn.poll_idle(cx))
-                .await
-                .is_ok()
-            {
+        if !fresh {
+            if let Some(h1) = pool.take_idle().await {
                 return Ok(Checkout {
                     sender: Sender::H1(h1),
                     reused: true,
