@@ -178,6 +178,17 @@ pub(super) struct Checkout {
     pub home: Option<Arc<EndpointPool>>,
 }
 
+impl Checkout {
+    /// An idle HTTP/1.1 connection taken from its pool again.
+    fn reused(h1: H1, home: Option<Arc<EndpointPool>>) -> Self {
+        Checkout {
+            sender: Sender::H1(h1),
+            reused: true,
+            home,
+        }
+    }
+}
+
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, L7Error> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => Err(L7Error::ConnectTimeout { addr, timeout }),
@@ -324,11 +335,7 @@ pub(super) async fn checkout(
     // (the loop below registers before it looks, for the case where it has to wait).
     if !fresh {
         if let Some(h1) = pool.take_idle().await {
-            return Ok(Checkout {
-                sender: Sender::H1(h1),
-                reused: true,
-                home,
-            });
+            return Ok(Checkout::reused(h1, home));
         }
     }
     let mut pending = None;
@@ -338,11 +345,7 @@ pub(super) async fn checkout(
         released.as_mut().enable();
         if !fresh {
             if let Some(h1) = pool.take_idle().await {
-                return Ok(Checkout {
-                    sender: Sender::H1(h1),
-                    reused: true,
-                    home,
-                });
+                return Ok(Checkout::reused(h1, home));
             }
         }
         if let Some(conn) = Slot::acquire(counters, Gauge::Connections, cb.max_connections) {
