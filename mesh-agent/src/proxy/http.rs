@@ -28,6 +28,7 @@
 //! mesh cost one lookup per request.
 
 mod body;
+mod drained;
 mod h1;
 mod lb;
 mod policy;
@@ -49,6 +50,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc, Mutex, OnceLock,
     },
+    task::Poll,
     time::{Duration, SystemTime},
 };
 
@@ -73,6 +75,7 @@ pub use self::sniff::{detect, Sniffed};
 // The destination's HTTP policy path (`proxy::secure::http`) serves connections the same way.
 use self::{
     body::{Active, ConnSeries, Finish, Labels, Name, Recorder, RequestLog, Source, Tracked},
+    drained::until_drained,
     lb::ClusterState,
     policy::{Buckets, Gauge, Slot, TryOutcome},
     pool::{EndpointPool, Sender, Tunnel, UpBody, Via},
@@ -246,25 +249,6 @@ where
     fn execute(&self, fut: F) {
         tokio::spawn(fut.instrument(tracing::debug_span!("h2_task")));
     }
-}
-
-/// Runs a downstream connection to its end; once `drain` is signaled, asks it to shut
-/// down gracefully (`shutdown`: hyper's `graceful_shutdown` of its codec) and keeps
-/// driving it until it has.
-async fn until_drained<C, E>(
-    conn: C,
-    drain: &DrainWatch,
-    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
-) -> Result<(), E>
-where
-    C: Future<Output = Result<(), E>>,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => return res,
-        () = drain.signaled() => shutdown(conn.as_mut()),
-    }
-    conn.await
 }
 
 /// The L7 engine: serves captured downstream connections by the configuration in force.
@@ -1104,22 +1088,32 @@ impl L7 {
             // Without a retry policy there is one try: its request takes the head.
             let up = (&mut up, retry.is_none());
             let fresh = upgrade.is_some();
-            let attempt = self.try_once(
-                &state,
-                &cluster,
-                &ep,
-                via,
-                up,
-                &mut source,
-                &mut unsent,
-                fresh,
-            );
-            let res = match budget {
-                Some(b) => timer
-                    .timeout(now + b, attempt)
-                    .await
-                    .unwrap_or(Err(TryFail::Timeout)),
-                None => attempt.await,
+            // Pinned where it is built, in a scope that ends with the try: it is the
+            // request's largest future, and handing it to the timer by value copied it
+            // (twice) per request.
+            let res = {
+                let mut attempt = std::pin::pin!(self.try_once(
+                    &state,
+                    &cluster,
+                    &ep,
+                    via,
+                    up,
+                    &mut source,
+                    &mut unsent,
+                    fresh,
+                ));
+                let expires = budget.map(|b| now + b);
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = attempt.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    match expires {
+                        Some(d) => timer.poll_expired(d, cx).map(|()| None),
+                        None => Poll::Pending,
+                    }
+                })
+                .await
+                .unwrap_or(Err(TryFail::Timeout))
             };
             let outcome = match &res {
                 Ok((r, _, _)) => TryOutcome::Response(r.status().as_u16(), r.headers()),

@@ -42,23 +42,15 @@ fn strip_port(host: &str) -> Option<&str> {
     (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')).then_some(h)
 }
 
-/// Envoy's virtual host selection; `host` is compared case-insensitively.
+/// Envoy's virtual host selection; `host` is compared case-insensitively. No allocation:
+/// the domains are compared in place, ASCII case folded byte by byte (the usual table is
+/// one `*` domain, which every request used to reach only after lowercasing the host and
+/// each domain into new strings).
 pub(super) fn virtual_host<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a VirtualHost> {
-    // The common case, an exact domain (with or without the port), without an allocation.
-    for h in std::iter::once(host).chain(strip_port(host)) {
-        if let Some(v) = rc
-            .virtual_hosts
-            .iter()
-            .find(|v| v.domains.iter().any(|d| d.eq_ignore_ascii_case(h)))
-        {
-            return Some(v);
-        }
-    }
-    let host = host.to_ascii_lowercase();
-    let candidates: Vec<&str> = std::iter::once(host.as_str())
-        .chain(strip_port(&host))
-        .collect();
-    for h in &candidates {
+    // The host as given, then without its port.
+    let candidates = [Some(host), strip_port(host)];
+    let candidates = || candidates.iter().flatten();
+    for h in candidates() {
         if let Some(v) = rc
             .virtual_hosts
             .iter()
@@ -70,20 +62,28 @@ pub(super) fn virtual_host<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a Vi
     // Longest wildcard wins; a wildcard stands for at least one character.
     let best = |suffix: bool| -> Option<&'a VirtualHost> {
         let mut best: Option<(usize, &VirtualHost)> = None;
-        for h in &candidates {
+        for h in candidates() {
+            let h = h.as_bytes();
             for v in &rc.virtual_hosts {
                 for d in &v.domains {
-                    let d = d.to_ascii_lowercase();
                     let len = if suffix {
-                        match d.strip_prefix('*') {
-                            Some(s) if !s.is_empty() && h.len() > s.len() && h.ends_with(s) => {
+                        match d.strip_prefix('*').map(str::as_bytes) {
+                            Some(s)
+                                if !s.is_empty()
+                                    && h.len() > s.len()
+                                    && h[h.len() - s.len()..].eq_ignore_ascii_case(s) =>
+                            {
                                 s.len()
                             }
                             _ => continue,
                         }
                     } else {
-                        match d.strip_suffix('*') {
-                            Some(p) if !p.is_empty() && h.len() > p.len() && h.starts_with(p) => {
+                        match d.strip_suffix('*').map(str::as_bytes) {
+                            Some(p)
+                                if !p.is_empty()
+                                    && h.len() > p.len()
+                                    && h[..p.len()].eq_ignore_ascii_case(p) =>
+                            {
                                 p.len()
                             }
                             _ => continue,
@@ -315,20 +315,25 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    // The names the `Connection` header lists (tokens, any case), looked up once.
+    // The names the `Connection` header lists (tokens, any case).
     let listed = headers.get_all(header::CONNECTION);
-    let named = |k: &HeaderName| {
+    let tokens = || {
         listed
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(k.as_str()))
+            .map(str::trim)
     };
+    // Usually it lists only `keep-alive` or `upgrade`: names removed anyway; then no
+    // other name is checked against the list.
+    let lists_others =
+        tokens().any(|t| !t.is_empty() && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h)));
+    let named = |k: &HeaderName| tokens().any(|t| t.eq_ignore_ascii_case(k.as_str()));
     // Only the names present are removed, by name (no parse of a name that is not
     // there): a response with `Connection: keep-alive` costs one or two removals.
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| is_hop_by_hop(k) || named(k))
+        .filter(|k| is_hop_by_hop(k) || (lists_others && named(k)))
         .cloned()
         .collect();
     let trailers = keep_te_trailers
@@ -621,6 +626,13 @@ mod tests {
         assert_eq!(pick("a.example.com"), Some("long"));
         assert_eq!(pick("a.other.com"), Some("short"));
         assert_eq!(pick("api.internal"), Some("prefix"));
+        // Wildcards fold case too, with or without the port (no lowercased copies).
+        assert_eq!(pick("A.EXAMPLE.Com:8080"), Some("long"));
+        assert_eq!(pick("API.Internal"), Some("prefix"));
+        let upper = super::tests::rc(vec![vh("u", &["*.Example.COM"]), vh("p", &["API.*"])]);
+        let pick_u = |h: &str| virtual_host(&upper, h).map(|v| v.name.as_str());
+        assert_eq!(pick_u("a.example.com"), Some("u"));
+        assert_eq!(pick_u("api.x"), Some("p"));
         assert_eq!(pick("example.com"), Some("short"), "suffix wildcard");
         assert_eq!(
             pick(".com"),
@@ -846,6 +858,17 @@ mod tests {
         let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-type", "host", "x-other"]);
+        // A list of hop-by-hop names only (the usual `keep-alive`): those go, the others
+        // stay.
+        let mut ka = HeaderMap::new();
+        ka.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        ka.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        ka.insert("x-private", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut ka, false);
+        assert_eq!(
+            ka.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-private"]
+        );
         // Nothing hop-by-hop: untouched.
         let mut plain = HeaderMap::new();
         plain.insert(header::HOST, HeaderValue::from_static("a"));
