@@ -2,7 +2,7 @@
 //! running agent (`maps`, `dump`, `programs`, `links`, `bypass`) or ask its admin endpoint
 //! (`certs`, `inspect`, `log-level`); `ca init` writes a CA root for the embedded CA.
 //! Output is a table (text for `inspect`), or JSON with `-o json`; addresses print as IPs,
-//! ports in host order, flags by name.
+//! ports in host order, flags by name, times as ages.
 
 use crate::datapath::flags_text;
 use std::path::{Path, PathBuf};
@@ -10,8 +10,11 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_common::{
-    cfg_flags, flow_flags, map_names,
-    maps::{DestInfo, ExcludeCidr, FlowInfo, MeshConfig, ProxyHealth, SockKey, WorkloadInfo},
+    cfg_flags, flow_flags, inbound, map_names,
+    maps::{
+        DestInfo, ExcludeCidr, FlowInfo, InboundInfo, MeshConfig, ProxyHealth, SockKey,
+        UnreadClose, WorkloadInfo,
+    },
     wl_flags, Stat,
 };
 use serde_json::{json, Value};
@@ -38,7 +41,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// List the pinned maps with their type, size and entry count.
     Maps(Inspect),
-    /// Print the entries of one pinned map, decoded.
+    /// Print the entries of one map, decoded: a pinned one, or `UNREAD_CLOSES` (not
+    /// pinned: found through the agent's programs).
     Dump {
         #[command(flatten)]
         inspect: Inspect,
@@ -262,6 +266,8 @@ pub enum CliError {
     Unlistable(String),
     #[error("listing {0}: {1}")]
     List(&'static str, String),
+    #[error("map {0} is not pinned; it is found through the program that uses it, {1}, which is not loaded (is the agent running with this --pin-path? on a kernel before 6.9 it never loads: see /kernel)")]
+    NotLoaded(&'static str, &'static str),
     #[error("admin endpoint {0}: {1} (is mesh-agent running with this --admin-address?)")]
     Admin(std::net::SocketAddr, String),
     /// The agent answered, with a refusal (unknown object, invalid filter): its message.
@@ -294,6 +300,23 @@ fn hash<K: aya::Pod, V: aya::Pod>(pin: &Path, name: &str) -> Result<Vec<(K, V)>,
         HashMap::try_from(open(pin, name)?).map_err(|e| CliError::Map(name.into(), e))?;
     // Entries can vanish while we iterate (LRU, closes); skip those.
     Ok(m.iter().filter_map(Result::ok).collect())
+}
+
+/// A map that is not pinned (`UNREAD_CLOSES`), found through the agent's programs that
+/// use it: this agent's, told apart from another's by their pinned maps (`own_programs`).
+fn unpinned(pin: &Path, name: &'static str, program: &'static str) -> Result<Map, CliError> {
+    let info = unpinned_info(pin, name)?.ok_or(CliError::NotLoaded(name, program))?;
+    let data = MapData::from_id(info.id()).map_err(|e| CliError::Map(name.into(), e))?;
+    Map::from_map_data(data).map_err(|e| CliError::Map(name.into(), e))
+}
+
+/// The map named `name` that one of this agent's programs uses, if any.
+fn unpinned_info(pin: &Path, name: &str) -> Result<Option<MapInfo>, CliError> {
+    Ok(own_programs(pin)?
+        .iter()
+        .flat_map(|p| p.map_ids().ok().flatten().unwrap_or_default())
+        .filter_map(|id| MapInfo::from_id(id).ok())
+        .find(|i| i.name_as_str() == Some(name)))
 }
 
 fn array<V: aya::Pod>(pin: &Path, name: &str) -> Result<Vec<V>, CliError> {
@@ -397,6 +420,44 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
                 .map(|(k, v)| json!({"ip": ip(k), "ifindex": v}))
                 .collect(),
         ),
+        // Keyed by the plain IPv4 address (`u32::from_ne_bytes(octets)`).
+        map_names::INBOUND => (
+            vec!["ip", "flags"],
+            hash::<u32, InboundInfo>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| json!({"ip": std::net::Ipv4Addr::from(k.to_ne_bytes()).to_string(), "flags": flags_text(v.flags, &inbound::NAMES)}))
+                .collect(),
+        ),
+        map_names::INBOUND6 => (
+            vec!["ip", "flags"],
+            hash::<mesh_common::maps::Ip, InboundInfo>(pin, map)?
+                .into_iter()
+                .map(|(k, v)| json!({"ip": ip(k), "flags": flags_text(v.flags, &inbound::NAMES)}))
+                .collect(),
+        ),
+        // Not pinned (its entries live for milliseconds: the proxy takes each at the FIN
+        // that follows the close): reached through `mesh_close_unread`. An entry still
+        // listed is one no proxy socket read (a direct-mode pair, whose FIN TC ingress
+        // turned into an RST and left the entry for retransmissions; another program's).
+        map_names::UNREAD_CLOSES => {
+            let name = map_names::UNREAD_CLOSES;
+            let m: HashMap<MapData, SockKey, UnreadClose> =
+                HashMap::try_from(unpinned(pin, name, mesh_common::prog_names::CLOSE_UNREAD)?)
+                    .map_err(|e| CliError::Map(name.into(), e))?;
+            let now = crate::sys::monotonic_ns();
+            (
+                vec!["key_netns", "local", "remote", "unread_bytes", "age_ms"],
+                m.iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| {
+                        let mut o = key(&k);
+                        o["unread_bytes"] = json!(v.unread);
+                        o["age_ms"] = json!(now.saturating_sub(v.at_ns) / 1_000_000);
+                        o
+                    })
+                    .collect(),
+            )
+        }
         map_names::NETNS_PROBE => (
             vec!["socket_cookie", "netns_cookie"],
             hash::<u64, u64>(pin, map)?
@@ -408,7 +469,10 @@ pub fn dump(pin: &Path, map: &str) -> Result<(Vec<&'static str>, Vec<Value>), Cl
             vec!["event", "count"],
             stats(pin)?.into_iter().map(|(s, v)| json!({"event": s.name(), "count": v})).collect(),
         ),
-        other => return Err(CliError::UnknownMap(other.into(), map_names::ALL.join(", "))),
+        other => {
+            let known = format!("{}, {}", map_names::ALL.join(", "), map_names::UNREAD_CLOSES);
+            return Err(CliError::UnknownMap(other.into(), known));
+        }
     })
 }
 
@@ -549,6 +613,21 @@ pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
             "max_entries": info.max_entries(),
             "entries": entries,
             "pinned": pin.join(&name).display().to_string(),
+        }));
+    }
+    // The one map `dump` reads that is not pinned, while its program is loaded.
+    let name = map_names::UNREAD_CLOSES;
+    if let Ok(Some(info)) = unpinned_info(pin, name) {
+        let entries = dump(pin, name).map(|(_, r)| r.len() as i64).unwrap_or(-1);
+        rows.push(json!({
+            "name": name,
+            "id": info.id(),
+            "type": info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "?".into()),
+            "key_size": info.key_size(),
+            "value_size": info.value_size(),
+            "max_entries": info.max_entries(),
+            "entries": entries,
+            "pinned": null,
         }));
     }
     Ok((
@@ -765,6 +844,32 @@ mod tests {
         assert_eq!(t, "A       B\nx       10\nlonger  -\n");
         let j: Value = serde_json::from_str(&render(&["a", "b"], &rows, Output::Json)).unwrap();
         assert_eq!(j[0]["b"], 10);
+    }
+
+    /// Every map `dump` decodes, the unpinned `UNREAD_CLOSES` included, is named when an
+    /// unknown one is asked for; without an agent each says where it looked.
+    #[test]
+    fn dump_names_its_maps_and_says_when_no_agent_runs() {
+        let none = Path::new("/nonexistent/mesh-cli-test");
+        match dump(none, "NOPE") {
+            Err(CliError::UnknownMap(m, known)) => {
+                assert_eq!(m, "NOPE");
+                for want in ["INBOUND", "INBOUND6", "UNREAD_CLOSES", "FLOWS"] {
+                    assert!(known.split(", ").any(|k| k == want), "{want}: {known}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        for map in [
+            map_names::INBOUND,
+            map_names::INBOUND6,
+            map_names::UNREAD_CLOSES,
+        ] {
+            match dump(none, map) {
+                Err(CliError::NoPin { path, .. }) => assert!(path.starts_with(none), "{map}"),
+                other => panic!("{map}: {other:?}"),
+            }
+        }
     }
 
     #[test]

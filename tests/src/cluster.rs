@@ -518,6 +518,12 @@ impl ClusterNode {
             ("--reload-interval-ms", "100".to_owned()),
             ("--node-name", self.name()),
             ("--ca-dir", self.ca.display().to_string()),
+            // As `SimNode`'s: a heartbeat that ages under load must not send captured
+            // connects around the proxy (tests of the timeout pass `HEARTBEAT_DEFAULT`).
+            (
+                "--proxy-heartbeat-timeout-ms",
+                crate::HEARTBEAT_TIMEOUT_MS.to_owned(),
+            ),
         ];
         let redirect6 = self
             .gateway6

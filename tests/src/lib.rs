@@ -149,6 +149,15 @@ impl Pod {
 /// dual-stack node).
 pub const PROXY_PORT: u16 = 15001;
 
+/// The proxy heartbeat timeout every harness agent gets (`--proxy-heartbeat-timeout-ms`,
+/// milliseconds): the agent's 1 s default is tight on a loaded test machine, where a
+/// starved proxy runtime misses beats and captured connects fail open or closed.
+pub const HEARTBEAT_TIMEOUT_MS: &str = "5000";
+
+/// The agent's own heartbeat timeout (`DEFAULT_PROXY_HEARTBEAT_TIMEOUT_MS`, 1 s), for the
+/// tests of what a stale heartbeat does: pass these in `start_agent`'s `extra`.
+pub const HEARTBEAT_DEFAULT: [&str; 2] = ["--proxy-heartbeat-timeout-ms", "1000"];
+
 pub struct SimNode {
     pub index: u8,
     pub bridge: String,
@@ -462,6 +471,13 @@ impl SimNode {
             ("--admin-address", format!("127.0.0.1:{}", self.admin_port)),
             ("--xds-listen", format!("127.0.0.1:{}", self.xds_port())),
             ("--reload-interval-ms", "100".to_owned()),
+            // Under load (two cores, parallel tests, an emulated kernel) the proxy's
+            // heartbeat can age past the agent's 1 s default and captured connects go
+            // around it; a test of the timeout itself passes `HEARTBEAT_DEFAULT`.
+            (
+                "--proxy-heartbeat-timeout-ms",
+                HEARTBEAT_TIMEOUT_MS.to_owned(),
+            ),
         ];
         let dual = self
             .gateway6

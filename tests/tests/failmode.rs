@@ -6,7 +6,7 @@
 
 use std::{process::Command, time::Duration};
 
-use mesh_tests::{agent_bin, intact, metric, wait_for, SimNode};
+use mesh_tests::{agent_bin, intact, metric, wait_for, SimNode, HEARTBEAT_DEFAULT};
 
 /// `shop/open` fails open, `vault/closed` fails closed (namespace label), `vault/loose`
 /// overrides it to open, `ops/bypassed` is enrolled but bypassed; `backend/server` serves.
@@ -66,7 +66,8 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn a_stuck_proxy_is_bypassed_or_refused_within_a_second_then_used_again() {
     let n = node();
-    let agent = n.start_agent(&[]).unwrap();
+    // The agent's own 1 s timeout (the harness gives agents a longer one).
+    let agent = n.start_agent(&HEARTBEAT_DEFAULT).unwrap();
     let dst = format!("{}:8080", n.pod("server").ip);
     for pod in ["open", "closed", "loose", "bypassed"] {
         assert!(intact(&n.echo_once(pod, &dst).unwrap()), "{pod}");

@@ -6,7 +6,7 @@
 use mesh_tests::flows::assert_intact;
 use mesh_tests::{
     cluster::{ClusterNode, SimCluster},
-    firewall_rules, metric, wait_for,
+    firewall_rules, metric, wait_for, HEARTBEAT_DEFAULT,
 };
 use std::time::Duration;
 
@@ -203,7 +203,8 @@ fn a_killed_agent_fails_open_on_its_node_only() {
     let c = cluster();
     let (a, b) = (c.node(0), c.node(1));
     let agent_a = a.start_agent(&[]).unwrap();
-    let mut agent_b = b.start_agent(&[]).unwrap();
+    // The agent's own 1 s timeout (the harness gives agents a longer one).
+    let mut agent_b = b.start_agent(&HEARTBEAT_DEFAULT).unwrap();
     let (to_a, to_b) = (server(&c, "a"), server(&c, "b"));
     let before = kernel_state(a, &agent_a);
     let stale = agent_b.stat("connect_proxy_stale");
