@@ -44,7 +44,11 @@ use self::{
     xds::client::{Lookup, XdsClient},
 };
 use crate::{
-    datapath::{writer::SharedRegistry, Maps},
+    datapath::{
+        close::{self, Far},
+        writer::SharedRegistry,
+        Maps,
+    },
     lifecycle::drain::DrainWatch,
     metrics::{
         istio::{IstioLabels, Peer, TcpSeries},
@@ -873,7 +877,31 @@ impl Outbound {
         // The client's socket has TCP_NODELAY from the listener (`listen`).
         let _ = upstream.set_nodelay(true);
         let armed = relay::arm(&self.maps, &client, &upstream, key, prefix.len());
-        let end = relay_counted(client, upstream, &counters, Some(&istio)).await;
+        // Which legs can have a far end closing with bytes unread (`close::take_far_unread`):
+        // the client's if our accepted socket was paired (its addresses known); the
+        // upstream's only where upstream legs are paired at all.
+        let far_client = if skmsg {
+            Far::Addrs { local, peer }
+        } else {
+            Far::Unpaired
+        };
+        let pairs_upstream = match target {
+            SocketAddr::V4(_) => self.upstream_source.get().is_some(),
+            SocketAddr::V6(_) => self.upstream_source6.get().is_some(),
+        };
+        let far_upstream = if pairs_upstream {
+            Far::Ask
+        } else {
+            Far::Unpaired
+        };
+        let end = relay_counted(
+            client,
+            upstream,
+            &counters,
+            Some(&istio),
+            [far_client, far_upstream],
+        )
+        .await;
         let end = relay::finish(&self.maps, armed, end, &counters, Some(&istio));
         counters.closed.fetch_add(1, Relaxed);
         drop(drain);
@@ -1073,22 +1101,59 @@ mod relay_buffers {
     }
 }
 
+/// One read from `from` into `buf`: the bytes read, and whether the read emptied the
+/// socket's receive queue. With `tcp_only` (a socket that was never paired, so TCP's
+/// receive queue is its only source) a read shorter than `buf` did: TCP copies everything
+/// queued up to the buffer's length. The socket's readiness is cleared then, without the
+/// read that would only answer `EAGAIN`: one system call less per relayed message (a
+/// ping-pong relay read twice per message, as haproxy does not). No wake-up is lost: the
+/// readiness is cleared only if no event came for the socket since before the read
+/// (tokio compares its event tick), and bytes that arrive after the read raise a new
+/// edge-triggered event. A paired socket also reads from its sk_msg queue, where a short
+/// read says nothing of TCP's queue: it reads until `EAGAIN`, as before. The exception
+/// is TCP urgent data (`MSG_OOB`, which RFC 6093 tells applications not to use): a read
+/// stops at its mark, and bytes queued after it wait for the socket's next event.
+fn read_once(from: &TcpStream, buf: &mut [u8], tcp_only: bool) -> io::Result<(usize, bool)> {
+    if !tcp_only {
+        return from.try_read(buf).map(|n| (n, false));
+    }
+    let mut n = 0;
+    let len = buf.len();
+    let r = from.try_io(tokio::io::Interest::READABLE, || {
+        n = from.try_read(buf)?;
+        if n > 0 && n < len {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        Ok(()) => Ok((n, false)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => Ok((n, true)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Copies one direction, counted in `count` (a series) and `own` (this connection); a
 /// clean EOF half-closes the writer. A buffer is held only while the reader has bytes.
+/// `far`: what is known of the reader's far end (`close::take_far_unread`).
 async fn pipe(
     r: tokio::net::tcp::ReadHalf<'_>,
     mut w: tokio::net::tcp::WriteHalf<'_>,
     count: &AtomicU64,
     own: &AtomicU64,
     istio: Option<&prometheus_client::metrics::counter::Counter>,
+    far: Far,
 ) -> io::Result<()> {
     let from: &TcpStream = r.as_ref();
+    // Only TCP's receive queue feeds a socket that was never paired (`read_once`).
+    let tcp_only = far == Far::Unpaired;
     loop {
         from.readable().await?;
         let mut buf = relay_buffers::Buffer::take();
         loop {
-            let n = match from.try_read(&mut buf) {
-                Ok(n) => n,
+            let (n, drained) = match read_once(from, &mut buf, tcp_only) {
+                Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             };
@@ -1097,17 +1162,13 @@ async fn pipe(
                 // A far end that was a paired socket closed with bytes unread: plain TCP
                 // would have answered with a reset, so the other side gets one too
                 // (docs/architecture.md, "A paired socket closed with unread bytes").
-                let addrs = crate::datapath::close::enabled()
-                    .then(|| from.local_addr().ok().zip(from.peer_addr().ok()))
-                    .flatten();
-                if let Some((local, peer)) = addrs {
-                    if let Some(unread) = crate::datapath::close::take_unread(local, peer) {
-                        tracing::info!(%peer, unread, "peer closed with {unread} unread bytes; resetting the other side");
-                        return Err(io::Error::new(
-                            io::ErrorKind::ConnectionReset,
-                            format!("{peer} closed with {unread} bytes unread"),
-                        ));
-                    }
+                let addrs = || from.local_addr().ok().zip(from.peer_addr().ok());
+                if let Some((peer, unread)) = close::take_far_unread(far, addrs) {
+                    tracing::info!(%peer, unread, "peer closed with {unread} unread bytes; resetting the other side");
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        format!("{peer} closed with {unread} bytes unread"),
+                    ));
                 }
                 w.shutdown().await?;
                 return Ok(());
@@ -1117,6 +1178,9 @@ async fn pipe(
             own.fetch_add(n as u64, Relaxed);
             if let Some(c) = istio {
                 c.inc_by(n as u64);
+            }
+            if drained {
+                break;
             }
         }
     }
@@ -1130,15 +1194,17 @@ async fn pipe(
 /// stream with a reset both apps see, never with a FIN that makes a cut transfer look
 /// complete.
 pub async fn relay(client: TcpStream, upstream: TcpStream, c: &FlowCounters) -> RelayEnd {
-    relay_counted(client, upstream, c, None).await
+    relay_counted(client, upstream, c, None, [Far::Ask; 2]).await
 }
 
-/// `relay`, counting into the connection's Istio series too.
+/// `relay`, counting into the connection's Istio series too; `far`: what is known of
+/// the client's and the upstream's far ends (`close::take_far_unread`).
 async fn relay_counted(
     mut client: TcpStream,
     mut upstream: TcpStream,
     c: &FlowCounters,
     istio: Option<&TcpSeries>,
+    far: [Far; 2],
 ) -> RelayEnd {
     let _ = sys::set_linger_zero(client.as_fd());
     let _ = sys::set_linger_zero(upstream.as_fd());
@@ -1146,8 +1212,15 @@ async fn relay_counted(
     let failed = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        let up = pipe(cr, uw, &c.received, &received, istio.map(|i| &i.received));
-        let down = pipe(ur, cw, &c.sent, &sent, istio.map(|i| &i.sent));
+        let up = pipe(
+            cr,
+            uw,
+            &c.received,
+            &received,
+            istio.map(|i| &i.received),
+            far[0],
+        );
+        let down = pipe(ur, cw, &c.sent, &sent, istio.map(|i| &i.sent), far[1]);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -1334,5 +1407,75 @@ mod tests {
         let mut buf = [0u8; 8];
         let err = app.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// Sockets that were never paired are read once per message (`read_once`): a short
+    /// read clears the readiness. Ping-pong messages of every size around the relay
+    /// buffer's, then bulk both ways at once, then half-closes, on two workers (the I/O
+    /// driver on either thread): every byte arrives, in order, and nothing stalls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unpaired_sockets_read_once_per_message_and_lose_no_wake_up() {
+        let (client_near, mut app) = pair().await;
+        let (upstream_near, mut server) = pair().await;
+        let counters = Arc::new(FlowCounters::default());
+        let c = counters.clone();
+        let relay = tokio::spawn(async move {
+            relay_counted(client_near, upstream_near, &c, None, [Far::Unpaired; 2]).await
+        });
+        let run = async {
+            let mut sent = 0u64;
+            for i in 0..2000usize {
+                let len = [
+                    1,
+                    64,
+                    1500,
+                    RELAY_BUFFER - 1,
+                    RELAY_BUFFER,
+                    RELAY_BUFFER + 1,
+                ][i % 6];
+                let msg: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
+                app.write_all(&msg).await.unwrap();
+                let mut got = vec![0u8; len];
+                server.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, msg, "request {i}");
+                server.write_all(&msg).await.unwrap();
+                app.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, msg, "answer {i}");
+                sent += len as u64;
+            }
+            // Bulk both ways at once (each side writes while the other reads).
+            const BULK: usize = 8 << 20;
+            let data: Vec<u8> = (0..BULK).map(|j| (j % 251) as u8).collect();
+            let (mut ar, mut aw) = app.split();
+            let (mut sr, mut sw) = server.split();
+            let (_, _, up, down) = tokio::join!(
+                async {
+                    aw.write_all(&data).await.unwrap();
+                    aw.shutdown().await.unwrap();
+                },
+                async {
+                    sw.write_all(&data).await.unwrap();
+                    sw.shutdown().await.unwrap();
+                },
+                async {
+                    let mut v = Vec::new();
+                    sr.read_to_end(&mut v).await.unwrap();
+                    v
+                },
+                async {
+                    let mut v = Vec::new();
+                    ar.read_to_end(&mut v).await.unwrap();
+                    v
+                },
+            );
+            assert!(up == data && down == data, "bulk bytes changed or lost");
+            sent + BULK as u64
+        };
+        let total = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the relay stalled");
+        let end = relay.await.unwrap();
+        assert_eq!((end.received, end.sent, end.reset), (total, total, false));
+        assert_eq!(counters.received.load(Relaxed), total);
     }
 }

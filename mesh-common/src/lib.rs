@@ -483,10 +483,14 @@ pub enum Stat {
     /// destination-options or fragment headers run past what the program walks, while the
     /// agent's listener is there: dropped (a bypass of capture otherwise).
     TcDropIpv6ExtChain,
+    /// TC ingress: a FIN from a paired socket that closed with bytes unread
+    /// (`UNREAD_CLOSES`), to a pod whose socket of that connection is still open,
+    /// rewritten into an RST (a direct-mode peer then reads a reset, as over plain TCP).
+    TcFinToRst,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 52;
+    pub const COUNT: u32 = 53;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -540,6 +544,7 @@ impl Stat {
         Stat::TcAssigned6,
         Stat::TcPassIpv6ExtHeader,
         Stat::TcDropIpv6ExtChain,
+        Stat::TcFinToRst,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -596,6 +601,7 @@ impl Stat {
             Stat::TcAssigned6 => "tc_assigned6",
             Stat::TcPassIpv6ExtHeader => "tc_pass_ipv6_ext_header",
             Stat::TcDropIpv6ExtChain => "tc_drop_ipv6_ext_chain",
+            Stat::TcFinToRst => "tc_fin_to_rst",
         }
     }
 }
@@ -689,7 +695,7 @@ impl Stat {
                 "kernel relay: back on the direct path, the reader caught up"
             }
             Stat::ClosedUnread => {
-                "a paired socket closed with redirected bytes unread (UNREAD_CLOSES): the proxy resets the other side"
+                "a paired socket closed with redirected bytes unread (UNREAD_CLOSES): the proxy resets the other side (direct mode: TC ingress turns its FIN into a reset)"
             }
             Stat::TcAssigned6 => {
                 "inbound IPv6 captured, assigned to the agent's in-pod listener"
@@ -700,11 +706,14 @@ impl Stat {
             Stat::TcDropIpv6ExtChain => {
                 "inbound IPv6 to a captured pod behind more extension headers than the TC program walks: dropped"
             }
+            Stat::TcFinToRst => {
+                "a FIN from a paired socket closed with bytes unread, rewritten into a reset at the receiving pod (UNREAD_CLOSES)"
+            }
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::TcDropIpv6ExtChain as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::TcFinToRst as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

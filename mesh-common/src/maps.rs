@@ -488,6 +488,11 @@ pub struct UnreadClose {
     pub _pad: u32,
 }
 
+/// `UNREAD_CLOSES` entries older than this (nanoseconds) are ignored, by the proxy and by
+/// TC ingress alike: a reader looks within milliseconds of the close, and a FIN
+/// retransmitted later than this is answered by the peer's kernel anyway.
+pub const UNREAD_CLOSE_FRESH_NS: u64 = 5_000_000_000;
+
 macro_rules! assert_layout {
     ($t:ty, $size:expr, $align:expr) => {
         const _: () = assert!(core::mem::size_of::<$t>() == $size);

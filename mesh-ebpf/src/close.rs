@@ -13,7 +13,9 @@
 //! each paired socket's psock address when it pairs it (`remember_psock`, in `PEER_SK`,
 //! the map that is never pinned), and this program, at that state change in the closing
 //! task, reads the queue length there. The entry is in `UNREAD_CLOSES` before the FIN is
-//! sent: whoever reads that FIN and then looks finds it.
+//! sent: whoever reads that FIN and then looks finds it: the node proxy (its relay's
+//! `pipe`), or, for a FIN that goes straight to another enrolled pod (direct mode),
+//! `mesh_tc_ingress` in that pod, which rewrites it into an RST (`tc::fin_to_rst`).
 //!
 //! Why not `fentry/sock_map_close`, which runs while the psock is still linked: on the
 //! kernel this was built on (6.18 under Firecracker, lockdown `integrity`) every
@@ -74,6 +76,16 @@ const TCP_LAST_ACK: i32 = 9;
 /// `RCV_SHUTDOWN | SEND_SHUTDOWN`: what `tcp_close` sets first (a `shutdown(SHUT_WR)`
 /// sets only `SEND_SHUTDOWN`, and its bytes may still be read).
 const SHUTDOWN_MASK: u8 = 3;
+
+/// Whether `mesh_close_unread` can mark closes here: the queue length (6.9+) and the
+/// socket offsets were set at load time (not where the feature is forced missing). Both
+/// are load-time constants, so where this is false the verifier never walks what it
+/// guards (the FIN rewrite in `tc`, the psock address in sockops).
+#[inline(always)]
+pub fn marks_closes() -> bool {
+    // The plain `u32` first, as in `remember_psock`.
+    OFF_PSOCK_MSG_TOT_LEN.load() != 0 && CLOSE_OFFSETS.load()[OFF_PROTOCOL] != 0
+}
 
 /// Called by sockops when it has put the socket `sk` (its context's full socket) into
 /// `SOCKHASH`: keeps the psock's address for `mesh_close_unread`. Does nothing while the

@@ -27,27 +27,41 @@
 //! `bpf_sk_assign` needs the socket in the packet's network namespace, hence in-pod
 //! listeners rather than node-netns ones (docs/architecture.md, "Inbound capture").
 //!
+//! Before any of that, one rewrite (`fin_to_rst`): a FIN sent by a paired socket that
+//! closed with redirected bytes unread (`UNREAD_CLOSES`, written by `mesh_close_unread`
+//! just before the kernel sent that FIN) becomes an RST, as plain TCP would have sent: a
+//! direct-mode peer reads `ECONNRESET`, not a clean end of stream (docs/architecture.md,
+//! "A paired socket closed with unread bytes"). Only segments with FIN (and neither SYN
+//! nor RST) reach its map lookup.
+//!
 //! # Minimum kernel version
 //!
 //! 5.7 (`bpf_sk_assign` from TC); `bpf_skc_lookup_tcp` 5.2. tcx attachment 6.6 (the agent
-//! falls back to clsact via netlink before that).
+//! falls back to clsact via netlink before that). The FIN rewrite only where
+//! `mesh_close_unread` runs (6.9+: `close::marks_closes`, a load-time constant).
 
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{
+            bpf_l4_csum_replace, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release,
+            bpf_skb_store_bytes, bpf_skc_lookup_tcp,
+        },
+    },
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
     cfg_flags, inbound, log_level,
-    maps::{ip4_mapped, InboundInfo, Ip},
+    maps::{ip4_mapped, InboundInfo, Ip, SockKey, UNREAD_CLOSE_FRESH_NS},
     Stat,
 };
 
 use crate::{
     log::{ip16, on},
-    maps::{bump, config, INBOUND, INBOUND6, NODE_ADDRS},
+    maps::{bump, config, INBOUND, INBOUND6, NODE_ADDRS, UNREAD_CLOSES},
 };
 
 const ETH_HLEN: usize = 14;
@@ -64,6 +78,16 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_DEST: u8 = 60;
 /// `BPF_TCP_LISTEN` (enum in linux/bpf.h).
 const BPF_TCP_LISTEN: u32 = 10;
+/// `BPF_TCP_TIME_WAIT`.
+const BPF_TCP_TIME_WAIT: u32 = 6;
+/// TCP header: offset of the data-offset byte and the flags byte (one 16-bit word), and
+/// of the checksum.
+const TCP_OFF_FLAGS_WORD: usize = 12;
+const TCP_OFF_CSUM: usize = 16;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// `sizeof(tuple.ipv4)`.
 const TUPLE_V4_LEN: u32 = 12;
 /// `sizeof(tuple.ipv6)`.
@@ -96,6 +120,8 @@ struct Tcp {
     sport: u16,
     dport: u16,
     v6: bool,
+    /// Offset of the TCP header in the packet (even: 14 + a multiple of 4).
+    l4: usize,
 }
 
 #[inline(always)]
@@ -140,6 +166,7 @@ fn parse4(ctx: &TcContext) -> Result<Tcp, Unparsed> {
         sport,
         dport,
         v6: false,
+        l4,
     })
 }
 
@@ -200,6 +227,7 @@ fn parse6(ctx: &TcContext) -> Result<Tcp, Unparsed> {
         sport,
         dport,
         v6: true,
+        l4,
     })
 }
 
@@ -249,6 +277,10 @@ fn inbound_of(addr: &Ip, v6: bool) -> Option<InboundInfo> {
 fn try_ingress(ctx: &TcContext) -> Result<(), Unparsed> {
     let p = parse(ctx)?;
     bump(Stat::TcSeen);
+    // First: a FIN from an enrolled pod (direct mode) would pass as a mesh source below.
+    if fin_to_rst(ctx, &p) {
+        return Ok(());
+    }
     let dport = u16::from_be(p.dport);
     if dport == inbound::PLAIN_PORT || dport == inbound::HBONE_PORT {
         bump(Stat::TcPassMeshPort);
@@ -328,6 +360,93 @@ fn try_ingress(ctx: &TcContext) -> Result<(), Unparsed> {
     bump(stat);
     say(logged, stat, &s, sp, &d, dp);
     Ok(())
+}
+
+/// A FIN sent by a paired socket that closed with redirected bytes unread, rewritten into
+/// an RST in place (docs/architecture.md, "A paired socket closed with unread bytes").
+///
+/// The mark is the closing socket's own view in `UNREAD_CLOSES` (namespace 0, local =
+/// this segment's source), written by `mesh_close_unread` before the kernel sent the FIN;
+/// entries older than `UNREAD_CLOSE_FRESH_NS` are ignored. It is left in place: a FIN
+/// retransmitted while the receiver's socket is open (the first RST lost, or judged out
+/// of window) is rewritten again. Rewritten only while the receiver still has a socket
+/// of this connection that is not in time-wait (`bpf_skc_lookup_tcp` in this
+/// namespace): once the RST has closed it, a retransmitted FIN passes untouched and the
+/// kernel answers it with its own RST, which ends the closing side's orphaned socket
+/// (FIN_WAIT1) at its first retransmission instead of letting it retry until its timers
+/// give up.
+///
+/// The segment keeps its sequence number (the closing socket's `snd_nxt` before the FIN:
+/// the receiver's `rcv_nxt` once every byte before it arrived, which is what RFC 5961
+/// asks of an RST to accept it outright) and its ACK (`RST|ACK`, as `tcp_send_active_reset`
+/// sends); FIN, PSH, URG and the ECN bits are cleared. The checksum is updated for the
+/// flags word (`bpf_l4_csum_replace`; the pseudo-header does not change, IPv4 and IPv6
+/// alike; a `CHECKSUM_PARTIAL` segment from a local pod needs no update and gets none).
+/// A payload on the FIN segment stays where it is; the receiver discards it with the
+/// reset (a closing socket's unsent bytes are lost to an RST over plain TCP too).
+#[inline(always)]
+fn fin_to_rst(ctx: &TcContext, p: &Tcp) -> bool {
+    // A load-time constant first: without the mark (before 6.9, forced off) the verifier
+    // drops the rest.
+    if !crate::close::marks_closes() {
+        return false;
+    }
+    let Ok(word) = ctx.load::<[u8; 2]>(p.l4 + TCP_OFF_FLAGS_WORD) else {
+        return false;
+    };
+    let flags = word[1];
+    if flags & (TCP_FIN | TCP_SYN | TCP_RST) != TCP_FIN {
+        return false;
+    }
+    let key = SockKey {
+        netns: 0,
+        local_ip: p.saddr,
+        remote_ip: p.daddr,
+        local_port: u16::from_be(p.sport),
+        remote_port: u16::from_be(p.dport),
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(at_ns) = (unsafe { UNREAD_CLOSES.get(key) }).map(|v| v.at_ns) else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    if unsafe { bpf_ktime_get_ns() }.saturating_sub(at_ns) >= UNREAD_CLOSE_FRESH_NS {
+        return false;
+    }
+    let skb = ctx.skb.skb.cast();
+    let mut t = tuple(p, p.dport);
+    let len = if p.v6 { TUPLE_V6_LEN } else { TUPLE_V4_LEN };
+    // SAFETY: helper call with a stack tuple of the stated length; released below.
+    let sk = unsafe { bpf_skc_lookup_tcp(skb, &mut t, len, BPF_F_CURRENT_NETNS as u64, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null socket from the lookup; `state` is readable on sock_common.
+    let state = unsafe { (*sk).state };
+    // SAFETY: releasing the lookup's reference.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if state == BPF_TCP_LISTEN || state == BPF_TCP_TIME_WAIT {
+        return false;
+    }
+    let new = [word[0], TCP_RST | (flags & TCP_ACK)];
+    let off = p.l4 + TCP_OFF_FLAGS_WORD;
+    // SAFETY: helper calls on this program's skb; offsets inside the TCP header the loads
+    // above read (the kernel checks them against the packet again).
+    let ok = unsafe {
+        bpf_skb_store_bytes(ctx.skb.skb, off as u32, new.as_ptr().cast(), 2, 0) == 0
+            && bpf_l4_csum_replace(
+                ctx.skb.skb,
+                (p.l4 + TCP_OFF_CSUM) as u32,
+                u64::from(u16::from_ne_bytes(word)),
+                u64::from(u16::from_ne_bytes(new)),
+                2,
+            ) == 0
+    };
+    if ok {
+        bump(Stat::TcFinToRst);
+    }
+    ok
 }
 
 /// An IPv6 packet whose extension headers outrun the walk: a client that builds its own

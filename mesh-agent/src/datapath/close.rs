@@ -7,13 +7,19 @@
 //! on one of its sockets, asks here whether the far end closed that way
 //! ([`take_unread`]); if so it resets the other leg instead of passing a half-close.
 //!
+//! A FIN that no proxy reads (direct mode: two enrolled pods paired with each other) is
+//! rewritten into an RST by `mesh_tc_ingress` in the receiving pod (mesh-ebpf `tc`,
+//! `fin_to_rst`, counted as `tc_fin_to_rst`), from the same map; nothing here takes part.
+//!
 //! The map is process-wide state (one datapath per agent process): the proxy's relay is a
 //! free function shared by every listener, and a lookup it cannot make (no datapath, an
-//! older kernel) simply answers "no".
+//! older kernel) simply answers "no". Look-ups share a read lock (concurrent relays do
+//! not queue behind each other's system call); only a hit takes the write lock, to
+//! remove its entry.
 
 use std::{
     net::SocketAddr,
-    sync::{Mutex, OnceLock},
+    sync::{OnceLock, RwLock},
 };
 
 use aya::{
@@ -23,7 +29,7 @@ use aya::{
 };
 use mesh_common::{
     map_names,
-    maps::{SockKey, UnreadClose},
+    maps::{SockKey, UnreadClose, UNREAD_CLOSE_FRESH_NS},
     prog_names,
 };
 use tracing::{info, warn};
@@ -31,11 +37,13 @@ use tracing::{info, warn};
 use super::{btf, features};
 
 /// Entries older than this are ignored (and dropped): a reader looks within milliseconds
-/// of the close, so an old entry is one no proxy socket consumed (direct mode, a socket
-/// paired with another program's) and could only match a later flow reusing its 4-tuple.
-const FRESH_NS: u64 = 5_000_000_000;
+/// of the close, so an old entry is one no proxy socket consumed (direct mode, where TC
+/// ingress reads it and leaves it for retransmitted FINs; a socket paired with another
+/// program's) and could only match a later flow reusing its 4-tuple. The same bound as
+/// TC ingress's.
+const FRESH_NS: u64 = UNREAD_CLOSE_FRESH_NS;
 
-static UNREAD: OnceLock<Mutex<HashMap<MapData, SockKey, UnreadClose>>> = OnceLock::new();
+static UNREAD: OnceLock<RwLock<HashMap<MapData, SockKey, UnreadClose>>> = OnceLock::new();
 
 /// `CLOSE_OFFSETS` (mesh-ebpf `close`) from the running kernel's BTF: `sock_common`'s
 /// addresses, ports and family, `sock.sk_protocol` and `sk_shutdown`, `sk_psock.sk`.
@@ -92,14 +100,14 @@ pub(super) fn attach(ebpf: &mut Ebpf, wanted: bool) -> bool {
     };
     match run() {
         Ok(map) => {
-            if UNREAD.set(Mutex::new(map)).is_err() {
+            if UNREAD.set(RwLock::new(map)).is_err() {
                 warn!("a second datapath in this process: its unread-close map is not used");
             }
-            info!("paired sockets closed with unread bytes end in a reset of the proxied flow (tp_btf/inet_sock_set_state)");
+            info!("paired sockets closed with unread bytes end in a reset of the proxied flow, or of the direct-mode flow at the receiving pod's TC ingress (tp_btf/inet_sock_set_state)");
             true
         }
         Err(e) => {
-            warn!(error = %e, "mesh_close_unread (tp_btf/inet_sock_set_state) not attached: a paired socket closed with unread bytes ends its proxied flow with a FIN, not a reset");
+            warn!(error = %e, "mesh_close_unread (tp_btf/inet_sock_set_state) not attached: a paired socket closed with unread bytes ends its proxied or direct-mode flow with a FIN, not a reset");
             false
         }
     }
@@ -111,7 +119,7 @@ pub(super) fn feature(available: bool) -> features::Feature {
         name: features::CLOSE_UNREAD_RESET,
         since: "6.9",
         available,
-        fallback: "a paired socket closed with redirected bytes unread ends its proxied flow with a FIN (a clean end of stream on the other side) instead of a reset",
+        fallback: "a paired socket closed with redirected bytes unread ends its proxied or direct-mode flow with a FIN (a clean end of stream on the other side) instead of a reset",
     }
 }
 
@@ -129,11 +137,46 @@ pub fn take_unread(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
     let map = UNREAD.get()?;
     // The closing socket's view: its local address is our peer.
     let key = SockKey::new(0, canonical(peer), canonical(local));
-    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
-    let v = m.get(&key, 0).ok()?;
-    let _ = m.remove(&key);
+    let v = map
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key, 0)
+        .ok()?;
+    let _ = map.write().unwrap_or_else(|e| e.into_inner()).remove(&key);
     let age = crate::sys::monotonic_ns().saturating_sub(v.at_ns);
     (age < FRESH_NS).then_some(v.unread)
+}
+
+/// What a relay knows about the far end of one of its sockets, for [`take_far_unread`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Far {
+    /// The proxy's socket was never paired: no redirect could have queued bytes at the
+    /// far end, so no close there is marked. Nothing to ask.
+    Unpaired,
+    /// The proxy's socket, `local` connected to `peer`, as the caller already knows them
+    /// (no `getsockname`/`getpeername`).
+    Addrs { local: SocketAddr, peer: SocketAddr },
+    /// Not known: the addresses are asked of the socket when the question comes.
+    Ask,
+}
+
+/// [`take_unread`] for a relay that read its socket's end of stream: `(peer, unread
+/// bytes)` if the far end closed with bytes unread. Nothing is asked (no system call)
+/// while the program is not attached or for an [`Far::Unpaired`] socket; `addrs` (the
+/// socket's own `(local, peer)`) is called only for [`Far::Ask`].
+pub fn take_far_unread(
+    far: Far,
+    addrs: impl FnOnce() -> Option<(SocketAddr, SocketAddr)>,
+) -> Option<(SocketAddr, u32)> {
+    if !enabled() {
+        return None;
+    }
+    let (local, peer) = match far {
+        Far::Unpaired => return None,
+        Far::Addrs { local, peer } => (local, peer),
+        Far::Ask => addrs()?,
+    };
+    take_unread(local, peer).map(|n| (peer, n))
 }
 
 /// A v4-mapped IPv6 address as the IPv4 one (the datapath's keys map IPv4 the same way
@@ -163,5 +206,9 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:2000".parse().unwrap();
         assert_eq!(take_unread(a, b), None);
+        // Nor is any socket asked for its addresses.
+        for far in [Far::Unpaired, Far::Addrs { local: a, peer: b }, Far::Ask] {
+            assert_eq!(take_far_unread(far, || panic!("asked the socket")), None);
+        }
     }
 }
