@@ -588,6 +588,21 @@ pub fn links(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
     Ok((vec!["id", "program_id", "program", "type"], rows))
 }
 
+/// One row of `maps`: what the kernel says of the map, and how many entries `dump` reads.
+fn map_row(pin: &Path, name: &str, info: &MapInfo, pinned: Value) -> Value {
+    let entries = dump(pin, name).map(|(_, r)| r.len() as i64).unwrap_or(-1);
+    json!({
+        "name": name,
+        "id": info.id(),
+        "type": info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "?".into()),
+        "key_size": info.key_size(),
+        "value_size": info.value_size(),
+        "max_entries": info.max_entries(),
+        "entries": entries,
+        "pinned": pinned,
+    })
+}
+
 pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
     let mut rows = Vec::new();
     let rd = std::fs::read_dir(pin)
@@ -603,32 +618,13 @@ pub fn maps(pin: &Path) -> Result<(Vec<&'static str>, Vec<Value>), CliError> {
         let Ok(info) = MapInfo::from_pin(pin.join(&name)) else {
             continue;
         };
-        let entries = dump(pin, &name).map(|(_, r)| r.len() as i64).unwrap_or(-1);
-        rows.push(json!({
-            "name": name,
-            "id": info.id(),
-            "type": info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "?".into()),
-            "key_size": info.key_size(),
-            "value_size": info.value_size(),
-            "max_entries": info.max_entries(),
-            "entries": entries,
-            "pinned": pin.join(&name).display().to_string(),
-        }));
+        let pinned = json!(pin.join(&name).display().to_string());
+        rows.push(map_row(pin, &name, &info, pinned));
     }
     // The one map `dump` reads that is not pinned, while its program is loaded.
     let name = map_names::UNREAD_CLOSES;
     if let Ok(Some(info)) = unpinned_info(pin, name) {
-        let entries = dump(pin, name).map(|(_, r)| r.len() as i64).unwrap_or(-1);
-        rows.push(json!({
-            "name": name,
-            "id": info.id(),
-            "type": info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "?".into()),
-            "key_size": info.key_size(),
-            "value_size": info.value_size(),
-            "max_entries": info.max_entries(),
-            "entries": entries,
-            "pinned": null,
-        }));
+        rows.push(map_row(pin, name, &info, Value::Null));
     }
     Ok((
         vec![
