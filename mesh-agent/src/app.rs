@@ -141,6 +141,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             sockhash: cfg.sockhash_capacity,
         },
         kernel_relay: cfg.kernel_relay,
+        kernel_relay_egress: cfg.kernel_relay_egress,
     })?;
     warn_connect4_ahead_of_ours(&cgroup);
     // The programs' decision log follows the log filter (`/logging`, `log-level`).

@@ -119,6 +119,40 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--kernel-relay`: which kernel relay of decided proxied flows runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelRelay {
+    /// `false`: none, the proxy relays in user space.
+    #[default]
+    Off,
+    /// `true`: both directions, into the far end's receive queue (same-node destinations;
+    /// the destination's socket is paired, so its blocking reads can see EAGAIN).
+    Ingress,
+    /// `egress`: the client's direction, onto the send path of the proxy's leg to the
+    /// destination; the destination's socket is never paired.
+    Egress,
+}
+
+impl Serialize for KernelRelay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            KernelRelay::Off => "false",
+            KernelRelay::Ingress => "true",
+            KernelRelay::Egress => "egress",
+        })
+    }
+}
+
+/// `true`, `false` or `egress`.
+pub fn parse_kernel_relay(s: &str) -> Result<KernelRelay, String> {
+    match s.trim() {
+        "false" => Ok(KernelRelay::Off),
+        "true" => Ok(KernelRelay::Ingress),
+        "egress" => Ok(KernelRelay::Egress),
+        _ => Err(format!("{s:?}: expected true, false or egress")),
+    }
+}
+
 /// `--proxy-redirect`: where IPv4 connections of enrolled pods are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Redirect4 {
@@ -506,8 +540,10 @@ pub struct RunArgs {
     /// (endpoint, policy; no L7 work), sk_msg moves its bytes between the client's and the
     /// destination's sockets. Pairs the proxy's leg to such destinations (as
     /// `--skmsg-upstream`). Needs kernel 6.9+ (`kernel_relay` in /kernel). Off by default.
-    #[arg(long, env = "MESH_KERNEL_RELAY", default_value_t = false, action = clap::ArgAction::Set)]
-    pub kernel_relay: bool,
+    /// `egress`: only the client's direction, appended to the send path of the proxy's
+    /// leg to the destination; the destination's socket stays out of the sockhash.
+    #[arg(long, env = "MESH_KERNEL_RELAY", default_value = "false", value_parser = parse_kernel_relay)]
+    pub kernel_relay: KernelRelay,
     /// Worker threads of the node proxy; 0: one per CPU the agent may run on (its CPU
     /// affinity and cgroup CPU quota), so that on one CPU no connection is handed between
     /// two workers.
@@ -651,6 +687,8 @@ pub struct RunConfig {
     pub skmsg: bool,
     pub skmsg_upstream: bool,
     pub kernel_relay: bool,
+    /// `--kernel-relay egress` (with `kernel_relay`).
+    pub kernel_relay_egress: bool,
     /// Worker threads of the node proxy's runtime (resolved: at least 1).
     pub proxy_workers: usize,
     pub skmsg_queue_floor: u32,
@@ -954,7 +992,8 @@ impl RunConfig {
             admin_address: args.admin_address,
             skmsg: args.skmsg,
             skmsg_upstream: args.skmsg_upstream,
-            kernel_relay: args.kernel_relay,
+            kernel_relay: args.kernel_relay != KernelRelay::Off,
+            kernel_relay_egress: args.kernel_relay == KernelRelay::Egress,
             proxy_workers: match args.proxy_workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => usize::from(n),
@@ -1015,6 +1054,15 @@ fn hostname() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_relay_takes_true_false_or_egress() {
+        use super::{parse_kernel_relay, KernelRelay};
+        assert_eq!(parse_kernel_relay("false"), Ok(KernelRelay::Off));
+        assert_eq!(parse_kernel_relay("true"), Ok(KernelRelay::Ingress));
+        assert_eq!(parse_kernel_relay("egress"), Ok(KernelRelay::Egress));
+        assert!(parse_kernel_relay("ingress").is_err());
+    }
+
     use clap::Parser;
 
     use super::*;

@@ -181,6 +181,9 @@ pub struct LoadOptions<'a> {
     /// The kernel relay of proxied flows (`--kernel-relay`): on where the kernel has what
     /// it needs (`features::KERNEL_RELAY`).
     pub kernel_relay: bool,
+    /// `--kernel-relay egress`: the client's direction only, onto the proxy leg's send
+    /// path (`relay_mode::EGRESS`).
+    pub kernel_relay_egress: bool,
 }
 
 /// Sizes of the maps a workload's connections fill, chosen at load.
@@ -564,7 +567,16 @@ impl Datapath {
             && tcp_seq.iter().all(|o| *o != 0)
             && !assumed_missing(features::KERNEL_RELAY);
         let kernel_relay = o.kernel_relay && relay_possible;
-        let relay_on = u32::from(kernel_relay);
+        let egress_offsets = if kernel_relay && o.kernel_relay_egress {
+            relay::egress_offsets()
+        } else {
+            [0; 5]
+        };
+        let relay_on = match (kernel_relay, o.kernel_relay_egress) {
+            (false, _) => 0,
+            (true, false) => mesh_common::maps::relay_mode::INGRESS,
+            (true, true) => mesh_common::maps::relay_mode::EGRESS,
+        };
         // sockops reads an accepting socket's namespace itself where it may (5.15+).
         let sockops_netns =
             features::KernelFeatures::release_at_least(&sys::kernel_release(), 5, 15)
@@ -597,6 +609,11 @@ impl Datapath {
             .override_global("OFF_TCP_WRITE_SEQ", &tcp_seq[0], true)
             .override_global("OFF_TCP_COPIED_SEQ", &tcp_seq[1], true)
             .override_global("KERNEL_RELAY", &relay_on, true)
+            .override_global("OFF_TCP_SND_UNA", &egress_offsets[0], true)
+            .override_global("OFF_SK_SNDBUF", &egress_offsets[1], true)
+            .override_global("OFF_SK_SOCKET", &egress_offsets[2], true)
+            .override_global("OFF_SOCKET_FILE", &egress_offsets[3], true)
+            .override_global("OFF_FILE_FLAGS", &egress_offsets[4], true)
             .override_global("SOCKOPS_NETNS", &sockops_netns_on, true)
             .override_global("SOCK_NETNS_STAMP", &stamp_on, true)
             .override_global("OFF_MSG_SK", &off_msg_sk, true)
@@ -802,6 +819,7 @@ impl Datapath {
                             name: map_names::SOCK_STATE,
                             source,
                         })?,
+                    o.kernel_relay_egress,
                 ))
             } else {
                 None

@@ -416,6 +416,8 @@ pub struct RelayInfo {
     pub target: SockKey,
     /// `snd_base` of the proxy socket that feeds `target` (the proxy's leg to it):
     /// `target.copied_seq - reader_base` is every byte `target` read from the proxy.
+    /// Egress mode: `target` is P_u, and this is P_u's `snd_base` plus every byte the
+    /// relay put into P_u (`P_u.write_seq - reader_base`: what the proxy wrote there).
     pub reader_base: u32,
     /// `relay_state::*`.
     pub state: u32,
@@ -425,6 +427,24 @@ pub struct RelayInfo {
     pub recoveries: u32,
     /// Bytes this sender moved straight into `target`.
     pub relayed: u64,
+    /// Egress mode (`relay_mode::EGRESS`) only: the size of this sender's last message
+    /// relayed (its push into `target` completes after sk_msg returns, so `relayed`
+    /// counts it at the next message, from `target`'s `write_seq`; the proxy adds this at
+    /// the end of the flow).
+    pub last: u32,
+    /// Egress mode only: `target`'s `write_seq` when `relayed` was last brought up to
+    /// date (while on, only the relay writes into `target`).
+    pub seq: u32,
+}
+
+/// `KERNEL_RELAY` (the eBPF's load-time constant): which kernel relay runs.
+pub mod relay_mode {
+    /// `--kernel-relay true`: both directions, into the far end's receive queue (S is
+    /// paired too).
+    pub const INGRESS: u32 = 1;
+    /// `--kernel-relay egress`: the client's direction only, onto the send path of the
+    /// proxy's leg P_u (S is never in the sockhash).
+    pub const EGRESS: u32 = 2;
 }
 
 /// `RelayInfo::state`.
@@ -504,7 +524,7 @@ assert_layout!(DestInfo, 16, 8);
 assert_layout!(MeshConfig, 56, 8);
 assert_layout!(ExcludeCidr, 48, 4);
 assert_layout!(SockState, 88, 8);
-assert_layout!(RelayInfo, 72, 8);
+assert_layout!(RelayInfo, 80, 8);
 assert_layout!(FlowRecord, 96, 8);
 assert_layout!(SockKey, 48, 8);
 assert_layout!(FlowInfo, 40, 8);

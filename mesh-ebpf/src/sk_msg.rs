@@ -20,6 +20,10 @@
 //! `RELAY` (the client's socket of a decided proxied flow, and the destination's socket)
 //! sends straight into the other end's receive queue once nothing it sent is still on the
 //! proxied path (`relay`); the proxy's own sockets stay on TCP (`fallback::RELAY_LEG`).
+//! In egress mode (`relay_mode::EGRESS`, `--kernel-relay egress`) only the client's socket
+//! is armed, its target is the proxy's leg P_u, and the redirect goes onto P_u's send path
+//! (no `BPF_F_INGRESS`): the destination's socket is never in the sockhash, and P_u's TCP
+//! flow control is the back-pressure (`relay_egress`).
 //!
 //! # Minimum kernel version
 //!
@@ -38,11 +42,12 @@ use aya_ebpf::{
     },
     macros::sk_msg,
     programs::SkMsgContext,
+    Global,
 };
 use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
     decision, fallback, flow_flags, log_level,
-    maps::{relay_drained, relay_state, RelayInfo, SockKey, SockState},
+    maps::{relay_drained, relay_mode, relay_state, RelayInfo, SockKey, SockState},
     socket_key, Stat,
 };
 
@@ -371,6 +376,9 @@ fn relay(
     // No room for this sender's addresses: no relay (nothing can be checked).
     let a = addrs?;
     let md = ctx.msg as u64;
+    if KERNEL_RELAY.load() == relay_mode::EGRESS {
+        return relay_egress(ctx, st, a, r, size, me, rec);
+    }
     match r.state {
         relay_state::ON => {
             if peer_queue_full(a.relay_peer) {
@@ -447,6 +455,209 @@ fn relay(
         }
         _ => None,
     }
+}
+
+/// `struct tcp_sock`'s `snd_una` and `struct sock`'s `sk_sndbuf` (the egress relay's
+/// room check; the agent resolves them from BTF with `--kernel-relay egress`). Zero: no
+/// egress relay.
+#[unsafe(no_mangle)]
+pub static OFF_TCP_SND_UNA: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SK_SNDBUF: Global<u32> = Global::new(0);
+/// `sock.sk_socket`, `socket.file`, `file.f_flags`: whether the sender's file is
+/// non-blocking (`egress_room`). Zero: every sender is taken as non-blocking.
+#[unsafe(no_mangle)]
+pub static OFF_SK_SOCKET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_SOCKET_FILE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_FILE_FLAGS: Global<u32> = Global::new(0);
+/// `O_NONBLOCK` (linux, every architecture we build for).
+const O_NONBLOCK: u32 = 0o4000;
+
+/// The egress relay of the client's socket A (`relay_mode::EGRESS`): `r.target` is the
+/// proxy's leg P_u (its own `SOCKHASH` key; P_u carries nothing but A's bytes), and a
+/// relayed message is appended to P_u's write queue (`bpf_msg_redirect_hash` without
+/// `BPF_F_INGRESS`: linux `tcp_bpf_sendmsg_redir` -> `tcp_bpf_push_locked`).
+///
+/// The switch waits until every byte A ever sent through the proxy (its redirects to P_a
+/// plus its TCP bytes) is in P_u's write queue: `P_u.write_seq - reader_base`, where
+/// `reader_base` is P_u's `snd_base` plus every byte the relay put into P_u. Then nothing
+/// of A is in P_a's queues or the proxy's buffer, and a message appended now cannot
+/// overtake anything.
+///
+/// Room: a blocking sender's message is always relayed (a push into a full P_u waits for
+/// room: TCP's back-pressure). A non-blocking sender's only if P_u has room
+/// (`egress_room`). Otherwise it
+/// takes the proxied path (`relay_fallback`) and the same check brings the sender back
+/// (`relay_recovered`). Why: a push into a full P_u returns EAGAIN to a non-blocking A
+/// while A itself stays writable (its own send buffer is empty) and nothing wakes A when
+/// P_u drains: an event-loop writer would spin (level-triggered) or stall for good
+/// (edge-triggered). On the proxied path A's flow control is its own again. Accepted
+/// inexactness: a blocking socket's `send(MSG_DONTWAIT)` is taken as blocking (sk_msg does
+/// not see the call's flags); it can get EAGAIN while A polls writable.
+///
+/// Counts: while on, only the relay writes into P_u, so the growth of P_u's `write_seq`
+/// seen at each message (`seq`) is what the earlier pushes moved (exact, even for a short
+/// write); `last` is the message in hand, which the proxy adds when the flow ends.
+#[inline(always)]
+fn relay_egress(
+    ctx: &SkMsgContext,
+    st: &mut SockState,
+    a: &mut PeerSk,
+    r: &mut RelayInfo,
+    size: u32,
+    me: &SockKey,
+    rec: &mut MsgRec,
+) -> Option<u32> {
+    if OFF_TCP_SND_UNA.load() == 0 || OFF_SK_SNDBUF.load() == 0 {
+        return None;
+    }
+    let md = ctx.msg as u64;
+    let mut key = r.target;
+    match r.state {
+        relay_state::ON => {
+            // Unreadable (never seen): as if P_u were full. Never `None` while on: a
+            // message on the proxied path with the state still on would let the next
+            // one overtake it.
+            let w = read_u32(a.relay_peer, OFF_TCP_WRITE_SEQ.load()).unwrap_or(r.seq);
+            let moved = w.wrapping_sub(r.seq);
+            r.relayed += moved as u64;
+            r.reader_base = r.reader_base.wrapping_add(moved);
+            r.seq = w;
+            r.last = 0;
+            let mine = read_u64(ctx_addr(md, a), OFF_MSG_SK.load());
+            if !(sender_blocks(mine) || egress_room(a.relay_peer, w, size))
+                || SOCKHASH.redirect_msg(ctx, &mut key, 0) as u32 != SK_PASS
+            {
+                // P_u is full (or left the sockhash: it closed): this message and the
+                // next take the proxied path, behind everything already in P_u.
+                r.state = relay_state::FALLBACK;
+                r.fallbacks += 1;
+                bump(Stat::RelayFallback);
+                *rec = MsgRec::new(Stat::RelayFallback as u32, me, st.netns);
+                return None;
+            }
+            r.last = size;
+            bump(Stat::MsgRelayed);
+            add(Stat::MsgRelayedBytes, size as u64);
+            Some(SK_PASS)
+        }
+        relay_state::ARMED | relay_state::FALLBACK => {
+            // P_u's address is learnt from a redirect to it (`sk_msg.sk_redir`); while the
+            // check fails, a second redirect to P_a replaces it. So learning needs this
+            // message to be a redirect to the proxy anyway: the sender is not on TCP.
+            let known = a.relay_peer != 0;
+            if !known {
+                if st.fallback != 0 || SOCKHASH.redirect_msg(ctx, &mut key, 0) as u32 != SK_PASS {
+                    return None;
+                }
+                a.relay_peer = read_u64(ctx_addr(md, a), OFF_MSG_SK_REDIR.load());
+            }
+            if let Some(w) = egress_ready(md, st, a, r) {
+                let mine = read_u64(ctx_addr(md, a), OFF_MSG_SK.load());
+                if (sender_blocks(mine) || egress_room(a.relay_peer, w, size))
+                    && (!known || SOCKHASH.redirect_msg(ctx, &mut key, 0) as u32 == SK_PASS)
+                {
+                    let stat = if r.state == relay_state::ARMED {
+                        Stat::RelayStarted
+                    } else {
+                        r.recoveries += 1;
+                        Stat::RelayRecovered
+                    };
+                    r.state = relay_state::ON;
+                    r.seq = w;
+                    r.last = size;
+                    bump(stat);
+                    *rec = MsgRec::new(stat as u32, me, st.netns);
+                    bump(Stat::MsgRelayed);
+                    add(Stat::MsgRelayedBytes, size as u64);
+                    return Some(SK_PASS);
+                }
+            }
+            if known {
+                return None;
+            }
+            // Learnt, but bytes are still in flight (or no room): this message goes to
+            // the proxy, replacing the redirect to P_u.
+            let mut back = me.reversed().in_netns(st.peer_netns);
+            if SOCKHASH.redirect_msg(ctx, &mut back, BPF_F_INGRESS as u64) as u32 != SK_PASS {
+                // P_a is gone and the message must not reach P_u ahead of bytes in
+                // flight: dropped, the application's send fails.
+                return Some(SK_DROP);
+            }
+            if a.peer == 0 {
+                a.peer = read_u64(ctx_addr(md, a), OFF_MSG_SK_REDIR.load());
+            }
+            bump(Stat::MsgRedirected);
+            add(Stat::MsgRedirectedBytes, size as u64);
+            st.redirected += size as u64;
+            Some(SK_PASS)
+        }
+        _ => None,
+    }
+}
+
+/// Whether P_u (kernel address `pu`, its `write_seq` `w`) has room: its unacknowledged
+/// and unsent bytes below three quarters of its `sk_sndbuf` (the queue's memory also
+/// counts each buffer's overhead, about 2% with the pushed pages), so a push moves at
+/// least one byte and never returns EAGAIN with nothing sent. A message larger than the room is pushed in part (a short write
+/// for a non-blocking sender, a wait for a blocking one); the sender's next message then
+/// finds no room and takes the proxied path, so no sender retries into a full P_u.
+#[inline(always)]
+fn egress_room(pu: u64, w: u32, size: u32) -> bool {
+    let (Some(una), Some(sndbuf)) = (
+        read_u32(pu, OFF_TCP_SND_UNA.load()),
+        read_u32(pu, OFF_SK_SNDBUF.load()),
+    ) else {
+        return false;
+    };
+    let _ = size;
+    w.wrapping_sub(una) < sndbuf / 4 * 3
+}
+
+/// Whether the sender (kernel address `me`) has a blocking file: its push into a full P_u
+/// then waits for room there, as a write into its own full socket would.
+#[inline(always)]
+fn sender_blocks(me: u64) -> bool {
+    let (so, fi, fl) = (
+        OFF_SK_SOCKET.load(),
+        OFF_SOCKET_FILE.load(),
+        OFF_FILE_FLAGS.load(),
+    );
+    if so == 0 || fi == 0 || fl == 0 || me == 0 {
+        return false;
+    }
+    let socket = read_u64(me, so);
+    if socket == 0 {
+        return false;
+    }
+    let file = read_u64(socket, fi);
+    if file == 0 {
+        return false;
+    }
+    matches!(read_u32(file, fl), Some(f) if f & O_NONBLOCK == 0)
+}
+
+/// Egress mode: P_u's `write_seq` when every byte A sent through the proxy (its redirects
+/// to P_a, `SockState.redirected`, plus its TCP bytes, `write_seq - snd_base`) is in P_u's
+/// write queue (`P_u.write_seq - reader_base`: P_u carries only A's bytes, and
+/// `reader_base` leaves out those the relay put there); `None` otherwise. A's socket lock
+/// is held, so its side cannot move; the proxy writes into P_u only bytes it read from
+/// P_a, so the equality stays true until this message is pushed.
+#[inline(always)]
+fn egress_ready(md: u64, st: &SockState, a: &mut PeerSk, r: &RelayInfo) -> Option<u32> {
+    if a.relay_peer == 0 {
+        return None;
+    }
+    let mine = read_u64(ctx_addr(md, a), OFF_MSG_SK.load());
+    if mine == 0 {
+        return None;
+    }
+    let w = read_u32(mine, OFF_TCP_WRITE_SEQ.load())?;
+    let wu = read_u32(a.relay_peer, OFF_TCP_WRITE_SEQ.load())?;
+    let via_proxy = st.redirected + w.wrapping_sub(st.snd_base) as u64;
+    relay_drained(via_proxy, wu, r.reader_base, 0).then_some(wu)
 }
 
 /// Counts a message the relay moved (under the sender's socket lock: no other writer of

@@ -41,7 +41,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{log, macro_support::Level};
 use mesh_common::{
     cfg_flags, decision, flow_flags, flow_record, log_level,
-    maps::{FlowInfo, FlowRecord, Ip, MeshConfig, SockKey, SockState},
+    maps::{relay_mode, FlowInfo, FlowRecord, Ip, MeshConfig, SockKey, SockState},
     socket_key, tcp_payload, tel_flags, Stat,
 };
 
@@ -49,7 +49,7 @@ use crate::{
     log::{ip16, on, NONE},
     maps::{
         bump, config, flow_record, read_addressing, sock_state, stamped_netns, DESTS, FLOWS,
-        SOCKHASH, SOCKOPS_NETNS, SOCK_NETNS_STAMP,
+        KERNEL_RELAY, SOCKHASH, SOCKOPS_NETNS, SOCK_NETNS_STAMP,
     },
 };
 
@@ -314,12 +314,20 @@ fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
         return;
     }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | PAIRED_CB_FLAGS) as i32);
+    // The egress kernel relay (`--kernel-relay egress`) puts the proxy's leg in the
+    // sockhash alone: without `client_paired` in the flow's entry the destination's
+    // socket is not paired, so its reads stay plain TCP (blocking readers unaffected).
+    let solo = KERNEL_RELAY.load() == relay_mode::EGRESS;
+    let mut paired = 0;
     // SAFETY: the context pointer is valid for the program's lifetime.
     if SOCKHASH
         .update(key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
         .is_ok()
     {
-        flow.flags |= flow_flags::CLIENT_PAIRED;
+        paired = flow_flags::CLIENT_PAIRED;
+        if !solo {
+            flow.flags |= flow_flags::CLIENT_PAIRED;
+        }
         bump(Stat::SockopsClientPaired);
         // SAFETY: the context's own socket, checked non-null by the caller.
         unsafe { crate::close::remember_psock(sk) };
@@ -331,7 +339,7 @@ fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
         *st = SockState {
             orig_ip: flow.orig_ip,
             orig_port: flow.orig_port,
-            flags: flow.flags | flow_flags::RECORDED,
+            flags: flow.flags | flow_flags::RECORDED | paired,
             src_id: flow.src_id,
             dst_id: flow.dst_id,
             fallback: 0,
@@ -345,7 +353,7 @@ fn upstream_established(ctx: &SockOpsContext, sk: *mut c_void, rec: &mut Rec) {
     *rec = Rec {
         level: cfg.log_level,
         code: decision::UPSTREAM_ESTABLISHED,
-        paired: (flow.flags & flow_flags::CLIENT_PAIRED != 0) as u32,
+        paired: (paired != 0) as u32,
         netns: flow.netns,
         key: flow_key,
         orig_ip: flow.orig_ip,

@@ -11,6 +11,12 @@
 //! - `RELAY[A] = {target: S, reader_base: P_u.snd_base}` and
 //!   `RELAY[S] = {target: A, reader_base: P_a.snd_base}`, both `ARMED`.
 //!
+//! Egress mode (`--kernel-relay egress`, `egress`): sockops put P_u in the sockhash alone
+//! (S is never paired, so its reads stay plain TCP); only
+//! `RELAY[A] = {target: P_u, reader_base: P_u.snd_base}` is written, and only P_u's sends
+//! are put on TCP (`relay_leg`). A's messages are then appended to P_u's write queue; the
+//! direction S -> A stays on the proxied path (P_a still redirects into A).
+//!
 //! Each direction then switches in the kernel on its own (mesh-ebpf `sk_msg::relay`). The
 //! proxy keeps relaying whatever still reaches its sockets and passes FIN and RST on as
 //! before; when its relay ends it reads each sender's relayed bytes and removes both
@@ -37,11 +43,34 @@ pub enum RelayError {
     },
 }
 
+/// The egress relay's offsets (`OFF_TCP_SND_UNA`, `OFF_SK_SNDBUF`, `OFF_SK_SOCKET`,
+/// `OFF_SOCKET_FILE`, `OFF_FILE_FLAGS` in mesh-ebpf's sk_msg), from the kernel's BTF; zeros (no egress relay: every byte takes
+/// the proxied path) with a warning.
+pub fn egress_offsets() -> [u32; 5] {
+    let resolve = || -> Result<[u32; 5], String> {
+        let btf = super::btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
+        let get = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
+        Ok([
+            get("tcp_sock", "snd_una")?,
+            get("sock", "sk_sndbuf")?,
+            get("sock", "sk_socket")?,
+            get("socket", "file")?,
+            get("file", "f_flags")?,
+        ])
+    };
+    resolve().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "egress kernel relay disabled: tcp_sock/sock/file offsets not found in the kernel's BTF");
+        [0; 5]
+    })
+}
+
 /// Handles on `RELAY` and on `SOCK_STATE` (a second handle, opened from its pin, so the
 /// proxy's per-connection reads of the first one never wait for this writer).
 pub struct RelayMaps {
     relay: Mutex<HashMap<MapData, SockKey, RelayInfo>>,
     sock_state: Mutex<SkStorage<MapData, SockState>>,
+    /// Egress mode: the client's direction only, onto P_u's send path.
+    egress: bool,
 }
 
 /// What the kernel moved for one flow (`RelayMaps::finish`).
@@ -60,18 +89,26 @@ pub struct Relayed {
 pub struct Armed<'a> {
     maps: &'a RelayMaps,
     client: SockKey,
-    server: SockKey,
+    /// `None` in egress mode (the destination's socket is not armed).
+    server: Option<SockKey>,
 }
 
 impl RelayMaps {
     pub fn new(
         relay: HashMap<MapData, SockKey, RelayInfo>,
         sock_state: SkStorage<MapData, SockState>,
+        egress: bool,
     ) -> RelayMaps {
         RelayMaps {
             relay: Mutex::new(relay),
             sock_state: Mutex::new(sock_state),
+            egress,
         }
+    }
+
+    /// Whether this is the egress relay (`--kernel-relay egress`).
+    pub fn egress(&self) -> bool {
+        self.egress
     }
 
     /// Arms the relay of a flow: `accepted` is the proxy's socket of the client whose view
@@ -103,10 +140,13 @@ impl RelayMaps {
             .ok_or(RelayError::UpstreamNotPaired)?;
         let client = client.in_netns(pa.peer_netns);
         let server = upstream_key.reversed().in_netns(pu.peer_netns);
+        if self.egress {
+            return self.arm_egress(upstream, client, upstream_key.in_netns(pu.own_netns), pu);
+        }
         let armed = Armed {
             maps: self,
             client,
-            server,
+            server: Some(server),
         };
         {
             let mut m = self.relay.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,14 +186,62 @@ impl RelayMaps {
         Ok(armed)
     }
 
+    /// Egress mode: `RELAY[A] = {target: P_u (its own key, as sockops put it in the
+    /// sockhash), reader_base: P_u.snd_base}`, and P_u's sends on TCP for good.
+    fn arm_egress(
+        &self,
+        upstream: &impl AsRawFd,
+        client: SockKey,
+        pu_key: SockKey,
+        pu: SockState,
+    ) -> Result<Armed<'_>, RelayError> {
+        let armed = Armed {
+            maps: self,
+            client,
+            server: None,
+        };
+        {
+            let mut m = self.relay.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = RelayInfo {
+                target: pu_key,
+                reader_base: pu.snd_base,
+                state: relay_state::ARMED,
+                ..RelayInfo::default()
+            };
+            m.insert(client, entry, 0)
+                .map_err(|source| RelayError::Map {
+                    what: "RELAY insert (full?)",
+                    source,
+                })?;
+        }
+        let mut ss = self.sock_state.lock().unwrap_or_else(|e| e.into_inner());
+        ss.insert(
+            &upstream.as_raw_fd(),
+            SockState {
+                fallback: fallback::RELAY_LEG,
+                ..pu
+            },
+            0,
+        )
+        .map_err(|source| RelayError::Map {
+            what: "SOCK_STATE update of a proxy socket",
+            source,
+        })?;
+        Ok(armed)
+    }
+
     /// What the kernel moved for `armed`, read as its entries are removed.
     pub fn finish(&self, armed: Armed<'_>) -> Relayed {
         let m = self.relay.lock().unwrap_or_else(|e| e.into_inner());
         let c = m.get(&armed.client, 0).unwrap_or_default();
-        let s = m.get(&armed.server, 0).unwrap_or_default();
+        let s = armed
+            .server
+            .and_then(|k| m.get(&k, 0).ok())
+            .unwrap_or_default();
         drop(m);
         Relayed {
-            from_client: c.relayed,
+            // Egress mode: the last message's push is counted here (`RelayInfo::last`).
+            from_client: c.relayed + u64::from(c.last),
             from_server: s.relayed,
             fallbacks: c.fallbacks + s.fallbacks,
             recoveries: c.recoveries + s.recoveries,
@@ -174,6 +262,8 @@ impl Drop for Armed<'_> {
         // which is always safe (the reader takes its redirect queue before TCP).
         let mut m = self.maps.relay.lock().unwrap_or_else(|e| e.into_inner());
         let _ = m.remove(&self.client);
-        let _ = m.remove(&self.server);
+        if let Some(s) = &self.server {
+            let _ = m.remove(s);
+        }
     }
 }

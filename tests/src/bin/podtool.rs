@@ -2,26 +2,35 @@
 //! JSON line with what it measured, so tests assert on observable results.
 //!
 //! ```text
-//! podtool echo  --listen ADDR            echo every byte back; half-close when the client does
+//! podtool echo  --listen ADDR [--strict]  echo every byte back; half-close when the client does
+//!                                        (`--strict`: a blocking read returning EAGAIN is an
+//!                                        error, as for a thread-per-connection server: the
+//!                                        connection is dropped; `sink --strict` reports it)
 //! podtool sink  --listen ADDR --delay-us N [--pause-ms M]  (wait M ms, then) read 16 KiB at a
 //!                                        time with a pause (a slow reader),
 //!                                        then answer "<bytes> <sha256>" and close
 //! podtool reset --listen ADDR            read a little, then close with RST (SO_LINGER 0)
-//! podtool echo-client --to ADDR --bytes N [--conns C]   send N bytes, read the echo back
+//! podtool echo-client --to ADDR --bytes N [--conns C] [--settle-ms M]   send N bytes (after
+//!                                        M ms idle once connected), read the echo back
 //!                                        (event-loop I/O: non-blocking + poll, two threads);
 //!                                        a connection whose getpeername() is not ADDR fails
-//! podtool sink-client --to ADDR --bytes N  send N bytes fast with blocking 1 MiB writes,
+//! podtool sink-client --to ADDR --bytes N [--warmup-ms M]  send N bytes fast with blocking
+//!                                        1 MiB writes (after 64 bytes and a pause of M ms),
 //!                                        half-close, read the digest (event-loop read)
 //! podtool reset-client --to ADDR [--from-port P]  send, expect the reset to arrive as
 //!                                        ECONNRESET (from source port P: a 4-tuple a test
-//!                                        can name in a map before connecting)
+//!                                        can name in a map before connecting);
+//!                                        `--keep-writing [--settle-ms M]`: (after M ms idle)
+//!                                        keep sending 1 KiB every 2 ms until a write fails,
+//!                                        then read once; prints both errors
 //! podtool source --listen ADDR --bytes N --chunk-delay-us D  send N bytes in 16 KiB
 //!                                        chunks with a pause between them, then close
 //! podtool read-client --to ADDR           read until the end of stream; print the bytes and
 //!                                        how it ended (`eof`, or the error: `ECONNRESET`)
-//! podtool raw --to ADDR --send TEXT [--half-close]  send TEXT (`\r` and `\n` written as
-//!                                        such; then a FIN with `--half-close`), read the
-//!                                        answer until the server closes; print its first line
+//! podtool raw --to ADDR --send TEXT [--half-close] [--settle-ms M]  (after M ms idle) send
+//!                                        TEXT (`\r` and `\n` written as such; then a FIN with
+//!                                        `--half-close`), read the answer until the server
+//!                                        closes; print its first line
 //! podtool dial-range --to IP --ports A-B  connect to each port once and close; prints how
 //!                                        many connected and how many were refused or reset
 //! podtool ping --to ADDR --count N       64-byte ping-pong; prints latency percentiles
@@ -122,7 +131,8 @@ fn serve(args: &[String], handle: fn(TcpStream, &[String])) {
     }
 }
 
-fn echo(mut c: TcpStream, _: &[String]) {
+fn echo(mut c: TcpStream, args: &[String]) {
+    let strict = args.iter().any(|a| a == "--strict");
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match c.read(&mut buf) {
@@ -139,7 +149,8 @@ fn echo(mut c: TcpStream, _: &[String]) {
             // and returns EAGAIN when woken with nothing to read; under emulation that
             // happened before the first byte, and the server closed a flow it had not
             // read (6.1, TCG). The socket blocks: EAGAIN is only that, so wait again.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // `--strict`: what a thread-per-connection server does, drop the connection.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !strict => continue,
             Err(_) => return,
         }
     }
@@ -147,6 +158,7 @@ fn echo(mut c: TcpStream, _: &[String]) {
 
 fn sink(mut c: TcpStream, args: &[String]) {
     let delay = Duration::from_micros(num(args, "--delay-us", 500));
+    let strict = args.iter().any(|a| a == "--strict");
     // A reader that does not read at all for a while.
     std::thread::sleep(Duration::from_millis(num(args, "--pause-ms", 0)));
     let mut buf = vec![0u8; 16 * 1024];
@@ -165,7 +177,12 @@ fn sink(mut c: TcpStream, args: &[String]) {
             // when woken with nothing to read (docs/architecture.md, "Back-pressure and
             // blocking readers"). The socket blocks: wait again. A real end (RST, FIN)
             // shows in the next read; the byte count and digest still check every byte.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // `--strict`: reported (a blocking reader must never see it).
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !strict => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                err = "EAGAIN".into();
+                break;
+            }
             Err(e) => {
                 err = errno_name(&e);
                 break;
@@ -216,6 +233,8 @@ fn raw(args: &[String]) {
         .replace("\\r", "\r")
         .replace("\\n", "\n");
     let mut c = TcpStream::connect(addr(args, "--to")).expect("connect");
+    // `--settle-ms`: a connection the node proxy has decided before the first byte.
+    std::thread::sleep(Duration::from_millis(num(args, "--settle-ms", 0)));
     c.write_all(text.as_bytes()).expect("send");
     if args.iter().any(|a| a == "--half-close") {
         c.shutdown(Shutdown::Write).expect("half-close");
@@ -331,6 +350,7 @@ fn echo_once(
     to: SocketAddr,
     data: Arc<Vec<u8>>,
     start: Option<Arc<Barrier>>,
+    settle: Duration,
 ) -> (u64, String, Vec<String>) {
     let mut errors = Vec::new();
     let c = match TcpStream::connect(to) {
@@ -346,6 +366,8 @@ fn echo_once(
     if let Some(b) = start {
         b.wait();
     }
+    // `--settle-ms`: a connection the node proxy has decided before the first byte.
+    std::thread::sleep(settle);
     // getpeername() must name what was dialled, captured or not (the datapath answers
     // it from the socket's state for a connection it redirected to the proxy).
     match c.peer_addr() {
@@ -393,13 +415,14 @@ fn echo_client(args: &[String]) {
     let data = Arc::new(payload(bytes, 0x5eed));
     let sent_sha = hex(&Sha256::digest(&*data));
     let barrier = (conns > 1).then(|| Arc::new(Barrier::new(conns)));
+    let settle = Duration::from_millis(num(args, "--settle-ms", 0));
     let handles: Vec<_> = (0..conns)
         .map(|_| {
             let d = data.clone();
             let b = barrier.clone();
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
-                .spawn(move || echo_once(to, d, b))
+                .spawn(move || echo_once(to, d, b, settle))
                 .expect("thread")
         })
         .collect();
@@ -431,8 +454,20 @@ fn sink_client(args: &[String]) {
     let sent_sha = hex(&Sha256::digest(&data));
     let mut errors = Vec::new();
     let mut c = TcpStream::connect(to).expect("connect");
+    // `--warmup-ms M`: the first 64 bytes alone, then a pause of M ms (a flow the node
+    // proxy has decided and fully passed on before the bulk starts).
+    let warmup = num(args, "--warmup-ms", 0);
+    let mut rest = &data[..];
+    if warmup > 0 {
+        let (first, tail) = data.split_at(64.min(data.len()));
+        if let Err(e) = c.write_all(first) {
+            errors.push(format!("write: {}", errno_name(&e)));
+        }
+        std::thread::sleep(Duration::from_millis(warmup));
+        rest = tail;
+    }
     // Many blocking writes of 1 MiB: what a fast producer does.
-    for chunk in data.chunks(1 << 20) {
+    for chunk in rest.chunks(1 << 20) {
         if let Err(e) = c.write_all(chunk) {
             errors.push(format!("write: {}", errno_name(&e)));
             break;
@@ -561,6 +596,33 @@ fn reset_client(args: &[String]) {
         }
         other => other.expect("connect"),
     };
+    if args.iter().any(|a| a == "--keep-writing") {
+        // Writes after the far end's reset: the first failing write's error, how many bytes
+        // were written before it, and what a read says after it.
+        let chunk = [0x6bu8; 1024];
+        let mut written = 0u64;
+        // `--settle-ms`: a connection the node proxy has decided before the first byte.
+        std::thread::sleep(Duration::from_millis(num(args, "--settle-ms", 0)));
+        let write_error = loop {
+            match c.write(&chunk) {
+                Ok(n) => written += n as u64,
+                Err(e) => break errno_name(&e),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        c.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 16];
+        let read = match read_evented(&mut c, &mut buf) {
+            Ok(0) => "eof".to_owned(),
+            Ok(_) => "data".to_owned(),
+            Err(e) => errno_name(&e),
+        };
+        println!(
+            "{}",
+            serde_json::json!({"write_error": write_error, "written": written, "read": read})
+        );
+        return;
+    }
     // The reset may come before our write (a refused upstream resets at once): then the
     // write is where it shows, and a read after it would only see EOF.
     let outcome = if let Err(e) = c.write_all(b"hello") {

@@ -1,0 +1,369 @@
+//! The egress kernel relay (`--kernel-relay egress`, issue 13 item 1) on a simulated node:
+//! a TCP service whose endpoint is a pod of the same node, reached through the node proxy.
+//! Once the proxy has decided the flow, the client's messages are appended straight to the
+//! send path of the proxy's leg to the endpoint (P_u), so the endpoint's socket is never in
+//! the sockhash: a *blocking* thread-per-connection server (whose reads must never return
+//! EAGAIN) gets every byte, half-close and reset pass as before, a slow reader holds the
+//! client's writes back through P_u's TCP flow control with bounded queues, and the
+//! proxy's counts include what the kernel moved.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use mesh_tests::flows::{assert_intact, assert_sunk};
+use mesh_tests::{
+    metric,
+    scenes::{client_db, DB_VIP as VIP},
+    sh, Agent, SimNode,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// A node with `shop/client` and `backend/db` behind the TCP service `db`, and an agent
+/// with the egress relay on (plus `extra`).
+fn start(extra: &[&str]) -> (SimNode, Agent) {
+    let n = client_db();
+    let mut flags = vec!["--kernel-relay", "egress"];
+    flags.extend_from_slice(extra);
+    let agent = n.start_agent(&flags).unwrap();
+    (n, agent)
+}
+
+/// Whether this kernel runs the relay (6.9+). Where it does not, `/ready` says so and the
+/// proxy relays in user space (the assertions below then check that nothing was relayed).
+fn relay_available(agent: &Agent) -> bool {
+    let on = agent
+        .kernel_feature("kernel_relay")
+        .expect("/kernel lists kernel_relay when --kernel-relay asks for it");
+    if !on {
+        let ready = agent.get("/ready").unwrap();
+        assert!(ready.contains("kernel_relay"), "{ready}");
+    }
+    on
+}
+
+fn flow_bytes(agent: &Agent, name: &str) -> u64 {
+    metric(&agent.get("/metrics").unwrap(), name, &[])
+}
+
+/// Request/response with a strict blocking server (a read returning EAGAIN drops the
+/// connection): every client message but the first few goes onto P_u's send path in the
+/// kernel (one `relay_started` per flow: only the client's direction is armed), and the
+/// proxy's byte counts include it. Then 16 MiB each way (the event-loop client: short
+/// writes into a full P_u) intact and counted exactly.
+#[test]
+fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
+    let (n, agent) = start(&[]);
+    n.serve("db", &["echo", "--listen", "0.0.0.0:9000", "--strict"])
+        .unwrap();
+    let on = relay_available(&agent);
+    let (started, relayed, relayed_bytes) = (
+        agent.event("relay_started"),
+        agent.event("msg_relayed"),
+        agent.event("msg_relayed_bytes"),
+    );
+    let (rx, tx) = (
+        flow_bytes(&agent, "mesh_tcp_received_bytes_total"),
+        flow_bytes(&agent, "mesh_tcp_sent_bytes_total"),
+    );
+    let r = n
+        .client("client", &["ping", "--to", VIP, "--count", "2000"])
+        .unwrap();
+    assert_eq!(r["count"], 2000, "{r}");
+    let rounds = 2100u64;
+    let moved = agent.event("msg_relayed") - relayed;
+    if on {
+        assert_eq!(
+            agent.event("relay_started") - started,
+            1,
+            "only the client's direction switches: {}",
+            agent.log_text()
+        );
+        assert!(
+            moved >= rounds - 4,
+            "only {moved} of {rounds} client messages relayed in the kernel"
+        );
+        assert!(
+            moved <= rounds,
+            "{moved} > {rounds}: the reverse direction was relayed"
+        );
+        assert!(agent.event("msg_relayed_bytes") - relayed_bytes >= 64 * (rounds - 4));
+    } else {
+        assert_eq!(moved, 0);
+    }
+    mesh_tests::wait_for(
+        "the proxy counted the flow",
+        Duration::from_secs(10),
+        || {
+            flow_bytes(&agent, "mesh_tcp_received_bytes_total") - rx == 64 * rounds
+                && flow_bytes(&agent, "mesh_tcp_sent_bytes_total") - tx == 64 * rounds
+        },
+    );
+
+    let (rx, tx) = (
+        flow_bytes(&agent, "mesh_tcp_received_bytes_total"),
+        flow_bytes(&agent, "mesh_tcp_sent_bytes_total"),
+    );
+    let before = agent.event("msg_relayed_bytes");
+    let r = n
+        .client(
+            "client",
+            &[
+                "echo-client",
+                "--to",
+                VIP,
+                "--bytes",
+                &(16 * MIB).to_string(),
+                "--settle-ms",
+                "100",
+            ],
+        )
+        .unwrap();
+    assert_intact(&r, 16 * MIB);
+    mesh_tests::wait_for(
+        "the proxy counted the bulk flow exactly",
+        Duration::from_secs(10),
+        || {
+            flow_bytes(&agent, "mesh_tcp_received_bytes_total") - rx == 16 * MIB
+                && flow_bytes(&agent, "mesh_tcp_sent_bytes_total") - tx == 16 * MIB
+        },
+    );
+    let bulk = agent.event("msg_relayed_bytes") - before;
+    eprintln!(
+        "bulk echo (non-blocking client): {bulk} of {} client bytes relayed; relay_fallback {} \
+         relay_recovered {}",
+        16 * MIB,
+        agent.event("relay_fallback"),
+        agent.event("relay_recovered")
+    );
+    if on {
+        // A non-blocking writer is relayed while P_u has room, and goes back to the
+        // proxied path when it has not (returning only once the proxy has passed
+        // everything on): part of the bulk.
+        assert!(bulk >= MIB, "only {bulk} bytes relayed in the kernel");
+    }
+}
+
+/// The endpoint is never paired, so a strict blocking reader sees no EAGAIN even over
+/// many short connections; the client's half-close passes after its relayed request, and
+/// the server's answer and its FIN after that.
+#[test]
+fn half_close_passes_both_ways_and_the_endpoint_stays_unpaired() {
+    let (n, agent) = start(&[]);
+    n.serve("db", &["echo", "--listen", "0.0.0.0:9000", "--strict"])
+        .unwrap();
+    let on = relay_available(&agent);
+    let started = agent.event("relay_started");
+    let paired = agent.event("sockops_server_paired");
+    let conns = 20;
+    for i in 0..conns {
+        // Every other client waits until the proxy has armed its flow: its request goes
+        // onto P_u in the kernel and its FIN (over P_a and the proxy) must follow it.
+        let settle = if i % 2 == 0 { "50" } else { "0" };
+        let r = n
+            .client(
+                "client",
+                &[
+                    "raw",
+                    "--to",
+                    VIP,
+                    "--send",
+                    "hello relay",
+                    "--half-close",
+                    "--settle-ms",
+                    settle,
+                ],
+            )
+            .unwrap();
+        assert_eq!(r["outcome"], "eof", "{r}");
+        assert_eq!(r["bytes"], 11, "{r}");
+        assert_eq!(r["status_line"], "hello relay", "{r}");
+    }
+    // P_a is paired for each connection (the client's leg), the endpoint's socket never.
+    assert_eq!(
+        agent.event("sockops_server_paired") - paired,
+        conns,
+        "{}",
+        agent.log_text()
+    );
+    if on {
+        // A request sent after the proxy armed the flow went onto P_u at once.
+        let relayed = agent.event("relay_started") - started;
+        eprintln!("half-close: {relayed} of {conns} requests relayed in the kernel");
+        assert!(relayed >= conns / 2, "{}", agent.log_text());
+    }
+}
+
+/// A server reset while the client keeps writing through the relay: the client's writes
+/// fail (nothing is silently swallowed) and the reset shows as ECONNRESET, at the failing
+/// write (P_u's error, or the proxy's reset of P_a) or at the read after it.
+#[test]
+fn a_server_reset_reaches_a_writing_client_as_a_reset() {
+    let (n, agent) = start(&[]);
+    n.serve("db", &["reset", "--listen", "0.0.0.0:9000"])
+        .unwrap();
+    let on = relay_available(&agent);
+    let started = agent.event("relay_started");
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let r = n
+            .client(
+                "client",
+                &[
+                    "reset-client",
+                    "--to",
+                    VIP,
+                    "--keep-writing",
+                    "--settle-ms",
+                    "50",
+                ],
+            )
+            .unwrap();
+        let w = r["write_error"].as_str().unwrap_or_default().to_owned();
+        let rd = r["read"].as_str().unwrap_or_default().to_owned();
+        assert!(w == "ECONNRESET" || w == "EPIPE", "{r}");
+        assert!(
+            w == "ECONNRESET" || rd == "ECONNRESET",
+            "the reset must show: {r}"
+        );
+        seen.push(format!("{w}/{rd}"));
+    }
+    eprintln!(
+        "reset outcomes (write/read): {seen:?}; relay_started {}",
+        agent.event("relay_started") - started
+    );
+    // A plain reset (the existing client): its first read shows it.
+    let r = n.client("client", &["reset-client", "--to", VIP]).unwrap();
+    assert_eq!(r["outcome"], "ECONNRESET", "{r}");
+    if on {
+        // Each client's first write went onto P_u (armed before it), so the writes after
+        // the reset met the dead P_u in the kernel.
+        assert!(
+            agent.event("relay_started") - started >= 8,
+            "{}",
+            agent.log_text()
+        );
+    }
+}
+
+/// Largest value of column `col` (1-based, whitespace-separated) over the data lines of
+/// an `ss -tn` listing.
+fn ss_max(listing: &str, col: usize) -> u64 {
+    listing
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(col - 1)?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A fast blocking writer into a slow strict reader: every byte arrives in order, no write
+/// fails and the reader never sees EAGAIN; the writer's pushes wait for room in P_u (no
+/// fallback to the proxied path), and the queues stay bounded: P_u's send queue (the node side,
+/// to port 9000), the reader's receive queue, and the agent's memory.
+#[test]
+fn a_slow_reader_holds_the_writer_back_with_bounded_queues() {
+    let (n, agent) = start(&[]);
+    n.serve(
+        "db",
+        &[
+            "sink",
+            "--listen",
+            "0.0.0.0:9000",
+            "--delay-us",
+            "300",
+            "--strict",
+        ],
+    )
+    .unwrap();
+    let on = relay_available(&agent);
+    let before = agent.event("msg_relayed_bytes");
+    let db_ns = n.pod("db").netns.clone();
+    let pid = agent.pid();
+    let rss = move || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let rss_before = rss();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut send_q, mut recv_q, mut rss_max, mut samples) = (0u64, 0u64, 0u64, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                // Node side: the proxy's legs to the endpoint (with a state filter `ss`
+                // prints no state column: Send-Q is column 2).
+                if let Ok(s) = sh("ss -tnH state established 'dport = :9000'") {
+                    send_q = send_q.max(ss_max(&format!("\n{s}"), 2));
+                }
+                // The reader's socket (Recv-Q, column 1).
+                if let Ok(s) = sh(&format!(
+                    "ip netns exec {db_ns} ss -tnH state established 'sport = :9000'"
+                )) {
+                    recv_q = recv_q.max(ss_max(&format!("\n{s}"), 1));
+                }
+                rss_max = rss_max.max(rss());
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (send_q, recv_q, rss_max, samples)
+        })
+    };
+    let bytes = 32 * MIB;
+    let r = n
+        .client(
+            "client",
+            &[
+                "sink-client",
+                "--to",
+                VIP,
+                "--bytes",
+                &bytes.to_string(),
+                "--warmup-ms",
+                "100",
+            ],
+        )
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (send_q, recv_q, rss_max, samples) = sampler.join().unwrap();
+    assert_sunk(&r, bytes);
+    let relayed = agent.event("msg_relayed_bytes") - before;
+    eprintln!(
+        "slow reader: {relayed} bytes relayed onto P_u; max P_u Send-Q {send_q} B, max reader \
+         Recv-Q {recv_q} B, agent RSS {rss_before} -> max {rss_max} KiB ({samples} samples); \
+         relay_fallback {}",
+        agent.event("relay_fallback")
+    );
+    assert!(samples >= 5, "the transfer ended before it was sampled");
+    // Bounded by the sockets' buffers (tcp_wmem / tcp_rmem maxima, 4 MiB and 6 MiB by
+    // default), not by the 32 MiB offered.
+    assert!(send_q <= 8 * MIB, "P_u's send queue reached {send_q} bytes");
+    assert!(
+        recv_q <= 8 * MIB,
+        "the reader's queue reached {recv_q} bytes"
+    );
+    assert!(
+        rss_max <= rss_before + 16 * 1024,
+        "the agent grew from {rss_before} to {rss_max} KiB"
+    );
+    if on {
+        // The relay started after the warm-up and stayed on: the blocking writer's pushes
+        // waited for room in P_u (TCP's back-pressure), never leaving the relay.
+        assert!(
+            relayed >= bytes - 64,
+            "only {relayed} bytes relayed in the kernel"
+        );
+        assert_eq!(agent.event("relay_fallback"), 0);
+    }
+}
