@@ -438,23 +438,36 @@ fn relay(
             }
             // Learnt, but bytes are still in flight: this message goes to the proxy,
             // replacing the redirect to the target.
-            let mut back = me.reversed().in_netns(st.peer_netns);
-            if SOCKHASH.redirect_msg(ctx, &mut back, BPF_F_INGRESS as u64) as u32 != SK_PASS {
-                // The proxy's socket is gone (the flow is being torn down) and the
-                // message must not reach the target ahead of bytes in flight: dropped,
-                // the application's send fails.
-                return Some(SK_DROP);
-            }
-            if a.peer == 0 {
-                a.peer = read_u64(ctx_addr(md, a), OFF_MSG_SK_REDIR.load());
-            }
-            bump(Stat::MsgRedirected);
-            add(Stat::MsgRedirectedBytes, size as u64);
-            st.redirected += size as u64;
-            Some(SK_PASS)
+            Some(back_to_proxy(ctx, st, a, size, me))
         }
         _ => None,
     }
+}
+
+/// A relaying sender whose target is learnt but not yet safe (bytes in flight, or no
+/// room): the message goes to the proxy's socket (the sender's usual redirect), replacing
+/// the redirect to the target. The proxy's socket gone (the flow is being torn down): the
+/// message must not reach the target ahead of bytes in flight, so it is dropped and the
+/// application's send fails.
+#[inline(always)]
+fn back_to_proxy(
+    ctx: &SkMsgContext,
+    st: &mut SockState,
+    a: &mut PeerSk,
+    size: u32,
+    me: &SockKey,
+) -> u32 {
+    let mut back = me.reversed().in_netns(st.peer_netns);
+    if SOCKHASH.redirect_msg(ctx, &mut back, BPF_F_INGRESS as u64) as u32 != SK_PASS {
+        return SK_DROP;
+    }
+    if a.peer == 0 {
+        a.peer = read_u64(ctx_addr(ctx.msg as u64, a), OFF_MSG_SK_REDIR.load());
+    }
+    bump(Stat::MsgRedirected);
+    add(Stat::MsgRedirectedBytes, size as u64);
+    st.redirected += size as u64;
+    SK_PASS
 }
 
 /// `struct tcp_sock`'s `snd_una` and `struct sock`'s `sk_sndbuf` (the egress relay's
@@ -580,19 +593,7 @@ fn relay_egress(
             }
             // Learnt, but bytes are still in flight (or no room): this message goes to
             // the proxy, replacing the redirect to P_u.
-            let mut back = me.reversed().in_netns(st.peer_netns);
-            if SOCKHASH.redirect_msg(ctx, &mut back, BPF_F_INGRESS as u64) as u32 != SK_PASS {
-                // P_a is gone and the message must not reach P_u ahead of bytes in
-                // flight: dropped, the application's send fails.
-                return Some(SK_DROP);
-            }
-            if a.peer == 0 {
-                a.peer = read_u64(ctx_addr(md, a), OFF_MSG_SK_REDIR.load());
-            }
-            bump(Stat::MsgRedirected);
-            add(Stat::MsgRedirectedBytes, size as u64);
-            st.redirected += size as u64;
-            Some(SK_PASS)
+            Some(back_to_proxy(ctx, st, a, size, me))
         }
         _ => None,
     }

@@ -161,6 +161,35 @@ pub fn client_db() -> SimNode {
     n
 }
 
+/// [`client_db`] with an agent started with `--kernel-relay MODE` (plus `extra`).
+pub fn client_db_relay(mode: &str, extra: &[&str]) -> (SimNode, Agent) {
+    let n = client_db();
+    let mut flags = vec!["--kernel-relay", mode];
+    flags.extend_from_slice(extra);
+    let agent = n.start_agent(&flags).unwrap();
+    (n, agent)
+}
+
+/// Whether this kernel runs the kernel relay (6.9+: the queue length and `tcp_sock`
+/// offsets). Where it does not, `/kernel` and `/ready` must say so: the flag is then
+/// ignored and the proxy relays in user space (the relay tests then check that nothing
+/// was relayed).
+pub fn relay_available(agent: &Agent) -> bool {
+    let on = agent
+        .kernel_feature("kernel_relay")
+        .expect("/kernel lists kernel_relay when --kernel-relay asks for it");
+    if !on {
+        let ready = agent.get("/ready").unwrap();
+        assert!(ready.contains("kernel_relay"), "{ready}");
+    }
+    on
+}
+
+/// An unlabelled counter of the agent's `/metrics` (the proxy's flow byte totals).
+pub fn flow_bytes(agent: &Agent, name: &str) -> u64 {
+    crate::metric(&agent.get("/metrics").unwrap(), name, &[])
+}
+
 /// A node with two pods, `client` in the enrolled namespace `shop` and `server` in
 /// `backend` (`backend_extra`: more of that namespace's YAML mapping, e.g. `"mode:
 /// direct"`, or empty), both workloads of the configuration file written; no agent yet.

@@ -6,41 +6,9 @@
 //! counts include what the kernel moved.
 
 use mesh_tests::flows::{assert_intact, assert_sunk};
-use mesh_tests::{
-    metric,
-    scenes::{client_db, DB_VIP as VIP},
-    Agent, SimNode,
-};
+use mesh_tests::scenes::{client_db_relay, flow_bytes, relay_available, DB_VIP as VIP};
 
 const MIB: u64 = 1 << 20;
-
-/// A node with `shop/client` and `backend/db` behind the TCP service `db`, and an agent
-/// with the kernel relay on (plus `extra`).
-fn start(extra: &[&str]) -> (SimNode, Agent) {
-    let n = client_db();
-    let mut flags = vec!["--kernel-relay", "true"];
-    flags.extend_from_slice(extra);
-    let agent = n.start_agent(&flags).unwrap();
-    (n, agent)
-}
-
-/// Whether this kernel runs the relay (6.9+: the queue length and `tcp_sock` offsets).
-/// Where it does not, `/kernel` and `/ready` must say so: the flag is then ignored and the
-/// proxy relays in user space (asserted by the tests below).
-fn relay_available(agent: &Agent) -> bool {
-    let on = agent
-        .kernel_feature("kernel_relay")
-        .expect("/kernel lists kernel_relay when --kernel-relay asks for it");
-    if !on {
-        let ready = agent.get("/ready").unwrap();
-        assert!(ready.contains("kernel_relay"), "{ready}");
-    }
-    on
-}
-
-fn flow_bytes(agent: &Agent, name: &str) -> u64 {
-    metric(&agent.get("/metrics").unwrap(), name, &[])
-}
 
 /// Request/response through the service: after the first exchange both directions move
 /// socket to socket (the proxy's user-space relay sees only the first bytes), and the
@@ -48,7 +16,7 @@ fn flow_bytes(agent: &Agent, name: &str) -> u64 {
 /// half-closes after sending, the server answers after that): intact, counted.
 #[test]
 fn a_decided_tcp_flow_moves_socket_to_socket_and_stays_intact() {
-    let (n, agent) = start(&[]);
+    let (n, agent) = client_db_relay("true", &[]);
     n.serve("db", &["echo", "--listen", "0.0.0.0:9000"])
         .unwrap();
     let on = relay_available(&agent);
@@ -138,7 +106,7 @@ fn a_decided_tcp_flow_moves_socket_to_socket_and_stays_intact() {
 /// server reads to EOF, answers, and closes; the client reads the answer, then EOF.
 #[test]
 fn half_close_passes_through_the_relay() {
-    let (n, agent) = start(&[]);
+    let (n, agent) = client_db_relay("true", &[]);
     n.serve("db", &["echo", "--listen", "0.0.0.0:9000"])
         .unwrap();
     let on = relay_available(&agent);
@@ -165,7 +133,7 @@ fn half_close_passes_through_the_relay() {
 /// A reset from the server reaches the client as a reset, relayed or not.
 #[test]
 fn a_reset_propagates_as_a_reset() {
-    let (n, _agent) = start(&[]);
+    let (n, _agent) = client_db_relay("true", &[]);
     n.serve("db", &["reset", "--listen", "0.0.0.0:9000"])
         .unwrap();
     for _ in 0..5 {
@@ -179,7 +147,7 @@ fn a_reset_propagates_as_a_reset() {
 /// limit (fallbacks counted, each followed by a recovery or the end of the flow).
 #[test]
 fn a_slow_reader_behind_the_relay_gets_every_byte_without_error() {
-    let (n, agent) = start(&["--skmsg-queue-floor", "65536"]);
+    let (n, agent) = client_db_relay("true", &["--skmsg-queue-floor", "65536"]);
     n.serve(
         "db",
         &["sink", "--listen", "0.0.0.0:9000", "--delay-us", "300"],

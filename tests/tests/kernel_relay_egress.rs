@@ -17,39 +17,11 @@ use std::{
 
 use mesh_tests::flows::{assert_intact, assert_sunk};
 use mesh_tests::{
-    metric,
-    scenes::{client_db, DB_VIP as VIP},
-    sh, Agent, SimNode,
+    scenes::{client_db_relay, flow_bytes, relay_available, DB_VIP as VIP},
+    sh,
 };
 
 const MIB: u64 = 1 << 20;
-
-/// A node with `shop/client` and `backend/db` behind the TCP service `db`, and an agent
-/// with the egress relay on (plus `extra`).
-fn start(extra: &[&str]) -> (SimNode, Agent) {
-    let n = client_db();
-    let mut flags = vec!["--kernel-relay", "egress"];
-    flags.extend_from_slice(extra);
-    let agent = n.start_agent(&flags).unwrap();
-    (n, agent)
-}
-
-/// Whether this kernel runs the relay (6.9+). Where it does not, `/ready` says so and the
-/// proxy relays in user space (the assertions below then check that nothing was relayed).
-fn relay_available(agent: &Agent) -> bool {
-    let on = agent
-        .kernel_feature("kernel_relay")
-        .expect("/kernel lists kernel_relay when --kernel-relay asks for it");
-    if !on {
-        let ready = agent.get("/ready").unwrap();
-        assert!(ready.contains("kernel_relay"), "{ready}");
-    }
-    on
-}
-
-fn flow_bytes(agent: &Agent, name: &str) -> u64 {
-    metric(&agent.get("/metrics").unwrap(), name, &[])
-}
 
 /// Request/response with a strict blocking server (a read returning EAGAIN drops the
 /// connection): every client message but the first few goes onto P_u's send path in the
@@ -58,7 +30,7 @@ fn flow_bytes(agent: &Agent, name: &str) -> u64 {
 /// writes into a full P_u) intact and counted exactly.
 #[test]
 fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
-    let (n, agent) = start(&[]);
+    let (n, agent) = client_db_relay("egress", &[]);
     n.serve("db", &["echo", "--listen", "0.0.0.0:9000", "--strict"])
         .unwrap();
     let on = relay_available(&agent);
@@ -154,7 +126,7 @@ fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
 /// the server's answer and its FIN after that.
 #[test]
 fn half_close_passes_both_ways_and_the_endpoint_stays_unpaired() {
-    let (n, agent) = start(&[]);
+    let (n, agent) = client_db_relay("egress", &[]);
     n.serve("db", &["echo", "--listen", "0.0.0.0:9000", "--strict"])
         .unwrap();
     let on = relay_available(&agent);
@@ -204,7 +176,7 @@ fn half_close_passes_both_ways_and_the_endpoint_stays_unpaired() {
 /// write (P_u's error, or the proxy's reset of P_a) or at the read after it.
 #[test]
 fn a_server_reset_reaches_a_writing_client_as_a_reset() {
-    let (n, agent) = start(&[]);
+    let (n, agent) = client_db_relay("egress", &[]);
     n.serve("db", &["reset", "--listen", "0.0.0.0:9000"])
         .unwrap();
     let on = relay_available(&agent);
@@ -268,7 +240,7 @@ fn ss_max(listing: &str, col: usize) -> u64 {
 /// to port 9000), the reader's receive queue, and the agent's memory.
 #[test]
 fn a_slow_reader_holds_the_writer_back_with_bounded_queues() {
-    let (n, agent) = start(&[]);
+    let (n, agent) = client_db_relay("egress", &[]);
     n.serve(
         "db",
         &[
