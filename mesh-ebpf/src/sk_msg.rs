@@ -421,15 +421,7 @@ fn relay(
                 {
                     return None;
                 }
-                let stat = if r.state == relay_state::ARMED {
-                    Stat::RelayStarted
-                } else {
-                    r.recoveries += 1;
-                    Stat::RelayRecovered
-                };
-                r.state = relay_state::ON;
-                bump(stat);
-                *rec = MsgRec::new(stat as u32, me, st.netns);
+                switch_on(r, st, me, rec);
                 relayed(r, size);
                 return Some(SK_PASS);
             }
@@ -442,6 +434,21 @@ fn relay(
         }
         _ => None,
     }
+}
+
+/// A sender switching to the relay: its first switch (`relay_started`) or a return after
+/// a fallback (`relay_recovered`), counted and recorded.
+#[inline(always)]
+fn switch_on(r: &mut RelayInfo, st: &SockState, me: &SockKey, rec: &mut MsgRec) {
+    let stat = if r.state == relay_state::ARMED {
+        Stat::RelayStarted
+    } else {
+        r.recoveries += 1;
+        Stat::RelayRecovered
+    };
+    r.state = relay_state::ON;
+    bump(stat);
+    *rec = MsgRec::new(stat as u32, me, st.netns);
 }
 
 /// A relaying sender whose target is learnt but not yet safe (bytes in flight, or no
@@ -572,17 +579,9 @@ fn relay_egress(
                 if (sender_blocks(mine) || egress_room(a.relay_peer, w, size))
                     && (!known || SOCKHASH.redirect_msg(ctx, &mut key, 0) as u32 == SK_PASS)
                 {
-                    let stat = if r.state == relay_state::ARMED {
-                        Stat::RelayStarted
-                    } else {
-                        r.recoveries += 1;
-                        Stat::RelayRecovered
-                    };
-                    r.state = relay_state::ON;
+                    switch_on(r, st, me, rec);
                     r.seq = w;
                     r.last = size;
-                    bump(stat);
-                    *rec = MsgRec::new(stat as u32, me, st.netns);
                     bump(Stat::MsgRelayed);
                     add(Stat::MsgRelayedBytes, size as u64);
                     return Some(SK_PASS);
