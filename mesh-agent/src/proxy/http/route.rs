@@ -312,8 +312,17 @@ fn is_hop_by_hop(k: &HeaderName) -> bool {
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // Most messages carry none: one pass over the few names present instead of a lookup
     // (and a name parse) per hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    let mut hop = headers.keys().filter(|k| is_hop_by_hop(k));
+    let Some(first) = hop.next() else {
         return;
+    };
+    // gRPC's `te: trailers` and nothing else hop-by-hop: the message stays as it is (what
+    // removing and putting back `te: trailers` would give), with no list built.
+    if keep_te_trailers && *first == header::TE && hop.next().is_none() {
+        let mut te = headers.get_all(header::TE).iter();
+        if te.next().is_some_and(|v| v == "trailers") && te.next().is_none() {
+            return;
+        }
     }
     // The names the `Connection` header lists (tokens, any case).
     let listed = headers.get_all(header::CONNECTION);
@@ -424,6 +433,28 @@ pub(super) fn upstream(
             method,
             uri,
             version: Version::HTTP_11,
+            headers,
+        };
+    }
+    // HTTP/2 in and out, nothing rewritten: the absolute URI hyper's HTTP/2 server built
+    // from `:scheme`, `:authority` and `:path` is the one the formatting below would build
+    // and parse again.
+    if protocol == UpstreamProtocol::Http2
+        && fwd.host_rewrite.is_none()
+        && fwd.prefix_rewrite.is_none()
+        && uri.scheme_str() == Some("http")
+        && uri.authority().is_some()
+        && uri.path().starts_with('/')
+    {
+        strip_hop_by_hop(&mut headers, true);
+        headers.remove(header::HOST);
+        for m in levels {
+            apply_mutation(m, &mut headers);
+        }
+        return Upstream {
+            method,
+            uri,
+            version: Version::HTTP_2,
             headers,
         };
     }
@@ -798,6 +829,104 @@ mod tests {
         let h2 = upstream(parts, &route, &fwd, [&none; 4], UpstreamProtocol::Http2);
         assert_eq!(h2.uri, "http://backend.internal/v2/users?id=7");
         assert!(h2.headers.get("host").is_none());
+    }
+
+    #[test]
+    fn http2_without_rewrites_keeps_the_absolute_uri_as_the_general_path_builds_it() {
+        let fwd = |prefix: Option<&str>| Forward {
+            clusters: vec![],
+            total_weight: 1,
+            timeout: None,
+            retry_policy: None,
+            hash_headers: vec![],
+            prefix_rewrite: prefix.map(Into::into),
+            host_rewrite: None,
+        };
+        let route = Route {
+            name: "r".into(),
+            matcher: m(PathMatch::Prefix("/".into())),
+            action: RouteAction::Respond {
+                status: 200,
+                body: String::new(),
+            },
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+            rate_limit: None,
+            fault: None,
+        };
+        let add = HeaderMutation {
+            add: vec![("x-added".into(), "1".into(), false)],
+            remove: vec!["x-secret".into()],
+        };
+        let none = HeaderMutation::default();
+        for uri in [
+            "http://svc.ns:8080/bench.Echo/Call",
+            "http://user@svc/a/b?x=1&y=%20",
+            "http://svc/",
+        ] {
+            let r = req(
+                uri,
+                &[
+                    ("host", "other"),
+                    ("te", "trailers"),
+                    ("x-secret", "s"),
+                    ("content-type", "application/grpc"),
+                ],
+            );
+            let (parts, ()) = r.into_parts();
+            // The fast path (absolute http URI, nothing rewritten) against the general one
+            // (a prefix rewrite of "/" to "/" changes nothing but takes the long way).
+            let fast = upstream(
+                parts.clone(),
+                &route,
+                &fwd(None),
+                [&add, &none, &none, &none],
+                UpstreamProtocol::Http2,
+            );
+            let long = upstream(
+                parts,
+                &route,
+                &fwd(Some("/")),
+                [&add, &none, &none, &none],
+                UpstreamProtocol::Http2,
+            );
+            assert_eq!(fast.uri, long.uri, "{uri}");
+            assert_eq!(fast.uri.to_string(), uri);
+            assert_eq!(fast.version, Version::HTTP_2);
+            assert_eq!(fast.headers, long.headers, "{uri}");
+            assert!(fast.headers.get("host").is_none());
+            assert!(fast.headers.get("x-secret").is_none());
+            assert_eq!(fast.headers["x-added"], "1");
+            assert_eq!(fast.headers["te"], "trailers");
+        }
+    }
+
+    #[test]
+    fn te_trailers_alone_stays_and_other_te_values_become_trailers_or_go() {
+        for (te, want) in [
+            (&["trailers"][..], Some("trailers")),
+            (&["Trailers"][..], Some("trailers")),
+            (&["trailers, deflate"][..], Some("trailers")),
+            (&["trailers", "trailers"][..], Some("trailers")),
+            (&["deflate"][..], None),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("content-type", HeaderValue::from_static("application/grpc"));
+            for v in te {
+                h.append(header::TE, HeaderValue::from_static(v));
+            }
+            strip_hop_by_hop(&mut h, true);
+            let got: Vec<_> = h.get_all(header::TE).iter().collect();
+            assert_eq!(got.first().map(|v| v.to_str().unwrap()), want, "{te:?}");
+            assert!(got.len() <= 1, "{te:?}: {got:?}");
+            assert_eq!(h["content-type"], "application/grpc");
+            let mut h = HeaderMap::new();
+            for v in te {
+                h.append(header::TE, HeaderValue::from_static(v));
+            }
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.get(header::TE).is_none(), "{te:?}: no trailers asked for");
+        }
     }
 
     #[test]
