@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::{
     datapath::features::NetnsCookieMode,
     enrol::file::{ConfigError, MeshFile},
+    proxy::http::H1Server,
 };
 
 /// Default bpffs folder for pins (maps), one per node.
@@ -664,6 +665,10 @@ pub struct RunArgs {
     /// whose `traceparent` or B3 headers carry a decision follows it.
     #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = DEFAULT_TRACE_SAMPLING, value_parser = parse_ratio)]
     pub trace_sampling: f64,
+    /// The L7 engine's downstream HTTP/1.1 codec: `own` (default), the engine's own
+    /// (docs/l7.md), or `hyper`, hyper's server; HTTP/2 is hyper's either way.
+    #[arg(long, env = "MESH_L7_H1_SERVER", value_enum, default_value = "own")]
+    pub l7_h1_server: H1Server,
 }
 
 /// The runtime configuration of `mesh-agent run`: `RunArgs` checked, resolved and typed
@@ -751,6 +756,8 @@ pub struct RunConfig {
     /// The OTLP/gRPC receiver of spans; `None`: tracing is off.
     pub trace_otlp: Option<String>,
     pub trace_sampling: f64,
+    /// The L7 engine's downstream HTTP/1.1 codec.
+    pub l7_h1_server: H1Server,
 }
 
 /// The source of workloads and services, with what it reads.
@@ -1037,6 +1044,7 @@ impl RunConfig {
             telemetry: args.telemetry == OnOff::On,
             trace_otlp: args.trace_otlp,
             trace_sampling: args.trace_sampling,
+            l7_h1_server: args.l7_h1_server,
         })
     }
 

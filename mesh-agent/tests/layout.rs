@@ -19,7 +19,12 @@ const RULES: &[(&str, &[&str])] = &[
     // The runtime configuration names the option types of the pieces it configures.
     (
         "config",
-        &["datapath::features", "enrol::file", "proxy::xds"],
+        &[
+            "datapath::features",
+            "enrol::file",
+            "proxy::http",
+            "proxy::xds",
+        ],
     ),
     // Admin and telemetry read every piece's state; no piece but the wiring uses admin.
     (

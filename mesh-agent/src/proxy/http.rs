@@ -1,5 +1,8 @@
-//! The L7 half of the node proxy: HTTP/1.1, HTTP/2 and gRPC on hyper, configured by
-//! `proxy::config` (routes, clusters, endpoints) with Envoy's semantics.
+//! The L7 half of the node proxy: HTTP/1.1, HTTP/2 and gRPC, configured by
+//! `proxy::config` (routes, clusters, endpoints) with Envoy's semantics. Downstream
+//! HTTP/1.1 is served by the engine's own codec (`server`; `--l7-h1-server hyper` keeps
+//! hyper's), HTTP/2 by hyper; upstream HTTP/1.1 by the own client codec (`h1`), HTTP/2
+//! by hyper.
 //!
 //! A request goes: virtual host and route (`route`), local rate limit and fault injection
 //! (`policy`), then the route's action. Forwarding picks a weighted cluster, checks the
@@ -34,6 +37,7 @@ mod lb;
 mod policy;
 mod pool;
 mod route;
+mod server;
 mod sniff;
 mod timer;
 mod upgrade;
@@ -74,12 +78,15 @@ use tracing::{debug, Instrument};
 pub use self::sniff::{detect, Sniffed};
 // The destination's HTTP policy path (`proxy::secure::http`) serves connections the same way.
 use self::{
-    body::{Active, ConnSeries, Finish, Labels, Name, Recorder, RequestLog, Source, Tracked},
+    body::{
+        Active, ConnSeries, Finish, Labels, Name, Recorder, ReqBody, RequestLog, Source, Tracked,
+    },
     drained::until_drained,
     lb::ClusterState,
     policy::{Buckets, Gauge, Slot, TryOutcome},
     pool::{EndpointPool, Sender, Tunnel, UpBody, Via},
     timer::{ConnTimer, Timer},
+    upgrade::ClientSide,
 };
 pub(crate) use self::{route::strip_hop_by_hop, sniff::Prefixed};
 pub use crate::metrics::L7Metrics;
@@ -265,6 +272,47 @@ pub struct L7 {
     pruned: AtomicU64,
     /// Unset: no spans (`proxy::trace`; nothing is built for them).
     trace: OnceLock<crate::proxy::trace::Tracer>,
+    /// The downstream HTTP/1.1 codec; unset: the process default (`set_default_h1_server`).
+    h1_server: OnceLock<H1Server>,
+}
+
+/// The L7 engine's downstream HTTP/1.1 codec (`--l7-h1-server`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum H1Server {
+    /// hyper's HTTP/1.1 server.
+    Hyper,
+    /// The engine's own codec (`proxy::http::server`).
+    #[default]
+    Own,
+}
+
+/// The process-wide downstream HTTP/1.1 codec (`--l7-h1-server`): true for the own one.
+static DEFAULT_H1_OWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// The engine's unit tests run on either codec: `MESH_TEST_L7_H1_SERVER=hyper|own` (the
+/// default's otherwise).
+#[cfg(test)]
+fn test_h1_own() -> Option<bool> {
+    static OWN: OnceLock<Option<bool>> = OnceLock::new();
+    *OWN.get_or_init(
+        || match std::env::var("MESH_TEST_L7_H1_SERVER").as_deref() {
+            Ok("own") => Some(true),
+            Ok("hyper") => Some(false),
+            _ => None,
+        },
+    )
+}
+
+#[cfg(not(test))]
+fn test_h1_own() -> Option<bool> {
+    None
+}
+
+/// Sets the downstream HTTP/1.1 codec of every engine that has not been given its own
+/// (`L7::set_h1_server`); the agent calls it once at start-up from `--l7-h1-server`.
+pub fn set_default_h1_server(s: H1Server) {
+    DEFAULT_H1_OWN.store(s == H1Server::Own, Relaxed);
 }
 
 /// Runtime state by cluster name, pruned when a push removes clusters.
@@ -306,7 +354,7 @@ struct Switch {
     /// The protocols the request offered (None: it offered none, yet got a `101`).
     offered: Option<HeaderValue>,
     /// The client's side of the connection, once the `101` went out.
-    client: Option<OnUpgrade>,
+    client: Option<ClientSide>,
     /// The upstream's connection (`h1`).
     io: h1::Upgraded,
     /// The request's count of bytes from the client.
@@ -413,12 +461,25 @@ impl L7 {
             access_log: OnceLock::new(),
             pruned: AtomicU64::new(0),
             trace: OnceLock::new(),
+            h1_server: OnceLock::new(),
         })
     }
 
     /// Records a span per request and per try, and propagates the trace (`proxy::trace`).
     pub fn set_tracer(&self, t: crate::proxy::trace::Tracer) {
         let _ = self.trace.set(t);
+    }
+
+    /// This engine's downstream HTTP/1.1 codec, whatever the process default.
+    pub fn set_h1_server(&self, s: H1Server) {
+        let _ = self.h1_server.set(s);
+    }
+
+    fn h1_own(&self) -> bool {
+        match self.h1_server.get() {
+            Some(s) => *s == H1Server::Own,
+            None => test_h1_own().unwrap_or_else(|| DEFAULT_H1_OWN.load(Relaxed)),
+        }
     }
 
     /// Writes an access-log line per request (`proxy::accesslog`).
@@ -431,7 +492,7 @@ impl L7 {
         &self,
         conn: &Conn,
         service: &str,
-        req: &Request<Incoming>,
+        req: &Request<ReqBody>,
     ) -> Option<RequestLog> {
         let sink = self.access_log.get().filter(|l| l.on())?.clone();
         let path = if conn.skmsg {
@@ -688,7 +749,7 @@ impl L7 {
     /// (listeners with a `tcp_fallback`: the caller relays `Opaque` connections itself).
     /// `prefix` is replayed to the codec; `Http2` selects h2, anything else HTTP/1.x.
     ///
-    /// When `drain` is signaled, hyper shuts the connection down gracefully: an HTTP/1.1
+    /// When `drain` is signaled, the codec shuts the connection down gracefully: an HTTP/1.1
     /// connection answers the request in flight with `connection: close` and closes (an
     /// idle one closes at once), an HTTP/2 one sends GOAWAY and closes once its open
     /// streams are done. `drain` is held until then.
@@ -713,7 +774,8 @@ impl L7 {
             return;
         };
         let max_headers = http.max_request_headers_bytes;
-        let io = TokioIo::new(sniff::Prefixed::new(prefix, io));
+        let own = sniffed != Sniffed::Http2 && self.h1_own();
+        let io = sniff::Prefixed::new(prefix, io);
         let istio = Arc::new(self.istio_conn(&client.name, client.ip));
         let series = Arc::new(ConnSeries::new(self.metrics.clone(), client.name.clone()));
         let h1 = sniffed != Sniffed::Http2;
@@ -731,11 +793,16 @@ impl L7 {
             last_cluster: Mutex::default(),
             upgraded: Mutex::default(),
         });
+        if own {
+            self.serve_own(io, conn, max_headers, drain).await;
+            return;
+        }
+        let io = TokioIo::new(io);
         let served = conn.clone();
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |req: Request<Incoming>| {
             let l7 = self.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(l7.handle(conn, req).await) }
+            async move { Ok::<_, Infallible>(l7.handle(conn, req.map(ReqBody::Hyper)).await) }
         });
         let res = if sniffed == Sniffed::Http2 {
             let conn = http2::Builder::new(SpanExec)
@@ -762,7 +829,7 @@ impl L7 {
                 .take();
             if let Some(p) = pending {
                 match res {
-                    Ok(()) => p.splice::<IO>(upgrade::IDLE_TIMEOUT).await,
+                    Ok(()) => p.splice::<IO>(upgrade::IDLE_TIMEOUT, None).await,
                     Err(_) => p.abandon(),
                 }
             }
@@ -774,10 +841,62 @@ impl L7 {
         }
     }
 
+    /// `serve_sniffed` on the own HTTP/1.1 codec (`server`).
+    async fn serve_own<IO>(
+        self: Arc<Self>,
+        io: sniff::Prefixed<IO>,
+        conn: Arc<Conn>,
+        max_headers: usize,
+        drain: DrainWatch,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let draining = std::sync::atomic::AtomicBool::new(false);
+        let timer = conn.timer.clone().unwrap_or_default();
+        let settings = server::Settings {
+            max_head: max_headers,
+            timer: &timer,
+            draining: &draining,
+        };
+        let served = conn.clone();
+        let codec = server::serve(Box::new(io), settings, |req| {
+            self.clone().handle(conn.clone(), req)
+        });
+        let mut end = None;
+        let codec = async {
+            end = Some(codec.await?);
+            Ok::<(), io::Error>(())
+        };
+        let res = until_drained(codec, &drain, |_| draining.store(true, Relaxed))
+            .await
+            .map(|()| end.unwrap_or(server::End::Closed));
+        // Set when the last answer was an upstream's `101` (`upgrade`).
+        let pending = served
+            .upgraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match (res, pending) {
+            (Ok(server::End::Upgraded(io, early)), Some(p)) => {
+                drop(drain);
+                p.splice::<IO>(upgrade::IDLE_TIMEOUT, Some((io, early)))
+                    .await;
+            }
+            (res, Some(p)) => {
+                p.abandon();
+                if let Err(e) = res {
+                    debug!("downstream connection ended: {e}");
+                }
+            }
+            (Err(e), None) => debug!("downstream connection ended: {e}"),
+            (Ok(_), None) => {}
+        }
+    }
+
     async fn handle(
         self: Arc<Self>,
         conn: Arc<Conn>,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let cfg = self.config.borrow().clone();
@@ -843,7 +962,7 @@ impl L7 {
         cfg: &ProxyConfig,
         conn: &Conn,
         http: &HttpListener,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         rec: &mut Option<Recorder>,
         timer: &Arc<Timer>,
     ) -> Response<ProxyBody> {
@@ -959,7 +1078,7 @@ impl L7 {
         vhost: &VirtualHost,
         route: &Route,
         fwd: &Forward,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         rec: &mut Option<Recorder>,
         timer: &Arc<Timer>,
     ) -> Response<ProxyBody> {
@@ -993,10 +1112,18 @@ impl L7 {
             None
         };
         let (mut parts, body) = req.into_parts();
-        // The client's side of the connection once a `101` went out (hyper's).
-        let mut client_side = upgrade
-            .as_ref()
-            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+        // The client's side of the connection once a `101` went out (hyper's, or the own
+        // codec's).
+        let mut client_side =
+            upgrade
+                .as_ref()
+                .and_then(|_| match parts.extensions.remove::<OnUpgrade>() {
+                    Some(u) => Some(ClientSide::Hyper(u)),
+                    None => parts
+                        .extensions
+                        .remove::<server::Upgradable>()
+                        .map(|_| ClientSide::Own),
+                });
         if client_side.is_none() {
             upgrade = None;
         }

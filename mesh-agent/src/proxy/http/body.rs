@@ -23,6 +23,7 @@ use super::{
     lb::EndpointState,
     policy::Slot,
     pool::{EndpointPool, Sender, UpBody},
+    server,
     timer::Timer,
     BoxError, ProxyBody,
 };
@@ -46,12 +47,48 @@ struct Recording {
     overflow: bool,
 }
 
+/// A downstream request body: hyper's (HTTP/2, and HTTP/1.1 with `--l7-h1-server hyper`)
+/// or the own HTTP/1.1 codec's (`server`).
+pub(super) enum ReqBody {
+    Hyper(Incoming),
+    Own(server::Body),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ReqBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The downstream request body on its first try: copied for replay when a retry may need
 /// it, and its failures marked as the client's. hyper reports a request body's error as
 /// the upstream request's failure (and over HTTP/2 only as a stream reset), so the source
 /// of the body, not the error hyper returns, says whose fault it was.
 struct Downstream {
-    inner: Incoming,
+    inner: ReqBody,
     rec: Option<Arc<Mutex<Recording>>>,
     failed: Arc<OnceLock<String>>,
     /// Body bytes received from the client (the access log's `bytes_received`).
@@ -62,7 +99,7 @@ struct Downstream {
 /// a connection closed before the body's end.
 #[derive(Debug, thiserror::Error)]
 #[error("downstream request body: {0}")]
-struct ClientBodyError(#[source] hyper::Error);
+struct ClientBodyError(#[source] BoxError);
 
 /// An error with its causes (hyper's own message is only "error reading a body").
 fn chain(e: &dyn std::error::Error) -> String {
@@ -76,7 +113,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn record(rec: &Mutex<Recording>, frame: &Option<Result<Frame<Bytes>, hyper::Error>>, end: bool) {
+fn record(rec: &Mutex<Recording>, frame: &Option<Result<Frame<Bytes>, BoxError>>, end: bool) {
     let mut rec = rec.lock().unwrap_or_else(|e| e.into_inner());
     match frame {
         Some(Ok(f)) => {
@@ -117,7 +154,7 @@ impl Body for Downstream {
         }
         Poll::Ready(frame.map(|r| {
             r.map_err(|e| {
-                let _ = self.failed.set(chain(&e));
+                let _ = self.failed.set(chain(&*e));
                 BoxError::from(ClientBodyError(e))
             })
         }))
@@ -165,7 +202,7 @@ impl Body for Replay {
 
 /// Where each try's request body comes from.
 pub(super) struct Source {
-    first: Option<Incoming>,
+    first: Option<ReqBody>,
     rec: Option<Arc<Mutex<Recording>>>,
     /// Why the downstream body failed, once it has.
     failed: Arc<OnceLock<String>>,
@@ -174,7 +211,7 @@ pub(super) struct Source {
 
 impl Source {
     /// `replayable`: a retry policy applies, so record bodies that fit the cap.
-    pub fn new(body: Incoming, replayable: bool) -> Source {
+    pub fn new(body: ReqBody, replayable: bool) -> Source {
         let fits = body
             .size_hint()
             .upper()

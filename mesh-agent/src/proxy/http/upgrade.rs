@@ -3,9 +3,11 @@
 //! any other, without retries, and goes out on a connection opened for it alone
 //! (`pool::checkout`'s `fresh`) with its `Upgrade` headers kept (`route::upgrade_offered`;
 //! `h2c` is never offered: the requests after it would skip routing). A `101` that names
-//! an offered protocol goes back to the client with its `Upgrade` headers, and once hyper
-//! has written it the two connections are spliced here, in the downstream connection's
-//! task (`L7::serve_sniffed`), until both directions ended. Any other answer is an
+//! an offered protocol goes back to the client with its `Upgrade` headers, and once the
+//! downstream codec has written it (the own `server`, which hands back the connection and
+//! the bytes read past the request, or hyper's, through `OnUpgrade`) the two connections
+//! are spliced here, in the downstream connection's task (`L7::serve_sniffed`), until both
+//! directions ended. Any other answer is an
 //! ordinary response, and its connection is closed after it, never pooled.
 //!
 //! - No loss, and a failure is a reset, as on the L4 path: a FIN on one side is a
@@ -53,10 +55,18 @@ use crate::{proxy::accesslog::Flags, sys};
 /// default `stream_idle_timeout`).
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
+/// Where the client's side of an upgrade comes from once its `101` is written.
+pub(super) enum ClientSide {
+    /// hyper's server hands it over.
+    Hyper(OnUpgrade),
+    /// The own codec (`server`) returns it from its loop (`server::End::Upgraded`).
+    Own,
+}
+
 /// An upgrade the upstream accepted, waiting for its `101` to reach the client.
 pub(super) struct Pending {
-    /// The client's side, once hyper has written the `101`.
-    pub client: OnUpgrade,
+    /// The client's side, once the `101` is written.
+    pub client: ClientSide,
     /// The upstream's connection and the bytes it sent after its `101`.
     pub upstream: BoxIo,
     pub upstream_early: Bytes,
@@ -86,6 +96,12 @@ fn upstream_tcp(io: &dyn UpstreamIo) -> Option<&TcpStream> {
     tcp(io.as_any())
 }
 
+/// The client's TCP socket behind its boxed `Prefixed<IO>`, if it is one.
+fn client_tcp<IO: 'static>(io: &dyn UpstreamIo) -> Option<&TcpStream> {
+    let p = io.as_any().downcast_ref::<Prefixed<IO>>()?;
+    tcp(p.get_ref())
+}
+
 /// Drops an upstream connection that switched with a reset: nothing will speak its new
 /// protocol.
 pub(super) fn reset(io: BoxIo) {
@@ -106,8 +122,10 @@ impl Pending {
     }
 
     /// Splices the client's connection to the upstream's until both directions ended (or
-    /// either failed, or the stream sat idle for `idle`: then both are reset).
-    pub async fn splice<IO>(self, idle: Duration)
+    /// either failed, or the stream sat idle for `idle`: then both are reset). `own`: the
+    /// connection and the bytes read past the request's head, when the own codec wrote
+    /// the `101` (hyper's side is awaited otherwise).
+    pub async fn splice<IO>(self, idle: Duration, own: Option<(BoxIo, Bytes)>)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -119,17 +137,27 @@ impl Pending {
             received,
         } = self;
         reset_on_drop(upstream_tcp(&*upstream), true);
-        let (mut down, down_early) = match client.await.map_err(io::Error::other).and_then(|u| {
-            u.downcast::<TokioIo<Prefixed<IO>>>()
-                .map_err(|_| io::Error::other("the client's upgraded connection is not ours"))
-        }) {
-            Ok(p) => (p.io.into_inner(), p.read_buf),
+        let down = match (client, own) {
+            (_, Some((io, early))) => Ok((io, early)),
+            (ClientSide::Hyper(client), None) => {
+                client.await.map_err(io::Error::other).and_then(|u| {
+                    u.downcast::<TokioIo<Prefixed<IO>>>()
+                        .map(|p| (Box::new(p.io.into_inner()) as BoxIo, p.read_buf))
+                        .map_err(|_| {
+                            io::Error::other("the client's upgraded connection is not ours")
+                        })
+                })
+            }
+            (ClientSide::Own, None) => Err(io::Error::other("the codec kept the connection")),
+        };
+        let (mut down, down_early) = match down {
+            Ok(d) => d,
             Err(e) => {
                 debug!(error = %e, "the client's side of the upgrade is gone; upstream reset");
                 return;
             }
         };
-        reset_on_drop(tcp(down.get_ref()), true);
+        reset_on_drop(client_tcp::<IO>(&*down), true);
         let sent = AtomicU64::new(0);
         let res = {
             let (dr, dw) = tokio::io::split(&mut down);
@@ -156,7 +184,7 @@ impl Pending {
         }
         match res {
             Ok(()) => {
-                reset_on_drop(tcp(down.get_ref()), false);
+                reset_on_drop(client_tcp::<IO>(&*down), false);
                 reset_on_drop(upstream_tcp(&*upstream), false);
                 debug!(up, down = sent, "upgraded stream ended");
             }
