@@ -272,30 +272,29 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         on_demand_timeout: cfg.xds_on_demand_timeout,
     });
 
-    // The proxy runtime. Its accept loop and every connection it serves hold a watch of
-    // `drain`: SIGTERM and a hand-over start it and wait for them.
+    // The proxy's workers: a current-thread runtime per thread, each with listeners of its
+    // own (`proxy::workers`). Their accept loops and every connection they serve hold a
+    // watch of `drain`: SIGTERM and a hand-over start it and wait for them.
     let (drain, drain_watch) = drain::new();
-    info!(workers = cfg.proxy_workers, "node proxy runtime");
-    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.proxy_workers)
-        .thread_name("mesh-proxy")
-        .enable_all()
-        .build()?;
+    info!(workers = cfg.proxy_workers, "node proxy workers");
+    let workers = crate::proxy::workers::Workers::start(cfg.proxy_workers)
+        .context("starting the proxy's workers")?;
     let (takeover, inherited, inherited6) = match takeover {
         Some(t) => {
-            let (t, fd, fd6) = t.split();
-            (Some(t), Some(fd), fd6)
+            let (t, fds, fds6) = t.split();
+            (Some(t), fds, fds6)
         }
-        None => (None, None, None),
+        None => (None, Vec::new(), Vec::new()),
     };
-    let mut outbound = proxy_rt.block_on(Outbound::bind(
+    let mut outbound = Outbound::bind(
         cfg.proxy_address.into(),
         inherited,
+        workers.count(),
         maps.clone(),
         metrics.clone(),
         registry.clone(),
         xds.clone(),
-    ))?;
+    )?;
     // Native IPv6: the datapath sends IPv6 pods' connections to `--proxy-redirect6`.
     match (&cfg.ipv6_capture, cfg.proxy_redirect6) {
         (crate::config::Ipv6Capture::NoHostAddress(ips), _) => warn!(
@@ -310,7 +309,6 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         .ipv6_capture
         .store(u64::from(cfg.proxy_redirect6.is_some()), Relaxed);
     if let Some(addr6) = cfg.proxy_redirect6 {
-        let _rt = proxy_rt.enter();
         outbound.listen6(addr6, inherited6)?;
     }
     let outbound = Arc::new(outbound);
@@ -331,7 +329,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         // Without a sink, namespaces labelled `mesh-agent.io/access-log=true` still log.
         let log = crate::proxy::accesslog::AccessLog::start(sink, metrics.clone(), xds.mesh())
             .with_context(|| format!("opening the access log ({:?})", cfg.access_log))?;
-        proxy_rt.spawn(
+        workers.first().spawn(
             log.clone()
                 .follow()
                 .instrument(tracing::info_span!("access-log-scope")),
@@ -343,6 +341,8 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     }
     // `--telemetry off`: the proxy records no Istio series.
     metrics.l7.istio.set_enabled(cfg.telemetry);
+    // `--l7-h1-server`: the L7 engine's downstream HTTP/1.1 codec.
+    crate::proxy::http::set_default_h1_server(cfg.l7_h1_server);
     let mut tracer = None;
     if let Some(endpoint) = &cfg.trace_otlp {
         let opts = crate::proxy::trace::TraceOptions {
@@ -361,8 +361,8 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::unbounded_channel();
     let _handover = crate::lifecycle::handover::serve(
         &cfg.pin_path,
-        outbound.listener_fd(),
-        outbound.listener6_fd(),
+        outbound.listener_fds(),
+        outbound.listener6_fds(),
         handover_tx,
     )
     .context("opening the hand-over socket")?;
@@ -371,7 +371,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     // Zero trust: HBONE to other nodes' workloads, policy for same-node destinations, and
     // (below) the in-pod HBONE listeners and the policy on captured inbound connections.
     let mesh_tls = crate::identity::tls::MeshTls::new(identity.certs.clone());
-    let hbone_client = proxy_rt.block_on(async {
+    let hbone_client = workers.block_on(async {
         crate::proxy::hbone::HboneClient::new(mesh_tls.clone(), Default::default())
     });
     // Istio's series of workloads that left the proxy's model are dropped at each scrape.
@@ -411,18 +411,14 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         hbone_client,
         metrics.clone(),
     ));
-    proxy_rt.spawn(
-        outbound
-            .serve(drain_watch)
-            .instrument(tracing::info_span!("outbound")),
-    );
+    outbound.serve(&workers, drain_watch);
     // Inbound capture: in-pod listeners and TC, following the enrolled local workloads.
     let mut inbound = if cfg.inbound_capture {
         let i = Inbound::start(InboundOptions {
             maps: maps.clone(),
             tc: Some(datapath.tc.clone()),
             metrics: metrics.clone(),
-            runtime: proxy_rt.handle().clone(),
+            runtime: workers.first().clone(),
             drain: inbound_drain,
             plain: {
                 let p = crate::proxy::secure::InboundPolicy::new(xds.clone(), metrics.clone());
@@ -435,7 +431,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 p
             },
             on_hbone_listener: Some(hbone_handoff(
-                proxy_rt.handle().clone(),
+                workers.first().clone(),
                 xds.clone(),
                 mesh_tls.clone(),
                 identity.certs.clone(),
@@ -682,7 +678,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         // connections are told to close, and their clients reconnect to the new agent).
         // A signal now (the old pod's termination) does not cut the drain short: the
         // kubelet's grace period bounds it, and a kill resets what is left.
-        let left = proxy_rt.block_on(drain.start_and_wait(cfg.handover_drain));
+        let left = workers.block_on(drain.start_and_wait(cfg.handover_drain));
         if left > 0 {
             warn!(
                 connections = left,
@@ -696,9 +692,9 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         // Stay until told to go: exiting would have the kubelet restart this container,
         // which would take the node back from the new agent.
         info!("handed over: the datapath stays with the new agent; waiting for the signal to exit");
-        let s = proxy_rt.block_on(shutdown_signal());
+        let s = workers.block_on(shutdown_signal());
         info!(signal = s, "exiting after the hand-over");
-        proxy_rt.shutdown_timeout(Duration::from_millis(200));
+        workers.shutdown();
         return Ok(());
     }
 
@@ -715,7 +711,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             "drain deadline passed; closing the remaining proxied connections"
         );
     }
-    proxy_rt.shutdown_timeout(Duration::from_millis(200));
+    workers.shutdown();
     drop(node_addrs_stop);
     let _ = node_addrs.join();
     if cfg.embedded_control_plane() {

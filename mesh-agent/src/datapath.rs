@@ -17,13 +17,14 @@ pub mod tc;
 pub mod writer;
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsFd,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Mutex, RwLock},
 };
 
 use aya::{
@@ -218,6 +219,9 @@ pub struct Datapath {
     /// The sk_msg attachment to `SOCKHASH` (a plain attach, not a link): forgotten instead
     /// of detached when the datapath is kept.
     skmsg_link: Option<aya::programs::sk_msg::SkMsgLink>,
+    /// `mesh_relay_back`'s attachment to `RELAY_UP` (egress relay only; the map is not
+    /// pinned, so both go with the agent).
+    _relay_back_link: Option<aya::programs::sk_skb::SkSkbLink>,
     /// Links adopted from an earlier agent's pins (those this agent attached are held by
     /// their pins, `link_<program>`, alone).
     _links: Vec<OwnedFd>,
@@ -232,6 +236,24 @@ pub struct Datapath {
 /// kube-proxy's IPVS mode puts every ClusterIP on `kube-ipvs0`, and connections to those
 /// must still be captured (IPVS answers them with pods, not with the host).
 const NODE_ADDR_SKIP: &[&str] = &["kube-ipvs0"];
+
+/// A user-space copy of `NODE_ADDRS`' keys: read per captured connection by the proxy,
+/// replaced whole by `Maps::sync_node_addrs` (a few dozen addresses, rarely changed).
+#[derive(Default)]
+struct NodeAddrSet(RwLock<BTreeSet<Ip>>);
+
+impl NodeAddrSet {
+    fn contains(&self, ip: &Ip) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(ip)
+    }
+
+    fn replace(&self, set: BTreeSet<Ip>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = set;
+    }
+}
 
 /// What one `Maps::sync_node_addrs` changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -254,8 +276,12 @@ pub struct Maps {
     pub flows: Mutex<HashMap<MapData, SockKey, FlowInfo>>,
     /// Per-socket state (socket storage), read by the proxy through its accepted sockets.
     sock_state: SkStorage<MapData, SockState>,
-    /// The node's own addresses (IPv4 v4-mapped, IPv6) -> interface index.
-    pub node_addrs: Mutex<HashMap<MapData, Ip, u32>>,
+    /// The node's own addresses (IPv4 v4-mapped, IPv6) -> interface index. Written only by
+    /// `sync_node_addrs`, which keeps `node_addr_set` in step.
+    node_addrs: Mutex<HashMap<MapData, Ip, u32>>,
+    /// The keys of `NODE_ADDRS` as user space last wrote them, so the proxy's per-connection
+    /// check (`is_node_addr`) is a memory lookup, not a `bpf()` system call.
+    node_addr_set: NodeAddrSet,
     /// The proxy's heartbeat, read by connect4/6.
     pub proxy_health: Mutex<Array<MapData, ProxyHealth>>,
     /// Local enrolled workloads by IPv4 address, for the TC inbound program.
@@ -577,6 +603,21 @@ impl Datapath {
             (true, false) => mesh_common::maps::relay_mode::INGRESS,
             (true, true) => mesh_common::maps::relay_mode::EGRESS,
         };
+        // Egress mode's destination direction (`mesh_relay_back` on `RELAY_UP`): loaded
+        // only with the egress relay on, and where the program's offsets resolve.
+        let back_offsets = if relay_on == mesh_common::maps::relay_mode::EGRESS
+            && egress_offsets.iter().all(|o| *o != 0)
+        {
+            relay::back_offsets()
+        } else {
+            None
+        };
+        let back_caps = if back_offsets.is_some() {
+            mesh_common::capacity::RELAY
+        } else {
+            1
+        };
+        let back_off = back_offsets.unwrap_or([0; 2]);
         // sockops reads an accepting socket's namespace itself where it may (5.15+).
         let sockops_netns =
             features::KernelFeatures::release_at_least(&sys::kernel_release(), 5, 15)
@@ -614,6 +655,11 @@ impl Datapath {
             .override_global("OFF_SK_SOCKET", &egress_offsets[2], true)
             .override_global("OFF_SOCKET_FILE", &egress_offsets[3], true)
             .override_global("OFF_FILE_FLAGS", &egress_offsets[4], true)
+            .override_global("OFF_SKB_SK_REDIR", &back_off[0], true)
+            .override_global("OFF_PSOCK_INGRESS_QLEN", &back_off[1], true)
+            .map_max_entries(map_names::RELAY_UP, back_caps)
+            .map_max_entries(map_names::RELAY_BACK, back_caps)
+            .map_max_entries(map_names::RELAY_ARMED, back_caps)
             .override_global("SOCKOPS_NETNS", &sockops_netns_on, true)
             .override_global("SOCK_NETNS_STAMP", &stamp_on, true)
             .override_global("OFF_MSG_SK", &off_msg_sk, true)
@@ -765,6 +811,36 @@ impl Datapath {
             .attach(sockhash.fd())
             .map_err(prog_err("attaching mesh_sk_msg to SOCKHASH".into()))?;
         let skmsg_link = skmsg.take_link(skmsg_id).ok();
+        let (relay_back_maps, relay_back_link) = if back_offsets.is_some() {
+            let up: SockHash<MapData, SockKey> = take(&mut ebpf, map_names::RELAY_UP)?;
+            let prog: &mut aya::programs::SkSkb = ebpf
+                .program_mut(prog_names::RELAY_BACK)
+                .ok_or_else(|| {
+                    BpfError::Kernel(format!(
+                        "program {} missing from the object",
+                        prog_names::RELAY_BACK
+                    ))
+                })?
+                .try_into()
+                .map_err(prog_err(format!("program {}", prog_names::RELAY_BACK)))?;
+            prog.load()
+                .map_err(prog_err(format!("loading {}", prog_names::RELAY_BACK)))?;
+            let id = prog.attach(up.fd()).map_err(prog_err(format!(
+                "attaching {} to RELAY_UP",
+                prog_names::RELAY_BACK
+            )))?;
+            let link = prog.take_link(id).ok();
+            (
+                Some(relay::BackMaps {
+                    up,
+                    back: take(&mut ebpf, map_names::RELAY_BACK)?,
+                    armed: take(&mut ebpf, map_names::RELAY_ARMED)?,
+                }),
+                link,
+            )
+        } else {
+            (None, None)
+        };
 
         // The TC inbound program is loaded (verified) now and attached per pod later.
         let tc_prog: &mut SchedClassifier = ebpf
@@ -794,6 +870,7 @@ impl Datapath {
             flows: Mutex::new(take(&mut ebpf, map_names::FLOWS)?),
             sock_state: take(&mut ebpf, map_names::SOCK_STATE)?,
             node_addrs: Mutex::new(take(&mut ebpf, map_names::NODE_ADDRS)?),
+            node_addr_set: NodeAddrSet::default(),
             proxy_health: Mutex::new(take(&mut ebpf, map_names::PROXY_HEALTH)?),
             inbound: Mutex::new(take(&mut ebpf, map_names::INBOUND)?),
             inbound6: Mutex::new(take(&mut ebpf, map_names::INBOUND6)?),
@@ -820,6 +897,7 @@ impl Datapath {
                             source,
                         })?,
                     o.kernel_relay_egress,
+                    relay_back_maps,
                 ))
             } else {
                 None
@@ -940,6 +1018,7 @@ impl Datapath {
             maps,
             tc,
             skmsg_link,
+            _relay_back_link: relay_back_link,
             _links: links,
             _ebpf: ebpf,
             pins,
@@ -1163,10 +1242,10 @@ impl Maps {
         m.get(&ip_from(ip), 0).ok()
     }
 
-    /// Whether `ip` is one of this node's own addresses (as last synced).
+    /// Whether `ip` is one of this node's own addresses (as last synced): read from the
+    /// user-space copy of `NODE_ADDRS`'s keys, which holds every address the map holds.
     pub fn is_node_addr(&self, ip: IpAddr) -> bool {
-        let m = self.node_addrs.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&ip_from(ip), 0).is_ok()
+        self.node_addr_set.contains(&ip_from(ip))
     }
 
     /// Brings `NODE_ADDRS` in line with the addresses of the node's interfaces (IPv4 and
@@ -1184,6 +1263,11 @@ impl Maps {
         );
         let mut m = self.node_addrs.lock().unwrap_or_else(|e| e.into_inner());
         let have: std::collections::BTreeMap<Ip, u32> = m.iter().filter_map(Result::ok).collect();
+        // The copy is a superset of the map at every moment: what the map holds and what is
+        // about to be added before the writes, exactly the map's keys after them (removed
+        // after the map has dropped them). The proxy errs on refusing, never on dialling.
+        let mut set: BTreeSet<Ip> = have.keys().chain(want.keys()).copied().collect();
+        self.node_addr_set.replace(set.clone());
         let mut r = NodeAddrSync::default();
         for (ip, ifindex) in &want {
             if have.get(ip) == Some(ifindex) {
@@ -1193,6 +1277,9 @@ impl Maps {
                 Ok(()) => r.added += 1,
                 Err(e) => {
                     r.failed += 1;
+                    if !have.contains_key(ip) {
+                        set.remove(ip);
+                    }
                     warn!(address = %ip_addr(*ip), error = %e, "cannot record a node address in NODE_ADDRS; pods' connections to it would be captured");
                 }
             }
@@ -1200,8 +1287,10 @@ impl Maps {
         for ip in have.keys().filter(|ip| !want.contains_key(*ip)) {
             if m.remove(ip).is_ok() {
                 r.removed += 1;
+                set.remove(ip);
             }
         }
+        self.node_addr_set.replace(set);
         r.current = want.len() - r.failed;
         Ok(r)
     }

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub enrolled_workloads: AtomicU64,
     /// 1 while native IPv6 connections are captured (`--proxy-redirect6`), else 0.
     pub ipv6_capture: AtomicU64,
+    /// Connections each node proxy worker accepted (`proxy::workers`).
+    pub worker_accepts: WorkerAccepts,
     /// Reloads of the standalone file, applied and rejected.
     pub reloads: Arc<crate::enrol::file::ReloadStats>,
     /// Datapath map writes of the map syncer that failed, by map.
@@ -457,6 +459,7 @@ impl Metrics {
             self.refused_local_scope.load(Relaxed),
             self.refused_node_address.load(Relaxed),
         );
+        self.worker_accepts.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP mesh_datapath_events_total Datapath events and verdicts counted by the eBPF programs.\n# TYPE mesh_datapath_events_total counter"
@@ -805,5 +808,44 @@ mod tests {
             "mesh_request_duration_milliseconds_sum{{{l}}} 60003"
         )));
         assert!(text.contains("mesh_upstream_retries_total{cluster=\"cart\"} 1"));
+    }
+}
+
+/// Outbound connections each node proxy worker accepted, one slot per worker on a cache
+/// line of its own (each worker adds to its slot only).
+#[derive(Default)]
+pub struct WorkerAccepts(std::sync::OnceLock<Box<[PaddedCounter]>>);
+
+#[derive(Default)]
+#[repr(align(64))]
+pub struct PaddedCounter(AtomicU64);
+
+impl WorkerAccepts {
+    /// Sizes it for `workers` workers (once; later calls change nothing).
+    pub fn init(&self, workers: usize) {
+        let _ = self
+            .0
+            .set((0..workers).map(|_| PaddedCounter::default()).collect());
+    }
+
+    pub fn add(&self, worker: usize) {
+        if let Some(c) = self.0.get().and_then(|s| s.get(worker)) {
+            c.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let Some(slots) = self.0.get() else { return };
+        let _ = writeln!(
+            out,
+            "# HELP mesh_proxy_worker_connections_total Outbound connections each node proxy worker accepted (--proxy-workers; the kernel spreads them over the workers' SO_REUSEPORT listeners).\n# TYPE mesh_proxy_worker_connections_total counter"
+        );
+        for (i, c) in slots.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "mesh_proxy_worker_connections_total{{worker=\"{i}\"}} {}",
+                c.0.load(Relaxed)
+            );
+        }
     }
 }

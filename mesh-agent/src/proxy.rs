@@ -12,11 +12,13 @@ pub mod config;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+pub mod listeners;
 mod relay;
 pub mod secure;
 #[cfg(test)]
 mod testing;
 pub mod trace;
+pub mod workers;
 pub mod xds;
 
 use std::{
@@ -70,38 +72,36 @@ pub enum ProxyError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
-/// One address family's outbound listener: what its accept loop needs, so both
-/// families' loops are the same code.
+/// One outbound listening socket (of either family's `SO_REUSEPORT` group,
+/// `proxy::listeners`): what its accept loop needs, so every loop is the same code.
 struct FamilyListener {
-    socket: TcpListener,
+    /// Kept for the hand-over; the accept loop serves a duplicate registered with its
+    /// worker's runtime.
+    socket: std::net::TcpListener,
     /// The listener's own address when it is bound to one (every accepted socket's local
     /// address, no `getsockname` per connection); `None` for a wildcard address.
     local: Option<SocketAddr>,
-    /// Whether this loop refreshes the proxy heartbeat (`PROXY_HEALTH`): exactly one does,
-    /// the IPv4 one.
-    heartbeat: bool,
 }
 
 impl FamilyListener {
-    fn new(socket: TcpListener, heartbeat: bool) -> Arc<FamilyListener> {
+    fn new(socket: std::net::TcpListener) -> Arc<FamilyListener> {
         let local = socket
             .local_addr()
             .ok()
             .filter(|a| !a.ip().is_unspecified());
-        Arc::new(FamilyListener {
-            socket,
-            local,
-            heartbeat,
-        })
+        Arc::new(FamilyListener { socket, local })
     }
 }
 
 pub struct Outbound {
-    /// The IPv4 outbound listener (`--proxy-redirect`); its loop beats the heartbeat.
-    listener: Arc<FamilyListener>,
-    /// The IPv6 outbound listener (`--proxy-redirect6`), where the datapath sends native
-    /// IPv6 connections; `None`: IPv6 is not captured.
-    listener6: Option<Arc<FamilyListener>>,
+    /// The IPv4 outbound listeners (`--proxy-redirect`), a `SO_REUSEPORT` group: socket
+    /// `i` is served by worker `i % workers`.
+    listeners: Vec<Arc<FamilyListener>>,
+    /// The IPv6 outbound listeners (`--proxy-redirect6`), where the datapath sends native
+    /// IPv6 connections, served the same way; empty: IPv6 is not captured.
+    listeners6: Vec<Arc<FamilyListener>>,
+    /// Proxy workers (`--proxy-workers`), for the sibling count of `listen6`.
+    workers: usize,
     /// When set: connect to same-node destinations from this (node) address and have
     /// sockops pair that leg too (IPv4 destinations from the first, IPv6 from the second).
     upstream_source: std::sync::OnceLock<Ipv4Addr>,
@@ -109,7 +109,6 @@ pub struct Outbound {
     maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     registry: SharedRegistry,
-    next_id: AtomicU64,
     /// Service listeners (xDS): which destinations get L7 or a load-balanced TCP hop.
     xds: Arc<XdsClient>,
     l7: Arc<L7>,
@@ -143,70 +142,42 @@ fn orig_dst(flow: &FlowInfo) -> SocketAddr {
     SocketAddr::new(canonical(dst.ip()), dst.port())
 }
 
-/// How often the accept loop refreshes `PROXY_HEALTH` (well under the default 1 s after
-/// which the datapath takes the proxy as unable to serve).
+/// How often each worker stamps its liveness and worker 0 refreshes `PROXY_HEALTH` (well
+/// under the default 1 s after which the datapath takes the proxy as unable to serve).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Accept-queue length of the outbound listener (the kernel caps it at `net.core.somaxconn`).
-/// Every captured connection of the node lands on this one socket, so a burst of connects
-/// from many pods must not overflow it: tokio's default of 128 did, the kernel fell back to
-/// SYN cookies and dropped final ACKs, and some clients saw a reset.
+/// Accept-queue length of each outbound listener (the kernel caps it at
+/// `net.core.somaxconn`). Every captured connection of the node lands on these sockets,
+/// so a burst of connects from many pods must not overflow them: tokio's default of 128
+/// did, the kernel fell back to SYN cookies and dropped final ACKs, and some clients saw
+/// a reset.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds and listens. `TCP_NODELAY` is set on the listening socket: every accepted socket
-/// inherits it (Linux copies the listener's TCP options into the child; a unit test
-/// checks it), so no connection pays a `setsockopt` for it. Connections the kernel queued
-/// on an inherited listener before `bind` set it there (an upgrade's instant) keep Nagle:
-/// slower small writes for those few, nothing else.
-fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let sock = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    sock.set_reuseaddr(true)?;
-    sock.set_nodelay(true)?;
-    sock.bind(addr)?;
-    sock.listen(backlog)
-}
-
-/// A listening socket handed over by a running agent, with `TCP_NODELAY` set as `listen`
-/// sets it.
-fn adopt_listener(fd: std::os::fd::OwnedFd) -> io::Result<TcpListener> {
-    // The option is TCP's, whatever std type carries the descriptor for the call.
-    let s = std::net::TcpStream::from(fd);
-    s.set_nodelay(true)?;
-    let l = std::net::TcpListener::from(std::os::fd::OwnedFd::from(s));
-    l.set_nonblocking(true)?;
-    TcpListener::from_std(l)
-}
-
 impl Outbound {
-    /// Binds the outbound listener on `addr`, or serves `inherited`, the listening socket a
-    /// running agent handed over (see `handover`).
-    pub async fn bind(
+    /// Binds the outbound listeners on `addr`, one per worker (`workers`) in a
+    /// `SO_REUSEPORT` group, beside `inherited`, the listening sockets a running agent
+    /// handed over (see `handover`), which are served first.
+    pub fn bind(
         addr: SocketAddr,
-        inherited: Option<std::os::fd::OwnedFd>,
+        inherited: Vec<std::os::fd::OwnedFd>,
+        workers: usize,
         maps: Arc<Maps>,
         metrics: Arc<Metrics>,
         registry: SharedRegistry,
         xds: Arc<XdsClient>,
     ) -> Result<Outbound, ProxyError> {
-        let listener = match inherited {
-            Some(fd) => adopt_listener(fd).map_err(|source| ProxyError::Bind { addr, source })?,
-            None => {
-                listen(addr, LISTEN_BACKLOG).map_err(|source| ProxyError::Bind { addr, source })?
-            }
-        };
+        let group = listeners::group(addr, inherited, workers, LISTEN_BACKLOG)
+            .map_err(|source| ProxyError::Bind { addr, source })?;
         let l7 = L7::new(xds.config(), metrics.l7.clone());
         Ok(Outbound {
-            listener: FamilyListener::new(listener, true),
-            listener6: None,
+            listeners: group.into_iter().map(FamilyListener::new).collect(),
+            listeners6: Vec::new(),
+            workers,
             upstream_source: std::sync::OnceLock::new(),
             upstream_source6: std::sync::OnceLock::new(),
             maps,
             metrics,
             registry,
-            next_id: AtomicU64::new(0),
             xds,
             l7,
             secure: std::sync::OnceLock::new(),
@@ -217,46 +188,37 @@ impl Outbound {
     }
 
     /// Listens for captured native IPv6 connections on `addr` too (`--proxy-redirect6`),
-    /// served by an accept loop of their own (the IPv4 one's code), or serves `inherited`,
-    /// the IPv6 listener a running agent handed over if it listens on `addr`. Must run
-    /// inside the proxy's runtime.
+    /// a group of listeners served as the IPv4 ones, beside `inherited`, the IPv6
+    /// listeners a running agent handed over if they listen on `addr`.
     ///
     /// `SO_REUSEPORT`: an agent of hand-over protocol 1 does not pass its IPv6 listener on;
     /// this one then binds its own next to the old one's while both run.
     pub fn listen6(
         &mut self,
         addr: SocketAddrV6,
-        inherited: Option<std::os::fd::OwnedFd>,
+        inherited: Vec<std::os::fd::OwnedFd>,
     ) -> Result<(), ProxyError> {
-        if let Some(fd) = inherited {
-            let l = adopt_listener(fd).map_err(|source| ProxyError::Bind {
-                addr: SocketAddr::V6(addr),
-                source,
-            })?;
-            if l.local_addr().ok() == Some(SocketAddr::V6(addr)) {
-                self.listener6 = Some(FamilyListener::new(l, false));
-                return Ok(());
+        let addr = SocketAddr::V6(addr);
+        let inherited_at = inherited.first().map(|fd| {
+            fd.try_clone()
+                .and_then(|d| std::net::TcpListener::from(d).local_addr())
+                .ok()
+        });
+        let inherited = match inherited_at {
+            Some(Some(a)) if a != addr => {
+                // The old agent redirected IPv6 elsewhere: its queues are its own to drain.
+                warn!(
+                    inherited = %a,
+                    %addr,
+                    "the handed-over IPv6 listeners are on another address; binding new ones"
+                );
+                Vec::new()
             }
-            // The old agent redirected IPv6 elsewhere: its queue is its own to drain.
-            warn!(
-                inherited = ?l.local_addr().ok(),
-                %addr,
-                "the handed-over IPv6 listener is on another address; binding a new one"
-            );
-        }
-        let bind = |addr: SocketAddrV6| -> io::Result<TcpListener> {
-            let sock = TcpSocket::new_v6()?;
-            sock.set_reuseaddr(true)?;
-            sock.set_reuseport(true)?;
-            sock.set_nodelay(true)?;
-            sock.bind(SocketAddr::V6(addr))?;
-            sock.listen(LISTEN_BACKLOG)
+            _ => inherited,
         };
-        let l = bind(addr).map_err(|source| ProxyError::Bind {
-            addr: SocketAddr::V6(addr),
-            source,
-        })?;
-        self.listener6 = Some(FamilyListener::new(l, false));
+        let group = listeners::group(addr, inherited, self.workers, LISTEN_BACKLOG)
+            .map_err(|source| ProxyError::Bind { addr, source })?;
+        self.listeners6 = group.into_iter().map(FamilyListener::new).collect();
         Ok(())
     }
 
@@ -435,16 +397,15 @@ impl Outbound {
         let _ = self.secure.set(s);
     }
 
-    /// The listening socket, to hand over to the next agent.
-    pub fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.listener.socket.as_fd()
+    /// The listening sockets, to hand over to the next agent (the group's first socket
+    /// first).
+    pub fn listener_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.listeners.iter().map(|l| l.socket.as_fd()).collect()
     }
 
-    /// The IPv6 listening socket (`--proxy-redirect6`), for the same hand-over.
-    pub fn listener6_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        self.listener6.as_ref().map(|l| l.socket.as_fd())
+    /// The IPv6 listening sockets (`--proxy-redirect6`), for the same hand-over.
+    pub fn listener6_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.listeners6.iter().map(|l| l.socket.as_fd()).collect()
     }
 
     /// The L7 engine (its live state: outlier ejections, for `/config_dump`).
@@ -517,60 +478,94 @@ impl Outbound {
         }
     }
 
-    /// Accepts until the drain begins. Every connection task holds a clone of `drain`
-    /// until it ends, so the drain's trigger can wait for them: HTTP connections are told
-    /// to finish (`L7::serve`), TCP relays run until their streams end or the deadline
-    /// passes (then the runtime is dropped and `relay` resets them).
-    pub async fn serve(self: Arc<Self>, drain: DrainWatch) {
-        // The IPv6 listener has its own loop (its own task), so a burst on one family
-        // never starves the other's accepts.
-        if let Some(l6) = self.listener6.clone() {
-            let addr = l6.local;
-            let (me, drain) = (self.clone(), drain.clone());
-            tokio::spawn(
-                me.accept_loop(l6, drain)
-                    .instrument(tracing::info_span!("outbound6", addr = ?addr)),
-            );
+    /// Starts an accept loop per listening socket on its worker (socket `i` of each
+    /// family on worker `i % workers`), and the workers' liveness stamps (worker 0 beats
+    /// the proxy heartbeat), all until the drain begins. Every connection task holds a
+    /// clone of `drain` until it ends, so the drain's trigger can wait for them: HTTP
+    /// connections are told to finish (`L7::serve`), TCP relays run until their streams
+    /// end or the deadline passes (then the workers stop and `relay` resets them).
+    pub fn serve(self: Arc<Self>, workers: &workers::Workers, drain: DrainWatch) {
+        let n = workers.count();
+        self.metrics.worker_accepts.init(n);
+        for (family, group) in [
+            ("outbound", &self.listeners),
+            ("outbound6", &self.listeners6),
+        ] {
+            for (i, l) in group.iter().enumerate() {
+                let w = i % n;
+                let (me, l, drain) = (self.clone(), l.clone(), drain.clone());
+                workers.handle(w).spawn(
+                    me.accept_loop(l, w, drain).instrument(tracing::info_span!(
+                        "listener",
+                        family,
+                        worker = w
+                    )),
+                );
+            }
         }
-        let l4 = self.listener.clone();
-        self.accept_loop(l4, drain).await;
+        let maps = self.maps.clone();
+        workers.start_liveness(
+            {
+                let drain = drain.clone();
+                move || {
+                    let drain = drain.clone();
+                    Box::pin(async move { drain.signaled().await })
+                }
+            },
+            move || {
+                if let Err(e) = maps.beat() {
+                    warn!(error = %e, "writing the proxy heartbeat failed");
+                }
+            },
+        );
     }
 
-    /// The accept loop of one family's listener (the one with `heartbeat` set also beats
-    /// the proxy heartbeat).
-    async fn accept_loop(self: Arc<Self>, listener: Arc<FamilyListener>, drain: DrainWatch) {
+    /// The accept loop of one listening socket, on worker `worker`.
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: Arc<FamilyListener>,
+        worker: usize,
+        drain: DrainWatch,
+    ) {
         let local = listener.local;
-        info!(addr = ?listener.socket.local_addr().ok(), "outbound listener ready");
-        // The heartbeat comes from the accept loop itself: if this task is not polled (the
-        // runtime stuck or starved), the datapath stops sending connections here.
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let socket = match listener.socket.try_clone().and_then(TcpListener::from_std) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot serve an outbound listener");
+                return;
+            }
+        };
+        info!(addr = ?socket.local_addr().ok(), "outbound listener ready");
         // One drain future for the whole loop, not one (a receiver clone and a waiter)
         // per accepted connection.
         let drained = drain.signaled();
         tokio::pin!(drained);
+        let mut next_id: u64 = 0;
         loop {
-            // In this order: the drain first, the heartbeat before accepts, so a burst of
-            // connections starves neither (and no random pick per connection).
+            // The drain first, so a burst of connections cannot delay it.
             tokio::select! {
                 biased;
                 () = &mut drained => {
                     info!("outbound listener closed; draining");
                     return;
                 }
-                _ = heartbeat.tick(), if listener.heartbeat => {
-                    if let Err(e) = self.maps.beat() {
-                        warn!(error = %e, "writing the proxy heartbeat failed");
-                    }
-                }
-                r = listener.socket.accept() => match r {
+                r = socket.accept() => match r {
                     Ok((conn, peer)) => {
+                        self.metrics.worker_accepts.add(worker);
                         let me = self.clone();
-                        let id = self.next_id.fetch_add(1, Relaxed);
+                        next_id += 1;
+                        let id = next_id;
                         let drain = drain.clone();
                         tokio::spawn(async move {
                             me.handle(conn, peer, local, drain).await;
-                        }.instrument(tracing::debug_span!("conn", id, %peer)));
+                        }.instrument(tracing::debug_span!("conn", worker, id, %peer)));
+                    }
+                    // Taken out of its group (a hand-over to an agent of an older
+                    // protocol, `listeners::leave_group`): nothing more comes.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        info!("outbound listener shut down");
+                        drained.await;
+                        return;
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -894,12 +889,14 @@ impl Outbound {
         } else {
             Far::Unpaired
         };
-        let end = relay_counted(
+        let back = armed.as_ref().and_then(|a| a.back_gate());
+        let end = relay_gated(
             client,
             upstream,
             &counters,
             Some(&istio),
             [far_client, far_upstream],
+            back.as_ref(),
         )
         .await;
         let end = relay::finish(&self.maps, armed, end, &counters, Some(&istio));
@@ -1144,8 +1141,11 @@ async fn pipe(
     own: &AtomicU64,
     istio: Option<&prometheus_client::metrics::counter::Counter>,
     far: Far,
+    back: Option<&crate::datapath::relay::BackGate<'_>>,
 ) -> io::Result<()> {
     let from: &TcpStream = r.as_ref();
+    // With `back` (the egress kernel relay's destination direction): what this pipe wrote.
+    let mut written: u64 = 0;
     // Only TCP's receive queue feeds a socket that was never paired (`read_once`).
     let tcp_only = far == Far::Unpaired;
     loop {
@@ -1170,10 +1170,35 @@ async fn pipe(
                         format!("{peer} closed with {unread} bytes unread"),
                     ));
                 }
+                // The kernel may still hold relayed bytes for the writer (its backlog
+                // queue): the FIN goes behind them, or, if that cannot be confirmed, the
+                // other side gets a reset rather than a short stream that looks complete.
+                if let Some(g) = back {
+                    if !g.wait_drained(written, Some(BACK_STALL)).await {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "the kernel relay's bytes did not all leave the client socket",
+                        ));
+                    }
+                }
                 w.shutdown().await?;
                 return Ok(());
             }
+            if let Some(g) = back {
+                // Behind every byte the kernel relayed (it went back to the proxy only
+                // because the writer's backlog was full).
+                if !g.wait_drained(written, None).await {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the client socket failed under the kernel relay",
+                    ));
+                }
+            }
             w.write_all(&buf[..n]).await?;
+            if let Some(g) = back {
+                written += n as u64;
+                g.publish(written);
+            }
             count.fetch_add(n as u64, Relaxed);
             own.fetch_add(n as u64, Relaxed);
             if let Some(c) = istio {
@@ -1197,14 +1222,31 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, c: &FlowCounters) -> 
     relay_counted(client, upstream, c, None, [Far::Ask; 2]).await
 }
 
-/// `relay`, counting into the connection's Istio series too; `far`: what is known of
-/// the client's and the upstream's far ends (`close::take_far_unread`).
+/// How long the half-close of the client waits for the kernel relay's bytes to leave the
+/// client socket without any of them moving (a client that stopped reading).
+const BACK_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `relay_gated` without the egress relay's gate.
 async fn relay_counted(
+    client: TcpStream,
+    upstream: TcpStream,
+    c: &FlowCounters,
+    istio: Option<&TcpSeries>,
+    far: [Far; 2],
+) -> RelayEnd {
+    relay_gated(client, upstream, c, istio, far, None).await
+}
+
+/// `relay`, counting into the connection's Istio series too; `far`: what is known of
+/// the client's and the upstream's far ends (`close::take_far_unread`); `back`: the egress
+/// kernel relay's gate of the upstream-to-client copy.
+async fn relay_gated(
     mut client: TcpStream,
     mut upstream: TcpStream,
     c: &FlowCounters,
     istio: Option<&TcpSeries>,
     far: [Far; 2],
+    back: Option<&crate::datapath::relay::BackGate<'_>>,
 ) -> RelayEnd {
     let _ = sys::set_linger_zero(client.as_fd());
     let _ = sys::set_linger_zero(upstream.as_fd());
@@ -1219,8 +1261,9 @@ async fn relay_counted(
             &received,
             istio.map(|i| &i.received),
             far[0],
+            None,
         );
-        let down = pipe(ur, cw, &c.sent, &sent, istio.map(|i| &i.sent), far[1]);
+        let down = pipe(ur, cw, &c.sent, &sent, istio.map(|i| &i.sent), far[1], back);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -1261,14 +1304,16 @@ mod tests {
     /// this is what makes that right, on the kernel the tests run on.
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let l = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let l = TcpListener::from_std(listeners::bind("127.0.0.1:0".parse().unwrap(), 16).unwrap())
+            .unwrap();
         let _far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (near, _) = l.accept().await.unwrap();
         assert!(near.nodelay().unwrap());
         // An adopted listener (an upgrade's hand-over) gets it too.
         let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = plain.local_addr().unwrap();
-        let l = adopt_listener(std::os::fd::OwnedFd::from(plain)).unwrap();
+        let l = TcpListener::from_std(listeners::adopt(std::os::fd::OwnedFd::from(plain)).unwrap())
+            .unwrap();
         let _far = TcpStream::connect(addr).await.unwrap();
         let (near, _) = l.accept().await.unwrap();
         assert!(near.nodelay().unwrap());

@@ -619,3 +619,131 @@ pub fn ipv4_interface_name(ip: std::net::Ipv4Addr) -> io::Result<Option<String>>
     unsafe { libc::freeifaddrs(head) };
     Ok(found)
 }
+
+/// `tcpi_bytes_acked` of a TCP socket (`TCP_INFO`): its payload bytes the peer
+/// acknowledged (the egress relay's count of what the proxy's client socket sent).
+pub fn tcp_bytes_acked(fd: std::os::fd::RawFd) -> io::Result<u64> {
+    // SAFETY: a zeroed plain C struct; getsockopt fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the out pointers are valid for the stated length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked)
+}
+
+/// `SIOCOUTQ` of a TCP socket: its bytes not yet acknowledged (sent or not).
+pub fn tcp_outq(fd: std::os::fd::RawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (== TIOCOUTQ) writes one int through the valid pointer.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
+/// `listen(2)` on a socket set up (options, bind) through `tokio::net::TcpSocket`, as a
+/// std listener registered with no runtime yet (`proxy::listeners`).
+pub fn listen_std(sock: tokio::net::TcpSocket, backlog: u32) -> io::Result<std::net::TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the descriptor comes from `into_raw_fd`: open, and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(sock.into_raw_fd()) };
+    // SAFETY: listen(2) on a socket this function owns.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog.min(i32::MAX as u32) as libc::c_int) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// Sets `SO_REUSEPORT` (on a listening socket too: Linux builds the port's group when
+/// the first sibling binds).
+pub fn set_reuseport(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: the option value is an int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches to `fd`'s `SO_REUSEPORT` group a classic BPF program that picks the group's
+/// first socket (index 0) for every new connection.
+pub fn reuseport_steer_to_first(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // BPF_RET | BPF_K: return 0.
+    let mut prog = [libc::sock_filter {
+        code: 0x06,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: the program outlives the call (the kernel copies it); the value is a
+    // sock_fprog of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Detaches the program of `fd`'s `SO_REUSEPORT` group, if any (Linux 5.3+).
+pub fn reuseport_detach_prog(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let v: libc::c_int = 0;
+    // SAFETY: SO_DETACH_REUSEPORT_BPF reads an int of the stated size, and ignores it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes a listening socket out of its group and its port, whoever else holds a
+/// descriptor of it (`shutdown` acts on the socket): the kernel sends it no more
+/// connections, and accepting from it fails.
+pub fn reuseport_leave_group(fd: BorrowedFd<'_>) {
+    let r = fd
+        .try_clone_to_owned()
+        .and_then(|d| std::net::TcpStream::from(d).shutdown(std::net::Shutdown::Both));
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not take a listener out of its group");
+    }
+}

@@ -58,6 +58,17 @@ pub mod map_names {
     /// accepting socket's namespace on kernels where it cannot ask (< 5.15). Not
     /// listable (socket storage); pinned so a stamp outlives an agent restart.
     pub const SOCK_NETNS: &str = "SOCK_NETNS";
+    /// Egress kernel relay (`--kernel-relay egress`), the destination's direction: the
+    /// proxy's legs P_u of armed flows (a sockhash with `mesh_relay_back` as its stream
+    /// verdict; P_u stays in `SOCKHASH` too). Not pinned, not in `ALL`.
+    pub const RELAY_UP: &str = "RELAY_UP";
+    /// Per armed P_u (its view, namespace 0): `maps::RelayBack`, the program's counts.
+    /// Not pinned.
+    pub const RELAY_BACK: &str = "RELAY_BACK";
+    /// Per armed P_u (its view, namespace 0): the bytes the proxy read from P_u and wrote
+    /// to P_a, published when it holds none of them (the only writer: the proxy). Not
+    /// pinned.
+    pub const RELAY_ARMED: &str = "RELAY_ARMED";
     pub const ALL: [&str; 15] = [
         WORKLOADS,
         DESTS,
@@ -95,6 +106,10 @@ pub mod prog_names {
     /// unread (`map_names::UNREAD_CLOSES`). Loaded and attached where the kernel has
     /// `sk_psock.msg_tot_len` (6.9+); not in `ALL` (no cgroup link).
     pub const CLOSE_UNREAD: &str = "mesh_close_unread";
+    /// `sk_skb/stream_verdict` on `RELAY_UP` (`--kernel-relay egress` only): the
+    /// destination's bytes arriving at the proxy's leg go onto the proxy's client socket's
+    /// send path. Not in `ALL` (no cgroup link).
+    pub const RELAY_BACK: &str = "mesh_relay_back";
     pub const ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
@@ -487,10 +502,15 @@ pub enum Stat {
     /// (`UNREAD_CLOSES`), to a pod whose socket of that connection is still open,
     /// rewritten into an RST (a direct-mode peer then reads a reset, as over plain TCP).
     TcFinToRst,
+    /// Egress kernel relay, the destination's direction (`mesh_relay_back`): a segment
+    /// the destination sent to the proxy's leg P_u moved onto the send path of the
+    /// proxy's client socket P_a in the kernel (the proxy never read it), and its bytes.
+    SkbRelayed,
+    SkbRelayedBytes,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 53;
+    pub const COUNT: u32 = 55;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -545,6 +565,8 @@ impl Stat {
         Stat::TcPassIpv6ExtHeader,
         Stat::TcDropIpv6ExtChain,
         Stat::TcFinToRst,
+        Stat::SkbRelayed,
+        Stat::SkbRelayedBytes,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -602,6 +624,8 @@ impl Stat {
             Stat::TcPassIpv6ExtHeader => "tc_pass_ipv6_ext_header",
             Stat::TcDropIpv6ExtChain => "tc_drop_ipv6_ext_chain",
             Stat::TcFinToRst => "tc_fin_to_rst",
+            Stat::SkbRelayed => "skb_relayed",
+            Stat::SkbRelayedBytes => "skb_relayed_bytes",
         }
     }
 }
@@ -709,11 +733,17 @@ impl Stat {
             Stat::TcFinToRst => {
                 "a FIN from a paired socket closed with bytes unread, rewritten into a reset at the receiving pod (UNREAD_CLOSES)"
             }
+            Stat::SkbRelayed => {
+                "egress kernel relay: the destination's segment moved onto the proxy's client socket in the kernel"
+            }
+            Stat::SkbRelayedBytes => {
+                "egress kernel relay: the destination's bytes moved onto the proxy's client socket in the kernel"
+            }
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::TcFinToRst as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::SkbRelayedBytes as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

@@ -437,6 +437,37 @@ pub struct RelayInfo {
     pub seq: u32,
 }
 
+/// `RELAY_BACK` value, keyed by the proxy's leg P_u (its own view, namespace 0): the
+/// egress relay's destination direction (`--kernel-relay egress`). The proxy writes it
+/// once, before P_u joins `RELAY_UP`; then only `mesh_relay_back` writes it (under P_u's
+/// socket lock), and the proxy reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayBack {
+    /// The proxy's client socket P_a under its own view (its `SOCKHASH` key).
+    pub target: SockKey,
+    /// Bytes the program passed to the proxy (P_u's receive path).
+    pub passed: u64,
+    /// Bytes the program moved onto P_a's send path.
+    pub relayed: u64,
+    /// `relay_state::*`.
+    pub state: u32,
+    /// Times the destination's direction went back to the proxy (P_a's backlog full).
+    pub fallbacks: u32,
+    /// Times it came back (the first switch not counted).
+    pub recoveries: u32,
+    pub _pad: u32,
+}
+
+/// Whether the proxy's client socket P_a has sent everything that was put on its send
+/// path: `pa_sent` (P_a's redirects into the client plus its TCP bytes) covers the
+/// proxy's own writes and the program's relayed bytes. Then no byte of the destination
+/// waits in P_a's backlog queue and a FIN (or a proxy write) cannot overtake one.
+#[inline(always)]
+pub fn relay_back_drained(pa_sent: u64, proxy_written: u64, relayed: u64) -> bool {
+    pa_sent >= proxy_written + relayed
+}
+
 /// `KERNEL_RELAY` (the eBPF's load-time constant): which kernel relay runs.
 pub mod relay_mode {
     /// `--kernel-relay true`: both directions, into the far end's receive queue (S is
@@ -525,6 +556,7 @@ assert_layout!(MeshConfig, 56, 8);
 assert_layout!(ExcludeCidr, 48, 4);
 assert_layout!(SockState, 88, 8);
 assert_layout!(RelayInfo, 80, 8);
+assert_layout!(RelayBack, 80, 8);
 assert_layout!(FlowRecord, 96, 8);
 assert_layout!(SockKey, 48, 8);
 assert_layout!(FlowInfo, 40, 8);
@@ -552,6 +584,7 @@ mod pod {
         ProxyHealth,
         InboundInfo,
         RelayInfo,
+        RelayBack,
         UnreadClose
     );
 }

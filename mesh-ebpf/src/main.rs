@@ -5,6 +5,8 @@
 //! - `mesh_sockops` (`sockops`): on ESTABLISHED, record the flow and put both local ends
 //!   of a captured connection in `SOCKHASH`;
 //! - `mesh_sk_msg` (`sk_msg` on `SOCKHASH`): hand each send straight to the peer socket;
+//! - `mesh_relay_back` (`sk_skb` stream verdict on `RELAY_UP`, `--kernel-relay egress`):
+//!   the destination's bytes at the proxy's leg go onto the proxy's client socket;
 //! - `mesh_sock_netns` (`cgroup/sock_create`, attached below 5.15 only): stamp each TCP
 //!   socket with its network namespace, for sockops' flow keys;
 //! - `mesh_tc_ingress` (TC ingress on each capturing pod's interface): assign new inbound
@@ -30,6 +32,7 @@ mod connect;
 mod log;
 mod maps;
 mod sk_msg;
+mod sk_skb;
 mod sock_netns;
 mod sockops;
 mod tc;

@@ -17,7 +17,7 @@ use mesh_common::{
     capacity as cap,
     maps::{
         DestInfo, ExcludeCidr, FlowInfo, FlowRecord, InboundInfo, Ip, MeshConfig, ProxyHealth,
-        RelayInfo, SockKey, SockState, UnreadClose, WorkloadInfo,
+        RelayBack, RelayInfo, SockKey, SockState, UnreadClose, WorkloadInfo,
     },
     Stat,
 };
@@ -99,6 +99,41 @@ pub static RELAY: HashMap<
     { cap::RELAY as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// The egress relay's destination direction (`--kernel-relay egress`): the proxy's legs
+/// P_u of armed flows, under their own view (namespace 0), with `mesh_relay_back` as the
+/// stream verdict (`sk_skb`). P_u stays in `SOCKHASH` as well (the client's messages are
+/// redirected onto its send path from there); a psock takes its `msg_parser` from one map
+/// and its stream verdict from another. Not pinned; one entry unless egress mode.
+#[btf_map]
+pub static RELAY_UP: SockHash<SockKey, { cap::RELAY as usize }> = SockHash::new();
+
+/// Per P_u in `RELAY_UP` (same key): where its bytes go (P_a) and the program's counts
+/// (`RelayBack`). Written by the proxy before P_u joins `RELAY_UP`, then by
+/// `mesh_relay_back` only. Not preallocated (as `RELAY`).
+#[btf_map]
+pub static RELAY_BACK: HashMap<
+    SockKey,
+    RelayBack,
+    { cap::RELAY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Per P_u in `RELAY_UP` (same key): the bytes the proxy read from P_u and wrote to P_a,
+/// published each time it holds none of them. The proxy is its only writer.
+#[btf_map]
+pub static RELAY_ARMED: HashMap<
+    SockKey,
+    u64,
+    { cap::RELAY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Scratch for `mesh_relay_back`: its context pointer stored and loaded back so the
+/// verifier treats it as a number (a probe read of the skb's redirect target). Per CPU,
+/// overwritten at each run; never a socket's address.
+#[btf_map]
+pub static RELAY_SCRATCH: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// Paired sockets closed with redirected bytes unread, by the closing socket's view
 /// (namespace 0), written by `close::mesh_close_unread`, consumed by the proxy. Not pinned

@@ -21,9 +21,10 @@
 //! sends straight into the other end's receive queue once nothing it sent is still on the
 //! proxied path (`relay`); the proxy's own sockets stay on TCP (`fallback::RELAY_LEG`).
 //! In egress mode (`relay_mode::EGRESS`, `--kernel-relay egress`) only the client's socket
-//! is armed, its target is the proxy's leg P_u, and the redirect goes onto P_u's send path
-//! (no `BPF_F_INGRESS`): the destination's socket is never in the sockhash, and P_u's TCP
-//! flow control is the back-pressure (`relay_egress`).
+//! is armed here, its target is the proxy's leg P_u, and the redirect goes onto P_u's send
+//! path (no `BPF_F_INGRESS`): the destination's socket is never in the sockhash, and P_u's
+//! TCP flow control is the back-pressure (`relay_egress`). The destination's direction is
+//! `sk_skb::mesh_relay_back`'s (a stream verdict on P_u, onto P_a's send path).
 //!
 //! # Minimum kernel version
 //!

@@ -464,7 +464,8 @@ fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
     for ip in [n.gateway, link_local, Ipv4Addr::LOCALHOST] {
         assert!(now.contains(&ip.to_string()), "{ip} not in {now:?}");
     }
-    let added = Ipv4Addr::new(192, 0, 2, n.index);
+    // TEST-NET-2: not an address of this machine (TEST-NET-1 can be, e.g. a VM's eth0).
+    let added = Ipv4Addr::new(198, 51, 100, n.index);
     mesh_tests::sh(&format!("ip addr add {added}/32 dev {}", n.bridge)).unwrap();
     wait_for(
         "the new node address in NODE_ADDRS",
@@ -492,20 +493,10 @@ fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    for (i, (orig, reason)) in [
-        (
-            std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, admin),
-            "local_scope",
-        ),
-        (
-            std::net::SocketAddrV4::new(n.gateway, own.addr.port()),
-            "node_address",
-        ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let from = 41000 + u16::from(n.index) * 4 + i as u16;
+    // Writes a flow record for the client's port `41000 + 4 * index + i` naming `orig`,
+    // and connects from that port.
+    let captured_to = |i: u16, orig: std::net::SocketAddrV4| {
+        let from = 41000 + u16::from(n.index) * 4 + i;
         // `FLOWS` key: the accepting side's (the proxy's) namespace, then the client's
         // view with 16-byte addresses (IPv4 v4-mapped).
         let key = [
@@ -533,18 +524,32 @@ fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
             hex(&value)
         ))
         .unwrap();
-        let r = n
-            .client(
-                "client",
-                &[
-                    "reset-client",
-                    "--to",
-                    &format!("{}:15001", n.gateway),
-                    "--from-port",
-                    &from.to_string(),
-                ],
-            )
-            .unwrap();
+        n.client(
+            "client",
+            &[
+                "reset-client",
+                "--to",
+                &format!("{}:15001", n.gateway),
+                "--from-port",
+                &from.to_string(),
+            ],
+        )
+        .unwrap()
+    };
+    for (i, (orig, reason)) in [
+        (
+            std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, admin),
+            "local_scope",
+        ),
+        (
+            std::net::SocketAddrV4::new(n.gateway, own.addr.port()),
+            "node_address",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = captured_to(i as u16, orig);
         assert_eq!(r["outcome"], "ECONNRESET", "{orig}: {r}");
         let m = agent.get("/metrics").unwrap();
         assert_eq!(
@@ -557,6 +562,55 @@ fn enrolment_never_widens_what_a_pod_reaches_on_the_node() {
             "{m}"
         );
     }
+    // The proxy's check follows NODE_ADDRS (it reads a user-space copy of the map's keys):
+    // an address added to the node is refused once the map has it, and dialled again once
+    // the map has dropped it (here into an unreachable route: a connect failure).
+    let refused_node = || {
+        let m = agent.get("/metrics").unwrap();
+        let r = (
+            metric(
+                &m,
+                "mesh_proxy_refused_destinations_total",
+                &[("reason", "node_address")],
+            ),
+            metric(&m, "mesh_tcp_connect_failures_total", &[]),
+        );
+        (r, m)
+    };
+    mesh_tests::sh(&format!("ip addr add {added}/32 dev {}", n.bridge)).unwrap();
+    wait_for(
+        "the added address in NODE_ADDRS again",
+        Duration::from_secs(5),
+        || dump().contains(&added.to_string()),
+    );
+    let r = captured_to(2, std::net::SocketAddrV4::new(added, 9));
+    assert_eq!(r["outcome"], "ECONNRESET", "{added}: {r}");
+    let ((refused, failed), m) = refused_node();
+    assert_eq!((refused, failed), (2, 0), "{m}");
+    mesh_tests::sh(&format!("ip addr del {added}/32 dev {}", n.bridge)).unwrap();
+    wait_for(
+        "the added address gone from NODE_ADDRS again",
+        Duration::from_secs(5),
+        || !dump().contains(&added.to_string()),
+    );
+    /// Removes the route it was made with, even when an assertion fails.
+    struct Unreachable(Ipv4Addr);
+    impl Drop for Unreachable {
+        fn drop(&mut self) {
+            let _ = mesh_tests::sh(&format!("ip route del unreachable {}/32", self.0));
+        }
+    }
+    mesh_tests::sh(&format!("ip route add unreachable {added}/32")).unwrap();
+    let _route = Unreachable(added);
+    let r = captured_to(3, std::net::SocketAddrV4::new(added, 9));
+    assert_eq!(r["outcome"], "ECONNRESET", "{added}: {r}");
+    wait_for(
+        "the proxy's failed dial of the removed address",
+        Duration::from_secs(5),
+        || refused_node().0 .1 == 1,
+    );
+    let ((refused, _), m) = refused_node();
+    assert_eq!(refused, 2, "{m}");
     // Neither the admin endpoint's nor the node server's peers include the proxy.
     assert_eq!(own.peers(), pods);
 }

@@ -1,10 +1,12 @@
 //! The egress kernel relay (`--kernel-relay egress`, issue 13 item 1) on a simulated node:
 //! a TCP service whose endpoint is a pod of the same node, reached through the node proxy.
 //! Once the proxy has decided the flow, the client's messages are appended straight to the
-//! send path of the proxy's leg to the endpoint (P_u), so the endpoint's socket is never in
-//! the sockhash: a *blocking* thread-per-connection server (whose reads must never return
-//! EAGAIN) gets every byte, half-close and reset pass as before, a slow reader holds the
-//! client's writes back through P_u's TCP flow control with bounded queues, and the
+//! send path of the proxy's leg to the endpoint (P_u), and the endpoint's answers, arriving
+//! at P_u, go onto the send path of the proxy's client socket (P_a) in the kernel
+//! (`mesh_relay_back`); the endpoint's socket is never in a sockhash: a *blocking*
+//! thread-per-connection server (whose reads must never return EAGAIN) gets every byte,
+//! half-close and reset pass as before (the endpoint's FIN only behind every relayed
+//! byte), a slow reader on either side holds the writer back with bounded queues, and the
 //! proxy's counts include what the kernel moved.
 
 use std::{
@@ -34,10 +36,11 @@ fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
     n.serve("db", &["echo", "--listen", "0.0.0.0:9000", "--strict"])
         .unwrap();
     let on = relay_available(&agent);
-    let (started, relayed, relayed_bytes) = (
+    let (started, relayed, relayed_bytes, back_bytes) = (
         agent.event("relay_started"),
         agent.event("msg_relayed"),
         agent.event("msg_relayed_bytes"),
+        agent.event("skb_relayed_bytes"),
     );
     let (rx, tx) = (
         flow_bytes(&agent, "mesh_tcp_received_bytes_total"),
@@ -52,8 +55,8 @@ fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
     if on {
         assert_eq!(
             agent.event("relay_started") - started,
-            1,
-            "only the client's direction switches: {}",
+            2,
+            "each direction switches once: {}",
             agent.log_text()
         );
         assert!(
@@ -65,6 +68,14 @@ fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
             "{moved} > {rounds}: the reverse direction was relayed"
         );
         assert!(agent.event("msg_relayed_bytes") - relayed_bytes >= 64 * (rounds - 4));
+        // The server's answers: every one in the kernel (the proxy holds none of them
+        // from the start, so the first answer already goes onto P_a's send path).
+        let back = agent.event("skb_relayed_bytes") - back_bytes;
+        assert!(
+            back >= 64 * (rounds - 4) && back <= 64 * rounds,
+            "{back} answer bytes relayed in the kernel, of {}",
+            64 * rounds
+        );
     } else {
         assert_eq!(moved, 0);
     }
@@ -82,6 +93,7 @@ fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
         flow_bytes(&agent, "mesh_tcp_sent_bytes_total"),
     );
     let before = agent.event("msg_relayed_bytes");
+    let back_before = agent.event("skb_relayed_bytes");
     let r = n
         .client(
             "client",
@@ -106,9 +118,10 @@ fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
         },
     );
     let bulk = agent.event("msg_relayed_bytes") - before;
+    let back = agent.event("skb_relayed_bytes") - back_before;
     eprintln!(
-        "bulk echo (non-blocking client): {bulk} of {} client bytes relayed; relay_fallback {} \
-         relay_recovered {}",
+        "bulk echo (non-blocking client): {bulk} of {} client bytes relayed, {back} server \
+         bytes relayed; relay_fallback {} relay_recovered {}",
         16 * MIB,
         agent.event("relay_fallback"),
         agent.event("relay_recovered")
@@ -118,6 +131,197 @@ fn client_bytes_go_onto_the_proxy_leg_and_a_blocking_server_reads_them() {
         // proxied path when it has not (returning only once the proxy has passed
         // everything on): part of the bulk.
         assert!(bulk >= MIB, "only {bulk} bytes relayed in the kernel");
+        assert!(
+            back >= MIB,
+            "only {back} server bytes relayed in the kernel"
+        );
+    }
+}
+
+/// The server writes 16 MiB and closes (its FIN right behind its last write): the client
+/// reads every byte, then EOF, on every connection. The bytes went onto P_a's send path in
+/// the kernel (the proxy read none of them: its counts come from the kernel's), and the
+/// FIN, which the proxy passes on, never overtook one still in P_a's backlog queue.
+#[test]
+fn server_bytes_go_onto_the_client_socket_and_its_fin_follows_the_last() {
+    let (n, agent) = client_db_relay("egress", &[]);
+    let total = 16 * MIB;
+    n.serve(
+        "db",
+        &[
+            "source",
+            "--listen",
+            "0.0.0.0:9000",
+            "--bytes",
+            &total.to_string(),
+        ],
+    )
+    .unwrap();
+    let on = relay_available(&agent);
+    let back_before = agent.event("skb_relayed_bytes");
+    let tx = flow_bytes(&agent, "mesh_tcp_sent_bytes_total");
+    let conns = 6u64;
+    for _ in 0..conns {
+        let r = n.client("client", &["read-client", "--to", VIP]).unwrap();
+        assert_eq!(r["outcome"], "eof", "{r}");
+        assert_eq!(r["received"], total, "{r}");
+    }
+    let back = agent.event("skb_relayed_bytes") - back_before;
+    eprintln!(
+        "server bulk: {back} of {} bytes relayed in the kernel; relay_fallback {} \
+         relay_recovered {}",
+        conns * total,
+        agent.event("relay_fallback"),
+        agent.event("relay_recovered")
+    );
+    mesh_tests::wait_for(
+        "the proxy counted every byte sent to the client",
+        Duration::from_secs(10),
+        || flow_bytes(&agent, "mesh_tcp_sent_bytes_total") - tx == conns * total,
+    );
+    if on {
+        // A fast stream fills P_a's backlog queue now and then (its kworker waits a jiffy
+        // when P_a's own buffer is full): those stretches take the proxied path.
+        assert!(back > 0, "no server byte relayed in the kernel");
+    } else {
+        assert_eq!(back, 0);
+    }
+}
+
+/// The server answers and then resets: the client sees the reset (never a clean EOF), on
+/// every connection.
+#[test]
+fn a_server_reset_after_relayed_bytes_reaches_the_client_as_a_reset() {
+    let (n, agent) = client_db_relay("egress", &[]);
+    n.serve(
+        "db",
+        &[
+            "reset",
+            "--listen",
+            "0.0.0.0:9000",
+            "--write-bytes",
+            "200000",
+            "--linger-ms",
+            "20",
+        ],
+    )
+    .unwrap();
+    let _ = relay_available(&agent);
+    let back_before = agent.event("skb_relayed_bytes");
+    for _ in 0..10 {
+        let r = n
+            .client(
+                "client",
+                &["raw", "--to", VIP, "--send", "go", "--settle-ms", "20"],
+            )
+            .unwrap();
+        assert_eq!(r["outcome"], "ECONNRESET", "{r}");
+    }
+    eprintln!(
+        "server reset: {} bytes relayed in the kernel before the resets",
+        agent.event("skb_relayed_bytes") - back_before
+    );
+}
+
+/// A fast server into a slow client reader: every byte arrives, then EOF; the relayed
+/// bytes waiting on P_a's backlog queue stay bounded (the destination's direction goes
+/// back to the proxy, which waits for P_a to drain, and TCP's flow control holds the
+/// server), and so does the agent's memory.
+#[test]
+fn a_slow_client_reader_loses_nothing_and_the_queues_stay_bounded() {
+    let (n, agent) = client_db_relay("egress", &[]);
+    let total = 32 * MIB;
+    n.serve(
+        "db",
+        &[
+            "source",
+            "--listen",
+            "0.0.0.0:9000",
+            "--bytes",
+            &total.to_string(),
+        ],
+    )
+    .unwrap();
+    let on = relay_available(&agent);
+    let back_before = agent.event("skb_relayed_bytes");
+    let (fallback, recovered) = (
+        agent.event("relay_fallback"),
+        agent.event("relay_recovered"),
+    );
+    let pid = agent.pid();
+    let rss = move || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let slab = || -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Slab:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let (rss_before, slab_before) = (rss(), slab());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut rss_max, mut slab_max, mut samples) = (0u64, 0u64, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                rss_max = rss_max.max(rss());
+                slab_max = slab_max.max(slab());
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (rss_max, slab_max, samples)
+        })
+    };
+    let r = n
+        .client(
+            "client",
+            &["read-client", "--to", VIP, "--read-delay-us", "300"],
+        )
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (rss_max, slab_max, samples) = sampler.join().unwrap();
+    assert_eq!(r["outcome"], "eof", "{r}");
+    assert_eq!(r["received"], total, "{r}");
+    let back = agent.event("skb_relayed_bytes") - back_before;
+    eprintln!(
+        "slow client reader: {back} of {total} bytes relayed in the kernel; relay_fallback {} \
+         relay_recovered {}; agent RSS {rss_before} -> max {rss_max} KiB; kernel slab \
+         {slab_before} -> max {slab_max} KiB ({samples} samples)",
+        agent.event("relay_fallback") - fallback,
+        agent.event("relay_recovered") - recovered,
+    );
+    assert!(samples >= 5, "the transfer ended before it was sampled");
+    assert!(
+        rss_max <= rss_before + 16 * 1024,
+        "the agent grew from {rss_before} to {rss_max} KiB"
+    );
+    // Not the 32 MiB offered: the backlog bound (32 segments) plus the sockets' buffers.
+    assert!(
+        slab_max <= slab_before + 24 * 1024,
+        "kernel slab grew from {slab_before} to {slab_max} KiB"
+    );
+    if on {
+        assert!(back > 0, "nothing relayed in the kernel");
+        // P_a's backlog filled: segments went back to the proxy (which waited for P_a to
+        // drain before writing them), and the relay came back each time.
+        assert!(
+            back < total,
+            "every byte relayed: the backlog was never bounded"
+        );
+        assert!(agent.event("relay_fallback") > fallback);
+        assert!(agent.event("relay_recovered") > recovered);
     }
 }
 

@@ -13,12 +13,13 @@ fn node() -> SimNode {
     n
 }
 
-/// Threads of `pid` named as the proxy runtime names its workers.
+/// Threads of `pid` named as the proxy names its workers (`mesh-proxy-N`, a current-thread
+/// runtime each).
 fn proxy_threads(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/task"))
         .expect("the agent's threads")
         .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim_end() == "mesh-proxy")
+        .filter(|comm| comm.trim_end().starts_with("mesh-proxy-"))
         .count()
 }
 

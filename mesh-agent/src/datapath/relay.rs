@@ -17,17 +17,30 @@
 //! are put on TCP (`relay_leg`). A's messages are then appended to P_u's write queue; the
 //! direction S -> A stays on the proxied path (P_a still redirects into A).
 //!
+//! Egress mode, the destination's direction (`BackMaps`, when the kernel has the offsets
+//! `mesh_relay_back` reads): `RELAY_ARMED[P_u] = 0` and `RELAY_BACK[P_u] = {target: P_a}`
+//! are written, then P_u joins `RELAY_UP`, whose stream verdict moves S's segments onto
+//! P_a's send path (mesh-ebpf `sk_skb`). S is still never in a sockhash. The proxy's copy
+//! of that direction goes through a `BackGate`: it writes to P_a (and half-closes it)
+//! only once P_a sent every byte the kernel relayed, and publishes its total after each
+//! write, which is how the kernel knows it holds none of S's bytes.
+//!
 //! Each direction then switches in the kernel on its own (mesh-ebpf `sk_msg::relay`). The
 //! proxy keeps relaying whatever still reaches its sockets and passes FIN and RST on as
 //! before; when its relay ends it reads each sender's relayed bytes and removes both
 //! entries.
 
-use std::{os::fd::AsRawFd, sync::Mutex};
+use std::{
+    io,
+    os::fd::{AsRawFd, RawFd},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
-use aya::maps::{HashMap, MapData, SkStorage};
+use aya::maps::{HashMap, MapData, SkStorage, SockHash};
 use mesh_common::{
     fallback, flow_flags,
-    maps::{relay_state, RelayInfo, SockKey, SockState},
+    maps::{relay_back_drained, relay_state, RelayBack, RelayInfo, SockKey, SockState},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +77,40 @@ pub fn egress_offsets() -> [u32; 5] {
     })
 }
 
+/// `mesh_relay_back`'s offsets (`OFF_SKB_SK_REDIR`, `OFF_PSOCK_INGRESS_QLEN`), from the
+/// kernel's BTF; `None` (no destination direction: it stays on the proxied path) with a
+/// warning.
+pub fn back_offsets() -> Option<[u32; 2]> {
+    let resolve = || -> Result<[u32; 2], String> {
+        let btf = super::btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
+        let get = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
+        Ok([
+            get("sk_buff", "_sk_redir")?,
+            get("sk_psock", "ingress_skb")? + get("sk_buff_head", "qlen")?,
+        ])
+    };
+    resolve()
+        .map_err(|e| tracing::warn!(error = %e, "egress kernel relay: the destination's direction stays on the proxy (sk_buff/sk_psock offsets not found in the kernel's BTF)"))
+        .ok()
+}
+
+/// The egress relay's destination direction: `RELAY_UP` (the P_u legs, `mesh_relay_back`
+/// attached), `RELAY_BACK` (the program's counts) and `RELAY_ARMED` (the proxy's totals).
+pub struct BackMaps {
+    pub up: SockHash<MapData, SockKey>,
+    pub back: HashMap<MapData, SockKey, RelayBack>,
+    pub armed: HashMap<MapData, SockKey, u64>,
+}
+
 /// Handles on `RELAY` and on `SOCK_STATE` (a second handle, opened from its pin, so the
 /// proxy's per-connection reads of the first one never wait for this writer).
 pub struct RelayMaps {
     relay: Mutex<HashMap<MapData, SockKey, RelayInfo>>,
     sock_state: Mutex<SkStorage<MapData, SockState>>,
-    /// Egress mode: the client's direction only, onto P_u's send path.
+    /// Egress mode: the client's direction, onto P_u's send path.
     egress: bool,
+    /// Egress mode, the destination's direction (`None`: it stays on the proxied path).
+    back: Option<Mutex<BackMaps>>,
 }
 
 /// What the kernel moved for one flow (`RelayMaps::finish`).
@@ -91,6 +131,107 @@ pub struct Armed<'a> {
     client: SockKey,
     /// `None` in egress mode (the destination's socket is not armed).
     server: Option<SockKey>,
+    /// Egress mode, the destination's direction: P_u's key in `RELAY_UP`, `RELAY_BACK`
+    /// and `RELAY_ARMED`, and P_a's fd (the gate reads its counts).
+    back: Option<(SockKey, RawFd)>,
+}
+
+impl<'a> Armed<'a> {
+    /// The gate of the destination's direction (egress mode, armed): what the proxy's copy
+    /// from P_u to P_a must go through.
+    pub fn back_gate(&self) -> Option<BackGate<'a>> {
+        let (pu, pa) = self.back?;
+        Some(BackGate {
+            maps: self.maps,
+            pu,
+            pa,
+        })
+    }
+}
+
+/// The proxy's side of the destination's direction of an egress-relayed flow: before it
+/// writes bytes it read from P_u to P_a, or half-closes P_a, P_a must have sent every
+/// byte the kernel relayed (they sit in P_a's backlog queue until a kworker sends them);
+/// after each write it publishes its total (`RELAY_ARMED`), so the kernel may relay again
+/// once it passed nothing more.
+pub struct BackGate<'a> {
+    maps: &'a RelayMaps,
+    pu: SockKey,
+    pa: RawFd,
+}
+
+impl BackGate<'_> {
+    /// Bytes the kernel relayed onto P_a's send path so far.
+    pub fn relayed(&self) -> u64 {
+        let Some(b) = &self.maps.back else {
+            return 0;
+        };
+        let b = b.lock().unwrap_or_else(|e| e.into_inner());
+        b.back.get(&self.pu, 0).map(|v| v.relayed).unwrap_or(0)
+    }
+
+    /// Every byte P_a sent so far: what its sk_msg redirected into the client
+    /// (`SockState.redirected`) plus its TCP bytes (acknowledged, and still in its send
+    /// queue). The two TCP reads are taken acknowledged first: a sum that can only fall
+    /// short, never overstate.
+    fn pa_sent(&self) -> io::Result<u64> {
+        let redirected = {
+            let ss = self
+                .maps
+                .sock_state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            ss.get(&self.pa, 0).map(|s| s.redirected).unwrap_or(0)
+        };
+        let acked = crate::sys::tcp_bytes_acked(self.pa)?;
+        let queued = crate::sys::tcp_outq(self.pa)?;
+        Ok(redirected + acked + queued)
+    }
+
+    /// Whether P_a sent every byte put on its send path: the proxy's own writes
+    /// (`written`) and the kernel's relayed bytes; with what P_a sent so far.
+    fn drained(&self, written: u64) -> io::Result<(bool, u64)> {
+        let relayed = self.relayed();
+        if relayed == 0 {
+            // Only the proxy's writes, each complete when its call returned.
+            return Ok((true, 0));
+        }
+        let sent = self.pa_sent()?;
+        Ok((relay_back_drained(sent, written, relayed), sent))
+    }
+
+    /// Waits until P_a sent every byte put on its send path, polling (the kworker that
+    /// empties P_a's backlog wakes no one); `false` when P_a failed, or sent nothing for
+    /// `stall` (a client that stopped reading).
+    pub async fn wait_drained(&self, written: u64, stall: Option<Duration>) -> bool {
+        let mut since = Instant::now();
+        let mut last = 0;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match self.drained(written) {
+                Ok((true, _)) => return true,
+                Ok((false, sent)) if sent != last => {
+                    last = sent;
+                    since = Instant::now();
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if stall.is_some_and(|l| since.elapsed() >= l) {
+                return false;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    /// Publishes the proxy's total written to P_a (it holds none of S's bytes now).
+    pub fn publish(&self, written: u64) {
+        if let Some(b) = &self.maps.back {
+            let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = b.armed.insert(self.pu, written, 0);
+        }
+    }
 }
 
 impl RelayMaps {
@@ -98,12 +239,19 @@ impl RelayMaps {
         relay: HashMap<MapData, SockKey, RelayInfo>,
         sock_state: SkStorage<MapData, SockState>,
         egress: bool,
+        back: Option<BackMaps>,
     ) -> RelayMaps {
         RelayMaps {
             relay: Mutex::new(relay),
             sock_state: Mutex::new(sock_state),
             egress,
+            back: back.map(Mutex::new),
         }
+    }
+
+    /// Whether the destination's direction is relayed too (egress mode).
+    pub fn back(&self) -> bool {
+        self.back.is_some()
     }
 
     /// Whether this is the egress relay (`--kernel-relay egress`).
@@ -141,12 +289,18 @@ impl RelayMaps {
         let client = client.in_netns(pa.peer_netns);
         let server = upstream_key.reversed().in_netns(pu.peer_netns);
         if self.egress {
-            return self.arm_egress(upstream, client, upstream_key.in_netns(pu.own_netns), pu);
+            let mut armed =
+                self.arm_egress(upstream, client, upstream_key.in_netns(pu.own_netns), pu)?;
+            // P_a's key: the client's view reversed, in P_a's own namespace.
+            let pa_key = client.reversed().in_netns(pa.own_netns);
+            armed.back = self.arm_back(accepted, upstream, upstream_key.in_netns(0), pa_key);
+            return Ok(armed);
         }
         let armed = Armed {
             maps: self,
             client,
             server: Some(server),
+            back: None,
         };
         {
             let mut m = self.relay.lock().unwrap_or_else(|e| e.into_inner());
@@ -199,6 +353,7 @@ impl RelayMaps {
             maps: self,
             client,
             server: None,
+            back: None,
         };
         {
             let mut m = self.relay.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,6 +385,42 @@ impl RelayMaps {
         Ok(armed)
     }
 
+    /// Egress mode, the destination's direction: `RELAY_ARMED[P_u] = 0` (the proxy has
+    /// written nothing to P_a), `RELAY_BACK[P_u] = {target: P_a}`, then P_u into
+    /// `RELAY_UP` (from then on every byte P_u receives goes through `mesh_relay_back`:
+    /// the proxy has read nothing from P_u yet, and bytes already queued are run through
+    /// the verdict at its first read). `None` (not available, or a map full): that
+    /// direction stays on the proxied path.
+    fn arm_back(
+        &self,
+        accepted: &impl AsRawFd,
+        upstream: &impl AsRawFd,
+        pu: SockKey,
+        pa_key: SockKey,
+    ) -> Option<(SockKey, RawFd)> {
+        let b = self.back.as_ref()?;
+        let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = RelayBack {
+            target: pa_key,
+            state: relay_state::ARMED,
+            ..RelayBack::default()
+        };
+        let r = b
+            .armed
+            .insert(pu, 0, 0)
+            .and_then(|()| b.back.insert(pu, entry, 0))
+            .and_then(|()| b.up.insert(pu, upstream.as_raw_fd(), 0));
+        match r {
+            Ok(()) => Some((pu, accepted.as_raw_fd())),
+            Err(e) => {
+                tracing::debug!(error = %e, "egress kernel relay: the destination's direction not armed");
+                let _ = b.armed.remove(&pu);
+                let _ = b.back.remove(&pu);
+                None
+            }
+        }
+    }
+
     /// What the kernel moved for `armed`, read as its entries are removed.
     pub fn finish(&self, armed: Armed<'_>) -> Relayed {
         let m = self.relay.lock().unwrap_or_else(|e| e.into_inner());
@@ -239,12 +430,19 @@ impl RelayMaps {
             .and_then(|k| m.get(&k, 0).ok())
             .unwrap_or_default();
         drop(m);
+        let back = match (&self.back, armed.back) {
+            (Some(b), Some((pu, _))) => {
+                let b = b.lock().unwrap_or_else(|e| e.into_inner());
+                b.back.get(&pu, 0).unwrap_or_default()
+            }
+            _ => RelayBack::default(),
+        };
         Relayed {
             // Egress mode: the last message's push is counted here (`RelayInfo::last`).
             from_client: c.relayed + u64::from(c.last),
-            from_server: s.relayed,
-            fallbacks: c.fallbacks + s.fallbacks,
-            recoveries: c.recoveries + s.recoveries,
+            from_server: s.relayed + back.relayed,
+            fallbacks: c.fallbacks + s.fallbacks + back.fallbacks,
+            recoveries: c.recoveries + s.recoveries + back.recoveries,
         }
         // `armed` dropped here: the entries go.
     }
@@ -264,6 +462,14 @@ impl Drop for Armed<'_> {
         let _ = m.remove(&self.client);
         if let Some(s) = &self.server {
             let _ = m.remove(s);
+        }
+        drop(m);
+        if let (Some(b), Some((pu, _))) = (&self.maps.back, self.back) {
+            // P_u leaves `RELAY_UP` first (its verdict stops), then its entries.
+            let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = b.up.remove(&pu);
+            let _ = b.back.remove(&pu);
+            let _ = b.armed.remove(&pu);
         }
     }
 }

@@ -19,10 +19,15 @@
 //! If the new agent goes away before `READY`, the old one exits the same way: the datapath
 //! stays attached and fail modes apply until an agent runs again.
 //!
-//! Versions: the new agent greets with `HANDOVER 2` (both listeners). An agent of protocol
-//! 1 refuses that greeting and closes the connection; the new agent then asks again with
-//! `HANDOVER 1` and gets the IPv4 listener only (it binds its own IPv6 one beside the old
-//! agent's, `SO_REUSEPORT`). An agent of protocol 2 answers either greeting.
+//! Versions: the new agent greets with `HANDOVER 3` (every listener: the proxy has one
+//! per worker and family, `SO_REUSEPORT` groups, `proxy::listeners`; then `END`). An agent
+//! of an older protocol refuses a greeting it does not know and closes the connection; the
+//! new agent then asks again with `HANDOVER 2` (one IPv4 and one IPv6 listener), then
+//! `HANDOVER 1` (the IPv4 listener only: it binds its own IPv6 ones beside the old agent's)
+//! and adds siblings to the single sockets it got. An agent of protocol 3 answers every
+//! greeting; to an older one (a rollback) it hands its first socket of each family over,
+//! steers new connections of the group to it at once, and takes its other sockets out of
+//! the group when the new agent is ready (their queues served meanwhile).
 
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -42,6 +47,9 @@ use crate::sys;
 
 const HELLO_V1: &str = "HANDOVER 1\n";
 const HELLO_V2: &str = "HANDOVER 2\n";
+const HELLO_V3: &str = "HANDOVER 3\n";
+/// Protocol 3: after the listeners.
+const END: &[u8] = b"END\n";
 const LISTENER: &[u8] = b"LISTENER\n";
 /// Protocol 2: the IPv6 listener follows, or word that there is none.
 const LISTENER6: &[u8] = b"LISTENER6\n";
@@ -78,17 +86,23 @@ pub enum Event {
 }
 
 /// The old agent's side: serves hand-over requests on a thread of its own (blocking I/O),
-/// one at a time; `listener` is the proxy's listening socket and `listener6` its IPv6 one
-/// (`--proxy-redirect6`), duplicated for the sending.
+/// one at a time; `listeners` are the proxy's listening sockets (at least one) and
+/// `listeners6` its IPv6 ones (`--proxy-redirect6`), duplicated for the sending.
 pub fn serve(
     pin_path: &Path,
-    listener: BorrowedFd<'_>,
-    listener6: Option<BorrowedFd<'_>>,
+    listeners: Vec<BorrowedFd<'_>>,
+    listeners6: Vec<BorrowedFd<'_>>,
     events: mpsc::UnboundedSender<Event>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     let sock = UnixListener::bind_addr(&address(pin_path)?)?;
-    let listener = listener.try_clone_to_owned()?;
-    let listener6 = listener6.map(|l| l.try_clone_to_owned()).transpose()?;
+    let own = |v: Vec<BorrowedFd<'_>>| -> io::Result<Vec<OwnedFd>> {
+        v.into_iter().map(|l| l.try_clone_to_owned()).collect()
+    };
+    let listener = own(listeners)?;
+    if listener.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener"));
+    }
+    let listener6 = own(listeners6)?;
     std::thread::Builder::new()
         .name("handover".into())
         .spawn(move || {
@@ -105,8 +119,9 @@ pub fn serve(
                 };
                 // One hand-over per agent: free the name for the new agent's own socket.
                 sock = None;
-                let six = (version >= 2).then_some(listener6.as_ref());
-                if let Err(e) = hand_over(&conn, &mut reader, &listener, six, &events) {
+                if let Err(e) =
+                    hand_over(&conn, &mut reader, version, &listener, &listener6, &events)
+                {
                     warn!(error = %e, "the hand-over failed");
                     let _ = events.send(Event::Failed(e.to_string()));
                 }
@@ -132,6 +147,7 @@ fn greet(conn: &UnixStream) -> Result<(BufReader<&UnixStream>, u8), HandoverErro
     let version = match line.as_str() {
         HELLO_V1 => 1,
         HELLO_V2 => 2,
+        HELLO_V3 => 3,
         _ => {
             return Err(HandoverError::Protocol(format!(
                 "unexpected greeting {line:?}"
@@ -144,22 +160,55 @@ fn greet(conn: &UnixStream) -> Result<(BufReader<&UnixStream>, u8), HandoverErro
 fn hand_over(
     conn: &UnixStream,
     reader: &mut BufReader<&UnixStream>,
-    listener: &OwnedFd,
-    // `None`: protocol 1 (the IPv4 listener only); `Some(None)`: this agent has no IPv6
-    // listener.
-    listener6: Option<Option<&OwnedFd>>,
+    version: u8,
+    listeners: &[OwnedFd],
+    listeners6: &[OwnedFd],
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<(), HandoverError> {
+    use crate::sys::{
+        reuseport_leave_group as leave_group, reuseport_steer_to_first as steer_to_first,
+    };
     let io = |step| move |source| HandoverError::Io { step, source };
-    info!("a new agent asks for the node; handing the proxy's listener over");
-    sys::send_fd(conn.as_fd(), listener.as_fd(), LISTENER).map_err(io("sending the listener"))?;
-    match listener6 {
-        None => {}
-        Some(Some(l6)) => sys::send_fd(conn.as_fd(), l6.as_fd(), LISTENER6)
-            .map_err(io("sending the IPv6 listener"))?,
-        Some(None) => (&*conn)
+    info!(
+        version,
+        listeners = listeners.len(),
+        listeners6 = listeners6.len(),
+        "a new agent asks for the node; handing the proxy's listeners over"
+    );
+    // What the new agent takes: all of them (3), or the first of each family (2), or the
+    // first IPv4 one (1). The others this agent keeps serving until READY, with new
+    // connections steered away from them.
+    let (give, give6) = match version {
+        3 => (listeners, listeners6),
+        2 => (&listeners[..1], &listeners6[..listeners6.len().min(1)]),
+        _ => (&listeners[..1], &listeners6[..0]),
+    };
+    for (group, given) in [(listeners, give), (listeners6, give6)] {
+        if group.len() > given.len() && given.len() == 1 {
+            if let Err(e) = steer_to_first(group[0].as_fd()) {
+                warn!(error = %e, "could not steer new connections to the handed-over listener");
+            }
+        }
+    }
+    for l in give {
+        sys::send_fd(conn.as_fd(), l.as_fd(), LISTENER).map_err(io("sending a listener"))?;
+    }
+    match (version, give6.first()) {
+        (1, _) => {}
+        (2, None) => (&*conn)
             .write_all(NO_LISTENER6)
             .map_err(io("saying there is no IPv6 listener"))?,
+        _ => {
+            for l in give6 {
+                sys::send_fd(conn.as_fd(), l.as_fd(), LISTENER6)
+                    .map_err(io("sending an IPv6 listener"))?;
+            }
+        }
+    }
+    if version >= 3 {
+        (&*conn)
+            .write_all(END)
+            .map_err(io("ending the listeners"))?;
     }
     let _ = events.send(Event::Requested);
     let mut line = String::new();
@@ -172,6 +221,15 @@ fn hand_over(
         )));
     }
     info!("the new agent is ready");
+    // Sockets it did not take leave their groups: the kernel sends them nothing more, and
+    // this agent's accept loops on them end.
+    for (group, given) in [(listeners, give), (listeners6, give6)] {
+        if given.len() == 1 {
+            for l in &group[1..] {
+                leave_group(l.as_fd());
+            }
+        }
+    }
     let _ = events.send(Event::Ready);
     Ok(())
 }
@@ -179,27 +237,27 @@ fn hand_over(
 /// The new agent's side of a hand-over in progress.
 pub struct Takeover {
     conn: UnixStream,
-    /// The proxy's listening socket, received from the old agent.
-    pub listener: OwnedFd,
-    /// Its IPv6 listening socket, if it had one and speaks protocol 2.
-    pub listener6: Option<OwnedFd>,
+    /// The proxy's listening sockets, received from the old agent (one from an agent of
+    /// protocol 1 or 2).
+    pub listeners: Vec<OwnedFd>,
+    /// Its IPv6 listening sockets, if it had any and speaks protocol 2 or 3.
+    pub listeners6: Vec<OwnedFd>,
 }
 
 /// Asks the agent running on `pin_path` to hand the node over. `None`: no agent answers
 /// there (start as usual).
 pub fn request(pin_path: &Path) -> Result<Option<Takeover>, HandoverError> {
-    match request_as(pin_path, HELLO_V2)? {
-        // An agent of protocol 1 closes on the greeting it does not know: ask its way.
-        Asked::Closed => match request_as(pin_path, HELLO_V1)? {
-            Asked::Closed => Err(HandoverError::Protocol(
-                "the running agent closed the connection without an answer".into(),
-            )),
-            Asked::NoAgent => Ok(None),
-            Asked::Taken(t) => Ok(Some(t)),
-        },
-        Asked::NoAgent => Ok(None),
-        Asked::Taken(t) => Ok(Some(t)),
+    // An agent of an older protocol closes on a greeting it does not know: ask its way.
+    for hello in [HELLO_V3, HELLO_V2, HELLO_V1] {
+        match request_as(pin_path, hello)? {
+            Asked::Closed => continue,
+            Asked::NoAgent => return Ok(None),
+            Asked::Taken(t) => return Ok(Some(t)),
+        }
     }
+    Err(HandoverError::Protocol(
+        "the running agent closed the connection without an answer".into(),
+    ))
 }
 
 enum Asked {
@@ -226,6 +284,32 @@ fn request_as(pin_path: &Path, hello: &str) -> Result<Asked, HandoverError> {
         (LISTENER, Some(listener)) => listener,
         (other, _) => return Err(unexpected(other)),
     };
+    if hello == HELLO_V3 {
+        // Every listener, each in a message of its own (the kernel never joins a message
+        // that carries descriptors to the next one), then `END`.
+        let (mut listeners, mut listeners6) = (vec![listener], Vec::new());
+        loop {
+            let (n, fd) =
+                sys::recv_fd(conn.as_fd(), &mut buf).map_err(io("receiving the listeners"))?;
+            match (&buf[..n], fd) {
+                (LISTENER, Some(l)) => listeners.push(l),
+                (LISTENER6, Some(l)) => listeners6.push(l),
+                (END, None) => break,
+                (other, _) => return Err(unexpected(other)),
+            }
+        }
+        info!(
+            ipv6 = !listeners6.is_empty(),
+            listeners = listeners.len(),
+            listeners6 = listeners6.len(),
+            "the running agent handed its listeners over; taking the node"
+        );
+        return Ok(Asked::Taken(Takeover {
+            conn,
+            listeners,
+            listeners6,
+        }));
+    }
     let listener6 = if hello == HELLO_V2 {
         // The kernel never joins a message that carries descriptors to the next one, so
         // the first read ended at `LISTENER`; this one holds exactly the IPv6 answer.
@@ -245,8 +329,8 @@ fn request_as(pin_path: &Path, hello: &str) -> Result<Asked, HandoverError> {
     );
     Ok(Asked::Taken(Takeover {
         conn,
-        listener,
-        listener6,
+        listeners: vec![listener],
+        listeners6: listener6.into_iter().collect(),
     }))
 }
 
@@ -263,9 +347,9 @@ pub struct Pending {
 }
 
 impl Takeover {
-    /// The pending hand-over, the IPv4 listener and the IPv6 one if it came.
-    pub fn split(self) -> (Pending, OwnedFd, Option<OwnedFd>) {
-        (Pending { conn: self.conn }, self.listener, self.listener6)
+    /// The pending hand-over, the IPv4 listeners and the IPv6 ones.
+    pub fn split(self) -> (Pending, Vec<OwnedFd>, Vec<OwnedFd>) {
+        (Pending { conn: self.conn }, self.listeners, self.listeners6)
     }
 }
 
@@ -297,32 +381,113 @@ mod tests {
         l.local_addr().unwrap().port()
     }
 
+    fn ports(fds: &[OwnedFd]) -> Vec<u16> {
+        fds.iter().map(local_port).collect()
+    }
+
+    fn ports_of(ls: &[TcpListener]) -> Vec<u16> {
+        ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    }
+
+    fn fds(ls: &[TcpListener]) -> Vec<BorrowedFd<'_>> {
+        ls.iter().map(|l| l.as_fd()).collect()
+    }
+
     #[test]
-    fn protocol_2_hands_both_listeners_over() {
-        let pin = pin("v2");
-        let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let l6 = TcpListener::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0)).unwrap();
+    fn protocol_3_hands_every_listener_over() {
+        let pin = pin("v3");
+        let l4: Vec<_> = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let l6: Vec<_> = (0..2)
+            .map(|_| TcpListener::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0)).unwrap())
+            .collect();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let _t = serve(&pin, l4.as_fd(), Some(l6.as_fd()), tx).unwrap();
+        let _t = serve(&pin, fds(&l4), fds(&l6), tx).unwrap();
         let t = request(&pin).unwrap().expect("the agent answers");
         let (pending, fd4, fd6) = t.split();
-        assert_eq!(local_port(&fd4), l4.local_addr().unwrap().port());
-        let fd6 = fd6.expect("the IPv6 listener comes along");
-        assert_eq!(local_port(&fd6), l6.local_addr().unwrap().port());
+        assert_eq!(ports(&fd4), ports_of(&l4));
+        assert_eq!(ports(&fd6), ports_of(&l6));
         assert!(matches!(rx.blocking_recv(), Some(Event::Requested)));
         pending.ready().unwrap();
         assert!(matches!(rx.blocking_recv(), Some(Event::Ready)));
     }
 
     #[test]
-    fn protocol_2_says_when_there_is_no_ipv6_listener() {
-        let pin = pin("v2-none");
-        let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    fn protocol_3_without_ipv6() {
+        let pin = pin("v3-none");
+        let l4 = [TcpListener::bind("127.0.0.1:0").unwrap()];
         let (tx, _rx) = mpsc::unbounded_channel();
-        let _t = serve(&pin, l4.as_fd(), None, tx).unwrap();
+        let _t = serve(&pin, fds(&l4), vec![], tx).unwrap();
         let (_pending, fd4, fd6) = request(&pin).unwrap().unwrap().split();
-        assert_eq!(local_port(&fd4), l4.local_addr().unwrap().port());
-        assert!(fd6.is_none());
+        assert_eq!(ports(&fd4), ports_of(&l4));
+        assert!(fd6.is_empty());
+    }
+
+    /// An agent of protocol 2, as released before: `HANDOVER 2` and `HANDOVER 1` only,
+    /// one listener of each family. The new agent asks again its way.
+    #[test]
+    fn a_protocol_2_agent_is_asked_its_way() {
+        let pin = pin("v2-old");
+        let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = UnixListener::bind_addr(&address(&pin).unwrap()).unwrap();
+        let fd4 = l4.as_fd().try_clone_to_owned().unwrap();
+        let old = std::thread::spawn(move || {
+            let mut greetings = Vec::new();
+            for _ in 0..2 {
+                let (conn, _) = sock.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&conn).read_line(&mut line).unwrap();
+                greetings.push(line.clone());
+                if line == HELLO_V2 {
+                    sys::send_fd(conn.as_fd(), fd4.as_fd(), LISTENER).unwrap();
+                    (&conn).write_all(NO_LISTENER6).unwrap();
+                    let mut ready = String::new();
+                    BufReader::new(&conn).read_line(&mut ready).unwrap();
+                    greetings.push(ready);
+                    break;
+                }
+            }
+            greetings
+        });
+        let (pending, fd, fd6) = request(&pin).unwrap().unwrap().split();
+        assert_eq!(ports(&fd), [l4.local_addr().unwrap().port()]);
+        assert!(fd6.is_empty());
+        pending.ready().unwrap();
+        assert_eq!(old.join().unwrap(), [HELLO_V3, HELLO_V2, READY]);
+    }
+
+    /// A rollback: a new agent of protocol 2 asks an agent of protocol 3 with several
+    /// listeners. It gets the first of each family; new connections go to those at once,
+    /// and the others leave their groups when it is ready.
+    #[test]
+    fn protocol_2_gets_the_first_listeners_and_the_others_leave_the_group() {
+        use crate::proxy::listeners;
+        let pin = pin("v2-rollback");
+        let first = listeners::bind("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+        let addr = first.local_addr().unwrap();
+        let l4 = vec![first, listeners::bind(addr, 64).unwrap()];
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _t = serve(&pin, fds(&l4), vec![], tx).unwrap();
+        let (pending, fd4, fd6) = match request_as(&pin, HELLO_V2).unwrap() {
+            Asked::Taken(t) => t.split(),
+            _ => panic!("no answer"),
+        };
+        assert_eq!(ports(&fd4), [addr.port()]);
+        assert!(fd6.is_empty());
+        assert!(matches!(rx.blocking_recv(), Some(Event::Requested)));
+        // Steered: every new connection lands on the first socket.
+        let c: Vec<_> = (0..20)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let count = |l: &TcpListener| std::iter::from_fn(|| l.accept().ok()).count();
+        assert_eq!((count(&l4[0]), count(&l4[1])), (20, 0));
+        pending.ready().unwrap();
+        assert!(matches!(rx.blocking_recv(), Some(Event::Ready)));
+        // The second socket is out of the group: accepting from it fails.
+        assert!(l4[1].accept().is_err());
+        drop(c);
     }
 
     /// An agent of protocol 1, as released before: it knows `HANDOVER 1` only and closes
@@ -335,7 +500,7 @@ mod tests {
         let fd4 = l4.as_fd().try_clone_to_owned().unwrap();
         let old = std::thread::spawn(move || {
             let mut greetings = Vec::new();
-            for _ in 0..2 {
+            for _ in 0..3 {
                 let (conn, _) = sock.accept().unwrap();
                 let mut line = String::new();
                 BufReader::new(&conn).read_line(&mut line).unwrap();
@@ -351,10 +516,10 @@ mod tests {
             greetings
         });
         let (pending, fd, fd6) = request(&pin).unwrap().unwrap().split();
-        assert_eq!(local_port(&fd), l4.local_addr().unwrap().port());
-        assert!(fd6.is_none());
+        assert_eq!(ports(&fd), [l4.local_addr().unwrap().port()]);
+        assert!(fd6.is_empty());
         pending.ready().unwrap();
-        assert_eq!(old.join().unwrap(), [HELLO_V2, HELLO_V1, READY]);
+        assert_eq!(old.join().unwrap(), [HELLO_V3, HELLO_V2, HELLO_V1, READY]);
     }
 
     #[test]

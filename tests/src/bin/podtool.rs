@@ -213,10 +213,17 @@ fn read_client(args: &[String]) {
     c.set_nonblocking(true).expect("nonblocking");
     let mut buf = vec![0u8; 64 * 1024];
     let mut received = 0u64;
+    // `--read-delay-us`: a slow reader, pausing after each read.
+    let delay = Duration::from_micros(num(args, "--read-delay-us", 0));
     let outcome = loop {
         match read_evented(&mut c, &mut buf) {
             Ok(0) => break "eof".to_owned(),
-            Ok(n) => received += n as u64,
+            Ok(n) => {
+                received += n as u64;
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+            }
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
             Err(e) => break errno_name(&e),
         }
@@ -288,9 +295,15 @@ fn dial_range(args: &[String]) {
     );
 }
 
-fn reset(mut c: TcpStream, _: &[String]) {
+fn reset(mut c: TcpStream, args: &[String]) {
     let mut buf = [0u8; 16];
     let _ = c.read(&mut buf);
+    // `--write-bytes`: answer that much first, then reset.
+    let answer = num(args, "--write-bytes", 0) as usize;
+    if answer > 0 {
+        let _ = c.write_all(&payload(answer, 0x52));
+        std::thread::sleep(Duration::from_millis(num(args, "--linger-ms", 0)));
+    }
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,

@@ -1,0 +1,157 @@
+//! `sk_skb` stream verdict on `RELAY_UP` (`mesh_relay_back`): the egress kernel relay's
+//! destination direction (`--kernel-relay egress`). The proxy's leg P_u of an armed flow
+//! receives the destination's bytes over plain TCP (the destination's socket S is never
+//! in a sockhash); this program moves each segment onto the send path of the proxy's
+//! client socket P_a (`bpf_sk_redirect_hash` without `BPF_F_INGRESS`: linux queues it on
+//! P_a's psock backlog, and a kworker sends it through P_a's `sendmsg`, where P_a's own
+//! sk_msg hands it to the client as before). The proxy never reads those bytes.
+//!
+//! The switch (`RELAY_BACK[P_u].state`): a segment is relayed only while the proxy holds
+//! none of the destination's bytes: every byte this program passed to the proxy
+//! (`passed`) has been written to P_a (`RELAY_ARMED[P_u]`, published by the proxy after
+//! each write). Otherwise it is passed to the proxy and counted. Once relaying, nothing is
+//! passed again (the proxy's reads of P_u then see only EOF or an error) until P_a's
+//! backlog queue holds `RELAY_BACK_QLEN` segments: the next segment goes to the proxy
+//! (`relay_fallback`), which writes it to P_a only once P_a sent everything relayed
+//! before it (a wait that holds the proxy's reads of P_u, so TCP's flow control holds the
+//! destination), and publishes its total; equal counts bring the relay back
+//! (`relay_recovered`). A FIN (an empty segment) always goes to the proxy: it reads EOF,
+//! waits until P_a sent every relayed byte, and only then half-closes P_a.
+//!
+//! # Minimum kernel version
+//!
+//! The parser-less stream verdict (`sk_psock_verdict_data_ready`) is 5.13+; loaded only in
+//! egress mode (6.9+, `features::KERNEL_RELAY`).
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::sk_action::SK_PASS, macros::stream_verdict, programs::SkBuffContext, Global,
+};
+use mesh_common::{
+    maps::{relay_state, RelayBack},
+    socket_key, Stat,
+};
+
+use crate::maps::{
+    add, bump, read_addressing, read_u32, read_u64, OFF_SK_USER_DATA, RELAY_ARMED, RELAY_BACK,
+    RELAY_SCRATCH, SOCKHASH,
+};
+
+/// `struct sk_buff`'s `_sk_redir` (the redirect target the helper just set, flag bits in
+/// its low bits), and `struct sk_psock`'s `ingress_skb.qlen` (the segments waiting on
+/// P_a's backlog queue). Zero: no back-pressure check (the agent does not load the
+/// program then).
+#[unsafe(no_mangle)]
+pub static OFF_SKB_SK_REDIR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OFF_PSOCK_INGRESS_QLEN: Global<u32> = Global::new(0);
+/// Segments on P_a's backlog queue at which the destination's direction goes back to the
+/// proxy (each segment is at most a GSO size, 64 KiB on loopback).
+#[unsafe(no_mangle)]
+pub static RELAY_BACK_QLEN: Global<u32> = Global::new(32);
+
+/// `RelayBack::state` after a fallback's first segment went to the proxy: relaying again
+/// once the proxy has written everything passed to it (as from `ARMED`, counted as a
+/// recovery).
+const DRAINING: u32 = 4;
+
+#[stream_verdict]
+pub fn mesh_relay_back(ctx: SkBuffContext) -> u32 {
+    on_skb(&ctx)
+}
+
+#[inline(always)]
+fn on_skb(ctx: &SkBuffContext) -> u32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let ((family, l4, r4, l6, r6, lport, rport), len) =
+        unsafe { (read_addressing!(skb), read_volatile(&(*skb).len)) };
+    // A FIN without payload: the proxy reads it as EOF and half-closes P_a behind every
+    // relayed byte (a redirected empty segment would read as a failed send on P_a).
+    if len == 0 {
+        return SK_PASS;
+    }
+    // P_u's view; the proxy's sockets share one namespace, keyed as 0.
+    let Some((me, _)) = socket_key(0, family, l4, r4, l6, r6, lport, rport) else {
+        return SK_PASS;
+    };
+    let Some(b) = RELAY_BACK.get_ptr_mut(me) else {
+        return SK_PASS;
+    };
+    // SAFETY: map value pointer returned by the kernel, valid during this program run;
+    // only this program writes it after the proxy's insert, under P_u's socket lock.
+    let b: &mut RelayBack = unsafe { &mut *b };
+    let relay = match b.state {
+        relay_state::ON => true,
+        // FALLBACK: this segment goes to the proxy (DRAINING then), which writes it only
+        // once P_a's backlog has drained.
+        relay_state::ARMED | DRAINING => {
+            // SAFETY: map value pointer, read once.
+            RELAY_ARMED
+                .get_ptr(me)
+                .is_some_and(|a| unsafe { read_volatile(a) } == b.passed)
+        }
+        _ => false,
+    };
+    if relay {
+        let mut key = b.target;
+        if SOCKHASH.redirect_skb(ctx, &mut key, 0) as u32 == SK_PASS {
+            if b.state != relay_state::ON {
+                if b.state == relay_state::ARMED {
+                    bump(Stat::RelayStarted);
+                } else {
+                    b.recoveries += 1;
+                    bump(Stat::RelayRecovered);
+                }
+                b.state = relay_state::ON;
+            }
+            b.relayed += len as u64;
+            bump(Stat::SkbRelayed);
+            add(Stat::SkbRelayedBytes, len as u64);
+            if backlog_full(skb as u64) {
+                // This segment still goes (its redirect is set); the next ones go to the
+                // proxy, which writes them behind it.
+                b.state = relay_state::FALLBACK;
+                b.fallbacks += 1;
+                bump(Stat::RelayFallback);
+            }
+            return SK_PASS;
+        }
+        // P_a left the sockhash (it closed): the proxy carries the rest, for good.
+        b.state = 0;
+    } else if b.state == relay_state::FALLBACK {
+        b.state = DRAINING;
+    }
+    b.passed += len as u64;
+    SK_PASS
+}
+
+/// Whether P_a's backlog queue (the target the redirect just set, read from the skb)
+/// holds `RELAY_BACK_QLEN` segments or more. Unreadable: not full (the kernel never
+/// faults on a probe read; the bound then is the proxy's next check).
+#[inline(always)]
+fn backlog_full(skb: u64) -> bool {
+    let (redir, qlen) = (OFF_SKB_SK_REDIR.load(), OFF_PSOCK_INGRESS_QLEN.load());
+    if redir == 0 || qlen == 0 {
+        return false;
+    }
+    let Some(scratch) = RELAY_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: volatile store and load of our own per-CPU map value: the verifier then
+    // treats the context pointer as a number for the probe reads.
+    let addr = unsafe {
+        write_volatile(scratch, skb);
+        read_volatile(scratch)
+    };
+    let sk = read_u64(addr, redir) & !3;
+    if sk == 0 {
+        return false;
+    }
+    let psock = read_u64(sk, OFF_SK_USER_DATA.load()) & !7;
+    if psock == 0 {
+        return false;
+    }
+    matches!(read_u32(psock, qlen), Some(n) if n >= RELAY_BACK_QLEN.load())
+}
