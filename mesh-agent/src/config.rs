@@ -541,13 +541,14 @@ pub struct RunArgs {
     /// (endpoint, policy; no L7 work), sk_msg moves its bytes between the client's and the
     /// destination's sockets. Pairs the proxy's leg to such destinations (as
     /// `--skmsg-upstream`). Needs kernel 6.9+ (`kernel_relay` in /kernel). Off by default.
-    /// `egress`: only the client's direction, appended to the send path of the proxy's
-    /// leg to the destination; the destination's socket stays out of the sockhash.
+    /// `egress`: the client's direction appended to the send path of the proxy's leg to
+    /// the destination, the destination's moved onto the proxy's leg to the client by an
+    /// sk_skb verdict; the destination's socket stays out of the sockhash.
     #[arg(long, env = "MESH_KERNEL_RELAY", default_value = "false", value_parser = parse_kernel_relay)]
     pub kernel_relay: KernelRelay,
-    /// Worker threads of the node proxy; 0: one per CPU the agent may run on (its CPU
-    /// affinity and cgroup CPU quota), so that on one CPU no connection is handed between
-    /// two workers.
+    /// Node proxy workers, each a thread with a current-thread runtime and its own
+    /// SO_REUSEPORT listeners; 0: one per CPU the agent may run on (its CPU affinity and
+    /// cgroup CPU quota). A connection stays on the worker that accepted it.
     #[arg(long, env = "MESH_PROXY_WORKERS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub proxy_workers: u16,
     /// Floor of the per-socket limit of bytes waiting in an sk_msg redirect queue (bytes).
@@ -694,7 +695,7 @@ pub struct RunConfig {
     pub kernel_relay: bool,
     /// `--kernel-relay egress` (with `kernel_relay`).
     pub kernel_relay_egress: bool,
-    /// Worker threads of the node proxy's runtime (resolved: at least 1).
+    /// Node proxy workers, one thread and current-thread runtime each (resolved: at least 1).
     pub proxy_workers: usize,
     pub skmsg_queue_floor: u32,
     pub flows_capacity: u32,
