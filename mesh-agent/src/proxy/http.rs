@@ -31,6 +31,7 @@
 //! mesh cost one lookup per request.
 
 mod body;
+mod chunked;
 mod drained;
 mod h1;
 mod lb;

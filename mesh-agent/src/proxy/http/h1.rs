@@ -18,11 +18,11 @@
 //! by an early answer).
 //!
 //! Bounds: a response head (and a chunked trailer section) at most [`MAX_HEAD`] bytes and
-//! [`MAX_HEADERS`] fields, a chunk-size line [`MAX_CHUNK_LINE`] bytes; the read buffer
-//! never grows past `MAX_HEAD` and body bytes leave it as they are asked for. Anything
-//! malformed (a bad status line, conflicting or invalid lengths, `Transfer-Encoding` with
-//! `Content-Length` or on HTTP/1.0, a bad chunk) is an error of the try (a 502 for the
-//! client), and such a connection is never used again. A body cut short (EOF or a reset
+//! [`MAX_HEADERS`] fields, a chunk-size line [`MAX_CHUNK_LINE`](chunked::MAX_CHUNK_LINE)
+//! bytes; the read buffer never grows past `MAX_HEAD` and body bytes leave it as they are
+//! asked for. Anything malformed (a bad status line, conflicting or invalid lengths,
+//! `Transfer-Encoding` with `Content-Length` or on HTTP/1.0, a bad chunk) is an error of
+//! the try (a 502 for the client), and such a connection is never used again. A body cut short (EOF or a reset
 //! before its length, or before the last chunk) is an error frame, which the downstream
 //! codec turns into a reset of the client's stream, never into a clean short end.
 
@@ -36,24 +36,21 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    header, request, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode,
-    Version,
+    header, request, HeaderMap, HeaderName, Method, Request, Response, StatusCode, Version,
 };
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
-use super::{BoxError, BoxIo, ProxyBody};
+use super::{
+    chunked::{self, header_map, put, put_chunk, put_last, Chunk, ReadBuffer, Step, READ_BUF},
+    BoxError, BoxIo, ProxyBody,
+};
 
 /// Largest response head (status line and header fields), and largest chunked trailer
 /// section, in bytes.
 pub(super) const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a response head or a trailer section.
 pub(super) const MAX_HEADERS: usize = 128;
-/// The read buffer's size while the connection carries ordinary responses (it grows, up to
-/// `MAX_HEAD`, only for a head that does not fit, and shrinks back when pooled).
-const READ_BUF: usize = 8 * 1024;
-/// Longest chunk-size line, extensions included.
-pub(super) const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Interim (`1xx`) answers skipped before the final one.
 pub(super) const MAX_INTERIM: usize = 16;
 /// Request body bytes gathered behind the head (or each other) before a write.
@@ -108,106 +105,11 @@ enum Reading {
     Close,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer fields, then an empty line.
-    Trailers,
-}
-
 /// Request body framing on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sending {
     Length(u64),
     Chunked,
-}
-
-/// A byte buffer read into from the front and consumed from the front; zero-initialised
-/// once (the crate has no `unsafe` to read into spare capacity).
-struct ReadBuffer {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl ReadBuffer {
-    fn new() -> ReadBuffer {
-        ReadBuffer {
-            buf: vec![0; READ_BUF],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        debug_assert!(self.start <= self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Takes `n` bytes off the front as a body frame's data.
-    fn take(&mut self, n: usize) -> Bytes {
-        let b = Bytes::copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.consume(n);
-        b
-    }
-
-    /// Reads what the IO has; `Ok(0)` at its end. Err(`Malformed(what)`) when `limit`
-    /// bytes are buffered unconsumed (the peer sent more than a bounded element may hold).
-    fn poll_fill(
-        &mut self,
-        io: &mut BoxIo,
-        cx: &mut Context<'_>,
-        limit: usize,
-        what: &'static str,
-    ) -> Poll<Result<usize, H1Error>> {
-        if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            } else if self.buf.len() >= limit {
-                return Poll::Ready(Err(H1Error::Malformed(what)));
-            } else {
-                let grown = (self.buf.len() * 2).min(limit.max(READ_BUF));
-                self.buf.resize(grown, 0);
-            }
-        }
-        let room = if self.end - self.start >= limit {
-            return Poll::Ready(Err(H1Error::Malformed(what)));
-        } else {
-            // Never hold more than `limit` unconsumed bytes.
-            (limit - (self.end - self.start)).min(self.buf.len() - self.end)
-        };
-        let mut rb = ReadBuf::new(&mut self.buf[self.end..self.end + room]);
-        ready!(Pin::new(io).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        self.end += n;
-        Poll::Ready(Ok(n))
-    }
-
-    /// Back to the ordinary size once a large head has gone.
-    fn shrink(&mut self) {
-        if self.buf.len() > READ_BUF && self.is_empty() {
-            self.buf = vec![0; READ_BUF];
-        }
-    }
 }
 
 /// One upstream HTTP/1.1 connection.
@@ -323,27 +225,6 @@ struct Head {
     headers: HeaderMap,
 }
 
-/// The head's fields as a map. The values share one copy of the head (`head`, the bytes
-/// `fields` point into) instead of a copy and an allocation each.
-fn header_map(head: &[u8], fields: &[httparse::Header<'_>]) -> Result<HeaderMap, H1Error> {
-    let mut map = HeaderMap::with_capacity(fields.len());
-    let shared = Bytes::copy_from_slice(head);
-    for h in fields {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| H1Error::Malformed("invalid header name"))?;
-        // `h.value` lies inside `head`, whose copy `shared` is: the same bytes by offset.
-        let at = (h.value.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
-        let value = if at <= head.len() && h.value.len() <= head.len() - at {
-            HeaderValue::from_maybe_shared(shared.slice(at..at + h.value.len()))
-        } else {
-            HeaderValue::from_bytes(h.value)
-        }
-        .map_err(|_| H1Error::Malformed("invalid header value"))?;
-        map.append(name, value);
-    }
-    Ok(map)
-}
-
 fn parse_head(data: &[u8]) -> Result<Option<Head>, H1Error> {
     // Not zero-initialised: the parser writes the fields it returns.
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -376,47 +257,29 @@ fn parse_head(data: &[u8]) -> Result<Option<Head>, H1Error> {
         len,
         status,
         version,
-        headers: header_map(&data[..len], r.headers)?,
+        headers: header_map(
+            &data[..len],
+            &Bytes::copy_from_slice(&data[..len]),
+            r.headers,
+        )
+        .map_err(H1Error::Malformed)?,
     }))
 }
 
-/// A chunk-size line's size (hex digits, then optional whitespace and extensions).
-fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
-    if line.len() > MAX_CHUNK_LINE {
-        return Err(H1Error::Malformed("chunk-size line too long"));
-    }
-    let digits = line
-        .iter()
-        .position(|b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    let rest = &line[digits..];
-    if digits == 0 || digits > 16 {
-        return Err(H1Error::Malformed("invalid chunk size"));
-    }
-    let after_ws = rest.trim_ascii_start();
-    if !after_ws.is_empty() && after_ws[0] != b';' {
-        return Err(H1Error::Malformed("invalid chunk size"));
-    }
-    let mut n = 0u64;
-    for d in &line[..digits] {
-        let v = (*d as char).to_digit(16).unwrap_or(0);
-        n = n
-            .checked_mul(16)
-            .and_then(|n| n.checked_add(u64::from(v)))
-            .ok_or(H1Error::Malformed("chunk size overflows"))?;
-    }
-    Ok(n)
-}
-
-fn find_crlf(data: &[u8]) -> Option<usize> {
-    data.windows(2).position(|w| w == b"\r\n")
-}
-
-/// Appends a head field or value in the wire form.
-fn put(buf: &mut Vec<u8>, parts: &[&[u8]]) {
-    for p in parts {
-        buf.extend_from_slice(p);
-    }
+/// Reads what the IO has into `rbuf`; `Ok(0)` at its end. Err(`Malformed(what)`) when
+/// `limit` bytes are buffered unconsumed (the upstream sent more than a bounded element
+/// may hold).
+fn fill(
+    rbuf: &mut ReadBuffer,
+    io: &mut BoxIo,
+    cx: &mut Context<'_>,
+    limit: usize,
+    what: &'static str,
+) -> Poll<Result<usize, H1Error>> {
+    Poll::Ready(match ready!(rbuf.poll_fill(io, cx, limit))? {
+        Some(n) => Ok(n),
+        None => Err(H1Error::Malformed(what)),
+    })
 }
 
 /// Whether a request may go again after its connection closed with no answer: the
@@ -456,7 +319,7 @@ fn gather(
                         "the request body ended short of its content-length".into(),
                     )),
                     Sending::Chunked => {
-                        w.extend_from_slice(b"0\r\n\r\n");
+                        put_last(w, None);
                         Ok(Gathered::Ended)
                     }
                 };
@@ -480,22 +343,13 @@ fn gather(
                         return Ok(Gathered::Ended);
                     }
                 }
-                Sending::Chunked => {
-                    put(w, &[format!("{:x}\r\n", d.len()).as_bytes(), &d, b"\r\n"]);
-                }
+                Sending::Chunked => put_chunk(w, &d),
             },
             // Trailers: sent after a chunked body, dropped after a sized one (no place
             // for them).
             Err(frame) => {
                 if let (Ok(t), Sending::Chunked) = (frame.into_trailers(), *sending) {
-                    w.extend_from_slice(b"0\r\n");
-                    for (name, value) in &t {
-                        put(
-                            w,
-                            &[name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"],
-                        );
-                    }
-                    w.extend_from_slice(b"\r\n");
+                    put_last(w, Some(&t));
                     return Ok(Gathered::Ended);
                 }
             }
@@ -552,10 +406,13 @@ impl Conn {
         if !self.is_reusable() {
             return Poll::Ready(Err(()));
         }
-        match self
-            .rbuf
-            .poll_fill(&mut self.io, cx, READ_BUF, "unsolicited bytes")
-        {
+        match fill(
+            &mut self.rbuf,
+            &mut self.io,
+            cx,
+            READ_BUF,
+            "unsolicited bytes",
+        ) {
             Poll::Pending => Poll::Ready(Ok(())),
             Poll::Ready(_) => {
                 self.broken = true;
@@ -751,7 +608,8 @@ impl Conn {
                         return Poll::Ready(Ok((h, false)));
                     }
                     let answered = !self.rbuf.is_empty() || interim > 0;
-                    let filled = ready!(self.rbuf.poll_fill(
+                    let filled = ready!(fill(
+                        &mut self.rbuf,
                         &mut self.io,
                         cx,
                         MAX_HEAD,
@@ -829,39 +687,23 @@ impl Conn {
         }
     }
 
-    /// Steps through chunk framing already buffered that carries no data (a chunk's CRLF,
-    /// the last chunk, an empty trailer section), so the body's end shows as soon as its
-    /// bytes are in. Errors wait for `poll_frame`.
+    /// Steps through chunk framing already buffered that carries no data, so the body's end
+    /// shows as soon as its bytes are in (`chunked::advance`).
     fn advance(&mut self) {
-        loop {
-            let data = self.rbuf.data();
-            match self.reading {
-                Reading::Chunked(Chunk::DataEnd) if data.starts_with(b"\r\n") => {
-                    self.rbuf.consume(2);
-                    self.reading = Reading::Chunked(Chunk::Size);
-                }
-                Reading::Chunked(Chunk::Size) => match find_crlf(data) {
-                    Some(i) => match chunk_size(&data[..i]) {
-                        Ok(0) => {
-                            self.rbuf.consume(i + 2);
-                            self.reading = Reading::Chunked(Chunk::Trailers);
-                        }
-                        Ok(n) => {
-                            self.rbuf.consume(i + 2);
-                            self.reading = Reading::Chunked(Chunk::Data(n));
-                            return;
-                        }
-                        Err(_) => return,
-                    },
-                    None => return,
-                },
-                Reading::Chunked(Chunk::Trailers) if data.starts_with(b"\r\n") => {
-                    self.rbuf.consume(2);
-                    self.reading = Reading::Done;
-                    self.rbuf.shrink();
-                    return;
-                }
-                _ => return,
+        if let Reading::Chunked(c) = self.reading {
+            let next = chunked::advance(&mut self.rbuf, c);
+            self.chunked_to(next);
+        }
+    }
+
+    /// The chunked body's state after a step; None: it has ended (the buffer back to its
+    /// usual size for the pool).
+    fn chunked_to(&mut self, next: Option<Chunk>) {
+        match next {
+            Some(c) => self.reading = Reading::Chunked(c),
+            None => {
+                self.reading = Reading::Done;
+                self.rbuf.shrink();
             }
         }
     }
@@ -897,71 +739,28 @@ impl Conn {
                     let d = self.rbuf.take(avail);
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Reading::Chunked(Chunk::Data(left)) if avail > 0 => {
-                    let n = usize::try_from(left).map_or(avail, |l| l.min(avail));
-                    let d = self.rbuf.take(n);
-                    let left = left - n as u64;
-                    self.reading = Reading::Chunked(if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    });
-                    self.advance();
-                    return Poll::Ready(Some(Ok(Frame::data(d))));
-                }
-                Reading::Chunked(Chunk::DataEnd) if avail >= 2 => {
-                    if !self.rbuf.data().starts_with(b"\r\n") {
-                        return self.fail_body(H1Error::Malformed("no CRLF after chunk data"));
+                Reading::Chunked(c) => match chunked::decode::<MAX_HEADERS>(&mut self.rbuf, c) {
+                    Step::Frame(frame, next) => {
+                        self.chunked_to(next);
+                        return Poll::Ready(Some(Ok(frame)));
                     }
-                    self.advance();
-                    continue;
-                }
-                Reading::Chunked(Chunk::Size) if avail > 0 => {
-                    let data = self.rbuf.data();
-                    match find_crlf(data) {
-                        Some(i) => {
-                            if let Err(e) = chunk_size(&data[..i]) {
-                                return self.fail_body(e);
-                            }
-                            self.advance();
-                            continue;
-                        }
-                        None if avail > MAX_CHUNK_LINE => {
-                            return self.fail_body(H1Error::Malformed("chunk-size line too long"));
-                        }
-                        None => {}
-                    }
-                }
-                Reading::Chunked(Chunk::Trailers) if avail >= 2 => {
-                    if self.rbuf.data().starts_with(b"\r\n") {
-                        self.advance();
+                    Step::End => {
+                        self.chunked_to(None);
                         return Poll::Ready(None);
                     }
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    match httparse::parse_headers(self.rbuf.data(), &mut fields) {
-                        Ok(httparse::Status::Complete((n, fields))) => {
-                            let map = match header_map(&self.rbuf.data()[..n], fields) {
-                                Ok(m) => m,
-                                Err(e) => return self.fail_body(e),
-                            };
-                            self.rbuf.consume(n);
-                            self.reading = Reading::Done;
-                            self.rbuf.shrink();
-                            return Poll::Ready(Some(Ok(Frame::trailers(map))));
-                        }
-                        Ok(httparse::Status::Partial) => {}
-                        Err(_) => return self.fail_body(H1Error::Malformed("invalid trailers")),
+                    Step::More(c) => self.reading = Reading::Chunked(c),
+                    Step::Malformed(why) | Step::BadTrailers(why) => {
+                        return self.fail_body(H1Error::Malformed(why));
                     }
-                }
+                },
                 _ => {}
             }
             // More bytes needed.
             let (limit, what) = match self.reading {
-                Reading::Chunked(Chunk::Trailers) => (MAX_HEAD, "trailer section too large"),
-                Reading::Chunked(Chunk::Size) => (MAX_CHUNK_LINE + 2, "chunk-size line too long"),
+                Reading::Chunked(c) => c.fill_limit(MAX_HEAD),
                 _ => (READ_BUF, "body buffer full"),
             };
-            match ready!(self.rbuf.poll_fill(&mut self.io, cx, limit, what)) {
+            match ready!(fill(&mut self.rbuf, &mut self.io, cx, limit, what)) {
                 Ok(0) if self.reading == Reading::Close => {
                     self.reading = Reading::Done;
                     return Poll::Ready(None);
@@ -998,6 +797,7 @@ impl Body for ConnBody<'_> {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
     use http_body_util::{BodyExt, Empty, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -1240,7 +1040,7 @@ mod tests {
     async fn malformed_responses_are_protocol_errors() {
         let long_line = format!(
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;{}\r\n",
-            "x".repeat(MAX_CHUNK_LINE + 10)
+            "x".repeat(chunked::MAX_CHUNK_LINE + 10)
         );
         let many = format!(
             "HTTP/1.1 200 OK\r\n{}\r\n",
@@ -1319,7 +1119,7 @@ mod tests {
         });
         let e = c.send(get("/")).await.expect_err("an error").error;
         assert!(e.is_protocol(), "{e}");
-        assert!(c.rbuf.buf.len() <= MAX_HEAD);
+        assert!(c.rbuf.size() <= MAX_HEAD);
         drop(server.await);
     }
 

@@ -56,17 +56,16 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{
-    header, request, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode,
-    Uri, Version,
-};
+use http::{header, request, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Instant,
-};
+use tokio::{io::AsyncWrite, time::Instant};
 
-use super::{body::ReqBody, timer::Timer, BoxIo, ProxyBody};
+use super::{
+    body::ReqBody,
+    chunked::{self, header_map, put, put_chunk, put_last, Chunk, ReadBuffer, Step, READ_BUF},
+    timer::Timer,
+    BoxIo, ProxyBody,
+};
 
 /// How long a request head may take to arrive in full, from when the connection starts
 /// waiting for it (hyper's default header read timeout).
@@ -76,10 +75,6 @@ pub(super) const MAX_HEADERS: usize = 100;
 /// Unread request body bytes read and dropped after an answer before the connection is
 /// closed instead.
 pub(super) const DRAIN_LIMIT: u64 = 64 * 1024;
-/// The read buffer's usual size (it grows for a large head, up to the head limit).
-const READ_BUF: usize = 8 * 1024;
-/// Longest chunk-size line, extensions included.
-const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Response bytes gathered behind the head (or each other) before a write.
 const COALESCE: usize = 16 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -121,91 +116,6 @@ enum Reading {
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-}
-
-/// A byte buffer read into at the back and consumed from the front; zero-initialised once
-/// (the crate has no `unsafe` to read into spare capacity).
-struct ReadBuffer {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl ReadBuffer {
-    fn new() -> ReadBuffer {
-        ReadBuffer {
-            buf: vec![0; READ_BUF],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        debug_assert!(self.start <= self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    fn take(&mut self, n: usize) -> Bytes {
-        let b = Bytes::copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.consume(n);
-        b
-    }
-
-    /// Reads what the IO has: `Some(n)` (0 at its end), or None without reading when
-    /// `limit` bytes are buffered unconsumed.
-    fn poll_fill(
-        &mut self,
-        io: &mut BoxIo,
-        cx: &mut Context<'_>,
-        limit: usize,
-    ) -> Poll<io::Result<Option<usize>>> {
-        if self.len() >= limit {
-            return Poll::Ready(Ok(None));
-        }
-        if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            } else {
-                let grown = (self.buf.len() * 2).min(limit.max(READ_BUF));
-                self.buf.resize(grown, 0);
-            }
-        }
-        let room = (limit - self.len()).min(self.buf.len() - self.end);
-        let mut rb = ReadBuf::new(&mut self.buf[self.end..self.end + room]);
-        ready!(Pin::new(io).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        self.end += n;
-        Poll::Ready(Ok(Some(n)))
-    }
-
-    /// Back to the usual size once a large head has gone.
-    fn shrink(&mut self) {
-        if self.buf.len() > READ_BUF && self.len() == 0 {
-            self.buf = vec![0; READ_BUF];
-        }
-    }
-}
-
 /// The connection's state the request body reads through (it may be read from another
 /// task: an HTTP/2 upstream's request stream).
 struct Inner {
@@ -224,37 +134,6 @@ type Shared = Arc<Mutex<Inner>>;
 
 fn lock(s: &Shared) -> MutexGuard<'_, Inner> {
     s.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn find_crlf(data: &[u8]) -> Option<usize> {
-    data.windows(2).position(|w| w == b"\r\n")
-}
-
-/// A chunk-size line's size (hex digits, then optional whitespace and extensions).
-fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
-    if line.len() > MAX_CHUNK_LINE {
-        return Err(BodyError::Malformed("chunk-size line too long"));
-    }
-    let digits = line
-        .iter()
-        .position(|b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    if digits == 0 || digits > 16 {
-        return Err(BodyError::Malformed("invalid chunk size"));
-    }
-    let rest = line[digits..].trim_ascii_start();
-    if !rest.is_empty() && rest[0] != b';' {
-        return Err(BodyError::Malformed("invalid chunk size"));
-    }
-    let mut n = 0u64;
-    for d in &line[..digits] {
-        let v = (*d as char).to_digit(16).unwrap_or(0);
-        n = n
-            .checked_mul(16)
-            .and_then(|n| n.checked_add(u64::from(v)))
-            .ok_or(BodyError::Malformed("chunk size overflows"))?;
-    }
-    Ok(n)
 }
 
 impl Inner {
@@ -281,41 +160,6 @@ impl Inner {
         Poll::Ready(Ok(()))
     }
 
-    /// Steps through chunk framing already buffered that carries no data, so the body's
-    /// end shows as soon as its bytes are in. Errors wait for `poll_body`.
-    fn advance(&mut self) {
-        loop {
-            let data = self.rbuf.data();
-            match self.reading {
-                Reading::Chunked(Chunk::DataEnd) if data.starts_with(b"\r\n") => {
-                    self.rbuf.consume(2);
-                    self.reading = Reading::Chunked(Chunk::Size);
-                }
-                Reading::Chunked(Chunk::Size) => match find_crlf(data) {
-                    Some(i) => match chunk_size(&data[..i]) {
-                        Ok(0) => {
-                            self.rbuf.consume(i + 2);
-                            self.reading = Reading::Chunked(Chunk::Trailers);
-                        }
-                        Ok(n) => {
-                            self.rbuf.consume(i + 2);
-                            self.reading = Reading::Chunked(Chunk::Data(n));
-                            return;
-                        }
-                        Err(_) => return,
-                    },
-                    None => return,
-                },
-                Reading::Chunked(Chunk::Trailers) if data.starts_with(b"\r\n") => {
-                    self.rbuf.consume(2);
-                    self.reading = Reading::Done;
-                    return;
-                }
-                _ => return,
-            }
-        }
-    }
-
     /// The request body's next frame.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if !matches!(self.reading, Reading::Done | Reading::Failed) && self.cont.is_some() {
@@ -339,67 +183,25 @@ impl Inner {
                     };
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Reading::Chunked(Chunk::Data(left)) if avail > 0 => {
-                    let n = usize::try_from(left).map_or(avail, |l| l.min(avail));
-                    let d = self.rbuf.take(n);
-                    let left = left - n as u64;
-                    self.reading = Reading::Chunked(if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    });
-                    self.advance();
-                    return Poll::Ready(Some(Ok(Frame::data(d))));
-                }
-                Reading::Chunked(Chunk::DataEnd) if avail >= 2 => {
-                    if !self.rbuf.data().starts_with(b"\r\n") {
-                        return self.fail(BodyError::Malformed("no CRLF after chunk data"));
+                Reading::Chunked(c) => match chunked::decode::<MAX_HEADERS>(&mut self.rbuf, c) {
+                    Step::Frame(frame, next) => {
+                        self.reading = next.map_or(Reading::Done, Reading::Chunked);
+                        return Poll::Ready(Some(Ok(frame)));
                     }
-                    self.advance();
-                    continue;
-                }
-                Reading::Chunked(Chunk::Size) if avail > 0 => match find_crlf(self.rbuf.data()) {
-                    Some(i) => {
-                        if let Err(e) = chunk_size(&self.rbuf.data()[..i]) {
-                            return self.fail(e);
-                        }
-                        self.advance();
-                        continue;
-                    }
-                    None if avail > MAX_CHUNK_LINE => {
-                        return self.fail(BodyError::Malformed("chunk-size line too long"));
-                    }
-                    None => {}
-                },
-                Reading::Chunked(Chunk::Trailers) if avail >= 2 => {
-                    if self.rbuf.data().starts_with(b"\r\n") {
-                        self.advance();
+                    Step::End => {
+                        self.reading = Reading::Done;
                         return Poll::Ready(None);
                     }
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    match httparse::parse_headers(self.rbuf.data(), &mut fields) {
-                        Ok(httparse::Status::Complete((n, fields))) => {
-                            let head = &self.rbuf.data()[..n];
-                            let map = match header_map(head, &Bytes::copy_from_slice(head), fields)
-                            {
-                                Ok(m) => m,
-                                Err(_) => {
-                                    return self.fail(BodyError::Malformed("invalid trailers"))
-                                }
-                            };
-                            self.rbuf.consume(n);
-                            self.reading = Reading::Done;
-                            return Poll::Ready(Some(Ok(Frame::trailers(map))));
-                        }
-                        Ok(httparse::Status::Partial) => {}
-                        Err(_) => return self.fail(BodyError::Malformed("invalid trailers")),
+                    Step::More(c) => self.reading = Reading::Chunked(c),
+                    Step::Malformed(why) => return self.fail(BodyError::Malformed(why)),
+                    Step::BadTrailers(_) => {
+                        return self.fail(BodyError::Malformed("invalid trailers"));
                     }
-                }
+                },
                 _ => {}
             }
             let limit = match self.reading {
-                Reading::Chunked(Chunk::Trailers) => self.max_head,
-                Reading::Chunked(Chunk::Size) => MAX_CHUNK_LINE + 2,
+                Reading::Chunked(c) => c.fill_limit(self.max_head).0,
                 _ => READ_BUF,
             };
             match ready!(self.rbuf.poll_fill(&mut self.io, cx, limit)) {
@@ -476,27 +278,6 @@ impl HttpBody for Body {
             _ => SizeHint::default(),
         }
     }
-}
-
-/// The head's fields as a map; the values share `shared`, one copy of `head`.
-fn header_map(
-    head: &[u8],
-    shared: &Bytes,
-    fields: &[httparse::Header<'_>],
-) -> Result<HeaderMap, ()> {
-    let mut map = HeaderMap::with_capacity(fields.len());
-    for h in fields {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ())?;
-        let at = (h.value.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
-        let value = if at <= head.len() && h.value.len() <= head.len() - at {
-            HeaderValue::from_maybe_shared(shared.slice(at..at + h.value.len()))
-        } else {
-            HeaderValue::from_bytes(h.value)
-        }
-        .map_err(|_| ())?;
-        map.append(name, value);
-    }
-    Ok(map)
 }
 
 /// Why a head is refused: the status, and a word for the debug log.
@@ -693,7 +474,7 @@ fn parse_head(data: &[u8], max_head: usize) -> Result<Option<Head>, Refused> {
     let head = &data[..len];
     // One copy of the head: the field values and the request-target share it.
     let shared = Bytes::copy_from_slice(head);
-    let headers = header_map(head, &shared, r.headers).map_err(|()| bad("invalid header field"))?;
+    let headers = header_map(head, &shared, r.headers).map_err(|_| bad("invalid header field"))?;
     let path = r.path.unwrap_or("");
     let at = (path.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
     let raw = if at <= head.len() && path.len() <= head.len() - at {
@@ -782,12 +563,6 @@ enum Writing {
     Chunked,
     /// Until the connection closes (an HTTP/1.0 client, a body of unknown length).
     Eof,
-}
-
-fn put(w: &mut Vec<u8>, parts: &[&[u8]]) {
-    for p in parts {
-        w.extend_from_slice(p);
-    }
 }
 
 /// The response's framing, and whether the connection must close after it.
@@ -885,7 +660,7 @@ fn gather(
                             "the response body ended short of its content-length",
                         ))
                     }
-                    Writing::Chunked => w.extend_from_slice(b"0\r\n\r\n"),
+                    Writing::Chunked => put_last(w, None),
                 }
                 *writing = Writing::Empty;
                 return Ok(true);
@@ -905,25 +680,14 @@ fn gather(
                     *left -= n;
                     w.extend_from_slice(&d);
                 }
-                Writing::Chunked => {
-                    let mut b = [0; 16];
-                    put(w, &[hex(d.len(), &mut b), b"\r\n", &d, b"\r\n"]);
-                }
+                Writing::Chunked => put_chunk(w, &d),
                 Writing::Eof => w.extend_from_slice(&d),
                 Writing::Empty => {}
             },
             Err(frame) => {
                 if let (Ok(t), Writing::Chunked) = (frame.into_trailers(), *writing) {
-                    w.extend_from_slice(b"0\r\n");
-                    if trailers {
-                        for (name, value) in &t {
-                            put(
-                                w,
-                                &[name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"],
-                            );
-                        }
-                    }
-                    w.extend_from_slice(b"\r\n");
+                    // Trailers only to a client that said it takes them (`TE: trailers`).
+                    put_last(w, trailers.then_some(&t));
                     *writing = Writing::Empty;
                     return Ok(true);
                 }
@@ -1004,7 +768,7 @@ where
                         Err(r) => return Poll::Ready(Next::Refuse(r)),
                     }
                 }
-                if g.rbuf.len() == 0 && s.draining.load(Relaxed) {
+                if g.rbuf.is_empty() && s.draining.load(Relaxed) {
                     return Poll::Ready(Next::Close);
                 }
                 match g.rbuf.poll_fill(&mut g.io, cx, max_head) {
@@ -1087,7 +851,7 @@ where
             if watch {
                 let mut g = lock(&shared);
                 let g = &mut *g;
-                if g.reading == Reading::Done && g.rbuf.len() == 0 {
+                if g.reading == Reading::Done && g.rbuf.is_empty() {
                     match g.rbuf.poll_fill(&mut g.io, cx, max_head) {
                         Poll::Pending => {}
                         Poll::Ready(Ok(Some(0)) | Err(_)) => return Poll::Ready(None),
@@ -1218,21 +982,6 @@ fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
         i -= 1;
         buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
-/// `n` in lower-case hex.
-fn hex(n: usize, buf: &mut [u8; 16]) -> &[u8] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = DIGITS[n % 16];
-        n /= 16;
         if n == 0 {
             return &buf[i..];
         }

@@ -1,5 +1,6 @@
 use std::sync::atomic::AtomicUsize;
 
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
@@ -596,8 +597,8 @@ fn dates_and_numbers_format() {
     assert_eq!(decimal(0, &mut b), b"0");
     assert_eq!(decimal(u64::MAX, &mut b), u64::MAX.to_string().as_bytes());
     let mut h = [0; 16];
-    assert_eq!(hex(0x1f3a, &mut h), b"1f3a");
-    assert_eq!(hex(0, &mut h), b"0");
+    assert_eq!(chunked::hex(0x1f3a, &mut h), b"1f3a");
+    assert_eq!(chunked::hex(0, &mut h), b"0");
 }
 
 #[tokio::test]
