@@ -8,21 +8,14 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{intact, metric, wait_for, Agent, SimNode};
+use mesh_tests::{intact, metric, scenes::workload_entry, wait_for, Agent, SimNode};
 
 fn node() -> SimNode {
     let mut n = SimNode::new().expect("sim node");
     for (name, host) in [("client", 2), ("server", 3)] {
         n.add_pod(name, host).unwrap();
     }
-    let w = |name: &str, ns: &str| {
-        let p = n.pod(name);
-        format!(
-            "  - {{ name: {name}, namespace: {ns}, ip: {}, netns: {} }}\n",
-            p.ip,
-            p.netns_path()
-        )
-    };
+    let w = |name: &str, ns: &str| workload_entry(n.pod(name), ns, "", "{}", "");
     let yaml = format!(
         "namespaces:\n\
          \x20 - {{ name: shop, labels: {{ mesh-agent.io/dataplane-mode: ambient, mesh-agent.io/fail-mode: closed }} }}\n\
