@@ -617,7 +617,7 @@ impl Datapath {
         } else {
             1
         };
-        let back_off = back_offsets.unwrap_or([0; 2]);
+        let back_off = back_offsets.unwrap_or([0; 3]);
         // sockops reads an accepting socket's namespace itself where it may (5.15+).
         let sockops_netns =
             features::KernelFeatures::release_at_least(&sys::kernel_release(), 5, 15)
@@ -657,6 +657,7 @@ impl Datapath {
             .override_global("OFF_FILE_FLAGS", &egress_offsets[4], true)
             .override_global("OFF_SKB_SK_REDIR", &back_off[0], true)
             .override_global("OFF_PSOCK_INGRESS_QLEN", &back_off[1], true)
+            .override_global("OFF_PSOCK_STATE", &back_off[2], true)
             .map_max_entries(map_names::RELAY_UP, back_caps)
             .map_max_entries(map_names::RELAY_BACK, back_caps)
             .map_max_entries(map_names::RELAY_ARMED, back_caps)

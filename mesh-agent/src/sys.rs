@@ -5,6 +5,7 @@
     reason = "the one module of the agent that makes raw system calls"
 )]
 
+pub mod mapped;
 pub mod memory;
 pub mod perf;
 
@@ -640,6 +641,20 @@ pub fn tcp_bytes_acked(fd: std::os::fd::RawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(info.tcpi_bytes_acked)
+}
+
+/// Whether a socket has an error pending or hung up (`POLLERR`, `POLLHUP` from a
+/// zero-timeout `poll`, which leaves the error in place): the egress relay's check of the
+/// proxy's client socket (a TCP socket reset by its peer is closed: `POLLHUP`).
+pub fn failed_or_hung_up(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
 /// `SIOCOUTQ` of a TCP socket: its bytes not yet acknowledged (sent or not).

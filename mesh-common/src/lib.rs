@@ -49,6 +49,11 @@ pub mod map_names {
     /// kernel sends their FIN; the proxy consumes an entry when it reads that FIN and
     /// resets the other side. Not pinned: its entries live for milliseconds.
     pub const UNREAD_CLOSES: &str = "UNREAD_CLOSES";
+    /// When `mesh_close_unread` last wrote an `UNREAD_CLOSES` entry (`bpf_ktime_get_ns`,
+    /// one `u64`; 0: never), in a memory-mappable array the proxy reads without a system
+    /// call: while it is older than an entry stays fresh, a FIN the proxy reads needs no
+    /// look-up. Not pinned, as `UNREAD_CLOSES`.
+    pub const UNREAD_LAST: &str = "UNREAD_LAST";
     /// Every pinned map. The one map not pinned is `PEER_SK` (socket storage holding
     /// the kernel address of a sender's peer for the back-pressure check): kernel
     /// pointers never sit in a pinned map.

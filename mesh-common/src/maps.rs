@@ -487,6 +487,10 @@ pub mod relay_state {
     pub const ON: u32 = 2;
     /// Back on the proxied path (the target's queue was full); it returns as from `ARMED`.
     pub const FALLBACK: u32 = 3;
+    /// `RelayBack::state` only: the proxy's client socket P_a stopped sending from its
+    /// backlog (a hard error, such as the client's reset): the kernel would drop what is
+    /// redirected to it, so every segment goes to the proxy, which resets both ends.
+    pub const BACK_BROKEN: u32 = 5;
     pub const NAMES: [(u32, &str); 3] = [(ARMED, "armed"), (ON, "on"), (FALLBACK, "fallback")];
 }
 

@@ -49,7 +49,9 @@ use mesh_common::{
     Stat, AF_INET, AF_INET6,
 };
 
-use crate::maps::{bump, PeerSk, OFF_PSOCK_MSG_TOT_LEN, OFF_SK_USER_DATA, PEER_SK, UNREAD_CLOSES};
+use crate::maps::{
+    bump, PeerSk, OFF_PSOCK_MSG_TOT_LEN, OFF_SK_USER_DATA, PEER_SK, UNREAD_CLOSES, UNREAD_LAST,
+};
 
 /// Offsets in `struct sock` (through `sock_common`) and `struct sk_psock` from the
 /// running kernel's BTF, set by the agent at load time, indexed by the `OFF_*` constants
@@ -182,6 +184,25 @@ fn try_close_unread(sk: *mut c_void) {
     // A full map evicts its oldest entry (LRU): old entries are stale anyway.
     if UNREAD_CLOSES.insert(key, v, 0).is_ok() {
         bump(Stat::ClosedUnread);
+        note_last();
+    }
+}
+
+/// Stamps `UNREAD_LAST` after an insert: the proxy looks in `UNREAD_CLOSES` only while
+/// some entry may be fresh (this stamp younger than `UNREAD_CLOSE_FRESH_NS`), and skips
+/// the system call on every other FIN it reads. The stamp is written before `tcp_close`
+/// sends the FIN, so a proxy that reads the FIN sees it.
+///
+/// Accepted race: two CPUs stamping at once may leave the older of two close stamps (a
+/// plain store, not a maximum); the stamp is still taken after this CPU's insert, and the
+/// proxy allows a margin of a second beyond freshness (far more than two such programs
+/// can be apart) before it skips.
+#[inline(always)]
+fn note_last() {
+    if let Some(p) = UNREAD_LAST.get_ptr_mut(0) {
+        // SAFETY: the one slot of an array map, valid while the program runs; a u64 store
+        // is single-copy atomic, so a reader sees the old stamp or the new one.
+        unsafe { core::ptr::write_volatile(p, bpf_ktime_get_ns()) };
     }
 }
 

@@ -5,8 +5,8 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA,
-        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SkStorage, SockHash},
     helpers::generated::{bpf_probe_read_kernel, bpf_ringbuf_query, bpf_sk_storage_get},
@@ -129,18 +129,19 @@ pub static RELAY_ARMED: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// Scratch for `mesh_relay_back`: its context pointer stored and loaded back so the
-/// verifier treats it as a number (a probe read of the skb's redirect target). Per CPU,
-/// overwritten at each run; never a socket's address.
-#[btf_map]
-pub static RELAY_SCRATCH: PerCpuArray<u64, 1> = PerCpuArray::new();
-
 /// Paired sockets closed with redirected bytes unread, by the closing socket's view
 /// (namespace 0), written by `close::mesh_close_unread`, consumed by the proxy. Not pinned
 /// (its entries live for milliseconds).
 #[btf_map]
 pub static UNREAD_CLOSES: LruHashMap<SockKey, UnreadClose, { cap::UNREAD_CLOSES as usize }> =
     LruHashMap::new();
+
+/// When `close::mesh_close_unread` last wrote an `UNREAD_CLOSES` entry (`bpf_ktime_get_ns`
+/// after the insert; 0: never). Memory-mappable: the proxy reads it without a system call
+/// and skips its `UNREAD_CLOSES` look-up while no entry can be fresh (mesh-agent
+/// `datapath::close`). Not pinned.
+#[btf_map]
+pub static UNREAD_LAST: Array<u64, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// `PEER_SK` value.
 #[repr(C)]

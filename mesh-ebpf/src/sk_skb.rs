@@ -16,14 +16,18 @@
 //! before it (a wait that holds the proxy's reads of P_u, so TCP's flow control holds the
 //! destination), and publishes its total; equal counts bring the relay back
 //! (`relay_recovered`). A FIN (an empty segment) always goes to the proxy: it reads EOF,
-//! waits until P_a sent every relayed byte, and only then half-closes P_a.
+//! waits until P_a sent every relayed byte, and only then half-closes P_a. When a send from
+//! P_a's backlog fails hard (the client reset P_a), the kernel stops P_a's psock and drops
+//! whatever is redirected to it later: the program sees that after its next redirect
+//! (`relay_state::BACK_BROKEN`) and passes every later segment to the proxy, whose gate
+//! then resets both ends at once (the destination's writes fail as through a proxy).
 //!
 //! # Minimum kernel version
 //!
 //! The parser-less stream verdict (`sk_psock_verdict_data_ready`) is 5.13+; loaded only in
 //! egress mode (6.9+, `features::KERNEL_RELAY`).
 
-use core::ptr::{read_volatile, write_volatile};
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::sk_action::SK_PASS, macros::stream_verdict, programs::SkBuffContext, Global,
@@ -35,7 +39,7 @@ use mesh_common::{
 
 use crate::maps::{
     add, bump, read_addressing, read_u32, read_u64, OFF_SK_USER_DATA, RELAY_ARMED, RELAY_BACK,
-    RELAY_SCRATCH, SOCKHASH,
+    SOCKHASH,
 };
 
 /// `struct sk_buff`'s `_sk_redir` (the redirect target the helper just set, flag bits in
@@ -46,6 +50,10 @@ use crate::maps::{
 pub static OFF_SKB_SK_REDIR: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static OFF_PSOCK_INGRESS_QLEN: Global<u32> = Global::new(0);
+/// `struct sk_psock`'s `state` (its `SK_PSOCK_TX_ENABLED` bit). Zero: not checked (a
+/// broken P_a is then found by the proxy at its next look, the FIN or a fallback).
+#[unsafe(no_mangle)]
+pub static OFF_PSOCK_STATE: Global<u32> = Global::new(0);
 /// Segments on P_a's backlog queue at which the destination's direction goes back to the
 /// proxy (each segment is at most a GSO size, 64 KiB on loopback).
 #[unsafe(no_mangle)]
@@ -106,16 +114,27 @@ fn on_skb(ctx: &SkBuffContext) -> u32 {
                 }
                 b.state = relay_state::ON;
             }
+            match backlog(skb as u64) {
+                Backlog::Broken => {
+                    // The kernel drops this segment (its redirect is set) and every later
+                    // one: not counted as relayed; the rest goes to the proxy, whose gate
+                    // sees the state and resets both ends (the stream to the client
+                    // cannot complete).
+                    b.state = relay_state::BACK_BROKEN;
+                    return SK_PASS;
+                }
+                Backlog::Full => {
+                    // This segment still goes (its redirect is set); the next ones go to
+                    // the proxy, which writes them behind it.
+                    b.state = relay_state::FALLBACK;
+                    b.fallbacks += 1;
+                    bump(Stat::RelayFallback);
+                }
+                Backlog::Room => {}
+            }
             b.relayed += len as u64;
             bump(Stat::SkbRelayed);
             add(Stat::SkbRelayedBytes, len as u64);
-            if backlog_full(skb as u64) {
-                // This segment still goes (its redirect is set); the next ones go to the
-                // proxy, which writes them behind it.
-                b.state = relay_state::FALLBACK;
-                b.fallbacks += 1;
-                bump(Stat::RelayFallback);
-            }
             return SK_PASS;
         }
         // P_a left the sockhash (it closed): the proxy carries the rest, for good.
@@ -127,31 +146,57 @@ fn on_skb(ctx: &SkBuffContext) -> u32 {
     SK_PASS
 }
 
-/// Whether P_a's backlog queue (the target the redirect just set, read from the skb)
-/// holds `RELAY_BACK_QLEN` segments or more. Unreadable: not full (the kernel never
-/// faults on a probe read; the bound then is the proxy's next check).
+/// What the redirect's target P_a can take (read from the skb, whose redirect target the
+/// helper just set).
+#[derive(PartialEq, Eq)]
+enum Backlog {
+    /// Below `RELAY_BACK_QLEN` segments (or unreadable: the kernel never faults on a probe
+    /// read; the bound then is the proxy's next check).
+    Room,
+    /// `RELAY_BACK_QLEN` segments or more wait on P_a's backlog queue.
+    Full,
+    /// P_a's psock stopped sending (`SK_PSOCK_TX_ENABLED` clear: a send from its backlog
+    /// failed hard, P_a reset by the client): the kernel drops every segment redirected
+    /// to it from now on.
+    Broken,
+}
+
+/// `SK_PSOCK_TX_ENABLED`, bit 0 of `struct sk_psock`'s `state`.
+const PSOCK_TX_ENABLED: u32 = 1;
+
 #[inline(always)]
-fn backlog_full(skb: u64) -> bool {
-    let (redir, qlen) = (OFF_SKB_SK_REDIR.load(), OFF_PSOCK_INGRESS_QLEN.load());
+fn backlog(skb: u64) -> Backlog {
+    let (redir, qlen, pstate) = (
+        OFF_SKB_SK_REDIR.load(),
+        OFF_PSOCK_INGRESS_QLEN.load(),
+        OFF_PSOCK_STATE.load(),
+    );
     if redir == 0 || qlen == 0 {
-        return false;
+        return Backlog::Room;
     }
-    let Some(scratch) = RELAY_SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: volatile store and load of our own per-CPU map value: the verifier then
-    // treats the context pointer as a number for the probe reads.
-    let addr = unsafe {
-        write_volatile(scratch, skb);
-        read_volatile(scratch)
-    };
+    // The context pointer spilled to a stack slot and copied into another by a probe read
+    // (the verifier types the copy as a number, which the probe reads below take). No
+    // kernel address is stored in a map (the project rule: dumpable maps hold none).
+    let spilled: u64 = skb;
+    let addr = read_u64(&spilled as *const u64 as u64, 0);
+    if addr == 0 {
+        return Backlog::Room;
+    }
     let sk = read_u64(addr, redir) & !3;
     if sk == 0 {
-        return false;
+        return Backlog::Room;
     }
     let psock = read_u64(sk, OFF_SK_USER_DATA.load()) & !7;
     if psock == 0 {
-        return false;
+        return Backlog::Room;
     }
-    matches!(read_u32(psock, qlen), Some(n) if n >= RELAY_BACK_QLEN.load())
+    // Its low 32 bits (little-endian) hold the bit; an unreadable state is not taken as
+    // broken (that would reset a healthy flow).
+    if pstate != 0 && matches!(read_u32(psock, pstate), Some(s) if s & PSOCK_TX_ENABLED == 0) {
+        return Backlog::Broken;
+    }
+    match read_u32(psock, qlen) {
+        Some(n) if n >= RELAY_BACK_QLEN.load() => Backlog::Full,
+        _ => Backlog::Room,
+    }
 }

@@ -223,6 +223,74 @@ fn a_server_reset_after_relayed_bytes_reaches_the_client_as_a_reset() {
     );
 }
 
+/// The client half-closes, reads part of a long answer and resets: the kernel then stops
+/// sending from the proxy's client socket's backlog (a hard error) and would drop every
+/// relayed segment after it. The server still learns at once, as through a proxy: its
+/// stream ends in a reset within seconds (not after its last byte and the gate's 60 s
+/// wait for bytes that can no longer leave).
+#[test]
+fn a_client_reset_after_its_half_close_resets_the_relayed_server_promptly() {
+    let (n, agent) = client_db_relay("egress", &[]);
+    // 4 GiB in 16 KiB chunks 500 us apart: more than two minutes of stream.
+    n.serve(
+        "db",
+        &[
+            "source",
+            "--listen",
+            "0.0.0.0:9000",
+            "--bytes",
+            &(4096 * MIB).to_string(),
+            "--chunk-delay-us",
+            "500",
+        ],
+    )
+    .unwrap();
+    let on = relay_available(&agent);
+    let db_ns = n.pod("db").netns.clone();
+    let server_conns = move || {
+        sh(&format!(
+            "ip netns exec {db_ns} ss -tnH state established 'sport = :9000'"
+        ))
+        .map(|s| s.lines().count())
+        .unwrap_or(usize::MAX)
+    };
+    for round in 0..3 {
+        let back_before = agent.event("skb_relayed_bytes");
+        let r = n
+            .client(
+                "client",
+                &[
+                    "read-client",
+                    "--to",
+                    VIP,
+                    "--half-close",
+                    "--reset-after",
+                    &(2 * MIB).to_string(),
+                ],
+            )
+            .unwrap();
+        assert_eq!(r["outcome"], "reset-sent", "{r}");
+        let reset_at = std::time::Instant::now();
+        mesh_tests::wait_for(
+            "the server's stream ended after the client's reset",
+            Duration::from_secs(10),
+            || server_conns() == 0,
+        );
+        let back = agent.event("skb_relayed_bytes") - back_before;
+        eprintln!(
+            "round {round}: the server's connection ended {:?} after the client's reset; \
+             {back} bytes relayed in the kernel",
+            reset_at.elapsed()
+        );
+        if on {
+            assert!(
+                back > 0,
+                "nothing relayed in the kernel: the case is not tested"
+            );
+        }
+    }
+}
+
 /// A fast server into a slow client reader: every byte arrives, then EOF; the relayed
 /// bytes waiting on P_a's backlog queue stay bounded (the destination's direction goes
 /// back to the proxy, which waits for P_a to drain, and TCP's flow control holds the

@@ -16,14 +16,21 @@
 //! older kernel) simply answers "no". Look-ups share a read lock (concurrent relays do
 //! not queue behind each other's system call); only a hit takes the write lock, to
 //! remove its entry.
+//!
+//! Most FINs are ordinary: the look-up would fail (`ENOENT`), a `bpf()` call per proxied
+//! close for nothing. The program also stamps `UNREAD_LAST` (an array the agent maps into
+//! its memory) after each entry it writes; while that stamp is older than an entry stays
+//! fresh (plus a margin), no entry can be, and the proxy answers "no" without a system
+//! call (nor the `getsockname`/`getpeername` that build the key of a [`Far::Ask`]).
 
 use std::{
     net::SocketAddr,
+    os::fd::AsFd,
     sync::{OnceLock, RwLock},
 };
 
 use aya::{
-    maps::{HashMap, MapData},
+    maps::{HashMap, Map, MapData},
     programs::BtfTracePoint,
     Btf, Ebpf,
 };
@@ -35,6 +42,7 @@ use mesh_common::{
 use tracing::{info, warn};
 
 use super::{btf, features};
+use crate::sys::mapped::MappedU64;
 
 /// Entries older than this are ignored (and dropped): a reader looks within milliseconds
 /// of the close, so an old entry is one no proxy socket consumed (direct mode, where TC
@@ -43,7 +51,34 @@ use super::{btf, features};
 /// TC ingress's.
 const FRESH_NS: u64 = UNREAD_CLOSE_FRESH_NS;
 
-static UNREAD: OnceLock<RwLock<HashMap<MapData, SockKey, UnreadClose>>> = OnceLock::new();
+/// How much older than `FRESH_NS` the `UNREAD_LAST` stamp must be before a FIN is let
+/// through without a look-up: room for the program's accepted race (two CPUs stamping at
+/// once may leave the earlier stamp; they are microseconds apart).
+const LAST_MARGIN_NS: u64 = 1_000_000_000;
+
+static UNREAD: OnceLock<Unread> = OnceLock::new();
+
+/// The program's map, and its `UNREAD_LAST` stamp where the kernel let us map it.
+struct Unread {
+    map: RwLock<HashMap<MapData, SockKey, UnreadClose>>,
+    /// `None`: the array could not be mapped (every FIN is looked up, as before).
+    last: Option<MappedU64>,
+}
+
+impl Unread {
+    /// Whether an entry written by the program may still be fresh at `now` (monotonic
+    /// ns, the clock of `bpf_ktime_get_ns`). Conservative: `true` unless the stamp shows
+    /// that none can be.
+    fn may_be_fresh(&self, now: u64) -> bool {
+        may_be_fresh(self.last.as_ref().map(MappedU64::get), now)
+    }
+}
+
+/// Whether an `UNREAD_CLOSES` entry may be fresh at `now`, given the program's last
+/// stamp (`None`: not known, so yes).
+fn may_be_fresh(last: Option<u64>, now: u64) -> bool {
+    last.is_none_or(|l| now.saturating_sub(l) < FRESH_NS + LAST_MARGIN_NS)
+}
 
 /// `CLOSE_OFFSETS` (mesh-ebpf `close`) from the running kernel's BTF: `sock_common`'s
 /// addresses, ports and family, `sock.sk_protocol` and `sk_shutdown`, `sk_psock.sk`.
@@ -82,7 +117,7 @@ pub(super) fn attach(ebpf: &mut Ebpf, wanted: bool) -> bool {
     if !wanted {
         return false;
     }
-    let mut run = || -> Result<HashMap<MapData, SockKey, UnreadClose>, String> {
+    let mut run = || -> Result<Unread, String> {
         let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
         let p: &mut BtfTracePoint = ebpf
             .program_mut(prog_names::CLOSE_UNREAD)
@@ -96,11 +131,23 @@ pub(super) fn attach(ebpf: &mut Ebpf, wanted: bool) -> bool {
         let map = ebpf
             .take_map(map_names::UNREAD_CLOSES)
             .ok_or("map UNREAD_CLOSES missing from the object")?;
-        HashMap::try_from(map).map_err(|e| format!("map UNREAD_CLOSES: {e}"))
+        let map = HashMap::try_from(map).map_err(|e| format!("map UNREAD_CLOSES: {e}"))?;
+        // Without the stamp every FIN is looked up, as before: slower, still right.
+        let last = match ebpf.take_map(map_names::UNREAD_LAST) {
+            Some(Map::Array(m)) => MappedU64::map(m.fd().as_fd()).map_err(|e| format!("mmap: {e}")),
+            Some(_) => Err("not an array".to_owned()),
+            None => Err("missing from the object".to_owned()),
+        }
+        .inspect_err(|e| warn!(error = %e, "UNREAD_LAST not mapped: every FIN the proxy reads from a paired socket's far end costs a look-up"))
+        .ok();
+        Ok(Unread {
+            map: RwLock::new(map),
+            last,
+        })
     };
     match run() {
-        Ok(map) => {
-            if UNREAD.set(RwLock::new(map)).is_err() {
+        Ok(unread) => {
+            if UNREAD.set(unread).is_err() {
                 warn!("a second datapath in this process: its unread-close map is not used");
             }
             info!("paired sockets closed with unread bytes end in a reset of the proxied flow, or of the direct-mode flow at the receiving pod's TC ingress (tp_btf/inet_sock_set_state)");
@@ -134,16 +181,30 @@ pub fn enabled() -> bool {
 /// after reading that socket's end of stream. `None` without the program, or for any
 /// other end.
 pub fn take_unread(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
-    let map = UNREAD.get()?;
+    let u = UNREAD.get()?;
+    let now = crate::sys::monotonic_ns();
+    if !u.may_be_fresh(now) {
+        return None;
+    }
+    look_up(u, local, peer, now)
+}
+
+/// The look-up itself (one `bpf()` call; a hit takes and removes its entry).
+fn look_up(u: &Unread, local: SocketAddr, peer: SocketAddr, now: u64) -> Option<u32> {
     // The closing socket's view: its local address is our peer.
     let key = SockKey::new(0, canonical(peer), canonical(local));
-    let v = map
+    let v = u
+        .map
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .get(&key, 0)
         .ok()?;
-    let _ = map.write().unwrap_or_else(|e| e.into_inner()).remove(&key);
-    let age = crate::sys::monotonic_ns().saturating_sub(v.at_ns);
+    let _ = u
+        .map
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
+    let age = now.saturating_sub(v.at_ns);
     (age < FRESH_NS).then_some(v.unread)
 }
 
@@ -162,13 +223,19 @@ pub enum Far {
 
 /// [`take_unread`] for a relay that read its socket's end of stream: `(peer, unread
 /// bytes)` if the far end closed with bytes unread. Nothing is asked (no system call)
-/// while the program is not attached or for an [`Far::Unpaired`] socket; `addrs` (the
-/// socket's own `(local, peer)`) is called only for [`Far::Ask`].
+/// while the program is not attached, for an [`Far::Unpaired`] socket, or while no entry
+/// can be fresh (`UNREAD_LAST`); `addrs` (the socket's own `(local, peer)`) is called
+/// only for [`Far::Ask`], and only when the map is looked in.
 pub fn take_far_unread(
     far: Far,
     addrs: impl FnOnce() -> Option<(SocketAddr, SocketAddr)>,
 ) -> Option<(SocketAddr, u32)> {
-    if !enabled() {
+    let u = UNREAD.get()?;
+    if far == Far::Unpaired {
+        return None;
+    }
+    let now = crate::sys::monotonic_ns();
+    if !u.may_be_fresh(now) {
         return None;
     }
     let (local, peer) = match far {
@@ -176,7 +243,7 @@ pub fn take_far_unread(
         Far::Addrs { local, peer } => (local, peer),
         Far::Ask => addrs()?,
     };
-    take_unread(local, peer).map(|n| (peer, n))
+    look_up(u, local, peer, now).map(|n| (peer, n))
 }
 
 /// A v4-mapped IPv6 address as the IPv4 one (the datapath's keys map IPv4 the same way
@@ -198,6 +265,29 @@ mod tests {
         assert_eq!(o[1], o[0] + 4);
         assert!(o[7] > o[4] && o[8] > o[4], "{o:?}");
         assert_eq!(o[9], 0, "sk_psock.sk is its first member");
+    }
+
+    /// The stamp lets a FIN through without a look-up only once no entry can be fresh:
+    /// never without a stamp, and not for a second past an entry's freshness (the
+    /// program's accepted race); a stamp of 0 (no entry ever written) on a host up for
+    /// seconds skips.
+    #[test]
+    fn the_stamp_skips_the_look_up_only_when_no_entry_can_be_fresh() {
+        let s = 1_000_000_000;
+        let t = 100 * s;
+        assert!(may_be_fresh(None, t));
+        assert!(may_be_fresh(Some(t), t));
+        assert!(
+            may_be_fresh(Some(t - FRESH_NS), t),
+            "stale by the entry's own age, within the margin"
+        );
+        assert!(may_be_fresh(Some(t - FRESH_NS - LAST_MARGIN_NS + 1), t));
+        assert!(!may_be_fresh(Some(t - FRESH_NS - LAST_MARGIN_NS), t));
+        assert!(!may_be_fresh(Some(0), t));
+        // A stamp from the future (read across CPUs): looked up.
+        assert!(may_be_fresh(Some(t + s), t));
+        // A host up for less than freshness plus the margin: every FIN is looked up.
+        assert!(may_be_fresh(Some(0), 3 * s));
     }
 
     /// Without a loaded program the proxy's question has an answer: no.

@@ -77,16 +77,17 @@ pub fn egress_offsets() -> [u32; 5] {
     })
 }
 
-/// `mesh_relay_back`'s offsets (`OFF_SKB_SK_REDIR`, `OFF_PSOCK_INGRESS_QLEN`), from the
-/// kernel's BTF; `None` (no destination direction: it stays on the proxied path) with a
-/// warning.
-pub fn back_offsets() -> Option<[u32; 2]> {
-    let resolve = || -> Result<[u32; 2], String> {
+/// `mesh_relay_back`'s offsets (`OFF_SKB_SK_REDIR`, `OFF_PSOCK_INGRESS_QLEN`,
+/// `OFF_PSOCK_STATE`), from the kernel's BTF; `None` (no destination direction: it stays
+/// on the proxied path) with a warning.
+pub fn back_offsets() -> Option<[u32; 3]> {
+    let resolve = || -> Result<[u32; 3], String> {
         let btf = super::btf::KernelBtf::from_sys_fs().map_err(|e| e.to_string())?;
         let get = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
         Ok([
             get("sk_buff", "_sk_redir")?,
             get("sk_psock", "ingress_skb")? + get("sk_buff_head", "qlen")?,
+            get("sk_psock", "state")?,
         ])
     };
     resolve()
@@ -161,13 +162,30 @@ pub struct BackGate<'a> {
 }
 
 impl BackGate<'_> {
-    /// Bytes the kernel relayed onto P_a's send path so far.
-    pub fn relayed(&self) -> u64 {
+    /// The program's entry for this flow (its counts and state).
+    fn entry(&self) -> RelayBack {
         let Some(b) = &self.maps.back else {
-            return 0;
+            return RelayBack::default();
         };
         let b = b.lock().unwrap_or_else(|e| e.into_inner());
-        b.back.get(&self.pu, 0).map(|v| v.relayed).unwrap_or(0)
+        b.back.get(&self.pu, 0).unwrap_or_default()
+    }
+
+    /// Bytes the kernel relayed onto P_a's send path so far.
+    pub fn relayed(&self) -> u64 {
+        self.entry().relayed
+    }
+
+    /// Whether P_a can no longer send what the kernel relayed to it: the program found
+    /// its psock stopped (`BACK_BROKEN`: a send from P_a's backlog failed hard, and the
+    /// kernel drops whatever is still redirected to it), or P_a has an error pending or
+    /// was reset (`POLLERR`, `POLLHUP`: a zero-timeout poll, which leaves the error for
+    /// the proxy's next read). Its relayed bytes will then never all be sent.
+    fn broken(&self, state: u32) -> bool {
+        if state == relay_state::BACK_BROKEN {
+            return true;
+        }
+        crate::sys::failed_or_hung_up(self.pa)
     }
 
     /// Every byte P_a sent so far: what its sk_msg redirected into the client
@@ -189,28 +207,30 @@ impl BackGate<'_> {
     }
 
     /// Whether P_a sent every byte put on its send path: the proxy's own writes
-    /// (`written`) and the kernel's relayed bytes; with what P_a sent so far.
-    fn drained(&self, written: u64) -> io::Result<(bool, u64)> {
-        let relayed = self.relayed();
-        if relayed == 0 {
+    /// (`written`) and the kernel's relayed bytes; with what P_a sent so far, and the
+    /// program's state of the flow.
+    fn drained(&self, written: u64) -> io::Result<(bool, u64, u32)> {
+        let RelayBack { relayed, state, .. } = self.entry();
+        if relayed == 0 && state != relay_state::BACK_BROKEN {
             // Only the proxy's writes, each complete when its call returned.
-            return Ok((true, 0));
+            return Ok((true, 0, state));
         }
         let sent = self.pa_sent()?;
-        Ok((relay_back_drained(sent, written, relayed), sent))
+        Ok((relay_back_drained(sent, written, relayed), sent, state))
     }
 
     /// Waits until P_a sent every byte put on its send path, polling (the kworker that
-    /// empties P_a's backlog wakes no one); `false` when P_a failed, or sent nothing for
-    /// `stall` (a client that stopped reading).
+    /// empties P_a's backlog wakes no one); `false` when P_a failed (at once: `broken`),
+    /// or sent nothing for `stall` (a client that stopped reading).
     pub async fn wait_drained(&self, written: u64, stall: Option<Duration>) -> bool {
         let mut since = Instant::now();
         let mut last = 0;
         let mut pause = Duration::from_micros(200);
         loop {
             match self.drained(written) {
-                Ok((true, _)) => return true,
-                Ok((false, sent)) if sent != last => {
+                Ok((true, _, state)) => return state != relay_state::BACK_BROKEN,
+                Ok((false, _, state)) if self.broken(state) => return false,
+                Ok((false, sent, _)) if sent != last => {
                     last = sent;
                     since = Instant::now();
                 }

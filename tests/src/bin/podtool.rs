@@ -26,7 +26,9 @@
 //! podtool source --listen ADDR --bytes N --chunk-delay-us D  send N bytes in 16 KiB
 //!                                        chunks with a pause between them, then close
 //! podtool read-client --to ADDR           read until the end of stream; print the bytes and
-//!                                        how it ended (`eof`, or the error: `ECONNRESET`)
+//!                                        how it ended (`eof`, or the error: `ECONNRESET`);
+//!                                        `--half-close`: send a FIN first; `--reset-after N`:
+//!                                        once N bytes arrived, close with RST (`reset-sent`)
 //! podtool raw --to ADDR --send TEXT [--half-close] [--settle-ms M]  (after M ms idle) send
 //!                                        TEXT (`\r` and `\n` written as such; then a FIN with
 //!                                        `--half-close`), read the answer until the server
@@ -215,11 +217,19 @@ fn read_client(args: &[String]) {
     let mut received = 0u64;
     // `--read-delay-us`: a slow reader, pausing after each read.
     let delay = Duration::from_micros(num(args, "--read-delay-us", 0));
+    if args.iter().any(|a| a == "--half-close") {
+        c.shutdown(Shutdown::Write).expect("half-close");
+    }
+    let reset_after = num(args, "--reset-after", 0);
     let outcome = loop {
         match read_evented(&mut c, &mut buf) {
             Ok(0) => break "eof".to_owned(),
             Ok(n) => {
                 received += n as u64;
+                if reset_after > 0 && received >= reset_after {
+                    set_linger_zero(&c);
+                    break "reset-sent".to_owned();
+                }
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
@@ -304,6 +314,11 @@ fn reset(mut c: TcpStream, args: &[String]) {
         let _ = c.write_all(&payload(answer, 0x52));
         std::thread::sleep(Duration::from_millis(num(args, "--linger-ms", 0)));
     }
+    set_linger_zero(&c);
+}
+
+/// `SO_LINGER` 0: the socket's close sends a reset.
+fn set_linger_zero(c: &TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
