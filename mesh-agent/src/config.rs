@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::{
     datapath::features::NetnsCookieMode,
     enrol::file::{ConfigError, MeshFile},
-    proxy::http::H1Server,
+    proxy::http::{H1Server, H2Server},
 };
 
 /// Default bpffs folder for pins (maps), one per node.
@@ -667,9 +667,13 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = DEFAULT_TRACE_SAMPLING, value_parser = parse_ratio)]
     pub trace_sampling: f64,
     /// The L7 engine's downstream HTTP/1.1 codec: `own` (default), the engine's own
-    /// (docs/l7.md), or `hyper`, hyper's server; HTTP/2 is hyper's either way.
+    /// (docs/l7.md), or `hyper`, hyper's server (HTTP/2: `--l7-h2-server`).
     #[arg(long, env = "MESH_L7_H1_SERVER", value_enum, default_value = "own")]
     pub l7_h1_server: H1Server,
+    /// The L7 engine's downstream HTTP/2 server: `hyper` (default), hyper's server, or
+    /// `own`, the `h2` crate's server driven by the connection's task (docs/l7.md).
+    #[arg(long, env = "MESH_L7_H2_SERVER", value_enum, default_value = "hyper")]
+    pub l7_h2_server: H2Server,
 }
 
 /// The runtime configuration of `mesh-agent run`: `RunArgs` checked, resolved and typed
@@ -759,6 +763,8 @@ pub struct RunConfig {
     pub trace_sampling: f64,
     /// The L7 engine's downstream HTTP/1.1 codec.
     pub l7_h1_server: H1Server,
+    /// The L7 engine's downstream HTTP/2 server.
+    pub l7_h2_server: H2Server,
 }
 
 /// The source of workloads and services, with what it reads.
@@ -1046,6 +1052,7 @@ impl RunConfig {
             trace_otlp: args.trace_otlp,
             trace_sampling: args.trace_sampling,
             l7_h1_server: args.l7_h1_server,
+            l7_h2_server: args.l7_h2_server,
         })
     }
 

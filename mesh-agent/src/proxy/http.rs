@@ -1,8 +1,9 @@
 //! The L7 half of the node proxy: HTTP/1.1, HTTP/2 and gRPC, configured by
 //! `proxy::config` (routes, clusters, endpoints) with Envoy's semantics. Downstream
 //! HTTP/1.1 is served by the engine's own codec (`server`; `--l7-h1-server hyper` keeps
-//! hyper's), HTTP/2 by hyper; upstream HTTP/1.1 by the own client codec (`h1`), HTTP/2
-//! by hyper.
+//! hyper's), HTTP/2 by hyper (`--l7-h2-server own`: the `h2` crate's server driven in the
+//! connection's task, `h2server`); upstream HTTP/1.1 by the own client codec (`h1`),
+//! HTTP/2 by hyper.
 //!
 //! A request goes: virtual host and route (`route`), local rate limit and fault injection
 //! (`policy`), then the route's action. Forwarding picks a weighted cluster, checks the
@@ -34,6 +35,7 @@ mod body;
 mod chunked;
 mod drained;
 mod h1;
+mod h2server;
 mod lb;
 mod policy;
 mod pool;
@@ -275,6 +277,8 @@ pub struct L7 {
     trace: OnceLock<crate::proxy::trace::Tracer>,
     /// The downstream HTTP/1.1 codec; unset: the process default (`set_default_h1_server`).
     h1_server: OnceLock<H1Server>,
+    /// The downstream HTTP/2 server; unset: the process default (`set_default_h2_server`).
+    h2_server: OnceLock<H2Server>,
 }
 
 /// The L7 engine's downstream HTTP/1.1 codec (`--l7-h1-server`).
@@ -314,6 +318,46 @@ fn test_h1_own() -> Option<bool> {
 /// (`L7::set_h1_server`); the agent calls it once at start-up from `--l7-h1-server`.
 pub fn set_default_h1_server(s: H1Server) {
     DEFAULT_H1_OWN.store(s == H1Server::Own, Relaxed);
+}
+
+/// The L7 engine's downstream HTTP/2 server (`--l7-h2-server`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum H2Server {
+    /// hyper's HTTP/2 server (a task per stream).
+    #[default]
+    Hyper,
+    /// The `h2` crate's server driven by the connection's task (`proxy::http::h2server`).
+    Own,
+}
+
+/// The process-wide downstream HTTP/2 server (`--l7-h2-server`): true for the own one.
+/// hyper's by default: the own one is not yet cheaper (docs/benchmarks.md).
+static DEFAULT_H2_OWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The engine's unit tests run on either HTTP/2 server: `MESH_TEST_L7_H2_SERVER=hyper|own`
+/// (the default's otherwise).
+#[cfg(test)]
+fn test_h2_own() -> Option<bool> {
+    static OWN: OnceLock<Option<bool>> = OnceLock::new();
+    *OWN.get_or_init(
+        || match std::env::var("MESH_TEST_L7_H2_SERVER").as_deref() {
+            Ok("own") => Some(true),
+            Ok("hyper") => Some(false),
+            _ => None,
+        },
+    )
+}
+
+#[cfg(not(test))]
+fn test_h2_own() -> Option<bool> {
+    None
+}
+
+/// Sets the downstream HTTP/2 server of every engine that has not been given its own
+/// (`L7::set_h2_server`); the agent calls it once at start-up from `--l7-h2-server`.
+pub fn set_default_h2_server(s: H2Server) {
+    DEFAULT_H2_OWN.store(s == H2Server::Own, Relaxed);
 }
 
 /// Runtime state by cluster name, pruned when a push removes clusters.
@@ -463,6 +507,7 @@ impl L7 {
             pruned: AtomicU64::new(0),
             trace: OnceLock::new(),
             h1_server: OnceLock::new(),
+            h2_server: OnceLock::new(),
         })
     }
 
@@ -474,6 +519,18 @@ impl L7 {
     /// This engine's downstream HTTP/1.1 codec, whatever the process default.
     pub fn set_h1_server(&self, s: H1Server) {
         let _ = self.h1_server.set(s);
+    }
+
+    /// This engine's downstream HTTP/2 server, whatever the process default.
+    pub fn set_h2_server(&self, s: H2Server) {
+        let _ = self.h2_server.set(s);
+    }
+
+    fn h2_own(&self) -> bool {
+        match self.h2_server.get() {
+            Some(s) => *s == H2Server::Own,
+            None => test_h2_own().unwrap_or_else(|| DEFAULT_H2_OWN.load(Relaxed)),
+        }
     }
 
     fn h1_own(&self) -> bool {
@@ -798,6 +855,10 @@ impl L7 {
             self.serve_own(io, conn, max_headers, drain).await;
             return;
         }
+        if !h1 && self.h2_own() {
+            self.serve_h2(io, conn, max_headers, drain).await;
+            return;
+        }
         let io = TokioIo::new(io);
         let served = conn.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
@@ -891,6 +952,30 @@ impl L7 {
             }
             (Err(e), None) => debug!("downstream connection ended: {e}"),
             (Ok(_), None) => {}
+        }
+    }
+
+    /// `serve_sniffed` on the own HTTP/2 server (`h2server`): the connection's streams
+    /// polled by this task.
+    async fn serve_h2<IO>(
+        self: Arc<Self>,
+        io: sniff::Prefixed<IO>,
+        conn: Arc<Conn>,
+        max_headers: usize,
+        drain: DrainWatch,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let draining = std::sync::atomic::AtomicBool::new(false);
+        let settings = h2server::Settings {
+            max_header_list: u32::try_from(max_headers).unwrap_or(u32::MAX),
+            draining: &draining,
+        };
+        let codec = h2server::serve(io, settings, |req| self.clone().handle(conn.clone(), req));
+        let res = until_drained(codec, &drain, |_| draining.store(true, Relaxed)).await;
+        drop(drain);
+        if let Err(e) = res {
+            debug!("downstream connection ended: {e}");
         }
     }
 
@@ -1164,11 +1249,15 @@ impl L7 {
             )
         };
         let mut source = Source::new(body, retry.is_some());
-        if let Some(l) = rec.as_mut().and_then(|r| r.log.as_mut()) {
-            l.received = Some(source.received());
-        }
-        if let Some(t) = rec.as_mut().and_then(|r| r.istio.as_mut()) {
-            t.received = Some(source.received());
+        // A bodiless request's count stays 0 without one (no allocation); an upgrade's
+        // counts the bytes spliced after the switch.
+        if source.has_body() || upgrade.is_some() {
+            if let Some(l) = rec.as_mut().and_then(|r| r.log.as_mut()) {
+                l.received = Some(source.received());
+            }
+            if let Some(t) = rec.as_mut().and_then(|r| r.istio.as_mut()) {
+                t.received = Some(source.received());
+            }
         }
         let mut unsent = None;
         let mut retries = 0;

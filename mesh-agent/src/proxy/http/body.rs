@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::{
+    h2server,
     lb::EndpointState,
     policy::Slot,
     pool::{EndpointPool, Sender, UpBody},
@@ -47,11 +48,13 @@ struct Recording {
     overflow: bool,
 }
 
-/// A downstream request body: hyper's (HTTP/2, and HTTP/1.1 with `--l7-h1-server hyper`)
-/// or the own HTTP/1.1 codec's (`server`).
+/// A downstream request body: hyper's (HTTP/2 with `--l7-h2-server hyper`, HTTP/1.1 with
+/// `--l7-h1-server hyper`), the own HTTP/1.1 codec's (`server`) or the own HTTP/2
+/// server's (`h2server`).
 pub(super) enum ReqBody {
     Hyper(Incoming),
     Own(server::Body),
+    H2(h2server::Body),
 }
 
 impl Body for ReqBody {
@@ -65,6 +68,7 @@ impl Body for ReqBody {
         match self.get_mut() {
             ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             ReqBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ReqBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
         }
     }
 
@@ -72,6 +76,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Hyper(b) => b.is_end_stream(),
             ReqBody::Own(b) => b.is_end_stream(),
+            ReqBody::H2(b) => b.is_end_stream(),
         }
     }
 
@@ -79,6 +84,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Hyper(b) => b.size_hint(),
             ReqBody::Own(b) => b.size_hint(),
+            ReqBody::H2(b) => b.size_hint(),
         }
     }
 }
@@ -204,9 +210,10 @@ impl Body for Replay {
 pub(super) struct Source {
     first: Option<ReqBody>,
     rec: Option<Arc<Mutex<Recording>>>,
-    /// Why the downstream body failed, once it has.
-    failed: Arc<OnceLock<String>>,
-    received: Arc<AtomicU64>,
+    /// Why the downstream body failed, once it has; made with the first try's body (a
+    /// bodiless request, the common case, allocates neither this nor `received`).
+    failed: Option<Arc<OnceLock<String>>>,
+    received: Option<Arc<AtomicU64>>,
 }
 
 impl Source {
@@ -226,20 +233,25 @@ impl Source {
         Source {
             first: Some(body),
             rec,
-            failed: Arc::default(),
-            received: Arc::default(),
+            failed: None,
+            received: None,
         }
     }
 
+    /// Whether the request has a body still to come (before the first try takes it).
+    pub fn has_body(&self) -> bool {
+        self.first.as_ref().is_some_and(|b| !b.is_end_stream())
+    }
+
     /// The count of body bytes received from the client so far.
-    pub fn received(&self) -> Arc<AtomicU64> {
-        self.received.clone()
+    pub fn received(&mut self) -> Arc<AtomicU64> {
+        self.received.get_or_insert_with(Arc::default).clone()
     }
 
     /// Why the client's body failed, if it did: a try that failed then failed because of
     /// the client, whatever the upstream connection reported.
     pub fn client_error(&self) -> Option<&str> {
-        self.failed.get().map(String::as_str)
+        self.failed.as_ref()?.get().map(String::as_str)
     }
 
     /// Whether another try can get the whole body.
@@ -254,11 +266,15 @@ impl Source {
     /// The body for the next try (`can_replay` said yes).
     pub fn next(&mut self) -> ProxyBody {
         if let Some(b) = self.first.take() {
+            if b.is_end_stream() {
+                // Nothing to read, count or fail: no wrapper (an empty body boxes nothing).
+                return super::empty();
+            }
             return Downstream {
                 inner: b,
                 rec: self.rec.clone(),
-                failed: self.failed.clone(),
-                received: self.received.clone(),
+                failed: self.failed.get_or_insert_with(Arc::default).clone(),
+                received: self.received(),
             }
             .boxed_unsync();
         }

@@ -120,8 +120,23 @@ pub(super) fn header_map(
     shared: &Bytes,
     fields: &[httparse::Header<'_>],
 ) -> Result<HeaderMap, &'static str> {
+    header_map_except(head, shared, fields, |_| false)
+}
+
+/// [`header_map`] without the fields `skip` names (by their name as it came). A field left
+/// out is not checked as a `HeaderName` and `HeaderValue`: `httparse` accepts no name or
+/// value byte those checks refuse, so nothing refused before is taken now.
+pub(super) fn header_map_except(
+    head: &[u8],
+    shared: &Bytes,
+    fields: &[httparse::Header<'_>],
+    skip: impl Fn(&[u8]) -> bool,
+) -> Result<HeaderMap, &'static str> {
     let mut map = HeaderMap::with_capacity(fields.len());
     for h in fields {
+        if skip(h.name.as_bytes()) {
+            continue;
+        }
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "invalid header name")?;
         // `h.value` lies inside `head`, whose copy `shared` is: the same bytes by offset.
         let at = (h.value.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
@@ -310,6 +325,38 @@ pub(super) fn decode<const N: usize>(rbuf: &mut ReadBuffer, mut chunk: Chunk) ->
 pub(super) fn put(w: &mut Vec<u8>, parts: &[&[u8]]) {
     for p in parts {
         w.extend_from_slice(p);
+    }
+}
+
+/// Folds one `Content-Length` field value into `len`: every list element a run of at most
+/// 19 digits, all of them (and every earlier value) the same number (RFC 9110, section
+/// 8.6). The error is the word for the log.
+pub(super) fn add_length(len: &mut Option<u64>, value: &[u8]) -> Result<(), &'static str> {
+    for part in value.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err("invalid content-length");
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if len.is_some_and(|l| l != n) {
+            return Err("conflicting content-length values");
+        }
+        *len = Some(n);
+    }
+    Ok(())
+}
+
+/// `n` in decimal (a `Content-Length` value, without a `String`).
+pub(super) fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
     }
 }
 

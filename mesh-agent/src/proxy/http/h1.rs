@@ -35,15 +35,16 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{
-    header, request, HeaderMap, HeaderName, Method, Request, Response, StatusCode, Version,
-};
+use http::{header, request, HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
 use super::{
-    chunked::{self, header_map, put, put_chunk, put_last, Chunk, ReadBuffer, Step, READ_BUF},
-    BoxError, BoxIo, ProxyBody,
+    chunked::{
+        self, add_length, decimal, header_map_except, put, put_chunk, put_last, Chunk, ReadBuffer,
+        Step, READ_BUF,
+    },
+    route, BoxError, BoxIo, ProxyBody,
 };
 
 /// Largest response head (status line and header fields), and largest chunked trailer
@@ -134,8 +135,10 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// Whether `name`'s values (comma-separated tokens) contain `token`, in any case.
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+/// Whether `name`'s values (comma-separated tokens) contain `token`, in any case (the map
+/// lookups the one-pass scans replace, kept as their tests' reference).
+#[cfg(test)]
+fn has_token(headers: &HeaderMap, name: http::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
@@ -145,22 +148,151 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// A `Content-Length` value: every value and list element the same run of digits.
+#[cfg(test)]
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
     let mut len = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(H1Error::Malformed("invalid content-length"));
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if len.is_some_and(|l| l != n) {
-                return Err(H1Error::Malformed("conflicting content-length values"));
-            }
-            len = Some(n);
-        }
+        add_length(&mut len, v.as_bytes()).map_err(H1Error::Malformed)?;
     }
     Ok(len)
+}
+
+/// A value `HeaderValue::to_str` takes (visible ASCII and tabs): `has_token` reads only
+/// those.
+fn visible(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (32..127).contains(&b))
+}
+
+/// What a response head's framing fields say, read in one pass over the parsed fields (no
+/// map lookups), with `has_token`'s and `content_length`'s reading of them.
+#[derive(Debug)]
+struct Fields {
+    /// `Connection` lists `close` / `keep-alive`.
+    close: bool,
+    keep_alive: bool,
+    /// `Transfer-Encoding` and `Content-Length` were given.
+    te: bool,
+    cl: bool,
+    /// The last coding of `Transfer-Encoding` is `chunked`.
+    chunked_last: bool,
+    /// `Content-Length`'s value, or the first fault found in it.
+    length: Result<Option<u64>, &'static str>,
+    /// `Connection` lists a name besides the hop-by-hop ones.
+    lists_others: bool,
+}
+
+/// One of the hop-by-hop names (`route::HOP_BY_HOP`), in any case.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    route::HOP_BY_HOP
+        .iter()
+        .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
+/// Whether a response field goes no further than this connection: what
+/// `route::strip_hop_by_hop(_, false)` removes (a hop-by-hop name, or one a `Connection`
+/// value of visible ASCII lists).
+fn hop_field(name: &[u8], f: &Fields, fields: &[httparse::Header<'_>]) -> bool {
+    is_hop_by_hop(name)
+        || (f.lists_others
+            && fields.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("connection")
+                    && visible(h.value)
+                    && h.value
+                        .split(|b| *b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+            }))
+}
+
+impl Fields {
+    fn scan(fields: &[httparse::Header<'_>]) -> Fields {
+        let mut f = Fields {
+            close: false,
+            keep_alive: false,
+            te: false,
+            cl: false,
+            chunked_last: false,
+            length: Ok(None),
+            lists_others: false,
+        };
+        for h in fields {
+            let (n, v) = (h.name.as_bytes(), h.value);
+            match n.len() {
+                10 if n.eq_ignore_ascii_case(b"connection") && visible(v) => {
+                    for t in v.split(|b| *b == b',') {
+                        let t = t.trim_ascii();
+                        f.close |= t.eq_ignore_ascii_case(b"close");
+                        f.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                        f.lists_others |= !t.is_empty() && !is_hop_by_hop(t);
+                    }
+                }
+                14 if n.eq_ignore_ascii_case(b"content-length") => {
+                    f.cl = true;
+                    if let Ok(len) = &mut f.length {
+                        if let Err(why) = add_length(len, v) {
+                            f.length = Err(why);
+                        }
+                    }
+                }
+                17 if n.eq_ignore_ascii_case(b"transfer-encoding") => {
+                    f.te = true;
+                    if visible(v) {
+                        if let Some(last) = v
+                            .split(|b| *b == b',')
+                            .map(<[u8]>::trim_ascii)
+                            .rfind(|t| !t.is_empty())
+                        {
+                            f.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
+/// What a request's fields say to the codec, read in one pass over the map (iterating
+/// it costs less than the four lookups it replaces).
+#[derive(Debug, PartialEq, Eq)]
+struct RequestFields {
+    host: bool,
+    /// A valid `Content-Length` (`content_length`'s value; None when invalid).
+    length: Option<u64>,
+    upgrade: bool,
+    /// `Connection` lists `close` (`has_token`'s reading).
+    close: bool,
+}
+
+impl RequestFields {
+    fn scan(headers: &HeaderMap) -> RequestFields {
+        let mut f = RequestFields {
+            host: false,
+            length: None,
+            upgrade: false,
+            close: false,
+        };
+        let mut length = Ok(None);
+        for (name, value) in headers {
+            if name == header::HOST {
+                f.host = true;
+            } else if name == header::CONTENT_LENGTH {
+                if let Ok(len) = &mut length {
+                    if add_length(len, value.as_bytes()).is_err() {
+                        length = Err(());
+                    }
+                }
+            } else if name == header::UPGRADE {
+                f.upgrade = true;
+            } else if name == header::CONNECTION {
+                f.close |= value
+                    .to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+            }
+        }
+        f.length = length.ok().flatten();
+        f
+    }
 }
 
 /// How a final response's body is delimited (RFC 9112, section 6.3), and whether the
@@ -169,12 +301,12 @@ fn framing(
     method: &Method,
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    f: &Fields,
 ) -> Result<(Reading, bool), H1Error> {
     let keep_alive = if version == Version::HTTP_11 {
-        !has_token(headers, header::CONNECTION, "close")
+        !f.close
     } else {
-        has_token(headers, header::CONNECTION, "keep-alive")
+        f.keep_alive
     };
     if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -186,8 +318,8 @@ fn framing(
         // A tunnel the engine does not relay: nothing more is HTTP on this connection.
         return Ok((Reading::Done, false));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if headers.contains_key(header::CONTENT_LENGTH) {
+    if f.te {
+        if f.cl {
             return Err(H1Error::Malformed(
                 "both transfer-encoding and content-length",
             ));
@@ -195,22 +327,14 @@ fn framing(
         if version != Version::HTTP_11 {
             return Err(H1Error::Malformed("transfer-encoding on HTTP/1.0"));
         }
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty());
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => {
-                (Reading::Chunked(Chunk::Size), keep_alive)
-            }
+        return Ok(if f.chunked_last {
+            (Reading::Chunked(Chunk::Size), keep_alive)
+        } else {
             // Another final coding: the body runs to the connection's close.
-            _ => (Reading::Close, false),
+            (Reading::Close, false)
         });
     }
-    Ok(match content_length(headers)? {
+    Ok(match f.length.map_err(H1Error::Malformed)? {
         Some(0) => (Reading::Done, keep_alive),
         Some(n) => (Reading::Length(n), keep_alive),
         None => (Reading::Close, false),
@@ -223,6 +347,7 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    fields: Fields,
 }
 
 fn parse_head(data: &[u8]) -> Result<Option<Head>, H1Error> {
@@ -253,16 +378,24 @@ fn parse_head(data: &[u8]) -> Result<Option<Head>, H1Error> {
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(H1Error::Malformed("invalid status code"))?;
+    let fields = Fields::scan(r.headers);
+    // The hop-by-hop fields go no further than this connection: left out of the map here
+    // (the engine's `strip_hop_by_hop` then finds none), except in a `101`, whose switch
+    // reads `Connection` and `Upgrade`.
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let headers = header_map_except(
+        &data[..len],
+        &Bytes::copy_from_slice(&data[..len]),
+        r.headers,
+        |name| !switching && hop_field(name, &fields, r.headers),
+    )
+    .map_err(H1Error::Malformed)?;
     Ok(Some(Head {
         len,
         status,
         version,
-        headers: header_map(
-            &data[..len],
-            &Bytes::copy_from_slice(&data[..len]),
-            r.headers,
-        )
-        .map_err(H1Error::Malformed)?,
+        headers,
+        fields,
     }))
 }
 
@@ -422,7 +555,12 @@ impl Conn {
     }
 
     /// Writes the request head into `wbuf`; the body's framing.
-    fn encode_head(&mut self, parts: &request::Parts, body: &ProxyBody) -> Option<Sending> {
+    fn encode_head(
+        &mut self,
+        parts: &request::Parts,
+        body: &ProxyBody,
+        f: &RequestFields,
+    ) -> Option<Sending> {
         let w = &mut self.wbuf;
         w.clear();
         let target = if parts.method == Method::CONNECT {
@@ -439,12 +577,12 @@ impl Conn {
                 b" HTTP/1.1\r\n",
             ],
         );
-        if !parts.headers.contains_key(header::HOST) {
+        if !f.host {
             if let Some(a) = parts.uri.authority() {
                 put(w, &[b"host: ", a.as_str().as_bytes(), b"\r\n"]);
             }
         }
-        let declared = content_length(&parts.headers).ok().flatten();
+        let declared = f.length;
         let sending = match declared {
             Some(n) => Some(Sending::Length(n)),
             None if body.is_end_stream() => None,
@@ -467,7 +605,8 @@ impl Conn {
         }
         match sending {
             Some(Sending::Length(n)) if declared.is_none() => {
-                put(w, &[b"content-length: ", n.to_string().as_bytes(), b"\r\n"]);
+                let mut b = [0; 20];
+                put(w, &[b"content-length: ", decimal(n, &mut b), b"\r\n"]);
             }
             Some(Sending::Chunked) => put(w, &[b"transfer-encoding: chunked\r\n"]),
             None if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
@@ -490,7 +629,8 @@ impl Conn {
                 error: H1Error::ClosedBeforeResponse,
             });
         }
-        let mut sending = self.encode_head(&parts, &body);
+        let f = RequestFields::scan(&parts.headers);
+        let mut sending = self.encode_head(&parts, &body, &f);
         let empty_body = sending.is_none();
         // The body while it is being sent; None once it has all gone into `wbuf`.
         // An empty one is kept (never polled) so the request can be given back whole.
@@ -502,7 +642,7 @@ impl Conn {
         let mut interim = 0usize;
         // How much of `rbuf` the last parse saw (it found no complete head in it).
         let mut parsed = 0usize;
-        let upgrade_asked = parts.headers.contains_key(header::UPGRADE);
+        let upgrade_asked = f.upgrade;
         // `body`: the request's body, when the failure may give the request back (a
         // failure of the connection, not of the body or the answer's syntax).
         let fail = |this: &mut Conn,
@@ -650,7 +790,7 @@ impl Conn {
             *resp.headers_mut() = h.headers;
             return Ok(resp);
         }
-        let (reading, keep_alive) = match framing(&parts.method, h.status, h.version, &h.headers) {
+        let (reading, keep_alive) = match framing(&parts.method, h.status, h.version, &h.fields) {
             Ok(f) => f,
             Err(e) => {
                 self.broken = true;
@@ -665,10 +805,7 @@ impl Conn {
         // cannot carry another request. Nor can one that asked for an upgrade and was
         // declined: it was opened for that exchange alone (`pool::checkout`'s `fresh`), and
         // an upstream that half-switched is not one to trust with the next request.
-        self.keep_alive = keep_alive
-            && request_done
-            && !upgrade_asked
-            && !has_token(&parts.headers, header::CONNECTION, "close");
+        self.keep_alive = keep_alive && request_done && !upgrade_asked && !f.close;
         *resp.headers_mut() = h.headers;
         self.advance();
         Ok(resp)
@@ -797,7 +934,7 @@ impl Body for ConnBody<'_> {
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
+    use http::{HeaderName, HeaderValue};
     use http_body_util::{BodyExt, Empty, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -1349,5 +1486,147 @@ mod tests {
             !head.contains("content-length") && !head.contains("transfer-encoding"),
             "{head}"
         );
+    }
+
+    /// The framing read in one pass over the parsed fields says what the header map's
+    /// lookups said (`has_token` skips values that are not visible ASCII; the first
+    /// `Content-Length` fault wins; `Transfer-Encoding`'s last coding of its last value
+    /// that has one).
+    #[test]
+    fn framing_from_the_fields_is_the_maps() {
+        fn by_map(
+            method: &Method,
+            status: StatusCode,
+            version: Version,
+            h: &HeaderMap,
+        ) -> Result<(Reading, bool), String> {
+            let keep_alive = if version == Version::HTTP_11 {
+                !has_token(h, header::CONNECTION, "close")
+            } else {
+                has_token(h, header::CONNECTION, "keep-alive")
+            };
+            if *method == Method::HEAD || status == 204 || status == 304 {
+                return Ok((Reading::Done, keep_alive));
+            }
+            if *method == Method::CONNECT && status.is_success() {
+                return Ok((Reading::Done, false));
+            }
+            if h.contains_key(header::TRANSFER_ENCODING) {
+                if h.contains_key(header::CONTENT_LENGTH) {
+                    return Err(
+                        H1Error::Malformed("both transfer-encoding and content-length").to_string(),
+                    );
+                }
+                if version != Version::HTTP_11 {
+                    return Err(H1Error::Malformed("transfer-encoding on HTTP/1.0").to_string());
+                }
+                let last = h
+                    .get_all(header::TRANSFER_ENCODING)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(str::trim)
+                    .rfind(|t| !t.is_empty());
+                return Ok(match last {
+                    Some(t) if t.eq_ignore_ascii_case("chunked") => {
+                        (Reading::Chunked(Chunk::Size), keep_alive)
+                    }
+                    _ => (Reading::Close, false),
+                });
+            }
+            Ok(match content_length(h).map_err(|e| e.to_string())? {
+                Some(0) => (Reading::Done, keep_alive),
+                Some(n) => (Reading::Length(n), keep_alive),
+                None => (Reading::Close, false),
+            })
+        }
+        let heads: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nconnection: x, keep-alive\r\ncontent-length: 3\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\xff\r\ncontent-length: 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: close \xe9\r\ncontent-length: 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\ncontent-length: 7\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 8\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: x\r\ncontent-length: 8\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\ncontent-length: ,\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, ,\r\ntransfer-encoding: ,\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\xff\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: x\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\ncontent-length: x\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\ncontent-length: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Foo\r\nx-foo: 1\r\nX-Bar: 2\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nTE: trailers\r\nTrailer: x\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: x-foo\xff\r\nx-foo: 1\r\nconnection: ,x-bar ,\r\nx-bar: 2\r\nUpgrade: h2c\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade, x-foo\r\nupgrade: echo\r\nx-foo: 1\r\n\r\n",
+        ];
+        for head in heads {
+            let h = parse_head(head).unwrap().unwrap();
+            let mut fields = [httparse::EMPTY_HEADER; 16];
+            let mut r = httparse::Response::new(&mut fields);
+            let Ok(httparse::Status::Complete(n)) = r.parse(head) else {
+                panic!("{}", String::from_utf8_lossy(head));
+            };
+            let full =
+                chunked::header_map(&head[..n], &Bytes::copy_from_slice(&head[..n]), r.headers)
+                    .unwrap();
+            // The map leaves out what the engine's strip would remove (all of it kept in a
+            // `101`).
+            let mut stripped = full.clone();
+            route::strip_hop_by_hop(&mut stripped, false);
+            let kept = if h.status == StatusCode::SWITCHING_PROTOCOLS {
+                &full
+            } else {
+                &stripped
+            };
+            assert_eq!(&h.headers, kept, "{}", String::from_utf8_lossy(head));
+            for method in [Method::GET, Method::HEAD, Method::CONNECT] {
+                let want = by_map(&method, h.status, h.version, &full);
+                let got = framing(&method, h.status, h.version, &h.fields);
+                let what = String::from_utf8_lossy(head);
+                match (want, got) {
+                    (Ok(w), Ok(g)) => assert_eq!(w, g, "{method} {what}"),
+                    (Err(w), Err(g)) => assert_eq!(w, g.to_string(), "{method} {what}"),
+                    (w, g) => panic!("{method} {what}: {w:?} against {g:?}"),
+                }
+            }
+        }
+    }
+
+    /// The request's fields read in one pass say what the map's lookups said.
+    #[test]
+    fn request_fields_from_one_pass_are_the_lookups() {
+        let cases: &[&[(&str, &[u8])]] = &[
+            &[],
+            &[("host", b"a"), ("content-length", b"5")],
+            &[("content-length", b"5, 5"), ("Content-Length", b"5")],
+            &[("content-length", b"5"), ("content-length", b"6")],
+            &[("content-length", b"x"), ("content-length", b"6")],
+            &[
+                ("connection", b"keep-alive, Close"),
+                ("upgrade", b"websocket"),
+            ],
+            &[("connection", b"close\xff"), ("connection", b"upgrade")],
+            &[("connection", b"x-close"), ("host", b"h"), ("x-a", b"1")],
+        ];
+        for fields in cases {
+            let mut h = HeaderMap::new();
+            for (n, v) in *fields {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            let want = RequestFields {
+                host: h.contains_key(header::HOST),
+                length: content_length(&h).ok().flatten(),
+                upgrade: h.contains_key(header::UPGRADE),
+                close: has_token(&h, header::CONNECTION, "close"),
+            };
+            assert_eq!(RequestFields::scan(&h), want, "{h:?}");
+        }
     }
 }

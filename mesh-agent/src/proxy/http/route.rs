@@ -17,7 +17,7 @@ use crate::proxy::config::{
 
 /// Headers that describe one hop's connection, never forwarded (RFC 9110 7.6.1; `te` is
 /// kept as `te: trailers`, which gRPC needs end to end).
-const HOP_BY_HOP: [&str; 8] = [
+pub(super) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "proxy-connection",
     "keep-alive",
@@ -339,18 +339,31 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
         tokens().any(|t| !t.is_empty() && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h)));
     let named = |k: &HeaderName| tokens().any(|t| t.eq_ignore_ascii_case(k.as_str()));
     // Only the names present are removed, by name (no parse of a name that is not
-    // there): a response with `Connection: keep-alive` costs one or two removals.
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_hop_by_hop(k) || (lists_others && named(k)))
-        .cloned()
-        .collect();
+    // there): a response with `Connection: keep-alive` costs one or two removals. The
+    // names are distinct, so without others listed they fit on the stack (no `Vec`).
+    let mut few: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
+    let mut doomed = Vec::new();
+    if lists_others {
+        doomed.extend(
+            headers
+                .keys()
+                .filter(|k| is_hop_by_hop(k) || named(k))
+                .cloned(),
+        );
+    } else {
+        for (slot, k) in few
+            .iter_mut()
+            .zip(headers.keys().filter(|k| is_hop_by_hop(k)))
+        {
+            *slot = Some(k.clone());
+        }
+    }
     let trailers = keep_te_trailers
         && headers.get_all(header::TE).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|s| s.to_ascii_lowercase().contains("trailers"))
         });
-    for n in &doomed {
+    for n in few.iter().flatten().chain(&doomed) {
         headers.remove(n);
     }
     if trailers {
@@ -633,6 +646,23 @@ mod tests {
         }
     }
 
+    /// A route of `prefix` that answers itself (`upstream` reads only its rewrites and
+    /// mutations, not its action).
+    fn respond_route(prefix: &str) -> Route {
+        Route {
+            name: "r".into(),
+            matcher: m(PathMatch::Prefix(prefix.into())),
+            action: RouteAction::Respond {
+                status: 200,
+                body: String::new(),
+            },
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+            rate_limit: None,
+            fault: None,
+        }
+    }
+
     fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::builder().uri(uri);
         for (k, v) in headers {
@@ -775,18 +805,7 @@ mod tests {
             prefix_rewrite: Some("/v2/".into()),
             host_rewrite: Some("backend.internal".into()),
         };
-        let route = Route {
-            name: "r".into(),
-            matcher: m(PathMatch::Prefix("/api/".into())),
-            action: RouteAction::Respond {
-                status: 200,
-                body: String::new(),
-            },
-            request_headers: HeaderMutation::default(),
-            response_headers: HeaderMutation::default(),
-            rate_limit: None,
-            fault: None,
-        };
+        let route = respond_route("/api/");
         let most = HeaderMutation {
             add: vec![("x-level".into(), "cluster".into(), false)],
             remove: vec!["x-secret".into()],
@@ -842,18 +861,7 @@ mod tests {
             prefix_rewrite: prefix.map(Into::into),
             host_rewrite: None,
         };
-        let route = Route {
-            name: "r".into(),
-            matcher: m(PathMatch::Prefix("/".into())),
-            action: RouteAction::Respond {
-                status: 200,
-                body: String::new(),
-            },
-            request_headers: HeaderMutation::default(),
-            response_headers: HeaderMutation::default(),
-            rate_limit: None,
-            fault: None,
-        };
+        let route = respond_route("/");
         let add = HeaderMutation {
             add: vec![("x-added".into(), "1".into(), false)],
             remove: vec!["x-secret".into()],

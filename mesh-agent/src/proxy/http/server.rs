@@ -62,7 +62,10 @@ use tokio::{io::AsyncWrite, time::Instant};
 
 use super::{
     body::ReqBody,
-    chunked::{self, header_map, put, put_chunk, put_last, Chunk, ReadBuffer, Step, READ_BUF},
+    chunked::{
+        self, add_length, decimal, header_map, put, put_chunk, put_last, Chunk, ReadBuffer, Step,
+        READ_BUF,
+    },
     timer::Timer,
     BoxIo, ProxyBody,
 };
@@ -381,20 +384,7 @@ impl Fields {
                     f.keep_alive |= list_has(v, b"keep-alive");
                 }
                 14 if n.eq_ignore_ascii_case(b"content-length") => {
-                    for part in v.split(|b| *b == b',') {
-                        let part = part.trim_ascii();
-                        if part.is_empty()
-                            || part.len() > 19
-                            || !part.iter().all(u8::is_ascii_digit)
-                        {
-                            return Err(bad("invalid content-length"));
-                        }
-                        let l = part.iter().fold(0u64, |l, d| l * 10 + u64::from(d - b'0'));
-                        if f.length.is_some_and(|x| x != l) {
-                            return Err(bad("conflicting content-length values"));
-                        }
-                        f.length = Some(l);
-                    }
+                    add_length(&mut f.length, v).map_err(bad)?;
                 }
                 17 if n.eq_ignore_ascii_case(b"transfer-encoding") => {
                     f.te = true;
@@ -520,7 +510,7 @@ const MONTHS: [&str; 12] = [
 ];
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT` (RFC 9110's IMF-fixdate) of `secs` since the epoch.
-fn http_date(secs: u64) -> String {
+pub(super) fn http_date(secs: u64) -> String {
     let days = secs / 86_400;
     let (y, m, d) = crate::identity::certs::civil_from_days(days as i64);
     let s = secs % 86_400;
@@ -604,7 +594,10 @@ fn encode_head(
     );
     // `HEAD` and `304` pass the length of the body they stand for on as it is.
     let keep_length = x.head || status == StatusCode::NOT_MODIFIED;
+    // Seen in the same pass, not looked up in the map.
+    let mut dated = false;
     for (name, value) in &parts.headers {
+        dated |= name == header::DATE;
         if (name == header::CONTENT_LENGTH && !keep_length)
             || (name == header::TRANSFER_ENCODING && !x.head)
             || (name == header::CONNECTION && close)
@@ -616,7 +609,7 @@ fn encode_head(
             &[name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"],
         );
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         put_date(w);
     }
     match writing {
@@ -972,20 +965,6 @@ async fn close(shared: &Shared) -> io::Result<End> {
     })
     .await;
     Ok(End::Closed)
-}
-
-/// `n` in decimal.
-fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2480,3 +2480,202 @@ async fn ipv6_clients_are_judged_and_named_by_their_ipv6_address() {
         assert!(has(403, other, ""), "{policy}:\n{t}");
     }
 }
+
+/// A client of the `h2` crate on the proxy (its resets and their reasons are visible).
+async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(s).await.unwrap();
+    tokio::spawn(
+        async move {
+            let _ = conn.await;
+        }
+        .instrument(tracing::debug_span!("test_h2_client")),
+    );
+    send
+}
+
+/// A response body read to its end: the data, then how it ended (`Err`: a reset).
+async fn h2_read(mut b: h2::RecvStream) -> (Vec<u8>, Result<Option<HeaderMap>, h2::Error>) {
+    let mut out = Vec::new();
+    while let Some(d) = b.data().await {
+        match d {
+            Ok(d) => {
+                let _ = b.flow_control().release_capacity(d.len());
+                out.extend_from_slice(&d);
+            }
+            Err(e) => return (out, Err(e)),
+        }
+    }
+    let t = b.trailers().await;
+    (out, t)
+}
+
+#[tokio::test]
+async fn h2_many_concurrent_streams_share_one_connection() {
+    // Every request waits at the upstream until all have arrived: streams served one at a
+    // time would never get there.
+    const N: usize = 100;
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let up = upstream(false, move |req: Request<Incoming>| {
+        let barrier = barrier.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            barrier.wait().await;
+            reply(200, format!("{path} {}", String::from_utf8_lossy(&body)))
+        }
+    })
+    .await;
+    let p = proxy(simple(vec![cluster("c", &[up.addr])], to(&[("c", 1)]))).await;
+    let mut h2 = h2_client(p.addr).await;
+    let mut calls = Vec::new();
+    for i in 0..N {
+        h2 = h2.ready().await.unwrap();
+        let req = Request::post(format!("http://svc.test/n/{i}"))
+            .body(())
+            .unwrap();
+        let (resp, mut tx) = h2.send_request(req, false).unwrap();
+        tx.send_data(Bytes::from(format!("body-{i}")), true)
+            .unwrap();
+        calls.push(async move {
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let (data, end) = h2_read(resp.into_body()).await;
+            assert!(end.is_ok(), "stream {i}: {end:?}");
+            (i, String::from_utf8(data).unwrap())
+        });
+    }
+    let all = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("all streams answered together");
+    for (i, s) in all {
+        assert_eq!(s, format!("/n/{i} body-{i}"));
+    }
+}
+
+#[tokio::test]
+async fn h2_a_client_reset_mid_body_resets_the_upstream_request() {
+    let (first_tx, mut first_rx) = mpsc::channel::<()>(1);
+    let (seen_tx, mut seen_rx) = mpsc::channel::<(Vec<u8>, Result<(), String>)>(1);
+    let up = upstream(true, move |req: Request<Incoming>| {
+        let (first, seen) = (first_tx.clone(), seen_tx.clone());
+        async move {
+            let mut body = req.into_body();
+            let mut got = Vec::new();
+            let end = loop {
+                match body.frame().await {
+                    Some(Ok(f)) => {
+                        if let Ok(d) = f.into_data() {
+                            got.extend_from_slice(&d);
+                            let _ = first.try_send(());
+                        }
+                    }
+                    Some(Err(e)) => break Err(e.to_string()),
+                    None => break Ok(()),
+                }
+            };
+            let _ = seen.send((got, end)).await;
+            reply(200, "")
+        }
+    })
+    .await;
+    let mut cl = cluster("c", &[up.addr]);
+    cl.protocol = UpstreamProtocol::Http2;
+    let p = proxy(simple(vec![cl], to(&[("c", 1)]))).await;
+    let mut h2 = h2_client(p.addr).await;
+    h2 = h2.ready().await.unwrap();
+    let req = Request::post("http://svc.test/upload").body(()).unwrap();
+    let (resp, mut tx) = h2.send_request(req, false).unwrap();
+    tx.send_data(Bytes::from_static(b"part"), false).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), first_rx.recv())
+        .await
+        .expect("the first bytes reach the upstream");
+    tx.send_reset(h2::Reason::CANCEL);
+    let (got, end) = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv())
+        .await
+        .expect("the upstream's body ends")
+        .unwrap();
+    assert_eq!(got, b"part");
+    assert!(end.is_err(), "a clean end of a body the client reset");
+    // The client's own stream is gone: no response comes.
+    assert!(resp.await.is_err());
+}
+
+#[tokio::test]
+async fn h2_an_upstream_dying_mid_response_resets_the_stream() {
+    let (addr, _) = raw_upstream(
+        vec![&b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this"[..]],
+        true,
+    )
+    .await;
+    let p = proxy(simple(vec![cluster("c", &[addr])], to(&[("c", 1)]))).await;
+    let mut h2 = h2_client(p.addr).await;
+    h2 = h2.ready().await.unwrap();
+    let (resp, _) = h2
+        .send_request(Request::get("http://svc.test/").body(()).unwrap(), true)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("an answer");
+    // The head may be reset before it left the proxy; either way a reset, never an end.
+    let end = match resp {
+        Ok(resp) => {
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["content-length"], "100");
+            let (data, end) = h2_read(resp.into_body()).await;
+            assert!(data.len() < 100, "{data:?}");
+            end.map(|_| ())
+        }
+        Err(e) => Err(e),
+    };
+    let e = end.expect_err("a clean END_STREAM short of the body");
+    assert!(e.is_reset(), "a RST_STREAM: {e}");
+}
+
+#[tokio::test]
+async fn h2_trailers_round_trip_both_ways() {
+    // Echoes the request's body and its trailers (with `grpc-status`) back.
+    let up = upstream(true, |req: Request<Incoming>| async move {
+        let got = req.into_body().collect().await.unwrap();
+        let mut t = got.trailers().cloned().unwrap_or_default();
+        let body = got.to_bytes();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(Frame::data(body)).await.unwrap();
+        tx.send(Frame::trailers(t)).await.unwrap();
+        let mut r = Response::new(ChanBody(rx).map_err(|n| match n {}).boxed_unsync());
+        r.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        r
+    })
+    .await;
+    let mut cl = cluster("grpc", &[up.addr]);
+    cl.protocol = UpstreamProtocol::Http2;
+    let p = proxy(simple(vec![cl], to(&[("grpc", 1)]))).await;
+    let mut h2 = h2_client(p.addr).await;
+    h2 = h2.ready().await.unwrap();
+    let req = Request::post("http://svc.test/echo.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut tx) = h2.send_request(req, false).unwrap();
+    tx.send_data(Bytes::from_static(b"\0\0\0\0\x03msg"), false)
+        .unwrap();
+    let mut t = HeaderMap::new();
+    t.insert("x-request-trailer", HeaderValue::from_static("sent"));
+    tx.send_trailers(t).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (data, end) = h2_read(resp.into_body()).await;
+    assert_eq!(data, b"\0\0\0\0\x03msg");
+    let t = end.unwrap().expect("response trailers");
+    assert_eq!(t["grpc-status"], "0");
+    assert_eq!(t["x-request-trailer"], "sent");
+}
