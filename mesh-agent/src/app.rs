@@ -343,6 +343,8 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
     metrics.l7.istio.set_enabled(cfg.telemetry);
     // `--l7-h1-server`: the L7 engine's downstream HTTP/1.1 codec.
     crate::proxy::http::set_default_h1_server(cfg.l7_h1_server);
+    // `--l7-h2-server`: the L7 engine's downstream HTTP/2 server.
+    crate::proxy::http::set_default_h2_server(cfg.l7_h2_server);
     let mut tracer = None;
     if let Some(endpoint) = &cfg.trace_otlp {
         let opts = crate::proxy::trace::TraceOptions {
@@ -418,7 +420,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
             maps: maps.clone(),
             tc: Some(datapath.tc.clone()),
             metrics: metrics.clone(),
-            runtime: workers.first().clone(),
+            workers: workers.set(),
             drain: inbound_drain,
             plain: {
                 let p = crate::proxy::secure::InboundPolicy::new(xds.clone(), metrics.clone());
@@ -431,7 +433,7 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
                 p
             },
             on_hbone_listener: Some(hbone_handoff(
-                workers.first().clone(),
+                workers.set(),
                 xds.clone(),
                 mesh_tls.clone(),
                 identity.certs.clone(),
@@ -816,11 +818,13 @@ fn watch_node_addrs(
 }
 
 /// Serves each enrolled pod's HBONE listener (15008, inside the pod) with the pod's own
-/// identity, until the pod leaves. The identity comes from the workloads in force (it
-/// waits for the pod to appear there); its certificate is fetched on demand first.
+/// identity, from every proxy worker, until the pod leaves. The identity comes from the
+/// workloads in force (it waits for the pod to appear there); its certificate is fetched
+/// on demand first (on worker 0), then every worker accepts (`WorkerSet::serve_everywhere`)
+/// with one TLS configuration and one connection cap.
 #[expect(clippy::too_many_arguments, reason = "the wiring of one listener")]
 fn hbone_handoff(
-    rt: tokio::runtime::Handle,
+    workers: crate::proxy::workers::WorkerSet,
     xds: Arc<XdsClient>,
     tls: Arc<crate::identity::tls::MeshTls>,
     certs: Arc<crate::identity::certs::CertManager>,
@@ -840,16 +844,17 @@ fn hbone_handoff(
         );
         let access_log = access_log.clone();
         let tracer = tracer.clone();
-        rt.spawn(async move {
+        let workers = workers.clone();
+        workers.clone().first().spawn(async move {
             let ip = std::net::IpAddr::V4(pod.ip);
-            let serve = async {
+            let ready = async {
                 let mut mesh = xds.mesh();
                 let id = loop {
                     if let Some(w) = mesh.borrow_and_update().workloads.by_ip(ip) {
                         break w.identity.clone();
                     }
                     if mesh.changed().await.is_err() {
-                        return;
+                        return None;
                     }
                 };
                 let mut backoff = Duration::from_millis(200);
@@ -865,19 +870,57 @@ fn hbone_handoff(
                         }
                     }
                 };
-                info!(pod = %pod.display_name(), identity = %id, "HBONE listener serving");
-                let handler = Arc::new(crate::proxy::secure::TunnelHandler {
+                Some((id, config))
+            };
+            let (id, config) = tokio::select! {
+                r = ready => match r {
+                    Some(r) => r,
+                    None => return,
+                },
+                () = pod.closed() => return,
+            };
+            let handler: Arc<dyn crate::proxy::hbone::ConnectHandler> =
+                Arc::new(crate::proxy::secure::TunnelHandler {
                     pod: pod.clone(),
                     xds: xds.clone(),
-                    metrics,
+                    metrics: metrics.clone(),
                     access_log,
                     tracer,
                 });
-                crate::proxy::hbone::serve(listener, config, handler, drain).await;
-            };
-            tokio::select! {
-                () = serve => {}
-                () = pod.closed() => {}
+            let opts = crate::proxy::hbone::ServerOptions::default();
+            let slots = crate::proxy::hbone::connection_slots(&opts);
+            // Each worker's loop ends with the drain or when the pod leaves, dropping its
+            // descriptor: the socket closes with the last.
+            let served = workers.serve_everywhere(listener, |worker, l| {
+                let (pod, config, handler, drain, slots, metrics) = (
+                    pod.clone(),
+                    config.clone(),
+                    handler.clone(),
+                    drain.clone(),
+                    slots.clone(),
+                    metrics.clone(),
+                );
+                let span = tracing::info_span!("inbound_hbone", pod = %pod.display_name(), worker);
+                async move {
+                    let serve = crate::proxy::hbone::serve_shared(
+                        l,
+                        config,
+                        handler,
+                        drain,
+                        opts,
+                        slots,
+                        move || metrics.inbound.worker_accepts[1].add(worker),
+                    );
+                    tokio::select! {
+                        () = serve => {}
+                        () = pod.closed() => {}
+                    }
+                }
+                .instrument(span)
+            });
+            match served {
+                Ok(_) => info!(pod = %pod.display_name(), identity = %id, workers = workers.count(), "HBONE listener serving"),
+                Err(e) => warn!(pod = %pod.display_name(), error = %e, "cannot serve the pod's HBONE listener"),
             }
         });
     })

@@ -227,10 +227,26 @@ pub struct InboundMetrics {
     pub pods: AtomicU64,
     /// Pods whose capture could not be set up (listener or attach failed; retried).
     pub setup_failures: AtomicU64,
+    /// Connections each proxy worker accepted from the in-pod listeners: plaintext
+    /// (`[0]`) and HBONE (`[1]`); sized by `WorkerAccepts::init`.
+    pub worker_accepts: [WorkerAccepts; 2],
 }
 
 impl InboundMetrics {
     fn render(&self, out: &mut String) {
+        if self.worker_accepts[0].0.get().is_some() {
+            let _ = writeln!(
+                out,
+                "# HELP mesh_inbound_worker_connections_total Connections each node proxy worker accepted from the in-pod listeners (plaintext 15006, HBONE 15008; every worker accepts from every pod's listeners).\n# TYPE mesh_inbound_worker_connections_total counter"
+            );
+            for (listener, w) in ["plain", "hbone"].iter().zip(&self.worker_accepts) {
+                w.render_lines(
+                    out,
+                    "mesh_inbound_worker_connections_total",
+                    &format!("listener=\"{listener}\","),
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP mesh_inbound_connections_total Plaintext inbound connections taken by the in-pod listeners (accepted), delivered to the application, or refused (reset).\n# TYPE mesh_inbound_connections_total counter\n\
@@ -835,17 +851,31 @@ impl WorkerAccepts {
     }
 
     fn render(&self, out: &mut String) {
-        let Some(slots) = self.0.get() else { return };
+        if self.0.get().is_none() {
+            return;
+        }
         let _ = writeln!(
             out,
             "# HELP mesh_proxy_worker_connections_total Outbound connections each node proxy worker accepted (--proxy-workers; the kernel spreads them over the workers' SO_REUSEPORT listeners).\n# TYPE mesh_proxy_worker_connections_total counter"
         );
+        self.render_lines(out, "mesh_proxy_worker_connections_total", "");
+    }
+
+    /// One sample per worker: `name{<labels>worker="i"}`.
+    fn render_lines(&self, out: &mut String, name: &str, labels: &str) {
+        let Some(slots) = self.0.get() else { return };
         for (i, c) in slots.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "mesh_proxy_worker_connections_total{{worker=\"{i}\"}} {}",
+                "{name}{{{labels}worker=\"{i}\"}} {}",
                 c.0.load(Relaxed)
             );
         }
+    }
+}
+
+impl std::fmt::Debug for WorkerAccepts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerAccepts").finish_non_exhaustive()
     }
 }

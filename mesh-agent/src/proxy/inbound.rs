@@ -11,8 +11,10 @@
 //!
 //! The manager runs on a thread of its own (`inbound`): setting a pod up costs a thread
 //! in its namespace, two binds and a netlink or bpf call, none of which belongs on a
-//! runtime. It is the one writer of the `INBOUND` and `INBOUND6` maps. Accept loops and connections run
-//! on the proxy runtime and hold drain watches like the outbound ones.
+//! runtime. It is the one writer of the `INBOUND` and `INBOUND6` maps. Every proxy worker
+//! accepts from every pod listener (`WorkerSet::serve_everywhere`: one socket, an accept
+//! loop per worker) and serves what it accepted; accept loops and connections hold drain
+//! watches like the outbound ones. A pod leaving closes its listeners on every worker.
 //!
 //! See docs/architecture.md, "Inbound capture".
 
@@ -47,6 +49,7 @@ use crate::{
         accesslog::{self, AccessLog, Entry, Flags, PathTaken, Protocol},
         config::workloads::WorkloadInfo,
         trace::Tracer,
+        workers::WorkerSet,
     },
     sys,
 };
@@ -306,17 +309,19 @@ fn kernel_pairs(maps: &Maps) -> bool {
         .is_ok_and(|c| c.flags & mesh_common::cfg_flags::NO_PAIRING == 0)
 }
 
-/// Called with each pod's HBONE listener (15008, inside the pod) when the pod is set up.
-/// The callee serves it until `InPod::closed` resolves, then drops it.
-pub type HboneHandoff = Arc<dyn Fn(Arc<InPod>, TcpListener) + Send + Sync>;
+/// Called with each pod's HBONE listener (15008, inside the pod, non-blocking, registered
+/// with no runtime) when the pod is set up. The callee serves it (from every worker:
+/// `WorkerSet::serve_everywhere`) until `InPod::closed` resolves, then drops it on every
+/// worker.
+pub type HboneHandoff = Arc<dyn Fn(Arc<InPod>, std::net::TcpListener) + Send + Sync>;
 
 pub struct InboundOptions {
     pub maps: Arc<Maps>,
     /// `None`: listeners only, no TC (nothing is steered to them).
     pub tc: Option<Arc<TcProgram>>,
     pub metrics: Arc<Metrics>,
-    /// The proxy runtime: accept loops and connections run there.
-    pub runtime: tokio::runtime::Handle,
+    /// The proxy's workers: each accepts from every pod listener and serves what it took.
+    pub workers: WorkerSet,
     pub drain: DrainWatch,
     pub plain: Arc<dyn PlainHandler>,
     /// `None`: 15008 is held open but connections to it are reset.
@@ -353,6 +358,9 @@ const RETRY: Duration = Duration::from_secs(2);
 
 impl Inbound {
     pub fn start(opts: InboundOptions) -> io::Result<Inbound> {
+        for w in &opts.metrics.inbound.worker_accepts {
+            w.init(opts.workers.count());
+        }
         let (tx, rx) = mpsc::channel();
         let mode = Arc::new(std::sync::Mutex::new(None));
         let mut mgr = Manager {
@@ -551,34 +559,49 @@ impl Manager {
         )?;
         let listeners = pod.listen()?;
         let mut tasks = Vec::new();
-        {
-            let _rt = self.opts.runtime.enter();
-            let hbone = pod::to_tokio(listeners.hbone)?;
+        let set_up = (|| {
             for plain in std::iter::once(listeners.plain).chain(listeners.plain6) {
-                let plain = pod::to_tokio(plain)?;
-                tasks.push(
-                    self.opts.runtime.spawn(
-                        accept_plain(
-                            plain,
-                            pod.clone(),
-                            self.opts.plain.clone(),
-                            self.opts.metrics.clone(),
-                            self.opts.drain.clone(),
-                        )
-                        .instrument(
-                            tracing::info_span!("inbound_plain", pod = %pod.display_name()),
-                        ),
-                    ),
+                let (pod, handler, metrics, drain) = (
+                    pod.clone(),
+                    self.opts.plain.clone(),
+                    self.opts.metrics.clone(),
+                    self.opts.drain.clone(),
                 );
+                tasks.extend(self.opts.workers.serve_everywhere(plain, move |worker, l| {
+                    let span = tracing::info_span!("inbound_plain", pod = %pod.display_name(), worker);
+                    accept_plain(
+                        l,
+                        worker,
+                        pod.clone(),
+                        handler.clone(),
+                        metrics.clone(),
+                        drain.clone(),
+                    )
+                    .instrument(span)
+                })?);
             }
             match &self.opts.on_hbone_listener {
-                Some(f) => f(pod.clone(), hbone),
-                None => tasks.push(self.opts.runtime.spawn(
-                    refuse_all(hbone, self.opts.drain.clone()).instrument(
-                        tracing::info_span!("inbound_hbone", pod = %pod.display_name()),
-                    ),
-                )),
+                Some(f) => f(pod.clone(), listeners.hbone),
+                None => {
+                    let (pod, drain) = (pod.clone(), self.opts.drain.clone());
+                    tasks.extend(self.opts.workers.serve_everywhere(
+                        listeners.hbone,
+                        move |_, l| {
+                            refuse_all(l, drain.clone()).instrument(
+                                tracing::info_span!("inbound_hbone", pod = %pod.display_name()),
+                            )
+                        },
+                    )?)
+                }
             }
+            Ok::<_, io::Error>(())
+        })();
+        if let Err(e) = set_up {
+            pod.close();
+            for t in &tasks {
+                t.abort();
+            }
+            return Err(e);
         }
         // The entries first: the program captures from its first packet.
         for a in w.addrs() {
@@ -660,6 +683,7 @@ fn plain_addr(a: SocketAddr) -> SocketAddr {
 /// Accepts on a pod's 15006 listener until the drain begins or the pod leaves.
 async fn accept_plain(
     listener: TcpListener,
+    worker: usize,
     pod: Arc<InPod>,
     handler: Arc<dyn PlainHandler>,
     metrics: Arc<Metrics>,
@@ -670,6 +694,7 @@ async fn accept_plain(
             r = listener.accept() => match r {
                 Ok((conn, peer)) => {
                     metrics.inbound.accepted.fetch_add(1, Relaxed);
+                    metrics.inbound.worker_accepts[0].add(worker);
                     let Ok(orig) = conn.local_addr().map(plain_addr) else {
                         metrics.inbound.refused.fetch_add(1, Relaxed);
                         continue;
@@ -688,6 +713,9 @@ async fn accept_plain(
                         fut.await;
                         drop(watch);
                     }.instrument(tracing::debug_span!("inbound_conn", %peer, %orig)));
+                    // Let the other workers take what else waits in the queue (a burst
+                    // would otherwise all land on the worker that woke first).
+                    tokio::task::yield_now().await;
                 }
                 Err(e) => {
                     warn!(error = %e, "inbound accept failed");

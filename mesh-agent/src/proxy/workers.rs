@@ -5,6 +5,15 @@
 //! it: no work stealing, no cross-thread wake-up, none of a multi-thread runtime's
 //! bookkeeping per task poll.
 //!
+//! Listeners opened from elsewhere (the inbound capture's in-pod listeners, plaintext and
+//! HBONE) are one socket each, served by every worker (`WorkerSet::serve_everywhere`): a
+//! duplicate descriptor of it registered with each worker's runtime, each with its own
+//! accept loop on the one accept queue. Not a `SO_REUSEPORT` group: the TC program assigns
+//! each captured connection to the listener it looks up (`bpf_sk_assign`), which refuses
+//! a `SO_REUSEPORT` socket before Linux 6.5 (5.10 and 6.1 are supported). The kernel wakes
+//! every worker waiting on the socket; the first to call `accept` takes the connection,
+//! the others find the queue empty (a spurious wake-up each, per burst of connections).
+//!
 //! Liveness: every worker stamps its slot every `HEARTBEAT_INTERVAL`; worker 0 writes the
 //! proxy heartbeat (`PROXY_HEALTH`) only while every worker's stamp is fresh, so one stuck
 //! worker (whose listener still gets its share of the connections) makes the datapath
@@ -19,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{runtime::Handle, sync::oneshot};
+use tokio::{runtime::Handle, sync::oneshot, task::JoinHandle};
 use tracing::warn;
 
 /// How old a worker's liveness stamp may be for worker 0 to still beat for it.
@@ -73,10 +82,16 @@ impl Workers {
         &self.handles[i % self.handles.len()]
     }
 
-    /// The designated worker for tasks started from elsewhere (the access log, the inbound
-    /// capture's in-pod listeners, HBONE servers): worker 0.
+    /// The designated worker for tasks started from elsewhere that are not accept loops
+    /// (the access log's scope follower, a pod's HBONE set-up): worker 0.
     pub fn first(&self) -> &Handle {
         &self.handles[0]
+    }
+
+    /// Every worker's runtime, to be held by whoever starts accept loops later (the
+    /// inbound manager's thread, the HBONE wiring).
+    pub fn set(&self) -> WorkerSet {
+        WorkerSet(self.handles.iter().cloned().collect())
     }
 
     /// Runs `f` to completion on the calling thread, with worker 0's runtime as the
@@ -129,6 +144,62 @@ impl Workers {
                 warn!("a proxy worker panicked");
             }
         }
+    }
+}
+
+/// The workers' runtimes (`Workers::set`): cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct WorkerSet(Arc<[Handle]>);
+
+impl WorkerSet {
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Worker 0's runtime.
+    pub fn first(&self) -> &Handle {
+        &self.0[0]
+    }
+
+    /// Serves one listening socket from every worker: worker `i` accepts from a duplicate
+    /// descriptor of it, registered with its own runtime, in the task `serve(i, listener)`
+    /// (spawned there). The socket closes once every task has dropped its descriptor: a
+    /// caller that closes it (a pod leaving) ends or aborts them all. Callable from any
+    /// thread, and from within another runtime's task.
+    pub fn serve_everywhere<F, Fut>(
+        &self,
+        listener: std::net::TcpListener,
+        serve: F,
+    ) -> io::Result<Vec<JoinHandle<()>>>
+    where
+        F: Fn(usize, tokio::net::TcpListener) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        listener.set_nonblocking(true)?;
+        // Every duplicate first: a failure leaves nothing running.
+        let mut socks = Vec::with_capacity(self.0.len());
+        for _ in 1..self.0.len() {
+            socks.push(listener.try_clone()?);
+        }
+        socks.push(listener);
+        let mut tasks = Vec::with_capacity(socks.len());
+        for (i, (h, s)) in self.0.iter().zip(socks).enumerate() {
+            let l = {
+                // Registered with worker `i`'s I/O driver: its thread polls the socket.
+                let _rt = h.enter();
+                tokio::net::TcpListener::from_std(s)
+            };
+            match l {
+                Ok(l) => tasks.push(h.spawn(serve(i, l))),
+                Err(e) => {
+                    for t in &tasks {
+                        t.abort();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(tasks)
     }
 }
 
@@ -190,6 +261,73 @@ mod tests {
         std::thread::sleep(Duration::from_millis(800));
         assert!(beats.load(Relaxed) > before, "the beat resumes");
         stop_tx.send_replace(true);
+        w.shutdown();
+    }
+
+    /// One listening socket, an accept loop on each worker: a worker that is busy leaves
+    /// the connections to the other, so each worker takes some; closing the loops (a pod
+    /// leaving) closes the socket.
+    #[test]
+    fn every_worker_accepts_from_a_shared_listener_and_the_socket_closes_with_the_loops() {
+        use std::{net::TcpStream, sync::Mutex};
+
+        let w = Workers::start(2).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let took: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+        let (close_tx, close_rx) = tokio::sync::watch::channel(false);
+        let t = took.clone();
+        let tasks = w
+            .set()
+            .serve_everywhere(l, move |i, l| {
+                let (t, mut close) = (t.clone(), close_rx.clone());
+                async move {
+                    let mut held = Vec::new();
+                    loop {
+                        tokio::select! {
+                            r = l.accept() => {
+                                let (c, _) = r.unwrap();
+                                let me = std::thread::current().name().unwrap().to_string();
+                                t.lock().unwrap().push((i, me));
+                                held.push(c);
+                            }
+                            _ = close.wait_for(|c| *c) => return,
+                        }
+                    }
+                }
+            })
+            .unwrap();
+        assert_eq!(tasks.len(), 2);
+        let mut clients = Vec::new();
+        for busy in [0, 1] {
+            // Worker `busy` is stuck for a while: the other takes every connection.
+            w.handle(busy)
+                .spawn(async { std::thread::sleep(Duration::from_millis(400)) });
+            std::thread::sleep(Duration::from_millis(50));
+            for _ in 0..5 {
+                clients.push(TcpStream::connect(addr).unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let other = 1 - busy;
+            let got: Vec<(usize, String)> = std::mem::take(&mut *took.lock().unwrap());
+            assert_eq!(got.len(), 5, "{got:?}");
+            for (i, thread) in &got {
+                assert_eq!(*i, other, "{got:?}");
+                assert_eq!(*thread, format!("mesh-proxy-{other}"));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // Both loops end: nobody holds the socket any more, new connections are refused.
+        close_tx.send_replace(true);
+        for t in tasks {
+            w.block_on(t).unwrap();
+        }
+        let refused = TcpStream::connect(addr).unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
         w.shutdown();
     }
 }

@@ -174,8 +174,31 @@ pub async fn serve_with(
     drain: DrainWatch,
     opts: ServerOptions,
 ) {
+    let slots = connection_slots(&opts);
+    serve_shared(listener, tls, handler, drain, opts, slots, || {}).await
+}
+
+/// The connection slots of one listener (`ServerOptions::max_connections`), for the
+/// accept loops that share it (`serve_shared`).
+pub fn connection_slots(opts: &ServerOptions) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(opts.max_connections.max(1)))
+}
+
+/// One of several accept loops of one listener (a proxy worker's:
+/// `WorkerSet::serve_everywhere`), as `serve_with`: connections run on this loop's runtime;
+/// `slots` (`connection_slots`) caps the connections of all the loops together, and
+/// `accepted` is called for each connection this loop accepts. The TLS configuration (and
+/// so its session cache and ticketer) and the handler are shared, hence thread-safe.
+pub async fn serve_shared(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<dyn ConnectHandler>,
+    drain: DrainWatch,
+    opts: ServerOptions,
+    slots: Arc<Semaphore>,
+    accepted: impl Fn() + Send + Sync,
+) {
     let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = drain.signaled() => break,
@@ -189,6 +212,7 @@ pub async fn serve_with(
                 }
             },
         };
+        accepted();
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             warn!(%peer, "HBONE connection refused: too many connections");
             continue;
@@ -202,6 +226,10 @@ pub async fn serve_with(
             }
             .instrument(tracing::debug_span!("hbone_server_conn", %peer)),
         );
+        // With several accept loops on one socket (`serve_shared`): let the others take
+        // what else waits in the queue, so a burst of tunnels (nodes connecting at once)
+        // spreads over the workers instead of landing on the first one awake.
+        tokio::task::yield_now().await;
     }
     info!("HBONE listener stopped (drain)");
 }

@@ -783,3 +783,88 @@ async fn a_stalled_reader_holds_the_sender_back_and_then_gets_everything() {
     assert_eq!(got.len(), out.len());
     assert_eq!(hash(&got), hash(&out));
 }
+
+/// One HBONE listener served by every proxy worker (`WorkerSet::serve_everywhere` and
+/// `serve_shared`, as the in-pod listeners are): while one worker is stuck, the other
+/// accepts, completes the handshakes and relays new tunnels on its own, and the next
+/// connections go to whichever worker is free. Each tunnel is a new client (a pool of its
+/// own: a new connection).
+#[test]
+fn every_worker_serves_tunnels_of_a_shared_listener() {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    let workers = crate::proxy::workers::Workers::start(2).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = TestCa::new("a");
+    let certs = TestCerts::new(vec![ca.root.clone()]);
+    certs.put(ca.leaf(&id("client")));
+    certs.put(ca.leaf(&id("server")));
+    let tls = MeshTls::new(certs.clone());
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = l.local_addr().unwrap();
+    let handler: Arc<dyn ConnectHandler> = Arc::new(TestHandler {
+        refuse_port: 9,
+        seen: Mutex::new(Vec::new()),
+    });
+    let (trigger, watch) = drain::new();
+    let opts = ServerOptions::default();
+    let slots = connection_slots(&opts);
+    let accepted: Arc<[AtomicU64; 2]> = Arc::default();
+    let config = tls.server_config(&id("server")).unwrap();
+    let tasks = {
+        let accepted = accepted.clone();
+        workers
+            .set()
+            .serve_everywhere(l, move |worker, l| {
+                let accepted = accepted.clone();
+                serve_shared(
+                    l,
+                    config.clone(),
+                    handler.clone(),
+                    watch.clone(),
+                    opts,
+                    slots.clone(),
+                    move || {
+                        accepted[worker].fetch_add(1, Relaxed);
+                    },
+                )
+            })
+            .unwrap()
+    };
+    let up = rt.block_on(echo());
+    for (round, busy) in [0usize, 1, 0, 1].into_iter().enumerate() {
+        let before: Vec<u64> = accepted.iter().map(|a| a.load(Relaxed)).collect();
+        workers
+            .handle(busy)
+            .spawn(async { std::thread::sleep(Duration::from_millis(1500)) });
+        std::thread::sleep(Duration::from_millis(50));
+        let sent = data(64 << 10, round as u64 + 1);
+        let back = rt.block_on(async {
+            let client = HboneClient::new(tls.clone(), ClientOptions::default());
+            let mut s = client
+                .connect(&id("client"), server, &id("server"), up)
+                .await
+                .unwrap();
+            s.write_all(&sent).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            s.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        assert!(back == sent, "round {round}: the echo differs");
+        let other = 1 - busy;
+        let now: Vec<u64> = accepted.iter().map(|a| a.load(Relaxed)).collect();
+        assert_eq!(now[other], before[other] + 1, "round {round}: {now:?}");
+        assert_eq!(now[busy], before[busy], "round {round}: {now:?}");
+        // Until the stuck worker is free again.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    drop(trigger);
+    for t in tasks {
+        t.abort();
+    }
+    workers.shutdown();
+}

@@ -12,7 +12,7 @@ use mesh_common::{
     inbound::{HBONE_PORT, PLAIN_PORT},
     maps::{FlowInfo, SockKey},
 };
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{
     datapath::{
@@ -278,8 +278,3 @@ pub(super) struct Listeners {
 /// Sockets one trip to a pod's namespace thread makes for `InPod::connect_in` (each an
 /// open file until used; at most this many wait per pod).
 const SPARE_SOCKETS: usize = 8;
-
-/// Registers std listeners with the current runtime.
-pub(super) fn to_tokio(l: std::net::TcpListener) -> io::Result<TcpListener> {
-    TcpListener::from_std(l)
-}
