@@ -295,18 +295,22 @@ pub enum H1Server {
 /// The process-wide downstream HTTP/1.1 codec (`--l7-h1-server`): true for the own one.
 static DEFAULT_H1_OWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// The engine's unit tests run on either codec: `MESH_TEST_L7_H1_SERVER=hyper|own` (the
-/// default's otherwise).
+/// The engine's unit tests run on either server: `var=hyper|own` (the default's
+/// otherwise), read once into `cell`.
+#[cfg(test)]
+fn test_server_choice(var: &str, cell: &OnceLock<Option<bool>>) -> Option<bool> {
+    *cell.get_or_init(|| match std::env::var(var).as_deref() {
+        Ok("own") => Some(true),
+        Ok("hyper") => Some(false),
+        _ => None,
+    })
+}
+
+/// The engine's unit tests run on either codec: `MESH_TEST_L7_H1_SERVER=hyper|own`.
 #[cfg(test)]
 fn test_h1_own() -> Option<bool> {
     static OWN: OnceLock<Option<bool>> = OnceLock::new();
-    *OWN.get_or_init(
-        || match std::env::var("MESH_TEST_L7_H1_SERVER").as_deref() {
-            Ok("own") => Some(true),
-            Ok("hyper") => Some(false),
-            _ => None,
-        },
-    )
+    test_server_choice("MESH_TEST_L7_H1_SERVER", &OWN)
 }
 
 #[cfg(not(test))]
@@ -335,18 +339,11 @@ pub enum H2Server {
 /// hyper's by default: the own one is not yet cheaper (docs/benchmarks.md).
 static DEFAULT_H2_OWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The engine's unit tests run on either HTTP/2 server: `MESH_TEST_L7_H2_SERVER=hyper|own`
-/// (the default's otherwise).
+/// The engine's unit tests run on either HTTP/2 server: `MESH_TEST_L7_H2_SERVER=hyper|own`.
 #[cfg(test)]
 fn test_h2_own() -> Option<bool> {
     static OWN: OnceLock<Option<bool>> = OnceLock::new();
-    *OWN.get_or_init(
-        || match std::env::var("MESH_TEST_L7_H2_SERVER").as_deref() {
-            Ok("own") => Some(true),
-            Ok("hyper") => Some(false),
-            _ => None,
-        },
-    )
+    test_server_choice("MESH_TEST_L7_H2_SERVER", &OWN)
 }
 
 #[cfg(not(test))]

@@ -346,6 +346,16 @@ pub(super) fn add_length(len: &mut Option<u64>, value: &[u8]) -> Result<(), &'st
     Ok(())
 }
 
+/// Whether the last transfer coding a `Transfer-Encoding` field value lists is `chunked`
+/// (RFC 9112, section 6.1); `None` for a value listing none.
+pub(super) fn last_coding_is_chunked(value: &[u8]) -> Option<bool> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .rfind(|t| !t.is_empty())
+        .map(|last| last.eq_ignore_ascii_case(b"chunked"))
+}
+
 /// `n` in decimal (a `Content-Length` value, without a `String`).
 pub(super) fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();

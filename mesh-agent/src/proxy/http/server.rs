@@ -63,8 +63,8 @@ use tokio::{io::AsyncWrite, time::Instant};
 use super::{
     body::ReqBody,
     chunked::{
-        self, add_length, decimal, header_map, put, put_chunk, put_last, Chunk, ReadBuffer, Step,
-        READ_BUF,
+        self, add_length, decimal, header_map, last_coding_is_chunked, put, put_chunk, put_last,
+        Chunk, ReadBuffer, Step, READ_BUF,
     },
     timer::Timer,
     BoxIo, ProxyBody,
@@ -388,12 +388,8 @@ impl Fields {
                 }
                 17 if n.eq_ignore_ascii_case(b"transfer-encoding") => {
                     f.te = true;
-                    if let Some(last) = v
-                        .split(|b| *b == b',')
-                        .map(<[u8]>::trim_ascii)
-                        .rfind(|t| !t.is_empty())
-                    {
-                        f.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+                    if let Some(c) = last_coding_is_chunked(v) {
+                        f.chunked_last = c;
                     }
                 }
                 _ => {}
