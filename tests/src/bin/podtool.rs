@@ -24,7 +24,9 @@
 //!                                        keep sending 1 KiB every 2 ms until a write fails,
 //!                                        then read once; prints both errors
 //! podtool source --listen ADDR --bytes N --chunk-delay-us D  send N bytes in 16 KiB
-//!                                        chunks with a pause between them, then close
+//!                                        chunks with a pause between them, then close;
+//!                                        `--burst-bytes B --burst-pause-ms P`: also pause
+//!                                        P ms after every B bytes
 //! podtool read-client --to ADDR           read until the end of stream; print the bytes and
 //!                                        how it ended (`eof`, or the error: `ECONNRESET`);
 //!                                        `--half-close`: send a FIN first; `--reset-after N`:
@@ -197,6 +199,8 @@ fn sink(mut c: TcpStream, args: &[String]) {
 fn source(mut c: TcpStream, args: &[String]) {
     let total = num(args, "--bytes", 1 << 20) as usize;
     let delay = Duration::from_micros(num(args, "--chunk-delay-us", 0));
+    let burst = num(args, "--burst-bytes", 0) as usize;
+    let burst_pause = Duration::from_millis(num(args, "--burst-pause-ms", 0));
     let chunk = payload(16 * 1024, 0x50);
     let mut sent = 0;
     while sent < total {
@@ -206,6 +210,9 @@ fn source(mut c: TcpStream, args: &[String]) {
         }
         sent += n;
         std::thread::sleep(delay);
+        if burst > 0 && sent % burst == 0 && sent < total {
+            std::thread::sleep(burst_pause);
+        }
     }
 }
 
