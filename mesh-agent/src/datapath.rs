@@ -661,6 +661,14 @@ impl Datapath {
             .map_max_entries(map_names::RELAY_UP, back_caps)
             .map_max_entries(map_names::RELAY_BACK, back_caps)
             .map_max_entries(map_names::RELAY_ARMED, back_caps)
+            .map_max_entries(
+                map_names::RELAY_WAKE,
+                if back_offsets.is_some() {
+                    mesh_common::capacity::RELAY_WAKE_BYTES
+                } else {
+                    4096
+                },
+            )
             .override_global("SOCKOPS_NETNS", &sockops_netns_on, true)
             .override_global("SOCK_NETNS_STAMP", &stamp_on, true)
             .override_global("OFF_MSG_SK", &off_msg_sk, true)
@@ -836,6 +844,7 @@ impl Datapath {
                     up,
                     back: take(&mut ebpf, map_names::RELAY_BACK)?,
                     armed: take(&mut ebpf, map_names::RELAY_ARMED)?,
+                    wake: take(&mut ebpf, map_names::RELAY_WAKE)?,
                 }),
                 link,
             )

@@ -656,7 +656,13 @@ impl Outbound {
         let mut prefix = Vec::new();
         let mut client = client;
         let mut istio_cluster = None;
-        let listener = match Box::pin(self.xds.lookup(target)).await {
+        // A destination already known answers at once; only one being subscribed to on
+        // demand makes (and boxes) the waiting future.
+        let answer = match self.xds.lookup_now(target) {
+            Some(answer) => answer,
+            None => Box::pin(self.xds.await_listener(target)).await,
+        };
+        let listener = match answer {
             Lookup::Found(l) => Some(l),
             Lookup::Absent => None,
             // Never skip routing or policy silently: the workload's fail mode decides.
@@ -1131,28 +1137,260 @@ fn read_once(from: &TcpStream, buf: &mut [u8], tcp_only: bool) -> io::Result<(us
     }
 }
 
+/// What a pipe reads: a socket of the runtime's (`TcpSource`), or the egress relay's leg
+/// P_u, watched on its own (`UpSource`).
+trait Source {
+    /// Waits until the socket may have bytes, its end or an error; `written`: what the
+    /// pipe wrote so far (the egress relay's gate publishes it).
+    async fn ready(&mut self, written: u64) -> io::Result<()>;
+    /// One read (`read_once`): the bytes, and whether the read emptied the socket.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<(usize, bool)>;
+    /// The socket's local and peer addresses.
+    fn addrs(&self) -> Option<(SocketAddr, SocketAddr)>;
+}
+
+/// A socket of the runtime's; `tcp_only`: it was never paired (`read_once`).
+struct TcpSource<'a> {
+    from: &'a TcpStream,
+    tcp_only: bool,
+}
+
+impl Source for TcpSource<'_> {
+    async fn ready(&mut self, _written: u64) -> io::Result<()> {
+        self.from.readable().await
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        read_once(self.from, buf, self.tcp_only)
+    }
+
+    fn addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        self.from.local_addr().ok().zip(self.from.peer_addr().ok())
+    }
+}
+
+/// `UpSource`'s masks of P_u in its own epoll: watching its receive queue, and quiet
+/// (its end and its errors only: `EPOLLERR` and `EPOLLHUP` are always reported). A
+/// data-ready wake-up carries `EPOLLIN` as its key, which a quiet mask does not match:
+/// epoll neither queues P_u nor wakes anyone.
+const UP_WATCH: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+const UP_QUIET: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+/// How long a quiet flow waits before it looks at P_u itself, doubling up to
+/// `QUIET_LOOK_MAX` while nothing comes: the bound on a lost `RELAY_WAKE` record (full
+/// ring, counted as `relay_wake_dropped`).
+const QUIET_LOOK: Duration = Duration::from_millis(100);
+const QUIET_LOOK_MAX: Duration = Duration::from_secs(5);
+
+/// The egress kernel relay's leg P_u, read by the destination's pipe. Out of the
+/// runtime's epoll for reading (the runtime registers every socket for `EPOLLIN`): P_u
+/// sits in an epoll of its own (`ep`, itself watched by the runtime), whose mask drops
+/// `EPOLLIN` while the kernel relays the destination's bytes (`BackGate::quiet`), so
+/// the psock's data-ready after each relayed segment wakes no thread. The proxy then
+/// wakes on P_u's end or error (`UP_QUIET`), the program's `RELAY_WAKE` record for a
+/// segment it handed to the proxy, or its own slow look (`QUIET_LOOK`).
+struct UpSource<'a> {
+    sock: &'a tokio::io::unix::AsyncFd<std::net::TcpStream>,
+    ep: &'a tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    gate: &'a crate::datapath::relay::BackGate<'a>,
+    look: Duration,
+}
+
+/// P_u taken out of the runtime's epoll for reading: registered for `EPOLLOUT` only (the
+/// up pipe's writes), and in an epoll of its own (`UP_WATCH`, for `UpSource`). `Err`
+/// gives the socket back as it was (the flow then relays as without the gate's quiet
+/// mode) or, if taking it out failed half-way, nothing (the socket is closed: reset).
+fn own_leg(
+    upstream: TcpStream,
+) -> Result<
+    (
+        tokio::io::unix::AsyncFd<std::net::TcpStream>,
+        tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    ),
+    Option<TcpStream>,
+> {
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+    let ep = sys::epoll_create()
+        .and_then(|ep| {
+            sys::epoll_set(ep.as_fd(), upstream.as_raw_fd(), UP_WATCH, true).map(|()| ep)
+        })
+        .and_then(|ep| register(ep, Interest::READABLE));
+    let Ok(ep) = ep else {
+        return Err(Some(upstream));
+    };
+    let std = upstream.into_std().map_err(|_| None)?;
+    match try_register(std, Interest::WRITABLE) {
+        Ok(pu) => Ok((pu, ep)),
+        Err(e) => {
+            let (std, _) = e.into_parts();
+            Err(TcpStream::from_std(std).ok())
+        }
+    }
+}
+
+/// `AsyncFd::with_interest`: deprecated for fds that could be closed while registered,
+/// which cannot happen here (the `AsyncFd` owns the socket or epoll fd it registers).
+#[expect(
+    deprecated,
+    reason = "the AsyncFd owns its fd for as long as it is registered"
+)]
+fn register<T: std::os::fd::AsRawFd>(
+    inner: T,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    tokio::io::unix::AsyncFd::with_interest(inner, interest)
+}
+
+/// `register`, giving `inner` back on failure.
+#[expect(
+    deprecated,
+    reason = "the AsyncFd owns its fd for as long as it is registered"
+)]
+fn try_register<T: std::os::fd::AsRawFd>(
+    inner: T,
+    interest: tokio::io::Interest,
+) -> Result<tokio::io::unix::AsyncFd<T>, tokio::io::unix::AsyncFdTryNewError<T>> {
+    tokio::io::unix::AsyncFd::try_with_interest(inner, interest)
+}
+
+/// Runs both directions of a relay until both ended; whether one failed.
+async fn both(
+    up: impl std::future::Future<Output = io::Result<()>>,
+    down: impl std::future::Future<Output = io::Result<()>>,
+) -> bool {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => { up_done = true; if r.is_err() { return true; } }
+            r = &mut down, if !down_done => { down_done = true; if r.is_err() { return true; } }
+        }
+        if up_done && down_done {
+            return false;
+        }
+    }
+}
+
+impl UpSource<'_> {
+    /// Waits for P_u's own epoll and takes its events.
+    async fn watched(&self) -> io::Result<()> {
+        let mut g = self.ep.readable().await?;
+        sys::epoll_drain(self.ep.as_fd())?;
+        g.clear_ready();
+        Ok(())
+    }
+}
+
+impl Source for UpSource<'_> {
+    async fn ready(&mut self, written: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = self.sock.get_ref().as_raw_fd();
+        let Some(wake) = self.gate.wake().cloned() else {
+            return self.watched().await;
+        };
+        // The mask first: a segment that comes from here on either finds the flag set
+        // (a wake-up record) or is found by `quiet`.
+        sys::epoll_set(self.ep.as_fd(), fd, UP_QUIET, false)?;
+        if !self.gate.quiet(written, fd) {
+            // Watching again; a segment already queued raises an event at once.
+            sys::epoll_set(self.ep.as_fd(), fd, UP_WATCH, false)?;
+            return self.watched().await;
+        }
+        let woke = tokio::select! {
+            r = self.watched() => Some(r),
+            _ = wake.notified() => Some(Ok(())),
+            _ = tokio::time::sleep(self.look) => None,
+        };
+        self.look = match woke {
+            Some(_) => QUIET_LOOK,
+            None => (self.look * 2).min(QUIET_LOOK_MAX),
+        };
+        let r = woke.unwrap_or(Ok(()));
+        // Watching again before the flag goes: the pipe reads what came.
+        sys::epoll_set(self.ep.as_fd(), fd, UP_WATCH, false)?;
+        self.gate.publish(written);
+        r
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        use std::io::Read;
+        let mut s: &std::net::TcpStream = self.sock.get_ref();
+        s.read(buf).map(|n| (n, false))
+    }
+
+    fn addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        let s = self.sock.get_ref();
+        s.local_addr().ok().zip(s.peer_addr().ok())
+    }
+}
+
+/// The proxy's leg to the destination in a relay: a socket of the runtime's, or the egress
+/// relay's P_u with its own epoll (`own_leg`).
+enum Up {
+    Runtime(TcpStream),
+    Own(
+        tokio::io::unix::AsyncFd<std::net::TcpStream>,
+        tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    ),
+}
+
+/// The write side of the egress relay's leg P_u (registered with the runtime for
+/// `EPOLLOUT` only: see `UpSource`).
+struct UpWriter<'a>(&'a tokio::io::unix::AsyncFd<std::net::TcpStream>);
+
+impl tokio::io::AsyncWrite for UpWriter<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::io::Write;
+        loop {
+            let mut g = std::task::ready!(self.0.poll_write_ready(cx))?;
+            if let Ok(r) = g.try_io(|s| {
+                let mut s: &std::net::TcpStream = s.get_ref();
+                s.write(buf)
+            }) {
+                return std::task::Poll::Ready(r);
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(self.0.get_ref().shutdown(std::net::Shutdown::Write))
+    }
+}
+
 /// Copies one direction, counted in `count` (a series) and `own` (this connection); a
 /// clean EOF half-closes the writer. A buffer is held only while the reader has bytes.
 /// `far`: what is known of the reader's far end (`close::take_far_unread`).
 async fn pipe(
-    r: tokio::net::tcp::ReadHalf<'_>,
-    mut w: tokio::net::tcp::WriteHalf<'_>,
+    mut from: impl Source,
+    mut w: impl tokio::io::AsyncWrite + Unpin,
     count: &AtomicU64,
     own: &AtomicU64,
     istio: Option<&prometheus_client::metrics::counter::Counter>,
     far: Far,
     back: Option<&crate::datapath::relay::BackGate<'_>>,
 ) -> io::Result<()> {
-    let from: &TcpStream = r.as_ref();
     // With `back` (the egress kernel relay's destination direction): what this pipe wrote.
     let mut written: u64 = 0;
-    // Only TCP's receive queue feeds a socket that was never paired (`read_once`).
-    let tcp_only = far == Far::Unpaired;
     loop {
-        from.readable().await?;
+        from.ready(written).await?;
         let mut buf = relay_buffers::Buffer::take();
         loop {
-            let (n, drained) = match read_once(from, &mut buf, tcp_only) {
+            let (n, drained) = match from.read(&mut buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -1162,8 +1400,7 @@ async fn pipe(
                 // A far end that was a paired socket closed with bytes unread: plain TCP
                 // would have answered with a reset, so the other side gets one too
                 // (docs/architecture.md, "A paired socket closed with unread bytes").
-                let addrs = || from.local_addr().ok().zip(from.peer_addr().ok());
-                if let Some((peer, unread)) = close::take_far_unread(far, addrs) {
+                if let Some((peer, unread)) = close::take_far_unread(far, || from.addrs()) {
                     tracing::info!(%peer, unread, "peer closed with {unread} unread bytes; resetting the other side");
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionReset,
@@ -1242,7 +1479,7 @@ async fn relay_counted(
 /// kernel relay's gate of the upstream-to-client copy.
 async fn relay_gated(
     mut client: TcpStream,
-    mut upstream: TcpStream,
+    upstream: TcpStream,
     c: &FlowCounters,
     istio: Option<&TcpSeries>,
     far: [Far; 2],
@@ -1251,34 +1488,70 @@ async fn relay_gated(
     let _ = sys::set_linger_zero(client.as_fd());
     let _ = sys::set_linger_zero(upstream.as_fd());
     let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
+    // The egress relay's destination direction: P_u watched on its own (`UpSource`).
+    let quiet = back.filter(|g| g.wake().is_some());
+    let own = match quiet {
+        None => Err(Some(upstream)),
+        Some(_) => own_leg(upstream),
+    };
+    let mut upstream = match own {
+        Ok((pu, ep)) => Up::Own(pu, ep),
+        Err(Some(upstream)) => Up::Runtime(upstream),
+        Err(None) => {
+            debug!("the egress relay's upstream leg was lost leaving the runtime's epoll; resetting the client");
+            return RelayEnd {
+                received: 0,
+                sent: 0,
+                reset: true,
+            };
+        }
+    };
     let failed = {
         let (cr, cw) = client.split();
-        let (ur, uw) = upstream.split();
-        let up = pipe(
-            cr,
-            uw,
-            &c.received,
-            &received,
-            istio.map(|i| &i.received),
-            far[0],
-            None,
-        );
-        let down = pipe(ur, cw, &c.sent, &sent, istio.map(|i| &i.sent), far[1], back);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => { up_done = true; if r.is_err() { break true; } }
-                r = &mut down, if !down_done => { down_done = true; if r.is_err() { break true; } }
+        let up_src = TcpSource {
+            from: cr.as_ref(),
+            tcp_only: far[0] == Far::Unpaired,
+        };
+        let up_count = (&c.received, &received, istio.map(|i| &i.received));
+        let down_count = (&c.sent, &sent, istio.map(|i| &i.sent));
+        match (&mut upstream, quiet) {
+            (Up::Runtime(upstream), _) => {
+                let (ur, uw) = upstream.split();
+                let down_src = TcpSource {
+                    from: ur.as_ref(),
+                    tcp_only: far[1] == Far::Unpaired,
+                };
+                let (count, own, istio) = up_count;
+                let up = pipe(up_src, uw, count, own, istio, far[0], None);
+                let (count, own, istio) = down_count;
+                let down = pipe(down_src, cw, count, own, istio, far[1], back);
+                both(up, down).await
             }
-            if up_done && down_done {
-                break false;
+            // An own leg only with the gate (`own_leg` above).
+            (Up::Own(pu, ep), Some(gate)) => {
+                let down_src = UpSource {
+                    sock: pu,
+                    ep,
+                    gate,
+                    look: QUIET_LOOK,
+                };
+                let (count, own, istio) = up_count;
+                let up = pipe(up_src, UpWriter(pu), count, own, istio, far[0], None);
+                let (count, own, istio) = down_count;
+                let down = pipe(down_src, cw, count, own, istio, far[1], back);
+                // Boxed: only egress-relayed flows pay for this branch's larger state; an
+                // ordinary connection's future stays the size of the branch above.
+                Box::pin(both(up, down)).await
             }
+            (Up::Own(..), None) => true,
         }
     };
     if !failed {
         let _ = sys::clear_linger(client.as_fd());
-        let _ = sys::clear_linger(upstream.as_fd());
+        let _ = sys::clear_linger(match &upstream {
+            Up::Runtime(s) => s.as_fd(),
+            Up::Own(s, _) => s.get_ref().as_fd(),
+        });
     }
     RelayEnd {
         received: received.into_inner(),

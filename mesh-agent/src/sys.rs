@@ -657,6 +657,69 @@ pub fn failed_or_hung_up(fd: std::os::fd::RawFd) -> bool {
     n == 1 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
+/// Whether a socket has bytes to read now (`POLLIN` from a zero-timeout `poll`; for a
+/// socket with a psock this covers the psock's queue too).
+pub fn readable_now(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLIN != 0
+}
+
+/// `epoll_create1(EPOLL_CLOEXEC)`: an epoll instance of the caller's own, for a mask
+/// tokio's registrations cannot express (the egress relay watches P_u for
+/// `EPOLLRDHUP` without `EPOLLIN`).
+pub fn epoll_create() -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: no pointers; the returned fd is checked before it is owned.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd this process owns and nothing else holds.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `epoll_ctl`: adds `fd` to `ep` (`add`) or changes its mask to `events`.
+pub fn epoll_set(
+    ep: BorrowedFd<'_>,
+    fd: std::os::fd::RawFd,
+    events: u32,
+    add: bool,
+) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events,
+        u64: fd as u64,
+    };
+    let op = if add {
+        libc::EPOLL_CTL_ADD
+    } else {
+        libc::EPOLL_CTL_MOD
+    };
+    // SAFETY: a valid event struct; the kernel copies it.
+    let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes `ep`'s ready events without waiting (its readiness is what the caller wanted);
+/// how many there were.
+pub fn epoll_drain(ep: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    // SAFETY: the buffer holds `evs.len()` events; zero timeout.
+    let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// `SIOCOUTQ` of a TCP socket: its bytes not yet acknowledged (sent or not).
 pub fn tcp_outq(fd: std::os::fd::RawFd) -> io::Result<u64> {
     let mut n: libc::c_int = 0;

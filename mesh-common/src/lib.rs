@@ -74,6 +74,11 @@ pub mod map_names {
     /// to P_a, published when it holds none of them (the only writer: the proxy). Not
     /// pinned.
     pub const RELAY_ARMED: &str = "RELAY_ARMED";
+    /// The egress relay's wake-ups (a ring buffer of P_u keys, `maps::SockKey`):
+    /// `mesh_relay_back` writes one when it hands a segment to a proxy that is not
+    /// watching P_u's receive queue (`maps::RELAY_ARMED_QUIET`). Not pinned, as
+    /// `FLOW_EVENTS`.
+    pub const RELAY_WAKE: &str = "RELAY_WAKE";
     pub const ALL: [&str; 15] = [
         WORKLOADS,
         DESTS,
@@ -179,6 +184,11 @@ pub mod capacity {
     pub const FLOW_EVENTS_WAKE_BYTES: u32 = FLOW_EVENTS_BYTES / 8;
     /// How often `FLOW_EVENTS`' reader drains the ring without being woken (ms).
     pub const FLOW_EVENTS_DRAIN_MS: u64 = 100;
+    /// `RELAY_WAKE` size in bytes with the egress relay's destination direction on (a
+    /// record is a 48-byte key plus the 8-byte header: about 1,170 flows woken at once; a
+    /// record is written only when a quiet flow's segment goes to the proxy, and a quiet
+    /// flow also looks on its own slow timer, so a dropped record delays, never loses).
+    pub const RELAY_WAKE_BYTES: u32 = 64 * 1024;
     /// Paired sockets closed with bytes unread, not yet seen by the proxy
     /// (`UNREAD_CLOSES`, LRU: the proxy reads each entry within milliseconds).
     pub const UNREAD_CLOSES: u32 = 4096;
@@ -512,10 +522,16 @@ pub enum Stat {
     /// proxy's client socket P_a in the kernel (the proxy never read it), and its bytes.
     SkbRelayed,
     SkbRelayedBytes,
+    /// Egress kernel relay, the destination's direction: a segment went to a proxy that
+    /// was not watching P_u's receive queue (`maps::RELAY_ARMED_QUIET`), which a
+    /// `RELAY_WAKE` record wakes; and such a record lost to a full ring (the proxy then
+    /// finds the segment at its own slow look).
+    RelayWake,
+    RelayWakeDropped,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 55;
+    pub const COUNT: u32 = 57;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ConnectSeen,
         Stat::ConnectRedirected,
@@ -572,6 +588,8 @@ impl Stat {
         Stat::TcFinToRst,
         Stat::SkbRelayed,
         Stat::SkbRelayedBytes,
+        Stat::RelayWake,
+        Stat::RelayWakeDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -631,6 +649,8 @@ impl Stat {
             Stat::TcFinToRst => "tc_fin_to_rst",
             Stat::SkbRelayed => "skb_relayed",
             Stat::SkbRelayedBytes => "skb_relayed_bytes",
+            Stat::RelayWake => "relay_wake",
+            Stat::RelayWakeDropped => "relay_wake_dropped",
         }
     }
 }
@@ -744,11 +764,17 @@ impl Stat {
             Stat::SkbRelayedBytes => {
                 "egress kernel relay: the destination's bytes moved onto the proxy's client socket in the kernel"
             }
+            Stat::RelayWake => {
+                "egress kernel relay: a segment of the destination went to a proxy not watching its socket, which a RELAY_WAKE record wakes"
+            }
+            Stat::RelayWakeDropped => {
+                "egress kernel relay: a wake-up record was lost, RELAY_WAKE was full (the proxy finds the segment at its next slow look)"
+            }
         }
     }
 }
 
-const _: () = assert!(Stat::ALL.len() == Stat::SkbRelayedBytes as usize + 1);
+const _: () = assert!(Stat::ALL.len() == Stat::RelayWakeDropped as usize + 1);
 
 /// Whether the proxy can take connections now: the agent marked it ready, and its
 /// heartbeat (`ProxyHealth`, CLOCK_MONOTONIC nanoseconds as `bpf_ktime_get_ns` reads it)

@@ -468,6 +468,12 @@ pub fn relay_back_drained(pa_sent: u64, proxy_written: u64, relayed: u64) -> boo
     pa_sent >= proxy_written + relayed
 }
 
+/// `RELAY_ARMED`'s top bit: the proxy does not watch P_u's receive queue (P_u is
+/// registered with its epoll without `EPOLLIN`, so the data-ready of each segment
+/// `mesh_relay_back` relays wakes no one); a segment the program hands to the proxy then
+/// comes with a `RELAY_WAKE` record. The other bits are the proxy's total written.
+pub const RELAY_ARMED_QUIET: u64 = 1 << 63;
+
 /// `KERNEL_RELAY` (the eBPF's load-time constant): which kernel relay runs.
 pub mod relay_mode {
     /// `--kernel-relay true`: both directions, into the far end's receive queue (S is

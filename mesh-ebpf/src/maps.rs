@@ -129,6 +129,13 @@ pub static RELAY_ARMED: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// P_u keys of quiet egress-relayed flows (`RELAY_ARMED_QUIET`) that `mesh_relay_back`
+/// handed a segment to the proxy: the proxy's wake-up (it does not watch P_u's receive
+/// queue then). Rare (a fallback, a broken P_a, the relay off), so each record wakes the
+/// reader. Not pinned (one reader per ring).
+#[btf_map]
+pub static RELAY_WAKE: RingBuf<SockKey, { cap::RELAY_WAKE_BYTES as usize }> = RingBuf::new();
+
 /// Paired sockets closed with redirected bytes unread, by the closing socket's view
 /// (namespace 0), written by `close::mesh_close_unread`, consumed by the proxy. Not pinned
 /// (its entries live for milliseconds).

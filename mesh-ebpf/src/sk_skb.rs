@@ -22,6 +22,13 @@
 //! (`relay_state::BACK_BROKEN`) and passes every later segment to the proxy, whose gate
 //! then resets both ends at once (the destination's writes fail as through a proxy).
 //!
+//! The proxy's wake-up: while the flow relays, the proxy does not watch P_u's receive
+//! queue (P_u is in its epoll without `EPOLLIN`, `RELAY_ARMED_QUIET` set in its total), so
+//! the data-ready that follows each relayed segment (the psock calls the socket's saved
+//! one) wakes no thread. A segment this program hands to such a proxy (a fallback, a
+//! broken P_a, the relay off) comes with a `RELAY_WAKE` record, the proxy's wake-up; a
+//! FIN or a reset reaches it through epoll (`EPOLLRDHUP`, `EPOLLERR`).
+//!
 //! # Minimum kernel version
 //!
 //! The parser-less stream verdict (`sk_psock_verdict_data_ready`) is 5.13+; loaded only in
@@ -33,13 +40,13 @@ use aya_ebpf::{
     bindings::sk_action::SK_PASS, macros::stream_verdict, programs::SkBuffContext, Global,
 };
 use mesh_common::{
-    maps::{relay_state, RelayBack},
+    maps::{relay_state, RelayBack, SockKey, RELAY_ARMED_QUIET},
     socket_key, Stat,
 };
 
 use crate::maps::{
     add, bump, read_addressing, read_u32, read_u64, OFF_SK_USER_DATA, RELAY_ARMED, RELAY_BACK,
-    SOCKHASH,
+    RELAY_WAKE, SOCKHASH,
 };
 
 /// `struct sk_buff`'s `_sk_redir` (the redirect target the helper just set, flag bits in
@@ -98,7 +105,7 @@ fn on_skb(ctx: &SkBuffContext) -> u32 {
             // SAFETY: map value pointer, read once.
             RELAY_ARMED
                 .get_ptr(me)
-                .is_some_and(|a| unsafe { read_volatile(a) } == b.passed)
+                .is_some_and(|a| unsafe { read_volatile(a) } & !RELAY_ARMED_QUIET == b.passed)
         }
         _ => false,
     };
@@ -121,6 +128,7 @@ fn on_skb(ctx: &SkBuffContext) -> u32 {
                     // sees the state and resets both ends (the stream to the client
                     // cannot complete).
                     b.state = relay_state::BACK_BROKEN;
+                    wake_if_quiet(me);
                     return SK_PASS;
                 }
                 Backlog::Full => {
@@ -143,7 +151,30 @@ fn on_skb(ctx: &SkBuffContext) -> u32 {
         b.state = DRAINING;
     }
     b.passed += len as u64;
+    // Accepted race: a proxy that sets `RELAY_ARMED_QUIET` while this runs (after the
+    // read below) finds the segment itself: it looks at P_u's counts and receive queue
+    // only after taking P_u's socket lock, which this program holds (`BackGate::quiet`).
+    wake_if_quiet(me);
     SK_PASS
+}
+
+/// Writes P_u's key to `RELAY_WAKE` when the proxy does not watch P_u's receive queue
+/// (`RELAY_ARMED_QUIET`): it reads a segment this program hands to it only once woken.
+/// Rare (a fallback, a broken P_a, the relay off), so the record wakes the reader at once.
+#[inline(always)]
+fn wake_if_quiet(me: SockKey) {
+    // SAFETY: map value pointer, read once.
+    let quiet = RELAY_ARMED
+        .get_ptr(me)
+        .is_some_and(|a| unsafe { read_volatile(a) } & RELAY_ARMED_QUIET != 0);
+    if !quiet {
+        return;
+    }
+    if RELAY_WAKE.output(me, 0).is_ok() {
+        bump(Stat::RelayWake);
+    } else {
+        bump(Stat::RelayWakeDropped);
+    }
 }
 
 /// What the redirect's target P_a can take (read from the skb, whose redirect target the

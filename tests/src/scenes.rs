@@ -215,3 +215,29 @@ pub fn client_server(backend_extra: &str) -> SimNode {
     .unwrap();
     n
 }
+
+/// Pods the agent captures inbound (`mesh_inbound_pods`): their in-pod listeners are open
+/// and TC steers to them (0 while the agent's metrics do not answer).
+pub fn inbound_pods(agent: &Agent) -> u64 {
+    crate::metric(
+        &agent.get("/metrics").unwrap_or_default(),
+        "mesh_inbound_pods",
+        &[],
+    )
+}
+
+/// The listening TCP sockets in `netns` whose local port is one of `ports` (`ss -Hltn`),
+/// a line each: e.g. inbound capture's in-pod listeners (15006, 15008).
+pub fn listening(netns: &str, ports: &[u16]) -> Vec<String> {
+    crate::sh(&format!("ip netns exec {netns} ss -Hltn"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            // State, Recv-Q, Send-Q, then the local address.
+            let local = l.split_whitespace().nth(3).unwrap_or_default();
+            let port = local.rsplit(':').next().and_then(|p| p.parse().ok());
+            port.is_some_and(|p: u16| ports.contains(&p))
+        })
+        .map(str::to_owned)
+        .collect()
+}

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use mesh_tests::flows::echo_intact;
-use mesh_tests::{firewall_rules, metric, sh, wait_for, SimNode};
+use mesh_tests::{firewall_rules, metric, scenes::inbound_pods, sh, wait_for, SimNode};
 
 const MIB: u64 = 1 << 20;
 
@@ -161,11 +161,7 @@ fn inbound_to_an_enrolled_pod_goes_through_the_agent_and_others_do_not() {
     n.serve("other", &["echo", "--listen", "0.0.0.0:8080"])
         .unwrap();
     wait_for("web's inbound capture", Duration::from_secs(10), || {
-        metric(
-            &agent.get("/metrics").unwrap_or_default(),
-            "mesh_inbound_pods",
-            &[],
-        ) == 1
+        inbound_pods(&agent) == 1
     });
     assert!(attached(&web.netns), "{}", tc_ingress(&web.netns));
     assert!(!attached(&other.netns), "{}", tc_ingress(&other.netns));
@@ -255,12 +251,7 @@ fn an_enrolled_pod_still_connects_out_and_leaving_the_mesh_detaches() {
     // The namespace leaves the mesh: listeners closed, TC detached, nothing captured.
     n.write_config(&config(&n, false, &[])).unwrap();
     wait_for("inbound capture off", Duration::from_secs(10), || {
-        !attached(&web.netns)
-            && metric(
-                &agent.get("/metrics").unwrap_or_default(),
-                "mesh_inbound_pods",
-                &[],
-            ) == 0
+        !attached(&web.netns) && inbound_pods(&agent) == 0
     });
     echo_intact(&n, "outsider", &format!("{}:8080", web.ip), MIB);
     assert_eq!(inbound(&agent, "accepted"), 0);

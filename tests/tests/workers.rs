@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{intact, metric, scenes::workload_entry, wait_for, Agent, SimNode};
+use mesh_tests::{
+    intact, metric,
+    scenes::{inbound_pods, listening, workload_entry},
+    wait_for, Agent, SimNode,
+};
 
 fn node() -> SimNode {
     let mut n = SimNode::new().expect("sim node");
@@ -127,12 +131,7 @@ fn inbound_on(agent: &Agent, listener: &str, worker: &str) -> u64 {
 
 /// The agent's listeners in `netns` (15006, 15008), one line per listening socket.
 fn in_pod_listeners(netns: &str) -> Vec<String> {
-    mesh_tests::sh(&format!("ip netns exec {netns} ss -Hltn"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(":15006") || l.contains(":15008"))
-        .map(str::to_owned)
-        .collect()
+    listening(netns, &[15006, 15008])
 }
 
 /// Inbound capture's in-pod listeners are one socket each that every worker accepts
@@ -162,11 +161,7 @@ fn inbound_connections_are_served_by_every_worker_and_a_leaving_pod_closes_its_l
     let agent = n.start_agent(&["--proxy-workers", "2"]).unwrap();
     let web = n.pod("web");
     wait_for("web's inbound capture", Duration::from_secs(10), || {
-        metric(
-            &agent.get("/metrics").unwrap_or_default(),
-            "mesh_inbound_pods",
-            &[],
-        ) == 1
+        inbound_pods(&agent) == 1
     });
     // One socket per listener whatever the workers: 15006 and 15008.
     let listening = in_pod_listeners(&web.netns);
@@ -222,12 +217,7 @@ fn inbound_connections_are_served_by_every_worker_and_a_leaving_pod_closes_its_l
     // And back in: listeners again, served.
     n.write_config(&yaml(true)).unwrap();
     wait_for("web's capture again", Duration::from_secs(10), || {
-        in_pod_listeners(&web.netns).len() == 2
-            && metric(
-                &agent.get("/metrics").unwrap_or_default(),
-                "mesh_inbound_pods",
-                &[],
-            ) == 1
+        in_pod_listeners(&web.netns).len() == 2 && inbound_pods(&agent) == 1
     });
     let r = n.echo_once("outsider", &dst).unwrap();
     assert!(intact(&r), "{r}");

@@ -25,23 +25,35 @@
 //! only once P_a sent every byte the kernel relayed, and publishes its total after each
 //! write, which is how the kernel knows it holds none of S's bytes.
 //!
+//! While that direction relays, the proxy does not watch P_u's receive queue
+//! (`BackGate::quiet`): the psock still calls P_u's saved data-ready after each segment
+//! it relays, which would otherwise wake the proxy once per round trip for nothing to
+//! read. P_u's FIN and reset still reach it through its own epoll (`EPOLLRDHUP`,
+//! `EPOLLERR`), and a segment the program hands to it comes with a `RELAY_WAKE` record
+//! (`WakeReader`).
+//!
 //! Each direction then switches in the kernel on its own (mesh-ebpf `sk_msg::relay`). The
 //! proxy keeps relaying whatever still reaches its sockets and passes FIN and RST on as
 //! before; when its relay ends it reads each sender's relayed bytes and removes both
 //! entries.
 
 use std::{
+    collections::HashMap as StdHashMap,
     io,
     os::fd::{AsRawFd, RawFd},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapData, SkStorage, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SkStorage, SockHash};
 use mesh_common::{
     fallback, flow_flags,
-    maps::{relay_back_drained, relay_state, RelayBack, RelayInfo, SockKey, SockState},
+    maps::{
+        relay_back_drained, relay_state, RelayBack, RelayInfo, SockKey, SockState,
+        RELAY_ARMED_QUIET,
+    },
 };
+use tokio::sync::Notify;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -96,11 +108,128 @@ pub fn back_offsets() -> Option<[u32; 3]> {
 }
 
 /// The egress relay's destination direction: `RELAY_UP` (the P_u legs, `mesh_relay_back`
-/// attached), `RELAY_BACK` (the program's counts) and `RELAY_ARMED` (the proxy's totals).
+/// attached), `RELAY_BACK` (the program's counts), `RELAY_ARMED` (the proxy's totals) and
+/// `RELAY_WAKE` (the program's wake-ups of quiet flows, read by `WakeReader`).
 pub struct BackMaps {
     pub up: SockHash<MapData, SockKey>,
     pub back: HashMap<MapData, SockKey, RelayBack>,
     pub armed: HashMap<MapData, SockKey, u64>,
+    pub wake: RingBuf<MapData>,
+}
+
+/// `BackMaps` without the ring (its reader owns it).
+struct Back {
+    up: SockHash<MapData, SockKey>,
+    back: HashMap<MapData, SockKey, RelayBack>,
+    armed: HashMap<MapData, SockKey, u64>,
+}
+
+/// Quiet flows' wake-ups, by P_u's key (`RELAY_WAKE` records).
+type Wakes = Arc<Mutex<StdHashMap<SockKey, Arc<Notify>>>>;
+
+/// The reader of `RELAY_WAKE`: wakes the flow each record names. Its own thread (as
+/// `events::FlowReader`); stops and joins it on drop.
+struct WakeReader {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[expect(
+    deprecated,
+    reason = "as `events::watch_ring`: the ring buffer owns its fd for as long as the AsyncFd holds it"
+)]
+fn watch_wakes(ring: RingBuf<MapData>) -> io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
+    tokio::io::unix::AsyncFd::with_interest(ring, tokio::io::Interest::READABLE)
+}
+
+/// A `RELAY_WAKE` record: P_u's key (`SockKey`'s layout, native endian).
+fn parse_wake(b: &[u8]) -> Option<SockKey> {
+    if b.len() != std::mem::size_of::<SockKey>() {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+    let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+    let ip_at = |o: usize| [u32_at(o), u32_at(o + 4), u32_at(o + 8), u32_at(o + 12)];
+    Some(SockKey {
+        netns: u64::from_ne_bytes(b[0..8].try_into().unwrap_or([0; 8])),
+        local_ip: ip_at(8),
+        remote_ip: ip_at(24),
+        local_port: u16_at(40),
+        remote_port: u16_at(42),
+        _pad: u32_at(44),
+    })
+}
+
+impl WakeReader {
+    fn start(ring: RingBuf<MapData>, wakes: Wakes) -> io::Result<WakeReader> {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("relay-wakes".into())
+            .spawn(move || {
+                let span = tracing::info_span!("relay_wakes");
+                let _enter = span.enter();
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "egress kernel relay: wake-ups cannot be read; quiet flows wake on their own timer");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut fd = match watch_wakes(ring) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "egress kernel relay: wake-ups cannot be read; quiet flows wake on their own timer");
+                            return;
+                        }
+                    };
+                    let drain = |ring: &mut RingBuf<MapData>| {
+                        while let Some(item) = ring.next() {
+                            let Some(key) = parse_wake(&item) else {
+                                continue;
+                            };
+                            let w = wakes.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Some(n) = w.get(&key) {
+                                n.notify_one();
+                            }
+                        }
+                    };
+                    loop {
+                        tokio::select! {
+                            r = fd.readable_mut() => match r {
+                                Ok(mut guard) => {
+                                    drain(guard.get_inner_mut());
+                                    guard.clear_ready();
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "egress kernel relay: reading wake-ups failed; quiet flows wake on their own timer");
+                                    return;
+                                }
+                            },
+                            _ = &mut stopped => return,
+                        }
+                    }
+                });
+            })?;
+        Ok(WakeReader {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for WakeReader {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Handles on `RELAY` and on `SOCK_STATE` (a second handle, opened from its pin, so the
@@ -111,7 +240,10 @@ pub struct RelayMaps {
     /// Egress mode: the client's direction, onto P_u's send path.
     egress: bool,
     /// Egress mode, the destination's direction (`None`: it stays on the proxied path).
-    back: Option<Mutex<BackMaps>>,
+    back: Option<Mutex<Back>>,
+    /// Quiet flows' wake-ups, and their reader (`None`: no flow goes quiet).
+    wakes: Wakes,
+    wake_reader: Option<WakeReader>,
 }
 
 /// What the kernel moved for one flow (`RelayMaps::finish`).
@@ -133,19 +265,21 @@ pub struct Armed<'a> {
     /// `None` in egress mode (the destination's socket is not armed).
     server: Option<SockKey>,
     /// Egress mode, the destination's direction: P_u's key in `RELAY_UP`, `RELAY_BACK`
-    /// and `RELAY_ARMED`, and P_a's fd (the gate reads its counts).
-    back: Option<(SockKey, RawFd)>,
+    /// and `RELAY_ARMED`, P_a's fd (the gate reads its counts), and the flow's wake-up
+    /// (`None`: it never goes quiet).
+    back: Option<(SockKey, RawFd, Option<Arc<Notify>>)>,
 }
 
 impl<'a> Armed<'a> {
     /// The gate of the destination's direction (egress mode, armed): what the proxy's copy
     /// from P_u to P_a must go through.
     pub fn back_gate(&self) -> Option<BackGate<'a>> {
-        let (pu, pa) = self.back?;
+        let (pu, pa, wake) = self.back.clone()?;
         Some(BackGate {
             maps: self.maps,
             pu,
             pa,
+            wake,
         })
     }
 }
@@ -159,6 +293,7 @@ pub struct BackGate<'a> {
     maps: &'a RelayMaps,
     pu: SockKey,
     pa: RawFd,
+    wake: Option<Arc<Notify>>,
 }
 
 impl BackGate<'_> {
@@ -245,6 +380,44 @@ impl BackGate<'_> {
         }
     }
 
+    /// The flow's wake-up from `RELAY_WAKE` (`None`: the flow never goes quiet).
+    pub fn wake(&self) -> Option<&Arc<Notify>> {
+        self.wake.as_ref()
+    }
+
+    /// Stops watching P_u's receive queue if the kernel relays the destination's next
+    /// segment (the proxy has written everything the program passed to it, and the
+    /// relay is neither off nor broken), or else the program wakes the proxy with a
+    /// `RELAY_WAKE` record. The caller has taken P_u's receive readiness out of its epoll
+    /// already (so a segment that came before the flag was seen is found below). `pu` is
+    /// P_u's fd. `false`: keep watching (the total is published without
+    /// `RELAY_ARMED_QUIET` again).
+    pub fn quiet(&self, written: u64, pu: RawFd) -> bool {
+        if self.wake.is_none() || !self.may_quiet(written) {
+            return false;
+        }
+        self.publish(written | RELAY_ARMED_QUIET);
+        // `TCP_INFO` takes P_u's socket lock, under which `mesh_relay_back` runs: a run
+        // that read the total before the flag was set has finished now, and what it
+        // passed is counted (and queued) when looked at below.
+        let locked = crate::sys::tcp_bytes_acked(pu).is_ok();
+        if locked && self.may_quiet(written) && !crate::sys::readable_now(pu) {
+            return true;
+        }
+        self.publish(written);
+        false
+    }
+
+    /// Whether the program relays P_u's next segment with the proxy's total at `written`:
+    /// relaying, or armed and not started. Not in a fallback (its segments come to the
+    /// proxy, which would be woken by a record for each quiet spell; the relay comes back
+    /// at the next segment after the proxy's last write, whose data-ready wakes the proxy
+    /// once, and it goes quiet then), nor off, nor broken.
+    fn may_quiet(&self, written: u64) -> bool {
+        let e = self.entry();
+        matches!(e.state, relay_state::ON | relay_state::ARMED) && e.passed == written
+    }
+
     /// Publishes the proxy's total written to P_a (it holds none of S's bytes now).
     pub fn publish(&self, written: u64) {
         if let Some(b) = &self.maps.back {
@@ -261,11 +434,28 @@ impl RelayMaps {
         egress: bool,
         back: Option<BackMaps>,
     ) -> RelayMaps {
+        let wakes = Wakes::default();
+        let (back, wake_reader) = match back {
+            Some(BackMaps {
+                up,
+                back,
+                armed,
+                wake,
+            }) => {
+                let reader = WakeReader::start(wake, wakes.clone())
+                    .map_err(|e| tracing::warn!(error = %e, "egress kernel relay: no wake-up reader; the proxy watches every relayed flow's socket"))
+                    .ok();
+                (Some(Mutex::new(Back { up, back, armed })), reader)
+            }
+            None => (None, None),
+        };
         RelayMaps {
             relay: Mutex::new(relay),
             sock_state: Mutex::new(sock_state),
             egress,
-            back: back.map(Mutex::new),
+            back,
+            wakes,
+            wake_reader,
         }
     }
 
@@ -417,7 +607,7 @@ impl RelayMaps {
         upstream: &impl AsRawFd,
         pu: SockKey,
         pa_key: SockKey,
-    ) -> Option<(SockKey, RawFd)> {
+    ) -> Option<(SockKey, RawFd, Option<Arc<Notify>>)> {
         let b = self.back.as_ref()?;
         let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
         let entry = RelayBack {
@@ -431,7 +621,15 @@ impl RelayMaps {
             .and_then(|()| b.back.insert(pu, entry, 0))
             .and_then(|()| b.up.insert(pu, upstream.as_raw_fd(), 0));
         match r {
-            Ok(()) => Some((pu, accepted.as_raw_fd())),
+            Ok(()) => {
+                let wake = self.wake_reader.as_ref().map(|_| {
+                    let n = Arc::new(Notify::new());
+                    let mut w = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
+                    w.insert(pu, n.clone());
+                    n
+                });
+                Some((pu, accepted.as_raw_fd(), wake))
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "egress kernel relay: the destination's direction not armed");
                 let _ = b.armed.remove(&pu);
@@ -450,10 +648,10 @@ impl RelayMaps {
             .and_then(|k| m.get(&k, 0).ok())
             .unwrap_or_default();
         drop(m);
-        let back = match (&self.back, armed.back) {
-            (Some(b), Some((pu, _))) => {
+        let back = match (&self.back, &armed.back) {
+            (Some(b), Some((pu, _, _))) => {
                 let b = b.lock().unwrap_or_else(|e| e.into_inner());
-                b.back.get(&pu, 0).unwrap_or_default()
+                b.back.get(pu, 0).unwrap_or_default()
             }
             _ => RelayBack::default(),
         };
@@ -484,12 +682,47 @@ impl Drop for Armed<'_> {
             let _ = m.remove(s);
         }
         drop(m);
-        if let (Some(b), Some((pu, _))) = (&self.maps.back, self.back) {
+        if let (Some(b), Some((pu, _, wake))) = (&self.maps.back, &self.back) {
             // P_u leaves `RELAY_UP` first (its verdict stops), then its entries.
             let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = b.up.remove(&pu);
-            let _ = b.back.remove(&pu);
-            let _ = b.armed.remove(&pu);
+            let _ = b.up.remove(pu);
+            let _ = b.back.remove(pu);
+            let _ = b.armed.remove(pu);
+            drop(b);
+            if wake.is_some() {
+                let mut w = self.maps.wakes.lock().unwrap_or_else(|e| e.into_inner());
+                w.remove(pu);
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `RELAY_WAKE` record is `SockKey` as the program lays it out: a record decoded
+    /// into another key would wake no flow (it would then wait for its slow look).
+    #[test]
+    fn a_wake_record_decodes_into_the_key_it_was_written_from() {
+        let key = SockKey {
+            netns: 0x0102_0304_0506_0708,
+            local_ip: [1, 2, 3, 4],
+            remote_ip: [5, 6, 7, 8],
+            local_port: 15001,
+            remote_port: 9000,
+            _pad: 0,
+        };
+        let mut b = Vec::new();
+        b.extend_from_slice(&key.netns.to_ne_bytes());
+        for w in key.local_ip.iter().chain(key.remote_ip.iter()) {
+            b.extend_from_slice(&w.to_ne_bytes());
+        }
+        b.extend_from_slice(&key.local_port.to_ne_bytes());
+        b.extend_from_slice(&key.remote_port.to_ne_bytes());
+        b.extend_from_slice(&key._pad.to_ne_bytes());
+        assert_eq!(b.len(), std::mem::size_of::<SockKey>());
+        assert_eq!(parse_wake(&b), Some(key));
+        assert_eq!(parse_wake(&b[..40]), None);
     }
 }

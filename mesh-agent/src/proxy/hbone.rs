@@ -24,8 +24,8 @@ pub mod tunnel;
 pub use self::{
     client::{ClientOptions, HboneClient},
     server::{
-        connection_slots, parse_forwarded_for, serve, serve_shared, serve_with, ConnectHandler,
-        PeerInfo, Refusal, ServerOptions,
+        connection_slots, parse_forwarded_for, serve, serve_shared, ConnectHandler, PeerInfo,
+        Refusal, ServerOptions,
     },
     stream::HboneStream,
     tunnel::*,

@@ -27,11 +27,12 @@
 //! connection.
 
 use std::{
+    cell::RefCell,
     future::Future,
     net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Weak},
     time::Duration,
 };
 
@@ -107,12 +108,10 @@ impl Secure {
     pub fn outbound(&self, client: impl Into<IpAddr>, target: SocketAddr) -> Path {
         let client: IpAddr = client.into();
         let mesh = self.xds.mesh_now();
-        let Some(dst) = mesh.workloads.by_ip(target.ip()) else {
+        let (Some(dst), Some(src)) = ends(&mesh, client, target.ip()) else {
             return Path::Plain;
         };
-        let Some(src) = mesh.workloads.by_ip(client) else {
-            return Path::Plain;
-        };
+        let (dst, src) = (&dst, &src);
         if dst.node == self.node || dst.node.is_empty() {
             let ctx = ConnCtx::new(client, Some(&src.identity), dst, target);
             let v = authz::authorize(&mesh.policies, &ctx);
@@ -164,6 +163,63 @@ impl Secure {
         };
         r
     }
+}
+
+/// The workloads at both ends of the last flow `ends` looked up on this thread. A proxy
+/// worker's connections mostly repeat a flow (one client pod calling one destination),
+/// and the two hashed look-ups were ~470 instructions a connection (issue 13, item 3).
+struct LastEnds {
+    /// The configuration they were found in: `Weak`, so a replaced configuration is not
+    /// kept alive by an idle worker, while its address (what is compared) is not reused.
+    mesh: Weak<MeshConfig>,
+    client: IpAddr,
+    target: IpAddr,
+    src: Option<Arc<WorkloadInfo>>,
+    dst: Option<Arc<WorkloadInfo>>,
+}
+
+thread_local! {
+    static LAST_ENDS: RefCell<Option<LastEnds>> = const { RefCell::new(None) };
+}
+
+/// The mesh workloads at `target` and at `client` in `mesh` (the client's looked up only
+/// when the target is one), kept for the next flow of this thread.
+fn ends(
+    mesh: &Arc<MeshConfig>,
+    client: IpAddr,
+    target: IpAddr,
+) -> (Option<Arc<WorkloadInfo>>, Option<Arc<WorkloadInfo>>) {
+    let look = || {
+        let dst = mesh.workloads.by_ip(target).cloned();
+        let src = dst.as_ref().and(mesh.workloads.by_ip(client).cloned());
+        (dst, src)
+    };
+    // (`try_with`: a thread tearing down its locals just looks up.)
+    LAST_ENDS
+        .try_with(|last| {
+            let mut last = last.borrow_mut();
+            match last.as_ref() {
+                Some(l)
+                    if l.client == client
+                        && l.target == target
+                        && std::ptr::eq(l.mesh.as_ptr(), Arc::as_ptr(mesh)) =>
+                {
+                    (l.dst.clone(), l.src.clone())
+                }
+                _ => {
+                    let (dst, src) = look();
+                    *last = Some(LastEnds {
+                        mesh: Arc::downgrade(mesh),
+                        client,
+                        target,
+                        src: src.clone(),
+                        dst: dst.clone(),
+                    });
+                    (dst, src)
+                }
+            }
+        })
+        .unwrap_or_else(|_| look())
 }
 
 fn log_denial(direction: &str, ctx: &ConnCtx<'_>, v: &Verdict) {
@@ -574,5 +630,68 @@ mod tests {
         // The tunnel goes to the IPv4 address (the in-pod listener, 0.0.0.0:15008),
         // whichever family the destination is.
         assert_eq!(w.hbone_addr(), Some("10.0.1.2:15008".parse().unwrap()));
+    }
+
+    fn mesh(pods: &[(&str, &str)]) -> Arc<MeshConfig> {
+        let ws: Vec<Arc<WorkloadInfo>> = pods
+            .iter()
+            .map(|(name, ip)| {
+                Arc::new(WorkloadInfo {
+                    uid: format!("Kubernetes//Pod/shop/{name}"),
+                    name: (*name).into(),
+                    namespace: "shop".into(),
+                    ips: vec![ip.parse().unwrap()],
+                    identity: SpiffeId::new("cluster.local", "shop", name).unwrap(),
+                    node: String::new(),
+                    hbone: true,
+                    authorization_policies: vec![],
+                    peer_authentications: vec![],
+                    telemetry: Default::default(),
+                })
+            })
+            .collect();
+        Arc::new(MeshConfig {
+            workloads: super::super::config::workloads::WorkloadIndex::new(&ws),
+            ..Default::default()
+        })
+    }
+
+    /// The ends kept from the last flow are those of the configuration asked about: a new
+    /// configuration (even at the same address range) or another flow looks up again.
+    #[test]
+    fn kept_ends_follow_the_configuration_and_the_flow() {
+        let name = |w: &Option<Arc<WorkloadInfo>>| w.as_ref().map(|w| w.name.clone());
+        let (cli, srv, other) = (
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+            "10.0.0.4".parse().unwrap(),
+        );
+        let one = mesh(&[("cli", "10.0.0.2"), ("srv", "10.0.0.3")]);
+        for _ in 0..2 {
+            let (dst, src) = ends(&one, cli, srv);
+            assert_eq!(
+                (name(&dst), name(&src)),
+                (Some("srv".into()), Some("cli".into()))
+            );
+        }
+        // Not a mesh destination: the client is not looked up.
+        let (dst, src) = ends(&one, cli, other);
+        assert!(dst.is_none() && src.is_none());
+        // The same flow in a configuration where the server moved away and another pod
+        // took its address; then one without the client.
+        let two = mesh(&[("cli", "10.0.0.2"), ("new", "10.0.0.3")]);
+        let (dst, src) = ends(&two, cli, srv);
+        assert_eq!(
+            (name(&dst), name(&src)),
+            (Some("new".into()), Some("cli".into()))
+        );
+        drop(one);
+        let three = mesh(&[("new", "10.0.0.3")]);
+        let (dst, src) = ends(&three, cli, srv);
+        assert_eq!((name(&dst), name(&src)), (Some("new".into()), None));
+        // And the first answer again for the first configuration's twin.
+        let again = mesh(&[("cli", "10.0.0.2"), ("srv", "10.0.0.3")]);
+        let (dst, _) = ends(&again, cli, srv);
+        assert_eq!(name(&dst), Some("srv".into()));
     }
 }

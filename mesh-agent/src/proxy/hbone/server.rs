@@ -157,23 +157,15 @@ impl Default for ServerOptions {
 }
 
 /// Serves HBONE on `listener` until the drain begins: then stops accepting, sends GOAWAY
-/// on every connection and lets its streams finish (each holds a clone of `drain`).
+/// on every connection and lets its streams finish (each holds a clone of `drain`). The
+/// default options, one accept loop (`serve_shared` with slots of its own).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<dyn ConnectHandler>,
     drain: DrainWatch,
 ) {
-    serve_with(listener, tls, handler, drain, ServerOptions::default()).await
-}
-
-pub async fn serve_with(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    handler: Arc<dyn ConnectHandler>,
-    drain: DrainWatch,
-    opts: ServerOptions,
-) {
+    let opts = ServerOptions::default();
     let slots = connection_slots(&opts);
     serve_shared(listener, tls, handler, drain, opts, slots, || {}).await
 }
@@ -185,7 +177,7 @@ pub fn connection_slots(opts: &ServerOptions) -> Arc<Semaphore> {
 }
 
 /// One of several accept loops of one listener (a proxy worker's:
-/// `WorkerSet::serve_everywhere`), as `serve_with`: connections run on this loop's runtime;
+/// `WorkerSet::serve_everywhere`), as `serve`: connections run on this loop's runtime;
 /// `slots` (`connection_slots`) caps the connections of all the loops together, and
 /// `accepted` is called for each connection this loop accepts. The TLS configuration (and
 /// so its session cache and ticketer) and the handler are shared, hence thread-safe.

@@ -198,11 +198,14 @@ pub struct Demand {
     /// Unix ms of the last accepted change per listener (as the listener type's
     /// `TypeState::updated_unix_ms`).
     listener_updated_ms: HashMap<String, u64>,
-    /// On-demand listener names wanted, and those the server said do not exist.
-    pub wanted: BTreeSet<String>,
-    pub absent: BTreeSet<String>,
-    /// `absent` in the order names were found absent, to forget the oldest first.
-    absent_order: std::collections::VecDeque<String>,
+    /// On-demand listeners wanted, and those the server said do not exist, by address:
+    /// an on-demand listener's name is its address's `Display` form (`listener_name`), and
+    /// a captured connection to a known destination then costs no formatting (issue 13,
+    /// item 3: it was 5.7% of the agent's user space a connection).
+    pub wanted: BTreeSet<SocketAddr>,
+    pub absent: BTreeSet<SocketAddr>,
+    /// `absent` in the order addresses were found absent, to forget the oldest first.
+    absent_order: std::collections::VecDeque<SocketAddr>,
     /// Absent names forgotten since the subscription was last recomputed.
     pruned: bool,
 }
@@ -317,14 +320,26 @@ fn check(kind: Kind, any: &Any) -> Result<(String, Checked), String> {
 /// control plane again (one round trip).
 pub const MAX_ABSENT_LISTENERS: usize = 1024;
 
+/// The on-demand listener name of `dst` (what `lookup` subscribes to).
+fn listener_name(dst: SocketAddr) -> String {
+    dst.to_string()
+}
+
+/// The address whose on-demand name `name` is; `None` for any other name (the server's
+/// own listener names, or another spelling of an address, which were never asked for).
+fn on_demand_addr(name: &str) -> Option<SocketAddr> {
+    let a: SocketAddr = name.parse().ok()?;
+    (listener_name(a) == name).then_some(a)
+}
+
 impl Demand {
-    /// Records that the control plane has no listener `name`, forgetting the oldest
-    /// absent names (and their subscriptions) beyond `MAX_ABSENT_LISTENERS`.
-    fn mark_absent(&mut self, name: &str) {
-        if !self.absent.insert(name.to_owned()) {
+    /// Records that the control plane has no listener for `dst`, forgetting the oldest
+    /// absent addresses (and their subscriptions) beyond `MAX_ABSENT_LISTENERS`.
+    fn mark_absent(&mut self, dst: SocketAddr) {
+        if !self.absent.insert(dst) {
             return;
         }
-        self.absent_order.push_back(name.to_owned());
+        self.absent_order.push_back(dst);
         while self.absent.len() > MAX_ABSENT_LISTENERS {
             let Some(old) = self.absent_order.pop_front() else {
                 break;
@@ -544,10 +559,15 @@ impl Core {
                 }
                 if kind == Kind::Listener {
                     let mut d = self.demand();
-                    let wanted: Vec<String> = d.wanted.iter().cloned().collect();
+                    let wanted: Vec<SocketAddr> = d.wanted.iter().copied().collect();
                     for w in wanted {
-                        if !new_names.contains(&w) {
-                            d.mark_absent(&w);
+                        // Forgotten by `mark_absent` earlier in this loop: marking it again
+                        // would forget the next oldest, and so on through the whole set.
+                        if !d.wanted.contains(&w) {
+                            continue;
+                        }
+                        if !new_names.contains(&listener_name(w)) {
+                            d.mark_absent(w);
                         } else {
                             d.absent.remove(&w);
                         }
@@ -636,13 +656,16 @@ impl Core {
                 if kind == Kind::Listener {
                     let mut d = self.demand();
                     for (name, _) in &items {
-                        d.absent.remove(name);
+                        if let Some(a) = on_demand_addr(name) {
+                            d.absent.remove(&a);
+                        }
                         d.listener_updated_ms.insert(name.clone(), now);
                     }
                     for name in &resp.removed_resources {
                         d.listener_updated_ms.remove(name);
-                        if d.wanted.contains(name) {
-                            d.mark_absent(name);
+                        match on_demand_addr(name) {
+                            Some(a) if d.wanted.contains(&a) => d.mark_absent(a),
+                            _ => {}
                         }
                     }
                     d.listeners_known = !resp.system_version_info.is_empty();
@@ -703,7 +726,13 @@ impl Core {
         want.insert(Kind::ClusterLoadAssignment, eds.into_iter().collect());
         if self.on_demand {
             want.insert(Kind::Cluster, cds.into_iter().collect());
-            want.insert(Kind::Listener, self.demand().wanted.clone());
+            let wanted = self
+                .demand()
+                .wanted
+                .iter()
+                .map(|a| listener_name(*a))
+                .collect();
+            want.insert(Kind::Listener, wanted);
         }
         let mut out = Vec::new();
         for (kind, names) in want {
@@ -995,14 +1024,24 @@ impl XdsClient {
     /// nothing known yet (the control plane unreachable, or not answering in time); the
     /// caller applies the workload's fail mode to the last case.
     pub async fn lookup(&self, dst: SocketAddr) -> Lookup {
+        match self.lookup_now(dst) {
+            Some(answer) => answer,
+            None => self.await_listener(dst).await,
+        }
+    }
+
+    /// `lookup`'s answer when it needs no wait (a listener in force, or a destination
+    /// known to have none); `None`: `dst` is now subscribed, and `await_listener` waits for
+    /// the answer. The proxy calls this first, so an accepted connection whose destination
+    /// is known never makes (or allocates) the waiting future.
+    pub fn lookup_now(&self, dst: SocketAddr) -> Option<Lookup> {
         let in_force = {
             let cfg = self.config.borrow();
             cfg.listener(dst).map(|l| (l.clone(), complete(&cfg, l)))
         };
         if let Some((l, true)) = in_force {
-            return Lookup::Found(l);
+            return Some(Lookup::Found(l));
         }
-        let name = dst.to_string();
         {
             let mut demand = self.demand();
             // A listener in force before what its routes send traffic to: its clusters and
@@ -1013,34 +1052,42 @@ impl XdsClient {
             // listener stayed incomplete past the on-demand timeout (what it lacks is not
             // coming soon: serve it, as Envoy would) or the stream is down.
             if let Some((l, false)) = &in_force {
-                let accepted_ms = demand.listener_updated_ms.get(&name).copied();
+                // (Formatted only here: a listener waiting for its clusters is rare.)
+                let accepted_ms = demand.listener_updated_ms.get(&listener_name(dst)).copied();
                 let recent = accepted_ms.is_some_and(|at| {
                     u128::from(now_ms().saturating_sub(at))
                         < self.opts.on_demand_timeout.as_millis()
                 });
                 if !self.opts.on_demand || !demand.connected || !recent {
-                    return Lookup::Found(l.clone());
+                    return Some(Lookup::Found(l.clone()));
                 }
             }
             if !self.opts.on_demand {
                 // Wildcard: what the last accepted response holds is the answer, once
                 // there is one.
-                return if demand.listeners_known {
+                return Some(if demand.listeners_known {
                     Lookup::Absent
                 } else {
                     Lookup::Unknown("no listener configuration received yet")
-                };
+                });
             }
-            if demand.absent.contains(&name) {
-                return Lookup::Absent;
+            if demand.absent.contains(&dst) {
+                return Some(Lookup::Absent);
             }
             // Not connected (yet: an agent that just took the node over): subscribe anyway,
             // the next stream asks for it first thing, and wait like any lookup (bounded).
-            if demand.wanted.insert(name.clone()) {
-                debug!(listener = %name, "subscribing on demand");
+            if demand.wanted.insert(dst) {
+                debug!(listener = %dst, "subscribing on demand");
                 self.demand.notify_one();
             }
         }
+        None
+    }
+
+    /// The wait of `lookup` for a subscribed `dst` (after `lookup_now` said `None`): until
+    /// its listener is in force with everything it sends traffic to, the server says it
+    /// has none, or the on-demand timeout.
+    pub async fn await_listener(&self, dst: SocketAddr) -> Lookup {
         let mut generation = self.generation.subscribe();
         let deadline = tokio::time::Instant::now() + self.opts.on_demand_timeout;
         loop {
@@ -1052,13 +1099,13 @@ impl XdsClient {
             if let Some((l, true)) = found {
                 return Lookup::Found(l);
             }
-            if self.demand().absent.contains(&name) {
+            if self.demand().absent.contains(&dst) {
                 return Lookup::Absent;
             }
             match tokio::time::timeout_at(deadline, generation.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => {
-                    debug!(listener = %name, "the listener did not arrive complete in time");
+                    debug!(listener = %dst, "the listener did not arrive complete in time");
                     return match found {
                         Some((l, _)) => Lookup::Found(l),
                         None if !self.connected() => {
@@ -1265,7 +1312,11 @@ impl XdsClient {
         };
         let (connected, wanted, absent) = {
             let d = self.demand();
-            (d.connected, d.wanted.clone(), d.absent.clone())
+            // By name, as subscribed (and in the names' order).
+            let names = |set: &BTreeSet<SocketAddr>| -> BTreeSet<String> {
+                set.iter().map(|a| listener_name(*a)).collect()
+            };
+            (d.connected, names(&d.wanted), names(&d.absent))
         };
         let cfg = self.config.borrow().clone();
         let mesh = self.mesh.borrow().clone();
@@ -1426,10 +1477,10 @@ services:
             lookup_while_judging(&c, addr("10.9.9.8:80")),
             Lookup::Unknown("the control plane is not connected")
         ));
-        c.demand().wanted.insert(DB.into());
+        c.demand().wanted.insert(addr(DB));
         // The listener alone: in force, incomplete (its cluster has not arrived).
         accept(&c, &[Kind::Listener], "1");
-        assert!(c.demand().absent.contains("10.9.9.9:80"));
+        assert!(c.demand().absent.contains(&nowhere));
         assert!(matches!(lookup_while_judging(&c, nowhere), Lookup::Absent));
         // Recently accepted but the stream is down: served as it is.
         assert!(matches!(
