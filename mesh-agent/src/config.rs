@@ -666,13 +666,13 @@ pub struct RunArgs {
     /// whose `traceparent` or B3 headers carry a decision follows it.
     #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = DEFAULT_TRACE_SAMPLING, value_parser = parse_ratio)]
     pub trace_sampling: f64,
-    /// The L7 engine's downstream HTTP/1.1 codec: `own` (default), the engine's own
-    /// (docs/l7.md), or `hyper`, hyper's server (HTTP/2: `--l7-h2-server`).
-    #[arg(long, env = "MESH_L7_H1_SERVER", value_enum, default_value = "own")]
+    /// The L7 engine's downstream HTTP/1.1 codec: `own`, the engine's own (docs/l7.md),
+    /// or `hyper`, hyper's server (HTTP/2: `--l7-h2-server`).
+    #[arg(long, env = "MESH_L7_H1_SERVER", value_enum, default_value_t = H1Server::DEFAULT)]
     pub l7_h1_server: H1Server,
-    /// The L7 engine's downstream HTTP/2 server: `hyper` (default), hyper's server, or
-    /// `own`, the `h2` crate's server driven by the connection's task (docs/l7.md).
-    #[arg(long, env = "MESH_L7_H2_SERVER", value_enum, default_value = "hyper")]
+    /// The L7 engine's downstream HTTP/2 server: `own`, the `h2` crate's server driven
+    /// by the connection's task (docs/l7.md), or `hyper`, hyper's server.
+    #[arg(long, env = "MESH_L7_H2_SERVER", value_enum, default_value_t = H2Server::DEFAULT)]
     pub l7_h2_server: H2Server,
 }
 

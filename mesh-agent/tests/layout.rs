@@ -94,12 +94,17 @@ fn without_tests(s: &str) -> String {
     while let Some(i) = rest.find("#[cfg(test)]") {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        // The item ends at its closing brace, or at `;` for a one-line item.
-        let mut depth = 0usize;
+        // The item ends at its closing brace, at `;` for a one-line item, or, for a field
+        // or an argument, at `,` or at the brace closing what holds it (kept).
+        let (mut depth, mut parens) = (0usize, 0usize);
         let mut end = tail.len();
         for (j, c) in tail.char_indices() {
             match c {
                 '{' => depth += 1,
+                '}' if depth == 0 => {
+                    end = j;
+                    break;
+                }
                 '}' => {
                     depth -= 1;
                     if depth == 0 {
@@ -107,7 +112,13 @@ fn without_tests(s: &str) -> String {
                         break;
                     }
                 }
+                '(' => parens += 1,
+                ')' => parens = parens.saturating_sub(1),
                 ';' if depth == 0 => {
+                    end = j + 1;
+                    break;
+                }
+                ',' if depth == 0 && parens == 0 => {
                     end = j + 1;
                     break;
                 }

@@ -3,7 +3,9 @@
 //! by the configuration the features file translates to: routing on path, headers and
 //! query, direct responses, faults, rate limits, header rewrites, gRPC local replies.
 //! Its services have no endpoints, so forwarding ends in a local 503 and nothing leaves
-//! the process. The first byte picks the listener (`FEATURES_LISTENERS`).
+//! the process. The first byte picks the listener (`FEATURES_LISTENERS`, its low 7 bits
+//! modulo their number) and, by its top bit, the HTTP/2 server: clear, the own one
+//! (`--l7-h2-server own`), set, hyper's (HTTP/1.x inputs are served the same either way).
 #![no_main]
 
 use std::{
@@ -17,7 +19,7 @@ use mesh_agent::{
     enrol::file::MeshFile,
     proxy::{
         config::ProxyConfig,
-        http::{L7Metrics, L7},
+        http::{H2Server, L7Metrics, L7},
     },
 };
 use mesh_agent_fuzz::{accept, translate, FEATURES_LISTENERS, FEATURES_YAML};
@@ -49,7 +51,7 @@ fuzz_target!(
         let Some((&pick, input)) = data.split_first() else {
             return;
         };
-        let dst: SocketAddr = FEATURES_LISTENERS[usize::from(pick) % FEATURES_LISTENERS.len()]
+        let dst: SocketAddr = FEATURES_LISTENERS[usize::from(pick & 0x7f) % FEATURES_LISTENERS.len()]
             .parse()
             .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -62,6 +64,11 @@ fuzz_target!(
             // reproducible from its input alone.
             let (_tx, rx) = tokio::sync::watch::channel(config().clone());
             let l7 = L7::new(rx, Arc::new(L7Metrics::default()));
+            l7.set_h2_server(if pick & 0x80 == 0 {
+                H2Server::Own
+            } else {
+                H2Server::Hyper
+            });
             let (client, server) = tokio::io::duplex(64 * 1024);
             // Never drained: the trigger lives as long as the connection.
             let (_drain, watch) = mesh_agent::lifecycle::drain::new();

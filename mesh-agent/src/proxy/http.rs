@@ -54,8 +54,8 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, OnceLock, Weak,
     },
     task::Poll,
     time::{Duration, SystemTime},
@@ -282,79 +282,118 @@ pub struct L7 {
 }
 
 /// The L7 engine's downstream HTTP/1.1 codec (`--l7-h1-server`).
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum H1Server {
     /// hyper's HTTP/1.1 server.
     Hyper,
     /// The engine's own codec (`proxy::http::server`).
-    #[default]
     Own,
 }
 
-/// The process-wide downstream HTTP/1.1 codec (`--l7-h1-server`): true for the own one.
-static DEFAULT_H1_OWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// The engine's unit tests run on either server: `var=hyper|own` (the default's
-/// otherwise), read once into `cell`.
-#[cfg(test)]
-fn test_server_choice(var: &str, cell: &OnceLock<Option<bool>>) -> Option<bool> {
-    *cell.get_or_init(|| match std::env::var(var).as_deref() {
-        Ok("own") => Some(true),
-        Ok("hyper") => Some(false),
-        _ => None,
-    })
+impl H1Server {
+    /// The process default (`--l7-h1-server`'s): the own codec.
+    pub const DEFAULT: H1Server = H1Server::Own;
 }
 
-/// The engine's unit tests run on either codec: `MESH_TEST_L7_H1_SERVER=hyper|own`.
-#[cfg(test)]
-fn test_h1_own() -> Option<bool> {
-    static OWN: OnceLock<Option<bool>> = OnceLock::new();
-    test_server_choice("MESH_TEST_L7_H1_SERVER", &OWN)
-}
-
-#[cfg(not(test))]
-fn test_h1_own() -> Option<bool> {
-    None
-}
-
-/// Sets the downstream HTTP/1.1 codec of every engine that has not been given its own
-/// (`L7::set_h1_server`); the agent calls it once at start-up from `--l7-h1-server`.
-pub fn set_default_h1_server(s: H1Server) {
-    DEFAULT_H1_OWN.store(s == H1Server::Own, Relaxed);
+impl Default for H1Server {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// The L7 engine's downstream HTTP/2 server (`--l7-h2-server`).
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum H2Server {
     /// hyper's HTTP/2 server (a task per stream).
-    #[default]
     Hyper,
     /// The `h2` crate's server driven by the connection's task (`proxy::http::h2server`).
     Own,
 }
 
-/// The process-wide downstream HTTP/2 server (`--l7-h2-server`): true for the own one.
-/// hyper's by default: the own one is not yet cheaper (docs/benchmarks.md).
-static DEFAULT_H2_OWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The engine's unit tests run on either HTTP/2 server: `MESH_TEST_L7_H2_SERVER=hyper|own`.
-#[cfg(test)]
-fn test_h2_own() -> Option<bool> {
-    static OWN: OnceLock<Option<bool>> = OnceLock::new();
-    test_server_choice("MESH_TEST_L7_H2_SERVER", &OWN)
+impl H2Server {
+    /// The process default (`--l7-h2-server`'s): the own server (docs/l7.md); hyper's
+    /// is the fallback.
+    pub const DEFAULT: H2Server = H2Server::Own;
 }
 
-#[cfg(not(test))]
-fn test_h2_own() -> Option<bool> {
-    None
+impl Default for H2Server {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The process-wide choice between hyper's server and the engine's own for one protocol
+/// (`set_default_h1_server`, `set_default_h2_server`). The engine's unit tests run on
+/// either: `test_var=hyper|own` (the default's otherwise), read once.
+struct ServerChoice {
+    own: AtomicBool,
+    #[cfg(test)]
+    test_var: &'static str,
+    #[cfg(test)]
+    test: OnceLock<Option<bool>>,
+}
+
+impl ServerChoice {
+    const fn new(own: bool, test_var: &'static str) -> ServerChoice {
+        #[cfg(not(test))]
+        let _ = test_var;
+        ServerChoice {
+            own: AtomicBool::new(own),
+            #[cfg(test)]
+            test_var,
+            #[cfg(test)]
+            test: OnceLock::new(),
+        }
+    }
+
+    fn set(&self, own: bool) {
+        self.own.store(own, Relaxed);
+    }
+
+    /// Whether an engine serves with the own server: `engine`'s choice
+    /// (`L7::set_h1_server`, `L7::set_h2_server`) if it made one, else the process's.
+    fn own(&self, engine: Option<bool>) -> bool {
+        if let Some(own) = engine {
+            return own;
+        }
+        #[cfg(test)]
+        {
+            let test = self
+                .test
+                .get_or_init(|| match std::env::var(self.test_var).as_deref() {
+                    Ok("own") => Some(true),
+                    Ok("hyper") => Some(false),
+                    _ => None,
+                });
+            if let Some(own) = *test {
+                return own;
+            }
+        }
+        self.own.load(Relaxed)
+    }
+}
+
+static H1_CHOICE: ServerChoice = ServerChoice::new(
+    matches!(H1Server::DEFAULT, H1Server::Own),
+    "MESH_TEST_L7_H1_SERVER",
+);
+static H2_CHOICE: ServerChoice = ServerChoice::new(
+    matches!(H2Server::DEFAULT, H2Server::Own),
+    "MESH_TEST_L7_H2_SERVER",
+);
+
+/// Sets the downstream HTTP/1.1 codec of every engine that has not been given its own
+/// (`L7::set_h1_server`); the agent calls it once at start-up from `--l7-h1-server`.
+pub fn set_default_h1_server(s: H1Server) {
+    H1_CHOICE.set(s == H1Server::Own);
 }
 
 /// Sets the downstream HTTP/2 server of every engine that has not been given its own
 /// (`L7::set_h2_server`); the agent calls it once at start-up from `--l7-h2-server`.
 pub fn set_default_h2_server(s: H2Server) {
-    DEFAULT_H2_OWN.store(s == H2Server::Own, Relaxed);
+    H2_CHOICE.set(s == H2Server::Own);
 }
 
 /// Runtime state by cluster name, pruned when a push removes clusters.
@@ -383,12 +422,27 @@ struct Conn {
     /// come one at a time; `timer`). None: one per request (HTTP/2 streams run in tasks
     /// of their own).
     timer: Option<Arc<Timer>>,
-    /// The cluster state this connection's last request used: a request to the same
-    /// cluster (the same `Arc` in the configuration) skips the shared map and its lock.
-    last_cluster: Mutex<Option<(Arc<Cluster>, Arc<ClusterState>)>>,
+    /// What this connection's last request found (`Seen`).
+    seen: Mutex<Seen>,
     /// HTTP/1.1: an upgrade the upstream accepted, spliced once its `101` went out
     /// (`serve_sniffed`).
     upgraded: Mutex<Option<upgrade::Pending>>,
+}
+
+/// What a downstream connection's last request found: a request under the same
+/// configuration skips the listener's lookup by address, one to the same cluster its
+/// lookup by name (both SipHash) and the shared state map's lock.
+struct Seen {
+    /// The configuration `listener` and `cluster` were found in. A `Weak`, so an idle
+    /// connection keeps no old configuration alive; while it lives the allocation is not
+    /// reused, so a configuration at the same address is this one.
+    config: Weak<ProxyConfig>,
+    listener: Arc<Listener>,
+    cluster: Option<Arc<Cluster>>,
+    /// The last cluster's state, kept across configurations while the cluster is the same
+    /// `Arc` (one a push removed has another `Arc` when it comes back, so a remembered
+    /// state is never one `prune` dropped).
+    state: Option<(Arc<Cluster>, Arc<ClusterState>)>,
 }
 
 /// An upstream's `101` and what passing it on needs.
@@ -524,17 +578,11 @@ impl L7 {
     }
 
     fn h2_own(&self) -> bool {
-        match self.h2_server.get() {
-            Some(s) => *s == H2Server::Own,
-            None => test_h2_own().unwrap_or_else(|| DEFAULT_H2_OWN.load(Relaxed)),
-        }
+        H2_CHOICE.own(self.h2_server.get().map(|s| *s == H2Server::Own))
     }
 
     fn h1_own(&self) -> bool {
-        match self.h1_server.get() {
-            Some(s) => *s == H1Server::Own,
-            None => test_h1_own().unwrap_or_else(|| DEFAULT_H1_OWN.load(Relaxed)),
-        }
+        H1_CHOICE.own(self.h1_server.get().map(|s| *s == H1Server::Own))
     }
 
     /// Writes an access-log line per request (`proxy::accesslog`).
@@ -693,18 +741,61 @@ impl L7 {
         hop
     }
 
-    /// `cluster_state`, remembered per connection. A cluster a push removed has another
-    /// `Arc` when it comes back, so a remembered state is never one `prune` dropped.
-    fn conn_cluster_state(&self, conn: &Conn, cluster: &Arc<Cluster>) -> Arc<ClusterState> {
-        let mut last = conn.last_cluster.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((c, s)) = last.as_ref() {
-            if Arc::ptr_eq(c, cluster) {
-                return s.clone();
+    /// The HTTP listener of `conn`'s destination in `cfg` (one a push removed since keeps
+    /// serving the connections it accepted), remembered per connection (`Seen`).
+    fn conn_listener(&self, conn: &Conn, cfg: &Arc<ProxyConfig>) -> Arc<Listener> {
+        let mut seen = conn.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if std::ptr::eq(seen.config.as_ptr(), Arc::as_ptr(cfg)) {
+            return seen.listener.clone();
+        }
+        // A pushed listener applies to new requests of live connections; one removed since
+        // keeps serving the connections it accepted (Envoy drains them the same way).
+        let listener = cfg
+            .listener(conn.dst)
+            .filter(|l| matches!(l.kind, ListenerKind::Http(_)))
+            .unwrap_or(&conn.listener)
+            .clone();
+        seen.config = Arc::downgrade(cfg);
+        seen.listener = listener.clone();
+        seen.cluster = None;
+        listener
+    }
+
+    /// The cluster `name` in `cfg` and its runtime state (`cluster_state`), remembered per
+    /// connection (`Seen`). None: `cfg` has no such cluster.
+    fn conn_cluster(
+        &self,
+        conn: &Conn,
+        cfg: &Arc<ProxyConfig>,
+        name: &str,
+    ) -> Option<(Arc<Cluster>, Arc<ClusterState>)> {
+        let mut seen = conn.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let current = std::ptr::eq(seen.config.as_ptr(), Arc::as_ptr(cfg));
+        let known = seen
+            .cluster
+            .as_ref()
+            .filter(|c| current && c.name == name)
+            .cloned();
+        let cluster = match known {
+            Some(c) => c,
+            None => {
+                let c = cfg.cluster(name)?.clone();
+                // Remembered only under the configuration the connection knows (another
+                // request of it may have seen a newer one in between).
+                if current {
+                    seen.cluster = Some(c.clone());
+                }
+                c
+            }
+        };
+        if let Some((c, s)) = seen.state.as_ref() {
+            if Arc::ptr_eq(c, &cluster) {
+                return Some((cluster, s.clone()));
             }
         }
-        let s = self.cluster_state(&cluster.name);
-        *last = Some((cluster.clone(), s.clone()));
-        s
+        let s = self.cluster_state(name);
+        seen.state = Some((cluster.clone(), s.clone()));
+        Some((cluster, s))
     }
 
     fn cluster_state(&self, name: &str) -> Arc<ClusterState> {
@@ -845,7 +936,12 @@ impl L7 {
             istio,
             series,
             timer: h1.then(Timer::new),
-            last_cluster: Mutex::default(),
+            seen: Mutex::new(Seen {
+                config: Weak::new(),
+                listener: listener.clone(),
+                cluster: None,
+                state: None,
+            }),
             upgraded: Mutex::default(),
         });
         if own {
@@ -861,7 +957,7 @@ impl L7 {
         let svc = service_fn(move |req: Request<Incoming>| {
             let l7 = self.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(l7.handle(conn, req.map(ReqBody::Hyper)).await) }
+            async move { Ok::<_, Infallible>(l7.handle(&conn, req.map(ReqBody::Hyper)).await) }
         });
         let res = if sniffed == Sniffed::Http2 {
             let conn = http2::Builder::new(SpanExec)
@@ -910,17 +1006,17 @@ impl L7 {
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let draining = std::sync::atomic::AtomicBool::new(false);
+        let draining = AtomicBool::new(false);
         let timer = conn.timer.clone().unwrap_or_default();
         let settings = server::Settings {
             max_head: max_headers,
             timer: &timer,
             draining: &draining,
         };
-        let served = conn.clone();
-        let codec = server::serve(Box::new(io), settings, |req| {
-            self.clone().handle(conn.clone(), req)
-        });
+        // Each request's future borrows the engine and the connection (no `Arc` taken per
+        // request): both outlive the codec.
+        let (l7, c) = (&*self, &*conn);
+        let codec = server::serve(Box::new(io), settings, move |req| l7.handle(c, req));
         let mut end = None;
         let codec = async {
             end = Some(codec.await?);
@@ -930,7 +1026,7 @@ impl L7 {
             .await
             .map(|()| end.unwrap_or(server::End::Closed));
         // Set when the last answer was an upstream's `101` (`upgrade`).
-        let pending = served
+        let pending = conn
             .upgraded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -963,12 +1059,13 @@ impl L7 {
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let draining = std::sync::atomic::AtomicBool::new(false);
+        let draining = AtomicBool::new(false);
         let settings = h2server::Settings {
             max_header_list: u32::try_from(max_headers).unwrap_or(u32::MAX),
             draining: &draining,
         };
-        let codec = h2server::serve(io, settings, |req| self.clone().handle(conn.clone(), req));
+        let (l7, c) = (&*self, &*conn);
+        let codec = h2server::serve(io, settings, move |req| l7.handle(c, req));
         let res = until_drained(codec, &drain, |_| draining.store(true, Relaxed)).await;
         drop(drain);
         if let Err(e) = res {
@@ -976,25 +1073,16 @@ impl L7 {
         }
     }
 
-    async fn handle(
-        self: Arc<Self>,
-        conn: Arc<Conn>,
-        req: Request<ReqBody>,
-    ) -> Response<ProxyBody> {
+    /// One request of `conn`, answered.
+    async fn handle(&self, conn: &Conn, req: Request<ReqBody>) -> Response<ProxyBody> {
         let start = Instant::now();
         let cfg = self.config.borrow().clone();
         self.prune(&cfg);
-        // A pushed listener applies to new requests of live connections; one removed since
-        // keeps serving the connections it accepted (Envoy drains them the same way).
-        let listener = cfg
-            .listener(conn.dst)
-            .filter(|l| matches!(l.kind, ListenerKind::Http(_)))
-            .unwrap_or(&conn.listener)
-            .clone();
+        let listener = self.conn_listener(conn, &cfg);
         let ListenerKind::Http(http) = &listener.kind else {
             return local(false, StatusCode::NOT_FOUND, "");
         };
-        let log = self.request_log(&conn, &listener.name, &req);
+        let log = self.request_log(conn, &listener.name, &req);
         let trace = self.trace.get().and_then(|t| {
             let d = crate::proxy::trace::Downstream {
                 peer: conn.peer,
@@ -1007,7 +1095,9 @@ impl L7 {
             };
             t.request(&req, d)
         });
-        let istio = RequestTelemetry::new(conn.istio.clone(), route::is_grpc(req.headers()));
+        // Read once: the request's telemetry, local replies and routing all want it.
+        let grpc = route::is_grpc(req.headers());
+        let istio = RequestTelemetry::new(conn.istio.clone(), grpc);
         let mut rec = Some(Recorder {
             series: conn.series.clone(),
             labels: Labels {
@@ -1020,12 +1110,12 @@ impl L7 {
             log,
             istio: Some(istio),
             flags: Flags::default(),
-            trace,
+            trace: trace.map(Box::new),
         });
         // HTTP/2: a timer of the request's own (`Timer::default`, armed on first use).
         let timer = conn.timer.clone().unwrap_or_default();
         let resp = self
-            .dispatch(&cfg, &conn, http, req, &mut rec, &timer)
+            .dispatch(&cfg, conn, http, (req, grpc), &mut rec, &timer)
             .await;
         if let Some(mut r) = rec {
             r.labels.response_code = resp.status().as_u16();
@@ -1040,16 +1130,16 @@ impl L7 {
         resp
     }
 
+    /// `req` with whether it is gRPC (`route::is_grpc`).
     async fn dispatch(
         &self,
-        cfg: &ProxyConfig,
+        cfg: &Arc<ProxyConfig>,
         conn: &Conn,
         http: &HttpListener,
-        req: Request<ReqBody>,
+        (req, grpc): (Request<ReqBody>, bool),
         rec: &mut Option<Recorder>,
         timer: &Arc<Timer>,
     ) -> Response<ProxyBody> {
-        let grpc = route::is_grpc(req.headers());
         // No route matches a CONNECT (Envoy's, without a `connect_matcher`): the engine
         // does not tunnel, and a 2xx would leave the client a tunnel closed at once.
         if req.method() == http::Method::CONNECT {
@@ -1135,7 +1225,7 @@ impl L7 {
                 r
             }
             RouteAction::Forward(fwd) => {
-                self.forward(cfg, conn, http, vhost, route, fwd, req, rec, timer)
+                self.forward(cfg, conn, http, vhost, route, fwd, (req, grpc), rec, timer)
                     .await
             }
         };
@@ -1155,30 +1245,28 @@ impl L7 {
     #[allow(clippy::too_many_arguments, reason = "one request's whole context")]
     async fn forward(
         &self,
-        cfg: &ProxyConfig,
+        cfg: &Arc<ProxyConfig>,
         conn: &Conn,
         http: &HttpListener,
         vhost: &VirtualHost,
         route: &Route,
         fwd: &Forward,
-        req: Request<ReqBody>,
+        (req, grpc): (Request<ReqBody>, bool),
         rec: &mut Option<Recorder>,
         timer: &Arc<Timer>,
     ) -> Response<ProxyBody> {
-        let grpc = route::is_grpc(req.headers());
         let Some(wc) = route::pick_weighted(fwd) else {
             flag(rec, Flags::NC);
             return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
         };
         // Envoy's `NC`: the route names a cluster the configuration does not have.
-        let Some(cluster) = cfg.cluster(&wc.name).cloned() else {
+        let Some((cluster, state)) = self.conn_cluster(conn, cfg, &wc.name) else {
             flag(rec, Flags::NC);
             return local(grpc, StatusCode::SERVICE_UNAVAILABLE, "");
         };
         if let Some(r) = rec.as_mut() {
             r.labels.destination_cluster = Name::Cluster(cluster.clone());
         }
-        let state = self.conn_cluster_state(conn, &cluster);
         let cb = cluster.circuit_breaker;
         let Some(request_slot) = Slot::acquire(&state.counters, Gauge::Requests, cb.max_requests)
         else {
@@ -1188,8 +1276,12 @@ impl L7 {
         };
         let hash = route::request_hash(&fwd.hash_headers, req.headers());
         // An upgrade goes to an HTTP/1.1 upstream only (HTTP/2 has no `Upgrade`): to
-        // another, the request goes without its `Upgrade`, an ordinary request.
-        let mut upgrade = if cluster.protocol == UpstreamProtocol::Http1 {
+        // another, the request goes without its `Upgrade`, an ordinary request. Only a
+        // request whose codec can hand its connection over (below) can switch: the
+        // others' fields are not read for it.
+        let upgradable = req.extensions().get::<OnUpgrade>().is_some()
+            || req.extensions().get::<server::Upgradable>().is_some();
+        let mut upgrade = if cluster.protocol == UpstreamProtocol::Http1 && upgradable {
             route::upgrade_offered(req.headers(), req.version())
         } else {
             None

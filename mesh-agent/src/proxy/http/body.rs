@@ -418,8 +418,9 @@ pub(super) struct Recorder {
     pub istio: Option<RequestTelemetry>,
     pub flags: Flags,
     /// The request's span and its tries (`proxy::trace`), ended on drop (None: tracing is
-    /// off or the trace is not sampled).
-    pub trace: Option<crate::proxy::trace::RequestSpan>,
+    /// off or the trace is not sampled). Boxed: the recorder moves with the request and
+    /// into its response body, and the span is most of its size.
+    pub trace: Option<Box<crate::proxy::trace::RequestSpan>>,
 }
 
 /// An access-log line on its way, with what completes it when the request ends.

@@ -1,7 +1,8 @@
-//! The downstream HTTP/2 server (`--l7-h2-server own`; hyper's is the default): the `h2` crate's
-//! server connection driven by the downstream connection's own task, each stream's request
-//! a future polled by that task (a `FuturesUnordered`), instead of hyper's server, which
-//! spawns a task per stream (and a copy of its multi-kilobyte future into the task's cell).
+//! The downstream HTTP/2 server (`--l7-h2-server own`, the default; `hyper` is the
+//! fallback): the `h2` crate's server connection driven by the downstream connection's own
+//! task, each stream's request a future polled by that task (a `FuturesUnordered`),
+//! instead of hyper's server, which spawns a task per stream (and a copy of its
+//! multi-kilobyte future into the task's cell).
 //!
 //! What hyper's HTTP/2 server gave, kept (same crate underneath, same settings):
 //!
@@ -26,6 +27,22 @@
 //!   bytes.
 //! - Drain: `GOAWAY` (the `h2` crate's graceful shutdown), streams in flight finish, then
 //!   the connection closes.
+//!
+//! One task for all the streams:
+//!
+//! - A stream that waits (for its upstream, for the client's window, for more of its
+//!   request body) holds up no other; one always ready starves none: the
+//!   `FuturesUnordered` yields after a round of its ready streams and the connection is
+//!   driven (reads, new streams, the flush) before the next.
+//! - The drain's flag is read at the connection's next poll, which `until_drained`
+//!   makes at once (its wake-up is the task's): an idle connection's `GOAWAY` goes out
+//!   when the drain begins.
+//! - A connection error ends every stream with it: the `h2` crate fails their bodies
+//!   (never a clean end) and `serve` returns, dropping their futures, so their upstream
+//!   requests are cancelled at once (the client can no longer get the answers; Envoy
+//!   resets the upstream streams of a closed downstream connection likewise).
+//!
+//! Tests: `proxy::http::tests` (`h2_*`, on either server with `MESH_TEST_L7_H2_SERVER`).
 
 use std::{
     cell::RefCell,

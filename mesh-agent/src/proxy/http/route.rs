@@ -37,9 +37,16 @@ pub(super) fn authority<B>(req: &Request<B>) -> Option<&str> {
 }
 
 fn strip_port(host: &str) -> Option<&str> {
+    // The port: the digits after the last `:`, at least one (read from the end: a host
+    // without a port costs a byte or two, not a search for its last `:`).
+    let digits = host.bytes().rev().take_while(u8::is_ascii_digit).count();
+    let colon = host.len().checked_sub(digits + 1)?;
+    if digits == 0 || host.as_bytes()[colon] != b':' {
+        return None;
+    }
     // `[v6]:port` keeps its brackets; a bare IPv6 address has no port to strip.
-    let (h, port) = host.rsplit_once(':')?;
-    (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')).then_some(h)
+    let h = &host[..colon];
+    (!h.ends_with(':')).then_some(h)
 }
 
 /// Envoy's virtual host selection; `host` is compared case-insensitively. No allocation:
@@ -703,6 +710,40 @@ mod tests {
         assert_eq!(pick("elsewhere"), Some("any"));
         let none = super::tests::rc(vec![vh("x", &["x"])]);
         assert!(virtual_host(&none, "y").is_none());
+    }
+
+    #[test]
+    fn a_port_is_the_digits_after_the_last_colon() {
+        // What `rsplit_once(':')` and a digits check said, read from the end instead.
+        fn reference(host: &str) -> Option<&str> {
+            let (h, port) = host.rsplit_once(':')?;
+            (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':'))
+                .then_some(h)
+        }
+        for host in [
+            "svc",
+            "svc:80",
+            "svc:",
+            ":80",
+            "80",
+            "",
+            ":",
+            "a:8x0",
+            "a:x80",
+            "a:80x",
+            "a::80",
+            "::1",
+            "[::1]",
+            "[::1]:8080",
+            "[::1]:",
+            "10.96.206.1",
+            "10.96.206.1:80",
+            "a:b:80",
+            "a.b:0",
+            "a:٣",
+        ] {
+            assert_eq!(strip_port(host), reference(host), "{host:?}");
+        }
     }
 
     #[test]

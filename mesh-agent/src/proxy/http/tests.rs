@@ -54,6 +54,20 @@ fn reply(status: u16, body: impl Into<Bytes>) -> Response<ProxyBody> {
     r
 }
 
+/// A body of the frames sent on `rx`'s channel, ended when the channel closes.
+fn chan(rx: mpsc::Receiver<Frame<Bytes>>) -> ProxyBody {
+    ChanBody(rx).map_err(|n| match n {}).boxed_unsync()
+}
+
+/// A gRPC answer (`content-type: application/grpc`, status 200) with `body`: messages,
+/// then trailers with the `grpc-status`.
+fn grpc_reply(body: ProxyBody) -> Response<ProxyBody> {
+    let mut r = Response::new(body);
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    r
+}
+
 /// An upstream on a loopback port; counts the connections it accepted.
 struct Upstream {
     addr: SocketAddr,
@@ -101,6 +115,26 @@ where
         conns,
         closed,
     }
+}
+
+/// A proxy forwarding everything to the HTTP/2 cluster `grpc` of `eps` (with `retry`).
+async fn h2_cluster_proxy(eps: &[SocketAddr], retry: Option<RetryPolicy>) -> Proxy {
+    let mut cl = cluster("grpc", eps);
+    cl.protocol = UpstreamProtocol::Http2;
+    let mut fwd = to(&[("grpc", 1)]);
+    fwd.retry_policy = retry.map(Arc::new);
+    proxy(simple(vec![cl], fwd)).await
+}
+
+/// An HTTP/2 (gRPC) upstream answering with `f`, and a proxy forwarding everything to it.
+async fn h2_grpc_upstream<F, Fut>(f: F) -> (Upstream, Proxy)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let up = upstream(true, f).await;
+    let p = h2_cluster_proxy(&[up.addr], None).await;
+    (up, p)
 }
 
 /// Answers with its name (body and `x-upstream`).
@@ -814,7 +848,7 @@ fn the_binomial_bound_fails_what_it_should() {
 #[tokio::test]
 async fn grpc_bidi_streaming_over_h2_passes_frames_and_trailers_intact() {
     // An echo service: each request frame comes back as a response frame, then trailers.
-    let up = upstream(true, |req: Request<Incoming>| async move {
+    let (up, p) = h2_grpc_upstream(|req: Request<Incoming>| async move {
         let (tx, rx) = mpsc::channel(4);
         let mut body = req.into_body();
         tokio::spawn(async move {
@@ -828,15 +862,9 @@ async fn grpc_bidi_streaming_over_h2_passes_frames_and_trailers_intact() {
             t.insert("x-trailer", HeaderValue::from_static("kept"));
             let _ = tx.send(Frame::trailers(t)).await;
         });
-        let mut r = Response::new(ChanBody(rx).map_err(|n| match n {}).boxed_unsync());
-        r.headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/grpc"));
-        r
+        grpc_reply(chan(rx))
     })
     .await;
-    let mut cl = cluster("grpc", &[up.addr]);
-    cl.protocol = UpstreamProtocol::Http2;
-    let p = proxy(simple(vec![cl], to(&[("grpc", 1)]))).await;
     let s = TcpStream::connect(p.addr).await.unwrap();
     let (mut h2, conn) = hyper::client::conn::http2::Builder::new(SpanExec)
         .handshake::<_, ChanBody>(TokioIo::new(s))
@@ -1456,9 +1484,8 @@ async fn detect_then_serve_sniffed_for_listeners_with_a_tcp_fallback() {
 async fn grpc_unavailable_is_retried_with_the_request_replayed() {
     let unavailable = upstream(true, |req: Request<Incoming>| async move {
         let _ = req.into_body().collect().await;
-        let mut r = reply(200, "");
-        r.headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        // Trailers-only: the status in the head, no body.
+        let mut r = grpc_reply(text(""));
         r.headers_mut()
             .insert("grpc-status", HeaderValue::from_static("14"));
         r
@@ -1471,23 +1498,17 @@ async fn grpc_unavailable_is_retried_with_the_request_replayed() {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", HeaderValue::from_static("0"));
         tx.send(Frame::trailers(t)).await.unwrap();
-        let mut r = Response::new(ChanBody(rx).map_err(|n| match n {}).boxed_unsync());
-        r.headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/grpc"));
-        r
+        grpc_reply(chan(rx))
     })
     .await;
-    let mut cl = cluster("grpc", &[unavailable.addr, ok.addr]);
-    cl.protocol = UpstreamProtocol::Http2;
-    let mut fwd = to(&[("grpc", 1)]);
-    fwd.retry_policy = Some(Arc::new(retry(
+    let policy = retry(
         RetryOn {
             grpc_unavailable: true,
             ..RetryOn::default()
         },
         2,
-    )));
-    let p = proxy(simple(vec![cl], fwd)).await;
+    );
+    let p = h2_cluster_proxy(&[unavailable.addr, ok.addr], Some(policy)).await;
     let s = TcpStream::connect(p.addr).await.unwrap();
     let (mut h2, conn) = hyper::client::conn::http2::Builder::new(SpanExec)
         .handshake::<_, ChanBody>(TokioIo::new(s))
@@ -2582,9 +2603,7 @@ async fn h2_a_client_reset_mid_body_resets_the_upstream_request() {
         }
     })
     .await;
-    let mut cl = cluster("c", &[up.addr]);
-    cl.protocol = UpstreamProtocol::Http2;
-    let p = proxy(simple(vec![cl], to(&[("c", 1)]))).await;
+    let p = h2_cluster_proxy(&[up.addr], None).await;
     let mut h2 = h2_client(p.addr).await;
     h2 = h2.ready().await.unwrap();
     let req = Request::post("http://svc.test/upload").body(()).unwrap();
@@ -2638,7 +2657,7 @@ async fn h2_an_upstream_dying_mid_response_resets_the_stream() {
 #[tokio::test]
 async fn h2_trailers_round_trip_both_ways() {
     // Echoes the request's body and its trailers (with `grpc-status`) back.
-    let up = upstream(true, |req: Request<Incoming>| async move {
+    let (_up, p) = h2_grpc_upstream(|req: Request<Incoming>| async move {
         let got = req.into_body().collect().await.unwrap();
         let mut t = got.trailers().cloned().unwrap_or_default();
         let body = got.to_bytes();
@@ -2646,15 +2665,9 @@ async fn h2_trailers_round_trip_both_ways() {
         let (tx, rx) = mpsc::channel(2);
         tx.send(Frame::data(body)).await.unwrap();
         tx.send(Frame::trailers(t)).await.unwrap();
-        let mut r = Response::new(ChanBody(rx).map_err(|n| match n {}).boxed_unsync());
-        r.headers_mut()
-            .insert("content-type", HeaderValue::from_static("application/grpc"));
-        r
+        grpc_reply(chan(rx))
     })
     .await;
-    let mut cl = cluster("grpc", &[up.addr]);
-    cl.protocol = UpstreamProtocol::Http2;
-    let p = proxy(simple(vec![cl], to(&[("grpc", 1)]))).await;
     let mut h2 = h2_client(p.addr).await;
     h2 = h2.ready().await.unwrap();
     let req = Request::post("http://svc.test/echo.Echo/Unary")
@@ -2678,4 +2691,409 @@ async fn h2_trailers_round_trip_both_ways() {
     let t = end.unwrap().expect("response trailers");
     assert_eq!(t["grpc-status"], "0");
     assert_eq!(t["x-request-trailer"], "sent");
+}
+
+/// An `h2` crate client over `io` announcing `windows` (stream, connection) as its own
+/// receive windows; its connection's end (its result) comes on the returned channel.
+async fn h2_client_on<T>(
+    io: T,
+    windows: (u32, u32),
+) -> (
+    h2::client::SendRequest<Bytes>,
+    oneshot::Receiver<Result<(), h2::Error>>,
+)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(windows.0)
+        .initial_connection_window_size(windows.1)
+        .handshake::<_, Bytes>(io)
+        .await
+        .unwrap();
+    let (end_tx, end) = oneshot::channel();
+    tokio::spawn(
+        async move {
+            let _ = end_tx.send(conn.await);
+        }
+        .instrument(tracing::debug_span!("test_h2_client")),
+    );
+    (send, end)
+}
+
+/// The `h2` crate's default windows (64 KiB - 1), for clients that do not care.
+const H2_DEFAULT_WINDOWS: (u32, u32) = (65_535, 65_535);
+
+/// Sends up to 64 KiB on `tx`, no more than the flow-control capacity the proxy has
+/// granted (waiting for it); the bytes sent.
+async fn h2_send_granted(tx: &mut h2::SendStream<Bytes>) -> usize {
+    tx.reserve_capacity(64 * 1024);
+    loop {
+        let n = std::future::poll_fn(|cx| tx.poll_capacity(cx))
+            .await
+            .expect("the stream is open")
+            .expect("capacity");
+        let n = n.min(tx.capacity()).min(64 * 1024);
+        if n > 0 {
+            tx.send_data(Bytes::from(vec![b'u'; n]), false).unwrap();
+            return n;
+        }
+    }
+}
+
+/// An upstream (HTTP/1.1) for the flow-control tests: `/count` reads the request body to
+/// its end and answers with its length; `/big` answers 1 MiB; `/stuck` never answers;
+/// anything else answers with its path and the request body.
+async fn counting() -> Upstream {
+    upstream(false, |req: Request<Incoming>| async move {
+        let path = req.uri().path().to_string();
+        match path.as_str() {
+            "/big" => reply(200, vec![b'b'; 1 << 20]),
+            "/stuck" => std::future::pending().await,
+            _ => {
+                let mut body = req.into_body();
+                let mut got = Vec::new();
+                let mut n = 0;
+                while let Some(f) = body.frame().await {
+                    if let Ok(d) = f.unwrap().into_data() {
+                        n += d.len();
+                        if path != "/count" {
+                            got.extend_from_slice(&d);
+                        }
+                    }
+                }
+                match path.as_str() {
+                    "/count" => reply(200, n.to_string()),
+                    _ => reply(200, format!("{path} {}", String::from_utf8_lossy(&got))),
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// A proxy forwarding everything to `up` without a route timeout (the streams held open
+/// here would otherwise end in a 504).
+async fn untimed_proxy(up: &Upstream) -> Proxy {
+    let mut fwd = to(&[("c", 1)]);
+    fwd.timeout = None;
+    proxy(simple(vec![cluster("c", &[up.addr])], fwd)).await
+}
+
+/// One small request on `h2` and its answer's body, within 5 s; the next `SendRequest`.
+async fn h2_small(
+    h2: h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> (h2::client::SendRequest<Bytes>, String) {
+    let mut h2 = h2.ready().await.unwrap();
+    let req = Request::post(format!("http://svc.test{path}"))
+        .body(())
+        .unwrap();
+    let (resp, mut tx) = h2.send_request(req, false).unwrap();
+    tx.send_data(Bytes::from_static(b"small"), true).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), async move {
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let (data, end) = h2_read(resp.into_body()).await;
+        assert!(end.is_ok(), "{path}: {end:?}");
+        String::from_utf8(data).unwrap()
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{path} answered within 5 s"));
+    (h2, got)
+}
+
+#[tokio::test]
+async fn h2_an_upload_past_the_windows_runs_beside_the_other_streams() {
+    let up = counting().await;
+    let p = untimed_proxy(&up).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, _end) = h2_client_on(tcp, H2_DEFAULT_WINDOWS).await;
+    h2 = h2.ready().await.unwrap();
+    let req = Request::post("http://svc.test/count").body(()).unwrap();
+    let (upload, mut tx) = h2.send_request(req, false).unwrap();
+    // The upload sends for as long as the proxy grants capacity, until told to stop.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let pump = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => break,
+                    n = h2_send_granted(&mut tx) => sent.fetch_add(n, Ordering::Relaxed),
+                };
+            }
+            tx.send_data(Bytes::new(), true).unwrap();
+        }
+    });
+    // Past twice the proxy's stream and connection windows (1 MiB each): only capacity
+    // the proxy released as the upstream took the bytes lets these through.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while sent.load(Ordering::Relaxed) < 2 << 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the upload stalled at {} bytes: flow-control capacity not released",
+            sent.load(Ordering::Relaxed)
+        )
+    });
+    // Meanwhile the other streams are answered, each in turn, while the upload runs.
+    let before = sent.load(Ordering::Relaxed);
+    for i in 0..10 {
+        let (next, got) = h2_small(h2, &format!("/n/{i}")).await;
+        h2 = next;
+        assert_eq!(got, format!("/n/{i} small"));
+    }
+    let during = sent.load(Ordering::Relaxed) - before;
+    assert!(!pump.is_finished());
+    stop.send(()).unwrap();
+    pump.await.unwrap();
+    let total = sent.load(Ordering::Relaxed);
+    let resp = tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect("the upload's answer")
+        .unwrap();
+    let (data, end) = h2_read(resp.into_body()).await;
+    assert!(end.is_ok(), "{end:?}");
+    assert_eq!(
+        String::from_utf8(data).unwrap(),
+        total.to_string(),
+        "every byte of the upload reached the upstream"
+    );
+    assert!(
+        during > 0,
+        "the upload moved while the other streams were answered"
+    );
+}
+
+#[tokio::test]
+async fn h2_stalled_streams_hold_up_no_other_stream() {
+    let up = counting().await;
+    let p = untimed_proxy(&up).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    // A small stream window and a large connection window: a response the client does
+    // not read stalls on its own stream's window, not on the connection's.
+    let (mut h2, _end) = h2_client_on(tcp, (16 * 1024, 8 << 20)).await;
+    let get = |path: &str| {
+        Request::get(format!("http://svc.test{path}"))
+            .body(())
+            .unwrap()
+    };
+    // A response the client does not read (the proxy waits for the client's window).
+    h2 = h2.ready().await.unwrap();
+    let (big, _) = h2.send_request(get("/big"), true).unwrap();
+    let big = tokio::time::timeout(Duration::from_secs(5), big)
+        .await
+        .expect("the big response's head")
+        .unwrap();
+    assert_eq!(big.status(), 200);
+    // A response the upstream never sends.
+    h2 = h2.ready().await.unwrap();
+    let (_stuck, _) = h2.send_request(get("/stuck"), true).unwrap();
+    // A request body stopped half way (the upstream waits for the rest).
+    h2 = h2.ready().await.unwrap();
+    let req = Request::post("http://svc.test/count").body(()).unwrap();
+    let (held, mut held_tx) = h2.send_request(req, false).unwrap();
+    held_tx
+        .send_data(Bytes::from_static(b"half"), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Twenty other streams at once: all answered.
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        h2 = h2.ready().await.unwrap();
+        let (resp, _) = h2.send_request(get(&format!("/n/{i}")), true).unwrap();
+        calls.push(async move {
+            let resp = resp.await.unwrap();
+            let (data, end) = h2_read(resp.into_body()).await;
+            assert!(end.is_ok(), "/n/{i}: {end:?}");
+            assert_eq!(String::from_utf8(data).unwrap(), format!("/n/{i} "));
+        });
+    }
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("the other streams answered beside the stalled ones");
+    // The stalled streams were only waiting: read, the big response comes whole; ended,
+    // the held upload is answered.
+    let (data, end) = tokio::time::timeout(Duration::from_secs(5), h2_read(big.into_body()))
+        .await
+        .expect("the big response once read");
+    assert!(end.is_ok(), "{end:?}");
+    assert_eq!(data.len(), 1 << 20);
+    held_tx
+        .send_data(Bytes::from_static(b"rest"), true)
+        .unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held upload's answer")
+        .unwrap();
+    let (data, _) = h2_read(held.into_body()).await;
+    assert_eq!(data, b"8");
+}
+
+#[tokio::test]
+async fn h2_a_drain_sends_goaway_at_once_on_an_idle_connection() {
+    let up = named("up").await;
+    let p = proxy(simple(vec![cluster("c", &[up.addr])], to(&[("c", 1)]))).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, mut end) = h2_client_on(tcp, H2_DEFAULT_WINDOWS).await;
+    h2 = h2.ready().await.unwrap();
+    let (resp, _) = h2
+        .send_request(Request::get("http://svc.test/").body(()).unwrap(), true)
+        .unwrap();
+    let (data, _) = h2_read(resp.await.unwrap().into_body()).await;
+    assert_eq!(data, b"up");
+    // Idle: nothing moves on the connection, which stays open.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        matches!(end.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+        "an idle connection stays open"
+    );
+    p.drain.start();
+    // GOAWAY, then the close, with no stream or client frame to wake the connection.
+    let res = tokio::time::timeout(Duration::from_secs(2), &mut end)
+        .await
+        .expect("the connection closed within 2 s of the drain")
+        .unwrap();
+    assert!(res.is_ok(), "a graceful close: {res:?}");
+    let refused = match h2.ready().await {
+        Err(_) => true,
+        Ok(mut h2) => h2
+            .send_request(Request::get("http://svc.test/").body(()).unwrap(), true)
+            .is_err(),
+    };
+    assert!(refused, "no new stream after the drain");
+}
+
+/// A TCP connection to `addr` through the test: the returned end's bytes go to the proxy
+/// and the proxy's come back; the bytes sent on the channel go to the proxy between two
+/// of the client's writes (send them while the client is quiet, to land between frames).
+async fn tapped(addr: SocketAddr) -> (tokio::io::DuplexStream, mpsc::Sender<Vec<u8>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, relay) = tokio::io::duplex(4 << 20);
+    let (inject, mut injected) = mpsc::channel::<Vec<u8>>(1);
+    let (mut tcp_rd, mut tcp_wr) = tcp.into_split();
+    let (mut relay_rd, mut relay_wr) = tokio::io::split(relay);
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut tcp_rd, &mut relay_wr).await;
+        let _ = relay_wr.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4 << 20];
+        loop {
+            let bytes = tokio::select! {
+                n = relay_rd.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf[..n].to_vec(),
+                },
+                Some(b) = injected.recv() => b,
+            };
+            if tcp_wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    (client, inject)
+}
+
+#[tokio::test]
+async fn h2_a_connection_error_resets_the_streams_in_flight_both_ways() {
+    // An HTTP/2 upstream: `/upload` reports how its request body ended; `/download`
+    // sends a first chunk and holds the rest, reporting when the proxy lets it go.
+    let (seen_tx, mut seen) = mpsc::channel::<(usize, Result<(), String>)>(1);
+    let (let_go_tx, mut let_go) = mpsc::channel::<()>(1);
+    let (_up, p) = h2_grpc_upstream(move |req: Request<Incoming>| {
+        let (seen, let_go) = (seen_tx.clone(), let_go_tx.clone());
+        async move {
+            if req.uri().path() == "/upload" {
+                let mut body = req.into_body();
+                let mut n = 0;
+                let end = loop {
+                    match body.frame().await {
+                        Some(Ok(f)) => n += f.data_ref().map_or(0, Bytes::len),
+                        Some(Err(e)) => break Err(e.to_string()),
+                        None => break Ok(()),
+                    }
+                };
+                let _ = seen.send((n, end)).await;
+                return reply(200, "");
+            }
+            let (tx, rx) = mpsc::channel(1);
+            tx.send(Frame::data(Bytes::from_static(b"first")))
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                tx.closed().await;
+                let _ = let_go.send(()).await;
+            });
+            Response::new(chan(rx))
+        }
+    })
+    .await;
+    let (io, inject) = tapped(p.addr).await;
+    let (mut h2, end) = h2_client_on(io, H2_DEFAULT_WINDOWS).await;
+    h2 = h2.ready().await.unwrap();
+    let req = Request::post("http://svc.test/upload").body(()).unwrap();
+    let (upload, mut upload_tx) = h2.send_request(req, false).unwrap();
+    upload_tx
+        .send_data(Bytes::from_static(b"part"), false)
+        .unwrap();
+    h2 = h2.ready().await.unwrap();
+    let (download, _) = h2
+        .send_request(
+            Request::get("http://svc.test/download").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    let download = tokio::time::timeout(Duration::from_secs(5), download)
+        .await
+        .expect("the download's head")
+        .unwrap();
+    let mut body = download.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .expect("the download's first chunk");
+    assert_eq!(first.unwrap().unwrap(), "first");
+    // Both streams in flight and the client quiet: a DATA frame on stream 0, a
+    // connection error (PROTOCOL_ERROR, RFC 9113 section 6.1).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    inject.send(vec![0; 9]).await.unwrap();
+    // The client: both streams fail, neither ends cleanly.
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .expect("the download ends");
+    assert!(matches!(rest, Some(Err(_))), "a failed download: {rest:?}");
+    let answer = tokio::time::timeout(Duration::from_secs(5), upload)
+        .await
+        .expect("the upload ends");
+    assert!(answer.is_err(), "a failed upload: {answer:?}");
+    let res = tokio::time::timeout(Duration::from_secs(5), end)
+        .await
+        .expect("the connection ends")
+        .unwrap();
+    let e = res.expect_err("a connection error");
+    assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR), "{e}");
+    // The upstream, at once: the upload's body fails (a reset, not a clean end short of
+    // its bytes) and the download is let go (its stream reset).
+    let (n, how) = tokio::time::timeout(Duration::from_secs(2), seen.recv())
+        .await
+        .expect("the upload's end reached the upstream at once")
+        .unwrap();
+    assert_eq!(n, 4);
+    assert!(
+        how.is_err(),
+        "a clean end of an upload cut by a connection error"
+    );
+    tokio::time::timeout(Duration::from_secs(2), let_go.recv())
+        .await
+        .expect("the download let go at once")
+        .unwrap();
 }

@@ -12,9 +12,9 @@
 
 use std::{
     future::Future,
-    pin::Pin,
+    pin::{pin, Pin},
     sync::{Arc, Mutex},
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use tokio::time::{Instant, Sleep};
@@ -22,7 +22,17 @@ use tokio::time::{Instant, Sleep};
 /// One `Sleep`, shared by requests that are never waiting at the same time.
 #[derive(Debug, Default)]
 pub(super) struct Timer {
-    sleep: Mutex<Option<Pin<Box<Sleep>>>>,
+    armed: Mutex<Armed>,
+}
+
+#[derive(Debug, Default)]
+struct Armed {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker the `Sleep` holds: the one it last returned `Pending` to, since it was
+    /// last set. While the same task asks again for a deadline no earlier, and the `Sleep`
+    /// has not fired, polling it would only register that waker again (about 130
+    /// instructions, twice per HTTP/1.1 request: the route deadline and the next head's).
+    waker: Option<Waker>,
 }
 
 impl Timer {
@@ -33,18 +43,36 @@ impl Timer {
     /// Ready once `deadline` has passed; registers the caller's waker otherwise. The shared
     /// `Sleep` never sits later than `deadline` while this waits, so it cannot fire late.
     pub fn poll_expired(&self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let mut slot = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
-        let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let mut armed = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+        let Armed { sleep, waker } = &mut *armed;
+        let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
+            *waker = None;
+        } else if waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && !sleep.is_elapsed() {
+            // Set no later than `deadline`, not fired, and it wakes this task when it does.
+            return Poll::Pending;
         }
         loop {
-            match sleep.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
+            // Unconstrained: a `Sleep` out of the task's cooperative budget returns
+            // `Pending` without registering the waker, which `waker` must not then claim.
+            match pin!(tokio::task::unconstrained(sleep.as_mut())).poll(cx) {
+                Poll::Pending => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
                 // tokio fires a `Sleep` at or after its deadline, never before.
-                Poll::Ready(()) if sleep.deadline() >= deadline => return Poll::Ready(()),
+                Poll::Ready(()) if sleep.deadline() >= deadline => {
+                    *waker = None;
+                    return Poll::Ready(());
+                }
                 // Set for an earlier request: move it to this one's deadline.
-                Poll::Ready(()) => sleep.as_mut().reset(deadline),
+                Poll::Ready(()) => {
+                    sleep.as_mut().reset(deadline);
+                    *waker = None;
+                }
             }
         }
     }
@@ -138,6 +166,36 @@ mod tests {
         assert_eq!(r, None);
         assert!(Instant::now() >= second_deadline);
         assert!(Instant::now() < second_deadline + Duration::from_millis(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_deadline_asked_by_the_same_task_is_not_lost() {
+        let t = Timer::new();
+        let start = Instant::now();
+        let (first, second) = (
+            start + Duration::from_secs(1),
+            start + Duration::from_secs(2),
+        );
+        // Armed for `first`; then the same task asks for `second`, which skips the poll
+        // (the `Sleep` wakes this task at `first`, and is moved to `second` then).
+        let mut polls = 0;
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls == 1 {
+                    assert!(t.poll_expired(first, cx).is_pending());
+                }
+                t.poll_expired(second, cx)
+            }),
+        )
+        .await;
+        assert!(waited.is_ok(), "the wake-up at the first deadline was lost");
+        assert!(Instant::now() >= second && Instant::now() < second + Duration::from_millis(5));
+        assert!(
+            polls >= 2,
+            "woken at the first deadline, then moved to the second"
+        );
     }
 
     #[tokio::test(start_paused = true)]
