@@ -433,6 +433,23 @@ fn link_pin(pin_path: &Path, prog: &str) -> PathBuf {
     pin_path.join(format!("link_{prog}"))
 }
 
+/// `RELAY_WAKE`'s size in bytes: `RELAY_WAKE_BYTES` with the egress relay's destination
+/// direction on, else 4 KiB (no record is ever written), and at least one page either
+/// way: a ring buffer's size must be a power of two multiple of the page size (both are
+/// powers of two, so the larger one is).
+fn wake_ring_bytes(back_direction: bool) -> u32 {
+    let want = if back_direction {
+        mesh_common::capacity::RELAY_WAKE_BYTES
+    } else {
+        4096
+    };
+    let page = u32::try_from(sys::page_size())
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096);
+    want.max(page)
+}
+
 /// `struct tcp_sock` offsets of `write_seq` and `copied_seq`, for the recovery from a
 /// back-pressure fallback and the kernel relay's switch, or zeros (neither) with a
 /// warning.
@@ -663,11 +680,7 @@ impl Datapath {
             .map_max_entries(map_names::RELAY_ARMED, back_caps)
             .map_max_entries(
                 map_names::RELAY_WAKE,
-                if back_offsets.is_some() {
-                    mesh_common::capacity::RELAY_WAKE_BYTES
-                } else {
-                    4096
-                },
+                wake_ring_bytes(back_offsets.is_some()),
             )
             .override_global("SOCKOPS_NETNS", &sockops_netns_on, true)
             .override_global("SOCK_NETNS_STAMP", &stamp_on, true)

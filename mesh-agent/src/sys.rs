@@ -26,6 +26,12 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The page size (`sysconf(_SC_PAGESIZE)`); 4096 if it cannot be read.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
 /// The cookie of the network namespace at `netns` (a path such as `/run/netns/NAME` or
 /// `/proc/PID/ns/net`), as `bpf_get_netns_cookie` reports it for sockets created in it.
 pub fn netns_cookie(netns: &Path) -> io::Result<u64> {

@@ -41,7 +41,10 @@ use std::{
     collections::HashMap as StdHashMap,
     io,
     os::fd::{AsRawFd, RawFd},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -127,11 +130,45 @@ struct Back {
 /// Quiet flows' wake-ups, by P_u's key (`RELAY_WAKE` records).
 type Wakes = Arc<Mutex<StdHashMap<SockKey, Arc<Notify>>>>;
 
+/// Forgets `key`'s wake-up if it is still `mine`: a newer flow with the same 4-tuple,
+/// armed before this one's end, keeps its own.
+fn forget_wake(wakes: &Wakes, key: &SockKey, mine: &Arc<Notify>) {
+    let mut w = wakes.lock().unwrap_or_else(|e| e.into_inner());
+    if w.get(key).is_some_and(|n| Arc::ptr_eq(n, mine)) {
+        w.remove(key);
+    }
+}
+
 /// The reader of `RELAY_WAKE`: wakes the flow each record names. Its own thread (as
 /// `events::FlowReader`); stops and joins it on drop.
 struct WakeReader {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Set once the reader watches the ring, cleared when its thread ends (for any
+    /// reason): no flow goes quiet without a live reader.
+    alive: Arc<AtomicBool>,
+}
+
+/// The reader thread's end, on any path (an error, a panic, the stop): no flow goes
+/// quiet from then on, and every registered one is woken so that a quiet one looks at
+/// its socket at once instead of at its slow look.
+struct ReaderEnd {
+    alive: Arc<AtomicBool>,
+    wakes: Wakes,
+    stopped: bool,
+}
+
+impl Drop for ReaderEnd {
+    fn drop(&mut self) {
+        let was = self.alive.swap(false, Ordering::SeqCst);
+        if was && !self.stopped {
+            tracing::warn!("egress kernel relay: the wake-up reader ended; relayed flows watch their sockets from now on");
+        }
+        let w = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
+        for n in w.values() {
+            n.notify_one();
+        }
+    }
 }
 
 #[expect(
@@ -161,31 +198,44 @@ fn parse_wake(b: &[u8]) -> Option<SockKey> {
 }
 
 impl WakeReader {
+    /// Starts the reader; returns once it watches the ring, or with the error that
+    /// stopped it (no flow goes quiet then).
     fn start(ring: RingBuf<MapData>, wakes: Wakes) -> io::Result<WakeReader> {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+        let alive = Arc::new(AtomicBool::new(false));
+        let end_alive = alive.clone();
         let thread = std::thread::Builder::new()
             .name("relay-wakes".into())
             .spawn(move || {
                 let span = tracing::info_span!("relay_wakes");
                 let _enter = span.enter();
+                let mut end = ReaderEnd {
+                    alive: end_alive,
+                    wakes: wakes.clone(),
+                    stopped: false,
+                };
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .build()
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tracing::warn!(error = %e, "egress kernel relay: wake-ups cannot be read; quiet flows wake on their own timer");
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                rt.block_on(async move {
+                let live = end.alive.clone();
+                end.stopped = rt.block_on(async move {
                     let mut fd = match watch_wakes(ring) {
                         Ok(fd) => fd,
                         Err(e) => {
-                            tracing::warn!(error = %e, "egress kernel relay: wake-ups cannot be read; quiet flows wake on their own timer");
-                            return;
+                            let _ = ready_tx.send(Err(e));
+                            return false;
                         }
                     };
+                    live.store(true, Ordering::SeqCst);
+                    let _ = ready_tx.send(Ok(()));
                     let drain = |ring: &mut RingBuf<MapData>| {
                         while let Some(item) = ring.next() {
                             let Some(key) = parse_wake(&item) else {
@@ -205,19 +255,37 @@ impl WakeReader {
                                     guard.clear_ready();
                                 }
                                 Err(e) => {
-                                    tracing::warn!(error = %e, "egress kernel relay: reading wake-ups failed; quiet flows wake on their own timer");
-                                    return;
+                                    tracing::warn!(error = %e, "egress kernel relay: reading wake-ups failed");
+                                    return false;
                                 }
                             },
-                            _ = &mut stopped => return,
+                            _ = &mut stopped => return true,
                         }
                     }
                 });
             })?;
-        Ok(WakeReader {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(WakeReader {
+                stop: Some(stop),
+                thread: Some(thread),
+                alive,
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(io::Error::other(
+                    "the wake-up reader ended before it watched the ring",
+                ))
+            }
+        }
+    }
+
+    /// Whether the reader still watches the ring.
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 }
 
@@ -393,7 +461,8 @@ impl BackGate<'_> {
     /// P_u's fd. `false`: keep watching (the total is published without
     /// `RELAY_ARMED_QUIET` again).
     pub fn quiet(&self, written: u64, pu: RawFd) -> bool {
-        if self.wake.is_none() || !self.may_quiet(written) {
+        // Fail-open: without a live reader a record would wake no one.
+        if self.wake.is_none() || !self.maps.wakes_read() || !self.may_quiet(written) {
             return false;
         }
         self.publish(written | RELAY_ARMED_QUIET);
@@ -457,6 +526,11 @@ impl RelayMaps {
             wakes,
             wake_reader,
         }
+    }
+
+    /// Whether `RELAY_WAKE`'s reader is alive (a flow may go quiet).
+    fn wakes_read(&self) -> bool {
+        self.wake_reader.as_ref().is_some_and(WakeReader::alive)
     }
 
     /// Whether the destination's direction is relayed too (egress mode).
@@ -622,7 +696,7 @@ impl RelayMaps {
             .and_then(|()| b.up.insert(pu, upstream.as_raw_fd(), 0));
         match r {
             Ok(()) => {
-                let wake = self.wake_reader.as_ref().map(|_| {
+                let wake = self.wakes_read().then(|| {
                     let n = Arc::new(Notify::new());
                     let mut w = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
                     w.insert(pu, n.clone());
@@ -689,9 +763,8 @@ impl Drop for Armed<'_> {
             let _ = b.back.remove(pu);
             let _ = b.armed.remove(pu);
             drop(b);
-            if wake.is_some() {
-                let mut w = self.maps.wakes.lock().unwrap_or_else(|e| e.into_inner());
-                w.remove(pu);
+            if let Some(n) = wake {
+                forget_wake(&self.maps.wakes, pu, n);
             }
         }
     }
@@ -700,6 +773,64 @@ impl Drop for Armed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(port: u16) -> SockKey {
+        SockKey {
+            netns: 1,
+            local_ip: [1, 0, 0, 0],
+            remote_ip: [2, 0, 0, 0],
+            local_port: port,
+            remote_port: 80,
+            _pad: 0,
+        }
+    }
+
+    /// A flow's end forgets its own wake-up only: a newer flow with the same 4-tuple,
+    /// armed before the older one's end, keeps being woken.
+    #[test]
+    fn a_flow_end_leaves_a_newer_flows_wake_up_with_the_same_key() {
+        let wakes = Wakes::default();
+        let (old, new) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        wakes.lock().unwrap().insert(key(1), old.clone());
+        // The newer flow armed (its entry replaces the older one's), then the older ends.
+        wakes.lock().unwrap().insert(key(1), new.clone());
+        forget_wake(&wakes, &key(1), &old);
+        assert!(wakes
+            .lock()
+            .unwrap()
+            .get(&key(1))
+            .is_some_and(|n| Arc::ptr_eq(n, &new)));
+        forget_wake(&wakes, &key(1), &new);
+        assert!(wakes.lock().unwrap().is_empty());
+    }
+
+    /// The reader's end, for any reason: no flow may go quiet any more, and every
+    /// registered flow is woken (a quiet one looks at its socket at once).
+    #[test]
+    fn the_wake_readers_end_wakes_every_flow_and_stops_quiet() {
+        let wakes = Wakes::default();
+        let flows: Vec<Arc<Notify>> = (0..3).map(|_| Arc::new(Notify::new())).collect();
+        for (i, n) in flows.iter().enumerate() {
+            wakes.lock().unwrap().insert(key(i as u16), n.clone());
+        }
+        let alive = Arc::new(AtomicBool::new(true));
+        drop(ReaderEnd {
+            alive: alive.clone(),
+            wakes: wakes.clone(),
+            stopped: false,
+        });
+        assert!(!alive.load(Ordering::SeqCst));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for n in &flows {
+            // The permit is stored: the wait ends at its first poll.
+            let woke =
+                rt.block_on(async { tokio::time::timeout(Duration::ZERO, n.notified()).await });
+            assert!(woke.is_ok(), "a registered flow was not woken");
+        }
+    }
 
     /// A `RELAY_WAKE` record is `SockKey` as the program lays it out: a record decoded
     /// into another key would wake no flow (it would then wait for its slow look).

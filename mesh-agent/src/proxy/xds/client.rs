@@ -559,17 +559,21 @@ impl Core {
                 }
                 if kind == Kind::Listener {
                     let mut d = self.demand();
-                    let wanted: Vec<SocketAddr> = d.wanted.iter().copied().collect();
-                    for w in wanted {
+                    let (delivered, missing): (Vec<SocketAddr>, Vec<SocketAddr>) = d
+                        .wanted
+                        .iter()
+                        .partition(|w| new_names.contains(&listener_name(**w)));
+                    // Delivered names leave `absent` first: marking the missing ones may
+                    // forget the oldest absent names, which must not be names this very
+                    // response delivers.
+                    for w in &delivered {
+                        d.absent.remove(w);
+                    }
+                    for w in missing {
                         // Forgotten by `mark_absent` earlier in this loop: marking it again
                         // would forget the next oldest, and so on through the whole set.
-                        if !d.wanted.contains(&w) {
-                            continue;
-                        }
-                        if !new_names.contains(&listener_name(w)) {
+                        if d.wanted.contains(&w) {
                             d.mark_absent(w);
-                        } else {
-                            d.absent.remove(&w);
                         }
                     }
                     d.listener_updated_ms = new_names.iter().map(|n| (n.clone(), now)).collect();
@@ -1502,6 +1506,39 @@ services:
             lookup_while_judging(&c, addr("10.9.9.7:80")),
             Lookup::Unknown("the control plane did not answer in time")
         ));
+    }
+
+    /// A SotW listener response that delivers the oldest absent name while the absent set
+    /// is at its cap and another wanted name (earlier in the set's order) turns absent:
+    /// the delivered name stays wanted (subscribed), the set stays at its cap, nothing is
+    /// forgotten.
+    #[test]
+    fn a_delivered_name_is_not_forgotten_for_a_new_absent_one() {
+        let c = client(true);
+        {
+            let mut d = c.demand();
+            // DB is the oldest absent name, then fillers up to the cap.
+            d.wanted.insert(addr(DB));
+            d.mark_absent(addr(DB));
+            for i in 0..MAX_ABSENT_LISTENERS - 1 {
+                let a = SocketAddr::from(([10, 200, (i / 250) as u8, (i % 250) as u8], 80));
+                d.wanted.insert(a);
+                d.mark_absent(a);
+            }
+            assert_eq!(d.absent.len(), MAX_ABSENT_LISTENERS);
+            // Wanted, not yet answered; ordered before DB.
+            d.wanted.insert(addr("10.1.1.1:80"));
+        }
+        accept(&c, &[Kind::Listener], "1");
+        let d = c.demand();
+        assert!(
+            d.wanted.contains(&addr(DB)),
+            "the delivered name was forgotten"
+        );
+        assert!(!d.absent.contains(&addr(DB)));
+        assert!(d.absent.contains(&addr("10.1.1.1:80")));
+        assert_eq!(d.absent.len(), MAX_ABSENT_LISTENERS);
+        assert!(!d.pruned, "nothing was to be forgotten");
     }
 
     /// Subscriptions follow the accepted references, recomputed only when a listener,
