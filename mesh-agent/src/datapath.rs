@@ -13,6 +13,7 @@ pub mod close;
 pub mod events;
 pub mod features;
 pub mod relay;
+pub mod ring;
 pub mod tc;
 pub mod writer;
 
@@ -858,6 +859,10 @@ impl Datapath {
                     back: take(&mut ebpf, map_names::RELAY_BACK)?,
                     armed: take(&mut ebpf, map_names::RELAY_ARMED)?,
                     wake: take(&mut ebpf, map_names::RELAY_WAKE)?,
+                    stats: MapData::from_pin(o.pin_path.join(map_names::STATS))
+                        .and_then(aya::maps::Map::from_map_data)
+                        .and_then(PerCpuArray::try_from)
+                        .ok(),
                 }),
                 link,
             )

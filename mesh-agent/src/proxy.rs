@@ -1177,10 +1177,22 @@ const UP_WATCH: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 const UP_QUIET: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// How long a quiet flow waits before it looks at P_u itself, doubling up to
-/// `QUIET_LOOK_MAX` while nothing comes: the bound on a lost `RELAY_WAKE` record (full
-/// ring, counted as `relay_wake_dropped`).
+/// `QUIET_LOOK_MAX` while nothing comes. A lost `RELAY_WAKE` record (full ring, counted as
+/// `relay_wake_dropped`) does not wait for it: the reader then wakes every quiet flow. So
+/// the look is a last resort (a reader that missed the count), and an idle relayed flow
+/// wakes the proxy about once a minute, not every 5 s.
 const QUIET_LOOK: Duration = Duration::from_millis(100);
-const QUIET_LOOK_MAX: Duration = Duration::from_secs(5);
+const QUIET_LOOK_MAX: Duration = Duration::from_secs(60);
+
+/// The quiet flow's next look: back to `QUIET_LOOK` after a wake-up, else doubled up to
+/// `QUIET_LOOK_MAX`.
+fn next_look(look: Duration, woke: bool) -> Duration {
+    if woke {
+        QUIET_LOOK
+    } else {
+        (look * 2).min(QUIET_LOOK_MAX)
+    }
+}
 
 /// The egress kernel relay's leg P_u, read by the destination's pipe. Out of the
 /// runtime's epoll for reading (the runtime registers every socket for `EPOLLIN`): P_u
@@ -1302,10 +1314,7 @@ impl Source for UpSource<'_> {
             _ = wake.notified() => Some(Ok(())),
             _ = tokio::time::sleep(self.look) => None,
         };
-        self.look = match woke {
-            Some(_) => QUIET_LOOK,
-            None => (self.look * 2).min(QUIET_LOOK_MAX),
-        };
+        self.look = next_look(self.look, woke.is_some());
         let r = woke.unwrap_or(Ok(()));
         // Watching again before the flag goes: the pipe reads what came.
         sys::epoll_set(self.ep.as_fd(), fd, UP_WATCH, false)?;
@@ -1384,18 +1393,46 @@ async fn pipe(
     far: Far,
     back: Option<&crate::datapath::relay::BackGate<'_>>,
 ) -> io::Result<()> {
-    // With `back` (the egress kernel relay's destination direction): what this pipe wrote.
+    // With `back` (the egress kernel relay's destination direction): what this pipe wrote,
+    // and since when an EOF came short of the bytes the program passed (read again).
     let mut written: u64 = 0;
+    let mut short_eof: Option<std::time::Instant> = None;
     loop {
         from.ready(written).await?;
         let mut buf = relay_buffers::Buffer::take();
         loop {
             let (n, drained) = match from.read(&mut buf) {
                 Ok(r) => r,
+                // Past a short EOF the socket raises no new event: read again (below).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && short_eof.is_some() => {
+                    (0, false)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             };
             if n == 0 {
+                // Every byte the program passed must have been read and written before
+                // the FIN goes: one it deferred (the psock's worker) can reach P_u's
+                // receive queue after the FIN. Read again for a while; still short, the
+                // client gets a reset, never a clean end short of bytes.
+                if let Some(g) = back {
+                    use crate::datapath::relay::AtEof;
+                    match g.at_eof(written, short_eof) {
+                        AtEof::Complete => {}
+                        AtEof::Retry { .. } => {
+                            short_eof.get_or_insert_with(std::time::Instant::now);
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            continue;
+                        }
+                        AtEof::Short { unread } => {
+                            tracing::warn!(unread, written, "egress kernel relay: the destination's EOF came short of bytes the kernel passed to the proxy; resetting both ends");
+                            return Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                format!("{unread} bytes passed by the kernel relay never reached the proxy"),
+                            ));
+                        }
+                    }
+                }
                 drop(buf);
                 // A far end that was a paired socket closed with bytes unread: plain TCP
                 // would have answered with a reset, so the other side gets one too
@@ -1441,7 +1478,7 @@ async fn pipe(
             if let Some(c) = istio {
                 c.inc_by(n as u64);
             }
-            if drained {
+            if drained && short_eof.is_none() {
                 break;
             }
         }
@@ -1795,5 +1832,36 @@ mod tests {
         let end = relay.await.unwrap();
         assert_eq!((end.received, end.sent, end.reset), (total, total, false));
         assert_eq!(counters.received.load(Relaxed), total);
+    }
+
+    /// Looks of a quiet flow over `idle` with nothing coming (each look finds nothing).
+    fn looks_in(idle: Duration) -> (u32, Duration) {
+        let (mut t, mut look, mut n) = (Duration::ZERO, QUIET_LOOK, 0);
+        while t + look <= idle {
+            t += look;
+            n += 1;
+            look = next_look(look, false);
+        }
+        (n, look)
+    }
+
+    /// An idle quiet flow backs off to one look a minute (a lost wake-up record wakes
+    /// every quiet flow instead of waiting for it): 9 looks in its first idle minute,
+    /// then one a minute, where a 5 s cap made 16, then 12 a minute. A wake-up starts
+    /// again at 100 ms.
+    #[test]
+    fn an_idle_quiet_flow_looks_about_once_a_minute() {
+        let (first, look) = looks_in(Duration::from_secs(60));
+        assert!(first <= 10, "{first} looks in the first idle minute");
+        let (ten, _) = looks_in(Duration::from_secs(600));
+        assert!(
+            ten - first <= 10,
+            "{} looks in the next nine idle minutes",
+            ten - first
+        );
+        assert!(look <= QUIET_LOOK_MAX);
+        assert_eq!(next_look(QUIET_LOOK_MAX, false), QUIET_LOOK_MAX);
+        assert_eq!(next_look(QUIET_LOOK_MAX, true), QUIET_LOOK);
+        eprintln!("idle quiet flow: {first} looks in the first minute, {ten} in ten");
     }
 }

@@ -768,7 +768,7 @@ impl Stat {
                 "egress kernel relay: a segment of the destination went to a proxy not watching its socket, which a RELAY_WAKE record wakes"
             }
             Stat::RelayWakeDropped => {
-                "egress kernel relay: a wake-up record was lost, RELAY_WAKE was full (the proxy finds the segment at its next slow look)"
+                "egress kernel relay: a wake-up record was lost, RELAY_WAKE was full (the reader then wakes every quiet flow)"
             }
         }
     }

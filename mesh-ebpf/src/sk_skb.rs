@@ -34,7 +34,7 @@
 //! The parser-less stream verdict (`sk_psock_verdict_data_ready`) is 5.13+; loaded only in
 //! egress mode (6.9+, `features::KERNEL_RELAY`).
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::sk_action::SK_PASS, macros::stream_verdict, programs::SkBuffContext, Global,
@@ -161,15 +161,25 @@ fn on_skb(ctx: &SkBuffContext) -> u32 {
 /// Writes P_u's key to `RELAY_WAKE` when the proxy does not watch P_u's receive queue
 /// (`RELAY_ARMED_QUIET`): it reads a segment this program hands to it only once woken.
 /// Rare (a fallback, a broken P_a, the relay off), so the record wakes the reader at once.
+/// The flag is cleared with the record: one record per quiet spell, not one per segment
+/// until the proxy runs. A lost record (the ring full, counted) makes the reader wake
+/// every quiet flow. A plain read-modify-write of the value: this program's runs on P_u
+/// are serialized by P_u's socket lock, and the proxy never writes the value in place (a
+/// map update from user space puts a new element in its place), so no other write can
+/// fall between the read and the store. (The bpf target has no atomic read-modify-write
+/// without a nightly feature; it is not needed here.)
 #[inline(always)]
 fn wake_if_quiet(me: SockKey) {
-    // SAFETY: map value pointer, read once.
-    let quiet = RELAY_ARMED
-        .get_ptr(me)
-        .is_some_and(|a| unsafe { read_volatile(a) } & RELAY_ARMED_QUIET != 0);
-    if !quiet {
+    let Some(a) = RELAY_ARMED.get_ptr_mut(me) else {
+        return;
+    };
+    // SAFETY: map value pointer (a `u64`, 8-byte aligned), valid during this run.
+    let v = unsafe { read_volatile(a) };
+    if v & RELAY_ARMED_QUIET == 0 {
         return;
     }
+    // SAFETY: as above.
+    unsafe { write_volatile(a, v & !RELAY_ARMED_QUIET) };
     if RELAY_WAKE.output(me, 0).is_ok() {
         bump(Stat::RelayWake);
     } else {

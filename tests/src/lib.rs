@@ -37,6 +37,7 @@ pub mod kubeapi;
 pub mod l7;
 pub mod metrics;
 pub mod otlp;
+pub mod relay;
 pub mod scenes;
 
 /// How long a pod client may run when the test gives it no `--deadline-ms` of its own: far

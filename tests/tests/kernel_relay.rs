@@ -6,7 +6,8 @@
 //! counts include what the kernel moved.
 
 use mesh_tests::flows::{assert_intact, assert_sunk};
-use mesh_tests::scenes::{client_db_relay, flow_bytes, relay_available, DB_VIP as VIP};
+use mesh_tests::relay::RelayCounts;
+use mesh_tests::scenes::{client_db_relay, relay_available, DB_VIP as VIP};
 
 const MIB: u64 = 1 << 20;
 
@@ -20,58 +21,40 @@ fn a_decided_tcp_flow_moves_socket_to_socket_and_stays_intact() {
     n.serve("db", &["echo", "--listen", "0.0.0.0:9000"])
         .unwrap();
     let on = relay_available(&agent);
-    let (started, relayed, relayed_bytes) = (
-        agent.event("relay_started"),
-        agent.event("msg_relayed"),
-        agent.event("msg_relayed_bytes"),
-    );
-    let (rx, tx) = (
-        flow_bytes(&agent, "mesh_tcp_received_bytes_total"),
-        flow_bytes(&agent, "mesh_tcp_sent_bytes_total"),
-    );
+    let c = RelayCounts::of(&agent);
     // 2,100 round trips of 64 bytes (podtool's `ping`: 100 warm-up rounds, then 2,000).
     let r = n
         .client("client", &["ping", "--to", VIP, "--count", "2000"])
         .unwrap();
     assert_eq!(r["count"], 2000, "{r}");
     let rounds = 2100u64;
-    let moved = agent.event("msg_relayed") - relayed;
+    let d = c.since(&agent);
+    let moved = d.msgs;
     if on {
         // Each direction switched once, and stayed: every message but the first few of
         // each direction went socket to socket.
-        assert_eq!(
-            agent.event("relay_started") - started,
-            2,
-            "{}",
-            agent.log_text()
-        );
+        assert_eq!(d.started, 2, "{}", agent.log_text());
         assert!(
             moved >= 2 * rounds - 8,
             "only {moved} of {} messages relayed in the kernel",
             2 * rounds
         );
-        assert!(agent.event("msg_relayed_bytes") - relayed_bytes >= 64 * (2 * rounds - 8));
+        assert!(d.msg_bytes >= 64 * (2 * rounds - 8));
     } else {
         assert_eq!(moved, 0);
     }
     // The proxy's counts include the relayed bytes: the flow's every byte, each way
     // (read once the proxy has seen the connection end).
-    mesh_tests::wait_for(
+    c.wait_counted(
+        &agent,
         "the proxy counted the flow",
-        std::time::Duration::from_secs(10),
-        || {
-            flow_bytes(&agent, "mesh_tcp_received_bytes_total") - rx == 64 * rounds
-                && flow_bytes(&agent, "mesh_tcp_sent_bytes_total") - tx == 64 * rounds
-        },
+        64 * rounds,
+        64 * rounds,
     );
 
     // Bulk both ways; the echo client half-closes once it has sent everything and reads
     // the rest of the answer after that.
-    let (rx, tx) = (
-        flow_bytes(&agent, "mesh_tcp_received_bytes_total"),
-        flow_bytes(&agent, "mesh_tcp_sent_bytes_total"),
-    );
-    let before = agent.event("msg_relayed_bytes");
+    let c = RelayCounts::of(&agent);
     let r = n
         .client(
             "client",
@@ -85,21 +68,13 @@ fn a_decided_tcp_flow_moves_socket_to_socket_and_stays_intact() {
         )
         .unwrap();
     assert_intact(&r, 16 * MIB);
-    mesh_tests::wait_for(
+    c.wait_counted(
+        &agent,
         "the proxy counted the bulk flow",
-        std::time::Duration::from_secs(10),
-        || {
-            flow_bytes(&agent, "mesh_tcp_received_bytes_total") - rx == 16 * MIB
-                && flow_bytes(&agent, "mesh_tcp_sent_bytes_total") - tx == 16 * MIB
-        },
+        16 * MIB,
+        16 * MIB,
     );
-    eprintln!(
-        "bulk echo: {} of {} bytes moved by the kernel relay; relay_fallback {} relay_recovered {}",
-        agent.event("msg_relayed_bytes") - before,
-        32 * MIB,
-        agent.event("relay_fallback"),
-        agent.event("relay_recovered"),
-    );
+    eprintln!("bulk echo, {} bytes: {}", 32 * MIB, c.since(&agent).line());
 }
 
 /// A half-close passes as before: the client sends and shuts its writing side, the
@@ -154,6 +129,7 @@ fn a_slow_reader_behind_the_relay_gets_every_byte_without_error() {
     )
     .unwrap();
     let on = relay_available(&agent);
+    let c = RelayCounts::of(&agent);
     let bytes = 32 * MIB;
     let r = n
         .client(
@@ -162,14 +138,9 @@ fn a_slow_reader_behind_the_relay_gets_every_byte_without_error() {
         )
         .unwrap();
     assert_sunk(&r, bytes);
-    let relayed = agent.event("msg_relayed_bytes");
-    let (fallbacks, recoveries) = (
-        agent.event("relay_fallback"),
-        agent.event("relay_recovered"),
-    );
-    eprintln!(
-        "slow reader: {relayed} bytes relayed in the kernel, {fallbacks} fallbacks, {recoveries} recoveries"
-    );
+    let d = c.since(&agent);
+    let (relayed, fallbacks, recoveries) = (d.msg_bytes, d.fallbacks, d.recoveries);
+    eprintln!("slow reader, {bytes} bytes: {}", d.line());
     if !on {
         assert_eq!(relayed, 0);
     } else if relayed > 2 * 65536 {

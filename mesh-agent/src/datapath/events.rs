@@ -34,6 +34,8 @@ use aya::{
 use mesh_common::{log_level, maps::FlowRecord};
 use tracing::{debug, error, info, trace, warn};
 
+use super::ring::RingReader;
+
 /// The `tracing` target of the decision log.
 pub const TARGET: &str = "mesh_agent::datapath::events";
 
@@ -90,17 +92,6 @@ impl log::Log for ToTracing {
 
 type Logger = aya_log::EbpfLogger<ToTracing>;
 
-/// The ring buffer registered with this thread's reactor.
-#[expect(
-    deprecated,
-    reason = "tokio deprecates with_interest for I/O safety (a registered fd closed elsewhere); \
-              the logger owns its ring buffer's fd for as long as the AsyncFd holds it, and \
-              register_with_interest would need unsafe outside the sys module"
-)]
-fn watch(logger: Logger) -> std::io::Result<tokio::io::unix::AsyncFd<Logger>> {
-    tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
-}
-
 /// A record as the programs write it, `CODE rest` (`mesh_common::decision`), as people
 /// read it: `name: why; rest`. A code this build does not know stays a number. The
 /// programs pass every address as 16 bytes (IPv4 v4-mapped): a v4-mapped one is shown as
@@ -148,75 +139,22 @@ fn plain_v4(msg: &str) -> String {
 }
 
 /// The reader of the programs' log ring buffer; stops (and joins its thread) on drop.
-pub struct EventReader {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+pub struct EventReader(#[expect(dead_code, reason = "held for its drop")] RingReader);
 
 impl EventReader {
     /// Takes the ring buffer (`AYA_LOGS`) out of the loaded object and starts reading it.
     pub fn start(ebpf: &mut Ebpf) -> Result<EventReader, String> {
         let logger = aya_log::EbpfLogger::init_with_logger(ebpf, ToTracing)
             .map_err(|e| format!("the datapath log ring buffer: {e}"))?;
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("datapath-log".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        warn!(error = %e, "the datapath decision log cannot be read");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let mut fd = match watch(logger) {
-                        Ok(fd) => fd,
-                        Err(e) => {
-                            warn!(error = %e, "the datapath decision log cannot be read");
-                            return;
-                        }
-                    };
-                    loop {
-                        tokio::select! {
-                            r = fd.readable_mut() => match r {
-                                Ok(mut guard) => {
-                                    guard.get_inner_mut().flush();
-                                    guard.clear_ready();
-                                }
-                                Err(e) => {
-                                    warn!(error = %e, "reading the datapath decision log failed");
-                                    return;
-                                }
-                            },
-                            _ = &mut stopped => {
-                                // What is left in the ring, then stop.
-                                fd.get_mut().flush();
-                                return;
-                            }
-                        }
-                    }
-                });
-            })
-            .map_err(|e| format!("starting the datapath log thread: {e}"))?;
-        Ok(EventReader {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for EventReader {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        RingReader::start(
+            "datapath-log",
+            "the datapath decision log",
+            logger,
+            None,
+            |l: &mut Logger| l.flush(),
+        )
+        .map(EventReader)
+        .map_err(|e| format!("the datapath decision log cannot be read: {e}"))
     }
 }
 
@@ -254,104 +192,35 @@ pub fn parse_flow_record(bytes: &[u8]) -> Option<FlowRecord> {
     })
 }
 
-#[expect(
-    deprecated,
-    reason = "as `watch`: the ring buffer owns its fd for as long as the AsyncFd holds it"
-)]
-fn watch_ring(
-    ring: RingBuf<MapData>,
-) -> std::io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
-    tokio::io::unix::AsyncFd::with_interest(ring, tokio::io::Interest::READABLE)
-}
-
 /// The reader of `FLOW_EVENTS`; stops (and joins its thread) on drop, after handing what
-/// is left in the ring to the sink.
-pub struct FlowReader {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// is left in the ring to the sink. `None`: the ring could not be read (logged; the
+/// agent runs on without direct mode's records, as before the shared reader).
+pub struct FlowReader(#[expect(dead_code, reason = "held for its drop")] Option<RingReader>);
 
 impl FlowReader {
     pub fn start(ring: RingBuf<MapData>, mut sink: FlowSink) -> Result<FlowReader, String> {
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("datapath-flows".into())
-            .spawn(move || {
-                let span = tracing::info_span!("datapath_flows");
-                let _enter = span.enter();
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .enable_time()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        warn!(error = %e, "direct-mode flow records cannot be read");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let mut fd = match watch_ring(ring) {
-                        Ok(fd) => fd,
-                        Err(e) => {
-                            warn!(error = %e, "direct-mode flow records cannot be read");
-                            return;
-                        }
-                    };
-                    let mut drain = |ring: &mut RingBuf<MapData>| {
-                        while let Some(item) = ring.next() {
-                            match parse_flow_record(&item) {
-                                Some(r) => sink(&r),
-                                None => debug!(
-                                    len = item.len(),
-                                    "a flow record of another size, skipped"
-                                ),
-                            }
-                        }
-                    };
-                    // The programs wake this reader only now and then (`flow_record`):
-                    // the timer drains what came in between.
-                    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
-                        mesh_common::capacity::FLOW_EVENTS_DRAIN_MS,
-                    ));
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        tokio::select! {
-                            r = fd.readable_mut() => match r {
-                                Ok(mut guard) => {
-                                    drain(guard.get_inner_mut());
-                                    guard.clear_ready();
-                                }
-                                Err(e) => {
-                                    warn!(error = %e, "reading direct-mode flow records failed");
-                                    return;
-                                }
-                            },
-                            _ = tick.tick() => drain(fd.get_mut()),
-                            _ = &mut stopped => {
-                                drain(fd.get_mut());
-                                return;
-                            }
-                        }
-                    }
-                });
-            })
-            .map_err(|e| format!("starting the flow record thread: {e}"))?;
-        Ok(FlowReader {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for FlowReader {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let drain = move |ring: &mut RingBuf<MapData>| {
+            while let Some(item) = ring.next() {
+                match parse_flow_record(&item) {
+                    Some(r) => sink(&r),
+                    None => debug!(len = item.len(), "a flow record of another size, skipped"),
+                }
+            }
+        };
+        // The programs wake this reader only now and then (`flow_record`): the tick
+        // drains what came in between.
+        let reader = RingReader::start(
+            "datapath-flows",
+            "direct-mode flow records",
+            ring,
+            Some(std::time::Duration::from_millis(
+                mesh_common::capacity::FLOW_EVENTS_DRAIN_MS,
+            )),
+            drain,
+        )
+        .map_err(|e| warn!(error = %e, "direct-mode flow records cannot be read"))
+        .ok();
+        Ok(FlowReader(reader))
     }
 }
 

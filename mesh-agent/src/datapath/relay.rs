@@ -30,7 +30,7 @@
 //! it relays, which would otherwise wake the proxy once per round trip for nothing to
 //! read. P_u's FIN and reset still reach it through its own epoll (`EPOLLRDHUP`,
 //! `EPOLLERR`), and a segment the program hands to it comes with a `RELAY_WAKE` record
-//! (`WakeReader`).
+//! (`WakeDrain`, on a `ring::RingReader`; a lost record wakes every quiet flow).
 //!
 //! Each direction then switches in the kernel on its own (mesh-ebpf `sk_msg::relay`). The
 //! proxy keeps relaying whatever still reaches its sockets and passes FIN and RST on as
@@ -41,22 +41,22 @@ use std::{
     collections::HashMap as StdHashMap,
     io,
     os::fd::{AsRawFd, RawFd},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapData, RingBuf, SkStorage, SockHash};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf, SkStorage, SockHash};
 use mesh_common::{
     fallback, flow_flags,
     maps::{
         relay_back_drained, relay_state, RelayBack, RelayInfo, SockKey, SockState,
         RELAY_ARMED_QUIET,
     },
+    Stat,
 };
 use tokio::sync::Notify;
+
+use super::ring::RingReader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -112,12 +112,15 @@ pub fn back_offsets() -> Option<[u32; 3]> {
 
 /// The egress relay's destination direction: `RELAY_UP` (the P_u legs, `mesh_relay_back`
 /// attached), `RELAY_BACK` (the program's counts), `RELAY_ARMED` (the proxy's totals) and
-/// `RELAY_WAKE` (the program's wake-ups of quiet flows, read by `WakeReader`).
+/// `RELAY_WAKE` (the program's wake-ups of quiet flows, read by `WakeDrain`).
 pub struct BackMaps {
     pub up: SockHash<MapData, SockKey>,
     pub back: HashMap<MapData, SockKey, RelayBack>,
     pub armed: HashMap<MapData, SockKey, u64>,
     pub wake: RingBuf<MapData>,
+    /// `STATS`, a second handle (`relay_wake_dropped`: lost records wake every quiet
+    /// flow); `None`: not opened.
+    pub stats: Option<PerCpuArray<MapData, u64>>,
 }
 
 /// `BackMaps` without the ring (its reader owns it).
@@ -139,44 +142,71 @@ fn forget_wake(wakes: &Wakes, key: &SockKey, mine: &Arc<Notify>) {
     }
 }
 
-/// The reader of `RELAY_WAKE`: wakes the flow each record names. Its own thread (as
-/// `events::FlowReader`); stops and joins it on drop.
-struct WakeReader {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// Set once the reader watches the ring, cleared when its thread ends (for any
-    /// reason): no flow goes quiet without a live reader.
-    alive: Arc<AtomicBool>,
-}
-
-/// The reader thread's end, on any path (an error, a panic, the stop): no flow goes
-/// quiet from then on, and every registered one is woken so that a quiet one looks at
-/// its socket at once instead of at its slow look.
+/// The end of `RELAY_WAKE`'s reader, on any path (an error, a panic, the stop): dropped
+/// with its drain, after the reader's `alive` turned false (no flow goes quiet from then
+/// on); every registered flow is woken, so that a quiet one looks at its socket at once
+/// instead of at its slow look.
 struct ReaderEnd {
-    alive: Arc<AtomicBool>,
     wakes: Wakes,
-    stopped: bool,
 }
 
 impl Drop for ReaderEnd {
     fn drop(&mut self) {
-        let was = self.alive.swap(false, Ordering::SeqCst);
-        if was && !self.stopped {
-            tracing::warn!("egress kernel relay: the wake-up reader ended; relayed flows watch their sockets from now on");
-        }
-        let w = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
-        for n in w.values() {
-            n.notify_one();
-        }
+        wake_all(&self.wakes);
     }
 }
 
-#[expect(
-    deprecated,
-    reason = "as `events::watch_ring`: the ring buffer owns its fd for as long as the AsyncFd holds it"
-)]
-fn watch_wakes(ring: RingBuf<MapData>) -> io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
-    tokio::io::unix::AsyncFd::with_interest(ring, tokio::io::Interest::READABLE)
+/// Wakes every registered flow (a quiet one looks at its socket at once).
+fn wake_all(wakes: &Wakes) {
+    let w = wakes.lock().unwrap_or_else(|e| e.into_inner());
+    for n in w.values() {
+        n.notify_one();
+    }
+}
+
+/// `RELAY_WAKE`'s drain: wakes the flow each record names; and every registered flow
+/// when the program counted a record it could not write (`relay_wake_dropped` grew since
+/// the last drain: the ring was full, and which flow lost its record is not known).
+struct WakeDrain {
+    wakes: Wakes,
+    /// `STATS` (`relay_wake_dropped`; `None`: not readable, lost records then wait for
+    /// their flows' slow looks).
+    stats: Option<PerCpuArray<MapData, u64>>,
+    dropped: u64,
+}
+
+impl WakeDrain {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            let Some(key) = parse_wake(&item) else {
+                continue;
+            };
+            let w = self.wakes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = w.get(&key) {
+                n.notify_one();
+            }
+        }
+        // After the records: a record is dropped only while the ring is full, i.e. with
+        // records unread, so the drain that reads those sees the count grown.
+        let dropped = self.stats.as_ref().map_or(0, |s| {
+            s.get(&(Stat::RelayWakeDropped as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        });
+        self.saw_dropped(dropped);
+    }
+
+    /// Wakes every flow if `dropped` (the program's count of lost records) grew.
+    fn saw_dropped(&mut self, dropped: u64) {
+        if dropped > self.dropped {
+            tracing::debug!(
+                lost = dropped - self.dropped,
+                "egress kernel relay: wake-up records lost (RELAY_WAKE full); waking every quiet flow"
+            );
+            wake_all(&self.wakes);
+        }
+        self.dropped = self.dropped.max(dropped);
+    }
 }
 
 /// A `RELAY_WAKE` record: P_u's key (`SockKey`'s layout, native endian).
@@ -197,109 +227,6 @@ fn parse_wake(b: &[u8]) -> Option<SockKey> {
     })
 }
 
-impl WakeReader {
-    /// Starts the reader; returns once it watches the ring, or with the error that
-    /// stopped it (no flow goes quiet then).
-    fn start(ring: RingBuf<MapData>, wakes: Wakes) -> io::Result<WakeReader> {
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
-        let alive = Arc::new(AtomicBool::new(false));
-        let end_alive = alive.clone();
-        let thread = std::thread::Builder::new()
-            .name("relay-wakes".into())
-            .spawn(move || {
-                let span = tracing::info_span!("relay_wakes");
-                let _enter = span.enter();
-                let mut end = ReaderEnd {
-                    alive: end_alive,
-                    wakes: wakes.clone(),
-                    stopped: false,
-                };
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let live = end.alive.clone();
-                end.stopped = rt.block_on(async move {
-                    let mut fd = match watch_wakes(ring) {
-                        Ok(fd) => fd,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return false;
-                        }
-                    };
-                    live.store(true, Ordering::SeqCst);
-                    let _ = ready_tx.send(Ok(()));
-                    let drain = |ring: &mut RingBuf<MapData>| {
-                        while let Some(item) = ring.next() {
-                            let Some(key) = parse_wake(&item) else {
-                                continue;
-                            };
-                            let w = wakes.lock().unwrap_or_else(|e| e.into_inner());
-                            if let Some(n) = w.get(&key) {
-                                n.notify_one();
-                            }
-                        }
-                    };
-                    loop {
-                        tokio::select! {
-                            r = fd.readable_mut() => match r {
-                                Ok(mut guard) => {
-                                    drain(guard.get_inner_mut());
-                                    guard.clear_ready();
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "egress kernel relay: reading wake-ups failed");
-                                    return false;
-                                }
-                            },
-                            _ = &mut stopped => return true,
-                        }
-                    }
-                });
-            })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(WakeReader {
-                stop: Some(stop),
-                thread: Some(thread),
-                alive,
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(io::Error::other(
-                    "the wake-up reader ended before it watched the ring",
-                ))
-            }
-        }
-    }
-
-    /// Whether the reader still watches the ring.
-    fn alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for WakeReader {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Handles on `RELAY` and on `SOCK_STATE` (a second handle, opened from its pin, so the
 /// proxy's per-connection reads of the first one never wait for this writer).
 pub struct RelayMaps {
@@ -311,7 +238,7 @@ pub struct RelayMaps {
     back: Option<Mutex<Back>>,
     /// Quiet flows' wake-ups, and their reader (`None`: no flow goes quiet).
     wakes: Wakes,
-    wake_reader: Option<WakeReader>,
+    wake_reader: Option<RingReader>,
 }
 
 /// What the kernel moved for one flow (`RelayMaps::finish`).
@@ -448,6 +375,19 @@ impl BackGate<'_> {
         }
     }
 
+    /// At P_u's EOF: whether the proxy read and wrote every byte the program passed to
+    /// it (`RelayBack::passed` against `written`), and if not what to do, `since` the
+    /// first short EOF (`None`: this is it). A passed segment can reach P_u's receive
+    /// queue after the FIN (the kernel deferred it to the psock's worker, e.g. with P_u's
+    /// receive memory full), so a clean FIN then would end the client's stream short.
+    pub fn at_eof(&self, written: u64, since: Option<Instant>) -> AtEof {
+        at_eof(
+            self.entry().passed,
+            written,
+            since.map_or(Duration::ZERO, |t| t.elapsed()),
+        )
+    }
+
     /// The flow's wake-up from `RELAY_WAKE` (`None`: the flow never goes quiet).
     pub fn wake(&self) -> Option<&Arc<Notify>> {
         self.wake.as_ref()
@@ -496,6 +436,32 @@ impl BackGate<'_> {
     }
 }
 
+/// What the destination's pipe does at P_u's EOF (`BackGate::at_eof`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtEof {
+    /// Every passed byte was written: the FIN may follow (behind the relayed bytes).
+    Complete,
+    /// `unread` passed bytes not read yet: read again after a short wait.
+    Retry { unread: u64 },
+    /// Still short after `EOF_UNREAD_WAIT`: the flow ends with a reset both ways, never a
+    /// clean FIN short of bytes.
+    Short { unread: u64 },
+}
+
+/// How long the pipe reads again at an EOF short of passed bytes before it resets.
+pub const EOF_UNREAD_WAIT: Duration = Duration::from_secs(1);
+
+/// `BackGate::at_eof` for `passed` bytes passed, `written` written, `waited` since the
+/// first short EOF. More written than passed (bytes read before P_u's verdict ran) is
+/// complete: no wait can change it, and nothing passed is missing.
+fn at_eof(passed: u64, written: u64, waited: Duration) -> AtEof {
+    match passed.saturating_sub(written) {
+        0 => AtEof::Complete,
+        unread if waited < EOF_UNREAD_WAIT => AtEof::Retry { unread },
+        unread => AtEof::Short { unread },
+    }
+}
+
 impl RelayMaps {
     pub fn new(
         relay: HashMap<MapData, SockKey, RelayInfo>,
@@ -510,9 +476,31 @@ impl RelayMaps {
                 back,
                 armed,
                 wake,
+                stats,
             }) => {
-                let reader = WakeReader::start(wake, wakes.clone())
-                    .map_err(|e| tracing::warn!(error = %e, "egress kernel relay: no wake-up reader; the proxy watches every relayed flow's socket"))
+                let dropped = stats
+                    .as_ref()
+                    .and_then(|s| s.get(&(Stat::RelayWakeDropped as u32), 0).ok())
+                    .map_or(0, |v| v.iter().sum());
+                let mut d = WakeDrain {
+                    wakes: wakes.clone(),
+                    stats,
+                    dropped,
+                };
+                let end = ReaderEnd {
+                    wakes: wakes.clone(),
+                };
+                let reader = RingReader::start(
+                    "relay-wakes",
+                    "the egress relay's wake-ups (relayed flows watch their sockets from now on)",
+                    wake,
+                    None,
+                    move |ring: &mut RingBuf<MapData>| {
+                        let _ = &end;
+                        d.drain(ring);
+                    },
+                )
+                .map_err(|e| tracing::warn!(error = %e, "egress kernel relay: no wake-up reader; the proxy watches every relayed flow's socket"))
                     .ok();
                 (Some(Mutex::new(Back { up, back, armed })), reader)
             }
@@ -530,7 +518,7 @@ impl RelayMaps {
 
     /// Whether `RELAY_WAKE`'s reader is alive (a flow may go quiet).
     fn wakes_read(&self) -> bool {
-        self.wake_reader.as_ref().is_some_and(WakeReader::alive)
+        self.wake_reader.as_ref().is_some_and(RingReader::alive)
     }
 
     /// Whether the destination's direction is relayed too (egress mode).
@@ -804,32 +792,86 @@ mod tests {
         assert!(wakes.lock().unwrap().is_empty());
     }
 
-    /// The reader's end, for any reason: no flow may go quiet any more, and every
-    /// registered flow is woken (a quiet one looks at its socket at once).
-    #[test]
-    fn the_wake_readers_end_wakes_every_flow_and_stops_quiet() {
-        let wakes = Wakes::default();
-        let flows: Vec<Arc<Notify>> = (0..3).map(|_| Arc::new(Notify::new())).collect();
-        for (i, n) in flows.iter().enumerate() {
-            wakes.lock().unwrap().insert(key(i as u16), n.clone());
-        }
-        let alive = Arc::new(AtomicBool::new(true));
-        drop(ReaderEnd {
-            alive: alive.clone(),
-            wakes: wakes.clone(),
-            stopped: false,
-        });
-        assert!(!alive.load(Ordering::SeqCst));
+    /// Whether each of `flows` has a wake-up waiting (its stored permit), taking it.
+    fn woken(flows: &[Arc<Notify>]) -> Vec<bool> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        for n in &flows {
-            // The permit is stored: the wait ends at its first poll.
-            let woke =
-                rt.block_on(async { tokio::time::timeout(Duration::ZERO, n.notified()).await });
-            assert!(woke.is_ok(), "a registered flow was not woken");
+        flows
+            .iter()
+            .map(|n| {
+                // The permit is stored: the wait ends at its first poll.
+                rt.block_on(async { tokio::time::timeout(Duration::ZERO, n.notified()).await })
+                    .is_ok()
+            })
+            .collect()
+    }
+
+    fn registered(n: usize) -> (Wakes, Vec<Arc<Notify>>) {
+        let wakes = Wakes::default();
+        let flows: Vec<Arc<Notify>> = (0..n).map(|_| Arc::new(Notify::new())).collect();
+        for (i, f) in flows.iter().enumerate() {
+            wakes.lock().unwrap().insert(key(i as u16), f.clone());
         }
+        (wakes, flows)
+    }
+
+    /// The reader's end, for any reason: every registered flow is woken (a quiet one
+    /// looks at its socket at once).
+    #[test]
+    fn the_wake_readers_end_wakes_every_flow() {
+        let (wakes, flows) = registered(3);
+        drop(ReaderEnd {
+            wakes: wakes.clone(),
+        });
+        assert_eq!(woken(&flows), [true; 3], "a registered flow was not woken");
+    }
+
+    /// A record lost to a full ring (`relay_wake_dropped` grew since the last drain):
+    /// which flow lost it is not known, so every registered flow is woken; a count that
+    /// did not grow wakes none.
+    #[test]
+    fn a_lost_wake_up_record_wakes_every_flow() {
+        let (wakes, flows) = registered(3);
+        let mut d = WakeDrain {
+            wakes,
+            stats: None,
+            dropped: 5,
+        };
+        d.saw_dropped(5);
+        assert_eq!(woken(&flows), [false; 3], "woken with no record lost");
+        d.saw_dropped(7);
+        assert_eq!(
+            woken(&flows),
+            [true; 3],
+            "a flow not woken after lost records"
+        );
+        d.saw_dropped(7);
+        assert_eq!(
+            woken(&flows),
+            [false; 3],
+            "woken again for the same lost records"
+        );
+    }
+
+    /// At P_u's EOF the pipe may half-close P_a only once it wrote every byte the
+    /// program passed to it; short, it reads again for up to `EOF_UNREAD_WAIT`, then
+    /// resets (a segment deferred behind the FIN must not vanish behind a clean FIN).
+    #[test]
+    fn an_eof_short_of_passed_bytes_is_retried_then_reset_never_a_clean_end() {
+        let ms = Duration::from_millis;
+        assert_eq!(at_eof(100, 100, ms(0)), AtEof::Complete);
+        assert_eq!(at_eof(0, 0, ms(5000)), AtEof::Complete);
+        // Read before the verdict ran (written ahead of passed): nothing passed is missing.
+        assert_eq!(at_eof(100, 130, ms(0)), AtEof::Complete);
+        assert_eq!(at_eof(164, 100, ms(0)), AtEof::Retry { unread: 64 });
+        assert_eq!(at_eof(164, 100, ms(999)), AtEof::Retry { unread: 64 });
+        assert_eq!(
+            at_eof(164, 100, EOF_UNREAD_WAIT),
+            AtEof::Short { unread: 64 }
+        );
+        assert_eq!(at_eof(164, 100, ms(5000)), AtEof::Short { unread: 64 });
     }
 
     /// A `RELAY_WAKE` record is `SockKey` as the program lays it out: a record decoded
