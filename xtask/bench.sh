@@ -195,8 +195,10 @@ measure_slow_reader() { # measure_slow_reader PATH PLACEMENT RUN CPU HOST
 
 # The paths: how the agent runs, which proxy sits in the node, where the client dials.
 # L4_PATHS (space-separated) picks rows; `proxied-relay` is the kernel relay (issue 13
-# item 1: --kernel-relay true, 6.9+; below that the agent ignores it and relays as `proxied`).
-read -r -a PATHS <<< "${L4_PATHS:-direct mesh-direct proxied proxied-both proxied-nosk proxied-relay haproxy haproxy-splice envoy}"
+# item 1: --kernel-relay true, 6.9+; below that the agent ignores it and relays as `proxied`);
+# `proxied-egress` the opt-in egress relay (--kernel-relay egress: the client's direction onto
+# the send path of the proxy's leg, the destination's socket never paired; 6.9+ as well).
+read -r -a PATHS <<< "${L4_PATHS:-direct mesh-direct proxied proxied-both proxied-nosk proxied-relay proxied-egress haproxy haproxy-splice envoy}"
 
 path_up() { # path_up PATH NODE-CPUS -> sets TARGET_IP and TARGET_PORTS
   TARGET_IP=$SRV_IP; TARGET_PORTS=("${SRV_PORTS[@]}")
@@ -207,6 +209,7 @@ path_up() { # path_up PATH NODE-CPUS -> sets TARGET_IP and TARGET_PORTS
     proxied-both) config 1 proxied; start_agent "$2" --skmsg-upstream true ;;
     proxied-nosk) config 1 proxied; start_agent "$2" --skmsg false ;;
     proxied-relay) config 1 proxied; start_agent "$2" --kernel-relay true ;;
+    proxied-egress) config 1 proxied; start_agent "$2" --kernel-relay egress ;;
     haproxy) config 0 proxied; start_agent "$2"; start_haproxy "$2"
       TARGET_IP=$NODE_IP; TARGET_PORTS=("${HAPROXY_PORTS[@]}") ;;
     haproxy-splice) config 0 proxied; start_agent "$2"; start_haproxy "$2" splice
@@ -233,7 +236,7 @@ suite_l4() {
         measure_bulk "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[1]}" 1
         measure_bulk "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[1]}" 8
         measure_crr "$path" "$placement" "$run" "$cc" "$TARGET_IP" "${TARGET_PORTS[2]}"
-        case $path in direct|mesh-direct|proxied-relay) measure_slow_reader "$path" "$placement" "$run" "$cc" "$TARGET_IP" ;; esac
+        case $path in direct|mesh-direct|proxied-relay|proxied-egress) measure_slow_reader "$path" "$placement" "$run" "$cc" "$TARGET_IP" ;; esac
         stop envoy haproxy agent sockperf iperf3 reply
       done
     done

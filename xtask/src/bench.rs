@@ -45,6 +45,10 @@ const PATHS: &[(&str, &str)] = &[
         "proxied-relay",
         "node proxy, then the kernel relay once the L4 decision is made (`--kernel-relay true`, 6.9+)",
     ),
+    (
+        "proxied-egress",
+        "node proxy, then the egress relay: onto the send path of the proxy's legs, the destination never paired (`--kernel-relay egress`, opt-in, 6.9+)",
+    ),
     ("haproxy", "haproxy (tcp mode) in the node"),
     (
         "haproxy-splice",
@@ -61,6 +65,7 @@ fn short(path: &str) -> &'static str {
         "proxied-both" => "node proxy, sk_msg both legs",
         "proxied-nosk" => "node proxy, no sk_msg",
         "proxied-relay" => "node proxy, kernel relay",
+        "proxied-egress" => "node proxy, egress relay",
         "haproxy" => "haproxy tcp mode",
         "haproxy-splice" => "haproxy tcp, splice-auto",
         "envoy" => "Envoy tcp_proxy",
@@ -68,14 +73,38 @@ fn short(path: &str) -> &'static str {
     }
 }
 
-/// The node proxy's variants that the proxied-L4 targets apply to.
-const PROXIED: &[&str] = &["proxied", "proxied-both", "proxied-nosk", "proxied-relay"];
+/// The node proxy's variants that the proxied-L4 targets apply to, in the order their
+/// target lines print: the default first, the opt-in egress relay (the candidate for the
+/// default) beside it.
+const PROXIED: &[&str] = &[
+    "proxied",
+    "proxied-egress",
+    "proxied-both",
+    "proxied-nosk",
+    "proxied-relay",
+];
+
+/// Variants the target lines mark as opt-in: judged like the default, not the default.
+const OPT_IN: &[&str] = &["proxied-egress"];
+
+/// A path as the target lines name it.
+fn target_path(path: &str) -> String {
+    if OPT_IN.contains(&path) {
+        format!("{path} (opt-in)")
+    } else {
+        path.to_owned()
+    }
+}
 
 /// The paths whose bytes can move socket to socket in the kernel, and so must show that a
 /// slow reader gets every byte without an error: `(path, target)`.
 const SLOW_READER: &[(&str, &str)] = &[
     ("mesh-direct", "direct mode, no error into a slow reader"),
     ("proxied-relay", "kernel relay, no error into a slow reader"),
+    (
+        "proxied-egress",
+        "egress relay, no error into a slow reader",
+    ),
 ];
 
 const PLACEMENTS: &[(&str, &str)] = &[
@@ -712,7 +741,7 @@ fn targets_md(targets: &[Target], table: &Table) -> String {
             o,
             "| {} | {} | {} | {} {unit} | {} {} | {} | {} | **{}** |",
             t.what,
-            t.path,
+            target_path(&t.path),
             t.placement,
             num(t.value),
             num(t.reference),
@@ -1389,6 +1418,71 @@ mod tests {
         let md = l4_md(&Meta::default(), &[], &t, &tg);
         assert!(md.contains("| proxied-relay | –"), "{md}");
         assert!(l4_svg(&t).contains("node proxy, kernel relay"));
+    }
+
+    #[test]
+    fn the_egress_relay_row_is_judged_beside_the_default_and_marked_opt_in() {
+        let mut raw = String::new();
+        for (path, p50, tps, bulk1, bulk8, cps) in [
+            ("direct", 20.0, 50000.0, 10.0, 12.0, 10000.0),
+            ("proxied", 36.0, 27000.0, 6.0, 5.0, 4000.0),
+            ("proxied-egress", 28.0, 40000.0, 8.0, 6.0, 3900.0),
+        ] {
+            for (metric, v) in [
+                ("p50_us", p50),
+                ("tps", tps),
+                ("bulk1_gbps", bulk1),
+                ("bulk8_gbps", bulk8),
+                ("cps", cps),
+            ] {
+                let _ = writeln!(raw, "l4 {path} 1cpu {metric} 1 {v}");
+            }
+        }
+        raw += "l4 haproxy 1cpu p50_us 1 35\nl4 proxied-egress 1cpu slow_reader_ok 1 1\n";
+        let t = tabulate(&parse_raw(&raw).unwrap(), "l4");
+        let tg = l4_targets(&t);
+        let egress = |what: &str| {
+            tg.iter()
+                .find(|x| x.path == "proxied-egress" && x.what == what)
+                .unwrap_or_else(|| panic!("no {what:?} line for proxied-egress"))
+        };
+        // Every item-1 goal (and item 3's), against direct of the same run.
+        let p50 = egress("proxied p50");
+        assert_eq!((p50.ratio, p50.pass), (Some(1.4), true));
+        let tps = egress("proxied transactions/s");
+        assert_eq!((tps.ratio, tps.pass), (Some(0.8), true));
+        assert!(!egress("proxied bulk, 1 conn").pass);
+        assert!(!egress("proxied bulk, 8 conns").pass);
+        let cps = egress("proxied connections/s");
+        assert_eq!((cps.ratio, cps.pass), (Some(0.39), false));
+        assert!(egress("proxied p50 below haproxy's").pass);
+        assert!(egress("egress relay, no error into a slow reader").pass);
+        // Its lines follow the default's, before the other variants'.
+        let order: Vec<&str> = tg
+            .iter()
+            .filter(|x| x.what == "proxied p50")
+            .map(|x| x.path.as_str())
+            .collect();
+        assert_eq!(order, vec!["proxied", "proxied-egress"]);
+        // The target lines mark it opt-in; the default is not marked; the JSON keeps the
+        // bare path (the key of its figures).
+        let md = targets_md(&tg, &t);
+        assert!(
+            md.contains("| proxied p50 | proxied-egress (opt-in) | 1cpu | 28.0 us | 20.0 direct | 1.40x | <= 1.5x | **PASS** |"),
+            "{md}"
+        );
+        assert!(md.contains("| proxied p50 | proxied | 1cpu |"), "{md}");
+        assert!(!md.contains("proxied (opt-in)"), "{md}");
+        assert!(to_json("l4", &Meta::default(), &[], &t, &tg)
+            .contains(r#""target": "proxied p50", "path": "proxied-egress","#));
+        // The tables and the plot name the row.
+        let md = l4_md(&Meta::default(), &[], &t, &tg);
+        assert!(md.contains("| proxied-egress | 1.40x |"), "{md}");
+        assert!(md.contains("`--kernel-relay egress`, opt-in"), "{md}");
+        assert!(l4_svg(&t).contains("node proxy, egress relay"));
+        // Smoke mode wants every figure of the row.
+        let e = smoke_complete("l4", &t).unwrap_err().to_string();
+        assert!(e.contains("proxied-egress p99_us"), "{e}");
     }
 
     #[test]
