@@ -957,7 +957,13 @@ impl L7 {
         let svc = service_fn(move |req: Request<Incoming>| {
             let l7 = self.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(l7.handle(&conn, req.map(ReqBody::Hyper)).await) }
+            async move {
+                // HTTP/2: a client's `NO_ERROR` reset of a request stream fails its body
+                // unless the response has gone out in full (hyper would end it cleanly).
+                let (req, answered) = h2server::hyper_request(req);
+                let resp = l7.handle(&conn, req).await;
+                Ok::<_, Infallible>(h2server::hyper_response(resp, answered))
+            }
         });
         let res = if sniffed == Sniffed::Http2 {
             let conn = http2::Builder::new(SpanExec)
@@ -1688,3 +1694,6 @@ impl L7 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod h2tests;

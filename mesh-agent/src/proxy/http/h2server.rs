@@ -13,18 +13,22 @@
 //!   no extended CONNECT (RFC 8441), as hyper's was configured.
 //! - Requests: the `h2` crate's `http::Request` (version HTTP/2, absolute URI), the body
 //!   streamed as the engine reads it, its flow-control capacity released as each `DATA`
-//!   frame is handed over, then its trailers. A stream reset by the client fails the body
-//!   (the upstream request is reset, never ended cleanly); a reset with `NO_ERROR` (an
-//!   early response, RFC 9113 section 8.1) ends it, as hyper's. A client's reset before the
-//!   response drops the engine's future (the upstream request is cancelled).
+//!   frame is handed over, then its trailers. A stream reset by the client before its
+//!   `END_STREAM` fails the body (the upstream request is reset, never ended cleanly),
+//!   whatever the reset's code: `NO_ERROR` too, unless the response has gone out in full
+//!   (RFC 9113 section 8.1 allows a `NO_ERROR` stop only then; the body then just stops).
+//!   hyper ends the body cleanly on any `NO_ERROR` reset; the engine does not (`HyperBody`
+//!   does the same for hyper's server and for HTTP/2 upstreams' responses). A client's
+//!   reset before the response drops the engine's future (the upstream request is
+//!   cancelled).
 //! - CONNECT: given to the engine with an empty body (it answers 404); one announcing a
 //!   body is reset (`INTERNAL_ERROR`), as hyper's.
 //! - Responses: connection-specific fields dropped (RFC 9113 section 8.2.2), a `Date`, a
 //!   `Content-Length` from the body's exact size when missing, `END_STREAM` on the head when
 //!   the body is empty; the body sent as the peer's flow control allows, then trailers
 //!   (gRPC). A body that fails resets the stream (the reason from the cause if it is an
-//!   HTTP/2 reset, `INTERNAL_ERROR` otherwise): the client never sees a clean end short of
-//!   bytes.
+//!   HTTP/2 reset other than `NO_ERROR`, `INTERNAL_ERROR` otherwise): the client never sees
+//!   a clean end short of bytes, nor a `NO_ERROR` reset that hyper would take for one.
 //! - Drain: `GOAWAY` (the `h2` crate's graceful shutdown), streams in flight finish, then
 //!   the connection closes.
 //!
@@ -42,13 +46,17 @@
 //!   requests are cancelled at once (the client can no longer get the answers; Envoy
 //!   resets the upstream streams of a closed downstream connection likewise).
 //!
-//! Tests: `proxy::http::tests` (`h2_*`, on either server with `MESH_TEST_L7_H2_SERVER`).
+//! Tests: `proxy::http::tests` (`h2_*`, on either server with `MESH_TEST_L7_H2_SERVER`);
+//! `proxy::http::h2tests` (streams cut short by either side, on both servers).
 
 use std::{
     cell::RefCell,
     future::{poll_fn, Future},
     pin::Pin,
-    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
     task::{ready, Context, Poll},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -61,9 +69,11 @@ use h2::{
 };
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{body::ReqBody, server::http_date, ProxyBody};
+use super::{body::ReqBody, server::http_date, BoxError, ProxyBody};
 
 /// hyper's HTTP/2 server defaults, kept.
 const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -116,17 +126,17 @@ where
         match conn.poll_accept(cx) {
             Poll::Ready(Some(Ok((req, mut respond)))) => {
                 let (parts, recv) = req.into_parts();
-                let body = if parts.method == Method::CONNECT {
+                let (body, answered) = if parts.method == Method::CONNECT {
                     if content_length(&parts.headers).is_some_and(|n| n != 0) {
                         respond.send_reset(Reason::INTERNAL_ERROR);
                         continue;
                     }
-                    Body::empty()
+                    (Body::empty(), None)
                 } else {
                     Body::new(recv, content_length(&parts.headers))
                 };
                 let fut = handle(Request::from_parts(parts, ReqBody::H2(body)));
-                streams.push(Stream::new(fut, respond));
+                streams.push(Stream::new(fut, respond, answered));
             }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
             // The connection is closed (and, after a `GOAWAY`, its streams done).
@@ -149,6 +159,19 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 struct Stream<Fut> {
     respond: SendResponse<Bytes>,
     state: State<Fut>,
+    /// Shared with the request body while it may still come: set once the response has
+    /// gone out in full.
+    answered: Option<Answered>,
+}
+
+/// Set once a stream's response has gone out in full (its `END_STREAM` queued): a client's
+/// `NO_ERROR` reset after that only stops the request body (RFC 9113 section 8.1).
+type Answered = Arc<AtomicBool>;
+
+fn answered(a: &Option<Answered>) {
+    if let Some(a) = a {
+        a.store(true, Relaxed);
+    }
 }
 
 enum State<Fut> {
@@ -166,10 +189,11 @@ impl<Fut> Stream<Fut>
 where
     Fut: Future<Output = Response<ProxyBody>>,
 {
-    fn new(fut: Fut, respond: SendResponse<Bytes>) -> Stream<Fut> {
+    fn new(fut: Fut, respond: SendResponse<Bytes>, answered: Option<Answered>) -> Stream<Fut> {
         Stream {
             respond,
             state: State::Answer(Box::pin(fut)),
+            answered,
         }
     }
 
@@ -192,7 +216,12 @@ where
             .respond
             .send_response(Response::from_parts(parts, ()), end)
         {
-            Ok(tx) => (!end).then_some((body, tx)),
+            Ok(tx) => {
+                if end {
+                    answered(&self.answered);
+                }
+                (!end).then_some((body, tx))
+            }
             Err(e) => {
                 tracing::debug!("sending a response head: {e}");
                 self.respond.send_reset(Reason::INTERNAL_ERROR);
@@ -238,8 +267,10 @@ where
                     }
                 }
                 State::Body { body, tx, held } => {
-                    if let Err(e) = ready!(pipe(body, tx, held, cx)) {
-                        tracing::debug!("sending a response body: {e}");
+                    match ready!(pipe(body, tx, held, cx)) {
+                        Ok(true) => answered(&me.answered),
+                        Ok(false) => {}
+                        Err(e) => tracing::debug!("sending a response body: {e}"),
                     }
                     me.state = State::Done;
                     return Poll::Ready(());
@@ -251,17 +282,17 @@ where
 }
 
 /// Sends a response body as the peer's flow control allows, then its trailers; resets
-/// the stream if the body fails, stops if the client resets it.
+/// the stream if the body fails, stops if the client resets it. True: sent in full.
 fn pipe(
     body: &mut ProxyBody,
     tx: &mut SendStream<Bytes>,
     held: &mut Option<(Bytes, bool)>,
     cx: &mut Context<'_>,
-) -> Poll<Result<(), h2::Error>> {
+) -> Poll<Result<bool, h2::Error>> {
     loop {
         if let Poll::Ready(r) = tx.poll_reset(cx) {
             tracing::debug!("response stream reset by the client: {r:?}");
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(false));
         }
         if held.is_some() {
             while tx.capacity() == 0 {
@@ -269,7 +300,7 @@ fn pipe(
                     Some(Ok(0)) => {}
                     Some(Ok(_)) => break,
                     Some(Err(e)) => return Poll::Ready(Err(e)),
-                    None => return Poll::Ready(Ok(())),
+                    None => return Poll::Ready(Ok(false)),
                 }
             }
             let Some((data, eos)) = held.take() else {
@@ -277,7 +308,7 @@ fn pipe(
             };
             tx.send_data(data, eos)?;
             if eos {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(true));
             }
             continue;
         }
@@ -290,7 +321,7 @@ fn pipe(
                     if data.is_empty() {
                         tx.send_data(data, eos)?;
                         if eos {
-                            return Poll::Ready(Ok(()));
+                            return Poll::Ready(Ok(true));
                         }
                         continue;
                     }
@@ -300,7 +331,7 @@ fn pipe(
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
                         tx.reserve_capacity(0);
-                        return Poll::Ready(tx.send_trailers(trailers));
+                        return Poll::Ready(tx.send_trailers(trailers).map(|()| true));
                     }
                 }
             },
@@ -308,20 +339,23 @@ fn pipe(
                 let reason = reset_reason(&*e);
                 tracing::debug!("response body failed: {e}; resetting the stream ({reason:?})");
                 tx.send_reset(reason);
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
-            None => return Poll::Ready(tx.send_data(Bytes::new(), true)),
+            None => return Poll::Ready(tx.send_data(Bytes::new(), true).map(|()| true)),
         }
     }
 }
 
 /// The HTTP/2 reset in an error's causes (an upstream stream's reset passed on), or
-/// `INTERNAL_ERROR`.
-fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
+/// `INTERNAL_ERROR`. Never `NO_ERROR`: the body was not finished, and hyper (and others)
+/// would take a `NO_ERROR` reset for a clean end.
+pub(super) fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
     let mut cause = Some(e);
     while let Some(c) = cause {
         if let Some(r) = c.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
-            return r;
+            if r != Reason::NO_ERROR {
+                return r;
+            }
         }
         cause = c.source();
     }
@@ -369,86 +403,295 @@ fn date() -> HeaderValue {
     })
 }
 
-/// A request body as the engine reads it: the stream's `DATA` frames (their capacity
-/// released as each is handed over), then its trailers.
-pub(super) struct Body {
+/// A stream reset with `NO_ERROR` before its `END_STREAM`: an unfinished body, failed.
+/// A request's carries `CANCEL` as its cause (hyper's client resets the upstream stream
+/// with the first HTTP/2 reason in the causes: the client cancelled its request); a
+/// response's none (`reset_reason`, and hyper's server, reset the client's stream with
+/// `INTERNAL_ERROR`).
+///
+/// A request body's errors are `BoxError`s holding an `h2::Error`, a `hyper::Error` or a
+/// `ResetShort` as they are, not an enum of them: an `h2::Error` must stay in the causes
+/// as itself (for hyper's `h2_reason`: a client's `CANCEL` passed on upstream), which a
+/// `#[error(transparent)]` variant would hide.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} was reset (NO_ERROR) before its end")]
+pub(super) struct ResetShort {
+    what: &'static str,
+    #[source]
+    cause: Option<h2::Error>,
+}
+
+impl ResetShort {
+    fn request() -> ResetShort {
+        ResetShort {
+            what: "the client's request stream",
+            cause: Some(h2::Error::from(Reason::CANCEL)),
+        }
+    }
+
+    fn response() -> ResetShort {
+        ResetShort {
+            what: "the upstream's response stream",
+            cause: None,
+        }
+    }
+}
+
+/// Why a `HyperBody` failed. Transparent: a `hyper::Error`'s next cause is the
+/// `h2::Error` of a reset, for `reset_reason` and hyper's `h2_reason` to find (an
+/// upstream's `CANCEL` passed on to the client).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HyperBodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    ResetShort(#[from] ResetShort),
+}
+
+impl HyperBodyError {
+    /// As a request body's error: the error itself, unwrapped.
+    fn into_box(self) -> BoxError {
+        match self {
+            HyperBodyError::Hyper(e) => Box::new(e),
+            HyperBodyError::ResetShort(e) => Box::new(e),
+        }
+    }
+}
+
+/// A request's `NO_ERROR` reset before its `END_STREAM`: the body stops if the response
+/// has gone out in full (RFC 9113 section 8.1), fails otherwise.
+fn stopped<E: From<ResetShort>>(answered: Option<&Answered>) -> Option<Result<Frame<Bytes>, E>> {
+    match answered {
+        Some(a) if a.load(Relaxed) => None,
+        _ => Some(Err(ResetShort::request().into())),
+    }
+}
+
+/// A request body as the engine reads it: the own server's (the stream's `DATA` frames,
+/// their capacity released as each is handed over, then its trailers), or hyper's server's
+/// (`--l7-h2-server hyper`) made to fail on a `NO_ERROR` reset before the response's end.
+pub(super) enum Body {
+    Own(OwnBody),
+    Hyper(HyperBody),
+}
+
+pub(super) struct OwnBody {
     /// None: no body (CONNECT), or it has ended.
     recv: Option<RecvStream>,
     data_done: bool,
     /// Bytes left by `Content-Length` (None: not announced).
     left: Option<u64>,
+    /// Set once the response has gone out in full (None: the body had ended at arrival).
+    answered: Option<Answered>,
 }
 
 impl Body {
-    fn new(recv: RecvStream, len: Option<u64>) -> Body {
-        let left = if len.is_none() && recv.is_end_stream() {
-            Some(0)
-        } else {
-            len
-        };
-        Body {
+    /// The body and, if it may still come, the flag its response sets once sent in full.
+    fn new(recv: RecvStream, len: Option<u64>) -> (Body, Option<Answered>) {
+        let ended = recv.is_end_stream();
+        let left = if len.is_none() && ended { Some(0) } else { len };
+        let answered = (!ended).then(Answered::default);
+        let body = OwnBody {
             recv: Some(recv),
             data_done: false,
             left,
-        }
+            answered: answered.clone(),
+        };
+        (Body::Own(body), answered)
     }
 
     fn empty() -> Body {
-        Body {
+        Body::Own(OwnBody {
             recv: None,
             data_done: true,
             left: Some(0),
-        }
+            answered: None,
+        })
     }
 }
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let me = &mut *self;
-        let Some(recv) = me.recv.as_mut() else {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::Own(b) => b.poll_frame(cx),
+            Body::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(HyperBodyError::into_box),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Own(b) => b.recv.as_ref().is_none_or(RecvStream::is_end_stream),
+            Body::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Own(OwnBody { left: Some(n), .. }) => SizeHint::with_exact(*n),
+            Body::Own(_) => SizeHint::default(),
+            Body::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+impl OwnBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(recv) = self.recv.as_mut() else {
             return Poll::Ready(None);
         };
-        if !me.data_done {
+        if !self.data_done {
             match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = recv.flow_control().release_capacity(data.len());
-                    if let Some(l) = me.left.as_mut() {
+                    if let Some(l) = self.left.as_mut() {
                         *l = l.saturating_sub(data.len() as u64);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                // An early response (RFC 9113 section 8.1): the body stops, not failed.
+                // A reset after END_STREAM reads as the end (the `h2` crate keeps it since
+                // 0.4.16), so this one came first: a stop after the whole response (RFC
+                // 9113 section 8.1), a failure before it.
                 Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
-                    me.recv = None;
-                    return Poll::Ready(None);
+                    self.recv = None;
+                    return Poll::Ready(stopped(self.answered.as_ref()));
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => me.data_done = true,
+                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                None => self.data_done = true,
             }
         }
         let r = ready!(recv.poll_trailers(cx));
-        me.recv = None;
+        self.recv = None;
         Poll::Ready(match r {
             Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
             Ok(None) => None,
-            Err(e) => Some(Err(e)),
+            Err(e) if e.reason() == Some(Reason::NO_ERROR) => stopped(self.answered.as_ref()),
+            Err(e) => Some(Err(Box::new(e))),
         })
+    }
+}
+
+/// hyper's body of an HTTP/2 stream (a request to hyper's server, a response from an
+/// upstream), made to fail where hyper ends it cleanly: on a `NO_ERROR` reset before the
+/// stream's `END_STREAM` (hyper 1.x stops the body on any `NO_ERROR` reset; the `h2`
+/// crate tells the two apart: since 0.4.16 a stream reset after its `END_STREAM` still
+/// reads as ended, `is_end_stream` included).
+/// A request's `NO_ERROR` reset after the response went out in full stops it (RFC 9113
+/// section 8.1).
+pub(super) struct HyperBody {
+    inner: Incoming,
+    /// A request's: set once its response has gone out in full. None: a response's.
+    answered: Option<Answered>,
+}
+
+impl HyperBody {
+    /// An HTTP/2 upstream's response body.
+    pub(super) fn response(inner: Incoming) -> HyperBody {
+        HyperBody {
+            inner,
+            answered: None,
+        }
+    }
+}
+
+impl HttpBody for HyperBody {
+    type Data = Bytes;
+    type Error = HyperBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HyperBodyError>>> {
+        let me = &mut *self;
+        match ready!(Pin::new(&mut me.inner).poll_frame(cx)) {
+            Some(r) => Poll::Ready(Some(r.map_err(HyperBodyError::from))),
+            // Not ended, yet no more: a NO_ERROR reset (or GOAWAY) came before END_STREAM.
+            None if !me.inner.is_end_stream() => Poll::Ready(match &me.answered {
+                Some(a) => stopped(Some(a)),
+                None => Some(Err(ResetShort::response().into())),
+            }),
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.recv.as_ref().is_none_or(RecvStream::is_end_stream)
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.left {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
+        self.inner.size_hint()
+    }
+}
+
+/// A request to hyper's server for the engine: an HTTP/2 one with a body still to come
+/// gets `HyperBody` (and the flag `hyper_response` sets); others hyper's body as it is.
+pub(super) fn hyper_request(req: Request<Incoming>) -> (Request<ReqBody>, Option<Answered>) {
+    if req.version() != http::Version::HTTP_2 || req.body().is_end_stream() {
+        return (req.map(ReqBody::Hyper), None);
+    }
+    let answered = Answered::default();
+    let flag = answered.clone();
+    let req = req.map(|inner| {
+        ReqBody::H2(Body::Hyper(HyperBody {
+            inner,
+            answered: Some(flag),
+        }))
+    });
+    (req, Some(answered))
+}
+
+/// The engine's response to a `hyper_request`: its request's flag set once the body has
+/// given its last frame (hyper sends `END_STREAM` with it).
+pub(super) fn hyper_response(
+    resp: Response<ProxyBody>,
+    answered: Option<Answered>,
+) -> Response<ProxyBody> {
+    let Some(answered) = answered else {
+        return resp;
+    };
+    if resp.body().is_end_stream() {
+        answered.store(true, Relaxed);
+        return resp;
+    }
+    resp.map(|body| Answering { body, answered }.boxed_unsync())
+}
+
+/// A response body that sets its request's flag at its last frame.
+struct Answering {
+    body: ProxyBody,
+    answered: Answered,
+}
+
+impl HttpBody for Answering {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let f = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        let last = match &f {
+            None => true,
+            Some(Ok(f)) => f.is_trailers() || self.body.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if last {
+            self.answered.store(true, Relaxed);
         }
+        Poll::Ready(f)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

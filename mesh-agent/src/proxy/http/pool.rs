@@ -30,13 +30,14 @@ use std::{
 };
 
 use http::{Request, Response};
-use hyper::{body::Incoming, client::conn::http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, Instrument};
 
 use super::{
     h1::{self, SendFail},
+    h2server,
     lb::EndpointState,
     policy::{Counters, Gauge, Slot},
     L7Error, MeshPaths, ProxyBody, SpanExec,
@@ -62,7 +63,8 @@ impl std::fmt::Debug for H1 {
 
 /// A response body as it comes from upstream.
 pub(super) enum UpBody {
-    H2(Incoming),
+    /// hyper's, failed on a `NO_ERROR` reset before its end (hyper ends it cleanly).
+    H2(h2server::HyperBody),
     /// HTTP/1.1: read from the connection the response's `Finish` holds.
     H1,
 }
@@ -159,7 +161,7 @@ impl Sender {
         match self {
             Sender::H1(h) => Ok(h.conn.send(req).await?.map(|()| UpBody::H1)),
             Sender::H2(s) => match s.try_send_request(req).await {
-                Ok(r) => Ok(r.map(UpBody::H2)),
+                Ok(r) => Ok(r.map(|b| UpBody::H2(h2server::HyperBody::response(b)))),
                 Err(mut e) => Err(SendFail {
                     request: e.take_message(),
                     error: h1::H1Error::H2(e.into_error()),
