@@ -1458,6 +1458,11 @@ async fn pipe(
                 w.shutdown().await?;
                 return Ok(());
             }
+            // A late segment read: the wait for the rest starts again (a slow client
+            // below may hold the write; the flow is still making progress).
+            if short_eof.is_some() {
+                short_eof = Some(std::time::Instant::now());
+            }
             if let Some(g) = back {
                 // Behind every byte the kernel relayed (it went back to the proxy only
                 // because the writer's backlog was full).

@@ -183,6 +183,10 @@ fn wake_if_quiet(me: SockKey) {
     if RELAY_WAKE.output(me, 0).is_ok() {
         bump(Stat::RelayWake);
     } else {
+        // Still quiet: the flow's next segment writes a record again (and the reader,
+        // seeing the count grow, wakes every quiet flow meanwhile).
+        // SAFETY: as above.
+        unsafe { write_volatile(a, v) };
         bump(Stat::RelayWakeDropped);
     }
 }

@@ -119,7 +119,7 @@ pub struct BackMaps {
     pub armed: HashMap<MapData, SockKey, u64>,
     pub wake: RingBuf<MapData>,
     /// `STATS`, a second handle (`relay_wake_dropped`: lost records wake every quiet
-    /// flow); `None`: not opened.
+    /// flow); `None`: not opened (then no wake-up reader starts: no flow goes quiet).
     pub stats: Option<PerCpuArray<MapData, u64>>,
 }
 
@@ -169,8 +169,7 @@ fn wake_all(wakes: &Wakes) {
 /// the last drain: the ring was full, and which flow lost its record is not known).
 struct WakeDrain {
     wakes: Wakes,
-    /// `STATS` (`relay_wake_dropped`; `None`: not readable, lost records then wait for
-    /// their flows' slow looks).
+    /// `STATS` (`relay_wake_dropped`; `None` only in tests: without it no reader starts).
     stats: Option<PerCpuArray<MapData, u64>>,
     dropped: u64,
 }
@@ -451,6 +450,10 @@ pub enum AtEof {
 /// How long the pipe reads again at an EOF short of passed bytes before it resets.
 pub const EOF_UNREAD_WAIT: Duration = Duration::from_secs(1);
 
+/// How often the wake-up reader also drains without a record (and reads the count of
+/// lost ones): the bound on a lost record the drain after it could not see.
+const WAKE_TICK: Duration = Duration::from_secs(1);
+
 /// `BackGate::at_eof` for `passed` bytes passed, `written` written, `waited` since the
 /// first short EOF. More written than passed (bytes read before P_u's verdict ran) is
 /// complete: no wait can change it, and nothing passed is missing.
@@ -471,6 +474,18 @@ impl RelayMaps {
     ) -> RelayMaps {
         let wakes = Wakes::default();
         let (back, wake_reader) = match back {
+            // Without `STATS` a lost record could go unseen: no reader, so no flow goes
+            // quiet (each watches its socket, as without the wake-ups).
+            Some(BackMaps {
+                up,
+                back,
+                armed,
+                stats: None,
+                ..
+            }) => {
+                tracing::warn!("egress kernel relay: the STATS map is not readable; no wake-up reader, the proxy watches every relayed flow's socket");
+                (Some(Mutex::new(Back { up, back, armed })), None)
+            }
             Some(BackMaps {
                 up,
                 back,
@@ -494,7 +509,9 @@ impl RelayMaps {
                     "relay-wakes",
                     "the egress relay's wake-ups (relayed flows watch their sockets from now on)",
                     wake,
-                    None,
+                    // A tick as well: a record lost just after a drain read the count is
+                    // seen within a second, not at the next record.
+                    Some(WAKE_TICK),
                     move |ring: &mut RingBuf<MapData>| {
                         let _ = &end;
                         d.drain(ring);
