@@ -25,5 +25,7 @@ pub mod metrics;
 pub mod proxy;
 // Raw system calls: the one module allowed `unsafe`, kept private to the crate.
 mod sys;
+/// The binary's `#[global_allocator]` (`sys/alloc.rs`: malloc, with a cheap over-aligned path).
+pub use sys::alloc::Allocator;
 pub mod top;
 pub mod wire;

@@ -7,6 +7,11 @@ use mesh_agent::{
     cli::{self, Cli, Command},
 };
 
+// malloc, with a cheap path for tokio's 128-byte-aligned task cells and I/O registrations
+// (sys/alloc.rs).
+#[global_allocator]
+static ALLOCATOR: mesh_agent::Allocator = mesh_agent::Allocator;
+
 fn main() {
     let cli = Cli::parse();
     // Reloadable: the admin endpoint's `/logging` changes the filter of a running agent.

@@ -5,6 +5,7 @@
     reason = "the one module of the agent that makes raw system calls"
 )]
 
+pub mod alloc;
 pub mod mapped;
 pub mod memory;
 pub mod perf;
