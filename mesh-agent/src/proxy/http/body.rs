@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
     },
     task::{ready, Context, Poll},
 };
@@ -328,6 +328,41 @@ impl std::ops::Deref for Name {
     }
 }
 
+/// A name's identity, as a series found once remembers it: a `Weak`, which keeps the
+/// allocation (so its address is not reused while kept) but not the configuration it
+/// names (an old listener or cluster is freed when nothing else holds it).
+enum Seen {
+    Static(&'static str),
+    Listener(Weak<Listener>),
+    Cluster(Weak<Cluster>),
+    Route(Weak<Listener>, usize, usize),
+}
+
+impl Seen {
+    fn of(n: &Name) -> Seen {
+        match n {
+            Name::Static(s) => Seen::Static(s),
+            Name::Listener(a) => Seen::Listener(Arc::downgrade(a)),
+            Name::Cluster(a) => Seen::Cluster(Arc::downgrade(a)),
+            Name::Route(a, v, r) => Seen::Route(Arc::downgrade(a), *v, *r),
+        }
+    }
+
+    /// Whether `n` names through the same `Arc` (and indices), so it is the same string
+    /// without reading it. `false` says nothing: the strings may still match.
+    fn is(&self, n: &Name) -> bool {
+        match (self, n) {
+            (Seen::Static(a), Name::Static(b)) => std::ptr::eq(*a, *b),
+            (Seen::Listener(a), Name::Listener(b)) => std::ptr::eq(a.as_ptr(), Arc::as_ptr(b)),
+            (Seen::Cluster(a), Name::Cluster(b)) => std::ptr::eq(a.as_ptr(), Arc::as_ptr(b)),
+            (Seen::Route(a, v, r), Name::Route(b, w, q)) => {
+                std::ptr::eq(a.as_ptr(), Arc::as_ptr(b)) && v == w && r == q
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A request's `mesh_requests_total` labels beyond its connection's.
 pub(super) struct Labels {
     /// The cluster the route chose (`unknown` for local replies).
@@ -356,6 +391,18 @@ struct SeriesKey {
     cluster: String,
     route: String,
     code: u16,
+    /// The names the last request counted here had (service, cluster, route): a request
+    /// whose names come through the same `Arc`s finds its series without a string compare.
+    seen: [Seen; 3],
+}
+
+impl SeriesKey {
+    fn same(&self, l: &Labels) -> bool {
+        self.code == l.response_code
+            && self.seen[1].is(&l.destination_cluster)
+            && self.seen[2].is(&l.route)
+            && self.seen[0].is(&l.destination_service)
+    }
 }
 
 impl ConnSeries {
@@ -368,18 +415,31 @@ impl ConnSeries {
     }
 
     fn record(&self, l: &Labels, elapsed: std::time::Duration) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // The usual case: the names come through the same `Arc`s as last time.
+        if let Some((_, s)) = cache.iter().find(|(k, _)| k.same(l)) {
+            s.observe(elapsed);
+            return;
+        }
         let (service, cluster, route) =
             (&*l.destination_service, &*l.destination_cluster, &*l.route);
         let series = {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            let hit = cache.iter().find(|(k, _)| {
+            let hit = cache.iter_mut().find(|(k, _)| {
                 k.code == l.response_code
                     && k.cluster == cluster
                     && k.route == route
                     && k.service == service
             });
             match hit {
-                Some((_, s)) => s.clone(),
+                Some((k, s)) => {
+                    // Found by the strings (a push since): the next finds it by identity.
+                    k.seen = [
+                        Seen::of(&l.destination_service),
+                        Seen::of(&l.destination_cluster),
+                        Seen::of(&l.route),
+                    ];
+                    s.clone()
+                }
                 None => {
                     let s = self.metrics.series(RequestLabels {
                         source_workload: self.source.clone(),
@@ -396,6 +456,11 @@ impl ConnSeries {
                         cluster: cluster.to_owned(),
                         route: route.to_owned(),
                         code: l.response_code,
+                        seen: [
+                            Seen::of(&l.destination_service),
+                            Seen::of(&l.destination_cluster),
+                            Seen::of(&l.route),
+                        ],
                     };
                     cache.push((key, s.clone()));
                     s

@@ -6,6 +6,7 @@
 //! connection, the field count limit, whether trailers go out) stays with each.
 
 use std::{
+    cell::RefCell,
     pin::Pin,
     task::{ready, Context, Poll},
 };
@@ -132,7 +133,7 @@ pub(super) fn header_map_except(
     fields: &[httparse::Header<'_>],
     skip: impl Fn(&[u8]) -> bool,
 ) -> Result<HeaderMap, &'static str> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+    let mut map = spare_map(fields.len());
     for h in fields {
         if skip(h.name.as_bytes()) {
             continue;
@@ -149,6 +150,48 @@ pub(super) fn header_map_except(
         map.append(name, value);
     }
     Ok(map)
+}
+
+/// Spare header maps kept per thread: a request's and its response's maps are emptied
+/// once written (`recycle`) and filled again by the next heads parsed, so a request costs
+/// no map allocation and no free (four of each).
+const SPARE_MAPS: usize = 4;
+/// Largest map kept (by its capacity): one a big head grew is freed as before.
+const SPARE_MAP_CAPACITY: usize = 32;
+
+thread_local! {
+    static SPARE: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty map for `n` fields: a spare one if the thread has one.
+fn spare_map(n: usize) -> HeaderMap {
+    let spare = SPARE
+        .try_with(|s| s.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten();
+    match spare {
+        Some(mut m) => {
+            m.reserve(n);
+            m
+        }
+        None => HeaderMap::with_capacity(n),
+    }
+}
+
+/// Gives a map that has been written out back for `spare_map` to reuse (emptied; its
+/// values' shared bytes are released now, as dropping it would).
+pub(super) fn recycle(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > SPARE_MAP_CAPACITY {
+        return;
+    }
+    map.clear();
+    let _ = SPARE.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if s.len() < SPARE_MAPS {
+                s.push(map);
+            }
+        }
+    });
 }
 
 fn find_crlf(data: &[u8]) -> Option<usize> {

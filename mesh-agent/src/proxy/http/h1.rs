@@ -181,11 +181,25 @@ struct Fields {
     lists_others: bool,
 }
 
-/// One of the hop-by-hop names (`route::HOP_BY_HOP`), in any case.
+/// One of the hop-by-hop names (`route::HOP_BY_HOP`), in any case: picked by length
+/// first, so a field of none of their lengths costs no comparison.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    route::HOP_BY_HOP
-        .iter()
-        .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h.as_bytes()))
+    let hop = match name.len() {
+        2 => name.eq_ignore_ascii_case(b"te"),
+        7 => name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"trailer"),
+        10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
+        14 => name.eq_ignore_ascii_case(b"http2-settings"),
+        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
+        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+        _ => false,
+    };
+    debug_assert_eq!(
+        hop,
+        route::HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    );
+    hop
 }
 
 /// Whether a response field goes no further than this connection: what
@@ -804,6 +818,9 @@ impl Conn {
         self.keep_alive = keep_alive && request_done && !upgrade_asked && !f.close;
         *resp.headers_mut() = h.headers;
         self.advance();
+        // The request's head is written and its map no longer read: it is the next
+        // head's (`chunked::recycle`).
+        chunked::recycle(parts.headers);
         Ok(resp)
     }
 

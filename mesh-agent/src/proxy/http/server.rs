@@ -875,6 +875,8 @@ where
             && (must_close || !x.keep_alive || writing == Writing::Eof || s.draining.load(Relaxed));
         wbuf.clear();
         encode_head(&mut wbuf, &parts, writing, &x, closing);
+        // Written out: the map is the next head's (`chunked::recycle`).
+        chunked::recycle(parts.headers);
         let mut at = 0;
         let mut ended = false;
         // A failed body: what was gathered before it goes out, then the connection ends.
