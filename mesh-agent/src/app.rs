@@ -377,14 +377,26 @@ pub fn run(args: Box<RunArgs>) -> anyhow::Result<()> {
         crate::proxy::hbone::HboneClient::new(mesh_tls.clone(), Default::default())
     });
     // Istio's series of workloads that left the proxy's model are dropped at each scrape.
+    // This node's enrolled workloads count as live too: direct-mode flows are named from
+    // the enrolment (the registry), which can be ahead of the proxy's model (the xDS push
+    // after an enrolment change); without them a scrape in between dropped a new
+    // workload's series with the counts in it (seen on 6.12 under qemu).
     metrics.l7.istio.set_live({
         let xds = xds.clone();
+        let snaps = snap_rx.clone();
         Box::new(move || {
             let mesh = xds.mesh_now();
             (mesh.version > 0).then(|| {
+                let enrolled = snaps.borrow().clone();
                 mesh.workloads
                     .iter()
                     .map(|w| (w.namespace.clone(), w.name.clone()))
+                    .chain(
+                        enrolled
+                            .workloads
+                            .iter()
+                            .map(|w| (w.namespace.clone(), w.name.clone())),
+                    )
                     .collect()
             })
         })
